@@ -1,0 +1,64 @@
+"""aiodbenv: Berkeley DB's environment regions and shared buffer pool, asyncio-native.
+
+The public names are re-exported here; everything in underscore modules, and the
+:mod:`aiodbenv.region` package, is internal and may change between releases.
+"""
+
+from . import errors
+from ._config import Settings
+from ._env import Env, EnvOpener
+from .errors import (
+    AiodbenvError,
+    Busy,
+    CacheFull,
+    ConfigError,
+    CorruptRegion,
+    EnvNotFound,
+    ForkedProcessError,
+    Incomplete,
+    InvalidArgument,
+    NoSpace,
+    PageNotFound,
+    PermissionDenied,
+    RunRecovery,
+    ShmKeyInUse,
+    TryAgain,
+    VersionMismatch,
+)
+from .region.alloc import AllocStats
+from .region.environment import EnvStat, RegionStat
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AiodbenvError",
+    "AllocStats",
+    "Busy",
+    "CacheFull",
+    "ConfigError",
+    "CorruptRegion",
+    "Env",
+    "EnvNotFound",
+    "EnvOpener",
+    "EnvStat",
+    "ForkedProcessError",
+    "Incomplete",
+    "InvalidArgument",
+    "NoSpace",
+    "PageNotFound",
+    "PermissionDenied",
+    "RegionStat",
+    "RunRecovery",
+    "Settings",
+    "ShmKeyInUse",
+    "TryAgain",
+    "VersionMismatch",
+    "errors",
+]
+
+# Public names report this package as their home, so docs and reprs do not leak private paths.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj

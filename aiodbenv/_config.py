@@ -1,0 +1,247 @@
+"""Environment settings: defaults, arguments, and the ``DB_CONFIG`` file in the home.
+
+Settings come from three places, later ones winning: defaults, the arguments of
+:meth:`aiodbenv.Env.open`, then the lines of ``DB_CONFIG`` in the environment home, applied in
+order (as in Berkeley DB, the file beats the program, so an operator can retune a deployed
+application). A joiner does not use its own sizes at all: it inherits what the creator stored in
+the environment.
+
+``DB_CONFIG`` lines are ``name value...``; blank lines and lines starting with ``#`` are
+ignored. The names aiodbenv acts on:
+
+==============================  ==========================================================
+``set_cachesize G B N``         cache of ``G`` GiB + ``B`` bytes in ``N`` caches (N >= 0)
+``set_shm_key KEY``             base System V key (``KEY``, ``KEY+1``, ... per region)
+``set_mp_mmapsize BYTES``       largest read-only file mapped instead of cached
+``set_mp_pagesize BYTES``       default page size (power of two, 512..65536)
+``set_open_flags FLAG [on|off]``  ``db_private`` or ``db_system_mem``
+``set_flags FLAG [on|off]``     ``db_nommap``, ``db_txn_nosync``, ``db_txn_write_nosync``,
+                                ``db_log_inmemory``
+==============================  ==========================================================
+
+``db_txn_nosync`` and ``db_txn_write_nosync`` exclude each other: turning one on turns the
+other off. Other Berkeley DB names that do not apply to aiodbenv (logging, locking and
+transaction sizing, directories) are accepted, logged and ignored; any other name, a wrong
+number of values or a bad value fails the open with the file name and line number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CACHE_SIZE",
+    "DEFAULT_MMAP_SIZE",
+    "DEFAULT_PAGE_SIZE",
+    "FLAG_BITS",
+    "MAX_CACHE_SIZE",
+    "MIN_CACHE_SIZE",
+    "Settings",
+    "apply_db_config",
+    "check_settings",
+]
+
+logger = logging.getLogger("aiodbenv")
+
+#: Berkeley DB's default cache: 256 KiB.
+DEFAULT_CACHE_SIZE = 256 * 1024
+#: Berkeley DB's DB_CACHESIZE_MIN: 20 KiB per cache.
+MIN_CACHE_SIZE = 20 * 1024
+#: 1 TiB; beyond this a cache size is a typo, not a plan.
+MAX_CACHE_SIZE = 1 << 40
+MAX_NCACHE = 64
+DEFAULT_PAGE_SIZE = 4096
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 65536
+#: Berkeley DB's DB_MAXMMAPSIZE: 10 MiB.
+DEFAULT_MMAP_SIZE = 10 * 1024 * 1024
+#: System V keys are 32-bit signed; each region uses key + region_id - 1.
+MAX_SHM_KEY = (1 << 31) - 1 - 64
+
+REGION_KINDS = ("file", "system", "private")
+
+#: Flag names and the bits that store them in the environment header.
+FLAG_BITS = {
+    "nommap": 1,
+    "txn_nosync": 2,
+    "txn_write_nosync": 4,
+    "log_inmemory": 8,
+}
+
+# Berkeley DB settings that have no meaning for aiodbenv (yet): accepted and ignored, so a
+# DB_CONFIG written for Berkeley DB still opens.
+_IGNORED = frozenset(
+    {
+        "add_data_dir", "set_create_dir", "set_data_dir", "set_lg_bsize", "set_lg_dir",
+        "set_lg_filemode", "set_lg_max", "set_lg_regionmax", "set_lk_detect", "set_lk_max_lockers",
+        "set_lk_max_locks", "set_lk_max_objects", "set_lk_partitions", "set_lock_timeout",
+        "set_mp_max_openfd", "set_mp_max_write", "set_tmp_dir", "set_tx_max",
+        "set_txn_timeout", "set_verbose", "mutex_set_align", "mutex_set_increment",
+        "mutex_set_max", "mutex_set_tas_spins", "set_thread_count", "set_memory_max",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings an environment is created with (or that a joiner asked for).
+
+    ``region`` is ``"file"``, ``"system"``, ``"private"`` or ``None`` (join whatever exists,
+    create file-backed). ``None`` sizes mean "the default". ``mode`` is the exact permission of
+    every region file and segment.
+    """
+
+    region: str | None = None
+    cache_size: int | None = None
+    ncache: int = 1
+    shm_key: int | None = None
+    page_size: int | None = None
+    mmap_size: int | None = None
+    mode: int = 0o600
+    nommap: bool = False
+    txn_nosync: bool = False
+    txn_write_nosync: bool = False
+    log_inmemory: bool = False
+
+    def flag_bits(self) -> int:
+        """The boolean settings as the bit set stored in the environment header."""
+        return sum(bit for name, bit in FLAG_BITS.items() if getattr(self, name))
+
+    def flag_names(self) -> frozenset[str]:
+        """The names of the boolean settings that are on."""
+        return frozenset(name for name in FLAG_BITS if getattr(self, name))
+
+
+def check_settings(s: Settings) -> Settings:
+    """Validate ``s``; returns it. Raises :class:`ConfigError` naming the bad setting."""
+    if s.region is not None and s.region not in REGION_KINDS:
+        raise ConfigError(f"region must be one of {REGION_KINDS}, not {s.region!r}")
+    if s.cache_size is not None:
+        _check_int("cache_size", s.cache_size)
+        if s.cache_size < MIN_CACHE_SIZE * max(1, s.ncache):
+            raise ConfigError(
+                f"cache_size {s.cache_size} is impossibly small: at least "
+                f"{MIN_CACHE_SIZE} bytes per cache"
+            )
+        if s.cache_size > MAX_CACHE_SIZE:
+            raise ConfigError(f"cache_size {s.cache_size} is larger than 1 TiB")
+    _check_int("ncache", s.ncache)
+    if not 1 <= s.ncache <= MAX_NCACHE:
+        raise ConfigError(f"ncache must be 1..{MAX_NCACHE}, not {s.ncache}")
+    if s.shm_key is not None:
+        _check_int("shm_key", s.shm_key)
+        if not 1 <= s.shm_key <= MAX_SHM_KEY:
+            raise ConfigError(f"shm_key must be 1..{MAX_SHM_KEY}, not {s.shm_key}")
+    if s.page_size is not None:
+        _check_int("page_size", s.page_size)
+        if not (MIN_PAGE_SIZE <= s.page_size <= MAX_PAGE_SIZE) or s.page_size & (s.page_size - 1):
+            raise ConfigError(
+                f"page_size must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}, "
+                f"not {s.page_size}"
+            )
+    if s.mmap_size is not None:
+        _check_int("mmap_size", s.mmap_size)
+        if s.mmap_size < 0:
+            raise ConfigError(f"mmap_size must not be negative, not {s.mmap_size}")
+    _check_int("mode", s.mode)
+    if not 0 <= s.mode <= 0o777:
+        raise ConfigError(f"mode must be a permission in 0o000..0o777, not {s.mode:#o}")
+    if s.txn_nosync and s.txn_write_nosync:
+        raise ConfigError("txn_nosync and txn_write_nosync exclude each other")
+    return s
+
+
+def _check_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, not {value!r}")
+
+
+def apply_db_config(base: Settings, text: str, path: str) -> Settings:
+    """Apply the lines of a ``DB_CONFIG`` file (``text``, read from ``path``) on top of ``base``.
+
+    Returns the new settings; raises :class:`ConfigError` with the line number for a line it
+    cannot understand or a value that is out of range.
+    """
+    s = base
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, *args = line.split()
+        try:
+            s = _apply_line(s, name.lower(), args)
+            check_settings(s)
+        except ConfigError as err:
+            raise ConfigError(err.message, path=path, lineno=lineno) from None
+    return s
+
+
+def _ints(name: str, args: list[str], count: int) -> list[int]:
+    if len(args) != count:
+        raise ConfigError(f"{name} takes {count} value{'s' if count > 1 else ''}, got {len(args)}")
+    values = []
+    for a in args:
+        try:
+            v = int(a, 0)
+        except ValueError:
+            raise ConfigError(f"{name}: {a!r} is not an integer") from None
+        if v < 0:
+            raise ConfigError(f"{name}: {a} is negative")
+        values.append(v)
+    return values
+
+
+def _switch(name: str, args: list[str]) -> tuple[str, bool]:
+    if len(args) not in (1, 2):
+        raise ConfigError(f"{name} takes a flag and optionally on/off, got {len(args)} values")
+    state = args[1].lower() if len(args) == 2 else "on"
+    if state not in ("on", "off"):
+        raise ConfigError(f"{name}: expected on or off, got {args[1]!r}")
+    return args[0].lower(), state == "on"
+
+
+def _apply_line(s: Settings, name: str, args: list[str]) -> Settings:
+    replace = dataclasses.replace
+    if name == "set_cachesize":
+        gbytes, nbytes, ncache = _ints(name, args, 3)
+        total = (gbytes << 30) + nbytes
+        return replace(s, cache_size=total or None, ncache=max(1, ncache))
+    if name == "set_shm_key":
+        (key,) = _ints(name, args, 1)
+        return replace(s, shm_key=key)
+    if name == "set_mp_mmapsize":
+        (size,) = _ints(name, args, 1)
+        return replace(s, mmap_size=size)
+    if name == "set_mp_pagesize":
+        (size,) = _ints(name, args, 1)
+        return replace(s, page_size=size)
+    if name == "set_open_flags":
+        flag, on = _switch(name, args)
+        kinds = {"db_private": "private", "db_system_mem": "system"}
+        if flag not in kinds:
+            raise ConfigError(f"set_open_flags: unknown flag {flag!r} (db_private, db_system_mem)")
+        if on:
+            return replace(s, region=kinds[flag])
+        return replace(s, region=None) if s.region == kinds[flag] else s
+    if name == "set_flags":
+        flag, on = _switch(name, args)
+        if flag == "db_txn_nosync":
+            return replace(s, txn_nosync=on, txn_write_nosync=s.txn_write_nosync and not on)
+        if flag == "db_txn_write_nosync":
+            return replace(s, txn_write_nosync=on, txn_nosync=s.txn_nosync and not on)
+        if flag == "db_nommap":
+            return replace(s, nommap=on)
+        if flag == "db_log_inmemory":
+            return replace(s, log_inmemory=on)
+        raise ConfigError(
+            f"set_flags: unknown flag {flag!r} "
+            "(db_nommap, db_txn_nosync, db_txn_write_nosync, db_log_inmemory)"
+        )
+    if name in _IGNORED:
+        logger.info("DB_CONFIG: %s does not apply to aiodbenv; ignored", name)
+        return s
+    raise ConfigError(f"unknown setting {name!r}")

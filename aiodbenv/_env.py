@@ -1,0 +1,283 @@
+"""``Env``: the async handle of an environment.
+
+A thin async shell over :class:`aiodbenv.region.environment.EnvCore`: opening, closing and
+removing run in worker threads (they create, preallocate, map and unlink files), everything
+else is a few word reads on the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+from ._config import Settings, apply_db_config, check_settings
+from ._threads import run_owned
+from .errors import ConfigError, ForkedProcessError, InvalidArgument
+from .region.environment import EnvCore, EnvStat, open_environment, remove_environment
+
+__all__ = ["Env", "EnvOpener"]
+
+#: Largest DB_CONFIG aiodbenv reads; anything bigger is not a configuration file.
+_MAX_DB_CONFIG = 1 << 20
+
+
+def resolve_home(home: str | os.PathLike[str] | None) -> str:
+    """The environment home: ``home``, else ``$DB_HOME``, else the current directory."""
+    if home is None:
+        home = os.environ.get("DB_HOME") or os.getcwd()
+    return os.path.abspath(os.fspath(home))
+
+
+async def _read_db_config(home: str) -> tuple[str, str] | None:
+    path = os.path.join(home, "DB_CONFIG")
+    try:
+        st = await aiofiles.os.stat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None  # the home itself is not a directory: open reports that
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is not a regular file")
+    if st.st_size > _MAX_DB_CONFIG:
+        raise ConfigError(f"{path} is larger than {_MAX_DB_CONFIG} bytes")
+    try:
+        async with aiofiles.open(path, encoding="utf-8") as f:
+            return path, await f.read()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text: {err}") from None
+
+
+class EnvOpener:
+    """What :meth:`Env.open` returns: ``await`` it for an :class:`Env`, or use it with
+    ``async with`` to have the environment closed when the block exits."""
+
+    __slots__ = ("_args", "_env")
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self._args = args
+        self._env: Env | None = None
+
+    def __await__(self) -> Generator[Any, None, Env]:
+        return Env._open(**self._args).__await__()
+
+    async def __aenter__(self) -> Env:
+        self._env = await Env._open(**self._args)
+        return self._env
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._env is not None
+        await self._env.close()
+
+
+class Env:
+    """An open environment handle.
+
+    Create one with :meth:`Env.open`. Handles of the same environment may be open in many
+    processes at once (and several in one process for file and system memory); each process
+    opens its own, never one inherited through ``fork``.
+    """
+
+    def __init__(self, core: EnvCore) -> None:
+        """Internal: use :meth:`Env.open`."""
+        self._core = core
+        self._pid = os.getpid()
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @staticmethod
+    def open(
+        home: str | os.PathLike[str] | None = None,
+        *,
+        create: bool = False,
+        region: str | None = None,
+        cache_size: int | None = None,
+        ncache: int = 1,
+        shm_key: int | None = None,
+        page_size: int | None = None,
+        mmap_size: int | None = None,
+        mode: int = 0o600,
+        nommap: bool = False,
+        txn_nosync: bool = False,
+        txn_write_nosync: bool = False,
+        log_inmemory: bool = False,
+    ) -> EnvOpener:
+        """Open the environment in ``home``, creating it if ``create`` and it does not exist.
+
+        ``home`` defaults to ``$DB_HOME``, then the current directory. ``region`` picks where
+        the regions live when creating: ``"file"`` (the default; ``__db.NNN`` files in the
+        home), ``"system"`` (System V shared memory, which needs ``shm_key``) or ``"private"``
+        (this process only; a second open of the home fails while this one is open). When
+        joining, ``None`` accepts whatever exists and any other value must match it.
+
+        ``cache_size`` (default 256 KiB, in ``ncache`` caches), ``page_size`` (default 4096),
+        ``mmap_size`` (default 10 MiB), ``shm_key`` and the flags are the creator's settings; a
+        joiner inherits the existing environment's and its own are ignored. A ``DB_CONFIG`` file
+        in the home overrides these arguments line by line. ``mode`` is the exact permission of
+        every region file and segment (the umask does not apply).
+
+        ``await Env.open(...)`` returns the :class:`Env`; ``async with Env.open(...) as env``
+        also closes it at the end of the block.
+
+        Raises :class:`~aiodbenv.errors.EnvNotFound` (no home, or no environment and no
+        ``create``), :class:`~aiodbenv.errors.ConfigError`,
+        :class:`~aiodbenv.errors.CorruptRegion`, :class:`~aiodbenv.errors.VersionMismatch`,
+        :class:`~aiodbenv.errors.RunRecovery` (panicked environment),
+        :class:`~aiodbenv.errors.Busy`, :class:`~aiodbenv.errors.PermissionDenied`,
+        :class:`~aiodbenv.errors.NoSpace` or :class:`~aiodbenv.errors.ShmKeyInUse`.
+
+        Cancellation: the open is abandoned at once; the worker thread that creates or maps the
+        regions finishes and its handle is then closed, so nothing stays open or counted.
+        """
+        return EnvOpener(
+            dict(
+                home=home,
+                create=create,
+                settings=Settings(
+                    region=region,
+                    cache_size=cache_size,
+                    ncache=ncache,
+                    shm_key=shm_key,
+                    page_size=page_size,
+                    mmap_size=mmap_size,
+                    mode=mode,
+                    nommap=nommap,
+                    txn_nosync=txn_nosync,
+                    txn_write_nosync=txn_write_nosync,
+                    log_inmemory=log_inmemory,
+                ),
+            )
+        )
+
+    @classmethod
+    async def _open(
+        cls, home: str | os.PathLike[str] | None, create: bool, settings: Settings
+    ) -> Env:
+        if not isinstance(create, bool):
+            raise InvalidArgument(f"create must be True or False, not {create!r}")
+        check_settings(settings)
+        path = resolve_home(home)
+        config = await _read_db_config(path)
+        if config is not None:
+            settings = apply_db_config(settings, config[1], config[0])
+        core = await run_owned(
+            lambda: open_environment(path, settings, create=create), undo=_close_quietly
+        )
+        return cls(core)
+
+    # -- the handle ---------------------------------------------------------------------------
+
+    def _check(self) -> EnvCore:
+        if os.getpid() != self._pid:
+            raise ForkedProcessError(
+                "this environment handle was opened by process "
+                f"{self._pid} and cannot be used in forked process {os.getpid()}; "
+                "open the environment again in this process"
+            )
+        core = self._core
+        if core.closed:
+            raise InvalidArgument("the environment handle is closed")
+        core.check_panic()
+        return core
+
+    @property
+    def home(self) -> str:
+        """The absolute path of the environment home."""
+        return self._core.home
+
+    @property
+    def kind(self) -> str:
+        """Where the regions live: ``"file"``, ``"system"`` or ``"private"``."""
+        return self.settings.region or "file"
+
+    @property
+    def settings(self) -> Settings:
+        """The environment's settings, as its creator made it (after ``DB_CONFIG``)."""
+        return self._check().settings()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._core.closed
+
+    def resolve(self, name: str | os.PathLike[str]) -> str:
+        """The absolute path of ``name``: relative names are taken from the home."""
+        self._check()
+        return os.path.join(self._core.home, os.fspath(name))
+
+    def stat(self) -> EnvStat:
+        """Region statistics (``db_stat -e``): regions, kinds, sizes, ids, handles, mutex waits.
+
+        Raises :class:`~aiodbenv.errors.RunRecovery` if the environment is panicked.
+        """
+        return self._check().stat()
+
+    async def close(self) -> None:
+        """Close the handle: uncount it, detach every region, release the home.
+
+        Closing twice is harmless. A handle may be closed by another task than the one that
+        opened it. Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything)
+        if the environment was panicked while the handle was open, e.g. removed with force.
+
+        Cancellation: the handle is closed all the same; the detaching finishes in its worker
+        thread after the ``CancelledError`` is raised.
+        """
+        if os.getpid() != self._pid:
+            raise ForkedProcessError(
+                f"environment handle of process {self._pid} closed in forked process "
+                f"{os.getpid()}; the child must not close the parent's handle"
+            )
+        core = self._core
+        if core.closed:
+            return
+        await run_owned(core.close)
+
+    async def __aenter__(self) -> Env:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core.closed else "open"
+        return f"<aiodbenv.Env {self._core.home!r} {state}>"
+
+    # -- removing -----------------------------------------------------------------------------
+
+    @staticmethod
+    async def remove(home: str | os.PathLike[str] | None = None, *, force: bool = False) -> None:
+        """Remove the environment in ``home``: its region files and segments (DB_ENV->remove).
+
+        Without ``force``, raises :class:`~aiodbenv.errors.Busy` (``EBUSY``) while any handle
+        is open in any process, and changes nothing. With ``force`` the environment is panicked
+        and removed anyway; every handle still open then fails its next call with
+        :class:`~aiodbenv.errors.RunRecovery`. The home directory and any other file in it
+        (``DB_CONFIG``, data files) stay. A home without an environment is not an error.
+
+        Cancellation: a removal that has started in its worker thread finishes.
+        """
+        path = resolve_home(home)
+        await run_owned(lambda: remove_environment(path, force=force))
+
+
+def _close_quietly(core: EnvCore) -> None:
+    try:
+        core.close()
+    except Exception:
+        pass
+

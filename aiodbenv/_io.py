@@ -1,0 +1,186 @@
+"""File I/O primitives, and the one seam through which tests inject faults.
+
+Every system call aiodbenv makes on environment files and data files goes through a function
+here, so a test can make the Nth call of a kind fail (``ENOSPC``, ``EIO``, a short write) with
+:func:`inject` without patching the rest of the library. The functions are synchronous: callers
+decide whether to run them on the event loop (cheap, non-blocking cases) or in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "Fault",
+    "fallocate",
+    "fdatasync",
+    "fsync",
+    "ftruncate",
+    "inject",
+    "open_file",
+    "pread",
+    "pwritev",
+    "unlink",
+]
+
+
+@dataclass
+class Fault:
+    """One planned failure: the calls of ``op`` numbered ``after`` (0-based) onward fail.
+
+    ``times`` limits how many calls fail (``None``: every call until the fault is removed).
+    ``error`` is the errno raised as ``OSError`` (``None``: the call goes through, only
+    ``delay`` applies); ``short`` instead makes a write report fewer bytes than asked (a short
+    write), which the caller must treat as a failure; ``delay`` sleeps that many seconds in the
+    calling thread first (a slow disk).
+    ``calls`` counts the calls seen, ``fired`` the failures produced.
+    """
+
+    op: str
+    error: int | None = errno.EIO
+    after: int = 0
+    times: int | None = None
+    short: bool = False
+    delay: float = 0.0
+    calls: int = 0
+    fired: int = 0
+
+    def _hit(self) -> bool:
+        n = self.calls
+        self.calls += 1
+        if n < self.after:
+            return False
+        if self.times is not None and self.fired >= self.times:
+            return False
+        self.fired += 1
+        return True
+
+
+_faults: list[Fault] = []
+_faults_lock = threading.Lock()
+
+_OPS = frozenset({"open", "fallocate", "pread", "pwrite", "fsync", "fdatasync", "ftruncate", "unlink"})
+
+
+@contextlib.contextmanager
+def inject(
+    op: str,
+    error: int | None = errno.EIO,
+    *,
+    after: int = 0,
+    times: int | None = None,
+    short: bool = False,
+    delay: float = 0.0,
+) -> Iterator[Fault]:
+    """Make calls of ``op`` fail while the ``with`` block runs; yields the :class:`Fault`.
+
+    ``op`` is one of ``open``, ``fallocate``, ``pread``, ``pwrite``, ``fsync``, ``fdatasync``,
+    ``ftruncate``, ``unlink``. Faults apply to every thread of this process.
+    """
+    if op not in _OPS:
+        raise ValueError(f"unknown I/O operation {op!r}; expected one of {sorted(_OPS)}")
+    fault = Fault(op=op, error=error, after=after, times=times, short=short, delay=delay)
+    with _faults_lock:
+        _faults.append(fault)
+    try:
+        yield fault
+    finally:
+        with _faults_lock:
+            _faults.remove(fault)
+
+
+def _check(op: str) -> Fault | None:
+    """The fault that applies to this call of ``op``, after its delay; None for no error."""
+    if not _faults:  # the common case: one list test, no lock
+        return None
+    with _faults_lock:
+        hit = next((f for f in _faults if f.op == op and f._hit()), None)
+    if hit is None:
+        return None
+    if hit.delay:
+        time.sleep(hit.delay)
+    return hit if (hit.error is not None or hit.short) else None
+
+
+def _raise(fault: Fault) -> None:
+    code = fault.error if fault.error is not None else errno.EIO
+    raise OSError(code, f"{os.strerror(code)} (injected {fault.op} fault)")
+
+
+def open_file(path: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open``; returns the descriptor."""
+    fault = _check("open")
+    if fault is not None:
+        _raise(fault)
+    return os.open(path, flags, mode)
+
+
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """Reserve disk blocks so that later stores into a mapping cannot hit a full disk.
+
+    ``posix_fallocate`` returns ``ENOSPC`` up front instead of a ``SIGBUS`` on first touch.
+    """
+    fault = _check("fallocate")
+    if fault is not None:
+        _raise(fault)
+    os.posix_fallocate(fd, offset, length)
+
+
+def ftruncate(fd: int, length: int) -> None:
+    """``os.ftruncate``."""
+    fault = _check("ftruncate")
+    if fault is not None:
+        _raise(fault)
+    os.ftruncate(fd, length)
+
+
+def pread(fd: int, length: int, offset: int) -> bytes:
+    """``os.pread``."""
+    fault = _check("pread")
+    if fault is not None:
+        _raise(fault)
+    return os.pread(fd, length, offset)
+
+
+def pwritev(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
+    """Write ``buffers`` at ``offset`` with one ``pwritev``; returns the bytes written.
+
+    A short write is returned as such; the caller decides whether to continue or fail.
+    """
+    fault = _check("pwrite")
+    if fault is not None:
+        if fault.short:
+            total = sum(len(b) for b in buffers)
+            return max(0, total - 1)
+        _raise(fault)
+    return os.pwritev(fd, buffers, offset)
+
+
+def fsync(fd: int) -> None:
+    """``os.fsync``."""
+    fault = _check("fsync")
+    if fault is not None:
+        _raise(fault)
+    os.fsync(fd)
+
+
+def fdatasync(fd: int) -> None:
+    """``os.fdatasync``."""
+    fault = _check("fdatasync")
+    if fault is not None:
+        _raise(fault)
+    os.fdatasync(fd)
+
+
+def unlink(path: str) -> None:
+    """``os.unlink``."""
+    fault = _check("unlink")
+    if fault is not None:
+        _raise(fault)
+    os.unlink(path)

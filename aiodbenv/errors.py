@@ -1,0 +1,179 @@
+"""The exceptions aiodbenv raises.
+
+Every error derives from :class:`AiodbenvError` and carries an ``errno`` with Berkeley DB's
+meaning (``EINVAL``, ``ENOMEM``, ``EAGAIN``, ``EBUSY``, ``EACCES``, ``ENOSPC``, ``ENOENT``...).
+Where a built-in Python exception means the same thing, the error also subclasses it, so
+``except FileNotFoundError`` catches :class:`EnvNotFound` and ``except ValueError`` catches
+:class:`InvalidArgument`.
+
+Berkeley DB's special return codes keep their names: :class:`RunRecovery` (``DB_RUNRECOVERY``,
+the environment is panicked), :class:`VersionMismatch` (``DB_VERSION_MISMATCH``),
+:class:`PageNotFound` (``DB_PAGE_NOTFOUND``) and :class:`Incomplete` (``DB_INCOMPLETE``). Their
+Berkeley DB code is in ``db_code``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+__all__ = [
+    "AiodbenvError",
+    "Busy",
+    "CacheFull",
+    "ConfigError",
+    "CorruptRegion",
+    "EnvNotFound",
+    "ForkedProcessError",
+    "Incomplete",
+    "InvalidArgument",
+    "NoSpace",
+    "PageNotFound",
+    "PermissionDenied",
+    "RunRecovery",
+    "ShmKeyInUse",
+    "TryAgain",
+    "VersionMismatch",
+]
+
+
+class AiodbenvError(Exception):
+    """Base class of every error aiodbenv raises.
+
+    ``errno`` is the POSIX error number with Berkeley DB's meaning for this error; ``db_code``
+    is Berkeley DB's own negative return code where it has one (else ``None``).
+    """
+
+    default_errno: int = _errno.EINVAL
+    db_code: int | None = None
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        code = self.default_errno if errno is None else errno
+        if isinstance(self, OSError):
+            # OSError keeps errno and strerror in its own slots; str() shows "[Errno N] msg".
+            OSError.__init__(self, code, message)
+        else:
+            super().__init__(message)
+            self.errno = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries in tests and workers; keep errno on the way.
+        return (_rebuild, (type(self), self.message, self.errno))
+
+
+def _rebuild(cls: type[AiodbenvError], message: str, code: int) -> AiodbenvError:
+    return cls(message, errno=code)
+
+
+class InvalidArgument(AiodbenvError, ValueError):
+    """A bad argument or flag combination (``EINVAL``)."""
+
+
+class ConfigError(InvalidArgument):
+    """A malformed ``DB_CONFIG`` line, or a setting the environment cannot accept (``EINVAL``).
+
+    ``path`` and ``lineno`` name the offending line when the error comes from a ``DB_CONFIG``
+    file (both ``None`` for a bad argument).
+    """
+
+    def __init__(
+        self, message: str, *, path: str | None = None, lineno: int | None = None
+    ) -> None:
+        where = f"{path}:{lineno}: " if path is not None and lineno is not None else ""
+        super().__init__(where + message)
+        self.path = path
+        self.lineno = lineno
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (ConfigError, (self.message,))
+
+
+class ForkedProcessError(InvalidArgument):
+    """An environment handle was used in a process forked from the one that opened it.
+
+    Each process must open the environment itself (DESIGN decision 8).
+    """
+
+
+class EnvNotFound(AiodbenvError, FileNotFoundError):
+    """The home or environment does not exist and ``create`` was not given (``ENOENT``)."""
+
+    default_errno = _errno.ENOENT
+
+
+class PageNotFound(EnvNotFound):
+    """The requested page is past the end of the file and no create flag was given."""
+
+    db_code = -30986
+
+
+class PermissionDenied(AiodbenvError, PermissionError):
+    """The process may not read or write what it needs to (``EACCES``)."""
+
+    default_errno = _errno.EACCES
+
+
+class Busy(AiodbenvError):
+    """The environment or resource is in use (``EBUSY``), e.g. remove while handles are open."""
+
+    default_errno = _errno.EBUSY
+
+
+class ShmKeyInUse(Busy):
+    """The System V shared memory key is used by a segment that is not ours (``EEXIST``).
+
+    aiodbenv never touches such a segment; choose another ``shm_key``.
+    """
+
+    default_errno = _errno.EEXIST
+
+
+class TryAgain(AiodbenvError):
+    """A resource stayed unavailable for too long (``EAGAIN``)."""
+
+    default_errno = _errno.EAGAIN
+
+
+class NoSpace(AiodbenvError, OSError):
+    """Out of disk or file space (``ENOSPC``), e.g. preallocating a region file."""
+
+    default_errno = _errno.ENOSPC
+
+
+class CacheFull(AiodbenvError, MemoryError):
+    """No memory left in a region or cache (``ENOMEM``)."""
+
+    default_errno = _errno.ENOMEM
+
+
+class CorruptRegion(AiodbenvError):
+    """A region file or segment is not a valid aiodbenv region: empty, truncated, foreign,
+    a special file, or left half-built by a creator that died (``EINVAL``).
+    """
+
+
+class VersionMismatch(AiodbenvError):
+    """The environment was made by an incompatible layout version (``DB_VERSION_MISMATCH``)."""
+
+    db_code = -30969
+
+
+class RunRecovery(AiodbenvError):
+    """The environment is panicked: it was removed with force, or a process died while it was
+    changing shared state that cannot be repaired (``DB_RUNRECOVERY``).
+
+    Close every handle, remove the environment and open it again ("run recovery").
+    """
+
+    db_code = -30973
+    default_errno = _errno.EIO
+
+
+class Incomplete(AiodbenvError):
+    """Some dirty pages could not be written because they are pinned (``DB_INCOMPLETE``)."""
+
+    db_code = -30999
+    default_errno = _errno.EAGAIN

@@ -1,0 +1,25 @@
+"""The pthread calls aiodbenv binds, shared by the compiled module and the ABI fallback.
+
+Mutexes and attributes are passed as ``void *`` to opaque storage, so no C struct layout is
+written down here: the compiled module checks the real sizes at build time, the ABI fallback
+relies on :data:`aiodbenv.region.layout.MUTEX_STORAGE_BYTES` being generous.
+"""
+
+CDEF = """
+int pthread_mutexattr_init(void *attr);
+int pthread_mutexattr_destroy(void *attr);
+int pthread_mutexattr_setpshared(void *attr, int pshared);
+int pthread_mutexattr_setrobust(void *attr, int robust);
+int pthread_mutex_init(void *mutex, const void *attr);
+int pthread_mutex_destroy(void *mutex);
+int pthread_mutex_lock(void *mutex);
+int pthread_mutex_trylock(void *mutex);
+int pthread_mutex_unlock(void *mutex);
+int pthread_mutex_consistent(void *mutex);
+"""
+
+#: glibc's values for Linux; the compiled module asserts them at build time.
+PTHREAD_PROCESS_SHARED = 1
+PTHREAD_MUTEX_ROBUST = 1
+#: Bytes of attribute storage handed to pthread_mutexattr_init (glibc needs 4).
+MUTEXATTR_STORAGE_BYTES = 64

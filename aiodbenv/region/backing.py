@@ -1,0 +1,337 @@
+"""The three kinds of memory a region can live in, behind one :class:`Region` type.
+
+- **file** (the default): ``__db.NNN`` in the environment home, preallocated with
+  ``posix_fallocate`` (a full disk is an ``ENOSPC`` error at creation, never a ``SIGBUS`` on
+  first touch) and mapped ``MAP_SHARED``;
+- **system**: a System V shared memory segment with key ``shm_key + region_id - 1``; joiners
+  attach by the segment id the creator recorded;
+- **private**: anonymous memory of this process only.
+
+All three give the same thing: ``buf`` (the region's bytes), ``words`` (the same memory as
+8-byte words) and ``base`` (a cffi pointer for the mutexes). Nothing here knows what the region
+holds; the header is written and checked by :mod:`aiodbenv.region.env_region`.
+
+Every function here is blocking and runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import sysv_ipc
+
+from .. import _io
+from ..errors import (
+    Busy,
+    CacheFull,
+    CorruptRegion,
+    EnvNotFound,
+    NoSpace,
+    PermissionDenied,
+    ShmKeyInUse,
+)
+from .layout import KIND_FILE, KIND_PRIVATE, KIND_SYSTEM, REGION_HEADER, REGION_MAGIC, WORD
+from .mutex import ffi
+
+__all__ = [
+    "Region",
+    "attach_file_region",
+    "attach_system_region",
+    "create_file_region",
+    "create_private_region",
+    "create_system_region",
+    "open_region_fd",
+    "region_file_name",
+    "remove_system_segment",
+]
+
+_O_OPEN = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def region_file_name(region_id: int) -> str:
+    """``__db.001`` for region 1, and so on."""
+    return f"__db.{region_id:03d}"
+
+
+class Region:
+    """One attached region: its bytes, its words and a pointer, whatever backs it."""
+
+    __slots__ = ("region_id", "kind", "size", "backing", "buf", "words", "base", "_closer")
+
+    def __init__(
+        self,
+        region_id: int,
+        kind: int,
+        exporter: Any,
+        size: int,
+        backing: str,
+        closer: Callable[[], None],
+    ) -> None:
+        self.region_id = region_id
+        self.kind = kind
+        self.size = size
+        #: Where the region lives, for statistics: a path, "shm key 0x... id N", or "heap".
+        self.backing = backing
+        self.buf = memoryview(exporter)[:size]
+        self.words = self.buf.cast("Q")
+        self.base = ffi.from_buffer(exporter, require_writable=True)
+        self._closer = closer
+
+    def close(self) -> None:
+        """Detach: release the views, then unmap or detach the memory and close descriptors.
+
+        Raises ``BufferError`` if a view into the region is still exported elsewhere.
+        """
+        ffi.release(self.base)
+        self.words.release()
+        self.buf.release()
+        self._closer()
+
+    def header(self, field: str) -> int:
+        """A field of this region's ``REGION_HEADER``."""
+        return int(self.words[REGION_HEADER.offset(field) // WORD])
+
+    def __repr__(self) -> str:
+        return f"<Region {self.region_id} {self.size} bytes at {self.backing}>"
+
+
+def _os_error(err: OSError, what: str) -> Exception:
+    """Map an OSError from a region operation to the typed error a user should see."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: no space left on device")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"{what}: {os.strerror(err.errno)}")
+    if err.errno == errno.ENOENT:
+        return EnvNotFound(f"{what}: no such file or directory")
+    if err.errno == errno.ELOOP:
+        return CorruptRegion(f"{what}: is a symbolic link, not a region file")
+    if err.errno == errno.ENOMEM:
+        return CacheFull(f"{what}: not enough memory")
+    return err
+
+
+# -- file-backed ------------------------------------------------------------------------------
+
+
+def open_region_fd(path: str, *, create: bool, mode: int) -> int:
+    """Open a region file: ``create`` makes it exclusively (``O_EXCL``) with exactly ``mode``.
+
+    Symbolic links are refused (``O_NOFOLLOW``); raises ``FileExistsError`` when creating a file
+    that exists, and typed errors for everything else.
+    """
+    flags = _O_OPEN | (os.O_CREAT | os.O_EXCL if create else 0)
+    try:
+        fd = _io.open_file(path, flags, mode)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        raise _os_error(err, path) from err
+    if create:
+        try:
+            os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+        except OSError as err:
+            os.close(fd)
+            raise _os_error(err, path) from err
+    return fd
+
+
+def _map_fd(fd: int, path: str, region_id: int, size: int) -> Region:
+    try:
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as err:
+        raise _os_error(err, f"mapping {path}") from err
+
+    def closer() -> None:
+        mm.close()
+        os.close(fd)
+
+    return Region(region_id, KIND_FILE, mm, size, path, closer)
+
+
+def create_file_region(path: str, region_id: int, size: int, mode: int, fd: int | None = None) -> Region:
+    """Create region file ``path`` of ``size`` bytes and map it.
+
+    Given ``fd`` (an already created file, e.g. ``__db.001`` made with ``O_EXCL``), the region
+    uses a duplicate of it and the caller keeps ``fd``. The file is preallocated before it is
+    mapped, so a full disk fails here with :class:`~aiodbenv.errors.NoSpace`. On failure a file
+    this call created is removed.
+    """
+    own_file = fd is None
+    if fd is None:
+        try:
+            fd = open_region_fd(path, create=True, mode=mode)
+        except FileExistsError as err:
+            raise CorruptRegion(
+                f"{path} already exists without an environment: a stale region file "
+                "(remove the environment with force)"
+            ) from err
+    else:
+        fd = os.dup(fd)
+    try:
+        try:
+            _io.fallocate(fd, 0, size)
+        except OSError as err:
+            raise _os_error(err, f"preallocating {size} bytes for {path}") from err
+        return _map_fd(fd, path, region_id, size)
+    except BaseException:
+        os.close(fd)
+        if own_file:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+
+
+def attach_file_region(path: str, region_id: int, size: int, fd: int | None = None) -> Region:
+    """Map an existing region file, checking that it is a regular file of exactly ``size``.
+
+    Given ``fd``, the region uses a duplicate of it and the caller keeps ``fd``.
+    """
+    fd = open_region_fd(path, create=False, mode=0) if fd is None else os.dup(fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptRegion(f"{path} is not a regular file")
+        if st.st_size != size:
+            raise CorruptRegion(
+                f"{path} is {st.st_size} bytes, the environment says {size}: truncated or foreign"
+            )
+        return _map_fd(fd, path, region_id, size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# -- System V shared memory -------------------------------------------------------------------
+
+
+def _segment_is_ours(shm: Any) -> bool:
+    if shm.size < REGION_HEADER.size:
+        return False
+    magic = int.from_bytes(shm.read(WORD, REGION_HEADER.offset("magic")), "little")
+    return magic == REGION_MAGIC
+
+
+def _system_region(shm: Any, region_id: int, size: int, *, destroy_on_close: bool = False) -> Region:
+    def closer() -> None:
+        shm.detach()
+        if destroy_on_close:
+            shm.remove()
+
+    return Region(region_id, KIND_SYSTEM, shm, size, f"shm key {shm.key:#x} id {shm.id}", closer)
+
+
+def create_system_region(key: int, region_id: int, size: int, mode: int) -> Region:
+    """Create the System V segment ``key`` of ``size`` bytes with exactly ``mode``.
+
+    A segment already using ``key`` is examined, never written: if it carries our region magic
+    and nobody else is attached, it is the leftover of a dead environment and is removed; if
+    ours and attached, :class:`~aiodbenv.errors.Busy`; if foreign,
+    :class:`~aiodbenv.errors.ShmKeyInUse`.
+    """
+    for _ in range(3):
+        try:
+            shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode=mode, size=size)
+        except sysv_ipc.ExistentialError:
+            _clear_stale_segment(key)
+            continue
+        except sysv_ipc.PermissionsError as err:
+            raise PermissionDenied(f"shm key {key:#x}: {err}") from err
+        except (sysv_ipc.Error, OSError, ValueError) as err:
+            raise _shm_error(err, key, size) from err
+        return _system_region(shm, region_id, size)
+    raise Busy(f"shm key {key:#x} keeps being recreated by another process")
+
+
+def _shm_error(err: BaseException, key: int, size: int) -> Exception:
+    # shmget refuses sizes over SHMMAX and totals over SHMALL: the system's memory limits.
+    return CacheFull(f"shm key {key:#x}: cannot create a {size}-byte segment: {err}")
+
+
+def _clear_stale_segment(key: int) -> None:
+    try:
+        old = sysv_ipc.SharedMemory(key, 0, mode=0)
+    except sysv_ipc.ExistentialError:
+        return  # gone meanwhile: retry the create
+    except sysv_ipc.PermissionsError as err:
+        raise ShmKeyInUse(
+            f"shm key {key:#x} is used by a segment we may not read; choose another shm_key"
+        ) from err
+    try:
+        if not _segment_is_ours(old):
+            raise ShmKeyInUse(
+                f"shm key {key:#x} is used by another program's segment (id {old.id}); "
+                "choose another shm_key"
+            )
+        attached = old.number_attached - 1  # ourselves
+        if attached > 0:
+            raise Busy(
+                f"shm key {key:#x} belongs to a live aiodbenv environment "
+                f"({attached} processes attached)"
+            )
+        old.remove()  # a dead environment's leftover (Berkeley DB removes these on create too)
+    finally:
+        try:
+            old.detach()
+        except sysv_ipc.Error:
+            pass
+
+
+def attach_system_region(shm_id: int, region_id: int, size: int, env_id: int) -> Region:
+    """Attach segment ``shm_id`` and check it is region ``region_id`` of environment ``env_id``."""
+    try:
+        shm = sysv_ipc.attach(shm_id)
+    except sysv_ipc.PermissionsError as err:
+        raise PermissionDenied(f"shm id {shm_id}: {err}") from err
+    except (sysv_ipc.Error, OSError) as err:
+        raise EnvNotFound(
+            f"the environment's shared memory segment (id {shm_id}) is gone; "
+            "remove the environment and create it again"
+        ) from err
+    try:
+        if not _segment_is_ours(shm) or shm.size < size:
+            raise CorruptRegion(f"shm id {shm_id} is not region {region_id} of this environment")
+        owner = int.from_bytes(shm.read(WORD, REGION_HEADER.offset("env_id")), "little")
+        rid = int.from_bytes(shm.read(WORD, REGION_HEADER.offset("region_id")), "little")
+        if owner != env_id or rid != region_id:
+            raise CorruptRegion(f"shm id {shm_id} belongs to another environment")
+        return _system_region(shm, region_id, size)
+    except BaseException:
+        shm.detach()
+        raise
+
+
+def remove_system_segment(shm_id: int, env_id: int) -> bool:
+    """Remove segment ``shm_id`` if it is one of environment ``env_id``'s; True if removed."""
+    try:
+        shm = sysv_ipc.attach(shm_id)
+    except (sysv_ipc.Error, OSError):
+        return False
+    try:
+        if not _segment_is_ours(shm):
+            return False
+        owner = int.from_bytes(shm.read(WORD, REGION_HEADER.offset("env_id")), "little")
+        if owner != env_id:
+            return False
+        shm.remove()
+        return True
+    finally:
+        shm.detach()
+
+
+# -- private ----------------------------------------------------------------------------------
+
+
+def create_private_region(region_id: int, size: int) -> Region:
+    """Anonymous memory of this process only."""
+    try:
+        mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as err:
+        raise _os_error(err, f"allocating a {size}-byte private region") from err
+    return Region(region_id, KIND_PRIVATE, mm, size, "heap", mm.close)

@@ -1,0 +1,932 @@
+"""The environment region: create, join, validate, close and remove an environment.
+
+This is the synchronous core under :class:`aiodbenv.Env`. Every function here blocks (file
+creation, preallocation, mapping, flock) and is run in a worker thread by the async shell.
+
+Layout: region 1 starts with a ``REGION_HEADER`` and the ``ENV_HEADER`` (settings, handle
+count, panic flag, region table), followed by its allocator arena. File-backed environments keep
+region N in ``__db.N``; system-memory ones keep it in the segment ``shm_key + N - 1`` and put
+only a small ``SHM_REF`` record in ``__db.001`` so that other processes can find region 1;
+private ones keep everything in this process.
+
+Creation is serialised by creating ``__db.001`` with ``O_EXCL``. The creator holds an
+exclusive ``flock`` on it while it builds, and writes the environment magic last; a joiner that
+finds no magic yet waits while that lock is held, and reports a corrupt environment if nobody is
+building. Liveness of handles is judged by a shared ``flock`` on the home directory that every
+open handle holds (an exclusive one for private environments), not by the handle count, which a
+killed process cannot decrement.
+
+Lock order: the environment mutex, then a region's allocator mutex. Neither is ever held
+across an ``await``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .. import _io
+from .._config import (
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_MMAP_SIZE,
+    DEFAULT_PAGE_SIZE,
+    FLAG_BITS,
+    Settings,
+)
+from ..errors import (
+    AiodbenvError,
+    Busy,
+    ConfigError,
+    CorruptRegion,
+    EnvNotFound,
+    InvalidArgument,
+    PermissionDenied,
+    RunRecovery,
+    TryAgain,
+    VersionMismatch,
+)
+from .alloc import Allocator, AllocStats
+from .backing import (
+    Region,
+    attach_file_region,
+    attach_system_region,
+    create_file_region,
+    create_private_region,
+    create_system_region,
+    open_region_fd,
+    region_file_name,
+    remove_system_segment,
+)
+from .layout import (
+    ENV_HEADER,
+    ENV_MAGIC,
+    KIND_FILE,
+    KIND_NAMES,
+    KIND_PRIVATE,
+    KIND_SYSTEM,
+    LAYOUT_VERSION,
+    MAX_REGIONS,
+    REGION_ENTRY,
+    REGION_HEADER,
+    REGION_MAGIC,
+    REGION_TYPE_ENV,
+    REGION_TYPE_NAMES,
+    SHM_REF,
+    SHM_REF_MAGIC,
+    WORD,
+)
+from .mutex import BACKEND, NullMutex, SharedMutex
+
+__all__ = [
+    "EnvCore",
+    "EnvStat",
+    "RegionSpec",
+    "RegionStat",
+    "open_environment",
+    "remove_environment",
+]
+
+logger = logging.getLogger("aiodbenv")
+
+#: Size of region 1: headers plus a small arena for shared structures of other subsystems.
+ENV_REGION_SIZE = 64 * 1024
+#: Region sizes are rounded up to this (as Berkeley DB's 8 KiB).
+REGION_ROUND = 8 * 1024
+#: How long a joiner waits for a creator that is still building the environment.
+BUILD_WAIT = 30.0
+#: How long a joiner keeps retrying an incomplete ``__db.001`` that nobody is building: covers
+#: the instant between the creator's O_EXCL create and its flock.
+INCOMPLETE_GRACE = 0.25
+#: How long an open retries when the home is locked by a remove or a private handle.
+HOME_LOCK_WAIT = 0.5
+_POLL = 0.005
+
+_E = {name: ENV_HEADER.offset(name) // WORD for name in ENV_HEADER.fields()}
+_ENV_BASE = REGION_HEADER.size // WORD  # ENV_HEADER starts right after region 1's header
+_R = {name: REGION_HEADER.offset(name) // WORD for name in REGION_HEADER.fields()}
+_S = {name: SHM_REF.offset(name) // WORD for name in SHM_REF.fields()}
+_T = {name: REGION_ENTRY.offset(name) // WORD for name in REGION_ENTRY.fields()}
+
+
+def _round_region(size: int) -> int:
+    return (size + REGION_ROUND - 1) // REGION_ROUND * REGION_ROUND
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """A region a subsystem needs: its type (``REGION_TYPE_*``) and size in bytes."""
+
+    region_type: int
+    size: int
+
+
+@dataclass(frozen=True)
+class RegionStat:
+    """One region of an environment, as ``db_stat -e`` shows it."""
+
+    region_id: int
+    type: str
+    size: int
+    backing: str
+    alloc: AllocStats
+
+
+@dataclass(frozen=True)
+class EnvStat:
+    """Region statistics of an environment (what ``db_stat -e`` shows).
+
+    ``handles`` is the number of open handles in all processes as the environment counts them;
+    ``mutex_waits``/``mutex_nowaits`` count lock calls that had to block or did not, summed over
+    the environment's mutexes, and ``mutex_owner_died`` the times a locker found the previous
+    holder dead.
+    """
+
+    home: str
+    kind: str
+    version: int
+    env_id: int
+    created: float
+    creator_pid: int
+    handles: int
+    opens: int
+    panicked: bool
+    cache_size: int
+    ncache: int
+    page_size: int
+    mmap_size: int
+    shm_key: int | None
+    mode: int
+    flags: frozenset[str]
+    regions: tuple[RegionStat, ...]
+    mutex_backend: str
+    mutex_waits: int
+    mutex_nowaits: int
+    mutex_owner_died: int
+
+
+# -- home directory lock ----------------------------------------------------------------------
+
+
+class HomeLock:
+    """A ``flock`` on the home directory: shared per handle, exclusive for private handles and
+    for remove. Released by the kernel when a process dies, so it tells the live from the dead.
+    """
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, home: str, *, exclusive: bool, wait: float) -> None:
+        try:
+            self._fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise _home_error(err, home) from err
+        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._fd, op)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self._fd)
+                    raise
+                time.sleep(_POLL)
+
+    def release(self) -> None:
+        """Unlock and close (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = -1
+
+
+def _home_error(err: OSError, home: str) -> AiodbenvError | OSError:
+    if err.errno == errno.ENOENT:
+        return EnvNotFound(f"environment home {home} does not exist")
+    if err.errno == errno.ENOTDIR:
+        return InvalidArgument(f"environment home {home} is not a directory", errno=errno.ENOTDIR)
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(f"environment home {home}: permission denied")
+    return err
+
+
+def check_home(home: str, *, create: bool) -> None:
+    """Typed errors for a home that does not exist, is not a directory, or is not writable."""
+    try:
+        st = os.stat(home)
+    except OSError as err:
+        raise _home_error(err, home) from err
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument(f"environment home {home} is not a directory", errno=errno.ENOTDIR)
+    if not os.access(home, os.R_OK | os.X_OK | (os.W_OK if create else 0)):
+        raise PermissionDenied(f"environment home {home} is not " + (
+            "writable" if create else "readable"))
+
+
+# -- private environments of this process ------------------------------------------------------
+
+_private_lock = threading.Lock()
+_private_envs: dict[str, list[EnvCore]] = {}
+
+
+# -- the open environment -----------------------------------------------------------------------
+
+
+class EnvCore:
+    """An open handle's view of an environment: its regions and the environment header.
+
+    Made by :func:`open_environment`; closed by :meth:`close`.
+    """
+
+    def __init__(self, home: str, kind: int, regions: list[Region], home_lock: HomeLock) -> None:
+        self.home = home
+        self.kind = kind
+        self.regions = regions
+        self._home_lock = home_lock
+        self._private_panic = False
+        self.closed = False
+        r1 = regions[0]
+        self._w = r1.words
+        if kind == KIND_PRIVATE:
+            self.mutex: SharedMutex | NullMutex = NullMutex("env")
+        else:
+            self.mutex = SharedMutex(
+                r1.base,
+                r1.words,
+                REGION_HEADER.size + ENV_HEADER.offset("mutex"),
+                "env",
+                repair=self._repair_env_header,
+                panic=self.panic,
+            )
+        self.allocators = [Allocator(r.buf, r.words, f"region {r.region_id}") for r in regions]
+        self.alloc_mutexes = [self._alloc_mutex(r, a) for r, a in zip(regions, self.allocators)]
+
+    def _alloc_mutex(self, region: Region, allocator: Allocator) -> SharedMutex | NullMutex:
+        name = f"region {region.region_id} allocator"
+        if self.kind == KIND_PRIVATE:
+            return NullMutex(name)
+        return SharedMutex(
+            region.base,
+            region.words,
+            REGION_HEADER.offset("alloc_mutex"),
+            name,
+            repair=allocator.repair,
+            panic=self.panic,
+        )
+
+    @staticmethod
+    def _repair_env_header() -> None:
+        # The environment mutex guards single-word counters and table rows written one word
+        # at a time, each row's id last; a dead holder cannot leave them torn.
+        logger.warning("a process died holding the environment mutex; header is consistent")
+
+    # -- header access
+
+    def env_field(self, name: str) -> int:
+        """A field of the environment header."""
+        return int(self._w[_ENV_BASE + _E[name]])
+
+    def _set_env_field(self, name: str, value: int) -> None:
+        self._w[_ENV_BASE + _E[name]] = value
+
+    @property
+    def panicked(self) -> bool:
+        """True once the environment is panicked (by force remove or a dead mutex holder)."""
+        if self._private_panic:
+            return True
+        return bool(self._w[_ENV_BASE + _E["panic"]]) if not self.closed else False
+
+    def check_panic(self) -> None:
+        """Raise :class:`RunRecovery` if the environment is panicked."""
+        if self.panicked:
+            raise RunRecovery(
+                f"PANIC: environment {self.home} is panicked; run recovery "
+                "(close every handle, remove the environment and open it again)"
+            )
+
+    def panic(self, reason: str) -> None:
+        """Panic the environment: every handle's next call raises :class:`RunRecovery`."""
+        logger.error("PANIC: %s (environment %s)", reason, self.home)
+        self._w[_ENV_BASE + _E["panic"]] = 1
+
+    def settings(self) -> Settings:
+        """The settings the environment was created with."""
+        flags = self.env_field("flags")
+        key = self.env_field("shm_key")
+        return Settings(
+            region=KIND_NAMES[self.kind],
+            cache_size=self.env_field("cache_size"),
+            ncache=self.env_field("ncache"),
+            shm_key=key or None,
+            page_size=self.env_field("page_size"),
+            mmap_size=self.env_field("mmap_size"),
+            mode=self.env_field("mode"),
+            **{name: bool(flags & bit) for name, bit in FLAG_BITS.items()},
+        )
+
+    def region_table(self) -> list[tuple[int, int, int, int, int]]:
+        """Rows ``(region_id, type, size, shm_key, shm_id)`` of the region table."""
+        return _read_region_table(self._w)
+
+    # -- handle count
+
+    def add_handle(self) -> None:
+        """Count this handle as open (under the environment mutex)."""
+        with self.mutex:
+            self._set_env_field("refcnt", self.env_field("refcnt") + 1)
+            self._set_env_field("opens", self.env_field("opens") + 1)
+
+    def close(self) -> None:
+        """Drop this handle: uncount it (unless panicked), detach every region, unlock home.
+
+        Raises :class:`RunRecovery` after releasing everything if the environment is panicked.
+        """
+        if self.closed:
+            return
+        panicked = self.panicked
+        try:
+            if not panicked:
+                with self.mutex:
+                    n = self.env_field("refcnt")
+                    self._set_env_field("refcnt", n - 1 if n > 0 else 0)
+        finally:
+            self.release()
+        if panicked:
+            raise RunRecovery(
+                f"PANIC: environment {self.home} was panicked while this handle was open; "
+                "run recovery (remove the environment and open it again)"
+            )
+
+    def release(self) -> None:
+        """Detach every region and unlock the home without touching the handle count."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            for region in reversed(self.regions):
+                region.close()
+        finally:
+            self._home_lock.release()
+            if self.kind == KIND_PRIVATE:
+                with _private_lock:
+                    peers = _private_envs.get(self.home, [])
+                    if self in peers:
+                        peers.remove(self)
+                    if not peers:
+                        _private_envs.pop(self.home, None)
+
+    # -- statistics
+
+    def stat(self) -> EnvStat:
+        """The environment's region statistics."""
+        waits = nowaits = died = 0
+        mutexes: list[SharedMutex | NullMutex] = [self.mutex, *self.alloc_mutexes]
+        for m in mutexes:
+            w, n, d = m.stats()
+            waits, nowaits, died = waits + w, nowaits + n, died + d
+        types = {row[0]: row[1] for row in self.region_table()}
+        regions = tuple(
+            RegionStat(
+                region_id=r.region_id,
+                type=REGION_TYPE_NAMES.get(types.get(r.region_id, 0), "unknown"),
+                size=r.size,
+                backing=r.backing,
+                alloc=a.stats(),
+            )
+            for r, a in zip(self.regions, self.allocators)
+        )
+        s = self.settings()
+        return EnvStat(
+            home=self.home,
+            kind=KIND_NAMES[self.kind],
+            version=self.env_field("version"),
+            env_id=self.env_field("env_id"),
+            created=self.env_field("created_ns") / 1e9,
+            creator_pid=self.env_field("creator_pid"),
+            handles=self.env_field("refcnt"),
+            opens=self.env_field("opens"),
+            panicked=self.panicked,
+            cache_size=s.cache_size or 0,
+            ncache=s.ncache,
+            page_size=s.page_size or 0,
+            mmap_size=s.mmap_size if s.mmap_size is not None else 0,
+            shm_key=s.shm_key,
+            mode=s.mode,
+            flags=s.flag_names(),
+            regions=regions,
+            mutex_backend="none" if self.kind == KIND_PRIVATE else BACKEND,
+            mutex_waits=waits,
+            mutex_nowaits=nowaits,
+            mutex_owner_died=died,
+        )
+
+
+def _read_region_table(w: memoryview) -> list[tuple[int, int, int, int, int]]:
+    rows = []
+    base = _ENV_BASE + _E["regions"]
+    step = REGION_ENTRY.size // WORD
+    for i in range(MAX_REGIONS):
+        row = base + i * step
+        rid = w[row + _T["region_id"]]
+        if rid:
+            rows.append((rid, w[row + _T["region_type"]], w[row + _T["size"]],
+                         w[row + _T["shm_key"]], w[row + _T["shm_id"]]))
+    return rows
+
+
+# -- creating ---------------------------------------------------------------------------------
+
+
+def _init_region(region: Region, env_id: int, region_type: int, arena_start: int) -> None:
+    w = region.words
+    w[_R["version"]] = LAYOUT_VERSION
+    w[_R["env_id"]] = env_id
+    w[_R["region_id"]] = region.region_id
+    w[_R["region_type"]] = region_type
+    w[_R["size"]] = region.size
+    Allocator.format(w, arena_start, region.size)
+    w[_R["magic"]] = REGION_MAGIC
+
+
+def _region_plan(extra: list[RegionSpec]) -> list[RegionSpec]:
+    plan = [RegionSpec(REGION_TYPE_ENV, ENV_REGION_SIZE)] + [
+        RegionSpec(spec.region_type, _round_region(spec.size + REGION_HEADER.size)) for spec in extra
+    ]
+    if len(plan) > MAX_REGIONS:
+        raise ConfigError(f"an environment holds at most {MAX_REGIONS} regions")
+    return plan
+
+
+def _build(
+    home: str,
+    kind: int,
+    settings: Settings,
+    plan: list[RegionSpec],
+    make_region: Callable[[int, int], Region],
+) -> tuple[list[Region], int, list[int]]:
+    """Make every region of ``plan`` and fill in region 1; the magic is not yet written.
+
+    Returns the regions, the new env id and the shm ids (system memory) for ``__db.001``.
+    """
+    env_id = secrets.randbits(63) or 1
+    regions: list[Region] = []
+    try:
+        for region_id, spec in enumerate(plan, start=1):
+            regions.append(make_region(region_id, spec.size))
+        r1 = regions[0]
+        w = r1.words
+        e = _ENV_BASE
+        arena1 = REGION_HEADER.size + ENV_HEADER.size
+        for region, spec in zip(regions, plan):
+            start = arena1 if region.region_id == 1 else REGION_HEADER.size
+            _init_region(region, env_id, spec.region_type, start)
+            if kind != KIND_PRIVATE:
+                SharedMutex(region.base, region.words, REGION_HEADER.offset("alloc_mutex"),
+                            "alloc").initialize()
+        w[e + _E["version"]] = LAYOUT_VERSION
+        w[e + _E["panic"]] = 0
+        w[e + _E["env_id"]] = env_id
+        w[e + _E["created_ns"]] = time.time_ns()
+        w[e + _E["creator_pid"]] = os.getpid()
+        w[e + _E["kind"]] = kind
+        w[e + _E["refcnt"]] = 0
+        w[e + _E["opens"]] = 0
+        w[e + _E["nregions"]] = len(regions)
+        w[e + _E["cache_size"]] = settings.cache_size or DEFAULT_CACHE_SIZE
+        w[e + _E["ncache"]] = settings.ncache
+        w[e + _E["page_size"]] = settings.page_size or DEFAULT_PAGE_SIZE
+        w[e + _E["mmap_size"]] = (
+            settings.mmap_size if settings.mmap_size is not None else DEFAULT_MMAP_SIZE
+        )
+        w[e + _E["shm_key"]] = settings.shm_key or 0
+        w[e + _E["mode"]] = settings.mode
+        w[e + _E["flags"]] = settings.flag_bits()
+        if kind != KIND_PRIVATE:
+            SharedMutex(r1.base, w, REGION_HEADER.size + ENV_HEADER.offset("mutex"),
+                        "env").initialize()
+        step = REGION_ENTRY.size // WORD
+        shm_ids = []
+        for i, (region, spec) in enumerate(zip(regions, plan)):
+            row = e + _E["regions"] + i * step
+            shm_id = _shm_id_of(region)
+            shm_ids.append(shm_id)
+            w[row + _T["region_type"]] = spec.region_type
+            w[row + _T["size"]] = region.size
+            w[row + _T["shm_key"]] = (settings.shm_key or 0) + region.region_id - 1 if kind == KIND_SYSTEM else 0
+            w[row + _T["shm_id"]] = shm_id
+            w[row + _T["region_id"]] = region.region_id  # the row's id last: rows are whole
+        return regions, env_id, shm_ids
+    except BaseException:
+        for region in reversed(regions):
+            _destroy(region, home)
+        raise
+
+
+def _shm_id_of(region: Region) -> int:
+    if region.kind != KIND_SYSTEM:
+        return 0
+    # backing is "shm key 0x... id N"
+    return int(region.backing.rsplit(" ", 1)[1])
+
+
+def _destroy(region: Region, home: str) -> None:
+    """Detach a region this process just created and remove its file or segment."""
+    shm_id = _shm_id_of(region)
+    env_id = region.header("env_id")
+    region.close()
+    if region.kind == KIND_FILE:
+        if region.region_id != 1:  # region 1's file belongs to the caller's cleanup
+            try:
+                os.unlink(region.backing)
+            except OSError:
+                pass
+    elif region.kind == KIND_SYSTEM:
+        if not remove_system_segment(shm_id, env_id):
+            logger.warning("could not remove segment %d while undoing a create", shm_id)
+
+
+def _turn_on(region1: Region) -> None:
+    region1.words[_ENV_BASE + _E["magic"]] = ENV_MAGIC
+
+
+def _create(home: str, fd: int, settings: Settings, extra: list[RegionSpec]) -> list[Region]:
+    """Build a new environment; ``fd`` is the freshly O_EXCL-created ``__db.001``, flocked."""
+    kind = {"file": KIND_FILE, "system": KIND_SYSTEM, "private": KIND_PRIVATE}[
+        settings.region or "file"
+    ]
+    plan = _region_plan(extra)
+    path1 = os.path.join(home, region_file_name(1))
+    if kind == KIND_FILE:
+
+        def make(region_id: int, size: int) -> Region:
+            if region_id == 1:
+                return create_file_region(path1, 1, size, settings.mode, fd=fd)
+            path = os.path.join(home, region_file_name(region_id))
+            return create_file_region(path, region_id, size, settings.mode)
+
+        regions, _, _ = _build(home, kind, settings, plan, make)
+        _turn_on(regions[0])
+        return regions
+    assert kind == KIND_SYSTEM and settings.shm_key is not None
+    key = settings.shm_key
+
+    def make_shm(region_id: int, size: int) -> Region:
+        return create_system_region(key + region_id - 1, region_id, size, settings.mode)
+
+    regions, env_id, shm_ids = _build(home, kind, settings, plan, make_shm)
+    try:
+        _turn_on(regions[0])
+        rec = [0] * (SHM_REF.size // WORD)
+        rec[_S["version"]] = LAYOUT_VERSION
+        rec[_S["env_id"]] = env_id
+        rec[_S["shm_key"]] = key
+        rec[_S["shm_id"]] = shm_ids[0]
+        rec[_S["size"]] = regions[0].size
+        body = b"".join(v.to_bytes(WORD, "little") for v in rec)
+        # The record's magic goes in last, as a separate write, so a half-written record
+        # never looks valid.
+        if _io.pwritev(fd, [body], 0) != len(body):
+            raise OSError(errno.EIO, "short write of the shm reference record")
+        magic = SHM_REF_MAGIC.to_bytes(WORD, "little")
+        if _io.pwritev(fd, [magic], SHM_REF.offset("magic")) != WORD:
+            raise OSError(errno.EIO, "short write of the shm reference record")
+    except BaseException:
+        for region in reversed(regions):
+            _destroy(region, home)
+        raise
+    return regions
+
+
+# -- joining ----------------------------------------------------------------------------------
+
+
+class _Incomplete(Exception):
+    """``__db.001`` exists but holds no complete environment (yet)."""
+
+
+def _word(data: bytes, index: int) -> int:
+    return int.from_bytes(data[index * WORD : (index + 1) * WORD], "little")
+
+
+def _check_header(path: str, data: bytes) -> tuple[int, int]:
+    """Validate region 1's headers read from ``data``; returns ``(kind, region1 size)``."""
+    magic = _word(data, _R["magic"])
+    if magic == 0:
+        raise _Incomplete
+    if magic != REGION_MAGIC:
+        raise CorruptRegion(f"{path} is not an aiodbenv environment (bad magic)")
+    version = _word(data, _R["version"])
+    if version != LAYOUT_VERSION:
+        raise VersionMismatch(
+            f"{path}: environment layout version {version} does not match this aiodbenv's "
+            f"version {LAYOUT_VERSION}; remove the environment or use a matching aiodbenv"
+        )
+    if _word(data, _ENV_BASE + _E["magic"]) == 0:
+        raise _Incomplete
+    if _word(data, _ENV_BASE + _E["magic"]) != ENV_MAGIC:
+        raise CorruptRegion(f"{path} is not an aiodbenv environment (bad environment magic)")
+    if _word(data, _ENV_BASE + _E["panic"]):
+        raise RunRecovery(
+            f"PANIC: environment {os.path.dirname(path)} is panicked; run recovery "
+            "(remove the environment and open it again)"
+        )
+    kind = _word(data, _ENV_BASE + _E["kind"])
+    size = _word(data, _R["size"])
+    if kind not in (KIND_FILE, KIND_SYSTEM) or size < REGION_HEADER.size + ENV_HEADER.size:
+        raise CorruptRegion(f"{path}: environment header is corrupt")
+    return kind, size
+
+
+def _attach_rest(home: str, kind: int, r1: Region, env_id: int) -> list[Region]:
+    regions = [r1]
+    try:
+        for rid, _rtype, size, _key, shm_id in _read_region_table(r1.words):
+            if rid == 1:
+                continue
+            if kind == KIND_FILE:
+                path = os.path.join(home, region_file_name(rid))
+                regions.append(attach_file_region(path, rid, size))
+            else:
+                regions.append(attach_system_region(shm_id, rid, size, env_id))
+        return regions
+    except BaseException:
+        for region in reversed(regions):
+            region.close()
+        raise
+
+
+def _join_once(home: str, fd: int) -> list[Region]:
+    """Try to join the environment whose ``__db.001`` is open as ``fd``; may raise _Incomplete.
+
+    The caller keeps (and closes) ``fd``.
+    """
+    path1 = os.path.join(home, region_file_name(1))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptRegion(f"{path1} is not a regular file")
+    size = st.st_size
+    if size == SHM_REF.size:
+        rec = _io.pread(fd, SHM_REF.size, 0)
+        magic = _word(rec, _S["magic"])
+        if magic == 0:
+            raise _Incomplete
+        if magic != SHM_REF_MAGIC:
+            raise CorruptRegion(f"{path1} is not an aiodbenv environment (bad magic)")
+        if _word(rec, _S["version"]) != LAYOUT_VERSION:
+            raise VersionMismatch(
+                f"{path1}: environment layout version {_word(rec, _S['version'])} does not "
+                f"match this aiodbenv's version {LAYOUT_VERSION}"
+            )
+        env_id = _word(rec, _S["env_id"])
+        r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id)
+        try:
+            data = bytes(r1.buf[: REGION_HEADER.size + ENV_HEADER.size])
+            kind, _ = _check_header(path1, data)
+            if kind != KIND_SYSTEM:
+                raise CorruptRegion(f"{path1}: environment kind does not match its record")
+        except BaseException:
+            r1.close()
+            raise
+        return _attach_rest(home, KIND_SYSTEM, r1, env_id)
+    if size < REGION_HEADER.size + ENV_HEADER.size:
+        raise _Incomplete
+    data = _io.pread(fd, REGION_HEADER.size + ENV_HEADER.size, 0)
+    kind, size1 = _check_header(path1, data)
+    if kind != KIND_FILE or size1 != size:
+        raise CorruptRegion(f"{path1} is {size} bytes but its header says {size1}: truncated")
+    r1 = attach_file_region(path1, 1, size1, fd=fd)
+    return _attach_rest(home, KIND_FILE, r1, _word(data, _R["env_id"]))
+
+
+def _creator_is_building(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
+def _open_shared(home: str, settings: Settings, create: bool, extra: list[RegionSpec]) -> list[Region]:
+    path1 = os.path.join(home, region_file_name(1))
+    deadline = time.monotonic() + BUILD_WAIT
+    unlocked_since: float | None = None
+    while True:
+        try:
+            fd = open_region_fd(path1, create=False, mode=0)
+        except EnvNotFound:
+            if not create:
+                raise EnvNotFound(
+                    f"no environment in {home} (no {region_file_name(1)}); open with create=True"
+                ) from None
+            try:
+                return _create_exclusive(home, path1, settings, extra)
+            except FileExistsError:
+                continue  # another creator won the race: join its environment
+        try:
+            return _join_once(home, fd)
+        except _Incomplete:
+            building = _creator_is_building(fd)
+        finally:
+            os.close(fd)
+        now = time.monotonic()
+        if building:
+            unlocked_since = None
+            if now >= deadline:
+                raise TryAgain(
+                    f"unable to join the environment in {home}: its creator has been "
+                    f"building it for over {BUILD_WAIT:.0f} s"
+                )
+        else:
+            unlocked_since = unlocked_since or now
+            if now - unlocked_since >= INCOMPLETE_GRACE:
+                raise CorruptRegion(
+                    f"{path1} is empty, truncated or not an aiodbenv region, and no process "
+                    "is building it (a creator may have died): remove the environment "
+                    "with force and create it again"
+                )
+        time.sleep(_POLL)
+
+
+def _create_exclusive(
+    home: str, path1: str, settings: Settings, extra: list[RegionSpec]
+) -> list[Region]:
+    """Create ``__db.001`` with O_EXCL and build the environment under its flock.
+
+    Raises ``FileExistsError`` if another process created ``__db.001`` first.
+    """
+    if settings.region == "system" and settings.shm_key is None:
+        raise InvalidArgument(
+            "a system-memory environment needs a shm_key (set_shm_key in DB_CONFIG)"
+        )
+    fd = open_region_fd(path1, create=True, mode=settings.mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # joiners wait while we build
+        try:
+            return _create(home, fd, settings, extra)
+        except BaseException:
+            try:
+                os.unlink(path1)  # unlink before unlocking: joiners then find no file
+            except OSError:
+                pass
+            raise
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)  # region 1 may hold a dup of fd: unlock explicitly
+        os.close(fd)
+
+
+def open_environment(
+    home: str, settings: Settings, *, create: bool, extra: list[RegionSpec] | None = None
+) -> EnvCore:
+    """Create or join the environment in ``home`` (blocking; run it in a worker thread).
+
+    ``settings.region`` picks the kind when creating; when joining, a kind that differs from
+    the existing environment's is an error. Raises the typed errors of :mod:`aiodbenv.errors`.
+    """
+    extra = list(extra or [])
+    check_home(home, create=create)
+    private = settings.region == "private"
+    try:
+        home_lock = HomeLock(home, exclusive=private, wait=HOME_LOCK_WAIT)
+    except BlockingIOError:
+        raise Busy(
+            f"environment {home} is in use: " + (
+                "a private environment admits one handle, and another is open"
+                if private else "it is open privately by another handle, or being removed"
+            )
+        ) from None
+    try:
+        if private:
+            if not create:
+                raise EnvNotFound(f"a private environment in {home} must be created (create=True)")
+            regions, _, _ = _build(home, KIND_PRIVATE, settings, _region_plan(extra),
+                                   create_private_region)
+            _turn_on(regions[0])
+            core = EnvCore(home, KIND_PRIVATE, regions, home_lock)
+            with _private_lock:
+                _private_envs.setdefault(home, []).append(core)
+        else:
+            regions = _open_shared(home, settings, create, extra)
+            kind = regions[0].kind
+            core = EnvCore(home, kind, regions, home_lock)
+            if settings.region is not None and KIND_NAMES[kind] != settings.region:
+                core.release()
+                raise InvalidArgument(
+                    f"environment {home} exists with {KIND_NAMES[kind]} regions; "
+                    f"it cannot be joined as {settings.region!r}"
+                )
+    except BaseException:
+        home_lock.release()
+        raise
+    try:
+        core.add_handle()
+    except BaseException:
+        core.release()
+        raise
+    return core
+
+
+# -- removing ---------------------------------------------------------------------------------
+
+
+def _region_files(home: str) -> list[str]:
+    names = []
+    for name in os.listdir(home):
+        if name.startswith("__db.") and len(name) == 8 and name[5:].isdigit():
+            names.append(name)
+    return sorted(names, reverse=True)  # __db.001 last
+
+
+def remove_environment(home: str, *, force: bool) -> None:
+    """Remove the environment in ``home``: segments and region files, ``__db.001`` last.
+
+    Without ``force`` an environment that has open handles (in any process) is not touched and
+    :class:`Busy` is raised. With ``force`` it is panicked first, so every open handle's next
+    call raises :class:`RunRecovery`. A home without an environment is not an error.
+    """
+    check_home(home, create=True)
+    with _private_lock:
+        private = list(_private_envs.get(home, []))
+    if private:
+        if not force:
+            raise Busy(f"environment {home} is open privately by {len(private)} handle(s)")
+        for core in private:
+            core._private_panic = True
+    try:
+        lock: HomeLock | None = HomeLock(home, exclusive=True, wait=0)
+    except BlockingIOError:
+        lock = None
+        if not force:
+            raise Busy(f"environment {home} has open handles; close them or remove with force")
+    try:
+        _remove_locked(home, force)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _remove_locked(home: str, force: bool) -> None:
+    path1 = os.path.join(home, region_file_name(1))
+    try:
+        fd = open_region_fd(path1, create=False, mode=0)
+    except EnvNotFound:
+        fd = -1
+    except CorruptRegion:  # a symlink named __db.001: not ours to follow
+        if not force:
+            raise
+        fd = -1
+    regions: list[Region] = []
+    if fd >= 0:
+        try:
+            regions = _join_for_remove(home, fd)
+        except (_Incomplete, AiodbenvError) as err:
+            if not force:
+                if isinstance(err, _Incomplete):
+                    raise CorruptRegion(
+                        f"{path1} holds no complete environment; remove with force"
+                    ) from None
+                raise
+            logger.warning("removing unreadable environment %s: %s", home, err)
+        finally:
+            os.close(fd)
+    table: list[tuple[int, int, int, int, int]] = []
+    env_id = 0
+    if regions:
+        r1 = regions[0]
+        r1.words[_ENV_BASE + _E["panic"]] = 1  # every handle still attached sees this
+        table = _read_region_table(r1.words)
+        env_id = r1.header("env_id")
+        kind = r1.kind
+        for region in reversed(regions):
+            region.close()
+        if kind == KIND_SYSTEM:
+            for _rid, _t, _size, _key, shm_id in table:
+                remove_system_segment(shm_id, env_id)
+    for name in _region_files(home):
+        try:
+            _io.unlink(os.path.join(home, name))
+        except FileNotFoundError:
+            pass
+
+
+def _join_for_remove(home: str, fd: int) -> list[Region]:
+    """Attach an environment to remove it: like a join, but a panicked one is fine too."""
+    try:
+        return _join_once(home, fd)
+    except RunRecovery:
+        pass
+    path1 = os.path.join(home, region_file_name(1))
+    size = os.fstat(fd).st_size
+    if size == SHM_REF.size:
+        rec = _io.pread(fd, SHM_REF.size, 0)
+        env_id = _word(rec, _S["env_id"])
+        r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id)
+        return _attach_rest(home, KIND_SYSTEM, r1, env_id)
+    r1 = attach_file_region(path1, 1, size, fd=fd)
+    return _attach_rest(home, KIND_FILE, r1, r1.header("env_id"))
