@@ -218,13 +218,9 @@ def _segment_is_ours(shm: Any) -> bool:
     return magic == REGION_MAGIC
 
 
-def _system_region(shm: Any, region_id: int, size: int, *, destroy_on_close: bool = False) -> Region:
-    def closer() -> None:
-        shm.detach()
-        if destroy_on_close:
-            shm.remove()
-
-    return Region(region_id, KIND_SYSTEM, shm, size, f"shm key {shm.key:#x} id {shm.id}", closer)
+def _system_region(shm: Any, region_id: int, size: int, key: int) -> Region:
+    # shm.key is only right for segments found by key; attach() by id does not know it.
+    return Region(region_id, KIND_SYSTEM, shm, size, f"shm key {key:#x} id {shm.id}", shm.detach)
 
 
 def create_system_region(key: int, region_id: int, size: int, mode: int) -> Region:
@@ -237,7 +233,10 @@ def create_system_region(key: int, region_id: int, size: int, mode: int) -> Regi
     """
     for _ in range(3):
         try:
-            shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode=mode, size=size)
+            # sysv_ipc fills new segments with spaces by default; regions start zeroed.
+            shm = sysv_ipc.SharedMemory(
+                key, sysv_ipc.IPC_CREX, mode=mode, size=size, init_character=b"\0"
+            )
         except sysv_ipc.ExistentialError:
             _clear_stale_segment(key)
             continue
@@ -245,7 +244,7 @@ def create_system_region(key: int, region_id: int, size: int, mode: int) -> Regi
             raise PermissionDenied(f"shm key {key:#x}: {err}") from err
         except (sysv_ipc.Error, OSError, ValueError) as err:
             raise _shm_error(err, key, size) from err
-        return _system_region(shm, region_id, size)
+        return _system_region(shm, region_id, size, key)
     raise Busy(f"shm key {key:#x} keeps being recreated by another process")
 
 
@@ -283,8 +282,11 @@ def _clear_stale_segment(key: int) -> None:
             pass
 
 
-def attach_system_region(shm_id: int, region_id: int, size: int, env_id: int) -> Region:
-    """Attach segment ``shm_id`` and check it is region ``region_id`` of environment ``env_id``."""
+def attach_system_region(shm_id: int, region_id: int, size: int, env_id: int, key: int) -> Region:
+    """Attach segment ``shm_id`` and check it is region ``region_id`` of environment ``env_id``.
+
+    ``key`` is the segment's key as the environment recorded it (for statistics).
+    """
     try:
         shm = sysv_ipc.attach(shm_id)
     except sysv_ipc.PermissionsError as err:
@@ -301,7 +303,7 @@ def attach_system_region(shm_id: int, region_id: int, size: int, env_id: int) ->
         rid = int.from_bytes(shm.read(WORD, REGION_HEADER.offset("region_id")), "little")
         if owner != env_id or rid != region_id:
             raise CorruptRegion(f"shm id {shm_id} belongs to another environment")
-        return _system_region(shm, region_id, size)
+        return _system_region(shm, region_id, size, key)
     except BaseException:
         shm.detach()
         raise

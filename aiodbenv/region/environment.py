@@ -646,14 +646,14 @@ def _check_header(path: str, data: bytes) -> tuple[int, int]:
 def _attach_rest(home: str, kind: int, r1: Region, env_id: int) -> list[Region]:
     regions = [r1]
     try:
-        for rid, _rtype, size, _key, shm_id in _read_region_table(r1.words):
+        for rid, _rtype, size, key, shm_id in _read_region_table(r1.words):
             if rid == 1:
                 continue
             if kind == KIND_FILE:
                 path = os.path.join(home, region_file_name(rid))
                 regions.append(attach_file_region(path, rid, size))
             else:
-                regions.append(attach_system_region(shm_id, rid, size, env_id))
+                regions.append(attach_system_region(shm_id, rid, size, env_id, key))
         return regions
     except BaseException:
         for region in reversed(regions):
@@ -684,7 +684,8 @@ def _join_once(home: str, fd: int) -> list[Region]:
                 f"match this aiodbenv's version {LAYOUT_VERSION}"
             )
         env_id = _word(rec, _S["env_id"])
-        r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id)
+        r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id,
+                                  _word(rec, _S["shm_key"]))
         try:
             data = bytes(r1.buf[: REGION_HEADER.size + ENV_HEADER.size])
             kind, _ = _check_header(path1, data)
@@ -926,7 +927,8 @@ def _join_for_remove(home: str, fd: int) -> list[Region]:
     if size == SHM_REF.size:
         rec = _io.pread(fd, SHM_REF.size, 0)
         env_id = _word(rec, _S["env_id"])
-        r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id)
+        r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id,
+                                  _word(rec, _S["shm_key"]))
         return _attach_rest(home, KIND_SYSTEM, r1, env_id)
     r1 = attach_file_region(path1, 1, size, fd=fd)
     return _attach_rest(home, KIND_FILE, r1, r1.header("env_id"))

@@ -1,0 +1,152 @@
+"""Shared fixtures: homes and shm keys that must be left clean, child processes, loops.
+
+Every test runs under both the default asyncio loop and uvloop (the ``event_loop_policy``
+fixture is parametrised), and every test is checked for leftovers: a System V segment that
+exists after the test but not before it fails the test (and is removed), as does a region file
+left in a ``home``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import aiodbenv
+from aiodbenv.region.environment import remove_environment
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run long soak and stress tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# -- event loops --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    if request.param == "uvloop":
+        import uvloop
+
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
+
+
+# -- leftovers ----------------------------------------------------------------------------------
+
+
+def _segments() -> set[tuple[int, int]]:
+    """(key, shmid) of every System V segment on the machine."""
+    out = set()
+    with open("/proc/sysvipc/shm") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            out.add((int(fields[0]), int(fields[1])))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_segments() -> Iterator[None]:
+    before = _segments()
+    yield
+    leaked = _segments() - before
+    for _key, shmid in leaked:
+        subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
+    assert not leaked, f"test left System V segments behind: {sorted(leaked)}"
+
+
+def _region_files(path: str) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.startswith("__db."))
+
+
+@pytest.fixture
+def home() -> Iterator[str]:
+    """A fresh environment home; the test must remove its environment before it ends."""
+    path = tempfile.mkdtemp(prefix="aiodbenv-test-")
+    os.chmod(path, 0o755)  # other users (the modes tests) may look inside
+    try:
+        yield path
+        left = _region_files(path)
+        assert not left, f"test left region files in its home: {left}"
+    finally:
+        if _region_files(path):
+            try:
+                remove_environment(path, force=True)
+            except Exception:
+                pass
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_keys = itertools.count()
+
+
+@pytest.fixture
+def shm_key() -> int:
+    """A System V key no other test (or test run) uses; regions use key, key+1, ..."""
+    return 0x6A000000 + (os.getpid() % 4096) * 4096 + next(_keys) * 64
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def python(code: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None,
+           user: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (never a fork) and wait for it."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=str(REPO),
+        env={**os.environ, **(env or {})}, user=user,
+    )
+
+
+def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``code`` in a fresh interpreter; the caller waits for or kills it."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=str(REPO), env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """A list to put started processes in; any still running at teardown is killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+async def env(home: str) -> object:
+    """An open file-backed environment; closed and removed in teardown (another task)."""
+    e = await aiodbenv.Env.open(home, create=True)
+    yield e
+    await e.close()
+    await aiodbenv.Env.remove(home)
