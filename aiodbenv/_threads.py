@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 
@@ -21,7 +21,7 @@ T = TypeVar("T")
 logger = logging.getLogger("aiodbenv")
 
 # Tasks whose caller went away; referenced here until they finish so they are not collected.
-_orphans: set[asyncio.Future[object]] = set()
+_orphans: set[asyncio.Future[Any]] = set()
 
 
 async def run_owned(
@@ -45,13 +45,13 @@ async def run_owned(
         if inner.done():
             _undo_finished(inner, undo)
         else:
-            _orphans.add(inner)  # type: ignore[arg-type]
+            _orphans.add(inner)
             inner.add_done_callback(lambda fut: _undo_finished(fut, undo))
         raise
 
 
 def _undo_finished(fut: asyncio.Future[T], undo: Callable[[T], object] | None) -> None:
-    _orphans.discard(fut)  # type: ignore[arg-type]
+    _orphans.discard(fut)
     if fut.cancelled():
         return
     err = fut.exception()

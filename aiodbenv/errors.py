@@ -45,6 +45,7 @@ class AiodbenvError(Exception):
 
     default_errno: int = _errno.EINVAL
     db_code: int | None = None
+    errno: int | None  # set by __init__ (OSError subclasses keep it in OSError's own slot)
 
     def __init__(self, message: str, *, errno: int | None = None) -> None:
         code = self.default_errno if errno is None else errno

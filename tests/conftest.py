@@ -1,7 +1,7 @@
 """Shared fixtures: homes and shm keys that must be left clean, child processes, loops.
 
-Every test runs under both the default asyncio loop and uvloop (the ``event_loop_policy``
-fixture is parametrised), and every test is checked for leftovers: a System V segment that
+Every async test runs under both the default asyncio loop and uvloop (the
+``pytest_asyncio_loop_factories`` hook), and every test is checked for leftovers: a System V segment that
 exists after the test but not before it fails the test (and is removed), as does a region file
 left in a ``home``.
 """
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,13 +43,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # -- event loops --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session", params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    if request.param == "uvloop":
-        import uvloop
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    import uvloop
 
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 # -- leftovers ----------------------------------------------------------------------------------

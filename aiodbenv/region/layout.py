@@ -76,9 +76,13 @@ class Layout:
 
     __slots__ = ("name", "size", "_offsets")
 
+    name: str
+    size: int
+    _offsets: dict[str, int]
+
     def __init__(self, name: str, fields: Sequence[tuple[str, int | Layout]]) -> None:
         self.name = name
-        self._offsets: dict[str, int] = {}
+        self._offsets = {}
         pos = 0
         for field, width in fields:
             if field in self._offsets:

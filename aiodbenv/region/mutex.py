@@ -158,7 +158,7 @@ class SharedMutex:
         dead = w[self._w + _W_HOLDER]
         try:
             if self._repair is None:
-                raise RunRecovery(f"process {dead} died holding mutex {self.name}")
+                raise RunRecovery("nothing can repair what it protects")
             self._repair()
         except BaseException as err:
             reason = f"process {dead} died holding mutex {self.name} and it could not be repaired"
@@ -169,9 +169,7 @@ class SharedMutex:
             lib.pthread_mutex_consistent(self._m)
             w[self._w + _W_HOLDER] = 0
             lib.pthread_mutex_unlock(self._m)
-            if isinstance(err, RunRecovery):
-                raise
-            raise RunRecovery(f"{reason}: {err}") from err
+            raise RunRecovery(f"PANIC: {reason} ({err}); run recovery") from err
         lib.pthread_mutex_consistent(self._m)
 
     def _failed(self, rc: int) -> None:
