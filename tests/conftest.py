@@ -54,25 +54,35 @@ def pytest_asyncio_loop_factories(
 # -- leftovers ----------------------------------------------------------------------------------
 
 
-def _segments() -> set[tuple[int, int]]:
-    """(key, shmid) of every System V segment on the machine."""
-    out = set()
+KEY_BASE = 0x6A000000 + (os.getpid() % 4096) * 4096  # this run's shm keys: KEY_BASE + 0..4095
+
+
+def _segments() -> dict[int, tuple[int, int]]:
+    """shmid -> (key, creator pid) of every System V segment on the machine."""
+    out = {}
     with open("/proc/sysvipc/shm") as f:
         next(f)
         for line in f:
             fields = line.split()
-            out.add((int(fields[0]), int(fields[1])))
+            out[int(fields[1])] = (int(fields[0]), int(fields[4]))
     return out
+
+
+def _ours(key: int, cpid: int) -> bool:
+    # Only this run's keys, or segments this process made: other test runs on the machine
+    # (and their leak checks) must not see each other's segments.
+    return KEY_BASE <= key < KEY_BASE + 4096 or cpid == os.getpid()
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_segments() -> Iterator[None]:
     before = _segments()
     yield
-    leaked = _segments() - before
-    for _key, shmid in leaked:
+    leaked = {shmid: kc for shmid, kc in _segments().items()
+              if shmid not in before and kc[0] != 0 and _ours(*kc)}
+    for shmid in leaked:
         subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
-    assert not leaked, f"test left System V segments behind: {sorted(leaked)}"
+    assert not leaked, f"test left System V segments behind: {leaked}"
 
 
 def _region_files(path: str) -> list[str]:
@@ -103,7 +113,7 @@ _keys = itertools.count()
 @pytest.fixture
 def shm_key() -> int:
     """A System V key no other test (or test run) uses; regions use key, key+1, ..."""
-    return 0x6A000000 + (os.getpid() % 4096) * 4096 + next(_keys) * 64
+    return KEY_BASE + (next(_keys) * 64) % 4096
 
 
 # -- processes ----------------------------------------------------------------------------------

@@ -291,7 +291,7 @@ def attach_system_region(shm_id: int, region_id: int, size: int, env_id: int, ke
         shm = sysv_ipc.attach(shm_id)
     except sysv_ipc.PermissionsError as err:
         raise PermissionDenied(f"shm id {shm_id}: {err}") from err
-    except (sysv_ipc.Error, OSError) as err:
+    except (sysv_ipc.Error, OSError, ValueError) as err:  # ValueError: no such id
         raise EnvNotFound(
             f"the environment's shared memory segment (id {shm_id}) is gone; "
             "remove the environment and create it again"
@@ -313,7 +313,7 @@ def remove_system_segment(shm_id: int, env_id: int) -> bool:
     """Remove segment ``shm_id`` if it is one of environment ``env_id``'s; True if removed."""
     try:
         shm = sysv_ipc.attach(shm_id)
-    except (sysv_ipc.Error, OSError):
+    except (sysv_ipc.Error, OSError, ValueError):
         return False
     try:
         if not _segment_is_ours(shm):

@@ -886,6 +886,9 @@ def _remove_locked(home: str, force: bool) -> None:
     if fd >= 0:
         try:
             regions = _join_for_remove(home, fd)
+        except EnvNotFound as err:
+            # Its segments are gone (a reboot, ipcrm): nothing is attached; drop the files.
+            logger.warning("removing environment %s whose memory is gone: %s", home, err)
         except (_Incomplete, AiodbenvError) as err:
             if not force:
                 if isinstance(err, _Incomplete):
