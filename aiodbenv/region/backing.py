@@ -48,6 +48,7 @@ __all__ = [
     "open_region_fd",
     "region_file_name",
     "remove_system_segment",
+    "remove_system_segments_by_key",
 ]
 
 _O_OPEN = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -112,6 +113,8 @@ def _os_error(err: OSError, what: str) -> Exception:
         return CorruptRegion(f"{what}: is a symbolic link, not a region file")
     if err.errno == errno.ENOMEM:
         return CacheFull(f"{what}: not enough memory")
+    if err.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP, errno.ETXTBSY):
+        return CorruptRegion(f"{what}: not a regular file")
     return err
 
 
@@ -325,6 +328,28 @@ def remove_system_segment(shm_id: int, env_id: int) -> bool:
         return True
     finally:
         shm.detach()
+
+
+def remove_system_segments_by_key(key: int, env_id: int, first_region: int, count: int) -> int:
+    """Remove the segments of environment ``env_id`` found by key (``key + region_id - 1``)
+    for regions ``first_region`` onward; used when region 1, which records their ids, is gone.
+    Segments that are not ours are left alone. Returns how many were removed."""
+    removed = 0
+    for region_id in range(first_region, first_region + count):
+        try:
+            shm = sysv_ipc.SharedMemory(key + region_id - 1, 0, mode=0)
+        except (sysv_ipc.Error, OSError, ValueError):
+            continue
+        try:
+            if not _segment_is_ours(shm):
+                continue
+            owner = int.from_bytes(shm.read(WORD, REGION_HEADER.offset("env_id")), "little")
+            if owner == env_id:
+                shm.remove()
+                removed += 1
+        finally:
+            shm.detach()
+    return removed
 
 
 # -- private ----------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from .backing import (
     open_region_fd,
     region_file_name,
     remove_system_segment,
+    remove_system_segments_by_key,
 )
 from .layout import (
     ENV_HEADER,
@@ -249,7 +250,6 @@ class EnvCore:
         self.kind = kind
         self.regions = regions
         self._home_lock = home_lock
-        self._private_panic = False
         self.closed = False
         r1 = regions[0]
         self._w = r1.words
@@ -298,9 +298,11 @@ class EnvCore:
     @property
     def panicked(self) -> bool:
         """True once the environment is panicked (by force remove or a dead mutex holder)."""
-        if self._private_panic:
-            return True
         return bool(self._w[_ENV_BASE + _E["panic"]]) if not self.closed else False
+
+    def panic_word(self) -> tuple[memoryview, int]:
+        """Where the panic flag lives, for hot paths that read it directly."""
+        return self._w, _ENV_BASE + _E["panic"]
 
     def check_panic(self) -> None:
         """Raise :class:`RunRecovery` if the environment is panicked."""
@@ -463,12 +465,16 @@ def _region_plan(extra: list[RegionSpec]) -> list[RegionSpec]:
     return plan
 
 
+Formatter = Callable[[list[Region]], None]
+
+
 def _build(
     home: str,
     kind: int,
     settings: Settings,
     plan: list[RegionSpec],
     make_region: Callable[[int, int], Region],
+    formatter: Formatter | None = None,
 ) -> tuple[list[Region], int, list[int]]:
     """Make every region of ``plan`` and fill in region 1; the magic is not yet written.
 
@@ -521,6 +527,8 @@ def _build(
             w[row + _T["shm_key"]] = (settings.shm_key or 0) + region.region_id - 1 if kind == KIND_SYSTEM else 0
             w[row + _T["shm_id"]] = shm_id
             w[row + _T["region_id"]] = region.region_id  # the row's id last: rows are whole
+        if formatter is not None:
+            formatter(regions)  # subsystems lay out their regions before the magic goes in
         return regions, env_id, shm_ids
     except BaseException:
         for region in reversed(regions):
@@ -555,7 +563,8 @@ def _turn_on(region1: Region) -> None:
     region1.words[_ENV_BASE + _E["magic"]] = ENV_MAGIC
 
 
-def _create(home: str, fd: int, settings: Settings, extra: list[RegionSpec]) -> list[Region]:
+def _create(home: str, fd: int, settings: Settings, extra: list[RegionSpec],
+            formatter: Formatter | None) -> list[Region]:
     """Build a new environment; ``fd`` is the freshly O_EXCL-created ``__db.001``, flocked."""
     kind = {"file": KIND_FILE, "system": KIND_SYSTEM, "private": KIND_PRIVATE}[
         settings.region or "file"
@@ -570,7 +579,7 @@ def _create(home: str, fd: int, settings: Settings, extra: list[RegionSpec]) -> 
             path = os.path.join(home, region_file_name(region_id))
             return create_file_region(path, region_id, size, settings.mode)
 
-        regions, _, _ = _build(home, kind, settings, plan, make)
+        regions, _, _ = _build(home, kind, settings, plan, make, formatter)
         _turn_on(regions[0])
         return regions
     assert kind == KIND_SYSTEM and settings.shm_key is not None
@@ -579,7 +588,7 @@ def _create(home: str, fd: int, settings: Settings, extra: list[RegionSpec]) -> 
     def make_shm(region_id: int, size: int) -> Region:
         return create_system_region(key + region_id - 1, region_id, size, settings.mode)
 
-    regions, env_id, shm_ids = _build(home, kind, settings, plan, make_shm)
+    regions, env_id, shm_ids = _build(home, kind, settings, plan, make_shm, formatter)
     try:
         _turn_on(regions[0])
         rec = [0] * (SHM_REF.size // WORD)
@@ -714,7 +723,8 @@ def _creator_is_building(fd: int) -> bool:
     return False
 
 
-def _open_shared(home: str, settings: Settings, create: bool, extra: list[RegionSpec]) -> list[Region]:
+def _open_shared(home: str, settings: Settings, create: bool, extra: list[RegionSpec],
+                 formatter: Formatter | None) -> list[Region]:
     path1 = os.path.join(home, region_file_name(1))
     deadline = time.monotonic() + BUILD_WAIT
     unlocked_since: float | None = None
@@ -727,7 +737,7 @@ def _open_shared(home: str, settings: Settings, create: bool, extra: list[Region
                     f"no environment in {home} (no {region_file_name(1)}); open with create=True"
                 ) from None
             try:
-                return _create_exclusive(home, path1, settings, extra)
+                return _create_exclusive(home, path1, settings, extra, formatter)
             except FileExistsError:
                 continue  # another creator won the race: join its environment
         try:
@@ -756,7 +766,8 @@ def _open_shared(home: str, settings: Settings, create: bool, extra: list[Region
 
 
 def _create_exclusive(
-    home: str, path1: str, settings: Settings, extra: list[RegionSpec]
+    home: str, path1: str, settings: Settings, extra: list[RegionSpec],
+    formatter: Formatter | None,
 ) -> list[Region]:
     """Create ``__db.001`` with O_EXCL and build the environment under its flock.
 
@@ -766,11 +777,12 @@ def _create_exclusive(
         raise InvalidArgument(
             "a system-memory environment needs a shm_key (set_shm_key in DB_CONFIG)"
         )
+    check_home(home, create=True)
     fd = open_region_fd(path1, create=True, mode=settings.mode)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # joiners wait while we build
         try:
-            return _create(home, fd, settings, extra)
+            return _create(home, fd, settings, extra, formatter)
         except BaseException:
             try:
                 os.unlink(path1)  # unlink before unlocking: joiners then find no file
@@ -783,15 +795,23 @@ def _create_exclusive(
 
 
 def open_environment(
-    home: str, settings: Settings, *, create: bool, extra: list[RegionSpec] | None = None
+    home: str,
+    settings: Settings,
+    *,
+    create: bool,
+    extra: list[RegionSpec] | None = None,
+    formatter: Formatter | None = None,
 ) -> EnvCore:
     """Create or join the environment in ``home`` (blocking; run it in a worker thread).
 
     ``settings.region`` picks the kind when creating; when joining, a kind that differs from
-    the existing environment's is an error. Raises the typed errors of :mod:`aiodbenv.errors`.
+    the existing environment's is an error. ``extra`` lists the regions subsystems need beyond
+    region 1, and ``formatter`` lays them out (it is given every region, creator only, before
+    the environment's magic is written). Raises the typed errors of :mod:`aiodbenv.errors`.
     """
     extra = list(extra or [])
-    check_home(home, create=create)
+    # Writability matters only when creating, which is decided once __db.001 is found missing.
+    check_home(home, create=False)
     private = settings.region == "private"
     try:
         home_lock = HomeLock(home, exclusive=private, wait=HOME_LOCK_WAIT)
@@ -807,13 +827,13 @@ def open_environment(
             if not create:
                 raise EnvNotFound(f"a private environment in {home} must be created (create=True)")
             regions, _, _ = _build(home, KIND_PRIVATE, settings, _region_plan(extra),
-                                   create_private_region)
+                                   create_private_region, formatter)
             _turn_on(regions[0])
             core = EnvCore(home, KIND_PRIVATE, regions, home_lock)
             with _private_lock:
                 _private_envs.setdefault(home, []).append(core)
         else:
-            regions = _open_shared(home, settings, create, extra)
+            regions = _open_shared(home, settings, create, extra, formatter)
             kind = regions[0].kind
             core = EnvCore(home, kind, regions, home_lock)
             if settings.region is not None and KIND_NAMES[kind] != settings.region:
@@ -858,7 +878,7 @@ def remove_environment(home: str, *, force: bool) -> None:
         if not force:
             raise Busy(f"environment {home} is open privately by {len(private)} handle(s)")
         for core in private:
-            core._private_panic = True
+            core.panic("removed with force while open")
     try:
         lock: HomeLock | None = HomeLock(home, exclusive=True, wait=0)
     except BlockingIOError:
@@ -887,8 +907,10 @@ def _remove_locked(home: str, force: bool) -> None:
         try:
             regions = _join_for_remove(home, fd)
         except EnvNotFound as err:
-            # Its segments are gone (a reboot, ipcrm): nothing is attached; drop the files.
+            # Region 1's segment is gone (a reboot, ipcrm): its table of segment ids went with
+            # it, so find the other regions by key, then drop the files.
             logger.warning("removing environment %s whose memory is gone: %s", home, err)
+            _remove_orphan_segments(fd)
         except (_Incomplete, AiodbenvError) as err:
             if not force:
                 if isinstance(err, _Incomplete):
@@ -913,10 +935,31 @@ def _remove_locked(home: str, force: bool) -> None:
             for _rid, _t, _size, _key, shm_id in table:
                 remove_system_segment(shm_id, env_id)
     for name in _region_files(home):
+        path = os.path.join(home, name)
+        if not os.path.isfile(path) or os.path.islink(path):
+            # Not a region file we made (a directory, a FIFO, a symlink): not ours to delete.
+            if os.path.islink(path) and force:
+                _io.unlink(path)  # a link is removed, never what it points at
+            else:
+                logger.warning("left %s in place: not a regular region file", path)
+            continue
         try:
-            _io.unlink(os.path.join(home, name))
+            _io.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _remove_orphan_segments(fd: int) -> None:
+    try:
+        if os.fstat(fd).st_size != SHM_REF.size:
+            return
+        rec = _io.pread(fd, SHM_REF.size, 0)
+    except OSError:
+        return
+    if _word(rec, _S["magic"]) != SHM_REF_MAGIC:
+        return
+    remove_system_segments_by_key(_word(rec, _S["shm_key"]), _word(rec, _S["env_id"]),
+                                  2, MAX_REGIONS - 1)
 
 
 def _join_for_remove(home: str, fd: int) -> list[Region]:
