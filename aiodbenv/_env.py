@@ -19,7 +19,17 @@ import aiofiles.os
 from ._config import Settings, apply_db_config, check_settings
 from ._threads import run_owned
 from .errors import ConfigError, ForkedProcessError, InvalidArgument
-from .region.environment import EnvCore, EnvStat, open_environment, remove_environment
+from .mpool.pool import Pool
+from .mpool.table import format_pool, pool_region_sizes
+from .region.backing import Region
+from .region.environment import (
+    EnvCore,
+    EnvStat,
+    RegionSpec,
+    open_environment,
+    remove_environment,
+)
+from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
 
 __all__ = ["Env", "EnvOpener"]
 
@@ -92,6 +102,9 @@ class Env:
         """Internal: use :meth:`Env.open`."""
         self._core = core
         self._pid = os.getpid()
+        types = {row[0]: row[1] for row in core.region_table()}
+        mpool = [r for r in core.regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
+        self._pool = Pool(core, mpool, shared=core.kind != KIND_PRIVATE)
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -170,10 +183,22 @@ class Env:
         config = await _read_db_config(path)
         if config is not None:
             settings = apply_db_config(settings, config[1], config[0])
+        specs = [RegionSpec(REGION_TYPE_MPOOL, size) for size in pool_region_sizes(settings)]
+        shared = settings.region != "private"
+
+        def format_regions(regions: list[Region]) -> None:
+            format_pool(regions[1:], settings, shared)
+
         core = await run_owned(
-            lambda: open_environment(path, settings, create=create), undo=_close_quietly
+            lambda: open_environment(path, settings, create=create, extra=specs,
+                                     formatter=format_regions),
+            undo=_close_quietly,
         )
-        return cls(core)
+        try:
+            return cls(core)
+        except BaseException:
+            await run_owned(lambda: _close_quietly(core))
+            raise
 
     # -- the handle ---------------------------------------------------------------------------
 
@@ -204,6 +229,12 @@ class Env:
     def settings(self) -> Settings:
         """The environment's settings, as its creator made it (after ``DB_CONFIG``)."""
         return self._check().settings()
+
+    @property
+    def pool(self) -> Pool:
+        """The environment's shared buffer pool (memp_*), as seen by this handle."""
+        self._check()
+        return self._pool
 
     @property
     def closed(self) -> bool:
@@ -240,7 +271,15 @@ class Env:
         core = self._core
         if core.closed:
             return
-        await run_owned(core.close)
+        try:
+            if core.kind == KIND_PRIVATE and not core.panicked:
+                # Nobody else can ever write a private cache's dirty pages: flush it first.
+                await self._pool.sync()
+        finally:
+            try:
+                await self._pool._close()
+            finally:
+                await run_owned(core.close)
 
     async def __aenter__(self) -> Env:
         return self

@@ -25,6 +25,7 @@ __all__ = [
     "inject",
     "open_file",
     "pread",
+    "preadv",
     "pwritev",
     "unlink",
 ]
@@ -148,7 +149,19 @@ def pread(fd: int, length: int, offset: int) -> bytes:
     return os.pread(fd, length, offset)
 
 
-def pwritev(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
+def preadv(fd: int, buffers: Sequence[memoryview | bytearray], offset: int, flags: int = 0) -> int:
+    """``os.preadv`` into ``buffers``; returns the bytes read (short at the end of the file).
+
+    With ``os.RWF_NOWAIT`` the kernel answers ``BlockingIOError`` instead of waiting for the
+    disk, which lets the event loop read pages that are already in the OS page cache.
+    """
+    fault = _check("pread")
+    if fault is not None:
+        _raise(fault)
+    return os.preadv(fd, buffers, offset, flags)
+
+
+def pwritev(fd: int, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> int:
     """Write ``buffers`` at ``offset`` with one ``pwritev``; returns the bytes written.
 
     A short write is returned as such; the caller decides whether to continue or fail.

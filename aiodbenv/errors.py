@@ -27,6 +27,7 @@ __all__ = [
     "Incomplete",
     "InvalidArgument",
     "NoSpace",
+    "NotFound",
     "PageNotFound",
     "PermissionDenied",
     "RunRecovery",
@@ -99,14 +100,20 @@ class ForkedProcessError(InvalidArgument):
     """
 
 
-class EnvNotFound(AiodbenvError, FileNotFoundError):
-    """The home or environment does not exist and ``create`` was not given (``ENOENT``)."""
+class NotFound(AiodbenvError, FileNotFoundError):
+    """Something asked for does not exist (``ENOENT``): a data file opened without
+    ``create``, and the base of :class:`EnvNotFound` and :class:`PageNotFound`."""
 
     default_errno = _errno.ENOENT
 
 
-class PageNotFound(EnvNotFound):
-    """The requested page is past the end of the file and no create flag was given."""
+class EnvNotFound(NotFound):
+    """The home or environment does not exist and ``create`` was not given (``ENOENT``)."""
+
+
+class PageNotFound(NotFound):
+    """The requested page is past the end of the file and no create flag was given
+    (``DB_PAGE_NOTFOUND``)."""
 
     db_code = -30986
 

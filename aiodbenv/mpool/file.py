@@ -1,0 +1,482 @@
+"""``PoolFile``: a file opened into the pool (memp_fopen), and page access on it.
+
+The hit path (:meth:`PoolFile._pin_hit`) is synchronous: hash, lock one bucket, find the
+buffer, count the pin, slice a memoryview. Only a miss awaits: a frame, then the read.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import TYPE_CHECKING
+
+from ..errors import (
+    InvalidArgument,
+    NoSpace,
+    PageNotFound,
+    PermissionDenied,
+)
+from .layout import BH, BH_DIRTY, BH_READING, FF_NO_MMAP
+from .page import Page, PinContext
+from .table import (
+    _F,
+    _FS,
+    _HS,
+    B_COUNT,
+    B_DIRTY,
+    C_BUFFERS,
+    C_LRU,
+    B_HEAD,
+    H_FILE,
+    H_FLAGS,
+    H_IOPID,
+    H_NEXT,
+    H_PGNO,
+    H_PRIO,
+    H_REF,
+    H_SIZE,
+    Cache,
+)
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .stat import FileStat
+    from .sync import SyncResult
+
+__all__ = ["PoolFile"]
+
+MODE_GET, MODE_CREATE, MODE_NEW, MODE_LAST = 0, 1, 2, 3
+_BH_DATA = BH.size
+
+_FS_HIT = _FS["cache_hit"]
+_FS_MISS = _FS["cache_miss"]
+_FS_MAP = _FS["map"]
+_HS_SEARCH = _HS["hash_searches"]
+_HS_EXAM = _HS["hash_examined"]
+_HS_LONG = _HS["hash_longest"]
+
+
+class PoolFile:
+    """A file open in the pool. Made by :meth:`aiodbenv.Pool.open_file`.
+
+    Pages are pinned with :meth:`get` (``async with f.get(7) as page``), :meth:`new`,
+    :meth:`last` or :meth:`pin`, and unpinned at the end of the ``async with`` block or by
+    :meth:`unpin`. A page may be pinned many times, by many coroutines and processes; a pinned
+    page is never evicted or moved.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        fidx: int,
+        *,
+        fd: int | None,
+        path: str | None,
+        page_size: int,
+        readonly: bool,
+        temp: bool,
+        nofile: bool,
+        ftype: int,
+        cookie: bytes,
+        mapped: mmap.mmap | None,
+    ) -> None:
+        self._pool = pool
+        self._core = pool._core
+        self._fidx = fidx
+        self._tag = fidx + 1
+        self._fd = fd
+        self._path = path
+        self.page_size = page_size
+        self.readonly = readonly
+        self.temp = temp
+        self.nofile = nofile
+        self.ftype = ftype
+        self.cookie = cookie
+        self._map = mapped
+        self._map_view = memoryview(mapped) if mapped is not None else None
+        self._map_pages = len(mapped) // page_size if mapped is not None else 0
+        self._fs = self._core.file_stats_block(fidx)
+        self._hs = pool._hs
+        self._w0 = self._core.w0
+        self._entry = self._core.entry(fidx)
+        self._pins: set[Page] = set()
+        self._closed = False
+        # Hashing constants, kept local for the hot path.
+        self._caches = self._core.caches
+        self._ncache = self._core.ncache
+
+    # -- facts --------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str | None:
+        """The file's path, or None for a temporary file."""
+        return self._path
+
+    @property
+    def pages(self) -> int:
+        """Pages the pool knows of (the last page number + 1), counting pages not yet written."""
+        return int(self._w0[self._entry + _F["pages"]])
+
+    @property
+    def fileid(self) -> bytes:
+        """The 20-byte id that makes every open of this file share one set of pages."""
+        return self._core.fileid(self._fidx)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def mapped(self) -> bool:
+        """True if pages are served from a read-only memory map of the file (``st_map``)."""
+        return self._map is not None
+
+    def _check(self) -> None:
+        if self._closed:
+            raise InvalidArgument(f"file {self._path!r} is closed")
+        self._pool._check()
+
+    # -- pinning ------------------------------------------------------------------------------
+
+    def get(self, pgno: int, *, create: bool = False) -> PinContext:
+        """Pin page ``pgno`` (memp_fget); with ``create``, make it if it does not exist
+        (``DB_MPOOL_CREATE``: zero-filled, pgin applied, dirty).
+
+        Use as ``async with f.get(pgno) as page`` or ``page = await f.get(pgno)``. Raises
+        :class:`~aiodbenv.errors.PageNotFound` for a page past the end without ``create``,
+        :class:`~aiodbenv.errors.NoSpace` past ``max_pages``,
+        :class:`~aiodbenv.errors.CacheFull` when no frame frees up in time.
+
+        Cancellation: a pin cancelled while its page is being read leaves no pin held; the read
+        finishes in the background so that other waiters get the page.
+        """
+        if type(pgno) is not int or pgno < 0:
+            raise InvalidArgument(f"page number must be a non-negative int, not {pgno!r}")
+        return PinContext(self, pgno, MODE_CREATE if create else MODE_GET)
+
+    def new(self) -> PinContext:
+        """Pin a new page at the end of the file (``DB_MPOOL_NEW``): zero-filled, dirty, pgin
+        not applied; ``page.pgno`` is its number. No two callers get the same page."""
+        return PinContext(self, -1, MODE_NEW)
+
+    def last(self) -> PinContext:
+        """Pin the last page of the file (``DB_MPOOL_LAST``)."""
+        return PinContext(self, -1, MODE_LAST)
+
+    async def pin(
+        self, pgno: int | None = None, *, create: bool = False, new: bool = False,
+        last: bool = False,
+    ) -> Page:
+        """The explicit form of :meth:`get`, :meth:`new` and :meth:`last`: returns the pinned
+        page; unpin it with :meth:`unpin`. ``create``, ``new`` and ``last`` exclude each other
+        (``InvalidArgument``)."""
+        if create + new + last > 1:
+            raise InvalidArgument("create, new and last exclude each other")
+        if new or last:
+            if pgno is not None:
+                raise InvalidArgument("new and last choose the page number themselves")
+            return await self._pin(-1, MODE_NEW if new else MODE_LAST)
+        if type(pgno) is not int or pgno < 0:
+            raise InvalidArgument(f"page number must be a non-negative int, not {pgno!r}")
+        return await self._pin(pgno, MODE_CREATE if create else MODE_GET)
+
+    def _pin_hit(self, pgno: int) -> Page | None:
+        """Pin ``pgno`` if it is cached and readable; None sends the caller to the slow path."""
+        if self._closed or self._map is not None:
+            return None
+        if self._pool._panic_words[self._pool._panic_index]:
+            return None
+        h = (pgno * 0x9E3779B1 + self._fidx * 509) & 0xFFFFFFFFFFFF
+        ncache = self._ncache
+        cache = self._caches[h % ncache] if ncache > 1 else self._caches[0]
+        b = (h // ncache) % cache.nbuckets
+        w = cache.words
+        bw = cache.bucket_words[b]
+        tag = self._tag
+        examined = 1
+        with cache.mutexes[b]:
+            off = w[bw + B_HEAD]
+            while off:
+                x = off >> 3
+                if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
+                    if w[x + H_FLAGS] & BH_READING:
+                        return None
+                    w[x + H_REF] += 1
+                    break
+                off = w[x + H_NEXT]
+                examined += 1
+            else:
+                return None
+        w0 = self._w0
+        hs = self._hs
+        w0[hs + _HS_SEARCH] += 1
+        w0[hs + _HS_EXAM] += examined
+        if examined > w0[hs + _HS_LONG]:
+            w0[hs + _HS_LONG] = examined
+        w0[self._fs + _FS_HIT] += 1
+        start = off + _BH_DATA
+        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, off)
+        self._pins.add(page)
+        return page
+
+    async def _pin(self, pgno: int, mode: int) -> Page:
+        self._check()
+        w0 = self._w0
+        e = self._entry
+        if mode == MODE_NEW:
+            if self.readonly:
+                raise InvalidArgument("new page requested on a file opened read-only")
+            pgno = self._extend(None)
+        elif mode == MODE_LAST:
+            pgno = int(w0[e + _F["pages"]]) - 1
+            if pgno < 0:
+                raise PageNotFound(f"file {self._path!r} has no pages")
+        if self._map is not None and pgno < self._map_pages:
+            if not w0[e + _F["flags"]] & FF_NO_MMAP:
+                w0[self._fs + _FS_MAP] += 1
+                start = pgno * self.page_size
+                view = self._map_view[start : start + self.page_size]  # type: ignore[index]
+                page = Page(self, pgno, view, None, -1, 0)
+                self._pins.add(page)
+                return page
+        while True:
+            cache, b = self._core.locate(self._fidx, pgno)
+            found = self._lookup_pin(cache, b, pgno)
+            if found:
+                bh = found
+                if cache.words[(bh >> 3) + H_FLAGS] & BH_READING:
+                    ok = await self._pool._await_read(cache, b, bh, self)
+                    if not ok:
+                        continue  # the read failed and the buffer went away: try again
+                w0[self._fs + _FS_HIT] += 1
+                return self._page(cache, b, bh, pgno)
+            if pgno >= w0[e + _F["pages"]] or mode == MODE_NEW:
+                if mode == MODE_GET:
+                    raise PageNotFound(
+                        f"page {pgno} of {self._path!r} does not exist "
+                        f"(the file has {int(w0[e + _F['pages']])} pages); use create=True"
+                    )
+                if self.readonly:
+                    raise PermissionDenied(f"cannot create page {pgno} in read-only file")
+                if mode == MODE_CREATE:
+                    self._extend(pgno)
+            frame = await self._pool._get_frame(cache, self.page_size)
+            inserted = self._insert(cache, b, frame, pgno)
+            if not inserted:
+                continue  # someone else brought the page in meanwhile: pin theirs
+            w0[self._fs + _FS_MISS] += 1
+            await self._pool._fill(self, cache, b, frame, pgno, mode)
+            return self._page(cache, b, frame, pgno)
+
+    def _page(self, cache: Cache, b: int, bh: int, pgno: int) -> Page:
+        start = bh + _BH_DATA
+        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, bh)
+        self._pins.add(page)
+        return page
+
+    def _lookup_pin(self, cache: Cache, b: int, pgno: int) -> int:
+        """Find and pin the buffer of ``pgno`` (even one being read); 0 if not cached."""
+        w = cache.words
+        bw = cache.bucket_words[b]
+        tag = self._tag
+        examined = 1
+        found = 0
+        with cache.mutexes[b]:
+            off = w[bw + B_HEAD]
+            while off:
+                x = off >> 3
+                if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
+                    w[x + H_REF] += 1
+                    found = off
+                    break
+                off = w[x + H_NEXT]
+                examined += 1
+        w0 = self._w0
+        hs = self._hs
+        w0[hs + _HS_SEARCH] += 1
+        w0[hs + _HS_EXAM] += examined
+        if examined > w0[hs + _HS_LONG]:
+            w0[hs + _HS_LONG] = examined
+        return found
+
+    def _insert(self, cache: Cache, b: int, frame: int, pgno: int) -> bool:
+        """Link ``frame`` as page ``pgno`` (being read, pinned once) unless someone beat us;
+        on losing, the frame is returned to the cache."""
+        w = cache.words
+        bw = cache.bucket_words[b]
+        tag = self._tag
+        x = frame >> 3
+        with cache.mutexes[b]:
+            off = w[bw + B_HEAD]
+            while off:
+                y = off >> 3
+                if w[y + H_PGNO] == pgno and w[y + H_FILE] == tag:
+                    break
+                off = w[y + H_NEXT]
+            else:
+                w[x + H_FILE] = tag
+                w[x + H_PGNO] = pgno
+                w[x + H_REF] = 1
+                w[x + H_FLAGS] = BH_READING
+                w[x + H_PRIO] = 0
+                w[x + H_SIZE] = self.page_size
+                w[x + H_IOPID] = self._core.pid
+                w[x + H_NEXT] = w[bw + B_HEAD]
+                w[bw + B_HEAD] = frame  # one store publishes the complete header
+                w[bw + B_COUNT] += 1
+                return True
+        self._core.free_buffer(cache, frame)
+        return False
+
+    def _extend(self, pgno: int | None) -> int:
+        """Grow the pool's idea of the file: to ``pgno + 1`` pages, or by one page for NEW
+        (returning the new page's number). Enforces ``max_pages`` with NoSpace."""
+        core = self._core
+        w0 = self._w0
+        e = self._entry
+        with core.file_mutex(self._fidx):
+            pages = int(w0[e + _F["pages"]])
+            target = pages if pgno is None else pgno
+            limit = int(w0[e + _F["max_pages"]])
+            if limit and target >= limit:
+                raise NoSpace(f"file {self._path!r} is limited to {limit} pages")
+            if target >= pages:
+                w0[e + _F["pages"]] = target + 1
+        return target
+
+    # -- unpinning ----------------------------------------------------------------------------
+
+    async def unpin(
+        self, page: Page, *, dirty: bool = False, clean: bool = False, discard: bool = False
+    ) -> None:
+        """Unpin ``page`` (memp_fput). ``dirty``: it was changed and must be written before
+        its buffer is reused; ``clean``: forget earlier changes; ``discard``: evict it first.
+        Flags set with :meth:`Page.mark_dirty` and friends also apply.
+
+        Raises :class:`~aiodbenv.errors.InvalidArgument` for ``clean`` with ``dirty`` or a page
+        that is not pinned (more unpins than pins), :class:`~aiodbenv.errors.PermissionDenied`
+        for ``dirty`` on a read-only file. Never awaits I/O, so it cannot be cancelled halfway.
+        """
+        self._unpin(page, dirty or page._dirty, clean or page._clean, discard or page._discard)
+
+    def set(
+        self, page: Page, *, dirty: bool = False, clean: bool = False, discard: bool = False
+    ) -> None:
+        """Set a pinned page's flags without unpinning it (memp_fset): ``dirty`` and ``clean``
+        apply at once, ``discard`` when the page is unpinned. At least one flag is required."""
+        if not (dirty or clean or discard):
+            raise InvalidArgument("set needs at least one of dirty, clean, discard")
+        self._check_flags(page, dirty, clean)
+        if discard:
+            page._discard = True
+        if dirty or clean:
+            cache = page._cache
+            if cache is None:
+                return
+            w = cache.words
+            x = page._bh >> 3
+            bw = cache.bucket_words[page._bucket]
+            with cache.mutexes[page._bucket]:
+                self._apply_dirty(w, x, bw, dirty, clean)
+
+    def _check_flags(self, page: Page, dirty: bool, clean: bool) -> None:
+        if page._file is not self:
+            raise InvalidArgument(f"page {page.pgno} belongs to another file handle")
+        if page._bh < 0:
+            raise InvalidArgument(f"page {page.pgno} is not pinned: more unpins than pins")
+        if dirty and clean:
+            raise InvalidArgument("clean and dirty exclude each other")
+        if dirty and self.readonly:
+            raise PermissionDenied(f"dirty flag set for page {page.pgno} of a read-only file")
+
+    @staticmethod
+    def _apply_dirty(w: memoryview, x: int, bw: int, dirty: bool, clean: bool) -> None:
+        flags = w[x + H_FLAGS]
+        if dirty and not flags & BH_DIRTY:
+            w[x + H_FLAGS] = flags | BH_DIRTY
+            w[bw + B_DIRTY] += 1
+        elif clean and flags & BH_DIRTY:
+            w[x + H_FLAGS] = flags & ~BH_DIRTY
+            w[bw + B_DIRTY] -= 1
+
+    def _unpin(self, page: Page, dirty: bool, clean: bool, discard: bool) -> None:
+        self._check_flags(page, dirty, clean)
+        cache = page._cache
+        bh = page._bh
+        page._bh = -1
+        self._pins.discard(page)
+        page.data.release()
+        if cache is None:  # a mapped page: nothing in the cache to release
+            return
+        w = cache.words
+        x = bh >> 3
+        bw = cache.bucket_words[page._bucket]
+        with cache.mutexes[page._bucket]:
+            if dirty or clean:
+                self._apply_dirty(w, x, bw, dirty, clean)
+            ref = w[x + H_REF]
+            if ref == 0:
+                ref_error = True
+            else:
+                ref_error = False
+                ref -= 1
+                w[x + H_REF] = ref
+                if ref == 0:
+                    hdr = cache.hdr
+                    counter = w[hdr + C_LRU] + 1
+                    w[hdr + C_LRU] = counter
+                    if discard:
+                        w[x + H_PRIO] = 0
+                    elif w[x + H_FLAGS] & BH_DIRTY:
+                        # Dirty buffers go a little later than clean ones (a tenth of the
+                        # cache later), so eviction prefers pages that need no write.
+                        w[x + H_PRIO] = counter + w[hdr + C_BUFFERS] // 10 + 1
+                    else:
+                        w[x + H_PRIO] = counter
+        if ref_error:
+            self._pool._panic_unpinned(page.pgno)
+        if ref == 0:
+            self._pool._frame_released()
+
+    # -- write-back and closing ---------------------------------------------------------------
+
+    async def sync(self) -> SyncResult:
+        """Write every dirty page of this file and fsync it (memp_fsync).
+
+        Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages could not be written
+        (retry later); a failed write leaves its page dirty and raises. Cancellation: pages
+        already handed to a write finish it; the rest stay dirty.
+        """
+        self._check()
+        from .sync import write_back
+
+        return await write_back(self._pool, files={self._fidx}, fsync=True, reason="fsync")
+
+    async def close(self) -> None:
+        """Close the file (memp_fclose). No implied sync: dirty pages stay in the cache and are
+        written by eviction, sync or trickle from any process, except those of a temporary file,
+        which are dropped (with its backing file). Pages still pinned through this handle are
+        unpinned first. Closing twice is harmless."""
+        if self._closed:
+            return
+        for page in list(self._pins):
+            self._unpin(page, page._dirty, page._clean, page._discard)
+        self._closed = True
+        await self._pool._close_file(self)
+
+    def stat(self) -> FileStat:
+        """This file's statistics (its DB_MPOOL_FSTAT), summed over every process."""
+        from .stat import file_stat
+
+        self._check()
+        return file_stat(self._core, self._fidx)
+
+    async def __aenter__(self) -> PoolFile:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<PoolFile {self._path!r} page_size={self.page_size}>"
+

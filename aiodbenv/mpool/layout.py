@@ -1,0 +1,146 @@
+"""The buffer pool's shared structures, defined once (see :mod:`aiodbenv.region.layout`).
+
+A pool is ``ncache`` mpool regions ("caches"). Each starts with the ``REGION_HEADER`` and a
+``CACHE_HEADER``, then its array of hash ``BUCKET`` s; the rest is the region's allocator arena,
+from which buffers (a ``BH`` header followed by the page) are carved. The first cache also holds
+the ``POOL_HEADER`` (configuration, the file index, the list of handle statistics) right after
+its cache header; file entries and statistics blocks are allocated from its arena.
+
+All offsets are byte offsets within the region that holds the structure; 0 means "none".
+"""
+
+from __future__ import annotations
+
+from ..region.layout import MUTEX_SLOT, Layout
+
+__all__ = [
+    "BH",
+    "BH_DIRTY",
+    "BH_FAILED",
+    "BH_READING",
+    "BH_WRITING",
+    "BUCKET",
+    "CACHE_HEADER",
+    "FILE_ENTRY",
+    "FILE_STATS",
+    "FSTAT_FIELDS",
+    "FF_DEAD",
+    "FF_NOFILE",
+    "FF_NO_MMAP",
+    "FF_TEMP",
+    "GSTAT_FIELDS",
+    "HANDLE_STATS",
+    "MAX_FILES",
+    "POOL_HEADER",
+]
+
+#: Files a pool can hold at once (open, or with pages still cached).
+MAX_FILES = 256
+
+# Buffer flags.
+BH_DIRTY = 1  # must be written before the frame is reused
+BH_READING = 2  # being read in: contents invalid; waiters poll until it clears
+BH_WRITING = 4  # a copy is being written: the frame may not be reused until it clears
+BH_FAILED = 8  # its read failed: unlinked; the last pin holder frees it
+
+# File entry flags.
+FF_TEMP = 1  # path=None: private to its owner, backing file made on demand
+FF_NOFILE = 2  # never written; pages live only in the cache
+FF_DEAD = 4  # closed for good: its buffers are dropped, not written
+FF_NO_MMAP = 8  # a writer has it open: mapped readers go through the cache
+
+CACHE_HEADER = Layout(
+    "cache_header",
+    [
+        ("cache_index", 1),
+        ("nbuckets", 1),
+        ("buckets_off", 1),  # offset of the first BUCKET
+        ("lru_counter", 1),  # bumped on every unpin; a buffer's priority is a stamp of it
+        ("hand", 1),  # next bucket the victim search looks at
+        ("buffers", 1),  # buffers in this cache
+        ("page_bytes", 1),  # bytes of page data this cache may hold (its share of cache_size)
+        ("page_bytes_used", 1),  # bytes of page data in its buffers (under the allocator mutex)
+    ],
+)
+
+BUCKET = Layout(
+    "bucket",
+    [
+        ("mutex", MUTEX_SLOT),
+        ("head", 1),  # offset of the first BH in the chain
+        ("dirty", 1),  # dirty (or being written) buffers in the chain: write-back skips zeros
+        ("count", 1),  # buffers in the chain
+        ("pad", 1),
+    ],
+)
+
+BH = Layout(
+    "bh",
+    [
+        ("next", 1),  # next BH in the bucket chain
+        ("file", 1),  # file index + 1
+        ("pgno", 1),
+        ("ref", 1),  # pins, in every process
+        ("flags", 1),  # BH_*
+        ("priority", 1),  # lru_counter stamp at the last unpin (0: evict first)
+        ("page_size", 1),
+        ("io_pid", 1),  # process doing the read or write (diagnostics, dead-reader cleanup)
+    ],
+)
+
+#: Per-file counters; one block per (handle, file) so each process updates only its own.
+FSTAT_FIELDS = (
+    "cache_hit", "cache_miss", "map", "page_create", "page_in", "page_out", "write_calls",
+    "bytes_out",
+)
+FILE_STATS = Layout("file_stats", [("next", 1), *[(f, 1) for f in FSTAT_FIELDS]])
+
+#: Per-handle counters that are not per file.
+GSTAT_FIELDS = (
+    "hash_searches", "hash_examined", "hash_longest", "ro_evict", "rw_evict", "page_trickle",
+    "alloc_waits", "write_failures", "sync_calls",
+)
+HANDLE_STATS = Layout("handle_stats", [("next", 1), ("pid", 1), *[(f, 1) for f in GSTAT_FIELDS]])
+
+POOL_HEADER = Layout(
+    "pool_header",
+    [
+        ("ncache", 1),
+        ("cache_size", 1),
+        ("page_size", 1),  # the environment's default page size
+        ("mmap_size", 1),
+        ("nommap", 1),
+        ("temp_serial", 1),  # makes file ids of temporary files unique
+        ("handles_head", 1),  # first HANDLE_STATS block (a list through "next")
+        ("retired", 1),  # offset of the HANDLE_STATS that closed handles fold into
+        ("retired_files", FILE_STATS),  # counters of file entries that were freed
+        ("mutex", MUTEX_SLOT),  # the file index, file refcounts, the handle list
+        ("files", MAX_FILES),  # offsets of FILE_ENTRY, 0 for a free slot
+    ],
+)
+
+FILE_ENTRY = Layout(
+    "file_entry",
+    [
+        ("refcnt", 1),  # open handles in all processes
+        ("fileid", 3),  # 20 bytes used
+        ("page_size", 1),
+        ("lsn_offset", 1),  # + 1; 0 = none
+        ("clear_len", 1),
+        ("ftype", 1),
+        ("flags", 1),  # FF_*
+        ("pages", 1),  # pages the pool knows of: last_pgno + 1
+        ("orig_pages", 1),  # pages in the file when first opened (the mapped extent)
+        ("max_pages", 1),  # set_maxsize; 0 = unlimited
+        ("rw_opens", 1),  # handles open for writing
+        ("owner_pid", 1),  # temporary files: the only process that may use it
+        ("name_off", 1),  # offset of the UTF-8 path (region 0)
+        ("name_len", 1),
+        ("cookie_off", 1),  # offset of pgcookie bytes (region 0)
+        ("cookie_len", 1),
+        ("buffers", 1),  # buffers of this file in all caches
+        ("stats_head", 1),  # FILE_STATS blocks of the handles that have it open
+        ("retired", FILE_STATS),  # counters of handles that closed it
+        ("mutex", MUTEX_SLOT),  # pages (NEW/CREATE extension)
+    ],
+)

@@ -1,0 +1,104 @@
+"""``Page`` (a pinned page) and ``PinContext`` (what ``PoolFile.get`` returns)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .file import PoolFile
+    from .table import Cache
+
+__all__ = ["Page", "PinContext"]
+
+
+class Page:
+    """A pinned page: ``data`` is a memoryview of the page in the shared cache (no copy).
+
+    Changes to ``data`` are seen by every process at once; call :meth:`mark_dirty` so the page
+    is written back before its buffer is reused. The view is released when the page is
+    unpinned: using it afterwards raises ``ValueError`` instead of reading a buffer that may
+    now hold another page. Pages of a memory-mapped read-only file have a read-only view.
+    """
+
+    __slots__ = ("pgno", "data", "_file", "_cache", "_bucket", "_bh", "_dirty", "_clean",
+                 "_discard", "__weakref__")
+
+    def __init__(
+        self, file: PoolFile, pgno: int, data: memoryview, cache: Cache | None, bucket: int,
+        bh: int,
+    ) -> None:
+        #: The page number (0-based).
+        self.pgno = pgno
+        #: The page's bytes, valid while the page is pinned.
+        self.data = data
+        self._file = file
+        self._cache = cache
+        self._bucket = bucket
+        self._bh = bh
+        self._dirty = False
+        self._clean = False
+        self._discard = False
+
+    def mark_dirty(self) -> None:
+        """Write this page back before its buffer is reused (memp_fput ``DB_MPOOL_DIRTY``),
+        applied when the page is unpinned."""
+        self._dirty, self._clean = True, False
+
+    def mark_clean(self) -> None:
+        """Forget earlier changes: the page need not be written (``DB_MPOOL_CLEAN``), applied
+        when the page is unpinned."""
+        self._clean, self._dirty = True, False
+
+    def discard(self) -> None:
+        """Make this page the first to be evicted once unpinned (``DB_MPOOL_DISCARD``)."""
+        self._discard = True
+
+    @property
+    def pinned(self) -> bool:
+        """True until the page is unpinned."""
+        return self._bh >= 0
+
+    def __repr__(self) -> str:
+        state = "pinned" if self._bh >= 0 else "unpinned"
+        return f"<Page {self.pgno} of {self._file.name!r} {state}>"
+
+
+class PinContext:
+    """The result of :meth:`PoolFile.get`, :meth:`~PoolFile.new` and :meth:`~PoolFile.last`.
+
+    ``async with f.get(7) as page:`` pins page 7 and unpins it (with the flags set on the page
+    by :meth:`Page.mark_dirty` and friends) when the block exits, also on an exception.
+    ``page = await f.get(7)`` pins it and leaves the unpin to :meth:`PoolFile.unpin`.
+    """
+
+    __slots__ = ("_file", "_pgno", "_mode", "_page")
+
+    def __init__(self, file: PoolFile, pgno: int, mode: int) -> None:
+        self._file = file
+        self._pgno = pgno
+        self._mode = mode
+        self._page: Page | None = None
+
+    def __await__(self) -> Generator[Any, None, Page]:
+        return self._file._pin(self._pgno, self._mode).__await__()
+
+    async def __aenter__(self) -> Page:
+        # A hit needs no await at all: the fast path is plain synchronous bookkeeping.
+        page = self._file._pin_hit(self._pgno) if self._mode == 0 else None
+        if page is None:
+            page = await self._file._pin(self._pgno, self._mode)
+        self._page = page
+        return page
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        page = self._page
+        if page is not None:
+            self._page = None
+            self._file._unpin(page, page._dirty, page._clean, page._discard)

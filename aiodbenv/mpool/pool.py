@@ -1,0 +1,843 @@
+"""``Pool``: an environment's shared buffer pool, as one ``Env`` handle sees it.
+
+The pool's state is in the mpool regions (:mod:`aiodbenv.mpool.table`); this object adds what
+is per process: the pgin/pgout registry, the open files, descriptors for writing other
+processes' files, and the async machinery: frames, reads, waits. I/O never runs on the event
+loop except a read of a page that is already in the OS page cache (``RWF_NOWAIT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import mmap
+import os
+import stat as stat_mod
+import tempfile
+import time
+from collections.abc import Callable, Generator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from .. import _io
+from .._config import MAX_PAGE_SIZE, MIN_PAGE_SIZE
+from ..errors import (
+    CacheFull,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RunRecovery,
+)
+from ..region.backing import Region
+from .file import MODE_NEW, PoolFile
+from .layout import BH, BH_DIRTY, BH_FAILED, BH_READING, FF_DEAD, FF_NO_MMAP, FF_NOFILE, FF_TEMP
+from .table import (
+    _F,
+    _HS,
+    B_COUNT,
+    B_DIRTY,
+    B_HEAD,
+    H_FILE,
+    H_FLAGS,
+    H_IOPID,
+    H_NEXT,
+    H_REF,
+    Cache,
+    PoolCore,
+    Victim,
+    new_fileid,
+)
+
+if TYPE_CHECKING:
+    from ..region.environment import EnvCore
+    from .stat import PoolStat
+    from .sync import SyncResult
+
+__all__ = ["FileOpener", "PageIn", "PageOut", "Pool"]
+
+#: ``pgin(pgno, page, cookie)`` / ``pgout(pgno, page, cookie)``: transform a page in place
+#: after it is read / before it is written. Raise to fail the read or write.
+PageIn = Callable[[int, memoryview, bytes], None]
+PageOut = Callable[[int, memoryview, bytes], None]
+
+_ZEROS: dict[int, bytes] = {}
+#: Pages read per worker-thread hop at most; a hop costs 100-300 µs, a cached pread 2 µs.
+_READ_BATCH = 64
+#: Concurrent worker threads doing this pool's I/O.
+IO_THREADS = 4
+
+
+def _zeros(n: int) -> bytes:
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = bytes(n)
+    return z
+
+
+class FileOpener:
+    """What :meth:`Pool.open_file` returns: ``await`` it for a :class:`PoolFile`, or use
+    ``async with`` to have the file closed at the end of the block."""
+
+    __slots__ = ("_pool", "_args", "_file")
+
+    def __init__(self, pool: Pool, args: dict[str, Any]) -> None:
+        self._pool = pool
+        self._args = args
+        self._file: PoolFile | None = None
+
+    def __await__(self) -> Generator[Any, None, PoolFile]:
+        return self._pool._open_file(**self._args).__await__()
+
+    async def __aenter__(self) -> PoolFile:
+        self._file = await self._pool._open_file(**self._args)
+        return self._file
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._file is not None
+        await self._file.close()
+
+
+class _ReadBatcher:
+    """Sends reads to worker threads in batches: one hop serves every read queued meanwhile."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self._limiter = limiter
+        self._queue: list[tuple[int, memoryview, int, asyncio.Future[int]]] = []
+        self._running = 0
+
+    async def read(self, fd: int, view: memoryview, offset: int) -> int:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((fd, view, offset, fut))
+        if self._running < IO_THREADS:
+            self._launch()
+        return await fut
+
+    def _launch(self) -> None:
+        batch, self._queue = self._queue[:_READ_BATCH], self._queue[_READ_BATCH:]
+        if not batch:
+            return
+        self._running += 1
+        asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[int, memoryview, int, asyncio.Future[int]]]) -> None:
+        try:
+            results = await anyio.to_thread.run_sync(
+                _read_many, [(fd, view, off) for fd, view, off, _ in batch],
+                limiter=self._limiter,
+            )
+        except BaseException as err:  # pragma: no cover - the thread itself failed
+            results = [err] * len(batch)
+        finally:
+            self._running -= 1
+        for (_, _, _, fut), res in zip(batch, results):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+        if self._queue and self._running < IO_THREADS:
+            self._launch()
+
+
+def _read_many(jobs: list[tuple[int, memoryview, int]]) -> list[int | BaseException]:
+    out: list[int | BaseException] = []
+    for fd, view, offset in jobs:
+        try:
+            out.append(_io.preadv(fd, [view], offset))
+        except OSError as err:
+            out.append(err)
+    return out
+
+
+class Pool:
+    """The shared buffer pool of an environment (Berkeley DB's mpool), through one handle.
+
+    Get it as ``env.pool``. ``fail_fast`` (default False) makes a pin that finds every frame
+    pinned raise :class:`~aiodbenv.errors.CacheFull` at once instead of waiting up to
+    ``wait_timeout`` seconds (default 30) for another pin to be released.
+    """
+
+    def __init__(self, env: EnvCore, regions: list[Region], shared: bool) -> None:
+        self._env = env
+        core = PoolCore(regions, shared, env.panic)
+        self._core = core
+        self._panic_words, self._panic_index = env.panic_word()
+        self._hs = core.attach_handle()
+        self._pid = os.getpid()
+        self._files: set[PoolFile] = set()
+        self._registry: dict[int, tuple[PageIn | None, PageOut | None]] = {}
+        self._limiter = anyio.CapacityLimiter(IO_THREADS)
+        self._reader = _ReadBatcher(self._limiter)
+        self._wfds: dict[int, int] = {}  # file slot -> descriptor opened here for writing
+        self._no_nowait: set[int] = set()  # descriptors whose filesystem refuses RWF_NOWAIT
+        self._changed: asyncio.Event | None = None
+        self._waiters = 0
+        self._closed = False
+        #: Raise CacheFull at once when every frame is pinned, instead of waiting.
+        self.fail_fast = False
+        #: Seconds a pin waits for a frame before raising CacheFull.
+        self.wait_timeout = 30.0
+
+    # -- basics -------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if os.getpid() != self._pid:
+            from ..errors import ForkedProcessError
+
+            raise ForkedProcessError(
+                "this pool handle belongs to another process; open the environment again"
+            )
+        if self._closed:
+            raise InvalidArgument("the environment is closed")
+        self._env.check_panic()
+
+    def _panic_unpinned(self, pgno: int) -> None:
+        self._env.panic(f"page {pgno} returned to the pool more often than it was pinned")
+        raise RunRecovery(
+            f"PANIC: page {pgno} was unpinned more often than pinned; run recovery"
+        )
+
+    @property
+    def cache_size(self) -> int:
+        """The cache size in bytes (``st_cachesize``)."""
+        return self._core.header("cache_size")
+
+    @property
+    def page_size(self) -> int:
+        """The environment's default page size."""
+        return self._core.header("page_size")
+
+    @property
+    def ncache(self) -> int:
+        """The number of caches (mpool regions)."""
+        return self._core.ncache
+
+    def register(self, ftype: int, pgin: PageIn | None, pgout: PageOut | None) -> None:
+        """Register page transforms for files of type ``ftype`` in this process
+        (memp_register; the newest registration wins).
+
+        ``pgin(pgno, page, cookie)`` runs after a page of such a file is read (and for pages
+        made with ``create``), ``pgout`` before one is written, on a copy; ``cookie`` is the
+        file's ``pgcookie``. They may run on the event loop thread or a worker thread: keep them
+        quick and thread-safe. A process that has not registered a type cannot write (so
+        cannot evict) dirty pages of such files; register every type in every process.
+        """
+        if type(ftype) is not int or ftype <= 0:
+            raise InvalidArgument(f"ftype must be a positive int, not {ftype!r}")
+        for fn in (pgin, pgout):
+            if fn is not None and not callable(fn):
+                raise InvalidArgument(f"{fn!r} is not callable")
+        self._registry[ftype] = (pgin, pgout)
+
+    # -- opening files ------------------------------------------------------------------------
+
+    def open_file(
+        self,
+        path: str | os.PathLike[str] | None,
+        *,
+        page_size: int | None = None,
+        create: bool = False,
+        readonly: bool = False,
+        nommap: bool = False,
+        ftype: int = 0,
+        lsn_offset: int = -1,
+        pgcookie: bytes = b"",
+        fileid: bytes | None = None,
+        nofile: bool = False,
+        max_pages: int | None = None,
+        mode: int = 0o600,
+    ) -> FileOpener:
+        """Open ``path`` (relative to the home) in the pool (memp_fopen).
+
+        ``page_size`` (a power of two, default the environment's) must match any other open of
+        the same file. Two opens of one file, through any path or hard link and from any
+        process, share one set of pages: files are identified by device and inode, or by
+        ``fileid`` (20 bytes) when given. ``create`` creates a missing file with ``mode``;
+        ``readonly`` opens it read-only and, without pgin/pgout, ``nommap`` or a size over the
+        environment's ``mmap_size``, maps it and serves pages from the map. ``ftype`` selects
+        registered pgin/pgout, called with ``pgcookie``. ``lsn_offset`` is where the page LSN
+        lives (-1: none). ``path=None`` is a private temporary file whose backing file is made
+        only when one of its dirty pages must be written, and removed at close. ``nofile``
+        keeps the pages in the cache only, never written; ``max_pages`` limits the file
+        (set_maxsize: creating past it raises NoSpace).
+
+        ``await pool.open_file(...)`` or ``async with pool.open_file(...) as f``. Raises
+        :class:`~aiodbenv.errors.NotFound` (missing without ``create``),
+        :class:`~aiodbenv.errors.InvalidArgument` (bad page size, a size that is not a whole
+        number of pages, another page size or LSN offset than an earlier open, ...).
+        """
+        return FileOpener(self, dict(
+            path=path, page_size=page_size, create=create, readonly=readonly, nommap=nommap,
+            ftype=ftype, lsn_offset=lsn_offset, pgcookie=pgcookie, fileid=fileid,
+            nofile=nofile, max_pages=max_pages, mode=mode,
+        ))
+
+    async def _open_file(
+        self,
+        path: str | os.PathLike[str] | None,
+        *,
+        page_size: int | None,
+        create: bool,
+        readonly: bool,
+        nommap: bool,
+        ftype: int,
+        lsn_offset: int,
+        pgcookie: bytes,
+        fileid: bytes | None,
+        nofile: bool,
+        max_pages: int | None,
+        mode: int,
+    ) -> PoolFile:
+        self._check()
+        ps = self.page_size if page_size is None else page_size
+        if type(ps) is not int or not MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE or ps & (ps - 1):
+            raise InvalidArgument(
+                f"page_size must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}, "
+                f"not {page_size!r}"
+            )
+        if type(ftype) is not int or ftype < 0:
+            raise InvalidArgument(f"ftype must be a non-negative int, not {ftype!r}")
+        if type(lsn_offset) is not int or not -1 <= lsn_offset <= ps - 8:
+            raise InvalidArgument(f"lsn_offset must be -1 or 0..{ps - 8}, not {lsn_offset!r}")
+        if not isinstance(pgcookie, (bytes, bytearray)):
+            raise InvalidArgument("pgcookie must be bytes")
+        if fileid is not None and (not isinstance(fileid, bytes) or len(fileid) != 20):
+            raise InvalidArgument("fileid must be 20 bytes")
+        if max_pages is not None and (type(max_pages) is not int or max_pages <= 0):
+            raise InvalidArgument(f"max_pages must be a positive int, not {max_pages!r}")
+        if type(mode) is not int or not 0 <= mode <= 0o777:
+            raise InvalidArgument(f"mode must be 0o000..0o777, not {mode!r}")
+        temp = path is None and not nofile
+        if path is None and readonly:
+            raise InvalidArgument("a temporary file (path=None) cannot be read-only")
+        if readonly and create:
+            raise InvalidArgument("create and readonly exclude each other")
+        name = None if path is None else self._env_resolve(path)
+        flags = (FF_TEMP if temp else 0) | (FF_NOFILE if nofile else 0)
+
+        fd: int | None = None
+        mapped: mmap.mmap | None = None
+        pages = 0
+        if name is not None and not nofile:
+            want_map = (readonly and not nommap and not self._core.header("nommap")
+                        and not (ftype and ftype in self._registry))
+            fd, pages, fid, mapped = await anyio.to_thread.run_sync(
+                _open_data_file, name, ps, readonly, create, mode, want_map,
+                self._core.header("mmap_size"), limiter=self._limiter,
+            )
+            if fileid is None:
+                fileid = fid
+        elif fileid is None:
+            # A named nofile file is shared by name; a temporary file by nobody.
+            fileid = (_name_fileid(name) if name is not None else new_fileid())
+        try:
+            fidx, _created = self._core.open_entry(
+                fileid, page_size=ps, lsn_offset=lsn_offset, clear_len=ps, ftype=ftype,
+                flags=flags, pages=pages, max_pages=max_pages or 0, writable=not readonly,
+                name=name, cookie=bytes(pgcookie),
+            )
+        except BaseException:
+            if mapped is not None:
+                mapped.close()
+            if fd is not None:
+                os.close(fd)
+            raise
+        core = self._core
+        e = core.entry(fidx)
+        w0 = core.w0
+        with core.file_mutex(fidx):
+            if pages > w0[e + _F["pages"]]:
+                w0[e + _F["pages"]] = pages  # the file grew outside the pool
+            if not readonly:
+                w0[e + _F["flags"]] |= FF_NO_MMAP
+        if mapped is not None and w0[e + _F["flags"]] & FF_NO_MMAP:
+            mapped.close()  # a writer has it open: pages must go through the cache
+            mapped = None
+        f = PoolFile(
+            self, fidx, fd=fd, path=name, page_size=ps, readonly=readonly, temp=temp,
+            nofile=nofile, ftype=ftype, cookie=bytes(pgcookie), mapped=mapped,
+        )
+        self._files.add(f)
+        return f
+
+    def _env_resolve(self, path: str | os.PathLike[str]) -> str:
+        return os.path.join(self._env.home, os.fspath(path))
+
+    async def _close_file(self, f: PoolFile) -> None:
+        self._files.discard(f)
+        core = self._core
+        fidx = f._fidx
+        core.release_file_stats_block(fidx, f._fs)
+        dead = f.temp or (f.nofile and f.name is None)
+        left = core.close_entry(fidx, writable=not f.readonly, discard=dead)
+        if left == 0 and dead:
+            core.drop_file_buffers(fidx)
+            if not core.any_buffers(fidx):
+                with core.mutex:
+                    core._free_entry(fidx)
+        fds = [fd for fd in (f._fd, self._wfds.pop(fidx, None) if left == 0 else None)
+               if fd is not None]
+        if f._map_view is not None:
+            f._map_view.release()
+        mapped = f._map
+        if fds or mapped is not None:
+            await anyio.to_thread.run_sync(_close_fds, fds, mapped, limiter=self._limiter)
+
+    # -- frames -------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        ev = self._changed
+        if ev is not None:
+            self._changed = None
+            ev.set()
+
+    def _frame_released(self) -> None:
+        if self._waiters:
+            self._notify()
+
+    async def _wait_change(self, timeout: float) -> None:
+        """Wait for a frame release or I/O completion in this process, or ``timeout``
+        seconds (other processes' changes are only seen by polling)."""
+        ev = self._changed
+        if ev is None:
+            ev = self._changed = asyncio.Event()
+        self._waiters += 1
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._waiters -= 1
+
+    def _can_write(self, tag: int) -> bool:
+        core = self._core
+        e = core.entry(tag - 1)
+        if not e:
+            return False
+        w0 = core.w0
+        flags = w0[e + _F["flags"]]
+        if flags & FF_DEAD:
+            return True  # its pages are dropped, not written
+        if flags & FF_NOFILE:
+            return False
+        if flags & FF_TEMP:
+            return bool(w0[e + _F["owner_pid"]] == self._pid)
+        ftype = int(w0[e + _F["ftype"]])
+        if ftype and ftype not in self._registry:
+            return False
+        return True
+
+    async def _get_frame(self, cache: Cache, page_size: int) -> int:
+        """A buffer of ``page_size`` bytes in ``cache``: free space, else an evicted victim
+        (written first if dirty), else wait for an unpin (or CacheFull if ``fail_fast``)."""
+        core = self._core
+        deadline: float | None = None
+        delay = 0.0002
+        while True:
+            off = core.alloc_buffer(cache, page_size)
+            if off:
+                return off
+            victim = core.find_victim(cache, self._can_write, aggressive=False)
+            if victim is None:
+                victim = core.find_victim(cache, self._can_write, aggressive=True)
+            if victim is not None:
+                written = False
+                if victim.dirty:
+                    written = await self._write_victim(victim)
+                    if not written:
+                        continue
+                if core.unlink_victim(victim):
+                    w0 = core.w0
+                    w0[self._hs + _HS["rw_evict" if written else "ro_evict"]] += 1
+                    if victim.page_size == page_size:
+                        return victim.bh
+                    core.free_buffer(cache, victim.bh)
+                continue
+            if self.fail_fast:
+                raise CacheFull(
+                    "unable to allocate space from the buffer cache: every frame is pinned"
+                )
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.wait_timeout
+                self._core.w0[self._hs + _HS["alloc_waits"]] += 1
+            elif now >= deadline:
+                raise CacheFull(
+                    f"unable to allocate space from the buffer cache: every frame stayed "
+                    f"pinned for {self.wait_timeout} s"
+                )
+            await self._wait_change(min(delay, deadline - now))
+            delay = min(delay * 2, 0.005)
+            self._check()
+
+    async def _write_victim(self, v: Victim) -> bool:
+        from .sync import write_items
+
+        result = await write_items(self, [(v.file - 1, v.pgno, v.cache, v.bucket, v.bh)],
+                                   fsync=False)
+        return result.written == 1 or result.dropped == 1
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def _fill(self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int,
+                    mode: int) -> None:
+        """Read (or zero) the freshly inserted buffer ``bh`` of page ``pgno``, then publish it.
+
+        The work runs as its own task: if the caller is cancelled, the read still completes
+        (other waiters may want the page) and the caller's pin is dropped afterwards.
+        """
+        job = asyncio.get_running_loop().create_task(self._fill_job(f, cache, b, bh, pgno, mode))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if job.done():
+                self._drop_abandoned_pin(job, f, cache, b, bh)
+            else:
+                job.add_done_callback(lambda j: self._drop_abandoned_pin(j, f, cache, b, bh))
+            raise
+
+    def _drop_abandoned_pin(self, job: asyncio.Task[None], f: PoolFile, cache: Cache,
+                            b: int, bh: int) -> None:
+        if job.cancelled() or job.exception() is not None:
+            return  # the failure path already dropped the pin
+        self._release_pin(cache, b, bh)
+
+    def _release_pin(self, cache: Cache, b: int, bh: int) -> None:
+        w = cache.words
+        x = bh >> 3
+        with cache.mutexes[b]:
+            if w[x + H_REF]:
+                w[x + H_REF] -= 1
+        self._frame_released()
+
+    async def _fill_job(self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int,
+                        mode: int) -> None:
+        ps = f.page_size
+        start = bh + BH.size
+        view = cache.buf[start : start + ps]
+        created = False
+        try:
+            if mode == MODE_NEW or f._fd is None:
+                view[:] = _zeros(ps)
+                created = True
+            else:
+                n = await self._read(f._fd, view, pgno * ps)
+                if n < ps:
+                    view[n:] = _zeros(ps - n)
+                    created = n == 0
+            if mode != MODE_NEW and f.ftype:
+                pgin = self._registry.get(f.ftype, (None, None))[0]
+                if pgin is not None:
+                    pgin(pgno, view, f.cookie)
+        except BaseException:
+            self._fail_read(cache, b, bh)
+            raise
+        finally:
+            view.release()
+        w = cache.words
+        x = bh >> 3
+        bw = cache.bucket_words[b]
+        with cache.mutexes[b]:
+            flags = w[x + H_FLAGS] & ~BH_READING
+            if created and not flags & BH_DIRTY:
+                flags |= BH_DIRTY  # a created page exists nowhere else: it must be written
+                w[bw + B_DIRTY] += 1
+            w[x + H_FLAGS] = flags
+            w[x + H_IOPID] = 0
+        w0 = self._core.w0
+        w0[f._fs + (_FS_CREATE if created else _FS_IN)] += 1
+        self._notify()
+
+    async def _read(self, fd: int, view: memoryview, offset: int) -> int:
+        if fd not in self._no_nowait:
+            try:
+                return int(_io.preadv(fd, [view], offset, os.RWF_NOWAIT))
+            except BlockingIOError:
+                pass  # not in the OS page cache: go to a worker thread
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._no_nowait.add(fd)
+        return await self._reader.read(fd, view, offset)
+
+    def _fail_read(self, cache: Cache, b: int, bh: int) -> None:
+        """A read failed: unlink the buffer, flag it failed for waiters, drop our pin."""
+        w = cache.words
+        x = bh >> 3
+        bw = cache.bucket_words[b]
+        with cache.mutexes[b]:
+            prev = 0
+            off = w[bw + B_HEAD]
+            while off and off != bh:
+                prev, off = off, w[(off >> 3) + H_NEXT]
+            if off:
+                if prev:
+                    w[(prev >> 3) + H_NEXT] = w[x + H_NEXT]
+                else:
+                    w[bw + B_HEAD] = w[x + H_NEXT]
+                w[bw + B_COUNT] -= 1
+            w[x + H_FLAGS] = BH_FAILED
+            w[x + H_REF] -= 1
+            last = w[x + H_REF] == 0
+        if last:
+            self._core.free_buffer(cache, bh)
+        self._notify()
+
+    async def _await_read(self, cache: Cache, b: int, bh: int, f: PoolFile) -> bool:
+        """Wait (holding a pin) until another reader finishes ``bh``. False if its read failed
+        (our pin is then dropped and the buffer freed by the last one out)."""
+        w = cache.words
+        x = bh >> 3
+        delay = 0.00005
+        checked = time.monotonic()
+        try:
+            while w[x + H_FLAGS] & BH_READING:
+                await self._wait_change(delay)
+                delay = min(delay * 2, 0.002)
+                if time.monotonic() - checked > 0.5:
+                    checked = time.monotonic()
+                    self._adopt_dead_read(cache, b, bh, f)
+        except BaseException:
+            self._release_failed_or_pin(cache, b, bh)
+            raise
+        if w[x + H_FLAGS] & BH_FAILED:
+            self._release_failed_or_pin(cache, b, bh)
+            return False
+        return True
+
+    def _release_failed_or_pin(self, cache: Cache, b: int, bh: int) -> None:
+        w = cache.words
+        x = bh >> 3
+        with cache.mutexes[b]:
+            w[x + H_REF] -= 1
+            last = w[x + H_REF] == 0 and w[x + H_FLAGS] & BH_FAILED
+        if last:
+            self._core.free_buffer(cache, bh)
+        self._frame_released()
+
+    def _adopt_dead_read(self, cache: Cache, b: int, bh: int, f: PoolFile) -> None:
+        """If the process reading ``bh`` died, fail its read so that the waiters retry."""
+        w = cache.words
+        x = bh >> 3
+        pid = int(w[x + H_IOPID])
+        if not pid or pid == self._pid:
+            return
+        try:
+            os.kill(pid, 0)
+            return
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return
+        bw = cache.bucket_words[b]
+        with cache.mutexes[b]:
+            if not (w[x + H_FLAGS] & BH_READING and w[x + H_IOPID] == pid):
+                return
+            prev = 0
+            off = w[bw + B_HEAD]
+            while off and off != bh:
+                prev, off = off, w[(off >> 3) + H_NEXT]
+            if off:
+                if prev:
+                    w[(prev >> 3) + H_NEXT] = w[x + H_NEXT]
+                else:
+                    w[bw + B_HEAD] = w[x + H_NEXT]
+                w[bw + B_COUNT] -= 1
+            w[x + H_FLAGS] = BH_FAILED
+            w[x + H_REF] -= 1  # the dead reader's pin
+
+    # -- write-back, statistics, closing ------------------------------------------------------
+
+    def _own_file(self, fidx: int) -> PoolFile | None:
+        for f in self._files:
+            if f._fidx == fidx:
+                return f
+        return None
+
+    def _fd_for_write(self, fidx: int) -> int | None:
+        """A descriptor this process may write file slot ``fidx`` through, if it has one."""
+        for f in self._files:
+            if f._fidx == fidx and not f.readonly and f._fd is not None:
+                return f._fd
+        return self._wfds.get(fidx)
+
+    def _adopt_fd(self, fidx: int, fd: int, temp: bool) -> None:
+        """Keep a descriptor a write had to open: a temporary file's new backing file belongs
+        to its handle (reads need it too); others are cached until the pool closes."""
+        if temp:
+            f = self._own_file(fidx)
+            if f is not None and f._fd is None:
+                f._fd = fd
+                return
+        if fidx in self._wfds or self._fd_for_write(fidx) is not None:
+            if self._wfds.get(fidx) != fd and self._fd_for_write(fidx) != fd:
+                os.close(fd)  # a duplicate opened by a concurrent batch
+            return
+        self._wfds[fidx] = fd
+
+    def _count_write(self, fidx: int, pages: int, nbytes: int) -> None:
+        """Count a successful pwritev of ``pages`` pages of file slot ``fidx``."""
+        from .table import _FS
+
+        w0 = self._core.w0
+        f = self._own_file(fidx)
+        if f is not None:
+            base = f._fs
+        else:
+            # Not open here (evicting another process's page): count it in the file's retired
+            # counters, under the pool mutex since other processes may do the same.
+            e = self._core.entry(fidx)
+            if not e:
+                return
+            base = e + _F["retired"]
+            with self._core.mutex:
+                w0[base + _FS["page_out"]] += pages
+                w0[base + _FS["write_calls"]] += 1
+                w0[base + _FS["bytes_out"]] += nbytes
+            return
+        w0[base + _FS["page_out"]] += pages
+        w0[base + _FS["write_calls"]] += 1
+        w0[base + _FS["bytes_out"]] += nbytes
+
+    async def sync(self, lsn: object = None) -> SyncResult:
+        """Write every dirty page in the pool and fsync the files written (memp_sync).
+
+        ``lsn`` needs a log, which this environment does not have yet: passing one raises
+        :class:`~aiodbenv.errors.InvalidArgument`. Pages pinned while dirty cannot be written:
+        the call writes everything else, then raises :class:`~aiodbenv.errors.Incomplete`
+        (``DB_INCOMPLETE``; retry after they are unpinned). A failed write leaves its page dirty
+        and raises. Pages of other processes' temporary files and of nofile files are not
+        written. Cancellation: writes already under way finish; untouched pages stay dirty.
+        """
+        self._check()
+        if lsn is not None:
+            raise InvalidArgument(
+                "sync(lsn) needs a log, and this environment has none: call sync() without one"
+            )
+        from .sync import write_back
+
+        self._core.w0[self._hs + _HS["sync_calls"]] += 1
+        return await write_back(self, files=None, fsync=True, reason="sync")
+
+    async def trickle(self, pct: int) -> int:
+        """Write just enough dirty pages that ``pct`` percent of the cache's pages are clean
+        (memp_trickle); returns how many were written. ``pct`` must be 1..100.
+
+        Cancellation: pages already handed to a write finish it; the call returns nothing.
+        """
+        self._check()
+        if type(pct) is not int or not 1 <= pct <= 100:
+            raise InvalidArgument(f"trickle percentage must be 1..100, not {pct!r}")
+        from .sync import trickle
+
+        return await trickle(self, pct)
+
+    def stat(self) -> PoolStat:
+        """The pool's statistics (memp_stat): DB_MPOOL_STAT with per-file DB_MPOOL_FSTAT,
+        summed over every process."""
+        self._check()
+        from .stat import pool_stat
+
+        return pool_stat(self._core)
+
+    async def _close(self) -> None:
+        """Close every file this handle opened and detach (at Env close)."""
+        if self._closed:
+            return
+        try:
+            for f in list(self._files):
+                await f.close()
+            if self._wfds:
+                fds = list(self._wfds.values())
+                self._wfds.clear()
+                await anyio.to_thread.run_sync(_close_fds, fds, None)
+        finally:
+            self._closed = True
+            if not self._env.panicked:
+                self._core.detach_handle(self._hs)
+
+
+_FS_CREATE = 0
+_FS_IN = 0
+
+
+def _init_fs_indexes() -> None:
+    global _FS_CREATE, _FS_IN
+    from .table import _FS
+
+    _FS_CREATE = _FS["page_create"]
+    _FS_IN = _FS["page_in"]
+
+
+_init_fs_indexes()
+
+
+def _name_fileid(name: str) -> bytes:
+    import hashlib
+
+    return b"\xfe" + hashlib.blake2b(name.encode("utf-8", "surrogateescape"),
+                                     digest_size=19).digest()
+
+
+def _open_data_file(
+    name: str, page_size: int, readonly: bool, create: bool, mode: int, want_map: bool,
+    mmap_size: int,
+) -> tuple[int, int, bytes, mmap.mmap | None]:
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+    if create:
+        flags |= os.O_CREAT
+    try:
+        fd = _io.open_file(name, flags, mode)
+    except FileNotFoundError:
+        raise NotFound(f"no such file: {name} (open it with create=True)") from None
+    except PermissionError as err:
+        raise PermissionDenied(f"{name}: {err.strerror}") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{name} is a directory") from None
+    try:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"{name} is not a regular file")
+        if st.st_size % page_size:
+            raise InvalidArgument(
+                f"{name} is {st.st_size} bytes, not a whole number of {page_size}-byte pages"
+            )
+        fid = (st.st_ino.to_bytes(8, "little") + st.st_dev.to_bytes(8, "little")).ljust(20, b"\0")
+        mapped = None
+        if want_map and 0 < st.st_size < mmap_size:
+            try:
+                mapped = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except OSError:
+                mapped = None  # mapping is an optimisation: fall back to the cache
+        return fd, st.st_size // page_size, fid, mapped
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _close_fds(fds: list[int], mapped: mmap.mmap | None) -> None:
+    if mapped is not None:
+        try:
+            mapped.close()
+        except BufferError:
+            pass  # a view of a mapped page outlived its pin; the map goes with the last view
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _new_temp_fd() -> int:
+    """A backing file for a temporary pool file: unlinked at once, so it cannot outlive us."""
+    fd, path = tempfile.mkstemp(prefix="aiodbenv-tmp-")
+    os.unlink(path)
+    return fd
+

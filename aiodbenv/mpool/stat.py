@@ -1,0 +1,155 @@
+"""Pool statistics: Berkeley DB's DB_MPOOL_STAT and DB_MPOOL_FSTAT, exact across processes.
+
+Counters are kept in statistics blocks in the region, one per handle (and per handle and file),
+each written only by its own process, so no increment is ever lost; a handle that closes folds
+its counts into a retired block. Reading sums the blocks. Page counts (clean, dirty) are read
+from the buckets, and the lock figures from the mutexes themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .layout import FF_NOFILE, FF_TEMP
+from .table import B_DIRTY, PoolCore
+
+__all__ = ["FileStat", "PoolStat", "file_stat", "pool_stat"]
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """One file's statistics (DB_MPOOL_FSTAT, plus what write-back costs it).
+
+    ``file_name`` is None for a temporary file. ``cache_hit``/``cache_miss``: pins found /
+    not found in the cache; ``map``: pins served from a read-only memory map; ``page_create``,
+    ``page_in``, ``page_out``: pages created, read and written; ``write_calls`` and
+    ``bytes_out``: the pwritev calls and bytes that wrote them; ``pages``: the pages the pool
+    knows of; ``open_handles``: handles that have it open in all processes.
+    """
+
+    file_name: str | None
+    page_size: int
+    cache_hit: int
+    cache_miss: int
+    map: int
+    page_create: int
+    page_in: int
+    page_out: int
+    write_calls: int
+    bytes_out: int
+    pages: int
+    open_handles: int
+    temp: bool
+    nofile: bool
+
+
+@dataclass(frozen=True)
+class PoolStat:
+    """The pool's statistics (DB_MPOOL_STAT), summed over every process.
+
+    Fields keep Berkeley DB's names without ``st_``: ``cache_size``, ``ncache``,
+    ``page_size`` (the default), ``mmap_size``; ``cache_hit``, ``cache_miss``, ``map``,
+    ``page_create``, ``page_in``, ``page_out`` (all files); ``ro_evict``/``rw_evict`` (clean /
+    dirty pages forced out); ``hash_buckets``, ``hash_searches``, ``hash_longest``,
+    ``hash_examined``; ``pages``, ``page_clean``, ``page_dirty`` (buffers now); ``page_trickle``
+    (written by trickle); ``region_wait``/``region_nowait`` (lock calls of the pool's mutexes
+    that had to block / did not); plus ``alloc_waits`` (pins that waited for a frame),
+    ``write_calls``, ``bytes_out``, ``write_failures``, ``sync_calls``, and ``files``.
+    """
+
+    cache_size: int
+    ncache: int
+    page_size: int
+    mmap_size: int
+    cache_hit: int
+    cache_miss: int
+    map: int
+    page_create: int
+    page_in: int
+    page_out: int
+    ro_evict: int
+    rw_evict: int
+    hash_buckets: int
+    hash_searches: int
+    hash_longest: int
+    hash_examined: int
+    pages: int
+    page_clean: int
+    page_dirty: int
+    page_trickle: int
+    region_wait: int
+    region_nowait: int
+    alloc_waits: int
+    write_calls: int
+    bytes_out: int
+    write_failures: int
+    sync_calls: int
+    files: tuple[FileStat, ...]
+
+
+def file_stat(core: PoolCore, fidx: int) -> FileStat:
+    """Statistics of file slot ``fidx``."""
+    counts = core.file_stats(fidx)
+    flags = core.file_field(fidx, "flags")
+    return FileStat(
+        file_name=core.file_name(fidx),
+        page_size=core.file_field(fidx, "page_size"),
+        pages=core.file_field(fidx, "pages"),
+        open_handles=core.file_field(fidx, "refcnt"),
+        temp=bool(flags & FF_TEMP),
+        nofile=bool(flags & FF_NOFILE),
+        **counts,
+    )
+
+
+def pool_stat(core: PoolCore) -> PoolStat:
+    """Statistics of the whole pool."""
+    files = tuple(file_stat(core, i) for i in core.file_slots())
+    g = core.global_stats()
+    pages = dirty = waits = nowaits = 0
+    mutexes = [core.mutex]
+    for cache in core.caches:
+        pages += cache.buffers()
+        w = cache.words
+        dirty += sum(int(w[bw + B_DIRTY]) for bw in cache.bucket_words)
+        mutexes.extend(cache.mutexes)
+        mutexes.append(cache.alloc_mutex)
+    for m in mutexes:
+        wt, nw, _ = m.stats()
+        waits += wt
+        nowaits += nw
+
+    def total(name: str) -> int:
+        return int(sum(getattr(f, name) for f in files)) + core.retired_file_counts.get(name, 0)
+
+    return PoolStat(
+        cache_size=core.header("cache_size"),
+        ncache=core.ncache,
+        page_size=core.header("page_size"),
+        mmap_size=core.header("mmap_size"),
+        cache_hit=total("cache_hit"),
+        cache_miss=total("cache_miss"),
+        map=total("map"),
+        page_create=total("page_create"),
+        page_in=total("page_in"),
+        page_out=total("page_out"),
+        ro_evict=g["ro_evict"],
+        rw_evict=g["rw_evict"],
+        hash_buckets=core.total_buckets,
+        hash_searches=g["hash_searches"],
+        hash_longest=g["hash_longest"],
+        hash_examined=g["hash_examined"],
+        pages=pages,
+        page_clean=pages - dirty,
+        page_dirty=dirty,
+        page_trickle=g["page_trickle"],
+        region_wait=waits,
+        region_nowait=nowaits,
+        alloc_waits=g["alloc_waits"],
+        write_calls=total("write_calls"),
+        bytes_out=total("bytes_out"),
+        write_failures=g["write_failures"],
+        sync_calls=g["sync_calls"],
+        files=files,
+    )
+

@@ -1,0 +1,740 @@
+"""The pool's synchronous core: hash buckets, buffer headers, the file table, replacement.
+
+Everything here runs on the event-loop thread in short critical sections and never awaits;
+:mod:`aiodbenv.mpool.file` and :mod:`aiodbenv.mpool.sync` wrap it with the I/O. All state is
+in the mpool regions, so every process sees the same buffers, pins and files.
+
+Lock order: the pool mutex (file index, handle list), then a file's mutex, then one bucket
+mutex, then a region's allocator mutex. Never two bucket mutexes at once; never one across an
+``await``.
+
+Replacement follows Berkeley DB's priority stamps: every unpin bumps the cache's counter and a
+buffer whose last pin goes is stamped with it (a discarded buffer with 0, a dirty one a little
+later so clean ones go first). A victim is the lowest stamp among the unpinned buffers of a few
+buckets, skipping the most recently used tenth; looking at several buckets approximates LRU
+closely without any shared list to lock on every unpin.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .._config import DEFAULT_MMAP_SIZE, DEFAULT_PAGE_SIZE, Settings
+from ..errors import CacheFull, InvalidArgument
+from ..region.alloc import Allocator
+from ..region.backing import Region
+from ..region.layout import ALLOC_CHUNK, REGION_HEADER, REGION_TYPE_MPOOL, WORD
+from ..region.mutex import NullMutex, SharedMutex
+from .layout import (
+    BH,
+    BH_DIRTY,
+    BH_READING,
+    BH_WRITING,
+    BUCKET,
+    CACHE_HEADER,
+    FF_DEAD,
+    FF_NOFILE,
+    FF_TEMP,
+    FILE_ENTRY,
+    FILE_STATS,
+    FSTAT_FIELDS,
+    GSTAT_FIELDS,
+    HANDLE_STATS,
+    MAX_FILES,
+    POOL_HEADER,
+)
+
+__all__ = ["Cache", "PoolCore", "Victim", "format_pool", "pool_region_sizes"]
+
+# Word indexes, relative to the structure's start (all offsets are multiples of 8).
+_C = {f: CACHE_HEADER.offset(f) // WORD for f in CACHE_HEADER.fields()}
+_B = {f: BUCKET.offset(f) // WORD for f in BUCKET.fields()}
+_H = {f: BH.offset(f) // WORD for f in BH.fields()}
+_P = {f: POOL_HEADER.offset(f) // WORD for f in POOL_HEADER.fields()}
+_F = {f: FILE_ENTRY.offset(f) // WORD for f in FILE_ENTRY.fields()}
+_FS = {f: FILE_STATS.offset(f) // WORD for f in FILE_STATS.fields()}
+_HS = {f: HANDLE_STATS.offset(f) // WORD for f in HANDLE_STATS.fields()}
+
+C_LRU = _C["lru_counter"]
+C_BUFFERS = _C["buffers"]
+B_WORDS = BUCKET.size // WORD
+B_HEAD = _B["head"]
+B_DIRTY = _B["dirty"]
+B_COUNT = _B["count"]
+H_NEXT, H_FILE, H_PGNO, H_REF = _H["next"], _H["file"], _H["pgno"], _H["ref"]
+H_FLAGS, H_PRIO, H_SIZE, H_IOPID = _H["flags"], _H["priority"], _H["page_size"], _H["io_pid"]
+
+_CACHE_BASE = REGION_HEADER.size  # CACHE_HEADER follows the region header
+_POOL_BASE = REGION_HEADER.size + CACHE_HEADER.size  # POOL_HEADER follows, in cache 0 only
+#: Metadata room reserved in cache 0 for file entries, names, cookies and statistics blocks.
+_META_RESERVE = 48 * 1024
+#: Allocator overhead per buffer: its chunk header, plus rounding.
+_CHUNK_OVERHEAD = ALLOC_CHUNK.size + 16
+#: Buckets the victim search compares before it settles for the best it has seen.
+SEARCH_BUCKETS = 4
+
+
+def _nbuckets(pages: int) -> int:
+    # Berkeley DB sizes the table for chains of about 2.5 pages; at least a handful of buckets.
+    n = max(17, int(pages / 2.5))
+    return n | 1
+
+
+def pool_region_sizes(settings: Settings) -> list[int]:
+    """Sizes of the ``ncache`` mpool regions for ``settings`` (before rounding)."""
+    cache_size = settings.cache_size or 256 * 1024
+    ncache = settings.ncache
+    page_size = settings.page_size or DEFAULT_PAGE_SIZE
+    sizes = []
+    for i in range(ncache):
+        share = cache_size // ncache
+        pages = max(1, share // page_size)
+        size = (
+            CACHE_HEADER.size
+            + _nbuckets(pages) * BUCKET.size
+            + share
+            + pages * (BH.size + _CHUNK_OVERHEAD)
+            + 4096
+        )
+        if i == 0:
+            size += POOL_HEADER.size + _META_RESERVE
+        sizes.append(size)
+    return sizes
+
+
+def format_pool(regions: Sequence[Region], settings: Settings, shared: bool) -> None:
+    """Lay out a new pool in its regions (the creator, before the environment's magic)."""
+    ncache = len(regions)
+    cache_size = settings.cache_size or 256 * 1024
+    page_size = settings.page_size or DEFAULT_PAGE_SIZE
+    for index, region in enumerate(regions):
+        w = region.words
+        c = _CACHE_BASE // WORD
+        share = cache_size // ncache
+        nb = _nbuckets(max(1, share // page_size))
+        start = _CACHE_BASE + CACHE_HEADER.size + (POOL_HEADER.size if index == 0 else 0)
+        w[c + _C["cache_index"]] = index
+        w[c + _C["nbuckets"]] = nb
+        w[c + _C["buckets_off"]] = start
+        w[c + _C["page_bytes"]] = share
+        arena = start + nb * BUCKET.size
+        Allocator.format(w, arena, region.size)
+        if shared:
+            for b in range(nb):
+                SharedMutex(region.base, w, start + b * BUCKET.size + BUCKET.offset("mutex"),
+                            "bucket").initialize()
+    r0 = regions[0]
+    w = r0.words
+    p = _POOL_BASE // WORD
+    w[p + _P["ncache"]] = ncache
+    w[p + _P["cache_size"]] = cache_size
+    w[p + _P["page_size"]] = page_size
+    w[p + _P["mmap_size"]] = (
+        settings.mmap_size if settings.mmap_size is not None else DEFAULT_MMAP_SIZE
+    )
+    w[p + _P["nommap"]] = int(settings.nommap)
+    if shared:
+        SharedMutex(r0.base, w, _POOL_BASE + POOL_HEADER.offset("mutex"), "pool").initialize()
+    retired = Allocator(r0.buf, w, "mpool region").alloc(HANDLE_STATS.size)
+    w[p + _P["retired"]] = retired
+
+
+class Cache:
+    """One mpool region: its buckets, their mutexes, its allocator."""
+
+    __slots__ = (
+        "index", "region", "words", "buf", "nbuckets", "bucket_words", "mutexes", "allocator",
+        "alloc_mutex", "hdr",
+    )
+
+    def __init__(
+        self, region: Region, shared: bool, panic: Callable[[str], None] | None
+    ) -> None:
+        self.region = region
+        self.words = w = region.words
+        self.buf = region.buf
+        self.hdr = _CACHE_BASE // WORD
+        self.index = int(w[self.hdr + _C["cache_index"]])
+        self.nbuckets = nb = int(w[self.hdr + _C["nbuckets"]])
+        start = int(w[self.hdr + _C["buckets_off"]])
+        #: word index of each bucket's first word
+        self.bucket_words = [(start + b * BUCKET.size) // WORD for b in range(nb)]
+        self.allocator = Allocator(region.buf, w, f"mpool region {region.region_id}")
+        self.mutexes: list[SharedMutex | NullMutex]
+        if shared:
+            self.mutexes = [
+                SharedMutex(region.base, w, start + b * BUCKET.size + BUCKET.offset("mutex"),
+                            f"bucket {b}", repair=self._repair_bucket_factory(b), panic=panic)
+                for b in range(nb)
+            ]
+            self.alloc_mutex: SharedMutex | NullMutex = SharedMutex(
+                region.base, w, REGION_HEADER.offset("alloc_mutex"),
+                f"mpool region {region.region_id} allocator",
+                repair=self.allocator.repair, panic=panic,
+            )
+        else:
+            self.mutexes = [NullMutex(f"bucket {b}") for b in range(nb)]
+            self.alloc_mutex = NullMutex("allocator")
+
+    def _repair_bucket_factory(self, b: int) -> Callable[[], None]:
+        def repair() -> None:
+            self.repair_bucket(b)
+
+        return repair
+
+    def repair_bucket(self, b: int) -> None:
+        """Recount a bucket after its mutex holder died: chain length and dirty count.
+
+        The chain itself is only changed by single-word stores (a buffer is linked with one
+        store of ``head`` or ``next`` after it is complete), so it is always walkable.
+        """
+        w = self.words
+        bw = self.bucket_words[b]
+        count = dirty = 0
+        off = w[bw + B_HEAD]
+        limit = self.region.size // BH.size
+        while off and count <= limit:
+            h = off >> 3
+            count += 1
+            if w[h + H_FLAGS] & (BH_DIRTY | BH_WRITING):
+                dirty += 1
+            off = w[h + H_NEXT]
+        if off:
+            raise InvalidArgument(f"bucket {b} chain loops")
+        w[bw + B_COUNT] = count
+        w[bw + B_DIRTY] = dirty
+
+    def counter(self) -> int:
+        """The cache's LRU counter."""
+        return int(self.words[self.hdr + _C["lru_counter"]])
+
+    def buffers(self) -> int:
+        """Buffers in this cache."""
+        return int(self.words[self.hdr + _C["buffers"]])
+
+    def bucket_chain(self, b: int) -> list[int]:
+        """Offsets of the buffers in bucket ``b`` (caller holds its mutex, or accepts a hint)."""
+        w = self.words
+        out = []
+        off = w[self.bucket_words[b] + B_HEAD]
+        while off:
+            out.append(off)
+            off = w[(off >> 3) + H_NEXT]
+        return out
+
+
+@dataclass
+class Victim:
+    """A buffer chosen for eviction, found with its bucket mutex released again."""
+
+    cache: Cache
+    bucket: int
+    bh: int
+    file: int  # index + 1
+    pgno: int
+    page_size: int
+    dirty: bool
+
+
+class PoolCore:
+    """The synchronous bookkeeping of one handle's view of the pool."""
+
+    def __init__(
+        self,
+        regions: Sequence[Region],
+        shared: bool,
+        panic: Callable[[str], None] | None,
+    ) -> None:
+        self.caches = [Cache(r, shared, panic) for r in regions]
+        self._panic = panic
+        self.ncache = len(self.caches)
+        r0 = regions[0]
+        self.r0 = r0
+        self.w0 = r0.words
+        self.p = _POOL_BASE // WORD
+        self.shared = shared
+        self.pid = os.getpid()
+        if shared:
+            self.mutex: SharedMutex | NullMutex = SharedMutex(
+                r0.base, r0.words, _POOL_BASE + POOL_HEADER.offset("mutex"), "pool",
+                repair=self._repair_pool, panic=panic,
+            )
+        else:
+            self.mutex = NullMutex("pool")
+        self.alloc0 = self.caches[0]
+        #: every bucket of every cache, in global order: (cache, bucket index)
+        self.total_buckets = sum(c.nbuckets for c in self.caches)
+
+    @staticmethod
+    def _repair_pool() -> None:
+        # File slots and list heads are single-word stores made after the structure they point
+        # to is complete; refcounts may be one off for the dead process, which is harmless.
+        return None
+
+    # -- configuration
+
+    def header(self, field: str) -> int:
+        """A field of the pool header."""
+        return int(self.w0[self.p + _P[field]])
+
+    # -- hashing
+
+    def locate(self, fidx: int, pgno: int) -> tuple[Cache, int]:
+        """The cache and bucket of page ``pgno`` of file slot ``fidx``."""
+        h = (pgno * 0x9E3779B1 + fidx * 509) & 0xFFFFFFFFFFFF
+        cache = self.caches[h % self.ncache] if self.ncache > 1 else self.caches[0]
+        return cache, (h // self.ncache) % cache.nbuckets
+
+    # -- region-0 allocation (metadata)
+
+    def meta_alloc(self, nbytes: int) -> int:
+        c0 = self.caches[0]
+        with c0.alloc_mutex:
+            return c0.allocator.alloc(nbytes)
+
+    def meta_free(self, off: int) -> None:
+        c0 = self.caches[0]
+        with c0.alloc_mutex:
+            c0.allocator.free(off)
+
+    def meta_bytes(self, off: int, length: int) -> bytes:
+        return bytes(self.r0.buf[off : off + length])
+
+    def meta_store(self, data: bytes) -> int:
+        if not data:
+            return 0
+        off = self.meta_alloc(len(data))
+        self.r0.buf[off : off + len(data)] = data
+        return off
+
+    # -- handle statistics
+
+    def attach_handle(self) -> int:
+        """Allocate and link this handle's statistics block; returns its word index."""
+        off = self.meta_alloc(HANDLE_STATS.size)
+        w = self.w0
+        w[(off >> 3) + _HS["pid"]] = self.pid
+        with self.mutex:
+            w[(off >> 3) + _HS["next"]] = w[self.p + _P["handles_head"]]
+            w[self.p + _P["handles_head"]] = off
+        return off >> 3
+
+    def detach_handle(self, hs: int) -> None:
+        """Fold this handle's counters into the retired block, unlink and free it."""
+        w = self.w0
+        off = hs << 3
+        retired = w[self.p + _P["retired"]] >> 3
+        with self.mutex:
+            for f in GSTAT_FIELDS:
+                if f == "hash_longest":
+                    w[retired + _HS[f]] = max(w[retired + _HS[f]], w[hs + _HS[f]])
+                else:
+                    w[retired + _HS[f]] += w[hs + _HS[f]]
+            prev = 0
+            cur = w[self.p + _P["handles_head"]]
+            while cur and cur != off:
+                prev, cur = cur, w[(cur >> 3) + _HS["next"]]
+            if cur:
+                nxt = w[hs + _HS["next"]]
+                if prev:
+                    w[(prev >> 3) + _HS["next"]] = nxt
+                else:
+                    w[self.p + _P["handles_head"]] = nxt
+        self.meta_free(off)
+
+    @property
+    def retired_file_counts(self) -> dict[str, int]:
+        """Per-file counters of files whose entries were freed, summed."""
+        w = self.w0
+        retired = self.p + _P["retired_files"]
+        return {f: int(w[retired + _FS[f]]) for f in FSTAT_FIELDS}
+
+    def global_stats(self) -> dict[str, int]:
+        """Per-handle counters summed over every live, dead and retired handle."""
+        w = self.w0
+        out = {f: 0 for f in GSTAT_FIELDS}
+        blocks = [w[self.p + _P["retired"]]]
+        cur = w[self.p + _P["handles_head"]]
+        while cur and len(blocks) < 100000:
+            blocks.append(cur)
+            cur = w[(cur >> 3) + _HS["next"]]
+        for off in blocks:
+            b = off >> 3
+            for f in GSTAT_FIELDS:
+                v = w[b + _HS[f]]
+                out[f] = max(out[f], v) if f == "hash_longest" else out[f] + v
+        return out
+
+    # -- files
+
+    def entry(self, fidx: int) -> int:
+        """Word index of file slot ``fidx``'s entry (0 if the slot is free)."""
+        return int(self.w0[self.p + _P["files"] + fidx]) >> 3
+
+    def file_field(self, fidx: int, field: str) -> int:
+        return int(self.w0[self.entry(fidx) + _F[field]])
+
+    def set_file_field(self, fidx: int, field: str, value: int) -> None:
+        self.w0[self.entry(fidx) + _F[field]] = value
+
+    def file_mutex(self, fidx: int) -> SharedMutex | NullMutex:
+        """The mutex of file slot ``fidx`` (it guards the page count)."""
+        if not self.shared:
+            return NullMutex("file")
+        # The page count is one word, stored once: a dead holder cannot leave it torn.
+        return SharedMutex(
+            self.r0.base, self.w0, (self.entry(fidx) << 3) + FILE_ENTRY.offset("mutex"),
+            f"file {fidx}", repair=lambda: None, panic=self._panic,
+        )
+
+    def fileid(self, fidx: int) -> bytes:
+        e = self.entry(fidx)
+        return b"".join(int(self.w0[e + _F["fileid"] + i]).to_bytes(8, "little")
+                        for i in range(3))[:20]
+
+    def file_name(self, fidx: int) -> str | None:
+        off, n = self.file_field(fidx, "name_off"), self.file_field(fidx, "name_len")
+        return self.meta_bytes(off, n).decode("utf-8", "surrogateescape") if off else None
+
+    def file_cookie(self, fidx: int) -> bytes:
+        off, n = self.file_field(fidx, "cookie_off"), self.file_field(fidx, "cookie_len")
+        return self.meta_bytes(off, n) if off else b""
+
+    def file_slots(self) -> list[int]:
+        """Slots holding a file entry."""
+        w = self.w0
+        base = self.p + _P["files"]
+        return [i for i in range(MAX_FILES) if w[base + i]]
+
+    def open_entry(
+        self,
+        fileid: bytes,
+        *,
+        page_size: int,
+        lsn_offset: int,
+        clear_len: int,
+        ftype: int,
+        flags: int,
+        pages: int,
+        max_pages: int,
+        writable: bool,
+        name: str | None,
+        cookie: bytes,
+    ) -> tuple[int, bool]:
+        """Find the entry of ``fileid`` (or make one) and count one more open handle.
+
+        Returns ``(slot, created)``. Raises :class:`InvalidArgument` if the file is already in
+        the pool with another page size or LSN offset, :class:`CacheFull` if the table is full.
+        """
+        w = self.w0
+        base = self.p + _P["files"]
+        key = fileid.ljust(24, b"\0")
+        ids = [int.from_bytes(key[i * 8 : (i + 1) * 8], "little") for i in range(3)]
+        with self.mutex:
+            free = -1
+            for i in range(MAX_FILES):
+                off = w[base + i]
+                if not off:
+                    if free < 0:
+                        free = i
+                    continue
+                e = off >> 3
+                if w[e + _F["flags"]] & (FF_DEAD | FF_TEMP):
+                    continue
+                if [w[e + _F["fileid"] + k] for k in range(3)] != ids:
+                    continue
+                if w[e + _F["page_size"]] != page_size:
+                    raise InvalidArgument(
+                        f"file is already in the pool with page size {w[e + _F['page_size']]}, "
+                        f"not {page_size}"
+                    )
+                if w[e + _F["lsn_offset"]] != lsn_offset + 1:
+                    raise InvalidArgument(
+                        "file is already in the pool with another lsn_offset "
+                        f"({int(w[e + _F['lsn_offset']]) - 1}, not {lsn_offset})"
+                    )
+                if (w[e + _F["flags"]] & FF_NOFILE) != (flags & FF_NOFILE):
+                    raise InvalidArgument("file is already in the pool with another nofile setting")
+                w[e + _F["refcnt"]] += 1
+                if writable:
+                    w[e + _F["rw_opens"]] += 1
+                if not w[e + _F["max_pages"]] and max_pages:
+                    w[e + _F["max_pages"]] = max_pages
+                return i, False
+            if free < 0:
+                free = self._reclaim_slot()
+            if free < 0:
+                raise CacheFull(f"the pool's file table is full ({MAX_FILES} files)")
+            name_b = name.encode("utf-8", "surrogateescape") if name is not None else b""
+            off = self.meta_alloc(FILE_ENTRY.size)
+            e = off >> 3
+            for k in range(3):
+                w[e + _F["fileid"] + k] = ids[k]
+            w[e + _F["refcnt"]] = 1
+            w[e + _F["page_size"]] = page_size
+            w[e + _F["lsn_offset"]] = lsn_offset + 1
+            w[e + _F["clear_len"]] = clear_len
+            w[e + _F["ftype"]] = ftype
+            w[e + _F["flags"]] = flags
+            w[e + _F["pages"]] = pages
+            w[e + _F["orig_pages"]] = pages
+            w[e + _F["max_pages"]] = max_pages
+            w[e + _F["rw_opens"]] = 1 if writable else 0
+            w[e + _F["owner_pid"]] = self.pid if flags & FF_TEMP else 0
+            w[e + _F["name_off"]] = self.meta_store(name_b)
+            w[e + _F["name_len"]] = len(name_b)
+            w[e + _F["cookie_off"]] = self.meta_store(cookie)
+            w[e + _F["cookie_len"]] = len(cookie)
+            if self.shared:
+                SharedMutex(self.r0.base, w, off + FILE_ENTRY.offset("mutex"), "file").initialize()
+            w[base + free] = off  # published last: the entry is complete
+            return free, True
+
+    def _reclaim_slot(self) -> int:
+        """Free the entries of closed files that no longer have cached pages; first free slot."""
+        w = self.w0
+        base = self.p + _P["files"]
+        cached = self._files_with_buffers()
+        first = -1
+        for i in range(MAX_FILES):
+            off = w[base + i]
+            if off and w[(off >> 3) + _F["refcnt"]] == 0 and (i + 1) not in cached:
+                self._free_entry(i)
+            if not w[base + i] and first < 0:
+                first = i
+        return first
+
+    def any_buffers(self, fidx: int) -> bool:
+        """True if some buffer of file slot ``fidx`` is still cached."""
+        return (fidx + 1) in self._files_with_buffers()
+
+    def _files_with_buffers(self) -> set[int]:
+        files = set()
+        for cache in self.caches:
+            w = cache.words
+            for b, bw in enumerate(cache.bucket_words):
+                if w[bw + B_COUNT]:
+                    with cache.mutexes[b]:
+                        off = w[bw + B_HEAD]
+                        while off:
+                            files.add(int(w[(off >> 3) + H_FILE]))
+                            off = w[(off >> 3) + H_NEXT]
+        return files
+
+    def _free_entry(self, fidx: int) -> None:
+        """Free a closed file's entry (caller holds the pool mutex); its counters are kept."""
+        w = self.w0
+        base = self.p + _P["files"]
+        off = w[base + fidx]
+        e = off >> 3
+        retired = self.p + _P["retired_files"]
+        for f, v in self.file_stats(fidx).items():
+            w[retired + _FS[f]] += v
+        w[base + fidx] = 0
+        for f in ("name_off", "cookie_off"):
+            if w[e + _F[f]]:
+                self.meta_free(w[e + _F[f]])
+        self.meta_free(off)
+
+    def close_entry(self, fidx: int, writable: bool, discard: bool) -> int:
+        """Count one handle fewer; returns the handles left. ``discard`` marks the file dead
+        (its buffers are dropped, not written) when the last handle goes."""
+        w = self.w0
+        e = self.entry(fidx)
+        with self.mutex:
+            w[e + _F["refcnt"]] -= 1
+            if writable and w[e + _F["rw_opens"]]:
+                w[e + _F["rw_opens"]] -= 1
+            left = int(w[e + _F["refcnt"]])
+            if left == 0 and discard:
+                w[e + _F["flags"]] |= FF_DEAD
+        return left
+
+    def drop_file_buffers(self, fidx: int) -> None:
+        """Remove every unpinned buffer of a dead file (dirty ones too: they are not wanted)."""
+        file_tag = fidx + 1
+        for cache in self.caches:
+            w = cache.words
+            for b, bw in enumerate(cache.bucket_words):
+                if not w[bw + B_COUNT]:
+                    continue
+                freed = []
+                with cache.mutexes[b]:
+                    prev = 0
+                    off = w[bw + B_HEAD]
+                    while off:
+                        h = off >> 3
+                        nxt = w[h + H_NEXT]
+                        if (w[h + H_FILE] == file_tag and w[h + H_REF] == 0
+                                and not w[h + H_FLAGS] & (BH_READING | BH_WRITING)):
+                            if prev:
+                                w[(prev >> 3) + H_NEXT] = nxt
+                            else:
+                                w[bw + B_HEAD] = nxt
+                            w[bw + B_COUNT] -= 1
+                            if w[h + H_FLAGS] & BH_DIRTY:
+                                w[bw + B_DIRTY] -= 1
+                            freed.append(off)
+                        else:
+                            prev = off
+                        off = nxt
+                for off in freed:
+                    self.free_buffer(cache, off)
+
+    def file_stats_block(self, fidx: int) -> int:
+        """Allocate this handle's counters for file ``fidx`` and link them; word index."""
+        off = self.meta_alloc(FILE_STATS.size)
+        w = self.w0
+        e = self.entry(fidx)
+        with self.mutex:
+            w[(off >> 3) + _FS["next"]] = w[e + _F["stats_head"]]
+            w[e + _F["stats_head"]] = off
+        return off >> 3
+
+    def release_file_stats_block(self, fidx: int, fs: int) -> None:
+        """Fold a handle's file counters into the entry's retired counters and free them."""
+        w = self.w0
+        e = self.entry(fidx)
+        off = fs << 3
+        retired = e + _F["retired"]
+        with self.mutex:
+            for f in FSTAT_FIELDS:
+                w[retired + _FS[f]] += w[fs + _FS[f]]
+            prev = 0
+            cur = w[e + _F["stats_head"]]
+            while cur and cur != off:
+                prev, cur = cur, w[(cur >> 3) + _FS["next"]]
+            if cur:
+                nxt = w[fs + _FS["next"]]
+                if prev:
+                    w[(prev >> 3) + _FS["next"]] = nxt
+                else:
+                    w[e + _F["stats_head"]] = nxt
+        self.meta_free(off)
+
+    def file_stats(self, fidx: int) -> dict[str, int]:
+        """A file's counters summed over every handle that has or had it open."""
+        w = self.w0
+        e = self.entry(fidx)
+        out = {f: int(w[e + _F["retired"] + _FS[f]]) for f in FSTAT_FIELDS}
+        cur = w[e + _F["stats_head"]]
+        n = 0
+        while cur and n < 100000:
+            b = cur >> 3
+            for f in FSTAT_FIELDS:
+                out[f] += w[b + _FS[f]]
+            cur = w[b + _FS["next"]]
+            n += 1
+        return out
+
+    # -- buffers
+
+    def alloc_buffer(self, cache: Cache, page_size: int) -> int:
+        """A fresh buffer from the cache's free space, or 0 if its share of the cache is used.
+
+        The share (``cache_size / ncache`` bytes of pages) is enforced exactly, whatever room
+        the region's arena has left, so the cache holds what ``cache_size`` says.
+        """
+        w = cache.words
+        used_w = cache.hdr + _C["page_bytes_used"]
+        with cache.alloc_mutex:
+            if w[used_w] + page_size > w[cache.hdr + _C["page_bytes"]]:
+                return 0
+            try:
+                off = cache.allocator.alloc(BH.size + page_size)
+            except CacheFull:
+                return 0
+            w[used_w] += page_size
+            w[cache.hdr + _C["buffers"]] += 1
+        return off
+
+    def free_buffer(self, cache: Cache, bh: int) -> None:
+        """Return an unlinked buffer's memory to the cache."""
+        w = cache.words
+        with cache.alloc_mutex:
+            w[cache.hdr + _C["page_bytes_used"]] -= w[(bh >> 3) + H_SIZE]
+            w[cache.hdr + _C["buffers"]] -= 1
+            cache.allocator.free(bh)
+
+    def find_victim(
+        self, cache: Cache, can_write: Callable[[int], bool], aggressive: bool
+    ) -> Victim | None:
+        """The best buffer to evict among a few buckets from the cache's hand.
+
+        Skips pinned buffers, buffers under I/O, and dirty buffers this process cannot write.
+        Unless ``aggressive``, also skips the most recently used tenth, and looks at
+        ``SEARCH_BUCKETS`` non-empty buckets; aggressive looks at every bucket.
+        """
+        w = cache.words
+        nb = cache.nbuckets
+        hand_w = cache.hdr + _C["hand"]
+        start = int(w[hand_w]) % nb
+        counter = w[cache.hdr + _C["lru_counter"]]
+        recent = 0 if aggressive else counter - max(1, w[cache.hdr + _C["buffers"]] // 10)
+        limit = nb if aggressive else SEARCH_BUCKETS
+        best: Victim | None = None
+        best_prio = 0
+        seen = 0
+        for i in range(nb):
+            b = (start + i) % nb
+            bw = cache.bucket_words[b]
+            if not w[bw + B_COUNT]:
+                continue
+            seen += 1
+            with cache.mutexes[b]:
+                off = w[bw + B_HEAD]
+                while off:
+                    h = off >> 3
+                    if (w[h + H_REF] == 0 and not w[h + H_FLAGS] & (BH_READING | BH_WRITING)):
+                        prio = w[h + H_PRIO]
+                        if (aggressive or prio < recent) and (best is None or prio < best_prio):
+                            dirty = bool(w[h + H_FLAGS] & BH_DIRTY)
+                            if not dirty or can_write(int(w[h + H_FILE])):
+                                best = Victim(cache, b, off, int(w[h + H_FILE]),
+                                              int(w[h + H_PGNO]), int(w[h + H_SIZE]), dirty)
+                                best_prio = prio
+                    off = w[h + H_NEXT]
+            if seen >= limit and best is not None:
+                w[hand_w] = (b + 1) % nb
+                return best
+        w[hand_w] = (start + 1) % nb
+        return best
+
+    def unlink_victim(self, v: Victim) -> bool:
+        """Take a clean, unpinned victim out of its bucket; False if it changed meanwhile."""
+        cache = v.cache
+        w = cache.words
+        bw = cache.bucket_words[v.bucket]
+        with cache.mutexes[v.bucket]:
+            h = v.bh >> 3
+            if (w[h + H_REF] or w[h + H_FLAGS] & (BH_READING | BH_WRITING | BH_DIRTY)
+                    or w[h + H_FILE] != v.file or w[h + H_PGNO] != v.pgno):
+                return False
+            prev = 0
+            off = w[bw + B_HEAD]
+            while off and off != v.bh:
+                prev, off = off, w[(off >> 3) + H_NEXT]
+            if not off:
+                return False
+            nxt = w[h + H_NEXT]
+            if prev:
+                w[(prev >> 3) + H_NEXT] = nxt
+            else:
+                w[bw + B_HEAD] = nxt
+            w[bw + B_COUNT] -= 1
+            w[h + H_FILE] = 0
+        return True
+
+
+def pool_regions(regions: Sequence[Region], types: dict[int, int]) -> list[Region]:
+    """The mpool regions among an environment's regions, in cache order."""
+    return [r for r in regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
+
+
+def new_fileid() -> bytes:
+    """A fresh 20-byte id for a file with no device/inode (temporary or nofile)."""
+    return b"\xff" + secrets.token_bytes(19)
+
