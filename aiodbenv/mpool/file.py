@@ -16,7 +16,9 @@ from ..errors import (
     PermissionDenied,
 )
 from .layout import BH, BH_DIRTY, BH_READING, FF_NO_MMAP
-from .page import Page, PinContext
+from ..region.mutex import trylock as _trylock
+from ..region.mutex import unlock as _unlock
+from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
 from .table import (
     _F,
     _FS,
@@ -50,8 +52,7 @@ _BH_DATA = BH.size
 _FS_HIT = _FS["cache_hit"]
 _FS_MISS = _FS["cache_miss"]
 _FS_MAP = _FS["map"]
-_HS_SEARCH = _HS["hash_searches"]
-_HS_EXAM = _HS["hash_examined"]
+_HS_EXTRA = _HS["hash_examined_extra"]
 _HS_LONG = _HS["hash_longest"]
 
 
@@ -100,9 +101,14 @@ class PoolFile:
         self._entry = self._core.entry(fidx)
         self._pins: set[Page] = set()
         self._closed = False
-        # Hashing constants, kept local for the hot path.
+        # What the hot path needs, one attribute lookup away.
         self._caches = self._core.caches
+        self._cache0 = self._caches[0]
         self._ncache = self._core.ncache
+        self._hot = mapped is None  # False once closed, or for a mapped file
+        self._panic_w = pool._panic_words
+        self._panic_i = pool._panic_index
+        self._fs_hit = self._fs + _FS_HIT
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -181,21 +187,30 @@ class PoolFile:
         return await self._pin(pgno, MODE_CREATE if create else MODE_GET)
 
     def _pin_hit(self, pgno: int) -> Page | None:
-        """Pin ``pgno`` if it is cached and readable; None sends the caller to the slow path."""
-        if self._closed or self._map is not None:
-            return None
-        if self._pool._panic_words[self._pool._panic_index]:
+        """Pin ``pgno`` if it is cached and readable; None sends the caller to the slow path.
+
+        The bucket mutex is taken inline (trylock, count a no-wait, unlock) rather than through
+        ``with``: this is the hottest path in the library.
+        """
+        if not self._hot or self._panic_w[self._panic_i]:
             return None
         h = (pgno * 0x9E3779B1 + self._fidx * 509) & 0xFFFFFFFFFFFF
         ncache = self._ncache
-        cache = self._caches[h % ncache] if ncache > 1 else self._caches[0]
+        cache = self._caches[h % ncache] if ncache > 1 else self._cache0
         b = (h // ncache) % cache.nbuckets
         w = cache.words
-        bw = cache.bucket_words[b]
         tag = self._tag
         examined = 1
-        with cache.mutexes[b]:
-            off = w[bw + B_HEAD]
+        mx = cache.mutexes[b]
+        p = mx.ptr
+        if p is not None:
+            rc = _trylock(p)
+            if rc:
+                mx.acquire_contended(rc)
+            else:
+                w[mx.nowait_index] += 1
+        try:
+            off = w[cache.bucket_words[b] + B_HEAD]
             while off:
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
@@ -207,17 +222,24 @@ class PoolFile:
                 examined += 1
             else:
                 return None
+        finally:
+            if p is not None:
+                _unlock(p)
         w0 = self._w0
-        hs = self._hs
-        w0[hs + _HS_SEARCH] += 1
-        w0[hs + _HS_EXAM] += examined
-        if examined > w0[hs + _HS_LONG]:
-            w0[hs + _HS_LONG] = examined
-        w0[self._fs + _FS_HIT] += 1
+        w0[self._fs_hit] += 1
+        if examined > 1:
+            self._count_examined(examined)
         start = off + _BH_DATA
         page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, off)
         self._pins.add(page)
         return page
+
+    def _count_examined(self, examined: int) -> None:
+        w0 = self._w0
+        hs = self._hs
+        w0[hs + _HS_EXTRA] += examined - 1
+        if examined > w0[hs + _HS_LONG]:
+            w0[hs + _HS_LONG] = examined
 
     async def _pin(self, pgno: int, mode: int) -> Page:
         self._check()
@@ -248,7 +270,7 @@ class PoolFile:
                     ok = await self._pool._await_read(cache, b, bh, self)
                     if not ok:
                         continue  # the read failed and the buffer went away: try again
-                w0[self._fs + _FS_HIT] += 1
+                w0[self._fs_hit] += 1
                 return self._page(cache, b, bh, pgno)
             if pgno >= w0[e + _F["pages"]] or mode == MODE_NEW:
                 if mode == MODE_GET:
@@ -291,12 +313,8 @@ class PoolFile:
                     break
                 off = w[x + H_NEXT]
                 examined += 1
-        w0 = self._w0
-        hs = self._hs
-        w0[hs + _HS_SEARCH] += 1
-        w0[hs + _HS_EXAM] += examined
-        if examined > w0[hs + _HS_LONG]:
-            w0[hs + _HS_LONG] = examined
+        if examined > 1:
+            self._count_examined(examined)
         return found
 
     def _insert(self, cache: Cache, b: int, frame: int, pgno: int) -> bool:
@@ -357,7 +375,16 @@ class PoolFile:
         that is not pinned (more unpins than pins), :class:`~aiodbenv.errors.PermissionDenied`
         for ``dirty`` on a read-only file. Never awaits I/O, so it cannot be cancelled halfway.
         """
-        self._unpin(page, dirty or page._dirty, clean or page._clean, discard or page._discard)
+        flags = page._flags
+        if dirty and clean:
+            flags = PAGE_DIRTY | PAGE_CLEAN  # refused by _unpin's check
+        elif dirty:
+            flags = (flags & ~PAGE_CLEAN) | PAGE_DIRTY
+        elif clean:
+            flags = (flags & ~PAGE_DIRTY) | PAGE_CLEAN
+        if discard:
+            flags |= PAGE_DISCARD
+        self._unpin(page, flags)
 
     def set(
         self, page: Page, *, dirty: bool = False, clean: bool = False, discard: bool = False
@@ -366,66 +393,72 @@ class PoolFile:
         apply at once, ``discard`` when the page is unpinned. At least one flag is required."""
         if not (dirty or clean or discard):
             raise InvalidArgument("set needs at least one of dirty, clean, discard")
-        self._check_flags(page, dirty, clean)
+        self._check_flags(page, (PAGE_DIRTY if dirty else 0) | (PAGE_CLEAN if clean else 0))
         if discard:
-            page._discard = True
-        if dirty or clean:
-            cache = page._cache
-            if cache is None:
-                return
+            page._flags |= PAGE_DISCARD
+        cache = page._cache
+        if (dirty or clean) and cache is not None:
             w = cache.words
-            x = page._bh >> 3
-            bw = cache.bucket_words[page._bucket]
             with cache.mutexes[page._bucket]:
-                self._apply_dirty(w, x, bw, dirty, clean)
+                self._apply_dirty(w, page._bh >> 3, cache.bucket_words[page._bucket],
+                                  PAGE_DIRTY if dirty else PAGE_CLEAN)
 
-    def _check_flags(self, page: Page, dirty: bool, clean: bool) -> None:
+    def _check_flags(self, page: Page, flags: int) -> None:
+        """Raise the error a bad unpin or set deserves (called only when something is off)."""
         if page._file is not self:
             raise InvalidArgument(f"page {page.pgno} belongs to another file handle")
         if page._bh < 0:
             raise InvalidArgument(f"page {page.pgno} is not pinned: more unpins than pins")
-        if dirty and clean:
+        if flags & PAGE_DIRTY and flags & PAGE_CLEAN:
             raise InvalidArgument("clean and dirty exclude each other")
-        if dirty and self.readonly:
+        if flags & PAGE_DIRTY and self.readonly:
             raise PermissionDenied(f"dirty flag set for page {page.pgno} of a read-only file")
 
     @staticmethod
-    def _apply_dirty(w: memoryview, x: int, bw: int, dirty: bool, clean: bool) -> None:
-        flags = w[x + H_FLAGS]
-        if dirty and not flags & BH_DIRTY:
-            w[x + H_FLAGS] = flags | BH_DIRTY
-            w[bw + B_DIRTY] += 1
-        elif clean and flags & BH_DIRTY:
-            w[x + H_FLAGS] = flags & ~BH_DIRTY
+    def _apply_dirty(w: memoryview, x: int, bw: int, flags: int) -> None:
+        bh_flags = w[x + H_FLAGS]
+        if flags & PAGE_DIRTY:
+            if not bh_flags & BH_DIRTY:
+                w[x + H_FLAGS] = bh_flags | BH_DIRTY
+                w[bw + B_DIRTY] += 1
+        elif flags & PAGE_CLEAN and bh_flags & BH_DIRTY:
+            w[x + H_FLAGS] = bh_flags & ~BH_DIRTY
             w[bw + B_DIRTY] -= 1
 
-    def _unpin(self, page: Page, dirty: bool, clean: bool, discard: bool) -> None:
-        self._check_flags(page, dirty, clean)
-        cache = page._cache
+    def _unpin(self, page: Page, flags: int) -> None:
         bh = page._bh
+        if (page._file is not self or bh < 0
+                or flags & PAGE_DIRTY and (flags & PAGE_CLEAN or self.readonly)):
+            self._check_flags(page, flags)
         page._bh = -1
         self._pins.discard(page)
         page.data.release()
+        cache = page._cache
         if cache is None:  # a mapped page: nothing in the cache to release
             return
         w = cache.words
         x = bh >> 3
-        bw = cache.bucket_words[page._bucket]
-        with cache.mutexes[page._bucket]:
-            if dirty or clean:
-                self._apply_dirty(w, x, bw, dirty, clean)
-            ref = w[x + H_REF]
-            if ref == 0:
-                ref_error = True
+        b = page._bucket
+        mx = cache.mutexes[b]
+        p = mx.ptr
+        if p is not None:
+            rc = _trylock(p)
+            if rc:
+                mx.acquire_contended(rc)
             else:
-                ref_error = False
+                w[mx.nowait_index] += 1
+        try:
+            if flags & (PAGE_DIRTY | PAGE_CLEAN):
+                self._apply_dirty(w, x, cache.bucket_words[b], flags)
+            ref = w[x + H_REF]
+            if ref:
                 ref -= 1
                 w[x + H_REF] = ref
-                if ref == 0:
+                if not ref:
                     hdr = cache.hdr
                     counter = w[hdr + C_LRU] + 1
                     w[hdr + C_LRU] = counter
-                    if discard:
+                    if flags & PAGE_DISCARD:
                         w[x + H_PRIO] = 0
                     elif w[x + H_FLAGS] & BH_DIRTY:
                         # Dirty buffers go a little later than clean ones (a tenth of the
@@ -433,9 +466,17 @@ class PoolFile:
                         w[x + H_PRIO] = counter + w[hdr + C_BUFFERS] // 10 + 1
                     else:
                         w[x + H_PRIO] = counter
-        if ref_error:
+                    released = True
+                else:
+                    released = False
+            else:
+                released = None  # the shared pin count is already 0: someone over-unpinned
+        finally:
+            if p is not None:
+                _unlock(p)
+        if released is None:
             self._pool._panic_unpinned(page.pgno)
-        if ref == 0:
+        elif released:
             self._pool._frame_released()
 
     # -- write-back and closing ---------------------------------------------------------------
@@ -460,8 +501,9 @@ class PoolFile:
         if self._closed:
             return
         for page in list(self._pins):
-            self._unpin(page, page._dirty, page._clean, page._discard)
+            self._unpin(page, page._flags)
         self._closed = True
+        self._hot = False
         await self._pool._close_file(self)
 
     def stat(self) -> FileStat:

@@ -96,8 +96,11 @@ FSTAT_FIELDS = (
 FILE_STATS = Layout("file_stats", [("next", 1), *[(f, 1) for f in FSTAT_FIELDS]])
 
 #: Per-handle counters that are not per file.
+#: ``hash_examined_extra`` counts chain entries looked at beyond the first of each search:
+#: searches (hits + misses) and the examined total are derived from it, which keeps a hit's
+#: bookkeeping to one increment.
 GSTAT_FIELDS = (
-    "hash_searches", "hash_examined", "hash_longest", "ro_evict", "rw_evict", "page_trickle",
+    "hash_examined_extra", "hash_longest", "ro_evict", "rw_evict", "page_trickle",
     "alloc_waits", "write_failures", "sync_calls",
 )
 HANDLE_STATS = Layout("handle_stats", [("next", 1), ("pid", 1), *[(f, 1) for f in GSTAT_FIELDS]])

@@ -10,7 +10,11 @@ if TYPE_CHECKING:
     from .file import PoolFile
     from .table import Cache
 
-__all__ = ["Page", "PinContext"]
+__all__ = ["PAGE_CLEAN", "PAGE_DIRTY", "PAGE_DISCARD", "Page", "PinContext"]
+
+PAGE_DIRTY = 1
+PAGE_CLEAN = 2
+PAGE_DISCARD = 4
 
 
 class Page:
@@ -22,8 +26,7 @@ class Page:
     now hold another page. Pages of a memory-mapped read-only file have a read-only view.
     """
 
-    __slots__ = ("pgno", "data", "_file", "_cache", "_bucket", "_bh", "_dirty", "_clean",
-                 "_discard", "__weakref__")
+    __slots__ = ("pgno", "data", "_file", "_cache", "_bucket", "_bh", "_flags", "__weakref__")
 
     def __init__(
         self, file: PoolFile, pgno: int, data: memoryview, cache: Cache | None, bucket: int,
@@ -34,26 +37,24 @@ class Page:
         #: The page's bytes, valid while the page is pinned.
         self.data = data
         self._file = file
-        self._cache = cache
+        self._cache = cache  # None for a page served from a memory map
         self._bucket = bucket
-        self._bh = bh
-        self._dirty = False
-        self._clean = False
-        self._discard = False
+        self._bh = bh  # the buffer's offset; -1 once unpinned; 0 for a mapped page
+        self._flags = 0  # PAGE_* requested for the unpin
 
     def mark_dirty(self) -> None:
         """Write this page back before its buffer is reused (memp_fput ``DB_MPOOL_DIRTY``),
         applied when the page is unpinned."""
-        self._dirty, self._clean = True, False
+        self._flags = (self._flags & ~PAGE_CLEAN) | PAGE_DIRTY
 
     def mark_clean(self) -> None:
         """Forget earlier changes: the page need not be written (``DB_MPOOL_CLEAN``), applied
         when the page is unpinned."""
-        self._clean, self._dirty = True, False
+        self._flags = (self._flags & ~PAGE_DIRTY) | PAGE_CLEAN
 
     def discard(self) -> None:
         """Make this page the first to be evicted once unpinned (``DB_MPOOL_DISCARD``)."""
-        self._discard = True
+        self._flags |= PAGE_DISCARD
 
     @property
     def pinned(self) -> bool:
@@ -101,4 +102,4 @@ class PinContext:
         page = self._page
         if page is not None:
             self._page = None
-            self._file._unpin(page, page._dirty, page._clean, page._discard)
+            self._file._unpin(page, page._flags)

@@ -122,6 +122,7 @@ def pool_stat(core: PoolCore) -> PoolStat:
     def total(name: str) -> int:
         return int(sum(getattr(f, name) for f in files)) + core.retired_file_counts.get(name, 0)
 
+    searches = total("cache_hit") + total("cache_miss")  # one bucket search per pin
     return PoolStat(
         cache_size=core.header("cache_size"),
         ncache=core.ncache,
@@ -136,9 +137,9 @@ def pool_stat(core: PoolCore) -> PoolStat:
         ro_evict=g["ro_evict"],
         rw_evict=g["rw_evict"],
         hash_buckets=core.total_buckets,
-        hash_searches=g["hash_searches"],
+        hash_searches=searches,
         hash_longest=g["hash_longest"],
-        hash_examined=g["hash_examined"],
+        hash_examined=searches + g["hash_examined_extra"],
         pages=pages,
         page_clean=pages - dirty,
         page_dirty=dirty,

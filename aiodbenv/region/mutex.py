@@ -28,7 +28,7 @@ from ..errors import RunRecovery
 from . import _pthread_cdef as cdef
 from .layout import MUTEX_SLOT, WORD
 
-__all__ = ["BACKEND", "Mutex", "NullMutex", "SharedMutex", "ffi", "lib"]
+__all__ = ["BACKEND", "Mutex", "NullMutex", "SharedMutex", "ffi", "lib", "trylock", "unlock"]
 
 
 def _load() -> tuple[Any, Any, str]:
@@ -52,6 +52,11 @@ def _load() -> tuple[Any, Any, str]:
 
 
 ffi, lib, BACKEND = _load()
+
+#: ``trylock(ptr)`` and ``unlock(ptr)`` on a :attr:`SharedMutex.ptr`, for hot paths that lock
+#: inline: ``if trylock(p): m.acquire_contended(rc)``, count ``nowait_index``, ``unlock(p)``.
+trylock = lib.pthread_mutex_trylock
+unlock = lib.pthread_mutex_unlock
 
 _W_WAITS = MUTEX_SLOT.offset("waits") // WORD
 _W_NOWAITS = MUTEX_SLOT.offset("nowaits") // WORD
@@ -85,7 +90,8 @@ class SharedMutex:
     the environment panicked; it is called when there is no repair hook or the hook fails.
     """
 
-    __slots__ = ("name", "_m", "_words", "_w", "_repair", "_panic", "_pid")
+    __slots__ = ("name", "ptr", "nowait_index", "_m", "_words", "_w", "_repair", "_panic",
+                 "_pid")
 
     def __init__(
         self,
@@ -101,6 +107,10 @@ class SharedMutex:
             raise ValueError("mutex offset must be word-aligned")
         self.name = name
         self._m = base + offset
+        #: The pthread mutex, for hot paths that lock inline (see :func:`trylock`).
+        self.ptr = self._m
+        #: Word index of the no-wait counter, for hot paths that count inline.
+        self.nowait_index = offset // WORD + _W_NOWAITS
         self._words = words
         self._w = offset // WORD
         self._repair = repair
@@ -124,21 +134,25 @@ class SharedMutex:
         w[self._w + _W_OWNER_DIED] = w[self._w + _W_HOLDER] = 0
 
     def __enter__(self) -> None:
-        m = self._m
-        rc = lib.pthread_mutex_trylock(m)
-        w = self._words
+        rc = lib.pthread_mutex_trylock(self._m)
         if rc == 0:
-            w[self._w + _W_NOWAITS] += 1
+            self._words[self._w + _W_NOWAITS] += 1
         else:
-            if rc == errno.EBUSY:
-                rc = lib.pthread_mutex_lock(m)
-                if rc in (0, errno.EOWNERDEAD):
-                    w[self._w + _W_WAITS] += 1
-            if rc == errno.EOWNERDEAD:
-                self._owner_died()
-            elif rc:
-                self._failed(rc)
-        w[self._w + _W_HOLDER] = self._pid
+            self.acquire_contended(rc)
+        self._words[self._w + _W_HOLDER] = self._pid
+
+    def acquire_contended(self, rc: int) -> None:
+        """Finish acquiring after ``pthread_mutex_trylock`` returned ``rc`` (non-zero): block
+        if it is held, repair or panic if its holder died. On return the mutex is held."""
+        w = self._words
+        if rc == errno.EBUSY:
+            rc = lib.pthread_mutex_lock(self._m)
+            if rc in (0, errno.EOWNERDEAD):
+                w[self._w + _W_WAITS] += 1
+        if rc == errno.EOWNERDEAD:
+            self._owner_died()
+        elif rc:
+            self._failed(rc)
 
     def __exit__(
         self,
@@ -156,12 +170,14 @@ class SharedMutex:
         w = self._words
         w[self._w + _W_OWNER_DIED] += 1
         dead = w[self._w + _W_HOLDER]
+        # Hot paths lock inline without recording themselves, so the pid may be unknown.
+        who = f"process {dead}" if dead else "a process"
         try:
             if self._repair is None:
                 raise RunRecovery("nothing can repair what it protects")
             self._repair()
         except BaseException as err:
-            reason = f"process {dead} died holding mutex {self.name} and it could not be repaired"
+            reason = f"{who} died holding mutex {self.name} and it could not be repaired"
             if self._panic is not None:
                 self._panic(reason)
             # Marking it consistent before unlocking keeps the mutex usable for the processes
@@ -195,11 +211,18 @@ class NullMutex:
 
     __slots__ = ("name",)
 
+    #: No pthread mutex: hot paths that lock inline skip the call.
+    ptr = None
+    nowait_index = 0
+
     def __init__(self, name: str) -> None:
         self.name = name
 
     def initialize(self) -> None:
         """Nothing to initialise."""
+
+    def acquire_contended(self, rc: int) -> None:
+        """Never called: a private region has no pthread mutex to contend for."""
 
     def __enter__(self) -> None:
         return None
