@@ -21,6 +21,6 @@ class OptionalBuildExt(build_ext):
 
 kwargs = {}
 if os.environ.get("AIODBENV_NO_COMPILE") != "1":
-    kwargs["cffi_modules"] = ["aiodbenv/region/_pthread_build.py:ffibuilder"]
+    kwargs["cffi_modules"] = ["aiodbenv/_speedups_build.py:ffibuilder"]
 
 setup(cmdclass={"build_ext": OptionalBuildExt}, **kwargs)

@@ -53,7 +53,8 @@ DEFAULT_CACHE_SIZE = 256 * 1024
 MIN_CACHE_SIZE = 20 * 1024
 #: 1 TiB; beyond this a cache size is a typo, not a plan.
 MAX_CACHE_SIZE = 1 << 40
-MAX_NCACHE = 64
+#: Each cache is a region and region 1 is the environment's: at most MAX_REGIONS - 1.
+MAX_NCACHE = 31
 DEFAULT_PAGE_SIZE = 4096
 MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 65536

@@ -7,9 +7,10 @@ else is a few word reads on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any
 
@@ -98,13 +99,12 @@ class Env:
     opens its own, never one inherited through ``fork``.
     """
 
-    def __init__(self, core: EnvCore) -> None:
+    def __init__(self, core: EnvCore, pool: Pool) -> None:
         """Internal: use :meth:`Env.open`."""
         self._core = core
+        self._pool = pool
         self._pid = os.getpid()
-        types = {row[0]: row[1] for row in core.region_table()}
-        mpool = [r for r in core.regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
-        self._pool = Pool(core, mpool, shared=core.kind != KIND_PRIVATE)
+        self._closing: asyncio.Future[None] | None = None
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -143,11 +143,15 @@ class Env:
         also closes it at the end of the block.
 
         Raises :class:`~aiodbenv.errors.EnvNotFound` (no home, or no environment and no
-        ``create``), :class:`~aiodbenv.errors.ConfigError`,
-        :class:`~aiodbenv.errors.CorruptRegion`, :class:`~aiodbenv.errors.VersionMismatch`,
-        :class:`~aiodbenv.errors.RunRecovery` (panicked environment),
-        :class:`~aiodbenv.errors.Busy`, :class:`~aiodbenv.errors.PermissionDenied`,
-        :class:`~aiodbenv.errors.NoSpace` or :class:`~aiodbenv.errors.ShmKeyInUse`.
+        ``create``), :class:`~aiodbenv.errors.ConfigError` (a bad argument or ``DB_CONFIG``
+        line), :class:`~aiodbenv.errors.InvalidArgument` (joining with another ``region``,
+        a home that is not a directory), :class:`~aiodbenv.errors.CorruptRegion`,
+        :class:`~aiodbenv.errors.VersionMismatch`, :class:`~aiodbenv.errors.RunRecovery`
+        (panicked environment), :class:`~aiodbenv.errors.Busy`,
+        :class:`~aiodbenv.errors.TryAgain` (a creator still building after 30 s),
+        :class:`~aiodbenv.errors.PermissionDenied`, :class:`~aiodbenv.errors.NoSpace`,
+        :class:`~aiodbenv.errors.CacheFull` (no memory for the regions) or
+        :class:`~aiodbenv.errors.ShmKeyInUse`.
 
         Cancellation: the open is abandoned at once; the worker thread that creates or maps the
         regions finishes and its handle is then closed, so nothing stays open or counted.
@@ -189,16 +193,11 @@ class Env:
         def format_regions(regions: list[Region]) -> None:
             format_pool(regions[1:], settings, shared)
 
-        core = await run_owned(
-            lambda: open_environment(path, settings, create=create, extra=specs,
-                                     formatter=format_regions),
-            undo=_close_quietly,
+        core, pool = await run_owned(
+            lambda: _open_with_pool(path, settings, create, specs, format_regions),
+            undo=lambda opened: _close_quietly(opened[0]),
         )
-        try:
-            return cls(core)
-        except BaseException:
-            await run_owned(lambda: _close_quietly(core))
-            raise
+        return cls(core, pool)
 
     # -- the handle ---------------------------------------------------------------------------
 
@@ -256,18 +255,27 @@ class Env:
     async def close(self) -> None:
         """Close the handle: uncount it, detach every region, release the home.
 
-        Closing twice is harmless. A handle may be closed by another task than the one that
-        opened it. Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything)
-        if the environment was panicked while the handle was open, e.g. removed with force.
+        Every pool file this handle opened is closed first (no implied sync), except that a
+        private environment's dirty pages are written, since no other process could ever
+        write them. Closing twice, or from two tasks at once, is harmless: later calls wait
+        for the first. A handle may be closed by another task than the one that opened it.
+        Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything) if the
+        environment was panicked while the handle was open, e.g. removed with force.
 
-        Cancellation: the handle is closed all the same; the detaching finishes in its worker
-        thread after the ``CancelledError`` is raised.
+        Cancellation: the handle is closed all the same; the closing goes on in the background
+        after the ``CancelledError`` is raised.
         """
         if os.getpid() != self._pid:
             raise ForkedProcessError(
                 f"environment handle of process {self._pid} closed in forked process "
                 f"{os.getpid()}; the child must not close the parent's handle"
             )
+        if self._closing is None:
+            # Concurrent closes share one closing: the second waits for the first.
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         core = self._core
         if core.closed:
             return
@@ -312,6 +320,25 @@ class Env:
         """
         path = resolve_home(home)
         await run_owned(lambda: remove_environment(path, force=force))
+
+
+def _open_with_pool(
+    path: str,
+    settings: Settings,
+    create: bool,
+    specs: list[RegionSpec],
+    formatter: Callable[[list[Region]], None],
+) -> tuple[EnvCore, Pool]:
+    """Open the environment and attach its pool, in a worker thread: attaching builds one
+    object per hash bucket, which would stall the event loop for a large cache."""
+    core = open_environment(path, settings, create=create, extra=specs, formatter=formatter)
+    try:
+        types = {row[0]: row[1] for row in core.region_table()}
+        mpool = [r for r in core.regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
+        return core, Pool(core, mpool, shared=core.kind != KIND_PRIVATE)
+    except BaseException:
+        _close_quietly(core)
+        raise
 
 
 def _close_quietly(core: EnvCore) -> None:

@@ -90,7 +90,13 @@ class ConfigError(InvalidArgument):
         self.lineno = lineno
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (ConfigError, (self.message,))
+        return (_rebuild_config, (self.message, self.path, self.lineno))
+
+
+def _rebuild_config(message: str, path: str | None, lineno: int | None) -> ConfigError:
+    err = ConfigError(message)
+    err.path, err.lineno = path, lineno
+    return err
 
 
 class ForkedProcessError(InvalidArgument):

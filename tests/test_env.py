@@ -371,3 +371,33 @@ async def test_full_disk_is_enospc_not_sigbus(home: str) -> None:
     finally:
         subprocess.run(["umount", disk], check=True)
         os.rmdir(disk)
+
+
+async def test_concurrent_closes_of_one_handle(home: str) -> None:
+    for _ in range(20):
+        env = await aiodbenv.Env.open(home, create=True)
+        await asyncio.gather(env.close(), env.close(), env.close())
+        assert env.closed
+    async with aiodbenv.Env.open(home) as env:
+        assert env.stat().handles == 1  # no close was counted twice
+    await aiodbenv.Env.remove(home)
+
+
+async def test_forked_child_does_not_keep_the_environment_busy(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child inherits the handle's descriptors, then just waits
+        os.write(w, b"x")  # fork's after-in-child hooks have run by now
+        time.sleep(30)
+        os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"x"
+        await env.close()
+        await aiodbenv.Env.remove(home)  # not Busy: the child dropped the inherited home lock
+        assert not os.listdir(home)
+    finally:
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -186,10 +186,11 @@ def test_backend_is_the_one_asked_for() -> None:
 
 @pytest.mark.skipif(os.environ.get("AIODBENV_MUTEX") == "abi", reason="already the ABI run")
 def test_suite_passes_with_the_abi_fallback() -> None:
-    """Runs the mutex and environment tests again with AIODBENV_MUTEX=abi."""
+    """Runs the mutex, environment and pool tests again with AIODBENV_MUTEX=abi: the ABI
+    binding of pthread, and the pure-Python hit and unpin paths of the pool."""
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         "tests/test_mutex.py", "tests/test_env.py"],
+         "tests/test_mutex.py", "tests/test_env.py", "tests/test_pool.py"],
         cwd=REPO, env={**os.environ, "AIODBENV_MUTEX": "abi"},
         capture_output=True, text=True, timeout=600,
     )

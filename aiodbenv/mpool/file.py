@@ -1,11 +1,14 @@
 """``PoolFile``: a file opened into the pool (memp_fopen), and page access on it.
 
 The hit path (:meth:`PoolFile._pin_hit`) is synchronous: hash, lock one bucket, find the
-buffer, count the pin, slice a memoryview. Only a miss awaits: a frame, then the read.
+buffer, count the pin, slice a memoryview. Only a miss awaits: a frame, then the read. The
+bucket search of a hit and the bookkeeping of an unpin run in C when the compiled accelerator
+is installed (``aiodb_pin_hit``, ``aiodb_unpin``) and in Python otherwise; both do the same.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 from typing import TYPE_CHECKING
 
@@ -16,6 +19,7 @@ from ..errors import (
     PermissionDenied,
 )
 from .layout import BH, BH_DIRTY, BH_READING, FF_NO_MMAP
+from ..region.mutex import ffi, speedups
 from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
@@ -53,6 +57,17 @@ _FS_HIT = _FS["cache_hit"]
 _FS_MISS = _FS["cache_miss"]
 _FS_MAP = _FS["map"]
 _HS_EXTRA = _HS["hash_examined_extra"]
+
+# The compiled accelerator, when installed, does the bucket work of hits and unpins.
+if speedups is not None:
+    speedups.aiodb_set_layout(ffi.new("uint64_t[]", [
+        H_NEXT, H_FILE, H_PGNO, H_REF, H_FLAGS, H_PRIO, B_HEAD, B_DIRTY, C_LRU, C_BUFFERS,
+        BH_READING, BH_DIRTY, PAGE_DIRTY, PAGE_CLEAN, PAGE_DISCARD,
+    ]), 15)
+    _c_pin_hit = speedups.aiodb_pin_hit
+    _c_unpin = speedups.aiodb_unpin
+else:
+    _c_pin_hit = _c_unpin = None
 _HS_LONG = _HS["hash_longest"]
 
 
@@ -109,6 +124,7 @@ class PoolFile:
         self._panic_w = pool._panic_words
         self._panic_i = pool._panic_index
         self._fs_hit = self._fs + _FS_HIT
+        self._examined = ffi.new("uint64_t[1]")
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -186,11 +202,11 @@ class PoolFile:
             raise InvalidArgument(f"page number must be a non-negative int, not {pgno!r}")
         return await self._pin(pgno, MODE_CREATE if create else MODE_GET)
 
-    def _pin_hit(self, pgno: int) -> Page | None:
+    def _pin_hit_py(self, pgno: int) -> Page | None:
         """Pin ``pgno`` if it is cached and readable; None sends the caller to the slow path.
 
         The bucket mutex is taken inline (trylock, count a no-wait, unlock) rather than through
-        ``with``: this is the hottest path in the library.
+        ``with``: this is the hottest path in the library. :meth:`_pin_hit_c` is the same in C.
         """
         if not self._hot or self._panic_w[self._panic_i]:
             return None
@@ -233,6 +249,41 @@ class PoolFile:
         page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, off)
         self._pins.add(page)
         return page
+
+    def _pin_hit_c(self, pgno: int) -> Page | None:
+        """:meth:`_pin_hit_py` with the bucket search done by the compiled accelerator."""
+        if not self._hot or self._panic_w[self._panic_i]:
+            return None
+        h = (pgno * 0x9E3779B1 + self._fidx * 509) & 0xFFFFFFFFFFFF
+        ncache = self._ncache
+        cache = self._caches[h % ncache] if ncache > 1 else self._cache0
+        b = (h // ncache) % cache.nbuckets
+        ex = self._examined
+        off = _c_pin_hit(cache.wptr, cache.mptrs[b], cache.nowait_words[b],
+                         cache.bucket_words[b] + B_HEAD, pgno, self._tag, ex)
+        if off <= 0:
+            if off == -errno.EOWNERDEAD:
+                self._owner_died(cache, b)
+            return None  # not cached, being read, or contended: the slow path sorts it out
+        self._w0[self._fs_hit] += 1
+        if ex[0] > 1:
+            self._count_examined(ex[0])
+        start = off + _BH_DATA
+        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, off)
+        self._pins.add(page)
+        return page
+
+    #: The hit path in use: compiled when the accelerator is installed, else Python.
+    _pin_hit = _pin_hit_c if speedups is not None else _pin_hit_py
+
+    @staticmethod
+    def _owner_died(cache: Cache, b: int) -> None:
+        # The compiled trylock found the holder dead and left the mutex held: repair (or
+        # panic, which raises) the Python way, then let go so the slow path can lock it.
+        mx = cache.mutexes[b]
+        mx.acquire_contended(errno.EOWNERDEAD)
+        if mx.ptr is not None:
+            _unlock(mx.ptr)
 
     def _count_examined(self, examined: int) -> None:
         w0 = self._w0
@@ -436,9 +487,27 @@ class PoolFile:
         cache = page._cache
         if cache is None:  # a mapped page: nothing in the cache to release
             return
+        b = page._bucket
+        if _c_unpin is not None:
+            r = _c_unpin(cache.wptr, cache.mptrs[b], cache.nowait_words[b], bh >> 3,
+                         cache.bucket_words[b], cache.hdr, flags)
+            if r == 1:
+                self._pool._frame_released()
+                return
+            if r == 0:
+                return
+            if r == 2:
+                self._pool._panic_unpinned(page.pgno)
+            if r == -errno.EOWNERDEAD:
+                self._owner_died(cache, b)
+            # contended (or repaired): do it the Python way, which blocks for the mutex
+        self._release_py(page, cache, b, bh, flags)
+
+    def _release_py(self, page: Page, cache: Cache, b: int, bh: int, flags: int) -> None:
+        """Drop one pin of buffer ``bh`` with PAGE_* ``flags`` (the Python form of the
+        compiled ``aiodb_unpin``)."""
         w = cache.words
         x = bh >> 3
-        b = page._bucket
         mx = cache.mutexes[b]
         p = mx.ptr
         if p is not None:
@@ -521,4 +590,5 @@ class PoolFile:
 
     def __repr__(self) -> str:
         return f"<PoolFile {self._path!r} page_size={self.page_size}>"
+
 

@@ -173,8 +173,9 @@ class Pool:
         self._pid = os.getpid()
         self._files: set[PoolFile] = set()
         self._registry: dict[int, tuple[PageIn | None, PageOut | None]] = {}
-        self._limiter = anyio.CapacityLimiter(IO_THREADS)
-        self._reader = _ReadBatcher(self._limiter)
+        # Made on first use: a pool is built in a worker thread, where anyio objects cannot be.
+        self._limiter_obj: anyio.CapacityLimiter | None = None
+        self._reader_obj: _ReadBatcher | None = None
         self._wfds: dict[int, int] = {}  # file slot -> descriptor opened here for writing
         self._no_nowait: set[int] = set()  # descriptors whose filesystem refuses RWF_NOWAIT
         self._changed: asyncio.Event | None = None
@@ -186,6 +187,19 @@ class Pool:
         self.wait_timeout = 30.0
 
     # -- basics -------------------------------------------------------------------------------
+
+    @property
+    def _limiter(self) -> anyio.CapacityLimiter:
+        """The pool's worker threads: at most IO_THREADS of its I/O calls run at once."""
+        if self._limiter_obj is None:
+            self._limiter_obj = anyio.CapacityLimiter(IO_THREADS)
+        return self._limiter_obj
+
+    @property
+    def _reader(self) -> _ReadBatcher:
+        if self._reader_obj is None:
+            self._reader_obj = _ReadBatcher(self._limiter)
+        return self._reader_obj
 
     def _check(self) -> None:
         if os.getpid() != self._pid:

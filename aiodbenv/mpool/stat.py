@@ -138,7 +138,8 @@ def pool_stat(core: PoolCore) -> PoolStat:
         rw_evict=g["rw_evict"],
         hash_buckets=core.total_buckets,
         hash_searches=searches,
-        hash_longest=g["hash_longest"],
+        # Only chains longer than one entry are recorded on the hot path.
+        hash_longest=max(g["hash_longest"], 1 if searches else 0),
         hash_examined=searches + g["hash_examined_extra"],
         pages=pages,
         page_clean=pages - dirty,

@@ -27,7 +27,7 @@ from ..errors import CacheFull, InvalidArgument
 from ..region.alloc import Allocator
 from ..region.backing import Region
 from ..region.layout import ALLOC_CHUNK, REGION_HEADER, REGION_TYPE_MPOOL, WORD
-from ..region.mutex import NullMutex, SharedMutex
+from ..region.mutex import NullMutex, SharedMutex, ffi
 from .layout import (
     BH,
     BH_DIRTY,
@@ -147,7 +147,7 @@ class Cache:
 
     __slots__ = (
         "index", "region", "words", "buf", "nbuckets", "bucket_words", "mutexes", "allocator",
-        "alloc_mutex", "hdr",
+        "alloc_mutex", "hdr", "wptr", "mptrs", "nowait_words",
     )
 
     def __init__(
@@ -178,6 +178,11 @@ class Cache:
         else:
             self.mutexes = [NullMutex(f"bucket {b}") for b in range(nb)]
             self.alloc_mutex = NullMutex("allocator")
+        # For the compiled hot path: the region as words, each bucket's mutex (NULL when
+        # private) and the word of its no-wait counter.
+        self.wptr = ffi.cast("uint64_t *", region.base)
+        self.mptrs = [m.ptr if m.ptr is not None else ffi.NULL for m in self.mutexes]
+        self.nowait_words = [m.nowait_index for m in self.mutexes]
 
     def _repair_bucket_factory(self, b: int) -> Callable[[], None]:
         def repair() -> None:

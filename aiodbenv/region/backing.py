@@ -9,7 +9,7 @@
 
 All three give the same thing: ``buf`` (the region's bytes), ``words`` (the same memory as
 8-byte words) and ``base`` (a cffi pointer for the mutexes). Nothing here knows what the region
-holds; the header is written and checked by :mod:`aiodbenv.region.env_region`.
+holds; the header is written and checked by :mod:`aiodbenv.region.environment`.
 
 Every function here is blocking and runs in a worker thread.
 """

@@ -30,6 +30,7 @@ import secrets
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -176,12 +177,25 @@ class EnvStat:
 # -- home directory lock ----------------------------------------------------------------------
 
 
+_home_locks: weakref.WeakSet[HomeLock] = weakref.WeakSet()
+
+
+def _forget_home_locks_in_child() -> None:
+    # A forked child inherits the locked descriptors; it cannot use the parent's handles, and
+    # holding the locks would keep the environment "in use" after the parent closes it.
+    for lock in list(_home_locks):
+        lock.release()
+
+
+os.register_at_fork(after_in_child=_forget_home_locks_in_child)
+
+
 class HomeLock:
     """A ``flock`` on the home directory: shared per handle, exclusive for private handles and
     for remove. Released by the kernel when a process dies, so it tells the live from the dead.
     """
 
-    __slots__ = ("_fd",)
+    __slots__ = ("_fd", "__weakref__")
 
     def __init__(self, home: str, *, exclusive: bool, wait: float) -> None:
         try:
@@ -193,6 +207,7 @@ class HomeLock:
         while True:
             try:
                 fcntl.flock(self._fd, op)
+                _home_locks.add(self)
                 return
             except BlockingIOError:
                 if time.monotonic() >= deadline:
@@ -918,7 +933,9 @@ def _remove_locked(home: str, force: bool) -> None:
                         f"{path1} holds no complete environment; remove with force"
                     ) from None
                 raise
-            logger.warning("removing unreadable environment %s: %s", home, err)
+            reason = str(err) or "no complete environment"
+            logger.warning("removing unreadable environment %s: %s", home, reason)
+            _panic_what_remains(home, fd)
         finally:
             os.close(fd)
     table: list[tuple[int, int, int, int, int]] = []
@@ -949,6 +966,41 @@ def _remove_locked(home: str, force: bool) -> None:
             pass
 
 
+def _panic_what_remains(home: str, fd: int) -> None:
+    """Force-removing an environment that cannot be fully attached: if region 1 still can be,
+    panic it (so open handles learn) and remove the segments its table lists."""
+    try:
+        size = os.fstat(fd).st_size
+        if size == SHM_REF.size:
+            rec = _io.pread(fd, SHM_REF.size, 0)
+            if _word(rec, _S["magic"]) != SHM_REF_MAGIC:
+                return
+            env_id = _word(rec, _S["env_id"])
+            r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]),
+                                      env_id, _word(rec, _S["shm_key"]))
+        elif size >= REGION_HEADER.size + ENV_HEADER.size:
+            r1 = attach_file_region(os.path.join(home, region_file_name(1)), 1, size, fd=fd)
+            env_id = r1.header("env_id")
+        else:
+            return  # too short to hold anything: nothing to panic
+    except (AiodbenvError, OSError):
+        _remove_orphan_segments(fd)
+        return
+    try:
+        if r1.header("magic") == REGION_MAGIC and r1.header("env_id") == env_id:
+            r1.words[_ENV_BASE + _E["panic"]] = 1
+            table = _read_region_table(r1.words)
+        else:
+            table = []
+        kind = r1.kind
+    finally:
+        r1.close()
+    if kind == KIND_SYSTEM:
+        for _rid, _t, _size, _key, shm_id in table:
+            remove_system_segment(shm_id, env_id)
+        _remove_orphan_segments(fd)
+
+
 def _remove_orphan_segments(fd: int) -> None:
     try:
         if os.fstat(fd).st_size != SHM_REF.size:
@@ -958,8 +1010,10 @@ def _remove_orphan_segments(fd: int) -> None:
         return
     if _word(rec, _S["magic"]) != SHM_REF_MAGIC:
         return
+    # From region 1: whichever segment is missing, the others are found by key (and only
+    # removed if they carry this environment's id).
     remove_system_segments_by_key(_word(rec, _S["shm_key"]), _word(rec, _S["env_id"]),
-                                  2, MAX_REGIONS - 1)
+                                  1, MAX_REGIONS)
 
 
 def _join_for_remove(home: str, fd: int) -> list[Region]:

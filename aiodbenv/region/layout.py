@@ -182,7 +182,7 @@ ENV_HEADER = Layout(
         ("mmap_size", 1),
         ("shm_key", 1),
         ("mode", 1),
-        ("flags", 1),  # ENV_FLAG_* bits from aiodbenv._config
+        ("flags", 1),  # FLAG_BITS of aiodbenv._config
         ("mutex", MUTEX_SLOT),  # protects refcnt, opens and the region table
         ("regions", REGION_ENTRY.size // WORD * MAX_REGIONS),
     ],

@@ -7,10 +7,11 @@ mutex, and a holder killed with SIGKILL cannot wedge the others: the next locker
 structure whole again the mutex is marked consistent and the locker carries on, otherwise the
 environment is panicked and :class:`~aiodbenv.errors.RunRecovery` is raised.
 
-The pthread calls are bound with cffi, one ``lib`` and two ways to get it: a module compiled at
-install time when a C compiler was present (~0.2 µs per lock+unlock), else ABI mode over libc
-(~0.5 µs). Setting ``AIODBENV_MUTEX=abi`` forces the fallback; :data:`BACKEND` says which is in
-use. Robust mutexes belong to the thread that locked them: lock and unlock on one OS thread, and
+The pthread calls are bound with cffi, one ``lib`` and two ways to get it: the accelerator
+module :mod:`aiodbenv._speedups`, compiled at install time when a C compiler was present
+(~0.2 µs per lock+unlock), else ABI mode over libc (~0.5 µs). Setting ``AIODBENV_MUTEX=abi``
+forces the fallback and with it every pure-Python path; :data:`BACKEND` says which is in use,
+and :data:`speedups` is the compiled ``lib`` (with the pool's hot-path helpers) or None. Robust mutexes belong to the thread that locked them: lock and unlock on one OS thread, and
 never hold one across an ``await``.
 
 Private environments need no cross-process exclusion and use :class:`NullMutex`.
@@ -25,20 +26,22 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from ..errors import RunRecovery
-from . import _pthread_cdef as cdef
+from . import pthread_cdef as cdef
 from .layout import MUTEX_SLOT, WORD
 
-__all__ = ["BACKEND", "Mutex", "NullMutex", "SharedMutex", "ffi", "lib", "trylock", "unlock"]
+__all__ = [
+    "BACKEND", "Mutex", "NullMutex", "SharedMutex", "ffi", "lib", "speedups", "trylock", "unlock",
+]
 
 
 def _load() -> tuple[Any, Any, str]:
     if os.environ.get("AIODBENV_MUTEX", "").lower() != "abi":
         try:
-            from . import _pthread_c  # type: ignore[attr-defined]
+            from .. import _speedups  # type: ignore[attr-defined]
         except ImportError:
             pass
         else:
-            return _pthread_c.ffi, _pthread_c.lib, "compiled"
+            return _speedups.ffi, _speedups.lib, "compiled"
     import cffi
 
     abi_ffi = cffi.FFI()
@@ -52,6 +55,8 @@ def _load() -> tuple[Any, Any, str]:
 
 
 ffi, lib, BACKEND = _load()
+#: The compiled module's lib when it is in use (it also has the pool's hot-path helpers).
+speedups: Any = lib if BACKEND == "compiled" else None
 
 #: ``trylock(ptr)`` and ``unlock(ptr)`` on a :attr:`SharedMutex.ptr`, for hot paths that lock
 #: inline: ``if trylock(p): m.acquire_contended(rc)``, count ``nowait_index``, ``unlock(p)``.

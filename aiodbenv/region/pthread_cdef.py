@@ -1,4 +1,4 @@
-"""The pthread calls aiodbenv binds, shared by the compiled module and the ABI fallback.
+"""The pthread calls aiodbenv binds, shared by the compiled accelerator and the ABI fallback.
 
 Mutexes and attributes are passed as ``void *`` to opaque storage, so no C struct layout is
 written down here: the compiled module checks the real sizes at build time, the ABI fallback

@@ -1,0 +1,347 @@
+"""Build and run the Berkeley DB 5.3 mpool speed anchor (bdb_mpool.c).
+
+Library use::
+
+    from benchmarks.anchors.build import run_anchor
+    r = run_anchor(["hot", "--region", "file", "--cache-mb", "128",
+                    "--file-mb", "64", "--ops", "2000000", "--pattern", "random"])
+    r["ns_per_op"]
+
+Command line::
+
+    python benchmarks/anchors/build.py --build            # build only, print the binary path
+    python benchmarks/anchors/build.py --selftest         # every workload at a tiny size
+    python benchmarks/anchors/build.py --zipf-trace OUT --pages 20000 --refs 500000
+    python benchmarks/anchors/build.py run -- hot --cache-mb 128 --file-mb 64 --ops 2000000
+
+The binary is cached in benchmarks/.build/ and rebuilt when the source, the compiler
+or the flags change.  ``run_anchor`` supplies a temporary ``--dir`` when none is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import bisect
+import glob
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "bdb_mpool.c"
+BUILD_DIR = HERE.parent / ".build"
+BINARY = BUILD_DIR / "bdb_mpool"
+STAMP = BUILD_DIR / "bdb_mpool.stamp"
+
+CFLAGS = ["-O2", "-Wall", "-Wextra"]
+LIB_NAME = "db-5.3"
+APT_PACKAGE = "libdb5.3-dev"
+HEADER = Path("/usr/include/db.h")
+LIB_GLOBS = (
+    "/usr/lib/*/libdb-5.3.so",
+    "/usr/lib/libdb-5.3.so",
+    "/usr/lib64/libdb-5.3.so",
+)
+
+
+class AnchorError(RuntimeError):
+    """The anchor could not be built, or a run failed."""
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _libdb_present() -> bool:
+    if not HEADER.exists():
+        return False
+    try:
+        text = HEADER.read_text(errors="replace")
+    except OSError:
+        return False
+    if "DB_VERSION_MAJOR\t5" not in text and "DB_VERSION_MAJOR 5" not in text:
+        return False
+    return any(glob.glob(pattern) for pattern in LIB_GLOBS)
+
+
+def _apt_install(package: str) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode == 0:
+        return
+    subprocess.run(["apt-get", "update"], env=env, capture_output=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AnchorError(f"apt-get install {package} failed:\n{proc.stderr[-2000:]}")
+
+
+def ensure_libdb() -> None:
+    """Make sure Berkeley DB 5.3's headers and library are installed.
+
+    Installs libdb5.3-dev with apt-get when running as root; otherwise raises
+    AnchorError saying what to install.
+    """
+    if _libdb_present():
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        _apt_install(APT_PACKAGE)
+        if _libdb_present():
+            return
+        raise AnchorError(
+            f"{APT_PACKAGE} was installed but {HEADER} / libdb-5.3.so are still missing"
+        )
+    raise AnchorError(
+        f"Berkeley DB 5.3 development files are missing ({HEADER}, libdb-5.3.so). "
+        f"Install them as root: apt-get install -y {APT_PACKAGE}"
+    )
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and shutil.which(name):
+            return name
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        _apt_install("gcc")
+        if shutil.which("gcc"):
+            return "gcc"
+    raise AnchorError("no C compiler found (install gcc)")
+
+
+def _stamp(cc: str) -> str:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    h.update("\0".join([cc, version, *CFLAGS, LIB_NAME]).encode())
+    return h.hexdigest()
+
+
+def build(force: bool = False) -> Path:
+    """Compile bdb_mpool.c into benchmarks/.build/ (if needed) and return the binary."""
+    ensure_libdb()
+    cc = _compiler()
+    stamp = _stamp(cc)
+    if (
+        not force
+        and BINARY.exists()
+        and STAMP.exists()
+        and STAMP.read_text().strip() == stamp
+    ):
+        return BINARY
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = BUILD_DIR / f".bdb_mpool.{os.getpid()}"
+    cmd = [cc, *CFLAGS, "-o", str(tmp), str(SOURCE), f"-l{LIB_NAME}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise AnchorError(f"compile failed: {' '.join(cmd)}\n{proc.stderr}")
+    os.replace(tmp, BINARY)
+    STAMP.write_text(stamp + "\n")
+    return BINARY
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_anchor(
+    args: Sequence[str], timeout: float = 900.0, check: bool = True
+) -> dict[str, Any]:
+    """Run one workload of the anchor and return its JSON object.
+
+    ``args`` is the argument list after the program name, e.g.
+    ``["hot", "--cache-mb", "128", ...]``.  When it has no ``--dir``, a fresh
+    temporary directory is used and removed afterwards.  With ``check`` (the
+    default) a failed run raises AnchorError; otherwise its ``{"ok": false,
+    ...}`` object is returned.
+    """
+    binary = build()
+    argv = [str(binary), *map(str, args)]
+    tmpdir = None
+    if "--dir" not in argv:
+        tmpdir = tempfile.mkdtemp(prefix="bdb_anchor.")
+        argv += ["--dir", os.path.join(tmpdir, "work")]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AnchorError(f"timed out after {timeout}s: {' '.join(argv)}") from exc
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    result: dict[str, Any] | None = None
+    if lines:
+        try:
+            result = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            result = None
+    if result is None:
+        raise AnchorError(
+            f"no JSON from {' '.join(argv)} (exit {proc.returncode})\n"
+            f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}"
+        )
+    if check and (proc.returncode != 0 or not result.get("ok")):
+        raise AnchorError(
+            f"{' '.join(argv)} failed: {result.get('error')}\nstderr: {proc.stderr[-2000:]}"
+        )
+    if proc.stderr.strip():
+        result.setdefault("stderr", proc.stderr[-2000:])
+    return result
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def zipf_trace(
+    npages: int, nrefs: int, theta: float = 0.99, seed: int = 1, scramble: bool = True
+) -> list[int]:
+    """``nrefs`` page numbers in [0, npages) drawn from Zipf(theta) over ranks.
+
+    Rank r (0-based) has weight 1 / (r + 1) ** theta.  With ``scramble`` the
+    ranks are mapped to page numbers through a seeded permutation, so hot pages
+    are spread over the file instead of being pages 0, 1, 2, ...
+    """
+    rng = random.Random(seed)
+    cum = list(itertools.accumulate(1.0 / (r + 1) ** theta for r in range(npages)))
+    total = cum[-1]
+    ranks = [bisect.bisect_left(cum, rng.random() * total) for _ in range(nrefs)]
+    ranks = [min(r, npages - 1) for r in ranks]
+    if not scramble:
+        return ranks
+    perm = list(range(npages))
+    rng.shuffle(perm)
+    return [perm[r] for r in ranks]
+
+
+def write_trace(path: str | os.PathLike[str], pages: Sequence[int]) -> None:
+    """Write page numbers as little-endian u32, the format ``hitratio`` reads."""
+    arr = array.array("I", pages)
+    if arr.itemsize != 4:
+        arr = array.array("L", pages)
+    if sys.byteorder != "little":
+        arr.byteswap()
+    with open(path, "wb") as fh:
+        arr.tofile(fh)
+
+
+# ------------------------------------------------------------------------- selftest
+
+
+# bdb_mpool picks its default SysV keys in [0x5db00000, 0x5dc00000).
+SHM_KEY_RANGE = (0x5DB00000, 0x5DC00000)
+
+
+def _shm_keys() -> set[str]:
+    """Segments in the anchor's own key range (other processes' keys are ignored)."""
+    try:
+        out = subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout
+    except OSError:
+        return set()
+    keys = set()
+    for ln in out.splitlines():
+        if ln.startswith("0x"):
+            key = ln.split()[0]
+            if SHM_KEY_RANGE[0] <= int(key, 16) < SHM_KEY_RANGE[1]:
+                keys.add(key)
+    return keys
+
+
+def _brief(r: dict[str, Any]) -> str:
+    keys = (
+        "region", "pattern", "procs", "ns_per_op", "ops_per_sec", "total_ops_per_sec",
+        "timed_cache_miss", "st_cache_miss", "miss_ratio", "pages_written", "ms",
+        "mib_per_sec", "hits", "misses", "hit_ratio", "shm_segments_left",
+    )
+    return ", ".join(f"{k}={r[k]}" for k in keys if k in r)
+
+
+def selftest() -> int:
+    before = _shm_keys()
+    tmp = tempfile.mkdtemp(prefix="bdb_anchor_selftest.")
+    trace = os.path.join(tmp, "zipf.trace")
+    write_trace(trace, zipf_trace(2000, 20000, 0.99, seed=7))
+    small_hot = ["--cache-mb", "8", "--file-mb", "4", "--ops", "20000"]
+    cases: list[list[str]] = []
+    for region in ("file", "system", "private"):
+        for pattern in ("random", "seq"):
+            cases.append(["hot", "--region", region, "--pattern", pattern, *small_hot])
+    cases.append(["hot", "--region", "file", "--procs", "2", *small_hot])
+    cases.append(["hot", "--region", "system", "--procs", "2", *small_hot])
+    cases.append(["miss", "--cache-mb", "1", "--file-mb", "8", "--ops", "5000"])
+    cases.append(["miss", "--region", "system", "--cache-mb", "1", "--file-mb", "8",
+                  "--ops", "5000"])
+    cases.append(["sync", "--cache-mb", "8", "--dirty-mb", "4"])
+    cases.append(["trickle", "--cache-mb", "8", "--dirty-mb", "4", "--pct", "50"])
+    cases.append(["hitratio", "--cache-pages", "200", "--trace", trace,
+                  "--warmup", "2000"])
+    cases.append(["hitratio", "--region", "private", "--cache-pages", "200",
+                  "--trace", trace, "--warmup", "2000"])
+    failed = 0
+    try:
+        for i, case in enumerate(cases):
+            workdir = os.path.join(tmp, f"w{i}")
+            try:
+                r = run_anchor([*case, "--dir", workdir], timeout=300)
+                ok = r.get("ok") is True and r.get("shm_segments_left", 0) == 0
+                if case[0] == "hot" and r.get("timed_cache_miss", 0):
+                    ok = False
+                if os.path.exists(workdir):
+                    ok = False
+                    print(f"   work directory not removed: {workdir}")
+            except AnchorError as exc:
+                ok, r = False, {"error": str(exc)}
+            failed += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {' '.join(case)}\n     {_brief(r) or r}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    passed = len(cases) - failed
+    leaked = _shm_keys() - before
+    if leaked:
+        failed += 1
+        print(f"FAIL SysV segments left behind: {sorted(leaked)}")
+    print(f"selftest: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        rest = argv[1:]
+        if rest and rest[0] == "--":
+            rest = rest[1:]
+        r = run_anchor(rest, check=False)
+        print(json.dumps(r))
+        return 0 if r.get("ok") else 1
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build", action="store_true", help="build (if needed), print path")
+    ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    ap.add_argument("--selftest", action="store_true", help="run every workload, tiny")
+    ap.add_argument("--zipf-trace", metavar="OUT", help="write a zipf trace file")
+    ap.add_argument("--pages", type=int, default=20000)
+    ap.add_argument("--refs", type=int, default=500000)
+    ap.add_argument("--theta", type=float, default=0.99)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-scramble", action="store_true",
+                    help="hot pages are 0,1,2,... instead of spread over the file")
+    ns = ap.parse_args(argv)
+    if ns.zipf_trace:
+        write_trace(ns.zipf_trace, zipf_trace(ns.pages, ns.refs, ns.theta, ns.seed,
+                                              not ns.no_scramble))
+        print(ns.zipf_trace)
+    if ns.build or ns.force:
+        print(build(force=ns.force))
+    if ns.selftest:
+        return selftest()
+    if not (ns.zipf_trace or ns.build or ns.force or ns.selftest):
+        ap.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
