@@ -421,3 +421,15 @@ async def test_private_and_shared_kinds_serve_pages(home: str, shm_key: int, kin
                     assert p.data[0] == i
     await aiodbenv.Env.remove(home)
     os.remove(os.path.join(home, "k.db"))
+
+
+async def test_a_view_kept_past_unpin_does_not_break_close(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True)
+    f = await env.pool.open_file("v.db", create=True)
+    async with f.get(0, create=True) as page:
+        kept = page.data[0:16]  # a slice outlives the pin: a caller's bug, not a crash
+    await env.close()
+    assert len(kept) == 16
+    del kept
+    await aiodbenv.Env.remove(home)
+    os.remove(os.path.join(home, "v.db"))

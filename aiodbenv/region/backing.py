@@ -17,6 +17,7 @@ Every function here is blocking and runs in a worker thread.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import stat
@@ -50,6 +51,8 @@ __all__ = [
     "remove_system_segment",
     "remove_system_segments_by_key",
 ]
+
+logger = logging.getLogger("aiodbenv")
 
 _O_OPEN = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -86,7 +89,9 @@ class Region:
     def close(self) -> None:
         """Detach: release the views, then unmap or detach the memory and close descriptors.
 
-        Raises ``BufferError`` if a view into the region is still exported elsewhere.
+        If a view into the region outlived its page's pin (a slice of ``page.data`` kept by
+        the caller), the memory cannot be unmapped yet: it is left to be freed with the last
+        such view, and a warning is logged; descriptors are closed either way.
         """
         ffi.release(self.base)
         self.words.release()
@@ -99,6 +104,15 @@ class Region:
 
     def __repr__(self) -> str:
         return f"<Region {self.region_id} {self.size} bytes at {self.backing}>"
+
+
+def _close_exported(close: Callable[[], None], what: str) -> None:
+    try:
+        close()
+    except BufferError:
+        logger.warning(
+            "%s: a view of a page outlived its pin; the memory is freed with the last view", what
+        )
 
 
 def _os_error(err: OSError, what: str) -> Exception:
@@ -150,8 +164,10 @@ def _map_fd(fd: int, path: str, region_id: int, size: int) -> Region:
         raise _os_error(err, f"mapping {path}") from err
 
     def closer() -> None:
-        mm.close()
-        os.close(fd)
+        try:
+            _close_exported(mm.close, path)
+        finally:
+            os.close(fd)
 
     return Region(region_id, KIND_FILE, mm, size, path, closer)
 
@@ -223,7 +239,9 @@ def _segment_is_ours(shm: Any) -> bool:
 
 def _system_region(shm: Any, region_id: int, size: int, key: int) -> Region:
     # shm.key is only right for segments found by key; attach() by id does not know it.
-    return Region(region_id, KIND_SYSTEM, shm, size, f"shm key {key:#x} id {shm.id}", shm.detach)
+    backing = f"shm key {key:#x} id {shm.id}"
+    return Region(region_id, KIND_SYSTEM, shm, size, backing,
+                  lambda: _close_exported(shm.detach, backing))
 
 
 def create_system_region(key: int, region_id: int, size: int, mode: int) -> Region:
@@ -361,4 +379,5 @@ def create_private_region(region_id: int, size: int) -> Region:
         mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError as err:
         raise _os_error(err, f"allocating a {size}-byte private region") from err
-    return Region(region_id, KIND_PRIVATE, mm, size, "heap", mm.close)
+    return Region(region_id, KIND_PRIVATE, mm, size, "heap",
+                  lambda: _close_exported(mm.close, "private region"))
