@@ -7,6 +7,19 @@ The public names are re-exported here; everything in underscore modules, and the
 from . import errors
 from ._config import Settings
 from ._env import Env, EnvOpener
+from ._workers import (
+    CheckpointSettings,
+    CheckpointWorker,
+    Health,
+    TrickleSettings,
+    TrickleWorker,
+    WorkerStatus,
+)
+from .mpool.file import PoolFile
+from .mpool.page import Page, PinContext
+from .mpool.pool import FileOpener, Pool
+from .mpool.stat import FileStat, PoolStat
+from .mpool.sync import SyncResult
 from .errors import (
     AiodbenvError,
     Busy,
@@ -36,6 +49,20 @@ __all__ = [
     "AllocStats",
     "Busy",
     "CacheFull",
+    "CheckpointSettings",
+    "CheckpointWorker",
+    "FileOpener",
+    "FileStat",
+    "Health",
+    "Page",
+    "PinContext",
+    "Pool",
+    "PoolFile",
+    "PoolStat",
+    "SyncResult",
+    "TrickleSettings",
+    "TrickleWorker",
+    "WorkerStatus",
     "ConfigError",
     "CorruptRegion",
     "Env",

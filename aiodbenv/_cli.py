@@ -1,20 +1,26 @@
-"""``python -m aiodbenv``: Berkeley DB's utilities in one entry point.
+"""``python -m aiodbenv`` (also the ``aiodbenv`` command): Berkeley DB's utilities in one
+entry point.
 
-``demo`` shows an environment shared between two processes; ``stat -e`` prints region
-statistics (as ``db_stat -e``); ``remove`` removes an environment (as ``DB_ENV->remove``).
-Errors are one line on stderr and a non-zero exit status.
+``demo`` shows an environment shared between two processes; ``stat -e``/``-m`` prints region
+or pool statistics (``db_stat``); ``checkpoint`` keeps an environment checkpointed
+(``db_checkpoint``), exiting cleanly on SIGTERM or SIGINT; ``watch`` shows live statistics;
+``remove`` removes an environment (``DB_ENV->remove``). Errors are one line on stderr and a
+non-zero exit status.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
+from typing import TextIO
 from collections.abc import Sequence
 
 from ._env import Env
@@ -101,6 +107,17 @@ def format_pool_stat(st: PoolStat) -> str:
         (st.region_nowait, "The number of region locks granted without waiting"),
         (st.alloc_waits, "Pins that waited for a free frame"),
         (st.sync_calls, "Sync calls"),
+        (_size(st.dirtied_bytes), "Bytes of pages unpinned dirty"),
+        (st.trickle_runs, "Trickle worker runs"),
+        (st.trickle_pages, "Pages written by the trickle worker"),
+        (st.trickle_write_calls, "Write calls by the trickle worker"),
+        (_size(st.trickle_bytes), "Bytes written by the trickle worker"),
+        (st.trickle_failures, "Trickle worker failures"),
+        (st.checkpoint_runs, "Checkpoints completed by a checkpoint worker"),
+        (st.checkpoint_pages, "Pages written by checkpoint workers"),
+        (st.checkpoint_write_calls, "Write calls by checkpoint workers"),
+        (_size(st.checkpoint_bytes), "Bytes written by checkpoint workers"),
+        (st.checkpoint_failures, "Checkpoint worker failures"),
     ]
     lines = [f"{str(v):<12}{text}" for v, text in rows]
     for f in st.files:
@@ -146,6 +163,114 @@ async def _stat(args: argparse.Namespace) -> int:
             out.append(_stat_json(ps) if args.json else format_pool_stat(ps))
     print("\n".join(out))
     return 0
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+class _Progress:
+    """One line, rewritten in place on a terminal; plain lines otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._last = 0.0
+
+    def update(self, text: str, *, final: bool = False) -> None:
+        if self._tty:
+            self._stream.write("\r\x1b[K" + text + ("\n" if final else ""))
+            self._stream.flush()
+        elif final or time.monotonic() - self._last > 5:
+            self._last = time.monotonic()
+            self._stream.write(text + "\n")
+            self._stream.flush()
+
+
+async def _checkpoint(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    out = _Progress(sys.stdout)
+    interval = args.p * 60.0
+    async with Env.open(args.h) as env:
+        if args.once:
+            result = await env.checkpoint()
+            out.update(f"checkpoint: {result.written} pages written, "
+                       f"{result.files_synced} files synced", final=True)
+            return 0
+
+        def progress(done: int, total: int) -> None:
+            out.update(f"checkpoint: {done}/{total} pages written")
+
+        worker = env.start_checkpoint(
+            interval, kbytes=args.k, completion_target=args.completion_target,
+            progress=progress)
+        out.update(f"checkpoint worker for {env.home}: every {interval:g} s"
+                   + (f" or {args.k} KiB dirtied" if args.k else "")
+                   + " (SIGTERM or Ctrl-C to stop)", final=True)
+        seen = 0
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            st = worker.status()
+            if st.runs != seen:
+                seen = st.runs
+                out.update(f"checkpoint {st.runs} complete: {st.pages} pages, "
+                           f"{_size(st.bytes)} written in all", final=True)
+            if st.consecutive_failures:
+                out.update(f"checkpoint failing ({st.consecutive_failures} in a row), "
+                           f"retrying in {st.backoff:.1f} s: {st.last_error}", final=True)
+        await env.stop_workers()
+        out.update("checkpoint worker stopped", final=True)
+        await env.close(nosync=True)  # stopping is not a reason to write more
+    return 0
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    tty = sys.stdout.isatty()
+    async with Env.open(args.h) as env:
+        rounds = 0
+        while not stop.is_set():
+            st, ps = env.stat(), env.pool.stat()
+            text = _watch_text(st, ps, env.health().last_checkpoint)
+            if tty:
+                sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+            else:
+                sys.stdout.write(text + "\n\n")
+            sys.stdout.flush()
+            rounds += 1
+            if args.count and rounds >= args.count:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.interval)
+    return 0
+
+
+def _watch_text(st: EnvStat, ps: PoolStat, checkpoint: float | None) -> str:
+    searches = ps.cache_hit + ps.cache_miss
+    ratio = f"{ps.cache_hit / searches:.1%}" if searches else "-"
+    when = time.strftime("%H:%M:%S", time.localtime(checkpoint)) if checkpoint else "never"
+    lines = [
+        f"aiodbenv {st.home}  ({st.kind}, {st.handles} handles)  {time.strftime('%H:%M:%S')}",
+        f"cache {_size(ps.cache_size)}: {ps.pages} pages, {ps.page_dirty} dirty, "
+        f"hit ratio {ratio} ({ps.cache_hit} hits, {ps.cache_miss} misses)",
+        f"pages in {ps.page_in}, created {ps.page_create}, out {ps.page_out} "
+        f"({_size(ps.bytes_out)} in {ps.write_calls} writes), evicted {ps.ro_evict} clean "
+        f"+ {ps.rw_evict} dirty",
+        f"trickle: {ps.trickle_pages} pages in {ps.trickle_runs} runs, "
+        f"{ps.trickle_failures} failures; checkpoints: {ps.checkpoint_runs} "
+        f"({ps.checkpoint_pages} pages, {_size(ps.checkpoint_bytes)}), "
+        f"{ps.checkpoint_failures} failures, last {when}",
+        f"locks: {ps.region_nowait} immediate, {ps.region_wait} waited",
+    ]
+    for f in ps.files:
+        lines.append(f"  {f.file_name or '(temporary)'}: {f.cache_hit} hits, {f.cache_miss} "
+                     f"misses, {f.page_out} pages out in {f.write_calls} writes")
+    return "\n".join(lines)
 
 
 async def _remove(args: argparse.Namespace) -> int:
@@ -232,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    handler = {"demo": _demo, "stat": _stat, "remove": _remove}[args.command]
+    handler = {"demo": _demo, "stat": _stat, "remove": _remove, "checkpoint": _checkpoint,
+               "watch": _watch}[args.command]
     try:
         return asyncio.run(handler(args))
     except AiodbenvError as err:
@@ -252,7 +378,9 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shm-key", type=int, default=0x41D8E0,
                    help="base System V key for --region system")
     for name, text in (("stat", "print statistics (db_stat)"),
-                       ("remove", "remove an environment (DB_ENV->remove)")):
+                       ("remove", "remove an environment (DB_ENV->remove)"),
+                       ("checkpoint", "keep an environment checkpointed (db_checkpoint)"),
+                       ("watch", "live statistics, refreshed in place")):
         sp = sub.add_parser(name, help=text, add_help=False)
         sp.add_argument("--help", action="help", help="show this help and exit")
         sp.add_argument("-h", metavar="HOME", default=None,
@@ -261,8 +389,22 @@ def _build_parser() -> argparse.ArgumentParser:
             sp.add_argument("-e", action="store_true", help="environment region statistics")
             sp.add_argument("-m", action="store_true", help="buffer pool statistics")
             sp.add_argument("--json", action="store_true", help="print JSON instead of text")
-        else:
+        elif name == "remove":
             sp.add_argument("-f", action="store_true",
                             help="force: panic open handles and remove anyway")
+        elif name == "checkpoint":
+            sp.add_argument("-p", type=float, default=1.0, metavar="MINUTES",
+                            help="checkpoint at least every MINUTES minutes (default 1)")
+            sp.add_argument("-k", type=int, default=None, metavar="KBYTES",
+                            help="also checkpoint once KBYTES KiB of pages were dirtied")
+            sp.add_argument("-1", dest="once", action="store_true",
+                            help="checkpoint once, now, and exit")
+            sp.add_argument("--completion-target", type=float, default=0.9, metavar="X",
+                            help="spread each checkpoint over this share of the interval")
+        else:
+            sp.add_argument("-i", "--interval", type=float, default=1.0, metavar="SECONDS",
+                            help="refresh every SECONDS seconds (default 1)")
+            sp.add_argument("-c", "--count", type=int, default=0, metavar="N",
+                            help="stop after N refreshes (default: until Ctrl-C)")
     return p
 

@@ -19,8 +19,19 @@ import aiofiles.os
 
 from ._config import Settings, apply_db_config, check_settings
 from ._threads import run_owned
+from ._workers import (
+    CheckpointSettings,
+    CheckpointWorker,
+    Health,
+    ProgressCallback,
+    TrickleSettings,
+    TrickleWorker,
+    last_checkpoint,
+    run_checkpoint,
+)
 from .errors import ConfigError, ForkedProcessError, InvalidArgument
 from .mpool.pool import Pool
+from .mpool.sync import SyncResult
 from .mpool.table import format_pool, pool_region_sizes
 from .region.backing import Region
 from .region.environment import (
@@ -105,6 +116,8 @@ class Env:
         self._pool = pool
         self._pid = os.getpid()
         self._closing: asyncio.Future[None] | None = None
+        self._trickle: TrickleWorker | None = None
+        self._checkpoint: CheckpointWorker | None = None
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -124,6 +137,8 @@ class Env:
         txn_nosync: bool = False,
         txn_write_nosync: bool = False,
         log_inmemory: bool = False,
+        trickle: int | TrickleSettings | None = None,
+        checkpoint: float | CheckpointSettings | None = None,
     ) -> EnvOpener:
         """Open the environment in ``home``, creating it if ``create`` and it does not exist.
 
@@ -138,6 +153,12 @@ class Env:
         joiner inherits the existing environment's and its own are ignored. A ``DB_CONFIG`` file
         in the home overrides these arguments line by line. ``mode`` is the exact permission of
         every region file and segment (the umask does not apply).
+
+        ``trickle`` starts a :class:`~aiodbenv.TrickleWorker` keeping that percentage of the
+        cache clean (or give :class:`~aiodbenv.TrickleSettings`); ``checkpoint`` starts a
+        :class:`~aiodbenv.CheckpointWorker` checkpointing every that many seconds (or give
+        :class:`~aiodbenv.CheckpointSettings`). Both belong to this handle and stop when it
+        closes.
 
         ``await Env.open(...)`` returns the :class:`Env`; ``async with Env.open(...) as env``
         also closes it at the end of the block.
@@ -160,6 +181,8 @@ class Env:
             dict(
                 home=home,
                 create=create,
+                trickle=_trickle_settings(trickle),
+                checkpoint=_checkpoint_settings(checkpoint),
                 settings=Settings(
                     region=region,
                     cache_size=cache_size,
@@ -178,7 +201,12 @@ class Env:
 
     @classmethod
     async def _open(
-        cls, home: str | os.PathLike[str] | None, create: bool, settings: Settings
+        cls,
+        home: str | os.PathLike[str] | None,
+        create: bool,
+        settings: Settings,
+        trickle: TrickleSettings | None = None,
+        checkpoint: CheckpointSettings | None = None,
     ) -> Env:
         if not isinstance(create, bool):
             raise InvalidArgument(f"create must be True or False, not {create!r}")
@@ -197,7 +225,12 @@ class Env:
             lambda: _open_with_pool(path, settings, create, specs, format_regions),
             undo=lambda opened: _close_quietly(opened[0]),
         )
-        return cls(core, pool)
+        env = cls(core, pool)
+        if trickle is not None:
+            env.start_trickle(trickle)
+        if checkpoint is not None:
+            env.start_checkpoint(checkpoint)
+        return env
 
     # -- the handle ---------------------------------------------------------------------------
 
@@ -235,6 +268,79 @@ class Env:
         self._check()
         return self._pool
 
+    # -- background workers -------------------------------------------------------------------
+
+    def start_trickle(
+        self, settings: int | TrickleSettings = 20, *, interval: float | None = None
+    ) -> TrickleWorker:
+        """Start this handle's trickle worker: keep ``settings`` percent (or
+        :class:`~aiodbenv.TrickleSettings`) of the cache clean. One per handle; across
+        processes one acts at a time. Stopped by :meth:`close` or :meth:`stop_workers`."""
+        self._check()
+        if self._trickle is not None and self._trickle.running:
+            raise InvalidArgument("this handle already runs a trickle worker")
+        s = _trickle_settings(settings)
+        assert s is not None
+        if interval is not None:
+            s = TrickleSettings(s.percent, interval, s.wake_pages)
+        self._trickle = TrickleWorker(self._pool, s)
+        self._trickle.start()
+        return self._trickle
+
+    def start_checkpoint(
+        self, settings: float | CheckpointSettings = 60.0, *, kbytes: int | None = None,
+        completion_target: float | None = None, progress: ProgressCallback | None = None,
+    ) -> CheckpointWorker:
+        """Start this handle's checkpoint worker: every ``settings`` seconds (or
+        :class:`~aiodbenv.CheckpointSettings`), or after ``kbytes`` KiB were dirtied, write
+        every dirty page and fsync, spread over ``completion_target`` of the interval.
+        ``progress(done, total)`` is called after each batch of a checkpoint. When the handle
+        closes, the worker stops and one final checkpoint runs (unless ``close(nosync=True)``).
+        """
+        self._check()
+        if self._checkpoint is not None and self._checkpoint.running:
+            raise InvalidArgument("this handle already runs a checkpoint worker")
+        s = _checkpoint_settings(settings)
+        assert s is not None
+        if kbytes is not None or completion_target is not None:
+            s = CheckpointSettings(
+                s.interval, kbytes if kbytes is not None else s.kbytes,
+                completion_target if completion_target is not None else s.completion_target,
+            )
+        self._checkpoint = CheckpointWorker(self._pool, s, progress)
+        self._checkpoint.start()
+        return self._checkpoint
+
+    async def stop_workers(self) -> None:
+        """Stop this handle's background workers (a write under way finishes first)."""
+        for worker in (self._trickle, self._checkpoint):
+            if worker is not None:
+                await worker.stop()
+
+    async def checkpoint(self, *, spread: float = 0.0) -> SyncResult:
+        """Checkpoint now: write every dirty page and fsync the files written, spreading the
+        writes over ``spread`` seconds; record it as the last complete checkpoint. Raises
+        :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages stayed pinned. Safe to
+        cancel: written pages are clean, the rest stay dirty."""
+        self._check()
+        return await run_checkpoint(self._pool, spread=spread)
+
+    def health(self) -> Health:
+        """Is this environment well? Not panicked, and no background worker's latest
+        attempt failed; with each worker's :class:`~aiodbenv.WorkerStatus` and the time of
+        the last complete checkpoint."""
+        if os.getpid() != self._pid:
+            raise ForkedProcessError("this environment handle belongs to another process")
+        panicked = self._core.panicked
+        workers = tuple(w.status() for w in (self._trickle, self._checkpoint) if w is not None)
+        return Health(
+            ok=not panicked and not self._core.closed and all(w.healthy for w in workers),
+            panicked=panicked,
+            last_checkpoint=None if self._core.closed or panicked else last_checkpoint(
+                self._pool),
+            workers=workers,
+        )
+
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
@@ -252,12 +358,14 @@ class Env:
         """
         return self._check().stat()
 
-    async def close(self) -> None:
+    async def close(self, *, nosync: bool = False) -> None:
         """Close the handle: uncount it, detach every region, release the home.
 
-        Every pool file this handle opened is closed first (no implied sync), except that a
-        private environment's dirty pages are written, since no other process could ever
-        write them. Closing twice, or from two tasks at once, is harmless: later calls wait
+        Background workers are stopped first, then every pool file this handle opened is
+        closed (no implied sync). If a checkpoint worker ran, one final checkpoint is taken,
+        and a private environment's dirty pages are written (no other process could ever
+        write them), unless ``nosync`` (``DB_NOSYNC``). A failed final write is raised after
+        the handle is closed. Closing twice, or from two tasks at once, is harmless: later calls wait
         for the first. A handle may be closed by another task than the one that opened it.
         Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything) if the
         environment was panicked while the handle was open, e.g. removed with force.
@@ -272,17 +380,22 @@ class Env:
             )
         if self._closing is None:
             # Concurrent closes share one closing: the second waits for the first.
-            self._closing = asyncio.ensure_future(self._close())
+            self._closing = asyncio.ensure_future(self._close(nosync))
         await asyncio.shield(self._closing)
 
-    async def _close(self) -> None:
+    async def _close(self, nosync: bool) -> None:
         core = self._core
         if core.closed:
             return
         try:
-            if core.kind == KIND_PRIVATE and not core.panicked:
-                # Nobody else can ever write a private cache's dirty pages: flush it first.
-                await self._pool.sync()
+            ran_checkpoints = self._checkpoint is not None
+            await self.stop_workers()
+            if not core.panicked and not nosync:
+                if core.kind == KIND_PRIVATE:
+                    # Nobody else can ever write a private cache's dirty pages: flush it.
+                    await self._pool.sync()
+                elif ran_checkpoints:
+                    await run_checkpoint(self._pool)  # the final checkpoint
         finally:
             try:
                 await self._pool._close()
@@ -320,6 +433,26 @@ class Env:
         """
         path = resolve_home(home)
         await run_owned(lambda: remove_environment(path, force=force))
+
+
+def _trickle_settings(value: int | TrickleSettings | None) -> TrickleSettings | None:
+    if value is None or isinstance(value, TrickleSettings):
+        return value.check() if value is not None else None
+    if type(value) is not int:
+        raise InvalidArgument(f"trickle must be a percentage or TrickleSettings, not {value!r}")
+    return TrickleSettings(percent=value).check()
+
+
+def _checkpoint_settings(
+    value: float | CheckpointSettings | None,
+) -> CheckpointSettings | None:
+    if value is None or isinstance(value, CheckpointSettings):
+        return value.check() if value is not None else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(
+            f"checkpoint must be an interval in seconds or CheckpointSettings, not {value!r}"
+        )
+    return CheckpointSettings(interval=float(value)).check()
 
 
 def _open_with_pool(

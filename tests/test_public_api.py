@@ -19,9 +19,12 @@ def test_all_names_exist_and_are_documented() -> None:
 
 
 def test_public_methods_are_documented() -> None:
-    for cls in (aiodbenv.Env, aiodbenv.EnvOpener):
+    classes = [getattr(aiodbenv, n) for n in aiodbenv.__all__
+               if isinstance(getattr(aiodbenv, n), type)]
+    assert aiodbenv.Pool in classes and aiodbenv.PoolFile in classes
+    for cls in classes:
         for name, member in vars(cls).items():
-            if name.startswith("_"):
+            if name.startswith("_") or not (callable(member) or isinstance(member, property)):
                 continue
             assert inspect.getdoc(member), f"{cls.__name__}.{name} has no docstring"
 

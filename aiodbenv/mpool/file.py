@@ -448,6 +448,8 @@ class PoolFile:
         if discard:
             page._flags |= PAGE_DISCARD
         cache = page._cache
+        if dirty:
+            self._pool._note_dirty(self.page_size)
         if (dirty or clean) and cache is not None:
             w = cache.words
             with cache.mutexes[page._bucket]:
@@ -481,6 +483,8 @@ class PoolFile:
         if (page._file is not self or bh < 0
                 or flags & PAGE_DIRTY and (flags & PAGE_CLEAN or self.readonly)):
             self._check_flags(page, flags)
+        if flags & PAGE_DIRTY:
+            self._pool._note_dirty(self.page_size)
         page._bh = -1
         self._pins.discard(page)
         page.data.release()

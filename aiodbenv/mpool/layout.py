@@ -102,6 +102,12 @@ FILE_STATS = Layout("file_stats", [("next", 1), *[(f, 1) for f in FSTAT_FIELDS]]
 GSTAT_FIELDS = (
     "hash_examined_extra", "hash_longest", "ro_evict", "rw_evict", "page_trickle",
     "alloc_waits", "write_failures", "sync_calls",
+    "dirtied_bytes",  # bytes of pages unpinned dirty: what a checkpoint's K trigger watches
+    # what the background workers did (a flash budget): runs, pages, write calls, bytes
+    "trickle_runs", "trickle_pages", "trickle_write_calls", "trickle_bytes",
+    "trickle_failures",
+    "checkpoint_runs", "checkpoint_pages", "checkpoint_write_calls", "checkpoint_bytes",
+    "checkpoint_failures",
 )
 HANDLE_STATS = Layout("handle_stats", [("next", 1), ("pid", 1), *[(f, 1) for f in GSTAT_FIELDS]])
 
@@ -117,6 +123,15 @@ POOL_HEADER = Layout(
         ("handles_head", 1),  # first HANDLE_STATS block (a list through "next")
         ("retired", 1),  # offset of the HANDLE_STATS that closed handles fold into
         ("retired_files", FILE_STATS),  # counters of file entries that were freed
+        # Background workers: one of each kind acts at a time, across processes. A lease is
+        # its holder (pid << 32 | a token of the worker) and a CLOCK_MONOTONIC deadline (ns)
+        # it must renew before.
+        ("trickle_owner", 1),
+        ("trickle_until", 1),
+        ("checkpoint_owner", 1),
+        ("checkpoint_until", 1),
+        ("last_checkpoint_ns", 1),  # wall clock of the last complete checkpoint
+        ("last_checkpoint_lsn", 1),  # its LSN once the environment has a log; 0 until then
         ("mutex", MUTEX_SLOT),  # the file index, file refcounts, the handle list
         ("files", MAX_FILES),  # offsets of FILE_ENTRY, 0 for a free slot
     ],

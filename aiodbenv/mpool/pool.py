@@ -181,6 +181,11 @@ class Pool:
         self._changed: asyncio.Event | None = None
         self._waiters = 0
         self._closed = False
+        # Dirty unpins in this process since a worker last looked, and who to wake.
+        self._dirtied_w = self._hs + _HS["dirtied_bytes"]
+        self._dirty_pages = 0
+        self._dirty_wake_at = 0  # 0: nobody is listening
+        self._dirty_event: asyncio.Event | None = None
         #: Raise CacheFull at once when every frame is pinned, instead of waiting.
         self.fail_fast = False
         #: Seconds a pin waits for a frame before raising CacheFull.
@@ -411,6 +416,34 @@ class Pool:
         if ev is not None:
             self._changed = None
             ev.set()
+
+    def _note_dirty(self, page_size: int) -> None:
+        """A page was unpinned (or set) dirty: count its bytes, and wake the background
+        workers when enough pages were dirtied here since they last looked."""
+        self._core.w0[self._dirtied_w] += page_size
+        self._dirty_pages += 1
+        if self._dirty_wake_at and self._dirty_pages >= self._dirty_wake_at:
+            self._dirty_pages = 0
+            if self._dirty_event is not None:
+                self._dirty_event.set()
+
+    def _listen_dirty(self, every: int) -> asyncio.Event:
+        """An event set whenever ``every`` more pages are dirtied in this process (the lowest
+        ``every`` of all listeners applies)."""
+        if self._dirty_event is None:
+            self._dirty_event = asyncio.Event()
+        every = max(1, every)
+        self._dirty_wake_at = every if not self._dirty_wake_at else min(self._dirty_wake_at, every)
+        return self._dirty_event
+
+    def dirty_share(self) -> float:
+        """The fraction (0..1) of cached pages that are dirty, read from the buckets."""
+        total = dirty = 0
+        for cache in self._core.caches:
+            total += cache.buffers()
+            w = cache.words
+            dirty += sum(int(w[bw + B_DIRTY]) for bw in cache.bucket_words)
+        return dirty / total if total else 0.0
 
     def _frame_released(self) -> None:
         if self._waiters:

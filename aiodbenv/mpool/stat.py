@@ -54,7 +54,10 @@ class PoolStat:
     ``hash_examined``; ``pages``, ``page_clean``, ``page_dirty`` (buffers now); ``page_trickle``
     (written by trickle); ``region_wait``/``region_nowait`` (lock calls of the pool's mutexes
     that had to block / did not); plus ``alloc_waits`` (pins that waited for a frame),
-    ``write_calls``, ``bytes_out``, ``write_failures``, ``sync_calls``, and ``files``.
+    ``write_calls``, ``bytes_out``, ``write_failures``, ``sync_calls``, ``dirtied_bytes``
+    (bytes of pages unpinned dirty), what the background workers wrote (``trickle_*`` and
+    ``checkpoint_*``: runs, pages, write calls, bytes, failures: what each costs a flash
+    device), and ``files``.
     """
 
     cache_size: int
@@ -84,6 +87,17 @@ class PoolStat:
     bytes_out: int
     write_failures: int
     sync_calls: int
+    dirtied_bytes: int
+    trickle_runs: int
+    trickle_pages: int
+    trickle_write_calls: int
+    trickle_bytes: int
+    trickle_failures: int
+    checkpoint_runs: int
+    checkpoint_pages: int
+    checkpoint_write_calls: int
+    checkpoint_bytes: int
+    checkpoint_failures: int
     files: tuple[FileStat, ...]
 
 
@@ -152,6 +166,8 @@ def pool_stat(core: PoolCore) -> PoolStat:
         bytes_out=total("bytes_out"),
         write_failures=g["write_failures"],
         sync_calls=g["sync_calls"],
+        **{f: g[f] for f in g if f.startswith(("trickle_", "checkpoint_"))},
+        dirtied_bytes=g["dirtied_bytes"],
         files=files,
     )
 

@@ -56,13 +56,15 @@ Item = tuple[int, int, Cache, int, int]  # (file slot, pgno, cache, bucket, buff
 @dataclass
 class SyncResult:
     """What a sync or write did: pages ``written``, pages that were dirty but pinned
-    (``incomplete``), dirty pages of files that were closed for good and so ``dropped``, and the
-    number of files fsynced."""
+    (``incomplete``), dirty pages of files that were closed for good and so ``dropped``, the
+    number of files fsynced, and the ``pwritev`` calls and bytes it took."""
 
     written: int = 0
     incomplete: int = 0
     dropped: int = 0
     files_synced: int = 0
+    write_calls: int = 0
+    bytes_written: int = 0
     errors: list[BaseException] = field(default_factory=list, repr=False)
 
 
@@ -72,17 +74,18 @@ YIELD_EVERY = 0.001
 
 async def collect_dirty(
     pool: Pool, files: set[int] | None
-) -> tuple[list[Item], int, list[int]]:
-    """Dirty buffers this process can write (sorted by file and page), the count of dirty
-    ones it cannot write now (pinned, or under I/O; or unwritable pages of ``files``), and
-    the priority stamp of each item (for trickle, which writes the least recently used).
+) -> tuple[list[Item], list[tuple[int, int]], list[int]]:
+    """Dirty buffers this process can write (sorted by file and page), the ``(file, pgno)``
+    of dirty ones it cannot write now (pinned, or under I/O; or unwritable pages of
+    ``files``), and the priority stamp of each item (for trickle, which writes the least
+    recently used first).
 
     Walks the buckets on the loop, letting other tasks run about every millisecond, so a
     large cache does not stall the loop.
     """
     core = pool._core
     found: dict[int, tuple[Item, int]] = {}
-    incomplete = 0
+    held: list[tuple[int, int]] = []
     want = None if files is None else {f + 1 for f in files}
     writable: dict[int, bool] = {}
     deadline = time.monotonic() + YIELD_EVERY
@@ -103,28 +106,28 @@ async def collect_dirty(
                         ok = writable.get(tag)
                         if ok is None:
                             ok = writable[tag] = pool._can_write(tag)
+                        pgno = int(w[x + H_PGNO])
                         if not ok:
                             if want is not None:
-                                incomplete += 1
+                                held.append((tag - 1, pgno))
                         elif w[x + H_REF] or w[x + H_FLAGS] & (BH_READING | BH_WRITING):
-                            incomplete += 1
+                            held.append((tag - 1, pgno))
                         else:
-                            pgno = int(w[x + H_PGNO])
                             # One int per page sorts several times faster than tuples.
                             found[((tag - 1) << 40) | pgno] = (
                                 (tag - 1, pgno, cache, b, off), int(w[x + H_PRIO]))
                     off = w[x + H_NEXT]
     ordered = [found[k] for k in sorted(found)]
-    return [item for item, _ in ordered], incomplete, [prio for _, prio in ordered]
+    return [item for item, _ in ordered], held, [prio for _, prio in ordered]
 
 
 async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool,
                      reason: str) -> SyncResult:
     """Write every writable dirty page (of ``files``, or all); fsync if asked. Raises the
     first write error, else :class:`Incomplete` if pinned dirty pages were left."""
-    items, incomplete, _ = await collect_dirty(pool, files)
+    items, held, _ = await collect_dirty(pool, files)
     result = await write_items(pool, items, fsync=fsync)
-    result.incomplete += incomplete
+    result.incomplete += len(held)
     if result.errors:
         raise result.errors[0]
     if result.incomplete:
@@ -138,7 +141,13 @@ async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool,
 
 
 async def trickle(pool: Pool, pct: int) -> int:
-    """Write the fewest dirty pages that leave ``pct``% of the cached pages clean."""
+    """Write the fewest dirty pages that leave ``pct``% of the cached pages clean; returns
+    how many were written."""
+    return (await trickle_result(pool, pct)).written
+
+
+async def trickle_result(pool: Pool, pct: int) -> SyncResult:
+    """:func:`trickle`, returning the whole :class:`SyncResult`."""
     core = pool._core
     total = dirty = 0
     for cache in core.caches:
@@ -148,7 +157,7 @@ async def trickle(pool: Pool, pct: int) -> int:
     clean = total - dirty
     target = (total * pct + 99) // 100
     if clean >= target:
-        return 0
+        return SyncResult()
     need = target - clean
     items, _, prios = await collect_dirty(pool, None)
     # Write the least recently used dirty pages (those eviction would take next), in file
@@ -159,13 +168,19 @@ async def trickle(pool: Pool, pct: int) -> int:
     core.w0[pool._hs + _HS["page_trickle"]] += result.written
     if result.errors:
         raise result.errors[0]
-    return result.written
+    return result
 
 
-async def write_items(pool: Pool, items: list[Item], *, fsync: bool) -> SyncResult:
-    """Write ``items`` (sorted by file and page) in batches, then fsync their files."""
+async def write_items(
+    pool: Pool, items: list[Item], *, fsync: bool, synced: dict[int, int] | None = None
+) -> SyncResult:
+    """Write ``items`` (sorted by file and page) in batches, then fsync their files if asked.
+
+    ``synced`` collects ``file slot -> descriptor`` of the files written, for a caller that
+    fsyncs once after several calls (see :func:`fsync_files`)."""
     result = SyncResult()
-    synced: dict[int, int] = {}  # file slot -> descriptor written
+    if synced is None:
+        synced = {}
     i = 0
     while i < len(items):
         batch: list[Item] = []
@@ -176,7 +191,7 @@ async def write_items(pool: Pool, items: list[Item], *, fsync: bool) -> SyncResu
             i += 1
         await _run_batch(pool, batch, result, synced)
     if fsync and synced:
-        await _fsync(pool, synced, result)
+        await fsync_files(pool, synced, result)
     return result
 
 
@@ -236,7 +251,10 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult,
         else:
             assert fd is not None
             synced[fidx] = fd
-            pool._count_write(fidx, len(job.pgnos), sum(len(c) for c in job.copies))
+            nbytes = sum(len(c) for c in job.copies)
+            pool._count_write(fidx, len(job.pgnos), nbytes)
+            result.write_calls += 1
+            result.bytes_written += nbytes
     for (fidx, pgno, cache, b, bh), _copy in taken:
         w = cache.words
         x = bh >> 3
@@ -322,7 +340,9 @@ def _write_runs(runs: list[_Run]) -> list[tuple[int | None, BaseException | None
     return out
 
 
-async def _fsync(pool: Pool, synced: dict[int, int], result: SyncResult) -> None:
+async def fsync_files(pool: Pool, synced: dict[int, int], result: SyncResult) -> None:
+    """fsync every descriptor in ``synced`` (one worker-thread hop); errors go into
+    ``result.errors``."""
     def run() -> list[tuple[int, BaseException | None]]:
         res: list[tuple[int, BaseException | None]] = []
         for fidx, fd in synced.items():

@@ -1,0 +1,441 @@
+"""Background workers that keep the pool's pages clean: trickle and checkpoint.
+
+Both run as tasks owned by the :class:`~aiodbenv.Env` that started them (DESIGN decision 7),
+not by the caller's task, so an environment opened in one task and closed in another stops its
+workers cleanly. Both write through the pool's write-back (sorted, coalesced ``pwritev`` runs in
+worker threads, the loop free between batches).
+
+- **Trickle** keeps at least ``percent`` of the cached pages clean. It wakes every ``interval``
+  seconds, and sooner when this process has dirtied enough pages to cross its threshold; it
+  never polls in a loop.
+- **Checkpoint** writes every dirty page and fsyncs the files written, every ``interval``
+  seconds or after ``kbytes`` were dirtied (whichever comes first), spreading the writes over
+  ``completion_target`` of the interval instead of one burst (as PostgreSQL's
+  ``checkpoint_completion_target``), and records the time of the last complete checkpoint in
+  the region.
+
+Across processes, one worker of each kind acts at a time: each holds a lease in the pool's
+region (its pid and a deadline it renews); a lease whose holder died or lapsed is taken over.
+A failed write is never swallowed: the pages stay dirty, the failure is counted in the pool's
+statistics and logged, the worker backs off and retries, and :meth:`aiodbenv.Env.health`
+reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import AiodbenvError, Incomplete, InvalidArgument
+from .mpool.layout import POOL_HEADER
+from .mpool.table import _HS
+from .region.layout import WORD
+
+if TYPE_CHECKING:
+    from .mpool.pool import Pool
+    from .mpool.sync import SyncResult
+
+__all__ = [
+    "CheckpointSettings",
+    "Health",
+    "CheckpointWorker",
+    "TrickleSettings",
+    "TrickleWorker",
+    "WorkerStatus",
+    "run_checkpoint",
+]
+
+logger = logging.getLogger("aiodbenv")
+
+_P = {f: POOL_HEADER.offset(f) // WORD for f in POOL_HEADER.fields()}
+#: Longest back-off after repeated failures, in seconds.
+MAX_BACKOFF = 30.0
+#: How many times a checkpoint retries pages it found pinned before calling itself incomplete.
+PINNED_RETRIES = 20
+
+#: ``progress(done, total)``: pages written so far by a checkpoint, and how many it will write.
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TrickleSettings:
+    """A trickle worker: keep ``percent`` (1..100) of the cached pages clean, looking every
+    ``interval`` seconds and whenever ``wake_pages`` pages were dirtied in this process."""
+
+    percent: int = 20
+    interval: float = 1.0
+    wake_pages: int = 64
+
+    def check(self) -> TrickleSettings:
+        """Validate; returns self."""
+        if type(self.percent) is not int or not 1 <= self.percent <= 100:
+            raise InvalidArgument(f"trickle percent must be 1..100, not {self.percent!r}")
+        if not self.interval > 0:
+            raise InvalidArgument(f"trickle interval must be positive, not {self.interval!r}")
+        if type(self.wake_pages) is not int or self.wake_pages < 1:
+            raise InvalidArgument(f"wake_pages must be a positive int, not {self.wake_pages!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """A checkpoint worker: checkpoint every ``interval`` seconds, or once ``kbytes`` KiB of
+    pages were dirtied (None: time only), spreading the writes over ``completion_target``
+    (0..1) of the interval; 0 writes them as fast as possible."""
+
+    interval: float = 60.0
+    kbytes: int | None = None
+    completion_target: float = 0.9
+
+    def check(self) -> CheckpointSettings:
+        """Validate; returns self."""
+        if not self.interval > 0:
+            raise InvalidArgument(f"checkpoint interval must be positive, not {self.interval!r}")
+        if self.kbytes is not None and (type(self.kbytes) is not int or self.kbytes < 1):
+            raise InvalidArgument(f"kbytes must be a positive int, not {self.kbytes!r}")
+        if not 0 <= self.completion_target <= 1:
+            raise InvalidArgument(
+                f"completion_target must be within 0..1, not {self.completion_target!r}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """How a background worker is doing (part of :meth:`aiodbenv.Env.health`).
+
+    ``runs`` counts the times it wrote (trickle) or completed a checkpoint; ``pages``,
+    ``write_calls`` and ``bytes`` what this worker wrote; ``failures`` the failed runs,
+    ``consecutive_failures`` those since the last success, ``last_error`` the latest one's
+    message, ``last_success`` the wall-clock time of the latest success, ``backoff`` the seconds
+    it is waiting before the next try, and ``active`` whether it holds the lease (only one
+    worker of a kind acts at a time, across processes).
+    """
+
+    kind: str
+    running: bool
+    active: bool
+    runs: int
+    pages: int
+    write_calls: int
+    bytes: int
+    failures: int
+    consecutive_failures: int
+    last_error: str | None
+    last_success: float | None
+    backoff: float
+
+    @property
+    def healthy(self) -> bool:
+        """True unless its latest attempt failed (or it stopped on an error)."""
+        return self.consecutive_failures == 0
+
+
+@dataclass(frozen=True)
+class Health:
+    """What :meth:`aiodbenv.Env.health` reports: ``ok`` unless the environment is panicked or
+    a worker's latest attempt failed; ``last_checkpoint`` is the wall-clock time of the last
+    complete checkpoint (by any process), None if there was none; ``workers`` has one
+    :class:`WorkerStatus` per background worker of this handle."""
+
+    ok: bool
+    panicked: bool
+    last_checkpoint: float | None
+    workers: tuple[WorkerStatus, ...]
+
+
+def last_checkpoint(pool: Pool) -> float | None:
+    """Wall-clock time of the last complete checkpoint recorded in the region, or None."""
+    core = pool._core
+    ns = int(core.w0[core.p + _P["last_checkpoint_ns"]])
+    return ns / 1e9 if ns else None
+
+
+class _Worker:
+    kind = "worker"
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._task: asyncio.Task[None] | None = None
+        self._runs = self._pages = self._calls = self._bytes = 0
+        self._failures = self._in_row = 0
+        self._last_error: str | None = None
+        self._last_success: float | None = None
+        self._backoff = 0.0
+        self._active = False
+        self._pid = os.getpid()
+        # The lease holder: this process and this worker (two handles of one process each
+        # have their own workers, and only one of them may act).
+        self._owner = (self._pid << 32) | (secrets.randbits(32) or 1)
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Start the worker's task on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._main(), name=f"aiodbenv-{self.kind}")
+
+    @property
+    def running(self) -> bool:
+        """True while the worker's task runs."""
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        """Stop the worker: cancel its task and wait for it. A write batch under way finishes
+        (its bookkeeping is shielded); pages not written yet stay dirty. Idempotent."""
+        task = self._task
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self._release_lease()
+
+    def status(self) -> WorkerStatus:
+        """This worker's :class:`WorkerStatus`."""
+        return WorkerStatus(
+            kind=self.kind, running=self.running, active=self._active, runs=self._runs,
+            pages=self._pages, write_calls=self._calls, bytes=self._bytes,
+            failures=self._failures, consecutive_failures=self._in_row,
+            last_error=self._last_error, last_success=self._last_success,
+            backoff=self._backoff,
+        )
+
+    async def _main(self) -> None:
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug, not an I/O failure: report it, don't die silently
+            self._failures += 1
+            self._in_row += 1
+            self._last_error = f"worker stopped: {err!r}"
+            logger.exception("aiodbenv %s worker stopped", self.kind)
+
+    async def _loop(self) -> None:
+        raise NotImplementedError  # pragma: no cover - both subclasses define it
+
+    # -- shared helpers
+
+    def _failed(self, err: BaseException) -> float:
+        """Count a failed run; returns how long to back off before the next try."""
+        self._failures += 1
+        self._in_row += 1
+        self._last_error = f"{type(err).__name__}: {err}"
+        self._backoff = min(MAX_BACKOFF, 0.1 * 2 ** min(self._in_row, 12))
+        core = self._pool._core
+        core.w0[self._pool._hs + _HS[f"{self.kind}_failures"]] += 1
+        logger.error("aiodbenv %s failed (attempt %d, retrying in %.1f s): %s",
+                     self.kind, self._in_row, self._backoff, err)
+        return self._backoff
+
+    def _succeeded(self, result: SyncResult) -> None:
+        self._in_row = 0
+        self._backoff = 0.0
+        self._last_error = None
+        self._last_success = time.time()
+        self._runs += 1
+        self._pages += result.written
+        self._calls += result.write_calls
+        self._bytes += result.bytes_written
+        w0 = self._pool._core.w0
+        hs = self._pool._hs
+        w0[hs + _HS[f"{self.kind}_runs"]] += 1
+        w0[hs + _HS[f"{self.kind}_pages"]] += result.written
+        w0[hs + _HS[f"{self.kind}_write_calls"]] += result.write_calls
+        w0[hs + _HS[f"{self.kind}_bytes"]] += result.bytes_written
+
+    def _take_lease(self, seconds: float) -> bool:
+        """Hold (or renew) this kind's lease for ``seconds``; False if a live process has it."""
+        core = self._pool._core
+        w0 = core.w0
+        owner_w = core.p + _P[f"{self.kind}_owner"]
+        until_w = core.p + _P[f"{self.kind}_until"]
+        now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process on the host
+        with core.mutex:
+            owner = int(w0[owner_w])
+            if owner not in (0, self._owner) and now < w0[until_w] and _alive(owner >> 32):
+                self._active = False
+                return False
+            w0[owner_w] = self._owner
+            w0[until_w] = now + int(seconds * 1e9)
+        self._active = True
+        return True
+
+    def _release_lease(self) -> None:
+        core = self._pool._core
+        if self._pool._closed or self._pool._env.panicked:
+            return
+        owner_w = core.p + _P[f"{self.kind}_owner"]
+        with core.mutex:
+            if core.w0[owner_w] == self._owner:
+                core.w0[owner_w] = 0
+        self._active = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class TrickleWorker(_Worker):
+    """Keeps at least ``settings.percent`` of the cached pages clean. Start it with
+    :meth:`aiodbenv.Env.start_trickle` (or ``Env.open(trickle=...)``)."""
+
+    kind = "trickle"
+
+    def __init__(self, pool: Pool, settings: TrickleSettings) -> None:
+        super().__init__(pool)
+        self.settings = settings.check()
+
+    async def _loop(self) -> None:
+        s = self.settings
+        pool = self._pool
+        wake = pool._listen_dirty(s.wake_pages)
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), s.interval)
+            wake.clear()
+            if not self._take_lease(3 * s.interval + 1):
+                continue
+            if 1.0 - pool.dirty_share() >= s.percent / 100:
+                continue
+            try:
+                result = await _trickle(pool, s.percent)
+            except (OSError, AiodbenvError) as err:
+                await asyncio.sleep(self._failed(err))
+                continue
+            self._succeeded(result)
+
+
+async def _trickle(pool: Pool, pct: int) -> SyncResult:
+    from .mpool.sync import trickle_result
+
+    return await trickle_result(pool, pct)
+
+
+class CheckpointWorker(_Worker):
+    """Checkpoints the pool periodically. Start it with :meth:`aiodbenv.Env.start_checkpoint`
+    (or ``Env.open(checkpoint=...)``), or run ``python -m aiodbenv checkpoint`` as a separate
+    process."""
+
+    kind = "checkpoint"
+
+    def __init__(self, pool: Pool, settings: CheckpointSettings,
+                 progress: ProgressCallback | None = None) -> None:
+        super().__init__(pool)
+        self.settings = settings.check()
+        self._progress = progress
+
+    def _dirtied(self) -> int:
+        return self._pool._core.global_stats()["dirtied_bytes"]
+
+    async def _loop(self) -> None:
+        s = self.settings
+        pool = self._pool
+        wake = pool._listen_dirty(max(1, (s.kbytes or 1 << 30) * 1024 // pool.page_size))
+        # Other processes' dirtying is only seen by looking: a tenth of the interval, at most
+        # a second, and only when a kbytes trigger was asked for.
+        poll = min(s.interval / 10, 1.0) if s.kbytes else s.interval
+        started = time.monotonic()
+        mark = self._dirtied()
+        while True:
+            due = started + s.interval
+            while time.monotonic() < due:
+                if s.kbytes and self._dirtied() - mark >= s.kbytes * 1024:
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), min(poll, max(0.0, due - time.monotonic())))
+                wake.clear()
+            started = time.monotonic()
+            if not self._take_lease(2 * s.interval + 60):
+                continue
+            mark = self._dirtied()
+            try:
+                result = await run_checkpoint(pool, spread=s.interval * s.completion_target,
+                                              progress=self._progress)
+            except (OSError, AiodbenvError) as err:
+                await asyncio.sleep(self._failed(err))
+                started = time.monotonic() - s.interval  # retry as soon as the back-off ends
+                continue
+            self._succeeded(result)
+
+
+async def run_checkpoint(
+    pool: Pool, *, spread: float = 0.0, progress: ProgressCallback | None = None
+) -> SyncResult:
+    """One checkpoint: write every page that is dirty now and fsync the files written,
+    spreading the batches over ``spread`` seconds (0: as fast as possible). Pages found pinned
+    are retried a few times; if some stay pinned, :class:`~aiodbenv.errors.Incomplete` is
+    raised and nothing is recorded. A complete checkpoint's time goes into the region (see
+    :meth:`aiodbenv.Env.health`).
+
+    Idempotent, and safe to cancel at any await: written pages are clean, the rest stay dirty.
+    ``progress(done, total)`` is called after each batch when given.
+    """
+    from .mpool.sync import SyncResult, collect_dirty, fsync_files, write_items
+
+    pool._check()
+    items, held, _ = await collect_dirty(pool, None)
+    result = SyncResult()
+    synced: dict[int, int] = {}
+    total = len(items)
+    t0 = time.monotonic()
+    step = 64
+    for start in range(0, total, step):
+        part = await write_items(pool, items[start : start + step], fsync=False, synced=synced)
+        _merge(result, part)
+        if part.errors:
+            raise part.errors[0]
+        done = min(total, start + step)
+        if progress is not None:
+            progress(done, total)
+        if spread > 0 and done < total:
+            ahead = t0 + spread * done / total - time.monotonic()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+    # Pages that were dirty but pinned when the checkpoint began must still be written; pages
+    # dirtied since are the next checkpoint's business.
+    waiting = set(held)
+    for attempt in range(PINNED_RETRIES):
+        if not waiting:
+            break
+        await asyncio.sleep(0.005 * (attempt + 1))
+        again, held_now, _ = await collect_dirty(pool, None)
+        part = await write_items(pool, [it for it in again if (it[0], it[1]) in waiting],
+                                 fsync=False, synced=synced)
+        _merge(result, part)
+        if part.errors:
+            raise part.errors[0]
+        waiting &= set(held_now)
+    await fsync_files(pool, synced, result)
+    if result.errors:
+        raise result.errors[0]
+    if waiting:
+        err = Incomplete(
+            f"checkpoint: {len(waiting)} dirty page(s) stayed pinned; {result.written} written"
+        )
+        err.result = result  # type: ignore[attr-defined]
+        raise err
+    core = pool._core
+    core.w0[core.p + _P["last_checkpoint_ns"]] = time.time_ns()
+    return result
+
+
+def _merge(total: SyncResult, part: SyncResult) -> None:
+    total.written += part.written
+    total.dropped += part.dropped
+    total.write_calls += part.write_calls
+    total.bytes_written += part.bytes_written
+    total.files_synced += part.files_synced
