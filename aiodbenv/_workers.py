@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ._process import is_alive
 from .errors import AiodbenvError, Incomplete, InvalidArgument
 from .mpool.layout import POOL_HEADER
 from .mpool.table import _HS
@@ -260,7 +261,7 @@ class _Worker:
         now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process on the host
         with core.mutex:
             owner = int(w0[owner_w])
-            if owner not in (0, self._owner) and now < w0[until_w] and _alive(owner >> 32):
+            if owner not in (0, self._owner) and now < w0[until_w] and is_alive(owner >> 32):
                 self._active = False
                 return False
             w0[owner_w] = self._owner
@@ -277,16 +278,6 @@ class _Worker:
             if core.w0[owner_w] == self._owner:
                 core.w0[owner_w] = 0
         self._active = False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class TrickleWorker(_Worker):

@@ -217,14 +217,13 @@ class PoolFile:
         w = cache.words
         tag = self._tag
         examined = 1
-        mx = cache.mutexes[b]
-        p = mx.ptr
-        if p is not None:
+        p = cache.mptrs[b]
+        if p:
             rc = _trylock(p)
             if rc:
-                mx.acquire_contended(rc)
+                cache.mutexes[b].acquire_contended(rc)
             else:
-                w[mx.nowait_index] += 1
+                w[cache.nowait_words[b]] += 1
         try:
             off = w[cache.bucket_words[b] + B_HEAD]
             while off:
@@ -239,7 +238,7 @@ class PoolFile:
             else:
                 return None
         finally:
-            if p is not None:
+            if p:
                 _unlock(p)
         w0 = self._w0
         w0[self._fs_hit] += 1
@@ -283,7 +282,7 @@ class PoolFile:
         mx = cache.mutexes[b]
         mx.acquire_contended(errno.EOWNERDEAD)
         if mx.ptr is not None:
-            _unlock(mx.ptr)
+            _unlock(mx.ptr)  # repaired and held: let go, the slow path locks it again
 
     def _count_examined(self, examined: int) -> None:
         w0 = self._w0
@@ -512,14 +511,13 @@ class PoolFile:
         compiled ``aiodb_unpin``)."""
         w = cache.words
         x = bh >> 3
-        mx = cache.mutexes[b]
-        p = mx.ptr
-        if p is not None:
+        p = cache.mptrs[b]
+        if p:
             rc = _trylock(p)
             if rc:
-                mx.acquire_contended(rc)
+                cache.mutexes[b].acquire_contended(rc)
             else:
-                w[mx.nowait_index] += 1
+                w[cache.nowait_words[b]] += 1
         try:
             if flags & (PAGE_DIRTY | PAGE_CLEAN):
                 self._apply_dirty(w, x, cache.bucket_words[b], flags)
@@ -545,7 +543,7 @@ class PoolFile:
             else:
                 released = None  # the shared pin count is already 0: someone over-unpinned
         finally:
-            if p is not None:
+            if p:
                 _unlock(p)
         if released is None:
             self._pool._panic_unpinned(page.pgno)

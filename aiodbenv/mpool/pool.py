@@ -23,6 +23,7 @@ import anyio
 import anyio.to_thread
 
 from .. import _io
+from .._process import is_alive
 from .._config import MAX_PAGE_SIZE, MIN_PAGE_SIZE
 from ..errors import (
     CacheFull,
@@ -674,14 +675,7 @@ class Pool:
         w = cache.words
         x = bh >> 3
         pid = int(w[x + H_IOPID])
-        if not pid or pid == self._pid:
-            return
-        try:
-            os.kill(pid, 0)
-            return
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if not pid or pid == self._pid or is_alive(pid):
             return
         bw = cache.bucket_words[b]
         with cache.mutexes[b]:

@@ -126,7 +126,10 @@ def pool_stat(core: PoolCore) -> PoolStat:
         pages += cache.buffers()
         w = cache.words
         dirty += sum(int(w[bw + B_DIRTY]) for bw in cache.bucket_words)
-        mutexes.extend(cache.mutexes)
+        if core.shared:
+            wt, nw = cache.bucket_mutex_stats()
+            waits += wt
+            nowaits += nw
         mutexes.append(cache.alloc_mutex)
     for m in mutexes:
         wt, nw, _ = m.stats()

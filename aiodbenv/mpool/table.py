@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .._config import DEFAULT_MMAP_SIZE, DEFAULT_PAGE_SIZE, Settings
 from ..errors import CacheFull, InvalidArgument
 from ..region.alloc import Allocator
 from ..region.backing import Region
-from ..region.layout import ALLOC_CHUNK, REGION_HEADER, REGION_TYPE_MPOOL, WORD
+from ..region.layout import ALLOC_CHUNK, MUTEX_SLOT, REGION_HEADER, REGION_TYPE_MPOOL, WORD
 from ..region.mutex import NullMutex, SharedMutex, ffi
 from .layout import (
     BH,
@@ -163,32 +163,40 @@ class Cache:
         #: word index of each bucket's first word
         self.bucket_words = [(start + b * BUCKET.size) // WORD for b in range(nb)]
         self.allocator = Allocator(region.buf, w, f"mpool region {region.region_id}")
-        self.mutexes: list[SharedMutex | NullMutex]
+        # Bucket mutexes as plain pointers and word indexes (a hot path locks them inline);
+        # the SharedMutex objects are made only when a slow path needs one. One Python object
+        # per bucket would add tens of thousands of objects for the garbage collector to walk,
+        # and its full collections would stall the event loop.
+        mutex_off = BUCKET.offset("mutex")
         if shared:
-            self.mutexes = [
-                SharedMutex(region.base, w, start + b * BUCKET.size + BUCKET.offset("mutex"),
-                            f"bucket {b}", repair=self._repair_bucket_factory(b), panic=panic)
-                for b in range(nb)
-            ]
+            self.mptrs = [region.base + start + b * BUCKET.size + mutex_off for b in range(nb)]
+        else:
+            self.mptrs = [ffi.NULL] * nb
+        self.nowait_words = [
+            (start + b * BUCKET.size + mutex_off + MUTEX_SLOT.offset("nowaits")) // WORD
+            for b in range(nb)
+        ]
+        self.mutexes = _BucketMutexes(self, region, start, shared, panic)
+        self.wptr = ffi.cast("uint64_t *", region.base)
+        if shared:
             self.alloc_mutex: SharedMutex | NullMutex = SharedMutex(
                 region.base, w, REGION_HEADER.offset("alloc_mutex"),
                 f"mpool region {region.region_id} allocator",
                 repair=self.allocator.repair, panic=panic,
             )
         else:
-            self.mutexes = [NullMutex(f"bucket {b}") for b in range(nb)]
             self.alloc_mutex = NullMutex("allocator")
-        # For the compiled hot path: the region as words, each bucket's mutex (NULL when
-        # private) and the word of its no-wait counter.
-        self.wptr = ffi.cast("uint64_t *", region.base)
-        self.mptrs = [m.ptr if m.ptr is not None else ffi.NULL for m in self.mutexes]
-        self.nowait_words = [m.nowait_index for m in self.mutexes]
 
-    def _repair_bucket_factory(self, b: int) -> Callable[[], None]:
-        def repair() -> None:
-            self.repair_bucket(b)
-
-        return repair
+    def bucket_mutex_stats(self) -> tuple[int, int]:
+        """``(waits, nowaits)`` summed over this cache's bucket mutexes, read from the region
+        without making their objects."""
+        w = self.words
+        d_wait = (MUTEX_SLOT.offset("waits") - MUTEX_SLOT.offset("nowaits")) // WORD
+        waits = nowaits = 0
+        for i in self.nowait_words:
+            nowaits += w[i]
+            waits += w[i + d_wait]
+        return int(waits), int(nowaits)
 
     def repair_bucket(self, b: int) -> None:
         """Recount a bucket after its mutex holder died: chain length and dirty count.
@@ -229,6 +237,43 @@ class Cache:
             out.append(off)
             off = w[(off >> 3) + H_NEXT]
         return out
+
+
+class _BucketMutexes:
+    """``cache.mutexes[b]``: the mutex object of bucket ``b``, made on first use."""
+
+    __slots__ = ("_cache", "_region", "_start", "_shared", "_panic", "_made", "_null")
+
+    def __init__(self, cache: Cache, region: Region, start: int, shared: bool,
+                 panic: Callable[[str], None] | None) -> None:
+        self._cache = cache
+        self._region = region
+        self._start = start
+        self._shared = shared
+        self._panic = panic
+        self._made: dict[int, SharedMutex] = {}
+        self._null = NullMutex("bucket")
+
+    def __getitem__(self, b: int) -> SharedMutex | NullMutex:
+        if not self._shared:
+            return self._null
+        m = self._made.get(b)
+        if m is None:
+            if not 0 <= b < len(self._cache.mptrs):
+                raise IndexError(b)
+            cache = self._cache
+            m = self._made[b] = SharedMutex(
+                self._region.base, cache.words,
+                self._start + b * BUCKET.size + BUCKET.offset("mutex"), f"bucket {b}",
+                repair=lambda: cache.repair_bucket(b), panic=self._panic,
+            )
+        return m
+
+    def __len__(self) -> int:
+        return len(self._cache.mptrs)
+
+    def __iter__(self) -> Iterator[SharedMutex | NullMutex]:
+        return (self[b] for b in range(len(self)))
 
 
 @dataclass
