@@ -38,7 +38,8 @@ class Fault:
     ``times`` limits how many calls fail (``None``: every call until the fault is removed).
     ``error`` is the errno raised as ``OSError`` (``None``: the call goes through, only
     ``delay`` applies); ``short`` instead makes a write report fewer bytes than asked (a short
-    write), which the caller must treat as a failure; ``delay`` sleeps that many seconds in the
+    write, which the caller must treat as a failure) or a ``preadv`` report half of what it
+    read (as ``RWF_NOWAIT`` does where the OS cache holds only part of a page); ``delay`` sleeps that many seconds in the
     calling thread first (a slow disk).
     ``calls`` counts the calls seen, ``fired`` the failures produced.
     """
@@ -157,6 +158,8 @@ def preadv(fd: int, buffers: Sequence[memoryview | bytearray], offset: int, flag
     """
     fault = _check("pread")
     if fault is not None:
+        if fault.short:  # read it all, report half: what RWF_NOWAIT does on a partly cached page
+            return os.preadv(fd, buffers, offset, flags) // 2
         _raise(fault)
     return os.preadv(fd, buffers, offset, flags)
 

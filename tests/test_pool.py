@@ -433,3 +433,20 @@ async def test_a_view_kept_past_unpin_does_not_break_close(home: str) -> None:
     del kept
     await aiodbenv.Env.remove(home)
     os.remove(os.path.join(home, "v.db"))
+
+
+async def test_large_page_only_partly_in_the_os_cache_is_read_whole(home: str) -> None:
+    """RWF_NOWAIT stops short where the OS cache stops; that is not the end of the file. The
+    seam makes the first read (the RWF_NOWAIT one) report half the page."""
+    big = 65536
+    data = bytes(range(256)) * (big // 256)
+    write_file(os.path.join(home, "big.db"), data)
+    async with aiodbenv.Env.open(home, create=True) as env:
+        async with env.pool.open_file("big.db", page_size=big, nommap=True) as f:
+            with _io.inject("pread", None, short=True, times=1) as partial:
+                async with f.get(0) as p:
+                    assert bytes(p.data) == data  # not zero-filled past the cached part
+            assert partial.fired == 1 and partial.calls == 2  # then read whole in a thread
+            assert f.stat().page_in == 1 and f.stat().page_create == 0
+    await aiodbenv.Env.remove(home)
+    os.remove(os.path.join(home, "big.db"))

@@ -538,9 +538,13 @@ class Pool:
                     mode: int) -> None:
         """Read (or zero) the freshly inserted buffer ``bh`` of page ``pgno``, then publish it.
 
-        The work runs as its own task: if the caller is cancelled, the read still completes
-        (other waiters may want the page) and the caller's pin is dropped afterwards.
+        A new page, or one the OS page cache holds, is done at once, without an await. A read
+        that must go to the disk runs as its own task: if the caller is cancelled, the read
+        still completes (other waiters may want the page) and the caller's pin is dropped
+        afterwards.
         """
+        if self._fill_now(f, cache, b, bh, pgno, mode):
+            return
         job = asyncio.get_running_loop().create_task(self._fill_job(f, cache, b, bh, pgno, mode))
         try:
             await asyncio.shield(job)
@@ -550,6 +554,69 @@ class Pool:
             else:
                 job.add_done_callback(lambda j: self._drop_abandoned_pin(j, f, cache, b, bh))
             raise
+
+    def _fill_now(self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int,
+                  mode: int) -> bool:
+        """Fill the buffer without waiting if possible; False if the disk must be read."""
+        ps = f.page_size
+        fd = f._fd
+        new = mode == MODE_NEW or fd is None
+        if not new and (fd is None or fd in self._no_nowait):
+            return False
+        start = bh + BH.size
+        view = cache.buf[start : start + ps]
+        try:
+            if new:
+                view[:] = _zeros(ps)
+                created = True
+            else:
+                assert fd is not None
+                try:
+                    n = int(_io.preadv(fd, [view], pgno * ps, os.RWF_NOWAIT))
+                except BlockingIOError:
+                    return False  # not in the OS page cache
+                except OSError as err:
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self._no_nowait.add(fd)  # this filesystem refuses RWF_NOWAIT
+                    return False
+                if 0 < n < ps:
+                    # Only part of a large page is cached: RWF_NOWAIT stops short of the rest,
+                    # which is not the end of the file. The thread reads it whole.
+                    return False
+                if n == 0:  # past the end of the file: a page the pool knows of, never written
+                    view[:] = _zeros(ps)
+                created = n == 0
+            self._apply_pgin(f, pgno, view, mode)
+        except BaseException:
+            self._fail_read(cache, b, bh)
+            raise
+        finally:
+            view.release()
+        self._publish(f, cache, b, bh, created)
+        return True
+
+    def _apply_pgin(self, f: PoolFile, pgno: int, view: memoryview, mode: int) -> None:
+        if mode != MODE_NEW and f.ftype:
+            pgin = self._registry.get(f.ftype, (None, None))[0]
+            if pgin is not None:
+                pgin(pgno, view, f.cookie)
+
+    def _publish(self, f: PoolFile, cache: Cache, b: int, bh: int, created: bool) -> None:
+        """The buffer holds its page: clear READING (a created page is dirty) and wake waiters."""
+        w = cache.words
+        x = bh >> 3
+        bw = cache.bucket_words[b]
+        with cache.mutexes[b]:
+            flags = w[x + H_FLAGS] & ~BH_READING
+            if created and not flags & BH_DIRTY:
+                flags |= BH_DIRTY  # a created page exists nowhere else: it must be written
+                w[bw + B_DIRTY] += 1
+            w[x + H_FLAGS] = flags
+            w[x + H_IOPID] = 0
+        self._core.w0[f._fs + (_FS_CREATE if created else _FS_IN)] += 1
+        if self._waiters:
+            self._notify()
 
     def _drop_abandoned_pin(self, job: asyncio.Task[None], f: PoolFile, cache: Cache,
                             b: int, bh: int) -> None:
@@ -567,53 +634,23 @@ class Pool:
 
     async def _fill_job(self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int,
                         mode: int) -> None:
+        """Read the page in a worker thread (batched with other reads), then publish it."""
         ps = f.page_size
         start = bh + BH.size
         view = cache.buf[start : start + ps]
-        created = False
         try:
-            if mode == MODE_NEW or f._fd is None:
-                view[:] = _zeros(ps)
-                created = True
-            else:
-                n = await self._read(f._fd, view, pgno * ps)
-                if n < ps:
-                    view[n:] = _zeros(ps - n)
-                    created = n == 0
-            if mode != MODE_NEW and f.ftype:
-                pgin = self._registry.get(f.ftype, (None, None))[0]
-                if pgin is not None:
-                    pgin(pgno, view, f.cookie)
+            assert f._fd is not None
+            n = await self._reader.read(f._fd, view, pgno * ps)
+            if n < ps:  # a blocking read stops short only at the end of the file
+                view[n:] = _zeros(ps - n)
+            created = n == 0
+            self._apply_pgin(f, pgno, view, mode)
         except BaseException:
             self._fail_read(cache, b, bh)
             raise
         finally:
             view.release()
-        w = cache.words
-        x = bh >> 3
-        bw = cache.bucket_words[b]
-        with cache.mutexes[b]:
-            flags = w[x + H_FLAGS] & ~BH_READING
-            if created and not flags & BH_DIRTY:
-                flags |= BH_DIRTY  # a created page exists nowhere else: it must be written
-                w[bw + B_DIRTY] += 1
-            w[x + H_FLAGS] = flags
-            w[x + H_IOPID] = 0
-        w0 = self._core.w0
-        w0[f._fs + (_FS_CREATE if created else _FS_IN)] += 1
-        self._notify()
-
-    async def _read(self, fd: int, view: memoryview, offset: int) -> int:
-        if fd not in self._no_nowait:
-            try:
-                return int(_io.preadv(fd, [view], offset, os.RWF_NOWAIT))
-            except BlockingIOError:
-                pass  # not in the OS page cache: go to a worker thread
-            except OSError as err:
-                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._no_nowait.add(fd)
-        return await self._reader.read(fd, view, offset)
+        self._publish(f, cache, b, bh, created)
 
     def _fail_read(self, cache: Cache, b: int, bh: int) -> None:
         """A read failed: unlink the buffer, flag it failed for waiters, drop our pin."""
