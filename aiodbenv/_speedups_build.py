@@ -1,7 +1,8 @@
 """cffi builder for aiodbenv's compiled accelerator (out-of-line API mode).
 
 One module, ``aiodbenv._speedups``, holds the pthread binding for the robust mutexes and the
-two hottest pieces of pool bookkeeping (pin a cached page, unpin a page). Built by setup.py at
+hottest pieces of pool bookkeeping: pin a cached page, unpin a page, and the two per-page steps
+of write-back (snapshot a batch of dirty pages, finish a batch of writes). Built by setup.py at
 install time when a C compiler is available; without it (or with ``AIODBENV_MUTEX=abi``)
 aiodbenv binds pthread through cffi's ABI mode and runs the same bookkeeping in Python.
 
@@ -23,17 +24,30 @@ int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head
                       uint64_t pgno, uint64_t tag, uint64_t *examined);
 int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_t bucket_w,
                 uint64_t hdr_w, int flags);
+int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *nowait_w,
+                       const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
+                       const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno, char *dst,
+                       const uint64_t *dst_off, uint64_t pid, int64_t *status);
+int64_t aiodb_write_done(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                         const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
+                         const uint64_t *bh, const uint8_t *failed);
+int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                      const uint64_t *bucket_w, uint64_t first, uint64_t last, uint64_t max,
+                      uint64_t *tag, uint64_t *pgno, uint64_t *bh, uint64_t *bucket,
+                      uint64_t *prio, uint8_t *busy, uint64_t *stopped);
 """
 
 HOT_SOURCE = r"""
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 #include <errno.h>
 
 /* Word offsets and flag bits, set once from the Python layout definitions. */
 enum { L_H_NEXT, L_H_FILE, L_H_PGNO, L_H_REF, L_H_FLAGS, L_H_PRIO, L_B_HEAD, L_B_DIRTY,
        L_C_LRU, L_C_BUFFERS, L_BH_READING, L_BH_DIRTY, L_PAGE_DIRTY, L_PAGE_CLEAN,
-       L_PAGE_DISCARD, L_COUNT };
+       L_PAGE_DISCARD, L_BH_WRITING, L_H_IOPID, L_H_SIZE, L_BH_DATA, L_WAITS_FROM_NOWAITS,
+       L_COUNT };
 static uint64_t L[L_COUNT];
 
 void aiodb_set_layout(const uint64_t *values, int n) {
@@ -52,6 +66,16 @@ static int64_t try_lock(uint64_t *w, void *mutex, uint64_t nowait_w) {
 
 static void unlock(void *mutex) {
     if (mutex) pthread_mutex_unlock((pthread_mutex_t *)mutex);
+}
+
+/* Lock, blocking if it is held (counted as a wait). Returns 0 with the mutex held, or -errno:
+   -EOWNERDEAD with it held (the caller must repair or panic), any other without. */
+static int64_t lock(uint64_t *w, void *mutex, uint64_t nowait_w) {
+    int64_t rc = try_lock(w, mutex, nowait_w);
+    if (rc != -EBUSY) return rc;
+    int r = pthread_mutex_lock((pthread_mutex_t *)mutex);
+    if (r == 0 || r == EOWNERDEAD) w[nowait_w - L[L_WAITS_FROM_NOWAITS]]++;
+    return r ? -(int64_t)r : 0;
 }
 
 /* Pin page `pgno` of file `tag` if it is in the chain at w[head_w] and not being read.
@@ -112,6 +136,98 @@ int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_
     unlock(mutex);
     return result;
 }
+
+/* The per-cache arrays mutexes[], nowait_w[] and bucket_w[] are indexed by bucket number;
+   mutexes[b] is NULL in a private region. */
+
+/* Write-back, step 1, for a batch of n buffers (bucket[i], bh[i]): lock the bucket; if the
+   buffer still holds page pgno[i] of file tag[i], is dirty, unpinned and not under I/O, mark it
+   WRITING (not dirty) and copy its page to dst + dst_off[i]: status[i] = 1. A pinned or busy
+   one: status 2; one evicted, reused or cleaned meanwhile: 0. Returns n, or the index of an item
+   whose lock failed, with status -errno (for -EOWNERDEAD its mutex is held). */
+int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *nowait_w,
+                       const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
+                       const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno, char *dst,
+                       const uint64_t *dst_off, uint64_t pid, int64_t *status) {
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t b = bucket[i];
+        int64_t rc = lock(w, mutexes[b], nowait_w[b]);
+        if (rc) { status[i] = rc; return (int64_t)i; }
+        uint64_t x = bh[i] >> 3;
+        uint64_t flags = w[x + L[L_H_FLAGS]];
+        if (w[x + L[L_H_FILE]] != tag[i] || w[x + L[L_H_PGNO]] != pgno[i]
+                || !(flags & L[L_BH_DIRTY])) {
+            status[i] = 0;
+        } else if (w[x + L[L_H_REF]] || (flags & (L[L_BH_READING] | L[L_BH_WRITING]))) {
+            status[i] = 2;
+        } else {
+            w[bucket_w[b] + L[L_B_DIRTY]]--;
+            w[x + L[L_H_FLAGS]] = (flags & ~L[L_BH_DIRTY]) | L[L_BH_WRITING];
+            w[x + L[L_H_IOPID]] = pid;
+            memcpy(dst + dst_off[i], base + bh[i] + L[L_BH_DATA], w[x + L[L_H_SIZE]]);
+            status[i] = 1;
+        }
+        unlock(mutexes[b]);
+    }
+    return (int64_t)n;
+}
+
+/* Write-back, step 2: clear WRITING on n buffers; where failed[i], put the dirty mark back.
+   Returns n, or the index of an item whose lock failed (-EOWNERDEAD: its mutex is held). */
+int64_t aiodb_write_done(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                         const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
+                         const uint64_t *bh, const uint8_t *failed) {
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t b = bucket[i];
+        if (lock(w, mutexes[b], nowait_w[b])) return (int64_t)i;
+        uint64_t x = bh[i] >> 3;
+        uint64_t flags = w[x + L[L_H_FLAGS]] & ~L[L_BH_WRITING];
+        if (failed[i] && !(flags & L[L_BH_DIRTY])) {
+            flags |= L[L_BH_DIRTY];
+            w[bucket_w[b] + L[L_B_DIRTY]]++;
+        }
+        w[x + L[L_H_FLAGS]] = flags;
+        w[x + L[L_H_IOPID]] = 0;
+        unlock(mutexes[b]);
+    }
+    return (int64_t)n;
+}
+
+/* Collect the dirty buffers of buckets first..last-1 (skipping buckets whose dirty count is
+   0 without locking them): file tag, pgno, buffer offset, bucket, priority, and whether it is
+   busy (pinned or under I/O). Stops early when max entries are out or a lock fails; *stopped
+   is the bucket to resume from. Returns the entries written, or -errno for a failed lock of
+   bucket *stopped (-EOWNERDEAD: its mutex is held). */
+int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                      const uint64_t *bucket_w, uint64_t first, uint64_t last, uint64_t max,
+                      uint64_t *tag, uint64_t *pgno, uint64_t *bh, uint64_t *bucket,
+                      uint64_t *prio, uint8_t *busy, uint64_t *stopped) {
+    uint64_t n = 0;
+    for (uint64_t b = first; b < last; b++) {
+        uint64_t bw = bucket_w[b];
+        if (!w[bw + L[L_B_DIRTY]]) continue;
+        if (n + w[bw + L[L_B_DIRTY]] + 8 > max) { *stopped = b; return (int64_t)n; }
+        int64_t rc = lock(w, mutexes[b], nowait_w[b]);
+        if (rc) { *stopped = b; return rc; }
+        for (uint64_t off = w[bw + L[L_B_HEAD]]; off && n < max; ) {
+            uint64_t x = off >> 3;
+            uint64_t flags = w[x + L[L_H_FLAGS]];
+            if (flags & L[L_BH_DIRTY]) {
+                tag[n] = w[x + L[L_H_FILE]];
+                pgno[n] = w[x + L[L_H_PGNO]];
+                bh[n] = off;
+                bucket[n] = b;
+                prio[n] = w[x + L[L_H_PRIO]];
+                busy[n] = w[x + L[L_H_REF]] || (flags & (L[L_BH_READING] | L[L_BH_WRITING]));
+                n++;
+            }
+            off = w[x + L[L_H_NEXT]];
+        }
+        unlock(mutexes[b]);
+    }
+    *stopped = last;
+    return (int64_t)n;
+}
 """
 
 ffibuilder = cffi.FFI()
@@ -127,6 +243,8 @@ _Static_assert(PTHREAD_PROCESS_SHARED == 1, "unexpected PTHREAD_PROCESS_SHARED")
 _Static_assert(PTHREAD_MUTEX_ROBUST == 1, "unexpected PTHREAD_MUTEX_ROBUST");
 """ + HOT_SOURCE,
     libraries=["pthread"],
+    # A function used but not defined must fail the build, not load and then fail to import.
+    extra_compile_args=["-Werror=implicit-function-declaration"],
 )
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from ..errors import (
     PageNotFound,
     PermissionDenied,
 )
-from .layout import BH, BH_DIRTY, BH_READING, FF_NO_MMAP
+from ..region.layout import MUTEX_SLOT, WORD
+from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP
 from ..region.mutex import ffi, speedups
 from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
@@ -60,10 +61,13 @@ _HS_EXTRA = _HS["hash_examined_extra"]
 
 # The compiled accelerator, when installed, does the bucket work of hits and unpins.
 if speedups is not None:
-    speedups.aiodb_set_layout(ffi.new("uint64_t[]", [
+    _layout = [
         H_NEXT, H_FILE, H_PGNO, H_REF, H_FLAGS, H_PRIO, B_HEAD, B_DIRTY, C_LRU, C_BUFFERS,
-        BH_READING, BH_DIRTY, PAGE_DIRTY, PAGE_CLEAN, PAGE_DISCARD,
-    ]), 15)
+        BH_READING, BH_DIRTY, PAGE_DIRTY, PAGE_CLEAN, PAGE_DISCARD, BH_WRITING, H_IOPID,
+        H_SIZE, BH.size,
+        (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
+    ]
+    speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
     _c_pin_hit = speedups.aiodb_pin_hit
     _c_unpin = speedups.aiodb_unpin
 else:

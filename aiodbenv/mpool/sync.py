@@ -24,6 +24,9 @@ import anyio.to_thread
 
 from .. import _io
 from ..errors import Incomplete, NoSpace
+from ..region.mutex import ffi, speedups
+from ..region.mutex import trylock as _trylock
+from ..region.mutex import unlock as _unlock
 from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_DEAD, FF_TEMP
 from .table import (
     _F,
@@ -38,6 +41,7 @@ from .table import (
     H_PGNO,
     H_PRIO,
     H_REF,
+    H_SIZE,
     Cache,
 )
 
@@ -45,6 +49,11 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 __all__ = ["SyncResult", "trickle", "write_back", "write_items"]
+
+# The compiled accelerator's batch steps of write-back, when installed.
+_c_snapshot = speedups.aiodb_snapshot if speedups is not None else None
+_c_write_done = speedups.aiodb_write_done if speedups is not None else None
+_c_collect = speedups.aiodb_collect if speedups is not None else None
 
 #: Pages per worker-thread hop: 64 pages of 4 KiB keep each hop's loop work under ~50 µs.
 BATCH_PAGES = 64
@@ -83,13 +92,87 @@ async def collect_dirty(
     Walks the buckets on the loop, letting other tasks run about every millisecond, so a
     large cache does not stall the loop.
     """
-    core = pool._core
-    found: dict[int, tuple[Item, int]] = {}
-    held: list[tuple[int, int]] = []
+    raw = await (_collect_c(pool) if _c_collect is not None else _collect_py(pool))
     want = None if files is None else {f + 1 for f in files}
-    writable: dict[int, bool] = {}
+    writable = {tag: pool._can_write(tag) for tag in set(raw.tags)}
+    held: list[tuple[int, int]] = []
+    keep: list[int] = []
+    for i, (tag, busy) in enumerate(zip(raw.tags, raw.busy)):
+        if want is not None and tag not in want:
+            continue
+        if not writable[tag]:
+            if want is not None:
+                held.append((tag - 1, raw.pgnos[i]))
+        elif busy:
+            held.append((tag - 1, raw.pgnos[i]))
+        else:
+            keep.append(i)
+    # Sort by file, then page: one packed int per page sorts several times faster than tuples.
+    tags, pgnos = raw.tags, raw.pgnos
+    keys = {((tags[i] - 1) << 40) | pgnos[i]: i for i in keep}
+    order = [keys[k] for k in sorted(keys)]
+    caches, buckets, bhs, prios = raw.caches, raw.buckets, raw.bhs, raw.prios
+    items = [(tags[i] - 1, pgnos[i], caches[i], buckets[i], bhs[i]) for i in order]
+    return items, held, [prios[i] for i in order]
+
+
+class _Raw:
+    """Dirty buffers as found, column by column (cheaper than a tuple per buffer)."""
+
+    __slots__ = ("tags", "pgnos", "caches", "buckets", "bhs", "prios", "busy")
+
+    def __init__(self) -> None:
+        self.tags: list[int] = []
+        self.pgnos: list[int] = []
+        self.caches: list[Cache] = []
+        self.buckets: list[int] = []
+        self.bhs: list[int] = []
+        self.prios: list[int] = []
+        self.busy: list[int] = []
+
+
+async def _collect_c(pool: Pool) -> _Raw:
+    assert _c_collect is not None
+    out = _Raw()
+    cap = 4096
+    stopped = ffi.new("uint64_t[1]")
     deadline = time.monotonic() + YIELD_EVERY
-    for cache in core.caches:
+    for cache in pool._core.caches:
+        first, nb = 0, cache.nbuckets
+        while first < nb:
+            tag, pgno, bh, bucket, prio = (ffi.new("uint64_t[]", cap) for _ in range(5))
+            busy = ffi.new("uint8_t[]", cap)
+            last = min(nb, first + 1024)  # a slice of buckets per call: the loop breathes
+            n = _c_collect(cache.wptr, cache.c_mptrs, cache.c_nowait_words,
+                           cache.c_bucket_words, first, last, cap, tag, pgno, bh, bucket, prio,
+                           busy, stopped)
+            if n < 0:  # a lock failed: its holder died (mutex held), or worse
+                if n == -errno.EOWNERDEAD:
+                    _recover(cache, int(stopped[0]))
+                else:
+                    _locked(cache, int(stopped[0]))  # raises the right error
+                    _unlocked(cache, int(stopped[0]))
+                continue  # again from the same bucket
+            out.tags += ffi.unpack(tag, n)
+            out.pgnos += ffi.unpack(pgno, n)
+            out.bhs += ffi.unpack(bh, n)
+            out.buckets += ffi.unpack(bucket, n)
+            out.prios += ffi.unpack(prio, n)
+            out.busy += ffi.unpack(busy, n)
+            out.caches += [cache] * n
+            if n == 0 and int(stopped[0]) == first:
+                cap *= 2  # one bucket holds more dirty pages than the arrays: make room
+            first = int(stopped[0])
+            if time.monotonic() > deadline:
+                await asyncio.sleep(0)
+                deadline = time.monotonic() + YIELD_EVERY
+    return out
+
+
+async def _collect_py(pool: Pool) -> _Raw:
+    out = _Raw()
+    deadline = time.monotonic() + YIELD_EVERY
+    for cache in pool._core.caches:
         w = cache.words
         for b, bw in enumerate(cache.bucket_words):
             if not b & 63 and time.monotonic() > deadline:
@@ -97,28 +180,25 @@ async def collect_dirty(
                 deadline = time.monotonic() + YIELD_EVERY
             if not w[bw + B_DIRTY]:
                 continue
-            with cache.mutexes[b]:
+            _locked(cache, b)
+            try:
                 off = w[bw + B_HEAD]
                 while off:
                     x = off >> 3
-                    tag = int(w[x + H_FILE])
-                    if w[x + H_FLAGS] & BH_DIRTY and (want is None or tag in want):
-                        ok = writable.get(tag)
-                        if ok is None:
-                            ok = writable[tag] = pool._can_write(tag)
-                        pgno = int(w[x + H_PGNO])
-                        if not ok:
-                            if want is not None:
-                                held.append((tag - 1, pgno))
-                        elif w[x + H_REF] or w[x + H_FLAGS] & (BH_READING | BH_WRITING):
-                            held.append((tag - 1, pgno))
-                        else:
-                            # One int per page sorts several times faster than tuples.
-                            found[((tag - 1) << 40) | pgno] = (
-                                (tag - 1, pgno, cache, b, off), int(w[x + H_PRIO]))
+                    flags = w[x + H_FLAGS]
+                    if flags & BH_DIRTY:
+                        out.tags.append(int(w[x + H_FILE]))
+                        out.pgnos.append(int(w[x + H_PGNO]))
+                        out.caches.append(cache)
+                        out.buckets.append(b)
+                        out.bhs.append(off)
+                        out.prios.append(int(w[x + H_PRIO]))
+                        out.busy.append(1 if w[x + H_REF] or flags & (BH_READING | BH_WRITING)
+                                        else 0)
                     off = w[x + H_NEXT]
-    ordered = [found[k] for k in sorted(found)]
-    return [item for item, _ in ordered], held, [prio for _, prio in ordered]
+            finally:
+                _unlocked(cache, b)
+    return out
 
 
 async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool,
@@ -207,38 +287,39 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult,
                      synced: dict[int, int]) -> None:
     core = pool._core
     w0 = core.w0
-    taken: list[tuple[Item, bytes]] = []
+    sizes: dict[int, int] = {}
+    live: list[Item] = []
     for item in batch:
-        fidx, pgno, cache, b, bh = item
-        w = cache.words
-        x = bh >> 3
-        bw = cache.bucket_words[b]
-        flags_of_file = w0[core.entry(fidx) + _F["flags"]] if core.entry(fidx) else FF_DEAD
-        with cache.mutexes[b]:
-            flags = w[x + H_FLAGS]
-            if (w[x + H_FILE] != fidx + 1 or w[x + H_PGNO] != pgno or not flags & BH_DIRTY):
-                continue  # evicted, reused or cleaned meanwhile
-            if w[x + H_REF] or flags & (BH_READING | BH_WRITING):
-                result.incomplete += 1
-                continue
-            w[bw + B_DIRTY] -= 1
-            if flags_of_file & FF_DEAD:
-                w[x + H_FLAGS] = flags & ~BH_DIRTY  # nobody wants these pages any more
-                result.dropped += 1
-                continue
-            w[x + H_FLAGS] = (flags & ~BH_DIRTY) | BH_WRITING
-            w[x + H_IOPID] = pool._pid
-            start = bh + BH.size
-            copy = bytes(cache.buf[start : start + w[x + 6]])  # BH.page_size
-        taken.append((item, copy))
+        fidx = item[0]
+        if fidx not in sizes:
+            e = core.entry(fidx)
+            sizes[fidx] = -1 if not e or w0[e + _F["flags"]] & FF_DEAD else int(
+                w0[e + _F["page_size"]])
+        if sizes[fidx] < 0:
+            result.dropped += _drop_dirty(item)  # closed for good: nobody wants the page
+        else:
+            live.append(item)
+    if not live:
+        return
+    # Step 1, on the loop: copy each page under its bucket mutex and flag it WRITING.
+    offsets = []
+    total = 0
+    for item in live:
+        offsets.append(total)
+        total += sizes[item[0]]
+    snapshot = bytearray(total)
+    status = _snapshot(pool, live, snapshot, offsets)
+    taken = [(item, memoryview(snapshot)[off : off + sizes[item[0]]])
+             for item, off, st in zip(live, offsets, status) if st == 1]
+    result.incomplete += sum(1 for st in status if st == 2)
     if not taken:
         return
+    # Step 2, in a worker thread: pgout on the copies, one pwritev per run of adjacent pages.
     jobs = _plan_runs(pool, taken)
     try:
         outcome = await anyio.to_thread.run_sync(_write_runs, jobs, limiter=pool._limiter)
     except Exception as thread_err:  # the thread could not even run: every write failed
         outcome = [(None, thread_err)] * len(jobs)
-    # Bookkeeping: clear WRITING; put the dirty mark back on pages whose write failed.
     failed: set[tuple[int, int]] = set()
     for job, (fd, err) in zip(jobs, outcome):
         fidx = job.fidx
@@ -255,20 +336,158 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult,
             pool._count_write(fidx, len(job.pgnos), nbytes)
             result.write_calls += 1
             result.bytes_written += nbytes
-    for (fidx, pgno, cache, b, bh), _copy in taken:
-        w = cache.words
-        x = bh >> 3
-        bw = cache.bucket_words[b]
-        with cache.mutexes[b]:
-            flags = w[x + H_FLAGS] & ~BH_WRITING
-            if (fidx, pgno) in failed:
-                if not flags & BH_DIRTY:
-                    flags |= BH_DIRTY
-                    w[bw + B_DIRTY] += 1
-            w[x + H_FLAGS] = flags
-            w[x + H_IOPID] = 0
+    # Step 3, on the loop: clear WRITING; a failed write puts the dirty mark back.
+    _write_done(pool, [item for item, _ in taken],
+                [(item[0], item[1]) in failed for item, _ in taken])
     result.written += len(taken) - len(failed)
     pool._notify()
+
+
+def _locked(cache: Cache, b: int) -> None:
+    """Lock bucket ``b`` (blocking if held; repairing or panicking if its holder died)."""
+    p = cache.mptrs[b]
+    if p:
+        rc = _trylock(p)
+        if rc:
+            cache.mutexes[b].acquire_contended(rc)
+        else:
+            cache.words[cache.nowait_words[b]] += 1
+
+
+def _unlocked(cache: Cache, b: int) -> None:
+    p = cache.mptrs[b]
+    if p:
+        _unlock(p)
+
+
+def _drop_dirty(item: Item) -> int:
+    _fidx, pgno, cache, b, bh = item
+    w = cache.words
+    x = bh >> 3
+    _locked(cache, b)
+    try:
+        flags = w[x + H_FLAGS]
+        if (w[x + H_FILE] == item[0] + 1 and w[x + H_PGNO] == pgno and flags & BH_DIRTY
+                and not w[x + H_REF] and not flags & (BH_READING | BH_WRITING)):
+            w[x + H_FLAGS] = flags & ~BH_DIRTY
+            w[cache.bucket_words[b] + B_DIRTY] -= 1
+            return 1
+        return 0
+    finally:
+        _unlocked(cache, b)
+
+
+def _snapshot(pool: Pool, items: list[Item], dst: bytearray, offsets: list[int]) -> list[int]:
+    """Copy each item's page into ``dst`` at its offset and flag it WRITING; per item 1
+    (taken), 2 (pinned or busy: not now) or 0 (evicted, reused or cleaned meanwhile)."""
+    status = [0] * len(items)
+    if _c_snapshot is not None:
+        for cache, idx in _by_cache(items):
+            done = 0
+            while done < len(idx):
+                part = idx[done:]
+                n = len(part)
+                st = ffi.new("int64_t[]", n)
+                got = _c_snapshot(
+                    cache.wptr, cache.region.base, cache.c_mptrs, cache.c_nowait_words,
+                    cache.c_bucket_words, n, ffi.new("uint64_t[]", [items[i][3] for i in part]),
+                    ffi.new("uint64_t[]", [items[i][4] for i in part]),
+                    ffi.new("uint64_t[]", [items[i][0] + 1 for i in part]),
+                    ffi.new("uint64_t[]", [items[i][1] for i in part]),
+                    ffi.from_buffer(dst), ffi.new("uint64_t[]", [offsets[i] for i in part]),
+                    pool._pid, st,
+                )
+                for k in range(got):
+                    status[part[k]] = int(st[k])
+                if got < n:  # that bucket's lock failed: handle it the Python way
+                    i = part[got]
+                    if st[got] == -errno.EOWNERDEAD:
+                        _recover(cache, items[i][3])
+                    status[i] = _snapshot_one(pool, items[i], dst, offsets[i])
+                    got += 1
+                done += got
+        return status
+    for i, item in enumerate(items):
+        status[i] = _snapshot_one(pool, item, dst, offsets[i])
+    return status
+
+
+def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int) -> int:
+    fidx, pgno, cache, b, bh = item
+    w = cache.words
+    x = bh >> 3
+    _locked(cache, b)
+    try:
+        flags = w[x + H_FLAGS]
+        if w[x + H_FILE] != fidx + 1 or w[x + H_PGNO] != pgno or not flags & BH_DIRTY:
+            return 0
+        if w[x + H_REF] or flags & (BH_READING | BH_WRITING):
+            return 2
+        w[cache.bucket_words[b] + B_DIRTY] -= 1
+        w[x + H_FLAGS] = (flags & ~BH_DIRTY) | BH_WRITING
+        w[x + H_IOPID] = pool._pid
+        size = int(w[x + H_SIZE])
+        dst[off : off + size] = cache.buf[bh + BH.size : bh + BH.size + size]
+        return 1
+    finally:
+        _unlocked(cache, b)
+
+
+def _write_done(pool: Pool, items: list[Item], failed: list[bool]) -> None:
+    """Clear WRITING on the items' buffers; where failed, put the dirty mark back."""
+    if _c_write_done is not None:
+        for cache, idx in _by_cache(items):
+            done = 0
+            while done < len(idx):
+                part = idx[done:]
+                n = len(part)
+                got = _c_write_done(
+                    cache.wptr, cache.c_mptrs, cache.c_nowait_words, cache.c_bucket_words, n,
+                    ffi.new("uint64_t[]", [items[i][3] for i in part]),
+                    ffi.new("uint64_t[]", [items[i][4] for i in part]),
+                    ffi.new("uint8_t[]", [failed[i] for i in part]),
+                )
+                if got < n:
+                    i = part[got]
+                    _recover(cache, items[i][3])
+                    _write_done_one(items[i], failed[i])
+                    got += 1
+                done += got
+        return
+    for item, bad in zip(items, failed):
+        _write_done_one(item, bad)
+
+
+def _write_done_one(item: Item, failed: bool) -> None:
+    _fidx, _pgno, cache, b, bh = item
+    w = cache.words
+    x = bh >> 3
+    _locked(cache, b)
+    try:
+        flags = w[x + H_FLAGS] & ~BH_WRITING
+        if failed and not flags & BH_DIRTY:
+            flags |= BH_DIRTY
+            w[cache.bucket_words[b] + B_DIRTY] += 1
+        w[x + H_FLAGS] = flags
+        w[x + H_IOPID] = 0
+    finally:
+        _unlocked(cache, b)
+
+
+def _recover(cache: Cache, b: int) -> None:
+    """The compiled lock found the holder dead (mutex held): repair the Python way, let go."""
+    mx = cache.mutexes[b]
+    mx.acquire_contended(errno.EOWNERDEAD)
+    if mx.ptr is not None:
+        _unlock(mx.ptr)
+
+
+def _by_cache(items: list[Item]) -> list[tuple[Cache, list[int]]]:
+    groups: dict[int, tuple[Cache, list[int]]] = {}
+    for i, item in enumerate(items):
+        cache = item[2]
+        groups.setdefault(id(cache), (cache, []))[1].append(i)
+    return list(groups.values())
 
 
 @dataclass
@@ -279,12 +498,12 @@ class _Run:
     temp: bool
     offset: int
     pgnos: list[int]
-    copies: list[bytes]
+    copies: list[memoryview]
     pgout: object
     cookie: bytes
 
 
-def _plan_runs(pool: Pool, taken: list[tuple[Item, bytes]]) -> list[_Run]:
+def _plan_runs(pool: Pool, taken: list[tuple[Item, memoryview]]) -> list[_Run]:
     core = pool._core
     runs: list[_Run] = []
     for (fidx, pgno, _c, _b, _bh), copy in taken:
@@ -322,14 +541,10 @@ def _write_runs(runs: list[_Run]) -> list[tuple[int | None, BaseException | None
                 else:
                     fd = _io.open_file(run.path, os.O_RDWR | os.O_CLOEXEC)
                 opened[run.fidx] = fd
-            bufs: list[bytes | bytearray] = list(run.copies)
-            if run.pgout is not None:
-                bufs = []
+            if run.pgout is not None:  # on the copies: the cached pages stay as they are
                 for pgno, copy in zip(run.pgnos, run.copies):
-                    page = bytearray(copy)
-                    with memoryview(page) as mv:
-                        run.pgout(pgno, mv, run.cookie)  # type: ignore[operator]
-                    bufs.append(page)
+                    run.pgout(pgno, copy, run.cookie)  # type: ignore[operator]
+            bufs = run.copies
             total = sum(len(b) for b in bufs)
             n = _io.pwritev(fd, bufs, run.offset)
             if n != total:

@@ -147,7 +147,8 @@ class Cache:
 
     __slots__ = (
         "index", "region", "words", "buf", "nbuckets", "bucket_words", "mutexes", "allocator",
-        "alloc_mutex", "hdr", "wptr", "mptrs", "nowait_words",
+        "alloc_mutex", "hdr", "wptr", "mptrs", "nowait_words", "c_mptrs", "c_nowait_words",
+        "c_bucket_words",
     )
 
     def __init__(
@@ -178,6 +179,10 @@ class Cache:
         ]
         self.mutexes = _BucketMutexes(self, region, start, shared, panic)
         self.wptr = ffi.cast("uint64_t *", region.base)
+        # The same, as C arrays, for the compiled write-back helpers.
+        self.c_mptrs = ffi.new("void *[]", self.mptrs)
+        self.c_nowait_words = ffi.new("uint64_t[]", self.nowait_words)
+        self.c_bucket_words = ffi.new("uint64_t[]", self.bucket_words)
         if shared:
             self.alloc_mutex: SharedMutex | NullMutex = SharedMutex(
                 region.base, w, REGION_HEADER.offset("alloc_mutex"),
