@@ -24,6 +24,12 @@ int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head
                       uint64_t pgno, uint64_t tag, uint64_t *examined);
 int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_t bucket_w,
                 uint64_t hdr_w, int flags);
+int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                            const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
+                            uint64_t *hits, uint64_t *extra, uint64_t *longest,
+                            uint64_t *bucket);
+int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                   const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w, int flags);
 int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *nowait_w,
                        const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
                        const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno, char *dst,
@@ -140,11 +146,47 @@ int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_
 /* The per-cache arrays mutexes[], nowait_w[] and bucket_w[] are indexed by bucket number;
    mutexes[b] is NULL in a private region. */
 
+/* The hit path of a pool with one cache, whole: hash (fidx, pgno) to its bucket exactly as
+   PoolCore.locate does, search and pin (aiodb_pin_hit), and count the hit in the handle's
+   statistics: *hits is the file's hit counter, *extra the handle's "examined beyond the
+   first" counter, *longest its longest chain (all in region 0). *bucket gets the bucket.
+   Returns as aiodb_pin_hit. */
+int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                            const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
+                            uint64_t *hits, uint64_t *extra, uint64_t *longest,
+                            uint64_t *bucket) {
+    uint64_t h = (pgno * 0x9E3779B1ULL + fidx * 509ULL) & 0xFFFFFFFFFFFFULL;
+    uint64_t b = h % nb, examined;
+    *bucket = b;
+    int64_t off = aiodb_pin_hit(w, mutexes[b], nowait_w[b], bucket_w[b] + L[L_B_HEAD], pgno,
+                                fidx + 1, &examined);
+    if (off > 0) {
+        (*hits)++;
+        if (examined > 1) {
+            *extra += examined - 1;
+            if (examined > *longest) *longest = examined;
+        }
+    }
+    return off;
+}
+
+/* aiodb_unpin for buffer word x of bucket b, taking the per-cache arrays. */
+int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                   const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w, int flags) {
+    return aiodb_unpin(w, mutexes[b], nowait_w[b], x, bucket_w[b], hdr_w, flags);
+}
+
 /* Write-back, step 1, for a batch of n buffers (bucket[i], bh[i]): lock the bucket; if the
    buffer still holds page pgno[i] of file tag[i], is dirty, unpinned and not under I/O, mark it
    WRITING (not dirty) and copy its page to dst + dst_off[i]: status[i] = 1. A pinned or busy
    one: status 2; one evicted, reused or cleaned meanwhile: 0. Returns n, or the index of an item
    whose lock failed, with status -errno (for -EOWNERDEAD its mutex is held). */
+int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                            const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
+                            uint64_t *hits, uint64_t *extra, uint64_t *longest,
+                            uint64_t *bucket);
+int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                   const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w, int flags);
 int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *nowait_w,
                        const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
                        const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno, char *dst,

@@ -69,9 +69,10 @@ if speedups is not None:
     ]
     speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
     _c_pin_hit = speedups.aiodb_pin_hit
-    _c_unpin = speedups.aiodb_unpin
+    _c_pin_one = speedups.aiodb_pin_one_cache
+    _c_unpin = speedups.aiodb_unpin_at
 else:
-    _c_pin_hit = _c_unpin = None
+    _c_pin_hit = _c_pin_one = _c_unpin = None
 _HS_LONG = _HS["hash_longest"]
 
 
@@ -129,6 +130,12 @@ class PoolFile:
         self._panic_i = pool._panic_index
         self._fs_hit = self._fs + _FS_HIT
         self._examined = ffi.new("uint64_t[1]")
+        self._bucket_out = ffi.new("uint64_t[1]")
+        w0p = self._cache0.wptr  # region 0: where the statistics blocks live
+        self._hit_ptr = w0p + self._fs_hit
+        self._extra_ptr = w0p + self._hs + _HS_EXTRA
+        self._longest_ptr = w0p + self._hs + _HS_LONG
+        self._choose_hit_path()
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -275,6 +282,34 @@ class PoolFile:
         page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, off)
         self._pins.add(page)
         return page
+
+    def _pin_hit_one(self, pgno: int) -> Page | None:
+        """:meth:`_pin_hit_c` for a pool of one cache: hashing, search, pin and statistics
+        all in one compiled call."""
+        if not self._hot or self._panic_w[self._panic_i]:
+            return None
+        cache = self._cache0
+        out = self._bucket_out
+        off = _c_pin_one(cache.wptr, cache.c_mptrs, cache.c_nowait_words, cache.c_bucket_words,
+                         cache.nbuckets, self._fidx, pgno, self._hit_ptr, self._extra_ptr,
+                         self._longest_ptr, out)
+        if off <= 0:
+            if off == -errno.EOWNERDEAD:
+                self._owner_died(cache, int(out[0]))
+            return None
+        start = off + _BH_DATA
+        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, int(out[0]),
+                    off)
+        self._pins.add(page)
+        return page
+
+    def _choose_hit_path(self) -> None:
+        if speedups is None:
+            self._pin_hit = self._pin_hit_py  # type: ignore[method-assign]
+        elif self._ncache == 1:
+            self._pin_hit = self._pin_hit_one  # type: ignore[method-assign]
+        else:
+            self._pin_hit = self._pin_hit_c  # type: ignore[method-assign]
 
     #: The hit path in use: compiled when the accelerator is installed, else Python.
     _pin_hit = _pin_hit_c if speedups is not None else _pin_hit_py
@@ -496,8 +531,8 @@ class PoolFile:
             return
         b = page._bucket
         if _c_unpin is not None:
-            r = _c_unpin(cache.wptr, cache.mptrs[b], cache.nowait_words[b], bh >> 3,
-                         cache.bucket_words[b], cache.hdr, flags)
+            r = _c_unpin(cache.wptr, cache.c_mptrs, cache.c_nowait_words, cache.c_bucket_words,
+                         b, bh >> 3, cache.hdr, flags)
             if r == 1:
                 self._pool._frame_released()
                 return
