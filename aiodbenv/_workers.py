@@ -375,9 +375,18 @@ async def run_checkpoint(
     Idempotent, and safe to cancel at any await: written pages are clean, the rest stay dirty.
     ``progress(done, total)`` is called after each batch when given.
     """
+    pool._enter()
+    try:
+        return await _checkpoint(pool, spread, progress)
+    finally:
+        pool._leave()
+
+
+async def _checkpoint(
+    pool: Pool, spread: float, progress: ProgressCallback | None
+) -> SyncResult:
     from .mpool.sync import SyncResult, collect_dirty, fsync_files, write_items
 
-    pool._check()
     items, held, _ = await collect_dirty(pool, None)
     result = SyncResult()
     synced: dict[int, int] = {}

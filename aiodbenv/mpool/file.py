@@ -169,6 +169,11 @@ class PoolFile:
             raise InvalidArgument(f"file {self._path!r} is closed")
         self._pool._check()
 
+    def _check_open(self) -> None:
+        """After an await inside a pin: the file (or the pool) may have closed meanwhile."""
+        if self._closed:
+            raise InvalidArgument(f"file {self._path!r} was closed while the pin waited")
+
     # -- pinning ------------------------------------------------------------------------------
 
     def get(self, pgno: int, *, create: bool = False) -> PinContext:
@@ -332,6 +337,21 @@ class PoolFile:
 
     async def _pin(self, pgno: int, mode: int) -> Page:
         self._check()
+        pool = self._pool
+        pool._enter()
+        try:
+            page = await self._pin_slow(pgno, mode)
+        finally:
+            pool._leave()
+        if self._closed or pool._closing:
+            # The file or the environment began closing while this pin waited: a page handed
+            # out now would be unpinned under the caller at once. Give it back instead.
+            self._unpin(page, 0)
+            what = "file" if self._closed else "environment"
+            raise InvalidArgument(f"the {what} was closed while the pin waited")
+        return page
+
+    async def _pin_slow(self, pgno: int, mode: int) -> Page:
         w0 = self._w0
         e = self._entry
         if mode == MODE_NEW:
@@ -372,6 +392,9 @@ class PoolFile:
                 if mode == MODE_CREATE:
                     self._extend(pgno)
             frame = await self._pool._get_frame(cache, self.page_size)
+            if self._closed:  # closed while we waited for the frame: give it back
+                self._core.free_buffer(cache, frame)
+                self._check_open()
             inserted = self._insert(cache, b, frame, pgno)
             if not inserted:
                 continue  # someone else brought the page in meanwhile: pin theirs

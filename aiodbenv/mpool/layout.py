@@ -68,7 +68,7 @@ BUCKET = Layout(
     [
         ("mutex", MUTEX_SLOT),
         ("head", 1),  # offset of the first BH in the chain
-        ("dirty", 1),  # dirty (or being written) buffers in the chain: write-back skips zeros
+        ("dirty", 1),  # buffers flagged DIRTY in the chain: write-back skips buckets at zero
         ("count", 1),  # buffers in the chain
         ("pad", 1),
     ],

@@ -15,9 +15,9 @@ import os
 import stat as stat_mod
 import tempfile
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from .sync import SyncResult
 
 __all__ = ["FileOpener", "PageIn", "PageOut", "Pool"]
+
+T = TypeVar("T")
 
 #: ``pgin(pgno, page, cookie)`` / ``pgout(pgno, page, cookie)``: transform a page in place
 #: after it is read / before it is written. Raise to fail the read or write.
@@ -107,8 +109,10 @@ class FileOpener:
 class _ReadBatcher:
     """Sends reads to worker threads in batches: one hop serves every read queued meanwhile."""
 
-    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+    def __init__(self, limiter: anyio.CapacityLimiter,
+                 spawn: Callable[[Coroutine[Any, Any, None]], object]) -> None:
         self._limiter = limiter
+        self._spawn = spawn
         self._queue: list[tuple[int, memoryview, int, asyncio.Future[int]]] = []
         self._running = 0
 
@@ -124,7 +128,7 @@ class _ReadBatcher:
         if not batch:
             return
         self._running += 1
-        asyncio.get_running_loop().create_task(self._run(batch))
+        self._spawn(self._run(batch))
 
     async def _run(self, batch: list[tuple[int, memoryview, int, asyncio.Future[int]]]) -> None:
         try:
@@ -182,6 +186,12 @@ class Pool:
         self._changed: asyncio.Event | None = None
         self._waiters = 0
         self._closed = False
+        # Closing waits for all of this: coroutines inside a slow path (a miss, a sync) and the
+        # tasks the pool spawned for I/O (fills, read batches, write batches, fsyncs), so that
+        # no descriptor is closed and no region detached under a read or write in flight.
+        self._closing = False
+        self._busy = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
         # Dirty unpins in this process since a worker last looked, and who to wake.
         self._dirtied_w = self._hs + _HS["dirtied_bytes"]
         self._dirty_pages = 0
@@ -204,7 +214,7 @@ class Pool:
     @property
     def _reader(self) -> _ReadBatcher:
         if self._reader_obj is None:
-            self._reader_obj = _ReadBatcher(self._limiter)
+            self._reader_obj = _ReadBatcher(self._limiter, self._spawn)
         return self._reader_obj
 
     def _check(self) -> None:
@@ -214,9 +224,35 @@ class Pool:
             raise ForkedProcessError(
                 "this pool handle belongs to another process; open the environment again"
             )
-        if self._closed:
-            raise InvalidArgument("the environment is closed")
+        if self._closed or self._closing:
+            raise InvalidArgument("the environment is closed" if self._closed
+                                  else "the environment is closing")
         self._env.check_panic()
+
+    def _enter(self) -> None:
+        """A slow path begins (closing waits for it to end); raises if the pool is closing."""
+        self._check()
+        self._busy += 1
+
+    def _leave(self) -> None:
+        self._busy -= 1
+        if self._closing:
+            self._notify()
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Start I/O work as a task the pool tracks until it ends (closing waits for it)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _quiesce(self) -> None:
+        """Wait until no slow path runs and no I/O task of the pool is left."""
+        while self._busy or self._tasks:
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            else:
+                await self._wait_change(0.01)
 
     def _panic_unpinned(self, pgno: int) -> None:
         self._env.panic(f"page {pgno} returned to the pool more often than it was pinned")
@@ -391,7 +427,10 @@ class Pool:
         return os.path.join(self._env.home, os.fspath(path))
 
     async def _close_file(self, f: PoolFile) -> None:
-        self._files.discard(f)
+        self._files.discard(f)  # new writes no longer use its descriptor
+        # Reads and writes already under way may still use it: let them finish first.
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         core = self._core
         fidx = f._fidx
         core.release_file_stats_block(fidx, f._fs)
@@ -545,7 +584,7 @@ class Pool:
         """
         if self._fill_now(f, cache, b, bh, pgno, mode):
             return
-        job = asyncio.get_running_loop().create_task(self._fill_job(f, cache, b, bh, pgno, mode))
+        job = self._spawn(self._fill_job(f, cache, b, bh, pgno, mode))
         try:
             await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -685,6 +724,7 @@ class Pool:
         try:
             while w[x + H_FLAGS] & BH_READING:
                 await self._wait_change(delay)
+                self._check()  # closing: give the pin back (below) and leave
                 delay = min(delay * 2, 0.002)
                 if time.monotonic() - checked > 0.5:
                     checked = time.monotonic()
@@ -826,9 +866,14 @@ class Pool:
         return pool_stat(self._core)
 
     async def _close(self) -> None:
-        """Close every file this handle opened and detach (at Env close)."""
+        """Close every file this handle opened and detach (at Env close). New calls fail with
+        InvalidArgument from here on; waiting pins are woken and give up; reads and writes
+        under way finish first."""
         if self._closed:
             return
+        self._closing = True
+        self._notify()
+        await self._quiesce()
         try:
             for f in list(self._files):
                 await f.close()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 
 from .. import _io
-from ..errors import Incomplete, NoSpace
+from ..errors import Incomplete, InvalidArgument, NoSpace
 from ..region.mutex import ffi, speedups
 from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
@@ -205,6 +205,15 @@ async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool,
                      reason: str) -> SyncResult:
     """Write every writable dirty page (of ``files``, or all); fsync if asked. Raises the
     first write error, else :class:`Incomplete` if pinned dirty pages were left."""
+    pool._enter()
+    try:
+        return await _write_back(pool, files=files, fsync=fsync, reason=reason)
+    finally:
+        pool._leave()
+
+
+async def _write_back(pool: Pool, *, files: set[int] | None, fsync: bool,
+                      reason: str) -> SyncResult:
     items, held, _ = await collect_dirty(pool, files)
     result = await write_items(pool, items, fsync=fsync)
     result.incomplete += len(held)
@@ -228,6 +237,14 @@ async def trickle(pool: Pool, pct: int) -> int:
 
 async def trickle_result(pool: Pool, pct: int) -> SyncResult:
     """:func:`trickle`, returning the whole :class:`SyncResult`."""
+    pool._enter()
+    try:
+        return await _trickle(pool, pct)
+    finally:
+        pool._leave()
+
+
+async def _trickle(pool: Pool, pct: int) -> SyncResult:
     core = pool._core
     total = dirty = 0
     for cache in core.caches:
@@ -263,6 +280,8 @@ async def write_items(
         synced = {}
     i = 0
     while i < len(items):
+        if pool._closing:
+            raise InvalidArgument("the environment is closing: write-back stopped")
         batch: list[Item] = []
         size = 0
         while i < len(items) and len(batch) < BATCH_PAGES and size < BATCH_BYTES:
@@ -279,7 +298,7 @@ async def _run_batch(pool: Pool, batch: list[Item], result: SyncResult,
                      synced: dict[int, int]) -> None:
     # The batch runs as its own task so that a cancelled caller cannot leave buffers flagged
     # WRITING: the writes and their bookkeeping always finish together.
-    job = asyncio.get_running_loop().create_task(_batch_job(pool, batch, result, synced))
+    job = pool._spawn(_batch_job(pool, batch, result, synced))
     await asyncio.shield(job)
 
 
@@ -568,8 +587,7 @@ async def fsync_files(pool: Pool, synced: dict[int, int], result: SyncResult) ->
                 res.append((fidx, err))
         return res
 
-    job = asyncio.get_running_loop().create_task(
-        anyio.to_thread.run_sync(run, limiter=pool._limiter))
+    job = pool._spawn(anyio.to_thread.run_sync(run, limiter=pool._limiter))
     for fidx, err in await asyncio.shield(job):
         if err is None:
             result.files_synced += 1

@@ -204,7 +204,8 @@ class Cache:
         return int(waits), int(nowaits)
 
     def repair_bucket(self, b: int) -> None:
-        """Recount a bucket after its mutex holder died: chain length and dirty count.
+        """Recount a bucket after its mutex holder died: chain length and dirty count (buffers
+        flagged DIRTY; one being written is not dirty until its write fails).
 
         The chain itself is only changed by single-word stores (a buffer is linked with one
         store of ``head`` or ``next`` after it is complete), so it is always walkable.
@@ -217,7 +218,7 @@ class Cache:
         while off and count <= limit:
             h = off >> 3
             count += 1
-            if w[h + H_FLAGS] & (BH_DIRTY | BH_WRITING):
+            if w[h + H_FLAGS] & BH_DIRTY:
                 dirty += 1
             off = w[h + H_NEXT]
         if off:

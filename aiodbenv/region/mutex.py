@@ -140,11 +140,18 @@ class SharedMutex:
 
     def __enter__(self) -> None:
         rc = lib.pthread_mutex_trylock(self._m)
-        if rc == 0:
-            self._words[self._w + _W_NOWAITS] += 1
-        else:
+        if rc:
             self.acquire_contended(rc)
-        self._words[self._w + _W_HOLDER] = self._pid
+        try:
+            w = self._words
+            if not rc:
+                w[self._w + _W_NOWAITS] += 1
+            w[self._w + _W_HOLDER] = self._pid
+        except BaseException:
+            # Nothing may stop __enter__ between locking and returning, or the mutex would
+            # stay locked in the region for good: let go, then report.
+            lib.pthread_mutex_unlock(self._m)
+            raise
 
     def acquire_contended(self, rc: int) -> None:
         """Finish acquiring after ``pthread_mutex_trylock`` returned ``rc`` (non-zero): block
