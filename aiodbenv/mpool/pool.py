@@ -38,13 +38,9 @@ from .layout import BH, BH_DIRTY, BH_FAILED, BH_READING, FF_DEAD, FF_NO_MMAP, FF
 from .table import (
     _F,
     _HS,
-    B_COUNT,
     B_DIRTY,
-    B_HEAD,
-    H_FILE,
     H_FLAGS,
     H_IOPID,
-    H_NEXT,
     H_REF,
     Cache,
     PoolCore,
@@ -695,18 +691,8 @@ class Pool:
         """A read failed: unlink the buffer, flag it failed for waiters, drop our pin."""
         w = cache.words
         x = bh >> 3
-        bw = cache.bucket_words[b]
         with cache.mutexes[b]:
-            prev = 0
-            off = w[bw + B_HEAD]
-            while off and off != bh:
-                prev, off = off, w[(off >> 3) + H_NEXT]
-            if off:
-                if prev:
-                    w[(prev >> 3) + H_NEXT] = w[x + H_NEXT]
-                else:
-                    w[bw + B_HEAD] = w[x + H_NEXT]
-                w[bw + B_COUNT] -= 1
+            cache.unlink(b, bh)
             w[x + H_FLAGS] = BH_FAILED
             w[x + H_REF] -= 1
             last = w[x + H_REF] == 0
@@ -754,20 +740,10 @@ class Pool:
         pid = int(w[x + H_IOPID])
         if not pid or pid == self._pid or is_alive(pid):
             return
-        bw = cache.bucket_words[b]
         with cache.mutexes[b]:
             if not (w[x + H_FLAGS] & BH_READING and w[x + H_IOPID] == pid):
                 return
-            prev = 0
-            off = w[bw + B_HEAD]
-            while off and off != bh:
-                prev, off = off, w[(off >> 3) + H_NEXT]
-            if off:
-                if prev:
-                    w[(prev >> 3) + H_NEXT] = w[x + H_NEXT]
-                else:
-                    w[bw + B_HEAD] = w[x + H_NEXT]
-                w[bw + B_COUNT] -= 1
+            cache.unlink(b, bh)
             w[x + H_FLAGS] = BH_FAILED
             w[x + H_REF] -= 1  # the dead reader's pin
 

@@ -30,7 +30,6 @@ from ..region.mutex import unlock as _unlock
 from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_DEAD, FF_TEMP
 from .table import (
     _F,
-    _FS,
     _HS,
     B_DIRTY,
     B_HEAD,

@@ -226,6 +226,25 @@ class Cache:
         w[bw + B_COUNT] = count
         w[bw + B_DIRTY] = dirty
 
+    def unlink(self, b: int, bh: int) -> bool:
+        """Take buffer ``bh`` out of bucket ``b``'s chain (caller holds the bucket mutex);
+        False if it was not in it."""
+        w = self.words
+        bw = self.bucket_words[b]
+        prev = 0
+        off = w[bw + B_HEAD]
+        while off and off != bh:
+            prev, off = off, w[(off >> 3) + H_NEXT]
+        if not off:
+            return False
+        nxt = w[(bh >> 3) + H_NEXT]
+        if prev:
+            w[(prev >> 3) + H_NEXT] = nxt
+        else:
+            w[bw + B_HEAD] = nxt
+        w[bw + B_COUNT] -= 1
+        return True
+
     def counter(self) -> int:
         """The cache's LRU counter."""
         return int(self.words[self.hdr + _C["lru_counter"]])
@@ -763,24 +782,13 @@ class PoolCore:
         """Take a clean, unpinned victim out of its bucket; False if it changed meanwhile."""
         cache = v.cache
         w = cache.words
-        bw = cache.bucket_words[v.bucket]
         with cache.mutexes[v.bucket]:
             h = v.bh >> 3
             if (w[h + H_REF] or w[h + H_FLAGS] & (BH_READING | BH_WRITING | BH_DIRTY)
                     or w[h + H_FILE] != v.file or w[h + H_PGNO] != v.pgno):
                 return False
-            prev = 0
-            off = w[bw + B_HEAD]
-            while off and off != v.bh:
-                prev, off = off, w[(off >> 3) + H_NEXT]
-            if not off:
+            if not cache.unlink(v.bucket, v.bh):
                 return False
-            nxt = w[h + H_NEXT]
-            if prev:
-                w[(prev >> 3) + H_NEXT] = nxt
-            else:
-                w[bw + B_HEAD] = nxt
-            w[bw + B_COUNT] -= 1
             w[h + H_FILE] = 0
         return True
 

@@ -899,7 +899,9 @@ def remove_environment(home: str, *, force: bool) -> None:
     except BlockingIOError:
         lock = None
         if not force:
-            raise Busy(f"environment {home} has open handles; close them or remove with force")
+            raise Busy(
+                f"environment {home} has open handles; close them or remove with force"
+            ) from None
     try:
         _remove_locked(home, force)
     finally:
