@@ -55,7 +55,17 @@ from .conftest import python
 PS = 512
 CACHE = 20 * 1024  # the minimum cache: 40 frames of 512 bytes
 FRAMES = CACHE // PS
-SLOW = 0.2  # seconds a delayed I/O call sleeps in its thread
+SLOW = 0.5  # seconds a delayed I/O call sleeps in its thread
+
+
+async def io_started(op: str, timeout: float = 10.0) -> None:
+    """Wait until a delayed fault on ``op`` has been reached: that I/O call is now sleeping
+    in its thread for SLOW seconds. Polling, not a fixed sleep: a loaded machine may take a
+    while to start the thread."""
+    deadline = time.monotonic() + timeout
+    while not any(f.op == op and f.delay and f.calls for f in list(_io._faults)):
+        assert time.monotonic() < deadline, f"the {op} never started"
+        await asyncio.sleep(0.001)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -308,7 +318,7 @@ async def test_pin_cancelled_during_its_thread_read(env: aiodbenv.Env,
     with _io.inject("pread", errno.EAGAIN, times=1), \
             _io.inject("pread", None, delay=SLOW, times=1) as slow:
         t = asyncio.create_task(f.pin(7))
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pread")
         assert not t.done()
         assert f._pool._reader._running == 1  # the read is in its worker thread
         t.cancel()
@@ -409,7 +419,7 @@ async def test_pin_cancelled_while_waiting_for_another_read(
     force_thread_reads(f)
     with _io.inject("pread", None, delay=SLOW, times=1):
         reader = asyncio.create_task(f.pin(9))
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pread")
         waiter = asyncio.create_task(f.pin(9))
         await asyncio.sleep(SLOW / 4)
         assert not reader.done() and not waiter.done()
@@ -442,7 +452,7 @@ async def test_waiters_cancelled_while_the_read_fails(env: aiodbenv.Env,
     force_thread_reads(f)
     with _io.inject("pread", errno.EIO, delay=SLOW, times=1):
         reader = asyncio.create_task(f.pin(11))
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pread")
         waiters = [asyncio.create_task(f.pin(11)) for _ in range(3)]
         await asyncio.sleep(SLOW / 4)
         waiters[0].cancel()
@@ -488,7 +498,7 @@ async def test_pin_cancelled_while_its_victim_is_written(env: aiodbenv.Env,
     assert pool.stat().page_dirty == FRAMES
     with _io.inject("pwrite", None, delay=SLOW) as slow:
         t = asyncio.create_task(f.pin(80))
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pwrite")
         assert not t.done()
         assert slow.calls == 1  # the victim's write is under way
         t.cancel()
@@ -609,7 +619,7 @@ async def test_async_with_cancelled_inside_and_while_entering(
 
     with _io.inject("pread", None, delay=SLOW, times=1):
         t = asyncio.create_task(enter_slow())
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pread")
         t.cancel()
         assert isinstance(await outcome(t), asyncio.CancelledError)
         await settle(env)
@@ -627,7 +637,7 @@ async def test_sync_cancelled_in_the_middle_of_a_batch_write(
     expected.update(await fill_dirty(f, range(0, 30), 1))
     with _io.inject("pwrite", None, delay=SLOW) as slow:
         t = asyncio.create_task(pool.sync())
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pwrite")
         assert slow.calls == 1 and not t.done()
         t.cancel()
         assert isinstance(await outcome(t), asyncio.CancelledError)
@@ -647,7 +657,7 @@ async def test_file_sync_cancelled_during_fsync(env: aiodbenv.Env,
     expected = await fill_dirty(f, range(5), 1)
     with _io.inject("fsync", None, delay=SLOW) as slow:
         t = asyncio.create_task(f.sync())
-        await asyncio.sleep(SLOW / 4)
+        await io_started("fsync")
         assert slow.calls == 1 and not t.done()
         t.cancel()
         assert isinstance(await outcome(t), asyncio.CancelledError)
@@ -714,7 +724,7 @@ async def test_sync_with_a_pinned_dirty_page_cancelled(env: aiodbenv.Env,
     f.set(pinned, dirty=True)
     with _io.inject("pwrite", None, delay=SLOW, times=1):
         t = asyncio.create_task(pool.sync())
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pwrite")
         t.cancel()
         assert isinstance(await outcome(t), asyncio.CancelledError)
         await settle(env, [pinned])
@@ -737,7 +747,7 @@ async def test_trickle_cancelled(env: aiodbenv.Env, data: aiodbenv.PoolFile) -> 
     expected.update(await fill_dirty(f, range(FRAMES), 1))
     with _io.inject("pwrite", None, delay=SLOW) as slow:
         t = asyncio.create_task(pool.trickle(50))
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pwrite")
         assert slow.calls == 1 and not t.done()
         t.cancel()
         assert isinstance(await outcome(t), asyncio.CancelledError)
@@ -778,7 +788,7 @@ async def test_file_close_racing_with_a_read(env: aiodbenv.Env, data: aiodbenv.P
     other = None
     with _io.inject("pread", None, delay=SLOW, times=1):
         t = asyncio.create_task(f.pin(12))
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pread")
         await f.close()
         if reuse:
             other = await env.pool.open_file("other.db", page_size=PS)
@@ -815,7 +825,7 @@ async def test_file_close_racing_with_a_write(env: aiodbenv.Env, data: aiodbenv.
     other = None
     with _io.inject("pwrite", None, delay=SLOW, times=1):
         t = asyncio.create_task(pool.sync())
-        await asyncio.sleep(SLOW / 4)
+        await io_started("pwrite")
         await f.close()
         if reuse:
             other = await pool.open_file("other.db", page_size=PS)
