@@ -96,23 +96,46 @@ async def collect_dirty(
     writable = {tag: pool._can_write(tag) for tag in set(raw.tags)}
     held: list[tuple[int, int]] = []
     keep: list[int] = []
-    for i, (tag, busy) in enumerate(zip(raw.tags, raw.busy)):
+    tags, pgnos = raw.tags, raw.pgnos
+    pause = _Pause()
+    for i, (tag, busy) in enumerate(zip(tags, raw.busy)):
+        if not i & 2047:
+            await pause()
         if want is not None and tag not in want:
             continue
         if not writable[tag]:
             if want is not None:
-                held.append((tag - 1, raw.pgnos[i]))
+                held.append((tag - 1, pgnos[i]))
         elif busy:
-            held.append((tag - 1, raw.pgnos[i]))
+            held.append((tag - 1, pgnos[i]))
         else:
             keep.append(i)
     # Sort by file, then page: one packed int per page sorts several times faster than tuples.
-    tags, pgnos = raw.tags, raw.pgnos
     keys = {((tags[i] - 1) << 40) | pgnos[i]: i for i in keep}
+    await pause()
     order = [keys[k] for k in sorted(keys)]
+    await pause()
     caches, buckets, bhs, prios = raw.caches, raw.buckets, raw.bhs, raw.prios
-    items = [(tags[i] - 1, pgnos[i], caches[i], buckets[i], bhs[i]) for i in order]
+    items: list[Item] = []
+    for start in range(0, len(order), 2048):  # in slices: the loop gets a turn between them
+        items += [(tags[i] - 1, pgnos[i], caches[i], buckets[i], bhs[i])
+                  for i in order[start : start + 2048]]
+        await pause()
     return items, held, [prios[i] for i in order]
+
+
+class _Pause:
+    """``await pause()`` lets other tasks run if about a millisecond passed since the last."""
+
+    __slots__ = ("_deadline",)
+
+    def __init__(self) -> None:
+        self._deadline = time.monotonic() + YIELD_EVERY
+
+    async def __call__(self) -> None:
+        if time.monotonic() > self._deadline:
+            await asyncio.sleep(0)
+            self._deadline = time.monotonic() + YIELD_EVERY
 
 
 class _Raw:
