@@ -12,6 +12,7 @@
  *   sync     --cache-mb 128 --dirty-mb 64
  *   trickle  --cache-mb 128 --dirty-mb 64 --pct 50
  *   hitratio --cache-pages C --trace FILE [--warmup N] [--cache-bytes B]
+ *   memory   --cache-mb N   (fill the cache; region bytes per page, RSS)
  *
  * Common: --dir DIR (required), --region (default file), --seed S,
  *         --shm-key K (system region; default derived from the pid),
@@ -23,6 +24,7 @@
 #define _GNU_SOURCE
 #include <db.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -1266,6 +1268,124 @@ cmd_hitratio(void)
 }
 
 /* ------------------------------------------------------------------ */
+/* memory                                                              */
+/* ------------------------------------------------------------------ */
+
+/* This process's resident memory, from /proc/self/status, in KiB. */
+static void
+json_rss(const char *key)
+{
+	static const char *names[] = {
+		"VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", NULL };
+	char line[256], k[32];
+	FILE *fp;
+	size_t n;
+	int i;
+
+	jbegin(key);
+	if ((fp = fopen("/proc/self/status", "r")) != NULL) {
+		while (fgets(line, sizeof(line), fp) != NULL)
+			for (i = 0; names[i] != NULL; i++) {
+				n = strlen(names[i]);
+				if (strncmp(line, names[i], n) == 0 &&
+				    line[n] == ':') {
+					snprintf(k, sizeof(k), "%s_kb", names[i]);
+					jint(k, strtoll(line + n + 1, NULL, 10));
+				}
+			}
+		fclose(fp);
+	}
+	jend();
+}
+
+/* The __db.* region files in DIR: sizes and allocated bytes. */
+static unsigned long long
+json_region_files(const char *dir)
+{
+	char p[4096];
+	struct dirent *e;
+	struct stat st;
+	unsigned long long total = 0, alloc = 0;
+	DIR *d;
+
+	jabegin("region_files");
+	if ((d = opendir(dir)) != NULL) {
+		while ((e = readdir(d)) != NULL) {
+			if (strncmp(e->d_name, "__db.", 5) != 0)
+				continue;
+			snprintf(p, sizeof(p), "%.3800s/%s", dir, e->d_name);
+			if (stat(p, &st) != 0)
+				continue;
+			jbegin(NULL);
+			jstr("name", e->d_name);
+			juint("bytes", (unsigned long long)st.st_size);
+			juint("allocated", (unsigned long long)st.st_blocks * 512ull);
+			jend();
+			total += (unsigned long long)st.st_size;
+			alloc += (unsigned long long)st.st_blocks * 512ull;
+		}
+		closedir(d);
+	}
+	jaend();
+	juint("region_bytes", total);
+	juint("region_allocated_bytes", alloc);
+	return total;
+}
+
+/*
+ * Fill a cache of --cache-mb with distinct pages (of a sparse file larger
+ * than the cache can hold), then report the region files, st_pages, the
+ * region bytes per cached page and this process's RSS.
+ */
+static void
+cmd_memory(void)
+{
+	char path[4096];
+	DB_ENV *env;
+	DB_MPOOLFILE *mpf;
+	DB_MPOOL_STAT *sp;
+	unsigned long long cache_bytes, total = 0;
+	uint32_t npages, pg;
+	unsigned sink = 0;
+
+	need(O.cache_mb > 0, "--cache-mb");
+	cache_bytes = (unsigned long long)(O.cache_mb * MIB);
+	/* BDB adds 25% below 500 MB: touch well over what it can hold. */
+	npages = (uint32_t)(cache_bytes * 2 / PAGESIZE) + 1000;
+
+	ensure_dir();
+	choose_shm_key();
+	path_in_dir(path, sizeof(path), "memory.dat");
+	make_sparse(path, npages);
+	remember_file(path);
+
+	json_header();
+	jdbl("cache_mb", O.cache_mb);
+	juint("touched_pages", npages);
+	json_rss("rss_before_open");
+	env = env_open(cache_bytes, 1);
+	mpf = mpf_open(env, path, 0);
+	for (pg = 0; pg < npages; pg++)
+		getput(mpf, pg, 0, &sink);
+	sp = mstat(env);
+	json_cache(sp, cache_bytes);
+	if (strcmp(O.region, "file") == 0) {
+		total = json_region_files(O.dir);
+		jdbl("region_bytes_per_cached_page",
+		    sp->st_pages ? (double)total / (double)sp->st_pages : 0.0);
+	}
+	jdbl("st_bytes_per_cached_page", sp->st_pages ?
+	    ((double)sp->st_gbytes * (1ull << 30) + (double)sp->st_bytes) /
+	    (double)sp->st_pages : 0.0);
+	json_rss("rss");
+	jint("checksum", sink);
+	free(sp);
+	CHECK(mpf->close(mpf, 0), "mpf close");
+	CHECK(env->close(env, 0), "env close");
+	json_finish();
+}
+
+/* ------------------------------------------------------------------ */
 /* main                                                                */
 /* ------------------------------------------------------------------ */
 
@@ -1280,6 +1400,7 @@ usage(void)
 "  sync     --cache-mb 128 --dirty-mb 64\n"
 "  trickle  --cache-mb 128 --dirty-mb 64 --pct 50\n"
 "  hitratio --cache-pages C --trace FILE [--warmup N] [--cache-bytes B]\n"
+"  memory   --cache-mb N\n"
 "  common   --region file|system|private (default file) --seed S\n"
 "           --shm-key K --thread --keep-file\n");
 }
@@ -1389,8 +1510,10 @@ main(int argc, char **argv)
 		cmd_sync_or_trickle(1);
 	else if (!strcmp(O.cmd, "hitratio"))
 		cmd_hitratio();
+	else if (!strcmp(O.cmd, "memory"))
+		cmd_memory();
 	else
-		die("unknown workload %s (hot|miss|sync|trickle|hitratio)",
+		die("unknown workload %s (hot|miss|sync|trickle|hitratio|memory)",
 		    O.cmd);
 	return 0;
 }

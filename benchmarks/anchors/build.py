@@ -72,13 +72,16 @@ def _libdb_present() -> bool:
     return any(glob.glob(pattern) for pattern in LIB_GLOBS)
 
 
-def _apt_install(package: str) -> None:
+def _apt_install(package: str, timeout: float = 600.0) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", package]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode == 0:
-        return
-    subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        if subprocess.run(cmd, env=env, capture_output=True, timeout=timeout).returncode == 0:
+            return
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AnchorError(f"apt-get install {package} timed out after {timeout:.0f} s") from exc
     if proc.returncode != 0:
         raise AnchorError(f"apt-get install {package} failed:\n{proc.stderr[-2000:]}")
 
@@ -280,6 +283,7 @@ def selftest() -> int:
     cases.append(["trickle", "--cache-mb", "8", "--dirty-mb", "4", "--pct", "50"])
     cases.append(["hitratio", "--cache-pages", "200", "--trace", trace,
                   "--warmup", "2000"])
+    cases.append(["memory", "--cache-mb", "2"])
     cases.append(["hitratio", "--region", "private", "--cache-pages", "200",
                   "--trace", trace, "--warmup", "2000"])
     failed = 0

@@ -1,0 +1,1 @@
+"""aiodbenv's benchmarks: ``python -m benchmarks`` runs them all (see run.py)."""
