@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import mmap
 import os
 import stat as stat_mod
@@ -61,6 +62,8 @@ T = TypeVar("T")
 #: after it is read / before it is written. Raise to fail the read or write.
 PageIn = Callable[[int, memoryview, bytes], None]
 PageOut = Callable[[int, memoryview, bytes], None]
+
+logger = logging.getLogger("aiodbenv")
 
 _ZEROS: dict[int, bytes] = {}
 #: Pages read per worker-thread hop at most; a hop costs 100-300 µs, a cached pread 2 µs.
@@ -262,12 +265,23 @@ class Pool:
             await asyncio.sleep(0)
 
     async def _quiesce(self) -> None:
-        """Wait until no slow path runs and no I/O task of the pool is left."""
+        """Wait until no slow path runs and no I/O task of the pool is left.
+
+        Pins and syncs under way notice the close at their next step and leave; one whose task
+        is never resumed again would be waited for forever (detaching the regions under it is
+        not safe), so the wait says what it waits for every few seconds.
+        """
+        since = time.monotonic()
         while self._busy or self._tasks:
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             else:
                 await self._wait_change(0.01)
+            if time.monotonic() - since > 5:
+                since = time.monotonic()
+                logger.warning("closing the pool waits for %d pin(s) or sync(s) under way to "
+                               "notice the close; is a task holding one never resumed?",
+                               self._busy)
 
     def _panic_unpinned(self, pgno: int) -> None:
         self._env.panic(f"page {pgno} returned to the pool more often than it was pinned")
