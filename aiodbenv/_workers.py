@@ -23,6 +23,7 @@ reports it.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -159,7 +160,7 @@ def last_checkpoint(pool: Pool) -> float | None:
     return ns / 1e9 if ns else None
 
 
-class _Worker:
+class _Worker(abc.ABC):
     kind = "worker"
 
     def __init__(self, pool: Pool) -> None:
@@ -219,8 +220,9 @@ class _Worker:
             self._last_error = f"worker stopped: {err!r}"
             logger.exception("aiodbenv %s worker stopped", self.kind)
 
+    @abc.abstractmethod
     async def _loop(self) -> None:
-        raise NotImplementedError  # pragma: no cover - both subclasses define it
+        """The worker's body: runs until cancelled."""
 
     # -- shared helpers
 
