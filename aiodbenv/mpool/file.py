@@ -21,7 +21,6 @@ from ..errors import (
 from ..region.layout import MUTEX_SLOT, WORD
 from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP
 from ..region.mutex import ffi, speedups
-from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
 from .table import (
@@ -233,13 +232,7 @@ class PoolFile:
         w = cache.words
         tag = self._tag
         examined = 1
-        p = cache.mptrs[b]
-        if p:
-            rc = _trylock(p)
-            if rc:
-                cache.mutexes[b].acquire_contended(rc)
-            else:
-                w[cache.nowait_words[b]] += 1
+        cache.lock(b)
         try:
             off = w[cache.bucket_words[b] + B_HEAD]
             while off:
@@ -254,8 +247,7 @@ class PoolFile:
             else:
                 return None
         finally:
-            if p:
-                _unlock(p)
+            cache.unlock(b)
         w0 = self._w0
         w0[self._fs_hit] += 1
         if examined > 1:
@@ -577,13 +569,7 @@ class PoolFile:
         compiled ``aiodb_unpin``)."""
         w = cache.words
         x = bh >> 3
-        p = cache.mptrs[b]
-        if p:
-            rc = _trylock(p)
-            if rc:
-                cache.mutexes[b].acquire_contended(rc)
-            else:
-                w[cache.nowait_words[b]] += 1
+        cache.lock(b)
         try:
             if flags & (PAGE_DIRTY | PAGE_CLEAN):
                 self._apply_dirty(w, x, cache.bucket_words[b], flags)
@@ -609,8 +595,7 @@ class PoolFile:
             else:
                 released = None  # the shared pin count is already 0: someone over-unpinned
         finally:
-            if p:
-                _unlock(p)
+            cache.unlock(b)
         if released is None:
             self._pool._panic_unpinned(page.pgno)
         elif released:

@@ -38,6 +38,7 @@ from .file import MODE_NEW, PoolFile
 from .layout import BH, BH_DIRTY, BH_FAILED, BH_READING, FF_DEAD, FF_NO_MMAP, FF_NOFILE, FF_TEMP
 from .table import (
     _F,
+    _FS,
     _HS,
     B_DIRTY,
     H_FLAGS,
@@ -682,7 +683,7 @@ class Pool:
                 w[bw + B_DIRTY] += 1
             w[x + H_FLAGS] = flags
             w[x + H_IOPID] = 0
-        self._core.w0[f._fs + (_FS_CREATE if created else _FS_IN)] += 1
+        self._core.w0[f._fs + _FS["page_create" if created else "page_in"]] += 1
         if self._waiters:
             self._notify()
 
@@ -894,21 +895,6 @@ class Pool:
             self._closed = True
             if not self._env.panicked:
                 self._core.detach_handle(self._hs)
-
-
-_FS_CREATE = 0
-_FS_IN = 0
-
-
-def _init_fs_indexes() -> None:
-    global _FS_CREATE, _FS_IN
-    from .table import _FS
-
-    _FS_CREATE = _FS["page_create"]
-    _FS_IN = _FS["page_in"]
-
-
-_init_fs_indexes()
 
 
 def _name_fileid(name: str) -> bytes:

@@ -25,7 +25,6 @@ import anyio.to_thread
 from .. import _io
 from ..errors import Incomplete, InvalidArgument, NoSpace
 from ..region.mutex import ffi, speedups
-from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
 from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_DEAD, FF_TEMP
 from .table import (
@@ -172,8 +171,8 @@ async def _collect_c(pool: Pool) -> _Raw:
                 if n == -errno.EOWNERDEAD:
                     _recover(cache, int(stopped[0]))
                 else:
-                    _locked(cache, int(stopped[0]))  # raises the right error
-                    _unlocked(cache, int(stopped[0]))
+                    cache.lock(int(stopped[0]))  # raises the right error
+                    cache.unlock(int(stopped[0]))
                 continue  # again from the same bucket
             out.tags += ffi.unpack(tag, n)
             out.pgnos += ffi.unpack(pgno, n)
@@ -202,7 +201,7 @@ async def _collect_py(pool: Pool) -> _Raw:
                 deadline = time.monotonic() + YIELD_EVERY
             if not w[bw + B_DIRTY]:
                 continue
-            _locked(cache, b)
+            cache.lock(b)
             try:
                 off = w[bw + B_HEAD]
                 while off:
@@ -219,7 +218,7 @@ async def _collect_py(pool: Pool) -> _Raw:
                                         else 0)
                     off = w[x + H_NEXT]
             finally:
-                _unlocked(cache, b)
+                cache.unlock(b)
     return out
 
 
@@ -399,28 +398,11 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult,
     pool._notify()
 
 
-def _locked(cache: Cache, b: int) -> None:
-    """Lock bucket ``b`` (blocking if held; repairing or panicking if its holder died)."""
-    p = cache.mptrs[b]
-    if p:
-        rc = _trylock(p)
-        if rc:
-            cache.mutexes[b].acquire_contended(rc)
-        else:
-            cache.words[cache.nowait_words[b]] += 1
-
-
-def _unlocked(cache: Cache, b: int) -> None:
-    p = cache.mptrs[b]
-    if p:
-        _unlock(p)
-
-
 def _drop_dirty(item: Item) -> int:
     _fidx, pgno, cache, b, bh = item
     w = cache.words
     x = bh >> 3
-    _locked(cache, b)
+    cache.lock(b)
     try:
         flags = w[x + H_FLAGS]
         if (w[x + H_FILE] == item[0] + 1 and w[x + H_PGNO] == pgno and flags & BH_DIRTY
@@ -430,7 +412,7 @@ def _drop_dirty(item: Item) -> int:
             return 1
         return 0
     finally:
-        _unlocked(cache, b)
+        cache.unlock(b)
 
 
 def _snapshot(pool: Pool, items: list[Item], dst: bytearray, offsets: list[int]) -> list[int]:
@@ -472,7 +454,7 @@ def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int) -> int:
     fidx, pgno, cache, b, bh = item
     w = cache.words
     x = bh >> 3
-    _locked(cache, b)
+    cache.lock(b)
     try:
         flags = w[x + H_FLAGS]
         if w[x + H_FILE] != fidx + 1 or w[x + H_PGNO] != pgno or not flags & BH_DIRTY:
@@ -486,7 +468,7 @@ def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int) -> int:
         dst[off : off + size] = cache.buf[bh + BH.size : bh + BH.size + size]
         return 1
     finally:
-        _unlocked(cache, b)
+        cache.unlock(b)
 
 
 def _write_done(pool: Pool, items: list[Item], failed: list[bool]) -> None:
@@ -518,7 +500,7 @@ def _write_done_one(item: Item, failed: bool) -> None:
     _fidx, _pgno, cache, b, bh = item
     w = cache.words
     x = bh >> 3
-    _locked(cache, b)
+    cache.lock(b)
     try:
         flags = w[x + H_FLAGS] & ~BH_WRITING
         if failed and not flags & BH_DIRTY:
@@ -527,7 +509,7 @@ def _write_done_one(item: Item, failed: bool) -> None:
         w[x + H_FLAGS] = flags
         w[x + H_IOPID] = 0
     finally:
-        _unlocked(cache, b)
+        cache.unlock(b)
 
 
 def _recover(cache: Cache, b: int) -> None:

@@ -26,8 +26,10 @@ from .._config import DEFAULT_MMAP_SIZE, DEFAULT_PAGE_SIZE, Settings
 from ..errors import CacheFull, InvalidArgument
 from ..region.alloc import Allocator
 from ..region.backing import Region
-from ..region.layout import ALLOC_CHUNK, MUTEX_SLOT, REGION_HEADER, REGION_TYPE_MPOOL, WORD
+from ..region.layout import ALLOC_CHUNK, MUTEX_SLOT, REGION_HEADER, WORD
 from ..region.mutex import NullMutex, SharedMutex, ffi
+from ..region.mutex import trylock as _trylock
+from ..region.mutex import unlock as _unlock
 from .layout import (
     BH,
     BH_DIRTY,
@@ -47,7 +49,7 @@ from .layout import (
     POOL_HEADER,
 )
 
-__all__ = ["Cache", "PoolCore", "Victim", "format_pool", "pool_region_sizes"]
+__all__ = ["Cache", "PoolCore", "Victim", "format_pool", "new_fileid", "pool_region_sizes"]
 
 # Word indexes, relative to the structure's start (all offsets are multiples of 8).
 _C = {f: CACHE_HEADER.offset(f) // WORD for f in CACHE_HEADER.fields()}
@@ -60,7 +62,6 @@ _HS = {f: HANDLE_STATS.offset(f) // WORD for f in HANDLE_STATS.fields()}
 
 C_LRU = _C["lru_counter"]
 C_BUFFERS = _C["buffers"]
-B_WORDS = BUCKET.size // WORD
 B_HEAD = _B["head"]
 B_DIRTY = _B["dirty"]
 B_COUNT = _B["count"]
@@ -226,6 +227,23 @@ class Cache:
         w[bw + B_COUNT] = count
         w[bw + B_DIRTY] = dirty
 
+    def lock(self, b: int) -> None:
+        """Lock bucket ``b`` inline (trylock, count a no-wait; blocking, repairing or
+        panicking through its mutex object only when that fails). Pair with :meth:`unlock`."""
+        p = self.mptrs[b]
+        if p:
+            rc = _trylock(p)
+            if rc:
+                self.mutexes[b].acquire_contended(rc)
+            else:
+                self.words[self.nowait_words[b]] += 1
+
+    def unlock(self, b: int) -> None:
+        """Unlock bucket ``b`` (nothing to do in a private region)."""
+        p = self.mptrs[b]
+        if p:
+            _unlock(p)
+
     def unlink(self, b: int, bh: int) -> bool:
         """Take buffer ``bh`` out of bucket ``b``'s chain (caller holds the bucket mutex);
         False if it was not in it."""
@@ -245,23 +263,9 @@ class Cache:
         w[bw + B_COUNT] -= 1
         return True
 
-    def counter(self) -> int:
-        """The cache's LRU counter."""
-        return int(self.words[self.hdr + _C["lru_counter"]])
-
     def buffers(self) -> int:
         """Buffers in this cache."""
         return int(self.words[self.hdr + _C["buffers"]])
-
-    def bucket_chain(self, b: int) -> list[int]:
-        """Offsets of the buffers in bucket ``b`` (caller holds its mutex, or accepts a hint)."""
-        w = self.words
-        out = []
-        off = w[self.bucket_words[b] + B_HEAD]
-        while off:
-            out.append(off)
-            off = w[(off >> 3) + H_NEXT]
-        return out
 
 
 class _BucketMutexes:
@@ -339,7 +343,6 @@ class PoolCore:
             )
         else:
             self.mutex = NullMutex("pool")
-        self.alloc0 = self.caches[0]
         #: every bucket of every cache, in global order: (cache, bucket index)
         self.total_buckets = sum(c.nbuckets for c in self.caches)
 
@@ -791,11 +794,6 @@ class PoolCore:
                 return False
             w[h + H_FILE] = 0
         return True
-
-
-def pool_regions(regions: Sequence[Region], types: dict[int, int]) -> list[Region]:
-    """The mpool regions among an environment's regions, in cache order."""
-    return [r for r in regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
 
 
 def new_fileid() -> bytes:
