@@ -15,11 +15,6 @@ from ._workers import (
     TrickleWorker,
     WorkerStatus,
 )
-from .mpool.file import PoolFile
-from .mpool.page import Page, PinContext
-from .mpool.pool import FileOpener, Pool
-from .mpool.stat import FileStat, PoolStat
-from .mpool.sync import SyncResult
 from .errors import (
     AiodbenvError,
     Busy,
@@ -39,6 +34,11 @@ from .errors import (
     TryAgain,
     VersionMismatch,
 )
+from .mpool.file import PoolFile
+from .mpool.page import Page, PinContext
+from .mpool.pool import FileOpener, Pool
+from .mpool.stat import FileStat, PoolStat
+from .mpool.sync import SyncResult
 from .region.alloc import AllocStats
 from .region.environment import EnvStat, RegionStat
 
@@ -51,37 +51,37 @@ __all__ = [
     "CacheFull",
     "CheckpointSettings",
     "CheckpointWorker",
-    "FileOpener",
-    "FileStat",
-    "Health",
-    "Page",
-    "PinContext",
-    "Pool",
-    "PoolFile",
-    "PoolStat",
-    "SyncResult",
-    "TrickleSettings",
-    "TrickleWorker",
-    "WorkerStatus",
     "ConfigError",
     "CorruptRegion",
     "Env",
     "EnvNotFound",
     "EnvOpener",
     "EnvStat",
+    "FileOpener",
+    "FileStat",
     "ForkedProcessError",
+    "Health",
     "Incomplete",
     "InvalidArgument",
     "NoSpace",
     "NotFound",
+    "Page",
     "PageNotFound",
     "PermissionDenied",
+    "PinContext",
+    "Pool",
+    "PoolFile",
+    "PoolStat",
     "RegionStat",
     "RunRecovery",
     "Settings",
     "ShmKeyInUse",
+    "SyncResult",
+    "TrickleSettings",
+    "TrickleWorker",
     "TryAgain",
     "VersionMismatch",
+    "WorkerStatus",
     "errors",
 ]
 

@@ -20,8 +20,8 @@ import signal
 import sys
 import tempfile
 import time
-from typing import TextIO
 from collections.abc import Sequence
+from typing import TextIO
 
 from ._env import Env
 from .errors import AiodbenvError
@@ -119,7 +119,7 @@ def format_pool_stat(st: PoolStat) -> str:
         (_size(st.checkpoint_bytes), "Bytes written by checkpoint workers"),
         (st.checkpoint_failures, "Checkpoint worker failures"),
     ]
-    lines = [f"{str(v):<12}{text}" for v, text in rows]
+    lines = [f"{v!s:<12}{text}" for v, text in rows]
     for f in st.files:
         lines += [
             "=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=",
@@ -138,7 +138,7 @@ def format_pool_stat(st: PoolStat) -> str:
             (f.write_calls, "Write calls"),
             (_size(f.bytes_out), "Bytes written"),
         ]:
-            lines.append(f"{str(v):<12}{text}")
+            lines.append(f"{v!s:<12}{text}")
     return "\n".join(lines)
 
 
@@ -197,19 +197,24 @@ async def _checkpoint(args: argparse.Namespace) -> int:
     async with Env.open(args.h) as env:
         if args.once:
             result = await env.checkpoint()
-            out.update(f"checkpoint: {result.written} pages written, "
-                       f"{result.files_synced} files synced", final=True)
+            out.update(
+                f"checkpoint: {result.written} pages written, {result.files_synced} files synced",
+                final=True,
+            )
             return 0
 
         def progress(done: int, total: int) -> None:
             out.update(f"checkpoint: {done}/{total} pages written")
 
         worker = env.start_checkpoint(
-            interval, kbytes=args.k, completion_target=args.completion_target,
-            progress=progress)
-        out.update(f"checkpoint worker for {env.home}: every {interval:g} s"
-                   + (f" or {args.k} KiB dirtied" if args.k else "")
-                   + " (SIGTERM or Ctrl-C to stop)", final=True)
+            interval, kbytes=args.k, completion_target=args.completion_target, progress=progress
+        )
+        out.update(
+            f"checkpoint worker for {env.home}: every {interval:g} s"
+            + (f" or {args.k} KiB dirtied" if args.k else "")
+            + " (SIGTERM or Ctrl-C to stop)",
+            final=True,
+        )
         seen = 0
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -217,11 +222,17 @@ async def _checkpoint(args: argparse.Namespace) -> int:
             st = worker.status()
             if st.runs != seen:
                 seen = st.runs
-                out.update(f"checkpoint {st.runs} complete: {st.pages} pages, "
-                           f"{_size(st.bytes)} written in all", final=True)
+                out.update(
+                    f"checkpoint {st.runs} complete: {st.pages} pages, "
+                    f"{_size(st.bytes)} written in all",
+                    final=True,
+                )
             if st.consecutive_failures:
-                out.update(f"checkpoint failing ({st.consecutive_failures} in a row), "
-                           f"retrying in {st.backoff:.1f} s: {st.last_error}", final=True)
+                out.update(
+                    f"checkpoint failing ({st.consecutive_failures} in a row), "
+                    f"retrying in {st.backoff:.1f} s: {st.last_error}",
+                    final=True,
+                )
         await env.stop_workers()
         out.update("checkpoint worker stopped", final=True)
         await env.close(nosync=True)  # stopping is not a reason to write more
@@ -268,8 +279,10 @@ def _watch_text(st: EnvStat, ps: PoolStat, checkpoint: float | None) -> str:
         f"locks: {ps.region_nowait} immediate, {ps.region_wait} waited",
     ]
     for f in ps.files:
-        lines.append(f"  {f.file_name or '(temporary)'}: {f.cache_hit} hits, {f.cache_miss} "
-                     f"misses, {f.page_out} pages out in {f.write_calls} writes")
+        lines.append(
+            f"  {f.file_name or '(temporary)'}: {f.cache_hit} hits, {f.cache_miss} "
+            f"misses, {f.page_out} pages out in {f.write_calls} writes"
+        )
     return "\n".join(lines)
 
 
@@ -303,8 +316,9 @@ async def _demo(args: argparse.Namespace) -> int:
     shm_key = args.shm_key if kind == "system" else None
     try:
         print(f"1. Creating a {kind}-backed environment with a 1 MiB cache in {home}")
-        async with Env.open(home, create=True, region=kind, shm_key=shm_key,
-                            cache_size=1 << 20) as env:
+        async with Env.open(
+            home, create=True, region=kind, shm_key=shm_key, cache_size=1 << 20
+        ) as env:
             files = sorted(n for n in os.listdir(home) if n.startswith("__db."))
             print(f"   region files in the home: {', '.join(files)}")
             async with env.pool.open_file("demo.db", create=True) as f:
@@ -313,11 +327,17 @@ async def _demo(args: argparse.Namespace) -> int:
                         text = f"page {pgno}, from process {os.getpid()}".encode()
                         page.data[: len(text)] = text
                         page.mark_dirty()
-                print(f"2. Wrote 8 pages into the shared cache ({env.pool.stat().page_dirty} "
-                      "dirty, none on disk yet)")
+                print(
+                    f"2. Wrote 8 pages into the shared cache ({env.pool.stat().page_dirty} "
+                    "dirty, none on disk yet)"
+                )
                 print("3. A second process joins, reads page 1 from the cache, changes page 2:")
                 child = await asyncio.create_subprocess_exec(
-                    sys.executable, "-c", _DEMO_CHILD, home, stdout=asyncio.subprocess.PIPE,
+                    sys.executable,
+                    "-c",
+                    _DEMO_CHILD,
+                    home,
+                    stdout=asyncio.subprocess.PIPE,
                 )
                 out, _ = await child.communicate()
                 for line in out.decode().splitlines():
@@ -326,11 +346,14 @@ async def _demo(args: argparse.Namespace) -> int:
                     print("   the second process failed", file=sys.stderr)
                     return 1
                 async with f.get(2) as page:
-                    print("4. Page 2 seen from the first process:",
-                          bytes(page.data[:23]).decode().rstrip())
+                    print(
+                        "4. Page 2 seen from the first process:",
+                        bytes(page.data[:23]).decode().rstrip(),
+                    )
                 result = await env.pool.sync()
-                print(f"5. sync wrote {result.written} pages and fsynced {result.files_synced} "
-                      "file")
+                print(
+                    f"5. sync wrote {result.written} pages and fsynced {result.files_synced} file"
+                )
             print("6. Buffer pool statistics (python -m aiodbenv stat -m):")
             for line in format_pool_stat(env.pool.stat()).splitlines():
                 print("   | " + line)
@@ -357,8 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    handler = {"demo": _demo, "stat": _stat, "remove": _remove, "checkpoint": _checkpoint,
-               "watch": _watch}[args.command]
+    handler = {
+        "demo": _demo,
+        "stat": _stat,
+        "remove": _remove,
+        "checkpoint": _checkpoint,
+        "watch": _watch,
+    }[args.command]
     try:
         return asyncio.run(handler(args))
     except AiodbenvError as err:
@@ -371,40 +399,82 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aiodbenv", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="create an environment, join it from a second process, "
-                       "print its statistics, remove it")
-    d.add_argument("--region", choices=("file", "system"), default="file",
-                   help="where the regions live (default: file)")
-    d.add_argument("--shm-key", type=int, default=0x41D8E0,
-                   help="base System V key for --region system")
-    for name, text in (("stat", "print statistics (db_stat)"),
-                       ("remove", "remove an environment (DB_ENV->remove)"),
-                       ("checkpoint", "keep an environment checkpointed (db_checkpoint)"),
-                       ("watch", "live statistics, refreshed in place")):
+    d = sub.add_parser(
+        "demo",
+        help="create an environment, join it from a second process, "
+        "print its statistics, remove it",
+    )
+    d.add_argument(
+        "--region",
+        choices=("file", "system"),
+        default="file",
+        help="where the regions live (default: file)",
+    )
+    d.add_argument(
+        "--shm-key", type=int, default=0x41D8E0, help="base System V key for --region system"
+    )
+    for name, text in (
+        ("stat", "print statistics (db_stat)"),
+        ("remove", "remove an environment (DB_ENV->remove)"),
+        ("checkpoint", "keep an environment checkpointed (db_checkpoint)"),
+        ("watch", "live statistics, refreshed in place"),
+    ):
         sp = sub.add_parser(name, help=text, add_help=False)
         sp.add_argument("--help", action="help", help="show this help and exit")
-        sp.add_argument("-h", metavar="HOME", default=None,
-                        help="environment home (default: $DB_HOME, then the current directory)")
+        sp.add_argument(
+            "-h",
+            metavar="HOME",
+            default=None,
+            help="environment home (default: $DB_HOME, then the current directory)",
+        )
         if name == "stat":
             sp.add_argument("-e", action="store_true", help="environment region statistics")
             sp.add_argument("-m", action="store_true", help="buffer pool statistics")
             sp.add_argument("--json", action="store_true", help="print JSON instead of text")
         elif name == "remove":
-            sp.add_argument("-f", action="store_true",
-                            help="force: panic open handles and remove anyway")
+            sp.add_argument(
+                "-f", action="store_true", help="force: panic open handles and remove anyway"
+            )
         elif name == "checkpoint":
-            sp.add_argument("-p", type=float, default=1.0, metavar="MINUTES",
-                            help="checkpoint at least every MINUTES minutes (default 1)")
-            sp.add_argument("-k", type=int, default=None, metavar="KBYTES",
-                            help="also checkpoint once KBYTES KiB of pages were dirtied")
-            sp.add_argument("-1", dest="once", action="store_true",
-                            help="checkpoint once, now, and exit")
-            sp.add_argument("--completion-target", type=float, default=0.9, metavar="X",
-                            help="spread each checkpoint over this share of the interval")
+            sp.add_argument(
+                "-p",
+                type=float,
+                default=1.0,
+                metavar="MINUTES",
+                help="checkpoint at least every MINUTES minutes (default 1)",
+            )
+            sp.add_argument(
+                "-k",
+                type=int,
+                default=None,
+                metavar="KBYTES",
+                help="also checkpoint once KBYTES KiB of pages were dirtied",
+            )
+            sp.add_argument(
+                "-1", dest="once", action="store_true", help="checkpoint once, now, and exit"
+            )
+            sp.add_argument(
+                "--completion-target",
+                type=float,
+                default=0.9,
+                metavar="X",
+                help="spread each checkpoint over this share of the interval",
+            )
         else:
-            sp.add_argument("-i", "--interval", type=float, default=1.0, metavar="SECONDS",
-                            help="refresh every SECONDS seconds (default 1)")
-            sp.add_argument("-c", "--count", type=int, default=0, metavar="N",
-                            help="stop after N refreshes (default: until Ctrl-C)")
+            sp.add_argument(
+                "-i",
+                "--interval",
+                type=float,
+                default=1.0,
+                metavar="SECONDS",
+                help="refresh every SECONDS seconds (default 1)",
+            )
+            sp.add_argument(
+                "-c",
+                "--count",
+                type=int,
+                default=0,
+                metavar="N",
+                help="stop after N refreshes (default: until Ctrl-C)",
+            )
     return p
-

@@ -77,12 +77,32 @@ FLAG_BITS = {
 # DB_CONFIG written for Berkeley DB still opens.
 _IGNORED = frozenset(
     {
-        "add_data_dir", "set_create_dir", "set_data_dir", "set_lg_bsize", "set_lg_dir",
-        "set_lg_filemode", "set_lg_max", "set_lg_regionmax", "set_lk_detect", "set_lk_max_lockers",
-        "set_lk_max_locks", "set_lk_max_objects", "set_lk_partitions", "set_lock_timeout",
-        "set_mp_max_openfd", "set_mp_max_write", "set_tmp_dir", "set_tx_max",
-        "set_txn_timeout", "set_verbose", "mutex_set_align", "mutex_set_increment",
-        "mutex_set_max", "mutex_set_tas_spins", "set_thread_count", "set_memory_max",
+        "add_data_dir",
+        "set_create_dir",
+        "set_data_dir",
+        "set_lg_bsize",
+        "set_lg_dir",
+        "set_lg_filemode",
+        "set_lg_max",
+        "set_lg_regionmax",
+        "set_lk_detect",
+        "set_lk_max_lockers",
+        "set_lk_max_locks",
+        "set_lk_max_objects",
+        "set_lk_partitions",
+        "set_lock_timeout",
+        "set_mp_max_openfd",
+        "set_mp_max_write",
+        "set_tmp_dir",
+        "set_tx_max",
+        "set_txn_timeout",
+        "set_verbose",
+        "mutex_set_align",
+        "mutex_set_increment",
+        "mutex_set_max",
+        "mutex_set_tas_spins",
+        "set_thread_count",
+        "set_memory_max",
     }
 )
 

@@ -288,8 +288,12 @@ class Env:
         return self._trickle
 
     def start_checkpoint(
-        self, settings: float | CheckpointSettings = 60.0, *, kbytes: int | None = None,
-        completion_target: float | None = None, progress: ProgressCallback | None = None,
+        self,
+        settings: float | CheckpointSettings = 60.0,
+        *,
+        kbytes: int | None = None,
+        completion_target: float | None = None,
+        progress: ProgressCallback | None = None,
     ) -> CheckpointWorker:
         """Start this handle's checkpoint worker: every ``settings`` seconds (or
         :class:`~aiodbenv.CheckpointSettings`), or after ``kbytes`` KiB were dirtied, write
@@ -304,7 +308,8 @@ class Env:
         assert s is not None
         if kbytes is not None or completion_target is not None:
             s = CheckpointSettings(
-                s.interval, kbytes if kbytes is not None else s.kbytes,
+                s.interval,
+                kbytes if kbytes is not None else s.kbytes,
                 completion_target if completion_target is not None else s.completion_target,
             )
         self._checkpoint = CheckpointWorker(self._pool, s, progress)
@@ -336,8 +341,7 @@ class Env:
         return Health(
             ok=not panicked and not self._core.closed and all(w.healthy for w in workers),
             panicked=panicked,
-            last_checkpoint=None if self._core.closed or panicked else last_checkpoint(
-                self._pool),
+            last_checkpoint=None if self._core.closed or panicked else last_checkpoint(self._pool),
             workers=workers,
         )
 
@@ -365,8 +369,9 @@ class Env:
         closed (no implied sync). If a checkpoint worker ran, one final checkpoint is taken,
         and a private environment's dirty pages are written (no other process could ever
         write them), unless ``nosync`` (``DB_NOSYNC``). A failed final write is raised after
-        the handle is closed. Closing twice, or from two tasks at once, is harmless: later calls wait
-        for the first. A handle may be closed by another task than the one that opened it.
+        the handle is closed. Closing twice, or from two tasks at once, is harmless: later
+        calls wait for the first. A handle may be closed by another task than the one that
+        opened it.
         Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything) if the
         environment was panicked while the handle was open, e.g. removed with force.
 
@@ -479,4 +484,3 @@ def _close_quietly(core: EnvCore) -> None:
         core.close()
     except Exception:
         pass
-

@@ -39,8 +39,8 @@ class Fault:
     ``error`` is the errno raised as ``OSError`` (``None``: the call goes through, only
     ``delay`` applies); ``short`` instead makes a write report fewer bytes than asked (a short
     write, which the caller must treat as a failure) or a ``preadv`` report half of what it
-    read (as ``RWF_NOWAIT`` does where the OS cache holds only part of a page); ``delay`` sleeps that many seconds in the
-    calling thread first (a slow disk).
+    read (as ``RWF_NOWAIT`` does where the OS cache holds only part of a page); ``delay``
+    sleeps that many seconds in the calling thread first (a slow disk).
     ``calls`` counts the calls seen, ``fired`` the failures produced.
     """
 
@@ -67,7 +67,9 @@ class Fault:
 _faults: list[Fault] = []
 _faults_lock = threading.Lock()
 
-_OPS = frozenset({"open", "fallocate", "pread", "pwrite", "fsync", "fdatasync", "ftruncate", "unlink"})
+_OPS = frozenset(
+    {"open", "fallocate", "pread", "pwrite", "fsync", "fdatasync", "ftruncate", "unlink"}
+)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import sys
 import cffi
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "region"))
-from pthread_cdef import CDEF  # noqa: E402
+from pthread_cdef import CDEF
 
 HOT_CDEF = """
 void aiodb_set_layout(const uint64_t *values, int n);
@@ -283,7 +283,8 @@ _Static_assert(sizeof(pthread_mutex_t) <= 64, "pthread_mutex_t larger than the r
 _Static_assert(sizeof(pthread_mutexattr_t) <= 64, "pthread_mutexattr_t larger than its storage");
 _Static_assert(PTHREAD_PROCESS_SHARED == 1, "unexpected PTHREAD_PROCESS_SHARED");
 _Static_assert(PTHREAD_MUTEX_ROBUST == 1, "unexpected PTHREAD_MUTEX_ROBUST");
-""" + HOT_SOURCE,
+"""
+    + HOT_SOURCE,
     libraries=["pthread"],
     # A function used but not defined must fail the build, not load and then fail to import.
     extra_compile_args=["-Werror=implicit-function-declaration"],

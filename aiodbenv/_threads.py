@@ -36,9 +36,7 @@ async def run_owned(
     its thread and, if it succeeded, ``undo(result)`` runs in a worker thread afterwards.
     """
     loop = asyncio.get_running_loop()
-    inner: asyncio.Future[T] = loop.create_task(
-        anyio.to_thread.run_sync(fn, limiter=limiter)
-    )
+    inner: asyncio.Future[T] = loop.create_task(anyio.to_thread.run_sync(fn, limiter=limiter))
     try:
         return await asyncio.shield(inner)
     except asyncio.CancelledError:

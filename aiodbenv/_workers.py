@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointSettings",
-    "Health",
     "CheckpointWorker",
+    "Health",
     "TrickleSettings",
     "TrickleWorker",
     "WorkerStatus",
@@ -181,7 +181,9 @@ class _Worker(abc.ABC):
 
     def start(self) -> None:
         """Start the worker's task on the running loop."""
-        self._task = asyncio.get_running_loop().create_task(self._main(), name=f"aiodbenv-{self.kind}")
+        self._task = asyncio.get_running_loop().create_task(
+            self._main(), name=f"aiodbenv-{self.kind}"
+        )
 
     @property
     def running(self) -> bool:
@@ -202,10 +204,17 @@ class _Worker(abc.ABC):
     def status(self) -> WorkerStatus:
         """This worker's :class:`WorkerStatus`."""
         return WorkerStatus(
-            kind=self.kind, running=self.running, active=self._active, runs=self._runs,
-            pages=self._pages, write_calls=self._calls, bytes=self._bytes,
-            failures=self._failures, consecutive_failures=self._in_row,
-            last_error=self._last_error, last_success=self._last_success,
+            kind=self.kind,
+            running=self.running,
+            active=self._active,
+            runs=self._runs,
+            pages=self._pages,
+            write_calls=self._calls,
+            bytes=self._bytes,
+            failures=self._failures,
+            consecutive_failures=self._in_row,
+            last_error=self._last_error,
+            last_success=self._last_success,
             backoff=self._backoff,
         )
 
@@ -234,8 +243,13 @@ class _Worker(abc.ABC):
         self._backoff = min(MAX_BACKOFF, 0.1 * 2 ** min(self._in_row, 12))
         core = self._pool._core
         core.w0[self._pool._hs + _HS[f"{self.kind}_failures"]] += 1
-        logger.error("aiodbenv %s failed (attempt %d, retrying in %.1f s): %s",
-                     self.kind, self._in_row, self._backoff, err)
+        logger.error(
+            "aiodbenv %s failed (attempt %d, retrying in %.1f s): %s",
+            self.kind,
+            self._in_row,
+            self._backoff,
+            err,
+        )
         return self._backoff
 
     def _succeeded(self, result: SyncResult) -> None:
@@ -325,8 +339,9 @@ class CheckpointWorker(_Worker):
 
     kind = "checkpoint"
 
-    def __init__(self, pool: Pool, settings: CheckpointSettings,
-                 progress: ProgressCallback | None = None) -> None:
+    def __init__(
+        self, pool: Pool, settings: CheckpointSettings, progress: ProgressCallback | None = None
+    ) -> None:
         super().__init__(pool)
         self.settings = settings.check()
         self._progress = progress
@@ -356,8 +371,9 @@ class CheckpointWorker(_Worker):
                 continue
             mark = self._dirtied()
             try:
-                result = await run_checkpoint(pool, spread=s.interval * s.completion_target,
-                                              progress=self._progress)
+                result = await run_checkpoint(
+                    pool, spread=s.interval * s.completion_target, progress=self._progress
+                )
             except (OSError, AiodbenvError) as err:
                 await asyncio.sleep(self._failed(err))
                 started = time.monotonic() - s.interval  # retry as soon as the back-off ends
@@ -384,9 +400,7 @@ async def run_checkpoint(
         pool._leave()
 
 
-async def _checkpoint(
-    pool: Pool, spread: float, progress: ProgressCallback | None
-) -> SyncResult:
+async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | None) -> SyncResult:
     from .mpool.sync import SyncResult, collect_dirty, fsync_files, write_items
 
     items, held, _ = await collect_dirty(pool, None)
@@ -415,8 +429,9 @@ async def _checkpoint(
             break
         await asyncio.sleep(0.005 * (attempt + 1))
         again, held_now, _ = await collect_dirty(pool, None)
-        part = await write_items(pool, [it for it in again if (it[0], it[1]) in waiting],
-                                 fsync=False, synced=synced)
+        part = await write_items(
+            pool, [it for it in again if (it[0], it[1]) in waiting], fsync=False, synced=synced
+        )
         _merge(result, part)
         if part.errors:
             raise part.errors[0]

@@ -81,9 +81,7 @@ class ConfigError(InvalidArgument):
     file (both ``None`` for a bad argument).
     """
 
-    def __init__(
-        self, message: str, *, path: str | None = None, lineno: int | None = None
-    ) -> None:
+    def __init__(self, message: str, *, path: str | None = None, lineno: int | None = None) -> None:
         where = f"{path}:{lineno}: " if path is not None and lineno is not None else ""
         super().__init__(where + message)
         self.path = path

@@ -114,8 +114,11 @@ class Signals:
         if self.cleaning:
             print(f"{signal.Signals(sig).name}: still cleaning up, please wait", file=sys.stderr)
         elif self.count == 1:
-            print(f"\n{signal.Signals(sig).name}: stopping after the current step "
-                  "(again to interrupt it); cleaning up", file=sys.stderr)
+            print(
+                f"\n{signal.Signals(sig).name}: stopping after the current step "
+                "(again to interrupt it); cleaning up",
+                file=sys.stderr,
+            )
         else:
             self._task.cancel()
 
@@ -286,20 +289,24 @@ async def _run(args: argparse.Namespace) -> int:
         shapes = await _probe(ws, args.cache_size)
         varies = any(len({shapes[k][cs] for cs in args.cache_size}) > 1 for k in KINDS)
         measured = args.cache_size if varies else args.cache_size[:1]
-        print(f"aiodbenv {meta['aiodbenv']} from {meta['aiodbenv_path']}, Python "
-              f"{meta['python']}, mutexes: {BACKEND}, homes under {meta['dir']}")
+        print(
+            f"aiodbenv {meta['aiodbenv']} from {meta['aiodbenv_path']}, Python "
+            f"{meta['python']}, mutexes: {BACKEND}, homes under {meta['dir']}"
+        )
         print("Regions Env.open creates:")
         for kind in KINDS:
             for cs in args.cache_size:
                 print(f"  {kind:<8} cache_size {_fmt_size(cs):>8}: {_fmt_shape(shapes[kind][cs])}")
         if not varies and len(args.cache_size) > 1:
-            print(f"cache_size does not change the regions created; measuring cache_size "
-                  f"{_fmt_size(measured[0])} only.")
+            print(
+                f"cache_size does not change the regions created; measuring cache_size "
+                f"{_fmt_size(measured[0])} only."
+            )
         samples = {(cs, k, s): [] for cs in measured for k in KINDS for s in STEPS}
         total = args.warmup + args.reps
         progress = not args.quiet and sys.stderr.isatty()
         for rep in range(total):
-            order = KINDS[rep % 3:] + KINDS[: rep % 3]  # rotate which kind goes first
+            order = KINDS[rep % 3 :] + KINDS[: rep % 3]  # rotate which kind goes first
             for cs in measured:
                 for kind in order:
                     out: dict[str, list[float]] = {s: [] for s in STEPS}
@@ -355,14 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (default 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
     p.add_argument(
-        "--cache-size", type=lambda s: int(s, 0), action="append", default=None,
+        "--cache-size",
+        type=lambda s: int(s, 0),
+        action="append",
+        default=None,
         metavar="BYTES",
         help="cache size to create with; repeat for several (default: 262144 and 67108864)",
     )
-    p.add_argument("--dir", default=None,
-                   help="where to make the temporary homes (default: the system temp dir)")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="where to make the temporary homes (default: the system temp dir)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    p.add_argument("--quiet", action="store_true", help="no progress line (shown only on a terminal anyway)")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress line (shown only on a terminal anyway)"
+    )
     args = p.parse_args(argv)
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be at least 1 and --warmup at least 0")

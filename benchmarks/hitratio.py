@@ -29,8 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "anchors"))
 
-import aiodbenv  # noqa: E402
-from build import run_anchor, write_trace, zipf_trace  # type: ignore[import-not-found]  # noqa: E402
+from build import run_anchor, write_trace, zipf_trace  # type: ignore[import-not-found]
+
+import aiodbenv
 
 PAGE = 4096
 
@@ -97,9 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = refs // 10
     base = zipf_trace(npages, refs, theta=0.99, seed=1)
     rows = []
-    for name, trace in (("zipf 0.99", list(base)),
-                        ("zipf 0.99 + scans of 2x the cache", with_scans(list(base), capacity,
-                                                                          npages))):
+    for name, trace in (
+        ("zipf 0.99", list(base)),
+        ("zipf 0.99 + scans of 2x the cache", with_scans(list(base), capacity, npages)),
+    ):
         total_pages = max(trace) + 1
         t0 = time.perf_counter()
         ours = asyncio.run(aiodbenv_ratio(trace, capacity, warmup, total_pages))
@@ -111,14 +113,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trace_path = tf.name
             try:
                 write_trace(trace_path, trace)
-                r = run_anchor(["hitratio", "--cache-pages", str(capacity), "--trace", trace_path,
-                                "--warmup", str(warmup)])
+                r = run_anchor(
+                    [
+                        "hitratio",
+                        "--cache-pages",
+                        str(capacity),
+                        "--trace",
+                        trace_path,
+                        "--warmup",
+                        str(warmup),
+                    ]
+                )
                 bdb = float(r["hit_ratio"])
             finally:
                 os.unlink(trace_path)
-        rows.append({"workload": name, "cache_pages": capacity, "refs": len(trace),
-                     "aiodbenv": ours, "berkeley_db": bdb, "exact_lru": lru,
-                     "aiodbenv_seconds": t_ours})
+        rows.append(
+            {
+                "workload": name,
+                "cache_pages": capacity,
+                "refs": len(trace),
+                "aiodbenv": ours,
+                "berkeley_db": bdb,
+                "exact_lru": lru,
+                "aiodbenv_seconds": t_ours,
+            }
+        )
     print(f"cache {capacity} pages of {npages}; warm-up {warmup} references excluded")
     print(f"{'workload':<36}{'aiodbenv':>10}{'Berkeley DB':>13}{'exact LRU':>11}")
     for r in rows:

@@ -63,8 +63,15 @@ def run_lmdb(d: str, records: int, ops: int, seed: int) -> dict[str, Any]:
     value = os.urandom(RECORD)
     # A 4 KiB value is an overflow record of 2 pages; leave room for the tree and free pages.
     # writemap: the load writes into the map, not into heap pages (which would stay in RSS).
-    env = lmdb.open(d, map_size=max(64 << 20, records * RECORD * 4), sync=False,
-                    metasync=False, writemap=True, max_dbs=0, readahead=False)
+    env = lmdb.open(
+        d,
+        map_size=max(64 << 20, records * RECORD * 4),
+        sync=False,
+        metasync=False,
+        writemap=True,
+        max_dbs=0,
+        readahead=False,
+    )
     try:
         with env.begin(write=True) as txn:
             for k in allk:
@@ -107,8 +114,12 @@ def run_berkeleydb(d: str, records: int, ops: int, seed: int) -> dict[str, Any]:
     cache = max(32 << 20, records * RECORD * 3)
     env.set_cachesize(cache >> 30, cache & ((1 << 30) - 1), 1)
     env.open(d, db.DB_CREATE | db.DB_INIT_MPOOL, 0o600)
-    out: dict[str, Any] = {"version": ".".join(map(str, db.version())), "records": records,
-                           "ops": ops, "cache_bytes": cache}
+    out: dict[str, Any] = {
+        "version": ".".join(map(str, db.version())),
+        "records": records,
+        "ops": ops,
+        "cache_bytes": cache,
+    }
     try:
         for name, kind in (("btree", db.DB_BTREE), ("hash", db.DB_HASH)):
             d_ = db.DB(env)
@@ -126,8 +137,11 @@ def run_berkeleydb(d: str, records: int, ops: int, seed: int) -> dict[str, Any]:
                     get(k)[0]
                 ns = time.perf_counter_ns() - t0
                 miss1 = env.memp_stat()[0]["cache_miss"]
-                out[name] = {"ns_per_op": ns / ops, "ops_per_sec": ops * 1e9 / ns,
-                             "timed_cache_miss": miss1 - miss0}
+                out[name] = {
+                    "ns_per_op": ns / ops,
+                    "ops_per_sec": ops * 1e9 / ns,
+                    "timed_cache_miss": miss1 - miss0,
+                }
             finally:
                 d_.close()
         out["rss"] = rss()

@@ -63,9 +63,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -114,12 +115,32 @@ class Sizes:
     wb_cache_mb: int
 
 
-FULL = Sizes(reps=5, hot_file_mb=64, hot_cache_mb=128, hot_ops=250_000,
-             anchor_hot_ops=2_000_000, miss_cache_mb=8, miss_file_mb=256, miss_ops=60_000,
-             anchor_miss_ops=400_000, wb_mb=64, wb_cache_mb=128)
-QUICK = Sizes(reps=2, hot_file_mb=8, hot_cache_mb=16, hot_ops=100_000,
-              anchor_hot_ops=2_000_000, miss_cache_mb=2, miss_file_mb=32, miss_ops=20_000,
-              anchor_miss_ops=100_000, wb_mb=8, wb_cache_mb=16)
+FULL = Sizes(
+    reps=5,
+    hot_file_mb=64,
+    hot_cache_mb=128,
+    hot_ops=250_000,
+    anchor_hot_ops=2_000_000,
+    miss_cache_mb=8,
+    miss_file_mb=256,
+    miss_ops=60_000,
+    anchor_miss_ops=400_000,
+    wb_mb=64,
+    wb_cache_mb=128,
+)
+QUICK = Sizes(
+    reps=2,
+    hot_file_mb=8,
+    hot_cache_mb=16,
+    hot_ops=100_000,
+    anchor_hot_ops=2_000_000,
+    miss_cache_mb=2,
+    miss_file_mb=32,
+    miss_ops=20_000,
+    anchor_miss_ops=100_000,
+    wb_mb=8,
+    wb_cache_mb=16,
+)
 
 
 # -------------------------------------------------------------------------- workspace
@@ -298,8 +319,7 @@ async def hot_loop(f: Any, pgnos: list[int]) -> int:
 
 
 def _open_kwargs(region: str, cache_mb: int, key: int | None) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(create=True, region=region, cache_size=cache_mb * MIB,
-                              page_size=PAGE)
+    kw: dict[str, Any] = dict(create=True, region=region, cache_size=cache_mb * MIB, page_size=PAGE)
     if region == "system":
         kw["shm_key"] = key
     return kw
@@ -313,16 +333,16 @@ async def _close_and_remove(env: Env | None, home: str) -> None:
         await Env.remove(home)
 
 
-def _finish_home(ws: Workspace, home: str, key: int | None, what: str,
-                 problems: list[str]) -> None:
+def _finish_home(ws: Workspace, home: str, key: int | None, what: str, problems: list[str]) -> None:
     left = ws.drop_home(home)
     if left:
         problems.append(f"{what}: Env.remove left {left} in the home")
     if key is not None:
         segs = _segments_at(key)
         if segs:
-            problems.append(f"{what}: SysV segments left after Env.remove: "
-                            f"{[hex(k) for k in segs]}")
+            problems.append(
+                f"{what}: SysV segments left after Env.remove: {[hex(k) for k in segs]}"
+            )
 
 
 def _write_file(path: str, mb: int, fsync: bool = True) -> None:
@@ -344,9 +364,16 @@ def _read_file(path: str) -> None:
 # ------------------------------------------------------------------------ aiodbenv: hot
 
 
-async def _hot_session(home: str, region: str, key: int | None, cache_mb: int, data: str,
-                       npages: int, lists: dict[str, list[int]], order: list[str]
-                       ) -> dict[str, Any]:
+async def _hot_session(
+    home: str,
+    region: str,
+    key: int | None,
+    cache_mb: int,
+    data: str,
+    npages: int,
+    lists: dict[str, list[int]],
+    order: list[str],
+) -> dict[str, Any]:
     env = None
     try:
         env = await Env.open(home, **_open_kwargs(region, cache_mb, key))
@@ -374,8 +401,9 @@ async def _hot_session(home: str, region: str, key: int | None, cache_mb: int, d
         await _close_and_remove(env, home)
 
 
-async def _prepare_shared(home: str, region: str, key: int | None, cache_mb: int, data: str,
-                          npages: int) -> int:
+async def _prepare_shared(
+    home: str, region: str, key: int | None, cache_mb: int, data: str, npages: int
+) -> int:
     """Create an environment, pull every page of ``data`` in, close (the regions stay)."""
     async with Env.open(home, **_open_kwargs(region, cache_mb, key)) as env:
         async with env.pool.open_file(data, page_size=PAGE) as f:
@@ -408,11 +436,20 @@ async def _worker_main(a: argparse.Namespace) -> None:
                     page.data[0]
             t1 = time.monotonic_ns()
             s1 = env.pool.stat()
-            sys.stdout.write(json.dumps({
-                "pid": os.getpid(), "t0": t0, "t1": t1, "ops": a.ops,
-                "ns_per_op": (t1 - t0) / a.ops, "ops_per_sec": a.ops * 1e9 / (t1 - t0),
-                "cache_miss_delta_all_procs": s1.cache_miss - s0.cache_miss,
-            }) + "\n")
+            sys.stdout.write(
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "t0": t0,
+                        "t1": t1,
+                        "ops": a.ops,
+                        "ns_per_op": (t1 - t0) / a.ops,
+                        "ops_per_sec": a.ops * 1e9 / (t1 - t0),
+                        "cache_miss_delta_all_procs": s1.cache_miss - s0.cache_miss,
+                    }
+                )
+                + "\n"
+            )
             sys.stdout.flush()
     finally:
         await env.close()
@@ -460,25 +497,52 @@ class LineReader:
         return line.decode()
 
 
-def run_procs(ws: Workspace, region: str, sz: Sizes, data: str, npages: int, nprocs: int,
-              ops: int, loop: str, problems: list[str]) -> dict[str, Any]:
+def run_procs(
+    ws: Workspace,
+    region: str,
+    sz: Sizes,
+    data: str,
+    npages: int,
+    nprocs: int,
+    ops: int,
+    loop: str,
+    problems: list[str],
+) -> dict[str, Any]:
     home = ws.new_home()
     key = ws.new_key() if region == "system" else None
     what = f"procs {region}"
     try:
         with LeakWatch(ws, what + " (parent)", problems):
-            run_on("asyncio", lambda: _prepare_shared(home, region, key, sz.hot_cache_mb,
-                                                       data, npages))
+            run_on(
+                "asyncio", lambda: _prepare_shared(home, region, key, sz.hot_cache_mb, data, npages)
+            )
         procs = []
         errs = []
         for i in range(nprocs):
             err = open(ws.path("worker-stderr-"), "w+b")
             errs.append(err)
             p = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "_worker", "--home", home,
-                 "--data", data, "--npages", str(npages), "--ops", str(ops),
-                 "--seed", str(1000 + i), "--loop", loop],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, close_fds=True,
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "_worker",
+                    "--home",
+                    home,
+                    "--data",
+                    data,
+                    "--npages",
+                    str(npages),
+                    "--ops",
+                    str(ops),
+                    "--seed",
+                    str(1000 + i),
+                    "--loop",
+                    loop,
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                close_fds=True,
             )
             ws.procs.append(p)
             procs.append(p)
@@ -490,8 +554,10 @@ def run_procs(ws: Workspace, region: str, sz: Sizes, data: str, npages: int, npr
                 if not line or line[0] != "ready":
                     raise RuntimeError(f"worker said {line!r}, not ready")
                 if len(line) > 1 and line[1] != START_HASH:
-                    problems.append(f"{what}: a worker ran aiodbenv sources {line[1]}, not "
-                                    f"{START_HASH} as at the start (edited during the run)")
+                    problems.append(
+                        f"{what}: a worker ran aiodbenv sources {line[1]}, not "
+                        f"{START_HASH} as at the start (edited during the run)"
+                    )
             t_go = time.monotonic_ns()
             for p in procs:
                 assert p.stdin is not None
@@ -538,8 +604,9 @@ def run_procs(ws: Workspace, region: str, sz: Sizes, data: str, npages: int, npr
 # ----------------------------------------------------------------------- aiodbenv: miss
 
 
-async def _miss_session(home: str, cache_mb: int, data: str, warm: list[int],
-                        timed: list[int], order: list[int]) -> dict[str, Any]:
+async def _miss_session(
+    home: str, cache_mb: int, data: str, warm: list[int], timed: list[int], order: list[int]
+) -> dict[str, Any]:
     env = None
     try:
         env = await Env.open(home, **_open_kwargs("file", cache_mb, None))
@@ -559,8 +626,10 @@ async def _miss_session(home: str, cache_mb: int, data: str, warm: list[int],
                 miss = s1.cache_miss - s0.cache_miss
                 hit = s1.cache_hit - s0.cache_hit
                 out[conc] = {
-                    "ns_per_op": ns / len(timed), "ops_per_sec": len(timed) * 1e9 / ns,
-                    "cache_miss": miss, "cache_hit": hit,
+                    "ns_per_op": ns / len(timed),
+                    "ops_per_sec": len(timed) * 1e9 / ns,
+                    "cache_miss": miss,
+                    "cache_hit": hit,
                     "miss_ratio": miss / max(1, miss + hit),
                     "page_in": s1.page_in - s0.page_in,
                 }
@@ -601,10 +670,12 @@ async def _sync_session(home: str, cache_mb: int, data: str, n: int) -> dict[str
                 ns = time.perf_counter_ns() - t0
                 after = env.pool.stat()
                 out[label] = {
-                    "ms": ns / 1e6, "mib_per_sec": n * PAGE / MIB / (ns / 1e9),
-                    "written": res.written, "dirty_before": before.page_dirty,
-                    "dirty_after": after.page_dirty, "write_calls":
-                        after.write_calls - before.write_calls,
+                    "ms": ns / 1e6,
+                    "mib_per_sec": n * PAGE / MIB / (ns / 1e9),
+                    "written": res.written,
+                    "dirty_before": before.page_dirty,
+                    "dirty_after": after.page_dirty,
+                    "write_calls": after.write_calls - before.write_calls,
                 }
         out["file_bytes"] = os.path.getsize(data)
         return out
@@ -651,20 +722,29 @@ def _lat_stats(ticks: list[tuple[float, float]]) -> dict[str, Any]:
     if not ticks:
         return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
     v = sorted(late for _, late in ticks)
+
     def pick(q: float) -> float:
         return v[min(len(v) - 1, int(q * len(v)))]
 
     worst = max(ticks, key=lambda t: t[1])
     over2 = [t for t in ticks if t[1] > 0.002]
-    return {"n": len(v), "p50_ms": pick(0.50) * 1e3, "p99_ms": pick(0.99) * 1e3,
-            "max_ms": v[-1] * 1e3, "max_tick_started_at_ms": worst[0] * 1e3,
-            "ticks_over_2ms": len(over2),
-            "worst5_ms_at": [(round(a * 1e3, 1), round(b * 1e3, 2))
-                             for a, b in sorted(ticks, key=lambda t: -t[1])[:5]]}
+    return {
+        "n": len(v),
+        "p50_ms": pick(0.50) * 1e3,
+        "p99_ms": pick(0.99) * 1e3,
+        "max_ms": v[-1] * 1e3,
+        "max_tick_started_at_ms": worst[0] * 1e3,
+        "ticks_over_2ms": len(over2),
+        "worst5_ms_at": [
+            (round(a * 1e3, 1), round(b * 1e3, 2))
+            for a, b in sorted(ticks, key=lambda t: -t[1])[:5]
+        ],
+    }
 
 
-async def _lateness_session(home: str, cache_mb: int, data: str, pwrite_path: str, n: int
-                            ) -> dict[str, Any]:
+async def _lateness_session(
+    home: str, cache_mb: int, data: str, pwrite_path: str, n: int
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     env = None
     out: dict[str, Any] = {}
@@ -691,8 +771,9 @@ async def _lateness_session(home: str, cache_mb: int, data: str, pwrite_path: st
             await asyncio.sleep(0.005)
             await tk.stop()
             out["sync"] = _lat_stats(tk.window(t0, t1))
-            out["sync"].update(ms=(t1 - t0) * 1e3, written=res.written,
-                               mib_per_sec=n * PAGE / MIB / (t1 - t0))
+            out["sync"].update(
+                ms=(t1 - t0) * 1e3, written=res.written, mib_per_sec=n * PAGE / MIB / (t1 - t0)
+            )
 
         # Contrast: the same bytes with os.pwrite (+ fdatasync) on the loop thread.
         buf = os.urandom(PAGE)
@@ -734,9 +815,11 @@ async def _trickle_session(home: str, cache_mb: int, data: str, n: int) -> dict[
             ns = time.perf_counter_ns() - t0
             after = env.pool.stat()
             out = {
-                "ms": ns / 1e6, "pages_written": written,
+                "ms": ns / 1e6,
+                "pages_written": written,
                 "page_trickle": after.page_trickle - before.page_trickle,
-                "dirty_before": before.page_dirty, "dirty_after": after.page_dirty,
+                "dirty_before": before.page_dirty,
+                "dirty_after": after.page_dirty,
                 "pages_in_cache": after.pages,
                 "mib_per_sec": written * PAGE / MIB / (ns / 1e9) if written else 0.0,
             }
@@ -768,8 +851,12 @@ def dd_anchor(ws: Workspace, mb: int) -> dict[str, Any]:
     path = ws.path("dd-")
     try:
         t0 = time.perf_counter()
-        proc = subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mb}",
-                               "conv=fdatasync"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mb}", "conv=fdatasync"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"dd failed: {proc.stderr}")
@@ -807,8 +894,7 @@ class Results:
         self.raw: list[dict[str, Any]] = []
         self.problems: list[str] = []
 
-    def row(self, key: str, label: str, unit: str, kind: str | None,
-            anchor_label: str = "") -> Row:
+    def row(self, key: str, label: str, unit: str, kind: str | None, anchor_label: str = "") -> Row:
         if key not in self.rows:
             self.rows[key] = Row(key, label, unit, kind, anchor_label)
         return self.rows[key]
@@ -822,8 +908,7 @@ class Results:
 def _summ(vals: list[float]) -> dict[str, float] | None:
     if not vals:
         return None
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
-            "n": len(vals)}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
 def _ratios(r: Row) -> list[float]:
@@ -853,8 +938,10 @@ def _fmt(v: float | None) -> str:
 
 
 def render(results: Results) -> str:
-    head = (f"{'workload':<46} {'unit':<8} {'aiodbenv med':>12} {'min':>8} {'max':>8}  "
-            f"{'anchor med':>10} {'min':>8} {'max':>8}  {'ratio':>7}  anchor")
+    head = (
+        f"{'workload':<46} {'unit':<8} {'aiodbenv med':>12} {'min':>8} {'max':>8}  "
+        f"{'anchor med':>10} {'min':>8} {'max':>8}  {'ratio':>7}  anchor"
+    )
     lines = [head, "-" * len(head)]
     for r in results.rows.values():
         if not r.a and not r.b:
@@ -862,19 +949,25 @@ def render(results: Results) -> str:
         sa, sb = _summ(list(r.a.values())), _summ(list(r.b.values()))
         ratios = _ratios(r)
         rt = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+
         def cell(s: dict[str, float] | None, k: str) -> str:
             return _fmt(s[k]) if s else "-"
 
         lines.append(
             f"{r.label:<46} {r.unit:<8} {cell(sa, 'median'):>12} {cell(sa, 'min'):>8} "
             f"{cell(sa, 'max'):>8}  {cell(sb, 'median'):>10} {cell(sb, 'min'):>8} "
-            f"{cell(sb, 'max'):>8}  {rt:>7}  {r.anchor_label}")
+            f"{cell(sb, 'max'):>8}  {rt:>7}  {r.anchor_label}"
+        )
     lines.append("")
-    lines.append("ratio = median over repetitions of (aiodbenv time / anchor time), from the "
-                 "same repetition: for ns/op and ms rows aiodbenv/anchor, for ops/s and MiB/s "
-                 "rows anchor/aiodbenv. >1 means aiodbenv is slower by that factor.")
-    lines.append("M = million (ops/s). Lateness rows: anchor column = the contrast named on "
-                 "the right, no ratio.")
+    lines.append(
+        "ratio = median over repetitions of (aiodbenv time / anchor time), from the "
+        "same repetition: for ns/op and ms rows aiodbenv/anchor, for ops/s and MiB/s "
+        "rows anchor/aiodbenv. >1 means aiodbenv is slower by that factor."
+    )
+    lines.append(
+        "M = million (ops/s). Lateness rows: anchor column = the contrast named on "
+        "the right, no ratio."
+    )
     return "\n".join(lines)
 
 
@@ -921,26 +1014,37 @@ def machine() -> dict[str, Any]:
 
     def git(*a: str) -> str:
         try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,
-                                  text=True, timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return "?"
 
     fs = ""
     try:
-        fs = subprocess.run(["df", "-T", tempfile.gettempdir()], capture_output=True,
-                            text=True).stdout.splitlines()[-1].split()[1]
+        fs = (
+            subprocess.run(["df", "-T", tempfile.gettempdir()], capture_output=True, text=True)
+            .stdout.splitlines()[-1]
+            .split()[1]
+        )
     except (OSError, IndexError):
         pass
     return {
-        "nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "memory": mem,
-        "cpu": cpu, "python": platform.python_version(), "implementation":
-            platform.python_implementation(), "kernel": platform.release(),
-        "platform": platform.platform(), "uvloop": getattr(uvloop, "__version__", None),
-        "aiodbenv": getattr(aiodbenv, "__version__", "?"), "mutex_backend": BACKEND,
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "memory": mem,
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "uvloop": getattr(uvloop, "__version__", None),
+        "aiodbenv": getattr(aiodbenv, "__version__", "?"),
+        "mutex_backend": BACKEND,
         "git_head": git("rev-parse", "--short", "HEAD"),
-        "git_dirty_files": git("status", "--porcelain", "--untracked-files=no",
-                               "aiodbenv").splitlines(),
+        "git_dirty_files": git(
+            "status", "--porcelain", "--untracked-files=no", "aiodbenv"
+        ).splitlines(),
         "aiodbenv_source_sha256": source_hash(),
         "tmp_fs": fs,
     }
@@ -1001,38 +1105,91 @@ class Bench:
                 for loop in LOOPS:
                     k = f"hot/{region}/{pattern}/{loop}"
                     if region == "private":
-                        R(k, f"hot {region} {pattern} ({loop})", "ns/op", "time",
-                          "BDB hot DB_PRIVATE, no DB_THREAD (no mutexes)")
-                        R(k + "/thread", f"hot {region} {pattern} ({loop})", "ns/op", "time",
-                          "BDB hot DB_PRIVATE|DB_THREAD (mutexes)")
+                        R(
+                            k,
+                            f"hot {region} {pattern} ({loop})",
+                            "ns/op",
+                            "time",
+                            "BDB hot DB_PRIVATE, no DB_THREAD (no mutexes)",
+                        )
+                        R(
+                            k + "/thread",
+                            f"hot {region} {pattern} ({loop})",
+                            "ns/op",
+                            "time",
+                            "BDB hot DB_PRIVATE|DB_THREAD (mutexes)",
+                        )
                     else:
-                        R(k, f"hot {region} {pattern} ({loop})", "ns/op", "time",
-                          f"BDB hot {region}{' (DB_SYSTEM_MEM)' if region == 'system' else ''}")
+                        R(
+                            k,
+                            f"hot {region} {pattern} ({loop})",
+                            "ns/op",
+                            "time",
+                            f"BDB hot {region}{' (DB_SYSTEM_MEM)' if region == 'system' else ''}",
+                        )
         for region in ("file", "system"):
-            R(f"procs/{region}", f"hot {region} random, 2 procs total (asyncio)", "ops/s",
-              "rate", "BDB hot --procs 2, total")
-            R(f"procs/{region}/scale", f"  2-proc / 1-proc scaling ({region})", "x", None,
-              "BDB 2-proc / 1-proc scaling")
+            R(
+                f"procs/{region}",
+                f"hot {region} random, 2 procs total (asyncio)",
+                "ops/s",
+                "rate",
+                "BDB hot --procs 2, total",
+            )
+            R(
+                f"procs/{region}/scale",
+                f"  2-proc / 1-proc scaling ({region})",
+                "x",
+                None,
+                "BDB 2-proc / 1-proc scaling",
+            )
         for loop in LOOPS:
             for conc in (1, CONCURRENCY):
-                R(f"miss/{conc}/{loop}",
-                  f"miss {sz.miss_cache_mb}M/{sz.miss_file_mb}M, {conc} coro ({loop})",
-                  "ops/s", "rate", "BDB miss (1 thread)")
+                R(
+                    f"miss/{conc}/{loop}",
+                    f"miss {sz.miss_cache_mb}M/{sz.miss_file_mb}M, {conc} coro ({loop})",
+                    "ops/s",
+                    "rate",
+                    "BDB miss (1 thread)",
+                )
         R("miss/ratio", "  miss ratio (1 coro, asyncio)", "ratio", None, "BDB miss ratio")
-        R("sync/extend", f"sync {sz.wb_mb} MiB created past EOF (asyncio)", "MiB/s", "rate",
-          "BDB memp_sync (extends the file)")
-        R("sync/extend/dd", f"sync {sz.wb_mb} MiB created past EOF (asyncio)", "MiB/s", "rate",
-          f"dd bs=1M count={sz.wb_mb} conv=fdatasync")
-        R("sync/overwrite", f"sync {sz.wb_mb} MiB overwriting in place", "MiB/s", "rate",
-          "BDB memp_sync (extends; 5.3 cannot overwrite)")
+        R(
+            "sync/extend",
+            f"sync {sz.wb_mb} MiB created past EOF (asyncio)",
+            "MiB/s",
+            "rate",
+            "BDB memp_sync (extends the file)",
+        )
+        R(
+            "sync/extend/dd",
+            f"sync {sz.wb_mb} MiB created past EOF (asyncio)",
+            "MiB/s",
+            "rate",
+            f"dd bs=1M count={sz.wb_mb} conv=fdatasync",
+        )
+        R(
+            "sync/overwrite",
+            f"sync {sz.wb_mb} MiB overwriting in place",
+            "MiB/s",
+            "rate",
+            "BDB memp_sync (extends; 5.3 cannot overwrite)",
+        )
         R("lat/idle/max", "lateness idle ticker: max", "ms", None, "")
         for stat in ("p50", "p99", "max"):
-            R(f"lat/sync/{stat}", f"lateness during pool.sync: {stat}", "ms", None,
-              f"os.pwrite x{self.wb_pages} + fdatasync on loop thread")
-        R("trickle/ms", f"trickle(50) on {sz.wb_mb} MiB dirty", "ms", "time",
-          "BDB memp_trickle(50)")
-        R("trickle/pages", "  pages written by trickle(50)", "pages", None,
-          "BDB nwrote")
+            R(
+                f"lat/sync/{stat}",
+                f"lateness during pool.sync: {stat}",
+                "ms",
+                None,
+                f"os.pwrite x{self.wb_pages} + fdatasync on loop thread",
+            )
+        R(
+            "trickle/ms",
+            f"trickle(50) on {sz.wb_mb} MiB dirty",
+            "ms",
+            "time",
+            "BDB memp_trickle(50)",
+        )
+        R("trickle/pages", "  pages written by trickle(50)", "pages", None, "BDB nwrote")
 
     # -- steps (each records into the rows of one repetition)
 
@@ -1043,60 +1200,117 @@ class Bench:
         what = f"hot {region} {loop}"
         try:
             with LeakWatch(self.ws, what, self.res.problems):
-                r = run_on(loop, lambda: _hot_session(home, region, key, self.sz.hot_cache_mb,
-                                                      self.hot_data, self.npages, self.lists,
-                                                      order))
+                r = run_on(
+                    loop,
+                    lambda: _hot_session(
+                        home,
+                        region,
+                        key,
+                        self.sz.hot_cache_mb,
+                        self.hot_data,
+                        self.npages,
+                        self.lists,
+                        order,
+                    ),
+                )
         finally:
             _finish_home(self.ws, home, key, what, self.res.problems)
         for pattern in ("random", "seq"):
             d = r[pattern]
-            self.check(d["timed_cache_miss"] == 0,
-                       f"{what} {pattern}: {d['timed_cache_miss']} misses in the timed loop")
+            self.check(
+                d["timed_cache_miss"] == 0,
+                f"{what} {pattern}: {d['timed_cache_miss']} misses in the timed loop",
+            )
             k = f"hot/{region}/{pattern}/{loop}"
             self.res.put(k, "a", rep, d["ns_per_op"])
             if region == "private":
                 self.res.put(k + "/thread", "a", rep, d["ns_per_op"])
         self.raw(rep, f"aiodbenv {what}", r)
-        self.log(f"aiodbenv {what}: random {r['random']['ns_per_op']:.0f} ns/op, "
-                 f"seq {r['seq']['ns_per_op']:.0f} ns/op")
+        self.log(
+            f"aiodbenv {what}: random {r['random']['ns_per_op']:.0f} ns/op, "
+            f"seq {r['seq']['ns_per_op']:.0f} ns/op"
+        )
 
     def b_hot(self, rep: int, region: str, thread: bool = False) -> None:
         sz = self.sz
-        for pattern in (["random", "seq"] if rep % 2 == 0 else ["seq", "random"]):
-            args = ["hot", "--region", region, "--cache-mb", str(sz.hot_cache_mb),
-                    "--file-mb", str(sz.hot_file_mb), "--ops", str(sz.anchor_hot_ops),
-                    "--pattern", pattern, "--repeat", "1"]
+        for pattern in ["random", "seq"] if rep % 2 == 0 else ["seq", "random"]:
+            args = [
+                "hot",
+                "--region",
+                region,
+                "--cache-mb",
+                str(sz.hot_cache_mb),
+                "--file-mb",
+                str(sz.hot_file_mb),
+                "--ops",
+                str(sz.anchor_hot_ops),
+                "--pattern",
+                pattern,
+                "--repeat",
+                "1",
+            ]
             if thread:
                 args.append("--thread")
             r = anchor(self.ws, args)
-            self.check(r.get("timed_cache_miss", 0) == 0,
-                       f"anchor hot {region} {pattern}: timed misses {r.get('timed_cache_miss')}")
+            self.check(
+                r.get("timed_cache_miss", 0) == 0,
+                f"anchor hot {region} {pattern}: timed misses {r.get('timed_cache_miss')}",
+            )
             for loop in LOOPS:
                 k = f"hot/{region}/{pattern}/{loop}" + ("/thread" if thread else "")
                 self.res.put(k, "b", rep, r["ns_per_op"])
             self.raw(rep, f"anchor hot {region} {pattern}{' thread' if thread else ''}", r)
-            self.log(f"anchor hot {region} {pattern}{' DB_THREAD' if thread else ''}: "
-                     f"{r['ns_per_op']:.0f} ns/op")
+            self.log(
+                f"anchor hot {region} {pattern}{' DB_THREAD' if thread else ''}: "
+                f"{r['ns_per_op']:.0f} ns/op"
+            )
 
     def a_procs(self, rep: int, region: str) -> None:
-        r = run_procs(self.ws, region, self.sz, self.hot_data, self.npages, 2,
-                      self.sz.hot_ops, "asyncio", self.res.problems)
-        self.check(r["timed_cache_miss"] == 0,
-                   f"procs {region}: {r['timed_cache_miss']} misses in the timed loops")
+        r = run_procs(
+            self.ws,
+            region,
+            self.sz,
+            self.hot_data,
+            self.npages,
+            2,
+            self.sz.hot_ops,
+            "asyncio",
+            self.res.problems,
+        )
+        self.check(
+            r["timed_cache_miss"] == 0,
+            f"procs {region}: {r['timed_cache_miss']} misses in the timed loops",
+        )
         self.res.put(f"procs/{region}", "a", rep, r["total_ops_per_sec"])
         one = self.res.rows[f"hot/{region}/random/asyncio"].a.get(rep)
         if one:
-            self.res.put(f"procs/{region}/scale", "a", rep,
-                         r["total_ops_per_sec"] / (1e9 / one))
+            self.res.put(f"procs/{region}/scale", "a", rep, r["total_ops_per_sec"] / (1e9 / one))
         self.raw(rep, f"aiodbenv procs {region}", r)
-        self.log(f"aiodbenv 2 procs {region}: total {r['total_ops_per_sec']:,.0f} ops/s "
-                 f"(per proc {[round(p['ns_per_op']) for p in r['per_proc']]} ns/op)")
+        self.log(
+            f"aiodbenv 2 procs {region}: total {r['total_ops_per_sec']:,.0f} ops/s "
+            f"(per proc {[round(p['ns_per_op']) for p in r['per_proc']]} ns/op)"
+        )
 
     def b_procs(self, rep: int, region: str) -> None:
         sz = self.sz
-        r = anchor(self.ws, ["hot", "--region", region, "--procs", "2", "--cache-mb",
-                             str(sz.hot_cache_mb), "--file-mb", str(sz.hot_file_mb), "--ops",
-                             str(sz.anchor_hot_ops), "--pattern", "random"])
+        r = anchor(
+            self.ws,
+            [
+                "hot",
+                "--region",
+                region,
+                "--procs",
+                "2",
+                "--cache-mb",
+                str(sz.hot_cache_mb),
+                "--file-mb",
+                str(sz.hot_file_mb),
+                "--ops",
+                str(sz.anchor_hot_ops),
+                "--pattern",
+                "random",
+            ],
+        )
         total = r["total_ops_per_sec"]
         self.res.put(f"procs/{region}", "b", rep, total)
         one = self.res.rows[f"hot/{region}/random/asyncio"].b.get(rep)
@@ -1112,26 +1326,48 @@ class Bench:
         what = f"miss {loop}"
         try:
             with LeakWatch(self.ws, what, self.res.problems):
-                r = run_on(loop, lambda: _miss_session(home, self.sz.miss_cache_mb,
-                                                       self.miss_data, self.miss_warm,
-                                                       self.miss_timed, order))
+                r = run_on(
+                    loop,
+                    lambda: _miss_session(
+                        home,
+                        self.sz.miss_cache_mb,
+                        self.miss_data,
+                        self.miss_warm,
+                        self.miss_timed,
+                        order,
+                    ),
+                )
         finally:
             _finish_home(self.ws, home, None, what, self.res.problems)
         for conc in (1, CONCURRENCY):
             self.res.put(f"miss/{conc}/{loop}", "a", rep, r[conc]["ops_per_sec"])
-            self.check(r[conc]["miss_ratio"] > 0.5,
-                       f"{what} {conc}: miss ratio only {r[conc]['miss_ratio']:.3f}")
+            self.check(
+                r[conc]["miss_ratio"] > 0.5,
+                f"{what} {conc}: miss ratio only {r[conc]['miss_ratio']:.3f}",
+            )
         if loop == "asyncio":
             self.res.put("miss/ratio", "a", rep, r[1]["miss_ratio"])
         self.raw(rep, f"aiodbenv {what}", {str(k): v for k, v in r.items()})
-        self.log(f"aiodbenv {what}: 1 coro {r[1]['ns_per_op'] / 1e3:.1f} us/op, "
-                 f"{CONCURRENCY} coros {r[CONCURRENCY]['ns_per_op'] / 1e3:.1f} us/op, "
-                 f"miss ratio {r[1]['miss_ratio']:.3f}")
+        self.log(
+            f"aiodbenv {what}: 1 coro {r[1]['ns_per_op'] / 1e3:.1f} us/op, "
+            f"{CONCURRENCY} coros {r[CONCURRENCY]['ns_per_op'] / 1e3:.1f} us/op, "
+            f"miss ratio {r[1]['miss_ratio']:.3f}"
+        )
 
     def b_miss(self, rep: int) -> None:
         sz = self.sz
-        r = anchor(self.ws, ["miss", "--cache-mb", str(sz.miss_cache_mb), "--file-mb",
-                             str(sz.miss_file_mb), "--ops", str(sz.anchor_miss_ops)])
+        r = anchor(
+            self.ws,
+            [
+                "miss",
+                "--cache-mb",
+                str(sz.miss_cache_mb),
+                "--file-mb",
+                str(sz.miss_file_mb),
+                "--ops",
+                str(sz.anchor_miss_ops),
+            ],
+        )
         for loop in LOOPS:
             for conc in (1, CONCURRENCY):
                 self.res.put(f"miss/{conc}/{loop}", "b", rep, r["ops_per_sec"])
@@ -1150,39 +1386,50 @@ class Bench:
             _finish_home(self.ws, home, None, "sync", self.res.problems)
         for label in ("extend", "overwrite"):
             d = r[label]
-            self.check(d["written"] == n and d["dirty_before"] == n and d["dirty_after"] == 0,
-                       f"sync {label}: written {d['written']}, dirty before {d['dirty_before']}"
-                       f", after {d['dirty_after']} (expected {n}, {n}, 0)")
-        self.check(r["file_bytes"] == (n + 1) * PAGE,
-                   f"sync: file is {r['file_bytes']} bytes, expected {(n + 1) * PAGE}")
+            self.check(
+                d["written"] == n and d["dirty_before"] == n and d["dirty_after"] == 0,
+                f"sync {label}: written {d['written']}, dirty before {d['dirty_before']}"
+                f", after {d['dirty_after']} (expected {n}, {n}, 0)",
+            )
+        self.check(
+            r["file_bytes"] == (n + 1) * PAGE,
+            f"sync: file is {r['file_bytes']} bytes, expected {(n + 1) * PAGE}",
+        )
         self.res.put("sync/extend", "a", rep, r["extend"]["mib_per_sec"])
         self.res.put("sync/extend/dd", "a", rep, r["extend"]["mib_per_sec"])
         self.res.put("sync/overwrite", "a", rep, r["overwrite"]["mib_per_sec"])
         self.raw(rep, "aiodbenv sync", r)
-        self.log(f"aiodbenv sync: extend {r['extend']['mib_per_sec']:.0f} MiB/s "
-                 f"({r['extend']['ms']:.0f} ms), overwrite "
-                 f"{r['overwrite']['mib_per_sec']:.0f} MiB/s")
+        self.log(
+            f"aiodbenv sync: extend {r['extend']['mib_per_sec']:.0f} MiB/s "
+            f"({r['extend']['ms']:.0f} ms), overwrite "
+            f"{r['overwrite']['mib_per_sec']:.0f} MiB/s"
+        )
 
     def b_sync(self, rep: int) -> None:
         sz = self.sz
-        r = anchor(self.ws, ["sync", "--cache-mb", str(sz.wb_cache_mb), "--dirty-mb",
-                             str(sz.wb_mb)])
+        r = anchor(
+            self.ws, ["sync", "--cache-mb", str(sz.wb_cache_mb), "--dirty-mb", str(sz.wb_mb)]
+        )
         self.res.put("sync/extend", "b", rep, r["mib_per_sec"])
         self.res.put("sync/overwrite", "b", rep, r["mib_per_sec"])
         d = dd_anchor(self.ws, sz.wb_mb)
         self.res.put("sync/extend/dd", "b", rep, d["mib_per_sec"])
         self.raw(rep, "anchor sync", r)
         self.raw(rep, "dd", d)
-        self.log(f"anchor sync: {r['mib_per_sec']:.0f} MiB/s ({r['ms']:.0f} ms); "
-                 f"dd {d['mib_per_sec']:.0f} MiB/s")
+        self.log(
+            f"anchor sync: {r['mib_per_sec']:.0f} MiB/s ({r['ms']:.0f} ms); "
+            f"dd {d['mib_per_sec']:.0f} MiB/s"
+        )
 
     def a_lateness(self, rep: int) -> None:
         home = self.ws.new_home()
         data, pw = self.ws.path("lat-"), self.ws.path("pwrite-")
         try:
             with LeakWatch(self.ws, "lateness", self.res.problems):
-                r = run_on("asyncio", lambda: _lateness_session(
-                    home, self.sz.wb_cache_mb, data, pw, self.wb_pages))
+                r = run_on(
+                    "asyncio",
+                    lambda: _lateness_session(home, self.sz.wb_cache_mb, data, pw, self.wb_pages),
+                )
         finally:
             _finish_home(self.ws, home, None, "lateness", self.res.problems)
         self.res.put("lat/idle/max", "a", rep, r["idle"]["max_ms"])
@@ -1191,27 +1438,34 @@ class Bench:
             self.res.put(f"lat/sync/{stat}", "b", rep, r["pwrite"][f"{stat}_ms"])
         self.raw(rep, "aiodbenv lateness", r)
         s = r["sync"]
-        self.log(f"aiodbenv lateness during sync: p50 {s['p50_ms']:.3f} p99 {s['p99_ms']:.3f} "
-                 f"max {s['max_ms']:.3f} ms (tick started {s['max_tick_started_at_ms']:+.1f} ms "
-                 f"after sync began) over {s['n']} ticks ({s['ms']:.0f} ms); pwrite on "
-                 f"loop: max {r['pwrite']['max_ms']:.1f} ms; idle max {r['idle']['max_ms']:.3f}")
+        self.log(
+            f"aiodbenv lateness during sync: p50 {s['p50_ms']:.3f} p99 {s['p99_ms']:.3f} "
+            f"max {s['max_ms']:.3f} ms (tick started {s['max_tick_started_at_ms']:+.1f} ms "
+            f"after sync began) over {s['n']} ticks ({s['ms']:.0f} ms); pwrite on "
+            f"loop: max {r['pwrite']['max_ms']:.1f} ms; idle max {r['idle']['max_ms']:.3f}"
+        )
 
     def a_trickle(self, rep: int) -> None:
         home = self.ws.new_home()
         data = self.ws.path("tr-")
         try:
             with LeakWatch(self.ws, "trickle", self.res.problems):
-                r = run_on("asyncio", lambda: _trickle_session(home, self.sz.wb_cache_mb,
-                                                              data, self.wb_pages))
+                r = run_on(
+                    "asyncio",
+                    lambda: _trickle_session(home, self.sz.wb_cache_mb, data, self.wb_pages),
+                )
         finally:
             _finish_home(self.ws, home, None, "trickle", self.res.problems)
         want = self.wb_pages // 2
-        self.check(r["pages_written"] == want,
-                   f"trickle(50): wrote {r['pages_written']} pages, expected {want} "
-                   f"({r['pages_in_cache']} pages in cache, {r['dirty_before']} dirty)")
-        self.check(r["page_trickle"] == r["pages_written"],
-                   f"trickle: st page_trickle {r['page_trickle']} != written "
-                   f"{r['pages_written']}")
+        self.check(
+            r["pages_written"] == want,
+            f"trickle(50): wrote {r['pages_written']} pages, expected {want} "
+            f"({r['pages_in_cache']} pages in cache, {r['dirty_before']} dirty)",
+        )
+        self.check(
+            r["page_trickle"] == r["pages_written"],
+            f"trickle: st page_trickle {r['page_trickle']} != written {r['pages_written']}",
+        )
         self.res.put("trickle/ms", "a", rep, r["ms"])
         self.res.put("trickle/pages", "a", rep, r["pages_written"])
         self.raw(rep, "aiodbenv trickle", r)
@@ -1219,8 +1473,18 @@ class Bench:
 
     def b_trickle(self, rep: int) -> None:
         sz = self.sz
-        r = anchor(self.ws, ["trickle", "--cache-mb", str(sz.wb_cache_mb), "--dirty-mb",
-                             str(sz.wb_mb), "--pct", "50"])
+        r = anchor(
+            self.ws,
+            [
+                "trickle",
+                "--cache-mb",
+                str(sz.wb_cache_mb),
+                "--dirty-mb",
+                str(sz.wb_mb),
+                "--pct",
+                "50",
+            ],
+        )
         self.res.put("trickle/ms", "b", rep, r["ms"])
         self.res.put("trickle/pages", "b", rep, r["pages_written"])
         self.raw(rep, "anchor trickle", r)
@@ -1247,11 +1511,17 @@ class Bench:
                 g.append(grp)
         if "procs" in only:
             for region in ("file", "system"):
-                g.append([(f"a procs {region}", P(self.a_procs, rep, region)),
-                          (f"b procs {region}", P(self.b_procs, rep, region))])
+                g.append(
+                    [
+                        (f"a procs {region}", P(self.a_procs, rep, region)),
+                        (f"b procs {region}", P(self.b_procs, rep, region)),
+                    ]
+                )
         if "miss" in only:
-            grp = [("a miss asyncio", P(self.a_miss, rep, "asyncio")),
-                   ("b miss", P(self.b_miss, rep))]
+            grp = [
+                ("a miss asyncio", P(self.a_miss, rep, "asyncio")),
+                ("b miss", P(self.b_miss, rep)),
+            ]
             if "uvloop" in LOOPS:
                 grp.append(("a miss uvloop", P(self.a_miss, rep, "uvloop")))
             g.append(grp)
@@ -1260,8 +1530,7 @@ class Bench:
         if "lateness" in only:
             g.append([("a lateness", P(self.a_lateness, rep))])
         if "trickle" in only:
-            g.append([("a trickle", P(self.a_trickle, rep)),
-                      ("b trickle", P(self.b_trickle, rep))])
+            g.append([("a trickle", P(self.a_trickle, rep)), ("b trickle", P(self.b_trickle, rep))])
         if rep % 2:
             g = [list(reversed(grp)) for grp in g]
         return g
@@ -1325,13 +1594,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 repetitions, small sizes")
     ap.add_argument("--reps", type=int, help="repetitions (default 5, --quick 2)")
-    ap.add_argument("--json", default=str(HERE / "results" / "pool_bench.json"),
-                    help="where to write the JSON (default benchmarks/results/pool_bench.json)")
+    ap.add_argument(
+        "--json",
+        default=str(HERE / "results" / "pool_bench.json"),
+        help="where to write the JSON (default benchmarks/results/pool_bench.json)",
+    )
     ap.add_argument("--dir", default=None, help="parent of the work directory (default: TMPDIR)")
-    ap.add_argument("--only", default=",".join(WORKLOADS),
-                    help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    ap.add_argument("--profile", action="store_true",
-                    help="also print a cProfile of the hot loop (file region, random)")
+    ap.add_argument(
+        "--only",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)}",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print a cProfile of the hot loop (file region, random)",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     args.only = {w.strip() for w in args.only.split(",") if w.strip()}
@@ -1350,13 +1628,20 @@ def main(argv: list[str] | None = None) -> int:
     global START_HASH
     m = machine()
     START_HASH = m["aiodbenv_source_sha256"]
-    print(f"machine: nproc {m['nproc']} (affinity {m['affinity']}), memory {m['memory']}, "
-          f"{m['cpu']}")
-    print(f"         Python {m['python']} ({m['implementation']}), kernel {m['kernel']}, "
-          f"uvloop {m['uvloop']}, tmp fs {m['tmp_fs']}")
-    print(f"aiodbenv {m['aiodbenv']} at git {m['git_head']}"
-          f"{' + uncommitted changes in ' + str(len(m['git_dirty_files'])) + ' files' if m['git_dirty_files'] else ''}"
-          f", sources sha256 {m['aiodbenv_source_sha256']}, mutex backend {m['mutex_backend']}")
+    print(
+        f"machine: nproc {m['nproc']} (affinity {m['affinity']}), memory {m['memory']}, {m['cpu']}"
+    )
+    print(
+        f"         Python {m['python']} ({m['implementation']}), kernel {m['kernel']}, "
+        f"uvloop {m['uvloop']}, tmp fs {m['tmp_fs']}"
+    )
+    changed = m["git_dirty_files"]
+    dirty = f" + uncommitted changes in {len(changed)} files" if changed else ""
+    print(
+        f"aiodbenv {m['aiodbenv']} at git {m['git_head']}"
+        f"{dirty}"
+        f", sources sha256 {m['aiodbenv_source_sha256']}, mutex backend {m['mutex_backend']}"
+    )
     print(f"load average at start: {os.getloadavg()}")
     print(f"sizes: {asdict(sz)}  ({'quick' if args.quick else 'full'})")
     sys.stdout.flush()
@@ -1371,6 +1656,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.log("building the anchor and writing data files")
         from benchmarks.anchors.build import build
+
         build()
         prime_loops()
         bench.setup()
@@ -1394,12 +1680,14 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - t_start
     end_hash = source_hash()
     if end_hash != START_HASH:
-        res.problems.insert(0, f"WARNING: the aiodbenv sources changed during the run "
-                               f"({START_HASH} -> {end_hash}): results may mix versions")
+        res.problems.insert(
+            0,
+            f"WARNING: the aiodbenv sources changed during the run "
+            f"({START_HASH} -> {end_hash}): results may mix versions",
+        )
     print()
     print(render(res))
-    print(f"\n{sz.reps} repetitions in {elapsed:.0f} s; load average at the end: "
-          f"{os.getloadavg()}")
+    print(f"\n{sz.reps} repetitions in {elapsed:.0f} s; load average at the end: {os.getloadavg()}")
     if prof_text:
         print("\ncProfile of the hot loop (file region, random):\n" + prof_text)
     if res.problems:
@@ -1407,17 +1695,30 @@ def main(argv: list[str] | None = None) -> int:
         for p in res.problems:
             print("  - " + p.rstrip().replace("\n", "\n    "))
     out = {
-        "machine": m, "sizes": asdict(sz), "elapsed_s": elapsed, "status": status,
+        "machine": m,
+        "sizes": asdict(sz),
+        "elapsed_s": elapsed,
+        "status": status,
         "rows": [
-            {"key": r.key, "label": r.label, "unit": r.unit, "ratio_kind": r.kind,
-             "anchor": r.anchor_label, "aiodbenv": _summ(list(r.a.values())),
-             "anchor_values": _summ(list(r.b.values())),
-             "aiodbenv_by_rep": r.a, "anchor_by_rep": r.b,
-             "ratio_by_rep": _ratios(r),
-             "ratio_median": statistics.median(_ratios(r)) if _ratios(r) else None}
+            {
+                "key": r.key,
+                "label": r.label,
+                "unit": r.unit,
+                "ratio_kind": r.kind,
+                "anchor": r.anchor_label,
+                "aiodbenv": _summ(list(r.a.values())),
+                "anchor_values": _summ(list(r.b.values())),
+                "aiodbenv_by_rep": r.a,
+                "anchor_by_rep": r.b,
+                "ratio_by_rep": _ratios(r),
+                "ratio_median": statistics.median(_ratios(r)) if _ratios(r) else None,
+            }
             for r in res.rows.values()
         ],
-        "loadavg_end": os.getloadavg(), "raw": res.raw, "problems": res.problems, "profile": prof_text,
+        "loadavg_end": os.getloadavg(),
+        "raw": res.raw,
+        "problems": res.problems,
+        "profile": prof_text,
     }
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

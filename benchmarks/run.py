@@ -60,9 +60,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -80,11 +81,11 @@ CONC = pb.CONCURRENCY
 #: The workloads, in table order, with what each row group measures.
 WORKLOADS: dict[str, str] = {
     "hot": "pin+unpin of cached pages (random, sequential; file, system, private regions; "
-           "1 and 2 processes); Python peers' gets of cached 4 KiB records",
+    "1 and 2 processes); Python peers' gets of cached 4 KiB records",
     "miss": "misses: small cache over a large file, file in the OS page cache and after "
-            "dropping it, 1 and 32 coroutines",
+    "dropping it, 1 and 32 coroutines",
     "hitratio": "hit ratio of the replacement policy: zipf 0.99, and zipf interrupted by "
-                "scans larger than the cache",
+    "scans larger than the cache",
     "writeback": "write-back: sync of a dirty cache with fsync, trickle to 50% clean",
     "lateness": "event-loop lateness of a 1 ms ticker during misses, sync and trickle",
     "memory": "region bytes per cached page; RSS per process",
@@ -113,18 +114,60 @@ class Sizes(pb.Sizes):
         return self.hot_file_mb * MIB // PAGE
 
 
-FULL = Sizes(reps=5, hot_file_mb=64, hot_cache_mb=128, hot_ops=250_000,
-             anchor_hot_ops=2_000_000, miss_cache_mb=8, miss_file_mb=256, miss_ops=60_000,
-             anchor_miss_ops=400_000, wb_mb=64, wb_cache_mb=128, cold_ops=10_000,
-             peer_ops=250_000, hr_pages=20_000, hr_refs=500_000, mem_cache_mb=64)
-QUICK = Sizes(reps=2, hot_file_mb=8, hot_cache_mb=16, hot_ops=100_000,
-              anchor_hot_ops=1_000_000, miss_cache_mb=2, miss_file_mb=32, miss_ops=20_000,
-              anchor_miss_ops=100_000, wb_mb=8, wb_cache_mb=16, cold_ops=2_000,
-              peer_ops=100_000, hr_pages=5_000, hr_refs=100_000, mem_cache_mb=8)
-TINY = Sizes(reps=1, hot_file_mb=2, hot_cache_mb=4, hot_ops=20_000,
-             anchor_hot_ops=200_000, miss_cache_mb=1, miss_file_mb=8, miss_ops=5_000,
-             anchor_miss_ops=20_000, wb_mb=2, wb_cache_mb=4, cold_ops=500,
-             peer_ops=20_000, hr_pages=2_000, hr_refs=20_000, mem_cache_mb=2)
+FULL = Sizes(
+    reps=5,
+    hot_file_mb=64,
+    hot_cache_mb=128,
+    hot_ops=250_000,
+    anchor_hot_ops=2_000_000,
+    miss_cache_mb=8,
+    miss_file_mb=256,
+    miss_ops=60_000,
+    anchor_miss_ops=400_000,
+    wb_mb=64,
+    wb_cache_mb=128,
+    cold_ops=10_000,
+    peer_ops=250_000,
+    hr_pages=20_000,
+    hr_refs=500_000,
+    mem_cache_mb=64,
+)
+QUICK = Sizes(
+    reps=2,
+    hot_file_mb=8,
+    hot_cache_mb=16,
+    hot_ops=100_000,
+    anchor_hot_ops=1_000_000,
+    miss_cache_mb=2,
+    miss_file_mb=32,
+    miss_ops=20_000,
+    anchor_miss_ops=100_000,
+    wb_mb=8,
+    wb_cache_mb=16,
+    cold_ops=2_000,
+    peer_ops=100_000,
+    hr_pages=5_000,
+    hr_refs=100_000,
+    mem_cache_mb=8,
+)
+TINY = Sizes(
+    reps=1,
+    hot_file_mb=2,
+    hot_cache_mb=4,
+    hot_ops=20_000,
+    anchor_hot_ops=200_000,
+    miss_cache_mb=1,
+    miss_file_mb=8,
+    miss_ops=5_000,
+    anchor_miss_ops=20_000,
+    wb_mb=2,
+    wb_cache_mb=4,
+    cold_ops=500,
+    peer_ops=20_000,
+    hr_pages=2_000,
+    hr_refs=20_000,
+    mem_cache_mb=2,
+)
 
 
 # ----------------------------------------------------------------------- availability
@@ -144,15 +187,27 @@ def _first_lines(text: str, n: int = 3) -> str:
 
 
 def _importable(module: str) -> bool:
-    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, timeout=120
+    )
     return proc.returncode == 0
 
 
 def _pip_install(requirement: str) -> str | None:
     """pip install into this interpreter; None on success, else the reason."""
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-           "--retries", "1", "--timeout", "20", requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--retries",
+        "1",
+        "--timeout",
+        "20",
+        requirement,
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
@@ -166,8 +221,9 @@ def _pip_install(requirement: str) -> str | None:
     return None
 
 
-def prepare_anchors(without: set[str], install: bool, log: Callable[[str], None]
-                    ) -> dict[str, Avail]:
+def prepare_anchors(
+    without: set[str], install: bool, log: Callable[[str], None]
+) -> dict[str, Avail]:
     """Install or build each anchor if possible; say why not otherwise."""
     out: dict[str, Avail] = {}
     # Berkeley DB 5.3 and the C harness.
@@ -240,20 +296,31 @@ def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
     try:
         out: dict[str, Any] = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
-        raise RuntimeError(f"no JSON from {' '.join(argv[:4])}... (exit {proc.returncode}): "
-                           f"{_first_lines(proc.stderr[-2000:], 6)}") from None
+        raise RuntimeError(
+            f"no JSON from {' '.join(argv[:4])}... (exit {proc.returncode}): "
+            f"{_first_lines(proc.stderr[-2000:], 6)}"
+        ) from None
     if proc.returncode != 0 or not out.get("ok", True):
-        raise RuntimeError(f"{' '.join(argv[1:3])} failed: {out.get('error')} "
-                           f"{_first_lines(proc.stderr[-1500:], 4)}")
+        raise RuntimeError(
+            f"{' '.join(argv[1:3])} failed: {out.get('error')} "
+            f"{_first_lines(proc.stderr[-1500:], 4)}"
+        )
     return out
 
 
 # --------------------------------------------------------------- aiodbenv sessions
 
 
-async def miss_session(home: str, cache_mb: int, data: str, warm: list[int],
-                       timed: dict[int, list[int]], order: list[int],
-                       drop: Callable[[], None] | None, lateness: bool) -> dict[Any, Any]:
+async def miss_session(
+    home: str,
+    cache_mb: int,
+    data: str,
+    warm: list[int],
+    timed: dict[int, list[int]],
+    order: list[int],
+    drop: Callable[[], None] | None,
+    lateness: bool,
+) -> dict[Any, Any]:
     """Misses with 1 and ``CONC`` coroutines (in ``order``), optionally dropping the OS cache
     before each, with a 1 ms ticker running during each timed part (``lateness``)."""
     loop = asyncio.get_running_loop()
@@ -284,9 +351,12 @@ async def miss_session(home: str, cache_mb: int, data: str, warm: list[int],
                 s1 = env.pool.stat()
                 miss, hit = s1.cache_miss - s0.cache_miss, s1.cache_hit - s0.cache_hit
                 out[conc] = {
-                    "ns_per_op": ns / len(pages), "ops_per_sec": len(pages) * 1e9 / ns,
-                    "cache_miss": miss, "cache_hit": hit,
-                    "miss_ratio": miss / max(1, miss + hit), "page_in": s1.page_in - s0.page_in,
+                    "ns_per_op": ns / len(pages),
+                    "ops_per_sec": len(pages) * 1e9 / ns,
+                    "cache_miss": miss,
+                    "cache_hit": hit,
+                    "miss_ratio": miss / max(1, miss + hit),
+                    "page_in": s1.page_in - s0.page_in,
                 }
                 if tk is not None:
                     await asyncio.sleep(0.003)
@@ -318,9 +388,11 @@ async def trickle_session(home: str, cache_mb: int, data: str, n: int) -> dict[s
             await asyncio.sleep(0.003)
             await tk.stop()
             return {
-                "ms": ns / 1e6, "pages_written": written,
+                "ms": ns / 1e6,
+                "pages_written": written,
                 "page_trickle": after.page_trickle - before.page_trickle,
-                "dirty_before": before.page_dirty, "dirty_after": after.page_dirty,
+                "dirty_before": before.page_dirty,
+                "dirty_after": after.page_dirty,
                 "pages_in_cache": after.pages,
                 "mib_per_sec": written * PAGE / MIB / (ns / 1e9) if written else 0.0,
                 "lateness": pb._lat_stats(tk.window(t0, t1)),
@@ -337,8 +409,9 @@ async def _memory_main(home: str, cache_mb: int) -> dict[str, Any]:
     before = rss()
     data = os.path.join(home, "memory.dat")
     npages = cache_mb * MIB * 2 // PAGE + 1000  # more distinct pages than the cache holds
-    env = await Env.open(home, create=True, region="file", cache_size=cache_mb * MIB,
-                         page_size=PAGE)
+    env = await Env.open(
+        home, create=True, region="file", cache_size=cache_mb * MIB, page_size=PAGE
+    )
     try:
         with open(data, "wb") as fh:
             fh.truncate(npages * PAGE)
@@ -351,17 +424,23 @@ async def _memory_main(home: str, cache_mb: int) -> dict[str, Any]:
             for name in sorted(os.listdir(home)):
                 if name.startswith("__db."):
                     s = os.stat(os.path.join(home, name))
-                    files.append({"name": name, "bytes": s.st_size,
-                                  "allocated": s.st_blocks * 512})
+                    files.append({"name": name, "bytes": s.st_size, "allocated": s.st_blocks * 512})
             after = rss()
         mpool = sum(f_["bytes"] for f_ in files if f_["name"] != "__db.001")
         total = sum(f_["bytes"] for f_ in files)
         return {
-            "ok": True, "cache_mb": cache_mb, "touched_pages": npages, "pages": st.pages,
-            "cache_size": st.cache_size, "region_files": files, "mpool_region_bytes": mpool,
-            "region_bytes": total, "mpool_bytes_per_cached_page": mpool / max(1, st.pages),
+            "ok": True,
+            "cache_mb": cache_mb,
+            "touched_pages": npages,
+            "pages": st.pages,
+            "cache_size": st.cache_size,
+            "region_files": files,
+            "mpool_region_bytes": mpool,
+            "region_bytes": total,
+            "mpool_bytes_per_cached_page": mpool / max(1, st.pages),
             "all_regions_bytes_per_cached_page": total / max(1, st.pages),
-            "rss_before_open": before, "rss": after,
+            "rss_before_open": before,
+            "rss": after,
         }
     finally:
         try:
@@ -400,8 +479,14 @@ def _zipf_traces(sz: Sizes) -> dict[str, list[int]]:
 class Bench(pb.Bench):
     """pool_bench's steps, plus the peers, cold misses, hit ratio, lateness and memory."""
 
-    def __init__(self, args: argparse.Namespace, ws: pb.Workspace, res: pb.Results,
-                 sz: Sizes, avail: dict[str, Avail]) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        ws: pb.Workspace,
+        res: pb.Results,
+        sz: Sizes,
+        avail: dict[str, Avail],
+    ) -> None:
         super().__init__(args, ws, res)
         self.sz: Sizes = sz
         self.avail = avail
@@ -409,10 +494,26 @@ class Bench(pb.Bench):
 
     # -- rows
 
-    def R(self, workload: str, key: str, label: str, unit: str, better: str, source: str,
-          anchor_label: str) -> None:
-        self.res.rows[key] = pb.Row(key, label, unit, kind=None, anchor_label=anchor_label,
-                                    workload=workload, better=better, source=source)
+    def R(
+        self,
+        workload: str,
+        key: str,
+        label: str,
+        unit: str,
+        better: str,
+        source: str,
+        anchor_label: str,
+    ) -> None:
+        self.res.rows[key] = pb.Row(
+            key,
+            label,
+            unit,
+            kind=None,
+            anchor_label=anchor_label,
+            workload=workload,
+            better=better,
+            source=source,
+        )
 
     def _rows(self) -> None:
         R, sz = self.R, self.sz
@@ -422,87 +523,289 @@ class Bench(pb.Bench):
                     k = f"hot/{region}/{pattern}/{loop}"
                     lab = f"pin+unpin {region} region, {pattern} ({loop})"
                     if region == "private":
-                        R("hot", k, lab, "ns/op", "lower", "bdb",
-                          "BDB memp_fget+fput, DB_PRIVATE, no DB_THREAD (no mutexes)")
-                        R("hot", k + "/thread", lab, "ns/op", "lower", "bdb",
-                          "BDB memp_fget+fput, DB_PRIVATE|DB_THREAD (mutexes)")
+                        R(
+                            "hot",
+                            k,
+                            lab,
+                            "ns/op",
+                            "lower",
+                            "bdb",
+                            "BDB memp_fget+fput, DB_PRIVATE, no DB_THREAD (no mutexes)",
+                        )
+                        R(
+                            "hot",
+                            k + "/thread",
+                            lab,
+                            "ns/op",
+                            "lower",
+                            "bdb",
+                            "BDB memp_fget+fput, DB_PRIVATE|DB_THREAD (mutexes)",
+                        )
                     else:
                         sysmem = " DB_SYSTEM_MEM" if region == "system" else ""
-                        R("hot", k, lab, "ns/op", "lower", "bdb",
-                          f"BDB memp_fget+fput, {region} region{sysmem}")
+                        R(
+                            "hot",
+                            k,
+                            lab,
+                            "ns/op",
+                            "lower",
+                            "bdb",
+                            f"BDB memp_fget+fput, {region} region{sysmem}",
+                        )
         for region in ("file", "system"):
-            R("hot", f"procs/{region}", f"pin+unpin {region}, random, 2 procs: total",
-              "ops/s", "higher", "bdb", "BDB memp_fget+fput, 2 processes, total")
-            R("hot", f"procs/{region}/scale", f"  2-proc / 1-proc throughput ({region})", "x",
-              "higher", "bdb", "BDB 2-proc / 1-proc")
+            R(
+                "hot",
+                f"procs/{region}",
+                f"pin+unpin {region}, random, 2 procs: total",
+                "ops/s",
+                "higher",
+                "bdb",
+                "BDB memp_fget+fput, 2 processes, total",
+            )
+            R(
+                "hot",
+                f"procs/{region}/scale",
+                f"  2-proc / 1-proc throughput ({region})",
+                "x",
+                "higher",
+                "bdb",
+                "BDB 2-proc / 1-proc",
+            )
         n = sz.peer_records
         lab = f"pin+unpin file random (asyncio) vs get of {n} x 4 KiB records"
-        R("hot", "peer/lmdb/long_txn", lab, "ns/op", "lower", "lmdb",
-          "lmdb txn.get, buffers=True, one long read txn")
-        R("hot", "peer/lmdb/txn_per_get", lab, "ns/op", "lower", "lmdb",
-          "lmdb txn.get, buffers=True, one read txn per get")
-        R("hot", "peer/berkeleydb/btree", lab, "ns/op", "lower", "berkeleydb",
-          "berkeleydb (Python) btree db.get")
-        R("hot", "peer/berkeleydb/hash", lab, "ns/op", "lower", "berkeleydb",
-          "berkeleydb (Python) hash db.get")
+        R(
+            "hot",
+            "peer/lmdb/long_txn",
+            lab,
+            "ns/op",
+            "lower",
+            "lmdb",
+            "lmdb txn.get, buffers=True, one long read txn",
+        )
+        R(
+            "hot",
+            "peer/lmdb/txn_per_get",
+            lab,
+            "ns/op",
+            "lower",
+            "lmdb",
+            "lmdb txn.get, buffers=True, one read txn per get",
+        )
+        R(
+            "hot",
+            "peer/berkeleydb/btree",
+            lab,
+            "ns/op",
+            "lower",
+            "berkeleydb",
+            "berkeleydb (Python) btree db.get",
+        )
+        R(
+            "hot",
+            "peer/berkeleydb/hash",
+            lab,
+            "ns/op",
+            "lower",
+            "berkeleydb",
+            "berkeleydb (Python) hash db.get",
+        )
         size = f"{sz.miss_cache_mb}M cache / {sz.miss_file_mb}M file"
         for loop in pb.LOOPS:
             for conc in (1, CONC):
-                R("miss", f"miss/{conc}/{loop}",
-                  f"miss, file OS-cached, {size}, {conc} coro ({loop})", "ops/s", "higher",
-                  "bdb", "BDB miss, 1 thread")
-        R("miss", "miss/ratio", "  miss ratio of the timed part (1 coro, asyncio)", "ratio",
-          "", "bdb", "BDB miss ratio")
+                R(
+                    "miss",
+                    f"miss/{conc}/{loop}",
+                    f"miss, file OS-cached, {size}, {conc} coro ({loop})",
+                    "ops/s",
+                    "higher",
+                    "bdb",
+                    "BDB miss, 1 thread",
+                )
+        R(
+            "miss",
+            "miss/ratio",
+            "  miss ratio of the timed part (1 coro, asyncio)",
+            "ratio",
+            "",
+            "bdb",
+            "BDB miss ratio",
+        )
         for conc in (1, CONC):
-            R("miss", f"cold/{conc}", f"miss, OS cache dropped, {size}, {conc} coro (asyncio)",
-              "ops/s", "higher", "bdb", "BDB miss --drop-caches, 1 thread")
+            R(
+                "miss",
+                f"cold/{conc}",
+                f"miss, OS cache dropped, {size}, {conc} coro (asyncio)",
+                "ops/s",
+                "higher",
+                "bdb",
+                "BDB miss --drop-caches, 1 thread",
+            )
         cap = sz.hr_pages // 10
-        for name, lab in (("zipf", f"zipf 0.99, cache {cap} of {sz.hr_pages} pages"),
-                          ("scan", f"zipf 0.99 + scans of {2 * cap} pages, cache {cap}")):
-            R("hitratio", f"hit/{name}", lab, "ratio", "higher", "bdb",
-              "BDB on the same page sequence")
-            R("hitratio", f"hit/{name}/lru", lab, "ratio", "higher", "lru",
-              "exact LRU (simulated) on the same sequence")
-        R("writeback", "sync/extend", f"sync {sz.wb_mb} MiB of pages created past EOF",
-          "MiB/s", "higher", "bdb", "BDB memp_sync (extends the file)")
-        R("writeback", "sync/extend/dd", f"sync {sz.wb_mb} MiB of pages created past EOF",
-          "MiB/s", "higher", "dd", f"dd bs=1M count={sz.wb_mb} conv=fdatasync")
-        R("writeback", "sync/overwrite", f"sync {sz.wb_mb} MiB overwriting in place", "MiB/s",
-          "higher", "bdb", "BDB memp_sync (extends; 5.3 cannot dirty existing pages)")
-        R("writeback", "trickle/ms", f"trickle(50) of {sz.wb_mb} MiB dirty", "ms", "lower",
-          "bdb", "BDB memp_trickle(50)")
-        R("writeback", "trickle/pages", "  pages written by trickle(50)", "pages", "", "bdb",
-          "BDB memp_trickle nwrote")
+        for name, lab in (
+            ("zipf", f"zipf 0.99, cache {cap} of {sz.hr_pages} pages"),
+            ("scan", f"zipf 0.99 + scans of {2 * cap} pages, cache {cap}"),
+        ):
+            R(
+                "hitratio",
+                f"hit/{name}",
+                lab,
+                "ratio",
+                "higher",
+                "bdb",
+                "BDB on the same page sequence",
+            )
+            R(
+                "hitratio",
+                f"hit/{name}/lru",
+                lab,
+                "ratio",
+                "higher",
+                "lru",
+                "exact LRU (simulated) on the same sequence",
+            )
+        R(
+            "writeback",
+            "sync/extend",
+            f"sync {sz.wb_mb} MiB of pages created past EOF",
+            "MiB/s",
+            "higher",
+            "bdb",
+            "BDB memp_sync (extends the file)",
+        )
+        R(
+            "writeback",
+            "sync/extend/dd",
+            f"sync {sz.wb_mb} MiB of pages created past EOF",
+            "MiB/s",
+            "higher",
+            "dd",
+            f"dd bs=1M count={sz.wb_mb} conv=fdatasync",
+        )
+        R(
+            "writeback",
+            "sync/overwrite",
+            f"sync {sz.wb_mb} MiB overwriting in place",
+            "MiB/s",
+            "higher",
+            "bdb",
+            "BDB memp_sync (extends; 5.3 cannot dirty existing pages)",
+        )
+        R(
+            "writeback",
+            "trickle/ms",
+            f"trickle(50) of {sz.wb_mb} MiB dirty",
+            "ms",
+            "lower",
+            "bdb",
+            "BDB memp_trickle(50)",
+        )
+        R(
+            "writeback",
+            "trickle/pages",
+            "  pages written by trickle(50)",
+            "pages",
+            "",
+            "bdb",
+            "BDB memp_trickle nwrote",
+        )
         R("lateness", "lat/idle/max", "idle ticker: max", "ms", "lower", "", "")
         for stat in ("p50", "p99", "max"):
-            R("lateness", f"lat/sync/{stat}", f"during pool.sync of {sz.wb_mb} MiB: {stat}",
-              "ms", "lower", "contrast",
-              f"os.pwrite x{sz.wb_mb * MIB // PAGE} + fdatasync on the loop thread")
+            R(
+                "lateness",
+                f"lat/sync/{stat}",
+                f"during pool.sync of {sz.wb_mb} MiB: {stat}",
+                "ms",
+                "lower",
+                "contrast",
+                f"os.pwrite x{sz.wb_mb * MIB // PAGE} + fdatasync on the loop thread",
+            )
         for stat in ("p50", "p99", "max"):
-            R("lateness", f"lat/trickle/{stat}", f"during trickle(50): {stat}", "ms", "lower",
-              "", "")
+            R(
+                "lateness",
+                f"lat/trickle/{stat}",
+                f"during trickle(50): {stat}",
+                "ms",
+                "lower",
+                "",
+                "",
+            )
         for what in ("miss", "cold"):
             for conc in (1, CONC):
                 for stat in ("p50", "p99", "max"):
-                    R("lateness", f"lat/{what}/{conc}/{stat}",
-                      f"during {'OS-cached' if what == 'miss' else 'dropped-cache'} misses, "
-                      f"{conc} coro: {stat}", "ms", "lower", "", "")
+                    R(
+                        "lateness",
+                        f"lat/{what}/{conc}/{stat}",
+                        f"during {'OS-cached' if what == 'miss' else 'dropped-cache'} misses, "
+                        f"{conc} coro: {stat}",
+                        "ms",
+                        "lower",
+                        "",
+                        "",
+                    )
         C = sz.mem_cache_mb
-        R("memory", "mem/bytes_per_page", f"region bytes per cached page, {C} MiB cache",
-          "bytes", "lower", "bdb", "BDB: all region files / st_pages")
-        R("memory", "mem/pages", f"  pages a {C} MiB cache holds", "pages", "higher", "bdb",
-          "BDB st_pages (it adds 25% below 500 MB)")
-        R("memory", "mem/rss", f"RSS, process holding a full {C} MiB cache", "MiB", "lower",
-          "bdb", "BDB C harness process (VmRSS)")
-        R("memory", "mem/rss_growth", "  RSS growth from opening + filling it", "MiB", "lower",
-          "bdb", "BDB C harness process")
-        R("memory", "mem/rss_anon", "  of which private (RssAnon)", "MiB", "lower", "bdb",
-          "BDB C harness process")
-        R("memory", "mem/rss/lmdb", f"RSS, process with {C} MiB cached vs peer reader",
-          "MiB", "lower", "lmdb", f"lmdb, read {sz.peer_records} x 4 KiB records")
-        R("memory", "mem/rss/berkeleydb", f"RSS, process with {C} MiB cached vs peer reader",
-          "MiB", "lower", "berkeleydb",
-          f"berkeleydb, read {sz.peer_records} x 4 KiB records (btree+hash)")
+        R(
+            "memory",
+            "mem/bytes_per_page",
+            f"region bytes per cached page, {C} MiB cache",
+            "bytes",
+            "lower",
+            "bdb",
+            "BDB: all region files / st_pages",
+        )
+        R(
+            "memory",
+            "mem/pages",
+            f"  pages a {C} MiB cache holds",
+            "pages",
+            "higher",
+            "bdb",
+            "BDB st_pages (it adds 25% below 500 MB)",
+        )
+        R(
+            "memory",
+            "mem/rss",
+            f"RSS, process holding a full {C} MiB cache",
+            "MiB",
+            "lower",
+            "bdb",
+            "BDB C harness process (VmRSS)",
+        )
+        R(
+            "memory",
+            "mem/rss_growth",
+            "  RSS growth from opening + filling it",
+            "MiB",
+            "lower",
+            "bdb",
+            "BDB C harness process",
+        )
+        R(
+            "memory",
+            "mem/rss_anon",
+            "  of which private (RssAnon)",
+            "MiB",
+            "lower",
+            "bdb",
+            "BDB C harness process",
+        )
+        R(
+            "memory",
+            "mem/rss/lmdb",
+            f"RSS, process with {C} MiB cached vs peer reader",
+            "MiB",
+            "lower",
+            "lmdb",
+            f"lmdb, read {sz.peer_records} x 4 KiB records",
+        )
+        R(
+            "memory",
+            "mem/rss/berkeleydb",
+            f"RSS, process with {C} MiB cached vs peer reader",
+            "MiB",
+            "lower",
+            "berkeleydb",
+            f"berkeleydb, read {sz.peer_records} x 4 KiB records (btree+hash)",
+        )
         # Notes for anchors that are not there.
         for row in self.res.rows.values():
             av = self.avail.get(row.source)
@@ -534,8 +837,9 @@ class Bench(pb.Bench):
         cache_pages = sz.miss_cache_mb * MIB // PAGE
         self.miss_warm = [mrng.randrange(self.miss_pages) for _ in range(3 * cache_pages)]
         self.miss_timed = [mrng.randrange(self.miss_pages) for _ in range(sz.miss_ops)]
-        self.cold_timed = {c: [mrng.randrange(self.miss_pages) for _ in range(sz.cold_ops)]
-                           for c in (1, CONC)}
+        self.cold_timed = {
+            c: [mrng.randrange(self.miss_pages) for _ in range(sz.cold_ops)] for c in (1, CONC)
+        }
         self.wb_pages = sz.wb_mb * MIB // PAGE
         self.traces = _zipf_traces(sz) if "hitratio" in only else {}
         self._rows()
@@ -550,9 +854,22 @@ class Bench(pb.Bench):
 
     def b_peer(self, rep: int, peer: str) -> None:
         d = self.ws.path(f"{peer}-")
-        r = run_json([sys.executable, str(HERE / "peers.py"), peer, "--dir", d, "--records",
-                      str(self.sz.peer_records), "--ops", str(self.sz.peer_ops),
-                      "--seed", str(100 + rep)], timeout=900)
+        r = run_json(
+            [
+                sys.executable,
+                str(HERE / "peers.py"),
+                peer,
+                "--dir",
+                d,
+                "--records",
+                str(self.sz.peer_records),
+                "--ops",
+                str(self.sz.peer_ops),
+                "--seed",
+                str(100 + rep),
+            ],
+            timeout=900,
+        )
         shutil.rmtree(d, ignore_errors=True)
         modes = ("long_txn", "txn_per_get") if peer == "lmdb" else ("btree", "hash")
         for mode in modes:
@@ -573,29 +890,52 @@ class Bench(pb.Bench):
         what = f"miss {loop}"
         try:
             with pb.LeakWatch(self.ws, what, self.res.problems):
-                r = pb.run_on(loop, lambda: miss_session(
-                    home, self.sz.miss_cache_mb, self.miss_data, self.miss_warm,
-                    {1: self.miss_timed, CONC: self.miss_timed}, order, None, lat))
+                r = pb.run_on(
+                    loop,
+                    lambda: miss_session(
+                        home,
+                        self.sz.miss_cache_mb,
+                        self.miss_data,
+                        self.miss_warm,
+                        {1: self.miss_timed, CONC: self.miss_timed},
+                        order,
+                        None,
+                        lat,
+                    ),
+                )
         finally:
             pb._finish_home(self.ws, home, None, what, self.res.problems)
         for conc in (1, CONC):
             self.put(f"miss/{conc}/{loop}", "a", rep, r[conc]["ops_per_sec"])
-            self.check(r[conc]["miss_ratio"] > 0.5,
-                       f"{what} {conc}: miss ratio only {r[conc]['miss_ratio']:.3f}")
+            self.check(
+                r[conc]["miss_ratio"] > 0.5,
+                f"{what} {conc}: miss ratio only {r[conc]['miss_ratio']:.3f}",
+            )
             if lat:
                 for stat in ("p50", "p99", "max"):
-                    self.put(f"lat/miss/{conc}/{stat}", "a", rep,
-                             r[conc]["lateness"][f"{stat}_ms"])
+                    self.put(f"lat/miss/{conc}/{stat}", "a", rep, r[conc]["lateness"][f"{stat}_ms"])
         if lat:
             self.put("miss/ratio", "a", rep, r[1]["miss_ratio"])
         self.raw(rep, f"aiodbenv {what}", {str(k): v for k, v in r.items()})
-        self.log(f"aiodbenv {what}: 1 coro {r[1]['ns_per_op'] / 1e3:.1f} us/op, {CONC} coros "
-                 f"{r[CONC]['ns_per_op'] / 1e3:.1f} us/op, miss ratio {r[1]['miss_ratio']:.3f}")
+        self.log(
+            f"aiodbenv {what}: 1 coro {r[1]['ns_per_op'] / 1e3:.1f} us/op, {CONC} coros "
+            f"{r[CONC]['ns_per_op'] / 1e3:.1f} us/op, miss ratio {r[1]['miss_ratio']:.3f}"
+        )
 
     def b_miss(self, rep: int) -> None:
         sz = self.sz
-        r = pb.anchor(self.ws, ["miss", "--cache-mb", str(sz.miss_cache_mb), "--file-mb",
-                                str(sz.miss_file_mb), "--ops", str(sz.anchor_miss_ops)])
+        r = pb.anchor(
+            self.ws,
+            [
+                "miss",
+                "--cache-mb",
+                str(sz.miss_cache_mb),
+                "--file-mb",
+                str(sz.miss_file_mb),
+                "--ops",
+                str(sz.anchor_miss_ops),
+            ],
+        )
         for loop in pb.LOOPS:
             for conc in (1, CONC):
                 self.put(f"miss/{conc}/{loop}", "b", rep, r["ops_per_sec"])
@@ -611,9 +951,19 @@ class Bench(pb.Bench):
         order = [1, CONC] if rep % 2 == 0 else [CONC, 1]
         try:
             with pb.LeakWatch(self.ws, "cold miss", self.res.problems):
-                r = pb.run_on("asyncio", lambda: miss_session(
-                    home, self.sz.miss_cache_mb, self.miss_data, self.miss_warm,
-                    self.cold_timed, order, drop_caches, True))
+                r = pb.run_on(
+                    "asyncio",
+                    lambda: miss_session(
+                        home,
+                        self.sz.miss_cache_mb,
+                        self.miss_data,
+                        self.miss_warm,
+                        self.cold_timed,
+                        order,
+                        drop_caches,
+                        True,
+                    ),
+                )
         except OSError as err:
             if "drop_caches" in str(err) or err.errno in (1, 13, 30):
                 self.avail["drop_caches"] = Avail(False, f"dropping the OS cache failed: {err}")
@@ -629,18 +979,32 @@ class Bench(pb.Bench):
             for stat in ("p50", "p99", "max"):
                 self.put(f"lat/cold/{conc}/{stat}", "a", rep, r[conc]["lateness"][f"{stat}_ms"])
         self.raw(rep, "aiodbenv cold miss", {str(k): v for k, v in r.items()})
-        self.log(f"aiodbenv cold miss: 1 coro {r[1]['ns_per_op'] / 1e3:.1f} us/op, {CONC} "
-                 f"coros {r[CONC]['ns_per_op'] / 1e3:.1f} us/op")
+        self.log(
+            f"aiodbenv cold miss: 1 coro {r[1]['ns_per_op'] / 1e3:.1f} us/op, {CONC} "
+            f"coros {r[CONC]['ns_per_op'] / 1e3:.1f} us/op"
+        )
 
     def b_cold(self, rep: int) -> None:
         if not self.has("drop_caches"):
             return
         sz = self.sz
-        r = pb.anchor(self.ws, ["miss", "--drop-caches", "--cache-mb", str(sz.miss_cache_mb),
-                                "--file-mb", str(sz.miss_file_mb), "--ops", str(sz.cold_ops)])
+        r = pb.anchor(
+            self.ws,
+            [
+                "miss",
+                "--drop-caches",
+                "--cache-mb",
+                str(sz.miss_cache_mb),
+                "--file-mb",
+                str(sz.miss_file_mb),
+                "--ops",
+                str(sz.cold_ops),
+            ],
+        )
         if not r.get("drop_caches", {}).get("done"):
-            self.check(False, f"anchor cold miss: the OS cache was not dropped "
-                              f"({r.get('drop_caches')})")
+            self.check(
+                False, f"anchor cold miss: the OS cache was not dropped ({r.get('drop_caches')})"
+            )
             return
         for conc in (1, CONC):
             self.put(f"cold/{conc}", "b", rep, r["ops_per_sec"])
@@ -661,8 +1025,11 @@ class Bench(pb.Bench):
             self.put(f"hit/{name}", "a", rep, ours)
             self.put(f"hit/{name}/lru", "a", rep, ours)
             self.put(f"hit/{name}/lru", "b", rep, lru)
-            self.raw(rep, f"aiodbenv hitratio {name}", {"hit_ratio": ours, "exact_lru": lru,
-                                                        "refs": len(trace), "seconds": secs})
+            self.raw(
+                rep,
+                f"aiodbenv hitratio {name}",
+                {"hit_ratio": ours, "exact_lru": lru, "refs": len(trace), "seconds": secs},
+            )
             self.log(f"aiodbenv hit ratio {name}: {ours:.4f} (exact LRU {lru:.4f})")
 
     def b_hit(self, rep: int) -> None:
@@ -671,8 +1038,10 @@ class Bench(pb.Bench):
             path = self.ws.path("trace-")
             try:
                 anchors_build.write_trace(path, trace)
-                r = pb.anchor(self.ws, ["hitratio", "--cache-pages", str(cap), "--trace", path,
-                                        "--warmup", str(warm)])
+                r = pb.anchor(
+                    self.ws,
+                    ["hitratio", "--cache-pages", str(cap), "--trace", path, "--warmup", str(warm)],
+                )
             finally:
                 if os.path.exists(path):
                     os.unlink(path)
@@ -685,8 +1054,9 @@ class Bench(pb.Bench):
     def b_sync(self, rep: int) -> None:
         sz = self.sz
         if self.has("bdb"):
-            r = pb.anchor(self.ws, ["sync", "--cache-mb", str(sz.wb_cache_mb), "--dirty-mb",
-                                    str(sz.wb_mb)])
+            r = pb.anchor(
+                self.ws, ["sync", "--cache-mb", str(sz.wb_cache_mb), "--dirty-mb", str(sz.wb_mb)]
+            )
             self.put("sync/extend", "b", rep, r["mib_per_sec"])
             self.put("sync/overwrite", "b", rep, r["mib_per_sec"])
             self.raw(rep, "anchor sync", r)
@@ -702,42 +1072,59 @@ class Bench(pb.Bench):
         data = self.ws.path("tr-")
         try:
             with pb.LeakWatch(self.ws, "trickle", self.res.problems):
-                r = pb.run_on("asyncio", lambda: trickle_session(home, self.sz.wb_cache_mb,
-                                                                 data, self.wb_pages))
+                r = pb.run_on(
+                    "asyncio",
+                    lambda: trickle_session(home, self.sz.wb_cache_mb, data, self.wb_pages),
+                )
         finally:
             pb._finish_home(self.ws, home, None, "trickle", self.res.problems)
         want = self.wb_pages // 2
-        self.check(r["pages_written"] == want,
-                   f"trickle(50): wrote {r['pages_written']} pages, expected {want}")
+        self.check(
+            r["pages_written"] == want,
+            f"trickle(50): wrote {r['pages_written']} pages, expected {want}",
+        )
         self.put("trickle/ms", "a", rep, r["ms"])
         self.put("trickle/pages", "a", rep, r["pages_written"])
         for stat in ("p50", "p99", "max"):
             self.put(f"lat/trickle/{stat}", "a", rep, r["lateness"][f"{stat}_ms"])
         self.raw(rep, "aiodbenv trickle", r)
-        self.log(f"aiodbenv trickle(50): {r['pages_written']} pages in {r['ms']:.1f} ms, "
-                 f"lateness max {r['lateness']['max_ms']:.2f} ms")
+        self.log(
+            f"aiodbenv trickle(50): {r['pages_written']} pages in {r['ms']:.1f} ms, "
+            f"lateness max {r['lateness']['max_ms']:.2f} ms"
+        )
 
     # -- memory
 
     def a_mem(self, rep: int) -> None:
         home = self.ws.new_home()
         try:
-            r = run_json([sys.executable, str(Path(__file__).resolve()), "_memory", "--home",
-                          home, "--cache-mb", str(self.sz.mem_cache_mb)], timeout=600)
+            r = run_json(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "_memory",
+                    "--home",
+                    home,
+                    "--cache-mb",
+                    str(self.sz.mem_cache_mb),
+                ],
+                timeout=600,
+            )
         finally:
             pb._finish_home(self.ws, home, None, "memory", self.res.problems)
         self.put("mem/bytes_per_page", "a", rep, r["mpool_bytes_per_cached_page"])
         self.put("mem/pages", "a", rep, r["pages"])
         mib = r["rss"].get("VmRSS_kb", 0) / 1024
         self.put("mem/rss", "a", rep, mib)
-        self.put("mem/rss_growth", "a", rep,
-                 mib - r["rss_before_open"].get("VmRSS_kb", 0) / 1024)
+        self.put("mem/rss_growth", "a", rep, mib - r["rss_before_open"].get("VmRSS_kb", 0) / 1024)
         self.put("mem/rss_anon", "a", rep, r["rss"].get("RssAnon_kb", 0) / 1024)
         for peer in ("lmdb", "berkeleydb"):
             self.put(f"mem/rss/{peer}", "a", rep, mib)
         self.raw(rep, "aiodbenv memory", r)
-        self.log(f"aiodbenv memory: {r['pages']} pages, "
-                 f"{r['mpool_bytes_per_cached_page']:.0f} B/page, RSS {mib:.1f} MiB")
+        self.log(
+            f"aiodbenv memory: {r['pages']} pages, "
+            f"{r['mpool_bytes_per_cached_page']:.0f} B/page, RSS {mib:.1f} MiB"
+        )
 
     def b_mem(self, rep: int) -> None:
         r = pb.anchor(self.ws, ["memory", "--cache-mb", str(self.sz.mem_cache_mb)])
@@ -745,12 +1132,13 @@ class Bench(pb.Bench):
         self.put("mem/pages", "b", rep, r["cache"]["st_pages"])
         mib = r["rss"].get("VmRSS_kb", 0) / 1024
         self.put("mem/rss", "b", rep, mib)
-        self.put("mem/rss_growth", "b", rep,
-                 mib - r["rss_before_open"].get("VmRSS_kb", 0) / 1024)
+        self.put("mem/rss_growth", "b", rep, mib - r["rss_before_open"].get("VmRSS_kb", 0) / 1024)
         self.put("mem/rss_anon", "b", rep, r["rss"].get("RssAnon_kb", 0) / 1024)
         self.raw(rep, "anchor memory", r)
-        self.log(f"anchor memory: {r['cache']['st_pages']} pages, "
-                 f"{r['region_bytes_per_cached_page']:.0f} B/page, RSS {mib:.1f} MiB")
+        self.log(
+            f"anchor memory: {r['cache']['st_pages']} pages, "
+            f"{r['region_bytes_per_cached_page']:.0f} B/page, RSS {mib:.1f} MiB"
+        )
 
     # -- the schedule
 
@@ -767,37 +1155,54 @@ class Bench(pb.Bench):
         uv = "uvloop" in pb.LOOPS
         if "hot" in only:
             for region in ("file", "system", "private"):
-                grp((f"a hot {region} asyncio", P(self.a_hot, rep, region, "asyncio")),
+                grp(
+                    (f"a hot {region} asyncio", P(self.a_hot, rep, region, "asyncio")),
                     (f"b hot {region}", P(self.b_hot, rep, region)) if bdb else None,
                     (f"a hot {region} uvloop", P(self.a_hot, rep, region, "uvloop"))
-                    if uv else None,
+                    if uv
+                    else None,
                     (f"b hot {region} thread", P(self.b_hot, rep, region, True))
-                    if bdb and region == "private" else None)
+                    if bdb and region == "private"
+                    else None,
+                )
                 if region == "file":  # the peers right after aiodbenv's file/random figure
-                    grp(*[(f"b peer {p}", P(self.b_peer, rep, p)) if self.has(p) else None
-                          for p in ("lmdb", "berkeleydb")])
+                    grp(
+                        *[
+                            (f"b peer {p}", P(self.b_peer, rep, p)) if self.has(p) else None
+                            for p in ("lmdb", "berkeleydb")
+                        ]
+                    )
             for region in ("file", "system"):
-                grp((f"a procs {region}", P(self.a_procs, rep, region)),
-                    (f"b procs {region}", P(self.b_procs, rep, region)) if bdb else None)
+                grp(
+                    (f"a procs {region}", P(self.a_procs, rep, region)),
+                    (f"b procs {region}", P(self.b_procs, rep, region)) if bdb else None,
+                )
         if "miss" in only:
-            grp(("a miss asyncio", P(self.a_miss, rep, "asyncio")),
+            grp(
+                ("a miss asyncio", P(self.a_miss, rep, "asyncio")),
                 ("b miss", P(self.b_miss, rep)) if bdb else None,
-                ("a miss uvloop", P(self.a_miss, rep, "uvloop")) if uv else None)
+                ("a miss uvloop", P(self.a_miss, rep, "uvloop")) if uv else None,
+            )
             if self.has("drop_caches"):
-                grp(("a cold", P(self.a_cold, rep)),
-                    ("b cold", P(self.b_cold, rep)) if bdb else None)
+                grp(
+                    ("a cold", P(self.a_cold, rep)),
+                    ("b cold", P(self.b_cold, rep)) if bdb else None,
+                )
         if "hitratio" in only and rep == 0:
-            grp(("a hitratio", P(self.a_hit, rep)),
-                ("b hitratio", P(self.b_hit, rep)) if bdb else None)
+            grp(
+                ("a hitratio", P(self.a_hit, rep)),
+                ("b hitratio", P(self.b_hit, rep)) if bdb else None,
+            )
         if "writeback" in only:
             grp(("a sync", P(self.a_sync, rep)), ("b sync", P(self.b_sync, rep)))
-            grp(("a trickle", P(self.a_trickle, rep)),
-                ("b trickle", P(self.b_trickle, rep)) if bdb else None)
+            grp(
+                ("a trickle", P(self.a_trickle, rep)),
+                ("b trickle", P(self.b_trickle, rep)) if bdb else None,
+            )
         if "lateness" in only:
             grp(("a lateness", P(self.a_lateness, rep)))
         if "memory" in only:
-            grp(("a memory", P(self.a_mem, rep)), ("b memory", P(self.b_mem, rep)) if bdb
-                else None)
+            grp(("a memory", P(self.a_mem, rep)), ("b memory", P(self.b_mem, rep)) if bdb else None)
         if rep % 2:
             g = [list(reversed(x)) for x in g]
         return [x for x in g if x]
@@ -846,8 +1251,7 @@ def _cells(row: pb.Row) -> tuple[list[str], list[str], str]:
     elif len(rs) == 1:
         ratio = _fmt_ratio(rs[0])
     else:
-        ratio = (f"{_fmt_ratio(statistics.median(rs))} "
-                 f"({_fmt_ratio(min(rs))}-{_fmt_ratio(max(rs))})")
+        ratio = f"{_fmt_ratio(statistics.median(rs))} ({_fmt_ratio(min(rs))}-{_fmt_ratio(max(rs))})"
     return a, b, ratio
 
 
@@ -865,31 +1269,40 @@ def _anchor_text(row: pb.Row) -> str:
 
 def render(res: pb.Results) -> str:
     lw = max([len("measurement")] + [len(r.label) for r in res.rows.values()]) + 2
-    head = (f"{'workload':<10}{'measurement':<{lw}}{'unit':<7}{'better':<7}"
-            f"{'aiodbenv':>10}{'min':>9}{'max':>9}  {'anchor':>9}{'min':>9}{'max':>9}  "
-            f"{'aiodbenv/anchor':<24}anchor")
+    head = (
+        f"{'workload':<10}{'measurement':<{lw}}{'unit':<7}{'better':<7}"
+        f"{'aiodbenv':>10}{'min':>9}{'max':>9}  {'anchor':>9}{'min':>9}{'max':>9}  "
+        f"{'aiodbenv/anchor':<24}anchor"
+    )
     lines = [head, "-" * len(head)]
     for w in WORKLOADS:
         for row in res.rows.values():
             if row.workload != w:
                 continue
             a, b, ratio = _cells(row)
-            lines.append(f"{w:<10}{row.label:<{lw}}{row.unit:<7}{row.better:<7}"
-                         f"{a[0]:>10}{a[1]:>9}{a[2]:>9}  {b[0]:>9}{b[1]:>9}{b[2]:>9}  "
-                         f"{ratio:<24}{_anchor_text(row)}")
+            lines.append(
+                f"{w:<10}{row.label:<{lw}}{row.unit:<7}{row.better:<7}"
+                f"{a[0]:>10}{a[1]:>9}{a[2]:>9}  {b[0]:>9}{b[1]:>9}{b[2]:>9}  "
+                f"{ratio:<24}{_anchor_text(row)}"
+            )
     lines += ["", LEGEND]
     return "\n".join(lines)
 
 
-LEGEND = ("aiodbenv/anchor: the median over repetitions of (aiodbenv value / anchor value) "
-          "from the same repetition, with the range over repetitions in brackets; whether "
-          "above 1 is worse depends on the unit ('better': lower or higher). M = million. "
-          "Rows with no anchor value say why.")
+LEGEND = (
+    "aiodbenv/anchor: the median over repetitions of (aiodbenv value / anchor value) "
+    "from the same repetition, with the range over repetitions in brackets; whether "
+    "above 1 is worse depends on the unit ('better': lower or higher). M = million. "
+    "Rows with no anchor value say why."
+)
 
 
 def render_markdown(res: pb.Results) -> str:
-    out = ["| workload | measurement | unit | aiodbenv median (min-max) | anchor median "
-           "(min-max) | aiodbenv/anchor | anchor |", "|---|---|---|---:|---:|---|---|"]
+    out = [
+        "| workload | measurement | unit | aiodbenv median (min-max) | anchor median "
+        "(min-max) | aiodbenv/anchor | anchor |",
+        "|---|---|---|---:|---:|---|---|",
+    ]
     for w in WORKLOADS:
         for row in res.rows.values():
             if row.workload != w:
@@ -907,15 +1320,24 @@ def rows_json(res: pb.Results) -> list[dict[str, Any]]:
     out = []
     for row in res.rows.values():
         rs = _ratios(row)
-        out.append({
-            "workload": row.workload, "key": row.key, "label": row.label.strip(),
-            "unit": row.unit, "better": row.better, "anchor": row.anchor_label,
-            "anchor_kind": row.source, "note": row.note,
-            "aiodbenv": _summ(list(row.a.values())),
-            "anchor_values": _summ(list(row.b.values())),
-            "aiodbenv_by_rep": row.a, "anchor_by_rep": row.b, "ratio_by_rep": rs,
-            "ratio_median": statistics.median(rs) if rs else None,
-        })
+        out.append(
+            {
+                "workload": row.workload,
+                "key": row.key,
+                "label": row.label.strip(),
+                "unit": row.unit,
+                "better": row.better,
+                "anchor": row.anchor_label,
+                "anchor_kind": row.source,
+                "note": row.note,
+                "aiodbenv": _summ(list(row.a.values())),
+                "anchor_values": _summ(list(row.b.values())),
+                "aiodbenv_by_rep": row.a,
+                "anchor_by_rep": row.b,
+                "ratio_by_rep": rs,
+                "ratio_median": statistics.median(rs) if rs else None,
+            }
+        )
     return out
 
 
@@ -926,20 +1348,32 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_memory":
         return memory_worker(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m benchmarks",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 repetitions, small sizes")
-    ap.add_argument("--tiny", action="store_true",
-                    help="1 repetition, tiny sizes: a smoke test of every workload")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="1 repetition, tiny sizes: a smoke test of every workload",
+    )
     ap.add_argument("--reps", type=int, help="repetitions (default 5; --quick 2; --tiny 1)")
-    ap.add_argument("--only", default=",".join(WORKLOADS),
-                    help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    ap.add_argument("--without", default="",
-                    help=f"comma-separated anchors to leave out: {','.join(ANCHOR_NAMES)}")
-    ap.add_argument("--no-install", action="store_true",
-                    help="use only what is installed (no apt-get, no pip)")
-    ap.add_argument("--json", default=None,
-                    help="where to write the JSON (default benchmarks/results/bench-MODE.json)")
+    ap.add_argument(
+        "--only",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)}",
+    )
+    ap.add_argument(
+        "--without",
+        default="",
+        help=f"comma-separated anchors to leave out: {','.join(ANCHOR_NAMES)}",
+    )
+    ap.add_argument(
+        "--no-install", action="store_true", help="use only what is installed (no apt-get, no pip)"
+    )
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="where to write the JSON (default benchmarks/results/bench-MODE.json)",
+    )
     ap.add_argument("--markdown", default=None, help="also write the table as Markdown")
     ap.add_argument("--dir", default=None, help="parent of the work directory (default TMPDIR)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -971,14 +1405,19 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     m = pb.machine()
     pb.START_HASH = m["aiodbenv_source_sha256"]
-    print(f"machine: nproc {m['nproc']} (affinity {m['affinity']}), memory {m['memory']}, "
-          f"{m['cpu']}")
-    print(f"         Python {m['python']}, kernel {m['kernel']}, uvloop {m['uvloop']}, "
-          f"tmp fs {m['tmp_fs']}")
+    print(
+        f"machine: nproc {m['nproc']} (affinity {m['affinity']}), memory {m['memory']}, {m['cpu']}"
+    )
+    print(
+        f"         Python {m['python']}, kernel {m['kernel']}, uvloop {m['uvloop']}, "
+        f"tmp fs {m['tmp_fs']}"
+    )
     dirty = m["git_dirty_files"]
-    print(f"aiodbenv {m['aiodbenv']} at git {m['git_head']}"
-          f"{f' + uncommitted changes in {len(dirty)} files' if dirty else ''}, mutex backend "
-          f"{m['mutex_backend']}")
+    print(
+        f"aiodbenv {m['aiodbenv']} at git {m['git_head']}"
+        f"{f' + uncommitted changes in {len(dirty)} files' if dirty else ''}, mutex backend "
+        f"{m['mutex_backend']}"
+    )
     print(f"mode {mode}: {asdict(sz)}")
     print(f"load average at start: {load_start}")
     sys.stdout.flush()
@@ -1017,25 +1456,40 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     end_hash = pb.source_hash()
     if end_hash != pb.START_HASH:
-        res.problems.insert(0, f"WARNING: the aiodbenv sources changed during the run "
-                               f"({pb.START_HASH} -> {end_hash}): results may mix versions")
+        res.problems.insert(
+            0,
+            f"WARNING: the aiodbenv sources changed during the run "
+            f"({pb.START_HASH} -> {end_hash}): results may mix versions",
+        )
     load_end = os.getloadavg()
     print()
     print(render(res))
-    print(f"\n{mode} run, {sz.reps} repetitions in {elapsed:.0f} s; load average at the "
-          f"start {load_start}, at the end {load_end}")
+    print(
+        f"\n{mode} run, {sz.reps} repetitions in {elapsed:.0f} s; load average at the "
+        f"start {load_start}, at the end {load_end}"
+    )
     if res.problems:
         print("\nproblems seen:")
         for p in res.problems:
             print("  - " + p.rstrip().replace("\n", "\n    "))
     out = {
-        "schema": 1, "mode": mode, "argv": argv, "machine": m, "sizes": asdict(sz),
+        "schema": 1,
+        "mode": mode,
+        "argv": argv,
+        "machine": m,
+        "sizes": asdict(sz),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - elapsed)),
-        "elapsed_s": elapsed, "status": status, "loadavg_start": load_start,
-        "loadavg_end": load_end, "workloads": WORKLOADS,
-        "anchors": {k: {"available": v.ok, "reason": v.reason, **v.detail}
-                    for k, v in avail.items()},
-        "rows": rows_json(res), "problems": res.problems, "raw": res.raw,
+        "elapsed_s": elapsed,
+        "status": status,
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "workloads": WORKLOADS,
+        "anchors": {
+            k: {"available": v.ok, "reason": v.reason, **v.detail} for k, v in avail.items()
+        },
+        "rows": rows_json(res),
+        "problems": res.problems,
+        "raw": res.raw,
     }
     try:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiodbenv  # noqa: E402
+import aiodbenv
 
 PAGE = 4096
 
@@ -88,8 +88,9 @@ async def one_run(mode: str, pages: int, spread: float) -> dict[str, float]:
                 elif mode == "background":
                     # The checkpoint worker's first checkpoint comes after one interval and
                     # spreads its writes over completion_target of it: ~``spread`` seconds.
-                    worker = env.start_checkpoint(aiodbenv.CheckpointSettings(
-                        interval=spread / 0.9, completion_target=0.9))
+                    worker = env.start_checkpoint(
+                        aiodbenv.CheckpointSettings(interval=spread / 0.9, completion_target=0.9)
+                    )
                     while worker.status().runs == 0:
                         await asyncio.sleep(0.01)
                     await worker.stop()
@@ -129,8 +130,12 @@ async def trickle_rate(pages: int) -> dict[str, float]:
                 elapsed = time.perf_counter() - t0
                 await worker.stop()
         await aiodbenv.Env.remove(home)
-        return {"pages": pages, "seconds": elapsed, "pages_per_second": pages / elapsed,
-                "mib_per_second": pages * PAGE / elapsed / 2**20}
+        return {
+            "pages": pages,
+            "seconds": elapsed,
+            "pages_per_second": pages / elapsed,
+            "mib_per_second": pages * PAGE / elapsed / 2**20,
+        }
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -147,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 MiB, 2 repetitions")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--spread", type=float, default=2.0, help="seconds a background checkpoint takes")
+    ap.add_argument(
+        "--spread", type=float, default=2.0, help="seconds a background checkpoint takes"
+    )
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
@@ -157,27 +164,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for _ in range(reps):  # interleaved: every mode once per repetition
         for mode in modes:
-            results[mode].append(run(lambda: one_run(mode, pages, args.spread), args.loop))
+            results[mode].append(run(lambda m=mode: one_run(m, pages, args.spread), args.loop))
     trickle = [run(lambda: trickle_rate(pages), args.loop) for _ in range(reps)]
-    print(f"{pages * PAGE >> 20} MiB dirty, {args.loop} loop, {reps} repetitions (medians; "
-          f"max is the worst of all runs)")
-    print(f"{'checkpoint':<12}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'seconds':>9}{'requests':>10}")
+    print(
+        f"{pages * PAGE >> 20} MiB dirty, {args.loop} loop, {reps} repetitions (medians; "
+        f"max is the worst of all runs)"
+    )
+    print(
+        f"{'checkpoint':<12}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'seconds':>9}{'requests':>10}"
+    )
     table = {}
     for mode in modes:
         rs = results[mode]
-        row = {k: statistics.median(r[k] for r in rs) for k in ("p50_ms", "p99_ms", "seconds",
-                                                               "requests")}
+        row = {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("p50_ms", "p99_ms", "seconds", "requests")
+        }
         row["max_ms"] = max(r["max_ms"] for r in rs)
         table[mode] = row
-        print(f"{mode:<12}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['max_ms']:>9.3f}"
-              f"{row['seconds']:>9.2f}{row['requests']:>10.0f}")
+        print(
+            f"{mode:<12}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['max_ms']:>9.3f}"
+            f"{row['seconds']:>9.2f}{row['requests']:>10.0f}"
+        )
     rate = statistics.median(t["pages_per_second"] for t in trickle)
     mib = statistics.median(t["mib_per_second"] for t in trickle)
     print(f"trickle worker: {rate:,.0f} pages/s ({mib:.0f} MiB/s), median of {reps}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"lateness": table, "runs": results,
-                                               "trickle": trickle}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"lateness": table, "runs": results, "trickle": trickle}, indent=2)
+        )
     return 0
 
 

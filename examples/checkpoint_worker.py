@@ -26,8 +26,9 @@ async def run(home: str, interval: float, kbytes: int | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with aiodbenv.Env.open(home) as env:  # join: the web backend created it
-        worker = env.start_checkpoint(aiodbenv.CheckpointSettings(
-            interval=interval, kbytes=kbytes, completion_target=0.5))
+        worker = env.start_checkpoint(
+            aiodbenv.CheckpointSettings(interval=interval, kbytes=kbytes, completion_target=0.5)
+        )
         print(f"checkpointing {home} every {interval} s", flush=True)
         seen = 0
         while not stop.is_set():
@@ -37,9 +38,12 @@ async def run(home: str, interval: float, kbytes: int | None) -> int:
             if st.runs != seen:
                 seen = st.runs
                 ps = env.pool.stat()
-                print(f"{time.strftime('%H:%M:%S')} checkpoint {st.runs}: {st.pages} pages "
-                      f"in {st.write_calls} writes so far; cache hits {ps.cache_hit}, "
-                      f"misses {ps.cache_miss}", flush=True)
+                print(
+                    f"{time.strftime('%H:%M:%S')} checkpoint {st.runs}: {st.pages} pages "
+                    f"in {st.write_calls} writes so far; cache hits {ps.cache_hit}, "
+                    f"misses {ps.cache_miss}",
+                    flush=True,
+                )
             if not st.healthy:
                 print(f"checkpoint failing: {st.last_error}", file=sys.stderr, flush=True)
         await env.stop_workers()

@@ -106,14 +106,27 @@ async def bump_counter(request: Request) -> JSONResponse:
 async def stats(request: Request) -> JSONResponse:
     env: aiodbenv.Env = request.app.state.env
     st = env.pool.stat()
-    files = {f.file_name.rsplit("/", 1)[-1]: {"hits": f.cache_hit, "misses": f.cache_miss,
-                                             "page_in": f.page_in, "page_out": f.page_out}
-             for f in st.files if f.file_name}
-    return JSONResponse({
-        "pid": os.getpid(), "handles": env.stat().handles, "cache_hit": st.cache_hit,
-        "cache_miss": st.cache_miss, "page_dirty": st.page_dirty, "files": files,
-        "last_checkpoint": env.health().last_checkpoint,
-    })
+    files = {
+        f.file_name.rsplit("/", 1)[-1]: {
+            "hits": f.cache_hit,
+            "misses": f.cache_miss,
+            "page_in": f.page_in,
+            "page_out": f.page_out,
+        }
+        for f in st.files
+        if f.file_name
+    }
+    return JSONResponse(
+        {
+            "pid": os.getpid(),
+            "handles": env.stat().handles,
+            "cache_hit": st.cache_hit,
+            "cache_miss": st.cache_miss,
+            "page_dirty": st.page_dirty,
+            "files": files,
+            "last_checkpoint": env.health().last_checkpoint,
+        }
+    )
 
 
 app = Starlette(
@@ -143,8 +156,14 @@ def main() -> int:
     os.makedirs(args.home, exist_ok=True)
     asyncio.run(_create(args.home))
     os.environ[HOME_VAR] = os.path.abspath(args.home)  # inherited by the worker processes
-    uvicorn.run("web_backend:app", host=args.host, port=args.port, workers=args.workers,
-                app_dir=os.path.dirname(os.path.abspath(__file__)), log_level="warning")
+    uvicorn.run(
+        "web_backend:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        app_dir=os.path.dirname(os.path.abspath(__file__)),
+        log_level="warning",
+    )
     return 0
 
 

@@ -1,9 +1,9 @@
 """Shared fixtures: homes and shm keys that must be left clean, child processes, loops.
 
 Every async test runs under both the default asyncio loop and uvloop (the
-``pytest_asyncio_loop_factories`` hook), and every test is checked for leftovers: a System V segment that
-exists after the test but not before it fails the test (and is removed), as does a region file
-left in a ``home``.
+``pytest_asyncio_loop_factories`` hook), and every test is checked for leftovers: a System V
+segment that exists after the test but not before it fails the test (and is removed), as does
+a region file left in a ``home``.
 """
 
 from __future__ import annotations
@@ -78,8 +78,11 @@ def _ours(key: int, cpid: int) -> bool:
 def no_leaked_segments() -> Iterator[None]:
     before = _segments()
     yield
-    leaked = {shmid: kc for shmid, kc in _segments().items()
-              if shmid not in before and kc[0] != 0 and _ours(*kc)}
+    leaked = {
+        shmid: kc
+        for shmid, kc in _segments().items()
+        if shmid not in before and kc[0] != 0 and _ours(*kc)
+    }
     for shmid in leaked:
         subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
     assert not leaked, f"test left System V segments behind: {leaked}"
@@ -119,13 +122,22 @@ def shm_key() -> int:
 # -- processes ----------------------------------------------------------------------------------
 
 
-def python(code: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None,
-           user: int | None = None) -> subprocess.CompletedProcess[str]:
+def python(
+    code: str,
+    *args: str,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    user: int | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter (never a fork) and wait for it."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=str(REPO),
-        env={**os.environ, **(env or {})}, user=user,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(REPO),
+        env={**os.environ, **(env or {})},
+        user=user,
     )
 
 
@@ -133,8 +145,12 @@ def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subproces
     """Start ``code`` in a fresh interpreter; the caller waits for or kills it."""
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=str(REPO), env={**os.environ, **(env or {})},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -28,7 +28,6 @@ from typing import Any
 
 import pytest
 import sysv_ipc
-from .conftest import python, spawn
 
 from aiodbenv import (
     Busy,
@@ -49,6 +48,8 @@ from aiodbenv.region.layout import (
     SHM_REF_MAGIC,
     WORD,
 )
+
+from .conftest import python, spawn
 
 #: Every error must arrive within this many seconds.
 LIMIT = 1.0
@@ -76,7 +77,7 @@ async def fails_with(
     try:
         async with asyncio.timeout(HANG):
             result = await action()
-    except Exception as err:  # noqa: BLE001 - we check the exact type below
+    except Exception as err:
         elapsed = time.monotonic() - t0
         if isinstance(err, TimeoutError) and elapsed >= HANG:
             pytest.fail(f"{what} hung for {HANG} s instead of raising {cls.__name__}")
@@ -144,8 +145,16 @@ def shm_id_of(backing: str) -> int:
 
 
 def segment_state(shm: Any) -> tuple[object, ...]:
-    return (shm.id, shm.key, shm.size, shm.mode, shm.uid, shm.last_change_time,
-            shm.number_attached, shm.read(shm.size))
+    return (
+        shm.id,
+        shm.key,
+        shm.size,
+        shm.mode,
+        shm.uid,
+        shm.last_change_time,
+        shm.number_attached,
+        shm.read(shm.size),
+    )
 
 
 def segment_exists(shm_id: int) -> bool:
@@ -244,8 +253,12 @@ async def test_empty_region_file(home: str, create: bool) -> None:
 
 
 def _cut(size: int, kind: str) -> int:
-    return {"half": size // 2, "below-headers": HEADERS - 8, "ref-size": SHM_REF.size,
-            "one-word": WORD}[kind]
+    return {
+        "half": size // 2,
+        "below-headers": HEADERS - 8,
+        "ref-size": SHM_REF.size,
+        "one-word": WORD,
+    }[kind]
 
 
 @pytest.mark.parametrize("cut", ["half", "below-headers", "ref-size", "one-word"])
@@ -279,8 +292,17 @@ async def test_truncated_system_reference(home: str, shm_key: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "size", [1, SHM_REF.size - 1, SHM_REF.size, SHM_REF.size + 1, HEADERS - 1, HEADERS,
-             HEADERS + 1, 65536 + 8192]
+    "size",
+    [
+        1,
+        SHM_REF.size - 1,
+        SHM_REF.size,
+        SHM_REF.size + 1,
+        HEADERS - 1,
+        HEADERS,
+        HEADERS + 1,
+        65536 + 8192,
+    ],
 )
 @pytest.mark.parametrize("create", [False, True])
 async def test_random_bytes(home: str, size: int, create: bool) -> None:
@@ -314,11 +336,19 @@ def _png() -> bytes:
     import zlib
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(
-            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0\0")) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0\0"))
+        + chunk(b"IEND", b"")
+    )
 
 
 FOREIGN = {
@@ -646,8 +676,14 @@ async def test_reference_to_a_foreign_segment(home: str, shm_key: int) -> None:
     try:
         foreign.write(random.Random(1).randbytes(65536))
         before = segment_state(foreign)
-        rec = {"magic": SHM_REF_MAGIC, "version": LAYOUT_VERSION, "env_id": 12345,
-               "shm_key": shm_key, "shm_id": foreign.id, "size": 65536}
+        rec = {
+            "magic": SHM_REF_MAGIC,
+            "version": LAYOUT_VERSION,
+            "env_id": 12345,
+            "shm_key": shm_key,
+            "shm_id": foreign.id,
+            "size": 65536,
+        }
         body = b"".join(rec[f].to_bytes(WORD, "little") for f in SHM_REF.fields())
         path = os.path.join(home, DB1)
         write_file(path, body, 0o600)
@@ -668,7 +704,7 @@ async def test_reference_to_a_vanished_segment(home: str, shm_key: int) -> None:
     path = await real_env(home, region="system", shm_key=shm_key)
     with open(path, "rb") as f:
         record = f.read()
-    shm_id = int.from_bytes(record[SHM_REF.offset("shm_id"):][:WORD], "little")
+    shm_id = int.from_bytes(record[SHM_REF.offset("shm_id") :][:WORD], "little")
     seg = sysv_ipc.attach(shm_id)
     seg.remove()
     seg.detach()
@@ -761,8 +797,15 @@ async def test_create_not_a_bool(home: str, value: object) -> None:
         b"set_flags db_nommap maybe\n",
         b"\xff\xfe\x00binary\n",
     ],
-    ids=["tiny-cache", "missing-value", "bad-page-size", "negative-key", "unknown", "bad-switch",
-         "not-utf8"],
+    ids=[
+        "tiny-cache",
+        "missing-value",
+        "bad-page-size",
+        "negative-key",
+        "unknown",
+        "bad-switch",
+        "not-utf8",
+    ],
 )
 async def test_bad_db_config(home: str, content: bytes) -> None:
     path = os.path.join(home, "DB_CONFIG")

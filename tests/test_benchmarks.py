@@ -21,19 +21,35 @@ ANCHORS = ("bdb", "lmdb", "berkeleydb", "dd", "drop_caches")
 CLEANUP_WORDS = ("could not", "left", "grew", "leftover", "did not exit")
 
 
-def run_bench(tmp_path: Path, *extra: str
-              ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+def run_bench(
+    tmp_path: Path, *extra: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
     work.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--tiny", "--quiet", "--json", str(out),
-         "--dir", str(work), *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--tiny",
+            "--quiet",
+            "--json",
+            str(out),
+            "--dir",
+            str(work),
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n" \
-                                 f"{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     assert os.listdir(work) == [], f"the run left files behind: {os.listdir(work)}"
     data: dict[str, Any] = json.loads(out.read_text())
     return proc, data
@@ -43,8 +59,19 @@ def check_common(proc: subprocess.CompletedProcess[str], data: dict[str, Any]) -
     table = [ln for ln in proc.stdout.splitlines() if ln.split(" ", 1)[0] in WORKLOADS]
     for w in WORKLOADS:
         assert any(ln.startswith(w + " ") for ln in table), f"no table row for {w}"
-    for key in ("mode", "machine", "sizes", "elapsed_s", "status", "loadavg_start",
-                "loadavg_end", "workloads", "anchors", "rows", "problems"):
+    for key in (
+        "mode",
+        "machine",
+        "sizes",
+        "elapsed_s",
+        "status",
+        "loadavg_start",
+        "loadavg_end",
+        "workloads",
+        "anchors",
+        "rows",
+        "problems",
+    ):
         assert key in data, key
     assert data["mode"] == "tiny" and data["status"] == 0
     assert list(data["workloads"]) == list(WORKLOADS)
@@ -53,9 +80,20 @@ def check_common(proc: subprocess.CompletedProcess[str], data: dict[str, Any]) -
         assert isinstance(av["available"], bool)
         assert av["available"] or av["reason"], f"{name} unavailable without a reason"
     for row in data["rows"]:
-        for key in ("workload", "key", "label", "unit", "anchor", "note", "aiodbenv",
-                    "anchor_values", "aiodbenv_by_rep", "anchor_by_rep", "ratio_by_rep",
-                    "ratio_median"):
+        for key in (
+            "workload",
+            "key",
+            "label",
+            "unit",
+            "anchor",
+            "note",
+            "aiodbenv",
+            "anchor_values",
+            "aiodbenv_by_rep",
+            "anchor_by_rep",
+            "ratio_by_rep",
+            "ratio_median",
+        ):
             assert key in row, (key, row)
     # Every workload measured aiodbenv at least once.
     for w in WORKLOADS:

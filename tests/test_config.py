@@ -18,7 +18,9 @@ def write_config(home: str, text: str) -> None:
 
 
 async def test_db_config_settings_apply(home: str, shm_key: int) -> None:
-    write_config(home, f"""
+    write_config(
+        home,
+        f"""
 # a comment, then a blank line
 
 set_cachesize 0 1048576 1
@@ -28,7 +30,8 @@ set_shm_key {shm_key}
 set_flags db_nommap
 set_flags DB_LOG_INMEMORY on
 set_open_flags db_system_mem
-""")
+""",
+    )
     async with aiodbenv.Env.open(home, create=True) as env:
         st = env.stat()
         assert st.kind == "system" and st.shm_key == shm_key
@@ -75,7 +78,7 @@ async def test_malformed_line_fails_open_with_line_number(home: str, line: str) 
     with pytest.raises(ConfigError) as err:
         await aiodbenv.Env.open(home, create=True)
     assert err.value.lineno == 3
-    assert f"DB_CONFIG:3:" in str(err.value)
+    assert "DB_CONFIG:3:" in str(err.value)
     assert os.listdir(home) == ["DB_CONFIG"], "a failed open creates nothing"
 
 
@@ -94,7 +97,11 @@ async def test_db_config_that_is_not_a_file(home: str) -> None:
 
 # -- the NOSYNC truth table (Berkeley DB env007.k) ----------------------------------------------
 
-ARG_CHOICES = {"none": {}, "nosync": {"txn_nosync": True}, "write_nosync": {"txn_write_nosync": True}}
+ARG_CHOICES = {
+    "none": {},
+    "nosync": {"txn_nosync": True},
+    "write_nosync": {"txn_write_nosync": True},
+}
 CONFIG_CHOICES = {
     "none": [],
     "nosync": ["set_flags db_txn_nosync"],

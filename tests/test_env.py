@@ -32,8 +32,9 @@ def segment_exists(shmid: int) -> bool:
 
 
 def shm_ids(env: aiodbenv.Env) -> list[int]:
-    return [int(r.backing.rsplit(" ", 1)[1]) for r in env.stat().regions
-            if r.backing.startswith("shm")]
+    return [
+        int(r.backing.rsplit(" ", 1)[1]) for r in env.stat().regions if r.backing.startswith("shm")
+    ]
 
 
 JOIN_AND_REPORT = """
@@ -51,8 +52,9 @@ asyncio.run(main(sys.argv[1]))
 async def test_create_join_from_another_process_close_remove(
     home: str, shm_key: int, kind: str
 ) -> None:
-    env = await aiodbenv.Env.open(home, create=True, cache_size=1 << 20, page_size=8192,
-                                  **kind_args(kind, shm_key))
+    env = await aiodbenv.Env.open(
+        home, create=True, cache_size=1 << 20, page_size=8192, **kind_args(kind, shm_key)
+    )
     st = env.stat()
     assert st.kind == kind and st.handles == 1 and not st.panicked
     assert os.path.exists(os.path.join(home, "__db.001"))
@@ -65,8 +67,13 @@ async def test_create_join_from_another_process_close_remove(
     child = python(JOIN_AND_REPORT, home)
     assert child.returncode == 0, child.stderr
     seen = json.loads(child.stdout)
-    assert seen == {"env_id": st.env_id, "handles": 2, "kind": kind,
-                    "cache_size": 1 << 20, "page_size": 8192}
+    assert seen == {
+        "env_id": st.env_id,
+        "handles": 2,
+        "kind": kind,
+        "cache_size": 1 << 20,
+        "page_size": 8192,
+    }
 
     st = env.stat()
     assert st.handles == 1 and st.opens == 2
@@ -135,7 +142,9 @@ async def test_fixture_opened_env_is_usable(env: aiodbenv.Env) -> None:
     assert env.stat().handles == 1
 
 
-async def test_home_from_db_home_and_relative_names(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_home_from_db_home_and_relative_names(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DB_HOME", home)
     async with aiodbenv.Env.open(create=True) as env:
         assert env.home == home
@@ -145,12 +154,19 @@ async def test_home_from_db_home_and_relative_names(home: str, monkeypatch: pyte
 
 
 async def test_joiner_inherits_creator_settings(home: str) -> None:
-    async with aiodbenv.Env.open(home, create=True, cache_size=512 << 10, page_size=1024,
-                                 mmap_size=4096, nommap=True) as creator:
-        async with aiodbenv.Env.open(home, create=True, cache_size=8 << 20, page_size=16384,
-                                     mmap_size=1) as joiner:
+    async with aiodbenv.Env.open(
+        home, create=True, cache_size=512 << 10, page_size=1024, mmap_size=4096, nommap=True
+    ) as creator:
+        async with aiodbenv.Env.open(
+            home, create=True, cache_size=8 << 20, page_size=16384, mmap_size=1
+        ) as joiner:
             s = joiner.settings
-            assert (s.cache_size, s.page_size, s.mmap_size, s.nommap) == (512 << 10, 1024, 4096, True)
+            assert (s.cache_size, s.page_size, s.mmap_size, s.nommap) == (
+                512 << 10,
+                1024,
+                4096,
+                True,
+            )
             assert joiner.stat().env_id == creator.stat().env_id
     await aiodbenv.Env.remove(home)
 
@@ -351,8 +367,9 @@ async def test_failed_create_leaves_no_files(home: str) -> None:
 def _mount_tmpfs(path: str, size: str) -> bool:
     if os.geteuid() != 0:
         return False
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
-                       capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True
+    )
     return r.returncode == 0
 
 

@@ -38,9 +38,21 @@ def call(port: int, path: str, method: str = "GET") -> dict[str, object]:
 def test_web_backend_with_two_workers_and_a_checkpoint_worker(home: str) -> None:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "examples/web_backend.py", "--home", home, "--workers", "2",
-         "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        [
+            sys.executable,
+            "examples/web_backend.py",
+            "--home",
+            home,
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     checkpointer = None
     try:
         deadline = time.monotonic() + 30
@@ -54,8 +66,12 @@ def test_web_backend_with_two_workers_and_a_checkpoint_worker(home: str) -> None
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.1)
         checkpointer = subprocess.Popen(
-            [sys.executable, "examples/checkpoint_worker.py", "--home", home, "--interval",
-             "0.5"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [sys.executable, "examples/checkpoint_worker.py", "--home", home, "--interval", "0.5"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
         with ThreadPoolExecutor(8) as pool:
             bumps = list(pool.map(lambda _: call(port, "/counter/5", "POST"), range(100)))

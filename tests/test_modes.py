@@ -76,7 +76,9 @@ def assert_exact_modes(home: str, env: Env, kind: str, mode: int) -> None:
     assert os.path.join(home, "__db.001") in files
     for path, st_mode in files.items():
         assert stat.S_ISREG(st_mode), f"{path} is not a regular file"
-        assert st_mode & 0o777 == mode, f"{path} has mode {octal(st_mode & 0o777)}, not {octal(mode)}"
+        assert st_mode & 0o777 == mode, (
+            f"{path} has mode {octal(st_mode & 0o777)}, not {octal(mode)}"
+        )
         assert st_mode & 0o7000 == 0, f"{path} has set-id or sticky bits: {octal(st_mode)}"
     st = env.stat()
     assert st.mode == mode
@@ -87,7 +89,8 @@ def assert_exact_modes(home: str, env: Env, kind: str, mode: int) -> None:
         assert len(segments) == len(st.regions) >= 1
         for shm_id, shm_mode in segments.items():
             assert shm_mode & 0o777 == mode, (
-                f"segment {shm_id} has mode {octal(shm_mode & 0o777)}, not {octal(mode)}")
+                f"segment {shm_id} has mode {octal(shm_mode & 0o777)}, not {octal(mode)}"
+            )
 
 
 # -- exact modes --------------------------------------------------------------------------------
@@ -250,8 +253,12 @@ asyncio.run(main())
 
 @pytest.mark.parametrize(
     ("mode", "expected"),
-    [(0o600, "PermissionDenied"), (0o640, "PermissionDenied"), (0o604, "PermissionDenied"),
-     (0o666, "opened")],
+    [
+        (0o600, "PermissionDenied"),
+        (0o640, "PermissionDenied"),
+        (0o604, "PermissionDenied"),
+        (0o666, "opened"),
+    ],
     ids=lambda v: octal(v) if isinstance(v, int) else v,
 )
 @pytest.mark.parametrize("kind", KINDS)

@@ -189,11 +189,23 @@ def test_suite_passes_with_the_abi_fallback() -> None:
     """Runs the mutex, environment and pool tests again with AIODBENV_MUTEX=abi: the ABI
     binding of pthread, and the pure-Python hit and unpin paths of the pool."""
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         "tests/test_mutex.py", "tests/test_env.py", "tests/test_pool.py"],
-        cwd=REPO, env={**os.environ, "AIODBENV_MUTEX": "abi"},
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-x",
+            "tests/test_mutex.py",
+            "tests/test_env.py",
+            "tests/test_pool.py",
+        ],
+        cwd=REPO,
+        env={**os.environ, "AIODBENV_MUTEX": "abi"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
-

@@ -88,6 +88,7 @@ async def test_create_new_last_are_zero_filled_and_dirty(small_env: aiodbenv.Env
 
 async def test_new_never_gives_two_callers_the_same_page(small_env: aiodbenv.Env) -> None:
     async with small_env.pool.open_file("n.db", create=True) as f:
+
         async def one() -> int:
             async with f.new() as p:
                 await asyncio.sleep(0)
@@ -197,6 +198,7 @@ async def test_hundred_coroutines_missing_one_page_read_it_once(small_env: aiodb
     write_file(small_env.resolve("a.db"), fill(4))
     async with small_env.pool.open_file("a.db") as f:
         with _io.inject("pread", None, delay=0.05, times=1000) as slow:
+
             async def reader() -> bytes:
                 async with f.get(2) as p:
                     return bytes(p.data[:6])
@@ -410,8 +412,9 @@ async def test_env_and_file_page_sizes(home: str) -> None:
 
 @pytest.mark.parametrize("kind", ["file", "system", "private"])
 async def test_private_and_shared_kinds_serve_pages(home: str, shm_key: int, kind: str) -> None:
-    async with aiodbenv.Env.open(home, create=True, region=kind,
-                                 shm_key=shm_key if kind == "system" else None) as env:
+    async with aiodbenv.Env.open(
+        home, create=True, region=kind, shm_key=shm_key if kind == "system" else None
+    ) as env:
         async with env.pool.open_file("k.db", create=True) as f:
             for i in range(100):
                 async with f.get(i, create=True) as p:

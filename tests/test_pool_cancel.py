@@ -130,11 +130,13 @@ def assert_quiescent(env: aiodbenv.Env, held: Iterable[Page] = ()) -> None:
                 flags = int(w[x + H_FLAGS])
                 ref = int(w[x + H_REF])
                 assert not flags & (BH_READING | BH_WRITING | BH_FAILED), (
-                    f"buffer {off:#x} (bucket {b}) is stuck with flags {flags:#x}")
+                    f"buffer {off:#x} (bucket {b}) is stuck with flags {flags:#x}"
+                )
                 assert w[x + H_IOPID] == 0, f"buffer {off:#x} still names an I/O process"
                 expected = want.get((cache.index, off), 0)
                 assert ref == expected, (
-                    f"buffer {off:#x} (bucket {b}) has ref {ref}, the test holds {expected}")
+                    f"buffer {off:#x} (bucket {b}) has ref {ref}, the test holds {expected}"
+                )
                 seen.add((cache.index, off))
                 if flags & BH_DIRTY:
                     dirty += 1
@@ -144,7 +146,8 @@ def assert_quiescent(env: aiodbenv.Env, held: Iterable[Page] = ()) -> None:
             linked += count
         assert cache.buffers() == linked, (
             f"cache {cache.index}: {cache.buffers()} buffers allocated, {linked} in the chains "
-            "(a frame leaked)")
+            "(a frame leaked)"
+        )
         _check_mutex(cache.alloc_mutex, f"allocator of cache {cache.index}")
     missing = set(want) - seen
     assert not missing, f"held pages not found in any chain: {missing}"
@@ -180,7 +183,7 @@ async def outcome(task: asyncio.Task[T]) -> T | BaseException:
     """What ``task`` ended with: its result or the exception it raised (cancellation too)."""
     try:
         return await task
-    except BaseException as err:  # noqa: BLE001 - CancelledError included on purpose
+    except BaseException as err:
         return err
 
 
@@ -233,11 +236,18 @@ def force_thread_reads(f: aiodbenv.PoolFile) -> None:
 
 
 @pytest.fixture(params=["file", "system"])
-async def env(request: pytest.FixtureRequest, home: str,
-              shm_key: int) -> AsyncIterator[aiodbenv.Env]:
+async def env(
+    request: pytest.FixtureRequest, home: str, shm_key: int
+) -> AsyncIterator[aiodbenv.Env]:
     kind = request.param
-    e = await aiodbenv.Env.open(home, create=True, region=kind, cache_size=CACHE, page_size=PS,
-                                shm_key=shm_key if kind == "system" else None)
+    e = await aiodbenv.Env.open(
+        home,
+        create=True,
+        region=kind,
+        cache_size=CACHE,
+        page_size=PS,
+        shm_key=shm_key if kind == "system" else None,
+    )
     try:
         yield e
     finally:
@@ -262,8 +272,9 @@ async def data(env: aiodbenv.Env) -> AsyncIterator[aiodbenv.PoolFile]:
 # -- (a) waiting for a frame --------------------------------------------------------------------
 
 
-async def test_pin_cancelled_while_waiting_for_a_frame(env: aiodbenv.Env,
-                                                       data: aiodbenv.PoolFile) -> None:
+async def test_pin_cancelled_while_waiting_for_a_frame(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     pool, f = env.pool, data
     pool.fail_fast = False
     held = [await f.pin(i) for i in range(FRAMES)]
@@ -287,7 +298,8 @@ async def test_pin_cancelled_while_waiting_for_a_frame(env: aiodbenv.Env,
 
 
 async def test_pin_waiting_for_a_frame_then_cancelled_as_the_frame_frees(
-        env: aiodbenv.Env, data: aiodbenv.PoolFile) -> None:
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     """The frame is released and the waiter cancelled in the same loop iteration."""
     pool, f = env.pool, data
     held = [await f.pin(i) for i in range(FRAMES)]
@@ -311,12 +323,15 @@ async def test_pin_waiting_for_a_frame_then_cancelled_as_the_frame_frees(
 # -- (b) the page's own read ----------------------------------------------------------------------
 
 
-async def test_pin_cancelled_during_its_thread_read(env: aiodbenv.Env,
-                                                    data: aiodbenv.PoolFile) -> None:
+async def test_pin_cancelled_during_its_thread_read(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     """The RWF_NOWAIT attempt says "not cached" (EAGAIN), the thread read is slow."""
     f = data
-    with _io.inject("pread", errno.EAGAIN, times=1), \
-            _io.inject("pread", None, delay=SLOW, times=1) as slow:
+    with (
+        _io.inject("pread", errno.EAGAIN, times=1),
+        _io.inject("pread", None, delay=SLOW, times=1) as slow,
+    ):
         t = asyncio.create_task(f.pin(7))
         await io_started("pread")
         assert not t.done()
@@ -332,8 +347,9 @@ async def test_pin_cancelled_during_its_thread_read(env: aiodbenv.Env,
     await settle(env)
 
 
-async def test_pin_cancelled_while_the_read_is_queued(env: aiodbenv.Env,
-                                                      data: aiodbenv.PoolFile) -> None:
+async def test_pin_cancelled_while_the_read_is_queued(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     """More reads than I/O threads: some wait in the batcher's queue when cancelled."""
     f = data
     force_thread_reads(f)
@@ -358,8 +374,7 @@ async def test_pin_cancelled_while_the_read_is_queued(env: aiodbenv.Env,
     await settle(env)
 
 
-async def test_pin_miss_cancelled_at_every_step(env: aiodbenv.Env,
-                                                data: aiodbenv.PoolFile) -> None:
+async def test_pin_miss_cancelled_at_every_step(env: aiodbenv.Env, data: aiodbenv.PoolFile) -> None:
     """Cancel a thread-read miss after 0, 1, 2, ... loop iterations: every await point."""
     f = data
     force_thread_reads(f)
@@ -387,7 +402,8 @@ async def test_pin_miss_cancelled_at_every_step(env: aiodbenv.Env,
 
 
 async def test_pin_served_by_a_read_on_the_loop_has_no_await_point(
-        env: aiodbenv.Env, data: aiodbenv.PoolFile) -> None:
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     """A miss whose page the OS page cache holds is read with RWF_NOWAIT on the loop, with no
     task and no await: even a slow such read cannot be cancelled into, the pin completes in
     one step (with a clean victim or free space for its frame)."""
@@ -421,7 +437,8 @@ async def test_pin_served_by_a_read_on_the_loop_has_no_await_point(
 
 @pytest.mark.parametrize("cancel", ["waiter", "reader", "both"])
 async def test_pin_cancelled_while_waiting_for_another_read(
-        env: aiodbenv.Env, data: aiodbenv.PoolFile, cancel: str) -> None:
+    env: aiodbenv.Env, data: aiodbenv.PoolFile, cancel: str
+) -> None:
     f = data
     force_thread_reads(f)
     with _io.inject("pread", None, delay=SLOW, times=1):
@@ -451,8 +468,9 @@ async def test_pin_cancelled_while_waiting_for_another_read(
     await settle(env)
 
 
-async def test_waiters_cancelled_while_the_read_fails(env: aiodbenv.Env,
-                                                      data: aiodbenv.PoolFile) -> None:
+async def test_waiters_cancelled_while_the_read_fails(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     """The reader's read fails (EIO) while a waiter is being cancelled: the failed buffer is
     freed by the last one out, and the page can be read afterwards."""
     f = data
@@ -497,8 +515,9 @@ async def fill_dirty(f: aiodbenv.PoolFile, pages: Iterable[int], version: int) -
     return expected
 
 
-async def test_pin_cancelled_while_its_victim_is_written(env: aiodbenv.Env,
-                                                         data: aiodbenv.PoolFile) -> None:
+async def test_pin_cancelled_while_its_victim_is_written(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     pool, f = env.pool, data
     expected = {i: content(i) for i in range(100)}
     expected.update(await fill_dirty(f, range(FRAMES), 1))
@@ -526,7 +545,8 @@ async def test_pin_cancelled_while_its_victim_is_written(env: aiodbenv.Env,
 
 
 async def test_pin_cancelled_at_every_step_of_a_dirty_eviction(
-        env: aiodbenv.Env, data: aiodbenv.PoolFile) -> None:
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     pool, f = env.pool, data
     force_thread_reads(f)
     expected = {i: content(i) for i in range(100)}
@@ -578,8 +598,9 @@ async def test_unpin_never_yields(env: aiodbenv.Env, data: aiodbenv.PoolFile) ->
     assert env.pool.stat().page_dirty == 1
 
 
-async def test_unpin_in_an_already_cancelled_task(env: aiodbenv.Env,
-                                                  data: aiodbenv.PoolFile) -> None:
+async def test_unpin_in_an_already_cancelled_task(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     f = data
     pages = [await f.pin(i) for i in range(3)]
     pages[0].data[:5] = b"DIRTY"
@@ -600,7 +621,8 @@ async def test_unpin_in_an_already_cancelled_task(env: aiodbenv.Env,
 
 
 async def test_async_with_cancelled_inside_and_while_entering(
-        env: aiodbenv.Env, data: aiodbenv.PoolFile) -> None:
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     f = data
     entered = asyncio.Event()
 
@@ -638,7 +660,8 @@ async def test_async_with_cancelled_inside_and_while_entering(
 
 
 async def test_sync_cancelled_in_the_middle_of_a_batch_write(
-        env: aiodbenv.Env, data: aiodbenv.PoolFile) -> None:
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     pool, f = env.pool, data
     expected = {i: content(i) for i in range(100)}
     expected.update(await fill_dirty(f, range(0, 30), 1))
@@ -658,8 +681,7 @@ async def test_sync_cancelled_in_the_middle_of_a_batch_write(
     await settle(env)
 
 
-async def test_file_sync_cancelled_during_fsync(env: aiodbenv.Env,
-                                                data: aiodbenv.PoolFile) -> None:
+async def test_file_sync_cancelled_during_fsync(env: aiodbenv.Env, data: aiodbenv.PoolFile) -> None:
     pool, f = env.pool, data
     expected = await fill_dirty(f, range(5), 1)
     with _io.inject("fsync", None, delay=SLOW) as slow:
@@ -723,8 +745,9 @@ async def test_sync_cancelled_between_batches(home: str) -> None:
     os.remove(os.path.join(home, "a.db"))
 
 
-async def test_sync_with_a_pinned_dirty_page_cancelled(env: aiodbenv.Env,
-                                                       data: aiodbenv.PoolFile) -> None:
+async def test_sync_with_a_pinned_dirty_page_cancelled(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
     pool, f = env.pool, data
     expected = await fill_dirty(f, range(10), 1)
     pinned = await f.pin(3)
@@ -782,8 +805,9 @@ async def test_trickle_cancelled(env: aiodbenv.Env, data: aiodbenv.PoolFile) -> 
 
 
 @pytest.mark.parametrize("reuse", [False, True])
-async def test_file_close_racing_with_a_read(env: aiodbenv.Env, data: aiodbenv.PoolFile,
-                                             reuse: bool) -> None:
+async def test_file_close_racing_with_a_read(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile, reuse: bool
+) -> None:
     """The file is closed while a pin of it waits for its thread read: the pin either gets
     the right page or a typed error, never the closed descriptor's EBADF; and when another
     file is opened meanwhile (``reuse``: it gets the freed descriptor number) the read must not
@@ -819,8 +843,9 @@ async def test_file_close_racing_with_a_read(env: aiodbenv.Env, data: aiodbenv.P
 
 
 @pytest.mark.parametrize("reuse", [False, True])
-async def test_file_close_racing_with_a_write(env: aiodbenv.Env, data: aiodbenv.PoolFile,
-                                              reuse: bool) -> None:
+async def test_file_close_racing_with_a_write(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile, reuse: bool
+) -> None:
     """The file is closed while a sync writes its pages: the sync succeeds or fails with a
     typed error, the pages are on disk or still dirty (never lost), and a file opened
     meanwhile (``reuse``) never receives them."""
@@ -838,7 +863,8 @@ async def test_file_close_racing_with_a_write(env: aiodbenv.Env, data: aiodbenv.
             other = await pool.open_file("other.db", page_size=PS)
         res = await outcome(t)
     assert not isinstance(res, BaseException) or isinstance(res, AiodbenvError), (
-        f"sync raised {res!r}")
+        f"sync raised {res!r}"
+    )
     await settle(env)
     with open(env.resolve("other.db"), "rb") as fh:
         assert fh.read() == b"OTHER FILE".ljust(PS, b"!") * 20, "a.db's pages went to other.db"
@@ -935,8 +961,7 @@ async def test_env_close_racing_with_io(home: str, shm_key: int, kind: str, what
     try:
         loop = "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"
         proc = python(_CLOSE_RACE, home, kind, str(shm_key), what, loop, timeout=60)
-        assert proc.returncode == 0, (
-            f"child died with {proc.returncode}: {proc.stderr[-3000:]}")
+        assert proc.returncode == 0, f"child died with {proc.returncode}: {proc.stderr[-3000:]}"
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         assert report["closed"] == "ok", report
         assert report["problems"] == [], report

@@ -133,15 +133,21 @@ class PoolMachine(RuleBasedStateMachine):
             self.model.npages[spec.name] = spec.initial
             self.model.disk_pages_min[spec.name] = spec.initial
         try:
-            self.env = self.run(aiodbenv.Env.open(
-                self.home, create=True, cache_size=CACHE, page_size=ENV_PAGE,
-                region=self.region,
-                shm_key=KEY_BASE + 4090 if self.region == "system" else None,
-            ))
+            self.env = self.run(
+                aiodbenv.Env.open(
+                    self.home,
+                    create=True,
+                    cache_size=CACHE,
+                    page_size=ENV_PAGE,
+                    region=self.region,
+                    shm_key=KEY_BASE + 4090 if self.region == "system" else None,
+                )
+            )
             self.env.pool.fail_fast = True
             for spec in FILES:
                 self.files[spec.name] = self.run(
-                    self.env.pool.open_file(spec.name, page_size=spec.page_size))
+                    self.env.pool.open_file(spec.name, page_size=spec.page_size)
+                )
         except BaseException:
             self.teardown()  # hypothesis only tears down machines it finished making
             raise
@@ -210,8 +216,8 @@ class PoolMachine(RuleBasedStateMachine):
         else:
             allowed = m.cur_of(key)
             assert got in allowed, (
-                f"page {key} holds {got[:40]!r}..., the model allows "
-                f"{[a[:40] for a in allowed]}")
+                f"page {key} holds {got[:40]!r}..., the model allows {[a[:40] for a in allowed]}"
+            )
             if len(allowed) > 1:
                 event("pinned a page whose content the model could not know")
             m.cur[key] = {got}
@@ -292,7 +298,8 @@ class PoolMachine(RuleBasedStateMachine):
                 allowed = m.disk_of(key)
                 assert actual in allowed, (
                     f"page {key} on disk is {actual[:40]!r}..., the model allows "
-                    f"{[a[:40] for a in allowed]}")
+                    f"{[a[:40] for a in allowed]}"
+                )
                 m.disk[key] = {actual}
                 if key in was_surely:
                     assert actual == self._known(key), f"dirty page {key} was not written"
@@ -302,8 +309,12 @@ class PoolMachine(RuleBasedStateMachine):
     names = st.sampled_from([s.name for s in FILES])
 
     @precondition(lambda self: len(self.handles) < MAX_PINS)
-    @rule(name=names, pgno=st.integers(0, 99), create=st.booleans(),
-          how=st.sampled_from(["pin", "await-get", "aenter"]))
+    @rule(
+        name=names,
+        pgno=st.integers(0, 99),
+        create=st.booleans(),
+        how=st.sampled_from(["pin", "await-get", "aenter"]),
+    )
     def pin(self, name: str, pgno: int, create: bool, how: str) -> None:
         spec = SPEC[name]
         pgno %= spec.limit
@@ -348,9 +359,13 @@ class PoolMachine(RuleBasedStateMachine):
     # Rules on held pins do nothing when none is held (rather than a precondition, which
     # makes hypothesis retry and sometimes give up on whole examples).
 
-    @rule(i=st.integers(0, MAX_PINS - 1), start=st.integers(0, 1 << 16),
-          length=st.integers(1, 1 << 16), whole=st.booleans(),
-          mark=st.sampled_from(["set", "mark_dirty", "none"]))
+    @rule(
+        i=st.integers(0, MAX_PINS - 1),
+        start=st.integers(0, 1 << 16),
+        length=st.integers(1, 1 << 16),
+        whole=st.booleans(),
+        mark=st.sampled_from(["set", "mark_dirty", "none"]),
+    )
     def write(self, i: int, start: int, length: int, whole: bool, mark: str) -> None:
         if not self.handles:
             return
@@ -396,8 +411,10 @@ class PoolMachine(RuleBasedStateMachine):
         self.files[h.name].set(h.page, dirty=dirty, clean=not dirty)
         self._apply_flags(h.key, PAGE_DIRTY if dirty else PAGE_CLEAN)
 
-    @rule(i=st.integers(0, MAX_PINS - 1),
-          how=st.sampled_from(["plain", "dirty", "clean", "discard", "dirty-discard", "exit"]))
+    @rule(
+        i=st.integers(0, MAX_PINS - 1),
+        how=st.sampled_from(["plain", "dirty", "clean", "discard", "dirty-discard", "exit"]),
+    )
     def unpin(self, i: int, how: str) -> None:
         if not self.handles:
             return
@@ -440,7 +457,8 @@ class PoolMachine(RuleBasedStateMachine):
         if st_.page_clean < target:  # not enough: every dirty page left must be pinned
             assert st_.page_dirty <= len(m.maybe_dirty & pinned), (
                 f"trickle({pct}) left {st_.page_clean} of {st_.pages} clean with unpinned "
-                "dirty pages")
+                "dirty pages"
+            )
 
     @rule(name=names)
     def close_and_reopen(self, name: str) -> None:
@@ -521,7 +539,8 @@ class PoolMachine(RuleBasedStateMachine):
         dirty = self.pool.stat().page_dirty
         assert len(m.surely_dirty) <= dirty <= len(m.maybe_dirty), (
             f"{dirty} dirty buffers; the model says {len(m.surely_dirty)} surely, "
-            f"{len(m.maybe_dirty)} at most")
+            f"{len(m.maybe_dirty)} at most"
+        )
 
     @invariant()
     def page_counts(self) -> None:
@@ -534,7 +553,9 @@ async def _await(awaitable: Any) -> Any:
 
 
 _SETTINGS = settings(
-    max_examples=50, stateful_step_count=40, deadline=None,
+    max_examples=50,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 

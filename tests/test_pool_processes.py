@@ -47,7 +47,9 @@ def fill(view: memoryview, text: str) -> None:
 
 def loop_name() -> str:
     """The running loop's kind, so that children run under the same one."""
-    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    return (
+        "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    )
 
 
 def read_pages(path: str, page_size: int) -> list[bytes]:
@@ -59,7 +61,7 @@ def read_pages(path: str, page_size: int) -> list[bytes]:
 # -- child processes ----------------------------------------------------------------------------
 
 #: Shared by every child: ``argv[1]`` is the loop kind, the test's own arguments follow.
-PRELUDE = r'''
+PRELUDE = r"""
 import asyncio, os, sys, time
 import aiodbenv
 
@@ -79,7 +81,7 @@ def fill(view, text):
 
 def say(*args):
     print(*args, flush=True)
-'''
+"""
 
 
 def kill_all(children: Sequence[subprocess.Popen[str]]) -> None:
@@ -95,7 +97,7 @@ async def read_line(child: subprocess.Popen[str], timeout: float = 30.0) -> str:
     assert child.stdout is not None
     try:
         line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         child.kill()  # unblocks the reading thread
         child.wait(timeout=10)
         raise AssertionError(f"no line from child {child.pid} within {timeout} s") from None
@@ -144,8 +146,9 @@ def m1_original(pgno: int) -> bytes:
     return str(pgno).encode().ljust(M1_PS - 1, b"\0") + b"Z"
 
 
-async def memp001(home: str, shm_key: int, kind: str, cache_size: int | None, ncache: int,
-                  iterations: int) -> None:
+async def memp001(
+    home: str, shm_key: int, kind: str, cache_size: int | None, ncache: int, iterations: int
+) -> None:
     names = [f"data_file.{i}" for i in range(1, M1_FILES + 1)]
     for name in names:
         with open(os.path.join(home, name), "wb") as out:
@@ -161,13 +164,15 @@ async def memp001(home: str, shm_key: int, kind: str, cache_size: int | None, nc
     dirty: set[tuple[int, int]] = set()
     pins = 0
 
-    env = await aiodbenv.Env.open(home, create=True, cache_size=cache_size, ncache=ncache,
-                                  **kind_args(kind, shm_key))
+    env = await aiodbenv.Env.open(
+        home, create=True, cache_size=cache_size, ncache=ncache, **kind_args(kind, shm_key)
+    )
     try:
         pool = env.pool
         assert pool.stat().ncache == ncache
-        files = [await pool.open_file(name, page_size=M1_PS, create=True, mode=0o644)
-                 for name in names]
+        files = [
+            await pool.open_file(name, page_size=M1_PS, create=True, mode=0o644) for name in names
+        ]
         assert [f.pages for f in files] == [M1_PAGES] * M1_FILES
 
         async def pin(fi: int, pgno: int) -> aiodbenv.Page:
@@ -232,8 +237,11 @@ async def memp001(home: str, shm_key: int, kind: str, cache_size: int | None, nc
             assert len(on_disk) == M1_PAGES
             for pgno, data in enumerate(on_disk):
                 # Berkeley DB's check: the original page or a whole pattern of ours.
-                assert data in (m1_original(pgno), pattern(unpinned_text, M1_PS),
-                                pattern(pinned_text, M1_PS)), (name, pgno, data[:40])
+                assert data in (
+                    m1_original(pgno),
+                    pattern(unpinned_text, M1_PS),
+                    pattern(pinned_text, M1_PS),
+                ), (name, pgno, data[:40])
                 # Exact: a page once dirtied holds its last content; the others were never
                 # written (a change to a clean page without a dirty unpin is not saved).
                 want = content[fi, pgno] if (fi, pgno) in dirty else m1_original(pgno)
@@ -252,16 +260,18 @@ M1_MATRIX = [(None, 1), (400000, 1), (400000, 3)]
 
 @pytest.mark.parametrize(("cache_size", "ncache"), M1_MATRIX)
 @pytest.mark.parametrize("kind", ["file", "private", "system"])
-async def test_memp001_random_updates(home: str, shm_key: int, kind: str,
-                                      cache_size: int | None, ncache: int) -> None:
+async def test_memp001_random_updates(
+    home: str, shm_key: int, kind: str, cache_size: int | None, ncache: int
+) -> None:
     await memp001(home, shm_key, kind, cache_size, ncache, iterations=100)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("cache_size", "ncache"), M1_MATRIX)
 @pytest.mark.parametrize("kind", ["file", "private", "system"])
-async def test_memp001_random_updates_500(home: str, shm_key: int, kind: str,
-                                          cache_size: int | None, ncache: int) -> None:
+async def test_memp001_random_updates_500(
+    home: str, shm_key: int, kind: str, cache_size: int | None, ncache: int
+) -> None:
     await memp001(home, shm_key, kind, cache_size, ncache, iterations=500)
 
 
@@ -272,7 +282,9 @@ M2_PAGE_SIZES = [512, 1024, 2048, 4096, 8192]
 M2_PAGES = 100
 M2_CACHE = M2_PROCS * (512 + 8192)  # 34816 bytes, Berkeley DB's mpoolscript cache
 
-MEMP002_CHILD = PRELUDE + r'''
+MEMP002_CHILD = (
+    PRELUDE
+    + r"""
 import fcntl, random
 from aiodbenv.errors import CacheFull
 
@@ -371,22 +383,38 @@ async def main():
     say(f"DONE {ident} pins={pins} wrote={wrote}")
 
 run(main)
-'''
+"""
+)
 
 
-async def memp002(home: str, shm_key: int, procs: list[subprocess.Popen[str]], kind: str,
-                  iterations: int, max_sleep: float, timeout: float) -> None:
+async def memp002(
+    home: str,
+    shm_key: int,
+    procs: list[subprocess.Popen[str]],
+    kind: str,
+    iterations: int,
+    max_sleep: float,
+    timeout: float,
+) -> None:
     names = [f"file{k}" for k in range(len(M2_PAGE_SIZES))]
-    env = await aiodbenv.Env.open(home, create=True, cache_size=M2_CACHE,
-                                  **kind_args(kind, shm_key))
+    env = await aiodbenv.Env.open(
+        home, create=True, cache_size=M2_CACHE, **kind_args(kind, shm_key)
+    )
     children: list[subprocess.Popen[str]] = []
     try:
         assert env.pool.cache_size == M2_CACHE
         with open(os.path.join(home, "memp002.lock"), "wb") as lk:
             lk.write(bytes(8192))
         for ident in range(M2_PROCS):
-            child = spawn(MEMP002_CHILD, loop_name(), home, str(ident), str(M2_PROCS),
-                          str(iterations), str(max_sleep))
+            child = spawn(
+                MEMP002_CHILD,
+                loop_name(),
+                home,
+                str(ident),
+                str(M2_PROCS),
+                str(iterations),
+                str(max_sleep),
+            )
             procs.append(child)
             children.append(child)
         outputs = await finish(children, timeout)
@@ -455,7 +483,9 @@ async def test_memp002_processes_share_a_tiny_cache_125(
 C_PS = 1024
 C_FRAMES = 20  # a 20 KiB cache of 1 KiB pages
 
-COHERENCE_CHILD = PRELUDE + r'''
+COHERENCE_CHILD = (
+    PRELUDE
+    + r"""
 async def main():
     home, nhits = sys.argv[2], int(sys.argv[3])
     env = await aiodbenv.Env.open(home)
@@ -478,7 +508,8 @@ async def main():
     say("DONE")
 
 run(main)
-'''
+"""
+)
 
 
 def c_original(pgno: int, tag: str = "c") -> bytes:
@@ -494,8 +525,9 @@ async def test_pages_and_statistics_are_shared_exactly(
         out.write(b"".join(c_original(i) for i in range(10)))
     with open(gpath, "wb") as out:
         out.write(b"".join(c_original(i, "fill") for i in range(64)))
-    env = await aiodbenv.Env.open(home, create=True, cache_size=C_FRAMES * C_PS, page_size=C_PS,
-                                  **kind_args(kind, shm_key))
+    env = await aiodbenv.Env.open(
+        home, create=True, cache_size=C_FRAMES * C_PS, page_size=C_PS, **kind_args(kind, shm_key)
+    )
     child: subprocess.Popen[str] | None = None
     try:
         pool = env.pool
@@ -568,8 +600,9 @@ async def test_pages_and_statistics_are_shared_exactly(
         assert pool.stat().rw_evict == before.rw_evict + 1
         assert pool.stat().page_dirty == 0
         await pool.sync()
-        assert read_pages(cpath, C_PS) == [b"CHILD" + c_original(3)[5:] if p == 3
-                                           else c_original(p) for p in range(10)]
+        assert read_pages(cpath, C_PS) == [
+            b"CHILD" + c_original(3)[5:] if p == 3 else c_original(p) for p in range(10)
+        ]
         async with f.get(3) as page:  # read back from the file
             assert bytes(page.data[:5]) == b"CHILD"
         assert f.stat().cache_miss == 11
@@ -588,7 +621,9 @@ async def test_pages_and_statistics_are_shared_exactly(
 
 K_PAGES = 40
 
-HOLD_PIN_CHILD = PRELUDE + r'''
+HOLD_PIN_CHILD = (
+    PRELUDE
+    + r"""
 async def main():
     env = await aiodbenv.Env.open(sys.argv[2])
     f = await env.pool.open_file("k.db", page_size=1024)
@@ -599,9 +634,12 @@ async def main():
     time.sleep(600)
 
 run(main)
-'''
+"""
+)
 
-SLOW_READ_CHILD = PRELUDE + r'''
+SLOW_READ_CHILD = (
+    PRELUDE
+    + r"""
 from aiodbenv import _io
 
 async def main():
@@ -620,14 +658,16 @@ async def main():
     say("FAIL: the read finished although this process should have been killed")
 
 run(main)
-'''
+"""
+)
 
 
 async def k_setup(home: str, shm_key: int, kind: str) -> aiodbenv.Env:
     with open(os.path.join(home, "k.db"), "wb") as out:
         out.write(b"".join(c_original(i, "k") for i in range(K_PAGES)))
-    return await aiodbenv.Env.open(home, create=True, cache_size=C_FRAMES * C_PS,
-                                   page_size=C_PS, **kind_args(kind, shm_key))
+    return await aiodbenv.Env.open(
+        home, create=True, cache_size=C_FRAMES * C_PS, page_size=C_PS, **kind_args(kind, shm_key)
+    )
 
 
 async def k_teardown(home: str, env: aiodbenv.Env, child: subprocess.Popen[str] | None) -> None:
@@ -721,7 +761,7 @@ async def test_process_killed_in_the_middle_of_a_read(
         # it is dead all the same and its read will never finish.
         try:
             page = await asyncio.wait_for(waiter, 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(
                 f"page 7 still not readable 5 s after its reader was SIGKILLed "
                 f"({'reaped' if reap else 'dead but not yet reaped: a zombie'})"
@@ -750,7 +790,9 @@ async def test_process_killed_in_the_middle_of_a_read(
 
 HOT_PAGES = 8
 
-HOT_CHILD = PRELUDE + r'''
+HOT_CHILD = (
+    PRELUDE
+    + r"""
 async def main():
     home, ident, seconds = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     env = await aiodbenv.Env.open(home)
@@ -773,7 +815,8 @@ async def main():
     say("COUNTS", *counts)
 
 run(main)
-'''
+"""
+)
 
 
 @pytest.mark.parametrize("kind", SHARED_KINDS)

@@ -19,8 +19,9 @@ def test_all_names_exist_and_are_documented() -> None:
 
 
 def test_public_methods_are_documented() -> None:
-    classes = [getattr(aiodbenv, n) for n in aiodbenv.__all__
-               if isinstance(getattr(aiodbenv, n), type)]
+    classes = [
+        getattr(aiodbenv, n) for n in aiodbenv.__all__ if isinstance(getattr(aiodbenv, n), type)
+    ]
     assert aiodbenv.Pool in classes and aiodbenv.PoolFile in classes
     for cls in classes:
         for name, member in vars(cls).items():

@@ -179,8 +179,9 @@ async def test_write_failure_is_reported_retried_and_pages_stay_dirty(
 
 async def test_close_stops_workers_and_takes_a_final_checkpoint(home: str) -> None:
     async def opener() -> aiodbenv.Env:
-        return await aiodbenv.Env.open(home, create=True, trickle=30,
-                                       checkpoint=CheckpointSettings(interval=3600))
+        return await aiodbenv.Env.open(
+            home, create=True, trickle=30, checkpoint=CheckpointSettings(interval=3600)
+        )
 
     env = await asyncio.ensure_future(opener())  # opened in one task...
     async with env.pool.open_file("c.db", create=True) as f:
@@ -240,8 +241,13 @@ CHECKPOINT_CMD = [sys.executable, "-m", "aiodbenv", "checkpoint"]
 async def test_checkpoint_command_joins_and_keeps_the_environment_clean(home: str) -> None:
     env = await aiodbenv.Env.open(home, create=True)
     f = await env.pool.open_file("d.db", create=True)
-    proc = subprocess.Popen(CHECKPOINT_CMD + ["-h", home, "-p", "0.005"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        CHECKPOINT_CMD + ["-h", home, "-p", "0.005"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         await asyncio.sleep(1.0)  # the worker process joins
         for round_ in range(3):
@@ -271,15 +277,21 @@ async def test_checkpoint_command_joins_and_keeps_the_environment_clean(home: st
 
 
 async def test_checkpoint_once_and_errors(home: str) -> None:
-    r = subprocess.run(CHECKPOINT_CMD + ["-h", home, "-1"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        CHECKPOINT_CMD + ["-h", home, "-1"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 1 and "no environment" in r.stderr and r.stderr.count("\n") == 1
     async with aiodbenv.Env.open(home, create=True) as env:
         async with env.pool.open_file("o.db", create=True) as f:
             async with f.get(3, create=True):
                 pass
-            r = subprocess.run(CHECKPOINT_CMD + ["-h", home, "-1"], cwd=REPO,
-                               capture_output=True, text=True, timeout=60)
+            r = subprocess.run(
+                CHECKPOINT_CMD + ["-h", home, "-1"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert r.returncode == 0, r.stderr
             assert "1 pages written" in r.stdout
             assert env.pool.stat().page_dirty == 0
@@ -289,8 +301,13 @@ async def test_checkpoint_once_and_errors(home: str) -> None:
 
 async def test_watch_refreshes_statistics(home: str) -> None:
     async with aiodbenv.Env.open(home, create=True):
-        r = subprocess.run([sys.executable, "-m", "aiodbenv", "watch", "-h", home, "-i", "0.1",
-                            "-c", "3"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "aiodbenv", "watch", "-h", home, "-i", "0.1", "-c", "3"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("hit ratio") == 3
     await aiodbenv.Env.remove(home)

@@ -19,9 +19,9 @@ from ..errors import (
     PermissionDenied,
 )
 from ..region.layout import MUTEX_SLOT, WORD
-from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as _unlock
+from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
 from .table import (
     _F,
@@ -29,9 +29,9 @@ from .table import (
     _HS,
     B_COUNT,
     B_DIRTY,
+    B_HEAD,
     C_BUFFERS,
     C_LRU,
-    B_HEAD,
     H_FILE,
     H_FLAGS,
     H_IOPID,
@@ -61,9 +61,25 @@ _HS_EXTRA = _HS["hash_examined_extra"]
 # The compiled accelerator, when installed, does the bucket work of hits and unpins.
 if speedups is not None:
     _layout = [
-        H_NEXT, H_FILE, H_PGNO, H_REF, H_FLAGS, H_PRIO, B_HEAD, B_DIRTY, C_LRU, C_BUFFERS,
-        BH_READING, BH_DIRTY, PAGE_DIRTY, PAGE_CLEAN, PAGE_DISCARD, BH_WRITING, H_IOPID,
-        H_SIZE, BH.size,
+        H_NEXT,
+        H_FILE,
+        H_PGNO,
+        H_REF,
+        H_FLAGS,
+        H_PRIO,
+        B_HEAD,
+        B_DIRTY,
+        C_LRU,
+        C_BUFFERS,
+        BH_READING,
+        BH_DIRTY,
+        PAGE_DIRTY,
+        PAGE_CLEAN,
+        PAGE_DISCARD,
+        BH_WRITING,
+        H_IOPID,
+        H_SIZE,
+        BH.size,
         (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
     ]
     speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
@@ -201,7 +217,11 @@ class PoolFile:
         return PinContext(self, -1, MODE_LAST)
 
     async def pin(
-        self, pgno: int | None = None, *, create: bool = False, new: bool = False,
+        self,
+        pgno: int | None = None,
+        *,
+        create: bool = False,
+        new: bool = False,
         last: bool = False,
     ) -> Page:
         """The explicit form of :meth:`get`, :meth:`new` and :meth:`last`: returns the pinned
@@ -266,8 +286,15 @@ class PoolFile:
         cache = self._caches[h % ncache] if ncache > 1 else self._cache0
         b = (h // ncache) % cache.nbuckets
         ex = self._examined
-        off = _c_pin_hit(cache.wptr, cache.mptrs[b], cache.nowait_words[b],
-                         cache.bucket_words[b] + B_HEAD, pgno, self._tag, ex)
+        off = _c_pin_hit(
+            cache.wptr,
+            cache.mptrs[b],
+            cache.nowait_words[b],
+            cache.bucket_words[b] + B_HEAD,
+            pgno,
+            self._tag,
+            ex,
+        )
         if off <= 0:
             if off == -errno.EOWNERDEAD:
                 self._owner_died(cache, b)
@@ -287,16 +314,25 @@ class PoolFile:
             return None
         cache = self._cache0
         out = self._bucket_out
-        off = _c_pin_one(cache.wptr, cache.c_mptrs, cache.c_nowait_words, cache.c_bucket_words,
-                         cache.nbuckets, self._fidx, pgno, self._hit_ptr, self._extra_ptr,
-                         self._longest_ptr, out)
+        off = _c_pin_one(
+            cache.wptr,
+            cache.c_mptrs,
+            cache.c_nowait_words,
+            cache.c_bucket_words,
+            cache.nbuckets,
+            self._fidx,
+            pgno,
+            self._hit_ptr,
+            self._extra_ptr,
+            self._longest_ptr,
+            out,
+        )
         if off <= 0:
             if off == -errno.EOWNERDEAD:
                 self._owner_died(cache, int(out[0]))
             return None
         start = off + _BH_DATA
-        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, int(out[0]),
-                    off)
+        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, int(out[0]), off)
         self._pins.add(page)
         return page
 
@@ -510,8 +546,12 @@ class PoolFile:
         if (dirty or clean) and cache is not None:
             w = cache.words
             with cache.mutexes[page._bucket]:
-                self._apply_dirty(w, page._bh >> 3, cache.bucket_words[page._bucket],
-                                  PAGE_DIRTY if dirty else PAGE_CLEAN)
+                self._apply_dirty(
+                    w,
+                    page._bh >> 3,
+                    cache.bucket_words[page._bucket],
+                    PAGE_DIRTY if dirty else PAGE_CLEAN,
+                )
 
     def _check_flags(self, page: Page, flags: int) -> None:
         """Raise the error a bad unpin or set deserves (called only when something is off)."""
@@ -537,8 +577,11 @@ class PoolFile:
 
     def _unpin(self, page: Page, flags: int) -> None:
         bh = page._bh
-        if (page._file is not self or bh < 0
-                or flags & PAGE_DIRTY and (flags & PAGE_CLEAN or self.readonly)):
+        if (
+            page._file is not self
+            or bh < 0
+            or (flags & PAGE_DIRTY and (flags & PAGE_CLEAN or self.readonly))
+        ):
             self._check_flags(page, flags)
         if flags & PAGE_DIRTY:
             self._pool._note_dirty(self.page_size)
@@ -550,8 +593,16 @@ class PoolFile:
             return
         b = page._bucket
         if _c_unpin is not None:
-            r = _c_unpin(cache.wptr, cache.c_mptrs, cache.c_nowait_words, cache.c_bucket_words,
-                         b, bh >> 3, cache.hdr, flags)
+            r = _c_unpin(
+                cache.wptr,
+                cache.c_mptrs,
+                cache.c_nowait_words,
+                cache.c_bucket_words,
+                b,
+                bh >> 3,
+                cache.hdr,
+                flags,
+            )
             if r == 1:
                 self._pool._frame_released()
                 return
@@ -643,5 +694,3 @@ class PoolFile:
 
     def __repr__(self) -> str:
         return f"<PoolFile {self._path!r} page_size={self.page_size}>"
-
-

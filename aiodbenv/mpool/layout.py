@@ -21,13 +21,13 @@ __all__ = [
     "BH_WRITING",
     "BUCKET",
     "CACHE_HEADER",
-    "FILE_ENTRY",
-    "FILE_STATS",
-    "FSTAT_FIELDS",
     "FF_DEAD",
     "FF_NOFILE",
     "FF_NO_MMAP",
     "FF_TEMP",
+    "FILE_ENTRY",
+    "FILE_STATS",
+    "FSTAT_FIELDS",
     "GSTAT_FIELDS",
     "HANDLE_STATS",
     "MAX_FILES",
@@ -90,7 +90,13 @@ BH = Layout(
 
 #: Per-file counters; one block per (handle, file) so each process updates only its own.
 FSTAT_FIELDS = (
-    "cache_hit", "cache_miss", "map", "page_create", "page_in", "page_out", "write_calls",
+    "cache_hit",
+    "cache_miss",
+    "map",
+    "page_create",
+    "page_in",
+    "page_out",
+    "write_calls",
     "bytes_out",
 )
 FILE_STATS = Layout("file_stats", [("next", 1), *[(f, 1) for f in FSTAT_FIELDS]])
@@ -100,13 +106,25 @@ FILE_STATS = Layout("file_stats", [("next", 1), *[(f, 1) for f in FSTAT_FIELDS]]
 #: searches (hits + misses) and the examined total are derived from it, which keeps a hit's
 #: bookkeeping to one increment.
 GSTAT_FIELDS = (
-    "hash_examined_extra", "hash_longest", "ro_evict", "rw_evict", "page_trickle",
-    "alloc_waits", "write_failures", "sync_calls",
+    "hash_examined_extra",
+    "hash_longest",
+    "ro_evict",
+    "rw_evict",
+    "page_trickle",
+    "alloc_waits",
+    "write_failures",
+    "sync_calls",
     "dirtied_bytes",  # bytes of pages unpinned dirty: what a checkpoint's K trigger watches
     # what the background workers did (a flash budget): runs, pages, write calls, bytes
-    "trickle_runs", "trickle_pages", "trickle_write_calls", "trickle_bytes",
+    "trickle_runs",
+    "trickle_pages",
+    "trickle_write_calls",
+    "trickle_bytes",
     "trickle_failures",
-    "checkpoint_runs", "checkpoint_pages", "checkpoint_write_calls", "checkpoint_bytes",
+    "checkpoint_runs",
+    "checkpoint_pages",
+    "checkpoint_write_calls",
+    "checkpoint_bytes",
     "checkpoint_failures",
 )
 HANDLE_STATS = Layout("handle_stats", [("next", 1), ("pid", 1), *[(f, 1) for f in GSTAT_FIELDS]])

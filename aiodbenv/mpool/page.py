@@ -26,10 +26,15 @@ class Page:
     now hold another page. Pages of a memory-mapped read-only file have a read-only view.
     """
 
-    __slots__ = ("pgno", "data", "_file", "_cache", "_bucket", "_bh", "_flags", "__weakref__")
+    __slots__ = ("__weakref__", "_bh", "_bucket", "_cache", "_file", "_flags", "data", "pgno")
 
     def __init__(
-        self, file: PoolFile, pgno: int, data: memoryview, cache: Cache | None, bucket: int,
+        self,
+        file: PoolFile,
+        pgno: int,
+        data: memoryview,
+        cache: Cache | None,
+        bucket: int,
         bh: int,
     ) -> None:
         #: The page number (0-based).
@@ -74,7 +79,7 @@ class PinContext:
     ``page = await f.get(7)`` pins it and leaves the unpin to :meth:`PoolFile.unpin`.
     """
 
-    __slots__ = ("_file", "_pgno", "_mode", "_page")
+    __slots__ = ("_file", "_mode", "_page", "_pgno")
 
     def __init__(self, file: PoolFile, pgno: int, mode: int) -> None:
         self._file = file

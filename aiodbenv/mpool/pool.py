@@ -24,8 +24,8 @@ import anyio
 import anyio.to_thread
 
 from .. import _io
-from .._process import is_alive
 from .._config import MAX_PAGE_SIZE, MIN_PAGE_SIZE
+from .._process import is_alive
 from ..errors import (
     CacheFull,
     InvalidArgument,
@@ -84,7 +84,7 @@ class FileOpener:
     """What :meth:`Pool.open_file` returns: ``await`` it for a :class:`PoolFile`, or use
     ``async with`` to have the file closed at the end of the block."""
 
-    __slots__ = ("_pool", "_args", "_file")
+    __slots__ = ("_args", "_file", "_pool")
 
     def __init__(self, pool: Pool, args: dict[str, Any]) -> None:
         self._pool = pool
@@ -99,7 +99,9 @@ class FileOpener:
         return self._file
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         assert self._file is not None
@@ -109,8 +111,9 @@ class FileOpener:
 class _ReadBatcher:
     """Sends reads to worker threads in batches: one hop serves every read queued meanwhile."""
 
-    def __init__(self, limiter: anyio.CapacityLimiter,
-                 spawn: Callable[[Coroutine[Any, Any, None]], object]) -> None:
+    def __init__(
+        self, limiter: anyio.CapacityLimiter, spawn: Callable[[Coroutine[Any, Any, None]], object]
+    ) -> None:
         self._limiter = limiter
         self._spawn = spawn
         self._queue: list[tuple[int, memoryview, int, asyncio.Future[int]]] = []
@@ -133,7 +136,8 @@ class _ReadBatcher:
     async def _run(self, batch: list[tuple[int, memoryview, int, asyncio.Future[int]]]) -> None:
         try:
             results = await anyio.to_thread.run_sync(
-                _read_many, [(fd, view, off) for fd, view, off, _ in batch],
+                _read_many,
+                [(fd, view, off) for fd, view, off, _ in batch],
                 limiter=self._limiter,
             )
         except BaseException as err:  # pragma: no cover - the thread itself failed
@@ -227,8 +231,9 @@ class Pool:
                 "this pool handle belongs to another process; open the environment again"
             )
         if self._closed or self._closing:
-            raise InvalidArgument("the environment is closed" if self._closed
-                                  else "the environment is closing")
+            raise InvalidArgument(
+                "the environment is closed" if self._closed else "the environment is closing"
+            )
         self._env.check_panic()
 
     def _enter(self) -> None:
@@ -259,8 +264,7 @@ class Pool:
         """
         self._since_yield += 1
         now = time.monotonic()
-        if (self._since_yield >= 48 // max(1, self._busy)
-                or now - self._last_yield > 0.001):
+        if self._since_yield >= 48 // max(1, self._busy) or now - self._last_yield > 0.001:
             self._since_yield = 0
             self._last_yield = now
             await asyncio.sleep(0)
@@ -280,15 +284,15 @@ class Pool:
                 await self._wait_change(0.01)
             if time.monotonic() - since > 5:
                 since = time.monotonic()
-                logger.warning("closing the pool waits for %d pin(s) or sync(s) under way to "
-                               "notice the close; is a task holding one never resumed?",
-                               self._busy)
+                logger.warning(
+                    "closing the pool waits for %d pin(s) or sync(s) under way to "
+                    "notice the close; is a task holding one never resumed?",
+                    self._busy,
+                )
 
     def _panic_unpinned(self, pgno: int) -> None:
         self._env.panic(f"page {pgno} returned to the pool more often than it was pinned")
-        raise RunRecovery(
-            f"PANIC: page {pgno} was unpinned more often than pinned; run recovery"
-        )
+        raise RunRecovery(f"PANIC: page {pgno} was unpinned more often than pinned; run recovery")
 
     @property
     def cache_size(self) -> int:
@@ -359,11 +363,23 @@ class Pool:
         :class:`~aiodbenv.errors.InvalidArgument` (bad page size, a size that is not a whole
         number of pages, another page size or LSN offset than an earlier open, ...).
         """
-        return FileOpener(self, dict(
-            path=path, page_size=page_size, create=create, readonly=readonly, nommap=nommap,
-            ftype=ftype, lsn_offset=lsn_offset, pgcookie=pgcookie, fileid=fileid,
-            nofile=nofile, max_pages=max_pages, mode=mode,
-        ))
+        return FileOpener(
+            self,
+            dict(
+                path=path,
+                page_size=page_size,
+                create=create,
+                readonly=readonly,
+                nommap=nommap,
+                ftype=ftype,
+                lsn_offset=lsn_offset,
+                pgcookie=pgcookie,
+                fileid=fileid,
+                nofile=nofile,
+                max_pages=max_pages,
+                mode=mode,
+            ),
+        )
 
     async def _open_file(
         self,
@@ -412,22 +428,41 @@ class Pool:
         mapped: mmap.mmap | None = None
         pages = 0
         if name is not None and not nofile:
-            want_map = (readonly and not nommap and not self._core.header("nommap")
-                        and not (ftype and ftype in self._registry))
+            want_map = (
+                readonly
+                and not nommap
+                and not self._core.header("nommap")
+                and not (ftype and ftype in self._registry)
+            )
             fd, pages, fid, mapped = await anyio.to_thread.run_sync(
-                _open_data_file, name, ps, readonly, create, mode, want_map,
-                self._core.header("mmap_size"), limiter=self._limiter,
+                _open_data_file,
+                name,
+                ps,
+                readonly,
+                create,
+                mode,
+                want_map,
+                self._core.header("mmap_size"),
+                limiter=self._limiter,
             )
             if fileid is None:
                 fileid = fid
         elif fileid is None:
             # A named nofile file is shared by name; a temporary file by nobody.
-            fileid = (_name_fileid(name) if name is not None else new_fileid())
+            fileid = _name_fileid(name) if name is not None else new_fileid()
         try:
             fidx, _created = self._core.open_entry(
-                fileid, page_size=ps, lsn_offset=lsn_offset, clear_len=ps, ftype=ftype,
-                flags=flags, pages=pages, max_pages=max_pages or 0, writable=not readonly,
-                name=name, cookie=bytes(pgcookie),
+                fileid,
+                page_size=ps,
+                lsn_offset=lsn_offset,
+                clear_len=ps,
+                ftype=ftype,
+                flags=flags,
+                pages=pages,
+                max_pages=max_pages or 0,
+                writable=not readonly,
+                name=name,
+                cookie=bytes(pgcookie),
             )
         except BaseException:
             if mapped is not None:
@@ -447,8 +482,17 @@ class Pool:
             mapped.close()  # a writer has it open: pages must go through the cache
             mapped = None
         f = PoolFile(
-            self, fidx, fd=fd, path=name, page_size=ps, readonly=readonly, temp=temp,
-            nofile=nofile, ftype=ftype, cookie=bytes(pgcookie), mapped=mapped,
+            self,
+            fidx,
+            fd=fd,
+            path=name,
+            page_size=ps,
+            readonly=readonly,
+            temp=temp,
+            nofile=nofile,
+            ftype=ftype,
+            cookie=bytes(pgcookie),
+            mapped=mapped,
         )
         self._files.add(f)
         return f
@@ -471,8 +515,11 @@ class Pool:
             if not core.any_buffers(fidx):
                 with core.mutex:
                     core._free_entry(fidx)
-        fds = [fd for fd in (f._fd, self._wfds.pop(fidx, None) if left == 0 else None)
-               if fd is not None]
+        fds = [
+            fd
+            for fd in (f._fd, self._wfds.pop(fidx, None) if left == 0 else None)
+            if fd is not None
+        ]
         if f._map_view is not None:
             f._map_view.release()
         mapped = f._map
@@ -528,7 +575,7 @@ class Pool:
         self._waiters += 1
         try:
             await asyncio.wait_for(ev.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self._waiters -= 1
@@ -597,14 +644,14 @@ class Pool:
     async def _write_victim(self, v: Victim) -> bool:
         from .sync import write_items
 
-        result = await write_items(self, [(v.file - 1, v.pgno, v.cache, v.bucket, v.bh)],
-                                   fsync=False)
+        result = await write_items(
+            self, [(v.file - 1, v.pgno, v.cache, v.bucket, v.bh)], fsync=False
+        )
         return result.written == 1 or result.dropped == 1
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def _fill(self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int,
-                    mode: int) -> None:
+    async def _fill(self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int, mode: int) -> None:
         """Read (or zero) the freshly inserted buffer ``bh`` of page ``pgno``, then publish it.
 
         A new page, or one the OS page cache holds, is done at once, without an await. A read
@@ -624,8 +671,7 @@ class Pool:
                 job.add_done_callback(lambda j: self._drop_abandoned_pin(j, f, cache, b, bh))
             raise
 
-    def _fill_now(self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int,
-                  mode: int) -> bool:
+    def _fill_now(self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int, mode: int) -> bool:
         """Fill the buffer without waiting if possible; False if the disk must be read."""
         ps = f.page_size
         fd = f._fd
@@ -687,8 +733,9 @@ class Pool:
         if self._waiters:
             self._notify()
 
-    def _drop_abandoned_pin(self, job: asyncio.Task[None], f: PoolFile, cache: Cache,
-                            b: int, bh: int) -> None:
+    def _drop_abandoned_pin(
+        self, job: asyncio.Task[None], f: PoolFile, cache: Cache, b: int, bh: int
+    ) -> None:
         if job.cancelled() or job.exception() is not None:
             return  # the failure path already dropped the pin
         self._release_pin(cache, b, bh)
@@ -701,8 +748,9 @@ class Pool:
                 w[x + H_REF] -= 1
         self._frame_released()
 
-    async def _fill_job(self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int,
-                        mode: int) -> None:
+    async def _fill_job(
+        self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int, mode: int
+    ) -> None:
         """Read the page in a worker thread (batched with other reads), then publish it."""
         ps = f.page_size
         start = bh + BH.size
@@ -900,12 +948,18 @@ class Pool:
 def _name_fileid(name: str) -> bytes:
     import hashlib
 
-    return b"\xfe" + hashlib.blake2b(name.encode("utf-8", "surrogateescape"),
-                                     digest_size=19).digest()
+    return (
+        b"\xfe" + hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=19).digest()
+    )
 
 
 def _open_data_file(
-    name: str, page_size: int, readonly: bool, create: bool, mode: int, want_map: bool,
+    name: str,
+    page_size: int,
+    readonly: bool,
+    create: bool,
+    mode: int,
+    want_map: bool,
     mmap_size: int,
 ) -> tuple[int, int, bytes, mmap.mmap | None]:
     flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
@@ -958,4 +1012,3 @@ def _new_temp_fd() -> int:
     fd, path = tempfile.mkstemp(prefix="aiodbenv-tmp-")
     os.unlink(path)
     return fd
-

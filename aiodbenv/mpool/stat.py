@@ -173,4 +173,3 @@ def pool_stat(core: PoolCore) -> PoolStat:
         dirtied_bytes=g["dirtied_bytes"],
         files=files,
     )
-

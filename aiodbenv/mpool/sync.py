@@ -117,8 +117,10 @@ async def collect_dirty(
     caches, buckets, bhs, prios = raw.caches, raw.buckets, raw.bhs, raw.prios
     items: list[Item] = []
     for start in range(0, len(order), 2048):  # in slices: the loop gets a turn between them
-        items += [(tags[i] - 1, pgnos[i], caches[i], buckets[i], bhs[i])
-                  for i in order[start : start + 2048]]
+        items += [
+            (tags[i] - 1, pgnos[i], caches[i], buckets[i], bhs[i])
+            for i in order[start : start + 2048]
+        ]
         await pause()
     return items, held, [prios[i] for i in order]
 
@@ -140,7 +142,7 @@ class _Pause:
 class _Raw:
     """Dirty buffers as found, column by column (cheaper than a tuple per buffer)."""
 
-    __slots__ = ("tags", "pgnos", "caches", "buckets", "bhs", "prios", "busy")
+    __slots__ = ("bhs", "buckets", "busy", "caches", "pgnos", "prios", "tags")
 
     def __init__(self) -> None:
         self.tags: list[int] = []
@@ -164,9 +166,22 @@ async def _collect_c(pool: Pool) -> _Raw:
             tag, pgno, bh, bucket, prio = (ffi.new("uint64_t[]", cap) for _ in range(5))
             busy = ffi.new("uint8_t[]", cap)
             last = min(nb, first + 1024)  # a slice of buckets per call: the loop breathes
-            n = _c_collect(cache.wptr, cache.c_mptrs, cache.c_nowait_words,
-                           cache.c_bucket_words, first, last, cap, tag, pgno, bh, bucket, prio,
-                           busy, stopped)
+            n = _c_collect(
+                cache.wptr,
+                cache.c_mptrs,
+                cache.c_nowait_words,
+                cache.c_bucket_words,
+                first,
+                last,
+                cap,
+                tag,
+                pgno,
+                bh,
+                bucket,
+                prio,
+                busy,
+                stopped,
+            )
             if n < 0:  # a lock failed: its holder died (mutex held), or worse
                 if n == -errno.EOWNERDEAD:
                     _recover(cache, int(stopped[0]))
@@ -214,16 +229,16 @@ async def _collect_py(pool: Pool) -> _Raw:
                         out.buckets.append(b)
                         out.bhs.append(off)
                         out.prios.append(int(w[x + H_PRIO]))
-                        out.busy.append(1 if w[x + H_REF] or flags & (BH_READING | BH_WRITING)
-                                        else 0)
+                        out.busy.append(
+                            1 if w[x + H_REF] or flags & (BH_READING | BH_WRITING) else 0
+                        )
                     off = w[x + H_NEXT]
             finally:
                 cache.unlock(b)
     return out
 
 
-async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool,
-                     reason: str) -> SyncResult:
+async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool, reason: str) -> SyncResult:
     """Write every writable dirty page (of ``files``, or all); fsync if asked. Raises the
     first write error, else :class:`Incomplete` if pinned dirty pages were left."""
     pool._enter()
@@ -233,8 +248,9 @@ async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool,
         pool._leave()
 
 
-async def _write_back(pool: Pool, *, files: set[int] | None, fsync: bool,
-                      reason: str) -> SyncResult:
+async def _write_back(
+    pool: Pool, *, files: set[int] | None, fsync: bool, reason: str
+) -> SyncResult:
     items, held, _ = await collect_dirty(pool, files)
     result = await write_items(pool, items, fsync=fsync)
     result.incomplete += len(held)
@@ -338,8 +354,9 @@ async def write_items(
     return result
 
 
-async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult,
-                     synced: dict[int, int]) -> None:
+async def _batch_job(
+    pool: Pool, batch: list[Item], result: SyncResult, synced: dict[int, int]
+) -> None:
     core = pool._core
     w0 = core.w0
     sizes: dict[int, int] = {}
@@ -348,8 +365,9 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult,
         fidx = item[0]
         if fidx not in sizes:
             e = core.entry(fidx)
-            sizes[fidx] = -1 if not e or w0[e + _F["flags"]] & FF_DEAD else int(
-                w0[e + _F["page_size"]])
+            sizes[fidx] = (
+                -1 if not e or w0[e + _F["flags"]] & FF_DEAD else int(w0[e + _F["page_size"]])
+            )
         if sizes[fidx] < 0:
             result.dropped += _drop_dirty(item)  # closed for good: nobody wants the page
         else:
@@ -364,8 +382,11 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult,
         total += sizes[item[0]]
     snapshot = bytearray(total)
     status = _snapshot(pool, live, snapshot, offsets)
-    taken = [(item, memoryview(snapshot)[off : off + sizes[item[0]]])
-             for item, off, st in zip(live, offsets, status) if st == 1]
+    taken = [
+        (item, memoryview(snapshot)[off : off + sizes[item[0]]])
+        for item, off, st in zip(live, offsets, status)
+        if st == 1
+    ]
     result.incomplete += sum(1 for st in status if st == 2)
     if not taken:
         return
@@ -392,8 +413,9 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult,
             result.write_calls += 1
             result.bytes_written += nbytes
     # Step 3, on the loop: clear WRITING; a failed write puts the dirty mark back.
-    _write_done(pool, [item for item, _ in taken],
-                [(item[0], item[1]) in failed for item, _ in taken])
+    _write_done(
+        pool, [item for item, _ in taken], [(item[0], item[1]) in failed for item, _ in taken]
+    )
     result.written += len(taken) - len(failed)
     pool._notify()
 
@@ -405,8 +427,13 @@ def _drop_dirty(item: Item) -> int:
     cache.lock(b)
     try:
         flags = w[x + H_FLAGS]
-        if (w[x + H_FILE] == item[0] + 1 and w[x + H_PGNO] == pgno and flags & BH_DIRTY
-                and not w[x + H_REF] and not flags & (BH_READING | BH_WRITING)):
+        if (
+            w[x + H_FILE] == item[0] + 1
+            and w[x + H_PGNO] == pgno
+            and flags & BH_DIRTY
+            and not w[x + H_REF]
+            and not flags & (BH_READING | BH_WRITING)
+        ):
             w[x + H_FLAGS] = flags & ~BH_DIRTY
             w[cache.bucket_words[b] + B_DIRTY] -= 1
             return 1
@@ -427,13 +454,20 @@ def _snapshot(pool: Pool, items: list[Item], dst: bytearray, offsets: list[int])
                 n = len(part)
                 st = ffi.new("int64_t[]", n)
                 got = _c_snapshot(
-                    cache.wptr, cache.region.base, cache.c_mptrs, cache.c_nowait_words,
-                    cache.c_bucket_words, n, ffi.new("uint64_t[]", [items[i][3] for i in part]),
+                    cache.wptr,
+                    cache.region.base,
+                    cache.c_mptrs,
+                    cache.c_nowait_words,
+                    cache.c_bucket_words,
+                    n,
+                    ffi.new("uint64_t[]", [items[i][3] for i in part]),
                     ffi.new("uint64_t[]", [items[i][4] for i in part]),
                     ffi.new("uint64_t[]", [items[i][0] + 1 for i in part]),
                     ffi.new("uint64_t[]", [items[i][1] for i in part]),
-                    ffi.from_buffer(dst), ffi.new("uint64_t[]", [offsets[i] for i in part]),
-                    pool._pid, st,
+                    ffi.from_buffer(dst),
+                    ffi.new("uint64_t[]", [offsets[i] for i in part]),
+                    pool._pid,
+                    st,
                 )
                 for k in range(got):
                     status[part[k]] = int(st[k])
@@ -480,7 +514,11 @@ def _write_done(pool: Pool, items: list[Item], failed: list[bool]) -> None:
                 part = idx[done:]
                 n = len(part)
                 got = _c_write_done(
-                    cache.wptr, cache.c_mptrs, cache.c_nowait_words, cache.c_bucket_words, n,
+                    cache.wptr,
+                    cache.c_mptrs,
+                    cache.c_nowait_words,
+                    cache.c_bucket_words,
+                    n,
                     ffi.new("uint64_t[]", [items[i][3] for i in part]),
                     ffi.new("uint64_t[]", [items[i][4] for i in part]),
                     ffi.new("uint8_t[]", [failed[i] for i in part]),
@@ -554,11 +592,19 @@ def _plan_runs(pool: Pool, taken: list[tuple[Item, memoryview]]) -> list[_Run]:
         e = core.entry(fidx)
         ftype = int(core.w0[e + _F["ftype"]])
         pgout = pool._registry.get(ftype, (None, None))[1] if ftype else None
-        runs.append(_Run(
-            fidx=fidx, fd=pool._fd_for_write(fidx), path=core.file_name(fidx),
-            temp=bool(core.w0[e + _F["flags"]] & FF_TEMP), offset=pgno * ps, pgnos=[pgno],
-            copies=[copy], pgout=pgout, cookie=core.file_cookie(fidx) if pgout else b"",
-        ))
+        runs.append(
+            _Run(
+                fidx=fidx,
+                fd=pool._fd_for_write(fidx),
+                path=core.file_name(fidx),
+                temp=bool(core.w0[e + _F["flags"]] & FF_TEMP),
+                offset=pgno * ps,
+                pgnos=[pgno],
+                copies=[copy],
+                pgout=pgout,
+                cookie=core.file_cookie(fidx) if pgout else b"",
+            )
+        )
     return runs
 
 
@@ -605,8 +651,9 @@ async def fsync_files(pool: Pool, synced: dict[int, int], result: SyncResult) ->
     targets: list[tuple[int, int | None, str | None]] = []
     for fidx in synced:
         fd = pool._fd_for_write(fidx)
-        path = None if fd is not None or not pool._core.entry(fidx) else (
-            pool._core.file_name(fidx))
+        path = (
+            None if fd is not None or not pool._core.entry(fidx) else (pool._core.file_name(fidx))
+        )
         if fd is not None or path is not None:
             targets.append((fidx, fd, path))
 

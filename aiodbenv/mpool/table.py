@@ -125,8 +125,9 @@ def format_pool(regions: Sequence[Region], settings: Settings, shared: bool) -> 
         Allocator.format(w, arena, region.size)
         if shared:
             for b in range(nb):
-                SharedMutex(region.base, w, start + b * BUCKET.size + BUCKET.offset("mutex"),
-                            "bucket").initialize()
+                SharedMutex(
+                    region.base, w, start + b * BUCKET.size + BUCKET.offset("mutex"), "bucket"
+                ).initialize()
     r0 = regions[0]
     w = r0.words
     p = _POOL_BASE // WORD
@@ -147,14 +148,25 @@ class Cache:
     """One mpool region: its buckets, their mutexes, its allocator."""
 
     __slots__ = (
-        "index", "region", "words", "buf", "nbuckets", "bucket_words", "mutexes", "allocator",
-        "alloc_mutex", "hdr", "wptr", "mptrs", "nowait_words", "c_mptrs", "c_nowait_words",
+        "alloc_mutex",
+        "allocator",
+        "bucket_words",
+        "buf",
         "c_bucket_words",
+        "c_mptrs",
+        "c_nowait_words",
+        "hdr",
+        "index",
+        "mptrs",
+        "mutexes",
+        "nbuckets",
+        "nowait_words",
+        "region",
+        "words",
+        "wptr",
     )
 
-    def __init__(
-        self, region: Region, shared: bool, panic: Callable[[str], None] | None
-    ) -> None:
+    def __init__(self, region: Region, shared: bool, panic: Callable[[str], None] | None) -> None:
         self.region = region
         self.words = w = region.words
         self.buf = region.buf
@@ -186,9 +198,12 @@ class Cache:
         self.c_bucket_words = ffi.new("uint64_t[]", self.bucket_words)
         if shared:
             self.alloc_mutex: SharedMutex | NullMutex = SharedMutex(
-                region.base, w, REGION_HEADER.offset("alloc_mutex"),
+                region.base,
+                w,
+                REGION_HEADER.offset("alloc_mutex"),
                 f"mpool region {region.region_id} allocator",
-                repair=self.allocator.repair, panic=panic,
+                repair=self.allocator.repair,
+                panic=panic,
             )
         else:
             self.alloc_mutex = NullMutex("allocator")
@@ -271,10 +286,16 @@ class Cache:
 class _BucketMutexes:
     """``cache.mutexes[b]``: the mutex object of bucket ``b``, made on first use."""
 
-    __slots__ = ("_cache", "_region", "_start", "_shared", "_panic", "_made", "_null")
+    __slots__ = ("_cache", "_made", "_null", "_panic", "_region", "_shared", "_start")
 
-    def __init__(self, cache: Cache, region: Region, start: int, shared: bool,
-                 panic: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        region: Region,
+        start: int,
+        shared: bool,
+        panic: Callable[[str], None] | None,
+    ) -> None:
         self._cache = cache
         self._region = region
         self._start = start
@@ -292,9 +313,12 @@ class _BucketMutexes:
                 raise IndexError(b)
             cache = self._cache
             m = self._made[b] = SharedMutex(
-                self._region.base, cache.words,
-                self._start + b * BUCKET.size + BUCKET.offset("mutex"), f"bucket {b}",
-                repair=lambda: cache.repair_bucket(b), panic=self._panic,
+                self._region.base,
+                cache.words,
+                self._start + b * BUCKET.size + BUCKET.offset("mutex"),
+                f"bucket {b}",
+                repair=lambda: cache.repair_bucket(b),
+                panic=self._panic,
             )
         return m
 
@@ -338,8 +362,12 @@ class PoolCore:
         self.pid = os.getpid()
         if shared:
             self.mutex: SharedMutex | NullMutex = SharedMutex(
-                r0.base, r0.words, _POOL_BASE + POOL_HEADER.offset("mutex"), "pool",
-                repair=self._repair_pool, panic=panic,
+                r0.base,
+                r0.words,
+                _POOL_BASE + POOL_HEADER.offset("mutex"),
+                "pool",
+                repair=self._repair_pool,
+                panic=panic,
             )
         else:
             self.mutex = NullMutex("pool")
@@ -464,14 +492,19 @@ class PoolCore:
             return NullMutex("file")
         # The page count is one word, stored once: a dead holder cannot leave it torn.
         return SharedMutex(
-            self.r0.base, self.w0, (self.entry(fidx) << 3) + FILE_ENTRY.offset("mutex"),
-            f"file {fidx}", repair=lambda: None, panic=self._panic,
+            self.r0.base,
+            self.w0,
+            (self.entry(fidx) << 3) + FILE_ENTRY.offset("mutex"),
+            f"file {fidx}",
+            repair=lambda: None,
+            panic=self._panic,
         )
 
     def fileid(self, fidx: int) -> bytes:
         e = self.entry(fidx)
-        return b"".join(int(self.w0[e + _F["fileid"] + i]).to_bytes(8, "little")
-                        for i in range(3))[:20]
+        return b"".join(int(self.w0[e + _F["fileid"] + i]).to_bytes(8, "little") for i in range(3))[
+            :20
+        ]
 
     def file_name(self, fidx: int) -> str | None:
         off, n = self.file_field(fidx, "name_off"), self.file_field(fidx, "name_len")
@@ -646,8 +679,11 @@ class PoolCore:
                     while off:
                         h = off >> 3
                         nxt = w[h + H_NEXT]
-                        if (w[h + H_FILE] == file_tag and w[h + H_REF] == 0
-                                and not w[h + H_FLAGS] & (BH_READING | BH_WRITING)):
+                        if (
+                            w[h + H_FILE] == file_tag
+                            and w[h + H_REF] == 0
+                            and not w[h + H_FLAGS] & (BH_READING | BH_WRITING)
+                        ):
                             if prev:
                                 w[(prev >> 3) + H_NEXT] = nxt
                             else:
@@ -766,13 +802,20 @@ class PoolCore:
                 off = w[bw + B_HEAD]
                 while off:
                     h = off >> 3
-                    if (w[h + H_REF] == 0 and not w[h + H_FLAGS] & (BH_READING | BH_WRITING)):
+                    if w[h + H_REF] == 0 and not w[h + H_FLAGS] & (BH_READING | BH_WRITING):
                         prio = w[h + H_PRIO]
                         if (aggressive or prio < recent) and (best is None or prio < best_prio):
                             dirty = bool(w[h + H_FLAGS] & BH_DIRTY)
                             if not dirty or can_write(int(w[h + H_FILE])):
-                                best = Victim(cache, b, off, int(w[h + H_FILE]),
-                                              int(w[h + H_PGNO]), int(w[h + H_SIZE]), dirty)
+                                best = Victim(
+                                    cache,
+                                    b,
+                                    off,
+                                    int(w[h + H_FILE]),
+                                    int(w[h + H_PGNO]),
+                                    int(w[h + H_SIZE]),
+                                    dirty,
+                                )
                                 best_prio = prio
                     off = w[h + H_NEXT]
             if seen >= limit and best is not None:
@@ -787,8 +830,12 @@ class PoolCore:
         w = cache.words
         with cache.mutexes[v.bucket]:
             h = v.bh >> 3
-            if (w[h + H_REF] or w[h + H_FLAGS] & (BH_READING | BH_WRITING | BH_DIRTY)
-                    or w[h + H_FILE] != v.file or w[h + H_PGNO] != v.pgno):
+            if (
+                w[h + H_REF]
+                or w[h + H_FLAGS] & (BH_READING | BH_WRITING | BH_DIRTY)
+                or w[h + H_FILE] != v.file
+                or w[h + H_PGNO] != v.pgno
+            ):
                 return False
             if not cache.unlink(v.bucket, v.bh):
                 return False
@@ -799,4 +846,3 @@ class PoolCore:
 def new_fileid() -> bytes:
     """A fresh 20-byte id for a file with no device/inode (temporary or nofile)."""
     return b"\xff" + secrets.token_bytes(19)
-

@@ -67,7 +67,7 @@ class Allocator:
     ``buf`` is the region as bytes, ``words`` the same memory as ``cast('Q')``.
     """
 
-    __slots__ = ("_w", "_b", "_region_name")
+    __slots__ = ("_b", "_region_name", "_w")
 
     def __init__(self, buf: memoryview, words: memoryview, region_name: str = "region") -> None:
         self._b = buf
@@ -110,7 +110,11 @@ class Allocator:
                     rest = cur + need
                     r = rest // WORD
                     w[r + _C_SIZE], w[r + _C_NEXT], w[r + _C_USED], w[r + _C_TAG] = (
-                        size - need, nxt, 0, 0)
+                        size - need,
+                        nxt,
+                        0,
+                        0,
+                    )
                     w[c + _C_SIZE] = need
                     nxt = rest
                     size = need
@@ -128,9 +132,7 @@ class Allocator:
                 return payload
             prev, cur = cur, w[c + _C_NEXT]
         w[_H_FAILS] += 1
-        raise CacheFull(
-            f"unable to allocate {nbytes} bytes in {self._region_name}: region is full"
-        )
+        raise CacheFull(f"unable to allocate {nbytes} bytes in {self._region_name}: region is full")
 
     def _zero(self, offset: int, length: int) -> None:
         self._b[offset : offset + length] = bytes(length)

@@ -65,7 +65,7 @@ def region_file_name(region_id: int) -> str:
 class Region:
     """One attached region: its bytes, its words and a pointer, whatever backs it."""
 
-    __slots__ = ("region_id", "kind", "size", "backing", "buf", "words", "base", "_closer")
+    __slots__ = ("_closer", "backing", "base", "buf", "kind", "region_id", "size", "words")
 
     def __init__(
         self,
@@ -172,7 +172,9 @@ def _map_fd(fd: int, path: str, region_id: int, size: int) -> Region:
     return Region(region_id, KIND_FILE, mm, size, path, closer)
 
 
-def create_file_region(path: str, region_id: int, size: int, mode: int, fd: int | None = None) -> Region:
+def create_file_region(
+    path: str, region_id: int, size: int, mode: int, fd: int | None = None
+) -> Region:
     """Create region file ``path`` of ``size`` bytes and map it.
 
     Given ``fd`` (an already created file, e.g. ``__db.001`` made with ``O_EXCL``), the region
@@ -240,8 +242,9 @@ def _segment_is_ours(shm: Any) -> bool:
 def _system_region(shm: Any, region_id: int, size: int, key: int) -> Region:
     # shm.key is only right for segments found by key; attach() by id does not know it.
     backing = f"shm key {key:#x} id {shm.id}"
-    return Region(region_id, KIND_SYSTEM, shm, size, backing,
-                  lambda: _close_exported(shm.detach, backing))
+    return Region(
+        region_id, KIND_SYSTEM, shm, size, backing, lambda: _close_exported(shm.detach, backing)
+    )
 
 
 def create_system_region(key: int, region_id: int, size: int, mode: int) -> Region:
@@ -379,5 +382,11 @@ def create_private_region(region_id: int, size: int) -> Region:
         mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError as err:
         raise _os_error(err, f"allocating a {size}-byte private region") from err
-    return Region(region_id, KIND_PRIVATE, mm, size, "heap",
-                  lambda: _close_exported(mm.close, "private region"))
+    return Region(
+        region_id,
+        KIND_PRIVATE,
+        mm,
+        size,
+        "heap",
+        lambda: _close_exported(mm.close, "private region"),
+    )

@@ -195,7 +195,7 @@ class HomeLock:
     for remove. Released by the kernel when a process dies, so it tells the live from the dead.
     """
 
-    __slots__ = ("_fd", "__weakref__")
+    __slots__ = ("__weakref__", "_fd")
 
     def __init__(self, home: str, *, exclusive: bool, wait: float) -> None:
         try:
@@ -241,8 +241,9 @@ def check_home(home: str, *, create: bool) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise InvalidArgument(f"environment home {home} is not a directory", errno=errno.ENOTDIR)
     if not os.access(home, os.R_OK | os.X_OK | (os.W_OK if create else 0)):
-        raise PermissionDenied(f"environment home {home} is not " + (
-            "writable" if create else "readable"))
+        raise PermissionDenied(
+            f"environment home {home} is not " + ("writable" if create else "readable")
+        )
 
 
 # -- private environments of this process ------------------------------------------------------
@@ -452,8 +453,15 @@ def _read_region_table(w: memoryview) -> list[tuple[int, int, int, int, int]]:
         row = base + i * step
         rid = w[row + _T["region_id"]]
         if rid:
-            rows.append((rid, w[row + _T["region_type"]], w[row + _T["size"]],
-                         w[row + _T["shm_key"]], w[row + _T["shm_id"]]))
+            rows.append(
+                (
+                    rid,
+                    w[row + _T["region_type"]],
+                    w[row + _T["size"]],
+                    w[row + _T["shm_key"]],
+                    w[row + _T["shm_id"]],
+                )
+            )
     return rows
 
 
@@ -473,7 +481,8 @@ def _init_region(region: Region, env_id: int, region_type: int, arena_start: int
 
 def _region_plan(extra: list[RegionSpec]) -> list[RegionSpec]:
     plan = [RegionSpec(REGION_TYPE_ENV, ENV_REGION_SIZE)] + [
-        RegionSpec(spec.region_type, _round_region(spec.size + REGION_HEADER.size)) for spec in extra
+        RegionSpec(spec.region_type, _round_region(spec.size + REGION_HEADER.size))
+        for spec in extra
     ]
     if len(plan) > MAX_REGIONS:
         raise ConfigError(f"an environment holds at most {MAX_REGIONS} regions")
@@ -508,8 +517,9 @@ def _build(
             start = arena1 if region.region_id == 1 else REGION_HEADER.size
             _init_region(region, env_id, spec.region_type, start)
             if kind != KIND_PRIVATE:
-                SharedMutex(region.base, region.words, REGION_HEADER.offset("alloc_mutex"),
-                            "alloc").initialize()
+                SharedMutex(
+                    region.base, region.words, REGION_HEADER.offset("alloc_mutex"), "alloc"
+                ).initialize()
         w[e + _E["version"]] = LAYOUT_VERSION
         w[e + _E["panic"]] = 0
         w[e + _E["env_id"]] = env_id
@@ -529,8 +539,9 @@ def _build(
         w[e + _E["mode"]] = settings.mode
         w[e + _E["flags"]] = settings.flag_bits()
         if kind != KIND_PRIVATE:
-            SharedMutex(r1.base, w, REGION_HEADER.size + ENV_HEADER.offset("mutex"),
-                        "env").initialize()
+            SharedMutex(
+                r1.base, w, REGION_HEADER.size + ENV_HEADER.offset("mutex"), "env"
+            ).initialize()
         step = REGION_ENTRY.size // WORD
         shm_ids = []
         for i, (region, spec) in enumerate(zip(regions, plan)):
@@ -539,7 +550,9 @@ def _build(
             shm_ids.append(shm_id)
             w[row + _T["region_type"]] = spec.region_type
             w[row + _T["size"]] = region.size
-            w[row + _T["shm_key"]] = (settings.shm_key or 0) + region.region_id - 1 if kind == KIND_SYSTEM else 0
+            w[row + _T["shm_key"]] = (
+                (settings.shm_key or 0) + region.region_id - 1 if kind == KIND_SYSTEM else 0
+            )
             w[row + _T["shm_id"]] = shm_id
             w[row + _T["region_id"]] = region.region_id  # the row's id last: rows are whole
         if formatter is not None:
@@ -578,8 +591,9 @@ def _turn_on(region1: Region) -> None:
     region1.words[_ENV_BASE + _E["magic"]] = ENV_MAGIC
 
 
-def _create(home: str, fd: int, settings: Settings, extra: list[RegionSpec],
-            formatter: Formatter | None) -> list[Region]:
+def _create(
+    home: str, fd: int, settings: Settings, extra: list[RegionSpec], formatter: Formatter | None
+) -> list[Region]:
     """Build a new environment; ``fd`` is the freshly O_EXCL-created ``__db.001``, flocked."""
     kind = {"file": KIND_FILE, "system": KIND_SYSTEM, "private": KIND_PRIVATE}[
         settings.region or "file"
@@ -708,8 +722,9 @@ def _join_once(home: str, fd: int) -> list[Region]:
                 f"match this aiodbenv's version {LAYOUT_VERSION}"
             )
         env_id = _word(rec, _S["env_id"])
-        r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id,
-                                  _word(rec, _S["shm_key"]))
+        r1 = attach_system_region(
+            _word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id, _word(rec, _S["shm_key"])
+        )
         try:
             data = bytes(r1.buf[: REGION_HEADER.size + ENV_HEADER.size])
             kind, _ = _check_header(path1, data)
@@ -738,8 +753,13 @@ def _creator_is_building(fd: int) -> bool:
     return False
 
 
-def _open_shared(home: str, settings: Settings, create: bool, extra: list[RegionSpec],
-                 formatter: Formatter | None) -> list[Region]:
+def _open_shared(
+    home: str,
+    settings: Settings,
+    create: bool,
+    extra: list[RegionSpec],
+    formatter: Formatter | None,
+) -> list[Region]:
     path1 = os.path.join(home, region_file_name(1))
     deadline = time.monotonic() + BUILD_WAIT
     unlocked_since: float | None = None
@@ -781,7 +801,10 @@ def _open_shared(home: str, settings: Settings, create: bool, extra: list[Region
 
 
 def _create_exclusive(
-    home: str, path1: str, settings: Settings, extra: list[RegionSpec],
+    home: str,
+    path1: str,
+    settings: Settings,
+    extra: list[RegionSpec],
     formatter: Formatter | None,
 ) -> list[Region]:
     """Create ``__db.001`` with O_EXCL and build the environment under its flock.
@@ -832,17 +855,20 @@ def open_environment(
         home_lock = HomeLock(home, exclusive=private, wait=HOME_LOCK_WAIT)
     except BlockingIOError:
         raise Busy(
-            f"environment {home} is in use: " + (
+            f"environment {home} is in use: "
+            + (
                 "a private environment admits one handle, and another is open"
-                if private else "it is open privately by another handle, or being removed"
+                if private
+                else "it is open privately by another handle, or being removed"
             )
         ) from None
     try:
         if private:
             if not create:
                 raise EnvNotFound(f"a private environment in {home} must be created (create=True)")
-            regions, _, _ = _build(home, KIND_PRIVATE, settings, _region_plan(extra),
-                                   create_private_region, formatter)
+            regions, _, _ = _build(
+                home, KIND_PRIVATE, settings, _region_plan(extra), create_private_region, formatter
+            )
             _turn_on(regions[0])
             core = EnvCore(home, KIND_PRIVATE, regions, home_lock)
             with _private_lock:
@@ -978,8 +1004,13 @@ def _panic_what_remains(home: str, fd: int) -> None:
             if _word(rec, _S["magic"]) != SHM_REF_MAGIC:
                 return
             env_id = _word(rec, _S["env_id"])
-            r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]),
-                                      env_id, _word(rec, _S["shm_key"]))
+            r1 = attach_system_region(
+                _word(rec, _S["shm_id"]),
+                1,
+                _word(rec, _S["size"]),
+                env_id,
+                _word(rec, _S["shm_key"]),
+            )
         elif size >= REGION_HEADER.size + ENV_HEADER.size:
             r1 = attach_file_region(os.path.join(home, region_file_name(1)), 1, size, fd=fd)
             env_id = r1.header("env_id")
@@ -1014,8 +1045,9 @@ def _remove_orphan_segments(fd: int) -> None:
         return
     # From region 1: whichever segment is missing, the others are found by key (and only
     # removed if they carry this environment's id).
-    remove_system_segments_by_key(_word(rec, _S["shm_key"]), _word(rec, _S["env_id"]),
-                                  1, MAX_REGIONS)
+    remove_system_segments_by_key(
+        _word(rec, _S["shm_key"]), _word(rec, _S["env_id"]), 1, MAX_REGIONS
+    )
 
 
 def _join_for_remove(home: str, fd: int) -> list[Region]:
@@ -1029,8 +1061,9 @@ def _join_for_remove(home: str, fd: int) -> list[Region]:
     if size == SHM_REF.size:
         rec = _io.pread(fd, SHM_REF.size, 0)
         env_id = _word(rec, _S["env_id"])
-        r1 = attach_system_region(_word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id,
-                                  _word(rec, _S["shm_key"]))
+        r1 = attach_system_region(
+            _word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id, _word(rec, _S["shm_key"])
+        )
         return _attach_rest(home, KIND_SYSTEM, r1, env_id)
     r1 = attach_file_region(path1, 1, size, fd=fd)
     return _attach_rest(home, KIND_FILE, r1, r1.header("env_id"))

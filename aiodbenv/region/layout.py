@@ -23,7 +23,6 @@ __all__ = [
     "KIND_PRIVATE",
     "KIND_SYSTEM",
     "LAYOUT_VERSION",
-    "Layout",
     "MAX_REGIONS",
     "MUTEX_SLOT",
     "MUTEX_STORAGE_BYTES",
@@ -36,6 +35,7 @@ __all__ = [
     "SHM_REF",
     "SHM_REF_MAGIC",
     "WORD",
+    "Layout",
 ]
 
 WORD = 8
@@ -74,7 +74,7 @@ class Layout:
     ``size`` the structure's size in bytes (a multiple of 8, so structures stay word-aligned).
     """
 
-    __slots__ = ("name", "size", "_offsets")
+    __slots__ = ("_offsets", "name", "size")
 
     name: str
     size: int

@@ -11,7 +11,8 @@ The pthread calls are bound with cffi, one ``lib`` and two ways to get it: the a
 module :mod:`aiodbenv._speedups`, compiled at install time when a C compiler was present
 (~0.2 µs per lock+unlock), else ABI mode over libc (~0.5 µs). Setting ``AIODBENV_MUTEX=abi``
 forces the fallback and with it every pure-Python path; :data:`BACKEND` says which is in use,
-and :data:`speedups` is the compiled ``lib`` (with the pool's hot-path helpers) or None. Robust mutexes belong to the thread that locked them: lock and unlock on one OS thread, and
+and :data:`speedups` is the compiled ``lib`` (with the pool's hot-path helpers) or None.
+Robust mutexes belong to the thread that locked them: lock and unlock on one OS thread, and
 never hold one across an ``await``.
 
 Private environments need no cross-process exclusion and use :class:`NullMutex`.
@@ -30,7 +31,15 @@ from . import pthread_cdef as cdef
 from .layout import MUTEX_SLOT, WORD
 
 __all__ = [
-    "BACKEND", "Mutex", "NullMutex", "SharedMutex", "ffi", "lib", "speedups", "trylock", "unlock",
+    "BACKEND",
+    "Mutex",
+    "NullMutex",
+    "SharedMutex",
+    "ffi",
+    "lib",
+    "speedups",
+    "trylock",
+    "unlock",
 ]
 
 
@@ -95,8 +104,7 @@ class SharedMutex:
     the environment panicked; it is called when there is no repair hook or the hook fails.
     """
 
-    __slots__ = ("name", "ptr", "nowait_index", "_m", "_words", "_w", "_repair", "_panic",
-                 "_pid")
+    __slots__ = ("_m", "_panic", "_pid", "_repair", "_w", "_words", "name", "nowait_index", "ptr")
 
     def __init__(
         self,

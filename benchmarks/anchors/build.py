@@ -33,8 +33,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "bdb_mpool.c"
@@ -131,12 +132,7 @@ def build(force: bool = False) -> Path:
     ensure_libdb()
     cc = _compiler()
     stamp = _stamp(cc)
-    if (
-        not force
-        and BINARY.exists()
-        and STAMP.exists()
-        and STAMP.read_text().strip() == stamp
-    ):
+    if not force and BINARY.exists() and STAMP.exists() and STAMP.read_text().strip() == stamp:
         return BINARY
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     tmp = BUILD_DIR / f".bdb_mpool.{os.getpid()}"
@@ -153,9 +149,7 @@ def build(force: bool = False) -> Path:
 # ----------------------------------------------------------------------------- run
 
 
-def run_anchor(
-    args: Sequence[str], timeout: float = 900.0, check: bool = True
-) -> dict[str, Any]:
+def run_anchor(args: Sequence[str], timeout: float = 900.0, check: bool = True) -> dict[str, Any]:
     """Run one workload of the anchor and return its JSON object.
 
     ``args`` is the argument list after the program name, e.g.
@@ -257,9 +251,22 @@ def _shm_keys() -> set[str]:
 
 def _brief(r: dict[str, Any]) -> str:
     keys = (
-        "region", "pattern", "procs", "ns_per_op", "ops_per_sec", "total_ops_per_sec",
-        "timed_cache_miss", "st_cache_miss", "miss_ratio", "pages_written", "ms",
-        "mib_per_sec", "hits", "misses", "hit_ratio", "shm_segments_left",
+        "region",
+        "pattern",
+        "procs",
+        "ns_per_op",
+        "ops_per_sec",
+        "total_ops_per_sec",
+        "timed_cache_miss",
+        "st_cache_miss",
+        "miss_ratio",
+        "pages_written",
+        "ms",
+        "mib_per_sec",
+        "hits",
+        "misses",
+        "hit_ratio",
+        "shm_segments_left",
     )
     return ", ".join(f"{k}={r[k]}" for k in keys if k in r)
 
@@ -277,15 +284,26 @@ def selftest() -> int:
     cases.append(["hot", "--region", "file", "--procs", "2", *small_hot])
     cases.append(["hot", "--region", "system", "--procs", "2", *small_hot])
     cases.append(["miss", "--cache-mb", "1", "--file-mb", "8", "--ops", "5000"])
-    cases.append(["miss", "--region", "system", "--cache-mb", "1", "--file-mb", "8",
-                  "--ops", "5000"])
+    cases.append(
+        ["miss", "--region", "system", "--cache-mb", "1", "--file-mb", "8", "--ops", "5000"]
+    )
     cases.append(["sync", "--cache-mb", "8", "--dirty-mb", "4"])
     cases.append(["trickle", "--cache-mb", "8", "--dirty-mb", "4", "--pct", "50"])
-    cases.append(["hitratio", "--cache-pages", "200", "--trace", trace,
-                  "--warmup", "2000"])
+    cases.append(["hitratio", "--cache-pages", "200", "--trace", trace, "--warmup", "2000"])
     cases.append(["memory", "--cache-mb", "2"])
-    cases.append(["hitratio", "--region", "private", "--cache-pages", "200",
-                  "--trace", trace, "--warmup", "2000"])
+    cases.append(
+        [
+            "hitratio",
+            "--region",
+            "private",
+            "--cache-pages",
+            "200",
+            "--trace",
+            trace,
+            "--warmup",
+            "2000",
+        ]
+    )
     failed = 0
     try:
         for i, case in enumerate(cases):
@@ -331,12 +349,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--refs", type=int, default=500000)
     ap.add_argument("--theta", type=float, default=0.99)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--no-scramble", action="store_true",
-                    help="hot pages are 0,1,2,... instead of spread over the file")
+    ap.add_argument(
+        "--no-scramble",
+        action="store_true",
+        help="hot pages are 0,1,2,... instead of spread over the file",
+    )
     ns = ap.parse_args(argv)
     if ns.zipf_trace:
-        write_trace(ns.zipf_trace, zipf_trace(ns.pages, ns.refs, ns.theta, ns.seed,
-                                              not ns.no_scramble))
+        write_trace(
+            ns.zipf_trace, zipf_trace(ns.pages, ns.refs, ns.theta, ns.seed, not ns.no_scramble)
+        )
         print(ns.zipf_trace)
     if ns.build or ns.force:
         print(build(force=ns.force))
