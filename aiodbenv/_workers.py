@@ -401,16 +401,17 @@ async def run_checkpoint(
 
 
 async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | None) -> SyncResult:
-    from .mpool.sync import SyncResult, collect_dirty, fsync_files, write_items
+    from .mpool.sync import SyncResult, collect_dirty, fsync_pending, settle_claims, write_items
 
-    items, held, _ = await collect_dirty(pool, None)
+    deadline = time.monotonic() + pool.wait_timeout
+    found = await collect_dirty(pool, None)
+    items, held, claimed = found.items, found.held, found.claimed
     result = SyncResult()
-    synced: dict[int, int] = {}
     total = len(items)
     t0 = time.monotonic()
     step = 64
     for start in range(0, total, step):
-        part = await write_items(pool, items[start : start + step], fsync=False, synced=synced)
+        part = await write_items(pool, items[start : start + step], fsync=False)
         _merge(result, part)
         if part.errors:
             raise part.errors[0]
@@ -421,27 +422,45 @@ async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | No
             ahead = t0 + spread * done / total - time.monotonic()
             if ahead > 0:
                 await asyncio.sleep(ahead)
-    # Pages that were dirty but pinned when the checkpoint began must still be written; pages
+    # Pages that were dirty but pinned, or being written by another writer, when the
+    # checkpoint began must still be written (or their writer's write must end); pages
     # dirtied since are the next checkpoint's business.
-    waiting = set(held)
+    waiting = set(held) | {(it[0], it[1]) for it, _ in claimed}
+    stalled: set[int] = set()
     for attempt in range(PINNED_RETRIES):
         if not waiting:
             break
-        await asyncio.sleep(0.005 * (attempt + 1))
-        again, held_now, _ = await collect_dirty(pool, None)
+        if claimed:
+            stuck = await settle_claims(pool, claimed, deadline)
+            if stuck:
+                stalled = {pid for _, pid in stuck}
+                break
+        else:
+            await asyncio.sleep(0.005 * (attempt + 1))
+        found = await collect_dirty(pool, {f for f, _ in waiting})
         part = await write_items(
-            pool, [it for it in again if (it[0], it[1]) in waiting], fsync=False, synced=synced
+            pool, [it for it in found.items if (it[0], it[1]) in waiting], fsync=False
         )
         _merge(result, part)
         if part.errors:
             raise part.errors[0]
-        waiting &= set(held_now)
-    await fsync_files(pool, synced, result)
+        claimed = [(it, pid) for it, pid in found.claimed if (it[0], it[1]) in waiting]
+        waiting &= set(found.held) | {(it[0], it[1]) for it, _ in claimed}
+    # Every file with pages written but not yet fsynced, whoever wrote them (a failed fsync
+    # panics the environment: RunRecovery, and nothing is recorded).
+    await fsync_pending(pool, None, result)
     if result.errors:
         raise result.errors[0]
     if waiting:
+        why = (
+            f"writer process(es) {sorted(stalled)} did not finish within {pool.wait_timeout} s"
+            if stalled
+            else "pinned or being written"
+        )
+        result.incomplete += len(waiting)
+        result.stalled_writers |= stalled
         err = Incomplete(
-            f"checkpoint: {len(waiting)} dirty page(s) stayed pinned; {result.written} written"
+            f"checkpoint: {len(waiting)} dirty page(s) stayed {why}; {result.written} written"
         )
         err.result = result  # type: ignore[attr-defined]
         raise err
