@@ -210,9 +210,9 @@ def pwritev(fd: int, buffers: Sequence[bytes | bytearray | memoryview], offset: 
     """
     fault = _check("pwrite")
     if fault is not None:
-        if fault.short:
-            total = sum(len(b) for b in buffers)
-            return max(0, total - 1)
+        if fault.short:  # write all but the last byte, as a kernel stopping short would
+            data = b"".join(bytes(b) for b in buffers)[:-1]
+            return os.pwrite(fd, data, offset) if data else 0
         _raise(fault)
     n = os.pwritev(fd, buffers, offset)
     if _signal_plan:

@@ -253,13 +253,18 @@ class Pool:
                 "the environment is closed" if self._closed else "the environment is closing"
             )
         if self._env.panicked:
-            fsync_err = self._fsync_failure()
-            if fsync_err:
-                raise RunRecovery(
-                    f"PANIC: environment {self._env.home} is panicked: {fsync_err}; run "
-                    "recovery (close every handle, remove the environment and open it again)"
-                )
-            self._env.check_panic()
+            self._check_panic()
+
+    def _check_panic(self) -> None:
+        """Raise RunRecovery if the environment is panicked, saying why if it was a failed
+        fsync (in any process)."""
+        fsync_err = self._fsync_failure() if self._env.panicked else None
+        if fsync_err:
+            raise RunRecovery(
+                f"PANIC: environment {self._env.home} is panicked: {fsync_err}; run "
+                "recovery (close every handle, remove the environment and open it again)"
+            )
+        self._env.check_panic()
 
     def _fsync_failure(self) -> str | None:
         """What failed, if the environment panicked because an fsync failed (any process)."""
