@@ -407,6 +407,7 @@ async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | No
     found = await collect_dirty(pool, None)
     items, held, claimed = found.items, found.held, found.claimed
     result = SyncResult()
+    skipped: set[tuple[int, int]] = set()
     total = len(items)
     t0 = time.monotonic()
     step = 64
@@ -415,6 +416,7 @@ async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | No
         _merge(result, part)
         if part.errors:
             raise part.errors[0]
+        skipped |= part.skipped  # busy when their batch came: they are retried below
         done = min(total, start + step)
         if progress is not None:
             progress(done, total)
@@ -425,7 +427,7 @@ async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | No
     # Pages that were dirty but pinned, or being written by another writer, when the
     # checkpoint began must still be written (or their writer's write must end); pages
     # dirtied since are the next checkpoint's business.
-    waiting = set(held) | {(it[0], it[1]) for it, _ in claimed}
+    waiting = set(held) | skipped | {(it[0], it[1]) for it, _ in claimed}
     stalled: set[int] = set()
     for attempt in range(PINNED_RETRIES):
         if not waiting:
@@ -445,7 +447,7 @@ async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | No
         if part.errors:
             raise part.errors[0]
         claimed = [(it, pid) for it, pid in found.claimed if (it[0], it[1]) in waiting]
-        waiting &= set(found.held) | {(it[0], it[1]) for it, _ in claimed}
+        waiting &= set(found.held) | part.skipped | {(it[0], it[1]) for it, _ in claimed}
     # Every file with pages written but not yet fsynced, whoever wrote them (a failed fsync
     # panics the environment: RunRecovery, and nothing is recorded).
     await fsync_pending(pool, None, result)

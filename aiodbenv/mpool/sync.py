@@ -114,6 +114,10 @@ class SyncResult:
     bytes_written: int = 0
     stalled_writers: set[int] = field(default_factory=set)
     errors: list[BaseException] = field(default_factory=list, repr=False)
+    #: ``(file, pgno)`` of pages that were pinned, being read or claimed by another writer
+    #: when their batch came to write them (found free just before): the caller decides
+    #: whether to look again (sync, checkpoint) or not (trickle, eviction).
+    skipped: set[tuple[int, int]] = field(default_factory=set, repr=False)
 
     def merge(self, part: SyncResult) -> None:
         """Add ``part``'s counts (not its errors) to this result."""
@@ -383,24 +387,34 @@ async def _write_back(
     result = SyncResult()
     found = await collect_dirty(pool, files)
     items, held, claimed = found.items, found.held, found.claimed
-    while True:
+    held = list(held)
+    for _round in range(RECHECK_ROUNDS):
         part = await write_items(pool, items, fsync=False)
         result.merge(part)
         result.errors += part.errors
-        if result.errors or not claimed:
+        if result.errors:
             break
-        # Pages another writer (or another task here) is writing: wait for its claims, then
-        # write those that are still (or again) dirty; a claim held past the deadline is
+        # Pages found busy when their batch came to them, and pages another writer (or
+        # another task here) is writing: wait for the claims, then look at those pages again
+        # and write what is still (or again) dirty. A claim held past the deadline is
         # reported, never taken for success.
-        stuck = await settle_claims(pool, claimed, deadline)
-        if stuck:
+        again = set(part.skipped)
+        if claimed:
+            stuck = await settle_claims(pool, claimed, deadline)
             result.incomplete += len(stuck)
             result.stalled_writers |= {pid for _, pid in stuck}
+            stuck_keys = {(it[0], it[1]) for it, _ in stuck}
+            again |= {(it[0], it[1]) for it, _ in claimed} - stuck_keys
+            again -= stuck_keys
+        if not again:
             break
-        again = {(it[0], it[1]) for it, _ in claimed}
         found = await collect_dirty(pool, {f for f, _ in again})
         items = [it for it in found.items if (it[0], it[1]) in again]
         claimed = [(it, pid) for it, pid in found.claimed if (it[0], it[1]) in again]
+        held += [key for key in found.held if key in again]
+    else:
+        # Still busy after every round (pages claimed again and again): not written here.
+        result.incomplete += len(items) + len(claimed)
     result.incomplete += len(held)
     if fsync and not result.errors:
         await fsync_pending(pool, files, result)
@@ -462,6 +476,9 @@ async def _trickle(pool: Pool, pct: int) -> SyncResult:
         raise result.errors[0]
     return result
 
+
+#: How often a sync looks again at pages that were busy (claimed or pinned) when it came to them.
+RECHECK_ROUNDS = 8
 
 #: Write batches in flight at once: one being written while the loop snapshots the next.
 #: More does not help: writes to one file serialize on its inode lock (ext4), measured here.
@@ -555,7 +572,7 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult) -> None:
         for item, off, st in zip(live, offsets, status)
         if st == 1
     ]
-    result.incomplete += sum(1 for st in status if st == 2)
+    result.skipped.update((item[0], item[1]) for item, st in zip(live, status) if st == 2)
     if not taken:
         return
     # From here on this process holds claims: whatever happens (an error, a cancellation),
