@@ -384,11 +384,13 @@ class CheckpointWorker(_Worker):
 async def run_checkpoint(
     pool: Pool, *, spread: float = 0.0, progress: ProgressCallback | None = None
 ) -> SyncResult:
-    """One checkpoint: write every page that is dirty now and fsync the files written,
-    spreading the batches over ``spread`` seconds (0: as fast as possible). Pages found pinned
-    are retried a few times; if some stay pinned, :class:`~aiodbenv.errors.Incomplete` is
-    raised and nothing is recorded. A complete checkpoint's time goes into the region (see
-    :meth:`aiodbenv.Env.health`).
+    """One checkpoint: write every page that is dirty now and fsync every file with page
+    writes no fsync has covered yet (by any process), spreading the batches over ``spread``
+    seconds (0: as fast as possible). Pages found pinned are retried a few times, pages
+    another process is writing are waited for up to the pool's ``wait_timeout``; if some stay
+    so, :class:`~aiodbenv.errors.Incomplete` is raised and nothing is recorded. A failed fsync
+    panics the environment (:class:`~aiodbenv.errors.RunRecovery`); nothing is recorded. A
+    complete checkpoint's time goes into the region (see :meth:`aiodbenv.Env.health`).
 
     Idempotent, and safe to cancel at any await: written pages are clean, the rest stay dirty.
     ``progress(done, total)`` is called after each batch when given.

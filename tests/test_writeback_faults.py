@@ -598,3 +598,45 @@ def test_page_dirtied_during_its_write_stays_dirty(home: str) -> None:
             await aiodbenv.Env.remove(home)
 
     asyncio.run(main())
+
+
+# -- every task awaited ------------------------------------------------------------------------
+
+
+def test_a_batch_that_fails_unexpectedly_is_reported_and_releases_its_claims(home: str) -> None:
+    """Not an OSError of a write but a bug-like failure inside a batch task: the sync raises
+    it (no "Task exception was never retrieved"), no frame stays claimed, the pages stay
+    dirty and the next sync writes them."""
+
+    async def main() -> None:
+        env = await aiodbenv.Env.open(home, create=True, cache_size=CACHE)
+        loop = asyncio.get_running_loop()
+        unhandled: list[object] = []
+        loop.set_exception_handler(lambda _loop, ctx: unhandled.append(ctx))
+        try:
+            pool = env.pool
+            async with pool.open_file("data", create=True) as f:
+                await _dirty(f, 200)  # several batches, two in flight
+                real = pool._fd_for_write
+
+                def broken(fidx: int) -> int | None:
+                    raise RuntimeError("injected failure inside a batch")
+
+                pool._fd_for_write = broken  # type: ignore[method-assign]
+                try:
+                    with pytest.raises(RuntimeError, match="injected failure"):
+                        await pool.sync()
+                finally:
+                    pool._fd_for_write = real  # type: ignore[method-assign]
+                writing, dirty, counted = frames(pool)
+                assert writing == 0 and dirty == counted == 200
+                r = await pool.sync()
+                assert r.written == 200 and frames(pool) == (0, 0, 0)
+                assert missing_pages(os.path.join(home, "data"), list(range(200))) == []
+            await asyncio.sleep(0.05)
+            assert unhandled == []
+        finally:
+            await env.close()
+            await aiodbenv.Env.remove(home)
+
+    asyncio.run(main())

@@ -660,11 +660,14 @@ class PoolFile:
     # -- write-back and closing ---------------------------------------------------------------
 
     async def sync(self) -> SyncResult:
-        """Write every dirty page of this file and fsync it (memp_fsync).
+        """Write every dirty page of this file and fsync it if it has page writes no fsync
+        has covered yet, by any process (memp_fsync).
 
-        Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages could not be written
-        (retry later); a failed write leaves its page dirty and raises. Cancellation: pages
-        already handed to a write finish it; the rest stay dirty.
+        Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages could not be written,
+        or another process's write of some did not finish within the pool's ``wait_timeout``
+        (retry later); a failed write leaves its page dirty and raises; a failed fsync panics
+        the environment (:class:`~aiodbenv.errors.RunRecovery`). Cancellation: pages already
+        handed to a write finish it; the rest stay dirty.
         """
         self._check()
         from .sync import write_back

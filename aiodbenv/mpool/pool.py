@@ -1028,14 +1028,20 @@ class Pool:
         w0[base + _FS["bytes_out"]] += nbytes
 
     async def sync(self, lsn: object = None) -> SyncResult:
-        """Write every dirty page in the pool and fsync the files written (memp_sync).
+        """Write every dirty page in the pool, then fsync every file with page writes no fsync
+        has covered yet, by any process (memp_sync).
 
         ``lsn`` needs a log, which this environment does not have yet: passing one raises
         :class:`~aiodbenv.errors.InvalidArgument`. Pages pinned while dirty cannot be written:
         the call writes everything else, then raises :class:`~aiodbenv.errors.Incomplete`
-        (``DB_INCOMPLETE``; retry after they are unpinned). A failed write leaves its page dirty
-        and raises. Pages of other processes' temporary files and of nofile files are not
-        written. Cancellation: writes already under way finish; untouched pages stay dirty.
+        (``DB_INCOMPLETE``; retry after they are unpinned). Pages another process is writing
+        are waited for up to :attr:`wait_timeout` seconds (a dead writer's are taken over and
+        written here), then reported the same way, naming the writer's pid. A failed write
+        leaves its page dirty and raises (:class:`~aiodbenv.errors.NoSpace` on a full disk); a
+        failed fsync panics the environment and raises
+        :class:`~aiodbenv.errors.RunRecovery`. Pages of other processes' temporary files and
+        of nofile files are not written. Cancellation: writes and fsyncs already under way
+        finish; untouched pages stay dirty.
         """
         self._check()
         if lsn is not None:
