@@ -40,9 +40,10 @@ from aiodbenv._workers import run_checkpoint
 
 async def main():
     home, op, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    stride = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     env = await aiodbenv.Env.open(home)
     f = await env.pool.open_file("data", create=True)
-    for i in range(n):
+    for i in range(0, n * stride, stride):
         async with f.get(i, create=True) as p:
             p.data[:] = bytes([i % 251 + 1]) * len(p.data)
             p.mark_dirty()
@@ -133,23 +134,26 @@ async def killed(op: str, n: int, cache: int, plan: str) -> str:
         shutil.rmtree(home, ignore_errors=True)
 
 
-async def never_opened() -> str:
+async def never_opened(stride: int) -> str:
     home = tempfile.mkdtemp(prefix="aiodbenv-loss-")
     try:
         env = await aiodbenv.Env.open(home, create=True, cache_size=4 << 20)
         env.pool.wait_timeout = 2.0
-        # The child dirties 512 pages and closes without writing them.
+        # The child dirties 512 pages (every ``stride``-th: one run per page when 2) and
+        # closes without writing them.
         code = CHILD.replace(
             'if op == "sync":', 'if op == "none":\n        pass\n    elif op == "sync":'
         )
         p = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code), home, "none", "512"], check=True
+            [sys.executable, "-c", textwrap.dedent(code), home, "none", "512", str(stride)],
+            check=True,
         )
         assert p.returncode == 0
         said = await _outcome(lambda: env.pool.sync())
         line = (
-            f"sync in a process that never opened the file: {said:60s} "
-            f"lost {_lost(home, range(512))}/512  frames WRITING {_writing(env.pool)}"
+            f"sync in a process that never opened the file (stride {stride}): {said:50s} "
+            f"lost {_lost(home, range(0, 512 * stride, stride))}/512  "
+            f"frames WRITING {_writing(env.pool)}"
         )
         await env.close()
         await aiodbenv.Env.remove(home, force=True)
@@ -220,7 +224,8 @@ async def main() -> None:
         ("evict", 48, 64 * PAGE),
     ):
         print(await killed(op, n, cache, "pwrite:before:1:SIGKILL"), flush=True)
-    print(await never_opened(), flush=True)
+    print(await never_opened(1), flush=True)
+    print(await never_opened(2), flush=True)
     print(await fsync_eio(), flush=True)
     print(await stopped(), flush=True)
 

@@ -55,10 +55,11 @@ def content(pgno, size):
     return bytes([pgno % 251 + 1]) * size
 
 async def main():
-    home, op, n, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    home, op, name = sys.argv[1], sys.argv[2], sys.argv[4]
+    n, stride = int(sys.argv[3]), int(sys.argv[5])
     env = await aiodbenv.Env.open(home)
     f = await env.pool.open_file(name, create=True)
-    for i in range(n):
+    for i in range(0, n * stride, stride):
         async with f.get(i, create=True) as p:
             p.data[:] = content(i, len(p.data))
             p.mark_dirty()
@@ -107,6 +108,7 @@ def start_child(
     abi: bool = False,
     name: str = "data",
     prefix: list[str] | None = None,
+    stride: int = 1,
 ) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("AIODBENV_TEST_SIGNAL",)}
     if plan:
@@ -114,7 +116,11 @@ def start_child(
     if abi:
         env["AIODBENV_MUTEX"] = "abi"
     return subprocess.Popen(
-        [*(prefix or []), sys.executable, "-c", textwrap.dedent(CHILD), home, op, str(n), name],
+        [
+            *(prefix or []),
+            *(sys.executable, "-c", textwrap.dedent(CHILD)),
+            *(home, op, str(n), name, str(stride)),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -544,7 +550,9 @@ def test_sync_of_a_file_this_process_never_opened(fhome: str, op: str) -> None:
     async def main() -> None:
         env = await aiodbenv.Env.open(fhome, create=True, cache_size=CACHE)
         try:
-            rc, out, err = finish(start_child(fhome, "leave", 512))
+            # Every other page: one pwritev per page, several runs per batch, two batches in
+            # flight (what made the old code close a descriptor twice).
+            rc, out, err = finish(start_child(fhome, "leave", 512, stride=2))
             assert rc == 0, out[-1500:] + err[-1500:]
             pool = env.pool
             loop = asyncio.get_running_loop()
@@ -560,7 +568,7 @@ def test_sync_of_a_file_this_process_never_opened(fhome: str, op: str) -> None:
                 assert r.written == 512 and r.files_synced == 1
             assert frames(pool) == (0, 0, 0)
             assert unsynced_files(pool) == []
-            assert missing_pages(os.path.join(fhome, "data"), list(range(512))) == []
+            assert missing_pages(os.path.join(fhome, "data"), list(range(0, 1024, 2))) == []
             assert len(pool._wfds) == 1  # one descriptor, owned by the pool
             assert unhandled == []
         finally:
