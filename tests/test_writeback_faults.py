@@ -238,12 +238,18 @@ KILL_POINTS = [
 ABI_POINTS = [("sync", "claimed:at:1"), ("sync", "write_done:at:1"), ("evict", "claimed:at:1")]
 
 
-def _kill_case(home: str, op: str, point: str, abi: bool) -> None:
+def _kill_case(home: str, op: str, point: str, abi: bool, shm_key: int | None = None) -> None:
     n = 48 if op == "evict" else 128
     cache = SMALL_CACHE if op == "evict" else CACHE
 
     async def survivor() -> None:
-        env = await aiodbenv.Env.open(home, create=True, cache_size=cache)
+        env = await aiodbenv.Env.open(
+            home,
+            create=True,
+            cache_size=cache,
+            region="system" if shm_key else None,
+            shm_key=shm_key,
+        )
         try:
             child = start_child(home, op, n, plan=f"{point}:SIGKILL", abi=abi)
             rc, out, err = finish(child)
@@ -276,6 +282,12 @@ def test_sigkill_at_each_writeback_step_loses_nothing(fhome: str, op: str, point
 def test_sigkill_python_twins(fhome: str, op: str, point: str) -> None:
     """The same with the child on the pure-Python write-back (claims, release, unpin)."""
     _kill_case(fhome, op, point, abi=True)
+
+
+@pytest.mark.parametrize(("op", "point"), [("sync", "claimed:at:1"), ("evict", "claimed:at:1")])
+def test_sigkill_system_v_regions(fhome: str, shm_key: int, op: str, point: str) -> None:
+    """The same in System V shared memory regions."""
+    _kill_case(fhome, op, point, abi=False, shm_key=shm_key)
 
 
 def test_dead_writers_frames_become_evictable(fhome: str) -> None:
@@ -646,5 +658,34 @@ def test_a_batch_that_fails_unexpectedly_is_reported_and_releases_its_claims(hom
         finally:
             await env.close()
             await aiodbenv.Env.remove(home)
+
+    asyncio.run(main())
+
+
+def test_checkpoint_worker_fsync_failure_is_not_recorded(home: str) -> None:
+    """The background checkpoint worker hits a failed fsync: the environment panics, the
+    worker reports the failure and no checkpoint is recorded as complete."""
+
+    async def main() -> None:
+        env = await aiodbenv.Env.open(home, create=True, cache_size=CACHE)
+        pool = env.pool
+        try:
+            f = await pool.open_file("data", create=True)
+            await _dirty(f, 32)
+            with _io.inject("fsync", errno.EIO):
+                worker = env.start_checkpoint(aiodbenv.CheckpointSettings(0.05, None, 0.0))
+                deadline = time.monotonic() + 30
+                while not worker.status().failures and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+            st = worker.status()
+            assert st.failures >= 1 and st.runs == 0
+            assert st.last_error is not None and "fsync of" in st.last_error
+            assert last_checkpoint(pool) is None
+            with pytest.raises(RunRecovery, match="fsync of"):
+                await pool.sync()
+        finally:
+            with pytest.raises(RunRecovery):
+                await env.close()
+            await aiodbenv.Env.remove(home, force=True)
 
     asyncio.run(main())
