@@ -689,3 +689,26 @@ def test_checkpoint_worker_fsync_failure_is_not_recorded(home: str) -> None:
             await aiodbenv.Env.remove(home, force=True)
 
     asyncio.run(main())
+
+
+def test_a_file_removed_before_its_fsync_does_not_fail_every_sync(home: str) -> None:
+    """Pages written by a trickle (not yet fsynced), the file closed and then removed: the
+    next sync has nothing left to make durable and succeeds, and so do later ones."""
+
+    async def main() -> None:
+        env = await aiodbenv.Env.open(home, create=True, cache_size=CACHE)
+        try:
+            pool = env.pool
+            async with pool.open_file("gone", create=True) as f:
+                await _dirty(f, 8)
+                assert await pool.trickle(100) == 8
+            assert unsynced_files(pool) != []
+            os.unlink(os.path.join(home, "gone"))
+            await pool.sync()
+            assert unsynced_files(pool) == []
+            await pool.sync()
+        finally:
+            await env.close()
+            await aiodbenv.Env.remove(home)
+
+    asyncio.run(main())

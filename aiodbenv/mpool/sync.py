@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ __all__ = [
 _c_snapshot = speedups.aiodb_snapshot if speedups is not None else None
 _c_write_done = speedups.aiodb_write_done if speedups is not None else None
 _c_collect = speedups.aiodb_collect if speedups is not None else None
+
+logger = logging.getLogger("aiodbenv")
 
 #: Pages per worker-thread hop: 64 pages of 4 KiB keep each hop's loop work under ~50 µs.
 BATCH_PAGES = 64
@@ -923,9 +926,20 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
     async def job() -> list[Outcome]:
         # Records (or panics) inside the pool's task, so a cancelled caller changes nothing.
         res = await anyio.to_thread.run_sync(run, limiter=pool._limiter)
-        for (fidx, _fd, path, gen), out in zip(targets, res):
+        for i, ((fidx, _fd, path, gen), out) in enumerate(zip(targets, res)):
+            e = core.entry(fidx)
+            if (
+                out is not None
+                and out[0] == "open"
+                and isinstance(out[1], FileNotFoundError)
+                and e
+                and not w0[e + _F["refcnt"]]
+            ):
+                # Closed everywhere and then removed: nothing is left to make durable, and
+                # the next sync must not fail on it again.
+                logger.warning("%s was removed before its last writes were fsynced", path)
+                res[i] = out = None
             if out is None:
-                e = core.entry(fidx)
                 if e:
                     with core.file_mutex(fidx):
                         if w0[e + _F["synced_gen"]] < gen:
