@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 import aiodbenv
+from aiodbenv.region.environment import remove_environment
 
 from .conftest import REPO
 
@@ -181,6 +182,11 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     yield work
     left = _leftover_regions(work)
+    for home in {os.path.dirname(work / name) for name in left}:
+        try:  # report it below, but leave no segment or region file behind
+            remove_environment(home, force=True)
+        except Exception:
+            pass
     assert not left, f"the block left environments behind: {left}"
 
 
@@ -247,24 +253,29 @@ def test_shell_block(block: Block, workdir: Path, tmp_path: Path) -> None:
         source = "".join(ln[2:] + "\n" for ln in source.splitlines() if ln.startswith("$ "))
     script = tmp_path / "block.sh"
     script.write_text(source)
-    proc = subprocess.Popen(
-        ["bash", "-e", "-o", "pipefail", str(script)],
-        cwd=workdir,
-        env={**os.environ, "PORT": str(_free_port())},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: whatever it starts can be found
-    )
-    try:
-        out, _ = proc.communicate(timeout=BLOCK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{block.id} did not finish in {BLOCK_TIMEOUT} s:\n{out}")
+    log_path = tmp_path / "block.log"
+    # Output goes to a file, not a pipe: a process the block leaves running must not keep the
+    # test waiting for the end of its output.
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            ["bash", "-e", "-o", "pipefail", str(script)],
+            cwd=workdir,
+            env={**os.environ, "PORT": str(_free_port())},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: whatever it starts can be found
+        )
+        try:
+            proc.wait(timeout=BLOCK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{block.id} did not finish in {BLOCK_TIMEOUT} s:\n{log_path.read_text()}")
     leftover = _leftover_processes(proc.pid)
     if leftover:
         os.killpg(proc.pid, signal.SIGKILL)
+    out = log_path.read_text()
     assert proc.returncode == 0, f"{block.id} failed ({proc.returncode}):\n{out}"
     assert not leftover, f"{block.id} left processes running: {leftover}\n{out}"
 
