@@ -12,6 +12,11 @@ file. A block is changed from "run it" only by an HTML comment on the line befor
   compared with the real signature instead of run.
 - ``<!-- test: ci ... -->`` or ``<!-- test command: ... -->``: an install or test command that
   CI itself runs (.ci/run); not run here.
+- ``<!-- test: output -->``: a ``text`` block showing output of the page's previous Python
+  block: every line of it must appear in what that block prints when it runs.
+
+Command synopses in ``text`` blocks (lines starting ``python -m aiodbenv``) are checked against
+the command line's own help: every subcommand and option they name must exist.
 
 Shell blocks (``sh``, ``bash``, ``console``) run under ``bash -e -o pipefail`` with ``python``,
 ``python3`` and ``.venv/bin/python`` meaning this test's interpreter, the repository's
@@ -63,9 +68,10 @@ class Block:
     line: int  # 1-based line of the opening fence
     lang: str
     source: str
-    mark: str = ""  # "", "continue", "skip", "signature", "ci"
+    mark: str = ""  # "", "continue", "skip", "signature", "ci", "output"
     note: str = ""  # the marker's reason or name
     follows: list[Block] = field(default_factory=list)  # continuation blocks, in order
+    outputs: list[Block] = field(default_factory=list)  # "output" text blocks after it
 
     @property
     def id(self) -> str:
@@ -105,10 +111,10 @@ def _runnable() -> tuple[list[Block], list[Block]]:
     shell: list[Block] = []
     last: dict[Path, Block] = {}
     for b in ALL:
-        if b.lang in PYTHON and b.mark == "continue":
-            # Ill-placed continuations are reported by test_every_block_is_accounted_for.
+        if (b.lang in PYTHON and b.mark == "continue") or b.mark == "output":
+            # Ill-placed ones are reported by test_every_block_is_accounted_for.
             if b.page in last:
-                last[b.page].follows.append(b)
+                (last[b.page].follows if b.mark == "continue" else last[b.page].outputs).append(b)
             continue
         if b.mark:
             continue
@@ -130,7 +136,7 @@ def test_every_block_is_accounted_for() -> None:
     for b in ALL:
         if b.lang not in PYTHON | SHELL | NOT_CODE:
             problems.append(f"{b.id}: fence language {b.lang!r} is neither run nor known as text")
-        if b.mark not in ("", "continue", "skip", "signature", "ci"):
+        if b.mark not in ("", "continue", "skip", "signature", "ci", "output"):
             problems.append(f"{b.id}: unknown marker {b.mark!r}")
         if b.mark == "skip" and not b.note:
             problems.append(f"{b.id}: a skip needs a reason")
@@ -140,8 +146,8 @@ def test_every_block_is_accounted_for() -> None:
             problems.append(f"{b.id}: a signature listing must be a python fence")
         if b.lang in PYTHON and b.mark in ("", "continue"):
             seen_python[b.page] = True
-        if b.mark in ("", "continue") and b.lang in NOT_CODE and b.mark == "continue":
-            problems.append(f"{b.id}: 'continue' on a text block")
+        if b.mark == "output" and (b.lang not in NOT_CODE or not seen_python.get(b.page)):
+            problems.append(f"{b.id}: 'output' must be a text block after a Python block")
     assert not problems, "\n".join(problems)
 
     skips = [f"{b.id}: {b.note}" for b in ALL if b.mark == "skip"]
@@ -192,10 +198,15 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: b.id)
 def test_python_block(
-    block: Block, workdir: Path, tmp_path: Path, request: pytest.FixtureRequest
+    block: Block,
+    workdir: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     """Run the block (and the blocks continuing it) as a program, after ruff has checked it:
-    an undefined name, i.e. a fragment that leans on context the page does not give, fails."""
+    an undefined name, i.e. a fragment that leans on context the page does not give, fails.
+    Output shown after it on the page must be in what it prints (its subprocesses too)."""
     source = "".join(b.source for b in [block, *block.follows])
     example = pytest_examples.CodeExample.create(
         source, path=block.page, start_line=block.line, prefix="python"
@@ -211,6 +222,11 @@ def test_python_block(
         ev.run(example)
     finally:
         sys.modules["__main__"] = main
+    printed = {" ".join(line.split()) for line in capfd.readouterr().out.splitlines()}
+    for shown in block.outputs:
+        for line in shown.source.splitlines():
+            if line.strip():
+                assert " ".join(line.split()) in printed, f"{shown.id}: {line!r} not printed"
 
 
 def _free_port() -> int:
@@ -354,3 +370,35 @@ def test_docs_site_builds_strict(tmp_path: Path) -> None:
     assert ":class:`" not in api and ":meth:`" not in api  # the roles became links
     for page in ("when-to-use", "operating"):
         assert (site / page / "index.html").exists()
+
+
+# -- command synopses --------------------------------------------------------------------------
+
+
+SYNOPSES = [
+    (b, line)
+    for b in ALL
+    if b.lang in NOT_CODE
+    for line in b.source.splitlines()
+    if line.startswith("python -m aiodbenv ")
+]
+
+
+@pytest.mark.parametrize("command", sorted({line.split()[3] for _, line in SYNOPSES}) or ["(none)"])
+def test_command_synopses_match_the_command_line(command: str) -> None:
+    """Each option a synopsis names for ``command`` appears in ``command --help``."""
+    assert SYNOPSES, "the docs show no command synopsis: this check has nothing to check"
+    r = subprocess.run(
+        [sys.executable, "-m", "aiodbenv", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, f"no command {command!r}: {r.stderr}"
+    helped = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", r.stdout))
+    for b, line in SYNOPSES:
+        if line.split()[3] != command:
+            continue
+        usage = line.split("#", 1)[0]
+        for option in re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", usage):
+            assert option in helped, f"{b.id}: {option} is not an option of {command}"
