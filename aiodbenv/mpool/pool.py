@@ -1035,7 +1035,7 @@ class Pool:
         :class:`~aiodbenv.errors.InvalidArgument`. Pages pinned while dirty cannot be written:
         the call writes everything else, then raises :class:`~aiodbenv.errors.Incomplete`
         (``DB_INCOMPLETE``; retry after they are unpinned). Pages another process is writing
-        are waited for up to :attr:`wait_timeout` seconds (a dead writer's are taken over and
+        are waited for up to ``wait_timeout`` seconds (a dead writer's are taken over and
         written here), then reported the same way, naming the writer's pid. A failed write
         leaves its page dirty and raises (:class:`~aiodbenv.errors.NoSpace` on a full disk); a
         failed fsync panics the environment and raises
