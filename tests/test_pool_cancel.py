@@ -20,8 +20,8 @@ The await points of the pool, from the code:
   descriptor under the file's lock and the write's thread hop), ``settle_claims`` (a sync
   waiting for pages another writer has claimed), the re-collect after it, then the shielded
   fsync of every file with unsynced writes.
-- ``Pool._get_frame`` also awaits ``_take_over_dead_claims`` (a bucket walk that yields once
-  per cache) when it finds no victim; it changes only claims of dead processes.
+- ``Pool._get_frame`` also awaits ``_take_over_dead_claims`` (a bucket walk that yields about
+  every millisecond) when it finds no victim; it changes only claims of dead processes.
 - ``Env.close`` / ``PoolFile.close``: racing with any of the above.
 """
 

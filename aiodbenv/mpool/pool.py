@@ -742,9 +742,13 @@ class Pool:
 
         core = self._core
         found: list[tuple[Cache, int, int, int]] = []
+        since = time.monotonic()
         for cache in core.caches:
             w = cache.words
             for b, bw in enumerate(cache.bucket_words):
+                if not b & 255 and time.monotonic() - since > 0.001:
+                    await asyncio.sleep(0)  # a large cache: let the loop run meanwhile
+                    since = time.monotonic()
                 if not w[bw + B_COUNT]:
                     continue
                 with cache.mutexes[b]:
@@ -756,7 +760,6 @@ class Pool:
                             found.append((cache, b, off, int(w[x + H_IOPID])))
                         off = w[x + H_NEXT]
                         n += 1
-            await asyncio.sleep(0)
         alive: dict[int, bool] = {self._pid: True}
         taken = 0
         for cache, b, off, pid in found:
