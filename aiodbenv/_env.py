@@ -8,6 +8,7 @@ else is a few word reads on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import stat
 from collections.abc import Callable, Generator
@@ -229,6 +230,15 @@ class Env:
             undo=lambda opened: _close_quietly(opened[0]),
         )
         env = cls(core, pool)
+        if core.registry is not None:
+            # What processes that died with the environment open left is reclaimed now, and
+            # from then on by a small task of the pool (every REAP_INTERVAL seconds).
+            try:
+                pool.reap()
+            except Exception:
+                await env.close(nosync=True)
+                raise
+            pool._start_reaper()
         if trickle is not None:
             env.start_trickle(trickle)
         if checkpoint is not None:
@@ -363,9 +373,19 @@ class Env:
     def stat(self) -> EnvStat:
         """Region statistics (``db_stat -e``): regions, kinds, sizes, ids, handles, mutex waits.
 
+        ``processes`` lists the live processes' handles (pid, open since, pins held).
+
         Raises :class:`~aiodbenv.errors.RunRecovery` if the environment is panicked.
         """
-        return self._check().stat()
+        core = self._check()
+        st = core.stat()
+        if core.registry is None:
+            return st
+        pins = self._pool.slot_pins()
+        procs = tuple(
+            dataclasses.replace(p, pins=pins.get(p.slot, 0)) for p in core.registry.live()
+        )
+        return dataclasses.replace(st, processes=procs)
 
     async def close(self, *, nosync: bool = False) -> None:
         """Close the handle: uncount it, detach every region, release the home.

@@ -21,15 +21,16 @@ from pthread_cdef import CDEF
 HOT_CDEF = """
 void aiodb_set_layout(const uint64_t *values, int n);
 int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
-                      uint64_t pgno, uint64_t tag, uint64_t *examined);
+                      uint64_t pgno, uint64_t tag, uint64_t *examined, uint64_t slot);
 int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_t bucket_w,
-                uint64_t hdr_w, int flags);
+                uint64_t hdr_w, int flags, uint64_t slot);
 int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                             const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
                             uint64_t *hits, uint64_t *extra, uint64_t *longest,
-                            uint64_t *bucket);
+                            uint64_t *bucket, uint64_t slot);
 int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
-                   const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w, int flags);
+                   const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w, int flags,
+                   uint64_t slot);
 int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *nowait_w,
                        const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
                        const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno, char *dst,
@@ -54,7 +55,7 @@ HOT_SOURCE = r"""
 enum { L_H_NEXT, L_H_FILE, L_H_PGNO, L_H_REF, L_H_FLAGS, L_H_PRIO, L_B_HEAD, L_B_DIRTY,
        L_C_LRU, L_C_BUFFERS, L_BH_READING, L_BH_DIRTY, L_PAGE_DIRTY, L_PAGE_CLEAN,
        L_PAGE_DISCARD, L_BH_WRITING, L_H_IOPID, L_H_SIZE, L_BH_DATA, L_WAITS_FROM_NOWAITS,
-       L_BH_REDIRTIED, L_COUNT };
+       L_BH_REDIRTIED, L_H_PINS, L_COUNT };
 static uint64_t L[L_COUNT];
 
 void aiodb_set_layout(const uint64_t *values, int n) {
@@ -85,18 +86,27 @@ static int64_t lock(uint64_t *w, void *mutex, uint64_t nowait_w) {
     return r ? -(int64_t)r : 0;
 }
 
-/* Pin page `pgno` of file `tag` if it is in the chain at w[head_w] and not being read.
-   Returns its buffer offset (> 0), 0 if absent or being read, or a negative lock result. */
+/* The pin count of registry slot `slot` in the buffer at word x (16 bits per slot). */
+static inline uint16_t *slot_pins(uint64_t *w, uint64_t x, uint64_t slot) {
+    return (uint16_t *)(w + x + L[L_H_PINS]) + slot;
+}
+
+/* Pin page `pgno` of file `tag` if it is in the chain at w[head_w] and not being read,
+   counting the pin in registry slot `slot` too (ref is the sum of the slots' counts; both
+   change under the bucket mutex, so a holder killed between them is repaired by recounting).
+   Returns its buffer offset (> 0), 0 if absent, being read or the slot's count is full, or a
+   negative lock result. */
 int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
-                      uint64_t pgno, uint64_t tag, uint64_t *examined) {
+                      uint64_t pgno, uint64_t tag, uint64_t *examined, uint64_t slot) {
     int64_t rc = try_lock(w, mutex, nowait_w);
     if (rc) return rc;
     uint64_t n = 1, off = w[head_w];
     while (off) {
         uint64_t x = off >> 3;
         if (w[x + L[L_H_PGNO]] == pgno && w[x + L[L_H_FILE]] == tag) {
-            if (w[x + L[L_H_FLAGS]] & L[L_BH_READING]) off = 0;
-            else w[x + L[L_H_REF]]++;
+            uint16_t *mine = slot_pins(w, x, slot);
+            if ((w[x + L[L_H_FLAGS]] & L[L_BH_READING]) || *mine == 0xFFFF) off = 0;
+            else { w[x + L[L_H_REF]]++; (*mine)++; }
             break;
         }
         off = w[x + L[L_H_NEXT]];
@@ -107,10 +117,11 @@ int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head
     return (int64_t)off;
 }
 
-/* Unpin the buffer at word x with PAGE_* flags. Returns 1 if its last pin went, 0 if pins
-   remain, 2 if it had no pin (an over-unpin), or a negative lock result (nothing done). */
+/* Unpin the buffer at word x with PAGE_* flags, as registry slot `slot`. Returns 1 if its
+   last pin went, 0 if pins remain, 2 if it had no pin of that slot (an over-unpin), or a
+   negative lock result (nothing done). */
 int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_t bucket_w,
-                uint64_t hdr_w, int flags) {
+                uint64_t hdr_w, int flags, uint64_t slot) {
     int64_t rc = try_lock(w, mutex, nowait_w);
     if (rc) return (int)rc;
     uint64_t bh = w[x + L[L_H_FLAGS]];
@@ -126,13 +137,16 @@ int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_
     }
     int result;
     uint64_t ref = w[x + L[L_H_REF]];
-    if (!ref) {
+    uint16_t *mine = slot_pins(w, x, slot);
+    if (!ref || !*mine) {
         result = 2;
     } else if (--ref) {
         w[x + L[L_H_REF]] = ref;
+        (*mine)--;
         result = 0;
     } else {
         w[x + L[L_H_REF]] = 0;
+        (*mine)--;
         uint64_t counter = w[hdr_w + L[L_C_LRU]] + 1;
         w[hdr_w + L[L_C_LRU]] = counter;
         if (flags & L[L_PAGE_DISCARD]) w[x + L[L_H_PRIO]] = 0;
@@ -156,12 +170,12 @@ int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_
 int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                             const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
                             uint64_t *hits, uint64_t *extra, uint64_t *longest,
-                            uint64_t *bucket) {
+                            uint64_t *bucket, uint64_t slot) {
     uint64_t h = (pgno * 0x9E3779B1ULL + fidx * 509ULL) & 0xFFFFFFFFFFFFULL;
     uint64_t b = h % nb, examined;
     *bucket = b;
     int64_t off = aiodb_pin_hit(w, mutexes[b], nowait_w[b], bucket_w[b] + L[L_B_HEAD], pgno,
-                                fidx + 1, &examined);
+                                fidx + 1, &examined, slot);
     if (off > 0) {
         (*hits)++;
         if (examined > 1) {
@@ -174,8 +188,9 @@ int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_
 
 /* aiodb_unpin for buffer word x of bucket b, taking the per-cache arrays. */
 int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
-                   const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w, int flags) {
-    return aiodb_unpin(w, mutexes[b], nowait_w[b], x, bucket_w[b], hdr_w, flags);
+                   const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w, int flags,
+                   uint64_t slot) {
+    return aiodb_unpin(w, mutexes[b], nowait_w[b], x, bucket_w[b], hdr_w, flags, slot);
 }
 
 /* Write-back, step 1, for a batch of n buffers (bucket[i], bh[i]): lock the bucket; if the

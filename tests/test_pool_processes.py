@@ -700,29 +700,25 @@ async def test_process_killed_holding_a_pin(
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
 
-        # The dead process's pin leaks (no failchk), but everything else keeps working.
-        for _ in range(3):
-            for p in range(K_PAGES):
-                async with asyncio.timeout(10):
-                    async with f.get(p) as page:
-                        want = c_original(p, "k")
-                        if p == 5:
-                            want = b"KILLED" + want[6:]
-                        assert bytes(page.data) == want, p
+        # The dead process's pin is reclaimed by the reaper: no failchk, nothing to call. Its
+        # page was pinned and flagged dirty: it stays dirty and the next sync writes it.
+        started = time.monotonic()
         for p in range(10, 15):
             async with f.get(p) as page:
                 page.data[:3] = b"new"
                 page.mark_dirty()
-        with pytest.raises(Incomplete) as err:
-            await asyncio.wait_for(pool.sync(), 10)
-        result = err.value.result  # type: ignore[attr-defined]
-        assert (result.written, result.incomplete) == (5, 1)
+        result = await asyncio.wait_for(pool.sync(), 10)
+        assert time.monotonic() - started < 2.0 + 3.0  # 2 s, plus slack for a loaded machine
+        assert result.written == 6 and result.incomplete == 0
         on_disk = read_pages(os.path.join(home, "k.db"), C_PS)
-        assert on_disk[5] == c_original(5, "k")
+        assert on_disk[5] == b"KILLED" + c_original(5, "k")[6:]
         assert all(on_disk[p][:3] == b"new" for p in range(10, 15))
+        st = pool.stat()
+        assert (st.procs_reaped, st.pins_reclaimed, st.dirty_inherited) == (1, 1, 1)
+        assert env.stat().handles == 1
 
-        # The leak costs exactly the one frame: 19 more pins fit, a 20th does not.
-        held = await pin_all_frames(f, [p for p in range(C_FRAMES) if p != 5][: C_FRAMES - 1])
+        # The frame came back: every frame can be pinned again.
+        held = await pin_all_frames(f, list(range(C_FRAMES)))
         pool.fail_fast = True
         with pytest.raises(CacheFull):
             await f.pin(30)

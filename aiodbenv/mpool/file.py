@@ -12,13 +12,14 @@ import errno
 import mmap
 from typing import TYPE_CHECKING
 
+from .. import _io
 from ..errors import (
     InvalidArgument,
     NoSpace,
     PageNotFound,
     PermissionDenied,
 )
-from ..region.layout import MUTEX_SLOT, WORD
+from ..region.layout import MAX_PROCS, MUTEX_SLOT, WORD
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as _unlock
 from .layout import BH, BH_DIRTY, BH_READING, BH_REDIRTIED, BH_WRITING, FF_NO_MMAP
@@ -37,9 +38,11 @@ from .table import (
     H_IOPID,
     H_NEXT,
     H_PGNO,
+    H_PINS,
     H_PRIO,
     H_REF,
     H_SIZE,
+    PINS_HALF,
     Cache,
 )
 
@@ -82,6 +85,7 @@ if speedups is not None:
         BH.size,
         (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
         BH_REDIRTIED,
+        H_PINS,
     ]
     speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
     _c_pin_hit = speedups.aiodb_pin_hit
@@ -90,6 +94,7 @@ if speedups is not None:
 else:
     _c_pin_hit = _c_pin_one = _c_unpin = None
 _HS_LONG = _HS["hash_longest"]
+_NO_PINS = memoryview(bytes(2 * MAX_PROCS)).cast("H")
 
 
 class PoolFile:
@@ -142,6 +147,7 @@ class PoolFile:
         self._cache0 = self._caches[0]
         self._ncache = self._core.ncache
         self._hot = mapped is None  # False once closed, or for a mapped file
+        self._slot = pool._slot  # this handle's registry slot: where its pins are counted
         self._panic_w = pool._panic_words
         self._panic_i = pool._panic_index
         self._fs_hit = self._fs + _FS_HIT
@@ -259,9 +265,12 @@ class PoolFile:
             while off:
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
-                    if w[x + H_FLAGS] & BH_READING:
+                    p = (off >> 1) + PINS_HALF + self._slot
+                    halves = cache.halves
+                    if w[x + H_FLAGS] & BH_READING or halves[p] == 0xFFFF:
                         return None
                     w[x + H_REF] += 1
+                    halves[p] += 1
                     break
                 off = w[x + H_NEXT]
                 examined += 1
@@ -295,6 +304,7 @@ class PoolFile:
             pgno,
             self._tag,
             ex,
+            self._slot,
         )
         if off <= 0:
             if off == -errno.EOWNERDEAD:
@@ -327,6 +337,7 @@ class PoolFile:
             self._extra_ptr,
             self._longest_ptr,
             out,
+            self._slot,
         )
         if off <= 0:
             if off == -errno.EOWNERDEAD:
@@ -453,7 +464,16 @@ class PoolFile:
             while off:
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
+                    p = (off >> 1) + PINS_HALF + self._slot
+                    if cache.halves[p] == 0xFFFF:
+                        raise InvalidArgument(
+                            f"page {pgno} is pinned 65535 times by this handle: the most one "
+                            "handle may hold at once"
+                        )
+                    _io.step("pin.lookup")
                     w[x + H_REF] += 1
+                    _io.step("pin.counted")
+                    cache.halves[p] += 1
                     found = off
                     break
                 off = w[x + H_NEXT]
@@ -477,6 +497,9 @@ class PoolFile:
                     break
                 off = w[y + H_NEXT]
             else:
+                p = (frame >> 1) + PINS_HALF
+                cache.halves[p : p + MAX_PROCS] = _NO_PINS  # a recycled frame keeps old counts
+                cache.halves[p + self._slot] = 1
                 w[x + H_FILE] = tag
                 w[x + H_PGNO] = pgno
                 w[x + H_REF] = 1
@@ -487,6 +510,7 @@ class PoolFile:
                 w[x + H_NEXT] = w[bw + B_HEAD]
                 w[bw + B_HEAD] = frame  # one store publishes the complete header
                 w[bw + B_COUNT] += 1
+                _io.step("pin.inserted")
                 return True
         self._core.free_buffer(cache, frame)
         return False
@@ -607,6 +631,7 @@ class PoolFile:
                 bh >> 3,
                 cache.hdr,
                 flags,
+                self._slot,
             )
             if r == 1:
                 self._pool._frame_released()
@@ -630,9 +655,13 @@ class PoolFile:
             if flags & (PAGE_DIRTY | PAGE_CLEAN):
                 self._apply_dirty(w, x, cache.bucket_words[b], flags)
             ref = w[x + H_REF]
-            if ref:
+            p = (bh >> 1) + PINS_HALF + self._slot
+            halves = cache.halves
+            if ref and halves[p]:
                 ref -= 1
                 w[x + H_REF] = ref
+                _io.step("unpin.counted")
+                halves[p] -= 1
                 if not ref:
                     hdr = cache.hdr
                     counter = w[hdr + C_LRU] + 1

@@ -11,7 +11,7 @@ All offsets are byte offsets within the region that holds the structure; 0 means
 
 from __future__ import annotations
 
-from ..region.layout import MUTEX_SLOT, Layout
+from ..region.layout import MAX_PROCS, MUTEX_SLOT, WORD, Layout
 
 __all__ = [
     "BH",
@@ -91,6 +91,10 @@ BH = Layout(
         ("priority", 1),  # lru_counter stamp at the last unpin (0: evict first)
         ("page_size", 1),
         ("io_pid", 1),  # process doing the read or write (diagnostics, dead-reader cleanup)
+        # Pins per registry slot, 16 bits each (native order): ref is always their sum, so the
+        # reaper can drop exactly what a dead process held. Changed with ref, under the bucket
+        # mutex; a buffer newly linked zeroes them.
+        ("pins", MAX_PROCS * 2 // WORD),
     ],
 )
 

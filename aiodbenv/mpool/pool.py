@@ -34,6 +34,7 @@ from ..errors import (
     RunRecovery,
 )
 from ..region.backing import Region
+from ..region.layout import MAX_PROCS
 from .file import MODE_NEW, PoolFile
 from .layout import (
     BH,
@@ -46,6 +47,7 @@ from .layout import (
     FF_NOFILE,
     FF_TEMP,
 )
+from .reaper import REAP_INTERVAL, Reaped, reap
 from .table import (
     _F,
     _FS,
@@ -57,6 +59,7 @@ from .table import (
     H_IOPID,
     H_NEXT,
     H_REF,
+    PINS_HALF,
     Cache,
     PoolCore,
     Victim,
@@ -204,6 +207,10 @@ class Pool:
         self._wfds: dict[int, int] = {}
         self._wfd_locks: dict[int, asyncio.Lock] = {}
         self._claims_swept = 0.0  # when _get_frame last looked for dead writers' claims
+        #: This handle's registry slot: the per-buffer pin counts it changes (0: private).
+        self._slot = env.registry.slot if env.registry is not None else 0
+        self._reaped_at = 0.0  # when the reaper last looked, from a frame or sync wait
+        self._reaper_task: asyncio.Task[None] | None = None
         self._no_nowait: set[int] = set()  # descriptors whose filesystem refuses RWF_NOWAIT
         self._changed: asyncio.Event | None = None
         self._waiters = 0
@@ -651,6 +658,54 @@ class Pool:
             dirty += sum(int(w[bw + B_DIRTY]) for bw in cache.bucket_words)
         return dirty / total if total else 0.0
 
+    # -- dead processes -------------------------------------------------------------------------
+
+    def reap(self) -> list[Reaped]:
+        """Reclaim what dead processes held (their pins, reads and write claims; see
+        :mod:`aiodbenv.mpool.reaper`) and return what was done. Runs by itself (at open,
+        every :data:`~aiodbenv.mpool.reaper.REAP_INTERVAL` seconds, and when a pin or a sync
+        finds pages held); call it to reap at once. Nothing to do for a private environment."""
+        self._check()
+        self._reaped_at = time.monotonic()
+        return reap(self)
+
+    def _pin_holders_text(self) -> str:
+        """``"; pins held by process(es) [pid (n pins), ...]"``, from the registry (empty for a
+        private environment): who a wait for a frame waited on."""
+        reg = self._env.registry
+        if reg is None:
+            return ""
+        pins = self.slot_pins()
+        held = [
+            f"{p.pid}{' (this process)' if p.pid == self._pid else ''} ({pins[p.slot]} pins)"
+            for p in reg.live()
+            if pins.get(p.slot)
+        ]
+        return f"; pins held by process(es) {', '.join(held)}" if held else ""
+
+    def _reap_due(self) -> bool:
+        """Reap now if a wait is about to start and the reaper has not looked in the last
+        50 ms; True if something was reclaimed."""
+        if self._env.registry is None or time.monotonic() - self._reaped_at < 0.05:
+            return False
+        return bool(self.reap())
+
+    def _start_reaper(self) -> None:
+        """Start the background look for dead processes (a shared environment's handle)."""
+        if self._env.registry is not None and self._reaper_task is None:
+            self._reaper_task = asyncio.get_running_loop().create_task(
+                self._reaper_loop(), name="aiodbenv reaper"
+            )
+
+    async def _reaper_loop(self) -> None:
+        while not self._closing:
+            try:
+                if not self._env.panicked:
+                    self.reap()
+            except Exception:  # reported, and looked at again next time
+                logger.exception("the reaper of dead processes failed")
+            await asyncio.sleep(REAP_INTERVAL)
+
     def _frame_released(self) -> None:
         if self._waiters:
             self._notify()
@@ -718,6 +773,8 @@ class Pool:
                 self._claims_swept = time.monotonic()
                 if await self._take_over_dead_claims():
                     continue
+            if self._reap_due():
+                continue  # a dead process's pins were dropped: look again
             if self.fail_fast:
                 raise CacheFull(
                     "unable to allocate space from the buffer cache: every frame is pinned"
@@ -729,7 +786,7 @@ class Pool:
             elif now >= deadline:
                 raise CacheFull(
                     f"unable to allocate space from the buffer cache: every frame stayed "
-                    f"pinned for {self.wait_timeout} s"
+                    f"pinned for {self.wait_timeout} s{self._pin_holders_text()}"
                 )
             await self._wait_change(min(delay, deadline - now))
             delay = min(delay * 2, 0.005)
@@ -874,9 +931,19 @@ class Pool:
         w = cache.words
         x = bh >> 3
         with cache.mutexes[b]:
-            if w[x + H_REF]:
+            if w[x + H_REF] and self._drop_slot_pin(cache, bh):
                 w[x + H_REF] -= 1
         self._frame_released()
+
+    def _drop_slot_pin(self, cache: Cache, bh: int) -> bool:
+        """Take one pin off this handle's count in buffer ``bh`` (bucket mutex held); False if
+        it had none."""
+        p = (bh >> 1) + PINS_HALF + self._slot
+        halves = cache.halves
+        if not halves[p]:
+            return False
+        halves[p] -= 1
+        return True
 
     async def _fill_job(
         self, f: PoolFile, cache: Cache, b: int, bh: int, pgno: int, mode: int
@@ -906,7 +973,8 @@ class Pool:
         with cache.mutexes[b]:
             cache.unlink(b, bh)
             w[x + H_FLAGS] = BH_FAILED
-            w[x + H_REF] -= 1
+            if self._drop_slot_pin(cache, bh):
+                w[x + H_REF] -= 1
             last = w[x + H_REF] == 0
         if last:
             self._core.free_buffer(cache, bh)
@@ -939,7 +1007,8 @@ class Pool:
         w = cache.words
         x = bh >> 3
         with cache.mutexes[b]:
-            w[x + H_REF] -= 1
+            if self._drop_slot_pin(cache, bh):
+                w[x + H_REF] -= 1
             last = w[x + H_REF] == 0 and w[x + H_FLAGS] & BH_FAILED
         if last:
             self._core.free_buffer(cache, bh)
@@ -951,6 +1020,9 @@ class Pool:
         x = bh >> 3
         pid = int(w[x + H_IOPID])
         if not pid or pid == self._pid or is_alive(pid):
+            return
+        if self._env.registry is not None:
+            self.reap()  # fails the dead reader's read and drops its pin, by its slot
             return
         with cache.mutexes[b]:
             if not (w[x + H_FLAGS] & BH_READING and w[x + H_IOPID] == pid):
@@ -1075,7 +1147,30 @@ class Pool:
         self._check()
         from .stat import pool_stat
 
-        return pool_stat(self._core)
+        env = self._env
+        reaper = tuple(
+            env.env_field(name) for name in ("procs_reaped", "pins_reclaimed", "dirty_inherited")
+        )
+        return pool_stat(self._core, reaper)  # type: ignore[arg-type]
+
+    def slot_pins(self) -> dict[int, int]:
+        """Pins held per registry slot, summed over every buffer (for statistics; reads the
+        counts without locking, so a figure may be a pin off while pins change)."""
+        out: dict[int, int] = {}
+        for cache in self._core.caches:
+            w = cache.words
+            halves = cache.halves
+            for bw in cache.bucket_words:
+                off = int(w[bw + B_HEAD])
+                n = 0
+                while off and n < 1 << 20:
+                    p = (off >> 1) + PINS_HALF
+                    for s, c in enumerate(halves[p : p + MAX_PROCS]):
+                        if c:
+                            out[s] = out.get(s, 0) + c
+                    off = int(w[(off >> 3) + H_NEXT])
+                    n += 1
+        return out
 
     async def _close(self) -> None:
         """Close every file this handle opened and detach (at Env close). New calls fail with
@@ -1085,6 +1180,10 @@ class Pool:
             return
         self._closing = True
         self._notify()
+        task, self._reaper_task = self._reaper_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await self._quiesce()
         try:
             for f in list(self._files):

@@ -57,7 +57,9 @@ class PoolStat:
     ``write_calls``, ``bytes_out``, ``write_failures``, ``sync_calls``, ``dirtied_bytes``
     (bytes of pages unpinned dirty), what the background workers wrote (``trickle_*`` and
     ``checkpoint_*``: runs, pages, write calls, bytes, failures: what each costs a flash
-    device), and ``files``.
+    device), what the reaper of dead processes did (``procs_reaped``: dead handles whose
+    slots it freed; ``pins_reclaimed``: the pins they held, dropped; ``dirty_inherited``: pages
+    they held pinned and dirty, kept dirty for the next sync), and ``files``.
     """
 
     cache_size: int
@@ -98,6 +100,9 @@ class PoolStat:
     checkpoint_write_calls: int
     checkpoint_bytes: int
     checkpoint_failures: int
+    procs_reaped: int
+    pins_reclaimed: int
+    dirty_inherited: int
     files: tuple[FileStat, ...]
 
 
@@ -116,8 +121,9 @@ def file_stat(core: PoolCore, fidx: int) -> FileStat:
     )
 
 
-def pool_stat(core: PoolCore) -> PoolStat:
-    """Statistics of the whole pool."""
+def pool_stat(core: PoolCore, reaper: tuple[int, int, int] = (0, 0, 0)) -> PoolStat:
+    """Statistics of the whole pool; ``reaper`` is ``(procs_reaped, pins_reclaimed,
+    dirty_inherited)`` from the environment's registry."""
     files = tuple(file_stat(core, i) for i in core.file_slots())
     g = core.global_stats()
     pages = dirty = waits = nowaits = 0
@@ -171,5 +177,8 @@ def pool_stat(core: PoolCore) -> PoolStat:
         sync_calls=g["sync_calls"],
         **{f: g[f] for f in g if f.startswith(("trickle_", "checkpoint_"))},
         dirtied_bytes=g["dirtied_bytes"],
+        procs_reaped=reaper[0],
+        pins_reclaimed=reaper[1],
+        dirty_inherited=reaper[2],
         files=files,
     )

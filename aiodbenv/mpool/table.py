@@ -26,7 +26,7 @@ from .._config import DEFAULT_MMAP_SIZE, DEFAULT_PAGE_SIZE, Settings
 from ..errors import CacheFull, InvalidArgument
 from ..region.alloc import Allocator
 from ..region.backing import Region
-from ..region.layout import ALLOC_CHUNK, MUTEX_SLOT, REGION_HEADER, WORD
+from ..region.layout import ALLOC_CHUNK, MAX_PROCS, MUTEX_SLOT, REGION_HEADER, WORD
 from ..region.mutex import NullMutex, SharedMutex, ffi
 from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
@@ -67,6 +67,9 @@ B_DIRTY = _B["dirty"]
 B_COUNT = _B["count"]
 H_NEXT, H_FILE, H_PGNO, H_REF = _H["next"], _H["file"], _H["pgno"], _H["ref"]
 H_FLAGS, H_PRIO, H_SIZE, H_IOPID = _H["flags"], _H["priority"], _H["page_size"], _H["io_pid"]
+H_PINS = _H["pins"]
+#: Offset of a buffer's per-slot pin counts in 16-bit units: ``halves[bh // 2 + PINS_HALF + s]``
+PINS_HALF = BH.offset("pins") // 2
 
 _CACHE_BASE = REGION_HEADER.size  # CACHE_HEADER follows the region header
 _POOL_BASE = REGION_HEADER.size + CACHE_HEADER.size  # POOL_HEADER follows, in cache 0 only
@@ -155,6 +158,7 @@ class Cache:
         "c_bucket_words",
         "c_mptrs",
         "c_nowait_words",
+        "halves",
         "hdr",
         "index",
         "mptrs",
@@ -170,6 +174,7 @@ class Cache:
         self.region = region
         self.words = w = region.words
         self.buf = region.buf
+        self.halves = region.halves
         self.hdr = _CACHE_BASE // WORD
         self.index = int(w[self.hdr + _C["cache_index"]])
         self.nbuckets = nb = int(w[self.hdr + _C["nbuckets"]])
@@ -220,8 +225,8 @@ class Cache:
         return int(waits), int(nowaits)
 
     def repair_bucket(self, b: int) -> None:
-        """Recount a bucket after its mutex holder died: chain length and dirty count (buffers
-        flagged DIRTY; one being written is not dirty until its write fails).
+        """Recount a bucket after its mutex holder died: chain length, dirty count (buffers
+        flagged DIRTY) and each buffer's pins (the sum of its per-slot counts).
 
         The chain itself is only changed by single-word stores (a buffer is linked with one
         store of ``head`` or ``next`` after it is complete), so it is always walkable.
@@ -231,11 +236,15 @@ class Cache:
         count = dirty = 0
         off = w[bw + B_HEAD]
         limit = self.region.size // BH.size
+        halves = self.halves
         while off and count <= limit:
             h = off >> 3
             count += 1
             if w[h + H_FLAGS] & BH_DIRTY:
                 dirty += 1
+            # A holder killed between changing ref and its slot's count: ref is their sum.
+            p = off // 2 + PINS_HALF
+            w[h + H_REF] = sum(halves[p : p + MAX_PROCS])
             off = w[h + H_NEXT]
         if off:
             raise InvalidArgument(f"bucket {b} chain loops")

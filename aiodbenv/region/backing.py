@@ -65,7 +65,17 @@ def region_file_name(region_id: int) -> str:
 class Region:
     """One attached region: its bytes, its words and a pointer, whatever backs it."""
 
-    __slots__ = ("_closer", "backing", "base", "buf", "kind", "region_id", "size", "words")
+    __slots__ = (
+        "_closer",
+        "backing",
+        "base",
+        "buf",
+        "halves",
+        "kind",
+        "region_id",
+        "size",
+        "words",
+    )
 
     def __init__(
         self,
@@ -83,6 +93,8 @@ class Region:
         self.backing = backing
         self.buf = memoryview(exporter)[:size]
         self.words = self.buf.cast("Q")
+        #: The region as 16-bit words: the per-slot pin counts of buffer headers.
+        self.halves = self.buf.cast("H")
         self.base = ffi.from_buffer(exporter, require_writable=True)
         self._closer = closer
 
@@ -95,6 +107,7 @@ class Region:
         """
         ffi.release(self.base)
         self.words.release()
+        self.halves.release()
         self.buf.release()
         self._closer()
 

@@ -86,6 +86,7 @@ from .layout import (
     WORD,
 )
 from .mutex import BACKEND, NullMutex, SharedMutex
+from .registry import LOCK_FILE, ProcInfo, Registry
 
 __all__ = [
     "EnvCore",
@@ -148,7 +149,8 @@ class EnvStat:
     ``handles`` is the number of open handles in all processes as the environment counts them;
     ``mutex_waits``/``mutex_nowaits`` count lock calls that had to block or did not, summed over
     the environment's mutexes, and ``mutex_owner_died`` the times a locker found the previous
-    holder dead.
+    holder dead. ``processes`` lists the registry's slots in use (shared environments): each
+    open handle's pid, when it opened, and the pins it holds.
     """
 
     home: str
@@ -172,6 +174,7 @@ class EnvStat:
     mutex_waits: int
     mutex_nowaits: int
     mutex_owner_died: int
+    processes: tuple[ProcInfo, ...] = ()
 
 
 # -- home directory lock ----------------------------------------------------------------------
@@ -301,6 +304,8 @@ class EnvCore:
         self.regions = regions
         self._home_lock = home_lock
         self.closed = False
+        #: This handle's slot in the registry of live processes (shared environments only).
+        self.registry: Registry | None = None
         r1 = regions[0]
         self._w = r1.words
         if kind == KIND_PRIVATE:
@@ -408,7 +413,11 @@ class EnvCore:
                     n = self.env_field("refcnt")
                     self._set_env_field("refcnt", n - 1 if n > 0 else 0)
         finally:
-            self.release()
+            try:
+                if self.registry is not None and not panicked:
+                    self.registry.leave()
+            finally:
+                self.release()
         if panicked:
             raise RunRecovery(
                 f"PANIC: environment {self.home} was panicked while this handle was open; "
@@ -421,6 +430,8 @@ class EnvCore:
             return
         self.closed = True
         try:
+            if self.registry is not None:
+                self.registry._drop_fd()  # the kernel drops our slot's lock with it
             for region in reversed(self.regions):
                 region.close()
         finally:
@@ -927,7 +938,20 @@ def open_environment(
     except BaseException:
         core.release()
         raise
+    if core.kind != KIND_PRIVATE:
+        try:
+            core.registry = Registry(home, core._w, core.mutex, core.env_field("mode"))
+        except BaseException:
+            _close_after_failure(core)
+            raise
     return core
+
+
+def _close_after_failure(core: EnvCore) -> None:
+    try:
+        core.close()
+    except Exception:  # the first error is the one to report
+        logger.debug("closing after a failed open", exc_info=True)
 
 
 # -- removing ---------------------------------------------------------------------------------
@@ -1015,6 +1039,12 @@ def _remove_locked(home: str, force: bool) -> None:
         if kind == KIND_SYSTEM:
             for _rid, _t, _size, _key, shm_id in table:
                 remove_system_segment(shm_id, env_id)
+    procs = os.path.join(home, LOCK_FILE)
+    if os.path.isfile(procs) and not os.path.islink(procs):
+        try:
+            _io.unlink(procs)  # before __db.001: a joiner racing us sees no half-removed env
+        except FileNotFoundError:
+            pass
     for name in _region_files(home):
         path = os.path.join(home, name)
         if not os.path.isfile(path) or os.path.islink(path):

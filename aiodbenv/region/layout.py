@@ -23,9 +23,11 @@ __all__ = [
     "KIND_PRIVATE",
     "KIND_SYSTEM",
     "LAYOUT_VERSION",
+    "MAX_PROCS",
     "MAX_REGIONS",
     "MUTEX_SLOT",
     "MUTEX_STORAGE_BYTES",
+    "PROC_SLOT",
     "REGION_ENTRY",
     "REGION_HEADER",
     "REGION_MAGIC",
@@ -41,7 +43,7 @@ __all__ = [
 WORD = 8
 
 #: Bumped whenever a layout or a field's meaning changes.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 # The magics spell "aiodbreg", "aiodbenv" and "aiodbshm" in little-endian ASCII, which makes
 # them easy to spot in a hex dump of a region file or segment.
@@ -64,6 +66,11 @@ MAX_REGIONS = 32
 #: Opaque storage for one pthread mutex. glibc's pthread_mutex_t is 40 bytes on x86-64 and
 #: 48 on some other 64-bit targets; 64 leaves room without hard-coding the struct.
 MUTEX_STORAGE_BYTES = 64
+
+#: Slots of the registry of live processes (handles, in fact: each open handle of a shared
+#: environment takes one). Every buffer header keeps a 16-bit pin count per slot, so this is
+#: also the width of that array: 64 slots cost 128 bytes per buffer.
+MAX_PROCS = 64
 
 
 class Layout:
@@ -150,6 +157,20 @@ ALLOC_CHUNK = Layout(
     ],
 )
 
+#: One slot of the registry of live processes (see :mod:`aiodbenv.region.registry`). The
+#: owner holds an OFD byte lock on byte ``slot`` of the home's ``__db.procs`` while it is open.
+PROC_SLOT = Layout(
+    "proc_slot",
+    [
+        ("state", 1),  # 0 free, 1 in use, 2 being reaped (by the process in "reaper")
+        ("pid", 1),
+        ("start_time", 1),  # /proc/PID/stat field 22: tells a recycled pid from the owner
+        ("opened_ns", 1),  # time.time_ns() when the slot was taken
+        ("reaper", 1),  # state 2: pid of the process reaping it
+        ("reaper_start", 1),  # and that process's start time
+    ],
+)
+
 #: One row of the environment's region table.
 REGION_ENTRY = Layout(
     "region_entry",
@@ -185,6 +206,11 @@ ENV_HEADER = Layout(
         ("flags", 1),  # FLAG_BITS of aiodbenv._config
         ("mutex", MUTEX_SLOT),  # protects refcnt, opens and the region table
         ("regions", REGION_ENTRY.size // WORD * MAX_REGIONS),
+        # The registry of live processes (under "mutex") and what its reaper did.
+        ("procs_reaped", 1),  # dead processes' slots reaped
+        ("pins_reclaimed", 1),  # pins those processes held, dropped
+        ("dirty_inherited", 1),  # pages they held pinned and flagged dirty (kept dirty)
+        ("procs", PROC_SLOT.size // WORD * MAX_PROCS),
     ],
 )
 

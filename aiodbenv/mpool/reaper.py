@@ -1,0 +1,177 @@
+"""The reaper: what a dead process held in the pool is given back, without anyone asking.
+
+A handle of a shared environment has a slot in the registry of live processes
+(:mod:`aiodbenv.region.registry`), and every buffer header counts pins per slot, so a
+buffer's ``ref`` is always the sum of its slots' counts. When a slot's owner is found dead
+(its OFD lock byte free, or its pid gone or recycled), the reaper claims the slot, and under
+each bucket mutex in turn:
+
+- drops the dead slot's pins (the count goes to 0 and ``ref`` is recomputed as the sum of the
+  other slots', which also repairs a ``ref`` left one off by a process killed between the two
+  stores -- both are made under the bucket mutex, whose robust repair recounts the same way);
+- fails a read the dead process had in flight (the page is unlinked and flagged failed, so its
+  waiters retry; the frame goes back to the cache with the last pin);
+- releases a write claim it held (the page kept ``DIRTY`` through the write, so it is written
+  again by the next sync).
+
+A page the dead process held pinned and had flagged dirty stays dirty: it is written by the
+next sync or eviction, and counted in ``dirty_inherited``. Changes it made in place without
+flagging the page dirty (``set(dirty=True)`` or a dirty unpin) are unknown to the pool.
+
+Then the slot is freed, the environment's handle count is corrected, and one WARNING per dead
+process names its pid and the pages it held.
+
+It runs when a handle opens the environment, every :data:`REAP_INTERVAL` seconds from a small
+task of each pool, when a pin finds no free frame, when a sync finds pinned dirty pages, and by
+hand with ``python -m aiodbenv failchk``. A stopped process (SIGSTOP, a debugger) still holds
+its lock and is never reaped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..region.layout import MAX_PROCS
+from ..region.registry import ProcInfo
+from .layout import BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING
+from .table import B_HEAD, H_FILE, H_FLAGS, H_IOPID, H_NEXT, H_PGNO, H_REF, PINS_HALF, Cache
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+__all__ = ["REAP_INTERVAL", "Reaped", "reap"]
+
+logger = logging.getLogger("aiodbenv")
+
+#: Seconds between two looks for dead processes by a pool's background task.
+REAP_INTERVAL = 1.0
+
+#: Pages named in a reaper's warning before it says "and N more".
+_NAMED_PAGES = 16
+
+
+@dataclass
+class Reaped:
+    """What reaping one dead handle did: its ``slot`` and ``pid``, the ``pins`` dropped,
+    the ``pages`` ``(file, pgno)`` it held pinned (``file`` is the path, or ``#index`` for a
+    temporary file), the ``dirty`` ones of them kept dirty, the ``reads`` in flight failed
+    (their waiters retry) and the write ``claims`` released."""
+
+    slot: int
+    pid: int
+    opened: float
+    pins: int = 0
+    pages: list[tuple[str, int]] = field(default_factory=list)
+    dirty: int = 0
+    reads: int = 0
+    claims: int = 0
+
+
+def reap(pool: Pool) -> list[Reaped]:
+    """Reap every dead handle of the environment (see the module docstring); returns what
+    was done, one entry per slot. Does nothing for a private environment. Synchronous and
+    bounded: one walk of the buckets per dead handle, one bucket mutex at a time."""
+    reg = pool._env.registry
+    if reg is None or pool._env.closed:
+        return []
+    out = []
+    for slot in reg.dead_slots():
+        info = reg.claim(slot)
+        if info is None:
+            continue  # alive after all, or another process reaps it
+        done = _reap_slot(pool, info)
+        if reg.free(slot, pins=done.pins, dirty=done.dirty):
+            out.append(done)
+    if out:
+        _log(out)
+        pool._frame_released()  # frames came back: wake whoever waits for one
+    return out
+
+
+def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
+    core = pool._core
+    reg = pool._env.registry
+    assert reg is not None
+    s, pid = info.slot, info.pid
+    # A live handle with the same pid (a recycled one) owns any read or write claim by it.
+    others = {p.pid for p in reg.live() if p.slot != s and not reg.is_dead(p.slot)}
+    done = Reaped(slot=s, pid=pid, opened=info.opened)
+    claims: list[tuple[Cache, int, int]] = []
+    freed: list[tuple[Cache, int]] = []
+    names: dict[int, str] = {}
+    for cache in core.caches:
+        w = cache.words
+        halves = cache.halves
+        limit = cache.region.size // 64 + 1  # a bound on any chain: no loop on corruption
+        for b, bw in enumerate(cache.bucket_words):
+            if not w[bw + B_HEAD]:
+                continue
+            cache.lock(b)
+            try:
+                off = int(w[bw + B_HEAD])
+                n = 0
+                while off and n < limit:
+                    n += 1
+                    x = off >> 3
+                    nxt = int(w[x + H_NEXT])
+                    p = (off >> 1) + PINS_HALF
+                    held = int(halves[p + s])
+                    flags = int(w[x + H_FLAGS])
+                    if held:
+                        halves[p + s] = 0
+                        done.pins += held
+                        fidx = int(w[x + H_FILE]) - 1
+                        if fidx not in names:
+                            names[fidx] = core.file_name(fidx) or f"#{fidx}"
+                        done.pages.append((names[fidx], int(w[x + H_PGNO])))
+                        if flags & BH_DIRTY:
+                            done.dirty += 1
+                    ref = sum(halves[p : p + MAX_PROCS])
+                    if w[x + H_REF] != ref:
+                        w[x + H_REF] = ref
+                    dead_io = int(w[x + H_IOPID]) == pid and pid not in others
+                    if flags & BH_READING and dead_io and held:
+                        # Its read will never finish: waiters see FAILED and retry.
+                        cache.unlink(b, off)
+                        w[x + H_FLAGS] = BH_FAILED
+                        done.reads += 1
+                        if not ref:
+                            freed.append((cache, off))
+                    elif flags & BH_WRITING and dead_io:
+                        claims.append((cache, b, off))
+                    off = nxt
+            finally:
+                cache.unlock(b)
+    from .sync import take_over_claim
+
+    for cache, b, off in claims:
+        if take_over_claim(cache, b, off, pid):
+            done.claims += 1
+    for cache, off in freed:
+        core.free_buffer(cache, off)
+    return done
+
+
+def _log(reaped: list[Reaped]) -> None:
+    by_pid: dict[int, list[Reaped]] = {}
+    for r in reaped:
+        by_pid.setdefault(r.pid, []).append(r)
+    for pid, parts in by_pid.items():
+        pages = [pg for r in parts for pg in r.pages]
+        shown = ", ".join(f"{name}:{pgno}" for name, pgno in pages[:_NAMED_PAGES])
+        more = f" and {len(pages) - _NAMED_PAGES} more" if len(pages) > _NAMED_PAGES else ""
+        logger.warning(
+            "process %d died with the environment open (%d handle(s)): dropped %d pin(s) of "
+            "%d page(s)%s; %d dirty page(s) inherited (written by the next sync), %d read(s) "
+            "failed for retry, %d write claim(s) released",
+            pid,
+            len(parts),
+            sum(r.pins for r in parts),
+            len(pages),
+            f" [{shown}{more}]" if pages else "",
+            sum(r.dirty for r in parts),
+            sum(r.reads for r in parts),
+            sum(r.claims for r in parts),
+        )
