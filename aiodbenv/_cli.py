@@ -4,8 +4,9 @@ entry point.
 ``demo`` shows an environment shared between two processes; ``stat -e``/``-m`` prints region
 or pool statistics (``db_stat``); ``checkpoint`` keeps an environment checkpointed
 (``db_checkpoint``), exiting cleanly on SIGTERM or SIGINT; ``watch`` shows live statistics;
-``remove`` removes an environment (``DB_ENV->remove``). Errors are one line on stderr and a
-non-zero exit status.
+``remove`` removes an environment (``DB_ENV->remove``); ``failchk`` reclaims what dead
+processes held (Berkeley DB's failchk) and prints what it did. Errors are one line on stderr
+and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def format_env_stat(st: EnvStat) -> str:
         f"Mutex no-waits:             {st.mutex_nowaits}",
         f"Mutex holders found dead:   {st.mutex_owner_died}",
         f"Regions:                    {len(st.regions)}",
+        f"Live processes:             {len(st.processes)}",
     ]
+    for proc in st.processes:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(proc.opened))
+        lines.append(f"  pid {proc.pid:<8} open since {since}, {proc.pins} pin(s) held")
     for r in st.regions:
         lines += [
             "=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=-=",
@@ -118,6 +123,9 @@ def format_pool_stat(st: PoolStat) -> str:
         (st.checkpoint_write_calls, "Write calls by checkpoint workers"),
         (_size(st.checkpoint_bytes), "Bytes written by checkpoint workers"),
         (st.checkpoint_failures, "Checkpoint worker failures"),
+        (st.procs_reaped, "Dead processes reaped"),
+        (st.pins_reclaimed, "Pins of dead processes reclaimed"),
+        (st.dirty_inherited, "Dirty pages inherited from dead processes"),
     ]
     lines = [f"{v!s:<12}{text}" for v, text in rows]
     for f in st.files:
@@ -288,6 +296,28 @@ def _watch_text(st: EnvStat, ps: PoolStat, checkpoint: float | None) -> str:
     return "\n".join(lines)
 
 
+async def _failchk(args: argparse.Namespace) -> int:
+    async with Env.open(args.h) as env:
+        # Opening reaps already (as every open does); then look once more.
+        reaped = env.pool._reaped_at_open + env.pool.reap()
+        for r in reaped:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.opened))
+            pages = ", ".join(f"{name}:{pgno}" for name, pgno in r.pages[:16])
+            more = f" and {len(r.pages) - 16} more" if len(r.pages) > 16 else ""
+            print(
+                f"failchk: process {r.pid} (open since {since}) is dead: dropped {r.pins} "
+                f"pin(s) of {len(r.pages)} page(s){f' [{pages}{more}]' if pages else ''}, "
+                f"{r.dirty} dirty page(s) kept dirty, {r.reads} read(s) failed for retry, "
+                f"{r.claims} write claim(s) released"
+            )
+        live = [p.pid for p in env.stat().processes if p.pid != os.getpid()]
+        print(
+            f"failchk: {len(reaped)} dead handle(s) reaped; "
+            f"{len(live)} other live handle(s)" + (f" (pids {sorted(live)})" if live else "")
+        )
+    return 0
+
+
 async def _remove(args: argparse.Namespace) -> int:
     await Env.remove(args.h, force=args.f)
     return 0
@@ -388,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "remove": _remove,
         "checkpoint": _checkpoint,
         "watch": _watch,
+        "failchk": _failchk,
     }[args.command]
     try:
         return asyncio.run(handler(args))
@@ -420,6 +451,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("remove", "remove an environment (DB_ENV->remove)"),
         ("checkpoint", "keep an environment checkpointed (db_checkpoint)"),
         ("watch", "live statistics, refreshed in place"),
+        ("failchk", "reclaim what dead processes held, and say what (DB_ENV->failchk)"),
     ):
         sp = sub.add_parser(name, help=text, add_help=False)
         sp.add_argument("--help", action="help", help="show this help and exit")
@@ -462,7 +494,7 @@ def _build_parser() -> argparse.ArgumentParser:
                 metavar="X",
                 help="spread each checkpoint over this share of the interval",
             )
-        else:
+        elif name == "watch":
             sp.add_argument(
                 "-i",
                 "--interval",

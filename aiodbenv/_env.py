@@ -234,7 +234,7 @@ class Env:
             # What processes that died with the environment open left is reclaimed now, and
             # from then on by a small task of the pool (every REAP_INTERVAL seconds).
             try:
-                pool.reap()
+                pool._reaped_at_open = pool.reap()
             except Exception:
                 await env.close(nosync=True)
                 raise

@@ -419,3 +419,43 @@ async def test_worker_killed_and_restarted(
     finally:
         await e.close(nosync=True)
         await aiodbenv.Env.remove(home, force=True)
+
+
+# -- by hand: failchk, and what stat shows ------------------------------------------------------
+
+
+async def test_failchk_and_stat_commands(home: str, procs: list[subprocess.Popen[str]]) -> None:
+    from .test_cli import run
+
+    e = await aiodbenv.Env.open(home, create=True, cache_size=32 * PS, page_size=PS)
+    async with e.pool.open_file("r.db", create=True, page_size=PS) as f:
+        for p in range(8):
+            async with f.get(p, create=True):
+                pass
+    await e.pool.sync()
+    await e.close()  # nobody here to reap: the command must do it
+    try:
+        child = spawn(HOLD, home, "3")
+        procs.append(child)
+        assert line(child) == "HOLDING"
+        out = run("stat", "-e", "-h", home)
+        assert out.returncode == 0, out.stderr
+        assert f"pid {child.pid} " in out.stdout and "3 pin(s) held" in out.stdout
+        child.kill()
+        child.wait(timeout=10)
+        out = run("failchk", "-h", home)
+        assert out.returncode == 0, out.stderr
+        assert f"process {child.pid} " in out.stdout
+        assert "dropped 3 pin(s) of 3 page(s)" in out.stdout
+        assert "r.db:0" in out.stdout
+        assert "1 dead handle(s) reaped" in out.stdout
+        out = run("failchk", "-h", home)
+        assert "0 dead handle(s) reaped" in out.stdout
+        out = run("stat", "-m", "-h", home)
+        assert "Dead processes reaped" in out.stdout
+        rows = {" ".join(r.split()[1:]): r.split()[0] for r in out.stdout.splitlines() if r}
+        assert rows["Dead processes reaped"] == "1"
+        assert rows["Pins of dead processes reclaimed"] == "3"
+        assert rows["Dirty pages inherited from dead processes"] == "0"
+    finally:
+        await aiodbenv.Env.remove(home, force=True)

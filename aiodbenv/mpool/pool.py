@@ -211,6 +211,7 @@ class Pool:
         self._slot = env.registry.slot if env.registry is not None else 0
         self._reaped_at = 0.0  # when the reaper last looked, from a frame or sync wait
         self._reaper_task: asyncio.Task[None] | None = None
+        self._reaped_at_open: list[Reaped] = []  # for failchk: what opening this handle reaped
         self._no_nowait: set[int] = set()  # descriptors whose filesystem refuses RWF_NOWAIT
         self._changed: asyncio.Event | None = None
         self._waiters = 0
