@@ -459,3 +459,43 @@ async def test_failchk_and_stat_commands(home: str, procs: list[subprocess.Popen
         assert rows["Dirty pages inherited from dead processes"] == "0"
     finally:
         await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_a_busy_bucket_never_blocks_the_reaper(env: aiodbenv.Env, home: str) -> None:
+    """A bucket mutex held by a live process (stopped, say) makes the reaper give the slot
+    back for its next look, within milliseconds, instead of blocking the event loop."""
+    from aiodbenv.region import registry as r
+
+    slot = MAX_PROCS - 2
+    w, base = _slot_words(env, slot)
+    async with env.pool.open_file("r.db", page_size=PS) as f:
+        async with f.get(5) as page:
+            cache, bh, b = page._cache, page._bh, page._bucket
+            assert cache is not None
+        with env._core.mutex:  # a dead handle (lock byte free) that left one pin on page 5
+            w[base + r._P["pid"]] = 2**22 + 1  # above the default pid_max: no such process
+            w[base + r._P["state"]] = r.IN_USE
+            w[_env_refcnt_word(env)] += 1
+        with cache.mutexes[b]:
+            cache.halves[(bh >> 1) + PINS_HALF + slot] = 1
+            cache.words[(bh >> 3) + H_REF] += 1
+        assert trylock(cache.mptrs[b]) == 0  # "another process" holds the bucket
+        try:
+            t0 = time.monotonic()
+            assert env.pool.reap() == []
+            assert time.monotonic() - t0 < 1.0
+            assert w[base + r._P["state"]] == r.IN_USE  # given back, to be reaped later
+        finally:
+            unlock(cache.mptrs[b])
+        reaped = env.pool.reap()
+        assert [(x.slot, x.pins, x.pages) for x in reaped] == [
+            (slot, 1, [(env.resolve("r.db"), 5)])
+        ]
+    assert pin_totals(env) == {}
+    assert env.stat().handles == 1
+
+
+def _env_refcnt_word(e: aiodbenv.Env) -> int:
+    from aiodbenv.region import registry as r
+
+    return r._ENV + r._E["refcnt"]

@@ -662,10 +662,12 @@ class Pool:
     # -- dead processes -------------------------------------------------------------------------
 
     def reap(self) -> list[Reaped]:
-        """Reclaim what dead processes held (their pins, reads and write claims; see
-        :mod:`aiodbenv.mpool.reaper`) and return what was done. Runs by itself (at open,
-        every :data:`~aiodbenv.mpool.reaper.REAP_INTERVAL` seconds, and when a pin or a sync
-        finds pages held); call it to reap at once. Nothing to do for a private environment."""
+        """Reclaim what dead processes held (their pins, reads and write claims; see "A worker
+        that dies" in the pool documentation) and return what was done, one ``Reaped`` per dead
+        handle. Runs by itself (at open, every second, and when a pin or a sync finds pages
+        held); call it to reap at once. Nothing to do for a private environment. Synchronous:
+        never awaits, never blocks on a busy mutex (a slot it cannot finish is left for the
+        next look)."""
         self._check()
         self._reaped_at = time.monotonic()
         return reap(self)

@@ -29,11 +29,14 @@ its lock and is never reaped.
 
 from __future__ import annotations
 
+import errno
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..region.layout import MAX_PROCS
+from ..region.mutex import trylock as _trylock
 from ..region.registry import ProcInfo
 from .layout import BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING
 from .table import B_HEAD, H_FILE, H_FLAGS, H_IOPID, H_NEXT, H_PGNO, H_REF, PINS_HALF, Cache
@@ -47,6 +50,9 @@ logger = logging.getLogger("aiodbenv")
 
 #: Seconds between two looks for dead processes by a pool's background task.
 REAP_INTERVAL = 1.0
+
+#: Seconds the reaper retries a busy bucket mutex before it leaves the slot for its next look.
+BUCKET_WAIT = 0.005
 
 #: Pages named in a reaper's warning before it says "and N more".
 _NAMED_PAGES = 16
@@ -81,7 +87,14 @@ def reap(pool: Pool) -> list[Reaped]:
         info = reg.claim(slot)
         if info is None:
             continue  # alive after all, or another process reaps it
-        done = _reap_slot(pool, info)
+        try:
+            done = _reap_slot(pool, info)
+        except _Busy:
+            reg.unclaim(slot)  # a bucket stayed busy: the next look finishes the job
+            continue
+        except BaseException:
+            reg.unclaim(slot)
+            raise
         if reg.free(slot, pins=done.pins, dirty=done.dirty):
             out.append(done)
     if out:
@@ -101,57 +114,84 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
     claims: list[tuple[Cache, int, int]] = []
     freed: list[tuple[Cache, int]] = []
     names: dict[int, str] = {}
-    for cache in core.caches:
-        w = cache.words
-        halves = cache.halves
-        limit = cache.region.size // 64 + 1  # a bound on any chain: no loop on corruption
-        for b, bw in enumerate(cache.bucket_words):
-            if not w[bw + B_HEAD]:
-                continue
-            cache.lock(b)
-            try:
-                off = int(w[bw + B_HEAD])
-                n = 0
-                while off and n < limit:
-                    n += 1
-                    x = off >> 3
-                    nxt = int(w[x + H_NEXT])
-                    p = (off >> 1) + PINS_HALF
-                    held = int(halves[p + s])
-                    flags = int(w[x + H_FLAGS])
-                    if held:
-                        halves[p + s] = 0
-                        done.pins += held
-                        fidx = int(w[x + H_FILE]) - 1
-                        if fidx not in names:
-                            names[fidx] = core.file_name(fidx) or f"#{fidx}"
-                        done.pages.append((names[fidx], int(w[x + H_PGNO])))
-                        if flags & BH_DIRTY:
-                            done.dirty += 1
-                    ref = sum(halves[p : p + MAX_PROCS])
-                    if w[x + H_REF] != ref:
-                        w[x + H_REF] = ref
-                    dead_io = int(w[x + H_IOPID]) == pid and pid not in others
-                    if flags & BH_READING and dead_io and held:
-                        # Its read will never finish: waiters see FAILED and retry.
-                        cache.unlink(b, off)
-                        w[x + H_FLAGS] = BH_FAILED
-                        done.reads += 1
-                        if not ref:
-                            freed.append((cache, off))
-                    elif flags & BH_WRITING and dead_io:
-                        claims.append((cache, b, off))
-                    off = nxt
-            finally:
-                cache.unlock(b)
-    from .sync import take_over_claim
+    try:
+        for cache in core.caches:
+            w = cache.words
+            halves = cache.halves
+            limit = cache.region.size // 64 + 1  # a bound on any chain: no loop on corruption
+            for b, bw in enumerate(cache.bucket_words):
+                if not w[bw + B_HEAD]:
+                    continue
+                _lock(cache, b)
+                try:
+                    off = int(w[bw + B_HEAD])
+                    n = 0
+                    while off and n < limit:
+                        n += 1
+                        x = off >> 3
+                        nxt = int(w[x + H_NEXT])
+                        p = (off >> 1) + PINS_HALF
+                        held = int(halves[p + s])
+                        flags = int(w[x + H_FLAGS])
+                        if held:
+                            halves[p + s] = 0
+                            done.pins += held
+                            fidx = int(w[x + H_FILE]) - 1
+                            if fidx not in names:
+                                names[fidx] = core.file_name(fidx) or f"#{fidx}"
+                            done.pages.append((names[fidx], int(w[x + H_PGNO])))
+                            if flags & BH_DIRTY:
+                                done.dirty += 1
+                        ref = sum(halves[p : p + MAX_PROCS])
+                        if w[x + H_REF] != ref:
+                            w[x + H_REF] = ref
+                        dead_io = int(w[x + H_IOPID]) == pid and pid not in others
+                        if flags & BH_READING and dead_io and held:
+                            # Its read will never finish: waiters see FAILED and retry.
+                            cache.unlink(b, off)
+                            w[x + H_FLAGS] = BH_FAILED
+                            done.reads += 1
+                            if not ref:
+                                freed.append((cache, off))
+                        elif flags & BH_WRITING and dead_io:
+                            claims.append((cache, b, off))
+                        off = nxt
+                finally:
+                    cache.unlock(b)
+    finally:
+        # Also when a busy bucket cut the walk short: what was done so far is finished.
+        from .sync import take_over_claim
 
-    for cache, b, off in claims:
-        if take_over_claim(cache, b, off, pid):
-            done.claims += 1
-    for cache, off in freed:
-        core.free_buffer(cache, off)
+        for cache, b, off in claims:
+            if take_over_claim(cache, b, off, pid):
+                done.claims += 1
+        for cache, off in freed:
+            core.free_buffer(cache, off)
     return done
+
+
+class _Busy(Exception):
+    """A bucket mutex stayed held (by a live process, perhaps a stopped one)."""
+
+
+def _lock(cache: Cache, b: int) -> None:
+    """Lock bucket ``b`` without ever blocking the event loop: trylock, retried for at most
+    :data:`BUCKET_WAIT` seconds (a holder is normally out within microseconds), else _Busy.
+    A holder found dead is repaired, as by any locker."""
+    p = cache.mptrs[b]
+    if not p:
+        return  # a private region
+    deadline = time.monotonic() + BUCKET_WAIT
+    while True:
+        rc = _trylock(p)
+        if rc == 0:
+            return
+        if rc != errno.EBUSY:
+            cache.mutexes[b].acquire_contended(rc)  # EOWNERDEAD: repaired and held
+            return
+        if time.monotonic() >= deadline:
+            raise _Busy(f"bucket {b}")
+        time.sleep(0)
 
 
 def _log(reaped: list[Reaped]) -> None:

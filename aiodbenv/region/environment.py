@@ -408,16 +408,16 @@ class EnvCore:
             return
         panicked = self.panicked
         try:
-            if not panicked:
+            if panicked:
+                pass
+            elif self.registry is not None:
+                self.registry.leave()  # frees the slot and uncounts the handle, at once
+            else:
                 with self.mutex:
                     n = self.env_field("refcnt")
                     self._set_env_field("refcnt", n - 1 if n > 0 else 0)
         finally:
-            try:
-                if self.registry is not None and not panicked:
-                    self.registry.leave()
-            finally:
-                self.release()
+            self.release()
         if panicked:
             raise RunRecovery(
                 f"PANIC: environment {self.home} was panicked while this handle was open; "
@@ -934,24 +934,15 @@ def open_environment(
         home_lock.release()
         raise
     try:
-        core.add_handle()
+        if core.kind == KIND_PRIVATE:
+            core.add_handle()
+        else:
+            # Takes a slot in the registry of live processes and counts the handle, together.
+            core.registry = Registry(home, core._w, core.mutex, core.env_field("mode"))
     except BaseException:
         core.release()
         raise
-    if core.kind != KIND_PRIVATE:
-        try:
-            core.registry = Registry(home, core._w, core.mutex, core.env_field("mode"))
-        except BaseException:
-            _close_after_failure(core)
-            raise
     return core
-
-
-def _close_after_failure(core: EnvCore) -> None:
-    try:
-        core.close()
-    except Exception:  # the first error is the one to report
-        logger.debug("closing after a failed open", exc_info=True)
 
 
 # -- removing ---------------------------------------------------------------------------------

@@ -155,6 +155,10 @@ class Registry:
                 w[base + _P["reaper"]] = 0
                 w[base + _P["reaper_start"]] = 0
                 w[base + _P["state"]] = IN_USE
+                # The handle is counted in the same critical section that takes the slot, so a
+                # process killed at any point is counted exactly as long as its slot is in use.
+                w[_ENV + _E["refcnt"]] += 1
+                w[_ENV + _E["opens"]] += 1
                 return s
         raise Busy(
             f"environment {self.home}: all {MAX_PROCS} process slots are taken by open handles"
@@ -210,6 +214,15 @@ class Registry:
             self._set(slot, "state", REAPING)
             return self._info(slot)
 
+    def unclaim(self, slot: int) -> None:
+        """Give back a slot this process claimed but could not finish reaping (a bucket stayed
+        busy): it is in use again, still dead, and the next look reaps it."""
+        with self._mutex:
+            if self._word(slot, "state") == REAPING and self._word(slot, "reaper") == self.pid:
+                self._set(slot, "reaper", 0)
+                self._set(slot, "reaper_start", 0)
+                self._set(slot, "state", IN_USE)
+
     def free(self, slot: int, *, pins: int, dirty: int) -> bool:
         """Free a slot this process reaped (its pins are gone): count it, the ``pins`` dropped
         and the ``dirty`` pages inherited, and uncount its handle, which the dead process
@@ -248,9 +261,11 @@ class Registry:
             self._fd = -1
 
     def leave(self) -> None:
-        """Free our slot and drop its lock (at close; idempotent)."""
+        """Free our slot, uncount our handle and drop the slot's lock (at close; idempotent).
+        A slot a reaper took from us (it judged us dead) is left to it, and so is the count."""
         if self._fd < 0 or os.getpid() != self.pid:
             return
+        w = self._w
         try:
             with self._mutex:
                 if (
@@ -260,6 +275,8 @@ class Registry:
                     for name in ("pid", "start_time", "opened_ns"):
                         self._set(self.slot, name, 0)
                     self._set(self.slot, "state", FREE)
+                    if w[_ENV + _E["refcnt"]] > 0:
+                        w[_ENV + _E["refcnt"]] -= 1
         finally:
             self._drop_fd()
 
