@@ -39,6 +39,10 @@ def _size(n: int) -> str:
     raise AssertionError
 
 
+def _age(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}s"
+
+
 def format_env_stat(st: EnvStat) -> str:
     """``db_stat -e``-style text for an :class:`~aiodbenv.EnvStat`."""
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.created))
@@ -99,6 +103,8 @@ def format_pool_stat(st: PoolStat) -> str:
         (st.pages, "Current total page count"),
         (st.page_clean, "Current clean page count"),
         (st.page_dirty, "Current dirty page count"),
+        (st.page_pinned, "Current pinned page count (all processes)"),
+        (_age(st.oldest_pin_age), "Age of the oldest pin now held"),
         (st.hash_buckets, "Number of hash buckets used for page location"),
         (st.hash_searches, "Total number of times hash chains searched for a page"),
         (st.hash_longest, "The longest hash chain searched for a page"),
@@ -129,6 +135,8 @@ def format_pool_stat(st: PoolStat) -> str:
             (f.page_size, "Page size"),
             (f.pages, "Pages known to the pool"),
             (f.open_handles, "Open handles"),
+            (f.pinned, "Pages pinned now (all processes)"),
+            (_age(f.oldest_pin_age), "Age of the oldest pin now held"),
             (f.cache_hit, "Requested pages found in the cache"),
             (f.cache_miss, "Requested pages not found in the cache"),
             (f.map, "Requested pages mapped into the process' address space"),
@@ -276,12 +284,13 @@ def _watch_text(st: EnvStat, ps: PoolStat, checkpoint: float | None) -> str:
         f"{ps.trickle_failures} failures; checkpoints: {ps.checkpoint_runs} "
         f"({ps.checkpoint_pages} pages, {_size(ps.checkpoint_bytes)}), "
         f"{ps.checkpoint_failures} failures, last {when}",
-        f"locks: {ps.region_nowait} immediate, {ps.region_wait} waited",
+        f"locks: {ps.region_nowait} immediate, {ps.region_wait} waited; "
+        f"{ps.page_pinned} pages pinned, oldest pin {_age(ps.oldest_pin_age)}",
     ]
     for f in ps.files:
         lines.append(
             f"  {f.file_name or '(temporary)'}: {f.cache_hit} hits, {f.cache_miss} "
-            f"misses, {f.page_out} pages out in {f.write_calls} writes"
+            f"misses, {f.page_out} pages out in {f.write_calls} writes, {f.pinned} pinned"
         )
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from ._workers import (
     TrickleWorker,
     last_checkpoint,
     run_checkpoint,
+    shared_status,
 )
 from .errors import ConfigError, ForkedProcessError, InvalidArgument
 from .mpool.pool import Pool
@@ -332,17 +333,26 @@ class Env:
 
     def health(self) -> Health:
         """Is this environment well? Not panicked, and no background worker's latest
-        attempt failed; with each worker's :class:`~aiodbenv.WorkerStatus` and the time of
-        the last complete checkpoint."""
+        attempt failed, in this process or any other (the region records how each kind of
+        worker fares); with this handle's workers' :class:`~aiodbenv.WorkerStatus`, the
+        environment's :class:`~aiodbenv.SharedWorkerStatus` per kind and the time of the last
+        complete checkpoint."""
         if os.getpid() != self._pid:
             raise ForkedProcessError("this environment handle belongs to another process")
         panicked = self._core.panicked
         workers = tuple(w.status() for w in (self._trickle, self._checkpoint) if w is not None)
+        usable = not self._core.closed and not panicked
+        shared = (
+            tuple(shared_status(self._pool, kind) for kind in ("trickle", "checkpoint"))
+            if usable
+            else ()
+        )
         return Health(
-            ok=not panicked and not self._core.closed and all(w.healthy for w in workers),
+            ok=usable and all(w.healthy for w in workers) and all(s.healthy for s in shared),
             panicked=panicked,
-            last_checkpoint=None if self._core.closed or panicked else last_checkpoint(self._pool),
+            last_checkpoint=last_checkpoint(self._pool) if usable else None,
             workers=workers,
+            shared=shared,
         )
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+from time import clock_gettime_ns as _clock_ns
 from typing import TYPE_CHECKING
 
 from ..errors import (
@@ -37,11 +38,15 @@ from .table import (
     H_IOPID,
     H_NEXT,
     H_PGNO,
+    H_PINAT,
     H_PRIO,
     H_REF,
     H_SIZE,
+    PIN_CLOCK,
     Cache,
 )
+
+_COARSE = PIN_CLOCK
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -81,6 +86,7 @@ if speedups is not None:
         H_SIZE,
         BH.size,
         (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
+        H_PINAT,
     ]
     speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
     _c_pin_hit = speedups.aiodb_pin_hit
@@ -260,7 +266,10 @@ class PoolFile:
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
                     if w[x + H_FLAGS] & BH_READING:
                         return None
-                    w[x + H_REF] += 1
+                    ref = w[x + H_REF]
+                    if not ref:  # the first pin: when it began (the oldest pin's age)
+                        w[x + H_PINAT] = _clock_ns(_COARSE)
+                    w[x + H_REF] = ref + 1
                     break
                 off = w[x + H_NEXT]
                 examined += 1
@@ -452,7 +461,10 @@ class PoolFile:
             while off:
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
-                    w[x + H_REF] += 1
+                    ref = w[x + H_REF]
+                    if not ref:
+                        w[x + H_PINAT] = _clock_ns(_COARSE)
+                    w[x + H_REF] = ref + 1
                     found = off
                     break
                 off = w[x + H_NEXT]
@@ -479,6 +491,7 @@ class PoolFile:
                 w[x + H_FILE] = tag
                 w[x + H_PGNO] = pgno
                 w[x + H_REF] = 1
+                w[x + H_PINAT] = _clock_ns(_COARSE)
                 w[x + H_FLAGS] = BH_READING
                 w[x + H_PRIO] = 0
                 w[x + H_SIZE] = self.page_size
