@@ -4,8 +4,8 @@ entry point.
 ``demo`` shows an environment shared between two processes; ``stat -e``/``-m`` prints region
 or pool statistics (``db_stat``); ``checkpoint`` keeps an environment checkpointed
 (``db_checkpoint``), exiting cleanly on SIGTERM or SIGINT; ``watch`` shows live statistics;
-``remove`` removes an environment (``DB_ENV->remove``). Errors are one line on stderr and a
-non-zero exit status.
+``metrics`` prints the statistics as Prometheus metrics; ``remove`` removes an environment
+(``DB_ENV->remove``). Errors are one line on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -295,6 +295,15 @@ def _watch_text(st: EnvStat, ps: PoolStat, checkpoint: float | None) -> str:
     return "\n".join(lines)
 
 
+async def _metrics(args: argparse.Namespace) -> int:
+    from .metrics import generate
+
+    async with Env.open(args.h) as env:
+        text = generate(env)
+    sys.stdout.write(text)
+    return 0
+
+
 async def _remove(args: argparse.Namespace) -> int:
     await Env.remove(args.h, force=args.f)
     return 0
@@ -395,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "remove": _remove,
         "checkpoint": _checkpoint,
         "watch": _watch,
+        "metrics": _metrics,
     }[args.command]
     try:
         return asyncio.run(handler(args))
@@ -427,6 +437,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("remove", "remove an environment (DB_ENV->remove)"),
         ("checkpoint", "keep an environment checkpointed (db_checkpoint)"),
         ("watch", "live statistics, refreshed in place"),
+        ("metrics", "print the statistics as Prometheus metrics (text exposition format)"),
     ):
         sp = sub.add_parser(name, help=text, add_help=False)
         sp.add_argument("--help", action="help", help="show this help and exit")
@@ -469,7 +480,7 @@ def _build_parser() -> argparse.ArgumentParser:
                 metavar="X",
                 help="spread each checkpoint over this share of the interval",
             )
-        else:
+        elif name == "watch":
             sp.add_argument(
                 "-i",
                 "--interval",
