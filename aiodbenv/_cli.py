@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from ._env import Env
+from ._env import Env, RegionKind
 from .errors import AiodbenvError
 from .mpool.stat import PoolStat
 from .region.environment import EnvStat
@@ -330,7 +330,7 @@ asyncio.run(main(sys.argv[1]))
 
 async def _demo(args: argparse.Namespace) -> int:
     home = tempfile.mkdtemp(prefix="aiodbenv-demo-")
-    kind = args.region
+    kind: RegionKind = "system" if args.region == "system" else "file"
     shm_key = args.shm_key if kind == "system" else None
     try:
         print(f"1. Creating a {kind}-backed environment with a 1 MiB cache in {home}")

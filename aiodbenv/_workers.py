@@ -533,11 +533,10 @@ async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | No
     if result.errors:
         raise result.errors[0]
     if waiting:
-        err = Incomplete(
-            f"checkpoint: {len(waiting)} dirty page(s) stayed pinned; {result.written} written"
+        raise Incomplete(
+            f"checkpoint: {len(waiting)} dirty page(s) stayed pinned; {result.written} written",
+            result=result,
         )
-        err.result = result  # type: ignore[attr-defined]
-        raise err
     core = pool._core
     core.w0[core.p + _P["last_checkpoint_ns"]] = time.time_ns()
     _record(pool, "checkpoint", None)  # any complete checkpoint ends a run of failures

@@ -715,7 +715,8 @@ async def test_process_killed_holding_a_pin(
                 page.mark_dirty()
         with pytest.raises(Incomplete) as err:
             await asyncio.wait_for(pool.sync(), 10)
-        result = err.value.result  # type: ignore[attr-defined]
+        result = err.value.result
+        assert result is not None
         assert (result.written, result.incomplete) == (5, 1)
         on_disk = read_pages(os.path.join(home, "k.db"), C_PS)
         assert on_disk[5] == c_original(5, "k")

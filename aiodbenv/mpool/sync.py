@@ -257,12 +257,11 @@ async def _write_back(
     if result.errors:
         raise result.errors[0]
     if result.incomplete:
-        err = Incomplete(
+        raise Incomplete(
             f"{reason}: {result.incomplete} dirty page(s) are pinned and could not be written; "
-            f"{result.written} written. Retry once they are unpinned."
+            f"{result.written} written. Retry once they are unpinned.",
+            result=result,
         )
-        err.result = result  # type: ignore[attr-defined]
-        raise err
     return result
 
 

@@ -562,18 +562,22 @@ class PoolCore:
                     continue
                 if [w[e + _F["fileid"] + k] for k in range(3)] != ids:
                     continue
+                what = "file" if name is None else repr(name)
                 if w[e + _F["page_size"]] != page_size:
                     raise InvalidArgument(
-                        f"file is already in the pool with page size {w[e + _F['page_size']]}, "
-                        f"not {page_size}"
+                        f"{what} is already in the pool with page size "
+                        f"{w[e + _F['page_size']]}, not {page_size}; open it with "
+                        f"page_size={w[e + _F['page_size']]}"
                     )
                 if w[e + _F["lsn_offset"]] != lsn_offset + 1:
                     raise InvalidArgument(
-                        "file is already in the pool with another lsn_offset "
+                        f"{what} is already in the pool with another lsn_offset "
                         f"({int(w[e + _F['lsn_offset']]) - 1}, not {lsn_offset})"
                     )
                 if (w[e + _F["flags"]] & FF_NOFILE) != (flags & FF_NOFILE):
-                    raise InvalidArgument("file is already in the pool with another nofile setting")
+                    raise InvalidArgument(
+                        f"{what} is already in the pool with another nofile setting"
+                    )
                 w[e + _F["refcnt"]] += 1
                 if writable:
                     w[e + _F["rw_opens"]] += 1
@@ -875,6 +879,23 @@ class PoolCore:
                 return False
             w[h + H_FILE] = 0
         return True
+
+
+def dirty_pages(regions: Sequence[Region]) -> int:
+    """Dirty pages in the caches ``regions`` (the pool's regions of an environment nobody has
+    open: read without locks, from the buckets' dirty counts). Offsets and counts read from
+    the regions are checked against their sizes; a bucket array that does not fit counts 0."""
+    total = 0
+    for region in regions:
+        w = region.words
+        hdr = _CACHE_BASE // WORD
+        nb = int(w[hdr + _C["nbuckets"]])
+        start = int(w[hdr + _C["buckets_off"]])
+        if start <= 0 or start % WORD or start + nb * BUCKET.size > len(w) * WORD:
+            continue
+        for b in range(nb):
+            total += min(int(w[(start + b * BUCKET.size) // WORD + B_DIRTY]), 1 << 32)
+    return total
 
 
 def new_fileid() -> bytes:
