@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from ._env import Env, RegionKind
@@ -411,12 +412,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AiodbenvError as err:
         print(f"aiodbenv {args.command}: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`watch | head`): nothing more to say, and nobody to say it to.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    except OSError as err:  # an error of the system, not of aiodbenv: still one line
+        print(f"aiodbenv {args.command}: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be within 0..1, not {text}")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+
+    return parse
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m aiodbenv", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="python -m aiodbenv",
+        description="Berkeley DB's utilities for aiodbenv environments: statistics, "
+        "checkpoints, metrics, removal. Errors are one line on stderr and a non-zero exit "
+        "status.",
+    )
+    p.add_argument("--version", action="version", version=f"aiodbenv {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
         "demo",
@@ -453,19 +505,22 @@ def _build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="print JSON instead of text")
         elif name == "remove":
             sp.add_argument(
-                "-f", action="store_true", help="force: panic open handles and remove anyway"
+                "-f",
+                action="store_true",
+                help="force: remove even while handles are open (they are panicked) or the "
+                "cache holds dirty pages (they are discarded)",
             )
         elif name == "checkpoint":
             sp.add_argument(
                 "-p",
-                type=float,
+                type=_positive_float,
                 default=1.0,
                 metavar="MINUTES",
                 help="checkpoint at least every MINUTES minutes (default 1)",
             )
             sp.add_argument(
                 "-k",
-                type=int,
+                type=_int_at_least(1),
                 default=None,
                 metavar="KBYTES",
                 help="also checkpoint once KBYTES KiB of pages were dirtied",
@@ -475,16 +530,16 @@ def _build_parser() -> argparse.ArgumentParser:
             )
             sp.add_argument(
                 "--completion-target",
-                type=float,
+                type=_fraction,
                 default=0.9,
                 metavar="X",
-                help="spread each checkpoint over this share of the interval",
+                help="spread each checkpoint over this share (0..1) of the interval (default 0.9)",
             )
         elif name == "watch":
             sp.add_argument(
                 "-i",
                 "--interval",
-                type=float,
+                type=_positive_float,
                 default=1.0,
                 metavar="SECONDS",
                 help="refresh every SECONDS seconds (default 1)",
@@ -492,7 +547,7 @@ def _build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "-c",
                 "--count",
-                type=int,
+                type=_int_at_least(0),
                 default=0,
                 metavar="N",
                 help="stop after N refreshes (default: until Ctrl-C)",

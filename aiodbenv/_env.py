@@ -34,7 +34,7 @@ from ._workers import (
     run_checkpoint,
     shared_status,
 )
-from .errors import Busy, ConfigError, ForkedProcessError, InvalidArgument
+from .errors import Busy, ConfigError, ForkedProcessError, InvalidArgument, PermissionDenied
 from .mpool.pool import Pool
 from .mpool.sync import SyncResult
 from .mpool.table import dirty_pages, format_pool, pool_region_sizes
@@ -74,6 +74,10 @@ async def _read_db_config(home: str) -> tuple[str, str] | None:
         return None
     except NotADirectoryError:
         return None  # the home itself is not a directory: open reports that
+    except PermissionError:
+        raise PermissionDenied(
+            f"environment home {home}: permission denied (cannot look for {path})"
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{path} is not a regular file")
     if st.st_size > _MAX_DB_CONFIG:
@@ -83,6 +87,8 @@ async def _read_db_config(home: str) -> tuple[str, str] | None:
             return path, await f.read()
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path} is not UTF-8 text: {err}") from None
+    except PermissionError:
+        raise PermissionDenied(f"{path}: permission denied") from None
 
 
 class EnvOpener:
