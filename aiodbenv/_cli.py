@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from ._env import Env, RegionKind
+from ._workers import Health
 from .errors import AiodbenvError
 from .mpool.stat import PoolStat
 from .region.environment import EnvStat
@@ -256,7 +257,7 @@ async def _watch(args: argparse.Namespace) -> int:
         rounds = 0
         while not stop.is_set():
             st, ps = env.stat(), env.pool.stat()
-            text = _watch_text(st, ps, env.health().last_checkpoint)
+            text = _watch_text(st, ps, env.health())
             if tty:
                 sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
             else:
@@ -270,7 +271,8 @@ async def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch_text(st: EnvStat, ps: PoolStat, checkpoint: float | None) -> str:
+def _watch_text(st: EnvStat, ps: PoolStat, health: Health) -> str:
+    checkpoint = health.last_checkpoint
     searches = ps.cache_hit + ps.cache_miss
     ratio = f"{ps.cache_hit / searches:.1%}" if searches else "-"
     when = time.strftime("%H:%M:%S", time.localtime(checkpoint)) if checkpoint else "never"
@@ -288,6 +290,12 @@ def _watch_text(st: EnvStat, ps: PoolStat, checkpoint: float | None) -> str:
         f"locks: {ps.region_nowait} immediate, {ps.region_wait} waited; "
         f"{ps.page_pinned} pages pinned, oldest pin {_age(ps.oldest_pin_age)}",
     ]
+    for w in health.shared:  # trouble in any process, as the region records it
+        if w.consecutive_failures:
+            lines.append(
+                f"{w.kind} FAILING: {w.consecutive_failures} in a row (process "
+                f"{w.failed_pid}): {w.last_error}"
+            )
     for f in ps.files:
         lines.append(
             f"  {f.file_name or '(temporary)'}: {f.cache_hit} hits, {f.cache_miss} "

@@ -4,13 +4,17 @@ background workers of the whole environment, whichever process runs them."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import os
 import subprocess
+import sys
 import time
 
 import aiodbenv
+from aiodbenv import CheckpointSettings, _io
 
-from .conftest import spawn
+from .conftest import REPO, spawn
 
 PS = 4096
 
@@ -151,3 +155,47 @@ async def test_pins_of_another_process_show_in_stat(
         await env.close()
         await aiodbenv.Env.remove(home)
     os.remove(os.path.join(home, "p.db"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aiodbenv", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_stat_and_watch_show_pins_and_failing_workers(home: str) -> None:
+    async with aiodbenv.Env.open(home, create=True) as env:
+        async with env.pool.open_file("w.db", create=True) as f:
+            async with f.get(0, create=True), f.get(1, create=True):
+                text = await asyncio.to_thread(run_cli, "stat", "-m", "-h", home)
+                js = await asyncio.to_thread(run_cli, "stat", "-m", "--json", "-h", home)
+            assert text.returncode == 0, text.stderr
+            assert "2           Current pinned page count (all processes)" in text.stdout
+            assert "2           Pages pinned now (all processes)" in text.stdout
+            assert "Age of the oldest pin now held" in text.stdout
+            data = json.loads(js.stdout)
+            assert data["page_pinned"] == 2 and data["files"][0]["pinned"] == 2
+            assert 0 <= data["oldest_pin_age"] < 120
+
+            with _io.inject("pwrite", errno.ENOSPC):
+                worker = env.start_checkpoint(
+                    CheckpointSettings(interval=0.05, completion_target=0)
+                )
+                deadline = time.monotonic() + 20
+                while worker.status().failures < 1:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                watch = await asyncio.to_thread(run_cli, "watch", "-c", "1", "-h", home)
+            await env.stop_workers()
+            assert watch.returncode == 0, watch.stderr
+            assert "0 pages pinned, oldest pin -" in watch.stdout
+            assert "checkpoint FAILING: " in watch.stdout
+            assert f"(process {os.getpid()}): NoSpace" in watch.stdout, watch.stdout
+            await env.checkpoint()  # a success clears it
+            watch = await asyncio.to_thread(run_cli, "watch", "-c", "1", "-h", home)
+            assert "FAILING" not in watch.stdout
+    await aiodbenv.Env.remove(home)
