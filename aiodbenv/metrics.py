@@ -33,9 +33,10 @@ if TYPE_CHECKING:
 __all__ = ["CONTENT_TYPE", "Collector", "MetricFamily", "collect", "generate", "render"]
 
 PREFIX = "aiodbenv_"
+"""What every metric's name starts with."""
 
-#: Content type of :func:`generate`'s output (an HTTP response's ``Content-Type``).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""Content type of :func:`generate`'s output (an HTTP response's ``Content-Type``)."""
 
 
 @dataclass
