@@ -50,12 +50,13 @@ HOT_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <errno.h>
+#include <time.h>
 
 /* Word offsets and flag bits, set once from the Python layout definitions. */
 enum { L_H_NEXT, L_H_FILE, L_H_PGNO, L_H_REF, L_H_FLAGS, L_H_PRIO, L_B_HEAD, L_B_DIRTY,
        L_C_LRU, L_C_BUFFERS, L_BH_READING, L_BH_DIRTY, L_PAGE_DIRTY, L_PAGE_CLEAN,
        L_PAGE_DISCARD, L_BH_WRITING, L_H_IOPID, L_H_SIZE, L_BH_DATA, L_WAITS_FROM_NOWAITS,
-       L_BH_REDIRTIED, L_H_PINS, L_COUNT };
+       L_BH_REDIRTIED, L_H_PINAT, L_H_PINS, L_COUNT };
 static uint64_t L[L_COUNT];
 
 void aiodb_set_layout(const uint64_t *values, int n) {
@@ -86,6 +87,14 @@ static int64_t lock(uint64_t *w, void *mutex, uint64_t nowait_w) {
     return r ? -(int64_t)r : 0;
 }
 
+/* When a buffer's first pin was taken: CLOCK_MONOTONIC_COARSE (system-wide, so comparable
+   across processes; a vDSO read of a few ns, where CLOCK_MONOTONIC costs more). */
+static uint64_t pin_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 /* The pin count of registry slot `slot` in the buffer at word x (16 bits per slot). */
 static inline uint16_t *slot_pins(uint64_t *w, uint64_t x, uint64_t slot) {
     return (uint16_t *)(w + x + L[L_H_PINS]) + slot;
@@ -106,7 +115,10 @@ int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head
         if (w[x + L[L_H_PGNO]] == pgno && w[x + L[L_H_FILE]] == tag) {
             uint16_t *mine = slot_pins(w, x, slot);
             if ((w[x + L[L_H_FLAGS]] & L[L_BH_READING]) || *mine == 0xFFFF) off = 0;
-            else { w[x + L[L_H_REF]]++; (*mine)++; }
+            else {
+                if (w[x + L[L_H_REF]]++ == 0) w[x + L[L_H_PINAT]] = pin_clock();
+                (*mine)++;
+            }
             break;
         }
         off = w[x + L[L_H_NEXT]];

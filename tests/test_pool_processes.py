@@ -670,11 +670,13 @@ async def k_setup(home: str, shm_key: int, kind: str) -> aiodbenv.Env:
     )
 
 
-async def k_teardown(home: str, env: aiodbenv.Env, child: subprocess.Popen[str] | None) -> None:
+async def k_teardown(
+    home: str, env: aiodbenv.Env, child: subprocess.Popen[str] | None, *, force: bool = False
+) -> None:
     if child is not None:
         kill_all([child])
     await env.close()
-    await aiodbenv.Env.remove(home)
+    await aiodbenv.Env.remove(home, force=force)
     os.remove(os.path.join(home, "k.db"))
 
 
@@ -715,6 +717,7 @@ async def test_process_killed_holding_a_pin(
         assert all(on_disk[p][:3] == b"new" for p in range(10, 15))
         st = pool.stat()
         assert (st.procs_reaped, st.pins_reclaimed, st.dirty_inherited) == (1, 1, 1)
+        assert st.page_pinned == 0 and st.oldest_pin_age is None  # nothing leaked
         assert env.stat().handles == 1
 
         # The frame came back: every frame can be pinned again.
@@ -727,9 +730,13 @@ async def test_process_killed_holding_a_pin(
             await f.unpin(page)
         async with f.get(30) as page:
             assert bytes(page.data) == c_original(30, "k")
+        # The dead process's change to page 5 reached the disk: nothing is left for a forced
+        # remove to throw away.
+        assert pool.stat().page_dirty == 0
         await f.close()
+        await env.close()
     finally:
-        await k_teardown(home, env, child)
+        await k_teardown(home, env, child, force=True)
 
 
 @pytest.mark.parametrize("reap", [True, False], ids=["reaped", "zombie"])
