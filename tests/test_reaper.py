@@ -94,6 +94,10 @@ async def main():
     env = await aiodbenv.Env.open(sys.argv[1])
     f = await env.pool.open_file("r.db", page_size=1024)
     pages = [await f.pin(p) for p in range(int(sys.argv[2]))]
+    if sys.argv[3:] == ["dirty"]:
+        for page in pages:
+            page.data[:4] = b"HELD"
+            f.set(page, dirty=True)
     print("HOLDING", flush=True)
     sys.stdin.readline()
     for page in pages:
@@ -232,6 +236,41 @@ async def test_periodic_reaper_reclaims_without_being_asked(
     assert (st.procs_reaped, st.pins_reclaimed, st.dirty_inherited) == (1, 10, 0)
     assert pin_totals(env) == {}
     assert env.stat().handles == 1
+
+
+async def test_a_sync_or_a_frame_wait_reaps_even_just_after_a_look(
+    env: aiodbenv.Env, home: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    """The reaper's last look (by the background task, say) came just before the holder died:
+    a sync that finds pinned dirty pages, and a pin that finds no free frame, look again at
+    once instead of trusting it."""
+    pool = env.pool
+    task = pool._reaper_task
+    assert task is not None
+    task.cancel()  # no background look may tidy up behind the test's back
+    pool._reaper_task = None
+    for dirty, check in ((True, "sync"), (False, "frame")):
+        child = spawn(HOLD, home, "32", "dirty" if dirty else "clean")  # every frame
+        procs.append(child)
+        assert line(child) == "HOLDING"
+        child.kill()
+        child.wait(timeout=10)
+        pool._reaped_at = time.monotonic()  # a look made a moment before the death
+        if check == "sync":
+            result = await pool.sync()
+            assert (result.written, result.incomplete) == (32, 0)
+            with open(os.path.join(home, "r.db"), "rb") as fh:
+                data = fh.read()
+            assert all(data[p * PS : p * PS + 4] == b"HELD" for p in range(32))
+        else:
+            pool.fail_fast = True  # no waiting either: the first look must find the dead
+            async with pool.open_file("r.db", page_size=PS) as f:
+                async with f.get(40) as page:
+                    assert page.data[4:] == bytes([40]) * (PS - 4)
+            pool.fail_fast = False
+        assert pin_totals(env) == {}
+    st = pool.stat()
+    assert (st.procs_reaped, st.pins_reclaimed, st.dirty_inherited) == (2, 64, 32)
 
 
 # -- (d) a stopped process is never reaped; a wait on it names it -------------------------------

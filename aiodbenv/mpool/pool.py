@@ -686,10 +686,12 @@ class Pool:
         ]
         return f"; pins held by process(es) {', '.join(held)}" if held else ""
 
-    def _reap_due(self) -> bool:
-        """Reap now if a wait is about to start and the reaper has not looked in the last
-        50 ms; True if something was reclaimed."""
-        if self._env.registry is None or time.monotonic() - self._reaped_at < 0.05:
+    def _reap_due(self, gap: float = 0.05) -> bool:
+        """Reap now, before a wait or an error, unless the reaper looked less than ``gap``
+        seconds ago; True if something was reclaimed. The first look of a wait or a sync
+        passes ``gap=0``: a look made just before the holder died would hide its death.
+        Looking is cheap when nobody died (one ``fcntl`` per open handle)."""
+        if self._env.registry is None or time.monotonic() - self._reaped_at < gap:
             return False
         return bool(self.reap())
 
@@ -776,7 +778,7 @@ class Pool:
                 self._claims_swept = time.monotonic()
                 if await self._take_over_dead_claims():
                     continue
-            if self._reap_due():
+            if self._reap_due(0.0 if deadline is None else 0.05):
                 continue  # a dead process's pins were dropped: look again
             if self.fail_fast:
                 raise CacheFull(

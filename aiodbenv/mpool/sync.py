@@ -389,7 +389,7 @@ async def _write_back(
     deadline = time.monotonic() + pool.wait_timeout
     result = SyncResult()
     found = await collect_dirty(pool, files)
-    if found.held and pool._reap_due():
+    if found.held and pool._reap_due(0.0):
         found = await collect_dirty(pool, files)  # dead processes' pins dropped: look again
     items, held, claimed = found.items, found.held, found.claimed
     held = list(held)
