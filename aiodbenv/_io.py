@@ -200,7 +200,10 @@ def preadv(fd: int, buffers: Sequence[memoryview | bytearray], offset: int, flag
         if fault.short:  # read it all, report half: what RWF_NOWAIT does on a partly cached page
             return os.preadv(fd, buffers, offset, flags) // 2
         _raise(fault)
-    return os.preadv(fd, buffers, offset, flags)
+    n = os.preadv(fd, buffers, offset, flags)
+    if _signal_plan:
+        _signal_point("pread", "after")
+    return n
 
 
 def pwritev(fd: int, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> int:

@@ -155,6 +155,25 @@ def pin_totals(e: aiodbenv.Env) -> dict[int, int]:
     return totals
 
 
+def assert_no_mutex_held(e: aiodbenv.Env) -> None:
+    """No mutex besides the buckets' (which :func:`pin_totals` checks) is held: the
+    environment's, every region allocator's, the pool's, every cache's allocator and every
+    open file's. One whose holder died is repaired by taking it, as any locker would."""
+    core = e.pool._core
+    mutexes = [e._core.mutex, *e._core.alloc_mutexes, core.mutex]
+    mutexes += [c.alloc_mutex for c in core.caches]
+    mutexes += [core.file_mutex(i) for i in core.file_slots()]
+    for m in mutexes:
+        ptr = getattr(m, "ptr", None)
+        if ptr is None:
+            continue  # a NullMutex: a private region
+        rc = trylock(ptr)
+        assert rc != errno.EBUSY, f"the {m.name} mutex is held"
+        if rc:
+            m.acquire_contended(rc)
+        unlock(ptr)
+
+
 def start_worker(
     home: str,
     *,
@@ -183,7 +202,12 @@ STEPS = [
     "pin.inserted:at",  # a miss linked its frame, pinned, being read
     "unpin.counted:at",  # ref dropped, the slot's count not yet (bucket mutex held)
     "pread:before",  # a read in flight
+    "pread:after",  # the page read into the frame, still flagged READING
+    "read.publish:at",  # READING cleared, the reader's pid not yet (bucket mutex held)
+    "claimed:at",  # a write-back claimed its pages (WRITING), nothing written yet
     "pwrite:before",  # a write-back in flight (pages claimed WRITING)
+    "pwrite:after",  # written, the claims not yet released
+    "write_done:at",  # claims released, pages clean
 ]
 
 
@@ -200,6 +224,7 @@ async def test_killed_at_each_step_keeps_the_invariant(
     assert child.wait(timeout=60) == -signal.SIGKILL, child.stderr.read() if child.stderr else ""
     pool.reap()
     assert pin_totals(env) == {}  # the dead child's pins are gone; we hold none
+    assert_no_mutex_held(env)
     assert env.stat().handles == 1
     assert [p.pid for p in env.stat().processes] == [os.getpid()]
     # Nothing is stuck: every page can be read and pinned, every frame at once, and sync
@@ -452,6 +477,7 @@ async def test_worker_killed_and_restarted(
         assert max(worst) < REAP_INTERVAL + 4.0, worst
         e.pool.reap()
         assert pin_totals(e) == {}
+        assert_no_mutex_held(e)
         assert e.stat().handles == 1
         assert [p.pid for p in e.stat().processes] == [os.getpid()]
         assert e.pool.stat().procs_reaped == rounds

@@ -920,6 +920,7 @@ class Pool:
                 flags |= BH_DIRTY  # a created page exists nowhere else: it must be written
                 w[bw + B_DIRTY] += 1
             w[x + H_FLAGS] = flags
+            _io.step("read.publish")  # crash tests: killed with the page read, mutex held
             w[x + H_IOPID] = 0
         self._core.w0[f._fs + _FS["page_create" if created else "page_in"]] += 1
         if self._waiters:
