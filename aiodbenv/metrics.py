@@ -76,6 +76,9 @@ _POOL_COUNTERS = (
     ("alloc_waits", "frame_waits", "Pins that waited for a free frame"),
     ("sync_calls", "sync_calls", "Pool sync calls"),
     ("dirtied_bytes", "dirtied_bytes", "Bytes of pages unpinned dirty"),
+    ("procs_reaped", "dead_handles_reaped", "Handles of dead processes reaped"),
+    ("pins_reclaimed", "dead_pins_reclaimed", "Pins held by dead processes, dropped"),
+    ("dirty_inherited", "dead_dirty_pages_inherited", "Dirty pages inherited from dead processes"),
 )
 
 # (PoolStat field, metric name, help) of the pool-wide gauges.
@@ -140,6 +143,10 @@ def collect(env: Env) -> list[MetricFamily]:
     )
     family("handles", "gauge", "Handles open on the environment, in all processes").add(es.handles)
     family("handles_opened", "counter", "Handles ever opened on the environment").add(es.opens)
+    if es.processes:  # a shared environment: its registry of live processes
+        live = family("process_pins", "gauge", "Pins held now by each open handle's process")
+        for p in es.processes:
+            live.add(p.pins, pid=str(p.pid), slot=str(p.slot))
     family("mutex_waits", "counter", "Environment mutex locks that had to wait").add(es.mutex_waits)
     family("mutex_nowaits", "counter", "Environment mutex locks granted without waiting").add(
         es.mutex_nowaits

@@ -99,6 +99,9 @@ async def test_cli_metrics_parse_and_count_another_process(
         assert 0 <= s[("aiodbenv_oldest_pin_age_seconds", ())] < 120
         assert s[("aiodbenv_cache_hits_total", ())] == 21
         assert s[("aiodbenv_handles", ())] == 3  # this test, the child, the CLI
+        pins = {dict(k[1])["pid"]: v for k, v in s.items() if k[0] == "aiodbenv_process_pins"}
+        assert pins[str(child.pid)] == 1 and pins[str(os.getpid())] == 0, pins
+        assert s[("aiodbenv_dead_handles_reaped_total", ())] == 0
         assert s[("aiodbenv_healthy", ())] == 1 and s[("aiodbenv_panicked", ())] == 0
         assert s[("aiodbenv_worker_failures_total", (("kind", "checkpoint"),))] == 0
         assert ("aiodbenv_last_checkpoint_timestamp_seconds", ()) not in s  # none yet

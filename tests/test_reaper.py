@@ -298,6 +298,33 @@ async def test_a_sync_or_a_frame_wait_reaps_even_just_after_a_look(
     assert (st.procs_reaped, st.pins_reclaimed, st.dirty_inherited) == (2, 64, 32)
 
 
+async def test_metrics_count_what_the_reaper_did(
+    env: aiodbenv.Env, home: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    import aiodbenv.metrics
+
+    child = spawn(HOLD, home, "3", "dirty")
+    procs.append(child)
+    assert line(child) == "HOLDING"
+
+    def samples() -> dict[str, float]:
+        text = aiodbenv.metrics.generate(env)
+        rows = [r.rsplit(" ", 1) for r in text.splitlines() if r and not r.startswith("#")]
+        return {name: float(value) for name, value in rows}
+
+    before = samples()
+    assert before[f'aiodbenv_process_pins{{pid="{child.pid}",slot="1"}}'] == 3
+    child.kill()
+    child.wait(timeout=10)
+    env.pool.reap()
+    after = samples()
+    assert not any(f'pid="{child.pid}"' in name for name in after)
+    assert after["aiodbenv_dead_handles_reaped_total"] == 1
+    assert after["aiodbenv_dead_pins_reclaimed_total"] == 3
+    assert after["aiodbenv_dead_dirty_pages_inherited_total"] == 3
+    await env.pool.sync()  # what it left dirty is written
+
+
 # -- (d) a stopped process is never reaped; a wait on it names it -------------------------------
 
 
