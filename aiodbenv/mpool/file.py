@@ -486,6 +486,7 @@ class PoolFile:
                 w[x + H_NEXT] = w[bw + B_HEAD]
                 w[bw + B_HEAD] = frame  # one store publishes the complete header
                 w[bw + B_COUNT] += 1
+                self._core.settle_buffer(cache, frame)
                 return True
         self._core.free_buffer(cache, frame)
         return False

@@ -9,6 +9,7 @@ loop except a read of a page that is already in the OS page cache (``RWF_NOWAIT`
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import mmap
@@ -29,9 +30,11 @@ from .._process import is_alive
 from ..errors import (
     CacheFull,
     InvalidArgument,
+    NoSpace,
     NotFound,
     PermissionDenied,
     RunRecovery,
+    TryAgain,
 )
 from ..region.backing import Region
 from .file import MODE_NEW, PoolFile
@@ -43,6 +46,7 @@ from .table import (
     B_DIRTY,
     H_FLAGS,
     H_IOPID,
+    H_PGNO,
     H_REF,
     Cache,
     PoolCore,
@@ -71,6 +75,12 @@ _ZEROS: dict[int, bytes] = {}
 _READ_BATCH = 64
 #: Concurrent worker threads doing this pool's I/O.
 IO_THREADS = 4
+#: The frame-waiter poll (for frames released by other processes): first and longest step.
+_POLL_MIN = 0.0002
+_POLL_MAX = 0.005
+#: Back-off between failed writes of dirty victims (a full or failing disk): first, longest.
+_WRITE_RETRY_MIN = 0.001
+_WRITE_RETRY_MAX = 0.1
 
 
 def _zeros(n: int) -> bytes:
@@ -189,6 +199,16 @@ class Pool:
         self._no_nowait: set[int] = set()  # descriptors whose filesystem refuses RWF_NOWAIT
         self._changed: asyncio.Event | None = None
         self._waiters = 0
+        # Coroutines waiting for a frame, first come first served: each released frame wakes
+        # the first one (one wake-up per frame, not a stampede). Frames freed by other
+        # processes are only seen by polling, which one timer does for the whole queue.
+        self._frame_queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._frame_poll: asyncio.TimerHandle | None = None
+        self._frame_poll_delay = _POLL_MIN
+        #: Wake-ups handed to frame waiters: by a released frame, and by the poll timer.
+        self.frame_wakeups = 0
+        self.frame_polls = 0
+        self._frame_waiting = 0  # coroutines inside _wait_frame_turn
         self._closed = False
         # Closing waits for all of this: coroutines inside a slow path (a miss, a sync) and the
         # tasks the pool spawned for I/O (fills, read batches, write batches, fsyncs), so that
@@ -563,8 +583,71 @@ class Pool:
         return dirty / total if total else 0.0
 
     def _frame_released(self) -> None:
-        if self._waiters:
-            self._notify()
+        """A frame may be free or evictable now: wake the first frame waiter (only one)."""
+        q = self._frame_queue
+        while q:
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self.frame_wakeups += 1
+                return
+
+    def _wake_all_frames(self) -> None:
+        """Wake every frame waiter (the pool is closing: they leave)."""
+        q = self._frame_queue
+        while q:
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    def _arm_frame_poll(self) -> None:
+        if self._frame_poll is None and self._frame_queue:
+            self._frame_poll = asyncio.get_running_loop().call_later(
+                self._frame_poll_delay, self._poll_frames
+            )
+
+    def _poll_frames(self) -> None:
+        # Frames released in other processes wake nobody here: wake the first waiter now and
+        # then to look (backing off while nothing turns up; a frame found resets the step).
+        self._frame_poll = None
+        q = self._frame_queue
+        while q:
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self.frame_polls += 1
+                break
+        self._frame_poll_delay = min(self._frame_poll_delay * 2, _POLL_MAX)
+        self._arm_frame_poll()
+
+    async def _wait_frame_turn(self, first: bool, timeout: float) -> None:
+        """Queue for a frame and wait to be woken (or ``timeout`` seconds). ``first`` keeps
+        the front of the queue for a waiter whose turn just came to nothing.
+
+        Cancellation: the waiter leaves the queue; a wake-up it had already received is
+        passed on to the next waiter, so that no released frame goes unnoticed.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if first:
+            self._frame_queue.appendleft(fut)
+        else:
+            self._frame_queue.append(fut)
+        self._arm_frame_poll()
+        self._frame_waiting += 1
+        try:
+            await asyncio.wait((fut,), timeout=timeout)
+        except BaseException:
+            if fut.done():
+                self._frame_released()  # hand the wake-up on
+            raise
+        finally:
+            self._frame_waiting -= 1
+            if not fut.done():
+                fut.cancel()
+                try:
+                    self._frame_queue.remove(fut)
+                except ValueError:
+                    pass
 
     async def _wait_change(self, timeout: float) -> None:
         """Wait for a frame release or I/O completion in this process, or ``timeout``
@@ -600,54 +683,108 @@ class Pool:
 
     async def _get_frame(self, cache: Cache, page_size: int) -> int:
         """A buffer of ``page_size`` bytes in ``cache``: free space, else an evicted victim
-        (written first if dirty), else wait for an unpin (or CacheFull if ``fail_fast``)."""
+        (written first if dirty), else wait for an unpin (or CacheFull if ``fail_fast``).
+
+        Waiters are served in order: a newcomer queues behind those already waiting, and
+        each released frame wakes one of them. Gives up after ``wait_timeout`` seconds with
+        :class:`CacheFull`, or :class:`NoSpace` if the victims' writes kept failing with a
+        full disk (failed writes are retried with a back-off, not in a spin).
+        """
         core = self._core
         deadline: float | None = None
-        delay = 0.0002
+        turn = not self._frame_queue  # somebody queued first: wait behind them
+        write_delay = _WRITE_RETRY_MIN
+        write_error: BaseException | None = None
+        reclaimed_at = 0.0
         while True:
-            off = core.alloc_buffer(cache, page_size)
-            if off:
-                return off
-            victim = core.find_victim(cache, self._can_write, aggressive=False)
-            if victim is None:
-                victim = core.find_victim(cache, self._can_write, aggressive=True)
-            if victim is not None:
-                written = False
-                if victim.dirty:
-                    written = await self._write_victim(victim)
-                    if not written:
-                        continue
-                if core.unlink_victim(victim):
-                    w0 = core.w0
-                    w0[self._hs + _HS["rw_evict" if written else "ro_evict"]] += 1
-                    if victim.page_size == page_size:
-                        return victim.bh
-                    core.free_buffer(cache, victim.bh)
-                continue
-            if self.fail_fast:
-                raise CacheFull(
-                    "unable to allocate space from the buffer cache: every frame is pinned"
-                )
+            if turn:
+                off = core.alloc_buffer(cache, page_size)
+                if off:
+                    self._got_frame()
+                    return off
+                victim = core.find_victim(cache, self._can_write, aggressive=False)
+                if victim is None:
+                    victim = core.find_victim(cache, self._can_write, aggressive=True)
+                if victim is not None:
+                    written = False
+                    if victim.dirty:
+                        written, err = await self._write_victim(victim)
+                        self._check()
+                        if not written:
+                            # The disk refuses the write (the page stays dirty): back off and
+                            # try again, until wait_timeout.
+                            write_error = err or write_error
+                            now = time.monotonic()
+                            if deadline is None:
+                                deadline = now + self.wait_timeout
+                            elif now >= deadline:
+                                self._give_up_writing(write_error)
+                            await asyncio.sleep(min(write_delay, max(0.0, deadline - now)))
+                            write_delay = min(write_delay * 2, _WRITE_RETRY_MAX)
+                            self._check()
+                            continue
+                    if core.unlink_victim(victim):
+                        w0 = core.w0
+                        w0[self._hs + _HS["rw_evict" if written else "ro_evict"]] += 1
+                        self._got_frame()
+                        if victim.page_size == page_size:
+                            return victim.bh
+                        core.free_buffer(cache, victim.bh)
+                    continue
+                if self.fail_fast:
+                    raise CacheFull(
+                        "unable to allocate space from the buffer cache: every frame is pinned"
+                    )
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self.wait_timeout
                 self._core.w0[self._hs + _HS["alloc_waits"]] += 1
             elif now >= deadline:
+                if write_error is not None:
+                    self._give_up_writing(write_error)
                 raise CacheFull(
                     f"unable to allocate space from the buffer cache: every frame stayed "
                     f"pinned for {self.wait_timeout} s"
                 )
-            await self._wait_change(min(delay, deadline - now))
-            delay = min(delay * 2, 0.005)
+            if turn and now - reclaimed_at > 1.0:
+                # A process killed between taking a frame and linking it left it in limbo.
+                reclaimed_at = now
+                if core.reclaim_lost_buffers(cache):
+                    continue
+            await self._wait_frame_turn(turn, deadline - now)
+            turn = True
             self._check()
 
-    async def _write_victim(self, v: Victim) -> bool:
+    def _got_frame(self) -> None:
+        # Frames are coming free again: the poll restarts at its shortest step.
+        self._frame_poll_delay = _POLL_MIN
+
+    def _give_up_writing(self, err: BaseException | None) -> None:
+        code = getattr(err, "errno", None)
+        if isinstance(err, NoSpace) or code in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(
+                f"no frame for a page after {self.wait_timeout} s: every dirty page that could "
+                f"be evicted failed to write ({err}); the disk is full"
+            ) from err
+        raise CacheFull(
+            f"no frame for a page after {self.wait_timeout} s: every dirty page that could be "
+            f"evicted failed to write ({err})"
+        ) from err
+
+    async def _write_victim(self, v: Victim) -> tuple[bool, BaseException | None]:
+        """Write a dirty victim; ``(True, None)`` if it is clean now (or dropped), else
+        ``(False, the error if any)``."""
         from .sync import write_items
 
-        result = await write_items(
-            self, [(v.file - 1, v.pgno, v.cache, v.bucket, v.bh)], fsync=False
-        )
-        return result.written == 1 or result.dropped == 1
+        try:
+            result = await write_items(
+                self, [(v.file - 1, v.pgno, v.cache, v.bucket, v.bh)], fsync=False
+            )
+        except OSError as err:
+            return False, err
+        if result.written == 1 or result.dropped == 1:
+            return True, None
+        return False, result.errors[0] if result.errors else None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -780,6 +917,7 @@ class Pool:
             last = w[x + H_REF] == 0
         if last:
             self._core.free_buffer(cache, bh)
+            self._frame_released()
         self._notify()
 
     async def _await_read(self, cache: Cache, b: int, bh: int, f: PoolFile) -> bool:
@@ -789,14 +927,24 @@ class Pool:
         x = bh >> 3
         delay = 0.00005
         checked = time.monotonic()
+        deadline = checked + self.wait_timeout
         try:
             while w[x + H_FLAGS] & BH_READING:
                 await self._wait_change(delay)
                 self._check()  # closing: give the pin back (below) and leave
                 delay = min(delay * 2, 0.002)
-                if time.monotonic() - checked > 0.5:
-                    checked = time.monotonic()
+                now = time.monotonic()
+                if now - checked > 0.5:
+                    checked = now
                     self._adopt_dead_read(cache, b, bh, f)
+                if now >= deadline and w[x + H_FLAGS] & BH_READING:
+                    pid = int(w[x + H_IOPID])
+                    who = "this process" if pid == self._pid else f"process {pid}"
+                    raise TryAgain(
+                        f"page {int(w[x + H_PGNO])} of {f.name!r} has been being read by {who} "
+                        f"for over {self.wait_timeout} s (alive, but not finishing: stopped or "
+                        f"stuck in I/O?); try again later"
+                    )
         except BaseException:
             self._release_failed_or_pin(cache, b, bh)
             raise
@@ -931,6 +1079,10 @@ class Pool:
             return
         self._closing = True
         self._notify()
+        self._wake_all_frames()
+        if self._frame_poll is not None:
+            self._frame_poll.cancel()
+            self._frame_poll = None
         await self._quiesce()
         try:
             for f in list(self._files):
