@@ -12,9 +12,10 @@ The await points of the pool, from the code:
 
 - ``PoolFile._pin``: ``Pool._await_read`` (another coroutine is reading the page),
   ``Pool._get_frame`` (``_wait_frame_turn`` while every frame is pinned; ``_write_victim`` while
-  a dirty victim is written, then the back-off sleep after a failed write), ``Pool._fill`` (the read itself, in a worker thread through
-  ``_ReadBatcher`` when ``RWF_NOWAIT`` says the data is not in the OS page cache; a read served
-  by ``RWF_NOWAIT`` runs on the loop and has no await point).
+  a dirty victim is written, then the back-off sleep after a failed write), ``Pool._fill`` (the
+  read itself, in a worker thread through ``_ReadBatcher`` when ``RWF_NOWAIT`` says the data
+  is not in the OS page cache; a read served by ``RWF_NOWAIT`` runs on the loop and has no
+  await point).
 - ``PoolFile.unpin``: none.
 - ``write_back`` / ``trickle``: each batch's shielded task, then the shielded fsync.
 - ``Env.close`` / ``PoolFile.close``: racing with any of the above.
