@@ -30,6 +30,7 @@ from .._process import is_alive
 from ..errors import (
     CacheFull,
     InvalidArgument,
+    LockTimeout,
     NoSpace,
     NotFound,
     PermissionDenied,
@@ -37,6 +38,8 @@ from ..errors import (
     TryAgain,
 )
 from ..region.backing import Region
+from ..region.mutex import STEP_WAIT as _STEP_WAIT
+from ..region.mutex import _wait_bound, step_waits
 from .file import MODE_NEW, PoolFile
 from .layout import BH, BH_DIRTY, BH_FAILED, BH_READING, FF_DEAD, FF_NO_MMAP, FF_NOFILE, FF_TEMP
 from .table import (
@@ -548,6 +551,53 @@ class Pool:
 
     # -- frames -------------------------------------------------------------------------------
 
+    async def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, a synchronous critical section, with bounded lock waits: each
+        attempt waits at most a few milliseconds for a held mutex; on
+        :class:`~aiodbenv.errors.LockTimeout` the call backs off asynchronously (the event
+        loop keeps running) and tries again, up to ``wait_timeout`` seconds, then raises
+        LockTimeout naming the holder. ``fn`` must change nothing when a lock times out (each
+        of its critical sections locks first), so that it can simply be called again.
+
+        Cancellation: between attempts; nothing is held.
+        """
+        token = _wait_bound.set(_STEP_WAIT)
+        try:
+            return fn(*args)
+        except LockTimeout as err:
+            last = err
+        finally:
+            _wait_bound.reset(token)
+        deadline = time.monotonic() + self.wait_timeout
+        delay = 0.0005
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                who = f"process {last.pid}" if last.pid else "another process"
+                err = LockTimeout(
+                    f"{last}; gave up after {self.wait_timeout} s: {who} holds it "
+                    f"(stopped or stuck?)"
+                )
+                err.pid = last.pid
+                raise err from last
+            await asyncio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, _POLL_MAX)
+            self._check()
+            token = _wait_bound.set(_STEP_WAIT)
+            try:
+                return fn(*args)
+            except LockTimeout as err:
+                last = err
+            finally:
+                _wait_bound.reset(token)
+
+    def _later(self, fn: Callable[..., object], *args: Any) -> asyncio.Task[Any]:
+        """Run ``fn(*args)`` through :meth:`_locked` in a task of the pool, for a synchronous
+        caller whose critical section found its mutex held; a final failure is logged."""
+        task = self._spawn(self._locked(fn, *args))
+        task.add_done_callback(_log_failure)
+        return task
+
     def _notify(self) -> None:
         ev = self._changed
         if ev is not None:
@@ -698,13 +748,13 @@ class Pool:
         reclaimed_at = 0.0
         while True:
             if turn:
-                off = core.alloc_buffer(cache, page_size)
+                off = await self._locked(core.alloc_buffer, cache, page_size)
                 if off:
                     self._got_frame()
                     return off
-                victim = core.find_victim(cache, self._can_write, aggressive=False)
+                victim = await self._locked(core.find_victim, cache, self._can_write, False)
                 if victim is None:
-                    victim = core.find_victim(cache, self._can_write, aggressive=True)
+                    victim = await self._locked(core.find_victim, cache, self._can_write, True)
                 if victim is not None:
                     written = False
                     if victim.dirty:
@@ -723,13 +773,13 @@ class Pool:
                             write_delay = min(write_delay * 2, _WRITE_RETRY_MAX)
                             self._check()
                             continue
-                    if core.unlink_victim(victim):
+                    if await self._locked(core.unlink_victim, victim):
                         w0 = core.w0
                         w0[self._hs + _HS["rw_evict" if written else "ro_evict"]] += 1
                         self._got_frame()
                         if victim.page_size == page_size:
                             return victim.bh
-                        core.free_buffer(cache, victim.bh)
+                        await self._free_frame(cache, victim.bh)
                     continue
                 if self.fail_fast:
                     raise CacheFull(
@@ -749,11 +799,20 @@ class Pool:
             if turn and now - reclaimed_at > 1.0:
                 # A process killed between taking a frame and linking it left it in limbo.
                 reclaimed_at = now
-                if core.reclaim_lost_buffers(cache):
+                if await self._locked(core.reclaim_lost_buffers, cache):
                     continue
             await self._wait_frame_turn(turn, deadline - now)
             turn = True
             self._check()
+
+    async def _free_frame(self, cache: Cache, bh: int) -> None:
+        """Give an unlinked buffer back to the cache, even if cancelled meanwhile (a frame
+        must never be lost): the free runs in a task of the pool."""
+        try:
+            with step_waits():
+                self._core.free_buffer(cache, bh)  # the usual case: at once
+        except LockTimeout:
+            await asyncio.shield(self._later(self._core.free_buffer, cache, bh))
 
     def _got_frame(self) -> None:
         # Frames are coming free again: the poll restarts at its shortest step.
@@ -796,8 +855,14 @@ class Pool:
         still completes (other waiters may want the page) and the caller's pin is dropped
         afterwards.
         """
-        if self._fill_now(f, cache, b, bh, pgno, mode):
-            return
+        try:
+            if await self._locked(self._fill_now, f, cache, b, bh, pgno, mode):
+                return
+        except (LockTimeout, asyncio.CancelledError):
+            # Out of lock attempts (or cancelled between them): the buffer was neither
+            # published nor failed. Fail it, so that its waiters try again.
+            self._settle(self._fail_read, cache, b, bh)
+            raise
         job = self._spawn(self._fill_job(f, cache, b, bh, pgno, mode))
         try:
             await asyncio.shield(job)
@@ -875,7 +940,7 @@ class Pool:
     ) -> None:
         if job.cancelled() or job.exception() is not None:
             return  # the failure path already dropped the pin
-        self._release_pin(cache, b, bh)
+        self._settle(self._release_pin, cache, b, bh)
 
     def _release_pin(self, cache: Cache, b: int, bh: int) -> None:
         w = cache.words
@@ -900,11 +965,26 @@ class Pool:
             created = n == 0
             self._apply_pgin(f, pgno, view, mode)
         except BaseException:
-            self._fail_read(cache, b, bh)
+            self._settle(self._fail_read, cache, b, bh)
             raise
         finally:
             view.release()
-        self._publish(f, cache, b, bh, created)
+        try:
+            await self._locked(self._publish, f, cache, b, bh, created)
+        except BaseException:
+            self._settle(self._fail_read, cache, b, bh)
+            raise
+
+    def _settle(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run the bookkeeping ``fn(*args)`` now if its mutex is free within a few
+        milliseconds, else in a task of the pool that keeps trying (see :meth:`_locked`):
+        for steps that must happen (releasing a pin, failing a read) on paths that cannot
+        wait, such as callbacks and cancellations. ``fn`` changes nothing when it times out."""
+        try:
+            with step_waits():
+                fn(*args)
+        except LockTimeout:
+            self._later(fn, *args)
 
     def _fail_read(self, cache: Cache, b: int, bh: int) -> None:
         """A read failed: unlink the buffer, flag it failed for waiters, drop our pin."""
@@ -916,7 +996,7 @@ class Pool:
             w[x + H_REF] -= 1
             last = w[x + H_REF] == 0
         if last:
-            self._core.free_buffer(cache, bh)
+            self._settle(self._core.free_buffer, cache, bh)
             self._frame_released()
         self._notify()
 
@@ -936,7 +1016,7 @@ class Pool:
                 now = time.monotonic()
                 if now - checked > 0.5:
                     checked = now
-                    self._adopt_dead_read(cache, b, bh, f)
+                    await self._locked(self._adopt_dead_read, cache, b, bh, f)
                 if now >= deadline and w[x + H_FLAGS] & BH_READING:
                     pid = int(w[x + H_IOPID])
                     who = "this process" if pid == self._pid else f"process {pid}"
@@ -946,10 +1026,10 @@ class Pool:
                         f"stuck in I/O?); try again later"
                     )
         except BaseException:
-            self._release_failed_or_pin(cache, b, bh)
+            self._settle(self._release_failed_or_pin, cache, b, bh)
             raise
         if w[x + H_FLAGS] & BH_FAILED:
-            self._release_failed_or_pin(cache, b, bh)
+            self._settle(self._release_failed_or_pin, cache, b, bh)
             return False
         return True
 
@@ -960,7 +1040,7 @@ class Pool:
             w[x + H_REF] -= 1
             last = w[x + H_REF] == 0 and w[x + H_FLAGS] & BH_FAILED
         if last:
-            self._core.free_buffer(cache, bh)
+            self._settle(self._core.free_buffer, cache, bh)
         self._frame_released()
 
     def _adopt_dead_read(self, cache: Cache, b: int, bh: int, f: PoolFile) -> None:
@@ -1095,6 +1175,11 @@ class Pool:
             self._closed = True
             if not self._env.panicked:
                 self._core.detach_handle(self._hs)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("deferred pool bookkeeping failed: %s", task.exception())
 
 
 def _name_fileid(name: str) -> bytes:
