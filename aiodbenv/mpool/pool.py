@@ -212,6 +212,7 @@ class Pool:
         self.frame_wakeups = 0
         self.frame_polls = 0
         self._frame_waiting = 0  # coroutines inside _wait_frame_turn
+        self._reclaimed_at: dict[int, float] = {}  # cache index -> last look for lost frames
         self._closed = False
         # Closing waits for all of this: coroutines inside a slow path (a miss, a sync) and the
         # tasks the pool spawned for I/O (fills, read batches, write batches, fsyncs), so that
@@ -745,7 +746,6 @@ class Pool:
         turn = not self._frame_queue  # somebody queued first: wait behind them
         write_delay = _WRITE_RETRY_MIN
         write_error: BaseException | None = None
-        reclaimed_at = 0.0
         while True:
             if turn:
                 off = await self._locked(core.alloc_buffer, cache, page_size)
@@ -781,6 +781,8 @@ class Pool:
                             return victim.bh
                         await self._free_frame(cache, victim.bh)
                     continue
+                if self._reclaim(cache) and await self._locked(core.reclaim_lost_buffers, cache):
+                    continue
                 if self.fail_fast:
                     raise CacheFull(
                         "unable to allocate space from the buffer cache: every frame is pinned"
@@ -796,11 +798,6 @@ class Pool:
                     f"unable to allocate space from the buffer cache: every frame stayed "
                     f"pinned for {self.wait_timeout} s"
                 )
-            if turn and now - reclaimed_at > 1.0:
-                # A process killed between taking a frame and linking it left it in limbo.
-                reclaimed_at = now
-                if await self._locked(core.reclaim_lost_buffers, cache):
-                    continue
             await self._wait_frame_turn(turn, deadline - now)
             turn = True
             self._check()
@@ -813,6 +810,16 @@ class Pool:
                 self._core.free_buffer(cache, bh)  # the usual case: at once
         except LockTimeout:
             await asyncio.shield(self._later(self._core.free_buffer, cache, bh))
+
+    def _reclaim(self, cache: Cache) -> bool:
+        """Whether to look for frames that killed processes left outside every chain (see
+        :meth:`PoolCore.reclaim_lost_buffers`): when no victim is found, at most once a second
+        per cache in this process (the look walks every allocation of the region)."""
+        now = time.monotonic()
+        if now - self._reclaimed_at.get(cache.index, 0.0) < 1.0:
+            return False
+        self._reclaimed_at[cache.index] = now
+        return True
 
     def _got_frame(self) -> None:
         # Frames are coming free again: the poll restarts at its shortest step.
