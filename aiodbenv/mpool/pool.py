@@ -575,12 +575,12 @@ class Pool:
             now = time.monotonic()
             if now >= deadline:
                 who = f"process {last.pid}" if last.pid else "another process"
-                err = LockTimeout(
+                final = LockTimeout(
                     f"{last}; gave up after {self.wait_timeout} s: {who} holds it "
                     f"(stopped or stuck?)"
                 )
-                err.pid = last.pid
-                raise err from last
+                final.pid = last.pid
+                raise final from last
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, _POLL_MAX)
             self._check()
@@ -781,8 +781,10 @@ class Pool:
                             return victim.bh
                         await self._free_frame(cache, victim.bh)
                     continue
-                if self._reclaim(cache) and await self._locked(core.reclaim_lost_buffers, cache):
-                    continue
+                if self._reclaim(cache):
+                    reclaimed: int = await self._locked(core.reclaim_lost_buffers, cache)
+                    if reclaimed:
+                        continue  # frames came back
                 if self.fail_fast:
                     raise CacheFull(
                         "unable to allocate space from the buffer cache: every frame is pinned"

@@ -246,8 +246,10 @@ class Cache:
         w[bw + B_DIRTY] = dirty
 
     def lock(self, b: int) -> None:
-        """Lock bucket ``b`` inline (trylock, count a no-wait; blocking, repairing or
-        panicking through its mutex object only when that fails). Pair with :meth:`unlock`."""
+        """Lock bucket ``b`` inline (trylock, count a no-wait; waiting, repairing or
+        panicking through its mutex object only when that fails). The wait is bounded (see
+        :mod:`aiodbenv.region.mutex`): :class:`~aiodbenv.errors.LockTimeout` if it runs out,
+        with the mutex not held. Pair with :meth:`unlock`."""
         p = self.mptrs[b]
         if p:
             rc = _trylock(p)

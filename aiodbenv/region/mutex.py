@@ -111,13 +111,15 @@ def step_waits() -> Iterator[None]:
 def owner_pid(ptr: Any) -> int:
     """The pid of the process holding the pthread mutex at ``ptr``, 0 if unknown (a hint).
 
-    glibc keeps the owner's thread id in the mutex (``__owner``, the third 32-bit word, on
-    64-bit Linux); the thread id of a process's main thread is its pid, and region mutexes are
-    only taken on one thread per process (the event loop's) or on short-lived worker threads.
+    A robust mutex's futex word (glibc's ``__lock``, the first 32-bit word) holds the owner's
+    thread id, with the FUTEX_WAITERS and FUTEX_OWNER_DIED bits above it; it stays right after
+    an EOWNERDEAD acquisition, when glibc's ``__owner`` field reads "inconsistent". The thread
+    id of a process's main thread is its pid, and region mutexes are taken on the event loop's
+    thread or on short-lived worker threads (whose ids are then named instead).
     """
     if ptr is None or ptr == ffi.NULL:
         return 0
-    return int(ffi.cast("int32_t *", ptr)[2]) & 0x3FFFFFFF
+    return int(ffi.cast("uint32_t *", ptr)[0]) & 0x3FFFFFFF
 
 
 def timed_lock(ptr: Any, seconds: float) -> int:
