@@ -29,7 +29,7 @@ import pytest
 
 import aiodbenv
 from aiodbenv import _io
-from aiodbenv.errors import LockTimeout, NoSpace, TryAgain
+from aiodbenv.errors import Incomplete, LockTimeout, NoSpace, TryAgain
 from aiodbenv.mpool.table import _C, _TAG_FROM_BH, B_COUNT, B_HEAD, H_NEXT, H_REF, H_SIZE
 from aiodbenv.region.mutex import trylock, unlock
 
@@ -488,5 +488,30 @@ async def test_stopped_reader_gives_tryagain_naming_it_then_a_kill_frees_the_pag
     pool.wait_timeout = 30.0
     async with f.get(7) as page:  # the dead reader's read is taken over
         assert bytes(page.data[:1]) == b"x"
+    check_accounting(pool)
+    await f.close()
+
+
+async def test_sync_with_a_stopped_bucket_holder_is_bounded_and_loses_nothing(
+    env: aiodbenv.Env, home: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    """Write-back meets the held bucket: it reports it (LockTimeout or Incomplete) within a
+    bound instead of hanging, and writes everything once the holder is gone."""
+    pool = env.pool
+    f = await pool.open_file("a.db", create=True)
+    for i in range(8):
+        async with f.get(i, create=True) as page:
+            page.data[0] = 1
+    child = await _start_holder(home, 0, procs)
+    t0 = time.monotonic()
+    with pytest.raises((LockTimeout, Incomplete)):
+        await pool.sync()
+    assert time.monotonic() - t0 < 15
+    os.kill(child.pid, signal.SIGKILL)  # dies holding the mutex: the next locker repairs
+    await asyncio.to_thread(child.wait, 30)
+    await pool.sync()
+    assert pool.stat().page_dirty == 0
+    while pool._tasks:
+        await asyncio.gather(*list(pool._tasks), return_exceptions=True)
     check_accounting(pool)
     await f.close()
