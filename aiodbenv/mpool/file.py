@@ -566,20 +566,20 @@ class PoolFile:
         if not (dirty or clean or discard):
             raise InvalidArgument("set needs at least one of dirty, clean, discard")
         self._check_flags(page, (PAGE_DIRTY if dirty else 0) | (PAGE_CLEAN if clean else 0))
-        if discard:
-            page._flags |= PAGE_DISCARD
         cache = page._cache
-        if dirty:
-            self._pool._note_dirty(self.page_size)
         if (dirty or clean) and cache is not None:
             w = cache.words
-            with cache.mutexes[page._bucket]:
+            with cache.mutexes[page._bucket]:  # first: a LockTimeout leaves nothing changed
                 self._apply_dirty(
                     w,
                     page._bh >> 3,
                     cache.bucket_words[page._bucket],
                     PAGE_DIRTY if dirty else PAGE_CLEAN,
                 )
+        if dirty:
+            self._pool._note_dirty(self.page_size)
+        if discard:
+            page._flags |= PAGE_DISCARD
 
     def _check_flags(self, page: Page, flags: int) -> None:
         """Raise the error a bad unpin or set deserves (called only when something is off)."""

@@ -552,7 +552,7 @@ class Pool:
 
     # -- frames -------------------------------------------------------------------------------
 
-    async def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _locked(self, fn: Callable[..., T], *args: Any, check: bool = True) -> T:
         """``fn(*args)``, a synchronous critical section, with bounded lock waits: each
         attempt waits at most a few milliseconds for a held mutex; on
         :class:`~aiodbenv.errors.LockTimeout` the call backs off asynchronously (the event
@@ -560,7 +560,9 @@ class Pool:
         LockTimeout naming the holder. ``fn`` must change nothing when a lock times out (each
         of its critical sections locks first), so that it can simply be called again.
 
-        Cancellation: between attempts; nothing is held.
+        ``check``: stop between attempts if the pool is closing (not for bookkeeping that
+        must be finished, such as a deferred release). Cancellation: between attempts;
+        nothing is held.
         """
         token = _wait_bound.set(_STEP_WAIT)
         try:
@@ -583,7 +585,8 @@ class Pool:
                 raise final from last
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, _POLL_MAX)
-            self._check()
+            if check:
+                self._check()
             token = _wait_bound.set(_STEP_WAIT)
             try:
                 return fn(*args)
@@ -595,7 +598,7 @@ class Pool:
     def _later(self, fn: Callable[..., object], *args: Any) -> asyncio.Task[Any]:
         """Run ``fn(*args)`` through :meth:`_locked` in a task of the pool, for a synchronous
         caller whose critical section found its mutex held; a final failure is logged."""
-        task = self._spawn(self._locked(fn, *args))
+        task = self._spawn(self._locked(fn, *args, check=False))
         task.add_done_callback(_log_failure)
         return task
 
