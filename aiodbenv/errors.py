@@ -156,6 +156,7 @@ class LockTimeout(TryAgain):
     later, or find out what the holder is doing."""
 
     pid: int = 0
+    mutex: str = ""
 
 
 class NoSpace(AiodbenvError, OSError):

@@ -578,10 +578,10 @@ class Pool:
             if now >= deadline:
                 who = f"process {last.pid}" if last.pid else "another process"
                 final = LockTimeout(
-                    f"{last}; gave up after {self.wait_timeout} s: {who} holds it "
-                    f"(stopped or stuck?)"
+                    f"mutex {last.mutex} is held by {who} and was not released within "
+                    f"{self.wait_timeout:g} s (is that process stopped or stuck?)"
                 )
-                final.pid = last.pid
+                final.pid, final.mutex = last.pid, last.mutex
                 raise final from last
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, _POLL_MAX)

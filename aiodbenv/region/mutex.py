@@ -256,6 +256,7 @@ class SharedMutex:
             f"(is that process stopped or stuck?)"
         )
         err.pid = pid
+        err.mutex = self.name
         return err
 
     def _owner_died(self) -> None:
