@@ -8,7 +8,7 @@ is left outside a chain) and a full cache must again hold its nominal page count
 
 Bounded waits: a process SIGSTOPped holding a bucket mutex (a test-only child that locks that
 bucket), a live process stalled in the middle of a read, eviction on a full disk (every write
-fails with ENOSPC through the I/O seam), and 1,000 / 10,000 coroutines waiting for 64 frames
+fails with ENOSPC through the I/O seam; and a real tmpfs filled to the last byte), and 1,000 / 10,000 coroutines waiting for 64 frames
 (served in order, one wake-up per released frame). Timings are never asserted beyond generous
 bounds that only an unbounded wait or a frozen event loop would break.
 """
@@ -21,8 +21,9 @@ import os
 import random
 import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -513,5 +514,49 @@ async def test_sync_with_a_stopped_bucket_holder_is_bounded_and_loses_nothing(
     assert pool.stat().page_dirty == 0
     while pool._tasks:
         await asyncio.gather(*list(pool._tasks), return_exceptions=True)
+    check_accounting(pool)
+    await f.close()
+
+
+@pytest.fixture
+def full_tmpfs() -> Iterator[str]:
+    """A 256 KiB tmpfs filled to the last byte (needs root and mount; skipped otherwise)."""
+    path = tempfile.mkdtemp(prefix="aiodbenv-full-")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", path], check=False)
+    if r.returncode:
+        os.rmdir(path)
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        fd = os.open(os.path.join(path, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 512)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=True)
+        os.rmdir(path)
+
+
+async def test_eviction_on_a_real_full_tmpfs_gives_nospace(
+    env: aiodbenv.Env, full_tmpfs: str
+) -> None:
+    pool = env.pool
+    pool.wait_timeout = 1.0
+    f = await pool.open_file(os.path.join(full_tmpfs, "a.db"), create=True)
+    for i in range(FRAMES):
+        async with f.get(i, create=True) as page:
+            page.data[0] = 7
+    t0 = time.monotonic()
+    with pytest.raises(NoSpace):
+        async with f.get(FRAMES + 1, create=True):
+            pass
+    assert time.monotonic() - t0 < 15
+    assert pool.stat().page_dirty == FRAMES  # nothing marked clean that is not on disk
+    os.remove(os.path.join(full_tmpfs, "filler"))  # room again: everything gets written
+    assert (await pool.sync()).written == FRAMES
     check_accounting(pool)
     await f.close()
