@@ -21,7 +21,7 @@ from ..errors import (
     PermissionDenied,
 )
 from ..region.layout import MUTEX_SLOT, WORD
-from ..region.mutex import STEP_WAIT, ffi, speedups
+from ..region.mutex import BUSY, STEP_WAIT, ffi, speedups
 from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
 from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP
@@ -416,7 +416,9 @@ class PoolFile:
         pool = self._pool
         while True:
             cache, b = self._core.locate(self._fidx, pgno)
-            found = await pool._locked(self._lookup_pin, cache, b, pgno)
+            found = pool._attempt(self._lookup_pin, cache, b, pgno)
+            if found is BUSY:
+                found = await pool._locked(self._lookup_pin, cache, b, pgno)
             if found:
                 bh = found
                 if cache.words[(bh >> 3) + H_FLAGS] & BH_READING:
@@ -439,7 +441,9 @@ class PoolFile:
             # The frame is ours alone until it is linked: every way out gives it back.
             try:
                 self._check_open()  # closed while we waited for the frame?
-                inserted = await pool._locked(self._insert, cache, b, frame, pgno)
+                inserted = pool._attempt(self._insert, cache, b, frame, pgno)
+                if inserted is BUSY:
+                    inserted = await pool._locked(self._insert, cache, b, frame, pgno)
             except BaseException:
                 await pool._free_frame(cache, frame)
                 raise

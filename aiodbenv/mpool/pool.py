@@ -38,8 +38,8 @@ from ..errors import (
     TryAgain,
 )
 from ..region.backing import Region
+from ..region.mutex import BUSY, Busy, _wait_bound, step_waits
 from ..region.mutex import STEP_WAIT as _STEP_WAIT
-from ..region.mutex import _wait_bound, step_waits
 from .file import MODE_NEW, PoolFile
 from .layout import BH, BH_DIRTY, BH_FAILED, BH_READING, FF_DEAD, FF_NO_MMAP, FF_NOFILE, FF_TEMP
 from .table import (
@@ -552,6 +552,19 @@ class Pool:
 
     # -- frames -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _attempt(fn: Callable[..., T], *args: Any) -> T | Busy:
+        """``fn(*args)`` with a lock wait of a few milliseconds at most, or ``BUSY`` (nothing
+        done) if a mutex stayed held: the slow paths' usual case, without making a coroutine;
+        on ``BUSY`` they go on with :meth:`_locked`."""
+        token = _wait_bound.set(_STEP_WAIT)
+        try:
+            return fn(*args)
+        except LockTimeout:
+            return BUSY
+        finally:
+            _wait_bound.reset(token)
+
     async def _locked(self, fn: Callable[..., T], *args: Any, check: bool = True) -> T:
         """``fn(*args)``, a synchronous critical section, with bounded lock waits: each
         attempt waits at most a few milliseconds for a held mutex; on
@@ -751,13 +764,19 @@ class Pool:
         write_error: BaseException | None = None
         while True:
             if turn:
-                off = await self._locked(core.alloc_buffer, cache, page_size)
+                off = self._attempt(core.alloc_buffer, cache, page_size)
+                if off is BUSY:
+                    off = await self._locked(core.alloc_buffer, cache, page_size)
                 if off:
                     self._got_frame()
                     return off
-                victim = await self._locked(core.find_victim, cache, self._can_write, False)
+                victim = self._attempt(core.find_victim, cache, self._can_write, False)
+                if victim is BUSY:
+                    victim = await self._locked(core.find_victim, cache, self._can_write, False)
                 if victim is None:
-                    victim = await self._locked(core.find_victim, cache, self._can_write, True)
+                    victim = self._attempt(core.find_victim, cache, self._can_write, True)
+                    if victim is BUSY:
+                        victim = await self._locked(core.find_victim, cache, self._can_write, True)
                 if victim is not None:
                     written = False
                     if victim.dirty:
@@ -776,7 +795,10 @@ class Pool:
                             write_delay = min(write_delay * 2, _WRITE_RETRY_MAX)
                             self._check()
                             continue
-                    if await self._locked(core.unlink_victim, victim):
+                    unlinked = self._attempt(core.unlink_victim, victim)
+                    if unlinked is BUSY:
+                        unlinked = await self._locked(core.unlink_victim, victim)
+                    if unlinked:
                         w0 = core.w0
                         w0[self._hs + _HS["rw_evict" if written else "ro_evict"]] += 1
                         self._got_frame()
@@ -868,7 +890,10 @@ class Pool:
         afterwards.
         """
         try:
-            if await self._locked(self._fill_now, f, cache, b, bh, pgno, mode):
+            done = self._attempt(self._fill_now, f, cache, b, bh, pgno, mode)
+            if done is BUSY:
+                done = await self._locked(self._fill_now, f, cache, b, bh, pgno, mode)
+            if done:
                 return
         except (LockTimeout, asyncio.CancelledError):
             # Out of lock attempts (or cancelled between them): the buffer was neither

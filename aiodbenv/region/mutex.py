@@ -27,6 +27,7 @@ LockTimeout back off asynchronously and try again, up to the pool's ``wait_timeo
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import time
@@ -42,8 +43,10 @@ from .layout import MUTEX_SLOT, WORD
 
 __all__ = [
     "BACKEND",
+    "BUSY",
     "STEP_WAIT",
     "SYNC_WAIT",
+    "Busy",
     "Mutex",
     "NullMutex",
     "SharedMutex",
@@ -92,6 +95,16 @@ SYNC_WAIT = 1.0
 #: The wait of one attempt under :func:`step_waits`: async callers back off between attempts.
 STEP_WAIT = 0.002
 _wait_bound: ContextVar[float] = ContextVar("aiodbenv_lock_wait", default=SYNC_WAIT)
+
+
+class Busy(enum.Enum):
+    """The type of :data:`BUSY`."""
+
+    BUSY = 0
+
+
+#: What an attempt returns instead of its result when a mutex stayed held (nothing was done).
+BUSY = Busy.BUSY
 
 if speedups is not None:
     speedups.aiodb_set_lock_wait(int(SYNC_WAIT * 1e9))
