@@ -8,9 +8,10 @@ is left outside a chain) and a full cache must again hold its nominal page count
 
 Bounded waits: a process SIGSTOPped holding a bucket mutex (a test-only child that locks that
 bucket), a live process stalled in the middle of a read, eviction on a full disk (every write
-fails with ENOSPC through the I/O seam; and a real tmpfs filled to the last byte), and 1,000 / 10,000 coroutines waiting for 64 frames
-(served in order, one wake-up per released frame). Timings are never asserted beyond generous
-bounds that only an unbounded wait or a frozen event loop would break.
+fails with ENOSPC through the I/O seam; and a real tmpfs filled to the last byte), and 1,000
+and 10,000 coroutines waiting for 64 frames (served in order, one wake-up per released
+frame). Timings are never asserted beyond generous bounds that only an unbounded wait or a
+frozen event loop would break.
 """
 
 from __future__ import annotations

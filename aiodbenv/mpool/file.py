@@ -24,7 +24,7 @@ from ..region.layout import MUTEX_SLOT, WORD
 from ..region.mutex import BUSY, STEP_WAIT, ffi, speedups
 from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
-from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP
+from .layout import BH, BH_DIRTY, BH_READING, BH_REDIRTIED, BH_WRITING, FF_NO_MMAP
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
 from .table import (
     _F,
@@ -84,6 +84,7 @@ if speedups is not None:
         H_SIZE,
         BH.size,
         (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
+        BH_REDIRTIED,
     ]
     speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
     _c_pin_hit = speedups.aiodb_pin_hit
@@ -600,11 +601,15 @@ class PoolFile:
     def _apply_dirty(w: memoryview, x: int, bw: int, flags: int) -> None:
         bh_flags = w[x + H_FLAGS]
         if flags & PAGE_DIRTY:
+            # Dirtied while a copy is being written: that copy is stale, and its write must
+            # not clean the page (the Python form of aiodb_unpin).
+            new = bh_flags | BH_DIRTY | (BH_REDIRTIED if bh_flags & BH_WRITING else 0)
             if not bh_flags & BH_DIRTY:
-                w[x + H_FLAGS] = bh_flags | BH_DIRTY
                 w[bw + B_DIRTY] += 1
+            if new != bh_flags:
+                w[x + H_FLAGS] = new
         elif flags & PAGE_CLEAN and bh_flags & BH_DIRTY:
-            w[x + H_FLAGS] = bh_flags & ~BH_DIRTY
+            w[x + H_FLAGS] = bh_flags & ~(BH_DIRTY | BH_REDIRTIED)
             w[bw + B_DIRTY] -= 1
 
     def _unpin(self, page: Page, flags: int) -> asyncio.Task[None] | None:
@@ -709,11 +714,14 @@ class PoolFile:
     # -- write-back and closing ---------------------------------------------------------------
 
     async def sync(self) -> SyncResult:
-        """Write every dirty page of this file and fsync it (memp_fsync).
+        """Write every dirty page of this file and fsync it if it has page writes no fsync
+        has covered yet, by any process (memp_fsync).
 
-        Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages could not be written
-        (retry later); a failed write leaves its page dirty and raises. Cancellation: pages
-        already handed to a write finish it; the rest stay dirty.
+        Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages could not be written,
+        or another process's write of some did not finish within the pool's ``wait_timeout``
+        (retry later); a failed write leaves its page dirty and raises; a failed fsync panics
+        the environment (:class:`~aiodbenv.errors.RunRecovery`). Cancellation: pages already
+        handed to a write finish it; the rest stay dirty.
         """
         self._check()
         from .sync import write_back
