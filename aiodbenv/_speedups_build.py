@@ -50,12 +50,13 @@ HOT_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <errno.h>
+#include <time.h>
 
 /* Word offsets and flag bits, set once from the Python layout definitions. */
 enum { L_H_NEXT, L_H_FILE, L_H_PGNO, L_H_REF, L_H_FLAGS, L_H_PRIO, L_B_HEAD, L_B_DIRTY,
        L_C_LRU, L_C_BUFFERS, L_BH_READING, L_BH_DIRTY, L_PAGE_DIRTY, L_PAGE_CLEAN,
        L_PAGE_DISCARD, L_BH_WRITING, L_H_IOPID, L_H_SIZE, L_BH_DATA, L_WAITS_FROM_NOWAITS,
-       L_BH_REDIRTIED, L_COUNT };
+       L_BH_REDIRTIED, L_H_PINAT, L_COUNT };
 static uint64_t L[L_COUNT];
 
 void aiodb_set_layout(const uint64_t *values, int n) {
@@ -97,6 +98,14 @@ static int64_t lock(uint64_t *w, void *mutex, uint64_t nowait_w) {
     return r ? -(int64_t)r : 0;
 }
 
+/* When a buffer's first pin was taken: CLOCK_MONOTONIC_COARSE (system-wide, so comparable
+   across processes; a vDSO read of a few ns, where CLOCK_MONOTONIC costs more). */
+static uint64_t pin_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 /* Pin page `pgno` of file `tag` if it is in the chain at w[head_w] and not being read.
    Returns its buffer offset (> 0), 0 if absent or being read, or a negative lock result. */
 int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
@@ -108,7 +117,7 @@ int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head
         uint64_t x = off >> 3;
         if (w[x + L[L_H_PGNO]] == pgno && w[x + L[L_H_FILE]] == tag) {
             if (w[x + L[L_H_FLAGS]] & L[L_BH_READING]) off = 0;
-            else w[x + L[L_H_REF]]++;
+            else if (w[x + L[L_H_REF]]++ == 0) w[x + L[L_H_PINAT]] = pin_clock();
             break;
         }
         off = w[x + L[L_H_NEXT]];

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import mmap
+import warnings
+from time import clock_gettime_ns as _clock_ns
 from typing import TYPE_CHECKING
 
 from ..errors import (
@@ -40,11 +43,15 @@ from .table import (
     H_IOPID,
     H_NEXT,
     H_PGNO,
+    H_PINAT,
     H_PRIO,
     H_REF,
     H_SIZE,
+    PIN_CLOCK,
     Cache,
 )
+
+_COARSE = PIN_CLOCK
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -52,6 +59,11 @@ if TYPE_CHECKING:
     from .sync import SyncResult
 
 __all__ = ["PoolFile"]
+
+logger = logging.getLogger("aiodbenv")
+
+#: ``Page._bh`` of a page that close unpinned (-1 is a page its holder unpinned).
+RELEASED_BY_CLOSE = -2
 
 MODE_GET, MODE_CREATE, MODE_NEW, MODE_LAST = 0, 1, 2, 3
 _BH_DATA = BH.size
@@ -85,6 +97,7 @@ if speedups is not None:
         BH.size,
         (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
         BH_REDIRTIED,
+        H_PINAT,
     ]
     speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
     _c_pin_hit = speedups.aiodb_pin_hit
@@ -272,7 +285,10 @@ class PoolFile:
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
                     if w[x + H_FLAGS] & BH_READING:
                         return None
-                    w[x + H_REF] += 1
+                    ref = w[x + H_REF]
+                    if not ref:  # the first pin: when it began (the oldest pin's age)
+                        w[x + H_PINAT] = _clock_ns(_COARSE)
+                    w[x + H_REF] = ref + 1
                     break
                 off = w[x + H_NEXT]
                 examined += 1
@@ -473,7 +489,10 @@ class PoolFile:
             while off:
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
-                    w[x + H_REF] += 1
+                    ref = w[x + H_REF]
+                    if not ref:
+                        w[x + H_PINAT] = _clock_ns(_COARSE)
+                    w[x + H_REF] = ref + 1
                     found = off
                     break
                 off = w[x + H_NEXT]
@@ -500,6 +519,7 @@ class PoolFile:
                 w[x + H_FILE] = tag
                 w[x + H_PGNO] = pgno
                 w[x + H_REF] = 1
+                w[x + H_PINAT] = _clock_ns(_COARSE)
                 w[x + H_FLAGS] = BH_READING
                 w[x + H_PRIO] = 0
                 w[x + H_SIZE] = self.page_size
@@ -537,10 +557,11 @@ class PoolFile:
         Flags set with :meth:`Page.mark_dirty` and friends also apply.
 
         Raises :class:`~aiodbenv.errors.InvalidArgument` for ``clean`` with ``dirty`` or a page
-        that is not pinned (more unpins than pins), :class:`~aiodbenv.errors.PermissionDenied`
-        for ``dirty`` on a read-only file. Never awaits I/O. It awaits only when the page's
-        bucket mutex is held by another process for more than a few milliseconds: the release
-        then backs off and retries without blocking the event loop, and raises
+        that is not pinned (more unpins than pins, or one that closing its file or environment
+        unpinned already), :class:`~aiodbenv.errors.PermissionDenied` for ``dirty`` on a
+        read-only file. Never awaits I/O. It awaits only when the page's bucket mutex is held
+        by another process for more than a few milliseconds: the release then backs off and
+        retries without blocking the event loop, and raises
         :class:`~aiodbenv.errors.LockTimeout` naming the holder after ``pool.wait_timeout``
         seconds (the pin then stays counted in the region). Cancellation: the page is unpinned
         for the caller at once either way; a release still waiting for the mutex finishes in
@@ -590,6 +611,11 @@ class PoolFile:
         """Raise the error a bad unpin or set deserves (called only when something is off)."""
         if page._file is not self:
             raise InvalidArgument(f"page {page.pgno} belongs to another file handle")
+        if page._bh == RELEASED_BY_CLOSE:
+            raise InvalidArgument(
+                f"page {page.pgno} of {self._path or '(temporary file)'} was already unpinned "
+                "when its file (or environment) was closed"
+            )
         if page._bh < 0:
             raise InvalidArgument(f"page {page.pgno} is not pinned: more unpins than pins")
         if flags & PAGE_DIRTY and flags & PAGE_CLEAN:
@@ -735,12 +761,31 @@ class PoolFile:
         unpinned first. Closing twice is harmless."""
         if self._closed:
             return
-        pending = [t for page in list(self._pins) if (t := self._unpin(page, page._flags))]
+        if self._pins:
+            self._warn_pinned()
+        pending = []
+        for page in list(self._pins):
+            task = self._unpin(page, page._flags)
+            page._bh = RELEASED_BY_CLOSE
+            if task is not None:
+                pending.append(task)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)  # failures are logged
         self._closed = True
         self._hot = False
         await self._pool._close_file(self)
+
+    def _warn_pinned(self) -> None:
+        """Closing with pages still pinned is a leak in the caller (a pin never released):
+        say which pages, in the log and as a ResourceWarning."""
+        pgnos = sorted({p.pgno for p in self._pins})
+        shown = ", ".join(map(str, pgnos[:20])) + (", ..." if len(pgnos) > 20 else "")
+        text = (
+            f"closing {self._path or '(temporary file)'} with {len(self._pins)} pin(s) still "
+            f"held on page(s) {shown}; they are unpinned now (with the flags set on them)"
+        )
+        logger.warning("aiodbenv: %s", text)
+        warnings.warn(text, ResourceWarning, stacklevel=3)
 
     def stat(self) -> FileStat:
         """This file's statistics (its DB_MPOOL_FSTAT), summed over every process."""

@@ -431,13 +431,12 @@ async def _write_back(
             if result.stalled_writers
             else ""
         )
-        err = Incomplete(
+        raise Incomplete(
             f"{reason}: {result.incomplete} dirty page(s) are pinned or being written by "
             f"another process and could not be written{stalled}; {result.written} written. "
-            "Retry later."
+            "Retry later.",
+            result=result,
         )
-        err.result = result  # type: ignore[attr-defined]
-        raise err
     return result
 
 
