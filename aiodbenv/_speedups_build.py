@@ -20,6 +20,7 @@ from pthread_cdef import CDEF
 
 HOT_CDEF = """
 void aiodb_set_layout(const uint64_t *values, int n);
+void aiodb_set_lock_wait(int64_t ns);
 int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
                       uint64_t pgno, uint64_t tag, uint64_t *examined, uint64_t slot);
 int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_t bucket_w,
@@ -77,12 +78,23 @@ static void unlock(void *mutex) {
     if (mutex) pthread_mutex_unlock((pthread_mutex_t *)mutex);
 }
 
-/* Lock, blocking if it is held (counted as a wait). Returns 0 with the mutex held, or -errno:
-   -EOWNERDEAD with it held (the caller must repair or panic), any other without. */
+/* How long lock() waits for a held mutex before giving up with -ETIMEDOUT (nanoseconds). */
+static int64_t lock_wait_ns = 1000000000;
+
+void aiodb_set_lock_wait(int64_t ns) { lock_wait_ns = ns; }
+
+/* Lock, waiting a bounded time if it is held (counted as a wait): a holder that is stopped
+   must not freeze the caller. Returns 0 with the mutex held, or -errno: -EOWNERDEAD with it
+   held (the caller must repair or panic), any other (-ETIMEDOUT: still held) without. */
 static int64_t lock(uint64_t *w, void *mutex, uint64_t nowait_w) {
     int64_t rc = try_lock(w, mutex, nowait_w);
     if (rc != -EBUSY) return rc;
-    int r = pthread_mutex_lock((pthread_mutex_t *)mutex);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += lock_wait_ns / 1000000000;
+    until.tv_nsec += lock_wait_ns % 1000000000;
+    if (until.tv_nsec >= 1000000000) { until.tv_sec++; until.tv_nsec -= 1000000000; }
+    int r = pthread_mutex_timedlock((pthread_mutex_t *)mutex, &until);
     if (r == 0 || r == EOWNERDEAD) w[nowait_w - L[L_WAITS_FROM_NOWAITS]]++;
     return r ? -(int64_t)r : 0;
 }
@@ -316,6 +328,8 @@ _Static_assert(sizeof(pthread_mutex_t) <= 64, "pthread_mutex_t larger than the r
 _Static_assert(sizeof(pthread_mutexattr_t) <= 64, "pthread_mutexattr_t larger than its storage");
 _Static_assert(PTHREAD_PROCESS_SHARED == 1, "unexpected PTHREAD_PROCESS_SHARED");
 _Static_assert(PTHREAD_MUTEX_ROBUST == 1, "unexpected PTHREAD_MUTEX_ROBUST");
+#include <time.h>
+_Static_assert(sizeof(struct timespec) == 16, "struct timespec is not two 64-bit words");
 """
     + HOT_SOURCE,
     libraries=["pthread"],

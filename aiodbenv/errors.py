@@ -30,6 +30,7 @@ __all__ = [
     "ForkedProcessError",
     "Incomplete",
     "InvalidArgument",
+    "LockTimeout",
     "NoSpace",
     "NotFound",
     "PageNotFound",
@@ -151,6 +152,15 @@ class TryAgain(AiodbenvError):
     """A resource stayed unavailable for too long (``EAGAIN``)."""
 
     default_errno = _errno.EAGAIN
+
+
+class LockTimeout(TryAgain):
+    """A region mutex stayed held by another process for longer than the wait allowed (that
+    process is stopped or stuck); ``pid`` names it (0 if unknown). Nothing was changed: retry
+    later, or find out what the holder is doing."""
+
+    pid: int = 0
+    mutex: str = ""
 
 
 class NoSpace(AiodbenvError, OSError):

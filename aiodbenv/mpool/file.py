@@ -8,6 +8,7 @@ is installed (``aiodb_pin_hit``, ``aiodb_unpin``) and in Python otherwise; both 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import mmap
@@ -18,12 +19,14 @@ from typing import TYPE_CHECKING
 from .. import _io
 from ..errors import (
     InvalidArgument,
+    LockTimeout,
     NoSpace,
     PageNotFound,
     PermissionDenied,
 )
 from ..region.layout import MAX_PROCS, MUTEX_SLOT, WORD
-from ..region.mutex import ffi, speedups
+from ..region.mutex import BUSY, STEP_WAIT, ffi, speedups
+from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
 from .layout import BH, BH_DIRTY, BH_READING, BH_REDIRTIED, BH_WRITING, FF_NO_MMAP
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
@@ -272,7 +275,15 @@ class PoolFile:
         w = cache.words
         tag = self._tag
         examined = 1
-        cache.lock(b)
+        p = cache.mptrs[b]
+        if p:
+            rc = _trylock(p)
+            if rc:
+                if rc == errno.EBUSY:
+                    return None  # contended: the slow path waits, without blocking the loop
+                cache.mutexes[b].acquire_contended(rc)
+            else:
+                w[cache.nowait_words[b]] += 1
         try:
             off = w[cache.bucket_words[b] + B_HEAD]
             while off:
@@ -430,9 +441,12 @@ class PoolFile:
                 page = Page(self, pgno, view, None, -1, 0)
                 self._pins.add(page)
                 return page
+        pool = self._pool
         while True:
             cache, b = self._core.locate(self._fidx, pgno)
-            found = self._lookup_pin(cache, b, pgno)
+            found = pool._attempt(self._lookup_pin, cache, b, pgno)
+            if found is BUSY:
+                found = await pool._locked(self._lookup_pin, cache, b, pgno)
             if found:
                 bh = found
                 if cache.words[(bh >> 3) + H_FLAGS] & BH_READING:
@@ -450,13 +464,19 @@ class PoolFile:
                 if self.readonly:
                     raise PermissionDenied(f"cannot create page {pgno} in read-only file")
                 if mode == MODE_CREATE:
-                    self._extend(pgno)
-            frame = await self._pool._get_frame(cache, self.page_size)
-            if self._closed:  # closed while we waited for the frame: give it back
-                self._core.free_buffer(cache, frame)
-                self._check_open()
-            inserted = self._insert(cache, b, frame, pgno)
+                    await pool._locked(self._extend, pgno)
+            frame = await pool._get_frame(cache, self.page_size)
+            # The frame is ours alone until it is linked: every way out gives it back.
+            try:
+                self._check_open()  # closed while we waited for the frame?
+                inserted = pool._attempt(self._insert, cache, b, frame, pgno)
+                if inserted is BUSY:
+                    inserted = await pool._locked(self._insert, cache, b, frame, pgno)
+            except BaseException:
+                await pool._free_frame(cache, frame)
+                raise
             if not inserted:
+                await pool._free_frame(cache, frame)
                 continue  # someone else brought the page in meanwhile: pin theirs
             w0[self._fs + _FS_MISS] += 1
             await self._pool._fill(self, cache, b, frame, pgno, mode)
@@ -502,8 +522,8 @@ class PoolFile:
         return found
 
     def _insert(self, cache: Cache, b: int, frame: int, pgno: int) -> bool:
-        """Link ``frame`` as page ``pgno`` (being read, pinned once) unless someone beat us;
-        on losing, the frame is returned to the cache."""
+        """Link ``frame`` as page ``pgno`` (being read, pinned once) unless someone beat us
+        (False: the frame is still the caller's to give back)."""
         w = cache.words
         bw = cache.bucket_words[b]
         tag = self._tag
@@ -530,9 +550,9 @@ class PoolFile:
                 w[x + H_NEXT] = w[bw + B_HEAD]
                 w[bw + B_HEAD] = frame  # one store publishes the complete header
                 w[bw + B_COUNT] += 1
+                self._core.settle_buffer(cache, frame)
                 _io.step("pin.inserted")
                 return True
-        self._core.free_buffer(cache, frame)
         return False
 
     def _extend(self, pgno: int | None) -> int:
@@ -562,8 +582,14 @@ class PoolFile:
 
         Raises :class:`~aiodbenv.errors.InvalidArgument` for ``clean`` with ``dirty`` or a page
         that is not pinned (more unpins than pins, or one that closing its file or environment
-        unpinned already), :class:`~aiodbenv.errors.PermissionDenied`
-        for ``dirty`` on a read-only file. Never awaits I/O, so it cannot be cancelled halfway.
+        unpinned already), :class:`~aiodbenv.errors.PermissionDenied` for ``dirty`` on a
+        read-only file. Never awaits I/O. It awaits only when the page's bucket mutex is held
+        by another process for more than a few milliseconds: the release then backs off and
+        retries without blocking the event loop, and raises
+        :class:`~aiodbenv.errors.LockTimeout` naming the holder after ``pool.wait_timeout``
+        seconds (the pin then stays counted in the region). Cancellation: the page is unpinned
+        for the caller at once either way; a release still waiting for the mutex finishes in
+        the background.
         """
         flags = page._flags
         if dirty and clean:
@@ -574,30 +600,36 @@ class PoolFile:
             flags = (flags & ~PAGE_DIRTY) | PAGE_CLEAN
         if discard:
             flags |= PAGE_DISCARD
-        self._unpin(page, flags)
+        pending = self._unpin(page, flags)
+        if pending is not None:
+            await asyncio.shield(pending)
 
     def set(
         self, page: Page, *, dirty: bool = False, clean: bool = False, discard: bool = False
     ) -> None:
         """Set a pinned page's flags without unpinning it (memp_fset): ``dirty`` and ``clean``
-        apply at once, ``discard`` when the page is unpinned. At least one flag is required."""
+        apply at once, ``discard`` when the page is unpinned. At least one flag is required.
+
+        Synchronous: if another process holds the page's bucket mutex, this waits for it at
+        most ``aiodbenv.region.mutex.SYNC_WAIT`` (1 s), blocking the thread, then raises
+        :class:`~aiodbenv.errors.LockTimeout` naming the holder, with nothing changed."""
         if not (dirty or clean or discard):
             raise InvalidArgument("set needs at least one of dirty, clean, discard")
         self._check_flags(page, (PAGE_DIRTY if dirty else 0) | (PAGE_CLEAN if clean else 0))
-        if discard:
-            page._flags |= PAGE_DISCARD
         cache = page._cache
-        if dirty:
-            self._pool._note_dirty(self.page_size)
         if (dirty or clean) and cache is not None:
             w = cache.words
-            with cache.mutexes[page._bucket]:
+            with cache.mutexes[page._bucket]:  # first: a LockTimeout leaves nothing changed
                 self._apply_dirty(
                     w,
                     page._bh >> 3,
                     cache.bucket_words[page._bucket],
                     PAGE_DIRTY if dirty else PAGE_CLEAN,
                 )
+        if dirty:
+            self._pool._note_dirty(self.page_size)
+        if discard:
+            page._flags |= PAGE_DISCARD
 
     def _check_flags(self, page: Page, flags: int) -> None:
         """Raise the error a bad unpin or set deserves (called only when something is off)."""
@@ -630,7 +662,10 @@ class PoolFile:
             w[x + H_FLAGS] = bh_flags & ~(BH_DIRTY | BH_REDIRTIED)
             w[bw + B_DIRTY] -= 1
 
-    def _unpin(self, page: Page, flags: int) -> None:
+    def _unpin(self, page: Page, flags: int) -> asyncio.Task[None] | None:
+        """Drop the pin of ``page``. Returns None when done, or, if the bucket's mutex was
+        held past a few milliseconds, the pool task that finishes the release (await it to
+        see it through; see :meth:`_release_py`)."""
         bh = page._bh
         if (
             page._file is not self
@@ -645,7 +680,7 @@ class PoolFile:
         page.data.release()
         cache = page._cache
         if cache is None:  # a mapped page: nothing in the cache to release
-            return
+            return None
         b = page._bucket
         if _c_unpin is not None:
             r = _c_unpin(
@@ -661,22 +696,41 @@ class PoolFile:
             )
             if r == 1:
                 self._pool._frame_released()
-                return
+                return None
             if r == 0:
-                return
+                return None
             if r == 2:
                 self._pool._panic_unpinned(page.pgno)
             if r == -errno.EOWNERDEAD:
                 self._owner_died(cache, b)
-            # contended (or repaired): do it the Python way, which blocks for the mutex
-        self._release_py(page, cache, b, bh, flags)
+            # contended (or repaired): do it the Python way, which waits for the mutex
+        return self._release_py(page.pgno, cache, b, bh, flags)
 
-    def _release_py(self, page: Page, cache: Cache, b: int, bh: int, flags: int) -> None:
+    def _release_py(
+        self, pgno: int, cache: Cache, b: int, bh: int, flags: int
+    ) -> asyncio.Task[None] | None:
         """Drop one pin of buffer ``bh`` with PAGE_* ``flags`` (the Python form of the
-        compiled ``aiodb_unpin``)."""
+        compiled ``aiodb_unpin``). The bucket mutex is waited for a few milliseconds at most:
+        if its holder keeps it (stopped?), the release is finished by a task of the pool that
+        backs off and retries up to ``wait_timeout``, returned for the caller to await."""
+        try:
+            self._release_locked(pgno, cache, b, bh, flags, STEP_WAIT)
+        except LockTimeout:
+            return self._pool._later(self._release_locked, pgno, cache, b, bh, flags, None)
+        return None
+
+    def _release_locked(
+        self, pgno: int, cache: Cache, b: int, bh: int, flags: int, wait: float | None
+    ) -> None:
         w = cache.words
         x = bh >> 3
-        cache.lock(b)
+        p = cache.mptrs[b]
+        if p:
+            rc = _trylock(p)
+            if rc:
+                cache.mutexes[b].acquire_contended(rc, wait)
+            else:
+                w[cache.nowait_words[b]] += 1
         try:
             if flags & (PAGE_DIRTY | PAGE_CLEAN):
                 self._apply_dirty(w, x, cache.bucket_words[b], flags)
@@ -708,7 +762,7 @@ class PoolFile:
         finally:
             cache.unlock(b)
         if released is None:
-            self._pool._panic_unpinned(page.pgno)
+            self._pool._panic_unpinned(pgno)
         elif released:
             self._pool._frame_released()
 
@@ -738,9 +792,14 @@ class PoolFile:
             return
         if self._pins:
             self._warn_pinned()
+        pending = []
         for page in list(self._pins):
-            self._unpin(page, page._flags)
+            task = self._unpin(page, page._flags)
             page._bh = RELEASED_BY_CLOSE
+            if task is not None:
+                pending.append(task)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)  # failures are logged
         self._closed = True
         self._hot = False
         await self._pool._close_file(self)

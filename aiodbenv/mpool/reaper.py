@@ -32,10 +32,13 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..errors import LockTimeout
 from ..region.layout import MAX_PROCS
+from ..region.mutex import SYNC_WAIT, _wait_bound, step_waits
 from ..region.mutex import trylock as _trylock
 from ..region.registry import ProcInfo
 from .layout import BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 __all__ = ["REAP_INTERVAL", "Reaped", "reap"]
 
 logger = logging.getLogger("aiodbenv")
+
+T = TypeVar("T")
 
 #: Seconds between two looks for dead processes by a pool's background task.
 REAP_INTERVAL = 1.0
@@ -84,23 +89,41 @@ def reap(pool: Pool) -> list[Reaped]:
         return []
     out = []
     for slot in reg.dead_slots():
-        info = reg.claim(slot)
+        try:
+            with step_waits():  # the environment mutex held (by a stopped process?): later
+                info = reg.claim(slot)
+        except LockTimeout:
+            break
         if info is None:
             continue  # alive after all, or another process reaps it
         try:
             done = _reap_slot(pool, info)
         except _Busy:
-            reg.unclaim(slot)  # a bucket stayed busy: the next look finishes the job
+            _patiently(reg.unclaim, slot)  # a bucket stayed busy: the next look finishes it
             continue
         except BaseException:
-            reg.unclaim(slot)
+            _patiently(reg.unclaim, slot)
             raise
-        if reg.free(slot, pins=done.pins, dirty=done.dirty):
+        if _patiently(reg.free, slot, pins=done.pins, dirty=done.dirty):
             out.append(done)
     if out:
         _log(out)
-        pool._frame_released()  # frames came back: wake whoever waits for one
+        # Frames came back: wake a frame waiter per page whose pins were dropped (each wake-up
+        # that finds nothing is passed on; waiters beyond the queue are not woken).
+        for _ in range(sum(len(r.pages) for r in out)):
+            pool._frame_released()
     return out
+
+
+def _patiently(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn`` under the environment mutex with the synchronous bound (SYNC_WAIT), even when
+    called from a step of a bounded wait: a claimed slot must be given back or freed, and the
+    environment mutex is held only for a few word stores by anyone not stopped."""
+    token = _wait_bound.set(SYNC_WAIT)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _wait_bound.reset(token)
 
 
 def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
@@ -163,10 +186,15 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
         from .sync import take_over_claim
 
         for cache, b, off in claims:
-            if take_over_claim(cache, b, off, pid):
+            try:
+                with step_waits():
+                    if take_over_claim(cache, b, off, pid):
+                        done.claims += 1
+            except LockTimeout:  # the bucket is busy now: a pool task finishes it
+                pool._later(take_over_claim, cache, b, off, pid)
                 done.claims += 1
         for cache, off in freed:
-            core.free_buffer(cache, off)
+            pool._settle(core.free_buffer, cache, off)  # now, or by a task: never lost
     return done
 
 

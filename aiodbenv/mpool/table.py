@@ -82,6 +82,9 @@ _POOL_BASE = REGION_HEADER.size + CACHE_HEADER.size  # POOL_HEADER follows, in c
 _META_RESERVE = 48 * 1024
 #: Allocator overhead per buffer: its chunk header, plus rounding.
 _CHUNK_OVERHEAD = ALLOC_CHUNK.size + 16
+#: A buffer's allocator-chunk tag word, in words before the buffer: the pid of a process that
+#: holds the buffer outside any bucket (just allocated, or unlinked as a victim), else 0.
+_TAG_FROM_BH = (ALLOC_CHUNK.size - ALLOC_CHUNK.offset("tag")) // WORD
 #: Buckets the victim search compares before it settles for the best it has seen.
 SEARCH_BUCKETS = 4
 
@@ -257,8 +260,10 @@ class Cache:
         w[bw + B_DIRTY] = dirty
 
     def lock(self, b: int) -> None:
-        """Lock bucket ``b`` inline (trylock, count a no-wait; blocking, repairing or
-        panicking through its mutex object only when that fails). Pair with :meth:`unlock`."""
+        """Lock bucket ``b`` inline (trylock, count a no-wait; waiting, repairing or
+        panicking through its mutex object only when that fails). The wait is bounded (see
+        :mod:`aiodbenv.region.mutex`): :class:`~aiodbenv.errors.LockTimeout` if it runs out,
+        with the mutex not held. Pair with :meth:`unlock`."""
         p = self.mptrs[b]
         if p:
             rc = _trylock(p)
@@ -806,7 +811,11 @@ class PoolCore:
         """A fresh buffer from the cache's free space, or 0 if its share of the cache is used.
 
         The share (``cache_size / ncache`` bytes of pages) is enforced exactly, whatever room
-        the region's arena has left, so the cache holds what ``cache_size`` says.
+        the region's arena has left, so the cache holds what ``cache_size`` says. The header
+        records ``page_size`` at once, so that whichever path frees the buffer gives back
+        exactly what was taken; the chunk is tagged with this process's pid until the buffer
+        is linked into a bucket (:meth:`settle_buffer`), so that a process killed in between
+        leaves a frame :meth:`reclaim_lost_buffers` can find.
         """
         w = cache.words
         used_w = cache.hdr + _C["page_bytes_used"]
@@ -814,20 +823,87 @@ class PoolCore:
             if w[used_w] + page_size > w[cache.hdr + _C["page_bytes"]]:
                 return 0
             try:
-                off = cache.allocator.alloc(BH.size + page_size)
+                off = cache.allocator.alloc(BH.size + page_size, tag=self.pid)
             except CacheFull:
                 return 0
+            w[(off >> 3) + H_SIZE] = page_size
             w[used_w] += page_size
             w[cache.hdr + _C["buffers"]] += 1
         return off
 
     def free_buffer(self, cache: Cache, bh: int) -> None:
-        """Return an unlinked buffer's memory to the cache."""
+        """Return an unlinked buffer's memory to the cache (the page bytes its header says
+        it took: :meth:`alloc_buffer` records them before anything else can see it)."""
         w = cache.words
         with cache.alloc_mutex:
             w[cache.hdr + _C["page_bytes_used"]] -= w[(bh >> 3) + H_SIZE]
             w[cache.hdr + _C["buffers"]] -= 1
             cache.allocator.free(bh)
+
+    @staticmethod
+    def settle_buffer(cache: Cache, bh: int) -> None:
+        """Clear the limbo tag of a buffer just linked into its bucket (caller holds the
+        bucket mutex): from here on the chain owns it."""
+        cache.words[(bh >> 3) - _TAG_FROM_BH] = 0
+
+    def reclaim_lost_buffers(self, cache: Cache) -> int:
+        """Free the buffers that a dead process took (allocated, or unlinked as a victim) but
+        never linked into a bucket; returns how many.
+
+        Such a buffer's chunk is tagged with the taker's pid (see :meth:`alloc_buffer`). Only
+        tags of dead processes are looked at; a buffer found linked after all (its taker died
+        between linking it and clearing the tag) just has its tag cleared. The bucket mutex
+        decides, since linking happens under it.
+        """
+        from .._process import is_alive
+
+        with cache.alloc_mutex:
+            tagged = cache.allocator.tagged()
+        if not tagged:
+            return 0
+        w = cache.words
+        dead: dict[int, bool] = {}
+        freed = 0
+        for bh, pid in tagged:
+            if pid == self.pid:
+                continue  # ours, in flight in this process
+            if pid not in dead:
+                dead[pid] = not is_alive(pid)
+            if not dead[pid]:
+                continue
+            x = bh >> 3
+            tag, pgno = int(w[x + H_FILE]), int(w[x + H_PGNO])
+            if tag:
+                c, b = self.locate(tag - 1, pgno)
+                if c is not cache:
+                    b = -1
+            else:
+                b = -1
+            linked = False
+            if b >= 0:
+                with cache.mutexes[b]:
+                    if w[(bh >> 3) - _TAG_FROM_BH] != pid:
+                        continue  # changed meanwhile
+                    off = w[cache.bucket_words[b] + B_HEAD]
+                    n = 0
+                    limit = self.r0.size  # a bound on any chain walk
+                    while off and off != bh and n < limit:
+                        off = w[(off >> 3) + H_NEXT]
+                        n += 1
+                    linked = off == bh
+                    if linked:
+                        w[(bh >> 3) - _TAG_FROM_BH] = 0
+            if not linked:
+                with cache.alloc_mutex:
+                    # Re-check under the allocator mutex: nobody else may free it twice.
+                    if w[(bh >> 3) - _TAG_FROM_BH] != pid:
+                        continue
+                    w[(bh >> 3) - _TAG_FROM_BH] = 0
+                    w[cache.hdr + _C["page_bytes_used"]] -= w[x + H_SIZE]
+                    w[cache.hdr + _C["buffers"]] -= 1
+                    cache.allocator.free(bh)
+                freed += 1
+        return freed
 
     def find_victim(
         self, cache: Cache, can_write: Callable[[int], bool], aggressive: bool
@@ -893,7 +969,11 @@ class PoolCore:
                 or w[h + H_PGNO] != v.pgno
             ):
                 return False
+            # Tagged before it leaves the chain: killed from here until it is linked again,
+            # the buffer is found by reclaim_lost_buffers instead of being lost.
+            w[h - _TAG_FROM_BH] = self.pid
             if not cache.unlink(v.bucket, v.bh):
+                w[h - _TAG_FROM_BH] = 0
                 return False
             w[h + H_FILE] = 0
         return True
