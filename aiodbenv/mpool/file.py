@@ -110,6 +110,9 @@ if speedups is not None:
 else:
     _c_pin_hit = _c_pin_one = _c_unpin = None
 _HS_LONG = _HS["hash_longest"]
+#: Whether a crash-test plan (AIODBENV_TEST_SIGNAL, read once at import) may act at a step: the
+#: Python unpin, a hot path without the accelerator, then skips even the call.
+_CRASH_STEPS = bool(_io._signal_plan)
 _NO_PINS = memoryview(bytes(2 * MAX_PROCS)).cast("H")
 
 
@@ -164,6 +167,7 @@ class PoolFile:
         self._ncache = self._core.ncache
         self._hot = mapped is None  # False once closed, or for a mapped file
         self._slot = pool._slot  # this handle's registry slot: where its pins are counted
+        self._pslot = PINS_HALF + self._slot  # + bh // 2: its count in a buffer, as a half
         self._panic_w = pool._panic_words
         self._panic_i = pool._panic_index
         self._fs_hit = self._fs + _FS_HIT
@@ -289,15 +293,16 @@ class PoolFile:
             while off:
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
-                    p = (off >> 1) + PINS_HALF + self._slot
+                    p = (off >> 1) + self._pslot
                     halves = cache.halves
-                    if w[x + H_FLAGS] & BH_READING or halves[p] == 0xFFFF:
+                    mine = halves[p]
+                    if w[x + H_FLAGS] & BH_READING or mine == 0xFFFF:
                         return None
                     ref = w[x + H_REF]
                     if not ref:  # the first pin: when it began (the oldest pin's age)
                         w[x + H_PINAT] = _clock_ns(_COARSE)
                     w[x + H_REF] = ref + 1
-                    halves[p] += 1
+                    halves[p] = mine + 1
                     break
                 off = w[x + H_NEXT]
                 examined += 1
@@ -735,13 +740,15 @@ class PoolFile:
             if flags & (PAGE_DIRTY | PAGE_CLEAN):
                 self._apply_dirty(w, x, cache.bucket_words[b], flags)
             ref = w[x + H_REF]
-            p = (bh >> 1) + PINS_HALF + self._slot
+            p = (bh >> 1) + self._pslot
             halves = cache.halves
-            if ref and halves[p]:
+            mine = halves[p]
+            if ref and mine:
                 ref -= 1
                 w[x + H_REF] = ref
-                _io.step("unpin.counted")
-                halves[p] -= 1
+                if _CRASH_STEPS:
+                    _io.step("unpin.counted")
+                halves[p] = mine - 1
                 if not ref:
                     hdr = cache.hdr
                     counter = w[hdr + C_LRU] + 1
