@@ -426,6 +426,45 @@ async def test_recycled_pid_is_a_different_process(
         other.wait()
 
 
+async def test_a_frame_in_flight_of_a_dead_process_with_a_recycled_pid_is_freed(
+    home: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A frame taken but not yet linked carries its taker's pid; when that pid names a live
+    process again, only the registry knows the taker died: the reaper frees the frame."""
+    from aiodbenv.mpool.table import _C, _TAG_FROM_BH
+    from aiodbenv.region import registry as r
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    procs.append(other)  # type: ignore[arg-type]
+    e = await aiodbenv.Env.open(home, create=True, cache_size=32 * PS, page_size=PS)
+    try:
+        core = e.pool._core
+        cache = core.caches[0]
+        w = cache.words
+        buffers = int(w[cache.hdr + _C["buffers"]])
+        bh = core.alloc_buffer(cache, PS)
+        assert bh
+        w[(bh >> 3) - _TAG_FROM_BH] = other.pid  # taken by "other"
+        assert core.reclaim_lost_buffers(cache) == 0  # the pid runs: it looks alive
+        # The taker's slot: its lock byte free, its pid now another process's (recycled).
+        slot = MAX_PROCS - 3
+        rw, base = _slot_words(e, slot)
+        with e._core.mutex:
+            rw[base + r._P["pid"]] = other.pid
+            rw[base + r._P["start_time"]] = process_start_time(other.pid) + 1
+            rw[base + r._P["state"]] = r.IN_USE
+            rw[_env_refcnt_word(e)] += 1
+        assert [x.pid for x in e.pool.reap()] == [other.pid]
+        assert w[(bh >> 3) - _TAG_FROM_BH] == 0
+        assert w[cache.hdr + _C["buffers"]] == buffers  # the frame is back
+        assert e.stat().handles == 1
+    finally:
+        other.kill()
+        other.wait()
+        await e.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
 # -- the registry itself ---------------------------------------------------------------------------
 
 

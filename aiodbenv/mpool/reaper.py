@@ -108,11 +108,40 @@ def reap(pool: Pool) -> list[Reaped]:
             out.append(done)
     if out:
         _log(out)
+        _reclaim_frames(pool, {r.pid for r in out})
         # Frames came back: wake a frame waiter per page whose pins were dropped (each wake-up
         # that finds nothing is passed on; waiters beyond the queue are not woken).
         for _ in range(sum(len(r.pages) for r in out)):
             pool._frame_released()
     return out
+
+
+def _reclaim_frames(pool: Pool, pids: set[int]) -> None:
+    """Free the frames the reaped processes had taken but not linked to a page (a frame in
+    flight when they died). The frame-starved pin's own look trusts only a pid that is gone;
+    the registry knows more: a reaped handle's pid is dead even if it names a process again
+    (recycled), unless that is a live handle's. Best effort: a busy mutex leaves them to that
+    look."""
+    reg = pool._env.registry
+    assert reg is not None
+    live = {p.pid for p in reg.live() if p.slot == reg.slot or not reg.is_dead(p.slot)}
+    dead = frozenset(pids - live - {pool._pid})
+    if not dead:
+        return
+    freed = 0
+    core = pool._core
+    for cache in core.caches:
+        try:
+            with step_waits():
+                freed += core.reclaim_lost_buffers(cache, dead)
+        except LockTimeout:
+            continue
+    if freed:
+        logger.warning(
+            "freed %d frame(s) taken but never used by dead process(es) %s", freed, sorted(dead)
+        )
+        for _ in range(freed):
+            pool._frame_released()
 
 
 def _patiently(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -846,14 +846,16 @@ class PoolCore:
         bucket mutex): from here on the chain owns it."""
         cache.words[(bh >> 3) - _TAG_FROM_BH] = 0
 
-    def reclaim_lost_buffers(self, cache: Cache) -> int:
+    def reclaim_lost_buffers(self, cache: Cache, dead_pids: frozenset[int] = frozenset()) -> int:
         """Free the buffers that a dead process took (allocated, or unlinked as a victim) but
         never linked into a bucket; returns how many.
 
         Such a buffer's chunk is tagged with the taker's pid (see :meth:`alloc_buffer`). Only
         tags of dead processes are looked at; a buffer found linked after all (its taker died
         between linking it and clearing the tag) just has its tag cleared. The bucket mutex
-        decides, since linking happens under it.
+        decides, since linking happens under it. ``dead_pids`` are pids the registry of live
+        processes found dead even though a process with that pid runs now (a recycled pid,
+        which :func:`~aiodbenv._process.is_alive` cannot tell from the taker).
         """
         from .._process import is_alive
 
@@ -868,7 +870,7 @@ class PoolCore:
             if pid == self.pid:
                 continue  # ours, in flight in this process
             if pid not in dead:
-                dead[pid] = not is_alive(pid)
+                dead[pid] = pid in dead_pids or not is_alive(pid)
             if not dead[pid]:
                 continue
             x = bh >> 3
