@@ -10,9 +10,11 @@ the sdist (MANIFEST.in) and out of the wheel.
 """
 
 import os
+from pathlib import Path
 from typing import Any
 
 from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
@@ -37,6 +39,16 @@ class BuildPyWithoutBuildScript(build_py):
         return [m for m in modules if (m[0], m[1]) != BUILD_SCRIPT]
 
 
+class BdistWheelPureWithoutExtension(bdist_wheel):
+    """bdist_wheel that tags the wheel py3-none-any when the accelerator failed to compile: a
+    wheel without compiled code must not claim a Python ABI or a platform."""
+
+    def get_tag(self) -> tuple[str, str, str]:
+        if not self.root_is_pure and not any(Path(self.bdist_dir).rglob("*.so")):
+            self.root_is_pure = True
+        return super().get_tag()
+
+
 kwargs: dict[str, Any] = {}
 if os.environ.get("AIODBENV_NO_COMPILE") != "1":
     kwargs["cffi_modules"] = ["aiodbenv/_speedups_build.py:ffibuilder"]
@@ -44,4 +56,11 @@ if os.environ.get("AIODBENV_NO_COMPILE") != "1":
     # py_limited_api on the Extension; the wheel tag is bdist_wheel's to say).
     kwargs["options"] = {"bdist_wheel": {"py_limited_api": "cp311"}}
 
-setup(cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithoutBuildScript}, **kwargs)
+setup(
+    cmdclass={
+        "bdist_wheel": BdistWheelPureWithoutExtension,
+        "build_ext": OptionalBuildExt,
+        "build_py": BuildPyWithoutBuildScript,
+    },
+    **kwargs,
+)
