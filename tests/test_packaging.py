@@ -147,7 +147,11 @@ def test_wheel_metadata(artifacts: tuple[Path, Path]) -> None:
     with zipfile.ZipFile(wheel) as z:
         (meta,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
         text = z.read(meta).decode()
-    for classifier in ("Typing :: Typed", "Framework :: AsyncIO", "Operating System :: POSIX"):
+    for classifier in (
+        "Typing :: Typed",
+        "Framework :: AsyncIO",
+        "Operating System :: POSIX :: Linux",
+    ):
         assert f"Classifier: {classifier}" in text
     assert "License-Expression: MIT" in text
     assert re.search(r"^Project-URL: Source, https://", text, re.M)
