@@ -165,7 +165,7 @@ def test_sdist_carries_the_project(artifacts: tuple[Path, Path]) -> None:
     _, sdist = artifacts
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    expected = {"LICENSE", "README.md", "pyproject.toml", "setup.py", *BUILD_ONLY}
+    expected = {"LICENSE", "README.md", "pyproject.toml", "setup.py", "mkdocs.yml", *BUILD_ONLY}
     expected |= source_modules()
     for top in SDIST_DIRS:
         for path in (REPO / top).rglob("*"):
