@@ -15,6 +15,10 @@ Berkeley DB code is in ``db_code``.
 from __future__ import annotations
 
 import errno as _errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .mpool.sync import SyncResult
 
 __all__ = [
     "AiodbenvError",
@@ -185,7 +189,19 @@ class RunRecovery(AiodbenvError):
 
 
 class Incomplete(AiodbenvError):
-    """Some dirty pages could not be written because they are pinned (``DB_INCOMPLETE``)."""
+    """Some dirty pages could not be written because they are pinned (``DB_INCOMPLETE``).
+
+    ``result`` is the :class:`~aiodbenv.SyncResult` of what the sync or checkpoint did write
+    (``result.incomplete`` counts the pages left dirty); None when raised by other code.
+    """
 
     db_code = -30999
     default_errno = _errno.EAGAIN
+
+    result: SyncResult | None = None
+
+    def __init__(
+        self, message: str, *, errno: int | None = None, result: SyncResult | None = None
+    ) -> None:
+        super().__init__(message, errno=errno)
+        self.result = result

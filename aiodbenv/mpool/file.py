@@ -9,7 +9,10 @@ is installed (``aiodb_pin_hit``, ``aiodb_unpin``) and in Python otherwise; both 
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
+import warnings
+from time import clock_gettime_ns as _clock_ns
 from typing import TYPE_CHECKING
 
 from ..errors import (
@@ -21,7 +24,7 @@ from ..errors import (
 from ..region.layout import MUTEX_SLOT, WORD
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as _unlock
-from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP
+from .layout import BH, BH_DIRTY, BH_READING, BH_REDIRTIED, BH_WRITING, FF_NO_MMAP
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
 from .table import (
     _F,
@@ -37,11 +40,15 @@ from .table import (
     H_IOPID,
     H_NEXT,
     H_PGNO,
+    H_PINAT,
     H_PRIO,
     H_REF,
     H_SIZE,
+    PIN_CLOCK,
     Cache,
 )
+
+_COARSE = PIN_CLOCK
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -49,6 +56,11 @@ if TYPE_CHECKING:
     from .sync import SyncResult
 
 __all__ = ["PoolFile"]
+
+logger = logging.getLogger("aiodbenv")
+
+#: ``Page._bh`` of a page that close unpinned (-1 is a page its holder unpinned).
+RELEASED_BY_CLOSE = -2
 
 MODE_GET, MODE_CREATE, MODE_NEW, MODE_LAST = 0, 1, 2, 3
 _BH_DATA = BH.size
@@ -81,6 +93,8 @@ if speedups is not None:
         H_SIZE,
         BH.size,
         (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
+        BH_REDIRTIED,
+        H_PINAT,
     ]
     speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
     _c_pin_hit = speedups.aiodb_pin_hit
@@ -260,7 +274,10 @@ class PoolFile:
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
                     if w[x + H_FLAGS] & BH_READING:
                         return None
-                    w[x + H_REF] += 1
+                    ref = w[x + H_REF]
+                    if not ref:  # the first pin: when it began (the oldest pin's age)
+                        w[x + H_PINAT] = _clock_ns(_COARSE)
+                    w[x + H_REF] = ref + 1
                     break
                 off = w[x + H_NEXT]
                 examined += 1
@@ -452,7 +469,10 @@ class PoolFile:
             while off:
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
-                    w[x + H_REF] += 1
+                    ref = w[x + H_REF]
+                    if not ref:
+                        w[x + H_PINAT] = _clock_ns(_COARSE)
+                    w[x + H_REF] = ref + 1
                     found = off
                     break
                 off = w[x + H_NEXT]
@@ -479,6 +499,7 @@ class PoolFile:
                 w[x + H_FILE] = tag
                 w[x + H_PGNO] = pgno
                 w[x + H_REF] = 1
+                w[x + H_PINAT] = _clock_ns(_COARSE)
                 w[x + H_FLAGS] = BH_READING
                 w[x + H_PRIO] = 0
                 w[x + H_SIZE] = self.page_size
@@ -516,7 +537,8 @@ class PoolFile:
         Flags set with :meth:`Page.mark_dirty` and friends also apply.
 
         Raises :class:`~aiodbenv.errors.InvalidArgument` for ``clean`` with ``dirty`` or a page
-        that is not pinned (more unpins than pins), :class:`~aiodbenv.errors.PermissionDenied`
+        that is not pinned (more unpins than pins, or one that closing its file or environment
+        unpinned already), :class:`~aiodbenv.errors.PermissionDenied`
         for ``dirty`` on a read-only file. Never awaits I/O, so it cannot be cancelled halfway.
         """
         flags = page._flags
@@ -557,6 +579,11 @@ class PoolFile:
         """Raise the error a bad unpin or set deserves (called only when something is off)."""
         if page._file is not self:
             raise InvalidArgument(f"page {page.pgno} belongs to another file handle")
+        if page._bh == RELEASED_BY_CLOSE:
+            raise InvalidArgument(
+                f"page {page.pgno} of {self._path or '(temporary file)'} was already unpinned "
+                "when its file (or environment) was closed"
+            )
         if page._bh < 0:
             raise InvalidArgument(f"page {page.pgno} is not pinned: more unpins than pins")
         if flags & PAGE_DIRTY and flags & PAGE_CLEAN:
@@ -568,11 +595,15 @@ class PoolFile:
     def _apply_dirty(w: memoryview, x: int, bw: int, flags: int) -> None:
         bh_flags = w[x + H_FLAGS]
         if flags & PAGE_DIRTY:
+            # Dirtied while a copy is being written: that copy is stale, and its write must
+            # not clean the page (the Python form of aiodb_unpin).
+            new = bh_flags | BH_DIRTY | (BH_REDIRTIED if bh_flags & BH_WRITING else 0)
             if not bh_flags & BH_DIRTY:
-                w[x + H_FLAGS] = bh_flags | BH_DIRTY
                 w[bw + B_DIRTY] += 1
+            if new != bh_flags:
+                w[x + H_FLAGS] = new
         elif flags & PAGE_CLEAN and bh_flags & BH_DIRTY:
-            w[x + H_FLAGS] = bh_flags & ~BH_DIRTY
+            w[x + H_FLAGS] = bh_flags & ~(BH_DIRTY | BH_REDIRTIED)
             w[bw + B_DIRTY] -= 1
 
     def _unpin(self, page: Page, flags: int) -> None:
@@ -655,11 +686,14 @@ class PoolFile:
     # -- write-back and closing ---------------------------------------------------------------
 
     async def sync(self) -> SyncResult:
-        """Write every dirty page of this file and fsync it (memp_fsync).
+        """Write every dirty page of this file and fsync it if it has page writes no fsync
+        has covered yet, by any process (memp_fsync).
 
-        Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages could not be written
-        (retry later); a failed write leaves its page dirty and raises. Cancellation: pages
-        already handed to a write finish it; the rest stay dirty.
+        Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages could not be written,
+        or another process's write of some did not finish within the pool's ``wait_timeout``
+        (retry later); a failed write leaves its page dirty and raises; a failed fsync panics
+        the environment (:class:`~aiodbenv.errors.RunRecovery`). Cancellation: pages already
+        handed to a write finish it; the rest stay dirty.
         """
         self._check()
         from .sync import write_back
@@ -673,11 +707,26 @@ class PoolFile:
         unpinned first. Closing twice is harmless."""
         if self._closed:
             return
+        if self._pins:
+            self._warn_pinned()
         for page in list(self._pins):
             self._unpin(page, page._flags)
+            page._bh = RELEASED_BY_CLOSE
         self._closed = True
         self._hot = False
         await self._pool._close_file(self)
+
+    def _warn_pinned(self) -> None:
+        """Closing with pages still pinned is a leak in the caller (a pin never released):
+        say which pages, in the log and as a ResourceWarning."""
+        pgnos = sorted({p.pgno for p in self._pins})
+        shown = ", ".join(map(str, pgnos[:20])) + (", ..." if len(pgnos) > 20 else "")
+        text = (
+            f"closing {self._path or '(temporary file)'} with {len(self._pins)} pin(s) still "
+            f"held on page(s) {shown}; they are unpinned now (with the flags set on them)"
+        )
+        logger.warning("aiodbenv: %s", text)
+        warnings.warn(text, ResourceWarning, stacklevel=3)
 
     def stat(self) -> FileStat:
         """This file's statistics (its DB_MPOOL_FSTAT), summed over every process."""
