@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
@@ -29,6 +30,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="run long soak and stress tests")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # CI's artifact run (.ci/run) sets AIODBENV_EXPECT_INSTALLED=1 to test the installed wheel;
+    # a source tree that shadows it would make that run test the tree again, so refuse it.
+    if os.environ.get("AIODBENV_EXPECT_INSTALLED") == "1":
+        where = Path(aiodbenv.__file__).resolve().parent
+        site = {Path(sysconfig.get_path(kind)).resolve() for kind in ("purelib", "platlib")}
+        if where.parent not in site or sys.prefix == sys.base_prefix:
+            pytest.exit(
+                f"AIODBENV_EXPECT_INSTALLED=1, but aiodbenv was imported from {where}, "
+                f"not from this virtualenv's site-packages {sorted(map(str, site))}",
+                returncode=3,
+            )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
