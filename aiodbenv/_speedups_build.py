@@ -274,7 +274,9 @@ int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
         uint64_t bw = bucket_w[b];
         if (!w[bw + L[L_B_DIRTY]]) continue;
         if (n + w[bw + L[L_B_DIRTY]] + 8 > max) { *stopped = b; return (int64_t)n; }
-        int64_t rc = lock(w, mutexes[b], nowait_w[b]);
+        /* Never wait here: the caller runs on the event loop and waits for a held bucket
+           asynchronously (-EBUSY), then calls again from that bucket. */
+        int64_t rc = try_lock(w, mutexes[b], nowait_w[b]);
         if (rc) { *stopped = b; return rc; }
         for (uint64_t off = w[bw + L[L_B_HEAD]]; off && n < max; ) {
             uint64_t x = off >> 3;

@@ -47,7 +47,7 @@ import anyio.to_thread
 from .. import _io
 from .._process import is_alive
 from ..errors import Incomplete, InvalidArgument, LockTimeout, NoSpace
-from ..region.mutex import ffi, owner_pid, speedups
+from ..region.mutex import BUSY, ffi, owner_pid, speedups
 from ..region.mutex import unlock as _unlock
 from .layout import (
     BH,
@@ -317,11 +317,14 @@ async def _collect_c(pool: Pool) -> _Raw:
                 stopped,
             )
             if n < 0:  # a lock failed: its holder died (mutex held), or worse
+                held = int(stopped[0])
                 if n == -errno.EOWNERDEAD:
-                    _recover(cache, int(stopped[0]))
+                    _recover(cache, held)
                 else:
-                    cache.lock(int(stopped[0]))  # raises the right error
-                    cache.unlock(int(stopped[0]))
+                    # Held by someone else: wait for it off the loop's back (bounded retries
+                    # with an async back-off; LockTimeout naming the holder at wait_timeout).
+                    await pool._locked(cache.lock, held)
+                    cache.unlock(held)
                 continue  # again from the same bucket
             out.tags += ffi.unpack(tag, n)
             out.pgnos += ffi.unpack(pgno, n)
@@ -350,7 +353,8 @@ async def _collect_py(pool: Pool) -> _Raw:
                 deadline = time.monotonic() + YIELD_EVERY
             if not w[bw + B_DIRTY]:
                 continue
-            cache.lock(b)
+            if pool._attempt(cache.lock, b) is BUSY:
+                await pool._locked(cache.lock, b)  # bounded, and the loop keeps running
             try:
                 off = w[bw + B_HEAD]
                 while off:
