@@ -895,6 +895,9 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
     core = pool._core
     w0 = core.w0
     targets: list[tuple[int, int | None, str | None, int]] = []
+    # The slot may be freed and reused by another file while the fsync runs: what it covered
+    # is recorded only if the slot still holds the same file.
+    ids: dict[int, bytes] = {}
     for fidx in range(MAX_FILES) if files is None else sorted(files):
         e = core.entry(fidx)
         if not e or w0[e + _F["flags"]] & (FF_DEAD | FF_NOFILE | FF_TEMP):
@@ -906,6 +909,7 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
         path = None if fd is not None else core.file_name(fidx)
         if fd is not None or path is not None:
             targets.append((fidx, fd, path, gen))
+            ids[fidx] = core.fileid(fidx)
     if not targets:
         return
     _io.step("fsync_begin")
@@ -951,7 +955,7 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
                 logger.warning("%s was removed before its last writes were fsynced", path)
                 res[i] = out = None
             if out is None:
-                if e:
+                if e and core.fileid(fidx) == ids[fidx]:
                     with core.file_mutex(fidx):
                         if w0[e + _F["synced_gen"]] < gen:
                             w0[e + _F["synced_gen"]] = gen
