@@ -21,7 +21,7 @@ from ..errors import (
 from ..region.layout import MUTEX_SLOT, WORD
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as _unlock
-from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP
+from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP, MAX_PGNO
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
 from .table import (
     _F,
@@ -86,8 +86,10 @@ if speedups is not None:
     _c_pin_hit = speedups.aiodb_pin_hit
     _c_pin_one = speedups.aiodb_pin_one_cache
     _c_unpin = speedups.aiodb_unpin_at
+    _CORRUPT = speedups.AIODB_CORRUPT
 else:
     _c_pin_hit = _c_pin_one = _c_unpin = None
+    _CORRUPT = 0
 _HS_LONG = _HS["hash_longest"]
 
 
@@ -203,8 +205,8 @@ class PoolFile:
         Cancellation: a pin cancelled while its page is being read leaves no pin held; the read
         finishes in the background so that other waiters get the page.
         """
-        if type(pgno) is not int or pgno < 0:
-            raise InvalidArgument(f"page number must be a non-negative int, not {pgno!r}")
+        if type(pgno) is not int or not 0 <= pgno < MAX_PGNO:
+            raise InvalidArgument(f"page number must be an int in 0..2**40-1, not {pgno!r}")
         return PinContext(self, pgno, MODE_CREATE if create else MODE_GET)
 
     def new(self) -> PinContext:
@@ -233,8 +235,8 @@ class PoolFile:
             if pgno is not None:
                 raise InvalidArgument("new and last choose the page number themselves")
             return await self._pin(-1, MODE_NEW if new else MODE_LAST)
-        if type(pgno) is not int or pgno < 0:
-            raise InvalidArgument(f"page number must be a non-negative int, not {pgno!r}")
+        if type(pgno) is not int or not 0 <= pgno < MAX_PGNO:
+            raise InvalidArgument(f"page number must be an int in 0..2**40-1, not {pgno!r}")
         return await self._pin(pgno, MODE_CREATE if create else MODE_GET)
 
     def _pin_hit_py(self, pgno: int) -> Page | None:
@@ -256,14 +258,21 @@ class PoolFile:
         try:
             off = w[cache.bucket_words[b] + B_HEAD]
             while off:
+                # Every offset read from the region is checked before it is followed.
+                if off & 7 or off < cache.bh_lo or off > cache.bh_hi:
+                    return None  # the slow path's walk reports it
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
                     if w[x + H_FLAGS] & BH_READING:
+                        return None
+                    if off + _BH_DATA + self.page_size > cache.region.size:
                         return None
                     w[x + H_REF] += 1
                     break
                 off = w[x + H_NEXT]
                 examined += 1
+                if examined > cache.max_chain:
+                    return None
             else:
                 return None
         finally:
@@ -298,6 +307,8 @@ class PoolFile:
         if off <= 0:
             if off == -errno.EOWNERDEAD:
                 self._owner_died(cache, b)
+            elif off == _CORRUPT:
+                cache.corrupt(f"bucket {b}'s chain has a bad offset or loops")
             return None  # not cached, being read, or contended: the slow path sorts it out
         self._w0[self._fs_hit] += 1
         if ex[0] > 1:
@@ -330,6 +341,8 @@ class PoolFile:
         if off <= 0:
             if off == -errno.EOWNERDEAD:
                 self._owner_died(cache, int(out[0]))
+            elif off == _CORRUPT:
+                cache.corrupt(f"bucket {int(out[0])}'s chain has a bad offset or loops")
             return None
         start = off + _BH_DATA
         page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, int(out[0]), off)
@@ -436,6 +449,9 @@ class PoolFile:
 
     def _page(self, cache: Cache, b: int, bh: int, pgno: int) -> Page:
         start = bh + _BH_DATA
+        if start + self.page_size > cache.region.size:
+            # The environment is panicked: the pin just taken no longer matters.
+            cache.corrupt(f"buffer {bh} of {self.page_size}-byte page {pgno} ends past the region")
         page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, bh)
         self._pins.add(page)
         return page
@@ -443,19 +459,16 @@ class PoolFile:
     def _lookup_pin(self, cache: Cache, b: int, pgno: int) -> int:
         """Find and pin the buffer of ``pgno`` (even one being read); 0 if not cached."""
         w = cache.words
-        bw = cache.bucket_words[b]
         tag = self._tag
         examined = 1
         found = 0
         with cache.mutexes[b]:
-            off = w[bw + B_HEAD]
-            while off:
+            for off in cache.chain(b):
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
                     w[x + H_REF] += 1
                     found = off
                     break
-                off = w[x + H_NEXT]
                 examined += 1
         if examined > 1:
             self._count_examined(examined)
@@ -469,12 +482,10 @@ class PoolFile:
         tag = self._tag
         x = frame >> 3
         with cache.mutexes[b]:
-            off = w[bw + B_HEAD]
-            while off:
+            for off in cache.chain(b):
                 y = off >> 3
                 if w[y + H_PGNO] == pgno and w[y + H_FILE] == tag:
                     break
-                off = w[y + H_NEXT]
             else:
                 w[x + H_FILE] = tag
                 w[x + H_PGNO] = pgno
@@ -573,7 +584,8 @@ class PoolFile:
                 w[bw + B_DIRTY] += 1
         elif flags & PAGE_CLEAN and bh_flags & BH_DIRTY:
             w[x + H_FLAGS] = bh_flags & ~BH_DIRTY
-            w[bw + B_DIRTY] -= 1
+            # Wraps at 0 as the compiled twin does; write-back's walk reports the count.
+            w[bw + B_DIRTY] = (w[bw + B_DIRTY] - 1) & 0xFFFFFFFFFFFFFFFF
 
     def _unpin(self, page: Page, flags: int) -> None:
         bh = page._bh

@@ -31,11 +31,16 @@ __all__ = [
     "GSTAT_FIELDS",
     "HANDLE_STATS",
     "MAX_FILES",
+    "MAX_PGNO",
     "POOL_HEADER",
 ]
 
 #: Files a pool can hold at once (open, or with pages still cached).
 MAX_FILES = 256
+
+#: Page numbers are below this (write-back packs a file slot and a page number in one int;
+#: 2**40 pages is a petabyte of 1 KiB pages, far past Berkeley DB's 32-bit page numbers).
+MAX_PGNO = 1 << 40
 
 # Buffer flags.
 BH_DIRTY = 1  # must be written before the frame is reused

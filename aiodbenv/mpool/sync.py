@@ -26,16 +26,14 @@ from .. import _io
 from ..errors import Incomplete, InvalidArgument, NoSpace
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as _unlock
-from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_DEAD, FF_TEMP
+from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_DEAD, FF_TEMP, MAX_FILES, MAX_PGNO
 from .table import (
     _F,
     _HS,
     B_DIRTY,
-    B_HEAD,
     H_FILE,
     H_FLAGS,
     H_IOPID,
-    H_NEXT,
     H_PGNO,
     H_PRIO,
     H_REF,
@@ -52,6 +50,7 @@ __all__ = ["SyncResult", "trickle", "write_back", "write_items"]
 _c_snapshot = speedups.aiodb_snapshot if speedups is not None else None
 _c_write_done = speedups.aiodb_write_done if speedups is not None else None
 _c_collect = speedups.aiodb_collect if speedups is not None else None
+_CORRUPT = speedups.AIODB_CORRUPT if speedups is not None else 0
 
 #: Pages per worker-thread hop: 64 pages of 4 KiB keep each hop's loop work under ~50 µs.
 BATCH_PAGES = 64
@@ -91,6 +90,11 @@ async def collect_dirty(
     large cache does not stall the loop.
     """
     raw = await (_collect_c(pool) if _c_collect is not None else _collect_py(pool))
+    # File slots and page numbers read from buffer headers: checked before they become file
+    # table indexes and file offsets (and the packed sort key below).
+    for i, (tag, pgno) in enumerate(zip(raw.tags, raw.pgnos)):
+        if not 1 <= tag <= MAX_FILES or pgno >= MAX_PGNO:
+            raw.caches[i].corrupt(f"buffer {raw.bhs[i]} holds page {pgno} of file slot {tag}")
     want = None if files is None else {f + 1 for f in files}
     writable = {tag: pool._can_write(tag) for tag in set(raw.tags)}
     held: list[tuple[int, int]] = []
@@ -183,6 +187,8 @@ async def _collect_c(pool: Pool) -> _Raw:
                 stopped,
             )
             if n < 0:  # a lock failed: its holder died (mutex held), or worse
+                if n == _CORRUPT:
+                    cache.corrupt(f"bucket {int(stopped[0])}'s chain has a bad offset or loops")
                 if n == -errno.EOWNERDEAD:
                     _recover(cache, int(stopped[0]))
                 else:
@@ -216,10 +222,11 @@ async def _collect_py(pool: Pool) -> _Raw:
                 deadline = time.monotonic() + YIELD_EVERY
             if not w[bw + B_DIRTY]:
                 continue
+            if w[bw + B_DIRTY] > cache.max_chain:
+                cache.corrupt(f"bucket {b}'s dirty count {int(w[bw + B_DIRTY])}")
             cache.lock(b)
             try:
-                off = w[bw + B_HEAD]
-                while off:
+                for off in cache.chain(b):
                     x = off >> 3
                     flags = w[x + H_FLAGS]
                     if flags & BH_DIRTY:
@@ -232,7 +239,6 @@ async def _collect_py(pool: Pool) -> _Raw:
                         out.busy.append(
                             1 if w[x + H_REF] or flags & (BH_READING | BH_WRITING) else 0
                         )
-                    off = w[x + H_NEXT]
             finally:
                 cache.unlock(b)
     return out
@@ -435,7 +441,7 @@ def _drop_dirty(item: Item) -> int:
             and not flags & (BH_READING | BH_WRITING)
         ):
             w[x + H_FLAGS] = flags & ~BH_DIRTY
-            w[cache.bucket_words[b] + B_DIRTY] -= 1
+            cache.decrement(cache.bucket_words[b] + B_DIRTY, f"bucket {b}'s dirty count")
             return 1
         return 0
     finally:
@@ -446,13 +452,16 @@ def _snapshot(pool: Pool, items: list[Item], dst: bytearray, offsets: list[int])
     """Copy each item's page into ``dst`` at its offset and flag it WRITING; per item 1
     (taken), 2 (pinned or busy: not now) or 0 (evicted, reused or cleaned meanwhile)."""
     status = [0] * len(items)
+    # Each copy's slot size: the buffer's recorded page size must match it (checked under
+    # the bucket lock), or a corrupt size would copy past the slot.
+    slots = [end - start for start, end in zip(offsets, offsets[1:] + [len(dst)])]
     if _c_snapshot is not None:
         for cache, idx in _by_cache(items):
             done = 0
             while done < len(idx):
                 part = idx[done:]
                 n = len(part)
-                st = ffi.new("int64_t[]", n)
+                st = ffi.new("int64_t[]", [slots[i] for i in part])  # in: slot sizes
                 got = _c_snapshot(
                     cache.wptr,
                     cache.region.base,
@@ -475,19 +484,19 @@ def _snapshot(pool: Pool, items: list[Item], dst: bytearray, offsets: list[int])
                     i = part[got]
                     if st[got] == -errno.EOWNERDEAD:
                         _recover(cache, items[i][3])
-                    status[i] = _snapshot_one(pool, items[i], dst, offsets[i])
+                    status[i] = _snapshot_one(pool, items[i], dst, offsets[i], slots[i])
                     got += 1
                 done += got
         return status
     for i, item in enumerate(items):
-        status[i] = _snapshot_one(pool, item, dst, offsets[i])
+        status[i] = _snapshot_one(pool, item, dst, offsets[i], slots[i])
     return status
 
 
-def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int) -> int:
+def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int, slot: int) -> int:
     fidx, pgno, cache, b, bh = item
     w = cache.words
-    x = bh >> 3
+    x = cache.check_bh(bh)
     cache.lock(b)
     try:
         flags = w[x + H_FLAGS]
@@ -495,10 +504,12 @@ def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int) -> int:
             return 0
         if w[x + H_REF] or flags & (BH_READING | BH_WRITING):
             return 2
-        w[cache.bucket_words[b] + B_DIRTY] -= 1
+        cache.decrement(cache.bucket_words[b] + B_DIRTY, f"bucket {b}'s dirty count")
         w[x + H_FLAGS] = (flags & ~BH_DIRTY) | BH_WRITING
         w[x + H_IOPID] = pool._pid
         size = int(w[x + H_SIZE])
+        if size != slot or bh + BH.size + size > cache.region.size:
+            cache.corrupt(f"buffer {bh} records a page of {size} bytes, not {slot}")
         dst[off : off + size] = cache.buf[bh + BH.size : bh + BH.size + size]
         return 1
     finally:

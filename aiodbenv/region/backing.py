@@ -37,7 +37,7 @@ from ..errors import (
     ShmKeyInUse,
 )
 from .layout import KIND_FILE, KIND_PRIVATE, KIND_SYSTEM, REGION_HEADER, REGION_MAGIC, WORD
-from .mutex import ffi
+from .mutex import ffi, speedups
 
 __all__ = [
     "Region",
@@ -81,10 +81,27 @@ class Region:
         self.size = size
         #: Where the region lives, for statistics: a path, "shm key 0x... id N", or "heap".
         self.backing = backing
+        # Checked before any view is made, so a bad size is an error, not a TypeError or a
+        # view past the memory. On an error the caller still owns (and closes) the exporter.
+        with memoryview(exporter) as whole:
+            have = whole.nbytes
+        if size % WORD or size < REGION_HEADER.size or have < size:
+            raise CorruptRegion(
+                f"{backing}: region {region_id} is {size} bytes: not a whole number of words, "
+                f"shorter than its header, or more than its {have} bytes of memory"
+            )
         self.buf = memoryview(exporter)[:size]
         self.words = self.buf.cast("Q")
         self.base = ffi.from_buffer(exporter, require_writable=True)
         self._closer = closer
+        # The compiled helpers check every offset they read from the region against this.
+        if speedups is not None and not speedups.aiodb_set_region(
+            ffi.cast("uint64_t *", self.base), size
+        ):
+            ffi.release(self.base)
+            self.words.release()
+            self.buf.release()
+            raise CacheFull("too many regions attached in this process")
 
     def close(self) -> None:
         """Detach: release the views, then unmap or detach the memory and close descriptors.
@@ -93,6 +110,8 @@ class Region:
         the caller), the memory cannot be unmapped yet: it is left to be freed with the last
         such view, and a warning is logged; descriptors are closed either way.
         """
+        if speedups is not None:
+            speedups.aiodb_forget_region(ffi.cast("uint64_t *", self.base))
         ffi.release(self.base)
         self.words.release()
         self.buf.release()
@@ -169,7 +188,11 @@ def _map_fd(fd: int, path: str, region_id: int, size: int) -> Region:
         finally:
             os.close(fd)
 
-    return Region(region_id, KIND_FILE, mm, size, path, closer)
+    try:
+        return Region(region_id, KIND_FILE, mm, size, path, closer)
+    except BaseException:
+        mm.close()  # the caller closes fd
+        raise
 
 
 def create_file_region(
@@ -242,6 +265,7 @@ def _segment_is_ours(shm: Any) -> bool:
 def _system_region(shm: Any, region_id: int, size: int, key: int) -> Region:
     # shm.key is only right for segments found by key; attach() by id does not know it.
     backing = f"shm key {key:#x} id {shm.id}"
+    # On an error the caller detaches.
     return Region(
         region_id, KIND_SYSTEM, shm, size, backing, lambda: _close_exported(shm.detach, backing)
     )
@@ -268,7 +292,12 @@ def create_system_region(key: int, region_id: int, size: int, mode: int) -> Regi
             raise PermissionDenied(f"shm key {key:#x}: {err}") from err
         except (sysv_ipc.Error, OSError, ValueError) as err:
             raise _shm_error(err, key, size) from err
-        return _system_region(shm, region_id, size, key)
+        try:
+            return _system_region(shm, region_id, size, key)
+        except BaseException:
+            shm.detach()
+            shm.remove()
+            raise
     raise Busy(f"shm key {key:#x} keeps being recreated by another process")
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-from ..errors import RunRecovery
+from ..errors import CorruptRegion, RunRecovery
 from . import pthread_cdef as cdef
 from .layout import MUTEX_SLOT, WORD
 
@@ -214,6 +214,12 @@ class SharedMutex:
             if self._panic is not None:
                 self._panic(reason)
             raise RunRecovery(reason)
+        if rc == errno.EINVAL:
+            # Its bytes in the region are not a mutex any more: the region is corrupt.
+            reason = f"mutex {self.name} is corrupt (EINVAL)"
+            if self._panic is not None:
+                self._panic(reason)
+            raise CorruptRegion(f"PANIC: {reason}; run recovery")
         raise OSError(rc, f"locking mutex {self.name}: {os.strerror(rc)}")
 
     def stats(self) -> tuple[int, int, int]:
