@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
+import weakref
 from typing import TYPE_CHECKING
 
 from ..errors import (
+    ForkedProcessError,
     InvalidArgument,
     NoSpace,
     PageNotFound,
@@ -49,6 +52,20 @@ if TYPE_CHECKING:
     from .sync import SyncResult
 
 __all__ = ["PoolFile"]
+
+#: Every open PoolFile of this process, so that a forked child can disarm them.
+_live_files: weakref.WeakSet[PoolFile] = weakref.WeakSet()
+
+
+def _disarm_in_child() -> None:
+    # A forked child inherits the parent's handles and the shared mapping: an inherited pin
+    # could be dropped (the parent's own unpin then panics everyone), a page changed. The
+    # hit path already tests ``_hot`` first, so turning it off costs the parent nothing.
+    for f in list(_live_files):
+        f._disarm()
+
+
+os.register_at_fork(after_in_child=_disarm_in_child)
 
 MODE_GET, MODE_CREATE, MODE_NEW, MODE_LAST = 0, 1, 2, 3
 _BH_DATA = BH.size
@@ -153,6 +170,8 @@ class PoolFile:
         self._extra_ptr = w0p + self._hs + _HS_EXTRA
         self._longest_ptr = w0p + self._hs + _HS_LONG
         self._choose_hit_path()
+        self._forked = False
+        _live_files.add(self)
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -181,7 +200,27 @@ class PoolFile:
         """True if pages are served from a read-only memory map of the file (``st_map``)."""
         return self._map is not None
 
+    def _disarm(self) -> None:
+        """In a forked child: every use of this handle raises ForkedProcessError, and the
+        views of its pinned pages are released (reading one raises ValueError)."""
+        self._forked = True
+        self._hot = False  # hits go to the slow path, whose check raises
+        self._unpin = self._refuse_forked  # type: ignore[method-assign,assignment]
+        for page in self._pins:
+            try:
+                page.data.release()
+            except BufferError:
+                pass  # the caller holds a view of it: cannot be taken back
+
+    def _refuse_forked(self, *_args: object) -> None:
+        raise ForkedProcessError(
+            f"file {self._path!r} was opened by the parent of this forked process: open the "
+            "environment again in this process"
+        )
+
     def _check(self) -> None:
+        if self._forked:
+            self._refuse_forked()
         if self._closed:
             raise InvalidArgument(f"file {self._path!r} is closed")
         self._pool._check()
@@ -546,6 +585,8 @@ class PoolFile:
     ) -> None:
         """Set a pinned page's flags without unpinning it (memp_fset): ``dirty`` and ``clean``
         apply at once, ``discard`` when the page is unpinned. At least one flag is required."""
+        if self._forked:
+            self._refuse_forked()
         if not (dirty or clean or discard):
             raise InvalidArgument("set needs at least one of dirty, clean, discard")
         self._check_flags(page, (PAGE_DIRTY if dirty else 0) | (PAGE_CLEAN if clean else 0))
@@ -682,7 +723,9 @@ class PoolFile:
         """Close the file (memp_fclose). No implied sync: dirty pages stay in the cache and are
         written by eviction, sync or trickle from any process, except those of a temporary file,
         which are dropped (with its backing file). Pages still pinned through this handle are
-        unpinned first. Closing twice is harmless."""
+        unpinned first. Closing twice is harmless. In a forked child: ForkedProcessError."""
+        if self._forked:
+            self._refuse_forked()
         if self._closed:
             return
         for page in list(self._pins):
