@@ -607,6 +607,23 @@ async def test_shm_key_used_by_a_foreign_segment(home: str, shm_key: int, size: 
         foreign.remove()
 
 
+async def test_foreign_segment_at_a_later_region_key(home: str, shm_key: int) -> None:
+    """A foreign segment at ``shm_key + 1`` (region 2's key): the create fails with
+    ShmKeyInUse after region 1's segment was made, and that segment is removed again (it
+    used to leak: its header was not filled in yet, so the undo did not know it as ours)."""
+    foreign = sysv_ipc.SharedMemory(shm_key + 1, sysv_ipc.IPC_CREX, mode=0o600, size=4096)
+    try:
+        before = segment_state(foreign)
+        await open_fails(ShmKeyInUse, home, create=True, region="system", shm_key=shm_key)
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.SharedMemory(shm_key, 0)  # region 1's segment is gone
+        assert segment_exists(foreign.id) and segment_state(foreign) == before
+        assert listing(home) == []
+    finally:
+        foreign.detach()
+        foreign.remove()
+
+
 async def test_shm_key_of_a_live_environment(home: str, tmp_path: Any, shm_key: int) -> None:
     """The key belongs to a live environment in another home: Busy, and that one unharmed."""
     other = str(tmp_path / "other")

@@ -963,10 +963,8 @@ def _open_data_file(
     mmap_size: int,
 ) -> tuple[int, int, bytes, mmap.mmap | None]:
     flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-    if create:
-        flags |= os.O_CREAT
     try:
-        fd = _io.open_file(name, flags, mode)
+        fd, created = _open_or_create(name, flags, create, mode)
     except FileNotFoundError:
         raise NotFound(f"no such file: {name} (open it with create=True)") from None
     except PermissionError as err:
@@ -974,6 +972,8 @@ def _open_data_file(
     except IsADirectoryError:
         raise InvalidArgument(f"{name} is a directory") from None
     try:
+        if created:
+            os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask (as region files)
         st = os.fstat(fd)
         if not stat_mod.S_ISREG(st.st_mode):
             raise InvalidArgument(f"{name} is not a regular file")
@@ -992,6 +992,23 @@ def _open_data_file(
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_or_create(name: str, flags: int, create: bool, mode: int) -> tuple[int, bool]:
+    """Open ``name``; with ``create``, make it if missing. Returns ``(fd, created)``: only a
+    file this call made gets its mode set (an existing file keeps its own)."""
+    if not create:
+        return _io.open_file(name, flags, mode), False
+    for _ in range(3):
+        try:
+            return _io.open_file(name, flags | os.O_CREAT | os.O_EXCL, mode), True
+        except FileExistsError:
+            pass
+        try:
+            return _io.open_file(name, flags, mode), False
+        except FileNotFoundError:
+            continue  # removed between the two opens: try to create it again
+    raise InvalidArgument(f"{name} keeps appearing and disappearing while it is opened")
 
 
 def _close_fds(fds: list[int], mapped: mmap.mmap | None) -> None:

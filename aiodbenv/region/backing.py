@@ -48,6 +48,7 @@ __all__ = [
     "create_system_region",
     "open_region_fd",
     "region_file_name",
+    "remove_created_segment",
     "remove_system_segment",
     "remove_system_segments_by_key",
 ]
@@ -360,6 +361,16 @@ def attach_system_region(shm_id: int, region_id: int, size: int, env_id: int, ke
     except BaseException:
         shm.detach()
         raise
+
+
+def remove_created_segment(shm_id: int) -> bool:
+    """Remove segment ``shm_id`` that this process created and is still attached to (undoing
+    a create); True if removed."""
+    try:
+        sysv_ipc.remove_shared_memory(shm_id)
+    except (sysv_ipc.Error, OSError, ValueError):
+        return False
+    return True
 
 
 def remove_system_segment(shm_id: int, env_id: int) -> bool:

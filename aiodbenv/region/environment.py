@@ -68,6 +68,7 @@ from .backing import (
     create_system_region,
     open_region_fd,
     region_file_name,
+    remove_created_segment,
     remove_system_segment,
     remove_system_segments_by_key,
 )
@@ -580,7 +581,12 @@ def _shm_id_of(region: Region) -> int:
 def _destroy(region: Region, home: str) -> None:
     """Detach a region this process just created and remove its file or segment."""
     shm_id = _shm_id_of(region)
-    env_id = region.header("env_id")
+    if region.kind == KIND_SYSTEM:
+        # We made it, so it is ours whatever its header says yet (the header is filled in
+        # only once every region exists). Removed while still attached, so its id cannot
+        # have been reused by a segment of someone else.
+        if not remove_created_segment(shm_id):
+            logger.warning("could not remove segment %d while undoing a create", shm_id)
     region.close()
     if region.kind == KIND_FILE:
         if region.region_id != 1:  # region 1's file belongs to the caller's cleanup
@@ -588,9 +594,6 @@ def _destroy(region: Region, home: str) -> None:
                 os.unlink(region.backing)
             except OSError:
                 pass
-    elif region.kind == KIND_SYSTEM:
-        if not remove_system_segment(shm_id, env_id):
-            logger.warning("could not remove segment %d while undoing a create", shm_id)
 
 
 def _turn_on(region1: Region) -> None:
