@@ -739,6 +739,39 @@ async def test_reference_to_a_vanished_segment(home: str, shm_key: int) -> None:
             os.unlink(path)  # our own reference record; keeps teardown quiet if remove failed
 
 
+@pytest.mark.parametrize("field", ["shm_id", "shm_key"])
+@pytest.mark.parametrize("value", [2**31, 2**40, 2**64 - 1])
+async def test_reference_with_an_out_of_range_id(
+    home: str, shm_key: int, field: str, value: int
+) -> None:
+    """__db.001's record names a segment id or key no System V segment can have: the open
+    is CorruptRegion (not OverflowError), and a forced remove still cleans up."""
+    path = await real_env(home, region="system", shm_key=shm_key)
+    with open(path, "rb") as f:
+        record = f.read()
+    shm_id = int.from_bytes(record[SHM_REF.offset("shm_id") :][:WORD], "little")
+    try:
+        with open(path, "r+b") as f:
+            f.seek(SHM_REF.offset(field))
+            f.write(value.to_bytes(WORD, "little"))
+        await open_fails(CorruptRegion, home)
+        await fails_with(CorruptRegion, lambda: Env.remove(home), "Env.remove")
+        await Env.remove(home, force=True)
+        assert listing(home) == []
+    finally:
+        if segment_exists(shm_id):  # the record no longer leads to it: remove it ourselves
+            seg = sysv_ipc.attach(shm_id)
+            seg.remove()
+            seg.detach()
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+async def test_mmap_size_out_of_range_argument(home: str) -> None:
+    await open_fails(ConfigError, home, create=True, mmap_size=2**70)
+    assert listing(home) == []
+
+
 async def test_system_without_shm_key(home: str) -> None:
     err = await open_fails(InvalidArgument, home, create=True, region="system")
     assert "shm_key" in str(err)
@@ -813,6 +846,8 @@ async def test_create_not_a_bool(home: str, value: object) -> None:
         b"no_such_setting 1\n",
         b"set_flags db_nommap maybe\n",
         b"\xff\xfe\x00binary\n",
+        b"set_mp_mmapsize 1180591620717411303424\n",
+        b"set_shm_key 1099511627776\n",
     ],
     ids=[
         "tiny-cache",
@@ -822,6 +857,8 @@ async def test_create_not_a_bool(home: str, value: object) -> None:
         "unknown",
         "bad-switch",
         "not-utf8",
+        "mmapsize-2**70",
+        "shm-key-2**40",
     ],
 )
 async def test_bad_db_config(home: str, content: bytes) -> None:

@@ -58,6 +58,10 @@ logger = logging.getLogger("aiodbenv")
 _O_OPEN = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
+#: System V keys and ids are C ints: anything outside 0..2**31-1 was read from corrupt bytes.
+_SHM_LIMIT = 1 << 31
+
+
 def region_file_name(region_id: int) -> str:
     """``__db.001`` for region 1, and so on."""
     return f"__db.{region_id:03d}"
@@ -341,6 +345,9 @@ def attach_system_region(shm_id: int, region_id: int, size: int, env_id: int, ke
 
     ``key`` is the segment's key as the environment recorded it (for statistics).
     """
+    if not 0 <= shm_id < _SHM_LIMIT or size >= 1 << 62:
+        # Read from a region or a reference record: out of range means corrupt.
+        raise CorruptRegion(f"shm id {shm_id} or size {size} is out of range")
     try:
         shm = sysv_ipc.attach(shm_id)
     except sysv_ipc.PermissionsError as err:
@@ -375,6 +382,8 @@ def remove_created_segment(shm_id: int) -> bool:
 
 def remove_system_segment(shm_id: int, env_id: int) -> bool:
     """Remove segment ``shm_id`` if it is one of environment ``env_id``'s; True if removed."""
+    if not 0 <= shm_id < _SHM_LIMIT:
+        return False  # read from a corrupt record: no such segment can exist
     try:
         shm = sysv_ipc.attach(shm_id)
     except (sysv_ipc.Error, OSError, ValueError):
@@ -397,6 +406,8 @@ def remove_system_segments_by_key(key: int, env_id: int, first_region: int, coun
     Segments that are not ours are left alone. Returns how many were removed."""
     removed = 0
     for region_id in range(first_region, first_region + count):
+        if not 0 <= key + region_id - 1 < _SHM_LIMIT:
+            break  # read from a corrupt record: no such key
         try:
             shm = sysv_ipc.SharedMemory(key + region_id - 1, 0, mode=0)
         except (sysv_ipc.Error, OSError, ValueError):

@@ -41,6 +41,7 @@ from .._config import (
     DEFAULT_PAGE_SIZE,
     FLAG_BITS,
     MAX_CACHE_SIZE,
+    MAX_MMAP_SIZE,
     MAX_NCACHE,
     MAX_PAGE_SIZE,
     MIN_PAGE_SIZE,
@@ -706,7 +707,7 @@ def _check_env_values(path: str, w: memoryview) -> None:
         raise bad(f"cache size {cache_size}")
     if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
         raise bad(f"page size {page_size}")
-    if field["mmap_size"] >= 1 << 62:
+    if field["mmap_size"] > MAX_MMAP_SIZE:
         raise bad(f"mmap size {field['mmap_size']}")
     if field["shm_key"] >= 1 << 31:
         raise bad(f"shm key {field['shm_key']}")
@@ -788,6 +789,8 @@ def _join_once(home: str, fd: int) -> list[Region]:
                 f"match this aiodbenv's version {LAYOUT_VERSION}"
             )
         env_id = _word(rec, _S["env_id"])
+        if not 0 < _word(rec, _S["shm_key"]) < 1 << 31:
+            raise CorruptRegion(f"{path1}: shm key {_word(rec, _S['shm_key'])} is out of range")
         r1 = attach_system_region(
             _word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id, _word(rec, _S["shm_key"])
         )
