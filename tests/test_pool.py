@@ -453,3 +453,24 @@ async def test_large_page_only_partly_in_the_os_cache_is_read_whole(home: str) -
             assert f.stat().page_in == 1 and f.stat().page_create == 0
     await aiodbenv.Env.remove(home)
     os.remove(os.path.join(home, "big.db"))
+
+
+async def test_page_past_a_truncation_is_not_found(env: aiodbenv.Env, home: str) -> None:
+    """The file shrank behind the pool's back: a page it had when the pool opened it is not
+    read back as zeros; ``get`` raises PageNotFound, ``get(create=True)`` makes it again."""
+    path = os.path.join(home, "data.db")
+    with open(path, "wb") as fh:
+        for i in range(8):
+            fh.write(bytes([i + 1]) * 4096)
+    f = await env.pool.open_file(path)
+    async with f.get(2) as page:
+        assert page.data[0] == 3
+    os.truncate(path, 3 * 4096 + 100)  # pages 3..7 gone, page 3 torn
+    for pgno in (3, 5, 7):
+        with pytest.raises(aiodbenv.PageNotFound, match="truncated"):
+            await f.get(pgno)
+    async with f.get(2) as page:  # cached, and on disk: unaffected
+        assert page.data[0] == 3
+    async with f.get(6, create=True) as page:
+        assert bytes(page.data) == bytes(4096)
+    await f.close()

@@ -30,11 +30,12 @@ from ..errors import (
     CacheFull,
     InvalidArgument,
     NotFound,
+    PageNotFound,
     PermissionDenied,
     RunRecovery,
 )
 from ..region.backing import Region
-from .file import MODE_NEW, PoolFile
+from .file import MODE_GET, MODE_LAST, MODE_NEW, PoolFile
 from .layout import BH, BH_DIRTY, BH_FAILED, BH_READING, FF_DEAD, FF_NO_MMAP, FF_NOFILE, FF_TEMP
 from .table import (
     _F,
@@ -700,6 +701,7 @@ class Pool:
                     # which is not the end of the file. The thread reads it whole.
                     return False
                 if n == 0:  # past the end of the file: a page the pool knows of, never written
+                    self._check_short_read(f, pgno, n, mode)
                     view[:] = _zeros(ps)
                 created = n == 0
             self._apply_pgin(f, pgno, view, mode)
@@ -710,6 +712,25 @@ class Pool:
             view.release()
         self._publish(f, cache, b, bh, created)
         return True
+
+    def _check_short_read(self, f: PoolFile, pgno: int, n: int, mode: int) -> None:
+        """A read of page ``pgno`` stopped at the end of the file after ``n`` bytes.
+
+        Zeros are right for a page the pool made (create or new) that was never written: it
+        lies past the pages the file had when the pool first opened it. A page the file had
+        then, or part of a page, means the file was truncated behind the pool's back: a
+        ``get`` without create raises :class:`PageNotFound` rather than hand out zeros as
+        data (with create, the page is made again, zero-filled, as Berkeley DB does).
+        """
+        if mode not in (MODE_GET, MODE_LAST):
+            return
+        orig = int(f._w0[f._entry + _F["orig_pages"]])
+        if n or pgno < orig:
+            raise PageNotFound(
+                f"page {pgno} of {f.name!r} is past the end of the file on disk (the file had "
+                f"{orig} pages when the pool opened it and was truncated since); use create=True "
+                "to make it again"
+            )
 
     def _apply_pgin(self, f: PoolFile, pgno: int, view: memoryview, mode: int) -> None:
         if mode != MODE_NEW and f.ftype:
@@ -759,6 +780,7 @@ class Pool:
             assert f._fd is not None
             n = await self._reader.read(f._fd, view, pgno * ps)
             if n < ps:  # a blocking read stops short only at the end of the file
+                self._check_short_read(f, pgno, n, mode)
                 view[n:] = _zeros(ps - n)
             created = n == 0
             self._apply_pgin(f, pgno, view, mode)

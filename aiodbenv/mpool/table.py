@@ -321,6 +321,12 @@ class Cache:
             self.corrupt(f"{what} would go below zero")
         self.words[i] -= 1
 
+    def bucket_owner_died(self) -> int:
+        """Times a locker of one of this cache's bucket mutexes found its holder dead."""
+        w = self.words
+        d = (MUTEX_SLOT.offset("owner_died") - MUTEX_SLOT.offset("nowaits")) // WORD
+        return int(sum(w[i + d] for i in self.nowait_words))
+
     def repair_bucket(self, b: int) -> None:
         """Recount a bucket after its mutex holder died: chain length and dirty count (buffers
         flagged DIRTY; one being written is not dirty until its write fails).
@@ -531,6 +537,17 @@ class PoolCore:
             out.append(cur)
             cur = int(w[self.meta_check(cur, size) + next_field])
         return out
+
+    def owner_died(self) -> int:
+        """Times a locker of one of the pool's own mutexes (the pool's, the files', the
+        buckets') found its holder dead. The caches' allocator mutexes are the environment's
+        and counted there."""
+        if not self.shared:
+            return 0
+        total = self.mutex.stats()[2]
+        for i in self.file_slots():
+            total += self.file_mutex(i).stats()[2]
+        return total + sum(c.bucket_owner_died() for c in self.caches)
 
     @staticmethod
     def _repair_pool() -> None:
