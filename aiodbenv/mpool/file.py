@@ -24,6 +24,7 @@ from ..errors import (
 from ..region.layout import MUTEX_SLOT, WORD
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as _unlock
+from .checksum import TRAILER
 from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP, MAX_PGNO
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
 from .table import (
@@ -133,6 +134,7 @@ class PoolFile:
         ftype: int,
         cookie: bytes,
         mapped: mmap.mmap | None,
+        checksum: bool = False,
     ) -> None:
         self._pool = pool
         self._core = pool._core
@@ -146,6 +148,10 @@ class PoolFile:
         self.nofile = nofile
         self.ftype = ftype
         self.cookie = cookie
+        #: Pages carry a checksum trailer (``open_file(checksum=True)``).
+        self.checksum = checksum
+        # What ``page.data`` spans: the page without the checksum trailer, if any.
+        self._data_size = page_size - TRAILER if checksum else page_size
         self._map = mapped
         self._map_view = memoryview(mapped) if mapped is not None else None
         self._map_pages = len(mapped) // page_size if mapped is not None else 0
@@ -321,7 +327,7 @@ class PoolFile:
         if examined > 1:
             self._count_examined(examined)
         start = off + _BH_DATA
-        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, off)
+        page = Page(self, pgno, cache.buf[start : start + self._data_size], cache, b, off)
         self._pins.add(page)
         return page
 
@@ -353,7 +359,7 @@ class PoolFile:
         if ex[0] > 1:
             self._count_examined(ex[0])
         start = off + _BH_DATA
-        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, off)
+        page = Page(self, pgno, cache.buf[start : start + self._data_size], cache, b, off)
         self._pins.add(page)
         return page
 
@@ -384,7 +390,7 @@ class PoolFile:
                 cache.corrupt(f"bucket {int(out[0])}'s chain has a bad offset or loops")
             return None
         start = off + _BH_DATA
-        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, int(out[0]), off)
+        page = Page(self, pgno, cache.buf[start : start + self._data_size], cache, int(out[0]), off)
         self._pins.add(page)
         return page
 
@@ -491,7 +497,7 @@ class PoolFile:
         if start + self.page_size > cache.region.size:
             # The environment is panicked: the pin just taken no longer matters.
             cache.corrupt(f"buffer {bh} of {self.page_size}-byte page {pgno} ends past the region")
-        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, bh)
+        page = Page(self, pgno, cache.buf[start : start + self._data_size], cache, b, bh)
         self._pins.add(page)
         return page
 

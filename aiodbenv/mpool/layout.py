@@ -21,6 +21,7 @@ __all__ = [
     "BH_WRITING",
     "BUCKET",
     "CACHE_HEADER",
+    "FF_CHECKSUM",
     "FF_DEAD",
     "FF_NOFILE",
     "FF_NO_MMAP",
@@ -53,6 +54,7 @@ FF_TEMP = 1  # path=None: private to its owner, backing file made on demand
 FF_NOFILE = 2  # never written; pages live only in the cache
 FF_DEAD = 4  # closed for good: its buffers are dropped, not written
 FF_NO_MMAP = 8  # a writer has it open: mapped readers go through the cache
+FF_CHECKSUM = 16  # pages carry a checksum trailer (open_file(checksum=True))
 
 CACHE_HEADER = Layout(
     "cache_header",

@@ -30,13 +30,25 @@ from ..errors import (
     CacheFull,
     InvalidArgument,
     NotFound,
+    PageCorrupt,
     PageNotFound,
     PermissionDenied,
     RunRecovery,
 )
 from ..region.backing import Region
+from .checksum import verify as verify_checksum
 from .file import MODE_GET, MODE_LAST, MODE_NEW, PoolFile
-from .layout import BH, BH_DIRTY, BH_FAILED, BH_READING, FF_DEAD, FF_NO_MMAP, FF_NOFILE, FF_TEMP
+from .layout import (
+    BH,
+    BH_DIRTY,
+    BH_FAILED,
+    BH_READING,
+    FF_CHECKSUM,
+    FF_DEAD,
+    FF_NO_MMAP,
+    FF_NOFILE,
+    FF_TEMP,
+)
 from .table import (
     _F,
     _FS,
@@ -344,6 +356,7 @@ class Pool:
         nofile: bool = False,
         max_pages: int | None = None,
         mode: int = 0o600,
+        checksum: bool = False,
     ) -> FileOpener:
         """Open ``path`` (relative to the home) in the pool (memp_fopen).
 
@@ -358,6 +371,13 @@ class Pool:
         only when one of its dirty pages must be written, and removed at close. ``nofile``
         keeps the pages in the cache only, never written; ``max_pages`` limits the file
         (set_maxsize: creating past it raises NoSpace).
+
+        ``checksum`` (Berkeley DB's ``DB_CHKSUM``) keeps a checksum in the last 8 bytes of
+        every page: ``page.data`` is ``page_size - 8`` bytes, the trailer is set when the page
+        is written and checked when it is read back (a mismatch raises
+        :class:`~aiodbenv.errors.PageCorrupt` naming the file and page; an all-zero page,
+        never written, is accepted). Every open of the file must agree (InvalidArgument
+        otherwise); such a file is never memory-mapped. See :mod:`aiodbenv.mpool.checksum`.
 
         ``await pool.open_file(...)`` or ``async with pool.open_file(...) as f``. Raises
         :class:`~aiodbenv.errors.NotFound` (missing without ``create``),
@@ -379,6 +399,7 @@ class Pool:
                 nofile=nofile,
                 max_pages=max_pages,
                 mode=mode,
+                checksum=checksum,
             ),
         )
 
@@ -397,8 +418,11 @@ class Pool:
         nofile: bool,
         max_pages: int | None,
         mode: int,
+        checksum: bool,
     ) -> PoolFile:
         self._check()
+        if not isinstance(checksum, bool):
+            raise InvalidArgument(f"checksum must be True or False, not {checksum!r}")
         ps = self.page_size if page_size is None else page_size
         if type(ps) is not int or not MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE or ps & (ps - 1):
             raise InvalidArgument(
@@ -424,6 +448,7 @@ class Pool:
             raise InvalidArgument("create and readonly exclude each other")
         name = None if path is None else self._env_resolve(path)
         flags = (FF_TEMP if temp else 0) | (FF_NOFILE if nofile else 0)
+        flags |= FF_CHECKSUM if checksum else 0
 
         fd: int | None = None
         mapped: mmap.mmap | None = None
@@ -431,6 +456,7 @@ class Pool:
         if name is not None and not nofile:
             want_map = (
                 readonly
+                and not checksum  # mapped pages would skip the check
                 and not nommap
                 and not self._core.header("nommap")
                 and not (ftype and ftype in self._registry)
@@ -494,6 +520,7 @@ class Pool:
             ftype=ftype,
             cookie=bytes(pgcookie),
             mapped=mapped,
+            checksum=checksum,
         )
         self._files.add(f)
         return f
@@ -703,6 +730,8 @@ class Pool:
                 if n == 0:  # past the end of the file: a page the pool knows of, never written
                     self._check_short_read(f, pgno, n, mode)
                     view[:] = _zeros(ps)
+                elif f.checksum:
+                    _verify(f, pgno, view)
                 created = n == 0
             self._apply_pgin(f, pgno, view, mode)
         except BaseException:
@@ -782,6 +811,8 @@ class Pool:
             if n < ps:  # a blocking read stops short only at the end of the file
                 self._check_short_read(f, pgno, n, mode)
                 view[n:] = _zeros(ps - n)
+            elif f.checksum:
+                _verify(f, pgno, view)
             created = n == 0
             self._apply_pgin(f, pgno, view, mode)
         except BaseException:
@@ -965,6 +996,16 @@ class Pool:
             self._closed = True
             if not self._env.panicked:
                 self._core.detach_handle(self._hs)
+
+
+def _verify(f: PoolFile, pgno: int, view: memoryview) -> None:
+    """Check a page just read from a checksummed file (before pgin)."""
+    if not verify_checksum(pgno, view):
+        raise PageCorrupt(
+            f"page {pgno} of {f.name!r} fails its checksum: the page on disk is torn or corrupt",
+            path=f.name,
+            pgno=pgno,
+        )
 
 
 def _name_fileid(name: str) -> bytes:

@@ -26,7 +26,18 @@ from .. import _io
 from ..errors import Incomplete, InvalidArgument, NoSpace
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as _unlock
-from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_DEAD, FF_TEMP, MAX_FILES, MAX_PGNO
+from .checksum import seal_pages
+from .layout import (
+    BH,
+    BH_DIRTY,
+    BH_READING,
+    BH_WRITING,
+    FF_CHECKSUM,
+    FF_DEAD,
+    FF_TEMP,
+    MAX_FILES,
+    MAX_PGNO,
+)
 from .table import (
     _F,
     _HS,
@@ -588,6 +599,7 @@ class _Run:
     copies: list[memoryview]
     pgout: object
     cookie: bytes
+    checksum: bool = False
 
 
 def _plan_runs(pool: Pool, taken: list[tuple[Item, memoryview]]) -> list[_Run]:
@@ -614,6 +626,7 @@ def _plan_runs(pool: Pool, taken: list[tuple[Item, memoryview]]) -> list[_Run]:
                 copies=[copy],
                 pgout=pgout,
                 cookie=core.file_cookie(fidx) if pgout else b"",
+                checksum=bool(core.w0[e + _F["flags"]] & FF_CHECKSUM),
             )
         )
     return runs
@@ -639,6 +652,8 @@ def _write_runs(runs: list[_Run]) -> list[tuple[int | None, BaseException | None
             if run.pgout is not None:  # on the copies: the cached pages stay as they are
                 for pgno, copy in zip(run.pgnos, run.copies):
                     run.pgout(pgno, copy, run.cookie)  # type: ignore[operator]
+            if run.checksum:  # after pgout: the trailer covers what goes to disk
+                seal_pages(run.pgnos, run.copies)
             bufs = run.copies
             total = sum(len(b) for b in bufs)
             n = _io.pwritev(fd, bufs, run.offset)

@@ -45,6 +45,7 @@ from .layout import (
     BH_WRITING,
     BUCKET,
     CACHE_HEADER,
+    FF_CHECKSUM,
     FF_DEAD,
     FF_NOFILE,
     FF_TEMP,
@@ -751,6 +752,12 @@ class PoolCore:
                     )
                 if (w[e + _F["flags"]] & FF_NOFILE) != (flags & FF_NOFILE):
                     raise InvalidArgument("file is already in the pool with another nofile setting")
+                if (w[e + _F["flags"]] & FF_CHECKSUM) != (flags & FF_CHECKSUM):
+                    on = "on" if w[e + _F["flags"]] & FF_CHECKSUM else "off"
+                    raise InvalidArgument(
+                        f"file {name!r} is already in the pool with checksums {on}; every open "
+                        "must use the same checksum setting"
+                    )
                 w[e + _F["refcnt"]] += 1
                 if writable:
                     w[e + _F["rw_opens"]] += 1
