@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from aiodbenv import Env  # noqa: E402
+from aiodbenv import Env
 
 PS = 4096
 
@@ -67,7 +67,7 @@ async def _run(pages: int, reps: int) -> None:
         print(f"{'checksum':>9} {'sync MiB/s':>11} {'read-in MiB/s':>14}")
         for checksum in (False, True):
             w, r = best[checksum]
-            print(f"{str(checksum):>9} {mib / w:11.0f} {mib / r:14.0f}")
+            print(f"{checksum!s:>9} {mib / w:11.0f} {mib / r:14.0f}")
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

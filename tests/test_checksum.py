@@ -190,7 +190,7 @@ async def test_evicted_pages_are_sealed(home: str) -> None:
 async def test_every_open_must_agree(env: aiodbenv.Env, home: str) -> None:
     path = os.path.join(home, "data.db")
     f = await env.pool.open_file(path, create=True, checksum=True)
-    with pytest.raises(InvalidArgument, match="data.db.*checksums on"):
+    with pytest.raises(InvalidArgument, match=r"data\.db.*checksums on"):
         await env.pool.open_file(path)
     g = await env.pool.open_file(path, checksum=True)
     await g.close()
