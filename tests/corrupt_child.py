@@ -229,7 +229,7 @@ async def use(home: str, rng: random.Random) -> None:
     try:
         files = []
         for n in FILES:
-            files.append(await env.pool.open_file(n))
+            files.append(await env.pool.open_file(n, checksum=n == "b.db"))
         for _ in range(3):
             for f in files:
                 for pgno in rng.sample(range(PAGES + 2), 6):

@@ -515,6 +515,12 @@ class PoolCore:
                 counters += [(fs >> 3) + _FS[f] for f in FSTAT_FIELDS]
             if w[e + _F["pages"]] > MAX_PGNO or w[e + _F["max_pages"]] > MAX_PGNO:
                 raise CorruptRegion(f"file slot {i}: {int(w[e + _F['pages']])} pages")
+            named = not w[e + _F["flags"]] & (FF_TEMP | FF_NOFILE)
+            if named and not w[e + _F["name_off"]] or w[e + _F["name_len"]] > 1 << 16:
+                raise CorruptRegion(f"file slot {i}: a file with no name or a corrupt one")
+            for f in ("name", "cookie"):
+                if w[e + _F[f"{f}_off"]]:
+                    self.meta_check(int(w[e + _F[f"{f}_off"]]), int(w[e + _F[f"{f}_len"]]))
             if w[e + _F["page_size"]] > MAX_PAGE_SIZE or w[e + _F["page_size"]] < MIN_PAGE_SIZE:
                 raise CorruptRegion(f"file slot {i}: page size {int(w[e + _F['page_size']])}")
         check_counters(w, counters, COUNTER_LIMIT, "mpool region 0")
