@@ -516,7 +516,7 @@ class PoolCore:
             if w[e + _F["pages"]] > MAX_PGNO or w[e + _F["max_pages"]] > MAX_PGNO:
                 raise CorruptRegion(f"file slot {i}: {int(w[e + _F['pages']])} pages")
             named = not w[e + _F["flags"]] & (FF_TEMP | FF_NOFILE)
-            if named and not w[e + _F["name_off"]] or w[e + _F["name_len"]] > 1 << 16:
+            if (named and not w[e + _F["name_off"]]) or w[e + _F["name_len"]] > 1 << 16:
                 raise CorruptRegion(f"file slot {i}: a file with no name or a corrupt one")
             for f in ("name", "cookie"):
                 if w[e + _F[f"{f}_off"]]:
