@@ -143,7 +143,10 @@ class Env:
     ) -> EnvOpener:
         """Open the environment in ``home``, creating it if ``create`` and it does not exist.
 
-        ``home`` defaults to ``$DB_HOME``, then the current directory. ``region`` picks where
+        ``home`` defaults to ``$DB_HOME``, then the current directory. With ``create``, a
+        missing home is made like ``mkdir -p``; the home itself gets read, write and search
+        permission for its owner, plus read and search for the group and others where
+        ``mode`` gives them any access (0o600: 0o700, 0o660: 0o770). ``region`` picks where
         the regions live when creating: ``"file"`` (the default; ``__db.NNN`` files in the
         home), ``"system"`` (System V shared memory, which needs ``shm_key``) or ``"private"``
         (this process only; a second open of the home fails while this one is open). When
@@ -164,7 +167,7 @@ class Env:
         ``await Env.open(...)`` returns the :class:`Env`; ``async with Env.open(...) as env``
         also closes it at the end of the block.
 
-        Raises :class:`~aiodbenv.errors.EnvNotFound` (no home, or no environment and no
+        Raises :class:`~aiodbenv.errors.EnvNotFound` (no home or no environment, and no
         ``create``), :class:`~aiodbenv.errors.ConfigError` (a bad argument or ``DB_CONFIG``
         line), :class:`~aiodbenv.errors.InvalidArgument` (joining with another ``region``,
         a home that is not a directory), :class:`~aiodbenv.errors.CorruptRegion`,

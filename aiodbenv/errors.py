@@ -101,7 +101,7 @@ def _rebuild_config(message: str, path: str | None, lineno: int | None) -> Confi
 class ForkedProcessError(InvalidArgument):
     """An environment handle was used in a process forked from the one that opened it.
 
-    Each process must open the environment itself (DESIGN decision 8).
+    Each process must open the environment itself: a handle never crosses a fork.
     """
 
 

@@ -418,3 +418,29 @@ async def test_forked_child_does_not_keep_the_environment_busy(home: str) -> Non
         os.close(r)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "dir_mode"), [(0o600, 0o700), (0o660, 0o770), (0o644, 0o755), (0o640, 0o750)]
+)
+@pytest.mark.parametrize("kind", ["file", "private"])
+async def test_create_makes_a_missing_home(home: str, mode: int, dir_mode: int, kind: str) -> None:
+    """``create=True`` makes a missing home like ``mkdir -p``; the home gets exactly the
+    directory permission that lets the classes ``mode`` admits reach the region files."""
+    path = os.path.join(home, "a", "b", "home")
+    async with aiodbenv.Env.open(path, create=True, mode=mode, region=kind) as env:
+        assert env.home == path
+        assert os.stat(path).st_mode & 0o7777 == dir_mode
+        assert env.stat().mode == mode
+        if kind == "file":
+            assert os.path.exists(os.path.join(path, "__db.001"))
+    await aiodbenv.Env.remove(path)
+    assert os.path.isdir(path), "remove keeps the home, as for a home the caller made"
+    assert os.listdir(path) == []
+
+
+async def test_create_leaves_an_existing_home_alone(home: str) -> None:
+    os.chmod(home, 0o751)
+    async with aiodbenv.Env.open(home, create=True, mode=0o660):
+        assert os.stat(home).st_mode & 0o7777 == 0o751
+    await aiodbenv.Env.remove(home)

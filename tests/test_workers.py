@@ -276,6 +276,45 @@ async def test_checkpoint_command_joins_and_keeps_the_environment_clean(home: st
     os.remove(os.path.join(home, "d.db"))
 
 
+async def test_checkpoint_command_takes_a_final_checkpoint_when_stopped(home: str) -> None:
+    """Pages dirtied after the last round (here: before the first, 10 minutes away) are
+    written when the command is stopped, so a remove afterwards loses nothing."""
+    env = await aiodbenv.Env.open(home, create=True)
+    f = await env.pool.open_file("d.db", create=True)
+    proc = subprocess.Popen(
+        CHECKPOINT_CMD + ["-h", home, "-p", "10"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while env.stat().handles < 2:  # the command has joined
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the checkpoint command never joined"
+            await asyncio.sleep(0.05)
+        async with f.get(3, create=True) as p:
+            p.data[0:4] = b"last"
+            p.mark_dirty()
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        assert proc.returncode == 0, err
+        assert "final checkpoint" in out
+        assert env.pool.stat().page_dirty == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    with open(os.path.join(home, "d.db"), "rb") as raw:
+        raw.seek(3 * 4096)
+        assert raw.read(4) == b"last"
+    await f.close()
+    await env.close()
+    await aiodbenv.Env.remove(home)
+    os.remove(os.path.join(home, "d.db"))
+
+
 async def test_checkpoint_once_and_errors(home: str) -> None:
     r = subprocess.run(
         CHECKPOINT_CMD + ["-h", home, "-1"], cwd=REPO, capture_output=True, text=True, timeout=60

@@ -254,6 +254,40 @@ def check_home(home: str, *, create: bool) -> None:
         )
 
 
+def home_mode(mode: int) -> int:
+    """The permission a home created by ``Env.open(create=True)`` gets, from the region ``mode``.
+
+    Whoever may read or write the region files must be able to enter the directory, so each of
+    the owner, group and other classes that has any bit of ``mode`` gets read and search (and
+    write, if ``mode`` grants it) on the directory; the owner always gets all three, since the
+    creating process must make files in it. 0o600 gives 0o700, 0o660 gives 0o770.
+    """
+    out = 0o700
+    for shift in (3, 0):
+        bits = (mode >> shift) & 0o7
+        if bits:
+            out |= (0o5 | (bits & 0o2)) << shift
+    return out
+
+
+def make_home(home: str, mode: int) -> None:
+    """Create a missing ``home`` like ``mkdir -p``: missing parents get the default permission
+    (0o777 less the umask), the home itself exactly :func:`home_mode` of ``mode``. An existing
+    home is left exactly as it is. Typed errors as :func:`check_home`."""
+    if os.path.lexists(home):
+        return  # an existing path (or a dangling link) is judged by check_home, never changed
+    parent = os.path.dirname(home)
+    try:
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        os.mkdir(home, 0o700)
+    except FileExistsError:
+        return  # another process made it first: its permission stands
+    except OSError as err:
+        raise _home_error(err, home) from err
+    os.chmod(home, home_mode(mode))  # exact, as for region files: the umask does not apply
+
+
 # -- private environments of this process ------------------------------------------------------
 
 _private_lock = threading.Lock()
@@ -917,6 +951,8 @@ def open_environment(
     the environment's magic is written). Raises the typed errors of :mod:`aiodbenv.errors`.
     """
     extra = list(extra or [])
+    if create:
+        make_home(home, settings.mode)
     # Writability matters only when creating, which is decided once __db.001 is found missing.
     check_home(home, create=False)
     private = settings.region == "private"
