@@ -74,34 +74,49 @@ void aiodb_set_layout(const uint64_t *values, int n) {
 #define MAX_KNOWN 256
 static struct { uint64_t *w; uint64_t nbytes; } known[MAX_KNOWN];
 static int nknown;
+/* Writers (attach, detach; cffi drops the GIL) take turns; readers never lock. */
+static pthread_mutex_t known_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* Record (or update) the size of the region at w; 0 if the table is full. */
+/* Record (or update) the size of the region at w; 0 if the table is full. Attaching runs in
+   worker threads while the loop thread looks sizes up: a slot's size is stored before its
+   pointer (release), and the pointer is read with acquire, so a reader that finds a pointer
+   finds its size. */
 int aiodb_set_region(uint64_t *w, uint64_t nbytes) {
-    int free_slot = -1;
-    for (int i = 0; i < nknown; i++) {
-        if (known[i].w == w) { known[i].nbytes = nbytes; return 1; }
+    pthread_mutex_lock(&known_lock);
+    int free_slot = -1, n = nknown, ok = 1;
+    for (int i = 0; i < n; i++) {
+        if (known[i].w == w) {
+            __atomic_store_n(&known[i].nbytes, nbytes, __ATOMIC_RELEASE);
+            pthread_mutex_unlock(&known_lock);
+            return 1;
+        }
         if (!known[i].w && free_slot < 0) free_slot = i;
     }
-    if (free_slot < 0) {
-        if (nknown == MAX_KNOWN) return 0;
-        free_slot = nknown;
+    if (free_slot < 0 && n == MAX_KNOWN) ok = 0;
+    else {
+        if (free_slot < 0) free_slot = n;
+        __atomic_store_n(&known[free_slot].nbytes, nbytes, __ATOMIC_RELEASE);
+        __atomic_store_n(&known[free_slot].w, w, __ATOMIC_RELEASE);
+        if (free_slot == n) __atomic_store_n(&nknown, n + 1, __ATOMIC_RELEASE);
     }
-    known[free_slot].nbytes = nbytes;
-    known[free_slot].w = w;
-    if (free_slot == nknown) nknown++;
-    return 1;
+    pthread_mutex_unlock(&known_lock);
+    return ok;
 }
 
 /* The region at w is about to be unmapped. */
 void aiodb_forget_region(uint64_t *w) {
+    pthread_mutex_lock(&known_lock);
     for (int i = 0; i < nknown; i++)
-        if (known[i].w == w) { known[i].w = NULL; known[i].nbytes = 0; }
+        if (known[i].w == w) __atomic_store_n(&known[i].w, (uint64_t *)NULL, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&known_lock);
 }
 
 /* Bytes in the region at w; 0 (every check fails) for one never recorded. */
 static inline uint64_t region_bytes(const uint64_t *w) {
-    for (int i = 0; i < nknown; i++)
-        if (known[i].w == w) return known[i].nbytes;
+    int n = __atomic_load_n(&nknown, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < n; i++)
+        if (__atomic_load_n(&known[i].w, __ATOMIC_ACQUIRE) == w)
+            return __atomic_load_n(&known[i].nbytes, __ATOMIC_ACQUIRE);
     return 0;
 }
 
