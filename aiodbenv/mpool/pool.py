@@ -377,7 +377,7 @@ class Pool:
         is written and checked when it is read back (a mismatch raises
         :class:`~aiodbenv.errors.PageCorrupt` naming the file and page; an all-zero page,
         never written, is accepted). Every open of the file must agree (InvalidArgument
-        otherwise); such a file is never memory-mapped. See :mod:`aiodbenv.mpool.checksum`.
+        otherwise); such a file is never memory-mapped (see the pool guide for the layout).
 
         ``await pool.open_file(...)`` or ``async with pool.open_file(...) as f``. Raises
         :class:`~aiodbenv.errors.NotFound` (missing without ``create``),
