@@ -248,6 +248,8 @@ class Env:
         core = self._core
         if core.closed:
             raise InvalidArgument("the environment handle is closed")
+        if core.panicked and self._pool is not None:
+            self._pool._check_panic()  # says why, if the pool knows (a failed fsync)
         core.check_panic()
         return core
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ __all__ = [
     "pread",
     "preadv",
     "pwritev",
+    "step",
     "unlink",
 ]
 
@@ -99,8 +101,43 @@ def inject(
             _faults.remove(fault)
 
 
+def _parse_signal_plan(text: str) -> dict[tuple[str, str], tuple[int, int]]:
+    plan: dict[tuple[str, str], tuple[int, int]] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        op, when, nth, name = part.split(":")
+        plan[(op, when)] = (int(nth), int(getattr(signal, name)))
+    return plan
+
+
+#: Crash tests: ``AIODBENV_TEST_SIGNAL="op:when:n:SIGNAME,..."`` makes this process send itself
+#: SIGNAME at the n-th (1-based) ``before`` or ``after`` point of ``op`` (an I/O operation, or a
+#: step named with :func:`step`), so a child process can be killed or stopped at an exact step
+#: of write-back without sleeps. Read once at import; unset, it costs one test per call.
+_signal_plan = _parse_signal_plan(os.environ.get("AIODBENV_TEST_SIGNAL", ""))
+_signal_counts: dict[tuple[str, str], int] = {}
+
+
+def _signal_point(op: str, when: str) -> None:
+    spec = _signal_plan.get((op, when))
+    if spec is None:
+        return
+    with _faults_lock:
+        n = _signal_counts[(op, when)] = _signal_counts.get((op, when), 0) + 1
+    if n == spec[0]:
+        os.kill(os.getpid(), spec[1])
+
+
+def step(name: str) -> None:
+    """Mark a step of an operation (``claimed``, ``write_done``, ...) for crash tests: the
+    ``AIODBENV_TEST_SIGNAL`` plan may stop or kill the process here. Free when unset."""
+    if _signal_plan:
+        _signal_point(name, "at")
+
+
 def _check(op: str) -> Fault | None:
     """The fault that applies to this call of ``op``, after its delay; None for no error."""
+    if _signal_plan:
+        _signal_point(op, "before")
     if not _faults:  # the common case: one list test, no lock
         return None
     with _faults_lock:
@@ -173,11 +210,14 @@ def pwritev(fd: int, buffers: Sequence[bytes | bytearray | memoryview], offset: 
     """
     fault = _check("pwrite")
     if fault is not None:
-        if fault.short:
-            total = sum(len(b) for b in buffers)
-            return max(0, total - 1)
+        if fault.short:  # write all but the last byte, as a kernel stopping short would
+            data = b"".join(bytes(b) for b in buffers)[:-1]
+            return os.pwrite(fd, data, offset) if data else 0
         _raise(fault)
-    return os.pwritev(fd, buffers, offset)
+    n = os.pwritev(fd, buffers, offset)
+    if _signal_plan:
+        _signal_point("pwrite", "after")
+    return n
 
 
 def fsync(fd: int) -> None:
@@ -186,6 +226,8 @@ def fsync(fd: int) -> None:
     if fault is not None:
         _raise(fault)
     os.fsync(fd)
+    if _signal_plan:
+        _signal_point("fsync", "after")
 
 
 def fdatasync(fd: int) -> None:

@@ -39,7 +39,8 @@ int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *
                        const uint64_t *dst_off, uint64_t pid, int64_t *status);
 int64_t aiodb_write_done(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                          const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
-                         const uint64_t *bh, const uint8_t *failed);
+                         const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno,
+                         uint64_t pid, const uint8_t *failed);
 int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                       const uint64_t *bucket_w, uint64_t first, uint64_t last, uint64_t max,
                       uint64_t *tag, uint64_t *pgno, uint64_t *bh, uint64_t *bucket,
@@ -56,7 +57,7 @@ HOT_SOURCE = r"""
 enum { L_H_NEXT, L_H_FILE, L_H_PGNO, L_H_REF, L_H_FLAGS, L_H_PRIO, L_B_HEAD, L_B_DIRTY,
        L_C_LRU, L_C_BUFFERS, L_BH_READING, L_BH_DIRTY, L_PAGE_DIRTY, L_PAGE_CLEAN,
        L_PAGE_DISCARD, L_BH_WRITING, L_H_IOPID, L_H_SIZE, L_BH_DATA, L_WAITS_FROM_NOWAITS,
-       L_COUNT };
+       L_BH_REDIRTIED, L_COUNT };
 static uint64_t L[L_COUNT];
 
 void aiodb_set_layout(const uint64_t *values, int n) {
@@ -187,12 +188,13 @@ int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_
     if (rc) return (int)rc;
     uint64_t bh = w[x + L[L_H_FLAGS]];
     if (flags & L[L_PAGE_DIRTY]) {
-        if (!(bh & L[L_BH_DIRTY])) {
-            w[x + L[L_H_FLAGS]] = bh | L[L_BH_DIRTY];
-            w[bucket_w + L[L_B_DIRTY]]++;
-        }
+        /* Dirtied while a copy is being written: that copy is stale, its write must not
+           clean the page (REDIRTIED). DIRTY itself stays set during a write. */
+        uint64_t nf = bh | L[L_BH_DIRTY] | ((bh & L[L_BH_WRITING]) ? L[L_BH_REDIRTIED] : 0);
+        if (!(bh & L[L_BH_DIRTY])) w[bucket_w + L[L_B_DIRTY]]++;
+        if (nf != bh) w[x + L[L_H_FLAGS]] = nf;
     } else if ((flags & L[L_PAGE_CLEAN]) && (bh & L[L_BH_DIRTY])) {
-        w[x + L[L_H_FLAGS]] = bh & ~L[L_BH_DIRTY];
+        w[x + L[L_H_FLAGS]] = bh & ~(L[L_BH_DIRTY] | L[L_BH_REDIRTIED]);
         w[bucket_w + L[L_B_DIRTY]]--;
     }
     int result;
@@ -250,19 +252,14 @@ int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
 }
 
 /* Write-back, step 1, for a batch of n buffers (bucket[i], bh[i]): lock the bucket; if the
-   buffer still holds page pgno[i] of file tag[i], is dirty, unpinned and not under I/O, mark it
-   WRITING (not dirty) and copy its page to dst + dst_off[i]: status[i] = 1. A pinned or busy
-   one: status 2; one evicted, reused or cleaned meanwhile: 0. Returns n, or the index of an item
-   whose lock failed, with status -errno (for -EOWNERDEAD its mutex is held), or of an item
-   whose offset or recorded page size fails its check, with status AIODB_CORRUPT (unlocked,
-   nothing changed). On entry status[i] holds the size of item i's slot in dst: a buffer
-   whose page size differs is corrupt (copying it would overrun the slot). */
-int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
-                            const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
-                            uint64_t *hits, uint64_t *extra, uint64_t *longest,
-                            uint64_t *bucket);
-int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
-                   const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w, int flags);
+   buffer still holds page pgno[i] of file tag[i], is dirty, unpinned and not under I/O, claim
+   it: WRITING by `pid` (DIRTY stays set; REDIRTIED cleared) and copy its page to
+   dst + dst_off[i]: status[i] = 1. A pinned or busy one: status 2; one evicted, reused or
+   cleaned meanwhile: 0. Returns n, or the index of an item whose lock failed, with status
+   -errno (for -EOWNERDEAD its mutex is held), or of an item whose offset or recorded page
+   size fails its check, with status AIODB_CORRUPT (unlocked, nothing changed). On entry
+   status[i] holds the size of item i's slot in dst: a buffer whose page size differs is
+   corrupt (copying it would overrun the slot). */
 int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *nowait_w,
                        const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
                        const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno, char *dst,
@@ -292,8 +289,7 @@ int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *
                 status[i] = AIODB_CORRUPT;
                 return (int64_t)i;
             }
-            w[bucket_w[b] + L[L_B_DIRTY]]--;
-            w[x + L[L_H_FLAGS]] = (flags & ~L[L_BH_DIRTY]) | L[L_BH_WRITING];
+            w[x + L[L_H_FLAGS]] = (flags & ~L[L_BH_REDIRTIED]) | L[L_BH_WRITING];
             w[x + L[L_H_IOPID]] = pid;
             memcpy(dst + dst_off[i], base + bh[i] + L[L_BH_DATA], size);
             status[i] = 1;
@@ -303,22 +299,29 @@ int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *
     return (int64_t)n;
 }
 
-/* Write-back, step 2: clear WRITING on n buffers; where failed[i], put the dirty mark back.
-   Returns n, or the index of an item whose lock failed (-EOWNERDEAD: its mutex is held). */
+/* Write-back, step 2: release the claims `pid` holds on n buffers. A buffer whose write
+   succeeded (!failed[i]) and that was not dirtied again meanwhile (no REDIRTIED) is clean; any
+   other stays dirty. A buffer that no longer carries this claim (taken over, or holding
+   another page) is left alone. Returns n, or the index of an item whose lock failed
+   (-EOWNERDEAD: its mutex is held). */
 int64_t aiodb_write_done(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                          const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
-                         const uint64_t *bh, const uint8_t *failed) {
+                         const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno,
+                         uint64_t pid, const uint8_t *failed) {
     for (uint64_t i = 0; i < n; i++) {
         uint64_t b = bucket[i];
         if (lock(w, mutexes[b], nowait_w[b])) return (int64_t)i;
         uint64_t x = bh[i] >> 3;
-        uint64_t flags = w[x + L[L_H_FLAGS]] & ~L[L_BH_WRITING];
-        if (failed[i] && !(flags & L[L_BH_DIRTY])) {
-            flags |= L[L_BH_DIRTY];
-            w[bucket_w[b] + L[L_B_DIRTY]]++;
+        uint64_t flags = w[x + L[L_H_FLAGS]];
+        if ((flags & L[L_BH_WRITING]) && w[x + L[L_H_IOPID]] == pid
+                && w[x + L[L_H_FILE]] == tag[i] && w[x + L[L_H_PGNO]] == pgno[i]) {
+            if (!failed[i] && (flags & L[L_BH_DIRTY]) && !(flags & L[L_BH_REDIRTIED])) {
+                flags &= ~L[L_BH_DIRTY];
+                w[bucket_w[b] + L[L_B_DIRTY]]--;
+            }
+            w[x + L[L_H_FLAGS]] = flags & ~(L[L_BH_WRITING] | L[L_BH_REDIRTIED]);
+            w[x + L[L_H_IOPID]] = 0;
         }
-        w[x + L[L_H_FLAGS]] = flags;
-        w[x + L[L_H_IOPID]] = 0;
         unlock(mutexes[b]);
     }
     return (int64_t)n;
@@ -326,9 +329,10 @@ int64_t aiodb_write_done(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
 
 /* Collect the dirty buffers of buckets first..last-1 (skipping buckets whose dirty count is
    0 without locking them): file tag, pgno, buffer offset, bucket, priority, and whether it is
-   busy (pinned or under I/O). Stops early when max entries are out or a lock fails; *stopped
-   is the bucket to resume from. Returns the entries written, or -errno for a failed lock of
-   bucket *stopped (-EOWNERDEAD: its mutex is held). */
+   busy: 2 if a writer claims it (WRITING), 1 if pinned or being read, else 0. Stops early
+   when max entries are out or a lock fails; *stopped is the bucket to resume from. Returns
+   the entries written, or -errno for a failed lock of bucket *stopped (-EOWNERDEAD: its
+   mutex is held). */
 int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                       const uint64_t *bucket_w, uint64_t first, uint64_t last, uint64_t max,
                       uint64_t *tag, uint64_t *pgno, uint64_t *bh, uint64_t *bucket,
@@ -359,7 +363,9 @@ int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                 bh[n] = off;
                 bucket[n] = b;
                 prio[n] = w[x + L[L_H_PRIO]];
-                busy[n] = w[x + L[L_H_REF]] || (flags & (L[L_BH_READING] | L[L_BH_WRITING]));
+                /* 2: claimed by a writer (maybe dead: the caller looks); 1: pinned or read */
+                busy[n] = (flags & L[L_BH_WRITING]) ? 2
+                          : (w[x + L[L_H_REF]] || (flags & L[L_BH_READING])) ? 1 : 0;
                 n++;
             }
             off = w[x + L[L_H_NEXT]];

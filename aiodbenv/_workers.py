@@ -395,11 +395,13 @@ class CheckpointWorker(_Worker):
 async def run_checkpoint(
     pool: Pool, *, spread: float = 0.0, progress: ProgressCallback | None = None
 ) -> SyncResult:
-    """One checkpoint: write every page that is dirty now and fsync the files written,
-    spreading the batches over ``spread`` seconds (0: as fast as possible). Pages found pinned
-    are retried a few times; if some stay pinned, :class:`~aiodbenv.errors.Incomplete` is
-    raised and nothing is recorded. A complete checkpoint's time goes into the region (see
-    :meth:`aiodbenv.Env.health`).
+    """One checkpoint: write every page that is dirty now and fsync every file with page
+    writes no fsync has covered yet (by any process), spreading the batches over ``spread``
+    seconds (0: as fast as possible). Pages found pinned are retried a few times, pages
+    another process is writing are waited for up to the pool's ``wait_timeout``; if some stay
+    so, :class:`~aiodbenv.errors.Incomplete` is raised and nothing is recorded. A failed fsync
+    panics the environment (:class:`~aiodbenv.errors.RunRecovery`); nothing is recorded. A
+    complete checkpoint's time goes into the region (see :meth:`aiodbenv.Env.health`).
 
     Idempotent, and safe to cancel at any await: written pages are clean, the rest stay dirty.
     ``progress(done, total)`` is called after each batch when given.
@@ -412,19 +414,22 @@ async def run_checkpoint(
 
 
 async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | None) -> SyncResult:
-    from .mpool.sync import SyncResult, collect_dirty, fsync_files, write_items
+    from .mpool.sync import SyncResult, collect_dirty, fsync_pending, settle_claims, write_items
 
-    items, held, _ = await collect_dirty(pool, None)
+    deadline = time.monotonic() + pool.wait_timeout
+    found = await collect_dirty(pool, None)
+    items, held, claimed = found.items, found.held, found.claimed
     result = SyncResult()
-    synced: dict[int, int] = {}
+    skipped: set[tuple[int, int]] = set()
     total = len(items)
     t0 = time.monotonic()
     step = 64
     for start in range(0, total, step):
-        part = await write_items(pool, items[start : start + step], fsync=False, synced=synced)
+        part = await write_items(pool, items[start : start + step], fsync=False)
         _merge(result, part)
         if part.errors:
             raise part.errors[0]
+        skipped |= part.skipped  # busy when their batch came: they are retried below
         done = min(total, start + step)
         if progress is not None:
             progress(done, total)
@@ -432,27 +437,45 @@ async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | No
             ahead = t0 + spread * done / total - time.monotonic()
             if ahead > 0:
                 await asyncio.sleep(ahead)
-    # Pages that were dirty but pinned when the checkpoint began must still be written; pages
+    # Pages that were dirty but pinned, or being written by another writer, when the
+    # checkpoint began must still be written (or their writer's write must end); pages
     # dirtied since are the next checkpoint's business.
-    waiting = set(held)
+    waiting = set(held) | skipped | {(it[0], it[1]) for it, _ in claimed}
+    stalled: set[int] = set()
     for attempt in range(PINNED_RETRIES):
         if not waiting:
             break
-        await asyncio.sleep(0.005 * (attempt + 1))
-        again, held_now, _ = await collect_dirty(pool, None)
+        if claimed:
+            stuck = await settle_claims(pool, claimed, deadline)
+            if stuck:
+                stalled = {pid for _, pid in stuck}
+                break
+        else:
+            await asyncio.sleep(0.005 * (attempt + 1))
+        found = await collect_dirty(pool, {f for f, _ in waiting})
         part = await write_items(
-            pool, [it for it in again if (it[0], it[1]) in waiting], fsync=False, synced=synced
+            pool, [it for it in found.items if (it[0], it[1]) in waiting], fsync=False
         )
         _merge(result, part)
         if part.errors:
             raise part.errors[0]
-        waiting &= set(held_now)
-    await fsync_files(pool, synced, result)
+        claimed = [(it, pid) for it, pid in found.claimed if (it[0], it[1]) in waiting]
+        waiting &= set(found.held) | part.skipped | {(it[0], it[1]) for it, _ in claimed}
+    # Every file with pages written but not yet fsynced, whoever wrote them (a failed fsync
+    # panics the environment: RunRecovery, and nothing is recorded).
+    await fsync_pending(pool, None, result)
     if result.errors:
         raise result.errors[0]
     if waiting:
+        why = (
+            f"writer process(es) {sorted(stalled)} did not finish within {pool.wait_timeout} s"
+            if stalled
+            else "pinned or being written"
+        )
+        result.incomplete += len(waiting)
+        result.stalled_writers |= stalled
         err = Incomplete(
-            f"checkpoint: {len(waiting)} dirty page(s) stayed pinned; {result.written} written"
+            f"checkpoint: {len(waiting)} dirty page(s) stayed {why}; {result.written} written"
         )
         err.result = result  # type: ignore[attr-defined]
         raise err

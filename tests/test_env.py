@@ -323,10 +323,14 @@ async def test_forked_child_gets_a_clear_error(home: str) -> None:
 
 async def test_joiner_waits_while_creator_builds(home: str) -> None:
     # The creator's preallocation is slow; a joiner arriving meanwhile waits, then joins.
-    with _io.inject("fallocate", None, delay=0.4, times=1):
+    with _io.inject("fallocate", None, delay=1.0, times=1):
         creator = asyncio.ensure_future(_open(home))
-        await asyncio.sleep(0.1)
-        assert os.path.exists(os.path.join(home, "__db.001"))
+        # Wait for the creator to be inside its slow build (a loaded machine may take a while
+        # to start the thread), bounded.
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.path.join(home, "__db.001")):
+            assert time.monotonic() < deadline, "the creator never started building"
+            await asyncio.sleep(0.005)
         t0 = time.monotonic()
         joiner = await aiodbenv.Env.open(home)
         waited = time.monotonic() - t0

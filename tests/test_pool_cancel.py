@@ -16,7 +16,12 @@ The await points of the pool, from the code:
   ``_ReadBatcher`` when ``RWF_NOWAIT`` says the data is not in the OS page cache; a read served
   by ``RWF_NOWAIT`` runs on the loop and has no await point).
 - ``PoolFile.unpin``: none.
-- ``write_back`` / ``trickle``: each batch's shielded task, then the shielded fsync.
+- ``write_back`` / ``trickle``: each batch's shielded task (inside it, the open of a write
+  descriptor under the file's lock and the write's thread hop), ``settle_claims`` (a sync
+  waiting for pages another writer has claimed), the re-collect after it, then the shielded
+  fsync of every file with unsynced writes.
+- ``Pool._get_frame`` also awaits ``_take_over_dead_claims`` (a bucket walk that yields about
+  every millisecond) when it finds no victim; it changes only claims of dead processes.
 - ``Env.close`` / ``PoolFile.close``: racing with any of the above.
 """
 
@@ -677,6 +682,33 @@ async def test_sync_cancelled_in_the_middle_of_a_batch_write(
     for i in range(30):
         assert read_disk(path_of(f), i) == expected[i]
     await pool.sync()
+    await check_pages(f, expected)
+    await settle(env)
+
+
+async def test_sync_cancelled_while_waiting_for_another_writers_claims(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
+    """A trickle holds claims on the pages (its write is slow); a sync waiting for those
+    claims is cancelled: nothing changes, the trickle finishes and releases its claims."""
+    pool, f = env.pool, data
+    expected = {i: content(i) for i in range(100)}
+    expected.update(await fill_dirty(f, range(0, 10), 1))
+    with _io.inject("pwrite", None, delay=SLOW) as slow:
+        tr = asyncio.create_task(pool.trickle(100))
+        await io_started("pwrite")
+        assert slow.calls == 1
+        t = asyncio.create_task(pool.sync())
+        await asyncio.sleep(0.05)  # the sync is now in settle_claims
+        assert not t.done()
+        t.cancel()
+        assert isinstance(await outcome(t), asyncio.CancelledError)
+        assert await tr == 10
+        await settle(env)
+    assert pool.stat().page_dirty == 0
+    await pool.sync()
+    for i in range(10):
+        assert read_disk(path_of(f), i) == expected[i]
     await check_pages(f, expected)
     await settle(env)
 

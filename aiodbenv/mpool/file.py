@@ -25,7 +25,15 @@ from ..region.layout import MUTEX_SLOT, WORD
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as _unlock
 from .checksum import TRAILER
-from .layout import BH, BH_DIRTY, BH_READING, BH_WRITING, FF_NO_MMAP, MAX_PGNO
+from .layout import (
+    BH,
+    BH_DIRTY,
+    BH_READING,
+    BH_REDIRTIED,
+    BH_WRITING,
+    FF_NO_MMAP,
+    MAX_PGNO,
+)
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
 from .table import (
     _F,
@@ -99,6 +107,7 @@ if speedups is not None:
         H_SIZE,
         BH.size,
         (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
+        BH_REDIRTIED,
     ]
     speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
     _c_pin_hit = speedups.aiodb_pin_hit
@@ -626,11 +635,15 @@ class PoolFile:
     def _apply_dirty(w: memoryview, x: int, bw: int, flags: int) -> None:
         bh_flags = w[x + H_FLAGS]
         if flags & PAGE_DIRTY:
+            # Dirtied while a copy is being written: that copy is stale, and its write must
+            # not clean the page (the Python form of aiodb_unpin).
+            new = bh_flags | BH_DIRTY | (BH_REDIRTIED if bh_flags & BH_WRITING else 0)
             if not bh_flags & BH_DIRTY:
-                w[x + H_FLAGS] = bh_flags | BH_DIRTY
                 w[bw + B_DIRTY] += 1
+            if new != bh_flags:
+                w[x + H_FLAGS] = new
         elif flags & PAGE_CLEAN and bh_flags & BH_DIRTY:
-            w[x + H_FLAGS] = bh_flags & ~BH_DIRTY
+            w[x + H_FLAGS] = bh_flags & ~(BH_DIRTY | BH_REDIRTIED)
             # Wraps at 0 as the compiled twin does; write-back's walk reports the count.
             w[bw + B_DIRTY] = (w[bw + B_DIRTY] - 1) & 0xFFFFFFFFFFFFFFFF
 
@@ -714,11 +727,14 @@ class PoolFile:
     # -- write-back and closing ---------------------------------------------------------------
 
     async def sync(self) -> SyncResult:
-        """Write every dirty page of this file and fsync it (memp_fsync).
+        """Write every dirty page of this file and fsync it if it has page writes no fsync
+        has covered yet, by any process (memp_fsync).
 
-        Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages could not be written
-        (retry later); a failed write leaves its page dirty and raises. Cancellation: pages
-        already handed to a write finish it; the rest stay dirty.
+        Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages could not be written,
+        or another process's write of some did not finish within the pool's ``wait_timeout``
+        (retry later); a failed write leaves its page dirty and raises; a failed fsync panics
+        the environment (:class:`~aiodbenv.errors.RunRecovery`). Cancellation: pages already
+        handed to a write finish it; the rest stay dirty.
         """
         self._check()
         from .sync import write_back

@@ -18,6 +18,7 @@ __all__ = [
     "BH_DIRTY",
     "BH_FAILED",
     "BH_READING",
+    "BH_REDIRTIED",
     "BH_WRITING",
     "BUCKET",
     "CACHE_HEADER",
@@ -46,8 +47,13 @@ MAX_PGNO = 1 << 40
 # Buffer flags.
 BH_DIRTY = 1  # must be written before the frame is reused
 BH_READING = 2  # being read in: contents invalid; waiters poll until it clears
-BH_WRITING = 4  # a copy is being written: the frame may not be reused until it clears
+# A copy is being written by process io_pid (the claim): the frame may not be reused until it
+# clears. DIRTY stays set while the write is in flight, so a writer that dies or stops never
+# leaves a page looking clean; a survivor takes over the claim of a dead writer.
+BH_WRITING = 4
 BH_FAILED = 8  # its read failed: unlinked; the last pin holder frees it
+# Dirtied again while WRITING: the copy in flight is stale, so its completion leaves DIRTY set.
+BH_REDIRTIED = 16
 
 # File entry flags.
 FF_TEMP = 1  # path=None: private to its owner, backing file made on demand
@@ -157,6 +163,11 @@ POOL_HEADER = Layout(
         ("checkpoint_until", 1),
         ("last_checkpoint_ns", 1),  # wall clock of the last complete checkpoint
         ("last_checkpoint_lsn", 1),  # its LSN once the environment has a log; 0 until then
+        # A failed fsync panics the environment (see sync.py); what failed, for every process's
+        # RunRecovery message: the errno and the file's name (region-0 offset and length).
+        ("fsync_errno", 1),
+        ("fsync_name_off", 1),
+        ("fsync_name_len", 1),
         ("mutex", MUTEX_SLOT),  # the file index, file refcounts, the handle list
         ("files", MAX_FILES),  # offsets of FILE_ENTRY, 0 for a free slot
     ],
@@ -182,6 +193,12 @@ FILE_ENTRY = Layout(
         ("cookie_off", 1),  # offset of pgcookie bytes (region 0)
         ("cookie_len", 1),
         ("buffers", 1),  # buffers of this file in all caches
+        # Durability across processes: bumped (under the file mutex) after every successful
+        # page write by any process; synced_gen is the written_gen an fsync that returned
+        # covered. A file with written_gen > synced_gen has pages that are clean in the cache
+        # but maybe not yet on disk: every sync fsyncs it, whoever wrote them.
+        ("written_gen", 1),
+        ("synced_gen", 1),
         ("stats_head", 1),  # FILE_STATS blocks of the handles that have it open
         ("retired", FILE_STATS),  # counters of handles that closed it
         ("mutex", MUTEX_SLOT),  # pages (NEW/CREATE extension)

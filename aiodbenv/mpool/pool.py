@@ -43,6 +43,7 @@ from .layout import (
     BH_DIRTY,
     BH_FAILED,
     BH_READING,
+    BH_WRITING,
     FF_CHECKSUM,
     FF_DEAD,
     FF_NO_MMAP,
@@ -53,6 +54,7 @@ from .table import (
     _F,
     _FS,
     _HS,
+    B_COUNT,
     B_DIRTY,
     H_FLAGS,
     H_IOPID,
@@ -198,7 +200,12 @@ class Pool:
         # Made on first use: a pool is built in a worker thread, where anyio objects cannot be.
         self._limiter_obj: anyio.CapacityLimiter | None = None
         self._reader_obj: _ReadBatcher | None = None
-        self._wfds: dict[int, int] = {}  # file slot -> descriptor opened here for writing
+        # File slot -> descriptor this pool opened to write a file no handle of this process
+        # has open for writing. The pool is its one owner: only _write_fd opens one (one per
+        # file, under that file's lock), only _close_file (last handle) and _close close it.
+        self._wfds: dict[int, int] = {}
+        self._wfd_locks: dict[int, asyncio.Lock] = {}
+        self._claims_swept = 0.0  # when _get_frame last looked for dead writers' claims
         self._no_nowait: set[int] = set()  # descriptors whose filesystem refuses RWF_NOWAIT
         self._changed: asyncio.Event | None = None
         self._waiters = 0
@@ -247,7 +254,64 @@ class Pool:
             raise InvalidArgument(
                 "the environment is closed" if self._closed else "the environment is closing"
             )
+        if self._env.panicked:
+            self._check_panic()
+
+    def _check_panic(self) -> None:
+        """Raise RunRecovery if the environment is panicked, saying why if it was a failed
+        fsync (in any process)."""
+        fsync_err = self._fsync_failure() if self._env.panicked else None
+        if fsync_err:
+            raise RunRecovery(
+                f"PANIC: environment {self._env.home} is panicked: {fsync_err}; run "
+                "recovery (close every handle, remove the environment and open it again)"
+            )
         self._env.check_panic()
+
+    def _fsync_failure(self) -> str | None:
+        """What failed, if the environment panicked because an fsync failed (any process)."""
+        from .table import _P
+
+        core = self._core
+        w0 = core.w0
+        code = int(w0[core.p + _P["fsync_errno"]])
+        if not code:
+            return None
+        off, n = int(w0[core.p + _P["fsync_name_off"]]), int(w0[core.p + _P["fsync_name_len"]])
+        name = core.meta_bytes(off, n).decode("utf-8", "surrogateescape") if off else "a file"
+        return (
+            f"fsync of {name} failed with errno {code} ({errno.errorcode.get(code, '?')}: "
+            f"{os.strerror(code)}); pages written to it may be lost"
+        )
+
+    def _fsync_failed(self, name: str, err: OSError) -> None:
+        """An fsync failed: panic the environment and raise RunRecovery (never returns).
+
+        After a failed fsync the kernel may have dropped the dirty pages it could not write
+        and marked them clean, so a second fsync can succeed with the data gone (PostgreSQL's
+        "fsyncgate"). No page of the pool can be trusted to be on disk any more: every process
+        must stop and recover, and no later call may report success.
+        """
+        from .table import _P
+
+        core = self._core
+        w0 = core.w0
+        code = err.errno or errno.EIO
+        if not w0[core.p + _P["fsync_errno"]]:  # the first failure is the one reported
+            raw = name.encode("utf-8", "surrogateescape")[:4096]
+            try:
+                off = core.meta_store(raw)
+            except Exception:  # no room to keep the name: the errno alone still says it
+                off, raw = 0, b""
+            w0[core.p + _P["fsync_name_off"]] = off
+            w0[core.p + _P["fsync_name_len"]] = len(raw)
+            w0[core.p + _P["fsync_errno"]] = code
+        reason = f"fsync of {name} failed: {os.strerror(code)} (errno {code})"
+        self._env.panic(reason)
+        raise RunRecovery(
+            f"PANIC: {reason}; pages written to it may be lost. Run recovery (close every "
+            "handle, remove the environment and open it again)"
+        ) from err
 
     def _enter(self) -> None:
         """A slow path begins (closing waits for it to end); raises if the pool is closing."""
@@ -260,11 +324,25 @@ class Pool:
             self._notify()
 
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        """Start I/O work as a task the pool tracks until it ends (closing waits for it)."""
+        """Start I/O work as a task the pool tracks until it ends (closing waits for it).
+
+        The caller awaits it; if the caller is cancelled first, it hands the task to
+        :meth:`_orphan`, which logs a failure nobody else will see.
+        """
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    @staticmethod
+    def _orphan(task: asyncio.Task[Any], what: str) -> None:
+        """Nobody awaits ``task`` any more (its caller was cancelled): log its failure."""
+
+        def report(t: asyncio.Task[Any]) -> None:
+            if not t.cancelled() and (err := t.exception()) is not None:
+                logger.error("%s failed after its caller was cancelled: %r", what, err)
+
+        task.add_done_callback(report)
 
     async def _breathe(self) -> None:
         """Let other tasks run now and then during a run of slow-path pins.
@@ -652,6 +730,11 @@ class Pool:
                         return victim.bh
                     core.free_buffer(cache, victim.bh)
                 continue
+            if time.monotonic() - self._claims_swept > 0.5:
+                # No victim: perhaps frames are held by claims of writers that died.
+                self._claims_swept = time.monotonic()
+                if await self._take_over_dead_claims():
+                    continue
             if self.fail_fast:
                 raise CacheFull(
                     "unable to allocate space from the buffer cache: every frame is pinned"
@@ -668,6 +751,38 @@ class Pool:
             await self._wait_change(min(delay, deadline - now))
             delay = min(delay * 2, 0.005)
             self._check()
+
+    async def _take_over_dead_claims(self) -> int:
+        """Release every write claim held by a dead process (their pages stay dirty and
+        become evictable after a write); returns how many. Walks every bucket."""
+        from .sync import take_over_claim
+
+        core = self._core
+        found: list[tuple[Cache, int, int, int]] = []
+        since = time.monotonic()
+        for cache in core.caches:
+            w = cache.words
+            for b, bw in enumerate(cache.bucket_words):
+                if not b & 255 and time.monotonic() - since > 0.001:
+                    await asyncio.sleep(0)  # a large cache: let the loop run meanwhile
+                    since = time.monotonic()
+                if not w[bw + B_COUNT]:
+                    continue
+                with cache.mutexes[b]:
+                    for off in cache.chain(b):  # offsets checked, the walk bounded
+                        x = off >> 3
+                        if w[x + H_FLAGS] & BH_WRITING:
+                            found.append((cache, b, off, int(w[x + H_IOPID])))
+        alive: dict[int, bool] = {self._pid: True}
+        taken = 0
+        for cache, b, off, pid in found:
+            if pid not in alive:
+                alive[pid] = is_alive(pid)
+            if not alive[pid] and take_over_claim(cache, b, off, pid):
+                taken += 1
+        if taken:
+            logger.warning("took over %d page write(s) left by dead process(es)", taken)
+        return taken
 
     async def _write_victim(self, v: Victim) -> bool:
         from .sync import write_items
@@ -897,19 +1012,37 @@ class Pool:
                 return f._fd
         return self._wfds.get(fidx)
 
-    def _adopt_fd(self, fidx: int, fd: int, temp: bool) -> None:
-        """Keep a descriptor a write had to open: a temporary file's new backing file belongs
-        to its handle (reads need it too); others are cached until the pool closes."""
-        if temp:
-            f = self._own_file(fidx)
-            if f is not None and f._fd is None:
+    async def _write_fd(self, fidx: int, temp: bool) -> int:
+        """A descriptor to write file slot ``fidx`` through, opened if this process has none.
+
+        One owner per descriptor: a handle's own descriptor belongs to the handle; one
+        opened here belongs to the pool (``_wfds``), and a temporary file's new backing file
+        to its handle (reads need it too). Concurrent writers of one file wait on its lock,
+        so exactly one descriptor is opened and nothing is closed twice. Raises OSError.
+        """
+        fd = self._fd_for_write(fidx)
+        if fd is not None:
+            return fd
+        lock = self._wfd_locks.setdefault(fidx, asyncio.Lock())
+        async with lock:
+            fd = self._fd_for_write(fidx)
+            if fd is not None:
+                return fd
+            if temp:
+                f = self._own_file(fidx)
+                if f is None:
+                    raise OSError(errno.EBADF, "temporary file is not open in this process")
+                fd = await anyio.to_thread.run_sync(_new_temp_fd, limiter=self._limiter)
                 f._fd = fd
-                return
-        if fidx in self._wfds or self._fd_for_write(fidx) is not None:
-            if self._wfds.get(fidx) != fd and self._fd_for_write(fidx) != fd:
-                os.close(fd)  # a duplicate opened by a concurrent batch
-            return
-        self._wfds[fidx] = fd
+                return fd
+            path = self._core.file_name(fidx)
+            if path is None:
+                raise OSError(errno.EBADF, "file has no path to write to")
+            fd = await anyio.to_thread.run_sync(
+                _io.open_file, path, os.O_RDWR | os.O_CLOEXEC, limiter=self._limiter
+            )
+            self._wfds[fidx] = fd
+            return fd
 
     def _count_write(self, fidx: int, pages: int, nbytes: int) -> None:
         """Count a successful pwritev of ``pages`` pages of file slot ``fidx``."""
@@ -936,14 +1069,20 @@ class Pool:
         w0[base + _FS["bytes_out"]] += nbytes
 
     async def sync(self, lsn: object = None) -> SyncResult:
-        """Write every dirty page in the pool and fsync the files written (memp_sync).
+        """Write every dirty page in the pool, then fsync every file with page writes no fsync
+        has covered yet, by any process (memp_sync).
 
         ``lsn`` needs a log, which this environment does not have yet: passing one raises
         :class:`~aiodbenv.errors.InvalidArgument`. Pages pinned while dirty cannot be written:
         the call writes everything else, then raises :class:`~aiodbenv.errors.Incomplete`
-        (``DB_INCOMPLETE``; retry after they are unpinned). A failed write leaves its page dirty
-        and raises. Pages of other processes' temporary files and of nofile files are not
-        written. Cancellation: writes already under way finish; untouched pages stay dirty.
+        (``DB_INCOMPLETE``; retry after they are unpinned). Pages another process is writing
+        are waited for up to ``wait_timeout`` seconds (a dead writer's are taken over and
+        written here), then reported the same way, naming the writer's pid. A failed write
+        leaves its page dirty and raises (:class:`~aiodbenv.errors.NoSpace` on a full disk); a
+        failed fsync panics the environment and raises
+        :class:`~aiodbenv.errors.RunRecovery`. Pages of other processes' temporary files and
+        of nofile files are not written. Cancellation: writes and fsyncs already under way
+        finish; untouched pages stay dirty.
         """
         self._check()
         if lsn is not None:

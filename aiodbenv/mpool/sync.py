@@ -6,15 +6,36 @@ under their bucket mutexes on the event loop (a 4 KiB copy is ~0.5 µs), then on
 hop applies pgout to the copies and writes each run of adjacent pages with one ``pwritev``.
 Files are fsynced once, at the end, not after each write.
 
-While its copy is being written a buffer is flagged ``WRITING``: it can be read, pinned and
-even dirtied again, but not evicted, so a failed write can put its dirty mark back and nothing
-is ever marked clean that is not on disk.
+A page is never lost by a writer that dies or stops, and never reported durable before its
+fsync returned:
+
+- **Claims.** While its copy is being written a buffer is flagged ``WRITING`` with the
+  writer's pid in ``io_pid`` (the claim) and *keeps* ``DIRTY``. It can be read, pinned and
+  dirtied again meanwhile (then ``REDIRTIED`` is set: the copy in flight is stale), but not
+  evicted. The claim's release clears ``DIRTY`` only if the write succeeded and the page was
+  not dirtied again; otherwise the page stays dirty. A writer that dies holding claims leaves
+  its pages dirty: the next sync (or an eviction that finds no frame) sees the pid is gone and
+  takes the claim over (clears ``WRITING``), and the page is written again. A live writer's
+  claims are waited for by ``sync``/``fsync``/checkpoint, up to ``Pool.wait_timeout``, then
+  reported (``Incomplete`` naming the pid) -- never success.
+- **Durability across processes.** Every successful page write, by any process and for any
+  reason (eviction, trickle, sync), bumps its file entry's ``written_gen`` before the page is
+  marked clean; an fsync that returns records the generation it covered in ``synced_gen``.
+  ``sync``/``fsync``/checkpoint fsync every file whose ``written_gen`` is ahead, even if this
+  call wrote nothing to it, so a page made clean by someone else's trickle or eviction is
+  still made durable by the next sync.
+- **A failed fsync is fatal.** After a failed fsync Linux may already have dropped the dirty
+  pages it could not write (and marked them clean), so a retried fsync can succeed with the
+  data gone -- PostgreSQL's "fsyncgate". Nothing in the pool can tell which pages were lost,
+  so the environment panics (:class:`~aiodbenv.errors.RunRecovery` with the file and errno,
+  in every process) and no later call reports success.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +44,7 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 
 from .. import _io
+from .._process import is_alive
 from ..errors import Incomplete, InvalidArgument, NoSpace
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as _unlock
@@ -31,9 +53,11 @@ from .layout import (
     BH,
     BH_DIRTY,
     BH_READING,
+    BH_REDIRTIED,
     BH_WRITING,
     FF_CHECKSUM,
     FF_DEAD,
+    FF_NOFILE,
     FF_TEMP,
     MAX_FILES,
     MAX_PGNO,
@@ -55,13 +79,23 @@ from .table import (
 if TYPE_CHECKING:
     from .pool import Pool
 
-__all__ = ["SyncResult", "trickle", "write_back", "write_items"]
+__all__ = [
+    "Collected",
+    "SyncResult",
+    "fsync_pending",
+    "settle_claims",
+    "trickle",
+    "write_back",
+    "write_items",
+]
 
 # The compiled accelerator's batch steps of write-back, when installed.
 _c_snapshot = speedups.aiodb_snapshot if speedups is not None else None
 _c_write_done = speedups.aiodb_write_done if speedups is not None else None
 _c_collect = speedups.aiodb_collect if speedups is not None else None
 _CORRUPT = speedups.AIODB_CORRUPT if speedups is not None else 0
+
+logger = logging.getLogger("aiodbenv")
 
 #: Pages per worker-thread hop: 64 pages of 4 KiB keep each hop's loop work under ~50 µs.
 BATCH_PAGES = 64
@@ -72,9 +106,10 @@ Item = tuple[int, int, Cache, int, int]  # (file slot, pgno, cache, bucket, buff
 
 @dataclass
 class SyncResult:
-    """What a sync or write did: pages ``written``, pages that were dirty but pinned
-    (``incomplete``), dirty pages of files that were closed for good and so ``dropped``, the
-    number of files fsynced, and the ``pwritev`` calls and bytes it took."""
+    """What a sync or write did: pages ``written``, pages that were dirty but pinned or
+    claimed by a writer that did not finish in time (``incomplete``; the pids of such writers
+    in ``stalled_writers``), dirty pages of files that were closed for good and so
+    ``dropped``, the number of files fsynced, and the ``pwritev`` calls and bytes it took."""
 
     written: int = 0
     incomplete: int = 0
@@ -82,23 +117,48 @@ class SyncResult:
     files_synced: int = 0
     write_calls: int = 0
     bytes_written: int = 0
+    stalled_writers: set[int] = field(default_factory=set)
     errors: list[BaseException] = field(default_factory=list, repr=False)
+    #: ``(file, pgno)`` of pages that were pinned, being read or claimed by another writer
+    #: when their batch came to write them (found free just before): the caller decides
+    #: whether to look again (sync, checkpoint) or not (trickle, eviction).
+    skipped: set[tuple[int, int]] = field(default_factory=set, repr=False)
+
+    def merge(self, part: SyncResult) -> None:
+        """Add ``part``'s counts (not its errors) to this result."""
+        self.written += part.written
+        self.incomplete += part.incomplete
+        self.dropped += part.dropped
+        self.files_synced += part.files_synced
+        self.write_calls += part.write_calls
+        self.bytes_written += part.bytes_written
+        self.stalled_writers |= part.stalled_writers
 
 
 #: Longest stretch of bookkeeping on the loop before collect_dirty lets other tasks run.
 YIELD_EVERY = 0.001
 
 
-async def collect_dirty(
-    pool: Pool, files: set[int] | None
-) -> tuple[list[Item], list[tuple[int, int]], list[int]]:
-    """Dirty buffers this process can write (sorted by file and page), the ``(file, pgno)``
-    of dirty ones it cannot write now (pinned, or under I/O; or unwritable pages of
-    ``files``), and the priority stamp of each item (for trickle, which writes the least
-    recently used first).
+@dataclass
+class Collected:
+    """What :func:`collect_dirty` found: ``items``, the dirty buffers this process can write
+    (sorted by file and page); ``held``, the ``(file, pgno)`` of dirty ones it cannot write
+    now (pinned or being read; or unwritable pages of the files asked for); ``prios``, each
+    item's priority stamp (trickle writes the least recently used first); ``claimed``, dirty
+    buffers a live writer (``(item, pid)``) is writing now. Claims of dead writers were taken
+    over: those pages are among ``items``."""
+
+    items: list[Item]
+    held: list[tuple[int, int]]
+    prios: list[int]
+    claimed: list[tuple[Item, int]]
+
+
+async def collect_dirty(pool: Pool, files: set[int] | None) -> Collected:
+    """Find the dirty buffers (of ``files``, or all): see :class:`Collected`.
 
     Walks the buckets on the loop, letting other tasks run about every millisecond, so a
-    large cache does not stall the loop.
+    large cache does not stall the loop. A claim whose writer is dead is taken over here.
     """
     raw = await (_collect_c(pool) if _c_collect is not None else _collect_py(pool))
     # File slots and page numbers read from buffer headers: checked before they become file
@@ -109,14 +169,26 @@ async def collect_dirty(
     want = None if files is None else {f + 1 for f in files}
     writable = {tag: pool._can_write(tag) for tag in set(raw.tags)}
     held: list[tuple[int, int]] = []
+    claimed: list[tuple[Item, int]] = []
     keep: list[int] = []
     tags, pgnos = raw.tags, raw.pgnos
+    alive: dict[int, bool] = {pool._pid: True}
     pause = _Pause()
     for i, (tag, busy) in enumerate(zip(tags, raw.busy)):
         if not i & 2047:
             await pause()
         if want is not None and tag not in want:
             continue
+        if busy == 2:  # claimed by a writer: take the claim over if the writer is dead
+            cache, b, bh = raw.caches[i], raw.buckets[i], raw.bhs[i]
+            pid = int(cache.words[(bh >> 3) + H_IOPID])
+            if pid not in alive:
+                alive[pid] = is_alive(pid)
+            if alive[pid] or not take_over_claim(cache, b, bh, pid):
+                item = (tag - 1, pgnos[i], cache, b, bh)
+                claimed.append((item, pid))
+                continue
+            busy = 0  # taken over: the page is dirty and free to write (if not pinned)
         if not writable[tag]:
             if want is not None:
                 held.append((tag - 1, pgnos[i]))
@@ -137,7 +209,60 @@ async def collect_dirty(
             for i in order[start : start + 2048]
         ]
         await pause()
-    return items, held, [prios[i] for i in order]
+    return Collected(items, held, [prios[i] for i in order], claimed)
+
+
+def take_over_claim(cache: Cache, b: int, bh: int, pid: int) -> bool:
+    """Release the write claim dead process ``pid`` left on buffer ``bh`` of bucket ``b``.
+
+    The page kept ``DIRTY`` through the write, so it is simply written again; a write the dead
+    process completed is harmless to repeat. False if the buffer no longer carries that claim.
+    """
+    w = cache.words
+    x = bh >> 3
+    cache.lock(b)
+    try:
+        if not (w[x + H_FLAGS] & BH_WRITING and w[x + H_IOPID] == pid):
+            return False
+        w[x + H_FLAGS] &= ~(BH_WRITING | BH_REDIRTIED)
+        w[x + H_IOPID] = 0
+        return True
+    finally:
+        cache.unlock(b)
+
+
+async def settle_claims(
+    pool: Pool, claimed: list[tuple[Item, int]], deadline: float
+) -> list[tuple[Item, int]]:
+    """Wait until no claim of ``claimed`` is still held (the writer released it, or died and
+    it was taken over), or until ``deadline`` (``time.monotonic()``); returns the claims
+    still held then. Polls with a back-off up to 50 ms: other processes' releases are only
+    seen by looking. Cancellation: the wait stops; nothing was changed.
+    """
+    pending = list(claimed)
+    delay = 0.0005
+    while pending:
+        alive: dict[int, bool] = {pool._pid: True}
+        left = []
+        for item, pid in pending:
+            _f, _p, cache, b, bh = item
+            w = cache.words
+            x = bh >> 3
+            if not (w[x + H_FLAGS] & BH_WRITING and w[x + H_IOPID] == pid):
+                continue  # released (a hint read without the lock; the re-collect checks)
+            if pid not in alive:
+                alive[pid] = is_alive(pid)
+            if not alive[pid] and take_over_claim(cache, b, bh, pid):
+                continue
+            left.append((item, pid))
+        pending = left
+        now = time.monotonic()
+        if not pending or now >= deadline:
+            break
+        await pool._wait_change(min(delay, deadline - now))
+        pool._check()
+        delay = min(delay * 2, 0.05)
+    return pending
 
 
 class _Pause:
@@ -248,7 +373,9 @@ async def _collect_py(pool: Pool) -> _Raw:
                         out.bhs.append(off)
                         out.prios.append(int(w[x + H_PRIO]))
                         out.busy.append(
-                            1 if w[x + H_REF] or flags & (BH_READING | BH_WRITING) else 0
+                            2
+                            if flags & BH_WRITING
+                            else (1 if w[x + H_REF] or flags & BH_READING else 0)
                         )
             finally:
                 cache.unlock(b)
@@ -268,15 +395,54 @@ async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool, reason:
 async def _write_back(
     pool: Pool, *, files: set[int] | None, fsync: bool, reason: str
 ) -> SyncResult:
-    items, held, _ = await collect_dirty(pool, files)
-    result = await write_items(pool, items, fsync=fsync)
+    deadline = time.monotonic() + pool.wait_timeout
+    result = SyncResult()
+    found = await collect_dirty(pool, files)
+    items, held, claimed = found.items, found.held, found.claimed
+    held = list(held)
+    for _round in range(RECHECK_ROUNDS):
+        part = await write_items(pool, items, fsync=False)
+        result.merge(part)
+        result.errors += part.errors
+        if result.errors:
+            break
+        # Pages found busy when their batch came to them, and pages another writer (or
+        # another task here) is writing: wait for the claims, then look at those pages again
+        # and write what is still (or again) dirty. A claim held past the deadline is
+        # reported, never taken for success.
+        again = set(part.skipped)
+        if claimed:
+            stuck = await settle_claims(pool, claimed, deadline)
+            result.incomplete += len(stuck)
+            result.stalled_writers |= {pid for _, pid in stuck}
+            stuck_keys = {(it[0], it[1]) for it, _ in stuck}
+            again |= {(it[0], it[1]) for it, _ in claimed} - stuck_keys
+            again -= stuck_keys
+        if not again:
+            break
+        found = await collect_dirty(pool, {f for f, _ in again})
+        items = [it for it in found.items if (it[0], it[1]) in again]
+        claimed = [(it, pid) for it, pid in found.claimed if (it[0], it[1]) in again]
+        held += [key for key in found.held if key in again]
+    else:
+        # Still busy after every round (pages claimed again and again): not written here.
+        result.incomplete += len(items) + len(claimed)
     result.incomplete += len(held)
+    if fsync and not result.errors:
+        await fsync_pending(pool, files, result)
     if result.errors:
         raise result.errors[0]
     if result.incomplete:
+        stalled = (
+            f"; writer process(es) {sorted(result.stalled_writers)} did not finish within "
+            f"{pool.wait_timeout} s"
+            if result.stalled_writers
+            else ""
+        )
         err = Incomplete(
-            f"{reason}: {result.incomplete} dirty page(s) are pinned and could not be written; "
-            f"{result.written} written. Retry once they are unpinned."
+            f"{reason}: {result.incomplete} dirty page(s) are pinned or being written by "
+            f"another process and could not be written{stalled}; {result.written} written. "
+            "Retry later."
         )
         err.result = result  # type: ignore[attr-defined]
         raise err
@@ -310,7 +476,8 @@ async def _trickle(pool: Pool, pct: int) -> SyncResult:
     if clean >= target:
         return SyncResult()
     need = target - clean
-    items, _, prios = await collect_dirty(pool, None)
+    found = await collect_dirty(pool, None)
+    items, prios = found.items, found.prios
     # Write the least recently used dirty pages (those eviction would take next), in file
     # order for the disk. Both sorts run on C-level keys: no Python call per page.
     picked = sorted(sorted(range(len(items)), key=prios.__getitem__)[:need])
@@ -322,26 +489,26 @@ async def _trickle(pool: Pool, pct: int) -> SyncResult:
     return result
 
 
+#: How often a sync looks again at pages that were busy (claimed or pinned) when it came to them.
+RECHECK_ROUNDS = 8
+
 #: Write batches in flight at once: one being written while the loop snapshots the next.
 #: More does not help: writes to one file serialize on its inode lock (ext4), measured here.
 BATCHES_IN_FLIGHT = 2
 
 
-async def write_items(
-    pool: Pool, items: list[Item], *, fsync: bool, synced: dict[int, int] | None = None
-) -> SyncResult:
-    """Write ``items`` (sorted by file and page) in batches, then fsync their files if asked.
+async def write_items(pool: Pool, items: list[Item], *, fsync: bool) -> SyncResult:
+    """Write ``items`` (sorted by file and page) in batches, then, if asked, fsync every file
+    with pages written but not yet fsynced (:func:`fsync_pending`).
 
-    Up to ``BATCHES_IN_FLIGHT`` batches are under way at once. ``synced`` collects
-    ``file slot -> descriptor`` of the files written, for a caller that fsyncs once after
-    several calls (see :func:`fsync_files`).
+    Up to ``BATCHES_IN_FLIGHT`` batches are under way at once. Every batch is awaited and its
+    failure, whatever it is, lands in ``result.errors``.
 
     Cancellation: batches already started finish, with their bookkeeping (they are tasks of
-    the pool); the ones not started are not, and their pages stay dirty.
+    the pool, which logs a failure nobody awaited); the ones not started are not, and their
+    pages stay dirty.
     """
     result = SyncResult()
-    if synced is None:
-        synced = {}
     pages: dict[int, int] = {}
     in_flight: set[asyncio.Task[None]] = set()
     try:
@@ -360,20 +527,33 @@ async def write_items(
                 size += ps
                 i += 1
             if len(in_flight) >= BATCHES_IN_FLIGHT:
-                _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            in_flight.add(pool._spawn(_batch_job(pool, batch, result, synced)))
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                _reap(done, result)
+            in_flight.add(pool._spawn(_batch_job(pool, batch, result)))
         if in_flight:
-            await asyncio.shield(asyncio.gather(*in_flight))
+            await asyncio.shield(asyncio.wait(in_flight))
+            _reap(in_flight, result)
     except asyncio.CancelledError:
-        raise  # the batches under way go on as the pool's tasks; Env.close waits for them
-    if fsync and synced:
-        await fsync_files(pool, synced, result)
+        # The batches under way go on as the pool's tasks (Env.close waits for them); their
+        # failures are logged, since nobody is left to receive them.
+        for task in in_flight:
+            pool._orphan(task, "a write batch")
+        raise
+    if fsync and not result.errors:
+        await fsync_pending(pool, {it[0] for it in items}, result)
     return result
 
 
-async def _batch_job(
-    pool: Pool, batch: list[Item], result: SyncResult, synced: dict[int, int]
-) -> None:
+def _reap(done: set[asyncio.Task[None]], result: SyncResult) -> None:
+    """Collect the failures of finished batch tasks into ``result`` (each is retrieved)."""
+    for task in done:
+        if task.cancelled():
+            result.errors.append(asyncio.CancelledError("a write batch was cancelled"))
+        elif (err := task.exception()) is not None:
+            result.errors.append(err)
+
+
+async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult) -> None:
     core = pool._core
     w0 = core.w0
     sizes: dict[int, int] = {}
@@ -404,37 +584,64 @@ async def _batch_job(
         for item, off, st in zip(live, offsets, status)
         if st == 1
     ]
-    result.incomplete += sum(1 for st in status if st == 2)
+    result.skipped.update((item[0], item[1]) for item, st in zip(live, status) if st == 2)
     if not taken:
         return
-    # Step 2, in a worker thread: pgout on the copies, one pwritev per run of adjacent pages.
-    jobs = _plan_runs(pool, taken)
+    # From here on this process holds claims: whatever happens (an error, a cancellation),
+    # the finally releases them, and a page is cleaned only if its write was confirmed.
+    done: set[tuple[int, int]] = set()
     try:
-        outcome = await anyio.to_thread.run_sync(_write_runs, jobs, limiter=pool._limiter)
-    except Exception as thread_err:  # the thread could not even run: every write failed
-        outcome = [(None, thread_err)] * len(jobs)
-    failed: set[tuple[int, int]] = set()
-    for job, (fd, err) in zip(jobs, outcome):
-        fidx = job.fidx
-        if fd is not None and job.fd is None:
-            pool._adopt_fd(fidx, fd, job.temp)
-        if err is not None:
-            failed.update((fidx, p) for p in job.pgnos)
-            result.errors.append(_typed(err, pool._core.file_name(fidx)))
-            w0[pool._hs + _HS["write_failures"]] += 1
-        else:
-            assert fd is not None
-            synced[fidx] = fd
-            nbytes = sum(len(c) for c in job.copies)
-            pool._count_write(fidx, len(job.pgnos), nbytes)
-            result.write_calls += 1
-            result.bytes_written += nbytes
-    # Step 3, on the loop: clear WRITING; a failed write puts the dirty mark back.
-    _write_done(
-        pool, [item for item, _ in taken], [(item[0], item[1]) in failed for item, _ in taken]
-    )
-    result.written += len(taken) - len(failed)
-    pool._notify()
+        _io.step("claimed")
+        # Step 2, in a worker thread: pgout on the copies, one pwritev per run of pages.
+        jobs = _plan_runs(pool, taken)
+        for job in jobs:
+            if job.fd is None:
+                try:
+                    job.fd = await pool._write_fd(job.fidx, job.temp)
+                except OSError as open_err:
+                    job.error = open_err
+        try:
+            outcome = await anyio.to_thread.run_sync(_write_runs, jobs, limiter=pool._limiter)
+        except Exception as thread_err:  # the thread could not even run: every write failed
+            outcome = [thread_err] * len(jobs)
+        ok_files: set[int] = set()
+        for job, err in zip(jobs, outcome):
+            fidx = job.fidx
+            if err is not None:
+                result.errors.append(_typed(err, pool._core.file_name(fidx)))
+                w0[pool._hs + _HS["write_failures"]] += 1
+            else:
+                ok_files.add(fidx)
+                done.update((fidx, p) for p in job.pgnos)
+                nbytes = sum(len(c) for c in job.copies)
+                pool._count_write(fidx, len(job.pgnos), nbytes)
+                result.write_calls += 1
+                result.bytes_written += nbytes
+        # The writes are in the OS, not yet durable: say so in the file entries *before* any
+        # page is marked clean, so that every later sync (in any process) fsyncs these files.
+        for fidx in ok_files:
+            note_written(pool, fidx)
+    finally:
+        # Step 3, on the loop: release the claims; written pages not dirtied again are clean.
+        _write_done(
+            pool,
+            [item for item, _ in taken],
+            [(item[0], item[1]) not in done for item, _ in taken],
+        )
+        result.written += len(done)
+        pool._notify()
+    _io.step("write_done")
+
+
+def note_written(pool: Pool, fidx: int) -> None:
+    """A write of file slot ``fidx`` succeeded: bump its written generation (see the module
+    docstring). Under the file mutex: two processes' bumps must not collapse into one."""
+    core = pool._core
+    e = core.entry(fidx)
+    if not e:
+        return
+    with core.file_mutex(fidx):
+        core.w0[e + _F["written_gen"]] += 1
 
 
 def _drop_dirty(item: Item) -> int:
@@ -515,8 +722,8 @@ def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int, slot: int) -
             return 0
         if w[x + H_REF] or flags & (BH_READING | BH_WRITING):
             return 2
-        cache.decrement(cache.bucket_words[b] + B_DIRTY, f"bucket {b}'s dirty count")
-        w[x + H_FLAGS] = (flags & ~BH_DIRTY) | BH_WRITING
+        # The claim: DIRTY stays set until the write is confirmed (see _write_done_one).
+        w[x + H_FLAGS] = (flags & ~BH_REDIRTIED) | BH_WRITING
         w[x + H_IOPID] = pool._pid
         size = int(w[x + H_SIZE])
         if size != slot or bh + BH.size + size > cache.region.size:
@@ -528,7 +735,8 @@ def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int, slot: int) -
 
 
 def _write_done(pool: Pool, items: list[Item], failed: list[bool]) -> None:
-    """Clear WRITING on the items' buffers; where failed, put the dirty mark back."""
+    """Release this process's claims on the items' buffers: a page whose write succeeded and
+    that was not dirtied again meanwhile is clean; every other stays dirty."""
     if _c_write_done is not None:
         for cache, idx in _by_cache(items):
             done = 0
@@ -543,30 +751,40 @@ def _write_done(pool: Pool, items: list[Item], failed: list[bool]) -> None:
                     n,
                     ffi.new("uint64_t[]", [items[i][3] for i in part]),
                     ffi.new("uint64_t[]", [items[i][4] for i in part]),
+                    ffi.new("uint64_t[]", [items[i][0] + 1 for i in part]),
+                    ffi.new("uint64_t[]", [items[i][1] for i in part]),
+                    pool._pid,
                     ffi.new("uint8_t[]", [failed[i] for i in part]),
                 )
                 if got < n:
                     i = part[got]
                     _recover(cache, items[i][3])
-                    _write_done_one(items[i], failed[i])
+                    _write_done_one(pool, items[i], failed[i])
                     got += 1
                 done += got
         return
     for item, bad in zip(items, failed):
-        _write_done_one(item, bad)
+        _write_done_one(pool, item, bad)
 
 
-def _write_done_one(item: Item, failed: bool) -> None:
-    _fidx, _pgno, cache, b, bh = item
+def _write_done_one(pool: Pool, item: Item, failed: bool) -> None:
+    fidx, pgno, cache, b, bh = item
     w = cache.words
     x = bh >> 3
     cache.lock(b)
     try:
-        flags = w[x + H_FLAGS] & ~BH_WRITING
-        if failed and not flags & BH_DIRTY:
-            flags |= BH_DIRTY
-            w[cache.bucket_words[b] + B_DIRTY] += 1
-        w[x + H_FLAGS] = flags
+        flags = w[x + H_FLAGS]
+        if not (
+            flags & BH_WRITING
+            and w[x + H_IOPID] == pool._pid
+            and w[x + H_FILE] == fidx + 1
+            and w[x + H_PGNO] == pgno
+        ):
+            return  # not our claim any more (taken over): leave it alone
+        if not failed and flags & BH_DIRTY and not flags & BH_REDIRTIED:
+            flags &= ~BH_DIRTY
+            cache.decrement(cache.bucket_words[b] + B_DIRTY, f"bucket {b}'s dirty count")
+        w[x + H_FLAGS] = flags & ~(BH_WRITING | BH_REDIRTIED)
         w[x + H_IOPID] = 0
     finally:
         cache.unlock(b)
@@ -591,8 +809,7 @@ def _by_cache(items: list[Item]) -> list[tuple[Cache, list[int]]]:
 @dataclass
 class _Run:
     fidx: int
-    fd: int | None
-    path: str | None
+    fd: int | None  # the pool's descriptor (never opened or closed by the write itself)
     temp: bool
     offset: int
     pgnos: list[int]
@@ -600,6 +817,7 @@ class _Run:
     pgout: object
     cookie: bytes
     checksum: bool = False
+    error: BaseException | None = None  # no descriptor could be had
 
 
 def _plan_runs(pool: Pool, taken: list[tuple[Item, memoryview]]) -> list[_Run]:
@@ -619,7 +837,6 @@ def _plan_runs(pool: Pool, taken: list[tuple[Item, memoryview]]) -> list[_Run]:
             _Run(
                 fidx=fidx,
                 fd=pool._fd_for_write(fidx),
-                path=core.file_name(fidx),
                 temp=bool(core.w0[e + _F["flags"]] & FF_TEMP),
                 offset=pgno * ps,
                 pgnos=[pgno],
@@ -632,84 +849,141 @@ def _plan_runs(pool: Pool, taken: list[tuple[Item, memoryview]]) -> list[_Run]:
     return runs
 
 
-def _write_runs(runs: list[_Run]) -> list[tuple[int | None, BaseException | None]]:
-    """In a worker thread: open what must be opened, apply pgout, pwritev each run."""
-    from .pool import _new_temp_fd
-
-    out: list[tuple[int | None, BaseException | None]] = []
-    opened: dict[int, int] = {}
+def _write_runs(runs: list[_Run]) -> list[BaseException | None]:
+    """In a worker thread: apply pgout, write each run whole; per run, its error or None."""
+    out: list[BaseException | None] = []
     for run in runs:
-        fd = run.fd if run.fd is not None else opened.get(run.fidx)
         try:
-            if fd is None:
-                if run.temp:
-                    fd = _new_temp_fd()
-                elif run.path is None:
-                    raise OSError(errno.EBADF, "file has no path to write to")
-                else:
-                    fd = _io.open_file(run.path, os.O_RDWR | os.O_CLOEXEC)
-                opened[run.fidx] = fd
+            if run.error is not None:
+                raise run.error
+            assert run.fd is not None
             if run.pgout is not None:  # on the copies: the cached pages stay as they are
                 for pgno, copy in zip(run.pgnos, run.copies):
                     run.pgout(pgno, copy, run.cookie)  # type: ignore[operator]
             if run.checksum:  # after pgout: the trailer covers what goes to disk
                 seal_pages(run.pgnos, run.copies)
-            bufs = run.copies
-            total = sum(len(b) for b in bufs)
-            n = _io.pwritev(fd, bufs, run.offset)
-            if n != total:
-                raise OSError(errno.EIO, f"short write: {n} of {total} bytes")
-            out.append((fd, None))
+            _pwrite_all(run.fd, run.copies, run.offset)
+            out.append(None)
         except BaseException as err:
-            out.append((fd, err))
+            out.append(err)
     return out
 
 
-async def fsync_files(pool: Pool, synced: dict[int, int], result: SyncResult) -> None:
-    """fsync every file of ``synced`` (one worker-thread hop); errors go into
-    ``result.errors``.
+def _pwrite_all(fd: int, bufs: list[memoryview], offset: int) -> None:
+    """pwritev ``bufs`` at ``offset``, continuing after short writes: a short write is not
+    an error by itself (a full disk then answers the next call with ENOSPC)."""
+    left = [b for b in bufs if len(b)]
+    while left:
+        n = _io.pwritev(fd, left, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"short write: nothing written at offset {offset}")
+        offset += n
+        while n and left:
+            if n >= len(left[0]):
+                n -= len(left[0])
+                left.pop(0)
+            else:
+                left[0] = left[0][n:]
+                n = 0
 
-    The descriptors a write used may have been closed since (the file was closed while the
-    sync ran), so each is looked up again now; a file no longer open here is opened by its
-    path just to fsync it (fsync flushes the file, whatever descriptor wrote it). A closed
-    temporary file has no path and needs nothing: its pages were dropped with it.
+
+async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) -> None:
+    """fsync every file (of ``files``, or all) with page writes not yet covered by an fsync,
+    whoever wrote them (one worker-thread hop), and record what each fsync covered.
+
+    A file is fsynced through this process's descriptor if it has one, else through one
+    opened by its path just for this (fsync flushes the file, whatever descriptor wrote it).
+    Temporary and nofile files are never made durable. A failed fsync panics the environment
+    and raises :class:`~aiodbenv.errors.RunRecovery` (see the module docstring).
+
+    Cancellation: the fsyncs under way finish as a task of the pool, recording what they
+    covered (or panicking); the caller gets CancelledError.
     """
-    targets: list[tuple[int, int | None, str | None]] = []
-    for fidx in synced:
+    core = pool._core
+    w0 = core.w0
+    targets: list[tuple[int, int | None, str | None, int]] = []
+    for fidx in range(MAX_FILES) if files is None else sorted(files):
+        e = core.entry(fidx)
+        if not e or w0[e + _F["flags"]] & (FF_DEAD | FF_NOFILE | FF_TEMP):
+            continue
+        gen = int(w0[e + _F["written_gen"]])
+        if gen <= w0[e + _F["synced_gen"]]:
+            continue
         fd = pool._fd_for_write(fidx)
-        path = (
-            None if fd is not None or not pool._core.entry(fidx) else (pool._core.file_name(fidx))
-        )
+        path = None if fd is not None else core.file_name(fidx)
         if fd is not None or path is not None:
-            targets.append((fidx, fd, path))
+            targets.append((fidx, fd, path, gen))
+    if not targets:
+        return
+    _io.step("fsync_begin")
 
-    def run() -> list[tuple[int, BaseException | None]]:
-        res: list[tuple[int, BaseException | None]] = []
-        for fidx, fd, path in targets:
-            try:
-                if fd is not None:
-                    _io.fsync(fd)
-                else:
-                    assert path is not None
+    # Per target: None (fsynced), ("open", err): it could not be opened (an ordinary error:
+    # nothing was lost yet), ("fsync", err): the fsync failed (fatal).
+    Outcome = tuple[str, OSError] | None
+
+    def run() -> list[Outcome]:
+        res: list[Outcome] = []
+        for _fidx, fd, path, _gen in targets:
+            if fd is None:
+                assert path is not None
+                try:
                     own = _io.open_file(path, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        _io.fsync(own)
-                    finally:
-                        os.close(own)
-                res.append((fidx, None))
+                except OSError as err:
+                    res.append(("open", err))
+                    continue
+            try:
+                _io.fsync(own if fd is None else fd)
+                res.append(None)
             except OSError as err:
-                res.append((fidx, err))
+                res.append(("fsync", err))
+            finally:
+                if fd is None:
+                    os.close(own)
         return res
 
-    job = pool._spawn(anyio.to_thread.run_sync(run, limiter=pool._limiter))
-    for fidx, err in await asyncio.shield(job):
-        if err is None:
+    async def job() -> list[Outcome]:
+        # Records (or panics) inside the pool's task, so a cancelled caller changes nothing.
+        res = await anyio.to_thread.run_sync(run, limiter=pool._limiter)
+        for i, ((fidx, _fd, path, gen), out) in enumerate(zip(targets, res)):
+            e = core.entry(fidx)
+            if (
+                out is not None
+                and out[0] == "open"
+                and isinstance(out[1], FileNotFoundError)
+                and e
+                and not w0[e + _F["refcnt"]]
+            ):
+                # Closed everywhere and then removed: nothing is left to make durable, and
+                # the next sync must not fail on it again.
+                logger.warning("%s was removed before its last writes were fsynced", path)
+                res[i] = out = None
+            if out is None:
+                if e:
+                    with core.file_mutex(fidx):
+                        if w0[e + _F["synced_gen"]] < gen:
+                            w0[e + _F["synced_gen"]] = gen
+            elif out[0] == "fsync":
+                pool._fsync_failed(path or core.file_name(fidx) or f"file slot {fidx}", out[1])
+        return res
+
+    task = pool._spawn(job())
+    try:
+        outcomes = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        pool._orphan(task, "an fsync")
+        raise
+    for out in outcomes:
+        if out is None:
             result.files_synced += 1
         else:
-            result.errors.append(_typed(err, pool._core.file_name(fidx)))
+            result.errors.append(out[1])
+    _io.step("fsync_end")
 
 
 def _typed(err: BaseException, name: str | None) -> BaseException:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"writing {name}: no space left on device")
+        what = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
+        typed = NoSpace(f"writing {name}: {what}; the pages stay dirty")
+        typed.__cause__ = err
+        return typed
     return err

@@ -794,6 +794,8 @@ class PoolCore:
             w[e + _F["name_len"]] = len(name_b)
             w[e + _F["cookie_off"]] = self.meta_store(cookie)
             w[e + _F["cookie_len"]] = len(cookie)
+            w[e + _F["written_gen"]] = 0
+            w[e + _F["synced_gen"]] = 0
             if self.shared:
                 SharedMutex(self.r0.base, w, off + FILE_ENTRY.offset("mutex"), "file").initialize()
             w[base + free] = off  # published last: the entry is complete
@@ -807,10 +809,13 @@ class PoolCore:
         first = -1
         for i in range(MAX_FILES):
             off = w[base + i]
+            e = self.meta_check(off, FILE_ENTRY.size) if off else 0
             if (
                 off
-                and w[self.meta_check(off, FILE_ENTRY.size) + _F["refcnt"]] == 0
+                and w[e + _F["refcnt"]] == 0
                 and (i + 1) not in cached
+                # pages written but not yet fsynced: the next sync must still find the file
+                and w[e + _F["written_gen"]] <= w[e + _F["synced_gen"]]
             ):
                 self._free_entry(i)
             if not w[base + i] and first < 0:
