@@ -4,8 +4,8 @@ entry point.
 ``demo`` shows an environment shared between two processes; ``stat -e``/``-m`` prints region
 or pool statistics (``db_stat``); ``checkpoint`` keeps an environment checkpointed
 (``db_checkpoint``), exiting cleanly on SIGTERM or SIGINT; ``watch`` shows live statistics;
-``remove`` removes an environment (``DB_ENV->remove``). Errors are one line on stderr and a
-non-zero exit status.
+``metrics`` prints the statistics as Prometheus metrics; ``remove`` removes an environment
+(``DB_ENV->remove``). Errors are one line on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from ._env import Env
+from ._env import Env, RegionKind
+from ._workers import Health
 from .errors import AiodbenvError
 from .mpool.stat import PoolStat
 from .region.environment import EnvStat
@@ -37,6 +39,10 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
         n /= 1024  # type: ignore[assignment]
     raise AssertionError
+
+
+def _age(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}s"
 
 
 def format_env_stat(st: EnvStat) -> str:
@@ -99,6 +105,8 @@ def format_pool_stat(st: PoolStat) -> str:
         (st.pages, "Current total page count"),
         (st.page_clean, "Current clean page count"),
         (st.page_dirty, "Current dirty page count"),
+        (st.page_pinned, "Current pinned page count (all processes)"),
+        (_age(st.oldest_pin_age), "Age of the oldest pin now held"),
         (st.hash_buckets, "Number of hash buckets used for page location"),
         (st.hash_searches, "Total number of times hash chains searched for a page"),
         (st.hash_longest, "The longest hash chain searched for a page"),
@@ -129,6 +137,8 @@ def format_pool_stat(st: PoolStat) -> str:
             (f.page_size, "Page size"),
             (f.pages, "Pages known to the pool"),
             (f.open_handles, "Open handles"),
+            (f.pinned, "Pages pinned now (all processes)"),
+            (_age(f.oldest_pin_age), "Age of the oldest pin now held"),
             (f.cache_hit, "Requested pages found in the cache"),
             (f.cache_miss, "Requested pages not found in the cache"),
             (f.map, "Requested pages mapped into the process' address space"),
@@ -249,7 +259,7 @@ async def _watch(args: argparse.Namespace) -> int:
         rounds = 0
         while not stop.is_set():
             st, ps = env.stat(), env.pool.stat()
-            text = _watch_text(st, ps, env.health().last_checkpoint)
+            text = _watch_text(st, ps, env.health())
             if tty:
                 sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
             else:
@@ -263,7 +273,8 @@ async def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch_text(st: EnvStat, ps: PoolStat, checkpoint: float | None) -> str:
+def _watch_text(st: EnvStat, ps: PoolStat, health: Health) -> str:
+    checkpoint = health.last_checkpoint
     searches = ps.cache_hit + ps.cache_miss
     ratio = f"{ps.cache_hit / searches:.1%}" if searches else "-"
     when = time.strftime("%H:%M:%S", time.localtime(checkpoint)) if checkpoint else "never"
@@ -278,14 +289,30 @@ def _watch_text(st: EnvStat, ps: PoolStat, checkpoint: float | None) -> str:
         f"{ps.trickle_failures} failures; checkpoints: {ps.checkpoint_runs} "
         f"({ps.checkpoint_pages} pages, {_size(ps.checkpoint_bytes)}), "
         f"{ps.checkpoint_failures} failures, last {when}",
-        f"locks: {ps.region_nowait} immediate, {ps.region_wait} waited",
+        f"locks: {ps.region_nowait} immediate, {ps.region_wait} waited; "
+        f"{ps.page_pinned} pages pinned, oldest pin {_age(ps.oldest_pin_age)}",
     ]
+    for w in health.shared:  # trouble in any process, as the region records it
+        if w.consecutive_failures:
+            lines.append(
+                f"{w.kind} FAILING: {w.consecutive_failures} in a row (process "
+                f"{w.failed_pid}): {w.last_error}"
+            )
     for f in ps.files:
         lines.append(
             f"  {f.file_name or '(temporary)'}: {f.cache_hit} hits, {f.cache_miss} "
-            f"misses, {f.page_out} pages out in {f.write_calls} writes"
+            f"misses, {f.page_out} pages out in {f.write_calls} writes, {f.pinned} pinned"
         )
     return "\n".join(lines)
+
+
+async def _metrics(args: argparse.Namespace) -> int:
+    from .metrics import generate
+
+    async with Env.open(args.h) as env:
+        text = generate(env)
+    sys.stdout.write(text)
+    return 0
 
 
 async def _remove(args: argparse.Namespace) -> int:
@@ -314,7 +341,7 @@ asyncio.run(main(sys.argv[1]))
 
 async def _demo(args: argparse.Namespace) -> int:
     home = tempfile.mkdtemp(prefix="aiodbenv-demo-")
-    kind = args.region
+    kind: RegionKind = "system" if args.region == "system" else "file"
     shm_key = args.shm_key if kind == "system" else None
     try:
         print(f"1. Creating a {kind}-backed environment with a 1 MiB cache in {home}")
@@ -388,18 +415,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         "remove": _remove,
         "checkpoint": _checkpoint,
         "watch": _watch,
+        "metrics": _metrics,
     }[args.command]
     try:
         return asyncio.run(handler(args))
     except AiodbenvError as err:
         print(f"aiodbenv {args.command}: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`watch | head`): nothing more to say, and nobody to say it to.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    except OSError as err:  # an error of the system, not of aiodbenv: still one line
+        print(f"aiodbenv {args.command}: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be within 0..1, not {text}")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+
+    return parse
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m aiodbenv", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="python -m aiodbenv",
+        description="Berkeley DB's utilities for aiodbenv environments: statistics, "
+        "checkpoints, metrics, removal. Errors are one line on stderr and a non-zero exit "
+        "status.",
+    )
+    p.add_argument("--version", action="version", version=f"aiodbenv {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
         "demo",
@@ -420,6 +499,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("remove", "remove an environment (DB_ENV->remove)"),
         ("checkpoint", "keep an environment checkpointed (db_checkpoint)"),
         ("watch", "live statistics, refreshed in place"),
+        ("metrics", "print the statistics as Prometheus metrics (text exposition format)"),
     ):
         sp = sub.add_parser(name, help=text, add_help=False)
         sp.add_argument("--help", action="help", help="show this help and exit")
@@ -435,19 +515,22 @@ def _build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="print JSON instead of text")
         elif name == "remove":
             sp.add_argument(
-                "-f", action="store_true", help="force: panic open handles and remove anyway"
+                "-f",
+                action="store_true",
+                help="force: remove even while handles are open (they are panicked) or the "
+                "cache holds dirty pages (they are discarded)",
             )
         elif name == "checkpoint":
             sp.add_argument(
                 "-p",
-                type=float,
+                type=_positive_float,
                 default=1.0,
                 metavar="MINUTES",
                 help="checkpoint at least every MINUTES minutes (default 1)",
             )
             sp.add_argument(
                 "-k",
-                type=int,
+                type=_int_at_least(1),
                 default=None,
                 metavar="KBYTES",
                 help="also checkpoint once KBYTES KiB of pages were dirtied",
@@ -457,16 +540,16 @@ def _build_parser() -> argparse.ArgumentParser:
             )
             sp.add_argument(
                 "--completion-target",
-                type=float,
+                type=_fraction,
                 default=0.9,
                 metavar="X",
-                help="spread each checkpoint over this share of the interval",
+                help="spread each checkpoint over this share (0..1) of the interval (default 0.9)",
             )
-        else:
+        elif name == "watch":
             sp.add_argument(
                 "-i",
                 "--interval",
-                type=float,
+                type=_positive_float,
                 default=1.0,
                 metavar="SECONDS",
                 help="refresh every SECONDS seconds (default 1)",
@@ -474,7 +557,7 @@ def _build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "-c",
                 "--count",
-                type=int,
+                type=_int_at_least(0),
                 default=0,
                 metavar="N",
                 help="stop after N refreshes (default: until Ctrl-C)",

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import logging
 import os
 import stat
+import sys
+import warnings
 from collections.abc import Callable, Generator
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import aiofiles
 import aiofiles.os
@@ -29,11 +33,12 @@ from ._workers import (
     TrickleWorker,
     last_checkpoint,
     run_checkpoint,
+    shared_status,
 )
-from .errors import ConfigError, ForkedProcessError, InvalidArgument
+from .errors import Busy, ConfigError, ForkedProcessError, InvalidArgument, PermissionDenied
 from .mpool.pool import Pool
 from .mpool.sync import SyncResult
-from .mpool.table import format_pool, pool_region_sizes
+from .mpool.table import dirty_pages, format_pool, pool_region_sizes
 from .region.backing import Region
 from .region.environment import (
     EnvCore,
@@ -44,7 +49,12 @@ from .region.environment import (
 )
 from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
 
-__all__ = ["Env", "EnvOpener"]
+__all__ = ["Env", "EnvOpener", "RegionKind"]
+
+#: Where an environment's regions live (``Env.open(region=...)``).
+RegionKind = Literal["file", "system", "private"]
+
+logger = logging.getLogger("aiodbenv")
 
 #: Largest DB_CONFIG aiodbenv reads; anything bigger is not a configuration file.
 _MAX_DB_CONFIG = 1 << 20
@@ -65,6 +75,10 @@ async def _read_db_config(home: str) -> tuple[str, str] | None:
         return None
     except NotADirectoryError:
         return None  # the home itself is not a directory: open reports that
+    except PermissionError:
+        raise PermissionDenied(
+            f"environment home {home}: permission denied (cannot look for {path})"
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{path} is not a regular file")
     if st.st_size > _MAX_DB_CONFIG:
@@ -74,6 +88,8 @@ async def _read_db_config(home: str) -> tuple[str, str] | None:
             return path, await f.read()
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path} is not UTF-8 text: {err}") from None
+    except PermissionError:
+        raise PermissionDenied(f"{path}: permission denied") from None
 
 
 class EnvOpener:
@@ -127,7 +143,7 @@ class Env:
         home: str | os.PathLike[str] | None = None,
         *,
         create: bool = False,
-        region: str | None = None,
+        region: RegionKind | None = None,
         cache_size: int | None = None,
         ncache: int = 1,
         shm_key: int | None = None,
@@ -212,6 +228,7 @@ class Env:
         trickle: TrickleSettings | None = None,
         checkpoint: CheckpointSettings | None = None,
     ) -> Env:
+        _require_asyncio()
         if not isinstance(create, bool):
             raise InvalidArgument(f"create must be True or False, not {create!r}")
         check_settings(settings)
@@ -229,6 +246,7 @@ class Env:
             lambda: _open_with_pool(path, settings, create, specs, format_regions),
             undo=lambda opened: _close_quietly(opened[0]),
         )
+        _note_inherited(core, settings)
         env = cls(core, pool)
         if trickle is not None:
             env.start_trickle(trickle)
@@ -338,17 +356,26 @@ class Env:
 
     def health(self) -> Health:
         """Is this environment well? Not panicked, and no background worker's latest
-        attempt failed; with each worker's :class:`~aiodbenv.WorkerStatus` and the time of
-        the last complete checkpoint."""
+        attempt failed, in this process or any other (the region records how each kind of
+        worker fares); with this handle's workers' :class:`~aiodbenv.WorkerStatus`, the
+        environment's :class:`~aiodbenv.SharedWorkerStatus` per kind and the time of the last
+        complete checkpoint."""
         if os.getpid() != self._pid:
             raise ForkedProcessError("this environment handle belongs to another process")
         panicked = self._core.panicked
         workers = tuple(w.status() for w in (self._trickle, self._checkpoint) if w is not None)
+        usable = not self._core.closed and not panicked
+        shared = (
+            tuple(shared_status(self._pool, kind) for kind in ("trickle", "checkpoint"))
+            if usable
+            else ()
+        )
         return Health(
-            ok=not panicked and not self._core.closed and all(w.healthy for w in workers),
+            ok=usable and all(w.healthy for w in workers) and all(s.healthy for s in shared),
             panicked=panicked,
-            last_checkpoint=None if self._core.closed or panicked else last_checkpoint(self._pool),
+            last_checkpoint=last_checkpoint(self._pool) if usable else None,
             workers=workers,
+            shared=shared,
         )
 
     @property
@@ -429,6 +456,20 @@ class Env:
     ) -> None:
         await self.close()
 
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # As asyncio does for unclosed transports (and aiosqlite for connections): a handle
+        # dropped while open keeps its regions mapped and the environment's count of open
+        # handles up until the process exits, so `remove` without force says Busy.
+        core = getattr(self, "_core", None)
+        if core is None or core.closed or os.getpid() != self._pid:
+            return
+        _warn(
+            f"unclosed environment handle {core.home!r}: close it with 'await env.close()' "
+            "or open it with 'async with Env.open(...)'",
+            ResourceWarning,
+            source=self,
+        )
+
     def __repr__(self) -> str:
         state = "closed" if self._core.closed else "open"
         return f"<aiodbenv.Env {self._core.home!r} {state}>"
@@ -439,16 +480,79 @@ class Env:
     async def remove(home: str | os.PathLike[str] | None = None, *, force: bool = False) -> None:
         """Remove the environment in ``home``: its region files and segments (DB_ENV->remove).
 
-        Without ``force``, raises :class:`~aiodbenv.errors.Busy` (``EBUSY``) while any handle
-        is open in any process, and changes nothing. With ``force`` the environment is panicked
-        and removed anyway; every handle still open then fails its next call with
-        :class:`~aiodbenv.errors.RunRecovery`. The home directory and any other file in it
-        (``DB_CONFIG``, data files) stay. A home without an environment is not an error.
+        Without ``force``, raises :class:`~aiodbenv.errors.Busy` (``EBUSY``) and changes
+        nothing while any handle is open in any process, or while the cache holds dirty pages
+        (changes not yet written to their files, which removing would discard: the error says
+        how many; checkpoint first). With ``force`` the environment is removed anyway: dirty
+        pages are discarded (a warning says how many), and every handle still open is panicked
+        and fails its next call with :class:`~aiodbenv.errors.RunRecovery`. The home directory
+        and any other file in it (``DB_CONFIG``, data files) stay. A home without an
+        environment is not an error.
 
         Cancellation: a removal that has started in its worker thread finishes.
         """
         path = resolve_home(home)
-        await run_owned(lambda: remove_environment(path, force=force))
+        await run_owned(
+            lambda: remove_environment(
+                path, force=force, inspect=functools.partial(_refuse_dirty_pages, path)
+            )
+        )
+
+
+def _refuse_dirty_pages(
+    home: str, regions: list[Region], table: list[tuple[int, int, int, int, int]], force: bool
+) -> None:
+    """Removing discards the cache: unless forced, refuse while it holds unwritten changes."""
+    types = {row[0]: row[1] for row in table}
+    n = dirty_pages([r for r in regions if types.get(r.region_id) == REGION_TYPE_MPOOL])
+    if not n:
+        return
+    if not force:
+        raise Busy(
+            f"environment {home} has {n} dirty page(s) in its cache that removing would "
+            f"discard; checkpoint first (python -m aiodbenv checkpoint -1 -h {home}) or "
+            "remove with force"
+        )
+    logger.warning("removing environment %s with force: %d dirty page(s) discarded", home, n)
+
+
+def _note_inherited(core: EnvCore, asked: Settings) -> None:
+    """A joiner inherits the creator's sizes: say so (once per open, at INFO) when the caller
+    asked for others, since its own are silently not in effect."""
+    have = core.settings()
+    differ = [
+        f"{name}={getattr(have, name)} (asked for {getattr(asked, name)})"
+        for name in ("cache_size", "page_size")
+        if getattr(asked, name) is not None and getattr(asked, name) != getattr(have, name)
+    ]
+    if differ:
+        logger.info(
+            "aiodbenv: joined the existing environment in %s with its creator's settings: %s",
+            core.home,
+            ", ".join(differ),
+        )
+
+
+def _require_asyncio() -> None:
+    """Refuse at once to run under another event loop than asyncio's (trio, say): the pool's
+    waits, tasks and worker threads are asyncio's, and would fail later and obscurely."""
+    try:
+        asyncio.get_running_loop()
+        return
+    except RuntimeError:
+        pass
+    where = "outside an asyncio event loop"
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+            where = "under trio"
+        except RuntimeError:
+            pass
+    raise InvalidArgument(
+        f"aiodbenv is asyncio only: Env.open was awaited {where}; run it with asyncio.run, "
+        "uvloop, or anyio's asyncio backend"
+    )
 
 
 def _trickle_settings(value: int | TrickleSettings | None) -> TrickleSettings | None:

@@ -23,6 +23,7 @@ HOT_CDEF = """
 void aiodb_set_layout(const uint64_t *values, int n);
 int aiodb_set_region(uint64_t *w, uint64_t nbytes);
 void aiodb_forget_region(uint64_t *w);
+void aiodb_set_lock_wait(int64_t ns);
 int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
                       uint64_t pgno, uint64_t tag, uint64_t *examined);
 int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_t bucket_w,
@@ -52,12 +53,13 @@ HOT_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <errno.h>
+#include <time.h>
 
 /* Word offsets and flag bits, set once from the Python layout definitions. */
 enum { L_H_NEXT, L_H_FILE, L_H_PGNO, L_H_REF, L_H_FLAGS, L_H_PRIO, L_B_HEAD, L_B_DIRTY,
        L_C_LRU, L_C_BUFFERS, L_BH_READING, L_BH_DIRTY, L_PAGE_DIRTY, L_PAGE_CLEAN,
        L_PAGE_DISCARD, L_BH_WRITING, L_H_IOPID, L_H_SIZE, L_BH_DATA, L_WAITS_FROM_NOWAITS,
-       L_BH_REDIRTIED, L_COUNT };
+       L_BH_REDIRTIED, L_H_PINAT, L_COUNT };
 static uint64_t L[L_COUNT];
 
 void aiodb_set_layout(const uint64_t *values, int n) {
@@ -141,14 +143,33 @@ static void unlock(void *mutex) {
     if (mutex) pthread_mutex_unlock((pthread_mutex_t *)mutex);
 }
 
-/* Lock, blocking if it is held (counted as a wait). Returns 0 with the mutex held, or -errno:
-   -EOWNERDEAD with it held (the caller must repair or panic), any other without. */
+/* How long lock() waits for a held mutex before giving up with -ETIMEDOUT (nanoseconds). */
+static int64_t lock_wait_ns = 1000000000;
+
+void aiodb_set_lock_wait(int64_t ns) { lock_wait_ns = ns; }
+
+/* Lock, waiting a bounded time if it is held (counted as a wait): a holder that is stopped
+   must not freeze the caller. Returns 0 with the mutex held, or -errno: -EOWNERDEAD with it
+   held (the caller must repair or panic), any other (-ETIMEDOUT: still held) without. */
 static int64_t lock(uint64_t *w, void *mutex, uint64_t nowait_w) {
     int64_t rc = try_lock(w, mutex, nowait_w);
     if (rc != -EBUSY) return rc;
-    int r = pthread_mutex_lock((pthread_mutex_t *)mutex);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += lock_wait_ns / 1000000000;
+    until.tv_nsec += lock_wait_ns % 1000000000;
+    if (until.tv_nsec >= 1000000000) { until.tv_sec++; until.tv_nsec -= 1000000000; }
+    int r = pthread_mutex_timedlock((pthread_mutex_t *)mutex, &until);
     if (r == 0 || r == EOWNERDEAD) w[nowait_w - L[L_WAITS_FROM_NOWAITS]]++;
     return r ? -(int64_t)r : 0;
+}
+
+/* When a buffer's first pin was taken: CLOCK_MONOTONIC_COARSE (system-wide, so comparable
+   across processes; a vDSO read of a few ns, where CLOCK_MONOTONIC costs more). */
+static uint64_t pin_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
 /* Pin page `pgno` of file `tag` if it is in the chain at w[head_w] and not being read.
@@ -169,7 +190,7 @@ int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head
             uint64_t size = w[x + L[L_H_SIZE]];
             if (size > nbytes - off - L[L_BH_DATA]) off = (uint64_t)AIODB_CORRUPT;
             else if (w[x + L[L_H_FLAGS]] & L[L_BH_READING]) off = 0;
-            else w[x + L[L_H_REF]]++;
+            else if (w[x + L[L_H_REF]]++ == 0) w[x + L[L_H_PINAT]] = pin_clock();
             break;
         }
         off = w[x + L[L_H_NEXT]];
@@ -388,6 +409,8 @@ _Static_assert(sizeof(pthread_mutex_t) <= 64, "pthread_mutex_t larger than the r
 _Static_assert(sizeof(pthread_mutexattr_t) <= 64, "pthread_mutexattr_t larger than its storage");
 _Static_assert(PTHREAD_PROCESS_SHARED == 1, "unexpected PTHREAD_PROCESS_SHARED");
 _Static_assert(PTHREAD_MUTEX_ROBUST == 1, "unexpected PTHREAD_MUTEX_ROBUST");
+#include <time.h>
+_Static_assert(sizeof(struct timespec) == 16, "struct timespec is not two 64-bit words");
 """
     + HOT_SOURCE,
     libraries=["pthread"],

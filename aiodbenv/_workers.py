@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from ._process import is_alive
 from .errors import AiodbenvError, ForkedProcessError, Incomplete, InvalidArgument
-from .mpool.layout import POOL_HEADER
+from .mpool.layout import POOL_HEADER, WORKER_ERROR_WORDS
 from .mpool.table import _HS
 from .region.layout import WORD
 
@@ -48,6 +48,7 @@ __all__ = [
     "CheckpointSettings",
     "CheckpointWorker",
     "Health",
+    "SharedWorkerStatus",
     "TrickleSettings",
     "TrickleWorker",
     "WorkerStatus",
@@ -141,16 +142,48 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True)
+class SharedWorkerStatus:
+    """How the environment's background worker of one kind fares, whichever process runs it
+    (read from the region, so every process sees the same; part of
+    :meth:`aiodbenv.Env.health`).
+
+    ``holder_pid`` is the process holding the kind's lease now (None if no live process
+    does); ``consecutive_failures`` counts the failed attempts since the last success of a
+    worker of this kind in any process, ``last_error`` is the latest failure's message (cut to
+    about 250 bytes), ``failed_pid`` the process it happened in, ``last_failure`` and
+    ``last_success`` wall-clock times (None: never). A failure stays reported until a worker
+    of the kind succeeds, even if the failing process has exited: its pages may still be
+    unwritten.
+    """
+
+    kind: str
+    holder_pid: int | None
+    consecutive_failures: int
+    last_error: str | None
+    failed_pid: int | None
+    last_failure: float | None
+    last_success: float | None
+
+    @property
+    def healthy(self) -> bool:
+        """True unless the latest attempt of this kind, in any process, failed."""
+        return self.consecutive_failures == 0
+
+
+@dataclass(frozen=True)
 class Health:
     """What :meth:`aiodbenv.Env.health` reports: ``ok`` unless the environment is panicked or
-    a worker's latest attempt failed; ``last_checkpoint`` is the wall-clock time of the last
-    complete checkpoint (by any process), None if there was none; ``workers`` has one
-    :class:`WorkerStatus` per background worker of this handle."""
+    a worker's latest attempt failed, in this process or any other; ``last_checkpoint`` is the
+    wall-clock time of the last complete checkpoint (by any process), None if there was none;
+    ``workers`` has one :class:`WorkerStatus` per background worker of this handle, and
+    ``shared`` one :class:`SharedWorkerStatus` per kind (trickle, checkpoint) for the whole
+    environment (empty once the handle is closed or the environment panicked)."""
 
     ok: bool
     panicked: bool
     last_checkpoint: float | None
     workers: tuple[WorkerStatus, ...]
+    shared: tuple[SharedWorkerStatus, ...] = ()
 
 
 def last_checkpoint(pool: Pool) -> float | None:
@@ -158,6 +191,62 @@ def last_checkpoint(pool: Pool) -> float | None:
     core = pool._core
     ns = int(core.w0[core.p + _P["last_checkpoint_ns"]])
     return ns / 1e9 if ns else None
+
+
+_ERROR_BYTES = (WORKER_ERROR_WORDS - 1) * WORD
+
+
+def shared_status(pool: Pool, kind: str) -> SharedWorkerStatus:
+    """The region's record of how the worker of ``kind`` fares, in whichever process."""
+    core = pool._core
+    w0 = core.w0
+    p = core.p
+    with core.mutex:  # the record is written as a whole under this mutex: read it whole
+        owner = int(w0[p + _P[f"{kind}_owner"]])
+        until = int(w0[p + _P[f"{kind}_until"]])
+        in_row = int(w0[p + _P[f"{kind}_in_row"]])
+        failed_pid = int(w0[p + _P[f"{kind}_failed_pid"]])
+        success_ns = int(w0[p + _P[f"{kind}_success_ns"]])
+        failure_ns = int(w0[p + _P[f"{kind}_failure_ns"]])
+        e = p + _P[f"{kind}_error"]
+        # A length read from shared memory is checked before it is used.
+        length = min(int(w0[e]), _ERROR_BYTES)
+        start = (e + 1) * WORD
+        raw = bytes(core.r0.buf[start : start + length])
+    holder = owner >> 32
+    alive = bool(owner) and time.monotonic_ns() < until and is_alive(holder)
+    return SharedWorkerStatus(
+        kind=kind,
+        holder_pid=holder if alive else None,
+        consecutive_failures=in_row,
+        last_error=raw.decode("utf-8", "replace") if failure_ns else None,
+        failed_pid=failed_pid or None,
+        last_failure=failure_ns / 1e9 if failure_ns else None,
+        last_success=success_ns / 1e9 if success_ns else None,
+    )
+
+
+def _record(pool: Pool, kind: str, error: str | None) -> None:
+    """Record an attempt of ``kind`` in the region: a success (``error`` None) or a failure."""
+    core = pool._core
+    if pool._closed or pool._env.panicked:
+        return
+    w0 = core.w0
+    p = core.p
+    now = time.time_ns()
+    with core.mutex:
+        if error is None:
+            w0[p + _P[f"{kind}_in_row"]] = 0
+            w0[p + _P[f"{kind}_success_ns"]] = now
+            return
+        data = error.encode("utf-8", "replace")[:_ERROR_BYTES]
+        e = p + _P[f"{kind}_error"]
+        start = (e + 1) * WORD
+        core.r0.buf[start : start + len(data)] = data
+        w0[e] = len(data)
+        w0[p + _P[f"{kind}_in_row"]] += 1
+        w0[p + _P[f"{kind}_failed_pid"]] = os.getpid()
+        w0[p + _P[f"{kind}_failure_ns"]] = now
 
 
 class _Worker(abc.ABC):
@@ -229,6 +318,8 @@ class _Worker(abc.ABC):
             self._in_row += 1
             self._last_error = f"worker stopped: {err!r}"
             logger.exception("aiodbenv %s worker stopped", self.kind)
+            with contextlib.suppress(Exception):
+                _record(self._pool, self.kind, self._last_error)
 
     @abc.abstractmethod
     async def _loop(self) -> None:
@@ -244,6 +335,7 @@ class _Worker(abc.ABC):
         self._backoff = min(MAX_BACKOFF, 0.1 * 2 ** min(self._in_row, 12))
         core = self._pool._core
         core.w0[self._pool._hs + _HS[f"{self.kind}_failures"]] += 1
+        _record(self._pool, self.kind, self._last_error)
         logger.error(
             "aiodbenv %s failed (attempt %d, retrying in %.1f s): %s",
             self.kind,
@@ -268,6 +360,7 @@ class _Worker(abc.ABC):
         w0[hs + _HS[f"{self.kind}_pages"]] += result.written
         w0[hs + _HS[f"{self.kind}_write_calls"]] += result.write_calls
         w0[hs + _HS[f"{self.kind}_bytes"]] += result.bytes_written
+        _record(self._pool, self.kind, None)
 
     def _check_process(self) -> None:
         # A forked child inherits the worker (and its lease id): releasing or renewing the
@@ -474,13 +567,13 @@ async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | No
         )
         result.incomplete += len(waiting)
         result.stalled_writers |= stalled
-        err = Incomplete(
-            f"checkpoint: {len(waiting)} dirty page(s) stayed {why}; {result.written} written"
+        raise Incomplete(
+            f"checkpoint: {len(waiting)} dirty page(s) stayed {why}; {result.written} written",
+            result=result,
         )
-        err.result = result  # type: ignore[attr-defined]
-        raise err
     core = pool._core
     core.w0[core.p + _P["last_checkpoint_ns"]] = time.time_ns()
+    _record(pool, "checkpoint", None)  # any complete checkpoint ends a run of failures
     return result
 
 

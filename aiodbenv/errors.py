@@ -15,6 +15,10 @@ Berkeley DB code is in ``db_code``.
 from __future__ import annotations
 
 import errno as _errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .mpool.sync import SyncResult
 
 __all__ = [
     "AiodbenvError",
@@ -26,6 +30,7 @@ __all__ = [
     "ForkedProcessError",
     "Incomplete",
     "InvalidArgument",
+    "LockTimeout",
     "NoSpace",
     "NotFound",
     "PageCorrupt",
@@ -150,6 +155,15 @@ class TryAgain(AiodbenvError):
     default_errno = _errno.EAGAIN
 
 
+class LockTimeout(TryAgain):
+    """A region mutex stayed held by another process for longer than the wait allowed (that
+    process is stopped or stuck); ``pid`` names it (0 if unknown). Nothing was changed: retry
+    later, or find out what the holder is doing."""
+
+    pid: int = 0
+    mutex: str = ""
+
+
 class NoSpace(AiodbenvError, OSError):
     """Out of disk or file space (``ENOSPC``), e.g. preallocating a region file."""
 
@@ -209,7 +223,19 @@ class RunRecovery(AiodbenvError):
 
 
 class Incomplete(AiodbenvError):
-    """Some dirty pages could not be written because they are pinned (``DB_INCOMPLETE``)."""
+    """Some dirty pages could not be written because they are pinned (``DB_INCOMPLETE``).
+
+    ``result`` is the :class:`~aiodbenv.SyncResult` of what the sync or checkpoint did write
+    (``result.incomplete`` counts the pages left dirty); None when raised by other code.
+    """
 
     db_code = -30999
     default_errno = _errno.EAGAIN
+
+    result: SyncResult | None = None
+
+    def __init__(
+        self, message: str, *, errno: int | None = None, result: SyncResult | None = None
+    ) -> None:
+        super().__init__(message, errno=errno)
+        self.result = result

@@ -330,7 +330,9 @@ async def _close_and_remove(env: Env | None, home: str) -> None:
         if env is not None:
             await env.close()
     finally:
-        await Env.remove(home)
+        # A workload's dirty pages are not worth keeping: discard them (remove refuses to
+        # without force).
+        await Env.remove(home, force=True)
 
 
 def _finish_home(ws: Workspace, home: str, key: int | None, what: str, problems: list[str]) -> None:

@@ -14,6 +14,7 @@ Run it (and, in another shell, the checkpoint worker):
     curl -X POST localhost:8000/counter/3      # add one to counter 3
     curl localhost:8000/counter/3              # {"counter": 3, "value": 1, "pid": ...}
     curl localhost:8000/stats                  # hits and misses of the shared cache
+    curl localhost:8000/metrics                # the same, for Prometheus
 
 Counter n lives in page n. Changing it takes a cross-process lock on byte n of a lock file
 (Berkeley DB would use its lock region) *after* pinning: the pin may wait for a read, but once
@@ -31,12 +32,14 @@ import os
 import sys
 from collections.abc import AsyncIterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import aiodbenv
+import aiodbenv.metrics
 
 HOME_VAR = "AIODBENV_EXAMPLE_HOME"
 COUNTERS = 64
@@ -49,6 +52,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     env = await aiodbenv.Env.open(home)
     f = await env.pool.open_file("counters.db", create=True)
     app.state.env, app.state.file = env, f
+    # The counts live in the shared region: whichever worker answers /metrics reports the
+    # whole environment, so a scrape that reaches any one of them sees every worker's work.
+    app.state.registry = CollectorRegistry()
+    app.state.registry.register(aiodbenv.metrics.Collector(env))
     app.state.lock_fd = os.open(os.path.join(home, "counters.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         yield
@@ -129,11 +136,17 @@ async def stats(request: Request) -> JSONResponse:
     )
 
 
+async def metrics(request: Request) -> Response:
+    registry: CollectorRegistry = request.app.state.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
 app = Starlette(
     routes=[
         Route("/counter/{n:int}", read_counter, methods=["GET"]),
         Route("/counter/{n:int}", bump_counter, methods=["POST"]),
         Route("/stats", stats, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ],
     lifespan=lifespan,
 )

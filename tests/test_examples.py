@@ -21,6 +21,7 @@ from .conftest import REPO
 
 pytest.importorskip("starlette", reason="the example needs starlette (in the test extra)")
 pytest.importorskip("uvicorn", reason="the example needs uvicorn (in the test extra)")
+pytest.importorskip("prometheus_client", reason="the example needs it (in the test extra)")
 
 
 def free_port() -> int:
@@ -33,6 +34,20 @@ def call(port: int, path: str, method: str = "GET") -> dict[str, object]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics: every sample, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_web_backend_with_two_workers_and_a_checkpoint_worker(home: str) -> None:
@@ -86,6 +101,16 @@ def test_web_backend_with_two_workers_and_a_checkpoint_worker(home: str) -> None
         # Page 5 was made once and then found in the shared cache by both processes.
         assert counters["page_in"] == 0 and counters["misses"] == 1
         assert counters["hits"] >= 139
+
+        # /metrics, from whichever worker answers, counts both workers' pins: all 140 requests.
+        counters_db = os.path.join(home, "counters.db")
+        for _ in range(4):
+            samples = scrape(port)
+            hits = samples[("aiodbenv_file_cache_hits_total", (("file", counters_db),))]
+            assert hits >= 139
+            assert samples[("aiodbenv_cache_hits_total", ())] >= 139
+            assert samples[("aiodbenv_handles", ())] >= 2
+            assert samples[("aiodbenv_file_pinned_pages", (("file", counters_db),))] == 0
 
         deadline = time.monotonic() + 20
         while call(port, "/stats")["page_dirty"]:

@@ -11,10 +11,11 @@ read back (through the pool and from the file) to check that nothing was lost.
 The await points of the pool, from the code:
 
 - ``PoolFile._pin``: ``Pool._await_read`` (another coroutine is reading the page),
-  ``Pool._get_frame`` (``_wait_change`` while every frame is pinned; ``_write_victim`` while a
-  dirty victim is written), ``Pool._fill`` (the read itself, in a worker thread through
-  ``_ReadBatcher`` when ``RWF_NOWAIT`` says the data is not in the OS page cache; a read served
-  by ``RWF_NOWAIT`` runs on the loop and has no await point).
+  ``Pool._get_frame`` (``_wait_frame_turn`` while every frame is pinned; ``_write_victim`` while
+  a dirty victim is written, then the back-off sleep after a failed write), ``Pool._fill`` (the
+  read itself, in a worker thread through ``_ReadBatcher`` when ``RWF_NOWAIT`` says the data
+  is not in the OS page cache; a read served by ``RWF_NOWAIT`` runs on the loop and has no
+  await point).
 - ``PoolFile.unpin``: none.
 - ``write_back`` / ``trickle``: each batch's shielded task (inside it, the open of a write
   descriptor under the file's lock and the write's thread hop), ``settle_claims`` (a sync
@@ -163,7 +164,9 @@ def assert_quiescent(env: aiodbenv.Env, held: Iterable[Page] = ()) -> None:
     _check_mutex(ecore.mutex, "environment mutex")
     for i, m in enumerate(ecore.alloc_mutexes):
         _check_mutex(m, f"region {i} allocator")
-    assert pool._waiters == 0, f"{pool._waiters} frame waiters left"
+    assert pool._waiters == 0, f"{pool._waiters} read waiters left"
+    assert pool._frame_waiting == 0, f"{pool._frame_waiting} frame waiters left"
+    assert not pool._frame_queue, "frame queue not empty"
     assert pool._reader._running == 0 and not pool._reader._queue, "reads still queued"
 
 
@@ -258,7 +261,7 @@ async def env(
     finally:
         if not e.closed:
             await e.close()
-        await aiodbenv.Env.remove(home)
+        await aiodbenv.Env.remove(home, force=True)  # dirty pages may be left: discard them
         for name in os.listdir(home):
             if name.endswith(".db"):  # a.db, other.db
                 os.remove(os.path.join(home, name))
@@ -286,7 +289,7 @@ async def test_pin_cancelled_while_waiting_for_a_frame(
     waiter = asyncio.create_task(f.pin(FRAMES + 5))
     await asyncio.sleep(0.05)
     assert not waiter.done()
-    assert pool._waiters == 1
+    assert pool._frame_waiting == 1
     waiter.cancel()
     assert isinstance(await outcome(waiter), asyncio.CancelledError)
     await settle(env, held)
@@ -320,7 +323,7 @@ async def test_pin_waiting_for_a_frame_then_cancelled_as_the_frame_frees(
     await settle(env, held)
     for p in held:
         await f.unpin(p)
-    assert pool._waiters == 0
+    assert pool._frame_waiting == 0
     await check_pages(f, {FRAMES + 5: content(FRAMES + 5)})
     await settle(env)
 
@@ -773,7 +776,7 @@ async def test_sync_cancelled_between_batches(home: str) -> None:
                 assert read_disk(path_of(f), i) == want, f"page {i} on disk"
             await check_pages(f, expected)
             await settle(env)
-    await aiodbenv.Env.remove(home)
+    await aiodbenv.Env.remove(home, force=True)  # dirty pages may be left: discard them
     os.remove(os.path.join(home, "a.db"))
 
 

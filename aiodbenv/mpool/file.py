@@ -8,21 +8,27 @@ is installed (``aiodb_pin_hit``, ``aiodb_unpin``) and in Python otherwise; both 
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import mmap
 import os
+import warnings
 import weakref
+from time import clock_gettime_ns as _clock_ns
 from typing import TYPE_CHECKING
 
 from ..errors import (
     ForkedProcessError,
     InvalidArgument,
+    LockTimeout,
     NoSpace,
     PageNotFound,
     PermissionDenied,
 )
 from ..region.layout import MUTEX_SLOT, WORD
-from ..region.mutex import ffi, speedups
+from ..region.mutex import BUSY, STEP_WAIT, ffi, speedups
+from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
 from .checksum import TRAILER
 from .layout import (
@@ -49,11 +55,15 @@ from .table import (
     H_IOPID,
     H_NEXT,
     H_PGNO,
+    H_PINAT,
     H_PRIO,
     H_REF,
     H_SIZE,
+    PIN_CLOCK,
     Cache,
 )
+
+_COARSE = PIN_CLOCK
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -61,6 +71,11 @@ if TYPE_CHECKING:
     from .sync import SyncResult
 
 __all__ = ["PoolFile"]
+
+logger = logging.getLogger("aiodbenv")
+
+#: ``Page._bh`` of a page that close unpinned (-1 is a page its holder unpinned).
+RELEASED_BY_CLOSE = -2
 
 #: Every open PoolFile of this process, so that a forked child can disarm them.
 _live_files: weakref.WeakSet[PoolFile] = weakref.WeakSet()
@@ -108,6 +123,7 @@ if speedups is not None:
         BH.size,
         (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
         BH_REDIRTIED,
+        H_PINAT,
     ]
     speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
     _c_pin_hit = speedups.aiodb_pin_hit
@@ -308,7 +324,15 @@ class PoolFile:
         w = cache.words
         tag = self._tag
         examined = 1
-        cache.lock(b)
+        p = cache.mptrs[b]
+        if p:
+            rc = _trylock(p)
+            if rc:
+                if rc == errno.EBUSY:
+                    return None  # contended: the slow path waits, without blocking the loop
+                cache.mutexes[b].acquire_contended(rc)
+            else:
+                w[cache.nowait_words[b]] += 1
         try:
             off = w[cache.bucket_words[b] + B_HEAD]
             while off:
@@ -321,7 +345,10 @@ class PoolFile:
                         return None
                     if off + _BH_DATA + self.page_size > cache.region.size:
                         return None
-                    w[x + H_REF] += 1
+                    ref = w[x + H_REF]
+                    if not ref:  # the first pin: when it began (the oldest pin's age)
+                        w[x + H_PINAT] = _clock_ns(_COARSE)
+                    w[x + H_REF] = ref + 1
                     break
                 off = w[x + H_NEXT]
                 examined += 1
@@ -469,9 +496,12 @@ class PoolFile:
                 page = Page(self, pgno, view, None, -1, 0)
                 self._pins.add(page)
                 return page
+        pool = self._pool
         while True:
             cache, b = self._core.locate(self._fidx, pgno)
-            found = self._lookup_pin(cache, b, pgno)
+            found = pool._attempt(self._lookup_pin, cache, b, pgno)
+            if found is BUSY:
+                found = await pool._locked(self._lookup_pin, cache, b, pgno)
             if found:
                 bh = found
                 if cache.words[(bh >> 3) + H_FLAGS] & BH_READING:
@@ -489,13 +519,19 @@ class PoolFile:
                 if self.readonly:
                     raise PermissionDenied(f"cannot create page {pgno} in read-only file")
                 if mode == MODE_CREATE:
-                    self._extend(pgno)
-            frame = await self._pool._get_frame(cache, self.page_size)
-            if self._closed:  # closed while we waited for the frame: give it back
-                self._core.free_buffer(cache, frame)
-                self._check_open()
-            inserted = self._insert(cache, b, frame, pgno)
+                    await pool._locked(self._extend, pgno)
+            frame = await pool._get_frame(cache, self.page_size)
+            # The frame is ours alone until it is linked: every way out gives it back.
+            try:
+                self._check_open()  # closed while we waited for the frame?
+                inserted = pool._attempt(self._insert, cache, b, frame, pgno)
+                if inserted is BUSY:
+                    inserted = await pool._locked(self._insert, cache, b, frame, pgno)
+            except BaseException:
+                await pool._free_frame(cache, frame)
+                raise
             if not inserted:
+                await pool._free_frame(cache, frame)
                 continue  # someone else brought the page in meanwhile: pin theirs
             w0[self._fs + _FS_MISS] += 1
             await self._pool._fill(self, cache, b, frame, pgno, mode)
@@ -520,7 +556,10 @@ class PoolFile:
             for off in cache.chain(b):
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
-                    w[x + H_REF] += 1
+                    ref = w[x + H_REF]
+                    if not ref:
+                        w[x + H_PINAT] = _clock_ns(_COARSE)
+                    w[x + H_REF] = ref + 1
                     found = off
                     break
                 examined += 1
@@ -529,8 +568,8 @@ class PoolFile:
         return found
 
     def _insert(self, cache: Cache, b: int, frame: int, pgno: int) -> bool:
-        """Link ``frame`` as page ``pgno`` (being read, pinned once) unless someone beat us;
-        on losing, the frame is returned to the cache."""
+        """Link ``frame`` as page ``pgno`` (being read, pinned once) unless someone beat us
+        (False: the frame is still the caller's to give back)."""
         w = cache.words
         bw = cache.bucket_words[b]
         tag = self._tag
@@ -544,6 +583,7 @@ class PoolFile:
                 w[x + H_FILE] = tag
                 w[x + H_PGNO] = pgno
                 w[x + H_REF] = 1
+                w[x + H_PINAT] = _clock_ns(_COARSE)
                 w[x + H_FLAGS] = BH_READING
                 w[x + H_PRIO] = 0
                 w[x + H_SIZE] = self.page_size
@@ -551,8 +591,8 @@ class PoolFile:
                 w[x + H_NEXT] = w[bw + B_HEAD]
                 w[bw + B_HEAD] = frame  # one store publishes the complete header
                 w[bw + B_COUNT] += 1
+                self._core.settle_buffer(cache, frame)
                 return True
-        self._core.free_buffer(cache, frame)
         return False
 
     def _extend(self, pgno: int | None) -> int:
@@ -581,8 +621,15 @@ class PoolFile:
         Flags set with :meth:`Page.mark_dirty` and friends also apply.
 
         Raises :class:`~aiodbenv.errors.InvalidArgument` for ``clean`` with ``dirty`` or a page
-        that is not pinned (more unpins than pins), :class:`~aiodbenv.errors.PermissionDenied`
-        for ``dirty`` on a read-only file. Never awaits I/O, so it cannot be cancelled halfway.
+        that is not pinned (more unpins than pins, or one that closing its file or environment
+        unpinned already), :class:`~aiodbenv.errors.PermissionDenied` for ``dirty`` on a
+        read-only file. Never awaits I/O. It awaits only when the page's bucket mutex is held
+        by another process for more than a few milliseconds: the release then backs off and
+        retries without blocking the event loop, and raises
+        :class:`~aiodbenv.errors.LockTimeout` naming the holder after ``pool.wait_timeout``
+        seconds (the pin then stays counted in the region). Cancellation: the page is unpinned
+        for the caller at once either way; a release still waiting for the mutex finishes in
+        the background.
         """
         flags = page._flags
         if dirty and clean:
@@ -593,37 +640,48 @@ class PoolFile:
             flags = (flags & ~PAGE_DIRTY) | PAGE_CLEAN
         if discard:
             flags |= PAGE_DISCARD
-        self._unpin(page, flags)
+        pending = self._unpin(page, flags)
+        if pending is not None:
+            await asyncio.shield(pending)
 
     def set(
         self, page: Page, *, dirty: bool = False, clean: bool = False, discard: bool = False
     ) -> None:
         """Set a pinned page's flags without unpinning it (memp_fset): ``dirty`` and ``clean``
-        apply at once, ``discard`` when the page is unpinned. At least one flag is required."""
+        apply at once, ``discard`` when the page is unpinned. At least one flag is required.
+
+        Synchronous: if another process holds the page's bucket mutex, this waits for it at
+        most ``aiodbenv.region.mutex.SYNC_WAIT`` (1 s), blocking the thread, then raises
+        :class:`~aiodbenv.errors.LockTimeout` naming the holder, with nothing changed."""
         if self._forked:
             self._refuse_forked()
         if not (dirty or clean or discard):
             raise InvalidArgument("set needs at least one of dirty, clean, discard")
         self._check_flags(page, (PAGE_DIRTY if dirty else 0) | (PAGE_CLEAN if clean else 0))
-        if discard:
-            page._flags |= PAGE_DISCARD
         cache = page._cache
-        if dirty:
-            self._pool._note_dirty(self.page_size)
         if (dirty or clean) and cache is not None:
             w = cache.words
-            with cache.mutexes[page._bucket]:
+            with cache.mutexes[page._bucket]:  # first: a LockTimeout leaves nothing changed
                 self._apply_dirty(
                     w,
                     page._bh >> 3,
                     cache.bucket_words[page._bucket],
                     PAGE_DIRTY if dirty else PAGE_CLEAN,
                 )
+        if dirty:
+            self._pool._note_dirty(self.page_size)
+        if discard:
+            page._flags |= PAGE_DISCARD
 
     def _check_flags(self, page: Page, flags: int) -> None:
         """Raise the error a bad unpin or set deserves (called only when something is off)."""
         if page._file is not self:
             raise InvalidArgument(f"page {page.pgno} belongs to another file handle")
+        if page._bh == RELEASED_BY_CLOSE:
+            raise InvalidArgument(
+                f"page {page.pgno} of {self._path or '(temporary file)'} was already unpinned "
+                "when its file (or environment) was closed"
+            )
         if page._bh < 0:
             raise InvalidArgument(f"page {page.pgno} is not pinned: more unpins than pins")
         if flags & PAGE_DIRTY and flags & PAGE_CLEAN:
@@ -647,7 +705,10 @@ class PoolFile:
             # Wraps at 0 as the compiled twin does; write-back's walk reports the count.
             w[bw + B_DIRTY] = (w[bw + B_DIRTY] - 1) & 0xFFFFFFFFFFFFFFFF
 
-    def _unpin(self, page: Page, flags: int) -> None:
+    def _unpin(self, page: Page, flags: int) -> asyncio.Task[None] | None:
+        """Drop the pin of ``page``. Returns None when done, or, if the bucket's mutex was
+        held past a few milliseconds, the pool task that finishes the release (await it to
+        see it through; see :meth:`_release_py`)."""
         bh = page._bh
         if (
             page._file is not self
@@ -662,7 +723,7 @@ class PoolFile:
         page.data.release()
         cache = page._cache
         if cache is None:  # a mapped page: nothing in the cache to release
-            return
+            return None
         b = page._bucket
         if _c_unpin is not None:
             r = _c_unpin(
@@ -677,22 +738,41 @@ class PoolFile:
             )
             if r == 1:
                 self._pool._frame_released()
-                return
+                return None
             if r == 0:
-                return
+                return None
             if r == 2:
                 self._pool._panic_unpinned(page.pgno)
             if r == -errno.EOWNERDEAD:
                 self._owner_died(cache, b)
-            # contended (or repaired): do it the Python way, which blocks for the mutex
-        self._release_py(page, cache, b, bh, flags)
+            # contended (or repaired): do it the Python way, which waits for the mutex
+        return self._release_py(page.pgno, cache, b, bh, flags)
 
-    def _release_py(self, page: Page, cache: Cache, b: int, bh: int, flags: int) -> None:
+    def _release_py(
+        self, pgno: int, cache: Cache, b: int, bh: int, flags: int
+    ) -> asyncio.Task[None] | None:
         """Drop one pin of buffer ``bh`` with PAGE_* ``flags`` (the Python form of the
-        compiled ``aiodb_unpin``)."""
+        compiled ``aiodb_unpin``). The bucket mutex is waited for a few milliseconds at most:
+        if its holder keeps it (stopped?), the release is finished by a task of the pool that
+        backs off and retries up to ``wait_timeout``, returned for the caller to await."""
+        try:
+            self._release_locked(pgno, cache, b, bh, flags, STEP_WAIT)
+        except LockTimeout:
+            return self._pool._later(self._release_locked, pgno, cache, b, bh, flags, None)
+        return None
+
+    def _release_locked(
+        self, pgno: int, cache: Cache, b: int, bh: int, flags: int, wait: float | None
+    ) -> None:
         w = cache.words
         x = bh >> 3
-        cache.lock(b)
+        p = cache.mptrs[b]
+        if p:
+            rc = _trylock(p)
+            if rc:
+                cache.mutexes[b].acquire_contended(rc, wait)
+            else:
+                w[cache.nowait_words[b]] += 1
         try:
             if flags & (PAGE_DIRTY | PAGE_CLEAN):
                 self._apply_dirty(w, x, cache.bucket_words[b], flags)
@@ -720,7 +800,7 @@ class PoolFile:
         finally:
             cache.unlock(b)
         if released is None:
-            self._pool._panic_unpinned(page.pgno)
+            self._pool._panic_unpinned(pgno)
         elif released:
             self._pool._frame_released()
 
@@ -750,11 +830,31 @@ class PoolFile:
             self._refuse_forked()
         if self._closed:
             return
+        if self._pins:
+            self._warn_pinned()
+        pending = []
         for page in list(self._pins):
-            self._unpin(page, page._flags)
+            task = self._unpin(page, page._flags)
+            page._bh = RELEASED_BY_CLOSE
+            if task is not None:
+                pending.append(task)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)  # failures are logged
         self._closed = True
         self._hot = False
         await self._pool._close_file(self)
+
+    def _warn_pinned(self) -> None:
+        """Closing with pages still pinned is a leak in the caller (a pin never released):
+        say which pages, in the log and as a ResourceWarning."""
+        pgnos = sorted({p.pgno for p in self._pins})
+        shown = ", ".join(map(str, pgnos[:20])) + (", ..." if len(pgnos) > 20 else "")
+        text = (
+            f"closing {self._path or '(temporary file)'} with {len(self._pins)} pin(s) still "
+            f"held on page(s) {shown}; they are unpinned now (with the flags set on them)"
+        )
+        logger.warning("aiodbenv: %s", text)
+        warnings.warn(text, ResourceWarning, stacklevel=3)
 
     def stat(self) -> FileStat:
         """This file's statistics (its DB_MPOOL_FSTAT), summed over every process."""

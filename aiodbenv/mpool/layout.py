@@ -35,6 +35,8 @@ __all__ = [
     "MAX_FILES",
     "MAX_PGNO",
     "POOL_HEADER",
+    "WORKER_ERROR_WORDS",
+    "WORKER_STATE_FIELDS",
 ]
 
 #: Files a pool can hold at once (open, or with pages still cached).
@@ -98,6 +100,9 @@ BH = Layout(
         ("priority", 1),  # lru_counter stamp at the last unpin (0: evict first)
         ("page_size", 1),
         ("io_pid", 1),  # process doing the read or write (diagnostics, dead-reader cleanup)
+        # CLOCK_MONOTONIC_COARSE (ns) when its pin count last went from 0 to 1: the age of the
+        # oldest pin in the statistics. The clock is system-wide, so every process can compare.
+        ("pinned_at", 1),
     ],
 )
 
@@ -142,6 +147,16 @@ GSTAT_FIELDS = (
 )
 HANDLE_STATS = Layout("handle_stats", [("next", 1), ("pid", 1), *[(f, 1) for f in GSTAT_FIELDS]])
 
+#: The shared state of one kind of background worker (see POOL_HEADER).
+WORKER_ERROR_WORDS = 32
+WORKER_STATE_FIELDS = (
+    ("in_row", 1),
+    ("failed_pid", 1),
+    ("success_ns", 1),
+    ("failure_ns", 1),
+    ("error", WORKER_ERROR_WORDS),
+)
+
 POOL_HEADER = Layout(
     "pool_header",
     [
@@ -163,6 +178,15 @@ POOL_HEADER = Layout(
         ("checkpoint_until", 1),
         ("last_checkpoint_ns", 1),  # wall clock of the last complete checkpoint
         ("last_checkpoint_lsn", 1),  # its LSN once the environment has a log; 0 until then
+        # How the acting worker of each kind fares, for Env.health in every process: failures
+        # in a row (0: its latest attempt succeeded), the pid that saw the latest failure, the
+        # wall-clock ns of the latest success and failure, and the latest error's message
+        # (UTF-8, length-prefixed, truncated to fit). Written under the pool mutex.
+        *[
+            (f"{kind}_{field}", size)
+            for kind in ("trickle", "checkpoint")
+            for field, size in WORKER_STATE_FIELDS
+        ],
         # A failed fsync panics the environment (see sync.py); what failed, for every process's
         # RunRecovery message: the errno and the file's name (region-0 offset and length).
         ("fsync_errno", 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -107,4 +108,6 @@ class PinContext:
         page = self._page
         if page is not None:
             self._page = None
-            self._file._unpin(page, page._flags)
+            pending = self._file._unpin(page, page._flags)
+            if pending is not None:  # the bucket mutex is held elsewhere: see PoolFile.unpin
+                await asyncio.shield(pending)

@@ -9,6 +9,7 @@ loop except a read of a page that is already in the OS page cache (``RWF_NOWAIT`
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import mmap
@@ -29,13 +30,18 @@ from .._process import is_alive
 from ..errors import (
     CacheFull,
     InvalidArgument,
+    LockTimeout,
+    NoSpace,
     NotFound,
     PageCorrupt,
     PageNotFound,
     PermissionDenied,
     RunRecovery,
+    TryAgain,
 )
 from ..region.backing import Region
+from ..region.mutex import BUSY, Busy, _wait_bound, step_waits
+from ..region.mutex import STEP_WAIT as _STEP_WAIT
 from .checksum import verify as verify_checksum
 from .file import MODE_GET, MODE_LAST, MODE_NEW, PoolFile
 from .layout import (
@@ -58,6 +64,7 @@ from .table import (
     B_DIRTY,
     H_FLAGS,
     H_IOPID,
+    H_PGNO,
     H_REF,
     Cache,
     PoolCore,
@@ -86,6 +93,12 @@ _ZEROS: dict[int, bytes] = {}
 _READ_BATCH = 64
 #: Concurrent worker threads doing this pool's I/O.
 IO_THREADS = 4
+#: The frame-waiter poll (for frames released by other processes): first and longest step.
+_POLL_MIN = 0.0002
+_POLL_MAX = 0.005
+#: Back-off between failed writes of dirty victims (a full or failing disk): first, longest.
+_WRITE_RETRY_MIN = 0.001
+_WRITE_RETRY_MAX = 0.1
 
 
 def _zeros(n: int) -> bytes:
@@ -209,6 +222,17 @@ class Pool:
         self._no_nowait: set[int] = set()  # descriptors whose filesystem refuses RWF_NOWAIT
         self._changed: asyncio.Event | None = None
         self._waiters = 0
+        # Coroutines waiting for a frame, first come first served: each released frame wakes
+        # the first one (one wake-up per frame, not a stampede). Frames freed by other
+        # processes are only seen by polling, which one timer does for the whole queue.
+        self._frame_queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._frame_poll: asyncio.TimerHandle | None = None
+        self._frame_poll_delay = _POLL_MIN
+        #: Wake-ups handed to frame waiters: by a released frame, and by the poll timer.
+        self.frame_wakeups = 0
+        self.frame_polls = 0
+        self._frame_waiting = 0  # coroutines inside _wait_frame_turn
+        self._reclaimed_at: dict[int, float] = {}  # cache index -> last look for lost frames
         self._closed = False
         # Closing waits for all of this: coroutines inside a slow path (a miss, a sync) and the
         # tasks the pool spawned for I/O (fills, read batches, write batches, fsyncs), so that
@@ -634,6 +658,69 @@ class Pool:
 
     # -- frames -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _attempt(fn: Callable[..., T], *args: Any) -> T | Busy:
+        """``fn(*args)`` with a lock wait of a few milliseconds at most, or ``BUSY`` (nothing
+        done) if a mutex stayed held: the slow paths' usual case, without making a coroutine;
+        on ``BUSY`` they go on with :meth:`_locked`."""
+        token = _wait_bound.set(_STEP_WAIT)
+        try:
+            return fn(*args)
+        except LockTimeout:
+            return BUSY
+        finally:
+            _wait_bound.reset(token)
+
+    async def _locked(self, fn: Callable[..., T], *args: Any, check: bool = True) -> T:
+        """``fn(*args)``, a synchronous critical section, with bounded lock waits: each
+        attempt waits at most a few milliseconds for a held mutex; on
+        :class:`~aiodbenv.errors.LockTimeout` the call backs off asynchronously (the event
+        loop keeps running) and tries again, up to ``wait_timeout`` seconds, then raises
+        LockTimeout naming the holder. ``fn`` must change nothing when a lock times out (each
+        of its critical sections locks first), so that it can simply be called again.
+
+        ``check``: stop between attempts if the pool is closing (not for bookkeeping that
+        must be finished, such as a deferred release). Cancellation: between attempts;
+        nothing is held.
+        """
+        token = _wait_bound.set(_STEP_WAIT)
+        try:
+            return fn(*args)
+        except LockTimeout as err:
+            last = err
+        finally:
+            _wait_bound.reset(token)
+        deadline = time.monotonic() + self.wait_timeout
+        delay = 0.0005
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                who = f"process {last.pid}" if last.pid else "another process"
+                final = LockTimeout(
+                    f"mutex {last.mutex} is held by {who} and was not released within "
+                    f"{self.wait_timeout:g} s (is that process stopped or stuck?)"
+                )
+                final.pid, final.mutex = last.pid, last.mutex
+                raise final from last
+            await asyncio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, _POLL_MAX)
+            if check:
+                self._check()
+            token = _wait_bound.set(_STEP_WAIT)
+            try:
+                return fn(*args)
+            except LockTimeout as err:
+                last = err
+            finally:
+                _wait_bound.reset(token)
+
+    def _later(self, fn: Callable[..., object], *args: Any) -> asyncio.Task[Any]:
+        """Run ``fn(*args)`` through :meth:`_locked` in a task of the pool, for a synchronous
+        caller whose critical section found its mutex held; a final failure is logged."""
+        task = self._spawn(self._locked(fn, *args, check=False))
+        task.add_done_callback(_log_failure)
+        return task
+
     def _notify(self) -> None:
         ev = self._changed
         if ev is not None:
@@ -669,8 +756,71 @@ class Pool:
         return dirty / total if total else 0.0
 
     def _frame_released(self) -> None:
-        if self._waiters:
-            self._notify()
+        """A frame may be free or evictable now: wake the first frame waiter (only one)."""
+        q = self._frame_queue
+        while q:
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self.frame_wakeups += 1
+                return
+
+    def _wake_all_frames(self) -> None:
+        """Wake every frame waiter (the pool is closing: they leave)."""
+        q = self._frame_queue
+        while q:
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    def _arm_frame_poll(self) -> None:
+        if self._frame_poll is None and self._frame_queue:
+            self._frame_poll = asyncio.get_running_loop().call_later(
+                self._frame_poll_delay, self._poll_frames
+            )
+
+    def _poll_frames(self) -> None:
+        # Frames released in other processes wake nobody here: wake the first waiter now and
+        # then to look (backing off while nothing turns up; a frame found resets the step).
+        self._frame_poll = None
+        q = self._frame_queue
+        while q:
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self.frame_polls += 1
+                break
+        self._frame_poll_delay = min(self._frame_poll_delay * 2, _POLL_MAX)
+        self._arm_frame_poll()
+
+    async def _wait_frame_turn(self, first: bool, timeout: float) -> None:
+        """Queue for a frame and wait to be woken (or ``timeout`` seconds). ``first`` keeps
+        the front of the queue for a waiter whose turn just came to nothing.
+
+        Cancellation: the waiter leaves the queue; a wake-up it had already received is
+        passed on to the next waiter, so that no released frame goes unnoticed.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if first:
+            self._frame_queue.appendleft(fut)
+        else:
+            self._frame_queue.append(fut)
+        self._arm_frame_poll()
+        self._frame_waiting += 1
+        try:
+            await asyncio.wait((fut,), timeout=timeout)
+        except BaseException:
+            if fut.done():
+                self._frame_released()  # hand the wake-up on
+            raise
+        finally:
+            self._frame_waiting -= 1
+            if not fut.done():
+                fut.cancel()
+                try:
+                    self._frame_queue.remove(fut)
+                except ValueError:
+                    pass
 
     async def _wait_change(self, timeout: float) -> None:
         """Wait for a frame release or I/O completion in this process, or ``timeout``
@@ -706,51 +856,124 @@ class Pool:
 
     async def _get_frame(self, cache: Cache, page_size: int) -> int:
         """A buffer of ``page_size`` bytes in ``cache``: free space, else an evicted victim
-        (written first if dirty), else wait for an unpin (or CacheFull if ``fail_fast``)."""
+        (written first if dirty), else wait for an unpin (or CacheFull if ``fail_fast``).
+
+        Waiters are served in order: a newcomer queues behind those already waiting, and
+        each released frame wakes one of them. Gives up after ``wait_timeout`` seconds with
+        :class:`CacheFull`, or :class:`NoSpace` if the victims' writes kept failing with a
+        full disk (failed writes are retried with a back-off, not in a spin).
+        """
         core = self._core
         deadline: float | None = None
-        delay = 0.0002
+        turn = not self._frame_queue  # somebody queued first: wait behind them
+        write_delay = _WRITE_RETRY_MIN
+        write_error: BaseException | None = None
         while True:
-            off = core.alloc_buffer(cache, page_size)
-            if off:
-                return off
-            victim = core.find_victim(cache, self._can_write, aggressive=False)
-            if victim is None:
-                victim = core.find_victim(cache, self._can_write, aggressive=True)
-            if victim is not None:
-                written = False
-                if victim.dirty:
-                    written = await self._write_victim(victim)
-                    if not written:
-                        continue
-                if core.unlink_victim(victim):
-                    w0 = core.w0
-                    w0[self._hs + _HS["rw_evict" if written else "ro_evict"]] += 1
-                    if victim.page_size == page_size:
-                        return victim.bh
-                    core.free_buffer(cache, victim.bh)
-                continue
-            if time.monotonic() - self._claims_swept > 0.5:
-                # No victim: perhaps frames are held by claims of writers that died.
-                self._claims_swept = time.monotonic()
-                if await self._take_over_dead_claims():
+            if turn:
+                off = self._attempt(core.alloc_buffer, cache, page_size)
+                if off is BUSY:
+                    off = await self._locked(core.alloc_buffer, cache, page_size)
+                if off:
+                    self._got_frame()
+                    return off
+                victim = self._attempt(core.find_victim, cache, self._can_write, False)
+                if victim is BUSY:
+                    victim = await self._locked(core.find_victim, cache, self._can_write, False)
+                if victim is None:
+                    victim = self._attempt(core.find_victim, cache, self._can_write, True)
+                    if victim is BUSY:
+                        victim = await self._locked(core.find_victim, cache, self._can_write, True)
+                if victim is not None:
+                    written = False
+                    if victim.dirty:
+                        written, err = await self._write_victim(victim)
+                        self._check()
+                        if not written:
+                            # The disk refuses the write (the page stays dirty): back off and
+                            # try again, until wait_timeout.
+                            write_error = err or write_error
+                            now = time.monotonic()
+                            if deadline is None:
+                                deadline = now + self.wait_timeout
+                            elif now >= deadline:
+                                self._give_up_writing(write_error)
+                            await asyncio.sleep(min(write_delay, max(0.0, deadline - now)))
+                            write_delay = min(write_delay * 2, _WRITE_RETRY_MAX)
+                            self._check()
+                            continue
+                    unlinked = self._attempt(core.unlink_victim, victim)
+                    if unlinked is BUSY:
+                        unlinked = await self._locked(core.unlink_victim, victim)
+                    if unlinked:
+                        w0 = core.w0
+                        w0[self._hs + _HS["rw_evict" if written else "ro_evict"]] += 1
+                        self._got_frame()
+                        if victim.page_size == page_size:
+                            return victim.bh
+                        await self._free_frame(cache, victim.bh)
                     continue
-            if self.fail_fast:
-                raise CacheFull(
-                    "unable to allocate space from the buffer cache: every frame is pinned"
-                )
+                if time.monotonic() - self._claims_swept > 0.5:
+                    # No victim: perhaps frames are held by claims of writers that died.
+                    self._claims_swept = time.monotonic()
+                    if await self._take_over_dead_claims():
+                        continue
+                if self._reclaim(cache):
+                    reclaimed: int = await self._locked(core.reclaim_lost_buffers, cache)
+                    if reclaimed:
+                        continue  # frames came back
+                if self.fail_fast:
+                    raise CacheFull(
+                        "unable to allocate space from the buffer cache: every frame is pinned"
+                    )
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self.wait_timeout
                 self._core.w0[self._hs + _HS["alloc_waits"]] += 1
             elif now >= deadline:
+                if write_error is not None:
+                    self._give_up_writing(write_error)
                 raise CacheFull(
                     f"unable to allocate space from the buffer cache: every frame stayed "
                     f"pinned for {self.wait_timeout} s"
                 )
-            await self._wait_change(min(delay, deadline - now))
-            delay = min(delay * 2, 0.005)
+            await self._wait_frame_turn(turn, deadline - now)
+            turn = True
             self._check()
+
+    async def _free_frame(self, cache: Cache, bh: int) -> None:
+        """Give an unlinked buffer back to the cache, even if cancelled meanwhile (a frame
+        must never be lost): the free runs in a task of the pool."""
+        try:
+            with step_waits():
+                self._core.free_buffer(cache, bh)  # the usual case: at once
+        except LockTimeout:
+            await asyncio.shield(self._later(self._core.free_buffer, cache, bh))
+
+    def _reclaim(self, cache: Cache) -> bool:
+        """Whether to look for frames that killed processes left outside every chain (see
+        :meth:`PoolCore.reclaim_lost_buffers`): when no victim is found, at most once a second
+        per cache in this process (the look walks every allocation of the region)."""
+        now = time.monotonic()
+        if now - self._reclaimed_at.get(cache.index, 0.0) < 1.0:
+            return False
+        self._reclaimed_at[cache.index] = now
+        return True
+
+    def _got_frame(self) -> None:
+        # Frames are coming free again: the poll restarts at its shortest step.
+        self._frame_poll_delay = _POLL_MIN
+
+    def _give_up_writing(self, err: BaseException | None) -> None:
+        code = getattr(err, "errno", None)
+        if isinstance(err, NoSpace) or code in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(
+                f"no frame for a page after {self.wait_timeout} s: every dirty page that could "
+                f"be evicted failed to write ({err}); the disk is full"
+            ) from err
+        raise CacheFull(
+            f"no frame for a page after {self.wait_timeout} s: every dirty page that could be "
+            f"evicted failed to write ({err})"
+        ) from err
 
     async def _take_over_dead_claims(self) -> int:
         """Release every write claim held by a dead process (their pages stay dirty and
@@ -768,11 +991,14 @@ class Pool:
                     since = time.monotonic()
                 if not w[bw + B_COUNT]:
                     continue
-                with cache.mutexes[b]:
-                    for off in cache.chain(b):  # offsets checked, the walk bounded
-                        x = off >> 3
-                        if w[x + H_FLAGS] & BH_WRITING:
-                            found.append((cache, b, off, int(w[x + H_IOPID])))
+                try:
+                    with step_waits(), cache.mutexes[b]:
+                        for off in cache.chain(b):  # offsets checked, the walk bounded
+                            x = off >> 3
+                            if w[x + H_FLAGS] & BH_WRITING:
+                                found.append((cache, b, off, int(w[x + H_IOPID])))
+                except LockTimeout:
+                    continue  # held elsewhere (a stopped process?): a later sweep looks
         alive: dict[int, bool] = {self._pid: True}
         taken = 0
         for cache, b, off, pid in found:
@@ -784,13 +1010,20 @@ class Pool:
             logger.warning("took over %d page write(s) left by dead process(es)", taken)
         return taken
 
-    async def _write_victim(self, v: Victim) -> bool:
+    async def _write_victim(self, v: Victim) -> tuple[bool, BaseException | None]:
+        """Write a dirty victim; ``(True, None)`` if it is clean now (or dropped), else
+        ``(False, the error if any)``."""
         from .sync import write_items
 
-        result = await write_items(
-            self, [(v.file - 1, v.pgno, v.cache, v.bucket, v.bh)], fsync=False
-        )
-        return result.written == 1 or result.dropped == 1
+        try:
+            result = await write_items(
+                self, [(v.file - 1, v.pgno, v.cache, v.bucket, v.bh)], fsync=False
+            )
+        except OSError as err:
+            return False, err
+        if result.written == 1 or result.dropped == 1:
+            return True, None
+        return False, result.errors[0] if result.errors else None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -802,8 +1035,17 @@ class Pool:
         still completes (other waiters may want the page) and the caller's pin is dropped
         afterwards.
         """
-        if self._fill_now(f, cache, b, bh, pgno, mode):
-            return
+        try:
+            done = self._attempt(self._fill_now, f, cache, b, bh, pgno, mode)
+            if done is BUSY:
+                done = await self._locked(self._fill_now, f, cache, b, bh, pgno, mode)
+            if done:
+                return
+        except (LockTimeout, asyncio.CancelledError):
+            # Out of lock attempts (or cancelled between them): the buffer was neither
+            # published nor failed. Fail it, so that its waiters try again.
+            self._settle(self._fail_read, cache, b, bh)
+            raise
         job = self._spawn(self._fill_job(f, cache, b, bh, pgno, mode))
         try:
             await asyncio.shield(job)
@@ -903,7 +1145,7 @@ class Pool:
     ) -> None:
         if job.cancelled() or job.exception() is not None:
             return  # the failure path already dropped the pin
-        self._release_pin(cache, b, bh)
+        self._settle(self._release_pin, cache, b, bh)
 
     def _release_pin(self, cache: Cache, b: int, bh: int) -> None:
         w = cache.words
@@ -931,11 +1173,26 @@ class Pool:
             created = n == 0
             self._apply_pgin(f, pgno, view, mode)
         except BaseException:
-            self._fail_read(cache, b, bh)
+            self._settle(self._fail_read, cache, b, bh)
             raise
         finally:
             view.release()
-        self._publish(f, cache, b, bh, created)
+        try:
+            await self._locked(self._publish, f, cache, b, bh, created)
+        except BaseException:
+            self._settle(self._fail_read, cache, b, bh)
+            raise
+
+    def _settle(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run the bookkeeping ``fn(*args)`` now if its mutex is free within a few
+        milliseconds, else in a task of the pool that keeps trying (see :meth:`_locked`):
+        for steps that must happen (releasing a pin, failing a read) on paths that cannot
+        wait, such as callbacks and cancellations. ``fn`` changes nothing when it times out."""
+        try:
+            with step_waits():
+                fn(*args)
+        except LockTimeout:
+            self._later(fn, *args)
 
     def _fail_read(self, cache: Cache, b: int, bh: int) -> None:
         """A read failed: unlink the buffer, flag it failed for waiters, drop our pin."""
@@ -947,7 +1204,8 @@ class Pool:
             w[x + H_REF] -= 1
             last = w[x + H_REF] == 0
         if last:
-            self._core.free_buffer(cache, bh)
+            self._settle(self._core.free_buffer, cache, bh)
+            self._frame_released()
         self._notify()
 
     async def _await_read(self, cache: Cache, b: int, bh: int, f: PoolFile) -> bool:
@@ -957,19 +1215,29 @@ class Pool:
         x = bh >> 3
         delay = 0.00005
         checked = time.monotonic()
+        deadline = checked + self.wait_timeout
         try:
             while w[x + H_FLAGS] & BH_READING:
                 await self._wait_change(delay)
                 self._check()  # closing: give the pin back (below) and leave
                 delay = min(delay * 2, 0.002)
-                if time.monotonic() - checked > 0.5:
-                    checked = time.monotonic()
-                    self._adopt_dead_read(cache, b, bh, f)
+                now = time.monotonic()
+                if now - checked > 0.5:
+                    checked = now
+                    await self._locked(self._adopt_dead_read, cache, b, bh, f)
+                if now >= deadline and w[x + H_FLAGS] & BH_READING:
+                    pid = int(w[x + H_IOPID])
+                    who = "this process" if pid == self._pid else f"process {pid}"
+                    raise TryAgain(
+                        f"page {int(w[x + H_PGNO])} of {f.name!r} has been being read by {who} "
+                        f"for over {self.wait_timeout} s (alive, but not finishing: stopped or "
+                        f"stuck in I/O?); try again later"
+                    )
         except BaseException:
-            self._release_failed_or_pin(cache, b, bh)
+            self._settle(self._release_failed_or_pin, cache, b, bh)
             raise
         if w[x + H_FLAGS] & BH_FAILED:
-            self._release_failed_or_pin(cache, b, bh)
+            self._settle(self._release_failed_or_pin, cache, b, bh)
             return False
         return True
 
@@ -980,7 +1248,7 @@ class Pool:
             w[x + H_REF] -= 1
             last = w[x + H_REF] == 0 and w[x + H_FLAGS] & BH_FAILED
         if last:
-            self._core.free_buffer(cache, bh)
+            self._settle(self._core.free_buffer, cache, bh)
         self._frame_released()
 
     def _adopt_dead_read(self, cache: Cache, b: int, bh: int, f: PoolFile) -> None:
@@ -1123,6 +1391,10 @@ class Pool:
             return
         self._closing = True
         self._notify()
+        self._wake_all_frames()
+        if self._frame_poll is not None:
+            self._frame_poll.cancel()
+            self._frame_poll = None
         await self._quiesce()
         try:
             for f in list(self._files):
@@ -1145,6 +1417,11 @@ def _verify(f: PoolFile, pgno: int, view: memoryview) -> None:
             path=f.name,
             pgno=pgno,
         )
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("deferred pool bookkeeping failed: %s", task.exception())
 
 
 def _name_fileid(name: str) -> bytes:

@@ -8,10 +8,11 @@ from the buckets, and the lock figures from the mutexes themselves.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .layout import FF_NOFILE, FF_TEMP
-from .table import B_DIRTY, PoolCore
+from .table import B_DIRTY, PIN_CLOCK, PoolCore
 
 __all__ = ["FileStat", "PoolStat", "file_stat", "pool_stat"]
 
@@ -24,7 +25,10 @@ class FileStat:
     not found in the cache; ``map``: pins served from a read-only memory map; ``page_create``,
     ``page_in``, ``page_out``: pages created, read and written; ``write_calls`` and
     ``bytes_out``: the pwritev calls and bytes that wrote them; ``pages``: the pages the pool
-    knows of; ``open_handles``: handles that have it open in all processes.
+    knows of; ``open_handles``: handles that have it open in all processes; ``pinned``: its
+    pages pinned now (by any process) and ``oldest_pin_age``: seconds since the longest-held
+    of those pins began (None when none is pinned). A pin held for long keeps its page from
+    being evicted or written.
     """
 
     file_name: str | None
@@ -41,6 +45,8 @@ class FileStat:
     open_handles: int
     temp: bool
     nofile: bool
+    pinned: int = 0
+    oldest_pin_age: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,9 @@ class PoolStat:
     ``write_calls``, ``bytes_out``, ``write_failures``, ``sync_calls``, ``dirtied_bytes``
     (bytes of pages unpinned dirty), what the background workers wrote (``trickle_*`` and
     ``checkpoint_*``: runs, pages, write calls, bytes, failures: what each costs a flash
-    device), and ``files``.
+    device), ``page_pinned`` (buffers pinned now, by any process), ``oldest_pin_age``
+    (seconds since the longest-held pin now began; None when nothing is pinned), and
+    ``files``.
     """
 
     cache_size: int
@@ -99,10 +107,35 @@ class PoolStat:
     checkpoint_bytes: int
     checkpoint_failures: int
     files: tuple[FileStat, ...]
+    page_pinned: int = 0
+    oldest_pin_age: float | None = None
 
 
-def file_stat(core: PoolCore, fidx: int) -> FileStat:
+def _pin_ages(
+    pins: list[tuple[int, int, int, int]], now: int
+) -> tuple[dict[int, int], dict[int, float]]:
+    """Pinned buffers per file slot, and the age in seconds of each file's oldest pin."""
+    count: dict[int, int] = {}
+    oldest: dict[int, float] = {}
+    for fidx, _pgno, _ref, since in pins:
+        count[fidx] = count.get(fidx, 0) + 1
+        # A stamp from the future (written by a process that read the clock a moment later)
+        # is an age of 0, not a negative one.
+        age = max(0, now - since) / 1e9 if since else 0.0
+        oldest[fidx] = max(oldest.get(fidx, 0.0), age)
+    return count, oldest
+
+
+def _now() -> int:
+    return time.clock_gettime_ns(PIN_CLOCK)
+
+
+def file_stat(
+    core: PoolCore, fidx: int, pins: tuple[dict[int, int], dict[int, float]] | None = None
+) -> FileStat:
     """Statistics of file slot ``fidx``."""
+    if pins is None:
+        pins = _pin_ages([p for p in core.pins() if p[0] == fidx], _now())
     counts = core.file_stats(fidx)
     flags = core.file_field(fidx, "flags")
     return FileStat(
@@ -112,13 +145,17 @@ def file_stat(core: PoolCore, fidx: int) -> FileStat:
         open_handles=core.file_field(fidx, "refcnt"),
         temp=bool(flags & FF_TEMP),
         nofile=bool(flags & FF_NOFILE),
+        pinned=pins[0].get(fidx, 0),
+        oldest_pin_age=pins[1].get(fidx),
         **counts,
     )
 
 
 def pool_stat(core: PoolCore) -> PoolStat:
     """Statistics of the whole pool."""
-    files = tuple(file_stat(core, i) for i in core.file_slots())
+    all_pins = core.pins()
+    pins = _pin_ages(all_pins, _now())
+    files = tuple(file_stat(core, i, pins) for i in core.file_slots())
     g = core.global_stats()
     pages = dirty = waits = nowaits = 0
     mutexes = [core.mutex]
@@ -172,4 +209,6 @@ def pool_stat(core: PoolCore) -> PoolStat:
         **{f: g[f] for f in g if f.startswith(("trickle_", "checkpoint_"))},
         dirtied_bytes=g["dirtied_bytes"],
         files=files,
+        page_pinned=len(all_pins),
+        oldest_pin_age=max(pins[1].values()) if all_pins else None,
     )

@@ -37,6 +37,7 @@ import asyncio
 import errno
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,8 +46,8 @@ import anyio.to_thread
 
 from .. import _io
 from .._process import is_alive
-from ..errors import Incomplete, InvalidArgument, NoSpace
-from ..region.mutex import ffi, speedups
+from ..errors import Incomplete, InvalidArgument, LockTimeout, NoSpace
+from ..region.mutex import ffi, owner_pid, speedups
 from ..region.mutex import unlock as _unlock
 from .checksum import seal_pages
 from .layout import (
@@ -439,13 +440,12 @@ async def _write_back(
             if result.stalled_writers
             else ""
         )
-        err = Incomplete(
+        raise Incomplete(
             f"{reason}: {result.incomplete} dirty page(s) are pinned or being written by "
             f"another process and could not be written{stalled}; {result.written} written. "
-            "Retry later."
+            "Retry later.",
+            result=result,
         )
-        err.result = result  # type: ignore[attr-defined]
-        raise err
     return result
 
 
@@ -715,7 +715,10 @@ def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int, slot: int) -
     fidx, pgno, cache, b, bh = item
     w = cache.words
     x = cache.check_bh(bh)
-    cache.lock(b)
+    try:
+        cache.lock(b)
+    except LockTimeout:
+        return 2  # its bucket stayed held (a stopped process?): busy, reported incomplete
     try:
         flags = w[x + H_FLAGS]
         if w[x + H_FILE] != fidx + 1 or w[x + H_PGNO] != pgno or not flags & BH_DIRTY:
@@ -757,14 +760,18 @@ def _write_done(pool: Pool, items: list[Item], failed: list[bool]) -> None:
                     ffi.new("uint8_t[]", [failed[i] for i in part]),
                 )
                 if got < n:
+                    # The lock failed: either its holder died (the mutex is then ours: repair
+                    # it) or it stayed held past the bounded wait (the step then finishes in
+                    # a task of the pool, retrying without blocking the loop).
                     i = part[got]
-                    _recover(cache, items[i][3])
-                    _write_done_one(pool, items[i], failed[i])
+                    if owner_pid(cache.mptrs[items[i][3]]) == threading.get_native_id():
+                        _recover(cache, items[i][3])
+                    pool._settle(_write_done_one, pool, items[i], failed[i])
                     got += 1
                 done += got
         return
     for item, bad in zip(items, failed):
-        _write_done_one(pool, item, bad)
+        pool._settle(_write_done_one, pool, item, bad)
 
 
 def _write_done_one(pool: Pool, item: Item, failed: bool) -> None:

@@ -77,6 +77,11 @@ B_DIRTY = _B["dirty"]
 B_COUNT = _B["count"]
 H_NEXT, H_FILE, H_PGNO, H_REF = _H["next"], _H["file"], _H["pgno"], _H["ref"]
 H_FLAGS, H_PRIO, H_SIZE, H_IOPID = _H["flags"], _H["priority"], _H["page_size"], _H["io_pid"]
+H_PINAT = _H["pinned_at"]
+#: The clock a buffer's first pin is stamped with: Linux's CLOCK_MONOTONIC_COARSE (the time
+#: module does not name it). System-wide, so stamps compare across processes, and cheap: a
+#: few ns in C, so the hit path barely notices it. The compiled accelerator reads the same.
+PIN_CLOCK = 6
 
 _CACHE_BASE = REGION_HEADER.size  # CACHE_HEADER follows the region header
 _POOL_BASE = REGION_HEADER.size + CACHE_HEADER.size  # POOL_HEADER follows, in cache 0 only
@@ -84,6 +89,9 @@ _POOL_BASE = REGION_HEADER.size + CACHE_HEADER.size  # POOL_HEADER follows, in c
 _META_RESERVE = 48 * 1024
 #: Allocator overhead per buffer: its chunk header, plus rounding.
 _CHUNK_OVERHEAD = ALLOC_CHUNK.size + 16
+#: A buffer's allocator-chunk tag word, in words before the buffer: the pid of a process that
+#: holds the buffer outside any bucket (just allocated, or unlinked as a victim), else 0.
+_TAG_FROM_BH = (ALLOC_CHUNK.size - ALLOC_CHUNK.offset("tag")) // WORD
 #: Buckets the victim search compares before it settles for the best it has seen.
 SEARCH_BUCKETS = 4
 #: No count or statistic in a region reaches this; one that does is corrupt (and adding one
@@ -344,8 +352,10 @@ class Cache:
         w[bw + B_DIRTY] = dirty
 
     def lock(self, b: int) -> None:
-        """Lock bucket ``b`` inline (trylock, count a no-wait; blocking, repairing or
-        panicking through its mutex object only when that fails). Pair with :meth:`unlock`."""
+        """Lock bucket ``b`` inline (trylock, count a no-wait; waiting, repairing or
+        panicking through its mutex object only when that fails). The wait is bounded (see
+        :mod:`aiodbenv.region.mutex`): :class:`~aiodbenv.errors.LockTimeout` if it runs out,
+        with the mutex not held. Pair with :meth:`unlock`."""
         p = self.mptrs[b]
         if p:
             rc = _trylock(p)
@@ -746,22 +756,26 @@ class PoolCore:
                     continue
                 if [w[e + _F["fileid"] + k] for k in range(3)] != ids:
                     continue
+                what = "file" if name is None else repr(name)
                 if w[e + _F["page_size"]] != page_size:
                     raise InvalidArgument(
-                        f"file is already in the pool with page size {w[e + _F['page_size']]}, "
-                        f"not {page_size}"
+                        f"{what} is already in the pool with page size "
+                        f"{w[e + _F['page_size']]}, not {page_size}; open it with "
+                        f"page_size={w[e + _F['page_size']]}"
                     )
                 if w[e + _F["lsn_offset"]] != lsn_offset + 1:
                     raise InvalidArgument(
-                        "file is already in the pool with another lsn_offset "
+                        f"{what} is already in the pool with another lsn_offset "
                         f"({int(w[e + _F['lsn_offset']]) - 1}, not {lsn_offset})"
                     )
                 if (w[e + _F["flags"]] & FF_NOFILE) != (flags & FF_NOFILE):
-                    raise InvalidArgument("file is already in the pool with another nofile setting")
+                    raise InvalidArgument(
+                        f"{what} is already in the pool with another nofile setting"
+                    )
                 if (w[e + _F["flags"]] & FF_CHECKSUM) != (flags & FF_CHECKSUM):
                     on = "on" if w[e + _F["flags"]] & FF_CHECKSUM else "off"
                     raise InvalidArgument(
-                        f"file {name!r} is already in the pool with checksums {on}; every open "
+                        f"{what} is already in the pool with checksums {on}; every open "
                         "must use the same checksum setting"
                     )
                 w[e + _F["refcnt"]] += 1
@@ -836,6 +850,35 @@ class PoolCore:
                         for off in cache.chain(b):
                             files.add(int(w[(off >> 3) + H_FILE]))
         return files
+
+    def pins(self) -> list[tuple[int, int, int, int]]:
+        """Every pinned buffer now, in every process: (file slot, pgno, pins, when the first
+        of them was taken, in CLOCK_MONOTONIC_COARSE ns). Each bucket is read under its
+        mutex, so a chain is walked only while it cannot change."""
+        out: list[tuple[int, int, int, int]] = []
+        for cache in self.caches:
+            w = cache.words
+            for b, bw in enumerate(cache.bucket_words):
+                if not w[bw + B_COUNT]:
+                    continue
+                with cache.mutexes[b]:
+                    off = w[bw + B_HEAD]
+                    left = int(w[bw + B_COUNT])  # bounds the walk should a chain be corrupt
+                    while off and left > 0:
+                        h = off >> 3
+                        ref = int(w[h + H_REF])
+                        if ref and w[h + H_FILE]:
+                            out.append(
+                                (
+                                    int(w[h + H_FILE]) - 1,
+                                    int(w[h + H_PGNO]),
+                                    ref,
+                                    int(w[h + H_PINAT]),
+                                )
+                            )
+                        off = w[h + H_NEXT]
+                        left -= 1
+        return out
 
     def _free_entry(self, fidx: int) -> None:
         """Free a closed file's entry (caller holds the pool mutex); its counters are kept."""
@@ -947,7 +990,11 @@ class PoolCore:
         """A fresh buffer from the cache's free space, or 0 if its share of the cache is used.
 
         The share (``cache_size / ncache`` bytes of pages) is enforced exactly, whatever room
-        the region's arena has left, so the cache holds what ``cache_size`` says.
+        the region's arena has left, so the cache holds what ``cache_size`` says. The header
+        records ``page_size`` at once, so that whichever path frees the buffer gives back
+        exactly what was taken; the chunk is tagged with this process's pid until the buffer
+        is linked into a bucket (:meth:`settle_buffer`), so that a process killed in between
+        leaves a frame :meth:`reclaim_lost_buffers` can find.
         """
         w = cache.words
         used_w = cache.hdr + _C["page_bytes_used"]
@@ -955,15 +1002,17 @@ class PoolCore:
             if w[used_w] + page_size > w[cache.hdr + _C["page_bytes"]]:
                 return 0
             try:
-                off = cache.allocator.alloc(BH.size + page_size)
+                off = cache.allocator.alloc(BH.size + page_size, tag=self.pid)
             except CacheFull:
                 return 0
+            w[(off >> 3) + H_SIZE] = page_size
             w[used_w] += page_size
             w[cache.hdr + _C["buffers"]] += 1
         return off
 
     def free_buffer(self, cache: Cache, bh: int) -> None:
-        """Return an unlinked buffer's memory to the cache."""
+        """Return an unlinked buffer's memory to the cache (the page bytes its header says
+        it took: :meth:`alloc_buffer` records them before anything else can see it)."""
         w = cache.words
         with cache.alloc_mutex:
             if (
@@ -974,6 +1023,71 @@ class PoolCore:
             w[cache.hdr + _C["page_bytes_used"]] -= w[(bh >> 3) + H_SIZE]
             w[cache.hdr + _C["buffers"]] -= 1
             cache.allocator.free(bh)
+
+    @staticmethod
+    def settle_buffer(cache: Cache, bh: int) -> None:
+        """Clear the limbo tag of a buffer just linked into its bucket (caller holds the
+        bucket mutex): from here on the chain owns it."""
+        cache.words[(bh >> 3) - _TAG_FROM_BH] = 0
+
+    def reclaim_lost_buffers(self, cache: Cache) -> int:
+        """Free the buffers that a dead process took (allocated, or unlinked as a victim) but
+        never linked into a bucket; returns how many.
+
+        Such a buffer's chunk is tagged with the taker's pid (see :meth:`alloc_buffer`). Only
+        tags of dead processes are looked at; a buffer found linked after all (its taker died
+        between linking it and clearing the tag) just has its tag cleared. The bucket mutex
+        decides, since linking happens under it.
+        """
+        from .._process import is_alive
+
+        with cache.alloc_mutex:
+            tagged = cache.allocator.tagged()
+        if not tagged:
+            return 0
+        w = cache.words
+        dead: dict[int, bool] = {}
+        freed = 0
+        for bh, pid in tagged:
+            if pid == self.pid:
+                continue  # ours, in flight in this process
+            if pid not in dead:
+                dead[pid] = not is_alive(pid)
+            if not dead[pid]:
+                continue
+            x = bh >> 3
+            tag, pgno = int(w[x + H_FILE]), int(w[x + H_PGNO])
+            if tag:
+                c, b = self.locate(tag - 1, pgno)
+                if c is not cache:
+                    b = -1
+            else:
+                b = -1
+            linked = False
+            if b >= 0:
+                with cache.mutexes[b]:
+                    if w[(bh >> 3) - _TAG_FROM_BH] != pid:
+                        continue  # changed meanwhile
+                    off = w[cache.bucket_words[b] + B_HEAD]
+                    n = 0
+                    limit = self.r0.size  # a bound on any chain walk
+                    while off and off != bh and n < limit:
+                        off = w[(off >> 3) + H_NEXT]
+                        n += 1
+                    linked = off == bh
+                    if linked:
+                        w[(bh >> 3) - _TAG_FROM_BH] = 0
+            if not linked:
+                with cache.alloc_mutex:
+                    # Re-check under the allocator mutex: nobody else may free it twice.
+                    if w[(bh >> 3) - _TAG_FROM_BH] != pid:
+                        continue
+                    w[(bh >> 3) - _TAG_FROM_BH] = 0
+                    w[cache.hdr + _C["page_bytes_used"]] -= w[x + H_SIZE]
+                    w[cache.hdr + _C["buffers"]] -= 1
+                    cache.allocator.free(bh)
+                freed += 1
+        return freed
 
     def find_victim(
         self, cache: Cache, can_write: Callable[[int], bool], aggressive: bool
@@ -1037,10 +1151,31 @@ class PoolCore:
                 or w[h + H_PGNO] != v.pgno
             ):
                 return False
+            # Tagged before it leaves the chain: killed from here until it is linked again,
+            # the buffer is found by reclaim_lost_buffers instead of being lost.
+            w[h - _TAG_FROM_BH] = self.pid
             if not cache.unlink(v.bucket, v.bh):
+                w[h - _TAG_FROM_BH] = 0
                 return False
             w[h + H_FILE] = 0
         return True
+
+
+def dirty_pages(regions: Sequence[Region]) -> int:
+    """Dirty pages in the caches ``regions`` (the pool's regions of an environment nobody has
+    open: read without locks, from the buckets' dirty counts). Offsets and counts read from
+    the regions are checked against their sizes; a bucket array that does not fit counts 0."""
+    total = 0
+    for region in regions:
+        w = region.words
+        hdr = _CACHE_BASE // WORD
+        nb = int(w[hdr + _C["nbuckets"]])
+        start = int(w[hdr + _C["buckets_off"]])
+        if start <= 0 or start % WORD or start + nb * BUCKET.size > len(w) * WORD:
+            continue
+        for b in range(nb):
+            total += min(int(w[(start + b * BUCKET.size) // WORD + B_DIRTY]), 1 << 32)
+    return total
 
 
 def new_fileid() -> bytes:

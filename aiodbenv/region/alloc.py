@@ -200,6 +200,29 @@ class Allocator:
         else:
             w[_H_FREE] = cur
 
+    def set_tag(self, payload: int, tag: int) -> None:
+        """Set the tag of the allocated chunk whose payload is at ``payload`` (one store; the
+        caller holds whatever mutex guards the chunk's owner, not necessarily the allocator's)."""
+        self._w[(payload - _HDR) // WORD + _C_TAG] = tag
+
+    def tagged(self) -> list[tuple[int, int]]:
+        """``(payload, tag)`` of every allocated chunk with a non-zero tag, by walking the
+        chunks from the arena's start (caller holds the allocator mutex). The walk is bounded
+        by the arena: a chunk whose size does not fit ends it."""
+        w = self._w
+        start, end = w[_H_START], w[_H_END]
+        out = []
+        cur = start
+        while cur < end:
+            c = cur // WORD
+            size = w[c + _C_SIZE]
+            if size < _HDR or size % ALIGN or cur + size > end:
+                break  # corrupt: repair (or a panic) is someone else's business
+            if w[c + _C_USED] and w[c + _C_TAG]:
+                out.append((cur + _HDR, int(w[c + _C_TAG])))
+            cur += size
+        return out
+
     def repair(self) -> None:
         """Rebuild the free list and usage figures from the chunk walk.
 

@@ -1010,12 +1010,22 @@ def _region_files(home: str) -> list[str]:
     return sorted(names, reverse=True)  # __db.001 last
 
 
-def remove_environment(home: str, *, force: bool) -> None:
+def remove_environment(
+    home: str,
+    *,
+    force: bool,
+    inspect: Callable[[list[Region], list[tuple[int, int, int, int, int]], bool], None]
+    | None = None,
+) -> None:
     """Remove the environment in ``home``: segments and region files, ``__db.001`` last.
 
     Without ``force`` an environment that has open handles (in any process) is not touched and
     :class:`Busy` is raised. With ``force`` it is panicked first, so every open handle's next
     call raises :class:`RunRecovery`. A home without an environment is not an error.
+
+    ``inspect(regions, region_table, force)``, when given, is called with the attached regions
+    of a complete, unpanicked environment while the home is locked for removal, before anything
+    is changed; an exception from it leaves the environment as it was.
     """
     check_home(home, create=True)
     with _private_lock:
@@ -1034,13 +1044,18 @@ def remove_environment(home: str, *, force: bool) -> None:
                 f"environment {home} has open handles; close them or remove with force"
             ) from None
     try:
-        _remove_locked(home, force)
+        _remove_locked(home, force, inspect)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _remove_locked(home: str, force: bool) -> None:
+def _remove_locked(
+    home: str,
+    force: bool,
+    inspect: Callable[[list[Region], list[tuple[int, int, int, int, int]], bool], None]
+    | None = None,
+) -> None:
     path1 = os.path.join(home, region_file_name(1))
     try:
         fd = open_region_fd(path1, create=False, mode=0)
@@ -1073,6 +1088,13 @@ def _remove_locked(home: str, force: bool) -> None:
             os.close(fd)
     table: list[tuple[int, int, int, int, int]] = []
     env_id = 0
+    if regions and inspect is not None and not regions[0].words[_ENV_BASE + _E["panic"]]:
+        try:
+            inspect(regions, _read_region_table(regions[0].words), force)
+        except BaseException:
+            for region in reversed(regions):
+                region.close()
+            raise
     if regions:
         r1 = regions[0]
         r1.words[_ENV_BASE + _E["panic"]] = 1  # every handle still attached sees this

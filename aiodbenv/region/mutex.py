@@ -16,28 +16,45 @@ Robust mutexes belong to the thread that locked them: lock and unlock on one OS 
 never hold one across an ``await``.
 
 Private environments need no cross-process exclusion and use :class:`NullMutex`.
+
+Every wait for a held mutex is bounded (``pthread_mutex_timedlock``): a holder that is stopped
+(SIGSTOP, a debugger) or wedged must not freeze the other processes. A contended lock waits at
+most :data:`SYNC_WAIT` seconds, then raises :class:`~aiodbenv.errors.LockTimeout` naming the
+holder's pid. Async callers run their synchronous critical sections under :func:`step_waits`,
+which shortens the wait to :data:`STEP_WAIT` (a few milliseconds of event loop at most), and on
+LockTimeout back off asynchronously and try again, up to the pool's ``wait_timeout``.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Protocol
 
-from ..errors import CorruptRegion, RunRecovery
+from ..errors import CorruptRegion, LockTimeout, RunRecovery
 from . import pthread_cdef as cdef
 from .layout import MUTEX_SLOT, WORD
 
 __all__ = [
     "BACKEND",
+    "BUSY",
+    "STEP_WAIT",
+    "SYNC_WAIT",
+    "Busy",
     "Mutex",
     "NullMutex",
     "SharedMutex",
     "ffi",
     "lib",
+    "owner_pid",
     "speedups",
+    "step_waits",
     "trylock",
     "unlock",
 ]
@@ -71,6 +88,59 @@ speedups: Any = lib if BACKEND == "compiled" else None
 #: inline: ``if trylock(p): m.acquire_contended(rc)``, count ``nowait_index``, ``unlock(p)``.
 trylock = lib.pthread_mutex_trylock
 unlock = lib.pthread_mutex_unlock
+
+#: Longest a synchronous caller waits for a held mutex before LockTimeout (seconds). It blocks
+#: the calling thread, the event loop's included: only callers that cannot await use it.
+SYNC_WAIT = 1.0
+#: The wait of one attempt under :func:`step_waits`: async callers back off between attempts.
+STEP_WAIT = 0.002
+_wait_bound: ContextVar[float] = ContextVar("aiodbenv_lock_wait", default=SYNC_WAIT)
+
+
+class Busy(enum.Enum):
+    """The type of :data:`BUSY`."""
+
+    BUSY = 0
+
+
+#: What an attempt returns instead of its result when a mutex stayed held (nothing was done).
+BUSY = Busy.BUSY
+
+if speedups is not None:
+    speedups.aiodb_set_lock_wait(int(SYNC_WAIT * 1e9))
+
+
+@contextmanager
+def step_waits() -> Iterator[None]:
+    """Within the block, a contended lock waits only :data:`STEP_WAIT` before raising
+    :class:`~aiodbenv.errors.LockTimeout`: for async callers that retry after a back-off."""
+    token = _wait_bound.set(STEP_WAIT)
+    try:
+        yield
+    finally:
+        _wait_bound.reset(token)
+
+
+def owner_pid(ptr: Any) -> int:
+    """The pid of the process holding the pthread mutex at ``ptr``, 0 if unknown (a hint).
+
+    A robust mutex's futex word (glibc's ``__lock``, the first 32-bit word) holds the owner's
+    thread id, with the FUTEX_WAITERS and FUTEX_OWNER_DIED bits above it; it stays right after
+    an EOWNERDEAD acquisition, when glibc's ``__owner`` field reads "inconsistent". The thread
+    id of a process's main thread is its pid, and region mutexes are taken on the event loop's
+    thread or on short-lived worker threads (whose ids are then named instead).
+    """
+    if ptr is None or ptr == ffi.NULL:
+        return 0
+    return int(ffi.cast("uint32_t *", ptr)[0]) & 0x3FFFFFFF
+
+
+def timed_lock(ptr: Any, seconds: float) -> int:
+    """``pthread_mutex_timedlock`` for at most ``seconds``; its return code."""
+    until = time.time() + seconds
+    ts = ffi.new("int64_t[2]", [int(until), int((until % 1) * 1e9)])
+    return int(lib.pthread_mutex_timedlock(ptr, ts))
+
 
 _W_WAITS = MUTEX_SLOT.offset("waits") // WORD
 _W_NOWAITS = MUTEX_SLOT.offset("nowaits") // WORD
@@ -161,14 +231,19 @@ class SharedMutex:
             lib.pthread_mutex_unlock(self._m)
             raise
 
-    def acquire_contended(self, rc: int) -> None:
-        """Finish acquiring after ``pthread_mutex_trylock`` returned ``rc`` (non-zero): block
-        if it is held, repair or panic if its holder died. On return the mutex is held."""
+    def acquire_contended(self, rc: int, wait: float | None = None) -> None:
+        """Finish acquiring after ``pthread_mutex_trylock`` returned ``rc`` (non-zero): wait
+        if it is held (at most ``wait`` seconds, default the bound in force, see
+        :func:`step_waits`), repair or panic if its holder died. On return the mutex is held;
+        raises :class:`~aiodbenv.errors.LockTimeout` (not held) if the wait ran out."""
         w = self._words
         if rc == errno.EBUSY:
-            rc = lib.pthread_mutex_lock(self._m)
+            bound = _wait_bound.get() if wait is None else wait
+            rc = timed_lock(self._m, bound)
             if rc in (0, errno.EOWNERDEAD):
                 w[self._w + _W_WAITS] += 1
+            elif rc == errno.ETIMEDOUT:
+                raise self.timeout(bound)
         if rc == errno.EOWNERDEAD:
             self._owner_died()
         elif rc:
@@ -184,6 +259,18 @@ class SharedMutex:
         rc = lib.pthread_mutex_unlock(self._m)
         if rc:
             raise OSError(rc, f"unlocking mutex {self.name}: {os.strerror(rc)}")
+
+    def timeout(self, waited: float) -> LockTimeout:
+        """The error for a wait of ``waited`` seconds that did not get the mutex."""
+        pid = owner_pid(self._m) or int(self._words[self._w + _W_HOLDER])
+        who = f"process {pid}" if pid else "another process"
+        err = LockTimeout(
+            f"mutex {self.name} is held by {who} and was not released within {waited:g} s "
+            f"(is that process stopped or stuck?)"
+        )
+        err.pid = pid
+        err.mutex = self.name
+        return err
 
     def _owner_died(self) -> None:
         # We hold the mutex, but the structure it protects may be half-changed.
@@ -247,7 +334,7 @@ class NullMutex:
     def initialize(self) -> None:
         """Nothing to initialise."""
 
-    def acquire_contended(self, rc: int) -> None:
+    def acquire_contended(self, rc: int, wait: float | None = None) -> None:
         """Never called: a private region has no pthread mutex to contend for."""
 
     def __enter__(self) -> None:

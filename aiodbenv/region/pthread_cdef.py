@@ -14,10 +14,13 @@ int pthread_mutex_init(void *mutex, const void *attr);
 int pthread_mutex_destroy(void *mutex);
 int pthread_mutex_lock(void *mutex);
 int pthread_mutex_trylock(void *mutex);
+int pthread_mutex_timedlock(void *mutex, const void *abstime);
 int pthread_mutex_unlock(void *mutex);
 int pthread_mutex_consistent(void *mutex);
 """
 
+#: ``abstime`` of pthread_mutex_timedlock is a ``struct timespec``, passed as ``int64_t[2]``
+#: (seconds, nanoseconds; CLOCK_REALTIME): its layout on 64-bit Linux, asserted at build time.
 #: glibc's values for Linux; the compiled module asserts them at build time.
 PTHREAD_PROCESS_SHARED = 1
 PTHREAD_MUTEX_ROBUST = 1
