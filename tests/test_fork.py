@@ -101,7 +101,7 @@ async def test_inherited_handles_refuse_in_the_child(home: str) -> None:
         await f.close()
     finally:
         await env.close()
-        await Env.remove(home)
+        await Env.remove(home, force=True)  # pages made here are dirty on purpose
 
 
 async def test_parent_hit_path_unchanged_by_a_fork_elsewhere(home: str) -> None:
@@ -122,4 +122,4 @@ async def test_parent_hit_path_unchanged_by_a_fork_elsewhere(home: str) -> None:
         await f.close()
     finally:
         await env.close()
-        await Env.remove(home)
+        await Env.remove(home, force=True)  # pages made here are dirty on purpose
