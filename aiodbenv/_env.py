@@ -8,6 +8,7 @@ else is a few word reads on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -390,9 +391,14 @@ class Env:
     def stat(self) -> EnvStat:
         """Region statistics (``db_stat -e``): regions, kinds, sizes, ids, handles, mutex waits.
 
+        ``mutex_owner_died`` counts every mutex of the environment, the pool's bucket and file
+        mutexes included.
+
         Raises :class:`~aiodbenv.errors.RunRecovery` if the environment is panicked.
         """
-        return self._check().stat()
+        st = self._check().stat()
+        died = st.mutex_owner_died + self._pool._core.owner_died()
+        return dataclasses.replace(st, mutex_owner_died=died)
 
     async def close(self, *, nosync: bool = False) -> None:
         """Close the handle: uncount it, detach every region, release the home.
