@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_PAGE_SIZE",
     "FLAG_BITS",
     "MAX_CACHE_SIZE",
+    "MAX_MMAP_SIZE",
     "MIN_CACHE_SIZE",
     "Settings",
     "apply_db_config",
@@ -62,6 +63,8 @@ MAX_PAGE_SIZE = 65536
 DEFAULT_MMAP_SIZE = 10 * 1024 * 1024
 #: System V keys are 32-bit signed; each region uses key + region_id - 1.
 MAX_SHM_KEY = (1 << 31) - 1 - 64
+#: The largest ``mmap_size``: far past any file that can be mapped, and it fits the header word.
+MAX_MMAP_SIZE = 1 << 62
 
 REGION_KINDS = ("file", "system", "private")
 
@@ -166,8 +169,8 @@ def check_settings(s: Settings) -> Settings:
             )
     if s.mmap_size is not None:
         _check_int("mmap_size", s.mmap_size)
-        if s.mmap_size < 0:
-            raise ConfigError(f"mmap_size must not be negative, not {s.mmap_size}")
+        if not 0 <= s.mmap_size <= MAX_MMAP_SIZE:
+            raise ConfigError(f"mmap_size must be 0..{MAX_MMAP_SIZE} (2**62), not {s.mmap_size}")
     _check_int("mode", s.mode)
     if not 0 <= s.mode <= 0o777:
         raise ConfigError(f"mode must be a permission in 0o000..0o777, not {s.mode:#o}")

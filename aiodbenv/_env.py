@@ -400,12 +400,16 @@ class Env:
     def stat(self) -> EnvStat:
         """Region statistics (``db_stat -e``): regions, kinds, sizes, ids, handles, mutex waits.
 
-        ``processes`` lists the live processes' handles (pid, open since, pins held).
+        ``mutex_owner_died`` counts every mutex of the environment, the pool's bucket and file
+        mutexes included. ``processes`` lists the live processes' handles (pid, open since,
+        pins held).
 
         Raises :class:`~aiodbenv.errors.RunRecovery` if the environment is panicked.
         """
         core = self._check()
         st = core.stat()
+        died = st.mutex_owner_died + self._pool._core.owner_died()
+        st = dataclasses.replace(st, mutex_owner_died=died)
         if core.registry is None:
             return st
         pins = self._pool.slot_pins()

@@ -19,7 +19,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "region"))
 from pthread_cdef import CDEF
 
 HOT_CDEF = """
+#define AIODB_CORRUPT ...
 void aiodb_set_layout(const uint64_t *values, int n);
+int aiodb_set_region(uint64_t *w, uint64_t nbytes);
+void aiodb_forget_region(uint64_t *w);
 void aiodb_set_lock_wait(int64_t ns);
 int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
                       uint64_t pgno, uint64_t tag, uint64_t *examined, uint64_t slot);
@@ -62,6 +65,69 @@ static uint64_t L[L_COUNT];
 
 void aiodb_set_layout(const uint64_t *values, int n) {
     for (int i = 0; i < n && i < L_COUNT; i++) L[i] = values[i];
+}
+
+/* Returned (as a result or a status) when an offset read from the region fails its bounds
+   check, or a chain is longer than the region could hold: the Python side raises
+   CorruptRegion and panics the environment. Far below every -errno. */
+#define AIODB_CORRUPT (-1000000)
+
+/* The size of every region the functions below may be handed, keyed by its base pointer, so
+   that no offset read from shared memory is followed before it is checked, without a size
+   argument on every call. A few regions per process; the lookup is one or two compares. */
+#define MAX_KNOWN 256
+static struct { uint64_t *w; uint64_t nbytes; } known[MAX_KNOWN];
+static int nknown;
+/* Writers (attach, detach; cffi drops the GIL) take turns; readers never lock. */
+static pthread_mutex_t known_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Record (or update) the size of the region at w; 0 if the table is full. Attaching runs in
+   worker threads while the loop thread looks sizes up: a slot's size is stored before its
+   pointer (release), and the pointer is read with acquire, so a reader that finds a pointer
+   finds its size. */
+int aiodb_set_region(uint64_t *w, uint64_t nbytes) {
+    pthread_mutex_lock(&known_lock);
+    int free_slot = -1, n = nknown, ok = 1;
+    for (int i = 0; i < n; i++) {
+        if (known[i].w == w) {
+            __atomic_store_n(&known[i].nbytes, nbytes, __ATOMIC_RELEASE);
+            pthread_mutex_unlock(&known_lock);
+            return 1;
+        }
+        if (!known[i].w && free_slot < 0) free_slot = i;
+    }
+    if (free_slot < 0 && n == MAX_KNOWN) ok = 0;
+    else {
+        if (free_slot < 0) free_slot = n;
+        __atomic_store_n(&known[free_slot].nbytes, nbytes, __ATOMIC_RELEASE);
+        __atomic_store_n(&known[free_slot].w, w, __ATOMIC_RELEASE);
+        if (free_slot == n) __atomic_store_n(&nknown, n + 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&known_lock);
+    return ok;
+}
+
+/* The region at w is about to be unmapped. */
+void aiodb_forget_region(uint64_t *w) {
+    pthread_mutex_lock(&known_lock);
+    for (int i = 0; i < nknown; i++)
+        if (known[i].w == w) __atomic_store_n(&known[i].w, (uint64_t *)NULL, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&known_lock);
+}
+
+/* Bytes in the region at w; 0 (every check fails) for one never recorded. */
+static inline uint64_t region_bytes(const uint64_t *w) {
+    int n = __atomic_load_n(&nknown, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < n; i++)
+        if (__atomic_load_n(&known[i].w, __ATOMIC_ACQUIRE) == w)
+            return __atomic_load_n(&known[i].nbytes, __ATOMIC_ACQUIRE);
+    return 0;
+}
+
+/* A buffer header at byte offset off lies wholly inside a region of nbytes, word aligned,
+   past the region header (offset 0 means "none" and is never followed). */
+static inline int bh_ok(uint64_t off, uint64_t nbytes) {
+    return off >= 64 && !(off & 7) && off <= nbytes && nbytes - off >= L[L_BH_DATA];
 }
 
 /* Lock without blocking; returns 0 with the mutex held, or -errno with it NOT held, except
@@ -119,14 +185,21 @@ static inline uint16_t *slot_pins(uint64_t *w, uint64_t x, uint64_t slot) {
    negative lock result. */
 int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
                       uint64_t pgno, uint64_t tag, uint64_t *examined, uint64_t slot) {
+    uint64_t nbytes = region_bytes(w);
+    if (head_w >= nbytes / 8) return AIODB_CORRUPT;
     int64_t rc = try_lock(w, mutex, nowait_w);
     if (rc) return rc;
     uint64_t n = 1, off = w[head_w];
+    /* A chain longer than the region has room for buffers loops. */
+    uint64_t most = nbytes / L[L_BH_DATA] + 1;
     while (off) {
+        if (!bh_ok(off, nbytes) || n > most) { off = (uint64_t)AIODB_CORRUPT; break; }
         uint64_t x = off >> 3;
         if (w[x + L[L_H_PGNO]] == pgno && w[x + L[L_H_FILE]] == tag) {
+            uint64_t size = w[x + L[L_H_SIZE]];
             uint16_t *mine = slot_pins(w, x, slot);
-            if ((w[x + L[L_H_FLAGS]] & L[L_BH_READING]) || *mine == 0xFFFF) off = 0;
+            if (size > nbytes - off - L[L_BH_DATA]) off = (uint64_t)AIODB_CORRUPT;
+            else if ((w[x + L[L_H_FLAGS]] & L[L_BH_READING]) || *mine == 0xFFFF) off = 0;
             else {
                 if (w[x + L[L_H_REF]]++ == 0) w[x + L[L_H_PINAT]] = pin_clock();
                 (*mine)++;
@@ -222,16 +295,25 @@ int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
    it: WRITING by `pid` (DIRTY stays set; REDIRTIED cleared) and copy its page to
    dst + dst_off[i]: status[i] = 1. A pinned or busy one: status 2; one evicted, reused or
    cleaned meanwhile: 0. Returns n, or the index of an item whose lock failed, with status
-   -errno (for -EOWNERDEAD its mutex is held). */
+   -errno (for -EOWNERDEAD its mutex is held), or of an item whose offset or recorded page
+   size fails its check, with status AIODB_CORRUPT (unlocked, nothing changed). On entry
+   status[i] holds the size of item i's slot in dst: a buffer whose page size differs is
+   corrupt (copying it would overrun the slot). */
 int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *nowait_w,
                        const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
                        const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno, char *dst,
                        const uint64_t *dst_off, uint64_t pid, int64_t *status) {
+    uint64_t nbytes = region_bytes(w);
     for (uint64_t i = 0; i < n; i++) {
         uint64_t b = bucket[i];
         int64_t rc = lock(w, mutexes[b], nowait_w[b]);
         if (rc) { status[i] = rc; return (int64_t)i; }
-        uint64_t x = bh[i] >> 3;
+        uint64_t x = bh[i] >> 3, slot = (uint64_t)status[i];
+        if (!bh_ok(bh[i], nbytes)) {
+            unlock(mutexes[b]);
+            status[i] = AIODB_CORRUPT;
+            return (int64_t)i;
+        }
         uint64_t flags = w[x + L[L_H_FLAGS]];
         if (w[x + L[L_H_FILE]] != tag[i] || w[x + L[L_H_PGNO]] != pgno[i]
                 || !(flags & L[L_BH_DIRTY])) {
@@ -239,9 +321,16 @@ int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *
         } else if (w[x + L[L_H_REF]] || (flags & (L[L_BH_READING] | L[L_BH_WRITING]))) {
             status[i] = 2;
         } else {
+            uint64_t size = w[x + L[L_H_SIZE]];
+            if (size != slot || size > nbytes - bh[i] - L[L_BH_DATA]) {
+                /* Checked before anything changes: the Python twin reports it. */
+                unlock(mutexes[b]);
+                status[i] = AIODB_CORRUPT;
+                return (int64_t)i;
+            }
             w[x + L[L_H_FLAGS]] = (flags & ~L[L_BH_REDIRTIED]) | L[L_BH_WRITING];
             w[x + L[L_H_IOPID]] = pid;
-            memcpy(dst + dst_off[i], base + bh[i] + L[L_BH_DATA], w[x + L[L_H_SIZE]]);
+            memcpy(dst + dst_off[i], base + bh[i] + L[L_BH_DATA], size);
             status[i] = 1;
         }
         unlock(mutexes[b]);
@@ -287,14 +376,26 @@ int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                       const uint64_t *bucket_w, uint64_t first, uint64_t last, uint64_t max,
                       uint64_t *tag, uint64_t *pgno, uint64_t *bh, uint64_t *bucket,
                       uint64_t *prio, uint8_t *busy, uint64_t *stopped) {
-    uint64_t n = 0;
+    uint64_t n = 0, nbytes = region_bytes(w), most = nbytes / L[L_BH_DATA] + 1;
     for (uint64_t b = first; b < last; b++) {
         uint64_t bw = bucket_w[b];
+        if (bw + L[L_B_DIRTY] >= nbytes / 8 || w[bw + L[L_B_DIRTY]] > most) {
+            *stopped = b;
+            return AIODB_CORRUPT;
+        }
         if (!w[bw + L[L_B_DIRTY]]) continue;
         if (n + w[bw + L[L_B_DIRTY]] + 8 > max) { *stopped = b; return (int64_t)n; }
-        int64_t rc = lock(w, mutexes[b], nowait_w[b]);
+        /* Never wait here: the caller runs on the event loop and waits for a held bucket
+           asynchronously (-EBUSY), then calls again from that bucket. */
+        int64_t rc = try_lock(w, mutexes[b], nowait_w[b]);
         if (rc) { *stopped = b; return rc; }
+        uint64_t walked = 0;
         for (uint64_t off = w[bw + L[L_B_HEAD]]; off && n < max; ) {
+            if (!bh_ok(off, nbytes) || ++walked > most) {
+                unlock(mutexes[b]);
+                *stopped = b;
+                return AIODB_CORRUPT;
+            }
             uint64_t x = off >> 3;
             uint64_t flags = w[x + L[L_H_FLAGS]];
             if (flags & L[L_BH_DIRTY]) {

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._process import is_alive
-from .errors import AiodbenvError, Incomplete, InvalidArgument
+from .errors import AiodbenvError, ForkedProcessError, Incomplete, InvalidArgument
 from .mpool.layout import POOL_HEADER, WORKER_ERROR_WORDS
 from .mpool.table import _HS
 from .region.layout import WORD
@@ -282,6 +282,7 @@ class _Worker(abc.ABC):
     async def stop(self) -> None:
         """Stop the worker: cancel its task and wait for it. A write batch under way finishes
         (its bookkeeping is shielded); pages not written yet stay dirty. Idempotent."""
+        self._check_process()
         task = self._task
         if task is None:
             return
@@ -361,8 +362,17 @@ class _Worker(abc.ABC):
         w0[hs + _HS[f"{self.kind}_bytes"]] += result.bytes_written
         _record(self._pool, self.kind, None)
 
+    def _check_process(self) -> None:
+        # A forked child inherits the worker (and its lease id): releasing or renewing the
+        # lease from there would act for the parent.
+        if os.getpid() != self._pid:
+            raise ForkedProcessError(
+                f"this {self.kind} worker belongs to process {self._pid}; start one in this process"
+            )
+
     def _take_lease(self, seconds: float) -> bool:
         """Hold (or renew) this kind's lease for ``seconds``; False if a live process has it."""
+        self._check_process()
         core = self._pool._core
         w0 = core.w0
         owner_w = core.p + _P[f"{self.kind}_owner"]
@@ -379,6 +389,7 @@ class _Worker(abc.ABC):
         return True
 
     def _release_lease(self) -> None:
+        self._check_process()
         core = self._pool._core
         if self._pool._closed or self._pool._env.panicked:
             return

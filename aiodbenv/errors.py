@@ -33,6 +33,7 @@ __all__ = [
     "LockTimeout",
     "NoSpace",
     "NotFound",
+    "PageCorrupt",
     "PageNotFound",
     "PermissionDenied",
     "RunRecovery",
@@ -179,6 +180,29 @@ class CorruptRegion(AiodbenvError):
     """A region file or segment is not a valid aiodbenv region: empty, truncated, foreign,
     a special file, or left half-built by a creator that died (``EINVAL``).
     """
+
+
+class PageCorrupt(AiodbenvError):
+    """A page read from a file opened with ``checksum=True`` does not match its checksum: the
+    page on disk is torn or corrupt (``EIO``). ``path`` and ``pgno`` name it. The page is not
+    cached; nothing else is affected.
+    """
+
+    default_errno = _errno.EIO
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errno: int | None = None,
+        path: str | None = None,
+        pgno: int = -1,
+    ) -> None:
+        super().__init__(message, errno=errno)
+        #: The file, or None for a temporary file.
+        self.path = path
+        #: The page number.
+        self.pgno = pgno
 
 
 class VersionMismatch(AiodbenvError):

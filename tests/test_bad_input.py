@@ -608,6 +608,23 @@ async def test_shm_key_used_by_a_foreign_segment(home: str, shm_key: int, size: 
         foreign.remove()
 
 
+async def test_foreign_segment_at_a_later_region_key(home: str, shm_key: int) -> None:
+    """A foreign segment at ``shm_key + 1`` (region 2's key): the create fails with
+    ShmKeyInUse after region 1's segment was made, and that segment is removed again (it
+    used to leak: its header was not filled in yet, so the undo did not know it as ours)."""
+    foreign = sysv_ipc.SharedMemory(shm_key + 1, sysv_ipc.IPC_CREX, mode=0o600, size=4096)
+    try:
+        before = segment_state(foreign)
+        await open_fails(ShmKeyInUse, home, create=True, region="system", shm_key=shm_key)
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.SharedMemory(shm_key, 0)  # region 1's segment is gone
+        assert segment_exists(foreign.id) and segment_state(foreign) == before
+        assert listing(home) == []
+    finally:
+        foreign.detach()
+        foreign.remove()
+
+
 async def test_shm_key_of_a_live_environment(home: str, tmp_path: Any, shm_key: int) -> None:
     """The key belongs to a live environment in another home: Busy, and that one unharmed."""
     other = str(tmp_path / "other")
@@ -723,6 +740,39 @@ async def test_reference_to_a_vanished_segment(home: str, shm_key: int) -> None:
             os.unlink(path)  # our own reference record; keeps teardown quiet if remove failed
 
 
+@pytest.mark.parametrize("field", ["shm_id", "shm_key"])
+@pytest.mark.parametrize("value", [2**31, 2**40, 2**64 - 1])
+async def test_reference_with_an_out_of_range_id(
+    home: str, shm_key: int, field: str, value: int
+) -> None:
+    """__db.001's record names a segment id or key no System V segment can have: the open
+    is CorruptRegion (not OverflowError), and a forced remove still cleans up."""
+    path = await real_env(home, region="system", shm_key=shm_key)
+    with open(path, "rb") as f:
+        record = f.read()
+    shm_id = int.from_bytes(record[SHM_REF.offset("shm_id") :][:WORD], "little")
+    try:
+        with open(path, "r+b") as f:
+            f.seek(SHM_REF.offset(field))
+            f.write(value.to_bytes(WORD, "little"))
+        await open_fails(CorruptRegion, home)
+        await fails_with(CorruptRegion, lambda: Env.remove(home), "Env.remove")
+        await Env.remove(home, force=True)
+        assert listing(home) == []
+    finally:
+        if segment_exists(shm_id):  # the record no longer leads to it: remove it ourselves
+            seg = sysv_ipc.attach(shm_id)
+            seg.remove()
+            seg.detach()
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+async def test_mmap_size_out_of_range_argument(home: str) -> None:
+    await open_fails(ConfigError, home, create=True, mmap_size=2**70)
+    assert listing(home) == []
+
+
 async def test_system_without_shm_key(home: str) -> None:
     err = await open_fails(InvalidArgument, home, create=True, region="system")
     assert "shm_key" in str(err)
@@ -797,6 +847,8 @@ async def test_create_not_a_bool(home: str, value: object) -> None:
         b"no_such_setting 1\n",
         b"set_flags db_nommap maybe\n",
         b"\xff\xfe\x00binary\n",
+        b"set_mp_mmapsize 1180591620717411303424\n",
+        b"set_shm_key 1099511627776\n",
     ],
     ids=[
         "tiny-cache",
@@ -806,6 +858,8 @@ async def test_create_not_a_bool(home: str, value: object) -> None:
         "unknown",
         "bad-switch",
         "not-utf8",
+        "mmapsize-2**70",
+        "shm-key-2**40",
     ],
 )
 async def test_bad_db_config(home: str, content: bytes) -> None:

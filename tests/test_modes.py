@@ -317,3 +317,21 @@ async def test_segment_mode_is_checked_too(home: str, shm_key: int) -> None:
     finally:
         await env.close()
         await Env.remove(home)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o666, 0o604])
+async def test_open_file_create_mode_is_exact(home: str, mode: int) -> None:
+    """``open_file(create=True, mode=...)`` gives a new data file exactly ``mode`` under a
+    umask that would strip bits, and leaves an existing file's mode alone."""
+    async with Env.open(home, create=True) as env:
+        path = os.path.join(home, "data.db")
+        with umask(0o077):
+            f = await env.pool.open_file(path, create=True, mode=mode)
+        await f.close()
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode
+        os.chmod(path, 0o640)
+        with umask(0o000):
+            f = await env.pool.open_file(path, create=True, mode=0o666)  # exists: kept
+        await f.close()
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    await Env.remove(home)

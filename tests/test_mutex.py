@@ -59,6 +59,10 @@ async def main(home, which):
     core = env._core
     if which == "env":
         core.mutex.__enter__()
+    elif which == "bucket":
+        f = await env.pool.open_file("data.db")
+        cache, b = env.pool._core.locate(f._fidx, 7)
+        cache.lock(b)  # the hot path's inline lock: no holder pid recorded
     else:
         core.alloc_mutexes[0].__enter__()
         if which == "alloc-torn":
@@ -99,6 +103,27 @@ async def test_env_mutex_holder_killed_is_repaired(
     assert env.pool.stat().procs_reaped == 1
     await env.close()
     await aiodbenv.Env.remove(home)
+
+
+@pytest.mark.parametrize("kind", SHARED_KINDS)
+async def test_bucket_mutex_holder_killed_is_counted(
+    home: str, shm_key: int, kind: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A process killed holding a bucket mutex: the next pin through that bucket repairs it,
+    and the environment's ``mutex_owner_died`` counts it like any other mutex."""
+    env = await aiodbenv.Env.open(home, create=True, **kind_args(kind, shm_key))
+    f = await env.pool.open_file("data.db", create=True)
+    for i in range(8):
+        async with f.get(i, create=True):
+            pass
+    assert env.stat().mutex_owner_died == 0
+    _hold_and_kill(home, "bucket", procs)
+    async with f.get(7) as page:  # EOWNERDEAD on the bucket: recounted, carry on
+        assert page.pgno == 7
+    assert env.stat().mutex_owner_died == 1 and not env.stat().panicked
+    await f.close()
+    await env.close()
+    await aiodbenv.Env.remove(home, force=True)  # the pages made here are dirty
 
 
 @pytest.mark.parametrize("kind", SHARED_KINDS)

@@ -483,3 +483,25 @@ async def test_stat_shows_pinned_pages_and_the_oldest_pins_age(small_env: aiodbe
             assert st.oldest_pin_age < 0.15
             assert b.stat().pinned == 1 and a.stat().pinned == 0
         assert pool.stat().page_pinned == 0
+
+
+async def test_page_past_a_truncation_is_not_found(env: aiodbenv.Env, home: str) -> None:
+    """The file shrank behind the pool's back: a page it had when the pool opened it is not
+    read back as zeros; ``get`` raises PageNotFound, ``get(create=True)`` makes it again."""
+    path = os.path.join(home, "data.db")
+    with open(path, "wb") as fh:
+        for i in range(8):
+            fh.write(bytes([i + 1]) * 4096)
+    f = await env.pool.open_file(path)
+    async with f.get(2) as page:
+        assert page.data[0] == 3
+    os.truncate(path, 3 * 4096 + 100)  # pages 3..7 gone, page 3 torn
+    for pgno in (3, 5, 7):
+        with pytest.raises(aiodbenv.PageNotFound, match="truncated"):
+            await f.get(pgno)
+    async with f.get(2) as page:  # cached, and on disk: unaffected
+        assert page.data[0] == 3
+    async with f.get(6, create=True) as page:
+        assert bytes(page.data) == bytes(4096)
+    await env.pool.sync()  # the page made again is dirty: leave nothing for remove to refuse
+    await f.close()

@@ -506,10 +506,17 @@ async def test_sync_with_a_stopped_bucket_holder_is_bounded_and_loses_nothing(
         async with f.get(i, create=True) as page:
             page.data[0] = 1
     child = await _start_holder(home, 0, procs)
+    pool.wait_timeout = 2.0
+    ticker = Ticker()
+    await asyncio.sleep(0.02)  # the ticker is ticking before the sync starts
     t0 = time.monotonic()
     with pytest.raises((LockTimeout, Incomplete)):
         await pool.sync()
     assert time.monotonic() - t0 < 15
+    # The wait for the held bucket backs off asynchronously: the loop is never held for the
+    # lock's whole wait (a blocking lock would stall it for a second or more).
+    worst = await ticker.stop()
+    assert worst < 0.5, f"event loop stalled {worst:.3f} s"
     os.kill(child.pid, signal.SIGKILL)  # dies holding the mutex: the next locker repairs
     await asyncio.to_thread(child.wait, 30)
     await pool.sync()

@@ -12,12 +12,15 @@ import asyncio
 import errno
 import logging
 import mmap
+import os
 import warnings
+import weakref
 from time import clock_gettime_ns as _clock_ns
 from typing import TYPE_CHECKING
 
 from .. import _io
 from ..errors import (
+    ForkedProcessError,
     InvalidArgument,
     LockTimeout,
     NoSpace,
@@ -28,7 +31,16 @@ from ..region.layout import MAX_PROCS, MUTEX_SLOT, WORD
 from ..region.mutex import BUSY, STEP_WAIT, ffi, speedups
 from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
-from .layout import BH, BH_DIRTY, BH_READING, BH_REDIRTIED, BH_WRITING, FF_NO_MMAP
+from .checksum import TRAILER
+from .layout import (
+    BH,
+    BH_DIRTY,
+    BH_READING,
+    BH_REDIRTIED,
+    BH_WRITING,
+    FF_NO_MMAP,
+    MAX_PGNO,
+)
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
 from .table import (
     _F,
@@ -67,6 +79,20 @@ logger = logging.getLogger("aiodbenv")
 
 #: ``Page._bh`` of a page that close unpinned (-1 is a page its holder unpinned).
 RELEASED_BY_CLOSE = -2
+
+#: Every open PoolFile of this process, so that a forked child can disarm them.
+_live_files: weakref.WeakSet[PoolFile] = weakref.WeakSet()
+
+
+def _disarm_in_child() -> None:
+    # A forked child inherits the parent's handles and the shared mapping: an inherited pin
+    # could be dropped (the parent's own unpin then panics everyone), a page changed. The
+    # hit path already tests ``_hot`` first, so turning it off costs the parent nothing.
+    for f in list(_live_files):
+        f._disarm()
+
+
+os.register_at_fork(after_in_child=_disarm_in_child)
 
 MODE_GET, MODE_CREATE, MODE_NEW, MODE_LAST = 0, 1, 2, 3
 _BH_DATA = BH.size
@@ -107,8 +133,10 @@ if speedups is not None:
     _c_pin_hit = speedups.aiodb_pin_hit
     _c_pin_one = speedups.aiodb_pin_one_cache
     _c_unpin = speedups.aiodb_unpin_at
+    _CORRUPT = speedups.AIODB_CORRUPT
 else:
     _c_pin_hit = _c_pin_one = _c_unpin = None
+    _CORRUPT = 0
 _HS_LONG = _HS["hash_longest"]
 #: Whether a crash-test plan (AIODBENV_TEST_SIGNAL, read once at import) may act at a step: the
 #: Python unpin, a hot path without the accelerator, then skips even the call.
@@ -139,6 +167,7 @@ class PoolFile:
         ftype: int,
         cookie: bytes,
         mapped: mmap.mmap | None,
+        checksum: bool = False,
     ) -> None:
         self._pool = pool
         self._core = pool._core
@@ -152,6 +181,10 @@ class PoolFile:
         self.nofile = nofile
         self.ftype = ftype
         self.cookie = cookie
+        #: Pages carry a checksum trailer (``open_file(checksum=True)``).
+        self.checksum = checksum
+        # What ``page.data`` spans: the page without the checksum trailer, if any.
+        self._data_size = page_size - TRAILER if checksum else page_size
         self._map = mapped
         self._map_view = memoryview(mapped) if mapped is not None else None
         self._map_pages = len(mapped) // page_size if mapped is not None else 0
@@ -178,6 +211,8 @@ class PoolFile:
         self._extra_ptr = w0p + self._hs + _HS_EXTRA
         self._longest_ptr = w0p + self._hs + _HS_LONG
         self._choose_hit_path()
+        self._forked = False
+        _live_files.add(self)
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -206,7 +241,27 @@ class PoolFile:
         """True if pages are served from a read-only memory map of the file (``st_map``)."""
         return self._map is not None
 
+    def _disarm(self) -> None:
+        """In a forked child: every use of this handle raises ForkedProcessError, and the
+        views of its pinned pages are released (reading one raises ValueError)."""
+        self._forked = True
+        self._hot = False  # hits go to the slow path, whose check raises
+        self._unpin = self._refuse_forked  # type: ignore[method-assign,assignment]
+        for page in self._pins:
+            try:
+                page.data.release()
+            except BufferError:
+                pass  # the caller holds a view of it: cannot be taken back
+
+    def _refuse_forked(self, *_args: object) -> None:
+        raise ForkedProcessError(
+            f"file {self._path!r} was opened by the parent of this forked process: open the "
+            "environment again in this process"
+        )
+
     def _check(self) -> None:
+        if self._forked:
+            self._refuse_forked()
         if self._closed:
             raise InvalidArgument(f"file {self._path!r} is closed")
         self._pool._check()
@@ -230,8 +285,8 @@ class PoolFile:
         Cancellation: a pin cancelled while its page is being read leaves no pin held; the read
         finishes in the background so that other waiters get the page.
         """
-        if type(pgno) is not int or pgno < 0:
-            raise InvalidArgument(f"page number must be a non-negative int, not {pgno!r}")
+        if type(pgno) is not int or not 0 <= pgno < MAX_PGNO:
+            raise InvalidArgument(f"page number must be an int in 0..2**40-1, not {pgno!r}")
         return PinContext(self, pgno, MODE_CREATE if create else MODE_GET)
 
     def new(self) -> PinContext:
@@ -260,8 +315,8 @@ class PoolFile:
             if pgno is not None:
                 raise InvalidArgument("new and last choose the page number themselves")
             return await self._pin(-1, MODE_NEW if new else MODE_LAST)
-        if type(pgno) is not int or pgno < 0:
-            raise InvalidArgument(f"page number must be a non-negative int, not {pgno!r}")
+        if type(pgno) is not int or not 0 <= pgno < MAX_PGNO:
+            raise InvalidArgument(f"page number must be an int in 0..2**40-1, not {pgno!r}")
         return await self._pin(pgno, MODE_CREATE if create else MODE_GET)
 
     def _pin_hit_py(self, pgno: int) -> Page | None:
@@ -291,12 +346,17 @@ class PoolFile:
         try:
             off = w[cache.bucket_words[b] + B_HEAD]
             while off:
+                # Every offset read from the region is checked before it is followed.
+                if off & 7 or off < cache.bh_lo or off > cache.bh_hi:
+                    return None  # the slow path's walk reports it
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
                     p = (off >> 1) + self._pslot
                     halves = cache.halves
                     mine = halves[p]
                     if w[x + H_FLAGS] & BH_READING or mine == 0xFFFF:
+                        return None
+                    if off + _BH_DATA + self.page_size > cache.region.size:
                         return None
                     ref = w[x + H_REF]
                     if not ref:  # the first pin: when it began (the oldest pin's age)
@@ -306,6 +366,8 @@ class PoolFile:
                     break
                 off = w[x + H_NEXT]
                 examined += 1
+                if examined > cache.max_chain:
+                    return None
             else:
                 return None
         finally:
@@ -315,7 +377,7 @@ class PoolFile:
         if examined > 1:
             self._count_examined(examined)
         start = off + _BH_DATA
-        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, off)
+        page = Page(self, pgno, cache.buf[start : start + self._data_size], cache, b, off)
         self._pins.add(page)
         return page
 
@@ -341,12 +403,14 @@ class PoolFile:
         if off <= 0:
             if off == -errno.EOWNERDEAD:
                 self._owner_died(cache, b)
+            elif off == _CORRUPT:
+                cache.corrupt(f"bucket {b}'s chain has a bad offset or loops")
             return None  # not cached, being read, or contended: the slow path sorts it out
         self._w0[self._fs_hit] += 1
         if ex[0] > 1:
             self._count_examined(ex[0])
         start = off + _BH_DATA
-        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, off)
+        page = Page(self, pgno, cache.buf[start : start + self._data_size], cache, b, off)
         self._pins.add(page)
         return page
 
@@ -374,9 +438,11 @@ class PoolFile:
         if off <= 0:
             if off == -errno.EOWNERDEAD:
                 self._owner_died(cache, int(out[0]))
+            elif off == _CORRUPT:
+                cache.corrupt(f"bucket {int(out[0])}'s chain has a bad offset or loops")
             return None
         start = off + _BH_DATA
-        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, int(out[0]), off)
+        page = Page(self, pgno, cache.buf[start : start + self._data_size], cache, int(out[0]), off)
         self._pins.add(page)
         return page
 
@@ -489,20 +555,21 @@ class PoolFile:
 
     def _page(self, cache: Cache, b: int, bh: int, pgno: int) -> Page:
         start = bh + _BH_DATA
-        page = Page(self, pgno, cache.buf[start : start + self.page_size], cache, b, bh)
+        if start + self.page_size > cache.region.size:
+            # The environment is panicked: the pin just taken no longer matters.
+            cache.corrupt(f"buffer {bh} of {self.page_size}-byte page {pgno} ends past the region")
+        page = Page(self, pgno, cache.buf[start : start + self._data_size], cache, b, bh)
         self._pins.add(page)
         return page
 
     def _lookup_pin(self, cache: Cache, b: int, pgno: int) -> int:
         """Find and pin the buffer of ``pgno`` (even one being read); 0 if not cached."""
         w = cache.words
-        bw = cache.bucket_words[b]
         tag = self._tag
         examined = 1
         found = 0
         with cache.mutexes[b]:
-            off = w[bw + B_HEAD]
-            while off:
+            for off in cache.chain(b):
                 x = off >> 3
                 if w[x + H_PGNO] == pgno and w[x + H_FILE] == tag:
                     p = (off >> 1) + PINS_HALF + self._slot
@@ -520,7 +587,6 @@ class PoolFile:
                     cache.halves[p] += 1
                     found = off
                     break
-                off = w[x + H_NEXT]
                 examined += 1
         if examined > 1:
             self._count_examined(examined)
@@ -534,12 +600,10 @@ class PoolFile:
         tag = self._tag
         x = frame >> 3
         with cache.mutexes[b]:
-            off = w[bw + B_HEAD]
-            while off:
+            for off in cache.chain(b):
                 y = off >> 3
                 if w[y + H_PGNO] == pgno and w[y + H_FILE] == tag:
                     break
-                off = w[y + H_NEXT]
             else:
                 p = (frame >> 1) + PINS_HALF
                 cache.halves[p : p + MAX_PROCS] = _NO_PINS  # a recycled frame keeps old counts
@@ -618,6 +682,8 @@ class PoolFile:
         Synchronous: if another process holds the page's bucket mutex, this waits for it at
         most ``aiodbenv.region.mutex.SYNC_WAIT`` (1 s), blocking the thread, then raises
         :class:`~aiodbenv.errors.LockTimeout` naming the holder, with nothing changed."""
+        if self._forked:
+            self._refuse_forked()
         if not (dirty or clean or discard):
             raise InvalidArgument("set needs at least one of dirty, clean, discard")
         self._check_flags(page, (PAGE_DIRTY if dirty else 0) | (PAGE_CLEAN if clean else 0))
@@ -665,7 +731,8 @@ class PoolFile:
                 w[x + H_FLAGS] = new
         elif flags & PAGE_CLEAN and bh_flags & BH_DIRTY:
             w[x + H_FLAGS] = bh_flags & ~(BH_DIRTY | BH_REDIRTIED)
-            w[bw + B_DIRTY] -= 1
+            # Wraps at 0 as the compiled twin does; write-back's walk reports the count.
+            w[bw + B_DIRTY] = (w[bw + B_DIRTY] - 1) & 0xFFFFFFFFFFFFFFFF
 
     def _unpin(self, page: Page, flags: int) -> asyncio.Task[None] | None:
         """Drop the pin of ``page``. Returns None when done, or, if the bucket's mutex was
@@ -794,7 +861,9 @@ class PoolFile:
         """Close the file (memp_fclose). No implied sync: dirty pages stay in the cache and are
         written by eviction, sync or trickle from any process, except those of a temporary file,
         which are dropped (with its backing file). Pages still pinned through this handle are
-        unpinned first. Closing twice is harmless."""
+        unpinned first. Closing twice is harmless. In a forked child: ForkedProcessError."""
+        if self._forked:
+            self._refuse_forked()
         if self._closed:
             return
         if self._pins:

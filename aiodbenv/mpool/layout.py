@@ -22,6 +22,7 @@ __all__ = [
     "BH_WRITING",
     "BUCKET",
     "CACHE_HEADER",
+    "FF_CHECKSUM",
     "FF_DEAD",
     "FF_NOFILE",
     "FF_NO_MMAP",
@@ -32,6 +33,7 @@ __all__ = [
     "GSTAT_FIELDS",
     "HANDLE_STATS",
     "MAX_FILES",
+    "MAX_PGNO",
     "POOL_HEADER",
     "WORKER_ERROR_WORDS",
     "WORKER_STATE_FIELDS",
@@ -39,6 +41,10 @@ __all__ = [
 
 #: Files a pool can hold at once (open, or with pages still cached).
 MAX_FILES = 256
+
+#: Page numbers are below this (write-back packs a file slot and a page number in one int;
+#: 2**40 pages is a petabyte of 1 KiB pages, far past Berkeley DB's 32-bit page numbers).
+MAX_PGNO = 1 << 40
 
 # Buffer flags.
 BH_DIRTY = 1  # must be written before the frame is reused
@@ -56,6 +62,7 @@ FF_TEMP = 1  # path=None: private to its owner, backing file made on demand
 FF_NOFILE = 2  # never written; pages live only in the cache
 FF_DEAD = 4  # closed for good: its buffers are dropped, not written
 FF_NO_MMAP = 8  # a writer has it open: mapped readers go through the cache
+FF_CHECKSUM = 16  # pages carry a checksum trailer (open_file(checksum=True))
 
 CACHE_HEADER = Layout(
     "cache_header",

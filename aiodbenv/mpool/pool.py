@@ -33,6 +33,8 @@ from ..errors import (
     LockTimeout,
     NoSpace,
     NotFound,
+    PageCorrupt,
+    PageNotFound,
     PermissionDenied,
     RunRecovery,
     TryAgain,
@@ -41,13 +43,15 @@ from ..region.backing import Region
 from ..region.layout import MAX_PROCS
 from ..region.mutex import BUSY, Busy, _wait_bound, step_waits
 from ..region.mutex import STEP_WAIT as _STEP_WAIT
-from .file import MODE_NEW, PoolFile
+from .checksum import verify as verify_checksum
+from .file import MODE_GET, MODE_LAST, MODE_NEW, PoolFile
 from .layout import (
     BH,
     BH_DIRTY,
     BH_FAILED,
     BH_READING,
     BH_WRITING,
+    FF_CHECKSUM,
     FF_DEAD,
     FF_NO_MMAP,
     FF_NOFILE,
@@ -464,6 +468,7 @@ class Pool:
         nofile: bool = False,
         max_pages: int | None = None,
         mode: int = 0o600,
+        checksum: bool = False,
     ) -> FileOpener:
         """Open ``path`` (relative to the home) in the pool (memp_fopen).
 
@@ -478,6 +483,13 @@ class Pool:
         only when one of its dirty pages must be written, and removed at close. ``nofile``
         keeps the pages in the cache only, never written; ``max_pages`` limits the file
         (set_maxsize: creating past it raises NoSpace).
+
+        ``checksum`` (Berkeley DB's ``DB_CHKSUM``) keeps a checksum in the last 8 bytes of
+        every page: ``page.data`` is ``page_size - 8`` bytes, the trailer is set when the page
+        is written and checked when it is read back (a mismatch raises
+        :class:`~aiodbenv.errors.PageCorrupt` naming the file and page; an all-zero page,
+        never written, is accepted). Every open of the file must agree (InvalidArgument
+        otherwise); such a file is never memory-mapped (see the pool guide for the layout).
 
         ``await pool.open_file(...)`` or ``async with pool.open_file(...) as f``. Raises
         :class:`~aiodbenv.errors.NotFound` (missing without ``create``),
@@ -499,6 +511,7 @@ class Pool:
                 nofile=nofile,
                 max_pages=max_pages,
                 mode=mode,
+                checksum=checksum,
             ),
         )
 
@@ -517,8 +530,11 @@ class Pool:
         nofile: bool,
         max_pages: int | None,
         mode: int,
+        checksum: bool,
     ) -> PoolFile:
         self._check()
+        if not isinstance(checksum, bool):
+            raise InvalidArgument(f"checksum must be True or False, not {checksum!r}")
         ps = self.page_size if page_size is None else page_size
         if type(ps) is not int or not MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE or ps & (ps - 1):
             raise InvalidArgument(
@@ -544,6 +560,7 @@ class Pool:
             raise InvalidArgument("create and readonly exclude each other")
         name = None if path is None else self._env_resolve(path)
         flags = (FF_TEMP if temp else 0) | (FF_NOFILE if nofile else 0)
+        flags |= FF_CHECKSUM if checksum else 0
 
         fd: int | None = None
         mapped: mmap.mmap | None = None
@@ -551,6 +568,7 @@ class Pool:
         if name is not None and not nofile:
             want_map = (
                 readonly
+                and not checksum  # mapped pages would skip the check
                 and not nommap
                 and not self._core.header("nommap")
                 and not (ftype and ftype in self._registry)
@@ -614,6 +632,7 @@ class Pool:
             ftype=ftype,
             cookie=bytes(pgcookie),
             mapped=mapped,
+            checksum=checksum,
         )
         self._files.add(f)
         return f
@@ -1038,14 +1057,10 @@ class Pool:
                     continue
                 try:
                     with step_waits(), cache.mutexes[b]:
-                        off = w[bw + B_HEAD]
-                        n = 0
-                        while off and n <= w[bw + B_COUNT]:
+                        for off in cache.chain(b):  # offsets checked, the walk bounded
                             x = off >> 3
                             if w[x + H_FLAGS] & BH_WRITING:
                                 found.append((cache, b, off, int(w[x + H_IOPID])))
-                            off = w[x + H_NEXT]
-                            n += 1
                 except LockTimeout:
                     continue  # held elsewhere (a stopped process?): a later sweep looks
         alive: dict[int, bool] = {self._pid: True}
@@ -1134,7 +1149,10 @@ class Pool:
                     # which is not the end of the file. The thread reads it whole.
                     return False
                 if n == 0:  # past the end of the file: a page the pool knows of, never written
+                    self._check_short_read(f, pgno, n, mode)
                     view[:] = _zeros(ps)
+                elif f.checksum:
+                    _verify(f, pgno, view)
                 created = n == 0
             self._apply_pgin(f, pgno, view, mode)
         except BaseException:
@@ -1144,6 +1162,25 @@ class Pool:
             view.release()
         self._publish(f, cache, b, bh, created)
         return True
+
+    def _check_short_read(self, f: PoolFile, pgno: int, n: int, mode: int) -> None:
+        """A read of page ``pgno`` stopped at the end of the file after ``n`` bytes.
+
+        Zeros are right for a page the pool made (create or new) that was never written: it
+        lies past the pages the file had when the pool first opened it. A page the file had
+        then, or part of a page, means the file was truncated behind the pool's back: a
+        ``get`` without create raises :class:`PageNotFound` rather than hand out zeros as
+        data (with create, the page is made again, zero-filled, as Berkeley DB does).
+        """
+        if mode not in (MODE_GET, MODE_LAST):
+            return
+        orig = int(f._w0[f._entry + _F["orig_pages"]])
+        if n or pgno < orig:
+            raise PageNotFound(
+                f"page {pgno} of {f.name!r} is past the end of the file on disk (the file had "
+                f"{orig} pages when the pool opened it and was truncated since); use create=True "
+                "to make it again"
+            )
 
     def _apply_pgin(self, f: PoolFile, pgno: int, view: memoryview, mode: int) -> None:
         if mode != MODE_NEW and f.ftype:
@@ -1204,7 +1241,10 @@ class Pool:
             assert f._fd is not None
             n = await self._reader.read(f._fd, view, pgno * ps)
             if n < ps:  # a blocking read stops short only at the end of the file
+                self._check_short_read(f, pgno, n, mode)
                 view[n:] = _zeros(ps - n)
+            elif f.checksum:
+                _verify(f, pgno, view)
             created = n == 0
             self._apply_pgin(f, pgno, view, mode)
         except BaseException:
@@ -1437,7 +1477,11 @@ class Pool:
             for bw in cache.bucket_words:
                 off = int(w[bw + B_HEAD])
                 n = 0
-                while off and n < 1 << 20:
+                # Unlocked: an offset that fails its check (a chain changing under us, or a
+                # corrupt one) ends this bucket's walk; the mutexed paths report corruption.
+                while off and n < cache.max_chain:
+                    if off & 7 or off < cache.bh_lo or off > cache.bh_hi:
+                        break
                     p = (off >> 1) + PINS_HALF
                     for s, c in enumerate(halves[p : p + MAX_PROCS]):
                         if c:
@@ -1476,6 +1520,16 @@ class Pool:
                 self._core.detach_handle(self._hs)
 
 
+def _verify(f: PoolFile, pgno: int, view: memoryview) -> None:
+    """Check a page just read from a checksummed file (before pgin)."""
+    if not verify_checksum(pgno, view):
+        raise PageCorrupt(
+            f"page {pgno} of {f.name!r} fails its checksum: the page on disk is torn or corrupt",
+            path=f.name,
+            pgno=pgno,
+        )
+
+
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("deferred pool bookkeeping failed: %s", task.exception())
@@ -1499,10 +1553,8 @@ def _open_data_file(
     mmap_size: int,
 ) -> tuple[int, int, bytes, mmap.mmap | None]:
     flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-    if create:
-        flags |= os.O_CREAT
     try:
-        fd = _io.open_file(name, flags, mode)
+        fd, created = _open_or_create(name, flags, create, mode)
     except FileNotFoundError:
         raise NotFound(f"no such file: {name} (open it with create=True)") from None
     except PermissionError as err:
@@ -1510,6 +1562,8 @@ def _open_data_file(
     except IsADirectoryError:
         raise InvalidArgument(f"{name} is a directory") from None
     try:
+        if created:
+            os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask (as region files)
         st = os.fstat(fd)
         if not stat_mod.S_ISREG(st.st_mode):
             raise InvalidArgument(f"{name} is not a regular file")
@@ -1528,6 +1582,23 @@ def _open_data_file(
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_or_create(name: str, flags: int, create: bool, mode: int) -> tuple[int, bool]:
+    """Open ``name``; with ``create``, make it if missing. Returns ``(fd, created)``: only a
+    file this call made gets its mode set (an existing file keeps its own)."""
+    if not create:
+        return _io.open_file(name, flags, mode), False
+    for _ in range(3):
+        try:
+            return _io.open_file(name, flags | os.O_CREAT | os.O_EXCL, mode), True
+        except FileExistsError:
+            pass
+        try:
+            return _io.open_file(name, flags, mode), False
+        except FileNotFoundError:
+            continue  # removed between the two opens: try to create it again
+    raise InvalidArgument(f"{name} keeps appearing and disappearing while it is opened")
 
 
 def _close_fds(fds: list[int], mapped: mmap.mmap | None) -> None:

@@ -42,7 +42,7 @@ from ..region.mutex import SYNC_WAIT, _wait_bound, step_waits
 from ..region.mutex import trylock as _trylock
 from ..region.registry import ProcInfo
 from .layout import BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING
-from .table import B_HEAD, H_FILE, H_FLAGS, H_IOPID, H_NEXT, H_PGNO, H_REF, PINS_HALF, Cache
+from .table import B_HEAD, H_FILE, H_FLAGS, H_IOPID, H_PGNO, H_REF, PINS_HALF, Cache
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -170,18 +170,15 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
         for cache in core.caches:
             w = cache.words
             halves = cache.halves
-            limit = cache.region.size // 64 + 1  # a bound on any chain: no loop on corruption
             for b, bw in enumerate(cache.bucket_words):
                 if not w[bw + B_HEAD]:
                     continue
                 _lock(cache, b)
                 try:
-                    off = int(w[bw + B_HEAD])
-                    n = 0
-                    while off and n < limit:
-                        n += 1
+                    # Every offset is checked, and the walk bounded (CorruptRegion otherwise);
+                    # the chain is read whole before any of its buffers may be unlinked.
+                    for off in cache.chain(b):
                         x = off >> 3
-                        nxt = int(w[x + H_NEXT])
                         p = (off >> 1) + PINS_HALF
                         held = int(halves[p + s])
                         flags = int(w[x + H_FLAGS])
@@ -207,7 +204,6 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
                                 freed.append((cache, off))
                         elif flags & BH_WRITING and dead_io:
                             claims.append((cache, b, off))
-                        off = nxt
                 finally:
                     cache.unlock(b)
     finally:

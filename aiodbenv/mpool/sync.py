@@ -47,28 +47,29 @@ import anyio.to_thread
 from .. import _io
 from .._process import is_alive
 from ..errors import Incomplete, InvalidArgument, LockTimeout, NoSpace
-from ..region.mutex import ffi, owner_pid, speedups
+from ..region.mutex import BUSY, ffi, owner_pid, speedups
 from ..region.mutex import unlock as _unlock
+from .checksum import seal_pages
 from .layout import (
     BH,
     BH_DIRTY,
     BH_READING,
     BH_REDIRTIED,
     BH_WRITING,
+    FF_CHECKSUM,
     FF_DEAD,
     FF_NOFILE,
     FF_TEMP,
     MAX_FILES,
+    MAX_PGNO,
 )
 from .table import (
     _F,
     _HS,
     B_DIRTY,
-    B_HEAD,
     H_FILE,
     H_FLAGS,
     H_IOPID,
-    H_NEXT,
     H_PGNO,
     H_PRIO,
     H_REF,
@@ -93,6 +94,7 @@ __all__ = [
 _c_snapshot = speedups.aiodb_snapshot if speedups is not None else None
 _c_write_done = speedups.aiodb_write_done if speedups is not None else None
 _c_collect = speedups.aiodb_collect if speedups is not None else None
+_CORRUPT = speedups.AIODB_CORRUPT if speedups is not None else 0
 
 logger = logging.getLogger("aiodbenv")
 
@@ -160,6 +162,11 @@ async def collect_dirty(pool: Pool, files: set[int] | None) -> Collected:
     large cache does not stall the loop. A claim whose writer is dead is taken over here.
     """
     raw = await (_collect_c(pool) if _c_collect is not None else _collect_py(pool))
+    # File slots and page numbers read from buffer headers: checked before they become file
+    # table indexes and file offsets (and the packed sort key below).
+    for i, (tag, pgno) in enumerate(zip(raw.tags, raw.pgnos)):
+        if not 1 <= tag <= MAX_FILES or pgno >= MAX_PGNO:
+            raw.caches[i].corrupt(f"buffer {raw.bhs[i]} holds page {pgno} of file slot {tag}")
     want = None if files is None else {f + 1 for f in files}
     writable = {tag: pool._can_write(tag) for tag in set(raw.tags)}
     held: list[tuple[int, int]] = []
@@ -317,11 +324,16 @@ async def _collect_c(pool: Pool) -> _Raw:
                 stopped,
             )
             if n < 0:  # a lock failed: its holder died (mutex held), or worse
+                held = int(stopped[0])
+                if n == _CORRUPT:
+                    cache.corrupt(f"bucket {held}'s chain has a bad offset or loops")
                 if n == -errno.EOWNERDEAD:
-                    _recover(cache, int(stopped[0]))
+                    _recover(cache, held)
                 else:
-                    cache.lock(int(stopped[0]))  # raises the right error
-                    cache.unlock(int(stopped[0]))
+                    # Held by someone else: wait for it off the loop's back (bounded retries
+                    # with an async back-off; LockTimeout naming the holder at wait_timeout).
+                    await pool._locked(cache.lock, held)
+                    cache.unlock(held)
                 continue  # again from the same bucket
             out.tags += ffi.unpack(tag, n)
             out.pgnos += ffi.unpack(pgno, n)
@@ -350,10 +362,12 @@ async def _collect_py(pool: Pool) -> _Raw:
                 deadline = time.monotonic() + YIELD_EVERY
             if not w[bw + B_DIRTY]:
                 continue
-            cache.lock(b)
+            if w[bw + B_DIRTY] > cache.max_chain:
+                cache.corrupt(f"bucket {b}'s dirty count {int(w[bw + B_DIRTY])}")
+            if pool._attempt(cache.lock, b) is BUSY:
+                await pool._locked(cache.lock, b)  # bounded, and the loop keeps running
             try:
-                off = w[bw + B_HEAD]
-                while off:
+                for off in cache.chain(b):
                     x = off >> 3
                     flags = w[x + H_FLAGS]
                     if flags & BH_DIRTY:
@@ -368,7 +382,6 @@ async def _collect_py(pool: Pool) -> _Raw:
                             if flags & BH_WRITING
                             else (1 if w[x + H_REF] or flags & BH_READING else 0)
                         )
-                    off = w[x + H_NEXT]
             finally:
                 cache.unlock(b)
     return out
@@ -652,7 +665,7 @@ def _drop_dirty(item: Item) -> int:
             and not flags & (BH_READING | BH_WRITING)
         ):
             w[x + H_FLAGS] = flags & ~BH_DIRTY
-            w[cache.bucket_words[b] + B_DIRTY] -= 1
+            cache.decrement(cache.bucket_words[b] + B_DIRTY, f"bucket {b}'s dirty count")
             return 1
         return 0
     finally:
@@ -663,13 +676,16 @@ def _snapshot(pool: Pool, items: list[Item], dst: bytearray, offsets: list[int])
     """Copy each item's page into ``dst`` at its offset and flag it WRITING; per item 1
     (taken), 2 (pinned or busy: not now) or 0 (evicted, reused or cleaned meanwhile)."""
     status = [0] * len(items)
+    # Each copy's slot size: the buffer's recorded page size must match it (checked under
+    # the bucket lock), or a corrupt size would copy past the slot.
+    slots = [end - start for start, end in zip(offsets, offsets[1:] + [len(dst)])]
     if _c_snapshot is not None:
         for cache, idx in _by_cache(items):
             done = 0
             while done < len(idx):
                 part = idx[done:]
                 n = len(part)
-                st = ffi.new("int64_t[]", n)
+                st = ffi.new("int64_t[]", [slots[i] for i in part])  # in: slot sizes
                 got = _c_snapshot(
                     cache.wptr,
                     cache.region.base,
@@ -692,19 +708,19 @@ def _snapshot(pool: Pool, items: list[Item], dst: bytearray, offsets: list[int])
                     i = part[got]
                     if st[got] == -errno.EOWNERDEAD:
                         _recover(cache, items[i][3])
-                    status[i] = _snapshot_one(pool, items[i], dst, offsets[i])
+                    status[i] = _snapshot_one(pool, items[i], dst, offsets[i], slots[i])
                     got += 1
                 done += got
         return status
     for i, item in enumerate(items):
-        status[i] = _snapshot_one(pool, item, dst, offsets[i])
+        status[i] = _snapshot_one(pool, item, dst, offsets[i], slots[i])
     return status
 
 
-def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int) -> int:
+def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int, slot: int) -> int:
     fidx, pgno, cache, b, bh = item
     w = cache.words
-    x = bh >> 3
+    x = cache.check_bh(bh)
     try:
         cache.lock(b)
     except LockTimeout:
@@ -719,6 +735,8 @@ def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int) -> int:
         w[x + H_FLAGS] = (flags & ~BH_REDIRTIED) | BH_WRITING
         w[x + H_IOPID] = pool._pid
         size = int(w[x + H_SIZE])
+        if size != slot or bh + BH.size + size > cache.region.size:
+            cache.corrupt(f"buffer {bh} records a page of {size} bytes, not {slot}")
         dst[off : off + size] = cache.buf[bh + BH.size : bh + BH.size + size]
         return 1
     finally:
@@ -778,7 +796,7 @@ def _write_done_one(pool: Pool, item: Item, failed: bool) -> None:
             return  # not our claim any more (taken over): leave it alone
         if not failed and flags & BH_DIRTY and not flags & BH_REDIRTIED:
             flags &= ~BH_DIRTY
-            w[cache.bucket_words[b] + B_DIRTY] -= 1
+            cache.decrement(cache.bucket_words[b] + B_DIRTY, f"bucket {b}'s dirty count")
         w[x + H_FLAGS] = flags & ~(BH_WRITING | BH_REDIRTIED)
         w[x + H_IOPID] = 0
     finally:
@@ -811,6 +829,7 @@ class _Run:
     copies: list[memoryview]
     pgout: object
     cookie: bytes
+    checksum: bool = False
     error: BaseException | None = None  # no descriptor could be had
 
 
@@ -837,6 +856,7 @@ def _plan_runs(pool: Pool, taken: list[tuple[Item, memoryview]]) -> list[_Run]:
                 copies=[copy],
                 pgout=pgout,
                 cookie=core.file_cookie(fidx) if pgout else b"",
+                checksum=bool(core.w0[e + _F["flags"]] & FF_CHECKSUM),
             )
         )
     return runs
@@ -853,6 +873,8 @@ def _write_runs(runs: list[_Run]) -> list[BaseException | None]:
             if run.pgout is not None:  # on the copies: the cached pages stay as they are
                 for pgno, copy in zip(run.pgnos, run.copies):
                     run.pgout(pgno, copy, run.cookie)  # type: ignore[operator]
+            if run.checksum:  # after pgout: the trailer covers what goes to disk
+                seal_pages(run.pgnos, run.copies)
             _pwrite_all(run.fd, run.copies, run.offset)
             out.append(None)
         except BaseException as err:
@@ -893,6 +915,9 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
     core = pool._core
     w0 = core.w0
     targets: list[tuple[int, int | None, str | None, int]] = []
+    # The slot may be freed and reused by another file while the fsync runs: what it covered
+    # is recorded only if the slot still holds the same file.
+    ids: dict[int, bytes] = {}
     for fidx in range(MAX_FILES) if files is None else sorted(files):
         e = core.entry(fidx)
         if not e or w0[e + _F["flags"]] & (FF_DEAD | FF_NOFILE | FF_TEMP):
@@ -904,6 +929,7 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
         path = None if fd is not None else core.file_name(fidx)
         if fd is not None or path is not None:
             targets.append((fidx, fd, path, gen))
+            ids[fidx] = core.fileid(fidx)
     if not targets:
         return
     _io.step("fsync_begin")
@@ -949,7 +975,7 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
                 logger.warning("%s was removed before its last writes were fsynced", path)
                 res[i] = out = None
             if out is None:
-                if e:
+                if e and core.fileid(fidx) == ids[fidx]:
                     with core.file_mutex(fidx):
                         if w0[e + _F["synced_gen"]] < gen:
                             w0[e + _F["synced_gen"]] = gen

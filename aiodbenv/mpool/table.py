@@ -21,9 +21,17 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
-from .._config import DEFAULT_MMAP_SIZE, DEFAULT_PAGE_SIZE, Settings
-from ..errors import CacheFull, InvalidArgument
+from .._config import (
+    DEFAULT_MMAP_SIZE,
+    DEFAULT_PAGE_SIZE,
+    MAX_NCACHE,
+    MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE,
+    Settings,
+)
+from ..errors import CacheFull, CorruptRegion, InvalidArgument
 from ..region.alloc import Allocator
 from ..region.backing import Region
 from ..region.layout import ALLOC_CHUNK, MAX_PROCS, MUTEX_SLOT, REGION_HEADER, WORD
@@ -37,6 +45,7 @@ from .layout import (
     BH_WRITING,
     BUCKET,
     CACHE_HEADER,
+    FF_CHECKSUM,
     FF_DEAD,
     FF_NOFILE,
     FF_TEMP,
@@ -46,6 +55,7 @@ from .layout import (
     GSTAT_FIELDS,
     HANDLE_STATS,
     MAX_FILES,
+    MAX_PGNO,
     POOL_HEADER,
 )
 
@@ -87,6 +97,21 @@ _CHUNK_OVERHEAD = ALLOC_CHUNK.size + 16
 _TAG_FROM_BH = (ALLOC_CHUNK.size - ALLOC_CHUNK.offset("tag")) // WORD
 #: Buckets the victim search compares before it settles for the best it has seen.
 SEARCH_BUCKETS = 4
+#: No count or statistic in a region reaches this; one that does is corrupt (and adding one
+#: to 2**64 - 1 would fail in Python, wrap in C).
+COUNTER_LIMIT = 1 << 62
+_MUTEX_COUNTERS = [MUTEX_SLOT.offset(f) // WORD for f in ("waits", "nowaits", "owner_died")]
+_REGION_COUNTERS = [
+    REGION_HEADER.offset(f) // WORD for f in ("bytes_used", "allocs", "frees", "failures")
+] + [REGION_HEADER.offset("alloc_mutex") // WORD + i for i in _MUTEX_COUNTERS]
+
+
+def check_counters(words: memoryview, indexes: Sequence[int], limit: int, what: str) -> None:
+    """Raise :class:`CorruptRegion` if a count at one of the word ``indexes`` reaches
+    ``limit`` (checked when a region is attached)."""
+    for i in indexes:
+        if words[i] >= limit:
+            raise CorruptRegion(f"{what}: count {int(words[i])} at word {i} is out of range")
 
 
 def _nbuckets(pages: int) -> int:
@@ -159,8 +184,11 @@ class Cache:
     """One mpool region: its buckets, their mutexes, its allocator."""
 
     __slots__ = (
+        "_panic",
         "alloc_mutex",
         "allocator",
+        "bh_hi",
+        "bh_lo",
         "bucket_words",
         "buf",
         "c_bucket_words",
@@ -169,6 +197,7 @@ class Cache:
         "halves",
         "hdr",
         "index",
+        "max_chain",
         "mptrs",
         "mutexes",
         "nbuckets",
@@ -184,9 +213,49 @@ class Cache:
         self.buf = region.buf
         self.halves = region.halves
         self.hdr = _CACHE_BASE // WORD
+        self._panic = panic
         self.index = int(w[self.hdr + _C["cache_index"]])
         self.nbuckets = nb = int(w[self.hdr + _C["nbuckets"]])
         start = int(w[self.hdr + _C["buckets_off"]])
+        # Checked before anything is built from them: a corrupt count or offset would make
+        # millions of objects or point outside the region.
+        if (
+            not 1 <= nb <= region.size // BUCKET.size
+            or start % WORD
+            or start < _CACHE_BASE + CACHE_HEADER.size
+            or start + nb * BUCKET.size > region.size
+            or self.index >= MAX_NCACHE
+        ):
+            raise CorruptRegion(
+                f"mpool region {region.region_id}: corrupt cache header "
+                f"(index {self.index}, {nb} buckets at {start}, region of {region.size} bytes)"
+            )
+        #: Bounds of a buffer header's offset: after the buckets, wholly inside the region.
+        self.bh_lo = start + nb * BUCKET.size
+        self.bh_hi = region.size - BH.size
+        #: No chain is longer than the region has room for buffers: a longer one loops.
+        self.max_chain = region.size // BH.size + 1
+        what = f"mpool region {region.region_id}"
+        check_counters(w, _REGION_COUNTERS, COUNTER_LIMIT, what)
+        check_counters(
+            w, [self.hdr + _C[f] for f in ("lru_counter", "page_bytes_used")], COUNTER_LIMIT, what
+        )
+        check_counters(w, [self.hdr + _C["buffers"]], self.max_chain, what)
+        first = start // WORD
+        step = BUCKET.size // WORD
+        mutex_w = BUCKET.offset("mutex") // WORD
+        check_counters(
+            w,
+            [first + b * step + mutex_w + i for b in range(nb) for i in _MUTEX_COUNTERS],
+            COUNTER_LIMIT,
+            what,
+        )
+        check_counters(
+            w,
+            [first + b * step + f for b in range(nb) for f in (B_COUNT, B_DIRTY)],
+            self.max_chain,
+            what,
+        )
         #: word index of each bucket's first word
         self.bucket_words = [(start + b * BUCKET.size) // WORD for b in range(nb)]
         self.allocator = Allocator(region.buf, w, f"mpool region {region.region_id}")
@@ -232,6 +301,46 @@ class Cache:
             waits += w[i + d_wait]
         return int(waits), int(nowaits)
 
+    def corrupt(self, what: str) -> NoReturn:
+        """Panic the environment and raise :class:`CorruptRegion`: an offset or count read
+        from this cache failed its check (a running environment cannot go on with it)."""
+        msg = f"mpool region {self.region.region_id} is corrupt: {what}"
+        if self._panic is not None:
+            self._panic(msg)
+        raise CorruptRegion(f"PANIC: {msg}; run recovery")
+
+    def check_bh(self, off: int) -> int:
+        """The word index of the buffer header at byte ``off``, read from the region; panics
+        with :class:`CorruptRegion` unless it is aligned and wholly inside the arena."""
+        if off & 7 or off < self.bh_lo or off > self.bh_hi:
+            self.corrupt(f"buffer offset {off}")
+        return off >> 3
+
+    def chain(self, b: int) -> list[int]:
+        """The buffer offsets in bucket ``b``'s chain, each checked, the walk bounded (the
+        caller holds the bucket mutex)."""
+        w = self.words
+        out: list[int] = []
+        off = int(w[self.bucket_words[b] + B_HEAD])
+        while off:
+            if len(out) >= self.max_chain:
+                self.corrupt(f"bucket {b}'s chain loops")
+            out.append(off)
+            off = int(w[self.check_bh(off) + H_NEXT])
+        return out
+
+    def decrement(self, i: int, what: str) -> None:
+        """Count one fewer at word ``i`` of this cache; a count already at 0 is corrupt."""
+        if not self.words[i]:
+            self.corrupt(f"{what} would go below zero")
+        self.words[i] -= 1
+
+    def bucket_owner_died(self) -> int:
+        """Times a locker of one of this cache's bucket mutexes found its holder dead."""
+        w = self.words
+        d = (MUTEX_SLOT.offset("owner_died") - MUTEX_SLOT.offset("nowaits")) // WORD
+        return int(sum(w[i + d] for i in self.nowait_words))
+
     def repair_bucket(self, b: int) -> None:
         """Recount a bucket after its mutex holder died: chain length, dirty count (buffers
         flagged DIRTY) and each buffer's pins (the sum of its per-slot counts).
@@ -241,21 +350,14 @@ class Cache:
         """
         w = self.words
         bw = self.bucket_words[b]
-        count = dirty = 0
-        off = w[bw + B_HEAD]
-        limit = self.region.size // BH.size
+        chain = self.chain(b)
+        count = len(chain)
+        dirty = sum(1 for off in chain if w[(off >> 3) + H_FLAGS] & BH_DIRTY)
         halves = self.halves
-        while off and count <= limit:
-            h = off >> 3
-            count += 1
-            if w[h + H_FLAGS] & BH_DIRTY:
-                dirty += 1
+        for off in chain:
             # A holder killed between changing ref and its slot's count: ref is their sum.
             p = off // 2 + PINS_HALF
-            w[h + H_REF] = sum(halves[p : p + MAX_PROCS])
-            off = w[h + H_NEXT]
-        if off:
-            raise InvalidArgument(f"bucket {b} chain loops")
+            w[(off >> 3) + H_REF] = sum(halves[p : p + MAX_PROCS])
         w[bw + B_COUNT] = count
         w[bw + B_DIRTY] = dirty
 
@@ -283,18 +385,17 @@ class Cache:
         False if it was not in it."""
         w = self.words
         bw = self.bucket_words[b]
-        prev = 0
-        off = w[bw + B_HEAD]
-        while off and off != bh:
-            prev, off = off, w[(off >> 3) + H_NEXT]
-        if not off:
+        chain = self.chain(b)
+        if bh not in chain:
             return False
+        i = chain.index(bh)
+        prev = chain[i - 1] if i else 0
         nxt = w[(bh >> 3) + H_NEXT]
         if prev:
             w[(prev >> 3) + H_NEXT] = nxt
         else:
             w[bw + B_HEAD] = nxt
-        w[bw + B_COUNT] -= 1
+        self.decrement(bw + B_COUNT, f"bucket {b}'s count")
         return True
 
     def buffers(self) -> int:
@@ -392,6 +493,88 @@ class PoolCore:
             self.mutex = NullMutex("pool")
         #: every bucket of every cache, in global order: (cache, bucket index)
         self.total_buckets = sum(c.nbuckets for c in self.caches)
+        self._check_header()
+
+    def _check_header(self) -> None:
+        """Range-check the pool header and the file table before anything follows them."""
+        w, p = self.w0, self.p
+        ncache = int(w[p + _P["ncache"]])
+        page_size = int(w[p + _P["page_size"]])
+        if ncache != self.ncache or [c.index for c in self.caches] != list(range(ncache)):
+            raise CorruptRegion(
+                f"mpool header says {ncache} caches; the environment has {self.ncache}"
+            )
+        if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+            raise CorruptRegion(f"mpool header: page size {page_size}")
+        for cache in self.caches:
+            share = int(cache.words[cache.hdr + _C["page_bytes"]])
+            if not 0 < share <= cache.region.size:
+                raise CorruptRegion(
+                    f"mpool region {cache.region.region_id}: {share} bytes of pages in a "
+                    f"region of {cache.region.size}"
+                )
+        retired = self.meta_check(int(w[p + _P["retired"]]), HANDLE_STATS.size)
+        mutex = (_POOL_BASE + POOL_HEADER.offset("mutex")) // WORD
+        counters = [mutex + i for i in _MUTEX_COUNTERS]
+        counters += [p + _P["retired_files"] + _FS[f] for f in FSTAT_FIELDS]
+        for hs in [retired] + [
+            o >> 3
+            for o in self._meta_chain(w[p + _P["handles_head"]], _HS["next"], HANDLE_STATS.size)
+        ]:
+            counters += [hs + _HS[f] for f in GSTAT_FIELDS]
+        for i in range(MAX_FILES):
+            off = int(w[p + _P["files"] + i])
+            if not off:
+                continue
+            e = self.meta_check(off, FILE_ENTRY.size)
+            mutex = e + FILE_ENTRY.offset("mutex") // WORD
+            counters += [mutex + k for k in _MUTEX_COUNTERS]
+            counters += [e + _F[f] for f in ("refcnt", "rw_opens", "buffers")]
+            counters += [e + _F["retired"] + _FS[f] for f in FSTAT_FIELDS]
+            for fs in self._meta_chain(w[e + _F["stats_head"]], _FS["next"], FILE_STATS.size):
+                counters += [(fs >> 3) + _FS[f] for f in FSTAT_FIELDS]
+            if w[e + _F["pages"]] > MAX_PGNO or w[e + _F["max_pages"]] > MAX_PGNO:
+                raise CorruptRegion(f"file slot {i}: {int(w[e + _F['pages']])} pages")
+            named = not w[e + _F["flags"]] & (FF_TEMP | FF_NOFILE)
+            if (named and not w[e + _F["name_off"]]) or w[e + _F["name_len"]] > 1 << 16:
+                raise CorruptRegion(f"file slot {i}: a file with no name or a corrupt one")
+            for f in ("name", "cookie"):
+                if w[e + _F[f"{f}_off"]]:
+                    self.meta_check(int(w[e + _F[f"{f}_off"]]), int(w[e + _F[f"{f}_len"]]))
+            if w[e + _F["page_size"]] > MAX_PAGE_SIZE or w[e + _F["page_size"]] < MIN_PAGE_SIZE:
+                raise CorruptRegion(f"file slot {i}: page size {int(w[e + _F['page_size']])}")
+        check_counters(w, counters, COUNTER_LIMIT, "mpool region 0")
+
+    def meta_check(self, off: int, size: int) -> int:
+        """Word index of a ``size``-byte structure at byte ``off`` of region 0, read from the
+        region; :class:`CorruptRegion` (and a panic) unless it is aligned and inside."""
+        if off & 7 or off < _POOL_BASE + POOL_HEADER.size or off + size > self.r0.size:
+            self.caches[0].corrupt(f"structure offset {off}")
+        return off >> 3
+
+    def _meta_chain(self, head: int, next_field: int, size: int) -> list[int]:
+        """The offsets of a list in region 0 (statistics blocks), checked and bounded."""
+        w = self.w0
+        out: list[int] = []
+        limit = self.r0.size // size + 1
+        cur = int(head)
+        while cur:
+            if len(out) >= limit:
+                self.caches[0].corrupt("a statistics list loops")
+            out.append(cur)
+            cur = int(w[self.meta_check(cur, size) + next_field])
+        return out
+
+    def owner_died(self) -> int:
+        """Times a locker of one of the pool's own mutexes (the pool's, the files', the
+        buckets') found its holder dead. The caches' allocator mutexes are the environment's
+        and counted there."""
+        if not self.shared:
+            return 0
+        total = self.mutex.stats()[2]
+        for i in self.file_slots():
+            total += self.file_mutex(i).stats()[2]
+        return total + sum(c.bucket_owner_died() for c in self.caches)
 
     @staticmethod
     def _repair_pool() -> None:
@@ -451,17 +634,16 @@ class PoolCore:
         """Fold this handle's counters into the retired block, unlink and free it."""
         w = self.w0
         off = hs << 3
-        retired = w[self.p + _P["retired"]] >> 3
+        retired = self.meta_check(w[self.p + _P["retired"]], HANDLE_STATS.size)
         with self.mutex:
             for f in GSTAT_FIELDS:
                 if f == "hash_longest":
                     w[retired + _HS[f]] = max(w[retired + _HS[f]], w[hs + _HS[f]])
                 else:
                     w[retired + _HS[f]] += w[hs + _HS[f]]
-            prev = 0
-            cur = w[self.p + _P["handles_head"]]
-            while cur and cur != off:
-                prev, cur = cur, w[(cur >> 3) + _HS["next"]]
+            chain = self._meta_chain(w[self.p + _P["handles_head"]], _HS["next"], HANDLE_STATS.size)
+            cur = off if off in chain else 0
+            prev = chain[chain.index(off) - 1] if cur and chain.index(off) else 0
             if cur:
                 nxt = w[hs + _HS["next"]]
                 if prev:
@@ -482,10 +664,7 @@ class PoolCore:
         w = self.w0
         out = {f: 0 for f in GSTAT_FIELDS}
         blocks = [w[self.p + _P["retired"]]]
-        cur = w[self.p + _P["handles_head"]]
-        while cur and len(blocks) < 100000:
-            blocks.append(cur)
-            cur = w[(cur >> 3) + _HS["next"]]
+        blocks += self._meta_chain(w[self.p + _P["handles_head"]], _HS["next"], HANDLE_STATS.size)
         for off in blocks:
             b = off >> 3
             for f in GSTAT_FIELDS:
@@ -497,7 +676,10 @@ class PoolCore:
 
     def entry(self, fidx: int) -> int:
         """Word index of file slot ``fidx``'s entry (0 if the slot is free)."""
-        return int(self.w0[self.p + _P["files"] + fidx]) >> 3
+        if not 0 <= fidx < MAX_FILES:
+            self.caches[0].corrupt(f"file slot {fidx}")
+        off = int(self.w0[self.p + _P["files"] + fidx])
+        return self.meta_check(off, FILE_ENTRY.size) if off else 0
 
     def file_field(self, fidx: int, field: str) -> int:
         return int(self.w0[self.entry(fidx) + _F[field]])
@@ -527,10 +709,18 @@ class PoolCore:
 
     def file_name(self, fidx: int) -> str | None:
         off, n = self.file_field(fidx, "name_off"), self.file_field(fidx, "name_len")
-        return self.meta_bytes(off, n).decode("utf-8", "surrogateescape") if off else None
+        if not off:
+            return None
+        self.meta_check(off, n)
+        name = self.meta_bytes(off, n)
+        if not name or b"\0" in name:
+            self.caches[0].corrupt(f"file slot {fidx} has a name with a NUL byte, or none")
+        return name.decode("utf-8", "surrogateescape")
 
     def file_cookie(self, fidx: int) -> bytes:
         off, n = self.file_field(fidx, "cookie_off"), self.file_field(fidx, "cookie_len")
+        if off:
+            self.meta_check(off, n)
         return self.meta_bytes(off, n) if off else b""
 
     def file_slots(self) -> list[int]:
@@ -571,7 +761,7 @@ class PoolCore:
                     if free < 0:
                         free = i
                     continue
-                e = off >> 3
+                e = self.meta_check(off, FILE_ENTRY.size)
                 if w[e + _F["flags"]] & (FF_DEAD | FF_TEMP):
                     continue
                 if [w[e + _F["fileid"] + k] for k in range(3)] != ids:
@@ -591,6 +781,12 @@ class PoolCore:
                 if (w[e + _F["flags"]] & FF_NOFILE) != (flags & FF_NOFILE):
                     raise InvalidArgument(
                         f"{what} is already in the pool with another nofile setting"
+                    )
+                if (w[e + _F["flags"]] & FF_CHECKSUM) != (flags & FF_CHECKSUM):
+                    on = "on" if w[e + _F["flags"]] & FF_CHECKSUM else "off"
+                    raise InvalidArgument(
+                        f"{what} is already in the pool with checksums {on}; every open "
+                        "must use the same checksum setting"
                     )
                 w[e + _F["refcnt"]] += 1
                 if writable:
@@ -637,7 +833,7 @@ class PoolCore:
         first = -1
         for i in range(MAX_FILES):
             off = w[base + i]
-            e = off >> 3
+            e = self.meta_check(off, FILE_ENTRY.size) if off else 0
             if (
                 off
                 and w[e + _F["refcnt"]] == 0
@@ -661,10 +857,8 @@ class PoolCore:
             for b, bw in enumerate(cache.bucket_words):
                 if w[bw + B_COUNT]:
                     with cache.mutexes[b]:
-                        off = w[bw + B_HEAD]
-                        while off:
+                        for off in cache.chain(b):
                             files.add(int(w[(off >> 3) + H_FILE]))
-                            off = w[(off >> 3) + H_NEXT]
         return files
 
     def pins(self) -> list[tuple[int, int, int, int]]:
@@ -701,7 +895,7 @@ class PoolCore:
         w = self.w0
         base = self.p + _P["files"]
         off = w[base + fidx]
-        e = off >> 3
+        e = self.meta_check(off, FILE_ENTRY.size)
         retired = self.p + _P["retired_files"]
         for f, v in self.file_stats(fidx).items():
             w[retired + _FS[f]] += v
@@ -717,6 +911,8 @@ class PoolCore:
         w = self.w0
         e = self.entry(fidx)
         with self.mutex:
+            if not w[e + _F["refcnt"]]:
+                self.caches[0].corrupt(f"file slot {fidx}'s handle count would go below zero")
             w[e + _F["refcnt"]] -= 1
             if writable and w[e + _F["rw_opens"]]:
                 w[e + _F["rw_opens"]] -= 1
@@ -736,8 +932,7 @@ class PoolCore:
                 freed = []
                 with cache.mutexes[b]:
                     prev = 0
-                    off = w[bw + B_HEAD]
-                    while off:
+                    for off in cache.chain(b):
                         h = off >> 3
                         nxt = w[h + H_NEXT]
                         if (
@@ -749,13 +944,12 @@ class PoolCore:
                                 w[(prev >> 3) + H_NEXT] = nxt
                             else:
                                 w[bw + B_HEAD] = nxt
-                            w[bw + B_COUNT] -= 1
+                            cache.decrement(bw + B_COUNT, f"bucket {b}'s count")
                             if w[h + H_FLAGS] & BH_DIRTY:
-                                w[bw + B_DIRTY] -= 1
+                                cache.decrement(bw + B_DIRTY, f"bucket {b}'s dirty count")
                             freed.append(off)
                         else:
                             prev = off
-                        off = nxt
                 for off in freed:
                     self.free_buffer(cache, off)
 
@@ -778,10 +972,9 @@ class PoolCore:
         with self.mutex:
             for f in FSTAT_FIELDS:
                 w[retired + _FS[f]] += w[fs + _FS[f]]
-            prev = 0
-            cur = w[e + _F["stats_head"]]
-            while cur and cur != off:
-                prev, cur = cur, w[(cur >> 3) + _FS["next"]]
+            chain = self._meta_chain(w[e + _F["stats_head"]], _FS["next"], FILE_STATS.size)
+            cur = off if off in chain else 0
+            prev = chain[chain.index(off) - 1] if cur and chain.index(off) else 0
             if cur:
                 nxt = w[fs + _FS["next"]]
                 if prev:
@@ -795,14 +988,10 @@ class PoolCore:
         w = self.w0
         e = self.entry(fidx)
         out = {f: int(w[e + _F["retired"] + _FS[f]]) for f in FSTAT_FIELDS}
-        cur = w[e + _F["stats_head"]]
-        n = 0
-        while cur and n < 100000:
+        for cur in self._meta_chain(w[e + _F["stats_head"]], _FS["next"], FILE_STATS.size):
             b = cur >> 3
             for f in FSTAT_FIELDS:
                 out[f] += w[b + _FS[f]]
-            cur = w[b + _FS["next"]]
-            n += 1
         return out
 
     # -- buffers
@@ -836,6 +1025,11 @@ class PoolCore:
         it took: :meth:`alloc_buffer` records them before anything else can see it)."""
         w = cache.words
         with cache.alloc_mutex:
+            if (
+                w[(bh >> 3) + H_SIZE] > w[cache.hdr + _C["page_bytes_used"]]
+                or not w[cache.hdr + _C["buffers"]]
+            ):
+                cache.corrupt(f"buffer {bh} is larger than the cache's pages in use")
             w[cache.hdr + _C["page_bytes_used"]] -= w[(bh >> 3) + H_SIZE]
             w[cache.hdr + _C["buffers"]] -= 1
             cache.allocator.free(bh)
@@ -933,8 +1127,7 @@ class PoolCore:
                 continue
             seen += 1
             with cache.mutexes[b]:
-                off = w[bw + B_HEAD]
-                while off:
+                for off in cache.chain(b):
                     h = off >> 3
                     if w[h + H_REF] == 0 and not w[h + H_FLAGS] & (BH_READING | BH_WRITING):
                         prio = w[h + H_PRIO]
@@ -951,7 +1144,6 @@ class PoolCore:
                                     dirty,
                                 )
                                 best_prio = prio
-                    off = w[h + H_NEXT]
             if seen >= limit and best is not None:
                 w[hand_w] = (b + 1) % nb
                 return best

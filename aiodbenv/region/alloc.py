@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import CacheFull, RunRecovery
+from ..errors import CacheFull, CorruptRegion, InvalidArgument, RunRecovery
 from .layout import ALLOC_CHUNK, REGION_HEADER, WORD
 
 __all__ = ["ALIGN", "AllocStats", "Allocator"]
@@ -97,11 +97,18 @@ class Allocator:
             raise ValueError("allocation size must be positive")
         need = _round(nbytes + _HDR)
         w = self._w
+        start, end = self._arena()
         prev = 0
         cur = w[_H_FREE]
         while cur:
+            # The list is in address order: a link that does not go forward, leaves the arena
+            # or names a chunk that does not fit is corruption (and would loop or overrun).
             c = cur // WORD
+            if cur <= prev or cur < start or cur % ALIGN or cur + _HDR > end:
+                raise self._corrupt(f"free list link {cur}")
             size = w[c + _C_SIZE]
+            if size < _HDR or size % ALIGN or cur + size > end:
+                raise self._corrupt(f"chunk at {cur} has size {size}")
             if size >= need:
                 nxt = w[c + _C_NEXT]
                 if size - need >= _HDR + _MIN_REST:
@@ -134,17 +141,37 @@ class Allocator:
         w[_H_FAILS] += 1
         raise CacheFull(f"unable to allocate {nbytes} bytes in {self._region_name}: region is full")
 
+    def _arena(self) -> tuple[int, int]:
+        """The arena's bounds, checked against the region's size."""
+        w = self._w
+        start, end = int(w[_H_START]), int(w[_H_END])
+        if not REGION_HEADER.size <= start <= end <= len(w) * WORD:
+            raise self._corrupt(f"arena [{start}, {end})")
+        return start, end
+
+    def _corrupt(self, what: str) -> CorruptRegion:
+        return CorruptRegion(f"{self._region_name}: the allocator is corrupt: {what}")
+
     def _zero(self, offset: int, length: int) -> None:
         self._b[offset : offset + length] = bytes(length)
 
     def free(self, payload: int) -> None:
         """Return the chunk whose payload is at ``payload``; coalesces with free neighbours."""
         w = self._w
+        start, end = self._arena()
         cur = payload - _HDR
         c = cur // WORD
-        if cur < w[_H_START] or cur >= w[_H_END] or cur % ALIGN or w[c + _C_USED] != 1:
-            raise ValueError(f"offset {payload} is not an allocated chunk of {self._region_name}")
+        if cur < start or cur + _HDR > end or cur % ALIGN or w[c + _C_USED] != 1:
+            # InvalidArgument is a ValueError: a caller's mistake, or an offset read from a
+            # corrupt region.
+            raise InvalidArgument(
+                f"offset {payload} is not an allocated chunk of {self._region_name}"
+            )
         size = w[c + _C_SIZE]
+        if size < _HDR or size % ALIGN or cur + size > end:
+            raise self._corrupt(f"chunk at {cur} has size {size}")
+        if size > w[_H_USED]:
+            raise self._corrupt(f"chunk at {cur} is larger than the bytes in use")
         w[c + _C_USED] = 0
         w[_H_USED] -= size
         w[_H_FREES] += 1
@@ -152,7 +179,13 @@ class Allocator:
         prev = 0
         nxt = w[_H_FREE]
         while nxt and nxt < cur:
+            if nxt <= prev or nxt < start or nxt % ALIGN:
+                raise self._corrupt(f"free list link {nxt}")
             prev, nxt = nxt, w[nxt // WORD + _C_NEXT]
+        if nxt and (nxt % ALIGN or nxt + _HDR > end):
+            raise self._corrupt(f"free list link {nxt}")
+        if prev and prev + w[prev // WORD + _C_SIZE] > cur:
+            raise self._corrupt(f"free chunk at {prev} overlaps chunk {cur}")
         if nxt and cur + size == nxt:  # merge the following chunk into this one
             n = nxt // WORD
             w[c + _C_SIZE] = size = size + w[n + _C_SIZE]
@@ -197,7 +230,10 @@ class Allocator:
         :class:`~aiodbenv.errors.RunRecovery` if the chunk sizes no longer tile the arena.
         """
         w = self._w
-        start, end = w[_H_START], w[_H_END]
+        try:
+            start, end = self._arena()
+        except CorruptRegion as err:
+            raise RunRecovery(str(err)) from None
         cur = start
         head = prev_free = 0
         used = 0
@@ -230,8 +266,14 @@ class Allocator:
         w = self._w
         free = largest = count = 0
         cur = w[_H_FREE]
-        limit = w[_H_END]
-        while cur and count < limit:  # the bound keeps a torn list from looping forever
+        start, end = self._arena()
+        prev = 0
+        while cur:
+            # Address order bounds the walk; a link torn by a concurrent change (no mutex is
+            # held here) or a corrupt one ends it.
+            if cur <= prev or cur < start or cur % ALIGN or cur + _HDR > end:
+                break
+            prev = cur
             size = w[cur // WORD + _C_SIZE]
             free += size
             largest = max(largest, size - _HDR)

@@ -37,7 +37,7 @@ from ..errors import (
     ShmKeyInUse,
 )
 from .layout import KIND_FILE, KIND_PRIVATE, KIND_SYSTEM, REGION_HEADER, REGION_MAGIC, WORD
-from .mutex import ffi
+from .mutex import ffi, speedups
 
 __all__ = [
     "Region",
@@ -48,6 +48,7 @@ __all__ = [
     "create_system_region",
     "open_region_fd",
     "region_file_name",
+    "remove_created_segment",
     "remove_system_segment",
     "remove_system_segments_by_key",
 ]
@@ -55,6 +56,10 @@ __all__ = [
 logger = logging.getLogger("aiodbenv")
 
 _O_OPEN = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+#: System V keys and ids are C ints: anything outside 0..2**31-1 was read from corrupt bytes.
+_SHM_LIMIT = 1 << 31
 
 
 def region_file_name(region_id: int) -> str:
@@ -91,12 +96,29 @@ class Region:
         self.size = size
         #: Where the region lives, for statistics: a path, "shm key 0x... id N", or "heap".
         self.backing = backing
+        # Checked before any view is made, so a bad size is an error, not a TypeError or a
+        # view past the memory. On an error the caller still owns (and closes) the exporter.
+        with memoryview(exporter) as whole:
+            have = whole.nbytes
+        if size % WORD or size < REGION_HEADER.size or have < size:
+            raise CorruptRegion(
+                f"{backing}: region {region_id} is {size} bytes: not a whole number of words, "
+                f"shorter than its header, or more than its {have} bytes of memory"
+            )
         self.buf = memoryview(exporter)[:size]
         self.words = self.buf.cast("Q")
         #: The region as 16-bit words: the per-slot pin counts of buffer headers.
         self.halves = self.buf.cast("H")
         self.base = ffi.from_buffer(exporter, require_writable=True)
         self._closer = closer
+        # The compiled helpers check every offset they read from the region against this.
+        if speedups is not None and not speedups.aiodb_set_region(
+            ffi.cast("uint64_t *", self.base), size
+        ):
+            ffi.release(self.base)
+            self.words.release()
+            self.buf.release()
+            raise CacheFull("too many regions attached in this process")
 
     def close(self) -> None:
         """Detach: release the views, then unmap or detach the memory and close descriptors.
@@ -105,6 +127,8 @@ class Region:
         the caller), the memory cannot be unmapped yet: it is left to be freed with the last
         such view, and a warning is logged; descriptors are closed either way.
         """
+        if speedups is not None:
+            speedups.aiodb_forget_region(ffi.cast("uint64_t *", self.base))
         ffi.release(self.base)
         self.words.release()
         self.halves.release()
@@ -182,7 +206,11 @@ def _map_fd(fd: int, path: str, region_id: int, size: int) -> Region:
         finally:
             os.close(fd)
 
-    return Region(region_id, KIND_FILE, mm, size, path, closer)
+    try:
+        return Region(region_id, KIND_FILE, mm, size, path, closer)
+    except BaseException:
+        mm.close()  # the caller closes fd
+        raise
 
 
 def create_file_region(
@@ -255,6 +283,7 @@ def _segment_is_ours(shm: Any) -> bool:
 def _system_region(shm: Any, region_id: int, size: int, key: int) -> Region:
     # shm.key is only right for segments found by key; attach() by id does not know it.
     backing = f"shm key {key:#x} id {shm.id}"
+    # On an error the caller detaches.
     return Region(
         region_id, KIND_SYSTEM, shm, size, backing, lambda: _close_exported(shm.detach, backing)
     )
@@ -281,7 +310,12 @@ def create_system_region(key: int, region_id: int, size: int, mode: int) -> Regi
             raise PermissionDenied(f"shm key {key:#x}: {err}") from err
         except (sysv_ipc.Error, OSError, ValueError) as err:
             raise _shm_error(err, key, size) from err
-        return _system_region(shm, region_id, size, key)
+        try:
+            return _system_region(shm, region_id, size, key)
+        except BaseException:
+            shm.detach()
+            shm.remove()
+            raise
     raise Busy(f"shm key {key:#x} keeps being recreated by another process")
 
 
@@ -324,6 +358,9 @@ def attach_system_region(shm_id: int, region_id: int, size: int, env_id: int, ke
 
     ``key`` is the segment's key as the environment recorded it (for statistics).
     """
+    if not 0 <= shm_id < _SHM_LIMIT or size >= 1 << 62:
+        # Read from a region or a reference record: out of range means corrupt.
+        raise CorruptRegion(f"shm id {shm_id} or size {size} is out of range")
     try:
         shm = sysv_ipc.attach(shm_id)
     except sysv_ipc.PermissionsError as err:
@@ -346,8 +383,20 @@ def attach_system_region(shm_id: int, region_id: int, size: int, env_id: int, ke
         raise
 
 
+def remove_created_segment(shm_id: int) -> bool:
+    """Remove segment ``shm_id`` that this process created and is still attached to (undoing
+    a create); True if removed."""
+    try:
+        sysv_ipc.remove_shared_memory(shm_id)
+    except (sysv_ipc.Error, OSError, ValueError):
+        return False
+    return True
+
+
 def remove_system_segment(shm_id: int, env_id: int) -> bool:
     """Remove segment ``shm_id`` if it is one of environment ``env_id``'s; True if removed."""
+    if not 0 <= shm_id < _SHM_LIMIT:
+        return False  # read from a corrupt record: no such segment can exist
     try:
         shm = sysv_ipc.attach(shm_id)
     except (sysv_ipc.Error, OSError, ValueError):
@@ -370,6 +419,8 @@ def remove_system_segments_by_key(key: int, env_id: int, first_region: int, coun
     Segments that are not ours are left alone. Returns how many were removed."""
     removed = 0
     for region_id in range(first_region, first_region + count):
+        if not 0 <= key + region_id - 1 < _SHM_LIMIT:
+            break  # read from a corrupt record: no such key
         try:
             shm = sysv_ipc.SharedMemory(key + region_id - 1, 0, mode=0)
         except (sysv_ipc.Error, OSError, ValueError):

@@ -40,6 +40,11 @@ from .._config import (
     DEFAULT_MMAP_SIZE,
     DEFAULT_PAGE_SIZE,
     FLAG_BITS,
+    MAX_CACHE_SIZE,
+    MAX_MMAP_SIZE,
+    MAX_NCACHE,
+    MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE,
     Settings,
 )
 from ..errors import (
@@ -64,6 +69,7 @@ from .backing import (
     create_system_region,
     open_region_fd,
     region_file_name,
+    remove_created_segment,
     remove_system_segment,
     remove_system_segments_by_key,
 )
@@ -76,10 +82,12 @@ from .layout import (
     KIND_SYSTEM,
     LAYOUT_VERSION,
     MAX_REGIONS,
+    MUTEX_SLOT,
     REGION_ENTRY,
     REGION_HEADER,
     REGION_MAGIC,
     REGION_TYPE_ENV,
+    REGION_TYPE_MPOOL,
     REGION_TYPE_NAMES,
     SHM_REF,
     SHM_REF_MAGIC,
@@ -619,7 +627,12 @@ def _shm_id_of(region: Region) -> int:
 def _destroy(region: Region, home: str) -> None:
     """Detach a region this process just created and remove its file or segment."""
     shm_id = _shm_id_of(region)
-    env_id = region.header("env_id")
+    if region.kind == KIND_SYSTEM:
+        # We made it, so it is ours whatever its header says yet (the header is filled in
+        # only once every region exists). Removed while still attached, so its id cannot
+        # have been reused by a segment of someone else.
+        if not remove_created_segment(shm_id):
+            logger.warning("could not remove segment %d while undoing a create", shm_id)
     region.close()
     if region.kind == KIND_FILE:
         if region.region_id != 1:  # region 1's file belongs to the caller's cleanup
@@ -627,9 +640,6 @@ def _destroy(region: Region, home: str) -> None:
                 os.unlink(region.backing)
             except OSError:
                 pass
-    elif region.kind == KIND_SYSTEM:
-        if not remove_system_segment(shm_id, env_id):
-            logger.warning("could not remove segment %d while undoing a create", shm_id)
 
 
 def _turn_on(region1: Region) -> None:
@@ -726,9 +736,66 @@ def _check_header(path: str, data: bytes) -> tuple[int, int]:
     return kind, size
 
 
+def _check_env_values(path: str, w: memoryview) -> None:
+    """Range-check what a joiner takes from region 1 before it uses any of it: the settings
+    and the region table (ids, types, sizes). A value a creator cannot have written is
+    :class:`CorruptRegion`, never an exception from deep inside, nor a 440 GiB cache."""
+
+    def bad(what: str) -> CorruptRegion:
+        return CorruptRegion(f"{path}: the environment header is corrupt: {what}")
+
+    field = {name: int(w[_ENV_BASE + _E[name]]) for name in ENV_HEADER.fields()}
+    ncache, cache_size, page_size = field["ncache"], field["cache_size"], field["page_size"]
+    if not 1 <= ncache <= MAX_NCACHE:
+        raise bad(f"ncache {ncache}")
+    if not 0 < cache_size <= MAX_CACHE_SIZE:
+        raise bad(f"cache size {cache_size}")
+    if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise bad(f"page size {page_size}")
+    if field["mmap_size"] > MAX_MMAP_SIZE:
+        raise bad(f"mmap size {field['mmap_size']}")
+    if field["shm_key"] >= 1 << 31:
+        raise bad(f"shm key {field['shm_key']}")
+    if field["flags"] & ~sum(FLAG_BITS.values()):
+        raise bad(f"flags {field['flags']:#x}")
+    # Counts that are incremented in place: one near 2**64 is corrupt (and would overflow).
+    mutex = _ENV_BASE + _E["mutex"]
+    alloc_mutex = REGION_HEADER.offset("alloc_mutex") // WORD
+    counters = [_ENV_BASE + _E["refcnt"], _ENV_BASE + _E["opens"]]
+    counters += [_R[f] for f in ("bytes_used", "allocs", "frees", "failures")]
+    for f in ("waits", "nowaits", "owner_died"):
+        counters += [
+            mutex + MUTEX_SLOT.offset(f) // WORD,
+            alloc_mutex + MUTEX_SLOT.offset(f) // WORD,
+        ]
+    for i in counters:
+        if w[i] >= 1 << 62:
+            raise bad(f"count {int(w[i])} at word {i}")
+    rows = _read_region_table(w)
+    if len(rows) != field["nregions"] or not 1 <= len(rows) <= MAX_REGIONS:
+        raise bad(f"{len(rows)} regions in the table, {field['nregions']} in the header")
+    ids = sorted(int(r[0]) for r in rows)
+    if ids != list(range(1, len(rows) + 1)):
+        raise bad(f"region ids {ids}")
+    mpool = 0
+    for rid, rtype, size, _key, shm_id in rows:
+        if rtype not in (REGION_TYPE_ENV, REGION_TYPE_MPOOL) or (rid == 1) != (
+            rtype == REGION_TYPE_ENV
+        ):
+            raise bad(f"region {rid} has type {rtype}")
+        if size % WORD or not REGION_HEADER.size < size <= 2 * MAX_CACHE_SIZE:
+            raise bad(f"region {rid} has size {size}")
+        if shm_id >= 1 << 31:
+            raise bad(f"region {rid} has shm id {shm_id}")
+        mpool += rtype == REGION_TYPE_MPOOL
+    if mpool != ncache:
+        raise bad(f"{mpool} pool regions for {ncache} caches")
+
+
 def _attach_rest(home: str, kind: int, r1: Region, env_id: int) -> list[Region]:
     regions = [r1]
     try:
+        _check_env_values(os.path.join(home, region_file_name(1)), r1.words)
         for rid, _rtype, size, key, shm_id in _read_region_table(r1.words):
             if rid == 1:
                 continue
@@ -767,6 +834,8 @@ def _join_once(home: str, fd: int) -> list[Region]:
                 f"match this aiodbenv's version {LAYOUT_VERSION}"
             )
         env_id = _word(rec, _S["env_id"])
+        if not 0 < _word(rec, _S["shm_key"]) < 1 << 31:
+            raise CorruptRegion(f"{path1}: shm key {_word(rec, _S['shm_key'])} is out of range")
         r1 = attach_system_region(
             _word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id, _word(rec, _S["shm_key"])
         )

@@ -37,7 +37,7 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Protocol
 
-from ..errors import LockTimeout, RunRecovery
+from ..errors import CorruptRegion, LockTimeout, RunRecovery
 from . import pthread_cdef as cdef
 from .layout import MUTEX_SLOT, WORD
 
@@ -301,6 +301,12 @@ class SharedMutex:
             if self._panic is not None:
                 self._panic(reason)
             raise RunRecovery(reason)
+        if rc == errno.EINVAL:
+            # Its bytes in the region are not a mutex any more: the region is corrupt.
+            reason = f"mutex {self.name} is corrupt (EINVAL)"
+            if self._panic is not None:
+                self._panic(reason)
+            raise CorruptRegion(f"PANIC: {reason}; run recovery")
         raise OSError(rc, f"locking mutex {self.name}: {os.strerror(rc)}")
 
     def stats(self) -> tuple[int, int, int]:
