@@ -693,17 +693,19 @@ class Pool:
         must be finished, such as a deferred release). Cancellation: between attempts;
         nothing is held.
         """
-        token = _wait_bound.set(_STEP_WAIT)
-        try:
-            return fn(*args)
-        except LockTimeout as err:
-            last = err
-        finally:
-            _wait_bound.reset(token)
-        deadline = time.monotonic() + self.wait_timeout
+        deadline: float | None = None
         delay = 0.0005
         while True:
+            token = _wait_bound.set(_STEP_WAIT)
+            try:
+                return fn(*args)
+            except LockTimeout as err:
+                last = err
+            finally:
+                _wait_bound.reset(token)
             now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.wait_timeout
             if now >= deadline:
                 who = f"process {last.pid}" if last.pid else "another process"
                 final = LockTimeout(
@@ -716,13 +718,6 @@ class Pool:
             delay = min(delay * 2, _POLL_MAX)
             if check:
                 self._check()
-            token = _wait_bound.set(_STEP_WAIT)
-            try:
-                return fn(*args)
-            except LockTimeout as err:
-                last = err
-            finally:
-                _wait_bound.reset(token)
 
     def _later(self, fn: Callable[..., object], *args: Any) -> asyncio.Task[Any]:
         """Run ``fn(*args)`` through :meth:`_locked` in a task of the pool, for a synchronous
