@@ -214,7 +214,7 @@ def shared_status(pool: Pool, kind: str) -> SharedWorkerStatus:
         start = (e + 1) * WORD
         raw = bytes(core.r0.buf[start : start + length])
     holder = owner >> 32
-    alive = bool(owner) and time.monotonic_ns() < until and is_alive(holder)
+    alive = _lease_live(owner, until, time.monotonic_ns())
     return SharedWorkerStatus(
         kind=kind,
         holder_pid=holder if alive else None,
@@ -247,6 +247,12 @@ def _record(pool: Pool, kind: str, error: str | None) -> None:
         w0[p + _P[f"{kind}_in_row"]] += 1
         w0[p + _P[f"{kind}_failed_pid"]] = os.getpid()
         w0[p + _P[f"{kind}_failure_ns"]] = now
+
+
+def _lease_live(owner: int, until: int, now: int) -> bool:
+    """A worker lease word ``owner`` (pid in the high half) expiring at ``until`` (ns of
+    CLOCK_MONOTONIC) is held at ``now``: set, not expired, and its process still alive."""
+    return bool(owner) and now < until and is_alive(owner >> 32)
 
 
 class _Worker(abc.ABC):
@@ -380,7 +386,7 @@ class _Worker(abc.ABC):
         now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process on the host
         with core.mutex:
             owner = int(w0[owner_w])
-            if owner not in (0, self._owner) and now < w0[until_w] and is_alive(owner >> 32):
+            if owner != self._owner and _lease_live(owner, int(w0[until_w]), now):
                 self._active = False
                 return False
             w0[owner_w] = self._owner
