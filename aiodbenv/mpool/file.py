@@ -346,7 +346,8 @@ class PoolFile:
         try:
             off = w[cache.bucket_words[b] + B_HEAD]
             while off:
-                # Every offset read from the region is checked before it is followed.
+                # Every offset read from the region is checked before it is followed
+                # (Cache.bh_ok, inlined: this is the hit path).
                 if off & 7 or off < cache.bh_lo or off > cache.bh_hi:
                     return None  # the slow path's walk reports it
                 x = off >> 3

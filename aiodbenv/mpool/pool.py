@@ -1475,7 +1475,7 @@ class Pool:
                 # Unlocked: an offset that fails its check (a chain changing under us, or a
                 # corrupt one) ends this bucket's walk; the mutexed paths report corruption.
                 while off and n < cache.max_chain:
-                    if off & 7 or off < cache.bh_lo or off > cache.bh_hi:
+                    if not cache.bh_ok(off):
                         break
                     p = (off >> 1) + PINS_HALF
                     for s, c in enumerate(halves[p : p + MAX_PROCS]):

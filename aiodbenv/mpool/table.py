@@ -309,10 +309,15 @@ class Cache:
             self._panic(msg)
         raise CorruptRegion(f"PANIC: {msg}; run recovery")
 
+    def bh_ok(self, off: int) -> bool:
+        """Is byte offset ``off`` (read from the region) an aligned buffer header wholly
+        inside the arena? (The hit paths inline this test.)"""
+        return not (off & 7 or off < self.bh_lo or off > self.bh_hi)
+
     def check_bh(self, off: int) -> int:
         """The word index of the buffer header at byte ``off``, read from the region; panics
-        with :class:`CorruptRegion` unless it is aligned and wholly inside the arena."""
-        if off & 7 or off < self.bh_lo or off > self.bh_hi:
+        with :class:`CorruptRegion` unless :meth:`bh_ok`."""
+        if not self.bh_ok(off):
             self.corrupt(f"buffer offset {off}")
         return off >> 3
 
