@@ -13,6 +13,7 @@ misreading it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 __all__ = [
     "ALLOC_CHUNK",
@@ -78,14 +79,19 @@ class Layout:
 
     ``Layout("name", [("field", 1), ("blob", 3)])`` puts ``field`` at byte 0 and the 24-byte
     ``blob`` at byte 8. ``offset(name)`` is a field's byte offset from the structure's start,
-    ``size`` the structure's size in bytes (a multiple of 8, so structures stay word-aligned).
+    ``size`` the structure's size in bytes (a multiple of 8, so structures stay word-aligned),
+    and ``word`` names every field's word index: ``BH.word.ref`` is the index of ``ref`` in a
+    ``memoryview.cast("Q")`` of one buffer header. Code that reads the region uses these names,
+    never a table of its own.
     """
 
-    __slots__ = ("_offsets", "name", "size")
+    __slots__ = ("_offsets", "name", "size", "word")
 
     name: str
     size: int
     _offsets: dict[str, int]
+    #: Word index of each field, by attribute (a namespace so a lookup costs one dict access).
+    word: SimpleNamespace
 
     def __init__(self, name: str, fields: Sequence[tuple[str, int | Layout]]) -> None:
         self.name = name
@@ -100,6 +106,7 @@ class Layout:
             self._offsets[field] = pos
             pos += words * WORD
         self.size = pos
+        self.word = SimpleNamespace(**{f: off // WORD for f, off in self._offsets.items()})
 
     def offset(self, field: str) -> int:
         """Byte offset of ``field`` from the start of the structure."""
