@@ -46,7 +46,7 @@ async def logenv(home: str) -> AsyncIterator[aiodbenv.Env]:
     await aiodbenv.Env.remove(home)
 
 
-# -- LSNs ------------------------------------------------------------------------------------
+# -- LSNs -----------------------------------------------------------------------------------------
 
 
 def test_lsn_orders_like_log_compare_and_packs_as_on_a_page() -> None:
@@ -61,7 +61,7 @@ def test_lsn_orders_like_log_compare_and_packs_as_on_a_page() -> None:
     assert str(LSN(1, 28)) == "1/28"
 
 
-# -- opening and settings ------------------------------------------------------------------------
+# -- opening and settings -------------------------------------------------------------------------
 
 
 async def test_log_is_created_with_its_first_file_and_defaults(home: str) -> None:
@@ -174,7 +174,7 @@ async def test_durability(home: str, kwargs: dict[str, bool], expected: str) -> 
     await aiodbenv.Env.remove(home)
 
 
-# -- put and flush ---------------------------------------------------------------------------
+# -- put and flush --------------------------------------------------------------------------------
 
 
 async def test_put_flush_and_lsns(logenv: aiodbenv.Env) -> None:
@@ -241,7 +241,7 @@ async def test_records_larger_than_the_buffer(home: str) -> None:
     await aiodbenv.Env.remove(home)
 
 
-# -- log001: records of many sizes, forward and backward, reopen ------------------------------------
+# -- log001: records of many sizes, forward and backward, reopen ----------------------------------
 
 
 async def test_log001_many_sizes_forward_backward_and_reopen(home: str) -> None:
@@ -292,7 +292,7 @@ async def test_cursor_sees_records_appended_later_and_mixed_moves(logenv: aiodbe
     c.close()
 
 
-# -- log003: file switching ------------------------------------------------------------------------
+# -- log003: file switching -----------------------------------------------------------------------
 
 
 async def test_log003_switching_files(home: str) -> None:
@@ -337,7 +337,7 @@ async def test_log_file_size_change_applies_to_new_files(home: str) -> None:
     await aiodbenv.Env.remove(home)
 
 
-# -- the in-memory ring --------------------------------------------------------------------------
+# -- the in-memory ring ---------------------------------------------------------------------------
 
 
 async def test_inmemory_ring_fills_wraps_and_refuses_overwriting_what_a_checkpoint_needs(
@@ -384,7 +384,7 @@ async def test_inmemory_defaults(home: str) -> None:
     assert os.listdir(home) == []
 
 
-# -- checkpoint records and archive -------------------------------------------------------------------
+# -- checkpoint records and archive ---------------------------------------------------------------
 
 
 async def test_checkpoint_records_are_returned_and_told_apart(logenv: aiodbenv.Env) -> None:
@@ -443,7 +443,7 @@ async def test_archive(home: str) -> None:
     await aiodbenv.Env.remove(home)
 
 
-# -- statistics and the replication seam -----------------------------------------------------------------
+# -- statistics and the replication seam ----------------------------------------------------------
 
 
 async def test_stat_figures(home: str) -> None:
@@ -483,7 +483,7 @@ async def test_durable_listener_sees_every_durable_byte_once(home: str) -> None:
             await log.put(bytes([i]) * 150, flush=i % 3 == 0, write_nosync=i % 3 == 1)
         await log.flush()
         # Contiguous, per file, and the bytes are those of the files.
-        for (s1, e1, _), (s2, _, _) in zip(ranges, ranges[1:]):
+        for (_, e1, _), (s2, _, _) in zip(ranges, ranges[1:]):
             assert s2 == e1 or (s2.file == e1.file + 1 and s2.offset == 0)
         for s, e, d in ranges:
             assert s.file == e.file and len(d) == e.offset - s.offset
