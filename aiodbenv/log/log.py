@@ -330,7 +330,7 @@ class Log:
         another (group commit). An ``lsn`` past :attr:`end_lsn` is an InvalidArgument.
         A failed write or fsync panics the environment (RunRecovery, in every process).
         Raises LockTimeout if another process's writer makes no progress for
-        :attr:`wait_timeout` seconds (stopped or stuck).
+        ``wait_timeout`` seconds (stopped or stuck).
 
         Cancellation: only the wait is abandoned; a write or fsync under way finishes in the
         background and nothing (waiter, mutex, writer role) is left behind.
