@@ -31,6 +31,7 @@ from ..region.backing import Region
 from ..region.mutex import BUSY, STEP_WAIT, Busy, _wait_bound
 from .core import NEED, LogCore
 from .files import create_log_file, list_log_files, log_path
+from .layout import LOG_HEADER
 from .lsn import LSN, pack_word, unpack_word
 from .record import (
     FILE_HEADER_BYTES,
@@ -95,6 +96,11 @@ class Log:
         #: Longest a caller waits for a stopped or stuck writer of another process before
         #: LockTimeout (seconds).
         self.wait_timeout = 30.0
+        self._panic_w, self._panic_i = core.panic_word()
+        self._max_payload = self._c.file_size - FILE_HEADER_BYTES - HEADER.size
+        self._tail_i = self._c.h + LOG_HEADER.word.tail
+        # In memory there is nothing to write: never "half full".
+        self._half = 1 << 62 if self._c.inmemory else self._c.bsize // 2
         self._listeners: list[DurableListener] = []
         self._task: asyncio.Task[None] | None = None
         self._progress: asyncio.Future[None] | None = None
@@ -271,17 +277,39 @@ class Log:
         its flush is abandoned (the writer finishes its round in the background). A record
         larger than the buffer that the writer has begun to write is appended all the same.
         """
-        self._check()
+        if self._closed or self._panic_w[self._panic_i] or os.getpid() != self._pid:
+            self._check()
         if flush and write_nosync:
             raise InvalidArgument("flush and write_nosync exclude each other")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidArgument(f"a log record is bytes, not {type(data).__name__}")
-        word = await self._append(REC_USER, bytes(data))
+        if type(data) is not bytes:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InvalidArgument(f"a log record is bytes, not {type(data).__name__}")
+            data = bytes(data)
+        # The common case without a coroutine call: room in the buffer, mutex free.
+        if len(data) > self._max_payload:
+            await self._append(REC_USER, data)  # raises InvalidArgument
+        try:
+            word: int | NEED = self._c.append(REC_USER, data, zlib.crc32(data))
+        except LockTimeout:
+            word = NEED.SPACE
+        if type(word) is not int:
+            word = await self._append(REC_USER, data)
+        elif self._task is None and self._c.w[self._tail_i] & 0xFFFFFFFF > self._half:
+            # The buffer is half full: have it written in the background now, so that
+            # appends rarely find it full and have to wait for a write.
+            self._want.write = max(self._want.write, word)
+            self._kick()
         if flush:
-            await self._flush_word(word)
+            if self._c.inmemory and not self._listeners:
+                try:
+                    self._c.mem_flush()
+                except LockTimeout:
+                    await self._flush_word(word)
+            else:
+                await self._flush_word(word)
         elif write_nosync:
             await self._write_through(word)
-        return unpack_word(word)
+        return LSN(word >> 32, word & 0xFFFFFFFF)
 
     async def _append(self, rtype: int, payload: bytes) -> int:
         c = self._c
@@ -293,8 +321,9 @@ class Log:
             )
         pcrc = zlib.crc32(payload)
         while True:
-            r = self._attempt(c.append, rtype, payload, pcrc)
-            if r is BUSY:
+            try:
+                r = c.append(rtype, payload, pcrc)
+            except LockTimeout:
                 r = await self._locked(c.append, rtype, payload, pcrc)
             if isinstance(r, int):
                 return r
@@ -358,10 +387,10 @@ class Log:
         if word < c.word("s_lsn"):
             return
         if c.inmemory:
-            r = self._attempt(c.mem_flush, c.end_word())
-            old, new = (
-                r if not isinstance(r, Busy) else await self._locked(c.mem_flush, c.end_word())
-            )
+            try:
+                old, new = c.mem_flush()
+            except LockTimeout:
+                old, new = await self._locked(c.mem_flush)
             if self._listeners and new > old:
                 for start, end, data in self._mem_ranges(old, new):
                     self._durable(start, end, data)
