@@ -518,3 +518,32 @@ async def test_concurrent_coroutines_share_fsyncs(logenv: aiodbenv.Env) -> None:
     assert len(set(lsns)) == 50 and log.flushed_lsn > max(lsns)
     assert st.scount - st0.scount < 50
     assert st.maxcommitperflush > 1
+
+
+async def test_two_handles_in_one_process_write_one_at_a_time(home: str) -> None:
+    async with aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=1024) as a:
+        async with aiodbenv.Env.open(home) as b:
+
+            async def writer(env: aiodbenv.Env, tag: bytes) -> list[LSN]:
+                return [await env.log.put(tag + b"%d" % i, flush=i % 5 == 0) for i in range(200)]
+
+            la, lb = await asyncio.gather(writer(a, b"a" * 50), writer(b, b"b" * 50))
+            await b.log.flush()
+            items = await read_all(a.log)
+            assert sorted(lsn for lsn, _ in items) == sorted(la + lb)
+            assert [d for _, d in items if d[:1] == b"a"] == [
+                b"a" * 50 + b"%d" % i for i in range(200)
+            ]
+    await aiodbenv.Env.remove(home)
+
+
+@pytest.mark.parametrize("kind", ["private", "system"])
+async def test_file_log_in_private_and_system_memory(home: str, kind: str, shm_key: int) -> None:
+    extra = {"shm_key": shm_key} if kind == "system" else {}
+    async with aiodbenv.Env.open(home, create=True, log=True, region=kind, **extra) as env:
+        lsns = [await env.log.put(b"%d" % i, flush=True) for i in range(5)]
+        assert [lsn for lsn, _ in await read_all(env.log)] == lsns
+    await aiodbenv.Env.remove(home)
+    async with aiodbenv.Env.open(home, create=True, log=True) as env:  # the files remain
+        assert [lsn for lsn, _ in await read_all(env.log)] == lsns
+    await aiodbenv.Env.remove(home)

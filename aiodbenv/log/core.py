@@ -9,6 +9,7 @@ The async shell (:mod:`aiodbenv.log.log`) calls them with bounded lock waits.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
 import struct
@@ -36,6 +37,7 @@ __all__ = ["NEED", "LogCore", "format_log_region"]
 
 logger = logging.getLogger("aiodbenv")
 
+_tokens = itertools.count(1)
 _W = LOG_HEADER.word
 _U32 = 0xFFFFFFFF
 _F_LSN, _TAIL, _CUR_SIZE = _W.f_lsn, _W.tail, _W.cur_file_size
@@ -149,6 +151,8 @@ class LogCore:
         self._nowait = self.mutex.nowait_index
         self.pid = os.getpid()
         self.start_time = process_start_time(self.pid)
+        #: Tells this handle's writer from another handle's in the same process.
+        self.token = next(_tokens)
 
     def _check_header(self, region: Region) -> None:
         """Range-check what the offsets and sizes of the header say before following them."""
@@ -337,6 +341,9 @@ class LogCore:
         """(pid, start time) of the process writing the files now, (0, 0) if none."""
         return self.word("flusher_pid"), self.word("flusher_start")
 
+    def _holder(self) -> tuple[int, int, int]:
+        return self.word("flusher_pid"), self.word("flusher_start"), self.word("flusher_token")
+
     def holder_alive(self, pid: int, start: int) -> bool:
         """Is the writer ``(pid, start)`` still running? (A recycled pid is not it.)"""
         if pid == self.pid:
@@ -345,21 +352,24 @@ class LogCore:
         return now != 0 and (start == 0 or now == start)
 
     def take_role(self, dead: tuple[int, int] | None = None) -> bool:
-        """Become the writer if nobody is, or if the writer was ``dead`` (checked outside)."""
+        """Become the writer if nobody is, or if the writer was ``dead`` (checked outside).
+        Another handle of this process holding it is not this handle: it is waited for."""
         with self.mutex:
-            holder = (self.word("flusher_pid"), self.word("flusher_start"))
-            if holder[0] and holder != dead:
-                return holder[0] == self.pid and holder[1] == self.start_time
+            holder = self._holder()
+            if holder[0] and holder[:2] != dead:
+                return holder == (self.pid, self.start_time, self.token)
             self.set("flusher_start", self.start_time)
+            self.set("flusher_token", self.token)
             self.set("flusher_pid", self.pid)
             return True
 
     def release_role(self) -> None:
         """Stop being the writer."""
         with self.mutex:
-            if self.word("flusher_pid") == self.pid:
+            if self._holder() == (self.pid, self.start_time, self.token):
                 self.set("flusher_pid", 0)
                 self.set("flusher_start", 0)
+                self.set("flusher_token", 0)
 
     def begin_write(self, fill_write: bool) -> tuple[int, int, int, int, int]:
         """A write round starts (writer only): ``(file, file offset, buffer start, buffer end,

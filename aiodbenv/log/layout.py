@@ -41,6 +41,7 @@ LOG_HEADER = Layout(
         ("first_file", 1),  # in memory: the oldest "file" still in the ring
         ("flusher_pid", 1),  # the process that writes the files now (0: none)
         ("flusher_start", 1),  # and its start time (tells a recycled pid from it)
+        ("flusher_token", 1),  # which handle of that process (two may share a process)
         ("pending_commits", 1),  # flush calls waiting since the last flush began
         ("ckp_rec", 1),  # LSN of the last checkpoint record (0: none)
         ("ckp_lsn", 1),  # the ckp_lsn it carries
