@@ -154,3 +154,37 @@ async def test_stopped_writer_makes_flush_fail_with_lock_timeout(
     assert env.log.flushed_lsn > lsn
     await env.close()
     await aiodbenv.Env.remove(home)
+
+
+BIG = """
+import asyncio, sys
+import aiodbenv
+
+async def main():
+    env = await aiodbenv.Env.open(sys.argv[1])
+    print("ready", flush=True)
+    await env.log.put(b"B" * 5000)  # larger than the buffer: written straight to the file
+
+asyncio.run(main())
+"""
+
+
+async def test_writer_killed_in_a_direct_write_leaves_a_padded_gap(
+    home: str, procs: list[subprocess.Popen[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=1024)
+    before = await env.log.put(b"before", flush=True)
+    child = spawn(BIG, home, env={"AIODBENV_TEST_SIGNAL": "pwrite:before:1:SIGKILL"})
+    procs.append(child)
+    wait_line(child, "ready")
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    # Its record's place was reserved, never written: the next writer pads it.
+    assert env.log.end_lsn.offset == before.offset + 16 + 6 + 16 + 5000
+    after = await env.log.put(b"after", flush=True)
+    assert "padded" in caplog.text
+    assert [x async for x in env.log.cursor()] == [(before, b"before"), (after, b"after")]
+    await env.close()
+    await aiodbenv.Env.remove(home)
+    async with aiodbenv.Env.open(home, create=True, log=True) as env:
+        assert [lsn async for lsn, _ in env.log.cursor()] == [before, after]
+    await aiodbenv.Env.remove(home)

@@ -379,6 +379,10 @@ class LogCore:
             w_lsn = self.word("w_lsn")
             fill = self.word("tail") & _U32
             start = w_lsn - f_lsn if w_lsn >= f_lsn else 0
+            if fill > self.bsize or start > fill:
+                from ..errors import CorruptRegion
+
+                raise CorruptRegion(f"the log region is corrupt (fill {fill}, written {start})")
             commits = self.word("pending_commits")
             self.set("pending_commits", 0)
             if fill_write and fill > start:
