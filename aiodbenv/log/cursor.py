@@ -223,6 +223,8 @@ class LogCursor:
             else:
                 got = await self._record_at(file, rec.prev, backward=True)
             if got is None:
+                if c.inmemory and file < c.word("first_file"):
+                    return None  # the ring has reused that "file" meanwhile
                 raise LogCorrupt(f"the log record before {LSN(file, rec.offset)} cannot be read")
             rec = got
             if rec.rtype in (REC_USER, REC_CHECKPOINT):
