@@ -547,3 +547,23 @@ async def test_file_log_in_private_and_system_memory(home: str, kind: str, shm_k
     async with aiodbenv.Env.open(home, create=True, log=True) as env:  # the files remain
         assert [lsn for lsn, _ in await read_all(env.log)] == lsns
     await aiodbenv.Env.remove(home)
+
+
+async def test_durable_listener_in_memory_across_several_files(home: str) -> None:
+    async with aiodbenv.Env.open(
+        home, create=True, log_inmemory=True, log_buffer_size=16384, log_file_size=4096
+    ) as env:
+        seen: list[tuple[LSN, LSN, bytes]] = []
+        env.log.add_durable_listener(lambda s, e, d: seen.append((s, e, d)))
+        start = env.log.flushed_lsn
+        lsns = [await env.log.put(bytes([i]) * 500) for i in range(20)]  # spans 3 "files"
+        await env.log.flush()
+        assert lsns[-1].file >= start.file + 2
+        assert seen[0][0] == start and seen[-1][1] == env.log.end_lsn
+        for (_, e1, _), (s2, _, _) in zip(seen, seen[1:]):
+            assert s2 == LSN(e1.file + 1, 0)  # a range per "file", each up to its last record
+        for s, e, d in seen:
+            assert len(d) == e.offset - s.offset
+        data = b"".join(d for _, _, d in seen)
+        assert all(bytes([i]) * 500 in data for i in range(20))
+    await aiodbenv.Env.remove(home)

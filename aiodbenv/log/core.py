@@ -325,6 +325,36 @@ class LogCore:
                 return None
             return rec.rtype, rec.prev, rec.payload
 
+    def mem_ranges(self, old: int, new: int) -> list[tuple[int, int, bytes]]:
+        """In memory: the ring's bytes from LSN word ``old`` up to ``new``, split per "file"
+        (the end of a full "file" is found from the next one's header)."""
+        out: list[tuple[int, int, bytes]] = []
+        with self.mutex:
+            f = max(old >> 32, self.word("first_file"))
+            while f <= new >> 32:
+                lo = old & _U32 if f == old >> 32 else 0
+                hi = new & _U32 if f == new >> 32 else self._mem_file_end(f)
+                base = self._slot_base(f)
+                if hi > lo:
+                    out.append(
+                        ((f << 32) | lo, (f << 32) | hi, bytes(self.buf[base + lo : base + hi]))
+                    )
+                f += 1
+        return out
+
+    def _mem_file_end(self, f: int) -> int:
+        """In memory, under the mutex: where the data of full "file" ``f`` ends."""
+        from .record import parse_file_header, read_one
+
+        nxt = self._slot_base(f + 1)
+        head = read_one(self.buf[nxt : nxt + self.file_size], 0, f + 1, 0, self.file_size)
+        if head is None:
+            return 0
+        _, last = parse_file_header(head.payload)
+        base = self._slot_base(f)
+        rec = read_one(self.buf[base : base + self.file_size], 0, f, last, self.file_size)
+        return rec.end if rec is not None else 0
+
     def mem_file_range(self) -> tuple[int, int]:
         """In memory: (oldest, newest) "file" in the ring."""
         with self.mutex:

@@ -415,22 +415,8 @@ class Log:
 
     def _mem_ranges(self, old: int, new: int) -> list[tuple[int, int, bytes]]:
         """In memory: the ring's bytes of [old, new), split per "file"."""
-        c = self._c
-        out: list[tuple[int, int, bytes]] = []
-        first, _ = c.mem_file_range()
-        f = max(old >> 32, first)
-        while f <= new >> 32:
-            start = old if f == old >> 32 else f << 32
-            if f == new >> 32:
-                stop = new
-            else:
-                stop = (f << 32) | (c.word("prev_file_end") if f + 1 == new >> 32 else c.file_size)
-            base = c._slot_base(f)
-            lo, hi = start & 0xFFFFFFFF, stop & 0xFFFFFFFF
-            if hi > lo:
-                out.append((start, stop, bytes(c.buf[base + lo : base + hi])))
-            f += 1
-        return out
+        r = self._attempt(self._c.mem_ranges, old, new)
+        return r if not isinstance(r, Busy) else []
 
     # -- the writer task ------------------------------------------------------------------------
 
