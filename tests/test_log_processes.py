@@ -189,3 +189,37 @@ async def test_writer_killed_in_a_direct_write_leaves_a_padded_gap(
     async with aiodbenv.Env.open(home, create=True, log=True) as env:
         assert [lsn async for lsn, _ in env.log.cursor()] == [before, after]
     await aiodbenv.Env.remove(home)
+
+
+async def test_flush_waiters_of_other_processes_sleep_on_a_futex(home: str) -> None:
+    import platform
+    import threading
+
+    from aiodbenv.log.wake import futex_available
+
+    if os.environ.get("AIODBENV_LOG_WAKE") == "poll" or platform.machine() not in (
+        "x86_64",
+        "aarch64",
+    ):
+        pytest.skip("the futex is off here: waiters poll (tested by the tests above)")
+    assert futex_available()
+    async with aiodbenv.Env.open(home, create=True, log=True) as env:
+        log = env.log
+        assert log._futex is not None
+        seq = log._c.word("flush_seq")
+        woke = threading.Event()
+
+        def waiter() -> None:
+            log._futex.wait(seq, 10.0)  # type: ignore[union-attr]
+            woke.set()
+
+        t0 = time.monotonic()
+        th = threading.Thread(target=waiter)
+        th.start()
+        time.sleep(0.05)
+        assert not woke.is_set()
+        await log.put(b"x", flush=True)  # the round bumps the word and wakes it
+        th.join(5)
+        assert woke.is_set() and time.monotonic() - t0 < 5
+        assert log._c.word("flush_seq") > seq
+    await aiodbenv.Env.remove(home)

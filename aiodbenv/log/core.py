@@ -400,6 +400,7 @@ class LogCore:
                 self.set("flusher_pid", 0)
                 self.set("flusher_start", 0)
                 self.set("flusher_token", 0)
+                self.add("flush_seq")
 
     def begin_write(self, fill_write: bool) -> tuple[int, int, int, int, int]:
         """A write round starts (writer only): ``(file, file offset, buffer start, buffer end,
@@ -435,6 +436,7 @@ class LogCore:
                     self.add("st_block_rewrites")
                 self.set("last_write_end", begin + nbytes)
             end = f_lsn + written_to
+            self.add("flush_seq")
             self.set("w_lsn", max(self.word("w_lsn"), end))
             if synced:
                 self.add("st_fsyncs")
@@ -489,6 +491,7 @@ class LogCore:
                 old = ((file - 1) << 32) | self.word("prev_file_end")
                 if old > self.word("s_lsn"):
                     self.set("s_lsn", old)
+            self.add("flush_seq")
             self.set("file_ready", max(self.word("file_ready"), file))
             here = file << 32
             if self.word("w_lsn") < here:
@@ -527,6 +530,7 @@ class LogCore:
             if lsn == self.word("last_write_end") and lsn & 4095:
                 self.add("st_block_rewrites")
             self.set("last_write_end", lsn + total)
+            self.add("flush_seq")
             if self.word("w_lsn") < lsn + total:
                 self.set("w_lsn", lsn + total)
 

@@ -43,6 +43,7 @@ LOG_HEADER = Layout(
         ("flusher_start", 1),  # and its start time (tells a recycled pid from it)
         ("flusher_token", 1),  # which handle of that process (two may share a process)
         ("pending_commits", 1),  # flush calls waiting since the last flush began
+        ("flush_seq", 1),  # bumped when the writer progresses or lets go (a futex word)
         ("ckp_rec", 1),  # LSN of the last checkpoint record (0: none)
         ("ckp_lsn", 1),  # the ckp_lsn it carries
         ("failed_errno", 1),  # a write or fsync of the log failed (the env is panicked)

@@ -31,7 +31,7 @@ from ..region.backing import Region
 from ..region.mutex import BUSY, STEP_WAIT, Busy, _wait_bound
 from .core import NEED, LogCore
 from .files import create_log_file, list_log_files, log_path
-from .layout import LOG_HEADER
+from .layout import LOG_HEADER, header_offset
 from .lsn import LSN, pack_word, unpack_word
 from .record import (
     FILE_HEADER_BYTES,
@@ -43,6 +43,7 @@ from .record import (
     encode,
 )
 from .stat import LogStat, read_stat
+from .wake import Futex, futex_available
 
 __all__ = ["DurableListener", "Log"]
 
@@ -55,6 +56,8 @@ DurableListener = Callable[[LSN, LSN, bytes], object]
 
 _POLL_MIN = 0.0001
 _POLL_MAX = 0.002
+#: Longest one futex wait (seconds): the wait is re-checked (and a stall noticed) this often.
+_FUTEX_WAIT = 0.005
 
 
 @dataclass
@@ -108,6 +111,11 @@ class Log:
         self._fds: dict[int, int] = {}
         self._closed = False
         self._closing = False  # stop serving other processes' flushes
+        # Other processes' flush waiters sleep on a futex the writer wakes (else they poll).
+        self._futex: Futex | None = None
+        if shared and futex_available():
+            off = header_offset() + LOG_HEADER.offset("flush_seq")
+            self._futex = Futex(region.base, off)
 
     # -- what it is -------------------------------------------------------------------------
 
@@ -420,6 +428,10 @@ class Log:
 
     # -- the writer task ------------------------------------------------------------------------
 
+    def _wake_others(self) -> None:
+        if self._futex is not None:
+            self._futex.wake()
+
     def _kick(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._writer())
@@ -457,7 +469,10 @@ class Log:
         seen: tuple[int, ...] | None = None
         since = time.monotonic()
         try:
-            while self._has_demand():
+            while True:
+                seq = c.word("flush_seq")  # before looking: a bump after it ends the wait
+                if not self._has_demand():
+                    break
                 self._check()
                 holder = c.role_holder()
                 took = False
@@ -474,6 +489,7 @@ class Log:
                         await self._serve()
                     finally:
                         await self._locked(c.release_role)
+                        self._wake_others()
                         self._wake()
                     delay, seen, since = _POLL_MIN, None, time.monotonic()
                     continue
@@ -492,8 +508,11 @@ class Log:
                     )
                     err.pid, err.mutex = holder[0], "log writer"
                     raise err
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _POLL_MAX)
+                if self._futex is not None:
+                    await anyio.to_thread.run_sync(self._futex.wait, seq, _FUTEX_WAIT)
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _POLL_MAX)
         except BaseException as err:
             self._task = None
             for item in self._want.direct:
@@ -604,6 +623,7 @@ class Log:
 
         data = await self._io(work, file)
         await self._locked(c.end_write, file, start, end, sync, commits)
+        self._wake_others()
         if listeners and data:
             self._durable(
                 (file << 32) | durable_from, (file << 32) | (durable_from + len(data)), data
@@ -641,6 +661,7 @@ class Log:
         fd, data = await self._io(work, old if need_sync else new)
         self._fds[new] = fd
         await self._locked(c.file_switched, new, need_sync)
+        self._wake_others()
         if data:
             self._durable((old << 32) | durable_from, (old << 32) | old_end, data)
 
@@ -669,6 +690,7 @@ class Log:
 
         await self._io(work, file)
         await self._locked(c.direct_written, word, total)
+        self._wake_others()
         return word
 
     async def _fill_hole(self, word: int, n: int) -> None:
@@ -688,6 +710,7 @@ class Log:
         )
         await self._io(work, file)
         await self._locked(c.direct_written, word, n)
+        self._wake_others()
 
     # -- checkpoints and archive --------------------------------------------------------------
 
