@@ -436,6 +436,8 @@ async def test_archive(home: str) -> None:
         assert await log.archive(remove=True) == expect
         assert not any(os.path.exists(p) for p in expect)
         assert await log.archive() == []
+        with pytest.raises(InvalidArgument, match="no log record"):
+            await log.cursor().set(LSN(1, FILE_HEADER_BYTES))  # its file is gone
         # What remains still reads: from the checkpoint's file on.
         items = await read_all(log)
         assert items[0][0].file == ckp.file

@@ -281,9 +281,12 @@ class LogCursor:
         fd = self._fds.get(file)
         if fd is None:
             path = log_path(c.directory, file)
-            fd = await run_owned(
-                lambda: _io.open_file(path, os.O_RDONLY | os.O_CLOEXEC), undo=os.close
-            )
+            try:
+                fd = await run_owned(
+                    lambda: _io.open_file(path, os.O_RDONLY | os.O_CLOEXEC), undo=os.close
+                )
+            except FileNotFoundError:
+                return off, b""  # archived and removed: no record there any more
             self._fds[file] = fd
         opened = fd
         data = await anyio.to_thread.run_sync(
