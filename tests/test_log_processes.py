@@ -40,15 +40,17 @@ def wait_line(p: subprocess.Popen[str], want: str) -> None:
     assert line == want, (line, p.stderr.read() if p.stderr else "")
 
 
+@pytest.mark.parametrize("wake", ["futex", "poll"])
 async def test_eight_processes_share_fsyncs_and_stats_are_exact(
-    home: str, procs: list[subprocess.Popen[str]]
+    home: str, procs: list[subprocess.Popen[str]], wake: str
 ) -> None:
+    """Group commit, with the waiters sleeping on the futex or polling the region."""
     nproc, each = 8, 25
     env = await aiodbenv.Env.open(home, create=True, log=True)
     st0 = env.log.stat()
     go = os.path.join(home, "go")
     for tag in range(nproc):
-        procs.append(spawn(WRITER, home, str(tag), str(each), go))
+        procs.append(spawn(WRITER, home, str(tag), str(each), go, env={"AIODBENV_LOG_WAKE": wake}))
     for p in procs:
         wait_line(p, "ready")
     open(go, "w").close()
