@@ -508,7 +508,7 @@ class Log:
                     )
                     err.pid, err.mutex = holder[0], "log writer"
                     raise err
-                if self._futex is not None:
+                if self._futex is not None and holder[0]:
                     await anyio.to_thread.run_sync(self._futex.wait, seq, _FUTEX_WAIT)
                 else:
                     await asyncio.sleep(delay)
