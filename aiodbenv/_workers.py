@@ -36,8 +36,7 @@ from typing import TYPE_CHECKING
 
 from ._process import is_alive
 from .errors import AiodbenvError, ForkedProcessError, Incomplete, InvalidArgument
-from .mpool.layout import POOL_HEADER, WORKER_ERROR_WORDS
-from .mpool.table import _HS
+from .mpool.layout import HANDLE_STATS, POOL_HEADER, WORKER_ERROR_WORDS
 from .region.layout import WORD
 
 if TYPE_CHECKING:
@@ -57,7 +56,6 @@ __all__ = [
 
 logger = logging.getLogger("aiodbenv")
 
-_P = {f: POOL_HEADER.offset(f) // WORD for f in POOL_HEADER.fields()}
 #: Longest back-off after repeated failures, in seconds.
 MAX_BACKOFF = 30.0
 #: How many times a checkpoint retries pages it found pinned before calling itself incomplete.
@@ -189,7 +187,7 @@ class Health:
 def last_checkpoint(pool: Pool) -> float | None:
     """Wall-clock time of the last complete checkpoint recorded in the region, or None."""
     core = pool._core
-    ns = int(core.w0[core.p + _P["last_checkpoint_ns"]])
+    ns = int(core.w0[core.p + POOL_HEADER.word.last_checkpoint_ns])
     return ns / 1e9 if ns else None
 
 
@@ -202,13 +200,13 @@ def shared_status(pool: Pool, kind: str) -> SharedWorkerStatus:
     w0 = core.w0
     p = core.p
     with core.mutex:  # the record is written as a whole under this mutex: read it whole
-        owner = int(w0[p + _P[f"{kind}_owner"]])
-        until = int(w0[p + _P[f"{kind}_until"]])
-        in_row = int(w0[p + _P[f"{kind}_in_row"]])
-        failed_pid = int(w0[p + _P[f"{kind}_failed_pid"]])
-        success_ns = int(w0[p + _P[f"{kind}_success_ns"]])
-        failure_ns = int(w0[p + _P[f"{kind}_failure_ns"]])
-        e = p + _P[f"{kind}_error"]
+        owner = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_owner")])
+        until = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_until")])
+        in_row = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_in_row")])
+        failed_pid = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_failed_pid")])
+        success_ns = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_success_ns")])
+        failure_ns = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_failure_ns")])
+        e = p + getattr(POOL_HEADER.word, f"{kind}_error")
         # A length read from shared memory is checked before it is used.
         length = min(int(w0[e]), _ERROR_BYTES)
         start = (e + 1) * WORD
@@ -236,17 +234,17 @@ def _record(pool: Pool, kind: str, error: str | None) -> None:
     now = time.time_ns()
     with core.mutex:
         if error is None:
-            w0[p + _P[f"{kind}_in_row"]] = 0
-            w0[p + _P[f"{kind}_success_ns"]] = now
+            w0[p + getattr(POOL_HEADER.word, f"{kind}_in_row")] = 0
+            w0[p + getattr(POOL_HEADER.word, f"{kind}_success_ns")] = now
             return
         data = error.encode("utf-8", "replace")[:_ERROR_BYTES]
-        e = p + _P[f"{kind}_error"]
+        e = p + getattr(POOL_HEADER.word, f"{kind}_error")
         start = (e + 1) * WORD
         core.r0.buf[start : start + len(data)] = data
         w0[e] = len(data)
-        w0[p + _P[f"{kind}_in_row"]] += 1
-        w0[p + _P[f"{kind}_failed_pid"]] = os.getpid()
-        w0[p + _P[f"{kind}_failure_ns"]] = now
+        w0[p + getattr(POOL_HEADER.word, f"{kind}_in_row")] += 1
+        w0[p + getattr(POOL_HEADER.word, f"{kind}_failed_pid")] = os.getpid()
+        w0[p + getattr(POOL_HEADER.word, f"{kind}_failure_ns")] = now
 
 
 def _lease_live(owner: int, until: int, now: int) -> bool:
@@ -340,7 +338,7 @@ class _Worker(abc.ABC):
         self._last_error = f"{type(err).__name__}: {err}"
         self._backoff = min(MAX_BACKOFF, 0.1 * 2 ** min(self._in_row, 12))
         core = self._pool._core
-        core.w0[self._pool._hs + _HS[f"{self.kind}_failures"]] += 1
+        core.w0[self._pool._hs + getattr(HANDLE_STATS.word, f"{self.kind}_failures")] += 1
         _record(self._pool, self.kind, self._last_error)
         logger.error(
             "aiodbenv %s failed (attempt %d, retrying in %.1f s): %s",
@@ -362,10 +360,10 @@ class _Worker(abc.ABC):
         self._bytes += result.bytes_written
         w0 = self._pool._core.w0
         hs = self._pool._hs
-        w0[hs + _HS[f"{self.kind}_runs"]] += 1
-        w0[hs + _HS[f"{self.kind}_pages"]] += result.written
-        w0[hs + _HS[f"{self.kind}_write_calls"]] += result.write_calls
-        w0[hs + _HS[f"{self.kind}_bytes"]] += result.bytes_written
+        w0[hs + getattr(HANDLE_STATS.word, f"{self.kind}_runs")] += 1
+        w0[hs + getattr(HANDLE_STATS.word, f"{self.kind}_pages")] += result.written
+        w0[hs + getattr(HANDLE_STATS.word, f"{self.kind}_write_calls")] += result.write_calls
+        w0[hs + getattr(HANDLE_STATS.word, f"{self.kind}_bytes")] += result.bytes_written
         _record(self._pool, self.kind, None)
 
     def _check_process(self) -> None:
@@ -381,8 +379,8 @@ class _Worker(abc.ABC):
         self._check_process()
         core = self._pool._core
         w0 = core.w0
-        owner_w = core.p + _P[f"{self.kind}_owner"]
-        until_w = core.p + _P[f"{self.kind}_until"]
+        owner_w = core.p + getattr(POOL_HEADER.word, f"{self.kind}_owner")
+        until_w = core.p + getattr(POOL_HEADER.word, f"{self.kind}_until")
         now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process on the host
         with core.mutex:
             owner = int(w0[owner_w])
@@ -399,7 +397,7 @@ class _Worker(abc.ABC):
         core = self._pool._core
         if self._pool._closed or self._pool._env.panicked:
             return
-        owner_w = core.p + _P[f"{self.kind}_owner"]
+        owner_w = core.p + getattr(POOL_HEADER.word, f"{self.kind}_owner")
         with core.mutex:
             if core.w0[owner_w] == self._owner:
                 core.w0[owner_w] = 0
@@ -578,7 +576,7 @@ async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | No
             result=result,
         )
     core = pool._core
-    core.w0[core.p + _P["last_checkpoint_ns"]] = time.time_ns()
+    core.w0[core.p + POOL_HEADER.word.last_checkpoint_ns] = time.time_ns()
     _record(pool, "checkpoint", None)  # any complete checkpoint ends a run of failures
     return result
 

@@ -32,7 +32,8 @@ import pytest
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.errors import Incomplete, LockTimeout, NoSpace, TryAgain
-from aiodbenv.mpool.table import _C, _TAG_FROM_BH, B_COUNT, B_HEAD, H_NEXT, H_REF, H_SIZE
+from aiodbenv.mpool.layout import BH, BUCKET, CACHE_HEADER
+from aiodbenv.mpool.table import _TAG_FROM_BH
 from aiodbenv.region.mutex import trylock, unlock
 
 from .conftest import spawn
@@ -61,20 +62,22 @@ def check_accounting(pool: aiodbenv.Pool, pinned: int = 0) -> None:
         refs = 0
         for bw in cache.bucket_words:
             n = 0
-            off = w[bw + B_HEAD]
+            off = w[bw + BUCKET.word.head]
             while off:
                 x = off >> 3
                 n += 1
-                linked_bytes += int(w[x + H_SIZE])
-                refs += int(w[x + H_REF])
+                linked_bytes += int(w[x + BH.word.page_size])
+                refs += int(w[x + BH.word.ref])
                 assert w[x - _TAG_FROM_BH] == 0, "a linked buffer still carries a limbo tag"
-                off = w[x + H_NEXT]
-            assert n == w[bw + B_COUNT], "bucket count differs from its chain"
+                off = w[x + BH.word.next]
+            assert n == w[bw + BUCKET.word.count], "bucket count differs from its chain"
             linked += n
-        used = int(w[cache.hdr + _C["page_bytes_used"]])
+        used = int(w[cache.hdr + CACHE_HEADER.word.page_bytes_used])
         assert used == linked_bytes, f"page bytes used {used} != bytes in chains {linked_bytes}"
-        assert int(w[cache.hdr + _C["buffers"]]) == linked, "buffer count != buffers in chains"
-        assert used <= int(w[cache.hdr + _C["page_bytes"]])
+        assert int(w[cache.hdr + CACHE_HEADER.word.buffers]) == linked, (
+            "buffer count != buffers in chains"
+        )
+        assert used <= int(w[cache.hdr + CACHE_HEADER.word.page_bytes])
         assert refs == pinned, f"{refs} pins counted, {pinned} expected"
         with cache.alloc_mutex:
             assert cache.allocator.tagged() == [], "frames left outside every chain"
@@ -108,15 +111,15 @@ def lost_frames(pool: aiodbenv.Pool) -> int:
     cache = pool._core.caches[0]
     w = cache.words
     linked = sum(_chain(w, bw) for bw in cache.bucket_words)
-    return int(w[cache.hdr + _C["page_bytes_used"]]) // PS - linked
+    return int(w[cache.hdr + CACHE_HEADER.word.page_bytes_used]) // PS - linked
 
 
 def _chain(w: memoryview, bw: int) -> int:
     n = 0
-    off = w[bw + B_HEAD]
+    off = w[bw + BUCKET.word.head]
     while off:
         n += 1
-        off = w[(off >> 3) + H_NEXT]
+        off = w[(off >> 3) + BH.word.next]
     return n
 
 

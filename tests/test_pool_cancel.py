@@ -41,19 +41,8 @@ import pytest
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.errors import AiodbenvError, Incomplete
-from aiodbenv.mpool.layout import BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING
+from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING, BUCKET
 from aiodbenv.mpool.page import Page
-from aiodbenv.mpool.table import (
-    B_COUNT,
-    B_DIRTY,
-    B_HEAD,
-    H_FILE,
-    H_FLAGS,
-    H_IOPID,
-    H_NEXT,
-    H_PGNO,
-    H_REF,
-)
 from aiodbenv.region.mutex import NullMutex, SharedMutex, lib, trylock, unlock
 
 from .conftest import python
@@ -127,18 +116,18 @@ def assert_quiescent(env: aiodbenv.Env, held: Iterable[Page] = ()) -> None:
         linked = 0
         for b, bw in enumerate(cache.bucket_words):
             _check_mutex(cache.mutexes[b], f"bucket {b} of cache {cache.index}")
-            off = int(w[bw + B_HEAD])
+            off = int(w[bw + BUCKET.word.head])
             count = dirty = 0
             while off:
                 x = off >> 3
                 count += 1
                 assert count <= 100_000, f"bucket {b} chain loops"
-                flags = int(w[x + H_FLAGS])
-                ref = int(w[x + H_REF])
+                flags = int(w[x + BH.word.flags])
+                ref = int(w[x + BH.word.ref])
                 assert not flags & (BH_READING | BH_WRITING | BH_FAILED), (
                     f"buffer {off:#x} (bucket {b}) is stuck with flags {flags:#x}"
                 )
-                assert w[x + H_IOPID] == 0, f"buffer {off:#x} still names an I/O process"
+                assert w[x + BH.word.io_pid] == 0, f"buffer {off:#x} still names an I/O process"
                 expected = want.get((cache.index, off), 0)
                 assert ref == expected, (
                     f"buffer {off:#x} (bucket {b}) has ref {ref}, the test holds {expected}"
@@ -146,9 +135,13 @@ def assert_quiescent(env: aiodbenv.Env, held: Iterable[Page] = ()) -> None:
                 seen.add((cache.index, off))
                 if flags & BH_DIRTY:
                     dirty += 1
-                off = int(w[x + H_NEXT])
-            assert w[bw + B_COUNT] == count, f"bucket {b}: count {w[bw + B_COUNT]} != {count}"
-            assert w[bw + B_DIRTY] == dirty, f"bucket {b}: dirty {w[bw + B_DIRTY]} != {dirty}"
+                off = int(w[x + BH.word.next])
+            assert w[bw + BUCKET.word.count] == count, (
+                f"bucket {b}: count {w[bw + BUCKET.word.count]} != {count}"
+            )
+            assert w[bw + BUCKET.word.dirty] == dirty, (
+                f"bucket {b}: dirty {w[bw + BUCKET.word.dirty]} != {dirty}"
+            )
             linked += count
         assert cache.buffers() == linked, (
             f"cache {cache.index}: {cache.buffers()} buffers allocated, {linked} in the chains "
@@ -205,12 +198,12 @@ def is_cached(f: aiodbenv.PoolFile, pgno: int) -> bool:
     """True if page ``pgno`` of ``f`` has a buffer (looked up without pinning it)."""
     cache, b = f._core.locate(f._fidx, pgno)
     w = cache.words
-    off = int(w[cache.bucket_words[b] + B_HEAD])
+    off = int(w[cache.bucket_words[b] + BUCKET.word.head])
     while off:
         x = off >> 3
-        if w[x + H_FILE] == f._fidx + 1 and w[x + H_PGNO] == pgno:
+        if w[x + BH.word.file] == f._fidx + 1 and w[x + BH.word.pgno] == pgno:
             return True
-        off = int(w[x + H_NEXT])
+        off = int(w[x + BH.word.next])
     return False
 
 

@@ -37,8 +37,7 @@ import aiodbenv
 from aiodbenv import _io
 from aiodbenv._workers import last_checkpoint, run_checkpoint
 from aiodbenv.errors import Incomplete, NoSpace, RunRecovery
-from aiodbenv.mpool.layout import BH_DIRTY, BH_WRITING
-from aiodbenv.mpool.table import _F, B_DIRTY, B_HEAD, H_FILE, H_FLAGS, H_NEXT, H_PGNO
+from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_WRITING, BUCKET, FILE_ENTRY
 
 from .conftest import REPO
 
@@ -151,13 +150,13 @@ def frames(pool: aiodbenv.Pool) -> tuple[int, int, int]:
     for cache in pool._core.caches:
         w = cache.words
         for bw in cache.bucket_words:
-            counted += int(w[bw + B_DIRTY])
-            off = w[bw + B_HEAD]
+            counted += int(w[bw + BUCKET.word.dirty])
+            off = w[bw + BUCKET.word.head]
             while off:
                 x = off >> 3
-                writing += bool(w[x + H_FLAGS] & BH_WRITING)
-                dirty += bool(w[x + H_FLAGS] & BH_DIRTY)
-                off = w[x + H_NEXT]
+                writing += bool(w[x + BH.word.flags] & BH_WRITING)
+                dirty += bool(w[x + BH.word.flags] & BH_DIRTY)
+                off = w[x + BH.word.next]
     return writing, dirty, counted
 
 
@@ -166,12 +165,12 @@ def cached_dirty(pool: aiodbenv.Pool) -> set[int]:
     for cache in pool._core.caches:
         w = cache.words
         for bw in cache.bucket_words:
-            off = w[bw + B_HEAD]
+            off = w[bw + BUCKET.word.head]
             while off:
                 x = off >> 3
-                if w[x + H_FLAGS] & BH_DIRTY and w[x + H_FILE]:
-                    out.add(int(w[x + H_PGNO]))
-                off = w[x + H_NEXT]
+                if w[x + BH.word.flags] & BH_DIRTY and w[x + BH.word.file]:
+                    out.add(int(w[x + BH.word.pgno]))
+                off = w[x + BH.word.next]
     return out
 
 
@@ -181,7 +180,7 @@ def unsynced_files(pool: aiodbenv.Pool) -> list[str]:
     out = []
     for fidx in core.file_slots():
         e = core.entry(fidx)
-        if core.w0[e + _F["written_gen"]] > core.w0[e + _F["synced_gen"]]:
+        if core.w0[e + FILE_ENTRY.word.written_gen] > core.w0[e + FILE_ENTRY.word.synced_gen]:
             out.append(core.file_name(fidx) or "?")
     return out
 

@@ -3,7 +3,8 @@
 The hit path (:meth:`PoolFile._pin_hit`) is synchronous: hash, lock one bucket, find the
 buffer, count the pin, slice a memoryview. Only a miss awaits: a frame, then the read. The
 bucket search of a hit and the bookkeeping of an unpin run in C when the compiled accelerator
-is installed (``aiodb_pin_hit``, ``aiodb_unpin``) and in Python otherwise; both do the same.
+is installed (``aiodb_pin_hit``, ``aiodb_unpin_at``: :mod:`aiodbenv.mpool.accel`) and in Python
+otherwise; both do the same.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from ..errors import (
     PageNotFound,
     PermissionDenied,
 )
-from ..region.layout import MAX_PROCS, MUTEX_SLOT, WORD
-from ..region.mutex import BUSY, STEP_WAIT, ffi, speedups
+from ..region.layout import MAX_PROCS
+from ..region.mutex import BUSY, STEP_WAIT, ffi
 from ..region.mutex import trylock as _trylock
 from ..region.mutex import unlock as _unlock
+from . import accel
 from .checksum import TRAILER
 from .layout import (
     BH,
@@ -38,35 +40,18 @@ from .layout import (
     BH_READING,
     BH_REDIRTIED,
     BH_WRITING,
+    BUCKET,
+    CACHE_HEADER,
     FF_NO_MMAP,
+    FILE_ENTRY,
+    FILE_STATS,
+    HANDLE_STATS,
     MAX_PGNO,
-)
-from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
-from .table import (
-    _F,
-    _FS,
-    _HS,
-    B_COUNT,
-    B_DIRTY,
-    B_HEAD,
-    C_BUFFERS,
-    C_LRU,
-    H_FILE,
-    H_FLAGS,
-    H_IOPID,
-    H_NEXT,
-    H_PGNO,
-    H_PINAT,
-    H_PINS,
-    H_PRIO,
-    H_REF,
-    H_SIZE,
     PIN_CLOCK,
     PINS_HALF,
-    Cache,
 )
-
-_COARSE = PIN_CLOCK
+from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
+from .table import Cache
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -96,48 +81,30 @@ os.register_at_fork(after_in_child=_disarm_in_child)
 
 MODE_GET, MODE_CREATE, MODE_NEW, MODE_LAST = 0, 1, 2, 3
 _BH_DATA = BH.size
+# The hit and unpin paths' word indexes, bound once from the layout (a global is one lookup).
+H_NEXT, H_FILE, H_PGNO, H_REF = BH.word.next, BH.word.file, BH.word.pgno, BH.word.ref
+H_FLAGS, H_PRIO, H_SIZE, H_IOPID = (
+    BH.word.flags,
+    BH.word.priority,
+    BH.word.page_size,
+    BH.word.io_pid,
+)
+H_PINAT, H_PINS = BH.word.pinned_at, BH.word.pins
+B_HEAD, B_DIRTY, B_COUNT = BUCKET.word.head, BUCKET.word.dirty, BUCKET.word.count
+C_LRU, C_BUFFERS = CACHE_HEADER.word.lru_counter, CACHE_HEADER.word.buffers
+_COARSE = PIN_CLOCK
 
-_FS_HIT = _FS["cache_hit"]
-_FS_MISS = _FS["cache_miss"]
-_FS_MAP = _FS["map"]
-_HS_EXTRA = _HS["hash_examined_extra"]
+_FS_HIT = FILE_STATS.word.cache_hit
+_FS_MISS = FILE_STATS.word.cache_miss
+_FS_MAP = FILE_STATS.word.map
+_HS_EXTRA = HANDLE_STATS.word.hash_examined_extra
 
 # The compiled accelerator, when installed, does the bucket work of hits and unpins.
-if speedups is not None:
-    _layout = [
-        H_NEXT,
-        H_FILE,
-        H_PGNO,
-        H_REF,
-        H_FLAGS,
-        H_PRIO,
-        B_HEAD,
-        B_DIRTY,
-        C_LRU,
-        C_BUFFERS,
-        BH_READING,
-        BH_DIRTY,
-        PAGE_DIRTY,
-        PAGE_CLEAN,
-        PAGE_DISCARD,
-        BH_WRITING,
-        H_IOPID,
-        H_SIZE,
-        BH.size,
-        (MUTEX_SLOT.offset("nowaits") - MUTEX_SLOT.offset("waits")) // WORD,
-        BH_REDIRTIED,
-        H_PINAT,
-        H_PINS,
-    ]
-    speedups.aiodb_set_layout(ffi.new("uint64_t[]", _layout), len(_layout))
-    _c_pin_hit = speedups.aiodb_pin_hit
-    _c_pin_one = speedups.aiodb_pin_one_cache
-    _c_unpin = speedups.aiodb_unpin_at
-    _CORRUPT = speedups.AIODB_CORRUPT
-else:
-    _c_pin_hit = _c_pin_one = _c_unpin = None
-    _CORRUPT = 0
-_HS_LONG = _HS["hash_longest"]
+_c_pin_hit = accel.pin_hit
+_c_pin_one = accel.pin_one_cache
+_c_unpin = accel.unpin_at
+_CORRUPT = accel.CORRUPT
+_HS_LONG = HANDLE_STATS.word.hash_longest
 #: Whether a crash-test plan (AIODBENV_TEST_SIGNAL, read once at import) may act at a step: the
 #: Python unpin, a hot path without the accelerator, then skips even the call.
 _CRASH_STEPS = bool(_io._signal_plan)
@@ -224,7 +191,7 @@ class PoolFile:
     @property
     def pages(self) -> int:
         """Pages the pool knows of (the last page number + 1), counting pages not yet written."""
-        return int(self._w0[self._entry + _F["pages"]])
+        return int(self._w0[self._entry + FILE_ENTRY.word.pages])
 
     @property
     def fileid(self) -> bytes:
@@ -448,7 +415,7 @@ class PoolFile:
         return page
 
     def _choose_hit_path(self) -> None:
-        if speedups is None:
+        if not accel.COMPILED:
             self._pin_hit = self._pin_hit_py  # type: ignore[method-assign]
         elif self._ncache == 1:
             self._pin_hit = self._pin_hit_one  # type: ignore[method-assign]
@@ -456,7 +423,7 @@ class PoolFile:
             self._pin_hit = self._pin_hit_c  # type: ignore[method-assign]
 
     #: The hit path in use: compiled when the accelerator is installed, else Python.
-    _pin_hit = _pin_hit_c if speedups is not None else _pin_hit_py
+    _pin_hit = _pin_hit_c if accel.COMPILED else _pin_hit_py
 
     @staticmethod
     def _owner_died(cache: Cache, b: int) -> None:
@@ -502,11 +469,11 @@ class PoolFile:
                 raise InvalidArgument("new page requested on a file opened read-only")
             pgno = self._extend(None)
         elif mode == MODE_LAST:
-            pgno = int(w0[e + _F["pages"]]) - 1
+            pgno = int(w0[e + FILE_ENTRY.word.pages]) - 1
             if pgno < 0:
                 raise PageNotFound(f"file {self._path!r} has no pages")
         if self._map is not None and pgno < self._map_pages:
-            if not w0[e + _F["flags"]] & FF_NO_MMAP:
+            if not w0[e + FILE_ENTRY.word.flags] & FF_NO_MMAP:
                 w0[self._fs + _FS_MAP] += 1
                 start = pgno * self.page_size
                 view = self._map_view[start : start + self.page_size]  # type: ignore[index]
@@ -527,11 +494,12 @@ class PoolFile:
                         continue  # the read failed and the buffer went away: try again
                 w0[self._fs_hit] += 1
                 return self._page(cache, b, bh, pgno)
-            if pgno >= w0[e + _F["pages"]] or mode == MODE_NEW:
+            if pgno >= w0[e + FILE_ENTRY.word.pages] or mode == MODE_NEW:
                 if mode == MODE_GET:
                     raise PageNotFound(
                         f"page {pgno} of {self._path!r} does not exist "
-                        f"(the file has {int(w0[e + _F['pages']])} pages); use create=True"
+                        f"(the file has {int(w0[e + FILE_ENTRY.word.pages])} pages); "
+                        "use create=True"
                     )
                 if self.readonly:
                     raise PermissionDenied(f"cannot create page {pgno} in read-only file")
@@ -632,13 +600,13 @@ class PoolFile:
         w0 = self._w0
         e = self._entry
         with core.file_mutex(self._fidx):
-            pages = int(w0[e + _F["pages"]])
+            pages = int(w0[e + FILE_ENTRY.word.pages])
             target = pages if pgno is None else pgno
-            limit = int(w0[e + _F["max_pages"]])
+            limit = int(w0[e + FILE_ENTRY.word.max_pages])
             if limit and target >= limit:
                 raise NoSpace(f"file {self._path!r} is limited to {limit} pages")
             if target >= pages:
-                w0[e + _F["pages"]] = target + 1
+                w0[e + FILE_ENTRY.word.pages] = target + 1
         return target
 
     # -- unpinning ----------------------------------------------------------------------------
@@ -724,7 +692,7 @@ class PoolFile:
         bh_flags = w[x + H_FLAGS]
         if flags & PAGE_DIRTY:
             # Dirtied while a copy is being written: that copy is stale, and its write must
-            # not clean the page (the Python form of aiodb_unpin).
+            # not clean the page (the Python form of aiodb_unpin_at).
             new = bh_flags | BH_DIRTY | (BH_REDIRTIED if bh_flags & BH_WRITING else 0)
             if not bh_flags & BH_DIRTY:
                 w[bw + B_DIRTY] += 1
@@ -783,7 +751,7 @@ class PoolFile:
         self, pgno: int, cache: Cache, b: int, bh: int, flags: int
     ) -> asyncio.Task[None] | None:
         """Drop one pin of buffer ``bh`` with PAGE_* ``flags`` (the Python form of the
-        compiled ``aiodb_unpin``). The bucket mutex is waited for a few milliseconds at most:
+        compiled ``aiodb_unpin_at``). The bucket mutex is waited for a few milliseconds at most:
         if its holder keeps it (stopped?), the release is finished by a task of the pool that
         backs off and retries up to ``wait_timeout``, returned for the caller to await."""
         try:

@@ -51,31 +51,20 @@ from .layout import (
     BH_FAILED,
     BH_READING,
     BH_WRITING,
+    BUCKET,
     FF_CHECKSUM,
     FF_DEAD,
     FF_NO_MMAP,
     FF_NOFILE,
     FF_TEMP,
+    FILE_ENTRY,
+    FILE_STATS,
+    HANDLE_STATS,
+    PINS_HALF,
+    POOL_HEADER,
 )
 from .reaper import REAP_INTERVAL, Reaped, reap
-from .table import (
-    _F,
-    _FS,
-    _HS,
-    B_COUNT,
-    B_DIRTY,
-    B_HEAD,
-    H_FLAGS,
-    H_IOPID,
-    H_NEXT,
-    H_PGNO,
-    H_REF,
-    PINS_HALF,
-    Cache,
-    PoolCore,
-    Victim,
-    new_fileid,
-)
+from .table import Cache, PoolCore, Victim, new_fileid
 
 if TYPE_CHECKING:
     from ..region.environment import EnvCore
@@ -253,7 +242,7 @@ class Pool:
         self._busy = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         # Dirty unpins in this process since a worker last looked, and who to wake.
-        self._dirtied_w = self._hs + _HS["dirtied_bytes"]
+        self._dirtied_w = self._hs + HANDLE_STATS.word.dirtied_bytes
         self._dirty_pages = 0
         self._dirty_wake_at = 0  # 0: nobody is listening
         self._dirty_event: asyncio.Event | None = None
@@ -304,14 +293,16 @@ class Pool:
 
     def _fsync_failure(self) -> str | None:
         """What failed, if the environment panicked because an fsync failed (any process)."""
-        from .table import _P
 
         core = self._core
         w0 = core.w0
-        code = int(w0[core.p + _P["fsync_errno"]])
+        code = int(w0[core.p + POOL_HEADER.word.fsync_errno])
         if not code:
             return None
-        off, n = int(w0[core.p + _P["fsync_name_off"]]), int(w0[core.p + _P["fsync_name_len"]])
+        off, n = (
+            int(w0[core.p + POOL_HEADER.word.fsync_name_off]),
+            int(w0[core.p + POOL_HEADER.word.fsync_name_len]),
+        )
         name = core.meta_bytes(off, n).decode("utf-8", "surrogateescape") if off else "a file"
         return (
             f"fsync of {name} failed with errno {code} ({errno.errorcode.get(code, '?')}: "
@@ -326,20 +317,19 @@ class Pool:
         "fsyncgate"). No page of the pool can be trusted to be on disk any more: every process
         must stop and recover, and no later call may report success.
         """
-        from .table import _P
 
         core = self._core
         w0 = core.w0
         code = err.errno or errno.EIO
-        if not w0[core.p + _P["fsync_errno"]]:  # the first failure is the one reported
+        if not w0[core.p + POOL_HEADER.word.fsync_errno]:  # the first failure is the one reported
             raw = name.encode("utf-8", "surrogateescape")[:4096]
             try:
                 off = core.meta_store(raw)
             except Exception:  # no room to keep the name: the errno alone still says it
                 off, raw = 0, b""
-            w0[core.p + _P["fsync_name_off"]] = off
-            w0[core.p + _P["fsync_name_len"]] = len(raw)
-            w0[core.p + _P["fsync_errno"]] = code
+            w0[core.p + POOL_HEADER.word.fsync_name_off] = off
+            w0[core.p + POOL_HEADER.word.fsync_name_len] = len(raw)
+            w0[core.p + POOL_HEADER.word.fsync_errno] = code
         reason = f"fsync of {name} failed: {os.strerror(code)} (errno {code})"
         self._env.panic(reason)
         raise RunRecovery(
@@ -613,11 +603,11 @@ class Pool:
         e = core.entry(fidx)
         w0 = core.w0
         with core.file_mutex(fidx):
-            if pages > w0[e + _F["pages"]]:
-                w0[e + _F["pages"]] = pages  # the file grew outside the pool
+            if pages > w0[e + FILE_ENTRY.word.pages]:
+                w0[e + FILE_ENTRY.word.pages] = pages  # the file grew outside the pool
             if not readonly:
-                w0[e + _F["flags"]] |= FF_NO_MMAP
-        if mapped is not None and w0[e + _F["flags"]] & FF_NO_MMAP:
+                w0[e + FILE_ENTRY.word.flags] |= FF_NO_MMAP
+        if mapped is not None and w0[e + FILE_ENTRY.word.flags] & FF_NO_MMAP:
             mapped.close()  # a writer has it open: pages must go through the cache
             mapped = None
         f = PoolFile(
@@ -757,7 +747,7 @@ class Pool:
         for cache in self._core.caches:
             total += cache.buffers()
             w = cache.words
-            dirty += sum(int(w[bw + B_DIRTY]) for bw in cache.bucket_words)
+            dirty += sum(int(w[bw + BUCKET.word.dirty]) for bw in cache.bucket_words)
         return dirty / total if total else 0.0
 
     # -- dead processes -------------------------------------------------------------------------
@@ -899,14 +889,14 @@ class Pool:
         if not e:
             return False
         w0 = core.w0
-        flags = w0[e + _F["flags"]]
+        flags = w0[e + FILE_ENTRY.word.flags]
         if flags & FF_DEAD:
             return True  # its pages are dropped, not written
         if flags & FF_NOFILE:
             return False
         if flags & FF_TEMP:
-            return bool(w0[e + _F["owner_pid"]] == self._pid)
-        ftype = int(w0[e + _F["ftype"]])
+            return bool(w0[e + FILE_ENTRY.word.owner_pid] == self._pid)
+        ftype = int(w0[e + FILE_ENTRY.word.ftype])
         if ftype and ftype not in self._registry:
             return False
         return True
@@ -963,7 +953,10 @@ class Pool:
                         unlinked = await self._locked(core.unlink_victim, victim)
                     if unlinked:
                         w0 = core.w0
-                        w0[self._hs + _HS["rw_evict" if written else "ro_evict"]] += 1
+                        w0[
+                            self._hs
+                            + getattr(HANDLE_STATS.word, "rw_evict" if written else "ro_evict")
+                        ] += 1
                         self._got_frame()
                         if victim.page_size == page_size:
                             return victim.bh
@@ -987,7 +980,7 @@ class Pool:
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self.wait_timeout
-                self._core.w0[self._hs + _HS["alloc_waits"]] += 1
+                self._core.w0[self._hs + HANDLE_STATS.word.alloc_waits] += 1
             elif now >= deadline:
                 if write_error is not None:
                     self._give_up_writing(write_error)
@@ -1048,14 +1041,14 @@ class Pool:
                 if not b & 255 and time.monotonic() - since > 0.001:
                     await asyncio.sleep(0)  # a large cache: let the loop run meanwhile
                     since = time.monotonic()
-                if not w[bw + B_COUNT]:
+                if not w[bw + BUCKET.word.count]:
                     continue
                 try:
                     with step_waits(), cache.mutexes[b]:
                         for off in cache.chain(b):  # offsets checked, the walk bounded
                             x = off >> 3
-                            if w[x + H_FLAGS] & BH_WRITING:
-                                found.append((cache, b, off, int(w[x + H_IOPID])))
+                            if w[x + BH.word.flags] & BH_WRITING:
+                                found.append((cache, b, off, int(w[x + BH.word.io_pid])))
                 except LockTimeout:
                     continue  # held elsewhere (a stopped process?): a later sweep looks
         alive: dict[int, bool] = {self._pid: True}
@@ -1169,7 +1162,7 @@ class Pool:
         """
         if mode not in (MODE_GET, MODE_LAST):
             return
-        orig = int(f._w0[f._entry + _F["orig_pages"]])
+        orig = int(f._w0[f._entry + FILE_ENTRY.word.orig_pages])
         if n or pgno < orig:
             raise PageNotFound(
                 f"page {pgno} of {f.name!r} is past the end of the file on disk (the file had "
@@ -1189,14 +1182,16 @@ class Pool:
         x = bh >> 3
         bw = cache.bucket_words[b]
         with cache.mutexes[b]:
-            flags = w[x + H_FLAGS] & ~BH_READING
+            flags = w[x + BH.word.flags] & ~BH_READING
             if created and not flags & BH_DIRTY:
                 flags |= BH_DIRTY  # a created page exists nowhere else: it must be written
-                w[bw + B_DIRTY] += 1
-            w[x + H_FLAGS] = flags
+                w[bw + BUCKET.word.dirty] += 1
+            w[x + BH.word.flags] = flags
             _io.step("read.publish")  # crash tests: killed with the page read, mutex held
-            w[x + H_IOPID] = 0
-        self._core.w0[f._fs + _FS["page_create" if created else "page_in"]] += 1
+            w[x + BH.word.io_pid] = 0
+        self._core.w0[
+            f._fs + getattr(FILE_STATS.word, "page_create" if created else "page_in")
+        ] += 1
         if self._waiters:
             self._notify()
 
@@ -1211,8 +1206,8 @@ class Pool:
         w = cache.words
         x = bh >> 3
         with cache.mutexes[b]:
-            if w[x + H_REF] and self._drop_slot_pin(cache, bh):
-                w[x + H_REF] -= 1
+            if w[x + BH.word.ref] and self._drop_slot_pin(cache, bh):
+                w[x + BH.word.ref] -= 1
         self._frame_released()
 
     def _drop_slot_pin(self, cache: Cache, bh: int) -> bool:
@@ -1270,10 +1265,10 @@ class Pool:
         x = bh >> 3
         with cache.mutexes[b]:
             cache.unlink(b, bh)
-            w[x + H_FLAGS] = BH_FAILED
+            w[x + BH.word.flags] = BH_FAILED
             if self._drop_slot_pin(cache, bh):
-                w[x + H_REF] -= 1
-            last = w[x + H_REF] == 0
+                w[x + BH.word.ref] -= 1
+            last = w[x + BH.word.ref] == 0
         if last:
             self._settle(self._core.free_buffer, cache, bh)
             self._frame_released()
@@ -1288,7 +1283,7 @@ class Pool:
         checked = time.monotonic()
         deadline = checked + self.wait_timeout
         try:
-            while w[x + H_FLAGS] & BH_READING:
+            while w[x + BH.word.flags] & BH_READING:
                 await self._wait_change(delay)
                 self._check()  # closing: give the pin back (below) and leave
                 delay = min(delay * 2, 0.002)
@@ -1296,18 +1291,18 @@ class Pool:
                 if now - checked > 0.5:
                     checked = now
                     await self._locked(self._adopt_dead_read, cache, b, bh, f)
-                if now >= deadline and w[x + H_FLAGS] & BH_READING:
-                    pid = int(w[x + H_IOPID])
+                if now >= deadline and w[x + BH.word.flags] & BH_READING:
+                    pid = int(w[x + BH.word.io_pid])
                     who = "this process" if pid == self._pid else f"process {pid}"
                     raise TryAgain(
-                        f"page {int(w[x + H_PGNO])} of {f.name!r} has been being read by {who} "
-                        f"for over {self.wait_timeout} s (alive, but not finishing: stopped or "
-                        f"stuck in I/O?); try again later"
+                        f"page {int(w[x + BH.word.pgno])} of {f.name!r} has been being read by "
+                        f"{who} for over {self.wait_timeout} s (alive, but not finishing: "
+                        "stopped or stuck in I/O?); try again later"
                     )
         except BaseException:
             self._settle(self._release_failed_or_pin, cache, b, bh)
             raise
-        if w[x + H_FLAGS] & BH_FAILED:
+        if w[x + BH.word.flags] & BH_FAILED:
             self._settle(self._release_failed_or_pin, cache, b, bh)
             return False
         return True
@@ -1317,8 +1312,8 @@ class Pool:
         x = bh >> 3
         with cache.mutexes[b]:
             if self._drop_slot_pin(cache, bh):
-                w[x + H_REF] -= 1
-            last = w[x + H_REF] == 0 and w[x + H_FLAGS] & BH_FAILED
+                w[x + BH.word.ref] -= 1
+            last = w[x + BH.word.ref] == 0 and w[x + BH.word.flags] & BH_FAILED
         if last:
             self._settle(self._core.free_buffer, cache, bh)
         self._frame_released()
@@ -1327,18 +1322,18 @@ class Pool:
         """If the process reading ``bh`` died, fail its read so that the waiters retry."""
         w = cache.words
         x = bh >> 3
-        pid = int(w[x + H_IOPID])
+        pid = int(w[x + BH.word.io_pid])
         if not pid or pid == self._pid or is_alive(pid):
             return
         if self._env.registry is not None:
             self.reap()  # fails the dead reader's read and drops its pin, by its slot
             return
         with cache.mutexes[b]:
-            if not (w[x + H_FLAGS] & BH_READING and w[x + H_IOPID] == pid):
+            if not (w[x + BH.word.flags] & BH_READING and w[x + BH.word.io_pid] == pid):
                 return
             cache.unlink(b, bh)
-            w[x + H_FLAGS] = BH_FAILED
-            w[x + H_REF] -= 1  # the dead reader's pin
+            w[x + BH.word.flags] = BH_FAILED
+            w[x + BH.word.ref] -= 1  # the dead reader's pin
 
     # -- write-back, statistics, closing ------------------------------------------------------
 
@@ -1389,7 +1384,6 @@ class Pool:
 
     def _count_write(self, fidx: int, pages: int, nbytes: int) -> None:
         """Count a successful pwritev of ``pages`` pages of file slot ``fidx``."""
-        from .table import _FS
 
         w0 = self._core.w0
         f = self._own_file(fidx)
@@ -1401,15 +1395,15 @@ class Pool:
             e = self._core.entry(fidx)
             if not e:
                 return
-            base = e + _F["retired"]
+            base = e + FILE_ENTRY.word.retired
             with self._core.mutex:
-                w0[base + _FS["page_out"]] += pages
-                w0[base + _FS["write_calls"]] += 1
-                w0[base + _FS["bytes_out"]] += nbytes
+                w0[base + FILE_STATS.word.page_out] += pages
+                w0[base + FILE_STATS.word.write_calls] += 1
+                w0[base + FILE_STATS.word.bytes_out] += nbytes
             return
-        w0[base + _FS["page_out"]] += pages
-        w0[base + _FS["write_calls"]] += 1
-        w0[base + _FS["bytes_out"]] += nbytes
+        w0[base + FILE_STATS.word.page_out] += pages
+        w0[base + FILE_STATS.word.write_calls] += 1
+        w0[base + FILE_STATS.word.bytes_out] += nbytes
 
     async def sync(self, lsn: object = None) -> SyncResult:
         """Write every dirty page in the pool, then fsync every file with page writes no fsync
@@ -1434,7 +1428,7 @@ class Pool:
             )
         from .sync import write_back
 
-        self._core.w0[self._hs + _HS["sync_calls"]] += 1
+        self._core.w0[self._hs + HANDLE_STATS.word.sync_calls] += 1
         return await write_back(self, files=None, fsync=True, reason="sync")
 
     async def trickle(self, pct: int) -> int:
@@ -1470,7 +1464,7 @@ class Pool:
             w = cache.words
             halves = cache.halves
             for bw in cache.bucket_words:
-                off = int(w[bw + B_HEAD])
+                off = int(w[bw + BUCKET.word.head])
                 n = 0
                 # Unlocked: an offset that fails its check (a chain changing under us, or a
                 # corrupt one) ends this bucket's walk; the mutexed paths report corruption.
@@ -1481,7 +1475,7 @@ class Pool:
                     for s, c in enumerate(halves[p : p + MAX_PROCS]):
                         if c:
                             out[s] = out.get(s, 0) + c
-                    off = int(w[(off >> 3) + H_NEXT])
+                    off = int(w[(off >> 3) + BH.word.next])
                     n += 1
         return out
 

@@ -41,8 +41,16 @@ from ..region.layout import MAX_PROCS
 from ..region.mutex import SYNC_WAIT, _wait_bound, step_waits
 from ..region.mutex import trylock as _trylock
 from ..region.registry import ProcInfo
-from .layout import BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING
-from .table import B_HEAD, H_FILE, H_FLAGS, H_IOPID, H_PGNO, H_REF, PINS_HALF, Cache
+from .layout import (
+    BH,
+    BH_DIRTY,
+    BH_FAILED,
+    BH_READING,
+    BH_WRITING,
+    BUCKET,
+    PINS_HALF,
+)
+from .table import Cache
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -171,7 +179,7 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
             w = cache.words
             halves = cache.halves
             for b, bw in enumerate(cache.bucket_words):
-                if not w[bw + B_HEAD]:
+                if not w[bw + BUCKET.word.head]:
                     continue
                 _lock(cache, b)
                 try:
@@ -181,24 +189,24 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
                         x = off >> 3
                         p = (off >> 1) + PINS_HALF
                         held = int(halves[p + s])
-                        flags = int(w[x + H_FLAGS])
+                        flags = int(w[x + BH.word.flags])
                         if held:
                             halves[p + s] = 0
                             done.pins += held
-                            fidx = int(w[x + H_FILE]) - 1
+                            fidx = int(w[x + BH.word.file]) - 1
                             if fidx not in names:
                                 names[fidx] = core.file_name(fidx) or f"#{fidx}"
-                            done.pages.append((names[fidx], int(w[x + H_PGNO])))
+                            done.pages.append((names[fidx], int(w[x + BH.word.pgno])))
                             if flags & BH_DIRTY:
                                 done.dirty += 1
                         ref = sum(halves[p : p + MAX_PROCS])
-                        if w[x + H_REF] != ref:
-                            w[x + H_REF] = ref
-                        dead_io = int(w[x + H_IOPID]) == pid and pid not in others
+                        if w[x + BH.word.ref] != ref:
+                            w[x + BH.word.ref] = ref
+                        dead_io = int(w[x + BH.word.io_pid]) == pid and pid not in others
                         if flags & BH_READING and dead_io and held:
                             # Its read will never finish: waiters see FAILED and retry.
                             cache.unlink(b, off)
-                            w[x + H_FLAGS] = BH_FAILED
+                            w[x + BH.word.flags] = BH_FAILED
                             done.reads += 1
                             if not ref:
                                 freed.append((cache, off))

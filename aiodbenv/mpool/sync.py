@@ -47,8 +47,9 @@ import anyio.to_thread
 from .. import _io
 from .._process import is_alive
 from ..errors import Incomplete, InvalidArgument, LockTimeout, NoSpace
-from ..region.mutex import BUSY, ffi, owner_pid, speedups
+from ..region.mutex import BUSY, ffi, owner_pid
 from ..region.mutex import unlock as _unlock
+from . import accel
 from .checksum import seal_pages
 from .layout import (
     BH,
@@ -56,26 +57,17 @@ from .layout import (
     BH_READING,
     BH_REDIRTIED,
     BH_WRITING,
+    BUCKET,
     FF_CHECKSUM,
     FF_DEAD,
     FF_NOFILE,
     FF_TEMP,
+    FILE_ENTRY,
+    HANDLE_STATS,
     MAX_FILES,
     MAX_PGNO,
 )
-from .table import (
-    _F,
-    _HS,
-    B_DIRTY,
-    H_FILE,
-    H_FLAGS,
-    H_IOPID,
-    H_PGNO,
-    H_PRIO,
-    H_REF,
-    H_SIZE,
-    Cache,
-)
+from .table import Cache
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -91,10 +83,10 @@ __all__ = [
 ]
 
 # The compiled accelerator's batch steps of write-back, when installed.
-_c_snapshot = speedups.aiodb_snapshot if speedups is not None else None
-_c_write_done = speedups.aiodb_write_done if speedups is not None else None
-_c_collect = speedups.aiodb_collect if speedups is not None else None
-_CORRUPT = speedups.AIODB_CORRUPT if speedups is not None else 0
+_c_snapshot = accel.snapshot
+_c_write_done = accel.write_done
+_c_collect = accel.collect
+_CORRUPT = accel.CORRUPT
 
 logger = logging.getLogger("aiodbenv")
 
@@ -182,7 +174,7 @@ async def collect_dirty(pool: Pool, files: set[int] | None) -> Collected:
             continue
         if busy == 2:  # claimed by a writer: take the claim over if the writer is dead
             cache, b, bh = raw.caches[i], raw.buckets[i], raw.bhs[i]
-            pid = int(cache.words[(bh >> 3) + H_IOPID])
+            pid = int(cache.words[(bh >> 3) + BH.word.io_pid])
             if pid not in alive:
                 alive[pid] = is_alive(pid)
             if alive[pid] or not take_over_claim(cache, b, bh, pid):
@@ -223,10 +215,10 @@ def take_over_claim(cache: Cache, b: int, bh: int, pid: int) -> bool:
     x = bh >> 3
     cache.lock(b)
     try:
-        if not (w[x + H_FLAGS] & BH_WRITING and w[x + H_IOPID] == pid):
+        if not (w[x + BH.word.flags] & BH_WRITING and w[x + BH.word.io_pid] == pid):
             return False
-        w[x + H_FLAGS] &= ~(BH_WRITING | BH_REDIRTIED)
-        w[x + H_IOPID] = 0
+        w[x + BH.word.flags] &= ~(BH_WRITING | BH_REDIRTIED)
+        w[x + BH.word.io_pid] = 0
         return True
     finally:
         cache.unlock(b)
@@ -249,7 +241,7 @@ async def settle_claims(
             _f, _p, cache, b, bh = item
             w = cache.words
             x = bh >> 3
-            if not (w[x + H_FLAGS] & BH_WRITING and w[x + H_IOPID] == pid):
+            if not (w[x + BH.word.flags] & BH_WRITING and w[x + BH.word.io_pid] == pid):
                 continue  # released (a hint read without the lock; the re-collect checks)
             if pid not in alive:
                 alive[pid] = is_alive(pid)
@@ -360,27 +352,27 @@ async def _collect_py(pool: Pool) -> _Raw:
             if not b & 63 and time.monotonic() > deadline:
                 await asyncio.sleep(0)
                 deadline = time.monotonic() + YIELD_EVERY
-            if not w[bw + B_DIRTY]:
+            if not w[bw + BUCKET.word.dirty]:
                 continue
-            if w[bw + B_DIRTY] > cache.max_chain:
-                cache.corrupt(f"bucket {b}'s dirty count {int(w[bw + B_DIRTY])}")
+            if w[bw + BUCKET.word.dirty] > cache.max_chain:
+                cache.corrupt(f"bucket {b}'s dirty count {int(w[bw + BUCKET.word.dirty])}")
             if pool._attempt(cache.lock, b) is BUSY:
                 await pool._locked(cache.lock, b)  # bounded, and the loop keeps running
             try:
                 for off in cache.chain(b):
                     x = off >> 3
-                    flags = w[x + H_FLAGS]
+                    flags = w[x + BH.word.flags]
                     if flags & BH_DIRTY:
-                        out.tags.append(int(w[x + H_FILE]))
-                        out.pgnos.append(int(w[x + H_PGNO]))
+                        out.tags.append(int(w[x + BH.word.file]))
+                        out.pgnos.append(int(w[x + BH.word.pgno]))
                         out.caches.append(cache)
                         out.buckets.append(b)
                         out.bhs.append(off)
-                        out.prios.append(int(w[x + H_PRIO]))
+                        out.prios.append(int(w[x + BH.word.priority]))
                         out.busy.append(
                             2
                             if flags & BH_WRITING
-                            else (1 if w[x + H_REF] or flags & BH_READING else 0)
+                            else (1 if w[x + BH.word.ref] or flags & BH_READING else 0)
                         )
             finally:
                 cache.unlock(b)
@@ -476,7 +468,7 @@ async def _trickle(pool: Pool, pct: int) -> SyncResult:
     for cache in core.caches:
         total += cache.buffers()
         w = cache.words
-        dirty += sum(w[bw + B_DIRTY] for bw in cache.bucket_words)
+        dirty += sum(w[bw + BUCKET.word.dirty] for bw in cache.bucket_words)
     clean = total - dirty
     target = (total * pct + 99) // 100
     if clean >= target:
@@ -489,7 +481,7 @@ async def _trickle(pool: Pool, pct: int) -> SyncResult:
     picked = sorted(sorted(range(len(items)), key=prios.__getitem__)[:need])
     chosen = [items[i] for i in picked]
     result = await write_items(pool, chosen, fsync=False)
-    core.w0[pool._hs + _HS["page_trickle"]] += result.written
+    core.w0[pool._hs + HANDLE_STATS.word.page_trickle] += result.written
     if result.errors:
         raise result.errors[0]
     return result
@@ -569,7 +561,9 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult) -> None:
         if fidx not in sizes:
             e = core.entry(fidx)
             sizes[fidx] = (
-                -1 if not e or w0[e + _F["flags"]] & FF_DEAD else int(w0[e + _F["page_size"]])
+                -1
+                if not e or w0[e + FILE_ENTRY.word.flags] & FF_DEAD
+                else int(w0[e + FILE_ENTRY.word.page_size])
             )
         if sizes[fidx] < 0:
             result.dropped += _drop_dirty(item)  # closed for good: nobody wants the page
@@ -615,7 +609,7 @@ async def _batch_job(pool: Pool, batch: list[Item], result: SyncResult) -> None:
             fidx = job.fidx
             if err is not None:
                 result.errors.append(_typed(err, pool._core.file_name(fidx)))
-                w0[pool._hs + _HS["write_failures"]] += 1
+                w0[pool._hs + HANDLE_STATS.word.write_failures] += 1
             else:
                 ok_files.add(fidx)
                 done.update((fidx, p) for p in job.pgnos)
@@ -647,7 +641,7 @@ def note_written(pool: Pool, fidx: int) -> None:
     if not e:
         return
     with core.file_mutex(fidx):
-        core.w0[e + _F["written_gen"]] += 1
+        core.w0[e + FILE_ENTRY.word.written_gen] += 1
 
 
 def _drop_dirty(item: Item) -> int:
@@ -656,16 +650,16 @@ def _drop_dirty(item: Item) -> int:
     x = bh >> 3
     cache.lock(b)
     try:
-        flags = w[x + H_FLAGS]
+        flags = w[x + BH.word.flags]
         if (
-            w[x + H_FILE] == item[0] + 1
-            and w[x + H_PGNO] == pgno
+            w[x + BH.word.file] == item[0] + 1
+            and w[x + BH.word.pgno] == pgno
             and flags & BH_DIRTY
-            and not w[x + H_REF]
+            and not w[x + BH.word.ref]
             and not flags & (BH_READING | BH_WRITING)
         ):
-            w[x + H_FLAGS] = flags & ~BH_DIRTY
-            cache.decrement(cache.bucket_words[b] + B_DIRTY, f"bucket {b}'s dirty count")
+            w[x + BH.word.flags] = flags & ~BH_DIRTY
+            cache.decrement(cache.bucket_words[b] + BUCKET.word.dirty, f"bucket {b}'s dirty count")
             return 1
         return 0
     finally:
@@ -726,15 +720,15 @@ def _snapshot_one(pool: Pool, item: Item, dst: bytearray, off: int, slot: int) -
     except LockTimeout:
         return 2  # its bucket stayed held (a stopped process?): busy, reported incomplete
     try:
-        flags = w[x + H_FLAGS]
-        if w[x + H_FILE] != fidx + 1 or w[x + H_PGNO] != pgno or not flags & BH_DIRTY:
+        flags = w[x + BH.word.flags]
+        if w[x + BH.word.file] != fidx + 1 or w[x + BH.word.pgno] != pgno or not flags & BH_DIRTY:
             return 0
-        if w[x + H_REF] or flags & (BH_READING | BH_WRITING):
+        if w[x + BH.word.ref] or flags & (BH_READING | BH_WRITING):
             return 2
         # The claim: DIRTY stays set until the write is confirmed (see _write_done_one).
-        w[x + H_FLAGS] = (flags & ~BH_REDIRTIED) | BH_WRITING
-        w[x + H_IOPID] = pool._pid
-        size = int(w[x + H_SIZE])
+        w[x + BH.word.flags] = (flags & ~BH_REDIRTIED) | BH_WRITING
+        w[x + BH.word.io_pid] = pool._pid
+        size = int(w[x + BH.word.page_size])
         if size != slot or bh + BH.size + size > cache.region.size:
             cache.corrupt(f"buffer {bh} records a page of {size} bytes, not {slot}")
         dst[off : off + size] = cache.buf[bh + BH.size : bh + BH.size + size]
@@ -786,19 +780,19 @@ def _write_done_one(pool: Pool, item: Item, failed: bool) -> None:
     x = bh >> 3
     cache.lock(b)
     try:
-        flags = w[x + H_FLAGS]
+        flags = w[x + BH.word.flags]
         if not (
             flags & BH_WRITING
-            and w[x + H_IOPID] == pool._pid
-            and w[x + H_FILE] == fidx + 1
-            and w[x + H_PGNO] == pgno
+            and w[x + BH.word.io_pid] == pool._pid
+            and w[x + BH.word.file] == fidx + 1
+            and w[x + BH.word.pgno] == pgno
         ):
             return  # not our claim any more (taken over): leave it alone
         if not failed and flags & BH_DIRTY and not flags & BH_REDIRTIED:
             flags &= ~BH_DIRTY
-            cache.decrement(cache.bucket_words[b] + B_DIRTY, f"bucket {b}'s dirty count")
-        w[x + H_FLAGS] = flags & ~(BH_WRITING | BH_REDIRTIED)
-        w[x + H_IOPID] = 0
+            cache.decrement(cache.bucket_words[b] + BUCKET.word.dirty, f"bucket {b}'s dirty count")
+        w[x + BH.word.flags] = flags & ~(BH_WRITING | BH_REDIRTIED)
+        w[x + BH.word.io_pid] = 0
     finally:
         cache.unlock(b)
 
@@ -844,19 +838,19 @@ def _plan_runs(pool: Pool, taken: list[tuple[Item, memoryview]]) -> list[_Run]:
             last.copies.append(copy)
             continue
         e = core.entry(fidx)
-        ftype = int(core.w0[e + _F["ftype"]])
+        ftype = int(core.w0[e + FILE_ENTRY.word.ftype])
         pgout = pool._registry.get(ftype, (None, None))[1] if ftype else None
         runs.append(
             _Run(
                 fidx=fidx,
                 fd=pool._fd_for_write(fidx),
-                temp=bool(core.w0[e + _F["flags"]] & FF_TEMP),
+                temp=bool(core.w0[e + FILE_ENTRY.word.flags] & FF_TEMP),
                 offset=pgno * ps,
                 pgnos=[pgno],
                 copies=[copy],
                 pgout=pgout,
                 cookie=core.file_cookie(fidx) if pgout else b"",
-                checksum=bool(core.w0[e + _F["flags"]] & FF_CHECKSUM),
+                checksum=bool(core.w0[e + FILE_ENTRY.word.flags] & FF_CHECKSUM),
             )
         )
     return runs
@@ -920,10 +914,10 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
     ids: dict[int, bytes] = {}
     for fidx in range(MAX_FILES) if files is None else sorted(files):
         e = core.entry(fidx)
-        if not e or w0[e + _F["flags"]] & (FF_DEAD | FF_NOFILE | FF_TEMP):
+        if not e or w0[e + FILE_ENTRY.word.flags] & (FF_DEAD | FF_NOFILE | FF_TEMP):
             continue
-        gen = int(w0[e + _F["written_gen"]])
-        if gen <= w0[e + _F["synced_gen"]]:
+        gen = int(w0[e + FILE_ENTRY.word.written_gen])
+        if gen <= w0[e + FILE_ENTRY.word.synced_gen]:
             continue
         fd = pool._fd_for_write(fidx)
         path = None if fd is not None else core.file_name(fidx)
@@ -968,7 +962,7 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
                 and out[0] == "open"
                 and isinstance(out[1], FileNotFoundError)
                 and e
-                and not w0[e + _F["refcnt"]]
+                and not w0[e + FILE_ENTRY.word.refcnt]
             ):
                 # Closed everywhere and then removed: nothing is left to make durable, and
                 # the next sync must not fail on it again.
@@ -977,8 +971,8 @@ async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) 
             if out is None:
                 if e and core.fileid(fidx) == ids[fidx]:
                     with core.file_mutex(fidx):
-                        if w0[e + _F["synced_gen"]] < gen:
-                            w0[e + _F["synced_gen"]] = gen
+                        if w0[e + FILE_ENTRY.word.synced_gen] < gen:
+                            w0[e + FILE_ENTRY.word.synced_gen] = gen
             elif out[0] == "fsync":
                 pool._fsync_failed(path or core.file_name(fidx) or f"file slot {fidx}", out[1])
         return res

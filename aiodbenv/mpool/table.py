@@ -45,6 +45,7 @@ from .layout import (
     BH_WRITING,
     BUCKET,
     CACHE_HEADER,
+    CACHE_HEADER_AT,
     FF_CHECKSUM,
     FF_DEAD,
     FF_NOFILE,
@@ -56,38 +57,13 @@ from .layout import (
     HANDLE_STATS,
     MAX_FILES,
     MAX_PGNO,
+    PINS_HALF,
     POOL_HEADER,
+    POOL_HEADER_AT,
 )
 
 __all__ = ["Cache", "PoolCore", "Victim", "format_pool", "new_fileid", "pool_region_sizes"]
 
-# Word indexes, relative to the structure's start (all offsets are multiples of 8).
-_C = {f: CACHE_HEADER.offset(f) // WORD for f in CACHE_HEADER.fields()}
-_B = {f: BUCKET.offset(f) // WORD for f in BUCKET.fields()}
-_H = {f: BH.offset(f) // WORD for f in BH.fields()}
-_P = {f: POOL_HEADER.offset(f) // WORD for f in POOL_HEADER.fields()}
-_F = {f: FILE_ENTRY.offset(f) // WORD for f in FILE_ENTRY.fields()}
-_FS = {f: FILE_STATS.offset(f) // WORD for f in FILE_STATS.fields()}
-_HS = {f: HANDLE_STATS.offset(f) // WORD for f in HANDLE_STATS.fields()}
-
-C_LRU = _C["lru_counter"]
-C_BUFFERS = _C["buffers"]
-B_HEAD = _B["head"]
-B_DIRTY = _B["dirty"]
-B_COUNT = _B["count"]
-H_NEXT, H_FILE, H_PGNO, H_REF = _H["next"], _H["file"], _H["pgno"], _H["ref"]
-H_FLAGS, H_PRIO, H_SIZE, H_IOPID = _H["flags"], _H["priority"], _H["page_size"], _H["io_pid"]
-H_PINAT = _H["pinned_at"]
-#: The clock a buffer's first pin is stamped with: Linux's CLOCK_MONOTONIC_COARSE (the time
-#: module does not name it). System-wide, so stamps compare across processes, and cheap: a
-#: few ns in C, so the hit path barely notices it. The compiled accelerator reads the same.
-PIN_CLOCK = 6
-H_PINS = _H["pins"]
-#: Offset of a buffer's per-slot pin counts in 16-bit units: ``halves[bh // 2 + PINS_HALF + s]``
-PINS_HALF = BH.offset("pins") // 2
-
-_CACHE_BASE = REGION_HEADER.size  # CACHE_HEADER follows the region header
-_POOL_BASE = REGION_HEADER.size + CACHE_HEADER.size  # POOL_HEADER follows, in cache 0 only
 #: Metadata room reserved in cache 0 for file entries, names, cookies and statistics blocks.
 _META_RESERVE = 48 * 1024
 #: Allocator overhead per buffer: its chunk header, plus rounding.
@@ -100,10 +76,10 @@ SEARCH_BUCKETS = 4
 #: No count or statistic in a region reaches this; one that does is corrupt (and adding one
 #: to 2**64 - 1 would fail in Python, wrap in C).
 COUNTER_LIMIT = 1 << 62
-_MUTEX_COUNTERS = [MUTEX_SLOT.offset(f) // WORD for f in ("waits", "nowaits", "owner_died")]
+_MUTEX_COUNTERS = [getattr(MUTEX_SLOT.word, f) for f in ("waits", "nowaits", "owner_died")]
 _REGION_COUNTERS = [
-    REGION_HEADER.offset(f) // WORD for f in ("bytes_used", "allocs", "frees", "failures")
-] + [REGION_HEADER.offset("alloc_mutex") // WORD + i for i in _MUTEX_COUNTERS]
+    getattr(REGION_HEADER.word, f) for f in ("bytes_used", "allocs", "frees", "failures")
+] + [REGION_HEADER.word.alloc_mutex + i for i in _MUTEX_COUNTERS]
 
 
 def check_counters(words: memoryview, indexes: Sequence[int], limit: int, what: str) -> None:
@@ -149,14 +125,14 @@ def format_pool(regions: Sequence[Region], settings: Settings, shared: bool) -> 
     page_size = settings.page_size or DEFAULT_PAGE_SIZE
     for index, region in enumerate(regions):
         w = region.words
-        c = _CACHE_BASE // WORD
+        c = CACHE_HEADER_AT // WORD
         share = cache_size // ncache
         nb = _nbuckets(max(1, share // page_size))
-        start = _CACHE_BASE + CACHE_HEADER.size + (POOL_HEADER.size if index == 0 else 0)
-        w[c + _C["cache_index"]] = index
-        w[c + _C["nbuckets"]] = nb
-        w[c + _C["buckets_off"]] = start
-        w[c + _C["page_bytes"]] = share
+        start = CACHE_HEADER_AT + CACHE_HEADER.size + (POOL_HEADER.size if index == 0 else 0)
+        w[c + CACHE_HEADER.word.cache_index] = index
+        w[c + CACHE_HEADER.word.nbuckets] = nb
+        w[c + CACHE_HEADER.word.buckets_off] = start
+        w[c + CACHE_HEADER.word.page_bytes] = share
         arena = start + nb * BUCKET.size
         Allocator.format(w, arena, region.size)
         if shared:
@@ -166,18 +142,18 @@ def format_pool(regions: Sequence[Region], settings: Settings, shared: bool) -> 
                 ).initialize()
     r0 = regions[0]
     w = r0.words
-    p = _POOL_BASE // WORD
-    w[p + _P["ncache"]] = ncache
-    w[p + _P["cache_size"]] = cache_size
-    w[p + _P["page_size"]] = page_size
-    w[p + _P["mmap_size"]] = (
+    p = POOL_HEADER_AT // WORD
+    w[p + POOL_HEADER.word.ncache] = ncache
+    w[p + POOL_HEADER.word.cache_size] = cache_size
+    w[p + POOL_HEADER.word.page_size] = page_size
+    w[p + POOL_HEADER.word.mmap_size] = (
         settings.mmap_size if settings.mmap_size is not None else DEFAULT_MMAP_SIZE
     )
-    w[p + _P["nommap"]] = int(settings.nommap)
+    w[p + POOL_HEADER.word.nommap] = int(settings.nommap)
     if shared:
-        SharedMutex(r0.base, w, _POOL_BASE + POOL_HEADER.offset("mutex"), "pool").initialize()
+        SharedMutex(r0.base, w, POOL_HEADER_AT + POOL_HEADER.offset("mutex"), "pool").initialize()
     retired = Allocator(r0.buf, w, "mpool region").alloc(HANDLE_STATS.size)
-    w[p + _P["retired"]] = retired
+    w[p + POOL_HEADER.word.retired] = retired
 
 
 class Cache:
@@ -212,17 +188,17 @@ class Cache:
         self.words = w = region.words
         self.buf = region.buf
         self.halves = region.halves
-        self.hdr = _CACHE_BASE // WORD
+        self.hdr = CACHE_HEADER_AT // WORD
         self._panic = panic
-        self.index = int(w[self.hdr + _C["cache_index"]])
-        self.nbuckets = nb = int(w[self.hdr + _C["nbuckets"]])
-        start = int(w[self.hdr + _C["buckets_off"]])
+        self.index = int(w[self.hdr + CACHE_HEADER.word.cache_index])
+        self.nbuckets = nb = int(w[self.hdr + CACHE_HEADER.word.nbuckets])
+        start = int(w[self.hdr + CACHE_HEADER.word.buckets_off])
         # Checked before anything is built from them: a corrupt count or offset would make
         # millions of objects or point outside the region.
         if (
             not 1 <= nb <= region.size // BUCKET.size
             or start % WORD
-            or start < _CACHE_BASE + CACHE_HEADER.size
+            or start < CACHE_HEADER_AT + CACHE_HEADER.size
             or start + nb * BUCKET.size > region.size
             or self.index >= MAX_NCACHE
         ):
@@ -238,12 +214,15 @@ class Cache:
         what = f"mpool region {region.region_id}"
         check_counters(w, _REGION_COUNTERS, COUNTER_LIMIT, what)
         check_counters(
-            w, [self.hdr + _C[f] for f in ("lru_counter", "page_bytes_used")], COUNTER_LIMIT, what
+            w,
+            [self.hdr + getattr(CACHE_HEADER.word, f) for f in ("lru_counter", "page_bytes_used")],
+            COUNTER_LIMIT,
+            what,
         )
-        check_counters(w, [self.hdr + _C["buffers"]], self.max_chain, what)
+        check_counters(w, [self.hdr + CACHE_HEADER.word.buffers], self.max_chain, what)
         first = start // WORD
         step = BUCKET.size // WORD
-        mutex_w = BUCKET.offset("mutex") // WORD
+        mutex_w = BUCKET.word.mutex
         check_counters(
             w,
             [first + b * step + mutex_w + i for b in range(nb) for i in _MUTEX_COUNTERS],
@@ -252,7 +231,11 @@ class Cache:
         )
         check_counters(
             w,
-            [first + b * step + f for b in range(nb) for f in (B_COUNT, B_DIRTY)],
+            [
+                first + b * step + f
+                for b in range(nb)
+                for f in (BUCKET.word.count, BUCKET.word.dirty)
+            ],
             self.max_chain,
             what,
         )
@@ -294,7 +277,7 @@ class Cache:
         """``(waits, nowaits)`` summed over this cache's bucket mutexes, read from the region
         without making their objects."""
         w = self.words
-        d_wait = (MUTEX_SLOT.offset("waits") - MUTEX_SLOT.offset("nowaits")) // WORD
+        d_wait = MUTEX_SLOT.word.waits - MUTEX_SLOT.word.nowaits
         waits = nowaits = 0
         for i in self.nowait_words:
             nowaits += w[i]
@@ -326,12 +309,12 @@ class Cache:
         caller holds the bucket mutex)."""
         w = self.words
         out: list[int] = []
-        off = int(w[self.bucket_words[b] + B_HEAD])
+        off = int(w[self.bucket_words[b] + BUCKET.word.head])
         while off:
             if len(out) >= self.max_chain:
                 self.corrupt(f"bucket {b}'s chain loops")
             out.append(off)
-            off = int(w[self.check_bh(off) + H_NEXT])
+            off = int(w[self.check_bh(off) + BH.word.next])
         return out
 
     def decrement(self, i: int, what: str) -> None:
@@ -343,7 +326,7 @@ class Cache:
     def bucket_owner_died(self) -> int:
         """Times a locker of one of this cache's bucket mutexes found its holder dead."""
         w = self.words
-        d = (MUTEX_SLOT.offset("owner_died") - MUTEX_SLOT.offset("nowaits")) // WORD
+        d = MUTEX_SLOT.word.owner_died - MUTEX_SLOT.word.nowaits
         return int(sum(w[i + d] for i in self.nowait_words))
 
     def repair_bucket(self, b: int) -> None:
@@ -357,14 +340,14 @@ class Cache:
         bw = self.bucket_words[b]
         chain = self.chain(b)
         count = len(chain)
-        dirty = sum(1 for off in chain if w[(off >> 3) + H_FLAGS] & BH_DIRTY)
+        dirty = sum(1 for off in chain if w[(off >> 3) + BH.word.flags] & BH_DIRTY)
         halves = self.halves
         for off in chain:
             # A holder killed between changing ref and its slot's count: ref is their sum.
             p = off // 2 + PINS_HALF
-            w[(off >> 3) + H_REF] = sum(halves[p : p + MAX_PROCS])
-        w[bw + B_COUNT] = count
-        w[bw + B_DIRTY] = dirty
+            w[(off >> 3) + BH.word.ref] = sum(halves[p : p + MAX_PROCS])
+        w[bw + BUCKET.word.count] = count
+        w[bw + BUCKET.word.dirty] = dirty
 
     def lock(self, b: int) -> None:
         """Lock bucket ``b`` inline (trylock, count a no-wait; waiting, repairing or
@@ -395,17 +378,17 @@ class Cache:
             return False
         i = chain.index(bh)
         prev = chain[i - 1] if i else 0
-        nxt = w[(bh >> 3) + H_NEXT]
+        nxt = w[(bh >> 3) + BH.word.next]
         if prev:
-            w[(prev >> 3) + H_NEXT] = nxt
+            w[(prev >> 3) + BH.word.next] = nxt
         else:
-            w[bw + B_HEAD] = nxt
-        self.decrement(bw + B_COUNT, f"bucket {b}'s count")
+            w[bw + BUCKET.word.head] = nxt
+        self.decrement(bw + BUCKET.word.count, f"bucket {b}'s count")
         return True
 
     def buffers(self) -> int:
         """Buffers in this cache."""
-        return int(self.words[self.hdr + _C["buffers"]])
+        return int(self.words[self.hdr + CACHE_HEADER.word.buffers])
 
 
 class _BucketMutexes:
@@ -482,14 +465,14 @@ class PoolCore:
         r0 = regions[0]
         self.r0 = r0
         self.w0 = r0.words
-        self.p = _POOL_BASE // WORD
+        self.p = POOL_HEADER_AT // WORD
         self.shared = shared
         self.pid = os.getpid()
         if shared:
             self.mutex: SharedMutex | NullMutex = SharedMutex(
                 r0.base,
                 r0.words,
-                _POOL_BASE + POOL_HEADER.offset("mutex"),
+                POOL_HEADER_AT + POOL_HEADER.offset("mutex"),
                 "pool",
                 repair=self._repair_pool,
                 panic=panic,
@@ -503,8 +486,8 @@ class PoolCore:
     def _check_header(self) -> None:
         """Range-check the pool header and the file table before anything follows them."""
         w, p = self.w0, self.p
-        ncache = int(w[p + _P["ncache"]])
-        page_size = int(w[p + _P["page_size"]])
+        ncache = int(w[p + POOL_HEADER.word.ncache])
+        page_size = int(w[p + POOL_HEADER.word.page_size])
         if ncache != self.ncache or [c.index for c in self.caches] != list(range(ncache)):
             raise CorruptRegion(
                 f"mpool header says {ncache} caches; the environment has {self.ncache}"
@@ -512,48 +495,69 @@ class PoolCore:
         if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
             raise CorruptRegion(f"mpool header: page size {page_size}")
         for cache in self.caches:
-            share = int(cache.words[cache.hdr + _C["page_bytes"]])
+            share = int(cache.words[cache.hdr + CACHE_HEADER.word.page_bytes])
             if not 0 < share <= cache.region.size:
                 raise CorruptRegion(
                     f"mpool region {cache.region.region_id}: {share} bytes of pages in a "
                     f"region of {cache.region.size}"
                 )
-        retired = self.meta_check(int(w[p + _P["retired"]]), HANDLE_STATS.size)
-        mutex = (_POOL_BASE + POOL_HEADER.offset("mutex")) // WORD
+        retired = self.meta_check(int(w[p + POOL_HEADER.word.retired]), HANDLE_STATS.size)
+        mutex = (POOL_HEADER_AT + POOL_HEADER.offset("mutex")) // WORD
         counters = [mutex + i for i in _MUTEX_COUNTERS]
-        counters += [p + _P["retired_files"] + _FS[f] for f in FSTAT_FIELDS]
+        counters += [
+            p + POOL_HEADER.word.retired_files + getattr(FILE_STATS.word, f) for f in FSTAT_FIELDS
+        ]
         for hs in [retired] + [
             o >> 3
-            for o in self._meta_chain(w[p + _P["handles_head"]], _HS["next"], HANDLE_STATS.size)
+            for o in self._meta_chain(
+                w[p + POOL_HEADER.word.handles_head], HANDLE_STATS.word.next, HANDLE_STATS.size
+            )
         ]:
-            counters += [hs + _HS[f] for f in GSTAT_FIELDS]
+            counters += [hs + getattr(HANDLE_STATS.word, f) for f in GSTAT_FIELDS]
         for i in range(MAX_FILES):
-            off = int(w[p + _P["files"] + i])
+            off = int(w[p + POOL_HEADER.word.files + i])
             if not off:
                 continue
             e = self.meta_check(off, FILE_ENTRY.size)
-            mutex = e + FILE_ENTRY.offset("mutex") // WORD
+            mutex = e + FILE_ENTRY.word.mutex
             counters += [mutex + k for k in _MUTEX_COUNTERS]
-            counters += [e + _F[f] for f in ("refcnt", "rw_opens", "buffers")]
-            counters += [e + _F["retired"] + _FS[f] for f in FSTAT_FIELDS]
-            for fs in self._meta_chain(w[e + _F["stats_head"]], _FS["next"], FILE_STATS.size):
-                counters += [(fs >> 3) + _FS[f] for f in FSTAT_FIELDS]
-            if w[e + _F["pages"]] > MAX_PGNO or w[e + _F["max_pages"]] > MAX_PGNO:
-                raise CorruptRegion(f"file slot {i}: {int(w[e + _F['pages']])} pages")
-            named = not w[e + _F["flags"]] & (FF_TEMP | FF_NOFILE)
-            if (named and not w[e + _F["name_off"]]) or w[e + _F["name_len"]] > 1 << 16:
+            counters += [e + getattr(FILE_ENTRY.word, f) for f in ("refcnt", "rw_opens", "buffers")]
+            counters += [
+                e + FILE_ENTRY.word.retired + getattr(FILE_STATS.word, f) for f in FSTAT_FIELDS
+            ]
+            for fs in self._meta_chain(
+                w[e + FILE_ENTRY.word.stats_head], FILE_STATS.word.next, FILE_STATS.size
+            ):
+                counters += [(fs >> 3) + getattr(FILE_STATS.word, f) for f in FSTAT_FIELDS]
+            if (
+                w[e + FILE_ENTRY.word.pages] > MAX_PGNO
+                or w[e + FILE_ENTRY.word.max_pages] > MAX_PGNO
+            ):
+                raise CorruptRegion(f"file slot {i}: {int(w[e + FILE_ENTRY.word.pages])} pages")
+            named = not w[e + FILE_ENTRY.word.flags] & (FF_TEMP | FF_NOFILE)
+            if (named and not w[e + FILE_ENTRY.word.name_off]) or w[
+                e + FILE_ENTRY.word.name_len
+            ] > 1 << 16:
                 raise CorruptRegion(f"file slot {i}: a file with no name or a corrupt one")
             for f in ("name", "cookie"):
-                if w[e + _F[f"{f}_off"]]:
-                    self.meta_check(int(w[e + _F[f"{f}_off"]]), int(w[e + _F[f"{f}_len"]]))
-            if w[e + _F["page_size"]] > MAX_PAGE_SIZE or w[e + _F["page_size"]] < MIN_PAGE_SIZE:
-                raise CorruptRegion(f"file slot {i}: page size {int(w[e + _F['page_size']])}")
+                if w[e + getattr(FILE_ENTRY.word, f"{f}_off")]:
+                    self.meta_check(
+                        int(w[e + getattr(FILE_ENTRY.word, f"{f}_off")]),
+                        int(w[e + getattr(FILE_ENTRY.word, f"{f}_len")]),
+                    )
+            if (
+                w[e + FILE_ENTRY.word.page_size] > MAX_PAGE_SIZE
+                or w[e + FILE_ENTRY.word.page_size] < MIN_PAGE_SIZE
+            ):
+                raise CorruptRegion(
+                    f"file slot {i}: page size {int(w[e + FILE_ENTRY.word.page_size])}"
+                )
         check_counters(w, counters, COUNTER_LIMIT, "mpool region 0")
 
     def meta_check(self, off: int, size: int) -> int:
         """Word index of a ``size``-byte structure at byte ``off`` of region 0, read from the
         region; :class:`CorruptRegion` (and a panic) unless it is aligned and inside."""
-        if off & 7 or off < _POOL_BASE + POOL_HEADER.size or off + size > self.r0.size:
+        if off & 7 or off < POOL_HEADER_AT + POOL_HEADER.size or off + size > self.r0.size:
             self.caches[0].corrupt(f"structure offset {off}")
         return off >> 3
 
@@ -591,7 +595,7 @@ class PoolCore:
 
     def header(self, field: str) -> int:
         """A field of the pool header."""
-        return int(self.w0[self.p + _P[field]])
+        return int(self.w0[self.p + getattr(POOL_HEADER.word, field)])
 
     # -- hashing
 
@@ -629,51 +633,60 @@ class PoolCore:
         """Allocate and link this handle's statistics block; returns its word index."""
         off = self.meta_alloc(HANDLE_STATS.size)
         w = self.w0
-        w[(off >> 3) + _HS["pid"]] = self.pid
+        w[(off >> 3) + HANDLE_STATS.word.pid] = self.pid
         with self.mutex:
-            w[(off >> 3) + _HS["next"]] = w[self.p + _P["handles_head"]]
-            w[self.p + _P["handles_head"]] = off
+            w[(off >> 3) + HANDLE_STATS.word.next] = w[self.p + POOL_HEADER.word.handles_head]
+            w[self.p + POOL_HEADER.word.handles_head] = off
         return off >> 3
 
     def detach_handle(self, hs: int) -> None:
         """Fold this handle's counters into the retired block, unlink and free it."""
         w = self.w0
         off = hs << 3
-        retired = self.meta_check(w[self.p + _P["retired"]], HANDLE_STATS.size)
+        retired = self.meta_check(w[self.p + POOL_HEADER.word.retired], HANDLE_STATS.size)
         with self.mutex:
             for f in GSTAT_FIELDS:
                 if f == "hash_longest":
-                    w[retired + _HS[f]] = max(w[retired + _HS[f]], w[hs + _HS[f]])
+                    w[retired + getattr(HANDLE_STATS.word, f)] = max(
+                        w[retired + getattr(HANDLE_STATS.word, f)],
+                        w[hs + getattr(HANDLE_STATS.word, f)],
+                    )
                 else:
-                    w[retired + _HS[f]] += w[hs + _HS[f]]
-            chain = self._meta_chain(w[self.p + _P["handles_head"]], _HS["next"], HANDLE_STATS.size)
+                    w[retired + getattr(HANDLE_STATS.word, f)] += w[
+                        hs + getattr(HANDLE_STATS.word, f)
+                    ]
+            chain = self._meta_chain(
+                w[self.p + POOL_HEADER.word.handles_head], HANDLE_STATS.word.next, HANDLE_STATS.size
+            )
             cur = off if off in chain else 0
             prev = chain[chain.index(off) - 1] if cur and chain.index(off) else 0
             if cur:
-                nxt = w[hs + _HS["next"]]
+                nxt = w[hs + HANDLE_STATS.word.next]
                 if prev:
-                    w[(prev >> 3) + _HS["next"]] = nxt
+                    w[(prev >> 3) + HANDLE_STATS.word.next] = nxt
                 else:
-                    w[self.p + _P["handles_head"]] = nxt
+                    w[self.p + POOL_HEADER.word.handles_head] = nxt
         self.meta_free(off)
 
     @property
     def retired_file_counts(self) -> dict[str, int]:
         """Per-file counters of files whose entries were freed, summed."""
         w = self.w0
-        retired = self.p + _P["retired_files"]
-        return {f: int(w[retired + _FS[f]]) for f in FSTAT_FIELDS}
+        retired = self.p + POOL_HEADER.word.retired_files
+        return {f: int(w[retired + getattr(FILE_STATS.word, f)]) for f in FSTAT_FIELDS}
 
     def global_stats(self) -> dict[str, int]:
         """Per-handle counters summed over every live, dead and retired handle."""
         w = self.w0
         out = {f: 0 for f in GSTAT_FIELDS}
-        blocks = [w[self.p + _P["retired"]]]
-        blocks += self._meta_chain(w[self.p + _P["handles_head"]], _HS["next"], HANDLE_STATS.size)
+        blocks = [w[self.p + POOL_HEADER.word.retired]]
+        blocks += self._meta_chain(
+            w[self.p + POOL_HEADER.word.handles_head], HANDLE_STATS.word.next, HANDLE_STATS.size
+        )
         for off in blocks:
             b = off >> 3
             for f in GSTAT_FIELDS:
-                v = w[b + _HS[f]]
+                v = w[b + getattr(HANDLE_STATS.word, f)]
                 out[f] = max(out[f], v) if f == "hash_longest" else out[f] + v
         return out
 
@@ -683,14 +696,14 @@ class PoolCore:
         """Word index of file slot ``fidx``'s entry (0 if the slot is free)."""
         if not 0 <= fidx < MAX_FILES:
             self.caches[0].corrupt(f"file slot {fidx}")
-        off = int(self.w0[self.p + _P["files"] + fidx])
+        off = int(self.w0[self.p + POOL_HEADER.word.files + fidx])
         return self.meta_check(off, FILE_ENTRY.size) if off else 0
 
     def file_field(self, fidx: int, field: str) -> int:
-        return int(self.w0[self.entry(fidx) + _F[field]])
+        return int(self.w0[self.entry(fidx) + getattr(FILE_ENTRY.word, field)])
 
     def set_file_field(self, fidx: int, field: str, value: int) -> None:
-        self.w0[self.entry(fidx) + _F[field]] = value
+        self.w0[self.entry(fidx) + getattr(FILE_ENTRY.word, field)] = value
 
     def file_mutex(self, fidx: int) -> SharedMutex | NullMutex:
         """The mutex of file slot ``fidx`` (it guards the page count)."""
@@ -708,9 +721,9 @@ class PoolCore:
 
     def fileid(self, fidx: int) -> bytes:
         e = self.entry(fidx)
-        return b"".join(int(self.w0[e + _F["fileid"] + i]).to_bytes(8, "little") for i in range(3))[
-            :20
-        ]
+        return b"".join(
+            int(self.w0[e + FILE_ENTRY.word.fileid + i]).to_bytes(8, "little") for i in range(3)
+        )[:20]
 
     def file_name(self, fidx: int) -> str | None:
         off, n = self.file_field(fidx, "name_off"), self.file_field(fidx, "name_len")
@@ -731,7 +744,7 @@ class PoolCore:
     def file_slots(self) -> list[int]:
         """Slots holding a file entry."""
         w = self.w0
-        base = self.p + _P["files"]
+        base = self.p + POOL_HEADER.word.files
         return [i for i in range(MAX_FILES) if w[base + i]]
 
     def open_entry(
@@ -755,7 +768,7 @@ class PoolCore:
         the pool with another page size or LSN offset, :class:`CacheFull` if the table is full.
         """
         w = self.w0
-        base = self.p + _P["files"]
+        base = self.p + POOL_HEADER.word.files
         key = fileid.ljust(24, b"\0")
         ids = [int.from_bytes(key[i * 8 : (i + 1) * 8], "little") for i in range(3)]
         with self.mutex:
@@ -767,37 +780,37 @@ class PoolCore:
                         free = i
                     continue
                 e = self.meta_check(off, FILE_ENTRY.size)
-                if w[e + _F["flags"]] & (FF_DEAD | FF_TEMP):
+                if w[e + FILE_ENTRY.word.flags] & (FF_DEAD | FF_TEMP):
                     continue
-                if [w[e + _F["fileid"] + k] for k in range(3)] != ids:
+                if [w[e + FILE_ENTRY.word.fileid + k] for k in range(3)] != ids:
                     continue
                 what = "file" if name is None else repr(name)
-                if w[e + _F["page_size"]] != page_size:
+                if w[e + FILE_ENTRY.word.page_size] != page_size:
                     raise InvalidArgument(
                         f"{what} is already in the pool with page size "
-                        f"{w[e + _F['page_size']]}, not {page_size}; open it with "
-                        f"page_size={w[e + _F['page_size']]}"
+                        f"{w[e + FILE_ENTRY.word.page_size]}, not {page_size}; open it with "
+                        f"page_size={w[e + FILE_ENTRY.word.page_size]}"
                     )
-                if w[e + _F["lsn_offset"]] != lsn_offset + 1:
+                if w[e + FILE_ENTRY.word.lsn_offset] != lsn_offset + 1:
                     raise InvalidArgument(
                         f"{what} is already in the pool with another lsn_offset "
-                        f"({int(w[e + _F['lsn_offset']]) - 1}, not {lsn_offset})"
+                        f"({int(w[e + FILE_ENTRY.word.lsn_offset]) - 1}, not {lsn_offset})"
                     )
-                if (w[e + _F["flags"]] & FF_NOFILE) != (flags & FF_NOFILE):
+                if (w[e + FILE_ENTRY.word.flags] & FF_NOFILE) != (flags & FF_NOFILE):
                     raise InvalidArgument(
                         f"{what} is already in the pool with another nofile setting"
                     )
-                if (w[e + _F["flags"]] & FF_CHECKSUM) != (flags & FF_CHECKSUM):
-                    on = "on" if w[e + _F["flags"]] & FF_CHECKSUM else "off"
+                if (w[e + FILE_ENTRY.word.flags] & FF_CHECKSUM) != (flags & FF_CHECKSUM):
+                    on = "on" if w[e + FILE_ENTRY.word.flags] & FF_CHECKSUM else "off"
                     raise InvalidArgument(
                         f"{what} is already in the pool with checksums {on}; every open "
                         "must use the same checksum setting"
                     )
-                w[e + _F["refcnt"]] += 1
+                w[e + FILE_ENTRY.word.refcnt] += 1
                 if writable:
-                    w[e + _F["rw_opens"]] += 1
-                if not w[e + _F["max_pages"]] and max_pages:
-                    w[e + _F["max_pages"]] = max_pages
+                    w[e + FILE_ENTRY.word.rw_opens] += 1
+                if not w[e + FILE_ENTRY.word.max_pages] and max_pages:
+                    w[e + FILE_ENTRY.word.max_pages] = max_pages
                 return i, False
             if free < 0:
                 free = self._reclaim_slot()
@@ -807,24 +820,24 @@ class PoolCore:
             off = self.meta_alloc(FILE_ENTRY.size)
             e = off >> 3
             for k in range(3):
-                w[e + _F["fileid"] + k] = ids[k]
-            w[e + _F["refcnt"]] = 1
-            w[e + _F["page_size"]] = page_size
-            w[e + _F["lsn_offset"]] = lsn_offset + 1
-            w[e + _F["clear_len"]] = clear_len
-            w[e + _F["ftype"]] = ftype
-            w[e + _F["flags"]] = flags
-            w[e + _F["pages"]] = pages
-            w[e + _F["orig_pages"]] = pages
-            w[e + _F["max_pages"]] = max_pages
-            w[e + _F["rw_opens"]] = 1 if writable else 0
-            w[e + _F["owner_pid"]] = self.pid if flags & FF_TEMP else 0
-            w[e + _F["name_off"]] = self.meta_store(name_b)
-            w[e + _F["name_len"]] = len(name_b)
-            w[e + _F["cookie_off"]] = self.meta_store(cookie)
-            w[e + _F["cookie_len"]] = len(cookie)
-            w[e + _F["written_gen"]] = 0
-            w[e + _F["synced_gen"]] = 0
+                w[e + FILE_ENTRY.word.fileid + k] = ids[k]
+            w[e + FILE_ENTRY.word.refcnt] = 1
+            w[e + FILE_ENTRY.word.page_size] = page_size
+            w[e + FILE_ENTRY.word.lsn_offset] = lsn_offset + 1
+            w[e + FILE_ENTRY.word.clear_len] = clear_len
+            w[e + FILE_ENTRY.word.ftype] = ftype
+            w[e + FILE_ENTRY.word.flags] = flags
+            w[e + FILE_ENTRY.word.pages] = pages
+            w[e + FILE_ENTRY.word.orig_pages] = pages
+            w[e + FILE_ENTRY.word.max_pages] = max_pages
+            w[e + FILE_ENTRY.word.rw_opens] = 1 if writable else 0
+            w[e + FILE_ENTRY.word.owner_pid] = self.pid if flags & FF_TEMP else 0
+            w[e + FILE_ENTRY.word.name_off] = self.meta_store(name_b)
+            w[e + FILE_ENTRY.word.name_len] = len(name_b)
+            w[e + FILE_ENTRY.word.cookie_off] = self.meta_store(cookie)
+            w[e + FILE_ENTRY.word.cookie_len] = len(cookie)
+            w[e + FILE_ENTRY.word.written_gen] = 0
+            w[e + FILE_ENTRY.word.synced_gen] = 0
             if self.shared:
                 SharedMutex(self.r0.base, w, off + FILE_ENTRY.offset("mutex"), "file").initialize()
             w[base + free] = off  # published last: the entry is complete
@@ -833,7 +846,7 @@ class PoolCore:
     def _reclaim_slot(self) -> int:
         """Free the entries of closed files that no longer have cached pages; first free slot."""
         w = self.w0
-        base = self.p + _P["files"]
+        base = self.p + POOL_HEADER.word.files
         cached = self._files_with_buffers()
         first = -1
         for i in range(MAX_FILES):
@@ -841,10 +854,10 @@ class PoolCore:
             e = self.meta_check(off, FILE_ENTRY.size) if off else 0
             if (
                 off
-                and w[e + _F["refcnt"]] == 0
+                and w[e + FILE_ENTRY.word.refcnt] == 0
                 and (i + 1) not in cached
                 # pages written but not yet fsynced: the next sync must still find the file
-                and w[e + _F["written_gen"]] <= w[e + _F["synced_gen"]]
+                and w[e + FILE_ENTRY.word.written_gen] <= w[e + FILE_ENTRY.word.synced_gen]
             ):
                 self._free_entry(i)
             if not w[base + i] and first < 0:
@@ -860,10 +873,10 @@ class PoolCore:
         for cache in self.caches:
             w = cache.words
             for b, bw in enumerate(cache.bucket_words):
-                if w[bw + B_COUNT]:
+                if w[bw + BUCKET.word.count]:
                     with cache.mutexes[b]:
                         for off in cache.chain(b):
-                            files.add(int(w[(off >> 3) + H_FILE]))
+                            files.add(int(w[(off >> 3) + BH.word.file]))
         return files
 
     def pins(self) -> list[tuple[int, int, int, int]]:
@@ -874,40 +887,42 @@ class PoolCore:
         for cache in self.caches:
             w = cache.words
             for b, bw in enumerate(cache.bucket_words):
-                if not w[bw + B_COUNT]:
+                if not w[bw + BUCKET.word.count]:
                     continue
                 with cache.mutexes[b]:
-                    off = w[bw + B_HEAD]
-                    left = int(w[bw + B_COUNT])  # bounds the walk should a chain be corrupt
+                    off = w[bw + BUCKET.word.head]
+                    left = int(
+                        w[bw + BUCKET.word.count]
+                    )  # bounds the walk should a chain be corrupt
                     while off and left > 0:
                         h = off >> 3
-                        ref = int(w[h + H_REF])
-                        if ref and w[h + H_FILE]:
+                        ref = int(w[h + BH.word.ref])
+                        if ref and w[h + BH.word.file]:
                             out.append(
                                 (
-                                    int(w[h + H_FILE]) - 1,
-                                    int(w[h + H_PGNO]),
+                                    int(w[h + BH.word.file]) - 1,
+                                    int(w[h + BH.word.pgno]),
                                     ref,
-                                    int(w[h + H_PINAT]),
+                                    int(w[h + BH.word.pinned_at]),
                                 )
                             )
-                        off = w[h + H_NEXT]
+                        off = w[h + BH.word.next]
                         left -= 1
         return out
 
     def _free_entry(self, fidx: int) -> None:
         """Free a closed file's entry (caller holds the pool mutex); its counters are kept."""
         w = self.w0
-        base = self.p + _P["files"]
+        base = self.p + POOL_HEADER.word.files
         off = w[base + fidx]
         e = self.meta_check(off, FILE_ENTRY.size)
-        retired = self.p + _P["retired_files"]
+        retired = self.p + POOL_HEADER.word.retired_files
         for f, v in self.file_stats(fidx).items():
-            w[retired + _FS[f]] += v
+            w[retired + getattr(FILE_STATS.word, f)] += v
         w[base + fidx] = 0
         for f in ("name_off", "cookie_off"):
-            if w[e + _F[f]]:
-                self.meta_free(w[e + _F[f]])
+            if w[e + getattr(FILE_ENTRY.word, f)]:
+                self.meta_free(w[e + getattr(FILE_ENTRY.word, f)])
         self.meta_free(off)
 
     def close_entry(self, fidx: int, writable: bool, discard: bool) -> int:
@@ -916,14 +931,14 @@ class PoolCore:
         w = self.w0
         e = self.entry(fidx)
         with self.mutex:
-            if not w[e + _F["refcnt"]]:
+            if not w[e + FILE_ENTRY.word.refcnt]:
                 self.caches[0].corrupt(f"file slot {fidx}'s handle count would go below zero")
-            w[e + _F["refcnt"]] -= 1
-            if writable and w[e + _F["rw_opens"]]:
-                w[e + _F["rw_opens"]] -= 1
-            left = int(w[e + _F["refcnt"]])
+            w[e + FILE_ENTRY.word.refcnt] -= 1
+            if writable and w[e + FILE_ENTRY.word.rw_opens]:
+                w[e + FILE_ENTRY.word.rw_opens] -= 1
+            left = int(w[e + FILE_ENTRY.word.refcnt])
             if left == 0 and discard:
-                w[e + _F["flags"]] |= FF_DEAD
+                w[e + FILE_ENTRY.word.flags] |= FF_DEAD
         return left
 
     def drop_file_buffers(self, fidx: int) -> None:
@@ -932,26 +947,26 @@ class PoolCore:
         for cache in self.caches:
             w = cache.words
             for b, bw in enumerate(cache.bucket_words):
-                if not w[bw + B_COUNT]:
+                if not w[bw + BUCKET.word.count]:
                     continue
                 freed = []
                 with cache.mutexes[b]:
                     prev = 0
                     for off in cache.chain(b):
                         h = off >> 3
-                        nxt = w[h + H_NEXT]
+                        nxt = w[h + BH.word.next]
                         if (
-                            w[h + H_FILE] == file_tag
-                            and w[h + H_REF] == 0
-                            and not w[h + H_FLAGS] & (BH_READING | BH_WRITING)
+                            w[h + BH.word.file] == file_tag
+                            and w[h + BH.word.ref] == 0
+                            and not w[h + BH.word.flags] & (BH_READING | BH_WRITING)
                         ):
                             if prev:
-                                w[(prev >> 3) + H_NEXT] = nxt
+                                w[(prev >> 3) + BH.word.next] = nxt
                             else:
-                                w[bw + B_HEAD] = nxt
-                            cache.decrement(bw + B_COUNT, f"bucket {b}'s count")
-                            if w[h + H_FLAGS] & BH_DIRTY:
-                                cache.decrement(bw + B_DIRTY, f"bucket {b}'s dirty count")
+                                w[bw + BUCKET.word.head] = nxt
+                            cache.decrement(bw + BUCKET.word.count, f"bucket {b}'s count")
+                            if w[h + BH.word.flags] & BH_DIRTY:
+                                cache.decrement(bw + BUCKET.word.dirty, f"bucket {b}'s dirty count")
                             freed.append(off)
                         else:
                             prev = off
@@ -964,8 +979,8 @@ class PoolCore:
         w = self.w0
         e = self.entry(fidx)
         with self.mutex:
-            w[(off >> 3) + _FS["next"]] = w[e + _F["stats_head"]]
-            w[e + _F["stats_head"]] = off
+            w[(off >> 3) + FILE_STATS.word.next] = w[e + FILE_ENTRY.word.stats_head]
+            w[e + FILE_ENTRY.word.stats_head] = off
         return off >> 3
 
     def release_file_stats_block(self, fidx: int, fs: int) -> None:
@@ -973,30 +988,37 @@ class PoolCore:
         w = self.w0
         e = self.entry(fidx)
         off = fs << 3
-        retired = e + _F["retired"]
+        retired = e + FILE_ENTRY.word.retired
         with self.mutex:
             for f in FSTAT_FIELDS:
-                w[retired + _FS[f]] += w[fs + _FS[f]]
-            chain = self._meta_chain(w[e + _F["stats_head"]], _FS["next"], FILE_STATS.size)
+                w[retired + getattr(FILE_STATS.word, f)] += w[fs + getattr(FILE_STATS.word, f)]
+            chain = self._meta_chain(
+                w[e + FILE_ENTRY.word.stats_head], FILE_STATS.word.next, FILE_STATS.size
+            )
             cur = off if off in chain else 0
             prev = chain[chain.index(off) - 1] if cur and chain.index(off) else 0
             if cur:
-                nxt = w[fs + _FS["next"]]
+                nxt = w[fs + FILE_STATS.word.next]
                 if prev:
-                    w[(prev >> 3) + _FS["next"]] = nxt
+                    w[(prev >> 3) + FILE_STATS.word.next] = nxt
                 else:
-                    w[e + _F["stats_head"]] = nxt
+                    w[e + FILE_ENTRY.word.stats_head] = nxt
         self.meta_free(off)
 
     def file_stats(self, fidx: int) -> dict[str, int]:
         """A file's counters summed over every handle that has or had it open."""
         w = self.w0
         e = self.entry(fidx)
-        out = {f: int(w[e + _F["retired"] + _FS[f]]) for f in FSTAT_FIELDS}
-        for cur in self._meta_chain(w[e + _F["stats_head"]], _FS["next"], FILE_STATS.size):
+        out = {
+            f: int(w[e + FILE_ENTRY.word.retired + getattr(FILE_STATS.word, f)])
+            for f in FSTAT_FIELDS
+        }
+        for cur in self._meta_chain(
+            w[e + FILE_ENTRY.word.stats_head], FILE_STATS.word.next, FILE_STATS.size
+        ):
             b = cur >> 3
             for f in FSTAT_FIELDS:
-                out[f] += w[b + _FS[f]]
+                out[f] += w[b + getattr(FILE_STATS.word, f)]
         return out
 
     # -- buffers
@@ -1012,17 +1034,17 @@ class PoolCore:
         leaves a frame :meth:`reclaim_lost_buffers` can find.
         """
         w = cache.words
-        used_w = cache.hdr + _C["page_bytes_used"]
+        used_w = cache.hdr + CACHE_HEADER.word.page_bytes_used
         with cache.alloc_mutex:
-            if w[used_w] + page_size > w[cache.hdr + _C["page_bytes"]]:
+            if w[used_w] + page_size > w[cache.hdr + CACHE_HEADER.word.page_bytes]:
                 return 0
             try:
                 off = cache.allocator.alloc(BH.size + page_size, tag=self.pid)
             except CacheFull:
                 return 0
-            w[(off >> 3) + H_SIZE] = page_size
+            w[(off >> 3) + BH.word.page_size] = page_size
             w[used_w] += page_size
-            w[cache.hdr + _C["buffers"]] += 1
+            w[cache.hdr + CACHE_HEADER.word.buffers] += 1
         return off
 
     def free_buffer(self, cache: Cache, bh: int) -> None:
@@ -1031,12 +1053,12 @@ class PoolCore:
         w = cache.words
         with cache.alloc_mutex:
             if (
-                w[(bh >> 3) + H_SIZE] > w[cache.hdr + _C["page_bytes_used"]]
-                or not w[cache.hdr + _C["buffers"]]
+                w[(bh >> 3) + BH.word.page_size] > w[cache.hdr + CACHE_HEADER.word.page_bytes_used]
+                or not w[cache.hdr + CACHE_HEADER.word.buffers]
             ):
                 cache.corrupt(f"buffer {bh} is larger than the cache's pages in use")
-            w[cache.hdr + _C["page_bytes_used"]] -= w[(bh >> 3) + H_SIZE]
-            w[cache.hdr + _C["buffers"]] -= 1
+            w[cache.hdr + CACHE_HEADER.word.page_bytes_used] -= w[(bh >> 3) + BH.word.page_size]
+            w[cache.hdr + CACHE_HEADER.word.buffers] -= 1
             cache.allocator.free(bh)
 
     @staticmethod
@@ -1073,7 +1095,7 @@ class PoolCore:
             if not dead[pid]:
                 continue
             x = bh >> 3
-            tag, pgno = int(w[x + H_FILE]), int(w[x + H_PGNO])
+            tag, pgno = int(w[x + BH.word.file]), int(w[x + BH.word.pgno])
             if tag:
                 c, b = self.locate(tag - 1, pgno)
                 if c is not cache:
@@ -1085,11 +1107,11 @@ class PoolCore:
                 with cache.mutexes[b]:
                     if w[(bh >> 3) - _TAG_FROM_BH] != pid:
                         continue  # changed meanwhile
-                    off = w[cache.bucket_words[b] + B_HEAD]
+                    off = w[cache.bucket_words[b] + BUCKET.word.head]
                     n = 0
                     limit = self.r0.size  # a bound on any chain walk
                     while off and off != bh and n < limit:
-                        off = w[(off >> 3) + H_NEXT]
+                        off = w[(off >> 3) + BH.word.next]
                         n += 1
                     linked = off == bh
                     if linked:
@@ -1100,8 +1122,8 @@ class PoolCore:
                     if w[(bh >> 3) - _TAG_FROM_BH] != pid:
                         continue
                     w[(bh >> 3) - _TAG_FROM_BH] = 0
-                    w[cache.hdr + _C["page_bytes_used"]] -= w[x + H_SIZE]
-                    w[cache.hdr + _C["buffers"]] -= 1
+                    w[cache.hdr + CACHE_HEADER.word.page_bytes_used] -= w[x + BH.word.page_size]
+                    w[cache.hdr + CACHE_HEADER.word.buffers] -= 1
                     cache.allocator.free(bh)
                 freed += 1
         return freed
@@ -1117,10 +1139,12 @@ class PoolCore:
         """
         w = cache.words
         nb = cache.nbuckets
-        hand_w = cache.hdr + _C["hand"]
+        hand_w = cache.hdr + CACHE_HEADER.word.hand
         start = int(w[hand_w]) % nb
-        counter = w[cache.hdr + _C["lru_counter"]]
-        recent = 0 if aggressive else counter - max(1, w[cache.hdr + _C["buffers"]] // 10)
+        counter = w[cache.hdr + CACHE_HEADER.word.lru_counter]
+        recent = (
+            0 if aggressive else counter - max(1, w[cache.hdr + CACHE_HEADER.word.buffers] // 10)
+        )
         limit = nb if aggressive else SEARCH_BUCKETS
         best: Victim | None = None
         best_prio = 0
@@ -1128,24 +1152,26 @@ class PoolCore:
         for i in range(nb):
             b = (start + i) % nb
             bw = cache.bucket_words[b]
-            if not w[bw + B_COUNT]:
+            if not w[bw + BUCKET.word.count]:
                 continue
             seen += 1
             with cache.mutexes[b]:
                 for off in cache.chain(b):
                     h = off >> 3
-                    if w[h + H_REF] == 0 and not w[h + H_FLAGS] & (BH_READING | BH_WRITING):
-                        prio = w[h + H_PRIO]
+                    if w[h + BH.word.ref] == 0 and not w[h + BH.word.flags] & (
+                        BH_READING | BH_WRITING
+                    ):
+                        prio = w[h + BH.word.priority]
                         if (aggressive or prio < recent) and (best is None or prio < best_prio):
-                            dirty = bool(w[h + H_FLAGS] & BH_DIRTY)
-                            if not dirty or can_write(int(w[h + H_FILE])):
+                            dirty = bool(w[h + BH.word.flags] & BH_DIRTY)
+                            if not dirty or can_write(int(w[h + BH.word.file])):
                                 best = Victim(
                                     cache,
                                     b,
                                     off,
-                                    int(w[h + H_FILE]),
-                                    int(w[h + H_PGNO]),
-                                    int(w[h + H_SIZE]),
+                                    int(w[h + BH.word.file]),
+                                    int(w[h + BH.word.pgno]),
+                                    int(w[h + BH.word.page_size]),
                                     dirty,
                                 )
                                 best_prio = prio
@@ -1162,10 +1188,10 @@ class PoolCore:
         with cache.mutexes[v.bucket]:
             h = v.bh >> 3
             if (
-                w[h + H_REF]
-                or w[h + H_FLAGS] & (BH_READING | BH_WRITING | BH_DIRTY)
-                or w[h + H_FILE] != v.file
-                or w[h + H_PGNO] != v.pgno
+                w[h + BH.word.ref]
+                or w[h + BH.word.flags] & (BH_READING | BH_WRITING | BH_DIRTY)
+                or w[h + BH.word.file] != v.file
+                or w[h + BH.word.pgno] != v.pgno
             ):
                 return False
             # Tagged before it leaves the chain: killed from here until it is linked again,
@@ -1174,7 +1200,7 @@ class PoolCore:
             if not cache.unlink(v.bucket, v.bh):
                 w[h - _TAG_FROM_BH] = 0
                 return False
-            w[h + H_FILE] = 0
+            w[h + BH.word.file] = 0
         return True
 
 
@@ -1185,13 +1211,13 @@ def dirty_pages(regions: Sequence[Region]) -> int:
     total = 0
     for region in regions:
         w = region.words
-        hdr = _CACHE_BASE // WORD
-        nb = int(w[hdr + _C["nbuckets"]])
-        start = int(w[hdr + _C["buckets_off"]])
+        hdr = CACHE_HEADER_AT // WORD
+        nb = int(w[hdr + CACHE_HEADER.word.nbuckets])
+        start = int(w[hdr + CACHE_HEADER.word.buckets_off])
         if start <= 0 or start % WORD or start + nb * BUCKET.size > len(w) * WORD:
             continue
         for b in range(nb):
-            total += min(int(w[(start + b * BUCKET.size) // WORD + B_DIRTY]), 1 << 32)
+            total += min(int(w[(start + b * BUCKET.size) // WORD + BUCKET.word.dirty]), 1 << 32)
     return total
 
 
