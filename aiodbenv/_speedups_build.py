@@ -261,11 +261,11 @@ static int unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64
 /* The per-cache arrays mutexes[], nowait_w[] and bucket_w[] are indexed by bucket number;
    mutexes[b] is NULL in a private region. */
 
-/* The hit path of a pool with one cache, whole: hash (fidx, pgno) to its bucket exactly as
-   PoolCore.locate does, search and pin (aiodb_pin_hit), and count the hit in the handle's
-   statistics: *hits is the file's hit counter, *extra the handle's "examined beyond the
-   first" counter, *longest its longest chain (all in region 0). *bucket gets the bucket.
-   Returns as aiodb_pin_hit. */
+/* The hit path of a pool with one cache, whole: hash (fidx, pgno) to its bucket (the C twin
+   of aiodbenv.mpool.cache.bucket_hash, with its HASH_PGNO, HASH_FILE and HASH_MASK), search
+   and pin (aiodb_pin_hit), and count the hit in the handle's statistics: *hits is the file's
+   hit counter, *extra the handle's "examined beyond the first" counter, *longest its longest
+   chain (all in region 0). *bucket gets the bucket. Returns as aiodb_pin_hit. */
 int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                             const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
                             uint64_t *hits, uint64_t *extra, uint64_t *longest,

@@ -32,8 +32,7 @@ import pytest
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.errors import Incomplete, LockTimeout, NoSpace, TryAgain
-from aiodbenv.mpool.layout import BH, BUCKET, CACHE_HEADER
-from aiodbenv.mpool.table import _TAG_FROM_BH
+from aiodbenv.mpool.layout import BH, BUCKET, CACHE_HEADER, CHUNK_TAG_BEFORE_BH
 from aiodbenv.region.mutex import trylock, unlock
 
 from .conftest import spawn
@@ -68,7 +67,7 @@ def check_accounting(pool: aiodbenv.Pool, pinned: int = 0) -> None:
                 n += 1
                 linked_bytes += int(w[x + BH.word.page_size])
                 refs += int(w[x + BH.word.ref])
-                assert w[x - _TAG_FROM_BH] == 0, "a linked buffer still carries a limbo tag"
+                assert w[x - CHUNK_TAG_BEFORE_BH] == 0, "a linked buffer still carries a limbo tag"
                 off = w[x + BH.word.next]
             assert n == w[bw + BUCKET.word.count], "bucket count differs from its chain"
             linked += n
@@ -160,8 +159,8 @@ async def test_cancelled_pins_lose_no_frame(env: aiodbenv.Env) -> None:
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     # Deferred work (reads finishing for cancelled pins) settles.
-    while env.pool._tasks:
-        await asyncio.gather(*list(env.pool._tasks), return_exceptions=True)
+    while env.pool._io.tasks:
+        await asyncio.gather(*list(env.pool._io.tasks), return_exceptions=True)
     check_accounting(env.pool)
     await hold_full_cache(f, 1000)
     await f.close()
@@ -218,7 +217,7 @@ async def main():
     # The two ways a pin holds a frame outside every chain, as a pin between _get_frame and
     # _insert does: a fresh frame, and a victim just unlinked. Then wait to be killed.
     fresh = core.alloc_buffer(cache, 4096)
-    victim = core.find_victim(cache, pool._can_write, aggressive=True)
+    victim = core.find_victim(cache, pool._io.registry, aggressive=True)
     assert victim is not None and not victim.dirty
     assert core.unlink_victim(victim)
     print("taken", fresh, victim.bh, flush=True)
@@ -524,8 +523,8 @@ async def test_sync_with_a_stopped_bucket_holder_is_bounded_and_loses_nothing(
     await asyncio.to_thread(child.wait, 30)
     await pool.sync()
     assert pool.stat().page_dirty == 0
-    while pool._tasks:
-        await asyncio.gather(*list(pool._tasks), return_exceptions=True)
+    while pool._io.tasks:
+        await asyncio.gather(*list(pool._io.tasks), return_exceptions=True)
     check_accounting(pool)
     await f.close()
 

@@ -160,7 +160,7 @@ def assert_quiescent(env: aiodbenv.Env, held: Iterable[Page] = ()) -> None:
     assert pool._waiters == 0, f"{pool._waiters} read waiters left"
     assert pool._frame_waiting == 0, f"{pool._frame_waiting} frame waiters left"
     assert not pool._frame_queue, "frame queue not empty"
-    assert pool._reader._running == 0 and not pool._reader._queue, "reads still queued"
+    assert pool._io.reader._running == 0 and not pool._io.reader._queue, "reads still queued"
 
 
 async def settle(env: aiodbenv.Env, held: Iterable[Page] = (), timeout: float = 5.0) -> None:
@@ -233,7 +233,7 @@ async def steps(k: int) -> None:
 def force_thread_reads(f: aiodbenv.PoolFile) -> None:
     """Make every read of ``f`` go to a worker thread, as if the OS page cache were cold."""
     assert f._fd is not None
-    f._pool._no_nowait.add(f._fd)
+    f._pool._io.no_nowait.add(f._fd)
 
 
 @pytest.fixture(params=["file", "system"])
@@ -336,7 +336,7 @@ async def test_pin_cancelled_during_its_thread_read(
         t = asyncio.create_task(f.pin(7))
         await io_started("pread")
         assert not t.done()
-        assert f._pool._reader._running == 1  # the read is in its worker thread
+        assert f._pool._io.reader._running == 1  # the read is in its worker thread
         t.cancel()
         assert isinstance(await outcome(t), asyncio.CancelledError)
         await settle(env)
@@ -409,7 +409,7 @@ async def test_pin_served_by_a_read_on_the_loop_has_no_await_point(
     task and no await: even a slow such read cannot be cancelled into, the pin completes in
     one step (with a clean victim or free space for its frame)."""
     f = data
-    if f._fd in f._pool._no_nowait:
+    if f._fd in f._pool._io.no_nowait:
         pytest.skip("this filesystem refuses RWF_NOWAIT")
     async with f.get(3):
         pass  # the file is in the OS page cache now (we also just wrote it)
@@ -427,7 +427,7 @@ async def test_pin_served_by_a_read_on_the_loop_has_no_await_point(
             coro.close()  # if it did suspend, do not leave it counted as a pin under way
     page = stop.value.value
     assert isinstance(page, Page) and bytes(page.data) == content(3)
-    assert slow.fired == 1 and f._pool._reader._running == 0  # read on the loop, no thread
+    assert slow.fired == 1 and f._pool._io.reader._running == 0  # read on the loop, no thread
     await settle(env, [page])
     await f.unpin(page)
     await settle(env)
@@ -921,7 +921,7 @@ async def main():
     env = await aiodbenv.Env.open(home, create=True, region=kind, cache_size=20480,
                                   page_size=PS, shm_key=key if kind == "system" else None)
     f = await env.pool.open_file("a.db", page_size=PS)
-    f._pool._no_nowait.add(f._fd)
+    f._pool._io.no_nowait.add(f._fd)
     if what in ("read", "frame-wait"):
         if what == "frame-wait":  # every frame pinned: the pin waits for one
             held = [await f.pin(i) for i in range(40)]

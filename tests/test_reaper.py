@@ -431,7 +431,7 @@ async def test_a_frame_in_flight_of_a_dead_process_with_a_recycled_pid_is_freed(
 ) -> None:
     """A frame taken but not yet linked carries its taker's pid; when that pid names a live
     process again, only the registry knows the taker died: the reaper frees the frame."""
-    from aiodbenv.mpool.table import _TAG_FROM_BH
+    from aiodbenv.mpool.layout import CHUNK_TAG_BEFORE_BH
     from aiodbenv.region import registry as r
 
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -444,7 +444,7 @@ async def test_a_frame_in_flight_of_a_dead_process_with_a_recycled_pid_is_freed(
         buffers = int(w[cache.hdr + CACHE_HEADER.word.buffers])
         bh = core.alloc_buffer(cache, PS)
         assert bh
-        w[(bh >> 3) - _TAG_FROM_BH] = other.pid  # taken by "other"
+        w[(bh >> 3) - CHUNK_TAG_BEFORE_BH] = other.pid  # taken by "other"
         assert core.reclaim_lost_buffers(cache) == 0  # the pid runs: it looks alive
         # The taker's slot: its lock byte free, its pid now another process's (recycled).
         slot = MAX_PROCS - 3
@@ -455,7 +455,7 @@ async def test_a_frame_in_flight_of_a_dead_process_with_a_recycled_pid_is_freed(
             rw[base + r._P["state"]] = r.IN_USE
             rw[_env_refcnt_word(e)] += 1
         assert [x.pid for x in e.pool.reap()] == [other.pid]
-        assert w[(bh >> 3) - _TAG_FROM_BH] == 0
+        assert w[(bh >> 3) - CHUNK_TAG_BEFORE_BH] == 0
         assert w[cache.hdr + CACHE_HEADER.word.buffers] == buffers  # the frame is back
         assert e.stat().handles == 1
     finally:

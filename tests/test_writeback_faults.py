@@ -180,7 +180,10 @@ def unsynced_files(pool: aiodbenv.Pool) -> list[str]:
     out = []
     for fidx in core.file_slots():
         e = core.entry(fidx)
-        if core.w0[e + FILE_ENTRY.word.written_gen] > core.w0[e + FILE_ENTRY.word.synced_gen]:
+        if (
+            core.meta_words[e + FILE_ENTRY.word.written_gen]
+            > core.meta_words[e + FILE_ENTRY.word.synced_gen]
+        ):
             out.append(core.file_name(fidx) or "?")
     return out
 
@@ -580,7 +583,7 @@ def test_sync_of_a_file_this_process_never_opened(fhome: str, op: str) -> None:
             assert frames(pool) == (0, 0, 0)
             assert unsynced_files(pool) == []
             assert missing_pages(os.path.join(fhome, "data"), list(range(0, 1024, 2))) == []
-            assert len(pool._wfds) == 1  # one descriptor, owned by the pool
+            assert len(pool._io.wfds) == 1  # one descriptor, owned by the pool
             assert unhandled == []
         finally:
             await env.close()
@@ -636,17 +639,17 @@ def test_a_batch_that_fails_unexpectedly_is_reported_and_releases_its_claims(hom
             pool = env.pool
             async with pool.open_file("data", create=True) as f:
                 await _dirty(f, 200)  # several batches, two in flight
-                real = pool._fd_for_write
+                real = pool._io.fd_for_write
 
                 def broken(fidx: int) -> int | None:
                     raise RuntimeError("injected failure inside a batch")
 
-                pool._fd_for_write = broken  # type: ignore[method-assign]
+                pool._io.fd_for_write = broken  # type: ignore[method-assign]
                 try:
                     with pytest.raises(RuntimeError, match="injected failure"):
                         await pool.sync()
                 finally:
-                    pool._fd_for_write = real  # type: ignore[method-assign]
+                    pool._io.fd_for_write = real  # type: ignore[method-assign]
                 writing, dirty, counted = frames(pool)
                 assert writing == 0 and dirty == counted == 200
                 r = await pool.sync()

@@ -31,8 +31,8 @@ from ..errors import (
 from ..region.layout import MAX_PROCS
 from ..region.mutex import BUSY, STEP_WAIT, ffi
 from ..region.mutex import trylock as _trylock
-from ..region.mutex import unlock as _unlock
 from . import accel
+from .cache import Cache, bucket_hash
 from .checksum import TRAILER
 from .layout import (
     BH,
@@ -51,7 +51,6 @@ from .layout import (
     PINS_HALF,
 )
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
-from .table import Cache
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -157,7 +156,7 @@ class PoolFile:
         self._map_pages = len(mapped) // page_size if mapped is not None else 0
         self._fs = self._core.file_stats_block(fidx)
         self._hs = pool._hs
-        self._w0 = self._core.w0
+        self._w0 = self._core.meta_words
         self._entry = self._core.entry(fidx)
         self._pins: set[Page] = set()
         self._closed = False
@@ -294,7 +293,7 @@ class PoolFile:
         """
         if not self._hot or self._panic_w[self._panic_i]:
             return None
-        h = (pgno * 0x9E3779B1 + self._fidx * 509) & 0xFFFFFFFFFFFF
+        h = bucket_hash(self._fidx, pgno)
         ncache = self._ncache
         cache = self._caches[h % ncache] if ncache > 1 else self._cache0
         b = (h // ncache) % cache.nbuckets
@@ -353,7 +352,7 @@ class PoolFile:
         """:meth:`_pin_hit_py` with the bucket search done by the compiled accelerator."""
         if not self._hot or self._panic_w[self._panic_i]:
             return None
-        h = (pgno * 0x9E3779B1 + self._fidx * 509) & 0xFFFFFFFFFFFF
+        h = bucket_hash(self._fidx, pgno)
         ncache = self._ncache
         cache = self._caches[h % ncache] if ncache > 1 else self._cache0
         b = (h // ncache) % cache.nbuckets
@@ -370,7 +369,7 @@ class PoolFile:
         )
         if off <= 0:
             if off == -errno.EOWNERDEAD:
-                self._owner_died(cache, b)
+                cache.release_dead_holder(b)
             elif off == _CORRUPT:
                 cache.corrupt(f"bucket {b}'s chain has a bad offset or loops")
             return None  # not cached, being read, or contended: the slow path sorts it out
@@ -405,7 +404,7 @@ class PoolFile:
         )
         if off <= 0:
             if off == -errno.EOWNERDEAD:
-                self._owner_died(cache, int(out[0]))
+                cache.release_dead_holder(int(out[0]))
             elif off == _CORRUPT:
                 cache.corrupt(f"bucket {int(out[0])}'s chain has a bad offset or loops")
             return None
@@ -424,15 +423,6 @@ class PoolFile:
 
     #: The hit path in use: compiled when the accelerator is installed, else Python.
     _pin_hit = _pin_hit_c if accel.COMPILED else _pin_hit_py
-
-    @staticmethod
-    def _owner_died(cache: Cache, b: int) -> None:
-        # The compiled trylock found the holder dead and left the mutex held: repair (or
-        # panic, which raises) the Python way, then let go so the slow path can lock it.
-        mx = cache.mutexes[b]
-        mx.acquire_contended(errno.EOWNERDEAD)
-        if mx.ptr is not None:
-            _unlock(mx.ptr)  # repaired and held: let go, the slow path locks it again
 
     def _count_examined(self, examined: int) -> None:
         w0 = self._w0
@@ -743,7 +733,7 @@ class PoolFile:
             if r == 2:
                 self._pool._panic_unpinned(page.pgno)
             if r == -errno.EOWNERDEAD:
-                self._owner_died(cache, b)
+                cache.release_dead_holder(b)
             # contended (or repaired): do it the Python way, which waits for the mutex
         return self._release_py(page.pgno, cache, b, bh, flags)
 

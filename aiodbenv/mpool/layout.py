@@ -11,7 +11,7 @@ All offsets are byte offsets within the region that holds the structure; 0 means
 
 from __future__ import annotations
 
-from ..region.layout import MAX_PROCS, MUTEX_SLOT, REGION_HEADER, WORD, Layout
+from ..region.layout import ALLOC_CHUNK, MAX_PROCS, MUTEX_SLOT, REGION_HEADER, WORD, Layout
 
 __all__ = [
     "BH",
@@ -23,6 +23,7 @@ __all__ = [
     "BUCKET",
     "CACHE_HEADER",
     "CACHE_HEADER_AT",
+    "CHUNK_TAG_BEFORE_BH",
     "FF_CHECKSUM",
     "FF_DEAD",
     "FF_NOFILE",
@@ -97,7 +98,7 @@ BH = Layout(
     "bh",
     [
         ("next", 1),  # next BH in the bucket chain
-        ("file", 1),  # file index + 1
+        ("file", 1),  # the file's tag: its slot number + 1 (0: no file)
         ("pgno", 1),
         ("ref", 1),  # pins, in every process
         ("flags", 1),  # BH_*
@@ -251,3 +252,8 @@ PINS_HALF = BH.offset("pins") // 2
 #: module does not name it). System-wide, so stamps compare across processes, and cheap: a
 #: few ns in C, so the hit path barely notices it. The compiled accelerator reads the same.
 PIN_CLOCK = 6
+
+#: A buffer's allocator-chunk tag word, in words before the buffer header: the pid of a
+#: process that holds the buffer outside any bucket (just allocated, or unlinked as a victim),
+#: else 0 (see PoolCore.reclaim_lost_buffers).
+CHUNK_TAG_BEFORE_BH = (ALLOC_CHUNK.size - ALLOC_CHUNK.offset("tag")) // WORD

@@ -8,8 +8,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .cache import Cache
     from .file import PoolFile
-    from .table import Cache
 
 __all__ = ["PAGE_CLEAN", "PAGE_DIRTY", "PAGE_DISCARD", "Page", "PinContext"]
 

@@ -1,9 +1,9 @@
 """``Pool``: an environment's shared buffer pool, as one ``Env`` handle sees it.
 
-The pool's state is in the mpool regions (:mod:`aiodbenv.mpool.table`); this object adds what
-is per process: the pgin/pgout registry, the open files, descriptors for writing other
-processes' files, and the async machinery: frames, reads, waits. I/O never runs on the event
-loop except a read of a page that is already in the OS page cache (``RWF_NOWAIT``).
+The pool's state is in the mpool regions (:mod:`aiodbenv.mpool.alloc`'s ``PoolCore``); this
+object adds what is per process: the pgin/pgout registry, the open files, descriptors for
+writing other processes' files, and the async machinery: frames, reads, waits. I/O never runs
+on the event loop except a read of a page that is already in the OS page cache (``RWF_NOWAIT``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import logging
 import mmap
 import os
 import stat as stat_mod
-import tempfile
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,7 +42,11 @@ from ..region.backing import Region
 from ..region.layout import MAX_PROCS
 from ..region.mutex import BUSY, Busy, _wait_bound, step_waits
 from ..region.mutex import STEP_WAIT as _STEP_WAIT
+from .alloc import PoolCore
+from .bh import BufferIO, PageIn, PageOut, SyncResult, close_fds, write_items
+from .cache import BufRef, Cache
 from .checksum import verify as verify_checksum
+from .core import new_fileid
 from .file import MODE_GET, MODE_LAST, MODE_NEW, PoolFile
 from .layout import (
     BH,
@@ -53,7 +56,6 @@ from .layout import (
     BH_WRITING,
     BUCKET,
     FF_CHECKSUM,
-    FF_DEAD,
     FF_NO_MMAP,
     FF_NOFILE,
     FF_TEMP,
@@ -64,29 +66,21 @@ from .layout import (
     POOL_HEADER,
 )
 from .reaper import REAP_INTERVAL, Reaped, reap
-from .table import Cache, PoolCore, Victim, new_fileid
+from .stat import PoolStat, pool_stat
+from .sync import take_over_claim, write_back
+from .trickle import trickle
 
 if TYPE_CHECKING:
     from ..region.environment import EnvCore
-    from .stat import PoolStat
-    from .sync import SyncResult
 
 __all__ = ["FileOpener", "PageIn", "PageOut", "Pool"]
 
 T = TypeVar("T")
 
-#: ``pgin(pgno, page, cookie)`` / ``pgout(pgno, page, cookie)``: transform a page in place
-#: after it is read / before it is written. Raise to fail the read or write.
-PageIn = Callable[[int, memoryview, bytes], None]
-PageOut = Callable[[int, memoryview, bytes], None]
 
 logger = logging.getLogger("aiodbenv")
 
 _ZEROS: dict[int, bytes] = {}
-#: Pages read per worker-thread hop at most; a hop costs 100-300 µs, a cached pread 2 µs.
-_READ_BATCH = 64
-#: Concurrent worker threads doing this pool's I/O.
-IO_THREADS = 4
 #: The frame-waiter poll (for frames released by other processes): first and longest step.
 _POLL_MIN = 0.0002
 _POLL_MAX = 0.005
@@ -130,63 +124,6 @@ class FileOpener:
         await self._file.close()
 
 
-class _ReadBatcher:
-    """Sends reads to worker threads in batches: one hop serves every read queued meanwhile."""
-
-    def __init__(
-        self, limiter: anyio.CapacityLimiter, spawn: Callable[[Coroutine[Any, Any, None]], object]
-    ) -> None:
-        self._limiter = limiter
-        self._spawn = spawn
-        self._queue: list[tuple[int, memoryview, int, asyncio.Future[int]]] = []
-        self._running = 0
-
-    async def read(self, fd: int, view: memoryview, offset: int) -> int:
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((fd, view, offset, fut))
-        if self._running < IO_THREADS:
-            self._launch()
-        return await fut
-
-    def _launch(self) -> None:
-        batch, self._queue = self._queue[:_READ_BATCH], self._queue[_READ_BATCH:]
-        if not batch:
-            return
-        self._running += 1
-        self._spawn(self._run(batch))
-
-    async def _run(self, batch: list[tuple[int, memoryview, int, asyncio.Future[int]]]) -> None:
-        try:
-            results = await anyio.to_thread.run_sync(
-                _read_many,
-                [(fd, view, off) for fd, view, off, _ in batch],
-                limiter=self._limiter,
-            )
-        except BaseException as err:  # pragma: no cover - the thread itself failed
-            results = [err] * len(batch)
-        finally:
-            self._running -= 1
-        for (_, _, _, fut), res in zip(batch, results):
-            if fut.done():
-                continue
-            if isinstance(res, BaseException):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
-        if self._queue and self._running < IO_THREADS:
-            self._launch()
-
-
-def _read_many(jobs: list[tuple[int, memoryview, int]]) -> list[int | BaseException]:
-    out: list[int | BaseException] = []
-    for fd, view, offset in jobs:
-        try:
-            out.append(_io.preadv(fd, [view], offset))
-        except OSError as err:
-            out.append(err)
-    return out
-
-
 class Pool:
     """The shared buffer pool of an environment (Berkeley DB's mpool), through one handle.
 
@@ -196,29 +133,27 @@ class Pool:
     """
 
     def __init__(self, env: EnvCore, regions: list[Region], shared: bool) -> None:
-        self._env = env
+        self._env_core = env
         core = PoolCore(regions, shared, env.panic)
         self._core = core
         self._panic_words, self._panic_index = env.panic_word()
         self._hs = core.attach_handle()
         self._pid = os.getpid()
-        self._files: set[PoolFile] = set()
-        self._registry: dict[int, tuple[PageIn | None, PageOut | None]] = {}
-        # Made on first use: a pool is built in a worker thread, where anyio objects cannot be.
-        self._limiter_obj: anyio.CapacityLimiter | None = None
-        self._reader_obj: _ReadBatcher | None = None
-        # File slot -> descriptor this pool opened to write a file no handle of this process
-        # has open for writing. The pool is its one owner: only _write_fd opens one (one per
-        # file, under that file's lock), only _close_file (last handle) and _close close it.
-        self._wfds: dict[int, int] = {}
-        self._wfd_locks: dict[int, asyncio.Lock] = {}
+        #: The I/O: descriptors, page transforms, worker threads, I/O tasks, write counters.
+        self._io = BufferIO(
+            core,
+            self._hs,
+            self._pid,
+            settle=self._settle,
+            notify=self._notify,
+            closing=lambda: self._closing,
+        )
         self._claims_swept = 0.0  # when _get_frame last looked for dead writers' claims
         #: This handle's registry slot: the per-buffer pin counts it changes (0: private).
         self._slot = env.registry.slot if env.registry is not None else 0
         self._reaped_at = 0.0  # when the reaper last looked, from a frame or sync wait
         self._reaper_task: asyncio.Task[None] | None = None
         self._reaped_at_open: list[Reaped] = []  # for failchk: what opening this handle reaped
-        self._no_nowait: set[int] = set()  # descriptors whose filesystem refuses RWF_NOWAIT
         self._changed: asyncio.Event | None = None
         self._waiters = 0
         # Coroutines waiting for a frame, first come first served: each released frame wakes
@@ -240,7 +175,6 @@ class Pool:
         self._last_yield = time.monotonic()
         self._since_yield = 0
         self._busy = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
         # Dirty unpins in this process since a worker last looked, and who to wake.
         self._dirtied_w = self._hs + HANDLE_STATS.word.dirtied_bytes
         self._dirty_pages = 0
@@ -253,19 +187,6 @@ class Pool:
 
     # -- basics -------------------------------------------------------------------------------
 
-    @property
-    def _limiter(self) -> anyio.CapacityLimiter:
-        """The pool's worker threads: at most IO_THREADS of its I/O calls run at once."""
-        if self._limiter_obj is None:
-            self._limiter_obj = anyio.CapacityLimiter(IO_THREADS)
-        return self._limiter_obj
-
-    @property
-    def _reader(self) -> _ReadBatcher:
-        if self._reader_obj is None:
-            self._reader_obj = _ReadBatcher(self._limiter, self._spawn)
-        return self._reader_obj
-
     def _check(self) -> None:
         if os.getpid() != self._pid:
             from ..errors import ForkedProcessError
@@ -277,31 +198,31 @@ class Pool:
             raise InvalidArgument(
                 "the environment is closed" if self._closed else "the environment is closing"
             )
-        if self._env.panicked:
+        if self._env_core.panicked:
             self._check_panic()
 
     def _check_panic(self) -> None:
         """Raise RunRecovery if the environment is panicked, saying why if it was a failed
         fsync (in any process)."""
-        fsync_err = self._fsync_failure() if self._env.panicked else None
+        fsync_err = self._fsync_failure() if self._env_core.panicked else None
         if fsync_err:
             raise RunRecovery(
-                f"PANIC: environment {self._env.home} is panicked: {fsync_err}; run "
+                f"PANIC: environment {self._env_core.home} is panicked: {fsync_err}; run "
                 "recovery (close every handle, remove the environment and open it again)"
             )
-        self._env.check_panic()
+        self._env_core.check_panic()
 
     def _fsync_failure(self) -> str | None:
         """What failed, if the environment panicked because an fsync failed (any process)."""
 
         core = self._core
-        w0 = core.w0
-        code = int(w0[core.p + POOL_HEADER.word.fsync_errno])
+        w0 = core.meta_words
+        code = int(w0[core.pool_hdr + POOL_HEADER.word.fsync_errno])
         if not code:
             return None
         off, n = (
-            int(w0[core.p + POOL_HEADER.word.fsync_name_off]),
-            int(w0[core.p + POOL_HEADER.word.fsync_name_len]),
+            int(w0[core.pool_hdr + POOL_HEADER.word.fsync_name_off]),
+            int(w0[core.pool_hdr + POOL_HEADER.word.fsync_name_len]),
         )
         name = core.meta_bytes(off, n).decode("utf-8", "surrogateescape") if off else "a file"
         return (
@@ -319,19 +240,21 @@ class Pool:
         """
 
         core = self._core
-        w0 = core.w0
+        w0 = core.meta_words
         code = err.errno or errno.EIO
-        if not w0[core.p + POOL_HEADER.word.fsync_errno]:  # the first failure is the one reported
+        if not w0[
+            core.pool_hdr + POOL_HEADER.word.fsync_errno
+        ]:  # the first failure is the one reported
             raw = name.encode("utf-8", "surrogateescape")[:4096]
             try:
                 off = core.meta_store(raw)
             except Exception:  # no room to keep the name: the errno alone still says it
                 off, raw = 0, b""
-            w0[core.p + POOL_HEADER.word.fsync_name_off] = off
-            w0[core.p + POOL_HEADER.word.fsync_name_len] = len(raw)
-            w0[core.p + POOL_HEADER.word.fsync_errno] = code
+            w0[core.pool_hdr + POOL_HEADER.word.fsync_name_off] = off
+            w0[core.pool_hdr + POOL_HEADER.word.fsync_name_len] = len(raw)
+            w0[core.pool_hdr + POOL_HEADER.word.fsync_errno] = code
         reason = f"fsync of {name} failed: {os.strerror(code)} (errno {code})"
-        self._env.panic(reason)
+        self._env_core.panic(reason)
         raise RunRecovery(
             f"PANIC: {reason}; pages written to it may be lost. Run recovery (close every "
             "handle, remove the environment and open it again)"
@@ -346,27 +269,6 @@ class Pool:
         self._busy -= 1
         if self._closing:
             self._notify()
-
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        """Start I/O work as a task the pool tracks until it ends (closing waits for it).
-
-        The caller awaits it; if the caller is cancelled first, it hands the task to
-        :meth:`_orphan`, which logs a failure nobody else will see.
-        """
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    @staticmethod
-    def _orphan(task: asyncio.Task[Any], what: str) -> None:
-        """Nobody awaits ``task`` any more (its caller was cancelled): log its failure."""
-
-        def report(t: asyncio.Task[Any]) -> None:
-            if not t.cancelled() and (err := t.exception()) is not None:
-                logger.error("%s failed after its caller was cancelled: %r", what, err)
-
-        task.add_done_callback(report)
 
     async def _breathe(self) -> None:
         """Let other tasks run now and then during a run of slow-path pins.
@@ -392,9 +294,9 @@ class Pool:
         not safe), so the wait says what it waits for every few seconds.
         """
         since = time.monotonic()
-        while self._busy or self._tasks:
-            if self._tasks:
-                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._busy or self._io.tasks:
+            if self._io.tasks:
+                await asyncio.gather(*list(self._io.tasks), return_exceptions=True)
             else:
                 await self._wait_change(0.01)
             if time.monotonic() - since > 5:
@@ -406,7 +308,7 @@ class Pool:
                 )
 
     def _panic_unpinned(self, pgno: int) -> None:
-        self._env.panic(f"page {pgno} returned to the pool more often than it was pinned")
+        self._env_core.panic(f"page {pgno} returned to the pool more often than it was pinned")
         raise RunRecovery(f"PANIC: page {pgno} was unpinned more often than pinned; run recovery")
 
     @property
@@ -439,7 +341,7 @@ class Pool:
         for fn in (pgin, pgout):
             if fn is not None and not callable(fn):
                 raise InvalidArgument(f"{fn!r} is not callable")
-        self._registry[ftype] = (pgin, pgout)
+        self._io.registry[ftype] = (pgin, pgout)
 
     # -- opening files ------------------------------------------------------------------------
 
@@ -561,7 +463,7 @@ class Pool:
                 and not checksum  # mapped pages would skip the check
                 and not nommap
                 and not self._core.header("nommap")
-                and not (ftype and ftype in self._registry)
+                and not (ftype and ftype in self._io.registry)
             )
             fd, pages, fid, mapped = await anyio.to_thread.run_sync(
                 _open_data_file,
@@ -572,7 +474,7 @@ class Pool:
                 mode,
                 want_map,
                 self._core.header("mmap_size"),
-                limiter=self._limiter,
+                limiter=self._io.limiter,
             )
             if fileid is None:
                 fileid = fid
@@ -601,7 +503,7 @@ class Pool:
             raise
         core = self._core
         e = core.entry(fidx)
-        w0 = core.w0
+        w0 = core.meta_words
         with core.file_mutex(fidx):
             if pages > w0[e + FILE_ENTRY.word.pages]:
                 w0[e + FILE_ENTRY.word.pages] = pages  # the file grew outside the pool
@@ -624,17 +526,17 @@ class Pool:
             mapped=mapped,
             checksum=checksum,
         )
-        self._files.add(f)
+        self._io.files.add(f)
         return f
 
     def _env_resolve(self, path: str | os.PathLike[str]) -> str:
-        return os.path.join(self._env.home, os.fspath(path))
+        return os.path.join(self._env_core.home, os.fspath(path))
 
     async def _close_file(self, f: PoolFile) -> None:
-        self._files.discard(f)  # new writes no longer use its descriptor
+        self._io.files.discard(f)  # new writes no longer use its descriptor
         # Reads and writes already under way may still use it: let them finish first.
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._io.tasks:
+            await asyncio.gather(*list(self._io.tasks), return_exceptions=True)
         core = self._core
         fidx = f._fidx
         core.release_file_stats_block(fidx, f._fs)
@@ -646,15 +548,13 @@ class Pool:
                 with core.mutex:
                     core._free_entry(fidx)
         fds = [
-            fd
-            for fd in (f._fd, self._wfds.pop(fidx, None) if left == 0 else None)
-            if fd is not None
+            fd for fd in (f._fd, self._io.close_wfd(fidx) if left == 0 else None) if fd is not None
         ]
         if f._map_view is not None:
             f._map_view.release()
         mapped = f._map
         if fds or mapped is not None:
-            await anyio.to_thread.run_sync(_close_fds, fds, mapped, limiter=self._limiter)
+            await anyio.to_thread.run_sync(close_fds, fds, mapped, limiter=self._io.limiter)
 
     # -- frames -------------------------------------------------------------------------------
 
@@ -712,7 +612,7 @@ class Pool:
     def _later(self, fn: Callable[..., object], *args: Any) -> asyncio.Task[Any]:
         """Run ``fn(*args)`` through :meth:`_locked` in a task of the pool, for a synchronous
         caller whose critical section found its mutex held; a final failure is logged."""
-        task = self._spawn(self._locked(fn, *args, check=False))
+        task = self._io.spawn(self._locked(fn, *args, check=False))
         task.add_done_callback(_log_failure)
         return task
 
@@ -725,7 +625,7 @@ class Pool:
     def _note_dirty(self, page_size: int) -> None:
         """A page was unpinned (or set) dirty: count its bytes, and wake the background
         workers when enough pages were dirtied here since they last looked."""
-        self._core.w0[self._dirtied_w] += page_size
+        self._core.meta_words[self._dirtied_w] += page_size
         self._dirty_pages += 1
         if self._dirty_wake_at and self._dirty_pages >= self._dirty_wake_at:
             self._dirty_pages = 0
@@ -743,12 +643,9 @@ class Pool:
 
     def dirty_share(self) -> float:
         """The fraction (0..1) of cached pages that are dirty, read from the buckets."""
-        total = dirty = 0
-        for cache in self._core.caches:
-            total += cache.buffers()
-            w = cache.words
-            dirty += sum(int(w[bw + BUCKET.word.dirty]) for bw in cache.bucket_words)
-        return dirty / total if total else 0.0
+        caches = self._core.caches
+        total = sum(cache.buffers() for cache in caches)
+        return sum(cache.dirty() for cache in caches) / total if total else 0.0
 
     # -- dead processes -------------------------------------------------------------------------
 
@@ -766,7 +663,7 @@ class Pool:
     def _pin_holders_text(self) -> str:
         """``"; pins held by process(es) [pid (n pins), ...]"``, from the registry (empty for a
         private environment): who a wait for a frame waited on."""
-        reg = self._env.registry
+        reg = self._env_core.registry
         if reg is None:
             return ""
         pins = self.slot_pins()
@@ -782,13 +679,13 @@ class Pool:
         seconds ago; True if something was reclaimed. The first look of a wait or a sync
         passes ``gap=0``: a look made just before the holder died would hide its death.
         Looking is cheap when nobody died (one ``fcntl`` per open handle)."""
-        if self._env.registry is None or time.monotonic() - self._reaped_at < gap:
+        if self._env_core.registry is None or time.monotonic() - self._reaped_at < gap:
             return False
         return bool(self.reap())
 
     def _start_reaper(self) -> None:
         """Start the background look for dead processes (a shared environment's handle)."""
-        if self._env.registry is not None and self._reaper_task is None:
+        if self._env_core.registry is not None and self._reaper_task is None:
             self._reaper_task = asyncio.get_running_loop().create_task(
                 self._reaper_loop(), name="aiodbenv reaper"
             )
@@ -796,7 +693,7 @@ class Pool:
     async def _reaper_loop(self) -> None:
         while not self._closing:
             try:
-                if not self._env.panicked:
+                if not self._env_core.panicked:
                     self.reap()
             except Exception:  # reported, and looked at again next time
                 logger.exception("the reaper of dead processes failed")
@@ -884,22 +781,8 @@ class Pool:
             self._waiters -= 1
 
     def _can_write(self, tag: int) -> bool:
-        core = self._core
-        e = core.entry(tag - 1)
-        if not e:
-            return False
-        w0 = core.w0
-        flags = w0[e + FILE_ENTRY.word.flags]
-        if flags & FF_DEAD:
-            return True  # its pages are dropped, not written
-        if flags & FF_NOFILE:
-            return False
-        if flags & FF_TEMP:
-            return bool(w0[e + FILE_ENTRY.word.owner_pid] == self._pid)
-        ftype = int(w0[e + FILE_ENTRY.word.ftype])
-        if ftype and ftype not in self._registry:
-            return False
-        return True
+        """Whether this process may write a dirty page of the file with tag ``tag``."""
+        return self._core.can_write(tag, self._io.registry)
 
     async def _get_frame(self, cache: Cache, page_size: int) -> int:
         """A buffer of ``page_size`` bytes in ``cache``: free space, else an evicted victim
@@ -915,6 +798,7 @@ class Pool:
         turn = not self._frame_queue  # somebody queued first: wait behind them
         write_delay = _WRITE_RETRY_MIN
         write_error: BaseException | None = None
+        registered = self._io.registry  # what victim choice needs to know of this process
         while True:
             if turn:
                 off = self._attempt(core.alloc_buffer, cache, page_size)
@@ -923,13 +807,13 @@ class Pool:
                 if off:
                     self._got_frame()
                     return off
-                victim = self._attempt(core.find_victim, cache, self._can_write, False)
+                victim = self._attempt(core.find_victim, cache, registered, False)
                 if victim is BUSY:
-                    victim = await self._locked(core.find_victim, cache, self._can_write, False)
+                    victim = await self._locked(core.find_victim, cache, registered, False)
                 if victim is None:
-                    victim = self._attempt(core.find_victim, cache, self._can_write, True)
+                    victim = self._attempt(core.find_victim, cache, registered, True)
                     if victim is BUSY:
-                        victim = await self._locked(core.find_victim, cache, self._can_write, True)
+                        victim = await self._locked(core.find_victim, cache, registered, True)
                 if victim is not None:
                     written = False
                     if victim.dirty:
@@ -952,7 +836,7 @@ class Pool:
                     if unlinked is BUSY:
                         unlinked = await self._locked(core.unlink_victim, victim)
                     if unlinked:
-                        w0 = core.w0
+                        w0 = core.meta_words
                         w0[
                             self._hs
                             + getattr(HANDLE_STATS.word, "rw_evict" if written else "ro_evict")
@@ -980,7 +864,7 @@ class Pool:
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self.wait_timeout
-                self._core.w0[self._hs + HANDLE_STATS.word.alloc_waits] += 1
+                self._core.meta_words[self._hs + HANDLE_STATS.word.alloc_waits] += 1
             elif now >= deadline:
                 if write_error is not None:
                     self._give_up_writing(write_error)
@@ -1030,8 +914,6 @@ class Pool:
     async def _take_over_dead_claims(self) -> int:
         """Release every write claim held by a dead process (their pages stay dirty and
         become evictable after a write); returns how many. Walks every bucket."""
-        from .sync import take_over_claim
-
         core = self._core
         found: list[tuple[Cache, int, int, int]] = []
         since = time.monotonic()
@@ -1062,15 +944,11 @@ class Pool:
             logger.warning("took over %d page write(s) left by dead process(es)", taken)
         return taken
 
-    async def _write_victim(self, v: Victim) -> tuple[bool, BaseException | None]:
+    async def _write_victim(self, v: BufRef) -> tuple[bool, BaseException | None]:
         """Write a dirty victim; ``(True, None)`` if it is clean now (or dropped), else
         ``(False, the error if any)``."""
-        from .sync import write_items
-
         try:
-            result = await write_items(
-                self, [(v.file - 1, v.pgno, v.cache, v.bucket, v.bh)], fsync=False
-            )
+            result = await write_items(self._io, [v])
         except OSError as err:
             return False, err
         if result.written == 1 or result.dropped == 1:
@@ -1098,7 +976,7 @@ class Pool:
             # published nor failed. Fail it, so that its waiters try again.
             self._settle(self._fail_read, cache, b, bh)
             raise
-        job = self._spawn(self._fill_job(f, cache, b, bh, pgno, mode))
+        job = self._io.spawn(self._fill_job(f, cache, b, bh, pgno, mode))
         try:
             await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -1113,7 +991,7 @@ class Pool:
         ps = f.page_size
         fd = f._fd
         new = mode == MODE_NEW or fd is None
-        if not new and (fd is None or fd in self._no_nowait):
+        if not new and (fd is None or fd in self._io.no_nowait):
             return False
         start = bh + BH.size
         view = cache.buf[start : start + ps]
@@ -1130,7 +1008,7 @@ class Pool:
                 except OSError as err:
                     if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
-                    self._no_nowait.add(fd)  # this filesystem refuses RWF_NOWAIT
+                    self._io.no_nowait.add(fd)  # this filesystem refuses RWF_NOWAIT
                     return False
                 if 0 < n < ps:
                     # Only part of a large page is cached: RWF_NOWAIT stops short of the rest,
@@ -1172,7 +1050,7 @@ class Pool:
 
     def _apply_pgin(self, f: PoolFile, pgno: int, view: memoryview, mode: int) -> None:
         if mode != MODE_NEW and f.ftype:
-            pgin = self._registry.get(f.ftype, (None, None))[0]
+            pgin = self._io.registry.get(f.ftype, (None, None))[0]
             if pgin is not None:
                 pgin(pgno, view, f.cookie)
 
@@ -1189,7 +1067,7 @@ class Pool:
             w[x + BH.word.flags] = flags
             _io.step("read.publish")  # crash tests: killed with the page read, mutex held
             w[x + BH.word.io_pid] = 0
-        self._core.w0[
+        self._core.meta_words[
             f._fs + getattr(FILE_STATS.word, "page_create" if created else "page_in")
         ] += 1
         if self._waiters:
@@ -1229,7 +1107,7 @@ class Pool:
         view = cache.buf[start : start + ps]
         try:
             assert f._fd is not None
-            n = await self._reader.read(f._fd, view, pgno * ps)
+            n = await self._io.reader.read(f._fd, view, pgno * ps)
             if n < ps:  # a blocking read stops short only at the end of the file
                 self._check_short_read(f, pgno, n, mode)
                 view[n:] = _zeros(ps - n)
@@ -1325,7 +1203,7 @@ class Pool:
         pid = int(w[x + BH.word.io_pid])
         if not pid or pid == self._pid or is_alive(pid):
             return
-        if self._env.registry is not None:
+        if self._env_core.registry is not None:
             self.reap()  # fails the dead reader's read and drops its pin, by its slot
             return
         with cache.mutexes[b]:
@@ -1336,74 +1214,6 @@ class Pool:
             w[x + BH.word.ref] -= 1  # the dead reader's pin
 
     # -- write-back, statistics, closing ------------------------------------------------------
-
-    def _own_file(self, fidx: int) -> PoolFile | None:
-        for f in self._files:
-            if f._fidx == fidx:
-                return f
-        return None
-
-    def _fd_for_write(self, fidx: int) -> int | None:
-        """A descriptor this process may write file slot ``fidx`` through, if it has one."""
-        for f in self._files:
-            if f._fidx == fidx and not f.readonly and f._fd is not None:
-                return f._fd
-        return self._wfds.get(fidx)
-
-    async def _write_fd(self, fidx: int, temp: bool) -> int:
-        """A descriptor to write file slot ``fidx`` through, opened if this process has none.
-
-        One owner per descriptor: a handle's own descriptor belongs to the handle; one
-        opened here belongs to the pool (``_wfds``), and a temporary file's new backing file
-        to its handle (reads need it too). Concurrent writers of one file wait on its lock,
-        so exactly one descriptor is opened and nothing is closed twice. Raises OSError.
-        """
-        fd = self._fd_for_write(fidx)
-        if fd is not None:
-            return fd
-        lock = self._wfd_locks.setdefault(fidx, asyncio.Lock())
-        async with lock:
-            fd = self._fd_for_write(fidx)
-            if fd is not None:
-                return fd
-            if temp:
-                f = self._own_file(fidx)
-                if f is None:
-                    raise OSError(errno.EBADF, "temporary file is not open in this process")
-                fd = await anyio.to_thread.run_sync(_new_temp_fd, limiter=self._limiter)
-                f._fd = fd
-                return fd
-            path = self._core.file_name(fidx)
-            if path is None:
-                raise OSError(errno.EBADF, "file has no path to write to")
-            fd = await anyio.to_thread.run_sync(
-                _io.open_file, path, os.O_RDWR | os.O_CLOEXEC, limiter=self._limiter
-            )
-            self._wfds[fidx] = fd
-            return fd
-
-    def _count_write(self, fidx: int, pages: int, nbytes: int) -> None:
-        """Count a successful pwritev of ``pages`` pages of file slot ``fidx``."""
-
-        w0 = self._core.w0
-        f = self._own_file(fidx)
-        if f is not None:
-            base = f._fs
-        else:
-            # Not open here (evicting another process's page): count it in the file's retired
-            # counters, under the pool mutex since other processes may do the same.
-            e = self._core.entry(fidx)
-            if not e:
-                return
-            base = e + FILE_ENTRY.word.retired
-            with self._core.mutex:
-                w0[base + FILE_STATS.word.page_out] += pages
-                w0[base + FILE_STATS.word.write_calls] += 1
-                w0[base + FILE_STATS.word.bytes_out] += nbytes
-            return
-        w0[base + FILE_STATS.word.page_out] += pages
-        w0[base + FILE_STATS.word.write_calls] += 1
-        w0[base + FILE_STATS.word.bytes_out] += nbytes
 
     async def sync(self, lsn: object = None) -> SyncResult:
         """Write every dirty page in the pool, then fsync every file with page writes no fsync
@@ -1426,9 +1236,7 @@ class Pool:
             raise InvalidArgument(
                 "sync(lsn) needs a log, and this environment has none: call sync() without one"
             )
-        from .sync import write_back
-
-        self._core.w0[self._hs + HANDLE_STATS.word.sync_calls] += 1
+        self._core.meta_words[self._hs + HANDLE_STATS.word.sync_calls] += 1
         return await write_back(self, files=None, fsync=True, reason="sync")
 
     async def trickle(self, pct: int) -> int:
@@ -1440,17 +1248,13 @@ class Pool:
         self._check()
         if type(pct) is not int or not 1 <= pct <= 100:
             raise InvalidArgument(f"trickle percentage must be 1..100, not {pct!r}")
-        from .sync import trickle
-
         return await trickle(self, pct)
 
     def stat(self) -> PoolStat:
         """The pool's statistics (memp_stat): DB_MPOOL_STAT with per-file DB_MPOOL_FSTAT,
         summed over every process."""
         self._check()
-        from .stat import pool_stat
-
-        env = self._env
+        env = self._env_core
         reaper = tuple(
             env.env_field(name) for name in ("procs_reaped", "pins_reclaimed", "dirty_inherited")
         )
@@ -1497,15 +1301,12 @@ class Pool:
             self._frame_poll = None
         await self._quiesce()
         try:
-            for f in list(self._files):
+            for f in list(self._io.files):
                 await f.close()
-            if self._wfds:
-                fds = list(self._wfds.values())
-                self._wfds.clear()
-                await anyio.to_thread.run_sync(_close_fds, fds, None)
+            await self._io.close_all()
         finally:
             self._closed = True
-            if not self._env.panicked:
+            if not self._env_core.panicked:
                 self._core.detach_handle(self._hs)
 
 
@@ -1588,23 +1389,3 @@ def _open_or_create(name: str, flags: int, create: bool, mode: int) -> tuple[int
         except FileNotFoundError:
             continue  # removed between the two opens: try to create it again
     raise InvalidArgument(f"{name} keeps appearing and disappearing while it is opened")
-
-
-def _close_fds(fds: list[int], mapped: mmap.mmap | None) -> None:
-    if mapped is not None:
-        try:
-            mapped.close()
-        except BufferError:
-            pass  # a view of a mapped page outlived its pin; the map goes with the last view
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _new_temp_fd() -> int:
-    """A backing file for a temporary pool file: unlinked at once, so it cannot outlive us."""
-    fd, path = tempfile.mkstemp(prefix="aiodbenv-tmp-")
-    os.unlink(path)
-    return fd

@@ -41,6 +41,7 @@ from ..region.layout import MAX_PROCS
 from ..region.mutex import SYNC_WAIT, _wait_bound, step_waits
 from ..region.mutex import trylock as _trylock
 from ..region.registry import ProcInfo
+from .cache import Cache
 from .layout import (
     BH,
     BH_DIRTY,
@@ -50,7 +51,6 @@ from .layout import (
     BUCKET,
     PINS_HALF,
 )
-from .table import Cache
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -92,8 +92,8 @@ def reap(pool: Pool) -> list[Reaped]:
     """Reap every dead handle of the environment (see the module docstring); returns what
     was done, one entry per slot. Does nothing for a private environment. Synchronous and
     bounded: one walk of the buckets per dead handle, one bucket mutex at a time."""
-    reg = pool._env.registry
-    if reg is None or pool._env.closed:
+    reg = pool._env_core.registry
+    if reg is None or pool._env_core.closed:
         return []
     out = []
     for slot in reg.dead_slots():
@@ -130,7 +130,7 @@ def _reclaim_frames(pool: Pool, pids: set[int]) -> None:
     the registry knows more: a reaped handle's pid is dead even if it names a process again
     (recycled), unless that is a live handle's. Best effort: a busy mutex leaves them to that
     look."""
-    reg = pool._env.registry
+    reg = pool._env_core.registry
     assert reg is not None
     live = {p.pid for p in reg.live() if p.slot == reg.slot or not reg.is_dead(p.slot)}
     dead = frozenset(pids - live - {pool._pid})
@@ -165,7 +165,7 @@ def _patiently(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
     core = pool._core
-    reg = pool._env.registry
+    reg = pool._env_core.registry
     assert reg is not None
     s, pid = info.slot, info.pid
     # A live handle with the same pid (a recycled one) owns any read or write claim by it.

@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from .alloc import PoolCore
 from .layout import (
     BUCKET,
     FF_NOFILE,
     FF_TEMP,
     PIN_CLOCK,
 )
-from .table import PoolCore
 
 __all__ = ["FileStat", "PoolStat", "file_stat", "pool_stat"]
 
