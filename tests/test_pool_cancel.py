@@ -8,21 +8,28 @@ READING, WRITING or FAILED, the bucket counts match the chains, no frame has lea
 chains, and every mutex (bucket, allocator, pool, file, environment) is free. Then the pages are
 read back (through the pool and from the file) to check that nothing was lost.
 
-The await points of the pool, from the code:
+The await points of the pool, from the code (module by module, see "Pool map" in
+docs/design.md):
 
-- ``PoolFile._pin``: ``Pool._await_read`` (another coroutine is reading the page),
-  ``Pool._get_frame`` (``_wait_frame_turn`` while every frame is pinned; ``_write_victim`` while
-  a dirty victim is written, then the back-off sleep after a failed write), ``Pool._fill`` (the
-  read itself, in a worker thread through ``_ReadBatcher`` when ``RWF_NOWAIT`` says the data
-  is not in the OS page cache; a read served by ``RWF_NOWAIT`` runs on the loop and has no
-  await point).
-- ``PoolFile.unpin``: none.
-- ``write_back`` / ``trickle``: each batch's shielded task (inside it, the open of a write
-  descriptor under the file's lock and the write's thread hop), ``settle_claims`` (a sync
-  waiting for pages another writer has claimed), the re-collect after it, then the shielded
-  fsync of every file with unsynced writes.
-- ``Pool._get_frame`` also awaits ``_take_over_dead_claims`` (a bucket walk that yields about
-  every millisecond) when it finds no victim; it changes only claims of dead processes.
+- ``PoolFile._pin`` (file.py): ``PoolReads._await_read`` (bhread.py: another coroutine is
+  reading the page), ``PoolFrames._get_frame`` (frames.py: ``_wait_frame_turn`` while every
+  frame is pinned; ``_write_victim`` while a dirty victim is written through
+  ``bhwrite.write_items``, then the back-off sleep after a failed write), ``PoolReads._fill``
+  (bhread.py: the read itself, in a worker thread through ``bh.ReadBatcher`` when
+  ``RWF_NOWAIT`` says the data is not in the OS page cache; a read served by ``RWF_NOWAIT``
+  runs on the loop and has no await point).
+- ``PoolFile.unpin`` (fput.py): none.
+- ``sync.write_back`` / ``trickle.trickle``: each batch's shielded task of
+  ``bhwrite.write_items`` (inside it, the open of a write descriptor under the file's lock,
+  ``BufferIO.write_fd``, and the write's thread hop), ``sync.settle_claims`` (a sync waiting
+  for pages another writer has claimed), the re-collect after it, then the shielded fsync of
+  every file with unsynced writes (``sync.fsync_pending``).
+- ``PoolFrames._get_frame`` also awaits ``_take_over_dead_claims`` (a bucket walk that yields
+  about every millisecond) when it finds no victim; it changes only claims of dead processes.
+- ``Pool.open_file`` (fopen.py): ``PoolFiles._open``, the shielded task of ``_open_file`` (its
+  thread hop that opens the file); ``PoolFile.close`` (file.py): the shielded
+  ``PoolBase._to_end`` task of ``_finish_close`` (the pending unpins, the wait for the pool's
+  I/O tasks and the thread hop that closes the descriptor).
 - ``Env.close`` / ``PoolFile.close``: racing with any of the above.
 """
 
@@ -1015,3 +1022,83 @@ async def test_env_close_racing_with_io(home: str, shm_key: int, kind: str, what
     finally:
         await aiodbenv.Env.remove(home, force=True)
         os.remove(os.path.join(home, "a.db"))
+
+
+# -- (h) opening and closing a file -------------------------------------------------------------
+
+
+def open_fds() -> set[int]:
+    """This process's open descriptors (a cancelled open or close must not leak one)."""
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def open_entries(env: aiodbenv.Env) -> dict[int, int]:
+    """File slot -> open handles (all processes), for every slot in use."""
+    core = env.pool._core
+    return {i: core.file_field(i, "refcnt") for i in core.file_slots()}
+
+
+async def test_open_file_cancelled_at_every_step(env: aiodbenv.Env) -> None:
+    """Cancel ``pool.open_file`` after 0, 1, 2, ... loop iterations. Cancelled, it leaves no
+    descriptor open, no handle counted in the file table and nothing in the pool's files;
+    finished, the file reads and closes as usual."""
+    write_file(env.resolve("a.db"), 10)
+    pool = env.pool
+    fds = open_fds()
+    opened = 0
+
+    async def open_a() -> aiodbenv.PoolFile:
+        return await pool.open_file("a.db", page_size=PS)
+
+    for k in range(200):
+        t = asyncio.create_task(open_a())
+        await steps(k)
+        t.cancel()
+        res = await outcome(t)
+        if isinstance(res, aiodbenv.PoolFile):
+            await check_pages(res, {3: content(3)})
+            await res.close()
+            opened += 1
+            if opened >= 3:
+                break
+        else:
+            assert isinstance(res, asyncio.CancelledError), res
+        await settle(env)
+        await pool._quiesce()  # a cancelled open finishes, then closes, in the background
+        assert not pool._io.files, "a cancelled open left a file in the pool"
+        assert not any(open_entries(env).values()), f"handles left: {open_entries(env)}"
+        assert open_fds() <= fds, f"descriptors leaked: {sorted(open_fds() - fds)}"
+    assert opened, "the open never finished"
+    async with pool.open_file("a.db", page_size=PS) as f:
+        await check_pages(f, {i: content(i) for i in range(10)})
+    await settle(env)
+
+
+async def test_file_close_cancelled_at_every_step(env: aiodbenv.Env) -> None:
+    """Cancel ``PoolFile.close`` after 0, 1, 2, ... loop iterations, while one of its pages
+    is still pinned and dirty: the close still ends (the handle is gone from the file table,
+    its descriptor closed, its pin released), a second close is harmless, and the dirty page
+    reaches the disk at the next sync."""
+    write_file(env.resolve("a.db"), 10)
+    pool = env.pool
+    fds = open_fds()
+    for k in range(0, 120, 7):
+        f = await pool.open_file("a.db", page_size=PS)
+        page = await f.pin(2)
+        page.data[:4] = f"K{k:03d}".encode()
+        page.mark_dirty()
+        t = asyncio.create_task(f.close())
+        await steps(k)
+        t.cancel()
+        res = await outcome(t)
+        assert res is None or isinstance(res, asyncio.CancelledError), res
+        assert f.closed or k == 0, "a close that began must go on"  # k == 0: never began
+        await f.close()  # finishes one that never began; harmless otherwise
+        await pool._quiesce()
+        await settle(env)
+        assert not pool._io.files
+        assert not any(open_entries(env).values()), f"handles left: {open_entries(env)}"
+        assert open_fds() <= fds, f"descriptors leaked: {sorted(open_fds() - fds)}"
+        await pool.sync()
+        assert read_disk(env.resolve("a.db"), 2)[:4] == f"K{k:03d}".encode()
+    await settle(env)

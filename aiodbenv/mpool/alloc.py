@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from .._process import is_alive
 from ..errors import CacheFull
 from .cache import BufRef, Cache
 from .ftable import FileTable
@@ -89,8 +90,6 @@ class PoolCore(FileTable):
         processes found dead even though a process with that pid runs now (a recycled pid,
         which :func:`~aiodbenv._process.is_alive` cannot tell from the taker).
         """
-        from .._process import is_alive
-
         with cache.alloc_mutex:
             tagged = cache.allocator.tagged()
         if not tagged:

@@ -12,9 +12,7 @@ import errno
 from collections.abc import Callable, Iterator
 from typing import NamedTuple, NoReturn
 
-from .._config import (
-    MAX_NCACHE,
-)
+from .._config import MAX_NCACHE
 from ..errors import CorruptRegion
 from ..region.alloc import Allocator
 from ..region.backing import Region

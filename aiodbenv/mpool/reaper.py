@@ -51,9 +51,10 @@ from .layout import (
     BUCKET,
     PINS_HALF,
 )
+from .sync import take_over_claim
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from .handle import PoolBase
 
 __all__ = ["REAP_INTERVAL", "Reaped", "reap"]
 
@@ -88,7 +89,7 @@ class Reaped:
     claims: int = 0
 
 
-def reap(pool: Pool) -> list[Reaped]:
+def reap(pool: PoolBase) -> list[Reaped]:
     """Reap every dead handle of the environment (see the module docstring); returns what
     was done, one entry per slot. Does nothing for a private environment. Synchronous and
     bounded: one walk of the buckets per dead handle, one bucket mutex at a time."""
@@ -124,7 +125,7 @@ def reap(pool: Pool) -> list[Reaped]:
     return out
 
 
-def _reclaim_frames(pool: Pool, pids: set[int]) -> None:
+def _reclaim_frames(pool: PoolBase, pids: set[int]) -> None:
     """Free the frames the reaped processes had taken but not linked to a page (a frame in
     flight when they died). The frame-starved pin's own look trusts only a pid that is gone;
     the registry knows more: a reaped handle's pid is dead even if it names a process again
@@ -163,7 +164,7 @@ def _patiently(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         _wait_bound.reset(token)
 
 
-def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
+def _reap_slot(pool: PoolBase, info: ProcInfo) -> Reaped:
     core = pool._core
     reg = pool._env_core.registry
     assert reg is not None
@@ -216,8 +217,6 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
                     cache.unlock(b)
     finally:
         # Also when a busy bucket cut the walk short: what was done so far is finished.
-        from .sync import take_over_claim
-
         for cache, b, off in claims:
             try:
                 with step_waits():

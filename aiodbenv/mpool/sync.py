@@ -48,7 +48,7 @@ from .._process import is_alive
 from ..errors import Incomplete
 from ..region.mutex import BUSY, ffi
 from . import accel
-from .bh import SyncResult, write_items
+from .bhwrite import SyncResult, write_items
 from .cache import BufRef, Cache
 from .layout import (
     BH,
@@ -66,7 +66,7 @@ from .layout import (
 )
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from .handle import PoolBase
 
 __all__ = [
     "Collected",
@@ -104,7 +104,7 @@ class Collected:
     claimed: list[tuple[BufRef, int]]
 
 
-async def collect_dirty(pool: Pool, files: set[int] | None) -> Collected:
+async def collect_dirty(pool: PoolBase, files: set[int] | None) -> Collected:
     """Find the dirty buffers (of ``files``, or all): see :class:`Collected`.
 
     Walks the buckets on the loop, letting other tasks run about every millisecond, so a
@@ -182,7 +182,7 @@ def take_over_claim(cache: Cache, b: int, bh: int, pid: int) -> bool:
 
 
 async def settle_claims(
-    pool: Pool, claimed: list[tuple[BufRef, int]], deadline: float
+    pool: PoolBase, claimed: list[tuple[BufRef, int]], deadline: float
 ) -> list[tuple[BufRef, int]]:
     """Wait until no claim of ``claimed`` is still held (the writer released it, or died and
     it was taken over), or until ``deadline`` (``time.monotonic()``); returns the claims
@@ -244,7 +244,7 @@ class _Raw:
         self.busy: list[int] = []
 
 
-async def _collect_c(pool: Pool) -> _Raw:
+async def _collect_c(pool: PoolBase) -> _Raw:
     assert _c_collect is not None
     out = _Raw()
     cap = 4096
@@ -300,7 +300,7 @@ async def _collect_c(pool: Pool) -> _Raw:
     return out
 
 
-async def _collect_py(pool: Pool) -> _Raw:
+async def _collect_py(pool: PoolBase) -> _Raw:
     out = _Raw()
     deadline = time.monotonic() + YIELD_EVERY
     for cache in pool._core.caches:
@@ -336,7 +336,9 @@ async def _collect_py(pool: Pool) -> _Raw:
     return out
 
 
-async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool, reason: str) -> SyncResult:
+async def write_back(
+    pool: PoolBase, *, files: set[int] | None, fsync: bool, reason: str
+) -> SyncResult:
     """Write every writable dirty page (of ``files``, or all); fsync if asked. Raises the
     first write error, else :class:`Incomplete` if pinned dirty pages were left."""
     pool._enter()
@@ -347,7 +349,7 @@ async def write_back(pool: Pool, *, files: set[int] | None, fsync: bool, reason:
 
 
 async def _write_back(
-    pool: Pool, *, files: set[int] | None, fsync: bool, reason: str
+    pool: PoolBase, *, files: set[int] | None, fsync: bool, reason: str
 ) -> SyncResult:
     deadline = time.monotonic() + pool.wait_timeout
     result = SyncResult()
@@ -408,7 +410,7 @@ async def _write_back(
 RECHECK_ROUNDS = 8
 
 
-async def fsync_pending(pool: Pool, files: set[int] | None, result: SyncResult) -> None:
+async def fsync_pending(pool: PoolBase, files: set[int] | None, result: SyncResult) -> None:
     """fsync every file (of ``files``, or all) with page writes not yet covered by an fsync,
     whoever wrote them (one worker-thread hop), and record what each fsync covered.
 

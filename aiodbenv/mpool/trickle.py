@@ -15,25 +15,25 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import Incomplete
-from .bh import SyncResult, write_items
+from .bhwrite import SyncResult, write_items
 from .layout import HANDLE_STATS
 from .sync import collect_dirty, fsync_pending, settle_claims
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from .handle import PoolBase
 
 __all__ = ["checkpoint", "trickle", "trickle_result"]
 
 PINNED_RETRIES = 20
 
 
-async def trickle(pool: Pool, pct: int) -> int:
+async def trickle(pool: PoolBase, pct: int) -> int:
     """Write the fewest dirty pages that leave ``pct``% of the cached pages clean; returns
     how many were written."""
     return (await trickle_result(pool, pct)).written
 
 
-async def trickle_result(pool: Pool, pct: int) -> SyncResult:
+async def trickle_result(pool: PoolBase, pct: int) -> SyncResult:
     """:func:`trickle`, returning the whole :class:`SyncResult`."""
     pool._enter()
     try:
@@ -42,7 +42,7 @@ async def trickle_result(pool: Pool, pct: int) -> SyncResult:
         pool._leave()
 
 
-async def _trickle(pool: Pool, pct: int) -> SyncResult:
+async def _trickle(pool: PoolBase, pct: int) -> SyncResult:
     core = pool._core
     total = sum(cache.buffers() for cache in core.caches)
     clean = total - sum(cache.dirty() for cache in core.caches)
@@ -64,7 +64,7 @@ async def _trickle(pool: Pool, pct: int) -> SyncResult:
 
 
 async def checkpoint(
-    pool: Pool, spread: float, progress: Callable[[int, int], None] | None
+    pool: PoolBase, spread: float, progress: Callable[[int, int], None] | None
 ) -> SyncResult:
     """The checkpoint algorithm (see :func:`aiodbenv._workers.run_checkpoint`, which records a
     complete one): write every page dirty now, spread over ``spread`` seconds, retry the ones
