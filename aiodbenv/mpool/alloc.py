@@ -218,7 +218,7 @@ class PoolCore(FileTable):
 
     def drop_file_buffers(self, fidx: int) -> None:
         """Remove every unpinned buffer of a dead file (dirty ones too: they are not wanted)."""
-        file_tag = fidx + 1
+        tag = fidx + 1
         for cache in self.caches:
             w = cache.words
             for b, bw in enumerate(cache.bucket_words):
@@ -231,7 +231,7 @@ class PoolCore(FileTable):
                         h = off >> 3
                         nxt = w[h + BH.word.next]
                         if (
-                            w[h + BH.word.file] == file_tag
+                            w[h + BH.word.file] == tag
                             and w[h + BH.word.ref] == 0
                             and not w[h + BH.word.flags] & (BH_READING | BH_WRITING)
                         ):

@@ -51,8 +51,6 @@ logger = logging.getLogger("aiodbenv")
 
 #: Pages read per worker-thread hop at most; a hop costs 100-300 µs, a cached pread 2 µs.
 _READ_BATCH = 64
-
-
 #: Concurrent worker threads doing this pool's I/O.
 IO_THREADS = 4
 

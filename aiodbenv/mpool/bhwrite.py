@@ -79,8 +79,6 @@ class SyncResult:
 
 #: Pages per worker-thread hop: 64 pages of 4 KiB keep each hop's loop work under ~50 µs.
 BATCH_PAGES = 64
-
-
 BATCH_BYTES = 1 << 20
 
 

@@ -9,6 +9,7 @@ descriptors once no I/O of the pool uses them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import mmap
 import os
 import stat as stat_mod
@@ -251,8 +252,6 @@ class PoolFiles(PoolReads):
 
 
 def _name_fileid(name: str) -> bytes:
-    import hashlib
-
     return (
         b"\xfe" + hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=19).digest()
     )

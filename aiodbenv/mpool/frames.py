@@ -37,8 +37,6 @@ logger = logging.getLogger("aiodbenv")
 
 #: Back-off between failed writes of dirty victims (a full or failing disk): first, longest.
 _WRITE_RETRY_MIN = 0.001
-
-
 _WRITE_RETRY_MAX = 0.1
 
 

@@ -49,14 +49,11 @@ __all__ = ["PoolBase"]
 
 T = TypeVar("T")
 
-
 logger = logging.getLogger("aiodbenv")
 
 
 #: The frame-waiter poll (for frames released by other processes): first and longest step.
 POLL_MIN = 0.0002
-
-
 POLL_MAX = 0.005
 
 

@@ -45,20 +45,14 @@ __all__ = [
 
 #: Metadata room reserved in cache 0 for file entries, names, cookies and statistics blocks.
 _META_RESERVE = 48 * 1024
-
-
 #: Allocator overhead per buffer: its chunk header, plus rounding.
 _CHUNK_OVERHEAD = ALLOC_CHUNK.size + 16
-
-
 #: No count or statistic in a region reaches this; one that does is corrupt (and adding one
 #: to 2**64 - 1 would fail in Python, wrap in C).
 COUNTER_LIMIT = 1 << 62
-
-
+#: Word indexes, within a mutex slot, of its counters (checked when a region is attached).
 MUTEX_COUNTERS = [getattr(MUTEX_SLOT.word, f) for f in ("waits", "nowaits", "owner_died")]
-
-
+#: Word indexes, within a region header, of its allocator's counters.
 REGION_COUNTERS = [
     getattr(REGION_HEADER.word, f) for f in ("bytes_used", "allocs", "frees", "failures")
 ] + [REGION_HEADER.word.alloc_mutex + i for i in MUTEX_COUNTERS]
