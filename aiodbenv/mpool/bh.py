@@ -67,6 +67,9 @@ class ReadBatcher:
         self._running = 0
 
     async def read(self, fd: int, view: memoryview, offset: int) -> int:
+        """Read ``view`` from ``fd`` at ``offset`` in a worker thread, with the reads queued
+        meanwhile; returns the bytes read (raises the read's OSError). Cancellation: the read
+        still runs (its batch is under way or queued); its result is dropped."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((fd, view, offset, fut))
         if self._running < IO_THREADS:
@@ -120,6 +123,8 @@ def new_temp_fd() -> int:
 
 
 def close_fds(fds: list[int], mapped: mmap.mmap | None) -> None:
+    """In a worker thread: close ``fds`` and the map ``mapped`` (a file's last handle or the
+    pool is closing); a descriptor already closed is not an error."""
     if mapped is not None:
         try:
             mapped.close()
@@ -224,6 +229,7 @@ class BufferIO:
         return self.registry.get(ftype, (None, None))[1] if ftype else None
 
     def own_file(self, fidx: int) -> PoolFile | None:
+        """The open file of this process's handle in file slot ``fidx``, if any."""
         for f in self.files:
             if f._fidx == fidx:
                 return f
@@ -240,9 +246,12 @@ class BufferIO:
         """A descriptor to write file slot ``fidx`` through, opened if this process has none.
 
         One owner per descriptor: a handle's own descriptor belongs to the handle; one
-        opened here belongs to the pool (``_wfds``), and a temporary file's new backing file
-        to its handle (reads need it too). Concurrent writers of one file wait on its lock,
-        so exactly one descriptor is opened and nothing is closed twice. Raises OSError.
+        opened here belongs to this object (:attr:`wfds`), and a temporary file's new backing
+        file to its handle (reads need it too). Concurrent writers of one file wait on its
+        lock, so exactly one descriptor is opened and nothing is closed twice. Raises OSError.
+
+        Cancellation: called only from the pool's write-batch tasks, which are never
+        cancelled (their callers shield them); a cancelled waiter for the lock opens nothing.
         """
         fd = self.fd_for_write(fidx)
         if fd is not None:

@@ -190,19 +190,23 @@ class CoreBase:
         return cache, (h // self.ncache) % cache.nbuckets
 
     def meta_alloc(self, nbytes: int) -> int:
+        """Allocate ``nbytes`` of region-0 metadata (file entries, names, statistics)."""
         c0 = self.caches[0]
         with c0.alloc_mutex:
             return c0.allocator.alloc(nbytes)
 
     def meta_free(self, off: int) -> None:
+        """Free region-0 metadata at byte offset ``off``."""
         c0 = self.caches[0]
         with c0.alloc_mutex:
             c0.allocator.free(off)
 
     def meta_bytes(self, off: int, length: int) -> bytes:
+        """``length`` bytes of region 0 at ``off`` (a stored name or cookie)."""
         return bytes(self.meta_region.buf[off : off + length])
 
     def meta_store(self, data: bytes) -> int:
+        """Store ``data`` in region-0 metadata; its offset (0 for no data)."""
         if not data:
             return 0
         off = self.meta_alloc(len(data))
@@ -284,9 +288,11 @@ class CoreBase:
         return self.meta_check(off, FILE_ENTRY.size) if off else 0
 
     def file_field(self, fidx: int, field: str) -> int:
+        """Field ``field`` of file slot ``fidx``'s entry."""
         return int(self.meta_words[self.entry(fidx) + getattr(FILE_ENTRY.word, field)])
 
     def set_file_field(self, fidx: int, field: str, value: int) -> None:
+        """Set field ``field`` of file slot ``fidx``'s entry."""
         self.meta_words[self.entry(fidx) + getattr(FILE_ENTRY.word, field)] = value
 
     def file_mutex(self, fidx: int) -> Mutex:
@@ -304,6 +310,7 @@ class CoreBase:
         )
 
     def fileid(self, fidx: int) -> bytes:
+        """The 20-byte id of file slot ``fidx``."""
         e = self.entry(fidx)
         return b"".join(
             int(self.meta_words[e + FILE_ENTRY.word.fileid + i]).to_bytes(8, "little")
@@ -311,6 +318,7 @@ class CoreBase:
         )[:20]
 
     def file_name(self, fidx: int) -> str | None:
+        """The path of file slot ``fidx`` (None for a temporary file)."""
         off, n = self.file_field(fidx, "name_off"), self.file_field(fidx, "name_len")
         if not off:
             return None
@@ -321,6 +329,7 @@ class CoreBase:
         return name.decode("utf-8", "surrogateescape")
 
     def file_cookie(self, fidx: int) -> bytes:
+        """The pgcookie of file slot ``fidx``."""
         off, n = self.file_field(fidx, "cookie_off"), self.file_field(fidx, "cookie_len")
         if off:
             self.meta_check(off, n)

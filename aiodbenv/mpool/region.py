@@ -67,6 +67,7 @@ def check_counters(words: memoryview, indexes: Sequence[int], limit: int, what: 
 
 
 def nbuckets_for(pages: int) -> int:
+    """Hash buckets for a cache of ``pages`` pages (odd, at least 17)."""
     # Berkeley DB sizes the table for chains of about 2.5 pages; at least a handful of buckets.
     n = max(17, int(pages / 2.5))
     return n | 1
