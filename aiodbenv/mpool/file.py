@@ -9,22 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument
-from .layout import (
-    FILE_ENTRY,
-    MAX_PGNO,
-)
-from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
-
-if TYPE_CHECKING:
-    from .stat import FileStat
-    from .sync import SyncResult
 from .fget import MODE_CREATE, MODE_GET, MODE_LAST, MODE_NEW, RELEASED_BY_CLOSE
 from .fput import PageRelease
-from .stat import file_stat
-from .sync import write_back
+from .layout import FILE_ENTRY, MAX_PGNO
+from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
+from .stat import FileStat, file_stat
+from .sync import SyncResult, write_back
 
 __all__ = ["PoolFile"]
 

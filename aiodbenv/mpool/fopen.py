@@ -15,7 +15,7 @@ import os
 import stat as stat_mod
 from collections.abc import Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -28,6 +28,7 @@ from ..errors import (
     PermissionDenied,
 )
 from .bh import close_fds
+from .bhread import PoolReads
 from .core import new_fileid
 from .file import PoolFile
 from .layout import (
@@ -37,11 +38,6 @@ from .layout import (
     FF_TEMP,
     FILE_ENTRY,
 )
-
-if TYPE_CHECKING:
-    from .file import PoolFile
-
-from .bhread import PoolReads
 
 __all__ = ["FileOpener", "PoolFiles"]
 
