@@ -158,7 +158,9 @@ class PoolCore(FileTable):
             0 if aggressive else counter - max(1, w[cache.hdr + CACHE_HEADER.word.buffers] // 10)
         )
         limit = nb if aggressive else SEARCH_BUCKETS
-        best: BufRef | None = None
+        # The best so far, as read under its bucket mutex: (tag, pgno, bucket, bh, page size,
+        # dirty). A plain tuple: the record is made once, for the one returned.
+        best: tuple[int, int, int, int, int, bool] | None = None
         best_prio = 0
         seen = 0
         for i in range(nb):
@@ -178,10 +180,9 @@ class PoolCore(FileTable):
                             dirty = bool(w[h + BH.word.flags] & BH_DIRTY)
                             tag = int(w[h + BH.word.file])
                             if not dirty or self.can_write(tag, registered):
-                                best = BufRef(
-                                    tag - 1,
+                                best = (
+                                    tag,
                                     int(w[h + BH.word.pgno]),
-                                    cache,
                                     b,
                                     off,
                                     int(w[h + BH.word.page_size]),
@@ -190,9 +191,9 @@ class PoolCore(FileTable):
                                 best_prio = prio
             if seen >= limit and best is not None:
                 w[hand_w] = (b + 1) % nb
-                return best
+                return _victim(cache, best)
         w[hand_w] = (start + 1) % nb
-        return best
+        return None if best is None else _victim(cache, best)
 
     def unlink_victim(self, v: BufRef) -> bool:
         """Take a clean, unpinned victim out of its bucket; False if it changed meanwhile."""
@@ -247,3 +248,8 @@ class PoolCore(FileTable):
                             prev = off
                 for off in freed:
                     self.free_buffer(cache, off)
+
+
+def _victim(cache: Cache, best: tuple[int, int, int, int, int, bool]) -> BufRef:
+    tag, pgno, b, bh, page_size, dirty = best
+    return BufRef(tag - 1, pgno, cache, b, bh, page_size, dirty)

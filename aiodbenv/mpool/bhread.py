@@ -176,7 +176,7 @@ class PoolReads(PoolFrames):
             _io.step("read.publish")  # crash tests: killed with the page read, mutex held
             w[x + BH.word.io_pid] = 0
         self._core.meta_words[
-            f._fs + getattr(FILE_STATS.word, "page_create" if created else "page_in")
+            f._fs + (FILE_STATS.word.page_create if created else FILE_STATS.word.page_in)
         ] += 1
         if self._waiters:
             self._notify()

@@ -155,7 +155,11 @@ class PoolFrames(PoolBase):
                         w0 = core.meta_words
                         w0[
                             self._hs
-                            + getattr(HANDLE_STATS.word, "rw_evict" if written else "ro_evict")
+                            + (
+                                HANDLE_STATS.word.rw_evict
+                                if written
+                                else HANDLE_STATS.word.ro_evict
+                            )
                         ] += 1
                         self._got_frame()
                         if victim.page_size == page_size:
