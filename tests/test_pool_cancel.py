@@ -23,7 +23,7 @@ docs/design.md):
   ``bhwrite.write_items`` (inside it, the open of a write descriptor under the file's lock,
   ``BufferIO.write_fd``, and the write's thread hop), ``sync.settle_claims`` (a sync waiting
   for pages another writer has claimed), the re-collect after it, then the shielded fsync of
-  every file with unsynced writes (``sync.fsync_pending``).
+  every file with unsynced writes (``fsync.fsync_pending``).
 - ``PoolFrames._get_frame`` also awaits ``_take_over_dead_claims`` (a bucket walk that yields
   about every millisecond) when it finds no victim; it changes only claims of dead processes.
 - ``Pool.open_file`` (fopen.py): ``PoolFiles._open``, the shielded task of ``_open_file`` (its

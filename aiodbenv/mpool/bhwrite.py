@@ -89,7 +89,7 @@ BATCHES_IN_FLIGHT = 2
 
 async def write_items(io: BufferIO, items: list[BufRef]) -> SyncResult:
     """Write ``items`` (sorted by file and page) in batches (no fsync: that is the caller's,
-    :func:`aiodbenv.mpool.sync.fsync_pending`).
+    :func:`aiodbenv.mpool.fsync.fsync_pending`).
 
     Up to ``BATCHES_IN_FLIGHT`` batches are under way at once. Every batch is awaited and its
     failure, whatever it is, lands in ``result.errors``.

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import Incomplete
 from .bhwrite import SyncResult, write_items
+from .fsync import fsync_pending
 from .layout import HANDLE_STATS
-from .sync import collect_dirty, fsync_pending, settle_claims
+from .sync import collect_dirty, settle_claims
 
 if TYPE_CHECKING:
     from .handle import PoolBase
