@@ -37,8 +37,8 @@ from ._workers import (
 )
 from .errors import Busy, ConfigError, ForkedProcessError, InvalidArgument, PermissionDenied
 from .mpool.pool import Pool
+from .mpool.region import dirty_pages, format_pool, pool_region_sizes
 from .mpool.sync import SyncResult
-from .mpool.table import dirty_pages, format_pool, pool_region_sizes
 from .region.backing import Region
 from .region.environment import (
     EnvCore,

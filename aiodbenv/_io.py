@@ -20,9 +20,7 @@ from dataclasses import dataclass
 __all__ = [
     "Fault",
     "fallocate",
-    "fdatasync",
     "fsync",
-    "ftruncate",
     "inject",
     "open_file",
     "pread",
@@ -69,9 +67,7 @@ class Fault:
 _faults: list[Fault] = []
 _faults_lock = threading.Lock()
 
-_OPS = frozenset(
-    {"open", "fallocate", "pread", "pwrite", "fsync", "fdatasync", "ftruncate", "unlink"}
-)
+_OPS = frozenset({"open", "fallocate", "pread", "pwrite", "fsync", "unlink"})
 
 
 @contextlib.contextmanager
@@ -86,8 +82,8 @@ def inject(
 ) -> Iterator[Fault]:
     """Make calls of ``op`` fail while the ``with`` block runs; yields the :class:`Fault`.
 
-    ``op`` is one of ``open``, ``fallocate``, ``pread``, ``pwrite``, ``fsync``, ``fdatasync``,
-    ``ftruncate``, ``unlink``. Faults apply to every thread of this process.
+    ``op`` is one of ``open``, ``fallocate``, ``pread``, ``pwrite``, ``fsync``, ``unlink``.
+    Faults apply to every thread of this process.
     """
     if op not in _OPS:
         raise ValueError(f"unknown I/O operation {op!r}; expected one of {sorted(_OPS)}")
@@ -173,14 +169,6 @@ def fallocate(fd: int, offset: int, length: int) -> None:
     os.posix_fallocate(fd, offset, length)
 
 
-def ftruncate(fd: int, length: int) -> None:
-    """``os.ftruncate``."""
-    fault = _check("ftruncate")
-    if fault is not None:
-        _raise(fault)
-    os.ftruncate(fd, length)
-
-
 def pread(fd: int, length: int, offset: int) -> bytes:
     """``os.pread``."""
     fault = _check("pread")
@@ -231,14 +219,6 @@ def fsync(fd: int) -> None:
     os.fsync(fd)
     if _signal_plan:
         _signal_point("fsync", "after")
-
-
-def fdatasync(fd: int) -> None:
-    """``os.fdatasync``."""
-    fault = _check("fdatasync")
-    if fault is not None:
-        _raise(fault)
-    os.fdatasync(fd)
 
 
 def unlink(path: str) -> None:
