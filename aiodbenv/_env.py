@@ -39,8 +39,8 @@ from .errors import Busy, ConfigError, ForkedProcessError, InvalidArgument, Perm
 from .log.log import Log
 from .log.region import attach_log, format_log, log_settings, log_spec
 from .mpool.pool import Pool
+from .mpool.region import dirty_pages, format_pool, pool_region_sizes
 from .mpool.sync import SyncResult
-from .mpool.table import dirty_pages, format_pool, pool_region_sizes
 from .region.backing import Region
 from .region.environment import (
     EnvCore,

@@ -22,7 +22,6 @@ __all__ = [
     "fallocate",
     "fdatasync",
     "fsync",
-    "ftruncate",
     "inject",
     "open_file",
     "pread",
@@ -69,9 +68,7 @@ class Fault:
 _faults: list[Fault] = []
 _faults_lock = threading.Lock()
 
-_OPS = frozenset(
-    {"open", "fallocate", "pread", "pwrite", "fsync", "fdatasync", "ftruncate", "unlink"}
-)
+_OPS = frozenset({"open", "fallocate", "pread", "pwrite", "fsync", "fdatasync", "unlink"})
 
 
 @contextlib.contextmanager
@@ -87,7 +84,8 @@ def inject(
     """Make calls of ``op`` fail while the ``with`` block runs; yields the :class:`Fault`.
 
     ``op`` is one of ``open``, ``fallocate``, ``pread``, ``pwrite``, ``fsync``, ``fdatasync``,
-    ``ftruncate``, ``unlink``. Faults apply to every thread of this process.
+    ``unlink``.
+    Faults apply to every thread of this process.
     """
     if op not in _OPS:
         raise ValueError(f"unknown I/O operation {op!r}; expected one of {sorted(_OPS)}")
@@ -173,14 +171,6 @@ def fallocate(fd: int, offset: int, length: int) -> None:
     os.posix_fallocate(fd, offset, length)
 
 
-def ftruncate(fd: int, length: int) -> None:
-    """``os.ftruncate``."""
-    fault = _check("ftruncate")
-    if fault is not None:
-        _raise(fault)
-    os.ftruncate(fd, length)
-
-
 def pread(fd: int, length: int, offset: int) -> bytes:
     """``os.pread``."""
     fault = _check("pread")
@@ -234,11 +224,14 @@ def fsync(fd: int) -> None:
 
 
 def fdatasync(fd: int) -> None:
-    """``os.fdatasync``."""
+    """``os.fdatasync``: the log's flush (its files are preallocated, so no size change needs
+    the metadata fsync would also write)."""
     fault = _check("fdatasync")
     if fault is not None:
         _raise(fault)
     os.fdatasync(fd)
+    if _signal_plan:
+        _signal_point("fdatasync", "after")
 
 
 def unlink(path: str) -> None:

@@ -7,7 +7,8 @@ install time when a C compiler is available; without it (or with ``AIODBENV_MUTE
 aiodbenv binds pthread through cffi's ABI mode and runs the same bookkeeping in Python.
 
 The C functions take no layout from here: the word offsets of every field they touch are handed
-to ``aiodb_set_layout`` once at import, from the one definition in the layout modules.
+to ``aiodb_set_layout`` once (by aiodbenv/mpool/accel.py), from the one definition in the
+layout modules; the enum naming them is generated from aiodbenv/mpool/accel_layout.py.
 """
 
 import os
@@ -16,18 +17,18 @@ import sys
 import cffi
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "region"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "mpool"))
+from accel_layout import c_enum
 from pthread_cdef import CDEF
 
 HOT_CDEF = """
 #define AIODB_CORRUPT ...
-void aiodb_set_layout(const uint64_t *values, int n);
+int aiodb_set_layout(const uint64_t *values, int n);
 int aiodb_set_region(uint64_t *w, uint64_t nbytes);
 void aiodb_forget_region(uint64_t *w);
 void aiodb_set_lock_wait(int64_t ns);
 int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
                       uint64_t pgno, uint64_t tag, uint64_t *examined, uint64_t slot);
-int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_t bucket_w,
-                uint64_t hdr_w, int flags, uint64_t slot);
 int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                             const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
                             uint64_t *hits, uint64_t *extra, uint64_t *longest,
@@ -57,14 +58,15 @@ HOT_SOURCE = r"""
 #include <time.h>
 
 /* Word offsets and flag bits, set once from the Python layout definitions. */
-enum { L_H_NEXT, L_H_FILE, L_H_PGNO, L_H_REF, L_H_FLAGS, L_H_PRIO, L_B_HEAD, L_B_DIRTY,
-       L_C_LRU, L_C_BUFFERS, L_BH_READING, L_BH_DIRTY, L_PAGE_DIRTY, L_PAGE_CLEAN,
-       L_PAGE_DISCARD, L_BH_WRITING, L_H_IOPID, L_H_SIZE, L_BH_DATA, L_WAITS_FROM_NOWAITS,
-       L_BH_REDIRTIED, L_H_PINAT, L_H_PINS, L_COUNT };
+@LAYOUT_ENUM@
 static uint64_t L[L_COUNT];
 
-void aiodb_set_layout(const uint64_t *values, int n) {
-    for (int i = 0; i < n && i < L_COUNT; i++) L[i] = values[i];
+/* 1 if n values were given, as many as the enum names; else 0 and nothing is set (a module
+   built from another list of names: the Python side refuses to use it). */
+int aiodb_set_layout(const uint64_t *values, int n) {
+    if (n != L_COUNT) return 0;
+    for (int i = 0; i < n; i++) L[i] = values[i];
+    return 1;
 }
 
 /* Returned (as a result or a status) when an offset read from the region fails its bounds
@@ -217,8 +219,8 @@ int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head
 /* Unpin the buffer at word x with PAGE_* flags, as registry slot `slot`. Returns 1 if its
    last pin went, 0 if pins remain, 2 if it had no pin of that slot (an over-unpin), or a
    negative lock result (nothing done). */
-int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_t bucket_w,
-                uint64_t hdr_w, int flags, uint64_t slot) {
+static int unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_t bucket_w,
+                 uint64_t hdr_w, int flags, uint64_t slot) {
     int64_t rc = try_lock(w, mutex, nowait_w);
     if (rc) return (int)rc;
     uint64_t bh = w[x + L[L_H_FLAGS]];
@@ -259,11 +261,11 @@ int aiodb_unpin(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t x, uint64_
 /* The per-cache arrays mutexes[], nowait_w[] and bucket_w[] are indexed by bucket number;
    mutexes[b] is NULL in a private region. */
 
-/* The hit path of a pool with one cache, whole: hash (fidx, pgno) to its bucket exactly as
-   PoolCore.locate does, search and pin (aiodb_pin_hit), and count the hit in the handle's
-   statistics: *hits is the file's hit counter, *extra the handle's "examined beyond the
-   first" counter, *longest its longest chain (all in region 0). *bucket gets the bucket.
-   Returns as aiodb_pin_hit. */
+/* The hit path of a pool with one cache, whole: hash (fidx, pgno) to its bucket (the C twin
+   of aiodbenv.mpool.cache.bucket_hash, with its HASH_PGNO, HASH_FILE and HASH_MASK), search
+   and pin (aiodb_pin_hit), and count the hit in the handle's statistics: *hits is the file's
+   hit counter, *extra the handle's "examined beyond the first" counter, *longest its longest
+   chain (all in region 0). *bucket gets the bucket. Returns as aiodb_pin_hit. */
 int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                             const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
                             uint64_t *hits, uint64_t *extra, uint64_t *longest,
@@ -283,11 +285,11 @@ int64_t aiodb_pin_one_cache(uint64_t *w, void **mutexes, const uint64_t *nowait_
     return off;
 }
 
-/* aiodb_unpin for buffer word x of bucket b, taking the per-cache arrays. */
+/* Unpin the buffer at word x of bucket b (see unpin), taking the per-cache arrays. */
 int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                    const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w, int flags,
                    uint64_t slot) {
-    return aiodb_unpin(w, mutexes[b], nowait_w[b], x, bucket_w[b], hdr_w, flags, slot);
+    return unpin(w, mutexes[b], nowait_w[b], x, bucket_w[b], hdr_w, flags, slot);
 }
 
 /* Write-back, step 1, for a batch of n buffers (bucket[i], bh[i]): lock the bucket; if the
@@ -416,7 +418,7 @@ int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
     *stopped = last;
     return (int64_t)n;
 }
-"""
+""".replace("@LAYOUT_ENUM@", c_enum())
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF + HOT_CDEF)

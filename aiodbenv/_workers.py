@@ -34,11 +34,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._process import is_alive
-from .errors import AiodbenvError, ForkedProcessError, Incomplete, InvalidArgument
-from .mpool.layout import POOL_HEADER, WORKER_ERROR_WORDS
-from .mpool.table import _HS
-from .region.layout import WORD
+from ._worker_state import (
+    SharedWorkerStatus,
+    last_checkpoint,
+    lease_live,
+    record_attempt,
+    shared_status,
+)
+from .errors import AiodbenvError, ForkedProcessError, InvalidArgument
+from .mpool.layout import HANDLE_STATS, POOL_HEADER
+from .mpool.trickle import checkpoint, trickle_result
 
 if TYPE_CHECKING:
     from .mpool.pool import Pool
@@ -52,16 +57,16 @@ __all__ = [
     "TrickleSettings",
     "TrickleWorker",
     "WorkerStatus",
+    "last_checkpoint",
     "run_checkpoint",
+    "shared_status",
 ]
 
 logger = logging.getLogger("aiodbenv")
 
-_P = {f: POOL_HEADER.offset(f) // WORD for f in POOL_HEADER.fields()}
 #: Longest back-off after repeated failures, in seconds.
 MAX_BACKOFF = 30.0
 #: How many times a checkpoint retries pages it found pinned before calling itself incomplete.
-PINNED_RETRIES = 20
 
 #: ``progress(done, total)``: pages written so far by a checkpoint, and how many it will write.
 ProgressCallback = Callable[[int, int], None]
@@ -142,35 +147,6 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True)
-class SharedWorkerStatus:
-    """How the environment's background worker of one kind fares, whichever process runs it
-    (read from the region, so every process sees the same; part of
-    :meth:`aiodbenv.Env.health`).
-
-    ``holder_pid`` is the process holding the kind's lease now (None if no live process
-    does); ``consecutive_failures`` counts the failed attempts since the last success of a
-    worker of this kind in any process, ``last_error`` is the latest failure's message (cut to
-    about 250 bytes), ``failed_pid`` the process it happened in, ``last_failure`` and
-    ``last_success`` wall-clock times (None: never). A failure stays reported until a worker
-    of the kind succeeds, even if the failing process has exited: its pages may still be
-    unwritten.
-    """
-
-    kind: str
-    holder_pid: int | None
-    consecutive_failures: int
-    last_error: str | None
-    failed_pid: int | None
-    last_failure: float | None
-    last_success: float | None
-
-    @property
-    def healthy(self) -> bool:
-        """True unless the latest attempt of this kind, in any process, failed."""
-        return self.consecutive_failures == 0
-
-
-@dataclass(frozen=True)
 class Health:
     """What :meth:`aiodbenv.Env.health` reports: ``ok`` unless the environment is panicked or
     a worker's latest attempt failed, in this process or any other; ``last_checkpoint`` is the
@@ -184,75 +160,6 @@ class Health:
     last_checkpoint: float | None
     workers: tuple[WorkerStatus, ...]
     shared: tuple[SharedWorkerStatus, ...] = ()
-
-
-def last_checkpoint(pool: Pool) -> float | None:
-    """Wall-clock time of the last complete checkpoint recorded in the region, or None."""
-    core = pool._core
-    ns = int(core.w0[core.p + _P["last_checkpoint_ns"]])
-    return ns / 1e9 if ns else None
-
-
-_ERROR_BYTES = (WORKER_ERROR_WORDS - 1) * WORD
-
-
-def shared_status(pool: Pool, kind: str) -> SharedWorkerStatus:
-    """The region's record of how the worker of ``kind`` fares, in whichever process."""
-    core = pool._core
-    w0 = core.w0
-    p = core.p
-    with core.mutex:  # the record is written as a whole under this mutex: read it whole
-        owner = int(w0[p + _P[f"{kind}_owner"]])
-        until = int(w0[p + _P[f"{kind}_until"]])
-        in_row = int(w0[p + _P[f"{kind}_in_row"]])
-        failed_pid = int(w0[p + _P[f"{kind}_failed_pid"]])
-        success_ns = int(w0[p + _P[f"{kind}_success_ns"]])
-        failure_ns = int(w0[p + _P[f"{kind}_failure_ns"]])
-        e = p + _P[f"{kind}_error"]
-        # A length read from shared memory is checked before it is used.
-        length = min(int(w0[e]), _ERROR_BYTES)
-        start = (e + 1) * WORD
-        raw = bytes(core.r0.buf[start : start + length])
-    holder = owner >> 32
-    alive = _lease_live(owner, until, time.monotonic_ns())
-    return SharedWorkerStatus(
-        kind=kind,
-        holder_pid=holder if alive else None,
-        consecutive_failures=in_row,
-        last_error=raw.decode("utf-8", "replace") if failure_ns else None,
-        failed_pid=failed_pid or None,
-        last_failure=failure_ns / 1e9 if failure_ns else None,
-        last_success=success_ns / 1e9 if success_ns else None,
-    )
-
-
-def _record(pool: Pool, kind: str, error: str | None) -> None:
-    """Record an attempt of ``kind`` in the region: a success (``error`` None) or a failure."""
-    core = pool._core
-    if pool._closed or pool._env.panicked:
-        return
-    w0 = core.w0
-    p = core.p
-    now = time.time_ns()
-    with core.mutex:
-        if error is None:
-            w0[p + _P[f"{kind}_in_row"]] = 0
-            w0[p + _P[f"{kind}_success_ns"]] = now
-            return
-        data = error.encode("utf-8", "replace")[:_ERROR_BYTES]
-        e = p + _P[f"{kind}_error"]
-        start = (e + 1) * WORD
-        core.r0.buf[start : start + len(data)] = data
-        w0[e] = len(data)
-        w0[p + _P[f"{kind}_in_row"]] += 1
-        w0[p + _P[f"{kind}_failed_pid"]] = os.getpid()
-        w0[p + _P[f"{kind}_failure_ns"]] = now
-
-
-def _lease_live(owner: int, until: int, now: int) -> bool:
-    """A worker lease word ``owner`` (pid in the high half) expiring at ``until`` (ns of
-    CLOCK_MONOTONIC) is held at ``now``: set, not expired, and its process still alive."""
-    return bool(owner) and now < until and is_alive(owner >> 32)
 
 
 class _Worker(abc.ABC):
@@ -325,7 +232,7 @@ class _Worker(abc.ABC):
             self._last_error = f"worker stopped: {err!r}"
             logger.exception("aiodbenv %s worker stopped", self.kind)
             with contextlib.suppress(Exception):
-                _record(self._pool, self.kind, self._last_error)
+                record_attempt(self._pool, self.kind, self._last_error)
 
     @abc.abstractmethod
     async def _loop(self) -> None:
@@ -340,8 +247,8 @@ class _Worker(abc.ABC):
         self._last_error = f"{type(err).__name__}: {err}"
         self._backoff = min(MAX_BACKOFF, 0.1 * 2 ** min(self._in_row, 12))
         core = self._pool._core
-        core.w0[self._pool._hs + _HS[f"{self.kind}_failures"]] += 1
-        _record(self._pool, self.kind, self._last_error)
+        core.meta_words[self._pool._hs + getattr(HANDLE_STATS.word, f"{self.kind}_failures")] += 1
+        record_attempt(self._pool, self.kind, self._last_error)
         logger.error(
             "aiodbenv %s failed (attempt %d, retrying in %.1f s): %s",
             self.kind,
@@ -360,13 +267,13 @@ class _Worker(abc.ABC):
         self._pages += result.written
         self._calls += result.write_calls
         self._bytes += result.bytes_written
-        w0 = self._pool._core.w0
+        w0 = self._pool._core.meta_words
         hs = self._pool._hs
-        w0[hs + _HS[f"{self.kind}_runs"]] += 1
-        w0[hs + _HS[f"{self.kind}_pages"]] += result.written
-        w0[hs + _HS[f"{self.kind}_write_calls"]] += result.write_calls
-        w0[hs + _HS[f"{self.kind}_bytes"]] += result.bytes_written
-        _record(self._pool, self.kind, None)
+        w0[hs + getattr(HANDLE_STATS.word, f"{self.kind}_runs")] += 1
+        w0[hs + getattr(HANDLE_STATS.word, f"{self.kind}_pages")] += result.written
+        w0[hs + getattr(HANDLE_STATS.word, f"{self.kind}_write_calls")] += result.write_calls
+        w0[hs + getattr(HANDLE_STATS.word, f"{self.kind}_bytes")] += result.bytes_written
+        record_attempt(self._pool, self.kind, None)
 
     def _check_process(self) -> None:
         # A forked child inherits the worker (and its lease id): releasing or renewing the
@@ -380,13 +287,13 @@ class _Worker(abc.ABC):
         """Hold (or renew) this kind's lease for ``seconds``; False if a live process has it."""
         self._check_process()
         core = self._pool._core
-        w0 = core.w0
-        owner_w = core.p + _P[f"{self.kind}_owner"]
-        until_w = core.p + _P[f"{self.kind}_until"]
+        w0 = core.meta_words
+        owner_w = core.pool_hdr + getattr(POOL_HEADER.word, f"{self.kind}_owner")
+        until_w = core.pool_hdr + getattr(POOL_HEADER.word, f"{self.kind}_until")
         now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process on the host
         with core.mutex:
             owner = int(w0[owner_w])
-            if owner != self._owner and _lease_live(owner, int(w0[until_w]), now):
+            if owner != self._owner and lease_live(owner, int(w0[until_w]), now):
                 self._active = False
                 return False
             w0[owner_w] = self._owner
@@ -397,12 +304,12 @@ class _Worker(abc.ABC):
     def _release_lease(self) -> None:
         self._check_process()
         core = self._pool._core
-        if self._pool._closed or self._pool._env.panicked:
+        if self._pool._closed or self._pool._env_core.panicked:
             return
-        owner_w = core.p + _P[f"{self.kind}_owner"]
+        owner_w = core.pool_hdr + getattr(POOL_HEADER.word, f"{self.kind}_owner")
         with core.mutex:
-            if core.w0[owner_w] == self._owner:
-                core.w0[owner_w] = 0
+            if core.meta_words[owner_w] == self._owner:
+                core.meta_words[owner_w] = 0
         self._active = False
 
 
@@ -429,17 +336,11 @@ class TrickleWorker(_Worker):
             if 1.0 - pool.dirty_share() >= s.percent / 100:
                 continue
             try:
-                result = await _trickle(pool, s.percent)
+                result = await trickle_result(pool, s.percent)
             except (OSError, AiodbenvError) as err:
                 await asyncio.sleep(self._failed(err))
                 continue
             self._succeeded(result)
-
-
-async def _trickle(pool: Pool, pct: int) -> SyncResult:
-    from .mpool.sync import trickle_result
-
-    return await trickle_result(pool, pct)
 
 
 class CheckpointWorker(_Worker):
@@ -507,85 +408,10 @@ async def run_checkpoint(
     """
     pool._enter()
     try:
-        return await _checkpoint(pool, spread, progress)
+        result = await checkpoint(pool, spread, progress)
     finally:
         pool._leave()
-
-
-async def _checkpoint(pool: Pool, spread: float, progress: ProgressCallback | None) -> SyncResult:
-    from .mpool.sync import SyncResult, collect_dirty, fsync_pending, settle_claims, write_items
-
-    deadline = time.monotonic() + pool.wait_timeout
-    found = await collect_dirty(pool, None)
-    items, held, claimed = found.items, found.held, found.claimed
-    result = SyncResult()
-    skipped: set[tuple[int, int]] = set()
-    total = len(items)
-    t0 = time.monotonic()
-    step = 64
-    for start in range(0, total, step):
-        part = await write_items(pool, items[start : start + step], fsync=False)
-        _merge(result, part)
-        if part.errors:
-            raise part.errors[0]
-        skipped |= part.skipped  # busy when their batch came: they are retried below
-        done = min(total, start + step)
-        if progress is not None:
-            progress(done, total)
-        if spread > 0 and done < total:
-            ahead = t0 + spread * done / total - time.monotonic()
-            if ahead > 0:
-                await asyncio.sleep(ahead)
-    # Pages that were dirty but pinned, or being written by another writer, when the
-    # checkpoint began must still be written (or their writer's write must end); pages
-    # dirtied since are the next checkpoint's business.
-    waiting = set(held) | skipped | {(it[0], it[1]) for it, _ in claimed}
-    stalled: set[int] = set()
-    for attempt in range(PINNED_RETRIES):
-        if not waiting:
-            break
-        if claimed:
-            stuck = await settle_claims(pool, claimed, deadline)
-            if stuck:
-                stalled = {pid for _, pid in stuck}
-                break
-        else:
-            await asyncio.sleep(0.005 * (attempt + 1))
-        found = await collect_dirty(pool, {f for f, _ in waiting})
-        part = await write_items(
-            pool, [it for it in found.items if (it[0], it[1]) in waiting], fsync=False
-        )
-        _merge(result, part)
-        if part.errors:
-            raise part.errors[0]
-        claimed = [(it, pid) for it, pid in found.claimed if (it[0], it[1]) in waiting]
-        waiting &= set(found.held) | part.skipped | {(it[0], it[1]) for it, _ in claimed}
-    # Every file with pages written but not yet fsynced, whoever wrote them (a failed fsync
-    # panics the environment: RunRecovery, and nothing is recorded).
-    await fsync_pending(pool, None, result)
-    if result.errors:
-        raise result.errors[0]
-    if waiting:
-        why = (
-            f"writer process(es) {sorted(stalled)} did not finish within {pool.wait_timeout} s"
-            if stalled
-            else "pinned or being written"
-        )
-        result.incomplete += len(waiting)
-        result.stalled_writers |= stalled
-        raise Incomplete(
-            f"checkpoint: {len(waiting)} dirty page(s) stayed {why}; {result.written} written",
-            result=result,
-        )
     core = pool._core
-    core.w0[core.p + _P["last_checkpoint_ns"]] = time.time_ns()
-    _record(pool, "checkpoint", None)  # any complete checkpoint ends a run of failures
+    core.meta_words[core.pool_hdr + POOL_HEADER.word.last_checkpoint_ns] = time.time_ns()
+    record_attempt(pool, "checkpoint", None)  # any complete checkpoint ends a run of failures
     return result
-
-
-def _merge(total: SyncResult, part: SyncResult) -> None:
-    total.written += part.written
-    total.dropped += part.dropped
-    total.write_calls += part.write_calls
-    total.bytes_written += part.bytes_written
-    total.files_synced += part.files_synced

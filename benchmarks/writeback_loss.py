@@ -87,17 +87,16 @@ def _lost(home: str, pages: range) -> int:
 
 
 def _writing(pool: aiodbenv.Pool) -> int:
-    from aiodbenv.mpool.layout import BH_WRITING
-    from aiodbenv.mpool.table import B_HEAD, H_FLAGS, H_NEXT
+    from aiodbenv.mpool.layout import BH, BH_WRITING, BUCKET
 
     n = 0
     for cache in pool._core.caches:
         w = cache.words
         for bw in cache.bucket_words:
-            off = w[bw + B_HEAD]
+            off = w[bw + BUCKET.word.head]
             while off:
-                n += bool(w[(off >> 3) + H_FLAGS] & BH_WRITING)
-                off = w[(off >> 3) + H_NEXT]
+                n += bool(w[(off >> 3) + BH.word.flags] & BH_WRITING)
+                off = w[(off >> 3) + BH.word.next]
     return n
 
 

@@ -132,8 +132,7 @@ LIVE = r"""
 import asyncio, os, sys, time
 import aiodbenv
 from aiodbenv import CorruptRegion, RunRecovery
-from aiodbenv.mpool.table import B_HEAD, H_NEXT
-
+from aiodbenv.mpool.layout import BH, BUCKET
 async def main(home, ncache):
     env = await aiodbenv.Env.open(home, create=True, cache_size=256 * 1024, ncache=ncache)
     f = await env.pool.open_file("data.db", create=True)
@@ -143,9 +142,9 @@ async def main(home, ncache):
     core = env.pool._core
     # A cached page's bucket; its first buffer's link made to point at itself.
     cache, b = core.locate(f._fidx, 3)
-    head = int(cache.words[cache.bucket_words[b] + B_HEAD])
+    head = int(cache.words[cache.bucket_words[b] + BUCKET.word.head])
     assert head
-    cache.words[(head >> 3) + H_NEXT] = head
+    cache.words[(head >> 3) + BH.word.next] = head
     # A page of the same bucket that is not cached: its lookup must walk the loop.
     pgno = next(p for p in range(16, 100000) if core.locate(f._fidx, p) == (cache, b))
     t = time.monotonic()

@@ -32,7 +32,7 @@ import pytest
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.errors import Incomplete, LockTimeout, NoSpace, TryAgain
-from aiodbenv.mpool.table import _C, _TAG_FROM_BH, B_COUNT, B_HEAD, H_NEXT, H_REF, H_SIZE
+from aiodbenv.mpool.layout import BH, BUCKET, CACHE_HEADER, CHUNK_TAG_BEFORE_BH
 from aiodbenv.region.mutex import trylock, unlock
 
 from .conftest import spawn
@@ -61,20 +61,22 @@ def check_accounting(pool: aiodbenv.Pool, pinned: int = 0) -> None:
         refs = 0
         for bw in cache.bucket_words:
             n = 0
-            off = w[bw + B_HEAD]
+            off = w[bw + BUCKET.word.head]
             while off:
                 x = off >> 3
                 n += 1
-                linked_bytes += int(w[x + H_SIZE])
-                refs += int(w[x + H_REF])
-                assert w[x - _TAG_FROM_BH] == 0, "a linked buffer still carries a limbo tag"
-                off = w[x + H_NEXT]
-            assert n == w[bw + B_COUNT], "bucket count differs from its chain"
+                linked_bytes += int(w[x + BH.word.page_size])
+                refs += int(w[x + BH.word.ref])
+                assert w[x - CHUNK_TAG_BEFORE_BH] == 0, "a linked buffer still carries a limbo tag"
+                off = w[x + BH.word.next]
+            assert n == w[bw + BUCKET.word.count], "bucket count differs from its chain"
             linked += n
-        used = int(w[cache.hdr + _C["page_bytes_used"]])
+        used = int(w[cache.hdr + CACHE_HEADER.word.page_bytes_used])
         assert used == linked_bytes, f"page bytes used {used} != bytes in chains {linked_bytes}"
-        assert int(w[cache.hdr + _C["buffers"]]) == linked, "buffer count != buffers in chains"
-        assert used <= int(w[cache.hdr + _C["page_bytes"]])
+        assert int(w[cache.hdr + CACHE_HEADER.word.buffers]) == linked, (
+            "buffer count != buffers in chains"
+        )
+        assert used <= int(w[cache.hdr + CACHE_HEADER.word.page_bytes])
         assert refs == pinned, f"{refs} pins counted, {pinned} expected"
         with cache.alloc_mutex:
             assert cache.allocator.tagged() == [], "frames left outside every chain"
@@ -108,15 +110,15 @@ def lost_frames(pool: aiodbenv.Pool) -> int:
     cache = pool._core.caches[0]
     w = cache.words
     linked = sum(_chain(w, bw) for bw in cache.bucket_words)
-    return int(w[cache.hdr + _C["page_bytes_used"]]) // PS - linked
+    return int(w[cache.hdr + CACHE_HEADER.word.page_bytes_used]) // PS - linked
 
 
 def _chain(w: memoryview, bw: int) -> int:
     n = 0
-    off = w[bw + B_HEAD]
+    off = w[bw + BUCKET.word.head]
     while off:
         n += 1
-        off = w[(off >> 3) + H_NEXT]
+        off = w[(off >> 3) + BH.word.next]
     return n
 
 
@@ -157,8 +159,8 @@ async def test_cancelled_pins_lose_no_frame(env: aiodbenv.Env) -> None:
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     # Deferred work (reads finishing for cancelled pins) settles.
-    while env.pool._tasks:
-        await asyncio.gather(*list(env.pool._tasks), return_exceptions=True)
+    while env.pool._io.tasks:
+        await asyncio.gather(*list(env.pool._io.tasks), return_exceptions=True)
     check_accounting(env.pool)
     await hold_full_cache(f, 1000)
     await f.close()
@@ -215,7 +217,7 @@ async def main():
     # The two ways a pin holds a frame outside every chain, as a pin between _get_frame and
     # _insert does: a fresh frame, and a victim just unlinked. Then wait to be killed.
     fresh = core.alloc_buffer(cache, 4096)
-    victim = core.find_victim(cache, pool._can_write, aggressive=True)
+    victim = core.find_victim(cache, pool._io.registry, aggressive=True)
     assert victim is not None and not victim.dirty
     assert core.unlink_victim(victim)
     print("taken", fresh, victim.bh, flush=True)
@@ -521,8 +523,8 @@ async def test_sync_with_a_stopped_bucket_holder_is_bounded_and_loses_nothing(
     await asyncio.to_thread(child.wait, 30)
     await pool.sync()
     assert pool.stat().page_dirty == 0
-    while pool._tasks:
-        await asyncio.gather(*list(pool._tasks), return_exceptions=True)
+    while pool._io.tasks:
+        await asyncio.gather(*list(pool._io.tasks), return_exceptions=True)
     check_accounting(pool)
     await f.close()
 

@@ -8,21 +8,28 @@ READING, WRITING or FAILED, the bucket counts match the chains, no frame has lea
 chains, and every mutex (bucket, allocator, pool, file, environment) is free. Then the pages are
 read back (through the pool and from the file) to check that nothing was lost.
 
-The await points of the pool, from the code:
+The await points of the pool, from the code (module by module, see "Pool map" in
+docs/design.md):
 
-- ``PoolFile._pin``: ``Pool._await_read`` (another coroutine is reading the page),
-  ``Pool._get_frame`` (``_wait_frame_turn`` while every frame is pinned; ``_write_victim`` while
-  a dirty victim is written, then the back-off sleep after a failed write), ``Pool._fill`` (the
-  read itself, in a worker thread through ``_ReadBatcher`` when ``RWF_NOWAIT`` says the data
-  is not in the OS page cache; a read served by ``RWF_NOWAIT`` runs on the loop and has no
-  await point).
-- ``PoolFile.unpin``: none.
-- ``write_back`` / ``trickle``: each batch's shielded task (inside it, the open of a write
-  descriptor under the file's lock and the write's thread hop), ``settle_claims`` (a sync
-  waiting for pages another writer has claimed), the re-collect after it, then the shielded
-  fsync of every file with unsynced writes.
-- ``Pool._get_frame`` also awaits ``_take_over_dead_claims`` (a bucket walk that yields about
-  every millisecond) when it finds no victim; it changes only claims of dead processes.
+- ``PoolFile._pin`` (file.py): ``PoolReads._await_read`` (bhread.py: another coroutine is
+  reading the page), ``PoolFrames._get_frame`` (frames.py: ``_wait_frame_turn`` while every
+  frame is pinned; ``_write_victim`` while a dirty victim is written through
+  ``bhwrite.write_items``, then the back-off sleep after a failed write), ``PoolReads._fill``
+  (bhread.py: the read itself, in a worker thread through ``bh.ReadBatcher`` when
+  ``RWF_NOWAIT`` says the data is not in the OS page cache; a read served by ``RWF_NOWAIT``
+  runs on the loop and has no await point).
+- ``PoolFile.unpin`` (fput.py): none.
+- ``sync.write_back`` / ``trickle.trickle``: each batch's shielded task of
+  ``bhwrite.write_items`` (inside it, the open of a write descriptor under the file's lock,
+  ``BufferIO.write_fd``, and the write's thread hop), ``sync.settle_claims`` (a sync waiting
+  for pages another writer has claimed), the re-collect after it, then the shielded fsync of
+  every file with unsynced writes (``fsync.fsync_pending``).
+- ``PoolFrames._get_frame`` also awaits ``_take_over_dead_claims`` (a bucket walk that yields
+  about every millisecond) when it finds no victim; it changes only claims of dead processes.
+- ``Pool.open_file`` (fopen.py): ``PoolFiles._open``, the shielded task of ``_open_file`` (its
+  thread hop that opens the file); ``PoolFile.close`` (file.py): the shielded
+  ``PoolBase._to_end`` task of ``_finish_close`` (the pending unpins, the wait for the pool's
+  I/O tasks and the thread hop that closes the descriptor).
 - ``Env.close`` / ``PoolFile.close``: racing with any of the above.
 """
 
@@ -41,19 +48,8 @@ import pytest
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.errors import AiodbenvError, Incomplete
-from aiodbenv.mpool.layout import BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING
+from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING, BUCKET
 from aiodbenv.mpool.page import Page
-from aiodbenv.mpool.table import (
-    B_COUNT,
-    B_DIRTY,
-    B_HEAD,
-    H_FILE,
-    H_FLAGS,
-    H_IOPID,
-    H_NEXT,
-    H_PGNO,
-    H_REF,
-)
 from aiodbenv.region.mutex import NullMutex, SharedMutex, lib, trylock, unlock
 
 from .conftest import python
@@ -127,18 +123,18 @@ def assert_quiescent(env: aiodbenv.Env, held: Iterable[Page] = ()) -> None:
         linked = 0
         for b, bw in enumerate(cache.bucket_words):
             _check_mutex(cache.mutexes[b], f"bucket {b} of cache {cache.index}")
-            off = int(w[bw + B_HEAD])
+            off = int(w[bw + BUCKET.word.head])
             count = dirty = 0
             while off:
                 x = off >> 3
                 count += 1
                 assert count <= 100_000, f"bucket {b} chain loops"
-                flags = int(w[x + H_FLAGS])
-                ref = int(w[x + H_REF])
+                flags = int(w[x + BH.word.flags])
+                ref = int(w[x + BH.word.ref])
                 assert not flags & (BH_READING | BH_WRITING | BH_FAILED), (
                     f"buffer {off:#x} (bucket {b}) is stuck with flags {flags:#x}"
                 )
-                assert w[x + H_IOPID] == 0, f"buffer {off:#x} still names an I/O process"
+                assert w[x + BH.word.io_pid] == 0, f"buffer {off:#x} still names an I/O process"
                 expected = want.get((cache.index, off), 0)
                 assert ref == expected, (
                     f"buffer {off:#x} (bucket {b}) has ref {ref}, the test holds {expected}"
@@ -146,9 +142,13 @@ def assert_quiescent(env: aiodbenv.Env, held: Iterable[Page] = ()) -> None:
                 seen.add((cache.index, off))
                 if flags & BH_DIRTY:
                     dirty += 1
-                off = int(w[x + H_NEXT])
-            assert w[bw + B_COUNT] == count, f"bucket {b}: count {w[bw + B_COUNT]} != {count}"
-            assert w[bw + B_DIRTY] == dirty, f"bucket {b}: dirty {w[bw + B_DIRTY]} != {dirty}"
+                off = int(w[x + BH.word.next])
+            assert w[bw + BUCKET.word.count] == count, (
+                f"bucket {b}: count {w[bw + BUCKET.word.count]} != {count}"
+            )
+            assert w[bw + BUCKET.word.dirty] == dirty, (
+                f"bucket {b}: dirty {w[bw + BUCKET.word.dirty]} != {dirty}"
+            )
             linked += count
         assert cache.buffers() == linked, (
             f"cache {cache.index}: {cache.buffers()} buffers allocated, {linked} in the chains "
@@ -167,7 +167,7 @@ def assert_quiescent(env: aiodbenv.Env, held: Iterable[Page] = ()) -> None:
     assert pool._waiters == 0, f"{pool._waiters} read waiters left"
     assert pool._frame_waiting == 0, f"{pool._frame_waiting} frame waiters left"
     assert not pool._frame_queue, "frame queue not empty"
-    assert pool._reader._running == 0 and not pool._reader._queue, "reads still queued"
+    assert pool._io.reader._running == 0 and not pool._io.reader._queue, "reads still queued"
 
 
 async def settle(env: aiodbenv.Env, held: Iterable[Page] = (), timeout: float = 5.0) -> None:
@@ -205,12 +205,12 @@ def is_cached(f: aiodbenv.PoolFile, pgno: int) -> bool:
     """True if page ``pgno`` of ``f`` has a buffer (looked up without pinning it)."""
     cache, b = f._core.locate(f._fidx, pgno)
     w = cache.words
-    off = int(w[cache.bucket_words[b] + B_HEAD])
+    off = int(w[cache.bucket_words[b] + BUCKET.word.head])
     while off:
         x = off >> 3
-        if w[x + H_FILE] == f._fidx + 1 and w[x + H_PGNO] == pgno:
+        if w[x + BH.word.file] == f._fidx + 1 and w[x + BH.word.pgno] == pgno:
             return True
-        off = int(w[x + H_NEXT])
+        off = int(w[x + BH.word.next])
     return False
 
 
@@ -240,7 +240,7 @@ async def steps(k: int) -> None:
 def force_thread_reads(f: aiodbenv.PoolFile) -> None:
     """Make every read of ``f`` go to a worker thread, as if the OS page cache were cold."""
     assert f._fd is not None
-    f._pool._no_nowait.add(f._fd)
+    f._pool._io.no_nowait.add(f._fd)
 
 
 @pytest.fixture(params=["file", "system"])
@@ -343,7 +343,7 @@ async def test_pin_cancelled_during_its_thread_read(
         t = asyncio.create_task(f.pin(7))
         await io_started("pread")
         assert not t.done()
-        assert f._pool._reader._running == 1  # the read is in its worker thread
+        assert f._pool._io.reader._running == 1  # the read is in its worker thread
         t.cancel()
         assert isinstance(await outcome(t), asyncio.CancelledError)
         await settle(env)
@@ -416,7 +416,7 @@ async def test_pin_served_by_a_read_on_the_loop_has_no_await_point(
     task and no await: even a slow such read cannot be cancelled into, the pin completes in
     one step (with a clean victim or free space for its frame)."""
     f = data
-    if f._fd in f._pool._no_nowait:
+    if f._fd in f._pool._io.no_nowait:
         pytest.skip("this filesystem refuses RWF_NOWAIT")
     async with f.get(3):
         pass  # the file is in the OS page cache now (we also just wrote it)
@@ -434,7 +434,7 @@ async def test_pin_served_by_a_read_on_the_loop_has_no_await_point(
             coro.close()  # if it did suspend, do not leave it counted as a pin under way
     page = stop.value.value
     assert isinstance(page, Page) and bytes(page.data) == content(3)
-    assert slow.fired == 1 and f._pool._reader._running == 0  # read on the loop, no thread
+    assert slow.fired == 1 and f._pool._io.reader._running == 0  # read on the loop, no thread
     await settle(env, [page])
     await f.unpin(page)
     await settle(env)
@@ -928,7 +928,7 @@ async def main():
     env = await aiodbenv.Env.open(home, create=True, region=kind, cache_size=20480,
                                   page_size=PS, shm_key=key if kind == "system" else None)
     f = await env.pool.open_file("a.db", page_size=PS)
-    f._pool._no_nowait.add(f._fd)
+    f._pool._io.no_nowait.add(f._fd)
     if what in ("read", "frame-wait"):
         if what == "frame-wait":  # every frame pinned: the pin waits for one
             held = [await f.pin(i) for i in range(40)]
@@ -1022,3 +1022,83 @@ async def test_env_close_racing_with_io(home: str, shm_key: int, kind: str, what
     finally:
         await aiodbenv.Env.remove(home, force=True)
         os.remove(os.path.join(home, "a.db"))
+
+
+# -- (h) opening and closing a file -------------------------------------------------------------
+
+
+def open_fds() -> set[int]:
+    """This process's open descriptors (a cancelled open or close must not leak one)."""
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def open_entries(env: aiodbenv.Env) -> dict[int, int]:
+    """File slot -> open handles (all processes), for every slot in use."""
+    core = env.pool._core
+    return {i: core.file_field(i, "refcnt") for i in core.file_slots()}
+
+
+async def test_open_file_cancelled_at_every_step(env: aiodbenv.Env) -> None:
+    """Cancel ``pool.open_file`` after 0, 1, 2, ... loop iterations. Cancelled, it leaves no
+    descriptor open, no handle counted in the file table and nothing in the pool's files;
+    finished, the file reads and closes as usual."""
+    write_file(env.resolve("a.db"), 10)
+    pool = env.pool
+    fds = open_fds()
+    opened = 0
+
+    async def open_a() -> aiodbenv.PoolFile:
+        return await pool.open_file("a.db", page_size=PS)
+
+    for k in range(200):
+        t = asyncio.create_task(open_a())
+        await steps(k)
+        t.cancel()
+        res = await outcome(t)
+        if isinstance(res, aiodbenv.PoolFile):
+            await check_pages(res, {3: content(3)})
+            await res.close()
+            opened += 1
+            if opened >= 3:
+                break
+        else:
+            assert isinstance(res, asyncio.CancelledError), res
+        await settle(env)
+        await pool._quiesce()  # a cancelled open finishes, then closes, in the background
+        assert not pool._io.files, "a cancelled open left a file in the pool"
+        assert not any(open_entries(env).values()), f"handles left: {open_entries(env)}"
+        assert open_fds() <= fds, f"descriptors leaked: {sorted(open_fds() - fds)}"
+    assert opened, "the open never finished"
+    async with pool.open_file("a.db", page_size=PS) as f:
+        await check_pages(f, {i: content(i) for i in range(10)})
+    await settle(env)
+
+
+async def test_file_close_cancelled_at_every_step(env: aiodbenv.Env) -> None:
+    """Cancel ``PoolFile.close`` after 0, 1, 2, ... loop iterations, while one of its pages
+    is still pinned and dirty: the close still ends (the handle is gone from the file table,
+    its descriptor closed, its pin released), a second close is harmless, and the dirty page
+    reaches the disk at the next sync."""
+    write_file(env.resolve("a.db"), 10)
+    pool = env.pool
+    fds = open_fds()
+    for k in range(0, 120, 7):
+        f = await pool.open_file("a.db", page_size=PS)
+        page = await f.pin(2)
+        page.data[:4] = f"K{k:03d}".encode()
+        page.mark_dirty()
+        t = asyncio.create_task(f.close())
+        await steps(k)
+        t.cancel()
+        res = await outcome(t)
+        assert res is None or isinstance(res, asyncio.CancelledError), res
+        assert f.closed or k == 0, "a close that began must go on"  # k == 0: never began
+        await f.close()  # finishes one that never began; harmless otherwise
+        await pool._quiesce()
+        await settle(env)
+        assert not pool._io.files
+        assert not any(open_entries(env).values()), f"handles left: {open_entries(env)}"
+        assert open_fds() <= fds, f"descriptors leaked: {sorted(open_fds() - fds)}"
+        await pool.sync()
+        assert read_disk(env.resolve("a.db"), 2)[:4] == f"K{k:03d}".encode()
+    await settle(env)

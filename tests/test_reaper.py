@@ -24,8 +24,8 @@ import pytest
 
 import aiodbenv
 from aiodbenv.errors import CacheFull
+from aiodbenv.mpool.layout import BH, BUCKET, CACHE_HEADER, PINS_HALF
 from aiodbenv.mpool.reaper import REAP_INTERVAL
-from aiodbenv.mpool.table import B_HEAD, H_NEXT, H_REF, PINS_HALF
 from aiodbenv.region.layout import MAX_PROCS
 from aiodbenv.region.mutex import trylock, unlock
 from aiodbenv.region.registry import LOCK_FILE, Registry, process_start_time, read_slots
@@ -140,16 +140,16 @@ def pin_totals(e: aiodbenv.Env) -> dict[int, int]:
             if rc:
                 cache.mutexes[b].acquire_contended(rc)
             try:
-                off = int(w[bw + B_HEAD])
+                off = int(w[bw + BUCKET.word.head])
                 while off:
                     p = (off >> 1) + PINS_HALF
                     counts = halves[p : p + MAX_PROCS].tolist()
-                    assert w[(off >> 3) + H_REF] == sum(counts), (off, counts)
+                    assert w[(off >> 3) + BH.word.ref] == sum(counts), (off, counts)
                     for s, c in enumerate(counts):
                         if c:
                             assert s in live, f"slot {s} is free but holds {c} pin(s)"
                             totals[s] = totals.get(s, 0) + c
-                    off = int(w[(off >> 3) + H_NEXT])
+                    off = int(w[(off >> 3) + BH.word.next])
             finally:
                 unlock(cache.mptrs[b])
     return totals
@@ -403,7 +403,7 @@ async def test_recycled_pid_is_a_different_process(
                 p = (bh >> 1) + PINS_HALF
                 with cache.mutexes[page._bucket]:
                     cache.halves[p + slot] += 2
-                    cache.words[(bh >> 3) + H_REF] += 2
+                    cache.words[(bh >> 3) + BH.word.ref] += 2
             assert sum(pin_totals(env).values()) == 2
             reaped = env.pool.reap()
         assert [(x.slot, x.pid, x.pins) for x in reaped] == [(slot, other.pid, 2)]
@@ -431,7 +431,7 @@ async def test_a_frame_in_flight_of_a_dead_process_with_a_recycled_pid_is_freed(
 ) -> None:
     """A frame taken but not yet linked carries its taker's pid; when that pid names a live
     process again, only the registry knows the taker died: the reaper frees the frame."""
-    from aiodbenv.mpool.table import _C, _TAG_FROM_BH
+    from aiodbenv.mpool.layout import CHUNK_TAG_BEFORE_BH
     from aiodbenv.region import registry as r
 
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -441,10 +441,10 @@ async def test_a_frame_in_flight_of_a_dead_process_with_a_recycled_pid_is_freed(
         core = e.pool._core
         cache = core.caches[0]
         w = cache.words
-        buffers = int(w[cache.hdr + _C["buffers"]])
+        buffers = int(w[cache.hdr + CACHE_HEADER.word.buffers])
         bh = core.alloc_buffer(cache, PS)
         assert bh
-        w[(bh >> 3) - _TAG_FROM_BH] = other.pid  # taken by "other"
+        w[(bh >> 3) - CHUNK_TAG_BEFORE_BH] = other.pid  # taken by "other"
         assert core.reclaim_lost_buffers(cache) == 0  # the pid runs: it looks alive
         # The taker's slot: its lock byte free, its pid now another process's (recycled).
         slot = MAX_PROCS - 3
@@ -455,8 +455,8 @@ async def test_a_frame_in_flight_of_a_dead_process_with_a_recycled_pid_is_freed(
             rw[base + r._P["state"]] = r.IN_USE
             rw[_env_refcnt_word(e)] += 1
         assert [x.pid for x in e.pool.reap()] == [other.pid]
-        assert w[(bh >> 3) - _TAG_FROM_BH] == 0
-        assert w[cache.hdr + _C["buffers"]] == buffers  # the frame is back
+        assert w[(bh >> 3) - CHUNK_TAG_BEFORE_BH] == 0
+        assert w[cache.hdr + CACHE_HEADER.word.buffers] == buffers  # the frame is back
         assert e.stat().handles == 1
     finally:
         other.kill()
@@ -609,7 +609,7 @@ async def test_a_busy_bucket_never_blocks_the_reaper(env: aiodbenv.Env, home: st
             w[_env_refcnt_word(env)] += 1
         with cache.mutexes[b]:
             cache.halves[(bh >> 1) + PINS_HALF + slot] = 1
-            cache.words[(bh >> 3) + H_REF] += 1
+            cache.words[(bh >> 3) + BH.word.ref] += 1
         assert trylock(cache.mptrs[b]) == 0  # "another process" holds the bucket
         try:
             t0 = time.monotonic()

@@ -37,8 +37,7 @@ import aiodbenv
 from aiodbenv import _io
 from aiodbenv._workers import last_checkpoint, run_checkpoint
 from aiodbenv.errors import Incomplete, NoSpace, RunRecovery
-from aiodbenv.mpool.layout import BH_DIRTY, BH_WRITING
-from aiodbenv.mpool.table import _F, B_DIRTY, B_HEAD, H_FILE, H_FLAGS, H_NEXT, H_PGNO
+from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_WRITING, BUCKET, FILE_ENTRY
 
 from .conftest import REPO
 
@@ -151,13 +150,13 @@ def frames(pool: aiodbenv.Pool) -> tuple[int, int, int]:
     for cache in pool._core.caches:
         w = cache.words
         for bw in cache.bucket_words:
-            counted += int(w[bw + B_DIRTY])
-            off = w[bw + B_HEAD]
+            counted += int(w[bw + BUCKET.word.dirty])
+            off = w[bw + BUCKET.word.head]
             while off:
                 x = off >> 3
-                writing += bool(w[x + H_FLAGS] & BH_WRITING)
-                dirty += bool(w[x + H_FLAGS] & BH_DIRTY)
-                off = w[x + H_NEXT]
+                writing += bool(w[x + BH.word.flags] & BH_WRITING)
+                dirty += bool(w[x + BH.word.flags] & BH_DIRTY)
+                off = w[x + BH.word.next]
     return writing, dirty, counted
 
 
@@ -166,12 +165,12 @@ def cached_dirty(pool: aiodbenv.Pool) -> set[int]:
     for cache in pool._core.caches:
         w = cache.words
         for bw in cache.bucket_words:
-            off = w[bw + B_HEAD]
+            off = w[bw + BUCKET.word.head]
             while off:
                 x = off >> 3
-                if w[x + H_FLAGS] & BH_DIRTY and w[x + H_FILE]:
-                    out.add(int(w[x + H_PGNO]))
-                off = w[x + H_NEXT]
+                if w[x + BH.word.flags] & BH_DIRTY and w[x + BH.word.file]:
+                    out.add(int(w[x + BH.word.pgno]))
+                off = w[x + BH.word.next]
     return out
 
 
@@ -181,7 +180,10 @@ def unsynced_files(pool: aiodbenv.Pool) -> list[str]:
     out = []
     for fidx in core.file_slots():
         e = core.entry(fidx)
-        if core.w0[e + _F["written_gen"]] > core.w0[e + _F["synced_gen"]]:
+        if (
+            core.meta_words[e + FILE_ENTRY.word.written_gen]
+            > core.meta_words[e + FILE_ENTRY.word.synced_gen]
+        ):
             out.append(core.file_name(fidx) or "?")
     return out
 
@@ -581,7 +583,7 @@ def test_sync_of_a_file_this_process_never_opened(fhome: str, op: str) -> None:
             assert frames(pool) == (0, 0, 0)
             assert unsynced_files(pool) == []
             assert missing_pages(os.path.join(fhome, "data"), list(range(0, 1024, 2))) == []
-            assert len(pool._wfds) == 1  # one descriptor, owned by the pool
+            assert len(pool._io.wfds) == 1  # one descriptor, owned by the pool
             assert unhandled == []
         finally:
             await env.close()
@@ -637,17 +639,17 @@ def test_a_batch_that_fails_unexpectedly_is_reported_and_releases_its_claims(hom
             pool = env.pool
             async with pool.open_file("data", create=True) as f:
                 await _dirty(f, 200)  # several batches, two in flight
-                real = pool._fd_for_write
+                real = pool._io.fd_for_write
 
                 def broken(fidx: int) -> int | None:
                     raise RuntimeError("injected failure inside a batch")
 
-                pool._fd_for_write = broken  # type: ignore[method-assign]
+                pool._io.fd_for_write = broken  # type: ignore[method-assign]
                 try:
                     with pytest.raises(RuntimeError, match="injected failure"):
                         await pool.sync()
                 finally:
-                    pool._fd_for_write = real  # type: ignore[method-assign]
+                    pool._io.fd_for_write = real  # type: ignore[method-assign]
                 writing, dirty, counted = frames(pool)
                 assert writing == 0 and dirty == counted == 200
                 r = await pool.sync()

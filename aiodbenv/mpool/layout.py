@@ -11,7 +11,7 @@ All offsets are byte offsets within the region that holds the structure; 0 means
 
 from __future__ import annotations
 
-from ..region.layout import MAX_PROCS, MUTEX_SLOT, WORD, Layout
+from ..region.layout import ALLOC_CHUNK, MAX_PROCS, MUTEX_SLOT, REGION_HEADER, WORD, Layout
 
 __all__ = [
     "BH",
@@ -22,6 +22,8 @@ __all__ = [
     "BH_WRITING",
     "BUCKET",
     "CACHE_HEADER",
+    "CACHE_HEADER_AT",
+    "CHUNK_TAG_BEFORE_BH",
     "FF_CHECKSUM",
     "FF_DEAD",
     "FF_NOFILE",
@@ -34,7 +36,10 @@ __all__ = [
     "HANDLE_STATS",
     "MAX_FILES",
     "MAX_PGNO",
+    "PINS_HALF",
+    "PIN_CLOCK",
     "POOL_HEADER",
+    "POOL_HEADER_AT",
     "WORKER_ERROR_WORDS",
     "WORKER_STATE_FIELDS",
 ]
@@ -93,7 +98,7 @@ BH = Layout(
     "bh",
     [
         ("next", 1),  # next BH in the bucket chain
-        ("file", 1),  # file index + 1
+        ("file", 1),  # the file's tag: its slot number + 1 (0: no file)
         ("pgno", 1),
         ("ref", 1),  # pins, in every process
         ("flags", 1),  # BH_*
@@ -232,3 +237,23 @@ FILE_ENTRY = Layout(
         ("mutex", MUTEX_SLOT),  # pages (NEW/CREATE extension)
     ],
 )
+
+# Fixed positions (byte offsets from the start of a cache's region).
+#: Every cache's CACHE_HEADER follows its region header.
+CACHE_HEADER_AT = REGION_HEADER.size
+#: The POOL_HEADER follows the cache header, in cache 0 only.
+POOL_HEADER_AT = CACHE_HEADER_AT + CACHE_HEADER.size
+
+#: Offset of a buffer's per-slot pin counts in 16-bit units: ``halves[bh // 2 + PINS_HALF + s]``
+#: is the pins of registry slot ``s`` in the buffer at byte offset ``bh``.
+PINS_HALF = BH.offset("pins") // 2
+
+#: The clock a buffer's first pin is stamped with: Linux's CLOCK_MONOTONIC_COARSE (the time
+#: module does not name it). System-wide, so stamps compare across processes, and cheap: a
+#: few ns in C, so the hit path barely notices it. The compiled accelerator reads the same.
+PIN_CLOCK = 6
+
+#: A buffer's allocator-chunk tag word, in words before the buffer header: the pid of a
+#: process that holds the buffer outside any bucket (just allocated, or unlinked as a victim),
+#: else 0 (see PoolCore.reclaim_lost_buffers).
+CHUNK_TAG_BEFORE_BH = (ALLOC_CHUNK.size - ALLOC_CHUNK.offset("tag")) // WORD

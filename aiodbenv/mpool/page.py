@@ -8,8 +8,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .cache import Cache
+    from .fget import PageAccess
     from .file import PoolFile
-    from .table import Cache
 
 __all__ = ["PAGE_CLEAN", "PAGE_DIRTY", "PAGE_DISCARD", "Page", "PinContext"]
 
@@ -31,7 +32,7 @@ class Page:
 
     def __init__(
         self,
-        file: PoolFile,
+        file: PageAccess,
         pgno: int,
         data: memoryview,
         cache: Cache | None,
@@ -69,7 +70,7 @@ class Page:
 
     def __repr__(self) -> str:
         state = "pinned" if self._bh >= 0 else "unpinned"
-        return f"<Page {self.pgno} of {self._file.name!r} {state}>"
+        return f"<Page {self.pgno} of {self._file._path!r} {state}>"
 
 
 class PinContext:

@@ -41,11 +41,20 @@ from ..region.layout import MAX_PROCS
 from ..region.mutex import SYNC_WAIT, _wait_bound, step_waits
 from ..region.mutex import trylock as _trylock
 from ..region.registry import ProcInfo
-from .layout import BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING
-from .table import B_HEAD, H_FILE, H_FLAGS, H_IOPID, H_PGNO, H_REF, PINS_HALF, Cache
+from .cache import Cache
+from .layout import (
+    BH,
+    BH_DIRTY,
+    BH_FAILED,
+    BH_READING,
+    BH_WRITING,
+    BUCKET,
+    PINS_HALF,
+)
+from .sync import take_over_claim
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from .handle import PoolBase
 
 __all__ = ["REAP_INTERVAL", "Reaped", "reap"]
 
@@ -80,12 +89,12 @@ class Reaped:
     claims: int = 0
 
 
-def reap(pool: Pool) -> list[Reaped]:
+def reap(pool: PoolBase) -> list[Reaped]:
     """Reap every dead handle of the environment (see the module docstring); returns what
     was done, one entry per slot. Does nothing for a private environment. Synchronous and
     bounded: one walk of the buckets per dead handle, one bucket mutex at a time."""
-    reg = pool._env.registry
-    if reg is None or pool._env.closed:
+    reg = pool._env_core.registry
+    if reg is None or pool._env_core.closed:
         return []
     out = []
     for slot in reg.dead_slots():
@@ -116,13 +125,13 @@ def reap(pool: Pool) -> list[Reaped]:
     return out
 
 
-def _reclaim_frames(pool: Pool, pids: set[int]) -> None:
+def _reclaim_frames(pool: PoolBase, pids: set[int]) -> None:
     """Free the frames the reaped processes had taken but not linked to a page (a frame in
     flight when they died). The frame-starved pin's own look trusts only a pid that is gone;
     the registry knows more: a reaped handle's pid is dead even if it names a process again
     (recycled), unless that is a live handle's. Best effort: a busy mutex leaves them to that
     look."""
-    reg = pool._env.registry
+    reg = pool._env_core.registry
     assert reg is not None
     live = {p.pid for p in reg.live() if p.slot == reg.slot or not reg.is_dead(p.slot)}
     dead = frozenset(pids - live - {pool._pid})
@@ -155,9 +164,9 @@ def _patiently(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         _wait_bound.reset(token)
 
 
-def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
+def _reap_slot(pool: PoolBase, info: ProcInfo) -> Reaped:
     core = pool._core
-    reg = pool._env.registry
+    reg = pool._env_core.registry
     assert reg is not None
     s, pid = info.slot, info.pid
     # A live handle with the same pid (a recycled one) owns any read or write claim by it.
@@ -171,7 +180,7 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
             w = cache.words
             halves = cache.halves
             for b, bw in enumerate(cache.bucket_words):
-                if not w[bw + B_HEAD]:
+                if not w[bw + BUCKET.word.head]:
                     continue
                 _lock(cache, b)
                 try:
@@ -181,24 +190,24 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
                         x = off >> 3
                         p = (off >> 1) + PINS_HALF
                         held = int(halves[p + s])
-                        flags = int(w[x + H_FLAGS])
+                        flags = int(w[x + BH.word.flags])
                         if held:
                             halves[p + s] = 0
                             done.pins += held
-                            fidx = int(w[x + H_FILE]) - 1
+                            fidx = int(w[x + BH.word.file]) - 1
                             if fidx not in names:
                                 names[fidx] = core.file_name(fidx) or f"#{fidx}"
-                            done.pages.append((names[fidx], int(w[x + H_PGNO])))
+                            done.pages.append((names[fidx], int(w[x + BH.word.pgno])))
                             if flags & BH_DIRTY:
                                 done.dirty += 1
                         ref = sum(halves[p : p + MAX_PROCS])
-                        if w[x + H_REF] != ref:
-                            w[x + H_REF] = ref
-                        dead_io = int(w[x + H_IOPID]) == pid and pid not in others
+                        if w[x + BH.word.ref] != ref:
+                            w[x + BH.word.ref] = ref
+                        dead_io = int(w[x + BH.word.io_pid]) == pid and pid not in others
                         if flags & BH_READING and dead_io and held:
                             # Its read will never finish: waiters see FAILED and retry.
                             cache.unlink(b, off)
-                            w[x + H_FLAGS] = BH_FAILED
+                            w[x + BH.word.flags] = BH_FAILED
                             done.reads += 1
                             if not ref:
                                 freed.append((cache, off))
@@ -208,8 +217,6 @@ def _reap_slot(pool: Pool, info: ProcInfo) -> Reaped:
                     cache.unlock(b)
     finally:
         # Also when a busy bucket cut the walk short: what was done so far is finished.
-        from .sync import take_over_claim
-
         for cache, b, off in claims:
             try:
                 with step_waits():

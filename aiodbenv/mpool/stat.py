@@ -11,8 +11,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .layout import FF_NOFILE, FF_TEMP
-from .table import B_DIRTY, PIN_CLOCK, PoolCore
+from .alloc import PoolCore
+from .layout import (
+    BUCKET,
+    FF_NOFILE,
+    FF_TEMP,
+    PIN_CLOCK,
+)
 
 __all__ = ["FileStat", "PoolStat", "file_stat", "pool_stat"]
 
@@ -168,7 +173,7 @@ def pool_stat(core: PoolCore, reaper: tuple[int, int, int] = (0, 0, 0)) -> PoolS
     for cache in core.caches:
         pages += cache.buffers()
         w = cache.words
-        dirty += sum(int(w[bw + B_DIRTY]) for bw in cache.bucket_words)
+        dirty += sum(int(w[bw + BUCKET.word.dirty]) for bw in cache.bucket_words)
         if core.shared:
             wt, nw = cache.bucket_mutex_stats()
             waits += wt

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 from ..errors import CorruptRegion, LockTimeout, RunRecovery
 from . import pthread_cdef as cdef
@@ -146,23 +146,6 @@ _W_WAITS = MUTEX_SLOT.offset("waits") // WORD
 _W_NOWAITS = MUTEX_SLOT.offset("nowaits") // WORD
 _W_OWNER_DIED = MUTEX_SLOT.offset("owner_died") // WORD
 _W_HOLDER = MUTEX_SLOT.offset("holder_pid") // WORD
-
-
-class Mutex(Protocol):
-    """What region code needs of a mutex: a context manager plus its statistics."""
-
-    name: str
-
-    def __enter__(self) -> None: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    def stats(self) -> tuple[int, int, int]: ...
 
 
 class SharedMutex:
@@ -355,3 +338,7 @@ class NullMutex:
     def holder_pid(self) -> int:
         """Always 0."""
         return 0
+
+
+#: Either kind of mutex: a shared one in a region, or the no-op one of a private environment.
+Mutex = SharedMutex | NullMutex

@@ -11,7 +11,6 @@ int pthread_mutexattr_destroy(void *attr);
 int pthread_mutexattr_setpshared(void *attr, int pshared);
 int pthread_mutexattr_setrobust(void *attr, int robust);
 int pthread_mutex_init(void *mutex, const void *attr);
-int pthread_mutex_destroy(void *mutex);
 int pthread_mutex_lock(void *mutex);
 int pthread_mutex_trylock(void *mutex);
 int pthread_mutex_timedlock(void *mutex, const void *abstime);

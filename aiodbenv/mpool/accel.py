@@ -1,0 +1,82 @@
+"""The compiled accelerator's pool functions, loaded and configured in one place.
+
+:mod:`aiodbenv.region.mutex` loads the compiled module (or the ABI fallback); this module hands
+its pool functions the layout once, at import, and names them for the pool's modules. When the
+accelerator is not in use (no compiler at install time, or ``AIODBENV_MUTEX=abi``) every
+function here is None and the callers run their Python twins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..region.layout import MUTEX_SLOT
+from ..region.mutex import ffi, speedups
+from .accel_layout import NAMES
+from .layout import BH, BH_DIRTY, BH_READING, BH_REDIRTIED, BH_WRITING, BUCKET, CACHE_HEADER
+from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD
+
+__all__ = ["COMPILED", "CORRUPT", "collect", "pin_hit", "pin_one_cache", "snapshot", "unpin_at"]
+__all__ += ["layout_values", "write_done"]
+
+
+def layout_values() -> list[int]:
+    """The value of every name of :data:`~aiodbenv.mpool.accel_layout.NAMES`, in its order."""
+    h, b, c = BH.word, BUCKET.word, CACHE_HEADER.word
+    values = {
+        "H_NEXT": h.next,
+        "H_FILE": h.file,
+        "H_PGNO": h.pgno,
+        "H_REF": h.ref,
+        "H_FLAGS": h.flags,
+        "H_PRIO": h.priority,
+        "H_IOPID": h.io_pid,
+        "H_SIZE": h.page_size,
+        "H_PINAT": h.pinned_at,
+        "H_PINS": h.pins,
+        "B_HEAD": b.head,
+        "B_DIRTY": b.dirty,
+        "C_LRU": c.lru_counter,
+        "C_BUFFERS": c.buffers,
+        "BH_READING": BH_READING,
+        "BH_DIRTY": BH_DIRTY,
+        "BH_WRITING": BH_WRITING,
+        "BH_REDIRTIED": BH_REDIRTIED,
+        "PAGE_DIRTY": PAGE_DIRTY,
+        "PAGE_CLEAN": PAGE_CLEAN,
+        "PAGE_DISCARD": PAGE_DISCARD,
+        "BH_DATA": BH.size,
+        # The C lock helper counts an uncontended lock at ``nowaits`` and finds ``waits`` this
+        # many words before it.
+        "WAITS_FROM_NOWAITS": MUTEX_SLOT.word.nowaits - MUTEX_SLOT.word.waits,
+    }
+    return [values[n] for n in NAMES]
+
+
+#: True when the compiled functions below are in use.
+COMPILED = speedups is not None
+# The functions are cffi builtins (untyped); None when the Python twins run instead.
+pin_hit: Any = None
+pin_one_cache: Any = None
+unpin_at: Any = None
+snapshot: Any = None
+write_done: Any = None
+collect: Any = None
+#: What the compiled functions return for an offset that fails its check (0: never returned).
+CORRUPT = 0
+
+if speedups is not None:
+    _values = layout_values()
+    if not speedups.aiodb_set_layout(ffi.new("uint64_t[]", _values), len(_values)):
+        # Built from another list of names than this tree's: its offsets would be wrong.
+        raise ImportError(
+            "aiodbenv._speedups was built from another layout list; rebuild it "
+            "(pip install -e . or python aiodbenv/_speedups_build.py) or set AIODBENV_MUTEX=abi"
+        )
+    pin_hit = speedups.aiodb_pin_hit
+    pin_one_cache = speedups.aiodb_pin_one_cache
+    unpin_at = speedups.aiodb_unpin_at
+    snapshot = speedups.aiodb_snapshot
+    write_done = speedups.aiodb_write_done
+    collect = speedups.aiodb_collect
+    CORRUPT = speedups.AIODB_CORRUPT

@@ -1,0 +1,130 @@
+"""Durability by generation (Berkeley DB's mp_sync.c, its fsync half).
+
+Every successful page write bumps its file entry's ``written_gen``; :func:`fsync_pending`
+fsyncs every file whose ``written_gen`` is ahead of ``synced_gen``, whoever wrote to it, and
+records what each fsync covered. A failed fsync panics the environment (see
+:mod:`aiodbenv.mpool.sync`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+
+from .. import _io
+from .bhwrite import SyncResult
+from .layout import (
+    FF_DEAD,
+    FF_NOFILE,
+    FF_TEMP,
+    FILE_ENTRY,
+    MAX_FILES,
+)
+
+if TYPE_CHECKING:
+    from .handle import PoolBase
+
+__all__ = ["fsync_pending"]
+
+logger = logging.getLogger("aiodbenv")
+
+
+async def fsync_pending(pool: PoolBase, files: set[int] | None, result: SyncResult) -> None:
+    """fsync every file (of ``files``, or all) with page writes not yet covered by an fsync,
+    whoever wrote them (one worker-thread hop), and record what each fsync covered.
+
+    A file is fsynced through this process's descriptor if it has one, else through one
+    opened by its path just for this (fsync flushes the file, whatever descriptor wrote it).
+    Temporary and nofile files are never made durable. A failed fsync panics the environment
+    and raises :class:`~aiodbenv.errors.RunRecovery` (see the module docstring).
+
+    Cancellation: the fsyncs under way finish as a task of the pool, recording what they
+    covered (or panicking); the caller gets CancelledError.
+    """
+    core = pool._core
+    w0 = core.meta_words
+    targets: list[tuple[int, int | None, str | None, int]] = []
+    # The slot may be freed and reused by another file while the fsync runs: what it covered
+    # is recorded only if the slot still holds the same file.
+    ids: dict[int, bytes] = {}
+    for fidx in range(MAX_FILES) if files is None else sorted(files):
+        e = core.entry(fidx)
+        if not e or w0[e + FILE_ENTRY.word.flags] & (FF_DEAD | FF_NOFILE | FF_TEMP):
+            continue
+        gen = int(w0[e + FILE_ENTRY.word.written_gen])
+        if gen <= w0[e + FILE_ENTRY.word.synced_gen]:
+            continue
+        fd = pool._io.fd_for_write(fidx)
+        path = None if fd is not None else core.file_name(fidx)
+        if fd is not None or path is not None:
+            targets.append((fidx, fd, path, gen))
+            ids[fidx] = core.fileid(fidx)
+    if not targets:
+        return
+    _io.step("fsync_begin")
+
+    # Per target: None (fsynced), ("open", err): it could not be opened (an ordinary error:
+    # nothing was lost yet), ("fsync", err): the fsync failed (fatal).
+    Outcome = tuple[str, OSError] | None
+
+    def run() -> list[Outcome]:
+        res: list[Outcome] = []
+        for _fidx, fd, path, _gen in targets:
+            if fd is None:
+                assert path is not None
+                try:
+                    own = _io.open_file(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as err:
+                    res.append(("open", err))
+                    continue
+            try:
+                _io.fsync(own if fd is None else fd)
+                res.append(None)
+            except OSError as err:
+                res.append(("fsync", err))
+            finally:
+                if fd is None:
+                    os.close(own)
+        return res
+
+    async def job() -> list[Outcome]:
+        # Records (or panics) inside the pool's task, so a cancelled caller changes nothing.
+        res = await anyio.to_thread.run_sync(run, limiter=pool._io.limiter)
+        for i, ((fidx, _fd, path, gen), out) in enumerate(zip(targets, res)):
+            e = core.entry(fidx)
+            if (
+                out is not None
+                and out[0] == "open"
+                and isinstance(out[1], FileNotFoundError)
+                and e
+                and not w0[e + FILE_ENTRY.word.refcnt]
+            ):
+                # Closed everywhere and then removed: nothing is left to make durable, and
+                # the next sync must not fail on it again.
+                logger.warning("%s was removed before its last writes were fsynced", path)
+                res[i] = out = None
+            if out is None:
+                if e and core.fileid(fidx) == ids[fidx]:
+                    with core.file_mutex(fidx):
+                        if w0[e + FILE_ENTRY.word.synced_gen] < gen:
+                            w0[e + FILE_ENTRY.word.synced_gen] = gen
+            elif out[0] == "fsync":
+                pool._fsync_failed(path or core.file_name(fidx) or f"file slot {fidx}", out[1])
+        return res
+
+    task = pool._io.spawn(job())
+    try:
+        outcomes = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        pool._io.orphan(task, "an fsync")
+        raise
+    for out in outcomes:
+        if out is None:
+            result.files_synced += 1
+        else:
+            result.errors.append(out[1])
+    _io.step("fsync_end")

@@ -1,0 +1,444 @@
+"""The state of one pool handle and the helpers every layer of ``Pool`` uses.
+
+:class:`PoolBase` is the bottom layer of :class:`~aiodbenv.mpool.pool.Pool`: what the handle
+holds (its core, its I/O owner, its waiters), the checks every call makes (a forked process, a
+closing or panicked environment), the bounded lock waits of the slow paths
+(:meth:`~PoolBase._attempt`, :meth:`~PoolBase._locked`, :meth:`~PoolBase._settle`: each takes a
+small synchronous critical section that locks first), the wake-ups of waiters, and the look for
+dead processes. The layers above it: frames (:mod:`~aiodbenv.mpool.frames`), reading pages in
+(:mod:`~aiodbenv.mpool.bhread`), opening files (:mod:`~aiodbenv.mpool.fopen`), the public calls
+(:mod:`~aiodbenv.mpool.pool`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..errors import (
+    ForkedProcessError,
+    InvalidArgument,
+    LockTimeout,
+    RunRecovery,
+)
+from ..region.backing import Region
+from ..region.layout import MAX_PROCS
+from ..region.mutex import BUSY, Busy, _wait_bound, step_waits
+from ..region.mutex import STEP_WAIT as _STEP_WAIT
+from .alloc import PoolCore
+from .bh import BufferIO
+from .layout import (
+    BH,
+    BUCKET,
+    HANDLE_STATS,
+    PINS_HALF,
+    POOL_HEADER,
+)
+from .reaper import REAP_INTERVAL, Reaped, reap
+
+if TYPE_CHECKING:
+    from ..region.environment import EnvCore
+
+__all__ = ["PoolBase"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("aiodbenv")
+
+
+#: The frame-waiter poll (for frames released by other processes): first and longest step.
+POLL_MIN = 0.0002
+POLL_MAX = 0.005
+
+
+class PoolBase:
+    """The bottom layer of a pool handle: its state, checks, lock waits and wake-ups."""
+
+    def __init__(self, env: EnvCore, regions: list[Region], shared: bool) -> None:
+        self._env_core = env
+        core = PoolCore(regions, shared, env.panic)
+        self._core = core
+        self._panic_words, self._panic_index = env.panic_word()
+        self._hs = core.attach_handle()
+        self._pid = os.getpid()
+        #: The I/O: descriptors, page transforms, worker threads, I/O tasks, write counters.
+        self._io = BufferIO(
+            core,
+            self._hs,
+            self._pid,
+            settle=self._settle,
+            notify=self._notify,
+            closing=lambda: self._closing,
+        )
+        self._claims_swept = 0.0  # when _get_frame last looked for dead writers' claims
+        #: This handle's registry slot: the per-buffer pin counts it changes (0: private).
+        self._slot = env.registry.slot if env.registry is not None else 0
+        self._reaped_at = 0.0  # when the reaper last looked, from a frame or sync wait
+        self._reaper_task: asyncio.Task[None] | None = None
+        self._reaped_at_open: list[Reaped] = []  # for failchk: what opening this handle reaped
+        self._changed: asyncio.Event | None = None
+        self._waiters = 0
+        # Coroutines waiting for a frame, first come first served: each released frame wakes
+        # the first one (one wake-up per frame, not a stampede). Frames freed by other
+        # processes are only seen by polling, which one timer does for the whole queue.
+        self._frame_queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._frame_poll: asyncio.TimerHandle | None = None
+        self._frame_poll_delay = POLL_MIN
+        #: Wake-ups handed to frame waiters: by a released frame, and by the poll timer.
+        self.frame_wakeups = 0
+        self.frame_polls = 0
+        self._frame_waiting = 0  # coroutines inside _wait_frame_turn
+        self._reclaimed_at: dict[int, float] = {}  # cache index -> last look for lost frames
+        self._closed = False
+        # Closing waits for all of this: coroutines inside a slow path (a miss, a sync) and the
+        # tasks the pool spawned for I/O (fills, read batches, write batches, fsyncs), so that
+        # no descriptor is closed and no region detached under a read or write in flight.
+        self._closing = False
+        self._last_yield = time.monotonic()
+        self._since_yield = 0
+        self._busy = 0
+        # Dirty unpins in this process since a worker last looked, and who to wake.
+        self._dirtied_w = self._hs + HANDLE_STATS.word.dirtied_bytes
+        self._dirty_pages = 0
+        self._dirty_wake_at = 0  # 0: nobody is listening
+        self._dirty_event: asyncio.Event | None = None
+        #: Raise CacheFull at once when every frame is pinned, instead of waiting.
+        self.fail_fast = False
+        #: Seconds a pin waits for a frame before raising CacheFull.
+        self.wait_timeout = 30.0
+
+    def _check(self) -> None:
+        if os.getpid() != self._pid:
+            raise ForkedProcessError(
+                "this pool handle belongs to another process; open the environment again"
+            )
+        if self._closed or self._closing:
+            raise InvalidArgument(
+                "the environment is closed" if self._closed else "the environment is closing"
+            )
+        if self._env_core.panicked:
+            self._check_panic()
+
+    def _check_panic(self) -> None:
+        """Raise RunRecovery if the environment is panicked, saying why if it was a failed
+        fsync (in any process)."""
+        fsync_err = self._fsync_failure() if self._env_core.panicked else None
+        if fsync_err:
+            raise RunRecovery(
+                f"PANIC: environment {self._env_core.home} is panicked: {fsync_err}; run "
+                "recovery (close every handle, remove the environment and open it again)"
+            )
+        self._env_core.check_panic()
+
+    def _fsync_failure(self) -> str | None:
+        """What failed, if the environment panicked because an fsync failed (any process)."""
+
+        core = self._core
+        w0 = core.meta_words
+        code = int(w0[core.pool_hdr + POOL_HEADER.word.fsync_errno])
+        if not code:
+            return None
+        off, n = (
+            int(w0[core.pool_hdr + POOL_HEADER.word.fsync_name_off]),
+            int(w0[core.pool_hdr + POOL_HEADER.word.fsync_name_len]),
+        )
+        name = core.meta_bytes(off, n).decode("utf-8", "surrogateescape") if off else "a file"
+        return (
+            f"fsync of {name} failed with errno {code} ({errno.errorcode.get(code, '?')}: "
+            f"{os.strerror(code)}); pages written to it may be lost"
+        )
+
+    def _fsync_failed(self, name: str, err: OSError) -> None:
+        """An fsync failed: panic the environment and raise RunRecovery (never returns).
+
+        After a failed fsync the kernel may have dropped the dirty pages it could not write
+        and marked them clean, so a second fsync can succeed with the data gone (PostgreSQL's
+        "fsyncgate"). No page of the pool can be trusted to be on disk any more: every process
+        must stop and recover, and no later call may report success.
+        """
+
+        core = self._core
+        w0 = core.meta_words
+        code = err.errno or errno.EIO
+        if not w0[
+            core.pool_hdr + POOL_HEADER.word.fsync_errno
+        ]:  # the first failure is the one reported
+            raw = name.encode("utf-8", "surrogateescape")[:4096]
+            try:
+                off = core.meta_store(raw)
+            except Exception:  # no room to keep the name: the errno alone still says it
+                off, raw = 0, b""
+            w0[core.pool_hdr + POOL_HEADER.word.fsync_name_off] = off
+            w0[core.pool_hdr + POOL_HEADER.word.fsync_name_len] = len(raw)
+            w0[core.pool_hdr + POOL_HEADER.word.fsync_errno] = code
+        reason = f"fsync of {name} failed: {os.strerror(code)} (errno {code})"
+        self._env_core.panic(reason)
+        raise RunRecovery(
+            f"PANIC: {reason}; pages written to it may be lost. Run recovery (close every "
+            "handle, remove the environment and open it again)"
+        ) from err
+
+    def _enter(self) -> None:
+        """A slow path begins (closing waits for it to end); raises if the pool is closing."""
+        self._check()
+        self._busy += 1
+
+    def _leave(self) -> None:
+        self._busy -= 1
+        if self._closing:
+            self._notify()
+
+    async def _breathe(self) -> None:
+        """Let other tasks run now and then during a run of slow-path pins.
+
+        A miss served from the OS page cache completes without awaiting anything (~20 µs); a
+        loop of them would otherwise hold the event loop for as long as it runs. The budget
+        is for the whole pool, shared by the coroutines in a slow path: about 48 misses, or a
+        millisecond, then whoever is running yields. With many coroutines missing at once,
+        each gets a share, so one turn of the event loop stays about a millisecond long.
+        """
+        self._since_yield += 1
+        now = time.monotonic()
+        if self._since_yield >= 48 // max(1, self._busy) or now - self._last_yield > 0.001:
+            self._since_yield = 0
+            self._last_yield = now
+            await asyncio.sleep(0)
+
+    async def _quiesce(self) -> None:
+        """Wait until no slow path runs and no I/O task of the pool is left.
+
+        Pins and syncs under way notice the close at their next step and leave; one whose task
+        is never resumed again would be waited for forever (detaching the regions under it is
+        not safe), so the wait says what it waits for every few seconds.
+        """
+        since = time.monotonic()
+        while self._busy or self._io.tasks:
+            if self._io.tasks:
+                await asyncio.gather(*list(self._io.tasks), return_exceptions=True)
+            else:
+                await self._wait_change(0.01)
+            if time.monotonic() - since > 5:
+                since = time.monotonic()
+                logger.warning(
+                    "closing the pool waits for %d pin(s) or sync(s) under way to "
+                    "notice the close; is a task holding one never resumed?",
+                    self._busy,
+                )
+
+    async def _to_end(self, coro: Coroutine[Any, Any, T], what: str) -> T:
+        """Run ``coro`` to its end even if the caller is cancelled: as a task that closing the
+        pool waits for (it counts as a slow path under way, so it may itself wait for the
+        pool's I/O tasks). Cancellation: the caller gets CancelledError at once; the task goes
+        on, and a failure nobody receives is logged as ``what``."""
+        self._busy += 1
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(lambda _t: self._leave())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._io.orphan(task, what)
+            raise
+
+    def _panic_unpinned(self, pgno: int) -> None:
+        self._env_core.panic(f"page {pgno} returned to the pool more often than it was pinned")
+        raise RunRecovery(f"PANIC: page {pgno} was unpinned more often than pinned; run recovery")
+
+    @staticmethod
+    def _attempt(fn: Callable[..., T], *args: Any) -> T | Busy:
+        """``fn(*args)`` with a lock wait of a few milliseconds at most, or ``BUSY`` (nothing
+        done) if a mutex stayed held: the slow paths' usual case, without making a coroutine;
+        on ``BUSY`` they go on with :meth:`_locked`."""
+        token = _wait_bound.set(_STEP_WAIT)
+        try:
+            return fn(*args)
+        except LockTimeout:
+            return BUSY
+        finally:
+            _wait_bound.reset(token)
+
+    async def _locked(self, fn: Callable[..., T], *args: Any, check: bool = True) -> T:
+        """``fn(*args)``, a synchronous critical section, with bounded lock waits: each
+        attempt waits at most a few milliseconds for a held mutex; on
+        :class:`~aiodbenv.errors.LockTimeout` the call backs off asynchronously (the event
+        loop keeps running) and tries again, up to ``wait_timeout`` seconds, then raises
+        LockTimeout naming the holder. ``fn`` must change nothing when a lock times out (each
+        of its critical sections locks first), so that it can simply be called again.
+
+        ``check``: stop between attempts if the pool is closing (not for bookkeeping that
+        must be finished, such as a deferred release). Cancellation: between attempts;
+        nothing is held.
+        """
+        deadline: float | None = None
+        delay = 0.0005
+        while True:
+            token = _wait_bound.set(_STEP_WAIT)
+            try:
+                return fn(*args)
+            except LockTimeout as err:
+                last = err
+            finally:
+                _wait_bound.reset(token)
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.wait_timeout
+            if now >= deadline:
+                who = f"process {last.pid}" if last.pid else "another process"
+                final = LockTimeout(
+                    f"mutex {last.mutex} is held by {who} and was not released within "
+                    f"{self.wait_timeout:g} s (is that process stopped or stuck?)"
+                )
+                final.pid, final.mutex = last.pid, last.mutex
+                raise final from last
+            await asyncio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, POLL_MAX)
+            if check:
+                self._check()
+
+    def _later(self, fn: Callable[..., object], *args: Any) -> asyncio.Task[Any]:
+        """Run ``fn(*args)`` through :meth:`_locked` in a task of the pool, for a synchronous
+        caller whose critical section found its mutex held; a final failure is logged."""
+        task = self._io.spawn(self._locked(fn, *args, check=False))
+        task.add_done_callback(_log_failure)
+        return task
+
+    def _settle(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run the bookkeeping ``fn(*args)`` now if its mutex is free within a few
+        milliseconds, else in a task of the pool that keeps trying (see :meth:`_locked`):
+        for steps that must happen (releasing a pin, failing a read) on paths that cannot
+        wait, such as callbacks and cancellations. ``fn`` changes nothing when it times out."""
+        try:
+            with step_waits():
+                fn(*args)
+        except LockTimeout:
+            self._later(fn, *args)
+
+    def _frame_released(self) -> None:
+        """A frame may be free or evictable now: wake the first frame waiter (only one)."""
+        q = self._frame_queue
+        while q:
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self.frame_wakeups += 1
+                return
+
+    def _notify(self) -> None:
+        ev = self._changed
+        if ev is not None:
+            self._changed = None
+            ev.set()
+
+    def _note_dirty(self, page_size: int) -> None:
+        """A page was unpinned (or set) dirty: count its bytes, and wake the background
+        workers when enough pages were dirtied here since they last looked."""
+        self._core.meta_words[self._dirtied_w] += page_size
+        self._dirty_pages += 1
+        if self._dirty_wake_at and self._dirty_pages >= self._dirty_wake_at:
+            self._dirty_pages = 0
+            if self._dirty_event is not None:
+                self._dirty_event.set()
+
+    def _listen_dirty(self, every: int) -> asyncio.Event:
+        """An event set whenever ``every`` more pages are dirtied in this process (the lowest
+        ``every`` of all listeners applies)."""
+        if self._dirty_event is None:
+            self._dirty_event = asyncio.Event()
+        every = max(1, every)
+        self._dirty_wake_at = every if not self._dirty_wake_at else min(self._dirty_wake_at, every)
+        return self._dirty_event
+
+    def _reap(self) -> list[Reaped]:
+        """Reap now (see :meth:`aiodbenv.mpool.pool.Pool.reap`)."""
+        self._check()
+        self._reaped_at = time.monotonic()
+        return reap(self)
+
+    def _slot_pins(self) -> dict[int, int]:
+        """Pins held per registry slot (see :meth:`aiodbenv.mpool.pool.Pool.slot_pins`)."""
+        out: dict[int, int] = {}
+        for cache in self._core.caches:
+            w = cache.words
+            halves = cache.halves
+            for bw in cache.bucket_words:
+                off = int(w[bw + BUCKET.word.head])
+                n = 0
+                # Unlocked: an offset that fails its check (a chain changing under us, or a
+                # corrupt one) ends this bucket's walk; the mutexed paths report corruption.
+                while off and n < cache.max_chain:
+                    if not cache.bh_ok(off):
+                        break
+                    p = (off >> 1) + PINS_HALF
+                    for s, c in enumerate(halves[p : p + MAX_PROCS]):
+                        if c:
+                            out[s] = out.get(s, 0) + c
+                    off = int(w[(off >> 3) + BH.word.next])
+                    n += 1
+        return out
+
+    def _pin_holders_text(self) -> str:
+        """``"; pins held by process(es) [pid (n pins), ...]"``, from the registry (empty for a
+        private environment): who a wait for a frame waited on."""
+        reg = self._env_core.registry
+        if reg is None:
+            return ""
+        pins = self._slot_pins()
+        held = [
+            f"{p.pid}{' (this process)' if p.pid == self._pid else ''} ({pins[p.slot]} pins)"
+            for p in reg.live()
+            if pins.get(p.slot)
+        ]
+        return f"; pins held by process(es) {', '.join(held)}" if held else ""
+
+    def _reap_due(self, gap: float = 0.05) -> bool:
+        """Reap now, before a wait or an error, unless the reaper looked less than ``gap``
+        seconds ago; True if something was reclaimed. The first look of a wait or a sync
+        passes ``gap=0``: a look made just before the holder died would hide its death.
+        Looking is cheap when nobody died (one ``fcntl`` per open handle)."""
+        if self._env_core.registry is None or time.monotonic() - self._reaped_at < gap:
+            return False
+        return bool(self._reap())
+
+    def _start_reaper(self) -> None:
+        """Start the background look for dead processes (a shared environment's handle)."""
+        if self._env_core.registry is not None and self._reaper_task is None:
+            self._reaper_task = asyncio.get_running_loop().create_task(
+                self._reaper_loop(), name="aiodbenv reaper"
+            )
+
+    async def _reaper_loop(self) -> None:
+        while not self._closing:
+            try:
+                if not self._env_core.panicked:
+                    self._reap()
+            except Exception:  # reported, and looked at again next time
+                logger.exception("the reaper of dead processes failed")
+            await asyncio.sleep(REAP_INTERVAL)
+
+    async def _wait_change(self, timeout: float) -> None:
+        """Wait for a frame release or I/O completion in this process, or ``timeout``
+        seconds (other processes' changes are only seen by polling)."""
+        ev = self._changed
+        if ev is None:
+            ev = self._changed = asyncio.Event()
+        self._waiters += 1
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters -= 1
+
+    def _can_write(self, tag: int) -> bool:
+        """Whether this process may write a dirty page of the file with tag ``tag``."""
+        return self._core.can_write(tag, self._io.registry)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("deferred pool bookkeeping failed: %s", task.exception())
