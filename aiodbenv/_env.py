@@ -50,6 +50,7 @@ from .region.environment import (
     remove_environment,
 )
 from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
+from .txn.txn import LATCH_TIMEOUT, Txn, TxnStat, TxnStats
 
 __all__ = ["Env", "EnvOpener", "RegionKind"]
 
@@ -138,6 +139,7 @@ class Env:
         self._closing: asyncio.Future[None] | None = None
         self._trickle: TrickleWorker | None = None
         self._checkpoint: CheckpointWorker | None = None
+        self._txn_stats = TxnStats()
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -355,6 +357,34 @@ class Env:
         if s.txn_write_nosync:
             return "write_nosync"
         return "sync"
+
+    def txn(
+        self,
+        *,
+        durability: Literal["sync", "write_nosync", "nosync"] | None = None,
+        latch_timeout: float = LATCH_TIMEOUT,
+    ) -> Txn:
+        """Begin a transaction (see :class:`~aiodbenv.txn.txn.Txn` and docs/durable.md):
+        ``async with env.txn() as tx`` commits at the end of the block and aborts on an
+        exception; ``tx = await env.txn()`` leaves it to ``tx.commit()`` / ``tx.abort()``.
+        ``durability`` defaults to :attr:`durability`. The transaction belongs to the calling
+        task. Needs a log (InvalidArgument otherwise). Beginning never waits, so there is
+        nothing to cancel.
+        """
+        self._check()
+        if self._log is None:
+            raise InvalidArgument("transactions need a log: open the environment with log=True")
+        return Txn(
+            self._pool,
+            self._log,
+            self.durability if durability is None else durability,
+            self._txn_stats,
+            latch_timeout,
+        )
+
+    def txn_stat(self) -> TxnStat:
+        """This handle's transaction statistics (:class:`~aiodbenv.txn.txn.TxnStat`)."""
+        return self._txn_stats.snapshot()
 
     @property
     def pool(self) -> Pool:
