@@ -154,6 +154,7 @@ async def acquire(
             raise err
         await asyncio.sleep(min(delay, deadline - now))
         delay = min(delay * 2, _WAIT_MAX)
+        pool._check()  # a holder that died inside a commit panics the environment
         cur = pool._attempt(try_latch, cache, b, bh, owner)
         if cur == 0:
             return

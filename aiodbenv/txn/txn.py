@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from .. import _io
 from ..errors import (
     InvalidArgument,
     LogBufferFull,
@@ -338,6 +339,7 @@ class Txn:
             raise
         for tp in self._pages.values():
             set_committing(tp._page, self._owner)
+        _io.step("txn.committing")
         try:
             lsn = await self._log.put(record, write_nosync=self.durability == "write_nosync")
         except (LogBufferFull, InvalidArgument):
@@ -351,16 +353,19 @@ class Txn:
             reason = f"a transaction's commit record could not be logged ({err!r})"
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
+        _io.step("txn.logged")
         for tp, lo in changed:
             shared = tp._page.data
             shared[:] = tp.data
             shared[lo : lo + 8] = lsn.pack()
+            _io.step("txn.copied")
         st = self._stats
         st.pages_logged += len(changed)
         st.full_images += fulls
         st.commits[self.durability] += 1
         self._state = _DONE
         await self._release_all()
+        _io.step("txn.released")
         if self.durability == "sync":
             await self._log.flush(lsn)
         self.result = CommitInfo(lsn, self.durability, len(changed))
