@@ -24,6 +24,7 @@ import aiofiles.os
 
 from ._config import Settings, apply_db_config, check_log_settings, check_settings
 from ._threads import run_owned
+from ._wal import log_hooks
 from ._workers import (
     CheckpointSettings,
     CheckpointWorker,
@@ -135,6 +136,10 @@ class Env:
         self._core = core
         self._pool = pool
         self._log = log
+        if log is not None:
+            # The write-ahead rule: every page write of a file with an lsn_offset flushes
+            # the log first, through these hooks (the pool never imports the log).
+            pool._io.log = log_hooks(log)
         self._pid = os.getpid()
         self._closing: asyncio.Future[None] | None = None
         self._trickle: TrickleWorker | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import struct
 import threading
 from dataclasses import dataclass, field
 
@@ -65,9 +66,14 @@ class SyncResult:
     #: when their batch came to write them (found free just before): the caller decides
     #: whether to look again (sync, checkpoint) or not (trickle, eviction).
     skipped: set[tuple[int, int]] = field(default_factory=set, repr=False)
+    #: With a log: the largest page LSN written (``(0, 0)`` if no page carrying one was), an
+    #: :class:`aiodbenv.LSN` when :meth:`aiodbenv.Pool.sync` returns it; None without a log.
+    lsn: tuple[int, int] | None = None
 
     def merge(self, part: SyncResult) -> None:
         """Add ``part``'s counts (not its errors) to this result."""
+        if part.lsn is not None and (self.lsn is None or part.lsn > self.lsn):
+            self.lsn = part.lsn
         self.written += part.written
         self.incomplete += part.incomplete
         self.dropped += part.dropped
@@ -182,8 +188,14 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
     done: set[tuple[int, int]] = set()
     try:
         _io.step("claimed")
-        # The log's write-ahead rule goes here, once there is a log: flush it up to the
-        # largest page LSN of ``taken`` before any of these copies reaches its file.
+        # The write-ahead rule: the log is durable up to the largest page LSN of the batch
+        # before any of these copies reaches its file (one flush per batch). If the flush
+        # fails it raises here: nothing was written, the finally leaves every page dirty.
+        lsns = _page_lsns(io, taken) if io.log is not None else None
+        if lsns:
+            top = max(lsns.values())
+            if top != (0, 0):
+                await io.log.flush(*top)  # type: ignore[union-attr]
         # Step 2, in a worker thread: pgout on the copies, one pwritev per run of pages.
         jobs = _plan_runs(io, taken)
         for job in jobs:
@@ -221,8 +233,39 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
             [(item[0], item[1]) not in done for item, _ in taken],
         )
         result.written += len(done)
+        if io.log is not None:
+            wrote = [lsns[k] for k in done if k in lsns] if lsns else []
+            part_lsn = max(wrote, default=(0, 0))
+            if result.lsn is None or part_lsn > result.lsn:
+                result.lsn = part_lsn
         io.notify()
     _io.step("write_done")
+
+
+_LSN = struct.Struct("<II")
+
+
+def _page_lsns(
+    io: BufferIO, taken: list[tuple[BufRef, memoryview]]
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """``(file, pgno) -> page LSN`` of the pages of ``taken`` whose file has an ``lsn_offset``,
+    read from the copies about to be written (so the LSN checked is the one written). A page
+    carrying ``(0, 0)`` is "not logged" and needs no flush (Berkeley DB would panic on it);
+    a file without ``lsn_offset`` is written with no flush at all, as in Berkeley DB."""
+    core = io.core
+    w0 = core.meta_words
+    offsets: dict[int, int] = {}
+    out: dict[tuple[int, int], tuple[int, int]] = {}
+    for item, copy in taken:
+        fidx = item[0]
+        off = offsets.get(fidx)
+        if off is None:
+            e = core.entry(fidx)
+            off = offsets[fidx] = int(w0[e + FILE_ENTRY.word.lsn_offset]) - 1 if e else -1
+        # Checked against the copy's size: the offset comes from shared memory.
+        if 0 <= off <= len(copy) - _LSN.size:
+            out[(fidx, item[1])] = _LSN.unpack_from(copy, off)
+    return out
 
 
 def note_written(io: BufferIO, fidx: int) -> None:
