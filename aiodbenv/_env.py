@@ -36,7 +36,15 @@ from ._workers import (
     run_checkpoint,
     shared_status,
 )
-from .errors import Busy, ConfigError, ForkedProcessError, InvalidArgument, PermissionDenied
+from .errors import (
+    Busy,
+    ConfigError,
+    EnvNotFound,
+    ForkedProcessError,
+    InvalidArgument,
+    PermissionDenied,
+    RunRecovery,
+)
 from .log.log import Log
 from .log.region import attach_log, format_log, log_settings, log_spec
 from .mpool.pool import Pool
@@ -51,6 +59,8 @@ from .region.environment import (
     remove_environment,
 )
 from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
+from .txn.recover import RecoveryStat, stale_pages
+from .txn.recover import recover as recover_log
 from .txn.txn import LATCH_TIMEOUT, Txn, TxnStat, TxnStats
 
 __all__ = ["Env", "EnvOpener", "RegionKind"]
@@ -145,6 +155,8 @@ class Env:
         self._trickle: TrickleWorker | None = None
         self._checkpoint: CheckpointWorker | None = None
         self._txn_stats = TxnStats()
+        #: What ``recover=True`` did at open (None without it).
+        self.recovered: RecoveryStat | None = None
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -170,6 +182,7 @@ class Env:
         log_file_size: int | None = None,
         trickle: int | TrickleSettings | None = None,
         checkpoint: float | CheckpointSettings | None = None,
+        recover: bool = False,
     ) -> EnvOpener:
         """Open the environment in ``home``, creating it if ``create`` and it does not exist.
 
@@ -203,6 +216,13 @@ class Env:
         :class:`~aiodbenv.CheckpointSettings`). Both belong to this handle and stop when it
         closes.
 
+        ``recover=True`` (``DB_RECOVER``; needs ``create`` and a log in files) removes the
+        regions, makes them anew and replays the committed transactions of the log into the
+        data files (:attr:`recovered` says what it did; see docs/durable.md). Without it, an
+        environment whose regions are made anew over a log holding committed transactions
+        not in the data files raises :class:`~aiodbenv.errors.RunRecovery` (and removes the
+        regions it made) instead of serving stale pages.
+
         ``await Env.open(...)`` returns the :class:`Env`; ``async with Env.open(...) as env``
         also closes it at the end of the block.
 
@@ -226,6 +246,7 @@ class Env:
                 create=create,
                 trickle=_trickle_settings(trickle),
                 checkpoint=_checkpoint_settings(checkpoint),
+                recover=recover,
                 settings=Settings(
                     region=region,
                     cache_size=cache_size,
@@ -254,6 +275,7 @@ class Env:
         settings: Settings,
         trickle: TrickleSettings | None = None,
         checkpoint: CheckpointSettings | None = None,
+        recover: bool = False,
     ) -> Env:
         _require_asyncio()
         if not isinstance(create, bool):
@@ -270,13 +292,23 @@ class Env:
         if config is not None:
             settings = apply_db_config(settings, config[1], config[0])
         check_log_settings(settings)
+        if recover:
+            if not (create and settings.has_log and not settings.log_inmemory):
+                raise InvalidArgument("recover=True needs create=True and a log in files")
+            try:
+                await cls.remove(path, force=True)  # recovery rebuilds the regions
+            except EnvNotFound:
+                pass
         specs = [RegionSpec(REGION_TYPE_MPOOL, size) for size in pool_region_sizes(settings)]
         log_region = log_spec(settings)
         if log_region is not None:
             specs.append(log_region)
         shared = settings.region != "private"
 
+        created: list[bool] = []
+
         def format_regions(regions: list[Region]) -> None:
+            created.append(True)
             format_pool(regions[1 : 1 + settings.ncache], settings, shared)
             if log_region is not None:
                 format_log(regions[-1], settings, path, shared)
@@ -296,6 +328,8 @@ class Env:
                 await env.close(nosync=True)
                 raise
             pool._start_reaper()
+        if log is not None and not settings.log_inmemory and (recover or created):
+            await _recover_or_check(env, recover)
         if trickle is not None:
             env.start_trickle(trickle)
         if checkpoint is not None:
@@ -616,6 +650,28 @@ class Env:
             lambda: remove_environment(
                 path, force=force, inspect=functools.partial(_refuse_dirty_pages, path)
             )
+        )
+
+
+async def _recover_or_check(env: Env, recover: bool) -> None:
+    """Recovery at open, or the check that none is needed (see :meth:`Env.open`)."""
+    try:
+        if recover:
+            env.recovered = await recover_log(env)
+            return
+        stale = await stale_pages(env)
+    except BaseException:
+        await env.close(nosync=True)
+        raise
+    if stale:
+        home = env.home
+        await env.close(nosync=True)
+        await Env.remove(home, force=True)
+        path, pgno, lsn = stale[0]
+        raise RunRecovery(
+            f"environment {home} needs recovery: page {pgno} of {path} is older than the "
+            f"transaction committed at {lsn} in the log (the regions were lost before it was "
+            "written); open it with Env.open(home, create=True, log=True, recover=True)"
         )
 
 

@@ -68,7 +68,7 @@ async def test_commit_changes_pages_logs_one_record_and_stamps_lsn(
     records = [d async for lsn, d in tenv.log.cursor(end0)]
     assert len(records) == 1 and batch.is_batch(records[0])
     files, pages = batch.decode(records[0])
-    assert [fl.path for fl in files] == [f.name]
+    assert [fl.path for fl in files] == ["data.db"]  # relative to the home
     assert sorted(p.pgno for p in pages) == [0, 3]
     assert all(p.full is not None for p in pages)  # first change of each page: full images
     # A second change of page 0 logs a fragment, not the page.

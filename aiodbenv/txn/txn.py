@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -223,13 +224,23 @@ class Txn:
         self._check()
         return await self._take(f, -1, MODE_NEW)
 
+    def _path(self, f: PoolFile) -> str:
+        """The file's path as logged: relative to the home when inside it, so that recovery
+        of a moved home finds it."""
+        path = f.name or ""
+        home = self._pool._env_core.home
+        rel = os.path.relpath(path, home)
+        return path if rel.startswith(os.pardir) else rel
+
     async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
         lsn_off = self._lsn_offset(f)
+        if f.name is None or f.nofile:
+            raise InvalidArgument("transactions need a named file that is written to disk")
         if f.readonly:
             raise InvalidArgument(f"{f.name} is open read-only")
         if len(self._pages) >= MAX_PAGES:
             raise TxnTooLarge(f"a transaction may take at most {MAX_PAGES} pages")
-        cost = _batch.worst_size(f._data_size, f.name or "")
+        cost = _batch.worst_size(f._data_size, self._path(f))
         limit = self._log._max_payload
         if self._bytes + cost > limit:
             raise TxnTooLarge(
@@ -374,8 +385,11 @@ class Txn:
     def _build(self) -> tuple[bytes, list[tuple[TxnPage, int]], int]:
         """The batch record, the changed pages (with their lsn_offset) and how many of them
         are logged as full images."""
+        # The first change of a page after the last checkpoint *record* is a full image: a
+        # page written from then on may be torn by a power loss, and recovery (which starts a
+        # checkpoint further back) needs a whole image to repair it.
         ckp = self._log.last_checkpoint
-        redo_start = ckp[1] if ckp is not None else LSN(0, 0)
+        redo_start = ckp[0] if ckp is not None else LSN(0, 0)
         files: list[_batch.BatchFile] = []
         fmap: dict[int, int] = {}
         pages: list[_batch.BatchPage] = []
@@ -394,7 +408,7 @@ class Txn:
             if fi is None:
                 fi = fmap[fidx] = len(files)
                 files.append(
-                    _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, f.name or "")
+                    _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, self._path(f))
                 )
             page_lsn = LSN.unpack(shared, lo)
             nbytes = sum(e - s for s, e in ranges)
