@@ -34,7 +34,8 @@ async def main():
     for i in range(5):
         async with env.txn(durability="sync") as tx:
             for pgno in range(3):
-                (await tx.page(f, pgno, create=True)).data[64 + 8 * i: 72 + 8 * i] = b"commit%02d" % i
+                p = await tx.page(f, pgno, create=True)
+                p.data[64 + 8 * i: 72 + 8 * i] = b"commit%02d" % i
     print("committed", flush=True)
     tx = await env.txn()
     (await tx.page(f, 1)).data[1000:1010] = b"UNCOMMITED"
