@@ -75,7 +75,10 @@ from .backing import (
 )
 from .layout import (
     ENV_HEADER,
+    ENV_HEADER_OFFSET,
+    ENV_HEADERS_END,
     ENV_MAGIC,
+    ENV_WORD,
     KIND_FILE,
     KIND_NAMES,
     KIND_PRIVATE,
@@ -84,11 +87,13 @@ from .layout import (
     MAX_REGIONS,
     MUTEX_SLOT,
     REGION_ENTRY,
+    REGION_ENTRY_WORDS,
     REGION_HEADER,
     REGION_MAGIC,
     REGION_TYPE_ENV,
     REGION_TYPE_MPOOL,
     REGION_TYPE_NAMES,
+    REGIONS_WORD,
     SHM_REF,
     SHM_REF_MAGIC,
     WORD,
@@ -119,12 +124,6 @@ INCOMPLETE_GRACE = 0.25
 #: How long an open retries when the home is locked by a remove or a private handle.
 HOME_LOCK_WAIT = 0.5
 _POLL = 0.005
-
-_E = {name: ENV_HEADER.offset(name) // WORD for name in ENV_HEADER.fields()}
-_ENV_BASE = REGION_HEADER.size // WORD  # ENV_HEADER starts right after region 1's header
-_R = {name: REGION_HEADER.offset(name) // WORD for name in REGION_HEADER.fields()}
-_S = {name: SHM_REF.offset(name) // WORD for name in SHM_REF.fields()}
-_T = {name: REGION_ENTRY.offset(name) // WORD for name in REGION_ENTRY.fields()}
 
 
 def _round_region(size: int) -> int:
@@ -322,7 +321,7 @@ class EnvCore:
             self.mutex = SharedMutex(
                 r1.base,
                 r1.words,
-                REGION_HEADER.size + ENV_HEADER.offset("mutex"),
+                ENV_HEADER_OFFSET + ENV_HEADER.offset("mutex"),
                 "env",
                 repair=self._repair_env_header,
                 panic=self.panic,
@@ -353,19 +352,19 @@ class EnvCore:
 
     def env_field(self, name: str) -> int:
         """A field of the environment header."""
-        return int(self._w[_ENV_BASE + _E[name]])
+        return int(self._w[ENV_WORD + getattr(ENV_HEADER.word, name)])
 
     def _set_env_field(self, name: str, value: int) -> None:
-        self._w[_ENV_BASE + _E[name]] = value
+        self._w[ENV_WORD + getattr(ENV_HEADER.word, name)] = value
 
     @property
     def panicked(self) -> bool:
         """True once the environment is panicked (by force remove or a dead mutex holder)."""
-        return bool(self._w[_ENV_BASE + _E["panic"]]) if not self.closed else False
+        return bool(self._w[ENV_WORD + ENV_HEADER.word.panic]) if not self.closed else False
 
     def panic_word(self) -> tuple[memoryview, int]:
         """Where the panic flag lives, for hot paths that read it directly."""
-        return self._w, _ENV_BASE + _E["panic"]
+        return self._w, ENV_WORD + ENV_HEADER.word.panic
 
     def check_panic(self) -> None:
         """Raise :class:`RunRecovery` if the environment is panicked."""
@@ -378,7 +377,7 @@ class EnvCore:
     def panic(self, reason: str) -> None:
         """Panic the environment: every handle's next call raises :class:`RunRecovery`."""
         logger.error("PANIC: %s (environment %s)", reason, self.home)
-        self._w[_ENV_BASE + _E["panic"]] = 1
+        self._w[ENV_WORD + ENV_HEADER.word.panic] = 1
 
     def settings(self) -> Settings:
         """The settings the environment was created with."""
@@ -500,19 +499,17 @@ class EnvCore:
 
 def _read_region_table(w: memoryview) -> list[tuple[int, int, int, int, int]]:
     rows = []
-    base = _ENV_BASE + _E["regions"]
-    step = REGION_ENTRY.size // WORD
     for i in range(MAX_REGIONS):
-        row = base + i * step
-        rid = w[row + _T["region_id"]]
+        row = REGIONS_WORD + i * REGION_ENTRY_WORDS
+        rid = w[row + REGION_ENTRY.word.region_id]
         if rid:
             rows.append(
                 (
                     rid,
-                    w[row + _T["region_type"]],
-                    w[row + _T["size"]],
-                    w[row + _T["shm_key"]],
-                    w[row + _T["shm_id"]],
+                    w[row + REGION_ENTRY.word.region_type],
+                    w[row + REGION_ENTRY.word.size],
+                    w[row + REGION_ENTRY.word.shm_key],
+                    w[row + REGION_ENTRY.word.shm_id],
                 )
             )
     return rows
@@ -523,13 +520,13 @@ def _read_region_table(w: memoryview) -> list[tuple[int, int, int, int, int]]:
 
 def _init_region(region: Region, env_id: int, region_type: int, arena_start: int) -> None:
     w = region.words
-    w[_R["version"]] = LAYOUT_VERSION
-    w[_R["env_id"]] = env_id
-    w[_R["region_id"]] = region.region_id
-    w[_R["region_type"]] = region_type
-    w[_R["size"]] = region.size
+    w[REGION_HEADER.word.version] = LAYOUT_VERSION
+    w[REGION_HEADER.word.env_id] = env_id
+    w[REGION_HEADER.word.region_id] = region.region_id
+    w[REGION_HEADER.word.region_type] = region_type
+    w[REGION_HEADER.word.size] = region.size
     Allocator.format(w, arena_start, region.size)
-    w[_R["magic"]] = REGION_MAGIC
+    w[REGION_HEADER.word.magic] = REGION_MAGIC
 
 
 def _region_plan(extra: list[RegionSpec]) -> list[RegionSpec]:
@@ -564,50 +561,50 @@ def _build(
             regions.append(make_region(region_id, spec.size))
         r1 = regions[0]
         w = r1.words
-        e = _ENV_BASE
-        arena1 = REGION_HEADER.size + ENV_HEADER.size
+        e = ENV_WORD
         for region, spec in zip(regions, plan):
-            start = arena1 if region.region_id == 1 else REGION_HEADER.size
+            start = ENV_HEADERS_END if region.region_id == 1 else REGION_HEADER.size
             _init_region(region, env_id, spec.region_type, start)
             if kind != KIND_PRIVATE:
                 SharedMutex(
                     region.base, region.words, REGION_HEADER.offset("alloc_mutex"), "alloc"
                 ).initialize()
-        w[e + _E["version"]] = LAYOUT_VERSION
-        w[e + _E["panic"]] = 0
-        w[e + _E["env_id"]] = env_id
-        w[e + _E["created_ns"]] = time.time_ns()
-        w[e + _E["creator_pid"]] = os.getpid()
-        w[e + _E["kind"]] = kind
-        w[e + _E["refcnt"]] = 0
-        w[e + _E["opens"]] = 0
-        w[e + _E["nregions"]] = len(regions)
-        w[e + _E["cache_size"]] = settings.cache_size or DEFAULT_CACHE_SIZE
-        w[e + _E["ncache"]] = settings.ncache
-        w[e + _E["page_size"]] = settings.page_size or DEFAULT_PAGE_SIZE
-        w[e + _E["mmap_size"]] = (
+        w[e + ENV_HEADER.word.version] = LAYOUT_VERSION
+        w[e + ENV_HEADER.word.panic] = 0
+        w[e + ENV_HEADER.word.env_id] = env_id
+        w[e + ENV_HEADER.word.created_ns] = time.time_ns()
+        w[e + ENV_HEADER.word.creator_pid] = os.getpid()
+        w[e + ENV_HEADER.word.kind] = kind
+        w[e + ENV_HEADER.word.refcnt] = 0
+        w[e + ENV_HEADER.word.opens] = 0
+        w[e + ENV_HEADER.word.nregions] = len(regions)
+        w[e + ENV_HEADER.word.cache_size] = settings.cache_size or DEFAULT_CACHE_SIZE
+        w[e + ENV_HEADER.word.ncache] = settings.ncache
+        w[e + ENV_HEADER.word.page_size] = settings.page_size or DEFAULT_PAGE_SIZE
+        w[e + ENV_HEADER.word.mmap_size] = (
             settings.mmap_size if settings.mmap_size is not None else DEFAULT_MMAP_SIZE
         )
-        w[e + _E["shm_key"]] = settings.shm_key or 0
-        w[e + _E["mode"]] = settings.mode
-        w[e + _E["flags"]] = settings.flag_bits()
+        w[e + ENV_HEADER.word.shm_key] = settings.shm_key or 0
+        w[e + ENV_HEADER.word.mode] = settings.mode
+        w[e + ENV_HEADER.word.flags] = settings.flag_bits()
         if kind != KIND_PRIVATE:
             SharedMutex(
-                r1.base, w, REGION_HEADER.size + ENV_HEADER.offset("mutex"), "env"
+                r1.base, w, ENV_HEADER_OFFSET + ENV_HEADER.offset("mutex"), "env"
             ).initialize()
-        step = REGION_ENTRY.size // WORD
         shm_ids = []
         for i, (region, spec) in enumerate(zip(regions, plan)):
-            row = e + _E["regions"] + i * step
+            row = REGIONS_WORD + i * REGION_ENTRY_WORDS
             shm_id = _shm_id_of(region)
             shm_ids.append(shm_id)
-            w[row + _T["region_type"]] = spec.region_type
-            w[row + _T["size"]] = region.size
-            w[row + _T["shm_key"]] = (
+            w[row + REGION_ENTRY.word.region_type] = spec.region_type
+            w[row + REGION_ENTRY.word.size] = region.size
+            w[row + REGION_ENTRY.word.shm_key] = (
                 (settings.shm_key or 0) + region.region_id - 1 if kind == KIND_SYSTEM else 0
             )
-            w[row + _T["shm_id"]] = shm_id
-            w[row + _T["region_id"]] = region.region_id  # the row's id last: rows are whole
+            w[row + REGION_ENTRY.word.shm_id] = shm_id
+            w[row + REGION_ENTRY.word.region_id] = (
+                region.region_id
+            )  # the row's id last: rows are whole
         if formatter is not None:
             formatter(regions)  # subsystems lay out their regions before the magic goes in
         return regions, env_id, shm_ids
@@ -643,7 +640,7 @@ def _destroy(region: Region, home: str) -> None:
 
 
 def _turn_on(region1: Region) -> None:
-    region1.words[_ENV_BASE + _E["magic"]] = ENV_MAGIC
+    region1.words[ENV_WORD + ENV_HEADER.word.magic] = ENV_MAGIC
 
 
 def _create(
@@ -675,12 +672,12 @@ def _create(
     regions, env_id, shm_ids = _build(home, kind, settings, plan, make_shm, formatter)
     try:
         _turn_on(regions[0])
-        rec = [0] * (SHM_REF.size // WORD)
-        rec[_S["version"]] = LAYOUT_VERSION
-        rec[_S["env_id"]] = env_id
-        rec[_S["shm_key"]] = key
-        rec[_S["shm_id"]] = shm_ids[0]
-        rec[_S["size"]] = regions[0].size
+        rec = [0] * len(SHM_REF.fields())
+        rec[SHM_REF.word.version] = LAYOUT_VERSION
+        rec[SHM_REF.word.env_id] = env_id
+        rec[SHM_REF.word.shm_key] = key
+        rec[SHM_REF.word.shm_id] = shm_ids[0]
+        rec[SHM_REF.word.size] = regions[0].size
         body = b"".join(v.to_bytes(WORD, "little") for v in rec)
         # The record's magic goes in last, as a separate write, so a half-written record
         # never looks valid.
@@ -709,29 +706,29 @@ def _word(data: bytes, index: int) -> int:
 
 def _check_header(path: str, data: bytes) -> tuple[int, int]:
     """Validate region 1's headers read from ``data``; returns ``(kind, region1 size)``."""
-    magic = _word(data, _R["magic"])
+    magic = _word(data, REGION_HEADER.word.magic)
     if magic == 0:
         raise _Incomplete
     if magic != REGION_MAGIC:
         raise CorruptRegion(f"{path} is not an aiodbenv environment (bad magic)")
-    version = _word(data, _R["version"])
+    version = _word(data, REGION_HEADER.word.version)
     if version != LAYOUT_VERSION:
         raise VersionMismatch(
             f"{path}: environment layout version {version} does not match this aiodbenv's "
             f"version {LAYOUT_VERSION}; remove the environment or use a matching aiodbenv"
         )
-    if _word(data, _ENV_BASE + _E["magic"]) == 0:
+    if _word(data, ENV_WORD + ENV_HEADER.word.magic) == 0:
         raise _Incomplete
-    if _word(data, _ENV_BASE + _E["magic"]) != ENV_MAGIC:
+    if _word(data, ENV_WORD + ENV_HEADER.word.magic) != ENV_MAGIC:
         raise CorruptRegion(f"{path} is not an aiodbenv environment (bad environment magic)")
-    if _word(data, _ENV_BASE + _E["panic"]):
+    if _word(data, ENV_WORD + ENV_HEADER.word.panic):
         raise RunRecovery(
             f"PANIC: environment {os.path.dirname(path)} is panicked; run recovery "
             "(remove the environment and open it again)"
         )
-    kind = _word(data, _ENV_BASE + _E["kind"])
-    size = _word(data, _R["size"])
-    if kind not in (KIND_FILE, KIND_SYSTEM) or size < REGION_HEADER.size + ENV_HEADER.size:
+    kind = _word(data, ENV_WORD + ENV_HEADER.word.kind)
+    size = _word(data, REGION_HEADER.word.size)
+    if kind not in (KIND_FILE, KIND_SYSTEM) or size < ENV_HEADERS_END:
         raise CorruptRegion(f"{path}: environment header is corrupt")
     return kind, size
 
@@ -744,7 +741,7 @@ def _check_env_values(path: str, w: memoryview) -> None:
     def bad(what: str) -> CorruptRegion:
         return CorruptRegion(f"{path}: the environment header is corrupt: {what}")
 
-    field = {name: int(w[_ENV_BASE + _E[name]]) for name in ENV_HEADER.fields()}
+    field = {name: int(w[ENV_WORD + i]) for name, i in vars(ENV_HEADER.word).items()}
     ncache, cache_size, page_size = field["ncache"], field["cache_size"], field["page_size"]
     if not 1 <= ncache <= MAX_NCACHE:
         raise bad(f"ncache {ncache}")
@@ -759,14 +756,16 @@ def _check_env_values(path: str, w: memoryview) -> None:
     if field["flags"] & ~sum(FLAG_BITS.values()):
         raise bad(f"flags {field['flags']:#x}")
     # Counts that are incremented in place: one near 2**64 is corrupt (and would overflow).
-    mutex = _ENV_BASE + _E["mutex"]
-    alloc_mutex = REGION_HEADER.offset("alloc_mutex") // WORD
-    counters = [_ENV_BASE + _E["refcnt"], _ENV_BASE + _E["opens"]]
-    counters += [_R[f] for f in ("bytes_used", "allocs", "frees", "failures")]
+    mutex = ENV_WORD + ENV_HEADER.word.mutex
+    alloc_mutex = REGION_HEADER.word.alloc_mutex
+    counters = [ENV_WORD + ENV_HEADER.word.refcnt, ENV_WORD + ENV_HEADER.word.opens]
+    counters += [
+        getattr(REGION_HEADER.word, f) for f in ("bytes_used", "allocs", "frees", "failures")
+    ]
     for f in ("waits", "nowaits", "owner_died"):
         counters += [
-            mutex + MUTEX_SLOT.offset(f) // WORD,
-            alloc_mutex + MUTEX_SLOT.offset(f) // WORD,
+            mutex + getattr(MUTEX_SLOT.word, f),
+            alloc_mutex + getattr(MUTEX_SLOT.word, f),
         ]
     for i in counters:
         if w[i] >= 1 << 62:
@@ -823,24 +822,30 @@ def _join_once(home: str, fd: int) -> list[Region]:
     size = st.st_size
     if size == SHM_REF.size:
         rec = _io.pread(fd, SHM_REF.size, 0)
-        magic = _word(rec, _S["magic"])
+        magic = _word(rec, SHM_REF.word.magic)
         if magic == 0:
             raise _Incomplete
         if magic != SHM_REF_MAGIC:
             raise CorruptRegion(f"{path1} is not an aiodbenv environment (bad magic)")
-        if _word(rec, _S["version"]) != LAYOUT_VERSION:
+        if _word(rec, SHM_REF.word.version) != LAYOUT_VERSION:
             raise VersionMismatch(
-                f"{path1}: environment layout version {_word(rec, _S['version'])} does not "
+                f"{path1}: environment layout version {_word(rec, SHM_REF.word.version)} does not "
                 f"match this aiodbenv's version {LAYOUT_VERSION}"
             )
-        env_id = _word(rec, _S["env_id"])
-        if not 0 < _word(rec, _S["shm_key"]) < 1 << 31:
-            raise CorruptRegion(f"{path1}: shm key {_word(rec, _S['shm_key'])} is out of range")
+        env_id = _word(rec, SHM_REF.word.env_id)
+        if not 0 < _word(rec, SHM_REF.word.shm_key) < 1 << 31:
+            raise CorruptRegion(
+                f"{path1}: shm key {_word(rec, SHM_REF.word.shm_key)} is out of range"
+            )
         r1 = attach_system_region(
-            _word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id, _word(rec, _S["shm_key"])
+            _word(rec, SHM_REF.word.shm_id),
+            1,
+            _word(rec, SHM_REF.word.size),
+            env_id,
+            _word(rec, SHM_REF.word.shm_key),
         )
         try:
-            data = bytes(r1.buf[: REGION_HEADER.size + ENV_HEADER.size])
+            data = bytes(r1.buf[:ENV_HEADERS_END])
             kind, _ = _check_header(path1, data)
             if kind != KIND_SYSTEM:
                 raise CorruptRegion(f"{path1}: environment kind does not match its record")
@@ -848,14 +853,14 @@ def _join_once(home: str, fd: int) -> list[Region]:
             r1.close()
             raise
         return _attach_rest(home, KIND_SYSTEM, r1, env_id)
-    if size < REGION_HEADER.size + ENV_HEADER.size:
+    if size < ENV_HEADERS_END:
         raise _Incomplete
-    data = _io.pread(fd, REGION_HEADER.size + ENV_HEADER.size, 0)
+    data = _io.pread(fd, ENV_HEADERS_END, 0)
     kind, size1 = _check_header(path1, data)
     if kind != KIND_FILE or size1 != size:
         raise CorruptRegion(f"{path1} is {size} bytes but its header says {size1}: truncated")
     r1 = attach_file_region(path1, 1, size1, fd=fd)
-    return _attach_rest(home, KIND_FILE, r1, _word(data, _R["env_id"]))
+    return _attach_rest(home, KIND_FILE, r1, _word(data, REGION_HEADER.word.env_id))
 
 
 def _creator_is_building(fd: int) -> bool:
@@ -1103,7 +1108,7 @@ def _remove_locked(
             os.close(fd)
     table: list[tuple[int, int, int, int, int]] = []
     env_id = 0
-    if regions and inspect is not None and not regions[0].words[_ENV_BASE + _E["panic"]]:
+    if regions and inspect is not None and not regions[0].words[ENV_WORD + ENV_HEADER.word.panic]:
         try:
             inspect(regions, _read_region_table(regions[0].words), force)
         except BaseException:
@@ -1112,7 +1117,7 @@ def _remove_locked(
             raise
     if regions:
         r1 = regions[0]
-        r1.words[_ENV_BASE + _E["panic"]] = 1  # every handle still attached sees this
+        r1.words[ENV_WORD + ENV_HEADER.word.panic] = 1  # every handle still attached sees this
         table = _read_region_table(r1.words)
         env_id = r1.header("env_id")
         kind = r1.kind
@@ -1149,17 +1154,17 @@ def _panic_what_remains(home: str, fd: int) -> None:
         size = os.fstat(fd).st_size
         if size == SHM_REF.size:
             rec = _io.pread(fd, SHM_REF.size, 0)
-            if _word(rec, _S["magic"]) != SHM_REF_MAGIC:
+            if _word(rec, SHM_REF.word.magic) != SHM_REF_MAGIC:
                 return
-            env_id = _word(rec, _S["env_id"])
+            env_id = _word(rec, SHM_REF.word.env_id)
             r1 = attach_system_region(
-                _word(rec, _S["shm_id"]),
+                _word(rec, SHM_REF.word.shm_id),
                 1,
-                _word(rec, _S["size"]),
+                _word(rec, SHM_REF.word.size),
                 env_id,
-                _word(rec, _S["shm_key"]),
+                _word(rec, SHM_REF.word.shm_key),
             )
-        elif size >= REGION_HEADER.size + ENV_HEADER.size:
+        elif size >= ENV_HEADERS_END:
             r1 = attach_file_region(os.path.join(home, region_file_name(1)), 1, size, fd=fd)
             env_id = r1.header("env_id")
         else:
@@ -1169,7 +1174,7 @@ def _panic_what_remains(home: str, fd: int) -> None:
         return
     try:
         if r1.header("magic") == REGION_MAGIC and r1.header("env_id") == env_id:
-            r1.words[_ENV_BASE + _E["panic"]] = 1
+            r1.words[ENV_WORD + ENV_HEADER.word.panic] = 1
             table = _read_region_table(r1.words)
         else:
             table = []
@@ -1189,12 +1194,12 @@ def _remove_orphan_segments(fd: int) -> None:
         rec = _io.pread(fd, SHM_REF.size, 0)
     except OSError:
         return
-    if _word(rec, _S["magic"]) != SHM_REF_MAGIC:
+    if _word(rec, SHM_REF.word.magic) != SHM_REF_MAGIC:
         return
     # From region 1: whichever segment is missing, the others are found by key (and only
     # removed if they carry this environment's id).
     remove_system_segments_by_key(
-        _word(rec, _S["shm_key"]), _word(rec, _S["env_id"]), 1, MAX_REGIONS
+        _word(rec, SHM_REF.word.shm_key), _word(rec, SHM_REF.word.env_id), 1, MAX_REGIONS
     )
 
 
@@ -1208,9 +1213,13 @@ def _join_for_remove(home: str, fd: int) -> list[Region]:
     size = os.fstat(fd).st_size
     if size == SHM_REF.size:
         rec = _io.pread(fd, SHM_REF.size, 0)
-        env_id = _word(rec, _S["env_id"])
+        env_id = _word(rec, SHM_REF.word.env_id)
         r1 = attach_system_region(
-            _word(rec, _S["shm_id"]), 1, _word(rec, _S["size"]), env_id, _word(rec, _S["shm_key"])
+            _word(rec, SHM_REF.word.shm_id),
+            1,
+            _word(rec, SHM_REF.word.size),
+            env_id,
+            _word(rec, SHM_REF.word.shm_key),
         )
         return _attach_rest(home, KIND_SYSTEM, r1, env_id)
     r1 = attach_file_region(path1, 1, size, fd=fd)

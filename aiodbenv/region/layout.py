@@ -18,7 +18,10 @@ from types import SimpleNamespace
 __all__ = [
     "ALLOC_CHUNK",
     "ENV_HEADER",
+    "ENV_HEADERS_END",
+    "ENV_HEADER_OFFSET",
     "ENV_MAGIC",
+    "ENV_WORD",
     "KIND_FILE",
     "KIND_NAMES",
     "KIND_PRIVATE",
@@ -28,8 +31,12 @@ __all__ = [
     "MAX_REGIONS",
     "MUTEX_SLOT",
     "MUTEX_STORAGE_BYTES",
+    "PROCS_WORD",
     "PROC_SLOT",
+    "PROC_SLOT_WORDS",
+    "REGIONS_WORD",
     "REGION_ENTRY",
+    "REGION_ENTRY_WORDS",
     "REGION_HEADER",
     "REGION_MAGIC",
     "REGION_TYPE_ENV",
@@ -233,3 +240,23 @@ SHM_REF = Layout(
         ("size", 1),
     ],
 )
+
+# -- fixed positions in region 1 -------------------------------------------------------------
+# Region 1 is laid out as REGION_HEADER, ENV_HEADER, then its allocator's arena. These say where,
+# so that no module re-derives them.
+
+#: Byte offset of the environment header in region 1: right after the region header.
+ENV_HEADER_OFFSET = REGION_HEADER.size
+#: Word index of the environment header in region 1: ``ENV_WORD + ENV_HEADER.word.panic`` is the
+#: panic flag in ``region1.words``.
+ENV_WORD = ENV_HEADER_OFFSET // WORD
+#: Byte offset where region 1's two headers end: the least a region 1 can be, and where its
+#: allocator arena starts (other regions' arenas start right after ``REGION_HEADER``).
+ENV_HEADERS_END = ENV_HEADER_OFFSET + ENV_HEADER.size
+#: Word index of row 0 of the region table in region 1; row N is ``REGION_ENTRY_WORDS`` further.
+REGIONS_WORD = ENV_WORD + ENV_HEADER.word.regions
+REGION_ENTRY_WORDS = REGION_ENTRY.size // WORD
+#: Word index of slot 0 of the registry of live processes in region 1; slot N is
+#: ``PROC_SLOT_WORDS * N`` further.
+PROCS_WORD = ENV_WORD + ENV_HEADER.word.procs
+PROC_SLOT_WORDS = PROC_SLOT.size // WORD
