@@ -40,14 +40,11 @@ from .mpool.pool import Pool
 from .mpool.sync import SyncResult
 from .mpool.table import dirty_pages, format_pool, pool_region_sizes
 from .region.backing import Region
-from .region.environment import (
-    EnvCore,
-    EnvStat,
-    RegionSpec,
-    open_environment,
-    remove_environment,
-)
+from .region.create import RegionSpec
+from .region.environment import EnvCore, EnvStat, RegionRow
 from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
+from .region.open import open_environment
+from .region.remove import remove_environment
 
 __all__ = ["Env", "EnvOpener", "RegionKind"]
 
@@ -518,7 +515,7 @@ class Env:
 
 
 def _refuse_dirty_pages(
-    home: str, regions: list[Region], table: list[tuple[int, int, int, int, int]], force: bool
+    home: str, regions: list[Region], table: list[RegionRow], force: bool
 ) -> None:
     """Removing discards the cache: unless forced, refuse while it holds unwritten changes."""
     types = {row[0]: row[1] for row in table}

@@ -44,6 +44,16 @@ class AllocStats:
     failures: int
 
 
+def _free_chunk(w: memoryview, offset: int, size: int, next_free: int) -> None:
+    """Write the header of a free chunk of ``size`` bytes at ``offset``, linked to
+    ``next_free``."""
+    c = offset // WORD
+    w[c + ALLOC_CHUNK.word.size] = size
+    w[c + ALLOC_CHUNK.word.next_free] = next_free
+    w[c + ALLOC_CHUNK.word.in_use] = 0
+    w[c + ALLOC_CHUNK.word.tag] = 0
+
+
 def _round(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
@@ -70,13 +80,7 @@ class Allocator:
             raise ValueError("region too small for its allocator arena")
         w = words
         w[REGION_HEADER.word.arena_start], w[REGION_HEADER.word.arena_end] = start, end
-        c = start // WORD
-        (
-            w[c + ALLOC_CHUNK.word.size],
-            w[c + ALLOC_CHUNK.word.next_free],
-            w[c + ALLOC_CHUNK.word.in_use],
-            w[c + ALLOC_CHUNK.word.tag],
-        ) = end - start, 0, 0, 0
+        _free_chunk(w, start, end - start, 0)
         w[REGION_HEADER.word.free_head] = start
         w[REGION_HEADER.word.bytes_used] = w[REGION_HEADER.word.allocs] = w[
             REGION_HEADER.word.frees
@@ -109,18 +113,7 @@ class Allocator:
                     # Write the remainder's header inside the chunk first, then shrink the
                     # chunk: the size walk is valid before and after each store.
                     rest = cur + need
-                    r = rest // WORD
-                    (
-                        w[r + ALLOC_CHUNK.word.size],
-                        w[r + ALLOC_CHUNK.word.next_free],
-                        w[r + ALLOC_CHUNK.word.in_use],
-                        w[r + ALLOC_CHUNK.word.tag],
-                    ) = (
-                        size - need,
-                        nxt,
-                        0,
-                        0,
-                    )
+                    _free_chunk(w, rest, size - need, nxt)
                     w[c + ALLOC_CHUNK.word.size] = need
                     nxt = rest
                     size = need

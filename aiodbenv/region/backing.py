@@ -9,7 +9,8 @@
 
 All three give the same thing: ``buf`` (the region's bytes), ``words`` (the same memory as
 8-byte words) and ``base`` (a cffi pointer for the mutexes). Nothing here knows what the region
-holds; the header is written and checked by :mod:`aiodbenv.region.environment`.
+holds; the header is written by :mod:`aiodbenv.region.create` and checked by
+:mod:`aiodbenv.region.join`.
 
 Every function here is blocking and runs in a worker thread.
 """
