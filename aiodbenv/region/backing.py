@@ -138,7 +138,7 @@ class Region:
 
     def header(self, field: str) -> int:
         """A field of this region's ``REGION_HEADER``."""
-        return int(self.words[REGION_HEADER.offset(field) // WORD])
+        return int(self.words[getattr(REGION_HEADER.word, field)])
 
     def __repr__(self) -> str:
         return f"<Region {self.region_id} {self.size} bytes at {self.backing}>"

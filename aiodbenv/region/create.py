@@ -35,9 +35,9 @@ from .backing import (
 )
 from .layout import (
     ENV_HEADER,
-    ENV_HEADER_OFFSET,
     ENV_HEADERS_END,
     ENV_MAGIC,
+    ENV_MUTEX_OFFSET,
     ENV_WORD,
     KIND_FILE,
     KIND_PRIVATE,
@@ -146,9 +146,7 @@ def _build(
         w[e + ENV_HEADER.word.mode] = settings.mode
         w[e + ENV_HEADER.word.flags] = settings.flag_bits()
         if kind != KIND_PRIVATE:
-            SharedMutex(
-                r1.base, w, ENV_HEADER_OFFSET + ENV_HEADER.offset("mutex"), "env"
-            ).initialize()
+            SharedMutex(r1.base, w, ENV_MUTEX_OFFSET, "env").initialize()
         shm_ids = []
         for i, (region, spec) in enumerate(zip(regions, plan)):
             row = REGIONS_WORD + i * REGION_ENTRY_WORDS

@@ -25,7 +25,7 @@ from .backing import Region
 from .home import HomeLock
 from .layout import (
     ENV_HEADER,
-    ENV_HEADER_OFFSET,
+    ENV_MUTEX_OFFSET,
     ENV_WORD,
     KIND_NAMES,
     KIND_PRIVATE,
@@ -126,7 +126,7 @@ def private_handles(home: str) -> list[EnvCore]:
 class EnvCore:
     """An open handle's view of an environment: its regions and the environment header.
 
-    Made by :func:`open_environment`; closed by :meth:`close`.
+    Made by :func:`aiodbenv.region.open.open_environment`; closed by :meth:`close`.
     """
 
     def __init__(self, home: str, kind: int, regions: list[Region], home_lock: HomeLock) -> None:
@@ -145,7 +145,7 @@ class EnvCore:
             self.mutex = SharedMutex(
                 r1.base,
                 r1.words,
-                ENV_HEADER_OFFSET + ENV_HEADER.offset("mutex"),
+                ENV_MUTEX_OFFSET,
                 "env",
                 repair=self._repair_env_header,
                 panic=self.panic,

@@ -21,6 +21,7 @@ __all__ = [
     "ENV_HEADERS_END",
     "ENV_HEADER_OFFSET",
     "ENV_MAGIC",
+    "ENV_MUTEX_OFFSET",
     "ENV_WORD",
     "KIND_FILE",
     "KIND_NAMES",
@@ -247,6 +248,8 @@ SHM_REF = Layout(
 
 #: Byte offset of the environment header in region 1: right after the region header.
 ENV_HEADER_OFFSET = REGION_HEADER.size
+#: Byte offset of the environment mutex in region 1 (mutexes are addressed by byte offset).
+ENV_MUTEX_OFFSET = ENV_HEADER_OFFSET + ENV_HEADER.offset("mutex")
 #: Word index of the environment header in region 1: ``ENV_WORD + ENV_HEADER.word.panic`` is the
 #: panic flag in ``region1.words``.
 ENV_WORD = ENV_HEADER_OFFSET // WORD
