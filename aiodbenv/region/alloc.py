@@ -94,43 +94,45 @@ class Allocator:
         if nbytes <= 0:
             raise ValueError("allocation size must be positive")
         need = _round(nbytes + _HDR)
+        # The field names as locals: this runs on every frame a pool miss allocates.
+        chunk, head = ALLOC_CHUNK.word, REGION_HEADER.word
         w = self._w
         start, end = self._arena()
         prev = 0
-        cur = w[REGION_HEADER.word.free_head]
+        cur = w[head.free_head]
         while cur:
             # The list is in address order: a link that does not go forward, leaves the arena
             # or names a chunk that does not fit is corruption (and would loop or overrun).
             c = cur // WORD
             if cur <= prev or cur < start or cur % ALIGN or cur + _HDR > end:
                 raise self._corrupt(f"free list link {cur}")
-            size = w[c + ALLOC_CHUNK.word.size]
+            size = w[c + chunk.size]
             if size < _HDR or size % ALIGN or cur + size > end:
                 raise self._corrupt(f"chunk at {cur} has size {size}")
             if size >= need:
-                nxt = w[c + ALLOC_CHUNK.word.next_free]
+                nxt = w[c + chunk.next_free]
                 if size - need >= _HDR + _MIN_REST:
                     # Write the remainder's header inside the chunk first, then shrink the
                     # chunk: the size walk is valid before and after each store.
                     rest = cur + need
                     _free_chunk(w, rest, size - need, nxt)
-                    w[c + ALLOC_CHUNK.word.size] = need
+                    w[c + chunk.size] = need
                     nxt = rest
                     size = need
                 if prev:
-                    w[prev // WORD + ALLOC_CHUNK.word.next_free] = nxt
+                    w[prev // WORD + chunk.next_free] = nxt
                 else:
-                    w[REGION_HEADER.word.free_head] = nxt
-                w[c + ALLOC_CHUNK.word.next_free] = 0
-                w[c + ALLOC_CHUNK.word.tag] = tag
-                w[c + ALLOC_CHUNK.word.in_use] = 1
+                    w[head.free_head] = nxt
+                w[c + chunk.next_free] = 0
+                w[c + chunk.tag] = tag
+                w[c + chunk.in_use] = 1
                 payload: int = cur + _HDR
                 self._zero(payload, size - _HDR)
-                w[REGION_HEADER.word.bytes_used] += size
-                w[REGION_HEADER.word.allocs] += 1
+                w[head.bytes_used] += size
+                w[head.allocs] += 1
                 return payload
-            prev, cur = cur, w[c + ALLOC_CHUNK.word.next_free]
-        w[REGION_HEADER.word.failures] += 1
+            prev, cur = cur, w[c + chunk.next_free]
+        w[head.failures] += 1
         raise CacheFull(f"unable to allocate {nbytes} bytes in {self._region_name}: region is full")
 
     def _arena(self) -> tuple[int, int]:
@@ -149,50 +151,50 @@ class Allocator:
 
     def free(self, payload: int) -> None:
         """Return the chunk whose payload is at ``payload``; coalesces with free neighbours."""
+        # The field names as locals: this runs on every frame a pool miss allocates.
+        chunk, head = ALLOC_CHUNK.word, REGION_HEADER.word
         w = self._w
         start, end = self._arena()
         cur = payload - _HDR
         c = cur // WORD
-        if cur < start or cur + _HDR > end or cur % ALIGN or w[c + ALLOC_CHUNK.word.in_use] != 1:
+        if cur < start or cur + _HDR > end or cur % ALIGN or w[c + chunk.in_use] != 1:
             # InvalidArgument is a ValueError: a caller's mistake, or an offset read from a
             # corrupt region.
             raise InvalidArgument(
                 f"offset {payload} is not an allocated chunk of {self._region_name}"
             )
-        size = w[c + ALLOC_CHUNK.word.size]
+        size = w[c + chunk.size]
         if size < _HDR or size % ALIGN or cur + size > end:
             raise self._corrupt(f"chunk at {cur} has size {size}")
-        if size > w[REGION_HEADER.word.bytes_used]:
+        if size > w[head.bytes_used]:
             raise self._corrupt(f"chunk at {cur} is larger than the bytes in use")
-        w[c + ALLOC_CHUNK.word.in_use] = 0
-        w[REGION_HEADER.word.bytes_used] -= size
-        w[REGION_HEADER.word.frees] += 1
+        w[c + chunk.in_use] = 0
+        w[head.bytes_used] -= size
+        w[head.frees] += 1
         # Find the free neighbours in the address-ordered free list.
         prev = 0
-        nxt = w[REGION_HEADER.word.free_head]
+        nxt = w[head.free_head]
         while nxt and nxt < cur:
             if nxt <= prev or nxt < start or nxt % ALIGN:
                 raise self._corrupt(f"free list link {nxt}")
-            prev, nxt = nxt, w[nxt // WORD + ALLOC_CHUNK.word.next_free]
+            prev, nxt = nxt, w[nxt // WORD + chunk.next_free]
         if nxt and (nxt % ALIGN or nxt + _HDR > end):
             raise self._corrupt(f"free list link {nxt}")
-        if prev and prev + w[prev // WORD + ALLOC_CHUNK.word.size] > cur:
+        if prev and prev + w[prev // WORD + chunk.size] > cur:
             raise self._corrupt(f"free chunk at {prev} overlaps chunk {cur}")
         if nxt and cur + size == nxt:  # merge the following chunk into this one
             n = nxt // WORD
-            w[c + ALLOC_CHUNK.word.size] = size = size + w[n + ALLOC_CHUNK.word.size]
-            nxt = w[n + ALLOC_CHUNK.word.next_free]
-        w[c + ALLOC_CHUNK.word.next_free] = nxt
-        if (
-            prev and prev + w[prev // WORD + ALLOC_CHUNK.word.size] == cur
-        ):  # merge this into the preceding
+            w[c + chunk.size] = size = size + w[n + chunk.size]
+            nxt = w[n + chunk.next_free]
+        w[c + chunk.next_free] = nxt
+        if prev and prev + w[prev // WORD + chunk.size] == cur:  # merge this into the preceding
             p = prev // WORD
-            w[p + ALLOC_CHUNK.word.size] += size
-            w[p + ALLOC_CHUNK.word.next_free] = nxt
+            w[p + chunk.size] += size
+            w[p + chunk.next_free] = nxt
         elif prev:
-            w[prev // WORD + ALLOC_CHUNK.word.next_free] = cur
+            w[prev // WORD + chunk.next_free] = cur
         else:
-            w[REGION_HEADER.word.free_head] = cur
+            w[head.free_head] = cur
 
     def set_tag(self, payload: int, tag: int) -> None:
         """Set the tag of the allocated chunk whose payload is at ``payload`` (one store; the
