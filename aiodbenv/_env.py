@@ -144,7 +144,8 @@ class Env(EnvLog):
         every region file and segment (the umask does not apply).
 
         ``log=True`` (files in the home or ``log_dir``) or ``log_inmemory=True`` (a ring) give
-        it a log (``env.log`` (docs/log.md has the sizes)); the NOSYNC flags set ``env.durability``.
+        it a log, ``env.log`` (docs/log.md has the sizes); the NOSYNC flags set
+        ``env.durability``.
 
         ``trickle`` starts a :class:`~aiodbenv.TrickleWorker` keeping that percentage of the
         cache clean (or give :class:`~aiodbenv.TrickleSettings`); ``checkpoint`` starts a
