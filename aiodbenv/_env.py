@@ -1,8 +1,10 @@
 """``Env``: the async handle of an environment.
 
-A thin async shell over :class:`aiodbenv.region.environment.EnvCore`: opening, closing and
-removing run in worker threads (they create, preallocate, map and unlink files), everything
-else is a few word reads on the event loop.
+A thin async shell over :class:`aiodbenv.region.environment.EnvCore` and the pool: opening,
+closing and removing run in worker threads (they create, preallocate, map and unlink files;
+:mod:`aiodbenv._env_pool`), everything else is a few word reads on the event loop. What an open
+resolves first (home, ``DB_CONFIG``) is :mod:`aiodbenv._resolve`; the worker arguments are
+checked by :mod:`aiodbenv._worker_args`.
 """
 
 from __future__ import annotations
@@ -10,21 +12,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import logging
 import os
-import stat
-import sys
 import warnings
 from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Literal
 
-import aiofiles
-import aiofiles.os
-
-from ._config import Settings, apply_db_config, check_log_settings, check_settings
+from ._config import Settings, check_log_arguments, check_log_settings, check_settings
+from ._env_log import EnvLog
+from ._env_pool import (
+    close_log_and_pool,
+    close_quietly,
+    open_with_pool,
+    pool_plan,
+    refuse_dirty_pages,
+)
+from ._env_txn import EnvTxn, noting_creation, prepare_recovery
+from ._resolve import note_inherited, require_asyncio, resolve_home, resolve_settings
 from ._threads import run_owned
-from ._wal import log_hooks
+from ._worker_args import checkpoint_settings, trickle_settings
 from ._workers import (
     CheckpointSettings,
     CheckpointWorker,
@@ -36,74 +42,19 @@ from ._workers import (
     run_checkpoint,
     shared_status,
 )
-from .errors import (
-    Busy,
-    ConfigError,
-    EnvNotFound,
-    ForkedProcessError,
-    InvalidArgument,
-    PermissionDenied,
-    RunRecovery,
-)
+from .errors import ForkedProcessError, InvalidArgument
 from .log.log import Log
-from .log.region import attach_log, format_log, log_settings, log_spec
+from .log.region import log_settings
 from .mpool.pool import Pool
-from .mpool.region import dirty_pages, format_pool, pool_region_sizes
 from .mpool.sync import SyncResult
-from .region.backing import Region
-from .region.environment import (
-    EnvCore,
-    EnvStat,
-    RegionSpec,
-    open_environment,
-    remove_environment,
-)
-from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
-from .txn.recover import RecoveryStat, stale_pages
-from .txn.recover import recover as recover_log
-from .txn.txn import LATCH_TIMEOUT, Txn, TxnStat, TxnStats
+from .region.environment import EnvCore, EnvStat
+from .region.layout import KIND_PRIVATE
+from .region.remove import remove_environment
 
 __all__ = ["Env", "EnvOpener", "RegionKind"]
 
 #: Where an environment's regions live (``Env.open(region=...)``).
 RegionKind = Literal["file", "system", "private"]
-
-logger = logging.getLogger("aiodbenv")
-
-#: Largest DB_CONFIG aiodbenv reads; anything bigger is not a configuration file.
-_MAX_DB_CONFIG = 1 << 20
-
-
-def resolve_home(home: str | os.PathLike[str] | None) -> str:
-    """The environment home: ``home``, else ``$DB_HOME``, else the current directory."""
-    if home is None:
-        home = os.environ.get("DB_HOME") or os.getcwd()
-    return os.path.abspath(os.fspath(home))
-
-
-async def _read_db_config(home: str) -> tuple[str, str] | None:
-    path = os.path.join(home, "DB_CONFIG")
-    try:
-        st = await aiofiles.os.stat(path)
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
-        return None  # the home itself is not a directory: open reports that
-    except PermissionError:
-        raise PermissionDenied(
-            f"environment home {home}: permission denied (cannot look for {path})"
-        ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{path} is not a regular file")
-    if st.st_size > _MAX_DB_CONFIG:
-        raise ConfigError(f"{path} is larger than {_MAX_DB_CONFIG} bytes")
-    try:
-        async with aiofiles.open(path, encoding="utf-8") as f:
-            return path, await f.read()
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text: {err}") from None
-    except PermissionError:
-        raise PermissionDenied(f"{path}: permission denied") from None
 
 
 class EnvOpener:
@@ -133,7 +84,7 @@ class EnvOpener:
         await self._env.close()
 
 
-class Env:
+class Env(EnvLog, EnvTxn):
     """An open environment handle.
 
     Create one with :meth:`Env.open`. Handles of the same environment may be open in many
@@ -146,17 +97,11 @@ class Env:
         self._core = core
         self._pool = pool
         self._log = log
-        if log is not None:
-            # The write-ahead rule: every page write of a file with an lsn_offset flushes
-            # the log first, through these hooks (the pool never imports the log).
-            pool._io.log = log_hooks(log)
+        self._init_txn()
         self._pid = os.getpid()
         self._closing: asyncio.Future[None] | None = None
         self._trickle: TrickleWorker | None = None
         self._checkpoint: CheckpointWorker | None = None
-        self._txn_stats = TxnStats()
-        #: What ``recover=True`` did at open (None without it).
-        self.recovered: RecoveryStat | None = None
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -201,27 +146,15 @@ class Env:
         in the home overrides these arguments line by line. ``mode`` is the exact permission of
         every region file and segment (the umask does not apply).
 
-        ``log=True`` gives the environment a log (:attr:`log`): files ``log.0000000001``, ...
-        in the home or ``log_dir`` (relative to the home), with a shared buffer of
-        ``log_buffer_size`` bytes (default 32 000) and files of ``log_file_size`` bytes
-        (default 10 MiB); a log already there is found and continued after its last good
-        record. ``log_inmemory=True`` keeps the log in a ring of ``log_buffer_size`` (default
-        1 MiB, larger than the file size) in "files" of ``log_file_size`` (default 256 KiB)
-        and creates no file; it excludes ``txn_nosync`` and ``txn_write_nosync``. Those two
-        set :attr:`durability`. A joiner gets the creator's log.
+        ``log=True`` (files in the home or ``log_dir``) or ``log_inmemory=True`` (a ring) give
+        it a log, ``env.log`` (docs/log.md has the sizes); the NOSYNC flags set
+        ``env.durability``.
 
         ``trickle`` starts a :class:`~aiodbenv.TrickleWorker` keeping that percentage of the
         cache clean (or give :class:`~aiodbenv.TrickleSettings`); ``checkpoint`` starts a
         :class:`~aiodbenv.CheckpointWorker` checkpointing every that many seconds (or give
         :class:`~aiodbenv.CheckpointSettings`). Both belong to this handle and stop when it
         closes.
-
-        ``recover=True`` (``DB_RECOVER``; needs ``create`` and a log in files) removes the
-        regions, makes them anew and replays the committed transactions of the log into the
-        data files (:attr:`recovered` says what it did; see docs/durable.md). Without it, an
-        environment whose regions are made anew over a log holding committed transactions
-        not in the data files raises :class:`~aiodbenv.errors.RunRecovery` (and removes the
-        regions it made) instead of serving stale pages.
 
         ``await Env.open(...)`` returns the :class:`Env`; ``async with Env.open(...) as env``
         also closes it at the end of the block.
@@ -237,6 +170,8 @@ class Env:
         :class:`~aiodbenv.errors.CacheFull` (no memory for the regions) or
         :class:`~aiodbenv.errors.ShmKeyInUse`.
 
+        ``recover=True``: ``DB_RECOVER`` (``EnvTxn._recover_or_check``, docs/durable.md).
+
         Cancellation: the open is abandoned at once; the worker thread that creates or maps the
         regions finishes and its handle is then closed, so nothing stays open or counted.
         """
@@ -244,8 +179,8 @@ class Env:
             dict(
                 home=home,
                 create=create,
-                trickle=_trickle_settings(trickle),
-                checkpoint=_checkpoint_settings(checkpoint),
+                trickle=trickle_settings(trickle),
+                checkpoint=checkpoint_settings(checkpoint),
                 recover=recover,
                 settings=Settings(
                     region=region,
@@ -277,47 +212,19 @@ class Env:
         checkpoint: CheckpointSettings | None = None,
         recover: bool = False,
     ) -> Env:
-        _require_asyncio()
+        require_asyncio()
         if not isinstance(create, bool):
             raise InvalidArgument(f"create must be True or False, not {create!r}")
-        check_settings(settings)
-        if not settings.has_log and (
-            settings.log_dir is not None
-            or settings.log_buffer_size is not None
-            or settings.log_file_size is not None
-        ):
-            raise ConfigError("log_dir, log_buffer_size and log_file_size need log=True")
+        check_log_arguments(check_settings(settings))
         path = resolve_home(home)
-        config = await _read_db_config(path)
-        if config is not None:
-            settings = apply_db_config(settings, config[1], config[0])
-        check_log_settings(settings)
-        if recover:
-            if not (create and settings.has_log and not settings.log_inmemory):
-                raise InvalidArgument("recover=True needs create=True and a log in files")
-            try:
-                await cls.remove(path, force=True)  # recovery rebuilds the regions
-            except EnvNotFound:
-                pass
-        specs = [RegionSpec(REGION_TYPE_MPOOL, size) for size in pool_region_sizes(settings)]
-        log_region = log_spec(settings)
-        if log_region is not None:
-            specs.append(log_region)
-        shared = settings.region != "private"
-
-        created: list[bool] = []
-
-        def format_regions(regions: list[Region]) -> None:
-            created.append(True)
-            format_pool(regions[1 : 1 + settings.ncache], settings, shared)
-            if log_region is not None:
-                format_log(regions[-1], settings, path, shared)
-
+        settings = check_log_settings(await resolve_settings(path, settings))
+        await prepare_recovery(path, settings, create, recover)
+        specs, format_regions, created = noting_creation(*pool_plan(settings, path))
         core, pool, log = await run_owned(
-            lambda: _open_with_pool(path, settings, create, specs, format_regions),
-            undo=lambda opened: _close_quietly(opened[0]),
+            lambda: open_with_pool(path, settings, create, specs, format_regions),
+            undo=lambda opened: close_quietly(opened[0]),
         )
-        _note_inherited(core, settings)
+        note_inherited(core, settings)
         env = cls(core, pool, log)
         if core.registry is not None:
             # What processes that died with the environment open left is reclaimed now, and
@@ -329,7 +236,7 @@ class Env:
                 raise
             pool._start_reaper()
         if log is not None and not settings.log_inmemory and (recover or created):
-            await _recover_or_check(env, recover)
+            await env._recover_or_check(recover)
         if trickle is not None:
             env.start_trickle(trickle)
         if checkpoint is not None:
@@ -348,8 +255,8 @@ class Env:
         core = self._core
         if core.closed:
             raise InvalidArgument("the environment handle is closed")
-        if core.panicked and self._log is not None and self._log._c.word("failed_errno"):
-            self._log._raise_panic()  # a write or fsync of the log failed
+        if core.panicked and self._log is not None:
+            self._log._check()  # says why, if a write or fsync of the log failed
         if core.panicked and self._pool is not None:
             self._pool._check_panic()  # says why, if the pool knows (a failed fsync)
         core.check_panic()
@@ -371,61 +278,6 @@ class Env:
         return log_settings(self._check().settings(), self._log)
 
     @property
-    def has_log(self) -> bool:
-        """True if the environment keeps a log (opened with ``log`` or ``log_inmemory`` by
-        its creator)."""
-        return self._log is not None
-
-    @property
-    def log(self) -> Log:
-        """The environment's log (``log_*``). Raises InvalidArgument if it has none."""
-        self._check()
-        if self._log is None:
-            raise InvalidArgument("this environment has no log (open it with log=True)")
-        return self._log
-
-    @property
-    def durability(self) -> Literal["sync", "write_nosync", "nosync"]:
-        """The default durability of a commit: ``"sync"`` (written and fsynced), or, set by
-        ``txn_write_nosync`` / ``txn_nosync`` (``DB_TXN_WRITE_NOSYNC`` / ``DB_TXN_NOSYNC``),
-        ``"write_nosync"`` (written, not fsynced: lost if the machine fails) or ``"nosync"``
-        (left in the log buffer: lost if the environment's regions are lost)."""
-        s = self._check().settings()
-        if s.txn_nosync:
-            return "nosync"
-        if s.txn_write_nosync:
-            return "write_nosync"
-        return "sync"
-
-    def txn(
-        self,
-        *,
-        durability: Literal["sync", "write_nosync", "nosync"] | None = None,
-        latch_timeout: float = LATCH_TIMEOUT,
-    ) -> Txn:
-        """Begin a transaction (see :class:`~aiodbenv.txn.txn.Txn` and docs/durable.md):
-        ``async with env.txn() as tx`` commits at the end of the block and aborts on an
-        exception; ``tx = await env.txn()`` leaves it to ``tx.commit()`` / ``tx.abort()``.
-        ``durability`` defaults to :attr:`durability`. The transaction belongs to the calling
-        task. Needs a log (InvalidArgument otherwise). Beginning never waits, so there is
-        nothing to cancel.
-        """
-        self._check()
-        if self._log is None:
-            raise InvalidArgument("transactions need a log: open the environment with log=True")
-        return Txn(
-            self._pool,
-            self._log,
-            self.durability if durability is None else durability,
-            self._txn_stats,
-            latch_timeout,
-        )
-
-    def txn_stat(self) -> TxnStat:
-        """This handle's transaction statistics (:class:`~aiodbenv.txn.txn.TxnStat`)."""
-        return self._txn_stats.snapshot()
-
-    @property
     def pool(self) -> Pool:
         """The environment's shared buffer pool (memp_*), as seen by this handle."""
         self._check()
@@ -442,7 +294,7 @@ class Env:
         self._check()
         if self._trickle is not None and self._trickle.running:
             raise InvalidArgument("this handle already runs a trickle worker")
-        s = _trickle_settings(settings)
+        s = trickle_settings(settings)
         assert s is not None
         if interval is not None:
             s = TrickleSettings(s.percent, interval, s.wake_pages)
@@ -467,7 +319,7 @@ class Env:
         self._check()
         if self._checkpoint is not None and self._checkpoint.running:
             raise InvalidArgument("this handle already runs a checkpoint worker")
-        s = _checkpoint_settings(settings)
+        s = checkpoint_settings(settings)
         assert s is not None
         if kbytes is not None or completion_target is not None:
             s = CheckpointSettings(
@@ -539,8 +391,7 @@ class Env:
         core = self._check()
         st = core.stat()
         died = st.mutex_owner_died + self._pool._core.owner_died()
-        if self._log is not None:
-            died += self._log._c.mutex.stats()[2]
+        died += self._log._c.mutex.stats()[2] if self._log is not None else 0
         st = dataclasses.replace(st, mutex_owner_died=died)
         if core.registry is None:
             return st
@@ -591,13 +442,9 @@ class Env:
                     await run_checkpoint(self._pool)  # the final checkpoint
         finally:
             try:
-                if self._log is not None:
-                    await self._log._close(flush=not nosync)
+                await close_log_and_pool(self._log, self._pool, flush=not nosync)
             finally:
-                try:
-                    await self._pool._close()
-                finally:
-                    await run_owned(core.close)
+                await run_owned(core.close)
 
     async def __aenter__(self) -> Env:
         return self
@@ -648,131 +495,6 @@ class Env:
         path = resolve_home(home)
         await run_owned(
             lambda: remove_environment(
-                path, force=force, inspect=functools.partial(_refuse_dirty_pages, path)
+                path, force=force, inspect=functools.partial(refuse_dirty_pages, path)
             )
         )
-
-
-async def _recover_or_check(env: Env, recover: bool) -> None:
-    """Recovery at open, or the check that none is needed (see :meth:`Env.open`)."""
-    try:
-        if recover:
-            env.recovered = await recover_log(env)
-            return
-        stale = await stale_pages(env)
-    except BaseException:
-        await env.close(nosync=True)
-        raise
-    if stale:
-        home = env.home
-        await env.close(nosync=True)
-        await Env.remove(home, force=True)
-        path, pgno, lsn = stale[0]
-        raise RunRecovery(
-            f"environment {home} needs recovery: page {pgno} of {path} is older than the "
-            f"transaction committed at {lsn} in the log (the regions were lost before it was "
-            "written); open it with Env.open(home, create=True, log=True, recover=True)"
-        )
-
-
-def _refuse_dirty_pages(
-    home: str, regions: list[Region], table: list[tuple[int, int, int, int, int]], force: bool
-) -> None:
-    """Removing discards the cache: unless forced, refuse while it holds unwritten changes."""
-    types = {row[0]: row[1] for row in table}
-    n = dirty_pages([r for r in regions if types.get(r.region_id) == REGION_TYPE_MPOOL])
-    if not n:
-        return
-    if not force:
-        raise Busy(
-            f"environment {home} has {n} dirty page(s) in its cache that removing would "
-            f"discard; checkpoint first (python -m aiodbenv checkpoint -1 -h {home}) or "
-            "remove with force"
-        )
-    logger.warning("removing environment %s with force: %d dirty page(s) discarded", home, n)
-
-
-def _note_inherited(core: EnvCore, asked: Settings) -> None:
-    """A joiner inherits the creator's sizes: say so (once per open, at INFO) when the caller
-    asked for others, since its own are silently not in effect."""
-    have = core.settings()
-    differ = [
-        f"{name}={getattr(have, name)} (asked for {getattr(asked, name)})"
-        for name in ("cache_size", "page_size")
-        if getattr(asked, name) is not None and getattr(asked, name) != getattr(have, name)
-    ]
-    if differ:
-        logger.info(
-            "aiodbenv: joined the existing environment in %s with its creator's settings: %s",
-            core.home,
-            ", ".join(differ),
-        )
-
-
-def _require_asyncio() -> None:
-    """Refuse at once to run under another event loop than asyncio's (trio, say): the pool's
-    waits, tasks and worker threads are asyncio's, and would fail later and obscurely."""
-    try:
-        asyncio.get_running_loop()
-        return
-    except RuntimeError:
-        pass
-    where = "outside an asyncio event loop"
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_task()
-            where = "under trio"
-        except RuntimeError:
-            pass
-    raise InvalidArgument(
-        f"aiodbenv is asyncio only: Env.open was awaited {where}; run it with asyncio.run, "
-        "uvloop, or anyio's asyncio backend"
-    )
-
-
-def _trickle_settings(value: int | TrickleSettings | None) -> TrickleSettings | None:
-    if value is None or isinstance(value, TrickleSettings):
-        return value.check() if value is not None else None
-    if type(value) is not int:
-        raise InvalidArgument(f"trickle must be a percentage or TrickleSettings, not {value!r}")
-    return TrickleSettings(percent=value).check()
-
-
-def _checkpoint_settings(
-    value: float | CheckpointSettings | None,
-) -> CheckpointSettings | None:
-    if value is None or isinstance(value, CheckpointSettings):
-        return value.check() if value is not None else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgument(
-            f"checkpoint must be an interval in seconds or CheckpointSettings, not {value!r}"
-        )
-    return CheckpointSettings(interval=float(value)).check()
-
-
-def _open_with_pool(
-    path: str,
-    settings: Settings,
-    create: bool,
-    specs: list[RegionSpec],
-    formatter: Callable[[list[Region]], None],
-) -> tuple[EnvCore, Pool, Log | None]:
-    """Open the environment and attach its pool, in a worker thread: attaching builds one
-    object per hash bucket, which would stall the event loop for a large cache."""
-    core = open_environment(path, settings, create=create, extra=specs, formatter=formatter)
-    try:
-        types = {row[0]: row[1] for row in core.region_table()}
-        mpool = [r for r in core.regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
-        log = attach_log(core, settings)
-        return core, Pool(core, mpool, shared=core.kind != KIND_PRIVATE), log
-    except BaseException:
-        _close_quietly(core)
-        raise
-
-
-def _close_quietly(core: EnvCore) -> None:
-    try:
-        core.close()
-    except Exception:
-        pass
