@@ -11,7 +11,8 @@ from typing import Any
 from .._config import Settings, log_sizes
 from ..errors import InvalidArgument
 from ..region.backing import Region
-from ..region.environment import RegionSpec, home_mode
+from ..region.create import RegionSpec
+from ..region.home import home_mode
 from ..region.layout import KIND_PRIVATE, REGION_TYPE_LOG
 from .core import format_log_region
 from .files import find_end
