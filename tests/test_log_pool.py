@@ -408,3 +408,51 @@ async def test_sync_and_checkpoint_cancelled_at_every_step_with_a_log(home: str,
         for name in os.listdir(home):
             if name.startswith("log.") or name == "a.db":
                 os.remove(os.path.join(home, name))
+
+
+async def test_an_eviction_whose_log_flush_fails_raises_and_keeps_the_page(
+    lenv: aiodbenv.Env, io: IORecord
+) -> None:
+    f = await lenv.pool.open_file("a.db", create=True, lsn_offset=0)
+    lsns = await put_many(lenv, 1000)
+    await dirty_page(f, 0, lsns[-1])
+    io.clear()
+    with _io.inject("fdatasync", errno.EIO, times=1):
+        with pytest.raises(RunRecovery):
+            await evict(f, 0)
+    assert not io.index("pwritev", "a.db")
+    assert dirty_flag(f, 0) is True
+
+
+async def test_closing_a_private_environment_flushes_the_log_before_its_pages(
+    home: str, io: IORecord
+) -> None:
+    env = await aiodbenv.Env.open(
+        home, create=True, region="private", log=True, page_size=PS, log_buffer_size=1 << 20
+    )
+    f = await env.pool.open_file("a.db", create=True, lsn_offset=0)
+    lsns = await put_many(env, 2000)
+    await dirty_page(f, 0, lsns[-1])
+    await f.close()
+    io.clear()
+    await env.close()  # a private cache's pages are written at close: WAL first
+    first = io.index("pwritev", "a.db")[0]
+    assert [i for i in io.index("fdatasync", "log.") if i < first], io.calls
+    with open(os.path.join(home, "a.db"), "rb") as fh:
+        assert fh.read(8) == lsns[-1].pack()
+
+
+async def test_an_in_memory_log_is_flushed_without_any_file(home: str, io: IORecord) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log_inmemory=True, page_size=PS)
+    try:
+        async with env.pool.open_file("a.db", create=True, lsn_offset=0) as f:
+            lsns = await put_many(env, 100)
+            await dirty_page(f, 0, lsns[-1])
+            io.clear()
+            result = await env.pool.sync(lsns[0])
+            assert result.lsn == lsns[-1] and env.log.flushed_lsn > lsns[-1]
+            assert not io.index("pwritev", "log.") and io.index("pwritev", "a.db")
+            assert not [n for n in os.listdir(home) if n.startswith("log.")]
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import struct
 import threading
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from .layout import (
     FILE_ENTRY,
     HANDLE_STATS,
 )
+from .wal import flush_log_for, written_lsn
 
 __all__ = ["SyncResult", "note_written", "write_items"]
 
@@ -186,16 +186,13 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
     # From here on this process holds claims: whatever happens (an error, a cancellation),
     # the finally releases them, and a page is cleaned only if its write was confirmed.
     done: set[tuple[int, int]] = set()
+    lsns = None
     try:
         _io.step("claimed")
-        # The write-ahead rule: the log is durable up to the largest page LSN of the batch
-        # before any of these copies reaches its file (one flush per batch). If the flush
-        # fails it raises here: nothing was written, the finally leaves every page dirty.
-        lsns = _page_lsns(io, taken) if io.log is not None else None
-        if lsns:
-            top = max(lsns.values())
-            if top != (0, 0):
-                await io.log.flush(*top)  # type: ignore[union-attr]
+        # The write-ahead rule: the log is durable up to the batch's largest page LSN
+        # before any copy reaches its file. A failed flush raises here: nothing was written,
+        # and the finally leaves every page dirty.
+        lsns = await flush_log_for(io, taken) if io.log is not None else None
         # Step 2, in a worker thread: pgout on the copies, one pwritev per run of pages.
         jobs = _plan_runs(io, taken)
         for job in jobs:
@@ -233,39 +230,11 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
             [(item[0], item[1]) not in done for item, _ in taken],
         )
         result.written += len(done)
-        if io.log is not None:
-            wrote = [lsns[k] for k in done if k in lsns] if lsns else []
-            part_lsn = max(wrote, default=(0, 0))
-            if result.lsn is None or part_lsn > result.lsn:
-                result.lsn = part_lsn
+        if io.log is not None:  # the largest page LSN written, for sync(lsn)
+            top = written_lsn(lsns, done)
+            result.lsn = top if result.lsn is None else max(result.lsn, top)
         io.notify()
     _io.step("write_done")
-
-
-_LSN = struct.Struct("<II")
-
-
-def _page_lsns(
-    io: BufferIO, taken: list[tuple[BufRef, memoryview]]
-) -> dict[tuple[int, int], tuple[int, int]]:
-    """``(file, pgno) -> page LSN`` of the pages of ``taken`` whose file has an ``lsn_offset``,
-    read from the copies about to be written (so the LSN checked is the one written). A page
-    carrying ``(0, 0)`` is "not logged" and needs no flush (Berkeley DB would panic on it);
-    a file without ``lsn_offset`` is written with no flush at all, as in Berkeley DB."""
-    core = io.core
-    w0 = core.meta_words
-    offsets: dict[int, int] = {}
-    out: dict[tuple[int, int], tuple[int, int]] = {}
-    for item, copy in taken:
-        fidx = item[0]
-        off = offsets.get(fidx)
-        if off is None:
-            e = core.entry(fidx)
-            off = offsets[fidx] = int(w0[e + FILE_ENTRY.word.lsn_offset]) - 1 if e else -1
-        # Checked against the copy's size: the offset comes from shared memory.
-        if 0 <= off <= len(copy) - _LSN.size:
-            out[(fidx, item[1])] = _LSN.unpack_from(copy, off)
-    return out
 
 
 def note_written(io: BufferIO, fidx: int) -> None:
