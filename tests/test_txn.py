@@ -350,3 +350,16 @@ def test_batch_roundtrip_and_diff() -> None:
     for cut in (17, 40, len(rec) - 1):
         with pytest.raises(ValueError):
             batch.decode(rec[:cut])
+
+
+async def test_closing_the_file_releases_an_unended_txns_latches(tenv: aiodbenv.Env) -> None:
+    f = await open_data(tenv)
+    async with tenv.txn() as tx:
+        await tx.page(f, 0, create=True)
+    tx = await tenv.txn()
+    (await tx.page(f, 0)).data[9] = 1  # never committed nor aborted
+    await f.close()  # warns about the pin it drops, and releases the latch with it
+    f = await open_data(tenv)
+    async with tenv.txn(latch_timeout=0.5) as tx2:
+        assert (await tx2.page(f, 0)).data[9] == 0
+    await f.close()

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidArgument, LogCorrupt, PageNotFound
+from ..errors import InvalidArgument, LogCorrupt, PageCorrupt, PageNotFound
 from ..log.lsn import LSN
 from ..log.record import CheckpointRecord
 from . import batch as _batch
@@ -193,8 +193,8 @@ async def stale_pages(env: Env, most: int = 1) -> list[tuple[str, int, LSN]]:
                     try:
                         async with f.get(bp.pgno) as p:
                             stale = LSN.unpack(p.data, bf.lsn_offset) < lsn
-                    except PageNotFound:
-                        stale = True
+                    except (PageNotFound, PageCorrupt):
+                        stale = True  # missing, or torn (checksum): recovery's business
                 if stale:
                     out.append((bf.path, bp.pgno, lsn))
                     if len(out) >= most:

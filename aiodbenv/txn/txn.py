@@ -269,6 +269,9 @@ class Txn:
             if pending is not None:
                 await asyncio.shield(pending)
             raise
+        # Known to the file too, so that closing it (or the environment) releases the latch
+        # of a transaction that was never ended.
+        f._latched[page] = self._owner
         self._held_max = max(self._held_max, key)
         self._bytes += cost
         data = bytearray(page.data)
@@ -296,6 +299,7 @@ class Txn:
     async def _release_all(self) -> None:
         pending = []
         for tp in self._pages.values():
+            tp.file._latched.pop(tp._page, None)
             release(tp._page, self._owner)
             task = tp.file._unpin(tp._page, 0)
             if task is not None:
