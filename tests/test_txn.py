@@ -363,3 +363,24 @@ async def test_closing_the_file_releases_an_unended_txns_latches(tenv: aiodbenv.
     async with tenv.txn(latch_timeout=0.5) as tx2:
         assert (await tx2.page(f, 0)).data[9] == 0
     await f.close()
+
+
+def test_diff_covers_every_change_in_whole_chunks() -> None:
+    import random
+
+    rng = random.Random(1)
+    for _ in range(1000):
+        n = rng.choice([512, 1000, 4088, 4096])
+        old = rng.randbytes(n)
+        new = bytearray(old)
+        for _ in range(rng.randint(0, 5)):
+            i = rng.randrange(n)
+            j = min(n, i + rng.randint(1, 300))
+            new[i:j] = rng.randbytes(j - i)
+        ranges = batch.diff(old, bytes(new))
+        rebuilt = bytearray(old)
+        for s, e in ranges:
+            assert s % batch.FRAG_CHUNK == 0 and (e % batch.FRAG_CHUNK == 0 or e == n)
+            rebuilt[s:e] = new[s:e]
+        assert rebuilt == new
+        assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # merged when adjacent

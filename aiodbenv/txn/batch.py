@@ -74,22 +74,26 @@ class BatchPage:
 
 def diff(old: memoryview | bytes, new: memoryview | bytes) -> list[tuple[int, int]]:
     """The ``(start, end)`` ranges where ``new`` differs from ``old`` (same length), in whole
-    :data:`FRAG_CHUNK` chunks, adjacent ones merged."""
-    n = len(old)
+    :data:`FRAG_CHUNK` chunks, adjacent ones merged. Halves are compared recursively, so an
+    unchanged stretch costs one memcmp however long it is (a small change to a 4 KiB page:
+    about a dozen compares)."""
     out: list[tuple[int, int]] = []
-    if old == new:
-        return out
-    start = -1
-    for i in range(0, n, FRAG_CHUNK):
-        j = min(i + FRAG_CHUNK, n)
-        if old[i:j] != new[i:j]:
-            if start < 0:
-                start = i
-        elif start >= 0:
-            out.append((start, i))
-            start = -1
-    if start >= 0:
-        out.append((start, n))
+
+    def walk(lo: int, hi: int) -> None:
+        if old[lo:hi] == new[lo:hi]:
+            return
+        if hi - lo <= FRAG_CHUNK:
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+            return
+        # Split on a chunk boundary, so fragments always cover whole chunks.
+        mid = lo + ((hi - lo) // 2 + FRAG_CHUNK - 1) // FRAG_CHUNK * FRAG_CHUNK
+        walk(lo, mid)
+        walk(mid, hi)
+
+    walk(0, len(old))
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -135,6 +136,9 @@ class TxnPage:
 
 _ACTIVE, _COMMITTING, _DONE = 0, 1, 2
 
+#: Each open file's path as logged (computed once per file handle).
+_paths: weakref.WeakKeyDictionary[PoolFile, str] = weakref.WeakKeyDictionary()
+
 
 class Txn:
     """A transaction: made by :meth:`aiodbenv.Env.txn`.
@@ -227,10 +231,12 @@ class Txn:
     def _path(self, f: PoolFile) -> str:
         """The file's path as logged: relative to the home when inside it, so that recovery
         of a moved home finds it."""
-        path = f.name or ""
-        home = self._pool._env_core.home
-        rel = os.path.relpath(path, home)
-        return path if rel.startswith(os.pardir) else rel
+        path = _paths.get(f)
+        if path is None:
+            path = f.name or ""
+            rel = os.path.relpath(path, self._pool._env_core.home)
+            path = _paths[f] = path if rel.startswith(os.pardir) else rel
+        return path
 
     async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
         lsn_off = self._lsn_offset(f)
