@@ -99,7 +99,10 @@ async def processes(nproc: int, seconds: float) -> None:
         st0 = env.log.stat()
         open(go, "w").close()
         t0 = time.perf_counter()
-        counts = [int(c.communicate()[0]) for c in children]
+        # Not c.communicate() on the loop: this process may hold the log's writer role (its
+        # first commit flushed), and a blocked loop would stall every child's flush.
+        outs = await asyncio.gather(*(asyncio.to_thread(c.communicate) for c in children))
+        counts = [int(out[0]) for out in outs]
         elapsed = time.perf_counter() - t0
         st = env.log.stat()
         n = sum(counts)
