@@ -253,7 +253,10 @@ class Txn:
                 f"taking this page could make the commit's log record larger than a log "
                 f"record may be ({limit} bytes): commit what you have first"
             )
-        page = await f._pin(pgno, mode)
+        # A cached page is pinned without an await (the pool's hit path); else the slow path.
+        page = f._pin_hit(pgno) if mode != MODE_NEW else None
+        if page is None:
+            page = await f._pin(pgno, mode)
         try:
             if page._cache is None:
                 raise InvalidArgument("pages of a memory-mapped file cannot be changed")
