@@ -182,7 +182,7 @@ class Deadlock(TryAgain):
 
 class TxnTooLarge(InvalidArgument):
     """A transaction would hold more pages, or log more bytes, than one commit may: see
-    :data:`aiodbenv.txn.MAX_PAGES` and the log's record size. The transaction is still usable
+    ``aiodbenv.txn.txn.MAX_PAGES`` (64) and the log's record size. The transaction is still usable
     (the page that did not fit was not taken)."""
 
 

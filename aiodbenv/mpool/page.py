@@ -116,7 +116,7 @@ class PinContext:
 
 class LatchedPinContext:
     """The result of ``PoolFile.get(pgno, latch=True)``: the page pinned *and* its latch held
-    (the exclusive latch of transactions, :mod:`aiodbenv.txn.latch`), so its bytes cannot
+    (the exclusive latch of transactions, ``aiodbenv.txn.latch``), so its bytes cannot
     change under the reader: no transaction's commit is ever seen in part. The latch is
     released when the page is unpinned (the end of the ``async with`` block, or
     :meth:`PoolFile.unpin`). While it is held, transactions that take the page wait.

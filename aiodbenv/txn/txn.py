@@ -207,7 +207,7 @@ class Txn:
         not exist (zero-filled).
 
         Raises InvalidArgument if ``f`` has no ``lsn_offset``; :class:`~aiodbenv.errors.TxnTooLarge`
-        past :data:`MAX_PAGES` pages or the log's record size (the transaction stays usable);
+        past ``MAX_PAGES`` (64) pages or the log's record size (the transaction stays usable);
         :class:`~aiodbenv.errors.Deadlock` if the latch is busy and ordered below one this
         transaction holds (abort and retry; taking pages in ascending file and page order
         never gets it); :class:`~aiodbenv.errors.LockTimeout` after ``latch_timeout`` seconds.
