@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import ConfigError
 
@@ -52,6 +53,7 @@ __all__ = [
     "MIN_CACHE_SIZE",
     "Settings",
     "apply_db_config",
+    "check_log_arguments",
     "check_log_settings",
     "check_settings",
     "log_sizes",
@@ -160,6 +162,13 @@ class Settings:
         """True if the environment keeps a log (``log`` or ``log_inmemory``)."""
         return self.log or self.log_inmemory
 
+    @property
+    def durability(self) -> Literal["sync", "write_nosync", "nosync"]:
+        """The default durability of a commit these settings give (see ``Env.durability``)."""
+        if self.txn_nosync:
+            return "nosync"
+        return "write_nosync" if self.txn_write_nosync else "sync"
+
     def flag_bits(self) -> int:
         """The boolean settings as the bit set stored in the environment header."""
         return sum(bit for name, bit in FLAG_BITS.items() if getattr(self, name))
@@ -221,6 +230,16 @@ def check_settings(s: Settings) -> Settings:
             )
     if s.log_dir is not None and (not isinstance(s.log_dir, str) or not s.log_dir):
         raise ConfigError(f"log_dir must be a non-empty path, not {s.log_dir!r}")
+    return s
+
+
+def check_log_arguments(s: Settings) -> Settings:
+    """The log's sizes and directory as arguments need a log (as ``DB_CONFIG`` lines they are
+    ignored without one, as in Berkeley DB); returns ``s``."""
+    if not s.has_log and (
+        s.log_dir is not None or s.log_buffer_size is not None or s.log_file_size is not None
+    ):
+        raise ConfigError("log_dir, log_buffer_size and log_file_size need log=True")
     return s
 
 

@@ -13,15 +13,21 @@ import asyncio
 import dataclasses
 import functools
 import os
-import sys
 import warnings
 from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Literal
 
-from ._config import Settings, check_log_settings, check_settings
-from ._env_pool import close_quietly, open_with_pool, pool_plan, refuse_dirty_pages
-from ._resolve import note_inherited, resolve_home, resolve_settings
+from ._config import Settings, check_log_arguments, check_log_settings, check_settings
+from ._env_log import EnvLog
+from ._env_pool import (
+    close_log_and_pool,
+    close_quietly,
+    open_with_pool,
+    pool_plan,
+    refuse_dirty_pages,
+)
+from ._resolve import note_inherited, require_asyncio, resolve_home, resolve_settings
 from ._threads import run_owned
 from ._wal import log_hooks
 from ._worker_args import checkpoint_settings, trickle_settings
@@ -36,7 +42,7 @@ from ._workers import (
     run_checkpoint,
     shared_status,
 )
-from .errors import ConfigError, ForkedProcessError, InvalidArgument
+from .errors import ForkedProcessError, InvalidArgument
 from .log.log import Log
 from .log.region import log_settings
 from .mpool.pool import Pool
@@ -78,7 +84,7 @@ class EnvOpener:
         await self._env.close()
 
 
-class Env:
+class Env(EnvLog):
     """An open environment handle.
 
     Create one with :meth:`Env.open`. Handles of the same environment may be open in many
@@ -142,14 +148,9 @@ class Env:
         in the home overrides these arguments line by line. ``mode`` is the exact permission of
         every region file and segment (the umask does not apply).
 
-        ``log=True`` gives the environment a log (:attr:`log`): files ``log.0000000001``, ...
-        in the home or ``log_dir`` (relative to the home), with a shared buffer of
-        ``log_buffer_size`` bytes (default 32 000) and files of ``log_file_size`` bytes
-        (default 10 MiB); a log already there is found and continued after its last good
-        record. ``log_inmemory=True`` keeps the log in a ring of ``log_buffer_size`` (default
-        1 MiB, larger than the file size) in "files" of ``log_file_size`` (default 256 KiB)
-        and creates no file; it excludes ``txn_nosync`` and ``txn_write_nosync``. Those two
-        set :attr:`durability`. A joiner gets the creator's log.
+        ``log=True`` (files in the home or ``log_dir``) or ``log_inmemory=True`` (a ring) give
+        it a log, ``env.log`` (docs/log.md has the sizes); the NOSYNC flags set
+        ``env.durability``.
 
         ``trickle`` starts a :class:`~aiodbenv.TrickleWorker` keeping that percentage of the
         cache clean (or give :class:`~aiodbenv.TrickleSettings`); ``checkpoint`` starts a
@@ -209,19 +210,12 @@ class Env:
         trickle: TrickleSettings | None = None,
         checkpoint: CheckpointSettings | None = None,
     ) -> Env:
-        _require_asyncio()
+        require_asyncio()
         if not isinstance(create, bool):
             raise InvalidArgument(f"create must be True or False, not {create!r}")
-        check_settings(settings)
-        if not settings.has_log and (
-            settings.log_dir is not None
-            or settings.log_buffer_size is not None
-            or settings.log_file_size is not None
-        ):
-            raise ConfigError("log_dir, log_buffer_size and log_file_size need log=True")
+        check_log_arguments(check_settings(settings))
         path = resolve_home(home)
-        settings = await resolve_settings(path, settings)
-        check_log_settings(settings)
+        settings = check_log_settings(await resolve_settings(path, settings))
         specs, format_regions = pool_plan(settings, path)
         core, pool, log = await run_owned(
             lambda: open_with_pool(path, settings, create, specs, format_regions),
@@ -256,8 +250,8 @@ class Env:
         core = self._core
         if core.closed:
             raise InvalidArgument("the environment handle is closed")
-        if core.panicked and self._log is not None and self._log._c.word("failed_errno"):
-            self._log._raise_panic()  # a write or fsync of the log failed
+        if core.panicked and self._log is not None:
+            self._log._check()  # says why, if a write or fsync of the log failed
         if core.panicked and self._pool is not None:
             self._pool._check_panic()  # says why, if the pool knows (a failed fsync)
         core.check_panic()
@@ -277,33 +271,6 @@ class Env:
     def settings(self) -> Settings:
         """The environment's settings, as its creator made it (after ``DB_CONFIG``)."""
         return log_settings(self._check().settings(), self._log)
-
-    @property
-    def has_log(self) -> bool:
-        """True if the environment keeps a log (opened with ``log`` or ``log_inmemory`` by
-        its creator)."""
-        return self._log is not None
-
-    @property
-    def log(self) -> Log:
-        """The environment's log (``log_*``). Raises InvalidArgument if it has none."""
-        self._check()
-        if self._log is None:
-            raise InvalidArgument("this environment has no log (open it with log=True)")
-        return self._log
-
-    @property
-    def durability(self) -> Literal["sync", "write_nosync", "nosync"]:
-        """The default durability of a commit: ``"sync"`` (written and fsynced), or, set by
-        ``txn_write_nosync`` / ``txn_nosync`` (``DB_TXN_WRITE_NOSYNC`` / ``DB_TXN_NOSYNC``),
-        ``"write_nosync"`` (written, not fsynced: lost if the machine fails) or ``"nosync"``
-        (left in the log buffer: lost if the environment's regions are lost)."""
-        s = self._check().settings()
-        if s.txn_nosync:
-            return "nosync"
-        if s.txn_write_nosync:
-            return "write_nosync"
-        return "sync"
 
     @property
     def pool(self) -> Pool:
@@ -420,8 +387,7 @@ class Env:
         core = self._check()
         st = core.stat()
         died = st.mutex_owner_died + self._pool._core.owner_died()
-        if self._log is not None:
-            died += self._log._c.mutex.stats()[2]
+        died += self._log._c.mutex.stats()[2] if self._log is not None else 0
         st = dataclasses.replace(st, mutex_owner_died=died)
         if core.registry is None:
             return st
@@ -473,13 +439,9 @@ class Env:
                     await run_checkpoint(self._pool)  # the final checkpoint
         finally:
             try:
-                if self._log is not None:
-                    await self._log._close(flush=not nosync)
+                await close_log_and_pool(self._log, self._pool, flush=not nosync)
             finally:
-                try:
-                    await self._pool._close()
-                finally:
-                    await run_owned(core.close)
+                await run_owned(core.close)
 
     async def __aenter__(self) -> Env:
         return self
@@ -533,25 +495,3 @@ class Env:
                 path, force=force, inspect=functools.partial(refuse_dirty_pages, path)
             )
         )
-
-
-def _require_asyncio() -> None:
-    """Refuse at once to run under another event loop than asyncio's (trio, say): the pool's
-    waits, tasks and worker threads are asyncio's, and would fail later and obscurely."""
-    try:
-        asyncio.get_running_loop()
-        return
-    except RuntimeError:
-        pass
-    where = "outside an asyncio event loop"
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_task()
-            where = "under trio"
-        except RuntimeError:
-            pass
-    raise InvalidArgument(
-        f"aiodbenv is asyncio only: Env.open was awaited {where}; run it with asyncio.run, "
-        "uvloop, or anyio's asyncio backend"
-    )

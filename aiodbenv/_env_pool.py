@@ -1,5 +1,5 @@
-"""The environment together with its buffer pool: the blocking steps of opening and removing
-that concern both, run by :class:`aiodbenv.Env` in worker threads.
+"""The environment together with its buffer pool and log: the blocking steps of opening and
+removing that concern them, run by :class:`aiodbenv.Env` in worker threads.
 
 Opening asks the environment for one region per cache (:func:`pool_plan`), has the creator lay
 them out before the environment's magic is written, then attaches the pool to them
@@ -23,16 +23,21 @@ from .region.environment import EnvCore, RegionRow
 from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
 from .region.open import open_environment
 
-__all__ = ["close_quietly", "open_with_pool", "pool_plan", "refuse_dirty_pages"]
+__all__ = [
+    "close_log_and_pool",
+    "close_quietly",
+    "open_with_pool",
+    "pool_plan",
+    "refuse_dirty_pages",
+]
 
 logger = logging.getLogger("aiodbenv")
 
 
 def pool_plan(settings: Settings, home: str) -> tuple[list[RegionSpec], Formatter]:
-    """The regions the pool (and the log, if ``settings`` ask for one) need for ``settings``
-    and the formatter that lays them out (given every region; region 1 is the environment's,
-    the log's is last). Raises :class:`~aiodbenv.errors.ConfigError` for sizes no pool can
-    have."""
+    """The regions the pool (and the log, if ``settings`` ask for one) need and the formatter
+    that lays them out (given every region; region 1 is the environment's, the log's comes
+    last). Raises :class:`~aiodbenv.errors.ConfigError` for sizes no pool can have."""
     specs = [RegionSpec(REGION_TYPE_MPOOL, size) for size in pool_region_sizes(settings)]
     log_region = log_spec(settings)
     if log_region is not None:
@@ -54,9 +59,8 @@ def open_with_pool(
     specs: list[RegionSpec],
     formatter: Formatter,
 ) -> tuple[EnvCore, Pool, Log | None]:
-    """Open the environment and attach its pool and log (if it has one), in a worker thread:
-    attaching builds one object per hash bucket, which would stall the event loop for a
-    large cache."""
+    """Open the environment and attach its pool and log, in a worker thread: attaching builds
+    one object per hash bucket, which would stall the event loop for a large cache."""
     core = open_environment(path, settings, create=create, extra=specs, formatter=formatter)
     try:
         types = {row[0]: row[1] for row in core.region_table()}
@@ -66,6 +70,16 @@ def open_with_pool(
     except BaseException:
         close_quietly(core)
         raise
+
+
+async def close_log_and_pool(log: Log | None, pool: Pool, *, flush: bool) -> None:
+    """Close the log (flushing what is buffered if ``flush``), then the pool, even if the
+    first fails."""
+    try:
+        if log is not None:
+            await log._close(flush=flush)
+    finally:
+        await pool._close()
 
 
 def close_quietly(core: EnvCore) -> None:

@@ -14,10 +14,10 @@ from ..region.backing import Region
 from ..region.create import RegionSpec
 from ..region.home import home_mode
 from ..region.layout import KIND_PRIVATE, REGION_TYPE_LOG
-from .core import format_log_region
 from .files import find_end
 from .layout import region_size
 from .log import Log
+from .state import format_log_region
 
 __all__ = ["attach_log", "format_log", "log_directory", "log_settings", "log_spec"]
 

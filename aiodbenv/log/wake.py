@@ -15,6 +15,8 @@ import os
 import platform
 from typing import Any
 
+import cffi
+
 __all__ = ["Futex", "futex_available"]
 
 # SYS_futex by architecture (asm/unistd.h).
@@ -34,13 +36,11 @@ def _load() -> bool:
     if _SYS_FUTEX is None or os.environ.get("AIODBENV_LOG_WAKE", "").lower() == "poll":
         return False
     try:
-        import cffi
-
         ffi = cffi.FFI()
         ffi.cdef("long syscall(long number, ...);")
         lib = ffi.dlopen(None)
         lib.syscall  # noqa: B018  (fail here, not at the first wait)
-    except (ImportError, OSError, AttributeError):
+    except (OSError, AttributeError):
         return False
     _ffi, _lib = ffi, lib
     return True
