@@ -133,6 +133,14 @@ def cases(procs: int) -> list[Case]:
     ]
 
 
+#: Berkeley DB's log_put flags for each (sync, log) of a case, for labels.
+BDB_FLAGS = {
+    ("flush", "file"): "DB_FLUSH",
+    ("wrnosync", "file"): "DB_LOG_WRNOSYNC",
+    ("none", "file"): "no flags",
+    ("none", "memory"): "no flags, DB_LOG_IN_MEMORY",
+}
+
 AIM_TEXT = {
     "time<=1.2": "time within 1.2x BDB's",
     "time<=1": "records/s >= BDB's",
@@ -307,6 +315,8 @@ class Workspace:
     counter: int = 0
 
     def path(self, prefix: str) -> str:
+        # Made on first use: cleanup() removes the root, and the workspace may be reused.
+        os.makedirs(self.root, exist_ok=True)
         self.counter += 1
         return os.path.join(self.root, f"{prefix}{self.counter}")
 
