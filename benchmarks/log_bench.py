@@ -253,7 +253,9 @@ async def _worker_main(a: argparse.Namespace) -> None:
         )
         print("ready", flush=True)
         # The parent writes one byte to every worker's stdin to start them together.
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read, 1)
+        go = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read, 1)
+        if go != b"g":  # the parent gave up (closed our stdin) before the start
+            raise RuntimeError("no start signal from the parent")
         per = [a.records // conc + (1 if i < a.records % conc else 0) for i in range(conc)]
         t0 = time.monotonic()
         deadline = t0 + a.seconds if a.seconds > 0 else None
