@@ -22,7 +22,7 @@ from typing import Any, Literal
 import aiofiles
 import aiofiles.os
 
-from ._config import Settings, apply_db_config, check_settings
+from ._config import Settings, apply_db_config, check_log_settings, check_settings
 from ._threads import run_owned
 from ._workers import (
     CheckpointSettings,
@@ -36,6 +36,8 @@ from ._workers import (
     shared_status,
 )
 from .errors import Busy, ConfigError, ForkedProcessError, InvalidArgument, PermissionDenied
+from .log.log import Log
+from .log.region import attach_log, format_log, log_settings, log_spec
 from .mpool.pool import Pool
 from .mpool.sync import SyncResult
 from .mpool.table import dirty_pages, format_pool, pool_region_sizes
@@ -127,10 +129,11 @@ class Env:
     opens its own, never one inherited through ``fork``.
     """
 
-    def __init__(self, core: EnvCore, pool: Pool) -> None:
+    def __init__(self, core: EnvCore, pool: Pool, log: Log | None = None) -> None:
         """Internal: use :meth:`Env.open`."""
         self._core = core
         self._pool = pool
+        self._log = log
         self._pid = os.getpid()
         self._closing: asyncio.Future[None] | None = None
         self._trickle: TrickleWorker | None = None
@@ -154,6 +157,10 @@ class Env:
         txn_nosync: bool = False,
         txn_write_nosync: bool = False,
         log_inmemory: bool = False,
+        log: bool = False,
+        log_dir: str | None = None,
+        log_buffer_size: int | None = None,
+        log_file_size: int | None = None,
         trickle: int | TrickleSettings | None = None,
         checkpoint: float | CheckpointSettings | None = None,
     ) -> EnvOpener:
@@ -173,6 +180,15 @@ class Env:
         joiner inherits the existing environment's and its own are ignored. A ``DB_CONFIG`` file
         in the home overrides these arguments line by line. ``mode`` is the exact permission of
         every region file and segment (the umask does not apply).
+
+        ``log=True`` gives the environment a log (:attr:`log`): files ``log.0000000001``, ...
+        in the home or ``log_dir`` (relative to the home), with a shared buffer of
+        ``log_buffer_size`` bytes (default 32 000) and files of ``log_file_size`` bytes
+        (default 10 MiB); a log already there is found and continued after its last good
+        record. ``log_inmemory=True`` keeps the log in a ring of ``log_buffer_size`` (default
+        1 MiB, larger than the file size) in "files" of ``log_file_size`` (default 256 KiB)
+        and creates no file; it excludes ``txn_nosync`` and ``txn_write_nosync``. Those two
+        set :attr:`durability`. A joiner gets the creator's log.
 
         ``trickle`` starts a :class:`~aiodbenv.TrickleWorker` keeping that percentage of the
         cache clean (or give :class:`~aiodbenv.TrickleSettings`); ``checkpoint`` starts a
@@ -215,6 +231,10 @@ class Env:
                     txn_nosync=txn_nosync,
                     txn_write_nosync=txn_write_nosync,
                     log_inmemory=log_inmemory,
+                    log=log,
+                    log_dir=log_dir,
+                    log_buffer_size=log_buffer_size,
+                    log_file_size=log_file_size,
                 ),
             )
         )
@@ -232,22 +252,34 @@ class Env:
         if not isinstance(create, bool):
             raise InvalidArgument(f"create must be True or False, not {create!r}")
         check_settings(settings)
+        if not settings.has_log and (
+            settings.log_dir is not None
+            or settings.log_buffer_size is not None
+            or settings.log_file_size is not None
+        ):
+            raise ConfigError("log_dir, log_buffer_size and log_file_size need log=True")
         path = resolve_home(home)
         config = await _read_db_config(path)
         if config is not None:
             settings = apply_db_config(settings, config[1], config[0])
+        check_log_settings(settings)
         specs = [RegionSpec(REGION_TYPE_MPOOL, size) for size in pool_region_sizes(settings)]
+        log_region = log_spec(settings)
+        if log_region is not None:
+            specs.append(log_region)
         shared = settings.region != "private"
 
         def format_regions(regions: list[Region]) -> None:
-            format_pool(regions[1:], settings, shared)
+            format_pool(regions[1 : 1 + settings.ncache], settings, shared)
+            if log_region is not None:
+                format_log(regions[-1], settings, path, shared)
 
-        core, pool = await run_owned(
+        core, pool, log = await run_owned(
             lambda: _open_with_pool(path, settings, create, specs, format_regions),
             undo=lambda opened: _close_quietly(opened[0]),
         )
         _note_inherited(core, settings)
-        env = cls(core, pool)
+        env = cls(core, pool, log)
         if core.registry is not None:
             # What processes that died with the environment open left is reclaimed now, and
             # from then on by a small task of the pool (every REAP_INTERVAL seconds).
@@ -275,6 +307,8 @@ class Env:
         core = self._core
         if core.closed:
             raise InvalidArgument("the environment handle is closed")
+        if core.panicked and self._log is not None and self._log._c.word("failed_errno"):
+            self._log._raise_panic()  # a write or fsync of the log failed
         if core.panicked and self._pool is not None:
             self._pool._check_panic()  # says why, if the pool knows (a failed fsync)
         core.check_panic()
@@ -293,7 +327,34 @@ class Env:
     @property
     def settings(self) -> Settings:
         """The environment's settings, as its creator made it (after ``DB_CONFIG``)."""
-        return self._check().settings()
+        return log_settings(self._check().settings(), self._log)
+
+    @property
+    def has_log(self) -> bool:
+        """True if the environment keeps a log (opened with ``log`` or ``log_inmemory`` by
+        its creator)."""
+        return self._log is not None
+
+    @property
+    def log(self) -> Log:
+        """The environment's log (``log_*``). Raises InvalidArgument if it has none."""
+        self._check()
+        if self._log is None:
+            raise InvalidArgument("this environment has no log (open it with log=True)")
+        return self._log
+
+    @property
+    def durability(self) -> Literal["sync", "write_nosync", "nosync"]:
+        """The default durability of a commit: ``"sync"`` (written and fsynced), or, set by
+        ``txn_write_nosync`` / ``txn_nosync`` (``DB_TXN_WRITE_NOSYNC`` / ``DB_TXN_NOSYNC``),
+        ``"write_nosync"`` (written, not fsynced: lost if the machine fails) or ``"nosync"``
+        (left in the log buffer: lost if the environment's regions are lost)."""
+        s = self._check().settings()
+        if s.txn_nosync:
+            return "nosync"
+        if s.txn_write_nosync:
+            return "write_nosync"
+        return "sync"
 
     @property
     def pool(self) -> Pool:
@@ -459,9 +520,13 @@ class Env:
                     await run_checkpoint(self._pool)  # the final checkpoint
         finally:
             try:
-                await self._pool._close()
+                if self._log is not None:
+                    await self._log._close(flush=not nosync)
             finally:
-                await run_owned(core.close)
+                try:
+                    await self._pool._close()
+                finally:
+                    await run_owned(core.close)
 
     async def __aenter__(self) -> Env:
         return self
@@ -599,14 +664,15 @@ def _open_with_pool(
     create: bool,
     specs: list[RegionSpec],
     formatter: Callable[[list[Region]], None],
-) -> tuple[EnvCore, Pool]:
+) -> tuple[EnvCore, Pool, Log | None]:
     """Open the environment and attach its pool, in a worker thread: attaching builds one
     object per hash bucket, which would stall the event loop for a large cache."""
     core = open_environment(path, settings, create=create, extra=specs, formatter=formatter)
     try:
         types = {row[0]: row[1] for row in core.region_table()}
         mpool = [r for r in core.regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
-        return core, Pool(core, mpool, shared=core.kind != KIND_PRIVATE)
+        log = attach_log(core, settings)
+        return core, Pool(core, mpool, shared=core.kind != KIND_PRIVATE), log
     except BaseException:
         _close_quietly(core)
         raise
