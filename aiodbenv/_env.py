@@ -462,14 +462,16 @@ class Env:
         """Region statistics (``db_stat -e``): regions, kinds, sizes, ids, handles, mutex waits.
 
         ``mutex_owner_died`` counts every mutex of the environment, the pool's bucket and file
-        mutexes included. ``processes`` lists the live processes' handles (pid, open since,
-        pins held).
+        mutexes and the log's included. ``processes`` lists the live processes' handles (pid,
+        open since, pins held).
 
         Raises :class:`~aiodbenv.errors.RunRecovery` if the environment is panicked.
         """
         core = self._check()
         st = core.stat()
         died = st.mutex_owner_died + self._pool._core.owner_died()
+        if self._log is not None:
+            died += self._log._c.mutex.stats()[2]
         st = dataclasses.replace(st, mutex_owner_died=died)
         if core.registry is None:
             return st

@@ -298,3 +298,45 @@ async def test_failed_log_write_or_fsync_panics_every_handle(home: str, op: str)
         with pytest.raises(RunRecovery):
             await e.close()
     await aiodbenv.Env.remove(home, force=True)
+
+
+CHILD_MODE = """
+import asyncio, sys
+import aiodbenv
+
+async def main():
+    env = await aiodbenv.Env.open(sys.argv[1])
+    lsn = await env.log.put(b"child record", write_nosync=sys.argv[2] == "write_nosync")
+    print(lsn.file, lsn.offset, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mode", ["write_nosync", "nosync"])
+async def test_process_crash_with_write_nosync_and_nosync(
+    home: str, procs: list[object], mode: str
+) -> None:
+    """``write_nosync``: the record is in the file (the OS's cache) when put returns, so it
+    survives the process and the loss of the regions. Without it (NOSYNC), it is only in the
+    shared buffer: it survives the process while the environment stays, and another process
+    makes it durable."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    child = spawn(CHILD_MODE, home, mode)
+    procs.append(child)
+    assert child.stdout is not None
+    lsn = LSN(*map(int, child.stdout.readline().split()))
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=10)
+    if mode == "write_nosync":
+        assert env.log.written_lsn > lsn
+        await aiodbenv.Env.remove(home, force=True)  # the regions are lost, buffer and all
+        with pytest.raises(RunRecovery):
+            await env.close()
+    else:
+        assert env.log.written_lsn <= lsn  # nowhere but in the shared buffer
+        await env.log.flush()  # this process writes what the dead one appended
+        await env.close()
+        await aiodbenv.Env.remove(home)
+    assert await records(home) == [(lsn, b"child record")]

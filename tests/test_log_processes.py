@@ -123,6 +123,7 @@ async def test_dead_holder_of_the_log_mutex(
     child.wait(timeout=10)
     lsn = await env.log.put(b"after", flush=True)
     assert "died holding the log mutex" in caplog.text
+    assert env.stat().mutex_owner_died == 1
     assert [d async for _, d in env.log.cursor()] == [b"from the child", b"after"]
     assert env.log.flushed_lsn > lsn
     await env.close()

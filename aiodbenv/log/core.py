@@ -425,19 +425,6 @@ class LogCore:
                 self.set("f_lsn", end)
                 self.set("tail", (tail & ~_U32) | rest)
 
-    def sync_only(self, upto: int, commits: int) -> None:
-        """An fsync without a write made everything before ``upto`` durable (writer only)."""
-        with self.mutex:
-            self.add("st_fsyncs")
-            if upto > self.word("s_lsn"):
-                self.set("s_lsn", upto)
-            if commits:
-                self.add("st_flushes")
-                self.set("st_max_commits", max(commits, self.word("st_max_commits")))
-                low = self.word("st_min_commits")
-                if low == 0 or commits < low:
-                    self.set("st_min_commits", commits)
-
     def switch_buffer(self, need: int) -> bool:
         """Start the next log file in the buffer (writer only) if a record of ``need`` bytes
         still does not fit in the current one and the buffer is wholly written; True if done

@@ -72,13 +72,15 @@ class LogCursor:
     # -- public moves ---------------------------------------------------------------------------
 
     async def first(self) -> tuple[LSN, bytes] | None:
-        """The first record of the log (the oldest still there), or None if it has none."""
+        """The first record of the log (the oldest still there), or None if it has none.
+        Cancellation: the cursor keeps its previous position."""
         self._log._check()
         file = await self._first_file()
         return self._land(await self._forward(file, 0))
 
     async def next(self) -> tuple[LSN, bytes] | None:
-        """The record after the current one (a new cursor: ``start``, or the first)."""
+        """The record after the current one (a new cursor: ``start``, or the first).
+        Cancellation: the cursor keeps its previous position."""
         self._log._check()
         if self._at is None:
             if self._start is not None:
@@ -88,7 +90,8 @@ class LogCursor:
         return self._land(await self._forward(file, rec.end, after=rec.offset))
 
     async def last(self) -> tuple[LSN, bytes] | None:
-        """The last record of the log, or None if it has none."""
+        """The last record of the log, or None if it has none. Cancellation: the cursor keeps
+        its previous position."""
         self._log._check()
         word = self._c.last_word()
         file, off = word >> 32, word & _U32
@@ -100,7 +103,8 @@ class LogCursor:
         return self._land(await self._backward(file, rec))
 
     async def prev(self) -> tuple[LSN, bytes] | None:
-        """The record before the current one (a new cursor: the last)."""
+        """The record before the current one (a new cursor: the last). Cancellation: the
+        cursor keeps its previous position."""
         self._log._check()
         if self._at is None:
             return await self.last()
@@ -109,7 +113,8 @@ class LogCursor:
 
     async def set(self, lsn: LSN) -> tuple[LSN, bytes] | None:
         """The record at ``lsn``; None if ``lsn`` is the end of the log or past it.
-        InvalidArgument if no record starts there (or it is no longer in the log)."""
+        InvalidArgument if no record starts there (or it is no longer in the log).
+        Cancellation: the cursor keeps its previous position."""
         self._log._check()
         word = pack_word(lsn)
         if word >= self._c.end_word():
@@ -223,6 +228,8 @@ class LogCursor:
             else:
                 got = await self._record_at(file, rec.prev, backward=True)
             if got is None:
+                if c.inmemory and file < c.word("first_file"):
+                    return None  # the ring has reused that "file" meanwhile
                 raise LogCorrupt(f"the log record before {LSN(file, rec.offset)} cannot be read")
             rec = got
             if rec.rtype in (REC_USER, REC_CHECKPOINT):

@@ -107,6 +107,7 @@ class Log:
         self._want = _Demand()
         self._fds: dict[int, int] = {}
         self._closed = False
+        self._closing = False  # stop serving other processes' flushes
 
     # -- what it is -------------------------------------------------------------------------
 
@@ -549,7 +550,13 @@ class Log:
                 await self._switch(need)
                 self._wake()
                 continue
-            sync = want.sync >= c.word("s_lsn")
+            s_lsn = c.word("s_lsn")
+            # Flush calls of other processes waiting (counted in the region) are served too,
+            # while this process holds the role: handing it over would cost them a poll
+            # interval each time, and back-to-back fsyncs are what group commit is.
+            sync = want.sync >= s_lsn or (
+                not self._closing and c.word("pending_commits") > 0 and c.end_word() > s_lsn
+            )
             if not (sync or want.space or want.write >= c.word("w_lsn")):
                 return
             fill, want.space = want.space, False
@@ -746,6 +753,7 @@ class Log:
     async def _close(self, *, flush: bool) -> None:
         """Flush what is buffered (unless not ``flush`` or panicked), let the writer task
         finish, close the files."""
+        self._closing = True
         try:
             if flush and not self._closed and not self._env.panicked and not self._c.inmemory:
                 await self.flush()
