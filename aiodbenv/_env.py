@@ -29,6 +29,7 @@ from ._env_pool import (
 )
 from ._resolve import note_inherited, require_asyncio, resolve_home, resolve_settings
 from ._threads import run_owned
+from ._wal import log_hooks
 from ._worker_args import checkpoint_settings, trickle_settings
 from ._workers import (
     CheckpointSettings,
@@ -96,6 +97,10 @@ class Env(EnvLog):
         self._core = core
         self._pool = pool
         self._log = log
+        if log is not None:
+            # The write-ahead rule: every page write of a file with an lsn_offset flushes
+            # the log first, through these hooks (the pool never imports the log).
+            pool._io.log = log_hooks(log)
         self._pid = os.getpid()
         self._closing: asyncio.Future[None] | None = None
         self._trickle: TrickleWorker | None = None
@@ -329,9 +334,10 @@ class Env(EnvLog):
 
     async def checkpoint(self, *, spread: float = 0.0) -> SyncResult:
         """Checkpoint now: write every dirty page and fsync the files written, spreading the
-        writes over ``spread`` seconds; record it as the last complete checkpoint. Raises
-        :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages stayed pinned. Safe to
-        cancel: written pages are clean, the rest stay dirty."""
+        writes over ``spread`` seconds; record it as the last complete checkpoint. With a log,
+        then append and flush a checkpoint record whose LSN (the log's end when it began) is
+        the result's ``lsn``. Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty
+        pages stayed pinned. Safe to cancel: written pages are clean, the rest stay dirty."""
         self._check()
         return await run_checkpoint(self._pool, spread=spread)
 
@@ -397,8 +403,9 @@ class Env(EnvLog):
         Background workers are stopped first, then every pool file this handle opened is
         closed (no implied sync). If a checkpoint worker ran, one final checkpoint is taken,
         and a private environment's dirty pages are written (no other process could ever
-        write them), unless ``nosync`` (``DB_NOSYNC``). A failed final write is raised after
-        the handle is closed. Closing twice, or from two tasks at once, is harmless: later
+        write them), and a file log's buffered records are flushed, unless ``nosync``
+        (``DB_NOSYNC``: none of the three; see docs/workers.md). A failed final write is raised
+        after the handle is closed. Closing twice, or from two tasks at once, is harmless: later
         calls wait for the first. A handle may be closed by another task than the one that
         opened it.
         Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything) if the

@@ -38,6 +38,7 @@ from .layout import (
     FILE_ENTRY,
     HANDLE_STATS,
 )
+from .wal import flush_log_for, written_lsn
 
 __all__ = ["SyncResult", "note_written", "write_items"]
 
@@ -65,9 +66,14 @@ class SyncResult:
     #: when their batch came to write them (found free just before): the caller decides
     #: whether to look again (sync, checkpoint) or not (trickle, eviction).
     skipped: set[tuple[int, int]] = field(default_factory=set, repr=False)
+    #: With a log: the largest page LSN written (``(0, 0)`` if no page carrying one was), an
+    #: :class:`aiodbenv.LSN` when :meth:`aiodbenv.Pool.sync` returns it; None without a log.
+    lsn: tuple[int, int] | None = None
 
     def merge(self, part: SyncResult) -> None:
         """Add ``part``'s counts (not its errors) to this result."""
+        if part.lsn is not None and (self.lsn is None or part.lsn > self.lsn):
+            self.lsn = part.lsn
         self.written += part.written
         self.incomplete += part.incomplete
         self.dropped += part.dropped
@@ -180,10 +186,13 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
     # From here on this process holds claims: whatever happens (an error, a cancellation),
     # the finally releases them, and a page is cleaned only if its write was confirmed.
     done: set[tuple[int, int]] = set()
+    lsns = None
     try:
         _io.step("claimed")
-        # The log's write-ahead rule goes here, once there is a log: flush it up to the
-        # largest page LSN of ``taken`` before any of these copies reaches its file.
+        # The write-ahead rule: the log is durable up to the batch's largest page LSN
+        # before any copy reaches its file. A failed flush raises here: nothing was written,
+        # and the finally leaves every page dirty.
+        lsns = await flush_log_for(io, taken) if io.log is not None else None
         # Step 2, in a worker thread: pgout on the copies, one pwritev per run of pages.
         jobs = _plan_runs(io, taken)
         for job in jobs:
@@ -221,6 +230,9 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
             [(item[0], item[1]) not in done for item, _ in taken],
         )
         result.written += len(done)
+        if io.log is not None:  # the largest page LSN written, for sync(lsn)
+            top = written_lsn(lsns, done)
+            result.lsn = top if result.lsn is None else max(result.lsn, top)
         io.notify()
     _io.step("write_done")
 
