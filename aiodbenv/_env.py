@@ -339,9 +339,10 @@ class Env(EnvLog, EnvTxn):
 
     async def checkpoint(self, *, spread: float = 0.0) -> SyncResult:
         """Checkpoint now: write every dirty page and fsync the files written, spreading the
-        writes over ``spread`` seconds; record it as the last complete checkpoint. Raises
-        :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages stayed pinned. Safe to
-        cancel: written pages are clean, the rest stay dirty."""
+        writes over ``spread`` seconds; record it as the last complete checkpoint. With a log,
+        then append and flush a checkpoint record whose LSN (the log's end when it began) is
+        the result's ``lsn``. Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty
+        pages stayed pinned. Safe to cancel: written pages are clean, the rest stay dirty."""
         self._check()
         return await run_checkpoint(self._pool, spread=spread)
 
@@ -407,8 +408,9 @@ class Env(EnvLog, EnvTxn):
         Background workers are stopped first, then every pool file this handle opened is
         closed (no implied sync). If a checkpoint worker ran, one final checkpoint is taken,
         and a private environment's dirty pages are written (no other process could ever
-        write them), unless ``nosync`` (``DB_NOSYNC``). A failed final write is raised after
-        the handle is closed. Closing twice, or from two tasks at once, is harmless: later
+        write them), and a file log's buffered records are flushed, unless ``nosync``
+        (``DB_NOSYNC``: none of the three; see docs/workers.md). A failed final write is raised
+        after the handle is closed. Closing twice, or from two tasks at once, is harmless: later
         calls wait for the first. A handle may be closed by another task than the one that
         opened it.
         Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything) if the
