@@ -168,9 +168,7 @@ class Env(EnvLog, EnvTxn):
         :class:`~aiodbenv.errors.TryAgain` (a creator still building after 30 s),
         :class:`~aiodbenv.errors.PermissionDenied`, :class:`~aiodbenv.errors.NoSpace`,
         :class:`~aiodbenv.errors.CacheFull` (no memory for the regions) or
-        :class:`~aiodbenv.errors.ShmKeyInUse`.
-
-        ``recover=True``: ``DB_RECOVER`` (``EnvTxn._recover_or_check``, docs/durable.md).
+        :class:`~aiodbenv.errors.ShmKeyInUse`. ``recover=True``: ``DB_RECOVER`` (docs/durable.md).
 
         Cancellation: the open is abandoned at once; the worker thread that creates or maps the
         regions finishes and its handle is then closed, so nothing stays open or counted.
@@ -235,8 +233,7 @@ class Env(EnvLog, EnvTxn):
                 await env.close(nosync=True)
                 raise
             pool._start_reaper()
-        if log is not None and not settings.log_inmemory and (recover or created):
-            await env._recover_or_check(recover)
+        await env._recover_or_check(recover, bool(created) and not settings.log_inmemory)
         if trickle is not None:
             env.start_trickle(trickle)
         if checkpoint is not None:

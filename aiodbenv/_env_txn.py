@@ -104,13 +104,17 @@ class EnvTxn:
         """This handle's transaction statistics (:class:`~aiodbenv.TxnStat`)."""
         return self._txn_stats.snapshot()
 
-    async def _recover_or_check(self, recover: bool) -> None:
+    async def _recover_or_check(self, recover: bool, created: bool) -> None:
         """At an open that made the regions anew over a log in files: with ``recover``
         (``DB_RECOVER``), replay the committed transactions of the log into the data files
         (:attr:`recovered` says what it did); without it, raise
         :class:`~aiodbenv.errors.RunRecovery` (and remove the regions just made) if the log
         holds committed transactions the data files miss, instead of serving stale pages.
-        On failure the handle is closed. Cancellation: the handle is closed."""
+        On failure the handle is closed. Cancellation: the handle is closed. Does nothing
+        without a log, or unless ``recover`` or ``created`` (regions made by this open, over a
+        log in files)."""
+        if self._log is None or not (recover or created):
+            return
         env = self
         try:
             if recover:
