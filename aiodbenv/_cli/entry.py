@@ -15,6 +15,7 @@ from ..errors import AiodbenvError
 from .demo import demo_command
 from .logtools import archive_command, parse_lsn, printlog_command
 from .maintain import checkpoint_command, failchk_command, remove_command
+from .recover import recover_command
 from .stats import metrics_command, stat_command, watch_command
 
 __all__ = ["main"]
@@ -34,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metrics": metrics_command,
         "printlog": printlog_command,
         "archive": archive_command,
+        "recover": recover_command,
     }[args.command]
     try:
         return asyncio.run(handler(args))
@@ -119,6 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("metrics", "print the statistics as Prometheus metrics (text exposition format)"),
         ("printlog", "print every log record with its LSN, type and length (db_printlog)"),
         ("archive", "list the log files no longer needed, or remove them (db_archive)"),
+        ("recover", "rebuild the regions and replay committed transactions (db_recover)"),
     ):
         sp = sub.add_parser(name, help=text, add_help=False)
         sp.add_argument("--help", action="help", help="show this help and exit")
