@@ -13,6 +13,7 @@ from collections.abc import Collection
 
 from .._process import is_alive
 from ..errors import CacheFull
+from ..region.mutex import sync_waits
 from .cache import BufRef, Cache
 from .ftable import FileTable
 from .layout import (
@@ -246,8 +247,11 @@ class PoolCore(FileTable):
                             freed.append(off)
                         else:
                             prev = off
-                for off in freed:
-                    self.free_buffer(cache, off)
+                # Unlinked above: they must be freed now, whatever the caller's lock bound
+                # (a LockTimeout here would lose them), so a whole retry stays harmless.
+                with sync_waits():
+                    for off in freed:
+                        self.free_buffer(cache, off)
 
 
 def _victim(cache: Cache, best: tuple[int, int, int, int, int, bool]) -> BufRef:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import CorruptRegion, LockTimeout, RunRecovery
 from . import pthread_cdef as cdef
@@ -50,11 +50,13 @@ __all__ = [
     "Mutex",
     "NullMutex",
     "SharedMutex",
+    "attempt",
     "ffi",
     "lib",
     "owner_pid",
     "speedups",
     "step_waits",
+    "sync_waits",
     "trylock",
     "unlock",
 ]
@@ -108,6 +110,35 @@ BUSY = Busy.BUSY
 
 if speedups is not None:
     speedups.aiodb_set_lock_wait(int(SYNC_WAIT * 1e9))
+
+
+_T = TypeVar("_T")
+
+
+def attempt(fn: Callable[..., _T], *args: Any) -> _T | Busy:
+    """``fn(*args)`` under :func:`step_waits`, or :data:`BUSY` if a lock in it timed out (so
+    ``fn`` must lock first and change nothing on a timeout): one try of an event-loop caller,
+    which then backs off asynchronously (the pool's ``_locked``) if it got BUSY."""
+    token = _wait_bound.set(STEP_WAIT)
+    try:
+        return fn(*args)
+    except LockTimeout:
+        return BUSY
+    finally:
+        _wait_bound.reset(token)
+
+
+@contextmanager
+def sync_waits() -> Iterator[None]:
+    """Within the block, a contended lock waits up to :data:`SYNC_WAIT` again, even under
+    :func:`step_waits`: for the locks nested in a critical section that has already changed
+    something, where a LockTimeout would leave the change half made. Only worker threads and
+    locks held for a few word stores by everyone use it."""
+    token = _wait_bound.set(SYNC_WAIT)
+    try:
+        yield
+    finally:
+        _wait_bound.reset(token)
 
 
 @contextmanager
