@@ -121,6 +121,9 @@ class Ticker:
             self.worst = max(self.worst, time.monotonic() - t - 0.005)
 
     async def stop(self) -> float:
+        # One more tick first: a synchronous stall just before this call shows only when the
+        # sleep it delayed ends.
+        await asyncio.sleep(0.02)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         return self.worst
