@@ -1,8 +1,10 @@
 """``Env``: the async handle of an environment.
 
-A thin async shell over :class:`aiodbenv.region.environment.EnvCore`: opening, closing and
-removing run in worker threads (they create, preallocate, map and unlink files), everything
-else is a few word reads on the event loop.
+A thin async shell over :class:`aiodbenv.region.environment.EnvCore` and the pool: opening,
+closing and removing run in worker threads (they create, preallocate, map and unlink files;
+:mod:`aiodbenv._env_pool`), everything else is a few word reads on the event loop. What an open
+resolves first (home, ``DB_CONFIG``) is :mod:`aiodbenv._resolve`; the worker arguments are
+checked by :mod:`aiodbenv._worker_args`.
 """
 
 from __future__ import annotations
@@ -10,20 +12,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import logging
 import os
-import stat
 import sys
 import warnings
 from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Literal
 
-import aiofiles
-import aiofiles.os
-
-from ._config import Settings, apply_db_config, check_settings
+from ._config import Settings, check_settings
+from ._env_pool import close_quietly, open_with_pool, pool_plan, refuse_dirty_pages
+from ._resolve import note_inherited, resolve_home, resolve_settings
 from ._threads import run_owned
+from ._worker_args import checkpoint_settings, trickle_settings
 from ._workers import (
     CheckpointSettings,
     CheckpointWorker,
@@ -35,61 +35,17 @@ from ._workers import (
     run_checkpoint,
     shared_status,
 )
-from .errors import Busy, ConfigError, ForkedProcessError, InvalidArgument, PermissionDenied
+from .errors import ForkedProcessError, InvalidArgument
 from .mpool.pool import Pool
-from .mpool.region import dirty_pages, format_pool, pool_region_sizes
 from .mpool.sync import SyncResult
-from .region.backing import Region
-from .region.environment import (
-    EnvCore,
-    EnvStat,
-    RegionSpec,
-    open_environment,
-    remove_environment,
-)
-from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
+from .region.environment import EnvCore, EnvStat
+from .region.layout import KIND_PRIVATE
+from .region.remove import remove_environment
 
 __all__ = ["Env", "EnvOpener", "RegionKind"]
 
 #: Where an environment's regions live (``Env.open(region=...)``).
 RegionKind = Literal["file", "system", "private"]
-
-logger = logging.getLogger("aiodbenv")
-
-#: Largest DB_CONFIG aiodbenv reads; anything bigger is not a configuration file.
-_MAX_DB_CONFIG = 1 << 20
-
-
-def resolve_home(home: str | os.PathLike[str] | None) -> str:
-    """The environment home: ``home``, else ``$DB_HOME``, else the current directory."""
-    if home is None:
-        home = os.environ.get("DB_HOME") or os.getcwd()
-    return os.path.abspath(os.fspath(home))
-
-
-async def _read_db_config(home: str) -> tuple[str, str] | None:
-    path = os.path.join(home, "DB_CONFIG")
-    try:
-        st = await aiofiles.os.stat(path)
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
-        return None  # the home itself is not a directory: open reports that
-    except PermissionError:
-        raise PermissionDenied(
-            f"environment home {home}: permission denied (cannot look for {path})"
-        ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{path} is not a regular file")
-    if st.st_size > _MAX_DB_CONFIG:
-        raise ConfigError(f"{path} is larger than {_MAX_DB_CONFIG} bytes")
-    try:
-        async with aiofiles.open(path, encoding="utf-8") as f:
-            return path, await f.read()
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text: {err}") from None
-    except PermissionError:
-        raise PermissionDenied(f"{path}: permission denied") from None
 
 
 class EnvOpener:
@@ -201,8 +157,8 @@ class Env:
             dict(
                 home=home,
                 create=create,
-                trickle=_trickle_settings(trickle),
-                checkpoint=_checkpoint_settings(checkpoint),
+                trickle=trickle_settings(trickle),
+                checkpoint=checkpoint_settings(checkpoint),
                 settings=Settings(
                     region=region,
                     cache_size=cache_size,
@@ -233,20 +189,13 @@ class Env:
             raise InvalidArgument(f"create must be True or False, not {create!r}")
         check_settings(settings)
         path = resolve_home(home)
-        config = await _read_db_config(path)
-        if config is not None:
-            settings = apply_db_config(settings, config[1], config[0])
-        specs = [RegionSpec(REGION_TYPE_MPOOL, size) for size in pool_region_sizes(settings)]
-        shared = settings.region != "private"
-
-        def format_regions(regions: list[Region]) -> None:
-            format_pool(regions[1:], settings, shared)
-
+        settings = await resolve_settings(path, settings)
+        specs, format_regions = pool_plan(settings)
         core, pool = await run_owned(
-            lambda: _open_with_pool(path, settings, create, specs, format_regions),
-            undo=lambda opened: _close_quietly(opened[0]),
+            lambda: open_with_pool(path, settings, create, specs, format_regions),
+            undo=lambda opened: close_quietly(opened[0]),
         )
-        _note_inherited(core, settings)
+        note_inherited(core, settings)
         env = cls(core, pool)
         if core.registry is not None:
             # What processes that died with the environment open left is reclaimed now, and
@@ -312,7 +261,7 @@ class Env:
         self._check()
         if self._trickle is not None and self._trickle.running:
             raise InvalidArgument("this handle already runs a trickle worker")
-        s = _trickle_settings(settings)
+        s = trickle_settings(settings)
         assert s is not None
         if interval is not None:
             s = TrickleSettings(s.percent, interval, s.wake_pages)
@@ -337,7 +286,7 @@ class Env:
         self._check()
         if self._checkpoint is not None and self._checkpoint.running:
             raise InvalidArgument("this handle already runs a checkpoint worker")
-        s = _checkpoint_settings(settings)
+        s = checkpoint_settings(settings)
         assert s is not None
         if kbytes is not None or completion_target is not None:
             s = CheckpointSettings(
@@ -512,42 +461,8 @@ class Env:
         path = resolve_home(home)
         await run_owned(
             lambda: remove_environment(
-                path, force=force, inspect=functools.partial(_refuse_dirty_pages, path)
+                path, force=force, inspect=functools.partial(refuse_dirty_pages, path)
             )
-        )
-
-
-def _refuse_dirty_pages(
-    home: str, regions: list[Region], table: list[tuple[int, int, int, int, int]], force: bool
-) -> None:
-    """Removing discards the cache: unless forced, refuse while it holds unwritten changes."""
-    types = {row[0]: row[1] for row in table}
-    n = dirty_pages([r for r in regions if types.get(r.region_id) == REGION_TYPE_MPOOL])
-    if not n:
-        return
-    if not force:
-        raise Busy(
-            f"environment {home} has {n} dirty page(s) in its cache that removing would "
-            f"discard; checkpoint first (python -m aiodbenv checkpoint -1 -h {home}) or "
-            "remove with force"
-        )
-    logger.warning("removing environment %s with force: %d dirty page(s) discarded", home, n)
-
-
-def _note_inherited(core: EnvCore, asked: Settings) -> None:
-    """A joiner inherits the creator's sizes: say so (once per open, at INFO) when the caller
-    asked for others, since its own are silently not in effect."""
-    have = core.settings()
-    differ = [
-        f"{name}={getattr(have, name)} (asked for {getattr(asked, name)})"
-        for name in ("cache_size", "page_size")
-        if getattr(asked, name) is not None and getattr(asked, name) != getattr(have, name)
-    ]
-    if differ:
-        logger.info(
-            "aiodbenv: joined the existing environment in %s with its creator's settings: %s",
-            core.home,
-            ", ".join(differ),
         )
 
 
@@ -571,49 +486,3 @@ def _require_asyncio() -> None:
         f"aiodbenv is asyncio only: Env.open was awaited {where}; run it with asyncio.run, "
         "uvloop, or anyio's asyncio backend"
     )
-
-
-def _trickle_settings(value: int | TrickleSettings | None) -> TrickleSettings | None:
-    if value is None or isinstance(value, TrickleSettings):
-        return value.check() if value is not None else None
-    if type(value) is not int:
-        raise InvalidArgument(f"trickle must be a percentage or TrickleSettings, not {value!r}")
-    return TrickleSettings(percent=value).check()
-
-
-def _checkpoint_settings(
-    value: float | CheckpointSettings | None,
-) -> CheckpointSettings | None:
-    if value is None or isinstance(value, CheckpointSettings):
-        return value.check() if value is not None else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgument(
-            f"checkpoint must be an interval in seconds or CheckpointSettings, not {value!r}"
-        )
-    return CheckpointSettings(interval=float(value)).check()
-
-
-def _open_with_pool(
-    path: str,
-    settings: Settings,
-    create: bool,
-    specs: list[RegionSpec],
-    formatter: Callable[[list[Region]], None],
-) -> tuple[EnvCore, Pool]:
-    """Open the environment and attach its pool, in a worker thread: attaching builds one
-    object per hash bucket, which would stall the event loop for a large cache."""
-    core = open_environment(path, settings, create=create, extra=specs, formatter=formatter)
-    try:
-        types = {row[0]: row[1] for row in core.region_table()}
-        mpool = [r for r in core.regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
-        return core, Pool(core, mpool, shared=core.kind != KIND_PRIVATE)
-    except BaseException:
-        _close_quietly(core)
-        raise
-
-
-def _close_quietly(core: EnvCore) -> None:
-    try:
-        core.close()
-    except Exception:
-        pass

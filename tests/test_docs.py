@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 
 import aiodbenv
-from aiodbenv.region.environment import remove_environment
+from aiodbenv.region.remove import remove_environment
 
 from .conftest import REPO
 

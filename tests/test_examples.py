@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from aiodbenv.region.environment import remove_environment
+from aiodbenv.region.remove import remove_environment
 
 from .conftest import REPO
 

@@ -147,7 +147,7 @@ def test_an_env_collected_while_open_warns(home: str) -> None:
             gc.collect()
 
     asyncio.run(leak())
-    from aiodbenv.region.environment import remove_environment
+    from aiodbenv.region.remove import remove_environment
 
     remove_environment(home, force=True)  # the dropped handle still holds the home
 

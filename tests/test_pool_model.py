@@ -42,7 +42,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import aiodbenv
 from aiodbenv.errors import Incomplete, PageNotFound
 from aiodbenv.mpool.page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page
-from aiodbenv.region.environment import remove_environment
+from aiodbenv.region.remove import remove_environment
 
 from .conftest import KEY_BASE
 

@@ -26,7 +26,14 @@ import aiodbenv
 from aiodbenv.errors import CacheFull
 from aiodbenv.mpool.layout import BH, BUCKET, CACHE_HEADER, PINS_HALF
 from aiodbenv.mpool.reaper import REAP_INTERVAL
-from aiodbenv.region.layout import MAX_PROCS
+from aiodbenv.region.layout import (
+    ENV_HEADER,
+    ENV_WORD,
+    MAX_PROCS,
+    PROC_SLOT,
+    PROC_SLOT_WORDS,
+    PROCS_WORD,
+)
 from aiodbenv.region.mutex import trylock, unlock
 from aiodbenv.region.registry import LOCK_FILE, Registry, process_start_time, read_slots
 
@@ -359,9 +366,8 @@ async def test_stopped_pin_holder_is_not_reaped_and_named(
 
 
 def _slot_words(e: aiodbenv.Env, slot: int) -> tuple[memoryview, int]:
-    from aiodbenv.region import registry as r
 
-    return e._core._w, r._PROCS + slot * r._SLOT_WORDS
+    return e._core._w, PROCS_WORD + slot * PROC_SLOT_WORDS
 
 
 async def test_recycled_pid_is_a_different_process(
@@ -386,14 +392,14 @@ async def test_recycled_pid_is_a_different_process(
         start = process_start_time(other.pid)
         assert start > 0
         with env._core.mutex:
-            w[base + r._P["pid"]] = other.pid
-            w[base + r._P["start_time"]] = start
-            w[base + r._P["opened_ns"]] = time.time_ns()
-            w[base + r._P["state"]] = r.IN_USE
+            w[base + PROC_SLOT.word.pid] = other.pid
+            w[base + PROC_SLOT.word.start_time] = start
+            w[base + PROC_SLOT.word.opened_ns] = time.time_ns()
+            w[base + PROC_SLOT.word.state] = r.IN_USE
         assert not reg.is_dead(slot)
         assert env.pool.reap() == []
         # The same pid, another start time: a recycled pid.
-        w[base + r._P["start_time"]] = start + 1
+        w[base + PROC_SLOT.word.start_time] = start + 1
         assert reg.is_dead(slot)
         # Give it a pin on a cached page, as the dead owner would have left it.
         async with env.pool.open_file("r.db", page_size=PS) as f:
@@ -409,12 +415,12 @@ async def test_recycled_pid_is_a_different_process(
         assert [(x.slot, x.pid, x.pins) for x in reaped] == [(slot, other.pid, 2)]
         assert reaped[0].pages == [(env.resolve("r.db"), 3)]
         assert pin_totals(env) == {}
-        assert w[base + r._P["state"]] == r.FREE
+        assert w[base + PROC_SLOT.word.state] == r.FREE
         # Lock free, pid alive with its true start time: dead all the same.
         with env._core.mutex:
-            w[base + r._P["pid"]] = other.pid
-            w[base + r._P["start_time"]] = start
-            w[base + r._P["state"]] = r.IN_USE
+            w[base + PROC_SLOT.word.pid] = other.pid
+            w[base + PROC_SLOT.word.start_time] = start
+            w[base + PROC_SLOT.word.state] = r.IN_USE
         os.close(fd)
         fd = -1
         assert reg.is_dead(slot)
@@ -450,9 +456,9 @@ async def test_a_frame_in_flight_of_a_dead_process_with_a_recycled_pid_is_freed(
         slot = MAX_PROCS - 3
         rw, base = _slot_words(e, slot)
         with e._core.mutex:
-            rw[base + r._P["pid"]] = other.pid
-            rw[base + r._P["start_time"]] = process_start_time(other.pid) + 1
-            rw[base + r._P["state"]] = r.IN_USE
+            rw[base + PROC_SLOT.word.pid] = other.pid
+            rw[base + PROC_SLOT.word.start_time] = process_start_time(other.pid) + 1
+            rw[base + PROC_SLOT.word.state] = r.IN_USE
             rw[_env_refcnt_word(e)] += 1
         assert [x.pid for x in e.pool.reap()] == [other.pid]
         assert w[(bh >> 3) - CHUNK_TAG_BEFORE_BH] == 0
@@ -604,8 +610,8 @@ async def test_a_busy_bucket_never_blocks_the_reaper(env: aiodbenv.Env, home: st
             cache, bh, b = page._cache, page._bh, page._bucket
             assert cache is not None
         with env._core.mutex:  # a dead handle (lock byte free) that left one pin on page 5
-            w[base + r._P["pid"]] = 2**22 + 1  # above the default pid_max: no such process
-            w[base + r._P["state"]] = r.IN_USE
+            w[base + PROC_SLOT.word.pid] = 2**22 + 1  # above the default pid_max: no such process
+            w[base + PROC_SLOT.word.state] = r.IN_USE
             w[_env_refcnt_word(env)] += 1
         with cache.mutexes[b]:
             cache.halves[(bh >> 1) + PINS_HALF + slot] = 1
@@ -615,7 +621,7 @@ async def test_a_busy_bucket_never_blocks_the_reaper(env: aiodbenv.Env, home: st
             t0 = time.monotonic()
             assert env.pool.reap() == []
             assert time.monotonic() - t0 < 1.0
-            assert w[base + r._P["state"]] == r.IN_USE  # given back, to be reaped later
+            assert w[base + PROC_SLOT.word.state] == r.IN_USE  # given back, to be reaped later
         finally:
             unlock(cache.mptrs[b])
         reaped = env.pool.reap()
@@ -627,6 +633,5 @@ async def test_a_busy_bucket_never_blocks_the_reaper(env: aiodbenv.Env, home: st
 
 
 def _env_refcnt_word(e: aiodbenv.Env) -> int:
-    from aiodbenv.region import registry as r
 
-    return r._ENV + r._E["refcnt"]
+    return ENV_WORD + ENV_HEADER.word.refcnt

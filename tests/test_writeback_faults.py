@@ -204,7 +204,7 @@ def fhome() -> Iterator[str]:
         assert not left, f"test left region files in its home: {left}"
     finally:
         if any(n.startswith("__db.") for n in os.listdir(path)):
-            from aiodbenv.region.environment import remove_environment
+            from aiodbenv.region.remove import remove_environment
 
             try:
                 remove_environment(path, force=True)

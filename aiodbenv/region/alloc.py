@@ -28,19 +28,6 @@ _HDR = ALLOC_CHUNK.size
 #: Split a chunk only if the rest can hold a header and this many bytes.
 _MIN_REST = 64
 
-_C_SIZE = ALLOC_CHUNK.offset("size") // WORD
-_C_NEXT = ALLOC_CHUNK.offset("next_free") // WORD
-_C_USED = ALLOC_CHUNK.offset("in_use") // WORD
-_C_TAG = ALLOC_CHUNK.offset("tag") // WORD
-
-_H_START = REGION_HEADER.offset("arena_start") // WORD
-_H_END = REGION_HEADER.offset("arena_end") // WORD
-_H_FREE = REGION_HEADER.offset("free_head") // WORD
-_H_USED = REGION_HEADER.offset("bytes_used") // WORD
-_H_ALLOCS = REGION_HEADER.offset("allocs") // WORD
-_H_FREES = REGION_HEADER.offset("frees") // WORD
-_H_FAILS = REGION_HEADER.offset("failures") // WORD
-
 
 @dataclass(frozen=True)
 class AllocStats:
@@ -55,6 +42,16 @@ class AllocStats:
     allocs: int
     frees: int
     failures: int
+
+
+def _free_chunk(w: memoryview, offset: int, size: int, next_free: int) -> None:
+    """Write the header of a free chunk of ``size`` bytes at ``offset``, linked to
+    ``next_free``."""
+    c = offset // WORD
+    w[c + ALLOC_CHUNK.word.size] = size
+    w[c + ALLOC_CHUNK.word.next_free] = next_free
+    w[c + ALLOC_CHUNK.word.in_use] = 0
+    w[c + ALLOC_CHUNK.word.tag] = 0
 
 
 def _round(n: int) -> int:
@@ -82,11 +79,12 @@ class Allocator:
         if end - start < _HDR + _MIN_REST:
             raise ValueError("region too small for its allocator arena")
         w = words
-        w[_H_START], w[_H_END] = start, end
-        c = start // WORD
-        w[c + _C_SIZE], w[c + _C_NEXT], w[c + _C_USED], w[c + _C_TAG] = end - start, 0, 0, 0
-        w[_H_FREE] = start
-        w[_H_USED] = w[_H_ALLOCS] = w[_H_FREES] = w[_H_FAILS] = 0
+        w[REGION_HEADER.word.arena_start], w[REGION_HEADER.word.arena_end] = start, end
+        _free_chunk(w, start, end - start, 0)
+        w[REGION_HEADER.word.free_head] = start
+        w[REGION_HEADER.word.bytes_used] = w[REGION_HEADER.word.allocs] = w[
+            REGION_HEADER.word.frees
+        ] = w[REGION_HEADER.word.failures] = 0
 
     def alloc(self, nbytes: int, tag: int = 0) -> int:
         """Allocate ``nbytes`` (zero-filled) and return the payload's offset in the region.
@@ -96,55 +94,51 @@ class Allocator:
         if nbytes <= 0:
             raise ValueError("allocation size must be positive")
         need = _round(nbytes + _HDR)
+        # The field names as locals: this runs on every frame a pool miss allocates.
+        chunk, head = ALLOC_CHUNK.word, REGION_HEADER.word
         w = self._w
         start, end = self._arena()
         prev = 0
-        cur = w[_H_FREE]
+        cur = w[head.free_head]
         while cur:
             # The list is in address order: a link that does not go forward, leaves the arena
             # or names a chunk that does not fit is corruption (and would loop or overrun).
             c = cur // WORD
             if cur <= prev or cur < start or cur % ALIGN or cur + _HDR > end:
                 raise self._corrupt(f"free list link {cur}")
-            size = w[c + _C_SIZE]
+            size = w[c + chunk.size]
             if size < _HDR or size % ALIGN or cur + size > end:
                 raise self._corrupt(f"chunk at {cur} has size {size}")
             if size >= need:
-                nxt = w[c + _C_NEXT]
+                nxt = w[c + chunk.next_free]
                 if size - need >= _HDR + _MIN_REST:
                     # Write the remainder's header inside the chunk first, then shrink the
                     # chunk: the size walk is valid before and after each store.
                     rest = cur + need
-                    r = rest // WORD
-                    w[r + _C_SIZE], w[r + _C_NEXT], w[r + _C_USED], w[r + _C_TAG] = (
-                        size - need,
-                        nxt,
-                        0,
-                        0,
-                    )
-                    w[c + _C_SIZE] = need
+                    _free_chunk(w, rest, size - need, nxt)
+                    w[c + chunk.size] = need
                     nxt = rest
                     size = need
                 if prev:
-                    w[prev // WORD + _C_NEXT] = nxt
+                    w[prev // WORD + chunk.next_free] = nxt
                 else:
-                    w[_H_FREE] = nxt
-                w[c + _C_NEXT] = 0
-                w[c + _C_TAG] = tag
-                w[c + _C_USED] = 1
-                payload = cur + _HDR
+                    w[head.free_head] = nxt
+                w[c + chunk.next_free] = 0
+                w[c + chunk.tag] = tag
+                w[c + chunk.in_use] = 1
+                payload: int = cur + _HDR
                 self._zero(payload, size - _HDR)
-                w[_H_USED] += size
-                w[_H_ALLOCS] += 1
+                w[head.bytes_used] += size
+                w[head.allocs] += 1
                 return payload
-            prev, cur = cur, w[c + _C_NEXT]
-        w[_H_FAILS] += 1
+            prev, cur = cur, w[c + chunk.next_free]
+        w[head.failures] += 1
         raise CacheFull(f"unable to allocate {nbytes} bytes in {self._region_name}: region is full")
 
     def _arena(self) -> tuple[int, int]:
         """The arena's bounds, checked against the region's size."""
         w = self._w
-        start, end = int(w[_H_START]), int(w[_H_END])
+        start, end = int(w[REGION_HEADER.word.arena_start]), int(w[REGION_HEADER.word.arena_end])
         if not REGION_HEADER.size <= start <= end <= len(w) * WORD:
             raise self._corrupt(f"arena [{start}, {end})")
         return start, end
@@ -157,69 +151,71 @@ class Allocator:
 
     def free(self, payload: int) -> None:
         """Return the chunk whose payload is at ``payload``; coalesces with free neighbours."""
+        # The field names as locals: this runs on every frame a pool miss allocates.
+        chunk, head = ALLOC_CHUNK.word, REGION_HEADER.word
         w = self._w
         start, end = self._arena()
         cur = payload - _HDR
         c = cur // WORD
-        if cur < start or cur + _HDR > end or cur % ALIGN or w[c + _C_USED] != 1:
+        if cur < start or cur + _HDR > end or cur % ALIGN or w[c + chunk.in_use] != 1:
             # InvalidArgument is a ValueError: a caller's mistake, or an offset read from a
             # corrupt region.
             raise InvalidArgument(
                 f"offset {payload} is not an allocated chunk of {self._region_name}"
             )
-        size = w[c + _C_SIZE]
+        size = w[c + chunk.size]
         if size < _HDR or size % ALIGN or cur + size > end:
             raise self._corrupt(f"chunk at {cur} has size {size}")
-        if size > w[_H_USED]:
+        if size > w[head.bytes_used]:
             raise self._corrupt(f"chunk at {cur} is larger than the bytes in use")
-        w[c + _C_USED] = 0
-        w[_H_USED] -= size
-        w[_H_FREES] += 1
+        w[c + chunk.in_use] = 0
+        w[head.bytes_used] -= size
+        w[head.frees] += 1
         # Find the free neighbours in the address-ordered free list.
         prev = 0
-        nxt = w[_H_FREE]
+        nxt = w[head.free_head]
         while nxt and nxt < cur:
             if nxt <= prev or nxt < start or nxt % ALIGN:
                 raise self._corrupt(f"free list link {nxt}")
-            prev, nxt = nxt, w[nxt // WORD + _C_NEXT]
+            prev, nxt = nxt, w[nxt // WORD + chunk.next_free]
         if nxt and (nxt % ALIGN or nxt + _HDR > end):
             raise self._corrupt(f"free list link {nxt}")
-        if prev and prev + w[prev // WORD + _C_SIZE] > cur:
+        if prev and prev + w[prev // WORD + chunk.size] > cur:
             raise self._corrupt(f"free chunk at {prev} overlaps chunk {cur}")
         if nxt and cur + size == nxt:  # merge the following chunk into this one
             n = nxt // WORD
-            w[c + _C_SIZE] = size = size + w[n + _C_SIZE]
-            nxt = w[n + _C_NEXT]
-        w[c + _C_NEXT] = nxt
-        if prev and prev + w[prev // WORD + _C_SIZE] == cur:  # merge this into the preceding
+            w[c + chunk.size] = size = size + w[n + chunk.size]
+            nxt = w[n + chunk.next_free]
+        w[c + chunk.next_free] = nxt
+        if prev and prev + w[prev // WORD + chunk.size] == cur:  # merge this into the preceding
             p = prev // WORD
-            w[p + _C_SIZE] += size
-            w[p + _C_NEXT] = nxt
+            w[p + chunk.size] += size
+            w[p + chunk.next_free] = nxt
         elif prev:
-            w[prev // WORD + _C_NEXT] = cur
+            w[prev // WORD + chunk.next_free] = cur
         else:
-            w[_H_FREE] = cur
+            w[head.free_head] = cur
 
     def set_tag(self, payload: int, tag: int) -> None:
         """Set the tag of the allocated chunk whose payload is at ``payload`` (one store; the
         caller holds whatever mutex guards the chunk's owner, not necessarily the allocator's)."""
-        self._w[(payload - _HDR) // WORD + _C_TAG] = tag
+        self._w[(payload - _HDR) // WORD + ALLOC_CHUNK.word.tag] = tag
 
     def tagged(self) -> list[tuple[int, int]]:
         """``(payload, tag)`` of every allocated chunk with a non-zero tag, by walking the
         chunks from the arena's start (caller holds the allocator mutex). The walk is bounded
         by the arena: a chunk whose size does not fit ends it."""
         w = self._w
-        start, end = w[_H_START], w[_H_END]
+        start, end = w[REGION_HEADER.word.arena_start], w[REGION_HEADER.word.arena_end]
         out = []
         cur = start
         while cur < end:
             c = cur // WORD
-            size = w[c + _C_SIZE]
+            size = w[c + ALLOC_CHUNK.word.size]
             if size < _HDR or size % ALIGN or cur + size > end:
                 break  # corrupt: repair (or a panic) is someone else's business
-            if w[c + _C_USED] and w[c + _C_TAG]:
-                out.append((cur + _HDR, int(w[c + _C_TAG])))
+            if w[c + ALLOC_CHUNK.word.in_use] and w[c + ALLOC_CHUNK.word.tag]:
+                out.append((cur + _HDR, int(w[c + ALLOC_CHUNK.word.tag])))
             cur += size
         return out
 
@@ -239,17 +235,17 @@ class Allocator:
         used = 0
         while cur < end:
             c = cur // WORD
-            size = w[c + _C_SIZE]
+            size = w[c + ALLOC_CHUNK.word.size]
             if size < _HDR or size % ALIGN or cur + size > end:
                 raise RunRecovery(f"{self._region_name}: allocator chunk at {cur} is corrupt")
-            if w[c + _C_USED]:
+            if w[c + ALLOC_CHUNK.word.in_use]:
                 used += size
-            elif prev_free and prev_free + w[prev_free // WORD + _C_SIZE] == cur:
-                w[prev_free // WORD + _C_SIZE] += size  # adjacent free chunks: merge
+            elif prev_free and prev_free + w[prev_free // WORD + ALLOC_CHUNK.word.size] == cur:
+                w[prev_free // WORD + ALLOC_CHUNK.word.size] += size  # adjacent free chunks: merge
             else:
-                w[c + _C_NEXT] = 0
+                w[c + ALLOC_CHUNK.word.next_free] = 0
                 if prev_free:
-                    w[prev_free // WORD + _C_NEXT] = cur
+                    w[prev_free // WORD + ALLOC_CHUNK.word.next_free] = cur
                 else:
                     head = cur
                 prev_free = cur
@@ -257,15 +253,15 @@ class Allocator:
         if cur != end:
             raise RunRecovery(f"{self._region_name}: allocator chunks do not tile the arena")
         if prev_free:
-            w[prev_free // WORD + _C_NEXT] = 0
-        w[_H_FREE] = head
-        w[_H_USED] = used
+            w[prev_free // WORD + ALLOC_CHUNK.word.next_free] = 0
+        w[REGION_HEADER.word.free_head] = head
+        w[REGION_HEADER.word.bytes_used] = used
 
     def stats(self) -> AllocStats:
         """The allocator's figures (read without the mutex: a consistent-enough snapshot)."""
         w = self._w
         free = largest = count = 0
-        cur = w[_H_FREE]
+        cur = w[REGION_HEADER.word.free_head]
         start, end = self._arena()
         prev = 0
         while cur:
@@ -274,18 +270,18 @@ class Allocator:
             if cur <= prev or cur < start or cur % ALIGN or cur + _HDR > end:
                 break
             prev = cur
-            size = w[cur // WORD + _C_SIZE]
+            size = w[cur // WORD + ALLOC_CHUNK.word.size]
             free += size
             largest = max(largest, size - _HDR)
             count += 1
-            cur = w[cur // WORD + _C_NEXT]
+            cur = w[cur // WORD + ALLOC_CHUNK.word.next_free]
         return AllocStats(
-            arena=w[_H_END] - w[_H_START],
-            used=w[_H_USED],
+            arena=w[REGION_HEADER.word.arena_end] - w[REGION_HEADER.word.arena_start],
+            used=w[REGION_HEADER.word.bytes_used],
             free=free,
             largest_free=largest,
             free_chunks=count,
-            allocs=w[_H_ALLOCS],
-            frees=w[_H_FREES],
-            failures=w[_H_FAILS],
+            allocs=w[REGION_HEADER.word.allocs],
+            frees=w[REGION_HEADER.word.frees],
+            failures=w[REGION_HEADER.word.failures],
         )

@@ -9,7 +9,8 @@
 
 All three give the same thing: ``buf`` (the region's bytes), ``words`` (the same memory as
 8-byte words) and ``base`` (a cffi pointer for the mutexes). Nothing here knows what the region
-holds; the header is written and checked by :mod:`aiodbenv.region.environment`.
+holds; the header is written by :mod:`aiodbenv.region.create` and checked by
+:mod:`aiodbenv.region.join`.
 
 Every function here is blocking and runs in a worker thread.
 """
@@ -137,7 +138,7 @@ class Region:
 
     def header(self, field: str) -> int:
         """A field of this region's ``REGION_HEADER``."""
-        return int(self.words[REGION_HEADER.offset(field) // WORD])
+        return int(self.words[getattr(REGION_HEADER.word, field)])
 
     def __repr__(self) -> str:
         return f"<Region {self.region_id} {self.size} bytes at {self.backing}>"

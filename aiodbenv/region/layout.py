@@ -13,12 +13,16 @@ misreading it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
+from typing import Any
 
 __all__ = [
     "ALLOC_CHUNK",
     "ENV_HEADER",
+    "ENV_HEADERS_END",
+    "ENV_HEADER_OFFSET",
     "ENV_MAGIC",
+    "ENV_MUTEX_OFFSET",
+    "ENV_WORD",
     "KIND_FILE",
     "KIND_NAMES",
     "KIND_PRIVATE",
@@ -28,8 +32,12 @@ __all__ = [
     "MAX_REGIONS",
     "MUTEX_SLOT",
     "MUTEX_STORAGE_BYTES",
+    "PROCS_WORD",
     "PROC_SLOT",
+    "PROC_SLOT_WORDS",
+    "REGIONS_WORD",
     "REGION_ENTRY",
+    "REGION_ENTRY_WORDS",
     "REGION_HEADER",
     "REGION_MAGIC",
     "REGION_TYPE_ENV",
@@ -39,6 +47,7 @@ __all__ = [
     "SHM_REF_MAGIC",
     "WORD",
     "Layout",
+    "WordIndex",
 ]
 
 WORD = 8
@@ -74,6 +83,21 @@ MUTEX_STORAGE_BYTES = 64
 MAX_PROCS = 64
 
 
+class WordIndex:
+    """The word index of every field of one layout, as attributes (``BH.word.ref``).
+
+    A plain instance on purpose: reading an attribute of one is about as fast as reading a
+    global (Python specialises it), some four times faster than of a ``SimpleNamespace``, and
+    the pool reads these on every page access.
+    """
+
+    def __init__(self, indexes: dict[str, int]) -> None:
+        self.__dict__.update(indexes)
+
+    def __repr__(self) -> str:
+        return f"WordIndex({self.__dict__})"
+
+
 class Layout:
     """The layout of one shared structure: named fields, each a whole number of words.
 
@@ -90,8 +114,9 @@ class Layout:
     name: str
     size: int
     _offsets: dict[str, int]
-    #: Word index of each field, by attribute (a namespace so a lookup costs one dict access).
-    word: SimpleNamespace
+    #: Word index of each field, by attribute (a :class:`WordIndex`; typed ``Any`` because its
+    #: attributes are the layout's fields).
+    word: Any
 
     def __init__(self, name: str, fields: Sequence[tuple[str, int | Layout]]) -> None:
         self.name = name
@@ -106,7 +131,7 @@ class Layout:
             self._offsets[field] = pos
             pos += words * WORD
         self.size = pos
-        self.word = SimpleNamespace(**{f: off // WORD for f, off in self._offsets.items()})
+        self.word = WordIndex({f: off // WORD for f, off in self._offsets.items()})
 
     def offset(self, field: str) -> int:
         """Byte offset of ``field`` from the start of the structure."""
@@ -233,3 +258,25 @@ SHM_REF = Layout(
         ("size", 1),
     ],
 )
+
+# -- fixed positions in region 1 -------------------------------------------------------------
+# Region 1 is laid out as REGION_HEADER, ENV_HEADER, then its allocator's arena. These say where,
+# so that no module re-derives them.
+
+#: Byte offset of the environment header in region 1: right after the region header.
+ENV_HEADER_OFFSET = REGION_HEADER.size
+#: Byte offset of the environment mutex in region 1 (mutexes are addressed by byte offset).
+ENV_MUTEX_OFFSET = ENV_HEADER_OFFSET + ENV_HEADER.offset("mutex")
+#: Word index of the environment header in region 1: ``ENV_WORD + ENV_HEADER.word.panic`` is the
+#: panic flag in ``region1.words``.
+ENV_WORD = ENV_HEADER_OFFSET // WORD
+#: Byte offset where region 1's two headers end: the least a region 1 can be, and where its
+#: allocator arena starts (other regions' arenas start right after ``REGION_HEADER``).
+ENV_HEADERS_END = ENV_HEADER_OFFSET + ENV_HEADER.size
+#: Word index of row 0 of the region table in region 1; row N is ``REGION_ENTRY_WORDS`` further.
+REGIONS_WORD = ENV_WORD + ENV_HEADER.word.regions
+REGION_ENTRY_WORDS = REGION_ENTRY.size // WORD
+#: Word index of slot 0 of the registry of live processes in region 1; slot N is
+#: ``PROC_SLOT_WORDS * N`` further.
+PROCS_WORD = ENV_WORD + ENV_HEADER.word.procs
+PROC_SLOT_WORDS = PROC_SLOT.size // WORD

@@ -27,7 +27,7 @@ import weakref
 from dataclasses import dataclass
 
 from ..errors import Busy
-from .layout import ENV_HEADER, MAX_PROCS, PROC_SLOT, REGION_HEADER, WORD
+from .layout import ENV_HEADER, ENV_WORD, MAX_PROCS, PROC_SLOT, PROC_SLOT_WORDS, PROCS_WORD
 from .mutex import NullMutex, SharedMutex
 
 __all__ = ["LOCK_FILE", "ProcInfo", "Registry", "process_start_time", "read_slots"]
@@ -37,11 +37,6 @@ LOCK_FILE = "__db.procs"
 
 FREE, IN_USE, REAPING = 0, 1, 2
 
-_SLOT_WORDS = PROC_SLOT.size // WORD
-_P = {name: PROC_SLOT.offset(name) // WORD for name in PROC_SLOT.fields()}
-_PROCS = (REGION_HEADER.size + ENV_HEADER.offset("procs")) // WORD
-_ENV = REGION_HEADER.size // WORD
-_E = {name: ENV_HEADER.offset(name) // WORD for name in ENV_HEADER.fields()}
 
 # struct flock on Linux (64-bit off_t): short l_type, short l_whence, off_t l_start,
 # off_t l_len, pid_t l_pid; native alignment pads it to 32 bytes. l_pid must be 0 for OFD locks.
@@ -139,8 +134,8 @@ class Registry:
     def _take(self) -> int:
         with self._mutex:
             for s in range(MAX_PROCS):
-                base = _PROCS + s * _SLOT_WORDS
-                if self._w[base + _P["state"]] != FREE:
+                base = PROCS_WORD + s * PROC_SLOT_WORDS
+                if self._w[base + PROC_SLOT.word.state] != FREE:
                     continue
                 try:
                     self._lock(s, _F_OFD_SETLK, fcntl.F_WRLCK)
@@ -149,16 +144,16 @@ class Registry:
                         continue  # a slot freed by a reaper while its owner lives (stopped)
                     raise
                 w = self._w
-                w[base + _P["pid"]] = self.pid
-                w[base + _P["start_time"]] = self._start
-                w[base + _P["opened_ns"]] = time.time_ns()
-                w[base + _P["reaper"]] = 0
-                w[base + _P["reaper_start"]] = 0
-                w[base + _P["state"]] = IN_USE
+                w[base + PROC_SLOT.word.pid] = self.pid
+                w[base + PROC_SLOT.word.start_time] = self._start
+                w[base + PROC_SLOT.word.opened_ns] = time.time_ns()
+                w[base + PROC_SLOT.word.reaper] = 0
+                w[base + PROC_SLOT.word.reaper_start] = 0
+                w[base + PROC_SLOT.word.state] = IN_USE
                 # The handle is counted in the same critical section that takes the slot, so a
                 # process killed at any point is counted exactly as long as its slot is in use.
-                w[_ENV + _E["refcnt"]] += 1
-                w[_ENV + _E["opens"]] += 1
+                w[ENV_WORD + ENV_HEADER.word.refcnt] += 1
+                w[ENV_WORD + ENV_HEADER.word.opens] += 1
                 return s
         raise Busy(
             f"environment {self.home}: all {MAX_PROCS} process slots are taken by open handles"
@@ -167,10 +162,10 @@ class Registry:
     # -- liveness
 
     def _word(self, slot: int, name: str) -> int:
-        return int(self._w[_PROCS + slot * _SLOT_WORDS + _P[name]])
+        return int(self._w[PROCS_WORD + slot * PROC_SLOT_WORDS + getattr(PROC_SLOT.word, name)])
 
     def _set(self, slot: int, name: str, value: int) -> None:
-        self._w[_PROCS + slot * _SLOT_WORDS + _P[name]] = value
+        self._w[PROCS_WORD + slot * PROC_SLOT_WORDS + getattr(PROC_SLOT.word, name)] = value
 
     def is_dead(self, slot: int) -> bool:
         """Whether the handle in ``slot`` is gone: its lock byte is free, or its pid is gone or
@@ -234,11 +229,11 @@ class Registry:
             for name in ("pid", "start_time", "opened_ns", "reaper", "reaper_start"):
                 self._set(slot, name, 0)
             self._set(slot, "state", FREE)
-            w[_ENV + _E["procs_reaped"]] += 1
-            w[_ENV + _E["pins_reclaimed"]] += pins
-            w[_ENV + _E["dirty_inherited"]] += dirty
-            if w[_ENV + _E["refcnt"]] > 0:
-                w[_ENV + _E["refcnt"]] -= 1
+            w[ENV_WORD + ENV_HEADER.word.procs_reaped] += 1
+            w[ENV_WORD + ENV_HEADER.word.pins_reclaimed] += pins
+            w[ENV_WORD + ENV_HEADER.word.dirty_inherited] += dirty
+            if w[ENV_WORD + ENV_HEADER.word.refcnt] > 0:
+                w[ENV_WORD + ENV_HEADER.word.refcnt] -= 1
             return True
 
     def _info(self, slot: int) -> ProcInfo:
@@ -275,8 +270,8 @@ class Registry:
                     for name in ("pid", "start_time", "opened_ns"):
                         self._set(self.slot, name, 0)
                     self._set(self.slot, "state", FREE)
-                    if w[_ENV + _E["refcnt"]] > 0:
-                        w[_ENV + _E["refcnt"]] -= 1
+                    if w[ENV_WORD + ENV_HEADER.word.refcnt] > 0:
+                        w[ENV_WORD + ENV_HEADER.word.refcnt] -= 1
         finally:
             self._drop_fd()
 
@@ -286,16 +281,16 @@ def read_slots(words: memoryview) -> list[tuple[int, int, int, int, int]]:
     without locking (for statistics)."""
     out = []
     for s in range(MAX_PROCS):
-        base = _PROCS + s * _SLOT_WORDS
-        state = int(words[base + _P["state"]])
+        base = PROCS_WORD + s * PROC_SLOT_WORDS
+        state = int(words[base + PROC_SLOT.word.state])
         if state != FREE:
             out.append(
                 (
                     s,
                     state,
-                    int(words[base + _P["pid"]]),
-                    int(words[base + _P["start_time"]]),
-                    int(words[base + _P["opened_ns"]]),
+                    int(words[base + PROC_SLOT.word.pid]),
+                    int(words[base + PROC_SLOT.word.start_time]),
+                    int(words[base + PROC_SLOT.word.opened_ns]),
                 )
             )
     return out

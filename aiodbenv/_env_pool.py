@@ -1,0 +1,83 @@
+"""The environment together with its buffer pool: the blocking steps of opening and removing
+that concern both, run by :class:`aiodbenv.Env` in worker threads.
+
+Opening asks the environment for one region per cache (:func:`pool_plan`), has the creator lay
+them out before the environment's magic is written, then attaches the pool to them
+(:func:`open_with_pool`). Removing refuses, unless forced, while the cache holds pages nobody
+has written yet (:func:`refuse_dirty_pages`), since removing would throw them away.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._config import Settings
+from .errors import Busy
+from .mpool.pool import Pool
+from .mpool.region import dirty_pages, format_pool, pool_region_sizes
+from .region.backing import Region
+from .region.create import Formatter, RegionSpec
+from .region.environment import EnvCore, RegionRow
+from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
+from .region.open import open_environment
+
+__all__ = ["close_quietly", "open_with_pool", "pool_plan", "refuse_dirty_pages"]
+
+logger = logging.getLogger("aiodbenv")
+
+
+def pool_plan(settings: Settings) -> tuple[list[RegionSpec], Formatter]:
+    """The regions the pool needs for ``settings`` and the formatter that lays them out
+    (given every region; region 1 is the environment's). Raises
+    :class:`~aiodbenv.errors.ConfigError` for sizes no pool can have."""
+    specs = [RegionSpec(REGION_TYPE_MPOOL, size) for size in pool_region_sizes(settings)]
+    shared = settings.region != "private"
+
+    def format_regions(regions: list[Region]) -> None:
+        format_pool(regions[1:], settings, shared)
+
+    return specs, format_regions
+
+
+def open_with_pool(
+    path: str,
+    settings: Settings,
+    create: bool,
+    specs: list[RegionSpec],
+    formatter: Formatter,
+) -> tuple[EnvCore, Pool]:
+    """Open the environment and attach its pool, in a worker thread: attaching builds one
+    object per hash bucket, which would stall the event loop for a large cache."""
+    core = open_environment(path, settings, create=create, extra=specs, formatter=formatter)
+    try:
+        types = {row[0]: row[1] for row in core.region_table()}
+        mpool = [r for r in core.regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
+        return core, Pool(core, mpool, shared=core.kind != KIND_PRIVATE)
+    except BaseException:
+        close_quietly(core)
+        raise
+
+
+def close_quietly(core: EnvCore) -> None:
+    """Close ``core`` after a failed or abandoned open; the original error is the one to see."""
+    try:
+        core.close()
+    except Exception:
+        pass
+
+
+def refuse_dirty_pages(
+    home: str, regions: list[Region], table: list[RegionRow], force: bool
+) -> None:
+    """Removing discards the cache: unless forced, refuse while it holds unwritten changes."""
+    types = {row[0]: row[1] for row in table}
+    n = dirty_pages([r for r in regions if types.get(r.region_id) == REGION_TYPE_MPOOL])
+    if not n:
+        return
+    if not force:
+        raise Busy(
+            f"environment {home} has {n} dirty page(s) in its cache that removing would "
+            f"discard; checkpoint first (python -m aiodbenv checkpoint -1 -h {home}) or "
+            "remove with force"
+        )
+    logger.warning("removing environment %s with force: %d dirty page(s) discarded", home, n)
