@@ -156,8 +156,7 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
                 else int(w0[e + FILE_ENTRY.word.page_size])
             )
         if sizes[fidx] < 0:
-            # Closed for good: nobody wants the page. Its bucket held by another process
-            # (a stopped one?) is waited for with an async back-off, never on the loop.
+            # Closed for good: nobody wants the page (a held bucket: async back-off).
             got = attempt(_drop_dirty, item)
             result.dropped += await io.locked(_drop_dirty, item) if got is BUSY else got
         else:
@@ -215,9 +214,8 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
                 result.bytes_written += nbytes
         # The writes are in the OS, not yet durable: say so in the file entries *before* any
         # page is marked clean, so that every later sync (in any process) fsyncs these files.
-        # The file mutex is taken with an async back-off (a stopped holder must not freeze
-        # the loop); a file whose bump did not happen (LockTimeout, a cancellation) keeps
-        # its pages dirty below: they were written but no sync would know to fsync them.
+        # The file mutex with an async back-off; a file not bumped (LockTimeout) keeps its
+        # pages dirty below: written, but no sync would know to fsync them.
         for fidx in sorted(ok_files):
             if attempt(note_written, io, fidx) is BUSY:
                 await io.locked(note_written, io, fidx)
