@@ -278,6 +278,37 @@ async def test_fsync_record_with_a_stopped_file_mutex_holder(
     await f.close()
 
 
+async def test_new_page_with_a_stopped_file_mutex_holder(
+    env: aiodbenv.Env, home: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    """``new()`` grows the file's page count under its mutex."""
+    pool = env.pool
+    f = await pool.open_file("a.db", create=True)
+    holder = await Holder.start(home, "file", procs)
+    page = await times_out_then_finishes(pool, holder, f.new)
+    assert page.pgno == 0
+    await f.unpin(page)
+    await f.close()
+
+
+async def test_env_close_with_a_stopped_pool_mutex_holder(
+    env: aiodbenv.Env, home: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    """Closing the pool handle closes its files and unlinks its statistics block under the
+    pool mutex."""
+    await env.pool.open_file("a.db", create=True)
+    holder = await Holder.start(home, "pool", procs)
+    holder.lock_and_stop()
+    ticker = await Ticker.started()
+    env.pool.wait_timeout = 30.0
+    closing = asyncio.create_task(env.close())
+    await asyncio.sleep(0.5)
+    assert not closing.done()
+    await holder.release()
+    await asyncio.wait_for(closing, 30)
+    assert await ticker.stop() < LATE
+
+
 # -- bucket mutexes: set(), write-back's snapshot and completion ---------------------------------
 
 

@@ -24,7 +24,7 @@ from .._config import (
 from ..errors import CorruptRegion, LockTimeout
 from ..region.backing import Region
 from ..region.layout import WORD
-from ..region.mutex import Mutex, NullMutex, SharedMutex, step_waits
+from ..region.mutex import Mutex, NullMutex, SharedMutex, step_waits, sync_waits
 from .cache import Cache, bucket_hash
 from .layout import (
     BH,
@@ -230,7 +230,9 @@ class CoreBase:
         w = self.meta_words
         off = hs << 3
         retired = self.meta_check(w[self.pool_hdr + POOL_HEADER.word.retired], HANDLE_STATS.size)
-        with self.mutex:
+        # The pool mutex first (a LockTimeout changes nothing: the caller may retry); the free
+        # nested in it waits SYNC_WAIT, so that a retry never folds the counters twice.
+        with self.mutex, sync_waits():
             for f in GSTAT_FIELDS:
                 if f == "hash_longest":
                     w[retired + getattr(HANDLE_STATS.word, f)] = max(
@@ -254,7 +256,7 @@ class CoreBase:
                     w[(prev >> 3) + HANDLE_STATS.word.next] = nxt
                 else:
                     w[self.pool_hdr + POOL_HEADER.word.handles_head] = nxt
-        self.meta_free(off)
+            self.meta_free(off)
 
     @property
     def retired_file_counts(self) -> dict[str, int]:
