@@ -22,7 +22,10 @@ Every wait for a held mutex is bounded (``pthread_mutex_timedlock``): a holder t
 most :data:`SYNC_WAIT` seconds, then raises :class:`~aiodbenv.errors.LockTimeout` naming the
 holder's pid. Async callers run their synchronous critical sections under :func:`step_waits`,
 which shortens the wait to :data:`STEP_WAIT` (a few milliseconds of event loop at most), and on
-LockTimeout back off asynchronously and try again, up to the pool's ``wait_timeout``.
+LockTimeout back off asynchronously and try again, up to the pool's ``wait_timeout``
+(:func:`attempt` is one such try). Every lock taken on the event loop goes that way; the
+:data:`SYNC_WAIT` bound is for worker threads, and for locks nested in a critical section that
+has already changed something (:func:`sync_waits`), where a timeout would leave it half made.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ trylock = lib.pthread_mutex_trylock
 unlock = lib.pthread_mutex_unlock
 
 #: Longest a synchronous caller waits for a held mutex before LockTimeout (seconds). It blocks
-#: the calling thread, the event loop's included: only callers that cannot await use it.
+#: the calling thread: worker threads use it, the event loop only for nested locks.
 SYNC_WAIT = 1.0
 #: The wait of one attempt under :func:`step_waits`: async callers back off between attempts.
 STEP_WAIT = 0.002
