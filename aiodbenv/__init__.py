@@ -27,6 +27,8 @@ from .errors import (
     Incomplete,
     InvalidArgument,
     LockTimeout,
+    LogBufferFull,
+    LogCorrupt,
     NoSpace,
     NotFound,
     PageCorrupt,
@@ -37,6 +39,7 @@ from .errors import (
     TryAgain,
     VersionMismatch,
 )
+from .log import LSN, CheckpointRecord, Log, LogCursor, LogStat
 from .mpool.file import PoolFile
 from .mpool.page import Page, PinContext
 from .mpool.pool import FileOpener, Pool
@@ -48,10 +51,12 @@ from .region.environment import EnvStat, RegionStat
 __version__ = "0.1.0"
 
 __all__ = [
+    "LSN",
     "AiodbenvError",
     "AllocStats",
     "Busy",
     "CacheFull",
+    "CheckpointRecord",
     "CheckpointSettings",
     "CheckpointWorker",
     "ConfigError",
@@ -67,6 +72,11 @@ __all__ = [
     "Incomplete",
     "InvalidArgument",
     "LockTimeout",
+    "Log",
+    "LogBufferFull",
+    "LogCorrupt",
+    "LogCursor",
+    "LogStat",
     "NoSpace",
     "NotFound",
     "Page",

@@ -17,11 +17,16 @@ ignored. The names aiodbenv acts on:
 ``set_open_flags FLAG [on|off]``  ``db_private`` or ``db_system_mem``
 ``set_flags FLAG [on|off]``     ``db_nommap``, ``db_txn_nosync``, ``db_txn_write_nosync``,
                                 ``db_log_inmemory``
+``set_lg_bsize BYTES``          log buffer size (the ring's size for an in-memory log)
+``set_lg_max BYTES``            log file size
+``set_lg_dir DIR``              directory of the log files (relative: to the home)
 ==============================  ==========================================================
 
 ``db_txn_nosync`` and ``db_txn_write_nosync`` exclude each other: turning one on turns the
-other off. Other Berkeley DB names that do not apply to aiodbenv (logging, locking and
-transaction sizing, directories) are accepted, logged and ignored; any other name, a wrong
+other off; with an in-memory log neither may be on. The ``set_lg_*`` lines size the log of an
+environment opened with one (``log=True`` or ``db_log_inmemory``) and are ignored otherwise, as
+in Berkeley DB. Other Berkeley DB names that do not apply to aiodbenv (locking and transaction
+sizing, other directories) are accepted, logged and ignored; any other name, a wrong
 number of values or a bad value fails the open with the file name and line number.
 """
 
@@ -30,11 +35,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_CACHE_SIZE",
+    "DEFAULT_LOG_BUFFER",
+    "DEFAULT_LOG_FILE_SIZE",
+    "DEFAULT_MEM_LOG_BUFFER",
+    "DEFAULT_MEM_LOG_FILE_SIZE",
     "DEFAULT_MMAP_SIZE",
     "DEFAULT_PAGE_SIZE",
     "FLAG_BITS",
@@ -43,7 +53,10 @@ __all__ = [
     "MIN_CACHE_SIZE",
     "Settings",
     "apply_db_config",
+    "check_log_arguments",
+    "check_log_settings",
     "check_settings",
+    "log_sizes",
 ]
 
 logger = logging.getLogger("aiodbenv")
@@ -68,6 +81,18 @@ MAX_MMAP_SIZE = 1 << 62
 
 REGION_KINDS = ("file", "system", "private")
 
+#: Berkeley DB's log sizes (dbinc/log.h): the buffer and file of a file log, and the ring and
+#: "files" of an in-memory log.
+DEFAULT_LOG_BUFFER = 32000
+DEFAULT_LOG_FILE_SIZE = 10 * 1024 * 1024
+DEFAULT_MEM_LOG_BUFFER = 1024 * 1024
+DEFAULT_MEM_LOG_FILE_SIZE = 256 * 1024
+MIN_LOG_BUFFER = 1024
+MAX_LOG_BUFFER = 1 << 30
+#: A log file holds at least a header and a small record; LSN offsets are 32 bits.
+MIN_LOG_FILE_SIZE = 1024
+MAX_LOG_FILE_SIZE = (1 << 31) - 1
+
 #: Flag names and the bits that store them in the environment header.
 FLAG_BITS = {
     "nommap": 1,
@@ -83,10 +108,7 @@ _IGNORED = frozenset(
         "add_data_dir",
         "set_create_dir",
         "set_data_dir",
-        "set_lg_bsize",
-        "set_lg_dir",
         "set_lg_filemode",
-        "set_lg_max",
         "set_lg_regionmax",
         "set_lk_detect",
         "set_lk_max_lockers",
@@ -130,6 +152,22 @@ class Settings:
     txn_nosync: bool = False
     txn_write_nosync: bool = False
     log_inmemory: bool = False
+    log: bool = False
+    log_dir: str | None = None
+    log_buffer_size: int | None = None
+    log_file_size: int | None = None
+
+    @property
+    def has_log(self) -> bool:
+        """True if the environment keeps a log (``log`` or ``log_inmemory``)."""
+        return self.log or self.log_inmemory
+
+    @property
+    def durability(self) -> Literal["sync", "write_nosync", "nosync"]:
+        """The default durability of a commit these settings give (see ``Env.durability``)."""
+        if self.txn_nosync:
+            return "nosync"
+        return "write_nosync" if self.txn_write_nosync else "sync"
 
     def flag_bits(self) -> int:
         """The boolean settings as the bit set stored in the environment header."""
@@ -176,7 +214,64 @@ def check_settings(s: Settings) -> Settings:
         raise ConfigError(f"mode must be a permission in 0o000..0o777, not {s.mode:#o}")
     if s.txn_nosync and s.txn_write_nosync:
         raise ConfigError("txn_nosync and txn_write_nosync exclude each other")
+    if s.log_buffer_size is not None:
+        _check_int("log_buffer_size", s.log_buffer_size)
+        if not MIN_LOG_BUFFER <= s.log_buffer_size <= MAX_LOG_BUFFER:
+            raise ConfigError(
+                f"log_buffer_size must be {MIN_LOG_BUFFER}..{MAX_LOG_BUFFER}, "
+                f"not {s.log_buffer_size}"
+            )
+    if s.log_file_size is not None:
+        _check_int("log_file_size", s.log_file_size)
+        if not MIN_LOG_FILE_SIZE <= s.log_file_size <= MAX_LOG_FILE_SIZE:
+            raise ConfigError(
+                f"log_file_size must be {MIN_LOG_FILE_SIZE}..{MAX_LOG_FILE_SIZE}, "
+                f"not {s.log_file_size}"
+            )
+    if s.log_dir is not None and (not isinstance(s.log_dir, str) or not s.log_dir):
+        raise ConfigError(f"log_dir must be a non-empty path, not {s.log_dir!r}")
     return s
+
+
+def check_log_arguments(s: Settings) -> Settings:
+    """The log's sizes and directory as arguments need a log (as ``DB_CONFIG`` lines they are
+    ignored without one, as in Berkeley DB); returns ``s``."""
+    if not s.has_log and (
+        s.log_dir is not None or s.log_buffer_size is not None or s.log_file_size is not None
+    ):
+        raise ConfigError("log_dir, log_buffer_size and log_file_size need log=True")
+    return s
+
+
+def check_log_settings(s: Settings) -> Settings:
+    """Check how the log settings combine, once all of them are known (after ``DB_CONFIG``,
+    whose lines may come in any order); returns ``s``. Raises :class:`ConfigError`."""
+    if s.log_inmemory:
+        if s.txn_nosync or s.txn_write_nosync:
+            # Berkeley DB silently drops the in-memory log here; nothing of a ring in memory
+            # is ever written or synced, so the flags could only mislead.
+            raise ConfigError(
+                "txn_nosync and txn_write_nosync cannot be used with an in-memory log "
+                "(log_inmemory): it is never written to disk"
+            )
+        if s.log_dir is not None:
+            raise ConfigError("log_dir cannot be used with an in-memory log: it has no files")
+        bsize, fsize = log_sizes(s)
+        if bsize <= fsize:
+            raise ConfigError(
+                f"the in-memory log buffer ({bsize} bytes) must be larger than the log file "
+                f"size ({fsize} bytes)"
+            )
+    return s
+
+
+def log_sizes(s: Settings) -> tuple[int, int]:
+    """``(buffer size, file size)`` of the log ``s`` asks for, defaults filled in."""
+    if s.log_inmemory:
+        bsize, fsize = DEFAULT_MEM_LOG_BUFFER, DEFAULT_MEM_LOG_FILE_SIZE
+    else:
+        bsize, fsize = DEFAULT_LOG_BUFFER, DEFAULT_LOG_FILE_SIZE
+    return s.log_buffer_size or bsize, s.log_file_size or fsize
 
 
 def _check_int(name: str, value: object) -> None:
@@ -265,6 +360,16 @@ def _apply_line(s: Settings, name: str, args: list[str]) -> Settings:
             f"set_flags: unknown flag {flag!r} "
             "(db_nommap, db_txn_nosync, db_txn_write_nosync, db_log_inmemory)"
         )
+    if name == "set_lg_bsize":
+        (size,) = _ints(name, args, 1)
+        return replace(s, log_buffer_size=size)
+    if name == "set_lg_max":
+        (size,) = _ints(name, args, 1)
+        return replace(s, log_file_size=size)
+    if name == "set_lg_dir":
+        if len(args) != 1:
+            raise ConfigError(f"{name} takes 1 value, got {len(args)}")
+        return replace(s, log_dir=args[0])
     if name in _IGNORED:
         logger.info("DB_CONFIG: %s does not apply to aiodbenv; ignored", name)
         return s

@@ -13,15 +13,21 @@ import asyncio
 import dataclasses
 import functools
 import os
-import sys
 import warnings
 from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Literal
 
-from ._config import Settings, check_settings
-from ._env_pool import close_quietly, open_with_pool, pool_plan, refuse_dirty_pages
-from ._resolve import note_inherited, resolve_home, resolve_settings
+from ._config import Settings, check_log_arguments, check_log_settings, check_settings
+from ._env_log import EnvLog
+from ._env_pool import (
+    close_log_and_pool,
+    close_quietly,
+    open_with_pool,
+    pool_plan,
+    refuse_dirty_pages,
+)
+from ._resolve import note_inherited, require_asyncio, resolve_home, resolve_settings
 from ._threads import run_owned
 from ._worker_args import checkpoint_settings, trickle_settings
 from ._workers import (
@@ -36,6 +42,8 @@ from ._workers import (
     shared_status,
 )
 from .errors import ForkedProcessError, InvalidArgument
+from .log.log import Log
+from .log.region import log_settings
 from .mpool.pool import Pool
 from .mpool.sync import SyncResult
 from .region.environment import EnvCore, EnvStat
@@ -75,7 +83,7 @@ class EnvOpener:
         await self._env.close()
 
 
-class Env:
+class Env(EnvLog):
     """An open environment handle.
 
     Create one with :meth:`Env.open`. Handles of the same environment may be open in many
@@ -83,10 +91,11 @@ class Env:
     opens its own, never one inherited through ``fork``.
     """
 
-    def __init__(self, core: EnvCore, pool: Pool) -> None:
+    def __init__(self, core: EnvCore, pool: Pool, log: Log | None = None) -> None:
         """Internal: use :meth:`Env.open`."""
         self._core = core
         self._pool = pool
+        self._log = log
         self._pid = os.getpid()
         self._closing: asyncio.Future[None] | None = None
         self._trickle: TrickleWorker | None = None
@@ -110,6 +119,10 @@ class Env:
         txn_nosync: bool = False,
         txn_write_nosync: bool = False,
         log_inmemory: bool = False,
+        log: bool = False,
+        log_dir: str | None = None,
+        log_buffer_size: int | None = None,
+        log_file_size: int | None = None,
         trickle: int | TrickleSettings | None = None,
         checkpoint: float | CheckpointSettings | None = None,
     ) -> EnvOpener:
@@ -129,6 +142,10 @@ class Env:
         joiner inherits the existing environment's and its own are ignored. A ``DB_CONFIG`` file
         in the home overrides these arguments line by line. ``mode`` is the exact permission of
         every region file and segment (the umask does not apply).
+
+        ``log=True`` (files in the home or ``log_dir``) or ``log_inmemory=True`` (a ring) give
+        it a log, ``env.log`` (docs/log.md has the sizes); the NOSYNC flags set
+        ``env.durability``.
 
         ``trickle`` starts a :class:`~aiodbenv.TrickleWorker` keeping that percentage of the
         cache clean (or give :class:`~aiodbenv.TrickleSettings`); ``checkpoint`` starts a
@@ -171,6 +188,10 @@ class Env:
                     txn_nosync=txn_nosync,
                     txn_write_nosync=txn_write_nosync,
                     log_inmemory=log_inmemory,
+                    log=log,
+                    log_dir=log_dir,
+                    log_buffer_size=log_buffer_size,
+                    log_file_size=log_file_size,
                 ),
             )
         )
@@ -184,19 +205,19 @@ class Env:
         trickle: TrickleSettings | None = None,
         checkpoint: CheckpointSettings | None = None,
     ) -> Env:
-        _require_asyncio()
+        require_asyncio()
         if not isinstance(create, bool):
             raise InvalidArgument(f"create must be True or False, not {create!r}")
-        check_settings(settings)
+        check_log_arguments(check_settings(settings))
         path = resolve_home(home)
-        settings = await resolve_settings(path, settings)
-        specs, format_regions = pool_plan(settings)
-        core, pool = await run_owned(
+        settings = check_log_settings(await resolve_settings(path, settings))
+        specs, format_regions = pool_plan(settings, path)
+        core, pool, log = await run_owned(
             lambda: open_with_pool(path, settings, create, specs, format_regions),
             undo=lambda opened: close_quietly(opened[0]),
         )
         note_inherited(core, settings)
-        env = cls(core, pool)
+        env = cls(core, pool, log)
         if core.registry is not None:
             # What processes that died with the environment open left is reclaimed now, and
             # from then on by a small task of the pool (every REAP_INTERVAL seconds).
@@ -224,6 +245,8 @@ class Env:
         core = self._core
         if core.closed:
             raise InvalidArgument("the environment handle is closed")
+        if core.panicked and self._log is not None:
+            self._log._check()  # says why, if a write or fsync of the log failed
         if core.panicked and self._pool is not None:
             self._pool._check_panic()  # says why, if the pool knows (a failed fsync)
         core.check_panic()
@@ -242,7 +265,7 @@ class Env:
     @property
     def settings(self) -> Settings:
         """The environment's settings, as its creator made it (after ``DB_CONFIG``)."""
-        return self._check().settings()
+        return log_settings(self._check().settings(), self._log)
 
     @property
     def pool(self) -> Pool:
@@ -350,14 +373,15 @@ class Env:
         """Region statistics (``db_stat -e``): regions, kinds, sizes, ids, handles, mutex waits.
 
         ``mutex_owner_died`` counts every mutex of the environment, the pool's bucket and file
-        mutexes included. ``processes`` lists the live processes' handles (pid, open since,
-        pins held).
+        mutexes and the log's included. ``processes`` lists the live processes' handles (pid,
+        open since, pins held).
 
         Raises :class:`~aiodbenv.errors.RunRecovery` if the environment is panicked.
         """
         core = self._check()
         st = core.stat()
         died = st.mutex_owner_died + self._pool._core.owner_died()
+        died += self._log._c.mutex.stats()[2] if self._log is not None else 0
         st = dataclasses.replace(st, mutex_owner_died=died)
         if core.registry is None:
             return st
@@ -408,7 +432,7 @@ class Env:
                     await run_checkpoint(self._pool)  # the final checkpoint
         finally:
             try:
-                await self._pool._close()
+                await close_log_and_pool(self._log, self._pool, flush=not nosync)
             finally:
                 await run_owned(core.close)
 
@@ -464,25 +488,3 @@ class Env:
                 path, force=force, inspect=functools.partial(refuse_dirty_pages, path)
             )
         )
-
-
-def _require_asyncio() -> None:
-    """Refuse at once to run under another event loop than asyncio's (trio, say): the pool's
-    waits, tasks and worker threads are asyncio's, and would fail later and obscurely."""
-    try:
-        asyncio.get_running_loop()
-        return
-    except RuntimeError:
-        pass
-    where = "outside an asyncio event loop"
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_task()
-            where = "under trio"
-        except RuntimeError:
-            pass
-    raise InvalidArgument(
-        f"aiodbenv is asyncio only: Env.open was awaited {where}; run it with asyncio.run, "
-        "uvloop, or anyio's asyncio backend"
-    )

@@ -1,5 +1,5 @@
-"""The environment together with its buffer pool: the blocking steps of opening and removing
-that concern both, run by :class:`aiodbenv.Env` in worker threads.
+"""The environment together with its buffer pool and log: the blocking steps of opening and
+removing that concern them, run by :class:`aiodbenv.Env` in worker threads.
 
 Opening asks the environment for one region per cache (:func:`pool_plan`), has the creator lay
 them out before the environment's magic is written, then attaches the pool to them
@@ -13,6 +13,8 @@ import logging
 
 from ._config import Settings
 from .errors import Busy
+from .log.log import Log
+from .log.region import attach_log, format_log, log_spec
 from .mpool.pool import Pool
 from .mpool.region import dirty_pages, format_pool, pool_region_sizes
 from .region.backing import Region
@@ -21,20 +23,31 @@ from .region.environment import EnvCore, RegionRow
 from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
 from .region.open import open_environment
 
-__all__ = ["close_quietly", "open_with_pool", "pool_plan", "refuse_dirty_pages"]
+__all__ = [
+    "close_log_and_pool",
+    "close_quietly",
+    "open_with_pool",
+    "pool_plan",
+    "refuse_dirty_pages",
+]
 
 logger = logging.getLogger("aiodbenv")
 
 
-def pool_plan(settings: Settings) -> tuple[list[RegionSpec], Formatter]:
-    """The regions the pool needs for ``settings`` and the formatter that lays them out
-    (given every region; region 1 is the environment's). Raises
-    :class:`~aiodbenv.errors.ConfigError` for sizes no pool can have."""
+def pool_plan(settings: Settings, home: str) -> tuple[list[RegionSpec], Formatter]:
+    """The regions the pool (and the log, if ``settings`` ask for one) need and the formatter
+    that lays them out (given every region; region 1 is the environment's, the log's comes
+    last). Raises :class:`~aiodbenv.errors.ConfigError` for sizes no pool can have."""
     specs = [RegionSpec(REGION_TYPE_MPOOL, size) for size in pool_region_sizes(settings)]
+    log_region = log_spec(settings)
+    if log_region is not None:
+        specs.append(log_region)
     shared = settings.region != "private"
 
     def format_regions(regions: list[Region]) -> None:
-        format_pool(regions[1:], settings, shared)
+        format_pool(regions[1 : 1 + settings.ncache], settings, shared)
+        if log_region is not None:
+            format_log(regions[-1], settings, home, shared)
 
     return specs, format_regions
 
@@ -45,17 +58,28 @@ def open_with_pool(
     create: bool,
     specs: list[RegionSpec],
     formatter: Formatter,
-) -> tuple[EnvCore, Pool]:
-    """Open the environment and attach its pool, in a worker thread: attaching builds one
-    object per hash bucket, which would stall the event loop for a large cache."""
+) -> tuple[EnvCore, Pool, Log | None]:
+    """Open the environment and attach its pool and log, in a worker thread: attaching builds
+    one object per hash bucket, which would stall the event loop for a large cache."""
     core = open_environment(path, settings, create=create, extra=specs, formatter=formatter)
     try:
         types = {row[0]: row[1] for row in core.region_table()}
         mpool = [r for r in core.regions if types.get(r.region_id) == REGION_TYPE_MPOOL]
-        return core, Pool(core, mpool, shared=core.kind != KIND_PRIVATE)
+        log = attach_log(core, settings)
+        return core, Pool(core, mpool, shared=core.kind != KIND_PRIVATE), log
     except BaseException:
         close_quietly(core)
         raise
+
+
+async def close_log_and_pool(log: Log | None, pool: Pool, *, flush: bool) -> None:
+    """Close the log (flushing what is buffered if ``flush``), then the pool, even if the
+    first fails."""
+    try:
+        if log is not None:
+            await log._close(flush=flush)
+    finally:
+        await pool._close()
 
 
 def close_quietly(core: EnvCore) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 __all__ = [
     "Fault",
     "fallocate",
+    "fdatasync",
     "fsync",
     "inject",
     "open_file",
@@ -67,7 +68,7 @@ class Fault:
 _faults: list[Fault] = []
 _faults_lock = threading.Lock()
 
-_OPS = frozenset({"open", "fallocate", "pread", "pwrite", "fsync", "unlink"})
+_OPS = frozenset({"open", "fallocate", "pread", "pwrite", "fsync", "fdatasync", "unlink"})
 
 
 @contextlib.contextmanager
@@ -82,7 +83,8 @@ def inject(
 ) -> Iterator[Fault]:
     """Make calls of ``op`` fail while the ``with`` block runs; yields the :class:`Fault`.
 
-    ``op`` is one of ``open``, ``fallocate``, ``pread``, ``pwrite``, ``fsync``, ``unlink``.
+    ``op`` is one of ``open``, ``fallocate``, ``pread``, ``pwrite``, ``fsync``, ``fdatasync``,
+    ``unlink``.
     Faults apply to every thread of this process.
     """
     if op not in _OPS:
@@ -219,6 +221,17 @@ def fsync(fd: int) -> None:
     os.fsync(fd)
     if _signal_plan:
         _signal_point("fsync", "after")
+
+
+def fdatasync(fd: int) -> None:
+    """``os.fdatasync``: the log's flush (its files are preallocated, so no size change needs
+    the metadata fsync would also write)."""
+    fault = _check("fdatasync")
+    if fault is not None:
+        _raise(fault)
+    os.fdatasync(fd)
+    if _signal_plan:
+        _signal_point("fdatasync", "after")
 
 
 def unlink(path: str) -> None:

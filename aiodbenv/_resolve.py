@@ -9,18 +9,27 @@ inherits the creator's settings: :func:`note_inherited` says so when it asked fo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
+import sys
 
 import aiofiles
 import aiofiles.os
 
 from ._config import Settings, apply_db_config
-from .errors import ConfigError, PermissionDenied
+from .errors import ConfigError, InvalidArgument, PermissionDenied
 from .region.environment import EnvCore
 
-__all__ = ["MAX_DB_CONFIG", "note_inherited", "read_db_config", "resolve_home", "resolve_settings"]
+__all__ = [
+    "MAX_DB_CONFIG",
+    "note_inherited",
+    "read_db_config",
+    "require_asyncio",
+    "resolve_home",
+    "resolve_settings",
+]
 
 logger = logging.getLogger("aiodbenv")
 
@@ -94,3 +103,25 @@ def note_inherited(core: EnvCore, asked: Settings) -> None:
             core.home,
             ", ".join(differ),
         )
+
+
+def require_asyncio() -> None:
+    """Refuse at once to run under another event loop than asyncio's (trio, say): the pool's
+    waits, tasks and worker threads are asyncio's, and would fail later and obscurely."""
+    try:
+        asyncio.get_running_loop()
+        return
+    except RuntimeError:
+        pass
+    where = "outside an asyncio event loop"
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+            where = "under trio"
+        except RuntimeError:
+            pass
+    raise InvalidArgument(
+        f"aiodbenv is asyncio only: Env.open was awaited {where}; run it with asyncio.run, "
+        "uvloop, or anyio's asyncio backend"
+    )

@@ -31,6 +31,8 @@ __all__ = [
     "Incomplete",
     "InvalidArgument",
     "LockTimeout",
+    "LogBufferFull",
+    "LogCorrupt",
     "NoSpace",
     "NotFound",
     "PageCorrupt",
@@ -174,6 +176,21 @@ class CacheFull(AiodbenvError, MemoryError):
     """No memory left in a region or cache (``ENOMEM``)."""
 
     default_errno = _errno.ENOMEM
+
+
+class LogBufferFull(CacheFull):
+    """The in-memory log's ring is full: the next record would overwrite a log "file" that
+    the last checkpoint still needs (``DB_LOG_BUFFER_FULL``). Nothing was appended; take a
+    checkpoint (or configure a larger ``log_buffer_size``) and try again."""
+
+    db_code = -30991
+
+
+class LogCorrupt(AiodbenvError):
+    """A log file holds a record that fails its checksum before the end of the log, or is not
+    an aiodbenv log file (``EIO``): the log cannot be read past that point."""
+
+    default_errno = _errno.EIO
 
 
 class CorruptRegion(AiodbenvError):

@@ -17,7 +17,7 @@ import aiodbenv
 import aiodbenv.errors
 
 #: Packages that implement the public names; what they export is re-exported from aiodbenv.
-IMPLEMENTATION = {"aiodbenv.mpool", "aiodbenv.region"}
+IMPLEMENTATION = {"aiodbenv.log", "aiodbenv.mpool", "aiodbenv.region"}
 
 
 def public_modules() -> list[types.ModuleType]:

@@ -249,7 +249,7 @@ class Cache:
 
     def dirty(self) -> int:
         """Buffers flagged dirty in this cache, from its buckets' dirty counts."""
-        return dirty_in(self.words, self.bucket_words)
+        return dirty_in(self.words, self.bucket_words[0], self.nbuckets) if self.nbuckets else 0
 
     def lock(self, b: int) -> None:
         """Lock bucket ``b`` inline (trylock, count a no-wait; waiting, repairing or
@@ -352,3 +352,12 @@ class BufRef(NamedTuple):
     bh: int
     page_size: int = 0
     dirty: bool = False
+
+
+_tuple_new = tuple.__new__
+
+
+def found(fidx: int, pgno: int, cache: Cache, bucket: int, bh: int) -> BufRef:
+    """A :class:`BufRef` for a buffer found by a walk (no page size, not a victim), built
+    without the named tuple's argument handling: write-back makes one per dirty page."""
+    return _tuple_new(BufRef, (fidx, pgno, cache, bucket, bh, 0, False))

@@ -45,7 +45,7 @@ from ..errors import Incomplete
 from ..region.mutex import BUSY, attempt, ffi
 from . import accel
 from .bhwrite import SyncResult, write_items
-from .cache import BufRef, Cache
+from .cache import BufRef, Cache, found
 from .fsync import fsync_pending
 from .layout import (
     BH,
@@ -129,7 +129,7 @@ async def collect_dirty(pool: PoolBase, files: set[int] | None) -> Collected:
             # One try (STEP_WAIT): a bucket held elsewhere leaves the claim to settle_claims,
             # which retries with an async back-off.
             if alive[pid] or attempt(take_over_claim, cache, b, bh, pid) is not True:
-                item = BufRef(tag - 1, pgnos[i], cache, b, bh)
+                item = found(tag - 1, pgnos[i], cache, b, bh)
                 claimed.append((item, pid))
                 continue
             busy = 0  # taken over: the page is dirty and free to write (if not pinned)
@@ -147,9 +147,10 @@ async def collect_dirty(pool: PoolBase, files: set[int] | None) -> Collected:
     await pause()
     caches, buckets, bhs, prios = raw.caches, raw.buckets, raw.bhs, raw.prios
     items: list[BufRef] = []
+    new = tuple.__new__  # one BufRef per dirty page: without the named tuple's argument handling
     for start in range(0, len(order), 2048):  # in slices: the loop gets a turn between them
         items += [
-            BufRef(tags[i] - 1, pgnos[i], caches[i], buckets[i], bhs[i])
+            new(BufRef, (tags[i] - 1, pgnos[i], caches[i], buckets[i], bhs[i], 0, False))
             for i in order[start : start + 2048]
         ]
         await pause()

@@ -221,7 +221,7 @@ class EnvCore:
             page_size=self.env_field("page_size"),
             mmap_size=self.env_field("mmap_size"),
             mode=self.env_field("mode"),
-            **{name: bool(flags & bit) for name, bit in FLAG_BITS.items()},
+            **{name: bool(flags & bit) for name, bit in FLAG_BITS.items()},  # type: ignore[arg-type]
         )
 
     def region_table(self) -> list[RegionRow]:

@@ -42,6 +42,7 @@ from .layout import (
     REGION_HEADER,
     REGION_MAGIC,
     REGION_TYPE_ENV,
+    REGION_TYPE_LOG,
     REGION_TYPE_MPOOL,
     WORD,
 )
@@ -130,9 +131,9 @@ def _check_env_values(path: str, w: memoryview) -> None:
     ids = sorted(int(r[0]) for r in rows)
     if ids != list(range(1, len(rows) + 1)):
         raise bad(f"region ids {ids}")
-    mpool = 0
+    mpool = logs = 0
     for rid, rtype, size, _key, shm_id in rows:
-        if rtype not in (REGION_TYPE_ENV, REGION_TYPE_MPOOL) or (rid == 1) != (
+        if rtype not in (REGION_TYPE_ENV, REGION_TYPE_MPOOL, REGION_TYPE_LOG) or (rid == 1) != (
             rtype == REGION_TYPE_ENV
         ):
             raise bad(f"region {rid} has type {rtype}")
@@ -141,6 +142,9 @@ def _check_env_values(path: str, w: memoryview) -> None:
         if shm_id >= 1 << 31:
             raise bad(f"region {rid} has shm id {shm_id}")
         mpool += rtype == REGION_TYPE_MPOOL
+        logs += rtype == REGION_TYPE_LOG
+    if logs > 1:
+        raise bad(f"{logs} log regions")
     if mpool != ncache:
         raise bad(f"{mpool} pool regions for {ncache} caches")
 

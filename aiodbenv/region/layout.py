@@ -41,6 +41,7 @@ __all__ = [
     "REGION_HEADER",
     "REGION_MAGIC",
     "REGION_TYPE_ENV",
+    "REGION_TYPE_LOG",
     "REGION_TYPE_MPOOL",
     "REGION_TYPE_NAMES",
     "SHM_REF",
@@ -53,7 +54,7 @@ __all__ = [
 WORD = 8
 
 #: Bumped whenever a layout or a field's meaning changes.
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 
 # The magics spell "aiodbreg", "aiodbenv" and "aiodbshm" in little-endian ASCII, which makes
 # them easy to spot in a hex dump of a region file or segment.
@@ -68,7 +69,8 @@ KIND_NAMES = {KIND_FILE: "file", KIND_SYSTEM: "system", KIND_PRIVATE: "private"}
 
 REGION_TYPE_ENV = 1
 REGION_TYPE_MPOOL = 2
-REGION_TYPE_NAMES = {REGION_TYPE_ENV: "env", REGION_TYPE_MPOOL: "mpool"}
+REGION_TYPE_LOG = 3
+REGION_TYPE_NAMES = {REGION_TYPE_ENV: "env", REGION_TYPE_MPOOL: "mpool", REGION_TYPE_LOG: "log"}
 
 #: Room for the region table; an array, not a list, so a walker after a crash cannot loop.
 MAX_REGIONS = 32

@@ -1,0 +1,364 @@
+"""``Log``: appending, flushing with group commit, checkpoint records, archive, statistics.
+
+The async shell over :class:`~aiodbenv.log.core.LogCore`. Appending is a short critical
+section on the event loop (a copy into the shared buffer). Everything that touches a log file
+is done by one *writer* at a time across all processes (its pid is in the region): in this
+process that is a task of the :class:`Log` (never the caller's task, so cancelling a caller
+cannot leave the role held), which writes the buffer and fsyncs in a worker thread without the
+log mutex held, serving every flush call that arrived meanwhile with the same write and fsync
+(group commit). Callers in this process wait on a future the task resolves; a process that
+is not the writer polls the region's flushed LSN with a bounded back-off (through its own task),
+and takes the role over if the writer died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import zlib
+
+import anyio.to_thread
+
+from .. import _io
+from ..errors import InvalidArgument, LockTimeout
+from ..region.mutex import BUSY, Busy
+from .core import NEED
+from .cursor import LogCursor
+from .files import list_log_files, log_path
+from .lsn import LSN, pack_word, unpack_word
+from .record import (
+    FILE_HEADER_BYTES,
+    HEADER,
+    REC_CHECKPOINT,
+    REC_USER,
+    checkpoint_payload,
+)
+from .stat import LogStat, read_stat
+from .writer import Direct, DurableListener, LogWriter
+
+__all__ = ["DurableListener", "Log"]
+
+logger = logging.getLogger("aiodbenv")
+
+
+class Log(LogWriter):
+    """The log of an environment (``env.log``): ``put``, ``flush``, cursors, checkpoint
+    records, ``archive`` and ``stat``, shared by every process that has the environment open.
+
+    A file log keeps ``log.0000000001``, ... in the log directory; an in-memory log keeps a
+    ring of log "files" in the region and creates no file. Use it from the process (and event
+    loop) that opened the environment.
+    """
+
+    # -- what it is -------------------------------------------------------------------------
+
+    @property
+    def inmemory(self) -> bool:
+        """True for an in-memory log (a ring in the region, no files)."""
+        return self._c.inmemory
+
+    @property
+    def directory(self) -> str:
+        """The directory of the log files (the environment home unless ``log_dir``)."""
+        return self._c.directory
+
+    @property
+    def buffer_size(self) -> int:
+        """Bytes of the shared log buffer (the ring, in memory)."""
+        return self._c.bsize
+
+    @property
+    def file_size(self) -> int:
+        """The size of new log files (of the ring's "files", in memory)."""
+        return self._c.file_size
+
+    @property
+    def end_lsn(self) -> LSN:
+        """The LSN the next record will get (read from the region)."""
+        return unpack_word(self._c.end_word())
+
+    @property
+    def flushed_lsn(self) -> LSN:
+        """Everything before this LSN is durable (in memory: marked durable by a flush)."""
+        return unpack_word(self._c.word("s_lsn"))
+
+    @property
+    def written_lsn(self) -> LSN:
+        """Everything before this LSN has been written to the log files (maybe not fsynced)."""
+        return unpack_word(self._c.word("w_lsn"))
+
+    @property
+    def last_checkpoint(self) -> tuple[LSN, LSN] | None:
+        """``(LSN of the last checkpoint record, the ckp_lsn it carries)``, or None if the log
+        holds no checkpoint."""
+        rec = self._c.word("ckp_rec")
+        if not rec:
+            return None
+        return unpack_word(rec), unpack_word(self._c.word("ckp_lsn"))
+
+    def stat(self) -> LogStat:
+        """The log's statistics (``db_stat -l``), exact across processes."""
+        self._check()
+        return read_stat(self._c)
+
+    def __repr__(self) -> str:
+        where = "in memory" if self.inmemory else self.directory
+        return f"<aiodbenv.Log {where} end={self.end_lsn}>"
+
+    # -- the replication seam -----------------------------------------------------------------
+
+    def add_durable_listener(self, fn: DurableListener) -> None:
+        """Call ``fn(start, end, data)`` for every range of the log that becomes durable
+        through this process: ``data`` is the log's bytes from ``start`` up to ``end`` (whole
+        records, file header records included; a range never spans files). Each process sees
+        the ranges its own writer made durable (in memory: its own flush calls), so a shipper
+        runs in the process(es) that flush. ``fn`` runs on the event loop and must not block;
+        an exception it raises is logged and ignored."""
+        self._listeners.append(fn)
+
+    def remove_durable_listener(self, fn: DurableListener) -> None:
+        """Stop calling ``fn``."""
+        self._listeners.remove(fn)
+
+    # -- appending ------------------------------------------------------------------------------
+
+    async def put(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        flush: bool = False,
+        write_nosync: bool = False,
+    ) -> LSN:
+        """Append a record (``log_put``); returns its LSN.
+
+        When this returns the record is in the shared log buffer (visible to every process's
+        cursors). ``flush=True`` (``DB_FLUSH``) also writes and fsyncs the log through it;
+        ``write_nosync=True`` (``DB_LOG_WRNOSYNC``) writes it to the file without an fsync
+        (it survives a crash of the process, not of the machine). The two exclude each other
+        (InvalidArgument). A record larger than a log file is refused (InvalidArgument).
+        In memory, raises :class:`~aiodbenv.errors.LogBufferFull` if the ring is full of
+        records the last checkpoint needs.
+
+        Cancellation: before the record is appended (waiting for buffer space or a new log
+        file), nothing is appended; after, the record stays in the log and only the wait for
+        its flush is abandoned (the writer finishes its round in the background). A record
+        larger than the buffer that the writer has begun to write is appended all the same.
+        """
+        if self._closed or self._panic_w[self._panic_i] or os.getpid() != self._pid:
+            self._check()
+        if flush and write_nosync:
+            raise InvalidArgument("flush and write_nosync exclude each other")
+        if type(data) is not bytes:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InvalidArgument(f"a log record is bytes, not {type(data).__name__}")
+            data = bytes(data)
+        # The common case without a coroutine call: room in the buffer, mutex free.
+        if len(data) > self._max_payload:
+            await self._append(REC_USER, data)  # raises InvalidArgument
+        try:
+            word: int | NEED = self._c.append(REC_USER, data, zlib.crc32(data))
+        except LockTimeout:
+            word = NEED.SPACE
+        if type(word) is not int:
+            word = await self._append(REC_USER, data)
+        elif self._task is None and self._c.w[self._tail_i] & 0xFFFFFFFF > self._half:
+            # The buffer is half full: have it written in the background now, so that
+            # appends rarely find it full and have to wait for a write.
+            self._want.write = max(self._want.write, word)
+            self._kick()
+        if flush:
+            if self._c.inmemory and not self._listeners:
+                try:
+                    self._c.mem_flush()
+                except LockTimeout:
+                    await self._flush_word(word)
+            else:
+                await self._flush_word(word)
+        elif write_nosync:
+            await self._write_through(word)
+        return LSN(word >> 32, word & 0xFFFFFFFF)
+
+    async def _append(self, rtype: int, payload: bytes) -> int:
+        c = self._c
+        total = HEADER.size + len(payload)
+        if FILE_HEADER_BYTES + total > c.file_size:
+            raise InvalidArgument(
+                f"record of {len(payload)} bytes is larger than the maximum log file size "
+                f"({c.file_size} bytes, {FILE_HEADER_BYTES + HEADER.size} of them headers)"
+            )
+        pcrc = zlib.crc32(payload)
+        while True:
+            try:
+                r = c.append(rtype, payload, pcrc)
+            except LockTimeout:
+                r = await self._locked(c.append, rtype, payload, pcrc)
+            if isinstance(r, int):
+                return r
+            if r is NEED.DIRECT:
+                return await self._append_direct(rtype, payload, pcrc)
+            if r is NEED.SPACE:
+                self._want.space = True
+            else:
+                self._want.switch = max(self._want.switch, total)
+            await self._wait_progress()
+            self._check()
+
+    async def _append_direct(self, rtype: int, payload: bytes, pcrc: int) -> int:
+        item = Direct(rtype, payload, pcrc, asyncio.get_running_loop().create_future())
+        self._want.direct.append(item)
+        self._kick()
+        try:
+            return await asyncio.shield(item.done)
+        except asyncio.CancelledError:
+            if not item.started and item in self._want.direct:
+                self._want.direct.remove(item)
+            raise
+
+    # -- flushing -------------------------------------------------------------------------------
+
+    async def flush(self, lsn: LSN | None = None) -> None:
+        """Make the log durable up to and including the record at ``lsn`` (``log_flush``);
+        without ``lsn``, everything appended so far.
+
+        Returns at once, without a thread hop, when that is already so (``lsn`` before
+        :attr:`flushed_lsn`, or ``LSN(0, 0)``, "not logged"). Otherwise one writer writes the
+        buffer and fsyncs, serving every flush that arrived meanwhile, in this process or
+        another (group commit). An ``lsn`` past :attr:`end_lsn` is an InvalidArgument.
+        A failed write or fsync panics the environment (RunRecovery, in every process).
+        Raises LockTimeout if another process's writer makes no progress for
+        ``wait_timeout`` seconds (stopped or stuck).
+
+        Cancellation: only the wait is abandoned; a write or fsync under way finishes in the
+        background and nothing (waiter, mutex, writer role) is left behind.
+        """
+        c = self._c
+        if lsn is not None:
+            word = pack_word(lsn)
+            if word < c.word("s_lsn"):
+                return
+        self._check()
+        end = c.end_word()
+        if lsn is None:
+            word = end - 1
+        elif word > end:
+            raise InvalidArgument(
+                f"LSN {LSN(*lsn)} is past the end of the log ({LSN(*unpack_word(end))})"
+            )
+        elif word == end:
+            word = end - 1
+        await self._flush_word(word)
+
+    async def _flush_word(self, word: int) -> None:
+        """Make everything up to the record at ``word`` durable."""
+        c = self._c
+        if word < c.word("s_lsn"):
+            return
+        if c.inmemory:
+            try:
+                old, new = c.mem_flush()
+            except LockTimeout:
+                old, new = await self._locked(c.mem_flush)
+            if self._listeners and new > old:
+                for start, end, data in self._mem_ranges(old, new):
+                    self._durable(start, end, data)
+            return
+        if self._attempt(c.register_commit) is BUSY:
+            await self._locked(c.register_commit)
+        self._want.sync = max(self._want.sync, word)
+        while c.word("s_lsn") <= word:
+            await self._wait_progress()
+            self._check()
+
+    async def _write_through(self, word: int) -> None:
+        """Make sure the record at ``word`` is written to its file (no fsync)."""
+        c = self._c
+        if c.inmemory:
+            return
+        self._want.write = max(self._want.write, word)
+        while c.word("w_lsn") <= word:
+            await self._wait_progress()
+            self._check()
+
+    def _mem_ranges(self, old: int, new: int) -> list[tuple[int, int, bytes]]:
+        """In memory: the ring's bytes of [old, new), split per "file"."""
+        r = self._attempt(self._c.mem_ranges, old, new)
+        return r if not isinstance(r, Busy) else []
+
+    # -- checkpoints and archive --------------------------------------------------------------
+
+    async def checkpoint_record(self, ckp_lsn: LSN) -> LSN:
+        """Append a checkpoint record (``ckp_lsn``, the previous checkpoint record's LSN, the
+        time), flush it, and record it in the region as the last checkpoint; returns the
+        record's LSN. ``ckp_lsn`` is where recovery would start: files wholly before its file
+        can be archived, and an in-memory ring keeps every "file" from it on. Cursors return
+        the record's data as a :class:`~aiodbenv.CheckpointRecord`.
+
+        Cancellation: before the record is appended, nothing happens; after, the record is
+        in the log and is recorded as the last checkpoint only once a later checkpoint or
+        reopen finds it (a cancelled checkpoint is not relied upon).
+        """
+        self._check()
+        ckp = pack_word(ckp_lsn)
+        if ckp > self._c.end_word():
+            raise InvalidArgument(f"ckp_lsn {LSN(*ckp_lsn)} is past the end of the log")
+        payload = checkpoint_payload(ckp, self._c.word("ckp_rec"), time.time_ns())
+        word = await self._append(REC_CHECKPOINT, payload)
+        await self._flush_word(word)
+        await self._locked(self._c.set_checkpoint, word, ckp)
+        return unpack_word(word)
+
+    async def archive(self, *, remove: bool = False) -> list[str]:
+        """The log files no longer needed (``log_archive``): those wholly before the file of
+        the last checkpoint's ``ckp_lsn``, as absolute paths, oldest first; none without a
+        checkpoint, and none for an in-memory log. ``remove=True`` deletes them.
+
+        Cancellation: a removal under way in its worker thread finishes."""
+        self._check()
+        ckp = self._c.word("ckp_lsn")
+        if self._c.inmemory or not ckp:
+            return []
+        upto = ckp >> 32
+        directory = self._c.directory
+
+        def work() -> list[str]:
+            paths = [log_path(directory, n) for n in list_log_files(directory) if n < upto]
+            if remove:
+                for p in paths:
+                    _io.unlink(p)
+            return paths
+
+        return await anyio.to_thread.run_sync(work)
+
+    # -- closing --------------------------------------------------------------------------------
+
+    async def _close(self, *, flush: bool) -> None:
+        """Flush what is buffered (unless not ``flush`` or panicked), let the writer task
+        finish, close the files."""
+        self._closing = True
+        try:
+            if flush and not self._closed and not self._env.panicked and not self._c.inmemory:
+                await self.flush()
+        finally:
+            task = self._task
+            if task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), self.wait_timeout)
+                except Exception:
+                    pass
+            self._closed = True
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+    # -- reading (for cursors) ------------------------------------------------------------------
+
+    def cursor(self, start: LSN | None = None) -> LogCursor:
+        """A :class:`~aiodbenv.LogCursor` over the log, positioned before ``start`` (or before
+        the first record): ``async for lsn, data in log.cursor()``."""
+        self._check()
+        return LogCursor(self, start)

@@ -1,0 +1,464 @@
+"""The log's writer: one process at a time writes the log files and fsyncs them.
+
+In the process that holds the writer role (its pid, start time and a per-handle token are in
+the log region), the writing is a task of the :class:`~aiodbenv.Log`, never a caller's, so a
+cancelled caller cannot leave the role held. Each round locks the log mutex only to snapshot
+what to write and to publish what was written; the ``pwritev`` and ``fdatasync`` run in a
+worker thread without it, so appends go on meanwhile, and every flush that arrived during a
+round is served by the next (group commit). Callers of this process wait on a future the task
+resolves; another process's callers are served by their own process's task, which sleeps on a
+futex the writer wakes (:mod:`aiodbenv.log.wake`) and takes the role over when it is free or
+its holder died. A failed write or fsync panics the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+from .. import _io
+from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
+from ..region.backing import Region
+from ..region.mutex import BUSY, STEP_WAIT, Busy, _wait_bound
+from .core import NEED, LogCore
+from .files import create_log_file, log_path
+from .layout import LOG_HEADER, header_offset
+from .lsn import LSN, unpack_word
+from .record import (
+    FILE_HEADER_BYTES,
+    HEADER,
+    REC_PAD,
+    encode,
+)
+from .wake import Futex, futex_available
+
+__all__ = ["Direct", "DurableListener", "LogWriter"]
+
+logger = logging.getLogger("aiodbenv")
+
+T = TypeVar("T")
+
+#: ``fn(start, end, data)``: the bytes of the log from ``start`` up to ``end`` became durable.
+DurableListener = Callable[[LSN, LSN, bytes], object]
+
+_POLL_MIN = 0.0001
+_POLL_MAX = 0.002
+#: Longest one futex wait (seconds): the wait is re-checked (and a stall noticed) this often.
+_FUTEX_WAIT = 0.005
+
+
+@dataclass
+class Direct:
+    """A record larger than the buffer, waiting for the writer to put it in its file."""
+
+    rtype: int
+    payload: bytes
+    pcrc: int
+    done: asyncio.Future[int]
+    started: bool = False
+
+
+@dataclass
+class _Demand:
+    """What this process's callers wait for (packed LSN words; -1: nothing)."""
+
+    sync: int = -1  # s_lsn must pass it
+    write: int = -1  # w_lsn must pass it
+    space: bool = False  # the buffer must be written out
+    switch: int = 0  # a record of this many bytes needs the next file
+    direct: list[Direct] = field(default_factory=list)
+
+
+class LogWriter:
+    """The writer task of a :class:`~aiodbenv.Log` and the state it shares with it."""
+
+    def __init__(self, core: Any, region: Region, *, shared: bool) -> None:
+        """Internal: the environment makes its log when it opens."""
+        self._env = core
+        self._c = LogCore(region, shared, core.panic)
+        self._pid = os.getpid()
+        #: Longest a caller waits for a stopped or stuck writer of another process before
+        #: LockTimeout (seconds).
+        self.wait_timeout = 30.0
+        self._panic_w, self._panic_i = core.panic_word()
+        self._max_payload = self._c.file_size - FILE_HEADER_BYTES - HEADER.size
+        self._tail_i = self._c.h + LOG_HEADER.word.tail
+        # In memory there is nothing to write: never "half full".
+        self._half = 1 << 62 if self._c.inmemory else self._c.bsize // 2
+        self._listeners: list[DurableListener] = []
+        self._task: asyncio.Task[None] | None = None
+        self._progress: asyncio.Future[None] | None = None
+        self._want = _Demand()
+        self._fds: dict[int, int] = {}
+        self._closed = False
+        self._closing = False  # stop serving other processes' flushes
+        # Other processes' flush waiters sleep on a futex the writer wakes (else they poll).
+        self._futex: Futex | None = None
+        if shared and futex_available():
+            off = header_offset() + LOG_HEADER.offset("flush_seq")
+            self._futex = Futex(region.base, off)
+
+    def _durable(self, start: int, end: int, data: bytes) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(unpack_word(start), unpack_word(end), data)
+            except Exception:
+                logger.exception("a durable-log listener failed")
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if os.getpid() != self._pid:
+            raise ForkedProcessError(
+                f"this log belongs to process {self._pid}; open the environment again in "
+                f"process {os.getpid()}"
+            )
+        if self._closed:
+            raise InvalidArgument("the environment is closed")
+        if self._env.panicked:
+            self._raise_panic()
+
+    def _raise_panic(self) -> None:
+        code = self._c.word("failed_errno")
+        if code:
+            name = log_path(self._c.directory, self._c.word("failed_file"))
+            raise RunRecovery(
+                f"PANIC: environment {self._env.home} is panicked: a write or fsync of log file "
+                f"{name} failed with errno {code} ({errno.errorcode.get(code, '?')}); records "
+                "written to it may be lost. Run recovery (close every handle, remove the "
+                "environment and open it again)"
+            )
+        self._env.check_panic()
+
+    # -- bounded lock waits ---------------------------------------------------------------------
+
+    @staticmethod
+    def _attempt(fn: Callable[..., T], *args: Any) -> T | Busy:
+        token = _wait_bound.set(STEP_WAIT)
+        try:
+            return fn(*args)
+        except LockTimeout:
+            return BUSY
+        finally:
+            _wait_bound.reset(token)
+
+    async def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` under the log mutex with bounded waits: each attempt waits a few
+        milliseconds, then backs off on the loop, up to ``wait_timeout``; then LockTimeout
+        naming the holder. Cancellation: between attempts; nothing is held."""
+        r = self._attempt(fn, *args)
+        if not isinstance(r, Busy):
+            return r
+        deadline = time.monotonic() + self.wait_timeout
+        delay = 0.0005
+        while True:
+            token = _wait_bound.set(STEP_WAIT)
+            try:
+                return fn(*args)
+            except LockTimeout as err:
+                last = err
+            finally:
+                _wait_bound.reset(token)
+            now = time.monotonic()
+            if now >= deadline:
+                who = f"process {last.pid}" if last.pid else "another process"
+                final = LockTimeout(
+                    f"mutex log is held by {who} and was not released within "
+                    f"{self.wait_timeout:g} s (is that process stopped or stuck?)"
+                )
+                final.pid, final.mutex = last.pid, "log"
+                raise final from last
+            await asyncio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 0.005)
+
+    def _wake_others(self) -> None:
+        if self._futex is not None:
+            self._futex.wake()
+
+    def _kick(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._writer())
+
+    async def _wait_progress(self) -> None:
+        """Wait until the writer task reports progress (or fails)."""
+        if self._progress is None:
+            self._progress = asyncio.get_running_loop().create_future()
+        fut = self._progress
+        self._kick()
+        await asyncio.shield(fut)
+
+    def _wake(self, err: BaseException | None = None) -> None:
+        fut, self._progress = self._progress, None
+        if fut is not None and not fut.done():
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
+                fut.exception()  # retrieved: waiters that left must not warn
+
+    def _has_demand(self) -> bool:
+        c, want = self._c, self._want
+        return bool(
+            want.direct
+            or want.switch
+            or want.space
+            or want.sync >= c.word("s_lsn")
+            or want.write >= c.word("w_lsn")
+        )
+
+    async def _writer(self) -> None:
+        c = self._c
+        delay = _POLL_MIN
+        seen: tuple[int, ...] | None = None
+        since = time.monotonic()
+        try:
+            while True:
+                seq = c.word("flush_seq")  # before looking: a bump after it ends the wait
+                if not self._has_demand():
+                    break
+                self._check()
+                holder = c.role_holder()
+                took = False
+                if not holder[0] or not c.holder_alive(*holder):
+                    dead = holder if holder[0] else None
+                    if dead is not None:
+                        logger.warning(
+                            "log writer process %d died; process %d takes over", holder[0], c.pid
+                        )
+                    r = self._attempt(c.take_role, dead)
+                    took = r is True
+                if took:
+                    try:
+                        await self._serve()
+                    finally:
+                        await self._locked(c.release_role)
+                        self._wake_others()
+                        self._wake()
+                    delay, seen, since = _POLL_MIN, None, time.monotonic()
+                    continue
+                # Another process writes: its round may serve us; wait for it, bounded.
+                state = (c.word("w_lsn"), c.word("s_lsn"), c.word("f_lsn"), *holder)
+                if state != seen:
+                    if seen is not None:
+                        self._want.space = False
+                        self._want.switch = 0
+                        self._wake()
+                    seen, since = state, time.monotonic()
+                elif time.monotonic() - since > self.wait_timeout:
+                    err = LockTimeout(
+                        f"the log writer, process {holder[0]}, made no progress for "
+                        f"{self.wait_timeout:g} s (is it stopped or stuck?)"
+                    )
+                    err.pid, err.mutex = holder[0], "log writer"
+                    raise err
+                if self._futex is not None and holder[0]:
+                    await anyio.to_thread.run_sync(self._futex.wait, seq, _FUTEX_WAIT)
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _POLL_MAX)
+        except BaseException as err:
+            self._task = None
+            for item in self._want.direct:
+                if not item.done.done():
+                    item.done.set_exception(err)
+                    item.done.exception()
+            self._want = _Demand()
+            self._wake(err)
+            if not isinstance(err, Exception):
+                raise
+            return
+        self._task = None
+        self._wake()
+
+    async def _serve(self) -> None:
+        """Holding the writer role: do what this process's callers wait for."""
+        c, want = self._c, self._want
+        while True:
+            self._check()
+            if c.word("file_ready") < c.word("f_lsn") >> 32:
+                await self._finish_switch()
+            hole = c.hole()
+            if hole is not None:
+                await self._fill_hole(*hole)
+            if want.direct:
+                item = want.direct.pop(0)
+                item.started = True
+                try:
+                    word = await self._write_direct(item)
+                except BaseException as err:
+                    if not item.done.done():
+                        item.done.set_exception(err)
+                        item.done.exception()
+                    raise
+                if not item.done.done():
+                    item.done.set_result(word)
+                continue
+            if want.switch:
+                need, want.switch = want.switch, 0
+                await self._switch(need)
+                self._wake()
+                continue
+            s_lsn = c.word("s_lsn")
+            # Flush calls of other processes waiting (counted in the region) are served too,
+            # while this process holds the role: handing it over would cost them a poll
+            # interval each time, and back-to-back fsyncs are what group commit is.
+            sync = want.sync >= s_lsn or (
+                not self._closing and c.word("pending_commits") > 0 and c.end_word() > s_lsn
+            )
+            if not (sync or want.space or want.write >= c.word("w_lsn")):
+                return
+            fill, want.space = want.space, False
+            await self._round(sync, fill)
+            self._wake()
+
+    async def _fd(self, file: int) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            path = log_path(self._c.directory, file)
+            fd = await self._io(lambda: _io.open_file(path, os.O_RDWR | os.O_CLOEXEC), file)
+            self._fds[file] = fd
+            for old in [f for f in self._fds if f < file - 1]:
+                os.close(self._fds.pop(old))
+        return fd
+
+    async def _io(self, fn: Callable[[], T], file: int) -> T:
+        """Run file I/O in a worker thread; a failure panics the environment."""
+        try:
+            return await anyio.to_thread.run_sync(fn)
+        except OSError as err:
+            self._failed(file, err)
+            raise AssertionError("unreachable") from err
+
+    def _failed(self, file: int, err: OSError) -> None:
+        c = self._c
+        c.fail(file, err.errno or errno.EIO)
+        reason = f"write or fsync of log file {log_path(c.directory, file)} failed: {err}"
+        self._env.panic(reason)
+        raise RunRecovery(
+            f"PANIC: {reason}; records written to it may be lost. Run recovery (close every "
+            "handle, remove the environment and open it again)"
+        ) from err
+
+    async def _round(self, sync: bool, fill: bool) -> None:
+        """Write the buffer out (and fsync if ``sync``): one write round."""
+        c = self._c
+        old_s = c.word("s_lsn")
+        file, foff, start, end, commits = await self._locked(c.begin_write, fill)
+        fd = await self._fd(file)
+        view = c.buf[c.b0 + start : c.b0 + end]
+        listeners = bool(self._listeners) and sync
+        durable_from = max(old_s, file << 32) & 0xFFFFFFFF
+
+        def work() -> bytes:
+            if len(view):
+                n = _io.pwritev(fd, [view], foff)
+                if n != len(view):
+                    raise OSError(errno.EIO, f"short write to the log ({n} of {len(view)} bytes)")
+            if sync:
+                _io.fdatasync(fd)
+                _io.step("log_fsynced")
+            if listeners:
+                upto = foff + len(view)
+                return (
+                    _io.pread(fd, upto - durable_from, durable_from) if upto > durable_from else b""
+                )
+            return b""
+
+        data = await self._io(work, file)
+        await self._locked(c.end_write, file, start, end, sync, commits)
+        self._wake_others()
+        if listeners and data:
+            self._durable(
+                (file << 32) | durable_from, (file << 32) | (durable_from + len(data)), data
+            )
+
+    async def _switch(self, need: int) -> None:
+        """Start the next log file so a record of ``need`` bytes fits (writer only)."""
+        c = self._c
+        while not await self._locked(c.switch_buffer, need):
+            await self._round(False, False)
+        if c.word("file_ready") < c.word("f_lsn") >> 32:
+            await self._finish_switch()
+
+    async def _finish_switch(self) -> None:
+        """The buffer moved to a new file: fsync the old one, create the new (writer only)."""
+        c = self._c
+        new = c.word("f_lsn") >> 32
+        old = new - 1
+        old_end = c.word("prev_file_end")
+        s_lsn = c.word("s_lsn")
+        need_sync = s_lsn < ((old << 32) | old_end)
+        old_fd = await self._fd(old) if need_sync else -1
+        listeners = bool(self._listeners) and need_sync
+        durable_from = max(s_lsn, old << 32) & 0xFFFFFFFF
+        directory, size, mode = c.directory, c.file_size, c.mode
+
+        def work() -> tuple[int, bytes]:
+            data = b""
+            if need_sync:
+                _io.fdatasync(old_fd)
+                if listeners and old_end > durable_from:
+                    data = _io.pread(old_fd, old_end - durable_from, durable_from)
+            return create_log_file(directory, new, size, mode, None), data
+
+        fd, data = await self._io(work, old if need_sync else new)
+        self._fds[new] = fd
+        await self._locked(c.file_switched, new, need_sync)
+        self._wake_others()
+        if data:
+            self._durable((old << 32) | durable_from, (old << 32) | old_end, data)
+
+    async def _write_direct(self, item: Direct) -> int:
+        """Write a record larger than the buffer straight to its file (writer only)."""
+        c = self._c
+        total = HEADER.size + len(item.payload)
+        while True:
+            r = await self._locked(c.reserve_direct, item.rtype, len(item.payload), item.pcrc)
+            if r is NEED.SWITCH:
+                await self._switch(total)
+            elif r is NEED.SPACE:
+                await self._round(False, True)
+            else:
+                assert not isinstance(r, NEED)
+                break
+        word, header = r
+        file, off = word >> 32, word & 0xFFFFFFFF
+        fd = await self._fd(file)
+        payload = item.payload
+
+        def work() -> None:
+            n = _io.pwritev(fd, [header, payload], off)
+            if n != total:
+                raise OSError(errno.EIO, f"short write to the log ({n} of {total} bytes)")
+
+        await self._io(work, file)
+        await self._locked(c.direct_written, word, total)
+        self._wake_others()
+        return word
+
+    async def _fill_hole(self, word: int, n: int) -> None:
+        """A writer died writing a record straight to the file: fill its place with a padding
+        record (cursors skip it) so the log stays a chain of valid records."""
+        c = self._c
+        file, off = word >> 32, word & 0xFFFFFFFF
+        rec = encode(file, off, c.word("hole_prev"), REC_PAD, bytes(n - HEADER.size))
+        fd = await self._fd(file)
+
+        def work() -> None:
+            if _io.pwritev(fd, [rec], off) != len(rec):
+                raise OSError(errno.EIO, "short write to the log")
+
+        logger.warning(
+            "log: %d bytes at %s left unwritten by a dead writer padded", n, LSN(file, off)
+        )
+        await self._io(work, file)
+        await self._locked(c.direct_written, word, n)
+        self._wake_others()

@@ -1,0 +1,203 @@
+"""A put, flush or checkpoint_record cancelled at any of its await points leaves no waiter,
+no writer role and no mutex behind, and the log goes on.
+
+The await points, from the code (aiodbenv/log/log.py):
+
+- ``Log._append``: ``_locked`` (the log mutex is held elsewhere: bounded back-off),
+  ``_wait_progress`` for buffer space (NEED.SPACE) or for the next file (NEED.SWITCH);
+  ``_append_direct`` (a record larger than the buffer, written by the writer task).
+- ``Log._flush_word`` / ``_write_through``: ``_locked`` (counting the commit), then
+  ``_wait_progress`` while the writer task writes and fsyncs in a worker thread.
+- ``checkpoint_record``: the append and the flush above, then ``_locked`` (set_checkpoint).
+
+The writer task itself is never cancelled by a caller; each test cancels, lets it settle, and
+checks :func:`assert_quiescent`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+import aiodbenv
+from aiodbenv import LSN, _io
+from aiodbenv.log.record import HEADER
+from aiodbenv.region.mutex import lib
+
+SLOW = 0.4
+
+
+async def io_started(op: str, timeout: float = 10.0) -> None:
+    """Wait until a delayed fault on ``op`` is reached (that call now sleeps in its thread)."""
+    deadline = time.monotonic() + timeout
+    while not any(f.op == op and f.delay and f.calls for f in list(_io._faults)):
+        assert time.monotonic() < deadline, f"the {op} never started"
+        await asyncio.sleep(0.001)
+
+
+async def assert_quiescent(log: aiodbenv.Log, timeout: float = 10.0) -> None:
+    """The writer task finished, nobody holds the writer role or the log mutex, nothing is
+    queued; then the log still takes and returns records."""
+    deadline = time.monotonic() + timeout
+    while log._task is not None:
+        assert time.monotonic() < deadline, "the writer task never finished"
+        await asyncio.sleep(0.005)
+    c = log._c
+    assert c.role_holder() == (0, 0)
+    assert not log._want.direct
+    if c.mutex.ptr is not None:
+        assert lib.pthread_mutex_trylock(c.mutex.ptr) == 0, "the log mutex is held"
+        lib.pthread_mutex_unlock(c.mutex.ptr)
+    before = [x async for x in log.cursor()]
+    lsn = await log.put(b"afterwards", flush=True)
+    assert log.flushed_lsn > lsn
+    assert [x async for x in log.cursor()] == before + [(lsn, b"afterwards")]
+
+
+@pytest.fixture
+async def small(home: str) -> AsyncIterator[aiodbenv.Env]:
+    env = await aiodbenv.Env.open(
+        home, create=True, log=True, log_buffer_size=1024, log_file_size=4096
+    )
+    yield env
+    await env.close()
+    await aiodbenv.Env.remove(home)
+
+
+async def cancel_when(
+    coro: Awaitable[object], ready: Callable[[], Awaitable[None]]
+) -> asyncio.Task[object]:
+    task = asyncio.ensure_future(coro)
+    await ready()
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return task
+
+
+async def test_flush_cancelled_during_the_fsync(small: aiodbenv.Env) -> None:
+    log = small.log
+    lsn = await log.put(b"one")
+    with _io.inject("fdatasync", None, delay=SLOW):
+        await cancel_when(log.flush(lsn), lambda: io_started("fdatasync"))
+        assert log._c.role_holder()[0] != 0  # the fsync goes on in its thread
+    await assert_quiescent(log)
+    assert log.flushed_lsn > lsn  # the round finished in the background
+
+
+async def test_put_flush_cancelled_during_the_write(small: aiodbenv.Env) -> None:
+    log = small.log
+    with _io.inject("pwrite", None, delay=SLOW):
+        await cancel_when(log.put(b"two", flush=True), lambda: io_started("pwrite"))
+    await assert_quiescent(log)
+    assert [d async for _, d in log.cursor()][:1] == [b"two"]
+
+
+async def test_put_cancelled_waiting_for_buffer_space(small: aiodbenv.Env) -> None:
+    log = small.log
+    with _io.inject("pwrite", None, delay=SLOW):
+        flusher = asyncio.ensure_future(log.put(b"a" * 100, flush=True))
+        await io_started("pwrite")
+        # The writer is busy; fill the buffer until a put must wait for space.
+        while True:
+            end = log.end_lsn
+            t = asyncio.ensure_future(log.put(b"b" * 300))
+            await asyncio.sleep(0.01)
+            if not t.done():
+                break
+            await t
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert log.end_lsn == end  # the cancelled put appended nothing
+        await flusher
+    await assert_quiescent(log)
+
+
+async def test_put_cancelled_waiting_for_the_next_file(small: aiodbenv.Env) -> None:
+    log = small.log
+    while log.end_lsn.offset + HEADER.size + 900 <= 4096:
+        await log.put(b"c" * 600)
+    with _io.inject("fdatasync", None, delay=SLOW):
+        flusher = asyncio.ensure_future(log.flush())
+        await io_started("fdatasync")
+        end = log.end_lsn
+        await cancel_when(log.put(b"d" * 900), lambda: asyncio.sleep(0.05))
+        assert log.end_lsn == end
+        await flusher
+    await assert_quiescent(log)
+
+
+async def test_large_put_cancelled_before_and_after_its_write_began(small: aiodbenv.Env) -> None:
+    log = small.log
+    with _io.inject("fdatasync", None, delay=SLOW):
+        flusher = asyncio.ensure_future(log.put(b"e", flush=True))
+        await io_started("fdatasync")
+        end = log.end_lsn
+        # Queued behind the fsync, not begun: cancelled, it is never written.
+        await cancel_when(log.put(b"f" * 2000), lambda: asyncio.sleep(0.05))
+        await flusher
+    assert log.end_lsn == end
+    await assert_quiescent(log)
+    with _io.inject("pwrite", None, delay=SLOW):
+        # Begun (the writer is in its pwrite): it is appended all the same.
+        await cancel_when(log.put(b"g" * 2000), lambda: io_started("pwrite"))
+    await assert_quiescent(log)
+    assert b"g" * 2000 in [d async for _, d in log.cursor()]
+
+
+async def test_put_cancelled_while_the_log_mutex_is_held(small: aiodbenv.Env) -> None:
+    log = small.log
+    ptr = log._c.mutex.ptr
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # another "process": a thread that owns the robust mutex
+        lib.pthread_mutex_lock(ptr)
+        locked.set()
+        release.wait(10)
+        lib.pthread_mutex_unlock(ptr)
+
+    th = threading.Thread(target=hold)
+    th.start()
+    try:
+        locked.wait(5)
+        end = log.end_lsn
+        await cancel_when(log.put(b"h"), lambda: asyncio.sleep(0.05))
+    finally:
+        release.set()
+        th.join()
+    assert log.end_lsn == end
+    await assert_quiescent(log)
+
+
+async def test_checkpoint_record_cancelled_at_its_flush(small: aiodbenv.Env) -> None:
+    log = small.log
+    ckp = await log.put(b"i")
+    with _io.inject("fdatasync", None, delay=SLOW):
+        await cancel_when(log.checkpoint_record(ckp), lambda: io_started("fdatasync"))
+    await assert_quiescent(log)
+    # The record is in the log; it is not taken as the last checkpoint until one completes.
+    items = [d async for _, d in log.cursor()]
+    assert any(isinstance(d, aiodbenv.CheckpointRecord) for d in items)
+    done = await log.checkpoint_record(ckp)
+    assert log.last_checkpoint == (done, ckp)
+
+
+async def test_close_waits_for_a_flush_under_way(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    lsn = await env.log.put(b"j")
+    with _io.inject("fdatasync", None, delay=SLOW):
+        flush = asyncio.ensure_future(env.log.flush(lsn))
+        await io_started("fdatasync")
+        await env.close()
+    await flush
+    await aiodbenv.Env.remove(home)
+    async with aiodbenv.Env.open(home, create=True, log=True) as env:
+        assert [x async for x in env.log.cursor()] == [(lsn, b"j")]
+        assert env.log.flushed_lsn > LSN(1, 0)
+    await aiodbenv.Env.remove(home)
