@@ -22,6 +22,7 @@ from .errors import (
     CacheFull,
     ConfigError,
     CorruptRegion,
+    Deadlock,
     EnvNotFound,
     ForkedProcessError,
     Incomplete,
@@ -37,6 +38,7 @@ from .errors import (
     RunRecovery,
     ShmKeyInUse,
     TryAgain,
+    TxnTooLarge,
     VersionMismatch,
 )
 from .log import LSN, CheckpointRecord, Log, LogCursor, LogStat
@@ -47,6 +49,7 @@ from .mpool.stat import FileStat, PoolStat
 from .mpool.sync import SyncResult
 from .region.alloc import AllocStats
 from .region.environment import EnvStat, RegionStat
+from .txn.txn import CommitInfo, Txn, TxnPage, TxnStat
 
 __version__ = "0.1.0"
 
@@ -59,8 +62,10 @@ __all__ = [
     "CheckpointRecord",
     "CheckpointSettings",
     "CheckpointWorker",
+    "CommitInfo",
     "ConfigError",
     "CorruptRegion",
+    "Deadlock",
     "Env",
     "EnvNotFound",
     "EnvOpener",
@@ -96,6 +101,10 @@ __all__ = [
     "TrickleSettings",
     "TrickleWorker",
     "TryAgain",
+    "Txn",
+    "TxnPage",
+    "TxnStat",
+    "TxnTooLarge",
     "VersionMismatch",
     "WorkerStatus",
     "errors",

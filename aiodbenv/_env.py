@@ -27,6 +27,7 @@ from ._env_pool import (
     pool_plan,
     refuse_dirty_pages,
 )
+from ._env_txn import EnvTxn, noting_creation, prepare_recovery
 from ._resolve import note_inherited, require_asyncio, resolve_home, resolve_settings
 from ._threads import run_owned
 from ._worker_args import checkpoint_settings, trickle_settings
@@ -83,7 +84,7 @@ class EnvOpener:
         await self._env.close()
 
 
-class Env(EnvLog):
+class Env(EnvLog, EnvTxn):
     """An open environment handle.
 
     Create one with :meth:`Env.open`. Handles of the same environment may be open in many
@@ -96,6 +97,7 @@ class Env(EnvLog):
         self._core = core
         self._pool = pool
         self._log = log
+        self._init_txn()
         self._pid = os.getpid()
         self._closing: asyncio.Future[None] | None = None
         self._trickle: TrickleWorker | None = None
@@ -125,6 +127,7 @@ class Env(EnvLog):
         log_file_size: int | None = None,
         trickle: int | TrickleSettings | None = None,
         checkpoint: float | CheckpointSettings | None = None,
+        recover: bool = False,
     ) -> EnvOpener:
         """Open the environment in ``home``, creating it if ``create`` and it does not exist.
 
@@ -165,7 +168,7 @@ class Env(EnvLog):
         :class:`~aiodbenv.errors.TryAgain` (a creator still building after 30 s),
         :class:`~aiodbenv.errors.PermissionDenied`, :class:`~aiodbenv.errors.NoSpace`,
         :class:`~aiodbenv.errors.CacheFull` (no memory for the regions) or
-        :class:`~aiodbenv.errors.ShmKeyInUse`.
+        :class:`~aiodbenv.errors.ShmKeyInUse`. ``recover=True``: ``DB_RECOVER`` (docs/durable.md).
 
         Cancellation: the open is abandoned at once; the worker thread that creates or maps the
         regions finishes and its handle is then closed, so nothing stays open or counted.
@@ -176,6 +179,7 @@ class Env(EnvLog):
                 create=create,
                 trickle=trickle_settings(trickle),
                 checkpoint=checkpoint_settings(checkpoint),
+                recover=recover,
                 settings=Settings(
                     region=region,
                     cache_size=cache_size,
@@ -204,6 +208,7 @@ class Env(EnvLog):
         settings: Settings,
         trickle: TrickleSettings | None = None,
         checkpoint: CheckpointSettings | None = None,
+        recover: bool = False,
     ) -> Env:
         require_asyncio()
         if not isinstance(create, bool):
@@ -211,7 +216,8 @@ class Env(EnvLog):
         check_log_arguments(check_settings(settings))
         path = resolve_home(home)
         settings = check_log_settings(await resolve_settings(path, settings))
-        specs, format_regions = pool_plan(settings, path)
+        await prepare_recovery(path, settings, create, recover)
+        specs, format_regions, created = noting_creation(*pool_plan(settings, path))
         core, pool, log = await run_owned(
             lambda: open_with_pool(path, settings, create, specs, format_regions),
             undo=lambda opened: close_quietly(opened[0]),
@@ -227,6 +233,7 @@ class Env(EnvLog):
                 await env.close(nosync=True)
                 raise
             pool._start_reaper()
+        await env._recover_or_check(recover, bool(created) and not settings.log_inmemory)
         if trickle is not None:
             env.start_trickle(trickle)
         if checkpoint is not None:
@@ -329,9 +336,10 @@ class Env(EnvLog):
 
     async def checkpoint(self, *, spread: float = 0.0) -> SyncResult:
         """Checkpoint now: write every dirty page and fsync the files written, spreading the
-        writes over ``spread`` seconds; record it as the last complete checkpoint. Raises
-        :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages stayed pinned. Safe to
-        cancel: written pages are clean, the rest stay dirty."""
+        writes over ``spread`` seconds; record it as the last complete checkpoint. With a log,
+        then append and flush a checkpoint record whose LSN (the log's end when it began) is
+        the result's ``lsn``. Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty
+        pages stayed pinned. Safe to cancel: written pages are clean, the rest stay dirty."""
         self._check()
         return await run_checkpoint(self._pool, spread=spread)
 
@@ -397,8 +405,9 @@ class Env(EnvLog):
         Background workers are stopped first, then every pool file this handle opened is
         closed (no implied sync). If a checkpoint worker ran, one final checkpoint is taken,
         and a private environment's dirty pages are written (no other process could ever
-        write them), unless ``nosync`` (``DB_NOSYNC``). A failed final write is raised after
-        the handle is closed. Closing twice, or from two tasks at once, is harmless: later
+        write them), and a file log's buffered records are flushed, unless ``nosync``
+        (``DB_NOSYNC``: none of the three; see docs/workers.md). A failed final write is raised
+        after the handle is closed. Closing twice, or from two tasks at once, is harmless: later
         calls wait for the first. A handle may be closed by another task than the one that
         opened it.
         Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything) if the

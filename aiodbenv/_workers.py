@@ -423,15 +423,31 @@ async def run_checkpoint(
     panics the environment (:class:`~aiodbenv.errors.RunRecovery`); nothing is recorded. A
     complete checkpoint's time goes into the region (see :meth:`aiodbenv.Env.health`).
 
-    Idempotent, and safe to cancel at any await: written pages are clean, the rest stay dirty.
+    With a log (Berkeley DB's ``txn_checkpoint`` order): the checkpoint LSN is the end of the
+    log when the checkpoint starts; the pages are written (each batch flushing the log first,
+    the write-ahead rule), then a checkpoint record carrying that LSN is appended and flushed,
+    and the LSN is recorded in the pool header (``last_checkpoint_lsn``) beside the time. The
+    result's ``lsn`` is the checkpoint LSN.
+
+    Idempotent, and safe to cancel at any await: written pages are clean, the rest stay dirty;
+    cancelled before its record is appended, a checkpoint leaves no record and records nothing.
     ``progress(done, total)`` is called after each batch when given.
     """
+    hooks = pool._io.log
     pool._enter()
     try:
+        ckp = hooks.end() if hooks is not None else None
         result = await checkpoint(pool, spread, progress)
+        if hooks is not None and ckp is not None:
+            await hooks.checkpoint(*ckp)
+            result.lsn = hooks.lsn(*ckp)
     finally:
         pool._leave()
     core = pool._core
+    if ckp is not None:
+        core.meta_words[core.pool_hdr + POOL_HEADER.word.last_checkpoint_lsn] = (
+            ckp[0] << 32 | ckp[1]
+        )
     core.meta_words[core.pool_hdr + POOL_HEADER.word.last_checkpoint_ns] = time.time_ns()
     record_attempt(pool, "checkpoint", None)  # any complete checkpoint ends a run of failures
     return result

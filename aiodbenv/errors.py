@@ -26,6 +26,7 @@ __all__ = [
     "CacheFull",
     "ConfigError",
     "CorruptRegion",
+    "Deadlock",
     "EnvNotFound",
     "ForkedProcessError",
     "Incomplete",
@@ -41,6 +42,7 @@ __all__ = [
     "RunRecovery",
     "ShmKeyInUse",
     "TryAgain",
+    "TxnTooLarge",
     "VersionMismatch",
 ]
 
@@ -164,6 +166,24 @@ class LockTimeout(TryAgain):
 
     pid: int = 0
     mutex: str = ""
+
+
+class Deadlock(TryAgain):
+    """A transaction asked for a page latch that could close a cycle of waits
+    (``DB_LOCK_DEADLOCK``).
+
+    Transactions wait for a busy latch only in ascending (file, page) order; a busy latch below
+    one the transaction already holds raises this at once, and the transaction is aborted
+    (nothing it changed reaches shared memory). Retry the whole transaction.
+    """
+
+    db_code = -30993
+
+
+class TxnTooLarge(InvalidArgument):
+    """A transaction would hold more pages, or log more bytes, than one commit may: see
+    ``aiodbenv.txn.txn.MAX_PAGES`` (64) and the log's record size. The transaction is still usable
+    (the page that did not fit was not taken)."""
 
 
 class NoSpace(AiodbenvError, OSError):

@@ -39,6 +39,10 @@ lateness   p50/p99/max lateness of a coroutine ticking every 1 ms during the mis
 memory     region bytes per cached page (aiodbenv: mpool region files / pages the cache holds;
            Berkeley DB: its region files / st_pages), and the RSS of a process holding a full
            cache (aiodbenv and the C anchor) or that has read the records (lmdb, berkeleydb).
+log        100-byte log records: put with flush per record in 1 and 8 processes, written
+           without fsync, without flush, and into an in-memory log (log_bench.py's cases,
+           records/s and records per fsync). Anchor: Berkeley DB's log_put/log_flush
+           (anchors/bdb_log.c). An aiodbenv without a log shows Berkeley DB's side alone.
 
 Everything a run creates (a work directory, data files, environments, System V segments,
 child processes) is removed at the end, also on errors, Ctrl-C or SIGTERM.
@@ -71,6 +75,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from aiodbenv import Env  # noqa: E402
+from benchmarks import log_bench as lb  # noqa: E402
 from benchmarks import pool_bench as pb  # noqa: E402
 from benchmarks.anchors import build as anchors_build  # noqa: E402
 
@@ -89,7 +94,12 @@ WORKLOADS: dict[str, str] = {
     "writeback": "write-back: sync of a dirty cache with fsync, trickle to 50% clean",
     "lateness": "event-loop lateness of a 1 ms ticker during misses, sync and trickle",
     "memory": "region bytes per cached page; RSS per process",
+    "log": "log records put with flush per record (1 and 8 processes), written without "
+    "fsync, without flush, in memory",
 }
+
+#: Writer processes in the log workload's group-commit case.
+LOG_PROCS = 8
 
 #: What --without accepts.
 ANCHOR_NAMES = ("bdb", "lmdb", "berkeleydb", "dd", "drop_caches")
@@ -107,6 +117,7 @@ class Sizes(pb.Sizes):
     hr_pages: int  # pages the hit-ratio traces draw from (cache = 10% of them)
     hr_refs: int  # references in the zipf trace
     mem_cache_mb: int  # the cache filled by the memory workload
+    log_seconds: float  # time bound of each log run (per process; both sides)
 
     @property
     def peer_records(self) -> int:
@@ -131,6 +142,7 @@ FULL = Sizes(
     hr_pages=20_000,
     hr_refs=500_000,
     mem_cache_mb=64,
+    log_seconds=2.0,
 )
 QUICK = Sizes(
     reps=2,
@@ -149,6 +161,7 @@ QUICK = Sizes(
     hr_pages=5_000,
     hr_refs=100_000,
     mem_cache_mb=8,
+    log_seconds=0.5,
 )
 TINY = Sizes(
     reps=1,
@@ -167,6 +180,7 @@ TINY = Sizes(
     hr_pages=2_000,
     hr_refs=20_000,
     mem_cache_mb=2,
+    log_seconds=0.1,
 )
 
 
@@ -806,6 +820,27 @@ class Bench(pb.Bench):
             "berkeleydb",
             f"berkeleydb, read {sz.peer_records} x 4 KiB records (btree+hash)",
         )
+        for case in lb.cases(LOG_PROCS):
+            R(
+                "log",
+                f"log/{case.key}",
+                f"{case.label} ({self.log_size} B)",
+                "rec/s",
+                "higher",
+                "bdb",
+                f"BDB log_put {lb.BDB_FLAGS[(case.sync, case.log)]}"
+                + (f", {case.procs} processes" if case.procs > 1 else ""),
+            )
+            if case.sync == "flush":
+                R(
+                    "log",
+                    f"log/{case.key}/per_fsync",
+                    "  records per fsync (group commit)",
+                    "rec",
+                    "higher",
+                    "bdb",
+                    "BDB log_stat: st_record / st_scount",
+                )
         # Notes for anchors that are not there.
         for row in self.res.rows.values():
             av = self.avail.get(row.source)
@@ -815,6 +850,9 @@ class Bench(pb.Bench):
                 dc = self.avail["drop_caches"]
                 if not dc.ok:
                     row.note = f"skipped: {dc.reason}"
+            if row.key.startswith("log/") and not lb.has_log():
+                ours = f"aiodbenv side: {lb.NO_LOG}"
+                row.note = f"{row.note}; {ours}" if row.note else ours
 
     # -- setup
 
@@ -842,6 +880,14 @@ class Bench(pb.Bench):
         }
         self.wb_pages = sz.wb_mb * MIB // PAGE
         self.traces = _zipf_traces(sz) if "hitratio" in only else {}
+        self.log_size = 100
+        self.log_ws = lb.Workspace(os.path.join(self.ws.root, "log"))
+        self.log_sizes = lb.Sizes(reps=1, seconds=sz.log_seconds, records=10_000_000)
+        if "log" in only and not lb.has_log():
+            self.res.problems.append(
+                f"log: {lb.NO_LOG} (aiodbenv.Env.open has no `log` parameter): the log rows "
+                "show Berkeley DB's side alone"
+            )
         self._rows()
 
     def has(self, name: str) -> bool:
@@ -1140,6 +1186,33 @@ class Bench(pb.Bench):
             f"{r['region_bytes_per_cached_page']:.0f} B/page, RSS {mib:.1f} MiB"
         )
 
+    # -- log
+
+    def a_log(self, rep: int, case: lb.Case) -> None:
+        try:
+            r = lb.run_aiodbenv(self.log_ws, case, self.log_sizes, self.log_size)
+        finally:
+            self.res.problems.extend(self.log_ws.cleanup())
+        self._put_log(rep, "a", case, r, "aiodbenv")
+
+    def b_log(self, rep: int, case: lb.Case) -> None:
+        try:
+            r = lb.run_anchor(self.log_ws, case, self.log_sizes, self.log_size)
+        finally:
+            self.res.problems.extend(self.log_ws.cleanup())
+        self._put_log(rep, "b", case, r, "anchor")
+
+    def _put_log(self, rep: int, side: str, case: lb.Case, r: dict[str, Any], who: str) -> None:
+        self.res.problems.extend(r.pop("problems", []))
+        self.put(f"log/{case.key}", side, rep, r["records_per_sec"])
+        if case.sync == "flush":
+            self.put(f"log/{case.key}/per_fsync", side, rep, r.get("records_per_fsync"))
+        self.raw(rep, f"{who} log {case.key}", r)
+        self.log(
+            f"{who} log {case.key}: {r['records_per_sec']:,.0f} rec/s, "
+            f"records per fsync {r.get('records_per_fsync')}"
+        )
+
     # -- the schedule
 
     def plan(self, rep: int) -> list[list[tuple[str, Callable[[], None]]]]:
@@ -1203,6 +1276,13 @@ class Bench(pb.Bench):
             grp(("a lateness", P(self.a_lateness, rep)))
         if "memory" in only:
             grp(("a memory", P(self.a_mem, rep)), ("b memory", P(self.b_mem, rep)) if bdb else None)
+        if "log" in only:
+            ours = lb.has_log()
+            for case in lb.cases(LOG_PROCS):
+                grp(
+                    (f"a log {case.key}", P(self.a_log, rep, case)) if ours else None,
+                    (f"b log {case.key}", P(self.b_log, rep, case)) if bdb else None,
+                )
         if rep % 2:
             g = [list(reversed(x)) for x in g]
         return [x for x in g if x]

@@ -91,3 +91,84 @@ async def test_remove_command(home: str) -> None:
         await env.close()
     except aiodbenv.RunRecovery:
         pass
+
+
+# -- the log: stat -l, printlog, archive, checkpoint with a log ----------------------------------
+
+
+async def test_stat_l_prints_log_statistics(home: str) -> None:
+    async with aiodbenv.Env.open(home, create=True, log=True) as env:
+        for i in range(10):
+            await env.log.put(b"rec %d" % i, flush=i == 9)
+        text = run("stat", "-l", "-h", home)
+        js = run("stat", "-l", "-h", home, "--json")
+        st = env.log.stat()
+    assert text.returncode == 0, text.stderr
+    assert f"{st.records:<12}Records entered into the log" in text.stdout
+    assert f"{st.scount:<12}Total log file flushes" in text.stdout
+    data = json.loads(js.stdout)
+    assert data["records"] == st.records and data["cur_file"] == 1 and data["scount"] >= 1
+    await aiodbenv.Env.remove(home)
+
+
+async def test_printlog_prints_every_record_with_checkpoints_decoded(home: str) -> None:
+    async with aiodbenv.Env.open(home, create=True, log=True) as env:
+        lsns = [await env.log.put(b"hello %d" % i + bytes(40)) for i in range(5)]
+        result = await env.checkpoint()  # ckp_lsn = the end of the log, then its record
+        after = await env.log.put(b"after", flush=True)
+        assert result.lsn is not None
+        r = run("printlog", "-h", home)
+        part = run("printlog", "-h", home, "-b", str(lsns[1]), "-e", str(lsns[3]))
+        full = run("printlog", "-h", home, "-v")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 7
+    for lsn, line in zip(lsns, lines):
+        assert line.startswith(f"[{lsn.file}][{lsn.offset}] record len 47 data ")
+        assert line.endswith(" ...")  # 47 bytes: the first 32 shown
+    ckp = result.lsn
+    assert f"checkpoint len 24 ckp_lsn [{ckp.file}][{ckp.offset}] last_ckp [0][0] time " in lines[5]
+    assert lines[6] == f"[{after.file}][{after.offset}] record len 5 data {b'after'.hex()}"
+    assert [x.split()[0] for x in part.stdout.splitlines()] == [
+        f"[{x.file}][{x.offset}]" for x in lsns[1:4]
+    ]
+    assert (b"hello 0" + bytes(40)).hex() in full.stdout
+    await aiodbenv.Env.remove(home)
+
+
+async def test_archive_lists_and_removes_the_old_log_files(home: str) -> None:
+    async with aiodbenv.Env.open(
+        home, create=True, log=True, log_buffer_size=4096, log_file_size=8192
+    ) as env:
+        assert run("archive", "-h", home).stdout == ""  # no checkpoint yet: nothing
+        for _ in range(2):
+            for _i in range(100):
+                await env.log.put(b"x" * 100)
+            ck = run("checkpoint", "-1", "-h", home)
+            assert ck.returncode == 0, ck.stderr
+            assert "checkpoint LSN " in ck.stdout
+        last = env.log.last_checkpoint
+        assert last is not None
+        names = run("archive", "-h", home).stdout.split()
+        assert names and names == sorted(names)
+        assert all(int(n.split(".")[1]) < last[1].file for n in names)
+        full = run("archive", "-a", "-h", home).stdout.split()
+        assert full == [os.path.join(home, n) for n in names]
+        gone = run("archive", "--remove", "-h", home)
+        assert gone.returncode == 0, gone.stderr
+        assert not any(os.path.exists(p) for p in full)
+        assert run("archive", "-h", home).stdout == ""
+        # The records after the checkpoint are all still readable.
+        assert [d async for _, d in env.log.cursor(last[0])]
+    await aiodbenv.Env.remove(home)
+
+
+async def test_log_commands_without_a_log_fail_in_one_line(home: str) -> None:
+    async with aiodbenv.Env.open(home, create=True):
+        for args in (("printlog",), ("archive",), ("stat", "-l")):
+            r = run(*args, "-h", home)
+            assert r.returncode == 1, (args, r.stdout)
+            assert len(r.stderr.splitlines()) == 1 and "no log" in r.stderr
+        bad = run("printlog", "-h", home, "-b", "one/two")
+        assert bad.returncode == 2 and "not an LSN" in bad.stderr
+    await aiodbenv.Env.remove(home)

@@ -1,16 +1,21 @@
 """``python -m aiodbenv`` (also the ``aiodbenv`` command): Berkeley DB's utilities in one
 entry point.
 
-``demo`` shows an environment shared between two processes; ``stat -e``/``-m`` prints region
-or pool statistics (``db_stat``); ``checkpoint`` keeps an environment checkpointed
-(``db_checkpoint``), exiting cleanly on SIGTERM or SIGINT; ``watch`` shows live statistics;
-``metrics`` prints the statistics as Prometheus metrics; ``remove`` removes an environment
-(``DB_ENV->remove``); ``failchk`` reclaims what dead processes held (Berkeley DB's failchk) and
-prints what it did. Errors are one line on stderr and a non-zero exit status.
+``demo`` shows an environment shared between two processes; ``stat -e``/``-m``/``-l`` prints
+region, pool or log statistics (``db_stat``); ``printlog`` prints the log's records
+(``db_printlog``); ``archive`` lists or removes log files no longer needed (``db_archive``);
+``checkpoint`` keeps an environment checkpointed (``db_checkpoint``), exiting cleanly on
+SIGTERM or SIGINT; ``watch`` shows live statistics; ``metrics`` prints the statistics as
+Prometheus metrics; ``remove`` removes an environment (``DB_ENV->remove``); ``failchk``
+reclaims what dead processes held (Berkeley DB's failchk) and prints what it did; ``recover``
+rebuilds the regions and replays committed transactions (``db_recover``). Errors are
+one line on stderr and a non-zero exit status.
 
 One module per command group: :mod:`.stats` (stat, watch, metrics), :mod:`.maintain`
-(checkpoint, failchk, remove), :mod:`.demo`; :mod:`.text` renders statistics as text and
-:mod:`.entry` parses the command line and runs the command.
+(checkpoint, failchk, remove), :mod:`.logtools` (printlog, archive), :mod:`.recover`,
+:mod:`.demo`;
+:mod:`.text` renders statistics as text and :mod:`.entry` parses the command line and runs
+the command.
 """
 
 from .entry import main

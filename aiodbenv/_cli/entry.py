@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..errors import AiodbenvError
 from .demo import demo_command
+from .logtools import archive_command, parse_lsn, printlog_command
 from .maintain import checkpoint_command, failchk_command, remove_command
+from .recover import recover_command
 from .stats import metrics_command, stat_command, watch_command
 
 __all__ = ["main"]
@@ -31,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "watch": watch_command,
         "failchk": failchk_command,
         "metrics": metrics_command,
+        "printlog": printlog_command,
+        "archive": archive_command,
+        "recover": recover_command,
     }[args.command]
     try:
         return asyncio.run(handler(args))
@@ -88,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m aiodbenv",
         description="Berkeley DB's utilities for aiodbenv environments: statistics, "
-        "checkpoints, metrics, removal. Errors are one line on stderr and a non-zero exit "
+        "checkpoints, metrics, the log, removal. Errors are one line on stderr and a non-zero exit "
         "status.",
     )
     p.add_argument("--version", action="version", version=f"aiodbenv {__version__}")
@@ -114,6 +119,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ("watch", "live statistics, refreshed in place"),
         ("failchk", "reclaim what dead processes held, and say what (DB_ENV->failchk)"),
         ("metrics", "print the statistics as Prometheus metrics (text exposition format)"),
+        ("printlog", "print every log record with its LSN, type and length (db_printlog)"),
+        ("archive", "list the log files no longer needed, or remove them (db_archive)"),
+        ("recover", "rebuild the regions and replay committed transactions (db_recover)"),
     ):
         sp = sub.add_parser(name, help=text, add_help=False)
         sp.add_argument("--help", action="help", help="show this help and exit")
@@ -126,6 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
         if name == "stat":
             sp.add_argument("-e", action="store_true", help="environment region statistics")
             sp.add_argument("-m", action="store_true", help="buffer pool statistics")
+            sp.add_argument("-l", action="store_true", help="log statistics")
             sp.add_argument("--json", action="store_true", help="print JSON instead of text")
         elif name == "remove":
             sp.add_argument(
@@ -158,6 +167,19 @@ def _build_parser() -> argparse.ArgumentParser:
                 default=0.9,
                 metavar="X",
                 help="spread each checkpoint over this share (0..1) of the interval (default 0.9)",
+            )
+        elif name == "printlog":
+            sp.add_argument(
+                "-b", type=parse_lsn, default=None, metavar="LSN", help="start at FILE/OFFSET"
+            )
+            sp.add_argument(
+                "-e", type=parse_lsn, default=None, metavar="LSN", help="stop after FILE/OFFSET"
+            )
+            sp.add_argument("-v", action="store_true", help="show user records' data in full")
+        elif name == "archive":
+            sp.add_argument("-a", action="store_true", help="print absolute paths")
+            sp.add_argument(
+                "--remove", action="store_true", help="remove the files listed (db_archive -d)"
             )
         elif name == "watch":
             sp.add_argument(

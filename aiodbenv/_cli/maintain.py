@@ -45,8 +45,10 @@ async def checkpoint_command(args: argparse.Namespace) -> int:
     async with Env.open(args.h) as env:
         if args.once:
             result = await env.checkpoint()
+            at = f", checkpoint LSN {result.lsn}" if result.lsn is not None else ""
             out.update(
-                f"checkpoint: {result.written} pages written, {result.files_synced} files synced",
+                f"checkpoint: {result.written} pages written, {result.files_synced} files "
+                f"synced{at}",
                 final=True,
             )
             return 0

@@ -1,4 +1,4 @@
-"""The statistics commands: ``stat`` (``db_stat -e``/``-m``, as text or JSON), ``watch``
+"""The statistics commands: ``stat`` (``db_stat -e``/``-m``/``-l``, as text or JSON), ``watch``
 (refreshed in place until stopped) and ``metrics`` (Prometheus text exposition)."""
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import json
 import sys
 
 from .._env import Env
+from ..log.stat import LogStat
 from ..metrics import generate
 from ..mpool.stat import PoolStat
 from ..region.environment import EnvStat
 from .signals import stop_on_signals
-from .text import format_env_stat, format_pool_stat, watch_text
+from .text import format_env_stat, format_log_stat, format_pool_stat, watch_text
 
 __all__ = ["metrics_command", "stat_command", "watch_command"]
 
 
-def _stat_json(st: EnvStat | PoolStat) -> str:
+def _stat_json(st: EnvStat | PoolStat | LogStat) -> str:
     data = dataclasses.asdict(st)
     if isinstance(st, EnvStat):
         data["flags"] = sorted(st.flags)
@@ -28,8 +29,11 @@ def _stat_json(st: EnvStat | PoolStat) -> str:
 
 
 async def stat_command(args: argparse.Namespace) -> int:
-    if not (args.e or args.m):
-        print("aiodbenv stat: give -e (environment regions) or -m (buffer pool)", file=sys.stderr)
+    if not (args.e or args.m or args.l):
+        print(
+            "aiodbenv stat: give -e (environment regions), -m (buffer pool) or -l (log)",
+            file=sys.stderr,
+        )
         return 2
     async with Env.open(args.h) as env:
         out = []
@@ -39,6 +43,9 @@ async def stat_command(args: argparse.Namespace) -> int:
         if args.m:
             ps = env.pool.stat()
             out.append(_stat_json(ps) if args.json else format_pool_stat(ps))
+        if args.l:
+            ls = env.log.stat()  # InvalidArgument (one line, status 1) without a log
+            out.append(_stat_json(ls) if args.json else format_log_stat(ls))
     print("\n".join(out))
     return 0
 

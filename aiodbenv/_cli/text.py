@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 
 from .._workers import Health
+from ..log.stat import LogStat
 from ..mpool.stat import PoolStat
 from ..region.environment import EnvStat
 
-__all__ = ["format_env_stat", "format_pool_stat", "human_size", "watch_text"]
+__all__ = ["format_env_stat", "format_log_stat", "format_pool_stat", "human_size", "watch_text"]
 
 
 def human_size(n: int) -> str:
@@ -137,6 +138,37 @@ def format_pool_stat(st: PoolStat) -> str:
         ]:
             lines.append(f"{v!s:<12}{text}")
     return "\n".join(lines)
+
+
+def format_log_stat(st: LogStat) -> str:
+    """``db_stat -l``-style text for a :class:`~aiodbenv.LogStat`: value, then meaning."""
+    rows: list[tuple[object, str]] = [
+        (f"{st.magic:#x}", "Log magic number"),
+        (st.version, "Log version number"),
+        ("in memory" if st.inmemory else "files", "Where the log is kept"),
+        (human_size(st.lg_bsize), "Log record cache size"),
+        (human_size(st.lg_size), "Current log file size"),
+        (st.records, "Records entered into the log"),
+        (human_size(st.bytes), "Log bytes written"),
+        (st.wcount, "Total log file I/O writes"),
+        (st.wcount_fill, "Total log file I/O writes due to overflow"),
+        (st.scount, "Total log file flushes"),
+        (st.cur_file, "Current log file number"),
+        (st.cur_offset, "Current log file offset"),
+        (st.disk_file, "On-disk log file number"),
+        (st.disk_offset, "On-disk log file offset"),
+        (st.maxcommitperflush, "Maximum commits in a log flush"),
+        (st.mincommitperflush, "Minimum commits in a log flush"),
+        (st.region_wait, "The number of region locks that required waiting"),
+        (st.region_nowait, "The number of region locks granted without waiting"),
+        (human_size(st.file_bytes), "Bytes written to log files"),
+        (st.block_rewrites, "Writes that rewrote a partly written 4 KiB block"),
+        (st.flushes, "Log fsyncs that served a flush call"),
+        (st.switches, "Log files started"),
+        (st.checkpoints, "Checkpoint records"),
+        (st.last_checkpoint or "-", "LSN of the last checkpoint record"),
+    ]
+    return "\n".join(f"{v!s:<12}{text}" for v, text in rows)
 
 
 def watch_text(st: EnvStat, ps: PoolStat, health: Health) -> str:

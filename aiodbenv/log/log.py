@@ -354,6 +354,7 @@ class Log(LogWriter):
                 except OSError:
                     pass
             self._fds.clear()
+            self._thread.shutdown(wait=False)
 
     # -- reading (for cursors) ------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -33,7 +34,16 @@ from .layout import (
 if TYPE_CHECKING:
     from .file import PoolFile
 
-__all__ = ["IO_THREADS", "BufferIO", "PageIn", "PageOut", "ReadBatcher", "close_fds", "new_temp_fd"]
+__all__ = [
+    "IO_THREADS",
+    "BufferIO",
+    "LogHooks",
+    "PageIn",
+    "PageOut",
+    "ReadBatcher",
+    "close_fds",
+    "new_temp_fd",
+]
 
 T = TypeVar("T")
 
@@ -47,6 +57,24 @@ PageOut = Callable[[int, memoryview, bytes], None]
 
 
 logger = logging.getLogger("aiodbenv")
+
+
+@dataclass(frozen=True)
+class LogHooks:
+    """What write-back needs of the environment's log, and nothing more (the pool never imports
+    the log package: the environment, which owns both, sets this on :attr:`BufferIO.log`).
+
+    LSNs cross this seam as ``(file, offset)`` pairs. ``flush(file, offset)`` makes the log
+    durable up to and including that LSN (raising, e.g. ``RunRecovery``, if it cannot);
+    ``end()`` is the LSN the next record will get; ``checkpoint(file, offset)`` appends and
+    flushes a checkpoint record carrying that ``ckp_lsn`` and returns the record's LSN;
+    ``lsn(file, offset)`` makes the public LSN value handed back to users.
+    """
+
+    flush: Callable[[int, int], Awaitable[None]]
+    end: Callable[[], tuple[int, int]]
+    checkpoint: Callable[[int, int], Awaitable[tuple[int, int]]]
+    lsn: Callable[[int, int], tuple[int, int]]
 
 
 #: Pages read per worker-thread hop at most; a hop costs 100-300 µs, a cached pread 2 µs.
@@ -180,6 +208,9 @@ class BufferIO:
         # only close_wfd (the file's last handle) and close_all close it.
         self.wfds: dict[int, int] = {}
         self.wfd_locks: dict[int, asyncio.Lock] = {}
+        #: The environment's log, when it has one: every page write of a file with an
+        #: ``lsn_offset`` first flushes it up to the batch's largest page LSN (the WAL rule).
+        self.log: LogHooks | None = None
         #: Descriptors whose filesystem refuses RWF_NOWAIT (reads of them go to a thread).
         self.no_nowait: set[int] = set()
         #: The I/O tasks under way (fills, read batches, write batches, fsyncs): closing

@@ -22,6 +22,7 @@ from .. import _io
 from ..errors import InvalidArgument, LockTimeout, NoSpace
 from ..region.mutex import BUSY, attempt, ffi, owner_pid, step_waits
 from . import accel
+from .alloc import drop_dirty
 from .bh import BufferIO
 from .cache import BufRef, Cache
 from .checksum import seal_pages
@@ -38,6 +39,7 @@ from .layout import (
     FILE_ENTRY,
     HANDLE_STATS,
 )
+from .wal import flush_log_for, written_lsn
 
 __all__ = ["SyncResult", "note_written", "write_items"]
 
@@ -65,9 +67,14 @@ class SyncResult:
     #: when their batch came to write them (found free just before): the caller decides
     #: whether to look again (sync, checkpoint) or not (trickle, eviction).
     skipped: set[tuple[int, int]] = field(default_factory=set, repr=False)
+    #: With a log: the largest page LSN written (``(0, 0)`` if no page carrying one was), an
+    #: :class:`aiodbenv.LSN` when :meth:`aiodbenv.Pool.sync` returns it; None without a log.
+    lsn: tuple[int, int] | None = None
 
     def merge(self, part: SyncResult) -> None:
         """Add ``part``'s counts (not its errors) to this result."""
+        if part.lsn is not None and (self.lsn is None or part.lsn > self.lsn):
+            self.lsn = part.lsn
         self.written += part.written
         self.incomplete += part.incomplete
         self.dropped += part.dropped
@@ -157,8 +164,8 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
             )
         if sizes[fidx] < 0:
             # Closed for good: nobody wants the page (a held bucket: async back-off).
-            got = attempt(_drop_dirty, item)
-            result.dropped += await io.locked(_drop_dirty, item) if got is BUSY else got
+            got = attempt(drop_dirty, item)
+            result.dropped += await io.locked(drop_dirty, item) if got is BUSY else got
         else:
             live.append(item)
     if not live:
@@ -183,10 +190,13 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
     # the finally releases them, and a page is cleaned only if its write was confirmed.
     done: set[tuple[int, int]] = set()
     noted: set[int] = set()  # files whose written generation was bumped for these writes
+    lsns = None
     try:
         _io.step("claimed")
-        # The log's write-ahead rule goes here, once there is a log: flush it up to the
-        # largest page LSN of ``taken`` before any of these copies reaches its file.
+        # The write-ahead rule: the log is durable up to the batch's largest page LSN
+        # before any copy reaches its file. A failed flush raises here: nothing was written,
+        # and the finally leaves every page dirty.
+        lsns = await flush_log_for(io, taken) if io.log is not None else None
         # Step 2, in a worker thread: pgout on the copies, one pwritev per run of pages.
         jobs = _plan_runs(io, taken)
         for job in jobs:
@@ -229,6 +239,9 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
             [(item[0], item[1]) not in done for item, _ in taken],
         )
         result.written += len(done)
+        if io.log is not None:  # the largest page LSN written, for sync(lsn)
+            top = written_lsn(lsns, done)
+            result.lsn = top if result.lsn is None else max(result.lsn, top)
         io.notify()
     _io.step("write_done")
 
@@ -242,28 +255,6 @@ def note_written(io: BufferIO, fidx: int) -> None:
         return
     with core.file_mutex(fidx):  # first: a LockTimeout changes nothing, and it is retried
         core.meta_words[e + FILE_ENTRY.word.written_gen] += 1
-
-
-def _drop_dirty(item: BufRef) -> int:
-    _fidx, pgno, cache, b, bh = item[:5]
-    w = cache.words
-    x = bh >> 3
-    cache.lock(b)
-    try:
-        flags = w[x + BH.word.flags]
-        if (
-            w[x + BH.word.file] == item[0] + 1
-            and w[x + BH.word.pgno] == pgno
-            and flags & BH_DIRTY
-            and not w[x + BH.word.ref]
-            and not flags & (BH_READING | BH_WRITING)
-        ):
-            w[x + BH.word.flags] = flags & ~BH_DIRTY
-            cache.decrement(cache.bucket_words[b] + BUCKET.word.dirty, f"bucket {b}'s dirty count")
-            return 1
-        return 0
-    finally:
-        cache.unlock(b)
 
 
 def _snapshot(io: BufferIO, items: list[BufRef], dst: bytearray, offsets: list[int]) -> list[int]:

@@ -81,6 +81,7 @@ H_FLAGS, H_PRIO, H_SIZE, H_IOPID = (
     BH.word.io_pid,
 )
 H_PINAT, H_PINS = BH.word.pinned_at, BH.word.pins
+_H_LATCH = BH.word.latch
 B_HEAD, B_DIRTY, B_COUNT = BUCKET.word.head, BUCKET.word.dirty, BUCKET.word.count
 C_LRU, C_BUFFERS = CACHE_HEADER.word.lru_counter, CACHE_HEADER.word.buffers
 _COARSE = PIN_CLOCK
@@ -147,6 +148,8 @@ class PageAccess:
         self._w0 = self._core.meta_words
         self._entry = self._core.entry(fidx)
         self._pins: set[Page] = set()
+        # Pages pinned with get(latch=True) and the owner word of the latch each holds.
+        self._latched: dict[Page, int] = {}
         self._closed = False
         # What the hot path needs, one attribute lookup away.
         self._caches = self._core.caches
@@ -466,6 +469,7 @@ class PageAccess:
                 w[x + H_PGNO] = pgno
                 w[x + H_REF] = 1
                 w[x + H_PINAT] = _clock_ns(_COARSE)
+                w[x + _H_LATCH] = 0
                 w[x + H_FLAGS] = BH_READING
                 w[x + H_PRIO] = 0
                 w[x + H_SIZE] = self.page_size

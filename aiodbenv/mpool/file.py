@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
+from typing import Literal, overload
 
 from ..errors import InvalidArgument
 from ..region.mutex import step_waits
+from ..txn import latch
+from ..txn.ids import next_owner_id
 from .fget import MODE_CREATE, MODE_GET, MODE_LAST, MODE_NEW, RELEASED_BY_CLOSE
 from .fput import PageRelease
 from .layout import FILE_ENTRY, MAX_PGNO
-from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page, PinContext
+from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, LatchedPinContext, Page, PinContext
 from .stat import FileStat, file_stat
 from .sync import SyncResult, write_back
 
@@ -58,9 +61,28 @@ class PoolFile(PageRelease):
         """True if pages are served from a read-only memory map of the file (``st_map``)."""
         return self._map is not None
 
-    def get(self, pgno: int, *, create: bool = False) -> PinContext:
+    @overload
+    def get(
+        self, pgno: int, *, create: bool = False, latch: Literal[False] = False
+    ) -> PinContext: ...
+    @overload
+    def get(
+        self, pgno: int, *, create: bool = False, latch: Literal[True]
+    ) -> LatchedPinContext: ...
+    @overload
+    def get(
+        self, pgno: int, *, create: bool = False, latch: bool
+    ) -> PinContext | LatchedPinContext: ...
+    def get(
+        self, pgno: int, *, create: bool = False, latch: bool = False
+    ) -> PinContext | LatchedPinContext:
         """Pin page ``pgno`` (memp_fget); with ``create``, make it if it does not exist
         (``DB_MPOOL_CREATE``: zero-filled, pgin applied, dirty).
+
+        ``latch=True`` also takes the page's transaction latch until the unpin (waiting, async
+        and for at most ``pool.wait_timeout`` seconds, while a transaction holds it): the
+        page then never shows part of a commit. A plain pin shows the buffer as it is: a
+        commit copying its images in can be seen half done.
 
         Use as ``async with f.get(pgno) as page`` or ``page = await f.get(pgno)``. Raises
         :class:`~aiodbenv.errors.PageNotFound` for a page past the end without ``create``,
@@ -72,7 +94,27 @@ class PoolFile(PageRelease):
         """
         if type(pgno) is not int or not 0 <= pgno < MAX_PGNO:
             raise InvalidArgument(f"page number must be an int in 0..2**40-1, not {pgno!r}")
+        if latch:
+            return LatchedPinContext(self, pgno, MODE_CREATE if create else MODE_GET)
         return PinContext(self, pgno, MODE_CREATE if create else MODE_GET)
+
+    async def _pin_latched(self, pgno: int, mode: int) -> Page:
+        """Pin and latch (see :meth:`get`). Cancellation: neither pinned nor latched."""
+        page = await self._pin(pgno, mode)
+        owner = ((self._slot + 1) << 32) | next_owner_id()
+        try:
+            if page._cache is None:
+                raise InvalidArgument("pages of a memory-mapped file have no latch")
+            await latch.acquire(
+                self._pool, page, owner, 0, -1, self._pool.wait_timeout, latch.LatchWaits()
+            )
+        except BaseException:
+            pending = self._unpin(page, 0)
+            if pending is not None:
+                await asyncio.shield(pending)
+            raise
+        self._latched[page] = owner
+        return page
 
     def new(self) -> PinContext:
         """Pin a new page at the end of the file (``DB_MPOOL_NEW``): zero-filled, dirty, pgin
@@ -138,6 +180,10 @@ class PoolFile(PageRelease):
         for the caller at once either way; a release still waiting for the mutex finishes in
         the background.
         """
+        if self._latched:
+            owner = self._latched.pop(page, 0)
+            if owner:
+                latch.release(page, owner)
         flags = page._flags
         if dirty and clean:
             flags = PAGE_DIRTY | PAGE_CLEAN  # refused by _unpin's check
@@ -218,6 +264,9 @@ class PoolFile(PageRelease):
         if self._pins:
             self._warn_pinned()
         pending = []
+        for page, owner in self._latched.items():
+            latch.release(page, owner)
+        self._latched.clear()
         for page in list(self._pins):
             task = self._unpin(page, page._flags)
             page._bh = RELEASED_BY_CLOSE

@@ -112,6 +112,11 @@ BH = Layout(
         # reaper can drop exactly what a dead process held. Changed with ref, under the bucket
         # mutex; a buffer newly linked zeroes them.
         ("pins", MAX_PROCS * 2 // WORD),
+        # The page latch of transactions (aiodbenv.txn.latch): 0 when free, else its owner,
+        # (registry slot + 1) << 32 | the owner's txn id, with LATCH_COMMITTING set while the
+        # owner is inside a commit. Taken under the bucket mutex; only its owner (or the
+        # reaper, once the owner is dead) clears it. A latched buffer stays pinned by its owner.
+        ("latch", 1),
     ],
 )
 

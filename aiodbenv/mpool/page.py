@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .fget import PageAccess
     from .file import PoolFile
 
-__all__ = ["PAGE_CLEAN", "PAGE_DIRTY", "PAGE_DISCARD", "Page", "PinContext"]
+__all__ = ["PAGE_CLEAN", "PAGE_DIRTY", "PAGE_DISCARD", "LatchedPinContext", "Page", "PinContext"]
 
 PAGE_DIRTY = 1
 PAGE_CLEAN = 2
@@ -112,3 +112,38 @@ class PinContext:
             pending = self._file._unpin(page, page._flags)
             if pending is not None:  # the bucket mutex is held elsewhere: see PoolFile.unpin
                 await asyncio.shield(pending)
+
+
+class LatchedPinContext:
+    """The result of ``PoolFile.get(pgno, latch=True)``: the page pinned *and* its latch held
+    (the exclusive latch of transactions, ``aiodbenv.txn.latch``), so its bytes cannot
+    change under the reader: no transaction's commit is ever seen in part. The latch is
+    released when the page is unpinned (the end of the ``async with`` block, or
+    :meth:`PoolFile.unpin`). While it is held, transactions that take the page wait.
+    """
+
+    __slots__ = ("_file", "_mode", "_page", "_pgno")
+
+    def __init__(self, file: PoolFile, pgno: int, mode: int) -> None:
+        self._file = file
+        self._pgno = pgno
+        self._mode = mode
+        self._page: Page | None = None
+
+    def __await__(self) -> Generator[Any, None, Page]:
+        return self._file._pin_latched(self._pgno, self._mode).__await__()
+
+    async def __aenter__(self) -> Page:
+        self._page = await self._file._pin_latched(self._pgno, self._mode)
+        return self._page
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        page = self._page
+        if page is not None:
+            self._page = None
+            await self._file.unpin(page)

@@ -160,8 +160,13 @@ class Pool(PoolFiles):
         """Write every dirty page in the pool, then fsync every file with page writes no fsync
         has covered yet, by any process (memp_sync).
 
-        ``lsn`` needs a log, which this environment does not have yet: passing one raises
-        :class:`~aiodbenv.errors.InvalidArgument`. Pages pinned while dirty cannot be written:
+        Every page write of a file opened with ``lsn_offset`` first makes the environment's
+        log durable up to the largest page LSN of its batch (the write-ahead rule; a failed
+        log flush leaves those pages dirty and raises). ``lsn`` (an :class:`aiodbenv.LSN`)
+        needs a log (:class:`~aiodbenv.errors.InvalidArgument` without one, or for anything
+        but a pair of unsigned 32-bit ints): as in Berkeley DB, every dirty page is written
+        whatever the LSN, and the result's ``lsn`` is the largest page LSN written
+        (``LSN(0, 0)`` if none carried one). Pages pinned while dirty cannot be written:
         the call writes everything else, then raises :class:`~aiodbenv.errors.Incomplete`
         (``DB_INCOMPLETE``; retry after they are unpinned). Pages another process is writing
         are waited for up to ``wait_timeout`` seconds (a dead writer's are taken over and
@@ -170,15 +175,27 @@ class Pool(PoolFiles):
         failed fsync panics the environment and raises
         :class:`~aiodbenv.errors.RunRecovery`. Pages of other processes' temporary files and
         of nofile files are not written. Cancellation: writes and fsyncs already under way
-        finish; untouched pages stay dirty.
+        (with their log flushes) finish; untouched pages stay dirty.
         """
         self._check()
         if lsn is not None:
-            raise InvalidArgument(
-                "sync(lsn) needs a log, and this environment has none: call sync() without one"
-            )
+            hooks = self._io.log
+            if hooks is None:
+                raise InvalidArgument(
+                    "sync(lsn) needs a log, and this environment has none: call sync() "
+                    "without one, or open the environment with log=True"
+                )
+            if not (
+                isinstance(lsn, tuple)
+                and len(lsn) == 2
+                and all(type(x) is int and 0 <= x < 1 << 32 for x in lsn)
+            ):
+                raise InvalidArgument(f"sync(lsn): lsn must be an aiodbenv.LSN, not {lsn!r}")
         self._core.meta_words[self._hs + HANDLE_STATS.word.sync_calls] += 1
-        return await write_back(self, files=None, fsync=True, reason="sync")
+        result = await write_back(self, files=None, fsync=True, reason="sync")
+        if self._io.log is not None:
+            result.lsn = self._io.log.lsn(*(result.lsn or (0, 0)))
+        return result
 
     async def trickle(self, pct: int) -> int:
         """Write just enough dirty pages that ``pct`` percent of the cache's pages are clean

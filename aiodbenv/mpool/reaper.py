@@ -43,6 +43,7 @@ from ..region.layout import MAX_PROCS
 from ..region.mutex import BUSY, SYNC_WAIT, _wait_bound, attempt, step_waits
 from ..region.mutex import trylock as _trylock
 from ..region.registry import ProcInfo
+from ..txn.latch import reap_latches
 from .cache import Cache
 from .layout import (
     BH,
@@ -85,6 +86,10 @@ class Reaped:
     pid: int
     opened: float
     pins: int = 0
+    #: Page latches of transactions it held, released (its uncommitted changes never reached
+    #: shared memory), and whether it died inside a commit (then the environment is panicked).
+    latches: int = 0
+    in_commit: bool = False
     pages: list[tuple[str, int]] = field(default_factory=list)
     dirty: int = 0
     reads: int = 0
@@ -213,6 +218,17 @@ def _reap_slot(pool: PoolBase, info: ProcInfo) -> Reaped:
                             done.pages.append((names[fidx], int(w[x + BH.word.pgno])))
                             if flags & BH_DIRTY:
                                 done.dirty += 1
+                        latched = reap_latches(w, x, s)
+                        if latched is not None:
+                            done.latches += 1
+                            if latched and not done.in_commit:
+                                # Its batch may be in the log and only partly in the
+                                # buffers: only recovery can tell, so everyone must stop.
+                                done.in_commit = True
+                                pool._env_core.panic(
+                                    f"process {pid} died inside a transaction commit; "
+                                    "run recovery (Env.open(..., recover=True))"
+                                )
                         ref = sum(halves[p : p + MAX_PROCS])
                         if w[x + BH.word.ref] != ref:
                             w[x + BH.word.ref] = ref

@@ -1,4 +1,4 @@
-"""Build and run the Berkeley DB 5.3 mpool speed anchor (bdb_mpool.c).
+"""Build and run the Berkeley DB 5.3 speed anchors (bdb_mpool.c, bdb_log.c).
 
 Library use::
 
@@ -13,8 +13,10 @@ Command line::
     python benchmarks/anchors/build.py --selftest         # every workload at a tiny size
     python benchmarks/anchors/build.py --zipf-trace OUT --pages 20000 --refs 500000
     python benchmarks/anchors/build.py run -- hot --cache-mb 128 --file-mb 64 --ops 2000000
+    python benchmarks/anchors/build.py run-log -- put --sync flush --procs 8 --seconds 2
 
-The binary is cached in benchmarks/.build/ and rebuilt when the source, the compiler
+``run_anchor(args, harness="log")`` runs the log harness (bdb_log.c). The binaries are
+cached in benchmarks/.build/ and rebuilt when the source, the compiler
 or the flags change.  ``run_anchor`` supplies a temporary ``--dir`` when none is given.
 """
 
@@ -38,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "bdb_mpool.c"
 BUILD_DIR = HERE.parent / ".build"
+#: The C harnesses by name: each is HERE/bdb_<name>.c, built into BUILD_DIR/bdb_<name>.
+HARNESSES = ("mpool", "log")
+SOURCE = HERE / "bdb_mpool.c"
 BINARY = BUILD_DIR / "bdb_mpool"
 STAMP = BUILD_DIR / "bdb_mpool.stamp"
 
@@ -119,46 +123,63 @@ def _compiler() -> str:
     raise AnchorError("no C compiler found (install gcc)")
 
 
-def _stamp(cc: str) -> str:
+def _stamp(cc: str, source: Path) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    h.update(source.read_bytes())
     h.update("\0".join([cc, version, *CFLAGS, LIB_NAME]).encode())
     return h.hexdigest()
 
 
-def build(force: bool = False) -> Path:
-    """Compile bdb_mpool.c into benchmarks/.build/ (if needed) and return the binary."""
+def paths(harness: str = "mpool") -> tuple[Path, Path, Path]:
+    """The source, binary and build stamp of a harness (``"mpool"`` or ``"log"``)."""
+    if harness not in HARNESSES:
+        raise ValueError(f"unknown harness {harness!r} (one of {', '.join(HARNESSES)})")
+    name = f"bdb_{harness}"
+    return HERE / f"{name}.c", BUILD_DIR / name, BUILD_DIR / f"{name}.stamp"
+
+
+def build(force: bool = False, harness: str = "mpool") -> Path:
+    """Compile bdb_<harness>.c into benchmarks/.build/ (if needed) and return the binary."""
+    source, binary, stamp_path = paths(harness)
     ensure_libdb()
     cc = _compiler()
-    stamp = _stamp(cc)
-    if not force and BINARY.exists() and STAMP.exists() and STAMP.read_text().strip() == stamp:
-        return BINARY
+    stamp = _stamp(cc, source)
+    if (
+        not force
+        and binary.exists()
+        and stamp_path.exists()
+        and stamp_path.read_text().strip() == stamp
+    ):
+        return binary
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = BUILD_DIR / f".bdb_mpool.{os.getpid()}"
-    cmd = [cc, *CFLAGS, "-o", str(tmp), str(SOURCE), f"-l{LIB_NAME}"]
+    tmp = BUILD_DIR / f".{binary.name}.{os.getpid()}"
+    cmd = [cc, *CFLAGS, "-o", str(tmp), str(source), f"-l{LIB_NAME}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise AnchorError(f"compile failed: {' '.join(cmd)}\n{proc.stderr}")
-    os.replace(tmp, BINARY)
-    STAMP.write_text(stamp + "\n")
-    return BINARY
+    os.replace(tmp, binary)
+    stamp_path.write_text(stamp + "\n")
+    return binary
 
 
 # ----------------------------------------------------------------------------- run
 
 
-def run_anchor(args: Sequence[str], timeout: float = 900.0, check: bool = True) -> dict[str, Any]:
-    """Run one workload of the anchor and return its JSON object.
+def run_anchor(
+    args: Sequence[str], timeout: float = 900.0, check: bool = True, harness: str = "mpool"
+) -> dict[str, Any]:
+    """Run one workload of an anchor and return its JSON object.
 
     ``args`` is the argument list after the program name, e.g.
-    ``["hot", "--cache-mb", "128", ...]``.  When it has no ``--dir``, a fresh
-    temporary directory is used and removed afterwards.  With ``check`` (the
-    default) a failed run raises AnchorError; otherwise its ``{"ok": false,
-    ...}`` object is returned.
+    ``["hot", "--cache-mb", "128", ...]`` (``harness="mpool"``, the default) or
+    ``["put", "--sync", "flush", "--seconds", "2"]`` (``harness="log"``).  When it has
+    no ``--dir``, a fresh temporary directory is used and removed afterwards.  With
+    ``check`` (the default) a failed run raises AnchorError; otherwise its
+    ``{"ok": false, ...}`` object is returned.
     """
-    binary = build()
+    binary = build(harness=harness)
     argv = [str(binary), *map(str, args)]
     tmpdir = None
     if "--dir" not in argv:
@@ -271,6 +292,56 @@ def _brief(r: dict[str, Any]) -> str:
     return ", ".join(f"{k}={r[k]}" for k in keys if k in r)
 
 
+#: bdb_log runs at a tiny size: every sync mode, the in-memory log, several processes.
+LOG_CASES: tuple[tuple[str, ...], ...] = (
+    ("put", "--sync", "flush", "--records", "50"),
+    ("put", "--sync", "flush", "--flush-call", "--records", "50"),
+    ("put", "--sync", "wrnosync", "--records", "2000"),
+    ("put", "--sync", "none", "--records", "20000"),
+    ("put", "--sync", "none", "--log", "memory", "--records", "20000"),
+    ("put", "--sync", "flush", "--procs", "3", "--records", "30", "--warmup", "5"),
+    ("put", "--sync", "none", "--procs", "2", "--seconds", "0.05"),
+)
+
+
+def log_problems(args: Sequence[str], r: dict[str, Any]) -> list[str]:
+    """What is wrong with a bdb_log ``put`` result, checked against its arguments and
+    Berkeley DB's own statistics (an empty list when nothing is)."""
+    a = list(args)
+
+    def opt(name: str, default: str) -> str:
+        return a[a.index(name) + 1] if name in a else default
+
+    bad: list[str] = []
+    if r.get("ok") is not True:
+        return [f"not ok: {r.get('error')}"]
+    procs = int(opt("--procs", "1"))
+    warmup = int(opt("--warmup", "0"))
+    total = int(r["records"])
+    st = r["stat"]
+    if "--records" in a and "--seconds" not in a and total != procs * int(opt("--records", "0")):
+        bad.append(f"{total} records put, expected {procs} x {opt('--records', '0')}")
+    if total <= 0 or len(r["per_proc"]) != procs:
+        bad.append(f"{total} records from {len(r['per_proc'])} of {procs} processes")
+    if st["st_record"] != total:
+        bad.append(f"log_stat counted {st['st_record']} records, the writers {total}")
+    sync, memory = opt("--sync", "flush"), opt("--log", "file") == "memory"
+    if memory and (st["st_wcount"] or r["fsyncs"]):
+        bad.append(f"in-memory log wrote {st['st_wcount']} times, fsynced {r['fsyncs']}")
+    if sync == "flush" and not memory:
+        if not 0 < r["fsyncs"] <= total:
+            bad.append(f"{r['fsyncs']} fsyncs for {total} flushed records")
+        if st["st_disk_offset"] != st["st_cur_offset"]:
+            bad.append("flushed records but the end of the log is not on disk")
+        if procs == 1 and r["fsyncs"] != total:
+            bad.append(f"1 writer, {total} flushed records, {r['fsyncs']} fsyncs")
+    if sync == "wrnosync" and st["st_wcount"] < total:
+        bad.append(f"DB_LOG_WRNOSYNC: {st['st_wcount']} writes for {total} records")
+    if warmup and st["st_record"] == total + procs * warmup:
+        bad.append("the warm-up records were counted in the timed part")
+    return bad
+
+
 def selftest() -> int:
     before = _shm_keys()
     tmp = tempfile.mkdtemp(prefix="bdb_anchor_selftest.")
@@ -306,6 +377,18 @@ def selftest() -> int:
     )
     failed = 0
     try:
+        for i, log_case in enumerate(LOG_CASES):
+            workdir = os.path.join(tmp, f"l{i}")
+            try:
+                r = run_anchor([*log_case, "--dir", workdir], timeout=300, harness="log")
+                bad = log_problems(log_case, r)
+                if os.path.exists(workdir):
+                    bad.append(f"work directory not removed: {workdir}")
+            except AnchorError as exc:
+                bad, r = [str(exc)], {}
+            failed += bool(bad)
+            brief = {k: r.get(k) for k in ("records", "records_per_sec", "fsyncs")}
+            print(f"{'FAIL' if bad else 'ok  '} {' '.join(log_case)}\n     {bad or brief}")
         for i, case in enumerate(cases):
             workdir = os.path.join(tmp, f"w{i}")
             try:
@@ -322,7 +405,7 @@ def selftest() -> int:
             print(f"{'ok  ' if ok else 'FAIL'} {' '.join(case)}\n     {_brief(r) or r}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    passed = len(cases) - failed
+    passed = len(cases) + len(LOG_CASES) - failed
     leaked = _shm_keys() - before
     if leaked:
         failed += 1
@@ -333,15 +416,15 @@ def selftest() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run":
+    if argv and argv[0] in ("run", "run-log"):
         rest = argv[1:]
         if rest and rest[0] == "--":
             rest = rest[1:]
-        r = run_anchor(rest, check=False)
+        r = run_anchor(rest, check=False, harness="log" if argv[0] == "run-log" else "mpool")
         print(json.dumps(r))
         return 0 if r.get("ok") else 1
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--build", action="store_true", help="build (if needed), print path")
+    ap.add_argument("--build", action="store_true", help="build both (if needed), print paths")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ap.add_argument("--selftest", action="store_true", help="run every workload, tiny")
     ap.add_argument("--zipf-trace", metavar="OUT", help="write a zipf trace file")
@@ -361,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(ns.zipf_trace)
     if ns.build or ns.force:
-        print(build(force=ns.force))
+        for harness in HARNESSES:
+            print(build(force=ns.force, harness=harness))
     if ns.selftest:
         return selftest()
     if not (ns.zipf_trace or ns.build or ns.force or ns.selftest):

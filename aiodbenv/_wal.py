@@ -1,0 +1,28 @@
+"""The seam between the log and the buffer pool: the write-ahead rule's hooks.
+
+The pool never imports the log package; the environment, which owns both, gives the pool's
+buffer I/O a :class:`~aiodbenv.mpool.bh.LogHooks` made here from its :class:`Log`. LSNs cross
+the seam as ``(file, offset)`` pairs.
+"""
+
+from __future__ import annotations
+
+from .log import LSN, Log
+from .mpool.bh import LogHooks
+
+__all__ = ["log_hooks"]
+
+
+def log_hooks(log: Log) -> LogHooks:
+    """The hooks through which write-back and checkpoints use ``log``."""
+
+    async def flush(file: int, offset: int) -> None:
+        await log.flush(LSN(file, offset))
+
+    def end() -> tuple[int, int]:
+        return log.end_lsn
+
+    async def checkpoint(file: int, offset: int) -> tuple[int, int]:
+        return await log.checkpoint_record(LSN(file, offset))
+
+    return LogHooks(flush=flush, end=end, checkpoint=checkpoint, lsn=LSN)

@@ -1,0 +1,174 @@
+"""Page latches: one exclusive latch per buffer, shared by every process (``BH.latch``).
+
+The latch word is 0 when free, else its owner: ``(registry slot + 1) << 32 | txn id``, with
+:data:`LATCH_COMMITTING` set while the owner is inside a commit. It is *taken* under the
+buffer's bucket mutex (test and set in one critical section); it is *released* by its owner
+with a plain 8-byte store (nobody else writes a held latch, so no mutex is needed), or, when
+the owner died, by the reaper (:func:`reap_latches`). A latched buffer is pinned by its owner,
+so it can be neither evicted nor reused under the latch.
+
+Deadlocks are prevented, not detected: a transaction *waits* for a busy latch only if the
+latch's key (:func:`latch_key`: file slot, then page number) is above every key it already
+holds. Every wait then goes up the order, so no cycle of waits can form; a busy latch below a
+held one raises :class:`~aiodbenv.errors.Deadlock` at once (the caller aborts the transaction).
+The cost is a false alarm now and then (the holder might never have wanted our page); a
+transaction that takes its pages in ascending order never sees one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import Deadlock, LockTimeout
+from ..mpool.layout import BH, MAX_PGNO
+
+if TYPE_CHECKING:
+    from ..mpool.cache import Cache
+    from ..mpool.handle import PoolBase
+    from ..mpool.page import Page
+
+__all__ = [
+    "LATCH_COMMITTING",
+    "LatchWaits",
+    "acquire",
+    "latch_key",
+    "owner_slot",
+    "release",
+    "set_committing",
+    "try_latch",
+]
+
+_H_LATCH = BH.word.latch
+
+#: Set in a latch word while its owner is inside a commit (between deciding to log the batch
+#: and releasing the latch): a dead owner found with it may have a batch in the log that is
+#: not in the buffers, so the reaper panics the environment instead of just releasing.
+LATCH_COMMITTING = 1 << 62
+
+#: Back-off of a latch wait: first and longest sleep (seconds).
+_WAIT_MIN = 0.0002
+_WAIT_MAX = 0.005
+
+
+class LatchWaits:
+    """Counters of one process's latch waits (folded into the transaction statistics)."""
+
+    __slots__ = ("deadlocks", "nowait", "timeouts", "waits")
+
+    def __init__(self) -> None:
+        self.nowait = 0  # latches taken at once
+        self.waits = 0  # latches that had to be waited for
+        self.deadlocks = 0  # refused by the order rule
+        self.timeouts = 0  # waits that ran out
+
+
+def latch_key(fidx: int, pgno: int) -> int:
+    """The order of latches: by file slot, then page number."""
+    return fidx * MAX_PGNO + pgno
+
+
+def owner_slot(owner: int) -> int:
+    """The registry slot of a latch owner word (-1 for a free latch)."""
+    return ((owner >> 32) & 0xFFFF) - 1 if owner else -1
+
+
+def try_latch(cache: Cache, bucket: int, bh: int, owner: int) -> int:
+    """Take the latch of buffer ``bh`` for ``owner`` if it is free: 0, else the holder's word.
+    Under the bucket mutex (:class:`~aiodbenv.errors.LockTimeout` if it stays held)."""
+    w = cache.words
+    i = (bh >> 3) + _H_LATCH
+    with cache.mutexes[bucket]:
+        cur = int(w[i])
+        if cur == 0:
+            w[i] = owner
+        return cur
+
+
+def release(page: Page, owner: int) -> None:
+    """Free the latch of pinned ``page`` if ``owner`` holds it (a plain store: see the module
+    docstring). Synchronous, never waits."""
+    cache = page._cache
+    if cache is None or page._bh <= 0:
+        return
+    i = (page._bh >> 3) + _H_LATCH
+    w = cache.words
+    if int(w[i]) & ~LATCH_COMMITTING == owner:
+        w[i] = 0
+
+
+def set_committing(page: Page, owner: int) -> None:
+    """Mark ``owner``'s latch of ``page`` as inside a commit (see :data:`LATCH_COMMITTING`)."""
+    cache = page._cache
+    assert cache is not None
+    cache.words[(page._bh >> 3) + _H_LATCH] = owner | LATCH_COMMITTING
+
+
+async def acquire(
+    pool: PoolBase,
+    page: Page,
+    owner: int,
+    key: int,
+    held_max: int,
+    timeout: float,
+    counts: LatchWaits,
+) -> None:
+    """Take the latch of pinned ``page`` for ``owner``, waiting (async, bounded back-off) while
+    another holds it. ``key`` is the page's :func:`latch_key`; ``held_max`` the largest key the
+    caller already holds (-1: none).
+
+    Raises :class:`~aiodbenv.errors.Deadlock` at once if the latch is busy and ``key`` is below
+    ``held_max`` (the order rule), :class:`~aiodbenv.errors.LockTimeout` after ``timeout``
+    seconds of waiting. A holder that died is released by the pool's reaper (every second),
+    so the wait then ends by itself. Cancellation: between attempts; the latch is not held.
+    """
+    cache = page._cache
+    assert cache is not None
+    b, bh = page._bucket, page._bh
+    cur = pool._attempt(try_latch, cache, b, bh, owner)
+    if cur == 0:
+        counts.nowait += 1
+        return
+    counts.waits += 1
+    deadline = time.monotonic() + timeout
+    delay = _WAIT_MIN
+    while True:
+        if not isinstance(cur, int):  # the bucket mutex was busy: just try again
+            pass
+        elif key < held_max:
+            counts.deadlocks += 1
+            raise Deadlock(
+                f"page {page.pgno} is latched by another transaction (slot "
+                f"{owner_slot(cur)}) and is ordered before a page this transaction holds: "
+                "waiting could deadlock, so the transaction must abort and retry"
+            )
+        now = time.monotonic()
+        if now >= deadline:
+            counts.timeouts += 1
+            err = LockTimeout(
+                f"the latch of page {page.pgno} stayed held by another transaction (slot "
+                f"{owner_slot(int(cur)) if isinstance(cur, int) else '?'}) for {timeout:g} s"
+            )
+            err.mutex = f"latch of page {page.pgno}"
+            raise err
+        await asyncio.sleep(min(delay, deadline - now))
+        delay = min(delay * 2, _WAIT_MAX)
+        pool._check()  # a holder that died inside a commit panics the environment
+        cur = pool._attempt(try_latch, cache, b, bh, owner)
+        if cur == 0:
+            return
+
+
+def reap_latches(w: memoryview, x: int, slot: int) -> bool | None:
+    """For the reaper, under the bucket mutex of buffer word index ``x``: free the latch if
+    dead ``slot`` held it. None if it did not; False if it was released; True if the owner
+    died inside a commit: the latch is then kept (nobody may read a page that may hold half
+    a commit) and the caller panics the environment at once."""
+    cur = int(w[x + _H_LATCH])
+    if not cur or owner_slot(cur) != slot:
+        return None
+    if cur & LATCH_COMMITTING:
+        return True
+    w[x + _H_LATCH] = 0
+    return False

@@ -1,0 +1,204 @@
+"""Recovery (``DB_RECOVER``): replay committed transactions from the log into the data files.
+
+Redo only. The scan starts at the ``ckp_lsn`` of the checkpoint before the last one (or the
+first record if there was none; see :func:`_start`) and reads every transaction batch after
+it (:mod:`aiodbenv.txn.batch`): a batch is one log record, so it is there entirely (its
+checksum holds) or not at all. For each page of a batch: a full image is always applied (it
+repairs a torn page, and every later change of the page follows it in the log); byte ranges
+are applied only if the page's LSN is older than the batch. Each applied page gets the
+batch's LSN and is marked dirty; the pool then writes and fsyncs every page, and a checkpoint
+record is appended. Running it twice gives the same bytes.
+
+:func:`stale_pages` is the check made when an environment's regions are created anew over a
+log: a page of a committed batch whose LSN on disk is older than the batch means the data
+files miss committed work (the regions were lost before the pages were written), so the open
+raises RunRecovery instead of serving stale pages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import InvalidArgument, LogCorrupt, PageCorrupt, PageNotFound
+from ..log.lsn import LSN
+from ..log.record import CheckpointRecord
+from . import batch as _batch
+
+if TYPE_CHECKING:
+    from .._env import Env
+    from ..mpool.file import PoolFile
+
+__all__ = ["RecoveryStat", "recover", "stale_pages"]
+
+logger = logging.getLogger("aiodbenv")
+
+
+@dataclass(frozen=True)
+class RecoveryStat:
+    """What a recovery did: the log range it read (``start`` to ``end``), the committed
+    ``batches`` found, the pages they changed that it ``applied`` (of them ``full_images``)
+    and ``skipped`` (already as new as the batch)."""
+
+    start: LSN
+    end: LSN
+    batches: int
+    applied: int
+    full_images: int
+    skipped: int
+
+
+async def _start(env: Env) -> LSN | None:
+    """Where replay starts: the ``ckp_lsn`` of the checkpoint *before* the last one (None: the
+    first record). A commit made while a checkpoint runs chooses full images by the previous
+    checkpoint, so the last checkpoint's ``ckp_lsn`` could cut off the full image a torn page
+    needs; one checkpoint further back never does (see docs/durable.md). If that part of the
+    log was archived, replay starts at the last checkpoint, with a warning."""
+    log = env.log
+    ckp = log.last_checkpoint
+    if ckp is None:
+        return None
+    rec, last_ckp_lsn = ckp
+    async with log.cursor() as cur:
+        got = await cur.set(rec)
+        if got is None or not isinstance(got[1], CheckpointRecord):
+            return last_ckp_lsn
+        prev = got[1].last_ckp
+        if prev == LSN(0, 0):
+            return None
+        try:
+            got = await cur.set(prev)
+        except (InvalidArgument, LogCorrupt):
+            got = None
+        if got is None or not isinstance(got[1], CheckpointRecord):
+            logger.warning(
+                "aiodbenv: the checkpoint before the last (%s) is no longer in the log; "
+                "recovery starts at the last one (%s): a page torn by a power loss while that "
+                "checkpoint ran may not be repaired",
+                prev,
+                last_ckp_lsn,
+            )
+            return last_ckp_lsn
+        return got[1].ckp_lsn
+
+
+async def _batches(
+    env: Env, start: LSN | None
+) -> AsyncIterator[tuple[LSN, list[_batch.BatchFile], list[_batch.BatchPage]]]:
+    log = env.log
+    if start is not None and start >= log.end_lsn:
+        return
+    async with log.cursor(start) as cur:
+        async for lsn, data in cur:
+            if isinstance(data, CheckpointRecord) or not _batch.is_batch(data):
+                continue
+            try:
+                files, pages = _batch.decode(data)
+            except ValueError as err:
+                # The record's checksum held, so this is a record a user put with our magic.
+                raise ValueError(
+                    f"log record {lsn} looks like a transaction but is not: {err}"
+                ) from err
+            yield lsn, files, pages
+
+
+class _Files:
+    """The data files a recovery opens, by their logged path and format."""
+
+    def __init__(self, env: Env) -> None:
+        self._env = env
+        self._open: dict[tuple[str, int, int, int], PoolFile] = {}
+
+    async def get(self, bf: _batch.BatchFile, create: bool) -> PoolFile | None:
+        key = (bf.path, bf.page_size, bf.data_size, bf.lsn_offset)
+        f = self._open.get(key)
+        if f is None:
+            path = self._env.resolve(bf.path)
+            if not create and not os.path.exists(path):
+                return None
+            f = await self._env.pool.open_file(
+                path,
+                create=create,
+                page_size=bf.page_size,
+                lsn_offset=bf.lsn_offset,
+                checksum=bf.data_size != bf.page_size,
+            )
+            self._open[key] = f
+        return f
+
+    async def close(self) -> None:
+        for f in self._open.values():
+            await f.close()
+        self._open.clear()
+
+
+async def recover(env: Env) -> RecoveryStat:
+    """Replay the log into the data files (see the module docstring) through ``env``'s pool,
+    sync them and append a checkpoint record. Run it with no other process using the
+    environment (``Env.open(..., recover=True)`` does, on regions it has just made).
+
+    Cancellation: what was applied stays applied (in the cache, dirty); no checkpoint record
+    is written, so the next recovery starts from the same place and gives the same bytes.
+    """
+    log = env.log
+    start = await _start(env)
+    files = _Files(env)
+    batches = applied = fulls = skipped = 0
+    try:
+        async for lsn, bfiles, pages in _batches(env, start):
+            batches += 1
+            for bp in pages:
+                bf = bfiles[bp.file]
+                f = await files.get(bf, create=True)
+                assert f is not None
+                lo = bf.lsn_offset
+                async with f.get(bp.pgno, create=True) as p:
+                    if bp.full is not None:
+                        p.data[:] = bp.full
+                        fulls += 1
+                    elif LSN.unpack(p.data, lo) < lsn:
+                        for off, frag in bp.frags:
+                            p.data[off : off + len(frag)] = frag
+                    else:
+                        skipped += 1
+                        continue
+                    p.data[lo : lo + 8] = lsn.pack()
+                    p.mark_dirty()
+                    applied += 1
+        end = log.end_lsn
+        await env.pool.sync()
+        if batches:
+            await log.checkpoint_record(end)
+    finally:
+        await files.close()
+    return RecoveryStat(start or LSN(0, 0), end, batches, applied, fulls, skipped)
+
+
+async def stale_pages(env: Env, most: int = 1) -> list[tuple[str, int, LSN]]:
+    """Pages of committed batches after the last checkpoint whose LSN in the data file is older
+    than their batch (or that are missing): ``(path, pgno, batch LSN)``, at most ``most``.
+    Reads the pages through the pool. Cancellation: nothing is changed."""
+    out: list[tuple[str, int, LSN]] = []
+    files = _Files(env)
+    try:
+        async for lsn, bfiles, pages in _batches(env, await _start(env)):
+            for bp in pages:
+                bf = bfiles[bp.file]
+                f = await files.get(bf, create=False)
+                stale = f is None
+                if f is not None:
+                    try:
+                        async with f.get(bp.pgno) as p:
+                            stale = LSN.unpack(p.data, bf.lsn_offset) < lsn
+                    except (PageNotFound, PageCorrupt):
+                        stale = True  # missing, or torn (checksum): recovery's business
+                if stale:
+                    out.append((bf.path, bp.pgno, lsn))
+                    if len(out) >= most:
+                        return out
+    finally:
+        await files.close()
+    return out

@@ -1,0 +1,469 @@
+"""``Txn``: an atomic, durable update of pages, Generic-WAL style (redo only, no steal).
+
+``tx.page(f, pgno)`` pins the buffer, takes its exclusive latch (:mod:`aiodbenv.txn.latch`)
+and hands out a private copy; nothing in shared memory changes until commit. Commit diffs each
+copy against the buffer (unchanged under the latch), appends every change as ONE log record
+(:mod:`aiodbenv.txn.batch`), copies the images into the buffers, stamps the commit LSN at the
+file's ``lsn_offset``, and releases the latches; then it flushes the log as the durability
+asks. No uncommitted byte reaches the log or a data file, so nothing is ever undone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import weakref
+from collections.abc import Generator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from .. import _io
+from ..errors import (
+    InvalidArgument,
+    LogBufferFull,
+    RunRecovery,
+    TxnTooLarge,
+)
+from ..log.lsn import LSN
+from ..mpool.fget import MODE_CREATE, MODE_GET, MODE_NEW
+from ..mpool.layout import FILE_ENTRY, MAX_PGNO
+from . import batch as _batch
+from .ids import next_owner_id
+from .latch import LatchWaits, acquire, latch_key, release, set_committing
+
+if TYPE_CHECKING:
+    from ..log.log import Log
+    from ..mpool.file import PoolFile
+    from ..mpool.page import Page
+    from ..mpool.pool import Pool
+
+__all__ = ["LATCH_TIMEOUT", "MAX_PAGES", "CommitInfo", "Txn", "TxnPage", "TxnStat", "TxnStats"]
+
+Durability = Literal["sync", "write_nosync", "nosync"]
+_DURABILITIES = ("sync", "write_nosync", "nosync")
+
+#: The most pages one transaction may take (``TxnTooLarge`` past it). Latches are held until
+#: the end of the transaction: keep transactions short and small.
+MAX_PAGES = 64
+
+#: Seconds a transaction waits for a page latch by default (``LockTimeout`` then).
+LATCH_TIMEOUT = 30.0
+
+
+class TxnStats:
+    """This handle's transaction counters, as they change (see :class:`TxnStat`)."""
+
+    def __init__(self) -> None:
+        self.begins = 0
+        self.commits = {"sync": 0, "write_nosync": 0, "nosync": 0}
+        self.readonly_commits = 0
+        self.aborts = 0
+        self.pages_logged = 0
+        self.full_images = 0
+        self.latch = LatchWaits()
+
+    def snapshot(self) -> TxnStat:
+        """The counters now."""
+        lw = self.latch
+        return TxnStat(
+            begins=self.begins,
+            commits_sync=self.commits["sync"],
+            commits_write_nosync=self.commits["write_nosync"],
+            commits_nosync=self.commits["nosync"],
+            readonly_commits=self.readonly_commits,
+            aborts=self.aborts,
+            pages_logged=self.pages_logged,
+            full_images=self.full_images,
+            latch_nowait=lw.nowait,
+            latch_waits=lw.waits,
+            deadlocks=lw.deadlocks,
+            latch_timeouts=lw.timeouts,
+        )
+
+
+@dataclass(frozen=True)
+class TxnStat:
+    """Transaction statistics of one environment handle (this process): transactions begun,
+    commits by durability (and those that changed nothing), aborts (explicit, by an exception,
+    by a Deadlock or a failed commit), pages logged and how many as full images, latches taken
+    at once or after a wait, ``deadlocks`` refused by the order rule, latch waits timed out."""
+
+    begins: int
+    commits_sync: int
+    commits_write_nosync: int
+    commits_nosync: int
+    readonly_commits: int
+    aborts: int
+    pages_logged: int
+    full_images: int
+    latch_nowait: int
+    latch_waits: int
+    deadlocks: int
+    latch_timeouts: int
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """What a commit did: ``lsn`` of its log record (``LSN(0, 0)`` if it changed nothing and
+    logged nothing), the ``durability`` it was committed with, and ``pages`` it changed."""
+
+    lsn: LSN
+    durability: Durability
+    pages: int
+
+
+class TxnPage:
+    """A page taken by a transaction: ``data`` is a private, writable copy of the page (its
+    bytes without any checksum trailer). Change it freely; it reaches shared memory only when
+    the transaction commits. The 8 bytes at the file's ``lsn_offset`` belong to the library:
+    changes to them are ignored (the commit stamps its LSN there)."""
+
+    __slots__ = ("_page", "data", "file", "pgno")
+
+    def __init__(self, file: PoolFile, page: Page, data: bytearray) -> None:
+        #: The file and page number.
+        self.file = file
+        self.pgno = page.pgno
+        #: The private copy.
+        self.data = memoryview(data)
+        self._page = page
+
+    def __repr__(self) -> str:
+        return f"<TxnPage {self.pgno} of {self.file.name!r}>"
+
+
+_ACTIVE, _COMMITTING, _DONE = 0, 1, 2
+
+#: Each open file's path as logged (computed once per file handle).
+_paths: weakref.WeakKeyDictionary[PoolFile, str] = weakref.WeakKeyDictionary()
+
+
+class Txn:
+    """A transaction: made by :meth:`aiodbenv.Env.txn`.
+
+    ``async with env.txn() as tx:`` commits when the block ends and aborts on an exception
+    (also on cancellation); ``tx = await env.txn()`` leaves it to :meth:`commit` or
+    :meth:`abort`. It belongs to the task that began it: any use from another task raises
+    InvalidArgument.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        log: Log,
+        durability: Durability,
+        stats: TxnStats,
+        latch_timeout: float,
+    ) -> None:
+        if durability not in _DURABILITIES:
+            raise InvalidArgument(
+                f"durability must be 'sync', 'write_nosync' or 'nosync', not {durability!r}"
+            )
+        self._pool = pool
+        self._log = log
+        self._task = asyncio.current_task()
+        if self._task is None:
+            raise InvalidArgument("a transaction must be begun inside an asyncio task")
+        self.durability: Durability = durability
+        #: Seconds :meth:`page` waits for a latch before LockTimeout.
+        self.latch_timeout = latch_timeout
+        self._stats = stats
+        self._owner = ((pool._slot + 1) << 32) | next_owner_id()
+        self._pages: dict[tuple[int, int], TxnPage] = {}
+        self._held_max = -1
+        self._bytes = _batch.HEADER_SIZE  # worst-case size of the commit's record
+        self._state = _ACTIVE
+        #: The result of the commit, once committed.
+        self.result: CommitInfo | None = None
+        stats.begins += 1
+
+    # -- taking pages ---------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if asyncio.current_task() is not self._task:
+            raise InvalidArgument("this transaction belongs to another task")
+        if self._state != _ACTIVE:
+            raise InvalidArgument(
+                "the transaction is committing"
+                if self._state == _COMMITTING
+                else "the transaction has ended"
+            )
+
+    def _lsn_offset(self, f: PoolFile) -> int:
+        off = int(f._w0[f._entry + FILE_ENTRY.word.lsn_offset]) - 1
+        if off < 0:
+            raise InvalidArgument(
+                f"{f.name or 'a temporary file'} was opened without lsn_offset: a transaction "
+                "needs the place where the commit LSN is stamped on each page"
+            )
+        return off
+
+    async def page(self, f: PoolFile, pgno: int, *, create: bool = False) -> TxnPage:
+        """Take page ``pgno`` of ``f`` for writing: pin it, latch it (exclusive, between
+        processes), and return a private copy (:class:`TxnPage`). Taking a page again returns
+        the same copy, with this transaction's changes. ``create``: make the page if it does
+        not exist (zero-filled).
+
+        Raises InvalidArgument if ``f`` has no ``lsn_offset``; :class:`~aiodbenv.errors.TxnTooLarge`
+        past ``MAX_PAGES`` (64) pages or the log's record size (the transaction stays usable);
+        :class:`~aiodbenv.errors.Deadlock` if the latch is busy and ordered below one this
+        transaction holds (abort and retry; taking pages in ascending file and page order
+        never gets it); :class:`~aiodbenv.errors.LockTimeout` after ``latch_timeout`` seconds.
+        Cancellation: the page is neither pinned nor latched; the transaction stays usable.
+        """
+        self._check()
+        if type(pgno) is not int or not 0 <= pgno < MAX_PGNO:
+            raise InvalidArgument(f"page number must be an int in 0..2**40-1, not {pgno!r}")
+        tp = self._pages.get((f._fidx, pgno))
+        if tp is not None and tp.file is f:
+            return tp
+        return await self._take(f, pgno, MODE_CREATE if create else MODE_GET)
+
+    async def new(self, f: PoolFile) -> TxnPage:
+        """Take a new page at the end of ``f`` (zero-filled; ``.pgno`` is its number), as
+        :meth:`page` does. Cancellation: as :meth:`page` (the new page stays in the file,
+        zero-filled)."""
+        self._check()
+        return await self._take(f, -1, MODE_NEW)
+
+    def _path(self, f: PoolFile) -> str:
+        """The file's path as logged: relative to the home when inside it, so that recovery
+        of a moved home finds it."""
+        path = _paths.get(f)
+        if path is None:
+            path = f.name or ""
+            rel = os.path.relpath(path, self._pool._env_core.home)
+            path = _paths[f] = path if rel.startswith(os.pardir) else rel
+        return path
+
+    async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
+        lsn_off = self._lsn_offset(f)
+        if f.name is None or f.nofile:
+            raise InvalidArgument("transactions need a named file that is written to disk")
+        if f.readonly:
+            raise InvalidArgument(f"{f.name} is open read-only")
+        if len(self._pages) >= MAX_PAGES:
+            raise TxnTooLarge(f"a transaction may take at most {MAX_PAGES} pages")
+        cost = _batch.worst_size(f._data_size, self._path(f))
+        limit = self._log._max_payload
+        if self._bytes + cost > limit:
+            raise TxnTooLarge(
+                f"taking this page could make the commit's log record larger than a log "
+                f"record may be ({limit} bytes): commit what you have first"
+            )
+        # A cached page is pinned without an await (the pool's hit path); else the slow path.
+        page = f._pin_hit(pgno) if mode != MODE_NEW else None
+        if page is None:
+            page = await f._pin(pgno, mode)
+        try:
+            if page._cache is None:
+                raise InvalidArgument("pages of a memory-mapped file cannot be changed")
+            if (f._fidx, page.pgno) in self._pages:
+                # Only a new page can get here (MODE_NEW raced ourselves): not ours twice.
+                raise InvalidArgument(f"page {page.pgno} is already taken by this transaction")
+            key = latch_key(f._fidx, page.pgno)
+            await acquire(
+                self._pool,
+                page,
+                self._owner,
+                key,
+                self._held_max,
+                self.latch_timeout,
+                self._stats.latch,
+            )
+        except BaseException:
+            pending = f._unpin(page, 0)
+            if pending is not None:
+                await asyncio.shield(pending)
+            raise
+        # Known to the file too, so that closing it (or the environment) releases the latch
+        # of a transaction that was never ended.
+        f._latched[page] = self._owner
+        self._held_max = max(self._held_max, key)
+        self._bytes += cost
+        data = bytearray(page.data)
+        if mode == MODE_NEW:
+            data[lsn_off : lsn_off + 8] = bytes(8)
+        tp = TxnPage(f, page, data)
+        self._pages[(f._fidx, page.pgno)] = tp
+        return tp
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    async def abort(self) -> None:
+        """Drop every change: the private copies are discarded, the latches released, the
+        pages unpinned. Shared memory and the log never saw them. Aborting an ended
+        transaction does nothing. Cancellation: the release is done at once; only waits for
+        busy bucket mutexes of the unpins go on in the background."""
+        if asyncio.current_task() is not self._task:
+            raise InvalidArgument("this transaction belongs to another task")
+        if self._state != _ACTIVE:
+            return
+        self._state = _DONE
+        self._stats.aborts += 1
+        await self._release_all()
+
+    async def _release_all(self) -> None:
+        pending = []
+        for tp in self._pages.values():
+            tp.file._latched.pop(tp._page, None)
+            release(tp._page, self._owner)
+            task = tp.file._unpin(tp._page, 0)
+            if task is not None:
+                pending.append(task)
+        self._pages.clear()
+        if pending:
+            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+
+    async def commit(self) -> CommitInfo:
+        """Commit: log every change as one record, copy the new images into the buffers
+        (under the latches: no reader that latches sees half of it), stamp the commit LSN on
+        each page, mark them dirty, release the latches; then flush the log as
+        ``durability`` says (``sync``: written and fsynced, with group commit; ``write_nosync``:
+        written; ``nosync``: left in the log buffer). Returns :class:`CommitInfo`.
+
+        A failure before the record is logged (a bucket mutex held past the pool's
+        ``wait_timeout``, an in-memory log that is full) aborts and raises; a failure to log
+        or flush panics the environment (RunRecovery). Cancellation: once begun, the commit
+        finishes in the background (it is atomic either way); the caller gets CancelledError
+        and cannot tell whether the flush completed.
+        """
+        self._check()
+        self._state = _COMMITTING
+        task = asyncio.ensure_future(self._commit())
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _commit(self) -> CommitInfo:
+        try:
+            record, changed, fulls = self._build()
+        except BaseException:
+            self._state = _DONE
+            self._stats.aborts += 1
+            await self._release_all()
+            raise
+        if not changed:
+            self._state = _DONE
+            self._stats.readonly_commits += 1
+            await self._release_all()
+            self.result = CommitInfo(LSN(0, 0), self.durability, 0)
+            return self.result
+        pool = self._pool
+        try:
+            # Dirty first: a page flagged dirty that has not changed yet costs a write at most,
+            # while a changed page a checkpoint sees clean would lose the commit.
+            for tp, _lo in changed:
+                await pool._locked(functools.partial(tp.file.set, tp._page, dirty=True))
+        except BaseException:
+            self._state = _DONE
+            self._stats.aborts += 1
+            await self._release_all()
+            raise
+        for tp in self._pages.values():
+            set_committing(tp._page, self._owner)
+        _io.step("txn.committing")
+        try:
+            lsn = await self._log.put(record, write_nosync=self.durability == "write_nosync")
+        except (LogBufferFull, InvalidArgument):
+            # Nothing was appended: the commit did not happen (release clears the flag).
+            self._state = _DONE
+            self._stats.aborts += 1
+            await self._release_all()
+            raise
+        except BaseException as err:
+            # The record may or may not be in the log: only recovery can tell.
+            reason = f"a transaction's commit record could not be logged ({err!r})"
+            pool._env_core.panic(reason)
+            raise RunRecovery(f"PANIC: {reason}; run recovery") from err
+        _io.step("txn.logged")
+        for tp, lo in changed:
+            shared = tp._page.data
+            shared[:] = tp.data
+            shared[lo : lo + 8] = lsn.pack()
+            _io.step("txn.copied")
+        st = self._stats
+        st.pages_logged += len(changed)
+        st.full_images += fulls
+        st.commits[self.durability] += 1
+        self._state = _DONE
+        await self._release_all()
+        _io.step("txn.released")
+        if self.durability == "sync":
+            await self._log.flush(lsn)
+        self.result = CommitInfo(lsn, self.durability, len(changed))
+        return self.result
+
+    def _build(self) -> tuple[bytes, list[tuple[TxnPage, int]], int]:
+        """The batch record, the changed pages (with their lsn_offset) and how many of them
+        are logged as full images."""
+        # The first change of a page after the last checkpoint *record* is a full image: a
+        # page written from then on may be torn by a power loss, and recovery (which starts a
+        # checkpoint further back) needs a whole image to repair it.
+        ckp = self._log.last_checkpoint
+        redo_start = ckp[0] if ckp is not None else LSN(0, 0)
+        files: list[_batch.BatchFile] = []
+        fmap: dict[int, int] = {}
+        pages: list[_batch.BatchPage] = []
+        changed: list[tuple[TxnPage, int]] = []
+        fulls = 0
+        for (fidx, pgno), tp in self._pages.items():
+            f = tp.file
+            lo = self._lsn_offset(f)
+            shared = tp._page.data
+            priv = tp.data
+            priv[lo : lo + 8] = shared[lo : lo + 8]  # the library's bytes
+            ranges = _batch.diff(shared, priv)
+            if not ranges:
+                continue
+            fi = fmap.get(fidx)
+            if fi is None:
+                fi = fmap[fidx] = len(files)
+                files.append(
+                    _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, self._path(f))
+                )
+            page_lsn = LSN.unpack(shared, lo)
+            nbytes = sum(e - s for s, e in ranges)
+            if page_lsn == LSN(0, 0) or page_lsn < redo_start or 2 * nbytes > len(priv):
+                pages.append(_batch.BatchPage(fi, pgno, full=bytes(priv)))
+                fulls += 1
+            else:
+                frags = [(s, bytes(priv[s:e])) for s, e in ranges]
+                pages.append(_batch.BatchPage(fi, pgno, frags=frags))
+            changed.append((tp, lo))
+        return _batch.encode(files, pages), changed, fulls
+
+    # -- await / async with -----------------------------------------------------------------------
+
+    def __await__(self) -> Generator[Any, None, Txn]:
+        if False:  # pragma: no cover - makes this a generator
+            yield
+        return self
+
+    async def __aenter__(self) -> Txn:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state != _ACTIVE:
+            return
+        if exc_type is None:
+            await self.commit()
+        else:
+            await self.abort()
+
+    def __repr__(self) -> str:
+        state = ("active", "committing", "ended")[self._state]
+        return f"<Txn {self._owner & 0xFFFFFFFF} {state}, {len(self._pages)} page(s)>"
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A commit whose caller was cancelled still ends: its error is logged by whoever awaited
+    it, or dropped here without 'Task exception was never retrieved'."""
+    if not task.cancelled():
+        task.exception()
