@@ -27,7 +27,7 @@ from ..errors import (
     PermissionDenied,
 )
 from ..region.layout import MAX_PROCS
-from ..region.mutex import BUSY, attempt, ffi
+from ..region.mutex import BUSY, ffi
 from ..region.mutex import trylock as _trylock
 from . import accel
 from .cache import Cache, bucket_hash
@@ -353,9 +353,7 @@ class PageAccess:
         if mode == MODE_NEW:
             if self.readonly:
                 raise InvalidArgument("new page requested on a file opened read-only")
-            # The file mutex: one short try, then an async back-off (never a blocking wait).
-            got = attempt(self._extend, None)
-            pgno = await self._pool._locked(self._extend, None) if got is BUSY else got
+            pgno = await self._pool._locked(self._extend, None)  # the file mutex: backs off
         elif mode == MODE_LAST:
             pgno = int(w0[e + FILE_ENTRY.word.pages]) - 1
             if pgno < 0:
