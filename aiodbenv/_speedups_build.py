@@ -39,11 +39,11 @@ int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
 int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *nowait_w,
                        const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
                        const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno, char *dst,
-                       const uint64_t *dst_off, uint64_t pid, int64_t *status);
+                       const uint64_t *dst_off, uint64_t pid, int64_t *status, int wait);
 int64_t aiodb_write_done(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                          const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
                          const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno,
-                         uint64_t pid, const uint8_t *failed);
+                         uint64_t pid, const uint8_t *failed, int wait);
 int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                       const uint64_t *bucket_w, uint64_t first, uint64_t last, uint64_t max,
                       uint64_t *tag, uint64_t *pgno, uint64_t *bh, uint64_t *bucket,
@@ -153,10 +153,12 @@ void aiodb_set_lock_wait(int64_t ns) { lock_wait_ns = ns; }
 
 /* Lock, waiting a bounded time if it is held (counted as a wait): a holder that is stopped
    must not freeze the caller. Returns 0 with the mutex held, or -errno: -EOWNERDEAD with it
-   held (the caller must repair or panic), any other (-ETIMEDOUT: still held) without. */
-static int64_t lock(uint64_t *w, void *mutex, uint64_t nowait_w) {
+   held (the caller must repair or panic), any other (-ETIMEDOUT: still held) without.
+   wait == 0 is the try-lock mode of callers on an event loop: a held mutex gives -EBUSY at
+   once (nothing waited for), and the Python side backs off asynchronously and retries. */
+static int64_t lock(uint64_t *w, void *mutex, uint64_t nowait_w, int wait) {
     int64_t rc = try_lock(w, mutex, nowait_w);
-    if (rc != -EBUSY) return rc;
+    if (rc != -EBUSY || !wait) return rc;
     struct timespec until;
     clock_gettime(CLOCK_REALTIME, &until);
     until.tv_sec += lock_wait_ns / 1000000000;
@@ -300,15 +302,17 @@ int aiodb_unpin_at(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
    -errno (for -EOWNERDEAD its mutex is held), or of an item whose offset or recorded page
    size fails its check, with status AIODB_CORRUPT (unlocked, nothing changed). On entry
    status[i] holds the size of item i's slot in dst: a buffer whose page size differs is
-   corrupt (copying it would overrun the slot). */
+   corrupt (copying it would overrun the slot). wait: 0 only tries each bucket's lock (a held
+   one returns its index with status -EBUSY, nothing changed: the event loop's mode), else
+   waits the bounded lock_wait_ns. */
 int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *nowait_w,
                        const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
                        const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno, char *dst,
-                       const uint64_t *dst_off, uint64_t pid, int64_t *status) {
+                       const uint64_t *dst_off, uint64_t pid, int64_t *status, int wait) {
     uint64_t nbytes = region_bytes(w);
     for (uint64_t i = 0; i < n; i++) {
         uint64_t b = bucket[i];
-        int64_t rc = lock(w, mutexes[b], nowait_w[b]);
+        int64_t rc = lock(w, mutexes[b], nowait_w[b], wait);
         if (rc) { status[i] = rc; return (int64_t)i; }
         uint64_t x = bh[i] >> 3, slot = (uint64_t)status[i];
         if (!bh_ok(bh[i], nbytes)) {
@@ -344,14 +348,14 @@ int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *
    succeeded (!failed[i]) and that was not dirtied again meanwhile (no REDIRTIED) is clean; any
    other stays dirty. A buffer that no longer carries this claim (taken over, or holding
    another page) is left alone. Returns n, or the index of an item whose lock failed
-   (-EOWNERDEAD: its mutex is held). */
+   (-EOWNERDEAD: its mutex is held). wait: as for aiodb_snapshot. */
 int64_t aiodb_write_done(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                          const uint64_t *bucket_w, uint64_t n, const uint64_t *bucket,
                          const uint64_t *bh, const uint64_t *tag, const uint64_t *pgno,
-                         uint64_t pid, const uint8_t *failed) {
+                         uint64_t pid, const uint8_t *failed, int wait) {
     for (uint64_t i = 0; i < n; i++) {
         uint64_t b = bucket[i];
-        if (lock(w, mutexes[b], nowait_w[b])) return (int64_t)i;
+        if (lock(w, mutexes[b], nowait_w[b], wait)) return (int64_t)i;
         uint64_t x = bh[i] >> 3;
         uint64_t flags = w[x + L[L_H_FLAGS]];
         if ((flags & L[L_BH_WRITING]) && w[x + L[L_H_IOPID]] == pid

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._process import is_alive
+from .errors import LockTimeout
 from .mpool.layout import POOL_HEADER, WORKER_ERROR_WORDS
 from .region.layout import WORD
+from .region.mutex import step_waits
 
 if TYPE_CHECKING:
     from .mpool.pool import Pool
@@ -63,22 +65,34 @@ _ERROR_BYTES = (WORKER_ERROR_WORDS - 1) * WORD
 
 
 def shared_status(pool: Pool, kind: str) -> SharedWorkerStatus:
-    """The region's record of how the worker of ``kind`` fares, in whichever process."""
+    """The region's record of how the worker of ``kind`` fares, in whichever process.
+
+    Read under the pool mutex, which the writers hold, so that it is read whole; if another
+    process holds that mutex for more than ``STEP_WAIT`` (a stopped process), it is read
+    without it rather than blocking the caller's event loop (a report, never acted upon)."""
+    try:
+        with step_waits(), pool._core.mutex:
+            return _read_status(pool, kind)
+    except LockTimeout:
+        return _read_status(pool, kind)
+
+
+def _read_status(pool: Pool, kind: str) -> SharedWorkerStatus:
     core = pool._core
     w0 = core.meta_words
     p = core.pool_hdr
-    with core.mutex:  # the record is written as a whole under this mutex: read it whole
-        owner = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_owner")])
-        until = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_until")])
-        in_row = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_in_row")])
-        failed_pid = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_failed_pid")])
-        success_ns = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_success_ns")])
-        failure_ns = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_failure_ns")])
-        e = p + getattr(POOL_HEADER.word, f"{kind}_error")
-        # A length read from shared memory is checked before it is used.
-        length = min(int(w0[e]), _ERROR_BYTES)
-        start = (e + 1) * WORD
-        raw = bytes(core.meta_region.buf[start : start + length])
+    # The caller holds the pool mutex, or chose to read without it.
+    owner = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_owner")])
+    until = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_until")])
+    in_row = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_in_row")])
+    failed_pid = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_failed_pid")])
+    success_ns = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_success_ns")])
+    failure_ns = int(w0[p + getattr(POOL_HEADER.word, f"{kind}_failure_ns")])
+    e = p + getattr(POOL_HEADER.word, f"{kind}_error")
+    # A length read from shared memory is checked before it is used.
+    length = min(int(w0[e]), _ERROR_BYTES)
+    start = (e + 1) * WORD
+    raw = bytes(core.meta_region.buf[start : start + length])
     holder = owner >> 32
     alive = lease_live(owner, until, time.monotonic_ns())
     return SharedWorkerStatus(
@@ -93,13 +107,21 @@ def shared_status(pool: Pool, kind: str) -> SharedWorkerStatus:
 
 
 def record_attempt(pool: Pool, kind: str, error: str | None) -> None:
-    """Record an attempt of ``kind`` in the region: a success (``error`` None) or a failure."""
-    core = pool._core
+    """Record an attempt of ``kind`` in the region: a success (``error`` None) or a failure.
+
+    On the event loop: the pool mutex is tried for ``STEP_WAIT``; if another process holds it
+    (a stopped one?), the record is written by a task of the pool that retries with an async
+    back-off (and logs a LockTimeout after ``wait_timeout``), never blocking the loop."""
     if pool._closed or pool._env_core.panicked:
         return
+    pool._settle(_record, pool, kind, error, time.time_ns(), os.getpid())
+
+
+def _record(pool: Pool, kind: str, error: str | None, now: int, pid: int) -> None:
+    # Under the pool mutex, taken first: a LockTimeout changes nothing and is retried.
+    core = pool._core
     w0 = core.meta_words
     p = core.pool_hdr
-    now = time.time_ns()
     with core.mutex:
         if error is None:
             w0[p + getattr(POOL_HEADER.word, f"{kind}_in_row")] = 0
@@ -111,7 +133,7 @@ def record_attempt(pool: Pool, kind: str, error: str | None) -> None:
         core.meta_region.buf[start : start + len(data)] = data
         w0[e] = len(data)
         w0[p + getattr(POOL_HEADER.word, f"{kind}_in_row")] += 1
-        w0[p + getattr(POOL_HEADER.word, f"{kind}_failed_pid")] = os.getpid()
+        w0[p + getattr(POOL_HEADER.word, f"{kind}_failed_pid")] = pid
         w0[p + getattr(POOL_HEADER.word, f"{kind}_failure_ns")] = now
 
 

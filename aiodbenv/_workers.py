@@ -41,7 +41,7 @@ from ._worker_state import (
     record_attempt,
     shared_status,
 )
-from .errors import AiodbenvError, ForkedProcessError, InvalidArgument
+from .errors import AiodbenvError, ForkedProcessError, InvalidArgument, LockTimeout
 from .mpool.layout import HANDLE_STATS, POOL_HEADER
 from .mpool.trickle import checkpoint, trickle_result
 
@@ -202,7 +202,7 @@ class _Worker(abc.ABC):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        self._release_lease()
+        await self._release_lease()
 
     def status(self) -> WorkerStatus:
         """This worker's :class:`WorkerStatus`."""
@@ -283,34 +283,54 @@ class _Worker(abc.ABC):
                 f"this {self.kind} worker belongs to process {self._pid}; start one in this process"
             )
 
-    def _take_lease(self, seconds: float) -> bool:
-        """Hold (or renew) this kind's lease for ``seconds``; False if a live process has it."""
+    async def _take_lease(self, seconds: float) -> bool:
+        """Hold (or renew) this kind's lease for ``seconds``; False if a live process has it,
+        or if the pool mutex stayed held by another process (a stopped one?) for the pool's
+        ``wait_timeout``: the lease is then not ours for this round, and the next round tries
+        again. The mutex is waited for with an async back-off, never blocking the loop.
+        Cancellation: between attempts; nothing is held."""
         self._check_process()
+        try:
+            self._active = await self._pool._locked(self._lease_step, seconds)
+        except LockTimeout as err:
+            self._active = False
+            logger.warning("aiodbenv %s worker could not renew its lease: %s", self.kind, err)
+        return self._active
+
+    def _lease_step(self, seconds: float) -> bool:
+        # Under the pool mutex, taken first: a LockTimeout changes nothing and is retried.
         core = self._pool._core
         w0 = core.meta_words
         owner_w = core.pool_hdr + getattr(POOL_HEADER.word, f"{self.kind}_owner")
         until_w = core.pool_hdr + getattr(POOL_HEADER.word, f"{self.kind}_until")
-        now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process on the host
         with core.mutex:
+            now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process
             owner = int(w0[owner_w])
             if owner != self._owner and lease_live(owner, int(w0[until_w]), now):
-                self._active = False
                 return False
             w0[owner_w] = self._owner
             w0[until_w] = now + int(seconds * 1e9)
-        self._active = True
         return True
 
-    def _release_lease(self) -> None:
+    async def _release_lease(self) -> None:
+        """Give the lease back if this worker holds it (bounded, without blocking the loop;
+        a lease that cannot be given back lapses at its deadline)."""
         self._check_process()
-        core = self._pool._core
-        if self._pool._closed or self._pool._env_core.panicked:
+        pool = self._pool
+        self._active = False
+        if pool._closed or pool._env_core.panicked:
             return
+        try:
+            await pool._locked(self._release_step, check=False)
+        except LockTimeout as err:
+            logger.warning("aiodbenv %s worker left its lease to lapse: %s", self.kind, err)
+
+    def _release_step(self) -> None:
+        core = self._pool._core
         owner_w = core.pool_hdr + getattr(POOL_HEADER.word, f"{self.kind}_owner")
-        with core.mutex:
+        with core.mutex:  # first: a LockTimeout changes nothing
             if core.meta_words[owner_w] == self._owner:
                 core.meta_words[owner_w] = 0
-        self._active = False
 
 
 class TrickleWorker(_Worker):
@@ -331,7 +351,7 @@ class TrickleWorker(_Worker):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), s.interval)
             wake.clear()
-            if not self._take_lease(3 * s.interval + 1):
+            if not await self._take_lease(3 * s.interval + 1):
                 continue
             if 1.0 - pool.dirty_share() >= s.percent / 100:
                 continue
@@ -378,7 +398,7 @@ class CheckpointWorker(_Worker):
                     await asyncio.wait_for(wake.wait(), min(poll, max(0.0, due - time.monotonic())))
                 wake.clear()
             started = time.monotonic()
-            if not self._take_lease(2 * s.interval + 60):
+            if not await self._take_lease(2 * s.interval + 60):
                 continue
             mark = self._dirtied()
             try:

@@ -13,6 +13,7 @@ from collections.abc import Collection
 
 from .._process import is_alive
 from ..errors import CacheFull
+from ..region.mutex import sync_waits
 from .cache import BufRef, Cache
 from .ftable import FileTable
 from .layout import (
@@ -25,7 +26,7 @@ from .layout import (
     CHUNK_TAG_BEFORE_BH,
 )
 
-__all__ = ["SEARCH_BUCKETS", "PoolCore"]
+__all__ = ["SEARCH_BUCKETS", "PoolCore", "drop_dirty"]
 
 #: Buckets the victim search compares before it settles for the best it has seen.
 SEARCH_BUCKETS = 4
@@ -246,10 +247,37 @@ class PoolCore(FileTable):
                             freed.append(off)
                         else:
                             prev = off
-                for off in freed:
-                    self.free_buffer(cache, off)
+                # Unlinked above: they must be freed now, whatever the caller's lock bound
+                # (a LockTimeout here would lose them), so a whole retry stays harmless.
+                with sync_waits():
+                    for off in freed:
+                        self.free_buffer(cache, off)
 
 
 def _victim(cache: Cache, best: tuple[int, int, int, int, int, bool]) -> BufRef:
     tag, pgno, b, bh, page_size, dirty = best
     return BufRef(tag - 1, pgno, cache, b, bh, page_size, dirty)
+
+
+def drop_dirty(item: BufRef) -> int:
+    """Drop the dirty mark of a dead (closed for good) file's page if it is unpinned and not
+    under I/O; 1 if dropped. Locks the bucket first: a LockTimeout changes nothing."""
+    _fidx, pgno, cache, b, bh = item[:5]
+    w = cache.words
+    x = bh >> 3
+    cache.lock(b)
+    try:
+        flags = w[x + BH.word.flags]
+        if (
+            w[x + BH.word.file] == item[0] + 1
+            and w[x + BH.word.pgno] == pgno
+            and flags & BH_DIRTY
+            and not w[x + BH.word.ref]
+            and not flags & (BH_READING | BH_WRITING)
+        ):
+            w[x + BH.word.flags] = flags & ~BH_DIRTY
+            cache.decrement(cache.bucket_words[b] + BUCKET.word.dirty, f"bucket {b}'s dirty count")
+            return 1
+        return 0
+    finally:
+        cache.unlock(b)

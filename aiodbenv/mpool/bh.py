@@ -170,7 +170,9 @@ class BufferIO:
 
     ``core`` is the pool's synchronous core, ``hs`` the word index of this handle's
     statistics block, ``pid`` this process. ``settle(fn, *args)`` runs a critical section now
-    or, if its mutex stays held, in a task that retries (the pool's); ``notify()`` wakes this
+    or, if its mutex stays held, in a task that retries (the pool's); ``await locked(fn,
+    *args)`` runs one with bounded lock waits and an async back-off between attempts, raising
+    LockTimeout at the pool's ``wait_timeout`` (the pool's ``_locked``); ``notify()`` wakes this
     process's waiters for a page or a frame; ``closing()`` says whether the pool is closing.
 
     Descriptors: a file handle's own descriptor belongs to its :class:`PoolFile` (in
@@ -186,6 +188,7 @@ class BufferIO:
         pid: int,
         *,
         settle: Callable[..., None],
+        locked: Callable[..., Awaitable[Any]],
         notify: Callable[[], None],
         closing: Callable[[], bool],
     ) -> None:
@@ -193,6 +196,7 @@ class BufferIO:
         self.hs = hs
         self.pid = pid
         self.settle = settle
+        self.locked = locked
         self.notify = notify
         self.closing = closing
         #: The open files of this process's handle (their descriptors read and write pages).
@@ -321,11 +325,9 @@ class BufferIO:
             e = self.core.entry(fidx)
             if not e:
                 return
-            base = e + FILE_ENTRY.word.retired
-            with self.core.mutex:
-                w0[base + FILE_STATS.word.page_out] += pages
-                w0[base + FILE_STATS.word.write_calls] += 1
-                w0[base + FILE_STATS.word.bytes_out] += nbytes
+            # A counter, not a record anything depends on: a pool mutex held by a stopped
+            # process defers it to a task instead of blocking the event loop.
+            self.settle(_count_retired, self.core, e + FILE_ENTRY.word.retired, pages, nbytes)
             return
         w0[base + FILE_STATS.word.page_out] += pages
         w0[base + FILE_STATS.word.write_calls] += 1
@@ -346,3 +348,13 @@ class BufferIO:
             fds = list(self.wfds.values())
             self.wfds.clear()
             await anyio.to_thread.run_sync(close_fds, fds, None)
+
+
+def _count_retired(core: PoolCore, base: int, pages: int, nbytes: int) -> None:
+    """Count a write in a file entry's retired counters (under the pool mutex, taken first:
+    other processes may count there too)."""
+    w0 = core.meta_words
+    with core.mutex:
+        w0[base + FILE_STATS.word.page_out] += pages
+        w0[base + FILE_STATS.word.write_calls] += 1
+        w0[base + FILE_STATS.word.bytes_out] += nbytes

@@ -20,8 +20,9 @@ import anyio.to_thread
 
 from .. import _io
 from ..errors import InvalidArgument, LockTimeout, NoSpace
-from ..region.mutex import ffi, owner_pid
+from ..region.mutex import BUSY, attempt, ffi, owner_pid, step_waits
 from . import accel
+from .alloc import drop_dirty
 from .bh import BufferIO
 from .cache import BufRef, Cache
 from .checksum import seal_pages
@@ -162,7 +163,9 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
                 else int(w0[e + FILE_ENTRY.word.page_size])
             )
         if sizes[fidx] < 0:
-            result.dropped += _drop_dirty(item)  # closed for good: nobody wants the page
+            # Closed for good: nobody wants the page (a held bucket: async back-off).
+            got = attempt(drop_dirty, item)
+            result.dropped += await io.locked(drop_dirty, item) if got is BUSY else got
         else:
             live.append(item)
     if not live:
@@ -186,6 +189,7 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
     # From here on this process holds claims: whatever happens (an error, a cancellation),
     # the finally releases them, and a page is cleaned only if its write was confirmed.
     done: set[tuple[int, int]] = set()
+    noted: set[int] = set()  # files whose written generation was bumped for these writes
     lsns = None
     try:
         _io.step("claimed")
@@ -220,10 +224,15 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
                 result.bytes_written += nbytes
         # The writes are in the OS, not yet durable: say so in the file entries *before* any
         # page is marked clean, so that every later sync (in any process) fsyncs these files.
-        for fidx in ok_files:
-            note_written(io, fidx)
+        # The file mutex with an async back-off; a file not bumped (LockTimeout) keeps its
+        # pages dirty below: written, but no sync would know to fsync them.
+        for fidx in sorted(ok_files):
+            if attempt(note_written, io, fidx) is BUSY:
+                await io.locked(note_written, io, fidx)
+            noted.add(fidx)
     finally:
         # Step 3, on the loop: release the claims; written pages not dirtied again are clean.
+        done = {(fidx, p) for fidx, p in done if fidx in noted}
         _write_done(
             io,
             [item for item, _ in taken],
@@ -244,30 +253,8 @@ def note_written(io: BufferIO, fidx: int) -> None:
     e = core.entry(fidx)
     if not e:
         return
-    with core.file_mutex(fidx):
+    with core.file_mutex(fidx):  # first: a LockTimeout changes nothing, and it is retried
         core.meta_words[e + FILE_ENTRY.word.written_gen] += 1
-
-
-def _drop_dirty(item: BufRef) -> int:
-    _fidx, pgno, cache, b, bh = item[:5]
-    w = cache.words
-    x = bh >> 3
-    cache.lock(b)
-    try:
-        flags = w[x + BH.word.flags]
-        if (
-            w[x + BH.word.file] == item[0] + 1
-            and w[x + BH.word.pgno] == pgno
-            and flags & BH_DIRTY
-            and not w[x + BH.word.ref]
-            and not flags & (BH_READING | BH_WRITING)
-        ):
-            w[x + BH.word.flags] = flags & ~BH_DIRTY
-            cache.decrement(cache.bucket_words[b] + BUCKET.word.dirty, f"bucket {b}'s dirty count")
-            return 1
-        return 0
-    finally:
-        cache.unlock(b)
 
 
 def _snapshot(io: BufferIO, items: list[BufRef], dst: bytearray, offsets: list[int]) -> list[int]:
@@ -299,6 +286,7 @@ def _snapshot(io: BufferIO, items: list[BufRef], dst: bytearray, offsets: list[i
                     ffi.new("uint64_t[]", [offsets[i] for i in part]),
                     io.pid,
                     st,
+                    0,  # only try each lock: a held bucket comes back at once (see below)
                 )
                 for k in range(got):
                     status[part[k]] = int(st[k])
@@ -306,12 +294,14 @@ def _snapshot(io: BufferIO, items: list[BufRef], dst: bytearray, offsets: list[i
                     i = part[got]
                     if st[got] == -errno.EOWNERDEAD:
                         cache.release_dead_holder(items[i][3])
-                    status[i] = _snapshot_one(io, items[i], dst, offsets[i], slots[i])
+                    with step_waits():  # a held bucket waits STEP_WAIT, then is "busy"
+                        status[i] = _snapshot_one(io, items[i], dst, offsets[i], slots[i])
                     got += 1
                 done += got
         return status
-    for i, item in enumerate(items):
-        status[i] = _snapshot_one(io, item, dst, offsets[i], slots[i])
+    with step_waits():
+        for i, item in enumerate(items):
+            status[i] = _snapshot_one(io, item, dst, offsets[i], slots[i])
     return status
 
 
@@ -362,11 +352,12 @@ def _write_done(io: BufferIO, items: list[BufRef], failed: list[bool]) -> None:
                     ffi.new("uint64_t[]", [items[i][1] for i in part]),
                     io.pid,
                     ffi.new("uint8_t[]", [failed[i] for i in part]),
+                    0,  # only try each lock: a held bucket comes back at once (see below)
                 )
                 if got < n:
                     # The lock failed: either its holder died (the mutex is then ours: repair
-                    # it) or it stayed held past the bounded wait (the step then finishes in
-                    # a task of the pool, retrying without blocking the loop).
+                    # it) or it is held (the step then waits STEP_WAIT at most, and if need
+                    # be finishes in a task of the pool, retrying without blocking the loop).
                     i = part[got]
                     if owner_pid(cache.mptrs[items[i][3]]) == threading.get_native_id():
                         cache.release_dead_holder(items[i][3])

@@ -120,6 +120,7 @@ class PageAccess:
         cookie: bytes,
         mapped: mmap.mmap | None,
         checksum: bool = False,
+        fs: int | None = None,
     ) -> None:
         self._pool = pool
         self._core = pool._core
@@ -140,7 +141,9 @@ class PageAccess:
         self._map = mapped
         self._map_view = memoryview(mapped) if mapped is not None else None
         self._map_pages = len(mapped) // page_size if mapped is not None else 0
-        self._fs = self._core.file_stats_block(fidx)
+        # The handle's counters: allocated by the opener (with an async back-off for the pool
+        # mutex), or here.
+        self._fs = self._core.file_stats_block(fidx) if fs is None else fs
         self._hs = pool._hs
         self._w0 = self._core.meta_words
         self._entry = self._core.entry(fidx)
@@ -350,7 +353,7 @@ class PageAccess:
         if mode == MODE_NEW:
             if self.readonly:
                 raise InvalidArgument("new page requested on a file opened read-only")
-            pgno = self._extend(None)
+            pgno = await self._pool._locked(self._extend, None)  # the file mutex: backs off
         elif mode == MODE_LAST:
             pgno = int(w0[e + FILE_ENTRY.word.pages]) - 1
             if pgno < 0:

@@ -12,6 +12,7 @@ import warnings
 from typing import Literal, overload
 
 from ..errors import InvalidArgument
+from ..region.mutex import step_waits
 from ..txn import latch
 from ..txn.ids import next_owner_id
 from .fget import MODE_CREATE, MODE_GET, MODE_LAST, MODE_NEW, RELEASED_BY_CLOSE
@@ -202,9 +203,14 @@ class PoolFile(PageRelease):
         """Set a pinned page's flags without unpinning it (memp_fset): ``dirty`` and ``clean``
         apply at once, ``discard`` when the page is unpinned. At least one flag is required.
 
-        Synchronous: if another process holds the page's bucket mutex, this waits for it at
-        most ``aiodbenv.region.mutex.SYNC_WAIT`` (1 s), blocking the thread, then raises
-        :class:`~aiodbenv.errors.LockTimeout` naming the holder, with nothing changed."""
+        Synchronous, so it never waits long: if another process holds the page's bucket
+        mutex, this waits for it at most ``aiodbenv.region.mutex.STEP_WAIT`` (2 ms; everyone
+        holds a bucket mutex for microseconds, so only a stopped or stuck holder gets this
+        far), then raises :class:`~aiodbenv.errors.LockTimeout` (a
+        :class:`~aiodbenv.errors.TryAgain`) naming the holder, with nothing changed: call it
+        again later, or pass the flag to :meth:`unpin`, which waits for the mutex without
+        blocking the event loop. It does not defer the change: a page whose dirty mark
+        waited for its unpin would be missed by a ``sync()`` made meanwhile."""
         if self._forked:
             self._refuse_forked()
         if not (dirty or clean or discard):
@@ -213,7 +219,9 @@ class PoolFile(PageRelease):
         cache = page._cache
         if (dirty or clean) and cache is not None:
             w = cache.words
-            with cache.mutexes[page._bucket]:  # first: a LockTimeout leaves nothing changed
+            # First, and one short wait only (never a blocking one on the event loop): a
+            # LockTimeout leaves nothing changed.
+            with step_waits(), cache.mutexes[page._bucket]:
                 self._apply_dirty(
                     w,
                     page._bh >> 3,

@@ -9,6 +9,7 @@ descriptors once no I/O of the pool uses them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import mmap
 import os
@@ -27,6 +28,7 @@ from ..errors import (
     NotFound,
     PermissionDenied,
 )
+from .alloc import PoolCore
 from .bh import close_fds
 from .bhread import PoolReads
 from .core import new_fileid
@@ -171,34 +173,42 @@ class PoolFiles(PoolReads):
         elif fileid is None:
             # A named nofile file is shared by name; a temporary file by nobody.
             fileid = _name_fileid(name) if name is not None else new_fileid()
+        core = self._core
+        # The file table's and the file's mutexes are taken with bounded waits and an async
+        # back-off (a stopped holder must not freeze the loop): LockTimeout naming the holder
+        # after wait_timeout, with everything this open took given back.
         try:
-            fidx, _created = self._core.open_entry(
-                fileid,
-                page_size=ps,
-                lsn_offset=lsn_offset,
-                clear_len=ps,
-                ftype=ftype,
-                flags=flags,
-                pages=pages,
-                max_pages=max_pages or 0,
-                writable=not readonly,
-                name=name,
-                cookie=bytes(pgcookie),
+            fidx, _created = await self._locked(
+                functools.partial(
+                    core.open_entry,
+                    fileid,
+                    page_size=ps,
+                    lsn_offset=lsn_offset,
+                    clear_len=ps,
+                    ftype=ftype,
+                    flags=flags,
+                    pages=pages,
+                    max_pages=max_pages or 0,
+                    writable=not readonly,
+                    name=name,
+                    cookie=bytes(pgcookie),
+                )
             )
+            try:
+                await self._locked(_note_open, core, fidx, pages, readonly)
+                fs = await self._locked(core.file_stats_block, fidx)
+            except BaseException:
+                # The handle count taken above goes back (now, or in a task of the pool).
+                self._settle(core.close_entry, fidx, not readonly, False)
+                raise
         except BaseException:
             if mapped is not None:
                 mapped.close()
             if fd is not None:
                 os.close(fd)
             raise
-        core = self._core
         e = core.entry(fidx)
         w0 = core.meta_words
-        with core.file_mutex(fidx):
-            if pages > w0[e + FILE_ENTRY.word.pages]:
-                w0[e + FILE_ENTRY.word.pages] = pages  # the file grew outside the pool
-            if not readonly:
-                w0[e + FILE_ENTRY.word.flags] |= FF_NO_MMAP
         if mapped is not None and w0[e + FILE_ENTRY.word.flags] & FF_NO_MMAP:
             mapped.close()  # a writer has it open: pages must go through the cache
             mapped = None
@@ -215,6 +225,7 @@ class PoolFiles(PoolReads):
             cookie=bytes(pgcookie),
             mapped=mapped,
             checksum=checksum,
+            fs=fs,
         )
         self._io.files.add(f)
         return f
@@ -229,14 +240,15 @@ class PoolFiles(PoolReads):
             await asyncio.gather(*list(self._io.tasks), return_exceptions=True)
         core = self._core
         fidx = f._fidx
-        core.release_file_stats_block(fidx, f._fs)
+        # Each step takes its mutexes with bounded waits and an async back-off (a stopped
+        # holder must not freeze the loop); each locks first and changes nothing when it
+        # times out, so it is simply tried again. A close must finish: no closing check.
+        await self._locked(core.release_file_stats_block, fidx, f._fs, check=False)
         dead = f.temp or (f.nofile and f.name is None)
-        left = core.close_entry(fidx, writable=not f.readonly, discard=dead)
+        left = await self._locked(core.close_entry, fidx, not f.readonly, dead, check=False)
         if left == 0 and dead:
-            core.drop_file_buffers(fidx)
-            if not core.any_buffers(fidx):
-                with core.mutex:
-                    core._free_entry(fidx)
+            await self._locked(core.drop_file_buffers, fidx, check=False)
+            await self._locked(core.free_unused_entry, fidx, check=False)
         fds = [
             fd for fd in (f._fd, self._io.close_wfd(fidx) if left == 0 else None) if fd is not None
         ]
@@ -245,6 +257,18 @@ class PoolFiles(PoolReads):
         mapped = f._map
         if fds or mapped is not None:
             await anyio.to_thread.run_sync(close_fds, fds, mapped, limiter=self._io.limiter)
+
+
+def _note_open(core: PoolCore, fidx: int, pages: int, readonly: bool) -> None:
+    """Record an open in file slot ``fidx``'s entry: a file that grew outside the pool, and
+    that a writer has it open (no mmap for anyone). Under its file mutex, taken first."""
+    e = core.entry(fidx)
+    w0 = core.meta_words
+    with core.file_mutex(fidx):
+        if pages > w0[e + FILE_ENTRY.word.pages]:
+            w0[e + FILE_ENTRY.word.pages] = pages  # the file grew outside the pool
+        if not readonly:
+            w0[e + FILE_ENTRY.word.flags] |= FF_NO_MMAP
 
 
 def _name_fileid(name: str) -> bytes:

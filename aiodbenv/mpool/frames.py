@@ -19,7 +19,7 @@ from ..errors import (
     LockTimeout,
     NoSpace,
 )
-from ..region.mutex import BUSY, step_waits
+from ..region.mutex import BUSY, attempt, step_waits
 from .bhwrite import write_items
 from .cache import BufRef, Cache
 from .handle import POLL_MAX, POLL_MIN, PoolBase
@@ -258,7 +258,8 @@ class PoolFrames(PoolBase):
         for cache, b, off, pid in found:
             if pid not in alive:
                 alive[pid] = is_alive(pid)
-            if not alive[pid] and take_over_claim(cache, b, off, pid):
+            # One try (STEP_WAIT): a held bucket is left for a later sweep.
+            if not alive[pid] and attempt(take_over_claim, cache, b, off, pid) is True:
                 taken += 1
         if taken:
             logger.warning("took over %d page write(s) left by dead process(es)", taken)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 
 from .. import _io
+from ..region.mutex import BUSY, attempt
+from .alloc import PoolCore
 from .bhwrite import SyncResult
 from .layout import (
     FF_DEAD,
@@ -109,9 +111,11 @@ async def fsync_pending(pool: PoolBase, files: set[int] | None, result: SyncResu
                 res[i] = out = None
             if out is None:
                 if e and core.fileid(fidx) == ids[fidx]:
-                    with core.file_mutex(fidx):
-                        if w0[e + FILE_ENTRY.word.synced_gen] < gen:
-                            w0[e + FILE_ENTRY.word.synced_gen] = gen
+                    # The file mutex held by a stopped process must not freeze the loop:
+                    # one short try, then retries with an async back-off up to wait_timeout
+                    # (LockTimeout then: the file is fsynced again by the next sync).
+                    if attempt(_record_synced, core, fidx, e, gen) is BUSY:
+                        await pool._locked(_record_synced, core, fidx, e, gen, check=False)
             elif out[0] == "fsync":
                 pool._fsync_failed(path or core.file_name(fidx) or f"file slot {fidx}", out[1])
         return res
@@ -128,3 +132,12 @@ async def fsync_pending(pool: PoolBase, files: set[int] | None, result: SyncResu
         else:
             result.errors.append(out[1])
     _io.step("fsync_end")
+
+
+def _record_synced(core: PoolCore, fidx: int, e: int, gen: int) -> None:
+    """Record that file slot ``fidx`` (entry word ``e``) is fsynced up to generation ``gen``
+    (under its file mutex, taken first: a LockTimeout changes nothing)."""
+    w0 = core.meta_words
+    with core.file_mutex(fidx):
+        if w0[e + FILE_ENTRY.word.synced_gen] < gen:
+            w0[e + FILE_ENTRY.word.synced_gen] = gen

@@ -5,7 +5,7 @@ shared half; the per-process half, descriptors and ``PoolFile``, is :mod:`~aiodb
 from __future__ import annotations
 
 from ..errors import CacheFull, InvalidArgument
-from ..region.mutex import SharedMutex
+from ..region.mutex import SharedMutex, sync_waits
 from .core import CoreBase
 from .layout import (
     BH,
@@ -51,7 +51,10 @@ class FileTable(CoreBase):
         base = self.pool_hdr + POOL_HEADER.word.files
         key = fileid.ljust(24, b"\0")
         ids = [int.from_bytes(key[i * 8 : (i + 1) * 8], "little") for i in range(3)]
-        with self.mutex:
+        # The pool mutex first (a LockTimeout changes nothing: event-loop callers retry with
+        # a back-off); the locks nested in it (buckets, the allocator) are held for a few
+        # stores by anyone and must not time out half-way through: SYNC_WAIT for them.
+        with self.mutex, sync_waits():
             free = -1
             for i in range(MAX_FILES):
                 off = w[base + i]
@@ -161,6 +164,14 @@ class FileTable(CoreBase):
                             files.add(int(w[(off >> 3) + BH.word.file]))
         return files
 
+    def free_unused_entry(self, fidx: int) -> None:
+        """Free the entry of dead file ``fidx`` if no buffer of it is left (pool mutex first,
+        so a LockTimeout changes nothing; the bucket and allocator locks nested in it wait
+        SYNC_WAIT)."""
+        with self.mutex, sync_waits():
+            if not self.any_buffers(fidx):
+                self._free_entry(fidx)
+
     def _free_entry(self, fidx: int) -> None:
         """Free a closed file's entry (caller holds the pool mutex); its counters are kept."""
         w = self.meta_words
@@ -181,7 +192,7 @@ class FileTable(CoreBase):
         (its buffers are dropped, not written) when the last handle goes."""
         w = self.meta_words
         e = self.entry(fidx)
-        with self.mutex:
+        with self.mutex:  # first: a LockTimeout changes nothing
             if not w[e + FILE_ENTRY.word.refcnt]:
                 self.caches[0].corrupt(f"file slot {fidx}'s handle count would go below zero")
             w[e + FILE_ENTRY.word.refcnt] -= 1
@@ -194,10 +205,12 @@ class FileTable(CoreBase):
 
     def file_stats_block(self, fidx: int) -> int:
         """Allocate this handle's counters for file ``fidx`` and link them; word index."""
-        off = self.meta_alloc(FILE_STATS.size)
         w = self.meta_words
         e = self.entry(fidx)
-        with self.mutex:
+        # The pool mutex first, then the allocator (nested, SYNC_WAIT): a LockTimeout of the
+        # pool mutex changes nothing, so event-loop callers can retry.
+        with self.mutex, sync_waits():
+            off = self.meta_alloc(FILE_STATS.size)
             w[(off >> 3) + FILE_STATS.word.next] = w[e + FILE_ENTRY.word.stats_head]
             w[e + FILE_ENTRY.word.stats_head] = off
         return off >> 3
@@ -208,7 +221,9 @@ class FileTable(CoreBase):
         e = self.entry(fidx)
         off = fs << 3
         retired = e + FILE_ENTRY.word.retired
-        with self.mutex:
+        # The pool mutex first; the free nested in it (SYNC_WAIT), so that a LockTimeout
+        # changes nothing and a retry cannot fold or free the block twice.
+        with self.mutex, sync_waits():
             for f in FSTAT_FIELDS:
                 w[retired + getattr(FILE_STATS.word, f)] += w[fs + getattr(FILE_STATS.word, f)]
             chain = self._meta_chain(
@@ -222,7 +237,7 @@ class FileTable(CoreBase):
                     w[(prev >> 3) + FILE_STATS.word.next] = nxt
                 else:
                     w[e + FILE_ENTRY.word.stats_head] = nxt
-        self.meta_free(off)
+            self.meta_free(off)
 
     def file_stats(self, fidx: int) -> dict[str, int]:
         """A file's counters summed over every handle that has or had it open."""

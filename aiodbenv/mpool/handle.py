@@ -73,6 +73,7 @@ class PoolBase:
             self._hs,
             self._pid,
             settle=self._settle,
+            locked=self._locked,
             notify=self._notify,
             closing=lambda: self._closing,
         )

@@ -12,9 +12,10 @@ runs on the event loop except a read of a page that is already in the OS page ca
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, LockTimeout
 from .bh import PageIn, PageOut
 from .bhwrite import SyncResult
 from .fopen import FileOpener, PoolFiles
@@ -23,6 +24,8 @@ from .reaper import Reaped
 from .stat import PoolStat, pool_stat
 from .sync import write_back
 from .trickle import trickle
+
+logger = logging.getLogger("aiodbenv")
 
 __all__ = ["FileOpener", "PageIn", "PageOut", "Pool"]
 
@@ -239,4 +242,10 @@ class Pool(PoolFiles):
         finally:
             self._closed = True
             if not self._env_core.panicked:
-                self._core.detach_handle(self._hs)
+                # With an async back-off: a pool mutex held by a stopped process must not
+                # freeze the loop. At wait_timeout the handle's counters stay linked (stat
+                # keeps counting them) and the close goes on.
+                try:
+                    await self._locked(self._core.detach_handle, self._hs, check=False)
+                except LockTimeout as err:
+                    logger.warning("closing the pool left its statistics block: %s", err)

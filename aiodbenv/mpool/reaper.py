@@ -29,7 +29,9 @@ its lock and is never reaped.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import LockTimeout
 from ..region.layout import MAX_PROCS
-from ..region.mutex import SYNC_WAIT, _wait_bound, step_waits
+from ..region.mutex import BUSY, SYNC_WAIT, _wait_bound, attempt, step_waits
 from ..region.mutex import trylock as _trylock
 from ..region.registry import ProcInfo
 from ..txn.latch import reap_latches
@@ -113,12 +115,12 @@ def reap(pool: PoolBase) -> list[Reaped]:
         try:
             done = _reap_slot(pool, info)
         except _Busy:
-            _patiently(reg.unclaim, slot)  # a bucket stayed busy: the next look finishes it
+            _patiently(pool, reg.unclaim, slot)  # a bucket stayed busy: the next look finishes it
             continue
         except BaseException:
-            _patiently(reg.unclaim, slot)
+            _patiently(pool, reg.unclaim, slot)
             raise
-        if _patiently(reg.free, slot, pins=done.pins, dirty=done.dirty):
+        if _patiently(pool, functools.partial(reg.free, slot, pins=done.pins, dirty=done.dirty)):
             out.append(done)
     if out:
         _log(out)
@@ -158,15 +160,26 @@ def _reclaim_frames(pool: PoolBase, pids: set[int]) -> None:
             pool._frame_released()
 
 
-def _patiently(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn`` under the environment mutex with the synchronous bound (SYNC_WAIT), even when
-    called from a step of a bounded wait: a claimed slot must be given back or freed, and the
-    environment mutex is held only for a few word stores by anyone not stopped."""
-    token = _wait_bound.set(SYNC_WAIT)
+def _patiently(pool: PoolBase, fn: Callable[..., T], *args: Any) -> T | None:
+    """``fn(*args)``, a registry update under the environment mutex that must happen (a
+    claimed slot given back or freed). Off the event loop (a worker thread) it waits the
+    synchronous bound (SYNC_WAIT). On the loop it is tried for STEP_WAIT, and if the mutex
+    stays held (by a stopped process?) it is left to a task of the pool that retries with an
+    async back-off: None then (not done yet). ``fn`` locks first and changes nothing on a
+    timeout."""
     try:
-        return fn(*args, **kwargs)
-    finally:
-        _wait_bound.reset(token)
+        asyncio.get_running_loop()
+    except RuntimeError:
+        token = _wait_bound.set(SYNC_WAIT)
+        try:
+            return fn(*args)
+        finally:
+            _wait_bound.reset(token)
+    got = attempt(fn, *args)
+    if got is BUSY:
+        pool._later(fn, *args)
+        return None
+    return got
 
 
 def _reap_slot(pool: PoolBase, info: ProcInfo) -> Reaped:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 from .._process import is_alive
 from ..errors import Incomplete
-from ..region.mutex import BUSY, ffi
+from ..region.mutex import BUSY, attempt, ffi
 from . import accel
 from .bhwrite import SyncResult, write_items
 from .cache import BufRef, Cache, found
@@ -126,7 +126,9 @@ async def collect_dirty(pool: PoolBase, files: set[int] | None) -> Collected:
             pid = int(cache.words[(bh >> 3) + BH.word.io_pid])
             if pid not in alive:
                 alive[pid] = is_alive(pid)
-            if alive[pid] or not take_over_claim(cache, b, bh, pid):
+            # One try (STEP_WAIT): a bucket held elsewhere leaves the claim to settle_claims,
+            # which retries with an async back-off.
+            if alive[pid] or attempt(take_over_claim, cache, b, bh, pid) is not True:
                 item = found(tag - 1, pgnos[i], cache, b, bh)
                 claimed.append((item, pid))
                 continue
@@ -160,6 +162,8 @@ def take_over_claim(cache: Cache, b: int, bh: int, pid: int) -> bool:
 
     The page kept ``DIRTY`` through the write, so it is simply written again; a write the dead
     process completed is harmless to repeat. False if the buffer no longer carries that claim.
+    Locks first: a LockTimeout changes nothing, so callers on the event loop try it once with
+    :func:`~aiodbenv.region.mutex.attempt` and come back later if the bucket is held.
     """
     w = cache.words
     x = bh >> 3
@@ -195,7 +199,7 @@ async def settle_claims(
                 continue  # released (a hint read without the lock; the re-collect checks)
             if pid not in alive:
                 alive[pid] = is_alive(pid)
-            if not alive[pid] and take_over_claim(cache, b, bh, pid):
+            if not alive[pid] and attempt(take_over_claim, cache, b, bh, pid) is True:
                 continue
             left.append((item, pid))
         pending = left

@@ -22,7 +22,10 @@ Every wait for a held mutex is bounded (``pthread_mutex_timedlock``): a holder t
 most :data:`SYNC_WAIT` seconds, then raises :class:`~aiodbenv.errors.LockTimeout` naming the
 holder's pid. Async callers run their synchronous critical sections under :func:`step_waits`,
 which shortens the wait to :data:`STEP_WAIT` (a few milliseconds of event loop at most), and on
-LockTimeout back off asynchronously and try again, up to the pool's ``wait_timeout``.
+LockTimeout back off asynchronously and try again, up to the pool's ``wait_timeout``
+(:func:`attempt` is one such try). Every lock taken on the event loop goes that way; the
+:data:`SYNC_WAIT` bound is for worker threads, and for locks nested in a critical section that
+has already changed something (:func:`sync_waits`), where a timeout would leave it half made.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import CorruptRegion, LockTimeout, RunRecovery
 from . import pthread_cdef as cdef
@@ -50,11 +53,13 @@ __all__ = [
     "Mutex",
     "NullMutex",
     "SharedMutex",
+    "attempt",
     "ffi",
     "lib",
     "owner_pid",
     "speedups",
     "step_waits",
+    "sync_waits",
     "trylock",
     "unlock",
 ]
@@ -90,7 +95,7 @@ trylock = lib.pthread_mutex_trylock
 unlock = lib.pthread_mutex_unlock
 
 #: Longest a synchronous caller waits for a held mutex before LockTimeout (seconds). It blocks
-#: the calling thread, the event loop's included: only callers that cannot await use it.
+#: the calling thread: worker threads use it, the event loop only for nested locks.
 SYNC_WAIT = 1.0
 #: The wait of one attempt under :func:`step_waits`: async callers back off between attempts.
 STEP_WAIT = 0.002
@@ -108,6 +113,35 @@ BUSY = Busy.BUSY
 
 if speedups is not None:
     speedups.aiodb_set_lock_wait(int(SYNC_WAIT * 1e9))
+
+
+_T = TypeVar("_T")
+
+
+def attempt(fn: Callable[..., _T], *args: Any) -> _T | Busy:
+    """``fn(*args)`` under :func:`step_waits`, or :data:`BUSY` if a lock in it timed out (so
+    ``fn`` must lock first and change nothing on a timeout): one try of an event-loop caller,
+    which then backs off asynchronously (the pool's ``_locked``) if it got BUSY."""
+    token = _wait_bound.set(STEP_WAIT)
+    try:
+        return fn(*args)
+    except LockTimeout:
+        return BUSY
+    finally:
+        _wait_bound.reset(token)
+
+
+@contextmanager
+def sync_waits() -> Iterator[None]:
+    """Within the block, a contended lock waits up to :data:`SYNC_WAIT` again, even under
+    :func:`step_waits`: for the locks nested in a critical section that has already changed
+    something, where a LockTimeout would leave the change half made. Only worker threads and
+    locks held for a few word stores by everyone use it."""
+    token = _wait_bound.set(SYNC_WAIT)
+    try:
+        yield
+    finally:
+        _wait_bound.reset(token)
 
 
 @contextmanager
