@@ -4,7 +4,7 @@ module stays one concept and within the size limit)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .errors import InvalidArgument
 from .log.log import Log
@@ -18,8 +18,10 @@ class EnvLog:
 
     _log: Log | None
 
-    def _check(self) -> EnvCore:
-        raise NotImplementedError  # Env's own: the fork, closed and panic checks
+    if TYPE_CHECKING:  # supplied by Env: declared for the type checker only, no runtime stub
+
+        def _check(self) -> EnvCore:
+            """Env's own: the fork, closed and panic checks."""
 
     @property
     def has_log(self) -> bool:

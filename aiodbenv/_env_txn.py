@@ -6,7 +6,7 @@ size limit)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ._config import Settings
 from ._wal import log_hooks
@@ -69,12 +69,14 @@ class EnvTxn:
         self._txn_stats = TxnStats()
         self.recovered = None
 
-    def _check(self) -> EnvCore:
-        raise NotImplementedError  # Env's own: the fork, closed and panic checks
+    if TYPE_CHECKING:  # supplied by Env and EnvLog: declared for the type checker only
 
-    @property
-    def durability(self) -> Literal["sync", "write_nosync", "nosync"]:
-        raise NotImplementedError  # EnvLog's
+        def _check(self) -> EnvCore:
+            """Env's own: the fork, closed and panic checks."""
+
+        @property
+        def durability(self) -> Literal["sync", "write_nosync", "nosync"]:
+            """EnvLog's."""
 
     def txn(
         self,
@@ -137,5 +139,7 @@ class EnvTxn:
                 "was written); open it with Env.open(home, create=True, log=True, recover=True)"
             )
 
-    async def close(self, *, nosync: bool = False) -> None:
-        raise NotImplementedError  # Env's own
+    if TYPE_CHECKING:
+
+        async def close(self, *, nosync: bool = False) -> None:
+            """Env's own."""
