@@ -177,8 +177,7 @@ def test_log_bench_anchor_only(log_anchor: Path, tmp_path: Path) -> None:
 
 def test_log_bench_side_by_side(log_anchor: Path, tmp_path: Path) -> None:
     """aiodbenv's side beside the anchor, every case, with 2 coroutines per process."""
-    if not lb.has_log():
-        pytest.skip("aiodbenv has no log yet")
+    assert lb.has_log(), "this aiodbenv has no log: log_bench has nothing to compare"
     _proc, data = _run_bench(tmp_path, "--coroutines", "2")
     for row in data["rows"]:
         key = row["case"]["key"]
