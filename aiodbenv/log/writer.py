@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from .. import _io
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region.backing import Region
-from ..region.mutex import BUSY, STEP_WAIT, Busy, _wait_bound
+from ..region.mutex import BUSY, STEP_WAIT, Busy, _wait_bound, backoff_locked
 from .core import NEED, LogCore
 from .files import create_log_file, log_path
 from .layout import LOG_HEADER, header_offset
@@ -161,27 +161,7 @@ class LogWriter:
         r = self._attempt(fn, *args)
         if not isinstance(r, Busy):
             return r
-        deadline = time.monotonic() + self.wait_timeout
-        delay = 0.0005
-        while True:
-            token = _wait_bound.set(STEP_WAIT)
-            try:
-                return fn(*args)
-            except LockTimeout as err:
-                last = err
-            finally:
-                _wait_bound.reset(token)
-            now = time.monotonic()
-            if now >= deadline:
-                who = f"process {last.pid}" if last.pid else "another process"
-                final = LockTimeout(
-                    f"mutex log is held by {who} and was not released within "
-                    f"{self.wait_timeout:g} s (is that process stopped or stuck?)"
-                )
-                final.pid, final.mutex = last.pid, "log"
-                raise final from last
-            await asyncio.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, 0.005)
+        return await backoff_locked(fn, args, self.wait_timeout, name="log")
 
     def _wake_others(self) -> None:
         if self._futex is not None:

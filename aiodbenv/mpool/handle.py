@@ -29,7 +29,7 @@ from ..errors import (
 )
 from ..region.backing import Region
 from ..region.layout import MAX_PROCS
-from ..region.mutex import BUSY, Busy, _wait_bound, step_waits
+from ..region.mutex import BUSY, Busy, _wait_bound, backoff_locked, step_waits
 from ..region.mutex import STEP_WAIT as _STEP_WAIT
 from .alloc import PoolCore
 from .bh import BufferIO
@@ -275,31 +275,9 @@ class PoolBase:
         must be finished, such as a deferred release). Cancellation: between attempts;
         nothing is held.
         """
-        deadline: float | None = None
-        delay = 0.0005
-        while True:
-            token = _wait_bound.set(_STEP_WAIT)
-            try:
-                return fn(*args)
-            except LockTimeout as err:
-                last = err
-            finally:
-                _wait_bound.reset(token)
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + self.wait_timeout
-            if now >= deadline:
-                who = f"process {last.pid}" if last.pid else "another process"
-                final = LockTimeout(
-                    f"mutex {last.mutex} is held by {who} and was not released within "
-                    f"{self.wait_timeout:g} s (is that process stopped or stuck?)"
-                )
-                final.pid, final.mutex = last.pid, last.mutex
-                raise final from last
-            await asyncio.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, POLL_MAX)
-            if check:
-                self._check()
+        return await backoff_locked(
+            fn, args, self.wait_timeout, between=self._check if check else None
+        )
 
     def _later(self, fn: Callable[..., object], *args: Any) -> asyncio.Task[Any]:
         """Run ``fn(*args)`` through :meth:`_locked` in a task of the pool, for a synchronous

@@ -30,6 +30,7 @@ has already changed something (:func:`sync_waits`), where a timeout would leave 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import os
@@ -46,6 +47,7 @@ from .layout import MUTEX_SLOT, WORD
 
 __all__ = [
     "BACKEND",
+    "BACKOFF_MAX",
     "BUSY",
     "STEP_WAIT",
     "SYNC_WAIT",
@@ -376,3 +378,50 @@ class NullMutex:
 
 #: Either kind of mutex: a shared one in a region, or the no-op one of a private environment.
 Mutex = SharedMutex | NullMutex
+
+
+#: Longest pause between two attempts of :func:`backoff_locked`.
+BACKOFF_MAX = 0.005
+
+
+async def backoff_locked(
+    fn: Callable[..., _T],
+    args: tuple[Any, ...],
+    timeout: float,
+    *,
+    between: Callable[[], object] | None = None,
+    name: str | None = None,
+) -> _T:
+    """``fn(*args)``, a synchronous critical section that locks first and changes nothing
+    when a lock times out, with bounded waits on the event loop: each attempt waits at most
+    :data:`STEP_WAIT` for a held mutex; after a :class:`~aiodbenv.errors.LockTimeout` the
+    caller sleeps (0.5 ms, doubling up to :data:`BACKOFF_MAX`) and tries again, for up to
+    ``timeout`` seconds, then raises LockTimeout naming the holder (and the mutex ``name``,
+    or the one that timed out). ``between`` runs between attempts (it may raise, e.g. when
+    the handle is closing). Cancellation: between attempts; nothing is held."""
+    deadline: float | None = None
+    delay = 0.0005
+    while True:
+        token = _wait_bound.set(STEP_WAIT)
+        try:
+            return fn(*args)
+        except LockTimeout as err:
+            last = err
+        finally:
+            _wait_bound.reset(token)
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + timeout
+        if now >= deadline:
+            mutex = name or last.mutex
+            who = f"process {last.pid}" if last.pid else "another process"
+            final = LockTimeout(
+                f"mutex {mutex} is held by {who} and was not released within "
+                f"{timeout:g} s (is that process stopped or stuck?)"
+            )
+            final.pid, final.mutex = last.pid, mutex
+            raise final from last
+        await asyncio.sleep(min(delay, deadline - now))
+        delay = min(delay * 2, BACKOFF_MAX)
+        if between is not None:
+            between()
