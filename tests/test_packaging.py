@@ -25,7 +25,11 @@ from .conftest import REPO
 
 PACKAGE = REPO / "aiodbenv"
 #: Build inputs that live in the package directory but are not runtime modules.
-BUILD_ONLY = {"aiodbenv/_speedups_build.py"}
+BUILD_ONLY = {"aiodbenv/_speedups_build.py"} | {
+    p.relative_to(PACKAGE.parent).as_posix()
+    for p in (PACKAGE / "_csrc").iterdir()
+    if p.suffix in (".c", ".cdef")
+}
 #: Project directories the sdist carries whole (generated output excluded).
 SDIST_DIRS = ("docs", "examples", "tests", "benchmarks")
 #: What a checkout does not have: build and install output, caches, virtualenvs.
