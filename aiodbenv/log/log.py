@@ -14,6 +14,7 @@ and takes the role over if the writer died.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -22,8 +23,12 @@ import zlib
 import anyio.to_thread
 
 from .. import _io
-from ..errors import InvalidArgument, LockTimeout
+from ..errors import CorruptRegion, InvalidArgument, LockTimeout
 from ..region.mutex import BUSY, Busy
+from ..region.mutex import unlock as _unlock
+from .accel import CORRUPT as _CORRUPT
+from .accel import HALF as _HALF
+from .accel import OWNER_DEAD as _OWNER_DEAD
 from .core import NEED
 from .cursor import LogCursor
 from .files import list_log_files, log_path
@@ -41,6 +46,9 @@ from .writer import Direct, DurableListener, LogWriter
 __all__ = ["DurableListener", "Log"]
 
 logger = logging.getLogger("aiodbenv")
+
+# An LSN made without NamedTuple's Python-level __new__ (put returns one per record).
+_new_lsn = tuple.__new__
 
 
 class Log(LogWriter):
@@ -146,6 +154,29 @@ class Log(LogWriter):
         its flush is abandoned (the writer finishes its round in the background). A record
         larger than the buffer that the writer has begun to write is appended all the same.
         """
+        fast = self._fast  # None without the accelerator, once closed, in a forked child
+        if (
+            fast is not None
+            and not (flush or write_nosync)
+            and type(data) is bytes
+            and not self._panic_w[self._panic_i]
+        ):
+            # The compiled append: header, checksum and copy in one call, no Python work
+            # beyond it unless the buffer is full, a file must start, or the mutex is held.
+            word = fast.fn(fast.args, REC_USER, data, len(data))
+            if word < 0:
+                word = await self._put_slow(data, word)
+            elif word & _HALF:
+                word ^= _HALF
+                if self._task is None:
+                    self._write_behind(word)
+            return _new_lsn(LSN, (word >> 32, word & 0xFFFFFFFF))
+        return await self._put(data, flush, write_nosync)
+
+    async def _put(
+        self, data: bytes | bytearray | memoryview, flush: bool, write_nosync: bool
+    ) -> LSN:
+        """:meth:`put` in full: checks, the append (compiled or not), the flush or write."""
         if self._closed or self._panic_w[self._panic_i] or os.getpid() != self._pid:
             self._check()
         if flush and write_nosync:
@@ -154,20 +185,17 @@ class Log(LogWriter):
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise InvalidArgument(f"a log record is bytes, not {type(data).__name__}")
             data = bytes(data)
-        # The common case without a coroutine call: room in the buffer, mutex free.
-        if len(data) > self._max_payload:
-            await self._append(REC_USER, data)  # raises InvalidArgument
-        try:
-            word: int | NEED = self._c.append(REC_USER, data, zlib.crc32(data))
-        except LockTimeout:
-            word = NEED.SPACE
-        if type(word) is not int:
-            word = await self._append(REC_USER, data)
-        elif self._task is None and self._c.w[self._tail_i] & 0xFFFFFFFF > self._half:
-            # The buffer is half full: have it written in the background now, so that
-            # appends rarely find it full and have to wait for a write.
-            self._want.write = max(self._want.write, word)
-            self._kick()
+        fast = self._fast
+        if fast is not None:
+            word = fast.fn(fast.args, REC_USER, data, len(data))
+            if word < 0:
+                word = await self._put_slow(data, word)
+            elif word & _HALF:
+                word ^= _HALF
+                if self._task is None:
+                    self._write_behind(word)
+        else:
+            word = await self._put_py(data)
         if flush:
             if self._c.inmemory and not self._listeners:
                 try:
@@ -178,7 +206,41 @@ class Log(LogWriter):
                 await self._flush_word(word)
         elif write_nosync:
             await self._write_through(word)
-        return LSN(word >> 32, word & 0xFFFFFFFF)
+        return _new_lsn(LSN, (word >> 32, word & 0xFFFFFFFF))
+
+    async def _put_py(self, data: bytes) -> int:
+        """The Python append of :meth:`put` (without the accelerator): its LSN word."""
+        # The common case without a coroutine call: room in the buffer, mutex free.
+        if len(data) > self._max_payload:
+            await self._append(REC_USER, data)  # raises InvalidArgument
+        try:
+            word: int | NEED = self._c.append(REC_USER, data, zlib.crc32(data))
+        except LockTimeout:
+            word = NEED.SPACE
+        if type(word) is not int:
+            return await self._append(REC_USER, data)
+        if self._task is None and self._c.w[self._tail_i] & 0xFFFFFFFF > self._half:
+            self._write_behind(word)
+        return word
+
+    async def _put_slow(self, data: bytes, code: int) -> int:
+        """The compiled append handed ``code`` back: do the append the Python way."""
+        if code == _OWNER_DEAD:
+            # It left the mutex held for us: repair (or panic) as any locker would.
+            self._c.mutex.acquire_contended(errno.EOWNERDEAD)
+            if self._c._ptr is not None:
+                _unlock(self._c._ptr)
+        elif code == _CORRUPT:
+            reason = "the log region is corrupt (a header word failed its bounds check)"
+            self._env.panic(reason)
+            raise CorruptRegion(reason)
+        return await self._append(REC_USER, data)
+
+    def _write_behind(self, word: int) -> None:
+        """The buffer is half full: have it written in the background now, so that appends
+        rarely find it full and have to wait for a write."""
+        self._want.write = max(self._want.write, word)
+        self._kick()
 
     async def _append(self, rtype: int, payload: bytes) -> int:
         c = self._c
@@ -337,6 +399,7 @@ class Log(LogWriter):
         """Flush what is buffered (unless not ``flush`` or panicked), let the writer task
         finish, close the files."""
         self._closing = True
+        self._fast = None  # its addresses die with the mapping; later puts raise via _check
         try:
             if flush and not self._closed and not self._env.panicked and not self._c.inmemory:
                 await self.flush()

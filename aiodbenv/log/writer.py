@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .. import _io
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region.backing import Region
 from ..region.mutex import BUSY, STEP_WAIT, Busy, _wait_bound, backoff_locked
+from .accel import fast_put
 from .core import NEED, LogCore
 from .files import create_log_file, log_path
 from .layout import LOG_HEADER, header_offset
@@ -52,6 +54,20 @@ _POLL_MIN = 0.0001
 _POLL_MAX = 0.002
 #: Longest one futex wait (seconds): the wait is re-checked (and a stall noticed) this often.
 _FUTEX_WAIT = 0.005
+
+
+#: Every log handle of this process, so that a forked child can turn their compiled puts off.
+_live_writers: weakref.WeakSet[LogWriter] = weakref.WeakSet()
+
+
+def _disarm_in_child() -> None:
+    # A forked child inherits the parent's handles and mapping; its puts must take the Python
+    # path, whose check raises ForkedProcessError, not append through the parent's handle.
+    for lw in list(_live_writers):
+        lw._fast = None
+
+
+os.register_at_fork(after_in_child=_disarm_in_child)
 
 
 @dataclass
@@ -83,6 +99,10 @@ class LogWriter:
         """Internal: the environment makes its log when it opens."""
         self._env = core
         self._c = LogCore(region, shared, core.panic)
+        #: The compiled append (None: every put runs the Python one, which checks the handle
+        #: is open and of this process; close and a fork turn it off).
+        self._fast = fast_put(self._c)
+        _live_writers.add(self)
         self._pid = os.getpid()
         #: Longest a caller waits for a stopped or stuck writer of another process before
         #: LockTimeout (seconds).

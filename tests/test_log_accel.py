@@ -1,0 +1,215 @@
+"""The compiled log append (aiodbenv/_csrc/60_log.c) against its Python twin: the same records
+through both give the same log bytes, its CRC-32 is zlib's, a corrupt header word is refused,
+a put after fork or close does not go through it, and the log suites pass with the Python
+twin alone (AIODBENV_MUTEX=abi)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+import aiodbenv
+from aiodbenv import CorruptRegion, InvalidArgument, RunRecovery
+from aiodbenv.errors import ForkedProcessError
+from aiodbenv.log import accel
+from aiodbenv.log.layout import LOG_HEADER
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+compiled = pytest.mark.skipif(not accel.COMPILED, reason="the compiled accelerator is not in use")
+
+# Puts a fixed mix of records (tiny to larger than the buffer, across several files of a small
+# file log, and around the ring of an in-memory log), then prints a digest of every log byte.
+AGREE = r"""
+import asyncio, hashlib, json, os, random, sys
+import aiodbenv
+from aiodbenv.log import accel
+
+async def main(home, mode):
+    os.makedirs(home)
+    rng = random.Random(12)
+    sizes = [0, 1, 7, 8, 9, 15, 16, 17, 100, 1000, 3000, 5000, 9000]
+    if mode == "file":
+        env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192,
+                                      log_file_size=65536)
+    else:
+        env = await aiodbenv.Env.open(home, create=True, log_inmemory=True,
+                                      log_buffer_size=65536, log_file_size=16384)
+    lsns = []
+    for i in range(400):
+        n = sizes[rng.randrange(len(sizes))] if mode == "file" else rng.randrange(0, 600)
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        lsns.append(str(await env.log.put(data, flush=(i % 97 == 0))))
+    st = env.log.stat()
+    out = {"compiled": env.log._fast is not None, "lsns": lsns, "records": st.records,
+           "bytes": st.bytes}
+    if mode == "memory":
+        c = env.log._c
+        out["ring"] = hashlib.sha256(bytes(c.buf[c.b0:c.b0 + c.bsize])).hexdigest()
+        out["tail"] = c.word("tail")
+        await env.close()
+    else:
+        await env.close()
+        for name in sorted(os.listdir(home)):
+            if name.startswith("log."):
+                with open(os.path.join(home, name), "rb") as f:
+                    out[name] = hashlib.sha256(f.read()).hexdigest()
+    await aiodbenv.Env.remove(home)
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def _agree_run(home: str, mode: str, abi: bool) -> dict[str, object]:
+    env = dict(os.environ)
+    if abi:
+        env["AIODBENV_MUTEX"] = "abi"
+    else:
+        env.pop("AIODBENV_MUTEX", None)
+    r = subprocess.run(
+        [sys.executable, "-c", AGREE, home, mode],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out: dict[str, object] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+@compiled
+@pytest.mark.parametrize("mode", ["file", "memory"])
+def test_compiled_and_python_appends_write_the_same_bytes(home: str, mode: str) -> None:
+    # Separate homes: removing an environment keeps its log files.
+    fast = _agree_run(os.path.join(home, "compiled"), mode, abi=False)
+    slow = _agree_run(os.path.join(home, "python"), mode, abi=True)
+    assert fast.pop("compiled") is True
+    assert slow.pop("compiled") is False
+    if mode == "file":
+        assert sum(k.startswith("log.") for k in fast) >= 3  # the records crossed files
+    assert fast == slow
+
+
+@compiled
+def test_compiled_crc32_is_zlibs() -> None:
+    rng = random.Random(5)
+    for n in [0, 1, 7, 8, 9, 63, 64, 65, 1000, 4097]:
+        data = rng.randbytes(n)
+        assert accel.crc32(data) == zlib.crc32(data), n
+
+
+@compiled
+async def test_corrupt_fill_is_refused_and_panics(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        c = env.log._c
+        i = c.h + LOG_HEADER.word.tail
+        c.w[i] = (c.w[i] & ~0xFFFFFFFF) | (c.bsize + 8)  # a fill past the buffer
+        tail, records = c.w[i], c.word("st_records")
+        with pytest.raises(CorruptRegion):
+            await env.log.put(b"x")
+        with pytest.raises(RunRecovery):
+            await env.log.put(b"y")
+        assert (c.w[i], c.word("st_records")) == (tail, records)  # nothing appended
+    finally:
+        with pytest.raises(RunRecovery):
+            await env.close()
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@compiled
+async def test_full_buffer_and_large_records_go_the_python_way(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=4096)
+    try:
+        data = [b"%d" % i * (i % 50) for i in range(300)] + [b"L" * 10000]
+        lsns = [await env.log.put(d) for d in data]
+        assert lsns == sorted(lsns)
+        got = [d async for _, d in env.log.cursor()]
+        assert got == data
+        assert env.log.stat().wcount_fill > 0  # appends found the buffer full
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+
+
+async def test_put_after_close_is_refused(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    log = env.log
+    await log.put(b"a")
+    await env.close()
+    assert log._fast is None
+    with pytest.raises(InvalidArgument):
+        await log.put(b"b")
+    await aiodbenv.Env.remove(home)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+async def test_forked_child_does_not_put_through_the_parents_handle(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        log = env.log  # the handle the child inherits (env.log itself refuses in a child)
+        end = log.end_lsn
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(r)
+            code = b"?"
+            try:
+                coro = log.put(b"child")
+                try:
+                    code = b"suspended: %r" % (coro.send(None),)
+                except StopIteration:
+                    code = b"appended"
+                except ForkedProcessError:
+                    code = b"refused" if log._fast is None else b"armed"
+                except BaseException as err:
+                    code = repr(err).encode()
+            finally:
+                os.write(w, code)
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            assert f.read() == b"refused"
+        os.waitpid(pid, 0)
+        assert env.log.end_lsn == end
+        assert env.log._fast is not None or not accel.COMPILED
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+
+
+def test_log_suites_pass_with_the_python_append() -> None:
+    """The log test suites again with AIODBENV_MUTEX=abi: the Python append, flush and ring."""
+    if os.environ.get("AIODBENV_MUTEX") == "abi":
+        assert not accel.COMPILED
+        return
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-x",
+            "tests/test_log.py",
+            "tests/test_log_cancel.py",
+            "tests/test_log_model.py",
+            "tests/test_log_processes.py",
+        ],
+        cwd=REPO,
+        env={**os.environ, "AIODBENV_MUTEX": "abi"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
