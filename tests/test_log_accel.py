@@ -5,17 +5,21 @@ twin alone (AIODBENV_MUTEX=abi)."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import errno
 import json
 import os
 import random
 import subprocess
 import sys
 import zlib
+from typing import Any
 
 import pytest
 
 import aiodbenv
-from aiodbenv import CorruptRegion, InvalidArgument, RunRecovery
+from aiodbenv import CorruptRegion, InvalidArgument, RunRecovery, _io
 from aiodbenv.errors import ForkedProcessError
 from aiodbenv.log import accel
 from aiodbenv.log.layout import LOG_HEADER
@@ -213,3 +217,70 @@ def test_log_suites_pass_with_the_python_append() -> None:
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
+
+
+# -- writes behind ----------------------------------------------------------------------------
+
+
+def _send(coro: Any) -> tuple[bool, Any]:
+    """Run a coroutine's first step: (True, result) if it finished without suspending."""
+    try:
+        fut = coro.send(None)
+    except StopIteration as done:
+        return True, done.value
+    return False, (coro, fut)
+
+
+async def test_write_behind_starts_and_finishes_without_suspending_the_put(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    try:
+        log = env.log
+        lsns = [await log.put(b"first", flush=True)]  # the file is open here, the buffer empty
+        rec = b"r" * 84  # 100 bytes with its header
+        # Up to half the buffer: appended in place, nothing written.
+        while log._inflight is None:
+            finished, value = _send(log.put(rec))
+            assert finished, "a put with room in the buffer suspended"
+            lsns.append(value)
+        # The put that passed half handed the write to the writer's thread before returning.
+        r = log._inflight
+        assert r is not None and r.end > 0
+        assert concurrent.futures.wait([r.cf], timeout=30).done
+        # Fill the rest: the put that finds the buffer full frees it without suspending, since
+        # the write behind is done, and starts the next.
+        before = log.stat().wcount
+        for _ in range(60):
+            finished, value = _send(log.put(rec))
+            assert finished, "a put suspended although the write behind was done"
+            lsns.append(value)
+        assert log.stat().wcount > before  # finished by a put, counted
+        assert log.stat().wcount_fill == 0
+        await log.flush()
+        assert [lsn async for lsn, _ in log.cursor()] == lsns
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+
+
+async def test_failed_write_behind_panics(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    try:
+        log = env.log
+        await log.put(b"first", flush=True)
+        with _io.inject("pwrite", errno.EIO):
+            while log._inflight is None:
+                await log.put(b"w" * 84)
+            r = log._inflight
+            assert concurrent.futures.wait([r.cf], timeout=30).done
+            assert isinstance(r.cf.exception(), OSError)
+            # A put does not finish a failed round itself; the writer task reports it.
+            for _ in range(200):
+                if log._task is None:
+                    break
+                await asyncio.sleep(0.01)
+        with pytest.raises(RunRecovery, match="log file"):
+            await log.put(b"after")
+    finally:
+        with pytest.raises(RunRecovery):
+            await env.close()
+        await aiodbenv.Env.remove(home, force=True)

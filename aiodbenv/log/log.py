@@ -29,6 +29,7 @@ from ..region.mutex import unlock as _unlock
 from .accel import CORRUPT as _CORRUPT
 from .accel import HALF as _HALF
 from .accel import OWNER_DEAD as _OWNER_DEAD
+from .accel import PYTHON as _PYTHON
 from .core import NEED
 from .cursor import LogCursor
 from .files import list_log_files, log_path
@@ -168,7 +169,7 @@ class Log(LogWriter):
                 word = await self._put_slow(data, word)
             elif word & _HALF:
                 word ^= _HALF
-                if self._task is None:
+                if self._task is None or self._inflight is not None:
                     self._write_behind(word)
             return _new_lsn(LSN, (word >> 32, word & 0xFFFFFFFF))
         return await self._put(data, flush, write_nosync)
@@ -192,7 +193,7 @@ class Log(LogWriter):
                 word = await self._put_slow(data, word)
             elif word & _HALF:
                 word ^= _HALF
-                if self._task is None:
+                if self._task is None or self._inflight is not None:
                     self._write_behind(word)
         else:
             word = await self._put_py(data)
@@ -225,6 +226,16 @@ class Log(LogWriter):
 
     async def _put_slow(self, data: bytes, code: int) -> int:
         """The compiled append handed ``code`` back: do the append the Python way."""
+        if code == _PYTHON and self._room_now() and self._fast is not None:
+            # The buffer was full, and a write behind had finished its I/O: it is written
+            # out now, without suspending; try again.
+            fast = self._fast
+            code = fast.fn(fast.args, REC_USER, data, len(data))
+            if code >= 0:
+                if code & _HALF:
+                    code ^= _HALF
+                    self._write_behind(code)
+                return int(code)
         if code == _OWNER_DEAD:
             # It left the mutex held for us: repair (or panic) as any locker would.
             self._c.mutex.acquire_contended(errno.EOWNERDEAD)
@@ -235,12 +246,6 @@ class Log(LogWriter):
             self._env.panic(reason)
             raise CorruptRegion(reason)
         return await self._append(REC_USER, data)
-
-    def _write_behind(self, word: int) -> None:
-        """The buffer is half full: have it written in the background now, so that appends
-        rarely find it full and have to wait for a write."""
-        self._want.write = max(self._want.write, word)
-        self._kick()
 
     async def _append(self, rtype: int, payload: bytes) -> int:
         c = self._c

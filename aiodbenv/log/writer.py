@@ -14,6 +14,7 @@ its holder died. A failed write or fsync panics the environment.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import logging
 import os
@@ -82,6 +83,22 @@ class Direct:
 
 
 @dataclass
+class _Round:
+    """A write round whose I/O was handed to the writer's thread."""
+
+    file: int
+    start: int  # buffer bytes [start, end) are being written
+    end: int
+    sync: bool
+    commits: int
+    listeners: bool
+    durable_from: int
+    cf: concurrent.futures.Future[bytes]  # the thread's
+    done: asyncio.Future[bytes]  # the same, for the loop
+    finished: bool = False  # its end_write is done
+
+
+@dataclass
 class _Demand:
     """What this process's callers wait for (packed LSN words; -1: nothing)."""
 
@@ -114,6 +131,8 @@ class LogWriter:
         self._half = 1 << 62 if self._c.inmemory else self._c.bsize // 2
         self._listeners: list[DurableListener] = []
         self._task: asyncio.Task[None] | None = None
+        #: A write behind under way, started by a put (finished by the task or a later put).
+        self._inflight: _Round | None = None
         self._progress: asyncio.Future[None] | None = None
         self._want = _Demand()
         self._fds: dict[int, int] = {}
@@ -191,6 +210,60 @@ class LogWriter:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._writer())
 
+    def _write_behind(self, word: int) -> None:
+        """The buffer is half full (a put appended the record at ``word``): have it written
+        now, so that appends rarely find it full. Does not suspend: when this process can
+        take the writer role at once, the write is handed to the writer's thread here (and
+        the writer task only finishes it); else the task does it all, or another process's
+        writer does. A put that does not suspend never lets the task run, so the next write
+        behind finishes the previous one here too, once its I/O is done."""
+        if self._task is not None:
+            if self._inflight is not None and self._finish_now(self._inflight):
+                self._start_behind()
+            return
+        c = self._c
+        if not self._closing and not c.word("flusher_pid"):
+            if self._attempt(c.take_role, None) is True:
+                if self._start_behind():
+                    self._task = asyncio.get_running_loop().create_task(
+                        self._writer(self._inflight)
+                    )
+                    return
+                self._attempt(c.release_role)
+        # Not started here: the writer task (or another process's writer) writes it.
+        self._want.write = max(self._want.write, word)
+        self._kick()
+
+    def _start_behind(self) -> bool:
+        """Holding the role with no round under way: start one as :attr:`_inflight`."""
+        r = self._attempt(self._round_start, False, False)
+        self._inflight = r if isinstance(r, _Round) else None
+        return self._inflight is not None
+
+    def _finish_now(self, r: _Round) -> bool:
+        """Finish round ``r`` without suspending if its I/O is done and succeeded and the
+        mutex is free; True if finished (a failure is left to the writer task to report)."""
+        cf = r.cf
+        if r.finished or not cf.done() or cf.cancelled() or cf.exception() is not None:
+            return r.finished
+        c = self._c
+        if isinstance(self._attempt(c.end_write, r.file, r.start, r.end, r.sync, r.commits), Busy):
+            return False
+        r.finished = True
+        if self._inflight is r:
+            self._inflight = None
+        self._wake_others()
+        return True
+
+    def _room_now(self) -> bool:
+        """A put found the buffer full: free it without suspending if a write behind has
+        finished its I/O (and start the next). True if room may have been made."""
+        r = self._inflight
+        if r is None or not self._finish_now(r):
+            return False
+        self._start_behind()
+        return True
+
     async def _wait_progress(self) -> None:
         """Wait until the writer task reports progress (or fails)."""
         if self._progress is None:
@@ -218,7 +291,9 @@ class LogWriter:
             or want.write >= c.word("w_lsn")
         )
 
-    async def _writer(self) -> None:
+    async def _writer(self, pre: _Round | None = None) -> None:
+        """The writer task. ``pre``: a round this process started already, holding the
+        writer role (a write behind, started by a put without suspending)."""
         c = self._c
         delay = _POLL_MIN
         seen: tuple[int, ...] | None = None
@@ -226,12 +301,13 @@ class LogWriter:
         try:
             while True:
                 seq = c.word("flush_seq")  # before looking: a bump after it ends the wait
-                if not self._has_demand():
+                if pre is None and not self._has_demand():
                     break
-                self._check()
+                if pre is None:
+                    self._check()
                 holder = c.role_holder()
-                took = False
-                if not holder[0] or not c.holder_alive(*holder):
+                took = pre is not None
+                if not took and (not holder[0] or not c.holder_alive(*holder)):
                     dead = holder if holder[0] else None
                     if dead is not None:
                         logger.warning(
@@ -241,6 +317,14 @@ class LogWriter:
                     took = r is True
                 if took:
                     try:
+                        if pre is not None:
+                            pre = None
+                            # Rounds started by puts (each finished by the next, when it can).
+                            while self._inflight is not None:
+                                await self._round_finish(self._inflight)
+                            # Appends that found the buffer full retry in the room it freed.
+                            self._want.space = False
+                            self._wake()
                         await self._serve()
                     finally:
                         await self._locked(c.release_role)
@@ -357,10 +441,25 @@ class LogWriter:
 
     async def _round(self, sync: bool, fill: bool) -> None:
         """Write the buffer out (and fsync if ``sync``): one write round."""
+        r = self._attempt(self._round_start, sync, fill)
+        while isinstance(r, Busy) or r is None:
+            # The mutex stayed held, or the file is not open yet: the slower way.
+            await self._fd(self._c.word("f_lsn") >> 32)
+            r = await self._locked(self._round_start, sync, fill)
+        await self._round_finish(r)
+
+    def _round_start(self, sync: bool, fill: bool) -> _Round | None:
+        """The first half of a round, without suspending (writer only): take what the buffer
+        holds and hand its write (and fsync) to the writer's thread. None if the file is not
+        open in this process yet (nothing done). Raises LockTimeout (nothing done) if the
+        mutex stayed held."""
         c = self._c
+        file = c.word("f_lsn") >> 32
+        fd = self._fds.get(file)
+        if fd is None:
+            return None
         old_s = c.word("s_lsn")
-        file, foff, start, end, commits = await self._locked(c.begin_write, fill)
-        fd = await self._fd(file)
+        file, foff, start, end, commits = c.begin_write(fill)
         view = c.buf[c.b0 + start : c.b0 + end]
         listeners = bool(self._listeners) and sync
         durable_from = max(old_s, file << 32) & 0xFFFFFFFF
@@ -380,13 +479,32 @@ class LogWriter:
                 )
             return b""
 
-        data = await self._io(work, file)
-        await self._locked(c.end_write, file, start, end, sync, commits)
+        # Submitted now, not when the writer task next runs: a put that starts a write
+        # behind does not suspend, so the task may not run before the buffer is full.
+        cf = self._thread.submit(work)
+        done = asyncio.wrap_future(cf)
+        return _Round(file, start, end, sync, commits, listeners, durable_from, cf, done)
+
+    async def _round_finish(self, r: _Round) -> None:
+        """The second half of a round: wait for its I/O, publish what was written (unless a
+        put did already, :meth:`_finish_now`)."""
+        try:
+            data = await asyncio.shield(r.done)
+        except OSError as err:
+            self._failed(r.file, err)
+            raise AssertionError("unreachable") from err
+        finally:
+            if self._inflight is r:
+                self._inflight = None
+        if r.finished:
+            return
+        r.finished = True
+        c = self._c
+        await self._locked(c.end_write, r.file, r.start, r.end, r.sync, r.commits)
         self._wake_others()
-        if listeners and data:
-            self._durable(
-                (file << 32) | durable_from, (file << 32) | (durable_from + len(data)), data
-            )
+        if r.listeners and data:
+            df = r.durable_from
+            self._durable((r.file << 32) | df, (r.file << 32) | (df + len(data)), data)
 
     async def _switch(self, need: int) -> None:
         """Start the next log file so a record of ``need`` bytes fits (writer only)."""
