@@ -376,6 +376,16 @@ class Log(LogWriter):
         await self._locked(self._c.set_checkpoint, word, ckp)
         return unpack_word(word)
 
+    def quiet_checkpoint(self) -> LSN | None:
+        """The ``ckp_lsn`` of the last checkpoint record if no record was appended after it
+        (Berkeley DB's test for skipping a checkpoint without ``DB_FORCE``), else None. A new
+        log file started after it counts as something appended (its header record)."""
+        c = self._c
+        rec = c.word("ckp_rec")
+        if not rec or c.last_word() != rec:
+            return None
+        return unpack_word(c.word("ckp_lsn"))
+
     async def archive(self, *, remove: bool = False) -> list[str]:
         """The log files no longer needed (``log_archive``): those wholly before the file of
         the last checkpoint's ``ckp_lsn``, as absolute paths, oldest first; none without a
@@ -409,6 +419,10 @@ class Log(LogWriter):
             if flush and not self._closed and not self._env.panicked and not self._c.inmemory:
                 await self.flush()
         finally:
+            try:
+                await asyncio.wait_for(self._settle_behind(), self.wait_timeout)
+            except Exception:
+                pass
             task = self._task
             if task is not None:
                 try:

@@ -93,9 +93,9 @@ class _Round:
     commits: int
     listeners: bool
     durable_from: int
-    cf: concurrent.futures.Future[bytes]  # the thread's
-    done: asyncio.Future[bytes]  # the same, for the loop
-    finished: bool = False  # its end_write is done
+    cf: concurrent.futures.Future[bytes] = field(init=False)  # the thread's
+    done: asyncio.Future[bytes] = field(init=False)  # the same, for the loop
+    finished: bool = False  # its end_write is done (set by the thread for a write behind)
 
 
 @dataclass
@@ -212,56 +212,68 @@ class LogWriter:
 
     def _write_behind(self, word: int) -> None:
         """The buffer is half full (a put appended the record at ``word``): have it written
-        now, so that appends rarely find it full. Does not suspend: when this process can
-        take the writer role at once, the write is handed to the writer's thread here (and
-        the writer task only finishes it); else the task does it all, or another process's
-        writer does. A put that does not suspend never lets the task run, so the next write
-        behind finishes the previous one here too, once its I/O is done."""
-        if self._task is not None:
-            if self._inflight is not None and self._finish_now(self._inflight):
-                self._start_behind()
-            return
-        c = self._c
-        if not self._closing and not c.word("flusher_pid"):
-            if self._attempt(c.take_role, None) is True:
-                if self._start_behind():
-                    self._task = asyncio.get_running_loop().create_task(
-                        self._writer(self._inflight)
-                    )
+        now, so that appends rarely find it full. Does not suspend. When this process can
+        take the writer role at once, the write is a round of its own (:meth:`_behind`): the
+        writer's thread writes, publishes and lets the role go, with no need of the event
+        loop (a put that does not suspend never lets a task run, and a caller may keep the
+        loop busy for long: the role must not stay held meanwhile). Else the writer task, or
+        another process's writer, writes it."""
+        r = self._inflight
+        if r is not None:
+            if not r.finished and not self._finish_now(r):
+                return  # one write behind at a time
+            self._inflight = None
+        if self._task is None and not self._closing:
+            c = self._c
+            if not c.word("flusher_pid") and self._attempt(c.take_role, None) is True:
+                if self._behind():
                     return
                 self._attempt(c.release_role)
-        # Not started here: the writer task (or another process's writer) writes it.
         self._want.write = max(self._want.write, word)
         self._kick()
 
-    def _start_behind(self) -> bool:
-        """Holding the role with no round under way: start one as :attr:`_inflight`."""
-        r = self._attempt(self._round_start, False, False)
+    def _behind(self) -> bool:
+        """Holding the role with no round under way: start a write behind as
+        :attr:`_inflight`; False if it could not start (the role is still held)."""
+        r = self._attempt(self._round_start, False, False, True)
         self._inflight = r if isinstance(r, _Round) else None
         return self._inflight is not None
 
     def _finish_now(self, r: _Round) -> bool:
-        """Finish round ``r`` without suspending if its I/O is done and succeeded and the
-        mutex is free; True if finished (a failure is left to the writer task to report)."""
-        cf = r.cf
-        if r.finished or not cf.done() or cf.cancelled() or cf.exception() is not None:
+        """A write behind's I/O is done but its thread could not publish it (the mutex stayed
+        held): publish it and let the role go, if the mutex is free now. True if done."""
+        if r.finished or not r.cf.done():
             return r.finished
         c = self._c
-        if isinstance(self._attempt(c.end_write, r.file, r.start, r.end, r.sync, r.commits), Busy):
+        if isinstance(self._attempt(c.end_write, r.file, r.start, r.end, False, 0), Busy):
             return False
         r.finished = True
-        if self._inflight is r:
-            self._inflight = None
+        self._attempt(c.release_role)  # if Busy, the role is taken back by this handle later
         self._wake_others()
         return True
 
-    def _room_now(self) -> bool:
-        """A put found the buffer full: free it without suspending if a write behind has
-        finished its I/O (and start the next). True if room may have been made."""
+    async def _settle_behind(self) -> None:
+        """Wait for the write behind under way, if any, and see it published."""
         r = self._inflight
-        if r is None or not self._finish_now(r):
+        while r is not None:
+            try:
+                await asyncio.shield(r.done)
+            except Exception:
+                pass  # its thread recorded the failure (the environment is panicked)
+            if not r.finished and not self._finish_now(r):
+                await asyncio.sleep(_POLL_MAX)
+                continue
+            if self._inflight is r:
+                self._inflight = None
+            r = self._inflight
+
+    def _room_now(self) -> bool:
+        """A put found the buffer full: True if a write behind has made room since (finishing
+        it here if its thread could not), so the append may be tried again at once."""
+        r = self._inflight
+        if r is None or not (r.finished or self._finish_now(r)):
             return False
-        self._start_behind()
+        self._inflight = None
         return True
 
     async def _wait_progress(self) -> None:
@@ -291,9 +303,7 @@ class LogWriter:
             or want.write >= c.word("w_lsn")
         )
 
-    async def _writer(self, pre: _Round | None = None) -> None:
-        """The writer task. ``pre``: a round this process started already, holding the
-        writer role (a write behind, started by a put without suspending)."""
+    async def _writer(self) -> None:
         c = self._c
         delay = _POLL_MIN
         seen: tuple[int, ...] | None = None
@@ -301,13 +311,18 @@ class LogWriter:
         try:
             while True:
                 seq = c.word("flush_seq")  # before looking: a bump after it ends the wait
-                if pre is None and not self._has_demand():
+                if self._inflight is not None:
+                    # A write behind holds this handle's role: let it end first.
+                    await self._settle_behind()
+                    self._want.space = False  # it made room: appends retry
+                    self._wake()
+                    continue
+                if not self._has_demand():
                     break
-                if pre is None:
-                    self._check()
+                self._check()
                 holder = c.role_holder()
-                took = pre is not None
-                if not took and (not holder[0] or not c.holder_alive(*holder)):
+                took = False
+                if not holder[0] or not c.holder_alive(*holder):
                     dead = holder if holder[0] else None
                     if dead is not None:
                         logger.warning(
@@ -317,14 +332,6 @@ class LogWriter:
                     took = r is True
                 if took:
                     try:
-                        if pre is not None:
-                            pre = None
-                            # Rounds started by puts (each finished by the next, when it can).
-                            while self._inflight is not None:
-                                await self._round_finish(self._inflight)
-                            # Appends that found the buffer full retry in the room it freed.
-                            self._want.space = False
-                            self._wake()
                         await self._serve()
                     finally:
                         await self._locked(c.release_role)
@@ -448,11 +455,12 @@ class LogWriter:
             r = await self._locked(self._round_start, sync, fill)
         await self._round_finish(r)
 
-    def _round_start(self, sync: bool, fill: bool) -> _Round | None:
+    def _round_start(self, sync: bool, fill: bool, behind: bool = False) -> _Round | None:
         """The first half of a round, without suspending (writer only): take what the buffer
         holds and hand its write (and fsync) to the writer's thread. None if the file is not
         open in this process yet (nothing done). Raises LockTimeout (nothing done) if the
-        mutex stayed held."""
+        mutex stayed held. ``behind``: a write behind, which the thread also publishes
+        (``end_write``) and ends by letting the writer role go."""
         c = self._c
         file = c.word("f_lsn") >> 32
         fd = self._fds.get(file)
@@ -481,23 +489,52 @@ class LogWriter:
 
         # Submitted now, not when the writer task next runs: a put that starts a write
         # behind does not suspend, so the task may not run before the buffer is full.
-        cf = self._thread.submit(work)
-        done = asyncio.wrap_future(cf)
-        return _Round(file, start, end, sync, commits, listeners, durable_from, cf, done)
+        r = _Round(file, start, end, sync, commits, listeners, durable_from)
+        if behind:
+            r.cf = self._thread.submit(self._behind_work, work, r)
+        else:
+            r.cf = self._thread.submit(work)
+        r.done = asyncio.wrap_future(r.cf)
+        return r
+
+    def _behind_work(self, work: Callable[[], bytes], r: _Round) -> bytes:
+        """A write behind, in the writer's thread: write, publish, let the role go. The log
+        mutex is waited for (bounded) in this thread; if it stays held, publishing is left
+        to the loop (:meth:`_finish_now`) with the role still held. A failed write panics
+        the environment here (nobody awaits this round)."""
+        c = self._c
+        try:
+            work()
+        except OSError as err:
+            c.fail(r.file, err.errno or errno.EIO)
+            reason = f"write of log file {log_path(c.directory, r.file)} failed: {err}"
+            self._env.panic(reason)
+            r.finished = True
+            self._release_quietly()
+            raise
+        try:
+            c.end_write(r.file, r.start, r.end, False, 0)
+        except LockTimeout:
+            return b""
+        r.finished = True
+        self._release_quietly()
+        return b""
+
+    def _release_quietly(self) -> None:
+        c = self._c
+        try:
+            c.release_role()
+        except LockTimeout:
+            return  # still held by this handle: its next round takes it back
+        self._wake_others()
 
     async def _round_finish(self, r: _Round) -> None:
-        """The second half of a round: wait for its I/O, publish what was written (unless a
-        put did already, :meth:`_finish_now`)."""
+        """The second half of a round: wait for its I/O, publish what was written."""
         try:
             data = await asyncio.shield(r.done)
         except OSError as err:
             self._failed(r.file, err)
             raise AssertionError("unreachable") from err
-        finally:
-            if self._inflight is r:
-                self._inflight = None
-        if r.finished:
-            return
         r.finished = True
         c = self._c
         await self._locked(c.end_write, r.file, r.start, r.end, r.sync, r.commits)
