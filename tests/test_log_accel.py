@@ -5,6 +5,7 @@ twin alone (AIODBENV_MUTEX=abi)."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import errno
 import json
@@ -285,3 +286,31 @@ async def test_failed_write_behind_panics(home: str) -> None:
         with pytest.raises(RunRecovery):
             await env.close()
         await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.parametrize("how", ["flush", "write_nosync"])
+async def test_a_lone_flush_is_one_round_its_thread_finishes(home: str, how: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        log = env.log
+        await log.put(b"first", flush=True)  # the file is open here
+        commits = log.stat().maxcommitperflush
+        task = asyncio.ensure_future(log.put(b"x", **{how: True}))
+        await asyncio.sleep(0)  # its first step: it waits for its round, in the writer's thread
+        assert not task.done()
+        r = log._inflight
+        assert r is not None and r.sync == (how == "flush")
+        assert concurrent.futures.wait([r.cf], timeout=30).done
+        # With the loop blocked (here), the thread made it durable (or written), published it
+        # and let the writer role go: another process's flush would not wait for this loop.
+        assert r.finished and log._c.role_holder() == (0, 0)
+        assert log.written_lsn == log.end_lsn
+        if how == "flush":
+            assert log.flushed_lsn == log.end_lsn
+            assert log.stat().maxcommitperflush >= commits
+        lsn = await task
+        assert lsn.file == r.file and log.written_lsn > lsn
+        assert log._inflight is None
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)

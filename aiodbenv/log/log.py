@@ -333,6 +333,9 @@ class Log(LogWriter):
             return
         if self._attempt(c.register_commit) is BUSY:
             await self._locked(c.register_commit)
+        await self._direct_round(True)
+        if c.word("s_lsn") > word:
+            return
         self._want.sync = max(self._want.sync, word)
         while c.word("s_lsn") <= word:
             await self._wait_progress()
@@ -342,6 +345,9 @@ class Log(LogWriter):
         """Make sure the record at ``word`` is written to its file (no fsync)."""
         c = self._c
         if c.inmemory:
+            return
+        await self._direct_round(False)
+        if c.word("w_lsn") > word:
             return
         self._want.write = max(self._want.write, word)
         while c.word("w_lsn") <= word:

@@ -239,13 +239,46 @@ class LogWriter:
         self._inflight = r if isinstance(r, _Round) else None
         return self._inflight is not None
 
+    async def _direct_round(self, sync: bool) -> None:
+        """A flush or write-through call with no writer anywhere: run one round of its own
+        (:meth:`_behind`'s kind: the thread writes, fsyncs if ``sync``, publishes and lets
+        the role go, waking other processes' waiters at once) and wait for it, instead of
+        starting the writer task and handing the role back on the loop. Does nothing if that
+        cannot start at once; the caller then goes the usual way. Raises RunRecovery if the
+        write or fsync failed. Cancellation: the round finishes in the thread."""
+        c = self._c
+        if (
+            self._task is not None
+            or self._inflight is not None
+            or self._closing
+            or (sync and self._listeners)  # listeners get their bytes on the loop
+            or c.word("flusher_pid")
+            or self._attempt(c.take_role, None) is not True
+        ):
+            return
+        r = self._attempt(self._round_start, sync, False, True)
+        if not isinstance(r, _Round):
+            self._attempt(c.release_role)  # if Busy: this handle takes it back later
+            return
+        self._inflight = r
+        try:
+            await asyncio.shield(r.done)
+        except OSError:
+            self._check()  # the thread panicked the environment: RunRecovery
+            raise
+        finally:
+            if self._inflight is r and r.finished:
+                self._inflight = None
+        if self._inflight is r:
+            await self._settle_behind()
+
     def _finish_now(self, r: _Round) -> bool:
         """A write behind's I/O is done but its thread could not publish it (the mutex stayed
         held): publish it and let the role go, if the mutex is free now. True if done."""
         if r.finished or not r.cf.done():
             return r.finished
         c = self._c
-        if isinstance(self._attempt(c.end_write, r.file, r.start, r.end, False, 0), Busy):
+        if isinstance(self._attempt(c.end_write, r.file, r.start, r.end, r.sync, r.commits), Busy):
             return False
         r.finished = True
         self._attempt(c.release_role)  # if Busy, the role is taken back by this handle later
@@ -498,7 +531,8 @@ class LogWriter:
         return r
 
     def _behind_work(self, work: Callable[[], bytes], r: _Round) -> bytes:
-        """A write behind, in the writer's thread: write, publish, let the role go. The log
+        """A write behind (or a direct round), in the writer's thread: write (and fsync),
+        publish, let the role go. The log
         mutex is waited for (bounded) in this thread; if it stays held, publishing is left
         to the loop (:meth:`_finish_now`) with the role still held. A failed write panics
         the environment here (nobody awaits this round)."""
@@ -507,13 +541,14 @@ class LogWriter:
             work()
         except OSError as err:
             c.fail(r.file, err.errno or errno.EIO)
-            reason = f"write of log file {log_path(c.directory, r.file)} failed: {err}"
+            what = "write or fsync" if r.sync else "write"
+            reason = f"{what} of log file {log_path(c.directory, r.file)} failed: {err}"
             self._env.panic(reason)
             r.finished = True
             self._release_quietly()
             raise
         try:
-            c.end_write(r.file, r.start, r.end, False, 0)
+            c.end_write(r.file, r.start, r.end, r.sync, r.commits)
         except LockTimeout:
             return b""
         r.finished = True
