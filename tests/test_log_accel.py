@@ -314,3 +314,38 @@ async def test_a_lone_flush_is_one_round_its_thread_finishes(home: str, how: str
     finally:
         await env.close()
         await aiodbenv.Env.remove(home)
+
+
+async def test_the_writers_thread_serves_flushes_registered_during_its_fsync(home: str) -> None:
+    """Group commit without an event loop in the way: while handle A's thread fsyncs (slowed
+    through the I/O seam), handle B (another writer token, as another process would be)
+    registers a flush; A's thread runs the next round for it at once, and B never takes the
+    writer role."""
+    try:
+        async with aiodbenv.Env.open(home, create=True, log=True) as a:
+            async with aiodbenv.Env.open(home) as b:
+                await a.log.put(b"open a", flush=True)
+                await b.log.put(b"open b", flush=True)
+                taken: list[int] = []
+                real_take = b.log._c.take_role
+
+                def take_role(dead: Any = None) -> bool:
+                    got = real_take(dead)
+                    if got:
+                        taken.append(1)
+                    return got
+
+                b.log._c.take_role = take_role  # type: ignore[method-assign]
+                fsyncs = a.log.stat().scount
+                with _io.inject("fdatasync", None, delay=0.3, times=1):
+                    first = asyncio.ensure_future(a.log.put(b"A", flush=True))
+                    while a.log._inflight is None:
+                        await asyncio.sleep(0.001)
+                    lsn_b = await b.log.put(b"B", flush=True)
+                    lsn_a = await first
+                assert b.log.flushed_lsn > max(lsn_a, lsn_b)
+                assert a.log.stat().scount == fsyncs + 2
+                assert taken == []  # B's flush was served by A's thread
+                assert a.log._c.role_holder() == (0, 0)
+    finally:
+        await aiodbenv.Env.remove(home)

@@ -53,6 +53,9 @@ DurableListener = Callable[[LSN, LSN, bytes], object]
 
 _POLL_MIN = 0.0001
 _POLL_MAX = 0.002
+#: Rounds a writer's thread runs back to back for other processes' flush calls, at most,
+#: before it lets the role go (and the writer task or another process takes it).
+_MORE_ROUNDS = 64
 #: Longest one futex wait (seconds): the wait is re-checked (and a stall noticed) this often.
 _FUTEX_WAIT = 0.005
 
@@ -532,18 +535,16 @@ class LogWriter:
 
     def _behind_work(self, work: Callable[[], bytes], r: _Round) -> bytes:
         """A write behind (or a direct round), in the writer's thread: write (and fsync),
-        publish, let the role go. The log
-        mutex is waited for (bounded) in this thread; if it stays held, publishing is left
-        to the loop (:meth:`_finish_now`) with the role still held. A failed write panics
-        the environment here (nobody awaits this round)."""
+        publish, then, for a flush, keep serving the flush calls other processes registered
+        meanwhile with further rounds here (group commit without waiting for any event loop),
+        and let the role go. The log mutex is waited for (bounded) in this thread; if it
+        stays held, publishing is left to the loop (:meth:`_finish_now`) with the role still
+        held. A failed write or fsync panics the environment here."""
         c = self._c
         try:
             work()
         except OSError as err:
-            c.fail(r.file, err.errno or errno.EIO)
-            what = "write or fsync" if r.sync else "write"
-            reason = f"{what} of log file {log_path(c.directory, r.file)} failed: {err}"
-            self._env.panic(reason)
+            self._thread_failed(r.file, r.sync, err)
             r.finished = True
             self._release_quietly()
             raise
@@ -552,15 +553,81 @@ class LogWriter:
         except LockTimeout:
             return b""
         r.finished = True
+        self._wake_others()
+        if r.sync:
+            try:
+                for _ in range(_MORE_ROUNDS):
+                    if not self._more_commits() or not self._thread_round():
+                        break
+            except OSError:
+                self._release_quietly()
+                raise
         self._release_quietly()
         return b""
 
-    def _release_quietly(self) -> None:
+    def _more_commits(self) -> bool:
+        """In the writer's thread, holding the role: have flush calls been registered since
+        the last round that another round here can serve (no file to start, no gap)?"""
+        c = self._c
+        file = c.word("f_lsn") >> 32
+        return (
+            not self._closing
+            and not self._panic_w[self._panic_i]
+            and c.word("pending_commits") > 0
+            and c.end_word() > c.word("s_lsn")
+            and c.word("file_ready") >= file
+            and c.hole() is None
+            and file in self._fds
+        )
+
+    def _thread_round(self) -> bool:
+        """One more write-and-fsync round in the writer's thread, holding the role. False if
+        the mutex stayed held (nothing done, or written but not published: the next round
+        writes the same bytes to the same place again)."""
         c = self._c
         try:
-            c.release_role()
+            file, foff, start, end, commits = c.begin_write(False)
         except LockTimeout:
-            return  # still held by this handle: its next round takes it back
+            return False
+        fd = self._fds.get(file)
+        if fd is None:
+            return False
+        view = c.buf[c.b0 + start : c.b0 + end]
+        try:
+            if len(view):
+                n = _io.pwritev(fd, [view], foff)
+                if n != len(view):
+                    raise OSError(errno.EIO, f"short write to the log ({n} of {len(view)} bytes)")
+            _io.fdatasync(fd)
+            _io.step("log_fsynced")
+        except OSError as err:
+            self._thread_failed(file, True, err)
+            raise
+        try:
+            c.end_write(file, start, end, True, commits)
+        except LockTimeout:
+            return False
+        self._wake_others()
+        return True
+
+    def _thread_failed(self, file: int, sync: bool, err: OSError) -> None:
+        c = self._c
+        c.fail(file, err.errno or errno.EIO)
+        what = "write or fsync" if sync else "write"
+        self._env.panic(f"{what} of log file {log_path(c.directory, file)} failed: {err}")
+
+    def _release_quietly(self) -> None:
+        """Let the writer role go, from the writer's thread: the mutex is waited for up to
+        ``wait_timeout`` (a holder stopped that long makes every caller fail anyway)."""
+        c = self._c
+        deadline = time.monotonic() + self.wait_timeout
+        while True:
+            try:
+                c.release_role()
+                break
+            except LockTimeout:
+                if time.monotonic() > deadline:
+                    return  # still held by this handle: its next round takes it back
         self._wake_others()
 
     async def _round_finish(self, r: _Round) -> None:
