@@ -316,11 +316,14 @@ async def test_a_lone_flush_is_one_round_its_thread_finishes(home: str, how: str
         await aiodbenv.Env.remove(home)
 
 
-async def test_the_writers_thread_serves_flushes_registered_during_its_fsync(home: str) -> None:
+@pytest.mark.parametrize("how", ["flush", "write_nosync"])
+async def test_the_writers_thread_serves_calls_registered_during_its_fsync(
+    home: str, how: str
+) -> None:
     """Group commit without an event loop in the way: while handle A's thread fsyncs (slowed
     through the I/O seam), handle B (another writer token, as another process would be)
-    registers a flush; A's thread runs the next round for it at once, and B never takes the
-    writer role."""
+    registers a flush (or a write-through); A's thread runs the next round for it at once
+    (with an fsync only for a flush), and B never takes the writer role."""
     try:
         async with aiodbenv.Env.open(home, create=True, log=True) as a:
             async with aiodbenv.Env.open(home) as b:
@@ -341,10 +344,12 @@ async def test_the_writers_thread_serves_flushes_registered_during_its_fsync(hom
                     first = asyncio.ensure_future(a.log.put(b"A", flush=True))
                     while a.log._inflight is None:
                         await asyncio.sleep(0.001)
-                    lsn_b = await b.log.put(b"B", flush=True)
+                    writes = a.log.stat().wcount
+                    lsn_b = await b.log.put(b"B", **{how: True})
                     lsn_a = await first
-                assert b.log.flushed_lsn > max(lsn_a, lsn_b)
-                assert a.log.stat().scount == fsyncs + 2
+                assert a.log.flushed_lsn > lsn_a and b.log.written_lsn > lsn_b
+                assert a.log.stat().wcount == writes + 2
+                assert a.log.stat().scount == fsyncs + (2 if how == "flush" else 1)
                 assert taken == []  # B's flush was served by A's thread
                 assert a.log._c.role_holder() == (0, 0)
     finally:

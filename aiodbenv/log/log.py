@@ -346,6 +346,9 @@ class Log(LogWriter):
         c = self._c
         if c.inmemory:
             return
+        # Registered in the region first: whichever process writes next serves it.
+        if self._attempt(c.register_write, word) is BUSY:
+            await self._locked(c.register_write, word)
         await self._direct_round(False)
         if c.word("w_lsn") > word:
             return

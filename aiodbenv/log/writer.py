@@ -444,7 +444,8 @@ class LogWriter:
             sync = want.sync >= s_lsn or (
                 not self._closing and c.word("pending_commits") > 0 and c.end_word() > s_lsn
             )
-            if not (sync or want.space or want.write >= c.word("w_lsn")):
+            write = want.write >= c.word("w_lsn") or (not self._closing and c.write_wanted())
+            if not (sync or want.space or write):
                 return
             fill, want.space = want.space, False
             await self._round(sync, fill)
@@ -554,34 +555,39 @@ class LogWriter:
             return b""
         r.finished = True
         self._wake_others()
-        if r.sync:
-            try:
-                for _ in range(_MORE_ROUNDS):
-                    if not self._more_commits() or not self._thread_round():
-                        break
-            except OSError:
-                self._release_quietly()
-                raise
+        try:
+            for _ in range(_MORE_ROUNDS):
+                more = self._more_requests()
+                if more is None or not self._thread_round(more):
+                    break
+        except OSError:
+            self._release_quietly()
+            raise
         self._release_quietly()
         return b""
 
-    def _more_commits(self) -> bool:
-        """In the writer's thread, holding the role: have flush calls been registered since
-        the last round that another round here can serve (no file to start, no gap)?"""
+    def _more_requests(self) -> bool | None:
+        """In the writer's thread, holding the role: have flush calls (True: a round with an
+        fsync) or write-through calls (False: without) of any process been registered since
+        the last round, that another round here can serve (no file to start, no gap)? None:
+        no."""
         c = self._c
         file = c.word("f_lsn") >> 32
-        return (
-            not self._closing
-            and not self._panic_w[self._panic_i]
-            and c.word("pending_commits") > 0
-            and c.end_word() > c.word("s_lsn")
-            and c.word("file_ready") >= file
-            and c.hole() is None
-            and file in self._fds
-        )
+        if (
+            self._closing
+            or self._panic_w[self._panic_i]
+            or c.word("file_ready") < file
+            or c.hole() is not None
+            or file not in self._fds
+        ):
+            return None
+        if c.word("pending_commits") > 0 and c.end_word() > c.word("s_lsn"):
+            return True
+        return False if c.write_wanted() else None
 
-    def _thread_round(self) -> bool:
-        """One more write-and-fsync round in the writer's thread, holding the role. False if
+    def _thread_round(self, sync: bool) -> bool:
+        """One more write (and fsync if ``sync``) round in the writer's thread, holding the
+        role. False if
         the mutex stayed held (nothing done, or written but not published: the next round
         writes the same bytes to the same place again)."""
         c = self._c
@@ -598,13 +604,14 @@ class LogWriter:
                 n = _io.pwritev(fd, [view], foff)
                 if n != len(view):
                     raise OSError(errno.EIO, f"short write to the log ({n} of {len(view)} bytes)")
-            _io.fdatasync(fd)
-            _io.step("log_fsynced")
+            if sync:
+                _io.fdatasync(fd)
+                _io.step("log_fsynced")
         except OSError as err:
-            self._thread_failed(file, True, err)
+            self._thread_failed(file, sync, err)
             raise
         try:
-            c.end_write(file, start, end, True, commits)
+            c.end_write(file, start, end, sync, commits)
         except LockTimeout:
             return False
         self._wake_others()
