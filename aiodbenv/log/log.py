@@ -430,6 +430,10 @@ class Log(LogWriter):
         finally:
             try:
                 await asyncio.wait_for(self._settle_behind(), self.wait_timeout)
+                # The writer's thread may still run rounds for other processes after its
+                # round was published: its jobs run in order, so this one ends after them,
+                # and the files are not closed under it.
+                await asyncio.wait_for(self._in_thread(int), self.wait_timeout)
             except Exception:
                 pass
             task = self._task

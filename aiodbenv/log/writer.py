@@ -99,6 +99,7 @@ class _Round:
     cf: concurrent.futures.Future[bytes] = field(init=False)  # the thread's
     done: asyncio.Future[bytes] = field(init=False)  # the same, for the loop
     finished: bool = False  # its end_write is done (set by the thread for a write behind)
+    stuck: bool = False  # its thread wrote it but could not publish it (the mutex stayed held)
 
 
 @dataclass
@@ -223,8 +224,10 @@ class LogWriter:
         another process's writer, writes it."""
         r = self._inflight
         if r is not None:
-            if not r.finished and not self._finish_now(r):
-                return  # one write behind at a time
+            # One write behind at a time. Called by every put past half while one is under
+            # way, so only a flag is read until its thread is done.
+            if not r.finished and not (r.stuck and self._finish_now(r)):
+                return
             self._inflight = None
         if self._task is None and not self._closing:
             c = self._c
@@ -552,6 +555,7 @@ class LogWriter:
         try:
             c.end_write(r.file, r.start, r.end, r.sync, r.commits)
         except LockTimeout:
+            r.stuck = True  # written, not published: the loop does it (_finish_now)
             return b""
         r.finished = True
         self._wake_others()
