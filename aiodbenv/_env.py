@@ -338,11 +338,9 @@ class Env(EnvLog, EnvTxn):
         """Checkpoint now: write every dirty page and fsync the files written, spreading the
         writes over ``spread`` seconds; record it as the last complete checkpoint. With a log,
         then append and flush a checkpoint record whose LSN (the log's end when it began) is
-        the result's ``lsn``; unless ``force`` (``DB_FORCE``), no record is appended when
-        nothing was logged since the last checkpoint record, as Berkeley DB's
-        ``txn_checkpoint`` skips it (the pages are still written; ``lsn`` is then the last
-        checkpoint's). Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty pages
-        stayed pinned. Safe to cancel: written pages are clean, the rest stay dirty."""
+        the result's ``lsn`` (without ``force``, none if nothing was logged since the last one,
+        as ``txn_checkpoint`` without ``DB_FORCE``; ``lsn`` is then the last checkpoint's).
+        Raises Incomplete if dirty pages stayed pinned. Cancelled: written pages are clean."""
         self._check()
         return await run_checkpoint(self._pool, spread=spread, force=force)
 
