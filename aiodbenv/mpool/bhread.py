@@ -64,17 +64,25 @@ class PoolReads(PoolFrames):
     """A pool handle's page reads: fill, publish, fail, and wait for another's read."""
 
     async def _fill(
-        self, f: PageAccess, cache: Cache, b: int, bh: int, pgno: int, mode: int
+        self,
+        f: PageAccess,
+        cache: Cache,
+        b: int,
+        bh: int,
+        pgno: int,
+        mode: int,
+        nowait: bool = True,
     ) -> None:
         """Read (or zero) the freshly inserted buffer ``bh`` of page ``pgno``, then publish it.
 
         A new page, or one the OS page cache holds, is done at once, without an await. A read
         that must go to the disk runs as its own task: if the caller is cancelled, the read
         still completes (other waiters may want the page) and the caller's pin is dropped
-        afterwards.
+        afterwards. ``nowait=False``: the caller knows the OS page cache lacks the page (the
+        compiled miss was told so): straight to the disk read.
         """
         try:
-            done = self._attempt(self._fill_now, f, cache, b, bh, pgno, mode)
+            done = nowait and self._attempt(self._fill_now, f, cache, b, bh, pgno, mode)
             if done is BUSY:
                 done = await self._locked(self._fill_now, f, cache, b, bh, pgno, mode)
             if done:

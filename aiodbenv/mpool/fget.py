@@ -44,6 +44,7 @@ from .layout import (
     PIN_CLOCK,
     PINS_HALF,
 )
+from .miss import COMPILED_MISS, finish_miss, miss_counters, try_miss
 from .page import Page
 
 if TYPE_CHECKING:
@@ -168,6 +169,8 @@ class PageAccess:
         self._extra_ptr = w0p + self._hs + _HS_EXTRA
         self._longest_ptr = w0p + self._hs + _HS_LONG
         self._choose_hit_path()
+        if COMPILED_MISS:
+            self._miss_ctr, self._miss_out = miss_counters(self)
         self._forked = False
         _live_files.add(self)
 
@@ -369,6 +372,14 @@ class PageAccess:
         pool = self._pool
         while True:
             cache, b = self._core.locate(self._fidx, pgno)
+            if COMPILED_MISS and mode != MODE_NEW and pgno < w0[e + FILE_ENTRY.word.pages]:
+                off = try_miss(self, cache, b, pgno)
+                if off > 0:
+                    return self._page(cache, b, off, pgno)
+                if off:
+                    done = await finish_miss(self, cache, b, pgno, mode)
+                    if done is not None:
+                        return done
             found = pool._attempt(self._lookup_pin, cache, b, pgno)
             if found is BUSY:
                 found = await pool._locked(self._lookup_pin, cache, b, pgno)
