@@ -52,6 +52,17 @@ T = TypeVar("T")
 logger = logging.getLogger("aiodbenv")
 
 
+#: Forks since this module loaded, counted in the child: a handle compares it with the count
+#: at its opening instead of calling getpid() on every check (a syscall, three per miss).
+_forks = [0]
+
+
+def _count_fork() -> None:
+    _forks[0] += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 #: The frame-waiter poll (for frames released by other processes): first and longest step.
 POLL_MIN = 0.0002
 POLL_MAX = 0.005
@@ -67,6 +78,7 @@ class PoolBase:
         self._panic_words, self._panic_index = env.panic_word()
         self._hs = core.attach_handle()
         self._pid = os.getpid()
+        self._fork_gen = _forks[0]
         #: The I/O: descriptors, page transforms, worker threads, I/O tasks, write counters.
         self._io = BufferIO(
             core,
@@ -115,7 +127,7 @@ class PoolBase:
         self.wait_timeout = 30.0
 
     def _check(self) -> None:
-        if os.getpid() != self._pid:
+        if _forks[0] != self._fork_gen:
             raise ForkedProcessError(
                 "this pool handle belongs to another process; open the environment again"
             )
@@ -123,7 +135,8 @@ class PoolBase:
             raise InvalidArgument(
                 "the environment is closed" if self._closed else "the environment is closing"
             )
-        if self._env_core.panicked:
+        # The panic word first (one read); the property also knows a closed environment.
+        if self._panic_words[self._panic_index] and self._env_core.panicked:
             self._check_panic()
 
     def _check_panic(self) -> None:
