@@ -26,6 +26,7 @@ import anyio.to_thread
 
 from .. import _io
 from .alloc import PoolCore
+from .readers import ReaderThreads, use_threads
 from .layout import (
     FILE_ENTRY,
     FILE_STATS,
@@ -218,7 +219,7 @@ class BufferIO:
         self.tasks: set[asyncio.Task[Any]] = set()
         # Made on first use: a pool is built in a worker thread, where anyio objects cannot be.
         self._limiter_obj: anyio.CapacityLimiter | None = None
-        self._reader_obj: ReadBatcher | None = None
+        self._reader_obj: ReadBatcher | ReaderThreads | None = None
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -228,10 +229,14 @@ class BufferIO:
         return self._limiter_obj
 
     @property
-    def reader(self) -> ReadBatcher:
-        """The batcher that sends this handle's page reads to worker threads."""
+    def reader(self) -> ReadBatcher | ReaderThreads:
+        """What reads this handle's pages from the disk: its reader threads (or, with
+        ``AIODBENV_READER=anyio``, the batcher that sends them to anyio's worker threads)."""
         if self._reader_obj is None:
-            self._reader_obj = ReadBatcher(self.limiter, self.spawn)
+            if use_threads():
+                self._reader_obj = ReaderThreads()
+            else:
+                self._reader_obj = ReadBatcher(self.limiter, self.spawn)
         return self._reader_obj
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -344,6 +349,8 @@ class BufferIO:
         Cancellation: the close runs in a worker thread and finishes; the descriptors are
         forgotten first, so none is closed twice.
         """
+        if isinstance(self._reader_obj, ReaderThreads):
+            self._reader_obj.close()  # the pool waited for its reads first
         if self.wfds:
             fds = list(self.wfds.values())
             self.wfds.clear()

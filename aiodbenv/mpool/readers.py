@@ -1,0 +1,131 @@
+"""Reading pages that are not in the OS page cache: a small fixed pool of reader threads.
+
+A miss whose page must come from the disk cannot be read on the event loop. Sending it through
+anyio's ``to_thread`` costs a task, a capacity limiter and a hop of 100-250 µs each way, more
+than the read itself on a fast disk. Here each pool handle keeps a few reader threads fed by a
+``queue.SimpleQueue``: a read is one ``put`` and one future; the thread ``preadv``s (the GIL
+released), and completions come back to the loop in batches: one ``call_soon_threadsafe`` per
+batch, made by the thread that finds the completion list empty. Several threads keep
+concurrent misses overlapping on the disk.
+
+``AIODBENV_READER=anyio`` uses the older batcher (:class:`aiodbenv.mpool.bh.ReadBatcher`)
+instead, for comparison (``benchmarks``); both read through :func:`aiodbenv._io.preadv`, so
+fault injection reaches either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+
+from .. import _io
+
+__all__ = ["READER_THREADS", "ReaderThreads", "use_threads"]
+
+logger = logging.getLogger("aiodbenv")
+
+#: Reader threads per pool handle: enough to keep a few dozen concurrent misses overlapping
+#: on the disk (each blocks in one read at a time); started as reads need them.
+READER_THREADS = 8
+
+
+def use_threads() -> bool:
+    """Whether page reads use :class:`ReaderThreads` (the default) or anyio's threads
+    (``AIODBENV_READER=anyio``). Read when a pool handle makes its reader."""
+    choice = os.environ.get("AIODBENV_READER", "threads")
+    if choice not in ("threads", "anyio"):
+        raise ValueError(f"AIODBENV_READER must be 'threads' or 'anyio', not {choice!r}")
+    return choice == "threads"
+
+
+_Job = tuple[int, memoryview, int, "asyncio.Future[int]"]
+
+
+class ReaderThreads:
+    """Reader threads of one pool handle, bound to the event loop that made them."""
+
+    def __init__(self, nthreads: int = READER_THREADS) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._max = nthreads
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a job (changed under _lock)
+        self._lock = threading.Lock()
+        self._done: list[tuple[asyncio.Future[int], int | BaseException]] = []
+        #: Reads submitted and not yet delivered to the loop.
+        self._running = 0
+        self._closed = False
+
+    @property
+    def _queue(self) -> int:
+        """Reads not yet taken by a thread."""
+        return self._jobs.qsize()
+
+    async def read(self, fd: int, view: memoryview, offset: int) -> int:
+        """Read ``view`` from ``fd`` at ``offset`` in a reader thread; returns the bytes read
+        (raises the read's OSError). Cancellation: the read still runs to its end (the view
+        stays valid: the caller's buffer is pinned until then); its result is dropped."""
+        if self._closed:
+            raise RuntimeError("the pool's reader threads are stopped")
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._running += 1
+        self._jobs.put((fd, view, offset, fut))
+        with self._lock:
+            spare = self._idle
+        if spare < self._jobs.qsize() and len(self._threads) < self._max:
+            t = threading.Thread(target=self._work, name="aiodbenv-reader", daemon=True)
+            self._threads.append(t)
+            t.start()
+        return await fut
+
+    def _work(self) -> None:
+        jobs, lock, done = self._jobs, self._lock, self._done
+        while True:
+            with lock:
+                self._idle += 1
+            job = jobs.get()
+            with lock:
+                self._idle -= 1
+            if job is None:
+                return
+            fd, view, offset, fut = job
+            res: int | BaseException
+            try:
+                res = _io.preadv(fd, [view], offset)
+            except BaseException as err:  # delivered to the reader, whatever it is
+                res = err
+            with lock:
+                first = not done
+                done.append((fut, res))
+            if first:
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    return
+
+    def _deliver(self) -> None:
+        with self._lock:
+            batch = self._done[:]
+            self._done.clear()
+        self._running -= len(batch)
+        for fut, res in batch:
+            if fut.done():
+                continue  # its reader was cancelled
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    def close(self) -> None:
+        """Stop the threads once the reads queued have run (the pool is closing, and has
+        waited for its reads). Never blocks."""
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        self._threads.clear()
+
+    def __repr__(self) -> str:
+        return f"<ReaderThreads {len(self._threads)} threads, {self._running} reads>"
