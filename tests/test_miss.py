@@ -71,17 +71,18 @@ class Counting:
         self.handed: list[int] = []  # out[0] of the calls that handed a step back
         real_try, real_finish = fget.try_miss, fget.finish_miss
 
-        def try_miss(f: Any, cache: Any, b: int, pgno: int) -> int:
-            r = real_try(f, cache, b, pgno)
-            if r > 0:
+        def try_miss(f: Any, pgno: int) -> Any:
+            r = real_try(f, pgno)
+            if r is not None:
                 self.whole += 1
-            elif r == 0:
+            elif int(f._miss_out[0]) == accel.MISS_FALLBACK:
                 self.fallback += 1
+            else:
+                self.handed.append(int(f._miss_out[0]))
             return r
 
-        async def finish_miss(f: Any, cache: Any, b: int, pgno: int, mode: int) -> Any:
-            self.handed.append(int(f._miss_out[0]))
-            return await real_finish(f, cache, b, pgno, mode)
+        async def finish_miss(f: Any, pgno: int, mode: int) -> Any:
+            return await real_finish(f, pgno, mode)
 
         monkeypatch.setattr(fget, "try_miss", try_miss)
         monkeypatch.setattr(fget, "finish_miss", finish_miss)

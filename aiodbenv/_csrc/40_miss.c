@@ -74,16 +74,32 @@ static int64_t miss_out(uint64_t *out, uint64_t status, uint64_t frame, int64_t 
     return 0;
 }
 
-/* The whole miss of page pgno of file tag (its slot + 1), page size ps, into cache w whose
-   per-bucket arrays are mutexes, nowait_w and bucket_w (nb buckets); b is the page's bucket,
-   slot the handle's registry slot, pid this process, fd the file. ctr: the counters (see
-   MISS_CTR_*). Returns the published buffer's offset (> 0: pinned once by slot, the miss and
-   the page-in counted), 0 with out[] saying what Python must do (see above), or
-   AIODB_CORRUPT (out[1]: a frame held, if any). */
-int64_t aiodb_miss(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
-                   const uint64_t *bucket_w, uint64_t nb, uint64_t b, uint64_t tag,
-                   uint64_t pgno, uint64_t ps, uint64_t slot, uint64_t pid, int fd,
-                   uint64_t **ctr, uint64_t *out) {
+/* What a handle's misses in one cache share, made once (aiodbenv/mpool/miss.py): the cache w
+and its per-bucket arrays mutexes, nowait_w and bucket_w (nb buckets); whether the pool has
+this one cache only (the call then hashes the page itself); the file's slot fidx and page size
+ps; the handle's registry slot and pid; ctr, its counters (see MISS_CTR_*). */
+struct aiodb_miss_ctx {
+    uint64_t *w;
+    void **mutexes;
+    const uint64_t *nowait_w;
+    const uint64_t *bucket_w;
+    uint64_t nb, one_cache, fidx, ps, slot, pid;
+    uint64_t **ctr;
+};
+
+/* The whole miss of page pgno of the context's file, read from fd, in bucket b (computed here
+   when the pool has one cache: b is ignored). Returns the published buffer's offset (> 0:
+   pinned once by the slot, the miss and the page-in counted), 0 with out[] saying what Python
+   must do (see above), or AIODB_CORRUPT (out[1]: a frame held, if any). out[3] is the bucket. */
+int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, int fd,
+                   uint64_t *out) {
+    uint64_t *w = ctx->w, nb = ctx->nb, ps = ctx->ps, slot = ctx->slot, pid = ctx->pid;
+    uint64_t tag = ctx->fidx + 1, **ctr = ctx->ctr;
+    void **mutexes = ctx->mutexes;
+    const uint64_t *nowait_w = ctx->nowait_w, *bucket_w = ctx->bucket_w;
+    /* The C twin of aiodbenv.mpool.cache.bucket_hash (as aiodb_pin_one_cache). */
+    if (ctx->one_cache) b = ((pgno * 0x9E3779B1ULL + ctx->fidx * 509ULL) & 0xFFFFFFFFFFFFULL) % nb;
+    out[3] = b;
     uint64_t nbytes = region_bytes(w), hdr = L[L_CACHE_HDR], limit_w = nbytes / 8;
     out[1] = 0;
     out[2] = AIODB_MISS_NONE;

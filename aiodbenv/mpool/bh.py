@@ -26,11 +26,11 @@ import anyio.to_thread
 
 from .. import _io
 from .alloc import PoolCore
-from .readers import ReaderThreads, use_threads
 from .layout import (
     FILE_ENTRY,
     FILE_STATS,
 )
+from .readers import ReaderThreads, use_threads
 
 if TYPE_CHECKING:
     from .file import PoolFile

@@ -17,16 +17,15 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .. import _io
-from ..region.mutex import ffi
+from ..region.mutex import ffi, speedups
 from . import accel
-from .cache import Cache
 from .layout import FILE_STATS, HANDLE_STATS
 
 if TYPE_CHECKING:
     from .fget import PageAccess
     from .page import Page
 
-__all__ = ["COMPILED_MISS", "finish_miss", "miss_counters", "try_miss"]
+__all__ = ["COMPILED_MISS", "finish_miss", "miss_context", "try_miss"]
 
 #: Whether misses go through the compiled call (False: the Python path only).
 COMPILED_MISS = accel.miss is not None
@@ -42,10 +41,7 @@ _NONE = (1 << 64) - 1
 #: Crash tests: ``AIODBENV_TEST_MISS_KILL=k`` makes the compiled miss SIGKILL its own process at
 #: step k (1-7, see ``MISS_STEP`` in 40_miss.c) of the first miss that reaches it. Read once.
 _KILL_AT = int(os.environ.get("AIODBENV_TEST_MISS_KILL", "0") or 0)
-if COMPILED_MISS and _KILL_AT:
-    from ..region.mutex import speedups
-
-    assert speedups is not None
+if speedups is not None and _KILL_AT:
     speedups.aiodb_miss_test_kill(_KILL_AT)
 
 # Test hooks (fault injection, the crash-test signal plan) watch each step of the Python
@@ -53,10 +49,11 @@ if COMPILED_MISS and _KILL_AT:
 _faults = _io._faults
 
 
-def miss_counters(f: PageAccess) -> tuple[Any, Any]:
-    """The C arrays a handle's compiled misses use: pointers to its counters (the file's misses
-    and page-ins, the handle's clean evictions, examined-extra and longest chain; see
-    ``MISS_CTR_*`` in 40_miss.c) and the three words of what the call hands back."""
+def miss_context(f: PageAccess) -> tuple[list[Any], Any]:
+    """What a handle's compiled misses on file ``f`` need, made once: one context per cache
+    (``struct aiodb_miss_ctx``: the cache, the file, the handle, pointers to its counters --
+    the file's misses and page-ins, the handle's clean evictions, examined-extra and longest
+    chain; see ``MISS_CTR_*`` in 40_miss.c), and the four words of what a call hands back."""
     w0p = f._cache0.wptr
     hs = f._hs
     ctr = ffi.new(
@@ -69,21 +66,38 @@ def miss_counters(f: PageAccess) -> tuple[Any, Any]:
             w0p + hs + HANDLE_STATS.word.hash_longest,
         ],
     )
-    return ctr, ffi.new("uint64_t[3]")
+    contexts = []
+    for cache in f._caches:
+        ctx = ffi.new("struct aiodb_miss_ctx *")
+        ctx.w = cache.wptr
+        # The arrays belong to the cache (alive as long as it is); ctr to the context list.
+        ctx.mutexes = cache.c_mptrs
+        ctx.nowait_w = cache.c_nowait_words
+        ctx.bucket_w = cache.c_bucket_words
+        ctx.nb = cache.nbuckets
+        ctx.one_cache = f._ncache == 1
+        ctx.fidx = f._fidx
+        ctx.ps = f.page_size
+        ctx.slot = f._slot
+        ctx.pid = f._core.pid
+        ctx.ctr = ctr
+        contexts.append(ctx)
+    contexts.append(ctr)  # kept alive with the contexts
+    return contexts, ffi.new("uint64_t[4]")
 
 
-def try_miss(f: PageAccess, cache: Cache, b: int, pgno: int) -> int:
-    """Try the whole miss of page ``pgno`` (in bucket ``b`` of ``cache``) in one compiled call.
+def try_miss(f: PageAccess, pgno: int) -> Page | None:
+    """Try the whole miss of page ``pgno`` in one compiled call: the page pinned, or None when
+    the Python path must go on (:func:`finish_miss` says from where).
 
-    Returns the published buffer's offset (> 0, pinned once by this handle), 0 when nothing is
-    held (the Python path does the miss), or -1 when :func:`finish_miss` must go on from the
-    step the call reached. The caller has checked the handle and that the page exists in the
-    pool's idea of the file, and calls this only with the accelerator in use. Synchronous: it
-    never waits for a mutex (a held one sends the miss to the Python path, which backs off).
+    The caller has checked the handle and that the page exists in the pool's idea of the file,
+    and calls this only with the accelerator in use. Synchronous: it never waits for a mutex
+    (a held one sends the miss to the Python path, which backs off).
     """
     fd = f._fd
     pool = f._pool
     io = pool._io
+    out = f._miss_out
     if (
         fd is None
         or f.checksum
@@ -93,50 +107,41 @@ def try_miss(f: PageAccess, cache: Cache, b: int, pgno: int) -> int:
         or pool._frame_queue  # others wait for frames: queue behind them, in order
         or (f.ftype and io.registry.get(f.ftype, (None, None))[0] is not None)
     ):
-        return 0
-    out = f._miss_out
-    off: int = _c_miss(
-        cache.wptr,
-        cache.c_mptrs,
-        cache.c_nowait_words,
-        cache.c_bucket_words,
-        cache.nbuckets,
-        b,
-        f._tag,
-        pgno,
-        f.page_size,
-        f._slot,
-        f._core.pid,
-        fd,
-        f._miss_ctr,
-        out,
-    )
+        out[0], out[2] = _FALLBACK, _NONE
+        return None
+    if f._ncache == 1:
+        cache = f._cache0
+        off = _c_miss(f._miss_ctx[0], 0, pgno, fd, out)
+    else:
+        cache, b = f._core.locate(f._fidx, pgno)
+        off = _c_miss(f._miss_ctx[cache.index], b, pgno, fd, out)
     if off > 0:
         pool._got_frame()
         if pool._waiters:
             pool._notify()
-        return off
-    if off == 0 and out[0] == _FALLBACK and out[2] == _NONE:
-        return 0
+        return f._page(cache, int(out[3]), off, pgno)
     if off == _CORRUPT:
         # Panics and raises; a frame the call held stays tagged with this pid (the
         # environment must be recovered anyway).
         cache.corrupt(
             f"an offset or count read during a miss of page {pgno} of {f._path!r} fails its check"
         )
-    return -1
+    return None
 
 
-async def finish_miss(f: PageAccess, cache: Cache, b: int, pgno: int, mode: int) -> Page | None:
-    """Go on from the step :func:`try_miss` reached (it returned -1): repair a bucket whose
-    holder died, give back a frame it unlinked, or read and publish the page it linked. Returns
-    the pinned page, or None when the Python path must do the miss after all.
+async def finish_miss(f: PageAccess, pgno: int, mode: int) -> Page | None:
+    """Go on from the step :func:`try_miss` reached when it returned None: repair a bucket
+    whose holder died, give back a frame it unlinked, or read and publish the page it linked.
+    Returns the pinned page, or None when the Python path must do the miss.
 
     Cancellation: as the Python path's own steps (:meth:`PoolFrames._free_frame` always gives
     the frame back; :meth:`PoolReads._fill` drops the pin of a read it leaves to finish).
     """
     out = f._miss_out
     status, frame, dead = int(out[0]), int(out[1]), int(out[2])
+    if status == _FALLBACK and dead == _NONE:
+        return None
+    cache, b = f._core.locate(f._fidx, pgno)
     pool = f._pool
     if dead != _NONE:
         cache.release_dead_holder(dead)  # repairs the bucket (or panics and raises)
