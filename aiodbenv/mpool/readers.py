@@ -57,6 +57,8 @@ class ReaderThreads:
         self._done: list[tuple[asyncio.Future[int], int | BaseException]] = []
         #: Reads submitted and not yet delivered to the loop.
         self._running = 0
+        #: Reads delivered to the loop since the threads were made.
+        self.reads = 0
         self._closed = False
 
     @property
@@ -111,6 +113,7 @@ class ReaderThreads:
             batch = self._done[:]
             self._done.clear()
         self._running -= len(batch)
+        self.reads += len(batch)
         for fut, res in batch:
             if fut.done():
                 continue  # its reader was cancelled
@@ -118,6 +121,11 @@ class ReaderThreads:
                 fut.set_exception(res)
             else:
                 fut.set_result(res)
+
+    @property
+    def threads(self) -> int:
+        """Reader threads started (and not stopped)."""
+        return len(self._threads)
 
     def close(self) -> None:
         """Stop the threads once the reads queued have run (the pool is closing, and has
