@@ -216,7 +216,7 @@ class BufferIO:
         self.no_nowait: set[int] = set()
         #: The I/O tasks under way (fills, read batches, write batches, fsyncs): closing
         #: waits for them, so no descriptor is closed and no region detached under one.
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks: set[asyncio.Future[Any]] = set()
         # Made on first use: a pool is built in a worker thread, where anyio objects cannot be.
         self._limiter_obj: anyio.CapacityLimiter | None = None
         self._reader_obj: ReadBatcher | ReaderThreads | None = None
@@ -249,6 +249,12 @@ class BufferIO:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def track(self, fut: asyncio.Future[Any]) -> None:
+        """Count ``fut`` as I/O under way until it is done (closing waits for it): work that
+        runs without a task of its own, such as a read in a reader thread."""
+        self.tasks.add(fut)
+        fut.add_done_callback(self.tasks.discard)
 
     @staticmethod
     def orphan(task: asyncio.Task[Any], what: str) -> None:

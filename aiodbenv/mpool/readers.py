@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 
 from .. import _io
 
@@ -41,7 +42,9 @@ def use_threads() -> bool:
     return choice == "threads"
 
 
-_Job = tuple[int, memoryview, int, "asyncio.Future[int]"]
+#: What a read hands its result to, on the loop: the bytes read, or the read's exception.
+Done = Callable[[int | BaseException], object]
+_Job = tuple[int, memoryview, int, Done]
 
 
 class ReaderThreads:
@@ -54,7 +57,7 @@ class ReaderThreads:
         self._threads: list[threading.Thread] = []
         self._idle = 0  # threads waiting for a job (changed under _lock)
         self._lock = threading.Lock()
-        self._done: list[tuple[asyncio.Future[int], int | BaseException]] = []
+        self._done: list[tuple[Done, int | BaseException]] = []
         #: Reads submitted and not yet delivered to the loop.
         self._running = 0
         #: Reads delivered to the loop since the threads were made.
@@ -70,18 +73,38 @@ class ReaderThreads:
         """Read ``view`` from ``fd`` at ``offset`` in a reader thread; returns the bytes read
         (raises the read's OSError). Cancellation: the read still runs to its end (the view
         stays valid: the caller's buffer is pinned until then); its result is dropped."""
+        return await self.submit(fd, view, offset)
+
+    def submit(self, fd: int, view: memoryview, offset: int) -> asyncio.Future[int]:
+        """Queue the read now (the caller may await it later); the future gets the bytes read
+        or the read's OSError. Cancelling the future drops the result, not the read."""
+        fut: asyncio.Future[int] = self._loop.create_future()
+
+        def deliver(res: int | BaseException) -> None:
+            if fut.done():
+                return  # its reader was cancelled
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+        self.submit_call(fd, view, offset, deliver)
+        return fut
+
+    def submit_call(self, fd: int, view: memoryview, offset: int, done: Done) -> None:
+        """Queue the read now; ``done`` gets its result on the loop, called directly by the
+        batch delivery (no future, no task: the caller's own wake-up is the only loop turn
+        after the read). ``done`` must not raise (an exception is logged)."""
         if self._closed:
             raise RuntimeError("the pool's reader threads are stopped")
-        fut: asyncio.Future[int] = self._loop.create_future()
         self._running += 1
-        self._jobs.put((fd, view, offset, fut))
+        self._jobs.put((fd, view, offset, done))
         with self._lock:
             spare = self._idle
         if spare < self._jobs.qsize() and len(self._threads) < self._max:
             t = threading.Thread(target=self._work, name="aiodbenv-reader", daemon=True)
             self._threads.append(t)
             t.start()
-        return await fut
 
     def _work(self) -> None:
         jobs, lock, done = self._jobs, self._lock, self._done
@@ -93,7 +116,7 @@ class ReaderThreads:
                 self._idle -= 1
             if job is None:
                 return
-            fd, view, offset, fut = job
+            fd, view, offset, call = job
             res: int | BaseException
             try:
                 res = _io.preadv(fd, [view], offset)
@@ -101,7 +124,7 @@ class ReaderThreads:
                 res = err
             with lock:
                 first = not done
-                done.append((fut, res))
+                done.append((call, res))
             if first:
                 try:
                     self._loop.call_soon_threadsafe(self._deliver)
@@ -114,13 +137,11 @@ class ReaderThreads:
             self._done.clear()
         self._running -= len(batch)
         self.reads += len(batch)
-        for fut, res in batch:
-            if fut.done():
-                continue  # its reader was cancelled
-            if isinstance(res, BaseException):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
+        for call, res in batch:
+            try:
+                call(res)
+            except Exception:  # one reader's bug must not lose the others' results
+                logger.exception("handing a page read to its reader failed")
 
     @property
     def threads(self) -> int:
