@@ -347,8 +347,8 @@ class PageAccess:
     async def _pin_slow(self, pgno: int, mode: int) -> Page:
         # Before anything is held: a miss served from the OS cache never awaits, so a run of
         # them must let the loop breathe now and then.
-        await self._pool._breathe()
-        self._check()
+        if await self._pool._breathe():
+            self._check()  # the caller (PoolFile._pin) checked before; the loop ran since
         w0 = self._w0
         e = self._entry
         if mode == MODE_NEW:

@@ -208,7 +208,7 @@ class PoolBase:
         if self._closing:
             self._notify()
 
-    async def _breathe(self) -> None:
+    async def _breathe(self) -> bool:
         """Let other tasks run now and then during a run of slow-path pins.
 
         A miss served from the OS page cache completes without awaiting anything (~20 µs); a
@@ -216,6 +216,7 @@ class PoolBase:
         is for the whole pool, shared by the coroutines in a slow path: about 48 misses, or a
         millisecond, then whoever is running yields. With many coroutines missing at once,
         each gets a share, so one turn of the event loop stays about a millisecond long.
+        Returns whether it yielded (the caller's checks may have changed meanwhile).
         """
         self._since_yield += 1
         now = time.monotonic()
@@ -223,6 +224,8 @@ class PoolBase:
             self._since_yield = 0
             self._last_yield = now
             await asyncio.sleep(0)
+            return True
+        return False
 
     async def _quiesce(self) -> None:
         """Wait until no slow path runs and no I/O task of the pool is left.
