@@ -30,7 +30,7 @@ import aiodbenv
 from aiodbenv import _io
 from aiodbenv.mpool import accel, fget, miss
 from aiodbenv.mpool.layout import BH, BH_READING, BUCKET
-from aiodbenv.mpool.readers import ReaderThreads
+from aiodbenv.mpool.readers import ReaderThreads, use_threads
 
 from .conftest import spawn
 from .test_reaper import assert_no_mutex_held, pin_totals
@@ -359,3 +359,13 @@ async def test_killed_at_each_step_of_the_compiled_miss(
             async with f.get(p) as page:
                 assert bytes(page.data) == page_bytes(p)
     assert pin_totals(env) == {}
+
+
+def test_the_reader_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIODBENV_READER", "anyio")
+    assert use_threads() is False
+    monkeypatch.setenv("AIODBENV_READER", "threads")
+    assert use_threads() is True
+    monkeypatch.setenv("AIODBENV_READER", "uring")
+    with pytest.raises(ValueError, match="AIODBENV_READER"):
+        use_threads()
