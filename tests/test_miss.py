@@ -369,3 +369,30 @@ def test_the_reader_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIODBENV_READER", "uring")
     with pytest.raises(ValueError, match="AIODBENV_READER"):
         use_threads()
+
+
+@compiled
+async def test_the_compiled_miss_with_several_caches(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = Counting(monkeypatch)
+    e = await aiodbenv.Env.open(
+        home, create=True, cache_size=2 * FRAMES * PS, page_size=PS, ncache=2
+    )
+    try:
+        async with e.pool.open_file("n.db", create=True, page_size=PS) as f:
+            for p in range(PAGES):
+                async with f.get(p, create=True) as page:
+                    page.data[:] = page_bytes(p)
+                    page.mark_dirty()
+            await e.pool.sync()
+            rnd = random.Random(3)
+            for _ in range(400):
+                p = rnd.randrange(PAGES)
+                async with f.get(p) as page:
+                    assert bytes(page.data) == page_bytes(p)
+        assert counting.whole > 100
+        assert pin_totals(e) == {}
+    finally:
+        await e.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
