@@ -215,7 +215,7 @@ def test_backend_is_the_one_asked_for() -> None:
 def test_suite_passes_with_the_abi_fallback() -> None:
     """Runs the mutex, environment and pool tests again with AIODBENV_MUTEX=abi: the ABI
     binding of pthread, and the pure-Python hit, unpin and miss paths of the pool (the miss,
-    eviction, reaper and cancellation suites included)."""
+    eviction, reaper and cancellation suites and the hypothesis model included)."""
     r = subprocess.run(
         [
             sys.executable,
@@ -232,6 +232,7 @@ def test_suite_passes_with_the_abi_fallback() -> None:
             "tests/test_alloc.py",
             "tests/test_reaper.py",
             "tests/test_pool_cancel.py",
+            "tests/test_pool_model.py",
             "tests/test_writeback_faults.py",
             "tests/test_waits.py",
         ],
