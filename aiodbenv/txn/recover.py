@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument, LogCorrupt, PageCorrupt, PageNotFound
 from ..log.lsn import LSN
-from ..log.record import CheckpointRecord
+from ..log.record import FILE_HEADER_BYTES, CheckpointRecord
 from . import batch as _batch
 
 if TYPE_CHECKING:
@@ -91,6 +91,8 @@ async def _batches(
     log = env.log
     if start is not None and start >= log.end_lsn:
         return
+    if start is not None:
+        start = await _first_at_or_after(env, start)
     async with log.cursor(start) as cur:
         async for lsn, data in cur:
             if isinstance(data, CheckpointRecord) or not _batch.is_batch(data):
@@ -103,6 +105,23 @@ async def _batches(
                     f"log record {lsn} looks like a transaction but is not: {err}"
                 ) from err
             yield lsn, files, pages
+
+
+async def _first_at_or_after(env: Env, lsn: LSN) -> LSN:
+    """``lsn`` if a record starts there, else the first record of the next file. A
+    checkpoint's ``ckp_lsn`` is the end of the log when it began, where the next record was
+    to go; if that record did not fit in the file, it went to the next one, and nothing
+    starts at ``ckp_lsn`` itself."""
+    async with env.log.cursor() as cur:
+        try:
+            await cur.set(lsn)
+            return lsn
+        except InvalidArgument:
+            nxt = LSN(lsn.file + 1, FILE_HEADER_BYTES)
+            if nxt >= env.log.end_lsn:
+                return nxt
+            await cur.set(nxt)  # InvalidArgument again: the log is not what it should be
+            return nxt
 
 
 class _Files:
