@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidArgument, LogCorrupt, PageCorrupt, PageNotFound
+from ..errors import InvalidArgument, PageCorrupt, PageNotFound
 from ..log.lsn import LSN
 from ..log.record import FILE_HEADER_BYTES, CheckpointRecord
+from ..log.redo import redo_start
 from . import batch as _batch
 
 if TYPE_CHECKING:
@@ -52,37 +53,19 @@ class RecoveryStat:
 
 
 async def _start(env: Env) -> LSN | None:
-    """Where replay starts: the ``ckp_lsn`` of the checkpoint *before* the last one (None: the
-    first record). A commit made while a checkpoint runs chooses full images by the previous
-    checkpoint, so the last checkpoint's ``ckp_lsn`` could cut off the full image a torn page
-    needs; one checkpoint further back never does (see docs/durable.md). If that part of the
-    log was archived, replay starts at the last checkpoint, with a warning."""
-    log = env.log
-    ckp = log.last_checkpoint
-    if ckp is None:
-        return None
-    rec, last_ckp_lsn = ckp
-    async with log.cursor() as cur:
-        got = await cur.set(rec)
-        if got is None or not isinstance(got[1], CheckpointRecord):
-            return last_ckp_lsn
-        prev = got[1].last_ckp
-        if prev == LSN(0, 0):
-            return None
-        try:
-            got = await cur.set(prev)
-        except (InvalidArgument, LogCorrupt):
-            got = None
-        if got is None or not isinstance(got[1], CheckpointRecord):
-            logger.warning(
-                "aiodbenv: the checkpoint before the last (%s) is no longer in the log; "
-                "recovery starts at the last one (%s): a page torn by a power loss while that "
-                "checkpoint ran may not be repaired",
-                prev,
-                last_ckp_lsn,
-            )
-            return last_ckp_lsn
-        return got[1].ckp_lsn
+    """Where replay starts (None: the first record): see :func:`aiodbenv.log.redo.redo_start`.
+    If the checkpoint before the last is no longer in the log, replay starts at the last one,
+    with a warning."""
+    start, missing = await redo_start(env.log)
+    if missing is not None:
+        logger.warning(
+            "aiodbenv: the checkpoint before the last (%s) is no longer in the log; "
+            "recovery starts at the last one (%s): a page torn by a power loss while that "
+            "checkpoint ran may not be repaired",
+            missing,
+            start,
+        )
+    return start
 
 
 async def _batches(
