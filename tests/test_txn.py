@@ -384,3 +384,40 @@ def test_diff_covers_every_change_in_whole_chunks() -> None:
             rebuilt[s:e] = new[s:e]
         assert rebuilt == new
         assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # merged when adjacent
+
+
+async def test_txn_stat_counts_the_environment_and_keeps_closed_handles(home: str) -> None:
+    """``env.txn_stat()`` sums every handle's counters in shared memory; a closed handle's
+    stay counted, also after its registry slot is taken by a new handle (they are moved to
+    the retired counts then); ``handle=True`` gives one handle's."""
+    a = await aiodbenv.Env.open(home, create=True, log=True)
+    b = await aiodbenv.Env.open(home)
+    fa, fb = await open_data(a), await open_data(b)
+    for env, f, n in ((a, fa, 3), (b, fb, 2)):
+        for _ in range(n):
+            async with env.txn(durability="nosync") as tx:
+                (await tx.page(f, 0, create=True)).data[100] += 1
+    tx = await b.txn()
+    await tx.abort()
+    assert a.txn_stat(handle=True).commits_nosync == 3
+    assert b.txn_stat(handle=True).commits_nosync == 2
+    for env in (a, b):
+        st = env.txn_stat()
+        assert (st.commits_nosync, st.begins, st.aborts, st.pages_logged) == (5, 6, 1, 5)
+    await fb.close()
+    await b.close()
+    assert a.txn_stat().commits_nosync == 5  # b's counts outlive its handle
+    for _ in range(3):  # new handles take b's slot again and again
+        c = await aiodbenv.Env.open(home)
+        assert c.txn_stat(handle=True).begins == 0  # a fresh handle starts at zero
+        fc = await open_data(c)
+        async with c.txn(durability="nosync") as tx:
+            (await tx.page(fc, 0)).data[100] += 1
+        await fc.close()
+        await c.close()
+    st = a.txn_stat()
+    assert (st.commits_nosync, st.begins, st.aborts) == (8, 9, 1)
+    await fa.close()
+    await a.checkpoint()
+    await a.close()
+    await aiodbenv.Env.remove(home)

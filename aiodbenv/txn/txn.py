@@ -31,7 +31,8 @@ from ..mpool.fget import MODE_CREATE, MODE_GET, MODE_NEW
 from ..mpool.layout import FILE_ENTRY, MAX_PGNO
 from . import batch as _batch
 from .ids import next_owner_id
-from .latch import LatchWaits, acquire, latch_key, release, set_committing
+from .latch import acquire, latch_key, release, set_committing
+from .stat import COMMIT_WORD, TxnStats, W
 
 if TYPE_CHECKING:
     from ..log.log import Log
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from ..mpool.page import Page
     from ..mpool.pool import Pool
 
-__all__ = ["LATCH_TIMEOUT", "MAX_PAGES", "CommitInfo", "Txn", "TxnPage", "TxnStat", "TxnStats"]
+__all__ = ["LATCH_TIMEOUT", "MAX_PAGES", "CommitInfo", "Txn", "TxnPage"]
 
 Durability = Literal["sync", "write_nosync", "nosync"]
 _DURABILITIES = ("sync", "write_nosync", "nosync")
@@ -50,58 +51,6 @@ MAX_PAGES = 64
 
 #: Seconds a transaction waits for a page latch by default (``LockTimeout`` then).
 LATCH_TIMEOUT = 30.0
-
-
-class TxnStats:
-    """This handle's transaction counters, as they change (see :class:`TxnStat`)."""
-
-    def __init__(self) -> None:
-        self.begins = 0
-        self.commits = {"sync": 0, "write_nosync": 0, "nosync": 0}
-        self.readonly_commits = 0
-        self.aborts = 0
-        self.pages_logged = 0
-        self.full_images = 0
-        self.latch = LatchWaits()
-
-    def snapshot(self) -> TxnStat:
-        """The counters now."""
-        lw = self.latch
-        return TxnStat(
-            begins=self.begins,
-            commits_sync=self.commits["sync"],
-            commits_write_nosync=self.commits["write_nosync"],
-            commits_nosync=self.commits["nosync"],
-            readonly_commits=self.readonly_commits,
-            aborts=self.aborts,
-            pages_logged=self.pages_logged,
-            full_images=self.full_images,
-            latch_nowait=lw.nowait,
-            latch_waits=lw.waits,
-            deadlocks=lw.deadlocks,
-            latch_timeouts=lw.timeouts,
-        )
-
-
-@dataclass(frozen=True)
-class TxnStat:
-    """Transaction statistics of one environment handle (this process): transactions begun,
-    commits by durability (and those that changed nothing), aborts (explicit, by an exception,
-    by a Deadlock or a failed commit), pages logged and how many as full images, latches taken
-    at once or after a wait, ``deadlocks`` refused by the order rule, latch waits timed out."""
-
-    begins: int
-    commits_sync: int
-    commits_write_nosync: int
-    commits_nosync: int
-    readonly_commits: int
-    aborts: int
-    pages_logged: int
-    full_images: int
-    latch_nowait: int
-    latch_waits: int
-    deadlocks: int
-    latch_timeouts: int
 
 
 @dataclass(frozen=True)
@@ -177,7 +126,7 @@ class Txn:
         self._state = _ACTIVE
         #: The result of the commit, once committed.
         self.result: CommitInfo | None = None
-        stats.begins += 1
+        stats.add(W.begins)
 
     # -- taking pages ---------------------------------------------------------------------------
 
@@ -271,7 +220,7 @@ class Txn:
                 key,
                 self._held_max,
                 self.latch_timeout,
-                self._stats.latch,
+                self._stats,
             )
         except BaseException:
             pending = f._unpin(page, 0)
@@ -302,7 +251,7 @@ class Txn:
         if self._state != _ACTIVE:
             return
         self._state = _DONE
-        self._stats.aborts += 1
+        self._stats.add(W.aborts)
         await self._release_all()
 
     async def _release_all(self) -> None:
@@ -341,12 +290,12 @@ class Txn:
             record, changed, fulls = self._build()
         except BaseException:
             self._state = _DONE
-            self._stats.aborts += 1
+            self._stats.add(W.aborts)
             await self._release_all()
             raise
         if not changed:
             self._state = _DONE
-            self._stats.readonly_commits += 1
+            self._stats.add(W.readonly_commits)
             await self._release_all()
             self.result = CommitInfo(LSN(0, 0), self.durability, 0)
             return self.result
@@ -358,7 +307,7 @@ class Txn:
                 await pool._locked(functools.partial(tp.file.set, tp._page, dirty=True))
         except BaseException:
             self._state = _DONE
-            self._stats.aborts += 1
+            self._stats.add(W.aborts)
             await self._release_all()
             raise
         for tp in self._pages.values():
@@ -369,7 +318,7 @@ class Txn:
         except (LogBufferFull, InvalidArgument):
             # Nothing was appended: the commit did not happen (release clears the flag).
             self._state = _DONE
-            self._stats.aborts += 1
+            self._stats.add(W.aborts)
             await self._release_all()
             raise
         except BaseException as err:
@@ -384,9 +333,9 @@ class Txn:
             shared[lo : lo + 8] = lsn.pack()
             _io.step("txn.copied")
         st = self._stats
-        st.pages_logged += len(changed)
-        st.full_images += fulls
-        st.commits[self.durability] += 1
+        st.add(W.pages_logged, len(changed))
+        st.add(W.full_images, fulls)
+        st.add(COMMIT_WORD[self.durability])
         self._state = _DONE
         await self._release_all()
         _io.step("txn.released")
