@@ -138,11 +138,17 @@ class EnvTxn:
             # Made anew by this open and now closed: removing them makes the next open check
             # again instead of joining regions that serve stale pages.
             await asyncio.to_thread(remove_environment, home, force=True)
-            path, pgno, lsn = stale[0]
+            path, pgno, lsn, what = stale[0]
+            why = {
+                "older": "is older than",
+                "missing": "is missing, though changed by",
+                "torn": "fails its checksum (torn), though changed by",
+            }[what]
             raise RunRecovery(
-                f"environment {home} needs recovery: page {pgno} of {path} is older than the "
+                f"environment {home} needs recovery: page {pgno} of {path} {why} the "
                 f"transaction committed at {lsn} in the log (the regions were lost before it "
-                "was written); open it with Env.open(home, create=True, log=True, recover=True)"
+                "was written whole); open it with "
+                "Env.open(home, create=True, log=True, recover=True)"
             )
 
     if TYPE_CHECKING:

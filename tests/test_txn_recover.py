@@ -317,3 +317,84 @@ async def test_archive_keeps_what_recovery_reads(
     on_disk = await pages(home)
     assert {pgno: on_disk[pgno][8:] for pgno in expect} == expect
     await aiodbenv.Env.remove(home)
+
+
+# -- torn pages of checksummed files ------------------------------------------------------------
+
+
+async def _checksummed(env: aiodbenv.Env) -> aiodbenv.PoolFile:
+    return await env.pool.open_file(
+        env.resolve("sum.db"), create=True, page_size=PS, lsn_offset=0, checksum=True
+    )
+
+
+def _tear(home: str, pgno: int) -> None:
+    """Tear page ``pgno`` of sum.db on disk: its second half is of another write."""
+    with open(os.path.join(home, "sum.db"), "r+b") as fh:
+        fh.seek(pgno * PS + PS // 2)
+        fh.write(bytes(range(256)) * (PS // 512))
+
+
+async def test_torn_checksummed_page_is_repaired_from_a_full_image(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    f = await _checksummed(env)
+    await env.checkpoint()
+    async with env.txn(durability="sync") as tx:  # first change since the checkpoint:
+        p = await tx.page(f, 0, create=True)  # logged as a full image
+        p.data[100:105] = b"first"
+    async with env.txn(durability="sync") as tx:  # then byte ranges on top of it
+        (await tx.page(f, 0)).data[2000:2006] = b"second"
+    await env.pool.sync()  # the page is written ...
+    await f.close()
+    await env.close(nosync=True)
+    await aiodbenv.Env.remove(home, force=True)
+    _tear(home, 0)  # ... and torn by the power loss
+    with pytest.raises(RunRecovery, match=r"page 0 of sum\.db fails its checksum"):
+        await aiodbenv.Env.open(home, create=True, log=True)  # the open checks the pages
+    env = await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+    assert env.recovered is not None and env.recovered.repaired == 1
+    f = await _checksummed(env)
+    async with f.get(0) as p:
+        assert bytes(p.data[100:105]) == b"first" and bytes(p.data[2000:2006]) == b"second"
+        assert bytes(p.data[PS // 2 : PS // 2 + 4]) == bytes(4)  # the torn half is gone
+    await f.close()
+    await env.close()
+    await aiodbenv.Env.remove(home)
+
+
+async def test_torn_checksummed_page_without_a_full_image_is_reported(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    f = await _checksummed(env)
+    async with env.txn(durability="sync") as tx:
+        p = await tx.page(f, 0, create=True)
+        p.data[100:105] = b"first"
+    async with env.txn(durability="sync") as tx:
+        (await tx.page(f, 1, create=True)).data[100:105] = b"other"
+    await env.checkpoint()
+    await env.checkpoint()  # the full images are now before where recovery starts
+    # A commit that logs only byte ranges of page 0 (as if its full image were before the
+    # checkpoint: the case of a log whose image was lost), and one with a full image of 1.
+    with monkeypatch.context() as m:
+        m.setattr(type(env.log), "last_checkpoint", property(lambda self: None))
+        async with env.txn(durability="sync") as tx:
+            (await tx.page(f, 0)).data[2000:2006] = b"second"
+    async with env.txn(durability="sync") as tx:
+        (await tx.page(f, 1)).data[2000:2006] = b"third!"
+    await env.pool.sync()
+    await f.close()
+    await env.close(nosync=True)
+    await aiodbenv.Env.remove(home, force=True)
+    _tear(home, 0)
+    _tear(home, 1)
+    with pytest.raises(aiodbenv.PageCorrupt, match=r"cannot repair page 0 of sum\.db") as info:
+        await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+    assert info.value.pgno == 0 and info.value.path == os.path.join(home, "sum.db")
+    assert "backup" in str(info.value)
+    # Page 1 had a full image: it was repaired and written all the same.
+    with open(os.path.join(home, "sum.db"), "rb") as fh:
+        fh.seek(PS)
+        page1 = fh.read(PS)
+    assert page1[100:105] == b"other" and page1[2000:2006] == b"third!"
+    await aiodbenv.Env.remove(home, force=True)
