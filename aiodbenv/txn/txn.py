@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import _io
 from ..errors import (
     InvalidArgument,
+    LockTimeout,
     LogBufferFull,
     RunRecovery,
     TxnTooLarge,
@@ -275,23 +276,31 @@ class Txn:
 
         A failure before the record is logged (a bucket mutex held past the pool's
         ``wait_timeout``, an in-memory log that is full) aborts and raises; a failure to log
-        or flush panics the environment (RunRecovery). Cancellation: once begun, the commit
-        finishes in the background (it is atomic either way); the caller gets CancelledError
-        and cannot tell whether the flush completed.
+        or flush panics the environment (RunRecovery). Cancellation: before the record is in
+        the log (marking the pages dirty, waiting for log buffer space), the transaction is
+        aborted with nothing changed; after, the commit is whole in shared memory and only
+        the wait for its flush is abandoned (the caller cannot tell whether the flush
+        completed). A ``write_nosync`` commit, or one whose record is larger than the log
+        buffer, runs in a task that finishes in the background either way.
         """
         self._check()
         self._state = _COMMITTING
-        task = asyncio.ensure_future(self._commit())
+        log = self._log
+        if self.durability != "write_nosync" and self._bytes + 16 <= log.buffer_size:
+            # The common case, without a task per commit: a put (without flush) of a record
+            # that fits in the buffer appends nothing if it is cancelled (it can wait only
+            # for buffer space or a new log file), so cancellation is clean at every step.
+            # _bytes is the record's worst-case size, checked as pages were taken.
+            return await self._commit(inline=True)
+        task = asyncio.ensure_future(self._commit(inline=False))
         task.add_done_callback(_retrieve)
         return await asyncio.shield(task)
 
-    async def _commit(self) -> CommitInfo:
+    async def _commit(self, inline: bool) -> CommitInfo:
         try:
             record, changed, fulls = self._build()
         except BaseException:
-            self._state = _DONE
-            self._stats.add(W.aborts)
-            await self._release_all()
+            await self._end_aborted()
             raise
         if not changed:
             self._state = _DONE
@@ -302,13 +311,15 @@ class Txn:
         pool = self._pool
         try:
             # Dirty first: a page flagged dirty that has not changed yet costs a write at most,
-            # while a changed page a checkpoint sees clean would lose the commit.
+            # while a changed page a checkpoint sees clean would lose the commit. One short
+            # try each (no coroutine); a busy bucket mutex is waited for asynchronously.
             for tp, _lo in changed:
-                await pool._locked(functools.partial(tp.file.set, tp._page, dirty=True))
+                try:
+                    tp.file.set(tp._page, dirty=True)
+                except LockTimeout:
+                    await pool._locked(functools.partial(tp.file.set, tp._page, dirty=True))
         except BaseException:
-            self._state = _DONE
-            self._stats.add(W.aborts)
-            await self._release_all()
+            await self._end_aborted()
             raise
         for tp in self._pages.values():
             set_committing(tp._page, self._owner)
@@ -317,9 +328,14 @@ class Txn:
             lsn = await self._log.put(record, write_nosync=self.durability == "write_nosync")
         except (LogBufferFull, InvalidArgument):
             # Nothing was appended: the commit did not happen (release clears the flag).
-            self._state = _DONE
-            self._stats.add(W.aborts)
-            await self._release_all()
+            await self._end_aborted()
+            raise
+        except asyncio.CancelledError:
+            if not inline:
+                raise  # only the task's own cancellation (loop shutdown) gets here
+            # A put without flush of a record that fits the buffer appends nothing when
+            # cancelled (see commit): aborted, nothing changed.
+            await self._end_aborted()
             raise
         except BaseException as err:
             # The record may or may not be in the log: only recovery can tell.
@@ -327,22 +343,30 @@ class Txn:
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
         _io.step("txn.logged")
+        pack = lsn.pack()
         for tp, lo in changed:
             shared = tp._page.data
             shared[:] = tp.data
-            shared[lo : lo + 8] = lsn.pack()
+            shared[lo : lo + 8] = pack
             _io.step("txn.copied")
         st = self._stats
         st.add(W.pages_logged, len(changed))
-        st.add(W.full_images, fulls)
+        if fulls:
+            st.add(W.full_images, fulls)
         st.add(COMMIT_WORD[self.durability])
         self._state = _DONE
+        self.result = CommitInfo(lsn, self.durability, len(changed))
         await self._release_all()
         _io.step("txn.released")
         if self.durability == "sync":
             await self._log.flush(lsn)
-        self.result = CommitInfo(lsn, self.durability, len(changed))
         return self.result
+
+    async def _end_aborted(self) -> None:
+        """The commit failed before its record was logged: end as an abort."""
+        self._state = _DONE
+        self._stats.add(W.aborts)
+        await self._release_all()
 
     def _build(self) -> tuple[bytes, list[tuple[TxnPage, int]], int]:
         """The batch record, the changed pages (with their lsn_offset) and how many of them
