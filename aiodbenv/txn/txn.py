@@ -86,8 +86,10 @@ class TxnPage:
 
 _ACTIVE, _COMMITTING, _DONE = 0, 1, 2
 
-#: Each open file's path as logged (computed once per file handle).
-_paths: weakref.WeakKeyDictionary[PoolFile, str] = weakref.WeakKeyDictionary()
+#: Each open file's batch entry and worst-case page cost (computed once per file handle).
+_files: weakref.WeakKeyDictionary[PoolFile, tuple[_batch.BatchFile, int]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Txn:
@@ -178,25 +180,32 @@ class Txn:
         self._check()
         return await self._take(f, -1, MODE_NEW)
 
-    def _path(self, f: PoolFile) -> str:
-        """The file's path as logged: relative to the home when inside it, so that recovery
-        of a moved home finds it."""
-        path = _paths.get(f)
-        if path is None:
-            path = f.name or ""
-            rel = os.path.relpath(path, self._pool._env_core.home)
-            path = _paths[f] = path if rel.startswith(os.pardir) else rel
-        return path
-
-    async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
-        lsn_off = self._lsn_offset(f)
+    def _file(self, f: PoolFile) -> tuple[_batch.BatchFile, int]:
+        """What a commit logs of file ``f`` (its id, sizes, ``lsn_offset`` and path as
+        logged: relative to the home when inside it, so that recovery of a moved home finds
+        it), and the most bytes one of its pages can add to a batch. Computed once per file
+        handle (they never change while it is open); raises InvalidArgument for a file a
+        transaction cannot change."""
+        got = _files.get(f)
+        if got is not None:
+            return got
+        lo = self._lsn_offset(f)
         if f.name is None or f.nofile:
             raise InvalidArgument("transactions need a named file that is written to disk")
         if f.readonly:
             raise InvalidArgument(f"{f.name} is open read-only")
+        path = f.name
+        rel = os.path.relpath(path, self._pool._env_core.home)
+        path = path if rel.startswith(os.pardir) else rel
+        bf = _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, path)
+        got = _files[f] = (bf, _batch.worst_size(f._data_size, path))
+        return got
+
+    async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
+        bf, cost = self._file(f)
+        lsn_off = bf.lsn_offset
         if len(self._pages) >= MAX_PAGES:
             raise TxnTooLarge(f"a transaction may take at most {MAX_PAGES} pages")
-        cost = _batch.worst_size(f._data_size, self._path(f))
         limit = self._log._max_payload
         if self._bytes + cost > limit:
             raise TxnTooLarge(
@@ -382,8 +391,8 @@ class Txn:
         changed: list[tuple[TxnPage, int]] = []
         fulls = 0
         for (fidx, pgno), tp in self._pages.items():
-            f = tp.file
-            lo = self._lsn_offset(f)
+            bf = _files[tp.file][0]  # there since the page was taken
+            lo = bf.lsn_offset
             shared = tp._page.data
             priv = tp.data
             priv[lo : lo + 8] = shared[lo : lo + 8]  # the library's bytes
@@ -393,9 +402,7 @@ class Txn:
             fi = fmap.get(fidx)
             if fi is None:
                 fi = fmap[fidx] = len(files)
-                files.append(
-                    _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, self._path(f))
-                )
+                files.append(bf)
             page_lsn = LSN.unpack(shared, lo)
             nbytes = sum(e - s for s, e in ranges)
             if page_lsn == LSN(0, 0) or page_lsn < redo_start or 2 * nbytes > len(priv):
