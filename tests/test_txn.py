@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import aiodbenv
-from aiodbenv import LSN, Deadlock, InvalidArgument, TxnTooLarge
+from aiodbenv import LSN, Deadlock, InvalidArgument, TxnTooLarge, _io
 from aiodbenv.mpool.layout import BH
 from aiodbenv.txn import batch
 from aiodbenv.txn.txn import MAX_PAGES
@@ -441,3 +441,53 @@ def test_compiled_diff_is_the_python_twin() -> None:
         assert batch.diff(bytes(old), bytes(new)) == want
     if os.environ.get("AIODBENV_MUTEX") != "abi":
         assert batch._c_diff is not None  # the accelerator is built: the compiled one ran
+
+
+async def test_commit_cancelled_while_waiting_for_log_buffer_space(home: str) -> None:
+    """A commit (without a task of its own) cancelled while its record waits for room in a
+    full log buffer is aborted: nothing is logged, the page is unchanged, its latch and pin
+    are gone, and the transaction counts as aborted."""
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    f = await open_data(env)
+    async with env.txn(durability="nosync") as tx:
+        (await tx.page(f, 0, create=True)).data[100:104] = b"base"
+    before = await read(f, 0)
+    aborts = env.txn_stat().aborts
+    txs: list[aiodbenv.Txn] = []
+    committing = asyncio.Event()
+
+    async def body() -> None:
+        tx = await env.txn(durability="nosync")
+        txs.append(tx)
+        (await tx.page(f, 0)).data[2000:] = os.urandom(PS - 2000)  # a ~2 KiB fragment
+        # Fill the buffer; the write that would make room is slow (the disk), so the
+        # commit's append has to wait for it.
+        while True:
+            await env.log.put(bytes(1000))
+            free = 8192 - (env.log.end_lsn.offset - env.log.written_lsn.offset)
+            if free < 2000:  # less than the commit's record (a 2,112-byte fragment) needs
+                break
+        committing.set()
+        await tx.commit()
+
+    with _io.inject("pwrite", error=None, delay=1.0):
+        task = asyncio.create_task(body())
+        await committing.wait()
+        await asyncio.sleep(0.1)
+        assert not task.done()  # waiting for buffer space
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert txs[0].result is None
+    assert env.txn_stat().aborts == aborts + 1
+    assert await read(f, 0) == before
+    async with env.txn(latch_timeout=0.5) as tx2:  # the latch is free
+        await tx2.page(f, 0)
+    await env.log.flush()
+    async with env.log.cursor() as c:
+        batches = [d async for _, d in c if batch.is_batch(d)]
+    assert len(batches) == 1  # only the first commit: the cancelled one logged nothing
+    await f.close()
+    await env.checkpoint()
+    await env.close()
+    await aiodbenv.Env.remove(home)
