@@ -32,7 +32,7 @@ from ..mpool.fget import MODE_CREATE, MODE_GET, MODE_NEW
 from ..mpool.layout import FILE_ENTRY, MAX_PGNO
 from . import batch as _batch
 from .ids import next_owner_id
-from .latch import acquire, latch_key, release, set_committing
+from .latch import acquire, latch_key, release, set_committing, try_latch
 from .stat import COMMIT_WORD, TxnStats, W
 
 if TYPE_CHECKING:
@@ -223,15 +223,19 @@ class Txn:
                 # Only a new page can get here (MODE_NEW raced ourselves): not ours twice.
                 raise InvalidArgument(f"page {page.pgno} is already taken by this transaction")
             key = latch_key(f._fidx, page.pgno)
-            await acquire(
-                self._pool,
-                page,
-                self._owner,
-                key,
-                self._held_max,
-                self.latch_timeout,
-                self._stats,
-            )
+            # One try first, without a coroutine: the latch is usually free.
+            if self._pool._attempt(try_latch, page._cache, page._bucket, page._bh, self._owner):
+                await acquire(
+                    self._pool,
+                    page,
+                    self._owner,
+                    key,
+                    self._held_max,
+                    self.latch_timeout,
+                    self._stats,
+                )
+            else:
+                self._stats.add(W.latch_nowait)
         except BaseException:
             pending = f._unpin(page, 0)
             if pending is not None:
