@@ -214,7 +214,8 @@ def test_backend_is_the_one_asked_for() -> None:
 @pytest.mark.skipif(os.environ.get("AIODBENV_MUTEX") == "abi", reason="already the ABI run")
 def test_suite_passes_with_the_abi_fallback() -> None:
     """Runs the mutex, environment and pool tests again with AIODBENV_MUTEX=abi: the ABI
-    binding of pthread, and the pure-Python hit and unpin paths of the pool."""
+    binding of pthread, and the pure-Python hit, unpin and miss paths of the pool (the miss,
+    eviction, reaper and cancellation suites and the hypothesis model included)."""
     r = subprocess.run(
         [
             sys.executable,
@@ -227,6 +228,11 @@ def test_suite_passes_with_the_abi_fallback() -> None:
             "tests/test_mutex.py",
             "tests/test_env.py",
             "tests/test_pool.py",
+            "tests/test_miss.py",
+            "tests/test_alloc.py",
+            "tests/test_reaper.py",
+            "tests/test_pool_cancel.py",
+            "tests/test_pool_model.py",
             "tests/test_writeback_faults.py",
             "tests/test_waits.py",
         ],
@@ -234,7 +240,7 @@ def test_suite_passes_with_the_abi_fallback() -> None:
         env={**os.environ, "AIODBENV_MUTEX": "abi"},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout

@@ -358,10 +358,11 @@ async def test_pin_cancelled_during_its_thread_read(
 async def test_pin_cancelled_while_the_read_is_queued(
     env: aiodbenv.Env, data: aiodbenv.PoolFile
 ) -> None:
-    """More reads than I/O threads: some wait in the batcher's queue when cancelled."""
+    """More reads than I/O threads: some wait in the readers' queue when cancelled (each read
+    takes 0.1 s: none can have finished after the 5 ms sleep, even on a loaded machine)."""
     f = data
     force_thread_reads(f)
-    with _io.inject("pread", None, delay=0.02):
+    with _io.inject("pread", None, delay=0.1):
         tasks = [asyncio.create_task(f.pin(i)) for i in range(20)]
         await asyncio.sleep(0.005)
         for t in tasks[::2]:

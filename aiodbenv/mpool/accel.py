@@ -10,13 +10,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..region.layout import MUTEX_SLOT
+from ..region.layout import MAX_PROCS, MUTEX_SLOT, WORD
 from ..region.mutex import ffi, speedups
 from .accel_layout import NAMES
-from .layout import BH, BH_DIRTY, BH_READING, BH_REDIRTIED, BH_WRITING, BUCKET, CACHE_HEADER
+from .alloc import SEARCH_BUCKETS
+from .layout import (
+    BH,
+    BH_DIRTY,
+    BH_READING,
+    BH_REDIRTIED,
+    BH_WRITING,
+    BUCKET,
+    CACHE_HEADER,
+    CACHE_HEADER_AT,
+    CHUNK_TAG_BEFORE_BH,
+)
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD
 
 __all__ = ["COMPILED", "CORRUPT", "collect", "pin_hit", "pin_one_cache", "snapshot", "unpin_at"]
+__all__ += ["MISS_FALLBACK", "MISS_FILL", "MISS_FILL_DISK", "MISS_FREE_FRAME", "miss"]
 __all__ += ["layout_values", "write_done"]
 
 
@@ -49,6 +61,17 @@ def layout_values() -> list[int]:
         # The C lock helper counts an uncontended lock at ``nowaits`` and finds ``waits`` this
         # many words before it.
         "WAITS_FROM_NOWAITS": MUTEX_SLOT.word.nowaits - MUTEX_SLOT.word.waits,
+        "CACHE_HDR": CACHE_HEADER_AT // WORD,
+        "C_HAND": c.hand,
+        "C_PAGE_BYTES": c.page_bytes,
+        "C_PAGE_BYTES_USED": c.page_bytes_used,
+        "B_COUNT": b.count,
+        "H_LATCH": h.latch,
+        # Words before a buffer header where its allocator chunk keeps its limbo tag.
+        "CHUNK_TAG": CHUNK_TAG_BEFORE_BH,
+        "MAX_PROCS": MAX_PROCS,
+        # The victim search's breadth: the compiled miss follows alloc.find_victim.
+        "SEARCH_BUCKETS": SEARCH_BUCKETS,
     }
     return [values[n] for n in NAMES]
 
@@ -62,6 +85,9 @@ unpin_at: Any = None
 snapshot: Any = None
 write_done: Any = None
 collect: Any = None
+miss: Any = None
+#: What ``miss`` hands back to Python (out[0]; see aiodbenv/_csrc/40_miss.c).
+MISS_FALLBACK, MISS_FREE_FRAME, MISS_FILL, MISS_FILL_DISK = 0, 1, 2, 3
 #: What the compiled functions return for an offset that fails its check (0: never returned).
 CORRUPT = 0
 
@@ -80,3 +106,10 @@ if speedups is not None:
     write_done = speedups.aiodb_write_done
     collect = speedups.aiodb_collect
     CORRUPT = speedups.AIODB_CORRUPT
+    miss = speedups.aiodb_miss
+    assert (MISS_FALLBACK, MISS_FREE_FRAME, MISS_FILL, MISS_FILL_DISK) == (
+        speedups.AIODB_MISS_FALLBACK,
+        speedups.AIODB_MISS_FREE_FRAME,
+        speedups.AIODB_MISS_FILL,
+        speedups.AIODB_MISS_FILL_DISK,
+    )

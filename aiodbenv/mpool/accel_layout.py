@@ -35,6 +35,16 @@ NAMES = (
     "BH_REDIRTIED",
     "H_PINAT",
     "H_PINS",
+    # The compiled miss (aiodbenv/_csrc/40_miss.c).
+    "CACHE_HDR",
+    "C_HAND",
+    "C_PAGE_BYTES",
+    "C_PAGE_BYTES_USED",
+    "B_COUNT",
+    "H_LATCH",
+    "CHUNK_TAG",
+    "MAX_PROCS",
+    "SEARCH_BUCKETS",
 )
 
 

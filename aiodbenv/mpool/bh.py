@@ -30,6 +30,7 @@ from .layout import (
     FILE_ENTRY,
     FILE_STATS,
 )
+from .readers import ReaderThreads, use_threads
 
 if TYPE_CHECKING:
     from .file import PoolFile
@@ -218,10 +219,10 @@ class BufferIO:
         self.no_nowait: set[int] = set()
         #: The I/O tasks under way (fills, read batches, write batches, fsyncs): closing
         #: waits for them, so no descriptor is closed and no region detached under one.
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks: set[asyncio.Future[Any]] = set()
         # Made on first use: a pool is built in a worker thread, where anyio objects cannot be.
         self._limiter_obj: anyio.CapacityLimiter | None = None
-        self._reader_obj: ReadBatcher | None = None
+        self._reader_obj: ReadBatcher | ReaderThreads | None = None
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -231,10 +232,14 @@ class BufferIO:
         return self._limiter_obj
 
     @property
-    def reader(self) -> ReadBatcher:
-        """The batcher that sends this handle's page reads to worker threads."""
+    def reader(self) -> ReadBatcher | ReaderThreads:
+        """What reads this handle's pages from the disk: its reader threads (or, with
+        ``AIODBENV_READER=anyio``, the batcher that sends them to anyio's worker threads)."""
         if self._reader_obj is None:
-            self._reader_obj = ReadBatcher(self.limiter, self.spawn)
+            if use_threads():
+                self._reader_obj = ReaderThreads()
+            else:
+                self._reader_obj = ReadBatcher(self.limiter, self.spawn)
         return self._reader_obj
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -247,6 +252,12 @@ class BufferIO:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def track(self, fut: asyncio.Future[Any]) -> None:
+        """Count ``fut`` as I/O under way until it is done (closing waits for it): work that
+        runs without a task of its own, such as a read in a reader thread."""
+        self.tasks.add(fut)
+        fut.add_done_callback(self.tasks.discard)
 
     @staticmethod
     def orphan(task: asyncio.Task[Any], what: str) -> None:
@@ -347,6 +358,8 @@ class BufferIO:
         Cancellation: the close runs in a worker thread and finishes; the descriptors are
         forgotten first, so none is closed twice.
         """
+        if isinstance(self._reader_obj, ReaderThreads):
+            self._reader_obj.close()  # the pool waited for its reads first
         if self.wfds:
             fds = list(self.wfds.values())
             self.wfds.clear()

@@ -37,6 +37,7 @@ from .layout import (
     FILE_STATS,
     PINS_HALF,
 )
+from .readers import ReaderThreads
 
 __all__ = ["PoolReads"]
 
@@ -64,17 +65,25 @@ class PoolReads(PoolFrames):
     """A pool handle's page reads: fill, publish, fail, and wait for another's read."""
 
     async def _fill(
-        self, f: PageAccess, cache: Cache, b: int, bh: int, pgno: int, mode: int
+        self,
+        f: PageAccess,
+        cache: Cache,
+        b: int,
+        bh: int,
+        pgno: int,
+        mode: int,
+        nowait: bool = True,
     ) -> None:
         """Read (or zero) the freshly inserted buffer ``bh`` of page ``pgno``, then publish it.
 
         A new page, or one the OS page cache holds, is done at once, without an await. A read
         that must go to the disk runs as its own task: if the caller is cancelled, the read
         still completes (other waiters may want the page) and the caller's pin is dropped
-        afterwards.
+        afterwards. ``nowait=False``: the caller knows the OS page cache lacks the page (the
+        compiled miss was told so): straight to the disk read.
         """
         try:
-            done = self._attempt(self._fill_now, f, cache, b, bh, pgno, mode)
+            done = nowait and self._attempt(self._fill_now, f, cache, b, bh, pgno, mode)
             if done is BUSY:
                 done = await self._locked(self._fill_now, f, cache, b, bh, pgno, mode)
             if done:
@@ -84,6 +93,10 @@ class PoolReads(PoolFrames):
             # published nor failed. Fail it, so that its waiters try again.
             self._settle(self._fail_read, cache, b, bh)
             raise
+        reader = self._io.reader
+        if isinstance(reader, ReaderThreads) and f._fd is not None:
+            await self._fill_by_thread(reader, f._fd, f, cache, b, bh, pgno, mode)
+            return
         job = self._io.spawn(self._fill_job(f, cache, b, bh, pgno, mode))
         try:
             await asyncio.shield(job)
@@ -216,13 +229,7 @@ class PoolReads(PoolFrames):
         try:
             assert f._fd is not None
             n = await self._io.reader.read(f._fd, view, pgno * ps)
-            if n < ps:  # a blocking read stops short only at the end of the file
-                self._check_short_read(f, pgno, n, mode)
-                view[n:] = _zeros(ps - n)
-            elif f.checksum:
-                _verify(f, pgno, view)
-            created = n == 0
-            self._apply_pgin(f, pgno, view, mode)
+            created = self._check_read(f, pgno, mode, view, n)
         except BaseException:
             self._settle(self._fail_read, cache, b, bh)
             raise
@@ -232,6 +239,100 @@ class PoolReads(PoolFrames):
             await self._locked(self._publish, f, cache, b, bh, created)
         except BaseException:
             self._settle(self._fail_read, cache, b, bh)
+            raise
+
+    def _check_read(self, f: PageAccess, pgno: int, mode: int, view: memoryview, n: int) -> bool:
+        """A blocking read of ``n`` bytes into ``view``: zero-fill past the end of the file,
+        verify the checksum, apply pgin. Returns whether the page was created (n == 0)."""
+        ps = f.page_size
+        if n < ps:  # a blocking read stops short only at the end of the file
+            self._check_short_read(f, pgno, n, mode)
+            view[n:] = _zeros(ps - n)
+        elif f.checksum:
+            _verify(f, pgno, view)
+        self._apply_pgin(f, pgno, view, mode)
+        return n == 0
+
+    async def _fill_by_thread(
+        self,
+        reader: ReaderThreads,
+        fd: int,
+        f: PageAccess,
+        cache: Cache,
+        b: int,
+        bh: int,
+        pgno: int,
+        mode: int,
+    ) -> None:
+        """Read the page in a reader thread. Its completion, called on the loop, checks and
+        publishes the page (or fails the read) before the caller resumes: no task, and one
+        turn of the loop between the read and the caller.
+
+        Cancellation: the read and its publication go on for the page's other waiters; the
+        caller's pin is dropped once the page is published (a failed read drops it itself).
+        """
+        loop = asyncio.get_running_loop()
+        ps = f.page_size
+        view = cache.buf[bh + BH.size : bh + BH.size + ps]
+        waiter: asyncio.Future[None] = loop.create_future()
+        finished: asyncio.Future[None] = loop.create_future()  # closing waits for it
+        self._io.track(finished)
+
+        def settle(err: BaseException | None) -> None:
+            # Published (err None), or failed with our pin dropped.
+            if not finished.done():
+                finished.set_result(None)
+            if waiter.done():  # the caller was cancelled: its pin goes now
+                if err is None:
+                    self._settle(self._release_pin, cache, b, bh)
+                return
+            if err is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(err)
+
+        def published_later(task: asyncio.Task[None]) -> None:
+            err = asyncio.CancelledError() if task.cancelled() else task.exception()
+            if err is not None:
+                self._settle(self._fail_read, cache, b, bh)
+            settle(err)
+
+        def done(res: int | BaseException) -> None:
+            try:
+                if isinstance(res, BaseException):
+                    raise res
+                created = self._check_read(f, pgno, mode, view, res)
+            except BaseException as err:
+                self._settle(self._fail_read, cache, b, bh)
+                settle(err)
+                return
+            finally:
+                view.release()
+            try:
+                busy = self._attempt(self._publish, f, cache, b, bh, created) is BUSY
+            except BaseException as err:
+                self._settle(self._fail_read, cache, b, bh)
+                settle(err)
+                return
+            if busy:  # the bucket is held: publish with the async back-off
+                job = self._io.spawn(self._locked(self._publish, f, cache, b, bh, created))
+                job.add_done_callback(published_later)
+            else:
+                settle(None)
+
+        try:
+            reader.submit_call(fd, view, pgno * ps, done)
+        except BaseException as err:
+            view.release()
+            self._settle(self._fail_read, cache, b, bh)
+            settle(err)
+            raise
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Published just before the cancellation reached us: the pin is ours to drop.
+                self._settle(self._release_pin, cache, b, bh)
             raise
 
     def _fail_read(self, cache: Cache, b: int, bh: int) -> None:

@@ -22,7 +22,6 @@ from .. import _io
 from ..errors import (
     ForkedProcessError,
     InvalidArgument,
-    NoSpace,
     PageNotFound,
     PermissionDenied,
 )
@@ -44,6 +43,7 @@ from .layout import (
     PIN_CLOCK,
     PINS_HALF,
 )
+from .miss import COMPILED_MISS, finish_miss, miss_context, try_miss
 from .page import Page
 
 if TYPE_CHECKING:
@@ -96,8 +96,7 @@ _c_pin_hit = accel.pin_hit
 _c_pin_one = accel.pin_one_cache
 _CORRUPT = accel.CORRUPT
 _HS_LONG = HANDLE_STATS.word.hash_longest
-#: Whether a crash-test plan (AIODBENV_TEST_SIGNAL, read once at import) may act at a step: the
-#: Python unpin, a hot path without the accelerator, then skips even the call.
+#: Zeros for the per-slot pin counts of a frame newly linked.
 _NO_PINS = memoryview(bytes(2 * MAX_PROCS)).cast("H")
 
 
@@ -168,6 +167,8 @@ class PageAccess:
         self._extra_ptr = w0p + self._hs + _HS_EXTRA
         self._longest_ptr = w0p + self._hs + _HS_LONG
         self._choose_hit_path()
+        if COMPILED_MISS:
+            self._miss_ctx, self._miss_out = miss_context(self)
         self._forked = False
         _live_files.add(self)
 
@@ -346,14 +347,16 @@ class PageAccess:
     async def _pin_slow(self, pgno: int, mode: int) -> Page:
         # Before anything is held: a miss served from the OS cache never awaits, so a run of
         # them must let the loop breathe now and then.
-        await self._pool._breathe()
-        self._check()
+        if await self._pool._breathe():
+            self._check()  # the caller (PoolFile._pin) checked before; the loop ran since
         w0 = self._w0
         e = self._entry
         if mode == MODE_NEW:
             if self.readonly:
                 raise InvalidArgument("new page requested on a file opened read-only")
-            pgno = await self._pool._locked(self._extend, None)  # the file mutex: backs off
+            pgno = await self._pool._locked(
+                self._core.extend_file, self._fidx, None, self._path
+            )  # the file mutex: backs off
         elif mode == MODE_LAST:
             pgno = int(w0[e + FILE_ENTRY.word.pages]) - 1
             if pgno < 0:
@@ -368,6 +371,10 @@ class PageAccess:
                 return page
         pool = self._pool
         while True:
+            if COMPILED_MISS and mode != MODE_NEW and pgno < w0[e + FILE_ENTRY.word.pages]:
+                done = try_miss(self, pgno) or await finish_miss(self, pgno, mode)
+                if done is not None:
+                    return done  # else nothing is held: the Python path
             cache, b = self._core.locate(self._fidx, pgno)
             found = pool._attempt(self._lookup_pin, cache, b, pgno)
             if found is BUSY:
@@ -390,7 +397,7 @@ class PageAccess:
                 if self.readonly:
                     raise PermissionDenied(f"cannot create page {pgno} in read-only file")
                 if mode == MODE_CREATE:
-                    await pool._locked(self._extend, pgno)
+                    await pool._locked(self._core.extend_file, self._fidx, pgno, self._path)
             frame = await pool._get_frame(cache, self.page_size)
             # The frame is ours alone until it is linked: every way out gives it back.
             try:
@@ -479,22 +486,6 @@ class PageAccess:
                 _io.step("pin.inserted")
                 return True
         return False
-
-    def _extend(self, pgno: int | None) -> int:
-        """Grow the pool's idea of the file: to ``pgno + 1`` pages, or by one page for NEW
-        (returning the new page's number). Enforces ``max_pages`` with NoSpace."""
-        core = self._core
-        w0 = self._w0
-        e = self._entry
-        with core.file_mutex(self._fidx):
-            pages = int(w0[e + FILE_ENTRY.word.pages])
-            target = pages if pgno is None else pgno
-            limit = int(w0[e + FILE_ENTRY.word.max_pages])
-            if limit and target >= limit:
-                raise NoSpace(f"file {self._path!r} is limited to {limit} pages")
-            if target >= pages:
-                w0[e + FILE_ENTRY.word.pages] = target + 1
-        return target
 
     #: The hit path in use: compiled when the accelerator is installed, else Python.
     _pin_hit = _pin_hit_c if accel.COMPILED else _pin_hit_py

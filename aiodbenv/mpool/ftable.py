@@ -4,7 +4,7 @@ shared half; the per-process half, descriptors and ``PoolFile``, is :mod:`~aiodb
 
 from __future__ import annotations
 
-from ..errors import CacheFull, InvalidArgument
+from ..errors import CacheFull, InvalidArgument, NoSpace
 from ..region.mutex import SharedMutex, sync_waits
 from .core import CoreBase
 from .layout import (
@@ -254,3 +254,19 @@ class FileTable(CoreBase):
             for f in FSTAT_FIELDS:
                 out[f] += w[b + getattr(FILE_STATS.word, f)]
         return out
+
+    def extend_file(self, fidx: int, pgno: int | None, path: str | None) -> int:
+        """Grow the pool's idea of file slot ``fidx``: to ``pgno + 1`` pages, or by one page
+        for a new page (``pgno`` None; returns the new page's number). Enforces ``max_pages``
+        with NoSpace (``path`` names the file in the message)."""
+        w0 = self.meta_words
+        e = self.entry(fidx)
+        with self.file_mutex(fidx):
+            pages = int(w0[e + FILE_ENTRY.word.pages])
+            target = pages if pgno is None else pgno
+            limit = int(w0[e + FILE_ENTRY.word.max_pages])
+            if limit and target >= limit:
+                raise NoSpace(f"file {path!r} is limited to {limit} pages")
+            if target >= pages:
+                w0[e + FILE_ENTRY.word.pages] = target + 1
+        return target

@@ -52,6 +52,17 @@ T = TypeVar("T")
 logger = logging.getLogger("aiodbenv")
 
 
+#: Forks since this module loaded, counted in the child: a handle compares it with the count
+#: at its opening instead of calling getpid() on every check (a syscall, three per miss).
+_forks = [0]
+
+
+def _count_fork() -> None:
+    _forks[0] += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 #: The frame-waiter poll (for frames released by other processes): first and longest step.
 POLL_MIN = 0.0002
 POLL_MAX = 0.005
@@ -67,6 +78,7 @@ class PoolBase:
         self._panic_words, self._panic_index = env.panic_word()
         self._hs = core.attach_handle()
         self._pid = os.getpid()
+        self._fork_gen = _forks[0]
         #: The I/O: descriptors, page transforms, worker threads, I/O tasks, write counters.
         self._io = BufferIO(
             core,
@@ -115,7 +127,7 @@ class PoolBase:
         self.wait_timeout = 30.0
 
     def _check(self) -> None:
-        if os.getpid() != self._pid:
+        if _forks[0] != self._fork_gen:
             raise ForkedProcessError(
                 "this pool handle belongs to another process; open the environment again"
             )
@@ -123,7 +135,8 @@ class PoolBase:
             raise InvalidArgument(
                 "the environment is closed" if self._closed else "the environment is closing"
             )
-        if self._env_core.panicked:
+        # The panic word first (one read); the property also knows a closed environment.
+        if self._panic_words[self._panic_index] and self._env_core.panicked:
             self._check_panic()
 
     def _check_panic(self) -> None:
@@ -195,7 +208,7 @@ class PoolBase:
         if self._closing:
             self._notify()
 
-    async def _breathe(self) -> None:
+    async def _breathe(self) -> bool:
         """Let other tasks run now and then during a run of slow-path pins.
 
         A miss served from the OS page cache completes without awaiting anything (~20 µs); a
@@ -203,6 +216,7 @@ class PoolBase:
         is for the whole pool, shared by the coroutines in a slow path: about 48 misses, or a
         millisecond, then whoever is running yields. With many coroutines missing at once,
         each gets a share, so one turn of the event loop stays about a millisecond long.
+        Returns whether it yielded (the caller's checks may have changed meanwhile).
         """
         self._since_yield += 1
         now = time.monotonic()
@@ -210,6 +224,8 @@ class PoolBase:
             self._since_yield = 0
             self._last_yield = now
             await asyncio.sleep(0)
+            return True
+        return False
 
     async def _quiesce(self) -> None:
         """Wait until no slow path runs and no I/O task of the pool is left.

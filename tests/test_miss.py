@@ -1,0 +1,398 @@
+"""The miss in one compiled call (``aiodb_miss``, aiodbenv/_csrc/40_miss.c; aiodbenv/mpool/miss.py).
+
+- it is in use when the accelerator is, and serves misses of pages in the OS page cache whole;
+- it follows the Python path's replacement policy exactly: the same workload through either
+  path gives the same hits, misses, evictions and cached pages;
+- a page not in the OS page cache goes to the reader threads and comes back right;
+- a process SIGKILLed at each step inside the call (``AIODBENV_TEST_MISS_KILL``, a hook in the C
+  code that makes it kill itself at that step) leaves only what the reaper cleans up.
+
+The pure-Python path runs the same workloads (the policy test, and this file again under
+``AIODBENV_MUTEX=abi`` from tests/test_mutex.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import mmap
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import aiodbenv
+from aiodbenv import _io
+from aiodbenv.mpool import accel, fget, miss
+from aiodbenv.mpool.layout import BH, BH_READING, BUCKET
+from aiodbenv.mpool.readers import ReaderThreads, use_threads
+
+from .conftest import spawn
+from .test_reaper import assert_no_mutex_held, pin_totals
+
+PS = 1024
+FRAMES = 32
+PAGES = 96
+
+compiled = pytest.mark.skipif(not miss.COMPILED_MISS, reason="the accelerator is not in use")
+
+
+def page_bytes(p: int) -> bytes:
+    return (p.to_bytes(4, "little") * (PS // 4))[:PS]
+
+
+@pytest.fixture
+async def env(home: str) -> AsyncIterator[aiodbenv.Env]:
+    """A file environment of FRAMES frames and a file of PAGES pages, written and synced (in
+    the OS page cache)."""
+    e = await aiodbenv.Env.open(home, create=True, cache_size=FRAMES * PS, page_size=PS)
+    try:
+        async with e.pool.open_file("m.db", create=True, page_size=PS) as f:
+            for p in range(PAGES):
+                async with f.get(p, create=True) as page:
+                    page.data[:] = page_bytes(p)
+                    page.mark_dirty()
+        await e.pool.sync()
+        yield e
+    finally:
+        if not e.closed:
+            await e.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+class Counting:
+    """Wraps miss.try_miss / finish_miss as fget calls them, counting what they did."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.whole = 0  # misses done whole in C
+        self.fallback = 0  # nothing held: the Python path
+        self.handed: list[int] = []  # out[0] of the calls that handed a step back
+        real_try, real_finish = fget.try_miss, fget.finish_miss
+
+        def try_miss(f: Any, pgno: int) -> Any:
+            r = real_try(f, pgno)
+            if r is not None:
+                self.whole += 1
+            elif int(f._miss_out[0]) == accel.MISS_FALLBACK:
+                self.fallback += 1
+            else:
+                self.handed.append(int(f._miss_out[0]))
+            return r
+
+        async def finish_miss(f: Any, pgno: int, mode: int) -> Any:
+            return await real_finish(f, pgno, mode)
+
+        monkeypatch.setattr(fget, "try_miss", try_miss)
+        monkeypatch.setattr(fget, "finish_miss", finish_miss)
+
+
+@compiled
+async def test_misses_from_the_os_cache_run_in_one_compiled_call(
+    env: aiodbenv.Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = Counting(monkeypatch)
+    pool = env.pool
+    rnd = random.Random(7)
+    async with pool.open_file("m.db", page_size=PS) as f:
+        s0 = pool.stat()
+        for _ in range(600):
+            p = rnd.randrange(PAGES)
+            async with f.get(p) as page:
+                assert bytes(page.data) == page_bytes(p)
+        s1 = pool.stat()
+    misses = s1.cache_miss - s0.cache_miss
+    assert misses > 300
+    # The cache is full of clean pages: every miss but a rare busy mutex is done in C.
+    assert counting.whole >= misses - 5, (counting.whole, misses, counting.handed)
+    assert s1.page_in - s0.page_in == misses
+    assert s1.ro_evict - s0.ro_evict == misses
+    assert pin_totals(env) == {}
+
+
+async def _workload(home: str, compiled_miss: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A fixed sequence of pins (some held, some dirtied, some discarded) on a fresh pool;
+    returns each pin's hit-or-miss, the final counters and the cached pages."""
+    monkeypatch.setattr(fget, "COMPILED_MISS", compiled_miss)
+    e = await aiodbenv.Env.open(home, create=True, cache_size=FRAMES * PS, page_size=PS)
+    try:
+        rnd = random.Random(11)
+        trace: list[int] = []
+        async with e.pool.open_file("m.db", page_size=PS) as f:
+            held: list[Any] = []
+            for i in range(800):
+                p = (
+                    min(int(rnd.paretovariate(0.6)) - 1, PAGES - 1)
+                    if i % 3
+                    else rnd.randrange(PAGES)
+                )
+                before = e.pool.stat().cache_miss
+                page = await f.pin(p)
+                trace.append(e.pool.stat().cache_miss - before)
+                assert bytes(page.data[4:]) == page_bytes(p)[4:]
+                r = rnd.random()
+                if r < 0.1:
+                    page.data[:4] = b"dirt"
+                    await f.unpin(page, dirty=True)
+                elif r < 0.15:
+                    await f.unpin(page, discard=True)
+                elif r < 0.25:
+                    held.append(page)
+                    if len(held) > 5:
+                        await f.unpin(held.pop(0))
+                else:
+                    await f.unpin(page)
+            for page in held:
+                await f.unpin(page)
+            st = e.pool.stat()
+            counters = (st.cache_hit, st.cache_miss, st.page_in, st.ro_evict, st.rw_evict)
+            cached = sorted(
+                (int(c.words[(off >> 3) + BH.word.file]), int(c.words[(off >> 3) + BH.word.pgno]))
+                for c in e.pool._core.caches
+                for b in range(c.nbuckets)
+                for off in c.chain(b)
+            )
+        return trace, counters, cached
+    finally:
+        await e.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)  # the next run starts from fresh regions
+
+
+@compiled
+async def test_the_compiled_miss_follows_the_python_replacement_policy(
+    home: str, env: aiodbenv.Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await env.close()  # the file is on disk; each run opens a fresh pool over it
+    await aiodbenv.Env.remove(home)
+    python = await _workload(home, False, monkeypatch)
+    counting = Counting(monkeypatch)
+    c = await _workload(home, True, monkeypatch)
+    assert counting.whole > 100  # the C path did serve misses
+    assert c[1] == python[1]  # hits, misses, page-ins, clean and dirty evictions
+    assert c[0] == python[0]  # every pin a hit or a miss alike
+    assert c[2] == python[2]  # the same pages cached at the end
+
+
+def _resident(path: str, npages: int) -> int:
+    """How many of the file's first ``npages`` pages the OS page cache holds (mincore on a
+    mapping: looking does not read anything in)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = npages * PS
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            vec = ctypes.create_string_buffer(size // mmap.PAGESIZE + 1)
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+            return sum(b & 1 for b in vec.raw[: size // mmap.PAGESIZE])
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _drop_from_os_cache(path: str, npages: int) -> None:
+    """Drop the file's first pages from the OS page cache (clean pages go on request on ext4
+    or xfs, not on tmpfs: the test then fails). Pages still on a per-CPU list are skipped by
+    one fadvise: try a few times."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        for _ in range(50):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not _resident(path, npages):
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{_resident(path, npages)} pages stay in the OS page cache")
+    finally:
+        os.close(fd)
+
+
+async def test_a_page_not_in_the_os_cache_is_read_by_a_thread(
+    env: aiodbenv.Env, home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = Counting(monkeypatch)
+    pool = env.pool
+    async with pool.open_file("m.db", page_size=PS) as f:
+        # Rounds until a read finds its page gone from the OS cache: something on the machine
+        # (readahead of another reader of the disk?) now and then brings the pages back in
+        # between the drop and the read.
+        for _ in range(5):
+            for p in range(FRAMES, 2 * FRAMES):  # fill the cache with other pages
+                async with f.get(p):
+                    pass
+            _drop_from_os_cache(os.path.join(home, "m.db"), 16)
+            s0 = pool.stat()
+            for p in range(16):  # readahead of a thread read may bring in the next ones
+                async with f.get(p) as page:
+                    assert bytes(page.data) == page_bytes(p)
+            assert pool.stat().page_in - s0.page_in == 16
+            if pool._io.reader.reads if isinstance(pool._io.reader, ReaderThreads) else 0:
+                break
+    reader = pool._io.reader
+    assert isinstance(reader, ReaderThreads) and reader.reads >= 1
+    if miss.COMPILED_MISS:  # the compiled call handed the page over, linked and READING
+        assert accel.MISS_FILL_DISK in counting.handed, (counting.whole, counting.fallback)
+        assert set(counting.handed) <= {accel.MISS_FILL_DISK, accel.MISS_FILL}
+    assert pin_totals(env) == {}
+
+
+async def test_reads_overlap_in_several_reader_threads(env: aiodbenv.Env, home: str) -> None:
+    """Eight reads, each made to take 0.3 s in its thread, overlap: together they take far
+    less than one after another, and the loop is free meanwhile."""
+    reader = ReaderThreads()
+    fd = os.open(os.path.join(home, "m.db"), os.O_RDONLY)
+    bufs = [bytearray(PS) for _ in range(8)]
+    try:
+        with _io.inject("pread", None, delay=0.3, times=8) as slow:
+            t0 = time.monotonic()
+            got = await asyncio.gather(
+                *(reader.read(fd, memoryview(b), p * PS) for p, b in enumerate(bufs))
+            )
+            took = time.monotonic() - t0
+        assert slow.fired == 8
+        assert got == [PS] * 8
+        assert [bytes(b) for b in bufs] == [page_bytes(p) for p in range(8)]
+        assert took < 8 * 0.3 / 2, f"8 reads of 0.3 s took {took:.2f} s: not overlapping"
+        assert reader.threads >= 4 and reader.reads == 8 and reader._running == 0
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+async def test_a_read_cancelled_in_its_thread_still_completes(env: aiodbenv.Env, home: str) -> None:
+    reader = ReaderThreads(2)
+    fd = os.open(os.path.join(home, "m.db"), os.O_RDONLY)
+    buf = bytearray(PS)
+    try:
+        with _io.inject("pread", None, delay=0.2, times=1) as slow:
+            t = asyncio.ensure_future(reader.read(fd, memoryview(buf), 3 * PS))
+            await asyncio.sleep(0.05)
+            t.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t
+            deadline = time.monotonic() + 10
+            while reader._running and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        assert slow.fired == 1 and reader._running == 0 and reader.reads == 1
+        assert bytes(buf) == page_bytes(3)  # the read ran to its end into the buffer
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+# -- killed at each step inside the compiled miss --------------------------------------------
+
+WORKER = r"""
+import asyncio, os, random, sys
+import aiodbenv
+
+async def main():
+    env = await aiodbenv.Env.open(sys.argv[1])
+    f = await env.pool.open_file("m.db", page_size=1024)
+    print("READY", flush=True)
+    rnd = random.Random(os.getpid())
+    held = []
+    for n in range(2000):
+        page = await f.pin(rnd.randrange(int(sys.argv[2])))
+        held.append(page)
+        if len(held) > 4:
+            await f.unpin(held.pop(0))
+        if n % 8 == 0:
+            await asyncio.sleep(0)
+    print("NOT KILLED", flush=True)
+
+asyncio.run(main())
+"""
+
+#: The steps of 40_miss.c's MISS_STEP, as the reaper must find them.
+KILL_STEPS = {
+    1: "victim tagged, still linked (bucket mutex held)",
+    2: "victim unlinked, in no chain",
+    3: "frame linked as the page, count and tag not yet (bucket mutex held)",
+    4: "linked, READING, pinned, nothing read",
+    5: "read, still READING",
+    6: "READING cleared, io_pid not yet (bucket mutex held)",
+    7: "published, pinned",
+}
+
+
+@compiled
+@pytest.mark.parametrize("step", sorted(KILL_STEPS))
+async def test_killed_at_each_step_of_the_compiled_miss(
+    env: aiodbenv.Env, home: str, procs: list[subprocess.Popen[str]], step: int
+) -> None:
+    pool = env.pool
+    child = spawn(WORKER, home, str(PAGES), env={"AIODBENV_TEST_MISS_KILL": str(step)})
+    procs.append(child)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "READY"
+    rc = child.wait(timeout=60)
+    assert rc == -signal.SIGKILL, (KILL_STEPS[step], child.stdout.read(), child.stderr.read())
+    pool.reap()
+    assert pin_totals(env) == {}  # the dead child's pins are gone; we hold none
+    assert_no_mutex_held(env)
+    assert [p.pid for p in env.stat().processes] == [os.getpid()]
+    for cache in pool._core.caches:
+        w = cache.words
+        for b in range(cache.nbuckets):
+            assert len(cache.chain(b)) == w[cache.bucket_words[b] + BUCKET.word.count]
+            for off in cache.chain(b):
+                assert not w[(off >> 3) + BH.word.flags] & BH_READING, KILL_STEPS[step]
+    # Nothing is stuck or lost: every frame at once (a frame the child held in limbo is
+    # reclaimed), then every page with its contents.
+    async with pool.open_file("m.db", page_size=PS) as f:
+        held = [await f.pin(p) for p in range(FRAMES)]
+        for page in held:
+            await f.unpin(page)
+        for p in range(PAGES):
+            async with f.get(p) as page:
+                assert bytes(page.data) == page_bytes(p)
+    assert pin_totals(env) == {}
+
+
+def test_the_reader_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIODBENV_READER", "anyio")
+    assert use_threads() is False
+    monkeypatch.setenv("AIODBENV_READER", "threads")
+    assert use_threads() is True
+    monkeypatch.setenv("AIODBENV_READER", "uring")
+    with pytest.raises(ValueError, match="AIODBENV_READER"):
+        use_threads()
+
+
+@compiled
+async def test_the_compiled_miss_with_several_caches(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = Counting(monkeypatch)
+    e = await aiodbenv.Env.open(
+        home, create=True, cache_size=2 * FRAMES * PS, page_size=PS, ncache=2
+    )
+    try:
+        async with e.pool.open_file("n.db", create=True, page_size=PS) as f:
+            for p in range(PAGES):
+                async with f.get(p, create=True) as page:
+                    page.data[:] = page_bytes(p)
+                    page.mark_dirty()
+            await e.pool.sync()
+            rnd = random.Random(3)
+            for _ in range(400):
+                p = rnd.randrange(PAGES)
+                async with f.get(p) as page:
+                    assert bytes(page.data) == page_bytes(p)
+        assert counting.whole > 100
+        assert pin_totals(e) == {}
+    finally:
+        await e.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
