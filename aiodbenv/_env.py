@@ -334,14 +334,15 @@ class Env(EnvLog, EnvTxn):
             if worker is not None:
                 await worker.stop()
 
-    async def checkpoint(self, *, spread: float = 0.0) -> SyncResult:
+    async def checkpoint(self, *, spread: float = 0.0, force: bool = False) -> SyncResult:
         """Checkpoint now: write every dirty page and fsync the files written, spreading the
         writes over ``spread`` seconds; record it as the last complete checkpoint. With a log,
         then append and flush a checkpoint record whose LSN (the log's end when it began) is
-        the result's ``lsn``. Raises :class:`~aiodbenv.errors.Incomplete` if pinned dirty
-        pages stayed pinned. Safe to cancel: written pages are clean, the rest stay dirty."""
+        the result's ``lsn`` (without ``force``, none if nothing was logged since the last one,
+        as ``txn_checkpoint`` without ``DB_FORCE``; ``lsn`` is then the last checkpoint's).
+        Raises Incomplete if dirty pages stayed pinned. Cancelled: written pages are clean."""
         self._check()
-        return await run_checkpoint(self._pool, spread=spread)
+        return await run_checkpoint(self._pool, spread=spread, force=force)
 
     def health(self) -> Health:
         """Is this environment well? Not panicked, and no background worker's latest

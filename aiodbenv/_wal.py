@@ -25,4 +25,6 @@ def log_hooks(log: Log) -> LogHooks:
     async def checkpoint(file: int, offset: int) -> tuple[int, int]:
         return await log.checkpoint_record(LSN(file, offset))
 
-    return LogHooks(flush=flush, end=end, checkpoint=checkpoint, lsn=LSN)
+    return LogHooks(
+        flush=flush, end=end, checkpoint=checkpoint, lsn=LSN, quiet=log.quiet_checkpoint
+    )

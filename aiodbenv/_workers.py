@@ -413,7 +413,11 @@ class CheckpointWorker(_Worker):
 
 
 async def run_checkpoint(
-    pool: Pool, *, spread: float = 0.0, progress: ProgressCallback | None = None
+    pool: Pool,
+    *,
+    spread: float = 0.0,
+    progress: ProgressCallback | None = None,
+    force: bool = False,
 ) -> SyncResult:
     """One checkpoint: write every page that is dirty now and fsync every file with page
     writes no fsync has covered yet (by any process), spreading the batches over ``spread``
@@ -427,7 +431,11 @@ async def run_checkpoint(
     log when the checkpoint starts; the pages are written (each batch flushing the log first,
     the write-ahead rule), then a checkpoint record carrying that LSN is appended and flushed,
     and the LSN is recorded in the pool header (``last_checkpoint_lsn``) beside the time. The
-    result's ``lsn`` is the checkpoint LSN.
+    result's ``lsn`` is the checkpoint LSN. Without ``force``, when nothing was logged since
+    the last checkpoint record, no record is appended (Berkeley DB's ``txn_checkpoint``
+    without ``DB_FORCE`` skips such a checkpoint): the pages are still written (a file
+    without ``lsn_offset`` changes without log records), and the result's ``lsn`` is the last
+    checkpoint's.
 
     Idempotent, and safe to cancel at any await: written pages are clean, the rest stay dirty;
     cancelled before its record is appended, a checkpoint leaves no record and records nothing.
@@ -437,9 +445,13 @@ async def run_checkpoint(
     pool._enter()
     try:
         ckp = hooks.end() if hooks is not None else None
+        quiet = hooks.quiet() if hooks is not None and not force else None
         result = await checkpoint(pool, spread, progress)
         if hooks is not None and ckp is not None:
-            await hooks.checkpoint(*ckp)
+            if quiet is not None and hooks.quiet() == quiet:
+                ckp = quiet  # nothing logged since the last checkpoint, before or during
+            else:
+                await hooks.checkpoint(*ckp)
             result.lsn = hooks.lsn(*ckp)
     finally:
         pool._leave()

@@ -257,6 +257,22 @@ async def test_sync_lsn_returns_the_largest_page_lsn_written(lenv: aiodbenv.Env)
         assert lenv.log.flushed_lsn > lsns[70]
 
 
+async def test_sync_lsn_past_the_end_of_the_log_is_invalid(lenv: aiodbenv.Env) -> None:
+    async with lenv.pool.open_file("a.db", create=True, lsn_offset=8) as f:
+        lsns = await put_many(lenv, 3)
+        await dirty_page(f, 0, lsns[2], at=8)
+        end = lenv.log.end_lsn
+        for past in (LSN(end.file, end.offset + 1), LSN(end.file + 1, 0), LSN(9, 9)):
+            with pytest.raises(InvalidArgument, match="past the end of the log"):
+                await lenv.pool.sync(past)
+            with pytest.raises(InvalidArgument, match="past the end of the log"):
+                await lenv.log.flush(past)
+        assert dirty_flag(f, 0) is True  # refused before anything was written
+        # The end itself (where the next record goes) is accepted, as by log.flush.
+        assert (await lenv.pool.sync(end)).lsn == lsns[2]
+        await lenv.log.flush(end)
+
+
 async def test_another_process_buffered_records_are_flushed_before_its_page(home: str) -> None:
     """A child puts records (buffered in the shared log region, never flushed), dirties a page
     carrying the last one's LSN and exits without any flush; the parent's sync makes the
@@ -332,6 +348,46 @@ async def test_checkpoint_records_and_archive(home: str) -> None:
             assert await env.log.archive(remove=True) == old
             assert not any(os.path.exists(p) for p in old)
             assert await env.log.archive() == []
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+        for name in os.listdir(home):
+            if name.startswith("log.") or name == "a.db":
+                os.remove(os.path.join(home, name))
+
+
+async def _checkpoint_records(env: aiodbenv.Env) -> list[LSN]:
+    return [lsn async for lsn, d in env.log.cursor() if isinstance(d, CheckpointRecord)]
+
+
+async def test_checkpoint_with_nothing_logged_since_appends_no_record_unless_forced(
+    home: str,
+) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True, page_size=PS)
+    try:
+        async with env.pool.open_file("a.db", create=True, lsn_offset=0) as f:
+            lsns = await put_many(env, 5)
+            first = await env.checkpoint()
+            assert first.lsn == env.log.last_checkpoint[1]  # type: ignore[index]
+            recs = await _checkpoint_records(env)
+            assert len(recs) == 1
+            # Nothing logged since: as txn_checkpoint without DB_FORCE, no new record, but
+            # pages dirtied meanwhile are still written; the result names the last checkpoint.
+            await dirty_page(f, 0, LSN(0, 0))
+            again = await env.checkpoint()
+            assert (again.lsn, again.written) == (first.lsn, 1)
+            assert await _checkpoint_records(env) == recs
+            assert env.log.stat().checkpoints == 1
+            # Forced (DB_FORCE; the checkpoint command's --once): a record all the same.
+            forced = await env.checkpoint(force=True)
+            recs2 = await _checkpoint_records(env)
+            assert forced.lsn is not None and first.lsn is not None
+            assert len(recs2) == 2 and forced.lsn > first.lsn
+            # Something logged since: a record.
+            lsns.append(await env.log.put(b"more"))
+            after = await env.checkpoint()
+            assert len(await _checkpoint_records(env)) == 3
+            assert after.lsn is not None and after.lsn > lsns[-1]
     finally:
         await env.close()
         await aiodbenv.Env.remove(home)

@@ -44,7 +44,8 @@ async def checkpoint_command(args: argparse.Namespace) -> int:
     interval = args.p * 60.0
     async with Env.open(args.h) as env:
         if args.once:
-            result = await env.checkpoint()
+            # As db_checkpoint -1: forced (a record even if nothing was logged since).
+            result = await env.checkpoint(force=True)
             at = f", checkpoint LSN {result.lsn}" if result.lsn is not None else ""
             out.update(
                 f"checkpoint: {result.written} pages written, {result.files_synced} files "

@@ -63,6 +63,9 @@ LOG_HEADER = Layout(
         ("st_min_commits", 1),
         ("st_switches", 1),  # new log files started
         ("st_checkpoints", 1),
+        # -- (under "mutex") the highest LSN word a write-through call (write_nosync) of any
+        # process waits to see written: the writer serves it with its next round
+        ("want_write", 1),
     ],
 )
 

@@ -14,6 +14,7 @@ and takes the role over if the writer died.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -22,8 +23,13 @@ import zlib
 import anyio.to_thread
 
 from .. import _io
-from ..errors import InvalidArgument, LockTimeout
+from ..errors import CorruptRegion, InvalidArgument, LockTimeout
 from ..region.mutex import BUSY, Busy
+from ..region.mutex import unlock as _unlock
+from .accel import CORRUPT as _CORRUPT
+from .accel import HALF as _HALF
+from .accel import OWNER_DEAD as _OWNER_DEAD
+from .accel import PYTHON as _PYTHON
 from .core import NEED
 from .cursor import LogCursor
 from .files import list_log_files, log_path
@@ -42,6 +48,9 @@ from .writer import Direct, DurableListener, LogWriter
 __all__ = ["DurableListener", "Log"]
 
 logger = logging.getLogger("aiodbenv")
+
+# An LSN made without NamedTuple's Python-level __new__ (put returns one per record).
+_new_lsn = tuple.__new__
 
 
 class Log(LogWriter):
@@ -147,6 +156,29 @@ class Log(LogWriter):
         its flush is abandoned (the writer finishes its round in the background). A record
         larger than the buffer that the writer has begun to write is appended all the same.
         """
+        fast = self._fast  # None without the accelerator, once closed, in a forked child
+        if (
+            fast is not None
+            and not (flush or write_nosync)
+            and type(data) is bytes
+            and not self._panic_w[self._panic_i]
+        ):
+            # The compiled append: header, checksum and copy in one call, no Python work
+            # beyond it unless the buffer is full, a file must start, or the mutex is held.
+            word = fast.fn(fast.args, REC_USER, data, len(data))
+            if word < 0:
+                word = await self._put_slow(data, word)
+            elif word & _HALF:
+                word ^= _HALF
+                if self._task is None or self._inflight is not None:
+                    self._write_behind(word)
+            return _new_lsn(LSN, (word >> 32, word & 0xFFFFFFFF))
+        return await self._put(data, flush, write_nosync)
+
+    async def _put(
+        self, data: bytes | bytearray | memoryview, flush: bool, write_nosync: bool
+    ) -> LSN:
+        """:meth:`put` in full: checks, the append (compiled or not), the flush or write."""
         if self._closed or self._panic_w[self._panic_i] or os.getpid() != self._pid:
             self._check()
         if flush and write_nosync:
@@ -155,20 +187,17 @@ class Log(LogWriter):
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise InvalidArgument(f"a log record is bytes, not {type(data).__name__}")
             data = bytes(data)
-        # The common case without a coroutine call: room in the buffer, mutex free.
-        if len(data) > self._max_payload:
-            await self._append(REC_USER, data)  # raises InvalidArgument
-        try:
-            word: int | NEED = self._c.append(REC_USER, data, zlib.crc32(data))
-        except LockTimeout:
-            word = NEED.SPACE
-        if type(word) is not int:
-            word = await self._append(REC_USER, data)
-        elif self._task is None and self._c.w[self._tail_i] & 0xFFFFFFFF > self._half:
-            # The buffer is half full: have it written in the background now, so that
-            # appends rarely find it full and have to wait for a write.
-            self._want.write = max(self._want.write, word)
-            self._kick()
+        fast = self._fast
+        if fast is not None:
+            word = fast.fn(fast.args, REC_USER, data, len(data))
+            if word < 0:
+                word = await self._put_slow(data, word)
+            elif word & _HALF:
+                word ^= _HALF
+                if self._task is None or self._inflight is not None:
+                    self._write_behind(word)
+        else:
+            word = await self._put_py(data)
         if flush:
             if self._c.inmemory and not self._listeners:
                 try:
@@ -179,7 +208,45 @@ class Log(LogWriter):
                 await self._flush_word(word)
         elif write_nosync:
             await self._write_through(word)
-        return LSN(word >> 32, word & 0xFFFFFFFF)
+        return _new_lsn(LSN, (word >> 32, word & 0xFFFFFFFF))
+
+    async def _put_py(self, data: bytes) -> int:
+        """The Python append of :meth:`put` (without the accelerator): its LSN word."""
+        # The common case without a coroutine call: room in the buffer, mutex free.
+        if len(data) > self._max_payload:
+            await self._append(REC_USER, data)  # raises InvalidArgument
+        try:
+            word: int | NEED = self._c.append(REC_USER, data, zlib.crc32(data))
+        except LockTimeout:
+            word = NEED.SPACE
+        if type(word) is not int:
+            return await self._append(REC_USER, data)
+        if self._task is None and self._c.w[self._tail_i] & 0xFFFFFFFF > self._half:
+            self._write_behind(word)
+        return word
+
+    async def _put_slow(self, data: bytes, code: int) -> int:
+        """The compiled append handed ``code`` back: do the append the Python way."""
+        if code == _PYTHON and self._room_now() and self._fast is not None:
+            # The buffer was full, and a write behind had finished its I/O: it is written
+            # out now, without suspending; try again.
+            fast = self._fast
+            code = fast.fn(fast.args, REC_USER, data, len(data))
+            if code >= 0:
+                if code & _HALF:
+                    code ^= _HALF
+                    self._write_behind(code)
+                return int(code)
+        if code == _OWNER_DEAD:
+            # It left the mutex held for us: repair (or panic) as any locker would.
+            self._c.mutex.acquire_contended(errno.EOWNERDEAD)
+            if self._c._ptr is not None:
+                _unlock(self._c._ptr)
+        elif code == _CORRUPT:
+            reason = "the log region is corrupt (a header word failed its bounds check)"
+            self._env.panic(reason)
+            raise CorruptRegion(reason)
+        return await self._append(REC_USER, data)
 
     async def _append(self, rtype: int, payload: bytes) -> int:
         c = self._c
@@ -267,6 +334,9 @@ class Log(LogWriter):
             return
         if self._attempt(c.register_commit) is BUSY:
             await self._locked(c.register_commit)
+        await self._direct_round(True)
+        if c.word("s_lsn") > word:
+            return
         self._want.sync = max(self._want.sync, word)
         while c.word("s_lsn") <= word:
             await self._wait_progress()
@@ -276,6 +346,12 @@ class Log(LogWriter):
         """Make sure the record at ``word`` is written to its file (no fsync)."""
         c = self._c
         if c.inmemory:
+            return
+        # Registered in the region first: whichever process writes next serves it.
+        if self._attempt(c.register_write, word) is BUSY:
+            await self._locked(c.register_write, word)
+        await self._direct_round(False)
+        if c.word("w_lsn") > word:
             return
         self._want.write = max(self._want.write, word)
         while c.word("w_lsn") <= word:
@@ -310,6 +386,16 @@ class Log(LogWriter):
         await self._locked(self._c.set_checkpoint, word, ckp)
         return unpack_word(word)
 
+    def quiet_checkpoint(self) -> LSN | None:
+        """The ``ckp_lsn`` of the last checkpoint record if no record was appended after it
+        (Berkeley DB's test for skipping a checkpoint without ``DB_FORCE``), else None. A new
+        log file started after it counts as something appended (its header record)."""
+        c = self._c
+        rec = c.word("ckp_rec")
+        if not rec or c.last_word() != rec:
+            return None
+        return unpack_word(c.word("ckp_lsn"))
+
     async def archive(self, *, remove: bool = False) -> list[str]:
         """The log files no longer needed (``log_archive``): those wholly before the file
         where recovery would start, the ``ckp_lsn`` of the checkpoint *before* the last one
@@ -341,10 +427,19 @@ class Log(LogWriter):
         """Flush what is buffered (unless not ``flush`` or panicked), let the writer task
         finish, close the files."""
         self._closing = True
+        self._fast = None  # its addresses die with the mapping; later puts raise via _check
         try:
             if flush and not self._closed and not self._env.panicked and not self._c.inmemory:
                 await self.flush()
         finally:
+            try:
+                await asyncio.wait_for(self._settle_behind(), self.wait_timeout)
+                # The writer's thread may still run rounds for other processes after its
+                # round was published: its jobs run in order, so this one ends after them,
+                # and the files are not closed under it.
+                await asyncio.wait_for(self._in_thread(int), self.wait_timeout)
+            except Exception:
+                pass
             task = self._task
             if task is not None:
                 try:

@@ -36,6 +36,17 @@ class LogRounds(LogState):
         with self.mutex:
             self.add("pending_commits")
 
+    def register_write(self, word: int) -> None:
+        """A write-through call waits for the record at ``word`` to be written (by whichever
+        process writes next: write-only requests are batched across processes too)."""
+        with self.mutex:
+            if word > self.word("want_write"):
+                self.set("want_write", word)
+
+    def write_wanted(self) -> bool:
+        """Is a write-through call of some process waiting for a write (read unlocked)?"""
+        return self.word("want_write") >= self.word("w_lsn")
+
     def role_holder(self) -> tuple[int, int]:
         """(pid, start time) of the process writing the files now, (0, 0) if none."""
         return self.word("flusher_pid"), self.word("flusher_start")

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .. import _io
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region.backing import Region
 from ..region.mutex import BUSY, STEP_WAIT, Busy, _wait_bound, backoff_locked
+from .accel import fast_put
 from .core import NEED, LogCore
 from .files import create_log_file, log_path
 from .layout import LOG_HEADER, header_offset
@@ -37,6 +39,7 @@ from .record import (
     REC_PAD,
     encode,
 )
+from .threadrounds import Round, ThreadRounds
 from .wake import Futex, futex_available
 
 __all__ = ["Direct", "DurableListener", "LogWriter"]
@@ -52,6 +55,20 @@ _POLL_MIN = 0.0001
 _POLL_MAX = 0.002
 #: Longest one futex wait (seconds): the wait is re-checked (and a stall noticed) this often.
 _FUTEX_WAIT = 0.005
+
+
+#: Every log handle of this process, so that a forked child can turn their compiled puts off.
+_live_writers: weakref.WeakSet[LogWriter] = weakref.WeakSet()
+
+
+def _disarm_in_child() -> None:
+    # A forked child inherits the parent's handles and mapping; its puts must take the Python
+    # path, whose check raises ForkedProcessError, not append through the parent's handle.
+    for lw in list(_live_writers):
+        lw._fast = None
+
+
+os.register_at_fork(after_in_child=_disarm_in_child)
 
 
 @dataclass
@@ -76,13 +93,17 @@ class _Demand:
     direct: list[Direct] = field(default_factory=list)
 
 
-class LogWriter:
+class LogWriter(ThreadRounds):
     """The writer task of a :class:`~aiodbenv.Log` and the state it shares with it."""
 
     def __init__(self, core: Any, region: Region, *, shared: bool) -> None:
         """Internal: the environment makes its log when it opens."""
         self._env = core
         self._c = LogCore(region, shared, core.panic)
+        #: The compiled append (None: every put runs the Python one, which checks the handle
+        #: is open and of this process; close and a fork turn it off).
+        self._fast = fast_put(self._c)
+        _live_writers.add(self)
         self._pid = os.getpid()
         #: Longest a caller waits for a stopped or stuck writer of another process before
         #: LockTimeout (seconds).
@@ -94,6 +115,8 @@ class LogWriter:
         self._half = 1 << 62 if self._c.inmemory else self._c.bsize // 2
         self._listeners: list[DurableListener] = []
         self._task: asyncio.Task[None] | None = None
+        #: A write behind under way, started by a put (finished by the task or a later put).
+        self._inflight: Round | None = None
         self._progress: asyncio.Future[None] | None = None
         self._want = _Demand()
         self._fds: dict[int, int] = {}
@@ -206,6 +229,12 @@ class LogWriter:
         try:
             while True:
                 seq = c.word("flush_seq")  # before looking: a bump after it ends the wait
+                if self._inflight is not None:
+                    # A write behind holds this handle's role: let it end first.
+                    await self._settle_behind()
+                    self._want.space = False  # it made room: appends retry
+                    self._wake()
+                    continue
                 if not self._has_demand():
                     break
                 self._check()
@@ -297,7 +326,8 @@ class LogWriter:
             sync = want.sync >= s_lsn or (
                 not self._closing and c.word("pending_commits") > 0 and c.end_word() > s_lsn
             )
-            if not (sync or want.space or want.write >= c.word("w_lsn")):
+            write = want.write >= c.word("w_lsn") or (not self._closing and c.write_wanted())
+            if not (sync or want.space or write):
                 return
             fill, want.space = want.space, False
             await self._round(sync, fill)
@@ -337,36 +367,27 @@ class LogWriter:
 
     async def _round(self, sync: bool, fill: bool) -> None:
         """Write the buffer out (and fsync if ``sync``): one write round."""
+        r = self._attempt(self._round_start, sync, fill)
+        while isinstance(r, Busy) or r is None:
+            # The mutex stayed held, or the file is not open yet: the slower way.
+            await self._fd(self._c.word("f_lsn") >> 32)
+            r = await self._locked(self._round_start, sync, fill)
+        await self._round_finish(r)
+
+    async def _round_finish(self, r: Round) -> None:
+        """The second half of a round: wait for its I/O, publish what was written."""
+        try:
+            data = await asyncio.shield(r.done)
+        except OSError as err:
+            self._failed(r.file, err)
+            raise AssertionError("unreachable") from err
+        r.finished = True
         c = self._c
-        old_s = c.word("s_lsn")
-        file, foff, start, end, commits = await self._locked(c.begin_write, fill)
-        fd = await self._fd(file)
-        view = c.buf[c.b0 + start : c.b0 + end]
-        listeners = bool(self._listeners) and sync
-        durable_from = max(old_s, file << 32) & 0xFFFFFFFF
-
-        def work() -> bytes:
-            if len(view):
-                n = _io.pwritev(fd, [view], foff)
-                if n != len(view):
-                    raise OSError(errno.EIO, f"short write to the log ({n} of {len(view)} bytes)")
-            if sync:
-                _io.fdatasync(fd)
-                _io.step("log_fsynced")
-            if listeners:
-                upto = foff + len(view)
-                return (
-                    _io.pread(fd, upto - durable_from, durable_from) if upto > durable_from else b""
-                )
-            return b""
-
-        data = await self._io(work, file)
-        await self._locked(c.end_write, file, start, end, sync, commits)
+        await self._locked(c.end_write, r.file, r.start, r.end, r.sync, r.commits)
         self._wake_others()
-        if listeners and data:
-            self._durable(
-                (file << 32) | durable_from, (file << 32) | (durable_from + len(data)), data
-            )
+        if r.listeners and data:
+            df = r.durable_from
+            self._durable((r.file << 32) | df, (r.file << 32) | (df + len(data)), data)
 
     async def _switch(self, need: int) -> None:
         """Start the next log file so a record of ``need`` bytes fits (writer only)."""

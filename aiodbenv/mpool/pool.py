@@ -160,22 +160,23 @@ class Pool(PoolFiles):
         """Write every dirty page in the pool, then fsync every file with page writes no fsync
         has covered yet, by any process (memp_sync).
 
-        Every page write of a file opened with ``lsn_offset`` first makes the environment's
-        log durable up to the largest page LSN of its batch (the write-ahead rule; a failed
-        log flush leaves those pages dirty and raises). ``lsn`` (an :class:`aiodbenv.LSN`)
-        needs a log (:class:`~aiodbenv.errors.InvalidArgument` without one, or for anything
-        but a pair of unsigned 32-bit ints): as in Berkeley DB, every dirty page is written
-        whatever the LSN, and the result's ``lsn`` is the largest page LSN written
-        (``LSN(0, 0)`` if none carried one). Pages pinned while dirty cannot be written:
-        the call writes everything else, then raises :class:`~aiodbenv.errors.Incomplete`
-        (``DB_INCOMPLETE``; retry after they are unpinned). Pages another process is writing
-        are waited for up to ``wait_timeout`` seconds (a dead writer's are taken over and
-        written here), then reported the same way, naming the writer's pid. A failed write
-        leaves its page dirty and raises (:class:`~aiodbenv.errors.NoSpace` on a full disk); a
-        failed fsync panics the environment and raises
-        :class:`~aiodbenv.errors.RunRecovery`. Pages of other processes' temporary files and
-        of nofile files are not written. Cancellation: writes and fsyncs already under way
-        (with their log flushes) finish; untouched pages stay dirty.
+        Every page write of a file opened with ``lsn_offset`` first makes the environment's log
+        durable up to the largest page LSN of its batch (the write-ahead rule; a failed log
+        flush leaves those pages dirty and raises). ``lsn`` (an :class:`aiodbenv.LSN`) needs a
+        log (:class:`~aiodbenv.errors.InvalidArgument` without one, or for anything but a pair
+        of unsigned 32-bit ints): as in Berkeley DB, every dirty page is written whatever the
+        LSN, and the result's ``lsn`` is the largest page LSN written (``LSN(0, 0)`` if none
+        carried one); an ``lsn`` past the end of the log is an InvalidArgument (Berkeley DB
+        accepts it unchecked), as for ``log.flush(lsn)``. Pages pinned while dirty cannot be
+        written: the call writes everything else, then raises
+        :class:`~aiodbenv.errors.Incomplete` (``DB_INCOMPLETE``; retry after they are unpinned).
+        Pages another process is writing are waited for up to ``wait_timeout`` seconds (a dead
+        writer's are taken over and written here), then reported the same way, naming the
+        writer's pid. A failed write leaves its page dirty and raises
+        (:class:`~aiodbenv.errors.NoSpace` on a full disk); a failed fsync panics the
+        environment and raises :class:`~aiodbenv.errors.RunRecovery`. Pages of other processes'
+        temporary files and of nofile files are not written. Cancellation: writes and fsyncs
+        already under way (with their log flushes) finish; untouched pages stay dirty.
         """
         self._check()
         if lsn is not None:
@@ -191,6 +192,13 @@ class Pool(PoolFiles):
                 and all(type(x) is int and 0 <= x < 1 << 32 for x in lsn)
             ):
                 raise InvalidArgument(f"sync(lsn): lsn must be an aiodbenv.LSN, not {lsn!r}")
+            end = tuple(hooks.end())
+            if tuple(lsn) > end:
+                # Berkeley DB accepts it unchecked; like log.flush(lsn), refuse it here.
+                raise InvalidArgument(
+                    f"sync(lsn): LSN {hooks.lsn(*lsn)} is past the end of the log "
+                    f"({hooks.lsn(*end)})"
+                )
         self._core.meta_words[self._hs + HANDLE_STATS.word.sync_calls] += 1
         result = await write_back(self, files=None, fsync=True, reason="sync")
         if self._io.log is not None:

@@ -1,0 +1,334 @@
+"""The log writer's own rounds in its worker thread: writes behind, lone flushes, and the
+rounds run back to back for other processes' calls, without the event loop.
+
+A put that passes half the buffer, or a flush or write-through with no writer anywhere, takes
+the writer role at once and hands a round to the writer's thread, which writes (and fsyncs),
+publishes the new end (``end_write``), serves the flush and write-through calls any process
+registered meanwhile, and lets the role go. Nothing waits for an event loop to run: a put
+that does not suspend never lets a task run, and a caller may keep its loop busy for long,
+while other processes wait for the role. :class:`ThreadRounds` is a part of
+:class:`~aiodbenv.log.writer.LogWriter`, which provides the attributes it declares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import _io
+from ..errors import LockTimeout
+from ..region.mutex import Busy
+from .core import LogCore
+from .files import log_path
+
+__all__ = ["MORE_ROUNDS", "Round", "ThreadRounds"]
+
+#: How often a round its thread could not publish is tried again by the loop (seconds).
+_SETTLE_POLL = 0.002
+
+#: Rounds a writer's thread runs back to back for other processes' flush calls, at most,
+#: before it lets the role go (and the writer task or another process takes it).
+MORE_ROUNDS = 64
+
+
+@dataclass
+class Round:
+    """A write round whose I/O was handed to the writer's thread."""
+
+    file: int
+    start: int  # buffer bytes [start, end) are being written
+    end: int
+    sync: bool
+    commits: int
+    listeners: bool
+    durable_from: int
+    cf: concurrent.futures.Future[bytes] = field(init=False)  # the thread's
+    done: asyncio.Future[bytes] = field(init=False)  # the same, for the loop
+    finished: bool = False  # its end_write is done (set by the thread for a write behind)
+    stuck: bool = False  # its thread wrote it but could not publish it (the mutex stayed held)
+
+
+class ThreadRounds:
+    """The writer's thread rounds (a part of :class:`~aiodbenv.log.writer.LogWriter`)."""
+
+    # Provided by LogWriter.
+    _c: LogCore
+    _env: Any
+    _inflight: Round | None
+    _task: asyncio.Task[None] | None
+    _closing: bool
+    _fds: dict[int, int]
+    _listeners: list[Any]
+    _thread: ThreadPoolExecutor
+    _panic_w: Any
+    _panic_i: int
+    _want: Any
+    wait_timeout: float
+
+    if TYPE_CHECKING:  # supplied by LogWriter: declared for the type checker only
+
+        def _kick(self) -> None:
+            """Start the writer task if it is not running."""
+
+        @staticmethod
+        def _attempt(fn: Callable[..., Any], *args: Any) -> Any:
+            """``fn(*args)`` under a short bounded lock wait, or BUSY."""
+
+        def _check(self) -> None:
+            """The fork, closed and panic checks."""
+
+        def _wake_others(self) -> None:
+            """Wake other processes' waiters."""
+
+    def _write_behind(self, word: int) -> None:
+        """The buffer is half full (a put appended the record at ``word``): have it written
+        now, so that appends rarely find it full. Does not suspend. When this process can
+        take the writer role at once, the write is a round of its own (:meth:`_behind`): the
+        writer's thread writes, publishes and lets the role go, with no need of the event
+        loop (a put that does not suspend never lets a task run, and a caller may keep the
+        loop busy for long: the role must not stay held meanwhile). Else the writer task, or
+        another process's writer, writes it."""
+        r = self._inflight
+        if r is not None:
+            # One write behind at a time. Called by every put past half while one is under
+            # way, so only a flag is read until its thread is done.
+            if not r.finished and not (r.stuck and self._finish_now(r)):
+                return
+            self._inflight = None
+        if self._task is None and not self._closing:
+            c = self._c
+            if not c.word("flusher_pid") and self._attempt(c.take_role, None) is True:
+                if self._behind():
+                    return
+                self._attempt(c.release_role)
+        self._want.write = max(self._want.write, word)
+        self._kick()
+
+    def _behind(self) -> bool:
+        """Holding the role with no round under way: start a write behind as
+        :attr:`_inflight`; False if it could not start (the role is still held)."""
+        r = self._attempt(self._round_start, False, False, True)
+        self._inflight = r if isinstance(r, Round) else None
+        return self._inflight is not None
+
+    async def _direct_round(self, sync: bool) -> None:
+        """A flush or write-through call with no writer anywhere: run one round of its own
+        (:meth:`_behind`'s kind: the thread writes, fsyncs if ``sync``, publishes and lets
+        the role go, waking other processes' waiters at once) and wait for it, instead of
+        starting the writer task and handing the role back on the loop. Does nothing if that
+        cannot start at once; the caller then goes the usual way. Raises RunRecovery if the
+        write or fsync failed. Cancellation: the round finishes in the thread."""
+        c = self._c
+        if (
+            self._task is not None
+            or self._inflight is not None
+            or self._closing
+            or (sync and self._listeners)  # listeners get their bytes on the loop
+            or c.word("flusher_pid")
+            or self._attempt(c.take_role, None) is not True
+        ):
+            return
+        r = self._attempt(self._round_start, sync, False, True)
+        if not isinstance(r, Round):
+            self._attempt(c.release_role)  # if Busy: this handle takes it back later
+            return
+        self._inflight = r
+        try:
+            await asyncio.shield(r.done)
+        except OSError:
+            self._check()  # the thread panicked the environment: RunRecovery
+            raise
+        finally:
+            if self._inflight is r and r.finished:
+                self._inflight = None
+        if self._inflight is r:
+            await self._settle_behind()
+
+    def _finish_now(self, r: Round) -> bool:
+        """A write behind's I/O is done but its thread could not publish it (the mutex stayed
+        held): publish it and let the role go, if the mutex is free now. True if done."""
+        if r.finished or not r.cf.done():
+            return r.finished
+        c = self._c
+        if isinstance(self._attempt(c.end_write, r.file, r.start, r.end, r.sync, r.commits), Busy):
+            return False
+        r.finished = True
+        self._attempt(c.release_role)  # if Busy, the role is taken back by this handle later
+        self._wake_others()
+        return True
+
+    async def _settle_behind(self) -> None:
+        """Wait for the write behind under way, if any, and see it published."""
+        r = self._inflight
+        while r is not None:
+            try:
+                await asyncio.shield(r.done)
+            except Exception:
+                pass  # its thread recorded the failure (the environment is panicked)
+            if not r.finished and not self._finish_now(r):
+                await asyncio.sleep(_SETTLE_POLL)
+                continue
+            if self._inflight is r:
+                self._inflight = None
+            r = self._inflight
+
+    def _room_now(self) -> bool:
+        """A put found the buffer full: True if a write behind has made room since (finishing
+        it here if its thread could not), so the append may be tried again at once."""
+        r = self._inflight
+        if r is None or not (r.finished or self._finish_now(r)):
+            return False
+        self._inflight = None
+        return True
+
+    def _round_start(self, sync: bool, fill: bool, behind: bool = False) -> Round | None:
+        """The first half of a round, without suspending (writer only): take what the buffer
+        holds and hand its write (and fsync) to the writer's thread. None if the file is not
+        open in this process yet (nothing done). Raises LockTimeout (nothing done) if the
+        mutex stayed held. ``behind``: a write behind, which the thread also publishes
+        (``end_write``) and ends by letting the writer role go."""
+        c = self._c
+        file = c.word("f_lsn") >> 32
+        fd = self._fds.get(file)
+        if fd is None:
+            return None
+        old_s = c.word("s_lsn")
+        file, foff, start, end, commits = c.begin_write(fill)
+        view = c.buf[c.b0 + start : c.b0 + end]
+        listeners = bool(self._listeners) and sync
+        durable_from = max(old_s, file << 32) & 0xFFFFFFFF
+
+        def work() -> bytes:
+            if len(view):
+                n = _io.pwritev(fd, [view], foff)
+                if n != len(view):
+                    raise OSError(errno.EIO, f"short write to the log ({n} of {len(view)} bytes)")
+            if sync:
+                _io.fdatasync(fd)
+                _io.step("log_fsynced")
+            if listeners:
+                upto = foff + len(view)
+                return (
+                    _io.pread(fd, upto - durable_from, durable_from) if upto > durable_from else b""
+                )
+            return b""
+
+        # Submitted now, not when the writer task next runs: a put that starts a write
+        # behind does not suspend, so the task may not run before the buffer is full.
+        r = Round(file, start, end, sync, commits, listeners, durable_from)
+        if behind:
+            r.cf = self._thread.submit(self._behind_work, work, r)
+        else:
+            r.cf = self._thread.submit(work)
+        r.done = asyncio.wrap_future(r.cf)
+        return r
+
+    def _behind_work(self, work: Callable[[], bytes], r: Round) -> bytes:
+        """A write behind (or a direct round), in the writer's thread: write (and fsync),
+        publish, then, for a flush, keep serving the flush calls other processes registered
+        meanwhile with further rounds here (group commit without waiting for any event loop),
+        and let the role go. The log mutex is waited for (bounded) in this thread; if it
+        stays held, publishing is left to the loop (:meth:`_finish_now`) with the role still
+        held. A failed write or fsync panics the environment here."""
+        c = self._c
+        try:
+            work()
+        except OSError as err:
+            self._thread_failed(r.file, r.sync, err)
+            r.finished = True
+            self._release_quietly()
+            raise
+        try:
+            c.end_write(r.file, r.start, r.end, r.sync, r.commits)
+        except LockTimeout:
+            r.stuck = True  # written, not published: the loop does it (_finish_now)
+            return b""
+        r.finished = True
+        self._wake_others()
+        try:
+            for _ in range(MORE_ROUNDS):
+                more = self._more_requests()
+                if more is None or not self._thread_round(more):
+                    break
+        except OSError:
+            self._release_quietly()
+            raise
+        self._release_quietly()
+        return b""
+
+    def _more_requests(self) -> bool | None:
+        """In the writer's thread, holding the role: have flush calls (True: a round with an
+        fsync) or write-through calls (False: without) of any process been registered since
+        the last round, that another round here can serve (no file to start, no gap)? None:
+        no."""
+        c = self._c
+        file = c.word("f_lsn") >> 32
+        if (
+            self._closing
+            or self._panic_w[self._panic_i]
+            or c.word("file_ready") < file
+            or c.hole() is not None
+            or file not in self._fds
+        ):
+            return None
+        if c.word("pending_commits") > 0 and c.end_word() > c.word("s_lsn"):
+            return True
+        return False if c.write_wanted() else None
+
+    def _thread_round(self, sync: bool) -> bool:
+        """One more write (and fsync if ``sync``) round in the writer's thread, holding the
+        role. False if
+        the mutex stayed held (nothing done, or written but not published: the next round
+        writes the same bytes to the same place again)."""
+        c = self._c
+        try:
+            file, foff, start, end, commits = c.begin_write(False)
+        except LockTimeout:
+            return False
+        fd = self._fds.get(file)
+        if fd is None:
+            return False
+        view = c.buf[c.b0 + start : c.b0 + end]
+        try:
+            if len(view):
+                n = _io.pwritev(fd, [view], foff)
+                if n != len(view):
+                    raise OSError(errno.EIO, f"short write to the log ({n} of {len(view)} bytes)")
+            if sync:
+                _io.fdatasync(fd)
+                _io.step("log_fsynced")
+        except OSError as err:
+            self._thread_failed(file, sync, err)
+            raise
+        try:
+            c.end_write(file, start, end, sync, commits)
+        except LockTimeout:
+            return False
+        self._wake_others()
+        return True
+
+    def _thread_failed(self, file: int, sync: bool, err: OSError) -> None:
+        c = self._c
+        c.fail(file, err.errno or errno.EIO)
+        what = "write or fsync" if sync else "write"
+        self._env.panic(f"{what} of log file {log_path(c.directory, file)} failed: {err}")
+
+    def _release_quietly(self) -> None:
+        """Let the writer role go, from the writer's thread: the mutex is waited for up to
+        ``wait_timeout`` (a holder stopped that long makes every caller fail anyway)."""
+        c = self._c
+        deadline = time.monotonic() + self.wait_timeout
+        while True:
+            try:
+                c.release_role()
+                break
+            except LockTimeout:
+                if time.monotonic() > deadline:
+                    return  # still held by this handle: its next round takes it back
+        self._wake_others()

@@ -1,0 +1,356 @@
+"""The compiled log append (aiodbenv/_csrc/60_log.c) against its Python twin: the same records
+through both give the same log bytes, its CRC-32 is zlib's, a corrupt header word is refused,
+a put after fork or close does not go through it, and the log suites pass with the Python
+twin alone (AIODBENV_MUTEX=abi)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+import zlib
+from typing import Any
+
+import pytest
+
+import aiodbenv
+from aiodbenv import CorruptRegion, InvalidArgument, RunRecovery, _io
+from aiodbenv.errors import ForkedProcessError
+from aiodbenv.log import accel
+from aiodbenv.log.layout import LOG_HEADER
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+compiled = pytest.mark.skipif(not accel.COMPILED, reason="the compiled accelerator is not in use")
+
+# Puts a fixed mix of records (tiny to larger than the buffer, across several files of a small
+# file log, and around the ring of an in-memory log), then prints a digest of every log byte.
+AGREE = r"""
+import asyncio, hashlib, json, os, random, sys
+import aiodbenv
+from aiodbenv.log import accel
+
+async def main(home, mode):
+    os.makedirs(home)
+    rng = random.Random(12)
+    sizes = [0, 1, 7, 8, 9, 15, 16, 17, 100, 1000, 3000, 5000, 9000]
+    if mode == "file":
+        env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192,
+                                      log_file_size=65536)
+    else:
+        env = await aiodbenv.Env.open(home, create=True, log_inmemory=True,
+                                      log_buffer_size=65536, log_file_size=16384)
+    lsns = []
+    for i in range(400):
+        n = sizes[rng.randrange(len(sizes))] if mode == "file" else rng.randrange(0, 600)
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        lsns.append(str(await env.log.put(data, flush=(i % 97 == 0))))
+    st = env.log.stat()
+    out = {"compiled": env.log._fast is not None, "lsns": lsns, "records": st.records,
+           "bytes": st.bytes}
+    if mode == "memory":
+        c = env.log._c
+        out["ring"] = hashlib.sha256(bytes(c.buf[c.b0:c.b0 + c.bsize])).hexdigest()
+        out["tail"] = c.word("tail")
+        await env.close()
+    else:
+        await env.close()
+        for name in sorted(os.listdir(home)):
+            if name.startswith("log."):
+                with open(os.path.join(home, name), "rb") as f:
+                    out[name] = hashlib.sha256(f.read()).hexdigest()
+    await aiodbenv.Env.remove(home)
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def _agree_run(home: str, mode: str, abi: bool) -> dict[str, object]:
+    env = dict(os.environ)
+    if abi:
+        env["AIODBENV_MUTEX"] = "abi"
+    else:
+        env.pop("AIODBENV_MUTEX", None)
+    r = subprocess.run(
+        [sys.executable, "-c", AGREE, home, mode],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out: dict[str, object] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+@compiled
+@pytest.mark.parametrize("mode", ["file", "memory"])
+def test_compiled_and_python_appends_write_the_same_bytes(home: str, mode: str) -> None:
+    # Separate homes: removing an environment keeps its log files.
+    fast = _agree_run(os.path.join(home, "compiled"), mode, abi=False)
+    slow = _agree_run(os.path.join(home, "python"), mode, abi=True)
+    assert fast.pop("compiled") is True
+    assert slow.pop("compiled") is False
+    if mode == "file":
+        assert sum(k.startswith("log.") for k in fast) >= 3  # the records crossed files
+    assert fast == slow
+
+
+@compiled
+def test_compiled_crc32_is_zlibs() -> None:
+    rng = random.Random(5)
+    for n in [0, 1, 7, 8, 9, 63, 64, 65, 1000, 4097]:
+        data = rng.randbytes(n)
+        assert accel.crc32(data) == zlib.crc32(data), n
+
+
+@compiled
+async def test_corrupt_fill_is_refused_and_panics(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        c = env.log._c
+        i = c.h + LOG_HEADER.word.tail
+        c.w[i] = (c.w[i] & ~0xFFFFFFFF) | (c.bsize + 8)  # a fill past the buffer
+        tail, records = c.w[i], c.word("st_records")
+        with pytest.raises(CorruptRegion):
+            await env.log.put(b"x")
+        with pytest.raises(RunRecovery):
+            await env.log.put(b"y")
+        assert (c.w[i], c.word("st_records")) == (tail, records)  # nothing appended
+    finally:
+        with pytest.raises(RunRecovery):
+            await env.close()
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@compiled
+async def test_full_buffer_and_large_records_go_the_python_way(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=4096)
+    try:
+        data = [b"%d" % i * (i % 50) for i in range(300)] + [b"L" * 10000]
+        lsns = [await env.log.put(d) for d in data]
+        assert lsns == sorted(lsns)
+        got = [d async for _, d in env.log.cursor()]
+        assert got == data
+        assert env.log.stat().wcount_fill > 0  # appends found the buffer full
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+
+
+async def test_put_after_close_is_refused(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    log = env.log
+    await log.put(b"a")
+    await env.close()
+    assert log._fast is None
+    with pytest.raises(InvalidArgument):
+        await log.put(b"b")
+    await aiodbenv.Env.remove(home)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+async def test_forked_child_does_not_put_through_the_parents_handle(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        log = env.log  # the handle the child inherits (env.log itself refuses in a child)
+        end = log.end_lsn
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(r)
+            code = b"?"
+            try:
+                coro = log.put(b"child")
+                try:
+                    code = b"suspended: %r" % (coro.send(None),)
+                except StopIteration:
+                    code = b"appended"
+                except ForkedProcessError:
+                    code = b"refused" if log._fast is None else b"armed"
+                except BaseException as err:
+                    code = repr(err).encode()
+            finally:
+                os.write(w, code)
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            assert f.read() == b"refused"
+        os.waitpid(pid, 0)
+        assert env.log.end_lsn == end
+        assert env.log._fast is not None or not accel.COMPILED
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+
+
+def test_log_suites_pass_with_the_python_append() -> None:
+    """The log test suites again with AIODBENV_MUTEX=abi: the Python append, flush and ring."""
+    if os.environ.get("AIODBENV_MUTEX") == "abi":
+        assert not accel.COMPILED
+        return
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-x",
+            "tests/test_log.py",
+            "tests/test_log_cancel.py",
+            "tests/test_log_model.py",
+            "tests/test_log_processes.py",
+        ],
+        cwd=REPO,
+        env={**os.environ, "AIODBENV_MUTEX": "abi"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
+
+
+# -- writes behind ----------------------------------------------------------------------------
+
+
+def _send(coro: Any) -> tuple[bool, Any]:
+    """Run a coroutine's first step: (True, result) if it finished without suspending."""
+    try:
+        fut = coro.send(None)
+    except StopIteration as done:
+        return True, done.value
+    return False, (coro, fut)
+
+
+async def test_write_behind_starts_and_finishes_without_suspending_the_put(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    try:
+        log = env.log
+        lsns = [await log.put(b"first", flush=True)]  # the file is open here, the buffer empty
+        rec = b"r" * 84  # 100 bytes with its header
+        # Up to half the buffer: appended in place, nothing written.
+        while log._inflight is None:
+            finished, value = _send(log.put(rec))
+            assert finished, "a put with room in the buffer suspended"
+            lsns.append(value)
+        # The put that passed half handed the write to the writer's thread before returning.
+        r = log._inflight
+        assert r is not None and r.end > 0
+        assert concurrent.futures.wait([r.cf], timeout=30).done
+        # The thread published the write and let the writer role go, with the event loop
+        # blocked all along (here): other processes' flushes are never kept waiting on it.
+        assert r.finished and log._c.role_holder() == (0, 0)
+        assert log.written_lsn > lsns[-1]
+        # Fill the rest: the put that finds the buffer full frees it without suspending, since
+        # the write behind is done, and starts the next.
+        before = log.stat().wcount
+        for _ in range(60):
+            finished, value = _send(log.put(rec))
+            assert finished, "a put suspended although the write behind was done"
+            lsns.append(value)
+        assert log.stat().wcount > before  # finished by a put, counted
+        assert log.stat().wcount_fill == 0
+        await log.flush()
+        assert [lsn async for lsn, _ in log.cursor()] == lsns
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+
+
+async def test_failed_write_behind_panics(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    try:
+        log = env.log
+        await log.put(b"first", flush=True)
+        with _io.inject("pwrite", errno.EIO):
+            while log._inflight is None:
+                await log.put(b"w" * 84)
+            r = log._inflight
+            assert concurrent.futures.wait([r.cf], timeout=30).done
+            assert isinstance(r.cf.exception(), OSError)
+            # The thread panicked the environment and let the role go; nothing was published.
+            assert log._c.role_holder() == (0, 0)
+            assert log.written_lsn < log.end_lsn
+        with pytest.raises(RunRecovery, match="log file"):
+            await log.put(b"after")
+    finally:
+        with pytest.raises(RunRecovery):
+            await env.close()
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.parametrize("how", ["flush", "write_nosync"])
+async def test_a_lone_flush_is_one_round_its_thread_finishes(home: str, how: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        log = env.log
+        await log.put(b"first", flush=True)  # the file is open here
+        commits = log.stat().maxcommitperflush
+        task = asyncio.ensure_future(log.put(b"x", **{how: True}))
+        await asyncio.sleep(0)  # its first step: it waits for its round, in the writer's thread
+        assert not task.done()
+        r = log._inflight
+        assert r is not None and r.sync == (how == "flush")
+        assert concurrent.futures.wait([r.cf], timeout=30).done
+        # With the loop blocked (here), the thread made it durable (or written), published it
+        # and let the writer role go: another process's flush would not wait for this loop.
+        assert r.finished and log._c.role_holder() == (0, 0)
+        assert log.written_lsn == log.end_lsn
+        if how == "flush":
+            assert log.flushed_lsn == log.end_lsn
+            assert log.stat().maxcommitperflush >= commits
+        lsn = await task
+        assert lsn.file == r.file and log.written_lsn > lsn
+        assert log._inflight is None
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+
+
+@pytest.mark.parametrize("how", ["flush", "write_nosync"])
+async def test_the_writers_thread_serves_calls_registered_during_its_fsync(
+    home: str, how: str
+) -> None:
+    """Group commit without an event loop in the way: while handle A's thread fsyncs (slowed
+    through the I/O seam), handle B (another writer token, as another process would be)
+    registers a flush (or a write-through); A's thread runs the next round for it at once
+    (with an fsync only for a flush), and B never takes the writer role."""
+    try:
+        async with aiodbenv.Env.open(home, create=True, log=True) as a:
+            async with aiodbenv.Env.open(home) as b:
+                await a.log.put(b"open a", flush=True)
+                await b.log.put(b"open b", flush=True)
+                taken: list[int] = []
+                real_take = b.log._c.take_role
+
+                def take_role(dead: Any = None) -> bool:
+                    got = real_take(dead)
+                    if got:
+                        taken.append(1)
+                    return got
+
+                b.log._c.take_role = take_role  # type: ignore[method-assign]
+                fsyncs = a.log.stat().scount
+                with _io.inject("fdatasync", None, delay=0.3, times=1):
+                    first = asyncio.ensure_future(a.log.put(b"A", flush=True))
+                    while a.log._inflight is None:
+                        await asyncio.sleep(0.001)
+                    writes = a.log.stat().wcount
+                    lsn_b = await b.log.put(b"B", **{how: True})
+                    lsn_a = await first
+                assert a.log.flushed_lsn > lsn_a and b.log.written_lsn > lsn_b
+                assert a.log.stat().wcount == writes + 2
+                assert a.log.stat().scount == fsyncs + (2 if how == "flush" else 1)
+                assert taken == []  # B's flush was served by A's thread
+                assert a.log._c.role_holder() == (0, 0)
+    finally:
+        await aiodbenv.Env.remove(home)
