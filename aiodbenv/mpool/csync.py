@@ -1,0 +1,429 @@
+"""Compiled write-back: sync, trickle and checkpoint in a few worker-thread calls.
+
+The Python write-back (:mod:`aiodbenv.mpool.bhwrite`) snapshots each batch of 64 pages on the
+event loop and hops to a thread per batch; with tens of thousands of pages the hops, the
+per-page Python objects and the garbage collector keep the loop busy. Here the loop only
+awaits:
+
+1. **Collect** (one worker-thread call, :func:`collect`): the C part ``_csrc/50_sync.c`` walks
+   every bucket with bounded lock waits, keeps the dirty buffers of files the compiled path
+   may write (no pgout, no checksum, a descriptor here: the *route* table), sorts them by file
+   and page (or picks the least recently used, for trickle) in a C array, and hands every
+   other dirty buffer (pinned, claimed, other files) to the Python path as a short list.
+2. **Write**, a chunk of up to :data:`CHUNK_BYTES` of one file at a time (:func:`write_fast`):
+   in a worker thread, lock each bucket, copy the page into a staging buffer and claim it
+   (``WRITING``, the protocol of :mod:`aiodbenv.mpool.sync`), write each run of adjacent pages
+   with one ``pwrite`` (``sync_file_range`` every :data:`SRF_BYTES` starts the disk early),
+   bump the file's written generation, release the claims (written pages not dirtied again
+   are clean). With a log and a file with ``lsn_offset`` the chunk is two calls: the claim
+   returns the largest page LSN, the loop awaits the log's flush to it (the write-ahead
+   rule), then the write.
+
+The fsync stays :func:`aiodbenv.mpool.fsync.fsync_pending`'s (one call for every file).
+
+Faults: the compiled writes go through the C hook of ``aiodb_sync_write``, which this module
+sets to :mod:`aiodbenv._io`'s seam whenever a fault is injected (:func:`aiodbenv._io.inject`) or
+a crash-signal plan is set, so the fault and crash suites exercise this path with the same
+semantics (``pwrite`` faults, short writes, signals before and after a write, and the
+``claimed``/``write_done`` steps).
+
+Not used (the Python path runs) in a private region (its buffers have no mutexes: a worker
+thread must not touch them while the loop does), without the compiled accelerator, or with
+``AIODBENV_WRITEBACK=python`` (the switch the tests use to run both paths).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from .. import _io
+from ..errors import LockTimeout
+from ..region.mutex import ffi, speedups
+from .bhwrite import SyncResult, _typed, _write_done_one, note_written
+from .cache import BufRef, found
+from .layout import FF_CHECKSUM, FF_DEAD, FF_NOFILE, FF_TEMP, FILE_ENTRY, HANDLE_STATS, MAX_FILES
+
+if TYPE_CHECKING:
+    from .handle import PoolBase
+
+__all__ = ["CHUNK_BYTES", "ENABLED", "FastSet", "collect", "usable", "write_fast"]
+
+#: The compiled write-back is installed and not switched off.
+ENABLED = speedups is not None and os.environ.get("AIODBENV_WRITEBACK", "") != "python"
+#: Bytes of one file claimed, copied and written per worker-thread call: bounds the staging
+#: buffer and is the granularity of progress, cancellation and the log flush.
+CHUNK_BYTES = 16 << 20
+#: Pages per pwrite at most (1 MiB of 4 KiB pages).
+MAX_RUN = 256
+#: sync_file_range(SYNC_FILE_RANGE_WRITE) after this many bytes (0: never).
+SRF_BYTES = 4 << 20
+
+_E = 7  # words per entry: tag, pgno, bh, bucket, prio, state, cache
+_TAKEN, _BUSY, _WRITTEN = 3, 4, 6  # entry states (see 50_sync.c)
+_lib: Any = speedups
+
+
+def usable(pool: PoolBase) -> bool:
+    """Whether this pool's write-back may take the compiled path (see the module docstring)."""
+    return ENABLED and pool._core.shared
+
+
+@dataclass
+class FastSet:
+    """What :func:`collect` found: ``n`` entries of dirty free buffers the compiled path
+    writes, sorted by file and page, in ``ent`` (a C array); ``others``, every other dirty
+    buffer as ``(tag, pgno, bh, bucket, prio, busy, cache index)`` for the Python path."""
+
+    ent: Any
+    n: int
+    tab: Any
+    others: list[tuple[int, ...]]
+    keep: list[Any] = field(default_factory=list, repr=False)  # C arrays ``tab`` points to
+
+    def tags(self) -> list[tuple[int, int, int]]:
+        """``(tag, lo, hi)``: the entries of each file, in order (a binary search per file)."""
+        out = []
+        lo = 0
+        ent = self.ent
+        while lo < self.n:
+            tag = int(ent[lo * _E])
+            hi = bisect_left(_Tags(ent, self.n), tag + 1, lo)
+            out.append((tag, lo, hi))
+            lo = hi
+        return out
+
+    def keys(self, lo: int, hi: int) -> set[tuple[int, int]]:
+        """``(file slot, pgno)`` of entries lo..hi-1."""
+        return {(int(self.ent[i * _E]) - 1, int(self.ent[i * _E + 1])) for i in range(lo, hi)}
+
+
+class _Tags:
+    """The sorted tags of a FastSet's entries, as a sequence bisect can search."""
+
+    def __init__(self, ent: Any, n: int) -> None:
+        self._ent, self._n = ent, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> int:
+        return int(self._ent[i * _E])
+
+
+def _routes(pool: PoolBase, files: set[int] | None) -> Any:
+    """Per file tag: 0 not wanted, 1 the compiled path writes it, 2 the Python path."""
+    core = pool._core
+    w0 = core.meta_words
+    io = pool._io
+    route = ffi.new("uint8_t[]", MAX_FILES + 1)
+    for fidx in core.file_slots():
+        if files is not None and fidx not in files:
+            continue
+        e = core.entry(fidx)
+        flags = int(w0[e + FILE_ENTRY.word.flags])
+        ftype = int(w0[e + FILE_ENTRY.word.ftype])
+        fast = (
+            not flags & (FF_DEAD | FF_NOFILE | FF_TEMP | FF_CHECKSUM)
+            and (not ftype or (ftype in io.registry and io.pgout(ftype) is None))
+            and (io.fd_for_write(fidx) is not None or core.file_name(fidx) is not None)
+        )
+        route[fidx + 1] = 1 if fast else 2
+    return route
+
+
+def _table(pool: PoolBase) -> tuple[Any, list[Any]]:
+    caches = pool._core.caches
+    tab = ffi.new("void *[]", 5 * len(caches))
+    for i, c in enumerate(caches):
+        tab[5 * i : 5 * i + 5] = [
+            c.wptr,
+            ffi.cast("void *", c.region.base),
+            c.c_mptrs,
+            c.c_nowait_words,
+            c.c_bucket_words,
+        ]
+    return tab, [tab]
+
+
+async def collect(pool: PoolBase, files: set[int] | None, limit: int = 0) -> FastSet | None:
+    """Collect the dirty buffers (of ``files``, or all) in one worker-thread call; with
+    ``limit``, only that many least recently used ones go to the compiled path. None if a
+    bucket stayed locked past the bound or more dirty buffers turned up than there are
+    frames (the caller then takes the Python path, which waits asynchronously).
+
+    Cancellation: the walk finishes in its thread (it changes nothing); the result is
+    dropped.
+    """
+    route = _routes(pool, files)
+    tab, keep = _table(pool)
+    caches = pool._core.caches
+    cap = sum(c.buffers() for c in caches) + 1024
+
+    def run() -> FastSet | None:
+        ent = ffi.new("uint64_t[]", _E * cap)
+        nf, no, stopped = (ffi.new("uint64_t[1]") for _ in range(3))
+        for ci, cache in enumerate(caches):
+            first = 0
+            while True:
+                rc = _lib.aiodb_sync_collect(
+                    tab, ci, first, cache.nbuckets, route, MAX_FILES + 1, ent, cap, nf, no, stopped
+                )
+                if rc == 0:
+                    break
+                b = int(stopped[0])
+                if rc == _lib.AIODB_CORRUPT:
+                    cache.corrupt(f"bucket {b}'s chain has a bad offset, count or loop")
+                if rc != -errno.EOWNERDEAD:
+                    return None  # held past the bound, or no room: the Python path
+                cache.release_dead_holder(b)  # this thread holds it: repair, then again
+                first = b
+        n = int(_lib.aiodb_sync_order(ent, nf[0], limit))
+        others = [tuple(ffi.unpack(ent + (cap - 1 - k) * _E, _E)) for k in range(int(no[0]))]
+        return FastSet(ent, n, tab, others, keep)
+
+    return await anyio.to_thread.run_sync(run, limiter=pool._io.limiter)
+
+
+@dataclass
+class _Chunk:
+    written: int = 0
+    calls: int = 0
+    nbytes: int = 0
+    lsn: int = 0
+    skipped: list[tuple[int, int]] = field(default_factory=list)
+    #: Claims whose bucket stayed locked at release: ``(buffer, failed)``, released later.
+    unreleased: list[tuple[BufRef, bool]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+async def write_fast(
+    pool: PoolBase, fast: FastSet, result: SyncResult, progress: Any = None
+) -> None:
+    """Write ``fast``'s entries chunk by chunk (see the module docstring), adding to
+    ``result`` (pages found busy go to ``result.skipped``; the first error to
+    ``result.errors``, and then the rest is not written). ``progress(done)`` is awaited after
+    each chunk with the entries done so far (checkpoint's pacing).
+
+    Cancellation: the chunk under way finishes in a task of the pool (its claims released,
+    a failure logged); the chunks not started are not written and their pages stay dirty.
+    """
+    io = pool._io
+    core = pool._core
+    stage = bytearray(0)
+    for tag, lo, hi in fast.tags():
+        fidx = tag - 1
+        e = core.entry(fidx)
+        if not e:  # closed meanwhile: the Python rounds look at them again
+            result.skipped |= fast.keys(lo, hi)
+            continue
+        try:
+            fd = await io.write_fd(fidx, False)  # this process's, or one opened to write
+        except OSError as open_err:
+            result.errors.append(open_err)
+            return
+        ps = int(core.meta_words[e + FILE_ENTRY.word.page_size])
+        lsn_off = int(core.meta_words[e + FILE_ENTRY.word.lsn_offset]) - 1 if io.log else -1
+        step = max(1, CHUNK_BYTES // max(ps, 1))
+        if len(stage) < min(hi - lo, step) * ps:
+            stage = bytearray(min(hi - lo, step) * ps)
+        for start in range(lo, hi, step):
+            end = min(hi, start + step)
+            task = io.spawn(_chunk(pool, fast, fidx, fd, ps, lsn_off, start, end, stage))
+            try:
+                got = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                io.orphan(task, "a write-back chunk")
+                raise
+            if got.written:
+                io.count_write(fidx, got.written, got.nbytes, got.calls)
+            for item, failed in got.unreleased:  # buckets that stayed held: retried in tasks
+                io.settle(_write_done_one, io, item, failed)
+            result.written += got.written
+            result.write_calls += got.calls
+            result.bytes_written += got.nbytes
+            result.skipped.update(got.skipped)
+            if io.log is not None:
+                top = (got.lsn >> 32, got.lsn & 0xFFFFFFFF) if got.written else (0, 0)
+                result.lsn = top if result.lsn is None else max(result.lsn, top)
+            if got.error is not None:
+                core.meta_words[io.hs + HANDLE_STATS.word.write_failures] += 1
+                result.errors.append(_typed(got.error, core.file_name(fidx)))
+                return
+            if progress is not None:
+                await progress(end)
+
+
+async def _chunk(
+    pool: PoolBase,
+    fast: FastSet,
+    fidx: int,
+    fd: int,
+    ps: int,
+    lsn_off: int,
+    lo: int,
+    hi: int,
+    stage: bytearray,
+) -> _Chunk:
+    """One chunk: claim (+ the log flush) + write + release; the claims are released
+    whatever happens."""
+    io = pool._io
+    out = _Chunk()
+    view = ffi.from_buffer(stage)
+    if lsn_off < 0:
+        await anyio.to_thread.run_sync(
+            _claim_write, pool, fast, fidx, fd, ps, -1, lo, hi, view, out
+        )
+        return out
+    await anyio.to_thread.run_sync(_claim, pool, fast, ps, lsn_off, lo, hi, view, out)
+    try:
+        if out.lsn and io.log is not None:
+            await io.log.flush(out.lsn >> 32, out.lsn & 0xFFFFFFFF)
+    except BaseException as err:
+        # Nothing reaches the file before the log: every claim is released, pages dirty.
+        await anyio.to_thread.run_sync(_release, pool, fast, lo, hi, False, out)
+        out.error = err
+        return out
+    await anyio.to_thread.run_sync(_claim_write, pool, fast, fidx, fd, ps, -2, lo, hi, view, out)
+    return out
+
+
+def _claim(
+    pool: PoolBase, fast: FastSet, ps: int, lsn_off: int, lo: int, hi: int, stage: Any, out: _Chunk
+) -> None:
+    """In a worker thread: claim and copy entries lo..hi-1 (see aiodb_sync_claim)."""
+    lsn = ffi.new("uint64_t[1]")
+    at = ffi.new("uint64_t[1]")
+    i = lo
+    while True:
+        rc = _lib.aiodb_sync_claim(
+            fast.tab, fast.ent, i, hi, ps, stage + (i - lo) * ps, pool._pid, lsn_off, lsn, at
+        )
+        if rc == 0:
+            break
+        k = int(at[0])
+        cache = pool._core.caches[int(fast.ent[k * _E + 6])]
+        if rc == _lib.AIODB_CORRUPT:
+            # The claims made so far are released first (pages dirty), then the panic.
+            _release(pool, fast, lo, k, False)
+            cache.corrupt(f"buffer {int(fast.ent[k * _E + 2])} has a bad offset or page size")
+        cache.release_dead_holder(int(fast.ent[k * _E + 3]))  # -EOWNERDEAD: held here
+        i = k
+    out.lsn = int(lsn[0])
+    _io.step("claimed")
+
+
+def _claim_write(
+    pool: PoolBase,
+    fast: FastSet,
+    fidx: int,
+    fd: int,
+    ps: int,
+    lsn_off: int,
+    lo: int,
+    hi: int,
+    stage: Any,
+    out: _Chunk,
+) -> None:
+    """In a worker thread: claim (unless ``lsn_off`` is -2: done already), write, note the
+    write in the file entry, release. Any failure leaves the pages not confirmed dirty."""
+    ok = False
+    try:
+        if lsn_off != -2:
+            _claim(pool, fast, ps, lsn_off, lo, hi, stage, out)
+        counts = ffi.new("uint64_t[3]")
+        rc = _lib.aiodb_sync_write(
+            fast.ent, lo, hi, ps, stage, fd, MAX_RUN, SRF_BYTES, _hook(), counts
+        )
+        out.written, out.calls, out.nbytes = (int(c) for c in counts)
+        if rc:
+            out.error = OSError(-rc, f"{os.strerror(-rc)} (a compiled write-back pwrite)")
+        if out.written:
+            # Before any page is marked clean: every later sync (any process) must know the
+            # file has writes to fsync. A file mutex that stays held: nothing is clean.
+            try:
+                note_written(pool._io, fidx)
+            except LockTimeout as err:
+                out.error = out.error or err
+                out.written = 0
+                return
+        ok = True
+    finally:
+        _release(pool, fast, lo, hi, ok, out)
+        if not ok:
+            out.written = 0
+        out.skipped = _pick(fast, lo, hi, _BUSY)
+        _io.step("write_done")
+
+
+def _release(
+    pool: PoolBase, fast: FastSet, lo: int, hi: int, ok: bool, out: _Chunk | None = None
+) -> None:
+    """In a worker thread: release this process's claims of entries lo..hi-1; a claim whose
+    bucket stays held goes to ``out.unreleased`` (released later by the loop's tasks)."""
+    at = ffi.new("uint64_t[1]")
+    cleaned = ffi.new("uint64_t[1]")
+    i = lo
+    while i < hi:
+        rc = _lib.aiodb_sync_release(fast.tab, fast.ent, i, hi, pool._pid, ok, at, cleaned)
+        if rc == 0:
+            return
+        k = int(at[0])
+        cache = pool._core.caches[int(fast.ent[k * _E + 6])]
+        b = int(fast.ent[k * _E + 3])
+        if rc == _lib.AIODB_CORRUPT:
+            cache.corrupt(f"bucket {b}'s dirty count would go below zero")
+        if rc == -errno.EOWNERDEAD:
+            cache.release_dead_holder(b)
+            continue  # again from k: the claim is still ours
+        # Held past the bound (a stopped process?): released later, by a task that retries
+        # without blocking anyone; meanwhile the claim keeps the page dirty.
+        e = fast.ent
+        item = found(int(e[k * _E]) - 1, int(e[k * _E + 1]), cache, b, int(e[k * _E + 2]))
+        failed = not (ok and int(e[k * _E + 5]) == _WRITTEN)
+        if out is not None:
+            out.unreleased.append((item, failed))
+        e[k * _E + 5] = _BUSY
+        i = k + 1
+
+
+def _pick(fast: FastSet, lo: int, hi: int, state: int) -> list[tuple[int, int]]:
+    n = int(_lib.aiodb_sync_pick(fast.ent, lo, hi, state, ffi.NULL, 0))
+    if not n:
+        return []
+    dst = ffi.new("uint64_t[]", 2 * n)
+    _lib.aiodb_sync_pick(fast.ent, lo, hi, state, dst, n)
+    flat = ffi.unpack(dst, 2 * n)
+    return [(flat[2 * i] - 1, flat[2 * i + 1]) for i in range(n)]
+
+
+def _seam_py(op: int, nbytes: int) -> int:
+    """The C writes' fault hook: :mod:`aiodbenv._io`'s ``pwrite`` faults and signal points."""
+    try:
+        if op == 1:
+            if _io._signal_plan:
+                _io._signal_point("pwrite", "after")
+            return 0
+        fault = _io._check("pwrite")
+        if fault is None:
+            return 0
+        if fault.short:  # all but the last byte, as _io.pwritev does
+            return nbytes - 1 if nbytes > 1 else -errno.EIO
+        return -(fault.error if fault.error is not None else errno.EIO)
+    except BaseException:  # pragma: no cover - a hook must not unwind through C
+        return -errno.EIO
+
+
+# A C function pointer to _seam_py (made once: cffi keeps a callback alive while referenced).
+_seam: Any = ffi.callback("int64_t(int, int64_t)", _seam_py)
+
+
+def _hook() -> Any:
+    """The hook to hand the C writes: the seam while faults or a signal plan are set."""
+    return _seam if (_io._faults or _io._signal_plan) else ffi.NULL
