@@ -48,6 +48,7 @@ import pytest
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.errors import AiodbenvError, Incomplete
+from aiodbenv.mpool import csync
 from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING, BUCKET
 from aiodbenv.mpool.page import Page
 from aiodbenv.region.mutex import NullMutex, SharedMutex, lib, trylock, unlock
@@ -733,9 +734,11 @@ async def test_file_sync_cancelled_during_fsync(env: aiodbenv.Env, data: aiodben
     await settle(env)
 
 
-async def test_sync_cancelled_between_batches(home: str) -> None:
+async def test_sync_cancelled_between_batches(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many dirty pages (several batches of 64): the batches already done stay written, the
     batch under way finishes, the others stay dirty and a later sync writes them."""
+    # The compiled write-back's chunks, made the Python path's batches: the same steps.
+    monkeypatch.setattr(csync, "CHUNK_BYTES", 64 * PS)
     async with aiodbenv.Env.open(home, create=True, cache_size=512 * PS, page_size=PS) as env:
         pool = env.pool
         write_file(env.resolve("a.db"), 500)

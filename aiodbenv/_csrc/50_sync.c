@@ -177,29 +177,24 @@ int64_t aiodb_sync_claim(void **tab, uint64_t *out, uint64_t lo, uint64_t hi, ui
     return 0;
 }
 
-/* The fault seam of the compiled writes: when set (tests, AIODBENV's I/O fault injection and
-   crash-signal plans: see aiodbenv/mpool/csync.py), hook(0, n) is asked before each pwrite of
-   n bytes -- 0: go on; -errno: fail with that errno; > 0 write only that many bytes (a short
-   write) -- and hook(1, n) is told after one returned n bytes. */
-typedef int64_t (*aiodb_sync_hook)(int op, int64_t nbytes);
+/* The seam of the compiled writes: when set (aiodbenv/mpool/csync.py sets it while a test
+   injects faults, records calls or plans crash signals through aiodbenv/_io.py), every write
+   goes through hook(fd, buf, len, off) -- Python's _io.pwritev, returning the bytes written or
+   -errno -- instead of pwrite, so the fault and crash suites exercise this path. */
+typedef int64_t (*aiodb_sync_hook)(int fd, const char *buf, uint64_t len, uint64_t off);
 
 static int64_t sync_pwrite_all(int fd, const char *buf, uint64_t len, uint64_t off,
                                aiodb_sync_hook hook, uint64_t *calls) {
     while (len) {
-        uint64_t ask = len;
-        if (hook) {
-            int64_t h = hook(0, (int64_t)len);
-            if (h < 0) return h;
-            if (h > 0 && (uint64_t)h < len) ask = (uint64_t)h;
-        }
-        ssize_t n = pwrite(fd, buf, ask, (off_t)off);
+        int64_t n = hook ? hook(fd, buf, len, off) : (int64_t)pwrite(fd, buf, len, (off_t)off);
         if (n < 0) {
-            if (errno == EINTR) continue;
-            return -(int64_t)errno;
+            int64_t err = hook ? n : -(int64_t)errno;
+            if (err == -EINTR) continue;
+            return err;
         }
         (*calls)++;
-        if (hook) hook(1, n);
         if (n == 0) return -EIO;  /* nothing written: a full disk answers the next call */
+        if ((uint64_t)n > len) return -EIO;
         buf += n;
         off += (uint64_t)n;
         len -= (uint64_t)n;

@@ -38,6 +38,7 @@ import asyncio
 import errno
 import os
 from bisect import bisect_left
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -204,12 +205,17 @@ class _Chunk:
 
 
 async def write_fast(
-    pool: PoolBase, fast: FastSet, result: SyncResult, progress: Any = None
+    pool: PoolBase,
+    fast: FastSet,
+    result: SyncResult,
+    progress: Callable[[int], Awaitable[None]] | None = None,
+    chunk_bytes: int = 0,
 ) -> None:
     """Write ``fast``'s entries chunk by chunk (see the module docstring), adding to
     ``result`` (pages found busy go to ``result.skipped``; the first error to
     ``result.errors``, and then the rest is not written). ``progress(done)`` is awaited after
-    each chunk with the entries done so far (checkpoint's pacing).
+    each chunk with the entries done so far (checkpoint's pacing); ``chunk_bytes`` (0:
+    :data:`CHUNK_BYTES`) the size of a chunk.
 
     Cancellation: the chunk under way finishes in a task of the pool (its claims released,
     a failure logged); the chunks not started are not written and their pages stay dirty.
@@ -230,7 +236,7 @@ async def write_fast(
             return
         ps = int(core.meta_words[e + FILE_ENTRY.word.page_size])
         lsn_off = int(core.meta_words[e + FILE_ENTRY.word.lsn_offset]) - 1 if io.log else -1
-        step = max(1, CHUNK_BYTES // max(ps, 1))
+        step = max(1, (chunk_bytes or CHUNK_BYTES) // max(ps, 1))
         if len(stage) < min(hi - lo, step) * ps:
             stage = bytearray(min(hi - lo, step) * ps)
         for start in range(lo, hi, step):
@@ -403,27 +409,24 @@ def _pick(fast: FastSet, lo: int, hi: int, state: int) -> list[tuple[int, int]]:
     return [(flat[2 * i] - 1, flat[2 * i + 1]) for i in range(n)]
 
 
-def _seam_py(op: int, nbytes: int) -> int:
-    """The C writes' fault hook: :mod:`aiodbenv._io`'s ``pwrite`` faults and signal points."""
+def _seam_py(fd: int, buf: Any, nbytes: int, offset: int) -> int:
+    """The C writes' seam: one write through :func:`aiodbenv._io.pwritev` (its faults, short
+    writes, signal points and whatever a test attached); bytes written or -errno."""
     try:
-        if op == 1:
-            if _io._signal_plan:
-                _io._signal_point("pwrite", "after")
-            return 0
-        fault = _io._check("pwrite")
-        if fault is None:
-            return 0
-        if fault.short:  # all but the last byte, as _io.pwritev does
-            return nbytes - 1 if nbytes > 1 else -errno.EIO
-        return -(fault.error if fault.error is not None else errno.EIO)
-    except BaseException:  # pragma: no cover - a hook must not unwind through C
+        return _io.pwritev(fd, [ffi.buffer(buf, nbytes)], offset)
+    except OSError as err:
+        return -(err.errno or errno.EIO)
+    except BaseException:  # pragma: no cover - nothing may unwind through C
         return -errno.EIO
 
 
 # A C function pointer to _seam_py (made once: cffi keeps a callback alive while referenced).
-_seam: Any = ffi.callback("int64_t(int, int64_t)", _seam_py)
+_seam: Any = ffi.callback("int64_t(int, const char *, uint64_t, uint64_t)", _seam_py)
+_pwritev = _io.pwritev
 
 
 def _hook() -> Any:
-    """The hook to hand the C writes: the seam while faults or a signal plan are set."""
-    return _seam if (_io._faults or _io._signal_plan) else ffi.NULL
+    """The seam to hand the C writes while a test uses :mod:`aiodbenv._io`'s (faults, crash
+    signals, a recording wrapper of ``pwritev``); else NULL: plain pwrite, no GIL."""
+    active = _io._faults or _io._signal_plan or _io.pwritev is not _pwritev
+    return _seam if active else ffi.NULL
