@@ -21,7 +21,8 @@ import pytest
 
 import aiodbenv
 from aiodbenv import _io
-from aiodbenv.mpool import csync
+from aiodbenv.mpool import csync, victims
+from aiodbenv.mpool import frames as frames_mod
 from aiodbenv.region.mutex import speedups
 
 from .conftest import REPO, python
@@ -166,7 +167,8 @@ async def test_injected_pwrite_error_leaves_pages_dirty(home: str) -> None:
 STRACE_CHILD = r"""
 import asyncio, sys
 import aiodbenv
-from aiodbenv.mpool import csync
+from aiodbenv.mpool import csync, victims
+from aiodbenv.mpool import frames as frames_mod
 sys.path.insert(0, sys.argv[2])
 from tests.test_writeback_faults import frames
 
@@ -273,3 +275,38 @@ def test_suites_pass_with_the_python_writeback() -> None:
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
+
+
+@needs_compiled
+async def test_dirty_victims_are_written_in_batches(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Misses in a full cache of dirty pages: the victims go out in batches (one worker-thread
+    call for many misses, not one per victim), and every page ends on disk with its content."""
+    batches: list[int] = []
+    real = victims._batch
+
+    async def spy(pool: Any, cache: Any, bucket: int) -> Any:
+        r = await real(pool, cache, bucket)
+        batches.append(r.written)
+        return r
+
+    monkeypatch.setattr(victims, "_batch", spy)
+    single: list[int] = []
+    real_items = frames_mod.write_items
+
+    async def spy_items(io: Any, items: list[Any]) -> Any:
+        single.append(len(items))
+        return await real_items(io, items)
+
+    monkeypatch.setattr(frames_mod, "write_items", spy_items)
+    async with aiodbenv.Env.open(home, create=True, cache_size=64 * PS) as env:
+        async with env.pool.open_file("a.db", create=True) as f:
+            await dirty(f, range(1000))  # 64 frames: ~936 dirty victims
+            assert sum(batches) >= 900, batches
+            assert len(batches) <= 936 // 8, len(batches)  # many victims per call
+            assert not single  # no victim written alone
+            await env.pool.sync()
+            assert on_disk(env.resolve("a.db"), range(1000)) == list(range(1000))
+            assert frames(env.pool) == (0, 0, 0)
+    await aiodbenv.Env.remove(home)

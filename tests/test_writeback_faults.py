@@ -237,7 +237,7 @@ KILL_POINTS = [
     ("checkpoint", "fsync:before:1"),
     ("evict", "claimed:at:1"),
     ("evict", "pwrite:after:1"),
-    ("evict", "write_done:at:3"),
+    ("evict", "write_done:at:1"),
 ]
 ABI_POINTS = [("sync", "claimed:at:1"), ("sync", "write_done:at:1"), ("evict", "claimed:at:1")]
 

@@ -67,6 +67,8 @@ int64_t aiodb_sync_collect(void **tab, uint64_t cache, uint64_t first, uint64_t 
             if (nf + no >= max) {  /* more dirty buffers than the caller made room for */
                 unlock(mutexes[b]);
                 *stopped = b;
+                *nfast = nf;  /* the entries made so far are whole: a caller may use them */
+                *nother = no;
                 return -ENOBUFS;
             }
             uint64_t x = off >> 3, flags = w[x + L[L_H_FLAGS]];

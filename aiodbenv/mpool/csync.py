@@ -119,8 +119,10 @@ class _Tags:
         return int(self._ent[i * _E])
 
 
-def _routes(pool: PoolBase, files: set[int] | None) -> Any:
-    """Per file tag: 0 not wanted, 1 the compiled path writes it, 2 the Python path."""
+def routes(pool: PoolBase, files: set[int] | None, fd_only: bool = False) -> Any:
+    """Per file tag: 0 not wanted, 1 the compiled path writes it, 2 the Python path (with
+    ``fd_only``, a file this process has no descriptor to write through is the Python
+    path's)."""
     core = pool._core
     w0 = core.meta_words
     io = pool._io
@@ -134,13 +136,17 @@ def _routes(pool: PoolBase, files: set[int] | None) -> Any:
         fast = (
             not flags & (FF_DEAD | FF_NOFILE | FF_TEMP | FF_CHECKSUM)
             and (not ftype or (ftype in io.registry and io.pgout(ftype) is None))
-            and (io.fd_for_write(fidx) is not None or core.file_name(fidx) is not None)
+            and (
+                io.fd_for_write(fidx) is not None
+                or (not fd_only and core.file_name(fidx) is not None)
+            )
         )
         route[fidx + 1] = 1 if fast else 2
     return route
 
 
-def _table(pool: PoolBase) -> tuple[Any, list[Any]]:
+def table(pool: PoolBase) -> tuple[Any, list[Any]]:
+    """The C table of the pool's caches (5 pointers each), and what must outlive it."""
     caches = pool._core.caches
     tab = ffi.new("void *[]", 5 * len(caches))
     for i, c in enumerate(caches):
@@ -163,38 +169,45 @@ async def collect(pool: PoolBase, files: set[int] | None, limit: int = 0) -> Fas
     Cancellation: the walk finishes in its thread (it changes nothing); the result is
     dropped.
     """
-    route = _routes(pool, files)
-    tab, keep = _table(pool)
+    route = routes(pool, files)
+    tab, keep = table(pool)
+    return await anyio.to_thread.run_sync(
+        collect_now, pool, route, tab, keep, None, limit, limiter=pool._io.limiter
+    )
+
+
+def collect_now(
+    pool: PoolBase, route: Any, tab: Any, keep: list[Any], only: int | None, limit: int
+) -> FastSet | None:
+    """In a worker thread: :func:`collect`'s walk (of cache number ``only``, or all), given
+    the route table (:func:`routes`) and cache table (:func:`table`)."""
     caches = pool._core.caches
-    cap = sum(c.buffers() for c in caches) + 1024
-
-    def run() -> FastSet | None:
-        # Mapped, not ffi.new'd: zeroing megabytes under the GIL would stall the loop; the
-        # kernel's zero pages come in as the C code (GIL released) first touches them.
-        mem = _zeroed(_E * 8 * cap)
-        keep.append(mem)
-        ent = ffi.from_buffer("uint64_t[]", mem)
-        nf, no, stopped = (ffi.new("uint64_t[1]") for _ in range(3))
-        for ci, cache in enumerate(caches):
-            first = 0
-            while True:
-                rc = _lib.aiodb_sync_collect(
-                    tab, ci, first, cache.nbuckets, route, MAX_FILES + 1, ent, cap, nf, no, stopped
-                )
-                if rc == 0:
-                    break
-                b = int(stopped[0])
-                if rc == _lib.AIODB_CORRUPT:
-                    cache.corrupt(f"bucket {b}'s chain has a bad offset, count or loop")
-                if rc != -errno.EOWNERDEAD:
-                    return None  # held past the bound, or no room: the Python path
-                cache.release_dead_holder(b)  # this thread holds it: repair, then again
-                first = b
-        n = int(_lib.aiodb_sync_order(ent, nf[0], limit))
-        others = [tuple(ffi.unpack(ent + (cap - 1 - k) * _E, _E)) for k in range(int(no[0]))]
-        return FastSet(ent, n, tab, others, keep)
-
-    return await anyio.to_thread.run_sync(run, limiter=pool._io.limiter)
+    walk = list(enumerate(caches)) if only is None else [(only, caches[only])]
+    cap = sum(c.buffers() for _, c in walk) + 1024
+    # Mapped, not ffi.new'd: zeroing megabytes under the GIL would stall the loop; the
+    # kernel's zero pages come in as the C code (GIL released) first touches them.
+    mem = _zeroed(_E * 8 * cap)
+    keep.append(mem)
+    ent = ffi.from_buffer("uint64_t[]", mem)
+    nf, no, stopped = (ffi.new("uint64_t[1]") for _ in range(3))
+    for ci, cache in walk:
+        first = 0
+        while True:
+            rc = _lib.aiodb_sync_collect(
+                tab, ci, first, cache.nbuckets, route, MAX_FILES + 1, ent, cap, nf, no, stopped
+            )
+            if rc == 0:
+                break
+            b = int(stopped[0])
+            if rc == _lib.AIODB_CORRUPT:
+                cache.corrupt(f"bucket {b}'s chain has a bad offset, count or loop")
+            if rc != -errno.EOWNERDEAD:
+                return None  # held past the bound, or no room: the Python path
+            cache.release_dead_holder(b)  # this thread holds it: repair, then again
+            first = b
+    n = int(_lib.aiodb_sync_order(ent, nf[0], limit))
+    others = [tuple(ffi.unpack(ent + (cap - 1 - k) * _E, _E)) for k in range(int(no[0]))]
+    return FastSet(ent, n, tab, others, keep)
 
 
 def _zeroed(nbytes: int) -> mmap.mmap:
@@ -204,7 +217,9 @@ def _zeroed(nbytes: int) -> mmap.mmap:
 
 
 @dataclass
-class _Chunk:
+class Chunk:
+    """What one chunk's worker-thread calls did."""
+
     written: int = 0
     calls: int = 0
     nbytes: int = 0
@@ -258,23 +273,33 @@ async def write_fast(
             except asyncio.CancelledError:
                 io.orphan(task, "a write-back chunk")
                 raise
-            if got.written:
-                io.count_write(fidx, got.written, got.nbytes, got.calls)
-            for item, failed in got.unreleased:  # buckets that stayed held: retried in tasks
-                io.settle(_write_done_one, io, item, failed)
-            result.written += got.written
-            result.write_calls += got.calls
-            result.bytes_written += got.nbytes
-            result.skipped.update(got.skipped)
-            if io.log is not None:
-                top = (got.lsn >> 32, got.lsn & 0xFFFFFFFF) if got.written else (0, 0)
-                result.lsn = top if result.lsn is None else max(result.lsn, top)
-            if got.error is not None:
-                core.meta_words[io.hs + HANDLE_STATS.word.write_failures] += 1
-                result.errors.append(_typed(got.error, core.file_name(fidx)))
+            if not account(pool, fidx, got, result):
                 return
             if progress is not None:
                 await progress(end)
+
+
+def account(pool: PoolBase, fidx: int, got: Chunk, result: SyncResult) -> bool:
+    """On the loop: add a chunk's outcome to ``result`` and the statistics, hand claims left
+    unreleased to retrying tasks; False if it failed (its error is in ``result.errors``)."""
+    io = pool._io
+    core = pool._core
+    if got.written:
+        io.count_write(fidx, got.written, got.nbytes, got.calls)
+    for item, failed in got.unreleased:  # buckets that stayed held: retried in tasks
+        io.settle(_write_done_one, io, item, failed)
+    result.written += got.written
+    result.write_calls += got.calls
+    result.bytes_written += got.nbytes
+    result.skipped.update(got.skipped)
+    if io.log is not None:
+        top = (got.lsn >> 32, got.lsn & 0xFFFFFFFF) if got.written else (0, 0)
+        result.lsn = top if result.lsn is None else max(result.lsn, top)
+    if got.error is not None:
+        core.meta_words[io.hs + HANDLE_STATS.word.write_failures] += 1
+        result.errors.append(_typed(got.error, core.file_name(fidx)))
+        return False
+    return True
 
 
 async def _chunk(
@@ -287,16 +312,14 @@ async def _chunk(
     lo: int,
     hi: int,
     stage: mmap.mmap,
-) -> _Chunk:
+) -> Chunk:
     """One chunk: claim (+ the log flush) + write + release; the claims are released
     whatever happens."""
     io = pool._io
-    out = _Chunk()
+    out = Chunk()
     view = ffi.from_buffer(stage)
     if lsn_off < 0:
-        await anyio.to_thread.run_sync(
-            _claim_write, pool, fast, fidx, fd, ps, -1, lo, hi, view, out
-        )
+        await anyio.to_thread.run_sync(claim_write, pool, fast, fidx, fd, ps, -1, lo, hi, view, out)
         return out
     await anyio.to_thread.run_sync(_claim, pool, fast, ps, lsn_off, lo, hi, view, out)
     try:
@@ -307,12 +330,12 @@ async def _chunk(
         await anyio.to_thread.run_sync(_release, pool, fast, lo, hi, False, out)
         out.error = err
         return out
-    await anyio.to_thread.run_sync(_claim_write, pool, fast, fidx, fd, ps, -2, lo, hi, view, out)
+    await anyio.to_thread.run_sync(claim_write, pool, fast, fidx, fd, ps, -2, lo, hi, view, out)
     return out
 
 
 def _claim(
-    pool: PoolBase, fast: FastSet, ps: int, lsn_off: int, lo: int, hi: int, stage: Any, out: _Chunk
+    pool: PoolBase, fast: FastSet, ps: int, lsn_off: int, lo: int, hi: int, stage: Any, out: Chunk
 ) -> None:
     """In a worker thread: claim and copy entries lo..hi-1 (see aiodb_sync_claim)."""
     lsn = ffi.new("uint64_t[1]")
@@ -336,7 +359,7 @@ def _claim(
     _io.step("claimed")
 
 
-def _claim_write(
+def claim_write(
     pool: PoolBase,
     fast: FastSet,
     fidx: int,
@@ -346,7 +369,7 @@ def _claim_write(
     lo: int,
     hi: int,
     stage: Any,
-    out: _Chunk,
+    out: Chunk,
 ) -> None:
     """In a worker thread: claim (unless ``lsn_off`` is -2: done already), write, note the
     write in the file entry, release. Any failure leaves the pages not confirmed dirty."""
@@ -380,7 +403,7 @@ def _claim_write(
 
 
 def _release(
-    pool: PoolBase, fast: FastSet, lo: int, hi: int, ok: bool, out: _Chunk | None = None
+    pool: PoolBase, fast: FastSet, lo: int, hi: int, ok: bool, out: Chunk | None = None
 ) -> None:
     """In a worker thread: release this process's claims of entries lo..hi-1; a claim whose
     bucket stays held goes to ``out.unreleased`` (released later by the loop's tasks)."""
