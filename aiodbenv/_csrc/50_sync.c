@@ -36,11 +36,13 @@ enum { SYNC_FREE = 0, SYNC_PINNED = 1, SYNC_CLAIMED = 2, SYNC_TAKEN = 3, SYNC_BU
    out[max - 1 - *nother] downward, for the Python path. Returns 0 when done; -errno for a
    lock that failed in bucket *stopped (-EOWNERDEAD: its mutex is held by this thread, the
    caller repairs and calls again from there; -ETIMEDOUT: held by someone who did not let go;
-   -ENOBUFS: max entries were not enough);
+   -ENOBUFS: max entries were not enough). below != 0 leaves out buffers whose priority stamp
+   is not below it (the recently used ones: eviction's batch of dirty victims).
    AIODB_CORRUPT for a bad offset, count or a looping chain (*stopped: the bucket). */
 int64_t aiodb_sync_collect(void **tab, uint64_t cache, uint64_t first, uint64_t nb,
-                           const uint8_t *route, uint64_t nroute, uint64_t *out, uint64_t max,
-                           uint64_t *nfast, uint64_t *nother, uint64_t *stopped) {
+                           const uint8_t *route, uint64_t nroute, uint64_t below,
+                           uint64_t *out, uint64_t max, uint64_t *nfast, uint64_t *nother,
+                           uint64_t *stopped) {
     uint64_t *w = SYNC_TAB(tab, cache, SYNC_TAB_W);
     void **mutexes = SYNC_TAB(tab, cache, SYNC_TAB_MUTEXES);
     const uint64_t *nowait_w = SYNC_TAB(tab, cache, SYNC_TAB_NOWAIT);
@@ -75,6 +77,7 @@ int64_t aiodb_sync_collect(void **tab, uint64_t cache, uint64_t first, uint64_t 
             if (flags & L[L_BH_DIRTY]) {
                 uint64_t tag = w[x + L[L_H_FILE]];
                 uint8_t r = tag < nroute ? route[tag] : 2;
+                if (below && w[x + L[L_H_PRIO]] >= below) r = 0;  /* used too recently */
                 if (r) {
                     uint64_t busy = (flags & L[L_BH_WRITING]) ? SYNC_CLAIMED
                         : (w[x + L[L_H_REF]] || (flags & L[L_BH_READING])) ? SYNC_PINNED

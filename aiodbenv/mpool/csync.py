@@ -194,7 +194,7 @@ def collect_now(
         first = 0
         while True:
             rc = _lib.aiodb_sync_collect(
-                tab, ci, first, cache.nbuckets, route, MAX_FILES + 1, ent, cap, nf, no, stopped
+                tab, ci, first, cache.nbuckets, route, MAX_FILES + 1, 0, ent, cap, nf, no, stopped
             )
             if rc == 0:
                 break
