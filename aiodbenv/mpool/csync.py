@@ -246,9 +246,38 @@ async def write_fast(
     Cancellation: the chunk under way finishes in a task of the pool (its claims released,
     a failure logged); the chunks not started are not written and their pages stay dirty.
     """
+    stages: list[mmap.mmap] = []
+    await _write_fast(pool, fast, result, progress, chunk_bytes, stages)
+    # Unmapping megabytes of touched pages is milliseconds of kernel time: not on the loop.
+    # (Not after a cancellation or a failure: a chunk may still use them; the GC frees them.)
+    await anyio.to_thread.run_sync(_unmap, stages, fast, limiter=pool._io.limiter)
+
+
+def _unmap(stages: list[mmap.mmap], fast: FastSet) -> None:
+    """In a worker thread: unmap the staging buffers and ``fast``'s entries (unusable after)."""
+    if fast.ent is not None:
+        ffi.release(fast.ent)
+        fast.ent = None
+        fast.n = 0
+    for m in [*stages, *(k for k in fast.keep if isinstance(k, mmap.mmap))]:
+        try:
+            m.close()
+        except BufferError:  # still exported somewhere: the GC unmaps it later
+            pass
+
+
+async def _write_fast(
+    pool: PoolBase,
+    fast: FastSet,
+    result: SyncResult,
+    progress: Callable[[int], Awaitable[None]] | None,
+    chunk_bytes: int,
+    stages: list[mmap.mmap],
+) -> None:
     io = pool._io
     core = pool._core
     stage = _zeroed(0)
+    stages.append(stage)
     for tag, lo, hi in fast.tags():
         fidx = tag - 1
         e = core.entry(fidx)
@@ -265,6 +294,7 @@ async def write_fast(
         step = max(1, (chunk_bytes or CHUNK_BYTES) // max(ps, 1))
         if len(stage) < min(hi - lo, step) * ps:
             stage = _zeroed(min(hi - lo, step) * ps)
+            stages.append(stage)
         for start in range(lo, hi, step):
             end = min(hi, start + step)
             task = io.spawn(_chunk(pool, fast, fidx, fd, ps, lsn_off, start, end, stage))

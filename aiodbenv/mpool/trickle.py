@@ -57,8 +57,9 @@ async def _trickle(pool: PoolBase, pct: int) -> SyncResult:
     # and writes them in worker-thread calls; the Python path the rest, if that is too few.
     fast = await csync.collect(pool, None, limit=need) if csync.usable(pool) else None
     if fast is not None:
+        taken = fast.n  # (write_fast unmaps fast's entries when done)
         await csync.write_fast(pool, fast, result)
-        need -= fast.n
+        need -= taken
         found = await sift(pool, raw_of(pool, fast.others), None) if need > 0 else None
     else:
         found = await collect_dirty(pool, None)
