@@ -21,11 +21,13 @@ awaits:
 
 The fsync stays :func:`aiodbenv.mpool.fsync.fsync_pending`'s (one call for every file).
 
-Faults: the compiled writes go through the C hook of ``aiodb_sync_write``, which this module
-sets to :mod:`aiodbenv._io`'s seam whenever a fault is injected (:func:`aiodbenv._io.inject`) or
-a crash-signal plan is set, so the fault and crash suites exercise this path with the same
-semantics (``pwrite`` faults, short writes, signals before and after a write, and the
-``claimed``/``write_done`` steps).
+Faults: while a test uses :mod:`aiodbenv._io`'s seam -- a fault injected with
+:func:`aiodbenv._io.inject`, a crash-signal plan, or a wrapper put in place of
+``_io.pwritev`` -- the C code hands every write to ``_io.pwritev`` through a callback
+(``aiodb_sync_write``'s hook) instead of calling ``pwrite`` itself, so the fault, WAL-order
+and crash suites exercise this path with their usual semantics (errors, short writes, signals
+before and after a write, the ``claimed``/``write_done`` steps). The C code's own ``pwrite``
+is faulted from outside with strace (tests/test_writeback_compiled.py).
 
 Not used (the Python path runs) in a private region (its buffers have no mutexes: a worker
 thread must not touch them while the loop does), without the compiled accelerator, or with
@@ -55,7 +57,8 @@ from .layout import FF_CHECKSUM, FF_DEAD, FF_NOFILE, FF_TEMP, FILE_ENTRY, HANDLE
 if TYPE_CHECKING:
     from .handle import PoolBase
 
-__all__ = ["CHUNK_BYTES", "ENABLED", "FastSet", "collect", "usable", "write_fast"]
+__all__ = ["CHUNK_BYTES", "ENABLED", "Chunk", "FastSet", "account", "claim_write", "collect"]
+__all__ += ["collect_now", "routes", "table", "usable", "write_fast"]
 
 #: The compiled write-back is installed and not switched off.
 ENABLED = speedups is not None and os.environ.get("AIODBENV_WRITEBACK", "") != "python"
