@@ -528,6 +528,9 @@ async def test_pin_cancelled_while_its_victim_is_written(
     env: aiodbenv.Env, data: aiodbenv.PoolFile
 ) -> None:
     pool, f = env.pool, data
+    # With the compiled write-back a dirty victim goes out with a batch of the dirty pages the
+    # next misses would meet (mpool/victims.py); the Python path writes the victim alone.
+    batched = csync.usable(pool)
     expected = {i: content(i) for i in range(100)}
     expected.update(await fill_dirty(f, range(FRAMES), 1))
     assert pool.stat().page_dirty == FRAMES
@@ -539,11 +542,14 @@ async def test_pin_cancelled_while_its_victim_is_written(
         t.cancel()
         assert isinstance(await outcome(t), asyncio.CancelledError)
         await settle(env)
-        assert slow.calls == 1
-    # The victim's write finished: one page fewer is dirty, and it is on disk.
-    assert pool.stat().page_dirty == FRAMES - 1
+        assert slow.calls >= 1 if batched else slow.calls == 1
+    # The victim's write (or its batch) finished: as many pages fewer are dirty, all on disk.
+    dirty_now = pool.stat().page_dirty
     written = [i for i in range(FRAMES) if read_disk(path_of(f), i) == content(i, 1)]
-    assert len(written) == 1
+    if batched:
+        assert 1 <= len(written) == FRAMES - dirty_now
+    else:
+        assert dirty_now == FRAMES - 1 and len(written) == 1
     await check_pages(f, {80: content(80)})
     await pool.sync()
     await settle(env)
