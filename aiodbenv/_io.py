@@ -122,7 +122,11 @@ def _signal_point(op: str, when: str) -> None:
     with _faults_lock:
         n = _signal_counts[(op, when)] = _signal_counts.get((op, when), 0) + 1
     if n == spec[0]:
-        os.kill(os.getpid(), spec[1])
+        # To this thread, not the process: a process-directed SIGSTOP is taken by the main
+        # thread, and a worker thread calling this could run on (write, release claims) until
+        # the group stop reaches it. A thread-directed one stops (or kills) the whole process
+        # when this thread returns from the call.
+        signal.pthread_kill(threading.get_ident(), spec[1])
 
 
 def step(name: str) -> None:

@@ -48,6 +48,7 @@ import pytest
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.errors import AiodbenvError, Incomplete
+from aiodbenv.mpool import csync
 from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_FAILED, BH_READING, BH_WRITING, BUCKET
 from aiodbenv.mpool.page import Page
 from aiodbenv.region.mutex import NullMutex, SharedMutex, lib, trylock, unlock
@@ -528,6 +529,9 @@ async def test_pin_cancelled_while_its_victim_is_written(
     env: aiodbenv.Env, data: aiodbenv.PoolFile
 ) -> None:
     pool, f = env.pool, data
+    # With the compiled write-back a dirty victim goes out with a batch of the dirty pages the
+    # next misses would meet (mpool/victims.py); the Python path writes the victim alone.
+    batched = csync.usable(pool)
     expected = {i: content(i) for i in range(100)}
     expected.update(await fill_dirty(f, range(FRAMES), 1))
     assert pool.stat().page_dirty == FRAMES
@@ -539,11 +543,14 @@ async def test_pin_cancelled_while_its_victim_is_written(
         t.cancel()
         assert isinstance(await outcome(t), asyncio.CancelledError)
         await settle(env)
-        assert slow.calls == 1
-    # The victim's write finished: one page fewer is dirty, and it is on disk.
-    assert pool.stat().page_dirty == FRAMES - 1
+        assert slow.calls >= 1 if batched else slow.calls == 1
+    # The victim's write (or its batch) finished: as many pages fewer are dirty, all on disk.
+    dirty_now = pool.stat().page_dirty
     written = [i for i in range(FRAMES) if read_disk(path_of(f), i) == content(i, 1)]
-    assert len(written) == 1
+    if batched:
+        assert 1 <= len(written) == FRAMES - dirty_now
+    else:
+        assert dirty_now == FRAMES - 1 and len(written) == 1
     await check_pages(f, {80: content(80)})
     await pool.sync()
     await settle(env)
@@ -734,9 +741,11 @@ async def test_file_sync_cancelled_during_fsync(env: aiodbenv.Env, data: aiodben
     await settle(env)
 
 
-async def test_sync_cancelled_between_batches(home: str) -> None:
+async def test_sync_cancelled_between_batches(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many dirty pages (several batches of 64): the batches already done stay written, the
     batch under way finishes, the others stay dirty and a later sync writes them."""
+    # The compiled write-back's chunks, made the Python path's batches: the same steps.
+    monkeypatch.setattr(csync, "CHUNK_BYTES", 64 * PS)
     async with aiodbenv.Env.open(home, create=True, cache_size=512 * PS, page_size=PS) as env:
         pool = env.pool
         write_file(env.resolve("a.db"), 500)

@@ -25,7 +25,7 @@ import pytest
 
 import aiodbenv
 from aiodbenv.errors import Incomplete, LockTimeout
-from aiodbenv.mpool import bhwrite
+from aiodbenv.mpool import bhwrite, csync
 from aiodbenv.mpool.layout import FILE_ENTRY
 
 from .conftest import spawn
@@ -336,27 +336,55 @@ async def test_set_with_a_stopped_bucket_holder_never_blocks(
     await f.close()
 
 
+#: The write-back paths: the Python one, and the compiled one (mpool/csync.py) when installed.
+WRITEBACK_PATHS = [
+    "python",
+    pytest.param(
+        "compiled",
+        marks=pytest.mark.skipif(not csync.ENABLED, reason="no compiled write-back here"),
+    ),
+]
+
+
+def use_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "python":
+        monkeypatch.setattr(csync, "ENABLED", False)
+
+
+def before(module: Any, name: str, action: Callable[[], None], monkeypatch: Any) -> None:
+    """Run ``action`` once, just before the first call of ``module.name``."""
+    real = getattr(module, name)
+    armed = [True]
+
+    def wrapped(*args: Any) -> Any:
+        if armed:
+            armed.clear()
+            action()
+        return real(*args)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.mark.parametrize("path", WRITEBACK_PATHS)
 async def test_snapshot_meets_a_stopped_bucket_holder(
     env: aiodbenv.Env,
     home: str,
     procs: list[subprocess.Popen[str]],
     monkeypatch: pytest.MonkeyPatch,
+    path: str,
 ) -> None:
-    """The bucket is locked between the dirty scan and the copy for writing."""
+    """The bucket is locked between the dirty scan and the copy for writing (the compiled
+    path's claim waits for it in its worker thread, then leaves the page to the Python
+    rounds)."""
+    use_path(path, monkeypatch)
     pool = env.pool
     f = await pool.open_file("a.db", create=True)
     await dirty_pages(f, 1, value=7)
     holder = await Holder.start(home, "bucket0", procs)
-    real = bhwrite._snapshot
-    armed = [True]
-
-    def snapshot(*args: Any) -> list[int]:
-        if armed:
-            armed.clear()
-            holder.lock_and_stop()
-        return real(*args)
-
-    monkeypatch.setattr(bhwrite, "_snapshot", snapshot)
+    if path == "python":
+        before(bhwrite, "_snapshot", holder.lock_and_stop, monkeypatch)
+    else:
+        before(csync, "_claim", holder.lock_and_stop, monkeypatch)
     ticker = await Ticker.started()
     t0 = time.monotonic()
     with pytest.raises((LockTimeout, Incomplete)):
@@ -373,27 +401,33 @@ async def test_snapshot_meets_a_stopped_bucket_holder(
     await f.close()
 
 
+@pytest.mark.parametrize("path", WRITEBACK_PATHS)
 async def test_write_done_meets_a_stopped_bucket_holder(
     env: aiodbenv.Env,
     home: str,
     procs: list[subprocess.Popen[str]],
     monkeypatch: pytest.MonkeyPatch,
+    path: str,
 ) -> None:
     """The bucket is locked while the page is being written: releasing the claim waits (in
     a task of the pool) without blocking the loop, and finishes once the holder lets go."""
+    use_path(path, monkeypatch)
     pool = env.pool
     pool.wait_timeout = 30.0
     f = await pool.open_file("a.db", create=True)
     await dirty_pages(f, 1)
     holder = await Holder.start(home, "bucket0", procs)
     real = bhwrite._write_runs
+    if path == "python":
 
-    def write_runs(runs: Any) -> Any:  # in the worker thread
-        out = real(runs)
-        holder.lock_and_stop()
-        return out
+        def write_runs(runs: Any) -> Any:  # in the worker thread
+            out = real(runs)
+            holder.lock_and_stop()
+            return out
 
-    monkeypatch.setattr(bhwrite, "_write_runs", write_runs)
+        monkeypatch.setattr(bhwrite, "_write_runs", write_runs)
+    else:  # in the worker thread, between the compiled write and the release
+        before(csync, "_release", holder.lock_and_stop, monkeypatch)
     ticker = await Ticker.started()
     sync = asyncio.create_task(pool.sync())
     await asyncio.sleep(1.5)

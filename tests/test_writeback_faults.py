@@ -217,6 +217,7 @@ def fhome() -> Iterator[str]:
 
 #: (operation, point of the kill). ``claimed``: the pages are claimed (WRITING), nothing
 #: written; ``pwrite:after``: the first run is in the OS, not yet released; ``write_done``:
+#: (a batch, or a chunk of the compiled path)
 #: claims released (pages clean), not fsynced; ``fsync:before``/``fsync:after``: around the
 #: fsync of the file.
 KILL_POINTS = [
@@ -230,12 +231,13 @@ KILL_POINTS = [
     ("trickle", "claimed:at:1"),
     ("trickle", "pwrite:after:1"),
     ("trickle", "write_done:at:1"),
-    ("checkpoint", "claimed:at:2"),
+    ("checkpoint", "claimed:at:1"),
+    ("checkpoint", "write_done:at:1"),
     ("checkpoint", "pwrite:after:1"),
     ("checkpoint", "fsync:before:1"),
     ("evict", "claimed:at:1"),
     ("evict", "pwrite:after:1"),
-    ("evict", "write_done:at:3"),
+    ("evict", "write_done:at:1"),
 ]
 ABI_POINTS = [("sync", "claimed:at:1"), ("sync", "write_done:at:1"), ("evict", "claimed:at:1")]
 

@@ -326,8 +326,9 @@ class BufferIO:
             self.wfds[fidx] = fd
             return fd
 
-    def count_write(self, fidx: int, pages: int, nbytes: int) -> None:
-        """Count a successful pwritev of ``pages`` pages of file slot ``fidx``."""
+    def count_write(self, fidx: int, pages: int, nbytes: int, calls: int = 1) -> None:
+        """Count ``calls`` successful writes (1: one pwritev) of ``pages`` pages of file slot
+        ``fidx``, ``nbytes`` in all."""
 
         w0 = self.core.meta_words
         f = self.own_file(fidx)
@@ -341,10 +342,12 @@ class BufferIO:
                 return
             # A counter, not a record anything depends on: a pool mutex held by a stopped
             # process defers it to a task instead of blocking the event loop.
-            self.settle(_count_retired, self.core, e + FILE_ENTRY.word.retired, pages, nbytes)
+            self.settle(
+                _count_retired, self.core, e + FILE_ENTRY.word.retired, pages, nbytes, calls
+            )
             return
         w0[base + FILE_STATS.word.page_out] += pages
-        w0[base + FILE_STATS.word.write_calls] += 1
+        w0[base + FILE_STATS.word.write_calls] += calls
         w0[base + FILE_STATS.word.bytes_out] += nbytes
 
     def close_wfd(self, fidx: int) -> int | None:
@@ -366,11 +369,11 @@ class BufferIO:
             await anyio.to_thread.run_sync(close_fds, fds, None)
 
 
-def _count_retired(core: PoolCore, base: int, pages: int, nbytes: int) -> None:
+def _count_retired(core: PoolCore, base: int, pages: int, nbytes: int, calls: int = 1) -> None:
     """Count a write in a file entry's retired counters (under the pool mutex, taken first:
     other processes may count there too)."""
     w0 = core.meta_words
     with core.mutex:
         w0[base + FILE_STATS.word.page_out] += pages
-        w0[base + FILE_STATS.word.write_calls] += 1
+        w0[base + FILE_STATS.word.write_calls] += calls
         w0[base + FILE_STATS.word.bytes_out] += nbytes

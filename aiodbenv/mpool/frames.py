@@ -20,16 +20,19 @@ from ..errors import (
     NoSpace,
 )
 from ..region.mutex import BUSY, attempt, step_waits
+from . import csync
 from .bhwrite import write_items
 from .cache import BufRef, Cache
 from .handle import POLL_MAX, POLL_MIN, PoolBase
 from .layout import (
     BH,
+    BH_DIRTY,
     BH_WRITING,
     BUCKET,
     HANDLE_STATS,
 )
 from .sync import take_over_claim
+from .victims import write_lru_batch
 
 __all__ = ["PoolFrames"]
 
@@ -267,7 +270,24 @@ class PoolFrames(PoolBase):
 
     async def _write_victim(self, v: BufRef) -> tuple[bool, BaseException | None]:
         """Write a dirty victim; ``(True, None)`` if it is clean now (or dropped), else
-        ``(False, the error if any)``."""
+        ``(False, the error if any)``.
+
+        With the compiled write-back, the victim goes out with a batch of the cache's least
+        recently used dirty pages (:mod:`aiodbenv.mpool.victims`): one worker-thread call for
+        many misses. A victim the batch did not clean (a page it cannot write, a failed
+        batch) is written alone, the Python way.
+        """
+        if csync.usable(self):
+            batch = await write_lru_batch(self, v.cache, v.bucket)
+            self._check()
+            w = v.cache.words
+            x = v.bh >> 3
+            if not batch.errors and not (
+                w[x + BH.word.flags] & BH_DIRTY
+                and w[x + BH.word.file] == v.fidx + 1
+                and w[x + BH.word.pgno] == v.pgno
+            ):
+                return True, None  # clean now, or changed: the unlink checks under the lock
         try:
             result = await write_items(self._io, [v])
         except OSError as err:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 from .._process import is_alive
 from ..errors import Incomplete
 from ..region.mutex import BUSY, attempt, ffi
-from . import accel
+from . import accel, csync
 from .bhwrite import SyncResult, write_items
 from .cache import BufRef, Cache, found
 from .fsync import fsync_pending
@@ -103,6 +103,28 @@ async def collect_dirty(pool: PoolBase, files: set[int] | None) -> Collected:
     large cache does not stall the loop. A claim whose writer is dead is taken over here.
     """
     raw = await (_collect_c(pool) if _c_collect is not None else _collect_py(pool))
+    return await sift(pool, raw, files)
+
+
+def raw_of(pool: PoolBase, found: list[tuple[int, ...]]) -> _Raw:
+    """The buffers :func:`aiodbenv.mpool.csync.collect` left to the Python path, as
+    :func:`sift` takes them: ``(tag, pgno, bh, bucket, prio, busy, cache index)`` each."""
+    out = _Raw()
+    caches = pool._core.caches
+    for tag, pgno, bh, b, prio, busy, ci in found:
+        out.tags.append(tag)
+        out.pgnos.append(pgno)
+        out.bhs.append(bh)
+        out.buckets.append(b)
+        out.prios.append(prio)
+        out.busy.append(busy)
+        out.caches.append(caches[ci])
+    return out
+
+
+async def sift(pool: PoolBase, raw: _Raw, files: set[int] | None) -> Collected:
+    """Sort the dirty buffers ``raw`` (of ``files``, or all) found into :class:`Collected`:
+    checks each buffer's file slot and page, takes over dead writers' claims."""
     # File slots and page numbers read from buffer headers: checked before they become file
     # table indexes and file offsets (and the packed sort key below).
     for i, (tag, pgno) in enumerate(zip(raw.tags, raw.pgnos)):
@@ -350,12 +372,25 @@ async def _write_back(
 ) -> SyncResult:
     deadline = time.monotonic() + pool.wait_timeout
     result = SyncResult()
-    found = await collect_dirty(pool, files)
-    if found.held and pool._reap_due(0.0):
-        found = await collect_dirty(pool, files)  # dead processes' pins dropped: look again
+    # The compiled path writes most pages in a few worker-thread calls (see csync); the
+    # rest (pinned, claimed, files with page transforms) and every recheck go the Python way.
+    fast = await csync.collect(pool, files) if csync.usable(pool) else None
+    found = await (
+        collect_dirty(pool, files) if fast is None else sift(pool, raw_of(pool, fast.others), files)
+    )
+    first_again: set[tuple[int, int]] = set()
+    if fast is not None:
+        await csync.write_fast(pool, fast, result)
+        first_again, result.skipped = result.skipped, set()
     items, held, claimed = found.items, found.held, found.claimed
     held = list(held)
+    if held and pool._reap_due(0.0):
+        # Dead processes' pins dropped: those pages are looked at again by the first round.
+        first_again |= set(held)
+        held = []
     for _round in range(RECHECK_ROUNDS):
+        if result.errors:
+            break
         part = await write_items(pool._io, items)
         result.merge(part)
         result.errors += part.errors
@@ -365,7 +400,8 @@ async def _write_back(
         # another task here) is writing: wait for the claims, then look at those pages again
         # and write what is still (or again) dirty. A claim held past the deadline is
         # reported, never taken for success.
-        again = set(part.skipped)
+        again = set(part.skipped) | first_again
+        first_again = set()
         if claimed:
             stuck = await settle_claims(pool, claimed, deadline)
             result.incomplete += len(stuck)

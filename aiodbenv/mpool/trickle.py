@@ -15,10 +15,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import Incomplete
+from . import csync
 from .bhwrite import SyncResult, write_items
 from .fsync import fsync_pending
 from .layout import HANDLE_STATS
-from .sync import collect_dirty, settle_claims
+from .sync import collect_dirty, raw_of, settle_claims, sift
 
 if TYPE_CHECKING:
     from .handle import PoolBase
@@ -51,13 +52,25 @@ async def _trickle(pool: PoolBase, pct: int) -> SyncResult:
     if clean >= target:
         return SyncResult()
     need = target - clean
-    found = await collect_dirty(pool, None)
-    items, prios = found.items, found.prios
-    # Write the least recently used dirty pages (those eviction would take next), in file
-    # order for the disk. Both sorts run on C-level keys: no Python call per page.
-    picked = sorted(sorted(range(len(items)), key=prios.__getitem__)[:need])
-    chosen = [items[i] for i in picked]
-    result = await write_items(pool._io, chosen)
+    result = SyncResult()
+    # The compiled path picks the `need` least recently used of the pages it can write, in C,
+    # and writes them in worker-thread calls; the Python path the rest, if that is too few.
+    fast = await csync.collect(pool, None, limit=need) if csync.usable(pool) else None
+    if fast is not None:
+        taken = fast.n  # (write_fast unmaps fast's entries when done)
+        await csync.write_fast(pool, fast, result)
+        need -= taken
+        found = await sift(pool, raw_of(pool, fast.others), None) if need > 0 else None
+    else:
+        found = await collect_dirty(pool, None)
+    if found is not None and not result.errors:
+        items, prios = found.items, found.prios
+        # Write the least recently used dirty pages (those eviction would take next), in
+        # file order for the disk. Both sorts run on C-level keys: no Python call per page.
+        picked = sorted(sorted(range(len(items)), key=prios.__getitem__)[:need])
+        part = await write_items(pool._io, [items[i] for i in picked])
+        result.merge(part)
+        result.errors += part.errors
     core.meta_words[pool._hs + HANDLE_STATS.word.page_trickle] += result.written
     if result.errors:
         raise result.errors[0]
@@ -71,26 +84,39 @@ async def checkpoint(
     complete one): write every page dirty now, spread over ``spread`` seconds, retry the ones
     found busy, fsync, and raise :class:`Incomplete` if some stayed busy."""
     deadline = time.monotonic() + pool.wait_timeout
-    found = await collect_dirty(pool, None)
+    fast = await csync.collect(pool, None) if csync.usable(pool) else None
+    found = await (
+        collect_dirty(pool, None) if fast is None else sift(pool, raw_of(pool, fast.others), None)
+    )
     items, held, claimed = found.items, found.held, found.claimed
     result = SyncResult()
     skipped: set[tuple[int, int]] = set()
-    total = len(items)
+    before = 0 if fast is None else fast.n  # the compiled path's pages come first
+    total = before + len(items)
     t0 = time.monotonic()
-    step = 64
-    for start in range(0, total, step):
-        part = await write_items(pool._io, items[start : start + step])
-        result.merge(part)
-        if part.errors:
-            raise part.errors[0]
-        skipped |= part.skipped  # busy when their batch came: they are retried below
-        done = min(total, start + step)
+
+    async def paced(done: int) -> None:
         if progress is not None:
             progress(done, total)
         if spread > 0 and done < total:
             ahead = t0 + spread * done / total - time.monotonic()
             if ahead > 0:
                 await asyncio.sleep(ahead)
+
+    if fast is not None:
+        # Spread out: chunks of 256 KiB (the Python path's batch), so the pacing has steps.
+        await csync.write_fast(pool, fast, result, paced, 256 << 10 if spread > 0 else 0)
+        if result.errors:
+            raise result.errors[0]
+        skipped, result.skipped = result.skipped, set()
+    step = 64
+    for start in range(0, len(items), step):
+        part = await write_items(pool._io, items[start : start + step])
+        result.merge(part)
+        if part.errors:
+            raise part.errors[0]
+        skipped |= part.skipped  # busy when their batch came: they are retried below
+        await paced(before + min(len(items), start + step))
     # Pages that were dirty but pinned, or being written by another writer, when the
     # checkpoint began must still be written (or their writer's write must end); pages
     # dirtied since are the next checkpoint's business.

@@ -1,0 +1,312 @@
+"""The compiled write-back (aiodbenv/mpool/csync.py, aiodbenv/_csrc/50_sync.c).
+
+Its faults and crashes are the existing suites' (tests/test_writeback_faults.py,
+tests/test_log_pool.py, tests/test_pool_cancel.py run it: its writes go through aiodbenv/_io.py
+while a test uses that seam); here: that it is the path taken, that it agrees with the Python
+path, that a failing ``pwrite`` of the C code itself (strace fault injection, no Python seam)
+is never reported as success, that it makes no per-page garbage, and the suites run again
+with ``AIODBENV_WRITEBACK=python``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+import aiodbenv
+from aiodbenv import _io
+from aiodbenv.mpool import csync, victims
+from aiodbenv.mpool import frames as frames_mod
+from aiodbenv.region.mutex import speedups
+
+from .conftest import REPO, python
+from .test_writeback_faults import frames
+
+PS = 4096
+
+needs_compiled = pytest.mark.skipif(
+    not csync.ENABLED, reason="the compiled write-back is not installed (or switched off)"
+)
+
+
+def content(pgno: int, gen: int = 1) -> bytes:
+    return bytes([(pgno * 7 + gen) % 251 + 1]) * PS
+
+
+async def dirty(f: aiodbenv.PoolFile, pages: range | list[int], gen: int = 1) -> None:
+    for p in pages:
+        async with f.get(p, create=True) as page:
+            page.data[:] = content(p, gen)
+            page.mark_dirty()
+
+
+def on_disk(path: str, pages: list[int] | range, gen: int = 1) -> list[int]:
+    """The pages of ``pages`` whose content on disk is generation ``gen``'s."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return [p for p in pages if data[p * PS : (p + 1) * PS] == content(p, gen)]
+
+
+def test_compiled_writeback_is_installed_when_the_accelerator_is() -> None:
+    if os.environ.get("AIODBENV_WRITEBACK") == "python" or speedups is None:
+        assert not csync.ENABLED
+    else:
+        assert csync.ENABLED
+
+
+@needs_compiled
+async def test_sync_takes_the_compiled_path(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = csync.write_fast
+
+    async def spy(pool: Any, fast: csync.FastSet, *args: Any, **kw: Any) -> None:
+        calls.append(fast.n)
+        await real(pool, fast, *args, **kw)
+
+    monkeypatch.setattr(csync, "write_fast", spy)
+    async with aiodbenv.Env.open(home, create=True, cache_size=8 << 20) as env:
+        async with env.pool.open_file("a.db", create=True) as f:
+            await dirty(f, range(300))
+            r = await env.pool.sync()
+            assert calls == [300] and r.written == 300 and r.incomplete == 0
+            # Runs of adjacent pages: one write per 256 pages at most.
+            assert r.write_calls == 2 and r.bytes_written == 300 * PS
+            assert frames(env.pool) == (0, 0, 0)
+            st = env.pool.stat()
+            assert st.page_out >= 300 and st.page_dirty == 0
+            assert on_disk(env.resolve("a.db"), range(300)) == list(range(300))
+    await aiodbenv.Env.remove(home)
+
+
+async def test_private_region_keeps_the_python_path(home: str) -> None:
+    # A private region's buffers have no mutexes: no worker thread may claim them.
+    async with aiodbenv.Env.open(home, create=True, region="private") as env:
+        assert not csync.usable(env.pool)
+        async with env.pool.open_file("a.db", create=True) as f:
+            await dirty(f, range(20))
+            assert (await env.pool.sync()).written == 20
+            assert on_disk(env.resolve("a.db"), range(20)) == list(range(20))
+    await aiodbenv.Env.remove(home)
+
+
+async def _scenario(home: str) -> tuple[list[Any], bytes, bytes]:
+    """Dirty two files in a pattern (runs, holes, a pinned page, a page with a pgout
+    transform), then trickle, sync, dirty again and checkpoint: what each returns, and the
+    files' bytes."""
+    out: list[Any] = []
+    async with aiodbenv.Env.open(home, create=True, cache_size=4 << 20) as env:
+        pool = env.pool
+
+        def pgout(pgno: int, page: memoryview, cookie: bytes) -> None:
+            page[0] ^= 0xFF
+
+        pool.register(7, pgin=None, pgout=pgout)
+        async with (
+            pool.open_file("a.db", create=True) as f,
+            pool.open_file("b.db", create=True, ftype=7) as g,
+        ):
+            await dirty(f, [*range(0, 100), *range(150, 400, 3), 1000])
+            await dirty(g, range(0, 40, 2))
+            out.append(await pool.trickle(90))
+            assert out[-1] > 0
+            await dirty(f, [5], gen=3)
+            pinned = await f.pin(5)  # dirty and pinned: the sync cannot write it
+            try:
+                with pytest.raises(aiodbenv.Incomplete) as info:
+                    await pool.sync()
+                res = info.value.result  # type: ignore[attr-defined]
+                out.append((res.incomplete, pool.stat().page_dirty))
+            finally:
+                await f.unpin(pinned)
+            r2 = await pool.sync()
+            out.append((r2.incomplete, pool.stat().page_dirty))
+            await dirty(f, range(50, 80), gen=2)
+            await env.checkpoint()
+            out.append(pool.stat().page_dirty)
+        a = open(env.resolve("a.db"), "rb").read()
+        b = open(env.resolve("b.db"), "rb").read()
+    await aiodbenv.Env.remove(home)
+    return out, a, b
+
+
+@needs_compiled
+async def test_compiled_and_python_paths_agree(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled = await _scenario(home)
+    monkeypatch.setattr(csync, "ENABLED", False)
+    shutil.rmtree(home)
+    os.mkdir(home)
+    plain = await _scenario(home)
+    assert compiled[0] == plain[0]
+    assert compiled[1] == plain[1] and compiled[2] == plain[2]
+
+
+@needs_compiled
+async def test_injected_pwrite_error_leaves_pages_dirty(home: str) -> None:
+    async with aiodbenv.Env.open(home, create=True, cache_size=8 << 20) as env:
+        async with env.pool.open_file("a.db", create=True) as f:
+            pages = list(range(0, 128, 2))  # every page its own run: one write each
+            await dirty(f, pages)
+            with _io.inject("pwrite", after=10, times=1) as fault:
+                with pytest.raises(OSError):
+                    await env.pool.sync()
+            assert fault.fired == 1
+            writing, dirty_now, counted = frames(env.pool)
+            assert writing == 0 and dirty_now == counted == len(pages) - 10
+            r = await env.pool.sync()
+            assert r.written == len(pages) - 10
+            assert on_disk(env.resolve("a.db"), pages) == pages
+    await aiodbenv.Env.remove(home)
+
+
+STRACE_CHILD = r"""
+import asyncio, sys
+import aiodbenv
+from aiodbenv.mpool import csync, victims
+from aiodbenv.mpool import frames as frames_mod
+sys.path.insert(0, sys.argv[2])
+from tests.test_writeback_faults import frames
+
+async def main():
+    env = await aiodbenv.Env.open(sys.argv[1], create=True, cache_size=8 << 20)
+    assert csync.usable(env.pool)
+    f = await env.pool.open_file("a.db", create=True)
+    for p in range(0, 64, 2):
+        async with f.get(p, create=True) as page:
+            page.data[:] = bytes([p + 1]) * len(page.data)
+            page.mark_dirty()
+    try:
+        await env.pool.sync()
+        print("SYNC OK")
+    except OSError as err:
+        print("SYNC FAILED", err.errno, frames(env.pool))
+    r = await env.pool.sync()
+    print("AGAIN", r.written, frames(env.pool))
+    await f.close()
+    await env.close()
+    await aiodbenv.Env.remove(sys.argv[1])
+
+asyncio.run(main())
+"""
+
+
+@needs_compiled
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_a_failing_c_pwrite_is_never_success(home: str) -> None:
+    """The C code's own pwrite64 (no Python seam in the way) fails with EIO at its 5th call:
+    the sync raises, the four pages written are clean, the rest dirty and unclaimed; the
+    next sync writes them."""
+    r = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=pwrite64",
+            "-e",
+            "inject=pwrite64:error=EIO:when=5",
+            "-o",
+            os.devnull,
+            sys.executable,
+            "-c",
+            STRACE_CHILD,
+            home,
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "SYNC FAILED 5 (0, 28, 28)" in r.stdout, r.stdout
+    assert "AGAIN 28 (0, 0, 0)" in r.stdout, r.stdout
+
+
+@needs_compiled
+async def test_compiled_sync_makes_no_per_page_garbage(home: str) -> None:
+    """A sync of 4,096 pages: the Python path made tens of thousands of objects (20+ GC
+    passes); the compiled one a few per chunk."""
+    passes = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            passes.append(info["generation"])
+
+    async with aiodbenv.Env.open(home, create=True, cache_size=24 << 20) as env:
+        async with env.pool.open_file("a.db", create=True) as f:
+            await dirty(f, range(4096))
+            gc.collect()
+            gc.callbacks.append(count)
+            try:
+                r = await env.pool.sync()
+            finally:
+                gc.callbacks.remove(count)
+            assert r.written == 4096
+    await aiodbenv.Env.remove(home)
+    assert len(passes) <= 3, passes
+
+
+@pytest.mark.skipif(
+    os.environ.get("AIODBENV_WRITEBACK") == "python" or not csync.ENABLED,
+    reason="already the Python write-back's run",
+)
+def test_suites_pass_with_the_python_writeback() -> None:
+    """The write-back suites again with ``AIODBENV_WRITEBACK=python`` (compiled mutexes, the
+    Python write-back): both paths stay complete. The ABI run (tests/test_mutex.py) covers
+    the machine without a compiler."""
+    r = python(
+        """
+        import sys, pytest
+        sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", *sys.argv[1:]]))
+        """,
+        "tests/test_pool.py",
+        "tests/test_writeback_faults.py",
+        "tests/test_log_pool.py",
+        "tests/test_workers.py",
+        "tests/test_writeback_compiled.py",
+        timeout=900,
+        env={"AIODBENV_WRITEBACK": "python"},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
+
+
+@needs_compiled
+async def test_dirty_victims_are_written_in_batches(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Misses in a full cache of dirty pages: the victims go out in batches (one worker-thread
+    call for many misses, not one per victim), and every page ends on disk with its content."""
+    batches: list[int] = []
+    real = victims._batch
+
+    async def spy(pool: Any, cache: Any, bucket: int) -> Any:
+        r = await real(pool, cache, bucket)
+        batches.append(r.written)
+        return r
+
+    monkeypatch.setattr(victims, "_batch", spy)
+    single: list[int] = []
+    real_items = frames_mod.write_items
+
+    async def spy_items(io: Any, items: list[Any]) -> Any:
+        single.append(len(items))
+        return await real_items(io, items)
+
+    monkeypatch.setattr(frames_mod, "write_items", spy_items)
+    async with aiodbenv.Env.open(home, create=True, cache_size=64 * PS) as env:
+        async with env.pool.open_file("a.db", create=True) as f:
+            await dirty(f, range(1000))  # 64 frames: ~936 dirty victims
+            assert sum(batches) >= 900, batches
+            assert len(batches) <= 936 // 8, len(batches)  # many victims per call
+            assert not single  # no victim written alone
+            await env.pool.sync()
+            assert on_disk(env.resolve("a.db"), range(1000)) == list(range(1000))
+            assert frames(env.pool) == (0, 0, 0)
+    await aiodbenv.Env.remove(home)
