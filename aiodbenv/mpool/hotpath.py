@@ -1,0 +1,145 @@
+"""The glue of the compiled hot path (:mod:`aiodbenv.mpool.hot`): hands :mod:`aiodbenv._hot`
+the cffi functions it calls, gives each eligible file its compiled ``get``, and holds the
+Python slow paths the compiled context calls back into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import types
+from collections.abc import Awaitable, Generator
+from typing import TYPE_CHECKING, Any
+
+from ..region.mutex import ffi, speedups
+from . import accel
+from .hot import module as _module
+from .layout import BH, MAX_PGNO
+from .page import PAGE_CLEAN, PAGE_DIRTY, Page
+
+if TYPE_CHECKING:
+    from .fget import PageAccess
+    from .file import PoolFile
+
+__all__ = ["attach", "configure"]
+
+_MODE_GET = 0  # fget.MODE_GET (fget imports this module)
+
+
+def configure(page_type: type[Page], max_pgno: int) -> None:
+    """Hand the compiled module the cffi functions it calls and the Page class it makes."""
+    if _module is None:
+        return
+
+    def addr(name: str) -> int:
+        return int(ffi.cast("uintptr_t", ffi.addressof(speedups, name)))
+
+    _module.configure(
+        addr("aiodb_pin_one_cache"),
+        addr("aiodb_unpin_at"),
+        accel.CORRUPT,
+        BH.size,
+        max_pgno,
+        PAGE_DIRTY,
+        PAGE_CLEAN,
+        page_type,
+    )
+
+
+def attach(f: PoolFile) -> None:
+    """Give ``f`` the compiled ``get`` if it can use it (one cache, not mapped)."""
+    if _module is None or f._ncache != 1 or f._map is not None:
+        return
+    cache = f._cache0
+    pool = f._pool
+
+    def addr(p: Any) -> int:
+        return int(ffi.cast("uintptr_t", p))
+
+    panic_w, panic_i = f._panic_w, f._panic_i
+    panic_addr = addr(ffi.from_buffer(panic_w)) + panic_w.itemsize * panic_i
+    hf = _module.HotFile(
+        f,
+        cache,
+        cache.buf,
+        f._pins,
+        pool._frame_queue,
+        pool._note_dirty,
+        pool._frame_released,
+        types.MethodType(type(f).get, f),
+        functools.partial(_enter_slow, f),
+        functools.partial(_await_slow, f),
+        functools.partial(_exit_slow, f),
+        functools.partial(_after_unpin, f),
+        functools.partial(_fail, f),
+        addr(cache.wptr),
+        addr(cache.c_mptrs),
+        addr(cache.c_nowait_words),
+        addr(cache.c_bucket_words),
+        cache.nbuckets,
+        f._fidx,
+        f._slot,
+        cache.hdr,
+        f.page_size,
+        addr(f._hit_ptr),
+        addr(f._extra_ptr),
+        addr(f._longest_ptr),
+        panic_addr,
+        cache.region.size,
+        f._data_size,
+        f.readonly,
+    )
+    f._hotc = hf
+    f.get = hf.get  # type: ignore[method-assign]
+
+
+async def _enter_slow(f: PageAccess, ctx: Any, pgno: int) -> Page:
+    # __aenter__ after the compiled hit found nothing it could pin.
+    page: Page = await f._pin(pgno, _MODE_GET)  # type: ignore[attr-defined]
+    ctx._page = page
+    return page
+
+
+def _await_slow(f: PageAccess, pgno: int) -> Generator[Any, None, Page]:
+    # ``await f.get(p)`` after the compiled hit found nothing it could pin.
+    coro = f._pin(pgno, _MODE_GET)  # type: ignore[attr-defined]
+    return coro.__await__()  # type: ignore[no-any-return]
+
+
+async def _exit_slow(f: PageAccess, page: Page) -> None:
+    # __aexit__ of a page the compiled unpin does not take: PinContext.__aexit__'s body.
+    pending = f._unpin(page, page._flags)  # type: ignore[attr-defined]
+    if pending is not None:
+        await asyncio.shield(pending)
+
+
+def _after_unpin(f: PageAccess, pgno: int, b: int, bh: int, flags: int, r: int) -> Awaitable[None]:
+    """The compiled unpin could not finish (``r``: contended, a dead holder, an over-unpin):
+    the rest of ``PageRelease._unpin``, now. Returns what ``__aexit__`` awaits."""
+    cache = f._cache0
+    if r == 2:
+        f._pool._panic_unpinned(pgno)
+    if r == -errno.EOWNERDEAD:
+        cache.release_dead_holder(b)
+    pending = f._release_py(pgno, cache, b, bh, flags)  # type: ignore[attr-defined]
+    return _finish(pending)
+
+
+async def _finish(pending: asyncio.Task[None] | None) -> None:
+    if pending is not None:  # the bucket mutex is held elsewhere: see PoolFile.unpin
+        await asyncio.shield(pending)
+
+
+def _fail(f: PageAccess, off: int, b: int) -> None:
+    # The compiled hit met a dead mutex holder (repair, then the slow path) or corruption.
+    cache = f._cache0
+    if off == -errno.EOWNERDEAD:
+        cache.release_dead_holder(b)
+    elif off == accel.CORRUPT:
+        cache.corrupt(f"bucket {b}'s chain has a bad offset or loops")
+    else:
+        cache.corrupt(f"a buffer of bucket {b} ends past the region")
+
+
+configure(Page, MAX_PGNO)
