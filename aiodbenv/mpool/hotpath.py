@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .fget import PageAccess
     from .file import PoolFile
 
-__all__ = ["attach", "configure"]
+__all__ = ["attach", "configure", "detach"]
 
 _MODE_GET = 0  # fget.MODE_GET (fget imports this module)
 
@@ -92,6 +92,16 @@ def attach(f: PoolFile) -> None:
     )
     f._hotc = hf
     f.get = hf.get  # type: ignore[method-assign]
+
+
+def detach(f: PoolFile) -> None:
+    """Take the compiled ``get`` away from ``f``: from now on its pins go the Python way (the
+    tests run the same checks on both paths). Pages already pinned stay valid."""
+    hf = f._hotc
+    if hf is not None:
+        hf.disable()
+        f._hotc = None
+        f.__dict__.pop("get", None)
 
 
 async def _enter_slow(f: PageAccess, ctx: Any, pgno: int) -> Page:

@@ -136,7 +136,8 @@ static PyObject *page_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
    bytes-like object for its users. */
 static int page_getbuffer(PageObject *self, Py_buffer *view, int flags) {
     if (!self->has_region || self->exported) {
-        PyErr_SetString(PyExc_BufferError, "a Page is not a buffer: use page.data");
+        /* TypeError, as for the Python Page: not a bytes-like object. */
+        PyErr_SetString(PyExc_TypeError, "a Page is not a bytes-like object: use page.data");
         view->obj = NULL;
         return -1;
     }
