@@ -322,3 +322,24 @@ def test_pin_tests_pass_without_the_compiled_hot_path() -> None:
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
+
+
+async def test_pins_are_tracked_for_close(pf: aiodbenv.PoolFile) -> None:
+    # The file's pin record (a compiled PinSet when installed, else a set) behaves as a set.
+    pins = pf._pins
+    a = await pf.get(1)
+    ctx = pf.get(2)
+    b = await ctx.__aenter__()
+    c = await asyncio.ensure_future(pf.get(3))  # __await__ through a Task
+    assert len(pins) == 3 and a in pins and b in pins and c in pins
+    assert {p.pgno for p in pins} == {1, 2, 3}
+    pins.add(a)  # already there: no change
+    assert len(pins) == 3
+    for page in pins:  # a snapshot: unpinning while iterating is allowed
+        if page is a:
+            await pf.unpin(page)
+    assert len(pins) == 2 and a not in pins
+    pins.discard(a)  # not there: no change
+    await ctx.__aexit__(None, None, None)
+    await pf.unpin(c)
+    assert not pins and len(pins) == 0 and list(pins) == []

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from . import hot
 from .hot import PageBase
 
 if TYPE_CHECKING:
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from .file import PoolFile
 
 __all__ = ["PAGE_CLEAN", "PAGE_DIRTY", "PAGE_DISCARD", "LatchedPinContext", "Page", "PinContext"]
+__all__ += ["Pins", "new_pins"]
 
 PAGE_DIRTY = 1
 PAGE_CLEAN = 2
@@ -85,6 +87,26 @@ class Page(_PageStorage):
     def __repr__(self) -> str:
         state = "pinned" if self._bh >= 0 else "unpinned"
         return f"<Page {self.pgno} of {self._file._path!r} {state}>"
+
+
+class Pins(Protocol):
+    """The pages a file handle holds pinned (``PageAccess._pins``): what closing the file
+    unpins and a forked child's disarm releases."""
+
+    def add(self, page: Page, /) -> None: ...
+    def discard(self, page: Page, /) -> None: ...
+    def __iter__(self) -> Iterator[Page]: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, page: object, /) -> bool: ...
+
+
+def new_pins() -> Pins:
+    """An empty :class:`Pins`: the compiled ``PinSet`` (pages linked through their own fields,
+    cheaper on the hot path than a set) when :mod:`aiodbenv._hot` is installed, else a set."""
+    if hot.module is None:
+        return set()
+    pins: Pins = hot.module.PinSet()
+    return pins
 
 
 class PinContext:
