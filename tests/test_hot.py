@@ -101,10 +101,14 @@ def test_an_unknown_choice_is_refused() -> None:
 # -- edge cases, on both paths ----------------------------------------------------------------
 
 
-@pytest.fixture(params=["c", "python"])
+@pytest.fixture(params=["c", "python", "c-ncache3"])
 async def pf(request: pytest.FixtureRequest, home: str) -> AsyncIterator[aiodbenv.PoolFile]:
-    """A file of 16 cached pages, with the compiled ``get`` (``c``) or without (``python``)."""
-    env = await aiodbenv.Env.open(home, create=True, cache_size=1 << 20, page_size=4096)
+    """A file of 16 cached pages, with the compiled ``get`` (``c``; ``c-ncache3`` in a pool of
+    three caches) or without (``python``)."""
+    ncache = 3 if request.param == "c-ncache3" else 1
+    env = await aiodbenv.Env.open(
+        home, create=True, cache_size=ncache << 20, ncache=ncache, page_size=4096
+    )
     try:
         f = await env.pool.open_file("a.db", create=True, page_size=4096)
         if request.param == "python":
@@ -213,7 +217,8 @@ async def test_file_closed_while_a_page_is_held(pf: aiodbenv.PoolFile) -> None:
 async def test_contended_bucket_takes_the_slow_way(pf: aiodbenv.PoolFile) -> None:
     async with pf.get(6) as page:
         b = page._bucket
-    cache = pf._cache0
+        cache = page._cache
+    assert cache is not None
     mutex = cache.mutexes[b]
     loop = asyncio.get_running_loop()
     mutex.__enter__()  # as another process holding the bucket would
@@ -343,3 +348,14 @@ async def test_pins_are_tracked_for_close(pf: aiodbenv.PoolFile) -> None:
     await ctx.__aexit__(None, None, None)
     await pf.unpin(c)
     assert not pins and len(pins) == 0 and list(pins) == []
+
+
+async def test_hits_are_counted(pf: aiodbenv.PoolFile) -> None:
+    # The compiled hit counts what the Python one does: a hit per pin, no miss.
+    before = pf.stat()
+    for i in range(100):
+        async with pf.get(i % 16):
+            pass
+    after = pf.stat()
+    assert after.cache_hit - before.cache_hit == 100
+    assert after.cache_miss == before.cache_miss

@@ -16,8 +16,7 @@ hit path would not do either: a miss, contention, a dead mutex holder, a corrupt
 closed or forked file, a panicked environment, a bad or refused unpin, a dirty unpin (to count
 dirty bytes) and a frame waiter to wake. ``get(p, create=True)``, ``get(p, latch=True)``,
 :meth:`~aiodbenv.mpool.file.PoolFile.new`, :meth:`~aiodbenv.mpool.file.PoolFile.last` and the
-explicit pin/unpin keep the Python forms. Pools of more than one cache and memory-mapped files
-use the Python form too.
+explicit pin/unpin keep the Python forms, and so do memory-mapped files.
 
 ``AIODBENV_HOT=python`` (read at import) turns the compiled type off; so does
 ``AIODBENV_MUTEX=abi`` (no cffi accelerator to call into). Any other value than ``c`` or

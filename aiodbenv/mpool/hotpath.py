@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..region.mutex import ffi, speedups
 from . import accel
+from .cache import HASH_FILE, HASH_MASK, HASH_PGNO, Cache
 from .hot import module as _module
-from .layout import BH, MAX_PGNO
+from .layout import BH, BUCKET, MAX_PGNO
 from .page import PAGE_CLEAN, PAGE_DIRTY, Page
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ _MODE_GET = 0  # fget.MODE_GET (fget imports this module)
 
 
 def configure(page_type: type[Page], max_pgno: int) -> None:
-    """Hand the compiled module the cffi functions it calls and the Page class it makes."""
+    """Hand the compiled module the cffi functions it calls, the constants and the Page class
+    it makes."""
     if _module is None:
         return
 
@@ -37,32 +39,49 @@ def configure(page_type: type[Page], max_pgno: int) -> None:
 
     _module.configure(
         addr("aiodb_pin_one_cache"),
+        addr("aiodb_pin_hit"),
         addr("aiodb_unpin_at"),
         accel.CORRUPT,
         BH.size,
         max_pgno,
         PAGE_DIRTY,
         PAGE_CLEAN,
+        BUCKET.word.head,
+        HASH_PGNO,
+        HASH_FILE,
+        HASH_MASK,
         page_type,
     )
 
 
-def attach(f: PoolFile) -> None:
-    """Give ``f`` the compiled ``get`` if it can use it (one cache, not mapped)."""
-    if _module is None or f._ncache != 1 or f._map is not None:
-        return
-    cache = f._cache0
-    pool = f._pool
+def _addr(p: Any) -> int:
+    return int(ffi.cast("uintptr_t", p))
 
-    def addr(p: Any) -> int:
-        return int(ffi.cast("uintptr_t", p))
 
-    panic_w, panic_i = f._panic_w, f._panic_i
-    panic_addr = addr(ffi.from_buffer(panic_w)) + panic_w.itemsize * panic_i
-    hf = _module.HotFile(
-        f,
+def _cache_ref(cache: Cache) -> tuple[Any, ...]:
+    # What the compiled pin and unpin take of one cache (see hot.c's cache_ref).
+    return (
         cache,
         cache.buf,
+        _addr(cache.wptr),
+        _addr(cache.c_mptrs),
+        _addr(cache.c_nowait_words),
+        _addr(cache.c_bucket_words),
+        cache.nbuckets,
+        cache.hdr,
+        cache.region.size,
+    )
+
+
+def attach(f: PoolFile) -> None:
+    """Give ``f`` the compiled ``get`` if it can use it (not a memory-mapped file)."""
+    if _module is None or f._map is not None:
+        return
+    pool = f._pool
+    panic_w, panic_i = f._panic_w, f._panic_i
+    panic_addr = _addr(ffi.from_buffer(panic_w)) + panic_w.itemsize * panic_i
+    hf = _module.HotFile(
+        f,
         f._pins,
         pool._frame_queue,
         pool._note_dirty,
@@ -73,20 +92,14 @@ def attach(f: PoolFile) -> None:
         functools.partial(_exit_slow, f),
         functools.partial(_after_unpin, f),
         functools.partial(_fail, f),
-        addr(cache.wptr),
-        addr(cache.c_mptrs),
-        addr(cache.c_nowait_words),
-        addr(cache.c_bucket_words),
-        cache.nbuckets,
+        tuple(_cache_ref(c) for c in f._caches),
         f._fidx,
         f._slot,
-        cache.hdr,
         f.page_size,
-        addr(f._hit_ptr),
-        addr(f._extra_ptr),
-        addr(f._longest_ptr),
+        _addr(f._hit_ptr),
+        _addr(f._extra_ptr),
+        _addr(f._longest_ptr),
         panic_addr,
-        cache.region.size,
         f._data_size,
         f.readonly,
     )
@@ -124,10 +137,11 @@ async def _exit_slow(f: PageAccess, page: Page) -> None:
         await asyncio.shield(pending)
 
 
-def _after_unpin(f: PageAccess, pgno: int, b: int, bh: int, flags: int, r: int) -> Awaitable[None]:
+def _after_unpin(
+    f: PageAccess, cache: Cache, pgno: int, b: int, bh: int, flags: int, r: int
+) -> Awaitable[None]:
     """The compiled unpin could not finish (``r``: contended, a dead holder, an over-unpin):
     the rest of ``PageRelease._unpin``, now. Returns what ``__aexit__`` awaits."""
-    cache = f._cache0
     if r == 2:
         f._pool._panic_unpinned(pgno)
     if r == -errno.EOWNERDEAD:
@@ -141,9 +155,8 @@ async def _finish(pending: asyncio.Task[None] | None) -> None:
         await asyncio.shield(pending)
 
 
-def _fail(f: PageAccess, off: int, b: int) -> None:
+def _fail(f: PageAccess, cache: Cache, off: int, b: int) -> None:
     # The compiled hit met a dead mutex holder (repair, then the slow path) or corruption.
-    cache = f._cache0
     if off == -errno.EOWNERDEAD:
         cache.release_dead_holder(b)
     elif off == accel.CORRUPT:

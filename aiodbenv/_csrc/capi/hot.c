@@ -8,9 +8,9 @@
  *
  * The bookkeeping itself is NOT compiled here: the region layout table, the known-regions table
  * and the lock wait are static state of the cffi accelerator (aiodbenv/_csrc/10_core.c,
- * 20_pin.c), so this module calls that module's aiodb_pin_one_cache and aiodb_unpin_at through
- * function pointers handed over once by aiodbenv/mpool/hot.py (configure()). One copy of the
- * code, one copy of its state.
+ * 20_pin.c), so this module calls that module's aiodb_pin_one_cache (a pool of one cache),
+ * aiodb_pin_hit (several) and aiodb_unpin_at through function pointers handed over once by
+ * aiodbenv/mpool/hotpath.py (configure()). One copy of the code, one copy of its state.
  *
  * Python is called only off the hot path: a miss, contention, a dead mutex holder, a corrupt
  * chain, a closed, forked or mapped file, a panicked environment, a dirty unpin (to count dirty
@@ -38,6 +38,8 @@ typedef int64_t (*pin_one_fn)(uint64_t *w, void **mutexes, const uint64_t *nowai
                               const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
                               uint64_t *hits, uint64_t *extra, uint64_t *longest,
                               uint64_t *bucket, uint64_t slot);
+typedef int64_t (*pin_hit_fn)(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
+                              uint64_t pgno, uint64_t tag, uint64_t *examined, uint64_t slot);
 typedef int (*unpin_at_fn)(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                            const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w,
                            int flags, uint64_t slot);
@@ -45,7 +47,9 @@ typedef int (*unpin_at_fn)(uint64_t *w, void **mutexes, const uint64_t *nowait_w
 /* Set once by configure(); until then get() refuses (the Python side never uses an
    unconfigured module). */
 static pin_one_fn pin_one;
+static pin_hit_fn pin_hit;
 static unpin_at_fn unpin_at;
+static uint64_t b_head, hash_pgno, hash_file, hash_mask;
 static int64_t corrupt_code;
 static int64_t bh_data;
 static long page_dirty, page_clean;
@@ -335,30 +339,38 @@ static PyType_Spec pins_spec = {
 
 /* ---------------------------------------------------------------- HotFile ------------ */
 
-/* The hot state of one PoolFile (a pool of one cache, not memory-mapped): the region
-   addresses and word indexes the compiled pin and unpin take, and the Python callables of the
-   slow paths. The addresses stay valid while `hot` is set: the Python side clears it (disable)
-   when the file closes or a forked child disarms it, before any region goes away. */
+/* One cache (mpool region) as the compiled pin and unpin take it. */
+typedef struct {
+    PyObject *cache, *buf;   /* the Cache object, its region's buffer */
+    uint64_t *w;             /* the region's words */
+    void **mptrs;            /* per bucket: its mutex (NULL in a private region) */
+    const uint64_t *nowait_w, *bucket_w;
+    uint64_t nb, hdr;
+    Py_ssize_t region_len;
+} CacheRef;
+
+#define MAX_CACHES 64
+
+/* The hot state of one PoolFile (not memory-mapped): each cache's addresses and word indexes
+   the compiled pin and unpin take, and the Python callables of the slow paths. The addresses
+   stay valid while `hot` is set: the Python side clears it (disable) when the file closes or
+   a forked child disarms it, before any region goes away. */
 typedef struct {
     PyObject_HEAD
-    PyObject *file, *cache, *cachebuf, *pins, *frame_queue;
+    PyObject *file, *pins, *frame_queue;
     PyObject *note_dirty, *frame_released, *py_get, *enter_slow, *await_slow, *exit_slow;
     PyObject *after_unpin, *fail, *page_size_obj;
-    uint64_t *w;
-    void **mptrs;
-    const uint64_t *nowait_w, *bucket_w;
-    uint64_t nb, fidx, slot, hdr;
+    uint64_t fidx, slot;
     uint64_t *hits, *extra, *longest;
     const volatile uint64_t *panic;
-    Py_ssize_t region_len, data_size;
-    int hot, readonly;
+    Py_ssize_t data_size;
+    int hot, readonly, ncache;
+    CacheRef c[MAX_CACHES];
 } HotFile;
 
 static int hf_traverse(HotFile *self, visitproc visit, void *arg) {
     Py_VISIT(Py_TYPE((PyObject *)self));
     Py_VISIT(self->file);
-    Py_VISIT(self->cache);
-    Py_VISIT(self->cachebuf);
     Py_VISIT(self->pins);
     Py_VISIT(self->frame_queue);
     Py_VISIT(self->note_dirty);
@@ -370,14 +382,16 @@ static int hf_traverse(HotFile *self, visitproc visit, void *arg) {
     Py_VISIT(self->after_unpin);
     Py_VISIT(self->fail);
     Py_VISIT(self->page_size_obj);
+    for (int i = 0; i < self->ncache; i++) {
+        Py_VISIT(self->c[i].cache);
+        Py_VISIT(self->c[i].buf);
+    }
     return 0;
 }
 
 static int hf_clear(HotFile *self) {
     self->hot = 0; /* the callables are gone: never take the fast path again */
     Py_CLEAR(self->file);
-    Py_CLEAR(self->cache);
-    Py_CLEAR(self->cachebuf);
     Py_CLEAR(self->pins);
     Py_CLEAR(self->frame_queue);
     Py_CLEAR(self->note_dirty);
@@ -389,6 +403,10 @@ static int hf_clear(HotFile *self) {
     Py_CLEAR(self->after_unpin);
     Py_CLEAR(self->fail);
     Py_CLEAR(self->page_size_obj);
+    for (int i = 0; i < self->ncache; i++) {
+        Py_CLEAR(self->c[i].cache);
+        Py_CLEAR(self->c[i].buf);
+    }
     return 0;
 }
 
@@ -401,60 +419,90 @@ static void hf_dealloc(HotFile *self) {
     Py_DECREF(tp);
 }
 
+/* One cache's tuple: (cache, buf, words, mutexes, nowait_words, bucket_words, nbuckets,
+   header_word, region_bytes), the addresses as ints. */
+static int cache_ref(CacheRef *c, PyObject *t) {
+    PyObject *cache, *buf;
+    unsigned long long w, m, nw, bw, nb, hdr;
+    Py_ssize_t len;
+    if (!PyTuple_Check(t) ||
+        !PyArg_ParseTuple(t, "OOKKKKKKn", &cache, &buf, &w, &m, &nw, &bw, &nb, &hdr, &len)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a cache must be a tuple");
+        return -1;
+    }
+    if (!w || !m || !nw || !bw || !nb || len <= 0) {
+        PyErr_SetString(PyExc_ValueError, "HotFile: a cache with a null address or no buckets");
+        return -1;
+    }
+    Py_INCREF(cache);
+    c->cache = cache;
+    Py_INCREF(buf);
+    c->buf = buf;
+    c->w = (uint64_t *)(uintptr_t)w;
+    c->mptrs = (void **)(uintptr_t)m;
+    c->nowait_w = (const uint64_t *)(uintptr_t)nw;
+    c->bucket_w = (const uint64_t *)(uintptr_t)bw;
+    c->nb = nb;
+    c->hdr = hdr;
+    c->region_len = len;
+    return 0;
+}
+
 static PyObject *hf_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *o[13];
-    unsigned long long a[13];
-    Py_ssize_t region_len, data_size;
+    PyObject *o[11], *caches;
+    unsigned long long fidx, slot, page_size, hits, extra, longest, panic;
+    Py_ssize_t data_size;
     int readonly;
     if (kwds && PyDict_Size(kwds)) {
         PyErr_SetString(PyExc_TypeError, "HotFile takes positional arguments only");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOKKKKKKKKKKKKKnnp", &o[0], &o[1], &o[2], &o[3],
-                          &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &a[0],
-                          &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10],
-                          &a[11], &a[12], &region_len, &data_size, &readonly))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOKKKKKKKnp", &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &caches, &fidx, &slot,
+                          &page_size, &hits, &extra, &longest, &panic, &data_size, &readonly))
         return NULL;
-    if (!pin_one || !unpin_at || !page_type) {
+    if (!pin_one || !pin_hit || !unpin_at || !page_type) {
         PyErr_SetString(PyExc_RuntimeError, "aiodbenv._hot is not configured");
         return NULL;
     }
-    if (!PyObject_TypeCheck(o[3], PinSet_Type)) {
+    if (!PyObject_TypeCheck(o[1], PinSet_Type)) {
         PyErr_SetString(PyExc_TypeError, "pins must be a PinSet");
         return NULL;
     }
-    if (!a[0] || !a[1] || !a[2] || !a[3] || !a[4] || !a[9] || !a[10] || !a[11] || !a[12] ||
-        data_size <= 0 || region_len <= 0) {
-        PyErr_SetString(PyExc_ValueError, "HotFile: a null address or an empty size");
+    Py_ssize_t ncache = PyTuple_Check(caches) ? PyTuple_Size(caches) : -1;
+    if (ncache < 1 || ncache > MAX_CACHES) {
+        PyErr_SetString(PyExc_ValueError, "HotFile: caches must be a tuple of 1..64 caches");
+        return NULL;
+    }
+    if (!hits || !extra || !longest || !panic || data_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "HotFile: a null address or an empty page");
         return NULL;
     }
     allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
     HotFile *self = (HotFile *)alloc(type, 0);
     if (!self) return NULL;
-    PyObject **dst[13] = {&self->file,       &self->cache,      &self->cachebuf,
-                          &self->pins,       &self->frame_queue, &self->note_dirty,
-                          &self->frame_released, &self->py_get, &self->enter_slow,
-                          &self->await_slow, &self->exit_slow,  &self->after_unpin,
-                          &self->fail};
-    for (int i = 0; i < 13; i++) {
+    PyObject **dst[11] = {&self->file,       &self->pins,       &self->frame_queue,
+                          &self->note_dirty, &self->frame_released, &self->py_get,
+                          &self->enter_slow, &self->await_slow, &self->exit_slow,
+                          &self->after_unpin, &self->fail};
+    for (int i = 0; i < 11; i++) {
         Py_INCREF(o[i]);
         *dst[i] = o[i];
     }
-    self->w = (uint64_t *)(uintptr_t)a[0];
-    self->mptrs = (void **)(uintptr_t)a[1];
-    self->nowait_w = (const uint64_t *)(uintptr_t)a[2];
-    self->bucket_w = (const uint64_t *)(uintptr_t)a[3];
-    self->nb = a[4];
-    self->fidx = a[5];
-    self->slot = a[6];
-    self->hdr = a[7];
-    /* a[8]: the page size, handed to note_dirty */
-    self->page_size_obj = PyLong_FromUnsignedLongLong(a[8]);
-    self->hits = (uint64_t *)(uintptr_t)a[9];
-    self->extra = (uint64_t *)(uintptr_t)a[10];
-    self->longest = (uint64_t *)(uintptr_t)a[11];
-    self->panic = (const volatile uint64_t *)(uintptr_t)a[12];
-    self->region_len = region_len;
+    for (Py_ssize_t i = 0; i < ncache; i++) {
+        if (cache_ref(&self->c[i], PyTuple_GetItem(caches, i)) < 0) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->ncache = (int)i + 1;
+    }
+    self->fidx = fidx;
+    self->slot = slot;
+    self->page_size_obj = PyLong_FromUnsignedLongLong(page_size); /* for note_dirty */
+    self->hits = (uint64_t *)(uintptr_t)hits;
+    self->extra = (uint64_t *)(uintptr_t)extra;
+    self->longest = (uint64_t *)(uintptr_t)longest;
+    self->panic = (const volatile uint64_t *)(uintptr_t)panic;
     self->data_size = data_size;
     self->readonly = readonly;
     if (!self->page_size_obj) {
@@ -463,6 +511,13 @@ static PyObject *hf_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     }
     self->hot = 1;
     return (PyObject *)self;
+}
+
+/* The cache of a page, or NULL if it is none of this file's (a mapped page: cache None). */
+static CacheRef *cache_of(HotFile *hf, PyObject *cache) {
+    for (int i = 0; i < hf->ncache; i++)
+        if (hf->c[i].cache == cache) return &hf->c[i];
+    return NULL;
 }
 
 /* What get() returns: `async with` pins in __aenter__ and unpins in __aexit__, `await` pins.
@@ -477,19 +532,19 @@ typedef struct {
 } PinCtx;
 
 /* Undo a pin this module just took, when building its Page failed (out of memory). */
-static void undo_pin(HotFile *hf, uint64_t b, int64_t off) {
+static void undo_pin(HotFile *hf, CacheRef *c, uint64_t b, int64_t off) {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    int r = unpin_at(hf->w, hf->mptrs, hf->nowait_w, hf->bucket_w, b, (uint64_t)off >> 3,
-                     hf->hdr, 0, hf->slot);
+    int r = unpin_at(c->w, c->mptrs, c->nowait_w, c->bucket_w, b, (uint64_t)off >> 3, c->hdr, 0,
+                     hf->slot);
     if (r != 0 && r != 1) {
         /* Contended or odd: let the Python release (which waits without blocking) finish. */
-        PyObject *res = PyObject_CallFunction(hf->after_unpin, "LKLii", (long long)-1,
+        PyObject *res = PyObject_CallFunction(hf->after_unpin, "OLKLii", c->cache, (long long)-1,
                                               (unsigned long long)b, (long long)off, 0, r);
         if (res) {
             /* A coroutine: nobody will await it here; close it so it does not warn. */
-            PyObject *c = PyObject_CallMethod(res, "close", NULL);
-            Py_XDECREF(c);
+            PyObject *x = PyObject_CallMethod(res, "close", NULL);
+            Py_XDECREF(x);
             Py_DECREF(res);
         }
         PyErr_Clear();
@@ -502,12 +557,34 @@ static void undo_pin(HotFile *hf, uint64_t b, int64_t off) {
 static PyObject *hit(HotFile *hf, int64_t pgno) {
     if (!hf->hot || *hf->panic) return NULL;
     uint64_t b = 0;
-    int64_t off = pin_one(hf->w, hf->mptrs, hf->nowait_w, hf->bucket_w, hf->nb, hf->fidx,
-                          (uint64_t)pgno, hf->hits, hf->extra, hf->longest, &b, hf->slot);
+    int64_t off;
+    CacheRef *c;
+    if (hf->ncache == 1) {
+        /* Hash, search, pin and statistics in one call. */
+        c = &hf->c[0];
+        off = pin_one(c->w, c->mptrs, c->nowait_w, c->bucket_w, c->nb, hf->fidx,
+                      (uint64_t)pgno, hf->hits, hf->extra, hf->longest, &b, hf->slot);
+    } else {
+        /* The cache and bucket as aiodbenv.mpool.cache.bucket_hash and PageAccess._pin_hit_c
+           choose them. */
+        uint64_t h = ((uint64_t)pgno * hash_pgno + hf->fidx * hash_file) & hash_mask;
+        uint64_t n = (uint64_t)hf->ncache, examined = 1;
+        c = &hf->c[h % n];
+        b = (h / n) % c->nb;
+        off = pin_hit(c->w, c->mptrs[b], c->nowait_w[b], c->bucket_w[b] + b_head, (uint64_t)pgno,
+                      hf->fidx + 1, &examined, hf->slot);
+        if (off > 0) {
+            (*hf->hits)++;
+            if (examined > 1) {
+                *hf->extra += examined - 1;
+                if (examined > *hf->longest) *hf->longest = examined;
+            }
+        }
+    }
     if (off <= 0) {
         if (off == -EOWNERDEAD || off == corrupt_code) {
             /* Repair the bucket (or raise CorruptRegion), then the slow path. */
-            PyObject *r = PyObject_CallFunction(hf->fail, "LK", (long long)off,
+            PyObject *r = PyObject_CallFunction(hf->fail, "OLK", c->cache, (long long)off,
                                                 (unsigned long long)b);
             if (!r) return NULL;
             Py_DECREF(r);
@@ -515,9 +592,10 @@ static PyObject *hit(HotFile *hf, int64_t pgno) {
         return NULL;
     }
     Py_ssize_t start = (Py_ssize_t)(off + bh_data);
-    if (start > hf->region_len - hf->data_size) {
+    if (start > c->region_len - hf->data_size) {
         /* The buffer's page ends past the region: corrupt (the pin no longer matters). */
-        PyObject *r = PyObject_CallFunction(hf->fail, "LK", (long long)0, (unsigned long long)b);
+        PyObject *r = PyObject_CallFunction(hf->fail, "OLK", c->cache, (long long)0,
+                                            (unsigned long long)b);
         Py_XDECREF(r);
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "page ends past the region");
@@ -528,11 +606,11 @@ static PyObject *hit(HotFile *hf, int64_t pgno) {
     p->pgno = pgno;
     Py_INCREF(hf->file);
     p->file = hf->file;
-    Py_INCREF(hf->cache);
-    p->cache = hf->cache;
+    Py_INCREF(c->cache);
+    p->cache = c->cache;
     p->bucket = (long long)b;
     p->bh = off;
-    if (PyObject_GetBuffer(hf->cachebuf, &p->region, PyBUF_SIMPLE) < 0) goto fail_page;
+    if (PyObject_GetBuffer(c->buf, &p->region, PyBUF_SIMPLE) < 0) goto fail_page;
     p->has_region = 1;
     if (p->region.len < start + hf->data_size) {
         PyErr_SetString(PyExc_BufferError, "the cache's buffer is shorter than its region");
@@ -548,7 +626,7 @@ fail_page:
     p->bh = -1;
     Py_DECREF(p);
 fail:
-    undo_pin(hf, b, off);
+    undo_pin(hf, c, b, off);
     return NULL;
 }
 
@@ -623,7 +701,7 @@ static PyGetSetDef hf_getset[] = {
 };
 
 static PyType_Slot hf_slots[] = {
-    {Py_tp_doc, "The compiled hot path of one PoolFile (aiodbenv.mpool.hot)."},
+    {Py_tp_doc, "The compiled hot path of one PoolFile (aiodbenv.mpool.hotpath)."},
     {Py_tp_new, hf_new},
     {Py_tp_dealloc, hf_dealloc},
     {Py_tp_traverse, hf_traverse},
@@ -687,7 +765,8 @@ static PyObject *ctx_aexit(PinCtx *self, PyObject *const *args, Py_ssize_t nargs
     self->page = NULL; /* ours now: every way out below drops it */
     HotFile *hf = self->hf;
     long long flags = p->flags;
-    if (!hf->hot || p->file != hf->file || p->cache != hf->cache || p->bh <= 0 ||
+    CacheRef *c = cache_of(hf, p->cache);
+    if (!hf->hot || !c || p->file != hf->file || p->bh <= 0 ||
         ((flags & page_dirty) && ((flags & page_clean) || hf->readonly))) {
         /* Closed, forked, not a page of this cache, already unpinned, or a bad flag: the
            Python unpin decides (and raises what it must). */
@@ -717,8 +796,8 @@ static PyObject *ctx_aexit(PinCtx *self, PyObject *const *args, Py_ssize_t nargs
     }
     Py_DECREF(rel);
     uint64_t b = (uint64_t)p->bucket;
-    int r = unpin_at(hf->w, hf->mptrs, hf->nowait_w, hf->bucket_w, b, (uint64_t)bh >> 3,
-                     hf->hdr, (int)flags, hf->slot);
+    int r = unpin_at(c->w, c->mptrs, c->nowait_w, c->bucket_w, b, (uint64_t)bh >> 3, c->hdr,
+                     (int)flags, hf->slot);
     if (r == 0 || r == 1) {
         Py_DECREF(p);
         if (r == 1) {
@@ -734,7 +813,7 @@ static PyObject *ctx_aexit(PinCtx *self, PyObject *const *args, Py_ssize_t nargs
         return completed(self, Py_NewRef(Py_None));
     }
     /* Contended, a dead holder, or an over-unpin: the Python release finishes it. */
-    PyObject *res = PyObject_CallFunction(hf->after_unpin, "LKLLi", p->pgno,
+    PyObject *res = PyObject_CallFunction(hf->after_unpin, "OLKLLi", c->cache, p->pgno,
                                           (unsigned long long)b, bh, flags, r);
     Py_DECREF(p);
     return res;
@@ -802,9 +881,13 @@ static int ctx_set_page(PinCtx *self, PyObject *value, void *closure) {
 
 static PyMethodDef ctx_methods[] = {
     {"__aenter__", (PyCFunction)ctx_aenter, METH_NOARGS,
-     "Pin the page; the awaitable's result is the Page."},
+     "Pin the page; the awaitable's result is the Page. A cached page is pinned at once (the "
+     "awaitable is already complete); otherwise PoolFile.get's slow path runs. Cancellation: "
+     "a pin cancelled while it waits (a miss, a held mutex) leaves no pin held."},
     {"__aexit__", (PyCFunction)(void (*)(void))ctx_aexit, METH_FASTCALL,
-     "Unpin the page with the flags set on it."},
+     "Unpin the page with the flags set on it (as PoolFile.unpin). Cancellation: the page is "
+     "unpinned for the caller at once; a release still waiting for the bucket mutex finishes "
+     "in the background."},
     {NULL},
 };
 
@@ -838,14 +921,15 @@ static PyType_Spec ctx_spec = {
 
 static PyObject *configure(PyObject *mod, PyObject *args) {
     (void)mod;
-    unsigned long long pin_addr, unpin_addr;
+    unsigned long long pin_one_addr, pin_hit_addr, unpin_addr, bhead, hp, hfile, hmask;
     long long corrupt, bhd, mp;
     long dirty, clean;
     PyObject *ptype;
-    if (!PyArg_ParseTuple(args, "KKLLLllO", &pin_addr, &unpin_addr, &corrupt, &bhd, &mp, &dirty,
-                          &clean, &ptype))
+    if (!PyArg_ParseTuple(args, "KKKLLLllKKKKO", &pin_one_addr, &pin_hit_addr, &unpin_addr,
+                          &corrupt, &bhd, &mp, &dirty, &clean, &bhead, &hp, &hfile, &hmask,
+                          &ptype))
         return NULL;
-    if (!pin_addr || !unpin_addr || bhd <= 0 || mp <= 0) {
+    if (!pin_one_addr || !pin_hit_addr || !unpin_addr || bhd <= 0 || mp <= 0 || !hmask) {
         PyErr_SetString(PyExc_ValueError, "configure: a null function or a bad constant");
         return NULL;
     }
@@ -853,13 +937,18 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "configure: the page type must subclass PageBase");
         return NULL;
     }
-    pin_one = (pin_one_fn)(uintptr_t)pin_addr;
+    pin_one = (pin_one_fn)(uintptr_t)pin_one_addr;
+    pin_hit = (pin_hit_fn)(uintptr_t)pin_hit_addr;
     unpin_at = (unpin_at_fn)(uintptr_t)unpin_addr;
     corrupt_code = corrupt;
     bh_data = bhd;
     max_pgno = mp;
     page_dirty = dirty;
     page_clean = clean;
+    b_head = bhead;
+    hash_pgno = hp;
+    hash_file = hfile;
+    hash_mask = hmask;
     Py_INCREF(ptype);
     SETREF(page_type, (PyTypeObject *)ptype);
     page_alloc = (allocfunc)PyType_GetSlot(page_type, Py_tp_alloc);
@@ -868,8 +957,9 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(pin_one_cache, unpin_at, corrupt, bh_data, max_pgno, PAGE_DIRTY, PAGE_CLEAN, "
-     "page_type): the addresses of the cffi accelerator's functions and the constants."},
+     "configure(pin_one_cache, pin_hit, unpin_at, corrupt, bh_data, max_pgno, PAGE_DIRTY, "
+     "PAGE_CLEAN, B_HEAD, HASH_PGNO, HASH_FILE, HASH_MASK, page_type): the addresses of the cffi "
+     "accelerator's functions and the constants."},
     {NULL},
 };
 
