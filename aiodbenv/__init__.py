@@ -49,7 +49,8 @@ from .mpool.stat import FileStat, PoolStat
 from .mpool.sync import SyncResult
 from .region.alloc import AllocStats
 from .region.environment import EnvStat, RegionStat
-from .txn.txn import CommitInfo, Txn, TxnPage, TxnStat
+from .txn.stat import TxnStat
+from .txn.txn import CommitInfo, Txn, TxnPage
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,8 @@ from .region.environment import EnvCore
 from .region.remove import remove_environment
 from .txn.recover import RecoveryStat, stale_pages
 from .txn.recover import recover as recover_log
-from .txn.txn import LATCH_TIMEOUT, Txn, TxnStat, TxnStats
+from .txn.stat import TxnStat, TxnStats
+from .txn.txn import LATCH_TIMEOUT, Txn
 
 __all__ = ["EnvTxn", "noting_creation", "prepare_recovery"]
 
@@ -66,7 +67,8 @@ class EnvTxn:
             # Every page write of a file with an lsn_offset flushes the log first, through
             # these hooks (the pool never imports the log).
             self._pool._io.log = log_hooks(self._log)
-        self._txn_stats = TxnStats()
+        # Counted in this handle's registry slot, summed over the environment on demand.
+        self._txn_stats = TxnStats(self._pool._env_core.words, self._pool._slot)
         self.recovered = None
 
     if TYPE_CHECKING:  # supplied by Env and EnvLog: declared for the type checker only
@@ -102,9 +104,13 @@ class EnvTxn:
             latch_timeout,
         )
 
-    def txn_stat(self) -> TxnStat:
-        """This handle's transaction statistics (:class:`~aiodbenv.TxnStat`)."""
-        return self._txn_stats.snapshot()
+    def txn_stat(self, *, handle: bool = False) -> TxnStat:
+        """The environment's transaction statistics (:class:`~aiodbenv.TxnStat`): every
+        process's and handle's since the regions were made, those closed or dead included
+        (kept in shared memory, so exact across processes); ``handle=True``: this handle's
+        only."""
+        self._check()
+        return self._txn_stats.handle() if handle else self._txn_stats.environment()
 
     async def _recover_or_check(self, recover: bool, created: bool) -> None:
         """At an open that made the regions anew over a log in files: with ``recover``
@@ -132,11 +138,17 @@ class EnvTxn:
             # Made anew by this open and now closed: removing them makes the next open check
             # again instead of joining regions that serve stale pages.
             await asyncio.to_thread(remove_environment, home, force=True)
-            path, pgno, lsn = stale[0]
+            path, pgno, lsn, what = stale[0]
+            why = {
+                "older": "is older than",
+                "missing": "is missing, though changed by",
+                "torn": "fails its checksum (torn), though changed by",
+            }[what]
             raise RunRecovery(
-                f"environment {home} needs recovery: page {pgno} of {path} is older than the "
+                f"environment {home} needs recovery: page {pgno} of {path} {why} the "
                 f"transaction committed at {lsn} in the log (the regions were lost before it "
-                "was written); open it with Env.open(home, create=True, log=True, recover=True)"
+                "was written whole); open it with "
+                "Env.open(home, create=True, log=True, recover=True)"
             )
 
     if TYPE_CHECKING:

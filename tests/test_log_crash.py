@@ -16,6 +16,7 @@ import pytest
 import aiodbenv
 from aiodbenv import LSN, RunRecovery, _io
 from tests.conftest import python, spawn
+from tests.powerloss import Disk, record, replay
 
 CHILD_PUTS = """
 import asyncio, sys
@@ -78,88 +79,14 @@ async def test_killed_right_after_the_fsync_loses_nothing_acknowledged(home: str
 # -- a simulated power loss -----------------------------------------------------------------------
 
 
-class Disk:
-    """What the disk would hold after a power loss: the bytes of each log file as of its last
-    fsync, plus the writes made since (which the loss may drop or tear)."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.paths: dict[int, str] = {}
-        self.durable: dict[str, bytearray] = {}
-        self.pending: dict[str, list[tuple[int, bytes]]] = {}
-        for name in os.listdir(directory):
-            if name.startswith("log."):
-                path = os.path.join(directory, name)
-                with open(path, "rb") as f:
-                    self.durable[path] = bytearray(f.read())
-
-    def open_file(self, real: object, path: str, flags: int, mode: int = 0o600) -> int:
-        fd: int = real(path, flags, mode)  # type: ignore[operator]
-        if os.path.basename(path).startswith("log."):
-            self.paths[fd] = path
-            self.pending.setdefault(path, [])
-        return fd
-
-    def fallocate(self, real: object, fd: int, offset: int, length: int) -> None:
-        real(fd, offset, length)  # type: ignore[operator]
-        path = self.paths.get(fd)
-        if path is not None and path not in self.durable:
-            self.durable[path] = bytearray(offset + length)  # a new, preallocated file
-
-    def pwritev(self, real: object, fd: int, buffers: list[bytes], offset: int) -> int:
-        n: int = real(fd, buffers, offset)  # type: ignore[operator]
-        path = self.paths.get(fd)
-        if path is not None:
-            self.pending[path].append((offset, b"".join(bytes(b) for b in buffers)[:n]))
-        return n
-
-    def sync(self, real: object, fd: int) -> None:
-        real(fd)  # type: ignore[operator]
-        path = self.paths.get(fd)
-        if path is not None:
-            image = self.durable[path]
-            for off, data in self.pending[path]:
-                image[off : off + len(data)] = data
-            self.pending[path] = []
-
-    def lose_power(self, rng: random.Random) -> None:
-        """Write each file as the disk would have it: durable bytes, then each pending write
-        kept, dropped or torn (a random prefix, or random 512-byte sectors of it)."""
-        for path, image in self.durable.items():
-            image = bytearray(image)
-            for off, data in self.pending.get(path, []):
-                fate = rng.random()
-                if fate < 0.3:
-                    continue  # dropped
-                if fate < 0.6:
-                    image[off : off + len(data)] = data
-                elif fate < 0.8:
-                    cut = rng.randint(0, len(data))
-                    image[off : off + cut] = data[:cut]
-                else:
-                    for s in range(0, len(data), 512):
-                        if rng.random() < 0.5:
-                            image[off + s : off + s + 512] = data[s : s + 512]
-            with open(path, "wb") as f:
-                f.write(image)
-
-
-async def power_loss_round(home: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+async def power_loss_round(home: str, seed: int) -> None:
     rng = random.Random(seed)
     env = await aiodbenv.Env.open(
         home, create=True, log=True, log_buffer_size=2048, log_file_size=8192
     )
-    with monkeypatch.context() as m:
-        d = Disk(home)
-        for name, method in (
-            ("open_file", d.open_file),
-            ("fallocate", d.fallocate),
-            ("pwritev", d.pwritev),
-            ("fdatasync", d.sync),
-            ("fsync", d.sync),
-        ):
-            real = getattr(_io, name)
-            m.setattr(_io, name, lambda *a, _m=method, _r=real: _m(_r, *a))
+    base = Disk.snapshot(home)
+    journal = os.path.join(home, "journal")
+    with record(journal):
         log = env.log
         start = log.end_lsn
         put: list[tuple[LSN, bytes]] = []
@@ -173,7 +100,8 @@ async def power_loss_round(home: str, seed: int, monkeypatch: pytest.MonkeyPatch
                 acked = len(put)
         await env.close(nosync=True)  # the buffer is not flushed: the "crash"
     await aiodbenv.Env.remove(home, force=True)
-    d.lose_power(rng)
+    disk, _, _ = replay(journal, base, 0)
+    disk.lose_power(rng, home)
     async with aiodbenv.Env.open(home, create=True, log=True) as env:
         got = [item async for item in env.log.cursor(start=start)] if put else []
         assert got[:acked] == put[:acked], f"seed {seed}: a flushed record was lost"
@@ -193,17 +121,17 @@ async def power_loss_round(home: str, seed: int, monkeypatch: pytest.MonkeyPatch
 
 
 async def test_power_loss_loses_no_flushed_record(
-    home: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    home: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "aiodbenv")
     for seed in range(25):
-        await power_loss_round(home, seed, monkeypatch)
+        await power_loss_round(home, seed)
 
 
 @pytest.mark.slow
-async def test_power_loss_many_seeds(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_power_loss_many_seeds(home: str) -> None:
     for seed in range(25, 500):
-        await power_loss_round(home, seed, monkeypatch)
+        await power_loss_round(home, seed)
 
 
 # -- a torn or corrupt tail at open ---------------------------------------------------------------

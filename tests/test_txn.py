@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import struct
 from collections.abc import AsyncIterator
 
 import pytest
 
 import aiodbenv
-from aiodbenv import LSN, Deadlock, InvalidArgument, TxnTooLarge
+from aiodbenv import LSN, Deadlock, InvalidArgument, TxnTooLarge, _io
 from aiodbenv.mpool.layout import BH
 from aiodbenv.txn import batch
 from aiodbenv.txn.txn import MAX_PAGES
@@ -384,3 +385,109 @@ def test_diff_covers_every_change_in_whole_chunks() -> None:
             rebuilt[s:e] = new[s:e]
         assert rebuilt == new
         assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # merged when adjacent
+
+
+async def test_txn_stat_counts_the_environment_and_keeps_closed_handles(home: str) -> None:
+    """``env.txn_stat()`` sums every handle's counters in shared memory; a closed handle's
+    stay counted, also after its registry slot is taken by a new handle (they are moved to
+    the retired counts then); ``handle=True`` gives one handle's."""
+    a = await aiodbenv.Env.open(home, create=True, log=True)
+    b = await aiodbenv.Env.open(home)
+    fa, fb = await open_data(a), await open_data(b)
+    for env, f, n in ((a, fa, 3), (b, fb, 2)):
+        for _ in range(n):
+            async with env.txn(durability="nosync") as tx:
+                (await tx.page(f, 0, create=True)).data[100] += 1
+    tx = await b.txn()
+    await tx.abort()
+    assert a.txn_stat(handle=True).commits_nosync == 3
+    assert b.txn_stat(handle=True).commits_nosync == 2
+    for env in (a, b):
+        st = env.txn_stat()
+        assert (st.commits_nosync, st.begins, st.aborts, st.pages_logged) == (5, 6, 1, 5)
+    await fb.close()
+    await b.close()
+    assert a.txn_stat().commits_nosync == 5  # b's counts outlive its handle
+    for _ in range(3):  # new handles take b's slot again and again
+        c = await aiodbenv.Env.open(home)
+        assert c.txn_stat(handle=True).begins == 0  # a fresh handle starts at zero
+        fc = await open_data(c)
+        async with c.txn(durability="nosync") as tx:
+            (await tx.page(fc, 0)).data[100] += 1
+        await fc.close()
+        await c.close()
+    st = a.txn_stat()
+    assert (st.commits_nosync, st.begins, st.aborts) == (8, 9, 1)
+    await fa.close()
+    await a.checkpoint()
+    await a.close()
+    await aiodbenv.Env.remove(home)
+
+
+def test_compiled_diff_is_the_python_twin() -> None:
+    """The compiled page diff (aiodb_txn_diff) gives exactly the ranges of the Python one, on
+    pages of many sizes with changes of every shape (none, scattered, at the ends, all)."""
+    rng = random.Random(11)
+    for _ in range(2000):
+        n = rng.choice([1, 63, 64, 65, 128, 129, 500, 4088, 4096, 8192])
+        old = bytearray(rng.randbytes(n))
+        new = bytearray(old) if rng.random() < 0.9 else bytearray(rng.randbytes(n))
+        for _ in range(rng.randint(0, 8)):
+            i = rng.randrange(n)
+            j = min(n, i + rng.randint(1, 300))
+            new[i:j] = rng.randbytes(j - i)
+        want = batch.diff_py(memoryview(old), memoryview(new))
+        assert batch.diff(memoryview(old), memoryview(new)) == want
+        assert batch.diff(bytes(old), bytes(new)) == want
+    if os.environ.get("AIODBENV_MUTEX") != "abi":
+        assert batch._c_diff is not None  # the accelerator is built: the compiled one ran
+
+
+async def test_commit_cancelled_while_waiting_for_log_buffer_space(home: str) -> None:
+    """A commit (without a task of its own) cancelled while its record waits for room in a
+    full log buffer is aborted: nothing is logged, the page is unchanged, its latch and pin
+    are gone, and the transaction counts as aborted."""
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    f = await open_data(env)
+    async with env.txn(durability="nosync") as tx:
+        (await tx.page(f, 0, create=True)).data[100:104] = b"base"
+    before = await read(f, 0)
+    aborts = env.txn_stat().aborts
+    txs: list[aiodbenv.Txn] = []
+    committing = asyncio.Event()
+
+    async def body() -> None:
+        tx = await env.txn(durability="nosync")
+        txs.append(tx)
+        (await tx.page(f, 0)).data[2000:] = os.urandom(PS - 2000)  # a ~2 KiB fragment
+        # Fill the buffer; the write that would make room is slow (the disk), so the
+        # commit's append has to wait for it.
+        while True:
+            await env.log.put(bytes(1000))
+            free = 8192 - (env.log.end_lsn.offset - env.log.written_lsn.offset)
+            if free < 2000:  # less than the commit's record (a 2,112-byte fragment) needs
+                break
+        committing.set()
+        await tx.commit()
+
+    with _io.inject("pwrite", error=None, delay=1.0):
+        task = asyncio.create_task(body())
+        await committing.wait()
+        await asyncio.sleep(0.1)
+        assert not task.done()  # waiting for buffer space
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert txs[0].result is None
+    assert env.txn_stat().aborts == aborts + 1
+    assert await read(f, 0) == before
+    async with env.txn(latch_timeout=0.5) as tx2:  # the latch is free
+        await tx2.page(f, 0)
+    await env.log.flush()
+    async with env.log.cursor() as c:
+        batches = [d async for _, d in c if batch.is_batch(d)]
+    assert len(batches) == 1  # only the first commit: the cancelled one logged nothing
+    await f.close()
+    await env.checkpoint()
+    await env.close()
+    await aiodbenv.Env.remove(home)

@@ -36,7 +36,7 @@ async def main():
             p = await tx.page(f, 0)
             (v,) = struct.unpack_from("<Q", p.data, 64)
             p.data[64:72] = struct.pack("<Q", v + 1)
-    st = env.txn_stat()
+    st = env.txn_stat(handle=True)
     await f.close()
     await env.close()
     print("done", st.commits_nosync, flush=True)
@@ -93,6 +93,9 @@ async def test_two_processes_add_to_one_counter(
         assert await aline(p) == f"done {n}"
         assert await asyncio.to_thread(p.wait, 120) == 0
     assert await value(f, 0) == 2 * n  # no update lost
+    # The environment's statistics count both (closed) processes' commits.
+    mine = env.txn_stat(handle=True)
+    assert env.txn_stat().commits_nosync - mine.commits_nosync == 2 * n
     await close_env(home, env, f)
 
 

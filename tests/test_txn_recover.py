@@ -1,23 +1,27 @@
 """Recovery: a sync-committed transaction of a process SIGKILLed right after survives the loss
 of the regions with recover=True, an uncommitted one does not appear; without recover the
-open says RunRecovery; recovery is idempotent; a power loss after the N-th I/O of a workload
-(unsynced writes dropped or torn, through the I/O seam) loses no sync commit and shows no
-commit in part."""
+open says RunRecovery; recovery is idempotent; a power loss before the N-th I/O of a workload
+in one process or three (unsynced writes dropped or torn, through the I/O seam: see
+tests/powerloss.py) loses no sync commit and shows no commit in part."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
+import select
 import signal
-import struct
 import subprocess
+import time
 
 import pytest
 
 import aiodbenv
-from aiodbenv import RunRecovery, _io
+from aiodbenv import RunRecovery
 from aiodbenv.txn.recover import recover
+from tests import powerloss
+from tests import txn_powerloss as txp
 from tests.conftest import python, spawn
 
 PS = 4096
@@ -139,183 +143,258 @@ async def test_recover_needs_create_and_a_file_log(home: str) -> None:
 # -- power loss ---------------------------------------------------------------------------------
 
 
-class Disk:
-    """What the disk would hold after a power loss: every file's bytes as of its last fsync,
-    plus the writes since (dropped, kept or torn when the power goes)."""
-
-    def __init__(self, home: str) -> None:
-        self.home = home
-        self.paths: dict[int, str] = {}
-        self.durable: dict[str, bytearray] = {}
-        self.pending: dict[str, list[tuple[int, bytes]]] = {}
-        self.ios = 0
-        self.crash_at = -1
-        for name in os.listdir(home):
-            if name.startswith(("log.", "data")):
-                with open(os.path.join(home, name), "rb") as fh:
-                    self.durable[os.path.join(home, name)] = bytearray(fh.read())
-
-    def _tick(self) -> None:
-        """At the crash point the disk's state is frozen: what happens after it never
-        reached the disk (the process goes on, as if it did not know yet)."""
-        self.ios += 1
-        if self.ios == self.crash_at:
-            self.frozen = (
-                {k: bytearray(v) for k, v in self.durable.items()},
-                {k: list(v) for k, v in self.pending.items()},
-            )
-
-    frozen: tuple[dict[str, bytearray], dict[str, list[tuple[int, bytes]]]] | None = None
-
-    def open_file(self, real: object, path: str, flags: int, mode: int = 0o600) -> int:
-        fd: int = real(path, flags, mode)  # type: ignore[operator]
-        if os.path.basename(path).startswith(("log.", "data")):
-            self.paths[fd] = path
-            self.pending.setdefault(path, [])
-            self.durable.setdefault(path, bytearray())
-        return fd
-
-    def fallocate(self, real: object, fd: int, offset: int, length: int) -> None:
-        real(fd, offset, length)  # type: ignore[operator]
-        path = self.paths.get(fd)
-        if path is not None and len(self.durable[path]) < offset + length:
-            self.durable[path].extend(bytes(offset + length - len(self.durable[path])))
-
-    def pwritev(self, real: object, fd: int, buffers: list[bytes], offset: int) -> int:
-        self._tick()
-        n: int = real(fd, buffers, offset)  # type: ignore[operator]
-        path = self.paths.get(fd)
-        if path is not None:
-            self.pending[path].append((offset, b"".join(bytes(b) for b in buffers)[:n]))
-        return n
-
-    def sync(self, real: object, fd: int) -> None:
-        self._tick()
-        real(fd)  # type: ignore[operator]
-        path = self.paths.get(fd)
-        if path is not None:
-            image = self.durable[path]
-            for off, data in self.pending[path]:
-                if len(image) < off + len(data):
-                    image.extend(bytes(off + len(data) - len(image)))
-                image[off : off + len(data)] = data
-            self.pending[path] = []
-
-    def lose_power(self, rng: random.Random) -> None:
-        durable, pending = self.frozen or (self.durable, self.pending)
-        for path, image in durable.items():
-            image = bytearray(image)
-            for off, data in pending.get(path, []):
-                fate = rng.random()
-                if fate < 0.3:
-                    continue
-                if len(image) < off + len(data):
-                    image.extend(bytes(off + len(data) - len(image)))
-                if fate < 0.6:
-                    image[off : off + len(data)] = data
-                elif fate < 0.8:
-                    cut = rng.randint(0, len(data))
-                    image[off : off + cut] = data[:cut]
-                else:
-                    for s in range(0, len(data), 512):
-                        if rng.random() < 0.5:
-                            image[off + s : off + s + 512] = data[s : s + 512]
-            with open(path, "wb") as fh:
-                fh.write(image)
-
-
-NPAGES = 6
-
-
-async def power_loss_round(home: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Transactions each write one stamp (txn number) into 1-3 pages and a counter page; with
-    small caches and checkpoints so that pages are written and fsynced between commits. The
-    power goes at the N-th I/O; afterwards every sync-acknowledged transaction is in every
-    page it touched, and every transaction found is found in all of its pages."""
+async def power_loss_round(home: str, seed: int) -> None:
+    """One process runs the workload (tests/txn_powerloss.py) with small caches and log files,
+    so pages are written and fsynced between commits; the power goes before its N-th write or
+    fsync (it runs on a little past that point, not knowing); then recover and check."""
     rng = random.Random(seed)
-    env = await aiodbenv.Env.open(
-        home, create=True, log=True, cache_size=64 * 1024, log_file_size=64 * 1024
-    )
-    f = await env.pool.open_file(env.resolve("data.db"), create=True, page_size=PS, lsn_offset=0)
-    touched: dict[int, list[int]] = {}
-    acked: set[int] = set()
-    with monkeypatch.context() as m:
-        d = Disk(home)
-        d.crash_at = rng.randint(1, 80)
-        for name, method in (
-            ("open_file", d.open_file),
-            ("fallocate", d.fallocate),
-            ("pwritev", d.pwritev),
-            ("fdatasync", d.sync),
-            ("fsync", d.sync),
-        ):
-            real = getattr(_io, name)
-            m.setattr(_io, name, lambda *a, _m=method, _r=real: _m(_r, *a))
+    base = await txp.prepare(home)
+    crash_at = rng.randint(1, 80)
+    journal_path = os.path.join(home, "journal")
+    env = await aiodbenv.Env.open(home)
+    f = await txp.open_data(env)
+    with powerloss.record(journal_path) as journal:
         try:
-            for n in range(1, 120):
-                if d.frozen is not None:
-                    break
-                pgnos = sorted(rng.sample(range(NPAGES), rng.randint(1, 3)))
-                touched[n] = pgnos
-                durability = rng.choice(["sync", "sync", "nosync"])
-                async with env.txn(durability=durability) as tx:  # type: ignore[arg-type]
-                    for pgno in pgnos:
-                        p = await tx.page(f, pgno, create=True)
-                        # Slot n % 400 of the page holds n: whole-txn presence is checkable.
-                        off = 16 + 8 * (n % 400)
-                        p.data[off : off + 8] = struct.pack("<Q", n)
-                        if rng.random() < 0.3:
-                            p.data[2048:] = rng.randbytes(2048)  # big changes: full images
-                if durability == "sync" and d.frozen is None:
-                    acked.add(n)
-                r = rng.random()
-                if r < 0.1:
-                    await env.checkpoint()
-                elif r < 0.3:
-                    await env.pool.sync()
-        except aiodbenv.Incomplete:
-            pass
-    try:
-        await f.close()
-        await env.close(nosync=True)
-    except Exception:
-        pass
+            await txp.workload(env, f, journal, rng, range(1, 120), stop_after_ios=crash_at)
+        finally:
+            await f.close()
+            await env.close(nosync=True)
     await aiodbenv.Env.remove(home, force=True)
-    d.lose_power(rng)
-    env = await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+    disk, marks, _ = powerloss.replay(journal_path, base, crash_at)
+    disk.lose_power(rng, home)
+    await txp.check(home, seed, marks)
+    txp.clean(home)
+
+
+async def test_power_loss_keeps_sync_commits_whole(
+    home: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "aiodbenv")
+    for seed in range(12):
+        await power_loss_round(home, seed)
+
+
+@pytest.mark.slow
+async def test_power_loss_many_seeds(home: str) -> None:
+    for seed in range(12, 1000):
+        await power_loss_round(home, seed)
+
+
+async def power_loss_round_processes(
+    home: str, seed: int, procs: list[subprocess.Popen[str]]
+) -> None:
+    """Three processes run the workload at once on shared pages; the power goes before the
+    N-th write or fsync of them all (in the order the journal gives them): every process is
+    SIGKILLed then, its regions lost, its unsynced writes kept, dropped or torn."""
+    rng = random.Random(seed)
+    base = await txp.prepare(home)
+    crash_at = rng.randint(1, 150)
+    journal_path = os.path.join(home, "journal")
+    share = 50
+    children = [
+        spawn(
+            "import asyncio, sys; from tests.txn_powerloss import child_main; "
+            "asyncio.run(child_main(*sys.argv[1:]))",
+            home,
+            journal_path,
+            str(seed * 10 + i),
+            str(1 + i * share),
+            str(share),
+        )
+        for i in range(3)
+    ]
+    procs.extend(children)
+    done: set[int] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if os.path.exists(journal_path) and powerloss.count_ios(journal_path) >= crash_at:
+            break  # the power goes now
+        done |= {i for i, c in enumerate(children) if i not in done and _said_done(c)}
+        if len(done) == len(children) or any(c.poll() is not None for c in children):
+            break  # all finished first (the power goes at the end), or one failed
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError(f"seed {seed}: the workload did not finish in 60 s")
+    for c in children:
+        if c.poll() is None:
+            c.send_signal(signal.SIGKILL)
+        c.wait(timeout=10)
+        assert c.returncode == -signal.SIGKILL, c.stderr.read() if c.stderr else ""
+    await aiodbenv.Env.remove(home, force=True)
+    disk, marks, _ = powerloss.replay(journal_path, base, crash_at)
+    disk.lose_power(rng, home)
+    await txp.check(home, seed, marks)
+    txp.clean(home)
+
+
+def _said_done(child: subprocess.Popen[str]) -> bool:
+    """True once ``child`` printed ``done`` (without blocking)."""
+    assert child.stdout is not None
+    ready, _, _ = select.select([child.stdout], [], [], 0)
+    return bool(ready) and child.stdout.readline().strip() == "done"
+
+
+async def test_power_loss_with_three_processes(
+    home: str, procs: list[subprocess.Popen[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "aiodbenv")
+    for seed in range(8):
+        await power_loss_round_processes(home, seed, procs)
+
+
+@pytest.mark.slow
+async def test_power_loss_with_three_processes_many_seeds(
+    home: str, procs: list[subprocess.Popen[str]]
+) -> None:
+    for seed in range(8, 1000):
+        await power_loss_round_processes(home, seed, procs)
+
+
+async def test_recovery_from_a_checkpoint_taken_at_the_end_of_a_log_file(home: str) -> None:
+    """A checkpoint begun when the last record filled its file has a ``ckp_lsn`` where no
+    record starts (the next record went to the next file): recovery, which starts one
+    checkpoint back, begins at the next file's first record instead of failing."""
+    size = 64 * 1024
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_file_size=size)
     f = await env.pool.open_file(env.resolve("data.db"), create=True, page_size=PS, lsn_offset=0)
-    contents = {}
-    for pgno in range(NPAGES):
-        async with f.get(pgno, create=True) as p:
-            contents[pgno] = bytes(p.data)
+    end = env.log.end_lsn
+    await env.log.put(bytes(size - end.offset - 16 - 8))  # leaves 8 bytes: no record fits
+    await env.checkpoint()
+    assert env.log.last_checkpoint is not None
+    first_ckp_lsn = env.log.last_checkpoint[1]
+    assert first_ckp_lsn == aiodbenv.LSN(1, size - 8)
+    async with env.txn(durability="sync") as tx:
+        (await tx.page(f, 0, create=True)).data[100:105] = b"first"
+    await env.checkpoint()
+    async with env.txn(durability="sync") as tx:
+        (await tx.page(f, 1, create=True)).data[100:106] = b"second"
+    await f.close()
+    await env.close(nosync=True)
+    await aiodbenv.Env.remove(home, force=True)
+    env = await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+    assert env.recovered is not None and env.recovered.start == first_ckp_lsn
+    assert env.recovered.batches == 2
+    await env.close()
+    on_disk = await pages(home)
+    assert on_disk[0][100:105] == b"first" and on_disk[1][100:106] == b"second"
+    await aiodbenv.Env.remove(home)
+
+
+async def test_archive_keeps_what_recovery_reads(
+    home: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``log.archive(remove=True)`` between checkpoints, then the regions lost: recovery finds
+    the checkpoint before the last (it starts at its ``ckp_lsn``), never falls back with a
+    WARNING, and every commit is there."""
+    caplog.set_level(logging.WARNING, "aiodbenv")
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_file_size=64 * 1024)
+    f = await env.pool.open_file(env.resolve("data.db"), create=True, page_size=PS, lsn_offset=0)
+    rng = random.Random(3)
+    expect: dict[int, bytes] = {}
+    removed: list[str] = []
+    for _round in range(4):
+        for _ in range(40):
+            async with env.txn(durability="nosync") as tx:
+                pgno = rng.randrange(8)
+                p = await tx.page(f, pgno, create=True)
+                p.data[8:] = rng.randbytes(PS - 8)  # a full image each time: the log grows
+                expect[pgno] = bytes(p.data[8:])
+        await env.checkpoint()
+        removed += await env.log.archive(remove=True)
+    assert removed and not any(os.path.exists(p) for p in removed)
+    async with env.txn(durability="sync") as tx:
+        p = await tx.page(f, 0)
+        p.data[8:16] = b"lastone!"
+        expect[0] = bytes(p.data[8:])
+    await f.close()
+    await env.close(nosync=True)
+    await aiodbenv.Env.remove(home, force=True)
+    caplog.clear()
+    env = await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+    assert "no longer in the log" not in caplog.text
+    assert env.recovered is not None and env.recovered.batches > 0
+    await env.close()
+    on_disk = await pages(home)
+    assert {pgno: on_disk[pgno][8:] for pgno in expect} == expect
+    await aiodbenv.Env.remove(home)
+
+
+# -- torn pages of checksummed files ------------------------------------------------------------
+
+
+async def _checksummed(env: aiodbenv.Env) -> aiodbenv.PoolFile:
+    return await env.pool.open_file(
+        env.resolve("sum.db"), create=True, page_size=PS, lsn_offset=0, checksum=True
+    )
+
+
+def _tear(home: str, pgno: int) -> None:
+    """Tear page ``pgno`` of sum.db on disk: its second half is of another write."""
+    with open(os.path.join(home, "sum.db"), "r+b") as fh:
+        fh.seek(pgno * PS + PS // 2)
+        fh.write(bytes(range(256)) * (PS // 512))
+
+
+async def test_torn_checksummed_page_is_repaired_from_a_full_image(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    f = await _checksummed(env)
+    await env.checkpoint()
+    async with env.txn(durability="sync") as tx:  # first change since the checkpoint:
+        p = await tx.page(f, 0, create=True)  # logged as a full image
+        p.data[100:105] = b"first"
+    async with env.txn(durability="sync") as tx:  # then byte ranges on top of it
+        (await tx.page(f, 0)).data[2000:2006] = b"second"
+    await env.pool.sync()  # the page is written ...
+    await f.close()
+    await env.close(nosync=True)
+    await aiodbenv.Env.remove(home, force=True)
+    _tear(home, 0)  # ... and torn by the power loss
+    with pytest.raises(RunRecovery, match=r"page 0 of sum\.db fails its checksum"):
+        await aiodbenv.Env.open(home, create=True, log=True)  # the open checks the pages
+    env = await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+    assert env.recovered is not None and env.recovered.repaired == 1
+    f = await _checksummed(env)
+    async with f.get(0) as p:
+        assert bytes(p.data[100:105]) == b"first" and bytes(p.data[2000:2006]) == b"second"
+        assert bytes(p.data[PS // 2 : PS // 2 + 4]) == bytes(4)  # the torn half is gone
     await f.close()
     await env.close()
     await aiodbenv.Env.remove(home)
 
-    def has(n: int, pgno: int) -> bool:
-        off = 16 + 8 * (n % 400)
-        return struct.unpack_from("<Q", contents[pgno], off)[0] == n
 
-    for n, pgnos in touched.items():
-        found = [has(n, pg) for pg in pgnos]
-        if n in acked:
-            assert all(found), f"seed {seed}: sync-committed txn {n} lost on {pgnos}: {found}"
-        # A later txn may overwrite the slot only with a larger n in the same slot (n+400):
-        # there are fewer than 400 transactions, so each slot belongs to one txn.
-        assert all(found) or not any(found), f"seed {seed}: txn {n} in part: {found}"
-    for name in os.listdir(home):
-        os.unlink(os.path.join(home, name))
-
-
-async def test_power_loss_keeps_sync_commits_whole(
-    home: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def test_torn_checksummed_page_without_a_full_image_is_reported(
+    home: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    caplog.set_level(logging.ERROR, "aiodbenv")
-    for seed in range(12):
-        await power_loss_round(home, seed, monkeypatch)
-
-
-@pytest.mark.slow
-async def test_power_loss_many_seeds(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    for seed in range(12, 400):
-        await power_loss_round(home, seed, monkeypatch)
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    f = await _checksummed(env)
+    async with env.txn(durability="sync") as tx:
+        p = await tx.page(f, 0, create=True)
+        p.data[100:105] = b"first"
+    async with env.txn(durability="sync") as tx:
+        (await tx.page(f, 1, create=True)).data[100:105] = b"other"
+    await env.checkpoint()
+    await env.checkpoint()  # the full images are now before where recovery starts
+    # A commit that logs only byte ranges of page 0 (as if its full image were before the
+    # checkpoint: the case of a log whose image was lost), and one with a full image of 1.
+    with monkeypatch.context() as m:
+        m.setattr(type(env.log), "last_checkpoint", property(lambda self: None))
+        async with env.txn(durability="sync") as tx:
+            (await tx.page(f, 0)).data[2000:2006] = b"second"
+    async with env.txn(durability="sync") as tx:
+        (await tx.page(f, 1)).data[2000:2006] = b"third!"
+    await env.pool.sync()
+    await f.close()
+    await env.close(nosync=True)
+    await aiodbenv.Env.remove(home, force=True)
+    _tear(home, 0)
+    _tear(home, 1)
+    with pytest.raises(aiodbenv.PageCorrupt, match=r"cannot repair page 0 of sum\.db") as info:
+        await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+    assert info.value.pgno == 0 and info.value.path == os.path.join(home, "sum.db")
+    assert "backup" in str(info.value)
+    # Page 1 had a full image: it was repaired and written all the same.
+    with open(os.path.join(home, "sum.db"), "rb") as fh:
+        fh.seek(PS)
+        page1 = fh.read(PS)
+    assert page1[100:105] == b"other" and page1[2000:2006] == b"third!"
+    await aiodbenv.Env.remove(home, force=True)

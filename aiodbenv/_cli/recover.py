@@ -19,5 +19,6 @@ async def recover_command(args: argparse.Namespace) -> int:
             f"recover: read the log from {st.start} to {st.end}: {st.batches} committed "
             f"transaction(s); {st.applied} page change(s) applied ({st.full_images} full "
             f"image(s)), {st.skipped} already in the data files"
+            + (f"; {st.repaired} torn page(s) repaired" if st.repaired else "")
         )
     return 0

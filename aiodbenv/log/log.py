@@ -35,6 +35,7 @@ from .record import (
     REC_USER,
     checkpoint_payload,
 )
+from .redo import redo_start
 from .stat import LogStat, read_stat
 from .writer import Direct, DurableListener, LogWriter
 
@@ -310,16 +311,19 @@ class Log(LogWriter):
         return unpack_word(word)
 
     async def archive(self, *, remove: bool = False) -> list[str]:
-        """The log files no longer needed (``log_archive``): those wholly before the file of
-        the last checkpoint's ``ckp_lsn``, as absolute paths, oldest first; none without a
+        """The log files no longer needed (``log_archive``): those wholly before the file
+        where recovery would start, the ``ckp_lsn`` of the checkpoint *before* the last one
+        (see docs/durable.md), as absolute paths, oldest first; none before a second
         checkpoint, and none for an in-memory log. ``remove=True`` deletes them.
 
         Cancellation: a removal under way in its worker thread finishes."""
         self._check()
-        ckp = self._c.word("ckp_lsn")
-        if self._c.inmemory or not ckp:
+        if self._c.inmemory or not self._c.word("ckp_lsn"):
             return []
-        upto = ckp >> 32
+        start, _ = await redo_start(self)
+        if start is None:
+            return []
+        upto = start.file
         directory = self._c.directory
 
         def work() -> list[str]:

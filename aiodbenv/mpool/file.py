@@ -108,9 +108,7 @@ class PoolFile(PageRelease):
         try:
             if page._cache is None:
                 raise InvalidArgument("pages of a memory-mapped file have no latch")
-            await latch.acquire(
-                self._pool, page, owner, 0, -1, self._pool.wait_timeout, latch.LatchWaits()
-            )
+            await latch.acquire(self._pool, page, owner, 0, -1, self._pool.wait_timeout, None)
         except BaseException:
             pending = self._unpin(page, 0)
             if pending is not None:

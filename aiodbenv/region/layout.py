@@ -46,6 +46,7 @@ __all__ = [
     "REGION_TYPE_NAMES",
     "SHM_REF",
     "SHM_REF_MAGIC",
+    "TXN_STAT",
     "WORD",
     "Layout",
     "WordIndex",
@@ -54,7 +55,7 @@ __all__ = [
 WORD = 8
 
 #: Bumped whenever a layout or a field's meaning changes.
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 
 # The magics spell "aiodbreg", "aiodbenv" and "aiodbshm" in little-endian ASCII, which makes
 # them easy to spot in a hex dump of a region file or segment.
@@ -191,6 +192,27 @@ ALLOC_CHUNK = Layout(
     ],
 )
 
+#: Transaction counters (:class:`aiodbenv.TxnStat`'s fields, in its order): one set in every
+#: registry slot, written only by the slot's owner (plain stores, no mutex), and one set of
+#: the counts of slots since reused (see :mod:`aiodbenv.txn.stat`).
+TXN_STAT = Layout(
+    "txn_stat",
+    [
+        ("begins", 1),
+        ("commits_sync", 1),
+        ("commits_write_nosync", 1),
+        ("commits_nosync", 1),
+        ("readonly_commits", 1),
+        ("aborts", 1),
+        ("pages_logged", 1),
+        ("full_images", 1),
+        ("latch_nowait", 1),
+        ("latch_waits", 1),
+        ("deadlocks", 1),
+        ("latch_timeouts", 1),
+    ],
+)
+
 #: One slot of the registry of live processes (see :mod:`aiodbenv.region.registry`). The
 #: owner holds an OFD byte lock on byte ``slot`` of the home's ``__db.procs`` while it is open.
 PROC_SLOT = Layout(
@@ -202,6 +224,7 @@ PROC_SLOT = Layout(
         ("opened_ns", 1),  # time.time_ns() when the slot was taken
         ("reaper", 1),  # state 2: pid of the process reaping it
         ("reaper_start", 1),  # and that process's start time
+        ("txn_stat", TXN_STAT),  # this slot's handle's (or its last one's) counts
     ],
 )
 
@@ -244,6 +267,10 @@ ENV_HEADER = Layout(
         ("procs_reaped", 1),  # dead processes' slots reaped
         ("pins_reclaimed", 1),  # pins those processes held, dropped
         ("dirty_inherited", 1),  # pages they held pinned and flagged dirty (kept dirty)
+        # Transaction counts of slots since reused, and a sequence number that is odd while
+        # a slot's counts are being moved into them (readers retry; see txn/stat.py).
+        ("txn_stat_retired", TXN_STAT),
+        ("txn_stat_seq", 1),
         ("procs", PROC_SLOT.size // WORD * MAX_PROCS),
     ],
 )

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..errors import Busy
 from .layout import ENV_HEADER, ENV_WORD, MAX_PROCS, PROC_SLOT, PROC_SLOT_WORDS, PROCS_WORD
 from .mutex import NullMutex, SharedMutex
+from .slotstat import retire_txn_stat
 
 __all__ = ["LOCK_FILE", "ProcInfo", "Registry", "process_start_time", "read_slots"]
 
@@ -144,6 +145,7 @@ class Registry:
                         continue  # a slot freed by a reaper while its owner lives (stopped)
                     raise
                 w = self._w
+                retire_txn_stat(w, base + PROC_SLOT.word.txn_stat)
                 w[base + PROC_SLOT.word.pid] = self.pid
                 w[base + PROC_SLOT.word.start_time] = self._start
                 w[base + PROC_SLOT.word.opened_ns] = time.time_ns()

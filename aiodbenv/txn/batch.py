@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
+
+from ..region.mutex import ffi, speedups
 
 __all__ = [
     "FRAGS",
@@ -28,6 +31,7 @@ __all__ = [
     "BatchPage",
     "decode",
     "diff",
+    "diff_py",
     "encode",
     "is_batch",
     "worst_size",
@@ -40,6 +44,11 @@ FULL = 1
 #: Pages are compared in chunks of this many bytes: a fragment covers whole chunks (a few
 #: bytes more than the change, for a compare that runs at memcmp speed in Python).
 FRAG_CHUNK = 64
+
+#: The compiled diff (None: the Python twin runs), used for pages of up to _MAX_C bytes.
+_c_diff: Any = getattr(speedups, "aiodb_txn_diff", None) if speedups is not None else None
+_ffi = ffi
+_MAX_C = 1 << 20
 
 _HEAD = struct.Struct("<16sII")
 #: Bytes of a batch record before its files and pages.
@@ -74,8 +83,23 @@ class BatchPage:
 
 def diff(old: memoryview | bytes, new: memoryview | bytes) -> list[tuple[int, int]]:
     """The ``(start, end)`` ranges where ``new`` differs from ``old`` (same length), in whole
-    :data:`FRAG_CHUNK` chunks, adjacent ones merged. Halves are compared recursively, so an
-    unchanged stretch costs one memcmp however long it is (a small change to a 4 KiB page:
+    :data:`FRAG_CHUNK` chunks (the last may be shorter), adjacent ones merged: compiled
+    (``aiodb_txn_diff``) when the accelerator is in use, else :func:`diff_py`."""
+    n = len(old)
+    if _c_diff is None or n > _MAX_C:
+        return diff_py(old, new)
+    # Ranges alternate with unchanged chunks: at most one per two chunks, plus one.
+    most = n // (2 * FRAG_CHUNK) + 1
+    out = _ffi.new("uint32_t[]", 2 * most)
+    k = _c_diff(_ffi.from_buffer(old), _ffi.from_buffer(new), n, FRAG_CHUNK, out, most)
+    if k < 0:  # pragma: no cover - cannot happen: `most` is the most there can be
+        return diff_py(old, new)
+    return [(out[2 * i], out[2 * i + 1]) for i in range(k)]
+
+
+def diff_py(old: memoryview | bytes, new: memoryview | bytes) -> list[tuple[int, int]]:
+    """:func:`diff` in Python (the compiled one's twin). Halves are compared recursively, so
+    an unchanged stretch costs one memcmp however long it is (a small change to a 4 KiB page:
     about a dozen compares)."""
     out: list[tuple[int, int]] = []
 

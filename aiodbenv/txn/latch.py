@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import Deadlock, LockTimeout
 from ..mpool.layout import BH, MAX_PGNO
+from ..region.layout import TXN_STAT
 
 if TYPE_CHECKING:
     from ..mpool.cache import Cache
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LATCH_COMMITTING",
-    "LatchWaits",
+    "LatchCounts",
     "acquire",
     "latch_key",
     "owner_slot",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _H_LATCH = BH.word.latch
+_S = TXN_STAT.word
 
 #: Set in a latch word while its owner is inside a commit (between deciding to log the batch
 #: and releasing the latch): a dead owner found with it may have a batch in the log that is
@@ -52,16 +54,11 @@ _WAIT_MIN = 0.0002
 _WAIT_MAX = 0.005
 
 
-class LatchWaits:
-    """Counters of one process's latch waits (folded into the transaction statistics)."""
+class LatchCounts(Protocol):
+    """Where latch waits are counted (the transaction statistics)."""
 
-    __slots__ = ("deadlocks", "nowait", "timeouts", "waits")
-
-    def __init__(self) -> None:
-        self.nowait = 0  # latches taken at once
-        self.waits = 0  # latches that had to be waited for
-        self.deadlocks = 0  # refused by the order rule
-        self.timeouts = 0  # waits that ran out
+    def add(self, word: int, n: int = 1) -> None:
+        """Add ``n`` to the counter ``word`` of ``TXN_STAT``."""
 
 
 def latch_key(fidx: int, pgno: int) -> int:
@@ -112,7 +109,7 @@ async def acquire(
     key: int,
     held_max: int,
     timeout: float,
-    counts: LatchWaits,
+    counts: LatchCounts | None,
 ) -> None:
     """Take the latch of pinned ``page`` for ``owner``, waiting (async, bounded back-off) while
     another holds it. ``key`` is the page's :func:`latch_key`; ``held_max`` the largest key the
@@ -128,16 +125,19 @@ async def acquire(
     b, bh = page._bucket, page._bh
     cur = pool._attempt(try_latch, cache, b, bh, owner)
     if cur == 0:
-        counts.nowait += 1
+        if counts is not None:
+            counts.add(_S.latch_nowait)
         return
-    counts.waits += 1
+    if counts is not None:
+        counts.add(_S.latch_waits)
     deadline = time.monotonic() + timeout
     delay = _WAIT_MIN
     while True:
         if not isinstance(cur, int):  # the bucket mutex was busy: just try again
             pass
         elif key < held_max:
-            counts.deadlocks += 1
+            if counts is not None:
+                counts.add(_S.deadlocks)
             raise Deadlock(
                 f"page {page.pgno} is latched by another transaction (slot "
                 f"{owner_slot(cur)}) and is ordered before a page this transaction holds: "
@@ -145,7 +145,8 @@ async def acquire(
             )
         now = time.monotonic()
         if now >= deadline:
-            counts.timeouts += 1
+            if counts is not None:
+                counts.add(_S.latch_timeouts)
             err = LockTimeout(
                 f"the latch of page {page.pgno} stayed held by another transaction (slot "
                 f"{owner_slot(int(cur)) if isinstance(cur, int) else '?'}) for {timeout:g} s"

@@ -9,6 +9,11 @@ are applied only if the page's LSN is older than the batch. Each applied page ge
 batch's LSN and is marked dirty; the pool then writes and fsyncs every page, and a checkpoint
 record is appended. Running it twice gives the same bytes.
 
+A page of a ``checksum=True`` file that fails its checksum (torn by a power loss) is
+rewritten from the first full image of it in the replayed log, and the batches after it are
+applied on top; if the log holds byte ranges for it but no full image before them, recovery
+applies everything else, writes no checkpoint record, and raises PageCorrupt naming the page.
+
 :func:`stale_pages` is the check made when an environment's regions are created anew over a
 log: a page of a committed batch whose LSN on disk is older than the batch means the data
 files miss committed work (the regions were lost before the pages were written), so the open
@@ -17,15 +22,20 @@ raises RunRecovery instead of serving stale pages.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidArgument, LogCorrupt, PageCorrupt, PageNotFound
+from .. import _io
+from ..errors import InvalidArgument, PageCorrupt, PageNotFound
 from ..log.lsn import LSN
-from ..log.record import CheckpointRecord
+from ..log.record import FILE_HEADER_BYTES, CheckpointRecord
+from ..log.redo import redo_start
+from ..mpool.checksum import seal
 from . import batch as _batch
 
 if TYPE_CHECKING:
@@ -41,7 +51,8 @@ logger = logging.getLogger("aiodbenv")
 class RecoveryStat:
     """What a recovery did: the log range it read (``start`` to ``end``), the committed
     ``batches`` found, the pages they changed that it ``applied`` (of them ``full_images``)
-    and ``skipped`` (already as new as the batch)."""
+    and ``skipped`` (already as new as the batch), and the torn pages of checksummed files it
+    ``repaired`` from a full image."""
 
     start: LSN
     end: LSN
@@ -49,40 +60,24 @@ class RecoveryStat:
     applied: int
     full_images: int
     skipped: int
+    #: Pages torn on disk (failing their checksum) rewritten from a full image.
+    repaired: int = 0
 
 
 async def _start(env: Env) -> LSN | None:
-    """Where replay starts: the ``ckp_lsn`` of the checkpoint *before* the last one (None: the
-    first record). A commit made while a checkpoint runs chooses full images by the previous
-    checkpoint, so the last checkpoint's ``ckp_lsn`` could cut off the full image a torn page
-    needs; one checkpoint further back never does (see docs/durable.md). If that part of the
-    log was archived, replay starts at the last checkpoint, with a warning."""
-    log = env.log
-    ckp = log.last_checkpoint
-    if ckp is None:
-        return None
-    rec, last_ckp_lsn = ckp
-    async with log.cursor() as cur:
-        got = await cur.set(rec)
-        if got is None or not isinstance(got[1], CheckpointRecord):
-            return last_ckp_lsn
-        prev = got[1].last_ckp
-        if prev == LSN(0, 0):
-            return None
-        try:
-            got = await cur.set(prev)
-        except (InvalidArgument, LogCorrupt):
-            got = None
-        if got is None or not isinstance(got[1], CheckpointRecord):
-            logger.warning(
-                "aiodbenv: the checkpoint before the last (%s) is no longer in the log; "
-                "recovery starts at the last one (%s): a page torn by a power loss while that "
-                "checkpoint ran may not be repaired",
-                prev,
-                last_ckp_lsn,
-            )
-            return last_ckp_lsn
-        return got[1].ckp_lsn
+    """Where replay starts (None: the first record): see :func:`aiodbenv.log.redo.redo_start`.
+    If the checkpoint before the last is no longer in the log, replay starts at the last one,
+    with a warning."""
+    start, missing = await redo_start(env.log)
+    if missing is not None:
+        logger.warning(
+            "aiodbenv: the checkpoint before the last (%s) is no longer in the log; "
+            "recovery starts at the last one (%s): a page torn by a power loss while that "
+            "checkpoint ran may not be repaired",
+            missing,
+            start,
+        )
+    return start
 
 
 async def _batches(
@@ -91,6 +86,8 @@ async def _batches(
     log = env.log
     if start is not None and start >= log.end_lsn:
         return
+    if start is not None:
+        start = await _first_at_or_after(env, start)
     async with log.cursor(start) as cur:
         async for lsn, data in cur:
             if isinstance(data, CheckpointRecord) or not _batch.is_batch(data):
@@ -103,6 +100,23 @@ async def _batches(
                     f"log record {lsn} looks like a transaction but is not: {err}"
                 ) from err
             yield lsn, files, pages
+
+
+async def _first_at_or_after(env: Env, lsn: LSN) -> LSN:
+    """``lsn`` if a record starts there, else the first record of the next file. A
+    checkpoint's ``ckp_lsn`` is the end of the log when it began, where the next record was
+    to go; if that record did not fit in the file, it went to the next one, and nothing
+    starts at ``ckp_lsn`` itself."""
+    async with env.log.cursor() as cur:
+        try:
+            await cur.set(lsn)
+            return lsn
+        except InvalidArgument:
+            nxt = LSN(lsn.file + 1, FILE_HEADER_BYTES)
+            if nxt >= env.log.end_lsn:
+                return nxt
+            await cur.set(nxt)  # InvalidArgument again: the log is not what it should be
+            return nxt
 
 
 class _Files:
@@ -146,7 +160,10 @@ async def recover(env: Env) -> RecoveryStat:
     log = env.log
     start = await _start(env)
     files = _Files(env)
-    batches = applied = fulls = skipped = 0
+    batches = applied = fulls = skipped = repaired = 0
+    # Pages that fail their checksum (torn) with no whole image yet: (path, pgno) -> the
+    # first batch that could not be applied. A later full image repairs one.
+    torn: dict[tuple[str, int], LSN] = {}
     try:
         async for lsn, bfiles, pages in _batches(env, start):
             batches += 1
@@ -154,8 +171,25 @@ async def recover(env: Env) -> RecoveryStat:
                 bf = bfiles[bp.file]
                 f = await files.get(bf, create=True)
                 assert f is not None
-                lo = bf.lsn_offset
-                async with f.get(bp.pgno, create=True) as p:
+                key = (bf.path, bp.pgno)
+                if key in torn and bp.full is None:
+                    continue  # no base to apply byte ranges to
+                try:
+                    ctx = f.get(bp.pgno, create=True)
+                    p = await ctx.__aenter__()
+                except PageCorrupt:
+                    if bp.full is None:
+                        torn.setdefault(key, lsn)
+                        continue
+                    # Torn, and this batch has a whole image: write it over the torn page
+                    # (it is not cached), then read it back as any page.
+                    await _rewrite(f, bf, bp.pgno, bp.full)
+                    torn.pop(key, None)
+                    repaired += 1
+                    ctx = f.get(bp.pgno, create=True)
+                    p = await ctx.__aenter__()
+                try:
+                    lo = bf.lsn_offset
                     if bp.full is not None:
                         p.data[:] = bp.full
                         fulls += 1
@@ -168,35 +202,76 @@ async def recover(env: Env) -> RecoveryStat:
                     p.data[lo : lo + 8] = lsn.pack()
                     p.mark_dirty()
                     applied += 1
+                finally:
+                    await ctx.__aexit__(None, None, None)
         end = log.end_lsn
         await env.pool.sync()
+        if torn:
+            # What could be applied is written; no checkpoint record, so a recovery after
+            # the file is restored starts from the same place.
+            (path, pgno), at = next(iter(torn.items()))
+            more = f" (and {len(torn) - 1} more page(s))" if len(torn) > 1 else ""
+            raise PageCorrupt(
+                f"recovery cannot repair page {pgno} of {path}{more}: it fails its checksum "
+                f"(torn by a crash, or corrupt), and the log from {start or LSN(0, 0)} holds "
+                f"no whole image of it before the transaction at {at} that changed it; "
+                "restore the file from a backup and recover again",
+                path=env.resolve(path),
+                pgno=pgno,
+            )
         if batches:
             await log.checkpoint_record(end)
     finally:
         await files.close()
-    return RecoveryStat(start or LSN(0, 0), end, batches, applied, fulls, skipped)
+    return RecoveryStat(start or LSN(0, 0), end, batches, applied, fulls, skipped, repaired)
 
 
-async def stale_pages(env: Env, most: int = 1) -> list[tuple[str, int, LSN]]:
+async def _rewrite(f: PoolFile, bf: _batch.BatchFile, pgno: int, image: bytes) -> None:
+    """Write a whole page image straight to its place in the file, with its checksum trailer
+    (for a torn page of a checksummed file, which the pool will not read). Cancellation: the
+    write finishes in its thread."""
+    page = bytearray(bf.page_size)
+    page[: bf.data_size] = image
+    if bf.data_size != bf.page_size:
+        seal(pgno, memoryview(page))
+    path = f.name
+    assert path is not None
+
+    def work() -> None:
+        fd = _io.open_file(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if _io.pwritev(fd, [page], pgno * bf.page_size) != len(page):
+                raise OSError(errno.EIO, f"short write repairing page {pgno} of {path}")
+        finally:
+            os.close(fd)
+
+    await asyncio.to_thread(work)
+
+
+async def stale_pages(env: Env, most: int = 1) -> list[tuple[str, int, LSN, str]]:
     """Pages of committed batches after the last checkpoint whose LSN in the data file is older
-    than their batch (or that are missing): ``(path, pgno, batch LSN)``, at most ``most``.
+    than their batch, or that are missing or torn: ``(path, pgno, batch LSN, what)`` with
+    ``what`` one of ``"older"``, ``"missing"``, ``"torn"``; at most ``most``.
     Reads the pages through the pool. Cancellation: nothing is changed."""
-    out: list[tuple[str, int, LSN]] = []
+    out: list[tuple[str, int, LSN, str]] = []
     files = _Files(env)
     try:
         async for lsn, bfiles, pages in _batches(env, await _start(env)):
             for bp in pages:
                 bf = bfiles[bp.file]
                 f = await files.get(bf, create=False)
-                stale = f is None
+                what = "missing" if f is None else ""
                 if f is not None:
                     try:
                         async with f.get(bp.pgno) as p:
-                            stale = LSN.unpack(p.data, bf.lsn_offset) < lsn
-                    except (PageNotFound, PageCorrupt):
-                        stale = True  # missing, or torn (checksum): recovery's business
-                if stale:
-                    out.append((bf.path, bp.pgno, lsn))
+                            if LSN.unpack(p.data, bf.lsn_offset) < lsn:
+                                what = "older"
+                    except PageNotFound:
+                        what = "missing"
+                    except PageCorrupt:
+                        what = "torn"  # fails its checksum: recovery repairs it
+                if what:
+                    out.append((bf.path, bp.pgno, lsn, what))
                     if len(out) >= most:
                         return out
     finally:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import _io
 from ..errors import (
     InvalidArgument,
+    LockTimeout,
     LogBufferFull,
     RunRecovery,
     TxnTooLarge,
@@ -31,7 +32,8 @@ from ..mpool.fget import MODE_CREATE, MODE_GET, MODE_NEW
 from ..mpool.layout import FILE_ENTRY, MAX_PGNO
 from . import batch as _batch
 from .ids import next_owner_id
-from .latch import LatchWaits, acquire, latch_key, release, set_committing
+from .latch import acquire, latch_key, release, set_committing, try_latch
+from .stat import COMMIT_WORD, TxnStats, W
 
 if TYPE_CHECKING:
     from ..log.log import Log
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from ..mpool.page import Page
     from ..mpool.pool import Pool
 
-__all__ = ["LATCH_TIMEOUT", "MAX_PAGES", "CommitInfo", "Txn", "TxnPage", "TxnStat", "TxnStats"]
+__all__ = ["LATCH_TIMEOUT", "MAX_PAGES", "CommitInfo", "Txn", "TxnPage"]
 
 Durability = Literal["sync", "write_nosync", "nosync"]
 _DURABILITIES = ("sync", "write_nosync", "nosync")
@@ -50,58 +52,6 @@ MAX_PAGES = 64
 
 #: Seconds a transaction waits for a page latch by default (``LockTimeout`` then).
 LATCH_TIMEOUT = 30.0
-
-
-class TxnStats:
-    """This handle's transaction counters, as they change (see :class:`TxnStat`)."""
-
-    def __init__(self) -> None:
-        self.begins = 0
-        self.commits = {"sync": 0, "write_nosync": 0, "nosync": 0}
-        self.readonly_commits = 0
-        self.aborts = 0
-        self.pages_logged = 0
-        self.full_images = 0
-        self.latch = LatchWaits()
-
-    def snapshot(self) -> TxnStat:
-        """The counters now."""
-        lw = self.latch
-        return TxnStat(
-            begins=self.begins,
-            commits_sync=self.commits["sync"],
-            commits_write_nosync=self.commits["write_nosync"],
-            commits_nosync=self.commits["nosync"],
-            readonly_commits=self.readonly_commits,
-            aborts=self.aborts,
-            pages_logged=self.pages_logged,
-            full_images=self.full_images,
-            latch_nowait=lw.nowait,
-            latch_waits=lw.waits,
-            deadlocks=lw.deadlocks,
-            latch_timeouts=lw.timeouts,
-        )
-
-
-@dataclass(frozen=True)
-class TxnStat:
-    """Transaction statistics of one environment handle (this process): transactions begun,
-    commits by durability (and those that changed nothing), aborts (explicit, by an exception,
-    by a Deadlock or a failed commit), pages logged and how many as full images, latches taken
-    at once or after a wait, ``deadlocks`` refused by the order rule, latch waits timed out."""
-
-    begins: int
-    commits_sync: int
-    commits_write_nosync: int
-    commits_nosync: int
-    readonly_commits: int
-    aborts: int
-    pages_logged: int
-    full_images: int
-    latch_nowait: int
-    latch_waits: int
-    deadlocks: int
-    latch_timeouts: int
 
 
 @dataclass(frozen=True)
@@ -136,8 +86,10 @@ class TxnPage:
 
 _ACTIVE, _COMMITTING, _DONE = 0, 1, 2
 
-#: Each open file's path as logged (computed once per file handle).
-_paths: weakref.WeakKeyDictionary[PoolFile, str] = weakref.WeakKeyDictionary()
+#: Each open file's batch entry and worst-case page cost (computed once per file handle).
+_files: weakref.WeakKeyDictionary[PoolFile, tuple[_batch.BatchFile, int]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Txn:
@@ -177,7 +129,7 @@ class Txn:
         self._state = _ACTIVE
         #: The result of the commit, once committed.
         self.result: CommitInfo | None = None
-        stats.begins += 1
+        stats.add(W.begins)
 
     # -- taking pages ---------------------------------------------------------------------------
 
@@ -228,25 +180,32 @@ class Txn:
         self._check()
         return await self._take(f, -1, MODE_NEW)
 
-    def _path(self, f: PoolFile) -> str:
-        """The file's path as logged: relative to the home when inside it, so that recovery
-        of a moved home finds it."""
-        path = _paths.get(f)
-        if path is None:
-            path = f.name or ""
-            rel = os.path.relpath(path, self._pool._env_core.home)
-            path = _paths[f] = path if rel.startswith(os.pardir) else rel
-        return path
-
-    async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
-        lsn_off = self._lsn_offset(f)
+    def _file(self, f: PoolFile) -> tuple[_batch.BatchFile, int]:
+        """What a commit logs of file ``f`` (its id, sizes, ``lsn_offset`` and path as
+        logged: relative to the home when inside it, so that recovery of a moved home finds
+        it), and the most bytes one of its pages can add to a batch. Computed once per file
+        handle (they never change while it is open); raises InvalidArgument for a file a
+        transaction cannot change."""
+        got = _files.get(f)
+        if got is not None:
+            return got
+        lo = self._lsn_offset(f)
         if f.name is None or f.nofile:
             raise InvalidArgument("transactions need a named file that is written to disk")
         if f.readonly:
             raise InvalidArgument(f"{f.name} is open read-only")
+        path = f.name
+        rel = os.path.relpath(path, self._pool._env_core.home)
+        path = path if rel.startswith(os.pardir) else rel
+        bf = _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, path)
+        got = _files[f] = (bf, _batch.worst_size(f._data_size, path))
+        return got
+
+    async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
+        bf, cost = self._file(f)
+        lsn_off = bf.lsn_offset
         if len(self._pages) >= MAX_PAGES:
             raise TxnTooLarge(f"a transaction may take at most {MAX_PAGES} pages")
-        cost = _batch.worst_size(f._data_size, self._path(f))
         limit = self._log._max_payload
         if self._bytes + cost > limit:
             raise TxnTooLarge(
@@ -264,15 +223,19 @@ class Txn:
                 # Only a new page can get here (MODE_NEW raced ourselves): not ours twice.
                 raise InvalidArgument(f"page {page.pgno} is already taken by this transaction")
             key = latch_key(f._fidx, page.pgno)
-            await acquire(
-                self._pool,
-                page,
-                self._owner,
-                key,
-                self._held_max,
-                self.latch_timeout,
-                self._stats.latch,
-            )
+            # One try first, without a coroutine: the latch is usually free.
+            if self._pool._attempt(try_latch, page._cache, page._bucket, page._bh, self._owner):
+                await acquire(
+                    self._pool,
+                    page,
+                    self._owner,
+                    key,
+                    self._held_max,
+                    self.latch_timeout,
+                    self._stats,
+                )
+            else:
+                self._stats.add(W.latch_nowait)
         except BaseException:
             pending = f._unpin(page, 0)
             if pending is not None:
@@ -302,7 +265,7 @@ class Txn:
         if self._state != _ACTIVE:
             return
         self._state = _DONE
-        self._stats.aborts += 1
+        self._stats.add(W.aborts)
         await self._release_all()
 
     async def _release_all(self) -> None:
@@ -326,40 +289,50 @@ class Txn:
 
         A failure before the record is logged (a bucket mutex held past the pool's
         ``wait_timeout``, an in-memory log that is full) aborts and raises; a failure to log
-        or flush panics the environment (RunRecovery). Cancellation: once begun, the commit
-        finishes in the background (it is atomic either way); the caller gets CancelledError
-        and cannot tell whether the flush completed.
+        or flush panics the environment (RunRecovery). Cancellation: before the record is in
+        the log (marking the pages dirty, waiting for log buffer space), the transaction is
+        aborted with nothing changed; after, the commit is whole in shared memory and only
+        the wait for its flush is abandoned (the caller cannot tell whether the flush
+        completed). A ``write_nosync`` commit, or one whose record is larger than the log
+        buffer, runs in a task that finishes in the background either way.
         """
         self._check()
         self._state = _COMMITTING
-        task = asyncio.ensure_future(self._commit())
+        log = self._log
+        if self.durability != "write_nosync" and self._bytes + 16 <= log.buffer_size:
+            # The common case, without a task per commit: a put (without flush) of a record
+            # that fits in the buffer appends nothing if it is cancelled (it can wait only
+            # for buffer space or a new log file), so cancellation is clean at every step.
+            # _bytes is the record's worst-case size, checked as pages were taken.
+            return await self._commit(inline=True)
+        task = asyncio.ensure_future(self._commit(inline=False))
         task.add_done_callback(_retrieve)
         return await asyncio.shield(task)
 
-    async def _commit(self) -> CommitInfo:
+    async def _commit(self, inline: bool) -> CommitInfo:
         try:
             record, changed, fulls = self._build()
         except BaseException:
-            self._state = _DONE
-            self._stats.aborts += 1
-            await self._release_all()
+            await self._end_aborted()
             raise
         if not changed:
             self._state = _DONE
-            self._stats.readonly_commits += 1
+            self._stats.add(W.readonly_commits)
             await self._release_all()
             self.result = CommitInfo(LSN(0, 0), self.durability, 0)
             return self.result
         pool = self._pool
         try:
             # Dirty first: a page flagged dirty that has not changed yet costs a write at most,
-            # while a changed page a checkpoint sees clean would lose the commit.
+            # while a changed page a checkpoint sees clean would lose the commit. One short
+            # try each (no coroutine); a busy bucket mutex is waited for asynchronously.
             for tp, _lo in changed:
-                await pool._locked(functools.partial(tp.file.set, tp._page, dirty=True))
+                try:
+                    tp.file.set(tp._page, dirty=True)
+                except LockTimeout:
+                    await pool._locked(functools.partial(tp.file.set, tp._page, dirty=True))
         except BaseException:
-            self._state = _DONE
-            self._stats.aborts += 1
-            await self._release_all()
+            await self._end_aborted()
             raise
         for tp in self._pages.values():
             set_committing(tp._page, self._owner)
@@ -368,9 +341,14 @@ class Txn:
             lsn = await self._log.put(record, write_nosync=self.durability == "write_nosync")
         except (LogBufferFull, InvalidArgument):
             # Nothing was appended: the commit did not happen (release clears the flag).
-            self._state = _DONE
-            self._stats.aborts += 1
-            await self._release_all()
+            await self._end_aborted()
+            raise
+        except asyncio.CancelledError:
+            if not inline:
+                raise  # only the task's own cancellation (loop shutdown) gets here
+            # A put without flush of a record that fits the buffer appends nothing when
+            # cancelled (see commit): aborted, nothing changed.
+            await self._end_aborted()
             raise
         except BaseException as err:
             # The record may or may not be in the log: only recovery can tell.
@@ -378,22 +356,30 @@ class Txn:
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
         _io.step("txn.logged")
+        pack = lsn.pack()
         for tp, lo in changed:
             shared = tp._page.data
             shared[:] = tp.data
-            shared[lo : lo + 8] = lsn.pack()
+            shared[lo : lo + 8] = pack
             _io.step("txn.copied")
         st = self._stats
-        st.pages_logged += len(changed)
-        st.full_images += fulls
-        st.commits[self.durability] += 1
+        st.add(W.pages_logged, len(changed))
+        if fulls:
+            st.add(W.full_images, fulls)
+        st.add(COMMIT_WORD[self.durability])
         self._state = _DONE
+        self.result = CommitInfo(lsn, self.durability, len(changed))
         await self._release_all()
         _io.step("txn.released")
         if self.durability == "sync":
             await self._log.flush(lsn)
-        self.result = CommitInfo(lsn, self.durability, len(changed))
         return self.result
+
+    async def _end_aborted(self) -> None:
+        """The commit failed before its record was logged: end as an abort."""
+        self._state = _DONE
+        self._stats.add(W.aborts)
+        await self._release_all()
 
     def _build(self) -> tuple[bytes, list[tuple[TxnPage, int]], int]:
         """The batch record, the changed pages (with their lsn_offset) and how many of them
@@ -409,8 +395,8 @@ class Txn:
         changed: list[tuple[TxnPage, int]] = []
         fulls = 0
         for (fidx, pgno), tp in self._pages.items():
-            f = tp.file
-            lo = self._lsn_offset(f)
+            bf = _files[tp.file][0]  # there since the page was taken
+            lo = bf.lsn_offset
             shared = tp._page.data
             priv = tp.data
             priv[lo : lo + 8] = shared[lo : lo + 8]  # the library's bytes
@@ -420,9 +406,7 @@ class Txn:
             fi = fmap.get(fidx)
             if fi is None:
                 fi = fmap[fidx] = len(files)
-                files.append(
-                    _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, self._path(f))
-                )
+                files.append(bf)
             page_lsn = LSN.unpack(shared, lo)
             nbytes = sum(e - s for s, e in ranges)
             if page_lsn == LSN(0, 0) or page_lsn < redo_start or 2 * nbytes > len(priv):

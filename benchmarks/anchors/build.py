@@ -1,4 +1,4 @@
-"""Build and run the Berkeley DB 5.3 speed anchors (bdb_mpool.c, bdb_log.c).
+"""Build and run the Berkeley DB 5.3 speed anchors (bdb_mpool.c, bdb_log.c, bdb_txn.c).
 
 Library use::
 
@@ -14,8 +14,10 @@ Command line::
     python benchmarks/anchors/build.py --zipf-trace OUT --pages 20000 --refs 500000
     python benchmarks/anchors/build.py run -- hot --cache-mb 128 --file-mb 64 --ops 2000000
     python benchmarks/anchors/build.py run-log -- put --sync flush --procs 8 --seconds 2
+    python benchmarks/anchors/build.py run-txn -- commit --sync sync --procs 4 --seconds 1
 
-``run_anchor(args, harness="log")`` runs the log harness (bdb_log.c). The binaries are
+``run_anchor(args, harness="log")`` runs the log harness (bdb_log.c), ``harness="txn"``
+the transaction harness (bdb_txn.c). The binaries are
 cached in benchmarks/.build/ and rebuilt when the source, the compiler
 or the flags change.  ``run_anchor`` supplies a temporary ``--dir`` when none is given.
 """
@@ -42,7 +44,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 BUILD_DIR = HERE.parent / ".build"
 #: The C harnesses by name: each is HERE/bdb_<name>.c, built into BUILD_DIR/bdb_<name>.
-HARNESSES = ("mpool", "log")
+HARNESSES = ("mpool", "log", "txn")
 SOURCE = HERE / "bdb_mpool.c"
 BINARY = BUILD_DIR / "bdb_mpool"
 STAMP = BUILD_DIR / "bdb_mpool.stamp"
@@ -132,7 +134,7 @@ def _stamp(cc: str, source: Path) -> str:
 
 
 def paths(harness: str = "mpool") -> tuple[Path, Path, Path]:
-    """The source, binary and build stamp of a harness (``"mpool"`` or ``"log"``)."""
+    """The source, binary and build stamp of a harness (``"mpool"``, ``"log"`` or ``"txn"``)."""
     if harness not in HARNESSES:
         raise ValueError(f"unknown harness {harness!r} (one of {', '.join(HARNESSES)})")
     name = f"bdb_{harness}"
@@ -342,6 +344,36 @@ def log_problems(args: Sequence[str], r: dict[str, Any]) -> list[str]:
     return bad
 
 
+#: bdb_txn runs at a tiny size: both durabilities, one and several writers.
+TXN_CASES: tuple[tuple[str, ...], ...] = (
+    ("commit", "--sync", "sync", "--seconds", "0.1"),
+    ("commit", "--sync", "nosync", "--seconds", "0.1"),
+    ("commit", "--sync", "sync", "--procs", "3", "--seconds", "0.1"),
+)
+
+
+def txn_problems(args: Sequence[str], r: dict[str, Any]) -> list[str]:
+    """What is wrong with a bdb_txn ``commit`` result (an empty list when nothing is):
+    checked against Berkeley DB's log statistics (a put and a commit record per
+    transaction; DB_TXN_SYNC from one writer: one fsync per commit)."""
+    a = list(args)
+    if r.get("ok") is not True:
+        return [f"not ok: {r.get('error')}"]
+    procs = int(a[a.index("--procs") + 1]) if "--procs" in a else 1
+    sync = a[a.index("--sync") + 1]
+    bad: list[str] = []
+    n = int(r["commits"])
+    if n <= 0 or len(r["per_proc"]) != procs or sum(r["per_proc"]) != n:
+        bad.append(f"{n} commits from {r['per_proc']} ({procs} writers)")
+    if r["log_records"] < 2 * n:
+        bad.append(f"{r['log_records']} log records for {n} commits (a put and a commit each)")
+    if sync == "sync" and procs == 1 and r["fsyncs"] < n:
+        bad.append(f"DB_TXN_SYNC: {r['fsyncs']} fsyncs for {n} commits from one writer")
+    if sync == "nosync" and r["fsyncs"] >= n:
+        bad.append(f"DB_TXN_NOSYNC: {r['fsyncs']} fsyncs for {n} commits")
+    return bad
+
+
 def selftest() -> int:
     before = _shm_keys()
     tmp = tempfile.mkdtemp(prefix="bdb_anchor_selftest.")
@@ -389,6 +421,18 @@ def selftest() -> int:
             failed += bool(bad)
             brief = {k: r.get(k) for k in ("records", "records_per_sec", "fsyncs")}
             print(f"{'FAIL' if bad else 'ok  '} {' '.join(log_case)}\n     {bad or brief}")
+        for i, txn_case in enumerate(TXN_CASES):
+            workdir = os.path.join(tmp, f"t{i}")
+            try:
+                r = run_anchor([*txn_case, "--dir", workdir], timeout=300, harness="txn")
+                bad = txn_problems(txn_case, r)
+                if os.path.exists(workdir):
+                    bad.append(f"work directory not removed: {workdir}")
+            except AnchorError as exc:
+                bad, r = [str(exc)], {}
+            failed += bool(bad)
+            brief = {k: r.get(k) for k in ("commits", "commits_per_s", "fsyncs")}
+            print(f"{'FAIL' if bad else 'ok  '} {' '.join(txn_case)}\n     {bad or brief}")
         for i, case in enumerate(cases):
             workdir = os.path.join(tmp, f"w{i}")
             try:
@@ -405,7 +449,7 @@ def selftest() -> int:
             print(f"{'ok  ' if ok else 'FAIL'} {' '.join(case)}\n     {_brief(r) or r}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    passed = len(cases) + len(LOG_CASES) - failed
+    passed = len(cases) + len(LOG_CASES) + len(TXN_CASES) - failed
     leaked = _shm_keys() - before
     if leaked:
         failed += 1
@@ -416,15 +460,18 @@ def selftest() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("run", "run-log"):
+    if argv and argv[0] in ("run", "run-log", "run-txn"):
         rest = argv[1:]
         if rest and rest[0] == "--":
             rest = rest[1:]
-        r = run_anchor(rest, check=False, harness="log" if argv[0] == "run-log" else "mpool")
+        harness = {"run": "mpool", "run-log": "log", "run-txn": "txn"}[argv[0]]
+        r = run_anchor(rest, check=False, harness=harness)
         print(json.dumps(r))
         return 0 if r.get("ok") else 1
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--build", action="store_true", help="build both (if needed), print paths")
+    ap.add_argument(
+        "--build", action="store_true", help="build every harness (if needed), print paths"
+    )
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ap.add_argument("--selftest", action="store_true", help="run every workload, tiny")
     ap.add_argument("--zipf-trace", metavar="OUT", help="write a zipf trace file")
