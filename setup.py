@@ -3,8 +3,13 @@
 The extension is an accelerator, never a requirement: without a C compiler (or with
 AIODBENV_NO_COMPILE=1) the build is skipped and aiodbenv binds pthread through cffi's ABI mode.
 
-The compiled module uses only CPython's stable ABI (cffi builds it ``py_limited_api``, hence
-``_speedups.abi3.so``), so the wheel is tagged ``cp311-abi3``: one wheel for every CPython >= 3.11.
+A second, optional extension, ``aiodbenv._hot`` (source aiodbenv/_csrc/capi/hot.c), holds the
+hot pin/unpin as CPython extension types; it is built the same way (a failed compile is a
+warning; the Python hot path then runs).
+
+The compiled modules use only CPython's stable ABI (cffi builds it ``py_limited_api``, hence
+``_speedups.abi3.so``; ``_hot.abi3.so`` defines ``Py_LIMITED_API`` 3.11 itself), so the wheel
+is tagged ``cp311-abi3``: one wheel for every CPython >= 3.11.
 The build script aiodbenv/_speedups_build.py is a build input, not a runtime module: it stays in
 the sdist (MANIFEST.in) and out of the wheel.
 """
@@ -13,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
@@ -52,6 +57,17 @@ class BdistWheelPureWithoutExtension(bdist_wheel):
 kwargs: dict[str, Any] = {}
 if os.environ.get("AIODBENV_NO_COMPILE") != "1":
     kwargs["cffi_modules"] = ["aiodbenv/_speedups_build.py:ffibuilder"]
+    # The hot pin/unpin as CPython extension types (aiodbenv.mpool.hot); it calls the cffi
+    # module's functions through pointers, so it has no bookkeeping C of its own. Its source
+    # sits in a subdirectory: every top-level _csrc/*.c is part of the cffi module.
+    kwargs["ext_modules"] = [
+        Extension(
+            "aiodbenv._hot",
+            ["aiodbenv/_csrc/capi/hot.c"],
+            py_limited_api=True,
+            extra_compile_args=["-Werror=implicit-function-declaration"],
+        )
+    ]
     # Tag the wheel for the stable ABI the extension is built against (cffi sets
     # py_limited_api on the Extension; the wheel tag is bdist_wheel's to say).
     kwargs["options"] = {"bdist_wheel": {"py_limited_api": "cp311"}}

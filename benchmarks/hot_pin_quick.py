@@ -6,7 +6,8 @@ issue 10's per-slot pin accounting was measured (alternate the two a few times):
     .venv/bin/python benchmarks/hot_pin_quick.py
     PYTHONPATH=<other tree> .venv/bin/python benchmarks/hot_pin_quick.py
 
-``AIODBENV_MUTEX=abi`` measures the pure-Python twin of the hit path instead.
+``AIODBENV_HOT=python`` measures the Python context over the cffi hit and unpin instead of the
+compiled context (aiodbenv._hot); ``AIODBENV_MUTEX=abi`` the pure-Python twin of the hit path.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ PACKAGE = REPO / "aiodbenv"
 #: Build inputs that live in the package directory but are not runtime modules.
 BUILD_ONLY = {"aiodbenv/_speedups_build.py"} | {
     p.relative_to(PACKAGE.parent).as_posix()
-    for p in (PACKAGE / "_csrc").iterdir()
+    for p in (PACKAGE / "_csrc").rglob("*")
     if p.suffix in (".c", ".cdef")
 }
 #: Project directories the sdist carries whole (generated output excluded).
@@ -141,6 +141,8 @@ def test_wheel_carries_the_accelerator_with_a_stable_abi_tag(
         assert not [n for n in names if n.endswith(".so")]
         return
     assert "aiodbenv/_speedups.abi3.so" in names
+    # The hot pin/unpin's extension types (aiodbenv.mpool.hot), built for the stable ABI too.
+    assert "aiodbenv/_hot.abi3.so" in names
     # One wheel for every CPython >= 3.11: the stable ABI tag, and a Linux platform tag
     # (linux_* straight from the build, manylinux_* after CI's auditwheel repair).
     assert re.search(r"-cp311-abi3-(manylinux_\d+_\d+_|linux_)\w+\.whl$", wheel.name), wheel.name

@@ -41,6 +41,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import aiodbenv
 from aiodbenv.errors import Incomplete, PageNotFound
+from aiodbenv.mpool.hotpath import detach
 from aiodbenv.mpool.page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page
 from aiodbenv.region.remove import remove_environment
 
@@ -117,6 +118,9 @@ class PoolMachine(RuleBasedStateMachine):
 
     loop_factory: Any = staticmethod(asyncio.new_event_loop)
     region = "file"
+    #: "c": files keep the compiled get() when it is installed; "python": it is taken away
+    #: (aiodbenv.mpool.hotpath.detach), so the model checks both hot paths.
+    hot = "c"
 
     def __init__(self) -> None:
         super().__init__()
@@ -145,8 +149,8 @@ class PoolMachine(RuleBasedStateMachine):
             )
             self.env.pool.fail_fast = True
             for spec in FILES:
-                self.files[spec.name] = self.run(
-                    self.env.pool.open_file(spec.name, page_size=spec.page_size)
+                self.files[spec.name] = self._hot_path(
+                    self.run(self.env.pool.open_file(spec.name, page_size=spec.page_size))
                 )
         except BaseException:
             self.teardown()  # hypothesis only tears down machines it finished making
@@ -156,6 +160,11 @@ class PoolMachine(RuleBasedStateMachine):
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
+
+    def _hot_path(self, f: aiodbenv.PoolFile) -> aiodbenv.PoolFile:
+        if self.hot == "python":
+            detach(f)
+        return f
 
     def teardown(self) -> None:
         try:
@@ -467,7 +476,7 @@ class PoolMachine(RuleBasedStateMachine):
         f = self.files[name]
         self.run(f.close())
         assert f.closed
-        g = self.run(self.pool.open_file(name, page_size=SPEC[name].page_size))
+        g = self._hot_path(self.run(self.pool.open_file(name, page_size=SPEC[name].page_size)))
         self.files[name] = g
         assert g.pages == self.model.npages[name]
 
@@ -578,9 +587,16 @@ class AsyncioPrivateMachine(PoolMachine):
     region = "private"  # no pthread mutexes: the hot paths' other branch
 
 
+class AsyncioFilePythonHotMachine(PoolMachine):
+    region = "file"
+    hot = "python"  # the Python PinContext over the cffi (or Python) hit and unpin
+
+
 TestPoolModelAsyncioFile = AsyncioFileMachine.TestCase
 TestPoolModelAsyncioFile.settings = _SETTINGS
 TestPoolModelUvloopSystem = UvloopSystemMachine.TestCase
 TestPoolModelUvloopSystem.settings = _SETTINGS
 TestPoolModelAsyncioPrivate = AsyncioPrivateMachine.TestCase
 TestPoolModelAsyncioPrivate.settings = settings(_SETTINGS, max_examples=25)
+TestPoolModelAsyncioFilePythonHot = AsyncioFilePythonHotMachine.TestCase
+TestPoolModelAsyncioFilePythonHot.settings = settings(_SETTINGS, max_examples=25)

@@ -38,6 +38,11 @@ LOCAL_IMPORTS_ALLOWED: Mapping[tuple[str, str], str] = {
         "AIODBENV_MUTEX=abi): tried at load, with the ABI-mode fallback"
     ),
     ("aiodbenv.region.mutex", "cffi"): "needed only by the ABI-mode fallback",
+    ("aiodbenv.mpool.hot", "aiodbenv._hot"): (
+        "the compiled hot path is optional (absent without a C compiler, skipped with "
+        "AIODBENV_HOT=python or AIODBENV_MUTEX=abi): tried at load, with the Python hot path "
+        "as the fallback"
+    ),
     ("aiodbenv.metrics", "prometheus_client.core"): (
         "an optional extra: importing aiodbenv.metrics must work without it; Collector fails "
         "at construction when it is missing"

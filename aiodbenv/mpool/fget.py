@@ -44,7 +44,7 @@ from .layout import (
     PINS_HALF,
 )
 from .miss import COMPILED_MISS, finish_miss, miss_context, try_miss
-from .page import Page
+from .page import Page, Pins, new_pins
 
 if TYPE_CHECKING:
     from .fopen import PoolFiles
@@ -146,7 +146,7 @@ class PageAccess:
         self._hs = pool._hs
         self._w0 = self._core.meta_words
         self._entry = self._core.entry(fidx)
-        self._pins: set[Page] = set()
+        self._pins: Pins = new_pins()
         # Pages pinned with get(latch=True) and the owner word of the latch each holds.
         self._latched: dict[Page, int] = {}
         self._closed = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 from ..errors import InvalidArgument
 from ..region.mutex import step_waits
@@ -35,6 +35,9 @@ class PoolFile(PageRelease):
     :meth:`unpin`. A page may be pinned many times, by many coroutines and processes; a pinned
     page is never evicted or moved.
     """
+
+    #: The compiled hot path of this file (:mod:`aiodbenv.mpool.hotpath`), or None.
+    _hotc: Any = None
 
     @property
     def name(self) -> str | None:
@@ -272,6 +275,8 @@ class PoolFile(PageRelease):
                 pending.append(task)
         self._closed = True
         self._hot = False
+        if self._hotc is not None:
+            self._hotc.disable()
         await self._pool._to_end(self._finish_close(pending), "closing a file")
 
     async def _finish_close(self, pending: list[asyncio.Task[None]]) -> None:

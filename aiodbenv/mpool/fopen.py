@@ -33,6 +33,7 @@ from .bh import close_fds
 from .bhread import PoolReads
 from .core import new_fileid
 from .file import PoolFile
+from .hotpath import attach
 from .layout import (
     FF_CHECKSUM,
     FF_NO_MMAP,
@@ -227,6 +228,7 @@ class PoolFiles(PoolReads):
             checksum=checksum,
             fs=fs,
         )
+        attach(f)  # the compiled get(), when it is installed and applies
         self._io.files.add(f)
         return f
 

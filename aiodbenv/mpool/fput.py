@@ -39,6 +39,9 @@ class PageRelease(PageAccess):
     def _disarm(self) -> None:
         super()._disarm()
         self._unpin = self._refuse_forked  # type: ignore[method-assign,assignment]
+        hotc = getattr(self, "_hotc", None)  # PoolFile's compiled hot path, if any
+        if hotc is not None:
+            hotc.disable()
 
     def _check_flags(self, page: Page, flags: int) -> None:
         """Raise the error a bad unpin or set deserves (called only when something is off)."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import hot
+from .hot import PageBase
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -13,13 +16,45 @@ if TYPE_CHECKING:
     from .file import PoolFile
 
 __all__ = ["PAGE_CLEAN", "PAGE_DIRTY", "PAGE_DISCARD", "LatchedPinContext", "Page", "PinContext"]
+__all__ += ["Pins", "new_pins"]
 
 PAGE_DIRTY = 1
 PAGE_CLEAN = 2
 PAGE_DISCARD = 4
 
 
-class Page:
+if TYPE_CHECKING or PageBase is None:
+
+    class _PageStorage:
+        """The attributes of a :class:`Page` (the compiled PageBase of :mod:`aiodbenv._hot`
+        holds the same ones in C when the compiled hot path is in use)."""
+
+        __slots__ = ("__weakref__", "_bh", "_bucket", "_cache", "_file", "_flags", "data", "pgno")
+
+        def __init__(
+            self,
+            file: PageAccess,
+            pgno: int,
+            data: memoryview,
+            cache: Cache | None,
+            bucket: int,
+            bh: int,
+        ) -> None:
+            #: The page number (0-based).
+            self.pgno = pgno
+            #: The page's bytes, valid while the page is pinned.
+            self.data = data
+            self._file = file
+            self._cache = cache  # None for a page served from a memory map
+            self._bucket = bucket
+            self._bh = bh  # the buffer's offset; -1 once unpinned; 0 for a mapped page
+            self._flags = 0  # PAGE_* requested for the unpin
+
+else:
+    _PageStorage = PageBase
+
+
+class Page(_PageStorage):
     """A pinned page: ``data`` is a memoryview of the page in the shared cache (no copy).
 
     Changes to ``data`` are seen by every process at once; call :meth:`mark_dirty` so the page
@@ -28,26 +63,7 @@ class Page:
     now hold another page. Pages of a memory-mapped read-only file have a read-only view.
     """
 
-    __slots__ = ("__weakref__", "_bh", "_bucket", "_cache", "_file", "_flags", "data", "pgno")
-
-    def __init__(
-        self,
-        file: PageAccess,
-        pgno: int,
-        data: memoryview,
-        cache: Cache | None,
-        bucket: int,
-        bh: int,
-    ) -> None:
-        #: The page number (0-based).
-        self.pgno = pgno
-        #: The page's bytes, valid while the page is pinned.
-        self.data = data
-        self._file = file
-        self._cache = cache  # None for a page served from a memory map
-        self._bucket = bucket
-        self._bh = bh  # the buffer's offset; -1 once unpinned; 0 for a mapped page
-        self._flags = 0  # PAGE_* requested for the unpin
+    __slots__ = ()
 
     def mark_dirty(self) -> None:
         """Write this page back before its buffer is reused (memp_fput ``DB_MPOOL_DIRTY``),
@@ -73,6 +89,26 @@ class Page:
         return f"<Page {self.pgno} of {self._file._path!r} {state}>"
 
 
+class Pins(Protocol):
+    """The pages a file handle holds pinned (``PageAccess._pins``): what closing the file
+    unpins and a forked child's disarm releases."""
+
+    def add(self, page: Page, /) -> None: ...
+    def discard(self, page: Page, /) -> None: ...
+    def __iter__(self) -> Iterator[Page]: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, page: object, /) -> bool: ...
+
+
+def new_pins() -> Pins:
+    """An empty :class:`Pins`: the compiled ``PinSet`` (pages linked through their own fields,
+    cheaper on the hot path than a set) when :mod:`aiodbenv._hot` is installed, else a set."""
+    if hot.module is None:
+        return set()
+    pins: Pins = hot.module.PinSet()
+    return pins
+
+
 class PinContext:
     """The result of :meth:`PoolFile.get`, :meth:`~PoolFile.new` and :meth:`~PoolFile.last`.
 
@@ -93,6 +129,10 @@ class PinContext:
         return self._file._pin(self._pgno, self._mode).__await__()
 
     async def __aenter__(self) -> Page:
+        if self._page is not None:
+            raise RuntimeError(
+                "this page context is already entered: exit it before entering again"
+            )
         # A hit needs no await at all: the fast path is plain synchronous bookkeeping.
         page = self._file._pin_hit(self._pgno) if self._mode == 0 else None
         if page is None:

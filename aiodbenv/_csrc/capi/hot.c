@@ -1,0 +1,992 @@
+/* aiodbenv._hot: the hot pin/unpin of PoolFile.get() as CPython extension types.
+ *
+ * `async with f.get(p) as page` costs two cffi calls with many arguments, a Python context
+ * class, two coroutine objects and a Page built in Python (perf-notes Q1: ~2.8 us). Here the
+ * context is a C object that is its own already-completed awaitable (am_send returns the result
+ * with PYGEN_RETURN: no coroutine, no StopIteration), its __aenter__ does the whole hit and its
+ * __aexit__ the whole unpin.
+ *
+ * The bookkeeping itself is NOT compiled here: the region layout table, the known-regions table
+ * and the lock wait are static state of the cffi accelerator (aiodbenv/_csrc/10_core.c,
+ * 20_pin.c), so this module calls that module's aiodb_pin_one_cache (a pool of one cache),
+ * aiodb_pin_hit (several) and aiodb_unpin_at through function pointers handed over once by
+ * aiodbenv/mpool/hotpath.py (configure()). One copy of the code, one copy of its state.
+ *
+ * Python is called only off the hot path: a miss, contention, a dead mutex holder, a corrupt
+ * chain, a closed, forked or mapped file, a panicked environment, a dirty unpin (to count dirty
+ * bytes), a frame waiter to wake, and any unpin the C checks do not clear.
+ *
+ * Limited API (abi3) for CPython >= 3.11: the buffer protocol and am_send are stable there.
+ */
+#define Py_LIMITED_API 0x030B0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <errno.h>
+#include <stdint.h>
+
+/* Replace *ref with value (a new reference), dropping the old one after (Py_XSETREF is not in
+   the limited API). */
+#define SETREF(ref, value)              \
+    do {                                \
+        PyObject *old_ = (PyObject *)(ref); \
+        (ref) = (value);                \
+        Py_XDECREF(old_);               \
+    } while (0)
+
+typedef int64_t (*pin_one_fn)(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                              const uint64_t *bucket_w, uint64_t nb, uint64_t fidx, uint64_t pgno,
+                              uint64_t *hits, uint64_t *extra, uint64_t *longest,
+                              uint64_t *bucket, uint64_t slot);
+typedef int64_t (*pin_hit_fn)(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head_w,
+                              uint64_t pgno, uint64_t tag, uint64_t *examined, uint64_t slot);
+typedef int (*unpin_at_fn)(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
+                           const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w,
+                           int flags, uint64_t slot);
+
+/* Set once by configure(); until then get() refuses (the Python side never uses an
+   unconfigured module). */
+static pin_one_fn pin_one;
+static pin_hit_fn pin_hit;
+static unpin_at_fn unpin_at;
+static uint64_t b_head, hash_pgno, hash_file, hash_mask;
+static int64_t corrupt_code;
+static int64_t bh_data;
+static long page_dirty, page_clean;
+static int64_t max_pgno;
+static PyTypeObject *page_type;    /* aiodbenv.mpool.page.Page, a subclass of PageBase */
+static allocfunc page_alloc;
+static PyObject *s_release;        /* "release" */
+static PyObject *release_fn;       /* memoryview.release, called unbound (no method lookup) */
+
+static PyTypeObject *PageBase_Type;
+static PyTypeObject *HotFile_Type;
+static PyTypeObject *PinCtx_Type;
+
+/* ---------------------------------------------------------------- PageBase ----------- */
+
+/* The storage of aiodbenv.mpool.page.Page (its methods are Python, in page.py). A page pinned
+   by this module exports its bytes itself: `data` is a memoryview of the page, and the page
+   holds a buffer of the region (cache.buf) while that view lives, so the region cannot be
+   unmapped under a view or a slice of it, exactly as with a slice of cache.buf. */
+typedef struct PageObject_ {
+    PyObject_HEAD
+    long long pgno;
+    PyObject *data;
+    PyObject *file;
+    PyObject *cache;
+    long long bucket;
+    long long bh;        /* the buffer's offset; -1 once unpinned; 0 for a mapped page */
+    long long flags;     /* PAGE_* requested for the unpin */
+    PyObject *weakrefs;
+    Py_buffer region;    /* held while has_region */
+    Py_ssize_t view_off, view_len;
+    char has_region, exported;
+    /* Membership of a PinSet (its file's pins): an intrusive list, which costs a fifth of
+       a hot pin less than a Python set's add and discard. */
+    struct PinSet *pinset;
+    struct PageObject_ *pprev, *pnext;
+} PageObject;
+
+static int page_traverse(PageObject *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE((PyObject *)self));
+    Py_VISIT(self->data);
+    Py_VISIT(self->file);
+    Py_VISIT(self->cache);
+    return 0;
+}
+
+static int page_clear(PageObject *self) {
+    Py_CLEAR(self->data);
+    Py_CLEAR(self->file);
+    Py_CLEAR(self->cache);
+    return 0;
+}
+
+static void page_dealloc(PageObject *self) {
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs) PyObject_ClearWeakRefs((PyObject *)self);
+    page_clear(self);
+    /* A live export holds a reference to the page, so only a never-exported buffer is left. */
+    if (self->has_region) {
+        self->has_region = 0;
+        PyBuffer_Release(&self->region);
+    }
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+/* Page(file, pgno, data, cache, bucket, bh): a page pinned by the Python paths. */
+static PyObject *page_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *file, *data, *cache;
+    long long pgno, bucket, bh;
+    static char *kwlist[] = {"file", "pgno", "data", "cache", "bucket", "bh", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OLOOLL", kwlist, &file, &pgno, &data, &cache,
+                                     &bucket, &bh))
+        return NULL;
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    PageObject *self = (PageObject *)alloc(type, 0);
+    if (!self) return NULL;
+    self->pgno = pgno;
+    Py_INCREF(data);
+    self->data = data;
+    Py_INCREF(file);
+    self->file = file;
+    Py_INCREF(cache);
+    self->cache = cache;
+    self->bucket = bucket;
+    self->bh = bh;
+    return (PyObject *)self;
+}
+
+/* Only `data` is made from a page's buffer (once, when the page is pinned): a Page is not a
+   bytes-like object for its users. */
+static int page_getbuffer(PageObject *self, Py_buffer *view, int flags) {
+    if (!self->has_region || self->exported) {
+        /* TypeError, as for the Python Page: not a bytes-like object. */
+        PyErr_SetString(PyExc_TypeError, "a Page is not a bytes-like object: use page.data");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, (char *)self->region.buf + self->view_off,
+                          self->view_len, self->region.readonly, flags) < 0)
+        return -1;
+    self->exported = 1;
+    return 0;
+}
+
+/* The view and every slice of it are gone: give the region's buffer back. */
+static void page_releasebuffer(PageObject *self, Py_buffer *view) {
+    (void)view;
+    self->exported = 0;
+    if (self->has_region) {
+        self->has_region = 0;
+        PyBuffer_Release(&self->region);
+    }
+}
+
+static PyMemberDef page_members[] = {
+    {"pgno", T_LONGLONG, offsetof(PageObject, pgno), 0, "The page number (0-based)."},
+    {"data", T_OBJECT, offsetof(PageObject, data), READONLY,
+     "The page's bytes, valid while the page is pinned."},
+    {"_file", T_OBJECT, offsetof(PageObject, file), READONLY, NULL},
+    {"_cache", T_OBJECT, offsetof(PageObject, cache), READONLY, NULL},
+    {"_bucket", T_LONGLONG, offsetof(PageObject, bucket), 0, NULL},
+    {"_bh", T_LONGLONG, offsetof(PageObject, bh), 0, NULL},
+    {"_flags", T_LONGLONG, offsetof(PageObject, flags), 0, NULL},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(PageObject, weakrefs), READONLY, NULL},
+    {NULL},
+};
+
+static PyType_Slot page_slots[] = {
+    {Py_tp_doc, "The storage of a pinned page (see aiodbenv.mpool.page.Page)."},
+    {Py_tp_new, page_new},
+    {Py_tp_dealloc, page_dealloc},
+    {Py_tp_traverse, page_traverse},
+    {Py_tp_clear, page_clear},
+    {Py_tp_members, page_members},
+    {Py_bf_getbuffer, page_getbuffer},
+    {Py_bf_releasebuffer, page_releasebuffer},
+    {0, NULL},
+};
+
+static PyType_Spec page_spec = {
+    "aiodbenv._hot.PageBase",
+    sizeof(PageObject),
+    0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    page_slots,
+};
+
+/* ---------------------------------------------------------------- PinSet ------------- */
+
+/* The pages a file handle holds pinned (PageAccess._pins): what close unpins and the fork
+   disarm releases. A set-like container of Page objects, each linked into it through its own
+   fields; it holds a reference to each. */
+typedef struct PinSet {
+    PyObject_HEAD
+    PageObject *head;
+    Py_ssize_t n;
+} PinSet;
+
+static PyTypeObject *PinSet_Type;
+
+static void pins_link(PinSet *ps, PageObject *p) {
+    Py_INCREF((PyObject *)p);
+    p->pinset = ps;
+    p->pprev = NULL;
+    p->pnext = ps->head;
+    if (ps->head) ps->head->pprev = p;
+    ps->head = p;
+    ps->n++;
+}
+
+/* Unlink p from its PinSet (if any) and drop the set's reference (last: p may go). */
+static void pins_unlink(PageObject *p) {
+    PinSet *ps = p->pinset;
+    if (!ps) return;
+    if (p->pprev) p->pprev->pnext = p->pnext;
+    else ps->head = p->pnext;
+    if (p->pnext) p->pnext->pprev = p->pprev;
+    p->pinset = NULL;
+    p->pprev = p->pnext = NULL;
+    ps->n--;
+    Py_DECREF((PyObject *)p);
+}
+
+static int is_page(PyObject *o) { return PyObject_TypeCheck(o, PageBase_Type); }
+
+static PyObject *pins_add(PinSet *self, PyObject *page) {
+    if (!is_page(page)) {
+        PyErr_SetString(PyExc_TypeError, "a PinSet holds pages only");
+        return NULL;
+    }
+    PageObject *p = (PageObject *)page;
+    if (p->pinset != self) {
+        pins_unlink(p);
+        pins_link(self, p);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *pins_discard(PinSet *self, PyObject *page) {
+    if (is_page(page) && ((PageObject *)page)->pinset == self) pins_unlink((PageObject *)page);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t pins_len(PinSet *self) { return self->n; }
+
+static int pins_contains(PinSet *self, PyObject *page) {
+    return is_page(page) && ((PageObject *)page)->pinset == self;
+}
+
+/* Iterates over a snapshot: the caller may unpin (unlink) pages as it goes. */
+static PyObject *pins_iter(PinSet *self) {
+    PyObject *list = PyList_New(self->n);
+    if (!list) return NULL;
+    Py_ssize_t i = 0;
+    for (PageObject *p = self->head; p && i < self->n; p = p->pnext, i++) {
+        Py_INCREF((PyObject *)p);
+        PyList_SetItem(list, i, (PyObject *)p);
+    }
+    PyObject *it = PyObject_GetIter(list);
+    Py_DECREF(list);
+    return it;
+}
+
+static int pins_traverse(PinSet *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE((PyObject *)self));
+    for (PageObject *p = self->head; p; p = p->pnext) Py_VISIT((PyObject *)p);
+    return 0;
+}
+
+static int pins_clear(PinSet *self) {
+    while (self->head) pins_unlink(self->head);
+    return 0;
+}
+
+static void pins_dealloc(PinSet *self) {
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    PyObject_GC_UnTrack(self);
+    pins_clear(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *pins_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    if (PyTuple_Size(args) || (kwds && PyDict_Size(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "PinSet() takes no arguments");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    return alloc(type, 0);
+}
+
+static PyObject *pins_repr(PinSet *self) {
+    return PyUnicode_FromFormat("<PinSet of %zd page(s)>", self->n);
+}
+
+static PyMethodDef pins_methods[] = {
+    {"add", (PyCFunction)pins_add, METH_O, "Record a pinned page."},
+    {"discard", (PyCFunction)pins_discard, METH_O, "Forget a page, if recorded."},
+    {NULL},
+};
+
+static PyType_Slot pins_slots[] = {
+    {Py_tp_doc, "The pages a file handle holds pinned (set-like: add, discard, in, len, iter)."},
+    {Py_tp_new, pins_new},
+    {Py_tp_dealloc, pins_dealloc},
+    {Py_tp_traverse, pins_traverse},
+    {Py_tp_clear, pins_clear},
+    {Py_tp_iter, pins_iter},
+    {Py_tp_repr, pins_repr},
+    {Py_tp_methods, pins_methods},
+    {Py_sq_length, pins_len},
+    {Py_sq_contains, pins_contains},
+    {0, NULL},
+};
+
+static PyType_Spec pins_spec = {
+    "aiodbenv._hot.PinSet",
+    sizeof(PinSet),
+    0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    pins_slots,
+};
+
+/* ---------------------------------------------------------------- HotFile ------------ */
+
+/* One cache (mpool region) as the compiled pin and unpin take it. */
+typedef struct {
+    PyObject *cache, *buf;   /* the Cache object, its region's buffer */
+    uint64_t *w;             /* the region's words */
+    void **mptrs;            /* per bucket: its mutex (NULL in a private region) */
+    const uint64_t *nowait_w, *bucket_w;
+    uint64_t nb, hdr;
+    Py_ssize_t region_len;
+} CacheRef;
+
+#define MAX_CACHES 64
+
+/* The hot state of one PoolFile (not memory-mapped): each cache's addresses and word indexes
+   the compiled pin and unpin take, and the Python callables of the slow paths. The addresses
+   stay valid while `hot` is set: the Python side clears it (disable) when the file closes or
+   a forked child disarms it, before any region goes away. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *file, *pins, *frame_queue;
+    PyObject *note_dirty, *frame_released, *py_get, *enter_slow, *await_slow, *exit_slow;
+    PyObject *after_unpin, *fail, *page_size_obj;
+    uint64_t fidx, slot;
+    uint64_t *hits, *extra, *longest;
+    const volatile uint64_t *panic;
+    Py_ssize_t data_size;
+    int hot, readonly, ncache;
+    CacheRef c[MAX_CACHES];
+} HotFile;
+
+static int hf_traverse(HotFile *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE((PyObject *)self));
+    Py_VISIT(self->file);
+    Py_VISIT(self->pins);
+    Py_VISIT(self->frame_queue);
+    Py_VISIT(self->note_dirty);
+    Py_VISIT(self->frame_released);
+    Py_VISIT(self->py_get);
+    Py_VISIT(self->enter_slow);
+    Py_VISIT(self->await_slow);
+    Py_VISIT(self->exit_slow);
+    Py_VISIT(self->after_unpin);
+    Py_VISIT(self->fail);
+    Py_VISIT(self->page_size_obj);
+    for (int i = 0; i < self->ncache; i++) {
+        Py_VISIT(self->c[i].cache);
+        Py_VISIT(self->c[i].buf);
+    }
+    return 0;
+}
+
+static int hf_clear(HotFile *self) {
+    self->hot = 0; /* the callables are gone: never take the fast path again */
+    Py_CLEAR(self->file);
+    Py_CLEAR(self->pins);
+    Py_CLEAR(self->frame_queue);
+    Py_CLEAR(self->note_dirty);
+    Py_CLEAR(self->frame_released);
+    Py_CLEAR(self->py_get);
+    Py_CLEAR(self->enter_slow);
+    Py_CLEAR(self->await_slow);
+    Py_CLEAR(self->exit_slow);
+    Py_CLEAR(self->after_unpin);
+    Py_CLEAR(self->fail);
+    Py_CLEAR(self->page_size_obj);
+    for (int i = 0; i < self->ncache; i++) {
+        Py_CLEAR(self->c[i].cache);
+        Py_CLEAR(self->c[i].buf);
+    }
+    return 0;
+}
+
+static void hf_dealloc(HotFile *self) {
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    PyObject_GC_UnTrack(self);
+    hf_clear(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+/* One cache's tuple: (cache, buf, words, mutexes, nowait_words, bucket_words, nbuckets,
+   header_word, region_bytes), the addresses as ints. */
+static int cache_ref(CacheRef *c, PyObject *t) {
+    PyObject *cache, *buf;
+    unsigned long long w, m, nw, bw, nb, hdr;
+    Py_ssize_t len;
+    if (!PyTuple_Check(t) ||
+        !PyArg_ParseTuple(t, "OOKKKKKKn", &cache, &buf, &w, &m, &nw, &bw, &nb, &hdr, &len)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a cache must be a tuple");
+        return -1;
+    }
+    if (!w || !m || !nw || !bw || !nb || len <= 0) {
+        PyErr_SetString(PyExc_ValueError, "HotFile: a cache with a null address or no buckets");
+        return -1;
+    }
+    Py_INCREF(cache);
+    c->cache = cache;
+    Py_INCREF(buf);
+    c->buf = buf;
+    c->w = (uint64_t *)(uintptr_t)w;
+    c->mptrs = (void **)(uintptr_t)m;
+    c->nowait_w = (const uint64_t *)(uintptr_t)nw;
+    c->bucket_w = (const uint64_t *)(uintptr_t)bw;
+    c->nb = nb;
+    c->hdr = hdr;
+    c->region_len = len;
+    return 0;
+}
+
+static PyObject *hf_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *o[11], *caches;
+    unsigned long long fidx, slot, page_size, hits, extra, longest, panic;
+    Py_ssize_t data_size;
+    int readonly;
+    if (kwds && PyDict_Size(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "HotFile takes positional arguments only");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOKKKKKKKnp", &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &caches, &fidx, &slot,
+                          &page_size, &hits, &extra, &longest, &panic, &data_size, &readonly))
+        return NULL;
+    if (!pin_one || !pin_hit || !unpin_at || !page_type) {
+        PyErr_SetString(PyExc_RuntimeError, "aiodbenv._hot is not configured");
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(o[1], PinSet_Type)) {
+        PyErr_SetString(PyExc_TypeError, "pins must be a PinSet");
+        return NULL;
+    }
+    Py_ssize_t ncache = PyTuple_Check(caches) ? PyTuple_Size(caches) : -1;
+    if (ncache < 1 || ncache > MAX_CACHES) {
+        PyErr_SetString(PyExc_ValueError, "HotFile: caches must be a tuple of 1..64 caches");
+        return NULL;
+    }
+    if (!hits || !extra || !longest || !panic || data_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "HotFile: a null address or an empty page");
+        return NULL;
+    }
+    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
+    HotFile *self = (HotFile *)alloc(type, 0);
+    if (!self) return NULL;
+    PyObject **dst[11] = {&self->file,       &self->pins,       &self->frame_queue,
+                          &self->note_dirty, &self->frame_released, &self->py_get,
+                          &self->enter_slow, &self->await_slow, &self->exit_slow,
+                          &self->after_unpin, &self->fail};
+    for (int i = 0; i < 11; i++) {
+        Py_INCREF(o[i]);
+        *dst[i] = o[i];
+    }
+    for (Py_ssize_t i = 0; i < ncache; i++) {
+        if (cache_ref(&self->c[i], PyTuple_GetItem(caches, i)) < 0) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->ncache = (int)i + 1;
+    }
+    self->fidx = fidx;
+    self->slot = slot;
+    self->page_size_obj = PyLong_FromUnsignedLongLong(page_size); /* for note_dirty */
+    self->hits = (uint64_t *)(uintptr_t)hits;
+    self->extra = (uint64_t *)(uintptr_t)extra;
+    self->longest = (uint64_t *)(uintptr_t)longest;
+    self->panic = (const volatile uint64_t *)(uintptr_t)panic;
+    self->data_size = data_size;
+    self->readonly = readonly;
+    if (!self->page_size_obj) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->hot = 1;
+    return (PyObject *)self;
+}
+
+/* The cache of a page, or NULL if it is none of this file's (a mapped page: cache None). */
+static CacheRef *cache_of(HotFile *hf, PyObject *cache) {
+    for (int i = 0; i < hf->ncache; i++)
+        if (hf->c[i].cache == cache) return &hf->c[i];
+    return NULL;
+}
+
+/* What get() returns: `async with` pins in __aenter__ and unpins in __aexit__, `await` pins.
+   Each of them returns the context itself, already completed: am_send hands `result` back at
+   once (PYGEN_RETURN), so a hit makes no coroutine and raises no StopIteration. */
+typedef struct {
+    PyObject_HEAD
+    HotFile *hf;
+    long long pgno;
+    PyObject *page;    /* the page pinned by __aenter__, for __aexit__ */
+    PyObject *result;  /* what the pending await returns (NULL: no await pending) */
+} PinCtx;
+
+/* Undo a pin this module just took, when building its Page failed (out of memory). */
+static void undo_pin(HotFile *hf, CacheRef *c, uint64_t b, int64_t off) {
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    int r = unpin_at(c->w, c->mptrs, c->nowait_w, c->bucket_w, b, (uint64_t)off >> 3, c->hdr, 0,
+                     hf->slot);
+    if (r != 0 && r != 1) {
+        /* Contended or odd: let the Python release (which waits without blocking) finish. */
+        PyObject *res = PyObject_CallFunction(hf->after_unpin, "OLKLii", c->cache, (long long)-1,
+                                              (unsigned long long)b, (long long)off, 0, r);
+        if (res) {
+            /* A coroutine: nobody will await it here; close it so it does not warn. */
+            PyObject *x = PyObject_CallMethod(res, "close", NULL);
+            Py_XDECREF(x);
+            Py_DECREF(res);
+        }
+        PyErr_Clear();
+    }
+    PyErr_Restore(et, ev, tb);
+}
+
+/* The hit: pin page pgno in C and build its Page. NULL with no error set: not a hit (go the
+   slow way). NULL with an error: raise it. */
+static PyObject *hit(HotFile *hf, int64_t pgno) {
+    if (!hf->hot || *hf->panic) return NULL;
+    uint64_t b = 0;
+    int64_t off;
+    CacheRef *c;
+    if (hf->ncache == 1) {
+        /* Hash, search, pin and statistics in one call. */
+        c = &hf->c[0];
+        off = pin_one(c->w, c->mptrs, c->nowait_w, c->bucket_w, c->nb, hf->fidx,
+                      (uint64_t)pgno, hf->hits, hf->extra, hf->longest, &b, hf->slot);
+    } else {
+        /* The cache and bucket as aiodbenv.mpool.cache.bucket_hash and PageAccess._pin_hit_c
+           choose them. */
+        uint64_t h = ((uint64_t)pgno * hash_pgno + hf->fidx * hash_file) & hash_mask;
+        uint64_t n = (uint64_t)hf->ncache, examined = 1;
+        c = &hf->c[h % n];
+        b = (h / n) % c->nb;
+        off = pin_hit(c->w, c->mptrs[b], c->nowait_w[b], c->bucket_w[b] + b_head, (uint64_t)pgno,
+                      hf->fidx + 1, &examined, hf->slot);
+        if (off > 0) {
+            (*hf->hits)++;
+            if (examined > 1) {
+                *hf->extra += examined - 1;
+                if (examined > *hf->longest) *hf->longest = examined;
+            }
+        }
+    }
+    if (off <= 0) {
+        if (off == -EOWNERDEAD || off == corrupt_code) {
+            /* Repair the bucket (or raise CorruptRegion), then the slow path. */
+            PyObject *r = PyObject_CallFunction(hf->fail, "OLK", c->cache, (long long)off,
+                                                (unsigned long long)b);
+            if (!r) return NULL;
+            Py_DECREF(r);
+        }
+        return NULL;
+    }
+    Py_ssize_t start = (Py_ssize_t)(off + bh_data);
+    if (start > c->region_len - hf->data_size) {
+        /* The buffer's page ends past the region: corrupt (the pin no longer matters). */
+        PyObject *r = PyObject_CallFunction(hf->fail, "OLK", c->cache, (long long)0,
+                                            (unsigned long long)b);
+        Py_XDECREF(r);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "page ends past the region");
+        return NULL;
+    }
+    PageObject *p = (PageObject *)page_alloc(page_type, 0);
+    if (!p) goto fail;
+    p->pgno = pgno;
+    Py_INCREF(hf->file);
+    p->file = hf->file;
+    Py_INCREF(c->cache);
+    p->cache = c->cache;
+    p->bucket = (long long)b;
+    p->bh = off;
+    if (PyObject_GetBuffer(c->buf, &p->region, PyBUF_SIMPLE) < 0) goto fail_page;
+    p->has_region = 1;
+    if (p->region.len < start + hf->data_size) {
+        PyErr_SetString(PyExc_BufferError, "the cache's buffer is shorter than its region");
+        goto fail_page;
+    }
+    p->view_off = start;
+    p->view_len = hf->data_size;
+    p->data = PyMemoryView_FromObject((PyObject *)p);
+    if (!p->data) goto fail_page;
+    pins_link((PinSet *)hf->pins, p);
+    return (PyObject *)p;
+fail_page:
+    p->bh = -1;
+    Py_DECREF(p);
+fail:
+    undo_pin(hf, c, b, off);
+    return NULL;
+}
+
+/* get(pgno): the context of `async with f.get(pgno)` / `await f.get(pgno)`. Anything but one
+   plain int page number in range goes to PoolFile.get (keywords, latch, checks, errors). */
+static PyObject *hf_get(HotFile *self, PyObject *const *args, Py_ssize_t nargs,
+                        PyObject *kwnames) {
+    if (nargs == 1 && !kwnames && PyLong_CheckExact(args[0])) {
+        int overflow = 0;
+        long long pgno = PyLong_AsLongLongAndOverflow(args[0], &overflow);
+        if (!overflow && pgno >= 0 && pgno < max_pgno) {
+            allocfunc alloc = (allocfunc)PyType_GetSlot(PinCtx_Type, Py_tp_alloc);
+            PinCtx *ctx = (PinCtx *)alloc(PinCtx_Type, 0);
+            if (!ctx) return NULL;
+            Py_INCREF((PyObject *)self);
+            ctx->hf = self;
+            ctx->pgno = pgno;
+            return (PyObject *)ctx;
+        }
+    }
+    /* The general case: rebuild the call for PoolFile.get. */
+    Py_ssize_t nkw = kwnames ? PyTuple_Size(kwnames) : 0;
+    PyObject *t = PyTuple_New(nargs);
+    if (!t) return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SetItem(t, i, args[i]);
+    }
+    PyObject *d = NULL;
+    if (nkw) {
+        d = PyDict_New();
+        if (!d) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < nkw; i++)
+            if (PyDict_SetItem(d, PyTuple_GetItem(kwnames, i), args[nargs + i]) < 0) {
+                Py_DECREF(t);
+                Py_DECREF(d);
+                return NULL;
+            }
+    }
+    PyObject *r = PyObject_Call(self->py_get, t, d);
+    Py_DECREF(t);
+    Py_XDECREF(d);
+    return r;
+}
+
+static PyObject *hf_disable(HotFile *self, PyObject *unused) {
+    (void)unused;
+    self->hot = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *hf_get_hot(HotFile *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->hot);
+}
+
+static PyMethodDef hf_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))hf_get, METH_FASTCALL | METH_KEYWORDS,
+     "get(pgno, *, create=False, latch=False): the context that pins page pgno (see "
+     "PoolFile.get)."},
+    {"disable", (PyCFunction)hf_disable, METH_NOARGS,
+     "Never take the compiled path again (the file closed, or a forked child disarmed it)."},
+    {NULL},
+};
+
+static PyGetSetDef hf_getset[] = {
+    {"hot", (getter)hf_get_hot, NULL, "True while the compiled path may run.", NULL},
+    {NULL},
+};
+
+static PyType_Slot hf_slots[] = {
+    {Py_tp_doc, "The compiled hot path of one PoolFile (aiodbenv.mpool.hotpath)."},
+    {Py_tp_new, hf_new},
+    {Py_tp_dealloc, hf_dealloc},
+    {Py_tp_traverse, hf_traverse},
+    {Py_tp_clear, hf_clear},
+    {Py_tp_methods, hf_methods},
+    {Py_tp_getset, hf_getset},
+    {0, NULL},
+};
+
+static PyType_Spec hf_spec = {
+    "aiodbenv._hot.HotFile",
+    sizeof(HotFile),
+    0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    hf_slots,
+};
+
+/* ---------------------------------------------------------------- PinCtx ------------- */
+
+
+static void ctx_dealloc(PinCtx *self) {
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    Py_CLEAR(self->hf);
+    Py_CLEAR(self->page);
+    Py_CLEAR(self->result);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+/* Return self as the completed awaitable of `value` (stolen). */
+static PyObject *completed(PinCtx *self, PyObject *value) {
+    SETREF(self->result, value);
+    Py_INCREF((PyObject *)self);
+    return (PyObject *)self;
+}
+
+static PyObject *ctx_aenter(PinCtx *self, PyObject *unused) {
+    (void)unused;
+    if (self->page) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this page context is already entered: exit it before entering again");
+        return NULL;
+    }
+    PyObject *page = hit(self->hf, self->pgno);
+    if (page) {
+        Py_INCREF(page);
+        self->page = page;
+        return completed(self, page);
+    }
+    if (PyErr_Occurred()) return NULL;
+    /* The slow path: a coroutine of the file that pins and records the page in _page. */
+    return PyObject_CallFunction(self->hf->enter_slow, "OL", (PyObject *)self, self->pgno);
+}
+
+static PyObject *ctx_aexit(PinCtx *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)args;
+    (void)nargs;
+    PageObject *p = (PageObject *)self->page;
+    if (!p) return completed(self, Py_NewRef(Py_None));
+    self->page = NULL; /* ours now: every way out below drops it */
+    HotFile *hf = self->hf;
+    long long flags = p->flags;
+    CacheRef *c = cache_of(hf, p->cache);
+    if (!hf->hot || !c || p->file != hf->file || p->bh <= 0 ||
+        ((flags & page_dirty) && ((flags & page_clean) || hf->readonly))) {
+        /* Closed, forked, not a page of this cache, already unpinned, or a bad flag: the
+           Python unpin decides (and raises what it must). */
+        PyObject *r = PyObject_CallFunctionObjArgs(hf->exit_slow, (PyObject *)p, NULL);
+        Py_DECREF(p);
+        return r;
+    }
+    if (flags & page_dirty) {
+        PyObject *r = PyObject_CallFunctionObjArgs(hf->note_dirty, hf->page_size_obj, NULL);
+        if (!r) {
+            Py_DECREF(p);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    long long bh = p->bh;
+    p->bh = -1;
+    pins_unlink(p); /* ctx's reference (p) keeps it alive */
+    /* As the Python unpin: a view exported further (a buffer taken from page.data) makes this
+       raise BufferError, and the pin stays counted. */
+    PyObject *rel = PyMemoryView_Check(p->data)
+                        ? PyObject_CallFunctionObjArgs(release_fn, p->data, NULL)
+                        : PyObject_CallMethodObjArgs(p->data, s_release, NULL);
+    if (!rel) {
+        Py_DECREF(p);
+        return NULL;
+    }
+    Py_DECREF(rel);
+    uint64_t b = (uint64_t)p->bucket;
+    int r = unpin_at(c->w, c->mptrs, c->nowait_w, c->bucket_w, b, (uint64_t)bh >> 3, c->hdr,
+                     (int)flags, hf->slot);
+    if (r == 0 || r == 1) {
+        Py_DECREF(p);
+        if (r == 1) {
+            /* A frame may be evictable now: wake a frame waiter, if any waits. */
+            Py_ssize_t waiting = PyObject_Length(hf->frame_queue);
+            if (waiting < 0) return NULL;
+            if (waiting) {
+                PyObject *x = PyObject_CallNoArgs(hf->frame_released);
+                if (!x) return NULL;
+                Py_DECREF(x);
+            }
+        }
+        return completed(self, Py_NewRef(Py_None));
+    }
+    /* Contended, a dead holder, or an over-unpin: the Python release finishes it. */
+    PyObject *res = PyObject_CallFunction(hf->after_unpin, "OLKLLi", c->cache, p->pgno,
+                                          (unsigned long long)b, bh, flags, r);
+    Py_DECREF(p);
+    return res;
+}
+
+static PyObject *ctx_await(PinCtx *self) {
+    if (self->result) {
+        Py_INCREF((PyObject *)self);
+        return (PyObject *)self;
+    }
+    /* `await f.get(p)`: pin, and leave the unpin to the caller. */
+    PyObject *page = hit(self->hf, self->pgno);
+    if (page) return completed(self, page);
+    if (PyErr_Occurred()) return NULL;
+    return PyObject_CallFunction(self->hf->await_slow, "L", self->pgno);
+}
+
+static PySendResult ctx_send(PinCtx *self, PyObject *arg, PyObject **presult) {
+    (void)arg;
+    PyObject *r = self->result;
+    if (!r) {
+        PyErr_SetString(PyExc_RuntimeError, "page context awaited without a pending result");
+        *presult = NULL;
+        return PYGEN_ERROR;
+    }
+    self->result = NULL;
+    *presult = r;
+    return PYGEN_RETURN;
+}
+
+/* For callers that iterate rather than send: the result as StopIteration. */
+static PyObject *ctx_iternext(PinCtx *self) {
+    PyObject *r = self->result;
+    if (!r) {
+        PyErr_SetString(PyExc_RuntimeError, "page context awaited without a pending result");
+        return NULL;
+    }
+    self->result = NULL;
+    if (r == Py_None) PyErr_SetNone(PyExc_StopIteration);
+    else {
+        PyObject *e = PyObject_CallFunctionObjArgs(PyExc_StopIteration, r, NULL);
+        if (e) {
+            PyErr_SetObject(PyExc_StopIteration, e);
+            Py_DECREF(e);
+        }
+    }
+    Py_DECREF(r);
+    return NULL;
+}
+
+static PyObject *ctx_iter(PyObject *self) { return Py_NewRef(self); }
+
+static PyObject *ctx_get_page(PinCtx *self, void *closure) {
+    (void)closure;
+    return Py_NewRef(self->page ? self->page : Py_None);
+}
+
+static int ctx_set_page(PinCtx *self, PyObject *value, void *closure) {
+    (void)closure;
+    if (value == Py_None) value = NULL;
+    Py_XINCREF(value);
+    SETREF(self->page, value);
+    return 0;
+}
+
+static PyMethodDef ctx_methods[] = {
+    {"__aenter__", (PyCFunction)ctx_aenter, METH_NOARGS,
+     "Pin the page; the awaitable's result is the Page. A cached page is pinned at once (the "
+     "awaitable is already complete); otherwise PoolFile.get's slow path runs. Cancellation: "
+     "a pin cancelled while it waits (a miss, a held mutex) leaves no pin held."},
+    {"__aexit__", (PyCFunction)(void (*)(void))ctx_aexit, METH_FASTCALL,
+     "Unpin the page with the flags set on it (as PoolFile.unpin). Cancellation: the page is "
+     "unpinned for the caller at once; a release still waiting for the bucket mutex finishes "
+     "in the background."},
+    {NULL},
+};
+
+static PyGetSetDef ctx_getset[] = {
+    {"_page", (getter)ctx_get_page, (setter)ctx_set_page,
+     "The page pinned by __aenter__ (None when not entered).", NULL},
+    {NULL},
+};
+
+static PyType_Slot ctx_slots[] = {
+    {Py_tp_doc, "The result of PoolFile.get() when the compiled hot path is in use."},
+    {Py_tp_dealloc, ctx_dealloc},
+    {Py_tp_methods, ctx_methods},
+    {Py_tp_getset, ctx_getset},
+    {Py_tp_iter, ctx_iter},
+    {Py_tp_iternext, ctx_iternext},
+    {Py_am_await, ctx_await},
+    {Py_am_send, ctx_send},
+    {0, NULL},
+};
+
+static PyType_Spec ctx_spec = {
+    "aiodbenv._hot.PinContext",
+    sizeof(PinCtx),
+    0,
+    Py_TPFLAGS_DEFAULT,
+    ctx_slots,
+};
+
+/* ---------------------------------------------------------------- module ------------- */
+
+static PyObject *configure(PyObject *mod, PyObject *args) {
+    (void)mod;
+    unsigned long long pin_one_addr, pin_hit_addr, unpin_addr, bhead, hp, hfile, hmask;
+    long long corrupt, bhd, mp;
+    long dirty, clean;
+    PyObject *ptype;
+    if (!PyArg_ParseTuple(args, "KKKLLLllKKKKO", &pin_one_addr, &pin_hit_addr, &unpin_addr,
+                          &corrupt, &bhd, &mp, &dirty, &clean, &bhead, &hp, &hfile, &hmask,
+                          &ptype))
+        return NULL;
+    if (!pin_one_addr || !pin_hit_addr || !unpin_addr || bhd <= 0 || mp <= 0 || !hmask) {
+        PyErr_SetString(PyExc_ValueError, "configure: a null function or a bad constant");
+        return NULL;
+    }
+    if (!PyType_Check(ptype) || !PyType_IsSubtype((PyTypeObject *)ptype, PageBase_Type)) {
+        PyErr_SetString(PyExc_TypeError, "configure: the page type must subclass PageBase");
+        return NULL;
+    }
+    pin_one = (pin_one_fn)(uintptr_t)pin_one_addr;
+    pin_hit = (pin_hit_fn)(uintptr_t)pin_hit_addr;
+    unpin_at = (unpin_at_fn)(uintptr_t)unpin_addr;
+    corrupt_code = corrupt;
+    bh_data = bhd;
+    max_pgno = mp;
+    page_dirty = dirty;
+    page_clean = clean;
+    b_head = bhead;
+    hash_pgno = hp;
+    hash_file = hfile;
+    hash_mask = hmask;
+    Py_INCREF(ptype);
+    SETREF(page_type, (PyTypeObject *)ptype);
+    page_alloc = (allocfunc)PyType_GetSlot(page_type, Py_tp_alloc);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(pin_one_cache, pin_hit, unpin_at, corrupt, bh_data, max_pgno, PAGE_DIRTY, "
+     "PAGE_CLEAN, B_HEAD, HASH_PGNO, HASH_FILE, HASH_MASK, page_type): the addresses of the cffi "
+     "accelerator's functions and the constants."},
+    {NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "aiodbenv._hot",
+    "The hot pin/unpin as CPython extension types (see aiodbenv.mpool.hot).", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__hot(void) {
+    PyObject *m = PyModule_Create(&module_def);
+    if (!m) return NULL;
+    s_release = PyUnicode_InternFromString("release");
+    PageBase_Type = (PyTypeObject *)PyType_FromSpec(&page_spec);
+    HotFile_Type = (PyTypeObject *)PyType_FromSpec(&hf_spec);
+    PinCtx_Type = (PyTypeObject *)PyType_FromSpec(&ctx_spec);
+    PinSet_Type = (PyTypeObject *)PyType_FromSpec(&pins_spec);
+    release_fn = PyObject_GetAttrString((PyObject *)&PyMemoryView_Type, "release");
+    if (!s_release || !PageBase_Type || !HotFile_Type || !PinCtx_Type || !PinSet_Type ||
+        !release_fn)
+        goto fail;
+    if (PyModule_AddObjectRef(m, "PinSet", (PyObject *)PinSet_Type) < 0) goto fail;
+    if (PyModule_AddObjectRef(m, "PageBase", (PyObject *)PageBase_Type) < 0) goto fail;
+    if (PyModule_AddObjectRef(m, "HotFile", (PyObject *)HotFile_Type) < 0) goto fail;
+    if (PyModule_AddObjectRef(m, "PinContext", (PyObject *)PinCtx_Type) < 0) goto fail;
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

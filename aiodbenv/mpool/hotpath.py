@@ -1,0 +1,168 @@
+"""The glue of the compiled hot path (:mod:`aiodbenv.mpool.hot`): hands :mod:`aiodbenv._hot`
+the cffi functions it calls, gives each eligible file its compiled ``get``, and holds the
+Python slow paths the compiled context calls back into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import types
+from collections.abc import Awaitable, Generator
+from typing import TYPE_CHECKING, Any
+
+from ..region.mutex import ffi, speedups
+from . import accel
+from .cache import HASH_FILE, HASH_MASK, HASH_PGNO, Cache
+from .hot import module as _module
+from .layout import BH, BUCKET, MAX_PGNO
+from .page import PAGE_CLEAN, PAGE_DIRTY, Page
+
+if TYPE_CHECKING:
+    from .fget import PageAccess
+    from .file import PoolFile
+
+__all__ = ["attach", "configure", "detach"]
+
+_MODE_GET = 0  # fget.MODE_GET (fget imports this module)
+
+
+def configure(page_type: type[Page], max_pgno: int) -> None:
+    """Hand the compiled module the cffi functions it calls, the constants and the Page class
+    it makes."""
+    if _module is None:
+        return
+
+    def addr(name: str) -> int:
+        return int(ffi.cast("uintptr_t", ffi.addressof(speedups, name)))
+
+    _module.configure(
+        addr("aiodb_pin_one_cache"),
+        addr("aiodb_pin_hit"),
+        addr("aiodb_unpin_at"),
+        accel.CORRUPT,
+        BH.size,
+        max_pgno,
+        PAGE_DIRTY,
+        PAGE_CLEAN,
+        BUCKET.word.head,
+        HASH_PGNO,
+        HASH_FILE,
+        HASH_MASK,
+        page_type,
+    )
+
+
+def _addr(p: Any) -> int:
+    return int(ffi.cast("uintptr_t", p))
+
+
+def _cache_ref(cache: Cache) -> tuple[Any, ...]:
+    # What the compiled pin and unpin take of one cache (see hot.c's cache_ref).
+    return (
+        cache,
+        cache.buf,
+        _addr(cache.wptr),
+        _addr(cache.c_mptrs),
+        _addr(cache.c_nowait_words),
+        _addr(cache.c_bucket_words),
+        cache.nbuckets,
+        cache.hdr,
+        cache.region.size,
+    )
+
+
+def attach(f: PoolFile) -> None:
+    """Give ``f`` the compiled ``get`` if it can use it (not a memory-mapped file)."""
+    if _module is None or f._map is not None:
+        return
+    pool = f._pool
+    panic_w, panic_i = f._panic_w, f._panic_i
+    panic_addr = _addr(ffi.from_buffer(panic_w)) + panic_w.itemsize * panic_i
+    hf = _module.HotFile(
+        f,
+        f._pins,
+        pool._frame_queue,
+        pool._note_dirty,
+        pool._frame_released,
+        types.MethodType(type(f).get, f),
+        functools.partial(_enter_slow, f),
+        functools.partial(_await_slow, f),
+        functools.partial(_exit_slow, f),
+        functools.partial(_after_unpin, f),
+        functools.partial(_fail, f),
+        tuple(_cache_ref(c) for c in f._caches),
+        f._fidx,
+        f._slot,
+        f.page_size,
+        _addr(f._hit_ptr),
+        _addr(f._extra_ptr),
+        _addr(f._longest_ptr),
+        panic_addr,
+        f._data_size,
+        f.readonly,
+    )
+    f._hotc = hf
+    f.get = hf.get  # type: ignore[method-assign]
+
+
+def detach(f: PoolFile) -> None:
+    """Take the compiled ``get`` away from ``f``: from now on its pins go the Python way (the
+    tests run the same checks on both paths). Pages already pinned stay valid."""
+    hf = f._hotc
+    if hf is not None:
+        hf.disable()
+        f._hotc = None
+        f.__dict__.pop("get", None)
+
+
+async def _enter_slow(f: PageAccess, ctx: Any, pgno: int) -> Page:
+    # __aenter__ after the compiled hit found nothing it could pin.
+    page: Page = await f._pin(pgno, _MODE_GET)  # type: ignore[attr-defined]
+    ctx._page = page
+    return page
+
+
+def _await_slow(f: PageAccess, pgno: int) -> Generator[Any, None, Page]:
+    # ``await f.get(p)`` after the compiled hit found nothing it could pin.
+    coro = f._pin(pgno, _MODE_GET)  # type: ignore[attr-defined]
+    return coro.__await__()  # type: ignore[no-any-return]
+
+
+async def _exit_slow(f: PageAccess, page: Page) -> None:
+    # __aexit__ of a page the compiled unpin does not take: PinContext.__aexit__'s body.
+    pending = f._unpin(page, page._flags)  # type: ignore[attr-defined]
+    if pending is not None:
+        await asyncio.shield(pending)
+
+
+def _after_unpin(
+    f: PageAccess, cache: Cache, pgno: int, b: int, bh: int, flags: int, r: int
+) -> Awaitable[None]:
+    """The compiled unpin could not finish (``r``: contended, a dead holder, an over-unpin):
+    the rest of ``PageRelease._unpin``, now. Returns what ``__aexit__`` awaits."""
+    if r == 2:
+        f._pool._panic_unpinned(pgno)
+    if r == -errno.EOWNERDEAD:
+        cache.release_dead_holder(b)
+    pending = f._release_py(pgno, cache, b, bh, flags)  # type: ignore[attr-defined]
+    return _finish(pending)
+
+
+async def _finish(pending: asyncio.Task[None] | None) -> None:
+    if pending is not None:  # the bucket mutex is held elsewhere: see PoolFile.unpin
+        await asyncio.shield(pending)
+
+
+def _fail(f: PageAccess, cache: Cache, off: int, b: int) -> None:
+    # The compiled hit met a dead mutex holder (repair, then the slow path) or corruption.
+    if off == -errno.EOWNERDEAD:
+        cache.release_dead_holder(b)
+    elif off == accel.CORRUPT:
+        cache.corrupt(f"bucket {b}'s chain has a bad offset or loops")
+    else:
+        cache.corrupt(f"a buffer of bucket {b} ends past the region")
+
+
+configure(Page, MAX_PGNO)

@@ -1,0 +1,361 @@
+"""The compiled hot path of ``PoolFile.get()`` (aiodbenv._hot, aiodbenv.mpool.hot): in use
+when installed, off when disabled, and the same behaviour as the Python hot path at its edges.
+
+Each edge case runs twice: with the compiled context (``c``) and with the file's compiled
+``get`` taken away (``python``: the Python PinContext over the cffi or Python hit path). A
+subset of the pool suite runs again in a subprocess with ``AIODBENV_HOT=python``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import AsyncIterator
+
+import pytest
+
+import aiodbenv
+from aiodbenv.errors import InvalidArgument
+from aiodbenv.mpool import hot
+from aiodbenv.mpool.hotpath import detach
+
+from .conftest import REPO, python
+
+DISABLED = (
+    os.environ.get("AIODBENV_HOT", "").lower() == "python"
+    or os.environ.get("AIODBENV_MUTEX", "").lower() == "abi"
+)
+
+
+def _compiler() -> bool:
+    return shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+# -- which path runs --------------------------------------------------------------------------
+
+
+async def test_compiled_type_is_in_use_when_installed(home: str) -> None:
+    if DISABLED:
+        assert not hot.COMPILED
+    elif not _compiler() or os.environ.get("AIODBENV_NO_COMPILE") == "1":
+        pytest.skip("no C compiler on this machine: the compiled hot path cannot be built")
+    else:
+        assert hot.COMPILED, "a compiler is present but aiodbenv._hot is missing or refused"
+    env = await aiodbenv.Env.open(home, create=True)
+    try:
+        f = await env.pool.open_file("a.db", create=True)
+        ctx = f.get(0, create=True)
+        assert type(ctx).__name__ == "PinContext"  # create=True: always the Python context
+        async with ctx:
+            pass
+        kind = type(f.get(0))
+        if hot.COMPILED:
+            assert kind.__module__ == "aiodbenv._hot" and f._hotc is not None
+        else:
+            assert kind is aiodbenv.PinContext and f._hotc is None
+        await f.close()
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [{"AIODBENV_HOT": "python"}, {"AIODBENV_MUTEX": "abi"}],
+    ids=["hot-python", "mutex-abi"],
+)
+def test_disabled_by_the_environment(variables: dict[str, str]) -> None:
+    r = python(
+        """
+        import asyncio, tempfile, aiodbenv
+        from aiodbenv.mpool import hot
+        async def main():
+            with tempfile.TemporaryDirectory() as home:
+                env = await aiodbenv.Env.open(home, create=True)
+                f = await env.pool.open_file("a.db", create=True)
+                async with f.get(0, create=True):
+                    pass
+                print(hot.COMPILED, type(f.get(0)) is aiodbenv.PinContext, f._hotc)
+                await f.close()
+                await env.close(nosync=True)
+                await aiodbenv.Env.remove(home, force=True)
+        asyncio.run(main())
+        """,
+        env=variables,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True", "None"]
+
+
+def test_an_unknown_choice_is_refused() -> None:
+    r = python("import aiodbenv", env={"AIODBENV_HOT": "fast"})
+    assert r.returncode != 0
+    assert "AIODBENV_HOT must be 'c' or 'python'" in r.stderr
+
+
+# -- edge cases, on both paths ----------------------------------------------------------------
+
+
+@pytest.fixture(params=["c", "python", "c-ncache3"])
+async def pf(request: pytest.FixtureRequest, home: str) -> AsyncIterator[aiodbenv.PoolFile]:
+    """A file of 16 cached pages, with the compiled ``get`` (``c``; ``c-ncache3`` in a pool of
+    three caches) or without (``python``)."""
+    ncache = 3 if request.param == "c-ncache3" else 1
+    env = await aiodbenv.Env.open(
+        home, create=True, cache_size=ncache << 20, ncache=ncache, page_size=4096
+    )
+    try:
+        f = await env.pool.open_file("a.db", create=True, page_size=4096)
+        if request.param == "python":
+            detach(f)
+        elif not hot.COMPILED:
+            pytest.skip("the compiled hot path is not in use")
+        for p in range(16):
+            async with f.get(p, create=True) as page:
+                page.data[0:4] = p.to_bytes(4, "little")
+        yield f
+        if not f.closed:
+            await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+def _region_pins(f: aiodbenv.PoolFile) -> int:
+    return sum(f._pool.slot_pins().values())
+
+
+async def test_exception_inside_the_block_still_unpins(pf: aiodbenv.PoolFile) -> None:
+    with pytest.raises(KeyError):
+        async with pf.get(3) as page:
+            assert page.pinned and _region_pins(pf) == 1
+            raise KeyError("inside")
+    assert not page.pinned
+    assert not pf._pins and _region_pins(pf) == 0
+    with pytest.raises(ValueError):
+        page.data[0]
+
+
+async def test_aexit_twice_and_reuse(pf: aiodbenv.PoolFile) -> None:
+    ctx = pf.get(5)
+    page = await ctx.__aenter__()
+    assert int.from_bytes(page.data[0:4], "little") == 5
+    assert await ctx.__aexit__(None, None, None) is None
+    assert await ctx.__aexit__(None, None, None) is None  # nothing left to unpin: a no-op
+    assert _region_pins(pf) == 0
+    async with ctx as again:  # the same context pins again
+        assert again is not page and again.pinned
+        with pytest.raises(RuntimeError, match="already entered"):
+            await ctx.__aenter__()
+        assert _region_pins(pf) == 1
+    assert _region_pins(pf) == 0 and not pf._pins
+
+
+async def test_await_then_explicit_unpin(pf: aiodbenv.PoolFile) -> None:
+    page = await pf.get(7)
+    assert page.pinned and page in pf._pins and page.pgno == 7
+    page.data[4:8] = b"dirt"
+    page.mark_dirty()
+    before = pf._pool.stat().page_dirty
+    await pf.unpin(page)
+    assert not page.pinned and _region_pins(pf) == 0
+    assert pf._pool.stat().page_dirty >= min(before, 1)
+    async with pf.get(7) as page:
+        assert bytes(page.data[4:8]) == b"dirt"
+    with pytest.raises(InvalidArgument, match="not pinned"):
+        await pf.unpin(page)
+
+
+async def test_dirty_flag_reaches_the_buffer(pf: aiodbenv.PoolFile) -> None:
+    assert (await pf.sync()).errors == []
+    assert pf._pool.stat().page_dirty == 0
+    async with pf.get(2) as page:
+        page.data[8:12] = b"abcd"
+        page.mark_dirty()
+    assert pf._pool.stat().page_dirty == 1
+    async with pf.get(2) as page:
+        page.mark_clean()
+    assert pf._pool.stat().page_dirty == 0
+    async with pf.get(2) as page:
+        page.mark_dirty()
+        page.discard()
+    assert pf._pool.stat().page_dirty == 1
+
+
+async def test_page_used_after_unpin(pf: aiodbenv.PoolFile) -> None:
+    async with pf.get(1) as page:
+        part = page.data[0:4]  # a slice lives on, as a slice of any memoryview does
+        with pytest.raises(TypeError):
+            bytes(page)  # type: ignore[call-overload]  # a Page is not a bytes-like object
+    assert not page.pinned and "unpinned" in repr(page)
+    with pytest.raises(ValueError):
+        bytes(page.data)
+    assert int.from_bytes(part, "little") == 1
+    del part
+
+
+async def test_file_closed_while_a_page_is_held(pf: aiodbenv.PoolFile) -> None:
+    ctx = pf.get(4)
+    page = await ctx.__aenter__()
+    with pytest.warns(ResourceWarning, match="pin"):
+        await pf.close()
+    assert not page.pinned and _region_pins(pf) == 0
+    with pytest.raises(ValueError):
+        page.data[0]
+    with pytest.raises(InvalidArgument, match="already unpinned"):
+        await ctx.__aexit__(None, None, None)
+    with pytest.raises(InvalidArgument, match="closed"):
+        async with pf.get(4):
+            pass
+
+
+async def test_contended_bucket_takes_the_slow_way(pf: aiodbenv.PoolFile) -> None:
+    async with pf.get(6) as page:
+        b = page._bucket
+        cache = page._cache
+    assert cache is not None
+    mutex = cache.mutexes[b]
+    loop = asyncio.get_running_loop()
+    mutex.__enter__()  # as another process holding the bucket would
+    loop.call_later(0.02, cache.unlock, b)
+    async with pf.get(6) as page:  # the hit sees EBUSY: the slow path backs off and retries
+        assert page.pinned
+        mutex.__enter__()
+        loop.call_later(0.02, cache.unlock, b)
+        waits = mutex.stats()
+    # The unpin met the held mutex too and finished once it was free.
+    assert not page.pinned and _region_pins(pf) == 0
+    assert mutex.stats() != waits
+
+
+async def test_unpin_wakes_a_frame_waiter(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, cache_size=20 * 1024, page_size=512)
+    try:
+        pool = env.pool
+        f = await pool.open_file("a.db", create=True, page_size=512)
+        pool.fail_fast = True
+        held = []
+        with pytest.raises(aiodbenv.errors.CacheFull):
+            for p in range(1000):  # pin until every frame is pinned
+                held.append(await f.pin(p, create=True))
+        await f.unpin(held[0])
+        ctx = f.get(0)
+        await ctx.__aenter__()  # a hit (the compiled one when installed): all pinned again
+        pool.fail_fast = False
+        # The waiter's poll (for frames freed by other processes) would wake it too: not in
+        # this test's minute.
+        pool._frame_poll_delay = 60.0
+        waiter = asyncio.ensure_future(f.pin(5000, create=True))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # waits for a frame
+        wakeups = pool.frame_wakeups
+        await ctx.__aexit__(None, None, None)
+        # The exit released the last pin of a frame: the waiter was woken by it, at once.
+        assert pool.frame_wakeups >= wakeups + 1
+        page = await asyncio.wait_for(waiter, 5)
+        await f.unpin(page)
+        for page in held[1:]:
+            await f.unpin(page)
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_no_leak_over_100k_pins(pf: aiodbenv.PoolFile) -> None:
+    async def loop(n: int) -> None:
+        for i in range(n):
+            async with pf.get(i & 15) as page:
+                page.data[0]
+
+    await loop(10_000)  # warm: caches, free lists
+    gc.collect()
+    refs = (sys.getrefcount(pf), sys.getrefcount(pf._cache0), sys.getrefcount(pf._cache0.buf))
+    objects = len(gc.get_objects())
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        await loop(100_000)
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64 * 1024, f"{after - before} bytes kept by 100k pins"
+    assert len(gc.get_objects()) - objects < 100
+    assert refs == (
+        sys.getrefcount(pf),
+        sys.getrefcount(pf._cache0),
+        sys.getrefcount(pf._cache0.buf),
+    )
+    assert not pf._pins and _region_pins(pf) == 0
+
+
+# -- the pool suite with the compiled path off -----------------------------------------------
+
+
+@pytest.mark.skipif(DISABLED, reason="already a run without the compiled hot path")
+def test_pin_tests_pass_without_the_compiled_hot_path() -> None:
+    """The pin, unpin, close, cancel and fork tests again with ``AIODBENV_HOT=python``: the
+    Python PinContext over the cffi hit and unpin (``AIODBENV_MUTEX=abi`` runs of
+    tests/test_mutex.py cover the pure-Python twin)."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-x",
+            "tests/test_hot.py",
+            "tests/test_fork.py",
+            "tests/test_pool_cancel.py",
+            "tests/test_pool.py",
+            "-k",
+            "pin or unpin or close or hit or cancel or fork or Hot or hot",
+        ],
+        cwd=REPO,
+        env={**os.environ, "AIODBENV_HOT": "python"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
+
+
+async def test_pins_are_tracked_for_close(pf: aiodbenv.PoolFile) -> None:
+    # The file's pin record (a compiled PinSet when installed, else a set) behaves as a set.
+    pins = pf._pins
+    a = await pf.get(1)
+    ctx = pf.get(2)
+    b = await ctx.__aenter__()
+    c = await asyncio.ensure_future(pf.get(3))  # __await__ through a Task
+    assert len(pins) == 3 and a in pins and b in pins and c in pins
+    assert {p.pgno for p in pins} == {1, 2, 3}
+    pins.add(a)  # already there: no change
+    assert len(pins) == 3
+    for page in list(pins):  # as close does
+        if page is a:
+            await pf.unpin(page)
+    assert len(pins) == 2 and a not in pins
+    pins.discard(a)  # not there: no change
+    await ctx.__aexit__(None, None, None)
+    await pf.unpin(c)
+    assert not pins and len(pins) == 0 and list(pins) == []
+
+
+async def test_hits_are_counted(pf: aiodbenv.PoolFile) -> None:
+    # The compiled hit counts what the Python one does: a hit per pin, no miss.
+    before = pf.stat()
+    for i in range(100):
+        async with pf.get(i % 16):
+            pass
+    after = pf.stat()
+    assert after.cache_hit - before.cache_hit == 100
+    assert after.cache_miss == before.cache_miss
