@@ -254,3 +254,27 @@ async def test_sigkilled_process_reservation_is_dropped_by_the_reaper(
     await tx.commit()
     assert (await read(f, 0))[64:68] == b"mine"
     await f.close()
+
+
+async def test_checkpoint_pinning_an_older_file_is_refused_while_space_is_reserved(
+    menv: aiodbenv.Env,
+) -> None:
+    log = menv.log
+    assert log is not None
+    f = await open_data(menv)
+    old = log.end_lsn
+    while log.end_lsn.file < old.file + 3:  # no checkpoint yet: the ring just turns
+        await log.put(bytes(1000))
+    tx = await menv.txn()
+    for i in range(12):  # about 50 KB of worst-case commit record
+        await tx.page(f, i, create=True)
+    assert reserved(menv) > 12 * PS
+    # Pinning the "file" three back (the oldest in the ring) would leave only the current
+    # "file"'s rest: too little for the reserved commit.
+    with pytest.raises(LogBufferFull, match="checkpoint record"):
+        await log.checkpoint_record(old)
+    assert log.last_checkpoint is None  # nothing appended, nothing recorded
+    await log.checkpoint_record(log.end_lsn)  # the current one is fine
+    await tx.commit()
+    assert reserved(menv) == 0
+    await f.close()

@@ -71,7 +71,9 @@ class LogCore(LogRounds, LogReserve):
                 w[self._nowait] += 1
         try:
             if self.inmemory and w[h + _RSV_TOTAL] and not release:
-                self.check_put_locked(total, rtype == REC_CHECKPOINT)
+                # A checkpoint record's payload starts with its ckp_lsn word.
+                ckp = int.from_bytes(payload[:8], "little") if rtype == REC_CHECKPOINT else None
+                self.check_put_locked(total, ckp)
             f_lsn = w[h + _F_LSN]
             tail = w[h + _TAIL]
             fill = tail & _U32

@@ -400,7 +400,10 @@ class Log(LogWriter):
         time), flush it, and record it in the region as the last checkpoint; returns the
         record's LSN. ``ckp_lsn`` is where recovery would start: files wholly before its file
         can be archived, and an in-memory ring keeps every "file" from it on. Cursors return
-        the record's data as a :class:`~aiodbenv.CheckpointRecord`.
+        the record's data as a :class:`~aiodbenv.CheckpointRecord`. In memory, while
+        transactions hold commit space (:mod:`aiodbenv.log.reserve`), a ``ckp_lsn`` whose
+        "file" would leave too little of the ring for them raises LogBufferFull (nothing
+        appended).
 
         Cancellation: before the record is appended, nothing happens; after, the record is
         in the log and is recorded as the last checkpoint only once a later checkpoint or

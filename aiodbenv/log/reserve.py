@@ -53,12 +53,13 @@ class LogReserve(LogState):
     #: This handle's registry slot (where its transactions' reservations are counted).
     rsv_slot = 0
 
-    def _free_locked(self) -> tuple[int, int]:
-        """In memory, under the mutex: (free bytes, bytes left in the current "file")."""
+    def _free_locked(self, ckp: int | None = None) -> tuple[int, int]:
+        """In memory, under the mutex: (free bytes, bytes left in the current "file"), with
+        the last checkpoint's ``ckp_lsn`` word, or ``ckp`` (one about to be recorded)."""
         w, h = self.w, self.h
         cur = w[h + _W.f_lsn] >> 32
         left = max(0, w[h + _W.cur_file_size] - (w[h + _W.tail] & _U32))
-        needed = w[h + _W.ckp_lsn] >> 32
+        needed = (w[h + _W.ckp_lsn] if ckp is None else ckp) >> 32
         if not needed or needed > cur:
             needed = cur  # no checkpoint yet: count as if one were taken now (see above)
         whole = max(0, needed + self.nslots - 1 - cur)
@@ -72,14 +73,18 @@ class LogReserve(LogState):
             "transactions, or use a larger log_buffer_size"
         )
 
-    def check_put_locked(self, total: int, checkpoint: bool) -> None:
+    def check_put_locked(self, total: int, ckp: int | None) -> None:
         """In memory, under the mutex, with a reservation open: raise LogBufferFull if
-        appending a record of ``total`` bytes (header included) would break the bound."""
-        free, left = self._free_locked()
+        appending a record of ``total`` bytes (header included) would break the bound.
+        ``ckp``: the record is a checkpoint carrying that ``ckp_lsn`` word, which will pin
+        its "file" once recorded (an older one than the last checkpoint's shrinks the free
+        space: it is counted with it), and may use the slack."""
+        free, left = self._free_locked(ckp)
         after = free - total - (left if total > left else 0)
-        want = 2 * self.w[self.h + _W.rsv_total] + (0 if checkpoint else RESERVE_SLACK)
+        want = 2 * self.w[self.h + _W.rsv_total] + (0 if ckp is not None else RESERVE_SLACK)
         if after < want:
-            raise self._full(f"appending a record of {total} bytes", after, want)
+            what = "a checkpoint record" if ckp is not None else "a record"
+            raise self._full(f"appending {what} of {total} bytes", after, want)
 
     def release_locked(self, slot: int, nbytes: int) -> None:
         """Under the mutex: give back ``nbytes`` reserved by ``slot`` (never below 0)."""
