@@ -401,7 +401,7 @@ class Log(LogWriter):
         record's LSN. ``ckp_lsn`` is where recovery would start: files wholly before its file
         can be archived, and an in-memory ring keeps every "file" from it on. Cursors return
         the record's data as a :class:`~aiodbenv.CheckpointRecord`. In memory, while
-        transactions hold commit space (:mod:`aiodbenv.log.reserve`), a ``ckp_lsn`` whose
+        transactions hold commit space (see docs/log.md), a ``ckp_lsn`` whose
         "file" would leave too little of the ring for them raises LogBufferFull (nothing
         appended).
 
