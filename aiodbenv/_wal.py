@@ -26,5 +26,10 @@ def log_hooks(log: Log) -> LogHooks:
         return await log.checkpoint_record(LSN(file, offset))
 
     return LogHooks(
-        flush=flush, end=end, checkpoint=checkpoint, lsn=LSN, quiet=log.quiet_checkpoint
+        flush=flush,
+        end=end,
+        checkpoint=checkpoint,
+        lsn=LSN,
+        quiet=log.quiet_checkpoint,
+        drop=log._c.drop_slot,
     )

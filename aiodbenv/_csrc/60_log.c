@@ -22,6 +22,9 @@ enum {
     LP_CUR,
     LP_RECS,
     LP_BYTES,
+    LP_RSV,     /* word index of rsv_total: in memory, bytes reserved for open transactions'
+                   commit records (aiodbenv/log/reserve.py); while non-zero, every put is
+                   checked against the reservations by the Python path */
     LP_COUNT
 };
 
@@ -87,7 +90,8 @@ int64_t aiodb_log_put(const uint64_t *P, uint32_t rtype, const char *data, uint6
     if (n > 0xFFFFFFFFu || P[LP_B0] > nbytes || P[LP_BSIZE] > nbytes - P[LP_B0])
         return n > 0xFFFFFFFFu ? AIODB_LOG_PYTHON : AIODB_CORRUPT;
     if (P[LP_NOWAIT] >= nbytes / 8 || P[LP_TAIL] >= nbytes / 8 || P[LP_F_LSN] >= nbytes / 8 ||
-        P[LP_CUR] >= nbytes / 8 || P[LP_RECS] >= nbytes / 8 || P[LP_BYTES] >= nbytes / 8)
+        P[LP_CUR] >= nbytes / 8 || P[LP_RECS] >= nbytes / 8 || P[LP_BYTES] >= nbytes / 8 ||
+        P[LP_RSV] >= nbytes / 8)
         return AIODB_CORRUPT;
     pthread_once(&log_crc_once, log_crc_init);
     /* The payload's CRC is taken before the mutex, as the Python path does. */
@@ -106,6 +110,7 @@ int64_t aiodb_log_put(const uint64_t *P, uint32_t rtype, const char *data, uint6
         goto out;
     }
     if (off + total > cur) goto out;  /* the next file (of the ring) */
+    if (P[LP_INMEM] && w[P[LP_RSV]]) goto out;  /* reservations open: Python checks the bound */
     if (P[LP_INMEM]) {
         if (!P[LP_NSLOTS]) { result = AIODB_CORRUPT; goto out; }
         uint64_t slot = ((file - 1) % P[LP_NSLOTS]) * P[LP_FSIZE];

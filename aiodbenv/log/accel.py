@@ -3,9 +3,10 @@
 :func:`fast_put` returns a :class:`FastPut` for a log handle when the compiled accelerator is
 in use, else None (``AIODBENV_MUTEX=abi``, or no compiler at install time): then every put
 runs :meth:`~aiodbenv.log.core.LogCore.append`, its complete Python twin. The compiled call
-does only the common append (room in the buffer, the mutex free); everything else (buffer
-full, the next file, a record larger than the buffer, a held mutex, a dead holder) is handed
-back and done by the Python path, so both paths share one implementation of the rare cases.
+does only the common append (room in the buffer, the mutex free); everything else (buffer full,
+the next file, an in-memory log with commit space reserved (:mod:`aiodbenv.log.reserve`), a
+record larger than the buffer, a held mutex, a dead holder) is handed back and done by the
+Python path, so both paths share one implementation of the rare cases.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class FastPut:
             h + _W.cur_file_size,
             h + _W.st_records,
             h + _W.st_bytes,
+            h + _W.rsv_total,
         ]
         # The addresses stay valid while the region is mapped: the handle drops this object
         # (its puts go the Python way) when it closes, before the region is unmapped.

@@ -20,10 +20,12 @@ from .layout import LOG_HEADER
 from .lsn import unpack_word
 from .record import (
     HEADER,
+    REC_CHECKPOINT,
     file_header,
     parse_file_header,
     read_one,
 )
+from .reserve import LogReserve
 from .rounds import LogRounds
 from .state import NEED
 
@@ -36,20 +38,25 @@ _U32 = 0xFFFFFFFF
 _F_LSN, _TAIL, _CUR_SIZE = _W.f_lsn, _W.tail, _W.cur_file_size
 _ST_RECORDS, _ST_BYTES = _W.st_records, _W.st_bytes
 _S_LSN, _W_LSN = _W.s_lsn, _W.w_lsn
+_RSV_TOTAL = _W.rsv_total
 _HDR_SIZE = HEADER.size
 _HDR_PACK = HEADER.pack
 _SUM_PACK = struct.Struct("<IIIIB").pack
 _crc32 = zlib.crc32
 
 
-class LogCore(LogRounds):
+class LogCore(LogRounds, LogReserve):
     """One process's view of the log region (what :class:`~aiodbenv.Log` works on)."""
 
-    def append(self, rtype: int, payload: bytes, pcrc: int) -> int | NEED:
+    def append(self, rtype: int, payload: bytes, pcrc: int, release: int = 0) -> int | NEED:
         """Append a record; its LSN as a packed word, or why it must wait (file log). In
         memory, starts the next "file" of the ring when needed; raises LogBufferFull if that
-        would overwrite a "file" a checkpoint still needs. A held mutex is waited for
-        :data:`~aiodbenv.region.mutex.STEP_WAIT` at most (then LockTimeout, nothing done).
+        would overwrite a "file" a checkpoint still needs, or (while transactions hold
+        reservations, :mod:`aiodbenv.log.reserve`) eat into their reserved space. ``release``:
+        the commit record of a transaction that reserved that many bytes in this handle's
+        slot: never refused for them, and they are released with the append (in memory). A
+        held mutex is waited for :data:`~aiodbenv.region.mutex.STEP_WAIT` at most (then
+        LockTimeout, nothing done).
 
         The hot path of every put: word indices are precomputed and the mutex is locked
         inline (as the pool's pin does), which halves its cost."""
@@ -63,6 +70,10 @@ class LogCore(LogRounds):
             else:
                 w[self._nowait] += 1
         try:
+            if self.inmemory and w[h + _RSV_TOTAL] and not release:
+                # A checkpoint record's payload starts with its ckp_lsn word.
+                ckp = int.from_bytes(payload[:8], "little") if rtype == REC_CHECKPOINT else None
+                self.check_put_locked(total, ckp)
             f_lsn = w[h + _F_LSN]
             tail = w[h + _TAIL]
             fill = tail & _U32
@@ -93,6 +104,8 @@ class LogCore(LogRounds):
             w[h + _TAIL] = (off << 32) | (fill + total)  # the commit point
             w[h + _ST_RECORDS] += 1
             w[h + _ST_BYTES] += total
+            if release and self.inmemory:
+                self.release_locked(self.rsv_slot, release)
             return int((file << 32) | off)
         finally:
             if ptr is not None:

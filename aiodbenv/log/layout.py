@@ -10,7 +10,7 @@ the new one.
 
 from __future__ import annotations
 
-from ..region.layout import MUTEX_SLOT, REGION_HEADER, WORD, Layout
+from ..region.layout import MAX_PROCS, MUTEX_SLOT, REGION_HEADER, WORD, Layout
 
 __all__ = ["DIR_BYTES", "LOG_HEADER", "LOG_REGION_MAGIC", "buffer_offset", "region_size"]
 
@@ -66,6 +66,11 @@ LOG_HEADER = Layout(
         # -- (under "mutex") the highest LSN word a write-through call (write_nosync) of any
         # process waits to see written: the writer serves it with its next round
         ("want_write", 1),
+        # -- in memory (under "mutex"): log bytes reserved for the commit records of open
+        # transactions (aiodbenv.log.reserve), in total and per registry slot (so that the
+        # reaper can drop a dead process's); always 0 for a file log
+        ("rsv_total", 1),
+        ("rsv", MAX_PROCS),
     ],
 )
 

@@ -248,7 +248,37 @@ class Log(LogWriter):
             raise CorruptRegion(reason)
         return await self._append(REC_USER, data)
 
-    async def _append(self, rtype: int, payload: bytes) -> int:
+    # -- commit space (in memory; no-ops for a file log) ----------------------------------------
+
+    async def _reserve(self, nbytes: int) -> None:
+        """Reserve ``nbytes`` of the in-memory ring for a commit record (see
+        :mod:`aiodbenv.log.reserve`); LogBufferFull, nothing reserved, if it cannot be kept.
+        One short critical section; a busy mutex is waited for as :meth:`_locked` does.
+        Cancellation: nothing reserved."""
+        if self._c.inmemory:
+            self._check()
+            await self._locked(self._c.reserve, nbytes)
+
+    async def _release(self, nbytes: int) -> None:
+        """Give back ``nbytes`` reserved by :meth:`_reserve` (an aborted transaction).
+        Cancellation: while waiting for a busy mutex, the bytes stay reserved until this
+        handle closes (or its process dies and is reaped)."""
+        if self._c.inmemory and not self._closed:
+            await self._locked(self._c.release, nbytes)
+
+    async def _put_reserved(self, data: bytes, nbytes: int, write_nosync: bool) -> LSN:
+        """:meth:`put` of a commit record that reserved ``nbytes``: in memory it is never
+        refused for space, and the reservation is released with the append (atomically:
+        one critical section). Cancellation: as :meth:`put`."""
+        if not self._c.inmemory:
+            return await self.put(data, write_nosync=write_nosync)
+        self._check()
+        word = await self._append(REC_USER, data, nbytes)
+        if write_nosync:
+            await self._write_through(word)
+        return _new_lsn(LSN, (word >> 32, word & 0xFFFFFFFF))
+
+    async def _append(self, rtype: int, payload: bytes, release: int = 0) -> int:
         c = self._c
         total = HEADER.size + len(payload)
         if FILE_HEADER_BYTES + total > c.file_size:
@@ -259,9 +289,9 @@ class Log(LogWriter):
         pcrc = zlib.crc32(payload)
         while True:
             try:
-                r = c.append(rtype, payload, pcrc)
+                r = c.append(rtype, payload, pcrc, release)
             except LockTimeout:
-                r = await self._locked(c.append, rtype, payload, pcrc)
+                r = await self._locked(c.append, rtype, payload, pcrc, release)
             if isinstance(r, int):
                 return r
             if r is NEED.DIRECT:
@@ -370,7 +400,10 @@ class Log(LogWriter):
         time), flush it, and record it in the region as the last checkpoint; returns the
         record's LSN. ``ckp_lsn`` is where recovery would start: files wholly before its file
         can be archived, and an in-memory ring keeps every "file" from it on. Cursors return
-        the record's data as a :class:`~aiodbenv.CheckpointRecord`.
+        the record's data as a :class:`~aiodbenv.CheckpointRecord`. In memory, while
+        transactions hold commit space (see docs/log.md), a ``ckp_lsn`` whose
+        "file" would leave too little of the ring for them raises LogBufferFull (nothing
+        appended).
 
         Cancellation: before the record is appended, nothing happens; after, the record is
         in the log and is recorded as the last checkpoint only once a later checkpoint or
@@ -428,6 +461,12 @@ class Log(LogWriter):
         finish, close the files."""
         self._closing = True
         self._fast = None  # its addresses die with the mapping; later puts raise via _check
+        if not self._closed:
+            try:
+                # Transactions of this handle left open end with it: their commit space too.
+                self._c.drop_slot(self._c.rsv_slot)
+            except Exception:
+                pass  # a busy or broken mutex: the reaper drops them once the slot is dead
         try:
             if flush and not self._closed and not self._env.panicked and not self._c.inmemory:
                 await self.flush()

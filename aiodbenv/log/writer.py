@@ -100,6 +100,8 @@ class LogWriter(ThreadRounds):
         """Internal: the environment makes its log when it opens."""
         self._env = core
         self._c = LogCore(region, shared, core.panic)
+        # Reservations of this handle's transactions are counted in its registry slot.
+        self._c.rsv_slot = core.registry.slot if core.registry is not None else 0
         #: The compiled append (None: every put runs the Python one, which checks the handle
         #: is open and of this process; close and a fork turn it off).
         self._fast = fast_put(self._c)

@@ -79,6 +79,9 @@ class LogHooks:
     checkpoint: Callable[[int, int], Awaitable[tuple[int, int]]]
     lsn: Callable[[int, int], tuple[int, int]]
     quiet: Callable[[], tuple[int, int] | None] = lambda: None
+    #: Drops the in-memory log's commit space reserved by the transactions of registry slot
+    #: ``slot`` (the reaper calls it for a dead process's slot; nothing for a file log).
+    drop: Callable[[int], object] = lambda slot: None
 
 
 #: Pages read per worker-thread hop at most; a hop costs 100-300 µs, a cached pread 2 µs.

@@ -18,8 +18,9 @@ A page the dead process held pinned and had flagged dirty stays dirty: it is wri
 next sync or eviction, and counted in ``dirty_inherited``. Changes it made in place without
 flagging the page dirty (``set(dirty=True)`` or a dirty unpin) are unknown to the pool.
 
-Then the slot is freed, the environment's handle count is corrected, and one WARNING per dead
-process names its pid and the pages it held.
+With an in-memory log, the commit space its open transactions reserved in the log region is
+given back (:mod:`aiodbenv.log.reserve`). Then the slot is freed, the environment's handle
+count is corrected, and one WARNING per dead process names its pid and the pages it held.
 
 It runs when a handle opens the environment, every :data:`REAP_INTERVAL` seconds from a small
 task of each pool, when a pin finds no free frame, when a sync finds pinned dirty pages, and by
@@ -120,6 +121,11 @@ def reap(pool: PoolBase) -> list[Reaped]:
         except BaseException:
             _patiently(pool, reg.unclaim, slot)
             raise
+        # Before the slot is freed (a new process could take it and reserve): the dead
+        # process's transactions will never commit, so their log space is given back.
+        log = pool._io.log
+        if log is not None:
+            _patiently(pool, log.drop, slot)
         if _patiently(pool, functools.partial(reg.free, slot, pins=done.pins, dirty=done.dirty)):
             out.append(done)
     if out:

@@ -28,6 +28,7 @@ from ..errors import (
     TxnTooLarge,
 )
 from ..log.lsn import LSN
+from ..log.record import HEADER as _LOG_HEADER
 from ..mpool.fget import MODE_CREATE, MODE_GET, MODE_NEW
 from ..mpool.layout import FILE_ENTRY, MAX_PGNO
 from . import batch as _batch
@@ -49,6 +50,7 @@ _DURABILITIES = ("sync", "write_nosync", "nosync")
 #: The most pages one transaction may take (``TxnTooLarge`` past it). Latches are held until
 #: the end of the transaction: keep transactions short and small.
 MAX_PAGES = 64
+_LOG_HEADER_BYTES = _LOG_HEADER.size
 
 #: Seconds a transaction waits for a page latch by default (``LockTimeout`` then).
 LATCH_TIMEOUT = 30.0
@@ -126,6 +128,9 @@ class Txn:
         self._pages: dict[tuple[int, int], TxnPage] = {}
         self._held_max = -1
         self._bytes = _batch.HEADER_SIZE  # worst-case size of the commit's record
+        # Bytes of an in-memory log reserved for the commit record (header included), so
+        # that the commit never finds the ring full (aiodbenv.log.reserve); 0 for a file log.
+        self._reserved = 0
         self._state = _ACTIVE
         #: The result of the commit, once committed.
         self.result: CommitInfo | None = None
@@ -160,6 +165,10 @@ class Txn:
 
         Raises InvalidArgument if ``f`` has no ``lsn_offset``; :class:`~aiodbenv.errors.TxnTooLarge`
         past ``MAX_PAGES`` (64) pages or the log's record size (the transaction stays usable);
+        with an in-memory log, :class:`~aiodbenv.errors.LogBufferFull` if the ring cannot keep
+        room for the commit record with this page (checkpoint, or use a larger
+        ``log_buffer_size``; the transaction stays usable, and its commit is then never refused
+        for space);
         :class:`~aiodbenv.errors.Deadlock` if the latch is busy and ordered below one this
         transaction holds (abort and retry; taking pages in ascending file and page order
         never gets it); :class:`~aiodbenv.errors.LockTimeout` after ``latch_timeout`` seconds.
@@ -212,10 +221,23 @@ class Txn:
                 f"taking this page could make the commit's log record larger than a log "
                 f"record may be ({limit} bytes): commit what you have first"
             )
-        # A cached page is pinned without an await (the pool's hit path); else the slow path.
-        page = f._pin_hit(pgno) if mode != MODE_NEW else None
-        if page is None:
-            page = await f._pin(pgno, mode)
+        # In memory, room in the ring for the commit record with this page, before anything
+        # is pinned (a refusal leaves the transaction as it was). Worst case: the record's
+        # size as computed for TxnTooLarge, plus its log record header.
+        log = self._log
+        want = 0
+        if log._c.inmemory:
+            want = self._bytes + cost + _LOG_HEADER_BYTES - self._reserved
+            await log._reserve(want)
+            self._reserved += want
+        try:
+            # A cached page is pinned without an await (the pool's hit path); else the slow path.
+            page = f._pin_hit(pgno) if mode != MODE_NEW else None
+            if page is None:
+                page = await f._pin(pgno, mode)
+        except BaseException:
+            await self._unreserve(want)
+            raise
         try:
             if page._cache is None:
                 raise InvalidArgument("pages of a memory-mapped file cannot be changed")
@@ -240,6 +262,7 @@ class Txn:
             pending = f._unpin(page, 0)
             if pending is not None:
                 await asyncio.shield(pending)
+            await self._unreserve(want)
             raise
         # Known to the file too, so that closing it (or the environment) releases the latch
         # of a transaction that was never ended.
@@ -267,6 +290,14 @@ class Txn:
         self._state = _DONE
         self._stats.add(W.aborts)
         await self._release_all()
+        await self._unreserve(self._reserved)
+
+    async def _unreserve(self, nbytes: int) -> None:
+        """Give back ``nbytes`` of this transaction's reservation (nothing for a file log)."""
+        if nbytes <= 0:
+            return
+        self._reserved -= nbytes
+        await asyncio.shield(self._log._release(nbytes))
 
     async def _release_all(self) -> None:
         pending = []
@@ -319,6 +350,7 @@ class Txn:
             self._state = _DONE
             self._stats.add(W.readonly_commits)
             await self._release_all()
+            await self._unreserve(self._reserved)
             self.result = CommitInfo(LSN(0, 0), self.durability, 0)
             return self.result
         pool = self._pool
@@ -338,7 +370,13 @@ class Txn:
             set_committing(tp._page, self._owner)
         _io.step("txn.committing")
         try:
-            lsn = await self._log.put(record, write_nosync=self.durability == "write_nosync")
+            wns = self.durability == "write_nosync"
+            if self._reserved:
+                # Released in the append's critical section: never refused for space.
+                lsn = await self._log._put_reserved(record, self._reserved, wns)
+                self._reserved = 0
+            else:
+                lsn = await self._log.put(record, write_nosync=wns)
         except (LogBufferFull, InvalidArgument):
             # Nothing was appended: the commit did not happen (release clears the flag).
             await self._end_aborted()
@@ -380,6 +418,7 @@ class Txn:
         self._state = _DONE
         self._stats.add(W.aborts)
         await self._release_all()
+        await self._unreserve(self._reserved)
 
     def _build(self) -> tuple[bytes, list[tuple[TxnPage, int]], int]:
         """The batch record, the changed pages (with their lsn_offset) and how many of them
