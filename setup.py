@@ -66,6 +66,9 @@ if os.environ.get("AIODBENV_NO_COMPILE") != "1":
             ["aiodbenv/_csrc/capi/hot.c"],
             py_limited_api=True,
             extra_compile_args=["-Werror=implicit-function-declaration"],
+            # The module calls only the Python API, so the linker would record no libc at all;
+            # auditwheel then cannot tell which libc it needs and refuses the wheel. Name it.
+            extra_link_args=["-Wl,--no-as-needed", "-lc"],
         )
     ]
     # Tag the wheel for the stable ABI the extension is built against (cffi sets
