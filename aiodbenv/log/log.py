@@ -261,8 +261,7 @@ class Log(LogWriter):
 
     async def _release(self, nbytes: int) -> None:
         """Give back ``nbytes`` reserved by :meth:`_reserve` (an aborted transaction).
-        Cancellation: while waiting for a busy mutex, the bytes stay reserved until this
-        handle closes (or its process dies and is reaped)."""
+        Cancellation: the bytes stay reserved until this handle closes or its process is reaped."""
         if self._c.inmemory and not self._closed:
             await self._locked(self._c.release, nbytes)
 
@@ -400,10 +399,8 @@ class Log(LogWriter):
         time), flush it, and record it in the region as the last checkpoint; returns the
         record's LSN. ``ckp_lsn`` is where recovery would start: files wholly before its file
         can be archived, and an in-memory ring keeps every "file" from it on. Cursors return
-        the record's data as a :class:`~aiodbenv.CheckpointRecord`. In memory, while
-        transactions hold commit space (see docs/log.md), a ``ckp_lsn`` whose
-        "file" would leave too little of the ring for them raises LogBufferFull (nothing
-        appended).
+        the record's data as a :class:`~aiodbenv.CheckpointRecord`. In memory, a ``ckp_lsn``
+        leaving too little ring for reserved commit space raises LogBufferFull (docs/log.md).
 
         Cancellation: before the record is appended, nothing happens; after, the record is
         in the log and is recorded as the last checkpoint only once a later checkpoint or
