@@ -298,6 +298,9 @@ async def test_no_leak_over_100k_pins(pf: aiodbenv.PoolFile) -> None:
 # -- the pool suite with the compiled path off -----------------------------------------------
 
 
+# Slow (about 100 s): CI covers the Python pin context in test_mutex's AIODBENV_MUTEX=abi
+# rerun of the pool suites; this isolates the one switch with the rest compiled.
+@pytest.mark.slow
 @pytest.mark.skipif(DISABLED, reason="already a run without the compiled hot path")
 def test_pin_tests_pass_without_the_compiled_hot_path() -> None:
     """The pin, unpin, close, cancel and fork tests again with ``AIODBENV_HOT=python``: the

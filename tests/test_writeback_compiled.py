@@ -252,6 +252,9 @@ async def test_compiled_sync_makes_no_per_page_garbage(home: str) -> None:
     assert len(passes) <= 3, passes
 
 
+# Slow (minutes): CI covers the Python write-back in test_mutex's AIODBENV_MUTEX=abi rerun
+# (pool, write-back fault, wait and reaper suites); this isolates the one switch.
+@pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("AIODBENV_WRITEBACK") == "python" or not csync.ENABLED,
     reason="already the Python write-back's run",
