@@ -156,6 +156,27 @@ def python(
     )
 
 
+def run_suites(
+    *files: str, env: dict[str, str], k: str | None = None, timeout: float = 900
+) -> None:
+    """Run the test files again in a fresh pytest process with ``env`` set (a switch that
+    picks another code path: ``AIODBENV_MUTEX=abi``, ``AIODBENV_HOT=python``, ...) and assert
+    that they passed."""
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files]
+    if k is not None:
+        argv += ["-k", k]
+    r = subprocess.run(
+        argv,
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
+
+
 def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start ``code`` in a fresh interpreter; the caller waits for or kills it."""
     return subprocess.Popen(

@@ -12,7 +12,6 @@ import asyncio
 import gc
 import os
 import shutil
-import subprocess
 import sys
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from aiodbenv.errors import InvalidArgument
 from aiodbenv.mpool import hot
 from aiodbenv.mpool.hotpath import detach
 
-from .conftest import REPO, python
+from .conftest import python, run_suites
 
 DISABLED = (
     os.environ.get("AIODBENV_HOT", "").lower() == "python"
@@ -306,30 +305,14 @@ def test_pin_tests_pass_without_the_compiled_hot_path() -> None:
     """The pin, unpin, close, cancel and fork tests again with ``AIODBENV_HOT=python``: the
     Python PinContext over the cffi hit and unpin (``AIODBENV_MUTEX=abi`` runs of
     tests/test_mutex.py cover the pure-Python twin)."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-x",
-            "tests/test_hot.py",
-            "tests/test_fork.py",
-            "tests/test_pool_cancel.py",
-            "tests/test_pool.py",
-            "-k",
-            "pin or unpin or close or hit or cancel or fork or Hot or hot",
-        ],
-        cwd=REPO,
-        env={**os.environ, "AIODBENV_HOT": "python"},
-        capture_output=True,
-        text=True,
-        timeout=900,
+    run_suites(
+        "tests/test_hot.py",
+        "tests/test_fork.py",
+        "tests/test_pool_cancel.py",
+        "tests/test_pool.py",
+        k="pin or unpin or close or hit or cancel or fork or Hot or hot",
+        env={"AIODBENV_HOT": "python"},
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout
 
 
 async def test_pins_are_tracked_for_close(pf: aiodbenv.PoolFile) -> None:

@@ -24,7 +24,8 @@ from aiodbenv.errors import ForkedProcessError
 from aiodbenv.log import accel
 from aiodbenv.log.layout import LOG_HEADER
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .conftest import REPO, run_suites
+
 compiled = pytest.mark.skipif(not accel.COMPILED, reason="the compiled accelerator is not in use")
 
 # Puts a fixed mix of records (tiny to larger than the buffer, across several files of a small
@@ -195,28 +196,13 @@ def test_log_suites_pass_with_the_python_append() -> None:
     if os.environ.get("AIODBENV_MUTEX") == "abi":
         assert not accel.COMPILED
         return
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-x",
-            "tests/test_log.py",
-            "tests/test_log_cancel.py",
-            "tests/test_log_model.py",
-            "tests/test_log_processes.py",
-        ],
-        cwd=REPO,
-        env={**os.environ, "AIODBENV_MUTEX": "abi"},
-        capture_output=True,
-        text=True,
-        timeout=900,
+    run_suites(
+        "tests/test_log.py",
+        "tests/test_log_cancel.py",
+        "tests/test_log_model.py",
+        "tests/test_log_processes.py",
+        env={"AIODBENV_MUTEX": "abi"},
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout
 
 
 # -- writes behind ----------------------------------------------------------------------------

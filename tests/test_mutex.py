@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from aiodbenv.region import mutex as mutex_mod
 from aiodbenv.region.layout import ALLOC_CHUNK, MUTEX_SLOT, REGION_HEADER
 from aiodbenv.region.mutex import SharedMutex, ffi
 
-from .conftest import REPO, spawn
+from .conftest import run_suites, spawn
 
 SHARED_KINDS = ["file", "system"]
 
@@ -216,31 +215,17 @@ def test_suite_passes_with_the_abi_fallback() -> None:
     """Runs the mutex, environment and pool tests again with AIODBENV_MUTEX=abi: the ABI
     binding of pthread, and the pure-Python hit, unpin and miss paths of the pool (the miss,
     eviction, reaper and cancellation suites and the hypothesis model included)."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-x",
-            "tests/test_mutex.py",
-            "tests/test_env.py",
-            "tests/test_pool.py",
-            "tests/test_miss.py",
-            "tests/test_alloc.py",
-            "tests/test_reaper.py",
-            "tests/test_pool_cancel.py",
-            "tests/test_pool_model.py",
-            "tests/test_writeback_faults.py",
-            "tests/test_waits.py",
-        ],
-        cwd=REPO,
-        env={**os.environ, "AIODBENV_MUTEX": "abi"},
-        capture_output=True,
-        text=True,
+    run_suites(
+        "tests/test_mutex.py",
+        "tests/test_env.py",
+        "tests/test_pool.py",
+        "tests/test_miss.py",
+        "tests/test_alloc.py",
+        "tests/test_reaper.py",
+        "tests/test_pool_cancel.py",
+        "tests/test_pool_model.py",
+        "tests/test_writeback_faults.py",
+        "tests/test_waits.py",
+        env={"AIODBENV_MUTEX": "abi"},
         timeout=1200,
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout

@@ -25,7 +25,7 @@ from aiodbenv.mpool import csync, victims
 from aiodbenv.mpool import frames as frames_mod
 from aiodbenv.region.mutex import speedups
 
-from .conftest import REPO, python
+from .conftest import REPO, run_suites
 from .test_writeback_faults import frames
 
 PS = 4096
@@ -263,21 +263,14 @@ def test_suites_pass_with_the_python_writeback() -> None:
     """The write-back suites again with ``AIODBENV_WRITEBACK=python`` (compiled mutexes, the
     Python write-back): both paths stay complete. The ABI run (tests/test_mutex.py) covers
     the machine without a compiler."""
-    r = python(
-        """
-        import sys, pytest
-        sys.exit(pytest.main(["-q", "-x", "-p", "no:cacheprovider", *sys.argv[1:]]))
-        """,
+    run_suites(
         "tests/test_pool.py",
         "tests/test_writeback_faults.py",
         "tests/test_log_pool.py",
         "tests/test_workers.py",
         "tests/test_writeback_compiled.py",
-        timeout=900,
         env={"AIODBENV_WRITEBACK": "python"},
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout
 
 
 @needs_compiled
