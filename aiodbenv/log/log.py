@@ -461,9 +461,9 @@ class Log(LogWriter):
         if not self._closed:
             try:
                 # Transactions of this handle left open end with it: their commit space too.
-                self._c.drop_slot(self._c.rsv_slot)
+                await self._locked(self._c.drop_slot, self._c.rsv_slot)
             except Exception:
-                pass  # a busy or broken mutex: the reaper drops them once the slot is dead
+                pass  # a held or broken mutex: the reaper drops them once the slot is dead
         try:
             if flush and not self._closed and not self._env.panicked and not self._c.inmemory:
                 await self.flush()
