@@ -13,6 +13,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import zlib
 from typing import Any
 
@@ -22,7 +23,9 @@ import aiodbenv
 from aiodbenv import CorruptRegion, InvalidArgument, RunRecovery, _io
 from aiodbenv.errors import ForkedProcessError
 from aiodbenv.log import accel
+from aiodbenv.log.files import log_path
 from aiodbenv.log.layout import LOG_HEADER
+from aiodbenv.log.threadrounds import CRound
 
 from .conftest import REPO, run_suites
 
@@ -277,6 +280,92 @@ async def test_failed_write_behind_panics(home: str) -> None:
         with pytest.raises(RunRecovery):
             await env.close()
         await aiodbenv.Env.remove(home, force=True)
+
+
+async def _start_behind(log: Any) -> Any:
+    """Put 100-byte records until a put starts a write behind; return its round."""
+    while log._inflight is None:
+        await log.put(b"b" * 84)
+    return log._inflight
+
+
+@compiled
+async def test_write_behind_is_one_compiled_call_and_wakes_the_loop(home: str) -> None:
+    # Without the seam's faults, a write behind is the compiled call (CRound), which writes,
+    # publishes, lets the role go, counts the write, and wakes a waiting loop (eventfd).
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    try:
+        log = env.log
+        await log.put(b"first", flush=True)
+        before = log.stat().wcount
+        r = await _start_behind(log)
+        assert isinstance(r, CRound)
+        await asyncio.wait_for(r.wait(), 30)  # woken by the eventfd, or re-checked
+        assert r.finished and log._c.role_holder() == (0, 0)
+        assert log.written_lsn.offset >= r.end and log.stat().wcount == before + 1
+        await log.flush()
+        recs = [data async for _, data in log.cursor()]
+        assert recs[0] == b"first" and set(recs[1:]) == {b"b" * 84}
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+
+
+@compiled
+async def test_compiled_write_behind_failure_panics(home: str) -> None:
+    # The seam cannot reach the compiled call: its write fails on a descriptor open
+    # read-only. The loop reports it as the Python thread would: panic, role let go.
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    try:
+        log = env.log
+        await log.put(b"first", flush=True)
+        file = log.end_lsn.file
+        good = log._fds[file]
+        log._fds[file] = os.open(log_path(log.directory, file), os.O_RDONLY)
+        try:
+            r = await _start_behind(log)
+            assert isinstance(r, CRound)
+            await asyncio.wait_for(r.wait(), 30)
+            assert r.failure() == errno.EBADF
+            await asyncio.sleep(0)  # the eventfd's reader runs: it reports the failure
+            assert log._finish_now(r)
+            assert log._env.panicked and log._c.role_holder() == (0, 0)
+            assert log.written_lsn < log.end_lsn
+        finally:
+            os.close(log._fds[file])
+            log._fds[file] = good
+        with pytest.raises(RunRecovery, match="log file"):
+            await log.put(b"after")
+    finally:
+        with pytest.raises(RunRecovery):
+            await env.close()
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@compiled
+async def test_compiled_write_behind_left_stuck_is_published_by_the_loop(home: str) -> None:
+    # The mutex held (here, by the loop's thread) past the compiled call's bounded wait: it
+    # leaves the round written, not published, with the role held; the loop publishes it.
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    try:
+        log = env.log
+        await log.put(b"first", flush=True)
+        gate = threading.Event()
+        log._thread.submit(gate.wait, 30)  # the writer's thread waits: the round queues
+        r = await _start_behind(log)
+        assert isinstance(r, CRound)
+        with log._c.mutex:
+            gate.set()
+            assert concurrent.futures.wait([r.cf], timeout=30).done
+            assert r.stuck and not r.finished
+        assert log._c.role_holder()[0] == os.getpid()
+        await asyncio.wait_for(log._settle_behind(), 30)
+        assert r.finished and log._inflight is None and log._c.role_holder() == (0, 0)
+        await log.flush()
+        assert len([lsn async for lsn, _ in log.cursor()]) > 2
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
 
 
 @pytest.mark.parametrize("how", ["flush", "write_nosync"])

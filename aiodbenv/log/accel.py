@@ -12,12 +12,23 @@ Python path, so both paths share one implementation of the rare cases.
 from __future__ import annotations
 
 import errno
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from ..region.mutex import ffi, speedups
+from ..region.mutex import unlock as unlock
 from .layout import LOG_HEADER
 
-__all__ = ["COMPILED", "HALF", "PYTHON", "FastPut", "crc32", "fast_put"]
+__all__ = [
+    "COMPILED",
+    "HALF",
+    "PYTHON",
+    "BehindJob",
+    "FastPut",
+    "behind_job",
+    "crc32",
+    "fast_put",
+]
 
 #: True when puts go through the compiled append.
 COMPILED = speedups is not None and hasattr(speedups, "aiodb_log_put")
@@ -65,6 +76,92 @@ class FastPut:
         self.keep = (core.region, ptr)
         self.args = ffi.new("uint64_t[]", values)
         self.fn = speedups.aiodb_log_put
+
+
+#: States of a compiled write behind (:class:`BehindJob`).
+JOB_RUNNING, JOB_DONE, JOB_STUCK, JOB_FAILED = 0, 1, 2, 3
+# The job array's slots, in the order of the J_* enum in aiodbenv/_csrc/60_log.c.
+_J_STATE, _J_ERR, _J_FD, _J_FILE, _J_FOFF, _J_START, _J_END, _J_COMMITS = range(8)
+_J_IDENT = 8  # pid, start time, token
+_J_INDEXES = 11  # word indexes of w_lsn ... flusher_token
+_J_EVFD = 20
+_J_COUNT = 21
+
+
+class BehindJob:
+    """The compiled write behind of one log handle: :meth:`start` hands a round (started
+    with ``begin_write``, the writer role held) to the writer's thread, which writes it,
+    publishes it (``end_write``), lets the role go and wakes other processes' waiters in one
+    C call without the GIL; :meth:`state` tells how far it got (``JOB_*``)."""
+
+    __slots__ = ("core", "fast", "j")
+
+    def __init__(self, core: Any, fast: FastPut) -> None:
+        h = core.h
+        self.core = core
+        self.fast = fast  # its parameter array is read by the thread
+        self.j = ffi.new("uint64_t[]", _J_COUNT)
+        self.j[_J_IDENT : _J_IDENT + 3] = [core.pid, core.start_time, core.token]
+        self.j[_J_INDEXES:_J_EVFD] = [
+            h + getattr(_W, name)
+            for name in (
+                "w_lsn",
+                "flush_seq",
+                "st_writes",
+                "st_file_bytes",
+                "last_write_end",
+                "st_block_rewrites",
+                "flusher_pid",
+                "flusher_start",
+                "flusher_token",
+            )
+        ]
+
+    def start(
+        self,
+        executor: Executor,
+        fd: int,
+        file: int,
+        foff: int,
+        start: int,
+        end: int,
+        commits: int,
+        evfd: int,
+    ) -> Future[None]:
+        """Have ``executor`` (the writer's thread) write buffer bytes ``[start, end)`` at
+        ``foff`` of ``file`` (open as ``fd``), publish them and let the role go, in one
+        call without the GIL; the call adds 1 to the eventfd ``evfd`` when done (-1: none)."""
+        j = self.j
+        j[_J_STATE], j[_J_EVFD] = JOB_RUNNING, evfd + 1
+        j[_J_FD], j[_J_FILE], j[_J_FOFF] = fd, file, foff
+        j[_J_START], j[_J_END], j[_J_COMMITS] = start, end, commits
+        return executor.submit(self._run)
+
+    def _run(self) -> None:
+        if speedups.aiodb_log_behind(self.fast.args, self.j) == OWNER_DEAD:
+            # Left held for us, its holder dead: repair here, in the thread that holds it
+            # (a robust mutex is its locker's), as any locker would; the loop publishes.
+            core = self.core
+            core.mutex.acquire_contended(errno.EOWNERDEAD)
+            if core._ptr is not None:
+                unlock(core._ptr)
+
+    def state(self) -> int:
+        """``JOB_RUNNING`` while the thread works, then ``JOB_DONE`` (published, role let
+        go), ``JOB_STUCK`` (written, not published: the mutex stayed held or its holder died)
+        or ``JOB_FAILED`` (the write failed with :meth:`error`)."""
+        return int(self.j[_J_STATE])
+
+    def error(self) -> int:
+        """The errno of a failed write."""
+        return int(self.j[_J_ERR])
+
+
+def behind_job(core: Any, fast: FastPut | None) -> BehindJob | None:
+    """The compiled write behind of a file log handle with the compiled append, or None."""
+    if fast is None or core.inmemory or not hasattr(speedups, "aiodb_log_behind"):
+        return None
+    return BehindJob(core, fast)
 
 
 def fast_put(core: Any) -> FastPut | None:

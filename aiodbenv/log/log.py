@@ -43,11 +43,15 @@ from .record import (
 )
 from .redo import redo_start
 from .stat import LogStat, read_stat
+from .threadrounds import CRound
 from .writer import Direct, DurableListener, LogWriter
 
 __all__ = ["DurableListener", "Log"]
 
 logger = logging.getLogger("aiodbenv")
+
+#: Compiled write behinds still running when their handle closed (kept alive for their thread).
+_ORPHANS: list[CRound] = []
 
 # An LSN made without NamedTuple's Python-level __new__ (put returns one per record).
 _new_lsn = tuple.__new__
@@ -483,6 +487,15 @@ class Log(LogWriter):
                 except Exception:
                     pass
             self._closed = True
+            r = self._inflight
+            orphan = isinstance(r, CRound) and not r.io_done()
+            if orphan:
+                # Its thread still writes (a disk slower than wait_timeout): its job and
+                # parameter arrays must outlive this handle, and its files stay open.
+                assert isinstance(r, CRound)
+                _ORPHANS.append(r)
+                self._fds.pop(r.file, None)
+            self._close_job_fd(keep=orphan)
             for fd in self._fds.values():
                 try:
                     os.close(fd)

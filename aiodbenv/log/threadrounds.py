@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,13 @@ from typing import TYPE_CHECKING, Any
 from .. import _io
 from ..errors import LockTimeout
 from ..region.mutex import Busy
+from .accel import JOB_DONE, JOB_FAILED, JOB_RUNNING, JOB_STUCK, BehindJob
 from .core import LogCore
 from .files import log_path
 
 __all__ = ["MORE_ROUNDS", "Round", "ThreadRounds"]
+
+_PWRITEV = _io.pwritev
 
 #: How often a round its thread could not publish is tried again by the loop (seconds).
 _SETTLE_POLL = 0.002
@@ -53,6 +57,78 @@ class Round:
     finished: bool = False  # its end_write is done (set by the thread for a write behind)
     stuck: bool = False  # its thread wrote it but could not publish it (the mutex stayed held)
 
+    def io_done(self) -> bool:
+        """Its thread is done with it (written, or failed)."""
+        return self.cf.done()
+
+    def failure(self) -> int:
+        """The errno of a write the loop must report (never: its thread reports it)."""
+        return 0
+
+    async def wait(self) -> None:
+        """Until its thread is done with it (its failure is recorded there, not raised).
+        Cancellation: the thread goes on."""
+        try:
+            await asyncio.shield(self.done)
+        except Exception:
+            pass
+
+
+class CRound:
+    """A write behind run by one compiled call in the writer's thread
+    (:class:`~aiodbenv.log.accel.BehindJob`): the same attributes as :class:`Round` for the
+    code that waits for one."""
+
+    sync = False
+    listeners = False
+    durable_from = 0
+
+    def __init__(self, job: BehindJob, file: int, start: int, end: int, commits: int) -> None:
+        self.job = job
+        self.file, self.start, self.end, self.commits = file, start, end, commits
+        self._finished = False
+        self.cf: concurrent.futures.Future[None] | None = None
+        #: Futures the loop resolves when the thread says it is done (through the eventfd).
+        self.waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def finished(self) -> bool:
+        """Published (by the thread, or by the loop after it was stuck or failed)."""
+        return self._finished or self.job.state() == JOB_DONE
+
+    @finished.setter
+    def finished(self, value: bool) -> None:
+        self._finished = value
+
+    @property
+    def stuck(self) -> bool:
+        """Its thread is done but left the round for the loop to publish (or report)."""
+        return not self._finished and self.job.state() in (JOB_STUCK, JOB_FAILED)
+
+    def io_done(self) -> bool:
+        """Its thread is done with it."""
+        return self.job.state() != JOB_RUNNING
+
+    def failure(self) -> int:
+        """The errno of its failed write, 0 if it did not fail."""
+        return self.job.error() if self.job.state() == JOB_FAILED else 0
+
+    async def wait(self) -> None:
+        """Until its thread is done with it: woken through the handle's eventfd, re-checked
+        every few milliseconds all the same (bounded, if a wake-up were ever lost, or there
+        is no eventfd). Cancellation: the thread goes on."""
+        loop = asyncio.get_running_loop()
+        while not self.io_done():
+            fut = loop.create_future()
+            self.waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, _SETTLE_POLL * 5)
+            except TimeoutError:
+                pass
+            finally:
+                if fut in self.waiters:
+                    self.waiters.remove(fut)
+
 
 class ThreadRounds:
     """The writer's thread rounds (a part of :class:`~aiodbenv.log.writer.LogWriter`)."""
@@ -60,7 +136,9 @@ class ThreadRounds:
     # Provided by LogWriter.
     _c: LogCore
     _env: Any
-    _inflight: Round | None
+    _inflight: Round | CRound | None
+    _bjob: BehindJob | None
+    _evfd: int  # the compiled write behinds' eventfd (-1: not made yet, or none)
     _task: asyncio.Task[None] | None
     _closing: bool
     _fds: dict[int, int]
@@ -113,8 +191,8 @@ class ThreadRounds:
     def _behind(self) -> bool:
         """Holding the role with no round under way: start a write behind as
         :attr:`_inflight`; False if it could not start (the role is still held)."""
-        r = self._attempt(self._round_start, False, False, True)
-        self._inflight = r if isinstance(r, Round) else None
+        r = self._attempt(self._round_start, False, False, True, True)
+        self._inflight = r if isinstance(r, (Round, CRound)) else None
         return self._inflight is not None
 
     async def _direct_round(self, sync: bool) -> None:
@@ -150,12 +228,65 @@ class ThreadRounds:
         if self._inflight is r:
             await self._settle_behind()
 
-    def _finish_now(self, r: Round) -> bool:
+    def _job_fd(self) -> int:
+        """The eventfd the compiled write behind's thread signals when done, read by the event
+        loop (:meth:`_job_ready`); made on first use. -1 if the loop cannot watch it (the
+        waits then poll)."""
+        if self._evfd < 0:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                asyncio.get_running_loop().add_reader(fd, self._job_ready)
+            except (NotImplementedError, RuntimeError):
+                os.close(fd)
+                return -1
+            self._evfd = fd
+        return self._evfd
+
+    def _job_ready(self) -> None:
+        """On the loop: the compiled write behind's thread is done. Wake its waiters, and
+        publish it here if the thread could not (a busy mutex, a write failure), so the
+        writer role is not left held until the next put or flush."""
+        try:
+            os.eventfd_read(self._evfd)
+        except OSError:
+            pass  # read already (EAGAIN), or closed
+        r = self._inflight
+        if isinstance(r, CRound) and r.io_done():
+            if r.stuck:
+                self._finish_now(r)
+            for fut in r.waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            r.waiters.clear()
+
+    def _close_job_fd(self, keep: bool) -> None:
+        """Stop watching the eventfd; close it unless a thread may still write to it."""
+        fd, self._evfd = self._evfd, -1
+        if fd < 0:
+            return
+        try:
+            asyncio.get_running_loop().remove_reader(fd)
+        except (NotImplementedError, RuntimeError):
+            pass
+        if not keep:
+            os.close(fd)
+
+    def _finish_now(self, r: Round | CRound) -> bool:
         """A write behind's I/O is done but its thread could not publish it (the mutex stayed
         held): publish it and let the role go, if the mutex is free now. True if done."""
-        if r.finished or not r.cf.done():
+        if r.finished or not r.io_done():
             return r.finished
+        if r.finished:  # its thread published it between the two reads
+            return True
         c = self._c
+        err = r.failure()
+        if err:
+            # The compiled thread's write failed: panic here, as the Python thread does.
+            self._thread_failed(r.file, False, OSError(err, os.strerror(err)))
+            r.finished = True
+            self._attempt(c.release_role)
+            self._wake_others()
+            return True
         if isinstance(self._attempt(c.end_write, r.file, r.start, r.end, r.sync, r.commits), Busy):
             return False
         r.finished = True
@@ -167,10 +298,7 @@ class ThreadRounds:
         """Wait for the write behind under way, if any, and see it published."""
         r = self._inflight
         while r is not None:
-            try:
-                await asyncio.shield(r.done)
-            except Exception:
-                pass  # its thread recorded the failure (the environment is panicked)
+            await r.wait()  # a failure is recorded by its thread, or by _finish_now
             if not r.finished and not self._finish_now(r):
                 await asyncio.sleep(_SETTLE_POLL)
                 continue
@@ -187,12 +315,16 @@ class ThreadRounds:
         self._inflight = None
         return True
 
-    def _round_start(self, sync: bool, fill: bool, behind: bool = False) -> Round | None:
+    def _round_start(
+        self, sync: bool, fill: bool, behind: bool = False, compiled: bool = False
+    ) -> Round | CRound | None:
         """The first half of a round, without suspending (writer only): take what the buffer
         holds and hand its write (and fsync) to the writer's thread. None if the file is not
         open in this process yet (nothing done). Raises LockTimeout (nothing done) if the
         mutex stayed held. ``behind``: a write behind, which the thread also publishes
-        (``end_write``) and ends by letting the writer role go."""
+        (``end_write``) and ends by letting the writer role go. ``compiled``: such a write
+        behind (never with ``sync``), run by the compiled thread when there is one
+        (:class:`CRound`)."""
         c = self._c
         file = c.word("f_lsn") >> 32
         fd = self._fds.get(file)
@@ -200,6 +332,17 @@ class ThreadRounds:
             return None
         old_s = c.word("s_lsn")
         file, foff, start, end, commits = c.begin_write(fill)
+        job = self._bjob
+        if (
+            compiled
+            and job is not None
+            and not (_io._faults or _io._signal_plan or _io.pwritev is not _PWRITEV)
+        ):
+            # One compiled call in the writer's thread does it all; the seam's faults and
+            # crash points (and a patched pwritev) need the Python work below.
+            cr = CRound(job, file, start, end, commits)
+            cr.cf = job.start(self._thread, fd, file, foff, start, end, commits, self._job_fd())
+            return cr
         view = c.buf[c.b0 + start : c.b0 + end]
         listeners = bool(self._listeners) and sync
         durable_from = max(old_s, file << 32) & 0xFFFFFFFF

@@ -28,7 +28,7 @@ from .. import _io
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region.backing import Region
 from ..region.mutex import BUSY, STEP_WAIT, Busy, _wait_bound, backoff_locked
-from .accel import fast_put
+from .accel import behind_job, fast_put
 from .core import NEED, LogCore
 from .files import create_log_file, log_path
 from .layout import LOG_HEADER, header_offset
@@ -39,7 +39,7 @@ from .record import (
     REC_PAD,
     encode,
 )
-from .threadrounds import Round, ThreadRounds
+from .threadrounds import CRound, Round, ThreadRounds
 from .wake import Futex, futex_available
 
 __all__ = ["Direct", "DurableListener", "LogWriter"]
@@ -66,6 +66,7 @@ def _disarm_in_child() -> None:
     # path, whose check raises ForkedProcessError, not append through the parent's handle.
     for lw in list(_live_writers):
         lw._fast = None
+        lw._bjob = None
 
 
 os.register_at_fork(after_in_child=_disarm_in_child)
@@ -105,6 +106,9 @@ class LogWriter(ThreadRounds):
         #: The compiled append (None: every put runs the Python one, which checks the handle
         #: is open and of this process; close and a fork turn it off).
         self._fast = fast_put(self._c)
+        #: The compiled write behind (None: the writer's Python thread does them).
+        self._bjob = behind_job(self._c, self._fast)
+        self._evfd = -1
         _live_writers.add(self)
         self._pid = os.getpid()
         #: Longest a caller waits for a stopped or stuck writer of another process before
@@ -118,7 +122,7 @@ class LogWriter(ThreadRounds):
         self._listeners: list[DurableListener] = []
         self._task: asyncio.Task[None] | None = None
         #: A write behind under way, started by a put (finished by the task or a later put).
-        self._inflight: Round | None = None
+        self._inflight: Round | CRound | None = None
         self._progress: asyncio.Future[None] | None = None
         self._want = _Demand()
         self._fds: dict[int, int] = {}
@@ -374,6 +378,7 @@ class LogWriter(ThreadRounds):
             # The mutex stayed held, or the file is not open yet: the slower way.
             await self._fd(self._c.word("f_lsn") >> 32)
             r = await self._locked(self._round_start, sync, fill)
+        assert isinstance(r, Round)  # not a write behind: never the compiled thread's
         await self._round_finish(r)
 
     async def _round_finish(self, r: Round) -> None:
