@@ -434,3 +434,39 @@ async def test_the_writers_thread_serves_calls_registered_during_its_fsync(
                 assert a.log._c.role_holder() == (0, 0)
     finally:
         await aiodbenv.Env.remove(home)
+
+
+@pytest.mark.skipif(
+    not accel.COMPILED or accel._hot is None, reason="the compiled put (aiodbenv._hot) is off"
+)
+async def test_compiled_put_makes_real_lsns_and_hands_back_the_rest(home: str) -> None:
+    # The C put returns aiodbenv.LSN instances (tuples: ordered, hashable, unpacked), hands
+    # a non-bytes record back (None) and the buffer's passing half back as the int word.
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    try:
+        log = env.log
+        putter = log._fast.putter
+        lsns = [await log.put(b"a" * 10), await log.put(bytearray(b"b" * 10))]
+        lsns.append(await log.put(memoryview(b"c" * 10)))
+        assert all(type(x) is aiodbenv.LSN for x in lsns)
+        assert lsns == sorted(lsns) and len(set(lsns)) == 3
+        file, offset = lsns[0]
+        assert (file, offset) == (lsns[0].file, lsns[0].offset) and str(
+            lsns[0]
+        ) == f"{file}/{offset}"
+        assert putter.put(bytearray(b"x")) is None and putter.put("text") is None
+        assert putter.lsn((7 << 32) | 9) == aiodbenv.LSN(7, 9)
+        word = None
+        while word is None:  # up to half: LSNs; the put that passes half: its int word
+            r = putter.put(b"d" * 84)
+            if type(r) is int:
+                word = r
+            else:
+                lsns.append(r)
+        assert word & accel.HALF and word ^ accel.HALF > (lsns[-1][0] << 32 | lsns[-1][1])
+        await log.flush()
+        got = [lsn async for lsn, _ in log.cursor()]
+        assert got[: len(lsns)] == lsns and len(got) == len(lsns) + 1
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)

@@ -15,9 +15,12 @@ import errno
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from ..mpool.hot import module as _hot
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as unlock
 from .layout import LOG_HEADER
+from .lsn import LSN
+from .record import REC_USER
 
 __all__ = [
     "COMPILED",
@@ -48,7 +51,7 @@ class FastPut:
     """The compiled append's arguments for one log handle:
     ``fn(args, rtype, data, len(data))`` appends."""
 
-    __slots__ = ("args", "fn", "keep")
+    __slots__ = ("args", "fn", "keep", "putter")
 
     def __init__(self, core: Any) -> None:
         h = core.h
@@ -76,6 +79,18 @@ class FastPut:
         self.keep = (core.region, ptr)
         self.args = ffi.new("uint64_t[]", values)
         self.fn = speedups.aiodb_log_put
+        #: ``putter.put(data)``: the whole plain put in C, the LSN made there too
+        #: (:mod:`aiodbenv._hot`'s LogPutter); None without that module (``AIODBENV_HOT``).
+        self.putter: Any = None
+        if _hot is not None:
+            self.putter = _hot.LogPutter(
+                int(ffi.cast("uintptr_t", ffi.addressof(speedups, "aiodb_log_put"))),
+                int(ffi.cast("uintptr_t", self.args)),
+                self.args,
+                LSN,
+                REC_USER,
+                HALF,
+            )
 
 
 #: States of a compiled write behind (:class:`BehindJob`).

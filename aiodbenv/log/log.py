@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import zlib
+from typing import cast
 
 import anyio.to_thread
 
@@ -161,17 +162,26 @@ class Log(LogWriter):
         larger than the buffer that the writer has begun to write is appended all the same.
         """
         fast = self._fast  # None without the accelerator, once closed, in a forked child
-        if (
-            fast is not None
-            and not (flush or write_nosync)
-            and type(data) is bytes
-            and not self._panic_w[self._panic_i]
-        ):
-            # The compiled append: header, checksum and copy in one call, no Python work
-            # beyond it unless the buffer is full, a file must start, or the mutex is held.
-            word = fast.fn(fast.args, REC_USER, data, len(data))
+        if fast is not None and not (flush or write_nosync) and not self._panic_w[self._panic_i]:
+            putter = fast.putter
+            if putter is not None:
+                # The whole plain put in C (the LSN too); an int: the buffer passed half,
+                # or why nothing was appended; None: not bytes.
+                r = putter.put(data)
+                if type(r) is LSN:
+                    return r
+                if r is None:
+                    return await self._put(data, flush, write_nosync)
+                word = r
+            elif type(data) is bytes:
+                # The compiled append: header, checksum and copy in one call, no Python
+                # work beyond it unless the buffer is full, a file must start, or the
+                # mutex is held.
+                word = fast.fn(fast.args, REC_USER, data, len(data))
+            else:
+                return await self._put(data, flush, write_nosync)
             if word < 0:
-                word = await self._put_slow(data, word)
+                word = await self._put_slow(cast(bytes, data), word)  # bytes: checked in C
             elif word & _HALF:
                 word ^= _HALF
                 if self._task is None or self._inflight is not None:

@@ -917,6 +917,9 @@ static PyType_Spec ctx_spec = {
     ctx_slots,
 };
 
+/* The log's compiled put (a part of this module: see that file). */
+#include "logput.c"
+
 /* ---------------------------------------------------------------- module ------------- */
 
 static PyObject *configure(PyObject *mod, PyObject *args) {
@@ -985,6 +988,9 @@ PyMODINIT_FUNC PyInit__hot(void) {
     if (PyModule_AddObjectRef(m, "PageBase", (PyObject *)PageBase_Type) < 0) goto fail;
     if (PyModule_AddObjectRef(m, "HotFile", (PyObject *)HotFile_Type) < 0) goto fail;
     if (PyModule_AddObjectRef(m, "PinContext", (PyObject *)PinCtx_Type) < 0) goto fail;
+    LogPutter_Type = (PyTypeObject *)PyType_FromSpec(&lp_spec);
+    if (!LogPutter_Type || PyModule_AddObjectRef(m, "LogPutter", (PyObject *)LogPutter_Type) < 0)
+        goto fail;
     return m;
 fail:
     Py_DECREF(m);
