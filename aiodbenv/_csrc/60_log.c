@@ -181,6 +181,7 @@ enum {
 #define LOG_JOB_STUCK 2    /* written, not published (the mutex stayed held, or its holder
                               died: the loop publishes it, and repairs, as the Python way) */
 #define LOG_JOB_FAILED 3   /* the write failed (J_ERR): nothing published, role still held */
+#define LOG_JOB_QUEUED 4   /* handed to the writer's thread, not started (set by Python) */
 
 static void log_job_finish(uint64_t *J, uint64_t state) {
     __atomic_store_n(&J[J_STATE], state, __ATOMIC_RELEASE);
@@ -205,6 +206,7 @@ int64_t aiodb_log_behind(const uint64_t *P, uint64_t *J) {
     for (int i = J_I_W_LSN; i <= J_I_FTOKEN; i++)
         if (J[i] >= nbytes / 8) return log_job_finish(J, LOG_JOB_STUCK), AIODB_CORRUPT;
     J[J_ERR] = 0;
+    __atomic_store_n(&J[J_STATE], LOG_JOB_RUNNING, __ATOMIC_RELEASE);
     void *mutex = (void *)(uintptr_t)P[LP_MUTEX];
     const unsigned char *src = (const unsigned char *)w + P[LP_B0] + J[J_START];
     uint64_t left = J[J_END] - J[J_START], foff = J[J_FOFF];

@@ -94,7 +94,7 @@ class FastPut:
 
 
 #: States of a compiled write behind (:class:`BehindJob`).
-JOB_RUNNING, JOB_DONE, JOB_STUCK, JOB_FAILED = 0, 1, 2, 3
+JOB_RUNNING, JOB_DONE, JOB_STUCK, JOB_FAILED, JOB_QUEUED = 0, 1, 2, 3, 4
 # The job array's slots, in the order of the J_* enum in aiodbenv/_csrc/60_log.c.
 _J_STATE, _J_ERR, _J_FD, _J_FILE, _J_FOFF, _J_START, _J_END, _J_COMMITS = range(8)
 _J_IDENT = 8  # pid, start time, token
@@ -131,6 +131,12 @@ class BehindJob:
                 "flusher_token",
             )
         ]
+        # Once the job is not idle, the start fills it: until then it reads as done.
+        self.j[_J_STATE] = JOB_DONE
+        if fast.putter is not None:
+            # The compiled put returns the LSN itself past half while a write behind is
+            # queued or running (nothing for Python to do then).
+            fast.putter.set_job(int(ffi.cast("uintptr_t", self.j)), self.j)
 
     def start(
         self,
@@ -147,7 +153,7 @@ class BehindJob:
         ``foff`` of ``file`` (open as ``fd``), publish them and let the role go, in one
         call without the GIL; the call adds 1 to the eventfd ``evfd`` when done (-1: none)."""
         j = self.j
-        j[_J_STATE], j[_J_EVFD] = JOB_RUNNING, evfd + 1
+        j[_J_STATE], j[_J_EVFD] = JOB_QUEUED, evfd + 1
         j[_J_FD], j[_J_FILE], j[_J_FOFF] = fd, file, foff
         j[_J_START], j[_J_END], j[_J_COMMITS] = start, end, commits
         return executor.submit(self._run)
@@ -162,7 +168,8 @@ class BehindJob:
                 unlock(core._ptr)
 
     def state(self) -> int:
-        """``JOB_RUNNING`` while the thread works, then ``JOB_DONE`` (published, role let
+        """``JOB_QUEUED`` until the writer's thread starts it, ``JOB_RUNNING`` while it
+        works, then ``JOB_DONE`` (published, role let
         go), ``JOB_STUCK`` (written, not published: the mutex stayed held or its holder died)
         or ``JOB_FAILED`` (the write failed with :meth:`error`)."""
         return int(self.j[_J_STATE])

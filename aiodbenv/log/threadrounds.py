@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _io
 from ..errors import LockTimeout
 from ..region.mutex import Busy
-from .accel import JOB_DONE, JOB_FAILED, JOB_RUNNING, JOB_STUCK, BehindJob
+from .accel import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_STUCK, BehindJob
 from .core import LogCore
 from .files import log_path
 
@@ -107,7 +107,7 @@ class CRound:
 
     def io_done(self) -> bool:
         """Its thread is done with it."""
-        return self.job.state() != JOB_RUNNING
+        return self.job.state() not in (JOB_QUEUED, JOB_RUNNING)
 
     def failure(self) -> int:
         """The errno of its failed write, 0 if it did not fail."""

@@ -8,6 +8,8 @@
  * the plain case is handed back as the append's int result (or None: not bytes) and done by the
  * Python side, which owns every rare case. */
 
+#include <sched.h>
+
 typedef int64_t (*log_put_fn)(const uint64_t *P, uint32_t rtype, const char *data, uint64_t n);
 
 typedef struct {
@@ -19,7 +21,14 @@ typedef struct {
     allocfunc lsn_alloc;
     uint32_t rtype;
     int64_t half;        /* the append's "more than half full" bit */
+    const uint64_t *job; /* the handle's write-behind job array (aiodbenv/_csrc/60_log.c J_*),
+                            its first word the state; NULL: none */
+    PyObject *job_keep;  /* the cffi array holding it */
 } LogPutter;
+
+/* The write-behind job states this reads (60_log.c's LOG_JOB_*, aiodbenv/log/accel.py). */
+#define LP_JOB_RUNNING 0
+#define LP_JOB_QUEUED 4
 
 static PyTypeObject *LogPutter_Type;
 
@@ -27,6 +36,7 @@ static void lp_dealloc(LogPutter *self) {
     PyTypeObject *tp = Py_TYPE(self);
     Py_XDECREF(self->keep);
     Py_XDECREF(self->lsn_type);
+    Py_XDECREF(self->job_keep);
     freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     tp_free(self);
     Py_DECREF(tp);
@@ -88,7 +98,33 @@ static PyObject *lp_put(LogPutter *self, PyObject *data) {
     /* With the GIL held: the append never waits (a held mutex is handed back). */
     int64_t r = self->fn(self->P, self->rtype, p, (uint64_t)n);
     if (r >= 0 && !(r & self->half)) return lp_lsn(self, (uint64_t)r);
+    if (r >= 0 && self->job) {
+        /* Past half with a write behind under way: nothing for the Python side to do. */
+        uint64_t state = __atomic_load_n(&self->job[0], __ATOMIC_ACQUIRE);
+        if (state == LP_JOB_QUEUED) {
+            /* The writer's thread has not started it: it waits for the GIL, which this
+               thread holds as long as puts do not suspend. Let it go for a moment, so that
+               the write does not wait for the interpreter's switch interval meanwhile the
+               buffer fills. */
+            Py_BEGIN_ALLOW_THREADS
+            sched_yield();
+            Py_END_ALLOW_THREADS
+        }
+        if (state == LP_JOB_QUEUED || state == LP_JOB_RUNNING)
+            return lp_lsn(self, (uint64_t)(r & ~self->half));
+    }
     return PyLong_FromLongLong(r);
+}
+
+/* set_job(address, keep): the handle's write-behind job array (0: none). */
+static PyObject *lp_set_job(LogPutter *self, PyObject *args) {
+    unsigned long long addr;
+    PyObject *keep;
+    if (!PyArg_ParseTuple(args, "KO", &addr, &keep)) return NULL;
+    Py_INCREF(keep);
+    SETREF(self->job_keep, keep);
+    self->job = (const uint64_t *)(uintptr_t)addr;
+    Py_RETURN_NONE;
 }
 
 /* lsn(word): the LSN of a word (for the Python side's slow path). */
@@ -103,6 +139,8 @@ static PyMethodDef lp_methods[] = {
      "put(data): append data (bytes) as a record; its LSN, else the append's int result, or "
      "None if data is not bytes."},
     {"lsn", (PyCFunction)lp_make, METH_O, "lsn(word): the aiodbenv.LSN of an LSN word."},
+    {"set_job", (PyCFunction)lp_set_job, METH_VARARGS,
+     "set_job(address, keep): the write-behind job array whose state put() reads."},
     {NULL},
 };
 
