@@ -470,3 +470,22 @@ async def test_compiled_put_makes_real_lsns_and_hands_back_the_rest(home: str) -
     finally:
         await env.close()
         await aiodbenv.Env.remove(home)
+
+
+@compiled
+async def test_cffi_append_without_the_compiled_put(home: str) -> None:
+    # Without aiodbenv._hot (AIODBENV_HOT=python) a put is the cffi append and a Python LSN:
+    # the same records, write behinds included, as with it.
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
+    try:
+        log = env.log
+        log._fast.putter = None
+        recs = [bytes([i % 251]) * (i % 200) for i in range(600)]
+        lsns = [await log.put(r) for r in recs]
+        assert all(type(x) is aiodbenv.LSN for x in lsns) and lsns == sorted(lsns)
+        assert log.stat().wcount > 0  # write behinds ran
+        await log.flush()
+        assert [(lsn, data) async for lsn, data in log.cursor()] == list(zip(lsns, recs))
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
