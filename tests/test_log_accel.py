@@ -479,7 +479,7 @@ async def test_cffi_append_without_the_compiled_put(home: str) -> None:
     env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
     try:
         log = env.log
-        log._fast.putter = None
+        log._fast.put = log._fast._put_cffi
         recs = [bytes([i % 251]) * (i % 200) for i in range(600)]
         lsns = [await log.put(r) for r in recs]
         assert all(type(x) is aiodbenv.LSN for x in lsns) and lsns == sorted(lsns)

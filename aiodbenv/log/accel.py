@@ -51,7 +51,7 @@ class FastPut:
     """The compiled append's arguments for one log handle:
     ``fn(args, rtype, data, len(data))`` appends."""
 
-    __slots__ = ("args", "fn", "keep", "putter")
+    __slots__ = ("args", "fn", "keep", "put", "putter")
 
     def __init__(self, core: Any) -> None:
         h = core.h
@@ -91,6 +91,18 @@ class FastPut:
                 REC_USER,
                 HALF,
             )
+        #: ``put(data)``: append; the LSN, else the append's int result (the buffer passed
+        #: half, or why nothing was appended), or None if ``data`` is not bytes.
+        self.put: Any = self.putter.put if self.putter is not None else self._put_cffi
+
+    def _put_cffi(self, data: Any) -> Any:
+        """:attr:`put` without :mod:`aiodbenv._hot`: the cffi append, the LSN made here."""
+        if type(data) is not bytes:
+            return None
+        word = self.fn(self.args, REC_USER, data, len(data))
+        if word < 0 or word & HALF:
+            return word
+        return tuple.__new__(LSN, (word >> 32, word & 0xFFFFFFFF))
 
 
 #: States of a compiled write behind (:class:`BehindJob`).

@@ -44,15 +44,11 @@ from .record import (
 )
 from .redo import redo_start
 from .stat import LogStat, read_stat
-from .threadrounds import CRound
 from .writer import Direct, DurableListener, LogWriter
 
 __all__ = ["DurableListener", "Log"]
 
 logger = logging.getLogger("aiodbenv")
-
-#: Compiled write behinds still running when their handle closed (kept alive for their thread).
-_ORPHANS: list[CRound] = []
 
 # An LSN made without NamedTuple's Python-level __new__ (put returns one per record).
 _new_lsn = tuple.__new__
@@ -163,22 +159,11 @@ class Log(LogWriter):
         """
         fast = self._fast  # None without the accelerator, once closed, in a forked child
         if fast is not None and not (flush or write_nosync) and not self._panic_w[self._panic_i]:
-            putter = fast.putter
-            if putter is not None:
-                # The whole plain put in C (the LSN too); an int: the buffer passed half,
-                # or why nothing was appended; None: not bytes.
-                r = putter.put(data)
-                if type(r) is LSN:
-                    return r
-                if r is None:
-                    return await self._put(data, flush, write_nosync)
-                word = r
-            elif type(data) is bytes:
-                # The compiled append: header, checksum and copy in one call, no Python
-                # work beyond it unless the buffer is full, a file must start, or the
-                # mutex is held.
-                word = fast.fn(fast.args, REC_USER, data, len(data))
-            else:
+            # One compiled call (accel.FastPut.put): an LSN, an int (past half, or not done), None.
+            word = fast.put(data)
+            if type(word) is LSN:
+                return word
+            if word is None:
                 return await self._put(data, flush, write_nosync)
             if word < 0:
                 word = await self._put_slow(cast(bytes, data), word)  # bytes: checked in C
@@ -497,15 +482,7 @@ class Log(LogWriter):
                 except Exception:
                     pass
             self._closed = True
-            r = self._inflight
-            orphan = isinstance(r, CRound) and not r.io_done()
-            if orphan:
-                # Its thread still writes (a disk slower than wait_timeout): its job and
-                # parameter arrays must outlive this handle, and its files stay open.
-                assert isinstance(r, CRound)
-                _ORPHANS.append(r)
-                self._fds.pop(r.file, None)
-            self._close_job_fd(keep=orphan)
+            self._forget_behind()
             for fd in self._fds.values():
                 try:
                     os.close(fd)

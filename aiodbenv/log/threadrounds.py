@@ -33,6 +33,9 @@ __all__ = ["MORE_ROUNDS", "Round", "ThreadRounds"]
 
 _PWRITEV = _io.pwritev
 
+#: Compiled write behinds still running when their handle closed (kept alive for their thread).
+_ORPHANS: list[CRound] = []
+
 #: How often a round its thread could not publish is tried again by the loop (seconds).
 _SETTLE_POLL = 0.002
 
@@ -270,6 +273,18 @@ class ThreadRounds:
             pass
         if not keep:
             os.close(fd)
+
+    def _forget_behind(self) -> None:
+        """Closing: stop watching the eventfd. A compiled write behind still running (a disk
+        slower than ``wait_timeout``) keeps its job and parameter arrays, its file and the
+        eventfd, for its thread."""
+        r = self._inflight
+        orphan = isinstance(r, CRound) and not r.io_done()
+        if orphan:
+            assert isinstance(r, CRound)
+            _ORPHANS.append(r)
+            self._fds.pop(r.file, None)
+        self._close_job_fd(keep=orphan)
 
     def _finish_now(self, r: Round | CRound) -> bool:
         """A write behind's I/O is done but its thread could not publish it (the mutex stayed
