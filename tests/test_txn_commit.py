@@ -82,7 +82,7 @@ async def test_compiled_commit_gives_the_python_twins_log_and_pages(
         m.setattr(commit, "COMPILED", False)
         py_records, py_pages, py_desc = await workload(os.path.join(base, "py"))
     assert c_desc > 0 and py_desc == 0  # each run took the path it was meant to
-    assert len(c_records) == 9 and [lsn for lsn, _ in c_records] == [l for l, _ in py_records]
+    assert len(c_records) == 9 and [lsn for lsn, _ in c_records] == [lsn for lsn, _ in py_records]
     for (_, c), (_, py) in zip(c_records, py_records, strict=True):
         # Each environment gave its files their own ids: the records are otherwise the same.
         for cf, pf in zip(batch.decode(c)[0], batch.decode(py)[0], strict=True):
