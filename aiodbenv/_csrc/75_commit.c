@@ -217,3 +217,20 @@ int64_t aiodb_commit_apply(uint64_t *D, int lo, int hi, uint64_t lsn_word) {
     }
     return done;
 }
+
+/* Take the latch of the buffer at byte offset bh of the cache region w for `owner` if it is
+   free (latch.try_latch, compiled): under the bucket mutex, without waiting for it. Returns 0
+   (taken), the holder's latch word (> 0), the try-lock's -errno (-EBUSY: nothing done;
+   -EOWNERDEAD: the mutex is HELD, nothing else done: repair and let go), or AIODB_CORRUPT. */
+int64_t aiodb_commit_latch(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t bh,
+                           uint64_t owner) {
+    uint64_t nbytes = region_bytes(w);
+    if (!bh_ok(bh, nbytes) || nowait_w >= nbytes / 8 || !owner) return AIODB_CORRUPT;
+    int64_t rc = try_lock(w, mutex, nowait_w);
+    if (rc) return rc;
+    uint64_t *latch = w + (bh >> 3) + L[L_H_LATCH];
+    uint64_t cur = *latch;
+    if (!cur) *latch = owner;
+    unlock(mutex);
+    return (int64_t)cur;
+}

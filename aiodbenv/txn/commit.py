@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..mpool.pool import Pool
     from .txn import TxnPage
 
-__all__ = ["COMPILED", "Built", "apply", "build", "describe", "file_entry", "mark"]
+__all__ = ["COMPILED", "Built", "apply", "build", "describe", "file_entry", "latch", "mark"]
 
 #: True when commits go through the compiled steps.
 COMPILED = (
@@ -56,6 +56,8 @@ def describe(page: Page, fidx: int, data: bytearray, entry: bytes, lsn_off: int)
     b = page._bucket
     priv = ffi.from_buffer(data)
     words = [
+        0,  # the head words of a one-page commit's array
+        0,
         int(ffi.cast("uintptr_t", cache.wptr)),
         int(ffi.cast("uintptr_t", cache.mptrs[b])),
         cache.nowait_words[b],
@@ -70,7 +72,23 @@ def describe(page: Page, fidx: int, data: bytearray, entry: bytes, lsn_off: int)
         page.pgno,
         0,  # what the build found: 0 unchanged, 1 fragments, 2 full image
     ]
-    return (words, priv, entry)
+    # A commit of this page alone uses this array as it is (its entry first in the blob).
+    return (words, priv, entry, ffi.new("uint64_t[]", words))
+
+
+def latch(page: Page, owner: int) -> int:
+    """Take the latch of pinned ``page`` for ``owner`` if it is free and its bucket mutex is
+    not held: 0, else non-zero (nothing taken: go on with :func:`~aiodbenv.txn.latch.acquire`,
+    which waits). The compiled :func:`~aiodbenv.txn.latch.try_latch`, without a wait."""
+    cache = page._cache
+    assert cache is not None
+    b = page._bucket
+    r = int(
+        _c.aiodb_commit_latch(cache.wptr, cache.mptrs[b], cache.nowait_words[b], page._bh, owner)
+    )
+    if r == -_EOWNERDEAD:
+        cache.release_dead_holder(b)  # repaired (or panicked) the usual way
+    return r
 
 
 class Built:
@@ -97,29 +115,33 @@ def build(
     buffer's LSN into its private copy first (those bytes are the library's)."""
     descs = [tp._desc for tp in pages]
     if _c is not None and None not in descs:
-        blob: list[bytes] = []
-        at: dict[int, int] = {}
-        pos = 0
-        flat: list[int] = [0, 0]
-        for words, _priv, entry in descs:
-            fidx = words[8]
-            off = at.get(fidx)
-            if off is None:
-                off = at[fidx] = pos
-                blob.append(entry)
-                pos += len(entry)
-            words[_CD_FENT] = off
-            flat += words
-        d = ffi.new("uint64_t[]", flat)
+        if len(descs) == 1:
+            d, files = descs[0][3], descs[0][2]
+        else:
+            blob: list[bytes] = []
+            at: dict[int, int] = {}
+            pos = 0
+            flat: list[int] = [0, 0]
+            for words, _priv, entry, _d in descs:
+                fidx = words[_CD_HEAD + 8]
+                off = at.get(fidx)
+                if off is None:
+                    off = at[fidx] = pos
+                    blob.append(entry)
+                    pos += len(entry)
+                words[_CD_HEAD + _CD_FENT] = off
+                flat += words[_CD_HEAD:]
+            d = ffi.new("uint64_t[]", flat)
+            files = b"".join(blob)
         out = ffi.new("unsigned char[]", worst)
-        files = b"".join(blob)
-        n = _c.aiodb_commit_build(
-            d, len(descs), files, len(files), pack_word(redo_start), out, worst
-        )
+        redo = pack_word(redo_start)
+        n = _c.aiodb_commit_build(d, len(descs), files, len(files), redo, out, worst)
         if n < 0:
             raise CorruptRegion(f"a transaction's commit failed a bounds check ({n})")
-        kinds = [d[_CD_HEAD + i * _CD_COUNT + _CD_KIND] for i in range(len(descs))]
-        changed = [i for i, k in enumerate(kinds) if k]
+        if len(descs) == 1:
+            changed = [0] if n else []
+        else:
+            changed = [i for i in range(len(descs)) if d[_CD_HEAD + i * _CD_COUNT + _CD_KIND]]
         return Built(bytes(ffi.buffer(out, n)), changed, int(d[1]), d)
     return _build_py(pages, redo_start)
 

@@ -124,6 +124,9 @@ class Txn:
         self._task = asyncio.current_task()
         if self._task is None:
             raise InvalidArgument("a transaction must be begun inside an asyncio task")
+        # Asked of this loop from now on: current_task() without it looks the running loop
+        # up, a getpid() system call each time in CPython 3.11.
+        self._loop = self._task.get_loop()
         self.durability: Durability = durability
         #: Seconds :meth:`page` waits for a latch before LockTimeout.
         self.latch_timeout = latch_timeout
@@ -143,7 +146,7 @@ class Txn:
     # -- taking pages ---------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if asyncio.current_task() is not self._task:
+        if asyncio.current_task(self._loop) is not self._task:
             raise InvalidArgument("this transaction belongs to another task")
         if self._state != _ACTIVE:
             raise InvalidArgument(
@@ -250,7 +253,13 @@ class Txn:
                 raise InvalidArgument(f"page {page.pgno} is already taken by this transaction")
             key = latch_key(f._fidx, page.pgno)
             # One try first, without a coroutine: the latch is usually free.
-            if self._pool._attempt(try_latch, page._cache, page._bucket, page._bh, self._owner):
+            if (
+                _commit.latch(page, self._owner)
+                if _commit.COMPILED
+                else self._pool._attempt(
+                    try_latch, page._cache, page._bucket, page._bh, self._owner
+                )
+            ):
                 await acquire(
                     self._pool,
                     page,
@@ -288,7 +297,7 @@ class Txn:
         pages unpinned. Shared memory and the log never saw them. Aborting an ended
         transaction does nothing. Cancellation: the release is done at once; only waits for
         busy bucket mutexes of the unpins go on in the background."""
-        if asyncio.current_task() is not self._task:
+        if asyncio.current_task(self._loop) is not self._task:
             raise InvalidArgument("this transaction belongs to another task")
         if self._state != _ACTIVE:
             return
