@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _io
 from ..errors import CorruptRegion, LockTimeout
-from ..log.lsn import LSN, pack_word
+from ..log.lsn import LSN, pack_word, unpack_word
 from ..region.mutex import ffi, speedups
 from . import batch as _batch
 from .latch import LATCH_COMMITTING, set_committing
@@ -107,12 +107,13 @@ class Built:
 
 def build(
     pages: list[TxnPage],
-    redo_start: LSN,
+    redo_start: int,
     worst: int,
 ) -> Built:
-    """The batch record of the taken ``pages``, with the first change of a page whose LSN is before
-    ``redo_start`` logged as a full image. ``worst`` is the record's most bytes. Copies each
-    buffer's LSN into its private copy first (those bytes are the library's)."""
+    """The batch record of the taken ``pages``, with the first change of a page whose LSN is
+    before ``redo_start`` (an LSN word) logged as a full image. ``worst`` is the record's most
+    bytes. Copies each buffer's LSN into its private copy first (those bytes are the
+    library's)."""
     descs = [tp._desc for tp in pages]
     if _c is not None and None not in descs:
         if len(descs) == 1:
@@ -134,8 +135,7 @@ def build(
             d = ffi.new("uint64_t[]", flat)
             files = b"".join(blob)
         out = ffi.new("unsigned char[]", worst)
-        redo = pack_word(redo_start)
-        n = _c.aiodb_commit_build(d, len(descs), files, len(files), redo, out, worst)
+        n = _c.aiodb_commit_build(d, len(descs), files, len(files), redo_start, out, worst)
         if n < 0:
             raise CorruptRegion(f"a transaction's commit failed a bounds check ({n})")
         if len(descs) == 1:
@@ -143,7 +143,7 @@ def build(
         else:
             changed = [i for i in range(len(descs)) if d[_CD_HEAD + i * _CD_COUNT + _CD_KIND]]
         return Built(bytes(ffi.buffer(out, n)), changed, int(d[1]), d)
-    return _build_py(pages, redo_start)
+    return _build_py(pages, unpack_word(redo_start))
 
 
 def _build_py(pages: list[TxnPage], redo_start: LSN) -> Built:

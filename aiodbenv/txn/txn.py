@@ -360,8 +360,8 @@ class Txn:
             # The first change of a page after the last checkpoint *record* is a full image:
             # a page written from then on may be torn by a power loss, and recovery (which
             # starts a checkpoint further back) needs a whole image to repair it.
-            ckp = self._log.last_checkpoint
-            built = _commit.build(pages, ckp[0] if ckp else LSN(0, 0), self._bytes)
+            # (The last checkpoint record's LSN word, 0 if none: Log.last_checkpoint's first.)
+            built = _commit.build(pages, self._log._c.word("ckp_rec"), self._bytes)
         except BaseException:
             await self._end_aborted()
             raise
