@@ -179,3 +179,26 @@ async def test_copy_in_failure_after_logging_panics(
         await env.close()
     await asyncio.sleep(0)
     await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_sync_commit_does_not_trust_a_torn_read_of_the_log_end(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log's end is two region words read without the mutex; a round that moves the buffer
+    # between the two reads makes it look smaller than a record just appended. A sync commit
+    # flushes its own record, known to be in the log, whatever that read says.
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("d.db"), create=True, page_size=4096, lsn_offset=0)
+        core = env.log._c
+        real = core.end_word
+        monkeypatch.setattr(core, "end_word", lambda: real() & ~0xFFFFFFFF)  # offset 0
+        async with env.txn(durability="sync") as tx:
+            (await tx.page(f, 0, create=True)).data[100:110] = b"0123456789"
+        assert tx.result is not None
+        assert env.log.flushed_lsn > tx.result.lsn
+        monkeypatch.undo()
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
