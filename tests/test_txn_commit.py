@@ -202,3 +202,19 @@ async def test_sync_commit_does_not_trust_a_torn_read_of_the_log_end(
     finally:
         await env.close(nosync=True)
         await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.parametrize(("nosync", "write_nosync"), [(False, False), (True, False), (False, True)])
+async def test_default_durability_is_the_environments(
+    home: str, nosync: bool, write_nosync: bool
+) -> None:
+    async with aiodbenv.Env.open(
+        home, create=True, log=True, txn_nosync=nosync, txn_write_nosync=write_nosync
+    ) as env:
+        assert env.durability == (
+            "nosync" if nosync else "write_nosync" if write_nosync else "sync"
+        )
+        assert env.txn().durability == env.durability
+        async with aiodbenv.Env.open(home) as joiner:
+            assert joiner.txn().durability == env.durability
+    await aiodbenv.Env.remove(home)
