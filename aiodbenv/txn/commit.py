@@ -8,6 +8,7 @@ test steps (``txn.committing``, ``txn.logged``, ``txn.copied``) between them.
 
 from __future__ import annotations
 
+import errno
 import functools
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,8 @@ _CD_COUNT = 13  # words per page in the C descriptor array (CD_COUNT)
 _CD_HEAD = 2  # the array's result words first: changed pages, full images
 _CD_KIND = 12
 _CD_FENT = 9
-_EOWNERDEAD = 130
+_EOWNERDEAD = errno.EOWNERDEAD
+_MAX_PAGES = 64  # the most pages the C part takes in one call (its own bound)
 
 
 def file_entry(bf: _batch.BatchFile) -> bytes:
@@ -115,7 +117,7 @@ def build(
     bytes. Copies each buffer's LSN into its private copy first (those bytes are the
     library's)."""
     descs = [tp._desc for tp in pages]
-    if _c is not None and None not in descs:
+    if _c is not None and len(descs) <= _MAX_PAGES and None not in descs:
         if len(descs) == 1:
             d, files = descs[0][3], descs[0][2]
         else:
