@@ -234,6 +234,7 @@ def _said_done(child: subprocess.Popen[str]) -> bool:
     return bool(ready) and child.stdout.readline().strip() == "done"
 
 
+@pytest.mark.one_loop  # the workload runs in three other processes; this loop recovers
 async def test_power_loss_with_three_processes(
     home: str, procs: list[subprocess.Popen[str]], caplog: pytest.LogCaptureFixture
 ) -> None:
