@@ -24,7 +24,17 @@ if TYPE_CHECKING:
     from ..mpool.pool import Pool
     from .txn import TxnPage
 
-__all__ = ["COMPILED", "Built", "apply", "build", "describe", "file_entry", "latch", "mark"]
+__all__ = [
+    "COMPILED",
+    "Built",
+    "apply",
+    "build",
+    "describe",
+    "file_entry",
+    "latch",
+    "mark",
+    "mark_now",
+]
 
 #: True when commits go through the compiled steps.
 COMPILED = (
@@ -180,32 +190,34 @@ def _build_py(pages: list[TxnPage], redo_start: LSN) -> Built:
     return Built(_batch.encode(files, bpages), changed, fulls, None)
 
 
-async def mark(
-    pool: Pool,
-    pages: list[TxnPage],
-    built: Built,
-    owner: int,
-) -> None:
-    """Mark the changed pages' buffers dirty, then every latch of ``owner`` committing.
-    A busy bucket mutex is waited for asynchronously (LockTimeout past the pool's
-    ``wait_timeout``). Cancellation: some pages may be marked dirty (harmless: a write at
-    most), no latch is marked committing."""
+def mark_now(pool: Pool, pages: list[TxnPage], built: Built, owner: int) -> bool:
+    """:func:`mark` in one compiled call, without a coroutine: True if done; False if it
+    must be done by :func:`mark` (the Python form, or a bucket mutex was held)."""
     d = built.desc
-    if d is not None:
-        r = int(_c.aiodb_commit_mark(d, len(pages), owner, LATCH_COMMITTING))
-        if r == 0:
-            for i in built.changed:
-                pool._note_dirty(pages[i].file.page_size)
-            return
-        if r == _CORRUPT:
-            raise CorruptRegion("a transaction's latch or buffer failed its check at commit")
-        i, rc = -r // 1000 - 1, r % 1000 - 1000
-        if rc == -_EOWNERDEAD:
-            page = pages[i]._page
-            assert page._cache is not None
-            page._cache.release_dead_holder(page._bucket)
-        # A busy (or repaired) bucket mutex: the Python way, from the start (marking a page
-        # dirty again changes nothing).
+    if d is None:
+        return False
+    r = int(_c.aiodb_commit_mark(d, len(pages), owner, LATCH_COMMITTING))
+    if r == 0:
+        for i in built.changed:
+            pool._note_dirty(pages[i].file.page_size)
+        return True
+    if r == _CORRUPT:
+        raise CorruptRegion("a transaction's latch or buffer failed its check at commit")
+    i, rc = -r // 1000 - 1, r % 1000 - 1000
+    if rc == -_EOWNERDEAD:
+        page = pages[i]._page
+        assert page._cache is not None
+        page._cache.release_dead_holder(page._bucket)
+    # A busy (or repaired) bucket mutex: the Python way, from the start (marking a page
+    # dirty again changes nothing).
+    return False
+
+
+async def mark(pool: Pool, pages: list[TxnPage], built: Built, owner: int) -> None:
+    """Mark the changed pages' buffers dirty, then every latch of ``owner`` committing (the
+    Python form, after :func:`mark_now`). A busy bucket mutex is waited for asynchronously
+    (LockTimeout past the pool's ``wait_timeout``). Cancellation: some pages may be marked
+    dirty (harmless: a write at most), no latch is marked committing."""
     for i in built.changed:
         f, page = pages[i].file, pages[i]._page
         try:

@@ -377,7 +377,8 @@ class Txn:
             # Dirty first: a page flagged dirty that has not changed yet costs a write at most,
             # while a changed page a checkpoint sees clean would lose the commit. Then every
             # latch is marked committing (see latch.LATCH_COMMITTING).
-            await _commit.mark(pool, pages, built, self._owner)
+            if not _commit.mark_now(pool, pages, built, self._owner):
+                await _commit.mark(pool, pages, built, self._owner)
         except BaseException:
             await self._end_aborted()
             raise
