@@ -314,6 +314,13 @@ class Txn:
         await asyncio.shield(self._log._release(nbytes))
 
     async def _release_all(self) -> None:
+        pending = self._release_now()
+        if pending:
+            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+
+    def _release_now(self) -> list[asyncio.Task[None]]:
+        """Release every latch and unpin every page; the unpins left to a pool task (a bucket
+        mutex held past a few milliseconds) are returned, for the caller to await."""
         pending = []
         for tp in self._pages.values():
             tp.file._latched.pop(tp._page, None)
@@ -322,8 +329,7 @@ class Txn:
             if task is not None:
                 pending.append(task)
         self._pages.clear()
-        if pending:
-            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+        return pending
 
     async def commit(self) -> CommitInfo:
         """Commit: log every change as one record, copy the new images into the buffers
@@ -423,7 +429,9 @@ class Txn:
         st.add(COMMIT_WORD[self.durability])
         self._state = _DONE
         self.result = CommitInfo(lsn, self.durability, len(built.changed))
-        await self._release_all()
+        pending = self._release_now()  # usually all done: no coroutine
+        if pending:
+            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
         _io.step("txn.released")
         if self.durability == "sync":
             # Not Log.flush(lsn): its check against the log's end reads two region words
