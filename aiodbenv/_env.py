@@ -45,6 +45,7 @@ from ._workers import (
 from .errors import ForkedProcessError, InvalidArgument
 from .log.log import Log
 from .log.region import log_settings
+from .mpool.handle import _forks
 from .mpool.pool import Pool
 from .mpool.sync import SyncResult
 from .region.environment import EnvCore, EnvStat
@@ -98,7 +99,7 @@ class Env(EnvLog, EnvTxn):
         self._pool = pool
         self._log = log
         self._init_txn()
-        self._pid = os.getpid()
+        self._pid, self._fork_gen = os.getpid(), _forks[0]  # _check: no getpid() syscall
         self._closing: asyncio.Future[None] | None = None
         self._trickle: TrickleWorker | None = None
         self._checkpoint: CheckpointWorker | None = None
@@ -243,11 +244,10 @@ class Env(EnvLog, EnvTxn):
     # -- the handle ---------------------------------------------------------------------------
 
     def _check(self) -> EnvCore:
-        if os.getpid() != self._pid:
+        if _forks[0] != self._fork_gen:
             raise ForkedProcessError(
-                "this environment handle was opened by process "
-                f"{self._pid} and cannot be used in forked process {os.getpid()}; "
-                "open the environment again in this process"
+                f"this environment handle was opened by process {self._pid} and cannot be used "
+                f"in forked process {os.getpid()}; open the environment again in this process"
             )
         core = self._core
         if core.closed:

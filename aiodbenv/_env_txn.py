@@ -58,6 +58,7 @@ class EnvTxn:
     _log: Log | None
     _pool: Pool
     _txn_stats: TxnStats
+    _txn_durability: Literal["sync", "write_nosync", "nosync"]
     #: What ``recover=True`` did at open (None without it).
     recovered: RecoveryStat | None
 
@@ -70,6 +71,9 @@ class EnvTxn:
         # Counted in this handle's registry slot, summed over the environment on demand.
         self._txn_stats = TxnStats(self._pool._env_core.words, self._pool._slot)
         self.recovered = None
+        # The default durability, from flags set when the regions were made (they never
+        # change): read once, not rebuilt from the header on every begin.
+        self._txn_durability = self._pool._env_core.settings().durability
 
     if TYPE_CHECKING:  # supplied by Env and EnvLog: declared for the type checker only
 
@@ -99,7 +103,7 @@ class EnvTxn:
         return Txn(
             self._pool,
             self._log,
-            self.durability if durability is None else durability,
+            self._txn_durability if durability is None else durability,
             self._txn_stats,
             latch_timeout,
         )

@@ -17,6 +17,18 @@ median and the issue's aims (sync commits at least SQLite FULL's rate in 1 proce
 in N; nosync at least 50k commits/s).
 
     .venv/bin/python benchmarks/txn_bench.py [seconds per row] [reps]
+
+``pairs`` measures the ``sync`` reference alone, paired: one aiodbenv environment and one SQLite
+WAL ``synchronous=FULL`` database, both kept open in one directory (the same file system) and
+warmed up (SQLite past its first WAL checkpoint, so its steady state: the WAL overwritten in
+place), then alternating slices of ``seconds`` each, the order swapped every pair, so a change
+of the machine's load hits both sides of a pair alike. Each aiodbenv slice also reports its
+fsyncs per commit and the mean time of those ``fdatasync`` calls (timed at the I/O seam), so
+the part of a commit beyond its fsync shows, and the event loop thread's CPU time per commit
+(the rest of that part is waiting: thread hand-offs and wake-ups). The summary gives the median
+of each side and of the per-pair ratio:
+
+    .venv/bin/python benchmarks/txn_bench.py pairs [seconds per slice] [pairs]
 """
 
 from __future__ import annotations
@@ -178,7 +190,117 @@ def bdb_row(name: str, seconds: float, sync: str, nproc: int) -> float | None:
     return rate
 
 
+class _SyncTimer:
+    """Times every ``fdatasync`` made through the I/O seam (the log writer's thread calls it)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.seconds = 0.0
+        self._real = aiodbenv._io.fdatasync
+
+        def timed(fd: int) -> None:
+            t = time.perf_counter()
+            try:
+                self._real(fd)
+            finally:
+                self.seconds += time.perf_counter() - t
+                self.n += 1
+
+        aiodbenv._io.fdatasync = timed  # type: ignore[assignment]
+
+    def close(self) -> None:
+        aiodbenv._io.fdatasync = self._real  # type: ignore[assignment]
+
+
+async def pairs(seconds: float, npairs: int) -> None:
+    """The paired ``sync`` reference (see the module docstring)."""
+    home = tempfile.mkdtemp(prefix="aiodbenv-txnb-")
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    timer = _SyncTimer()
+    db = sqlite3.connect(os.path.join(home, "t.db"), isolation_level=None)
+    try:
+        f = await env.pool.open_file("data.db", create=True, page_size=PS, lsn_offset=0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+        db.execute("INSERT INTO t VALUES (1, ?)", (bytes(100),))
+        n_sql = 0
+
+        def sql_slice(until: float) -> int:
+            nonlocal n_sql
+            n = 0
+            while time.perf_counter() < until:
+                db.execute("BEGIN")
+                db.execute("UPDATE t SET v = ? WHERE k = 1", (CHANGE if n_sql % 2 else bytes(100),))
+                db.execute("COMMIT")
+                n += 1
+                n_sql += 1
+            return n
+
+        async def env_slice(until: float) -> tuple[int, int, int, float, float]:
+            st0, s0, k0, c0 = env.log.stat().scount, timer.seconds, timer.n, time.thread_time()
+            n = 0
+            while time.perf_counter() < until:
+                async with env.txn(durability="sync") as tx:
+                    p = await tx.page(f, 0, create=True)
+                    p.data[64:164] = CHANGE if n % 2 else bytes(100)
+                n += 1
+            cpu = time.thread_time() - c0
+            return n, env.log.stat().scount - st0, timer.n - k0, timer.seconds - s0, cpu
+
+        # Warm up: SQLite past its first checkpoint (1000 WAL frames), aiodbenv likewise.
+        while n_sql < 1100:
+            sql_slice(time.perf_counter() + seconds)
+        await env_slice(time.perf_counter() + seconds)
+        ours: list[float] = []
+        theirs: list[float] = []
+        ratios: list[float] = []
+        for i in range(npairs):
+            rates = {}
+            for side in ("aiodbenv", "sqlite") if i % 2 == 0 else ("sqlite", "aiodbenv"):
+                t0 = time.perf_counter()
+                if side == "sqlite":
+                    n = sql_slice(t0 + seconds)
+                    rates[side] = n / (time.perf_counter() - t0)
+                else:
+                    n, fsyncs, timed, fs, cpu = await env_slice(t0 + seconds)
+                    el = time.perf_counter() - t0
+                    rates[side] = n / el
+                    per = fs / max(1, timed)
+                    beyond = el / max(1, n) - per * fsyncs / max(1, n)
+                    detail = (
+                        f"{fsyncs / max(1, n):4.2f} fsyncs/commit, fdatasync {per * 1e6:6.0f} us, "
+                        f"beyond it {beyond * 1e6:5.0f} us/commit, of which the event loop "
+                        f"thread's CPU {cpu / max(1, n) * 1e6:4.0f} us"
+                    )
+            ours.append(rates["aiodbenv"])
+            theirs.append(rates["sqlite"])
+            ratios.append(rates["aiodbenv"] / rates["sqlite"])
+            print(
+                f"pair {i + 1:2d}: aiodbenv sync {rates['aiodbenv']:7,.0f}/s ({detail}); "
+                f"sqlite WAL FULL {rates['sqlite']:7,.0f}/s; ratio {ratios[-1]:5.2f}"
+            )
+        print(
+            f"-- medians over {npairs} pairs of {seconds:g} s: aiodbenv sync "
+            f"{statistics.median(ours):,.0f}/s, sqlite WAL FULL "
+            f"{statistics.median(theirs):,.0f}/s, ratio {statistics.median(ratios):.2f}"
+        )
+        await f.close()
+    finally:
+        timer.close()
+        db.close()
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 async def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "pairs":
+        await pairs(
+            float(sys.argv[2]) if len(sys.argv) > 2 else 0.5,
+            int(sys.argv[3]) if len(sys.argv) > 3 else 10,
+        )
+        return
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     nproc = 4

@@ -58,12 +58,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # -- event loops --------------------------------------------------------------------------------
 
 
+#: Loops every async test runs under, unless AIODBENV_TEST_LOOPS names a subset (the reruns of
+#: whole suites with another code path switched on: :func:`run_suites`).
+LOOPS = ("asyncio", "uvloop")
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     import uvloop
 
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop,
+        "uvloop": uvloop.new_event_loop,
+    }
+    # A test marked one_loop drives other processes and only waits for them: its own loop
+    # does nothing a second loop would test again.
+    names = ["asyncio"] if item.get_closest_marker("one_loop") else list(LOOPS)
+    only = os.environ.get("AIODBENV_TEST_LOOPS")
+    if only:
+        wanted = only.split(",")
+        unknown = set(wanted) - set(LOOPS)
+        if unknown:
+            raise pytest.UsageError(f"AIODBENV_TEST_LOOPS names unknown loops {sorted(unknown)}")
+        names = [n for n in names if n in wanted] or names
+    return {n: factories[n] for n in names}
 
 
 # -- leftovers ----------------------------------------------------------------------------------
@@ -157,11 +176,18 @@ def python(
 
 
 def run_suites(
-    *files: str, env: dict[str, str], k: str | None = None, timeout: float = 900
+    *files: str,
+    env: dict[str, str],
+    k: str | None = None,
+    timeout: float = 900,
+    loops: str = "asyncio",
 ) -> None:
     """Run the test files again in a fresh pytest process with ``env`` set (a switch that
     picks another code path: ``AIODBENV_MUTEX=abi``, ``AIODBENV_HOT=python``, ...) and assert
-    that they passed."""
+    that they passed. The rerun's async tests run under ``loops`` only (comma-separated): the
+    switch changes a code path, not how it meets the loop, which the first run tests under
+    both loops."""
+    env = {"AIODBENV_TEST_LOOPS": loops, **env}
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files]
     if k is not None:
         argv += ["-k", k]

@@ -502,6 +502,7 @@ def test_registry_type_is_exported() -> None:
 # -- (b) a worker killed and restarted again and again -----------------------------------------
 
 
+@pytest.mark.one_loop  # the workers are other processes; this loop only sets up and checks
 @pytest.mark.parametrize("rounds", [pytest.param(10, id="10"), pytest.param(50, id="50")])
 async def test_worker_killed_and_restarted(
     home: str, procs: list[subprocess.Popen[str]], rounds: int, request: pytest.FixtureRequest

@@ -211,8 +211,24 @@ asyncio.run(main())
 async def test_kill_inside_a_commit(
     home: str, procs: list[subprocess.Popen[str]], step: str, panics: bool
 ) -> None:
+    await kill_inside_a_commit(home, procs, step, panics, {})
+
+
+@pytest.mark.one_loop  # the loops were covered above; this is the other process's commit
+@pytest.mark.parametrize("step", ["txn.committing", "txn.copied"])
+async def test_kill_inside_a_python_commit(
+    home: str, procs: list[subprocess.Popen[str]], step: str
+) -> None:
+    # The Python commit (the compiled one's twin, AIODBENV_MUTEX=abi) where its steps differ
+    # from the compiled one's: marking the pages, copying them in.
+    await kill_inside_a_commit(home, procs, step, True, {"AIODBENV_MUTEX": "abi"})
+
+
+async def kill_inside_a_commit(
+    home: str, procs: list[subprocess.Popen[str]], step: str, panics: bool, extra: dict[str, str]
+) -> None:
     env, f = await open_env(home)
-    child = spawn(COMMITTER, home, env={"AIODBENV_TEST_SIGNAL": f"{step}:at:1:SIGKILL"})
+    child = spawn(COMMITTER, home, env={"AIODBENV_TEST_SIGNAL": f"{step}:at:1:SIGKILL", **extra})
     procs.append(child)
     assert await asyncio.to_thread(child.wait, 60) == -signal.SIGKILL
     if panics:

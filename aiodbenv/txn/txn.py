@@ -11,7 +11,6 @@ asks. No uncommitted byte reaches the log or a data file, so nothing is ever und
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import weakref
 from collections.abc import Generator
@@ -22,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from .. import _io
 from ..errors import (
     InvalidArgument,
-    LockTimeout,
     LogBufferFull,
     RunRecovery,
     TxnTooLarge,
@@ -32,8 +30,9 @@ from ..log.record import HEADER as _LOG_HEADER
 from ..mpool.fget import MODE_CREATE, MODE_GET, MODE_NEW
 from ..mpool.layout import FILE_ENTRY, MAX_PGNO
 from . import batch as _batch
+from . import commit as _commit
 from .ids import next_owner_id
-from .latch import acquire, latch_key, release, set_committing, try_latch
+from .latch import acquire, latch_key, release, try_latch
 from .stat import COMMIT_WORD, TxnStats, W
 
 if TYPE_CHECKING:
@@ -72,15 +71,19 @@ class TxnPage:
     the transaction commits. The 8 bytes at the file's ``lsn_offset`` belong to the library:
     changes to them are ignored (the commit stamps its LSN there)."""
 
-    __slots__ = ("_page", "data", "file", "pgno")
+    __slots__ = ("_bf", "_desc", "_page", "data", "file", "pgno")
 
-    def __init__(self, file: PoolFile, page: Page, data: bytearray) -> None:
+    def __init__(
+        self, file: PoolFile, page: Page, data: bytearray, bf: _batch.BatchFile, desc: Any
+    ) -> None:
         #: The file and page number.
         self.file = file
         self.pgno = page.pgno
         #: The private copy.
         self.data = memoryview(data)
         self._page = page
+        self._bf = bf
+        self._desc = desc  # the compiled commit's words (aiodbenv.txn.commit.describe)
 
     def __repr__(self) -> str:
         return f"<TxnPage {self.pgno} of {self.file.name!r}>"
@@ -88,8 +91,9 @@ class TxnPage:
 
 _ACTIVE, _COMMITTING, _DONE = 0, 1, 2
 
-#: Each open file's batch entry and worst-case page cost (computed once per file handle).
-_files: weakref.WeakKeyDictionary[PoolFile, tuple[_batch.BatchFile, int]] = (
+#: Each open file's batch entry, worst-case page cost and logged entry bytes (computed once
+#: per file handle).
+_files: weakref.WeakKeyDictionary[PoolFile, tuple[_batch.BatchFile, int, bytes]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -120,6 +124,9 @@ class Txn:
         self._task = asyncio.current_task()
         if self._task is None:
             raise InvalidArgument("a transaction must be begun inside an asyncio task")
+        # Asked of this loop from now on: current_task() without it looks the running loop
+        # up, a getpid() system call each time in CPython 3.11.
+        self._loop = self._task.get_loop()
         self.durability: Durability = durability
         #: Seconds :meth:`page` waits for a latch before LockTimeout.
         self.latch_timeout = latch_timeout
@@ -139,7 +146,7 @@ class Txn:
     # -- taking pages ---------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if asyncio.current_task() is not self._task:
+        if asyncio.current_task(self._loop) is not self._task:
             raise InvalidArgument("this transaction belongs to another task")
         if self._state != _ACTIVE:
             raise InvalidArgument(
@@ -189,7 +196,7 @@ class Txn:
         self._check()
         return await self._take(f, -1, MODE_NEW)
 
-    def _file(self, f: PoolFile) -> tuple[_batch.BatchFile, int]:
+    def _file(self, f: PoolFile) -> tuple[_batch.BatchFile, int, bytes]:
         """What a commit logs of file ``f`` (its id, sizes, ``lsn_offset`` and path as
         logged: relative to the home when inside it, so that recovery of a moved home finds
         it), and the most bytes one of its pages can add to a batch. Computed once per file
@@ -207,11 +214,11 @@ class Txn:
         rel = os.path.relpath(path, self._pool._env_core.home)
         path = path if rel.startswith(os.pardir) else rel
         bf = _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, path)
-        got = _files[f] = (bf, _batch.worst_size(f._data_size, path))
+        got = _files[f] = (bf, _batch.worst_size(f._data_size, path), _commit.file_entry(bf))
         return got
 
     async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
-        bf, cost = self._file(f)
+        bf, cost, entry = self._file(f)
         lsn_off = bf.lsn_offset
         if len(self._pages) >= MAX_PAGES:
             raise TxnTooLarge(f"a transaction may take at most {MAX_PAGES} pages")
@@ -246,7 +253,13 @@ class Txn:
                 raise InvalidArgument(f"page {page.pgno} is already taken by this transaction")
             key = latch_key(f._fidx, page.pgno)
             # One try first, without a coroutine: the latch is usually free.
-            if self._pool._attempt(try_latch, page._cache, page._bucket, page._bh, self._owner):
+            if (
+                _commit.latch(page, self._owner)
+                if _commit.COMPILED
+                else self._pool._attempt(
+                    try_latch, page._cache, page._bucket, page._bh, self._owner
+                )
+            ):
                 await acquire(
                     self._pool,
                     page,
@@ -272,7 +285,8 @@ class Txn:
         data = bytearray(page.data)
         if mode == MODE_NEW:
             data[lsn_off : lsn_off + 8] = bytes(8)
-        tp = TxnPage(f, page, data)
+        desc = _commit.describe(page, f._fidx, data, entry, lsn_off) if _commit.COMPILED else None
+        tp = TxnPage(f, page, data, bf, desc)
         self._pages[(f._fidx, page.pgno)] = tp
         return tp
 
@@ -283,7 +297,7 @@ class Txn:
         pages unpinned. Shared memory and the log never saw them. Aborting an ended
         transaction does nothing. Cancellation: the release is done at once; only waits for
         busy bucket mutexes of the unpins go on in the background."""
-        if asyncio.current_task() is not self._task:
+        if asyncio.current_task(self._loop) is not self._task:
             raise InvalidArgument("this transaction belongs to another task")
         if self._state != _ACTIVE:
             return
@@ -300,6 +314,13 @@ class Txn:
         await asyncio.shield(self._log._release(nbytes))
 
     async def _release_all(self) -> None:
+        pending = self._release_now()
+        if pending:
+            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+
+    def _release_now(self) -> list[asyncio.Task[None]]:
+        """Release every latch and unpin every page; the unpins left to a pool task (a bucket
+        mutex held past a few milliseconds) are returned, for the caller to await."""
         pending = []
         for tp in self._pages.values():
             tp.file._latched.pop(tp._page, None)
@@ -308,8 +329,7 @@ class Txn:
             if task is not None:
                 pending.append(task)
         self._pages.clear()
-        if pending:
-            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+        return pending
 
     async def commit(self) -> CommitInfo:
         """Commit: log every change as one record, copy the new images into the buffers
@@ -341,12 +361,17 @@ class Txn:
         return await asyncio.shield(task)
 
     async def _commit(self, inline: bool) -> CommitInfo:
+        pages = list(self._pages.values())
         try:
-            record, changed, fulls = self._build()
+            # The first change of a page after the last checkpoint *record* is a full image:
+            # a page written from then on may be torn by a power loss, and recovery (which
+            # starts a checkpoint further back) needs a whole image to repair it.
+            # (The last checkpoint record's LSN word, 0 if none: Log.last_checkpoint's first.)
+            built = _commit.build(pages, self._log._c.word("ckp_rec"), self._bytes)
         except BaseException:
             await self._end_aborted()
             raise
-        if not changed:
+        if not built.changed:
             self._state = _DONE
             self._stats.add(W.readonly_commits)
             await self._release_all()
@@ -356,19 +381,15 @@ class Txn:
         pool = self._pool
         try:
             # Dirty first: a page flagged dirty that has not changed yet costs a write at most,
-            # while a changed page a checkpoint sees clean would lose the commit. One short
-            # try each (no coroutine); a busy bucket mutex is waited for asynchronously.
-            for tp, _lo in changed:
-                try:
-                    tp.file.set(tp._page, dirty=True)
-                except LockTimeout:
-                    await pool._locked(functools.partial(tp.file.set, tp._page, dirty=True))
+            # while a changed page a checkpoint sees clean would lose the commit. Then every
+            # latch is marked committing (see latch.LATCH_COMMITTING).
+            if not _commit.mark_now(pool, pages, built, self._owner):
+                await _commit.mark(pool, pages, built, self._owner)
         except BaseException:
             await self._end_aborted()
             raise
-        for tp in self._pages.values():
-            set_committing(tp._page, self._owner)
         _io.step("txn.committing")
+        record = built.record
         try:
             wns = self.durability == "write_nosync"
             if self._reserved:
@@ -394,23 +415,33 @@ class Txn:
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
         _io.step("txn.logged")
-        pack = lsn.pack()
-        for tp, lo in changed:
-            shared = tp._page.data
-            shared[:] = tp.data
-            shared[lo : lo + 8] = pack
-            _io.step("txn.copied")
+        try:
+            _commit.apply(pages, built, lsn)
+        except BaseException as err:
+            # Logged but not whole in the buffers: only recovery can make it whole.
+            reason = f"a transaction's logged commit could not be copied in ({err!r})"
+            pool._env_core.panic(reason)
+            raise RunRecovery(f"PANIC: {reason}; run recovery") from err
         st = self._stats
-        st.add(W.pages_logged, len(changed))
-        if fulls:
-            st.add(W.full_images, fulls)
+        st.add(W.pages_logged, len(built.changed))
+        if built.fulls:
+            st.add(W.full_images, built.fulls)
         st.add(COMMIT_WORD[self.durability])
         self._state = _DONE
-        self.result = CommitInfo(lsn, self.durability, len(changed))
-        await self._release_all()
+        self.result = CommitInfo(lsn, self.durability, len(built.changed))
+        pending = self._release_now()  # usually all done: no coroutine
+        if pending:
+            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
         _io.step("txn.released")
         if self.durability == "sync":
-            await self._log.flush(lsn)
+            # Not Log.flush(lsn): its check against the log's end reads two region words
+            # without the mutex, and a round moving the buffer meanwhile can make the end look
+            # smaller than this record's LSN (a spurious InvalidArgument). Ours is in the log.
+            log = self._log
+            word = (lsn[0] << 32) | lsn[1]
+            if word >= log._c.word("s_lsn"):
+                log._check()
+                await log._flush_word(word)
         return self.result
 
     async def _end_aborted(self) -> None:
@@ -419,43 +450,6 @@ class Txn:
         self._stats.add(W.aborts)
         await self._release_all()
         await self._unreserve(self._reserved)
-
-    def _build(self) -> tuple[bytes, list[tuple[TxnPage, int]], int]:
-        """The batch record, the changed pages (with their lsn_offset) and how many of them
-        are logged as full images."""
-        # The first change of a page after the last checkpoint *record* is a full image: a
-        # page written from then on may be torn by a power loss, and recovery (which starts a
-        # checkpoint further back) needs a whole image to repair it.
-        ckp = self._log.last_checkpoint
-        redo_start = ckp[0] if ckp is not None else LSN(0, 0)
-        files: list[_batch.BatchFile] = []
-        fmap: dict[int, int] = {}
-        pages: list[_batch.BatchPage] = []
-        changed: list[tuple[TxnPage, int]] = []
-        fulls = 0
-        for (fidx, pgno), tp in self._pages.items():
-            bf = _files[tp.file][0]  # there since the page was taken
-            lo = bf.lsn_offset
-            shared = tp._page.data
-            priv = tp.data
-            priv[lo : lo + 8] = shared[lo : lo + 8]  # the library's bytes
-            ranges = _batch.diff(shared, priv)
-            if not ranges:
-                continue
-            fi = fmap.get(fidx)
-            if fi is None:
-                fi = fmap[fidx] = len(files)
-                files.append(bf)
-            page_lsn = LSN.unpack(shared, lo)
-            nbytes = sum(e - s for s, e in ranges)
-            if page_lsn == LSN(0, 0) or page_lsn < redo_start or 2 * nbytes > len(priv):
-                pages.append(_batch.BatchPage(fi, pgno, full=bytes(priv)))
-                fulls += 1
-            else:
-                frags = [(s, bytes(priv[s:e])) for s, e in ranges]
-                pages.append(_batch.BatchPage(fi, pgno, frags=frags))
-            changed.append((tp, lo))
-        return _batch.encode(files, pages), changed, fulls
 
     # -- await / async with -----------------------------------------------------------------------
 

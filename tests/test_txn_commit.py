@@ -1,0 +1,220 @@
+"""The compiled commit (aiodbenv/_csrc/75_commit.c, driven by aiodbenv/txn/commit.py) against
+its Python twin: the same transactions give the same log records and the same page bytes; its
+fallback when a bucket mutex is held; and its refusal of a latch that is not the owner's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import aiodbenv
+from aiodbenv import LSN, RunRecovery
+from aiodbenv.mpool.layout import BH
+from aiodbenv.txn import batch, commit
+
+needs_compiled = pytest.mark.skipif(
+    not commit.COMPILED, reason="the compiled accelerator is not in use (AIODBENV_MUTEX=abi)"
+)
+
+
+async def workload(home: str) -> tuple[list[tuple[LSN, bytes]], dict[tuple[str, int], bytes], int]:
+    """A fixed series of transactions over two files (one with a checksum trailer, another
+    lsn_offset): new pages, small and scattered changes, a change of most of a page, several
+    pages of two files at once, a read-only one, a write to the library's LSN bytes, and a
+    checkpoint in the middle (full images again after it). Returns the batch records with
+    their LSNs, every page's bytes, and how many pages had a compiled descriptor."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    described = 0
+    try:
+        a = await env.pool.open_file(env.resolve("a.db"), create=True, page_size=4096, lsn_offset=0)
+        b = await env.pool.open_file(
+            env.resolve("b.db"), create=True, page_size=1024, lsn_offset=16, checksum=True
+        )
+
+        async def txn(changes: list[tuple[aiodbenv.PoolFile, int, int, bytes]]) -> None:
+            nonlocal described
+            async with env.txn(durability="nosync") as tx:
+                for f, pgno, off, data in changes:
+                    p = await tx.page(f, pgno, create=True)
+                    described += p._desc is not None
+                    p.data[off : off + len(data)] = data
+
+        await txn([(a, 0, 100, b"first")])  # a new page: a full image
+        await txn([(a, 0, 200, b"x" * 100)])  # fragments
+        await txn([(a, 0, 10, b"s"), (a, 0, 4000, b"t" * 96)])  # two ranges, one at the end
+        await txn([(a, 0, 0, b"L" * 8)])  # only the library's LSN bytes: nothing logged
+        await txn([(a, 0, 64, b"m" * 3000)])  # most of the page: a full image
+        await txn([(a, 1, 50, b"p1"), (b, 2, 40, b"b2"), (a, 3, 9, b"p3"), (b, 0, 900, b"z")])
+        await txn([(b, 2, 41, b"again"), (a, 1, 60, b"q")])  # b before a: file order of pages
+        async with env.txn() as tx:  # read-only
+            await tx.page(a, 1)
+        await env.checkpoint(force=True)
+        await txn([(a, 1, 300, b"after ckp")])  # first change after a checkpoint: full
+        await txn([(a, 1, 310, b"again")])  # then fragments
+        await txn([(b, 2, 1000, b"ends" * 2)])  # up to the checksum trailer
+        records = [(lsn, data) async for lsn, data in env.log.cursor() if batch.is_batch(data)]
+        pages = {}
+        for f, name, n in ((a, "a", 4), (b, "b", 3)):
+            for pgno in range(n):
+                async with f.get(pgno) as p:
+                    pages[(name, pgno)] = bytes(p.data)
+        await a.close()
+        await b.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+    return records, pages, described
+
+
+@needs_compiled
+async def test_compiled_commit_gives_the_python_twins_log_and_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = str(tmp_path)
+    c_records, c_pages, c_desc = await workload(os.path.join(base, "c"))
+    with monkeypatch.context() as m:
+        m.setattr(commit, "_c", None)
+        m.setattr(commit, "COMPILED", False)
+        py_records, py_pages, py_desc = await workload(os.path.join(base, "py"))
+    assert c_desc > 0 and py_desc == 0  # each run took the path it was meant to
+    assert len(c_records) == 9 and [lsn for lsn, _ in c_records] == [lsn for lsn, _ in py_records]
+    for (_, c), (_, py) in zip(c_records, py_records, strict=True):
+        # Each environment gave its files their own ids: the records are otherwise the same.
+        for cf, pf in zip(batch.decode(c)[0], batch.decode(py)[0], strict=True):
+            assert cf.path == pf.path
+            c = c.replace(cf.fileid, pf.fileid)
+        assert c == py
+    assert c_pages == py_pages
+    kinds = [[p.full is not None for p in batch.decode(r)[1]] for _, r in c_records]
+    assert kinds[:4] == [[True], [False], [False], [True]]
+    assert kinds[4:] == [[True] * 4, [False, False], [True], [False], [True]]
+
+
+@needs_compiled
+async def test_compiled_commit_waits_for_a_held_bucket_mutex(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("d.db"), create=True, page_size=4096, lsn_offset=0)
+        async with env.txn() as tx:
+            (await tx.page(f, 0, create=True)).data[0:8] = bytes(8)
+            (await tx.page(f, 0)).data[100:104] = b"init"
+        tx = await env.txn(durability="nosync")
+        p = await tx.page(f, 0)
+        p.data[200:204] = b"wait"
+        page = p._page
+        assert page._cache is not None
+        mx = page._cache.mutexes[page._bucket]
+        held, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with mx:
+                held.set()
+                time.sleep(0.2)  # longer than the compiled try and the short Python wait
+            done.set()
+
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait(10)
+        info = await tx.commit()  # the compiled mark is refused; the Python way waits
+        t.join()
+        assert done.is_set() and info.pages == 1
+        async with f.get(0) as pg:
+            assert bytes(pg.data[200:204]) == b"wait"
+            assert LSN.unpack(pg.data, 0) == info.lsn
+            assert pg._cache is not None
+            assert pg._cache.words[(pg._bh >> 3) + BH.word.flags] & 1  # BH_DIRTY
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@needs_compiled
+async def test_compiled_commit_refuses_a_latch_that_is_not_the_owners(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("d.db"), create=True, page_size=4096, lsn_offset=0)
+        tx = await env.txn(durability="nosync")
+        p = await tx.page(f, 0, create=True)
+        p.data[10:20] = b"0123456789"
+        cache = p._page._cache
+        assert cache is not None
+        x = (p._page._bh >> 3) + BH.word.latch
+        cache.words[x] = tx._owner + 1  # as if another transaction held it
+        end = env.log.end_lsn
+        with pytest.raises(aiodbenv.CorruptRegion):
+            await tx.commit()
+        assert env.log.end_lsn == end  # nothing logged: ended as an abort
+        assert env.txn_stat(handle=True).aborts == 1
+        cache.words[x] = 0
+        async with f.get(0) as pg:
+            assert bytes(pg.data[10:20]) == bytes(10)
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_copy_in_failure_after_logging_panics(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    f = await env.pool.open_file(env.resolve("d.db"), create=True, page_size=4096, lsn_offset=0)
+    tx = await env.txn(durability="nosync")
+    (await tx.page(f, 0, create=True)).data[10:20] = b"0123456789"
+
+    def broken(*args: object) -> None:
+        raise aiodbenv.CorruptRegion("injected")
+
+    monkeypatch.setattr(commit, "apply", broken)
+    with pytest.raises(RunRecovery):
+        await tx.commit()
+    assert env._core.panicked
+    with pytest.raises(RunRecovery):
+        await env.close()
+    await asyncio.sleep(0)
+    await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_sync_commit_does_not_trust_a_torn_read_of_the_log_end(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log's end is two region words read without the mutex; a round that moves the buffer
+    # between the two reads makes it look smaller than a record just appended. A sync commit
+    # flushes its own record, known to be in the log, whatever that read says.
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("d.db"), create=True, page_size=4096, lsn_offset=0)
+        core = env.log._c
+        real = core.end_word
+        monkeypatch.setattr(core, "end_word", lambda: real() & ~0xFFFFFFFF)  # offset 0
+        async with env.txn(durability="sync") as tx:
+            (await tx.page(f, 0, create=True)).data[100:110] = b"0123456789"
+        assert tx.result is not None
+        assert env.log.flushed_lsn > tx.result.lsn
+        monkeypatch.undo()
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.parametrize(("nosync", "write_nosync"), [(False, False), (True, False), (False, True)])
+async def test_default_durability_is_the_environments(
+    home: str, nosync: bool, write_nosync: bool
+) -> None:
+    async with aiodbenv.Env.open(
+        home, create=True, log=True, txn_nosync=nosync, txn_write_nosync=write_nosync
+    ) as env:
+        assert env.durability == (
+            "nosync" if nosync else "write_nosync" if write_nosync else "sync"
+        )
+        assert env.txn().durability == env.durability
+        async with aiodbenv.Env.open(home) as joiner:
+            assert joiner.txn().durability == env.durability
+    await aiodbenv.Env.remove(home)
