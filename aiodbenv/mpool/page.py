@@ -129,6 +129,8 @@ class PinContext:
         return self._file._pin(self._pgno, self._mode).__await__()
 
     async def __aenter__(self) -> Page:
+        """Pin the page and return it. Cancellation: a pin cancelled while it waits (a miss, a
+        held mutex) leaves no pin held."""
         if self._page is not None:
             raise RuntimeError(
                 "this page context is already entered: exit it before entering again"
@@ -146,6 +148,9 @@ class PinContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Unpin the page with the flags set on it (as :meth:`PoolFile.unpin`). Cancellation:
+        the page is unpinned for the caller at once; a release still waiting for the bucket
+        mutex finishes in the background."""
         page = self._page
         if page is not None:
             self._page = None

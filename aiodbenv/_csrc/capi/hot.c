@@ -523,13 +523,65 @@ static CacheRef *cache_of(HotFile *hf, PyObject *cache) {
 /* What get() returns: `async with` pins in __aenter__ and unpins in __aexit__, `await` pins.
    Each of them returns the context itself, already completed: am_send hands `result` back at
    once (PYGEN_RETURN), so a hit makes no coroutine and raises no StopIteration. */
+struct PinCtx_;
+
+/* The bound __aenter__ or __aexit__ of one context, embedded in the context itself: `async
+   with` looks both up on every entry, and a bound builtin method per lookup (an allocation and
+   a free each, twice per pin) is a tenth of a hot pin. A BoundObj with no reference is idle
+   (refcount 0, not freed); handing it out revives it and takes a reference to its context,
+   which its dealloc drops, so a context outlives its bound methods. */
 typedef struct {
+    PyObject_HEAD
+    struct PinCtx_ *ctx;
+    int kind; /* CTX_AENTER or CTX_AEXIT */
+} BoundObj;
+
+#define CTX_AENTER 0
+#define CTX_AEXIT 1
+
+typedef struct PinCtx_ {
     PyObject_HEAD
     HotFile *hf;
     long long pgno;
     PyObject *page;    /* the page pinned by __aenter__, for __aexit__ */
     PyObject *result;  /* what the pending await returns (NULL: no await pending) */
+    BoundObj bound[2]; /* __aenter__, __aexit__ */
+    struct PinCtx_ *next_free;
 } PinCtx;
+
+static PyTypeObject *Bound_Type;
+static allocfunc ctx_alloc_fn;
+static freefunc ctx_free_fn;
+
+/* Contexts whose last reference went, kept for reuse: one is made and dropped per pin, and
+   the allocator's malloc and free are a tenth of a hot pin. Bounded; guarded by the GIL. */
+#define CTX_FREE_MAX 64
+static PinCtx *ctx_free_list;
+static int ctx_nfree;
+
+static PinCtx *ctx_make(HotFile *hf, long long pgno) {
+    PinCtx *c = ctx_free_list;
+    if (c) {
+        ctx_free_list = c->next_free;
+        ctx_nfree--;
+        c->next_free = NULL;
+        Py_SET_REFCNT((PyObject *)c, 1);
+    } else {
+        c = (PinCtx *)ctx_alloc_fn(PinCtx_Type, 0); /* zeroed; holds a reference to its type */
+        if (!c) return NULL;
+        for (int k = 0; k < 2; k++) {
+            /* Each embedded object holds a reference to Bound_Type until c is freed. */
+            PyObject_Init((PyObject *)&c->bound[k], Bound_Type);
+            Py_SET_REFCNT((PyObject *)&c->bound[k], 0);
+            c->bound[k].ctx = c;
+            c->bound[k].kind = k;
+        }
+    }
+    Py_INCREF((PyObject *)hf);
+    c->hf = hf;
+    c->pgno = pgno;
+    return c;
+}
 
 /* Undo a pin this module just took, when building its Page failed (out of memory). */
 static void undo_pin(HotFile *hf, CacheRef *c, uint64_t b, int64_t off) {
@@ -638,13 +690,7 @@ static PyObject *hf_get(HotFile *self, PyObject *const *args, Py_ssize_t nargs,
         int overflow = 0;
         long long pgno = PyLong_AsLongLongAndOverflow(args[0], &overflow);
         if (!overflow && pgno >= 0 && pgno < max_pgno) {
-            allocfunc alloc = (allocfunc)PyType_GetSlot(PinCtx_Type, Py_tp_alloc);
-            PinCtx *ctx = (PinCtx *)alloc(PinCtx_Type, 0);
-            if (!ctx) return NULL;
-            Py_INCREF((PyObject *)self);
-            ctx->hf = self;
-            ctx->pgno = pgno;
-            return (PyObject *)ctx;
+            return (PyObject *)ctx_make(self, pgno);
         }
     }
     /* The general case: rebuild the call for PoolFile.get. */
@@ -727,8 +773,16 @@ static void ctx_dealloc(PinCtx *self) {
     Py_CLEAR(self->hf);
     Py_CLEAR(self->page);
     Py_CLEAR(self->result);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    tp_free(self);
+    /* No bound method can be alive: each holds a reference to self. */
+    if (ctx_nfree < CTX_FREE_MAX) {
+        self->next_free = ctx_free_list;
+        ctx_free_list = self;
+        ctx_nfree++;
+        return; /* keeps its references to its type and Bound_Type */
+    }
+    ctx_free_fn(self);
+    Py_DECREF(Bound_Type);
+    Py_DECREF(Bound_Type);
     Py_DECREF(tp);
 }
 
@@ -739,8 +793,7 @@ static PyObject *completed(PinCtx *self, PyObject *value) {
     return (PyObject *)self;
 }
 
-static PyObject *ctx_aenter(PinCtx *self, PyObject *unused) {
-    (void)unused;
+static PyObject *ctx_aenter(PinCtx *self) {
     if (self->page) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this page context is already entered: exit it before entering again");
@@ -757,9 +810,7 @@ static PyObject *ctx_aenter(PinCtx *self, PyObject *unused) {
     return PyObject_CallFunction(self->hf->enter_slow, "OL", (PyObject *)self, self->pgno);
 }
 
-static PyObject *ctx_aexit(PinCtx *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)args;
-    (void)nargs;
+static PyObject *ctx_aexit(PinCtx *self) {
     PageObject *p = (PageObject *)self->page;
     if (!p) return completed(self, Py_NewRef(Py_None));
     self->page = NULL; /* ours now: every way out below drops it */
@@ -879,17 +930,162 @@ static int ctx_set_page(PinCtx *self, PyObject *value, void *closure) {
     return 0;
 }
 
-static PyMethodDef ctx_methods[] = {
-    {"__aenter__", (PyCFunction)ctx_aenter, METH_NOARGS,
-     "Pin the page; the awaitable's result is the Page. A cached page is pinned at once (the "
-     "awaitable is already complete); otherwise PoolFile.get's slow path runs. Cancellation: "
-     "a pin cancelled while it waits (a miss, a held mutex) leaves no pin held."},
-    {"__aexit__", (PyCFunction)(void (*)(void))ctx_aexit, METH_FASTCALL,
-     "Unpin the page with the flags set on it (as PoolFile.unpin). Cancellation: the page is "
-     "unpinned for the caller at once; a release still waiting for the bucket mutex finishes "
-     "in the background."},
+/* ------------------------------------------- __aenter__ / __aexit__ without allocation --- */
+
+static const char aenter_doc[] =
+    "Pin the page; the awaitable's result is the Page. A cached page is pinned at once (the "
+    "awaitable is already complete); otherwise PoolFile.get's slow path runs. Cancellation: "
+    "a pin cancelled while it waits (a miss, a held mutex) leaves no pin held.";
+static const char aexit_doc[] =
+    "Unpin the page with the flags set on it (as PoolFile.unpin). Cancellation: the page is "
+    "unpinned for the caller at once; a release still waiting for the bucket mutex finishes "
+    "in the background.";
+
+/* Call __aenter__ (no arguments) or __aexit__ (exc_type, exc, tb) of c; the arguments are
+   args[start:]. */
+static PyObject *ctx_call(PinCtx *c, int kind, PyObject *args, Py_ssize_t start,
+                          PyObject *kwargs) {
+    Py_ssize_t n = PyTuple_Size(args) - start;
+    if (kwargs && PyDict_Size(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "PinContext's __aenter__/__aexit__ take no keywords");
+        return NULL;
+    }
+    if (kind == CTX_AENTER) {
+        if (n != 0) {
+            PyErr_Format(PyExc_TypeError, "__aenter__() takes no arguments (%zd given)", n);
+            return NULL;
+        }
+        return ctx_aenter(c);
+    }
+    if (n != 3) {
+        PyErr_Format(PyExc_TypeError, "__aexit__() takes 3 arguments (%zd given)", n);
+        return NULL;
+    }
+    return ctx_aexit(c);
+}
+
+static PyObject *bound_call(BoundObj *b, PyObject *args, PyObject *kwargs) {
+    return ctx_call(b->ctx, b->kind, args, 0, kwargs);
+}
+
+/* The last reference went: the object goes idle (not freed: it is part of its context). */
+static void bound_dealloc(BoundObj *b) { Py_DECREF((PyObject *)b->ctx); }
+
+static PyObject *bound_repr(BoundObj *b) {
+    return PyUnicode_FromFormat("<bound method PinContext.%s of page %lld>",
+                                b->kind == CTX_AENTER ? "__aenter__" : "__aexit__",
+                                b->ctx->pgno);
+}
+
+static PyObject *bound_get_doc(BoundObj *b, void *closure) {
+    (void)closure;
+    return PyUnicode_FromString(b->kind == CTX_AENTER ? aenter_doc : aexit_doc);
+}
+
+static PyGetSetDef bound_getset[] = {
+    {"__doc__", (getter)bound_get_doc, NULL, NULL, NULL},
     {NULL},
 };
+
+static PyType_Slot bound_slots[] = {
+    /* No tp_doc: it would shadow the __doc__ getter (the method's own docstring). */
+    {Py_tp_dealloc, bound_dealloc},
+    {Py_tp_call, bound_call},
+    {Py_tp_repr, bound_repr},
+    {Py_tp_getset, bound_getset},
+    {0, NULL},
+};
+
+static PyType_Spec bound_spec = {
+    "aiodbenv._hot.PinContextMethod",
+    sizeof(BoundObj),
+    0,
+    Py_TPFLAGS_DEFAULT,
+    bound_slots,
+};
+
+/* The class attribute __aenter__ / __aexit__ of PinContext: a descriptor handing out the
+   context's embedded bound method; called on the class (`type(cm).__aenter__(cm)`, as
+   contextlib.AsyncExitStack does) it takes the context as its first argument. */
+typedef struct {
+    PyObject_HEAD
+    int kind;
+    PyObject *doc, *name;
+} CtxMethDescr;
+
+static PyTypeObject *CtxMethDescr_Type;
+
+static PyObject *cmd_get(CtxMethDescr *d, PyObject *obj, PyObject *type) {
+    (void)type;
+    if (!obj || obj == Py_None) return Py_NewRef((PyObject *)d);
+    if (Py_TYPE(obj) != PinCtx_Type) {
+        PyErr_SetString(PyExc_TypeError, "not a PinContext");
+        return NULL;
+    }
+    BoundObj *b = &((PinCtx *)obj)->bound[d->kind];
+    if (Py_REFCNT((PyObject *)b) == 0) {
+        Py_SET_REFCNT((PyObject *)b, 1);
+        Py_INCREF(obj);
+    } else {
+        Py_INCREF((PyObject *)b);
+    }
+    return (PyObject *)b;
+}
+
+static PyObject *cmd_call(CtxMethDescr *d, PyObject *args, PyObject *kwargs) {
+    PyObject *self = PyTuple_Size(args) > 0 ? PyTuple_GetItem(args, 0) : NULL;
+    if (!self || Py_TYPE(self) != PinCtx_Type) {
+        PyErr_SetString(PyExc_TypeError, "PinContext method called without a PinContext");
+        return NULL;
+    }
+    return ctx_call((PinCtx *)self, d->kind, args, 1, kwargs);
+}
+
+static void cmd_dealloc(CtxMethDescr *d) {
+    PyTypeObject *tp = Py_TYPE((PyObject *)d);
+    Py_CLEAR(d->doc);
+    Py_CLEAR(d->name);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(d);
+    Py_DECREF(tp);
+}
+
+static PyMemberDef cmd_members[] = {
+    {"__doc__", T_OBJECT, offsetof(CtxMethDescr, doc), READONLY, NULL},
+    {"__name__", T_OBJECT, offsetof(CtxMethDescr, name), READONLY, NULL},
+    {NULL},
+};
+
+static PyType_Slot cmd_slots[] = {
+    {Py_tp_dealloc, cmd_dealloc},
+    {Py_tp_descr_get, cmd_get},
+    {Py_tp_call, cmd_call},
+    {Py_tp_members, cmd_members},
+    {0, NULL},
+};
+
+static PyType_Spec cmd_spec = {
+    "aiodbenv._hot.PinContextMethodDescriptor",
+    sizeof(CtxMethDescr),
+    0,
+    Py_TPFLAGS_DEFAULT,
+    cmd_slots,
+};
+
+/* Put the descriptor of __aenter__ or __aexit__ into PinContext's class dict. */
+static int add_ctx_method(int kind, const char *name, const char *doc) {
+    allocfunc alloc = (allocfunc)PyType_GetSlot(CtxMethDescr_Type, Py_tp_alloc);
+    CtxMethDescr *d = (CtxMethDescr *)alloc(CtxMethDescr_Type, 0);
+    if (!d) return -1;
+    d->kind = kind;
+    d->doc = PyUnicode_FromString(doc);
+    d->name = PyUnicode_FromString(name);
+    int r = (d->doc && d->name) ? PyObject_SetAttrString((PyObject *)PinCtx_Type, name,
+                                                         (PyObject *)d)
+                                : -1;
+    Py_DECREF(d);
+    return r;
+}
 
 static PyGetSetDef ctx_getset[] = {
     {"_page", (getter)ctx_get_page, (setter)ctx_set_page,
@@ -900,7 +1096,6 @@ static PyGetSetDef ctx_getset[] = {
 static PyType_Slot ctx_slots[] = {
     {Py_tp_doc, "The result of PoolFile.get() when the compiled hot path is in use."},
     {Py_tp_dealloc, ctx_dealloc},
-    {Py_tp_methods, ctx_methods},
     {Py_tp_getset, ctx_getset},
     {Py_tp_iter, ctx_iter},
     {Py_tp_iternext, ctx_iternext},
@@ -977,6 +1172,14 @@ PyMODINIT_FUNC PyInit__hot(void) {
     HotFile_Type = (PyTypeObject *)PyType_FromSpec(&hf_spec);
     PinCtx_Type = (PyTypeObject *)PyType_FromSpec(&ctx_spec);
     PinSet_Type = (PyTypeObject *)PyType_FromSpec(&pins_spec);
+    Bound_Type = (PyTypeObject *)PyType_FromSpec(&bound_spec);
+    CtxMethDescr_Type = (PyTypeObject *)PyType_FromSpec(&cmd_spec);
+    if (!PinCtx_Type || !Bound_Type || !CtxMethDescr_Type) goto fail;
+    ctx_alloc_fn = (allocfunc)PyType_GetSlot(PinCtx_Type, Py_tp_alloc);
+    ctx_free_fn = (freefunc)PyType_GetSlot(PinCtx_Type, Py_tp_free);
+    if (add_ctx_method(CTX_AENTER, "__aenter__", aenter_doc) < 0 ||
+        add_ctx_method(CTX_AEXIT, "__aexit__", aexit_doc) < 0)
+        goto fail;
     release_fn = PyObject_GetAttrString((PyObject *)&PyMemoryView_Type, "release");
     if (!s_release || !PageBase_Type || !HotFile_Type || !PinCtx_Type || !PinSet_Type ||
         !release_fn)
