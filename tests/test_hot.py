@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import pickle
 import shutil
 import sys
 import tracemalloc
@@ -241,6 +242,30 @@ async def test_page_used_after_unpin(pf: aiodbenv.PoolFile) -> None:
         bytes(page.data)
     assert int.from_bytes(part, "little") == 1
     del part
+
+
+async def test_view_released_at_unpin_whether_referenced_or_not(pf: aiodbenv.PoolFile) -> None:
+    # The compiled unpin drops a view only the page refers to, and releases one referenced
+    # elsewhere: either way every use of it afterwards raises ValueError.
+    async with pf.get(2) as page:
+        kept = page.data
+        assert int.from_bytes(kept[0:4], "little") == 2
+    with pytest.raises(ValueError):
+        kept[0]
+    async with pf.get(3) as other:
+        assert other.data[0] == 3
+    with pytest.raises(ValueError):
+        other.data[0]
+    with pytest.raises(ValueError):
+        bytes(other.data)
+    # A buffer taken from the view: the unpin raises memoryview.release's BufferError.
+    ctx = pf.get(4)
+    page = await ctx.__aenter__()
+    held = pickle.PickleBuffer(page.data)  # holds a buffer of the view (an export)
+    with pytest.raises(BufferError):
+        await ctx.__aexit__(None, None, None)
+    held.release()
+    page.data.release()  # what the unpin could not do (the region still counts the pin)
 
 
 async def test_file_closed_while_a_page_is_held(pf: aiodbenv.PoolFile) -> None:
