@@ -24,6 +24,7 @@
 #include <structmember.h>
 #include <errno.h>
 #include <stdint.h>
+#include <string.h>
 
 /* Replace *ref with value (a new reference), dropping the old one after (Py_XSETREF is not in
    the limited API). */
@@ -54,14 +55,18 @@ static int64_t corrupt_code;
 static int64_t bh_data;
 static long page_dirty, page_clean;
 static int64_t max_pgno;
-static PyTypeObject *page_type;    /* aiodbenv.mpool.page.Page, a subclass of PageBase */
-static allocfunc page_alloc;
+static PyTypeObject *page_type;    /* set by configure: aiodbenv.Page (this module's type) */
 static PyObject *s_release;        /* "release" */
 static PyObject *release_fn;       /* memoryview.release, called unbound (no method lookup) */
 static PyObject *released_view;    /* a released memoryview: page.data after the unpin */
 static char released_byte;
 
-static PyTypeObject *PageBase_Type;
+static PyTypeObject *PageBase_Type; /* aiodbenv.Page */
+
+/* The unpin flags of aiodbenv.mpool.page (PAGE_*), which checks at import that they agree. */
+#define PAGE_DIRTY 1
+#define PAGE_CLEAN 2
+#define PAGE_DISCARD 4
 static PyTypeObject *HotFile_Type;
 static PyTypeObject *PinCtx_Type;
 
@@ -114,10 +119,13 @@ static RegionHold *hold_new(PyObject *buf) {
     return h;
 }
 
-/* ---------------------------------------------------------------- PageBase ----------- */
+/* ---------------------------------------------------------------- Page --------------- */
 
-/* The storage of aiodbenv.mpool.page.Page (its methods are Python, in page.py). A page pinned
-   by this module exports its bytes itself: `data` is a memoryview of the page, and the page
+/* aiodbenv.Page when this module is installed: a final C type, methods included (a Python
+   subclass made every page a heap-type instance with subtype_dealloc, a tenth of a hot pin
+   with its allocation). page.py holds the Python twin (the Python hot path, the docs, the
+   types); the two must keep the same surface. A page pinned by this module exports its bytes
+   itself: `data` is a memoryview of the page, and the page
    holds the region's buffer (a RegionHold) while that view lives, so the region cannot be
    unmapped under a view or a slice of it, exactly as with a slice of cache.buf. */
 typedef struct PageObject_ {
@@ -154,6 +162,27 @@ static int page_clear(PageObject *self) {
     return 0;
 }
 
+/* Pages whose last reference went, kept for reuse (untracked by the GC, fields cleared,
+   still holding their reference to the type): one is made and dropped per hot pin. Bounded;
+   guarded by the GIL. */
+#define PAGE_FREE_MAX 64
+static PageObject *page_free_list;
+static int page_nfree;
+static allocfunc page_alloc_fn;
+static freefunc page_free_fn;
+
+/* A new page (all fields zero, tracked by the GC), from the free list if it has one. */
+static PageObject *page_make(void) {
+    PageObject *p = page_free_list;
+    if (!p) return (PageObject *)page_alloc_fn(PageBase_Type, 0);
+    page_free_list = p->pnext;
+    page_nfree--;
+    p->pnext = NULL;
+    Py_SET_REFCNT((PyObject *)p, 1);
+    PyObject_GC_Track((PyObject *)p);
+    return p;
+}
+
 static void page_dealloc(PageObject *self) {
     PyTypeObject *tp = Py_TYPE((PyObject *)self);
     PyObject_GC_UnTrack(self);
@@ -161,8 +190,15 @@ static void page_dealloc(PageObject *self) {
     page_clear(self);
     /* A live export holds a reference to the page, so only a never-exported buffer is left. */
     Py_CLEAR(self->hold);
-    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
-    tp_free(self);
+    if (page_nfree < PAGE_FREE_MAX) {
+        /* Zero every field after the header, as a fresh allocation is. */
+        memset((char *)self + sizeof(PyObject), 0, sizeof(PageObject) - sizeof(PyObject));
+        self->pnext = page_free_list;
+        page_free_list = self;
+        page_nfree++;
+        return;
+    }
+    page_free_fn(self);
     Py_DECREF(tp);
 }
 
@@ -174,8 +210,8 @@ static PyObject *page_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OLOOLL", kwlist, &file, &pgno, &data, &cache,
                                      &bucket, &bh))
         return NULL;
-    allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
-    PageObject *self = (PageObject *)alloc(type, 0);
+    (void)type; /* final: always PageBase_Type */
+    PageObject *self = page_make();
     if (!self) return NULL;
     self->pgno = pgno;
     Py_INCREF(data);
@@ -212,12 +248,14 @@ static void page_releasebuffer(PageObject *self, Py_buffer *view) {
     Py_CLEAR(self->hold);
 }
 
+/* T_OBJECT_EX (set from creation to the end; never NULL while a page is reachable): CPython
+   3.11 specialises attribute loads of such members (LOAD_ATTR_SLOT), not of T_OBJECT ones. */
 static PyMemberDef page_members[] = {
     {"pgno", T_LONGLONG, offsetof(PageObject, pgno), 0, "The page number (0-based)."},
-    {"data", T_OBJECT, offsetof(PageObject, data), READONLY,
+    {"data", T_OBJECT_EX, offsetof(PageObject, data), READONLY,
      "The page's bytes, valid while the page is pinned."},
-    {"_file", T_OBJECT, offsetof(PageObject, file), READONLY, NULL},
-    {"_cache", T_OBJECT, offsetof(PageObject, cache), READONLY, NULL},
+    {"_file", T_OBJECT_EX, offsetof(PageObject, file), READONLY, NULL},
+    {"_cache", T_OBJECT_EX, offsetof(PageObject, cache), READONLY, NULL},
     {"_bucket", T_LONGLONG, offsetof(PageObject, bucket), 0, NULL},
     {"_bh", T_LONGLONG, offsetof(PageObject, bh), 0, NULL},
     {"_flags", T_LONGLONG, offsetof(PageObject, flags), 0, NULL},
@@ -225,23 +263,84 @@ static PyMemberDef page_members[] = {
     {NULL},
 };
 
+static PyObject *page_mark_dirty(PageObject *self, PyObject *unused) {
+    (void)unused;
+    self->flags = (self->flags & ~PAGE_CLEAN) | PAGE_DIRTY;
+    Py_RETURN_NONE;
+}
+
+static PyObject *page_mark_clean(PageObject *self, PyObject *unused) {
+    (void)unused;
+    self->flags = (self->flags & ~PAGE_DIRTY) | PAGE_CLEAN;
+    Py_RETURN_NONE;
+}
+
+static PyObject *page_discard(PageObject *self, PyObject *unused) {
+    (void)unused;
+    self->flags |= PAGE_DISCARD;
+    Py_RETURN_NONE;
+}
+
+static PyObject *page_get_pinned(PageObject *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->bh >= 0);
+}
+
+static PyObject *page_repr(PageObject *self) {
+    PyObject *path = self->file ? PyObject_GetAttrString(self->file, "_path") : NULL;
+    if (!path) {
+        PyErr_Clear();
+        path = Py_NewRef(Py_None);
+    }
+    PyObject *r = PyUnicode_FromFormat("<Page %lld of %R %s>", self->pgno, path,
+                                       self->bh >= 0 ? "pinned" : "unpinned");
+    Py_DECREF(path);
+    return r;
+}
+
+static PyMethodDef page_methods[] = {
+    {"mark_dirty", (PyCFunction)page_mark_dirty, METH_NOARGS,
+     "Write this page back before its buffer is reused (memp_fput DB_MPOOL_DIRTY), applied "
+     "when the page is unpinned."},
+    {"mark_clean", (PyCFunction)page_mark_clean, METH_NOARGS,
+     "Forget earlier changes: the page need not be written (DB_MPOOL_CLEAN), applied when the "
+     "page is unpinned."},
+    {"discard", (PyCFunction)page_discard, METH_NOARGS,
+     "Make this page the first to be evicted once unpinned (DB_MPOOL_DISCARD)."},
+    {NULL},
+};
+
+static PyGetSetDef page_getset[] = {
+    {"pinned", (getter)page_get_pinned, NULL, "True until the page is unpinned.", NULL},
+    {NULL},
+};
+
 static PyType_Slot page_slots[] = {
-    {Py_tp_doc, "The storage of a pinned page (see aiodbenv.mpool.page.Page)."},
+    {Py_tp_doc,
+     "A pinned page: ``data`` is a memoryview of the page in the shared cache (no copy).\n\n"
+     "Changes to ``data`` are seen by every process at once; call mark_dirty() so the page is "
+     "written back before its buffer is reused. The view is released when the page is "
+     "unpinned: using it afterwards raises ValueError instead of reading a buffer that may now "
+     "hold another page. Pages of a memory-mapped read-only file have a read-only view."},
     {Py_tp_new, page_new},
     {Py_tp_dealloc, page_dealloc},
     {Py_tp_traverse, page_traverse},
     {Py_tp_clear, page_clear},
     {Py_tp_members, page_members},
+    {Py_tp_methods, page_methods},
+    {Py_tp_getset, page_getset},
+    {Py_tp_repr, page_repr},
     {Py_bf_getbuffer, page_getbuffer},
     {Py_bf_releasebuffer, page_releasebuffer},
     {0, NULL},
 };
 
+/* Named for its public home (aiodbenv.Page), as docs, reprs and tracebacks show it. */
 static PyType_Spec page_spec = {
-    "aiodbenv._hot.PageBase",
+    "aiodbenv.Page",
     sizeof(PageObject),
     0,
-    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     page_slots,
 };
 
@@ -281,7 +380,7 @@ static void pins_unlink(PageObject *p) {
     Py_DECREF((PyObject *)p);
 }
 
-static int is_page(PyObject *o) { return PyObject_TypeCheck(o, PageBase_Type); }
+static int is_page(PyObject *o) { return Py_TYPE(o) == PageBase_Type; }
 
 static PyObject *pins_add(PinSet *self, PyObject *page) {
     if (!is_page(page)) {
@@ -707,7 +806,7 @@ static PyObject *hit(HotFile *hf, int64_t pgno) {
             PyErr_SetString(PyExc_RuntimeError, "page ends past the region");
         return NULL;
     }
-    PageObject *p = (PageObject *)page_alloc(page_type, 0);
+    PageObject *p = page_make();
     if (!p) goto fail;
     p->pgno = pgno;
     Py_INCREF(hf->file);
@@ -1187,8 +1286,8 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "configure: a null function or a bad constant");
         return NULL;
     }
-    if (!PyType_Check(ptype) || !PyType_IsSubtype((PyTypeObject *)ptype, PageBase_Type)) {
-        PyErr_SetString(PyExc_TypeError, "configure: the page type must subclass PageBase");
+    if (ptype != (PyObject *)PageBase_Type) {
+        PyErr_SetString(PyExc_TypeError, "configure: the page type must be aiodbenv._hot.Page");
         return NULL;
     }
     pin_one = (pin_one_fn)(uintptr_t)pin_one_addr;
@@ -1205,7 +1304,6 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
     hash_mask = hmask;
     Py_INCREF(ptype);
     SETREF(page_type, (PyTypeObject *)ptype);
-    page_alloc = (allocfunc)PyType_GetSlot(page_type, Py_tp_alloc);
     Py_RETURN_NONE;
 }
 
@@ -1251,7 +1349,13 @@ PyMODINIT_FUNC PyInit__hot(void) {
         !release_fn)
         goto fail;
     if (PyModule_AddObjectRef(m, "PinSet", (PyObject *)PinSet_Type) < 0) goto fail;
-    if (PyModule_AddObjectRef(m, "PageBase", (PyObject *)PageBase_Type) < 0) goto fail;
+    if (PyModule_AddObjectRef(m, "Page", (PyObject *)PageBase_Type) < 0) goto fail;
+    page_alloc_fn = (allocfunc)PyType_GetSlot(PageBase_Type, Py_tp_alloc);
+    page_free_fn = (freefunc)PyType_GetSlot(PageBase_Type, Py_tp_free);
+    if (PyModule_AddIntConstant(m, "PAGE_DIRTY", PAGE_DIRTY) < 0 ||
+        PyModule_AddIntConstant(m, "PAGE_CLEAN", PAGE_CLEAN) < 0 ||
+        PyModule_AddIntConstant(m, "PAGE_DISCARD", PAGE_DISCARD) < 0)
+        goto fail;
     if (PyModule_AddObjectRef(m, "HotFile", (PyObject *)HotFile_Type) < 0) goto fail;
     if (PyModule_AddObjectRef(m, "PinContext", (PyObject *)PinCtx_Type) < 0) goto fail;
     return m;
