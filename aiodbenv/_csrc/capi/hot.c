@@ -6,6 +6,15 @@
  * with PYGEN_RETURN: no coroutine, no StopIteration), its __aenter__ does the whole hit and its
  * __aexit__ the whole unpin.
  *
+ * What a hit allocates is what the user gets: the Page (aiodbenv.Page itself, a final C type)
+ * and its memoryview (with its managed buffer). The context and the page come from free lists,
+ * the bound __aenter__/__aexit__ are embedded in the context and take vectorcalls, and the
+ * pages of one cache share one buffer of its region (RegionHold). Per hot pin that took the
+ * instructions from ~4,900 to ~3,200 (valgrind, 2,048 random pages); what is left is about a
+ * third the memoryview (made, then dropped), a quarter the pin and unpin themselves (two
+ * robust mutex lock/unlock pairs), a quarter the interpreter's loop and `async with` opcodes,
+ * and the rest `f.get`'s lookup, the awaits and the Page.
+ *
  * The bookkeeping itself is NOT compiled here: the region layout table, the known-regions table
  * and the lock wait are static state of the cffi accelerator (aiodbenv/_csrc/10_core.c,
  * 20_pin.c), so this module calls that module's aiodb_pin_one_cache (a pool of one cache),
@@ -16,7 +25,8 @@
  * chain, a closed, forked or mapped file, a panicked environment, a dirty unpin (to count dirty
  * bytes), a frame waiter to wake, and any unpin the C checks do not clear.
  *
- * Limited API (abi3) for CPython >= 3.11: the buffer protocol and am_send are stable there.
+ * Limited API (abi3) for CPython >= 3.11: the buffer protocol and am_send are stable there;
+ * vectorcall is used through its 3.12 stable ABI, which 3.11 already honours (see BoundObj).
  */
 #define Py_LIMITED_API 0x030B0000
 #define PY_SSIZE_T_CLEAN
