@@ -9,8 +9,10 @@ subset of the pool suite runs again in a subprocess with ``AIODBENV_HOT=python``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
+import pickle
 import shutil
 import sys
 import tracemalloc
@@ -155,6 +157,50 @@ async def test_aexit_twice_and_reuse(pf: aiodbenv.PoolFile) -> None:
     assert _region_pins(pf) == 0 and not pf._pins
 
 
+async def test_context_methods_bound_and_from_the_class(pf: aiodbenv.PoolFile) -> None:
+    # The compiled context hands out bound methods embedded in itself (no allocation per
+    # `async with`): they keep the context alive, and the class attributes take the context
+    # first, as contextlib.AsyncExitStack calls them.
+    ctx = pf.get(4)
+    enter, leave = ctx.__aenter__, ctx.__aexit__
+    assert "Cancellation" in (type(ctx).__aenter__.__doc__ or "")
+    assert "Cancellation" in (leave.__doc__ or "")
+    del ctx
+    gc.collect()
+    page = await enter()
+    assert page.pinned and page.pgno == 4 and _region_pins(pf) == 1
+    assert await leave(None, None, None) is None
+    assert not page.pinned and _region_pins(pf) == 0
+    del enter, leave
+    async with contextlib.AsyncExitStack() as stack:
+        page = await stack.enter_async_context(pf.get(6))
+        assert page.pinned and int.from_bytes(page.data[0:4], "little") == 6
+    assert not page.pinned and _region_pins(pf) == 0
+    with pytest.raises(TypeError):
+        await pf.get(6).__aexit__()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        await pf.get(6).__aenter__(1)  # type: ignore[call-arg]
+    assert _region_pins(pf) == 0
+
+
+async def test_many_contexts_alive_at_once(pf: aiodbenv.PoolFile) -> None:
+    # More contexts than the compiled free list keeps, entered together and left in another
+    # order: each keeps its own page.
+    ctxs = [pf.get(i % 16) for i in range(200)]
+    pages = [await c.__aenter__() for c in ctxs]
+    assert _region_pins(pf) == 200 and len(pf._pins) == 200
+    for i in [*range(0, 200, 2), *range(1, 200, 2)]:
+        assert pages[i].pgno == i % 16 and pages[i].pinned
+        assert int.from_bytes(pages[i].data[0:4], "little") == i % 16
+        await ctxs[i].__aexit__(None, None, None)
+        assert not pages[i].pinned
+    del ctxs
+    assert _region_pins(pf) == 0 and not pf._pins
+    for i in range(300):  # contexts now come from the free list: none holds stale state
+        async with pf.get(i % 16) as page:
+            assert page.pgno == i % 16 and _region_pins(pf) == 1
+
+
 async def test_await_then_explicit_unpin(pf: aiodbenv.PoolFile) -> None:
     page = await pf.get(7)
     assert page.pinned and page in pf._pins and page.pgno == 7
@@ -196,6 +242,30 @@ async def test_page_used_after_unpin(pf: aiodbenv.PoolFile) -> None:
         bytes(page.data)
     assert int.from_bytes(part, "little") == 1
     del part
+
+
+async def test_view_released_at_unpin_whether_referenced_or_not(pf: aiodbenv.PoolFile) -> None:
+    # The compiled unpin drops a view only the page refers to, and releases one referenced
+    # elsewhere: either way every use of it afterwards raises ValueError.
+    async with pf.get(2) as page:
+        kept = page.data
+        assert int.from_bytes(kept[0:4], "little") == 2
+    with pytest.raises(ValueError):
+        kept[0]
+    async with pf.get(3) as other:
+        assert other.data[0] == 3
+    with pytest.raises(ValueError):
+        other.data[0]
+    with pytest.raises(ValueError):
+        bytes(other.data)
+    # A buffer taken from the view: the unpin raises memoryview.release's BufferError.
+    ctx = pf.get(4)
+    page = await ctx.__aenter__()
+    held = pickle.PickleBuffer(page.data)  # holds a buffer of the view (an export)
+    with pytest.raises(BufferError):
+        await ctx.__aexit__(None, None, None)
+    held.release()
+    page.data.release()  # what the unpin could not do (the region still counts the pin)
 
 
 async def test_file_closed_while_a_page_is_held(pf: aiodbenv.PoolFile) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..region.mutex import speedups
 
-__all__ = ["COMPILED", "PageBase", "module"]
+__all__ = ["COMPILED", "PageType", "module"]
 
 
 def _load() -> Any:
@@ -50,5 +50,6 @@ def _load() -> Any:
 module: Any = _load()
 #: True when ``PoolFile.get`` returns the compiled context (see the module's docstring).
 COMPILED = module is not None
-#: The compiled storage of :class:`~aiodbenv.mpool.page.Page`, or None.
-PageBase: Any = module.PageBase if module is not None else None
+#: The compiled :class:`~aiodbenv.mpool.page.Page` (a final C type, methods included), or
+#: None.
+PageType: Any = module.Page if module is not None else None

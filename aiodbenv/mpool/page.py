@@ -8,7 +8,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import hot
-from .hot import PageBase
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -23,38 +22,7 @@ PAGE_CLEAN = 2
 PAGE_DISCARD = 4
 
 
-if TYPE_CHECKING or PageBase is None:
-
-    class _PageStorage:
-        """The attributes of a :class:`Page` (the compiled PageBase of :mod:`aiodbenv._hot`
-        holds the same ones in C when the compiled hot path is in use)."""
-
-        __slots__ = ("__weakref__", "_bh", "_bucket", "_cache", "_file", "_flags", "data", "pgno")
-
-        def __init__(
-            self,
-            file: PageAccess,
-            pgno: int,
-            data: memoryview,
-            cache: Cache | None,
-            bucket: int,
-            bh: int,
-        ) -> None:
-            #: The page number (0-based).
-            self.pgno = pgno
-            #: The page's bytes, valid while the page is pinned.
-            self.data = data
-            self._file = file
-            self._cache = cache  # None for a page served from a memory map
-            self._bucket = bucket
-            self._bh = bh  # the buffer's offset; -1 once unpinned; 0 for a mapped page
-            self._flags = 0  # PAGE_* requested for the unpin
-
-else:
-    _PageStorage = PageBase
-
-
-class Page(_PageStorage):
+class Page:
     """A pinned page: ``data`` is a memoryview of the page in the shared cache (no copy).
 
     Changes to ``data`` are seen by every process at once; call :meth:`mark_dirty` so the page
@@ -63,7 +31,26 @@ class Page(_PageStorage):
     now hold another page. Pages of a memory-mapped read-only file have a read-only view.
     """
 
-    __slots__ = ()
+    __slots__ = ("__weakref__", "_bh", "_bucket", "_cache", "_file", "_flags", "data", "pgno")
+
+    def __init__(
+        self,
+        file: PageAccess,
+        pgno: int,
+        data: memoryview,
+        cache: Cache | None,
+        bucket: int,
+        bh: int,
+    ) -> None:
+        #: The page number (0-based).
+        self.pgno = pgno
+        #: The page's bytes, valid while the page is pinned.
+        self.data = data
+        self._file = file
+        self._cache = cache  # None for a page served from a memory map
+        self._bucket = bucket
+        self._bh = bh  # the buffer's offset; -1 once unpinned; 0 for a mapped page
+        self._flags = 0  # PAGE_* requested for the unpin
 
     def mark_dirty(self) -> None:
         """Write this page back before its buffer is reused (memp_fput ``DB_MPOOL_DIRTY``),
@@ -87,6 +74,20 @@ class Page(_PageStorage):
     def __repr__(self) -> str:
         state = "pinned" if self._bh >= 0 else "unpinned"
         return f"<Page {self.pgno} of {self._file._path!r} {state}>"
+
+
+if not TYPE_CHECKING and hot.PageType is not None:
+    # With aiodbenv._hot installed, every page is its compiled twin of the class above (a
+    # final C type with the same attributes, methods and docstrings, and no per-instance
+    # Python overhead): the hot pin makes one per pin. The class above stays the one the
+    # Python hot path uses, and what the docs and type checkers read.
+    if (hot.module.PAGE_DIRTY, hot.module.PAGE_CLEAN, hot.module.PAGE_DISCARD) != (
+        PAGE_DIRTY,
+        PAGE_CLEAN,
+        PAGE_DISCARD,
+    ):
+        raise ImportError("aiodbenv._hot disagrees with aiodbenv.mpool.page on the PAGE_* flags")
+    Page = hot.PageType
 
 
 class Pins(Protocol):
@@ -129,6 +130,8 @@ class PinContext:
         return self._file._pin(self._pgno, self._mode).__await__()
 
     async def __aenter__(self) -> Page:
+        """Pin the page and return it. Cancellation: a pin cancelled while it waits (a miss, a
+        held mutex) leaves no pin held."""
         if self._page is not None:
             raise RuntimeError(
                 "this page context is already entered: exit it before entering again"
@@ -146,6 +149,9 @@ class PinContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Unpin the page with the flags set on it (as :meth:`PoolFile.unpin`). Cancellation:
+        the page is unpinned for the caller at once; a release still waiting for the bucket
+        mutex finishes in the background."""
         page = self._page
         if page is not None:
             self._page = None
