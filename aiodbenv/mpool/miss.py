@@ -25,7 +25,12 @@ if TYPE_CHECKING:
     from .fget import PageAccess
     from .page import Page
 
-__all__ = ["COMPILED_MISS", "finish_miss", "miss_context", "try_miss"]
+__all__ = ["COMPILED_MISS", "Missed", "finish_miss", "miss_context", "try_miss"]
+
+#: What a compiled miss made by the compiled page context (aiodbenv/_csrc/capi/hot.c) hands to
+#: the Python slow path: aiodb_miss's result (0, or ``accel.CORRUPT``) and out[0:3] (status,
+#: frame, dead bucket), read at once so that no other miss of the file overwrites them.
+Missed = tuple[int, int, int, int]
 
 #: Whether misses go through the compiled call (False: the Python path only).
 COMPILED_MISS = accel.miss is not None
@@ -129,16 +134,28 @@ def try_miss(f: PageAccess, pgno: int) -> Page | None:
     return None
 
 
-async def finish_miss(f: PageAccess, pgno: int, mode: int) -> Page | None:
-    """Go on from the step :func:`try_miss` reached when it returned None: repair a bucket
+async def finish_miss(
+    f: PageAccess, pgno: int, mode: int, missed: Missed | None = None
+) -> Page | None:
+    """Go on from the step :func:`try_miss` reached when it returned None (or, with
+    ``missed``, from the step a miss of the compiled page context reached): repair a bucket
     whose holder died, give back a frame it unlinked, or read and publish the page it linked.
     Returns the pinned page, or None when the Python path must do the miss.
 
     Cancellation: as the Python path's own steps (:meth:`PoolFrames._free_frame` always gives
     the frame back; :meth:`PoolReads._fill` drops the pin of a read it leaves to finish).
     """
-    out = f._miss_out
-    status, frame, dead = int(out[0]), int(out[1]), int(out[2])
+    if missed is None:
+        out = f._miss_out
+        status, frame, dead = int(out[0]), int(out[1]), int(out[2])
+    else:
+        result, status, frame, dead = missed
+        if result == _CORRUPT:
+            cache, _ = f._core.locate(f._fidx, pgno)
+            cache.corrupt(  # panics and raises, as try_miss
+                f"an offset or count read during a miss of page {pgno} of {f._path!r} fails "
+                "its check"
+            )
     if status == _FALLBACK and dead == _NONE:
         return None
     cache, b = f._core.locate(f._fidx, pgno)

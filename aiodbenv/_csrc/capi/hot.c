@@ -24,6 +24,7 @@
 #include <structmember.h>
 #include <errno.h>
 #include <stdint.h>
+#include <time.h>
 
 /* Replace *ref with value (a new reference), dropping the old one after (Py_XSETREF is not in
    the limited API). */
@@ -44,6 +45,9 @@ typedef int (*unpin_at_fn)(uint64_t *w, void **mutexes, const uint64_t *nowait_w
                            const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w,
                            int flags, uint64_t slot);
 
+/* aiodb_miss of aiodbenv/_csrc/40_miss.c (its context is struct aiodb_miss_ctx, opaque here). */
+typedef int64_t (*miss_fn)(const void *ctx, uint64_t b, uint64_t pgno, int fd, uint64_t *out);
+
 /* Set once by configure(); until then get() refuses (the Python side never uses an
    unconfigured module). */
 static pin_one_fn pin_one;
@@ -58,6 +62,10 @@ static PyTypeObject *page_type;    /* aiodbenv.mpool.page.Page, a subclass of Pa
 static allocfunc page_alloc;
 static PyObject *s_release;        /* "release" */
 static PyObject *release_fn;       /* memoryview.release, called unbound (no method lookup) */
+/* The compiled miss (configure_miss): aiodb_miss. */
+static miss_fn miss_call;
+static PyObject *s_closing, *s_waiters, *s_poll_delay, *s_since_yield; /* pool attributes */
+static PyObject *poll_min, *yield_now;
 
 static PyTypeObject *PageBase_Type;
 static PyTypeObject *HotFile_Type;
@@ -366,6 +374,17 @@ typedef struct {
     Py_ssize_t data_size;
     int hot, readonly, ncache;
     CacheRef c[MAX_CACHES];
+    /* The compiled miss (set_miss; miss_on 0: every miss goes to Python): per cache its
+       struct aiodb_miss_ctx, the four words a call hands back, the file's page count (a word
+       of region 0), its descriptor (and as an int object), the pool, and the test hooks' and
+       the reads' Python state it must look at (the armed faults, the descriptors that refuse
+       RWF_NOWAIT). */
+    int miss_on, miss_fd;
+    const void *miss_ctx[MAX_CACHES];
+    uint64_t *miss_out;
+    const volatile uint64_t *miss_pages;
+    PyObject *pool, *faults, *no_nowait, *fd_obj, *notify;
+    unsigned long long misses; /* served whole here: no Python ran */
 } HotFile;
 
 static int hf_traverse(HotFile *self, visitproc visit, void *arg) {
@@ -382,6 +401,11 @@ static int hf_traverse(HotFile *self, visitproc visit, void *arg) {
     Py_VISIT(self->after_unpin);
     Py_VISIT(self->fail);
     Py_VISIT(self->page_size_obj);
+    Py_VISIT(self->pool);
+    Py_VISIT(self->faults);
+    Py_VISIT(self->no_nowait);
+    Py_VISIT(self->fd_obj);
+    Py_VISIT(self->notify);
     for (int i = 0; i < self->ncache; i++) {
         Py_VISIT(self->c[i].cache);
         Py_VISIT(self->c[i].buf);
@@ -403,6 +427,12 @@ static int hf_clear(HotFile *self) {
     Py_CLEAR(self->after_unpin);
     Py_CLEAR(self->fail);
     Py_CLEAR(self->page_size_obj);
+    self->miss_on = 0;
+    Py_CLEAR(self->pool);
+    Py_CLEAR(self->faults);
+    Py_CLEAR(self->no_nowait);
+    Py_CLEAR(self->fd_obj);
+    Py_CLEAR(self->notify);
     for (int i = 0; i < self->ncache; i++) {
         Py_CLEAR(self->c[i].cache);
         Py_CLEAR(self->c[i].buf);
@@ -630,6 +660,191 @@ fail:
     return NULL;
 }
 
+/* ---------------------------------------------------------------- the miss --------- */
+
+/* The Page of a buffer a compiled miss just pinned (the hit builds its own the same way). NULL
+   with an error set: the pin is undone (or handed to the Python release) first. */
+static PyObject *fresh_page(HotFile *hf, CacheRef *c, uint64_t b, int64_t off, int64_t pgno) {
+    Py_ssize_t start = (Py_ssize_t)(off + bh_data);
+    if (start > c->region_len - hf->data_size) {
+        /* Past the region: corrupt (fail panics and raises; the pin no longer matters). */
+        PyObject *r = PyObject_CallFunction(hf->fail, "OLK", c->cache, (long long)0,
+                                            (unsigned long long)b);
+        Py_XDECREF(r);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "page ends past the region");
+        return NULL;
+    }
+    PageObject *p = (PageObject *)page_alloc(page_type, 0);
+    if (!p) goto fail;
+    p->pgno = pgno;
+    Py_INCREF(hf->file);
+    p->file = hf->file;
+    Py_INCREF(c->cache);
+    p->cache = c->cache;
+    p->bucket = (long long)b;
+    p->bh = off;
+    if (PyObject_GetBuffer(c->buf, &p->region, PyBUF_SIMPLE) < 0) goto fail_page;
+    p->has_region = 1;
+    if (p->region.len < start + hf->data_size) {
+        PyErr_SetString(PyExc_BufferError, "the cache's buffer is shorter than its region");
+        goto fail_page;
+    }
+    p->view_off = start;
+    p->view_len = hf->data_size;
+    p->data = PyMemoryView_FromObject((PyObject *)p);
+    if (!p->data) goto fail_page;
+    pins_link((PinSet *)hf->pins, p);
+    return (PyObject *)p;
+fail_page:
+    p->bh = -1;
+    Py_DECREF(p);
+fail:
+    undo_pin(hf, c, b, off);
+    return NULL;
+}
+
+/* A run of compiled misses never awaits, so it would hold the event loop as long as it lasts.
+   After MISS_RUN of them, or MISS_RUN_MIN and a millisecond since the last break, the next
+   miss takes the Python path told to yield first (PoolBase._breathe does, as in a run of
+   Python misses). Process-wide: several pools only break more often. */
+#define MISS_RUN 512
+#define MISS_RUN_MIN 16
+static unsigned miss_run;
+static uint64_t miss_run_t0;
+
+static uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Whether this miss must let the loop run first (see MISS_RUN); then the pool is told so.
+   -1: an error is set. */
+static int miss_breathe(HotFile *hf) {
+    if (++miss_run < MISS_RUN_MIN) return 0;
+    uint64_t now = mono_ns();
+    if (miss_run < MISS_RUN && now - miss_run_t0 < 1000000ULL) return 0;
+    miss_run = 0;
+    miss_run_t0 = now;
+    return PyObject_SetAttr(hf->pool, s_since_yield, yield_now) < 0 ? -1 : 1;
+}
+
+/* The miss of page pgno done whole in C when it can be (aiodb_miss: a clean victim, the page
+   read from the OS page cache with RWF_NOWAIT), as miss.try_miss does it for the Python slow
+   path, and its Page. NULL with an error set: raise it. NULL without: the Python path goes on,
+   from the start (*missed NULL) or from what aiodb_miss handed back (*missed, a new tuple
+   (result, status, frame, dead bucket): see miss.finish_miss). */
+static PyObject *miss(HotFile *hf, int64_t pgno, PyObject **missed) {
+    *missed = NULL;
+    if (!hf->miss_on || !hf->hot || *hf->panic || (uint64_t)pgno >= *hf->miss_pages)
+        return NULL;
+    /* What try_miss checks that may change: fault injection armed (its steps are Python's),
+       a descriptor that refused RWF_NOWAIT, frame waiters (queue behind them), closing. */
+    Py_ssize_t n = PyList_Size(hf->faults);
+    if (n) return NULL; /* -1 has an error set: raised */
+    if (PySet_Size(hf->no_nowait) > 0) {
+        int r = PySet_Contains(hf->no_nowait, hf->fd_obj);
+        if (r) return NULL;
+    }
+    n = PyObject_Length(hf->frame_queue);
+    if (n) return NULL;
+    PyObject *closing = PyObject_GetAttr(hf->pool, s_closing);
+    if (!closing) return NULL;
+    int cl = PyObject_IsTrue(closing);
+    Py_DECREF(closing);
+    if (cl) return NULL;
+    int br = miss_breathe(hf);
+    if (br) return NULL;
+    CacheRef *c;
+    const void *ctx;
+    uint64_t b = 0;
+    if (hf->ncache == 1) {
+        c = &hf->c[0];
+        ctx = hf->miss_ctx[0];
+    } else {
+        /* As hit(): the cache and bucket of aiodbenv.mpool.cache.bucket_hash. */
+        uint64_t h = ((uint64_t)pgno * hash_pgno + hf->fidx * hash_file) & hash_mask;
+        uint64_t k = h % (uint64_t)hf->ncache;
+        c = &hf->c[k];
+        ctx = hf->miss_ctx[k];
+        b = (h / (uint64_t)hf->ncache) % c->nb;
+    }
+    uint64_t *out = hf->miss_out;
+    int64_t off = miss_call(ctx, b, (uint64_t)pgno, hf->miss_fd, out);
+    if (off <= 0) {
+        /* Something may be held (a frame, a buffer READING): the Python path must go on. */
+        *missed = Py_BuildValue("(LKKK)", (long long)off, (unsigned long long)out[0],
+                                (unsigned long long)out[1], (unsigned long long)out[2]);
+        return NULL;
+    }
+    b = out[3];
+    hf->misses++;
+    /* As try_miss: frames come free again (the poll restarts at its shortest step), and a
+       coroutine waiting for the pool to change is woken. */
+    if (PyObject_SetAttr(hf->pool, s_poll_delay, poll_min) < 0) goto undo;
+    PyObject *waiters = PyObject_GetAttr(hf->pool, s_waiters);
+    if (!waiters) goto undo;
+    int wt = PyObject_IsTrue(waiters);
+    Py_DECREF(waiters);
+    if (wt < 0) goto undo;
+    if (wt) {
+        PyObject *r = PyObject_CallNoArgs(hf->notify);
+        if (!r) goto undo;
+        Py_DECREF(r);
+    }
+    return fresh_page(hf, c, b, off, pgno);
+undo:
+    undo_pin(hf, c, b, off);
+    return NULL;
+}
+
+/* set_miss(contexts, out, pages, fd, pool, faults, no_nowait, notify): turn the compiled miss
+   on (see miss.miss_context for the addresses). */
+static PyObject *hf_set_miss(HotFile *self, PyObject *args) {
+    PyObject *ctxs, *pool, *faults, *no_nowait, *notify;
+    unsigned long long out, pages;
+    int fd;
+    if (!PyArg_ParseTuple(args, "OKKiOOOO", &ctxs, &out, &pages, &fd, &pool, &faults,
+                          &no_nowait, &notify))
+        return NULL;
+    if (!miss_call) {
+        PyErr_SetString(PyExc_RuntimeError, "aiodbenv._hot: the miss is not configured");
+        return NULL;
+    }
+    if (!PyTuple_Check(ctxs) || PyTuple_Size(ctxs) != self->ncache || !out || !pages || fd < 0
+            || !PyList_Check(faults) || !PySet_Check(no_nowait) || !PyCallable_Check(notify)) {
+        PyErr_SetString(PyExc_ValueError, "set_miss: bad contexts, address, descriptor or state");
+        return NULL;
+    }
+    for (int i = 0; i < self->ncache; i++) {
+        unsigned long long a = PyLong_AsUnsignedLongLong(PyTuple_GetItem(ctxs, i));
+        if (PyErr_Occurred()) return NULL;
+        if (!a) {
+            PyErr_SetString(PyExc_ValueError, "set_miss: a null context");
+            return NULL;
+        }
+        self->miss_ctx[i] = (const void *)(uintptr_t)a;
+    }
+    PyObject *fd_obj = PyLong_FromLong(fd);
+    if (!fd_obj) return NULL;
+    self->miss_out = (uint64_t *)(uintptr_t)out;
+    self->miss_pages = (const volatile uint64_t *)(uintptr_t)pages;
+    self->miss_fd = fd;
+    SETREF(self->fd_obj, fd_obj);
+    SETREF(self->pool, Py_NewRef(pool));
+    SETREF(self->faults, Py_NewRef(faults));
+    SETREF(self->no_nowait, Py_NewRef(no_nowait));
+    SETREF(self->notify, Py_NewRef(notify));
+    self->miss_on = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *hf_get_misses(HotFile *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->misses);
+}
+
 /* get(pgno): the context of `async with f.get(pgno)` / `await f.get(pgno)`. Anything but one
    plain int page number in range goes to PoolFile.get (keywords, latch, checks, errors). */
 static PyObject *hf_get(HotFile *self, PyObject *const *args, Py_ssize_t nargs,
@@ -692,11 +907,16 @@ static PyMethodDef hf_methods[] = {
      "PoolFile.get)."},
     {"disable", (PyCFunction)hf_disable, METH_NOARGS,
      "Never take the compiled path again (the file closed, or a forked child disarmed it)."},
+    {"set_miss", (PyCFunction)hf_set_miss, METH_VARARGS,
+     "set_miss(contexts, out, pages, fd, pool, faults, no_nowait, notify): serve misses from "
+     "the OS page cache in C (aiodbenv.mpool.hotpath.attach)."},
     {NULL},
 };
 
 static PyGetSetDef hf_getset[] = {
     {"hot", (getter)hf_get_hot, NULL, "True while the compiled path may run.", NULL},
+    {"misses", (getter)hf_get_misses, NULL,
+     "Misses the compiled context served whole (no Python ran for them).", NULL},
     {NULL},
 };
 
@@ -739,6 +959,12 @@ static PyObject *completed(PinCtx *self, PyObject *value) {
     return (PyObject *)self;
 }
 
+/* The slow path's awaitable r, after dropping the tuple handed to it. */
+static PyObject *slow_after(PyObject *r, PyObject *missed) {
+    Py_DECREF(missed);
+    return r;
+}
+
 static PyObject *ctx_aenter(PinCtx *self, PyObject *unused) {
     (void)unused;
     if (self->page) {
@@ -752,6 +978,17 @@ static PyObject *ctx_aenter(PinCtx *self, PyObject *unused) {
         self->page = page;
         return completed(self, page);
     }
+    if (PyErr_Occurred()) return NULL;
+    PyObject *missed;
+    page = miss(self->hf, self->pgno, &missed);
+    if (page) {
+        Py_INCREF(page);
+        self->page = page;
+        return completed(self, page);
+    }
+    if (missed)
+        return slow_after(PyObject_CallFunction(self->hf->enter_slow, "OLO", (PyObject *)self,
+                                                self->pgno, missed), missed);
     if (PyErr_Occurred()) return NULL;
     /* The slow path: a coroutine of the file that pins and records the page in _page. */
     return PyObject_CallFunction(self->hf->enter_slow, "OL", (PyObject *)self, self->pgno);
@@ -827,6 +1064,13 @@ static PyObject *ctx_await(PinCtx *self) {
     /* `await f.get(p)`: pin, and leave the unpin to the caller. */
     PyObject *page = hit(self->hf, self->pgno);
     if (page) return completed(self, page);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *missed;
+    page = miss(self->hf, self->pgno, &missed);
+    if (page) return completed(self, page);
+    if (missed)
+        return slow_after(PyObject_CallFunction(self->hf->await_slow, "LO", self->pgno, missed),
+                          missed);
     if (PyErr_Occurred()) return NULL;
     return PyObject_CallFunction(self->hf->await_slow, "L", self->pgno);
 }
@@ -955,7 +1199,24 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *configure_miss(PyObject *mod, PyObject *args) {
+    (void)mod;
+    unsigned long long addr;
+    PyObject *pmin;
+    if (!PyArg_ParseTuple(args, "KO", &addr, &pmin)) return NULL;
+    if (!addr || !PyFloat_Check(pmin)) {
+        PyErr_SetString(PyExc_ValueError, "configure_miss: a null function or a bad delay");
+        return NULL;
+    }
+    miss_call = (miss_fn)(uintptr_t)addr;
+    SETREF(poll_min, Py_NewRef(pmin));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"configure_miss", configure_miss, METH_VARARGS,
+     "configure_miss(aiodb_miss, POLL_MIN): the cffi accelerator's "
+     "one-call miss and its constants (aiodbenv.mpool.hotpath)."},
     {"configure", configure, METH_VARARGS,
      "configure(pin_one_cache, pin_hit, unpin_at, corrupt, bh_data, max_pgno, PAGE_DIRTY, "
      "PAGE_CLEAN, B_HEAD, HASH_PGNO, HASH_FILE, HASH_MASK, page_type): the addresses of the cffi "
@@ -973,6 +1234,12 @@ PyMODINIT_FUNC PyInit__hot(void) {
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
     s_release = PyUnicode_InternFromString("release");
+    s_closing = PyUnicode_InternFromString("_closing");
+    s_waiters = PyUnicode_InternFromString("_waiters");
+    s_poll_delay = PyUnicode_InternFromString("_frame_poll_delay");
+    s_since_yield = PyUnicode_InternFromString("_since_yield");
+    yield_now = PyLong_FromLong(1L << 30);
+    if (!s_closing || !s_waiters || !s_poll_delay || !s_since_yield || !yield_now) goto fail;
     PageBase_Type = (PyTypeObject *)PyType_FromSpec(&page_spec);
     HotFile_Type = (PyTypeObject *)PyType_FromSpec(&hf_spec);
     PinCtx_Type = (PyTypeObject *)PyType_FromSpec(&ctx_spec);
