@@ -56,7 +56,16 @@ def configure(page_type: type[Page], max_pgno: int) -> None:
         page_type,
     )
     if COMPILED_MISS:
-        _module.configure_miss(addr("aiodb_miss"), POLL_MIN)
+        _module.configure_miss(addr("aiodb_miss"), POLL_MIN, _schedule_turn)
+
+
+def _schedule_turn() -> None:
+    # A run of compiled misses spent its budget: they yield until this mark has run, at the
+    # end of the loop's ready queue (see miss_breathe in hot.c).
+    asyncio.get_running_loop().call_soon(_loop_turned)
+
+
+_loop_turned: Any = _module.loop_turned if _module is not None else None
 
 
 def _addr(p: Any) -> int:
@@ -120,7 +129,7 @@ def attach(f: PoolFile) -> None:
             _addr(out),
             _addr(f._cache0.wptr + f._entry + FILE_ENTRY.word.pages),
             f._fd,
-            pool,
+            vars(pool),  # read as a dict in C: _closing, _waiters, _frame_poll_delay
             _io._faults,
             pool._io.no_nowait,
             pool._notify,
@@ -151,20 +160,35 @@ def detach(f: PoolFile) -> None:
         f.__dict__.pop("get", None)
 
 
-async def _enter_slow(f: PageAccess, ctx: Any, pgno: int, missed: Missed | None = None) -> Page:
+async def _enter_slow(
+    f: PageAccess, ctx: Any, pgno: int, missed: Missed | None = None, later: Any = None
+) -> Page:
     # __aenter__ after the compiled hit found nothing it could pin, and the compiled miss
-    # (if it ran) handed back ``missed`` (see miss.finish_miss).
+    # (if it ran) handed back ``missed`` (see miss.finish_miss). ``later`` (the context): a
+    # run of compiled misses spent its budget: let the loop run, then enter again (nothing
+    # is held meanwhile, so a cancellation here leaves nothing behind).
+    if later is not None:
+        await asyncio.sleep(0)
+        return await later.__aenter__()  # type: ignore[no-any-return]
     page: Page = await f._pin(pgno, _MODE_GET, missed)  # type: ignore[attr-defined]
     ctx._page = page
     return page
 
 
 def _await_slow(
-    f: PageAccess, pgno: int, missed: Missed | None = None
+    f: PageAccess, pgno: int, missed: Missed | None = None, later: Any = None
 ) -> Generator[Any, None, Page]:
-    # ``await f.get(p)`` after the compiled hit (and miss) found nothing it could pin.
+    # ``await f.get(p)`` after the compiled hit (and miss) found nothing it could pin; with
+    # ``later`` (the context): yield first, then await it again (see _enter_slow).
+    if later is not None:
+        return _again(later).__await__()
     coro = f._pin(pgno, _MODE_GET, missed)  # type: ignore[attr-defined]
     return coro.__await__()  # type: ignore[no-any-return]
+
+
+async def _again(ctx: Any) -> Page:
+    await asyncio.sleep(0)
+    return await ctx  # type: ignore[no-any-return]
 
 
 async def _exit_slow(f: PageAccess, page: Page) -> None:

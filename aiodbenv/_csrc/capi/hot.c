@@ -64,8 +64,8 @@ static PyObject *s_release;        /* "release" */
 static PyObject *release_fn;       /* memoryview.release, called unbound (no method lookup) */
 /* The compiled miss (configure_miss): aiodb_miss. */
 static miss_fn miss_call;
-static PyObject *s_closing, *s_waiters, *s_poll_delay, *s_since_yield; /* pool attributes */
-static PyObject *poll_min, *yield_now;
+static PyObject *s_closing, *s_waiters, *s_poll_delay; /* pool attributes */
+static PyObject *poll_min;
 
 static PyTypeObject *PageBase_Type;
 static PyTypeObject *HotFile_Type;
@@ -376,7 +376,7 @@ typedef struct {
     CacheRef c[MAX_CACHES];
     /* The compiled miss (set_miss; miss_on 0: every miss goes to Python): per cache its
        struct aiodb_miss_ctx, the four words a call hands back, the file's page count (a word
-       of region 0), its descriptor (and as an int object), the pool, and the test hooks' and
+       of region 0), its descriptor (and as an int object), the pool's __dict__, and the test hooks' and
        the reads' Python state it must look at (the armed faults, the descriptors that refuse
        RWF_NOWAIT). */
     int miss_on, miss_fd;
@@ -705,13 +705,21 @@ fail:
 }
 
 /* A run of compiled misses never awaits, so it would hold the event loop as long as it lasts.
-   After MISS_RUN of them, or MISS_RUN_MIN and a millisecond since the last break, the next
-   miss takes the Python path told to yield first (PoolBase._breathe does, as in a run of
-   Python misses). Process-wide: several pools only break more often. */
+   The loop gets a turn every millisecond of them (or MISS_RUN misses, or MISS_RUN_MIN and a
+   millisecond since the last turn, for misses among hits): the miss that finds the budget
+   spent asks for a mark at the end of the loop's ready queue (loop_turned, through
+   schedule_turn) and yields before it pins anything; so does every compiled miss until the
+   mark has run (the loop went round once), whichever coroutine makes it -- as many coroutines
+   missing at once share the budget of PoolBase._breathe. A mark that never runs (its loop
+   closed) expires after MISS_TURN_LOST. Process-wide: several loops only yield more often. */
 #define MISS_RUN 512
 #define MISS_RUN_MIN 16
+#define MISS_BUDGET_NS 1000000ULL
+#define MISS_TURN_LOST_NS 10000000ULL
 static unsigned miss_run;
-static uint64_t miss_run_t0;
+static uint64_t miss_run_t0, miss_pending_since;
+static int miss_pending;
+static PyObject *schedule_turn; /* Python: call_soon(loop_turned) on the running loop */
 
 static uint64_t mono_ns(void) {
     struct timespec ts;
@@ -719,24 +727,45 @@ static uint64_t mono_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-/* Whether this miss must let the loop run first (see MISS_RUN); then the pool is told so.
-   -1: an error is set. */
-static int miss_breathe(HotFile *hf) {
+/* Whether this miss must let the loop run first (see MISS_RUN). -1: an error is set. */
+static int miss_breathe(void) {
+    uint64_t now;
+    if (miss_pending) {
+        now = mono_ns();
+        if (now - miss_pending_since < MISS_TURN_LOST_NS) return 1;
+        miss_pending = 0; /* lost: start a new budget */
+        miss_run = 0;
+        miss_run_t0 = now;
+    }
     if (++miss_run < MISS_RUN_MIN) return 0;
-    uint64_t now = mono_ns();
-    if (miss_run < MISS_RUN && now - miss_run_t0 < 1000000ULL) return 0;
+    now = mono_ns();
+    if (miss_run < MISS_RUN && now - miss_run_t0 < MISS_BUDGET_NS) return 0;
+    PyObject *r = PyObject_CallNoArgs(schedule_turn);
+    if (!r) return -1;
+    Py_DECREF(r);
+    miss_pending = 1;
+    miss_pending_since = now;
+    return 1;
+}
+
+static PyObject *loop_turned(PyObject *mod, PyObject *unused) {
+    (void)mod;
+    (void)unused;
+    miss_pending = 0;
     miss_run = 0;
-    miss_run_t0 = now;
-    return PyObject_SetAttr(hf->pool, s_since_yield, yield_now) < 0 ? -1 : 1;
+    miss_run_t0 = mono_ns();
+    Py_RETURN_NONE;
 }
 
 /* The miss of page pgno done whole in C when it can be (aiodb_miss: a clean victim, the page
    read from the OS page cache with RWF_NOWAIT), as miss.try_miss does it for the Python slow
    path, and its Page. NULL with an error set: raise it. NULL without: the Python path goes on,
    from the start (*missed NULL) or from what aiodb_miss handed back (*missed, a new tuple
-   (result, status, frame, dead bucket): see miss.finish_miss). */
-static PyObject *miss(HotFile *hf, int64_t pgno, PyObject **missed) {
+   (result, status, frame, dead bucket): see miss.finish_miss); *later: nothing was tried, the
+   loop must run first (miss_breathe). */
+static PyObject *miss(HotFile *hf, int64_t pgno, PyObject **missed, int *later) {
     *missed = NULL;
+    *later = 0;
     if (!hf->miss_on || !hf->hot || *hf->panic || (uint64_t)pgno >= *hf->miss_pages)
         return NULL;
     /* What try_miss checks that may change: fault injection armed (its steps are Python's),
@@ -749,13 +778,15 @@ static PyObject *miss(HotFile *hf, int64_t pgno, PyObject **missed) {
     }
     n = PyObject_Length(hf->frame_queue);
     if (n) return NULL;
-    PyObject *closing = PyObject_GetAttr(hf->pool, s_closing);
-    if (!closing) return NULL;
-    int cl = PyObject_IsTrue(closing);
-    Py_DECREF(closing);
-    if (cl) return NULL;
-    int br = miss_breathe(hf);
-    if (br) return NULL;
+    /* The pool's attributes straight from its __dict__ (plain instance attributes: no
+       descriptor to honour), a third of the cost of getattr. */
+    PyObject *closing = PyDict_GetItemWithError(hf->pool, s_closing);
+    if (closing != Py_False) return NULL; /* closing, or an error set */
+    int br = miss_breathe();
+    if (br) {
+        *later = br > 0;
+        return NULL;
+    }
     CacheRef *c;
     const void *ctx;
     uint64_t b = 0;
@@ -782,11 +813,13 @@ static PyObject *miss(HotFile *hf, int64_t pgno, PyObject **missed) {
     hf->misses++;
     /* As try_miss: frames come free again (the poll restarts at its shortest step), and a
        coroutine waiting for the pool to change is woken. */
-    if (PyObject_SetAttr(hf->pool, s_poll_delay, poll_min) < 0) goto undo;
-    PyObject *waiters = PyObject_GetAttr(hf->pool, s_waiters);
-    if (!waiters) goto undo;
+    if (PyDict_SetItem(hf->pool, s_poll_delay, poll_min) < 0) goto undo;
+    PyObject *waiters = PyDict_GetItemWithError(hf->pool, s_waiters);
+    if (!waiters) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_AttributeError, "pool._waiters");
+        goto undo;
+    }
     int wt = PyObject_IsTrue(waiters);
-    Py_DECREF(waiters);
     if (wt < 0) goto undo;
     if (wt) {
         PyObject *r = PyObject_CallNoArgs(hf->notify);
@@ -800,7 +833,7 @@ undo:
 }
 
 /* set_miss(contexts, out, pages, fd, pool, faults, no_nowait, notify): turn the compiled miss
-   on (see miss.miss_context for the addresses). */
+   on (see miss.miss_context for the addresses; pool is the pool handle's __dict__). */
 static PyObject *hf_set_miss(HotFile *self, PyObject *args) {
     PyObject *ctxs, *pool, *faults, *no_nowait, *notify;
     unsigned long long out, pages;
@@ -813,7 +846,7 @@ static PyObject *hf_set_miss(HotFile *self, PyObject *args) {
         return NULL;
     }
     if (!PyTuple_Check(ctxs) || PyTuple_Size(ctxs) != self->ncache || !out || !pages || fd < 0
-            || !PyList_Check(faults) || !PySet_Check(no_nowait) || !PyCallable_Check(notify)) {
+            || !PyDict_Check(pool) || !PyList_Check(faults) || !PySet_Check(no_nowait) || !PyCallable_Check(notify)) {
         PyErr_SetString(PyExc_ValueError, "set_miss: bad contexts, address, descriptor or state");
         return NULL;
     }
@@ -908,8 +941,8 @@ static PyMethodDef hf_methods[] = {
     {"disable", (PyCFunction)hf_disable, METH_NOARGS,
      "Never take the compiled path again (the file closed, or a forked child disarmed it)."},
     {"set_miss", (PyCFunction)hf_set_miss, METH_VARARGS,
-     "set_miss(contexts, out, pages, fd, pool, faults, no_nowait, notify): serve misses from "
-     "the OS page cache in C (aiodbenv.mpool.hotpath.attach)."},
+     "set_miss(contexts, out, pages, fd, vars(pool), faults, no_nowait, notify): serve misses "
+     "from the OS page cache in C (aiodbenv.mpool.hotpath.attach)."},
     {NULL},
 };
 
@@ -980,7 +1013,8 @@ static PyObject *ctx_aenter(PinCtx *self, PyObject *unused) {
     }
     if (PyErr_Occurred()) return NULL;
     PyObject *missed;
-    page = miss(self->hf, self->pgno, &missed);
+    int later;
+    page = miss(self->hf, self->pgno, &missed, &later);
     if (page) {
         Py_INCREF(page);
         self->page = page;
@@ -990,6 +1024,9 @@ static PyObject *ctx_aenter(PinCtx *self, PyObject *unused) {
         return slow_after(PyObject_CallFunction(self->hf->enter_slow, "OLO", (PyObject *)self,
                                                 self->pgno, missed), missed);
     if (PyErr_Occurred()) return NULL;
+    if (later) /* yield, then __aenter__ again: nothing is held meanwhile */
+        return PyObject_CallFunction(self->hf->enter_slow, "OLOO", (PyObject *)self,
+                                     self->pgno, Py_None, (PyObject *)self);
     /* The slow path: a coroutine of the file that pins and records the page in _page. */
     return PyObject_CallFunction(self->hf->enter_slow, "OL", (PyObject *)self, self->pgno);
 }
@@ -1066,12 +1103,16 @@ static PyObject *ctx_await(PinCtx *self) {
     if (page) return completed(self, page);
     if (PyErr_Occurred()) return NULL;
     PyObject *missed;
-    page = miss(self->hf, self->pgno, &missed);
+    int later;
+    page = miss(self->hf, self->pgno, &missed, &later);
     if (page) return completed(self, page);
     if (missed)
-        return slow_after(PyObject_CallFunction(self->hf->await_slow, "LO", self->pgno, missed),
-                          missed);
+        return slow_after(PyObject_CallFunction(self->hf->await_slow, "LOO", self->pgno, missed,
+                                                Py_None), missed);
     if (PyErr_Occurred()) return NULL;
+    if (later) /* yield, then await this context again */
+        return PyObject_CallFunction(self->hf->await_slow, "LOO", self->pgno, Py_None,
+                                     (PyObject *)self);
     return PyObject_CallFunction(self->hf->await_slow, "L", self->pgno);
 }
 
@@ -1202,21 +1243,26 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
 static PyObject *configure_miss(PyObject *mod, PyObject *args) {
     (void)mod;
     unsigned long long addr;
-    PyObject *pmin;
-    if (!PyArg_ParseTuple(args, "KO", &addr, &pmin)) return NULL;
-    if (!addr || !PyFloat_Check(pmin)) {
-        PyErr_SetString(PyExc_ValueError, "configure_miss: a null function or a bad delay");
+    PyObject *pmin, *sched;
+    if (!PyArg_ParseTuple(args, "KOO", &addr, &pmin, &sched)) return NULL;
+    if (!addr || !PyFloat_Check(pmin) || !PyCallable_Check(sched)) {
+        PyErr_SetString(PyExc_ValueError, "configure_miss: a null function or a bad argument");
         return NULL;
     }
     miss_call = (miss_fn)(uintptr_t)addr;
+    SETREF(schedule_turn, Py_NewRef(sched));
     SETREF(poll_min, Py_NewRef(pmin));
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
     {"configure_miss", configure_miss, METH_VARARGS,
-     "configure_miss(aiodb_miss, POLL_MIN): the cffi accelerator's "
-     "one-call miss and its constants (aiodbenv.mpool.hotpath)."},
+     "configure_miss(aiodb_miss, POLL_MIN, schedule_turn): the cffi accelerator's one-call "
+     "miss, the shortest frame poll, and what calls loop_turned soon on the running loop "
+     "(aiodbenv.mpool.hotpath)."},
+    {"loop_turned", loop_turned, METH_NOARGS,
+     "The event loop went round since a run of compiled misses spent its budget: misses may "
+     "run in C again."},
     {"configure", configure, METH_VARARGS,
      "configure(pin_one_cache, pin_hit, unpin_at, corrupt, bh_data, max_pgno, PAGE_DIRTY, "
      "PAGE_CLEAN, B_HEAD, HASH_PGNO, HASH_FILE, HASH_MASK, page_type): the addresses of the cffi "
@@ -1237,9 +1283,7 @@ PyMODINIT_FUNC PyInit__hot(void) {
     s_closing = PyUnicode_InternFromString("_closing");
     s_waiters = PyUnicode_InternFromString("_waiters");
     s_poll_delay = PyUnicode_InternFromString("_frame_poll_delay");
-    s_since_yield = PyUnicode_InternFromString("_since_yield");
-    yield_now = PyLong_FromLong(1L << 30);
-    if (!s_closing || !s_waiters || !s_poll_delay || !s_since_yield || !yield_now) goto fail;
+    if (!s_closing || !s_waiters || !s_poll_delay) goto fail;
     PageBase_Type = (PyTypeObject *)PyType_FromSpec(&page_spec);
     HotFile_Type = (PyTypeObject *)PyType_FromSpec(&hf_spec);
     PinCtx_Type = (PyTypeObject *)PyType_FromSpec(&ctx_spec);
