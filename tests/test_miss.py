@@ -28,8 +28,8 @@ import pytest
 
 import aiodbenv
 from aiodbenv import _io
-from aiodbenv.mpool import accel, fget, fopen, hot, miss
-from aiodbenv.mpool.layout import BH, BH_READING, BUCKET
+from aiodbenv.mpool import accel, fget, fopen, hot, miss, victims
+from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_READING, BUCKET
 from aiodbenv.mpool.readers import ReaderThreads, use_threads
 
 from .conftest import spawn
@@ -215,10 +215,59 @@ async def test_a_run_of_compiled_misses_lets_the_loop_run(
     assert seen >= 3000 // 512, seen
 
 
+async def test_a_dirty_best_victim_is_passed_over_for_a_clean_one(
+    env: aiodbenv.Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The victim search takes the best clean buffer of the buckets it looked at when the
+    best one is dirty (a miss then waits for no write), and says so (the caller starts a
+    batch of dirty victims in the background)."""
+    monkeypatch.setattr(victims, "BACKGROUND", False)  # the dirty pages stay dirty
+    pool = env.pool
+    core = pool._core
+    cache = core.caches[0]
+    async with pool.open_file("m.db", page_size=PS) as f:
+        for p in range(FRAMES):  # the cache holds pages 0..31
+            async with f.get(p):
+                pass
+        for p in range(FRAMES):  # hits: the older half dirty, the newer half clean
+            async with f.get(p) as page:
+                if p < FRAMES // 2:
+                    page.mark_dirty()
+        w = cache.words
+
+        def pages(want_dirty: bool) -> list[tuple[int, int]]:
+            return sorted(
+                (int(w[(off >> 3) + BH.word.priority]), int(w[(off >> 3) + BH.word.pgno]))
+                for b in range(cache.nbuckets)
+                for off in cache.chain(b)
+                if bool(w[(off >> 3) + BH.word.flags] & BH_DIRTY) == want_dirty
+            )
+
+        dirty, clean = pages(True), pages(False)
+        assert dirty and clean and dirty[0] < clean[0]  # the oldest page is dirty
+        core.dirty_met = False
+        victim = core.find_victim(cache, pool._io.registry, True)  # every bucket
+        assert victim is not None and not victim.dirty
+        assert victim.pgno == clean[0][1]  # the least recently used clean page
+        assert core.dirty_met
+        core.dirty_met = False
+        # With only dirty pages to choose from, the dirty best is the victim.
+        for p in range(FRAMES // 2, FRAMES):
+            async with f.get(p) as page:
+                page.mark_dirty()
+        victim = core.find_victim(cache, pool._io.registry, True)
+        assert victim is not None and victim.dirty and victim.pgno == dirty[0][1]
+        assert not core.dirty_met
+    await pool.sync()
+
+
 async def _workload(home: str, compiled_miss: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A fixed sequence of pins (some held, some dirtied, some discarded) on a fresh pool;
     returns each pin's hit-or-miss, the final counters and the cached pages."""
     monkeypatch.setattr(fget, "COMPILED_MISS", compiled_miss)
+    # Background batches of dirty victims end when their thread does: pin by pin, the two
+    # runs would then see different pages clean.
+    monkeypatch.setattr(victims, "BACKGROUND", False)
     e = await aiodbenv.Env.open(home, create=True, cache_size=FRAMES * PS, page_size=PS)
     try:
         rnd = random.Random(11)

@@ -16,9 +16,9 @@ from ..region.mutex import step_waits
 from ..txn import latch
 from ..txn.ids import next_owner_id
 from .fget import MODE_CREATE, MODE_GET, MODE_LAST, MODE_NEW, RELEASED_BY_CLOSE
-from .miss import Missed
 from .fput import PageRelease
 from .layout import FILE_ENTRY, MAX_PGNO
+from .miss import Missed
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, LatchedPinContext, Page, PinContext
 from .stat import FileStat, file_stat
 from .sync import SyncResult, write_back

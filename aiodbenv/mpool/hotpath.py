@@ -21,6 +21,7 @@ from .hot import module as _module
 from .layout import BH, BUCKET, FILE_ENTRY, MAX_PGNO
 from .miss import COMPILED_MISS, Missed
 from .page import PAGE_CLEAN, PAGE_DIRTY, Page
+from .victims import dirty_met
 
 if TYPE_CHECKING:
     from .fget import PageAccess
@@ -56,7 +57,7 @@ def configure(page_type: type[Page], max_pgno: int) -> None:
         page_type,
     )
     if COMPILED_MISS:
-        _module.configure_miss(addr("aiodb_miss"), POLL_MIN, _schedule_turn)
+        _module.configure_miss(addr("aiodb_miss"), accel.MISS_DIRTY_MET, POLL_MIN, _schedule_turn)
 
 
 def _schedule_turn() -> None:
@@ -123,7 +124,7 @@ def attach(f: PoolFile) -> None:
         # The compiled context's miss: aiodb_miss called from C, no Python on a miss served
         # from the OS page cache. What it must look at that changes stays Python's own state
         # (the armed faults, the descriptors that refuse RWF_NOWAIT, the pool's flags).
-        ctxs, out = f._miss_ctx, f._miss_out  # type: ignore[attr-defined]
+        ctxs, out = f._miss_ctx, f._miss_out
         hf.set_miss(
             tuple(_addr(ctxs[i]) for i in range(len(f._caches))),
             _addr(out),
@@ -133,6 +134,7 @@ def attach(f: PoolFile) -> None:
             _io._faults,
             pool._io.no_nowait,
             pool._notify,
+            functools.partial(dirty_met, pool),
         )
 
 

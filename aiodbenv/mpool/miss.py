@@ -20,6 +20,7 @@ from .. import _io
 from ..region.mutex import ffi, speedups
 from . import accel
 from .layout import FILE_STATS, HANDLE_STATS
+from .victims import dirty_met
 
 if TYPE_CHECKING:
     from .fget import PageAccess
@@ -40,6 +41,7 @@ _CORRUPT = accel.CORRUPT
 _FALLBACK = accel.MISS_FALLBACK
 _FREE_FRAME = accel.MISS_FREE_FRAME
 _FILL_DISK = accel.MISS_FILL_DISK
+_DIRTY_MET = accel.MISS_DIRTY_MET
 #: out[2] when no bucket mutex is left held for a dead holder.
 _NONE = (1 << 64) - 1
 
@@ -124,6 +126,8 @@ def try_miss(f: PageAccess, pgno: int) -> Page | None:
         pool._got_frame()
         if pool._waiters:
             pool._notify()
+        if out[0] == _DIRTY_MET:
+            dirty_met(pool, cache)
         return f._page(cache, int(out[3]), off, pgno)
     if off == _CORRUPT:
         # Panics and raises; a frame the call held stays tagged with this pid (the

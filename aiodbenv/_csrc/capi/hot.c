@@ -64,6 +64,7 @@ static PyObject *s_release;        /* "release" */
 static PyObject *release_fn;       /* memoryview.release, called unbound (no method lookup) */
 /* The compiled miss (configure_miss): aiodb_miss. */
 static miss_fn miss_call;
+static uint64_t miss_dirty_met; /* out[0] of a miss that passed a dirty best over */
 static PyObject *s_closing, *s_waiters, *s_poll_delay; /* pool attributes */
 static PyObject *poll_min;
 
@@ -383,7 +384,7 @@ typedef struct {
     const void *miss_ctx[MAX_CACHES];
     uint64_t *miss_out;
     const volatile uint64_t *miss_pages;
-    PyObject *pool, *faults, *no_nowait, *fd_obj, *notify;
+    PyObject *pool, *faults, *no_nowait, *fd_obj, *notify, *on_dirty;
     unsigned long long misses; /* served whole here: no Python ran */
 } HotFile;
 
@@ -406,6 +407,7 @@ static int hf_traverse(HotFile *self, visitproc visit, void *arg) {
     Py_VISIT(self->no_nowait);
     Py_VISIT(self->fd_obj);
     Py_VISIT(self->notify);
+    Py_VISIT(self->on_dirty);
     for (int i = 0; i < self->ncache; i++) {
         Py_VISIT(self->c[i].cache);
         Py_VISIT(self->c[i].buf);
@@ -433,6 +435,7 @@ static int hf_clear(HotFile *self) {
     Py_CLEAR(self->no_nowait);
     Py_CLEAR(self->fd_obj);
     Py_CLEAR(self->notify);
+    Py_CLEAR(self->on_dirty);
     for (int i = 0; i < self->ncache; i++) {
         Py_CLEAR(self->c[i].cache);
         Py_CLEAR(self->c[i].buf);
@@ -802,7 +805,14 @@ static PyObject *miss(HotFile *hf, int64_t pgno, PyObject **missed, int *later) 
         b = (h / (uint64_t)hf->ncache) % c->nb;
     }
     uint64_t *out = hf->miss_out;
-    int64_t off = miss_call(ctx, b, (uint64_t)pgno, hf->miss_fd, out);
+    int64_t off;
+    /* Without the GIL, as a cffi call is made: a worker thread waiting for it (a batch of
+       dirty victims being written, a read) gets it now rather than after the switch
+       interval (5 ms) -- a loop of compiled misses would otherwise hold it that long. The
+       call touches no Python object (out is this file's, used on the loop thread only). */
+    Py_BEGIN_ALLOW_THREADS
+    off = miss_call(ctx, b, (uint64_t)pgno, hf->miss_fd, out);
+    Py_END_ALLOW_THREADS
     if (off <= 0) {
         /* Something may be held (a frame, a buffer READING): the Python path must go on. */
         *missed = Py_BuildValue("(LKKK)", (long long)off, (unsigned long long)out[0],
@@ -826,27 +836,34 @@ static PyObject *miss(HotFile *hf, int64_t pgno, PyObject **missed, int *later) 
         if (!r) goto undo;
         Py_DECREF(r);
     }
+    if (out[0] == miss_dirty_met) {
+        /* A dirty best was passed over: start writing such pages (victims.dirty_met). */
+        PyObject *r = PyObject_CallFunctionObjArgs(hf->on_dirty, c->cache, NULL);
+        if (!r) goto undo;
+        Py_DECREF(r);
+    }
     return fresh_page(hf, c, b, off, pgno);
 undo:
     undo_pin(hf, c, b, off);
     return NULL;
 }
 
-/* set_miss(contexts, out, pages, fd, pool, faults, no_nowait, notify): turn the compiled miss
-   on (see miss.miss_context for the addresses; pool is the pool handle's __dict__). */
+/* set_miss(contexts, out, pages, fd, pool, faults, no_nowait, notify, on_dirty): turn the
+   compiled miss on (see miss.miss_context for the addresses; pool is the pool handle's __dict__). */
 static PyObject *hf_set_miss(HotFile *self, PyObject *args) {
-    PyObject *ctxs, *pool, *faults, *no_nowait, *notify;
+    PyObject *ctxs, *pool, *faults, *no_nowait, *notify, *on_dirty;
     unsigned long long out, pages;
     int fd;
-    if (!PyArg_ParseTuple(args, "OKKiOOOO", &ctxs, &out, &pages, &fd, &pool, &faults,
-                          &no_nowait, &notify))
+    if (!PyArg_ParseTuple(args, "OKKiOOOOO", &ctxs, &out, &pages, &fd, &pool, &faults,
+                          &no_nowait, &notify, &on_dirty))
         return NULL;
     if (!miss_call) {
         PyErr_SetString(PyExc_RuntimeError, "aiodbenv._hot: the miss is not configured");
         return NULL;
     }
     if (!PyTuple_Check(ctxs) || PyTuple_Size(ctxs) != self->ncache || !out || !pages || fd < 0
-            || !PyDict_Check(pool) || !PyList_Check(faults) || !PySet_Check(no_nowait) || !PyCallable_Check(notify)) {
+            || !PyDict_Check(pool) || !PyList_Check(faults) || !PySet_Check(no_nowait) || !PyCallable_Check(notify)
+            || !PyCallable_Check(on_dirty)) {
         PyErr_SetString(PyExc_ValueError, "set_miss: bad contexts, address, descriptor or state");
         return NULL;
     }
@@ -869,6 +886,7 @@ static PyObject *hf_set_miss(HotFile *self, PyObject *args) {
     SETREF(self->faults, Py_NewRef(faults));
     SETREF(self->no_nowait, Py_NewRef(no_nowait));
     SETREF(self->notify, Py_NewRef(notify));
+    SETREF(self->on_dirty, Py_NewRef(on_dirty));
     self->miss_on = 1;
     Py_RETURN_NONE;
 }
@@ -941,8 +959,8 @@ static PyMethodDef hf_methods[] = {
     {"disable", (PyCFunction)hf_disable, METH_NOARGS,
      "Never take the compiled path again (the file closed, or a forked child disarmed it)."},
     {"set_miss", (PyCFunction)hf_set_miss, METH_VARARGS,
-     "set_miss(contexts, out, pages, fd, vars(pool), faults, no_nowait, notify): serve misses "
-     "from the OS page cache in C (aiodbenv.mpool.hotpath.attach)."},
+     "set_miss(contexts, out, pages, fd, vars(pool), faults, no_nowait, notify, on_dirty): serve "
+     "misses from the OS page cache in C (aiodbenv.mpool.hotpath.attach)."},
     {NULL},
 };
 
@@ -1242,14 +1260,15 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
 
 static PyObject *configure_miss(PyObject *mod, PyObject *args) {
     (void)mod;
-    unsigned long long addr;
+    unsigned long long addr, dmet;
     PyObject *pmin, *sched;
-    if (!PyArg_ParseTuple(args, "KOO", &addr, &pmin, &sched)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKOO", &addr, &dmet, &pmin, &sched)) return NULL;
     if (!addr || !PyFloat_Check(pmin) || !PyCallable_Check(sched)) {
         PyErr_SetString(PyExc_ValueError, "configure_miss: a null function or a bad argument");
         return NULL;
     }
     miss_call = (miss_fn)(uintptr_t)addr;
+    miss_dirty_met = dmet;
     SETREF(schedule_turn, Py_NewRef(sched));
     SETREF(poll_min, Py_NewRef(pmin));
     Py_RETURN_NONE;
@@ -1257,8 +1276,9 @@ static PyObject *configure_miss(PyObject *mod, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"configure_miss", configure_miss, METH_VARARGS,
-     "configure_miss(aiodb_miss, POLL_MIN, schedule_turn): the cffi accelerator's one-call "
-     "miss, the shortest frame poll, and what calls loop_turned soon on the running loop "
+     "configure_miss(aiodb_miss, MISS_DIRTY_MET, POLL_MIN, schedule_turn): the cffi "
+     "accelerator's one-call miss, what it says when it passed a dirty victim over, the "
+     "shortest frame poll, and what calls loop_turned soon on the running loop "
      "(aiodbenv.mpool.hotpath)."},
     {"loop_turned", loop_turned, METH_NOARGS,
      "The event loop went round since a run of compiled misses spent its budget: misses may "
