@@ -30,7 +30,7 @@ from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD
 __all__ = ["COMPILED", "CORRUPT", "collect", "pin_hit", "pin_one_cache", "snapshot", "unpin_at"]
 __all__ += ["MISS_FALLBACK", "MISS_FILL", "MISS_FILL_DISK", "MISS_FREE_FRAME", "miss"]
 __all__ += ["MISS_DIRTY_MET"]
-__all__ += ["layout_values", "write_done"]
+__all__ += ["layout_values", "stat_walk", "write_done"]
 
 
 def layout_values() -> list[int]:
@@ -87,6 +87,7 @@ snapshot: Any = None
 write_done: Any = None
 collect: Any = None
 miss: Any = None
+stat_walk: Any = None
 #: What ``miss`` hands back to Python (out[0]; see aiodbenv/_csrc/40_miss.c).
 MISS_FALLBACK, MISS_FREE_FRAME, MISS_FILL, MISS_FILL_DISK = 0, 1, 2, 3
 #: out[0] of a miss done whole that passed a dirty best over for a clean frame.
@@ -110,6 +111,7 @@ if speedups is not None:
     collect = speedups.aiodb_collect
     CORRUPT = speedups.AIODB_CORRUPT
     miss = speedups.aiodb_miss
+    stat_walk = speedups.aiodb_stat_walk
     assert (MISS_FALLBACK, MISS_FREE_FRAME, MISS_FILL, MISS_FILL_DISK) == (
         speedups.AIODB_MISS_FALLBACK,
         speedups.AIODB_MISS_FREE_FRAME,

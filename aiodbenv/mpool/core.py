@@ -21,14 +21,12 @@ from .._config import (
     MAX_PAGE_SIZE,
     MIN_PAGE_SIZE,
 )
-from ..errors import CorruptRegion, LockTimeout
+from ..errors import CorruptRegion
 from ..region.backing import Region
 from ..region.layout import WORD
-from ..region.mutex import Mutex, NullMutex, SharedMutex, step_waits, sync_waits
+from ..region.mutex import Mutex, NullMutex, SharedMutex, sync_waits
 from .cache import Cache, bucket_hash
 from .layout import (
-    BH,
-    BUCKET,
     CACHE_HEADER,
     FF_DEAD,
     FF_NOFILE,
@@ -370,45 +368,6 @@ class CoreBase:
         for i in self.file_slots():
             total += self.file_mutex(i).stats()[2]
         return total + sum(c.bucket_owner_died() for c in self.caches)
-
-    def pins(self) -> list[tuple[int, int, int, int]]:
-        """Every pinned buffer now, in every process: (file slot, pgno, pins, when the first
-        of them was taken, in CLOCK_MONOTONIC_COARSE ns). Each bucket is read under its
-        mutex, so a chain is walked only while it cannot change. A statistic, read on the
-        event loop: a bucket whose mutex another process holds for more than STEP_WAIT (a
-        stopped process) is left out rather than block the loop for SYNC_WAIT."""
-        out: list[tuple[int, int, int, int]] = []
-        for cache in self.caches:
-            w = cache.words
-            for b, bw in enumerate(cache.bucket_words):
-                if not w[bw + BUCKET.word.count]:
-                    continue
-                try:
-                    self._bucket_pins(cache, b, bw, out)
-                except LockTimeout:
-                    continue
-        return out
-
-    @staticmethod
-    def _bucket_pins(cache: Cache, b: int, bw: int, out: list[tuple[int, int, int, int]]) -> None:
-        w = cache.words
-        with step_waits(), cache.mutexes[b]:
-            off = w[bw + BUCKET.word.head]
-            left = int(w[bw + BUCKET.word.count])  # bounds the walk should a chain be corrupt
-            while off and left > 0:
-                h = off >> 3
-                ref = int(w[h + BH.word.ref])
-                if ref and w[h + BH.word.file]:
-                    out.append(
-                        (
-                            int(w[h + BH.word.file]) - 1,
-                            int(w[h + BH.word.pgno]),
-                            ref,
-                            int(w[h + BH.word.pinned_at]),
-                        )
-                    )
-                off = w[h + BH.word.next]
-                left -= 1
 
 
 def new_fileid() -> bytes:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from .alloc import PoolCore
 from .layout import (
-    BUCKET,
     FF_NOFILE,
     FF_TEMP,
     PIN_CLOCK,
 )
+from .statwalk import Pinned, walk
 
 __all__ = ["FileStat", "PoolStat", "file_stat", "pool_stat"]
 
@@ -145,7 +145,10 @@ def file_stat(
 ) -> FileStat:
     """Statistics of file slot ``fidx``."""
     if pins is None:
-        pins = _pin_ages([p for p in core.pins() if p[0] == fidx], _now())
+        found: list[Pinned] = []
+        for cache in core.caches:
+            walk(cache, core.shared, found)
+        pins = _pin_ages([p for p in found if p[0] == fidx], _now())
     counts = core.file_stats(fidx)
     flags = core.file_field(fidx, "flags")
     return FileStat(
@@ -164,21 +167,20 @@ def file_stat(
 def pool_stat(core: PoolCore, reaper: tuple[int, int, int] = (0, 0, 0)) -> PoolStat:
     """Statistics of the whole pool; ``reaper`` is ``(procs_reaped, pins_reclaimed,
     dirty_inherited)`` from the environment's registry."""
-    all_pins = core.pins()
-    pins = _pin_ages(all_pins, _now())
-    files = tuple(file_stat(core, i, pins) for i in core.file_slots())
-    g = core.global_stats()
+    all_pins: list[Pinned] = []
     pages = dirty = waits = nowaits = 0
     mutexes = [core.mutex]
     for cache in core.caches:
         pages += cache.buffers()
-        w = cache.words
-        dirty += sum(int(w[bw + BUCKET.word.dirty]) for bw in cache.bucket_words)
-        if core.shared:
-            wt, nw = cache.bucket_mutex_stats()
-            waits += wt
-            nowaits += nw
+        # One pass over the buckets: their pinned buffers, dirty counts and mutex counters.
+        d, wt, nw = walk(cache, core.shared, all_pins)
+        dirty += d
+        waits += wt
+        nowaits += nw
         mutexes.append(cache.alloc_mutex)
+    pins = _pin_ages(all_pins, _now())
+    files = tuple(file_stat(core, i, pins) for i in core.file_slots())
+    g = core.global_stats()
     for m in mutexes:
         wt, nw, _ = m.stats()
         waits += wt
