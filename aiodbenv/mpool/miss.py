@@ -9,6 +9,10 @@ process killed anywhere inside it. What the call cannot do alone -- free space t
 a dirty victim, a page not in the OS page cache, a short read, a busy or dead mutex -- it hands
 back at the step it reached, and :func:`finish_miss` goes on from there with the Python path's
 own steps. With ``AIODBENV_MUTEX=abi`` (or no compiler) the Python path does every miss.
+
+The compiled page context (``async with f.get(p)``, aiodbenv/_csrc/capi/hot.c) makes the same
+call itself when its hit misses, with the checks of :func:`try_miss`, and hands what the call
+gave back to the slow path as a :data:`Missed` tuple (:func:`finish_miss` goes on from it).
 """
 
 from __future__ import annotations
