@@ -80,13 +80,14 @@ static int64_t miss_out(uint64_t *out, uint64_t status, uint64_t frame, int64_t 
 /* What a handle's misses in one cache share, made once (aiodbenv/mpool/miss.py): the cache w
 and its per-bucket arrays mutexes, nowait_w and bucket_w (nb buckets); whether the pool has
 this one cache only (the call then hashes the page itself); the file's slot fidx and page size
-ps; the handle's registry slot and pid; ctr, its counters (see MISS_CTR_*). */
+ps; the handle's registry slot and pid; whether a dirty best is passed over for a clean
+buffer (alloc.PoolCore.clean_first); ctr, its counters (see MISS_CTR_*). */
 struct aiodb_miss_ctx {
     uint64_t *w;
     void **mutexes;
     const uint64_t *nowait_w;
     const uint64_t *bucket_w;
-    uint64_t nb, one_cache, fidx, ps, slot, pid;
+    uint64_t nb, one_cache, fidx, ps, slot, pid, clean_first;
     uint64_t **ctr;
 };
 
@@ -188,7 +189,7 @@ int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, 
        a write only when the buckets it searched hold no clean page at all
        (alloc.PoolCore.find_victim chooses the same way). */
     uint64_t dirty_met = 0;
-    if (best != clean && clean) {
+    if (best != clean && clean && ctx->clean_first) {
         dirty_met = 1;
         best = clean;
         best_b = clean_b;

@@ -39,6 +39,9 @@ class PoolCore(FileTable):
     #: Set by :meth:`find_victim` when it passed a dirty best over for a clean buffer: the
     #: caller clears it and starts a batch of dirty victims (:mod:`~aiodbenv.mpool.victims`).
     dirty_met = False
+    #: Pass a dirty best over for a clean buffer (set by the pool handle: only when dirty
+    #: victims are written in the background, see :mod:`~aiodbenv.mpool.victims`).
+    clean_first = False
 
     def alloc_buffer(self, cache: Cache, page_size: int) -> int:
         """A fresh buffer from the cache's free space, or 0 if its share of the cache is used.
@@ -154,8 +157,8 @@ class PoolCore(FileTable):
         Unless ``aggressive``, also skips the most recently used tenth, and looks at
         ``SEARCH_BUCKETS`` non-empty buckets; aggressive looks at every bucket.
 
-        A dirty best is passed over for the best clean buffer of the buckets searched, if
-        there is one (setting :attr:`dirty_met`, for the caller to start writing dirty
+        With :attr:`clean_first`, a dirty best is passed over for the best clean buffer of
+        the buckets searched, if there is one (setting :attr:`dirty_met`, for the caller to start writing dirty
         victims in the background): a miss waits for a write only when no clean buffer is
         left where it looked. The compiled miss (aiodbenv/_csrc/40_miss.c) chooses the same.
         """
@@ -227,7 +230,7 @@ class PoolCore(FileTable):
         best: tuple[int, int, int, int, int, bool],
         clean: tuple[int, int, int, int, int, bool] | None,
     ) -> BufRef:
-        if best[5] and clean is not None:
+        if best[5] and clean is not None and self.clean_first:
             self.dirty_met = True
             return _victim(cache, clean)
         return _victim(cache, best)

@@ -91,6 +91,7 @@ def miss_context(f: PageAccess) -> tuple[list[Any], Any]:
         ctx.ps = f.page_size
         ctx.slot = f._slot
         ctx.pid = f._core.pid
+        ctx.clean_first = f._core.clean_first
         ctx.ctr = ctr
         contexts.append(ctx)
     contexts.append(ctr)  # kept alive with the contexts
