@@ -158,9 +158,10 @@ class PoolCore(FileTable):
         ``SEARCH_BUCKETS`` non-empty buckets; aggressive looks at every bucket.
 
         With :attr:`clean_first`, a dirty best is passed over for the best clean buffer of
-        the buckets searched, if there is one (setting :attr:`dirty_met`, for the caller to start writing dirty
-        victims in the background): a miss waits for a write only when no clean buffer is
-        left where it looked. The compiled miss (aiodbenv/_csrc/40_miss.c) chooses the same.
+        the buckets searched, if there is one (setting :attr:`dirty_met`, for the caller to
+        start writing dirty victims in the background): a miss waits for a write only when no
+        clean buffer is left where it looked. The compiled miss (aiodbenv/_csrc/40_miss.c)
+        chooses the same.
         """
         w = cache.words
         nb = cache.nbuckets
