@@ -28,8 +28,8 @@ import pytest
 
 import aiodbenv
 from aiodbenv import _io
-from aiodbenv.mpool import accel, fget, miss
-from aiodbenv.mpool.layout import BH, BH_READING, BUCKET
+from aiodbenv.mpool import accel, fget, fopen, hot, miss, victims
+from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_READING, BUCKET
 from aiodbenv.mpool.readers import ReaderThreads, use_threads
 
 from .conftest import spawn
@@ -66,29 +66,55 @@ async def env(home: str) -> AsyncIterator[aiodbenv.Env]:
 
 
 class Counting:
-    """Wraps miss.try_miss / finish_miss as fget calls them, counting what they did."""
+    """Counts what the compiled misses did: those of the Python slow path (miss.try_miss /
+    finish_miss as fget calls them) and those of the compiled page context (hot.c calls
+    aiodb_miss itself; what it hands back reaches finish_miss as ``missed``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.whole = 0  # misses done whole in C
+        self.whole_py = 0  # misses done whole in C, called from the Python slow path
         self.fallback = 0  # nothing held: the Python path
         self.handed: list[int] = []  # out[0] of the calls that handed a step back
+        self.hotfiles: list[Any] = []  # the compiled contexts of the files opened
         real_try, real_finish = fget.try_miss, fget.finish_miss
+        real_attach = fopen.attach
 
         def try_miss(f: Any, pgno: int) -> Any:
             r = real_try(f, pgno)
             if r is not None:
-                self.whole += 1
-            elif int(f._miss_out[0]) == accel.MISS_FALLBACK:
-                self.fallback += 1
+                self.whole_py += 1
             else:
-                self.handed.append(int(f._miss_out[0]))
+                self.count(int(f._miss_out[0]))
             return r
 
-        async def finish_miss(f: Any, pgno: int, mode: int) -> Any:
-            return await real_finish(f, pgno, mode)
+        async def finish_miss(f: Any, pgno: int, mode: int, missed: Any = None) -> Any:
+            if missed is not None:
+                self.count(missed[1])
+            return await real_finish(f, pgno, mode, missed)
+
+        def attach(f: Any) -> None:
+            real_attach(f)
+            if f._hotc is not None:
+                self.hotfiles.append(f._hotc)
 
         monkeypatch.setattr(fget, "try_miss", try_miss)
         monkeypatch.setattr(fget, "finish_miss", finish_miss)
+        monkeypatch.setattr(fopen, "attach", attach)
+
+    def count(self, status: int) -> None:
+        if status == accel.MISS_FALLBACK:
+            self.fallback += 1
+        else:
+            self.handed.append(status)
+
+    @property
+    def in_ctx(self) -> int:
+        """Misses the compiled page context served whole, with no Python at all."""
+        return sum(hf.misses for hf in self.hotfiles)
+
+    @property
+    def whole(self) -> int:
+        """Misses done whole in one compiled call, from either side."""
+        return self.whole_py + self.in_ctx
 
 
 @compiled
@@ -114,10 +140,140 @@ async def test_misses_from_the_os_cache_run_in_one_compiled_call(
     assert pin_totals(env) == {}
 
 
+@pytest.mark.skipif(
+    not (hot.COMPILED and miss.COMPILED_MISS), reason="the compiled page context is not in use"
+)
+async def test_the_compiled_context_serves_a_miss_without_the_python_slow_path(
+    env: aiodbenv.Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = Counting(monkeypatch)
+    pool = env.pool
+    rnd = random.Random(5)
+    async with pool.open_file("m.db", page_size=PS) as f:
+        slow = 0
+        real_pin = f._pin
+
+        async def counted(*args: Any) -> Any:
+            nonlocal slow
+            slow += 1
+            return await real_pin(*args)
+
+        f._pin = counted  # type: ignore[method-assign]  # what the context calls on a miss
+        s0 = pool.stat()
+        for i in range(800):
+            p = rnd.randrange(PAGES)
+            if i % 2:
+                async with f.get(p) as page:
+                    assert bytes(page.data) == page_bytes(p)
+            else:
+                page = await f.get(p)
+                assert bytes(page.data) == page_bytes(p)
+                await f.unpin(page)
+        s1 = pool.stat()
+        assert pin_totals(env) == {}
+    misses = s1.cache_miss - s0.cache_miss
+    assert misses > 400
+    # Every miss is served whole by the context, or (one in MISS_RUN_MIN at least, when a run
+    # lasts a millisecond) goes to the Python slow path to let the loop run.
+    assert counting.in_ctx + slow == misses, (counting.in_ctx, slow, misses)
+    assert slow <= misses // 16 + 2, (slow, misses)
+    assert counting.whole_py + counting.in_ctx == misses
+    # The statistics are those of the Python path: a miss, a page-in, a clean eviction each.
+    assert s1.page_in - s0.page_in == misses
+    assert s1.ro_evict - s0.ro_evict == misses
+    assert s1.cache_hit - s0.cache_hit == 800 - misses
+
+
+@pytest.mark.skipif(
+    not (hot.COMPILED and miss.COMPILED_MISS), reason="the compiled page context is not in use"
+)
+async def test_a_run_of_compiled_misses_lets_the_loop_run(
+    env: aiodbenv.Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A miss served in C never awaits: a loop of them would hold the event loop for as long
+    # as it lasts, but every MISS_RUN misses (or a millisecond) one yields.
+    counting = Counting(monkeypatch)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    async with env.pool.open_file("m.db", page_size=PS) as f:
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        ticks = 0
+        for i in range(3000):
+            async with f.get(i % PAGES):  # the cache holds a third: every pin misses
+                pass
+        seen = ticks
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert counting.in_ctx > 2500
+    assert seen >= 3000 // 512, seen
+
+
+async def test_a_dirty_best_victim_is_passed_over_for_a_clean_one(
+    env: aiodbenv.Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The victim search takes the best clean buffer of the buckets it looked at when the
+    best one is dirty (a miss then waits for no write), and says so (the caller starts a
+    batch of dirty victims in the background); without the compiled write-back (no such
+    batches) it takes the dirty best."""
+    monkeypatch.setattr(victims, "BACKGROUND", False)  # the dirty pages stay dirty
+    pool = env.pool
+    core = pool._core
+    cache = core.caches[0]
+    async with pool.open_file("m.db", page_size=PS) as f:
+        for p in range(FRAMES):  # the cache holds pages 0..31
+            async with f.get(p):
+                pass
+        for p in range(FRAMES):  # hits: the older half dirty, the newer half clean
+            async with f.get(p) as page:
+                if p < FRAMES // 2:
+                    page.mark_dirty()
+        w = cache.words
+
+        def pages(want_dirty: bool) -> list[tuple[int, int]]:
+            return sorted(
+                (int(w[(off >> 3) + BH.word.priority]), int(w[(off >> 3) + BH.word.pgno]))
+                for b in range(cache.nbuckets)
+                for off in cache.chain(b)
+                if bool(w[(off >> 3) + BH.word.flags] & BH_DIRTY) == want_dirty
+            )
+
+        dirty, clean = pages(True), pages(False)
+        assert dirty and clean and dirty[0] < clean[0]  # the oldest page is dirty
+        core.dirty_met = False
+        victim = core.find_victim(cache, pool._io.registry, True)  # every bucket
+        assert victim is not None
+        if core.clean_first:  # dirty victims are written in the background (compiled)
+            assert not victim.dirty
+            assert victim.pgno == clean[0][1]  # the least recently used clean page
+            assert core.dirty_met
+        else:  # nobody else would write it: the dirty best is the victim
+            assert victim.dirty and victim.pgno == dirty[0][1]
+            assert not core.dirty_met
+        core.dirty_met = False
+        # With only dirty pages to choose from, the dirty best is the victim.
+        for p in range(FRAMES // 2, FRAMES):
+            async with f.get(p) as page:
+                page.mark_dirty()
+        victim = core.find_victim(cache, pool._io.registry, True)
+        assert victim is not None and victim.dirty and victim.pgno == dirty[0][1]
+        assert not core.dirty_met
+    await pool.sync()
+
+
 async def _workload(home: str, compiled_miss: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A fixed sequence of pins (some held, some dirtied, some discarded) on a fresh pool;
     returns each pin's hit-or-miss, the final counters and the cached pages."""
     monkeypatch.setattr(fget, "COMPILED_MISS", compiled_miss)
+    # Background batches of dirty victims end when their thread does: pin by pin, the two
+    # runs would then see different pages clean.
+    monkeypatch.setattr(victims, "BACKGROUND", False)
     e = await aiodbenv.Env.open(home, create=True, cache_size=FRAMES * PS, page_size=PS)
     try:
         rnd = random.Random(11)
@@ -300,11 +456,14 @@ import aiodbenv
 async def main():
     env = await aiodbenv.Env.open(sys.argv[1])
     f = await env.pool.open_file("m.db", page_size=1024)
-    print("READY", flush=True)
+    # "get": the compiled page context calls aiodb_miss itself; "pin": the Python slow path
+    # calls it (miss.try_miss).
+    pin = f.get if sys.argv[3] == "get" else f.pin
+    print("READY", f._hotc is not None, flush=True)
     rnd = random.Random(os.getpid())
     held = []
     for n in range(2000):
-        page = await f.pin(rnd.randrange(int(sys.argv[2])))
+        page = await pin(rnd.randrange(int(sys.argv[2])))
         held.append(page)
         if len(held) > 4:
             await f.unpin(held.pop(0))
@@ -328,15 +487,17 @@ KILL_STEPS = {
 
 
 @compiled
+@pytest.mark.parametrize("how", ["get", "pin"])
 @pytest.mark.parametrize("step", sorted(KILL_STEPS))
 async def test_killed_at_each_step_of_the_compiled_miss(
-    env: aiodbenv.Env, home: str, procs: list[subprocess.Popen[str]], step: int
+    env: aiodbenv.Env, home: str, procs: list[subprocess.Popen[str]], step: int, how: str
 ) -> None:
     pool = env.pool
-    child = spawn(WORKER, home, str(PAGES), env={"AIODBENV_TEST_MISS_KILL": str(step)})
+    child = spawn(WORKER, home, str(PAGES), how, env={"AIODBENV_TEST_MISS_KILL": str(step)})
     procs.append(child)
     assert child.stdout is not None
-    assert child.stdout.readline().strip() == "READY"
+    # With "get" and the compiled context in use, the child's misses reach the hook from it.
+    assert child.stdout.readline().strip() == f"READY {hot.COMPILED}"
     rc = child.wait(timeout=60)
     assert rc == -signal.SIGKILL, (KILL_STEPS[step], child.stdout.read(), child.stderr.read())
     pool.reap()

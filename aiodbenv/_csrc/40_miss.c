@@ -17,6 +17,8 @@
                            path reads it (short read, EOF, an error, RWF_NOWAIT refused, a
                            busy mutex at publish);
    AIODB_MISS_FILL_DISK    the same, and RWF_NOWAIT said the page is not in the OS cache.
+   On success, out[0] is AIODB_MISS_DIRTY_MET when a dirty best was passed over for a clean
+   frame (the caller then starts a batch of dirty victims), else AIODB_MISS_FALLBACK.
    out[2] is a bucket whose mutex is held because its holder died (-EOWNERDEAD) and must be
    repaired by the Python recovery call first, or AIODB_MISS_NONE.
 
@@ -31,6 +33,7 @@
 #define AIODB_MISS_FREE_FRAME 1
 #define AIODB_MISS_FILL 2
 #define AIODB_MISS_FILL_DISK 3
+#define AIODB_MISS_DIRTY_MET 4
 #define AIODB_MISS_NONE (~(uint64_t)0)
 
 #ifndef RWF_NOWAIT
@@ -77,13 +80,14 @@ static int64_t miss_out(uint64_t *out, uint64_t status, uint64_t frame, int64_t 
 /* What a handle's misses in one cache share, made once (aiodbenv/mpool/miss.py): the cache w
 and its per-bucket arrays mutexes, nowait_w and bucket_w (nb buckets); whether the pool has
 this one cache only (the call then hashes the page itself); the file's slot fidx and page size
-ps; the handle's registry slot and pid; ctr, its counters (see MISS_CTR_*). */
+ps; the handle's registry slot and pid; whether a dirty best is passed over for a clean
+buffer (alloc.PoolCore.clean_first); ctr, its counters (see MISS_CTR_*). */
 struct aiodb_miss_ctx {
     uint64_t *w;
     void **mutexes;
     const uint64_t *nowait_w;
     const uint64_t *bucket_w;
-    uint64_t nb, one_cache, fidx, ps, slot, pid;
+    uint64_t nb, one_cache, fidx, ps, slot, pid, clean_first;
     uint64_t **ctr;
 };
 
@@ -135,6 +139,8 @@ int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, 
     if (counter < tenth) return 0;
     uint64_t recent = counter - tenth, most = nbytes / L[L_BH_DATA] + 1;
     uint64_t best = 0, best_prio = 0, best_b = 0, best_tag = 0, best_pgno = 0, seen = 0;
+    /* The best clean one too: taken instead of a dirty best (see step 2's comment). */
+    uint64_t clean = 0, clean_prio = 0, clean_b = 0, clean_tag = 0, clean_pgno = 0;
     uint64_t stop = nb;
     for (uint64_t i = 0; i < nb; i++) {
         uint64_t vb = start + i;
@@ -162,6 +168,14 @@ int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, 
                     best_tag = w[h + L[L_H_FILE]];
                     best_pgno = w[h + L[L_H_PGNO]];
                 }
+                if (prio < recent && !(w[h + L[L_H_FLAGS]] & L[L_BH_DIRTY])
+                        && (!clean || prio < clean_prio)) {
+                    clean = off;
+                    clean_prio = prio;
+                    clean_b = vb;
+                    clean_tag = w[h + L[L_H_FILE]];
+                    clean_pgno = w[h + L[L_H_PGNO]];
+                }
             }
             off = w[h + L[L_H_NEXT]];
         }
@@ -169,6 +183,19 @@ int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, 
         if (seen >= L[L_SEARCH_BUCKETS] && best) { stop = vb; break; }
     }
     if (!best) return 0; /* the Python path searches again, aggressively if need be */
+    /* A dirty best with a clean one among the buckets searched: evict the clean one now and
+       tell the caller (out[0] = AIODB_MISS_DIRTY_MET on success), who starts a batch that
+       writes the dirty ones in a worker thread (aiodbenv/mpool/victims.py): a miss waits for
+       a write only when the buckets it searched hold no clean page at all
+       (alloc.PoolCore.find_victim chooses the same way). */
+    uint64_t dirty_met = 0;
+    if (best != clean && clean && ctx->clean_first) {
+        dirty_met = 1;
+        best = clean;
+        best_b = clean_b;
+        best_tag = clean_tag;
+        best_pgno = clean_pgno;
+    }
 
     /* 3. Unlink it (alloc.unlink_victim): re-checked under its mutex; tagged with this pid
        before it leaves the chain, so that if this process dies before linking it again,
@@ -264,5 +291,6 @@ int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, 
     unlock(mutexes[b]);
     (*ctr[MISS_CTR_PAGE_IN])++;
     MISS_STEP(7); /* published, pinned */
+    if (dirty_met) out[0] = AIODB_MISS_DIRTY_MET;
     return (int64_t)best;
 }

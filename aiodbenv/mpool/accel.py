@@ -29,6 +29,7 @@ from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD
 
 __all__ = ["COMPILED", "CORRUPT", "collect", "pin_hit", "pin_one_cache", "snapshot", "unpin_at"]
 __all__ += ["MISS_FALLBACK", "MISS_FILL", "MISS_FILL_DISK", "MISS_FREE_FRAME", "miss"]
+__all__ += ["MISS_DIRTY_MET"]
 __all__ += ["layout_values", "stat_walk", "write_done"]
 
 
@@ -89,6 +90,8 @@ miss: Any = None
 stat_walk: Any = None
 #: What ``miss`` hands back to Python (out[0]; see aiodbenv/_csrc/40_miss.c).
 MISS_FALLBACK, MISS_FREE_FRAME, MISS_FILL, MISS_FILL_DISK = 0, 1, 2, 3
+#: out[0] of a miss done whole that passed a dirty best over for a clean frame.
+MISS_DIRTY_MET = 4
 #: What the compiled functions return for an offset that fails its check (0: never returned).
 CORRUPT = 0
 
@@ -115,3 +118,4 @@ if speedups is not None:
         speedups.AIODB_MISS_FILL,
         speedups.AIODB_MISS_FILL_DISK,
     )
+    assert MISS_DIRTY_MET == speedups.AIODB_MISS_DIRTY_MET

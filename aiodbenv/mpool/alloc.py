@@ -36,6 +36,13 @@ class PoolCore(FileTable):
     """The whole synchronous core of one handle's view of the pool: this layer adds frames
     (allocation, eviction, reclaiming lost ones) to the file table and the base."""
 
+    #: Set by :meth:`find_victim` when it passed a dirty best over for a clean buffer: the
+    #: caller clears it and starts a batch of dirty victims (:mod:`~aiodbenv.mpool.victims`).
+    dirty_met = False
+    #: Pass a dirty best over for a clean buffer (set by the pool handle: only when dirty
+    #: victims are written in the background, see :mod:`~aiodbenv.mpool.victims`).
+    clean_first = False
+
     def alloc_buffer(self, cache: Cache, page_size: int) -> int:
         """A fresh buffer from the cache's free space, or 0 if its share of the cache is used.
 
@@ -149,6 +156,12 @@ class PoolCore(FileTable):
         everything it needs, so nothing above the core is called under a bucket mutex).
         Unless ``aggressive``, also skips the most recently used tenth, and looks at
         ``SEARCH_BUCKETS`` non-empty buckets; aggressive looks at every bucket.
+
+        With :attr:`clean_first`, a dirty best is passed over for the best clean buffer of
+        the buckets searched, if there is one (setting :attr:`dirty_met`, for the caller to
+        start writing dirty victims in the background): a miss waits for a write only when no
+        clean buffer is left where it looked. The compiled miss (aiodbenv/_csrc/40_miss.c)
+        chooses the same.
         """
         w = cache.words
         nb = cache.nbuckets
@@ -163,6 +176,8 @@ class PoolCore(FileTable):
         # dirty). A plain tuple: the record is made once, for the one returned.
         best: tuple[int, int, int, int, int, bool] | None = None
         best_prio = 0
+        clean: tuple[int, int, int, int, int, bool] | None = None
+        clean_prio = 0
         seen = 0
         for i in range(nb):
             b = (start + i) % nb
@@ -190,11 +205,36 @@ class PoolCore(FileTable):
                                     dirty,
                                 )
                                 best_prio = prio
+                        if (
+                            (aggressive or prio < recent)
+                            and not w[h + BH.word.flags] & BH_DIRTY
+                            and (clean is None or prio < clean_prio)
+                        ):
+                            clean = (
+                                int(w[h + BH.word.file]),
+                                int(w[h + BH.word.pgno]),
+                                b,
+                                off,
+                                int(w[h + BH.word.page_size]),
+                                False,
+                            )
+                            clean_prio = prio
             if seen >= limit and best is not None:
                 w[hand_w] = (b + 1) % nb
-                return _victim(cache, best)
+                return self._choose(cache, best, clean)
         w[hand_w] = (start + 1) % nb
-        return None if best is None else _victim(cache, best)
+        return None if best is None else self._choose(cache, best, clean)
+
+    def _choose(
+        self,
+        cache: Cache,
+        best: tuple[int, int, int, int, int, bool],
+        clean: tuple[int, int, int, int, int, bool] | None,
+    ) -> BufRef:
+        if best[5] and clean is not None and self.clean_first:
+            self.dirty_met = True
+            return _victim(cache, clean)
+        return _victim(cache, best)
 
     def unlink_victim(self, v: BufRef) -> bool:
         """Take a clean, unpinned victim out of its bucket; False if it changed meanwhile."""

@@ -43,7 +43,7 @@ from .layout import (
     PIN_CLOCK,
     PINS_HALF,
 )
-from .miss import COMPILED_MISS, finish_miss, miss_context, try_miss
+from .miss import COMPILED_MISS, Missed, finish_miss, miss_context, try_miss
 from .page import Page, Pins, new_pins
 
 if TYPE_CHECKING:
@@ -344,7 +344,13 @@ class PageAccess:
         if examined > w0[hs + _HS_LONG]:
             w0[hs + _HS_LONG] = examined
 
-    async def _pin_slow(self, pgno: int, mode: int) -> Page:
+    async def _pin_slow(self, pgno: int, mode: int, missed: Missed | None = None) -> Page:
+        if missed is not None:
+            # The compiled page context tried the miss (MODE_GET, a page of the file): go on
+            # from what it holds first, and do not try the compiled miss again at once.
+            done = await finish_miss(self, pgno, mode, missed)
+            if done is not None:
+                return done
         # Before anything is held: a miss served from the OS cache never awaits, so a run of
         # them must let the loop breathe now and then.
         if await self._pool._breathe():
@@ -370,8 +376,11 @@ class PageAccess:
                 self._pins.add(page)
                 return page
         pool = self._pool
+        tried = missed is not None
         while True:
-            if COMPILED_MISS and mode != MODE_NEW and pgno < w0[e + FILE_ENTRY.word.pages]:
+            if tried:
+                tried = False
+            elif COMPILED_MISS and mode != MODE_NEW and pgno < w0[e + FILE_ENTRY.word.pages]:
                 done = try_miss(self, pgno) or await finish_miss(self, pgno, mode)
                 if done is not None:
                     return done  # else nothing is held: the Python path

@@ -18,6 +18,7 @@ from ..txn.ids import next_owner_id
 from .fget import MODE_CREATE, MODE_GET, MODE_LAST, MODE_NEW, RELEASED_BY_CLOSE
 from .fput import PageRelease
 from .layout import FILE_ENTRY, MAX_PGNO
+from .miss import Missed
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, LatchedPinContext, Page, PinContext
 from .stat import FileStat, file_stat
 from .sync import SyncResult, write_back
@@ -147,12 +148,12 @@ class PoolFile(PageRelease):
             raise InvalidArgument(f"page number must be an int in 0..2**40-1, not {pgno!r}")
         return await self._pin(pgno, MODE_CREATE if create else MODE_GET)
 
-    async def _pin(self, pgno: int, mode: int) -> Page:
+    async def _pin(self, pgno: int, mode: int, missed: Missed | None = None) -> Page:
         self._check()
         pool = self._pool
         pool._enter()
         try:
-            page = await self._pin_slow(pgno, mode)
+            page = await self._pin_slow(pgno, mode, missed)
         finally:
             pool._leave()
         if self._closed or pool._closing:

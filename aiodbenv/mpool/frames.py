@@ -32,7 +32,7 @@ from .layout import (
     HANDLE_STATS,
 )
 from .sync import take_over_claim
-from .victims import write_lru_batch
+from .victims import dirty_met, write_lru_batch
 
 __all__ = ["PoolFrames"]
 
@@ -133,6 +133,9 @@ class PoolFrames(PoolBase):
                     victim = self._attempt(core.find_victim, cache, registered, True)
                     if victim is BUSY:
                         victim = await self._locked(core.find_victim, cache, registered, True)
+                if core.dirty_met:  # a dirty best passed over: write such pages meanwhile
+                    core.dirty_met = False
+                    dirty_met(self, cache)
                 if victim is not None:
                     written = False
                     if victim.dirty:

@@ -31,6 +31,7 @@ from ..region.backing import Region
 from ..region.layout import MAX_PROCS
 from ..region.mutex import BUSY, Busy, _wait_bound, backoff_locked, step_waits
 from ..region.mutex import STEP_WAIT as _STEP_WAIT
+from . import csync
 from .alloc import PoolCore
 from .bh import BufferIO
 from .layout import (
@@ -75,6 +76,10 @@ class PoolBase:
         self._env_core = env
         core = PoolCore(regions, shared, env.panic)
         self._core = core
+        # Clean-first victims only with a writer of dirty victims in the background (the
+        # compiled write-back): without it a dirty page passed over would stay dirty until a
+        # sync, so the search takes the dirty best and writes it (see PoolCore.find_victim).
+        core.clean_first = csync.usable_core(core)
         self._panic_words, self._panic_index = env.panic_word()
         self._hs = core.attach_handle()
         self._pid = os.getpid()

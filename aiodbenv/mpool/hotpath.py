@@ -12,12 +12,16 @@ import types
 from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any
 
+from .. import _io
 from ..region.mutex import ffi, speedups
 from . import accel
 from .cache import HASH_FILE, HASH_MASK, HASH_PGNO, Cache
+from .handle import POLL_MIN
 from .hot import module as _module
-from .layout import BH, BUCKET, MAX_PGNO
+from .layout import BH, BUCKET, FILE_ENTRY, MAX_PGNO
+from .miss import COMPILED_MISS, Missed
 from .page import PAGE_CLEAN, PAGE_DIRTY, Page
+from .victims import dirty_met
 
 if TYPE_CHECKING:
     from .fget import PageAccess
@@ -52,6 +56,17 @@ def configure(page_type: type[Page], max_pgno: int) -> None:
         HASH_MASK,
         page_type,
     )
+    if COMPILED_MISS:
+        _module.configure_miss(addr("aiodb_miss"), accel.MISS_DIRTY_MET, POLL_MIN, _schedule_turn)
+
+
+def _schedule_turn() -> None:
+    # A run of compiled misses spent its budget: they yield until this mark has run, at the
+    # end of the loop's ready queue (see miss_breathe in hot.c).
+    asyncio.get_running_loop().call_soon(_loop_turned)
+
+
+_loop_turned: Any = _module.loop_turned if _module is not None else None
 
 
 def _addr(p: Any) -> int:
@@ -105,6 +120,36 @@ def attach(f: PoolFile) -> None:
     )
     f._hotc = hf
     f.get = hf.get  # type: ignore[method-assign]
+    if _miss_in_c(f):
+        # The compiled context's miss: aiodb_miss called from C, no Python on a miss served
+        # from the OS page cache. What it must look at that changes stays Python's own state
+        # (the armed faults, the descriptors that refuse RWF_NOWAIT, the pool's flags).
+        ctxs, out = f._miss_ctx, f._miss_out
+        hf.set_miss(
+            tuple(_addr(ctxs[i]) for i in range(len(f._caches))),
+            _addr(out),
+            _addr(f._cache0.wptr + f._entry + FILE_ENTRY.word.pages),
+            f._fd,
+            vars(pool),  # read as a dict in C: _closing, _waiters, _frame_poll_delay
+            _io._faults,
+            pool._io.no_nowait,
+            pool._notify,
+            functools.partial(dirty_met, pool),
+        )
+
+
+def _miss_in_c(f: PoolFile) -> bool:
+    """Whether the compiled context may do ``f``'s misses itself (when the Python slow path
+    would call the compiled miss: fget.COMPILED_MISS): what miss.try_miss refuses
+    for good (no descriptor yet -- a temporary file --, checksums, a page type that may get
+    pgin/pgout hooks, the crash tests' signal plan) goes to the Python slow path always."""
+    return (
+        getattr(f, "_miss_ctx", None) is not None  # fget.COMPILED_MISS when f was made
+        and f._fd is not None
+        and not f.checksum
+        and not f.ftype
+        and not _io._signal_plan
+    )
 
 
 def detach(f: PoolFile) -> None:
@@ -117,17 +162,35 @@ def detach(f: PoolFile) -> None:
         f.__dict__.pop("get", None)
 
 
-async def _enter_slow(f: PageAccess, ctx: Any, pgno: int) -> Page:
-    # __aenter__ after the compiled hit found nothing it could pin.
-    page: Page = await f._pin(pgno, _MODE_GET)  # type: ignore[attr-defined]
+async def _enter_slow(
+    f: PageAccess, ctx: Any, pgno: int, missed: Missed | None = None, later: Any = None
+) -> Page:
+    # __aenter__ after the compiled hit found nothing it could pin, and the compiled miss
+    # (if it ran) handed back ``missed`` (see miss.finish_miss). ``later`` (the context): a
+    # run of compiled misses spent its budget: let the loop run, then enter again (nothing
+    # is held meanwhile, so a cancellation here leaves nothing behind).
+    if later is not None:
+        await asyncio.sleep(0)
+        return await later.__aenter__()  # type: ignore[no-any-return]
+    page: Page = await f._pin(pgno, _MODE_GET, missed)  # type: ignore[attr-defined]
     ctx._page = page
     return page
 
 
-def _await_slow(f: PageAccess, pgno: int) -> Generator[Any, None, Page]:
-    # ``await f.get(p)`` after the compiled hit found nothing it could pin.
-    coro = f._pin(pgno, _MODE_GET)  # type: ignore[attr-defined]
+def _await_slow(
+    f: PageAccess, pgno: int, missed: Missed | None = None, later: Any = None
+) -> Generator[Any, None, Page]:
+    # ``await f.get(p)`` after the compiled hit (and miss) found nothing it could pin; with
+    # ``later`` (the context): yield first, then await it again (see _enter_slow).
+    if later is not None:
+        return _again(later).__await__()
+    coro = f._pin(pgno, _MODE_GET, missed)  # type: ignore[attr-defined]
     return coro.__await__()  # type: ignore[no-any-return]
+
+
+async def _again(ctx: Any) -> Page:
+    await asyncio.sleep(0)
+    return await ctx  # type: ignore[no-any-return]
 
 
 async def _exit_slow(f: PageAccess, page: Page) -> None:

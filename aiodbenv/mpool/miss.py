@@ -9,6 +9,10 @@ process killed anywhere inside it. What the call cannot do alone -- free space t
 a dirty victim, a page not in the OS page cache, a short read, a busy or dead mutex -- it hands
 back at the step it reached, and :func:`finish_miss` goes on from there with the Python path's
 own steps. With ``AIODBENV_MUTEX=abi`` (or no compiler) the Python path does every miss.
+
+The compiled page context (``async with f.get(p)``, aiodbenv/_csrc/capi/hot.c) makes the same
+call itself when its hit misses, with the checks of :func:`try_miss`, and hands what the call
+gave back to the slow path as a :data:`Missed` tuple (:func:`finish_miss` goes on from it).
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ from .. import _io
 from ..region.mutex import ffi, speedups
 from . import accel
 from .layout import FILE_STATS, HANDLE_STATS
+from .victims import dirty_met
 
 if TYPE_CHECKING:
     from .fget import PageAccess
     from .page import Page
 
-__all__ = ["COMPILED_MISS", "finish_miss", "miss_context", "try_miss"]
+__all__ = ["COMPILED_MISS", "Missed", "finish_miss", "miss_context", "try_miss"]
+
+#: What a compiled miss made by the compiled page context (aiodbenv/_csrc/capi/hot.c) hands to
+#: the Python slow path: aiodb_miss's result (0, or ``accel.CORRUPT``) and out[0:3] (status,
+#: frame, dead bucket), read at once so that no other miss of the file overwrites them.
+Missed = tuple[int, int, int, int]
 
 #: Whether misses go through the compiled call (False: the Python path only).
 COMPILED_MISS = accel.miss is not None
@@ -35,6 +45,7 @@ _CORRUPT = accel.CORRUPT
 _FALLBACK = accel.MISS_FALLBACK
 _FREE_FRAME = accel.MISS_FREE_FRAME
 _FILL_DISK = accel.MISS_FILL_DISK
+_DIRTY_MET = accel.MISS_DIRTY_MET
 #: out[2] when no bucket mutex is left held for a dead holder.
 _NONE = (1 << 64) - 1
 
@@ -80,6 +91,7 @@ def miss_context(f: PageAccess) -> tuple[list[Any], Any]:
         ctx.ps = f.page_size
         ctx.slot = f._slot
         ctx.pid = f._core.pid
+        ctx.clean_first = f._core.clean_first
         ctx.ctr = ctr
         contexts.append(ctx)
     contexts.append(ctr)  # kept alive with the contexts
@@ -119,6 +131,8 @@ def try_miss(f: PageAccess, pgno: int) -> Page | None:
         pool._got_frame()
         if pool._waiters:
             pool._notify()
+        if out[0] == _DIRTY_MET:
+            dirty_met(pool, cache)
         return f._page(cache, int(out[3]), off, pgno)
     if off == _CORRUPT:
         # Panics and raises; a frame the call held stays tagged with this pid (the
@@ -129,16 +143,28 @@ def try_miss(f: PageAccess, pgno: int) -> Page | None:
     return None
 
 
-async def finish_miss(f: PageAccess, pgno: int, mode: int) -> Page | None:
-    """Go on from the step :func:`try_miss` reached when it returned None: repair a bucket
+async def finish_miss(
+    f: PageAccess, pgno: int, mode: int, missed: Missed | None = None
+) -> Page | None:
+    """Go on from the step :func:`try_miss` reached when it returned None (or, with
+    ``missed``, from the step a miss of the compiled page context reached): repair a bucket
     whose holder died, give back a frame it unlinked, or read and publish the page it linked.
     Returns the pinned page, or None when the Python path must do the miss.
 
     Cancellation: as the Python path's own steps (:meth:`PoolFrames._free_frame` always gives
     the frame back; :meth:`PoolReads._fill` drops the pin of a read it leaves to finish).
     """
-    out = f._miss_out
-    status, frame, dead = int(out[0]), int(out[1]), int(out[2])
+    if missed is None:
+        out = f._miss_out
+        status, frame, dead = int(out[0]), int(out[1]), int(out[2])
+    else:
+        result, status, frame, dead = missed
+        if result == _CORRUPT:
+            cache, _ = f._core.locate(f._fidx, pgno)
+            cache.corrupt(  # panics and raises, as try_miss
+                f"an offset or count read during a miss of page {pgno} of {f._path!r} fails "
+                "its check"
+            )
     if status == _FALLBACK and dead == _NONE:
         return None
     cache, b = f._core.locate(f._fidx, pgno)

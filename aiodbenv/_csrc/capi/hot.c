@@ -35,6 +35,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 /* Replace *ref with value (a new reference), dropping the old one after (Py_XSETREF is not in
    the limited API). */
@@ -55,6 +56,9 @@ typedef int (*unpin_at_fn)(uint64_t *w, void **mutexes, const uint64_t *nowait_w
                            const uint64_t *bucket_w, uint64_t b, uint64_t x, uint64_t hdr_w,
                            int flags, uint64_t slot);
 
+/* aiodb_miss of aiodbenv/_csrc/40_miss.c (its context is struct aiodb_miss_ctx, opaque here). */
+typedef int64_t (*miss_fn)(const void *ctx, uint64_t b, uint64_t pgno, int fd, uint64_t *out);
+
 /* Set once by configure(); until then get() refuses (the Python side never uses an
    unconfigured module). */
 static pin_one_fn pin_one;
@@ -70,6 +74,11 @@ static PyObject *s_release;        /* "release" */
 static PyObject *release_fn;       /* memoryview.release, called unbound (no method lookup) */
 static PyObject *released_view;    /* a released memoryview: page.data after the unpin */
 static char released_byte;
+/* The compiled miss (configure_miss): aiodb_miss. */
+static miss_fn miss_call;
+static uint64_t miss_dirty_met; /* out[0] of a miss that passed a dirty best over */
+static PyObject *s_closing, *s_waiters, *s_poll_delay; /* pool attributes */
+static PyObject *poll_min;
 
 static PyTypeObject *PageBase_Type; /* aiodbenv.Page */
 
@@ -521,6 +530,17 @@ typedef struct {
     Py_ssize_t data_size;
     int hot, readonly, ncache;
     CacheRef c[MAX_CACHES];
+    /* The compiled miss (set_miss; miss_on 0: every miss goes to Python): per cache its
+       struct aiodb_miss_ctx, the four words a call hands back, the file's page count (a word
+       of region 0), its descriptor (and as an int object), the pool's __dict__, and the test hooks' and
+       the reads' Python state it must look at (the armed faults, the descriptors that refuse
+       RWF_NOWAIT). */
+    int miss_on, miss_fd;
+    const void *miss_ctx[MAX_CACHES];
+    uint64_t *miss_out;
+    const volatile uint64_t *miss_pages;
+    PyObject *pool, *faults, *no_nowait, *fd_obj, *notify, *on_dirty;
+    unsigned long long misses; /* served whole here: no Python ran */
 } HotFile;
 
 static int hf_traverse(HotFile *self, visitproc visit, void *arg) {
@@ -537,6 +557,12 @@ static int hf_traverse(HotFile *self, visitproc visit, void *arg) {
     Py_VISIT(self->after_unpin);
     Py_VISIT(self->fail);
     Py_VISIT(self->page_size_obj);
+    Py_VISIT(self->pool);
+    Py_VISIT(self->faults);
+    Py_VISIT(self->no_nowait);
+    Py_VISIT(self->fd_obj);
+    Py_VISIT(self->notify);
+    Py_VISIT(self->on_dirty);
     for (int i = 0; i < self->ncache; i++) {
         Py_VISIT(self->c[i].cache);
         Py_VISIT(self->c[i].buf);
@@ -559,6 +585,13 @@ static int hf_clear(HotFile *self) {
     Py_CLEAR(self->after_unpin);
     Py_CLEAR(self->fail);
     Py_CLEAR(self->page_size_obj);
+    self->miss_on = 0;
+    Py_CLEAR(self->pool);
+    Py_CLEAR(self->faults);
+    Py_CLEAR(self->no_nowait);
+    Py_CLEAR(self->fd_obj);
+    Py_CLEAR(self->notify);
+    Py_CLEAR(self->on_dirty);
     for (int i = 0; i < self->ncache; i++) {
         Py_CLEAR(self->c[i].cache);
         Py_CLEAR(self->c[i].buf);
@@ -783,6 +816,44 @@ static void undo_pin(HotFile *hf, CacheRef *c, uint64_t b, int64_t off) {
     PyErr_Restore(et, ev, tb);
 }
 
+/* The Page of the buffer at off (bucket b of cache c), just pinned for pgno by a hit or a
+   compiled miss. NULL with an error set: the pin is undone first. */
+static PyObject *page_of(HotFile *hf, CacheRef *c, uint64_t b, int64_t off, int64_t pgno) {
+    Py_ssize_t start = (Py_ssize_t)(off + bh_data);
+    if (start > c->region_len - hf->data_size) {
+        /* The buffer's page ends past the region: corrupt (the pin no longer matters). */
+        PyObject *r = PyObject_CallFunction(hf->fail, "OLK", c->cache, (long long)0,
+                                            (unsigned long long)b);
+        Py_XDECREF(r);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "page ends past the region");
+        return NULL;
+    }
+    PageObject *p = page_make();
+    if (!p) goto fail;
+    p->pgno = pgno;
+    Py_INCREF(hf->file);
+    p->file = hf->file;
+    Py_INCREF(c->cache);
+    p->cache = c->cache;
+    p->bucket = (long long)b;
+    p->bh = off;
+    Py_INCREF((PyObject *)c->hold); /* set while hot (checked on entry) */
+    p->hold = c->hold;
+    p->view_off = start;
+    p->view_len = hf->data_size;
+    p->data = PyMemoryView_FromObject((PyObject *)p);
+    if (!p->data) goto fail_page;
+    pins_link((PinSet *)hf->pins, p);
+    return (PyObject *)p;
+fail_page:
+    p->bh = -1;
+    Py_DECREF(p);
+fail:
+    undo_pin(hf, c, b, off);
+    return NULL;
+}
+
 /* The hit: pin page pgno in C and build its Page. NULL with no error set: not a hit (go the
    slow way). NULL with an error: raise it. */
 static PyObject *hit(HotFile *hf, int64_t pgno) {
@@ -822,39 +893,198 @@ static PyObject *hit(HotFile *hf, int64_t pgno) {
         }
         return NULL;
     }
-    Py_ssize_t start = (Py_ssize_t)(off + bh_data);
-    if (start > c->region_len - hf->data_size) {
-        /* The buffer's page ends past the region: corrupt (the pin no longer matters). */
-        PyObject *r = PyObject_CallFunction(hf->fail, "OLK", c->cache, (long long)0,
-                                            (unsigned long long)b);
-        Py_XDECREF(r);
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "page ends past the region");
+    return page_of(hf, c, b, off, pgno);
+}
+
+/* ---------------------------------------------------------------- the miss --------- */
+
+/* A run of compiled misses never awaits, so it would hold the event loop as long as it lasts.
+   The loop gets a turn every millisecond of them (or MISS_RUN misses, or MISS_RUN_MIN and a
+   millisecond since the last turn, for misses among hits): the miss that finds the budget
+   spent asks for a mark at the end of the loop's ready queue (loop_turned, through
+   schedule_turn) and yields before it pins anything; so does every compiled miss until the
+   mark has run (the loop went round once), whichever coroutine makes it -- as many coroutines
+   missing at once share the budget of PoolBase._breathe. A mark that never runs (its loop
+   closed) expires after MISS_TURN_LOST. Process-wide: several loops only yield more often. */
+#define MISS_RUN 512
+#define MISS_RUN_MIN 16
+#define MISS_BUDGET_NS 1000000ULL
+#define MISS_TURN_LOST_NS 10000000ULL
+static unsigned miss_run;
+static uint64_t miss_run_t0, miss_pending_since;
+static int miss_pending;
+static PyObject *schedule_turn; /* Python: call_soon(loop_turned) on the running loop */
+
+static uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Whether this miss must let the loop run first (see MISS_RUN). -1: an error is set. */
+static int miss_breathe(void) {
+    uint64_t now;
+    if (miss_pending) {
+        now = mono_ns();
+        if (now - miss_pending_since < MISS_TURN_LOST_NS) return 1;
+        miss_pending = 0; /* lost: start a new budget */
+        miss_run = 0;
+        miss_run_t0 = now;
+    }
+    if (++miss_run < MISS_RUN_MIN) return 0;
+    now = mono_ns();
+    if (miss_run < MISS_RUN && now - miss_run_t0 < MISS_BUDGET_NS) return 0;
+    PyObject *r = PyObject_CallNoArgs(schedule_turn);
+    if (!r) return -1;
+    Py_DECREF(r);
+    miss_pending = 1;
+    miss_pending_since = now;
+    return 1;
+}
+
+static PyObject *loop_turned(PyObject *mod, PyObject *unused) {
+    (void)mod;
+    (void)unused;
+    miss_pending = 0;
+    miss_run = 0;
+    miss_run_t0 = mono_ns();
+    Py_RETURN_NONE;
+}
+
+/* The miss of page pgno done whole in C when it can be (aiodb_miss: a clean victim, the page
+   read from the OS page cache with RWF_NOWAIT), as miss.try_miss does it for the Python slow
+   path, and its Page. NULL with an error set: raise it. NULL without: the Python path goes on,
+   from the start (*missed NULL) or from what aiodb_miss handed back (*missed, a new tuple
+   (result, status, frame, dead bucket): see miss.finish_miss); *later: nothing was tried, the
+   loop must run first (miss_breathe). */
+static PyObject *miss(HotFile *hf, int64_t pgno, PyObject **missed, int *later) {
+    *missed = NULL;
+    *later = 0;
+    if (!hf->miss_on || !hf->hot || *hf->panic || (uint64_t)pgno >= *hf->miss_pages)
+        return NULL;
+    /* What try_miss checks that may change: fault injection armed (its steps are Python's),
+       a descriptor that refused RWF_NOWAIT, frame waiters (queue behind them), closing. */
+    Py_ssize_t n = PyList_Size(hf->faults);
+    if (n) return NULL; /* -1 has an error set: raised */
+    if (PySet_Size(hf->no_nowait) > 0) {
+        int r = PySet_Contains(hf->no_nowait, hf->fd_obj);
+        if (r) return NULL;
+    }
+    n = PyObject_Length(hf->frame_queue);
+    if (n) return NULL;
+    /* The pool's attributes straight from its __dict__ (plain instance attributes: no
+       descriptor to honour), a third of the cost of getattr. */
+    PyObject *closing = PyDict_GetItemWithError(hf->pool, s_closing);
+    if (closing != Py_False) return NULL; /* closing, or an error set */
+    int br = miss_breathe();
+    if (br) {
+        *later = br > 0;
         return NULL;
     }
-    PageObject *p = page_make();
-    if (!p) goto fail;
-    p->pgno = pgno;
-    Py_INCREF(hf->file);
-    p->file = hf->file;
-    Py_INCREF(c->cache);
-    p->cache = c->cache;
-    p->bucket = (long long)b;
-    p->bh = off;
-    Py_INCREF((PyObject *)c->hold); /* set while hot (checked on entry) */
-    p->hold = c->hold;
-    p->view_off = start;
-    p->view_len = hf->data_size;
-    p->data = PyMemoryView_FromObject((PyObject *)p);
-    if (!p->data) goto fail_page;
-    pins_link((PinSet *)hf->pins, p);
-    return (PyObject *)p;
-fail_page:
-    p->bh = -1;
-    Py_DECREF(p);
-fail:
+    CacheRef *c;
+    const void *ctx;
+    uint64_t b = 0;
+    if (hf->ncache == 1) {
+        c = &hf->c[0];
+        ctx = hf->miss_ctx[0];
+    } else {
+        /* As hit(): the cache and bucket of aiodbenv.mpool.cache.bucket_hash. */
+        uint64_t h = ((uint64_t)pgno * hash_pgno + hf->fidx * hash_file) & hash_mask;
+        uint64_t k = h % (uint64_t)hf->ncache;
+        c = &hf->c[k];
+        ctx = hf->miss_ctx[k];
+        b = (h / (uint64_t)hf->ncache) % c->nb;
+    }
+    uint64_t *out = hf->miss_out;
+    int64_t off;
+    /* Without the GIL, as a cffi call is made: a worker thread waiting for it (a batch of
+       dirty victims being written, a read) gets it now rather than after the switch
+       interval (5 ms) -- a loop of compiled misses would otherwise hold it that long. The
+       call touches no Python object (out is this file's, used on the loop thread only). */
+    Py_BEGIN_ALLOW_THREADS
+    off = miss_call(ctx, b, (uint64_t)pgno, hf->miss_fd, out);
+    Py_END_ALLOW_THREADS
+    if (off <= 0) {
+        /* Something may be held (a frame, a buffer READING): the Python path must go on. */
+        *missed = Py_BuildValue("(LKKK)", (long long)off, (unsigned long long)out[0],
+                                (unsigned long long)out[1], (unsigned long long)out[2]);
+        return NULL;
+    }
+    b = out[3];
+    hf->misses++;
+    /* As try_miss: frames come free again (the poll restarts at its shortest step), and a
+       coroutine waiting for the pool to change is woken. */
+    if (PyDict_SetItem(hf->pool, s_poll_delay, poll_min) < 0) goto undo;
+    PyObject *waiters = PyDict_GetItemWithError(hf->pool, s_waiters);
+    if (!waiters) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_AttributeError, "pool._waiters");
+        goto undo;
+    }
+    int wt = PyObject_IsTrue(waiters);
+    if (wt < 0) goto undo;
+    if (wt) {
+        PyObject *r = PyObject_CallNoArgs(hf->notify);
+        if (!r) goto undo;
+        Py_DECREF(r);
+    }
+    if (out[0] == miss_dirty_met) {
+        /* A dirty best was passed over: start writing such pages (victims.dirty_met). */
+        PyObject *r = PyObject_CallFunctionObjArgs(hf->on_dirty, c->cache, NULL);
+        if (!r) goto undo;
+        Py_DECREF(r);
+    }
+    return page_of(hf, c, b, off, pgno);
+undo:
     undo_pin(hf, c, b, off);
     return NULL;
+}
+
+/* set_miss(contexts, out, pages, fd, pool, faults, no_nowait, notify, on_dirty): turn the
+   compiled miss on (see miss.miss_context for the addresses; pool is the pool handle's __dict__). */
+static PyObject *hf_set_miss(HotFile *self, PyObject *args) {
+    PyObject *ctxs, *pool, *faults, *no_nowait, *notify, *on_dirty;
+    unsigned long long out, pages;
+    int fd;
+    if (!PyArg_ParseTuple(args, "OKKiOOOOO", &ctxs, &out, &pages, &fd, &pool, &faults,
+                          &no_nowait, &notify, &on_dirty))
+        return NULL;
+    if (!miss_call) {
+        PyErr_SetString(PyExc_RuntimeError, "aiodbenv._hot: the miss is not configured");
+        return NULL;
+    }
+    if (!PyTuple_Check(ctxs) || PyTuple_Size(ctxs) != self->ncache || !out || !pages || fd < 0
+            || !PyDict_Check(pool) || !PyList_Check(faults) || !PySet_Check(no_nowait) || !PyCallable_Check(notify)
+            || !PyCallable_Check(on_dirty)) {
+        PyErr_SetString(PyExc_ValueError, "set_miss: bad contexts, address, descriptor or state");
+        return NULL;
+    }
+    for (int i = 0; i < self->ncache; i++) {
+        unsigned long long a = PyLong_AsUnsignedLongLong(PyTuple_GetItem(ctxs, i));
+        if (PyErr_Occurred()) return NULL;
+        if (!a) {
+            PyErr_SetString(PyExc_ValueError, "set_miss: a null context");
+            return NULL;
+        }
+        self->miss_ctx[i] = (const void *)(uintptr_t)a;
+    }
+    PyObject *fd_obj = PyLong_FromLong(fd);
+    if (!fd_obj) return NULL;
+    self->miss_out = (uint64_t *)(uintptr_t)out;
+    self->miss_pages = (const volatile uint64_t *)(uintptr_t)pages;
+    self->miss_fd = fd;
+    SETREF(self->fd_obj, fd_obj);
+    SETREF(self->pool, Py_NewRef(pool));
+    SETREF(self->faults, Py_NewRef(faults));
+    SETREF(self->no_nowait, Py_NewRef(no_nowait));
+    SETREF(self->notify, Py_NewRef(notify));
+    SETREF(self->on_dirty, Py_NewRef(on_dirty));
+    self->miss_on = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *hf_get_misses(HotFile *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->misses);
 }
 
 /* get(pgno): the context of `async with f.get(pgno)` / `await f.get(pgno)`. Anything but one
@@ -915,11 +1145,16 @@ static PyMethodDef hf_methods[] = {
      "PoolFile.get)."},
     {"disable", (PyCFunction)hf_disable, METH_NOARGS,
      "Never take the compiled path again (the file closed, or a forked child disarmed it)."},
+    {"set_miss", (PyCFunction)hf_set_miss, METH_VARARGS,
+     "set_miss(contexts, out, pages, fd, vars(pool), faults, no_nowait, notify, on_dirty): serve "
+     "misses from the OS page cache in C (aiodbenv.mpool.hotpath.attach)."},
     {NULL},
 };
 
 static PyGetSetDef hf_getset[] = {
     {"hot", (getter)hf_get_hot, NULL, "True while the compiled path may run.", NULL},
+    {"misses", (getter)hf_get_misses, NULL,
+     "Misses the compiled context served whole (no Python ran for them).", NULL},
     {NULL},
 };
 
@@ -970,6 +1205,12 @@ static PyObject *completed(PinCtx *self, PyObject *value) {
     return (PyObject *)self;
 }
 
+/* The slow path's awaitable r, after dropping the tuple handed to it. */
+static PyObject *slow_after(PyObject *r, PyObject *missed) {
+    Py_DECREF(missed);
+    return r;
+}
+
 static PyObject *ctx_aenter(PinCtx *self) {
     if (self->page) {
         PyErr_SetString(PyExc_RuntimeError,
@@ -983,6 +1224,21 @@ static PyObject *ctx_aenter(PinCtx *self) {
         return completed(self, page);
     }
     if (PyErr_Occurred()) return NULL;
+    PyObject *missed;
+    int later;
+    page = miss(self->hf, self->pgno, &missed, &later);
+    if (page) {
+        Py_INCREF(page);
+        self->page = page;
+        return completed(self, page);
+    }
+    if (missed)
+        return slow_after(PyObject_CallFunction(self->hf->enter_slow, "OLO", (PyObject *)self,
+                                                self->pgno, missed), missed);
+    if (PyErr_Occurred()) return NULL;
+    if (later) /* yield, then __aenter__ again: nothing is held meanwhile */
+        return PyObject_CallFunction(self->hf->enter_slow, "OLOO", (PyObject *)self,
+                                     self->pgno, Py_None, (PyObject *)self);
     /* The slow path: a coroutine of the file that pins and records the page in _page. */
     return PyObject_CallFunction(self->hf->enter_slow, "OL", (PyObject *)self, self->pgno);
 }
@@ -1063,6 +1319,17 @@ static PyObject *ctx_await(PinCtx *self) {
     PyObject *page = hit(self->hf, self->pgno);
     if (page) return completed(self, page);
     if (PyErr_Occurred()) return NULL;
+    PyObject *missed;
+    int later;
+    page = miss(self->hf, self->pgno, &missed, &later);
+    if (page) return completed(self, page);
+    if (missed)
+        return slow_after(PyObject_CallFunction(self->hf->await_slow, "LOO", self->pgno, missed,
+                                                Py_None), missed);
+    if (PyErr_Occurred()) return NULL;
+    if (later) /* yield, then await this context again */
+        return PyObject_CallFunction(self->hf->await_slow, "LOO", self->pgno, Py_None,
+                                     (PyObject *)self);
     return PyObject_CallFunction(self->hf->await_slow, "L", self->pgno);
 }
 
@@ -1366,7 +1633,31 @@ static PyObject *configure(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *configure_miss(PyObject *mod, PyObject *args) {
+    (void)mod;
+    unsigned long long addr, dmet;
+    PyObject *pmin, *sched;
+    if (!PyArg_ParseTuple(args, "KKOO", &addr, &dmet, &pmin, &sched)) return NULL;
+    if (!addr || !PyFloat_Check(pmin) || !PyCallable_Check(sched)) {
+        PyErr_SetString(PyExc_ValueError, "configure_miss: a null function or a bad argument");
+        return NULL;
+    }
+    miss_call = (miss_fn)(uintptr_t)addr;
+    miss_dirty_met = dmet;
+    SETREF(schedule_turn, Py_NewRef(sched));
+    SETREF(poll_min, Py_NewRef(pmin));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"configure_miss", configure_miss, METH_VARARGS,
+     "configure_miss(aiodb_miss, MISS_DIRTY_MET, POLL_MIN, schedule_turn): the cffi "
+     "accelerator's one-call miss, what it says when it passed a dirty victim over, the "
+     "shortest frame poll, and what calls loop_turned soon on the running loop "
+     "(aiodbenv.mpool.hotpath)."},
+    {"loop_turned", loop_turned, METH_NOARGS,
+     "The event loop went round since a run of compiled misses spent its budget: misses may "
+     "run in C again."},
     {"configure", configure, METH_VARARGS,
      "configure(pin_one_cache, pin_hit, unpin_at, corrupt, bh_data, max_pgno, PAGE_DIRTY, "
      "PAGE_CLEAN, B_HEAD, HASH_PGNO, HASH_FILE, HASH_MASK, page_type): the addresses of the cffi "
@@ -1384,6 +1675,10 @@ PyMODINIT_FUNC PyInit__hot(void) {
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
     s_release = PyUnicode_InternFromString("release");
+    s_closing = PyUnicode_InternFromString("_closing");
+    s_waiters = PyUnicode_InternFromString("_waiters");
+    s_poll_delay = PyUnicode_InternFromString("_frame_poll_delay");
+    if (!s_closing || !s_waiters || !s_poll_delay) goto fail;
     PageBase_Type = (PyTypeObject *)PyType_FromSpec(&page_spec);
     HotFile_Type = (PyTypeObject *)PyType_FromSpec(&hf_spec);
     PinCtx_Type = (PyTypeObject *)PyType_FromSpec(&ctx_spec);
