@@ -575,3 +575,36 @@ async def test_durable_listener_in_memory_across_several_files(home: str) -> Non
         data = b"".join(d for _, _, d in seen)
         assert all(bytes([i]) * 500 in data for i in range(20))
     await aiodbenv.Env.remove(home)
+
+
+async def test_flush_reads_the_end_of_the_log_under_its_mutex(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of the log is two region words that a write round changes together under the
+    log mutex. Read without it, a round between the two reads gives an end too small (here:
+    every unlocked read is torn that way). ``flush()`` must still make every record put before
+    it durable, and ``flush(lsn)`` of a record put must not call it past the end."""
+    from aiodbenv.region import mutex as mutex_mod
+
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        log = env.log
+        core = log._c
+        m = core.mutex
+        real = core.end_word
+
+        def torn_unless_locked() -> int:
+            held = m._words[m._w + mutex_mod._W_HOLDER] == os.getpid()
+            return real() if held else real() & ~0xFFFFFFFF
+
+        monkeypatch.setattr(core, "end_word", torn_unless_locked)
+        first = await log.put(b"a" * 100)
+        await log.flush(first)
+        assert log.flushed_lsn > first
+        second = await log.put(b"b" * 100)
+        await log.flush()
+        assert log.flushed_lsn > second
+        monkeypatch.undo()
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)

@@ -117,7 +117,7 @@ class LogCursor:
         Cancellation: the cursor keeps its previous position."""
         self._log._check()
         word = pack_word(lsn)
-        if word >= self._c.end_word():
+        if word >= await self._log._end_word():
             return None
         file, off = lsn
         rec = await self._record_at(file, off)
@@ -188,7 +188,7 @@ class LogCursor:
         offset of the record before it, if known (checked against the next file's header)."""
         c = self._c
         while True:
-            end = c.end_word()
+            end = await self._log._end_word()
             if (file << 32) | off >= end:
                 return None
             if c.inmemory and file < c.word("first_file"):
@@ -249,7 +249,7 @@ class LogCursor:
             return Record(off, rtype, prev, payload)
         word = (file << 32) | off
         if word >= c.word("w_lsn"):
-            end = c.end_word()
+            end = await log._end_word()
             if word >= end:
                 return None
             await log._write_through(end - 1)

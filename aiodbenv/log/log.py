@@ -87,7 +87,7 @@ class Log(LogWriter):
 
     @property
     def end_lsn(self) -> LSN:
-        """The LSN the next record will get (read from the region)."""
+        """The next record's LSN, read without the log mutex: a hint while others append."""
         return unpack_word(self._c.end_word())
 
     @property
@@ -335,7 +335,7 @@ class Log(LogWriter):
             if word < c.word("s_lsn"):
                 return
         self._check()
-        end = c.end_word()
+        end = await self._end_word()
         if lsn is None:
             word = end - 1
         elif word > end:
@@ -407,7 +407,7 @@ class Log(LogWriter):
         """
         self._check()
         ckp = pack_word(ckp_lsn)
-        if ckp > self._c.end_word():
+        if ckp > await self._end_word():
             raise InvalidArgument(f"ckp_lsn {LSN(*ckp_lsn)} is past the end of the log")
         payload = checkpoint_payload(ckp, self._c.word("ckp_rec"), time.time_ns())
         word = await self._append(REC_CHECKPOINT, payload)

@@ -174,8 +174,14 @@ class LogState:
         self.w[i] = self.w[i] + n
 
     def end_word(self) -> int:
-        """The next LSN to be written, as a packed word."""
+        """The next LSN to be written, as a packed word. Exact only under the log mutex
+        (a write round changes both words under it); unlocked, a hint."""
         return self.word("f_lsn") + (self.word("tail") & _U32)
+
+    def end_word_locked(self) -> int:
+        """:meth:`end_word`, exact: read under the log mutex (bounded as every lock is)."""
+        with self.mutex:
+            return self.end_word()
 
     def last_word(self) -> int:
         """The LSN of the last record appended (a file header record after a switch)."""

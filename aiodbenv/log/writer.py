@@ -192,6 +192,12 @@ class LogWriter(ThreadRounds):
             return r
         return await backoff_locked(fn, args, self.wait_timeout, name="log")
 
+    async def _end_word(self) -> int:
+        """The end of the log (the next LSN, packed), read under the log mutex: it is the sum
+        of two region words that a write round changes together under it, so an unlocked read
+        can pair an old one with a new one and see an end too small or too large."""
+        return await self._locked(self._c.end_word_locked)
+
     def _wake_others(self) -> None:
         if self._futex is not None:
             self._futex.wake()
