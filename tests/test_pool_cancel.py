@@ -531,7 +531,7 @@ async def test_pin_cancelled_while_its_victim_is_written(
     pool, f = env.pool, data
     # With the compiled write-back a dirty victim goes out with a batch of the dirty pages the
     # next misses would meet (mpool/victims.py); the Python path writes the victim alone.
-    batched = csync.usable(pool)
+    batched = csync.usable(pool._core)
     expected = {i: content(i) for i in range(100)}
     expected.update(await fill_dirty(f, range(FRAMES), 1))
     assert pool.stat().page_dirty == FRAMES

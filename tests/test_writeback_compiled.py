@@ -87,7 +87,7 @@ async def test_sync_takes_the_compiled_path(home: str, monkeypatch: pytest.Monke
 async def test_private_region_keeps_the_python_path(home: str) -> None:
     # A private region's buffers have no mutexes: no worker thread may claim them.
     async with aiodbenv.Env.open(home, create=True, region="private") as env:
-        assert not csync.usable(env.pool)
+        assert not csync.usable(env.pool._core)
         async with env.pool.open_file("a.db", create=True) as f:
             await dirty(f, range(20))
             assert (await env.pool.sync()).written == 20
@@ -174,7 +174,7 @@ from tests.test_writeback_faults import frames
 
 async def main():
     env = await aiodbenv.Env.open(sys.argv[1], create=True, cache_size=8 << 20)
-    assert csync.usable(env.pool)
+    assert csync.usable(env.pool._core)
     f = await env.pool.open_file("a.db", create=True)
     for p in range(0, 64, 2):
         async with f.get(p, create=True) as page:

@@ -75,14 +75,9 @@ _TAKEN, _BUSY, _WRITTEN = 3, 4, 6  # entry states (see 50_sync.c)
 _lib: Any = speedups
 
 
-def usable_core(core: Any) -> bool:
-    """:func:`usable` for a pool handle's core."""
+def usable(core: Any) -> bool:
+    """Whether a pool (its core) may write back by the compiled path (see the docstring)."""
     return ENABLED and bool(core.shared)
-
-
-def usable(pool: PoolBase) -> bool:
-    """Whether this pool's write-back may take the compiled path (see the module docstring)."""
-    return ENABLED and pool._core.shared
 
 
 @dataclass

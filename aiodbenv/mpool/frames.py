@@ -280,7 +280,7 @@ class PoolFrames(PoolBase):
         many misses. A victim the batch did not clean (a page it cannot write, a failed
         batch) is written alone, the Python way.
         """
-        if csync.usable(self):
+        if csync.usable(self._core):
             batch = await write_lru_batch(self, v.cache, v.bucket)
             self._check()
             w = v.cache.words

@@ -374,7 +374,7 @@ async def _write_back(
     result = SyncResult()
     # The compiled path writes most pages in a few worker-thread calls (see csync); the
     # rest (pinned, claimed, files with page transforms) and every recheck go the Python way.
-    fast = await csync.collect(pool, files) if csync.usable(pool) else None
+    fast = await csync.collect(pool, files) if csync.usable(pool._core) else None
     found = await (
         collect_dirty(pool, files) if fast is None else sift(pool, raw_of(pool, fast.others), files)
     )

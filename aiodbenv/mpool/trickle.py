@@ -55,7 +55,7 @@ async def _trickle(pool: PoolBase, pct: int) -> SyncResult:
     result = SyncResult()
     # The compiled path picks the `need` least recently used of the pages it can write, in C,
     # and writes them in worker-thread calls; the Python path the rest, if that is too few.
-    fast = await csync.collect(pool, None, limit=need) if csync.usable(pool) else None
+    fast = await csync.collect(pool, None, limit=need) if csync.usable(pool._core) else None
     if fast is not None:
         taken = fast.n  # (write_fast unmaps fast's entries when done)
         await csync.write_fast(pool, fast, result)
@@ -84,7 +84,7 @@ async def checkpoint(
     complete one): write every page dirty now, spread over ``spread`` seconds, retry the ones
     found busy, fsync, and raise :class:`Incomplete` if some stayed busy."""
     deadline = time.monotonic() + pool.wait_timeout
-    fast = await csync.collect(pool, None) if csync.usable(pool) else None
+    fast = await csync.collect(pool, None) if csync.usable(pool._core) else None
     found = await (
         collect_dirty(pool, None) if fast is None else sift(pool, raw_of(pool, fast.others), None)
     )

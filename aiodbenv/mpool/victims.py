@@ -103,7 +103,7 @@ BACKGROUND = True
 def dirty_met(pool: PoolBase, cache: Cache) -> None:
     """A victim search in ``cache`` passed a dirty best over for a clean buffer: start a
     batch from the cache's hand (where the next searches look) if none is under way."""
-    if BACKGROUND and csync.usable(pool):
+    if BACKGROUND and csync.usable(pool._core):
         nb = cache.nbuckets
         start_lru_batch(pool, cache, int(cache.words[cache.hdr + CACHE_HEADER.word.hand]) % nb)
 
