@@ -75,11 +75,6 @@ _TAKEN, _BUSY, _WRITTEN = 3, 4, 6  # entry states (see 50_sync.c)
 _lib: Any = speedups
 
 
-def usable_core(core: Any) -> bool:
-    """:func:`usable` for a pool handle's core."""
-    return ENABLED and bool(core.shared)
-
-
 def usable(pool: PoolBase) -> bool:
     """Whether this pool's write-back may take the compiled path (see the module docstring)."""
     return ENABLED and pool._core.shared

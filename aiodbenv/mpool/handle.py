@@ -79,7 +79,7 @@ class PoolBase:
         # Clean-first victims only with a writer of dirty victims in the background (the
         # compiled write-back): without it a dirty page passed over would stay dirty until a
         # sync, so the search takes the dirty best and writes it (see PoolCore.find_victim).
-        core.clean_first = csync.usable_core(core)
+        core.clean_first = csync.ENABLED and bool(core.shared)  # as csync.usable(self)
         self._panic_words, self._panic_index = env.panic_word()
         self._hs = core.attach_handle()
         self._pid = os.getpid()
