@@ -589,23 +589,31 @@ async def test_pages_and_statistics_are_shared_exactly(
         st = f.stat()
         assert (st.cache_hit, st.cache_miss, st.open_handles) == (hits, 10, 1)  # kept at close
 
-        # Unpinned now: the next pages through the cache evict it, writing the child's change.
+        # Unpinned now: the next pages through the cache write the child's change -- evicting
+        # it, or (compiled write-back) in a batch of dirty victims started in the background
+        # when a victim search passes it over for a clean frame (mpool/victims.py), which
+        # runs when the loop does.
         for _ in range(5):
             for p in range(64):
                 async with g.get(p):
                     pass
+            await asyncio.sleep(0.05)
             if read_pages(cpath, C_PS)[3] != c_original(3):
                 break
         assert read_pages(cpath, C_PS)[3] == b"CHILD" + c_original(3)[5:]
-        assert pool.stat().rw_evict == before.rw_evict + 1
+        if not pool._core.clean_first:
+            assert pool.stat().rw_evict == before.rw_evict + 1
         assert pool.stat().page_dirty == 0
         await pool.sync()
         assert read_pages(cpath, C_PS) == [
             b"CHILD" + c_original(3)[5:] if p == 3 else c_original(p) for p in range(10)
         ]
-        async with f.get(3) as page:  # read back from the file
+        async with f.get(3) as page:  # read back from the file (or still cached, written)
             assert bytes(page.data[:5]) == b"CHILD"
-        assert f.stat().cache_miss == 11
+        if pool._core.clean_first:  # written by a batch: it may still be cached
+            assert f.stat().cache_miss in (10, 11)
+        else:
+            assert f.stat().cache_miss == 11
         await f.close()
         await g.close()
     finally:
