@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 
 from .. import _io
 from ..errors import (
@@ -27,10 +28,24 @@ from .layout import (
 )
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, Page
 
-__all__ = ["PageRelease"]
+__all__ = ["PageRelease", "view_exported"]
+
+logger = logging.getLogger("aiodbenv")
 
 _c_unpin = accel.unpin_at  # the compiled unpin, when installed
 _CRASH_STEPS = bool(_io._signal_plan)  # crash tests: killed mid-unpin
+
+
+def view_exported(pgno: int) -> None:
+    """An unpin met a buffer still taken from ``page.data`` (``memoryview.release`` raised
+    BufferError). The view cannot be taken back, so it is left to its holder, who now reads
+    memory the pool may give to another page; the pin is released all the same, since keeping
+    it would hold the frame for good (the environment could not close)."""
+    logger.warning(
+        "page %d was unpinned while a buffer taken from its page.data was still held: that "
+        "buffer now refers to memory the pool may reuse; release it before the unpin",
+        pgno,
+    )
 
 
 class PageRelease(PageAccess):
@@ -90,7 +105,10 @@ class PageRelease(PageAccess):
             self._pool._note_dirty(self.page_size)
         page._bh = -1
         self._pins.discard(page)
-        page.data.release()
+        try:
+            page.data.release()
+        except BufferError:
+            view_exported(page.pgno)  # the pin is released all the same: no frame leaks
         cache = page._cache
         if cache is None:  # a mapped page: nothing in the cache to release
             return None

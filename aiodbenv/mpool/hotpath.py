@@ -16,6 +16,7 @@ from .. import _io
 from ..region.mutex import ffi, speedups
 from . import accel
 from .cache import HASH_FILE, HASH_MASK, HASH_PGNO, Cache
+from .fput import view_exported
 from .handle import POLL_MIN
 from .hot import module as _module
 from .layout import BH, BUCKET, FILE_ENTRY, MAX_PGNO
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
 __all__ = ["attach", "configure", "detach"]
 
 _MODE_GET = 0  # fget.MODE_GET (fget imports this module)
+
+
+#: ``r`` of :func:`_after_unpin` from the compiled unpin when ``memoryview.release`` raised
+#: BufferError (hot.c's UNPIN_EXPORTED).
+UNPIN_EXPORTED = 3
 
 
 def configure(page_type: type[Page], max_pgno: int) -> None:
@@ -203,8 +209,11 @@ async def _exit_slow(f: PageAccess, page: Page) -> None:
 def _after_unpin(
     f: PageAccess, cache: Cache, pgno: int, b: int, bh: int, flags: int, r: int
 ) -> Awaitable[None]:
-    """The compiled unpin could not finish (``r``: contended, a dead holder, an over-unpin):
-    the rest of ``PageRelease._unpin``, now. Returns what ``__aexit__`` awaits."""
+    """The compiled unpin could not finish (``r``: contended, a dead holder, an over-unpin, or
+    ``UNPIN_EXPORTED``: a buffer of the page's view is still held, and the pin is released the
+    Python way): the rest of ``PageRelease._unpin``, now. Returns what ``__aexit__`` awaits."""
+    if r == UNPIN_EXPORTED:
+        view_exported(pgno)
     if r == 2:
         f._pool._panic_unpinned(pgno)
     if r == -errno.EOWNERDEAD:

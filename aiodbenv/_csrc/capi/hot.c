@@ -1243,6 +1243,9 @@ static PyObject *ctx_aenter(PinCtx *self) {
     return PyObject_CallFunction(self->hf->enter_slow, "OL", (PyObject *)self, self->pgno);
 }
 
+/* r of the Python after_unpin: the view could not be released (aiodbenv.mpool.hotpath). */
+#define UNPIN_EXPORTED 3
+
 static PyObject *ctx_aexit(PinCtx *self) {
     PageObject *p = (PageObject *)self->page;
     if (!p) return completed(self, Py_NewRef(Py_None));
@@ -1269,8 +1272,9 @@ static PyObject *ctx_aexit(PinCtx *self) {
     long long bh = p->bh;
     p->bh = -1;
     pins_unlink(p); /* ctx's reference (p) keeps it alive */
-    /* As the Python unpin: a view exported further (a buffer taken from page.data) makes this
-       raise BufferError, and the pin stays counted. */
+    /* A view exported further (a buffer taken from page.data) cannot be released: as the
+       Python unpin does, the pin is released all the same (the Python way, which also logs
+       the warning: UNPIN_EXPORTED), or the frame would stay pinned for good. */
     if (Py_REFCNT(p->data) == 1 && PyMemoryView_Check(p->data)) {
         /* Only the page refers to its view, so nothing holds a buffer of it either (a
            buffer holds a reference): dropping it is its release, without a method call.
@@ -1281,8 +1285,16 @@ static PyObject *ctx_aexit(PinCtx *self) {
                             ? PyObject_CallFunctionObjArgs(release_fn, p->data, NULL)
                             : PyObject_CallMethodObjArgs(p->data, s_release, NULL);
         if (!rel) {
+            if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
+                Py_DECREF(p);
+                return NULL;
+            }
+            PyErr_Clear();
+            PyObject *res = PyObject_CallFunction(hf->after_unpin, "OLKLLi", c->cache, p->pgno,
+                                                  (unsigned long long)p->bucket, bh, flags,
+                                                  UNPIN_EXPORTED);
             Py_DECREF(p);
-            return NULL;
+            return res;
         }
         Py_DECREF(rel);
     }
