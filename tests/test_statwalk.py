@@ -5,7 +5,6 @@ repaired and counted."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import threading
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 import aiodbenv
 from aiodbenv.mpool import accel, statwalk
 
-from .conftest import spawn
+from .test_mutex import _hold_and_kill
 
 KINDS = ["file", "system", "private"]
 
@@ -103,19 +102,6 @@ async def test_a_held_bucket_is_left_out_then_counted(home: str, shm_key: int, k
     await aiodbenv.Env.remove(home, force=True)
 
 
-HOLD_BUCKET = """
-import asyncio, sys, time, aiodbenv
-async def main(home):
-    env = await aiodbenv.Env.open(home)
-    f = await env.pool.open_file("data.db")
-    cache, b = env.pool._core.locate(f._fidx, 7)
-    cache.lock(b)
-    print("locked", flush=True)
-    time.sleep(60)
-asyncio.run(main(sys.argv[1]))
-"""
-
-
 @pytest.mark.parametrize("kind", ["file", "system"])
 async def test_a_bucket_whose_holder_died_is_repaired_and_counted(
     home: str, shm_key: int, kind: str, procs: list[subprocess.Popen[str]]
@@ -128,13 +114,7 @@ async def test_a_bucket_whose_holder_died_is_repaired_and_counted(
         async with f.get(i, create=True):
             pass
     page = await f.get(7)
-    holder = spawn(HOLD_BUCKET, home)
-    procs.append(holder)
-    assert holder.stdout is not None
-    line = holder.stdout.readline().strip()
-    assert line == "locked", holder.stderr.read() if holder.stderr else line
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(timeout=10)
+    _hold_and_kill(home, "bucket", procs)  # locks page 7's bucket of data.db, then dies
     assert env.stat().mutex_owner_died == 0
     assert env.pool.stat().page_pinned == 1
     assert env.stat().mutex_owner_died == 1 and not env.stat().panicked

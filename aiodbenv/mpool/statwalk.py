@@ -103,17 +103,16 @@ def _visit(
     repaired (or the environment panics) before the chain is read."""
     w = cache.words
     bw = cache.bucket_words[b]
-    m = cache.mutexes[b] if owner_died or w[bw + BUCKET.word.count] else None
     if owner_died:
-        assert m is not None
+        m = cache.mutexes[b]
         m.acquire_contended(errno.EOWNERDEAD)
         try:
             _chain(cache, bw, out)
         finally:
             m.__exit__(None, None, None)
-    elif m is not None:
+    elif w[bw + BUCKET.word.count]:
         try:
-            with step_waits(), m:
+            with step_waits(), cache.mutexes[b]:
                 _chain(cache, bw, out)
         except LockTimeout:
             pass  # a stopped holder: this bucket's pins are left out of the figures
