@@ -348,26 +348,42 @@ async def test_no_leak_over_100k_pins(pf: aiodbenv.PoolFile) -> None:
             async with pf.get(i & 15) as page:
                 page.data[0]
 
+    def counts() -> tuple[int, int, int]:
+        return sys.getrefcount(pf), sys.getrefcount(pf._cache0), sys.getrefcount(pf._cache0.buf)
+
     await loop(10_000)  # warm: caches, free lists
-    gc.collect()
-    refs = (sys.getrefcount(pf), sys.getrefcount(pf._cache0), sys.getrefcount(pf._cache0.buf))
+    await _settle()
+    refs = counts()
     objects = len(gc.get_objects())
     tracemalloc.start()
     try:
         before, _ = tracemalloc.get_traced_memory()
         await loop(100_000)
-        gc.collect()
+        await _settle()
         after, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert after - before < 64 * 1024, f"{after - before} bytes kept by 100k pins"
     assert len(gc.get_objects()) - objects < 100
-    assert refs == (
-        sys.getrefcount(pf),
-        sys.getrefcount(pf._cache0),
-        sys.getrefcount(pf._cache0.buf),
-    )
+    # A pin that went the slow way (under load: a bucket another thread of the process held)
+    # may leave a task of the pool, and so a reference to pf, for the loop's next turns; CI
+    # once saw pf's count one higher. A leak holds on, one per pin or per slow path: wait a
+    # second for transient holders before calling it one, and name the holders if it is.
+    for _ in range(100):
+        if counts() == refs:
+            break
+        await asyncio.sleep(0.01)
+        gc.collect()
+    assert counts() == refs, [type(r).__name__ for r in gc.get_referrers(pf)]
     assert not pf._pins and _region_pins(pf) == 0
+
+
+async def _settle() -> None:
+    """Let the loop run the callbacks already due (done callbacks, tasks' last steps), then
+    collect: what is left holds on."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+    gc.collect()
 
 
 # -- the pool suite with the compiled path off -----------------------------------------------
