@@ -80,6 +80,7 @@ async def test_compiled_commit_gives_the_python_twins_log_and_pages(
     with monkeypatch.context() as m:
         m.setattr(commit, "_c", None)
         m.setattr(commit, "COMPILED", False)
+        m.setattr(commit, "FAST", False)
         py_records, py_pages, py_desc = await workload(os.path.join(base, "py"))
     assert c_desc > 0 and py_desc == 0  # each run took the path it was meant to
     assert len(c_records) == 9 and [lsn for lsn, _ in c_records] == [lsn for lsn, _ in py_records]

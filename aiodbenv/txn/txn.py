@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -71,10 +70,16 @@ class TxnPage:
     the transaction commits. The 8 bytes at the file's ``lsn_offset`` belong to the library:
     changes to them are ignored (the commit stamps its LSN there)."""
 
-    __slots__ = ("_bf", "_desc", "_page", "data", "file", "pgno")
+    __slots__ = ("_bf", "_desc", "_entry", "_page", "data", "file", "pgno")
 
     def __init__(
-        self, file: PoolFile, page: Page, data: bytearray, bf: _batch.BatchFile, desc: Any
+        self,
+        file: PoolFile,
+        page: Page,
+        data: Any,
+        bf: _batch.BatchFile,
+        desc: Any,
+        entry: bytes,
     ) -> None:
         #: The file and page number.
         self.file = file
@@ -83,7 +88,10 @@ class TxnPage:
         self.data = memoryview(data)
         self._page = page
         self._bf = bf
-        self._desc = desc  # the compiled commit's words (aiodbenv.txn.commit.describe)
+        # The compiled commit's descriptor and what keeps its copy alive (commit.take), or
+        # None for the Python commit; the file's batch entry.
+        self._desc = desc
+        self._entry = entry
 
     def __repr__(self) -> str:
         return f"<TxnPage {self.pgno} of {self.file.name!r}>"
@@ -91,11 +99,10 @@ class TxnPage:
 
 _ACTIVE, _COMMITTING, _DONE = 0, 1, 2
 
-#: Each open file's batch entry, worst-case page cost and logged entry bytes (computed once
-#: per file handle).
-_files: weakref.WeakKeyDictionary[PoolFile, tuple[_batch.BatchFile, int, bytes]] = (
-    weakref.WeakKeyDictionary()
-)
+#: The attribute of a file handle that holds its batch entry, worst-case page cost and logged
+#: entry bytes (computed once per file handle; an attribute, not a weak dictionary: the
+#: lookup is on every tx.page).
+_FILE_ATTR = "_txn_batch_file"
 
 
 class Txn:
@@ -202,7 +209,7 @@ class Txn:
         it), and the most bytes one of its pages can add to a batch. Computed once per file
         handle (they never change while it is open); raises InvalidArgument for a file a
         transaction cannot change."""
-        got = _files.get(f)
+        got: tuple[_batch.BatchFile, int, bytes] | None = getattr(f, _FILE_ATTR, None)
         if got is not None:
             return got
         lo = self._lsn_offset(f)
@@ -214,7 +221,8 @@ class Txn:
         rel = os.path.relpath(path, self._pool._env_core.home)
         path = path if rel.startswith(os.pardir) else rel
         bf = _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, path)
-        got = _files[f] = (bf, _batch.worst_size(f._data_size, path), _commit.file_entry(bf))
+        got = (bf, _batch.worst_size(f._data_size, path), _commit.file_entry(bf))
+        setattr(f, _FILE_ATTR, got)
         return got
 
     async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
@@ -252,26 +260,52 @@ class Txn:
                 # Only a new page can get here (MODE_NEW raced ourselves): not ours twice.
                 raise InvalidArgument(f"page {page.pgno} is already taken by this transaction")
             key = latch_key(f._fidx, page.pgno)
-            # One try first, without a coroutine: the latch is usually free.
-            if (
-                _commit.latch(page, self._owner)
-                if _commit.COMPILED
-                else self._pool._attempt(
-                    try_latch, page._cache, page._bucket, page._bh, self._owner
+            desc: Any = None
+            if _commit.FAST:
+                # One compiled call: latch (if free), private copy and commit descriptor.
+                r, data, desc = _commit.take(
+                    page, self._owner, True, mode == MODE_NEW, lsn_off, f._fidx, entry
                 )
-            ):
-                await acquire(
-                    self._pool,
-                    page,
-                    self._owner,
-                    key,
-                    self._held_max,
-                    self.latch_timeout,
-                    self._stats,
-                )
+                if r:
+                    await acquire(
+                        self._pool,
+                        page,
+                        self._owner,
+                        key,
+                        self._held_max,
+                        self.latch_timeout,
+                        self._stats,
+                    )
+                    r, data, desc = _commit.take(
+                        page, self._owner, False, mode == MODE_NEW, lsn_off, f._fidx, entry
+                    )
+                else:
+                    self._stats.add(W.latch_nowait)
             else:
-                self._stats.add(W.latch_nowait)
+                # One try first, without a coroutine: the latch is usually free.
+                if (
+                    _commit.latch(page, self._owner)
+                    if _commit.COMPILED
+                    else self._pool._attempt(
+                        try_latch, page._cache, page._bucket, page._bh, self._owner
+                    )
+                ):
+                    await acquire(
+                        self._pool,
+                        page,
+                        self._owner,
+                        key,
+                        self._held_max,
+                        self.latch_timeout,
+                        self._stats,
+                    )
+                else:
+                    self._stats.add(W.latch_nowait)
+                data = bytearray(page.data)
+                if mode == MODE_NEW:
+                    data[lsn_off : lsn_off + 8] = bytes(8)
         except BaseException:
+            release(page, self._owner)  # if it was taken (a no-op otherwise)
             pending = f._unpin(page, 0)
             if pending is not None:
                 await asyncio.shield(pending)
@@ -280,13 +314,10 @@ class Txn:
         # Known to the file too, so that closing it (or the environment) releases the latch
         # of a transaction that was never ended.
         f._latched[page] = self._owner
-        self._held_max = max(self._held_max, key)
+        if key > self._held_max:
+            self._held_max = key
         self._bytes += cost
-        data = bytearray(page.data)
-        if mode == MODE_NEW:
-            data[lsn_off : lsn_off + 8] = bytes(8)
-        desc = _commit.describe(page, f._fidx, data, entry, lsn_off) if _commit.COMPILED else None
-        tp = TxnPage(f, page, data, bf, desc)
+        tp = TxnPage(f, page, data, bf, desc, entry)
         self._pages[(f._fidx, page.pgno)] = tp
         return tp
 
@@ -318,13 +349,15 @@ class Txn:
         if pending:
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
 
-    def _release_now(self) -> list[asyncio.Task[None]]:
-        """Release every latch and unpin every page; the unpins left to a pool task (a bucket
-        mutex held past a few milliseconds) are returned, for the caller to await."""
+    def _release_now(self, released: bool = False) -> list[asyncio.Task[None]]:
+        """Release every latch (unless ``released``: the commit did) and unpin every page;
+        the unpins left to a pool task (a bucket mutex held past a few milliseconds) are
+        returned, for the caller to await."""
         pending = []
         for tp in self._pages.values():
             tp.file._latched.pop(tp._page, None)
-            release(tp._page, self._owner)
+            if not released:
+                release(tp._page, self._owner)
             task = tp.file._unpin(tp._page, 0)
             if task is not None:
                 pending.append(task)
@@ -367,7 +400,9 @@ class Txn:
             # a page written from then on may be torn by a power loss, and recovery (which
             # starts a checkpoint further back) needs a whole image to repair it.
             # (The last checkpoint record's LSN word, 0 if none: Log.last_checkpoint's first.)
-            built = _commit.build(pages, self._log._c.word("ckp_rec"), self._bytes)
+            built = _commit.prepare(
+                self._pool, pages, self._log._c.word("ckp_rec"), self._bytes, self._owner
+            )
         except BaseException:
             await self._end_aborted()
             raise
@@ -383,7 +418,7 @@ class Txn:
             # Dirty first: a page flagged dirty that has not changed yet costs a write at most,
             # while a changed page a checkpoint sees clean would lose the commit. Then every
             # latch is marked committing (see latch.LATCH_COMMITTING).
-            if not _commit.mark_now(pool, pages, built, self._owner):
+            if not built.marked and not _commit.mark_now(pool, pages, built, self._owner):
                 await _commit.mark(pool, pages, built, self._owner)
         except BaseException:
             await self._end_aborted()
@@ -416,7 +451,7 @@ class Txn:
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
         _io.step("txn.logged")
         try:
-            _commit.apply(pages, built, lsn)
+            released = _commit.apply(pages, built, lsn, self._owner)
         except BaseException as err:
             # Logged but not whole in the buffers: only recovery can make it whole.
             reason = f"a transaction's logged commit could not be copied in ({err!r})"
@@ -429,7 +464,7 @@ class Txn:
         st.add(COMMIT_WORD[self.durability])
         self._state = _DONE
         self.result = CommitInfo(lsn, self.durability, len(built.changed))
-        pending = self._release_now()  # usually all done: no coroutine
+        pending = self._release_now(released)  # usually all done: no coroutine
         if pending:
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
         _io.step("txn.released")
