@@ -128,6 +128,9 @@ class Txn:
             )
         self._pool = pool
         self._log = log
+        # Pages are taken by part 78's one call when it is there and nothing must be reserved
+        # in the log first (a file log).
+        self._fast = _commit.FAST and not log._c.inmemory
         self._task = asyncio.current_task()
         if self._task is None:
             raise InvalidArgument("a transaction must be begun inside an asyncio task")
@@ -146,9 +149,18 @@ class Txn:
         # that the commit never finds the ring full (aiodbenv.log.reserve); 0 for a file log.
         self._reserved = 0
         self._state = _ACTIVE
-        #: The result of the commit, once committed.
-        self.result: CommitInfo | None = None
-        stats.add(W.begins)
+        # What the commit did (its LSN and pages changed; None until committed): the
+        # CommitInfo is made from it when asked for (result), not for every `async with`.
+        self._done: tuple[LSN, int] | None = None
+        self._result: CommitInfo | None = None
+        stats._w[stats._base + W.begins] += 1
+
+    @property
+    def result(self) -> CommitInfo | None:
+        """The result of the commit (:class:`CommitInfo`), once committed; None before."""
+        if self._result is None and self._done is not None:
+            self._result = CommitInfo(self._done[0], self.durability, self._done[1])
+        return self._result
 
     # -- taking pages ---------------------------------------------------------------------------
 
@@ -194,7 +206,15 @@ class Txn:
         tp = self._pages.get((f._fidx, pgno))
         if tp is not None and tp.file is f:
             return tp
-        return await self._take(f, pgno, MODE_CREATE if create else MODE_GET)
+        pinned = None
+        if self._fast:
+            # A cached page with its latch free, without a coroutine; else the full path,
+            # with the page if it was pinned here.
+            got = self._take_now(f, pgno)
+            if isinstance(got, TxnPage):
+                return got
+            pinned = got
+        return await self._take(f, pgno, MODE_CREATE if create else MODE_GET, pinned)
 
     async def new(self, f: PoolFile) -> TxnPage:
         """Take a new page at the end of ``f`` (zero-filled; ``.pgno`` is its number), as
@@ -225,7 +245,36 @@ class Txn:
         setattr(f, _FILE_ATTR, got)
         return got
 
-    async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
+    def _take_now(self, f: PoolFile, pgno: int) -> TxnPage | Page | None:
+        """:meth:`_take` of a cached page whose latch is free, in one compiled call for the
+        latch and the copy (with a file log: nothing to reserve). Returns the taken page;
+        else the page if it was pinned (the latch was busy, or the file cannot be changed:
+        :meth:`_take` goes on with it), or None (nothing done)."""
+        bf, cost, entry = self._file(f)
+        if len(self._pages) >= MAX_PAGES or self._bytes + cost > self._log._max_payload:
+            return None  # _take raises
+        page = f._pin_hit(pgno)
+        if page is None or page._cache is None:
+            return page
+        owner = self._owner
+        try:
+            r, data, desc = _commit.take(page, owner, True, False, bf.lsn_offset, f._fidx, entry)
+        except BaseException:
+            return page  # _take tries again, and raises with the page unpinned
+        if r:
+            return page
+        st = self._stats
+        st._w[st._base + W.latch_nowait] += 1
+        f._latched[page] = owner
+        key = f._fidx * MAX_PGNO + page.pgno  # latch_key
+        if key > self._held_max:
+            self._held_max = key
+        self._bytes += cost
+        tp = TxnPage(f, page, data, bf, desc, entry)
+        self._pages[(f._fidx, pgno)] = tp
+        return tp
+
+    async def _take(self, f: PoolFile, pgno: int, mode: int, pinned: Page | None = None) -> TxnPage:
         bf, cost, entry = self._file(f)
         lsn_off = bf.lsn_offset
         if len(self._pages) >= MAX_PAGES:
@@ -241,13 +290,15 @@ class Txn:
         # size as computed for TxnTooLarge, plus its log record header.
         log = self._log
         want = 0
-        if log._c.inmemory:
+        if log._c.inmemory and pinned is None:
             want = self._bytes + cost + _LOG_HEADER_BYTES - self._reserved
             await log._reserve(want)
             self._reserved += want
         try:
             # A cached page is pinned without an await (the pool's hit path); else the slow path.
-            page = f._pin_hit(pgno) if mode != MODE_NEW else None
+            page = pinned
+            if page is None:
+                page = f._pin_hit(pgno) if mode != MODE_NEW else None
             if page is None:
                 page = await f._pin(pgno, mode)
         except BaseException:
@@ -380,20 +431,27 @@ class Txn:
         completed). A ``write_nosync`` commit, or one whose record is larger than the log
         buffer, runs in a task that finishes in the background either way.
         """
+        await self._commit_checked()
+        result = self.result
+        assert result is not None
+        return result
+
+    async def _commit_checked(self) -> None:
+        """:meth:`commit` without making its CommitInfo (``async with`` does not need it)."""
         self._check()
         self._state = _COMMITTING
-        log = self._log
-        if self.durability != "write_nosync" and self._bytes + 16 <= log.buffer_size:
+        if self.durability != "write_nosync" and self._bytes + 16 <= self._log.buffer_size:
             # The common case, without a task per commit: a put (without flush) of a record
             # that fits in the buffer appends nothing if it is cancelled (it can wait only
             # for buffer space or a new log file), so cancellation is clean at every step.
             # _bytes is the record's worst-case size, checked as pages were taken.
-            return await self._commit(inline=True)
+            await self._commit(inline=True)
+            return
         task = asyncio.ensure_future(self._commit(inline=False))
         task.add_done_callback(_retrieve)
-        return await asyncio.shield(task)
+        await asyncio.shield(task)
 
-    async def _commit(self, inline: bool) -> CommitInfo:
+    async def _commit(self, inline: bool) -> None:
         pages = list(self._pages.values())
         try:
             # The first change of a page after the last checkpoint *record* is a full image:
@@ -411,8 +469,8 @@ class Txn:
             self._stats.add(W.readonly_commits)
             await self._release_all()
             await self._unreserve(self._reserved)
-            self.result = CommitInfo(LSN(0, 0), self.durability, 0)
-            return self.result
+            self._done = (LSN(0, 0), 0)
+            return
         pool = self._pool
         try:
             # Dirty first: a page flagged dirty that has not changed yet costs a write at most,
@@ -458,12 +516,13 @@ class Txn:
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
         st = self._stats
-        st.add(W.pages_logged, len(built.changed))
+        sw, sb = st._w, st._base
+        sw[sb + W.pages_logged] += len(built.changed)
         if built.fulls:
-            st.add(W.full_images, built.fulls)
-        st.add(COMMIT_WORD[self.durability])
+            sw[sb + W.full_images] += built.fulls
+        sw[sb + COMMIT_WORD[self.durability]] += 1
         self._state = _DONE
-        self.result = CommitInfo(lsn, self.durability, len(built.changed))
+        self._done = (lsn, len(built.changed))
         pending = self._release_now(released)  # usually all done: no coroutine
         if pending:
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
@@ -477,7 +536,6 @@ class Txn:
             if word >= log._c.word("s_lsn"):
                 log._check()
                 await log._flush_word(word)
-        return self.result
 
     async def _end_aborted(self) -> None:
         """The commit failed before its record was logged: end as an abort."""
@@ -505,7 +563,7 @@ class Txn:
         if self._state != _ACTIVE:
             return
         if exc_type is None:
-            await self.commit()
+            await self._commit_checked()
         else:
             await self.abort()
 
