@@ -82,8 +82,10 @@ def take(
     cache = page._cache
     assert cache is not None
     size = len(page.data)
-    priv = ffi.new("unsigned char[]", size)
-    d = ffi.new("uint64_t[]", _D_WORDS)
+    # One allocation for the copy and, after it (8-byte aligned), the descriptor.
+    at = (size + 7) & ~7
+    priv = ffi.new("unsigned char[]", at + 8 * _D_WORDS)
+    d = ffi.cast("uint64_t *", priv + at)
     r = _c.aiodb_txn_take(
         d,
         cache.wptr,
@@ -104,7 +106,7 @@ def take(
     if r == 0:
         # The descriptor holds the copy's address: it keeps the copy alive (a cffi buffer
         # keeps its owner alive, so the copy outlives the descriptor while data is held).
-        return 0, ffi.buffer(priv), (d, priv)
+        return 0, ffi.buffer(priv, size), (d, priv)
     if r == _CORRUPT:
         raise CorruptRegion(f"page {page.pgno}'s buffer failed its bounds check")
     if r == -_EOWNERDEAD:
@@ -147,19 +149,25 @@ def prepare(pool: Pool, pages: list[TxnPage], redo_start: int, worst: int, owner
     """:func:`build`, and with :data:`FAST` also :func:`mark_now` in the same compiled call:
     ``built.marked`` says whether the marking is done (else the caller marks with
     :func:`mark_now` / :func:`mark`)."""
-    if not FAST or len(pages) > _MAX_PAGES or any(tp._desc is None for tp in pages):
-        return build(pages, redo_start, worst)
-    d, files = descriptor(pages)
-    out = ffi.new("unsigned char[]", worst)
     n = len(pages)
+    if n == 1:
+        tp = pages[0]
+        if tp._desc is None:
+            return build(pages, redo_start, worst)
+        d, files = tp._desc[0], tp._entry
+    elif not FAST or n > _MAX_PAGES or any(tp._desc is None for tp in pages):
+        return build(pages, redo_start, worst)
+    else:
+        d, files = descriptor(pages)
+    out = ffi.new("unsigned char[]", worst)
     r = _c.aiodb_txn_prepare(
         d, n, files, len(files), redo_start, out, worst, owner, LATCH_COMMITTING
     )
     if r > 0:
-        changed = _changed(d, n)
+        changed = [0] if n == 1 else _changed(d, n)
         for i in changed:
             pool._note_dirty(pages[i].file.page_size)
-        built = Built(bytes(ffi.buffer(out, r)), changed, int(d[1]), d)
+        built = Built(ffi.buffer(out, r)[:], changed, int(d[1]), d)
         built.marked = True
         return built
     if r == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import types
 from collections.abc import Generator
 from dataclasses import dataclass
 from types import TracebackType
@@ -99,6 +100,16 @@ class TxnPage:
 
 _ACTIVE, _COMMITTING, _DONE = 0, 1, 2
 
+# The current task of a loop, asked on every begin, page and commit. In CPython 3.11
+# asyncio.current_task(loop) is a Python function around this dict's get (the C one came in
+# 3.12): the lookup itself, when that is so.
+_tasks = getattr(asyncio.tasks, "_current_tasks", None)
+_task_of: Any = (
+    _tasks.get
+    if isinstance(_tasks, dict) and isinstance(asyncio.current_task, types.FunctionType)
+    else asyncio.current_task
+)
+
 #: The attribute of a file handle that holds its batch entry, worst-case page cost and logged
 #: entry bytes (computed once per file handle; an attribute, not a weak dictionary: the
 #: lookup is on every tx.page).
@@ -131,7 +142,7 @@ class Txn:
         # Pages are taken by part 78's one call when it is there and nothing must be reserved
         # in the log first (a file log).
         self._fast = _commit.FAST and not log._c.inmemory
-        self._task = asyncio.current_task()
+        self._task = _task_of(asyncio.get_running_loop())
         if self._task is None:
             raise InvalidArgument("a transaction must be begun inside an asyncio task")
         # Asked of this loop from now on: current_task() without it looks the running loop
@@ -165,7 +176,7 @@ class Txn:
     # -- taking pages ---------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if asyncio.current_task(self._loop) is not self._task:
+        if _task_of(self._loop) is not self._task:
             raise InvalidArgument("this transaction belongs to another task")
         if self._state != _ACTIVE:
             raise InvalidArgument(
@@ -438,15 +449,23 @@ class Txn:
 
     async def _commit_checked(self) -> None:
         """:meth:`commit` without making its CommitInfo (``async with`` does not need it)."""
+        if self._begin_commit():
+            await self._commit(inline=True)
+        else:
+            await self._commit_task()
+
+    def _begin_commit(self) -> bool:
+        """Check and enter the committing state: True if the commit runs inline (in the
+        caller's task), False if in a task of its own (:meth:`_commit_task`)."""
         self._check()
         self._state = _COMMITTING
-        if self.durability != "write_nosync" and self._bytes + 16 <= self._log.buffer_size:
-            # The common case, without a task per commit: a put (without flush) of a record
-            # that fits in the buffer appends nothing if it is cancelled (it can wait only
-            # for buffer space or a new log file), so cancellation is clean at every step.
-            # _bytes is the record's worst-case size, checked as pages were taken.
-            await self._commit(inline=True)
-            return
+        # The common case, without a task per commit: a put (without flush) of a record that
+        # fits in the buffer appends nothing if it is cancelled (it can wait only for buffer
+        # space or a new log file), so cancellation is clean at every step. _bytes is the
+        # record's worst-case size, checked as pages were taken.
+        return self.durability != "write_nosync" and self._bytes + 16 <= self._log._c.bsize
+
+    async def _commit_task(self) -> None:
         task = asyncio.ensure_future(self._commit(inline=False))
         task.add_done_callback(_retrieve)
         await asyncio.shield(task)
@@ -563,7 +582,11 @@ class Txn:
         if self._state != _ACTIVE:
             return
         if exc_type is None:
-            await self._commit_checked()
+            # _commit_checked's body: one coroutine less per `async with`.
+            if self._begin_commit():
+                await self._commit(inline=True)
+            else:
+                await self._commit_task()
         else:
             await self.abort()
 
