@@ -316,7 +316,8 @@ def apply(pages: list[TxnPage], built: Built, lsn: LSN, owner: int) -> bool:
     d = built.desc
     if d is not None and not _io._signal_plan:
         if FAST:
-            r = _c.aiodb_txn_finish(d, len(pages), pack_word(lsn), owner, LATCH_COMMITTING)
+            word = (lsn[0] << 32) | lsn[1]  # pack_word
+            r = _c.aiodb_txn_finish(d, len(pages), word, owner, LATCH_COMMITTING)
         else:
             r = _c.aiodb_commit_apply(d, 0, len(pages), pack_word(lsn))
         if r != len(built.changed):

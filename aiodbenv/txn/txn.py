@@ -261,7 +261,8 @@ class Txn:
         latch and the copy (with a file log: nothing to reserve). Returns the taken page;
         else the page if it was pinned (the latch was busy, or the file cannot be changed:
         :meth:`_take` goes on with it), or None (nothing done)."""
-        bf, cost, entry = self._file(f)
+        got = getattr(f, _FILE_ATTR, None)
+        bf, cost, entry = got if got is not None else self._file(f)
         if len(self._pages) >= MAX_PAGES or self._bytes + cost > self._log._max_payload:
             return None  # _take raises
         page = f._pin_hit(pgno)
@@ -500,7 +501,8 @@ class Txn:
         except BaseException:
             await self._end_aborted()
             raise
-        _io.step("txn.committing")
+        if _io._signal_plan:  # _io.step's own test, without its call
+            _io.step("txn.committing")
         record = built.record
         try:
             wns = self.durability == "write_nosync"
@@ -526,7 +528,8 @@ class Txn:
             reason = f"a transaction's commit record could not be logged ({err!r})"
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
-        _io.step("txn.logged")
+        if _io._signal_plan:  # _io.step's own test, without its call
+            _io.step("txn.logged")
         try:
             released = _commit.apply(pages, built, lsn, self._owner)
         except BaseException as err:
@@ -545,7 +548,8 @@ class Txn:
         pending = self._release_now(released)  # usually all done: no coroutine
         if pending:
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
-        _io.step("txn.released")
+        if _io._signal_plan:  # _io.step's own test, without its call
+            _io.step("txn.released")
         if self.durability == "sync":
             # Not Log.flush(lsn): its check against the log's end reads two region words
             # without the mutex, and a round moving the buffer meanwhile can make the end look
