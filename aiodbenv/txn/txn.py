@@ -125,6 +125,26 @@ class Txn:
     InvalidArgument.
     """
 
+    # One is made per transaction: slots make it and its attribute stores cheaper.
+    __slots__ = (
+        "_bytes",
+        "_done",
+        "_fast",
+        "_held_max",
+        "_log",
+        "_loop",
+        "_owner",
+        "_pages",
+        "_pool",
+        "_reserved",
+        "_result",
+        "_state",
+        "_stats",
+        "_task",
+        "durability",
+        "latch_timeout",
+    )
+
     def __init__(
         self,
         pool: Pool,
