@@ -252,12 +252,11 @@ class Env(EnvLog, EnvTxn):
         core = self._core
         if core.closed:
             raise InvalidArgument("the environment handle is closed")
-        if core.panicked:  # read once: every begin of a transaction passes here
-            if self._log is not None:
-                self._log._check()  # says why, if a write or fsync of the log failed
-            if self._pool is not None:
-                self._pool._check_panic()  # says why, if the pool knows (a failed fsync)
-            core.check_panic()
+        if core.panicked and self._log is not None:
+            self._log._check()  # says why, if a write or fsync of the log failed
+        if core.panicked and self._pool is not None:
+            self._pool._check_panic()  # says why, if the pool knows (a failed fsync)
+        core.check_panic()
         return core
 
     @property
