@@ -58,7 +58,7 @@ VICTIM_BATCH = 512
 # cache index -> the batch under way for it, per pool handle (keyed by the handle's id).
 _in_flight: dict[tuple[int, int], asyncio.Task[SyncResult]] = {}
 # The same keys -> the bucket where the next batch starts when the one under way ends.
-_chain: dict[tuple[int, int], int] = {}
+_chain: dict[tuple[int, int], tuple[int, float]] = {}
 # The same keys: a miss waited for the batch under way (it found no clean frame).
 _awaited: set[tuple[int, int]] = set()
 
@@ -108,11 +108,21 @@ def start_lru_batch(pool: PoolBase, cache: Cache, bucket: int) -> asyncio.Task[S
             if err is not None:  # may have no one else to see it
                 logger.warning("writing a batch of dirty victims failed: %r", err)
                 return
-            if nxt is not None and not pool._closing and not pool._closed:
-                start_lru_batch(pool, cache, nxt)
+            if nxt is not None:
+                bucket, pause = nxt
+                if pause:
+                    asyncio.get_running_loop().call_later(pause, _go_on, pool, cache, bucket)
+                else:
+                    _go_on(pool, cache, bucket)
 
         task.add_done_callback(done)
     return task
+
+
+def _go_on(pool: PoolBase, cache: Cache, bucket: int) -> None:
+    """The next batch of a chain (see :func:`_batch`), unless the pool is closing."""
+    if not pool._closing and not pool._closed:
+        start_lru_batch(pool, cache, bucket)
 
 
 #: Start batches in the background when a search passes a dirty best over (the tests that
@@ -237,15 +247,17 @@ async def _batch(
     if stopped is not None and (key in _awaited or evicting >= VICTIM_BATCH // 4):
         # Full, and misses waited for it or used up frames meanwhile: write the next dirty
         # pages at once, while they use the clean ones this batch made.
-        _chain[key] = stopped
-    elif (key in _awaited or evicting >= _GOING_ON) and result.written >= _GOING_ON:
+        _chain[key] = (stopped, 0.0)
+    elif key in _awaited or evicting:
         # It took every dirty page not used recently, and misses go on evicting: go on from
         # the hand, where the searches go on, with the pages that have aged since -- written
         # before the searches reach them, rather than the misses waiting for a batch each
-        # time the clean frames run out. Not when it found little (the dirty pages left are
-        # the recently used ones) or nobody evicts.
+        # time the clean frames run out. At once if it found plenty; after a pause if it
+        # found little (the dirty pages left were used recently: let misses age some). The
+        # chain ends with a batch during which nobody evicted.
         w = cache.words
-        _chain[key] = int(w[cache.hdr + CACHE_HEADER.word.hand]) % cache.nbuckets
+        hand = int(w[cache.hdr + CACHE_HEADER.word.hand]) % cache.nbuckets
+        _chain[key] = (hand, 0.0 if result.written >= _GOING_ON else _PAUSE)
     _awaited.discard(key)
     return result
 
@@ -264,9 +276,10 @@ async def _outcome(fut: asyncio.Future[_Outcome]) -> tuple[_Outcome, bool]:
             cancelled = True
 
 
-#: Evictions during a batch, and pages it wrote, from which a batch that was not full is
-#: followed by another at once (see :func:`_batch`).
+#: Pages a batch that was not full wrote, from which the next one of its chain starts at
+#: once, rather than after :data:`_PAUSE` seconds (see :func:`_batch`).
 _GOING_ON = 16
+_PAUSE = 0.001
 
 _thread_obj: ThreadPoolExecutor | None = None
 
