@@ -39,8 +39,8 @@ from ..region.layout import MUTEX_SLOT
 from ..region.mutex import ffi
 from . import csync
 from .bhwrite import SyncResult
-from .cache import Cache, found
-from .layout import BUCKET, CACHE_HEADER, FILE_ENTRY, HANDLE_STATS, MAX_FILES, POOL_HEADER
+from .cache import BufRef, Cache, found
+from .layout import BH, BH_DIRTY, CACHE_HEADER, FILE_ENTRY, HANDLE_STATS, MAX_FILES, POOL_HEADER
 
 if TYPE_CHECKING:
     from .handle import PoolBase
@@ -59,14 +59,20 @@ VICTIM_BATCH = 512
 _in_flight: dict[tuple[int, int], asyncio.Task[SyncResult]] = {}
 # The same keys -> the bucket where the next batch starts when the one under way ends.
 _chain: dict[tuple[int, int], tuple[int, float]] = {}
+# The same keys -> batches in a row of a chain that found little to write.
+_dry: dict[tuple[int, int], int] = {}
 # The same keys: a miss waited for the batch under way (it found no clean frame).
 _awaited: set[tuple[int, int]] = set()
 
 
-async def write_lru_batch(pool: PoolBase, cache: Cache, bucket: int) -> SyncResult:
+async def write_lru_batch(
+    pool: PoolBase, cache: Cache, bucket: int, victim: BufRef | None = None
+) -> SyncResult:
     """Write up to :data:`VICTIM_BATCH` dirty pages of ``cache`` from bucket ``bucket`` (the
     victim's) on, or join the batch already under way for the cache; returns what the batch
-    did (its error, if any, in ``errors``).
+    did (its error, if any, in ``errors``). With ``victim`` (in that bucket): a batch joined
+    that left it dirty (started elsewhere, it may not hold it) is followed by one from its
+    bucket, a few times at most (then the caller writes it alone).
 
     Cancellation: the batch runs in a task of the pool and finishes (claims released,
     statistics counted); the caller only stops waiting.
@@ -74,19 +80,28 @@ async def write_lru_batch(pool: PoolBase, cache: Cache, bucket: int) -> SyncResu
     key = (id(pool), cache.index)
     result = SyncResult()
     for _ in range(3):
-        joined = key in _in_flight
+        under_way = _in_flight.get(key)
+        joined = under_way is not None and not under_way.done()
         task = start_lru_batch(pool, cache, bucket)
         _awaited.add(key)  # a miss waits for it: write the next ones too
         got = await asyncio.shield(task)
         result.merge(got)
         result.errors += got.errors
-        # A batch under way was started elsewhere (a chained one, from the hand) and may
-        # not hold this victim: while its bucket has dirty pages, one from there. (After
-        # a few rounds the caller writes the victim alone.)
-        dirty = cache.words[cache.bucket_words[bucket] + BUCKET.word.dirty]
-        if not joined or got.errors or not dirty:
+        if not joined or got.errors or victim is None or not _still_dirty(victim):
             break
     return result
+
+
+def _still_dirty(v: BufRef) -> bool:
+    """Whether buffer ``v`` still holds its page, dirty (read without its bucket's lock: the
+    caller checks again under it)."""
+    w = v.cache.words
+    x = v.bh >> 3
+    return bool(
+        w[x + BH.word.flags] & BH_DIRTY
+        and w[x + BH.word.file] == v.fidx + 1
+        and w[x + BH.word.pgno] == v.pgno
+    )
 
 
 def start_lru_batch(pool: PoolBase, cache: Cache, bucket: int) -> asyncio.Task[SyncResult]:
@@ -95,12 +110,15 @@ def start_lru_batch(pool: PoolBase, cache: Cache, bucket: int) -> asyncio.Task[S
     one. Its failure is logged if nobody awaits it."""
     key = (id(pool), cache.index)
     task = _in_flight.get(key)
-    if task is None:
+    if task is None or task.done():
+        # (A task done whose callback has not run yet -- asyncio and uvloop order the wake-up
+        # of its awaiters and its callbacks differently -- is over: a new one.)
         task = pool._io.spawn(_batch(pool, cache, bucket, _submit(pool, cache, bucket)))
         _in_flight[key] = task
 
         def done(t: asyncio.Task[SyncResult]) -> None:
-            _in_flight.pop(key, None)
+            if _in_flight.get(key) is t:
+                del _in_flight[key]
             nxt = _chain.pop(key, None)
             if t.cancelled():
                 return
@@ -244,20 +262,24 @@ async def _batch(
         raise asyncio.CancelledError("a batch of dirty victims was cancelled (after its write)")
     key = (id(pool), index)
     evicting = _evictions(pool) - evicted
+    dry = _dry.pop(key, 0) + 1 if result.written < _GOING_ON else 0
     if stopped is not None and (key in _awaited or evicting >= VICTIM_BATCH // 4):
         # Full, and misses waited for it or used up frames meanwhile: write the next dirty
         # pages at once, while they use the clean ones this batch made.
         _chain[key] = (stopped, 0.0)
-    elif key in _awaited or evicting:
+    elif (key in _awaited or evicting) and dry < 2:
         # It took every dirty page not used recently, and misses go on evicting: go on from
         # the hand, where the searches go on, with the pages that have aged since -- written
         # before the searches reach them, rather than the misses waiting for a batch each
-        # time the clean frames run out. At once if it found plenty; after a pause if it
-        # found little (the dirty pages left were used recently: let misses age some). The
-        # chain ends with a batch during which nobody evicted.
+        # time the clean frames run out. At once while misses evict briskly (the loop's
+        # turn to notice the end of a batch is pause enough), else after a pause. The chain
+        # ends with a batch during which nobody evicted, or with a second batch in a row
+        # that found little (the dirty pages left are the recently used ones).
         w = cache.words
         hand = int(w[cache.hdr + CACHE_HEADER.word.hand]) % cache.nbuckets
-        _chain[key] = (hand, 0.0 if result.written >= _GOING_ON else _PAUSE)
+        _chain[key] = (hand, 0.0 if evicting >= _GOING_ON else _PAUSE)
+        if dry:
+            _dry[key] = dry
     _awaited.discard(key)
     return result
 
@@ -276,8 +298,9 @@ async def _outcome(fut: asyncio.Future[_Outcome]) -> tuple[_Outcome, bool]:
             cancelled = True
 
 
-#: Pages a batch that was not full wrote, from which the next one of its chain starts at
-#: once, rather than after :data:`_PAUSE` seconds (see :func:`_batch`).
+#: Pages written below which a batch "found little", and evictions during a batch from which
+#: the next one of its chain starts at once rather than after :data:`_PAUSE` seconds (see
+#: :func:`_batch`).
 _GOING_ON = 16
 _PAUSE = 0.001
 
