@@ -3,17 +3,27 @@
 A miss whose best victim is dirty would cost a worker-thread hop for that one page (300-440
 µs). Instead :func:`write_lru_batch` writes up to :data:`VICTIM_BATCH` dirty pages: the
 victim's and those of the buckets after it, which the victim search (moving its hand from
-bucket to bucket) meets next -- in one worker-thread call of the compiled write-back
-(:mod:`aiodbenv.mpool.csync`: collect in C, claim, copy, one ``pwrite`` per run of adjacent
-pages, release), so the next misses find clean victims. One batch per cache is in flight at a
-time: misses meeting a dirty victim meanwhile await the same batch.
+bucket to bucket) meets next, so the next misses find clean victims. One batch per cache is
+in flight at a time: misses meeting a dirty victim meanwhile await the same batch.
+
+A batch is ONE compiled call, ``aiodb_batch_run`` (aiodbenv/_csrc/35_batch.c): collect from
+the hand, sort, and per file claim and copy under the bucket locks, ``pwrite`` each run of
+adjacent pages, note the write in the file entry, release -- with the GIL released
+throughout (it stops for Python only to repair a dead holder's mutex, to leave a claim whose
+bucket stays locked to a task of the pool, or to panic). It is handed to the process's batch
+thread synchronously, when the batch starts: a run of misses that completes without yielding
+would otherwise leave the batch's task unstarted until a miss finds no clean frame. (The
+stepwise calls of :mod:`aiodbenv.mpool.csync` -- about ten per batch, each waiting for the GIL
+again while the loop runs misses -- remain for crash tests' step points and :data:`ONE_CALL`
+off.)
 
 A miss waits for a batch only when the buckets its victim search looked at hold no clean
 buffer: a dirty best is passed over for a clean one (``find_victim``, and the compiled miss),
-and the search that does so starts a batch in the background (:func:`start_lru_batch`). A
-batch that filled up while misses waited for it or went on evicting starts the next one where
-it stopped (the writes stay ahead of the evictions as long as the misses keep meeting dirty
-pages), so that a steady run of misses over dirty pages rarely waits. With a log and a file with
+and the search that does so starts a batch in the background (:func:`start_lru_batch`). While
+misses go on evicting, a batch is followed by the next at once: where it stopped if it filled
+up, else from the hand with the pages that have aged out of the recently used tenth since (the
+chain ends when nobody evicts, or after two batches in a row that found little), so that a
+steady run of misses over dirty pages rarely waits. With a log and a file with
 ``lsn_offset`` the batch takes the two-step path (the write-ahead rule). Without the compiled
 path (or for pages it cannot write: page transforms, checksums, no descriptor here) the caller
 writes the one victim the Python way.
