@@ -151,6 +151,8 @@ def _go_on(pool: PoolBase, cache: Cache, bucket: int) -> None:
     """The next batch of a chain (see :func:`_batch`), unless the pool is closing."""
     if not pool._closing and not pool._closed:
         start_lru_batch(pool, cache, bucket)
+    else:
+        _dry.pop((id(pool), cache.index), None)
 
 
 #: Start batches in the background when a search passes a dirty best over (the tests that
