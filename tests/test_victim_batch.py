@@ -21,7 +21,7 @@ import pytest
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.errors import LockTimeout
-from aiodbenv.mpool import csync, victims
+from aiodbenv.mpool import batchcall, csync, victims
 from aiodbenv.region.mutex import _W_OWNER_DIED, SYNC_WAIT, SharedMutex, lib, speedups
 
 from .conftest import REPO, spawn
@@ -54,16 +54,16 @@ def on_disk(path: str, pages: range | list[int], gen: int = 1) -> list[int]:
 
 @pytest.fixture
 def one_call_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Counts the one-call batches (``victims._run``) and keeps batches from starting on
+    """Counts the one-call batches (``batchcall.run``) and keeps batches from starting on
     their own (a test starts the one it looks at)."""
     calls: list[int] = []
-    real = victims._run
+    real = batchcall.run
 
     def spy(pool: Any, run: Any) -> Any:
         calls.append(1)
         return real(pool, run)
 
-    monkeypatch.setattr(victims, "_run", spy)
+    monkeypatch.setattr(batchcall, "run", spy)
     monkeypatch.setattr(victims, "BACKGROUND", False)
     yield calls
 
@@ -85,7 +85,7 @@ async def test_one_call_and_stepwise_batches_agree(
     """The same batch by both paths: the same pages written (the least recently used ones),
     clean after, on disk with their content; and a run of misses over dirty pages ends with
     every page on disk."""
-    monkeypatch.setattr(victims, "ONE_CALL", one_call)
+    monkeypatch.setattr(batchcall, "ONE_CALL", one_call)
     async with aiodbenv.Env.open(home, create=True, cache_size=CACHE_PAGES * PS) as env:
         async with env.pool.open_file("a.db", create=True) as f:
             await _filled(env, f)
