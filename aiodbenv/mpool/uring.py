@@ -185,8 +185,9 @@ class UringReader:
 
     def submit_call(self, fd: int, view: memoryview, offset: int, done: Done) -> None:
         """Start the read now; ``done`` gets its result on the loop (the bytes read, or the
-        OSError), called directly when the loop reaps it. ``done`` must not raise (an
-        exception is logged). ``view`` must stay valid until then."""
+        OSError), called directly when the loop reaps it -- possibly before this returns, when
+        the kernel had the page at once. ``done`` must not raise (an exception is logged).
+        ``view`` must stay valid until then."""
         if self._closed:
             raise RuntimeError("the pool's page reader is closed")
         if _io._faults or _io._signal_plan:
@@ -197,6 +198,11 @@ class UringReader:
             self._waiting.append((fd, view, offset, done))
             return
         self._start(fd, view, offset, done)
+        # The page may have come in since the miss found it missing (its RWF_NOWAIT attempt
+        # started the disk read): the kernel then completes the read inside the submit, and
+        # reaping now hands it over without a wake-up of the loop (``done`` runs before this
+        # returns).
+        self._reap()
 
     def _start(self, fd: int, view: memoryview, offset: int, done: Done) -> None:
         buf = ffi.from_buffer(view, require_writable=True)
