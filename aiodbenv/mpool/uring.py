@@ -123,6 +123,10 @@ _Job = tuple[int, memoryview, int, Done]
 class UringReader:
     """The io_uring page reader of one pool handle, bound to the event loop that made it."""
 
+    #: Reap right after a submit (tests turn it off to hold a completed read until the loop
+    #: reaps it, as one still at the disk is).
+    reap_on_submit = True
+
     def __init__(self, depth: int = DEPTH) -> None:
         why = available()
         if why is not None:
@@ -199,6 +203,8 @@ class UringReader:
             self._waiting.append((fd, view, offset, done))
             return
         self._start(fd, view, offset, done)
+        if not self.reap_on_submit:
+            return
         # The page may have come in since the miss found it missing (its RWF_NOWAIT attempt
         # started the disk read): the kernel then completes the read inside the submit, and
         # reaping now hands it over without a wake-up of the loop (``done`` runs before this
