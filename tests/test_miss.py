@@ -533,10 +533,10 @@ async def test_killed_at_each_step_of_the_compiled_miss(
 def test_the_reader_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIODBENV_READER", "anyio")
     assert use_threads() is False
-    for kind in ("threads", "uring"):
+    for kind in ("threads", "uring", "auto"):
         monkeypatch.setenv("AIODBENV_READER", kind)
         assert use_threads() is True
-    monkeypatch.setenv("AIODBENV_READER", "auto")
+    monkeypatch.setenv("AIODBENV_READER", "aio")
     with pytest.raises(ValueError, match="AIODBENV_READER"):
         use_threads()
 

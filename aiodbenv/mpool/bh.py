@@ -31,7 +31,7 @@ from .layout import (
     FILE_STATS,
 )
 from .readers import ReaderThreads, reader_kind
-from .uring import UringReader
+from .uring import UringReader, available
 
 if TYPE_CHECKING:
     from .file import PoolFile
@@ -237,12 +237,14 @@ class BufferIO:
 
     @property
     def reader(self) -> ReadBatcher | ReaderThreads | UringReader:
-        """What reads this handle's pages from the disk: its reader threads, io_uring
-        (``AIODBENV_READER=uring``) or the batcher that sends them to anyio's worker threads
-        (``anyio``); see :func:`~aiodbenv.mpool.readers.reader_kind`. Raises RuntimeError for
-        ``uring`` where io_uring cannot be had."""
+        """What reads this handle's pages from the disk: io_uring where it can be had, else its
+        reader threads (``AIODBENV_READER`` chooses: ``anyio`` for the batcher that sends them
+        to anyio's worker threads); see :func:`~aiodbenv.mpool.readers.reader_kind`. Raises
+        RuntimeError for ``uring`` where io_uring cannot be had."""
         if self._reader_obj is None:
             kind = reader_kind()
+            if kind == "auto":
+                kind = "uring" if available() is None else "threads"
             if kind == "uring":
                 self._reader_obj = UringReader()
             elif kind == "threads":

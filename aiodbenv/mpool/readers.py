@@ -8,8 +8,9 @@ released), and completions come back to the loop in batches: one ``call_soon_thr
 batch, made by the thread that finds the completion list empty. Several threads keep
 concurrent misses overlapping on the disk.
 
-``AIODBENV_READER=uring`` reads through io_uring instead, without a thread
-(:class:`aiodbenv.mpool.uring.UringReader`); see :func:`reader_kind`.
+Where io_uring can be had (the compiled accelerator, a kernel that allows it) reads go
+through it instead, without a thread (:class:`aiodbenv.mpool.uring.UringReader`);
+``AIODBENV_READER`` chooses (:func:`reader_kind`).
 ``AIODBENV_READER=anyio`` uses the older batcher (:class:`aiodbenv.mpool.bh.ReadBatcher`)
 instead, for comparison (``benchmarks``); both Python readers read through
 :func:`aiodbenv._io.preadv`, so fault injection reaches either.
@@ -36,14 +37,15 @@ READER_THREADS = 8
 
 
 #: The values of ``AIODBENV_READER``.
-READERS = ("threads", "uring", "anyio")
+READERS = ("auto", "uring", "threads", "anyio")
 
 
 def reader_kind() -> str:
-    """``AIODBENV_READER``, checked: ``threads`` (the default: :class:`ReaderThreads`),
-    ``uring`` (:class:`aiodbenv.mpool.uring.UringReader`, or an error where io_uring cannot be
-    had) or ``anyio`` (anyio's threads). Read when a pool handle makes its reader."""
-    choice = os.environ.get("AIODBENV_READER", "threads")
+    """``AIODBENV_READER``, checked: ``auto`` (the default: io_uring where it can be had,
+    else reader threads), ``uring`` (:class:`aiodbenv.mpool.uring.UringReader`, or an error
+    where io_uring cannot be had), ``threads`` (:class:`ReaderThreads`) or ``anyio`` (anyio's
+    threads). Read when a pool handle makes its reader."""
+    choice = os.environ.get("AIODBENV_READER", "auto")
     if choice not in READERS:
         raise ValueError(f"AIODBENV_READER must be one of {', '.join(READERS)}, not {choice!r}")
     return choice

@@ -9,10 +9,10 @@ watching the ring's descriptor with ``add_reader``, reaps every completion of a 
 call and hands each to its reader (the same ``done`` callbacks as the reader threads'). Reads
 overlap up to the ring's depth (64); more wait in a queue, in order.
 
-Chosen with ``AIODBENV_READER=uring`` (a pool handle's first disk read raises where it cannot
-be had: no compiled accelerator, or the kernel or a seccomp filter refusing io_uring). Not the
-default: on this project's loaded two-CPU test machine the benchmark's cold rows did not show
-it faster than the reader threads (see docs/performance.md).
+Used by default where it can be had (``AIODBENV_READER=auto``: the compiled accelerator in
+use, and neither the kernel nor a seccomp filter refusing io_uring); ``AIODBENV_READER=uring``
+insists on it (a pool handle's first disk read raises where it cannot be had), ``threads``
+and ``anyio`` choose the Python readers.
 While a test's I/O fault (:func:`aiodbenv._io.inject`) or crash-test signal plan is armed,
 reads go to reader threads instead, so that :func:`aiodbenv._io.preadv` -- the seam those
 hooks watch -- makes them.
