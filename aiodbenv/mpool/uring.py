@@ -161,6 +161,11 @@ class UringReader:
         return n + (self._fallback._running if self._fallback is not None else 0)
 
     @property
+    def _queue(self) -> int:
+        """Reads not yet handed to the kernel (over the ring's depth) or to a thread."""
+        return len(self._waiting) + (self._fallback._queue if self._fallback is not None else 0)
+
+    @property
     def threads(self) -> int:
         """Reader threads started for reads under a test's fault hooks (0 otherwise)."""
         return self._fallback.threads if self._fallback is not None else 0
