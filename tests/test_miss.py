@@ -3,7 +3,8 @@
 - it is in use when the accelerator is, and serves misses of pages in the OS page cache whole;
 - it follows the Python path's replacement policy exactly: the same workload through either
   path gives the same hits, misses, evictions and cached pages;
-- a page not in the OS page cache goes to the reader threads and comes back right;
+- a page not in the OS page cache goes to the disk reader (threads or io_uring) and comes back
+  right;
 - a process SIGKILLed at each step inside the call (``AIODBENV_TEST_MISS_KILL``, a hook in the C
   code that makes it kill itself at that step) leaves only what the reaper cleans up.
 
@@ -28,7 +29,7 @@ import pytest
 
 import aiodbenv
 from aiodbenv import _io
-from aiodbenv.mpool import accel, fget, fopen, hot, miss, victims
+from aiodbenv.mpool import accel, fget, fopen, hot, miss, uring, victims
 from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_READING, BUCKET
 from aiodbenv.mpool.readers import ReaderThreads, use_threads
 
@@ -374,9 +375,15 @@ def _drop_from_os_cache(path: str, npages: int) -> None:
         os.close(fd)
 
 
-async def test_a_page_not_in_the_os_cache_is_read_by_a_thread(
-    env: aiodbenv.Env, home: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kind", ["threads", "uring"])
+async def test_a_page_not_in_the_os_cache_is_read_by_the_reader(
+    env: aiodbenv.Env, home: str, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
+    """Pages gone from the OS page cache come back right through either disk reader (reader
+    threads, io_uring), and the compiled miss hands them over linked and READING."""
+    if kind == "uring" and uring.available() is not None:
+        pytest.skip(f"io_uring: {uring.available()}")
+    monkeypatch.setenv("AIODBENV_READER", kind)  # read when the pool makes its reader
     counting = Counting(monkeypatch)
     pool = env.pool
     async with pool.open_file("m.db", page_size=PS) as f:
@@ -389,14 +396,15 @@ async def test_a_page_not_in_the_os_cache_is_read_by_a_thread(
                     pass
             _drop_from_os_cache(os.path.join(home, "m.db"), 16)
             s0 = pool.stat()
-            for p in range(16):  # readahead of a thread read may bring in the next ones
+            for p in range(16):  # readahead of a disk read may bring in the next ones
                 async with f.get(p) as page:
                     assert bytes(page.data) == page_bytes(p)
             assert pool.stat().page_in - s0.page_in == 16
-            if pool._io.reader.reads if isinstance(pool._io.reader, ReaderThreads) else 0:
+            if pool._io.reader.reads:  # type: ignore[union-attr]
                 break
     reader = pool._io.reader
-    assert isinstance(reader, ReaderThreads) and reader.reads >= 1
+    assert isinstance(reader, ReaderThreads if kind == "threads" else uring.UringReader)
+    assert reader.reads >= 1 and reader._running == 0
     if miss.COMPILED_MISS:  # the compiled call handed the page over, linked and READING
         assert accel.MISS_FILL_DISK in counting.handed, (counting.whole, counting.fallback)
         assert set(counting.handed) <= {accel.MISS_FILL_DISK, accel.MISS_FILL}
@@ -525,9 +533,10 @@ async def test_killed_at_each_step_of_the_compiled_miss(
 def test_the_reader_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIODBENV_READER", "anyio")
     assert use_threads() is False
-    monkeypatch.setenv("AIODBENV_READER", "threads")
-    assert use_threads() is True
-    monkeypatch.setenv("AIODBENV_READER", "uring")
+    for kind in ("threads", "uring", "auto"):
+        monkeypatch.setenv("AIODBENV_READER", kind)
+        assert use_threads() is True
+    monkeypatch.setenv("AIODBENV_READER", "aio")
     with pytest.raises(ValueError, match="AIODBENV_READER"):
         use_threads()
 

@@ -30,7 +30,8 @@ from .layout import (
     FILE_ENTRY,
     FILE_STATS,
 )
-from .readers import ReaderThreads, use_threads
+from .readers import ReaderThreads, reader_kind
+from .uring import UringReader, available
 
 if TYPE_CHECKING:
     from .file import PoolFile
@@ -225,7 +226,7 @@ class BufferIO:
         self.tasks: set[asyncio.Future[Any]] = set()
         # Made on first use: a pool is built in a worker thread, where anyio objects cannot be.
         self._limiter_obj: anyio.CapacityLimiter | None = None
-        self._reader_obj: ReadBatcher | ReaderThreads | None = None
+        self._reader_obj: ReadBatcher | ReaderThreads | UringReader | None = None
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -235,11 +236,18 @@ class BufferIO:
         return self._limiter_obj
 
     @property
-    def reader(self) -> ReadBatcher | ReaderThreads:
-        """What reads this handle's pages from the disk: its reader threads (or, with
-        ``AIODBENV_READER=anyio``, the batcher that sends them to anyio's worker threads)."""
+    def reader(self) -> ReadBatcher | ReaderThreads | UringReader:
+        """What reads this handle's pages from the disk: io_uring where it can be had, else its
+        reader threads (``AIODBENV_READER`` chooses: ``anyio`` for the batcher that sends them
+        to anyio's worker threads); see :func:`~aiodbenv.mpool.readers.reader_kind`. Raises
+        RuntimeError for ``uring`` where io_uring cannot be had."""
         if self._reader_obj is None:
-            if use_threads():
+            kind = reader_kind()
+            if kind == "auto":
+                kind = "uring" if available() is None else "threads"
+            if kind == "uring":
+                self._reader_obj = UringReader()
+            elif kind == "threads":
                 self._reader_obj = ReaderThreads()
             else:
                 self._reader_obj = ReadBatcher(self.limiter, self.spawn)
@@ -364,7 +372,7 @@ class BufferIO:
         Cancellation: the close runs in a worker thread and finishes; the descriptors are
         forgotten first, so none is closed twice.
         """
-        if isinstance(self._reader_obj, ReaderThreads):
+        if isinstance(self._reader_obj, ReaderThreads | UringReader):
             self._reader_obj.close()  # the pool waited for its reads first
         if self.wfds:
             fds = list(self.wfds.values())

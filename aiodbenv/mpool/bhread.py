@@ -38,6 +38,7 @@ from .layout import (
     PINS_HALF,
 )
 from .readers import ReaderThreads
+from .uring import UringReader
 
 __all__ = ["PoolReads"]
 
@@ -94,7 +95,7 @@ class PoolReads(PoolFrames):
             self._settle(self._fail_read, cache, b, bh)
             raise
         reader = self._io.reader
-        if isinstance(reader, ReaderThreads) and f._fd is not None:
+        if isinstance(reader, ReaderThreads | UringReader) and f._fd is not None:
             await self._fill_by_thread(reader, f._fd, f, cache, b, bh, pgno, mode)
             return
         job = self._io.spawn(self._fill_job(f, cache, b, bh, pgno, mode))
@@ -255,7 +256,7 @@ class PoolReads(PoolFrames):
 
     async def _fill_by_thread(
         self,
-        reader: ReaderThreads,
+        reader: ReaderThreads | UringReader,
         fd: int,
         f: PageAccess,
         cache: Cache,
@@ -264,9 +265,9 @@ class PoolReads(PoolFrames):
         pgno: int,
         mode: int,
     ) -> None:
-        """Read the page in a reader thread. Its completion, called on the loop, checks and
-        publishes the page (or fails the read) before the caller resumes: no task, and one
-        turn of the loop between the read and the caller.
+        """Read the page through io_uring or in a reader thread. Its completion, called on
+        the loop, checks and publishes the page (or fails the read) before the caller resumes:
+        no task, and one turn of the loop between the read and the caller.
 
         Cancellation: the read and its publication go on for the page's other waiters; the
         caller's pin is dropped once the page is published (a failed read drops it itself).

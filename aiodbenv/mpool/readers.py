@@ -8,9 +8,12 @@ released), and completions come back to the loop in batches: one ``call_soon_thr
 batch, made by the thread that finds the completion list empty. Several threads keep
 concurrent misses overlapping on the disk.
 
+Where io_uring can be had (the compiled accelerator, a kernel that allows it) reads go
+through it instead, without a thread (:class:`aiodbenv.mpool.uring.UringReader`);
+``AIODBENV_READER`` chooses (:func:`reader_kind`).
 ``AIODBENV_READER=anyio`` uses the older batcher (:class:`aiodbenv.mpool.bh.ReadBatcher`)
-instead, for comparison (``benchmarks``); both read through :func:`aiodbenv._io.preadv`, so
-fault injection reaches either.
+instead, for comparison (``benchmarks``); both Python readers read through
+:func:`aiodbenv._io.preadv`, so fault injection reaches either.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable
 
 from .. import _io
 
-__all__ = ["READER_THREADS", "ReaderThreads", "use_threads"]
+__all__ = ["READERS", "READER_THREADS", "ReaderThreads", "reader_kind", "use_threads"]
 
 logger = logging.getLogger("aiodbenv")
 
@@ -33,13 +36,26 @@ logger = logging.getLogger("aiodbenv")
 READER_THREADS = 8
 
 
+#: The values of ``AIODBENV_READER``.
+READERS = ("auto", "uring", "threads", "anyio")
+
+
+def reader_kind() -> str:
+    """``AIODBENV_READER``, checked: ``auto`` (the default: io_uring where it can be had,
+    else reader threads), ``uring`` (:class:`aiodbenv.mpool.uring.UringReader`, or an error
+    where io_uring cannot be had), ``threads`` (:class:`ReaderThreads`) or ``anyio`` (anyio's
+    threads). Read when a pool handle makes its reader."""
+    choice = os.environ.get("AIODBENV_READER", "auto")
+    if choice not in READERS:
+        raise ValueError(f"AIODBENV_READER must be one of {', '.join(READERS)}, not {choice!r}")
+    return choice
+
+
 def use_threads() -> bool:
-    """Whether page reads use :class:`ReaderThreads` (the default) or anyio's threads
-    (``AIODBENV_READER=anyio``). Read when a pool handle makes its reader."""
-    choice = os.environ.get("AIODBENV_READER", "threads")
-    if choice not in ("threads", "anyio"):
-        raise ValueError(f"AIODBENV_READER must be 'threads' or 'anyio', not {choice!r}")
-    return choice == "threads"
+    """Whether page reads use a reader of this module's kind -- reader threads or io_uring,
+    both delivering through ``submit_call`` -- rather than anyio's threads
+    (``AIODBENV_READER=anyio``)."""
+    return reader_kind() != "anyio"
 
 
 #: What a read hands its result to, on the loop: the bytes read, or the read's exception.

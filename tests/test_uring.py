@@ -1,0 +1,310 @@
+"""The io_uring page reader (aiodbenv/mpool/uring.py, aiodbenv/_csrc/45_reader.c).
+
+- it reads what a pread reads, overlapping reads beyond its depth (queued in order);
+- a read error, a short read and an interrupted read (the C reap's test hook) come out as a
+  pread loop's would: the error, the rest read again, the read issued again;
+- a read that never ends (a pipe with no writer) is left running by a cancelled caller, its
+  buffer written when it does end, and closing waits for it within a bound;
+- nothing is left behind: the ring's descriptor is closed by close(), by the garbage collector
+  once the loop that made it is gone, and in a forked child at the fork (the parent's goes on);
+- in a pool, a page read through it is the page, and a failed read fails the get and frees
+  the frame;
+- with a test's fault armed, reads go through the I/O seam (reader threads) instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import os
+import time
+
+import pytest
+
+import aiodbenv
+from aiodbenv import _io
+from aiodbenv.mpool import uring
+from aiodbenv.region.mutex import speedups
+
+from .test_miss import FRAMES, PAGES, PS, _drop_from_os_cache, page_bytes
+from .test_miss import env as env  # the fixture: FRAMES frames, PAGES pages
+from .test_reaper import pin_totals
+
+pytestmark = pytest.mark.skipif(
+    uring.available() is not None, reason=f"io_uring: {uring.available()}"
+)
+
+
+def _rings() -> int:
+    """io_uring descriptors this process holds (uvloop's libuv may hold one of its own)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "io_uring" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+def _is_ring(fd: int) -> bool:
+    try:
+        return "io_uring" in os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def data(tmp_path: object) -> str:
+    path = os.path.join(str(tmp_path), "data")
+    with open(path, "wb") as fh:
+        for p in range(64):
+            fh.write(page_bytes(p))
+    return path
+
+
+async def test_reads_what_pread_reads_and_queues_beyond_its_depth(data: str) -> None:
+    before = _rings()
+    reader = uring.UringReader(depth=2)
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        assert _rings() == before + 1
+        bufs = [bytearray(PS) for _ in range(9)]
+        got = await asyncio.gather(
+            *(reader.read(fd, memoryview(b), p * 7 * PS) for p, b in enumerate(bufs))
+        )
+        assert got == [PS] * 9
+        assert [bytes(b) for b in bufs] == [page_bytes(p * 7) for p in range(9)]
+        # The end of the file: a short count, then zero.
+        tail = bytearray(PS)
+        assert await reader.read(fd, memoryview(tail), 64 * PS - 100) == 100
+        assert await reader.read(fd, memoryview(tail), 64 * PS) == 0
+        assert reader.reads == 11 and reader._running == 0 and reader.threads == 0
+    finally:
+        reader.close()
+        os.close(fd)
+    assert _rings() == before
+
+
+@pytest.mark.parametrize(
+    ("fault", "expect"),
+    [(-errno.EIO, "EIO"), (-errno.EINTR, "page"), (100, "page")],
+    ids=["error", "interrupted", "short"],
+)
+async def test_an_error_a_short_and_an_interrupted_read(data: str, fault: int, expect: str) -> None:
+    reader = uring.UringReader()
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        buf = bytearray(PS)
+        speedups.aiodb_reader_test_result(reader._ring.r, fault)
+        if expect == "EIO":
+            with pytest.raises(OSError) as err:
+                await reader.read(fd, memoryview(buf), 5 * PS)
+            assert err.value.errno == errno.EIO
+        else:
+            # Interrupted: issued again whole; short (100 bytes counted): the rest read again.
+            assert await reader.read(fd, memoryview(buf), 5 * PS) == PS
+            assert bytes(buf) == page_bytes(5)
+        assert reader._running == 0
+        assert await reader.read(fd, memoryview(buf), 6 * PS) == PS  # and it goes on
+        assert bytes(buf) == page_bytes(6)
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+async def test_a_cancelled_read_runs_to_its_end_and_close_waits_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader = uring.UringReader()
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        buf = bytearray(8)
+        t = asyncio.ensure_future(reader.read(r, memoryview(buf), 0))
+        await asyncio.sleep(0.02)
+        assert reader._running == 1  # in the kernel, waiting for the pipe
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        os.write(w, b"12345678")
+        deadline = time.monotonic() + 5
+        while reader._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert reader._running == 0 and reader.reads == 1
+        assert bytes(buf) == b"12345678"  # the read ended into its buffer all the same
+        # A read that never ends: close waits CLOSE_WAIT for it, then the kernel cancels it.
+        monkeypatch.setattr(uring, "CLOSE_WAIT", 0.2)
+        stuck = bytearray(8)
+        reader.submit_call(r2, memoryview(stuck), 0, lambda res: None)
+        t0 = time.monotonic()
+        reader.close()
+        assert 0.15 < time.monotonic() - t0 < 3
+        assert "still in flight" in caplog.text
+        os.write(w2, b"abcdefgh")
+        await asyncio.sleep(0.05)
+        assert bytes(stuck) == bytes(8)  # cancelled: never written
+        with pytest.raises(RuntimeError, match="closed"):
+            reader.submit_call(r, memoryview(buf), 0, lambda res: None)
+    finally:
+        reader.close()
+        for fd in (r, w, r2, w2):
+            os.close(fd)
+
+
+def test_a_reader_whose_loop_is_gone_is_closed_when_collected(
+    data: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(uring, "CLOSE_WAIT", 0.1)
+    before = _rings()
+    r, w = os.pipe()
+    try:
+
+        async def start() -> None:
+            reader = uring.UringReader()
+            reader.submit_call(r, memoryview(bytearray(8)), 0, lambda res: None)
+
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(start())
+        loop.close()  # the read still in flight, nobody to reap it
+        gc.collect()
+        assert _rings() == before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_a_forked_child_never_uses_the_parents_ring(data: str) -> None:
+    reader = uring.UringReader()
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        buf = bytearray(PS)
+        assert await reader.read(fd, memoryview(buf), PS) == PS
+        pid = os.fork()
+        if pid == 0:  # the child: its copy is closed; using it refuses
+            code = 0
+            try:
+                if reader._ring.r is not None or _is_ring(reader._fd):
+                    code = 3
+                try:
+                    reader.submit_call(fd, memoryview(buf), 0, lambda res: None)
+                    code = 4
+                except RuntimeError:
+                    pass
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert await reader.read(fd, memoryview(buf), 9 * PS) == PS  # the parent's goes on
+        assert bytes(buf) == page_bytes(9)
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+async def test_reads_go_through_the_io_seam_while_a_fault_is_armed(data: str) -> None:
+    reader = uring.UringReader()
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        buf = bytearray(PS)
+        with _io.inject("pread", errno.EIO, times=1) as fault:
+            with pytest.raises(OSError):
+                await reader.read(fd, memoryview(buf), 0)
+            assert await reader.read(fd, memoryview(buf), 3 * PS) == PS
+        assert fault.fired == 1 and reader.reads == 0 and reader.threads >= 1
+        assert bytes(buf) == page_bytes(3)
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+async def _cold(env: aiodbenv.Env, home: str, f: aiodbenv.PoolFile) -> None:
+    """Fill the cache with other pages and drop the file from the OS page cache."""
+    for p in range(FRAMES, 2 * FRAMES):
+        async with f.get(p):
+            pass
+    _drop_from_os_cache(os.path.join(home, "m.db"), 16)
+
+
+async def test_a_pool_reads_pages_through_it_and_a_failed_read_frees_the_frame(
+    env: aiodbenv.Env,
+    home: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AIODBENV_READER", "uring")
+    pool = env.pool
+    async with pool.open_file("m.db", page_size=PS) as f:
+        await _cold(env, home, f)
+        reader = pool._io.reader
+        assert isinstance(reader, uring.UringReader)
+        for p in range(16):
+            async with f.get(p) as page:
+                assert bytes(page.data) == page_bytes(p)
+        assert reader.reads >= 1
+        await _cold(env, home, f)
+        failed = 0
+        for p in range(16):
+            speedups.aiodb_reader_test_result(reader._ring.r, -errno.EIO)
+            try:
+                async with f.get(p):
+                    pass
+            except OSError as err:
+                assert err.errno == errno.EIO
+                failed += 1
+        speedups.aiodb_reader_test_result(reader._ring.r, 0)
+        assert failed >= 1  # (pages readahead brought back are read without the ring)
+        # Nothing held, every frame usable, every page right.
+        held = [await f.pin(p) for p in range(PAGES - FRAMES, PAGES)]
+        for page in held:
+            await f.unpin(page)
+        for p in range(16):
+            async with f.get(p) as page:
+                assert bytes(page.data) == page_bytes(p)
+    assert pin_totals(env) == {}
+
+
+async def test_a_miss_cancelled_with_its_read_in_flight(
+    env: aiodbenv.Env,
+    home: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller goes; the read lands in the frame it pinned, the page is published, the
+    caller's pin dropped; the page is right for the next reader."""
+    monkeypatch.setenv("AIODBENV_READER", "uring")
+    # A read the kernel finished inside its submit would be handed over before the caller
+    # could be cancelled: hold completions until the loop reaps them.
+    monkeypatch.setattr(uring.UringReader, "reap_on_submit", False)
+    pool = env.pool
+    async with pool.open_file("m.db", page_size=PS) as f:
+        cancelled = 0
+        for round_ in range(5):
+            await _cold(env, home, f)
+            reader = pool._io.reader
+            assert isinstance(reader, uring.UringReader)
+
+            async def get(p: int) -> None:
+                async with f.get(p):
+                    pass
+
+            t = asyncio.ensure_future(get(3 + round_))
+            for _ in range(50):
+                await asyncio.sleep(0)
+                if reader._running or t.done():
+                    break
+            if reader._running:  # in flight now: cancel it there
+                t.cancel()
+                cancelled += 1
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+            deadline = time.monotonic() + 5
+            while reader._running and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert reader._running == 0
+            async with f.get(3 + round_) as page:
+                assert bytes(page.data) == page_bytes(3 + round_)
+            if cancelled >= 2:
+                break
+        assert cancelled >= 1
+    assert pin_totals(env) == {}
