@@ -16,6 +16,7 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 from ..mpool.hot import module as _hot
+from ..region.layout import MAX_PROCS
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as unlock
 from .layout import LOG_HEADER
@@ -26,6 +27,7 @@ __all__ = [
     "COMPILED",
     "HALF",
     "PYTHON",
+    "ROUND_COMPILED",
     "BehindJob",
     "FastPut",
     "behind_job",
@@ -112,7 +114,12 @@ _J_STATE, _J_ERR, _J_FD, _J_FILE, _J_FOFF, _J_START, _J_END, _J_COMMITS = range(
 _J_IDENT = 8  # pid, start time, token
 _J_INDEXES = 11  # word indexes of w_lsn ... flusher_token
 _J_EVFD = 20
-_J_COUNT = 21
+# The whole round's slots (aiodbenv/_csrc/65_logflush.c's JX_* enum, after J_COUNT).
+_JX_SYNC, _JX_MORE, _JX_INDEXES = 21, 22, 23
+_JX_NSLOTS, _JX_SOCK, _JX_ROUNDS, _JX_SENT = 35, 36, 37, 38
+_J_COUNT = 39
+#: True when a flush round runs as one compiled call (aiodbenv/_csrc/65_logflush.c).
+ROUND_COMPILED = COMPILED and hasattr(speedups, "aiodb_log_round")
 
 
 class BehindJob:
@@ -143,12 +150,35 @@ class BehindJob:
                 "flusher_token",
             )
         ]
+        self.j[_JX_INDEXES:_JX_NSLOTS] = [
+            h + getattr(_W, name)
+            for name in (
+                "s_lsn",
+                "st_fsyncs",
+                "st_flushes",
+                "st_max_commits",
+                "st_min_commits",
+                "pending_commits",
+                "want_write",
+                "file_ready",
+                "failed_errno",
+                "failed_file",
+                "wake_want",
+                "wake_name",
+            )
+        ]
+        self.j[_JX_NSLOTS] = MAX_PROCS
         # Once the job is not idle, the start fills it: until then it reads as done.
         self.j[_J_STATE] = JOB_DONE
         if fast.putter is not None:
             # The compiled put returns the LSN itself past half while a write behind is
             # queued or running (nothing for Python to do then).
             fast.putter.set_job(int(ffi.cast("uintptr_t", self.j)), self.j)
+
+    def set_socket(self, fd: int) -> None:
+        """The datagram socket wake-ups are sent by (-1: none; waiters then re-check on
+        their timeout)."""
+        self.j[_JX_SOCK] = fd + 1
 
     def start(
         self,
@@ -160,18 +190,44 @@ class BehindJob:
         end: int,
         commits: int,
         evfd: int,
+        sync: bool = False,
+        more: int = 0,
     ) -> Future[None]:
         """Have ``executor`` (the writer's thread) write buffer bytes ``[start, end)`` at
-        ``foff`` of ``file`` (open as ``fd``), publish them and let the role go, in one
-        call without the GIL; the call adds 1 to the eventfd ``evfd`` when done (-1: none)."""
+        ``foff`` of ``file`` (open as ``fd``), fdatasync it if ``sync``, publish it, run up
+        to ``more`` further rounds for the flush and write-through calls of any process
+        registered meanwhile, let the role go and wake the waiters, in one call without the
+        GIL; the call adds 1 to the eventfd ``evfd`` when done (-1: none)."""
         j = self.j
         j[_J_STATE], j[_J_EVFD] = JOB_QUEUED, evfd + 1
         j[_J_FD], j[_J_FILE], j[_J_FOFF] = fd, file, foff
         j[_J_START], j[_J_END], j[_J_COMMITS] = start, end, commits
+        j[_JX_SYNC], j[_JX_MORE] = int(sync), more
         return executor.submit(self._run)
 
+    def current(self) -> tuple[int, int, int, bool, int]:
+        """``(file, start, end, sync, commits)`` of the round the job describes now (after
+        further rounds, the last one: what the loop publishes if it is left stuck)."""
+        j = self.j
+        return (
+            int(j[_J_FILE]),
+            int(j[_J_START]),
+            int(j[_J_END]),
+            bool(j[_JX_SYNC]),
+            int(j[_J_COMMITS]),
+        )
+
+    def rounds(self) -> tuple[int, int]:
+        """``(rounds, wake-ups sent)`` by the last call (for tests)."""
+        return int(self.j[_JX_ROUNDS]), int(self.j[_JX_SENT])
+
+    def wake(self, everyone: bool) -> int:
+        """Send the waiters' wake-ups a publish owes (see :mod:`aiodbenv.log.wakesock`),
+        without the GIL's help: the number sent."""
+        return int(speedups.aiodb_log_wake(self.fast.args, self.j, int(everyone)))
+
     def _run(self) -> None:
-        if speedups.aiodb_log_behind(self.fast.args, self.j) == OWNER_DEAD:
+        if speedups.aiodb_log_round(self.fast.args, self.j) == OWNER_DEAD:
             # Left held for us, its holder dead: repair here, in the thread that holds it
             # (a robust mutex is its locker's), as any locker would; the loop publishes.
             core = self.core
@@ -193,7 +249,7 @@ class BehindJob:
 
 def behind_job(core: Any, fast: FastPut | None) -> BehindJob | None:
     """The compiled write behind of a file log handle with the compiled append, or None."""
-    if fast is None or core.inmemory or not hasattr(speedups, "aiodb_log_behind"):
+    if fast is None or core.inmemory or not ROUND_COMPILED:
         return None
     return BehindJob(core, fast)
 

@@ -32,6 +32,7 @@ from .files import log_path
 __all__ = ["MORE_ROUNDS", "Round", "ThreadRounds"]
 
 _PWRITEV = _io.pwritev
+_FDATASYNC = _io.fdatasync
 
 #: Compiled write behinds still running when their handle closed (kept alive for their thread).
 _ORPHANS: list[CRound] = []
@@ -82,13 +83,15 @@ class CRound:
     (:class:`~aiodbenv.log.accel.BehindJob`): the same attributes as :class:`Round` for the
     code that waits for one."""
 
-    sync = False
     listeners = False
     durable_from = 0
 
-    def __init__(self, job: BehindJob, file: int, start: int, end: int, commits: int) -> None:
+    def __init__(
+        self, job: BehindJob, file: int, start: int, end: int, commits: int, sync: bool
+    ) -> None:
         self.job = job
         self.file, self.start, self.end, self.commits = file, start, end, commits
+        self.sync = sync
         self._finished = False
         self.cf: concurrent.futures.Future[None] | None = None
         #: Futures the loop resolves when the thread says it is done (through the eventfd).
@@ -215,11 +218,17 @@ class ThreadRounds:
             or self._attempt(c.take_role, None) is not True
         ):
             return
-        r = self._attempt(self._round_start, sync, False, True)
-        if not isinstance(r, Round):
+        r = self._attempt(self._round_start, sync, False, True, True)
+        if not isinstance(r, (Round, CRound)):
             self._attempt(c.release_role)  # if Busy: this handle takes it back later
             return
         self._inflight = r
+        if isinstance(r, CRound):
+            # One compiled call in the writer's thread; its eventfd wakes the loop. A
+            # failed write or fsync is reported by _finish_now (the environment panics).
+            await self._settle_behind()
+            self._check()
+            return
         try:
             await asyncio.shield(r.done)
         except OSError:
@@ -294,15 +303,21 @@ class ThreadRounds:
         if r.finished:  # its thread published it between the two reads
             return True
         c = self._c
+        file, start, end, sync, commits = (
+            r.job.current()
+            if isinstance(r, CRound)
+            else (r.file, r.start, r.end, r.sync, r.commits)
+        )
         err = r.failure()
         if err:
-            # The compiled thread's write failed: panic here, as the Python thread does.
-            self._thread_failed(r.file, False, OSError(err, os.strerror(err)))
+            # The compiled thread's write or fsync failed: panic here, as the Python thread
+            # does (the thread recorded it in the region already).
+            self._thread_failed(file, sync, OSError(err, os.strerror(err)))
             r.finished = True
             self._attempt(c.release_role)
             self._wake_others()
             return True
-        if isinstance(self._attempt(c.end_write, r.file, r.start, r.end, r.sync, r.commits), Busy):
+        if isinstance(self._attempt(c.end_write, file, start, end, sync, commits), Busy):
             return False
         r.finished = True
         self._attempt(c.release_role)  # if Busy, the role is taken back by this handle later
@@ -351,12 +366,22 @@ class ThreadRounds:
         if (
             compiled
             and job is not None
-            and not (_io._faults or _io._signal_plan or _io.pwritev is not _PWRITEV)
+            and not (sync and self._listeners)
+            and not (
+                _io._faults
+                or _io._signal_plan
+                or _io.pwritev is not _PWRITEV
+                or _io.fdatasync is not _FDATASYNC
+            )
         ):
             # One compiled call in the writer's thread does it all; the seam's faults and
-            # crash points (and a patched pwritev) need the Python work below.
-            cr = CRound(job, file, start, end, commits)
-            cr.cf = job.start(self._thread, fd, file, foff, start, end, commits, self._job_fd())
+            # crash points (and a patched pwritev or fdatasync) need the Python work below,
+            # and so do durable-log listeners (they get the bytes on the loop).
+            cr = CRound(job, file, start, end, commits, sync)
+            more = 0 if self._closing else MORE_ROUNDS
+            cr.cf = job.start(
+                self._thread, fd, file, foff, start, end, commits, self._job_fd(), sync, more
+            )
             return cr
         view = c.buf[c.b0 + start : c.b0 + end]
         listeners = bool(self._listeners) and sync
