@@ -46,7 +46,7 @@ def socket_name(nonce: int) -> bytes:
 class WakeSocket:
     """A log handle's wake-up socket: it receives wake-ups and sends them."""
 
-    __slots__ = ("_fut", "_loop", "nonce", "sock")
+    __slots__ = ("_fut", "_loop", "nonce", "received", "sock")
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -64,6 +64,8 @@ class WakeSocket:
             self.sock.close()
             raise
         self.nonce = nonce
+        #: Wake-ups received (for tests and statistics).
+        self.received = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fut: asyncio.Future[None] | None = None
 
@@ -81,6 +83,7 @@ class WakeSocket:
         try:
             while True:
                 self.sock.recv(64)
+                self.received += 1
         except OSError:
             pass  # empty (EAGAIN)
 
