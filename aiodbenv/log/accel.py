@@ -12,6 +12,7 @@ Python path, so both paths share one implementation of the rare cases.
 from __future__ import annotations
 
 import errno
+import os
 from concurrent.futures import Executor, Future
 from typing import Any
 
@@ -117,9 +118,13 @@ _J_EVFD = 20
 # The whole round's slots (aiodbenv/_csrc/65_logflush.c's JX_* enum, after J_COUNT).
 _JX_SYNC, _JX_MORE, _JX_INDEXES = 21, 22, 23
 _JX_NSLOTS, _JX_SOCK, _JX_ROUNDS, _JX_SENT = 35, 36, 37, 38
-_J_COUNT = 39
+_JX_ALIVE = 41
+_J_COUNT = 43
 #: True when a flush round runs as one compiled call (aiodbenv/_csrc/65_logflush.c).
 ROUND_COMPILED = COMPILED and hasattr(speedups, "aiodb_log_round")
+#: Whether new log handles run their compiled rounds in a round thread of their own (else in
+#: the writer's executor thread; tests that gate that thread turn it off).
+ROUND_THREAD = os.environ.get("AIODBENV_LOG_ROUND_THREAD", "1") != "0"
 
 
 class BehindJob:
@@ -128,7 +133,7 @@ class BehindJob:
     publishes it (``end_write``), lets the role go and wakes other processes' waiters in one
     C call without the GIL; :meth:`state` tells how far it got (``JOB_*``)."""
 
-    __slots__ = ("core", "fast", "j")
+    __slots__ = ("_started_once", "core", "fast", "j", "thread")
 
     def __init__(self, core: Any, fast: FastPut) -> None:
         h = core.h
@@ -168,6 +173,10 @@ class BehindJob:
             )
         ]
         self.j[_JX_NSLOTS] = MAX_PROCS
+        #: Whether the handle's round thread runs (started with the first round; False: the
+        #: rounds go to the executor's thread, as they do if it cannot be started).
+        self.thread = False
+        self._started_once = False
         # Once the job is not idle, the start fills it: until then it reads as done.
         self.j[_J_STATE] = JOB_DONE
         if fast.putter is not None:
@@ -192,18 +201,37 @@ class BehindJob:
         evfd: int,
         sync: bool = False,
         more: int = 0,
-    ) -> Future[None]:
+    ) -> Future[None] | None:
         """Have ``executor`` (the writer's thread) write buffer bytes ``[start, end)`` at
         ``foff`` of ``file`` (open as ``fd``), fdatasync it if ``sync``, publish it, run up
         to ``more`` further rounds for the flush and write-through calls of any process
         registered meanwhile, let the role go and wake the waiters, in one call without the
-        GIL; the call adds 1 to the eventfd ``evfd`` when done (-1: none)."""
+        GIL; the call adds 1 to the eventfd ``evfd`` when done (-1: none). The round runs in
+        the handle's round thread (None returned), else in ``executor`` (its future)."""
         j = self.j
         j[_J_STATE], j[_J_EVFD] = JOB_QUEUED, evfd + 1
         j[_J_FD], j[_J_FILE], j[_J_FOFF] = fd, file, foff
         j[_J_START], j[_J_END], j[_J_COMMITS] = start, end, commits
         j[_JX_SYNC], j[_JX_MORE] = int(sync), more
+        if not self.thread and not self._started_once and ROUND_THREAD:
+            self._started_once = True
+            if speedups.aiodb_log_thread_start(self.fast.args, j) == 0:
+                self.thread = True
+                _BY_JOB[int(ffi.cast("uintptr_t", j))] = self
+        if self.thread:
+            speedups.aiodb_log_thread_go(j)
+            return None
         return executor.submit(self._run)
+
+    def quit(self) -> None:
+        """Ask the round thread to end (after the round it runs, if any). The job (and the
+        arrays the thread reads) is kept until the thread has ended."""
+        if self.thread:
+            speedups.aiodb_log_thread_quit(self.j)
+            self.thread = False
+        for key, job in list(_BY_JOB.items()):
+            if not job.thread and job.j[_JX_ALIVE] == 0:
+                del _BY_JOB[key]
 
     def current(self) -> tuple[int, int, int, bool, int]:
         """``(file, start, end, sync, commits)`` of the round the job describes now (after
@@ -228,12 +256,15 @@ class BehindJob:
 
     def _run(self) -> None:
         if speedups.aiodb_log_round(self.fast.args, self.j) == OWNER_DEAD:
-            # Left held for us, its holder dead: repair here, in the thread that holds it
-            # (a robust mutex is its locker's), as any locker would; the loop publishes.
-            core = self.core
-            core.mutex.acquire_contended(errno.EOWNERDEAD)
-            if core._ptr is not None:
-                unlock(core._ptr)
+            self._repair()
+
+    def _repair(self) -> None:
+        # Left held for us, its holder dead: repair here, in the thread that holds it (a
+        # robust mutex is its locker's), as any locker would; the loop publishes.
+        core = self.core
+        core.mutex.acquire_contended(errno.EOWNERDEAD)
+        if core._ptr is not None:
+            unlock(core._ptr)
 
     def state(self) -> int:
         """``JOB_QUEUED`` until the writer's thread starts it, ``JOB_RUNNING`` while it
@@ -245,6 +276,21 @@ class BehindJob:
     def error(self) -> int:
         """The errno of a failed write."""
         return int(self.j[_J_ERR])
+
+
+#: Jobs whose round thread was started, by the address of their job array: kept alive until
+#: the thread has ended (it reads their arrays), and found by the repair callback, which the
+#: thread makes with that address.
+_BY_JOB: dict[int, BehindJob] = {}
+
+if ROUND_COMPILED:
+
+    @ffi.def_extern(name="aiodb_log_repair_cb")  # type: ignore[untyped-decorator]
+    def _repair_cb(j: Any) -> None:
+        """The round thread found the log mutex held by a dead process (it holds it now)."""
+        job = _BY_JOB.get(int(ffi.cast("uintptr_t", j)))
+        if job is not None:
+            job._repair()
 
 
 def behind_job(core: Any, fast: FastPut | None) -> BehindJob | None:

@@ -490,6 +490,8 @@ class Log(LogWriter):
             r = self._inflight
             orphan = isinstance(r, CRound) and not r.io_done()
             self._forget_behind()
+            if self._bjob is not None:
+                self._bjob.quit()
             ws, self._wsock = self._wsock, None
             if ws is not None:
                 unregister(self._c.w, self._c.h, self._c.rsv_slot, name=True)
