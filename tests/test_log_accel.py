@@ -504,3 +504,75 @@ async def test_cffi_append_without_the_compiled_put(home: str) -> None:
     finally:
         await env.close()
         await aiodbenv.Env.remove(home)
+
+
+# A compiled write behind still running when its handle's close gives up waiting for it (a
+# disk slower than wait_timeout): here its thread has written the round and waits for the log
+# mutex, which another process holds. Close then detaches the regions; the thread goes on to
+# lock and publish in the log region. Run in a child, so that a region unmapped under the
+# thread is a crash the test reports rather than the end of the test run.
+OUTLIVES_CLOSE = r"""
+import asyncio, json, logging, subprocess, sys, threading, time
+import aiodbenv
+from aiodbenv.log.accel import JOB_RUNNING
+from aiodbenv.log.orphan import running
+from aiodbenv.log.threadrounds import CRound
+
+HOLD = '''
+import asyncio, json, sys, time
+import aiodbenv
+async def main(home, extra):
+    env = await aiodbenv.Env.open(home, log=True, **extra)
+    with env.log._c.mutex:
+        print("held", flush=True)
+        time.sleep(0.8)  # past the closing handle's waits, within the thread's lock wait
+    await env.close(nosync=True)
+asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
+'''
+
+async def main(home, extra):
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192, **extra)
+    log = env.log
+    await log.put(b"first", flush=True)
+    gate = threading.Event()
+    log._thread.submit(gate.wait, 30)  # the round queues behind this
+    while log._inflight is None:
+        await log.put(b"b" * 84)
+    r = log._inflight
+    assert isinstance(r, CRound), r
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, home, json.dumps(extra)],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"held\n"
+    gate.set()
+    while r.job.state() != JOB_RUNNING:  # written, or writing; then it waits for the mutex
+        time.sleep(0.001)
+    log.wait_timeout = 0.1
+    await env.close(nosync=True)
+    assert running() == 1
+    r.cf.result(timeout=30)  # it locked and published, or gave up: in a region still mapped
+    assert running() == 0  # its view released, its descriptors closed
+    assert holder.wait(timeout=30) == 0
+    await aiodbenv.Env.remove(home)
+    print("ok")
+
+logging.basicConfig(level=logging.WARNING)
+asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
+"""
+
+
+@compiled
+@pytest.mark.parametrize("kind", ["file", "system"])
+def test_write_behind_outliving_close_keeps_the_region_mapped(
+    home: str, kind: str, shm_key: int
+) -> None:
+    extra = {"region": kind, "shm_key": shm_key} if kind == "system" else {}
+    r = subprocess.run(
+        [sys.executable, "-c", OUTLIVES_CLOSE, home, json.dumps(extra)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-3000:])
+    # The region was left mapped for the thread, and the log says so.
+    assert "still running" in r.stderr, r.stderr[-3000:]

@@ -28,14 +28,12 @@ from ..region.mutex import Busy
 from .accel import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_STUCK, BehindJob
 from .core import LogCore
 from .files import log_path
+from .orphan import keep_running
 
 __all__ = ["MORE_ROUNDS", "Round", "ThreadRounds"]
 
 _PWRITEV = _io.pwritev
 _FDATASYNC = _io.fdatasync
-
-#: Compiled write behinds still running when their handle closed (kept alive for their thread).
-_ORPHANS: list[CRound] = []
 
 #: How often a round its thread could not publish is tried again by the loop (seconds).
 _SETTLE_POLL = 0.002
@@ -285,15 +283,16 @@ class ThreadRounds:
 
     def _forget_behind(self) -> None:
         """Closing: stop watching the eventfd. A compiled write behind still running (a disk
-        slower than ``wait_timeout``) keeps its job and parameter arrays, its file and the
-        eventfd, for its thread."""
+        slower than ``wait_timeout``) keeps its file, the eventfd and the log region mapped
+        until its thread is done (:mod:`aiodbenv.log.orphan`)."""
         r = self._inflight
-        orphan = isinstance(r, CRound) and not r.io_done()
-        if orphan:
-            assert isinstance(r, CRound)
-            _ORPHANS.append(r)
-            self._fds.pop(r.file, None)
-        self._close_job_fd(keep=orphan)
+        if isinstance(r, CRound) and r.cf is not None and not r.io_done():
+            fds = [self._fds.pop(r.file)] if r.file in self._fds else []
+            fds += [self._evfd] if self._evfd >= 0 else []
+            keep_running(r, r.cf, self._c.buf[0:1], fds, self.wait_timeout)
+            self._close_job_fd(keep=True)
+        else:
+            self._close_job_fd(keep=False)
 
     def _finish_now(self, r: Round | CRound) -> bool:
         """A write behind's I/O is done but its thread could not publish it (the mutex stayed

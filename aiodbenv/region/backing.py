@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import stat
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -124,9 +125,10 @@ class Region:
     def close(self) -> None:
         """Detach: release the views, then unmap or detach the memory and close descriptors.
 
-        If a view into the region outlived its page's pin (a slice of ``page.data`` kept by
-        the caller), the memory cannot be unmapped yet: it is left to be freed with the last
-        such view, and a warning is logged; descriptors are closed either way.
+        If a view into the region is still alive (a slice of ``page.data`` kept by the caller
+        past its pin, or a compiled write behind of the log still running), the memory is not
+        unmapped or detached yet: that happens with the last such view, and a warning is
+        logged; descriptors are closed either way. This holds for all three kinds of memory.
         """
         if speedups is not None:
             speedups.aiodb_forget_region(ffi.cast("uint64_t *", self.base))
@@ -149,7 +151,8 @@ def _close_exported(close: Callable[[], None], what: str) -> None:
         close()
     except BufferError:
         logger.warning(
-            "%s: a view of a page outlived its pin; the memory is freed with the last view", what
+            "%s: a view of its memory outlived the region; it is unmapped with the last such view",
+            what,
         )
 
 
@@ -284,10 +287,33 @@ def _segment_is_ours(shm: Any) -> bool:
 def _system_region(shm: Any, region_id: int, size: int, key: int) -> Region:
     # shm.key is only right for segments found by key; attach() by id does not know it.
     backing = f"shm key {key:#x} id {shm.id}"
+    # sysv_ipc detaches a segment whatever views of it are still alive, and a view used after
+    # that reads unmapped memory (a crash). So the region's views are taken from a buffer over
+    # a pointer that detaches the segment when the last of them is gone, as an mmap is
+    # unmapped with its last view: a page view kept past its pin, or a compiled write behind
+    # still running after its log closed (aiodbenv.log.orphan), keeps the memory mapped.
+
+    def detach(_ptr: Any) -> None:
+        try:
+            shm.detach()
+        except sysv_ipc.Error:
+            pass  # already detached: the caller's error path
+
+    ptr = ffi.gc(ffi.cast("char *", shm.address), detach)
+    alive = weakref.ref(ptr)
+    exporter = ffi.buffer(ptr, shm.size)
+    del ptr
+
+    def closer() -> None:
+        if alive() is not None:
+            logger.warning(
+                "%s: a view of its memory outlived the region; it is detached with the last "
+                "such view",
+                backing,
+            )
+
     # On an error the caller detaches.
-    return Region(
-        region_id, KIND_SYSTEM, shm, size, backing, lambda: _close_exported(shm.detach, backing)
-    )
+    return Region(region_id, KIND_SYSTEM, exporter, size, backing, closer)
 
 
 def create_system_region(key: int, region_id: int, size: int, mode: int) -> Region:
