@@ -568,6 +568,8 @@ def test_write_behind_outliving_close_keeps_the_region_mapped(
     extra = {"region": kind, "shm_key": shm_key} if kind == "system" else {}
     r = subprocess.run(
         [sys.executable, "-c", OUTLIVES_CLOSE, home, json.dumps(extra)],
+        # The round must wait in the writer's executor thread, which the script gates.
+        env={**os.environ, "AIODBENV_LOG_ROUND_THREAD": "0"},
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -34,6 +34,7 @@ enum {
     JX_QUIT,           /* 1: the round thread ends */
     JX_ALIVE,          /* 1 while the round thread runs (it clears it last) */
     JX_PARGS,          /* the address of the handle's parameter array P */
+    JX_NOTIFY,         /* 1: call aiodb_log_done_cb after each round (its handle closed) */
     JX_COUNT
 };
 
@@ -41,6 +42,9 @@ enum {
    dead: the Python side repairs as any locker does and lets go, in this thread, which owns
    the mutex now (aiodbenv/log/accel.py). */
 static void aiodb_log_repair_cb(uint64_t *J);
+/* Called (with the GIL) after a round when JX_NOTIFY is set: the handle closed while the
+   round ran, and what it uses is kept until then (aiodbenv/log/orphan.py). */
+static void aiodb_log_done_cb(uint64_t *J);
 
 /* The abstract socket name of a waiter's nonce (aiodbenv/log/wakesock.py makes the same). */
 static socklen_t log_wake_addr(struct sockaddr_un *a, uint64_t nonce) {
@@ -268,6 +272,7 @@ static void *log_round_thread(void *arg) {
                says it is done (J_STATE), and that GO = 1 must not be lost. */
             __atomic_store_n((uint32_t *)&J[JX_GO], 0, __ATOMIC_SEQ_CST);
             if (aiodb_log_round(P, J) == -EOWNERDEAD) aiodb_log_repair_cb(J);
+            if (__atomic_load_n(&J[JX_NOTIFY], __ATOMIC_SEQ_CST)) aiodb_log_done_cb(J);
             continue;
         }
         /* A bounded sleep: a lost wake-up costs at most this, and JX_QUIT is seen. */
@@ -314,4 +319,11 @@ void aiodb_log_thread_go(uint64_t *J) {
 void aiodb_log_thread_quit(uint64_t *J) {
     __atomic_store_n(&J[JX_QUIT], 1, __ATOMIC_RELEASE);
     log_futex_wake(&J[JX_GO]);
+}
+
+/* Ask for aiodb_log_done_cb after the round under way; returns J_STATE read after asking
+   (a round already done when asked gets no call: the caller sees it done). */
+uint64_t aiodb_log_thread_notify(uint64_t *J) {
+    __atomic_store_n(&J[JX_NOTIFY], 1, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&J[J_STATE], __ATOMIC_SEQ_CST);
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from typing import Any
 
 from ..mpool.hot import module as _hot
@@ -119,7 +119,7 @@ _J_EVFD = 20
 _JX_SYNC, _JX_MORE, _JX_INDEXES = 21, 22, 23
 _JX_NSLOTS, _JX_SOCK, _JX_ROUNDS, _JX_SENT = 35, 36, 37, 38
 _JX_ALIVE = 41
-_J_COUNT = 43
+_J_COUNT = 44
 #: True when a flush round runs as one compiled call (aiodbenv/_csrc/65_logflush.c).
 ROUND_COMPILED = COMPILED and hasattr(speedups, "aiodb_log_round")
 #: Whether new log handles run their compiled rounds in a round thread of their own (else in
@@ -133,7 +133,7 @@ class BehindJob:
     publishes it (``end_write``), lets the role go and wakes other processes' waiters in one
     C call without the GIL; :meth:`state` tells how far it got (``JOB_*``)."""
 
-    __slots__ = ("_started_once", "core", "fast", "j", "thread")
+    __slots__ = ("_done", "_started_once", "core", "fast", "j", "thread")
 
     def __init__(self, core: Any, fast: FastPut) -> None:
         h = core.h
@@ -177,6 +177,7 @@ class BehindJob:
         #: rounds go to the executor's thread, as they do if it cannot be started).
         self.thread = False
         self._started_once = False
+        self._done: Future[None] | None = None
         # Once the job is not idle, the start fills it: until then it reads as done.
         self.j[_J_STATE] = JOB_DONE
         if fast.putter is not None:
@@ -222,6 +223,24 @@ class BehindJob:
             speedups.aiodb_log_thread_go(j)
             return None
         return executor.submit(self._run)
+
+    def done_future(self) -> Future[None]:
+        """A future resolved (in the round thread) when the round under way has ended: for a
+        handle that closes while its round runs in the round thread (:mod:`.orphan`)."""
+        f: Future[None] = Future()
+        self._done = f
+        state = int(speedups.aiodb_log_thread_notify(self.j))
+        if state not in (JOB_QUEUED, JOB_RUNNING):
+            self._resolve()
+        return f
+
+    def _resolve(self) -> None:
+        f = self._done
+        if f is not None and not f.done():
+            try:
+                f.set_result(None)
+            except InvalidStateError:
+                pass  # resolved by the other side meanwhile
 
     def quit(self) -> None:
         """Ask the round thread to end (after the round it runs, if any). The job (and the
@@ -291,6 +310,13 @@ if ROUND_COMPILED:
         job = _BY_JOB.get(int(ffi.cast("uintptr_t", j)))
         if job is not None:
             job._repair()
+
+    @ffi.def_extern(name="aiodb_log_done_cb")  # type: ignore[untyped-decorator]
+    def _done_cb(j: Any) -> None:
+        """The round thread ended a round its closed handle waits for."""
+        job = _BY_JOB.get(int(ffi.cast("uintptr_t", j)))
+        if job is not None:
+            job._resolve()
 
 
 def behind_job(core: Any, fast: FastPut | None) -> BehindJob | None:

@@ -44,16 +44,12 @@ from .record import (
 )
 from .redo import redo_start
 from .stat import LogStat, read_stat
-from .threadrounds import CRound
-from .wakesock import WakeSocket, unregister
+from .wakesock import unregister
 from .writer import Direct, DurableListener, LogWriter
 
 __all__ = ["DurableListener", "Log"]
 
 logger = logging.getLogger("aiodbenv")
-
-#: Wake-up sockets of closed handles whose compiled round was still running (its thread's).
-_KEPT_SOCKETS: list[WakeSocket] = []
 
 # An LSN made without NamedTuple's Python-level __new__ (put returns one per record).
 _new_lsn = tuple.__new__
@@ -487,20 +483,13 @@ class Log(LogWriter):
                 except Exception:
                     pass
             self._closed = True
-            r = self._inflight
-            orphan = isinstance(r, CRound) and not r.io_done()
-            self._forget_behind()
+            unregister(self._c.w, self._c.h, self._c.rsv_slot, name=True)
+            self._forget_behind()  # keeps the wake socket open for a round still running
             if self._bjob is not None:
                 self._bjob.quit()
             ws, self._wsock = self._wsock, None
             if ws is not None:
-                unregister(self._c.w, self._c.h, self._c.rsv_slot, name=True)
-                if orphan:
-                    # Its thread may still send wake-ups by it: kept open for it, as the
-                    # eventfd is (a closed descriptor's number could be reused meanwhile).
-                    _KEPT_SOCKETS.append(ws)
-                else:
-                    ws.close()
+                ws.close()
             for fd in self._fds.values():
                 try:
                     os.close(fd)

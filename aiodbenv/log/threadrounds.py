@@ -151,6 +151,7 @@ class ThreadRounds:
     _panic_w: Any
     _panic_i: int
     _want: Any
+    _wsock: Any  # the handle's WakeSocket, or None
     wait_timeout: float
 
     if TYPE_CHECKING:  # supplied by LogWriter: declared for the type checker only
@@ -286,10 +287,16 @@ class ThreadRounds:
         slower than ``wait_timeout``) keeps its file, the eventfd and the log region mapped
         until its thread is done (:mod:`aiodbenv.log.orphan`)."""
         r = self._inflight
-        if isinstance(r, CRound) and r.cf is not None and not r.io_done():
+        if isinstance(r, CRound) and not r.io_done():
             fds = [self._fds.pop(r.file)] if r.file in self._fds else []
             fds += [self._evfd] if self._evfd >= 0 else []
-            keep_running(r, r.cf, self._c.buf[0:1], fds, self.wait_timeout)
+            # In the executor's thread, its future; in the round thread, one it resolves.
+            cf = r.cf if r.cf is not None else r.job.done_future()
+            ws, self._wsock = self._wsock, None
+            if ws is not None:  # its thread sends wake-ups by it: kept open for it
+                ws.stop_reading()
+                fds.append(ws.sock.detach())
+            keep_running(r, cf, self._c.buf[0:1], fds, self.wait_timeout)
             self._close_job_fd(keep=True)
         else:
             self._close_job_fd(keep=False)

@@ -109,6 +109,11 @@ class WakeSocket:
 
     def close(self) -> None:
         """Stop reading and close the socket (its name goes with it)."""
+        self.stop_reading()
+        self.sock.close()
+
+    def stop_reading(self) -> None:
+        """Stop reading (the socket stays open: its owner closes it)."""
         if self._loop is not None:
             try:
                 self._loop.remove_reader(self.sock.fileno())
@@ -118,7 +123,6 @@ class WakeSocket:
         fut, self._fut = self._fut, None
         if fut is not None and not fut.done():
             fut.cancel()
-        self.sock.close()
 
 
 def register(w: Any, h: int, slot: int, nonce: int, want: int) -> None:
