@@ -30,9 +30,16 @@ _W = LOG_HEADER.word
 compiled_round = pytest.mark.skipif(
     not accel.ROUND_COMPILED, reason="the compiled accelerator is off (AIODBENV_MUTEX=abi)"
 )
-with_sockets = pytest.mark.skipif(
-    not wakesock_available(), reason="AIODBENV_LOG_WAKE turns the wake-up sockets off"
-)
+
+
+@pytest.fixture
+def sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handles opened in the test wake their waiters by socket (off by default)."""
+    monkeypatch.setenv("AIODBENV_LOG_WAKE", "socket")
+    assert wakesock_available()
+
+
+with_sockets = pytest.mark.usefixtures("sockets")
 
 
 def wake_words(log: aiodbenv.Log, slot: int) -> tuple[int, int]:
@@ -192,7 +199,7 @@ async def test_stopped_and_killed_waiting_processes(
         log = env.log
         try:
             assert log._c.take_role() is True
-            p = spawn(WAITER, home)
+            p = spawn(WAITER, home, env={"AIODBENV_LOG_WAKE": "socket"})
             procs.append(p)
             assert p.stdout is not None
             slot = int(p.stdout.readline())

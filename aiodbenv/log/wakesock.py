@@ -12,9 +12,14 @@ durable now (every waiter when it lets the writer role go) and clears the regist
 one who clears it sends: one byte per registration). A full socket (a stopped waiter) or an
 absent one (a dead waiter) makes the send fail at once; it is ignored. The compiled writer's
 round (aiodbenv/_csrc/65_logflush.c) does the same in C; :func:`wake_waiters` is its Python
-twin. This replaces, for the waiting side, a futex wait in a worker thread followed by a
-wake of the loop: one wake-up instead of two. ``AIODBENV_LOG_WAKE=poll`` (no futex, no
-socket) or ``=futex`` (no socket) keep the older ways for tests and comparisons.
+twin. For the waiting side it replaces a futex wait in a worker thread followed by a wake
+of the loop: one wake-up instead of two.
+
+Off by default, on with ``AIODBENV_LOG_WAKE=socket``: measured on a loaded 2-core machine
+(4 interleaved pairs of ``log_bench.py --only flush/8``, 8 processes flushing every record),
+it gave fewer records per fsync (3.1-4.1 against 4.5-5.7) and fewer records/s (1,184-1,746
+against 1,531-2,285) than the futex wait, in every pair. Why is not known yet (a guess: the
+waiters, back sooner, each find a round just started for fewer of them).
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ _W = LOG_HEADER.word
 
 
 def wakesock_available() -> bool:
-    """True if waiters may be woken through sockets here."""
+    """True if waiters are to be woken through sockets: ``AIODBENV_LOG_WAKE=socket`` (off by
+    default: see the module's note on what was measured)."""
     mode = os.environ.get("AIODBENV_LOG_WAKE", "").lower()
-    return mode not in ("poll", "futex") and hasattr(socket, "AF_UNIX")
+    return mode == "socket" and hasattr(socket, "AF_UNIX")
 
 
 def socket_name(nonce: int) -> bytes:
