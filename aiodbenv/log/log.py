@@ -44,7 +44,6 @@ from .record import (
 )
 from .redo import redo_start
 from .stat import LogStat, read_stat
-from .wakesock import unregister
 from .writer import Direct, DurableListener, LogWriter
 
 __all__ = ["DurableListener", "Log"]
@@ -483,13 +482,7 @@ class Log(LogWriter):
                 except Exception:
                     pass
             self._closed = True
-            unregister(self._c.w, self._c.h, self._c.rsv_slot, name=True)
-            self._forget_behind()  # keeps the wake socket open for a round still running
-            if self._bjob is not None:
-                self._bjob.quit()
-            ws, self._wsock = self._wsock, None
-            if ws is not None:
-                ws.close()
+            self._forget_behind()
             for fd in self._fds.values():
                 try:
                     os.close(fd)

@@ -32,7 +32,14 @@ from typing import Any
 from ..region.layout import MAX_PROCS
 from .layout import LOG_HEADER
 
-__all__ = ["WakeSocket", "socket_name", "wake_waiters", "wakesock_available"]
+__all__ = [
+    "WakeSocket",
+    "make_socket",
+    "sock_wait",
+    "socket_name",
+    "wake_waiters",
+    "wakesock_available",
+]
 
 _W = LOG_HEADER.word
 
@@ -168,3 +175,35 @@ def wake_waiters(w: Any, h: int, sock: socket.socket | None, everyone: bool) -> 
         except OSError:
             pass  # full (a stopped waiter) or gone (a dead one): its re-check covers it
     return sent
+
+
+def make_socket() -> WakeSocket | None:
+    """A handle's wake-up socket if they are asked for (:func:`wakesock_available`) and can
+    be made, else None (the futex, or polling, alone)."""
+    if not wakesock_available():
+        return None
+    try:
+        return WakeSocket()
+    except OSError:
+        return None
+
+
+async def sock_wait(c: Any, want: Any, ws: WakeSocket, seq: int, timeout: float) -> None:
+    """A log handle (its :class:`~aiodbenv.log.core.LogCore` ``c`` and demand ``want``)
+    waits for another process's writer to progress: registered in its slot, woken on its
+    loop by the writer's byte, re-checked after ``timeout`` all the same. ``seq`` is the
+    ``flush_seq`` it read before looking at the state. Cancellation: the registration is
+    cleared."""
+    s_lsn = int(c.w[c.h + _W.s_lsn])
+    # Only a flush: woken when its LSN is durable; anything else: on any progress.
+    only_sync = want.sync >= s_lsn and not (
+        want.direct or want.switch or want.space or want.write >= int(c.w[c.h + _W.w_lsn])
+    )
+    slot = c.rsv_slot
+    register(c.w, c.h, slot, ws.nonce, want.sync + 2 if only_sync else 1)
+    try:
+        if int(c.w[c.h + _W.flush_seq]) != seq:
+            return  # it progressed since the caller looked: look again
+        await ws.wait(timeout)
+    finally:
+        unregister(c.w, c.h, slot)

@@ -41,7 +41,7 @@ from .record import (
 )
 from .threadrounds import CRound, Round, ThreadRounds
 from .wake import Futex, futex_available
-from .wakesock import WakeSocket, register, unregister, wake_waiters, wakesock_available
+from .wakesock import make_socket, sock_wait, wake_waiters
 
 __all__ = ["Direct", "DurableListener", "LogWriter"]
 
@@ -139,13 +139,8 @@ class LogWriter(ThreadRounds):
         if shared and futex_available():
             off = header_offset() + LOG_HEADER.offset("flush_seq")
             self._futex = Futex(region.base, off)
-        # ... or, first, on a datagram socket their loop reads (aiodbenv.log.wakesock).
-        self._wsock: WakeSocket | None = None
-        if shared and wakesock_available():
-            try:
-                self._wsock = WakeSocket()
-            except OSError:
-                pass  # no socket: the futex (or polling) alone
+        # ... or on a datagram socket their loop reads (aiodbenv.log.wakesock), if asked.
+        self._wsock = make_socket() if shared else None
         if self._bjob is not None:
             self._bjob.set_socket(self._wsock.fileno() if self._wsock is not None else -1)
 
@@ -209,8 +204,7 @@ class LogWriter(ThreadRounds):
         return await self._locked(self._c.end_word_locked)
 
     def _wake_others(self) -> None:
-        """Wake other processes' flush waiters (each whose LSN is durable now, by socket,
-        and the futex's)."""
+        """Wake other processes' flush waiters (by socket, and the futex's)."""
         job = self._bjob
         if job is not None:
             job.wake(True)  # the futex too
@@ -303,7 +297,7 @@ class LogWriter(ThreadRounds):
                     err.pid, err.mutex = holder[0], "log writer"
                     raise err
                 if self._wsock is not None and holder[0]:
-                    await self._sock_wait(seq)
+                    await sock_wait(c, self._want, self._wsock, seq, _FUTEX_WAIT)
                 elif self._futex is not None and holder[0]:
                     await self._in_thread(self._futex.wait, seq, _FUTEX_WAIT)
                 else:
@@ -322,26 +316,6 @@ class LogWriter(ThreadRounds):
             return
         self._task = None
         self._wake()
-
-    async def _sock_wait(self, seq: int) -> None:
-        """Wait for another process's writer to progress: registered in this handle's slot,
-        woken on this loop by the writer's byte, re-checked every ``_FUTEX_WAIT`` all the
-        same. Cancellation: the registration is cleared."""
-        c, want, ws = self._c, self._want, self._wsock
-        assert ws is not None
-        s_lsn = c.word("s_lsn")
-        # Only a flush: woken when its LSN is durable; anything else: on any progress.
-        only_sync = want.sync >= s_lsn and not (
-            want.direct or want.switch or want.space or want.write >= c.word("w_lsn")
-        )
-        slot = c.rsv_slot
-        register(c.w, c.h, slot, ws.nonce, want.sync + 2 if only_sync else 1)
-        try:
-            if c.word("flush_seq") != seq:
-                return  # it progressed since we looked: look again
-            await ws.wait(_FUTEX_WAIT)
-        finally:
-            unregister(c.w, c.h, slot)
 
     async def _serve(self) -> None:
         """Holding the writer role: do what this process's callers wait for."""
