@@ -1,7 +1,11 @@
 """The event loop during write-back of 64 MiB: how late a 1 ms ticker wakes, the longest
 synchronous slice the loop runs (thread CPU time per callback: the loop's own work, not the
 machine's preemption), and the garbage collector's passes. Idle control first; then
-``pool.sync()``, ``trickle(100)`` and a checkpoint, under asyncio and uvloop (a few seconds):
+``pool.sync()``, ``trickle(100)`` and a checkpoint, under asyncio and uvloop (a few seconds).
+Each tick later than 1 ms is put down to the loop's own CPU (more than half of the tick on the
+loop thread), to this process's other threads (worker threads' CPU, in user or kernel mode,
+more than half of it: they held the GIL or the CPU the loop needed), or to nobody here (the
+machine's other processes preempted the loop):
 
     .venv/bin/python benchmarks/lateness_quick.py
     PYTHONPATH=<other tree> .venv/bin/python benchmarks/lateness_quick.py
@@ -34,16 +38,25 @@ def _timed_run(self: Any) -> None:
     _slices.append(time.thread_time() - t)
 
 
-async def _measure(work: Callable[[], Awaitable[Any]]) -> tuple[float, float, float, float, int]:
-    """(p99 lateness, max lateness, max slice, loop CPU, GC passes) while ``work`` runs."""
+async def _measure(
+    work: Callable[[], Awaitable[Any]],
+) -> tuple[float, float, float, float, int, tuple[int, int, int]]:
+    """(p99 lateness, max lateness, max slice, loop CPU, GC passes, late ticks put down to
+    the loop / other threads / nobody here) while ``work`` runs."""
     late: list[float] = []
+    blame = [0, 0, 0]
     stop = False
 
     async def ticker() -> None:
         while not stop:
-            t = time.perf_counter()
+            t, c, p = time.perf_counter(), time.thread_time(), time.process_time()
             await asyncio.sleep(0.001)
-            late.append(time.perf_counter() - t - 0.001)
+            lag = time.perf_counter() - t - 0.001
+            late.append(lag)
+            if lag > 0.001:
+                loop_cpu = time.thread_time() - c
+                others = time.process_time() - p - loop_cpu
+                blame[0 if loop_cpu > lag / 2 else 1 if others > lag / 2 else 2] += 1
 
     passes: list[int] = []
 
@@ -54,6 +67,7 @@ async def _measure(work: Callable[[], Awaitable[Any]]) -> tuple[float, float, fl
     tick = asyncio.ensure_future(ticker())
     await asyncio.sleep(0.005)
     late.clear()
+    blame[:] = [0, 0, 0]
     _slices.clear()
     gc.callbacks.append(gc_seen)
     cpu = time.thread_time()
@@ -72,6 +86,7 @@ async def _measure(work: Callable[[], Awaitable[Any]]) -> tuple[float, float, fl
         max(_slices, default=0.0),
         cpu,
         len(passes),
+        (blame[0], blame[1], blame[2]),
     )
 
 
@@ -98,13 +113,14 @@ async def main(loop_name: str) -> None:
             ]
             for gen, (name, work) in enumerate(rows, 1):
                 await dirty(gen)
-                p99, worst, slice_, cpu, passes = await _measure(work)
+                p99, worst, slice_, cpu, passes, blame = await _measure(work)
                 # uvloop's callbacks are not asyncio Handles: its slices are not seen.
                 shown = f"{slice_ * 1e3:5.2f} ms" if loop_name == "asyncio" else "  n/a   "
                 print(
                     f"{loop_name:8s} {name:13s} {PAGES * 4096 >> 20} MiB: lateness p99 "
                     f"{p99 * 1e3:5.2f} ms, max {worst * 1e3:5.2f} ms; longest loop slice "
-                    f"{shown}, loop CPU {cpu * 1e3:6.1f} ms, GC passes {passes}"
+                    f"{shown}, loop CPU {cpu * 1e3:6.1f} ms, GC passes {passes}; late ticks "
+                    f"(> 1 ms) loop/threads/preempted {blame[0]}/{blame[1]}/{blame[2]}"
                 )
     finally:
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]

@@ -282,8 +282,8 @@ async def test_dirty_victims_are_written_in_batches(
     batches: list[int] = []
     real = victims._batch
 
-    async def spy(pool: Any, cache: Any, bucket: int) -> Any:
-        r = await real(pool, cache, bucket)
+    async def spy(pool: Any, cache: Any, bucket: int, *started: Any) -> Any:
+        r = await real(pool, cache, bucket, *started)
         batches.append(r.written)
         return r
 

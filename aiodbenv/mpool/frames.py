@@ -281,7 +281,7 @@ class PoolFrames(PoolBase):
         batch) is written alone, the Python way.
         """
         if csync.usable(self._core):
-            batch = await write_lru_batch(self, v.cache, v.bucket)
+            batch = await write_lru_batch(self, v.cache, v.bucket, v)
             self._check()
             w = v.cache.words
             x = v.bh >> 3

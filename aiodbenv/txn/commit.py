@@ -4,6 +4,10 @@ page bytes: the compiled one (aiodbenv/_csrc/75_commit.c, three calls for all th
 the Python one (its complete twin: ``AIODBENV_MUTEX=abi``, and every case the compiled calls
 hand back). :class:`~aiodbenv.txn.txn.Txn` drives them in the same order, with the same crash
 test steps (``txn.committing``, ``txn.logged``, ``txn.copied``) between them.
+
+With the compiled part 78 (aiodbenv/_csrc/78_txnfast.c) a page is taken in one call
+(:func:`take`: latch, private copy, descriptor), and a commit is two calls around the log put
+(:func:`prepare`: build and mark; :func:`apply`: copy in and release the latches).
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ __all__ = [
     "Built",
     "apply",
     "build",
-    "describe",
+    "descriptor",
     "file_entry",
     "latch",
     "mark",
     "mark_now",
+    "prepare",
+    "take",
 ]
 
 #: True when commits go through the compiled steps.
@@ -43,6 +49,12 @@ COMPILED = (
     and _batch.FRAG_CHUNK == 64  # the chunk the C part compares in
 )
 _c: Any = speedups if COMPILED else None
+#: True when pages are taken and commits prepared and finished by part 78 (its calls reuse part
+#: 75's descriptor layout, so it is used only together with it).
+FAST = COMPILED and hasattr(speedups, "aiodb_txn_take")
+_MARK_BASE = int(speedups.AIODB_TXN_MARK_BASE) if FAST else -2000000
+_TAKE_LATCH, _TAKE_NEW = 1, 2  # aiodb_txn_take's flags
+_D_WORDS = 15  # _CD_HEAD + _CD_COUNT: one page's descriptor array
 _CORRUPT = -1000000
 _CD_COUNT = 13  # words per page in the C descriptor array (CD_COUNT)
 _CD_HEAD = 2  # the array's result words first: changed pages, full images
@@ -57,35 +69,123 @@ def file_entry(bf: _batch.BatchFile) -> bytes:
     return _batch.encode([bf], [])[_batch.HEADER_SIZE :]
 
 
-def describe(page: Page, fidx: int, data: bytearray, entry: bytes, lsn_off: int) -> Any:
-    """The compiled commit's words for a taken page (None without it): addresses and offsets
-    of its buffer, bucket mutex and private copy ``data``, which stays alive with the result
-    (a cffi buffer that also pins ``data``'s size). Made once, when the page is taken."""
-    if _c is None:
-        return None
+def take(
+    page: Page, owner: int, latch: bool, new: bool, lsn_off: int, fidx: int, entry: bytes
+) -> tuple[int, Any, Any]:
+    """Take pinned ``page`` for ``owner`` in one compiled call (:data:`FAST` only): with
+    ``latch``, its latch if it is free; then its private copy and its commit descriptor (the
+    page's LSN zeroed in the copy if ``new``). Returns ``(0, data, desc)``: ``data`` the private
+    copy (a writable buffer of C memory that the descriptor points to; ``desc`` keeps it
+    alive too); else ``(r, None, None)``, nothing done: ``r`` > 0 the latch's holder, < 0 the
+    bucket mutex was busy (wait in :func:`~aiodbenv.txn.latch.acquire`, then call again
+    without ``latch``). Raises CorruptRegion if the buffer fails its bounds check."""
     cache = page._cache
     assert cache is not None
-    b = page._bucket
-    priv = ffi.from_buffer(data)
-    words = [
-        0,  # the head words of a one-page commit's array
-        0,
-        int(ffi.cast("uintptr_t", cache.wptr)),
-        int(ffi.cast("uintptr_t", cache.mptrs[b])),
-        cache.nowait_words[b],
-        cache.bucket_words[b],
+    size = len(page.data)
+    # One allocation for the copy and, after it (8-byte aligned), the descriptor.
+    at = (size + 7) & ~7
+    priv = ffi.new("unsigned char[]", at + 8 * _D_WORDS)
+    d = ffi.cast("uint64_t *", priv + at)
+    r = _c.aiodb_txn_take(
+        d,
+        cache.wptr,
+        cache.c_mptrs,
+        cache.c_nowait_words,
+        cache.c_bucket_words,
+        page._bucket,
         page._bh,
-        int(ffi.cast("uintptr_t", priv)),
-        len(data),
+        owner,
+        priv,
+        size,
         lsn_off,
         fidx,
-        0,  # the entry's place in the commit's files blob, set at commit
         len(entry),
         page.pgno,
-        0,  # what the build found: 0 unchanged, 1 fragments, 2 full image
-    ]
-    # A commit of this page alone uses this array as it is (its entry first in the blob).
-    return (words, priv, entry, ffi.new("uint64_t[]", words))
+        (_TAKE_LATCH if latch else 0) | (_TAKE_NEW if new else 0),
+    )
+    if r == 0:
+        # The descriptor holds the copy's address: it keeps the copy alive (a cffi buffer
+        # keeps its owner alive, so the copy outlives the descriptor while data is held).
+        return 0, ffi.buffer(priv, size), (d, priv)
+    if r == _CORRUPT:
+        raise CorruptRegion(f"page {page.pgno}'s buffer failed its bounds check")
+    if r == -_EOWNERDEAD:
+        cache.release_dead_holder(page._bucket)  # repaired (or panicked) the usual way
+    return int(r), None, None
+
+
+def descriptor(pages: list[TxnPage]) -> tuple[Any, bytes]:
+    """The compiled commit's descriptor array of the taken ``pages`` (each has one from
+    :func:`take`) and the blob of their files' batch entries."""
+    if len(pages) == 1:
+        tp = pages[0]
+        return tp._desc[0], tp._entry
+    n = len(pages)
+    d = ffi.new("uint64_t[]", _CD_HEAD + _CD_COUNT * n)
+    blob: list[bytes] = []
+    at: dict[int, int] = {}
+    pos = 0
+    for i, tp in enumerate(pages):
+        base = _CD_HEAD + i * _CD_COUNT
+        ffi.memmove(d + base, tp._desc[0] + _CD_HEAD, _CD_COUNT * 8)
+        fidx = tp.file._fidx
+        off = at.get(fidx)
+        if off is None:
+            off = at[fidx] = pos
+            blob.append(tp._entry)
+            pos += len(tp._entry)
+        d[base + _CD_FENT] = off
+    return d, b"".join(blob)
+
+
+def _changed(d: Any, n: int) -> list[int]:
+    """The indexes of the changed pages of a built descriptor array of ``n`` pages."""
+    if n == 1:
+        return [0] if d[0] else []
+    return [i for i in range(n) if d[_CD_HEAD + i * _CD_COUNT + _CD_KIND]]
+
+
+def prepare(pool: Pool, pages: list[TxnPage], redo_start: int, worst: int, owner: int) -> Built:
+    """:func:`build`, and with :data:`FAST` also :func:`mark_now` in the same compiled call:
+    ``built.marked`` says whether the marking is done (else the caller marks with
+    :func:`mark_now` / :func:`mark`)."""
+    n = len(pages)
+    if n == 1:
+        tp = pages[0]
+        if tp._desc is None:
+            return build(pages, redo_start, worst)
+        d, files = tp._desc[0], tp._entry
+    elif not FAST or n > _MAX_PAGES or any(tp._desc is None for tp in pages):
+        return build(pages, redo_start, worst)
+    else:
+        d, files = descriptor(pages)
+    out = ffi.new("unsigned char[]", worst)
+    r = _c.aiodb_txn_prepare(
+        d, n, files, len(files), redo_start, out, worst, owner, LATCH_COMMITTING
+    )
+    if r > 0:
+        changed = [0] if n == 1 else _changed(d, n)
+        for i in changed:
+            pool._note_dirty(pages[i].file.page_size)
+        built = Built(ffi.buffer(out, r)[:], changed, int(d[1]), d)
+        built.marked = True
+        return built
+    if r == 0:
+        return Built(b"", [], 0, d)
+    if r > _CORRUPT:  # -ENOSPC
+        raise CorruptRegion(f"a transaction's commit failed a bounds check ({r})")
+    if r == _CORRUPT:
+        raise CorruptRegion("a transaction's latch or buffer failed its check at commit")
+    rc = (r - _MARK_BASE) % 1000 - 1000
+    if rc == -_EOWNERDEAD:
+        i = -(r - _MARK_BASE) // 1000 - 1
+        page = pages[i]._page
+        assert page._cache is not None
+        page._cache.release_dead_holder(page._bucket)
+    # A bucket mutex was busy: nothing marked committing. Built again (the same bytes: the
+    # copies and the buffers do not change under the latches), for the caller to mark the
+    # slow way (marking a page dirty twice changes nothing).
+    return build(pages, redo_start, worst)
 
 
 def latch(page: Page, owner: int) -> int:
@@ -108,13 +208,15 @@ class Built:
     transaction's page order, how many of them are ``fulls``, and the compiled form's
     descriptor array (None for the Python form)."""
 
-    __slots__ = ("changed", "desc", "fulls", "record")
+    __slots__ = ("changed", "desc", "fulls", "marked", "record")
 
     def __init__(self, record: bytes, changed: list[int], fulls: int, desc: Any) -> None:
         self.record = record
         self.changed = changed
         self.fulls = fulls
         self.desc = desc
+        #: The pages are marked dirty and the latches committing (:func:`prepare` did it).
+        self.marked = False
 
 
 def build(
@@ -126,35 +228,13 @@ def build(
     before ``redo_start`` (an LSN word) logged as a full image. ``worst`` is the record's most
     bytes. Copies each buffer's LSN into its private copy first (those bytes are the
     library's)."""
-    descs = [tp._desc for tp in pages]
-    if _c is not None and len(descs) <= _MAX_PAGES and None not in descs:
-        if len(descs) == 1:
-            d, files = descs[0][3], descs[0][2]
-        else:
-            blob: list[bytes] = []
-            at: dict[int, int] = {}
-            pos = 0
-            flat: list[int] = [0, 0]
-            for words, _priv, entry, _d in descs:
-                fidx = words[_CD_HEAD + 8]
-                off = at.get(fidx)
-                if off is None:
-                    off = at[fidx] = pos
-                    blob.append(entry)
-                    pos += len(entry)
-                words[_CD_HEAD + _CD_FENT] = off
-                flat += words[_CD_HEAD:]
-            d = ffi.new("uint64_t[]", flat)
-            files = b"".join(blob)
+    if _c is not None and len(pages) <= _MAX_PAGES and all(tp._desc is not None for tp in pages):
+        d, files = descriptor(pages)
         out = ffi.new("unsigned char[]", worst)
-        n = _c.aiodb_commit_build(d, len(descs), files, len(files), redo_start, out, worst)
+        n = _c.aiodb_commit_build(d, len(pages), files, len(files), redo_start, out, worst)
         if n < 0:
             raise CorruptRegion(f"a transaction's commit failed a bounds check ({n})")
-        if len(descs) == 1:
-            changed = [0] if n else []
-        else:
-            changed = [i for i in range(len(descs)) if d[_CD_HEAD + i * _CD_COUNT + _CD_KIND]]
-        return Built(bytes(ffi.buffer(out, n)), changed, int(d[1]), d)
+        return Built(bytes(ffi.buffer(out, n)), _changed(d, len(pages)), int(d[1]), d)
     return _build_py(pages, unpack_word(redo_start))
 
 
@@ -228,18 +308,21 @@ async def mark(pool: Pool, pages: list[TxnPage], built: Built, owner: int) -> No
         set_committing(tp._page, owner)
 
 
-def apply(
-    pages: list[TxnPage],
-    built: Built,
-    lsn: LSN,
-) -> None:
+def apply(pages: list[TxnPage], built: Built, lsn: LSN, owner: int) -> bool:
     """Copy the changed pages' images into their buffers and stamp ``lsn`` on each (the
-    ``txn.copied`` crash test step after each page)."""
+    ``txn.copied`` crash test step after each page). Returns True if ``owner``'s latches of
+    ``pages`` were released in the same call (the compiled finish), False if the caller must
+    release them."""
     d = built.desc
     if d is not None and not _io._signal_plan:
-        if _c.aiodb_commit_apply(d, 0, len(pages), pack_word(lsn)) != len(built.changed):
+        if FAST:
+            word = (lsn[0] << 32) | lsn[1]  # pack_word
+            r = _c.aiodb_txn_finish(d, len(pages), word, owner, LATCH_COMMITTING)
+        else:
+            r = _c.aiodb_commit_apply(d, 0, len(pages), pack_word(lsn))
+        if r != len(built.changed):
             raise CorruptRegion("a transaction's buffer failed its check at commit")
-        return
+        return FAST
     pack = lsn.pack()
     for i in built.changed:
         tp = pages[i]
@@ -252,3 +335,4 @@ def apply(
             shared[:] = tp.data
             shared[lo : lo + 8] = pack
         _io.step("txn.copied")
+    return False

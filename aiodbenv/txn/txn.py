@@ -11,45 +11,37 @@ asks. No uncommitted byte reaches the log or a data file, so nothing is ever und
 from __future__ import annotations
 
 import asyncio
-import os
-import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from .. import _io
-from ..errors import (
-    InvalidArgument,
-    LogBufferFull,
-    RunRecovery,
-    TxnTooLarge,
-)
+from ..errors import InvalidArgument, LogBufferFull, RunRecovery
 from ..log.lsn import LSN
-from ..log.record import HEADER as _LOG_HEADER
-from ..mpool.fget import MODE_CREATE, MODE_GET, MODE_NEW
-from ..mpool.layout import FILE_ENTRY, MAX_PGNO
 from . import batch as _batch
 from . import commit as _commit
 from .ids import next_owner_id
-from .latch import acquire, latch_key, release, try_latch
+from .latch import release
 from .stat import COMMIT_WORD, TxnStats, W
+from .take import (
+    _ACTIVE,
+    _COMMITTING,
+    _DONE,
+    MAX_PAGES,
+    Durability,
+    TxnPage,
+    TxnTaking,
+    _task_of,
+)
 
 if TYPE_CHECKING:
     from ..log.log import Log
-    from ..mpool.file import PoolFile
-    from ..mpool.page import Page
     from ..mpool.pool import Pool
 
 __all__ = ["LATCH_TIMEOUT", "MAX_PAGES", "CommitInfo", "Txn", "TxnPage"]
 
-Durability = Literal["sync", "write_nosync", "nosync"]
 _DURABILITIES = ("sync", "write_nosync", "nosync")
-
-#: The most pages one transaction may take (``TxnTooLarge`` past it). Latches are held until
-#: the end of the transaction: keep transactions short and small.
-MAX_PAGES = 64
-_LOG_HEADER_BYTES = _LOG_HEADER.size
 
 #: Seconds a transaction waits for a page latch by default (``LockTimeout`` then).
 LATCH_TIMEOUT = 30.0
@@ -65,40 +57,7 @@ class CommitInfo:
     pages: int
 
 
-class TxnPage:
-    """A page taken by a transaction: ``data`` is a private, writable copy of the page (its
-    bytes without any checksum trailer). Change it freely; it reaches shared memory only when
-    the transaction commits. The 8 bytes at the file's ``lsn_offset`` belong to the library:
-    changes to them are ignored (the commit stamps its LSN there)."""
-
-    __slots__ = ("_bf", "_desc", "_page", "data", "file", "pgno")
-
-    def __init__(
-        self, file: PoolFile, page: Page, data: bytearray, bf: _batch.BatchFile, desc: Any
-    ) -> None:
-        #: The file and page number.
-        self.file = file
-        self.pgno = page.pgno
-        #: The private copy.
-        self.data = memoryview(data)
-        self._page = page
-        self._bf = bf
-        self._desc = desc  # the compiled commit's words (aiodbenv.txn.commit.describe)
-
-    def __repr__(self) -> str:
-        return f"<TxnPage {self.pgno} of {self.file.name!r}>"
-
-
-_ACTIVE, _COMMITTING, _DONE = 0, 1, 2
-
-#: Each open file's batch entry, worst-case page cost and logged entry bytes (computed once
-#: per file handle).
-_files: weakref.WeakKeyDictionary[PoolFile, tuple[_batch.BatchFile, int, bytes]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-class Txn:
+class Txn(TxnTaking):
     """A transaction: made by :meth:`aiodbenv.Env.txn`.
 
     ``async with env.txn() as tx:`` commits when the block ends and aborts on an exception
@@ -106,6 +65,8 @@ class Txn:
     :meth:`abort`. It belongs to the task that began it: any use from another task raises
     InvalidArgument.
     """
+
+    __slots__ = ()
 
     def __init__(
         self,
@@ -121,174 +82,40 @@ class Txn:
             )
         self._pool = pool
         self._log = log
-        self._task = asyncio.current_task()
+        # Pages are taken by part 78's one call when it is there and nothing must be reserved
+        # in the log first (a file log).
+        self._fast = _commit.FAST and not log._c.inmemory
+        self._task = _task_of(asyncio.get_running_loop())
         if self._task is None:
             raise InvalidArgument("a transaction must be begun inside an asyncio task")
         # Asked of this loop from now on: current_task() without it looks the running loop
         # up, a getpid() system call each time in CPython 3.11.
         self._loop = self._task.get_loop()
-        self.durability: Durability = durability
-        #: Seconds :meth:`page` waits for a latch before LockTimeout.
+        self.durability = durability
         self.latch_timeout = latch_timeout
         self._stats = stats
         self._owner = ((pool._slot + 1) << 32) | next_owner_id()
-        self._pages: dict[tuple[int, int], TxnPage] = {}
+        self._pages = {}
         self._held_max = -1
         self._bytes = _batch.HEADER_SIZE  # worst-case size of the commit's record
         # Bytes of an in-memory log reserved for the commit record (header included), so
         # that the commit never finds the ring full (aiodbenv.log.reserve); 0 for a file log.
         self._reserved = 0
         self._state = _ACTIVE
-        #: The result of the commit, once committed.
-        self.result: CommitInfo | None = None
-        stats.add(W.begins)
+        # What the commit did (its LSN and pages changed; None until committed): the
+        # CommitInfo is made from it when asked for (result), not for every `async with`.
+        self._done = None
+        self._result = None
+        stats._w[stats._base + W.begins] += 1
+
+    @property
+    def result(self) -> CommitInfo | None:
+        """The result of the commit (:class:`CommitInfo`), once committed; None before."""
+        if self._result is None and self._done is not None:
+            self._result = CommitInfo(self._done[0], self.durability, self._done[1])
+        return self._result
 
     # -- taking pages ---------------------------------------------------------------------------
-
-    def _check(self) -> None:
-        if asyncio.current_task(self._loop) is not self._task:
-            raise InvalidArgument("this transaction belongs to another task")
-        if self._state != _ACTIVE:
-            raise InvalidArgument(
-                "the transaction is committing"
-                if self._state == _COMMITTING
-                else "the transaction has ended"
-            )
-
-    def _lsn_offset(self, f: PoolFile) -> int:
-        off = int(f._w0[f._entry + FILE_ENTRY.word.lsn_offset]) - 1
-        if off < 0:
-            raise InvalidArgument(
-                f"{f.name or 'a temporary file'} was opened without lsn_offset: a transaction "
-                "needs the place where the commit LSN is stamped on each page"
-            )
-        return off
-
-    async def page(self, f: PoolFile, pgno: int, *, create: bool = False) -> TxnPage:
-        """Take page ``pgno`` of ``f`` for writing: pin it, latch it (exclusive, between
-        processes), and return a private copy (:class:`TxnPage`). Taking a page again returns
-        the same copy, with this transaction's changes. ``create``: make the page if it does
-        not exist (zero-filled).
-
-        Raises InvalidArgument if ``f`` has no ``lsn_offset``; :class:`~aiodbenv.errors.TxnTooLarge`
-        past ``MAX_PAGES`` (64) pages or the log's record size (the transaction stays usable);
-        with an in-memory log, :class:`~aiodbenv.errors.LogBufferFull` if the ring cannot keep
-        room for the commit record with this page (checkpoint, or use a larger
-        ``log_buffer_size``; the transaction stays usable, and its commit is then never refused
-        for space);
-        :class:`~aiodbenv.errors.Deadlock` if the latch is busy and ordered below one this
-        transaction holds (abort and retry; taking pages in ascending file and page order
-        never gets it); :class:`~aiodbenv.errors.LockTimeout` after ``latch_timeout`` seconds.
-        Cancellation: the page is neither pinned nor latched; the transaction stays usable.
-        """
-        self._check()
-        if type(pgno) is not int or not 0 <= pgno < MAX_PGNO:
-            raise InvalidArgument(f"page number must be an int in 0..2**40-1, not {pgno!r}")
-        tp = self._pages.get((f._fidx, pgno))
-        if tp is not None and tp.file is f:
-            return tp
-        return await self._take(f, pgno, MODE_CREATE if create else MODE_GET)
-
-    async def new(self, f: PoolFile) -> TxnPage:
-        """Take a new page at the end of ``f`` (zero-filled; ``.pgno`` is its number), as
-        :meth:`page` does. Cancellation: as :meth:`page` (the new page stays in the file,
-        zero-filled)."""
-        self._check()
-        return await self._take(f, -1, MODE_NEW)
-
-    def _file(self, f: PoolFile) -> tuple[_batch.BatchFile, int, bytes]:
-        """What a commit logs of file ``f`` (its id, sizes, ``lsn_offset`` and path as
-        logged: relative to the home when inside it, so that recovery of a moved home finds
-        it), and the most bytes one of its pages can add to a batch. Computed once per file
-        handle (they never change while it is open); raises InvalidArgument for a file a
-        transaction cannot change."""
-        got = _files.get(f)
-        if got is not None:
-            return got
-        lo = self._lsn_offset(f)
-        if f.name is None or f.nofile:
-            raise InvalidArgument("transactions need a named file that is written to disk")
-        if f.readonly:
-            raise InvalidArgument(f"{f.name} is open read-only")
-        path = f.name
-        rel = os.path.relpath(path, self._pool._env_core.home)
-        path = path if rel.startswith(os.pardir) else rel
-        bf = _batch.BatchFile(f.fileid, f.page_size, f._data_size, lo, path)
-        got = _files[f] = (bf, _batch.worst_size(f._data_size, path), _commit.file_entry(bf))
-        return got
-
-    async def _take(self, f: PoolFile, pgno: int, mode: int) -> TxnPage:
-        bf, cost, entry = self._file(f)
-        lsn_off = bf.lsn_offset
-        if len(self._pages) >= MAX_PAGES:
-            raise TxnTooLarge(f"a transaction may take at most {MAX_PAGES} pages")
-        limit = self._log._max_payload
-        if self._bytes + cost > limit:
-            raise TxnTooLarge(
-                f"taking this page could make the commit's log record larger than a log "
-                f"record may be ({limit} bytes): commit what you have first"
-            )
-        # In memory, room in the ring for the commit record with this page, before anything
-        # is pinned (a refusal leaves the transaction as it was). Worst case: the record's
-        # size as computed for TxnTooLarge, plus its log record header.
-        log = self._log
-        want = 0
-        if log._c.inmemory:
-            want = self._bytes + cost + _LOG_HEADER_BYTES - self._reserved
-            await log._reserve(want)
-            self._reserved += want
-        try:
-            # A cached page is pinned without an await (the pool's hit path); else the slow path.
-            page = f._pin_hit(pgno) if mode != MODE_NEW else None
-            if page is None:
-                page = await f._pin(pgno, mode)
-        except BaseException:
-            await self._unreserve(want)
-            raise
-        try:
-            if page._cache is None:
-                raise InvalidArgument("pages of a memory-mapped file cannot be changed")
-            if (f._fidx, page.pgno) in self._pages:
-                # Only a new page can get here (MODE_NEW raced ourselves): not ours twice.
-                raise InvalidArgument(f"page {page.pgno} is already taken by this transaction")
-            key = latch_key(f._fidx, page.pgno)
-            # One try first, without a coroutine: the latch is usually free.
-            if (
-                _commit.latch(page, self._owner)
-                if _commit.COMPILED
-                else self._pool._attempt(
-                    try_latch, page._cache, page._bucket, page._bh, self._owner
-                )
-            ):
-                await acquire(
-                    self._pool,
-                    page,
-                    self._owner,
-                    key,
-                    self._held_max,
-                    self.latch_timeout,
-                    self._stats,
-                )
-            else:
-                self._stats.add(W.latch_nowait)
-        except BaseException:
-            pending = f._unpin(page, 0)
-            if pending is not None:
-                await asyncio.shield(pending)
-            await self._unreserve(want)
-            raise
-        # Known to the file too, so that closing it (or the environment) releases the latch
-        # of a transaction that was never ended.
-        f._latched[page] = self._owner
-        self._held_max = max(self._held_max, key)
-        self._bytes += cost
-        data = bytearray(page.data)
-        if mode == MODE_NEW:
-            data[lsn_off : lsn_off + 8] = bytes(8)
-        desc = _commit.describe(page, f._fidx, data, entry, lsn_off) if _commit.COMPILED else None
-        tp = TxnPage(f, page, data, bf, desc)
-        self._pages[(f._fidx, page.pgno)] = tp
-        return tp
 
     # -- ending ---------------------------------------------------------------------------------
 
@@ -306,25 +133,20 @@ class Txn:
         await self._release_all()
         await self._unreserve(self._reserved)
 
-    async def _unreserve(self, nbytes: int) -> None:
-        """Give back ``nbytes`` of this transaction's reservation (nothing for a file log)."""
-        if nbytes <= 0:
-            return
-        self._reserved -= nbytes
-        await asyncio.shield(self._log._release(nbytes))
-
     async def _release_all(self) -> None:
         pending = self._release_now()
         if pending:
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
 
-    def _release_now(self) -> list[asyncio.Task[None]]:
-        """Release every latch and unpin every page; the unpins left to a pool task (a bucket
-        mutex held past a few milliseconds) are returned, for the caller to await."""
+    def _release_now(self, released: bool = False) -> list[asyncio.Task[None]]:
+        """Release every latch (unless ``released``: the commit did) and unpin every page;
+        the unpins left to a pool task (a bucket mutex held past a few milliseconds) are
+        returned, for the caller to await."""
         pending = []
         for tp in self._pages.values():
             tp.file._latched.pop(tp._page, None)
-            release(tp._page, self._owner)
+            if not released:
+                release(tp._page, self._owner)
             task = tp.file._unpin(tp._page, 0)
             if task is not None:
                 pending.append(task)
@@ -347,27 +169,44 @@ class Txn:
         completed). A ``write_nosync`` commit, or one whose record is larger than the log
         buffer, runs in a task that finishes in the background either way.
         """
+        await self._commit_checked()
+        result = self.result
+        assert result is not None
+        return result
+
+    async def _commit_checked(self) -> None:
+        """:meth:`commit` without making its CommitInfo (``async with`` does not need it)."""
+        if self._begin_commit():
+            await self._commit(inline=True)
+        else:
+            await self._commit_task()
+
+    def _begin_commit(self) -> bool:
+        """Check and enter the committing state: True if the commit runs inline (in the
+        caller's task), False if in a task of its own (:meth:`_commit_task`)."""
         self._check()
         self._state = _COMMITTING
-        log = self._log
-        if self.durability != "write_nosync" and self._bytes + 16 <= log.buffer_size:
-            # The common case, without a task per commit: a put (without flush) of a record
-            # that fits in the buffer appends nothing if it is cancelled (it can wait only
-            # for buffer space or a new log file), so cancellation is clean at every step.
-            # _bytes is the record's worst-case size, checked as pages were taken.
-            return await self._commit(inline=True)
+        # The common case, without a task per commit: a put (without flush) of a record that
+        # fits in the buffer appends nothing if it is cancelled (it can wait only for buffer
+        # space or a new log file), so cancellation is clean at every step. _bytes is the
+        # record's worst-case size, checked as pages were taken.
+        return self.durability != "write_nosync" and self._bytes + 16 <= self._log._c.bsize
+
+    async def _commit_task(self) -> None:
         task = asyncio.ensure_future(self._commit(inline=False))
         task.add_done_callback(_retrieve)
-        return await asyncio.shield(task)
+        await asyncio.shield(task)
 
-    async def _commit(self, inline: bool) -> CommitInfo:
+    async def _commit(self, inline: bool) -> None:
         pages = list(self._pages.values())
         try:
             # The first change of a page after the last checkpoint *record* is a full image:
             # a page written from then on may be torn by a power loss, and recovery (which
             # starts a checkpoint further back) needs a whole image to repair it.
             # (The last checkpoint record's LSN word, 0 if none: Log.last_checkpoint's first.)
-            built = _commit.build(pages, self._log._c.word("ckp_rec"), self._bytes)
+            built = _commit.prepare(
+                self._pool, pages, self._log._c.word("ckp_rec"), self._bytes, self._owner
+            )
         except BaseException:
             await self._end_aborted()
             raise
@@ -376,19 +215,20 @@ class Txn:
             self._stats.add(W.readonly_commits)
             await self._release_all()
             await self._unreserve(self._reserved)
-            self.result = CommitInfo(LSN(0, 0), self.durability, 0)
-            return self.result
+            self._done = (LSN(0, 0), 0)
+            return
         pool = self._pool
         try:
             # Dirty first: a page flagged dirty that has not changed yet costs a write at most,
             # while a changed page a checkpoint sees clean would lose the commit. Then every
             # latch is marked committing (see latch.LATCH_COMMITTING).
-            if not _commit.mark_now(pool, pages, built, self._owner):
+            if not built.marked and not _commit.mark_now(pool, pages, built, self._owner):
                 await _commit.mark(pool, pages, built, self._owner)
         except BaseException:
             await self._end_aborted()
             raise
-        _io.step("txn.committing")
+        if _io._signal_plan:  # _io.step's own test, without its call
+            _io.step("txn.committing")
         record = built.record
         try:
             wns = self.durability == "write_nosync"
@@ -414,25 +254,28 @@ class Txn:
             reason = f"a transaction's commit record could not be logged ({err!r})"
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
-        _io.step("txn.logged")
+        if _io._signal_plan:  # _io.step's own test, without its call
+            _io.step("txn.logged")
         try:
-            _commit.apply(pages, built, lsn)
+            released = _commit.apply(pages, built, lsn, self._owner)
         except BaseException as err:
             # Logged but not whole in the buffers: only recovery can make it whole.
             reason = f"a transaction's logged commit could not be copied in ({err!r})"
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
         st = self._stats
-        st.add(W.pages_logged, len(built.changed))
+        sw, sb = st._w, st._base
+        sw[sb + W.pages_logged] += len(built.changed)
         if built.fulls:
-            st.add(W.full_images, built.fulls)
-        st.add(COMMIT_WORD[self.durability])
+            sw[sb + W.full_images] += built.fulls
+        sw[sb + COMMIT_WORD[self.durability]] += 1
         self._state = _DONE
-        self.result = CommitInfo(lsn, self.durability, len(built.changed))
-        pending = self._release_now()  # usually all done: no coroutine
+        self._done = (lsn, len(built.changed))
+        pending = self._release_now(released)  # usually all done: no coroutine
         if pending:
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
-        _io.step("txn.released")
+        if _io._signal_plan:  # _io.step's own test, without its call
+            _io.step("txn.released")
         if self.durability == "sync":
             # Not Log.flush(lsn): its check against the log's end reads two region words
             # without the mutex, and a round moving the buffer meanwhile can make the end look
@@ -442,7 +285,6 @@ class Txn:
             if word >= log._c.word("s_lsn"):
                 log._check()
                 await log._flush_word(word)
-        return self.result
 
     async def _end_aborted(self) -> None:
         """The commit failed before its record was logged: end as an abort."""
@@ -470,7 +312,11 @@ class Txn:
         if self._state != _ACTIVE:
             return
         if exc_type is None:
-            await self.commit()
+            # _commit_checked's body: one coroutine less per `async with`.
+            if self._begin_commit():
+                await self._commit(inline=True)
+            else:
+                await self._commit_task()
         else:
             await self.abort()
 
