@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from typing import Any
 
@@ -211,6 +212,15 @@ def test_log_suites_pass_with_the_python_append() -> None:
 # -- writes behind ----------------------------------------------------------------------------
 
 
+def wait_io(r: Any, timeout: float = 30.0) -> None:
+    """Block (the loop too, on purpose) until the round's thread is done with it: the
+    executor's future, or the round thread's job state (it has no future)."""
+    deadline = time.monotonic() + timeout
+    while not r.io_done():
+        assert time.monotonic() < deadline, "the round never finished"
+        time.sleep(0.0005)
+
+
 def _send(coro: Any) -> tuple[bool, Any]:
     """Run a coroutine's first step: (True, result) if it finished without suspending."""
     try:
@@ -234,7 +244,7 @@ async def test_write_behind_starts_and_finishes_without_suspending_the_put(home:
         # The put that passed half handed the write to the writer's thread before returning.
         r = log._inflight
         assert r is not None and r.end > 0
-        assert concurrent.futures.wait([r.cf], timeout=30).done
+        wait_io(r)
         # The thread published the write and let the writer role go, with the event loop
         # blocked all along (here): other processes' flushes are never kept waiting on it.
         assert r.finished and log._c.role_holder() == (0, 0)
@@ -250,7 +260,7 @@ async def test_write_behind_starts_and_finishes_without_suspending_the_put(home:
         # wait for it (on a loaded machine it may still be under way here).
         r2 = log._inflight
         if r2 is not None:
-            assert concurrent.futures.wait([r2.cf], timeout=30).done
+            wait_io(r2)
         assert log.stat().wcount > before  # a write the puts started, counted
         assert log.stat().wcount_fill == 0
         await log.flush()
@@ -343,9 +353,14 @@ async def test_compiled_write_behind_failure_panics(home: str) -> None:
 
 
 @compiled
-async def test_compiled_write_behind_left_stuck_is_published_by_the_loop(home: str) -> None:
+async def test_compiled_write_behind_left_stuck_is_published_by_the_loop(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The mutex held (here, by the loop's thread) past the compiled call's bounded wait: it
     # leaves the round written, not published, with the role held; the loop publishes it.
+    # The call runs in the writer's executor thread (which this test gates), not the round
+    # thread of its own.
+    monkeypatch.setattr(accel, "ROUND_THREAD", False)
     env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=8192)
     try:
         log = env.log
@@ -380,7 +395,7 @@ async def test_a_lone_flush_is_one_round_its_thread_finishes(home: str, how: str
         assert not task.done()
         r = log._inflight
         assert r is not None and r.sync == (how == "flush")
-        assert concurrent.futures.wait([r.cf], timeout=30).done
+        wait_io(r)
         # With the loop blocked (here), the thread made it durable (or written), published it
         # and let the writer role go: another process's flush would not wait for this loop.
         assert r.finished and log._c.role_holder() == (0, 0)
@@ -553,6 +568,8 @@ def test_write_behind_outliving_close_keeps_the_region_mapped(
     extra = {"region": kind, "shm_key": shm_key} if kind == "system" else {}
     r = subprocess.run(
         [sys.executable, "-c", OUTLIVES_CLOSE, home, json.dumps(extra)],
+        # The round must wait in the writer's executor thread, which the script gates.
+        env={**os.environ, "AIODBENV_LOG_ROUND_THREAD": "0"},
         cwd=REPO,
         capture_output=True,
         text=True,

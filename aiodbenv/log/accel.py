@@ -12,10 +12,12 @@ Python path, so both paths share one implementation of the rare cases.
 from __future__ import annotations
 
 import errno
-from concurrent.futures import Executor, Future
+import os
+from concurrent.futures import Executor, Future, InvalidStateError
 from typing import Any
 
 from ..mpool.hot import module as _hot
+from ..region.layout import MAX_PROCS
 from ..region.mutex import ffi, speedups
 from ..region.mutex import unlock as unlock
 from .layout import LOG_HEADER
@@ -26,6 +28,7 @@ __all__ = [
     "COMPILED",
     "HALF",
     "PYTHON",
+    "ROUND_COMPILED",
     "BehindJob",
     "FastPut",
     "behind_job",
@@ -112,7 +115,16 @@ _J_STATE, _J_ERR, _J_FD, _J_FILE, _J_FOFF, _J_START, _J_END, _J_COMMITS = range(
 _J_IDENT = 8  # pid, start time, token
 _J_INDEXES = 11  # word indexes of w_lsn ... flusher_token
 _J_EVFD = 20
-_J_COUNT = 21
+# The whole round's slots (aiodbenv/_csrc/65_logflush.c's JX_* enum, after J_COUNT).
+_JX_SYNC, _JX_MORE, _JX_INDEXES = 21, 22, 23
+_JX_NSLOTS, _JX_SOCK, _JX_ROUNDS, _JX_SENT = 35, 36, 37, 38
+_JX_ALIVE = 41
+_J_COUNT = 44
+#: True when a flush round runs as one compiled call (aiodbenv/_csrc/65_logflush.c).
+ROUND_COMPILED = COMPILED and hasattr(speedups, "aiodb_log_round")
+#: Whether new log handles run their compiled rounds in a round thread of their own (else in
+#: the writer's executor thread; tests that gate that thread turn it off).
+ROUND_THREAD = os.environ.get("AIODBENV_LOG_ROUND_THREAD", "1") != "0"
 
 
 class BehindJob:
@@ -121,7 +133,7 @@ class BehindJob:
     publishes it (``end_write``), lets the role go and wakes other processes' waiters in one
     C call without the GIL; :meth:`state` tells how far it got (``JOB_*``)."""
 
-    __slots__ = ("core", "fast", "j")
+    __slots__ = ("_done", "_started_once", "core", "fast", "j", "thread")
 
     def __init__(self, core: Any, fast: FastPut) -> None:
         h = core.h
@@ -143,12 +155,40 @@ class BehindJob:
                 "flusher_token",
             )
         ]
+        self.j[_JX_INDEXES:_JX_NSLOTS] = [
+            h + getattr(_W, name)
+            for name in (
+                "s_lsn",
+                "st_fsyncs",
+                "st_flushes",
+                "st_max_commits",
+                "st_min_commits",
+                "pending_commits",
+                "want_write",
+                "file_ready",
+                "failed_errno",
+                "failed_file",
+                "wake_want",
+                "wake_name",
+            )
+        ]
+        self.j[_JX_NSLOTS] = MAX_PROCS
+        #: Whether the handle's round thread runs (started with the first round; False: the
+        #: rounds go to the executor's thread, as they do if it cannot be started).
+        self.thread = False
+        self._started_once = False
+        self._done: Future[None] | None = None
         # Once the job is not idle, the start fills it: until then it reads as done.
         self.j[_J_STATE] = JOB_DONE
         if fast.putter is not None:
             # The compiled put returns the LSN itself past half while a write behind is
             # queued or running (nothing for Python to do then).
             fast.putter.set_job(int(ffi.cast("uintptr_t", self.j)), self.j)
+
+    def set_socket(self, fd: int) -> None:
+        """The datagram socket wake-ups are sent by (-1: none; waiters then re-check on
+        their timeout)."""
+        self.j[_JX_SOCK] = fd + 1
 
     def start(
         self,
@@ -160,24 +200,90 @@ class BehindJob:
         end: int,
         commits: int,
         evfd: int,
-    ) -> Future[None]:
+        sync: bool = False,
+        more: int = 0,
+    ) -> Future[None] | None:
         """Have ``executor`` (the writer's thread) write buffer bytes ``[start, end)`` at
-        ``foff`` of ``file`` (open as ``fd``), publish them and let the role go, in one
-        call without the GIL; the call adds 1 to the eventfd ``evfd`` when done (-1: none)."""
+        ``foff`` of ``file`` (open as ``fd``), fdatasync it if ``sync``, publish it, run up
+        to ``more`` further rounds for the flush and write-through calls of any process
+        registered meanwhile, let the role go and wake the waiters, in one call without the
+        GIL; the call adds 1 to the eventfd ``evfd`` when done (-1: none). The round runs in
+        the handle's round thread (None returned), else in ``executor`` (its future)."""
         j = self.j
         j[_J_STATE], j[_J_EVFD] = JOB_QUEUED, evfd + 1
         j[_J_FD], j[_J_FILE], j[_J_FOFF] = fd, file, foff
         j[_J_START], j[_J_END], j[_J_COMMITS] = start, end, commits
+        j[_JX_SYNC], j[_JX_MORE] = int(sync), more
+        if not self.thread and not self._started_once and ROUND_THREAD:
+            self._started_once = True
+            if speedups.aiodb_log_thread_start(self.fast.args, j) == 0:
+                self.thread = True
+                _BY_JOB[int(ffi.cast("uintptr_t", j))] = self
+        if self.thread:
+            speedups.aiodb_log_thread_go(j)
+            return None
         return executor.submit(self._run)
 
+    def done_future(self) -> Future[None]:
+        """A future resolved (in the round thread) when the round under way has ended: for a
+        handle that closes while its round runs in the round thread (:mod:`.orphan`)."""
+        f: Future[None] = Future()
+        self._done = f
+        state = int(speedups.aiodb_log_thread_notify(self.j))
+        if state not in (JOB_QUEUED, JOB_RUNNING):
+            self._resolve()
+        return f
+
+    def _resolve(self) -> None:
+        f = self._done
+        if f is not None and not f.done():
+            try:
+                f.set_result(None)
+            except InvalidStateError:
+                pass  # resolved by the other side meanwhile
+
+    def quit(self) -> None:
+        """Ask the round thread to end (after the round it runs, if any). The job (and the
+        arrays the thread reads) is kept until the thread has ended."""
+        if self.thread:
+            speedups.aiodb_log_thread_quit(self.j)
+            self.thread = False
+        for key, job in list(_BY_JOB.items()):
+            if not job.thread and job.j[_JX_ALIVE] == 0:
+                del _BY_JOB[key]
+
+    def current(self) -> tuple[int, int, int, bool, int]:
+        """``(file, start, end, sync, commits)`` of the round the job describes now (after
+        further rounds, the last one: what the loop publishes if it is left stuck)."""
+        j = self.j
+        return (
+            int(j[_J_FILE]),
+            int(j[_J_START]),
+            int(j[_J_END]),
+            bool(j[_JX_SYNC]),
+            int(j[_J_COMMITS]),
+        )
+
+    def rounds(self) -> tuple[int, int]:
+        """``(rounds, wake-ups sent)`` by the last call (for tests)."""
+        return int(self.j[_JX_ROUNDS]), int(self.j[_JX_SENT])
+
+    def wake(self, everyone: bool) -> int:
+        """Send the waiters' wake-ups a publish owes (see :mod:`aiodbenv.log.wakesock`),
+        without the GIL's help: the number sent."""
+        return int(speedups.aiodb_log_wake(self.fast.args, self.j, int(everyone)))
+
     def _run(self) -> None:
-        if speedups.aiodb_log_behind(self.fast.args, self.j) == OWNER_DEAD:
-            # Left held for us, its holder dead: repair here, in the thread that holds it
-            # (a robust mutex is its locker's), as any locker would; the loop publishes.
-            core = self.core
-            core.mutex.acquire_contended(errno.EOWNERDEAD)
-            if core._ptr is not None:
-                unlock(core._ptr)
+        if speedups.aiodb_log_round(self.fast.args, self.j) == OWNER_DEAD:
+            self._repair()
+
+    def _repair(self) -> None:
+        # Left held for us, its holder dead: repair here, in the thread that holds it (a
+        # robust mutex is its locker's), as any locker would; the loop publishes.
+        core = self.core
+        core.mutex.acquire_contended(errno.EOWNERDEAD)
+        if core._ptr is not None:
+            unlock(core._ptr)
 
     def state(self) -> int:
         """``JOB_QUEUED`` until the writer's thread starts it, ``JOB_RUNNING`` while it
@@ -191,9 +297,31 @@ class BehindJob:
         return int(self.j[_J_ERR])
 
 
+#: Jobs whose round thread was started, by the address of their job array: kept alive until
+#: the thread has ended (it reads their arrays), and found by the repair callback, which the
+#: thread makes with that address.
+_BY_JOB: dict[int, BehindJob] = {}
+
+if ROUND_COMPILED:
+
+    @ffi.def_extern(name="aiodb_log_repair_cb")  # type: ignore[untyped-decorator]
+    def _repair_cb(j: Any) -> None:
+        """The round thread found the log mutex held by a dead process (it holds it now)."""
+        job = _BY_JOB.get(int(ffi.cast("uintptr_t", j)))
+        if job is not None:
+            job._repair()
+
+    @ffi.def_extern(name="aiodb_log_done_cb")  # type: ignore[untyped-decorator]
+    def _done_cb(j: Any) -> None:
+        """The round thread ended a round its closed handle waits for."""
+        job = _BY_JOB.get(int(ffi.cast("uintptr_t", j)))
+        if job is not None:
+            job._resolve()
+
+
 def behind_job(core: Any, fast: FastPut | None) -> BehindJob | None:
     """The compiled write behind of a file log handle with the compiled append, or None."""
-    if fast is None or core.inmemory or not hasattr(speedups, "aiodb_log_behind"):
+    if fast is None or core.inmemory or not ROUND_COMPILED:
         return None
     return BehindJob(core, fast)
 

@@ -71,6 +71,11 @@ LOG_HEADER = Layout(
         # reaper can drop a dead process's); always 0 for a file log
         ("rsv_total", 1),
         ("rsv", MAX_PROCS),
+        # -- per registry slot, a flush waiter's wake-up (aiodbenv.log.wakesock): the LSN word
+        # it waits for + 2 (1: any progress; 0: not waiting), cleared by the writer that wakes
+        # it, and the nonce naming its socket (0: none)
+        ("wake_want", MAX_PROCS),
+        ("wake_name", MAX_PROCS),
     ],
 )
 

@@ -120,7 +120,12 @@ class LogReserve(LogState):
     def drop_slot(self, slot: int) -> int:
         """Drop every reservation of registry slot ``slot`` (its process died, or this
         handle closes); the bytes dropped."""
-        if not self.inmemory or not 0 <= slot < MAX_PROCS:
+        if not 0 <= slot < MAX_PROCS:
+            return 0
+        # Its flush waits' wake-up registration goes too (aiodbenv.log.wakesock).
+        self.w[self.h + _W.wake_want + slot] = 0
+        self.w[self.h + _W.wake_name + slot] = 0
+        if not self.inmemory:
             return 0
         with self.mutex:
             n = int(self.w[self.h + _W.rsv + slot])

@@ -13,122 +13,31 @@ while other processes wait for the role. :class:`ThreadRounds` is a part of
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import _io
 from ..errors import LockTimeout
 from ..region.mutex import Busy
-from .accel import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_STUCK, BehindJob
+from .accel import BehindJob
 from .core import LogCore
 from .files import log_path
 from .orphan import keep_running
+from .rounddata import _SETTLE_POLL, CRound, Round
+from .wakesock import unregister
 
-__all__ = ["MORE_ROUNDS", "Round", "ThreadRounds"]
+__all__ = ["MORE_ROUNDS", "CRound", "Round", "ThreadRounds"]
 
 _PWRITEV = _io.pwritev
-
-#: How often a round its thread could not publish is tried again by the loop (seconds).
-_SETTLE_POLL = 0.002
+_FDATASYNC = _io.fdatasync
 
 #: Rounds a writer's thread runs back to back for other processes' flush calls, at most,
 #: before it lets the role go (and the writer task or another process takes it).
 MORE_ROUNDS = 64
-
-
-@dataclass
-class Round:
-    """A write round whose I/O was handed to the writer's thread."""
-
-    file: int
-    start: int  # buffer bytes [start, end) are being written
-    end: int
-    sync: bool
-    commits: int
-    listeners: bool
-    durable_from: int
-    cf: concurrent.futures.Future[bytes] = field(init=False)  # the thread's
-    done: asyncio.Future[bytes] = field(init=False)  # the same, for the loop
-    finished: bool = False  # its end_write is done (set by the thread for a write behind)
-    stuck: bool = False  # its thread wrote it but could not publish it (the mutex stayed held)
-
-    def io_done(self) -> bool:
-        """Its thread is done with it (written, or failed)."""
-        return self.cf.done()
-
-    def failure(self) -> int:
-        """The errno of a write the loop must report (never: its thread reports it)."""
-        return 0
-
-    async def wait(self) -> None:
-        """Until its thread is done with it (its failure is recorded there, not raised).
-        Cancellation: the thread goes on."""
-        try:
-            await asyncio.shield(self.done)
-        except Exception:
-            pass
-
-
-class CRound:
-    """A write behind run by one compiled call in the writer's thread
-    (:class:`~aiodbenv.log.accel.BehindJob`): the same attributes as :class:`Round` for the
-    code that waits for one."""
-
-    sync = False
-    listeners = False
-    durable_from = 0
-
-    def __init__(self, job: BehindJob, file: int, start: int, end: int, commits: int) -> None:
-        self.job = job
-        self.file, self.start, self.end, self.commits = file, start, end, commits
-        self._finished = False
-        self.cf: concurrent.futures.Future[None] | None = None
-        #: Futures the loop resolves when the thread says it is done (through the eventfd).
-        self.waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def finished(self) -> bool:
-        """Published (by the thread, or by the loop after it was stuck or failed)."""
-        return self._finished or self.job.state() == JOB_DONE
-
-    @finished.setter
-    def finished(self, value: bool) -> None:
-        self._finished = value
-
-    @property
-    def stuck(self) -> bool:
-        """Its thread is done but left the round for the loop to publish (or report)."""
-        return not self._finished and self.job.state() in (JOB_STUCK, JOB_FAILED)
-
-    def io_done(self) -> bool:
-        """Its thread is done with it."""
-        return self.job.state() not in (JOB_QUEUED, JOB_RUNNING)
-
-    def failure(self) -> int:
-        """The errno of its failed write, 0 if it did not fail."""
-        return self.job.error() if self.job.state() == JOB_FAILED else 0
-
-    async def wait(self) -> None:
-        """Until its thread is done with it: woken through the handle's eventfd, re-checked
-        every few milliseconds all the same (bounded, if a wake-up were ever lost, or there
-        is no eventfd). Cancellation: the thread goes on."""
-        loop = asyncio.get_running_loop()
-        while not self.io_done():
-            fut = loop.create_future()
-            self.waiters.append(fut)
-            try:
-                await asyncio.wait_for(fut, _SETTLE_POLL * 5)
-            except TimeoutError:
-                pass
-            finally:
-                if fut in self.waiters:
-                    self.waiters.remove(fut)
 
 
 class ThreadRounds:
@@ -148,6 +57,7 @@ class ThreadRounds:
     _panic_w: Any
     _panic_i: int
     _want: Any
+    _wsock: Any  # the handle's WakeSocket, or None
     wait_timeout: float
 
     if TYPE_CHECKING:  # supplied by LogWriter: declared for the type checker only
@@ -213,11 +123,17 @@ class ThreadRounds:
             or self._attempt(c.take_role, None) is not True
         ):
             return
-        r = self._attempt(self._round_start, sync, False, True)
-        if not isinstance(r, Round):
+        r = self._attempt(self._round_start, sync, False, True, True)
+        if not isinstance(r, (Round, CRound)):
             self._attempt(c.release_role)  # if Busy: this handle takes it back later
             return
         self._inflight = r
+        if isinstance(r, CRound):
+            # One compiled call in the writer's thread; its eventfd wakes the loop. A
+            # failed write or fsync is reported by _finish_now (the environment panics).
+            await self._settle_behind()
+            self._check()
+            return
         try:
             await asyncio.shield(r.done)
         except OSError:
@@ -273,17 +189,30 @@ class ThreadRounds:
             os.close(fd)
 
     def _forget_behind(self) -> None:
-        """Closing: stop watching the eventfd. A compiled write behind still running (a disk
+        """Closing: stop watching the eventfd, end the round thread, clear this handle's
+        wake-up registration and close its socket. A compiled write behind still running (a disk
         slower than ``wait_timeout``) keeps its file, the eventfd and the log region mapped
         until its thread is done (:mod:`aiodbenv.log.orphan`)."""
         r = self._inflight
-        if isinstance(r, CRound) and r.cf is not None and not r.io_done():
+        if isinstance(r, CRound) and not r.io_done():
             fds = [self._fds.pop(r.file)] if r.file in self._fds else []
             fds += [self._evfd] if self._evfd >= 0 else []
-            keep_running(r, r.cf, self._c.buf[0:1], fds, self.wait_timeout)
+            # In the executor's thread, its future; in the round thread, one it resolves.
+            cf = r.cf if r.cf is not None else r.job.done_future()
+            ws, self._wsock = self._wsock, None
+            if ws is not None:  # its thread sends wake-ups by it: kept open for it
+                ws.stop_reading()
+                fds.append(ws.sock.detach())
+            keep_running(r, cf, self._c.buf[0:1], fds, self.wait_timeout)
             self._close_job_fd(keep=True)
         else:
             self._close_job_fd(keep=False)
+        unregister(self._c.w, self._c.h, self._c.rsv_slot, name=True)
+        if self._bjob is not None:
+            self._bjob.quit()
+        ws, self._wsock = self._wsock, None
+        if ws is not None:
+            ws.close()
 
     def _finish_now(self, r: Round | CRound) -> bool:
         """A write behind's I/O is done but its thread could not publish it (the mutex stayed
@@ -293,15 +222,21 @@ class ThreadRounds:
         if r.finished:  # its thread published it between the two reads
             return True
         c = self._c
+        file, start, end, sync, commits = (
+            r.job.current()
+            if isinstance(r, CRound)
+            else (r.file, r.start, r.end, r.sync, r.commits)
+        )
         err = r.failure()
         if err:
-            # The compiled thread's write failed: panic here, as the Python thread does.
-            self._thread_failed(r.file, False, OSError(err, os.strerror(err)))
+            # The compiled thread's write or fsync failed: panic here, as the Python thread
+            # does (the thread recorded it in the region already).
+            self._thread_failed(file, sync, OSError(err, os.strerror(err)))
             r.finished = True
             self._attempt(c.release_role)
             self._wake_others()
             return True
-        if isinstance(self._attempt(c.end_write, r.file, r.start, r.end, r.sync, r.commits), Busy):
+        if isinstance(self._attempt(c.end_write, file, start, end, sync, commits), Busy):
             return False
         r.finished = True
         self._attempt(c.release_role)  # if Busy, the role is taken back by this handle later
@@ -350,12 +285,22 @@ class ThreadRounds:
         if (
             compiled
             and job is not None
-            and not (_io._faults or _io._signal_plan or _io.pwritev is not _PWRITEV)
+            and not (sync and self._listeners)
+            and not (
+                _io._faults
+                or _io._signal_plan
+                or _io.pwritev is not _PWRITEV
+                or _io.fdatasync is not _FDATASYNC
+            )
         ):
             # One compiled call in the writer's thread does it all; the seam's faults and
-            # crash points (and a patched pwritev) need the Python work below.
-            cr = CRound(job, file, start, end, commits)
-            cr.cf = job.start(self._thread, fd, file, foff, start, end, commits, self._job_fd())
+            # crash points (and a patched pwritev or fdatasync) need the Python work below,
+            # and so do durable-log listeners (they get the bytes on the loop).
+            cr = CRound(job, file, start, end, commits, sync)
+            more = 0 if self._closing else MORE_ROUNDS
+            cr.cf = job.start(
+                self._thread, fd, file, foff, start, end, commits, self._job_fd(), sync, more
+            )
             return cr
         view = c.buf[c.b0 + start : c.b0 + end]
         listeners = bool(self._listeners) and sync

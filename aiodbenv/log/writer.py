@@ -41,6 +41,7 @@ from .record import (
 )
 from .threadrounds import CRound, Round, ThreadRounds
 from .wake import Futex, futex_available
+from .wakesock import make_socket, sock_wait, wake_waiters
 
 __all__ = ["Direct", "DurableListener", "LogWriter"]
 
@@ -138,6 +139,10 @@ class LogWriter(ThreadRounds):
         if shared and futex_available():
             off = header_offset() + LOG_HEADER.offset("flush_seq")
             self._futex = Futex(region.base, off)
+        # ... or on a datagram socket their loop reads (aiodbenv.log.wakesock), if asked.
+        self._wsock = make_socket() if shared else None
+        if self._bjob is not None:
+            self._bjob.set_socket(self._wsock.fileno() if self._wsock is not None else -1)
 
     def _durable(self, start: int, end: int, data: bytes) -> None:
         for fn in list(self._listeners):
@@ -199,8 +204,15 @@ class LogWriter(ThreadRounds):
         return await self._locked(self._c.end_word_locked)
 
     def _wake_others(self) -> None:
+        """Wake other processes' flush waiters (by socket, and the futex's)."""
+        job = self._bjob
+        if job is not None:
+            job.wake(True)  # the futex too
+            return
         if self._futex is not None:
             self._futex.wake()
+        if self._wsock is not None:
+            wake_waiters(self._c.w, self._c.h, self._wsock.sock, True)
 
     def _kick(self) -> None:
         if self._task is None:
@@ -284,7 +296,9 @@ class LogWriter(ThreadRounds):
                     )
                     err.pid, err.mutex = holder[0], "log writer"
                     raise err
-                if self._futex is not None and holder[0]:
+                if self._wsock is not None and holder[0]:
+                    await sock_wait(c, self._want, self._wsock, seq, _FUTEX_WAIT)
+                elif self._futex is not None and holder[0]:
                     await self._in_thread(self._futex.wait, seq, _FUTEX_WAIT)
                 else:
                     await asyncio.sleep(delay)

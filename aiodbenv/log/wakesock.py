@@ -1,0 +1,209 @@
+"""Waking another process's flush waiters straight on their event loop: a datagram socket.
+
+Each log handle of a shared environment has a Unix datagram socket bound to a name in the
+abstract namespace (``aiodbenv-logwake-<nonce>``, a random 64-bit nonce: nothing is created
+in the file system, and the name goes away with the socket, however the process ends). A
+handle that waits for another process's writer writes, in its registry slot's words of the
+log header, the nonce and the LSN word it waits for (``wake_want``: that word + 2; 1: any
+progress), then waits for its socket to be readable (``loop.add_reader``), bounded: the
+re-check on a timeout is the fallback, also when a wake-up is lost. The writer, after each
+round it publishes, sends one byte without blocking to every registered waiter whose LSN is
+durable now (every waiter when it lets the writer role go) and clears the registration (the
+one who clears it sends: one byte per registration). A full socket (a stopped waiter) or an
+absent one (a dead waiter) makes the send fail at once; it is ignored. The compiled writer's
+round (aiodbenv/_csrc/65_logflush.c) does the same in C; :func:`wake_waiters` is its Python
+twin. For the waiting side it replaces a futex wait in a worker thread followed by a wake
+of the loop: one wake-up instead of two.
+
+Off by default, on with ``AIODBENV_LOG_WAKE=socket``: measured on a loaded 2-core machine
+(4 interleaved pairs of ``log_bench.py --only flush/8``, 8 processes flushing every record),
+it gave fewer records per fsync (3.1-4.1 against 4.5-5.7) and fewer records/s (1,184-1,746
+against 1,531-2,285) than the futex wait, in every pair. Why is not known yet (a guess: the
+waiters, back sooner, each find a round just started for fewer of them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+from ..region.layout import MAX_PROCS
+from .layout import LOG_HEADER
+
+__all__ = [
+    "WakeSocket",
+    "make_socket",
+    "sock_wait",
+    "socket_name",
+    "wake_waiters",
+    "wakesock_available",
+]
+
+_W = LOG_HEADER.word
+
+
+def wakesock_available() -> bool:
+    """True if waiters are to be woken through sockets: ``AIODBENV_LOG_WAKE=socket`` (off by
+    default: see the module's note on what was measured)."""
+    mode = os.environ.get("AIODBENV_LOG_WAKE", "").lower()
+    return mode == "socket" and hasattr(socket, "AF_UNIX")
+
+
+def socket_name(nonce: int) -> bytes:
+    """The abstract socket address of the waiter ``nonce`` (as the C side makes it)."""
+    return b"\0aiodbenv-logwake-%016x" % nonce
+
+
+class WakeSocket:
+    """A log handle's wake-up socket: it receives wake-ups and sends them."""
+
+    __slots__ = ("_fut", "_loop", "nonce", "received", "sock")
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            while True:
+                nonce = int.from_bytes(os.urandom(8), "little") | 1
+                try:
+                    self.sock.bind(socket_name(nonce))
+                    break
+                except OSError as err:  # EADDRINUSE: another handle drew the same nonce
+                    if err.errno != 98:
+                        raise
+        except BaseException:
+            self.sock.close()
+            raise
+        self.nonce = nonce
+        #: Wake-ups received (for tests and statistics).
+        self.received = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fut: asyncio.Future[None] | None = None
+
+    def fileno(self) -> int:
+        """The socket's descriptor."""
+        return self.sock.fileno()
+
+    def _readable(self) -> None:
+        self._drain()
+        fut, self._fut = self._fut, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self.sock.recv(64)
+                self.received += 1
+        except OSError:
+            pass  # empty (EAGAIN)
+
+    async def wait(self, timeout: float) -> None:
+        """Until a wake-up arrives, or ``timeout`` seconds. Cancellation: nothing is left
+        waiting (the reader stays registered for the next wait, until :meth:`close`)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                try:
+                    self._loop.remove_reader(self.sock.fileno())
+                except (RuntimeError, ValueError):
+                    pass
+            loop.add_reader(self.sock.fileno(), self._readable)
+            self._loop = loop
+        fut = self._fut
+        if fut is None or fut.done():
+            fut = self._fut = loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            pass
+
+    def close(self) -> None:
+        """Stop reading and close the socket (its name goes with it)."""
+        self.stop_reading()
+        self.sock.close()
+
+    def stop_reading(self) -> None:
+        """Stop reading (the socket stays open: its owner closes it)."""
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self.sock.fileno())
+            except (RuntimeError, ValueError):
+                pass  # the loop is closed already
+            self._loop = None
+        fut, self._fut = self._fut, None
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+
+def register(w: Any, h: int, slot: int, nonce: int, want: int) -> None:
+    """Register the waiter of registry slot ``slot`` (``want``: see the module's words)."""
+    if 0 <= slot < MAX_PROCS:
+        w[h + _W.wake_name + slot] = nonce
+        w[h + _W.wake_want + slot] = want
+
+
+def unregister(w: Any, h: int, slot: int, *, name: bool = False) -> None:
+    """Clear the wait of slot ``slot`` (and its socket's nonce if ``name``: closing, or the
+    reaper dropping a dead process's slot)."""
+    if 0 <= slot < MAX_PROCS:
+        w[h + _W.wake_want + slot] = 0
+        if name:
+            w[h + _W.wake_name + slot] = 0
+
+
+def wake_waiters(w: Any, h: int, sock: socket.socket | None, everyone: bool) -> int:
+    """Send a wake-up to every registered waiter whose LSN is durable now (every one if
+    ``everyone``), clearing its registration; the number sent. Never blocks."""
+    s_lsn = int(w[h + _W.s_lsn])
+    base_want, base_name = h + _W.wake_want, h + _W.wake_name
+    sent = 0
+    for i in range(MAX_PROCS):
+        v = int(w[base_want + i])
+        if not v or not (everyone or v == 1 or s_lsn > v - 2):
+            continue
+        # Not atomic against another writer clearing it too: at worst two bytes are sent.
+        w[base_want + i] = 0
+        nonce = int(w[base_name + i])
+        if not nonce or sock is None:
+            continue
+        try:
+            sock.sendto(b"\1", socket.MSG_DONTWAIT, socket_name(nonce))
+            sent += 1
+        except OSError:
+            pass  # full (a stopped waiter) or gone (a dead one): its re-check covers it
+    return sent
+
+
+def make_socket() -> WakeSocket | None:
+    """A handle's wake-up socket if they are asked for (:func:`wakesock_available`) and can
+    be made, else None (the futex, or polling, alone)."""
+    if not wakesock_available():
+        return None
+    try:
+        return WakeSocket()
+    except OSError:
+        return None
+
+
+async def sock_wait(c: Any, want: Any, ws: WakeSocket, seq: int, timeout: float) -> None:
+    """A log handle (its :class:`~aiodbenv.log.core.LogCore` ``c`` and demand ``want``)
+    waits for another process's writer to progress: registered in its slot, woken on its
+    loop by the writer's byte, re-checked after ``timeout`` all the same. ``seq`` is the
+    ``flush_seq`` it read before looking at the state. Cancellation: the registration is
+    cleared."""
+    s_lsn = int(c.w[c.h + _W.s_lsn])
+    # Only a flush: woken when its LSN is durable; anything else: on any progress.
+    only_sync = want.sync >= s_lsn and not (
+        want.direct or want.switch or want.space or want.write >= int(c.w[c.h + _W.w_lsn])
+    )
+    slot = c.rsv_slot
+    register(c.w, c.h, slot, ws.nonce, want.sync + 2 if only_sync else 1)
+    try:
+        if int(c.w[c.h + _W.flush_seq]) != seq:
+            return  # it progressed since the caller looked: look again
+        await ws.wait(timeout)
+    finally:
+        unregister(c.w, c.h, slot)
