@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -577,4 +578,66 @@ def test_write_behind_outliving_close_keeps_the_region_mapped(
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-3000:])
     # The region was left mapped for the thread, and the log says so.
+    assert "still running" in r.stderr, r.stderr[-3000:]
+
+
+# The same in the handle's round thread (the default): its fdatasync is made to last 1.5 s
+# (strace's delay injection, from outside the process), longer than the closing handle waits.
+ROUND_OUTLIVES_CLOSE = r"""
+import asyncio, sys, time
+import aiodbenv
+from aiodbenv.log import accel
+from aiodbenv.log.orphan import running
+
+async def main(home):
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    log = env.log
+    await log.put(b"first", flush=True)  # opens the log file in this process
+    await asyncio.sleep(0.01)
+    task = asyncio.ensure_future(log.put(b"x", flush=True))
+    await asyncio.sleep(0)  # its round starts in the round thread, and sleeps in fdatasync
+    job = log._bjob
+    assert job is not None and job.thread, "not the round thread"
+    assert job.state() in (accel.JOB_QUEUED, accel.JOB_RUNNING), job.state()
+    log.wait_timeout = 0.1
+    task.cancel()
+    await env.close(nosync=True)
+    assert running() == 1, running()
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the thread ends the round, in a region still mapped, then lets go
+    assert running() == 0
+    await aiodbenv.Env.remove(home)
+    print("ok")
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@compiled
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@pytest.mark.skipif(not accel.ROUND_THREAD, reason="the round thread is off")
+def test_round_thread_outliving_close_keeps_the_region_mapped(home: str) -> None:
+    r = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=fdatasync",
+            "-e",
+            "inject=fdatasync:delay_enter=1500000",
+            "-o",
+            os.devnull,
+            sys.executable,
+            "-c",
+            ROUND_OUTLIVES_CLOSE,
+            home,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-3000:])
     assert "still running" in r.stderr, r.stderr[-3000:]
