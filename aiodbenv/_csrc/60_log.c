@@ -148,19 +148,13 @@ out:
     return result;
 }
 
-/* ---- A write behind in one call (aiodbenv/log/threadrounds.py's _behind_work for a write
-   without fsync, whose Python twin runs under AIODBENV_MUTEX=abi, with the I/O seam's faults
-   or crash points set, and for every other round).
-
-   Why C: a write behind is started by a put that does not suspend, so the loop's thread keeps
-   the GIL and the writer's worker thread gets it back only now and then; in Python, each of
-   its steps (write, lock, publish, unlock, wake, let the role go) waits for it again, while
-   the buffer fills and the put has to suspend. This call, made by the worker thread with the
-   GIL released (cffi), does them all at once.
+/* ---- The job array of a round the writer's thread runs in one compiled call
+   (aiodb_log_round, _csrc/65_logflush.c; its Python twin, threadrounds.py, runs under
+   AIODBENV_MUTEX=abi and with the I/O seam's faults or crash points set).
 
    The round was started (begin_write) and the role taken by the loop's thread; the job array
    J (owned by the handle, kept alive until J_STATE leaves LOG_JOB_RUNNING) says what to write
-   and where the header words are. */
+   and where the header words are; log_job_finish publishes the job's end to the loop. */
 #include <sys/syscall.h>
 #include <linux/futex.h>
 #include <unistd.h>
@@ -190,80 +184,4 @@ static void log_job_finish(uint64_t *J, uint64_t state) {
         ssize_t r = write((int)(J[J_EVFD] - 1), &one, sizeof one);
         (void)r;  /* a full counter (never, at 2^64 - 2) is still readable: the loop wakes */
     }
-}
-
-/* Run the write behind described by J in the calling thread (a worker's, never the loop's).
-   Returns 0 with J_STATE set, AIODB_CORRUPT (nothing done: a word index failed its check),
-   or -EOWNERDEAD: written, the log mutex HELD with its holder dead (J_STATE is STUCK): the
-   caller repairs as any locker does, lets go, and the loop publishes the round. */
-int64_t aiodb_log_behind(const uint64_t *P, uint64_t *J) {
-    uint64_t *w = (uint64_t *)(uintptr_t)P[LP_W];
-    uint64_t nbytes = region_bytes(w);
-    if (!nbytes || P[LP_B0] > nbytes || P[LP_BSIZE] > nbytes - P[LP_B0] ||
-        J[J_START] > J[J_END] || J[J_END] > P[LP_BSIZE] || P[LP_F_LSN] >= nbytes / 8 ||
-        P[LP_TAIL] >= nbytes / 8 || P[LP_NOWAIT] >= nbytes / 8)
-        return log_job_finish(J, LOG_JOB_STUCK), AIODB_CORRUPT;
-    for (int i = J_I_W_LSN; i <= J_I_FTOKEN; i++)
-        if (J[i] >= nbytes / 8) return log_job_finish(J, LOG_JOB_STUCK), AIODB_CORRUPT;
-    J[J_ERR] = 0;
-    __atomic_store_n(&J[J_STATE], LOG_JOB_RUNNING, __ATOMIC_RELEASE);
-    void *mutex = (void *)(uintptr_t)P[LP_MUTEX];
-    const unsigned char *src = (const unsigned char *)w + P[LP_B0] + J[J_START];
-    uint64_t left = J[J_END] - J[J_START], foff = J[J_FOFF];
-    while (left) {
-        ssize_t n = pwrite((int)J[J_FD], src, left, (off_t)foff);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) {  /* a short write that makes no progress is a failure, as in Python */
-            J[J_ERR] = n < 0 ? (uint64_t)errno : EIO;
-            log_job_finish(J, LOG_JOB_FAILED);
-            return 0;
-        }
-        src += n; left -= (uint64_t)n; foff += (uint64_t)n;
-    }
-    int64_t rc = lock(w, mutex, P[LP_NOWAIT], 1);
-    if (rc) {
-        /* Still held (or held with its holder dead: returned so, for the caller to repair):
-           the loop publishes it once the mutex is free. */
-        log_job_finish(J, LOG_JOB_STUCK);
-        return rc == -EOWNERDEAD ? rc : 0;
-    }
-    uint64_t f_lsn = w[P[LP_F_LSN]], tail = w[P[LP_TAIL]], fill = tail & 0xFFFFFFFFu;
-    uint64_t start = J[J_START], to = J[J_END], file = J[J_FILE];
-    if (fill > P[LP_BSIZE] || to > fill || (f_lsn >> 32) != file) {
-        /* Not the state this round was started from: leave it to the Python path's checks. */
-        unlock(mutex);
-        log_job_finish(J, LOG_JOB_STUCK);
-        return 0;
-    }
-    uint64_t count = to - start;
-    if (count) {
-        w[J[J_I_WRITES]]++;
-        w[J[J_I_FBYTES]] += count;
-        uint64_t begin = (file << 32) | ((f_lsn & 0xFFFFFFFFu) + start);
-        if (begin == w[J[J_I_LASTEND]] && (begin & 4095)) w[J[J_I_REWRITES]]++;
-        w[J[J_I_LASTEND]] = begin + count;
-    }
-    uint64_t end = f_lsn + to;
-    w[J[J_I_SEQ]]++;
-    if (w[J[J_I_W_LSN]] < end) w[J[J_I_W_LSN]] = end;
-    if (to) {
-        uint64_t rest = fill - to;
-        unsigned char *b = (unsigned char *)w + P[LP_B0];
-        if (rest) memmove(b, b + to, rest);
-        w[P[LP_F_LSN]] = end;
-        __atomic_store_n(&w[P[LP_TAIL]], (tail & ~0xFFFFFFFFull) | rest, __ATOMIC_RELEASE);
-    }
-    /* release_role */
-    if (w[J[J_I_FPID]] == J[J_PID] && w[J[J_I_FSTART]] == J[J_PSTART] &&
-        w[J[J_I_FTOKEN]] == J[J_TOKEN]) {
-        w[J[J_I_FPID]] = 0;
-        w[J[J_I_FSTART]] = 0;
-        w[J[J_I_FTOKEN]] = 0;
-        w[J[J_I_SEQ]]++;
-    }
-    unlock(mutex);
-    /* Other processes' flush waiters sleep on the low half of flush_seq (aiodbenv/log/wake.py). */
-    if (mutex) syscall(SYS_futex, (uint32_t *)&w[J[J_I_SEQ]], FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-    log_job_finish(J, LOG_JOB_DONE);
-    return 0;
 }
