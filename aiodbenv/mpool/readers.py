@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from .. import _io
 
-__all__ = ["READERS", "READER_THREADS", "ReaderThreads", "reader_kind", "use_threads"]
+__all__ = ["READERS", "READER_THREADS", "PageReader", "ReaderThreads", "reader_kind", "use_threads"]
 
 logger = logging.getLogger("aiodbenv")
 
@@ -63,7 +63,41 @@ Done = Callable[[int | BaseException], object]
 _Job = tuple[int, memoryview, int, Done]
 
 
-class ReaderThreads:
+class PageReader:
+    """What every page reader of this module's kind offers on top of its ``submit_call``
+    (reader threads, io_uring): a future for a read, and an awaitable read."""
+
+    _loop: asyncio.AbstractEventLoop
+
+    def submit_call(self, fd: int, view: memoryview, offset: int, done: Done) -> None:
+        """Start reading ``view`` from ``fd`` at ``offset``; ``done`` gets the result."""
+        raise NotImplementedError
+
+    async def read(self, fd: int, view: memoryview, offset: int) -> int:
+        """Read ``view`` from ``fd`` at ``offset``; returns the bytes read (short only at the
+        end of the file; raises the read's OSError). Cancellation: the read still runs to its
+        end (the view must stay valid: the caller's buffer is pinned until then); its result
+        is dropped."""
+        return await self.submit(fd, view, offset)
+
+    def submit(self, fd: int, view: memoryview, offset: int) -> asyncio.Future[int]:
+        """Start the read now (the caller may await it later); the future gets the bytes read
+        or the read's OSError. Cancelling the future drops the result, not the read."""
+        fut: asyncio.Future[int] = self._loop.create_future()
+
+        def deliver(res: int | BaseException) -> None:
+            if fut.done():
+                return  # its reader was cancelled
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+        self.submit_call(fd, view, offset, deliver)
+        return fut
+
+
+class ReaderThreads(PageReader):
     """Reader threads of one pool handle, bound to the event loop that made them."""
 
     def __init__(self, nthreads: int = READER_THREADS) -> None:
@@ -84,28 +118,6 @@ class ReaderThreads:
     def _queue(self) -> int:
         """Reads not yet taken by a thread."""
         return self._jobs.qsize()
-
-    async def read(self, fd: int, view: memoryview, offset: int) -> int:
-        """Read ``view`` from ``fd`` at ``offset`` in a reader thread; returns the bytes read
-        (raises the read's OSError). Cancellation: the read still runs to its end (the view
-        stays valid: the caller's buffer is pinned until then); its result is dropped."""
-        return await self.submit(fd, view, offset)
-
-    def submit(self, fd: int, view: memoryview, offset: int) -> asyncio.Future[int]:
-        """Queue the read now (the caller may await it later); the future gets the bytes read
-        or the read's OSError. Cancelling the future drops the result, not the read."""
-        fut: asyncio.Future[int] = self._loop.create_future()
-
-        def deliver(res: int | BaseException) -> None:
-            if fut.done():
-                return  # its reader was cancelled
-            if isinstance(res, BaseException):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
-
-        self.submit_call(fd, view, offset, deliver)
-        return fut
 
     def submit_call(self, fd: int, view: memoryview, offset: int, done: Done) -> None:
         """Queue the read now; ``done`` gets its result on the loop, called directly by the

@@ -34,7 +34,7 @@ from typing import Any
 
 from .. import _io
 from ..region.mutex import ffi, speedups
-from .readers import Done, ReaderThreads
+from .readers import Done, PageReader, ReaderThreads
 
 __all__ = ["DEPTH", "UringReader", "available"]
 
@@ -120,7 +120,7 @@ class _Ring:
 _Job = tuple[int, memoryview, int, Done]
 
 
-class UringReader:
+class UringReader(PageReader):
     """The io_uring page reader of one pool handle, bound to the event loop that made it."""
 
     #: Reap right after a submit (tests turn it off to hold a completed read until the loop
@@ -169,29 +169,6 @@ class UringReader:
     def threads(self) -> int:
         """Reader threads started for reads under a test's fault hooks (0 otherwise)."""
         return self._fallback.threads if self._fallback is not None else 0
-
-    async def read(self, fd: int, view: memoryview, offset: int) -> int:
-        """Read ``view`` from ``fd`` at ``offset``; returns the bytes read (short only at the
-        end of the file; raises the read's OSError). Cancellation: the read still runs to its
-        end (the view must stay valid: the caller's buffer is pinned until then); its result
-        is dropped."""
-        return await self.submit(fd, view, offset)
-
-    def submit(self, fd: int, view: memoryview, offset: int) -> asyncio.Future[int]:
-        """Start the read now (the caller may await it later); the future gets the bytes read
-        or the read's OSError. Cancelling the future drops the result, not the read."""
-        fut: asyncio.Future[int] = self._loop.create_future()
-
-        def deliver(res: int | BaseException) -> None:
-            if fut.done():
-                return  # its reader was cancelled
-            if isinstance(res, BaseException):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
-
-        self.submit_call(fd, view, offset, deliver)
-        return fut
 
     def submit_call(self, fd: int, view: memoryview, offset: int, done: Done) -> None:
         """Start the read now; ``done`` gets its result on the loop (the bytes read, or the
