@@ -299,6 +299,7 @@ class PoolReads(PoolFrames):
             settle(err)
 
         def done(res: int | BaseException) -> None:
+            self._loop_had_turn()
             try:
                 if isinstance(res, BaseException):
                     raise res
@@ -328,6 +329,7 @@ class PoolReads(PoolFrames):
             self._settle(self._fail_read, cache, b, bh)
             settle(err)
             raise
+        self._reading += 1  # waits for the disk: takes no share of the misses' budget
         try:
             await waiter
         except asyncio.CancelledError:
@@ -335,6 +337,8 @@ class PoolReads(PoolFrames):
                 # Published just before the cancellation reached us: the pin is ours to drop.
                 self._settle(self._release_pin, cache, b, bh)
             raise
+        finally:
+            self._reading -= 1
 
     def _fail_read(self, cache: Cache, b: int, bh: int) -> None:
         """A read failed: unlink the buffer, flag it failed for waiters, drop our pin."""
