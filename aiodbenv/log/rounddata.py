@@ -16,6 +16,11 @@ __all__ = ["CRound", "Round"]
 _SETTLE_POLL = 0.002
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 @dataclass
 class Round:
     """A write round whose I/O was handed to the writer's thread."""
@@ -98,10 +103,13 @@ class CRound:
         while not self.io_done():
             fut = loop.create_future()
             self.waiters.append(fut)
+            # The future itself is awaited, with a timer that resolves it: asyncio.wait_for
+            # would cost a turn of the loop more per wake-up (its callback resolves a second
+            # future), on the path of every lone flush.
+            timer = loop.call_later(_SETTLE_POLL * 5, _resolve, fut)
             try:
-                await asyncio.wait_for(fut, _SETTLE_POLL * 5)
-            except TimeoutError:
-                pass
+                await fut
             finally:
+                timer.cancel()
                 if fut in self.waiters:
                     self.waiters.remove(fut)
