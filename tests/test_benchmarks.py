@@ -137,3 +137,24 @@ def test_without_anchors_rows_say_unavailable(tmp_path: Path) -> None:
     notes = {r["key"]: r["note"] for r in data["rows"]}
     assert notes["hot/file/random/asyncio"].startswith("unavailable:")
     assert notes["cold/1"].startswith("skipped:")
+
+
+def test_flush_floor_measures_the_c_hand_off_and_aiodbenv(tmp_path: Path) -> None:
+    """benchmarks/flush_floor.py builds its C program and prints the four rows, each with a
+    positive time and its ratio to the synchronous flush, and leaves nothing behind."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/flush_floor.py", "0.3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()}
+    assert set(rows) == {"sync", "handoff", "empty", "aiodbenv"}, proc.stdout
+    for cols in rows.values():
+        assert float(cols[1]) > 0 and cols[2] == "us/record", cols
+    assert rows["sync"][4] == "1.00", rows["sync"]
+    assert list(tmp_path.iterdir()) == []
