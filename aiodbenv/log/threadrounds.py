@@ -145,6 +145,24 @@ class ThreadRounds:
         if self._inflight is r:
             await self._settle_behind()
 
+    async def _handed_round(self, sync: bool) -> bool:
+        """Holding the role: run this round as a write behind (the compiled round when there
+        is one), which also serves the flush calls other processes registered meanwhile and
+        lets the role go in the writer's thread, as a lone flush does; wait for it. False if
+        it could not start (durable-log listeners, the mutex stayed held, the file not open
+        here yet): the caller runs a round of its own. Under group commit the role moves
+        between processes all the time, and each such round in Python cost its process two
+        more hops to a thread and back. Raises RunRecovery if the write or fsync failed."""
+        if self._bjob is None or (sync and self._listeners):
+            return False
+        r = self._attempt(self._round_start, sync, False, True, True)
+        if not isinstance(r, (Round, CRound)):
+            return False
+        self._inflight = r
+        await self._settle_behind()
+        self._check()
+        return True
+
     def _job_fd(self) -> int:
         """The eventfd the compiled write behind's thread signals when done, read by the event
         loop (:meth:`_job_ready`); made on first use. -1 if the loop cannot watch it (the

@@ -33,12 +33,7 @@ from .core import NEED, LogCore
 from .files import create_log_file, log_path
 from .layout import LOG_HEADER, header_offset
 from .lsn import LSN, unpack_word
-from .record import (
-    FILE_HEADER_BYTES,
-    HEADER,
-    REC_PAD,
-    encode,
-)
+from .record import FILE_HEADER_BYTES, HEADER, REC_PAD, encode
 from .threadrounds import CRound, Round, ThreadRounds
 from .wake import Futex, futex_available
 from .wakesock import make_socket, sock_wait, wake_waiters
@@ -356,6 +351,8 @@ class LogWriter(ThreadRounds):
             if not (sync or want.space or write):
                 return
             fill, want.space = want.space, False
+            if not fill and await self._handed_round(sync):
+                return  # the round's thread let the role go
             await self._round(sync, fill)
             self._wake()
 
