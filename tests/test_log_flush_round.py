@@ -34,7 +34,8 @@ compiled_round = pytest.mark.skipif(
 
 @pytest.fixture
 def sockets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Handles opened in the test wake their waiters by socket (off by default)."""
+    """Handles opened in the test wake their waiters by socket (the default, set all the
+    same so that a CI run with another AIODBENV_LOG_WAKE still tests the socket here)."""
     monkeypatch.setenv("AIODBENV_LOG_WAKE", "socket")
     assert wakesock_available()
 
@@ -98,6 +99,28 @@ async def test_a_failed_fdatasync_in_the_compiled_round_panics(home: str) -> Non
             os.close(null)
             with pytest.raises(RunRecovery):
                 await env.close()
+    finally:
+        await aiodbenv.Env.remove(home)
+
+
+@pytest.mark.parametrize("mode", ["", "socket", "futex", "poll", "Socket", "pipe"])
+async def test_the_wake_mode_is_the_socket_by_default_and_checked(
+    home: str, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A shared environment's log handle wakes by socket unless AIODBENV_LOG_WAKE says
+    futex or poll; a value it does not name is refused when the environment opens, and the
+    open leaves nothing behind."""
+    monkeypatch.setenv("AIODBENV_LOG_WAKE", mode)
+    if mode == "pipe":
+        with pytest.raises(ValueError, match="AIODBENV_LOG_WAKE"):
+            await aiodbenv.Env.open(home, create=True, log=True)
+        await aiodbenv.Env.remove(home)
+        assert not [n for n in os.listdir(home) if n.startswith("__db")]
+        return
+    try:
+        async with aiodbenv.Env.open(home, create=True, log=True) as env:
+            sock = env.log._wsock
+            assert (sock is not None) == (mode.lower() in ("", "socket")), mode
     finally:
         await aiodbenv.Env.remove(home)
 

@@ -44,8 +44,8 @@ def wait_line(p: subprocess.Popen[str], want: str) -> None:
 async def test_eight_processes_share_fsyncs_and_stats_are_exact(
     home: str, procs: list[subprocess.Popen[str]], wake: str
 ) -> None:
-    """Group commit, with the waiters woken on their loops by their sockets
-    (``AIODBENV_LOG_WAKE=socket``), sleeping on the futex (the default), or polling."""
+    """Group commit, with the waiters woken on their loops by their sockets (the default),
+    sleeping on the futex (``AIODBENV_LOG_WAKE=futex``), or polling."""
     nproc, each = 8, 25
     env = await aiodbenv.Env.open(home, create=True, log=True)
     st0 = env.log.stat()

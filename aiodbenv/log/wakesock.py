@@ -15,11 +15,16 @@ round (aiodbenv/_csrc/65_logflush.c) does the same in C; :func:`wake_waiters` is
 twin. For the waiting side it replaces a futex wait in a worker thread followed by a wake
 of the loop: one wake-up instead of two.
 
-Off by default, on with ``AIODBENV_LOG_WAKE=socket``: measured on a loaded 2-core machine
-(4 interleaved pairs of ``log_bench.py --only flush/8``, 8 processes flushing every record),
-it gave fewer records per fsync (3.1-4.1 against 4.5-5.7) and fewer records/s (1,184-1,746
-against 1,531-2,285) than the futex wait, in every pair. Why is not known yet (a guess: the
-waiters, back sooner, each find a round just started for fewer of them).
+The default since stop 20; ``AIODBENV_LOG_WAKE=futex`` waits on the futex in a worker thread
+instead, ``poll`` polls (see :mod:`aiodbenv.log.wake`); any other value is refused. Earlier,
+measured on a loaded 2-core machine, the socket gave fewer records per fsync and fewer
+records/s than the futex with 8 processes flushing every record. Its wait then went through
+``asyncio.wait_for`` over a shield (two more turns of the loop per wake-up) and the rounds of
+a writer that took the role in its task were Python rounds in a worker thread; with the wait
+awaiting its future directly and those rounds compiled (``_handed_round``), the same 8
+processes measured, in interleaved pairs (log_quick.py's 8-process row, 3 s each), 4,967-7,315
+records/s by socket against 2,858-3,594 by futex, the loop thread's CPU per record 182-263
+us against 324-423.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ __all__ = [
     "WakeSocket",
     "make_socket",
     "sock_wait",
+    "WAKE_MODES",
     "socket_name",
+    "wake_mode",
     "wake_waiters",
     "wakesock_available",
 ]
@@ -44,11 +51,27 @@ __all__ = [
 _W = LOG_HEADER.word
 
 
-def wakesock_available() -> bool:
-    """True if waiters are to be woken through sockets: ``AIODBENV_LOG_WAKE=socket`` (off by
-    default: see the module's note on what was measured)."""
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+#: The values ``AIODBENV_LOG_WAKE`` may take ("" is the default: the socket).
+WAKE_MODES = ("", "socket", "futex", "poll")
+
+
+def wake_mode() -> str:
+    """``AIODBENV_LOG_WAKE``, checked: ValueError for a value it does not name."""
     mode = os.environ.get("AIODBENV_LOG_WAKE", "").lower()
-    return mode == "socket" and hasattr(socket, "AF_UNIX")
+    if mode not in WAKE_MODES:
+        raise ValueError(f"AIODBENV_LOG_WAKE must be one of socket, futex or poll, not {mode!r}")
+    return mode
+
+
+def wakesock_available() -> bool:
+    """True if waiters are to be woken through sockets: the default, unless
+    ``AIODBENV_LOG_WAKE`` says ``futex`` or ``poll`` (or Unix sockets are missing)."""
+    return wake_mode() in ("", "socket") and hasattr(socket, "AF_UNIX")
 
 
 def socket_name(nonce: int) -> bytes:
@@ -115,10 +138,14 @@ class WakeSocket:
         fut = self._fut
         if fut is None or fut.done():
             fut = self._fut = loop.create_future()
+        # The future itself, with a timer that resolves it (a cancelled or resolved one is
+        # replaced at the next wait): asyncio.wait_for over a shield cost two more turns of
+        # the loop per wake-up.
+        timer = loop.call_later(timeout, _resolve, fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            pass
+            await fut
+        finally:
+            timer.cancel()
 
     def close(self) -> None:
         """Stop reading and close the socket (its name goes with it)."""
@@ -177,10 +204,11 @@ def wake_waiters(w: Any, h: int, sock: socket.socket | None, everyone: bool) -> 
     return sent
 
 
-def make_socket() -> WakeSocket | None:
-    """A handle's wake-up socket if they are asked for (:func:`wakesock_available`) and can
-    be made, else None (the futex, or polling, alone)."""
-    if not wakesock_available():
+def make_socket(shared: bool = True) -> WakeSocket | None:
+    """A handle's wake-up socket if they are asked for (:func:`wakesock_available`), the
+    environment is ``shared`` between processes and the socket can be made, else None (the
+    futex, or polling, alone). Raises ValueError for a bad ``AIODBENV_LOG_WAKE``."""
+    if not wakesock_available() or not shared:
         return None
     try:
         return WakeSocket()

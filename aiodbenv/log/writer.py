@@ -135,7 +135,7 @@ class LogWriter(ThreadRounds):
             off = header_offset() + LOG_HEADER.offset("flush_seq")
             self._futex = Futex(region.base, off)
         # ... or on a datagram socket their loop reads (aiodbenv.log.wakesock), if asked.
-        self._wsock = make_socket() if shared else None
+        self._wsock = make_socket(shared)
         if self._bjob is not None:
             self._bjob.set_socket(self._wsock.fileno() if self._wsock is not None else -1)
 
