@@ -220,6 +220,10 @@ async def power_loss_round_processes(
             c.send_signal(signal.SIGKILL)
         c.wait(timeout=10)
         assert c.returncode == -signal.SIGKILL, c.stderr.read() if c.stderr else ""
+    for c in children:  # the fixture's teardown is too late: 9 pipes a round ran out of fds
+        for stream in (c.stdin, c.stdout, c.stderr):
+            if stream is not None:
+                stream.close()
     await aiodbenv.Env.remove(home, force=True)
     disk, marks, _ = powerloss.replay(journal_path, base, crash_at)
     disk.lose_power(rng, home)
