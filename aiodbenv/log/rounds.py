@@ -61,20 +61,29 @@ class LogRounds(LogState):
     def _holder(self) -> tuple[int, int, int]:
         return self.word("flusher_pid"), self.word("flusher_start"), self.word("flusher_token")
 
-    _alive_seen: tuple[int, int, float] | None = None  # (pid, start, when) found alive
+    _alive_seen: dict[int, tuple[int, float]] | None = None  # pid: (start, when) found alive
 
     def holder_alive(self, pid: int, start: int) -> bool:
         """Is the writer ``(pid, start)`` still running? (A recycled pid is not it.) A writer
-        found alive less than ``_ALIVE_TTL`` ago is taken to be still alive."""
+        found alive less than ``_ALIVE_TTL`` ago is taken to be still alive (the role moves
+        between the processes flushing: each is remembered)."""
         if pid == self.pid:
             return True
         now = time.monotonic()
         seen = self._alive_seen
-        if seen is not None and seen[0] == pid and seen[1] == start and now - seen[2] < _ALIVE_TTL:
+        if seen is None:
+            seen = self._alive_seen = {}
+        hit = seen.get(pid)
+        if hit is not None and hit[0] == start and now - hit[1] < _ALIVE_TTL:
             return True
         began = process_start_time(pid)
         alive = began != 0 and (start == 0 or began == start)
-        self._alive_seen = (pid, start, now) if alive else None
+        if alive:
+            if len(seen) > 64:
+                seen.clear()
+            seen[pid] = (start, now)
+        else:
+            seen.pop(pid, None)
         return alive
 
     def take_role(self, dead: tuple[int, int] | None = None) -> bool:
