@@ -4,9 +4,11 @@ the others fail with LockTimeout naming it instead of waiting for ever."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -226,3 +228,28 @@ async def test_flush_waiters_of_other_processes_sleep_on_a_futex(home: str) -> N
         assert woke.is_set() and time.monotonic() - t0 < 5
         assert log._c.word("flush_seq") > seq
     await aiodbenv.Env.remove(home)
+
+
+async def test_a_writer_found_alive_is_looked_at_again_after_a_short_while(home: str) -> None:
+    """The live-writer check remembers a process found alive for a moment only: once it has
+    died, the check says so within that moment (a waiter then takes over its role)."""
+    from aiodbenv.log import rounds
+    from aiodbenv.region.registry import process_start_time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        async with aiodbenv.Env.open(home, create=True, log=True) as env:
+            c = env.log._c
+            start = process_start_time(child.pid)
+            assert not c.holder_alive(child.pid, start + 1)  # a recycled pid is not it
+            assert start and c.holder_alive(child.pid, start)
+            child.kill()
+            child.wait(10)
+            assert c.holder_alive(child.pid, start)  # remembered, for a moment
+            await asyncio.sleep(rounds._ALIVE_TTL * 1.5)
+            assert not c.holder_alive(child.pid, start)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        await aiodbenv.Env.remove(home)
