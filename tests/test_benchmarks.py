@@ -140,8 +140,9 @@ def test_without_anchors_rows_say_unavailable(tmp_path: Path) -> None:
 
 
 def test_flush_floor_measures_the_c_hand_off_and_aiodbenv(tmp_path: Path) -> None:
-    """benchmarks/flush_floor.py builds its C program and prints the four rows, each with a
-    positive time and its ratio to the synchronous flush, and leaves nothing behind."""
+    """benchmarks/flush_floor.py builds its C program and library and prints the five rows,
+    each with a positive time and its ratio to the synchronous flush, and leaves nothing
+    behind."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "benchmarks/flush_floor.py", "0.3"],
@@ -153,7 +154,7 @@ def test_flush_floor_measures_the_c_hand_off_and_aiodbenv(tmp_path: Path) -> Non
     )
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()}
-    assert set(rows) == {"sync", "handoff", "empty", "aiodbenv"}, proc.stdout
+    assert set(rows) == {"sync", "handoff", "empty", "asyncio", "aiodbenv"}, proc.stdout
     for cols in rows.values():
         assert float(cols[1]) > 0 and cols[2] == "us/record", cols
     assert rows["sync"][4] == "1.00", rows["sync"]

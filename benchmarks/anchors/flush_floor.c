@@ -11,7 +11,9 @@
  *   empty     the hand-off with no I/O: its cost alone
  *
  * Usage: flush_floor DIR SECONDS. Prints one JSON object: microseconds per operation (median
- * of five slices of each mode, interleaved).
+ * of five slices of each mode, interleaved). Built with -DFLOOR_LIB it is a shared library
+ * instead (floor_start, floor_go, floor_stop), through which flush_floor.py has an asyncio
+ * event loop wait for the same worker: the floor with an event loop but no library.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -29,13 +31,13 @@
 #include <time.h>
 #include <unistd.h>
 
-static int fd, efd, ep;
+static int fd, efd, ep __attribute__((unused));
 static atomic_uint go_word;
 static atomic_int quit, with_io;
 static off_t off;
 static char rec[100];
 
-static double now(void) {
+__attribute__((unused)) static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
@@ -70,6 +72,30 @@ static void *worker(void *arg) {
     }
 }
 
+/* For flush_floor.py's asyncio row (built with -DFLOOR_LIB as a shared library, called
+   through ctypes): the same worker, on the caller's file and eventfd; the caller's event
+   loop watches the eventfd. */
+int floor_start(int file_fd, int event_fd) {
+    fd = file_fd;
+    efd = event_fd;
+    atomic_store(&with_io, 1);
+    pthread_t t;
+    if (pthread_create(&t, NULL, worker, NULL)) return -1;
+    pthread_detach(t);
+    return 0;
+}
+
+void floor_go(void) {
+    atomic_fetch_add(&go_word, 1);
+    syscall(SYS_futex, &go_word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+void floor_stop(void) {
+    atomic_store(&quit, 1);
+    floor_go();
+}
+
+#ifndef FLOOR_LIB
 static void handoff_once(void) {
     atomic_fetch_add(&go_word, 1);
     syscall(SYS_futex, &go_word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
@@ -139,3 +165,4 @@ int main(int argc, char **argv) {
            r[0][2], r[1][2], r[2][2], r[1][2] / r[0][2]);
     return 0;
 }
+#endif
