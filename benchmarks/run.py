@@ -727,7 +727,7 @@ class Bench(pb.Bench):
             R(
                 "lateness",
                 f"lat/sync/{stat}",
-                f"during pool.sync of {sz.wb_mb} MiB: {stat}",
+                f"during pool.sync of {sz.wb_mb} MiB ({pb.LAT_SYNCS} syncs' ticks): {stat}",
                 "ms",
                 "lower",
                 "contrast",
