@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +58,7 @@ __all__ = [
     "check_log_settings",
     "check_settings",
     "log_sizes",
+    "log_wake_mode",
 ]
 
 logger = logging.getLogger("aiodbenv")
@@ -243,9 +245,25 @@ def check_log_arguments(s: Settings) -> Settings:
     return s
 
 
+#: The values ``AIODBENV_LOG_WAKE`` may take ("" is the default: waiters sleep on sockets).
+LOG_WAKE_MODES = ("", "socket", "futex", "poll")
+
+
+def log_wake_mode() -> str:
+    """How a log's flush waiters in other processes are woken: ``AIODBENV_LOG_WAKE``,
+    lower-cased. Raises :class:`ConfigError` for a value it does not name."""
+    mode = os.environ.get("AIODBENV_LOG_WAKE", "").lower()
+    if mode not in LOG_WAKE_MODES:
+        raise ConfigError(f"AIODBENV_LOG_WAKE must be one of socket, futex or poll, not {mode!r}")
+    return mode
+
+
 def check_log_settings(s: Settings) -> Settings:
     """Check how the log settings combine, once all of them are known (after ``DB_CONFIG``,
-    whose lines may come in any order); returns ``s``. Raises :class:`ConfigError`."""
+    whose lines may come in any order), and ``AIODBENV_LOG_WAKE`` for a log (before anything
+    is created); returns ``s``. Raises :class:`ConfigError`."""
+    if s.has_log:
+        log_wake_mode()
     if s.log_inmemory:
         if s.txn_nosync or s.txn_write_nosync:
             # Berkeley DB silently drops the in-memory log here; nothing of a ring in memory

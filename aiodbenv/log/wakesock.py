@@ -16,7 +16,8 @@ twin. For the waiting side it replaces a futex wait in a worker thread followed 
 of the loop: one wake-up instead of two.
 
 The default since stop 20; ``AIODBENV_LOG_WAKE=futex`` waits on the futex in a worker thread
-instead, ``poll`` polls (see :mod:`aiodbenv.log.wake`); any other value is refused. Earlier,
+instead, ``poll`` polls (see :mod:`aiodbenv.log.wake`); any other value is refused when an
+environment with a log opens, before anything is created. Earlier,
 measured on a loaded 2-core machine, the socket gave fewer records per fsync and fewer
 records/s than the futex with 8 processes flushing every record. Its wait then went through
 ``asyncio.wait_for`` over a shield (two more turns of the loop per wake-up) and the rounds of
@@ -34,6 +35,7 @@ import os
 import socket
 from typing import Any
 
+from .._config import log_wake_mode
 from ..region.layout import MAX_PROCS
 from .layout import LOG_HEADER
 
@@ -41,9 +43,7 @@ __all__ = [
     "WakeSocket",
     "make_socket",
     "sock_wait",
-    "WAKE_MODES",
     "socket_name",
-    "wake_mode",
     "wake_waiters",
     "wakesock_available",
 ]
@@ -56,22 +56,10 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-#: The values ``AIODBENV_LOG_WAKE`` may take ("" is the default: the socket).
-WAKE_MODES = ("", "socket", "futex", "poll")
-
-
-def wake_mode() -> str:
-    """``AIODBENV_LOG_WAKE``, checked: ValueError for a value it does not name."""
-    mode = os.environ.get("AIODBENV_LOG_WAKE", "").lower()
-    if mode not in WAKE_MODES:
-        raise ValueError(f"AIODBENV_LOG_WAKE must be one of socket, futex or poll, not {mode!r}")
-    return mode
-
-
 def wakesock_available() -> bool:
     """True if waiters are to be woken through sockets: the default, unless
     ``AIODBENV_LOG_WAKE`` says ``futex`` or ``poll`` (or Unix sockets are missing)."""
-    return wake_mode() in ("", "socket") and hasattr(socket, "AF_UNIX")
+    return log_wake_mode() in ("", "socket") and hasattr(socket, "AF_UNIX")
 
 
 def socket_name(nonce: int) -> bytes:
