@@ -298,8 +298,14 @@ class PoolReads(PoolFrames):
                 self._settle(self._fail_read, cache, b, bh)
             settle(err)
 
+        submitted = False
+
         def done(res: int | BaseException) -> None:
-            self._loop_had_turn()
+            if submitted:
+                # Called from the loop after the read waited: the loop had its turn. Not when
+                # io_uring completed the read within the submit (the page was there by then):
+                # nothing yielded, and a run of such misses must still let the loop run.
+                self._loop_had_turn()
             try:
                 if isinstance(res, BaseException):
                     raise res
@@ -324,6 +330,7 @@ class PoolReads(PoolFrames):
 
         try:
             reader.submit_call(fd, view, pgno * ps, done)
+            submitted = True
         except BaseException as err:
             view.release()
             self._settle(self._fail_read, cache, b, bh)
