@@ -8,6 +8,7 @@ registration is cleared on close and when the reaper drops a dead process's slot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -252,5 +253,58 @@ async def test_stopped_and_killed_waiting_processes(
             await log.put(b"after", flush=True)
         finally:
             await env.close()
+    finally:
+        await aiodbenv.Env.remove(home)
+
+
+@pytest.mark.parametrize("seam", [False, True])
+async def test_a_round_run_in_the_writers_thread_makes_nothing_durable_behind_listeners(
+    home: str, seam: bool
+) -> None:
+    """Durable-log listeners get the bytes that become durable, on the loop. A write-only
+    round in the writer's thread (compiled, or Python when the I/O seam is armed) must not go
+    on into an fsync round for a flush another process registered meanwhile: the listener
+    would never hear of those bytes. The writer task serves that flush on the loop instead."""
+    from aiodbenv import _io
+    from aiodbenv.log import threadrounds
+
+    try:
+        async with aiodbenv.Env.open(home, create=True, log=True) as env:
+            log = env.log
+            c = log._c
+            ranges: list[tuple[aiodbenv.LSN, aiodbenv.LSN]] = []
+            log.add_durable_listener(lambda s, e, d: ranges.append((s, e)))
+            await log.put(b"a" * 100, flush=True)
+            real = log._round_start
+            handed = 0
+
+            def start(
+                sync: bool, fill: bool, behind: bool = False, compiled: bool = False
+            ) -> object:
+                nonlocal handed
+                r = real(sync, fill, behind, compiled)
+                if behind and isinstance(r, (threadrounds.CRound, threadrounds.Round)):
+                    handed += 1
+                    c.register_commit()  # a flush call of another process arrives meanwhile
+                return r
+
+            log._round_start = start  # type: ignore[method-assign]
+            # An armed seam (a fault that does nothing) sends the rounds the Python way.
+            armed = _io.inject("fdatasync", None) if seam else contextlib.nullcontext()
+            with armed:
+                lsn = await log.put(b"b" * 100)
+                word = c.end_word() - 1
+                # What put(write_nosync=True) does when the writer task is running:
+                log._want.write = max(log._want.write, word)
+                while c.word("w_lsn") <= word:
+                    await log._wait_progress()
+                await asyncio.sleep(0.05)
+                await log.flush()
+            assert handed >= 1
+            assert log.flushed_lsn > lsn
+            # Every durable byte reached the listener, in order and without a gap.
+            assert ranges and ranges[-1][1] == log.flushed_lsn
+            for (_, e1), (s2, _) in zip(ranges, ranges[1:], strict=False):
+                assert e1 == s2, ranges
     finally:
         await aiodbenv.Env.remove(home)

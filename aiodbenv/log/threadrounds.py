@@ -315,7 +315,9 @@ class ThreadRounds:
             # crash points (and a patched pwritev or fdatasync) need the Python work below,
             # and so do durable-log listeners (they get the bytes on the loop).
             cr = CRound(job, file, start, end, commits, sync)
-            more = 0 if self._closing else MORE_ROUNDS
+            # Further rounds in the thread would make bytes durable that durable-log
+            # listeners never get (they get them on the loop): none while there are any.
+            more = 0 if self._closing or self._listeners else MORE_ROUNDS
             cr.cf = job.start(
                 self._thread, fd, file, foff, start, end, commits, self._job_fd(), sync, more
             )
@@ -391,6 +393,7 @@ class ThreadRounds:
         file = c.word("f_lsn") >> 32
         if (
             self._closing
+            or self._listeners  # they get durable bytes on the loop, never from here
             or self._panic_w[self._panic_i]
             or c.word("file_ready") < file
             or c.hole() is not None
