@@ -94,8 +94,7 @@ class AsyncioFloor:
             loop.remove_reader(self.efd)
 
     def close(self) -> None:
-        self.lib.floor_stop()
-        time.sleep(0.01)  # the worker sees the quit and ends (it touches no fd after)
+        self.lib.floor_stop()  # returns once the worker has ended
         os.close(self.efd)
         os.close(self.fd)
         os.unlink(self.path)

@@ -66,6 +66,7 @@ static void *worker(void *arg) {
             syscall(SYS_futex, &go_word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
         }
         seen = v;
+        if (atomic_load(&quit)) return NULL;  /* the wake-up that stops it: no more I/O */
         if (atomic_load(&with_io)) io();
         uint64_t one = 1;
         if (write(efd, &one, 8) != 8) die("eventfd write");
@@ -75,14 +76,15 @@ static void *worker(void *arg) {
 /* For flush_floor.py's asyncio row (built with -DFLOOR_LIB as a shared library, called
    through ctypes): the same worker, on the caller's file and eventfd; the caller's event
    loop watches the eventfd. */
+static pthread_t lib_worker;
+
 int floor_start(int file_fd, int event_fd) {
     fd = file_fd;
     efd = event_fd;
+    memset(rec, 'x', sizeof rec);
+    atomic_store(&quit, 0);
     atomic_store(&with_io, 1);
-    pthread_t t;
-    if (pthread_create(&t, NULL, worker, NULL)) return -1;
-    pthread_detach(t);
-    return 0;
+    return pthread_create(&lib_worker, NULL, worker, NULL) ? -1 : 0;
 }
 
 void floor_go(void) {
@@ -90,9 +92,11 @@ void floor_go(void) {
     syscall(SYS_futex, &go_word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
+/* Stop the worker and wait for it: it touches neither descriptor once this returns. */
 void floor_stop(void) {
     atomic_store(&quit, 1);
     floor_go();
+    pthread_join(lib_worker, NULL);
 }
 
 #ifndef FLOOR_LIB
