@@ -122,19 +122,26 @@ async def test_the_wake_mode_is_the_socket_by_default_and_checked(
         return
     try:
         async with aiodbenv.Env.open(home, create=True, log=True) as env:
-            sock = env.log._wsock
-            assert (sock is not None) == (mode.lower() in ("", "socket")), mode
+            # Every mode sends wake-ups to socket waiters; only the socket mode waits on it.
+            assert env.log._wsock is not None
+            assert env.log._sock_wait == (mode.lower() in ("", "socket")), mode
     finally:
         await aiodbenv.Env.remove(home)
 
 
 @with_sockets
-async def test_a_waiter_is_woken_by_its_socket(home: str) -> None:
+@pytest.mark.parametrize("writer_mode", ["socket", "futex", "poll"])
+async def test_a_waiter_is_woken_by_its_socket(
+    home: str, monkeypatch: pytest.MonkeyPatch, writer_mode: str
+) -> None:
     """Handle B's flush waits for A, the writer (two handles are two registry slots, as two
     processes are): B registers in its slot and sleeps on its socket; A lets the role go
-    and B is woken by one byte, takes the role and flushes."""
+    and B is woken by one byte, takes the role and flushes. A writer that itself waits on
+    the futex or polls (AIODBENV_LOG_WAKE) still sends that byte."""
     try:
+        monkeypatch.setenv("AIODBENV_LOG_WAKE", writer_mode)
         async with aiodbenv.Env.open(home, create=True, log=True) as a:
+            monkeypatch.setenv("AIODBENV_LOG_WAKE", "socket")
             async with aiodbenv.Env.open(home) as b:
                 ws = b.log._wsock
                 assert ws is not None

@@ -193,10 +193,11 @@ def wake_waiters(w: Any, h: int, sock: socket.socket | None, everyone: bool) -> 
 
 
 def make_socket(shared: bool = True) -> WakeSocket | None:
-    """A handle's wake-up socket if they are asked for (:func:`wakesock_available`), the
-    environment is ``shared`` between processes and the socket can be made, else None (the
-    futex, or polling, alone). Raises ValueError for a bad ``AIODBENV_LOG_WAKE``."""
-    if not wakesock_available() or not shared:
+    """A handle's wake-up socket if the environment is ``shared`` between processes and the
+    socket can be made, else None. Made whatever ``AIODBENV_LOG_WAKE`` says: a handle that
+    waits on the futex (or polls) still sends wake-ups to the other processes' socket
+    waiters when it writes; it waits on its socket only if :func:`wakesock_available`."""
+    if not shared or not hasattr(socket, "AF_UNIX"):
         return None
     try:
         return WakeSocket()

@@ -36,7 +36,7 @@ from .lsn import LSN, unpack_word
 from .record import FILE_HEADER_BYTES, HEADER, REC_PAD, encode
 from .threadrounds import CRound, Round, ThreadRounds
 from .wake import Futex, futex_available
-from .wakesock import make_socket, sock_wait, wake_waiters
+from .wakesock import make_socket, sock_wait, wake_waiters, wakesock_available
 
 __all__ = ["Direct", "DurableListener", "LogWriter"]
 
@@ -134,8 +134,9 @@ class LogWriter(ThreadRounds):
         if shared and futex_available():
             off = header_offset() + LOG_HEADER.offset("flush_seq")
             self._futex = Futex(region.base, off)
-        # ... or on a datagram socket their loop reads (aiodbenv.log.wakesock), if asked.
-        self._wsock = make_socket(shared)
+        # ... or on a datagram socket their loop reads (aiodbenv.log.wakesock), by default.
+        self._wsock = make_socket(shared)  # sends in every mode; waits if _sock_wait
+        self._sock_wait = self._wsock is not None and wakesock_available()
         if self._bjob is not None:
             self._bjob.set_socket(self._wsock.fileno() if self._wsock is not None else -1)
 
@@ -291,7 +292,7 @@ class LogWriter(ThreadRounds):
                     )
                     err.pid, err.mutex = holder[0], "log writer"
                     raise err
-                if self._wsock is not None and holder[0]:
+                if self._sock_wait and holder[0]:
                     await sock_wait(c, self._want, self._wsock, seq, _FUTEX_WAIT)
                 elif self._futex is not None and holder[0]:
                     await self._in_thread(self._futex.wait, seq, _FUTEX_WAIT)
