@@ -15,17 +15,14 @@ round (aiodbenv/_csrc/65_logflush.c) does the same in C; :func:`wake_waiters` is
 twin. For the waiting side it replaces a futex wait in a worker thread followed by a wake
 of the loop: one wake-up instead of two.
 
-The default since stop 20; ``AIODBENV_LOG_WAKE=futex`` waits on the futex in a worker thread
-instead, ``poll`` polls (see :mod:`aiodbenv.log.wake`); any other value is refused when an
-environment with a log opens, before anything is created. Earlier,
-measured on a loaded 2-core machine, the socket gave fewer records per fsync and fewer
-records/s than the futex with 8 processes flushing every record. Its wait then went through
-``asyncio.wait_for`` over a shield (two more turns of the loop per wake-up) and the rounds of
-a writer that took the role in its task were Python rounds in a worker thread; with the wait
-awaiting its future directly and those rounds compiled (``_handed_round``), the same 8
-processes measured, in interleaved pairs (log_quick.py's 8-process row, 3 s each), 4,967-7,315
-records/s by socket against 2,858-3,594 by futex, the loop thread's CPU per record 182-263
-us against 324-423.
+This is the default. ``AIODBENV_LOG_WAKE=futex`` has a handle wait on the futex in a worker
+thread instead, ``poll`` has it poll (see :mod:`aiodbenv.log.wake`); every shared handle sends
+wake-ups through its socket whatever its own mode, and any other value is refused when an
+environment with a log opens, before anything is created. Measured with 8 processes flushing
+every record, in interleaved pairs (log_quick.py's 8-process row, 3 s each): 4,967-7,800
+records/s by socket against 2,858-4,131 by futex, the loop thread's CPU per record 182-263 us
+against 324-423. (An earlier measurement had the socket slower: its wait then went through
+``asyncio.wait_for`` over a shield, two more turns of the loop per wake-up.)
 """
 
 from __future__ import annotations
