@@ -120,6 +120,10 @@ class ThreadRounds:
             or self._closing
             or (sync and self._listeners)  # listeners get their bytes on the loop
             or c.word("flusher_pid")
+            # The file not open here yet (a handle that joined): the round could not start,
+            # and taking the role only to let it go at once would show other processes a
+            # writer that is not writing (and wake them for nothing).
+            or (c.word("f_lsn") >> 32) not in self._fds
             or self._attempt(c.take_role, None) is not True
         ):
             return
