@@ -9,16 +9,12 @@ import concurrent.futures
 from dataclasses import dataclass, field
 
 from .accel import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_STUCK, BehindJob
+from .wakesock import resolve
 
 __all__ = ["CRound", "Round"]
 
 #: How often a round its thread could not publish is tried again by the loop (seconds).
 _SETTLE_POLL = 0.002
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 @dataclass
@@ -106,7 +102,7 @@ class CRound:
             # The future itself is awaited, with a timer that resolves it: asyncio.wait_for
             # would cost a turn of the loop more per wake-up (its callback resolves a second
             # future), on the path of every lone flush.
-            timer = loop.call_later(_SETTLE_POLL * 5, _resolve, fut)
+            timer = loop.call_later(_SETTLE_POLL * 5, resolve, fut)
             try:
                 await fut
             finally:

@@ -39,6 +39,7 @@ from .layout import LOG_HEADER
 __all__ = [
     "WakeSocket",
     "make_socket",
+    "resolve",
     "sock_wait",
     "socket_name",
     "wake_waiters",
@@ -48,7 +49,8 @@ __all__ = [
 _W = LOG_HEADER.word
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
+def resolve(fut: asyncio.Future[None]) -> None:
+    """Resolve ``fut`` unless it is done already (a wait's timer, or its wake-up)."""
     if not fut.done():
         fut.set_result(None)
 
@@ -126,7 +128,7 @@ class WakeSocket:
         # The future itself, with a timer that resolves it (a cancelled or resolved one is
         # replaced at the next wait): asyncio.wait_for over a shield cost two more turns of
         # the loop per wake-up.
-        timer = loop.call_later(timeout, _resolve, fut)
+        timer = loop.call_later(timeout, resolve, fut)
         try:
             await fut
         finally:
