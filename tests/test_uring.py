@@ -18,6 +18,7 @@ import asyncio
 import errno
 import gc
 import os
+import random
 import time
 
 import pytest
@@ -150,6 +151,104 @@ async def test_a_cancelled_read_runs_to_its_end_and_close_waits_within_a_bound(
         reader.close()
         for fd in (r, w, r2, w2):
             os.close(fd)
+
+
+async def test_reads_made_while_others_are_at_the_disk_start_together(data: str) -> None:
+    """A read made while none is in flight starts at once (before submit_call returns); the
+    reads one turn of the loop makes while another is in flight start together at the end of
+    that turn, in one io_uring_enter; beyond the depth they wait, in order. A pipe with no
+    writer keeps one read in flight as long as the test wants."""
+    reader = uring.UringReader(depth=8)
+    r, w = os.pipe()
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        slow = bytearray(8)
+        pipe_read = reader.submit(r, memoryview(slow), 0)
+        assert reader.starts == 1 and reader._running == 1  # started within submit
+        bufs = [bytearray(PS) for _ in range(12)]
+        futs = [reader.submit(fd, memoryview(b), p * PS) for p, b in enumerate(bufs)]
+        # Seven gathered for the end of this turn (the ring holds 8), five waiting behind.
+        assert reader.starts == 1 and len(reader._batch) == 7 and len(reader._waiting) == 5
+        assert await asyncio.gather(*futs) == [PS] * 12
+        assert [bytes(b) for b in bufs] == [page_bytes(p) for p in range(12)]
+        # The 7 in one call; the 5 in as few as room was made for them by completions.
+        assert 2 <= reader.starts <= 1 + 1 + 5, reader.starts
+        os.write(w, b"12345678")
+        assert await pipe_read == 8 and bytes(slow) == b"12345678"
+        # Nothing in flight: a lone read starts at once again.
+        lone = bytearray(PS)
+        before = reader.starts
+        fut = reader.submit(fd, memoryview(lone), 5 * PS)
+        assert reader.starts == before + 1 and not reader._batch
+        assert await fut == PS and bytes(lone) == page_bytes(5)
+        assert reader._running == 0
+    finally:
+        reader.close()
+        os.close(fd)
+        os.close(r)
+        os.close(w)
+
+
+async def test_cold_misses_side_by_side_skip_the_nowait_attempt_and_read_right(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 coroutines missing on a file the OS page cache lost: after a few RWF_NOWAIT reads
+    found nothing, the misses made while other reads are at the disk skip the attempt (it
+    would start a disk read, and a device notification, of its own) and the reader starts
+    them together. Every page read is right, every frame comes back. Once the file is in the
+    OS cache again, misses with no read at the disk try RWF_NOWAIT first and need no read at
+    all."""
+    monkeypatch.setenv("AIODBENV_READER", "uring")
+    pages, frames, ps = 1024, 64, 4096  # a page per OS page: each miss its own read
+
+    def content(p: int) -> bytes:
+        return p.to_bytes(4, "little") * (ps // 4)
+
+    env = await aiodbenv.Env.open(home, create=True, cache_size=frames * ps, page_size=ps)
+    try:
+        async with env.pool.open_file("big.db", create=True, page_size=ps) as f:
+            for p in range(pages):
+                async with f.get(p, create=True) as page:
+                    page.data[:] = content(p)
+                    page.mark_dirty()
+            await env.pool.sync()
+            path = os.path.join(home, "big.db")
+            assert f._fd is not None
+            # No readahead: each miss reads its own page, so each is a read at the disk.
+            os.posix_fadvise(f._fd, 0, 0, os.POSIX_FADV_RANDOM)
+            for p in range(frames):  # the cache holds pages 0..frames-1
+                async with f.get(p):
+                    pass
+            _drop_from_os_cache(path, pages)
+            skips0 = speedups.aiodb_miss_nowait_skips()
+
+            async def run(pgnos: list[int]) -> None:
+                for p in pgnos:
+                    async with f.get(p) as page:
+                        assert bytes(page.data) == content(p)
+
+            order = list(range(frames, pages))
+            random.Random(3).shuffle(order)
+            reader = env.pool._io.reader
+            assert isinstance(reader, uring.UringReader)
+            reads0, starts0 = reader.reads, reader.starts
+            await asyncio.gather(*(run(order[i::32]) for i in range(32)))
+            reads, starts = reader.reads - reads0, reader.starts - starts0
+            assert reads > len(order) // 2, reads
+            assert starts < reads, (starts, reads)
+            assert speedups.aiodb_miss_nowait_skips() > skips0
+            assert pin_totals(env) == {}
+            # The file back in the OS cache: no read goes to the ring.
+            with open(path, "rb") as fh:
+                while fh.read(1 << 20):
+                    pass
+            reads0 = reader.reads
+            await asyncio.gather(*(run(list(range(i, frames * 4, 32))) for i in range(32)))
+            assert reader.reads == reads0
+        assert pin_totals(env) == {}
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home, force=True)
 
 
 def test_a_reader_whose_loop_is_gone_is_closed_when_collected(

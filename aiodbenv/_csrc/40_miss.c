@@ -49,6 +49,21 @@ void aiodb_miss_test_kill(int step) { miss_kill_at = step; }
 
 #define MISS_STEP(k) do { if (miss_kill_at == (k)) kill(getpid(), SIGKILL); } while (0)
 
+/* Reads this process has at the disk through io_uring now (every ring's; 45_reader.c keeps
+   it), and the misses in a row whose RWF_NOWAIT read found the page missing from the OS
+   cache. See step 5 of aiodb_miss. Hints only: relaxed atomics, no lock. */
+static int64_t reads_at_disk;
+static uint32_t nowait_missed, nowait_passed;
+static uint64_t nowait_skips; /* misses that skipped the attempt (aiodb_miss_nowait_skips) */
+
+/* After this many RWF_NOWAIT reads in a row found the OS cache without the page, a miss with
+   other reads at the disk skips the attempt; one in NOWAIT_PROBE of them tries anyway. */
+#define NOWAIT_COLD_STREAK 4
+#define NOWAIT_PROBE 16
+
+/* Misses of this process that skipped their RWF_NOWAIT attempt so far (tests, diagnostics). */
+uint64_t aiodb_miss_nowait_skips(void) { return __atomic_load_n(&nowait_skips, __ATOMIC_RELAXED); }
+
 /* The counters a miss updates (pointers into region 0). */
 enum { MISS_CTR_MISS, MISS_CTR_PAGE_IN, MISS_CTR_RO_EVICT, MISS_CTR_EXTRA, MISS_CTR_LONGEST };
 
@@ -271,11 +286,31 @@ int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, 
     (*ctr[MISS_CTR_MISS])++;
     MISS_STEP(4); /* linked, READING, pinned, nothing read */
 
-    /* 5. Read it, if the OS page cache has it. */
+    /* 5. Read it, if the OS page cache has it. A RWF_NOWAIT read of a page the cache lacks
+       still starts the disk read (readahead) before it says EAGAIN: a device notification
+       of its own, in this thread, for every such miss (20-30 us on a virtual disk). While
+       misses keep going to the disk and other reads are at the disk already, the attempt is
+       skipped: the io_uring reader then starts this read together with the others of the
+       loop's turn, one notification for all (aiodbenv/mpool/uring.py). A lone miss still
+       tries: its disk read starts now and overlaps the Python that hands it to the reader.
+       One skipped miss in NOWAIT_PROBE tries anyway, so a file back in the OS cache is
+       read at once again. */
+    if (__atomic_load_n(&nowait_missed, __ATOMIC_RELAXED) >= NOWAIT_COLD_STREAK &&
+        __atomic_load_n(&reads_at_disk, __ATOMIC_RELAXED) > 0 &&
+        __atomic_add_fetch(&nowait_passed, 1, __ATOMIC_RELAXED) % NOWAIT_PROBE) {
+        __atomic_add_fetch(&nowait_skips, 1, __ATOMIC_RELAXED);
+        out[0] = AIODB_MISS_FILL_DISK;
+        out[1] = best;
+        return 0;
+    }
     struct iovec iov = { (char *)w + best + L[L_BH_DATA], ps };
     ssize_t got = preadv2(fd, &iov, 1, (off_t)(pgno * ps), RWF_NOWAIT);
+    int cold = got < 0 && errno == EAGAIN;
+    uint32_t streak = __atomic_load_n(&nowait_missed, __ATOMIC_RELAXED);
+    streak = !cold ? 0 : streak < NOWAIT_COLD_STREAK ? streak + 1 : streak;
+    __atomic_store_n(&nowait_missed, streak, __ATOMIC_RELAXED);
     if (got != (ssize_t)ps) {
-        out[0] = got < 0 && errno == EAGAIN ? AIODB_MISS_FILL_DISK : AIODB_MISS_FILL;
+        out[0] = cold ? AIODB_MISS_FILL_DISK : AIODB_MISS_FILL;
         out[1] = best;
         return 0;
     }

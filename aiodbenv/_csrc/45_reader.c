@@ -11,8 +11,11 @@
    watches the ring's descriptor (readable while completions wait: add_reader) and reaps every
    completion of a wake in one call.
 
-   No thread is made here and the GIL is never needed by the kernel's side. Reads are not
-   batched on submit: one io_uring_enter per read (about a microsecond) starts the disk at once.
+   No thread is made here and the GIL is never needed by the kernel's side. A lone read is
+   started at once (one io_uring_enter); the reads a loop's turn makes while others are at the
+   disk are started together (aiodb_reader_submit_many): the kernel then hands them to the
+   device in one plugged batch, one notification for all, where one per read cost 20-30 us
+   of this thread's time each on a virtual disk.
 
    A read that stops short of what was asked (not at the end of the file) or is interrupted
    (-EINTR, -EAGAIN) is issued again for the rest, here, so the Python side sees what a blocking
@@ -158,29 +161,39 @@ int aiodb_reader_fd(const struct aiodb_reader *r) { return r->ring_fd; }
 /* Reads submitted and not yet reaped. */
 int aiodb_reader_inflight(const struct aiodb_reader *r) { return r->inflight; }
 
-/* Start reading len bytes of fd at off into buf; `token` comes back with its result from
-   aiodb_reader_reap. 0, -EBUSY when `depth` reads are in flight already (the caller queues it
-   and submits it once a completion is reaped), or -errno of io_uring_enter. buf must stay
-   valid until the token is reaped (or the reader closed). */
-int aiodb_reader_submit(struct aiodb_reader *r, int fd, char *buf, uint64_t len, uint64_t off,
-                        uint64_t token) {
-    if (r->free_head < 0) return -EBUSY;
-    if (len == 0 || len > 0x7fffffffULL) return -EINVAL;
-    int i = r->free_head;
-    struct aiodb_reader_slot *s = &r->slots[i];
-    s->token = token;
-    s->buf = buf;
-    s->len = len;
-    s->off = off;
-    s->got = 0;
-    s->fd = fd;
-    reader_queue(r, i);
-    int rc = reader_enter(r, 1);
-    if (rc) return rc;
-    r->free_head = s->next_free;
-    s->next_free = -2;
-    r->inflight++;
-    return 0;
+/* Start reads k = 0..n-1: lens[k] bytes of fds[k] at offs[k] into bufs[k]; tokens[k] comes
+   back with its result from aiodb_reader_reap. One io_uring_enter for all. Returns how many
+   were started -- the first ones; fewer than n when `depth` reads are in flight (the caller
+   queues the rest and starts them once completions are reaped) -- or -errno of
+   io_uring_enter, and then none was. Each buffer must stay valid until its token is reaped
+   (or the reader closed). A length of 0 or over 2 GiB is -EINVAL (nothing started). */
+int aiodb_reader_submit_many(struct aiodb_reader *r, int n, const int *fds, char *const *bufs,
+                             const uint64_t *lens, const uint64_t *offs,
+                             const uint64_t *tokens) {
+    for (int k = 0; k < n; k++)
+        if (lens[k] == 0 || lens[k] > 0x7fffffffULL) return -EINVAL;
+    int m = 0, first = r->free_head;
+    for (int i = first; m < n && i >= 0; i = r->slots[i].next_free, m++) {
+        struct aiodb_reader_slot *s = &r->slots[i];
+        s->token = tokens[m];
+        s->buf = bufs[m];
+        s->len = lens[m];
+        s->off = offs[m];
+        s->got = 0;
+        s->fd = fds[m];
+        reader_queue(r, i);
+    }
+    if (m == 0) return 0;
+    int rc = reader_enter(r, (unsigned)m);
+    if (rc) return rc; /* the slots stay free: nothing was taken */
+    for (int k = 0; k < m; k++) {
+        int i = r->free_head;
+        r->free_head = r->slots[i].next_free;
+        r->slots[i].next_free = -2;
+    }
+    r->inflight += m;
+    __atomic_add_fetch(&reads_at_disk, m, __ATOMIC_RELAXED);
+    return m;
 }
 
 /* Reap up to max completed reads: tokens[k] and results[k] (the bytes read -- short only at
@@ -234,6 +247,7 @@ int aiodb_reader_reap(struct aiodb_reader *r, uint64_t *tokens, int64_t *results
             r->inflight--;
         }
     }
+    __atomic_sub_fetch(&reads_at_disk, n, __ATOMIC_RELAXED);
     return n;
 }
 
@@ -252,6 +266,7 @@ int aiodb_reader_wait(struct aiodb_reader *r, int timeout_ms) {
    reads still in flight (none is copied into its buffer afterwards); in a forked child only
    this process's mappings and descriptor go (the parent's ring is untouched). */
 void aiodb_reader_close(struct aiodb_reader *r) {
+    __atomic_sub_fetch(&reads_at_disk, r->inflight, __ATOMIC_RELAXED);
     munmap(r->sqe_map, r->sqe_len);
     munmap(r->ring_map, r->ring_len);
     close(r->ring_fd);

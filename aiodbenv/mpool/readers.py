@@ -81,8 +81,9 @@ class PageReader:
         return await self.submit(fd, view, offset)
 
     def submit(self, fd: int, view: memoryview, offset: int) -> asyncio.Future[int]:
-        """Start the read now (the caller may await it later); the future gets the bytes read
-        or the read's OSError. Cancelling the future drops the result, not the read."""
+        """Start the read (now, or -- the io_uring reader -- with the other reads of this turn
+        of the loop, at its end; the caller may await it later); the future gets the bytes
+        read or the read's OSError. Cancelling the future drops the result, not the read."""
         fut: asyncio.Future[int] = self._loop.create_future()
 
         def deliver(res: int | BaseException) -> None:
