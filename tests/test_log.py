@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -131,6 +132,30 @@ async def test_config_errors(home: str, kwargs: dict[str, object], match: str) -
     with pytest.raises(ConfigError, match=match):
         await aiodbenv.Env.open(home, create=True, **kwargs)  # type: ignore[arg-type]
     assert os.listdir(home) == []
+
+
+@pytest.mark.parametrize("region", ["file", "system", "private"])
+async def test_a_log_dir_that_is_a_file_is_refused_at_once_and_leaves_nothing(
+    home: str, region: str, shm_key: int
+) -> None:
+    """The regions are made before the log directory is looked at. A ``log_dir`` naming a
+    file made ``os.makedirs`` raise ``FileExistsError`` while building, which the create took
+    for another process winning the race to ``__db.001``: it removed its regions and built
+    them again, forever, at full CPU. Now it is a ``ConfigError``, and the regions made are
+    removed."""
+    with open(os.path.join(home, "notadir"), "w"):
+        pass
+    extra = {"shm_key": shm_key} if region == "system" else {}
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="not a directory"):
+        await asyncio.wait_for(
+            aiodbenv.Env.open(
+                home, create=True, log=True, log_dir="notadir", region=region, **extra
+            ),
+            timeout=20,
+        )
+    assert time.monotonic() - t0 < 5
+    assert os.listdir(home) == ["notadir"]  # (segments: the autouse leak check)
 
 
 async def test_db_config_lines(home: str) -> None:

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from .._config import Settings, log_sizes
-from ..errors import InvalidArgument
+from ..errors import ConfigError, InvalidArgument
 from ..region.backing import Region
 from ..region.create import RegionSpec
 from ..region.home import home_mode
@@ -45,7 +45,12 @@ def format_log(region: Region, settings: Settings, home: str, shared: bool) -> N
     directory = "" if settings.log_inmemory else log_directory(home, settings)
     end = None
     if not settings.log_inmemory:
-        os.makedirs(directory, mode=home_mode(settings.mode), exist_ok=True)
+        try:
+            os.makedirs(directory, mode=home_mode(settings.mode), exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(
+                f"the log directory {directory} (log_dir) is not a directory"
+            ) from None
         end = find_end(directory, fsize, settings.mode)
     format_log_region(
         region,

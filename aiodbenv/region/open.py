@@ -68,7 +68,7 @@ def _open_shared(
                 ) from None
             try:
                 return _create_exclusive(home, path1, settings, extra, formatter)
-            except FileExistsError:
+            except _LostRace:
                 continue  # another creator won the race: join its environment
         try:
             return join_once(home, fd)
@@ -95,6 +95,10 @@ def _open_shared(
         time.sleep(POLL)
 
 
+class _LostRace(Exception):
+    """Another process created ``__db.001`` first."""
+
+
 def _create_exclusive(
     home: str,
     path1: str,
@@ -104,14 +108,19 @@ def _create_exclusive(
 ) -> list[Region]:
     """Create ``__db.001`` with O_EXCL and build the environment under its flock.
 
-    Raises ``FileExistsError`` if another process created ``__db.001`` first.
+    Raises :class:`_LostRace` if another process created ``__db.001`` first. Only that
+    ``O_EXCL`` open means a lost race: a ``FileExistsError`` while building (a ``log_dir``
+    that is a file, say) is an error of this create, raised as it is, not retried.
     """
     if settings.region == "system" and settings.shm_key is None:
         raise InvalidArgument(
             "a system-memory environment needs a shm_key (set_shm_key in DB_CONFIG)"
         )
     check_home(home, create=True)
-    fd = open_region_fd(path1, create=True, mode=settings.mode)
+    try:
+        fd = open_region_fd(path1, create=True, mode=settings.mode)
+    except FileExistsError:
+        raise _LostRace from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # joiners wait while we build
         try:
