@@ -189,6 +189,102 @@ async def test_reads_made_while_others_are_at_the_disk_start_together(data: str)
         os.close(w)
 
 
+class _Recorder:
+    """``speedups`` as uring.py sees it, with the offsets of every submit_many call kept."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def aiodb_reader_submit_many(self, r: object, n: int, *args: object) -> int:
+        offs = args[3]
+        self.calls.append([int(offs[k]) // PS for k in range(n)])  # type: ignore[index]
+        return int(speedups.aiodb_reader_submit_many(r, n, *args))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(speedups, name)
+
+
+async def test_a_read_the_kernel_took_only_part_of_is_not_lost_or_mixed_up(
+    data: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel may take some of a batch's entries and then fail (no memory for the rest).
+    Those it took are in flight: each read gets its own result into its own buffer, the rest
+    start once there is room. When it takes none, threads read them and every read waiting
+    behind them, so nothing stalls, and the ring works again afterwards."""
+    rec = _Recorder()
+    monkeypatch.setattr(uring, "speedups", rec)
+    # Completions only when the loop reaps them, so each step's state can be seen.
+    monkeypatch.setattr(uring.UringReader, "reap_on_submit", False)
+    reader = uring.UringReader(depth=8)
+    r, w = os.pipe()
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        slow = bytearray(8)
+        pipe_read = reader.submit(r, memoryview(slow), 0)
+        # Part of a batch: 2 of 5 taken, then "out of memory".
+        speedups.aiodb_reader_test_enter(reader._ring.r, 2, errno.ENOMEM)
+        bufs = [bytearray(PS) for _ in range(5)]
+        futs = [reader.submit(fd, memoryview(b), (10 + p) * PS) for p, b in enumerate(bufs)]
+        await asyncio.sleep(0)  # the end of the turn: the batch goes in
+        assert rec.calls[-1] == [10, 11, 12, 13, 14]
+        assert len(reader._calls) == 3 and len(reader._waiting) == 3  # pipe + 2 taken
+        assert await asyncio.gather(*futs) == [PS] * 5
+        assert [bytes(b) for b in bufs] == [page_bytes(10 + p) for p in range(5)]
+        assert rec.calls[-1] == [12, 13, 14]  # the rest, once the first two made room
+        # None of a batch taken: threads read it and the read waiting behind it.
+        speedups.aiodb_reader_test_enter(reader._ring.r, 0, errno.ENOMEM)
+        more = [bytearray(PS) for _ in range(3)]
+        futs = [reader.submit(fd, memoryview(b), (20 + p) * PS) for p, b in enumerate(more)]
+        reader._waiting.append(reader._batch.pop())  # as if the ring had been full for it
+        assert await asyncio.wait_for(asyncio.gather(*futs), 5) == [PS] * 3
+        assert [bytes(b) for b in more] == [page_bytes(20 + p) for p in range(3)]
+        assert reader.threads >= 1 and not reader._waiting and not reader._batch
+        # The ring again, and the pipe read all along.
+        again = bytearray(PS)
+        assert await reader.read(fd, memoryview(again), 30 * PS) == PS
+        assert bytes(again) == page_bytes(30)
+        os.write(w, b"12345678")
+        assert await pipe_read == 8 and bytes(slow) == b"12345678"
+        assert reader._running == 0
+    finally:
+        reader.close()
+        os.close(fd)
+        os.close(r)
+        os.close(w)
+
+
+async def test_reads_start_in_the_order_asked_and_a_bad_buffer_fails_its_caller(
+    data: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the ring full, reads gathered for the end of the turn and reads waiting for room
+    start in the order they were asked for, when a completion makes room. A buffer the kernel
+    cannot write into fails its own caller at once, not the batch it would have joined."""
+    rec = _Recorder()
+    monkeypatch.setattr(uring, "speedups", rec)
+    reader = uring.UringReader(depth=2)
+    r, w = os.pipe()
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        slow = bytearray(8)
+        pipe_read = reader.submit(r, memoryview(slow), 0)
+        bufs = [bytearray(PS) for _ in range(3)]
+        futs = [reader.submit(fd, memoryview(b), (1 + p) * PS) for p, b in enumerate(bufs)]
+        assert len(reader._batch) == 1 and len(reader._waiting) == 2
+        with pytest.raises((BufferError, TypeError)):
+            reader.submit(fd, memoryview(bytes(PS)), 0)  # read-only
+        os.write(w, b"12345678")
+        assert await pipe_read == 8
+        assert await asyncio.gather(*futs) == [PS] * 3
+        assert [bytes(b) for b in bufs] == [page_bytes(1 + p) for p in range(3)]
+        started = [p for call in rec.calls for p in call]
+        assert started == [0, 1, 2, 3], rec.calls  # the pipe's offset 0, then 1, 2, 3
+    finally:
+        reader.close()
+        os.close(fd)
+        os.close(r)
+        os.close(w)
+
+
 async def test_cold_misses_side_by_side_skip_the_nowait_attempt_and_read_right(
     home: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,7 +16,8 @@
    AIODB_MISS_FILL         out[1] is linked as the page, READING, pinned: the Python fill
                            path reads it (short read, EOF, an error, RWF_NOWAIT refused, a
                            busy mutex at publish);
-   AIODB_MISS_FILL_DISK    the same, and RWF_NOWAIT said the page is not in the OS cache.
+   AIODB_MISS_FILL_DISK    the same, and RWF_NOWAIT said the page is not in the OS cache,
+                           or was not tried (misses keep going to the disk: step 5).
    On success, out[0] is AIODB_MISS_DIRTY_MET when a dirty best was passed over for a clean
    frame (the caller then starts a batch of dirty victims), else AIODB_MISS_FALLBACK.
    out[2] is a bucket whose mutex is held because its holder died (-EOWNERDEAD) and must be
@@ -289,12 +290,16 @@ int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, 
     /* 5. Read it, if the OS page cache has it. A RWF_NOWAIT read of a page the cache lacks
        still starts the disk read (readahead) before it says EAGAIN: a device notification
        of its own, in this thread, for every such miss (20-30 us on a virtual disk). While
-       misses keep going to the disk and other reads are at the disk already, the attempt is
-       skipped: the io_uring reader then starts this read together with the others of the
-       loop's turn, one notification for all (aiodbenv/mpool/uring.py). A lone miss still
-       tries: its disk read starts now and overlaps the Python that hands it to the reader.
-       One skipped miss in NOWAIT_PROBE tries anyway, so a file back in the OS cache is
-       read at once again. */
+       misses keep going to the disk and other io_uring reads of this process are at the
+       disk already, the attempt is skipped: the io_uring reader then starts this read
+       together with the others of the loop's turn, one notification for all
+       (aiodbenv/mpool/uring.py). With no such read at the disk the miss still tries: its
+       disk read starts now and overlaps the Python that hands it to the reader. The count
+       is the process's, not the loop's: a miss of another loop (or of a pool reading
+       through threads) may skip too while this one's reads are out, and then reads through
+       its own reader -- slower by a hop for a page the OS had, never wrong. One skipped
+       miss in NOWAIT_PROBE tries anyway, so a file back in the OS cache is read at once
+       again. */
     if (__atomic_load_n(&nowait_missed, __ATOMIC_RELAXED) >= NOWAIT_COLD_STREAK &&
         __atomic_load_n(&reads_at_disk, __ATOMIC_RELAXED) > 0 &&
         __atomic_add_fetch(&nowait_passed, 1, __ATOMIC_RELAXED) % NOWAIT_PROBE) {

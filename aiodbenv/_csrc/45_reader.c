@@ -35,7 +35,7 @@ struct aiodb_reader_slot {
     char *buf;
     uint64_t len, off, got;
     int fd, next_free; /* next_free: the free list (-1 ends it); -2 while in use */
-    int requeued;      /* issued again by the reap under way */
+    int requeued;      /* issued again by the reap under way: its place in the ring (1, ...) */
 };
 
 struct aiodb_reader {
@@ -46,6 +46,7 @@ struct aiodb_reader {
     void *ring_map, *sqe_map;
     size_t ring_len, sqe_len;
     int64_t test_result; /* tests: the next completion's result (0: none) */
+    int test_take, test_err; /* tests: the next enter takes test_take, then fails (-1: off) */
     struct aiodb_reader_slot slots[];
 };
 
@@ -66,22 +67,36 @@ static int reader_queue(struct aiodb_reader *r, int i) {
     return 0;
 }
 
-/* Hand the queued submissions to the kernel; 0 or -errno (the queued ones are taken back). */
+/* Hand the n entries queued last to the kernel. Returns how many it took -- the first ones,
+   in the order they were queued; those it did not take are taken back from the ring -- or
+   -errno when it took none. The kernel may take part of them and then fail (no memory for
+   the rest): the part taken is in flight, and the count says so. */
 static int reader_enter(struct aiodb_reader *r, unsigned n) {
-    for (;;) {
-        long got = syscall(__NR_io_uring_enter, r->ring_fd, n, 0, 0, NULL, 0);
-        if (got == (long)n) return 0;
-        if (got >= 0) { /* part taken: the rest goes on the next enter */
-            n -= (unsigned)got;
+    unsigned taken = 0;
+    int err = 0;
+    while (taken < n) {
+        unsigned ask = n - taken;
+        if (r->test_take >= 0 && taken + ask > (unsigned)r->test_take) {
+            if (taken >= (unsigned)r->test_take) { /* the kernel out of memory, say */
+                err = r->test_err;
+                r->test_take = -1;
+                break;
+            }
+            ask = (unsigned)r->test_take - taken;
+        }
+        long got = syscall(__NR_io_uring_enter, r->ring_fd, ask, 0, 0, NULL, 0);
+        if (got > 0) {
+            taken += (unsigned)got;
             continue;
         }
-        if (errno == EINTR) continue;
-        int err = errno;
-        /* Nothing more was consumed (without SQPOLL the kernel reads the ring only inside
-           io_uring_enter): take the unsubmitted entries back. */
-        __atomic_store_n(r->sq_tail, *r->sq_tail - n, __ATOMIC_RELEASE);
-        return -err;
+        if (got < 0 && errno == EINTR) continue;
+        err = got < 0 ? errno : EAGAIN; /* none taken and no error: give up, never spin */
+        break;
     }
+    /* Without SQPOLL the kernel reads the ring only inside io_uring_enter: what it did not
+       take is still ours to take back. */
+    if (taken < n) __atomic_store_n(r->sq_tail, *r->sq_tail - (n - taken), __ATOMIC_RELEASE);
+    return taken ? (int)taken : -err;
 }
 
 /* A ring for up to `depth` reads in flight: the reader, or NULL with *err = errno (ENOSYS,
@@ -152,6 +167,7 @@ struct aiodb_reader *aiodb_reader_open(int depth, int *err) {
     r->nslots = nslots;
     for (int i = 0; i < nslots; i++) r->slots[i].next_free = i + 1 < nslots ? i + 1 : -1;
     r->free_head = 0;
+    r->test_take = -1;
     return r;
 }
 
@@ -163,10 +179,10 @@ int aiodb_reader_inflight(const struct aiodb_reader *r) { return r->inflight; }
 
 /* Start reads k = 0..n-1: lens[k] bytes of fds[k] at offs[k] into bufs[k]; tokens[k] comes
    back with its result from aiodb_reader_reap. One io_uring_enter for all. Returns how many
-   were started -- the first ones; fewer than n when `depth` reads are in flight (the caller
-   queues the rest and starts them once completions are reaped) -- or -errno of
-   io_uring_enter, and then none was. Each buffer must stay valid until its token is reaped
-   (or the reader closed). A length of 0 or over 2 GiB is -EINVAL (nothing started). */
+   were started -- the first ones; fewer than n when `depth` reads are in flight, or when the
+   kernel took only part of them (the caller starts the rest later or elsewhere) -- or
+   -errno of io_uring_enter when it took none. Each buffer must stay valid until its token is
+   reaped (or the reader closed). A length of 0 or over 2 GiB is -EINVAL (nothing started). */
 int aiodb_reader_submit_many(struct aiodb_reader *r, int n, const int *fds, char *const *bufs,
                              const uint64_t *lens, const uint64_t *offs,
                              const uint64_t *tokens) {
@@ -184,16 +200,16 @@ int aiodb_reader_submit_many(struct aiodb_reader *r, int n, const int *fds, char
         reader_queue(r, i);
     }
     if (m == 0) return 0;
-    int rc = reader_enter(r, (unsigned)m);
-    if (rc) return rc; /* the slots stay free: nothing was taken */
-    for (int k = 0; k < m; k++) {
+    int taken = reader_enter(r, (unsigned)m);
+    if (taken < 0) return taken; /* none taken: every slot stays free */
+    for (int k = 0; k < taken; k++) { /* the first `taken` queued: the free list's first */
         int i = r->free_head;
         r->free_head = r->slots[i].next_free;
         r->slots[i].next_free = -2;
     }
-    r->inflight += m;
-    __atomic_add_fetch(&reads_at_disk, m, __ATOMIC_RELAXED);
-    return m;
+    r->inflight += taken;
+    __atomic_add_fetch(&reads_at_disk, taken, __ATOMIC_RELAXED);
+    return taken;
 }
 
 /* Reap up to max completed reads: tokens[k] and results[k] (the bytes read -- short only at
@@ -219,8 +235,7 @@ int aiodb_reader_reap(struct aiodb_reader *r, uint64_t *tokens, int64_t *results
             /* Interrupted, or short before the end of the file: read the rest. */
             if (res > 0) s->got += (uint64_t)res;
             reader_queue(r, (int)i);
-            s->requeued = 1;
-            again++;
+            s->requeued = (int)++again; /* its place in the ring: 1, 2, ... */
             continue;
         }
         tokens[n] = s->token;
@@ -233,14 +248,16 @@ int aiodb_reader_reap(struct aiodb_reader *r, uint64_t *tokens, int64_t *results
     __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
     if (again) {
         int rc = reader_enter(r, again);
+        int taken = rc > 0 ? rc : 0, err = rc < 0 ? rc : -EAGAIN;
         for (int i = 0; i < r->nslots; i++) {
             struct aiodb_reader_slot *s = &r->slots[i];
             if (!s->requeued) continue;
+            int place = s->requeued;
             s->requeued = 0;
-            if (!rc) continue;
+            if (place <= taken) continue; /* in flight again */
             /* Not in the kernel any more: the read fails with the error. */
             tokens[n] = s->token;
-            results[n] = rc;
+            results[n] = err;
             n++;
             s->next_free = r->free_head;
             r->free_head = i;
@@ -276,3 +293,10 @@ void aiodb_reader_close(struct aiodb_reader *r) {
 /* Tests: the next completion reaped reports `res` instead of its own (-EIO, a short count,
    -EINTR to see the read issued again). 0 clears it. */
 void aiodb_reader_test_result(struct aiodb_reader *r, int64_t res) { r->test_result = res; }
+
+/* Tests: the next io_uring_enter takes at most `take` of the entries it is given, then fails
+   with -err (as the kernel does when it runs out of memory part way). */
+void aiodb_reader_test_enter(struct aiodb_reader *r, int take, int err) {
+    r->test_take = take;
+    r->test_err = err;
+}

@@ -80,8 +80,8 @@ class PoolReads(PoolFrames):
         A new page, or one the OS page cache holds, is done at once, without an await. A read
         that must go to the disk runs as its own task: if the caller is cancelled, the read
         still completes (other waiters may want the page) and the caller's pin is dropped
-        afterwards. ``nowait=False``: the caller knows the OS page cache lacks the page (the
-        compiled miss was told so): straight to the disk read.
+        afterwards. ``nowait=False``: straight to the disk read (the compiled miss found the OS
+        page cache without the page, or skipped asking while misses keep going to the disk).
         """
         try:
             done = nowait and self._attempt(self._fill_now, f, cache, b, bh, pgno, mode)

@@ -124,7 +124,10 @@ class _Ring:
             speedups.aiodb_reader_close(r)
 
 
-_Job = tuple[int, memoryview, int, Done]
+#: A read not yet in the kernel: descriptor, the caller's view, the C buffer over it (made
+#: when the read is asked for, so a view the kernel cannot write fails the caller at once),
+#: offset, and what gets the result.
+_Job = tuple[int, memoryview, Any, int, Done]
 
 
 class UringReader(PageReader):
@@ -204,18 +207,19 @@ class UringReader(PageReader):
             # Test hooks watch _io.preadv: let it make the read.
             self._threads().submit_call(fd, view, offset, done)
             return
+        job = (fd, view, ffi.from_buffer(view, require_writable=True), offset, done)
         if self._waiting or len(self._calls) + len(self._batch) >= self._depth:
-            self._waiting.append((fd, view, offset, done))
+            self._waiting.append(job)
             return
         if self._calls or self._batch:
             # Others are at the disk: this one's wait is theirs anyway; starting it with the
             # rest of the turn's saves a device notification per read.
-            self._batch.append((fd, view, offset, done))
+            self._batch.append(job)
             if not self._batch_due:
                 self._batch_due = True
                 self._loop.call_soon(self._start_batch)
             return
-        self._start_many([(fd, view, offset, done)])
+        self._start_many([job])
         if not self.reap_on_submit:
             return
         # The page may have come in since the miss found it missing (its RWF_NOWAIT attempt
@@ -225,7 +229,8 @@ class UringReader(PageReader):
         self._reap()
 
     def _start_batch(self) -> None:
-        """At the end of the loop's turn: start the reads gathered in it."""
+        """At the end of the loop's turn: start the reads gathered in it (unless a reap has
+        started them already, with the ones waiting behind them)."""
         self._batch_due = False
         batch, self._batch = self._batch, []
         if batch and not self._closed:
@@ -234,12 +239,12 @@ class UringReader(PageReader):
                 self._reap()
 
     def _start_many(self, jobs: list[_Job]) -> None:
-        """Start ``jobs`` in one call; those the ring has no room for go first in line."""
+        """Start ``jobs`` in one call. Those the kernel did not take wait first in line for
+        the next completion (the ring was full, or took part of them); if it took none and
+        said why (no memory, say), or nothing of ours is in flight to make room, reader
+        threads read them and everything waiting, so that no read is left behind."""
         fds, bufs, lens, offs, tokens = self._fds, self._bufs, self._lens, self._offs, self._ids
-        held = []
-        for k, (fd, view, offset, _) in enumerate(jobs):
-            buf = ffi.from_buffer(view, require_writable=True)
-            held.append(buf)
+        for k, (fd, _, buf, offset, _) in enumerate(jobs):
             fds[k], bufs[k], lens[k], offs[k] = fd, buf, len(buf), offset
             tokens[k] = self._next + k
         n = len(jobs)
@@ -248,18 +253,23 @@ class UringReader(PageReader):
         self.starts += started > 0
         calls = self._calls
         for k in range(started):
-            calls[self._next + k] = (jobs[k][3], held[k])
+            calls[self._next + k] = (jobs[k][4], jobs[k][2])
         self._next += n
-        for k in range(started, n):
-            ffi.release(held[k])
-        if rc < 0:
-            # The kernel would not take them now (out of memory, say): threads read them,
-            # and report whatever the read itself gives.
-            logger.debug("io_uring_enter failed (%s): reading in threads", os.strerror(-rc))
-            for job in jobs:
-                self._threads().submit_call(*job)
-        else:
-            self._waiting.extendleft(reversed(jobs[started:]))
+        rest = jobs[started:]
+        if not rest:
+            return
+        if rc >= 0 and calls:
+            self._waiting.extendleft(reversed(rest))
+            return
+        # The kernel would not take them now: threads read them, and report whatever the
+        # read itself gives.
+        why = os.strerror(-rc) if rc < 0 else "no read of ours in flight to wait for"
+        logger.debug("io_uring_enter took none of %d reads (%s): reading in threads", n, why)
+        rest.extend(self._waiting)
+        self._waiting.clear()
+        for fd, view, buf, offset, done in rest:
+            ffi.release(buf)
+            self._threads().submit_call(fd, view, offset, done)
 
     def _threads(self) -> ReaderThreads:
         if self._fallback is None:
@@ -288,10 +298,16 @@ class UringReader(PageReader):
                 entry[0](out)
             except Exception:  # one reader's bug must not lose the others' results
                 logger.exception("handing a page read to its reader failed")
-        waiting = self._waiting
-        room = self._depth - len(calls) - len(self._batch)
-        if waiting and room > 0 and not self._closed:
-            self._start_many([waiting.popleft() for _ in range(min(room, len(waiting)))])
+        # Room made: the reads gathered for the end of this turn first (they were asked for
+        # before any that waits), then the waiting ones, in one call.
+        waiting, batch = self._waiting, self._batch
+        room = self._depth - len(calls)
+        if (waiting or batch) and room > 0 and not self._closed:
+            jobs = batch[:room]
+            del batch[: len(jobs)]
+            while waiting and len(jobs) < room:
+                jobs.append(waiting.popleft())
+            self._start_many(jobs)
 
     def close(self) -> None:
         """Stop reading (the pool is closing, and has waited for its reads). Reads still in
@@ -302,8 +318,7 @@ class UringReader(PageReader):
         self._closed = True
         if self._ring.r is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
-        self._waiting.clear()
-        self._batch.clear()
+        self._drop_queued()
         self._finalizer()  # waits (bounded) for reads in flight into the buffers below
         for _, buf in self._calls.values():
             ffi.release(buf)
@@ -318,6 +333,12 @@ class UringReader(PageReader):
         for _, buf in self._calls.values():
             ffi.release(buf)
         self._calls.clear()
+        self._drop_queued()
+
+    def _drop_queued(self) -> None:
+        """Forget the reads not yet in the kernel (their buffers let go: never read)."""
+        for job in [*self._waiting, *self._batch]:
+            ffi.release(job[2])
         self._waiting.clear()
         self._batch.clear()
 
