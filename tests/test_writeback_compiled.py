@@ -17,11 +17,12 @@ import subprocess
 import sys
 from typing import Any
 
+import anyio.to_thread
 import pytest
 
 import aiodbenv
 from aiodbenv import _io
-from aiodbenv.mpool import csync, victims
+from aiodbenv.mpool import csync, synchop, victims
 from aiodbenv.mpool import frames as frames_mod
 from aiodbenv.region.mutex import speedups
 
@@ -62,19 +63,24 @@ def test_compiled_writeback_is_installed_when_the_accelerator_is() -> None:
 
 @needs_compiled
 async def test_sync_takes_the_compiled_path(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = csync.write_fast
+    """Without a log, a sync is one worker-thread call (synchop): collect, write, fsync."""
+    calls: list[tuple[int, int, bool]] = []
+    real = synchop._run
 
-    async def spy(pool: Any, fast: csync.FastSet, *args: Any, **kw: Any) -> None:
-        calls.append(fast.n)
-        await real(pool, fast, *args, **kw)
+    def spy(*args: Any) -> synchop.Hop:
+        hop = real(*args)
+        written = sum(c.written for _, c in hop.chunks)
+        calls.append((len(hop.chunks), written, hop.fsync is not None))
+        return hop
 
-    monkeypatch.setattr(csync, "write_fast", spy)
+    monkeypatch.setattr(synchop, "_run", spy)
+    monkeypatch.setattr(csync, "write_fast", None)  # the steps' path is not taken
     async with aiodbenv.Env.open(home, create=True, cache_size=8 << 20) as env:
         async with env.pool.open_file("a.db", create=True) as f:
             await dirty(f, range(300))
             r = await env.pool.sync()
-            assert calls == [300] and r.written == 300 and r.incomplete == 0
+            assert calls == [(1, 300, True)] and r.written == 300 and r.incomplete == 0
+            assert r.files_synced == 1
             # Runs of adjacent pages: one write per 256 pages at most.
             assert r.write_calls == 2 and r.bytes_written == 300 * PS
             assert frames(env.pool) == (0, 0, 0)
@@ -82,6 +88,44 @@ async def test_sync_takes_the_compiled_path(home: str, monkeypatch: pytest.Monke
             assert st.page_out >= 300 and st.page_dirty == 0
             assert on_disk(env.resolve("a.db"), range(300)) == list(range(300))
     await aiodbenv.Env.remove(home)
+
+
+@needs_compiled
+async def test_a_sync_without_a_log_wakes_the_loop_once(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker-thread call ends with a wake-up of the event loop, and a wake-up while a
+    timer is due within the millisecond makes that timer up to 1 ms late (both loops count
+    whole milliseconds). Without a log, a sync of several chunks and two files is one call:
+    collect, write, fsync. With a log (the write-ahead rule flushes it between a chunk's
+    claim and its write) the steps remain."""
+    monkeypatch.setattr(csync, "CHUNK_BYTES", 64 * PS)  # 300 pages: 5 chunks per file
+    calls: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kw: Any) -> Any:
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    for log in (False, True):
+        async with aiodbenv.Env.open(home, create=True, cache_size=8 << 20, log=log) as env:
+            async with env.pool.open_file("a.db", create=True) as f:
+                async with env.pool.open_file("b.db", create=True) as g:
+                    await dirty(f, range(300))
+                    await dirty(g, range(300), 2)
+                    calls.clear()
+                    r = await env.pool.sync()
+                    assert r.written == 600 and r.files_synced == 2 and r.incomplete == 0
+                    if log:
+                        assert len(calls) > 2, calls
+                    else:
+                        assert calls == ["_run"], calls
+                    assert env.pool.stat().page_dirty == 0
+                    assert frames(env.pool) == (0, 0, 0)
+                    assert on_disk(env.resolve("a.db"), range(300)) == list(range(300))
+                    assert on_disk(env.resolve("b.db"), range(300), 2) == list(range(300))
+        await aiodbenv.Env.remove(home)
 
 
 async def test_private_region_keeps_the_python_path(home: str) -> None:

@@ -51,7 +51,7 @@ def stage(pool: PoolBase, index: int, cap: int, nbytes: int) -> mmap.mmap:
     key = (id(pool), index)
     got = _stages.get(key)
     if got is None or len(got[0]) < nbytes:
-        got = (csync._zeroed(nbytes), csync._zeroed(csync._E * 8 * cap))
+        got = (csync.zeroed(nbytes), csync.zeroed(csync._E * 8 * cap))
         _stages[key] = got
     _stages.move_to_end(key)
     while len(_stages) > _STAGES_KEPT:

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from .handle import PoolBase
 
 __all__ = ["CHUNK_BYTES", "ENABLED", "Chunk", "FastSet", "account", "claim_write", "collect"]
-__all__ += ["collect_now", "routes", "table", "usable", "write_fast"]
+__all__ += ["collect_now", "routes", "table", "unmap", "usable", "write_fast", "zeroed"]
 
 #: The compiled write-back is installed and not switched off.
 ENABLED = speedups is not None and os.environ.get("AIODBENV_WRITEBACK", "") != "python"
@@ -189,7 +189,7 @@ def collect_now(
     cap = sum(c.buffers() for _, c in walk) + 1024
     # Mapped, not ffi.new'd: zeroing megabytes under the GIL would stall the loop; the
     # kernel's zero pages come in as the C code (GIL released) first touches them.
-    mem = _zeroed(_E * 8 * cap)
+    mem = zeroed(_E * 8 * cap)
     keep.append(mem)
     ent = ffi.from_buffer("uint64_t[]", mem)
     nf, no, stopped = (ffi.new("uint64_t[1]") for _ in range(3))
@@ -213,7 +213,7 @@ def collect_now(
     return FastSet(ent, n, tab, others, keep)
 
 
-def _zeroed(nbytes: int) -> mmap.mmap:
+def zeroed(nbytes: int) -> mmap.mmap:
     """``nbytes`` of anonymous memory, zero pages mapped lazily by the kernel (a bytearray
     of 16 MiB is zeroed on the spot: milliseconds on the event loop)."""
     return mmap.mmap(-1, max(nbytes, mmap.PAGESIZE))
@@ -253,16 +253,17 @@ async def write_fast(
     await _write_fast(pool, fast, result, progress, chunk_bytes, stages)
     # Unmapping megabytes of touched pages is milliseconds of kernel time: not on the loop.
     # (Not after a cancellation or a failure: a chunk may still use them; the GC frees them.)
-    await anyio.to_thread.run_sync(_unmap, stages, fast, limiter=pool._io.limiter)
+    await anyio.to_thread.run_sync(unmap, stages, fast, limiter=pool._io.limiter)
 
 
-def _unmap(stages: list[mmap.mmap], fast: FastSet) -> None:
+def unmap(stages: list[mmap.mmap], fast: FastSet | None) -> None:
     """In a worker thread: unmap the staging buffers and ``fast``'s entries (unusable after)."""
-    if fast.ent is not None:
+    if fast is not None and fast.ent is not None:
         ffi.release(fast.ent)
         fast.ent = None
         fast.n = 0
-    for m in [*stages, *(k for k in fast.keep if isinstance(k, mmap.mmap))]:
+    kept = fast.keep if fast is not None else []
+    for m in [*stages, *(k for k in kept if isinstance(k, mmap.mmap))]:
         try:
             m.close()
         except BufferError:  # still exported somewhere: the GC unmaps it later
@@ -279,7 +280,7 @@ async def _write_fast(
 ) -> None:
     io = pool._io
     core = pool._core
-    stage = _zeroed(0)
+    stage = zeroed(0)
     stages.append(stage)
     for tag, lo, hi in fast.tags():
         fidx = tag - 1
@@ -296,7 +297,7 @@ async def _write_fast(
         lsn_off = int(core.meta_words[e + FILE_ENTRY.word.lsn_offset]) - 1 if io.log else -1
         step = max(1, (chunk_bytes or CHUNK_BYTES) // max(ps, 1))
         if len(stage) < min(hi - lo, step) * ps:
-            stage = _zeroed(min(hi - lo, step) * ps)
+            stage = zeroed(min(hi - lo, step) * ps)
             stages.append(stage)
         for start in range(lo, hi, step):
             end = min(hi, start + step)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
@@ -30,9 +31,104 @@ from .layout import (
 if TYPE_CHECKING:
     from .handle import PoolBase
 
-__all__ = ["fsync_pending"]
+__all__ = ["FsyncPlan", "Outcome", "fsync_pending", "plan_fsyncs", "record_fsyncs", "run_fsyncs"]
 
 logger = logging.getLogger("aiodbenv")
+
+
+#: Per target: None (fsynced), ("open", err): it could not be opened (an ordinary error:
+#: nothing was lost yet), ("fsync", err): the fsync failed (fatal).
+Outcome = tuple[str, OSError] | None
+
+
+@dataclass
+class FsyncPlan:
+    """The files an fsync pass covers: ``(slot, this process's descriptor or None, path to
+    open for it or None, written generation)``, and each slot's file id when planned (the
+    slot may be freed and reused by another file while the fsync runs: what it covered is
+    recorded only if the slot still holds the same file)."""
+
+    targets: list[tuple[int, int | None, str | None, int]]
+    ids: dict[int, bytes]
+
+
+def plan_fsyncs(pool: PoolBase, files: set[int] | None) -> FsyncPlan | None:
+    """Which files (of ``files``, or all) have page writes not yet covered by an fsync, to
+    be fsynced through this process's descriptor or one opened by path (None: none). Only
+    reads the region: the loop or a worker thread."""
+    core = pool._core
+    w0 = core.meta_words
+    plan = FsyncPlan([], {})
+    for fidx in range(MAX_FILES) if files is None else sorted(files):
+        e = core.entry(fidx)
+        if not e or w0[e + FILE_ENTRY.word.flags] & (FF_DEAD | FF_NOFILE | FF_TEMP):
+            continue
+        gen = int(w0[e + FILE_ENTRY.word.written_gen])
+        if gen <= w0[e + FILE_ENTRY.word.synced_gen]:
+            continue
+        fd = pool._io.fd_for_write(fidx)
+        path = None if fd is not None else core.file_name(fidx)
+        if fd is not None or path is not None:
+            plan.targets.append((fidx, fd, path, gen))
+            plan.ids[fidx] = core.fileid(fidx)
+    return plan if plan.targets else None
+
+
+def run_fsyncs(plan: FsyncPlan) -> list[Outcome]:
+    """In a worker thread: fsync each target (opening it by path if this process has no
+    descriptor); one outcome per target."""
+    _io.step("fsync_begin")
+    res: list[Outcome] = []
+    for _fidx, fd, path, _gen in plan.targets:
+        if fd is None:
+            assert path is not None
+            try:
+                own = _io.open_file(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                res.append(("open", err))
+                continue
+        try:
+            _io.fsync(own if fd is None else fd)
+            res.append(None)
+        except OSError as err:
+            res.append(("fsync", err))
+        finally:
+            if fd is None:
+                os.close(own)
+    return res
+
+
+async def record_fsyncs(
+    pool: PoolBase, plan: FsyncPlan, res: list[Outcome], result: SyncResult
+) -> None:
+    """On the loop (in a task of the pool, so a cancelled caller changes nothing): record
+    what each fsync covered, panic the environment for a failed one, add to ``result``."""
+    core = pool._core
+    w0 = core.meta_words
+    for i, ((fidx, _fd, path, gen), out) in enumerate(zip(plan.targets, res)):
+        e = core.entry(fidx)
+        if (
+            out is not None
+            and out[0] == "open"
+            and isinstance(out[1], FileNotFoundError)
+            and e
+            and not w0[e + FILE_ENTRY.word.refcnt]
+        ):
+            # Closed everywhere and then removed: nothing is left to make durable, and
+            # the next sync must not fail on it again.
+            logger.warning("%s was removed before its last writes were fsynced", path)
+            res[i] = out = None
+        if out is None:
+            if e and core.fileid(fidx) == plan.ids[fidx]:
+                # The file mutex held by a stopped process must not freeze the loop:
+                # one short try, then retries with an async back-off up to wait_timeout
+                # (LockTimeout then: the file is fsynced again by the next sync).
+                if attempt(_record_synced, core, fidx, e, gen) is BUSY:
+                    await pool._locked(_record_synced, core, fidx, e, gen, check=False)
+            result.files_synced += 1
+        elif out[0] == "fsync":
+            pool._fsync_failed(path or core.file_name(fidx) or f"file slot {fidx}", out[1])
+    _io.step("fsync_end")
 
 
 async def fsync_pending(pool: PoolBase, files: set[int] | None, result: SyncResult) -> None:
@@ -47,91 +143,26 @@ async def fsync_pending(pool: PoolBase, files: set[int] | None, result: SyncResu
     Cancellation: the fsyncs under way finish as a task of the pool, recording what they
     covered (or panicking); the caller gets CancelledError.
     """
-    core = pool._core
-    w0 = core.meta_words
-    targets: list[tuple[int, int | None, str | None, int]] = []
-    # The slot may be freed and reused by another file while the fsync runs: what it covered
-    # is recorded only if the slot still holds the same file.
-    ids: dict[int, bytes] = {}
-    for fidx in range(MAX_FILES) if files is None else sorted(files):
-        e = core.entry(fidx)
-        if not e or w0[e + FILE_ENTRY.word.flags] & (FF_DEAD | FF_NOFILE | FF_TEMP):
-            continue
-        gen = int(w0[e + FILE_ENTRY.word.written_gen])
-        if gen <= w0[e + FILE_ENTRY.word.synced_gen]:
-            continue
-        fd = pool._io.fd_for_write(fidx)
-        path = None if fd is not None else core.file_name(fidx)
-        if fd is not None or path is not None:
-            targets.append((fidx, fd, path, gen))
-            ids[fidx] = core.fileid(fidx)
-    if not targets:
+    plan = plan_fsyncs(pool, files)
+    if plan is None:
         return
-    _io.step("fsync_begin")
+    done = SyncResult()
 
-    # Per target: None (fsynced), ("open", err): it could not be opened (an ordinary error:
-    # nothing was lost yet), ("fsync", err): the fsync failed (fatal).
-    Outcome = tuple[str, OSError] | None
-
-    def run() -> list[Outcome]:
-        res: list[Outcome] = []
-        for _fidx, fd, path, _gen in targets:
-            if fd is None:
-                assert path is not None
-                try:
-                    own = _io.open_file(path, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError as err:
-                    res.append(("open", err))
-                    continue
-            try:
-                _io.fsync(own if fd is None else fd)
-                res.append(None)
-            except OSError as err:
-                res.append(("fsync", err))
-            finally:
-                if fd is None:
-                    os.close(own)
-        return res
-
-    async def job() -> list[Outcome]:
-        # Records (or panics) inside the pool's task, so a cancelled caller changes nothing.
-        res = await anyio.to_thread.run_sync(run, limiter=pool._io.limiter)
-        for i, ((fidx, _fd, path, gen), out) in enumerate(zip(targets, res)):
-            e = core.entry(fidx)
-            if (
-                out is not None
-                and out[0] == "open"
-                and isinstance(out[1], FileNotFoundError)
-                and e
-                and not w0[e + FILE_ENTRY.word.refcnt]
-            ):
-                # Closed everywhere and then removed: nothing is left to make durable, and
-                # the next sync must not fail on it again.
-                logger.warning("%s was removed before its last writes were fsynced", path)
-                res[i] = out = None
-            if out is None:
-                if e and core.fileid(fidx) == ids[fidx]:
-                    # The file mutex held by a stopped process must not freeze the loop:
-                    # one short try, then retries with an async back-off up to wait_timeout
-                    # (LockTimeout then: the file is fsynced again by the next sync).
-                    if attempt(_record_synced, core, fidx, e, gen) is BUSY:
-                        await pool._locked(_record_synced, core, fidx, e, gen, check=False)
-            elif out[0] == "fsync":
-                pool._fsync_failed(path or core.file_name(fidx) or f"file slot {fidx}", out[1])
-        return res
+    async def job() -> None:
+        res = await anyio.to_thread.run_sync(run_fsyncs, plan, limiter=pool._io.limiter)
+        await record_fsyncs(pool, plan, res, done)
+        for out in res:
+            if out is not None:
+                done.errors.append(out[1])
 
     task = pool._io.spawn(job())
     try:
-        outcomes = await asyncio.shield(task)
+        await asyncio.shield(task)
     except asyncio.CancelledError:
         pool._io.orphan(task, "an fsync")
         raise
-    for out in outcomes:
-        if out is None:
-            result.files_synced += 1
-        else:
-            result.errors.append(out[1])
-    _io.step("fsync_end")
+    result.files_synced += done.files_synced
+    result.errors += done.errors
 
 
 def _record_synced(core: PoolCore, fidx: int, e: int, gen: int) -> None:

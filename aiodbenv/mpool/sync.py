@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 from .._process import is_alive
 from ..errors import Incomplete
 from ..region.mutex import BUSY, attempt, ffi
-from . import accel, csync
+from . import accel, csync, synchop
 from .bhwrite import SyncResult, write_items
 from .cache import BufRef, Cache, found
 from .fsync import fsync_pending
@@ -372,16 +372,31 @@ async def _write_back(
 ) -> SyncResult:
     deadline = time.monotonic() + pool.wait_timeout
     result = SyncResult()
-    # The compiled path writes most pages in a few worker-thread calls (see csync); the
-    # rest (pinned, claimed, files with page transforms) and every recheck go the Python way.
-    fast = await csync.collect(pool, files) if csync.usable(pool._core) else None
-    found = await (
-        collect_dirty(pool, files) if fast is None else sift(pool, raw_of(pool, fast.others), files)
-    )
+    # The compiled path writes most pages in one worker-thread call (synchop: nothing needs
+    # the loop in between) or a few (csync); the rest (pinned, claimed, files with page
+    # transforms) and every recheck go the Python way.
     first_again: set[tuple[int, int]] = set()
-    if fast is not None:
-        await csync.write_fast(pool, fast, result)
+    hop = (
+        await synchop.sync_in_one_call(pool, files, fsync, result) if synchop.usable(pool) else None
+    )
+    if hop is not None:
+        others = None if hop.fast is None else hop.fast.others
+        found = await (
+            collect_dirty(pool, files)
+            if others is None
+            else sift(pool, raw_of(pool, others), files)
+        )
         first_again, result.skipped = result.skipped, set()
+    else:
+        fast = await csync.collect(pool, files) if csync.usable(pool._core) else None
+        found = await (
+            collect_dirty(pool, files)
+            if fast is None
+            else sift(pool, raw_of(pool, fast.others), files)
+        )
+        if fast is not None:
+            await csync.write_fast(pool, fast, result)
+            first_again, result.skipped = result.skipped, set()
     items, held, claimed = found.items, found.held, found.claimed
     held = list(held)
     if held and pool._reap_due(0.0):
@@ -419,7 +434,7 @@ async def _write_back(
         # Still busy after every round (pages claimed again and again): not written here.
         result.incomplete += len(items) + len(claimed)
     result.incomplete += len(held)
-    if fsync and not result.errors:
+    if fsync and not result.errors and (hop is None or hop.fsync is None):
         await fsync_pending(pool, files, result)
     if result.errors:
         raise result.errors[0]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import Incomplete
-from . import csync
+from . import csync, synchop
 from .bhwrite import SyncResult, write_items
 from .fsync import fsync_pending
 from .layout import HANDLE_STATS
@@ -55,12 +55,22 @@ async def _trickle(pool: PoolBase, pct: int) -> SyncResult:
     result = SyncResult()
     # The compiled path picks the `need` least recently used of the pages it can write, in C,
     # and writes them in worker-thread calls; the Python path the rest, if that is too few.
-    fast = await csync.collect(pool, None, limit=need) if csync.usable(pool._core) else None
-    if fast is not None:
-        taken = fast.n  # (write_fast unmaps fast's entries when done)
-        await csync.write_fast(pool, fast, result)
-        need -= taken
-        found = await sift(pool, raw_of(pool, fast.others), None) if need > 0 else None
+    # Without a log, collecting and writing them is one call (synchop).
+    others: list[tuple[int, ...]] | None = None
+    if synchop.usable(pool):
+        hop = await synchop.sync_in_one_call(pool, None, False, result, limit=need)
+        if hop.fast is not None:
+            need -= hop.taken
+            others = hop.fast.others
+    elif csync.usable(pool._core):
+        fast = await csync.collect(pool, None, limit=need)
+        if fast is not None:
+            taken = fast.n  # (write_fast unmaps fast's entries when done)
+            await csync.write_fast(pool, fast, result)
+            need -= taken
+            others = fast.others
+    if others is not None:
+        found = await sift(pool, raw_of(pool, others), None) if need > 0 else None
     else:
         found = await collect_dirty(pool, None)
     if found is not None and not result.errors:

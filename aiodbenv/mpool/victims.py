@@ -326,7 +326,7 @@ def _from_hand(
     (None: it holds every dirty buffer it may write)."""
     cache = pool._core.caches[index]
     cap = VICTIM_BATCH
-    mem = csync._zeroed(csync._E * 8 * cap)
+    mem = csync.zeroed(csync._E * 8 * cap)
     keep.append(mem)
     ent = ffi.from_buffer("uint64_t[]", mem)
     nf, no, stopped = (ffi.new("uint64_t[1]") for _ in range(3))
