@@ -736,6 +736,16 @@ class Bench(pb.Bench):
         for stat in ("p50", "p99", "max"):
             R(
                 "lateness",
+                f"lat/sync-uvloop/{stat}",
+                f"during pool.sync of {sz.wb_mb} MiB, uvloop ({pb.LAT_SYNCS} syncs' ticks): {stat}",
+                "ms",
+                "lower",
+                "",
+                "",
+            )
+        for stat in ("p50", "p99", "max"):
+            R(
+                "lateness",
                 f"lat/trickle/{stat}",
                 f"during trickle(50): {stat}",
                 "ms",
