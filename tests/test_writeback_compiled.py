@@ -108,6 +108,14 @@ async def test_a_sync_without_a_log_wakes_the_loop_once(
         return await real(fn, *args, **kw)
 
     monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    lanes: list[object] = []
+    real_call = synchop.sync_in_one_call
+
+    async def spy(pool: Any, *args: Any, **kw: Any) -> Any:
+        lanes.append(pool._io.writeback_lane)
+        return await real_call(pool, *args, **kw)
+
+    monkeypatch.setattr(synchop, "sync_in_one_call", spy)
     for log in (False, True):
         async with aiodbenv.Env.open(home, create=True, cache_size=8 << 20, log=log) as env:
             async with env.pool.open_file("a.db", create=True) as f:
@@ -121,11 +129,85 @@ async def test_a_sync_without_a_log_wakes_the_loop_once(
                         assert len(calls) > 2, calls
                     else:
                         assert calls == ["_run"], calls
+                        assert lanes == [env.pool._io.writeback_lane]  # not the I/O threads
                     assert env.pool.stat().page_dirty == 0
                     assert frames(env.pool) == (0, 0, 0)
                     assert on_disk(env.resolve("a.db"), range(300)) == list(range(300))
                     assert on_disk(env.resolve("b.db"), range(300), 2) == list(range(300))
         await aiodbenv.Env.remove(home)
+
+
+@needs_compiled
+async def test_the_one_call_write_back_reads_no_pool_state_the_loop_changes(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call's worker thread must not walk the pool's open files (the loop adds and
+    removes them: "set changed size during iteration"): the descriptors are taken on the
+    loop. And one staging buffer serves every file (a buffer per file held up to 16 MiB
+    each until the end)."""
+    import threading
+
+    from aiodbenv.mpool.bh import BufferIO
+
+    real_fd = BufferIO.fd_for_write
+    off_loop: list[str] = []
+
+    def on_loop_only(self: BufferIO, fidx: int) -> int | None:
+        if threading.current_thread() is not threading.main_thread():
+            off_loop.append(threading.current_thread().name)
+        return real_fd(self, fidx)
+
+    monkeypatch.setattr(BufferIO, "fd_for_write", on_loop_only)
+    maps: list[int] = []
+    real_zeroed = csync.zeroed
+
+    def counting(nbytes: int) -> Any:
+        maps.append(nbytes)
+        return real_zeroed(nbytes)
+
+    monkeypatch.setattr(csync, "zeroed", counting)
+    async with aiodbenv.Env.open(home, create=True, cache_size=8 << 20) as env:
+        handles = [await env.pool.open_file(f"{n}.db", create=True) for n in "abcd"]
+        for i, f in enumerate(handles):
+            await dirty(f, range(100), i + 1)
+        maps.clear()
+        r = await env.pool.sync()
+        assert r.written == 400 and r.files_synced == 4
+        assert not off_loop, off_loop
+        # The collect's array of entries, then the staging buffer: empty, then grown once to
+        # the 100 pages of a file, for all four files.
+        assert maps[1:] == [0, 100 * PS], maps
+        for i, f in enumerate(handles):
+            assert on_disk(env.resolve(f"{'abcd'[i]}.db"), range(100), i + 1) == list(range(100))
+            await f.close()
+    await aiodbenv.Env.remove(home)
+
+
+@needs_compiled
+async def test_trickle_picks_the_oldest_pages_of_files_this_handle_has_not_opened(
+    home: str,
+) -> None:
+    """Trickle writes the least recently used dirty pages, whichever process opened their
+    files. One call can only write through descriptors this handle has, so a file it has
+    not opened makes it take the steps (which open one): else the older pages of that file
+    were left dirty and newer ones written."""
+    async with aiodbenv.Env.open(home, create=True, cache_size=8 << 20) as a:
+        async with aiodbenv.Env.open(home) as b:
+            async with a.pool.open_file("old.db", create=True) as fa:
+                await dirty(fa, range(100))  # older: only a has this file open
+                async with b.pool.open_file("new.db", create=True) as fb:
+                    await dirty(fb, range(100), 2)  # newer
+                    assert synchop.prepare(b.pool, None) is None
+                    written = await b.pool.trickle(50)
+                    assert written >= 50
+                    old = on_disk(b.resolve("old.db"), range(100))
+                    new = on_disk(b.resolve("new.db"), range(100), 2)
+                    # The oldest first: old.db's pages, then (past 100) new.db's.
+                    assert len(old) == min(written, 100), (len(old), len(new), written)
+                    assert len(new) == max(0, written - 100), (len(old), len(new), written)
+                    await b.pool.sync()
+            await a.pool.sync()
+    await aiodbenv.Env.remove(home)
 
 
 async def test_private_region_keeps_the_python_path(home: str) -> None:

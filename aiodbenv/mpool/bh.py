@@ -226,6 +226,7 @@ class BufferIO:
         self.tasks: set[asyncio.Future[Any]] = set()
         # Made on first use: a pool is built in a worker thread, where anyio objects cannot be.
         self._limiter_obj: anyio.CapacityLimiter | None = None
+        self._lane_obj: anyio.CapacityLimiter | None = None
         self._reader_obj: ReadBatcher | ReaderThreads | UringReader | None = None
 
     @property
@@ -234,6 +235,15 @@ class BufferIO:
         if self._limiter_obj is None:
             self._limiter_obj = anyio.CapacityLimiter(IO_THREADS)
         return self._limiter_obj
+
+    @property
+    def writeback_lane(self) -> anyio.CapacityLimiter:
+        """The worker thread of whole write-backs made in one call (``mpool/synchop.py``):
+        one at a time, and never one of :attr:`limiter`'s, which the other I/O of the pool
+        (eviction batches, fsyncs, descriptors) needs meanwhile."""
+        if self._lane_obj is None:
+            self._lane_obj = anyio.CapacityLimiter(1)
+        return self._lane_obj
 
     @property
     def reader(self) -> ReadBatcher | ReaderThreads | UringReader:

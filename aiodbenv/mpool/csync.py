@@ -19,7 +19,7 @@ awaits:
    returns the largest page LSN, the loop awaits the log's flush to it (the write-ahead
    rule), then the write.
 
-The fsync stays :func:`aiodbenv.mpool.fsync.fsync_pending`'s (one call for every file).
+The fsync is :func:`~aiodbenv.mpool.fsync.fsync_pending`'s (no log: see ``synchop``).
 
 Faults: while a test uses :mod:`aiodbenv._io`'s seam -- a fault injected with
 :func:`aiodbenv._io.inject`, a crash-signal plan, or a wrapper put in place of

@@ -52,10 +52,14 @@ class FsyncPlan:
     ids: dict[int, bytes]
 
 
-def plan_fsyncs(pool: PoolBase, files: set[int] | None) -> FsyncPlan | None:
+def plan_fsyncs(
+    pool: PoolBase, files: set[int] | None, fds: dict[int, int] | None = None
+) -> FsyncPlan | None:
     """Which files (of ``files``, or all) have page writes not yet covered by an fsync, to
-    be fsynced through this process's descriptor or one opened by path (None: none). Only
-    reads the region: the loop or a worker thread."""
+    be fsynced through this process's descriptor or one opened by path (None: none).
+    ``fds``: this process's write descriptors by slot, taken on the loop (a worker thread
+    must not walk the pool's open files while the loop changes them); None: looked up
+    here, on the loop."""
     core = pool._core
     w0 = core.meta_words
     plan = FsyncPlan([], {})
@@ -66,7 +70,7 @@ def plan_fsyncs(pool: PoolBase, files: set[int] | None) -> FsyncPlan | None:
         gen = int(w0[e + FILE_ENTRY.word.written_gen])
         if gen <= w0[e + FILE_ENTRY.word.synced_gen]:
             continue
-        fd = pool._io.fd_for_write(fidx)
+        fd = pool._io.fd_for_write(fidx) if fds is None else fds.get(fidx)
         path = None if fd is not None else core.file_name(fidx)
         if fd is not None or path is not None:
             plan.targets.append((fidx, fd, path, gen))
@@ -103,6 +107,8 @@ async def record_fsyncs(
 ) -> None:
     """On the loop (in a task of the pool, so a cancelled caller changes nothing): record
     what each fsync covered, panic the environment for a failed one, add to ``result``."""
+    if not plan.targets:
+        return
     core = pool._core
     w0 = core.meta_words
     for i, ((fidx, _fd, path, gen), out) in enumerate(zip(plan.targets, res)):

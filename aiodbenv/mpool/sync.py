@@ -376,9 +376,8 @@ async def _write_back(
     # the loop in between) or a few (csync); the rest (pinned, claimed, files with page
     # transforms) and every recheck go the Python way.
     first_again: set[tuple[int, int]] = set()
-    hop = (
-        await synchop.sync_in_one_call(pool, files, fsync, result) if synchop.usable(pool) else None
-    )
+    prep = synchop.prepare(pool, files)
+    hop = await synchop.sync_in_one_call(pool, prep, files, fsync, result) if prep else None
     if hop is not None:
         others = None if hop.fast is None else hop.fast.others
         found = await (

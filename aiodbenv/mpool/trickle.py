@@ -57,8 +57,9 @@ async def _trickle(pool: PoolBase, pct: int) -> SyncResult:
     # and writes them in worker-thread calls; the Python path the rest, if that is too few.
     # Without a log, collecting and writing them is one call (synchop).
     others: list[tuple[int, ...]] | None = None
-    if synchop.usable(pool):
-        hop = await synchop.sync_in_one_call(pool, None, False, result, limit=need)
+    prep = synchop.prepare(pool, None)
+    if prep is not None:
+        hop = await synchop.sync_in_one_call(pool, prep, None, False, result, limit=need)
         if hop.fast is not None:
             need -= hop.taken
             others = hop.fast.others
