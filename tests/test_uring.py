@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import os
 import random
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -153,17 +155,32 @@ async def test_a_cancelled_read_runs_to_its_end_and_close_waits_within_a_bound(
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _held_read(
+    data: str, depth: int
+) -> Iterator[tuple[uring.UringReader, int, int, asyncio.Future[int], bytearray]]:
+    """A reader of ``depth`` reads, ``data`` open, and one read in flight for as long as the
+    test wants: of a pipe with no writer, until the test writes 8 bytes to ``w``. Yields
+    ``(reader, fd, w, that read's future, its buffer)``; closes everything after."""
+    reader = uring.UringReader(depth=depth)
+    r, w = os.pipe()
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        slow = bytearray(8)
+        yield reader, fd, w, reader.submit(r, memoryview(slow), 0), slow
+    finally:
+        reader.close()
+        os.close(fd)
+        os.close(r)
+        os.close(w)
+
+
 async def test_reads_made_while_others_are_at_the_disk_start_together(data: str) -> None:
     """A read made while none is in flight starts at once (before submit_call returns); the
     reads one turn of the loop makes while another is in flight start together at the end of
     that turn, in one io_uring_enter; beyond the depth they wait, in order. A pipe with no
     writer keeps one read in flight as long as the test wants."""
-    reader = uring.UringReader(depth=8)
-    r, w = os.pipe()
-    fd = os.open(data, os.O_RDONLY)
-    try:
-        slow = bytearray(8)
-        pipe_read = reader.submit(r, memoryview(slow), 0)
+    with _held_read(data, 8) as (reader, fd, w, pipe_read, slow):
         assert reader.starts == 1 and reader._running == 1  # started within submit
         bufs = [bytearray(PS) for _ in range(12)]
         futs = [reader.submit(fd, memoryview(b), p * PS) for p, b in enumerate(bufs)]
@@ -182,11 +199,6 @@ async def test_reads_made_while_others_are_at_the_disk_start_together(data: str)
         assert reader.starts == before + 1 and not reader._batch
         assert await fut == PS and bytes(lone) == page_bytes(5)
         assert reader._running == 0
-    finally:
-        reader.close()
-        os.close(fd)
-        os.close(r)
-        os.close(w)
 
 
 class _Recorder:
@@ -215,12 +227,7 @@ async def test_a_read_the_kernel_took_only_part_of_is_not_lost_or_mixed_up(
     monkeypatch.setattr(uring, "speedups", rec)
     # Completions only when the loop reaps them, so each step's state can be seen.
     monkeypatch.setattr(uring.UringReader, "reap_on_submit", False)
-    reader = uring.UringReader(depth=8)
-    r, w = os.pipe()
-    fd = os.open(data, os.O_RDONLY)
-    try:
-        slow = bytearray(8)
-        pipe_read = reader.submit(r, memoryview(slow), 0)
+    with _held_read(data, 8) as (reader, fd, w, pipe_read, slow):
         # Part of a batch: 2 of 5 taken, then "out of memory".
         speedups.aiodb_reader_test_enter(reader._ring.r, 2, errno.ENOMEM)
         bufs = [bytearray(PS) for _ in range(5)]
@@ -246,11 +253,6 @@ async def test_a_read_the_kernel_took_only_part_of_is_not_lost_or_mixed_up(
         os.write(w, b"12345678")
         assert await pipe_read == 8 and bytes(slow) == b"12345678"
         assert reader._running == 0
-    finally:
-        reader.close()
-        os.close(fd)
-        os.close(r)
-        os.close(w)
 
 
 async def test_reads_start_in_the_order_asked_and_a_bad_buffer_fails_its_caller(
@@ -261,12 +263,7 @@ async def test_reads_start_in_the_order_asked_and_a_bad_buffer_fails_its_caller(
     cannot write into fails its own caller at once, not the batch it would have joined."""
     rec = _Recorder()
     monkeypatch.setattr(uring, "speedups", rec)
-    reader = uring.UringReader(depth=2)
-    r, w = os.pipe()
-    fd = os.open(data, os.O_RDONLY)
-    try:
-        slow = bytearray(8)
-        pipe_read = reader.submit(r, memoryview(slow), 0)
+    with _held_read(data, 2) as (reader, fd, w, pipe_read, _slow):
         bufs = [bytearray(PS) for _ in range(3)]
         futs = [reader.submit(fd, memoryview(b), (1 + p) * PS) for p, b in enumerate(bufs)]
         assert len(reader._batch) == 1 and len(reader._waiting) == 2
@@ -278,11 +275,6 @@ async def test_reads_start_in_the_order_asked_and_a_bad_buffer_fails_its_caller(
         assert [bytes(b) for b in bufs] == [page_bytes(1 + p) for p in range(3)]
         started = [p for call in rec.calls for p in call]
         assert started == [0, 1, 2, 3], rec.calls  # the pipe's offset 0, then 1, 2, 3
-    finally:
-        reader.close()
-        os.close(fd)
-        os.close(r)
-        os.close(w)
 
 
 async def test_cold_misses_side_by_side_skip_the_nowait_attempt_and_read_right(
