@@ -256,14 +256,13 @@ async def write_fast(
     await anyio.to_thread.run_sync(unmap, stages, fast, limiter=pool._io.limiter)
 
 
-def unmap(stages: list[mmap.mmap], fast: FastSet | None) -> None:
+def unmap(stages: list[mmap.mmap], fast: FastSet) -> None:
     """In a worker thread: unmap the staging buffers and ``fast``'s entries (unusable after)."""
-    if fast is not None and fast.ent is not None:
+    if fast.ent is not None:
         ffi.release(fast.ent)
         fast.ent = None
         fast.n = 0
-    kept = fast.keep if fast is not None else []
-    for m in [*stages, *(k for k in kept if isinstance(k, mmap.mmap))]:
+    for m in [*stages, *(k for k in fast.keep if isinstance(k, mmap.mmap))]:
         try:
             m.close()
         except BufferError:  # still exported somewhere: the GC unmaps it later

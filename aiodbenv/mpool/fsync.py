@@ -106,7 +106,8 @@ async def record_fsyncs(
     pool: PoolBase, plan: FsyncPlan, res: list[Outcome], result: SyncResult
 ) -> None:
     """On the loop (in a task of the pool, so a cancelled caller changes nothing): record
-    what each fsync covered, panic the environment for a failed one, add to ``result``."""
+    what each fsync covered, panic the environment for a failed one, add to ``result`` (the
+    files fsynced, and each failure's error)."""
     if not plan.targets:
         return
     core = pool._core
@@ -132,7 +133,9 @@ async def record_fsyncs(
                 if attempt(_record_synced, core, fidx, e, gen) is BUSY:
                     await pool._locked(_record_synced, core, fidx, e, gen, check=False)
             result.files_synced += 1
-        elif out[0] == "fsync":
+            continue
+        result.errors.append(out[1])
+        if out[0] == "fsync":
             pool._fsync_failed(path or core.file_name(fidx) or f"file slot {fidx}", out[1])
     _io.step("fsync_end")
 
@@ -157,9 +160,6 @@ async def fsync_pending(pool: PoolBase, files: set[int] | None, result: SyncResu
     async def job() -> None:
         res = await anyio.to_thread.run_sync(run_fsyncs, plan, limiter=pool._io.limiter)
         await record_fsyncs(pool, plan, res, done)
-        for out in res:
-            if out is not None:
-                done.errors.append(out[1])
 
     task = pool._io.spawn(job())
     try:

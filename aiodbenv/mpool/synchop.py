@@ -204,7 +204,6 @@ async def sync_in_one_call(
         if hop.fsync is not None:
             plan, outcomes = hop.fsync
             await record_fsyncs(pool, plan, outcomes, done)  # a failed fsync panics here
-            done.errors += [out[1] for out in outcomes if out is not None]
         if hop.error is not None:
             raise hop.error
         return hop
