@@ -1,6 +1,8 @@
 """The compiled commit (aiodbenv/_csrc/75_commit.c, driven by aiodbenv/txn/commit.py) against
-its Python twin: the same transactions give the same log records and the same page bytes; its
-fallback when a bucket mutex is held; and its refusal of a latch that is not the owner's."""
+its Python twin: the same transactions give the same log records and the same page bytes,
+whether pages are taken by the compiled hot path (HotFile.txn_take), the cffi take or Python;
+its fallback when a bucket mutex is held; and its refusal of a latch that is not the owner's.
+The transaction suites run again without the compiled hot path."""
 
 from __future__ import annotations
 
@@ -14,12 +16,23 @@ import pytest
 
 import aiodbenv
 from aiodbenv import LSN, RunRecovery
+from aiodbenv.mpool import hot
 from aiodbenv.mpool.layout import BH
 from aiodbenv.txn import batch, commit
+
+from .conftest import run_suites
 
 needs_compiled = pytest.mark.skipif(
     not commit.COMPILED, reason="the compiled accelerator is not in use (AIODBENV_MUTEX=abi)"
 )
+
+
+def _copy_kind(p: aiodbenv.TxnPage) -> str:
+    """How page ``p`` was taken: by HotFile.txn_take ("hot"), the cffi take ("cffi"), or
+    Python ("python")."""
+    if p._desc is None:
+        return "python"
+    return "hot" if type(p.data.obj).__name__ == "TxnCopy" else "cffi"
 
 
 async def workload(home: str) -> tuple[list[tuple[LSN, bytes]], dict[tuple[str, int], bytes], int]:
@@ -27,9 +40,11 @@ async def workload(home: str) -> tuple[list[tuple[LSN, bytes]], dict[tuple[str, 
     lsn_offset): new pages, small and scattered changes, a change of most of a page, several
     pages of two files at once, a read-only one, a write to the library's LSN bytes, and a
     checkpoint in the middle (full images again after it). Returns the batch records with
-    their LSNs, every page's bytes, and how many pages had a compiled descriptor."""
+    their LSNs, every page's bytes, and how many pages had a compiled descriptor (and, in
+    ``taken_by``, how the pages were taken)."""
     env = await aiodbenv.Env.open(home, create=True, log=True)
     described = 0
+    taken_by.clear()
     try:
         a = await env.pool.open_file(env.resolve("a.db"), create=True, page_size=4096, lsn_offset=0)
         b = await env.pool.open_file(
@@ -42,6 +57,7 @@ async def workload(home: str) -> tuple[list[tuple[LSN, bytes]], dict[tuple[str, 
                 for f, pgno, off, data in changes:
                     p = await tx.page(f, pgno, create=True)
                     described += p._desc is not None
+                    taken_by.add(_copy_kind(p))
                     p.data[off : off + len(data)] = data
 
         await txn([(a, 0, 100, b"first")])  # a new page: a full image
@@ -91,17 +107,28 @@ async def workload(home: str) -> tuple[list[tuple[LSN, bytes]], dict[tuple[str, 
     return records, pages, described
 
 
+taken_by: set[str] = set()  # how workload's pages were taken (_copy_kind)
+
+
 @needs_compiled
+@pytest.mark.parametrize("take", ["hot", "cffi"])
 async def test_compiled_commit_gives_the_python_twins_log_and_pages(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, take: str
 ) -> None:
     base = str(tmp_path)
-    c_records, c_pages, c_desc = await workload(os.path.join(base, "c"))
+    if take == "hot" and not commit.HOT_TAKE:
+        pytest.skip("the compiled hot path is off (AIODBENV_HOT=python)")
+    with monkeypatch.context() as m:
+        m.setattr(commit, "HOT_TAKE", take == "hot")
+        c_records, c_pages, c_desc = await workload(os.path.join(base, "c"))
+        # Pages created or waited for are taken by the cffi take after the slow pin.
+        assert taken_by == ({"hot", "cffi"} if take == "hot" else {"cffi"})
     with monkeypatch.context() as m:
         m.setattr(commit, "_c", None)
         m.setattr(commit, "COMPILED", False)
         m.setattr(commit, "FAST", False)
         py_records, py_pages, py_desc = await workload(os.path.join(base, "py"))
+        assert taken_by == {"python"}
     assert c_desc > 0 and py_desc == 0  # each run took the path it was meant to
     assert len(c_records) == 10 and [lsn for lsn, _ in c_records] == [lsn for lsn, _ in py_records]
     for (_, c), (_, py) in zip(c_records, py_records, strict=True):
@@ -239,3 +266,56 @@ async def test_default_durability_is_the_environments(
         async with aiodbenv.Env.open(home) as joiner:
             assert joiner.txn().durability == env.durability
     await aiodbenv.Env.remove(home)
+
+
+def test_the_hot_take_is_in_use_when_compiled() -> None:
+    # With the compiled hot path, tx.page of a cached page is HotFile.txn_take (the cffi take
+    # and the Python one remain for the other cases, and for AIODBENV_HOT=python).
+    assert commit.HOT_TAKE == (commit.FAST and hot.module is not None)
+    if os.environ.get("AIODBENV_HOT", "").lower() != "python" and commit.FAST:
+        assert commit.HOT_TAKE
+
+
+@pytest.mark.skipif(not commit.HOT_TAKE, reason="the compiled hot path is off")
+async def test_a_hot_taken_copy_is_a_fixed_writable_buffer(home: str) -> None:
+    """HotFile.txn_take's private copy: page-sized, writable, not resizable, alive as long as a
+    view of it is, and its descriptor where the commit calls read it."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("h.db"), create=True, page_size=1024, lsn_offset=8)
+        async with env.txn() as tx:
+            (await tx.page(f, 0, create=True)).data[100:103] = b"abc"
+        tx = await env.txn()
+        p = await tx.page(f, 0)
+        assert _copy_kind(p) == "hot"
+        copy = p.data.obj
+        assert len(copy) == len(p.data) == 1024 and not p.data.readonly
+        assert bytes(p.data[100:103]) == b"abc" and repr(copy) == "<TxnCopy 1024 bytes>"
+        assert isinstance(copy.desc, int) and copy.desc % 8 == 0
+        view = memoryview(copy)
+        view[0:2] = b"zz"
+        assert bytes(p.data[0:2]) == b"zz"  # the same memory
+        await tx.abort()
+        del p, copy
+        assert bytes(view[100:103]) == b"abc"  # the view keeps the copy alive
+        view.release()
+        with pytest.raises(ValueError):
+            hot.module.TxnCopy(0)
+        assert bytes(hot.module.TxnCopy(16)) == bytes(16)
+        # The page is free again: another transaction takes it at once.
+        async with env.txn() as tx:
+            assert _copy_kind(await tx.page(f, 0)) == "hot"
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.skipif(
+    os.environ.get("AIODBENV_HOT", "").lower() == "python" or hot.module is None,
+    reason="already a run without the compiled hot path",
+)
+def test_transaction_tests_pass_without_the_compiled_hot_path() -> None:
+    """The transaction suites again with ``AIODBENV_HOT=python``: pages are taken by the cffi
+    take after the Python pin (about 7 s)."""
+    run_suites("tests/test_txn.py", "tests/test_txn_commit.py", env={"AIODBENV_HOT": "python"})

@@ -5,7 +5,9 @@
      aiodb_txn_take     the fast path of tx.page: take the buffer's latch if it is free (as
                         aiodb_commit_latch), copy the page into the transaction's private copy
                         and write the page's commit descriptor (part 75's CD_* words), in one
-                        call instead of a latch call, a Python copy and a list of addresses;
+                        call instead of a latch call, a Python copy and a list of addresses
+                        (with aiodbenv._hot installed, called by its HotFile.txn_take right
+                        after its pin, through this function's address: capi/txntake.c);
      aiodb_txn_prepare  aiodb_commit_build then aiodb_commit_mark (the record is built and the
                         buffers marked dirty and the latches committing, or the mark handed
                         back before anything is marked committing);

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _io
 from ..errors import CorruptRegion, LockTimeout
 from ..log.lsn import LSN, pack_word, unpack_word
+from ..mpool.hot import module as _hot
 from ..region.mutex import ffi, speedups
 from . import batch as _batch
 from .latch import LATCH_COMMITTING, set_committing
@@ -33,6 +34,7 @@ __all__ = [
     "Built",
     "apply",
     "build",
+    "desc_of",
     "descriptor",
     "file_entry",
     "latch",
@@ -56,6 +58,13 @@ _MARK_BASE = int(speedups.AIODB_TXN_MARK_BASE) if FAST else -2000000
 _TAKE_LATCH, _TAKE_NEW = 1, 2  # aiodb_txn_take's flags
 _D_WORDS = 15  # _CD_HEAD + _CD_COUNT: one page's descriptor array
 _CORRUPT = -1000000
+#: True when tx.page's common case (a cached page, its latch free) is one call of the compiled
+#: hot path (``HotFile.txn_take`` of :mod:`aiodbenv._hot`: hot.c's pin, then aiodb_txn_take).
+HOT_TAKE = FAST and _hot is not None and hasattr(_hot, "configure_txn")
+if HOT_TAKE:
+    _hot.configure_txn(
+        int(ffi.cast("uintptr_t", ffi.addressof(speedups, "aiodb_txn_take"))), _TAKE_LATCH, _D_WORDS
+    )
 _CD_COUNT = 13  # words per page in the C descriptor array (CD_COUNT)
 _CD_HEAD = 2  # the array's result words first: changed pages, full images
 _CD_KIND = 12
@@ -112,6 +121,12 @@ def take(
     if r == -_EOWNERDEAD:
         cache.release_dead_holder(page._bucket)  # repaired (or panicked) the usual way
     return int(r), None, None
+
+
+def desc_of(copy: Any) -> Any:
+    """The commit descriptor of a private copy made by ``HotFile.txn_take`` (a TxnCopy), as
+    the pointer the compiled commit calls take."""
+    return ffi.cast("uint64_t *", copy.desc)
 
 
 def descriptor(pages: list[TxnPage]) -> tuple[Any, bytes]:

@@ -222,16 +222,27 @@ class TxnTaking:
         bf, cost, entry = got if got is not None else self._file(f)
         if len(self._pages) >= MAX_PAGES or self._bytes + cost > self._log._max_payload:
             return None  # _take raises
-        page = f._pin_hit(pgno)
-        if page is None or page._cache is None:
-            return page
         owner = self._owner
-        try:
-            r, data, desc = _commit.take(page, owner, True, False, bf.lsn_offset, f._fidx, entry)
-        except BaseException:
-            return page  # _take tries again, and raises with the page unpinned
-        if r:
-            return page
+        hotc = f._hotc if _commit.HOT_TAKE else None
+        if hotc is not None:
+            # The pin and the take in one compiled call (see commit.HOT_TAKE).
+            taken = hotc.txn_take(pgno, owner, bf.lsn_offset, f._fidx, len(entry))
+            if type(taken) is not tuple:
+                return taken  # type: ignore[no-any-return]
+            page, data = taken
+            desc = (_commit.desc_of(data), data)
+        else:
+            page = f._pin_hit(pgno)
+            if page is None or page._cache is None:
+                return page
+            try:
+                r, data, desc = _commit.take(
+                    page, owner, True, False, bf.lsn_offset, f._fidx, entry
+                )
+            except BaseException:
+                return page  # _take tries again, and raises with the page unpinned
+            if r:
+                return page
         st = self._stats
         st._w[st._base + W.latch_nowait] += 1
         f._latched[page] = owner

@@ -1139,7 +1139,13 @@ static PyObject *hf_get_hot(HotFile *self, void *closure) {
     return PyBool_FromLong(self->hot);
 }
 
+/* A transaction's page taking (a part of this module: see that file). */
+#include "txntake.c"
+
 static PyMethodDef hf_methods[] = {
+    {"txn_take", (PyCFunction)(void (*)(void))hf_txn_take, METH_FASTCALL,
+     "txn_take(pgno, owner, lsn_off, fkey, flen): take a cached page for a transaction: "
+     "(page, TxnCopy), else the page pinned and not taken, or None (aiodbenv.txn.take)."},
     {"get", (PyCFunction)(void (*)(void))hf_get, METH_FASTCALL | METH_KEYWORDS,
      "get(pgno, *, create=False, latch=False): the context that pins page pgno (see "
      "PoolFile.get)."},
@@ -1661,7 +1667,26 @@ static PyObject *configure_miss(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *configure_txn(PyObject *mod, PyObject *args) {
+    (void)mod;
+    unsigned long long addr;
+    int latch_flag;
+    Py_ssize_t words;
+    if (!PyArg_ParseTuple(args, "Kin", &addr, &latch_flag, &words)) return NULL;
+    if (!addr || !latch_flag || words <= 0) {
+        PyErr_SetString(PyExc_ValueError, "configure_txn: a null function or a bad constant");
+        return NULL;
+    }
+    txn_take_call = (txn_take_fn)(uintptr_t)addr;
+    txn_take_latch = latch_flag;
+    txn_desc_words = words;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"configure_txn", configure_txn, METH_VARARGS,
+     "configure_txn(aiodb_txn_take, TXN_TAKE_LATCH, descriptor words): the cffi accelerator's "
+     "one-call take of a transaction's page (aiodbenv.txn.commit)."},
     {"configure_miss", configure_miss, METH_VARARGS,
      "configure_miss(aiodb_miss, MISS_DIRTY_MET, POLL_MIN, schedule_turn): the cffi "
      "accelerator's one-call miss, what it says when it passed a dirty victim over, the "
@@ -1724,6 +1749,9 @@ PyMODINIT_FUNC PyInit__hot(void) {
         goto fail;
     if (PyModule_AddObjectRef(m, "HotFile", (PyObject *)HotFile_Type) < 0) goto fail;
     if (PyModule_AddObjectRef(m, "PinContext", (PyObject *)PinCtx_Type) < 0) goto fail;
+    TxnCopy_Type = (PyTypeObject *)PyType_FromSpec(&copy_spec);
+    if (!TxnCopy_Type || PyModule_AddObjectRef(m, "TxnCopy", (PyObject *)TxnCopy_Type) < 0)
+        goto fail;
     LogPutter_Type = (PyTypeObject *)PyType_FromSpec(&lp_spec);
     if (!LogPutter_Type || PyModule_AddObjectRef(m, "LogPutter", (PyObject *)LogPutter_Type) < 0)
         goto fail;

@@ -1,0 +1,198 @@
+/* aiodbenv._hot.TxnCopy and HotFile.txn_take: a transaction's page taking (tx.page of a cached
+ * page whose latch is free, aiodbenv/txn/take.py) in one call, included by hot.c (one extension
+ * module).
+ *
+ * Done from Python, that take cost a cffi pin with twelve arguments and a Page built in Python,
+ * then a cffi allocation of the private copy, a cast, the cffi take with fifteen arguments and
+ * a cffi buffer: about 4 of a nosync commit's 23 us, most of it marshalling. Here the pin is
+ * hot.c's hit (the Page as `async with f.get(p)` makes it) and the take is part 78's
+ * aiodb_txn_take, called through its address with the copy this module allocates.
+ *
+ * The private copy is a TxnCopy: a fixed-size, writable buffer of C memory (a bytearray could
+ * be resized under the commit's descriptor, which holds the copy's address), followed by that
+ * descriptor (part 75's CD_HEAD + CD_COUNT words), whose address `desc` the Python side hands
+ * to the cffi commit calls. The copy lives as long as the TxnCopy, which the transaction's page
+ * holds, and every view of it holds the TxnCopy.
+ *
+ * Everything but the plain case goes back to Python as it was: not cached (None), or the page
+ * pinned but not taken (latch busy, bucket mutex busy or repaired, a failed check). */
+
+/* aiodb_txn_take of aiodbenv/_csrc/78_txnfast.c. */
+typedef int64_t (*txn_take_fn)(uint64_t *D, uint64_t *w, void **mutexes,
+                               const uint64_t *nowait_ws, const uint64_t *bucket_ws, uint64_t b,
+                               uint64_t bh, uint64_t owner, unsigned char *priv, uint64_t size,
+                               uint64_t lsn_off, uint64_t fkey, uint64_t flen, uint64_t pgno,
+                               int flags);
+
+static txn_take_fn txn_take_call;     /* set by configure_txn; NULL: txn_take refuses */
+static int txn_take_latch;            /* TXN_TAKE_LATCH */
+static Py_ssize_t txn_desc_words;     /* CD_HEAD + CD_COUNT */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned char *mem;   /* size bytes of the copy, then (8-byte aligned) the descriptor */
+    uint64_t *desc;
+    Py_ssize_t size;
+    Py_ssize_t exports;   /* live views: only for the repr and the checks */
+} TxnCopy;
+
+static PyTypeObject *TxnCopy_Type;
+
+static void copy_dealloc(TxnCopy *self) {
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    /* A view holds a reference to its TxnCopy, so none is left here. */
+    PyMem_Free(self->mem);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+/* A TxnCopy of size data bytes (uninitialised: the take fills them) and its descriptor. */
+static TxnCopy *copy_make(Py_ssize_t size) {
+    if (size <= 0 || size > (PY_SSIZE_T_MAX >> 1)) {
+        PyErr_SetString(PyExc_ValueError, "TxnCopy: bad size");
+        return NULL;
+    }
+    Py_ssize_t at = (size + 7) & ~(Py_ssize_t)7;
+    allocfunc alloc = (allocfunc)PyType_GetSlot(TxnCopy_Type, Py_tp_alloc);
+    TxnCopy *self = (TxnCopy *)alloc(TxnCopy_Type, 0);
+    if (!self) return NULL;
+    self->mem = PyMem_Malloc((size_t)at + 8 * (size_t)txn_desc_words);
+    if (!self->mem) {
+        Py_DECREF(self);
+        return (TxnCopy *)PyErr_NoMemory();
+    }
+    self->desc = (uint64_t *)(self->mem + at);
+    self->size = size;
+    return self;
+}
+
+/* TxnCopy(size): a zero-filled copy (the tests; the takes make theirs in C). */
+static PyObject *copy_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Py_ssize_t size;
+    (void)type;
+    (void)kwds;
+    if (!txn_desc_words) {
+        PyErr_SetString(PyExc_RuntimeError, "aiodbenv._hot: transactions are not configured");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "n", &size)) return NULL;
+    TxnCopy *self = copy_make(size);
+    if (self) memset(self->mem, 0, (size_t)((size + 7) & ~(Py_ssize_t)7) + 8 * txn_desc_words);
+    return (PyObject *)self;
+}
+
+static int copy_getbuffer(TxnCopy *self, Py_buffer *view, int flags) {
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->mem, self->size, 0, flags) < 0) return -1;
+    self->exports++;
+    return 0;
+}
+
+static void copy_releasebuffer(TxnCopy *self, Py_buffer *view) {
+    (void)view;
+    self->exports--;
+}
+
+static PyObject *copy_get_desc(TxnCopy *self, void *closure) {
+    (void)closure;
+    return PyLong_FromVoidPtr(self->desc);
+}
+
+static Py_ssize_t copy_len(TxnCopy *self) { return self->size; }
+
+static PyObject *copy_repr(TxnCopy *self) {
+    return PyUnicode_FromFormat("<TxnCopy %zd bytes>", self->size);
+}
+
+static PyGetSetDef copy_getset[] = {
+    {"desc", (getter)copy_get_desc, NULL,
+     "The address of the commit descriptor that follows the copy (for the cffi commit).", NULL},
+    {NULL},
+};
+
+static PyType_Slot copy_slots[] = {
+    {Py_tp_doc,
+     "A transaction's private copy of a page: a fixed-size writable buffer, and after it the "
+     "page's commit descriptor (aiodbenv.txn.take)."},
+    {Py_tp_new, copy_new},
+    {Py_tp_dealloc, copy_dealloc},
+    {Py_tp_repr, copy_repr},
+    {Py_tp_getset, copy_getset},
+    {Py_sq_length, copy_len},
+    {Py_bf_getbuffer, copy_getbuffer},
+    {Py_bf_releasebuffer, copy_releasebuffer},
+    {0, NULL},
+};
+
+static PyType_Spec copy_spec = {
+    "aiodbenv._hot.TxnCopy",
+    sizeof(TxnCopy),
+    0,
+    Py_TPFLAGS_DEFAULT,
+    copy_slots,
+};
+
+static int u64_arg(PyObject *o, uint64_t *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}
+
+/* txn_take(pgno, owner, lsn_off, fkey, flen): take cached page pgno for transaction `owner`
+   (its latch, if free; the private copy; the descriptor for a commit of it alone, with the
+   file's key fkey and batch entry length flen). Returns (page, copy) when taken; the Page,
+   pinned and not taken, when the latch or the bucket mutex was busy or a check failed (the
+   Python take goes on from there); None when nothing was pinned (not cached, not hot). */
+static PyObject *hf_txn_take(HotFile *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "txn_take(pgno, owner, lsn_off, fkey, flen)");
+        return NULL;
+    }
+    if (!txn_take_call) Py_RETURN_NONE;
+    uint64_t pgno, owner, lsn_off, fkey, flen;
+    if (u64_arg(args[0], &pgno) < 0 || u64_arg(args[1], &owner) < 0 ||
+        u64_arg(args[2], &lsn_off) < 0 || u64_arg(args[3], &fkey) < 0 ||
+        u64_arg(args[4], &flen) < 0)
+        return NULL;
+    if (pgno >= (uint64_t)max_pgno) Py_RETURN_NONE; /* the Python take says why */
+    PyObject *got = hit(self, (int64_t)pgno);
+    if (!got) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    PageObject *page = (PageObject *)got;
+    CacheRef *c = cache_of(self, page->cache);
+    if (!c) return got; /* cannot be: hit() pinned it in one of ours */
+    /* Both made before the take, so that nothing can fail once the latch is held. */
+    TxnCopy *copy = copy_make(self->data_size);
+    PyObject *pair = copy ? PyTuple_New(2) : NULL;
+    if (!pair) {
+        /* The Python take allocates its own copy, and raises with the page unpinned. */
+        Py_XDECREF(copy);
+        PyErr_Clear();
+        return got;
+    }
+    uint64_t b = (uint64_t)page->bucket;
+    int64_t r = txn_take_call(copy->desc, c->w, c->mptrs, c->nowait_w, c->bucket_w, b,
+                              (uint64_t)page->bh, owner, copy->mem, (uint64_t)self->data_size,
+                              lsn_off, fkey, flen, pgno, txn_take_latch);
+    if (r == 0) {
+        PyTuple_SetItem(pair, 0, got); /* steals; cannot fail on a fresh 2-tuple */
+        PyTuple_SetItem(pair, 1, (PyObject *)copy);
+        return pair;
+    }
+    Py_DECREF(pair);
+    Py_DECREF(copy);
+    if (r == -EOWNERDEAD) {
+        /* The bucket mutex is held, its holder dead: repair it the usual way (or raise). */
+        PyObject *x = PyObject_CallFunction(self->fail, "OLK", c->cache, (long long)r,
+                                            (unsigned long long)b);
+        if (!x) {
+            /* Let the Python take meet the same state and raise with the page unpinned. */
+            PyErr_Clear();
+        }
+        Py_XDECREF(x);
+    }
+    return got;
+}
