@@ -252,11 +252,12 @@ class Env(EnvLog, EnvTxn):
         core = self._core
         if core.closed:
             raise InvalidArgument("the environment handle is closed")
-        if core.panicked and self._log is not None:
-            self._log._check()  # says why, if a write or fsync of the log failed
-        if core.panicked and self._pool is not None:
-            self._pool._check_panic()  # says why, if the pool knows (a failed fsync)
-        core.check_panic()
+        if core.panicked:  # a property: read once, on the way through every call
+            if self._log is not None:
+                self._log._check()  # says why, if a write or fsync of the log failed
+            if self._pool is not None:
+                self._pool._check_panic()  # says why, if the pool knows (a failed fsync)
+            core.check_panic()  # else the environment's panic itself
         return core
 
     @property
@@ -345,11 +346,10 @@ class Env(EnvLog, EnvTxn):
         return await run_checkpoint(self._pool, spread=spread, force=force)
 
     def health(self) -> Health:
-        """Is this environment well? Not panicked, and no background worker's latest
-        attempt failed, in this process or any other (the region records how each kind of
-        worker fares); with this handle's workers' :class:`~aiodbenv.WorkerStatus`, the
-        environment's :class:`~aiodbenv.SharedWorkerStatus` per kind and the time of the last
-        complete checkpoint."""
+        """Is this environment well? Not panicked, and no background worker's latest attempt
+        failed, in this process or any other (the region records how each kind of worker
+        fares); with this handle's workers' :class:`~aiodbenv.WorkerStatus`, the environment's
+        :class:`~aiodbenv.SharedWorkerStatus` per kind and the last complete checkpoint's time."""
         if os.getpid() != self._pid:
             raise ForkedProcessError("this environment handle belongs to another process")
         panicked = self._core.panicked

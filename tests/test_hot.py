@@ -15,7 +15,9 @@ import logging
 import os
 import pickle
 import shutil
+import subprocess
 import sys
+import sysconfig
 import tracemalloc
 from collections.abc import AsyncIterator
 
@@ -26,7 +28,7 @@ from aiodbenv.errors import InvalidArgument
 from aiodbenv.mpool import hot
 from aiodbenv.mpool.hotpath import detach
 
-from .conftest import python, run_suites
+from .conftest import REPO, python, run_suites
 
 DISABLED = (
     os.environ.get("AIODBENV_HOT", "").lower() == "python"
@@ -36,6 +38,33 @@ DISABLED = (
 
 def _compiler() -> bool:
     return shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_the_extension_compiles_where_pointer_mismatches_are_errors() -> None:
+    """GCC 14 makes a mismatched pointer type an error by default, and the limited API's
+    reference-counting functions are typed: a ``Py_XDECREF(copy)`` of a C struct pointer built
+    here with a warning and would have dropped the whole extension there (the build makes it
+    optional). The module checked as such a compiler would."""
+    src = REPO / "aiodbenv" / "_csrc" / "capi" / "hot.c"
+    if not src.exists():
+        pytest.skip("the C source is not here (an installed-wheel run)")
+    r = subprocess.run(
+        [
+            "gcc",
+            "-fsyntax-only",
+            "-Wall",
+            "-Werror=incompatible-pointer-types",
+            "-Werror=implicit-function-declaration",
+            "-Werror=int-conversion",
+            "-I" + sysconfig.get_paths()["include"],
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 # -- which path runs --------------------------------------------------------------------------

@@ -319,3 +319,41 @@ def test_transaction_tests_pass_without_the_compiled_hot_path() -> None:
     """The transaction suites again with ``AIODBENV_HOT=python``: pages are taken by the cffi
     take after the Python pin (about 7 s)."""
     run_suites("tests/test_txn.py", "tests/test_txn_commit.py", env={"AIODBENV_HOT": "python"})
+
+
+@needs_compiled
+@pytest.mark.parametrize("take", ["hot", "cffi"])
+async def test_a_failure_right_after_the_take_leaves_no_latch_or_pin(
+    home: str, monkeypatch: pytest.MonkeyPatch, take: str
+) -> None:
+    """Out of memory between the compiled take (latch held, page pinned) and the page being
+    the transaction's: the latch is released and the pin dropped, so the page stays usable."""
+    if take == "hot" and not commit.HOT_TAKE:
+        pytest.skip("the compiled hot path is off (AIODBENV_HOT=python)")
+    from aiodbenv.txn import take as take_mod
+
+    monkeypatch.setattr(commit, "HOT_TAKE", take == "hot")
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("m.db"), create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            (await tx.page(f, 0, create=True)).data[100:102] = b"ok"
+
+        def no_memory(*args: object) -> None:
+            raise MemoryError
+
+        with monkeypatch.context() as m:
+            m.setattr(take_mod, "TxnPage", no_memory)
+            tx = await env.txn()
+            with pytest.raises(MemoryError):
+                await tx.page(f, 0)
+            assert not f._latched and not len(f._pins) and not tx._pages
+            await tx.abort()
+        async with env.txn(latch_timeout=0.5) as tx:  # LockTimeout if the latch leaked
+            (await tx.page(f, 0)).data[102:104] = b"!!"
+        async with f.get(0) as p:
+            assert bytes(p.data[100:104]) == b"ok!!"
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)

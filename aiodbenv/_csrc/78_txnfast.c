@@ -19,6 +19,10 @@
 
 enum { TXN_TAKE_LATCH = 1, TXN_TAKE_NEW = 2 };
 
+/* The words of one page's descriptor array (what a private copy made outside this module,
+   aiodbenv._hot's TxnCopy, must leave room for after it). */
+#define AIODB_TXN_DESC_WORDS (CD_HEAD + CD_COUNT)
+
 /* Mark failures of aiodb_txn_prepare: aiodb_commit_mark's result less this (below
    AIODB_CORRUPT, so the two never meet). */
 #define AIODB_TXN_MARK_BASE (-2000000)

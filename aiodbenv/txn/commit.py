@@ -56,8 +56,12 @@ _c: Any = speedups if COMPILED else None
 FAST = COMPILED and hasattr(speedups, "aiodb_txn_take")
 _MARK_BASE = int(speedups.AIODB_TXN_MARK_BASE) if FAST else -2000000
 _TAKE_LATCH, _TAKE_NEW = 1, 2  # aiodb_txn_take's flags
-_D_WORDS = 15  # _CD_HEAD + _CD_COUNT: one page's descriptor array
+# _CD_HEAD + _CD_COUNT: one page's descriptor array (the room after a private copy).
+_D_WORDS = int(speedups.AIODB_TXN_DESC_WORDS) if FAST else 15
 _CORRUPT = -1000000
+# The record's buffer: the C build writes what it returns the length of, and only that is read
+# (zeroing its worst case, more than a page, was 5% of a nosync commit's instructions).
+_new_unzeroed: Any = ffi.new_allocator(should_clear_after_alloc=False) if ffi is not None else None
 #: True when tx.page's common case (a cached page, its latch free) is one call of the compiled
 #: hot path (``HotFile.txn_take`` of :mod:`aiodbenv._hot`: hot.c's pin, then aiodb_txn_take).
 HOT_TAKE = FAST and _hot is not None and hasattr(_hot, "configure_txn")
@@ -174,7 +178,7 @@ def prepare(pool: Pool, pages: list[TxnPage], redo_start: int, worst: int, owner
         return build(pages, redo_start, worst)
     else:
         d, files = descriptor(pages)
-    out = ffi.new("unsigned char[]", worst)
+    out = _new_unzeroed("unsigned char[]", worst)
     r = _c.aiodb_txn_prepare(
         d, n, files, len(files), redo_start, out, worst, owner, LATCH_COMMITTING
     )
@@ -245,7 +249,7 @@ def build(
     library's)."""
     if _c is not None and len(pages) <= _MAX_PAGES and all(tp._desc is not None for tp in pages):
         d, files = descriptor(pages)
-        out = ffi.new("unsigned char[]", worst)
+        out = _new_unzeroed("unsigned char[]", worst)
         n = _c.aiodb_commit_build(d, len(pages), files, len(files), redo_start, out, worst)
         if n < 0:
             raise CorruptRegion(f"a transaction's commit failed a bounds check ({n})")

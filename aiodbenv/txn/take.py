@@ -16,6 +16,7 @@ from ..errors import InvalidArgument, TxnTooLarge
 from ..log.record import HEADER as _LOG_HEADER
 from ..mpool.fget import MODE_CREATE, MODE_GET, MODE_NEW
 from ..mpool.layout import FILE_ENTRY, MAX_PGNO
+from ..region.mutex import ffi as _ffi
 from . import batch as _batch
 from . import commit as _commit
 from .latch import acquire, latch_key, release, try_latch
@@ -37,6 +38,7 @@ Durability = Literal["sync", "write_nosync", "nosync"]
 #: the end of the transaction: keep transactions short and small.
 MAX_PAGES = 64
 _LOG_HEADER_BYTES = _LOG_HEADER.size
+_cast: Any = _ffi.cast if _ffi is not None else None
 
 
 class TxnPage:
@@ -230,7 +232,7 @@ class TxnTaking:
             if type(taken) is not tuple:
                 return taken  # type: ignore[no-any-return]
             page, data = taken
-            desc = (_commit.desc_of(data), data)
+            desc = None
         else:
             page = f._pin_hit(pgno)
             if page is None or page._cache is None:
@@ -243,15 +245,26 @@ class TxnTaking:
                 return page  # _take tries again, and raises with the page unpinned
             if r:
                 return page
+        # Latched and pinned: until the page is the transaction's, a failure here (out of
+        # memory) would leave a latch nothing knows of, held for good.
+        try:
+            if desc is None:
+                desc = (_cast("uint64_t *", data.desc), data)  # commit.desc_of, without its call
+            tp = TxnPage(f, page, data, bf, desc, entry)
+            self._pages[(f._fidx, pgno)] = tp
+            f._latched[page] = owner
+        except BaseException:
+            self._pages.pop((f._fidx, pgno), None)
+            f._latched.pop(page, None)
+            release(page, owner)
+            f._unpin(page, 0)  # a pool task finishes it if its bucket is busy
+            raise
         st = self._stats
         st._w[st._base + W.latch_nowait] += 1
-        f._latched[page] = owner
         key = f._fidx * MAX_PGNO + page.pgno  # latch_key
         if key > self._held_max:
             self._held_max = key
         self._bytes += cost
-        tp = TxnPage(f, page, data, bf, desc, entry)
-        self._pages[(f._fidx, pgno)] = tp
         return tp
 
     async def _take(self, f: PoolFile, pgno: int, mode: int, pinned: Page | None = None) -> TxnPage:

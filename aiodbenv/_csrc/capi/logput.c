@@ -33,7 +33,7 @@ typedef struct {
 static PyTypeObject *LogPutter_Type;
 
 static void lp_dealloc(LogPutter *self) {
-    PyTypeObject *tp = Py_TYPE(self);
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
     Py_XDECREF(self->keep);
     Py_XDECREF(self->lsn_type);
     Py_XDECREF(self->job_keep);

@@ -26,7 +26,7 @@ typedef int64_t (*txn_take_fn)(uint64_t *D, uint64_t *w, void **mutexes,
 
 static txn_take_fn txn_take_call;     /* set by configure_txn; NULL: txn_take refuses */
 static int txn_take_latch;            /* TXN_TAKE_LATCH */
-static Py_ssize_t txn_desc_words;     /* CD_HEAD + CD_COUNT */
+static Py_ssize_t txn_desc_words;     /* AIODB_TXN_DESC_WORDS: CD_HEAD + CD_COUNT */
 
 typedef struct {
     PyObject_HEAD
@@ -59,7 +59,7 @@ static TxnCopy *copy_make(Py_ssize_t size) {
     if (!self) return NULL;
     self->mem = PyMem_Malloc((size_t)at + 8 * (size_t)txn_desc_words);
     if (!self->mem) {
-        Py_DECREF(self);
+        Py_DECREF((PyObject *)self);
         return (TxnCopy *)PyErr_NoMemory();
     }
     self->desc = (uint64_t *)(self->mem + at);
@@ -169,7 +169,7 @@ static PyObject *hf_txn_take(HotFile *self, PyObject *const *args, Py_ssize_t na
     PyObject *pair = copy ? PyTuple_New(2) : NULL;
     if (!pair) {
         /* The Python take allocates its own copy, and raises with the page unpinned. */
-        Py_XDECREF(copy);
+        Py_XDECREF((PyObject *)copy);
         PyErr_Clear();
         return got;
     }
@@ -183,7 +183,7 @@ static PyObject *hf_txn_take(HotFile *self, PyObject *const *args, Py_ssize_t na
         return pair;
     }
     Py_DECREF(pair);
-    Py_DECREF(copy);
+    Py_DECREF((PyObject *)copy);
     if (r == -EOWNERDEAD) {
         /* The bucket mutex is held, its holder dead: repair it the usual way (or raise). */
         PyObject *x = PyObject_CallFunction(self->fail, "OLK", c->cache, (long long)r,
