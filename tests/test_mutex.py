@@ -232,3 +232,18 @@ def test_suite_passes_with_the_abi_fallback() -> None:
         k="not worker_killed_and_restarted",
         timeout=1200,
     )
+
+
+@pytest.mark.skipif(os.environ.get("AIODBENV_MUTEX") == "abi", reason="already the ABI run")
+def test_log_and_transaction_tests_pass_with_the_abi_fallback() -> None:
+    """The log and transaction suites with AIODBENV_MUTEX=abi: the Python append, flush
+    rounds, take, commit build and recovery a machine without a compiler runs (about 20 s)."""
+    run_suites(
+        "tests/test_log.py",
+        "tests/test_log_pool.py",
+        "tests/test_txn.py",
+        "tests/test_txn_commit.py",
+        "tests/test_txn_recover.py",
+        "tests/test_txn_reserve.py",
+        env={"AIODBENV_MUTEX": "abi"},
+    )
