@@ -357,3 +357,67 @@ async def test_a_failure_right_after_the_take_leaves_no_latch_or_pin(
     finally:
         await env.close(nosync=True)
         await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_pages_are_unpinned_when_the_bucket_is_busy_or_the_view_is_held(home: str) -> None:
+    """A transaction's end unpins its pages: at once (compiled when the hot path is in use);
+    the Python way when something else still refers to a page's view; after waiting, when the
+    bucket's mutex is held elsewhere at that moment."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("u.db"), create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            for pgno in range(3):
+                (await tx.page(f, pgno, create=True)).data[64:66] = b"u%d" % pgno
+
+        def frame_refs(page: aiodbenv.Page) -> int:
+            assert page._cache is not None
+            return int(page._cache.words[(page._bh >> 3) + BH.word.ref])
+
+        python_unpins = []
+        unpin = f._unpin
+
+        def spy(page: aiodbenv.Page, flags: int) -> object:
+            python_unpins.append(page.pgno)
+            return unpin(page, flags)
+
+        f._unpin = spy  # type: ignore[method-assign]
+        # A view of the page held elsewhere: unpinned the Python way, all the same.
+        tx = await env.txn()
+        tp = await tx.page(f, 0)
+        held_view = tp._page.data
+        assert frame_refs(tp._page) == 1
+        tp.data[70:72] = b"v!"
+        await tx.commit()
+        assert not len(f._pins) and python_unpins == [0]
+        with pytest.raises(ValueError):
+            held_view[0]  # released by the unpin, as always
+        # The bucket's mutex held by another thread as the transaction ends.
+        tx = await env.txn()
+        tp = await tx.page(f, 1)
+        page = tp._page
+        assert page._cache is not None
+        mx = page._cache.mutexes[page._bucket]
+        held, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with mx:
+                held.set()
+                time.sleep(0.2)  # past the compiled try and the short Python wait
+            done.set()
+
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait(10)
+        await tx.abort()  # waits for the mutex, without blocking the loop
+        t.join()
+        assert done.is_set() and not len(f._pins)
+        # The compiled unpin handed the rest to the Python release; without it, Python did all.
+        assert python_unpins == ([0] if f._hotc is not None else [0, 1])
+        async with f.get(1) as p, f.get(0) as q:
+            assert frame_refs(p) == 1 and frame_refs(q) == 1  # only these pins: none leaked
+            assert bytes(q.data[70:72]) == b"v!"
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)

@@ -11,7 +11,7 @@ asks. No uncommitted byte reaches the log or a data file, so nothing is ever und
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Awaitable, Generator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -138,18 +138,23 @@ class Txn(TxnTaking):
         if pending:
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
 
-    def _release_now(self, released: bool = False) -> list[asyncio.Task[None]]:
+    def _release_now(self, released: bool = False) -> list[Awaitable[None]]:
         """Release every latch (unless ``released``: the commit did) and unpin every page;
         the unpins left to a pool task (a bucket mutex held past a few milliseconds) are
         returned, for the caller to await."""
-        pending = []
+        pending: list[Awaitable[None]] = []
         for tp in self._pages.values():
-            tp.file._latched.pop(tp._page, None)
+            f, page = tp.file, tp._page
+            f._latched.pop(page, None)
             if not released:
-                release(tp._page, self._owner)
-            task = tp.file._unpin(tp._page, 0)
-            if task is not None:
-                pending.append(task)
+                release(page, self._owner)
+            # The compiled unpin (the context's), else the Python one.
+            hotc = f._hotc
+            done = hotc.unpin_now(page) if hotc is not None else False
+            if done is False:
+                done = f._unpin(page, 0)
+            if done is not True and done is not None:
+                pending.append(done)
         self._pages.clear()
         return pending
 

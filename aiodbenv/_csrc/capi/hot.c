@@ -1146,6 +1146,9 @@ static PyMethodDef hf_methods[] = {
     {"txn_take", (PyCFunction)(void (*)(void))hf_txn_take, METH_FASTCALL,
      "txn_take(pgno, owner, lsn_off, fkey, flen): take a cached page for a transaction: "
      "(page, TxnCopy), else the page pinned and not taken, or None (aiodbenv.txn.take)."},
+    {"unpin_now", (PyCFunction)hf_unpin_now, METH_O,
+     "unpin_now(page): drop a pin of page: True when done, False when nothing was done (use "
+     "the Python unpin), else what to await to finish it (aiodbenv.txn.txn)."},
     {"get", (PyCFunction)(void (*)(void))hf_get, METH_FASTCALL | METH_KEYWORDS,
      "get(pgno, *, create=False, latch=False): the context that pins page pgno (see "
      "PoolFile.get)."},

@@ -1,6 +1,6 @@
-/* aiodbenv._hot.TxnCopy and HotFile.txn_take: a transaction's page taking (tx.page of a cached
- * page whose latch is free, aiodbenv/txn/take.py) in one call, included by hot.c (one extension
- * module).
+/* aiodbenv._hot.TxnCopy, HotFile.txn_take and HotFile.unpin_now: a transaction's page taking
+ * (tx.page of a cached page whose latch is free, aiodbenv/txn/take.py) in one call, and the
+ * unpin of its pages when it ends; included by hot.c (one extension module).
  *
  * Done from Python, that take cost a cffi pin with twelve arguments and a Page built in Python,
  * then a cffi allocation of the private copy, a cast, the cffi take with fifteen arguments and
@@ -195,4 +195,41 @@ static PyObject *hf_txn_take(HotFile *self, PyObject *const *args, Py_ssize_t na
         Py_XDECREF(x);
     }
     return got;
+}
+
+/* unpin_now(page): drop a pin of `page` (pinned by this file, no flags) the way the context's
+   __aexit__ does, for a transaction's release of its pages (aiodbenv/txn/txn.py). Returns
+   True when done; False when nothing was done (closed or forked, not this file's page, not
+   pinned, or its view is held elsewhere: the Python unpin, PageRelease._unpin, decides and
+   raises what it must); else, when the compiled unpin could not finish (a busy or repaired
+   bucket mutex, an over-unpin), what to await for the Python release to finish it. */
+static PyObject *hf_unpin_now(HotFile *self, PyObject *arg) {
+    if (Py_TYPE(arg) != PageBase_Type) Py_RETURN_FALSE;
+    PageObject *p = (PageObject *)arg;
+    CacheRef *c = self->hot ? cache_of(self, p->cache) : NULL;
+    if (!c || p->file != self->file || p->bh <= 0 || !p->data || !PyMemoryView_Check(p->data) ||
+        Py_REFCNT(p->data) != 1)
+        Py_RETURN_FALSE;
+    long long bh = p->bh;
+    p->bh = -1;
+    pins_unlink(p);
+    /* Only the page refers to its view (checked above): dropping it is its release. */
+    SETREF(p->data, Py_NewRef(released_view));
+    uint64_t b = (uint64_t)p->bucket;
+    int r = unpin_at(c->w, c->mptrs, c->nowait_w, c->bucket_w, b, (uint64_t)bh >> 3, c->hdr, 0,
+                     self->slot);
+    if (r == 0) Py_RETURN_TRUE;
+    if (r == 1) {
+        /* A frame may be evictable now: wake a frame waiter, if any waits. */
+        Py_ssize_t waiting = PyObject_Length(self->frame_queue);
+        if (waiting < 0) return NULL;
+        if (waiting) {
+            PyObject *x = PyObject_CallNoArgs(self->frame_released);
+            if (!x) return NULL;
+            Py_DECREF(x);
+        }
+        Py_RETURN_TRUE;
+    }
+    return PyObject_CallFunction(self->after_unpin, "OLKLLi", c->cache, p->pgno,
+                                 (unsigned long long)b, bh, 0LL, r);
 }
