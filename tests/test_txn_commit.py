@@ -392,31 +392,140 @@ async def test_pages_are_unpinned_when_the_bucket_is_busy_or_the_view_is_held(ho
         assert not len(f._pins) and python_unpins == [0]
         with pytest.raises(ValueError):
             held_view[0]  # released by the unpin, as always
-        # The bucket's mutex held by another thread as the transaction ends.
+        # The bucket's mutex held (here, by the loop's own thread, until a timer lets it go)
+        # as the transaction ends: the release waits for it without blocking the loop.
         tx = await env.txn()
         tp = await tx.page(f, 1)
         page = tp._page
         assert page._cache is not None
         mx = page._cache.mutexes[page._bucket]
-        held, done = threading.Event(), threading.Event()
+        py_releases: list[object] = []
+        release_py = f._release_py
 
-        def hold() -> None:
-            with mx:
-                held.set()
-                time.sleep(0.2)  # past the compiled try and the short Python wait
-            done.set()
+        def spy_release(*args: object) -> object:
+            r = release_py(*args)  # type: ignore[arg-type]
+            py_releases.append(r)
+            return r
 
-        t = threading.Thread(target=hold)
-        t.start()
-        held.wait(10)
-        await tx.abort()  # waits for the mutex, without blocking the loop
-        t.join()
-        assert done.is_set() and not len(f._pins)
-        # The compiled unpin handed the rest to the Python release; without it, Python did all.
+        f._release_py = spy_release  # type: ignore[method-assign]
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        ticking = asyncio.create_task(ticker())
+        mx.__enter__()
+        asyncio.get_running_loop().call_later(0.2, mx.__exit__, None, None, None)
+        await tx.abort()
+        ticking.cancel()
+        assert not len(f._pins) and ticks >= 5  # the loop ran meanwhile
+        # The compiled unpin handed the rest to the Python release (a pool task, awaited);
+        # without it, Python did all of it.
         assert python_unpins == ([0] if f._hotc is not None else [0, 1])
+        assert len(py_releases) == 1 and isinstance(py_releases[0], asyncio.Task)
         async with f.get(1) as p, f.get(0) as q:
             assert frame_refs(p) == 1 and frame_refs(q) == 1  # only these pins: none leaked
             assert bytes(q.data[70:72]) == b"v!"
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+def test_an_unpin_the_python_release_finishes_at_once_is_not_awaited() -> None:
+    """When the compiled unpin met a busy bucket mutex that the Python release then got at
+    once, what is handed back is already done: awaiting it does not yield to the loop, and a
+    transaction's release does not wait on it."""
+    from aiodbenv.mpool import hotpath
+
+    class Fake:
+        def _release_py(self, *args: object) -> None:
+            return None
+
+    done = hotpath._after_unpin(Fake(), None, 0, 0, 8, 0, -16)  # type: ignore[arg-type]
+    assert done is hotpath.FINISHED
+    with pytest.raises(StopIteration):
+        done.__await__().send(None)
+
+
+async def test_a_page_that_cannot_be_released_does_not_keep_the_others(home: str) -> None:
+    """Abort after one of the transaction's files was closed under it: that page's unpin is
+    refused (InvalidArgument), the other pages are released all the same."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f1 = await env.pool.open_file(env.resolve("one.db"), create=True, lsn_offset=0)
+        f2 = await env.pool.open_file(env.resolve("two.db"), create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            for f in (f1, f2):
+                for pgno in range(2):
+                    (await tx.page(f, pgno, create=True)).data[64:65] = b"x"
+        tx = await env.txn()
+        await tx.page(f1, 0)
+        await tx.page(f2, 0)
+        await tx.page(f1, 1)
+        await f2.close()  # under the transaction: its pin is dropped by the close
+        with pytest.raises(aiodbenv.InvalidArgument):
+            await tx.abort()
+        assert not len(f1._pins) and not f1._latched
+        async with env.txn(latch_timeout=0.5) as tx:  # LockTimeout if a latch was kept
+            await tx.page(f1, 0)
+            await tx.page(f1, 1)
+        await f1.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_a_forked_child_ending_the_parents_transaction_leaves_its_latches(home: str) -> None:
+    """A child forked inside a transaction's task that ends it gets ForkedProcessError, and
+    the parent's latch stays held (the owner id is inherited: releasing it would let another
+    transaction change the page under the parent's)."""
+    import json
+    import traceback
+
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("k.db"), create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            (await tx.page(f, 0, create=True)).data[64:65] = b"k"
+        tx = await env.txn()
+        tp = await tx.page(f, 0)
+        page = tp._page
+        assert page._cache is not None
+        latch_word = (page._bh >> 3) + BH.word.latch
+        held = int(page._cache.words[latch_word])
+        assert held == tx._owner
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once, never back into pytest
+            code = 1
+            try:
+                os.close(rfd)
+                try:
+                    await tx.abort()
+                    result = "returned"
+                except aiodbenv.ForkedProcessError:
+                    result = "ForkedProcessError"
+                os.write(wfd, json.dumps(result).encode())
+                code = 0
+            except BaseException:
+                os.write(wfd, traceback.format_exc().encode())
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            data = await asyncio.to_thread(r.read)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, data.decode()
+        assert json.loads(data) == "ForkedProcessError"
+        assert int(page._cache.words[latch_word]) == held  # still the parent's
+        tp.data[65:66] = b"p"
+        await tx.commit()
+        async with f.get(0) as p:
+            assert bytes(p.data[64:66]) == b"kp"
         await f.close()
     finally:
         await env.close(nosync=True)

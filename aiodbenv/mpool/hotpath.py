@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .fget import PageAccess
     from .file import PoolFile
 
-__all__ = ["attach", "configure", "detach"]
+__all__ = ["FINISHED", "attach", "configure", "detach"]
 
 _MODE_GET = 0  # fget.MODE_GET (fget imports this module)
 
@@ -219,7 +219,25 @@ def _after_unpin(
     if r == -errno.EOWNERDEAD:
         cache.release_dead_holder(b)
     pending = f._release_py(pgno, cache, b, bh, flags)  # type: ignore[attr-defined]
-    return _finish(pending)
+    return FINISHED if pending is None else _finish(pending)
+
+
+class _Finished:
+    """An awaitable that is already done: what :func:`_after_unpin` returns when the Python
+    release finished at once (no coroutine, and ``await`` does not yield to the loop)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # pragma: no cover - makes this a generator
+
+    def __repr__(self) -> str:
+        return "<aiodbenv unpin finished>"
+
+
+#: The one :class:`_Finished` (callers test for it by identity).
+FINISHED = _Finished()
 
 
 async def _finish(pending: asyncio.Task[None] | None) -> None:

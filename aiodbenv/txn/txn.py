@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _io
 from ..errors import InvalidArgument, LogBufferFull, RunRecovery
 from ..log.lsn import LSN
+from ..mpool.hotpath import FINISHED
 from . import batch as _batch
 from . import commit as _commit
 from .ids import next_owner_id
@@ -141,21 +142,34 @@ class Txn(TxnTaking):
     def _release_now(self, released: bool = False) -> list[Awaitable[None]]:
         """Release every latch (unless ``released``: the commit did) and unpin every page;
         the unpins left to a pool task (a bucket mutex held past a few milliseconds) are
-        returned, for the caller to await."""
+        returned, for the caller to await. A page that cannot be released (its file closed
+        under the transaction, a forked child, an over-unpin) does not keep the others: they
+        are released, then the first such error is raised (the unpins still under way finish
+        in the background)."""
         pending: list[Awaitable[None]] = []
+        error: Exception | None = None
         for tp in self._pages.values():
             f, page = tp.file, tp._page
-            f._latched.pop(page, None)
-            if not released:
-                release(page, self._owner)
-            # The compiled unpin (the context's), else the Python one.
-            hotc = f._hotc
-            done = hotc.unpin_now(page) if hotc is not None else False
-            if done is False:
-                done = f._unpin(page, 0)
-            if done is not True and done is not None:
-                pending.append(done)
+            try:
+                if f._forked:
+                    f._refuse_forked()  # the latches are the parent's: leave them be
+                f._latched.pop(page, None)
+                if not released:
+                    release(page, self._owner)
+                # The compiled unpin (the context's), else the Python one.
+                hotc = f._hotc
+                done = hotc.unpin_now(page) if hotc is not None else False
+                if done is False:
+                    done = f._unpin(page, 0)
+                if done is not True and done is not None and done is not FINISHED:
+                    pending.append(done)
+            except Exception as err:
+                error = error or err
         self._pages.clear()
+        if error is not None:
+            for aw in pending:
+                asyncio.ensure_future(aw).add_done_callback(_retrieve)
+            raise error
         return pending
 
     async def commit(self) -> CommitInfo:

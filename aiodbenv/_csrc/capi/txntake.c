@@ -202,7 +202,8 @@ static PyObject *hf_txn_take(HotFile *self, PyObject *const *args, Py_ssize_t na
    True when done; False when nothing was done (closed or forked, not this file's page, not
    pinned, or its view is held elsewhere: the Python unpin, PageRelease._unpin, decides and
    raises what it must); else, when the compiled unpin could not finish (a busy or repaired
-   bucket mutex, an over-unpin), what to await for the Python release to finish it. */
+   bucket mutex, an over-unpin), what the Python release returns to await: its task, or
+   aiodbenv.mpool.hotpath.FINISHED when it finished at once. */
 static PyObject *hf_unpin_now(HotFile *self, PyObject *arg) {
     if (Py_TYPE(arg) != PageBase_Type) Py_RETURN_FALSE;
     PageObject *p = (PageObject *)arg;
