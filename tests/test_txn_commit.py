@@ -120,9 +120,24 @@ async def test_compiled_commit_gives_the_python_twins_log_and_pages(
         pytest.skip("the compiled hot path is off (AIODBENV_HOT=python)")
     with monkeypatch.context() as m:
         m.setattr(commit, "HOT_TAKE", take == "hot")
+        built_in_hot: list[object] = []
+        if commit._hot_prepare is not None:
+            hot_prepare = commit._hot_prepare
+
+            def spy(*args: object) -> object:
+                built_in_hot.append(r := hot_prepare(*args))
+                return r
+
+            m.setattr(commit, "_hot_prepare", spy)
         c_records, c_pages, c_desc = await workload(os.path.join(base, "c"))
         # Pages created or waited for are taken by the cffi take after the slow pin.
         assert taken_by == ({"hot", "cffi"} if take == "hot" else {"cffi"})
+        # One-page commits of a hot-taken page are built by the compiled module: records,
+        # and the unchanged page (0).
+        if take == "hot":
+            assert {type(r) for r in built_in_hot} == {tuple, int} and 0 in built_in_hot
+        else:
+            assert not built_in_hot
     with monkeypatch.context() as m:
         m.setattr(commit, "_c", None)
         m.setattr(commit, "COMPILED", False)

@@ -67,8 +67,13 @@ _new_unzeroed: Any = ffi.new_allocator(should_clear_after_alloc=False) if ffi is
 HOT_TAKE = FAST and _hot is not None and hasattr(_hot, "configure_txn")
 if HOT_TAKE:
     _hot.configure_txn(
-        int(ffi.cast("uintptr_t", ffi.addressof(speedups, "aiodb_txn_take"))), _TAKE_LATCH, _D_WORDS
+        int(ffi.cast("uintptr_t", ffi.addressof(speedups, "aiodb_txn_take"))),
+        _TAKE_LATCH,
+        _D_WORDS,
+        int(ffi.cast("uintptr_t", ffi.addressof(speedups, "aiodb_txn_prepare"))),
     )
+_TxnCopy: Any = _hot.TxnCopy if HOT_TAKE else None
+_hot_prepare: Any = _hot.txn_prepare if HOT_TAKE else None
 _CD_COUNT = 13  # words per page in the C descriptor array (CD_COUNT)
 _CD_HEAD = 2  # the array's result words first: changed pages, full images
 _CD_KIND = 12
@@ -171,9 +176,20 @@ def prepare(pool: Pool, pages: list[TxnPage], redo_start: int, worst: int, owner
     n = len(pages)
     if n == 1:
         tp = pages[0]
-        if tp._desc is None:
+        desc = tp._desc
+        if desc is None:
             return build(pages, redo_start, worst)
-        d, files = tp._desc[0], tp._entry
+        d, files = desc[0], tp._entry
+        if type(desc[1]) is _TxnCopy:
+            # Taken by HotFile.txn_take: built into the compiled module's own buffer, without
+            # a cffi allocation and copy (the same C build and marks).
+            r = _hot_prepare(desc[1], files, redo_start, worst, owner, LATCH_COMMITTING)
+            if type(r) is tuple:
+                pool._note_dirty(tp.file.page_size)
+                built = Built(r[0], [0], r[1], d)
+                built.marked = True
+                return built
+            return _prepared(pool, pages, redo_start, worst, d, r)
     elif not FAST or n > _MAX_PAGES or any(tp._desc is None for tp in pages):
         return build(pages, redo_start, worst)
     else:
@@ -189,6 +205,13 @@ def prepare(pool: Pool, pages: list[TxnPage], redo_start: int, worst: int, owner
         built = Built(ffi.buffer(out, r)[:], changed, int(d[1]), d)
         built.marked = True
         return built
+    return _prepared(pool, pages, redo_start, worst, d, r)
+
+
+def _prepared(
+    pool: Pool, pages: list[TxnPage], redo_start: int, worst: int, d: Any, r: int
+) -> Built:
+    """What :func:`prepare` does with an aiodb_txn_prepare result ``r`` <= 0."""
     if r == 0:
         return Built(b"", [], 0, d)
     if r > _CORRUPT:  # -ENOSPC

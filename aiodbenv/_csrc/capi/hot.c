@@ -1672,15 +1672,16 @@ static PyObject *configure_miss(PyObject *mod, PyObject *args) {
 
 static PyObject *configure_txn(PyObject *mod, PyObject *args) {
     (void)mod;
-    unsigned long long addr;
+    unsigned long long addr, prep_addr;
     int latch_flag;
     Py_ssize_t words;
-    if (!PyArg_ParseTuple(args, "Kin", &addr, &latch_flag, &words)) return NULL;
-    if (!addr || !latch_flag || words <= 0) {
+    if (!PyArg_ParseTuple(args, "KinK", &addr, &latch_flag, &words, &prep_addr)) return NULL;
+    if (!addr || !latch_flag || words <= 0 || !prep_addr) {
         PyErr_SetString(PyExc_ValueError, "configure_txn: a null function or a bad constant");
         return NULL;
     }
     txn_take_call = (txn_take_fn)(uintptr_t)addr;
+    txn_prepare_call = (txn_prepare_fn)(uintptr_t)prep_addr;
     txn_take_latch = latch_flag;
     txn_desc_words = words;
     Py_RETURN_NONE;
@@ -1688,8 +1689,12 @@ static PyObject *configure_txn(PyObject *mod, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"configure_txn", configure_txn, METH_VARARGS,
-     "configure_txn(aiodb_txn_take, TXN_TAKE_LATCH, descriptor words): the cffi accelerator's "
-     "one-call take of a transaction's page (aiodbenv.txn.commit)."},
+     "configure_txn(aiodb_txn_take, TXN_TAKE_LATCH, descriptor words, aiodb_txn_prepare): the "
+     "cffi accelerator's one-call take of a transaction's page and its commit's build "
+     "(aiodbenv.txn.commit)."},
+    {"txn_prepare", (PyCFunction)(void (*)(void))txn_prepare, METH_FASTCALL,
+     "txn_prepare(copy, files, redo_start, worst, owner, flag): build and mark the commit of "
+     "one page taken by txn_take: (record, fulls), else the call's int result."},
     {"configure_miss", configure_miss, METH_VARARGS,
      "configure_miss(aiodb_miss, MISS_DIRTY_MET, POLL_MIN, schedule_turn): the cffi "
      "accelerator's one-call miss, what it says when it passed a dirty victim over, the "

@@ -1,6 +1,7 @@
-/* aiodbenv._hot.TxnCopy, HotFile.txn_take and HotFile.unpin_now: a transaction's page taking
- * (tx.page of a cached page whose latch is free, aiodbenv/txn/take.py) in one call, and the
- * unpin of its pages when it ends; included by hot.c (one extension module).
+/* aiodbenv._hot.TxnCopy, HotFile.txn_take, txn_prepare and HotFile.unpin_now: a transaction's
+ * page taking (tx.page of a cached page whose latch is free, aiodbenv/txn/take.py) in one call,
+ * the commit's build of a one-page transaction, and the unpin of its pages when it ends;
+ * included by hot.c (one extension module).
  *
  * Done from Python, that take cost a cffi pin with twelve arguments and a Page built in Python,
  * then a cffi allocation of the private copy, a cast, the cffi take with fifteen arguments and
@@ -233,4 +234,73 @@ static PyObject *hf_unpin_now(HotFile *self, PyObject *arg) {
     }
     return PyObject_CallFunction(self->after_unpin, "OLKLLi", c->cache, p->pgno,
                                  (unsigned long long)b, bh, 0LL, r);
+}
+
+/* aiodb_txn_prepare of aiodbenv/_csrc/78_txnfast.c. */
+typedef int64_t (*txn_prepare_fn)(uint64_t *D, int n, const unsigned char *files,
+                                  uint64_t files_len, uint64_t redo_start, unsigned char *out,
+                                  uint64_t cap, uint64_t owner, uint64_t flag);
+
+static txn_prepare_fn txn_prepare_call; /* set by configure_txn */
+
+/* The record is built here, then copied into its bytes object: a buffer of the worst case
+   (more than a page) allocated per commit cost more than the build. Guarded by the GIL, which
+   is held throughout (the build never waits: a busy bucket mutex is handed back). */
+static unsigned char *prep_scratch;
+static size_t prep_cap;
+
+/* txn_prepare(copy, files, redo_start, worst, owner, flag): the commit of the one page whose
+   private copy (and descriptor) is `copy`, taken by txn_take: aiodb_txn_prepare (the batch
+   record built, the buffer marked dirty and the latch committing). Returns (record, fulls):
+   the record's bytes and how many full images it holds (0 or 1); else the call's int result
+   (0: the page did not change, nothing done; < 0: nothing marked committing, see
+   aiodbenv.txn.commit.prepare). */
+static PyObject *txn_prepare(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    if (nargs != 6 || Py_TYPE(args[0]) != TxnCopy_Type || !PyBytes_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "txn_prepare(copy, files: bytes, redo_start, worst, owner, flag)");
+        return NULL;
+    }
+    if (!txn_prepare_call) {
+        PyErr_SetString(PyExc_RuntimeError, "aiodbenv._hot: transactions are not configured");
+        return NULL;
+    }
+    TxnCopy *copy = (TxnCopy *)args[0];
+    char *files;
+    Py_ssize_t flen;
+    uint64_t redo_start, worst, owner, flag;
+    if (PyBytes_AsStringAndSize(args[1], &files, &flen) < 0 || u64_arg(args[2], &redo_start) < 0 ||
+        u64_arg(args[3], &worst) < 0 || u64_arg(args[4], &owner) < 0 ||
+        u64_arg(args[5], &flag) < 0)
+        return NULL;
+    if (worst > (uint64_t)PY_SSIZE_T_MAX) return PyErr_NoMemory();
+    if (worst > prep_cap) {
+        unsigned char *grown = PyMem_Realloc(prep_scratch, (size_t)worst);
+        if (!grown) return PyErr_NoMemory();
+        prep_scratch = grown;
+        prep_cap = (size_t)worst;
+    }
+    int64_t r = txn_prepare_call(copy->desc, 1, (const unsigned char *)files, (uint64_t)flen,
+                                 redo_start, prep_scratch, worst, owner, flag);
+    if (r <= 0) return PyLong_FromLongLong(r);
+    /* Marked. A failure from here (out of memory) makes the caller abort, as for a failure
+       of the cffi form: nothing was logged, the latch (committing or not) is released, and
+       the page marked dirty costs a write at most. */
+    PyObject *record = PyBytes_FromStringAndSize((const char *)prep_scratch, (Py_ssize_t)r);
+    if (!record) return NULL;
+    PyObject *fulls = PyLong_FromUnsignedLongLong(copy->desc[1]); /* CD_FULLS */
+    if (!fulls) {
+        Py_DECREF(record);
+        return NULL;
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (!pair) {
+        Py_DECREF(record);
+        Py_DECREF(fulls);
+        return NULL;
+    }
+    PyTuple_SetItem(pair, 0, record);
+    PyTuple_SetItem(pair, 1, fulls);
+    return pair;
 }
