@@ -198,12 +198,20 @@ async def test_compiled_commit_waits_for_a_held_bucket_mutex(home: str) -> None:
 
 
 @needs_compiled
-async def test_compiled_commit_refuses_a_latch_that_is_not_the_owners(home: str) -> None:
+@pytest.mark.parametrize("cached", [False, True], ids=["created", "cached"])
+async def test_compiled_commit_refuses_a_latch_that_is_not_the_owners(
+    home: str, cached: bool
+) -> None:
+    # "cached": the page is taken by the hot path, and its one-page commit built by it.
     env = await aiodbenv.Env.open(home, create=True, log=True)
     try:
         f = await env.pool.open_file(env.resolve("d.db"), create=True, page_size=4096, lsn_offset=0)
+        if cached:
+            async with f.get(0, create=True):
+                pass
         tx = await env.txn(durability="nosync")
         p = await tx.page(f, 0, create=True)
+        assert _copy_kind(p) == ("hot" if cached and commit.HOT_TAKE else "cffi")
         p.data[10:20] = b"0123456789"
         cache = p._page._cache
         assert cache is not None
@@ -541,6 +549,66 @@ async def test_a_forked_child_ending_the_parents_transaction_leaves_its_latches(
         await tx.commit()
         async with f.get(0) as p:
             assert bytes(p.data[64:66]) == b"kp"
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@needs_compiled
+async def test_a_commit_meets_a_dead_bucket_mutex_holder(home: str) -> None:
+    """The bucket mutex's holder died (a thread that locked it and ended): the compiled build
+    and mark hand it back, the bucket is repaired, the commit is marked the slow way."""
+    from aiodbenv.region.mutex import lib
+
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("o.db"), create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            (await tx.page(f, 0, create=True)).data[100:101] = b"a"
+        tx = await env.txn()
+        p = await tx.page(f, 0)
+        p.data[101:102] = b"b"
+        cache = p._page._cache
+        assert cache is not None
+        ptr = cache.mptrs[p._page._bucket]
+
+        def die_holding() -> None:
+            assert lib.pthread_mutex_lock(ptr) == 0
+
+        t = threading.Thread(target=die_holding)
+        t.start()
+        t.join(10)
+        info = await tx.commit()
+        assert info.pages == 1
+        async with f.get(0) as pg:
+            assert bytes(pg.data[100:102]) == b"ab" and LSN.unpack(pg.data, 0) == info.lsn
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@needs_compiled
+async def test_a_record_larger_than_its_bound_is_refused_before_anything_is_logged(
+    home: str,
+) -> None:
+    """The build checks the record's size against the bound computed as pages were taken:
+    past it (a bookkeeping error), CorruptRegion, nothing logged, the commit aborted."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("s.db"), create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            (await tx.page(f, 0, create=True)).data[100:101] = b"a"
+        tx = await env.txn()
+        (await tx.page(f, 0)).data[100:200] = b"z" * 100
+        tx._bytes = 10  # less than the record's header
+        end = env.log.end_lsn
+        with pytest.raises(aiodbenv.CorruptRegion):
+            await tx.commit()
+        assert env.log.end_lsn == end and not env._core.panicked
+        async with env.txn(latch_timeout=0.5) as tx:  # the latch was released
+            (await tx.page(f, 0)).data[100:101] = b"b"
         await f.close()
     finally:
         await env.close(nosync=True)

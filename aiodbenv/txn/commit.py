@@ -64,7 +64,7 @@ _CORRUPT = -1000000
 _new_unzeroed: Any = ffi.new_allocator(should_clear_after_alloc=False) if ffi is not None else None
 #: True when tx.page's common case (a cached page, its latch free) is one call of the compiled
 #: hot path (``HotFile.txn_take`` of :mod:`aiodbenv._hot`: hot.c's pin, then aiodb_txn_take).
-HOT_TAKE = FAST and _hot is not None and hasattr(_hot, "configure_txn")
+HOT_TAKE = FAST and _hot is not None and hasattr(_hot, "txn_prepare")
 if HOT_TAKE:
     _hot.configure_txn(
         int(ffi.cast("uintptr_t", ffi.addressof(speedups, "aiodb_txn_take"))),
