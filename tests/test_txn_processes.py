@@ -190,8 +190,12 @@ async def main():
     home = sys.argv[1]
     env = await aiodbenv.Env.open(home)
     f = await env.pool.open_file(env.resolve("data.db"), page_size=4096, lsn_offset=0)
+    pages = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    for i in range(pages):  # cached first: one page is then taken and built by the hot path
+        async with f.get(i):
+            pass
     async with env.txn() as tx:
-        for i in range(3):
+        for i in range(pages):
             (await tx.page(f, i)).data[64:72] = b"COMMIT!!"
     print("survived", flush=True)
 
@@ -215,6 +219,18 @@ async def test_kill_inside_a_commit(
 
 
 @pytest.mark.one_loop  # the loops were covered above; this is the other process's commit
+@pytest.mark.parametrize(
+    "step,panics",
+    [("txn.committing", True), ("txn.logged", True), ("txn.released", False)],
+)
+async def test_kill_inside_a_one_page_commit(
+    home: str, procs: list[subprocess.Popen[str]], step: str, panics: bool
+) -> None:
+    # A one-page commit of a cached page: taken, built and marked by the compiled hot path.
+    await kill_inside_a_commit(home, procs, step, panics, {}, pages=1)
+
+
+@pytest.mark.one_loop  # the loops were covered above; this is the other process's commit
 @pytest.mark.parametrize("step", ["txn.committing", "txn.copied"])
 async def test_kill_inside_a_python_commit(
     home: str, procs: list[subprocess.Popen[str]], step: str
@@ -225,10 +241,17 @@ async def test_kill_inside_a_python_commit(
 
 
 async def kill_inside_a_commit(
-    home: str, procs: list[subprocess.Popen[str]], step: str, panics: bool, extra: dict[str, str]
+    home: str,
+    procs: list[subprocess.Popen[str]],
+    step: str,
+    panics: bool,
+    extra: dict[str, str],
+    pages: int = 3,
 ) -> None:
     env, f = await open_env(home)
-    child = spawn(COMMITTER, home, env={"AIODBENV_TEST_SIGNAL": f"{step}:at:1:SIGKILL", **extra})
+    child = spawn(
+        COMMITTER, home, str(pages), env={"AIODBENV_TEST_SIGNAL": f"{step}:at:1:SIGKILL", **extra}
+    )
     procs.append(child)
     assert await asyncio.to_thread(child.wait, 60) == -signal.SIGKILL
     if panics:
@@ -241,6 +264,6 @@ async def kill_inside_a_commit(
         await aiodbenv.Env.remove(home, force=True)
         return
     async with env.txn(latch_timeout=30) as tx:
-        for i in range(3):
+        for i in range(pages):
             assert bytes((await tx.page(f, i)).data[64:72]) == b"COMMIT!!"
     await close_env(home, env, f)
