@@ -121,23 +121,31 @@ async def test_compiled_commit_gives_the_python_twins_log_and_pages(
     with monkeypatch.context() as m:
         m.setattr(commit, "HOT_TAKE", take == "hot")
         built_in_hot: list[object] = []
+        built_many: list[object] = []
         if commit._hot_prepare is not None:
-            hot_prepare = commit._hot_prepare
+            hot_prepare, hot_many = commit._hot_prepare, commit._hot_prepare_many
 
             def spy(*args: object) -> object:
                 built_in_hot.append(r := hot_prepare(*args))
                 return r
 
+            def spy_many(*args: object) -> object:
+                built_many.append(r := hot_many(*args))
+                return r
+
             m.setattr(commit, "_hot_prepare", spy)
+            m.setattr(commit, "_hot_prepare_many", spy_many)
         c_records, c_pages, c_desc = await workload(os.path.join(base, "c"))
         # Pages created or waited for are taken by the cffi take after the slow pin.
         assert taken_by == ({"hot", "cffi"} if take == "hot" else {"cffi"})
         # One-page commits of a hot-taken page are built by the compiled module: records,
         # and the unchanged page (0).
+        # So are commits of several such pages (of two files, here): one record.
         if take == "hot":
             assert {type(r) for r in built_in_hot} == {tuple, int} and 0 in built_in_hot
+            assert [type(r) for r in built_many] == [tuple]
         else:
-            assert not built_in_hot
+            assert not built_in_hot and not built_many
     with monkeypatch.context() as m:
         m.setattr(commit, "_c", None)
         m.setattr(commit, "COMPILED", False)
@@ -159,14 +167,19 @@ async def test_compiled_commit_gives_the_python_twins_log_and_pages(
 
 
 @needs_compiled
-async def test_compiled_commit_waits_for_a_held_bucket_mutex(home: str) -> None:
+@pytest.mark.parametrize("pages", [1, 2])
+async def test_compiled_commit_waits_for_a_held_bucket_mutex(home: str, pages: int) -> None:
+    # With 2 pages the busy one is the second of the commit (the compiled build of several).
     env = await aiodbenv.Env.open(home, create=True, log=True)
     try:
         f = await env.pool.open_file(env.resolve("d.db"), create=True, page_size=4096, lsn_offset=0)
         async with env.txn() as tx:
-            (await tx.page(f, 0, create=True)).data[0:8] = bytes(8)
+            for pgno in (0, 1):
+                (await tx.page(f, pgno, create=True)).data[0:8] = bytes(8)
             (await tx.page(f, 0)).data[100:104] = b"init"
         tx = await env.txn(durability="nosync")
+        if pages == 2:
+            (await tx.page(f, 1)).data[300:304] = b"also"
         p = await tx.page(f, 0)
         p.data[200:204] = b"wait"
         page = p._page
@@ -185,7 +198,7 @@ async def test_compiled_commit_waits_for_a_held_bucket_mutex(home: str) -> None:
         held.wait(10)
         info = await tx.commit()  # the compiled mark is refused; the Python way waits
         t.join()
-        assert done.is_set() and info.pages == 1
+        assert done.is_set() and info.pages == pages
         async with f.get(0) as pg:
             assert bytes(pg.data[200:204]) == b"wait"
             assert LSN.unpack(pg.data, 0) == info.lsn
@@ -609,6 +622,25 @@ async def test_a_record_larger_than_its_bound_is_refused_before_anything_is_logg
         assert env.log.end_lsn == end and not env._core.panicked
         async with env.txn(latch_timeout=0.5) as tx:  # the latch was released
             (await tx.page(f, 0)).data[100:101] = b"b"
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_a_commit_of_several_unchanged_pages_logs_nothing(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("r.db"), create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            for pgno in range(3):
+                (await tx.page(f, pgno, create=True)).data[64:65] = b"r"
+        end = env.log.end_lsn
+        async with env.txn() as tx:
+            for pgno in range(3):
+                await tx.page(f, pgno)
+        assert tx.result is not None and tx.result.pages == 0 and tx.result.lsn == LSN(0, 0)
+        assert env.log.end_lsn == end and not len(f._pins) and not f._latched
         await f.close()
     finally:
         await env.close(nosync=True)

@@ -59,6 +59,13 @@ _TAKE_LATCH, _TAKE_NEW = 1, 2  # aiodb_txn_take's flags
 # _CD_HEAD + _CD_COUNT: one page's descriptor array (the room after a private copy).
 _D_WORDS = int(speedups.AIODB_TXN_DESC_WORDS) if FAST else 15
 _CORRUPT = -1000000
+# Part 75's descriptor layout (CD_*): the array's result words first (changed pages, full
+# images), then per page _CD_COUNT words, of which these are read or written here.
+_CD_HEAD = 2
+_CD_COUNT = 13
+_CD_FKEY = 8
+_CD_FENT = 9
+_CD_KIND = 12
 # The record's buffer: the C build writes what it returns the length of, and only that is read
 # (zeroing its worst case, more than a page, was 5% of a nosync commit's instructions).
 _new_unzeroed: Any = ffi.new_allocator(should_clear_after_alloc=False) if ffi is not None else None
@@ -71,13 +78,11 @@ if HOT_TAKE:
         _TAKE_LATCH,
         _D_WORDS,
         int(ffi.cast("uintptr_t", ffi.addressof(speedups, "aiodb_txn_prepare"))),
+        (_CD_HEAD, _CD_COUNT, _CD_FKEY, _CD_FENT, _CD_KIND),
     )
 _TxnCopy: Any = _hot.TxnCopy if HOT_TAKE else None
 _hot_prepare: Any = _hot.txn_prepare if HOT_TAKE else None
-_CD_COUNT = 13  # words per page in the C descriptor array (CD_COUNT)
-_CD_HEAD = 2  # the array's result words first: changed pages, full images
-_CD_KIND = 12
-_CD_FENT = 9
+_hot_prepare_many: Any = _hot.txn_prepare_many if HOT_TAKE else None
 _EOWNERDEAD = errno.EOWNERDEAD
 _MAX_PAGES = 64  # the most pages the C part takes in one call (its own bound)
 
@@ -192,6 +197,26 @@ def prepare(pool: Pool, pages: list[TxnPage], redo_start: int, worst: int, owner
             return _prepared(pool, pages, redo_start, worst, d, r)
     elif not FAST or n > _MAX_PAGES or any(tp._desc is None for tp in pages):
         return build(pages, redo_start, worst)
+    elif n and _hot_prepare_many is not None and all(type(tp._desc[1]) is _TxnCopy for tp in pages):
+        # Every page taken by HotFile.txn_take: the descriptors gathered and the record built
+        # by the compiled module (descriptor()'s work, then the same C build and marks).
+        r = _hot_prepare_many(
+            tuple(tp._desc[1] for tp in pages),
+            tuple(tp._entry for tp in pages),
+            redo_start,
+            worst,
+            owner,
+            LATCH_COMMITTING,
+        )
+        if type(r) is tuple:
+            changed = list(r[2])
+            for i in changed:
+                pool._note_dirty(pages[i].file.page_size)
+            # The array is read by the finish (apply): the cffi view of it keeps it alive.
+            built = Built(r[0], changed, r[1], ffi.from_buffer("uint64_t[]", r[3]))
+            built.marked = True
+            return built
+        return _prepared(pool, pages, redo_start, worst, None, r)
     else:
         d, files = descriptor(pages)
     out = _new_unzeroed("unsigned char[]", worst)

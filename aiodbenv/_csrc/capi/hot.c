@@ -1674,14 +1674,23 @@ static PyObject *configure_txn(PyObject *mod, PyObject *args) {
     (void)mod;
     unsigned long long addr, prep_addr;
     int latch_flag;
-    Py_ssize_t words;
-    if (!PyArg_ParseTuple(args, "KinK", &addr, &latch_flag, &words, &prep_addr)) return NULL;
-    if (!addr || !latch_flag || words <= 0 || !prep_addr) {
+    Py_ssize_t words, head, count, fkey, fent, kind;
+    if (!PyArg_ParseTuple(args, "KinK(nnnnn)", &addr, &latch_flag, &words, &prep_addr, &head,
+                          &count, &fkey, &fent, &kind))
+        return NULL;
+    if (!addr || !latch_flag || words <= 0 || !prep_addr || head < 2 || count <= 0 ||
+        head + count != words || fkey < 0 || fkey >= count || fent < 0 || fent >= count ||
+        kind < 0 || kind >= count) {
         PyErr_SetString(PyExc_ValueError, "configure_txn: a null function or a bad constant");
         return NULL;
     }
     txn_take_call = (txn_take_fn)(uintptr_t)addr;
     txn_prepare_call = (txn_prepare_fn)(uintptr_t)prep_addr;
+    cd_head = head;
+    cd_count = count;
+    cd_fkey = fkey;
+    cd_fent = fent;
+    cd_kind = kind;
     txn_take_latch = latch_flag;
     txn_desc_words = words;
     Py_RETURN_NONE;
@@ -1689,9 +1698,14 @@ static PyObject *configure_txn(PyObject *mod, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"configure_txn", configure_txn, METH_VARARGS,
-     "configure_txn(aiodb_txn_take, TXN_TAKE_LATCH, descriptor words, aiodb_txn_prepare): the "
-     "cffi accelerator's one-call take of a transaction's page and its commit's build "
+     "configure_txn(aiodb_txn_take, TXN_TAKE_LATCH, descriptor words, aiodb_txn_prepare, "
+     "(CD_HEAD, CD_COUNT, CD_FKEY, CD_FENT, CD_KIND)): the cffi accelerator's one-call take of "
+     "a transaction's page and its commit's build, and the descriptor's layout "
      "(aiodbenv.txn.commit)."},
+    {"txn_prepare_many", (PyCFunction)(void (*)(void))txn_prepare_many, METH_FASTCALL,
+     "txn_prepare_many(copies, entries, redo_start, worst, owner, flag): txn_prepare for a "
+     "commit of several pages taken by txn_take: (record, fulls, changed, array), else the "
+     "call's int result."},
     {"txn_prepare", (PyCFunction)(void (*)(void))txn_prepare, METH_FASTCALL,
      "txn_prepare(copy, files, redo_start, worst, owner, flag): build and mark the commit of "
      "one page taken by txn_take: (record, fulls), else the call's int result."},

@@ -304,3 +304,121 @@ static PyObject *txn_prepare(PyObject *mod, PyObject *const *args, Py_ssize_t na
     PyTuple_SetItem(pair, 1, fulls);
     return pair;
 }
+
+/* Part 75's descriptor layout, as aiodbenv/txn/commit.py states it (configure_txn): the words
+   before the pages' (CD_HEAD), per page (CD_COUNT), and the page words this module writes or
+   reads: the file's key, its entry's offset in the blob, what the build found. */
+static Py_ssize_t cd_head, cd_count, cd_fkey, cd_fent, cd_kind;
+
+/* The files blob of a commit of several pages, built here for the call (see prep_scratch). */
+static unsigned char *files_scratch;
+static size_t files_cap;
+
+/* txn_prepare_many(copies, entries, redo_start, worst, owner, flag): txn_prepare for the
+   commit of several pages, each taken by txn_take (copies[i] its TxnCopy, entries[i] its
+   file's batch entry), in the transaction's order: their descriptors are gathered into one
+   array (aiodbenv.txn.commit.descriptor's work: each file's entry once in the blob), then
+   aiodb_txn_prepare. Returns (record, fulls, changed, array): the changed pages' indexes (a
+   tuple) and a TxnCopy holding the array, which the commit's finish reads; else the call's int
+   result (0: nothing changed, nothing done; < 0: nothing marked committing). */
+static PyObject *txn_prepare_many(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    if (nargs != 6 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "txn_prepare_many(copies: tuple, entries: tuple, "
+                                         "redo_start, worst, owner, flag)");
+        return NULL;
+    }
+    if (!txn_prepare_call || !cd_count) {
+        PyErr_SetString(PyExc_RuntimeError, "aiodbenv._hot: transactions are not configured");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_Size(args[0]);
+    if (n < 1 || n > 64 || PyTuple_Size(args[1]) != n) {
+        PyErr_SetString(PyExc_ValueError, "txn_prepare_many: 1 to 64 pages, an entry each");
+        return NULL;
+    }
+    uint64_t redo_start, worst, owner, flag;
+    if (u64_arg(args[2], &redo_start) < 0 || u64_arg(args[3], &worst) < 0 ||
+        u64_arg(args[4], &owner) < 0 || u64_arg(args[5], &flag) < 0)
+        return NULL;
+    if (worst > (uint64_t)PY_SSIZE_T_MAX) return PyErr_NoMemory();
+    size_t blob = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *c = PyTuple_GetItem(args[0], i), *e = PyTuple_GetItem(args[1], i);
+        if (!c || !e || Py_TYPE(c) != TxnCopy_Type || !PyBytes_Check(e)) {
+            PyErr_SetString(PyExc_TypeError, "txn_prepare_many: TxnCopy pages, bytes entries");
+            return NULL;
+        }
+        blob += (size_t)PyBytes_Size(e);
+    }
+    if (blob > files_cap) {
+        unsigned char *grown = PyMem_Realloc(files_scratch, blob);
+        if (!grown) return PyErr_NoMemory();
+        files_scratch = grown;
+        files_cap = blob;
+    }
+    if (worst > prep_cap) {
+        unsigned char *grown = PyMem_Realloc(prep_scratch, (size_t)worst);
+        if (!grown) return PyErr_NoMemory();
+        prep_scratch = grown;
+        prep_cap = (size_t)worst;
+    }
+    /* The array outlives this call (the finish reads it after the log put): its own memory. */
+    TxnCopy *array = copy_make(8 * (cd_head + n * cd_count));
+    if (!array) return NULL;
+    uint64_t *D = (uint64_t *)array->mem;
+    memset(D, 0, 8 * (size_t)cd_head);
+    size_t pos = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        TxnCopy *c = (TxnCopy *)PyTuple_GetItem(args[0], i);
+        uint64_t *d = D + cd_head + i * cd_count;
+        memcpy(d, c->desc + cd_head, 8 * (size_t)cd_count);
+        Py_ssize_t j = 0;
+        while (j < i && D[cd_head + j * cd_count + cd_fkey] != d[cd_fkey]) j++;
+        if (j < i) {
+            d[cd_fent] = D[cd_head + j * cd_count + cd_fent]; /* the file's entry, once */
+            continue;
+        }
+        char *e;
+        Py_ssize_t elen;
+        if (PyBytes_AsStringAndSize(PyTuple_GetItem(args[1], i), &e, &elen) < 0) {
+            Py_DECREF((PyObject *)array);
+            return NULL;
+        }
+        memcpy(files_scratch + pos, e, (size_t)elen);
+        d[cd_fent] = pos;
+        pos += (size_t)elen;
+    }
+    int64_t r = txn_prepare_call(D, (int)n, files_scratch, pos, redo_start, prep_scratch, worst,
+                                 owner, flag);
+    if (r <= 0) {
+        Py_DECREF((PyObject *)array);
+        return PyLong_FromLongLong(r);
+    }
+    /* Marked: a failure from here aborts, as txn_prepare's does. */
+    Py_ssize_t nchanged = 0;
+    for (Py_ssize_t i = 0; i < n; i++) nchanged += D[cd_head + i * cd_count + cd_kind] != 0;
+    PyObject *changed = PyTuple_New(nchanged);
+    PyObject *record = PyBytes_FromStringAndSize((const char *)prep_scratch, (Py_ssize_t)r);
+    PyObject *fulls = PyLong_FromUnsignedLongLong(D[1]); /* CD_FULLS */
+    PyObject *out = PyTuple_New(4);
+    if (!changed || !record || !fulls || !out) goto fail;
+    for (Py_ssize_t i = 0, k = 0; i < n; i++) {
+        if (!D[cd_head + i * cd_count + cd_kind]) continue;
+        PyObject *ix = PyLong_FromSsize_t(i);
+        if (!ix) goto fail;
+        PyTuple_SetItem(changed, k++, ix);
+    }
+    PyTuple_SetItem(out, 0, record);
+    PyTuple_SetItem(out, 1, fulls);
+    PyTuple_SetItem(out, 2, changed);
+    PyTuple_SetItem(out, 3, (PyObject *)array);
+    return out;
+fail:
+    Py_XDECREF(changed);
+    Py_XDECREF(record);
+    Py_XDECREF(fulls);
+    Py_XDECREF(out);
+    Py_DECREF((PyObject *)array);
+    return NULL;
+}
