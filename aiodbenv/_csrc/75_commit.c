@@ -34,6 +34,14 @@ enum {
 };
 enum { CD_CHANGED, CD_FULLS, CD_HEAD };  /* out: changed pages, of them full images */
 
+/* The layout as the Python side reads it (aiodbenv/txn/commit.py). */
+#define AIODB_CD_HEAD CD_HEAD
+#define AIODB_CD_COUNT CD_COUNT
+#define AIODB_CD_FKEY CD_FKEY
+#define AIODB_CD_FENT CD_FENT
+#define AIODB_CD_FLEN CD_FLEN
+#define AIODB_CD_KIND CD_KIND
+
 #define AIODB_COMMIT_CHUNK 64  /* batch.FRAG_CHUNK */
 #define AIODB_COMMIT_MAGIC "\0aiodbenv-txn1\0\0"
 

@@ -59,26 +59,30 @@ _TAKE_LATCH, _TAKE_NEW = 1, 2  # aiodb_txn_take's flags
 # _CD_HEAD + _CD_COUNT: one page's descriptor array (the room after a private copy).
 _D_WORDS = int(speedups.AIODB_TXN_DESC_WORDS) if FAST else 15
 _CORRUPT = -1000000
-# Part 75's descriptor layout (CD_*): the array's result words first (changed pages, full
-# images), then per page _CD_COUNT words, of which these are read or written here.
-_CD_HEAD = 2
-_CD_COUNT = 13
-_CD_FKEY = 8
-_CD_FENT = 9
-_CD_KIND = 12
+# Part 75's descriptor layout (its AIODB_CD_* constants): the array's result words first
+# (changed pages, full images), then per page _CD_COUNT words, of which these are read or
+# written here. Only the compiled commit reads it (the values are the C part's own).
+_CD_HEAD, _CD_COUNT, _CD_FKEY, _CD_FENT, _CD_FLEN, _CD_KIND = (
+    tuple(
+        int(getattr(speedups, "AIODB_CD_" + k))
+        for k in ("HEAD", "COUNT", "FKEY", "FENT", "FLEN", "KIND")
+    )
+    if COMPILED
+    else (2, 13, 8, 9, 10, 12)
+)
 # The record's buffer: the C build writes what it returns the length of, and only that is read
 # (zeroing its worst case, more than a page, was 5% of a nosync commit's instructions).
 _new_unzeroed: Any = ffi.new_allocator(should_clear_after_alloc=False) if ffi is not None else None
 #: True when tx.page's common case (a cached page, its latch free) is one call of the compiled
 #: hot path (``HotFile.txn_take`` of :mod:`aiodbenv._hot`: hot.c's pin, then aiodb_txn_take).
-HOT_TAKE = FAST and _hot is not None and hasattr(_hot, "txn_prepare")
+HOT_TAKE = FAST and _hot is not None and hasattr(_hot, "txn_prepare_many")
 if HOT_TAKE:
     _hot.configure_txn(
         int(ffi.cast("uintptr_t", ffi.addressof(speedups, "aiodb_txn_take"))),
         _TAKE_LATCH,
         _D_WORDS,
         int(ffi.cast("uintptr_t", ffi.addressof(speedups, "aiodb_txn_prepare"))),
-        (_CD_HEAD, _CD_COUNT, _CD_FKEY, _CD_FENT, _CD_KIND),
+        (_CD_HEAD, _CD_COUNT, _CD_FKEY, _CD_FENT, _CD_FLEN, _CD_KIND),
     )
 _TxnCopy: Any = _hot.TxnCopy if HOT_TAKE else None
 _hot_prepare: Any = _hot.txn_prepare if HOT_TAKE else None
@@ -152,18 +156,20 @@ def descriptor(pages: list[TxnPage]) -> tuple[Any, bytes]:
     n = len(pages)
     d = ffi.new("uint64_t[]", _CD_HEAD + _CD_COUNT * n)
     blob: list[bytes] = []
-    at: dict[int, int] = {}
+    at: dict[int, tuple[int, int]] = {}
     pos = 0
     for i, tp in enumerate(pages):
         base = _CD_HEAD + i * _CD_COUNT
         ffi.memmove(d + base, tp._desc[0] + _CD_HEAD, _CD_COUNT * 8)
         fidx = tp.file._fidx
-        off = at.get(fidx)
-        if off is None:
-            off = at[fidx] = pos
+        got = at.get(fidx)
+        if got is None:
+            got = at[fidx] = (pos, len(tp._entry))
             blob.append(tp._entry)
             pos += len(tp._entry)
-        d[base + _CD_FENT] = off
+        # The file's entry once, the first page's: its offset and its length (another handle
+        # of the file, opened by another path, has an entry of another length).
+        d[base + _CD_FENT], d[base + _CD_FLEN] = got
     return d, b"".join(blob)
 
 

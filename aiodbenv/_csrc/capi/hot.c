@@ -1674,13 +1674,13 @@ static PyObject *configure_txn(PyObject *mod, PyObject *args) {
     (void)mod;
     unsigned long long addr, prep_addr;
     int latch_flag;
-    Py_ssize_t words, head, count, fkey, fent, kind;
-    if (!PyArg_ParseTuple(args, "KinK(nnnnn)", &addr, &latch_flag, &words, &prep_addr, &head,
-                          &count, &fkey, &fent, &kind))
+    Py_ssize_t words, head, count, fkey, fent, flen, kind;
+    if (!PyArg_ParseTuple(args, "KinK(nnnnnn)", &addr, &latch_flag, &words, &prep_addr, &head,
+                          &count, &fkey, &fent, &flen, &kind))
         return NULL;
     if (!addr || !latch_flag || words <= 0 || !prep_addr || head < 2 || count <= 0 ||
         head + count != words || fkey < 0 || fkey >= count || fent < 0 || fent >= count ||
-        kind < 0 || kind >= count) {
+        flen < 0 || flen >= count || kind < 0 || kind >= count) {
         PyErr_SetString(PyExc_ValueError, "configure_txn: a null function or a bad constant");
         return NULL;
     }
@@ -1690,6 +1690,7 @@ static PyObject *configure_txn(PyObject *mod, PyObject *args) {
     cd_count = count;
     cd_fkey = fkey;
     cd_fent = fent;
+    cd_flen = flen;
     cd_kind = kind;
     txn_take_latch = latch_flag;
     txn_desc_words = words;
@@ -1699,7 +1700,8 @@ static PyObject *configure_txn(PyObject *mod, PyObject *args) {
 static PyMethodDef module_methods[] = {
     {"configure_txn", configure_txn, METH_VARARGS,
      "configure_txn(aiodb_txn_take, TXN_TAKE_LATCH, descriptor words, aiodb_txn_prepare, "
-     "(CD_HEAD, CD_COUNT, CD_FKEY, CD_FENT, CD_KIND)): the cffi accelerator's one-call take of "
+     "(CD_HEAD, CD_COUNT, CD_FKEY, CD_FENT, CD_FLEN, CD_KIND)): the cffi accelerator's one-call "
+     "take of "
      "a transaction's page and its commit's build, and the descriptor's layout "
      "(aiodbenv.txn.commit)."},
     {"txn_prepare_many", (PyCFunction)(void (*)(void))txn_prepare_many, METH_FASTCALL,

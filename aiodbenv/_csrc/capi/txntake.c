@@ -305,10 +305,11 @@ static PyObject *txn_prepare(PyObject *mod, PyObject *const *args, Py_ssize_t na
     return pair;
 }
 
-/* Part 75's descriptor layout, as aiodbenv/txn/commit.py states it (configure_txn): the words
-   before the pages' (CD_HEAD), per page (CD_COUNT), and the page words this module writes or
-   reads: the file's key, its entry's offset in the blob, what the build found. */
-static Py_ssize_t cd_head, cd_count, cd_fkey, cd_fent, cd_kind;
+/* Part 75's descriptor layout (its AIODB_CD_* constants, handed over by configure_txn): the
+   words before the pages' (CD_HEAD), per page (CD_COUNT), and the page words this module
+   writes or reads: the file's key, its entry's offset and length in the blob, what the build
+   found. */
+static Py_ssize_t cd_head, cd_count, cd_fkey, cd_fent, cd_flen, cd_kind;
 
 /* The files blob of a commit of several pages, built here for the call (see prep_scratch). */
 static unsigned char *files_scratch;
@@ -376,7 +377,10 @@ static PyObject *txn_prepare_many(PyObject *mod, PyObject *const *args, Py_ssize
         Py_ssize_t j = 0;
         while (j < i && D[cd_head + j * cd_count + cd_fkey] != d[cd_fkey]) j++;
         if (j < i) {
-            d[cd_fent] = D[cd_head + j * cd_count + cd_fent]; /* the file's entry, once */
+            /* The file's entry, once: the first page's, offset and length (another handle of
+               the file, opened by another path, has an entry of another length). */
+            d[cd_fent] = D[cd_head + j * cd_count + cd_fent];
+            d[cd_flen] = D[cd_head + j * cd_count + cd_flen];
             continue;
         }
         char *e;
@@ -395,14 +399,21 @@ static PyObject *txn_prepare_many(PyObject *mod, PyObject *const *args, Py_ssize
         Py_DECREF((PyObject *)array);
         return PyLong_FromLongLong(r);
     }
-    /* Marked: a failure from here aborts, as txn_prepare's does. */
+    /* Marked: a failure from here aborts, as txn_prepare's does. The record is copied out
+       first: making a tracked object (a tuple) can run the garbage collector, and with it
+       Python code (finalizers, gc callbacks) that commits itself or lets another thread do
+       so, which would overwrite the scratch buffer. A bytes object is not tracked. */
+    PyObject *record = PyBytes_FromStringAndSize((const char *)prep_scratch, (Py_ssize_t)r);
+    if (!record) {
+        Py_DECREF((PyObject *)array);
+        return NULL;
+    }
     Py_ssize_t nchanged = 0;
     for (Py_ssize_t i = 0; i < n; i++) nchanged += D[cd_head + i * cd_count + cd_kind] != 0;
     PyObject *changed = PyTuple_New(nchanged);
-    PyObject *record = PyBytes_FromStringAndSize((const char *)prep_scratch, (Py_ssize_t)r);
     PyObject *fulls = PyLong_FromUnsignedLongLong(D[1]); /* CD_FULLS */
     PyObject *out = PyTuple_New(4);
-    if (!changed || !record || !fulls || !out) goto fail;
+    if (!changed || !fulls || !out) goto fail;
     for (Py_ssize_t i = 0, k = 0; i < n; i++) {
         if (!D[cd_head + i * cd_count + cd_kind]) continue;
         PyObject *ix = PyLong_FromSsize_t(i);
