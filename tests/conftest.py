@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -201,6 +203,30 @@ def run_suites(
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
+
+
+async def in_forked_child(work: Callable[[], Awaitable[object]]) -> object:
+    """Fork; the child runs ``work()`` on the loop it inherits, sends its result (as JSON)
+    through a pipe and leaves at once, never back into pytest. Returns that result; raises
+    AssertionError with the child's traceback if ``work`` raised."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(rfd)
+            os.write(wfd, json.dumps(await work()).encode())
+            code = 0
+        except BaseException:
+            os.write(wfd, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        data = await asyncio.to_thread(r.read)
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, data.decode()
+    return json.loads(data)
 
 
 def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

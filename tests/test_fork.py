@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import os
 import sys
-import traceback
 
 import pytest
 
 import aiodbenv
 from aiodbenv import Env
+
+from .conftest import in_forked_child
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork semantics of Linux")
 
@@ -68,25 +68,8 @@ async def test_inherited_handles_refuse_in_the_child(home: str) -> None:
                 pass
         page = await f.get(3)
         pool = env.pool  # the child gets it by inheritance, not through env.pool
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report and leave at once, never back into pytest
-            code = 1
-            try:
-                os.close(rfd)
-                result = await _child_tries(env, pool, f, page)
-                os.write(wfd, json.dumps(result).encode())
-                code = 0
-            except BaseException:
-                os.write(wfd, traceback.format_exc().encode())
-            finally:
-                os._exit(code)
-        os.close(wfd)
-        with os.fdopen(rfd, "rb") as r:
-            data = await asyncio.to_thread(r.read)
-        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, data.decode()
-        result = json.loads(data)
+        result = await in_forked_child(lambda: _child_tries(env, pool, f, page))
+        assert isinstance(result, dict)
         refused = {k: v for k, v in result.items() if k != "page_data"}
         assert refused == dict.fromkeys(refused, "ForkedProcessError"), result
         assert result["page_data"] == "ValueError"  # the view was released in the child

@@ -20,7 +20,7 @@ from aiodbenv.mpool import hot
 from aiodbenv.mpool.layout import BH
 from aiodbenv.txn import batch, commit
 
-from .conftest import run_suites
+from .conftest import in_forked_child, run_suites
 
 needs_compiled = pytest.mark.skipif(
     not commit.COMPILED, reason="the compiled accelerator is not in use (AIODBENV_MUTEX=abi)"
@@ -519,9 +519,6 @@ async def test_a_forked_child_ending_the_parents_transaction_leaves_its_latches(
     """A child forked inside a transaction's task that ends it gets ForkedProcessError, and
     the parent's latch stays held (the owner id is inherited: releasing it would let another
     transaction change the page under the parent's)."""
-    import json
-    import traceback
-
     env = await aiodbenv.Env.open(home, create=True, log=True)
     try:
         f = await env.pool.open_file(env.resolve("k.db"), create=True, lsn_offset=0)
@@ -534,29 +531,15 @@ async def test_a_forked_child_ending_the_parents_transaction_leaves_its_latches(
         latch_word = (page._bh >> 3) + BH.word.latch
         held = int(page._cache.words[latch_word])
         assert held == tx._owner
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report and leave at once, never back into pytest
-            code = 1
+
+        async def end_it_in_the_child() -> str:
             try:
-                os.close(rfd)
-                try:
-                    await tx.abort()
-                    result = "returned"
-                except aiodbenv.ForkedProcessError:
-                    result = "ForkedProcessError"
-                os.write(wfd, json.dumps(result).encode())
-                code = 0
-            except BaseException:
-                os.write(wfd, traceback.format_exc().encode())
-            finally:
-                os._exit(code)
-        os.close(wfd)
-        with os.fdopen(rfd, "rb") as r:
-            data = await asyncio.to_thread(r.read)
-        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, data.decode()
-        assert json.loads(data) == "ForkedProcessError"
+                await tx.abort()
+            except aiodbenv.ForkedProcessError:
+                return "ForkedProcessError"
+            return "returned"
+
+        assert await in_forked_child(end_it_in_the_child) == "ForkedProcessError"
         assert int(page._cache.words[latch_word]) == held  # still the parent's
         tp.data[65:66] = b"p"
         await tx.commit()
