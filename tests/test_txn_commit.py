@@ -19,6 +19,7 @@ from aiodbenv import LSN, RunRecovery
 from aiodbenv.mpool import hot
 from aiodbenv.mpool.layout import BH
 from aiodbenv.txn import batch, commit
+from aiodbenv.txn.latch import LATCH_COMMITTING
 
 from .conftest import in_forked_child, run_suites
 
@@ -672,6 +673,71 @@ async def test_two_handles_of_one_file_under_two_paths_in_one_commit(
             assert bytes(a.data[100:102]) == (b"\0\0" if long_first else b"p0")
             assert bytes(b.data[100:102]) == b"p1"
         await g.close()
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.skipif(not commit.HOT_TAKE, reason="the compiled hot path is off")
+async def test_a_collection_inside_the_build_cannot_swap_the_record(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled build of several pages writes the record into a buffer of the module's
+    own. A garbage collection it sets off (making a tuple of 24 items) runs a gc callback that
+    builds another transaction's commit into that buffer: the record logged must still be this
+    commit's own (it is copied out before anything that can collect)."""
+    import gc
+
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("g.db"), create=True, lsn_offset=0)
+        n = 24
+        async with env.txn() as tx:
+            for pgno in range(n + 1):
+                (await tx.page(f, pgno, create=True)).data[64:65] = b"g"
+        other = await env.txn()  # its one-page commit is what the callback builds
+        tp = await other.page(f, n)
+        tp.data[200:210] = b"OTHER-TXN!"
+        armed, fired = False, []
+
+        def collecting(phase: str, info: dict[str, int]) -> None:
+            if phase == "start" and armed and not fired:
+                fired.append(
+                    commit._hot_prepare(
+                        tp._desc[1], tp._entry, 0, other._bytes, other._owner, LATCH_COMMITTING
+                    )
+                )
+
+        many = commit._hot_prepare_many
+
+        def collect_inside(*args: object) -> object:
+            nonlocal armed
+            armed, threshold = True, gc.get_threshold()
+            gc.set_threshold(1)  # the first tracked object made collects
+            try:
+                return many(*args)
+            finally:
+                gc.set_threshold(*threshold)
+                armed = False
+
+        monkeypatch.setattr(commit, "_hot_prepare_many", collect_inside)
+        gc.callbacks.append(collecting)
+        end = env.log.end_lsn
+        try:
+            async with env.txn() as tx:
+                for pgno in range(n):
+                    (await tx.page(f, pgno)).data[100:104] = b"MINE"
+        finally:
+            gc.callbacks.remove(collecting)
+        assert fired and type(fired[0]) is tuple  # the other build ran inside this one
+        records = [d async for lsn, d in env.log.cursor(start=end) if batch.is_batch(d)]
+        assert len(records) == 1
+        _, bpages = batch.decode(records[0])
+        assert sorted(p.pgno for p in bpages) == list(range(n))
+        await other.abort()
+        async with f.get(n) as p:
+            assert bytes(p.data[200:210]) == bytes(10)  # the other commit never happened
         await f.close()
     finally:
         await env.close(nosync=True)
