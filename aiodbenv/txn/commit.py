@@ -34,7 +34,6 @@ __all__ = [
     "Built",
     "apply",
     "build",
-    "desc_of",
     "descriptor",
     "file_entry",
     "latch",
@@ -139,12 +138,6 @@ def take(
     if r == -_EOWNERDEAD:
         cache.release_dead_holder(page._bucket)  # repaired (or panicked) the usual way
     return int(r), None, None
-
-
-def desc_of(copy: Any) -> Any:
-    """The commit descriptor of a private copy made by ``HotFile.txn_take`` (a TxnCopy), as
-    the pointer the compiled commit calls take."""
-    return ffi.cast("uint64_t *", copy.desc)
 
 
 def descriptor(pages: list[TxnPage]) -> tuple[Any, bytes]:

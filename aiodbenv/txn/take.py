@@ -249,7 +249,9 @@ class TxnTaking:
         # memory) would leave a latch nothing knows of, held for good.
         try:
             if desc is None:
-                desc = (_cast("uint64_t *", data.desc), data)  # commit.desc_of, without its call
+                # The commit calls take the descriptor's address as a cffi pointer; the
+                # TxnCopy after it keeps its memory alive.
+                desc = (_cast("uint64_t *", data.desc), data)
             tp = TxnPage(f, page, data, bf, desc, entry)
             self._pages[(f._fidx, pgno)] = tp
             f._latched[page] = owner
