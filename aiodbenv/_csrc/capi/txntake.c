@@ -1,7 +1,7 @@
-/* aiodbenv._hot.TxnCopy, HotFile.txn_take, txn_prepare and HotFile.unpin_now: a transaction's
- * page taking (tx.page of a cached page whose latch is free, aiodbenv/txn/take.py) in one call,
- * the commit's build of a one-page transaction, and the unpin of its pages when it ends;
- * included by hot.c (one extension module).
+/* aiodbenv._hot.TxnCopy, HotFile.txn_take, txn_prepare, txn_prepare_many and
+ * HotFile.unpin_now: a transaction's page taking (tx.page of a cached page whose latch is free,
+ * aiodbenv/txn/take.py) in one call, the commit's build of pages so taken, and the unpin of its
+ * pages when it ends; included by hot.c (one extension module).
  *
  * Done from Python, that take cost a cffi pin with twelve arguments and a Page built in Python,
  * then a cffi allocation of the private copy, a cast, the cffi take with fifteen arguments and
@@ -34,7 +34,7 @@ typedef struct {
     unsigned char *mem;   /* size bytes of the copy, then (8-byte aligned) the descriptor */
     uint64_t *desc;
     Py_ssize_t size;
-    Py_ssize_t exports;   /* live views: only for the repr and the checks */
+    Py_ssize_t exports;   /* live views (kept for debugging: a view holds the TxnCopy) */
 } TxnCopy;
 
 static PyTypeObject *TxnCopy_Type;
