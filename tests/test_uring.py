@@ -421,13 +421,20 @@ async def test_a_pool_reads_pages_through_it_and_a_failed_read_frees_the_frame(
     monkeypatch.setenv("AIODBENV_READER", "uring")
     pool = env.pool
     async with pool.open_file("m.db", page_size=PS) as f:
-        await _cold(env, home, f)
-        reader = pool._io.reader
-        assert isinstance(reader, uring.UringReader)
-        for p in range(16):
-            async with f.get(p) as page:
-                assert bytes(page.data) == page_bytes(p)
-        assert reader.reads >= 1
+        reader = None
+        for _ in range(5):
+            await _cold(env, home, f)
+            reader = pool._io.reader
+            assert isinstance(reader, uring.UringReader)
+            for p in range(16):
+                async with f.get(p) as page:
+                    assert bytes(page.data) == page_bytes(p)
+            # The first miss's RWF_NOWAIT attempt starts readahead; a miss that yields and
+            # tries again may find its page back in the OS cache then (seen once under uvloop
+            # in CI): another round, so that at least one read goes through the ring.
+            if reader.reads >= 1:
+                break
+        assert reader is not None and reader.reads >= 1
         await _cold(env, home, f)
         failed = 0
         for p in range(16):
