@@ -795,6 +795,17 @@ static PinCtx *ctx_make(HotFile *hf, long long pgno) {
     return c;
 }
 
+/* An unpin released a frame (aiodb_unpin_at returned 1): it may be evictable now, so wake a
+   frame waiter, if any waits. 0, or -1 with an error set. */
+static int wake_frame_waiter(HotFile *hf) {
+    Py_ssize_t waiting = PyObject_Length(hf->frame_queue);
+    if (waiting <= 0) return (int)waiting; /* -1: error set */
+    PyObject *x = PyObject_CallNoArgs(hf->frame_released);
+    if (!x) return -1;
+    Py_DECREF(x);
+    return 0;
+}
+
 /* Undo a pin this module just took, when building its Page failed (out of memory). */
 static void undo_pin(HotFile *hf, CacheRef *c, uint64_t b, int64_t off) {
     PyObject *et, *ev, *tb;
@@ -1312,16 +1323,7 @@ static PyObject *ctx_aexit(PinCtx *self) {
                      (int)flags, hf->slot);
     if (r == 0 || r == 1) {
         Py_DECREF(p);
-        if (r == 1) {
-            /* A frame may be evictable now: wake a frame waiter, if any waits. */
-            Py_ssize_t waiting = PyObject_Length(hf->frame_queue);
-            if (waiting < 0) return NULL;
-            if (waiting) {
-                PyObject *x = PyObject_CallNoArgs(hf->frame_released);
-                if (!x) return NULL;
-                Py_DECREF(x);
-            }
-        }
+        if (r == 1 && wake_frame_waiter(hf) < 0) return NULL;
         return completed(self, Py_NewRef(Py_None));
     }
     /* Contended, a dead holder, or an over-unpin: the Python release finishes it. */

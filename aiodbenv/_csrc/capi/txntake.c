@@ -220,16 +220,8 @@ static PyObject *hf_unpin_now(HotFile *self, PyObject *arg) {
     uint64_t b = (uint64_t)p->bucket;
     int r = unpin_at(c->w, c->mptrs, c->nowait_w, c->bucket_w, b, (uint64_t)bh >> 3, c->hdr, 0,
                      self->slot);
-    if (r == 0) Py_RETURN_TRUE;
-    if (r == 1) {
-        /* A frame may be evictable now: wake a frame waiter, if any waits. */
-        Py_ssize_t waiting = PyObject_Length(self->frame_queue);
-        if (waiting < 0) return NULL;
-        if (waiting) {
-            PyObject *x = PyObject_CallNoArgs(self->frame_released);
-            if (!x) return NULL;
-            Py_DECREF(x);
-        }
+    if (r == 0 || r == 1) {
+        if (r == 1 && wake_frame_waiter(self) < 0) return NULL;
         Py_RETURN_TRUE;
     }
     return PyObject_CallFunction(self->after_unpin, "OLKLLi", c->cache, p->pgno,
@@ -248,6 +240,19 @@ static txn_prepare_fn txn_prepare_call; /* set by configure_txn */
    is held throughout (the build never waits: a busy bucket mutex is handed back). */
 static unsigned char *prep_scratch;
 static size_t prep_cap;
+
+/* Make *buf (of *cap bytes) hold at least `want`: 0, or -1 with MemoryError set. */
+static int scratch_room(unsigned char **buf, size_t *cap, size_t want) {
+    if (want <= *cap) return 0;
+    unsigned char *grown = PyMem_Realloc(*buf, want);
+    if (!grown) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *buf = grown;
+    *cap = want;
+    return 0;
+}
 
 /* txn_prepare(copy, files, redo_start, worst, owner, flag): the commit of the one page whose
    private copy (and descriptor) is `copy`, taken by txn_take: aiodb_txn_prepare (the batch
@@ -275,12 +280,7 @@ static PyObject *txn_prepare(PyObject *mod, PyObject *const *args, Py_ssize_t na
         u64_arg(args[5], &flag) < 0)
         return NULL;
     if (worst > (uint64_t)PY_SSIZE_T_MAX) return PyErr_NoMemory();
-    if (worst > prep_cap) {
-        unsigned char *grown = PyMem_Realloc(prep_scratch, (size_t)worst);
-        if (!grown) return PyErr_NoMemory();
-        prep_scratch = grown;
-        prep_cap = (size_t)worst;
-    }
+    if (scratch_room(&prep_scratch, &prep_cap, (size_t)worst) < 0) return NULL;
     int64_t r = txn_prepare_call(copy->desc, 1, (const unsigned char *)files, (uint64_t)flen,
                                  redo_start, prep_scratch, worst, owner, flag);
     if (r <= 0) return PyLong_FromLongLong(r);
@@ -352,18 +352,8 @@ static PyObject *txn_prepare_many(PyObject *mod, PyObject *const *args, Py_ssize
         }
         blob += (size_t)PyBytes_Size(e);
     }
-    if (blob > files_cap) {
-        unsigned char *grown = PyMem_Realloc(files_scratch, blob);
-        if (!grown) return PyErr_NoMemory();
-        files_scratch = grown;
-        files_cap = blob;
-    }
-    if (worst > prep_cap) {
-        unsigned char *grown = PyMem_Realloc(prep_scratch, (size_t)worst);
-        if (!grown) return PyErr_NoMemory();
-        prep_scratch = grown;
-        prep_cap = (size_t)worst;
-    }
+    if (scratch_room(&files_scratch, &files_cap, blob) < 0) return NULL;
+    if (scratch_room(&prep_scratch, &prep_cap, (size_t)worst) < 0) return NULL;
     /* The array outlives this call (the finish reads it after the log put): its own memory. */
     TxnCopy *array = copy_make(8 * (cd_head + n * cd_count));
     if (!array) return NULL;
