@@ -11,7 +11,8 @@ machine (``benchmarks/anchors/flush_floor.c``, built here with ``cc``), beside a
 - ``asyncio``: the same C worker (the program built as a library, called through ctypes),
   an asyncio event loop waiting for its eventfd (``loop.add_reader``, a future per record):
   the floor with an event loop and no library;
-- ``aiodbenv``: ``await env.log.put(record, flush=True)`` per record, one process.
+- ``aiodbenv``: ``await env.log.put(record, flush=True)`` per record, one process;
+- ``uvloop`` and ``aiodbenv uvloop``: the last two under uvloop's event loop (if installed).
 
 Three repetitions, interleaved; medians in microseconds per record, and each one's ratio to
 ``sync``. The issue's aim for a flushed put is 1.2 times Berkeley DB's time::
@@ -34,6 +35,11 @@ import time
 from pathlib import Path
 
 import aiodbenv
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is optional
+    uvloop = None  # type: ignore[assignment]
 
 SOURCE = Path(__file__).resolve().parent / "anchors" / "flush_floor.c"
 RECORD = b"x" * 100
@@ -140,6 +146,8 @@ def main() -> int:
             "asyncio": [],
             "aiodbenv": [],
         }
+        if uvloop is not None:
+            rows["uvloop"], rows["aiodbenv uvloop"] = [], []
         floor = AsyncioFloor(lib, work)
         try:
             for _ in range(3):
@@ -151,13 +159,18 @@ def main() -> int:
                 home = tempfile.mkdtemp(dir=work)
                 rows["aiodbenv"].append(asyncio.run(run_aiodbenv(home, seconds / 3)))
                 shutil.rmtree(home, ignore_errors=True)
+                if uvloop is not None:
+                    rows["uvloop"].append(uvloop.run(floor.run(seconds / 3)))
+                    home = tempfile.mkdtemp(dir=work)
+                    rows["aiodbenv uvloop"].append(uvloop.run(run_aiodbenv(home, seconds / 3)))
+                    shutil.rmtree(home, ignore_errors=True)
         finally:
             floor.close()
         base = statistics.median(rows["sync"])
         for name, vals in rows.items():
             med = statistics.median(vals)
             spread = f"{min(vals):.0f}-{max(vals):.0f}"
-            print(f"{name:9s} {med:8.1f} us/record ({spread})  {med / base:5.2f} x sync")
+            print(f"{name:15s} {med:8.1f} us/record ({spread})  {med / base:5.2f} x sync")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
