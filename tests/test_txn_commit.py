@@ -742,3 +742,73 @@ async def test_a_collection_inside_the_build_cannot_swap_the_record(
     finally:
         await env.close(nosync=True)
         await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.skipif(not commit.HOT_TAKE, reason="the compiled hot path is off")
+async def test_the_compiled_take_meets_a_bucket_holder_that_died_after_its_pin(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bucket mutex's holder dies between the compiled take's pin and its take of the
+    latch, within one call of ``HotFile.txn_take``: a garbage collection that the pin's
+    allocations set off runs a thread that locks the mutex and ends. The take meets
+    EOWNERDEAD with the mutex held: it has the bucket repaired (once, through the pool's
+    repair), hands the pinned page back, and the Python take goes on. The page is taken, the
+    commit lands, and nothing stays pinned, latched or locked."""
+    import errno
+    import gc
+
+    from aiodbenv.mpool import hotpath
+    from aiodbenv.region.mutex import lib
+
+    repairs: list[int] = []
+    real_fail = hotpath._fail
+
+    def fail(f: object, cache: object, off: int, b: int) -> None:
+        repairs.append(off)
+        real_fail(f, cache, off, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hotpath, "_fail", fail)  # bound when a file is opened: before it
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("d.db"), create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            (await tx.page(f, 0, create=True)).data[100:101] = b"a"
+        async with f.get(0) as pg:
+            cache, bh, bucket = pg._cache, pg._bh, pg._bucket
+        assert cache is not None
+        ref, latch = (bh >> 3) + BH.word.ref, (bh >> 3) + BH.word.latch
+        ptr = cache.mptrs[bucket]
+        died: list[bool] = []
+
+        def collecting(phase: str, info: dict[str, int]) -> None:
+            # Pinned by this process's take and not latched yet: between the pin and the take.
+            if phase == "start" and not died and cache.words[ref] == 1 and not cache.words[latch]:
+                t = threading.Thread(target=lambda: lib.pthread_mutex_lock(ptr))
+                t.start()
+                t.join(10)
+                died.append(not t.is_alive())
+
+        tx = await env.txn()
+        threshold = gc.get_threshold()
+        gc.callbacks.append(collecting)
+        gc.set_threshold(1)  # the first tracked object made collects
+        try:
+            p = await tx.page(f, 0)
+        finally:
+            gc.set_threshold(*threshold)
+            gc.callbacks.remove(collecting)
+        assert died == [True]
+        assert repairs == [-errno.EOWNERDEAD]  # the take's own repair, not the pin's
+        assert _copy_kind(p) == "cffi"  # handed back: the take went on outside the module
+        p.data[101:102] = b"b"
+        info = await tx.commit()
+        assert int(cache.words[ref]) == 0 and int(cache.words[latch]) == 0
+        async with f.get(0) as pg:
+            assert bytes(pg.data[100:102]) == b"ab" and LSN.unpack(pg.data, 0) == info.lsn
+        async with env.txn(latch_timeout=0.5) as tx:  # the bucket works as before
+            (await tx.page(f, 0)).data[102:103] = b"c"
+        assert repairs == [-errno.EOWNERDEAD]
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
