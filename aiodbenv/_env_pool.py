@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from ._config import Settings
-from .errors import Busy
+from .errors import Busy, LockTimeout
 from .log.log import Log
 from .log.region import attach_log, format_log, log_spec
 from .mpool.pool import Pool
@@ -74,7 +74,14 @@ def open_with_pool(
 
 async def close_log_and_pool(log: Log | None, pool: Pool, *, flush: bool) -> None:
     """Close the log (flushing what is buffered if ``flush``), then the pool, even if the
-    first fails."""
+    first fails. A commit under way in this process (a cancelled caller's, finishing in the
+    background) ends first: its append, copy-in and write need the log and its pages (up to
+    the pool's ``wait_timeout``; then LockTimeout is logged and the closing goes on)."""
+    if pool._committing:
+        try:
+            await pool._wait_commits(lambda: bool(pool._committing), "the environment")
+        except LockTimeout as err:
+            logger.warning("aiodbenv: %s", err)
     try:
         if log is not None:
             await log._close(flush=flush)

@@ -251,8 +251,12 @@ class PoolFile(PageRelease):
     async def close(self) -> None:
         """Close the file (memp_fclose). No implied sync: dirty pages stay in the cache and are
         written by eviction, sync or trickle from any process, except those of a temporary file,
-        which are dropped (with its backing file). Pages still pinned through this handle are
-        unpinned first. Closing twice is harmless. In a forked child: ForkedProcessError.
+        which are dropped (with its backing file). A transaction of this process inside a
+        commit with pages of this file is waited for first (its images land, its pages are
+        released; up to the pool's ``wait_timeout``, then LockTimeout and nothing is closed);
+        other transactions lose their pages of it (their commit is refused). Pages still pinned
+        through this handle are unpinned. Closing twice is harmless. In a forked child:
+        ForkedProcessError.
 
         Cancellation: once the close has begun (the file is ``closed`` from its first step), it
         finishes in a task of the pool (which closing the environment waits for): the handle's
@@ -263,6 +267,14 @@ class PoolFile(PageRelease):
             self._refuse_forked()
         if self._closed:
             return
+        if self._latched and self._pool._committing:
+            committing, latched = self._pool._committing, self._latched
+            await self._pool._wait_commits(
+                lambda: any(owner in committing for owner in latched.values()),
+                self._path or "a temporary file",
+            )
+            if self._closed:
+                return
         if self._pins:
             self._warn_pinned()
         pending = []

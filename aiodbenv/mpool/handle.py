@@ -116,6 +116,9 @@ class PoolBase:
         self.frame_wakeups = 0
         self.frame_polls = 0
         self._frame_waiting = 0  # coroutines inside _wait_frame_turn
+        #: This process's transactions inside a commit, by owner (aiodbenv.txn): closing a file
+        #: waits for those holding its pages (PoolFile.close).
+        self._committing: dict[int, object] = {}
         self._reclaimed_at: dict[int, float] = {}  # cache index -> last look for lost frames
         self._closed = False
         # Closing waits for all of this: coroutines inside a slow path (a miss, a sync) and the
@@ -345,6 +348,22 @@ class PoolBase:
                 fut.set_result(None)
                 self.frame_wakeups += 1
                 return
+
+    async def _wait_commits(self, holding: Callable[[], bool], what: str) -> None:
+        """Wait while ``holding()``: a transaction of this process is inside a commit that
+        closing ``what`` would cut off (its pins dropped, or the log closed under its append).
+        Bounded by ``wait_timeout``: then LockTimeout, and the caller closes nothing."""
+        delay, deadline = 0.0005, time.monotonic() + self.wait_timeout
+        while holding() and not self._env_core.panicked:  # panicked: no commit goes on
+            if time.monotonic() > deadline:
+                err = LockTimeout(
+                    f"closing {what}: a transaction's commit did not end within "
+                    f"{self.wait_timeout:g} s"
+                )
+                err.mutex = "commit"
+                raise err
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
 
     def _notify(self) -> None:
         ev = self._changed

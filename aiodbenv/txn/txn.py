@@ -148,6 +148,7 @@ class Txn(TxnTaking):
         in the background)."""
         pending: list[Awaitable[None]] = []
         error: Exception | None = None
+        self._pool._committing.pop(self._owner, None)
         for tp in self._pages.values():
             f, page = tp.file, tp._page
             try:
@@ -205,6 +206,8 @@ class Txn(TxnTaking):
         caller's task), False if in a task of its own (:meth:`_commit_task`)."""
         self._check()
         self._state = _COMMITTING
+        if self._pages:  # closing a file waits for a commit holding its pages
+            self._pool._committing[self._owner] = self
         # The common case, without a task per commit: a put (without flush) of a record that
         # fits in the buffer appends nothing if it is cancelled (it can wait only for buffer
         # space or a new log file), so cancellation is clean at every step. _bytes is the
@@ -214,6 +217,8 @@ class Txn(TxnTaking):
     async def _commit_task(self) -> None:
         task = asyncio.ensure_future(self._commit(inline=False))
         task.add_done_callback(_retrieve)
+        # Also if it never ran (its loop closing): no close waits for it then.
+        task.add_done_callback(lambda _: self._pool._committing.pop(self._owner, None))
         await asyncio.shield(task)
 
     async def _commit(self, inline: bool) -> None:
@@ -271,6 +276,7 @@ class Txn(TxnTaking):
         except BaseException as err:
             # The record may or may not be in the log: only recovery can tell.
             reason = f"a transaction's commit record could not be logged ({err!r})"
+            pool._committing.pop(self._owner, None)  # its pages stay as they are: no close waits
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
         if _io._signal_plan:  # _io.step's own test, without its call
@@ -280,6 +286,7 @@ class Txn(TxnTaking):
         except BaseException as err:
             # Logged but not whole in the buffers: only recovery can make it whole.
             reason = f"a transaction's logged commit could not be copied in ({err!r})"
+            pool._committing.pop(self._owner, None)
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; run recovery") from err
         st = self._stats
