@@ -17,8 +17,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .. import _io
-from ..errors import InvalidArgument, LogBufferFull, RunRecovery
+from ..errors import InvalidArgument, LockTimeout, LogBufferFull, RunRecovery
 from ..log.lsn import LSN
+from ..log.room import has_room, wait_room
 from ..mpool.hotpath import FINISHED
 from . import batch as _batch
 from . import commit as _commit
@@ -223,6 +224,15 @@ class Txn(TxnTaking):
 
     async def _commit(self, inline: bool) -> None:
         pages = list(self._pages.values())
+        log = self._log
+        if not has_room(log, self._bytes):
+            # Before any latch is flagged committing: a process killed while its append waits
+            # for the writer would otherwise panic the environment (aiodbenv.log.room).
+            try:
+                await wait_room(log, self._bytes)
+            except BaseException:
+                await self._end_aborted()
+                raise
         try:
             # The first change of a page after the last checkpoint *record* is a full image:
             # a page written from then on may be torn by a power loss, and recovery (which
@@ -255,15 +265,17 @@ class Txn(TxnTaking):
             _io.step("txn.committing")
         record = built.record
         try:
-            wns = self.durability == "write_nosync"
+            # Appended only: a put that raises has appended nothing. The write (write_nosync)
+            # or flush (sync) is waited for once the images are in and the latches released.
             if self._reserved:
                 # Released in the append's critical section: never refused for space.
-                lsn = await self._log._put_reserved(record, self._reserved, wns)
+                lsn = await log._put_reserved(record, self._reserved, False)
                 self._reserved = 0
             else:
-                lsn = await self._log.put(record, write_nosync=wns)
-        except (LogBufferFull, InvalidArgument):
-            # Nothing was appended: the commit did not happen (release clears the flag).
+                lsn = await log.put(record)
+        except (LogBufferFull, InvalidArgument, LockTimeout):
+            # Nothing was appended (no room came, the writer stalled): the commit did not
+            # happen (release clears the flag).
             await self._end_aborted()
             raise
         except asyncio.CancelledError:
@@ -306,11 +318,15 @@ class Txn(TxnTaking):
             # Not Log.flush(lsn): its check against the log's end reads two region words
             # without the mutex, and a round moving the buffer meanwhile can make the end look
             # smaller than this record's LSN (a spurious InvalidArgument). Ours is in the log.
-            log = self._log
             word = (lsn[0] << 32) | lsn[1]
             if word >= log._c.word("s_lsn"):
                 log._check()
                 await log._flush_word(word)
+        elif self.durability == "write_nosync":
+            word = (lsn[0] << 32) | lsn[1]
+            if word >= log._c.word("w_lsn"):
+                log._check()
+                await log._write_through(word)
 
     async def _end_aborted(self) -> None:
         """The commit failed before its record was logged: end as an abort."""

@@ -1,0 +1,147 @@
+"""A commit whose log append would wait for the writer (the buffer full): it waits *before*
+flagging its latches committing, so that a process killed while it waits is an abort the
+reaper cleans up, not a panic; and if another process's writer makes no progress, the commit
+ends as an abort (LockTimeout), with nothing logged and nothing panicked."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+import aiodbenv
+from aiodbenv import _io
+from aiodbenv.log import room
+from aiodbenv.mpool.layout import BH
+from aiodbenv.txn.latch import LATCH_COMMITTING
+
+BUFFER = 64 * 1024
+
+
+async def _env_with_stalled_writer(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[aiodbenv.Env, aiodbenv.PoolFile, threading.Event, list[int]]:
+    """An environment whose log writes block in the writer's thread until ``go`` is set, its
+    log buffer filled until a page's full image no longer fits."""
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=BUFFER)
+    f = await env.pool.open_file(env.resolve("w.db"), create=True, lsn_offset=0)
+    async with env.txn() as tx:
+        (await tx.page(f, 0, create=True)).data[100:101] = b"a"
+    await env.log.flush()
+    go, writes = threading.Event(), []
+    real = _io.pwritev
+
+    def held(fd: int, buffers: Any, offset: int) -> int:
+        writes.append(offset)
+        go.wait(30)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(_io, "pwritev", held)
+    while room.has_room(env.log, 1100):  # no further put may wait: the writer is held
+        await env.log.put(b"r" * 1000)
+    return env, f, go, writes
+
+
+async def test_a_commit_waits_for_log_room_before_flagging_its_latches(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env, f, go, writes = await _env_with_stalled_writer(home, monkeypatch)
+    try:
+        taken = asyncio.Event()
+        where: list[Any] = []
+
+        async def commit() -> aiodbenv.CommitInfo:
+            tx = await env.txn()
+            p = await tx.page(f, 0)
+            p.data[100:4000] = b"b" * 3900
+            where.append((p._page._cache, p._page._bh))
+            taken.set()
+            return await tx.commit()
+
+        committing = asyncio.ensure_future(commit())
+        await asyncio.wait_for(taken.wait(), 10)
+        cache, bh = where[0]
+        latch = (bh >> 3) + BH.word.latch
+        await asyncio.sleep(0.2)
+        assert not committing.done() and writes  # waiting for the writer
+        word = int(cache.words[latch])
+        assert word and not word & LATCH_COMMITTING  # latched, not flagged: an abort if killed
+        go.set()
+        info = await asyncio.wait_for(committing, 30)
+        async with f.get(0) as pg:
+            assert bytes(pg.data[100:102]) == b"bb" and info.pages == 1
+        assert int(cache.words[latch]) == 0
+        await f.close()
+    finally:
+        go.set()
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+_STOPPED_WRITER = r"""
+import asyncio, sys, aiodbenv
+async def main():
+    env = await aiodbenv.Env.open(sys.argv[1], log=True)
+    f = await env.pool.open_file(sys.argv[2], page_size=4096, lsn_offset=0)
+    while True:  # sync commits: it becomes the log writer, and stops itself in a round
+        async with env.txn(durability="sync") as tx:
+            p = await tx.page(f, 20)
+            p.data[100:4000] = bytes([p.data[100] + 1 & 255]) * 3900
+asyncio.run(main())
+"""
+
+
+async def test_a_commit_whose_log_writer_is_stopped_aborts_without_a_panic(home: str) -> None:
+    """Another process holds the writer role and is stopped (SIGSTOP) before its fdatasync:
+    commits that need buffer space get LockTimeout naming it after the log's
+    ``wait_timeout``, each an abort (nothing appended, latches and pins released); the
+    environment is not panicked, and goes on once the stopped process is gone. Before, such a
+    commit panicked the environment."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    child = None
+    try:
+        path = env.resolve("s.db")
+        f = await env.pool.open_file(path, create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            for pg in range(21):
+                (await tx.page(f, pg, create=True)).data[100:101] = b"a"
+        child = subprocess.Popen(
+            [sys.executable, "-c", _STOPPED_WRITER, home, path],
+            env=dict(os.environ, AIODBENV_TEST_SIGNAL="fdatasync:before:5:SIGSTOP"),
+        )
+        for _ in range(600):
+            with open(f"/proc/{child.pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "T":
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the writer process did not stop itself")
+        env.log.wait_timeout = 1.0
+        with pytest.raises(aiodbenv.LockTimeout, match=str(child.pid)):
+            for i in range(50):  # 8 full pages each: the buffer fills, the writer is stopped
+                async with env.txn(durability="nosync") as tx:
+                    for pg in range(8):
+                        (await tx.page(f, pg)).data[200:4000] = bytes([i + 1]) * 3800
+        assert not env._core.panicked
+        assert env.pool.stat().page_pinned == 0
+        child.send_signal(signal.SIGCONT)
+        child.kill()
+        child.wait(30)
+        env.log.wait_timeout = 30.0
+        async with env.txn(latch_timeout=10) as tx:  # the writer role is taken over
+            (await tx.page(f, 0)).data[100:101] = b"z"
+        await env.log.flush()
+        await f.close()
+    finally:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGCONT)
+            child.kill()
+            child.wait(30)
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
