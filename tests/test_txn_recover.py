@@ -82,7 +82,11 @@ async def test_killed_committer_survives_region_loss_with_recover(
     # (python -m aiodbenv recover -h HOME)
     assert out.returncode == 0, out.stderr
     assert "5 committed transaction(s); 15 page change(s) applied" in out.stdout
-    env = await aiodbenv.Env.open(home, create=True, log=True)  # recovered: nothing stale
+    # The regions it rebuilt (with the defaults) are gone: the service's open makes its own.
+    assert "regions removed" in out.stdout
+    assert not [n for n in os.listdir(home) if n.startswith("__db.")]
+    env = await aiodbenv.Env.open(home, create=True, log=True, cache_size=8 << 20)
+    assert env.pool.cache_size >= 8 << 20  # recovered, nothing stale, its own settings
     f = await env.pool.open_file(env.resolve("data.db"), page_size=PS, lsn_offset=0)
     for pgno in range(3):
         async with f.get(pgno) as p:
