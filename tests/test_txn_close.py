@@ -145,3 +145,21 @@ async def test_an_active_transaction_whose_file_was_closed_cannot_commit(home: s
     finally:
         await env.close(nosync=True)
         await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_a_transaction_whose_environment_handle_was_closed_cannot_commit(
+    home: str,
+) -> None:
+    """The handle closed under an active transaction: its commit says so (InvalidArgument),
+    instead of failing on the detached region's memory; its abort is quiet."""
+    env, f = await _setup(home)
+    try:
+        tx = await env.txn()
+        struct.pack_into("<Q", (await tx.page(f, 0)).data, 8, 9)
+        await env.close()
+        with pytest.raises(aiodbenv.InvalidArgument, match="closed under the transaction"):
+            await tx.commit()
+        await tx.abort()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)

@@ -131,6 +131,10 @@ class Txn(TxnTaking):
         if self._state != _ACTIVE:
             return
         self._state = _DONE
+        if self._pool._closed:
+            # The handle's close took the pages back and detached the regions: nothing to do.
+            self._pages.clear()
+            return
         self._stats.add(W.aborts)
         await self._release_all()
         await self._unreserve(self._reserved)
@@ -206,6 +210,9 @@ class Txn(TxnTaking):
         """Check and enter the committing state: True if the commit runs inline (in the
         caller's task), False if in a task of its own (:meth:`_commit_task`)."""
         self._check()
+        if self._pool._closed or self._log._closed:
+            # Its regions are detached: nothing could be marked, logged or copied in.
+            raise InvalidArgument("the environment handle was closed under the transaction")
         self._state = _COMMITTING
         if self._pages:  # closing a file waits for a commit holding its pages
             self._pool._committing[self._owner] = self
