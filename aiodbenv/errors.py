@@ -15,7 +15,7 @@ Berkeley DB code is in ``db_code``.
 from __future__ import annotations
 
 import errno as _errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from .mpool.sync import SyncResult
@@ -252,8 +252,17 @@ class RunRecovery(AiodbenvError):
     """The environment is panicked: it was removed with force, or a process died while it was
     changing shared state that cannot be repaired (``DB_RUNRECOVERY``).
 
-    Close every handle, remove the environment and open it again ("run recovery").
+    Run recovery: close every handle, then, with a log, open the environment once with
+    ``recover=True`` (or run ``python -m aiodbenv recover -h HOME``), which replays the
+    committed transactions into the data files; without a log, remove the environment and open
+    it again (the data files hold what was written).
     """
+
+    #: What to do about it, as every RunRecovery message says.
+    ADVICE: ClassVar[str] = (
+        "run recovery: close every handle, then open it with recover=True (python -m aiodbenv "
+        "recover -h HOME) if it has a log, else remove it and open it again"
+    )
 
     db_code = -30973
     default_errno = _errno.EIO

@@ -385,8 +385,7 @@ class LogWriter(ThreadRounds):
         reason = f"write or fsync of log file {log_path(c.directory, file)} failed: {err}"
         self._env.panic(reason)
         raise RunRecovery(
-            f"PANIC: {reason}; records written to it may be lost. Run recovery (close every "
-            "handle, remove the environment and open it again)"
+            f"PANIC: {reason}; records written to it may be lost; {RunRecovery.ADVICE}"
         ) from err
 
     async def _round(self, sync: bool, fill: bool) -> None:

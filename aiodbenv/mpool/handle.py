@@ -158,8 +158,8 @@ class PoolBase:
         fsync_err = self._fsync_failure() if self._env_core.panicked else None
         if fsync_err:
             raise RunRecovery(
-                f"PANIC: environment {self._env_core.home} is panicked: {fsync_err}; run "
-                "recovery (close every handle, remove the environment and open it again)"
+                f"PANIC: environment {self._env_core.home} is panicked: {fsync_err}; "
+                f"{RunRecovery.ADVICE}"
             )
         self._env_core.check_panic()
 
@@ -207,8 +207,7 @@ class PoolBase:
         reason = f"fsync of {name} failed: {os.strerror(code)} (errno {code})"
         self._env_core.panic(reason)
         raise RunRecovery(
-            f"PANIC: {reason}; pages written to it may be lost. Run recovery (close every "
-            "handle, remove the environment and open it again)"
+            f"PANIC: {reason}; pages written to it may be lost; {RunRecovery.ADVICE}"
         ) from err
 
     def _enter(self) -> None:

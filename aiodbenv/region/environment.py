@@ -199,10 +199,7 @@ class EnvCore:
     def check_panic(self) -> None:
         """Raise :class:`RunRecovery` if the environment is panicked."""
         if self.panicked:
-            raise RunRecovery(
-                f"PANIC: environment {self.home} is panicked; run recovery "
-                "(close every handle, remove the environment and open it again)"
-            )
+            raise RunRecovery(f"PANIC: environment {self.home} is panicked; {RunRecovery.ADVICE}")
 
     def panic(self, reason: str) -> None:
         """Panic the environment: every handle's next call raises :class:`RunRecovery`."""
@@ -258,7 +255,7 @@ class EnvCore:
         if panicked:
             raise RunRecovery(
                 f"PANIC: environment {self.home} was panicked while this handle was open; "
-                "run recovery (remove the environment and open it again)"
+                f"{RunRecovery.ADVICE}"
             )
 
     def release(self) -> None:

@@ -78,8 +78,7 @@ def _check_header(path: str, data: bytes) -> tuple[int, int]:
         raise CorruptRegion(f"{path} is not an aiodbenv environment (bad environment magic)")
     if _word(data, ENV_WORD + ENV_HEADER.word.panic):
         raise RunRecovery(
-            f"PANIC: environment {os.path.dirname(path)} is panicked; run recovery "
-            "(remove the environment and open it again)"
+            f"PANIC: environment {os.path.dirname(path)} is panicked; {RunRecovery.ADVICE}"
         )
     kind = _word(data, ENV_WORD + ENV_HEADER.word.kind)
     size = _word(data, REGION_HEADER.word.size)
