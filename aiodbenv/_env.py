@@ -23,9 +23,11 @@ from ._env_log import EnvLog
 from ._env_pool import (
     close_log_and_pool,
     close_quietly,
+    final_writes,
     open_with_pool,
     pool_plan,
     refuse_dirty_pages,
+    settle_commits,
 )
 from ._env_txn import EnvTxn, noting_creation, prepare_recovery
 from ._resolve import note_inherited, require_asyncio, resolve_home, resolve_settings
@@ -434,12 +436,9 @@ class Env(EnvLog, EnvTxn):
         try:
             ran_checkpoints = self._checkpoint is not None
             await self.stop_workers()
+            await settle_commits(self._pool)  # commits under way end before anything closes
             if not core.panicked and not nosync:
-                if core.kind == KIND_PRIVATE:
-                    # Nobody else can ever write a private cache's dirty pages: flush it.
-                    await self._pool.sync()
-                elif ran_checkpoints:
-                    await run_checkpoint(self._pool)  # the final checkpoint
+                await final_writes(self._pool, core.kind == KIND_PRIVATE, ran_checkpoints)
         finally:
             try:
                 await close_log_and_pool(self._log, self._pool, flush=not nosync)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from ._config import Settings
+from ._workers import run_checkpoint
 from .errors import Busy, LockTimeout
 from .log.log import Log
 from .log.region import attach_log, format_log, log_spec
@@ -74,19 +75,36 @@ def open_with_pool(
 
 async def close_log_and_pool(log: Log | None, pool: Pool, *, flush: bool) -> None:
     """Close the log (flushing what is buffered if ``flush``), then the pool, even if the
-    first fails. A commit under way in this process (a cancelled caller's, finishing in the
-    background) ends first: its append, copy-in and write need the log and its pages (up to
-    the pool's ``wait_timeout``; then LockTimeout is logged and the closing goes on)."""
-    if pool._committing:
-        try:
-            await pool._wait_commits(lambda: bool(pool._committing), "the environment")
-        except LockTimeout as err:
-            logger.warning("aiodbenv: %s", err)
+    first fails; commits under way end first (:func:`settle_commits`)."""
+    await settle_commits(pool)
     try:
         if log is not None:
             await log._close(flush=flush)
     finally:
         await pool._close()
+
+
+async def settle_commits(pool: Pool) -> None:
+    """Before a handle closes: wait for this process's commits under way (a cancelled
+    caller's, finishing in the background) and for the commits of dead processes it is
+    finishing from the log (the reaper's): they need the log and their pages. Up to the
+    pool's ``wait_timeout``; then LockTimeout is logged and the closing goes on."""
+    if pool._committing or pool._finishing:
+        try:
+            await pool._wait_commits(
+                lambda: bool(pool._committing or pool._finishing), "the environment"
+            )
+        except LockTimeout as err:
+            logger.warning("aiodbenv: %s", err)
+
+
+async def final_writes(pool: Pool, private: bool, ran_checkpoints: bool) -> None:
+    """A closing handle's last writes: all of a private cache's dirty pages (nobody else can
+    ever write them), else a final checkpoint if its checkpoint worker ran."""
+    if private:
+        await pool.sync()
+    elif ran_checkpoints:
+        await run_checkpoint(pool)
 
 
 def close_quietly(core: EnvCore) -> None:

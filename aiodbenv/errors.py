@@ -24,6 +24,7 @@ __all__ = [
     "AiodbenvError",
     "Busy",
     "CacheFull",
+    "CommitNotDurable",
     "ConfigError",
     "CorruptRegion",
     "Deadlock",
@@ -166,6 +167,22 @@ class LockTimeout(TryAgain):
 
     pid: int = 0
     mutex: str = ""
+
+
+class CommitNotDurable(AiodbenvError):
+    """A transaction committed, but the wait for it to become as durable as asked timed out
+    (the fsync of ``sync``, the write of ``write_nosync``): the log writer, another process
+    named by ``pid``, made no progress (stopped or stuck).
+
+    The commit happened: its record is in the log at ``lsn`` and its pages changed, and other
+    transactions see them. Do **not** retry it. It becomes durable when the writer goes on, or
+    when ``await env.log.flush(lsn)`` succeeds later. Not a :class:`LockTimeout` (which means
+    nothing was changed), so that code retrying on that does not apply it twice.
+    """
+
+    default_errno = _errno.ETIMEDOUT
+    lsn: object = None
+    pid: int = 0
 
 
 class Deadlock(TryAgain):

@@ -163,3 +163,36 @@ async def test_a_transaction_whose_environment_handle_was_closed_cannot_commit(
     finally:
         await env.close(nosync=True)
         await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_closing_a_private_environment_writes_a_commit_that_was_under_way(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A private environment's close writes its dirty pages (nobody else ever could): a
+    commit under way (a cancelled caller's) ends first, so its pages are written too. Before,
+    the close wrote the pages first and found the commit's pinned (Incomplete), and the next
+    open needed recovery."""
+    env = await aiodbenv.Env.open(home, create=True, log=True, region="private")
+    path = env.resolve("a.db")
+    f = await env.pool.open_file(path, create=True, lsn_offset=0)
+    async with env.txn() as tx:
+        for pg in range(NP):
+            struct.pack_into("<Q", (await tx.page(f, pg, create=True)).data, 8, 1)
+    await env.pool.sync()
+    appended, go = _hold_puts(monkeypatch)
+
+    async def commit() -> None:
+        async with env.txn(durability="write_nosync") as tx:
+            for pg in range(NP):
+                struct.pack_into("<Q", (await tx.page(f, pg)).data, 8, 2)
+
+    t = asyncio.ensure_future(commit())
+    await asyncio.wait_for(appended.wait(), 10)
+    t.cancel()
+    asyncio.get_running_loop().call_later(0.05, go.set)
+    await env.close()
+    await asyncio.gather(t, return_exceptions=True)
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    assert [_counter(raw, pg) for pg in range(NP)] == [2] * NP
+    await aiodbenv.Env.remove(home, force=True)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -144,4 +145,109 @@ async def test_a_commit_whose_log_writer_is_stopped_aborts_without_a_panic(home:
             child.kill()
             child.wait(30)
         await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.parametrize("durability", ["write_nosync", "sync"])
+async def test_a_commit_whose_durability_wait_times_out_says_it_is_committed(
+    home: str, durability: str
+) -> None:
+    """The record fits the buffer and is appended, the images land, the latches are
+    released; then the write (or fsync) waits for another process's writer, which is stopped:
+    CommitNotDurable, not LockTimeout (which means nothing changed: a caller retrying on it
+    would apply the change twice). The commit is there, no panic."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    child = None
+    try:
+        path = env.resolve("s.db")
+        f = await env.pool.open_file(path, create=True, lsn_offset=0)
+        async with env.txn() as tx:
+            for pg in range(21):
+                (await tx.page(f, pg, create=True)).data[100:101] = b"a"
+        child = subprocess.Popen(
+            [sys.executable, "-c", _STOPPED_WRITER, home, path],
+            env=dict(os.environ, AIODBENV_TEST_SIGNAL="fdatasync:before:5:SIGSTOP"),
+        )
+        for _ in range(600):
+            with open(f"/proc/{child.pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "T":
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the writer process did not stop itself")
+        env.log.wait_timeout = 1.0
+        tx = await env.txn(durability=durability)
+        (await tx.page(f, 5)).data[200:204] = b"once"
+        with pytest.raises(aiodbenv.CommitNotDurable, match="committed") as caught:
+            await tx.commit()
+        assert not isinstance(caught.value, aiodbenv.LockTimeout)
+        assert caught.value.pid == child.pid and caught.value.lsn == tx.result.lsn  # type: ignore[union-attr]
+        assert not env._core.panicked
+        async with f.get(5, latch=True) as pg:
+            assert bytes(pg.data[200:204]) == b"once"
+        child.send_signal(signal.SIGCONT)
+        child.kill()
+        child.wait(30)
+        env.log.wait_timeout = 30.0
+        await env.log.flush(tx.result.lsn)  # type: ignore[union-attr]
+        await f.close()
+    finally:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGCONT)
+            child.kill()
+            child.wait(30)
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_a_timeout_after_a_direct_record_was_written_panics(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record larger than the log buffer is written to the file by the writer before the
+    append is published; a LockTimeout then (the log mutex held past ``wait_timeout``, as by a
+    stopped process) may come after the record is in the file, so it is not an abort: the
+    environment is panicked, and recovery applies the commit whole."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)  # a 32000-byte log buffer
+    f = await env.pool.open_file(env.resolve("d.db"), create=True, lsn_offset=0)
+    async with env.txn() as tx:
+        for pg in range(10):
+            (await tx.page(f, pg, create=True)).data[100:101] = b"a"
+    await env.checkpoint()
+    await env.checkpoint(force=True)  # the next change of each page is a full image
+    env.log.wait_timeout = 1.0
+    real, held = _io.pwritev, threading.Event()
+
+    def hold() -> None:
+        with env.log._c.mutex:
+            held.set()
+            time.sleep(2.5)
+
+    def pwritev(fd: int, buffers: Any, offset: int) -> int:
+        n = real(fd, buffers, offset)
+        if sum(len(b) for b in buffers) > env.log.buffer_size and not held.is_set():
+            threading.Thread(target=hold, daemon=True).start()
+            held.wait(5)
+        return n
+
+    monkeypatch.setattr(_io, "pwritev", pwritev)
+    with pytest.raises(aiodbenv.RunRecovery):
+        async with env.txn(durability="sync") as tx:
+            for pg in range(10):
+                (await tx.page(f, pg)).data[16:4000] = bytes([pg + 1]) * 3984
+    assert env._core.panicked
+    monkeypatch.undo()
+    await asyncio.sleep(2)  # the mutex is free again
+    with pytest.raises(aiodbenv.RunRecovery):
+        await env.close()
+    await aiodbenv.Env.remove(home, force=True)
+    env = await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+    try:
+        assert env.recovered is not None and env.recovered.batches >= 1
+        f = await env.pool.open_file(env.resolve("d.db"), lsn_offset=0)
+        for pg in range(10):
+            async with f.get(pg) as p:
+                assert bytes(p.data[16:20]) == bytes([pg + 1]) * 4
+        await f.close()
+    finally:
+        await env.close()
         await aiodbenv.Env.remove(home, force=True)

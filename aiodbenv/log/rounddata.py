@@ -11,10 +11,21 @@ from dataclasses import dataclass, field
 from .accel import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_STUCK, BehindJob
 from .wakesock import resolve
 
-__all__ = ["CRound", "Round"]
+__all__ = ["CRound", "Direct", "Round"]
 
 #: How often a round its thread could not publish is tried again by the loop (seconds).
 _SETTLE_POLL = 0.002
+
+
+@dataclass
+class Direct:
+    """A record larger than the buffer, waiting for the writer to put it in its file."""
+
+    rtype: int
+    payload: bytes
+    pcrc: int
+    done: asyncio.Future[int]
+    started: bool = False
 
 
 @dataclass

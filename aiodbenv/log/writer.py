@@ -34,6 +34,7 @@ from .files import create_log_file, log_path
 from .layout import LOG_HEADER, header_offset
 from .lsn import LSN, unpack_word
 from .record import FILE_HEADER_BYTES, HEADER, REC_PAD, encode
+from .rounddata import Direct
 from .threadrounds import CRound, Round, ThreadRounds
 from .wake import Futex, futex_available
 from .wakesock import make_socket, sock_wait, wake_waiters, wakesock_available
@@ -66,17 +67,6 @@ def _disarm_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_disarm_in_child)
-
-
-@dataclass
-class Direct:
-    """A record larger than the buffer, waiting for the writer to put it in its file."""
-
-    rtype: int
-    payload: bytes
-    pcrc: int
-    done: asyncio.Future[int]
-    started: bool = False
 
 
 @dataclass
@@ -472,8 +462,12 @@ class LogWriter(ThreadRounds):
             if n != total:
                 raise OSError(errno.EIO, f"short write to the log ({n} of {total} bytes)")
 
-        await self._io(work, file)
-        await self._locked(c.direct_written, word, total)
+        await self._io(work, file)  # a failed write panics
+        try:
+            await self._locked(c.direct_written, word, total)
+        except LockTimeout as err:  # written, not published: no caller may hear "not appended"
+            self._env.panic(f"a log record written to its file could not be published ({err!r})")
+            raise RunRecovery(f"PANIC: {err}; {RunRecovery.ADVICE}") from err
         self._wake_others()
         return word
 

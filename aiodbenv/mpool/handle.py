@@ -119,6 +119,9 @@ class PoolBase:
         #: This process's transactions inside a commit, by owner (aiodbenv.txn): closing a file
         #: waits for those holding its pages (PoolFile.close).
         self._committing: dict[int, object] = {}
+        #: The reaper's tasks finishing dead processes' commits from the log (the handle's
+        #: close waits for them before it closes the log).
+        self._finishing: set[asyncio.Task[None]] = set()
         self._reclaimed_at: dict[int, float] = {}  # cache index -> last look for lost frames
         self._closed = False
         # Closing waits for all of this: coroutines inside a slow path (a miss, a sync) and the

@@ -14,10 +14,16 @@ import asyncio
 from collections.abc import Awaitable, Generator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import _io
-from ..errors import InvalidArgument, LockTimeout, LogBufferFull, RunRecovery
+from ..errors import (
+    CommitNotDurable,
+    InvalidArgument,
+    LockTimeout,
+    LogBufferFull,
+    RunRecovery,
+)
 from ..log.lsn import LSN
 from ..log.room import has_room, wait_room
 from ..mpool.hotpath import FINISHED
@@ -186,13 +192,18 @@ class Txn(TxnTaking):
         written; ``nosync``: left in the log buffer). Returns :class:`CommitInfo`.
 
         A failure before the record is logged (a bucket mutex held past the pool's
-        ``wait_timeout``, an in-memory log that is full) aborts and raises; a failure to log
-        or flush panics the environment (RunRecovery). Cancellation: before the record is in
-        the log (marking the pages dirty, waiting for log buffer space), the transaction is
-        aborted with nothing changed; after, the commit is whole in shared memory and only
-        the wait for its flush is abandoned (the caller cannot tell whether the flush
-        completed). A ``write_nosync`` commit, or one whose record is larger than the log
-        buffer, runs in a task that finishes in the background either way.
+        ``wait_timeout``, an in-memory log that is full, no room in the log buffer because
+        another process's log writer is stopped: LockTimeout) aborts and raises; a failure to
+        log or flush panics the environment (RunRecovery). If, once committed, the wait for
+        the fsync (``sync``) or the write (``write_nosync``) times out, CommitNotDurable is
+        raised: the commit happened (``result`` says so); do not retry it.
+
+        Cancellation: before the record is in the log (marking the pages dirty, waiting for
+        log buffer space), the transaction is aborted with nothing changed; after, the commit
+        is whole in shared memory and only the wait for its flush is abandoned (the caller
+        cannot tell whether the flush completed). A ``write_nosync`` commit, or one whose
+        record is larger than the log buffer, runs in a task that finishes in the background
+        either way.
         """
         await self._commit_checked()
         result = self.result
@@ -281,6 +292,8 @@ class Txn(TxnTaking):
             else:
                 lsn = await log.put(record)
         except (LogBufferFull, InvalidArgument, LockTimeout):
+            # (A record written straight to the file that fails once its place is taken
+            # panics the environment: RunRecovery, below.)
             # Nothing was appended (no room came, the writer stalled): the commit did not
             # happen (release clears the flag).
             await self._end_aborted()
@@ -293,11 +306,7 @@ class Txn(TxnTaking):
             await self._end_aborted()
             raise
         except BaseException as err:
-            # The record may or may not be in the log: only recovery can tell.
-            reason = f"a transaction's commit record could not be logged ({err!r})"
-            pool._committing.pop(self._owner, None)  # its pages stay as they are: no close waits
-            pool._env_core.panic(reason)
-            raise RunRecovery(f"PANIC: {reason}; run recovery") from err
+            self._log_failed(err)
         if _io._signal_plan:  # _io.step's own test, without its call
             _io.step("txn.logged")
         try:
@@ -321,19 +330,33 @@ class Txn(TxnTaking):
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
         if _io._signal_plan:  # _io.step's own test, without its call
             _io.step("txn.released")
+        if self.durability != "nosync":
+            try:
+                await self._make_durable(lsn)
+            except LockTimeout as err:
+                raise _not_durable(lsn, self.durability, err) from err
+
+    async def _make_durable(self, lsn: LSN) -> None:
+        """Wait for the committed record at ``lsn`` to be fsynced (``sync``) or written."""
+        log, word = self._log, (lsn[0] << 32) | lsn[1]
         if self.durability == "sync":
             # Not Log.flush(lsn): its check against the log's end reads two region words
             # without the mutex, and a round moving the buffer meanwhile can make the end look
             # smaller than this record's LSN (a spurious InvalidArgument). Ours is in the log.
-            word = (lsn[0] << 32) | lsn[1]
             if word >= log._c.word("s_lsn"):
                 log._check()
                 await log._flush_word(word)
-        elif self.durability == "write_nosync":
-            word = (lsn[0] << 32) | lsn[1]
-            if word >= log._c.word("w_lsn"):
-                log._check()
-                await log._write_through(word)
+        elif word >= log._c.word("w_lsn"):
+            log._check()
+            await log._write_through(word)
+
+    def _log_failed(self, err: BaseException) -> NoReturn:
+        """The append failed in a way that may have left the record in the log: only recovery
+        can tell, so the environment is panicked (the pages stay as they are)."""
+        reason = f"a transaction's commit record could not be logged ({err!r})"
+        self._pool._committing.pop(self._owner, None)  # no close waits for this commit
+        self._pool._env_core.panic(reason)
+        raise RunRecovery(f"PANIC: {reason}; {RunRecovery.ADVICE}") from err
 
     async def _end_aborted(self) -> None:
         """The commit failed before its record was logged: end as an abort."""
@@ -372,6 +395,17 @@ class Txn(TxnTaking):
     def __repr__(self) -> str:
         state = ("active", "committing", "ended")[self._state]
         return f"<Txn {self._owner & 0xFFFFFFFF} {state}, {len(self._pages)} page(s)>"
+
+
+def _not_durable(lsn: LSN, durability: str, err: LockTimeout) -> CommitNotDurable:
+    what = "fsynced" if durability == "sync" else "written to the log file"
+    out = CommitNotDurable(
+        f"the transaction is committed (its record at {lsn} is in the log buffer and its pages "
+        f"changed) but was not {what} in time: {err} Do not retry it; env.log.flush() makes it "
+        "durable once the writer goes on"
+    )
+    out.lsn, out.pid = lsn, err.pid
+    return out
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
