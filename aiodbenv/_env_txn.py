@@ -67,7 +67,7 @@ class EnvTxn:
         if self._log is not None:
             # Every page write of a file with an lsn_offset flushes the log first, through
             # these hooks (the pool never imports the log).
-            self._pool._io.log = log_hooks(self._log)
+            self._pool._io.log = log_hooks(self._log, self._pool)
         # Counted in this handle's registry slot, summed over the environment on demand.
         self._txn_stats = TxnStats(self._pool._env_core.words, self._pool._slot)
         self.recovered = None

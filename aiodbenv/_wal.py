@@ -7,14 +7,21 @@ the seam as ``(file, offset)`` pairs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .log import LSN, Log
 from .mpool.bh import LogHooks
+from .txn.reapply import finish_dead_commits
+
+if TYPE_CHECKING:
+    from .mpool.handle import PoolBase
 
 __all__ = ["log_hooks"]
 
 
-def log_hooks(log: Log) -> LogHooks:
-    """The hooks through which write-back and checkpoints use ``log``."""
+def log_hooks(log: Log, pool: PoolBase) -> LogHooks:
+    """The hooks through which write-back, checkpoints and the reaper of ``pool`` use
+    ``log``."""
 
     async def flush(file: int, offset: int) -> None:
         await log.flush(LSN(file, offset))
@@ -25,6 +32,9 @@ def log_hooks(log: Log) -> LogHooks:
     async def checkpoint(file: int, offset: int) -> tuple[int, int]:
         return await log.checkpoint_record(LSN(file, offset))
 
+    async def finish(slot: int, buffers: list[Any]) -> tuple[int, int]:
+        return await finish_dead_commits(pool, log, slot, buffers)
+
     return LogHooks(
         flush=flush,
         end=end,
@@ -32,4 +42,5 @@ def log_hooks(log: Log) -> LogHooks:
         lsn=LSN,
         quiet=log.quiet_checkpoint,
         drop=log._c.drop_slot,
+        finish=finish,
     )

@@ -83,6 +83,11 @@ class LogHooks:
     #: Drops the in-memory log's commit space reserved by the transactions of registry slot
     #: ``slot`` (the reaper calls it for a dead process's slot; nothing for a file log).
     drop: Callable[[int], object] = lambda slot: None
+    #: ``finish(slot, buffers)``: apply from the log the commits that dead registry ``slot``
+    #: left unfinished on ``buffers`` ``(cache, bucket, offset)``, latched and flagged
+    #: committing (:mod:`aiodbenv.txn.reapply`); returns (records found, pages applied).
+    #: None: the reaper panics the environment instead.
+    finish: Callable[[int, list[Any]], Awaitable[tuple[int, int]]] | None = None
 
 
 #: Pages read per worker-thread hop at most; a hop costs 100-300 µs, a cached pread 2 µs.

@@ -18,6 +18,11 @@ A page the dead process held pinned and had flagged dirty stays dirty: it is wri
 next sync or eviction, and counted in ``dirty_inherited``. Changes it made in place without
 flagging the page dirty (``set(dirty=True)`` or a dirty unpin) are unknown to the pool.
 
+A buffer it left latched *inside a commit* keeps its pin and latch: the slot stays claimed
+while a task of this pool finishes that commit from the log (:func:`_finish`, through the
+log's hooks: :mod:`aiodbenv.txn.reapply`), then releases them and frees the slot; if the
+log cannot be read, the environment is panicked.
+
 With an in-memory log, the commit space its open transactions reserved in the log region is
 given back (:mod:`aiodbenv.log.reserve`). Then the slot is freed, the environment's handle
 count is corrected, and one WARNING per dead process names its pid and the pages it held.
@@ -44,7 +49,7 @@ from ..region.layout import MAX_PROCS
 from ..region.mutex import BUSY, SYNC_WAIT, _wait_bound, attempt, step_waits
 from ..region.mutex import trylock as _trylock
 from ..region.registry import ProcInfo
-from ..txn.latch import reap_latches
+from ..txn.latch import committing_by, reap_latches
 from .cache import Cache
 from .layout import (
     BH,
@@ -88,9 +93,13 @@ class Reaped:
     opened: float
     pins: int = 0
     #: Page latches of transactions it held, released (its uncommitted changes never reached
-    #: shared memory), and whether it died inside a commit (then the environment is panicked).
+    #: shared memory), and whether a commit it died inside could not be finished from the log
+    #: (then the environment is panicked).
     latches: int = 0
     in_commit: bool = False
+    #: Buffers it left latched inside a commit ``(cache, bucket, offset)``, kept pinned and
+    #: latched until that commit is finished from the log (:func:`_finish`).
+    committing: list[tuple[Cache, int, int]] = field(default_factory=list)
     pages: list[tuple[str, int]] = field(default_factory=list)
     dirty: int = 0
     reads: int = 0
@@ -114,13 +123,20 @@ def reap(pool: PoolBase) -> list[Reaped]:
         if info is None:
             continue  # alive after all, or another process reaps it
         try:
-            done = _reap_slot(pool, info)
+            done = _reap_slot(pool, info, _can_finish(pool))
         except _Busy:
             _patiently(pool, reg.unclaim, slot)  # a bucket stayed busy: the next look finishes it
             continue
         except BaseException:
             _patiently(pool, reg.unclaim, slot)
             raise
+        if done.committing:
+            # The slot stays claimed (a reaper that dies leaves it to the next one) until its
+            # unfinished commits are finished from the log, and is freed then.
+            task = pool._io.spawn(_finish(pool, done))
+            pool._finishing.add(task)
+            task.add_done_callback(pool._finishing.discard)
+            continue
         # Before the slot is freed (a new process could take it and reserve): the dead
         # process's transactions will never commit, so their log space is given back.
         log = pool._io.log
@@ -188,7 +204,86 @@ def _patiently(pool: PoolBase, fn: Callable[..., T], *args: Any) -> T | None:
     return got
 
 
-def _reap_slot(pool: PoolBase, info: ProcInfo) -> Reaped:
+def _can_finish(pool: PoolBase) -> bool:
+    """Whether a commit left unfinished by a dead process can be finished from the log here
+    (a log, and an event loop to read it on); else the environment is panicked."""
+    log = pool._io.log
+    if log is None or log.finish is None or pool._closing:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _finish(pool: PoolBase, done: Reaped) -> None:
+    """Finish the commits dead slot ``done.slot`` left on ``done.committing`` from the log,
+    then release their latches, drop its pins and free the slot. If the log cannot be read,
+    the environment is panicked (only recovery can tell then); if the pool is closing, the
+    slot is given back for another process to reap."""
+    reg, log, s = pool._env_core.registry, pool._io.log, done.slot
+    assert reg is not None and log is not None and log.finish is not None
+    try:
+        found, applied = await log.finish(s, done.committing)
+        for cache, b, off in done.committing:
+            pins, dirty = await pool._locked(_release_committing, cache, b, off, s, check=False)
+            done.pins += pins
+            done.dirty += dirty
+            done.latches += 1
+    except BaseException as err:
+        if pool._closing or pool._closed or not isinstance(err, Exception):
+            _patiently(pool, reg.unclaim, s)
+            raise
+        done.in_commit = True
+        pool._env_core.panic(
+            f"process {done.pid} died inside a transaction commit, which could not be "
+            f"finished from the log ({err!r})"
+        )
+        return
+    _patiently(pool, log.drop, s)
+    if _patiently(pool, functools.partial(reg.free, s, pins=done.pins, dirty=done.dirty)):
+        logger.warning(
+            "process %d died inside the commit of %d page(s): %s",
+            done.pid,
+            len(done.committing),
+            f"its log record was found and {applied} page(s) finished from it"
+            if found
+            else "its record never reached the log: the transaction is aborted",
+        )
+        _log([done])
+        for _ in range(len(done.committing) + len(done.pages)):
+            pool._frame_released()
+
+
+def _release_committing(cache: Cache, b: int, off: int, slot: int) -> tuple[int, int]:
+    """Under bucket ``b``'s mutex: free the latch dead ``slot`` held inside a commit on buffer
+    ``off`` and drop its pins there; returns (pins dropped, 1 if the page is dirty)."""
+    cache.lock(b)
+    try:
+        w, x = cache.words, off >> 3
+        if committing_by(w, x, slot):
+            w[x + BH.word.latch] = 0
+        return _drop_pins(cache, off, slot), int(bool(w[x + BH.word.flags] & BH_DIRTY))
+    finally:
+        cache.unlock(b)
+
+
+def _drop_pins(cache: Cache, off: int, slot: int) -> int:
+    """Under the bucket mutex: drop ``slot``'s pins of buffer ``off`` and recompute its
+    ``ref`` as the sum of the other slots' (which also repairs one left one off); returns
+    how many were dropped."""
+    w, halves, x = cache.words, cache.halves, off >> 3
+    p = (off >> 1) + PINS_HALF
+    held = int(halves[p + slot])
+    halves[p + slot] = 0
+    ref = sum(halves[p : p + MAX_PROCS])
+    if w[x + BH.word.ref] != ref:
+        w[x + BH.word.ref] = ref
+    return held
+
+
+def _reap_slot(pool: PoolBase, info: ProcInfo, finishing: bool) -> Reaped:
     core = pool._core
     reg = pool._env_core.registry
     assert reg is not None
@@ -212,6 +307,10 @@ def _reap_slot(pool: PoolBase, info: ProcInfo) -> Reaped:
                     # the chain is read whole before any of its buffers may be unlinked.
                     for off in cache.chain(b):
                         x = off >> 3
+                        if finishing and committing_by(w, x, s):
+                            # Pinned and latched until its commit is finished (_finish).
+                            done.committing.append((cache, b, off))
+                            continue
                         p = (off >> 1) + PINS_HALF
                         held = int(halves[p + s])
                         flags = int(w[x + BH.word.flags])

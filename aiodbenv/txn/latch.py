@@ -34,6 +34,7 @@ __all__ = [
     "LATCH_COMMITTING",
     "LatchCounts",
     "acquire",
+    "committing_by",
     "latch_key",
     "owner_slot",
     "release",
@@ -159,6 +160,12 @@ async def acquire(
         cur = pool._attempt(try_latch, cache, b, bh, owner)
         if cur == 0:
             return
+
+
+def committing_by(w: memoryview, x: int, slot: int) -> bool:
+    """Whether the latch of buffer word index ``x`` is held by ``slot`` inside a commit."""
+    cur = int(w[x + _H_LATCH])
+    return bool(cur & LATCH_COMMITTING) and owner_slot(cur) == slot
 
 
 def reap_latches(w: memoryview, x: int, slot: int) -> bool | None:
