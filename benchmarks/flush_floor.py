@@ -12,7 +12,7 @@ machine (``benchmarks/anchors/flush_floor.c``, built here with ``cc``), beside a
   an asyncio event loop waiting for its eventfd (``loop.add_reader``, a future per record):
   the floor with an event loop and no library;
 - ``aiodbenv``: ``await env.log.put(record, flush=True)`` per record, one process;
-- ``uvloop`` and ``aiodbenv uvloop``: the last two under uvloop's event loop (if installed).
+- ``uvloop`` and ``aiodbenv-uvloop``: the last two under uvloop's event loop (if installed).
 
 Three repetitions, interleaved; medians in microseconds per record, and each one's ratio to
 ``sync``. The issue's aim for a flushed put is 1.2 times Berkeley DB's time::
@@ -147,7 +147,7 @@ def main() -> int:
             "aiodbenv": [],
         }
         if uvloop is not None:
-            rows["uvloop"], rows["aiodbenv uvloop"] = [], []
+            rows["uvloop"], rows["aiodbenv-uvloop"] = [], []
         floor = AsyncioFloor(lib, work)
         try:
             for _ in range(3):
@@ -162,7 +162,7 @@ def main() -> int:
                 if uvloop is not None:
                     rows["uvloop"].append(uvloop.run(floor.run(seconds / 3)))
                     home = tempfile.mkdtemp(dir=work)
-                    rows["aiodbenv uvloop"].append(uvloop.run(run_aiodbenv(home, seconds / 3)))
+                    rows["aiodbenv-uvloop"].append(uvloop.run(run_aiodbenv(home, seconds / 3)))
                     shutil.rmtree(home, ignore_errors=True)
         finally:
             floor.close()

@@ -7,6 +7,7 @@ pip); anchors it cannot get must show up as "unavailable: <reason>" rows, not as
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -140,9 +141,9 @@ def test_without_anchors_rows_say_unavailable(tmp_path: Path) -> None:
 
 
 def test_flush_floor_measures_the_c_hand_off_and_aiodbenv(tmp_path: Path) -> None:
-    """benchmarks/flush_floor.py builds its C program and library and prints the five rows,
-    each with a positive time and its ratio to the synchronous flush, and leaves nothing
-    behind."""
+    """benchmarks/flush_floor.py builds its C program and library and prints the five rows
+    (seven with uvloop installed), each with a positive time and its ratio to the synchronous
+    flush, and leaves nothing behind."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "benchmarks/flush_floor.py", "0.3"],
@@ -154,7 +155,10 @@ def test_flush_floor_measures_the_c_hand_off_and_aiodbenv(tmp_path: Path) -> Non
     )
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()}
-    assert set(rows) == {"sync", "handoff", "empty", "asyncio", "aiodbenv"}, proc.stdout
+    want = {"sync", "handoff", "empty", "asyncio", "aiodbenv"}
+    if importlib.util.find_spec("uvloop") is not None:
+        want |= {"uvloop", "aiodbenv-uvloop"}
+    assert set(rows) == want, proc.stdout
     for cols in rows.values():
         assert float(cols[1]) > 0 and cols[2] == "us/record", cols
     assert rows["sync"][4] == "1.00", rows["sync"]

@@ -206,9 +206,9 @@ async def test_env001_remove_semantics_one_process(home: str, shm_key: int, kind
     await aiodbenv.Env.remove(home, force=True)
     assert not os.listdir(home)
     # Every RunRecovery says how to recover, with a log and without one.
-    with pytest.raises(RunRecovery, match="recover=True.*else remove it"):
+    with pytest.raises(RunRecovery, match=r"recover=True.*else remove it"):
         env.stat()
-    with pytest.raises(RunRecovery, match="recover=True.*else remove it"):
+    with pytest.raises(RunRecovery, match=r"recover=True.*else remove it"):
         await env.close()
     # Removed segments linger (keyless) only until the last process detaches.
     assert not any(segment_exists(i) for i in ids)
