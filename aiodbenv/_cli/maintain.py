@@ -94,8 +94,12 @@ async def checkpoint_command(args: argparse.Namespace) -> int:
 
 async def failchk_command(args: argparse.Namespace) -> int:
     async with Env.open(args.h) as env:
-        # Opening reaps already (as every open does); then look once more.
+        # Opening reaps already (as every open does); then look once more. A process that died
+        # inside a commit is reaped once its commit is finished from the log: wait for that.
         reaped = env.pool._reaped_at_open + env.pool.reap()
+        if env.pool._finishing:
+            await asyncio.wait(set(env.pool._finishing))
+        reaped += env.pool._finished
         for r in reaped:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.opened))
             pages = ", ".join(f"{name}:{pgno}" for name, pgno in r.pages[:16])

@@ -225,7 +225,7 @@ async def _finish(pool: PoolBase, done: Reaped) -> None:
     reg, log, s = pool._env_core.registry, pool._io.log, done.slot
     assert reg is not None and log is not None and log.finish is not None
     try:
-        found, applied = await log.finish(s, done.committing)
+        _records, applied = await log.finish(s, done.committing)
         for cache, b, off in done.committing:
             pins, dirty = await pool._locked(_release_committing, cache, b, off, s, check=False)
             done.pins += pins
@@ -235,6 +235,17 @@ async def _finish(pool: PoolBase, done: Reaped) -> None:
         if pool._closing or pool._closed or not isinstance(err, Exception):
             _patiently(pool, reg.unclaim, s)
             raise
+        if isinstance(err, LockTimeout):
+            # A mutex, or the log writer, held by a stopped process: the buffers stay pinned
+            # and latched and the slot is given back; the next look finishes it (again).
+            _patiently(pool, reg.unclaim, s)
+            logger.warning(
+                "finishing the commit process %d died inside is left for the reaper's next "
+                "look: %s",
+                done.pid,
+                err,
+            )
+            return
         done.in_commit = True
         pool._env_core.panic(
             f"process {done.pid} died inside a transaction commit, which could not be "
@@ -247,11 +258,14 @@ async def _finish(pool: PoolBase, done: Reaped) -> None:
             "process %d died inside the commit of %d page(s): %s",
             done.pid,
             len(done.committing),
-            f"its log record was found and {applied} page(s) finished from it"
-            if found
-            else "its record never reached the log: the transaction is aborted",
+            f"{applied} page(s) finished from its log record"
+            if applied
+            else "nothing to finish (its record never reached the log, or every page was "
+            "already copied)",
         )
         _log([done])
+        pool._finished.append(done)
+        _reclaim_frames(pool, {done.pid})
         for _ in range(len(done.committing) + len(done.pages)):
             pool._frame_released()
 

@@ -8,10 +8,13 @@ buffers pinned and latched and, instead of panicking the environment, hands them
 
 - Where to look. Nobody else can commit a page while the dead process holds its latch, and it
   took the latch after every earlier commit of the page was copied in and stamped: a record
-  of the dead commit comes after the LSN on each of its pages. The log is read from the
-  largest of those LSNs (or, if none of its pages was ever logged, from the last
-  checkpoint's ``ckp_lsn``: no checkpoint completes while a committing page is dirty and
-  pinned) to its end.
+  naming such a page that is newer than the page's LSN is the dead process's. The log is read
+  from the *smallest* of those LSNs (not the largest: several commits of the dead process may
+  have been under way, and a record larger than the log buffer can be in the log before a
+  later, smaller one whose page was already copied), or, if one of its pages was never
+  logged, from the last checkpoint's ``ckp_lsn`` (no checkpoint completes while a committing
+  page is dirty and pinned), or from the first record still kept if that one was archived
+  (or, in memory, overwritten: no commit record can be among those), to its end.
 - What to apply. Each transaction record found there that names one of those pages (its file's
   id and page number) is applied to it as recovery does, only if the page's LSN is older than
   the record: a full image, or byte ranges (the new bytes, so a page copied halfway is simply
@@ -116,14 +119,14 @@ async def finish_dead_commits(
     raises (the caller panics the environment then). Cancellation: between pages; what was
     applied stays, and running it again is harmless."""
     dead: dict[tuple[bytes, int], DeadBuffer] = {}
-    start = LSN(0, 0)
+    start: LSN | None = None
     for cache, b, off in bufs:
         d = DeadBuffer(cache, b, off)
         lsn = await pool._locked(_describe, pool, d, slot, check=False)
         if lsn is not None:
             dead[(d.fileid, d.pgno)] = d
-            start = max(start, lsn)
-    if not dead:
+            start = lsn if start is None else min(start, lsn)
+    if start is None:
         return 0, 0
     if start == LSN(0, 0):
         ckp = int(log._c.word("ckp_lsn"))
@@ -147,9 +150,10 @@ async def finish_dead_commits(
 
 
 async def _first_record(log: Log, lsn: LSN) -> LSN | None:
-    """``lsn`` if a record starts there; else the first record of the next file (a
+    """``lsn`` if a record starts there; None (the first record kept) if ``lsn`` is LSN(0,
+    0) or before the first record kept; else the first record of the next file (a
     checkpoint's ``ckp_lsn`` is where the next record was to go, and it may have gone to the
-    next file); None (the first record of the log) for LSN(0, 0)."""
+    next file)."""
     if lsn == LSN(0, 0):
         return None
     async with log.cursor() as cur:
@@ -157,5 +161,8 @@ async def _first_record(log: Log, lsn: LSN) -> LSN | None:
             await cur.set(lsn)
             return lsn
         except InvalidArgument:
+            first = await cur.first()
+            if first is None or lsn < first[0]:
+                return None  # archived, or overwritten in the ring: from the first record kept
             nxt = LSN(lsn.file + 1, FILE_HEADER_BYTES)
             return nxt if nxt < log.end_lsn else None
