@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +22,7 @@ import textwrap
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,6 +242,25 @@ def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subproces
         cwd=str(REPO),
         env={**os.environ, **(env or {})},
     )
+
+
+async def wait_stopped(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """Wait until ``proc`` has stopped (SIGSTOP: state ``T`` in ``/proc``), e.g. at a point of
+    an ``AIODBENV_TEST_SIGNAL`` plan; fails the test after ``timeout`` seconds."""
+    for _ in range(int(timeout / 0.05)):
+        with open(f"/proc/{proc.pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"process {proc.pid} did not stop")
+
+
+def end_stopped(proc: subprocess.Popen[Any]) -> None:
+    """Resume (SIGCONT) and kill ``proc``, and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+    proc.wait(30)
 
 
 @pytest.fixture

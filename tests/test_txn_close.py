@@ -43,6 +43,26 @@ def _hold_puts(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.
     return appended, go
 
 
+async def _cancelled_commit(
+    env: aiodbenv.Env, f: aiodbenv.PoolFile, monkeypatch: pytest.MonkeyPatch
+) -> asyncio.Future[None]:
+    """A ``write_nosync`` commit setting every page's counter to 2, its caller cancelled while
+    its record is being logged (a shutdown's cancelled request); it goes on in the background
+    and its put returns 50 ms from now. Returns the caller's task."""
+    appended, go = _hold_puts(monkeypatch)
+
+    async def commit() -> None:
+        async with env.txn(durability="write_nosync") as tx:
+            for pg in range(NP):
+                struct.pack_into("<Q", (await tx.page(f, pg)).data, 8, 2)
+
+    t = asyncio.ensure_future(commit())
+    await asyncio.wait_for(appended.wait(), 10)
+    t.cancel()
+    asyncio.get_running_loop().call_later(0.05, go.set)
+    return t
+
+
 def _counter(raw: bytes | memoryview, pg: int = 0) -> int:
     return int(struct.unpack_from("<Q", raw, pg * 4096 + 8)[0])
 
@@ -93,17 +113,7 @@ async def test_closing_the_environment_waits_for_a_commit_under_way(
     writes them. Before, the log closed under the commit, whose copy-in then failed."""
     env, f = await _setup(home)
     path = env.resolve("a.db")
-    appended, go = _hold_puts(monkeypatch)
-
-    async def commit() -> None:
-        async with env.txn(durability="write_nosync") as tx:
-            for pg in range(NP):
-                struct.pack_into("<Q", (await tx.page(f, pg)).data, 8, 2)
-
-    t = asyncio.ensure_future(commit())
-    await asyncio.wait_for(appended.wait(), 10)
-    t.cancel()
-    asyncio.get_running_loop().call_later(0.05, go.set)
+    t = await _cancelled_commit(env, f, monkeypatch)
     await env.close()
     await asyncio.gather(t, return_exceptions=True)
     env = await aiodbenv.Env.open(home, log=True)
@@ -179,17 +189,7 @@ async def test_closing_a_private_environment_writes_a_commit_that_was_under_way(
         for pg in range(NP):
             struct.pack_into("<Q", (await tx.page(f, pg, create=True)).data, 8, 1)
     await env.pool.sync()
-    appended, go = _hold_puts(monkeypatch)
-
-    async def commit() -> None:
-        async with env.txn(durability="write_nosync") as tx:
-            for pg in range(NP):
-                struct.pack_into("<Q", (await tx.page(f, pg)).data, 8, 2)
-
-    t = asyncio.ensure_future(commit())
-    await asyncio.wait_for(appended.wait(), 10)
-    t.cancel()
-    asyncio.get_running_loop().call_later(0.05, go.set)
+    t = await _cancelled_commit(env, f, monkeypatch)
     await env.close()
     await asyncio.gather(t, return_exceptions=True)
     with open(path, "rb") as fh:

@@ -6,12 +6,13 @@ ends as an abort (LockTimeout), with nothing logged and nothing panicked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from aiodbenv import _io
 from aiodbenv.log import room
 from aiodbenv.mpool.layout import BH
 from aiodbenv.txn.latch import LATCH_COMMITTING
+from tests.conftest import end_stopped, wait_stopped
 
 BUFFER = 64 * 1024
 
@@ -98,12 +100,13 @@ asyncio.run(main())
 """
 
 
-async def test_a_commit_whose_log_writer_is_stopped_aborts_without_a_panic(home: str) -> None:
-    """Another process holds the writer role and is stopped (SIGSTOP) before its fdatasync:
-    commits that need buffer space get LockTimeout naming it after the log's
-    ``wait_timeout``, each an abort (nothing appended, latches and pins released); the
-    environment is not panicked, and goes on once the stopped process is gone. Before, such a
-    commit panicked the environment."""
+@contextlib.asynccontextmanager
+async def _stopped_writer(
+    home: str,
+) -> AsyncIterator[tuple[aiodbenv.Env, aiodbenv.PoolFile, subprocess.Popen[str]]]:
+    """An environment with 21 pages, and another process that took the log writer role and
+    stopped itself (SIGSTOP) before its fdatasync; the log's ``wait_timeout`` is 1 s. The
+    process is ended and the environment removed at the end."""
     env = await aiodbenv.Env.open(home, create=True, log=True)
     child = None
     try:
@@ -116,14 +119,23 @@ async def test_a_commit_whose_log_writer_is_stopped_aborts_without_a_panic(home:
             [sys.executable, "-c", _STOPPED_WRITER, home, path],
             env=dict(os.environ, AIODBENV_TEST_SIGNAL="fdatasync:before:5:SIGSTOP"),
         )
-        for _ in range(600):
-            with open(f"/proc/{child.pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] == "T":
-                    break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the writer process did not stop itself")
+        await wait_stopped(child)
         env.log.wait_timeout = 1.0
+        yield env, f, child
+    finally:
+        if child is not None:
+            end_stopped(child)
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+async def test_a_commit_whose_log_writer_is_stopped_aborts_without_a_panic(home: str) -> None:
+    """Another process holds the writer role and is stopped (SIGSTOP) before its fdatasync:
+    commits that need buffer space get LockTimeout naming it after the log's
+    ``wait_timeout``, each an abort (nothing appended, latches and pins released); the
+    environment is not panicked, and goes on once the stopped process is gone. Before, such a
+    commit panicked the environment."""
+    async with _stopped_writer(home) as (env, f, child):
         with pytest.raises(aiodbenv.LockTimeout, match=str(child.pid)):
             for i in range(50):  # 8 full pages each: the buffer fills, the writer is stopped
                 async with env.txn(durability="nosync") as tx:
@@ -131,21 +143,12 @@ async def test_a_commit_whose_log_writer_is_stopped_aborts_without_a_panic(home:
                         (await tx.page(f, pg)).data[200:4000] = bytes([i + 1]) * 3800
         assert not env._core.panicked
         assert env.pool.stat().page_pinned == 0
-        child.send_signal(signal.SIGCONT)
-        child.kill()
-        child.wait(30)
+        end_stopped(child)
         env.log.wait_timeout = 30.0
         async with env.txn(latch_timeout=10) as tx:  # the writer role is taken over
             (await tx.page(f, 0)).data[100:101] = b"z"
         await env.log.flush()
         await f.close()
-    finally:
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGCONT)
-            child.kill()
-            child.wait(30)
-        await env.close(nosync=True)
-        await aiodbenv.Env.remove(home, force=True)
 
 
 @pytest.mark.parametrize("durability", ["write_nosync", "sync"])
@@ -156,48 +159,21 @@ async def test_a_commit_whose_durability_wait_times_out_says_it_is_committed(
     released; then the write (or fsync) waits for another process's writer, which is stopped:
     CommitNotDurable, not LockTimeout (which means nothing changed: a caller retrying on it
     would apply the change twice). The commit is there, no panic."""
-    env = await aiodbenv.Env.open(home, create=True, log=True)
-    child = None
-    try:
-        path = env.resolve("s.db")
-        f = await env.pool.open_file(path, create=True, lsn_offset=0)
-        async with env.txn() as tx:
-            for pg in range(21):
-                (await tx.page(f, pg, create=True)).data[100:101] = b"a"
-        child = subprocess.Popen(
-            [sys.executable, "-c", _STOPPED_WRITER, home, path],
-            env=dict(os.environ, AIODBENV_TEST_SIGNAL="fdatasync:before:5:SIGSTOP"),
-        )
-        for _ in range(600):
-            with open(f"/proc/{child.pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] == "T":
-                    break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the writer process did not stop itself")
-        env.log.wait_timeout = 1.0
+    async with _stopped_writer(home) as (env, f, child):
         tx = await env.txn(durability=durability)
         (await tx.page(f, 5)).data[200:204] = b"once"
         with pytest.raises(aiodbenv.CommitNotDurable, match="committed") as caught:
             await tx.commit()
         assert not isinstance(caught.value, aiodbenv.LockTimeout)
-        assert caught.value.pid == child.pid and caught.value.lsn == tx.result.lsn  # type: ignore[union-attr]
+        assert tx.result is not None
+        assert caught.value.pid == child.pid and caught.value.lsn == tx.result.lsn
         assert not env._core.panicked
         async with f.get(5, latch=True) as pg:
             assert bytes(pg.data[200:204]) == b"once"
-        child.send_signal(signal.SIGCONT)
-        child.kill()
-        child.wait(30)
+        end_stopped(child)
         env.log.wait_timeout = 30.0
-        await env.log.flush(tx.result.lsn)  # type: ignore[union-attr]
+        await env.log.flush(tx.result.lsn)
         await f.close()
-    finally:
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGCONT)
-            child.kill()
-            child.wait(30)
-        await env.close(nosync=True)
-        await aiodbenv.Env.remove(home, force=True)
 
 
 async def test_a_timeout_after_a_direct_record_was_written_panics(

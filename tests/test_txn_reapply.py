@@ -10,7 +10,7 @@ import signal
 import subprocess
 
 import aiodbenv
-from tests.conftest import spawn
+from tests.conftest import end_stopped, spawn, wait_stopped
 
 PS = 4096
 
@@ -165,19 +165,13 @@ async def test_finishing_waits_out_a_stopped_log_writer(
     env.log.wait_timeout = 1.0
     writer = spawn(WRITER, home, env={"AIODBENV_TEST_SIGNAL": "pwrite:before:1:SIGSTOP"})
     procs.append(writer)
-    for _ in range(600):
-        with open(f"/proc/{writer.pid}/stat") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] == "T":
-                break
-        await asyncio.sleep(0.05)
+    await wait_stopped(writer)
     child = spawn(ONE_PAGE, home, env={"AIODBENV_TEST_SIGNAL": "txn.logged:at:1:SIGKILL"})
     procs.append(child)
     await _dead(child)
     await asyncio.sleep(2.5)  # a look or two of the reaper, each timing out
     assert not env._core.panicked
-    writer.send_signal(signal.SIGCONT)
-    writer.kill()
-    await asyncio.to_thread(writer.wait, 30)
+    await asyncio.to_thread(end_stopped, writer)
     env.log.wait_timeout = 30.0
     assert await _page(f, 0) == b"COMMIT!!"  # finished once the writer is gone
     assert not env._core.panicked
