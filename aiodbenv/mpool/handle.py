@@ -122,8 +122,8 @@ class PoolBase:
         #: The reaper's tasks finishing dead processes' commits from the log (the handle's
         #: close waits for them before it closes the log).
         self._finishing: set[asyncio.Task[None]] = set()
-        #: What those tasks did, once done (for failchk).
-        self._finished: list[Reaped] = []
+        #: What those tasks did, once done (for failchk; the last few only).
+        self._finished: collections.deque[Reaped] = collections.deque(maxlen=64)
         self._reclaimed_at: dict[int, float] = {}  # cache index -> last look for lost frames
         self._closed = False
         # Closing waits for all of this: coroutines inside a slow path (a miss, a sync) and the
