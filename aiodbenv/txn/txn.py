@@ -25,7 +25,6 @@ from ..errors import (
     RunRecovery,
 )
 from ..log.lsn import LSN
-from ..log.room import has_room, wait_room
 from ..mpool.hotpath import FINISHED
 from . import batch as _batch
 from . import commit as _commit
@@ -243,14 +242,6 @@ class Txn(TxnTaking):
     async def _commit(self, inline: bool) -> None:
         pages = list(self._pages.values())
         log = self._log
-        if not has_room(log, self._bytes):
-            # Before any latch is flagged committing: a process killed while its append waits
-            # for the writer would otherwise panic the environment (aiodbenv.log.room).
-            try:
-                await wait_room(log, self._bytes)
-            except BaseException:
-                await self._end_aborted()
-                raise
         try:
             # The first change of a page after the last checkpoint *record* is a full image:
             # a page written from then on may be torn by a power loss, and recovery (which
