@@ -311,7 +311,6 @@ def _reap_slot(pool: PoolBase, info: ProcInfo, finishing: bool) -> Reaped:
     try:
         for cache in core.caches:
             w = cache.words
-            halves = cache.halves
             for b, bw in enumerate(cache.bucket_words):
                 if not w[bw + BUCKET.word.head]:
                     continue
@@ -325,11 +324,9 @@ def _reap_slot(pool: PoolBase, info: ProcInfo, finishing: bool) -> Reaped:
                             # Pinned and latched until its commit is finished (_finish).
                             done.committing.append((cache, b, off))
                             continue
-                        p = (off >> 1) + PINS_HALF
-                        held = int(halves[p + s])
+                        held = _drop_pins(cache, off, s)
                         flags = int(w[x + BH.word.flags])
                         if held:
-                            halves[p + s] = 0
                             done.pins += held
                             fidx = int(w[x + BH.word.file]) - 1
                             if fidx not in names:
@@ -348,9 +345,7 @@ def _reap_slot(pool: PoolBase, info: ProcInfo, finishing: bool) -> Reaped:
                                     f"process {pid} died inside a transaction commit; "
                                     "run recovery (Env.open(..., recover=True))"
                                 )
-                        ref = sum(halves[p : p + MAX_PROCS])
-                        if w[x + BH.word.ref] != ref:
-                            w[x + BH.word.ref] = ref
+                        ref = int(w[x + BH.word.ref])  # recounted by _drop_pins
                         dead_io = int(w[x + BH.word.io_pid]) == pid and pid not in others
                         if flags & BH_READING and dead_io and held:
                             # Its read will never finish: waiters see FAILED and retry.
