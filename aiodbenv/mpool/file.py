@@ -116,6 +116,9 @@ class PoolFile(PageRelease):
                 await asyncio.shield(pending)
             raise
         self._latched[page] = owner
+        task = asyncio.current_task()
+        if task is not None:  # (see latch._waits_for)
+            self._pool._latch_tasks[owner] = task
         return page
 
     def new(self) -> PinContext:
@@ -186,6 +189,7 @@ class PoolFile(PageRelease):
             owner = self._latched.pop(page, 0)
             if owner:
                 latch.release(page, owner)
+                self._pool._latch_tasks.pop(owner, None)
         flags = page._flags
         if dirty and clean:
             flags = PAGE_DIRTY | PAGE_CLEAN  # refused by _unpin's check
@@ -280,6 +284,7 @@ class PoolFile(PageRelease):
         pending = []
         for page, owner in self._latched.items():
             latch.release(page, owner)
+            self._pool._latch_tasks.pop(owner, None)
         self._latched.clear()
         for page in list(self._pins):
             task = self._unpin(page, page._flags)

@@ -119,6 +119,13 @@ class PoolBase:
         #: This process's transactions inside a commit, by owner (aiodbenv.txn): closing a file
         #: waits for those holding its pages (PoolFile.close).
         self._committing: dict[int, object] = {}
+        #: Who holds this process's page latches, and what they wait for (aiodbenv.txn.latch):
+        #: latch owner -> the task it belongs to (a transaction's, or a latched read's), and
+        #: task -> the owner whose latch it waits for. A wait that would end only when the
+        #: waiting task itself goes on (its own transaction, or a cycle of this process's
+        #: tasks) is refused at once instead of running into the timeout.
+        self._latch_tasks: dict[int, asyncio.Task[Any]] = {}
+        self._latch_waits: dict[asyncio.Task[Any], int] = {}
         #: The reaper's tasks finishing dead processes' commits from the log (the handle's
         #: close waits for them before it closes the log).
         self._finishing: set[asyncio.Task[None]] = set()

@@ -13,17 +13,26 @@ holds. Every wait then goes up the order, so no cycle of waits can form; a busy 
 held one raises :class:`~aiodbenv.errors.Deadlock` at once (the caller aborts the transaction).
 The cost is a false alarm now and then (the holder might never have wanted our page); a
 transaction that takes its pages in ascending order never sees one.
+
+Latched reads (``PoolFile.get(latch=True)``) stand outside that order, and a task can hold a
+latch itself (its transaction's, or a latched read it has not ended) while asking for it
+again. Within a process the holders are known (``pool._latch_tasks``: owner -> task) and so
+are the waits (``pool._latch_waits``: task -> owner waited for): a wait whose chain of holders
+leads back to the waiting task raises Deadlock at once, instead of running into the timeout
+with a message blaming "another transaction". Across processes such a cycle ends with the
+wait's timeout (LockTimeout).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import Deadlock, LockTimeout
 from ..mpool.layout import BH, MAX_PGNO
 from ..region.layout import TXN_STAT
+from ..region.mutex import Busy
 
 if TYPE_CHECKING:
     from ..mpool.cache import Cache
@@ -117,7 +126,9 @@ async def acquire(
     caller already holds (-1: none).
 
     Raises :class:`~aiodbenv.errors.Deadlock` at once if the latch is busy and ``key`` is below
-    ``held_max`` (the order rule), :class:`~aiodbenv.errors.LockTimeout` after ``timeout``
+    ``held_max`` (the order rule), or if its holder is the calling task itself, or a task of
+    this process that waits (through others) for it (:func:`_waits_for`): those waits could
+    never end. :class:`~aiodbenv.errors.LockTimeout` after ``timeout``
     seconds of waiting. A holder that died is released by the pool's reaper (every second),
     so the wait then ends by itself. Cancellation: between attempts; the latch is not held.
     """
@@ -131,19 +142,54 @@ async def acquire(
         return
     if counts is not None:
         counts.add(_S.latch_waits)
+    me = asyncio.current_task()
+    try:
+        await _wait(pool, page, owner, key, held_max, timeout, counts, cur, me)
+    finally:
+        if me is not None:
+            pool._latch_waits.pop(me, None)
+
+
+async def _wait(
+    pool: PoolBase,
+    page: Page,
+    owner: int,
+    key: int,
+    held_max: int,
+    timeout: float,
+    counts: LatchCounts | None,
+    cur: int | Busy,
+    me: asyncio.Task[Any] | None,
+) -> None:
+    """:func:`acquire`'s wait for a busy latch (``cur``: its holder, or Busy if the bucket
+    mutex was), recorded in ``pool._latch_waits`` for other tasks' checks while it lasts."""
+    cache = page._cache
+    assert cache is not None
+    b, bh = page._bucket, page._bh
     deadline = time.monotonic() + timeout
     delay = _WAIT_MIN
     while True:
-        if not isinstance(cur, int):  # the bucket mutex was busy: just try again
-            pass
-        elif key < held_max:
-            if counts is not None:
-                counts.add(_S.deadlocks)
-            raise Deadlock(
-                f"page {page.pgno} is latched by another transaction (slot "
-                f"{owner_slot(cur)}) and is ordered before a page this transaction holds: "
-                "waiting could deadlock, so the transaction must abort and retry"
-            )
+        if isinstance(cur, int):  # (Busy: the bucket mutex was busy, just try again)
+            why = ""
+            if key < held_max:
+                why = (
+                    "by another transaction and is ordered before a page this transaction "
+                    "holds: waiting could deadlock, so the transaction must abort and retry"
+                )
+            elif me is not None and _waits_for(pool, cur, me):
+                why = (
+                    "by this task itself (its own transaction, or a latched read it has not "
+                    "ended), or by a task of this process that waits for this one: the wait "
+                    "could never end. A task takes a page once (tx.page() of a page the "
+                    "transaction holds returns it again) and ends a latched read of a page "
+                    "before a transaction of its own takes it"
+                )
+            if why:
+                if counts is not None:
+                    counts.add(_S.deadlocks)
+                raise Deadlock(f"page {page.pgno} is latched (slot {owner_slot(cur)}) {why}")
+            if me is not None:
+                pool._latch_waits[me] = cur & ~LATCH_COMMITTING
         now = time.monotonic()
         if now >= deadline:
             if counts is not None:
@@ -160,6 +206,28 @@ async def acquire(
         cur = pool._attempt(try_latch, cache, b, bh, owner)
         if cur == 0:
             return
+
+
+def _waits_for(pool: PoolBase, holder: int, me: asyncio.Task[Any]) -> bool:
+    """Would waiting for the latch ``holder`` holds wait for the task ``me`` itself: is the
+    holder ``me``'s, or a task of this process that waits (through others of it) for ``me``?
+    Only this process's owners are known (another process's holder: False; a cycle through
+    other processes ends with the wait's timeout)."""
+    tasks, waits, mine = pool._latch_tasks, pool._latch_waits, pool._slot + 1
+    for _ in range(len(waits) + 1):  # each task waits for one owner: a chain, or a cycle
+        holder &= ~LATCH_COMMITTING
+        if (holder >> 32) & 0xFFFF != mine:
+            return False
+        task = tasks.get(holder)
+        if task is None:
+            return False
+        if task is me:
+            return True
+        nxt = waits.get(task)
+        if nxt is None:
+            return False
+        holder = nxt
+    return False
 
 
 def committing_by(w: memoryview, x: int, slot: int) -> bool:

@@ -255,6 +255,7 @@ class TxnTaking:
             tp = TxnPage(f, page, data, bf, desc, entry)
             self._pages[(f._fidx, pgno)] = tp
             f._latched[page] = owner
+            self._pool._latch_tasks[owner] = self._task  # (see latch._waits_for)
         except BaseException:
             self._pages.pop((f._fidx, pgno), None)
             f._latched.pop(page, None)
@@ -360,6 +361,7 @@ class TxnTaking:
         # Known to the file too, so that closing it (or the environment) releases the latch
         # of a transaction that was never ended.
         f._latched[page] = self._owner
+        self._pool._latch_tasks[self._owner] = self._task  # (see latch._waits_for)
         if key > self._held_max:
             self._held_max = key
         self._bytes += cost

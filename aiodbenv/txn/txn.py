@@ -139,6 +139,7 @@ class Txn(TxnTaking):
         if self._pool._closed:
             # The handle's close took the pages back and detached the regions: nothing to do.
             self._pages.clear()
+            self._pool._latch_tasks.pop(self._owner, None)
             return
         self._stats.add(W.aborts)
         await self._release_all()
@@ -159,6 +160,7 @@ class Txn(TxnTaking):
         pending: list[Awaitable[None]] = []
         error: Exception | None = None
         self._pool._committing.pop(self._owner, None)
+        self._pool._latch_tasks.pop(self._owner, None)
         for tp in self._pages.values():
             f, page = tp.file, tp._page
             try:
