@@ -109,6 +109,44 @@ async def test_killed_committer_survives_region_loss_with_recover(
     await aiodbenv.Env.remove(home)
 
 
+RECOVER_CLI = "import sys; from aiodbenv._cli import main; sys.exit(main())"
+
+
+async def test_recover_command_finds_a_log_kept_in_its_own_directory(home: str) -> None:
+    # The service keeps its log in HOME/logs; its commits are only in the log when the
+    # regions are lost.
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_dir="logs")
+    f = await env.pool.open_file(env.resolve("data.db"), create=True, page_size=PS, lsn_offset=0)
+    for i in range(4):
+        async with env.txn(durability="sync") as tx:
+            (await tx.page(f, i, create=True)).data[64:72] = b"commit%02d" % i
+    await f.close()
+    await env.close(nosync=True)
+    await aiodbenv.Env.remove(home, force=True)
+    before = sorted(os.listdir(home))
+    # Without -l (and no set_lg_dir), the home has no log: refused, nothing created there.
+    out = python(RECOVER_CLI, "recover", "-h", home)
+    assert out.returncode == 1
+    assert "no log files in" in out.stderr and "-l LOGDIR" in out.stderr, out.stderr
+    assert sorted(os.listdir(home)) == before
+    # With -l, the commits are replayed.
+    out = python(RECOVER_CLI, "recover", "-h", home, "-l", "logs")
+    assert out.returncode == 0, out.stderr
+    assert "4 committed transaction(s); 4 page change(s) applied" in out.stdout
+    assert os.path.join(home, "logs") in out.stdout
+    assert not [n for n in os.listdir(home) if n.startswith(("__db.", "log."))]
+    assert [p[64:72] for p in await pages(home)] == [b"commit%02d" % i for i in range(4)]
+    # DB_CONFIG's set_lg_dir names it too; the second recovery finds everything written.
+    with open(os.path.join(home, "DB_CONFIG"), "w") as fh:
+        fh.write("set_lg_dir logs\n")
+    out = python(RECOVER_CLI, "recover", "-h", home)
+    assert out.returncode == 0, out.stderr
+    assert "page change(s) applied" in out.stdout and "no log files" not in out.stderr
+    env = await aiodbenv.Env.open(home, create=True, log=True, log_dir="logs")
+    await env.close()
+    await aiodbenv.Env.remove(home)
+
+
 async def test_replay_twice_gives_the_same_bytes(home: str) -> None:
     env = await aiodbenv.Env.open(home, create=True, log=True)
     f = await env.pool.open_file(env.resolve("data.db"), create=True, page_size=PS, lsn_offset=0)

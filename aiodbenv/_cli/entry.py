@@ -176,6 +176,14 @@ def _build_parser() -> argparse.ArgumentParser:
                 "-e", type=parse_lsn, default=None, metavar="LSN", help="stop after FILE/OFFSET"
             )
             sp.add_argument("-v", action="store_true", help="show user records' data in full")
+        elif name == "recover":
+            sp.add_argument(
+                "-l",
+                metavar="LOGDIR",
+                default=None,
+                help="the log's directory, relative to the home, as the service's log_dir "
+                "(default: DB_CONFIG's set_lg_dir, then the home)",
+            )
         elif name == "archive":
             sp.add_argument("-a", action="store_true", help="print absolute paths")
             sp.add_argument(

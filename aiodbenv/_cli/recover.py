@@ -4,31 +4,51 @@ committed transactions of its log into the data files, then remove the regions a
 The regions a recovery rebuilds are made with the defaults (and ``DB_CONFIG``): left in
 place, the service started next would join them and silently get, say, a 256 KiB cache
 instead of the size it asks for. Recovery writes every page and appends a checkpoint, so
-removing them loses nothing; the next open creates them with its own settings."""
+removing them loses nothing; the next open creates them with its own settings.
+
+The log is found where the service keeps it: ``-l LOGDIR`` (relative to the home, as
+``Env.open(log_dir=...)``), else ``DB_CONFIG``'s ``set_lg_dir``, else the home. A directory
+without log files is refused: recovering "nothing" there would start an empty log beside
+the real one and report no transactions, while the real one still held them."""
 
 from __future__ import annotations
 
 import argparse
 
+import anyio
+
+from .._config import Settings
 from .._env import Env
-from ..errors import Busy
+from .._resolve import resolve_home, resolve_settings
+from ..errors import Busy, InvalidArgument
+from ..log.files import list_log_files
+from ..log.region import log_directory
 
 __all__ = ["recover_command"]
 
 
 async def recover_command(args: argparse.Namespace) -> int:
     """Run recovery on ``-h HOME`` (no other process may be using it) and say what it did."""
-    async with Env.open(args.h, create=True, log=True, recover=True) as env:
+    home = resolve_home(args.h)
+    settings = await resolve_settings(home, Settings(log=True, log_dir=args.l))
+    directory = log_directory(home, settings)
+    if not await anyio.to_thread.run_sync(list_log_files, directory):
+        raise InvalidArgument(
+            f"no log files in {directory}: there is nothing to recover from there. If the "
+            "service keeps its log elsewhere, name that directory with -l LOGDIR (relative "
+            "to the home, as its log_dir) or set_lg_dir in DB_CONFIG"
+        )
+    async with Env.open(home, create=True, log=True, recover=True, log_dir=args.l) as env:
         st = env.recovered
         assert st is not None
         print(
-            f"recover: read the log from {st.start} to {st.end}: {st.batches} committed "
-            f"transaction(s); {st.applied} page change(s) applied ({st.full_images} full "
-            f"image(s)), {st.skipped} already in the data files"
+            f"recover: read the log in {directory} from {st.start} to {st.end}: "
+            f"{st.batches} committed transaction(s); {st.applied} page change(s) applied "
+            f"({st.full_images} full image(s)), {st.skipped} already in the data files"
             + (f"; {st.repaired} torn page(s) repaired" if st.repaired else "")
         )
     try:
-        await Env.remove(args.h)
+        await Env.remove(home)
     except Busy as err:  # another process joined meanwhile: its regions stay
         print(f"recover: the regions were kept: {err}")
     else:
