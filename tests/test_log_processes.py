@@ -135,6 +135,39 @@ async def test_dead_holder_of_the_log_mutex(
     await aiodbenv.Env.remove(home)
 
 
+async def test_dead_holder_of_the_log_mutex_met_by_a_compiled_flush(
+    home: str, procs: list[subprocess.Popen[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A commit's flush (Txn._make_durable) goes straight to _flush_word, whose one compiled
+    # call (register, take the role, start the round) is the first to meet the mutex its
+    # holder left held when it died: it must repair it, then serve the flush.
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    log = env.log
+    for _ in range(2):  # the round thread is running from the second on
+        await log.put(b"first", flush=True)
+    if log._bjob is None or not log._bjob.thread:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+        pytest.skip("the compiled log round is not in use (AIODBENV_MUTEX=abi)")
+    lsn = await log.put(b"mine")
+    child = spawn(HOLDER, home, "mutex")
+    procs.append(child)
+    assert child.stdout is not None
+    child.stdout.readline()
+    assert child.stdout.readline().strip() == "locked"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=10)
+    assert log.flushed_lsn <= lsn
+    await log._flush_word((lsn.file << 32) | lsn.offset)
+    assert "died holding the log mutex" in caplog.text
+    assert env.stat().mutex_owner_died == 1
+    assert log.flushed_lsn > lsn
+    assert [d async for _, d in log.cursor()] == [b"first", b"first", b"mine", b"from the child"]
+    await log.put(b"after", flush=True)
+    await env.close()
+    await aiodbenv.Env.remove(home)
+
+
 def _stopped(pid: int) -> bool:
     """Is process ``pid`` stopped (state T in /proc/PID/stat)?"""
     with open(f"/proc/{pid}/stat") as f:

@@ -44,6 +44,7 @@ from .record import (
 )
 from .redo import redo_start
 from .stat import LogStat, read_stat
+from .threadrounds import DIRECT_NOT_DONE, DIRECT_STARTED
 from .writer import Direct, DurableListener, LogWriter
 
 __all__ = ["DurableListener", "Log"]
@@ -360,9 +361,14 @@ class Log(LogWriter):
                 for start, end, data in self._mem_ranges(old, new):
                     self._durable(start, end, data)
             return
-        if self._attempt(c.register_commit) is BUSY:
-            await self._locked(c.register_commit)
-        await self._direct_round(True)
+        done = self._direct_now(True, word)
+        if done == DIRECT_STARTED:
+            await self._settle_behind()
+            self._check()
+        elif done == DIRECT_NOT_DONE:
+            if self._attempt(c.register_commit) is BUSY:
+                await self._locked(c.register_commit)
+            await self._direct_round(True)
         if c.word("s_lsn") > word:
             return
         self._want.sync = max(self._want.sync, word)
@@ -376,9 +382,14 @@ class Log(LogWriter):
         if c.inmemory:
             return
         # Registered in the region first: whichever process writes next serves it.
-        if self._attempt(c.register_write, word) is BUSY:
-            await self._locked(c.register_write, word)
-        await self._direct_round(False)
+        done = self._direct_now(False, word)
+        if done == DIRECT_STARTED:
+            await self._settle_behind()
+            self._check()
+        elif done == DIRECT_NOT_DONE:
+            if self._attempt(c.register_write, word) is BUSY:
+                await self._locked(c.register_write, word)
+            await self._direct_round(False)
         if c.word("w_lsn") > word:
             return
         self._want.write = max(self._want.write, word)
