@@ -27,6 +27,7 @@ from .. import _io
 from ..errors import CorruptRegion, InvalidArgument, LockTimeout
 from ..region.mutex import BUSY, Busy
 from ..region.mutex import unlock as _unlock
+from . import direct
 from .accel import CORRUPT as _CORRUPT
 from .accel import HALF as _HALF
 from .accel import OWNER_DEAD as _OWNER_DEAD
@@ -44,7 +45,6 @@ from .record import (
 )
 from .redo import redo_start
 from .stat import LogStat, read_stat
-from .threadrounds import DIRECT_NOT_DONE, DIRECT_STARTED
 from .writer import Direct, DurableListener, LogWriter
 
 __all__ = ["DurableListener", "Log"]
@@ -361,11 +361,14 @@ class Log(LogWriter):
                 for start, end, data in self._mem_ranges(old, new):
                     self._durable(start, end, data)
             return
-        done = self._direct_now(True, word)
-        if done == DIRECT_STARTED:
+        seq = c.word("flush_seq")
+        done = direct.start(self, True, word)
+        if done == direct.STARTED:
             await self._settle_behind()
             self._check()
-        elif done == DIRECT_NOT_DONE:
+        elif done == direct.REGISTERED:
+            await direct.wait_other(self, True, word, seq)
+        else:
             if self._attempt(c.register_commit) is BUSY:
                 await self._locked(c.register_commit)
             await self._direct_round(True)
@@ -382,11 +385,14 @@ class Log(LogWriter):
         if c.inmemory:
             return
         # Registered in the region first: whichever process writes next serves it.
-        done = self._direct_now(False, word)
-        if done == DIRECT_STARTED:
+        seq = c.word("flush_seq")
+        done = direct.start(self, False, word)
+        if done == direct.STARTED:
             await self._settle_behind()
             self._check()
-        elif done == DIRECT_NOT_DONE:
+        elif done == direct.REGISTERED:
+            await direct.wait_other(self, False, word, seq)
+        else:
             if self._attempt(c.register_write, word) is BUSY:
                 await self._locked(c.register_write, word)
             await self._direct_round(False)

@@ -22,30 +22,18 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _io
 from ..errors import LockTimeout
-from ..region.mutex import Busy, speedups, unlock
-from .accel import OWNER_DEAD, BehindJob
+from ..region.mutex import Busy
+from .accel import BehindJob
 from .core import LogCore
 from .files import log_path
 from .orphan import keep_running
 from .rounddata import _SETTLE_POLL, CRound, Round
 from .wakesock import unregister
 
-__all__ = [
-    "DIRECT_NOT_DONE",
-    "DIRECT_REGISTERED",
-    "DIRECT_STARTED",
-    "MORE_ROUNDS",
-    "CRound",
-    "Round",
-    "ThreadRounds",
-]
+__all__ = ["MORE_ROUNDS", "CRound", "Round", "ThreadRounds"]
 
 _PWRITEV = _io.pwritev
 _FDATASYNC = _io.fdatasync
-
-#: What :meth:`ThreadRounds._direct_now` did.
-DIRECT_NOT_DONE, DIRECT_REGISTERED, DIRECT_STARTED = 0, 1, 2
-_DIRECT = getattr(speedups, "aiodb_log_direct", None)
 
 #: Rounds a writer's thread runs back to back for other processes' flush calls, at most,
 #: before it lets the role go (and the writer task or another process takes it).
@@ -160,47 +148,6 @@ class ThreadRounds:
                 self._inflight = None
         if self._inflight is r:
             await self._settle_behind()
-
-    def _direct_now(self, sync: bool, word: int) -> int:
-        """A flush (``sync``) or write-through call for the record at ``word``, in one
-        compiled call when it can be (:data:`DIRECT_STARTED`: registered, and a round of its
-        own started as :attr:`_inflight`, as :meth:`_direct_round` starts one: await
-        :meth:`_settle_behind`; :data:`DIRECT_REGISTERED`: registered only, another process
-        writes). :data:`DIRECT_NOT_DONE`: nothing done, the caller goes the Python way (no
-        compiled round thread yet, the seam's faults or listeners, a busy mutex). Does not
-        suspend."""
-        job = self._bjob
-        if (
-            job is None
-            or _DIRECT is None
-            or not job.thread
-            or self._task is not None
-            or self._inflight is not None
-            or self._closing
-            or self._listeners
-            or _io._faults
-            or _io._signal_plan
-            or _io.pwritev is not _PWRITEV
-            or _io.fdatasync is not _FDATASYNC
-        ):
-            return DIRECT_NOT_DONE
-        file = self._c.word("f_lsn") >> 32
-        fd = self._fds.get(file)
-        evfd = self._job_fd() if fd is not None else -1
-        if evfd < 0:
-            return DIRECT_NOT_DONE
-        rc = _DIRECT(job.fast.args, job.j, sync, word, file, fd, evfd, MORE_ROUNDS)
-        if rc == 1:
-            file, start, end, _, commits = job.current()
-            self._inflight = CRound(job, file, start, end, commits, sync)
-            return DIRECT_STARTED
-        if rc == 0:
-            return DIRECT_REGISTERED
-        if rc == OWNER_DEAD:  # left held for us: repair (or panic) as any locker would
-            self._c.mutex.acquire_contended(errno.EOWNERDEAD)
-            if self._c._ptr is not None:
-                unlock(self._c._ptr)
-        return DIRECT_NOT_DONE
 
     async def _handed_round(self, sync: bool) -> bool:
         """Holding the role: run this round as a write behind (the compiled round when there
