@@ -368,6 +368,7 @@ class Env(EnvLog, EnvTxn):
             last_checkpoint=last_checkpoint(self._pool) if usable else None,
             workers=workers,
             shared=shared,
+            panic_cause=self._core.panic_cause() if panicked else None,
         )
 
     @property

@@ -153,13 +153,16 @@ class Health:
     wall-clock time of the last complete checkpoint (by any process), None if there was none;
     ``workers`` has one :class:`WorkerStatus` per background worker of this handle, and
     ``shared`` one :class:`SharedWorkerStatus` per kind (trickle, checkpoint) for the whole
-    environment (empty once the handle is closed or the environment panicked)."""
+    environment (empty once the handle is closed or the environment panicked);
+    ``panic_cause`` says who panicked the environment, when and why, if it is panicked
+    (``"by process PID at TIME: REASON"``, as every process's RunRecovery says it)."""
 
     ok: bool
     panicked: bool
     last_checkpoint: float | None
     workers: tuple[WorkerStatus, ...]
     shared: tuple[SharedWorkerStatus, ...] = ()
+    panic_cause: str | None = None
 
 
 class _Worker(abc.ABC):

@@ -154,11 +154,13 @@ class LogWriter(ThreadRounds):
         code = self._c.word("failed_errno")
         if code:
             name = log_path(self._c.directory, self._c.word("failed_file"))
+            why = self._env.panic_cause()
             raise RunRecovery(
                 f"PANIC: environment {self._env.home} is panicked: a write or fsync of log file "
                 f"{name} failed with errno {code} ({errno.errorcode.get(code, '?')}); records "
-                "written to it may be lost. Run recovery (close every handle, remove the "
-                "environment and open it again)"
+                "written to it may be lost"
+                + (f" (panicked {why})" if why else "")
+                + f"; {RunRecovery.ADVICE}"
             )
         self._env.check_panic()
 

@@ -169,9 +169,11 @@ class PoolBase:
         fsync (in any process)."""
         fsync_err = self._fsync_failure() if self._env_core.panicked else None
         if fsync_err:
+            why = self._env_core.panic_cause()
             raise RunRecovery(
-                f"PANIC: environment {self._env_core.home} is panicked: {fsync_err}; "
-                f"{RunRecovery.ADVICE}"
+                f"PANIC: environment {self._env_core.home} is panicked: {fsync_err}"
+                + (f" (panicked {why})" if why else "")
+                + f"; {RunRecovery.ADVICE}"
             )
         self._env_core.check_panic()
 

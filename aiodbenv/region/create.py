@@ -129,6 +129,7 @@ def _build(
                 ).initialize()
         w[e + ENV_HEADER.word.version] = LAYOUT_VERSION
         w[e + ENV_HEADER.word.panic] = 0
+        w[e + ENV_HEADER.word.panic_pid] = 0  # (no cause recorded: region/panic.py)
         w[e + ENV_HEADER.word.env_id] = env_id
         w[e + ENV_HEADER.word.created_ns] = time.time_ns()
         w[e + ENV_HEADER.word.creator_pid] = os.getpid()

@@ -15,11 +15,13 @@ across an ``await``. Closing blocks (unmapping, unlocking): it runs in a worker 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 
 from .._config import FLAG_BITS, Settings
 from ..errors import RunRecovery
+from . import panic
 from .alloc import Allocator, AllocStats
 from .backing import Region
 from .home import HomeLock
@@ -197,14 +199,25 @@ class EnvCore:
         return self._w, ENV_WORD + ENV_HEADER.word.panic
 
     def check_panic(self) -> None:
-        """Raise :class:`RunRecovery` if the environment is panicked."""
+        """Raise :class:`RunRecovery` if the environment is panicked, with its recorded cause."""
         if self.panicked:
-            raise RunRecovery(f"PANIC: environment {self.home} is panicked; {RunRecovery.ADVICE}")
+            why = self.panic_cause()
+            raise RunRecovery(
+                f"PANIC: environment {self.home} is panicked"
+                + (f" ({why})" if why else "")
+                + f"; {RunRecovery.ADVICE}"
+            )
+
+    def panic_cause(self) -> str | None:
+        """Who panicked the environment, when and why (``"by process PID at TIME: REASON"``),
+        if it is panicked and the cause was recorded (see :mod:`aiodbenv.region.panic`)."""
+        return None if self.closed else panic.cause(self._w)
 
     def panic(self, reason: str) -> None:
-        """Panic the environment: every handle's next call raises :class:`RunRecovery`."""
+        """Panic the environment: every handle's next call raises :class:`RunRecovery`. The
+        first panic's cause is kept in the environment header for every process to tell."""
         logger.error("PANIC: %s (environment %s)", reason, self.home)
-        self._w[ENV_WORD + ENV_HEADER.word.panic] = 1
+        panic.record(self._w, os.getpid(), reason)
 
     def settings(self) -> Settings:
         """The settings the environment was created with."""
@@ -241,6 +254,7 @@ class EnvCore:
         if self.closed:
             return
         panicked = self.panicked
+        why = self.panic_cause() if panicked else None  # (read before the regions go)
         try:
             if panicked:
                 pass
@@ -254,8 +268,9 @@ class EnvCore:
             self.release()
         if panicked:
             raise RunRecovery(
-                f"PANIC: environment {self.home} was panicked while this handle was open; "
-                f"{RunRecovery.ADVICE}"
+                f"PANIC: environment {self.home} was panicked while this handle was open"
+                + (f" ({why})" if why else "")
+                + f"; {RunRecovery.ADVICE}"
             )
 
     def release(self) -> None:

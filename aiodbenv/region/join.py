@@ -27,6 +27,7 @@ from .._config import (
     MIN_PAGE_SIZE,
 )
 from ..errors import CorruptRegion, RunRecovery, VersionMismatch
+from . import panic
 from .backing import Region, attach_file_region, attach_system_region, region_file_name
 from .environment import read_region_table
 from .layout import (
@@ -77,8 +78,11 @@ def _check_header(path: str, data: bytes) -> tuple[int, int]:
     if _word(data, ENV_WORD + ENV_HEADER.word.magic) != ENV_MAGIC:
         raise CorruptRegion(f"{path} is not an aiodbenv environment (bad environment magic)")
     if _word(data, ENV_WORD + ENV_HEADER.word.panic):
+        why = panic.cause_in(data)
         raise RunRecovery(
-            f"PANIC: environment {os.path.dirname(path)} is panicked; {RunRecovery.ADVICE}"
+            f"PANIC: environment {os.path.dirname(path)} is panicked"
+            + (f" ({why})" if why else "")
+            + f"; {RunRecovery.ADVICE}"
         )
     kind = _word(data, ENV_WORD + ENV_HEADER.word.kind)
     size = _word(data, REGION_HEADER.word.size)

@@ -32,6 +32,7 @@ __all__ = [
     "MAX_REGIONS",
     "MUTEX_SLOT",
     "MUTEX_STORAGE_BYTES",
+    "PANIC_REASON_BYTES",
     "PROCS_WORD",
     "PROC_SLOT",
     "PROC_SLOT_WORDS",
@@ -55,7 +56,7 @@ __all__ = [
 WORD = 8
 
 #: Bumped whenever a layout or a field's meaning changes.
-LAYOUT_VERSION = 9
+LAYOUT_VERSION = 10
 
 # The magics spell "aiodbreg", "aiodbenv" and "aiodbshm" in little-endian ASCII, which makes
 # them easy to spot in a hex dump of a region file or segment.
@@ -240,6 +241,9 @@ REGION_ENTRY = Layout(
     ],
 )
 
+#: Bytes of the environment header kept for the reason of a panic (longer ones are cut).
+PANIC_REASON_BYTES = 256
+
 #: The environment header, right after region 1's region header.
 ENV_HEADER = Layout(
     "env_header",
@@ -272,6 +276,11 @@ ENV_HEADER = Layout(
         ("txn_stat_retired", TXN_STAT),
         ("txn_stat_seq", 1),
         ("procs", PROC_SLOT.size // WORD * MAX_PROCS),
+        # Why the environment was panicked, by the first process that did it (region/panic.py):
+        # its pid, when (time.time_ns()), and the reason as UTF-8, NUL-padded.
+        ("panic_pid", 1),
+        ("panic_ns", 1),
+        ("panic_reason", PANIC_REASON_BYTES // WORD),
     ],
 )
 

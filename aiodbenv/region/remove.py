@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from .. import _io
 from ..errors import AiodbenvError, Busy, CorruptRegion, EnvNotFound, RunRecovery
+from . import panic
 from .backing import (
     Region,
     attach_file_region,
@@ -142,7 +143,8 @@ def _remove_locked(
             raise
     if regions:
         r1 = regions[0]
-        r1.words[ENV_WORD + ENV_HEADER.word.panic] = 1  # every handle still attached sees this
+        # Every handle still attached sees this, and why.
+        panic.record(r1.words, os.getpid(), f"the environment was removed with force ({home})")
         table = read_region_table(r1.words)
         env_id = r1.header("env_id")
         kind = r1.kind
@@ -193,7 +195,7 @@ def _panic_what_remains(home: str, fd: int) -> None:
         return
     try:
         if r1.header("magic") == REGION_MAGIC and r1.header("env_id") == env_id:
-            r1.words[ENV_WORD + ENV_HEADER.word.panic] = 1
+            panic.record(r1.words, os.getpid(), f"the environment was removed with force ({home})")
             table = read_region_table(r1.words)
         else:
             table = []
