@@ -303,7 +303,9 @@ class PoolBase:
 
     def _panic_unpinned(self, pgno: int) -> None:
         self._env_core.panic(f"page {pgno} returned to the pool more often than it was pinned")
-        raise RunRecovery(f"PANIC: page {pgno} was unpinned more often than pinned; run recovery")
+        raise RunRecovery(
+            f"PANIC: page {pgno} was unpinned more often than pinned; {RunRecovery.ADVICE}"
+        )
 
     @staticmethod
     def _attempt(fn: Callable[..., T], *args: Any) -> T | Busy:

@@ -311,7 +311,7 @@ class SharedMutex:
             lib.pthread_mutex_consistent(self._m)
             w[self._w + _W_HOLDER] = 0
             lib.pthread_mutex_unlock(self._m)
-            raise RunRecovery(f"PANIC: {reason} ({err}); run recovery") from err
+            raise RunRecovery(f"PANIC: {reason} ({err}); {RunRecovery.ADVICE}") from err
         lib.pthread_mutex_consistent(self._m)
 
     def _failed(self, rc: int) -> None:
@@ -319,7 +319,7 @@ class SharedMutex:
             reason = f"mutex {self.name} is not recoverable"
             if self._panic is not None:
                 self._panic(reason)
-            raise RunRecovery(reason)
+            raise RunRecovery(f"PANIC: {reason}; {RunRecovery.ADVICE}")
         if rc == errno.EINVAL:
             # Its bytes in the region are not a mutex any more: the region is corrupt.
             reason = f"mutex {self.name} is corrupt (EINVAL)"

@@ -309,7 +309,7 @@ class Txn(TxnTaking):
             reason = f"a transaction's logged commit could not be copied in ({err!r})"
             pool._committing.pop(self._owner, None)
             pool._env_core.panic(reason)
-            raise RunRecovery(f"PANIC: {reason}; run recovery") from err
+            raise RunRecovery(f"PANIC: {reason}; {RunRecovery.ADVICE}") from err
         st = self._stats
         sw, sb = st._w, st._base
         sw[sb + W.pages_logged] += len(built.changed)
