@@ -25,9 +25,7 @@ import anyio.to_thread
 
 from .. import _io
 from ..errors import CorruptRegion, InvalidArgument, LockTimeout
-from ..region.mutex import BUSY, Busy
 from ..region.mutex import unlock as _unlock
-from . import direct
 from .accel import CORRUPT as _CORRUPT
 from .accel import HALF as _HALF
 from .accel import OWNER_DEAD as _OWNER_DEAD
@@ -35,6 +33,7 @@ from .accel import PYTHON as _PYTHON
 from .core import NEED
 from .cursor import LogCursor
 from .files import list_log_files, log_path
+from .flushing import LogFlushing
 from .lsn import LSN, pack_word, unpack_word
 from .record import (
     FILE_HEADER_BYTES,
@@ -45,7 +44,7 @@ from .record import (
 )
 from .redo import redo_start
 from .stat import LogStat, read_stat
-from .writer import Direct, DurableListener, LogWriter
+from .writer import Direct, DurableListener
 
 __all__ = ["DurableListener", "Log"]
 
@@ -55,7 +54,7 @@ logger = logging.getLogger("aiodbenv")
 _new_lsn = tuple.__new__
 
 
-class Log(LogWriter):
+class Log(LogFlushing):
     """The log of an environment (``env.log``): ``put``, ``flush``, cursors, checkpoint
     records, ``archive`` and ``stat``, shared by every process that has the environment open.
 
@@ -346,67 +345,6 @@ class Log(LogWriter):
         elif word == end:
             word = end - 1
         await self._flush_word(word)
-
-    async def _flush_word(self, word: int) -> None:
-        """Make everything up to the record at ``word`` durable."""
-        c = self._c
-        if word < c.word("s_lsn"):
-            return
-        if c.inmemory:
-            try:
-                old, new = c.mem_flush()
-            except LockTimeout:
-                old, new = await self._locked(c.mem_flush)
-            if self._listeners and new > old:
-                for start, end, data in self._mem_ranges(old, new):
-                    self._durable(start, end, data)
-            return
-        seq = c.word("flush_seq")
-        done = direct.start(self, True, word)
-        if done == direct.STARTED:
-            await self._settle_behind()
-            self._check()
-        elif done == direct.REGISTERED:
-            await direct.wait_other(self, True, word, seq)
-        else:
-            if self._attempt(c.register_commit) is BUSY:
-                await self._locked(c.register_commit)
-            await self._direct_round(True)
-        if c.word("s_lsn") > word:
-            return
-        self._want.sync = max(self._want.sync, word)
-        while c.word("s_lsn") <= word:
-            await self._wait_progress()
-            self._check()
-
-    async def _write_through(self, word: int) -> None:
-        """Make sure the record at ``word`` is written to its file (no fsync)."""
-        c = self._c
-        if c.inmemory:
-            return
-        # Registered in the region first: whichever process writes next serves it.
-        seq = c.word("flush_seq")
-        done = direct.start(self, False, word)
-        if done == direct.STARTED:
-            await self._settle_behind()
-            self._check()
-        elif done == direct.REGISTERED:
-            await direct.wait_other(self, False, word, seq)
-        else:
-            if self._attempt(c.register_write, word) is BUSY:
-                await self._locked(c.register_write, word)
-            await self._direct_round(False)
-        if c.word("w_lsn") > word:
-            return
-        self._want.write = max(self._want.write, word)
-        while c.word("w_lsn") <= word:
-            await self._wait_progress()
-            self._check()
-
-    def _mem_ranges(self, old: int, new: int) -> list[tuple[int, int, bytes]]:
-        """In memory: the ring's bytes of [old, new), split per "file"."""
-        r = self._attempt(self._c.mem_ranges, old, new)
-        return r if not isinstance(r, Busy) else []
 
     # -- checkpoints and archive --------------------------------------------------------------
 
