@@ -287,7 +287,9 @@ int64_t aiodb_log_direct(const uint64_t *P, uint64_t *J, int sync, uint64_t want
     uint64_t f_lsn = w[P[LP_F_LSN]], w_lsn = w[J[J_I_W_LSN]];
     uint64_t fill = w[P[LP_TAIL]] & 0xFFFFFFFFu;
     uint64_t start = w_lsn >= f_lsn ? w_lsn - f_lsn : 0;
-    if (fill > P[LP_BSIZE] || start > fill) {  /* begin_write's check: Python raises */
+    /* begin_write's check (Python raises), and a failed write or fsync recorded by a writer
+       whose process did not panic: no round may follow it (Python panics). */
+    if (fill > P[LP_BSIZE] || start > fill || w[J[JX_I_FERRNO]]) {
         unlock(mutex);
         return AIODB_LOG_PYTHON;
     }

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .accel import JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_STUCK, BehindJob
 from .wakesock import resolve
 
-__all__ = ["CRound", "Direct", "Round"]
+__all__ = ["CRound", "Demand", "Direct", "Round"]
 
 #: How often a round its thread could not publish is tried again by the loop (seconds).
 _SETTLE_POLL = 0.002
@@ -26,6 +26,17 @@ class Direct:
     pcrc: int
     done: asyncio.Future[int]
     started: bool = False
+
+
+@dataclass
+class Demand:
+    """What a log handle's callers wait for (packed LSN words; -1: nothing)."""
+
+    sync: int = -1  # s_lsn must pass it
+    write: int = -1  # w_lsn must pass it
+    space: bool = False  # the buffer must be written out
+    switch: int = 0  # a record of this many bytes needs the next file
+    direct: list[Direct] = field(default_factory=list)
 
 
 @dataclass

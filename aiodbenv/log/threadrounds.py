@@ -51,6 +51,7 @@ class ThreadRounds:
     _evfd: int  # the compiled write behinds' eventfd (-1: not made yet, or none)
     _task: asyncio.Task[None] | None
     _closing: bool
+    _closed: bool
     _fds: dict[int, int]
     _listeners: list[Any]
     _thread: ThreadPoolExecutor
@@ -191,8 +192,8 @@ class ThreadRounds:
             pass  # read already (EAGAIN), or closed
         r = self._inflight
         if isinstance(r, CRound) and r.io_done():
-            if r.stuck:
-                self._finish_now(r)
+            if r.stuck and not self._finish_now(r):
+                self._publish_later(r)
             for fut in r.waiters:
                 if not fut.done():
                     fut.set_result(None)
@@ -265,6 +266,20 @@ class ThreadRounds:
         self._wake_others()
         return True
 
+    def _publish_later(self, r: Round | CRound) -> None:
+        """On the loop: publish round ``r``, which its thread wrote but could not publish (the
+        mutex stayed held), and let the role go, trying again every few milliseconds until it
+        is done or the handle closes. Its caller may have been cancelled meanwhile, and nobody
+        else would look at it before this process's next log call, with the writer role held
+        all that time."""
+        if self._closed or self._inflight is not r or r.finished or not r.io_done():
+            return
+        if self._finish_now(r):
+            if self._inflight is r:
+                self._inflight = None
+            return
+        asyncio.get_running_loop().call_later(_SETTLE_POLL, self._publish_later, r)
+
     async def _settle_behind(self) -> None:
         """Wait for the write behind under way, if any, and see it published."""
         r = self._inflight
@@ -297,6 +312,8 @@ class ThreadRounds:
         behind (never with ``sync``), run by the compiled thread when there is one
         (:class:`CRound`)."""
         c = self._c
+        if c.word("failed_errno"):
+            self._check()  # a write or fsync failed: no round may follow it (RunRecovery)
         file = c.word("f_lsn") >> 32
         fd = self._fds.get(file)
         if fd is None:
@@ -353,6 +370,8 @@ class ThreadRounds:
         else:
             r.cf = self._thread.submit(work)
         r.done = asyncio.wrap_future(r.cf)
+        if behind:  # published by its thread, unless the mutex stayed held: then here
+            r.done.add_done_callback(lambda _: self._publish_later(r))
         return r
 
     def _behind_work(self, work: Callable[[], bytes], r: Round) -> bytes:

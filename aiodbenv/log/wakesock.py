@@ -67,9 +67,12 @@ def socket_name(nonce: int) -> bytes:
 
 
 class WakeSocket:
-    """A log handle's wake-up socket: it receives wake-ups and sends them."""
+    """A log handle's wake-up socket: it receives wake-ups and sends them. Several tasks of
+    the handle may wait on it at once (the writer task, callers waiting for another
+    process's round: :mod:`aiodbenv.log.direct`); each waits on a future of its own, so that
+    cancelling one wait cancels no other."""
 
-    __slots__ = ("_fut", "_loop", "nonce", "received", "sock")
+    __slots__ = ("_loop", "_waiters", "nonce", "received", "sock")
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -90,7 +93,12 @@ class WakeSocket:
         #: Wake-ups received (for tests and statistics).
         self.received = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._fut: asyncio.Future[None] | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    @property
+    def waiting(self) -> int:
+        """Tasks waiting on it now."""
+        return len(self._waiters)
 
     def fileno(self) -> int:
         """The socket's descriptor."""
@@ -98,9 +106,9 @@ class WakeSocket:
 
     def _readable(self) -> None:
         self._drain()
-        fut, self._fut = self._fut, None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def _drain(self) -> None:
         try:
@@ -122,17 +130,17 @@ class WakeSocket:
                     pass
             loop.add_reader(self.sock.fileno(), self._readable)
             self._loop = loop
-        fut = self._fut
-        if fut is None or fut.done():
-            fut = self._fut = loop.create_future()
-        # The future itself, with a timer that resolves it (a cancelled or resolved one is
-        # replaced at the next wait): asyncio.wait_for over a shield cost two more turns of
-        # the loop per wake-up.
+        # A future of this wait's own (a shared one, cancelled with one waiter's task,
+        # raised CancelledError in every other waiter), with a timer that resolves it:
+        # asyncio.wait_for over a shield cost two more turns of the loop per wake-up.
+        fut = loop.create_future()
+        self._waiters.add(fut)
         timer = loop.call_later(timeout, resolve, fut)
         try:
             await fut
         finally:
             timer.cancel()
+            self._waiters.discard(fut)
 
     def close(self) -> None:
         """Stop reading and close the socket (its name goes with it)."""
@@ -147,9 +155,9 @@ class WakeSocket:
             except (RuntimeError, ValueError):
                 pass  # the loop is closed already
             self._loop = None
-        fut, self._fut = self._fut, None
-        if fut is not None and not fut.done():
-            fut.cancel()
+        for fut in self._waiters:
+            if not fut.done():
+                fut.cancel()
 
 
 def register(w: Any, h: int, slot: int, nonce: int, want: int) -> None:
@@ -216,10 +224,13 @@ async def sock_wait(c: Any, want: Any, ws: WakeSocket, seq: int, timeout: float)
         want.direct or want.switch or want.space or want.write >= int(c.w[c.h + _W.w_lsn])
     )
     slot = c.rsv_slot
-    register(c.w, c.h, slot, ws.nonce, want.sync + 2 if only_sync else 1)
+    # The slot is the handle's, shared by its waiting tasks: with others waiting (they may
+    # want earlier records than want.sync), woken on any progress; cleared by the last.
+    register(c.w, c.h, slot, ws.nonce, want.sync + 2 if only_sync and not ws.waiting else 1)
     try:
         if int(c.w[c.h + _W.flush_seq]) != seq:
             return  # it progressed since the caller looked: look again
         await ws.wait(timeout)
     finally:
-        unregister(c.w, c.h, slot)
+        if not ws.waiting:
+            unregister(c.w, c.h, slot)

@@ -21,7 +21,6 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import _io
@@ -34,7 +33,7 @@ from .files import create_log_file, log_path
 from .layout import LOG_HEADER, header_offset
 from .lsn import LSN, unpack_word
 from .record import FILE_HEADER_BYTES, HEADER, REC_PAD, encode
-from .rounddata import Direct
+from .rounddata import Demand, Direct
 from .threadrounds import CRound, Round, ThreadRounds
 from .wake import Futex, futex_available
 from .wakesock import make_socket, sock_wait, wake_waiters, wakesock_available
@@ -69,17 +68,6 @@ def _disarm_in_child() -> None:
 os.register_at_fork(after_in_child=_disarm_in_child)
 
 
-@dataclass
-class _Demand:
-    """What this process's callers wait for (packed LSN words; -1: nothing)."""
-
-    sync: int = -1  # s_lsn must pass it
-    write: int = -1  # w_lsn must pass it
-    space: bool = False  # the buffer must be written out
-    switch: int = 0  # a record of this many bytes needs the next file
-    direct: list[Direct] = field(default_factory=list)
-
-
 class LogWriter(ThreadRounds):
     """The writer task of a :class:`~aiodbenv.Log` and the state it shares with it."""
 
@@ -110,7 +98,7 @@ class LogWriter(ThreadRounds):
         #: A write behind under way, started by a put (finished by the task or a later put).
         self._inflight: Round | CRound | None = None
         self._progress: asyncio.Future[None] | None = None
-        self._want = _Demand()
+        self._want = Demand()
         self._fds: dict[int, int] = {}
         # The writer task's blocking calls (pwrite, fdatasync, futex waits) go to one thread of
         # its own: the task makes one at a time, and a dedicated thread is a cheaper hop than
@@ -147,11 +135,20 @@ class LogWriter(ThreadRounds):
             )
         if self._closed:
             raise InvalidArgument("the environment is closed")
-        if self._env.panicked:
+        if self._env.panicked or self._c.word("failed_errno"):
             self._raise_panic()
 
     def _raise_panic(self) -> None:
         code = self._c.word("failed_errno")
+        if code and not self._env.panicked:
+            # A writer's thread recorded a failed write or fsync, and its process died (or
+            # has not looked yet) before panicking: no other process may write on and call
+            # the log durable, since the failed range may be lost (Linux may have dropped it).
+            name = log_path(self._c.directory, self._c.word("failed_file"))
+            self._env.panic(
+                f"a write or fsync of log file {name} failed with errno {code} "
+                f"({errno.errorcode.get(code, '?')}) in the log writer's process"
+            )
         if code:
             name = log_path(self._c.directory, self._c.word("failed_file"))
             why = self._env.panic_cause()
@@ -254,12 +251,14 @@ class LogWriter(ThreadRounds):
                 took = False
                 if not holder[0] or not c.holder_alive(*holder):
                     dead = holder if holder[0] else None
-                    if dead is not None:
+                    r = self._attempt(c.take_role, dead)
+                    took = r is True
+                    # Said once the role was taken from it: the unlocked read of the holder
+                    # can pair one writer's pid with the next one's start time.
+                    if took and dead is not None:
                         logger.warning(
                             "log writer process %d died; process %d takes over", holder[0], c.pid
                         )
-                    r = self._attempt(c.take_role, dead)
-                    took = r is True
                 if took:
                     try:
                         await self._serve()
@@ -297,7 +296,7 @@ class LogWriter(ThreadRounds):
                 if not item.done.done():
                     item.done.set_exception(err)
                     item.done.exception()
-            self._want = _Demand()
+            self._want = Demand()
             self._wake(err)
             if not isinstance(err, Exception):
                 raise
