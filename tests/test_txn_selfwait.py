@@ -22,7 +22,8 @@ QUICK = 5.0
 
 @pytest.fixture
 async def env(home: str) -> AsyncIterator[aiodbenv.Env]:
-    e = await aiodbenv.Env.open(home, create=True, log=True)
+    # A small log buffer: a commit of several pages is larger, and runs in a task of its own.
+    e = await aiodbenv.Env.open(home, create=True, log=True, log_buffer_size=1024)
     assert e.pool.wait_timeout >= LONG  # the latched reads' bound
     yield e
     await e.close()
@@ -41,7 +42,7 @@ async def f(env: aiodbenv.Env) -> AsyncIterator[aiodbenv.PoolFile]:
 
 def no_latches_left(env: aiodbenv.Env) -> None:
     pool = env.pool
-    assert not pool._latch_tasks and not pool._latch_waits
+    assert not pool._latch_tasks and not pool._latch_waits and not pool._latch_reads
 
 
 async def test_latched_read_of_a_page_the_tasks_transaction_holds(
@@ -154,4 +155,78 @@ async def test_a_wait_that_can_end_still_waits(env: aiodbenv.Env, f: aiodbenv.Po
     assert 0.05 < time.monotonic() - t0 < QUICK
     await h
     assert env.txn_stat().deadlocks == 0
+    no_latches_left(env)
+
+
+async def test_a_cancelled_commit_finishing_in_its_own_task_is_waited_for(
+    env: aiodbenv.Env, f: aiodbenv.PoolFile
+) -> None:
+    # Its record is larger than the log buffer: the commit runs in a task of its own and goes
+    # on when its caller is cancelled; the caller's retry waits for that task, it is not told
+    # it waits for itself (before: Deadlock at once, and a retry loop that never yielded kept
+    # the commit from ever finishing).
+    async def caller() -> int:
+        tx = await env.txn(latch_timeout=LONG)
+        for pgno in range(4):
+            (await tx.page(f, pgno)).data[100] = 9
+        try:
+            await tx.commit()
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            assert me is not None
+            me.uncancel()
+        deadlocks = 0
+        while True:
+            try:
+                async with env.txn(latch_timeout=LONG) as tx2:
+                    (await tx2.page(f, 0)).data[101] = 1
+                return deadlocks
+            except Deadlock:
+                deadlocks += 1
+                assert deadlocks < 1000
+
+    task = asyncio.create_task(caller())
+    for _ in range(1000):
+        await asyncio.sleep(0)
+        if env.pool._committing:
+            break
+    assert env.pool._committing, "the commit was not under way"
+    task.cancel()
+    assert await asyncio.wait_for(task, QUICK) == 0
+    async with f.get(0) as p:
+        assert p.data[100] == 9 and p.data[101] == 1
+    no_latches_left(env)
+
+
+async def test_a_latched_page_handed_to_another_task_to_unpin(
+    env: aiodbenv.Env, f: aiodbenv.PoolFile
+) -> None:
+    page = await f.get(0, latch=True)  # the await form: another task may unpin it
+
+    async def consumer() -> None:
+        await asyncio.sleep(0.05)
+        await f.unpin(page)
+
+    c = asyncio.create_task(consumer())
+    t0 = time.monotonic()
+    async with f.get(0, latch=True):  # waits for the consumer's unpin, no Deadlock
+        assert time.monotonic() - t0 >= 0.04
+    await c
+    no_latches_left(env)
+
+
+async def test_closing_a_file_keeps_a_transactions_other_latches_known(
+    env: aiodbenv.Env, f: aiodbenv.PoolFile
+) -> None:
+    g = await env.pool.open_file(env.resolve("e.db"), create=True, page_size=PS, lsn_offset=0)
+    tx = await env.txn(latch_timeout=LONG)
+    await tx.page(f, 0)
+    await tx.page(g, 0, create=True)
+    await g.close()  # releases the transaction's latch in g, not its knowledge of f's
+    t0 = time.monotonic()
+    with pytest.raises(Deadlock, match="this task itself"):
+        await f.get(0, latch=True)
+    assert time.monotonic() - t0 < QUICK
+    with pytest.raises(aiodbenv.InvalidArgument, match="already unpinned"):
+        await tx.abort()  # (its page of the closed file is said to be gone; the rest released)
     no_latches_left(env)

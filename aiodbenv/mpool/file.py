@@ -102,8 +102,11 @@ class PoolFile(PageRelease):
             return LatchedPinContext(self, pgno, MODE_CREATE if create else MODE_GET)
         return PinContext(self, pgno, MODE_CREATE if create else MODE_GET)
 
-    async def _pin_latched(self, pgno: int, mode: int) -> Page:
-        """Pin and latch (see :meth:`get`). Cancellation: neither pinned nor latched."""
+    async def _pin_latched(self, pgno: int, mode: int, scoped: bool = False) -> Page:
+        """Pin and latch (see :meth:`get`). ``scoped``: the ``async with`` form, whose unpin is
+        the same task's: the latch is known to be that task's (a wait of that task for it
+        again raises Deadlock, see aiodbenv.txn.latch); the ``await`` form's page may be
+        handed to another task to unpin. Cancellation: neither pinned nor latched."""
         page = await self._pin(pgno, mode)
         owner = ((self._slot + 1) << 32) | next_owner_id()
         try:
@@ -116,9 +119,10 @@ class PoolFile(PageRelease):
                 await asyncio.shield(pending)
             raise
         self._latched[page] = owner
-        task = asyncio.current_task()
+        task = asyncio.current_task() if scoped else None
         if task is not None:  # (see latch._waits_for)
             self._pool._latch_tasks[owner] = task
+            self._pool._latch_reads.add(owner)
         return page
 
     def new(self) -> PinContext:
@@ -189,7 +193,9 @@ class PoolFile(PageRelease):
             owner = self._latched.pop(page, 0)
             if owner:
                 latch.release(page, owner)
-                self._pool._latch_tasks.pop(owner, None)
+                if owner in self._pool._latch_reads:
+                    self._pool._latch_reads.discard(owner)
+                    self._pool._latch_tasks.pop(owner, None)
         flags = page._flags
         if dirty and clean:
             flags = PAGE_DIRTY | PAGE_CLEAN  # refused by _unpin's check
@@ -284,7 +290,9 @@ class PoolFile(PageRelease):
         pending = []
         for page, owner in self._latched.items():
             latch.release(page, owner)
-            self._pool._latch_tasks.pop(owner, None)
+            if owner in self._pool._latch_reads:  # a transaction's stays until it ends
+                self._pool._latch_reads.discard(owner)
+                self._pool._latch_tasks.pop(owner, None)
         self._latched.clear()
         for page in list(self._pins):
             task = self._unpin(page, page._flags)

@@ -46,6 +46,7 @@ from .reaper import REAP_INTERVAL, Reaped, reap
 
 if TYPE_CHECKING:
     from ..region.environment import EnvCore
+    from .page import Page
 
 __all__ = ["PoolBase"]
 
@@ -125,7 +126,10 @@ class PoolBase:
         #: waiting task itself goes on (its own transaction, or a cycle of this process's
         #: tasks) is refused at once instead of running into the timeout.
         self._latch_tasks: dict[int, asyncio.Task[Any]] = {}
-        self._latch_waits: dict[asyncio.Task[Any], int] = {}
+        self._latch_waits: dict[asyncio.Task[Any], tuple[int, Page]] = {}
+        #: The owners in _latch_tasks that are latched reads (closing a file drops them; a
+        #: transaction's stays until it ends: it may hold latches in other files).
+        self._latch_reads: set[int] = set()
         #: The reaper's tasks finishing dead processes' commits from the log (the handle's
         #: close waits for them before it closes the log).
         self._finishing: set[asyncio.Task[None]] = set()

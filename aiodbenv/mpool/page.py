@@ -180,7 +180,7 @@ class LatchedPinContext:
         return self._file._pin_latched(self._pgno, self._mode).__await__()
 
     async def __aenter__(self) -> Page:
-        self._page = await self._file._pin_latched(self._pgno, self._mode)
+        self._page = await self._file._pin_latched(self._pgno, self._mode, scoped=True)
         return self._page
 
     async def __aexit__(

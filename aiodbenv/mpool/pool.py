@@ -249,6 +249,11 @@ class Pool(PoolFiles):
             await self._io.close_all()
         finally:
             self._closed = True
+            # Every latch of this handle went with its files (transactions never ended
+            # included): nothing is known of them any more.
+            self._latch_tasks.clear()
+            self._latch_waits.clear()
+            self._latch_reads.clear()
             if not self._env_core.panicked:
                 # With an async back-off: a pool mutex held by a stopped process must not
                 # freeze the loop. At wait_timeout the handle's counters stay linked (stat

@@ -187,9 +187,12 @@ async def _wait(
             if why:
                 if counts is not None:
                     counts.add(_S.deadlocks)
+                # One turn of the loop first: a caller that aborts and retries at once would
+                # otherwise never let the holder (a task of this process, perhaps) go on.
+                await asyncio.sleep(0)
                 raise Deadlock(f"page {page.pgno} is latched (slot {owner_slot(cur)}) {why}")
             if me is not None:
-                pool._latch_waits[me] = cur & ~LATCH_COMMITTING
+                pool._latch_waits[me] = (cur & ~LATCH_COMMITTING, page)
         now = time.monotonic()
         if now >= deadline:
             if counts is not None:
@@ -219,14 +222,21 @@ def _waits_for(pool: PoolBase, holder: int, me: asyncio.Task[Any]) -> bool:
         if (holder >> 32) & 0xFFFF != mine:
             return False
         task = tasks.get(holder)
-        if task is None:
-            return False
+        if task is None or (task is not me and task.done()):
+            return False  # unknown, or a task that ended: not a wait that cannot end
         if task is me:
             return True
         nxt = waits.get(task)
         if nxt is None:
             return False
-        holder = nxt
+        holder, page = nxt
+        # Still waiting for that owner? (The entry is refreshed at each retry, so it can be
+        # a few milliseconds old: the latch may have gone, its file closed.)
+        cache = page._cache
+        if cache is None or page._bh <= 0:
+            return False
+        if int(cache.words[(page._bh >> 3) + _H_LATCH]) & ~LATCH_COMMITTING != holder:
+            return False
     return False
 
 

@@ -237,6 +237,10 @@ class Txn(TxnTaking):
     async def _commit_task(self) -> None:
         task = asyncio.ensure_future(self._commit(inline=False))
         task.add_done_callback(_retrieve)
+        if self._owner in self._pool._latch_tasks:
+            # This task releases the latches now, whatever becomes of the caller (a cancelled
+            # caller that retries must wait for it, not be told it waits for itself).
+            self._pool._latch_tasks[self._owner] = task
         # Also if it never ran (its loop closing): no close waits for it then.
         task.add_done_callback(lambda _: self._pool._committing.pop(self._owner, None))
         await asyncio.shield(task)
