@@ -142,6 +142,15 @@ async def test_recover_command_finds_a_log_kept_in_its_own_directory(home: str) 
     out = python(RECOVER_CLI, "recover", "-h", home)
     assert out.returncode == 0, out.stderr
     assert "page change(s) applied" in out.stdout and "no log files" not in out.stderr
+    # -l is overridden by DB_CONFIG (as Env.open's log_dir is), and the message says so.
+    with open(os.path.join(home, "DB_CONFIG"), "w") as fh:
+        fh.write("set_lg_dir oldlogs\n")
+    out = python(RECOVER_CLI, "recover", "-h", home, "-l", "logs")
+    assert out.returncode == 1
+    assert "DB_CONFIG's set_lg_dir oldlogs overrides -l logs" in out.stderr, out.stderr
+    out = python(RECOVER_CLI, "recover", "-h", os.path.join(home, "nowhere"))
+    assert out.returncode == 1 and "is not a directory" in out.stderr
+    os.unlink(os.path.join(home, "DB_CONFIG"))
     env = await aiodbenv.Env.open(home, create=True, log=True, log_dir="logs")
     await env.close()
     await aiodbenv.Env.remove(home)

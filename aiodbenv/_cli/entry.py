@@ -182,7 +182,8 @@ def _build_parser() -> argparse.ArgumentParser:
                 metavar="LOGDIR",
                 default=None,
                 help="the log's directory, relative to the home, as the service's log_dir "
-                "(default: DB_CONFIG's set_lg_dir, then the home)",
+                "(DB_CONFIG's set_lg_dir overrides it, as it does Env.open's; default: the "
+                "home)",
             )
         elif name == "archive":
             sp.add_argument("-a", action="store_true", help="print absolute paths")

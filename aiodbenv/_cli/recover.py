@@ -7,20 +7,22 @@ instead of the size it asks for. Recovery writes every page and appends a checkp
 removing them loses nothing; the next open creates them with its own settings.
 
 The log is found where the service keeps it: ``-l LOGDIR`` (relative to the home, as
-``Env.open(log_dir=...)``), else ``DB_CONFIG``'s ``set_lg_dir``, else the home. A directory
-without log files is refused: recovering "nothing" there would start an empty log beside
-the real one and report no transactions, while the real one still held them."""
+``Env.open(log_dir=...)``), which ``DB_CONFIG``'s ``set_lg_dir`` overrides (as it overrides
+``Env.open``'s), else the home. A directory without log files is refused (exit status 1):
+recovering "nothing" there would start an empty log beside the real one and report no
+transactions, while the real one still held them."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import anyio
 
 from .._config import Settings
 from .._env import Env
 from .._resolve import resolve_home, resolve_settings
-from ..errors import Busy, InvalidArgument
+from ..errors import Busy, EnvNotFound, InvalidArgument
 from ..log.files import list_log_files
 from ..log.region import log_directory
 
@@ -30,13 +32,27 @@ __all__ = ["recover_command"]
 async def recover_command(args: argparse.Namespace) -> int:
     """Run recovery on ``-h HOME`` (no other process may be using it) and say what it did."""
     home = resolve_home(args.h)
+    if not await anyio.to_thread.run_sync(os.path.isdir, home):
+        raise EnvNotFound(f"environment home {home} is not a directory")
+    if args.l == "":
+        raise InvalidArgument("-l needs a directory (relative to the home)")
     settings = await resolve_settings(home, Settings(log=True, log_dir=args.l))
+    if settings.log_inmemory:
+        raise InvalidArgument(
+            "DB_CONFIG keeps the log in memory (db_log_inmemory): there is no log on disk to "
+            "recover from"
+        )
     directory = log_directory(home, settings)
     if not await anyio.to_thread.run_sync(list_log_files, directory):
+        if args.l is not None and settings.log_dir != args.l:
+            where = f"DB_CONFIG's set_lg_dir {settings.log_dir} overrides -l {args.l}"
+        else:
+            where = (
+                "if the service keeps its log elsewhere, name that directory with -l LOGDIR "
+                "(relative to the home, as its log_dir) or set_lg_dir in DB_CONFIG"
+            )
         raise InvalidArgument(
-            f"no log files in {directory}: there is nothing to recover from there. If the "
-            "service keeps its log elsewhere, name that directory with -l LOGDIR (relative "
-            "to the home, as its log_dir) or set_lg_dir in DB_CONFIG"
+            f"no log files in {directory}: there is nothing to recover from there ({where})"
         )
     async with Env.open(home, create=True, log=True, recover=True, log_dir=args.l) as env:
         st = env.recovered
