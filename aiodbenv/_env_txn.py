@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Literal
 
 from ._config import Settings
 from ._wal import log_hooks
-from .errors import EnvNotFound, InvalidArgument, RunRecovery
+from .errors import Busy, EnvNotFound, InvalidArgument, RunRecovery
 from .log.log import Log
 from .mpool.pool import Pool
 from .region.backing import Region
 from .region.create import Formatter, RegionSpec
-from .region.environment import EnvCore
+from .region.environment import EnvCore, private_handles
+from .region.home import HomeLock
 from .region.remove import remove_environment
 from .txn.recover import RecoveryStat, stale_pages
 from .txn.recover import recover as recover_log
@@ -33,9 +34,29 @@ async def prepare_recovery(home: str, settings: Settings, create: bool, recover:
     if not (create and settings.has_log and not settings.log_inmemory):
         raise InvalidArgument("recover=True needs create=True and a log in files")
     try:
-        await asyncio.to_thread(remove_environment, home, force=True)
+        await asyncio.to_thread(_remove_unused, home)
     except EnvNotFound:
         pass
+
+
+def _remove_unused(home: str) -> None:
+    """Remove the regions with force, but only if no handle has the environment open: recovery
+    under a live process would panic it and rebuild the cache under its feet (Berkeley DB's
+    DB_RECOVER leaves that check to the caller). A process that opens it between the check and
+    the removal is panicked, as by a force remove."""
+    busy = Busy(
+        f"environment {home} has open handles (in this process or another): recovery "
+        "rebuilds its regions, which would panic them; close every handle (stop every "
+        "process using it) first"
+    )
+    if private_handles(home):
+        raise busy
+    try:
+        lock = HomeLock(home, exclusive=True, wait=0)
+    except BlockingIOError:
+        raise busy from None
+    lock.release()
+    remove_environment(home, force=True)
 
 
 def noting_creation(

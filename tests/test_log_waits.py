@@ -50,9 +50,7 @@ async def test_cancelling_one_flush_wait_cancels_no_other(home: str) -> None:
     log = env.log
     for _ in range(2):  # the compiled round thread runs from the second flush on
         await log.put(b"warm", flush=True)
-    child = spawn(
-        STOPPED_WRITER, home, env={"AIODBENV_TEST_SIGNAL": "fdatasync:before:1:SIGSTOP"}
-    )
+    child = spawn(STOPPED_WRITER, home, env={"AIODBENV_TEST_SIGNAL": "fdatasync:before:1:SIGSTOP"})
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "go"

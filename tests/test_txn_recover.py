@@ -458,3 +458,47 @@ async def test_torn_checksummed_page_without_a_full_image_is_reported(
         page1 = fh.read(PS)
     assert page1[100:105] == b"other" and page1[2000:2006] == b"third!"
     await aiodbenv.Env.remove(home, force=True)
+
+
+HOLDS_IT_OPEN = """
+import asyncio, sys
+import aiodbenv
+
+async def main():
+    env = await aiodbenv.Env.open(sys.argv[1])
+    print("open", flush=True)
+    sys.stdin.readline()
+    lsn = await env.log.put(b"still fine", flush=True)  # not panicked by the refused recovery
+    print("ok", lsn.file, flush=True)
+    await env.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_recovery_is_refused_while_another_process_has_it_open(home: str) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    await env.log.put(b"x", flush=True)
+    child = spawn(HOLDS_IT_OPEN, home)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "open"
+        # (this process's own handle counts too: closed first, then the other process's)
+        with pytest.raises(aiodbenv.Busy, match="has open handles"):
+            await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+        await env.close()
+        with pytest.raises(aiodbenv.Busy, match="has open handles"):
+            await aiodbenv.Env.open(home, create=True, log=True, recover=True)
+        out = python(RECOVER_CLI, "recover", "-h", home)
+        assert out.returncode == 1 and "has open handles" in out.stderr, out.stderr
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().split()[0] == "ok"
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+    env = await aiodbenv.Env.open(home, create=True, log=True, recover=True)  # now it may
+    await env.close()
+    await aiodbenv.Env.remove(home)
