@@ -393,7 +393,13 @@ async def test_a_lone_flush_is_one_round_its_thread_finishes(home: str, how: str
         commits = log.stat().maxcommitperflush
         task = asyncio.ensure_future(log.put(b"x", **{how: True}))
         await asyncio.sleep(0)  # its first step: it waits for its round, in the writer's thread
-        assert not task.done()
+        if task.done():
+            # A write without fsync can be over before the task first looks (it then does
+            # not suspend at all): the thread published it and let the role go all the same.
+            assert how == "write_nosync"
+            assert log._c.role_holder() == (0, 0) and log._inflight is None
+            assert log.written_lsn > task.result()
+            return
         r = log._inflight
         assert r is not None and r.sync == (how == "flush")
         wait_io(r)
