@@ -133,7 +133,7 @@ class BehindJob:
     publishes it (``end_write``), lets the role go and wakes other processes' waiters in one
     C call without the GIL; :meth:`state` tells how far it got (``JOB_*``)."""
 
-    __slots__ = ("_done", "_started_once", "core", "fast", "j", "thread")
+    __slots__ = ("_done", "_started_once", "core", "current_round", "fast", "j", "thread")
 
     def __init__(self, core: Any, fast: FastPut) -> None:
         h = core.h
@@ -178,6 +178,9 @@ class BehindJob:
         self.thread = False
         self._started_once = False
         self._done: Future[None] | None = None
+        #: The CRound (aiodbenv.log.rounddata) the job array describes now: a round made
+        #: before it reads as finished (the array, and its state, are the newer round's).
+        self.current_round: object | None = None
         # Once the job is not idle, the start fills it: until then it reads as done.
         self.j[_J_STATE] = JOB_DONE
         if fast.putter is not None:

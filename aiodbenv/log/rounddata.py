@@ -84,6 +84,7 @@ class CRound:
         self, job: BehindJob, file: int, start: int, end: int, commits: int, sync: bool
     ) -> None:
         self.job = job
+        job.current_round = self
         self.file, self.start, self.end, self.commits = file, start, end, commits
         self.sync = sync
         self._finished = False
@@ -91,10 +92,17 @@ class CRound:
         #: Futures the loop resolves when the thread says it is done (through the eventfd).
         self.waiters: list[asyncio.Future[None]] = []
 
+    def _superseded(self) -> bool:
+        """The job array describes a newer round: this one was finished before that began
+        (the state read from the array would be the newer round's, not this one's)."""
+        return self.job.current_round is not self
+
     @property
     def finished(self) -> bool:
-        """Published (by the thread, or by the loop after it was stuck or failed)."""
-        return self._finished or self.job.state() == JOB_DONE
+        """Published (by the thread, or by the loop after it was stuck or failed). A stale
+        reference (a waiter that resumed after the next round began) reads it as finished:
+        publishing it again would apply the newer round's range twice."""
+        return self._finished or self._superseded() or self.job.state() == JOB_DONE
 
     @finished.setter
     def finished(self, value: bool) -> None:
@@ -103,14 +111,20 @@ class CRound:
     @property
     def stuck(self) -> bool:
         """Its thread is done but left the round for the loop to publish (or report)."""
-        return not self._finished and self.job.state() in (JOB_STUCK, JOB_FAILED)
+        return (
+            not self._finished
+            and not self._superseded()
+            and self.job.state() in (JOB_STUCK, JOB_FAILED)
+        )
 
     def io_done(self) -> bool:
         """Its thread is done with it."""
-        return self.job.state() not in (JOB_QUEUED, JOB_RUNNING)
+        return self._superseded() or self.job.state() not in (JOB_QUEUED, JOB_RUNNING)
 
     def failure(self) -> int:
         """The errno of its failed write, 0 if it did not fail."""
+        if self._superseded():
+            return 0
         return self.job.error() if self.job.state() == JOB_FAILED else 0
 
     async def wait(self) -> None:
