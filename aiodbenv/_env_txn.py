@@ -42,8 +42,8 @@ async def prepare_recovery(home: str, settings: Settings, create: bool, recover:
 def _remove_unused(home: str) -> None:
     """Remove the regions with force, but only if no handle has the environment open: recovery
     under a live process would panic it and rebuild the cache under its feet (Berkeley DB's
-    DB_RECOVER leaves that check to the caller). A process that opens it between the check and
-    the removal is panicked, as by a force remove."""
+    DB_RECOVER leaves that check to the caller). The exclusive lock on the home is held through
+    the removal, so no process can open the environment between the check and the removal."""
     busy = Busy(
         f"environment {home} has open handles (in this process or another): recovery "
         "rebuilds its regions, which would panic them; close every handle (stop every "
@@ -55,8 +55,11 @@ def _remove_unused(home: str) -> None:
         lock = HomeLock(home, exclusive=True, wait=0)
     except BlockingIOError:
         raise busy from None
-    lock.release()
-    remove_environment(home, force=True)
+    try:
+        # (Its own try for the lock fails on ours: with force it goes on, under ours.)
+        remove_environment(home, force=True)
+    finally:
+        lock.release()
 
 
 def noting_creation(
