@@ -115,10 +115,8 @@ async def test_dead_writer_is_replaced_and_its_buffer_is_not_lost(
     await aiodbenv.Env.remove(home)
 
 
-async def test_dead_holder_of_the_log_mutex(
-    home: str, procs: list[subprocess.Popen[str]], caplog: pytest.LogCaptureFixture
-) -> None:
-    env = await aiodbenv.Env.open(home, create=True, log=True)
+def kill_holding_the_log_mutex(home: str, procs: list[subprocess.Popen[str]]) -> None:
+    """A child appends a record, locks the log mutex and is killed (SIGKILL) holding it."""
     child = spawn(HOLDER, home, "mutex")
     procs.append(child)
     assert child.stdout is not None
@@ -126,6 +124,13 @@ async def test_dead_holder_of_the_log_mutex(
     assert child.stdout.readline().strip() == "locked"
     os.kill(child.pid, signal.SIGKILL)
     child.wait(timeout=10)
+
+
+async def test_dead_holder_of_the_log_mutex(
+    home: str, procs: list[subprocess.Popen[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    kill_holding_the_log_mutex(home, procs)
     lsn = await env.log.put(b"after", flush=True)
     assert "died holding the log mutex" in caplog.text
     assert env.stat().mutex_owner_died == 1
@@ -150,13 +155,7 @@ async def test_dead_holder_of_the_log_mutex_met_by_a_compiled_flush(
         await aiodbenv.Env.remove(home)
         pytest.skip("the compiled log round is not in use (AIODBENV_MUTEX=abi)")
     lsn = await log.put(b"mine")
-    child = spawn(HOLDER, home, "mutex")
-    procs.append(child)
-    assert child.stdout is not None
-    child.stdout.readline()
-    assert child.stdout.readline().strip() == "locked"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait(timeout=10)
+    kill_holding_the_log_mutex(home, procs)
     assert log.flushed_lsn <= lsn
     await log._flush_word((lsn.file << 32) | lsn.offset)
     assert "died holding the log mutex" in caplog.text

@@ -24,11 +24,10 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from .. import _io
 from ..region.mutex import speedups, unlock
 from .accel import OWNER_DEAD
 from .rounddata import CRound
-from .threadrounds import MORE_ROUNDS
+from .threadrounds import MORE_ROUNDS, seam_untouched
 from .wakesock import sock_wait
 
 __all__ = ["NOT_DONE", "REGISTERED", "STARTED", "start", "wait_other"]
@@ -39,8 +38,6 @@ __all__ = ["NOT_DONE", "REGISTERED", "STARTED", "start", "wait_other"]
 NOT_DONE, REGISTERED, STARTED = 0, 1, 2
 
 _DIRECT = getattr(speedups, "aiodb_log_direct", None)
-_PWRITEV = _io.pwritev
-_FDATASYNC = _io.fdatasync
 
 #: How long one wait for another process's round lasts before the state is looked at again
 #: (seconds); a wait that ends without progress gives up to the writer task.
@@ -61,10 +58,7 @@ def start(w: Any, sync: bool, word: int) -> int:
         or w._inflight is not None
         or w._closing
         or w._listeners
-        or _io._faults
-        or _io._signal_plan
-        or _io.pwritev is not _PWRITEV
-        or _io.fdatasync is not _FDATASYNC
+        or not seam_untouched()
     ):
         return NOT_DONE
     c = w._c
@@ -100,10 +94,7 @@ async def wait_other(w: Any, sync: bool, word: int, seq: int) -> None:
         return
     mark = "s_lsn" if sync else "w_lsn"
     want = w._want
-    if sync:
-        want.sync = max(want.sync, word)
-    else:
-        want.write = max(want.write, word)
+    want.need(sync, word)
     while c.word(mark) <= word and w._task is None:
         holder = c.role_holder()
         if not holder[0] or not c.holder_alive(*holder):

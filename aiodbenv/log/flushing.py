@@ -51,20 +51,13 @@ class LogFlushing(LogWriter):
             await direct.wait_other(self, sync, word, seq)
         else:
             # Counted in the region first: whichever process writes next serves it.
-            r = self._attempt(c.register_commit) if sync else self._attempt(c.register_write, word)
-            if r is BUSY:
-                if sync:
-                    await self._locked(c.register_commit)
-                else:
-                    await self._locked(c.register_write, word)
+            fn, args = (c.register_commit, ()) if sync else (c.register_write, (word,))
+            if self._attempt(fn, *args) is BUSY:
+                await self._locked(fn, *args)
             await self._direct_round(sync)
         if c.word(mark) > word:
             return
-        want = self._want
-        if sync:
-            want.sync = max(want.sync, word)
-        else:
-            want.write = max(want.write, word)
+        self._want.need(sync, word)
         while c.word(mark) <= word:
             await self._wait_progress()
             self._check()

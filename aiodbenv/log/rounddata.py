@@ -38,6 +38,13 @@ class Demand:
     switch: int = 0  # a record of this many bytes needs the next file
     direct: list[Direct] = field(default_factory=list)
 
+    def need(self, sync: bool, word: int) -> None:
+        """A caller waits for the record at ``word`` to be durable (``sync``) or written."""
+        if sync:
+            self.sync = max(self.sync, word)
+        else:
+            self.write = max(self.write, word)
+
 
 @dataclass
 class Round:

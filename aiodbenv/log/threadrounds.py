@@ -30,10 +30,22 @@ from .orphan import keep_running
 from .rounddata import _SETTLE_POLL, CRound, Round
 from .wakesock import unregister
 
-__all__ = ["MORE_ROUNDS", "CRound", "Round", "ThreadRounds"]
+__all__ = ["MORE_ROUNDS", "CRound", "Round", "ThreadRounds", "seam_untouched"]
 
 _PWRITEV = _io.pwritev
 _FDATASYNC = _io.fdatasync
+
+
+def seam_untouched() -> bool:
+    """No fault, crash point or patched call is set on the I/O seam: a log round may run as
+    one compiled call (the seam's plans need the Python steps)."""
+    return not (
+        _io._faults
+        or _io._signal_plan
+        or _io.pwritev is not _PWRITEV
+        or _io.fdatasync is not _FDATASYNC
+    )
+
 
 #: Rounds a writer's thread runs back to back for other processes' flush calls, at most,
 #: before it lets the role go (and the writer task or another process takes it).
@@ -321,17 +333,7 @@ class ThreadRounds:
         old_s = c.word("s_lsn")
         file, foff, start, end, commits = c.begin_write(fill)
         job = self._bjob
-        if (
-            compiled
-            and job is not None
-            and not (sync and self._listeners)
-            and not (
-                _io._faults
-                or _io._signal_plan
-                or _io.pwritev is not _PWRITEV
-                or _io.fdatasync is not _FDATASYNC
-            )
-        ):
+        if compiled and job is not None and not (sync and self._listeners) and seam_untouched():
             # One compiled call in the writer's thread does it all; the seam's faults and
             # crash points (and a patched pwritev or fdatasync) need the Python work below,
             # and so do durable-log listeners (they get the bytes on the loop).

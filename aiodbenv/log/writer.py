@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from .. import _io
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
+from ..region import panic
 from ..region.backing import Region
 from ..region.mutex import BUSY, STEP_WAIT, Busy, _wait_bound, backoff_locked
 from .accel import behind_job, fast_put
@@ -140,26 +141,21 @@ class LogWriter(ThreadRounds):
 
     def _raise_panic(self) -> None:
         code = self._c.word("failed_errno")
-        if code and not self._env.panicked:
-            # A writer's thread recorded a failed write or fsync, and its process died (or
-            # has not looked yet) before panicking: no other process may write on and call
-            # the log durable, since the failed range may be lost (Linux may have dropped it).
-            name = log_path(self._c.directory, self._c.word("failed_file"))
-            self._env.panic(
-                f"a write or fsync of log file {name} failed with errno {code} "
-                f"({errno.errorcode.get(code, '?')}) in the log writer's process"
-            )
-        if code:
-            name = log_path(self._c.directory, self._c.word("failed_file"))
-            why = self._env.panic_cause()
-            raise RunRecovery(
-                f"PANIC: environment {self._env.home} is panicked: a write or fsync of log file "
-                f"{name} failed with errno {code} ({errno.errorcode.get(code, '?')}); records "
-                "written to it may be lost"
-                + (f" (panicked {why})" if why else "")
-                + f"; {RunRecovery.ADVICE}"
-            )
-        self._env.check_panic()
+        if not code:
+            self._env.check_panic()
+            return
+        name = log_path(self._c.directory, self._c.word("failed_file"))
+        failed = f"a write or fsync of log file {name} failed with errno {code} "
+        failed += f"({errno.errorcode.get(code, '?')})"
+        if not self._env.panicked:
+            # A writer's thread recorded it, and its process died (or has not looked yet)
+            # before panicking: no other process may write on and call the log durable, since
+            # the failed range may be lost (Linux may have dropped it).
+            self._env.panic(f"{failed} in the log writer's process")
+        raise RunRecovery(
+            f"PANIC: environment {self._env.home} is panicked: {failed}; records written to it "
+            f"may be lost{panic.note(self._env.panic_cause())}; {RunRecovery.ADVICE}"
+        )
 
     # -- bounded lock waits ---------------------------------------------------------------------
 

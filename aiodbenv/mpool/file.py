@@ -193,9 +193,7 @@ class PoolFile(PageRelease):
             owner = self._latched.pop(page, 0)
             if owner:
                 latch.release(page, owner)
-                if owner in self._pool._latch_reads:
-                    self._pool._latch_reads.discard(owner)
-                    self._pool._latch_tasks.pop(owner, None)
+                latch.forget_read(self._pool, owner)
         flags = page._flags
         if dirty and clean:
             flags = PAGE_DIRTY | PAGE_CLEAN  # refused by _unpin's check
@@ -290,9 +288,7 @@ class PoolFile(PageRelease):
         pending = []
         for page, owner in self._latched.items():
             latch.release(page, owner)
-            if owner in self._pool._latch_reads:  # a transaction's stays until it ends
-                self._pool._latch_reads.discard(owner)
-                self._pool._latch_tasks.pop(owner, None)
+            latch.forget_read(self._pool, owner)
         self._latched.clear()
         for page in list(self._pins):
             task = self._unpin(page, page._flags)

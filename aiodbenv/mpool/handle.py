@@ -27,6 +27,7 @@ from ..errors import (
     LockTimeout,
     RunRecovery,
 )
+from ..region import panic
 from ..region.backing import Region
 from ..region.layout import MAX_PROCS
 from ..region.mutex import BUSY, Busy, _wait_bound, backoff_locked, step_waits
@@ -173,11 +174,10 @@ class PoolBase:
         fsync (in any process)."""
         fsync_err = self._fsync_failure() if self._env_core.panicked else None
         if fsync_err:
-            why = self._env_core.panic_cause()
+            why = panic.note(self._env_core.panic_cause())
             raise RunRecovery(
-                f"PANIC: environment {self._env_core.home} is panicked: {fsync_err}"
-                + (f" (panicked {why})" if why else "")
-                + f"; {RunRecovery.ADVICE}"
+                f"PANIC: environment {self._env_core.home} is panicked: {fsync_err}{why}; "
+                f"{RunRecovery.ADVICE}"
             )
         self._env_core.check_panic()
 

@@ -203,9 +203,7 @@ class EnvCore:
         if self.panicked:
             why = self.panic_cause()
             raise RunRecovery(
-                f"PANIC: environment {self.home} is panicked"
-                + (f" ({why})" if why else "")
-                + f"; {RunRecovery.ADVICE}"
+                f"PANIC: environment {self.home} is panicked{panic.note(why)}; {RunRecovery.ADVICE}"
             )
 
     def panic_cause(self) -> str | None:
@@ -269,8 +267,7 @@ class EnvCore:
         if panicked:
             raise RunRecovery(
                 f"PANIC: environment {self.home} was panicked while this handle was open"
-                + (f" ({why})" if why else "")
-                + f"; {RunRecovery.ADVICE}"
+                f"{panic.note(why)}; {RunRecovery.ADVICE}"
             )
 
     def release(self) -> None:

@@ -78,11 +78,9 @@ def _check_header(path: str, data: bytes) -> tuple[int, int]:
     if _word(data, ENV_WORD + ENV_HEADER.word.magic) != ENV_MAGIC:
         raise CorruptRegion(f"{path} is not an aiodbenv environment (bad environment magic)")
     if _word(data, ENV_WORD + ENV_HEADER.word.panic):
-        why = panic.cause_in(data)
+        why = panic.note(panic.cause_in(data))
         raise RunRecovery(
-            f"PANIC: environment {os.path.dirname(path)} is panicked"
-            + (f" ({why})" if why else "")
-            + f"; {RunRecovery.ADVICE}"
+            f"PANIC: environment {os.path.dirname(path)} is panicked{why}; {RunRecovery.ADVICE}"
         )
     kind = _word(data, ENV_WORD + ENV_HEADER.word.kind)
     size = _word(data, REGION_HEADER.word.size)

@@ -24,7 +24,7 @@ from .layout import (
     PANIC_REASON_BYTES,
 )
 
-__all__ = ["cause", "cause_in", "record"]
+__all__ = ["cause", "cause_in", "note", "record"]
 
 _PID = ENV_WORD + ENV_HEADER.word.panic_pid
 _NS = ENV_WORD + ENV_HEADER.word.panic_ns
@@ -72,3 +72,8 @@ def cause_in(header: bytes) -> str | None:
     if len(header) < ENV_HEADERS_END:
         return None
     return cause(memoryview(bytearray(header[:ENV_HEADERS_END])).cast("Q"))
+
+
+def note(why: str | None) -> str:
+    """`` (CAUSE)`` to put in a message, or nothing without a recorded cause."""
+    return f" ({why})" if why else ""

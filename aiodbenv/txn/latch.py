@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import Deadlock, LockTimeout
 from ..mpool.layout import BH, MAX_PGNO
 from ..region.layout import TXN_STAT
-from ..region.mutex import Busy
 
 if TYPE_CHECKING:
     from ..mpool.cache import Cache
@@ -44,6 +43,7 @@ __all__ = [
     "LatchCounts",
     "acquire",
     "committing_by",
+    "forget_read",
     "latch_key",
     "owner_slot",
     "release",
@@ -142,73 +142,55 @@ async def acquire(
         return
     if counts is not None:
         counts.add(_S.latch_waits)
+    # While it waits, the wait is recorded for other tasks' checks (_waits_for).
     me = asyncio.current_task()
+    deadline = time.monotonic() + timeout
+    delay = _WAIT_MIN
     try:
-        await _wait(pool, page, owner, key, held_max, timeout, counts, cur, me)
+        while True:
+            if isinstance(cur, int):  # (Busy: the bucket mutex was busy, just try again)
+                why = ""
+                if key < held_max:
+                    why = (
+                        "by another transaction and is ordered before a page this transaction "
+                        "holds: waiting could deadlock, so the transaction must abort and retry"
+                    )
+                elif me is not None and _waits_for(pool, cur, me):
+                    why = (
+                        "by this task itself (its own transaction, or a latched read it has not "
+                        "ended), or by a task of this process that waits for this one: the wait "
+                        "could never end. A task takes a page once (tx.page() of a page the "
+                        "transaction holds returns it again) and ends a latched read of a page "
+                        "before a transaction of its own takes it"
+                    )
+                if why:
+                    if counts is not None:
+                        counts.add(_S.deadlocks)
+                    # One turn of the loop first: a caller that aborts and retries at once would
+                    # otherwise never let the holder (a task of this process, perhaps) go on.
+                    await asyncio.sleep(0)
+                    raise Deadlock(f"page {page.pgno} is latched (slot {owner_slot(cur)}) {why}")
+                if me is not None:
+                    pool._latch_waits[me] = (cur & ~LATCH_COMMITTING, page)
+            now = time.monotonic()
+            if now >= deadline:
+                if counts is not None:
+                    counts.add(_S.latch_timeouts)
+                err = LockTimeout(
+                    f"the latch of page {page.pgno} stayed held by another transaction (slot "
+                    f"{owner_slot(int(cur)) if isinstance(cur, int) else '?'}) for {timeout:g} s"
+                )
+                err.mutex = f"latch of page {page.pgno}"
+                raise err
+            await asyncio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, _WAIT_MAX)
+            pool._check()  # a holder that died inside a commit panics the environment
+            cur = pool._attempt(try_latch, cache, b, bh, owner)
+            if cur == 0:
+                return
     finally:
         if me is not None:
             pool._latch_waits.pop(me, None)
-
-
-async def _wait(
-    pool: PoolBase,
-    page: Page,
-    owner: int,
-    key: int,
-    held_max: int,
-    timeout: float,
-    counts: LatchCounts | None,
-    cur: int | Busy,
-    me: asyncio.Task[Any] | None,
-) -> None:
-    """:func:`acquire`'s wait for a busy latch (``cur``: its holder, or Busy if the bucket
-    mutex was), recorded in ``pool._latch_waits`` for other tasks' checks while it lasts."""
-    cache = page._cache
-    assert cache is not None
-    b, bh = page._bucket, page._bh
-    deadline = time.monotonic() + timeout
-    delay = _WAIT_MIN
-    while True:
-        if isinstance(cur, int):  # (Busy: the bucket mutex was busy, just try again)
-            why = ""
-            if key < held_max:
-                why = (
-                    "by another transaction and is ordered before a page this transaction "
-                    "holds: waiting could deadlock, so the transaction must abort and retry"
-                )
-            elif me is not None and _waits_for(pool, cur, me):
-                why = (
-                    "by this task itself (its own transaction, or a latched read it has not "
-                    "ended), or by a task of this process that waits for this one: the wait "
-                    "could never end. A task takes a page once (tx.page() of a page the "
-                    "transaction holds returns it again) and ends a latched read of a page "
-                    "before a transaction of its own takes it"
-                )
-            if why:
-                if counts is not None:
-                    counts.add(_S.deadlocks)
-                # One turn of the loop first: a caller that aborts and retries at once would
-                # otherwise never let the holder (a task of this process, perhaps) go on.
-                await asyncio.sleep(0)
-                raise Deadlock(f"page {page.pgno} is latched (slot {owner_slot(cur)}) {why}")
-            if me is not None:
-                pool._latch_waits[me] = (cur & ~LATCH_COMMITTING, page)
-        now = time.monotonic()
-        if now >= deadline:
-            if counts is not None:
-                counts.add(_S.latch_timeouts)
-            err = LockTimeout(
-                f"the latch of page {page.pgno} stayed held by another transaction (slot "
-                f"{owner_slot(int(cur)) if isinstance(cur, int) else '?'}) for {timeout:g} s"
-            )
-            err.mutex = f"latch of page {page.pgno}"
-            raise err
-        await asyncio.sleep(min(delay, deadline - now))
-        delay = min(delay * 2, _WAIT_MAX)
-        pool._check()  # a holder that died inside a commit panics the environment
-        cur = pool._attempt(try_latch, cache, b, bh, owner)
-        if cur == 0:
-            return
 
 
 def _waits_for(pool: PoolBase, holder: int, me: asyncio.Task[Any]) -> bool:
@@ -238,6 +220,14 @@ def _waits_for(pool: PoolBase, holder: int, me: asyncio.Task[Any]) -> bool:
         if int(cache.words[(page._bh >> 3) + _H_LATCH]) & ~LATCH_COMMITTING != holder:
             return False
     return False
+
+
+def forget_read(pool: PoolBase, owner: int) -> None:
+    """A latch of ``owner`` was released: if it was a latched read's, forget its task (a
+    transaction's stays known until the transaction ends: it may hold other latches)."""
+    if owner in pool._latch_reads:
+        pool._latch_reads.discard(owner)
+        pool._latch_tasks.pop(owner, None)
 
 
 def committing_by(w: memoryview, x: int, slot: int) -> bool:
