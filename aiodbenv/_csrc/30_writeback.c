@@ -1,3 +1,28 @@
+/* Write-back's view of a dirty buffer (the Python twin: layout.quiet_latch and its callers):
+   busy if being read or written, or pinned -- unless a transaction holds its latch outside a
+   commit. Such a buffer holds the last commit's bytes: nobody may change a buffer under a
+   transaction's latch, and the transaction changes it only in its commit, which first marks
+   the buffer under its bucket mutex and then flags the latch committing; so a copy taken
+   under the bucket mutex is whole when the latch word reads the same after it
+   (wb_latch_kept). Without this, transactions that keep hot pages latched would keep them
+   out of every checkpoint. *latch: that word, 0 for an unpinned buffer. */
+static inline int wb_busy(const uint64_t *w, uint64_t x, uint64_t flags, uint64_t *latch) {
+    *latch = 0;
+    if (flags & (L[L_BH_READING] | L[L_BH_WRITING])) return 1;
+    if (!w[x + L[L_H_REF]]) return 0;
+    uint64_t cur = __atomic_load_n(&w[x + L[L_H_LATCH]], __ATOMIC_ACQUIRE);
+    if (!cur || (cur & (L[L_LATCH_COMMITTING] | L[L_LATCH_READER]))) return 1;
+    *latch = cur;
+    return 0;
+}
+
+/* After the copy of a buffer wb_busy let through on its latch word `latch`: is the copy whole
+   (no commit began or ended meanwhile)? The fence orders the copy's loads before this one. */
+static inline int wb_latch_kept(const uint64_t *w, uint64_t x, uint64_t latch) {
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return __atomic_load_n(&w[x + L[L_H_LATCH]], __ATOMIC_RELAXED) == latch;
+}
+
 /* Write-back, step 1, for a batch of n buffers (bucket[i], bh[i]): lock the bucket; if the
    buffer still holds page pgno[i] of file tag[i], is dirty, unpinned and not under I/O, claim
    it: WRITING by `pid` (DIRTY stays set; REDIRTIED cleared) and copy its page to
@@ -24,14 +49,14 @@ int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *
             status[i] = AIODB_CORRUPT;
             return (int64_t)i;
         }
-        uint64_t flags = w[x + L[L_H_FLAGS]];
+        uint64_t flags = w[x + L[L_H_FLAGS]], latch;
         if (w[x + L[L_H_FILE]] != tag[i] || w[x + L[L_H_PGNO]] != pgno[i]
                 || !(flags & L[L_BH_DIRTY])) {
             status[i] = 0;
-        } else if (w[x + L[L_H_REF]] || (flags & (L[L_BH_READING] | L[L_BH_WRITING]))) {
+        } else if (wb_busy(w, x, flags, &latch)) {
             status[i] = 2;
         } else {
-            uint64_t size = w[x + L[L_H_SIZE]];
+            uint64_t size = w[x + L[L_H_SIZE]], was = w[x + L[L_H_IOPID]];
             if (size != slot || size > nbytes - bh[i] - L[L_BH_DATA]) {
                 /* Checked before anything changes: the Python twin reports it. */
                 unlock(mutexes[b]);
@@ -42,6 +67,13 @@ int64_t aiodb_snapshot(uint64_t *w, char *base, void **mutexes, const uint64_t *
             w[x + L[L_H_IOPID]] = pid;
             memcpy(dst + dst_off[i], base + bh[i] + L[L_BH_DATA], size);
             status[i] = 1;
+            if (latch && !wb_latch_kept(w, x, latch)) {
+                /* A commit began or ended during the copy: not taken (the flags are as
+                   found: changing them needs this mutex). */
+                w[x + L[L_H_FLAGS]] = flags;
+                w[x + L[L_H_IOPID]] = was;
+                status[i] = 2;
+            }
         }
         unlock(mutexes[b]);
     }
@@ -115,8 +147,8 @@ int64_t aiodb_collect(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
                 bucket[n] = b;
                 prio[n] = w[x + L[L_H_PRIO]];
                 /* 2: claimed by a writer (maybe dead: the caller looks); 1: pinned or read */
-                busy[n] = (flags & L[L_BH_WRITING]) ? 2
-                          : (w[x + L[L_H_REF]] || (flags & L[L_BH_READING])) ? 1 : 0;
+                uint64_t latch;
+                busy[n] = (flags & L[L_BH_WRITING]) ? 2 : wb_busy(w, x, flags, &latch);
                 n++;
             }
             off = w[x + L[L_H_NEXT]];

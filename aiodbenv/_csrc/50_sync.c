@@ -79,8 +79,9 @@ int64_t aiodb_sync_collect(void **tab, uint64_t cache, uint64_t first, uint64_t 
                 uint8_t r = tag < nroute ? route[tag] : 2;
                 if (below && w[x + L[L_H_PRIO]] >= below) r = 0;  /* used too recently */
                 if (r) {
+                    uint64_t latch;
                     uint64_t busy = (flags & L[L_BH_WRITING]) ? SYNC_CLAIMED
-                        : (w[x + L[L_H_REF]] || (flags & L[L_BH_READING])) ? SYNC_PINNED
+                        : wb_busy(w, x, flags, &latch) ? SYNC_PINNED
                         : SYNC_FREE;
                     aiodb_sync_ent *e = (r == 1 && busy == SYNC_FREE) ? &ent[nf++]
                                                                         : &ent[max - 1 - no++];
@@ -151,14 +152,14 @@ int64_t aiodb_sync_claim(void **tab, uint64_t *out, uint64_t lo, uint64_t hi, ui
         int64_t rc = lock(w, mutexes[e->bucket], nowait_w[e->bucket], 1);
         if (rc == -EOWNERDEAD) { *at = i; return rc; }
         if (rc) { e->state = SYNC_BUSY; continue; }  /* held past the bound: retried later */
-        uint64_t x = e->bh >> 3, flags = w[x + L[L_H_FLAGS]];
+        uint64_t x = e->bh >> 3, flags = w[x + L[L_H_FLAGS]], latch;
         if (w[x + L[L_H_FILE]] != e->tag || w[x + L[L_H_PGNO]] != e->pgno
                 || !(flags & L[L_BH_DIRTY])) {
             e->state = SYNC_GONE;
-        } else if (w[x + L[L_H_REF]] || (flags & (L[L_BH_READING] | L[L_BH_WRITING]))) {
+        } else if (wb_busy(w, x, flags, &latch)) {
             e->state = SYNC_BUSY;
         } else {
-            uint64_t size = w[x + L[L_H_SIZE]];
+            uint64_t size = w[x + L[L_H_SIZE]], was = w[x + L[L_H_IOPID]];
             if (size != ps || size > nbytes - e->bh - L[L_BH_DATA]) {
                 unlock(mutexes[e->bucket]);
                 *at = i;
@@ -169,7 +170,12 @@ int64_t aiodb_sync_claim(void **tab, uint64_t *out, uint64_t lo, uint64_t hi, ui
             char *dst = stage + (i - lo) * ps;
             memcpy(dst, base + e->bh + L[L_BH_DATA], size);
             e->state = SYNC_TAKEN;
-            if (lsn_off >= 0 && (uint64_t)lsn_off + 8 <= ps) {
+            if (latch && !wb_latch_kept(w, x, latch)) {
+                /* A commit began or ended during the copy (see wb_busy): not taken. */
+                w[x + L[L_H_FLAGS]] = flags;
+                w[x + L[L_H_IOPID]] = was;
+                e->state = SYNC_BUSY;
+            } else if (lsn_off >= 0 && (uint64_t)lsn_off + 8 <= ps) {
                 const unsigned char *p = (const unsigned char *)dst + lsn_off;
                 uint64_t file = p[0] | p[1] << 8 | p[2] << 16 | (uint64_t)p[3] << 24;
                 uint64_t off = p[4] | p[5] << 8 | p[6] << 16 | (uint64_t)p[7] << 24;

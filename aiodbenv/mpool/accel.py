@@ -24,6 +24,8 @@ from .layout import (
     CACHE_HEADER,
     CACHE_HEADER_AT,
     CHUNK_TAG_BEFORE_BH,
+    LATCH_COMMITTING,
+    LATCH_READER,
 )
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD
 
@@ -73,6 +75,8 @@ def layout_values() -> list[int]:
         "MAX_PROCS": MAX_PROCS,
         # The victim search's breadth: the compiled miss follows alloc.find_victim.
         "SEARCH_BUCKETS": SEARCH_BUCKETS,
+        "LATCH_COMMITTING": LATCH_COMMITTING,
+        "LATCH_READER": LATCH_READER,
     }
     return [values[n] for n in NAMES]
 

@@ -45,6 +45,9 @@ NAMES = (
     "CHUNK_TAG",
     "MAX_PROCS",
     "SEARCH_BUCKETS",
+    # Write-back of a buffer pinned only by its transaction's latch (layout.quiet_latch).
+    "LATCH_COMMITTING",
+    "LATCH_READER",
 )
 
 

@@ -38,6 +38,7 @@ from .layout import (
     FF_TEMP,
     FILE_ENTRY,
     HANDLE_STATS,
+    quiet_latch,
 )
 from .wal import flush_log_for, written_lsn
 
@@ -317,15 +318,23 @@ def _snapshot_one(io: BufferIO, item: BufRef, dst: bytearray, off: int, slot: in
         flags = w[x + BH.word.flags]
         if w[x + BH.word.file] != fidx + 1 or w[x + BH.word.pgno] != pgno or not flags & BH_DIRTY:
             return 0
-        if w[x + BH.word.ref] or flags & (BH_READING | BH_WRITING):
+        # Pinned: only if a transaction holds its latch outside a commit (layout.quiet_latch).
+        latched = quiet_latch(w, bh) if w[x + BH.word.ref] else -1
+        if flags & (BH_READING | BH_WRITING) or not latched:
             return 2
-        # The claim: DIRTY stays set until the write is confirmed (see _write_done_one).
+        pid = w[x + BH.word.io_pid]  # the claim: DIRTY stays set until the write is confirmed
         w[x + BH.word.flags] = (flags & ~BH_REDIRTIED) | BH_WRITING
         w[x + BH.word.io_pid] = io.pid
         size = int(w[x + BH.word.page_size])
         if size != slot or bh + BH.size + size > cache.region.size:
             cache.corrupt(f"buffer {bh} records a page of {size} bytes, not {slot}")
         dst[off : off + size] = cache.buf[bh + BH.size : bh + BH.size + size]
+        if latched > 0 and w[x + BH.word.latch] != latched:
+            # A commit began (or ended) during the copy, which may hold part of it: not taken
+            # (the flags are as they were: changing them needs this mutex).
+            w[x + BH.word.flags] = flags
+            w[x + BH.word.io_pid] = pid
+            return 2
         return 1
     finally:
         cache.unlock(b)

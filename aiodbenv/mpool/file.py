@@ -17,7 +17,7 @@ from ..txn import latch
 from ..txn.ids import next_owner_id
 from .fget import MODE_CREATE, MODE_GET, MODE_LAST, MODE_NEW, RELEASED_BY_CLOSE
 from .fput import PageRelease
-from .layout import FILE_ENTRY, MAX_PGNO
+from .layout import FILE_ENTRY, LATCH_READER, MAX_PGNO
 from .miss import Missed
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, LatchedPinContext, Page, PinContext
 from .stat import FileStat, file_stat
@@ -108,7 +108,8 @@ class PoolFile(PageRelease):
         again raises Deadlock, see aiodbenv.txn.latch); the ``await`` form's page may be
         handed to another task to unpin. Cancellation: neither pinned nor latched."""
         page = await self._pin(pgno, mode)
-        owner = ((self._slot + 1) << 32) | next_owner_id()
+        # Flagged a reader's: write-back leaves its buffer alone (see layout.quiet_latch).
+        owner = ((self._slot + 1) << 32) | next_owner_id() | LATCH_READER
         try:
             if page._cache is None:
                 raise InvalidArgument("pages of a memory-mapped file have no latch")
@@ -194,6 +195,7 @@ class PoolFile(PageRelease):
             if owner:
                 latch.release(page, owner)
                 latch.forget_read(self._pool, owner)
+                latch.wake(self._pool, page)
         flags = page._flags
         if dirty and clean:
             flags = PAGE_DIRTY | PAGE_CLEAN  # refused by _unpin's check
@@ -289,6 +291,7 @@ class PoolFile(PageRelease):
         for page, owner in self._latched.items():
             latch.release(page, owner)
             latch.forget_read(self._pool, owner)
+            latch.wake(self._pool, page)
         self._latched.clear()
         for page in list(self._pins):
             task = self._unpin(page, page._flags)

@@ -21,12 +21,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import (
-    ForkedProcessError,
-    InvalidArgument,
-    LockTimeout,
-    RunRecovery,
-)
+from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region import panic
 from ..region.backing import Region
 from ..region.layout import MAX_PROCS
@@ -128,9 +123,10 @@ class PoolBase:
         #: tasks) is refused at once instead of running into the timeout.
         self._latch_tasks: dict[int, asyncio.Task[Any]] = {}
         self._latch_waits: dict[asyncio.Task[Any], tuple[int, Page]] = {}
-        #: The owners in _latch_tasks that are latched reads (closing a file drops them; a
-        #: transaction's stays until it ends: it may hold latches in other files).
+        #: The owners in _latch_tasks that are latched reads (closing a file drops them).
         self._latch_reads: set[int] = set()
+        #: Latch waits by buffer (id of its cache, offset): woken by this process's releases.
+        self._latch_sleepers: dict[tuple[int, int], list[asyncio.Future[None]]] = {}
         #: The reaper's tasks finishing dead processes' commits from the log (the handle's
         #: close waits for them before it closes the log).
         self._finishing: set[asyncio.Task[None]] = set()

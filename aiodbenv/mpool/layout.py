@@ -34,6 +34,8 @@ __all__ = [
     "FSTAT_FIELDS",
     "GSTAT_FIELDS",
     "HANDLE_STATS",
+    "LATCH_COMMITTING",
+    "LATCH_READER",
     "MAX_FILES",
     "MAX_PGNO",
     "PINS_HALF",
@@ -42,6 +44,7 @@ __all__ = [
     "POOL_HEADER_AT",
     "WORKER_ERROR_WORDS",
     "WORKER_STATE_FIELDS",
+    "quiet_latch",
 ]
 
 #: Files a pool can hold at once (open, or with pages still cached).
@@ -252,6 +255,32 @@ POOL_HEADER_AT = CACHE_HEADER_AT + CACHE_HEADER.size
 #: Offset of a buffer's per-slot pin counts in 16-bit units: ``halves[bh // 2 + PINS_HALF + s]``
 #: is the pins of registry slot ``s`` in the buffer at byte offset ``bh``.
 PINS_HALF = BH.offset("pins") // 2
+
+#: Set in a latch word while its owner is inside a commit (between deciding to log the batch
+#: and releasing the latch): the buffer's bytes may be changing, and a dead owner found with it
+#: may have a batch in the log that is not in the buffers (see aiodbenv.txn.latch).
+LATCH_COMMITTING = 1 << 62
+#: Set in the latch word of a latched read (``PoolFile.get(latch=True)``), whose holder works
+#: on the buffer itself, unlike a transaction, which works on a private copy until its commit.
+LATCH_READER = 1 << 61
+
+
+def quiet_latch(w: memoryview, bh: int) -> int:
+    """The latch word of pinned buffer ``bh`` if a transaction holds its latch outside a
+    commit, else 0 (read under the bucket mutex).
+
+    Such a buffer holds the last commit's bytes, whatever other pins it has: nobody may change
+    a buffer under a transaction's latch (the commit diffs its copy against the buffer), and
+    the transaction itself changes it only in its commit, which first marks the buffer dirty
+    under its bucket mutex and then flags the latch committing. So write-back may copy it,
+    under the bucket mutex, and keeps the copy only if the latch word still reads the same
+    after it; otherwise transactions that keep hot pages latched would keep them out of every
+    checkpoint. A latched read (whose holder works on the buffer itself), a commit under way
+    or pins without a transaction's latch leave the buffer busy.
+    """
+    cur = int(w[(bh >> 3) + BH.word.latch])
+    return 0 if cur & (LATCH_COMMITTING | LATCH_READER) else cur
+
 
 #: The clock a buffer's first pin is stamped with: Linux's CLOCK_MONOTONIC_COARSE (the time
 #: module does not name it). System-wide, so stamps compare across processes, and cheap: a

@@ -30,7 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import Deadlock, LockTimeout
-from ..mpool.layout import BH, MAX_PGNO
+from ..mpool.layout import BH, LATCH_COMMITTING, MAX_PGNO
 from ..region.layout import TXN_STAT
 
 if TYPE_CHECKING:
@@ -49,15 +49,12 @@ __all__ = [
     "release",
     "set_committing",
     "try_latch",
+    "wake",
 ]
 
 _H_LATCH = BH.word.latch
 _S = TXN_STAT.word
 
-#: Set in a latch word while its owner is inside a commit (between deciding to log the batch
-#: and releasing the latch): a dead owner found with it may have a batch in the log that is
-#: not in the buffers, so the reaper panics the environment instead of just releasing.
-LATCH_COMMITTING = 1 << 62
 
 #: Back-off of a latch wait: first and longest sleep (seconds).
 _WAIT_MIN = 0.0002
@@ -182,7 +179,7 @@ async def acquire(
                 )
                 err.mutex = f"latch of page {page.pgno}"
                 raise err
-            await asyncio.sleep(min(delay, deadline - now))
+            await _pause(pool, (id(cache), bh), min(delay, deadline - now))
             delay = min(delay * 2, _WAIT_MAX)
             pool._check()  # a holder that died inside a commit panics the environment
             cur = pool._attempt(try_latch, cache, b, bh, owner)
@@ -191,6 +188,51 @@ async def acquire(
     finally:
         if me is not None:
             pool._latch_waits.pop(me, None)
+
+
+async def _pause(pool: PoolBase, where: tuple[int, int], seconds: float) -> None:
+    """Sleep ``seconds`` between two tries of the latch of buffer ``where``, or less if a task
+    of this process releases it meanwhile (:func:`wake`): the next try is then at once, not
+    after up to 5 ms of back-off with the page pinned and its latch free (so that neither
+    the waiters nor a checkpoint, which cannot write a page pinned without a transaction's
+    latch, wait for nothing). Another process's release is seen at the next try."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    sleepers = pool._latch_sleepers.setdefault(where, [])
+    sleepers.append(fut)
+    timer = loop.call_later(seconds, _done, fut)
+    try:
+        await fut
+    finally:
+        timer.cancel()
+        if pool._latch_sleepers.get(where) is sleepers:
+            if fut in sleepers:
+                sleepers.remove(fut)
+            if not sleepers:
+                del pool._latch_sleepers[where]
+
+
+def _done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def wake(pool: PoolBase, page: Page) -> None:
+    """After this process released the latch of ``page``: wake the task of this process that
+    has waited longest for it (see :func:`_pause`). Synchronous; nothing to do when nobody
+    waits."""
+    if pool._latch_sleepers:
+        where = (id(page._cache), page._bh)
+        sleepers = pool._latch_sleepers.get(where)
+        if sleepers:
+            # The longest waiting one (whose timer has not woken it already): the others
+            # would only find the latch taken again.
+            while sleepers and sleepers[0].done():
+                sleepers.pop(0)
+            if sleepers:
+                _done(sleepers.pop(0))
+            if not sleepers:
+                del pool._latch_sleepers[where]
 
 
 def _waits_for(pool: PoolBase, holder: int, me: asyncio.Task[Any]) -> bool:

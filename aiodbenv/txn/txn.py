@@ -29,7 +29,7 @@ from ..mpool.hotpath import FINISHED
 from . import batch as _batch
 from . import commit as _commit
 from .ids import next_owner_id
-from .latch import release
+from .latch import release, wake
 from .stat import COMMIT_WORD, TxnStats, W
 from .take import (
     _ACTIVE,
@@ -169,6 +169,7 @@ class Txn(TxnTaking):
                 f._latched.pop(page, None)
                 if not released:
                     release(page, self._owner)
+                wake(self._pool, page)
                 # The compiled unpin (the context's), else the Python one.
                 hotc = f._hotc
                 done = hotc.unpin_now(page) if hotc is not None else False
