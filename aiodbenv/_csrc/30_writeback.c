@@ -1,10 +1,11 @@
 /* Write-back's view of a dirty buffer (the Python twin: layout.quiet_latch and its callers):
    busy if being read or written, or pinned -- unless a transaction holds its latch outside a
    commit. Such a buffer holds the last commit's bytes: nobody may change a buffer under a
-   transaction's latch, and the transaction changes it only in its commit, which first marks
-   the buffer under its bucket mutex and then flags the latch committing; so a copy taken
-   under the bucket mutex is whole when the latch word reads the same after it
-   (wb_latch_kept). Without this, transactions that keep hot pages latched would keep them
+   transaction's latch, and the transaction changes it only in its commit, which first flags
+   the latch committing and then marks the buffer dirty under its bucket mutex (a claim made
+   before the flag is then seen by the mark, which sets REDIRTIED); so a copy taken under the
+   bucket mutex is whole, and not the last of the page, when the latch word reads the same
+   after it (wb_latch_kept). Without this, transactions that keep hot pages latched would keep them
    out of every checkpoint. *latch: that word, 0 for an unpinned buffer. */
 static inline int wb_busy(const uint64_t *w, uint64_t x, uint64_t flags, uint64_t *latch) {
     *latch = 0;

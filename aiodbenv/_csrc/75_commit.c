@@ -175,21 +175,38 @@ int64_t aiodb_commit_build(uint64_t *D, int n, const unsigned char *files, uint6
     return (int64_t)(p - out);
 }
 
-/* Mark every changed page of D dirty (as an unpin with PAGE_DIRTY does), each under its bucket
-   mutex, then set `flag` in every page's latch word, which must hold `owner`. Returns 0, or
-   for page i: -(i + 1) * 1000 + rc where rc is the failed try-lock's -errno (-EBUSY: nothing
-   more done, go the Python way; -EOWNERDEAD: that mutex is HELD, repair and let go), or
-   AIODB_CORRUPT (a descriptor failed its check, or a latch is not the owner's). Marking a
-   page dirty twice is harmless, so the Python way may simply do them all again. */
+/* Set `flag` in every page's latch word of D, which must hold `owner`, then mark every changed
+   page dirty (as an unpin with PAGE_DIRTY does), each under its bucket mutex. Flagged first:
+   write-back copies a pinned page whose latch a transaction holds outside a commit
+   (30_writeback.c, wb_busy), so a page marked dirty before its latch reads committing could be
+   claimed clean-to-be in between, and the copy-in that follows would be left on a buffer the
+   finished write marks clean (lost). Flagged first, a claim either precedes the flag (the
+   mark then sees the page WRITING and sets REDIRTIED) or sees it (busy). Returns 0, or for
+   page i: -(i + 1) * 1000 + rc where rc is the failed try-lock's -errno (-EBUSY: nothing more
+   done, go the Python way; -EOWNERDEAD: that mutex is HELD, repair and let go), or
+   AIODB_CORRUPT (a descriptor failed its check, or a latch is not the owner's: nothing done).
+   The latches stay flagged on a failure: the caller marks again the Python way (marking a
+   page dirty twice is harmless) or aborts, and the release clears the flag. */
 int64_t aiodb_commit_mark(uint64_t *D, int n, uint64_t owner, uint64_t flag) {
     if (n < 0 || n > 64) return AIODB_CORRUPT;
     for (int i = 0; i < n; i++) {
         uint64_t *d = D + CD_HEAD + (uint64_t)i * CD_COUNT;
         if (!commit_shared(d)) return AIODB_CORRUPT;
+        const uint64_t *w = (const uint64_t *)(uintptr_t)d[CD_W];
+        if ((w[(d[CD_BH] >> 3) + L[L_H_LATCH]] & ~flag) != owner) return AIODB_CORRUPT;
+    }
+    for (int i = 0; i < n; i++) {
+        const uint64_t *d = D + CD_HEAD + (uint64_t)i * CD_COUNT;
+        uint64_t *w = (uint64_t *)(uintptr_t)d[CD_W];
+        __atomic_store_n(&w[(d[CD_BH] >> 3) + L[L_H_LATCH]], owner | flag, __ATOMIC_RELAXED);
+    }
+    /* The flags are visible before any mark (and so before any copy-in) is. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (int i = 0; i < n; i++) {
+        uint64_t *d = D + CD_HEAD + (uint64_t)i * CD_COUNT;
+        if (!d[CD_KIND]) continue;
         uint64_t *w = (uint64_t *)(uintptr_t)d[CD_W];
         uint64_t x = d[CD_BH] >> 3;
-        if ((w[x + L[L_H_LATCH]] & ~flag) != owner) return AIODB_CORRUPT;
-        if (!d[CD_KIND]) continue;
         void *mutex = (void *)(uintptr_t)d[CD_MUTEX];
         int64_t rc = try_lock(w, mutex, d[CD_NOWAIT]);
         if (rc) return -(int64_t)(i + 1) * 1000 + rc;
@@ -198,11 +215,6 @@ int64_t aiodb_commit_mark(uint64_t *D, int n, uint64_t owner, uint64_t flag) {
         if (!(bh & L[L_BH_DIRTY])) w[d[CD_BUCKET] + L[L_B_DIRTY]]++;
         if (nf != bh) w[x + L[L_H_FLAGS]] = nf;
         unlock(mutex);
-    }
-    for (int i = 0; i < n; i++) {
-        const uint64_t *d = D + CD_HEAD + (uint64_t)i * CD_COUNT;
-        uint64_t *w = (uint64_t *)(uintptr_t)d[CD_W];
-        w[(d[CD_BH] >> 3) + L[L_H_LATCH]] = owner | flag;
     }
     return 0;
 }

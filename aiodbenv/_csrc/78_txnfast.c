@@ -76,7 +76,7 @@ int64_t aiodb_txn_take(uint64_t *D, uint64_t *w, void **mutexes, const uint64_t 
 /* aiodb_commit_build, then (if a page changed) aiodb_commit_mark with `owner` and `flag`.
    Returns the record's length (built in out, pages marked), 0 (no page changed: nothing
    written or marked), build's AIODB_CORRUPT or -ENOSPC, or AIODB_TXN_MARK_BASE + mark's
-   non-zero result (nothing marked committing: the caller builds again and marks the slow
+   non-zero result (not every page marked dirty: the caller builds again and marks the slow
    way; marking a page dirty twice is harmless). */
 int64_t aiodb_txn_prepare(uint64_t *D, int n, const unsigned char *files, uint64_t files_len,
                           uint64_t redo_start, unsigned char *out, uint64_t cap, uint64_t owner,

@@ -271,8 +271,10 @@ def quiet_latch(w: memoryview, bh: int) -> int:
 
     Such a buffer holds the last commit's bytes, whatever other pins it has: nobody may change
     a buffer under a transaction's latch (the commit diffs its copy against the buffer), and
-    the transaction itself changes it only in its commit, which first marks the buffer dirty
-    under its bucket mutex and then flags the latch committing. So write-back may copy it,
+    the transaction itself changes it only in its commit, which first flags the latch
+    committing and then marks the buffer dirty under its bucket mutex (so a claim made before
+    the flag is seen by the mark, which sets ``BH_REDIRTIED``: the write leaves the page
+    dirty for the commit's bytes). So write-back may copy it,
     under the bucket mutex, and keeps the copy only if the latch word still reads the same
     after it; otherwise transactions that keep hot pages latched would keep them out of every
     checkpoint. A latched read (whose holder works on the buffer itself), a commit under way

@@ -56,7 +56,7 @@ __all__ = [
 WORD = 8
 
 #: Bumped whenever a layout or a field's meaning changes.
-LAYOUT_VERSION = 10
+LAYOUT_VERSION = 11
 
 # The magics spell "aiodbreg", "aiodbenv" and "aiodbshm" in little-endian ASCII, which makes
 # them easy to spot in a hex dump of a region file or segment.

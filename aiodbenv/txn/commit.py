@@ -248,9 +248,10 @@ def _prepared(
         page = pages[i]._page
         assert page._cache is not None
         page._cache.release_dead_holder(page._bucket)
-    # A bucket mutex was busy: nothing marked committing. Built again (the same bytes: the
-    # copies and the buffers do not change under the latches), for the caller to mark the
-    # slow way (marking a page dirty twice changes nothing).
+    # A bucket mutex was busy: the latches are flagged committing, not every page is marked
+    # dirty. Built again (the same bytes: the copies and the buffers do not change under the
+    # latches), for the caller to mark the slow way (marking a page dirty twice, or flagging
+    # a latch twice, changes nothing).
     return build(pages, redo_start, worst)
 
 
@@ -360,18 +361,20 @@ def mark_now(pool: Pool, pages: list[TxnPage], built: Built, owner: int) -> bool
 
 
 async def mark(pool: Pool, pages: list[TxnPage], built: Built, owner: int) -> None:
-    """Mark the changed pages' buffers dirty, then every latch of ``owner`` committing (the
-    Python form, after :func:`mark_now`). A busy bucket mutex is waited for asynchronously
-    (LockTimeout past the pool's ``wait_timeout``). Cancellation: some pages may be marked
-    dirty (harmless: a write at most), no latch is marked committing."""
+    """Mark every latch of ``owner`` committing, then the changed pages' buffers dirty (the
+    Python form, after :func:`mark_now`; in this order, see aiodb_commit_mark in
+    aiodbenv/_csrc/75_commit.c). A busy bucket mutex is waited for asynchronously
+    (LockTimeout past the pool's ``wait_timeout``). Cancellation: the latches stay flagged
+    and some pages may be marked dirty (harmless: a write at most); the caller aborts, and
+    the release clears the flags."""
+    for tp in pages:
+        set_committing(tp._page, owner)
     for i in built.changed:
         f, page = pages[i].file, pages[i]._page
         try:
             f.set(page, dirty=True)
         except LockTimeout:
             await pool._locked(functools.partial(f.set, page, dirty=True))
-    for tp in pages:
-        set_committing(tp._page, owner)
 
 
 def apply(pages: list[TxnPage], built: Built, lsn: LSN, owner: int) -> bool:

@@ -203,6 +203,12 @@ async def _pause(pool: PoolBase, where: tuple[int, int], seconds: float) -> None
     timer = loop.call_later(seconds, _done, fut)
     try:
         await fut
+    except asyncio.CancelledError:
+        if fut.done() and not fut.cancelled():
+            # Woken, then cancelled before it could try: the wake-up goes to the next waiter
+            # (else it would sleep out its back-off with the latch free).
+            _wake_at(pool, where)
+        raise
     finally:
         timer.cancel()
         if pool._latch_sleepers.get(where) is sleepers:
@@ -222,17 +228,20 @@ def wake(pool: PoolBase, page: Page) -> None:
     has waited longest for it (see :func:`_pause`). Synchronous; nothing to do when nobody
     waits."""
     if pool._latch_sleepers:
-        where = (id(page._cache), page._bh)
-        sleepers = pool._latch_sleepers.get(where)
+        _wake_at(pool, (id(page._cache), page._bh))
+
+
+def _wake_at(pool: PoolBase, where: tuple[int, int]) -> None:
+    sleepers = pool._latch_sleepers.get(where)
+    if sleepers:
+        # The longest waiting one (whose timer has not woken it already): the others
+        # would only find the latch taken again.
+        while sleepers and sleepers[0].done():
+            sleepers.pop(0)
         if sleepers:
-            # The longest waiting one (whose timer has not woken it already): the others
-            # would only find the latch taken again.
-            while sleepers and sleepers[0].done():
-                sleepers.pop(0)
-            if sleepers:
-                _done(sleepers.pop(0))
-            if not sleepers:
-                del pool._latch_sleepers[where]
+            _done(sleepers.pop(0))
+        if not sleepers:
+            del pool._latch_sleepers[where]
 
 
 def _waits_for(pool: PoolBase, holder: int, me: asyncio.Task[Any]) -> bool:

@@ -19,7 +19,7 @@ from ..mpool.layout import FILE_ENTRY, MAX_PGNO
 from ..region.mutex import ffi as _ffi
 from . import batch as _batch
 from . import commit as _commit
-from .latch import acquire, latch_key, release, try_latch
+from .latch import acquire, latch_key, release, try_latch, wake
 from .stat import TxnStats, W
 
 if TYPE_CHECKING:
@@ -260,6 +260,7 @@ class TxnTaking:
             self._pages.pop((f._fidx, pgno), None)
             f._latched.pop(page, None)
             release(page, owner)
+            wake(self._pool, page)
             f._unpin(page, 0)  # a pool task finishes it if its bucket is busy
             raise
         st = self._stats
@@ -353,6 +354,7 @@ class TxnTaking:
                     data[lsn_off : lsn_off + 8] = bytes(8)
         except BaseException:
             release(page, self._owner)  # if it was taken (a no-op otherwise)
+            wake(self._pool, page)
             pending = f._unpin(page, 0)
             if pending is not None:
                 await asyncio.shield(pending)

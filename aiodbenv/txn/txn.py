@@ -269,9 +269,11 @@ class Txn(TxnTaking):
             return
         pool = self._pool
         try:
-            # Dirty first: a page flagged dirty that has not changed yet costs a write at most,
-            # while a changed page a checkpoint sees clean would lose the commit. Then every
-            # latch is marked committing (see latch.LATCH_COMMITTING).
+            # Every latch flagged committing first, then the changed pages marked dirty: a
+            # checkpoint copies a latched page whose latch is not flagged (it holds the last
+            # commit's bytes), and one that claimed a page marked dirty but not yet flagged
+            # would write it clean before the copy-in (see latch.LATCH_COMMITTING). A page
+            # marked dirty that has not changed yet costs a write at most.
             if not built.marked and not _commit.mark_now(pool, pages, built, self._owner):
                 await _commit.mark(pool, pages, built, self._owner)
         except BaseException:

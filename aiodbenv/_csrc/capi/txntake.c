@@ -258,7 +258,7 @@ static int scratch_room(unsigned char **buf, size_t *cap, size_t want) {
    private copy (and descriptor) is `copy`, taken by txn_take: aiodb_txn_prepare (the batch
    record built, the buffer marked dirty and the latch committing). Returns (record, fulls):
    the record's bytes and how many full images it holds (0 or 1); else the call's int result
-   (0: the page did not change, nothing done; < 0: nothing marked committing, see
+   (0: the page did not change, nothing done; < 0: not every page marked dirty, see
    aiodbenv.txn.commit.prepare). */
 static PyObject *txn_prepare(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
@@ -321,7 +321,7 @@ static size_t files_cap;
    array (aiodbenv.txn.commit.descriptor's work: each file's entry once in the blob), then
    aiodb_txn_prepare. Returns (record, fulls, changed, array): the changed pages' indexes (a
    tuple) and a TxnCopy holding the array, which the commit's finish reads; else the call's int
-   result (0: nothing changed, nothing done; < 0: nothing marked committing). */
+   result (0: nothing changed, nothing done; < 0: not every page marked dirty). */
 static PyObject *txn_prepare_many(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
     if (nargs != 6 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1])) {
