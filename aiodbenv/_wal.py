@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .log import LSN, Log
+from .log.lsn import unpack_word
 from .mpool.bh import LogHooks
 from .txn.reapply import finish_dead_commits
 
@@ -26,8 +27,11 @@ def log_hooks(log: Log, pool: PoolBase) -> LogHooks:
     async def flush(file: int, offset: int) -> None:
         await log.flush(LSN(file, offset))
 
-    def end() -> tuple[int, int]:
-        return log.end_lsn
+    async def end() -> tuple[int, int]:
+        # Exact, under the log mutex: the unlocked end_lsn can pair an old word with a new one
+        # while another process appends, and a checkpoint LSN past the true end (or inside a
+        # record) must never be recorded.
+        return unpack_word(await log._end_word())
 
     async def checkpoint(file: int, offset: int) -> tuple[int, int]:
         return await log.checkpoint_record(LSN(file, offset))

@@ -447,7 +447,7 @@ async def run_checkpoint(
     hooks = pool._io.log
     pool._enter()
     try:
-        ckp = hooks.end() if hooks is not None else None
+        ckp = await hooks.end() if hooks is not None else None
         quiet = hooks.quiet() if hooks is not None and not force else None
         result = await checkpoint(pool, spread, progress)
         if hooks is not None and ckp is not None:

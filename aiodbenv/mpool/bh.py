@@ -68,15 +68,16 @@ class LogHooks:
 
     LSNs cross this seam as ``(file, offset)`` pairs. ``flush(file, offset)`` makes the log
     durable up to and including that LSN (raising, e.g. ``RunRecovery``, if it cannot);
-    ``end()`` is the LSN the next record will get; ``checkpoint(file, offset)`` appends and
-    flushes a checkpoint record carrying that ``ckp_lsn`` and returns the record's LSN;
+    ``end()`` is the LSN the next record will get (read under the log mutex);
+    ``checkpoint(file, offset)`` appends and flushes a checkpoint record carrying that
+    ``ckp_lsn`` and returns the record's LSN;
     ``lsn(file, offset)`` makes the public LSN value handed back to users;
     ``quiet()`` is the ``ckp_lsn`` of the last checkpoint record if nothing was logged after
     it, else None (a checkpoint without ``force`` then appends no record).
     """
 
     flush: Callable[[int, int], Awaitable[None]]
-    end: Callable[[], tuple[int, int]]
+    end: Callable[[], Awaitable[tuple[int, int]]]
     checkpoint: Callable[[int, int], Awaitable[tuple[int, int]]]
     lsn: Callable[[int, int], tuple[int, int]]
     quiet: Callable[[], tuple[int, int] | None] = lambda: None

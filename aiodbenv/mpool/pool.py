@@ -192,7 +192,7 @@ class Pool(PoolFiles):
                 and all(type(x) is int and 0 <= x < 1 << 32 for x in lsn)
             ):
                 raise InvalidArgument(f"sync(lsn): lsn must be an aiodbenv.LSN, not {lsn!r}")
-            end = tuple(hooks.end())
+            end = tuple(await hooks.end())
             if tuple(lsn) > end:
                 # Berkeley DB accepts it unchecked; like log.flush(lsn), refuse it here.
                 raise InvalidArgument(
