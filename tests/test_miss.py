@@ -30,6 +30,7 @@ import pytest
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.mpool import accel, fget, fopen, hot, miss, uring, victims
+from aiodbenv.mpool import file as file_module
 from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_READING, BUCKET
 from aiodbenv.mpool.readers import ReaderThreads, use_threads
 
@@ -92,6 +93,15 @@ class Counting:
                 self.count(missed[1])
             return await real_finish(f, pgno, mode, missed)
 
+        real_disk_frame = file_module.disk_frame
+
+        def disk_frame(missed: Any) -> int:
+            # PoolFile._pin reads a plain disk miss itself, without finish_miss.
+            frame = real_disk_frame(missed)
+            if frame:
+                self.count(missed[1])
+            return frame
+
         def attach(f: Any) -> None:
             real_attach(f)
             if f._hotc is not None:
@@ -100,6 +110,7 @@ class Counting:
         monkeypatch.setattr(fget, "try_miss", try_miss)
         monkeypatch.setattr(fget, "finish_miss", finish_miss)
         monkeypatch.setattr(fopen, "attach", attach)
+        monkeypatch.setattr(file_module, "disk_frame", disk_frame)
 
     def count(self, status: int) -> None:
         if status == accel.MISS_FALLBACK:

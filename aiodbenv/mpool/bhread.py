@@ -276,12 +276,16 @@ class PoolReads(PoolFrames):
         ps = f.page_size
         view = cache.buf[bh + BH.size : bh + BH.size + ps]
         waiter: asyncio.Future[None] = loop.create_future()
-        finished: asyncio.Future[None] = loop.create_future()  # closing waits for it
-        self._io.track(finished)
+        # Closing the file or the pool waits for it. Counted as I/O under way by hand, not by
+        # track(): its done callback would cost a turn of the loop per read.
+        finished: asyncio.Future[None] = loop.create_future()
+        tasks = self._io.tasks
+        tasks.add(finished)
 
         def settle(err: BaseException | None) -> None:
             # Published (err None), or failed with our pin dropped.
             if not finished.done():
+                tasks.discard(finished)
                 finished.set_result(None)
             if waiter.done():  # the caller was cancelled: its pin goes now
                 if err is None:

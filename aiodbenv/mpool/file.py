@@ -18,7 +18,7 @@ from ..txn.ids import next_owner_id
 from .fget import MODE_CREATE, MODE_GET, MODE_LAST, MODE_NEW, RELEASED_BY_CLOSE
 from .fput import PageRelease
 from .layout import FILE_ENTRY, LATCH_READER, MAX_PGNO
-from .miss import Missed
+from .miss import Missed, disk_frame
 from .page import PAGE_CLEAN, PAGE_DIRTY, PAGE_DISCARD, LatchedPinContext, Page, PinContext
 from .stat import FileStat, file_stat
 from .sync import SyncResult, write_back
@@ -161,7 +161,14 @@ class PoolFile(PageRelease):
         pool = self._pool
         pool._enter()
         try:
-            page = await self._pin_slow(pgno, mode, missed)
+            frame = disk_frame(missed)
+            if frame:
+                cache, b = self._core.locate(self._fidx, pgno)
+                pool._got_frame()
+                await pool._fill(self, cache, b, frame, pgno, mode, nowait=False)
+                page = self._page(cache, b, frame, pgno)
+            else:
+                page = await self._pin_slow(pgno, mode, missed)
         finally:
             pool._leave()
         if self._closed or pool._closing:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .fget import PageAccess
     from .page import Page
 
-__all__ = ["COMPILED_MISS", "Missed", "finish_miss", "miss_context", "try_miss"]
+__all__ = ["COMPILED_MISS", "Missed", "disk_frame", "finish_miss", "miss_context", "try_miss"]
 
 #: What a compiled miss made by the compiled page context (aiodbenv/_csrc/capi/hot.c) hands to
 #: the Python slow path: aiodb_miss's result (0, or ``accel.CORRUPT``) and out[0:3] (status,
@@ -141,6 +141,18 @@ def try_miss(f: PageAccess, pgno: int) -> Page | None:
             f"an offset or count read during a miss of page {pgno} of {f._path!r} fails its check"
         )
     return None
+
+
+def disk_frame(missed: Missed | None) -> int:
+    """The frame of a compiled context's miss that linked its page, READING and pinned, and
+    found it only on the disk, with nothing to repair or give back first: the common miss of a
+    cold cache, which :meth:`PoolFile._pin <aiodbenv.mpool.file.PoolFile._pin>` reads at once
+    (:func:`finish_miss`'s last step, without the coroutines of the general path). 0 for any
+    other ``missed``."""
+    if missed is None:
+        return 0
+    result, status, frame, dead = missed
+    return frame if status == _FILL_DISK and not result and dead == _NONE else 0
 
 
 async def finish_miss(
