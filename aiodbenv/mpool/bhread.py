@@ -284,8 +284,11 @@ class PoolReads(PoolFrames):
 
         def settle(err: BaseException | None) -> None:
             # Published (err None), or failed with our pin dropped.
+            # Out of the set whatever became of the future: a close whose wait was cancelled
+            # cancelled it (gather cancels what it waits for), and a cancelled future left
+            # in the set would make every later close loop on it.
+            tasks.discard(finished)
             if not finished.done():
-                tasks.discard(finished)
                 finished.set_result(None)
             if waiter.done():  # the caller was cancelled: its pin goes now
                 if err is None:
