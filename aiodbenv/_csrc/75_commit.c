@@ -6,8 +6,8 @@
    steps as the Python commit (txn.committing, txn.logged, txn.copied):
      aiodb_commit_build  diff every taken page against its buffer and write the batch record
                          (aiodbenv/txn/batch.py's layout, byte for byte) into a scratch buffer;
-     aiodb_commit_mark   mark the changed buffers dirty (under their bucket mutexes) and set
-                         LATCH_COMMITTING on every latch the transaction holds;
+     aiodb_commit_mark   set LATCH_COMMITTING on every latch the transaction holds, then
+                         mark the changed buffers dirty (under their bucket mutexes);
    then the record is appended with the log's own compiled put (part 60), and
      aiodb_commit_apply  copies the private images into the buffers and stamps the commit LSN.
    The caller holds every page's latch and pin throughout, so neither the buffers nor the

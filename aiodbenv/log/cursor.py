@@ -93,7 +93,7 @@ class LogCursor:
         """The last record of the log, or None if it has none. Cancellation: the cursor keeps
         its previous position."""
         self._log._check()
-        word = self._c.last_word()
+        word = await self._log._locked(self._c.last_word_locked)
         file, off = word >> 32, word & _U32
         rec = await self._record_at(file, off)
         if rec is None:

@@ -183,8 +183,15 @@ class LogState:
         with self.mutex:
             return self.end_word()
 
+    def last_word_locked(self) -> int:
+        """:meth:`last_word`, exact: read under the log mutex (a file switch stores the two
+        words it sums one after the other)."""
+        with self.mutex:
+            return self.last_word()
+
     def last_word(self) -> int:
-        """The LSN of the last record appended (a file header record after a switch)."""
+        """The LSN of the last record appended (a file header record after a switch). Exact
+        only under the log mutex; unlocked, a hint."""
         f = self.word("f_lsn") >> 32
         return (f << 32) | (self.word("tail") >> 32)
 
