@@ -910,6 +910,53 @@ async def test_a_close_whose_wait_is_cancelled_leaves_no_read_behind(
     await settle(env)
 
 
+async def test_a_close_whose_wait_is_cancelled_leaves_the_writes_under_way_alone(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
+    """A close waits for the pool's I/O tasks; if that wait is cancelled, only the wait ends:
+    a sync whose write batch was under way still finishes and reports success, with its pages
+    on disk and clean. (The wait gathered the tasks, and a cancelled gather cancels each of
+    them: the sync then raised CancelledError into a caller who had not been cancelled.)"""
+    pool, f = env.pool, data
+    expected = await fill_dirty(f, range(10), 1)
+    with _io.inject("pwrite", None, delay=SLOW, times=1):
+        t = asyncio.create_task(pool.sync())
+        await io_started("pwrite")
+        assert pool._io.tasks, "the sync's write batch runs as a pool I/O task"
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool._quiesce(), 0.05)  # the close's wait, cancelled
+        res = await asyncio.wait_for(t, 10)
+    assert res.written == 10 and not res.incomplete and not res.errors, res
+    for i, want in expected.items():
+        assert read_disk(env.resolve("a.db"), i) == want, f"page {i} on disk"
+    await settle(env)
+
+
+async def test_an_io_task_cancelled_outright_ends_after_its_thread(
+    env: aiodbenv.Env, data: aiodbenv.PoolFile
+) -> None:
+    """Every I/O task of the pool cancelled directly (what ``asyncio.run``'s teardown, or a
+    framework's shutdown that cancels every task, does) while a write sleeps in its thread,
+    then the environment closed: the tasks end only when the thread has returned, so the
+    close waits for it. (A task ended at once while its thread went on writing into the
+    region; the close then unmapped the region under it and the process crashed with a
+    segmentation fault.)"""
+    pool, f = env.pool, data
+    await fill_dirty(f, range(10), 1)
+    with _io.inject("pwrite", None, delay=SLOW, times=1):
+        t = asyncio.create_task(pool.sync())
+        await io_started("pwrite")
+        tasks = list(pool._io.tasks)
+        assert tasks
+        for task in tasks:
+            task.cancel()
+        await asyncio.sleep(SLOW / 5)
+        assert not any(task.done() for task in tasks), "a task ended before its thread"
+        await outcome(t)
+        await env.close()
+    assert all(task.done() for task in tasks)
+
+
 @pytest.mark.parametrize("reuse", [False, True])
 async def test_file_close_racing_with_a_write(
     env: aiodbenv.Env, data: aiodbenv.PoolFile, reuse: bool

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-import anyio.to_thread
 
 from .. import _io
+from .._threads import run_to_end
 from .alloc import PoolCore
 from .layout import (
     FILE_ENTRY,
@@ -127,7 +127,7 @@ class ReadBatcher:
 
     async def _run(self, batch: list[tuple[int, memoryview, int, asyncio.Future[int]]]) -> None:
         try:
-            results = await anyio.to_thread.run_sync(
+            results = await run_to_end(
                 _read_many,
                 [(fd, view, off) for fd, view, off, _ in batch],
                 limiter=self._limiter,
@@ -341,13 +341,13 @@ class BufferIO:
                 f = self.own_file(fidx)
                 if f is None:
                     raise OSError(errno.EBADF, "temporary file is not open in this process")
-                fd = await anyio.to_thread.run_sync(new_temp_fd, limiter=self.limiter)
+                fd = await run_to_end(new_temp_fd, limiter=self.limiter)
                 f._fd = fd
                 return fd
             path = self.core.file_name(fidx)
             if path is None:
                 raise OSError(errno.EBADF, "file has no path to write to")
-            fd = await anyio.to_thread.run_sync(
+            fd = await run_to_end(
                 _io.open_file, path, os.O_RDWR | os.O_CLOEXEC, limiter=self.limiter
             )
             self.wfds[fidx] = fd
@@ -393,7 +393,7 @@ class BufferIO:
         if self.wfds:
             fds = list(self.wfds.values())
             self.wfds.clear()
-            await anyio.to_thread.run_sync(close_fds, fds, None)
+            await run_to_end(close_fds, fds, None)
 
 
 def _count_retired(core: PoolCore, base: int, pages: int, nbytes: int, calls: int = 1) -> None:

@@ -15,10 +15,8 @@ import errno
 import threading
 from dataclasses import dataclass, field
 
-import anyio
-import anyio.to_thread
-
 from .. import _io
+from .._threads import run_to_end
 from ..errors import InvalidArgument, LockTimeout, NoSpace
 from ..region.mutex import BUSY, attempt, ffi, owner_pid, step_waits
 from . import accel
@@ -207,7 +205,7 @@ async def _batch_job(io: BufferIO, batch: list[BufRef], result: SyncResult) -> N
                 except OSError as open_err:
                     job.error = open_err
         try:
-            outcome = await anyio.to_thread.run_sync(_write_runs, jobs, limiter=io.limiter)
+            outcome = await run_to_end(_write_runs, jobs, limiter=io.limiter)
         except Exception as thread_err:  # the thread could not even run: every write failed
             outcome = [thread_err] * len(jobs)
         ok_files: set[int] = set()

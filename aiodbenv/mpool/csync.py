@@ -45,9 +45,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anyio.to_thread
-
 from .. import _io
+from .._threads import run_to_end
 from ..errors import LockTimeout
 from ..region.mutex import ffi, speedups
 from .bhwrite import SyncResult, _typed, _write_done_one, note_written
@@ -174,7 +173,7 @@ async def collect(pool: PoolBase, files: set[int] | None, limit: int = 0) -> Fas
     """
     route = routes(pool, files)
     tab, keep = table(pool)
-    return await anyio.to_thread.run_sync(
+    return await run_to_end(
         collect_now, pool, route, tab, keep, None, limit, limiter=pool._io.limiter
     )
 
@@ -253,7 +252,7 @@ async def write_fast(
     await _write_fast(pool, fast, result, progress, chunk_bytes, stages)
     # Unmapping megabytes of touched pages is milliseconds of kernel time: not on the loop.
     # (Not after a cancellation or a failure: a chunk may still use them; the GC frees them.)
-    await anyio.to_thread.run_sync(unmap, stages, fast, limiter=pool._io.limiter)
+    await run_to_end(unmap, stages, fast, limiter=pool._io.limiter)
 
 
 def unmap(stages: list[mmap.mmap], fast: FastSet) -> None:
@@ -352,18 +351,18 @@ async def _chunk(
     out = Chunk()
     view = ffi.from_buffer(stage)
     if lsn_off < 0:
-        await anyio.to_thread.run_sync(claim_write, pool, fast, fidx, fd, ps, -1, lo, hi, view, out)
+        await run_to_end(claim_write, pool, fast, fidx, fd, ps, -1, lo, hi, view, out)
         return out
-    await anyio.to_thread.run_sync(_claim, pool, fast, ps, lsn_off, lo, hi, view, out)
+    await run_to_end(_claim, pool, fast, ps, lsn_off, lo, hi, view, out)
     try:
         if out.lsn and io.log is not None:
             await io.log.flush(out.lsn >> 32, out.lsn & 0xFFFFFFFF)
     except BaseException as err:
         # Nothing reaches the file before the log: every claim is released, pages dirty.
-        await anyio.to_thread.run_sync(_release, pool, fast, lo, hi, False, out)
+        await run_to_end(_release, pool, fast, lo, hi, False, out)
         out.error = err
         return out
-    await anyio.to_thread.run_sync(claim_write, pool, fast, fidx, fd, ps, -2, lo, hi, view, out)
+    await run_to_end(claim_write, pool, fast, fidx, fd, ps, -2, lo, hi, view, out)
     return out
 
 

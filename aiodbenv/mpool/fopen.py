@@ -18,11 +18,9 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import Any
 
-import anyio
-import anyio.to_thread
-
 from .. import _io
 from .._config import MAX_PAGE_SIZE, MIN_PAGE_SIZE
+from .._threads import run_to_end
 from ..errors import (
     InvalidArgument,
     NotFound,
@@ -158,7 +156,7 @@ class PoolFiles(PoolReads):
                 and not self._core.header("nommap")
                 and not (ftype and ftype in self._io.registry)
             )
-            fd, pages, fid, mapped = await anyio.to_thread.run_sync(
+            fd, pages, fid, mapped = await run_to_end(
                 _open_data_file,
                 name,
                 ps,
@@ -239,7 +237,7 @@ class PoolFiles(PoolReads):
         self._io.files.discard(f)  # new writes no longer use its descriptor
         # Reads and writes already under way may still use it: let them finish first.
         while self._io.tasks:
-            await asyncio.gather(*list(self._io.tasks), return_exceptions=True)
+            await asyncio.wait(list(self._io.tasks))  # never cancels them (gather would)
         core = self._core
         fidx = f._fidx
         # Each step takes its mutexes with bounded waits and an async back-off (a stopped
@@ -258,7 +256,7 @@ class PoolFiles(PoolReads):
             f._map_view.release()
         mapped = f._map
         if fds or mapped is not None:
-            await anyio.to_thread.run_sync(close_fds, fds, mapped, limiter=self._io.limiter)
+            await run_to_end(close_fds, fds, mapped, limiter=self._io.limiter)
 
 
 def _note_open(core: PoolCore, fidx: int, pages: int, readonly: bool) -> None:

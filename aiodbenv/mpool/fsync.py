@@ -14,9 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import anyio.to_thread
-
 from .. import _io
+from .._threads import run_to_end
 from ..region.mutex import BUSY, attempt
 from .alloc import PoolCore
 from .bhwrite import SyncResult
@@ -158,7 +157,7 @@ async def fsync_pending(pool: PoolBase, files: set[int] | None, result: SyncResu
     done = SyncResult()
 
     async def job() -> None:
-        res = await anyio.to_thread.run_sync(run_fsyncs, plan, limiter=pool._io.limiter)
+        res = await run_to_end(run_fsyncs, plan, limiter=pool._io.limiter)
         await record_fsyncs(pool, plan, res, done)
 
     task = pool._io.spawn(job())

@@ -276,7 +276,7 @@ class PoolBase:
         since = time.monotonic()
         while self._busy or self._io.tasks:
             if self._io.tasks:
-                await asyncio.gather(*list(self._io.tasks), return_exceptions=True)
+                await asyncio.wait(list(self._io.tasks))  # never cancels them (gather would)
             else:
                 await self._wait_change(0.01)
             if time.monotonic() - since > 5:

@@ -32,8 +32,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anyio.to_thread
-
+from .._threads import run_to_end
 from ..region.mutex import ffi
 from . import csync
 from .bhwrite import SyncResult
@@ -194,7 +193,7 @@ async def sync_in_one_call(
     stop = [False]
 
     async def job() -> Hop:
-        hop = await anyio.to_thread.run_sync(
+        hop = await run_to_end(
             _run, pool, prep, tab, keep, files, fsync, limit, stop, limiter=pool._io.writeback_lane
         )
         for fidx, got in hop.chunks:

@@ -37,9 +37,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import anyio.to_thread
-
 from .. import _io
+from .._threads import run_to_end
 from ..region.mutex import ffi
 from . import batchcall, csync
 from .bhwrite import SyncResult
@@ -246,7 +245,7 @@ async def _batch(
         if wal:
             # The write-ahead rule needs the loop between claim and write: collect, then the
             # two-step chunks.
-            fast = await anyio.to_thread.run_sync(
+            fast = await run_to_end(
                 csync.collect_now,
                 pool,
                 route,
@@ -262,7 +261,7 @@ async def _batch(
         stage = batchcall.stage(
             pool, index, VICTIM_BATCH, VICTIM_BATCH * max(ps for _, ps in info.values())
         )
-        done, stopped = await anyio.to_thread.run_sync(
+        done, stopped = await run_to_end(
             _collect_write, pool, route, tab, keep, index, hand, info, stage, limiter=io.limiter
         )
     for fidx, got in done:
@@ -298,7 +297,7 @@ async def _batch(
 
 async def _outcome(fut: asyncio.Future[_Outcome]) -> tuple[_Outcome, bool]:
     """Await the batch thread's call, and whether a cancellation arrived meanwhile: it is
-    deferred until the call returns (as ``anyio.to_thread.run_sync`` does), so that the
+    deferred until the call returns (as ``_threads.run_to_end`` does), so that the
     call's outcome -- claims left for the loop to release, statistics -- is accounted for."""
     cancelled = False
     while True:
