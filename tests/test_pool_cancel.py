@@ -1038,6 +1038,11 @@ async def main():
             await asyncio.sleep(0.05)
             if what == "cancelled-sync":
                 t.cancel()
+            elif what == "cancel-all":  # a shutdown that cancels every other task first
+                for task in asyncio.all_tasks():
+                    if task is not asyncio.current_task():
+                        task.cancel()
+                await asyncio.sleep(0)
             try:
                 await env.close()
                 closed = "ok"
@@ -1064,10 +1069,13 @@ else:
 
 
 @pytest.mark.parametrize("kind", ["file", "system"])
-@pytest.mark.parametrize("what", ["read", "frame-wait", "sync", "cancelled-sync"])
+@pytest.mark.parametrize("what", ["read", "frame-wait", "sync", "cancelled-sync", "cancel-all"])
 async def test_env_close_racing_with_io(home: str, shm_key: int, kind: str, what: str) -> None:
     """Env.close while a pin's read or a sync's write is in its worker thread, or while a pin
-    waits for a frame (the close's own unpinning frees frames for it): the close succeeds, the
+    waits for a frame (the close's own unpinning frees frames for it), or after every other
+    task was cancelled while a sync's write was in its thread (``cancel-all``: a shutdown
+    that cancels all tasks; the write-back task ended at once then, and the close unmapped
+    the region under its thread: SIGSEGV): the close succeeds, the
     pin or sync ends with its result or a typed error, nothing crashes (this runs in a child
     process: unmapping a region under a running read can kill the process), and the
     environment left behind is quiescent: no buffer pinned, READING or WRITING, no mutex
@@ -1086,6 +1094,9 @@ async def test_env_close_racing_with_io(home: str, shm_key: int, kind: str, what
             assert report["got"] in ("synced", "error"), report
         else:
             assert report["got"] == "cancelled", report
+        if what == "cancel-all":  # the write went on: the pages are on disk
+            for i in range(20):
+                assert read_disk(os.path.join(home, "a.db"), i)[:6] == b"NEW %02d" % i, i
         # The regions outlive the handle: join them and look.
         async with aiodbenv.Env.open(home) as env:
             assert_quiescent(env)
