@@ -18,6 +18,7 @@ from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Literal
 
+from . import _tasks
 from ._config import Settings, check_log_arguments, check_log_settings, check_settings
 from ._env_log import EnvLog
 from ._env_pool import (
@@ -427,7 +428,7 @@ class Env(EnvLog, EnvTxn):
             )
         if self._closing is None:
             # Concurrent closes share one closing: the second waits for the first.
-            self._closing = asyncio.ensure_future(self._close(nosync))
+            self._closing = _tasks.start(self._close(nosync))
         await asyncio.shield(self._closing)
 
     async def _close(self, nosync: bool) -> None:

@@ -227,6 +227,10 @@ class BehindJob:
             return None
         return executor.submit(self._run)
 
+    def busy(self) -> bool:
+        """Whether a round is queued for the round thread or running in it."""
+        return int(self.j[_J_STATE]) in (JOB_QUEUED, JOB_RUNNING)
+
     def done_future(self) -> Future[None]:
         """A future resolved (in the round thread) when the round under way has ended: for a
         handle that closes while its round runs in the round thread (:mod:`.orphan`)."""

@@ -19,11 +19,12 @@ import logging
 import os
 import time
 import zlib
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 
 import anyio.to_thread
 
-from .. import _io
+from .. import _io, _tasks
 from ..errors import CorruptRegion, InvalidArgument, LockTimeout
 from ..region.mutex import unlock as _unlock
 from .accel import CORRUPT as _CORRUPT
@@ -422,20 +423,17 @@ class Log(LogFlushing):
             if flush and not self._closed and not self._env.panicked and not self._c.inmemory:
                 await self.flush()
         finally:
-            try:
-                await asyncio.wait_for(self._settle_behind(), self.wait_timeout)
-                # The writer's thread may still run rounds for other processes after its
-                # round was published: its jobs run in order, so this one ends after them,
-                # and the files are not closed under it.
-                await asyncio.wait_for(self._in_thread(int), self.wait_timeout)
-            except Exception:
-                pass
-            task = self._task
-            if task is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(task), self.wait_timeout)
-                except Exception:
-                    pass
+            # Each wait is bounded, and never cancels what it waits for (a sub-task of
+            # wait_for would be cancelled with every other task by a shutdown, and end the
+            # closing here, with the files open and the round thread running).
+            await _bounded(self._settle_behind(), self.wait_timeout)
+            # The writer's thread may still run rounds for other processes after its round
+            # was published: its jobs run in order, so this one ends after them, and the
+            # files are not closed under it.
+            await _bounded(self._in_thread(int), self.wait_timeout)
+            if self._task is not None:
+                await asyncio.wait({self._task}, timeout=self.wait_timeout)
+            await self._round_thread_idle()
             self._closed = True
             self._forget_behind()
             for fd in self._fds.values():
@@ -453,3 +451,11 @@ class Log(LogFlushing):
         the first record): ``async for lsn, data in log.cursor()``."""
         self._check()
         return LogCursor(self, start)
+
+
+async def _bounded(coro: Coroutine[Any, Any, object], timeout: float) -> None:
+    """Run ``coro`` as a task nothing may cancel (:mod:`aiodbenv._tasks`) and wait for it up
+    to ``timeout`` seconds; a failure or a task still running then is left to itself."""
+    task = _tasks.start(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved here
+    await asyncio.wait({task}, timeout=timeout)

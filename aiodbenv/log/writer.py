@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .. import _io
+from .. import _io, _tasks
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region import panic
 from ..region.backing import Region
@@ -197,7 +197,8 @@ class LogWriter(ThreadRounds):
 
     def _kick(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._writer())
+            # Never cancelled: it must not let the writer role go while its thread writes.
+            self._task = _tasks.start(self._writer())
 
     async def _wait_progress(self) -> None:
         """Wait until the writer task reports progress (or fails)."""

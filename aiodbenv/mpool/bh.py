@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from .. import _io
+from .. import _io, _tasks
 from .._threads import run_to_end
 from .alloc import PoolCore
 from .layout import (
@@ -275,7 +275,7 @@ class BufferIO:
         The caller awaits it; if the caller is cancelled first, it hands the task to
         :meth:`orphan`, which logs a failure nobody else will see.
         """
-        task = asyncio.get_running_loop().create_task(coro)
+        task = _tasks.start(coro)  # nothing may stop it half-way: see aiodbenv._tasks
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task

@@ -18,7 +18,7 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import Any
 
-from .. import _io
+from .. import _io, _tasks
 from .._config import MAX_PAGE_SIZE, MIN_PAGE_SIZE
 from .._threads import run_to_end
 from ..errors import (
@@ -80,7 +80,7 @@ class PoolFiles(PoolReads):
         cancelled is closed again as soon as its open ends."""
         self._check()
         self._busy += 1
-        task = asyncio.get_running_loop().create_task(self._open_file(**args))
+        task = _tasks.start(self._open_file(**args))
         task.add_done_callback(lambda _t: self._leave())
         try:
             return await asyncio.shield(task)
@@ -94,7 +94,7 @@ class PoolFiles(PoolReads):
             return  # nothing was opened (and the failure had no caller to go to)
         f = task.result()
         self._busy += 1  # closing the pool waits for this close
-        closing = asyncio.get_running_loop().create_task(f.close())
+        closing = _tasks.start(f.close())
         closing.add_done_callback(lambda _t: self._leave())
         self._io.orphan(closing, "closing a file whose opener was cancelled")
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import _tasks
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region import panic
 from ..region.backing import Region
@@ -293,7 +294,7 @@ class PoolBase:
         pool's I/O tasks). Cancellation: the caller gets CancelledError at once; the task goes
         on, and a failure nobody receives is logged as ``what``."""
         self._busy += 1
-        task = asyncio.get_running_loop().create_task(coro)
+        task = _tasks.start(coro)
         task.add_done_callback(lambda _t: self._leave())
         try:
             return await asyncio.shield(task)

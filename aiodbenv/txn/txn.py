@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .. import _io
+from .. import _io, _tasks
 from ..errors import (
     CommitNotDurable,
     InvalidArgument,
@@ -236,7 +236,7 @@ class Txn(TxnTaking):
         return self.durability != "write_nosync" and self._bytes + 16 <= self._log._c.bsize
 
     async def _commit_task(self) -> None:
-        task = asyncio.ensure_future(self._commit(inline=False))
+        task = _tasks.start(self._commit(inline=False))
         task.add_done_callback(_retrieve)
         if self._owner in self._pool._latch_tasks:
             # This task releases the latches now, whatever becomes of the caller (a cancelled
