@@ -203,8 +203,11 @@ class _Worker(abc.ABC):
         if task is None:
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # Not `await task` under suppress(CancelledError): that also swallowed a cancellation
+        # of the caller itself while it waited.
+        await asyncio.wait({task})
+        if not task.cancelled() and (err := task.exception()) is not None:
+            raise err
         await self._release_lease()
 
     def status(self) -> WorkerStatus:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -85,6 +86,36 @@ async def test_only_one_trickle_worker_acts_per_environment(env: aiodbenv.Env, h
         assert passive.status().active
     finally:
         await other.close(nosync=True)
+
+
+async def test_a_cancelled_stop_passes_its_cancellation_on(env: aiodbenv.Env) -> None:
+    """``stop()`` waits for the worker's task to end; cancelled meanwhile, it raises
+    CancelledError (it swallowed it, with the task's own, so its caller went on as if
+    nothing had happened), and the worker still ends."""
+    worker = env.start_trickle(TrickleSettings(percent=50, interval=0.02))
+    await asyncio.sleep(0.05)
+    real = worker._task
+    assert real is not None
+    real.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await real
+
+    async def slow_to_end() -> None:  # as a worker finishing a write batch
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)
+            raise
+
+    worker._task = asyncio.ensure_future(slow_to_end())
+    await asyncio.sleep(0)
+    stopper = asyncio.ensure_future(worker.stop())
+    await asyncio.sleep(0.05)
+    stopper.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopper
+    await worker.stop()  # idempotent; it ends
+    assert worker._task is None or worker._task.done()
 
 
 async def test_checkpoint_writes_every_page_dirty_at_its_start_and_fsyncs(

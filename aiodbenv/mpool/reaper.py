@@ -136,6 +136,8 @@ def reap(pool: PoolBase) -> list[Reaped]:
             task = pool._io.spawn(_finish(pool, done))
             pool._finishing.add(task)
             task.add_done_callback(pool._finishing.discard)
+            # Its failure (the pool closing under it) has nobody to go to: retrieved here.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
             continue
         # Before the slot is freed (a new process could take it and reserve): the dead
         # process's transactions will never commit, so their log space is given back.
