@@ -102,7 +102,7 @@ class PoolBase:
         self._reaped_at = 0.0  # when the reaper last looked, from a frame or sync wait
         self._reaper_task: asyncio.Task[None] | None = None
         self._reaped_at_open: list[Reaped] = []  # for failchk: what opening this handle reaped
-        self._changed: asyncio.Event | None = None
+        self._changed: asyncio.Future[None] | None = None
         self._waiters = 0
         # Coroutines waiting for a frame, first come first served: each released frame wakes
         # the first one (one wake-up per frame, not a stampede). Frames freed by other
@@ -382,10 +382,11 @@ class PoolBase:
             delay = min(delay * 2, 0.01)
 
     def _notify(self) -> None:
-        ev = self._changed
-        if ev is not None:
+        fut = self._changed
+        if fut is not None:
             self._changed = None
-            ev.set()
+            if not fut.done():
+                fut.set_result(None)
 
     def _note_dirty(self, page_size: int) -> None:
         """A page was unpinned (or set) dirty: count its bytes, and wake the background
@@ -476,14 +477,15 @@ class PoolBase:
     async def _wait_change(self, timeout: float) -> None:
         """Wait for a frame release or I/O completion in this process, or ``timeout``
         seconds (other processes' changes are only seen by polling)."""
-        ev = self._changed
-        if ev is None:
-            ev = self._changed = asyncio.Event()
+        fut = self._changed
+        if fut is None:
+            fut = self._changed = asyncio.get_running_loop().create_future()
         self._waiters += 1
         try:
-            await asyncio.wait_for(ev.wait(), timeout)
-        except TimeoutError:
-            pass
+            # A plain future, and asyncio.wait (which never cancels it): wait_for on an Event
+            # made a sub-task, which a shutdown cancelling every task cancelled, and the
+            # CancelledError then ended a closing that nothing may stop (aiodbenv._tasks).
+            await asyncio.wait({fut}, timeout=timeout)
         finally:
             self._waiters -= 1
 

@@ -12,6 +12,7 @@ import os
 import types
 from typing import TYPE_CHECKING, Any, Literal
 
+from .._tasks import start as _run_to_end
 from ..errors import InvalidArgument, TxnTooLarge
 from ..log.record import HEADER as _LOG_HEADER
 from ..mpool.fget import MODE_CREATE, MODE_GET, MODE_NEW
@@ -376,4 +377,6 @@ class TxnTaking:
         if nbytes <= 0:
             return
         self._reserved -= nbytes
-        await asyncio.shield(self._log._release(nbytes))
+        # A task nothing may cancel: a shutdown cancelling every task must not leave the
+        # reservation half given back (aiodbenv._tasks).
+        await asyncio.shield(_run_to_end(self._log._release(nbytes)))
