@@ -426,8 +426,7 @@ class Env(EnvLog, EnvTxn):
                 f"environment handle of process {self._pid} closed in forked process "
                 f"{os.getpid()}; the child must not close the parent's handle"
             )
-        if self._closing is None:
-            # Concurrent closes share one closing: the second waits for the first.
+        if self._closing is None:  # concurrent closes share one: the second waits for it
             self._closing = _tasks.start(self._close(nosync))
         await asyncio.shield(self._closing)
 

@@ -36,6 +36,7 @@ from .cursor import LogCursor
 from .files import list_log_files, log_path
 from .flushing import LogFlushing
 from .lsn import LSN, pack_word, unpack_word
+from .orphan import keep_running
 from .record import (
     FILE_HEADER_BYTES,
     HEADER,
@@ -44,6 +45,7 @@ from .record import (
     checkpoint_payload,
 )
 from .redo import redo_start
+from .rounddata import _SETTLE_POLL, CRound
 from .stat import LogStat, read_stat
 from .writer import Direct, DurableListener
 
@@ -443,6 +445,27 @@ class Log(LogFlushing):
                     pass
             self._fds.clear()
             self._thread.shutdown(wait=False)
+
+    async def _round_thread_idle(self) -> None:
+        """Closing: wait (on the loop, up to ``wait_timeout``) until the handle's round thread
+        runs no round. A round handed to it for a flush, or for other processes' flushes
+        served meanwhile, locks the log mutex and writes from the log region: unmapped under
+        it, the process crashes. One still running after the wait keeps the region mapped
+        and the files open until it ends (:mod:`aiodbenv.log.orphan`)."""
+        job = self._bjob
+        if job is None or not job.thread:
+            return
+        deadline = time.monotonic() + self.wait_timeout
+        while job.busy():
+            if time.monotonic() > deadline:
+                r = self._inflight
+                if isinstance(r, CRound) and not r.io_done():
+                    return  # its write behind: _forget_behind keeps the region for it
+                fds = list(self._fds.values())
+                self._fds.clear()
+                keep_running(job, job.done_future(), self._c.buf[0:1], fds, self.wait_timeout)
+                return
+            await asyncio.sleep(_SETTLE_POLL)
 
     # -- reading (for cursors) ------------------------------------------------------------------
 

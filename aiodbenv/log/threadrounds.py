@@ -223,24 +223,6 @@ class ThreadRounds:
         if not keep:
             os.close(fd)
 
-    async def _round_thread_idle(self) -> None:
-        """Closing: wait (on the loop, up to ``wait_timeout``) until the handle's round thread
-        runs no round. A round handed to it for a flush, or for other processes' flushes
-        served meanwhile, locks the log mutex and writes from the log region: unmapped under
-        it, the process crashes. One still running after the wait keeps the region mapped
-        and the files open until it ends (:mod:`aiodbenv.log.orphan`)."""
-        job = self._bjob
-        if job is None or not job.thread:
-            return
-        deadline = time.monotonic() + self.wait_timeout
-        while job.busy():
-            if time.monotonic() > deadline:
-                fds = list(self._fds.values())
-                self._fds.clear()
-                keep_running(job, job.done_future(), self._c.buf[0:1], fds, self.wait_timeout)
-                return
-            await asyncio.sleep(_SETTLE_POLL)
-
     def _forget_behind(self) -> None:
         """Closing: stop watching the eventfd, end the round thread, clear this handle's
         wake-up registration and close its socket. A compiled write behind still running (a disk
