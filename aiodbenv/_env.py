@@ -32,7 +32,7 @@ from ._env_pool import (
 )
 from ._env_txn import EnvTxn, noting_creation, prepare_recovery
 from ._resolve import note_inherited, require_asyncio, resolve_home, resolve_settings
-from ._threads import run_owned
+from ._threads import run_owned, run_to_end
 from ._worker_args import checkpoint_settings, trickle_settings
 from ._workers import (
     CheckpointSettings,
@@ -444,7 +444,7 @@ class Env(EnvLog, EnvTxn):
             try:
                 await close_log_and_pool(self._log, self._pool, flush=not nosync)
             finally:
-                await run_owned(core.close)
+                await run_to_end(core.close)  # no sub-task a shutdown could cancel
 
     async def __aenter__(self) -> Env:
         return self

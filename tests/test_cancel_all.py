@@ -210,7 +210,7 @@ async def test_a_closing_cancelled_outright_finishes(home: str, what: str) -> No
 
 
 async def test_a_closing_cancelled_during_a_log_round_lets_the_role_go(home: str) -> None:
-    """The closing cancelled outright while a flush's fdatasync runs in the writer's thread:
+    """Every task cancelled while a closing waits for a flush's fdatasync in the writer's thread:
     the log's descriptors end closed and the writer role free, so another handle's flush
     succeeds (the role stayed recorded for this live process, and that flush timed out)."""
     env = await aiodbenv.Env.open(home, create=True, log=True)
@@ -221,14 +221,17 @@ async def test_a_closing_cancelled_during_a_log_round_lets_the_role_go(home: str
         await reached("fdatasync")
         closing = asyncio.ensure_future(env.close(nosync=True))
         await asyncio.sleep(0.05)
-        assert env._closing is not None
-        env._closing.cancel()
-        await closing
-        assert env.closed and log._fds == {}
-        try:
-            await flush
-        except aiodbenv.errors.AiodbenvError:
-            pass  # the closing got there first
+        cancel_all_others()  # the caller's close and flush, and the closing
+        for t in (closing, flush):
+            try:
+                await t
+            except (asyncio.CancelledError, aiodbenv.errors.AiodbenvError):
+                pass
+        deadline = time.monotonic() + 10
+        while not env.closed:  # the closing goes on in the background
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert log._fds == {}
     async with aiodbenv.Env.open(home, log=True) as other:
         other.log.wait_timeout = 5.0
         assert other.log._c.role_holder() == (0, 0)
@@ -335,3 +338,79 @@ async def test_an_open_cancelled_outright_leaves_no_descriptor(home: str) -> Non
     assert path not in _open_fds()
     await aiodbenv.Env.remove(home)
     os.remove(path)
+
+
+def test_a_closing_reached_by_the_teardown_at_any_turn_ends_closed(tmp_path: object) -> None:
+    """``env.close()`` started, then ``main`` returns after 0-78 turns of the loop: the
+    teardown cancels every task, the closing among them, at each of its steps in turn. The
+    handle ends closed with nothing of it left open. (Its last step ran in a sub-task a
+    shutdown could cancel: if that came before the worker thread took the call, the regions
+    were never detached and the home's descriptor leaked, and a caller awaiting the close
+    got CancelledError.)"""
+    base = str(tmp_path)
+
+    async def main(home: str, turns: int) -> aiodbenv.Env:
+        env = await aiodbenv.Env.open(home, create=True, log=True, region="private")
+        closing = asyncio.ensure_future(env.close())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        assert closing is not None  # left to the teardown
+        return env
+
+    bad = []
+    for turns in range(0, 80, 2):
+        home = os.path.join(base, f"h{turns}")
+        os.mkdir(home)
+        env = asyncio.run(main(home, turns))
+        if not env.closed or home in _open_fds():
+            bad.append(turns)
+        asyncio.run(aiodbenv.Env.remove(home, force=True))
+    assert bad == [], f"left open after these numbers of turns: {bad}"
+
+
+_FLUSHERS_CHILD = r"""
+import asyncio, os, sys
+import aiodbenv
+
+async def one(home, seed):
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    log = env.log
+
+    async def flusher(k):
+        n = 0
+        while True:
+            await log.put(b"%d-%d" % (k, n), flush=True)
+            n += 1
+
+    tasks = [asyncio.ensure_future(flusher(k)) for k in range(4)]
+    await asyncio.sleep(0.01 + seed % 7 * 0.003)
+    closing = asyncio.ensure_future(env.close())
+    await closing  # the flushers go on meanwhile: each ends with an error
+    for t in tasks:
+        try:
+            await asyncio.wait_for(t, 30)
+        except aiodbenv.errors.AiodbenvError:
+            pass
+    await asyncio.sleep(0.05)  # a writer left running would now touch the unmapped region
+    task = log._task
+    assert task is None or task.done(), task
+    await aiodbenv.Env.remove(home)
+
+async def main(home):
+    for seed in range(40):
+        await one(home, seed)
+    print("ok", flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.one_loop
+def test_no_log_writer_starts_after_the_closing_waited_for_it(home: str) -> None:
+    """Flushes still waiting while the log closes started a new writer task after the close
+    had waited for the last one; it served on in the region the close then unmapped
+    (SIGSEGV in release_role). Now, once the close has waited, a waiter gets
+    InvalidArgument instead, and no writer runs after the close."""
+    proc = python(_FLUSHERS_CHILD, home, timeout=300)
+    assert proc.returncode == 0, f"child died with {proc.returncode}: {proc.stderr[-3000:]}"
+    assert proc.stdout.strip() == "ok", (proc.stdout, proc.stderr[-3000:])

@@ -433,8 +433,15 @@ class Log(LogFlushing):
             # was published: its jobs run in order, so this one ends after them, and the
             # files are not closed under it.
             await _bounded(self._in_thread(int), self.wait_timeout)
-            if self._task is not None:
-                await asyncio.wait({self._task}, timeout=self.wait_timeout)
+            # From here no writer task may start (waiters left get InvalidArgument); wait for
+            # the one that runs, under one deadline.
+            self._barred = True
+            deadline = time.monotonic() + self.wait_timeout
+            while (task := self._task) is not None and not task.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                await asyncio.wait({task}, timeout=left)
             await self._round_thread_idle()
             self._closed = True
             self._forget_behind()

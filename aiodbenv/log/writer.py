@@ -108,6 +108,7 @@ class LogWriter(ThreadRounds):
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="aiodbenv-log")
         self._closed = False
         self._closing = False  # stop serving other processes' flushes
+        self._barred = False  # closing: no new writer task may start (it would outlive it)
         # Other processes' flush waiters sleep on a futex the writer wakes (else they poll).
         self._futex: Futex | None = None
         if shared and futex_available():
@@ -196,6 +197,16 @@ class LogWriter(ThreadRounds):
             wake_waiters(self._c.w, self._c.h, self._wsock.sock, True)
 
     def _kick(self) -> None:
+        if self._task is None and self._barred:
+            # The close waited for the last writer: a new one would outlive the region.
+            err = InvalidArgument("the environment is closed")
+            for item in self._want.direct:
+                if not item.done.done():
+                    item.done.set_exception(err)
+                    item.done.exception()
+            self._want = Demand()
+            self._wake(err)
+            return
         if self._task is None:
             # Never cancelled: it must not let the writer role go while its thread writes.
             self._task = _tasks.start(self._writer())

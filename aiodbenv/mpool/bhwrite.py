@@ -127,7 +127,7 @@ async def write_items(io: BufferIO, items: list[BufRef]) -> SyncResult:
                 _reap(done, result)
             in_flight.add(io.spawn(_batch_job(io, batch, result)))
         if in_flight:
-            await asyncio.shield(asyncio.wait(in_flight))
+            await asyncio.wait(in_flight)  # never cancels them; no sub-task
             _reap(in_flight, result)
     except asyncio.CancelledError:
         # The batches under way go on as the pool's tasks (Env.close waits for them); their
