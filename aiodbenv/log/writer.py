@@ -196,16 +196,19 @@ class LogWriter(ThreadRounds):
         if self._wsock is not None:
             wake_waiters(self._c.w, self._c.h, self._wsock.sock, True)
 
+    def _fail_waiters(self, err: BaseException) -> None:
+        """No writer will serve what is asked: every waiter gets ``err``, the demand goes."""
+        for item in self._want.direct:
+            if not item.done.done():
+                item.done.set_exception(err)
+                item.done.exception()
+        self._want = Demand()
+        self._wake(err)
+
     def _kick(self) -> None:
         if self._task is None and self._barred:
             # The close waited for the last writer: a new one would outlive the region.
-            err = InvalidArgument("the environment is closed")
-            for item in self._want.direct:
-                if not item.done.done():
-                    item.done.set_exception(err)
-                    item.done.exception()
-            self._want = Demand()
-            self._wake(err)
+            self._fail_waiters(InvalidArgument("the environment is closed"))
             return
         if self._task is None:
             # Never cancelled: it must not let the writer role go while its thread writes.
@@ -300,12 +303,7 @@ class LogWriter(ThreadRounds):
                     delay = min(delay * 2, _POLL_MAX)
         except BaseException as err:
             self._task = None
-            for item in self._want.direct:
-                if not item.done.done():
-                    item.done.set_exception(err)
-                    item.done.exception()
-            self._want = Demand()
-            self._wake(err)
+            self._fail_waiters(err)
             if not isinstance(err, Exception):
                 raise
             return
