@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["RunsToEnd", "start"]
+__all__ = ["RunsToEnd", "retrieve", "start"]
 
 T = TypeVar("T")
 
@@ -36,3 +36,11 @@ class RunsToEnd(asyncio.Task[T]):
 def start(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     """Run ``coro`` as a :class:`RunsToEnd` task of the running loop."""
     return RunsToEnd(coro, loop=asyncio.get_running_loop())
+
+
+def retrieve(task: asyncio.Future[Any]) -> None:
+    """A done callback for a task whose failure nobody else will receive (or that is received
+    elsewhere first): mark it retrieved, so asyncio does not log "Task exception was never
+    retrieved" for it."""
+    if not task.cancelled():
+        task.exception()

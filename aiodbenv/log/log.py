@@ -487,5 +487,5 @@ async def _bounded(coro: Coroutine[Any, Any, object], timeout: float) -> None:
     """Run ``coro`` as a task nothing may cancel (:mod:`aiodbenv._tasks`) and wait for it up
     to ``timeout`` seconds; a failure or a task still running then is left to itself."""
     task = _tasks.start(coro)
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved here
+    task.add_done_callback(_tasks.retrieve)
     await asyncio.wait({task}, timeout=timeout)

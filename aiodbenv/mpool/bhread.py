@@ -284,9 +284,8 @@ class PoolReads(PoolFrames):
 
         def settle(err: BaseException | None) -> None:
             # Published (err None), or failed with our pin dropped.
-            # Out of the set whatever became of the future: a close whose wait was cancelled
-            # cancelled it (gather cancels what it waits for), and a cancelled future left
-            # in the set would make every later close loop on it.
+            # Out of the set whatever became of the future: one left there done (cancelled,
+            # say) would make every later close loop on it.
             tasks.discard(finished)
             if not finished.done():
                 finished.set_result(None)

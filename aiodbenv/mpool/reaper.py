@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import _tasks
 from ..errors import LockTimeout
 from ..region.layout import MAX_PROCS
 from ..region.mutex import BUSY, SYNC_WAIT, _wait_bound, attempt, step_waits
@@ -137,7 +138,7 @@ def reap(pool: PoolBase) -> list[Reaped]:
             pool._finishing.add(task)
             task.add_done_callback(pool._finishing.discard)
             # Its failure (the pool closing under it) has nobody to go to: retrieved here.
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task.add_done_callback(_tasks.retrieve)
             continue
         # Before the slot is freed (a new process could take it and reserve): the dead
         # process's transactions will never commit, so their log space is given back.

@@ -182,7 +182,7 @@ class Txn(TxnTaking):
         self._pages.clear()
         if error is not None:
             for aw in pending:
-                asyncio.ensure_future(aw).add_done_callback(_retrieve)
+                asyncio.ensure_future(aw).add_done_callback(_tasks.retrieve)
             raise error
         return pending
 
@@ -237,7 +237,7 @@ class Txn(TxnTaking):
 
     async def _commit_task(self) -> None:
         task = _tasks.start(self._commit(inline=False))
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(_tasks.retrieve)
         if self._owner in self._pool._latch_tasks:
             # This task releases the latches now, whatever becomes of the caller (a cancelled
             # caller that retries must wait for it, not be told it waits for itself).
@@ -406,10 +406,3 @@ def _not_durable(lsn: LSN, durability: str, err: LockTimeout) -> CommitNotDurabl
     )
     out.lsn, out.pid = lsn, err.pid
     return out
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """A commit whose caller was cancelled still ends: its error is logged by whoever awaited
-    it, or dropped here without 'Task exception was never retrieved'."""
-    if not task.cancelled():
-        task.exception()
