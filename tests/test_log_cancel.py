@@ -17,6 +17,8 @@ checks :func:`assert_quiescent`.
 from __future__ import annotations
 
 import asyncio
+import os
+import pathlib
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +27,7 @@ import pytest
 
 import aiodbenv
 from aiodbenv import LSN, _io
+from aiodbenv.log.orphan import running
 from aiodbenv.log.record import HEADER
 from aiodbenv.region.mutex import lib
 
@@ -200,4 +203,50 @@ async def test_close_waits_for_a_flush_under_way(home: str) -> None:
     async with aiodbenv.Env.open(home, create=True, log=True) as env:
         assert [x async for x in env.log.cursor()] == [(lsn, b"j")]
         assert env.log.flushed_lsn > LSN(1, 0)
+    await aiodbenv.Env.remove(home)
+
+
+@pytest.mark.parametrize("op", ["pwrite", "fdatasync"])
+async def test_close_keeps_the_descriptors_of_a_write_slower_than_its_wait(
+    home: str, tmp_path: pathlib.Path, op: str
+) -> None:
+    """A flush whose write (or fsync) in the log's I/O thread lasts longer than the close
+    waits: the close must not close the log file's descriptor under it. Closed, its number
+    went to the next file opened, and the late write's bytes into that file (or the fsync to
+    it, the log reported durable); the flush got a ValueError of a released view, and the
+    late write left the log mutex locked for good (every other process's flush timed out)."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    await env.log.put(b"first", flush=True)  # the log file is open in this process
+    env.log.wait_timeout = 0.2
+    fault = _io.inject(op, None, delay=1.0, times=1)
+    fault.__enter__()
+    try:
+        flush = asyncio.ensure_future(env.log.put(b"late" * 25, flush=True))
+        await io_started(op)
+        await env.close(nosync=True)  # waits 0.2 s, then gives up on the write
+        others = [os.open(tmp_path / f"other{i}", os.O_RDWR | os.O_CREAT) for i in range(8)]
+        try:
+            try:
+                lsn: LSN | None = await flush  # its round published itself, in the thread
+            except aiodbenv.InvalidArgument as err:  # or its end was the writer task's
+                assert "closed while" in str(err)
+                lsn = None
+            deadline = time.monotonic() + 30
+            while running():  # the write ended; then what the close kept for it goes
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+        finally:
+            for fd in others:
+                os.close(fd)
+    finally:
+        fault.__exit__(None, None, None)
+    assert [p.stat().st_size for p in sorted(tmp_path.glob("other*"))] == [0] * 8
+    # The late write let the log mutex and the writer role go: another handle flushes.
+    async with aiodbenv.Env.open(home) as env:
+        env.log.wait_timeout = 5
+        after = await env.log.put(b"after", flush=True)
+        records = [x async for x in env.log.cursor()]
+    assert records[-1] == (after, b"after")
+    if lsn is not None:  # reported durable: it is in the log
+        assert (lsn, b"late" * 25) in records
     await aiodbenv.Env.remove(home)

@@ -36,7 +36,7 @@ from .cursor import LogCursor
 from .files import list_log_files, log_path
 from .flushing import LogFlushing
 from .lsn import LSN, pack_word, unpack_word
-from .orphan import keep_running
+from .orphan import close_when_idle, keep_running
 from .record import (
     FILE_HEADER_BYTES,
     HEADER,
@@ -445,13 +445,14 @@ class Log(LogFlushing):
             await self._round_thread_idle()
             self._closed = True
             self._forget_behind()
-            for fd in self._fds.values():
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._fds.clear()
-            self._thread.shutdown(wait=False)
+            # A write of the I/O thread that outlived the waits (a disk slower than
+            # wait_timeout) keeps the descriptors: closed under it, their numbers could go to
+            # a file opened meanwhile, and the write's bytes with them.
+            last = self._thread.bar()
+            if not last.done():  # the late write publishes, unlocks, lets the role go
+                self._c.keep_mapped()
+            fds, self._fds = list(self._fds.values()), {}
+            close_when_idle(last, fds, self._c.buf, self.wait_timeout)
 
     async def _round_thread_idle(self) -> None:
         """Closing: wait (on the loop, up to ``wait_timeout``) until the handle's round thread

@@ -9,16 +9,26 @@ region, which makes the region's detach leave the memory mapped
 (:meth:`aiodbenv.region.backing.Region.close`) instead of unmapping it under the thread.
 When the thread ends, the view and the descriptors go, and the memory is unmapped with the
 last reference to its mapping.
+
+The same holds for the work of the handle's one I/O thread (:class:`WriterThread`): a write
+there that outlives the close keeps the descriptors it may use until it ends, so that a file
+opened meanwhile cannot get a descriptor's number and the write's bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import Future
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["keep_running", "running"]
+from ..errors import AiodbenvError, InvalidArgument
+
+__all__ = ["WriterThread", "close_when_idle", "closed_error", "keep_running", "running"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 logger = logging.getLogger("aiodbenv")
 
@@ -51,3 +61,48 @@ def keep_running(r: Any, cf: Future[None], view: memoryview, fds: list[int], wai
 def running() -> int:
     """How many closed handles' writes behind are still running (for tests)."""
     return len(_KEPT)
+
+
+class WriterThread(ThreadPoolExecutor):
+    """A log handle's one I/O thread: its jobs run one at a time, in the order given. Once
+    :meth:`bar` is called it takes no more (:class:`~aiodbenv.InvalidArgument`: the
+    environment is closed), so no write can start after the close gave its descriptors up."""
+
+    def __init__(self) -> None:
+        super().__init__(1, thread_name_prefix="aiodbenv-log")
+        self._barred = False
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        if self._barred:
+            raise InvalidArgument("the environment is closed")
+        return super().submit(fn, *args, **kwargs)
+
+    def bar(self) -> Future[None]:
+        """Take no more jobs; return a future done when every job given before has ended."""
+        last: Future[None] = super().submit(lambda: None)  # runs after them: one thread
+        self._barred = True
+        self.shutdown(wait=False)
+        return last
+
+
+def close_when_idle(last: Future[None], fds: list[int], buf: Any, waited: float) -> None:
+    """Close ``fds`` now if ``last`` (:meth:`WriterThread.bar`) is done, else keep them and
+    a view of the log region ``buf`` until it is: a write still running there uses them."""
+    if last.done():
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    else:
+        keep_running(last, last, buf[0:1], fds, waited)
+
+
+def closed_error(err: BaseException) -> BaseException:
+    """What a waiter gets when the writer task failed after the close: an error of the
+    library as it was, anything else (a released view of the region, say) as the close."""
+    if isinstance(err, AiodbenvError) or not isinstance(err, Exception):
+        return err
+    closed = InvalidArgument("the environment was closed while this write or flush waited")
+    closed.__cause__ = err
+    return closed

@@ -160,6 +160,15 @@ class LogState:
 
     # -- words
 
+    def keep_mapped(self) -> None:
+        """Closing while this process's log thread still works in the region (a disk slower
+        than ``wait_timeout``): use views of this object's own from now on. They keep the
+        region mapped when it is detached, so the late write still publishes, unlocks the
+        mutex and lets the writer role go; they go with this object."""
+        self.w, self.buf = self.w[:], self.buf[:]
+        if isinstance(self.mutex, SharedMutex):
+            self.mutex.rebind(self.w)
+
     def word(self, name: str) -> int:
         """A header word (read without the mutex: a whole word is never torn)."""
         return int(self.w[self.h + getattr(_W, name)])

@@ -17,7 +17,6 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from .. import _io
@@ -26,7 +25,7 @@ from ..region.mutex import Busy
 from .accel import BehindJob
 from .core import LogCore
 from .files import log_path
-from .orphan import keep_running
+from .orphan import WriterThread, keep_running
 from .rounddata import _SETTLE_POLL, CRound, Round
 from .wakesock import unregister
 
@@ -66,7 +65,7 @@ class ThreadRounds:
     _closed: bool
     _fds: dict[int, int]
     _listeners: list[Any]
-    _thread: ThreadPoolExecutor
+    _thread: WriterThread
     _panic_w: Any
     _panic_i: int
     _want: Any

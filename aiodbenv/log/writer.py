@@ -20,7 +20,6 @@ import os
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .. import _io, _tasks
@@ -33,6 +32,7 @@ from .core import NEED, LogCore
 from .files import create_log_file, log_path
 from .layout import LOG_HEADER, header_offset
 from .lsn import LSN, unpack_word
+from .orphan import WriterThread, closed_error
 from .record import FILE_HEADER_BYTES, HEADER, REC_PAD, encode
 from .rounddata import Demand, Direct
 from .threadrounds import CRound, Round, ThreadRounds
@@ -105,7 +105,7 @@ class LogWriter(ThreadRounds):
         # its own: the task makes one at a time, and a dedicated thread is a cheaper hop than
         # anyio's shared pool (measured ~230 against ~340 us on a loaded 2-core machine), which
         # is paid once per round and once per wake-up of another process's waiter.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="aiodbenv-log")
+        self._thread = WriterThread()
         self._closed = False
         self._closing = False  # stop serving other processes' flushes
         self._barred = False  # closing: no new writer task may start (it would outlive it)
@@ -303,7 +303,7 @@ class LogWriter(ThreadRounds):
                     delay = min(delay * 2, _POLL_MAX)
         except BaseException as err:
             self._task = None
-            self._fail_waiters(err)
+            self._fail_waiters(closed_error(err) if self._closed else err)
             if not isinstance(err, Exception):
                 raise
             return

@@ -219,6 +219,11 @@ class SharedMutex:
         self._panic = panic
         self._pid = os.getpid()
 
+    def rebind(self, words: memoryview) -> None:
+        """Count in ``words`` from now on: a view of the same region that outlives the
+        region's own (see :meth:`aiodbenv.log.state.LogState.keep_mapped`)."""
+        self._words = words
+
     def initialize(self) -> None:
         """Initialise the pthread mutex in place (the creator does this once, before magic)."""
         attr = ffi.new("char[]", cdef.MUTEXATTR_STORAGE_BYTES)
