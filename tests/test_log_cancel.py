@@ -250,3 +250,48 @@ async def test_close_keeps_the_descriptors_of_a_write_slower_than_its_wait(
     if lsn is not None:  # reported durable: it is in the log
         assert (lsn, b"late" * 25) in records
     await aiodbenv.Env.remove(home)
+
+
+async def test_close_during_a_file_switch_keeps_no_descriptor(home: str) -> None:
+    """The next log file, created by the writer task's thread after the close gave up on it,
+    is not kept open by the closed handle (it went into the emptied table of descriptors,
+    for good, on the code before)."""
+    env = await aiodbenv.Env.open(
+        home, create=True, log=True, log_buffer_size=1024, log_file_size=4096
+    )
+    log = env.log
+    await log.put(b"first", flush=True)
+    log.wait_timeout = 0.2
+
+    async def fill() -> None:
+        for _ in range(20):
+            await env.log.put(b"r" * 500, flush=True)
+
+    fault = _io.inject("open", None, delay=1.0, times=1)
+    fault.__enter__()
+    try:
+        task = asyncio.ensure_future(fill())
+        await io_started("open")
+        await env.close(nosync=True)
+        try:
+            await task
+        except aiodbenv.InvalidArgument as err:  # not pytest.raises: it keeps the frames
+            assert "closed" in str(err)
+        else:
+            raise AssertionError("the puts went on past the close")
+        deadline = time.monotonic() + 30
+        while running() or log._task is not None:  # the thread's work, the writer task
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        fault.__exit__(None, None, None)
+    held = []  # log files (the region stays mapped for the late work while the handle lives)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(os.path.join(os.path.realpath(home), "log.")):
+            held.append(target)
+    assert held == []
+    await aiodbenv.Env.remove(home)

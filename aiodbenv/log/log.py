@@ -36,7 +36,7 @@ from .cursor import LogCursor
 from .files import list_log_files, log_path
 from .flushing import LogFlushing
 from .lsn import LSN, pack_word, unpack_word
-from .orphan import close_when_idle, keep_running
+from .orphan import ClosedFds, close_when_idle, keep_running
 from .record import (
     FILE_HEADER_BYTES,
     HEADER,
@@ -449,9 +449,9 @@ class Log(LogFlushing):
             # wait_timeout) keeps the descriptors: closed under it, their numbers could go to
             # a file opened meanwhile, and the write's bytes with them.
             last = self._thread.bar()
-            if not last.done():  # the late write publishes, unlocks, lets the role go
-                self._c.keep_mapped()
-            fds, self._fds = list(self._fds.values()), {}
+            if not last.done() or (self._task is not None and not self._task.done()):
+                self._c.keep_mapped()  # the late work publishes, unlocks, lets the role go
+            fds, self._fds = list(self._fds.values()), ClosedFds()
             close_when_idle(last, fds, self._c.buf, self.wait_timeout)
 
     async def _round_thread_idle(self) -> None:

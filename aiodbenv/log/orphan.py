@@ -25,7 +25,14 @@ from typing import Any, ParamSpec, TypeVar
 
 from ..errors import AiodbenvError, InvalidArgument
 
-__all__ = ["WriterThread", "close_when_idle", "closed_error", "keep_running", "running"]
+__all__ = [
+    "ClosedFds",
+    "WriterThread",
+    "close_when_idle",
+    "closed_error",
+    "keep_running",
+    "running",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -106,3 +113,12 @@ def closed_error(err: BaseException) -> BaseException:
     closed = InvalidArgument("the environment was closed while this write or flush waited")
     closed.__cause__ = err
     return closed
+
+
+class ClosedFds(dict[int, int]):
+    """A closed log handle's descriptors: none. One that a job still running at the close
+    opens (the next log file, say) is closed at once, and the job fails."""
+
+    def __setitem__(self, file: int, fd: int) -> None:
+        os.close(fd)
+        raise InvalidArgument("the environment is closed")

@@ -164,7 +164,8 @@ class LogState:
         """Closing while this process's log thread still works in the region (a disk slower
         than ``wait_timeout``): use views of this object's own from now on. They keep the
         region mapped when it is detached, so the late write still publishes, unlocks the
-        mutex and lets the writer role go; they go with this object."""
+        mutex and lets the writer role go. Callers still waiting read them too, so they go
+        with this object (the handle), not at a moment a thread could pick."""
         self.w, self.buf = self.w[:], self.buf[:]
         if isinstance(self.mutex, SharedMutex):
             self.mutex.rebind(self.w)
