@@ -473,6 +473,53 @@ def worker(argv: list[str]) -> int:
     return 0
 
 
+def hot_child(argv: list[str]) -> int:
+    """``pool_bench.py _hot JSON``: one repetition's hot session in this fresh interpreter;
+    prints its result as one JSON line. Each repetition gets a process of its own, as the C
+    anchor does: CPython's speed moves with where the kernel puts its stack (ASLR), by up to
+    2x between two processes running the same code (docs/performance.md), and one process
+    for every repetition would have measured one such draw five times."""
+    a = json.loads(argv[0])
+    with open(a["lists"]) as fh:
+        lists = json.load(fh)
+    r = run_on(
+        a["loop"],
+        lambda: _hot_session(
+            a["home"],
+            a["region"],
+            a["key"],
+            a["cache_mb"],
+            a["data"],
+            a["npages"],
+            lists,
+            a["order"],
+        ),
+    )
+    sys.stdout.write(json.dumps(r) + "\n")
+    return 0
+
+
+def run_hot_child(ws: Workspace, args: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """Run :func:`hot_child` in a fresh interpreter; its result."""
+    p = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "_hot", json.dumps(args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        close_fds=True,
+    )
+    ws.procs.append(p)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        ws.procs.remove(p)
+    if p.returncode != 0:
+        raise RuntimeError(f"hot child failed ({p.returncode}): {err.decode()[-2000:]}")
+    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
 START_HASH = ""
 
 
@@ -1224,6 +1271,14 @@ class Bench:
 
     # -- steps (each records into the rows of one repetition)
 
+    @functools.cached_property
+    def lists_path(self) -> str:
+        """The hot page lists, in a file for the hot children (:func:`hot_child`)."""
+        path = os.path.join(self.ws.root, "hot-lists.json")
+        with open(path, "w") as fh:
+            json.dump(self.lists, fh)
+        return path
+
     def a_hot(self, rep: int, region: str, loop: str) -> None:
         key = self.ws.new_key() if region == "system" else None
         home = self.ws.new_home()
@@ -1231,17 +1286,18 @@ class Bench:
         what = f"hot {region} {loop}"
         try:
             with LeakWatch(self.ws, what, self.res.problems):
-                r = run_on(
-                    loop,
-                    lambda: _hot_session(
-                        home,
-                        region,
-                        key,
-                        self.sz.hot_cache_mb,
-                        self.hot_data,
-                        self.npages,
-                        self.lists,
-                        order,
+                r = run_hot_child(
+                    self.ws,
+                    dict(
+                        home=home,
+                        region=region,
+                        key=key,
+                        cache_mb=self.sz.hot_cache_mb,
+                        data=self.hot_data,
+                        npages=self.npages,
+                        lists=self.lists_path,
+                        order=order,
+                        loop=loop,
                     ),
                 )
         finally:
@@ -1638,6 +1694,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_worker":
         return worker(argv[1:])
+    if argv and argv[0] == "_hot":
+        return hot_child(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 repetitions, small sizes")
     ap.add_argument("--reps", type=int, help="repetitions (default 5, --quick 2)")

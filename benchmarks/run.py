@@ -19,7 +19,9 @@ benchmarks/results/bench-<mode>.json).
 Workloads (4 KiB pages; see docs/performance.md for what each means to a user):
 
 hot        pin+unpin of cached pages, random and sequential, in file, system and private
-           regions, asyncio and uvloop; 2 processes sharing a file / system environment.
+           regions, asyncio and uvloop (each repetition in a fresh interpreter: CPython's
+           speed varies by process, see docs/performance.md); 2 processes sharing a file /
+           system environment.
            Anchors: Berkeley DB's C memp_fget/memp_fput on the same sizes; lmdb txn.get
            (buffers=True; one long read txn, and one txn per get) and berkeleydb db.get (btree,
            hash) of the same number of cached 4 KiB records.
