@@ -444,13 +444,16 @@ class Log(LogFlushing):
                 await asyncio.wait({task}, timeout=left)
             await self._round_thread_idle()
             self._closed = True
-            self._forget_behind()
             # A write of the I/O thread that outlived the waits (a disk slower than
             # wait_timeout) keeps the descriptors: closed under it, their numbers could go to
             # a file opened meanwhile, and the write's bytes with them.
             last = self._thread.bar()
-            if not last.done() or (self._task is not None and not self._task.done()):
-                self._c.keep_mapped()  # the late work publishes, unlocks, lets the role go
+            r, task = self._inflight, self._task
+            if last is not None or (task and not task.done()) or (r and not r.finished):
+                # The late work publishes, unlocks and lets the role go in views of its own.
+                self._c.keep_mapped()
+                self._panic_w = self._panic_w[:]
+            self._forget_behind()
             fds, self._fds = list(self._fds.values()), ClosedFds()
             close_when_idle(last, fds, self._c.buf, self.wait_timeout)
 

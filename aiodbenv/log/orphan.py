@@ -17,6 +17,7 @@ opened meanwhile cannot get a descriptor's number and the write's bytes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -31,6 +32,7 @@ __all__ = [
     "close_when_idle",
     "closed_error",
     "keep_running",
+    "on_loop",
     "running",
 ]
 
@@ -54,13 +56,14 @@ def keep_running(r: Any, cf: Future[None], view: memoryview, fds: list[int], wai
     )
 
     def done(_f: Future[None]) -> None:
-        _r, v, kept = _KEPT.pop(id(r))
+        _r, v, kept = _KEPT[id(r)]
         v.release()
         for fd in kept:
             try:
                 os.close(fd)
             except OSError:
                 pass
+        del _KEPT[id(r)]  # last: running() says 0 only once all of it is let go
 
     cf.add_done_callback(done)  # at once if it ended meanwhile
 
@@ -78,24 +81,30 @@ class WriterThread(ThreadPoolExecutor):
     def __init__(self) -> None:
         super().__init__(1, thread_name_prefix="aiodbenv-log")
         self._barred = False
+        self._pending: set[Future[Any]] = set()  # given and not ended
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         if self._barred:
             raise InvalidArgument("the environment is closed")
-        return super().submit(fn, *args, **kwargs)
+        fut = super().submit(fn, *args, **kwargs)
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)  # in the thread; set ops are atomic
+        return fut
 
-    def bar(self) -> Future[None]:
-        """Take no more jobs; return a future done when every job given before has ended."""
+    def bar(self) -> Future[None] | None:
+        """Take no more jobs. None if every job given has ended, else a future done when they
+        have (an idle thread could not have run a last job yet: the loop holds the GIL)."""
+        busy = bool(self._pending)
         last: Future[None] = super().submit(lambda: None)  # runs after them: one thread
         self._barred = True
         self.shutdown(wait=False)
-        return last
+        return last if busy else None
 
 
-def close_when_idle(last: Future[None], fds: list[int], buf: Any, waited: float) -> None:
-    """Close ``fds`` now if ``last`` (:meth:`WriterThread.bar`) is done, else keep them and
-    a view of the log region ``buf`` until it is: a write still running there uses them."""
-    if last.done():
+def close_when_idle(last: Future[None] | None, fds: list[int], buf: Any, waited: float) -> None:
+    """Close ``fds`` now if ``last`` (:meth:`WriterThread.bar`) is None or done, else keep
+    them and a view of the log region ``buf`` until it is: a write still running uses them."""
+    if last is None or last.done():
         for fd in fds:
             try:
                 os.close(fd)
@@ -122,3 +131,11 @@ class ClosedFds(dict[int, int]):
     def __setitem__(self, file: int, fd: int) -> None:
         os.close(fd)
         raise InvalidArgument("the environment is closed")
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
+    """``fn(*args)`` on ``loop``, from any thread; nothing if the loop has closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass

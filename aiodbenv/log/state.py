@@ -109,6 +109,7 @@ class LogState:
         self.region = region
         self.w = region.words
         self.buf = region.buf
+        self.kept = False  # keep_mapped: these views outlive the region's
         self.h = header_offset() // 8
         if self.w[self.h + _W.magic] != LOG_REGION_MAGIC:
             raise InvalidArgument("the log region is not formatted")
@@ -167,6 +168,7 @@ class LogState:
         mutex and lets the writer role go. Callers still waiting read them too, so they go
         with this object (the handle), not at a moment a thread could pick."""
         self.w, self.buf = self.w[:], self.buf[:]
+        self.kept = True
         if isinstance(self.mutex, SharedMutex):
             self.mutex.rebind(self.w)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -21,13 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _io
 from ..errors import LockTimeout
+from ..region import panic
 from ..region.mutex import Busy
 from .accel import BehindJob
 from .core import LogCore
 from .files import log_path
-from .orphan import WriterThread, keep_running
+from .orphan import WriterThread, keep_running, on_loop
 from .rounddata import _SETTLE_POLL, CRound, Round
 from .wakesock import unregister
+
+logger = logging.getLogger("aiodbenv")
 
 __all__ = ["MORE_ROUNDS", "CRound", "Round", "ThreadRounds", "seam_untouched"]
 
@@ -227,7 +231,7 @@ class ThreadRounds:
         wake-up registration and close its socket. A compiled write behind still running (a disk
         slower than ``wait_timeout``) keeps its file, the eventfd and the log region mapped
         until its thread is done (:mod:`aiodbenv.log.orphan`)."""
-        r = self._inflight
+        r, loop = self._inflight, asyncio.get_running_loop()
         if isinstance(r, CRound) and not r.io_done():
             fds = [self._fds.pop(r.file)] if r.file in self._fds else []
             fds += [self._evfd] if self._evfd >= 0 else []
@@ -238,6 +242,8 @@ class ThreadRounds:
                 ws.stop_reading()
                 fds.append(ws.sock.detach())
             keep_running(r, cf, self._c.buf[0:1], fds, self.wait_timeout)
+            # Published by its thread, or (the mutex stayed held) on the loop once it ends.
+            cf.add_done_callback(lambda _f: on_loop(loop, self._publish_later, r))
             self._close_job_fd(keep=True)
         else:
             self._close_job_fd(keep=False)
@@ -283,7 +289,8 @@ class ThreadRounds:
         is done or the handle closes. Its caller may have been cancelled meanwhile, and nobody
         else would look at it before this process's next log call, with the writer role held
         all that time."""
-        if self._closed or self._inflight is not r or r.finished or not r.io_done():
+        closed = self._closed and not self._c.kept  # kept: the late round still publishes
+        if closed or self._inflight is not r or r.finished or not r.io_done():
             return
         if self._finish_now(r):
             if self._inflight is r:
@@ -386,9 +393,11 @@ class ThreadRounds:
         try:
             work()
         except OSError as err:
-            self._thread_failed(r.file, r.sync, err)
-            r.finished = True
-            self._release_quietly()
+            try:
+                self._thread_failed(r.file, r.sync, err)
+            finally:
+                r.finished = True
+                self._release_quietly()
             raise
         try:
             c.end_write(r.file, r.start, r.end, r.sync, r.commits)
@@ -464,7 +473,12 @@ class ThreadRounds:
         c = self._c
         c.fail(file, err.errno or errno.EIO)
         what = "write or fsync" if sync else "write"
-        self._env.panic(f"{what} of log file {log_path(c.directory, file)} failed: {err}")
+        reason = f"{what} of log file {log_path(c.directory, file)} failed: {err}"
+        if self._closed:  # the environment's views are gone: the one kept for late work
+            logger.error("PANIC: %s (after its handle closed)", reason)
+            panic.record(self._panic_w, os.getpid(), reason)
+        else:
+            self._env.panic(reason)
 
     def _release_quietly(self) -> None:
         """Let the writer role go, from the writer's thread: the mutex is waited for up to
