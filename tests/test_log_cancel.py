@@ -358,14 +358,18 @@ asyncio.run(main())
 """
 
 
-async def test_a_late_round_publishes_once_the_mutex_is_free(home: str) -> None:
+@pytest.mark.parametrize("served_by", ["thread", "writer task"])
+async def test_a_late_round_publishes_once_the_mutex_is_free(home: str, served_by: str) -> None:
     """A write that ends after the close, while another process holds the log mutex longer
-    than its thread waits for it, is published on the loop once the mutex is free, and the
-    writer role goes: before, nothing published it after the close, and this live process
-    held the role until it exited (every other process's flush timed out)."""
+    than the waits for it, is published on the loop once the mutex is free, and the writer
+    role goes. Without the kept views it could not be; and a writer task's round (a durable
+    listener makes the flush one) whose bounded waits gave up left the role held by this
+    live process for good: every other process's flush timed out."""
     env = await aiodbenv.Env.open(home, create=True, log=True)
     log = env.log
     await log.put(b"first", flush=True)
+    if served_by == "writer task":
+        log.add_durable_listener(lambda start, end, data: None)
     log.wait_timeout = 0.2
     fault = _io.inject("pwrite", None, delay=2.5, times=1)  # ends while the mutex is held
     fault.__enter__()
@@ -396,3 +400,32 @@ async def test_a_late_round_publishes_once_the_mutex_is_free(home: str) -> None:
         records = [d async for _, d in env.log.cursor()]
     assert lsn and records[-2:] == [b"late", b"after"]
     await aiodbenv.Env.remove(home)
+
+
+async def test_a_late_direct_write_that_fails_panics_the_environment(home: str) -> None:
+    """A record larger than the log buffer is written by the writer task straight to its
+    file; that write failing after the close panicked through the environment's released
+    view: the put got a ValueError and the environment was not panicked at all."""
+    env = await aiodbenv.Env.open(
+        home, create=True, log=True, log_buffer_size=4096, log_file_size=1 << 20
+    )
+    log = env.log
+    await log.put(b"first", flush=True)
+    log.wait_timeout = 0.2
+    fault = _io.inject("pwrite", errno.EIO, delay=1.0, times=1)
+    fault.__enter__()
+    try:
+        put = asyncio.ensure_future(log.put(b"big" * 3000))
+        await io_started("pwrite")
+        await env.close(nosync=True)
+        with pytest.raises(aiodbenv.AiodbenvError):
+            await put
+        deadline = time.monotonic() + 30
+        while running() or log._task is not None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        fault.__exit__(None, None, None)
+    with pytest.raises(aiodbenv.RunRecovery, match="failed"):
+        await aiodbenv.Env.open(home)
+    await aiodbenv.Env.remove(home, force=True)

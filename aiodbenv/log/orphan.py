@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from ..errors import AiodbenvError, InvalidArgument
+from ..region.mutex import BUSY
 
 __all__ = [
     "ClosedFds",
@@ -33,6 +34,7 @@ __all__ = [
     "closed_error",
     "keep_running",
     "on_loop",
+    "release_later",
     "running",
 ]
 
@@ -139,3 +141,17 @@ def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: A
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:
         pass
+
+
+#: How often a closed handle tries again to let the writer role go.
+_RELEASE_POLL = 0.005
+
+
+def release_later(w: Any) -> None:
+    """After the close, with the log's views kept for late work: let log writer ``w``'s role
+    go once the log mutex is free (a bounded wait gave up on it, and no later round of the
+    closed handle would take the role back: other processes would wait on a live holder)."""
+    if w._attempt(w._c.release_role) is BUSY:
+        asyncio.get_running_loop().call_later(_RELEASE_POLL, release_later, w)
+    else:
+        w._wake_others()

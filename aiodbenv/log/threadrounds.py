@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 from .. import _io
 from ..errors import LockTimeout
 from ..region import panic
-from ..region.mutex import Busy
+from ..region.mutex import BUSY, Busy
 from .accel import BehindJob
 from .core import LogCore
 from .files import log_path
-from .orphan import WriterThread, keep_running, on_loop
+from .orphan import WriterThread, keep_running, on_loop, release_later
 from .rounddata import _SETTLE_POLL, CRound, Round
 from .wakesock import unregister
 
@@ -279,7 +279,8 @@ class ThreadRounds:
         if isinstance(self._attempt(c.end_write, file, start, end, sync, commits), Busy):
             return False
         r.finished = True
-        self._attempt(c.release_role)  # if Busy, the role is taken back by this handle later
+        if self._attempt(c.release_role) is BUSY and self._closed:  # no later round to take
+            release_later(self)  # it back: let it go once the mutex is free
         self._wake_others()
         return True
 
@@ -473,9 +474,12 @@ class ThreadRounds:
         c = self._c
         c.fail(file, err.errno or errno.EIO)
         what = "write or fsync" if sync else "write"
-        reason = f"{what} of log file {log_path(c.directory, file)} failed: {err}"
-        if self._closed:  # the environment's views are gone: the one kept for late work
-            logger.error("PANIC: %s (after its handle closed)", reason)
+        self._panic(f"{what} of log file {log_path(c.directory, file)} failed: {err}")
+
+    def _panic(self, reason: str) -> None:
+        """Panic the environment; after the close, through the view kept for late work."""
+        if self._closed:  # the environment's own views are gone
+            logger.error("PANIC: %s (after its log handle closed)", reason)
             panic.record(self._panic_w, os.getpid(), reason)
         else:
             self._env.panic(reason)

@@ -32,7 +32,7 @@ from .core import NEED, LogCore
 from .files import create_log_file, log_path
 from .layout import LOG_HEADER, header_offset
 from .lsn import LSN, unpack_word
-from .orphan import WriterThread, closed_error
+from .orphan import WriterThread, closed_error, release_later
 from .record import FILE_HEADER_BYTES, HEADER, REC_PAD, encode
 from .rounddata import Demand, Direct
 from .threadrounds import CRound, Round, ThreadRounds
@@ -152,7 +152,7 @@ class LogWriter(ThreadRounds):
             # A writer's thread recorded it, and its process died (or has not looked yet)
             # before panicking: no other process may write on and call the log durable, since
             # the failed range may be lost (Linux may have dropped it).
-            self._env.panic(f"{failed} in the log writer's process")
+            self._panic(f"{failed} in the log writer's process")
         raise RunRecovery(
             f"PANIC: environment {self._env.home} is panicked: {failed}; records written to it "
             f"may be lost{panic.note(self._env.panic_cause())}; {RunRecovery.ADVICE}"
@@ -304,6 +304,8 @@ class LogWriter(ThreadRounds):
         except BaseException as err:
             self._task = None
             self._fail_waiters(closed_error(err) if self._closed else err)
+            if self._closed and self._c.kept:  # the role may be left: no later round takes it
+                release_later(self)
             if not isinstance(err, Exception):
                 raise
             return
@@ -380,7 +382,7 @@ class LogWriter(ThreadRounds):
         c = self._c
         c.fail(file, err.errno or errno.EIO)
         reason = f"write or fsync of log file {log_path(c.directory, file)} failed: {err}"
-        self._env.panic(reason)
+        self._panic(reason)
         raise RunRecovery(
             f"PANIC: {reason}; records written to it may be lost; {RunRecovery.ADVICE}"
         ) from err
@@ -473,7 +475,7 @@ class LogWriter(ThreadRounds):
         try:
             await self._locked(c.direct_written, word, total)
         except LockTimeout as err:  # written, not published: no caller may hear "not appended"
-            self._env.panic(f"a log record written to its file could not be published ({err!r})")
+            self._panic(f"a log record written to its file could not be published ({err!r})")
             raise RunRecovery(f"PANIC: {err}; {RunRecovery.ADVICE}") from err
         self._wake_others()
         return word

@@ -260,12 +260,15 @@ class SharedMutex:
         if it is held (at most ``wait`` seconds, default the bound in force, see
         :func:`step_waits`), repair or panic if its holder died. On return the mutex is held;
         raises :class:`~aiodbenv.errors.LockTimeout` (not held) if the wait ran out."""
-        w = self._words
         if rc == errno.EBUSY:
             bound = _wait_bound.get() if wait is None else wait
             rc = timed_lock(self._m, bound)
             if rc in (0, errno.EOWNERDEAD):
-                w[self._w + _W_WAITS] += 1
+                try:  # the words read after the wait: they may have moved (rebind)
+                    self._words[self._w + _W_WAITS] += 1
+                except BaseException:
+                    lib.pthread_mutex_unlock(self._m)  # never left locked: see __enter__
+                    raise
             elif rc == errno.ETIMEDOUT:
                 raise self.timeout(bound)
         if rc == errno.EOWNERDEAD:
