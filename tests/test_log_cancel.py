@@ -44,6 +44,15 @@ async def io_started(op: str, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def late_work_done(log: aiodbenv.Log, timeout: float = 30.0) -> None:
+    """Wait until a closed handle's late work has ended: its thread's (what the close kept
+    for it is let go) and its writer task's."""
+    deadline = time.monotonic() + timeout
+    while running() or log._task is not None:
+        assert time.monotonic() < deadline, "the late work never ended"
+        await asyncio.sleep(0.01)
+
+
 async def assert_quiescent(log: aiodbenv.Log, timeout: float = 10.0) -> None:
     """The writer task finished, nobody holds the writer role or the log mutex, nothing is
     queued; then the log still takes and returns records."""
@@ -218,12 +227,13 @@ async def test_close_keeps_the_descriptors_of_a_write_slower_than_its_wait(
     it, the log reported durable); the flush got a ValueError of a released view, and the
     late write left the log mutex locked for good (every other process's flush timed out)."""
     env = await aiodbenv.Env.open(home, create=True, log=True)
-    await env.log.put(b"first", flush=True)  # the log file is open in this process
-    env.log.wait_timeout = 0.2
+    log = env.log
+    await log.put(b"first", flush=True)  # the log file is open in this process
+    log.wait_timeout = 0.2
     fault = _io.inject(op, None, delay=1.0, times=1)
     fault.__enter__()
     try:
-        flush = asyncio.ensure_future(env.log.put(b"late" * 25, flush=True))
+        flush = asyncio.ensure_future(log.put(b"late" * 25, flush=True))
         await io_started(op)
         await env.close(nosync=True)  # waits 0.2 s, then gives up on the write
         others = [os.open(tmp_path / f"other{i}", os.O_RDWR | os.O_CREAT) for i in range(8)]
@@ -233,10 +243,7 @@ async def test_close_keeps_the_descriptors_of_a_write_slower_than_its_wait(
             except aiodbenv.InvalidArgument as err:  # or its end was the writer task's
                 assert "closed while" in str(err)
                 lsn = None
-            deadline = time.monotonic() + 30
-            while running():  # the write ended; then what the close kept for it goes
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
+            await late_work_done(log)
         finally:
             for fd in others:
                 os.close(fd)
@@ -281,10 +288,7 @@ async def test_close_during_a_file_switch_keeps_no_descriptor(home: str) -> None
             assert "closed" in str(err)
         else:
             raise AssertionError("the puts went on past the close")
-        deadline = time.monotonic() + 30
-        while running() or log._task is not None:  # the thread's work, the writer task
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await late_work_done(log)
     finally:
         fault.__exit__(None, None, None)
     held = []  # log files (the region stays mapped for the late work while the handle lives)
@@ -334,10 +338,7 @@ async def test_a_late_write_that_fails_panics_and_tells_its_flush(home: str) -> 
         await env.close(nosync=True)
         with pytest.raises(aiodbenv.AiodbenvError):
             await flush
-        deadline = time.monotonic() + 30
-        while running() or log._task is not None:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await late_work_done(log)
     finally:
         fault.__exit__(None, None, None)
     with pytest.raises(aiodbenv.RunRecovery, match="failed"):
@@ -420,10 +421,7 @@ async def test_a_late_direct_write_that_fails_panics_the_environment(home: str) 
         await env.close(nosync=True)
         with pytest.raises(aiodbenv.AiodbenvError):
             await put
-        deadline = time.monotonic() + 30
-        while running() or log._task is not None:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await late_work_done(log)
     finally:
         fault.__exit__(None, None, None)
     with pytest.raises(aiodbenv.RunRecovery, match="failed"):
