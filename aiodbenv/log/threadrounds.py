@@ -478,11 +478,12 @@ class ThreadRounds:
 
     def _panic(self, reason: str) -> None:
         """Panic the environment; after the close, through the view kept for late work."""
-        if self._closed:  # the environment's own views are gone
-            logger.error("PANIC: %s (after its log handle closed)", reason)
-            panic.record(self._panic_w, os.getpid(), reason)
-        else:
+        if not self._closed:
             self._env.panic(reason)
+            return
+        logger.error("PANIC: %s (after its log handle closed)", reason)
+        if self._c.kept:  # the environment's own views are gone: the one kept with the log's
+            panic.record(self._panic_w, os.getpid(), reason)
 
     def _release_quietly(self) -> None:
         """Let the writer role go, from the writer's thread: the mutex is waited for up to
