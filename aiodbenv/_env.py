@@ -22,6 +22,7 @@ from . import _tasks
 from ._config import Settings, check_log_arguments, check_log_settings, check_settings
 from ._env_log import EnvLog
 from ._env_pool import (
+    close_core,
     close_log_and_pool,
     close_quietly,
     final_writes,
@@ -32,7 +33,7 @@ from ._env_pool import (
 )
 from ._env_txn import EnvTxn, noting_creation, prepare_recovery
 from ._resolve import note_inherited, require_asyncio, resolve_home, resolve_settings
-from ._threads import run_owned, run_to_end
+from ._threads import run_owned
 from ._worker_args import checkpoint_settings, trickle_settings
 from ._workers import (
     CheckpointSettings,
@@ -104,6 +105,7 @@ class Env(EnvLog, EnvTxn):
         self._init_txn()
         self._pid, self._fork_gen = os.getpid(), _forks[0]  # _check: no getpid() syscall
         self._closing: asyncio.Future[None] | None = None
+        self._gone = False  # closed for the caller (its regions may go later: close_core)
         self._trickle: TrickleWorker | None = None
         self._checkpoint: CheckpointWorker | None = None
 
@@ -253,7 +255,7 @@ class Env(EnvLog, EnvTxn):
                 f"in forked process {os.getpid()}; open the environment again in this process"
             )
         core = self._core
-        if core.closed:
+        if core.closed or self._gone:
             raise InvalidArgument("the environment handle is closed")
         if core.panicked:  # a property: read once, on the way through every call
             if self._log is not None:
@@ -357,7 +359,7 @@ class Env(EnvLog, EnvTxn):
             raise ForkedProcessError("this environment handle belongs to another process")
         panicked = self._core.panicked
         workers = tuple(w.status() for w in (self._trickle, self._checkpoint) if w is not None)
-        usable = not self._core.closed and not panicked
+        usable = not self.closed and not panicked
         shared = (
             tuple(shared_status(self._pool, kind) for kind in ("trickle", "checkpoint"))
             if usable
@@ -375,7 +377,7 @@ class Env(EnvLog, EnvTxn):
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
-        return self._core.closed
+        return self._core.closed or self._gone
 
     def resolve(self, name: str | os.PathLike[str]) -> str:
         """The absolute path of ``name``: relative names are taken from the home."""
@@ -444,17 +446,13 @@ class Env(EnvLog, EnvTxn):
             try:
                 await close_log_and_pool(self._log, self._pool, flush=not nosync)
             finally:
-                await run_to_end(core.close)  # no sub-task a shutdown could cancel
+                self._gone = True
+                await close_core(self._log, core)
 
     async def __aenter__(self) -> Env:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
@@ -462,7 +460,7 @@ class Env(EnvLog, EnvTxn):
         # dropped while open keeps its regions mapped and the environment's count of open
         # handles up until the process exits, so `remove` without force says Busy.
         core = getattr(self, "_core", None)
-        if core is None or core.closed or os.getpid() != self._pid:
+        if core is None or core.closed or getattr(self, "_gone", 0) or os.getpid() != self._pid:
             return
         _warn(
             f"unclosed environment handle {core.home!r}: close it with 'await env.close()' "
@@ -472,7 +470,7 @@ class Env(EnvLog, EnvTxn):
         )
 
     def __repr__(self) -> str:
-        state = "closed" if self._core.closed else "open"
+        state = "closed" if self.closed else "open"
         return f"<aiodbenv.Env {self._core.home!r} {state}>"
 
     # -- removing -----------------------------------------------------------------------------

@@ -9,12 +9,17 @@ has written yet (:func:`refuse_dirty_pages`), since removing would throw them aw
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
+from . import _tasks
 from ._config import Settings
+from ._threads import run_to_end
 from ._workers import run_checkpoint
 from .errors import Busy, LockTimeout
 from .log.log import Log
+from .log.orphan import late_work
 from .log.region import attach_log, format_log, log_spec
 from .mpool.pool import Pool
 from .mpool.region import dirty_pages, format_pool, pool_region_sizes
@@ -33,6 +38,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("aiodbenv")
+
+#: How often a closing handle looks whether its log's late work has ended.
+_LATE_POLL = 0.01
 
 
 def pool_plan(settings: Settings, home: str) -> tuple[list[RegionSpec], Formatter]:
@@ -130,3 +138,27 @@ def refuse_dirty_pages(
             "remove with force"
         )
     logger.warning("removing environment %s with force: %d dirty page(s) discarded", home, n)
+
+
+async def close_core(log: Log | None, core: EnvCore) -> None:
+    """The handle's last step: uncount it, detach its regions, unlock the home
+    (``core.close``). While work of its log outlives the log's close (a write on a disk
+    slower than ``wait_timeout``), that step waits for it in the background: the handle
+    stays counted and the home locked, so no one may remove the environment, or create a
+    private one in its place, and write the log where the late write is going to land."""
+    if log is None or not late_work(log):
+        await run_to_end(core.close)  # no sub-task a shutdown could cancel
+        return
+    logger.warning(
+        "closing %s: a log write outlived the close's wait; the handle stays counted (and "
+        "the regions attached) until it ends",
+        core.home,
+    )
+    _tasks.start(_close_after(log, core)).add_done_callback(_tasks.retrieve)
+
+
+async def _close_after(log: Log, core: EnvCore) -> None:
+    deadline = time.monotonic() + max(60.0, 10 * log.wait_timeout)
+    while late_work(log) and time.monotonic() < deadline:
+        await asyncio.sleep(_LATE_POLL)
+    await run_to_end(core.close)

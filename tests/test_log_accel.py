@@ -562,6 +562,8 @@ async def main(home, extra):
         time.sleep(0.01)  # the thread's last job follows the round's
     assert running() == 0  # their views released, their descriptors closed
     assert holder.wait(timeout=30) == 0
+    while not env._core.closed:  # the handle's last step waited for the late work
+        await asyncio.sleep(0.01)
     await aiodbenv.Env.remove(home)
     print("ok")
 
@@ -616,6 +618,8 @@ async def main(home):
     while running() and time.monotonic() < deadline:
         time.sleep(0.01)  # the thread ends the round, in a region still mapped, then lets go
     assert running() == 0
+    while not env._core.closed:  # the handle's last step waited for the late work
+        await asyncio.sleep(0.01)
     await aiodbenv.Env.remove(home)
     print("ok")
 

@@ -44,11 +44,11 @@ async def io_started(op: str, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.001)
 
 
-async def late_work_done(log: aiodbenv.Log, timeout: float = 30.0) -> None:
+async def late_work_done(env: aiodbenv.Env, log: aiodbenv.Log, timeout: float = 30.0) -> None:
     """Wait until a closed handle's late work has ended: its thread's (what the close kept
-    for it is let go) and its writer task's."""
+    for it is let go) and its writer task's; then the handle's last step (close_core)."""
     deadline = time.monotonic() + timeout
-    while running() or log._task is not None:
+    while running() or log._task is not None or not env._core.closed:
         assert time.monotonic() < deadline, "the late work never ended"
         await asyncio.sleep(0.01)
 
@@ -217,6 +217,7 @@ async def test_close_waits_for_a_flush_under_way(home: str) -> None:
     await aiodbenv.Env.remove(home)
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("op", ["pwrite", "fdatasync"])
 async def test_close_keeps_the_descriptors_of_a_write_slower_than_its_wait(
     home: str, tmp_path: pathlib.Path, op: str
@@ -243,7 +244,7 @@ async def test_close_keeps_the_descriptors_of_a_write_slower_than_its_wait(
             except aiodbenv.InvalidArgument as err:  # or its end was the writer task's
                 assert "closed while" in str(err)
                 lsn = None
-            await late_work_done(log)
+            await late_work_done(env, log)
         finally:
             for fd in others:
                 os.close(fd)
@@ -261,6 +262,7 @@ async def test_close_keeps_the_descriptors_of_a_write_slower_than_its_wait(
     await aiodbenv.Env.remove(home)
 
 
+@pytest.mark.one_loop
 async def test_close_during_a_file_switch_keeps_no_descriptor(home: str) -> None:
     """The next log file, created by the writer task's thread after the close gave up on it,
     is not kept open by the closed handle (it went into the emptied table of descriptors,
@@ -288,7 +290,7 @@ async def test_close_during_a_file_switch_keeps_no_descriptor(home: str) -> None
             assert "closed" in str(err)
         else:
             raise AssertionError("the puts went on past the close")
-        await late_work_done(log)
+        await late_work_done(env, log)
     finally:
         fault.__exit__(None, None, None)
     held = []  # log files (the region stays mapped for the late work while the handle lives)
@@ -322,6 +324,7 @@ async def test_an_idle_close_keeps_nothing_mapped(
     await aiodbenv.Env.remove(home)
 
 
+@pytest.mark.one_loop
 async def test_a_late_write_that_fails_panics_and_tells_its_flush(home: str) -> None:
     """A write (or fsync) that fails after the close gave up on it panics the environment
     (through the view kept for it) and lets the role go; its flush gets an error of the
@@ -338,7 +341,7 @@ async def test_a_late_write_that_fails_panics_and_tells_its_flush(home: str) -> 
         await env.close(nosync=True)
         with pytest.raises(aiodbenv.AiodbenvError):
             await flush
-        await late_work_done(log)
+        await late_work_done(env, log)
     finally:
         fault.__exit__(None, None, None)
     with pytest.raises(aiodbenv.RunRecovery, match="failed"):
@@ -359,6 +362,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("served_by", ["thread", "writer task"])
 async def test_a_late_round_publishes_once_the_mutex_is_free(home: str, served_by: str) -> None:
     """A write that ends after the close, while another process holds the log mutex longer
@@ -403,6 +407,7 @@ async def test_a_late_round_publishes_once_the_mutex_is_free(home: str, served_b
     await aiodbenv.Env.remove(home)
 
 
+@pytest.mark.one_loop
 async def test_a_late_direct_write_that_fails_panics_the_environment(home: str) -> None:
     """A record larger than the log buffer is written by the writer task straight to its
     file; that write failing after the close panicked through the environment's released
@@ -421,9 +426,89 @@ async def test_a_late_direct_write_that_fails_panics_the_environment(home: str) 
         await env.close(nosync=True)
         with pytest.raises(aiodbenv.AiodbenvError):
             await put
-        await late_work_done(log)
+        await late_work_done(env, log)
     finally:
         fault.__exit__(None, None, None)
     with pytest.raises(aiodbenv.RunRecovery, match="failed"):
         await aiodbenv.Env.open(home)
     await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.one_loop
+async def test_the_handle_stays_counted_while_its_late_write_runs(home: str) -> None:
+    """After a close that gave up on a slow write, the environment could be removed (the
+    handle was uncounted at once) and created again: the new log wrote its first record where
+    the late write then landed, over a record it had reported durable."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    log = env.log
+    await log.put(b"first", flush=True)
+    log.wait_timeout = 0.2
+    fault = _io.inject("pwrite", None, delay=1.0, times=1)
+    fault.__enter__()
+    try:
+        late = asyncio.ensure_future(log.put(b"LATE" * 4, flush=True))
+        await io_started("pwrite")
+        await env.close(nosync=True)
+        assert env.closed
+        with pytest.raises(aiodbenv.InvalidArgument):
+            env.log  # noqa: B018  (closed for its caller at once)
+        with pytest.raises(aiodbenv.Busy):
+            await aiodbenv.Env.remove(home)  # its late write runs: still counted
+        lsn = await late
+        await late_work_done(env, log)
+    finally:
+        fault.__exit__(None, None, None)
+    async with aiodbenv.Env.open(home) as env:
+        after = await env.log.put(b"after", flush=True)
+        records = [x async for x in env.log.cursor()]
+    assert records[-2:] == [(lsn, b"LATE" * 4), (after, b"after")]
+    await aiodbenv.Env.remove(home)
+
+
+FSYNC_SLOWLY = """
+import asyncio, sys, aiodbenv
+from aiodbenv import _io
+async def main():
+    env = await aiodbenv.Env.open(sys.argv[1])
+    with _io.inject("fdatasync", None, delay=1.5, times=1) as fault:
+        flush = asyncio.ensure_future(env.log.put(b"theirs", flush=True))
+        while not fault.calls:
+            await asyncio.sleep(0.001)
+        print("fsyncing", flush=True)
+        await flush
+    await env.close()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.one_loop
+async def test_a_flush_waiting_for_another_process_gets_an_error_at_the_close(home: str) -> None:
+    """A flush waiting for another process's round (woken through the handle's socket) when
+    another task closes the environment: it got a CancelledError nobody asked for (its task
+    looked cancelled), where every other waiter gets InvalidArgument."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    await env.log.put(b"1", flush=True)
+    await env.log.put(b"2", flush=True)
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FSYNC_SLOWLY, home, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert other.stdout is not None
+        assert await asyncio.wait_for(other.stdout.readline(), 60) == b"fsyncing\n"
+        put = asyncio.ensure_future(env.log.put(b"mine", flush=True))
+        await asyncio.sleep(0)
+        await env.close(nosync=True)
+        try:  # a CancelledError fails the test
+            lsn: LSN | None = await put  # (served before the close saw it: the Python rounds)
+        except aiodbenv.InvalidArgument as err:
+            assert "closed" in str(err)
+            lsn = None
+        assert await asyncio.wait_for(other.wait(), 60) == 0
+    finally:
+        if other.returncode is None:
+            other.kill()
+            await other.wait()
+    if lsn is not None:
+        async with aiodbenv.Env.open(home) as env:
+            assert (lsn, b"mine") in [x async for x in env.log.cursor()]
+    await aiodbenv.Env.remove(home)

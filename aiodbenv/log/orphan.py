@@ -33,6 +33,7 @@ __all__ = [
     "close_when_idle",
     "closed_error",
     "keep_running",
+    "late_work",
     "on_loop",
     "release_later",
     "running",
@@ -152,6 +153,21 @@ def release_later(w: Any) -> None:
     go once the log mutex is free (a bounded wait gave up on it, and no later round of the
     closed handle would take the role back: other processes would wait on a live holder)."""
     if w._attempt(w._c.release_role) is BUSY:
+        w._releasing = True
         asyncio.get_running_loop().call_later(_RELEASE_POLL, release_later, w)
     else:
+        w._releasing = False
         w._wake_others()
+
+
+def late_work(w: Any) -> bool:
+    """Whether work of closed log handle ``w`` still runs: a job of its thread, its writer
+    task, a round not yet published, or a release of the role retried on the loop. Until it
+    ends the environment handle stays counted (:func:`aiodbenv._env_pool.close_core`)."""
+    r, task = w._inflight, w._task
+    return (
+        bool(w._thread._pending)
+        or (task is not None and not task.done())
+        or (r is not None and not r.finished)
+        or getattr(w, "_releasing", False)
+    )

@@ -33,6 +33,7 @@ import socket
 from typing import Any
 
 from .._config import log_wake_mode
+from ..errors import InvalidArgument
 from ..region.layout import MAX_PROCS
 from .layout import LOG_HEADER
 
@@ -156,8 +157,8 @@ class WakeSocket:
                 pass  # the loop is closed already
             self._loop = None
         for fut in self._waiters:
-            if not fut.done():
-                fut.cancel()
+            if not fut.done():  # an error of the close, not a cancellation nobody asked for
+                fut.set_exception(InvalidArgument("the environment is closed"))
 
 
 def register(w: Any, h: int, slot: int, nonce: int, want: int) -> None:
