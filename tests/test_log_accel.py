@@ -207,6 +207,9 @@ def test_log_suites_pass_with_the_python_append() -> None:
         "tests/test_log_model.py",
         "tests/test_log_processes.py",
         env={"AIODBENV_MUTEX": "abi"},
+        # Closes that give up on slow writes: the Python rounds the first run takes already
+        # (the fault seam forces them), and a few seconds of waiting each.
+        k="not a_late and not slower_than and not file_switch and not stays_counted",
     )
 
 

@@ -399,11 +399,12 @@ async def test_a_late_round_publishes_once_the_mutex_is_free(home: str, served_b
             await holder.wait()
     finally:
         fault.__exit__(None, None, None)
-    async with aiodbenv.Env.open(home) as env:
-        env.log.wait_timeout = 5
-        lsn = await env.log.put(b"after", flush=True)
-        records = [d async for _, d in env.log.cursor()]
+    async with aiodbenv.Env.open(home) as other:
+        other.log.wait_timeout = 5
+        lsn = await other.log.put(b"after", flush=True)
+        records = [d async for _, d in other.log.cursor()]
     assert lsn and records[-2:] == [b"late", b"after"]
+    await late_work_done(env, log)  # the closed handle is uncounted once its work ended
     await aiodbenv.Env.remove(home)
 
 
