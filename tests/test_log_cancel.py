@@ -53,6 +53,31 @@ async def late_work_done(env: aiodbenv.Env, log: aiodbenv.Log, timeout: float = 
         await asyncio.sleep(0.01)
 
 
+async def late_failure_panics(
+    home: str, op: str, record: bytes, options: dict[str, int], *, flush: bool = True
+) -> None:
+    """Put ``record`` while ``op`` fails slowly, close (giving up on it): the put gets an
+    error of the library and the environment is panicked afterwards."""
+    env = await aiodbenv.Env.open(home, create=True, log=True, **options)
+    log = env.log
+    await log.put(b"first", flush=True)
+    log.wait_timeout = 0.2
+    fault = _io.inject(op, errno.EIO, delay=1.0, times=1)
+    fault.__enter__()
+    try:
+        put = asyncio.ensure_future(log.put(record, flush=flush))
+        await io_started(op)
+        await env.close(nosync=True)
+        with pytest.raises(aiodbenv.AiodbenvError):
+            await put
+        await late_work_done(env, log)
+    finally:
+        fault.__exit__(None, None, None)
+    with pytest.raises(aiodbenv.RunRecovery, match="failed"):
+        await aiodbenv.Env.open(home)
+    await aiodbenv.Env.remove(home, force=True)
+
+
 async def assert_quiescent(log: aiodbenv.Log, timeout: float = 10.0) -> None:
     """The writer task finished, nobody holds the writer role or the log mutex, nothing is
     queued; then the log still takes and returns records."""
@@ -329,24 +354,7 @@ async def test_a_late_write_that_fails_panics_and_tells_its_flush(home: str) -> 
     """A write (or fsync) that fails after the close gave up on it panics the environment
     (through the view kept for it) and lets the role go; its flush gets an error of the
     library, not the ValueError of the environment's released view."""
-    env = await aiodbenv.Env.open(home, create=True, log=True)
-    log = env.log
-    await log.put(b"first", flush=True)
-    log.wait_timeout = 0.2
-    fault = _io.inject("fdatasync", errno.EIO, delay=1.0, times=1)
-    fault.__enter__()
-    try:
-        flush = asyncio.ensure_future(log.put(b"late", flush=True))
-        await io_started("fdatasync")
-        await env.close(nosync=True)
-        with pytest.raises(aiodbenv.AiodbenvError):
-            await flush
-        await late_work_done(env, log)
-    finally:
-        fault.__exit__(None, None, None)
-    with pytest.raises(aiodbenv.RunRecovery, match="failed"):
-        await aiodbenv.Env.open(home)
-    await aiodbenv.Env.remove(home, force=True)
+    await late_failure_panics(home, "fdatasync", b"late", {})
 
 
 HOLD_LOG_MUTEX = """
@@ -413,26 +421,8 @@ async def test_a_late_direct_write_that_fails_panics_the_environment(home: str) 
     """A record larger than the log buffer is written by the writer task straight to its
     file; that write failing after the close panicked through the environment's released
     view: the put got a ValueError and the environment was not panicked at all."""
-    env = await aiodbenv.Env.open(
-        home, create=True, log=True, log_buffer_size=4096, log_file_size=1 << 20
-    )
-    log = env.log
-    await log.put(b"first", flush=True)
-    log.wait_timeout = 0.2
-    fault = _io.inject("pwrite", errno.EIO, delay=1.0, times=1)
-    fault.__enter__()
-    try:
-        put = asyncio.ensure_future(log.put(b"big" * 3000))
-        await io_started("pwrite")
-        await env.close(nosync=True)
-        with pytest.raises(aiodbenv.AiodbenvError):
-            await put
-        await late_work_done(env, log)
-    finally:
-        fault.__exit__(None, None, None)
-    with pytest.raises(aiodbenv.RunRecovery, match="failed"):
-        await aiodbenv.Env.open(home)
-    await aiodbenv.Env.remove(home, force=True)
+    small_buffer = {"log_buffer_size": 4096, "log_file_size": 1 << 20}
+    await late_failure_panics(home, "pwrite", b"big" * 3000, small_buffer, flush=False)
 
 
 @pytest.mark.one_loop
