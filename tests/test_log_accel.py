@@ -623,6 +623,12 @@ async def main(home):
     assert running() == 0
     while not env._core.closed:  # the handle's last step waited for the late work
         await asyncio.sleep(0.01)
+    # Nothing of the closed handle is kept once its thread has ended (not until the next
+    # close of a log handle): its job went, and the views kept for its round with it.
+    deadline = time.monotonic() + 10
+    while accel._BY_JOB and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not accel._BY_JOB, accel._BY_JOB
     await aiodbenv.Env.remove(home)
     print("ok")
 
@@ -657,3 +663,25 @@ def test_round_thread_outliving_close_keeps_the_region_mapped(home: str) -> None
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-3000:])
     assert "still running" in r.stderr, r.stderr[-3000:]
+
+
+@compiled
+@pytest.mark.skipif(not accel.ROUND_THREAD, reason="the round thread is off")
+async def test_a_closed_handles_round_thread_job_is_dropped_once_it_ends(home: str) -> None:
+    """The job array of a handle's round thread is kept until the thread has ended, then
+    dropped without waiting for another log handle to close (it refers to the log's core)."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        for _ in range(3):  # the first opens the log file; the next go to the thread
+            await env.log.put(b"x", flush=True)
+        job = env.log._bjob
+        assert job is not None and job.thread
+        assert job in accel._BY_JOB.values()
+        await env.close()
+        deadline = time.monotonic() + 10
+        while job in accel._BY_JOB.values() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert job not in accel._BY_JOB.values()
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)

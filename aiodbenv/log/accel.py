@@ -11,6 +11,7 @@ Python path, so both paths share one implementation of the rare cases.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from concurrent.futures import Executor, Future, InvalidStateError
@@ -255,9 +256,7 @@ class BehindJob:
         if self.thread:
             speedups.aiodb_log_thread_quit(self.j)
             self.thread = False
-        for key, job in list(_BY_JOB.items()):
-            if not job.thread and job.j[_JX_ALIVE] == 0:
-                del _BY_JOB[key]
+        _forget_ended()
 
     def current(self) -> tuple[int, int, int, bool, int]:
         """``(file, start, end, sync, commits)`` of the round the job describes now (after
@@ -308,6 +307,44 @@ class BehindJob:
 #: the thread has ended (it reads their arrays), and found by the repair callback, which the
 #: thread makes with that address.
 _BY_JOB: dict[int, BehindJob] = {}
+
+#: How often the loop looks again for round threads that were asked to end and have not yet
+#: (one ends within a round's time: at once when idle, after its write on a slow disk).
+_FORGET_POLL = 0.05
+_forget_on: asyncio.AbstractEventLoop | None = None  # the loop a look is scheduled on
+
+
+def _forget_ended() -> None:
+    """Drop the jobs whose round thread has ended (their arrays are no longer read), and, on
+    a running loop, look again later while a thread asked to end still runs: a closed
+    handle's job, and what it refers to (the log's views kept for a late write), must not
+    wait for the next close to go."""
+    global _forget_on
+    ending = False
+    for key, job in list(_BY_JOB.items()):
+        if job.thread:
+            continue
+        if job.j[_JX_ALIVE] == 0:
+            del _BY_JOB[key]
+        else:
+            ending = True
+    if not ending:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # no loop to look from: the next close looks again
+    if _forget_on is loop:
+        return  # a look is due on this loop already (one on a loop since closed never comes)
+    _forget_on = loop
+    loop.call_later(_FORGET_POLL, _forget_again)
+
+
+def _forget_again() -> None:
+    global _forget_on
+    _forget_on = None
+    _forget_ended()
+
 
 if ROUND_COMPILED:
 
