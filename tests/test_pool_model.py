@@ -251,6 +251,11 @@ class PoolMachine(RuleBasedStateMachine):
             m.disk_of(key).add(content)
         if key not in m.surely_dirty:
             m.cur[key] = {content} | m.disk_of(key)
+        elif flags & PAGE_DISCARD:
+            # Unpinned with discard, it is the first victim: a batch writing dirty victims in
+            # the background (started by an earlier miss) may write it at any moment, and so
+            # clean it. Its content stays what it is, in the cache or on disk.
+            m.surely_dirty.discard(key)
 
     def _apply_flags(self, key: Key, flags: int) -> None:
         m = self.model
@@ -443,6 +448,8 @@ class PoolMachine(RuleBasedStateMachine):
                 flags = (flags & ~PAGE_CLEAN) | PAGE_DIRTY
             elif clean:
                 flags = (flags & ~PAGE_DIRTY) | PAGE_CLEAN
+            if discard:
+                flags |= PAGE_DISCARD
         self._released(h, flags)
 
     @rule()
