@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import mmap
 import os
 import random
@@ -29,7 +30,7 @@ import pytest
 
 import aiodbenv
 from aiodbenv import _io
-from aiodbenv.mpool import accel, fget, fopen, hot, miss, uring, victims
+from aiodbenv.mpool import accel, bhread, fget, fopen, hot, miss, uring, victims
 from aiodbenv.mpool import file as file_module
 from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_READING, BUCKET
 from aiodbenv.mpool.readers import ReaderThreads, use_threads
@@ -62,9 +63,11 @@ async def env(home: str) -> AsyncIterator[aiodbenv.Env]:
         await e.pool.sync()
         yield e
     finally:
-        if not e.closed:
-            await e.close(nosync=True)
-        await aiodbenv.Env.remove(home, force=True)
+        try:
+            if not e.closed:
+                await e.close(nosync=True)  # RunRecovery after a test's panic
+        finally:
+            await aiodbenv.Env.remove(home, force=True)
 
 
 class Counting:
@@ -402,6 +405,7 @@ async def test_a_page_not_in_the_os_cache_is_read_by_the_reader(
         pytest.skip(f"io_uring: {uring.available()}")
     monkeypatch.setenv("AIODBENV_READER", kind)  # read when the pool makes its reader
     counting = Counting(monkeypatch)
+    published = count_compiled_publishes(monkeypatch)
     pool = env.pool
     async with pool.open_file("m.db", page_size=PS) as f:
         # No readahead: the first miss's RWF_NOWAIT attempt would start a read of the pages
@@ -429,7 +433,82 @@ async def test_a_page_not_in_the_os_cache_is_read_by_the_reader(
     if miss.COMPILED_MISS:  # the compiled call handed the page over, linked and READING
         assert accel.MISS_FILL_DISK in counting.handed, (counting.whole, counting.fallback)
         assert set(counting.handed) <= {accel.MISS_FILL_DISK, accel.MISS_FILL}
+        # Each page the reader read whole was published by one compiled call.
+        assert published == [0] * reader.reads
     assert pin_totals(env) == {}
+
+
+def count_compiled_publishes(
+    monkeypatch: pytest.MonkeyPatch, answer: int | None = None
+) -> list[int]:
+    """Record what each compiled publish of a page the reader read returned; with
+    ``answer``, return that instead of calling it (nothing published)."""
+    results: list[int] = []
+    real = bhread._c_publish
+    if real is None:
+        return results
+
+    def publish(ctx: Any, b: int, bh: int) -> int:
+        rc = real(ctx, b, bh) if answer is None else answer
+        results.append(rc)
+        return int(rc)
+
+    monkeypatch.setattr(bhread, "_c_publish", publish)
+    return results
+
+
+@compiled
+@pytest.mark.parametrize("answer", [-errno.EBUSY, -errno.EAGAIN])
+async def test_a_read_the_compiled_publish_leaves_is_published_the_python_way(
+    env: aiodbenv.Env, home: str, monkeypatch: pytest.MonkeyPatch, answer: int
+) -> None:
+    """A held bucket mutex (or a buffer not as the compiled publish expects) leaves the page
+    to the Python publish: the reader's pages still come back right, counted, unpinned."""
+    monkeypatch.setenv("AIODBENV_READER", "threads")
+    asked = count_compiled_publishes(monkeypatch, answer)
+    pool = env.pool
+    async with pool.open_file("m.db", page_size=PS) as f:
+        assert f._fd is not None
+        os.posix_fadvise(f._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for _ in range(5):
+            for p in range(FRAMES, 2 * FRAMES):
+                async with f.get(p):
+                    pass
+            _drop_from_os_cache(os.path.join(home, "m.db"), 16)
+            s0 = pool.stat()
+            for p in range(16):
+                async with f.get(p) as page:
+                    assert bytes(page.data) == page_bytes(p)
+            assert pool.stat().page_in - s0.page_in == 16
+            if asked:
+                break
+    assert asked and set(asked) == {answer}
+    assert pin_totals(env) == {}
+
+
+@compiled
+async def test_a_read_buffer_failing_the_compiled_check_panics(
+    env: aiodbenv.Env, home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIODBENV_READER", "threads")
+    """A buffer offset the compiled publish finds out of bounds panics the environment,
+    as the compiled miss does."""
+    asked = count_compiled_publishes(monkeypatch, accel.CORRUPT)
+    pool = env.pool
+    async with pool.open_file("m.db", page_size=PS) as f:
+        assert f._fd is not None
+        os.posix_fadvise(f._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for p in range(FRAMES, 2 * FRAMES):
+            async with f.get(p):
+                pass
+        _drop_from_os_cache(os.path.join(home, "m.db"), 16)
+        with pytest.raises(aiodbenv.CorruptRegion):
+            for p in range(16):
+                async with f.get(p):
+                    pass
+    assert asked == [accel.CORRUPT]
+    with pytest.raises(aiodbenv.RunRecovery):
+        await env.close(nosync=True)
 
 
 async def test_reads_overlap_in_several_reader_threads(env: aiodbenv.Env, home: str) -> None:

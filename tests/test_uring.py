@@ -202,7 +202,8 @@ async def test_reads_made_while_others_are_at_the_disk_start_together(data: str)
 
 
 class _Recorder:
-    """``speedups`` as uring.py sees it, with the offsets of every submit_many call kept."""
+    """``speedups`` as uring.py sees it, with the pages of every submit_many and submit_one
+    call kept."""
 
     def __init__(self) -> None:
         self.calls: list[list[int]] = []
@@ -211,6 +212,12 @@ class _Recorder:
         offs = args[3]
         self.calls.append([int(offs[k]) // PS for k in range(n)])  # type: ignore[index]
         return int(speedups.aiodb_reader_submit_many(r, n, *args))
+
+    def aiodb_reader_submit_one(
+        self, r: object, fd: int, buf: object, n: int, off: int, token: int
+    ) -> int:
+        self.calls.append([off // PS])
+        return int(speedups.aiodb_reader_submit_one(r, fd, buf, n, off, token))
 
     def __getattr__(self, name: str) -> object:
         return getattr(speedups, name)

@@ -334,3 +334,29 @@ int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, 
     if (dirty_met) out[0] = AIODB_MISS_DIRTY_MET;
     return (int64_t)best;
 }
+
+/* Publish buffer bh of bucket b, which a reader (io_uring or a reader thread) filled with its
+   page read whole (bhread._publish for a page that was not created, as step 6 above): the
+   completion of a miss that went to the disk, in one call instead of a Python critical
+   section. 0 on success (the page-in counted); otherwise nothing is changed and the mutex is
+   not held, except for -EOWNERDEAD, where it is held for a dead holder and the caller repairs
+   it (cache.release_dead_holder) before publishing the Python way; -EBUSY when it is held;
+   -EAGAIN when bh is not READING by this process (left to the Python path, which knows
+   more); AIODB_CORRUPT when b or bh fails its check. */
+int64_t aiodb_miss_publish(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t bh) {
+    uint64_t *w = ctx->w;
+    uint64_t nbytes = region_bytes(w);
+    if (b >= ctx->nb || !bh_ok(bh, nbytes)) return AIODB_CORRUPT;
+    uint64_t h = bh >> 3;
+    int64_t rc = lock(w, ctx->mutexes[b], ctx->nowait_w[b], 0);
+    if (rc) return rc;
+    if (!(w[h + L[L_H_FLAGS]] & L[L_BH_READING]) || w[h + L[L_H_IOPID]] != ctx->pid) {
+        unlock(ctx->mutexes[b]);
+        return -EAGAIN;
+    }
+    w[h + L[L_H_FLAGS]] &= ~L[L_BH_READING];
+    w[h + L[L_H_IOPID]] = 0;
+    unlock(ctx->mutexes[b]);
+    (*ctx->ctr[MISS_CTR_PAGE_IN])++;
+    return 0;
+}

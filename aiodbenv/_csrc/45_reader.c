@@ -212,6 +212,13 @@ int aiodb_reader_submit_many(struct aiodb_reader *r, int n, const int *fds, char
     return taken;
 }
 
+/* aiodb_reader_submit_many of one read, from its fields: a lone miss's read, started without
+   the caller filling arrays first. */
+int aiodb_reader_submit_one(struct aiodb_reader *r, int fd, char *buf, uint64_t len,
+                            uint64_t off, uint64_t token) {
+    return aiodb_reader_submit_many(r, 1, &fd, &buf, &len, &off, &token);
+}
+
 /* Reap up to max completed reads: tokens[k] and results[k] (the bytes read -- short only at
    the end of the file -- or -errno). Returns how many, or -errno if a read that stopped short
    could not be issued again (its token is then reaped with that error). Completions past max

@@ -91,6 +91,7 @@ snapshot: Any = None
 write_done: Any = None
 collect: Any = None
 miss: Any = None
+miss_publish: Any = None
 stat_walk: Any = None
 #: What ``miss`` hands back to Python (out[0]; see aiodbenv/_csrc/40_miss.c).
 MISS_FALLBACK, MISS_FREE_FRAME, MISS_FILL, MISS_FILL_DISK = 0, 1, 2, 3
@@ -115,6 +116,7 @@ if speedups is not None:
     collect = speedups.aiodb_collect
     CORRUPT = speedups.AIODB_CORRUPT
     miss = speedups.aiodb_miss
+    miss_publish = speedups.aiodb_miss_publish
     stat_walk = speedups.aiodb_stat_walk
     assert (MISS_FALLBACK, MISS_FREE_FRAME, MISS_FILL, MISS_FILL_DISK) == (
         speedups.AIODB_MISS_FALLBACK,

@@ -13,6 +13,8 @@ import asyncio
 import errno
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 from .. import _io
 from .._process import is_alive
@@ -23,6 +25,7 @@ from ..errors import (
     TryAgain,
 )
 from ..region.mutex import BUSY
+from . import accel
 from .cache import Cache
 from .checksum import verify as verify_checksum
 from .fget import MODE_GET, MODE_LAST, MODE_NEW, PageAccess
@@ -43,6 +46,10 @@ from .uring import UringReader
 __all__ = ["PoolReads"]
 
 _ZEROS: dict[int, bytes] = {}
+
+#: The compiled publish of a page read whole (aiodbenv/_csrc/40_miss.c), or None.
+_c_publish = accel.miss_publish
+_EOWNERDEAD = -errno.EOWNERDEAD
 
 
 def _zeros(n: int) -> bytes:
@@ -305,6 +312,11 @@ class PoolReads(PoolFrames):
             settle(err)
 
         submitted = False
+        # A page with nothing to check or convert, read whole, is published by one compiled
+        # call (the miss context of its cache holds what that needs): no Python critical
+        # section on the loop per disk read.
+        ctxs: list[Any] = getattr(f, "_miss_ctx", None) or []
+        plain = bool(ctxs) and not f.checksum
 
         def done(res: int | BaseException) -> None:
             if submitted:
@@ -312,16 +324,27 @@ class PoolReads(PoolFrames):
                 # io_uring completed the read within the submit (the page was there by then):
                 # nothing yielded, and a run of such misses must still let the loop run.
                 self._loop_had_turn()
-            try:
-                if isinstance(res, BaseException):
-                    raise res
-                created = self._check_read(f, pgno, mode, view, res)
-            except BaseException as err:
-                self._settle(self._fail_read, cache, b, bh)
-                settle(err)
-                return
-            finally:
+            if (
+                plain
+                and res == ps
+                and not _io._signal_plan  # crash tests stop at the Python publish's step
+                and (not f.ftype or self._io.pgin(f.ftype) is None)
+            ):
                 view.release()
+                if self._publish_read(f, ctxs, cache, b, bh, settle):
+                    return
+                created = False
+            else:
+                try:
+                    if isinstance(res, BaseException):
+                        raise res
+                    created = self._check_read(f, pgno, mode, view, res)
+                except BaseException as err:
+                    self._settle(self._fail_read, cache, b, bh)
+                    settle(err)
+                    return
+                finally:
+                    view.release()
             try:
                 busy = self._attempt(self._publish, f, cache, b, bh, created) is BUSY
             except BaseException as err:
@@ -352,6 +375,35 @@ class PoolReads(PoolFrames):
             raise
         finally:
             self._reading -= 1
+
+    def _publish_read(
+        self,
+        f: PageAccess,
+        ctxs: list[Any],
+        cache: Cache,
+        b: int,
+        bh: int,
+        settle: Callable[[BaseException | None], None],
+    ) -> bool:
+        """Publish a page read whole in one compiled call. True if it is done (published,
+        or failed with ``settle`` told); False if the Python publish must do it (the bucket
+        is busy, or the buffer is not as the call expects)."""
+        rc = _c_publish(ctxs[cache.index], b, bh)
+        if rc == 0:
+            if self._waiters:
+                self._notify()
+            settle(None)
+            return True
+        try:
+            if rc == accel.CORRUPT:
+                cache.corrupt(f"buffer {bh} of bucket {b} fails its check after a read")
+            if rc == _EOWNERDEAD:
+                cache.release_dead_holder(b)  # repairs the bucket (or panics and raises)
+        except BaseException as err:
+            self._settle(self._fail_read, cache, b, bh)
+            settle(err)
+            return True
+        return False
 
     def _fail_read(self, cache: Cache, b: int, bh: int) -> None:
         """A read failed: unlink the buffer, flag it failed for waiters, drop our pin."""

@@ -243,12 +243,18 @@ class UringReader(PageReader):
         the next completion (the ring was full, or took part of them); if it took none and
         said why (no memory, say), or nothing of ours is in flight to make room, reader
         threads read them and everything waiting, so that no read is left behind."""
-        fds, bufs, lens, offs, tokens = self._fds, self._bufs, self._lens, self._offs, self._ids
-        for k, (fd, _, buf, offset, _) in enumerate(jobs):
-            fds[k], bufs[k], lens[k], offs[k] = fd, buf, len(buf), offset
-            tokens[k] = self._next + k
         n = len(jobs)
-        rc = speedups.aiodb_reader_submit_many(self._ring.r, n, fds, bufs, lens, offs, tokens)
+        if n == 1:  # a lone miss's read: no arrays to fill
+            fd, _, buf, offset, _ = jobs[0]
+            rc = speedups.aiodb_reader_submit_one(
+                self._ring.r, fd, buf, len(buf), offset, self._next
+            )
+        else:
+            fds, bufs, lens, offs, ids = self._fds, self._bufs, self._lens, self._offs, self._ids
+            for k, (fd, _, buf, offset, _) in enumerate(jobs):
+                fds[k], bufs[k], lens[k], offs[k] = fd, buf, len(buf), offset
+                ids[k] = self._next + k
+            rc = speedups.aiodb_reader_submit_many(self._ring.r, n, fds, bufs, lens, offs, ids)
         started = max(rc, 0)
         self.starts += started > 0
         calls = self._calls
