@@ -587,6 +587,44 @@ async def test_a_commit_meets_a_dead_bucket_mutex_holder(home: str) -> None:
 
 
 @needs_compiled
+async def test_the_compiled_take_meets_a_dead_bucket_mutex_holder(home: str) -> None:
+    """The take's try-lock finds the bucket mutex's holder dead: the bucket is repaired and
+    let go, nothing is taken (the caller waits and calls again), and the next take works."""
+    from aiodbenv.region.mutex import lib
+    from aiodbenv.txn import latch
+
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        f = await env.pool.open_file(env.resolve("d.db"), create=True, lsn_offset=0)
+        page = await f.pin(0, create=True)
+        cache = page._cache
+        assert cache is not None
+        ptr = cache.mptrs[page._bucket]
+        died = env.stat().mutex_owner_died
+
+        def die_holding() -> None:
+            assert lib.pthread_mutex_lock(ptr) == 0
+
+        t = threading.Thread(target=die_holding)
+        t.start()
+        t.join(10)
+        owner = 12345
+        r, data, desc = commit.take(page, owner, True, False, 0, f._fidx, b"entry")
+        assert r < 0 and data is None and desc is None  # nothing taken
+        assert env.stat().mutex_owner_died == died + 1
+        assert lib.pthread_mutex_trylock(ptr) == 0  # repaired and let go
+        lib.pthread_mutex_unlock(ptr)
+        r, data, desc = commit.take(page, owner, True, False, 0, f._fidx, b"entry")
+        assert r == 0 and data is not None and len(data) == len(page.data)
+        latch.release(page, owner)
+        await f.unpin(page)
+        await f.close()
+    finally:
+        await env.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@needs_compiled
 async def test_a_record_larger_than_its_bound_is_refused_before_anything_is_logged(
     home: str,
 ) -> None:
