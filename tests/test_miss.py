@@ -26,12 +26,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 
 import aiodbenv
 from aiodbenv import _io
 from aiodbenv.mpool import accel, bhread, fget, fopen, hot, miss, uring, victims
 from aiodbenv.mpool import file as file_module
+from aiodbenv.mpool.bh import ReadBatcher
 from aiodbenv.mpool.layout import BH, BH_DIRTY, BH_READING, BUCKET
 from aiodbenv.mpool.readers import ReaderThreads, use_threads
 
@@ -737,3 +739,39 @@ async def test_reads_done_within_their_submit_still_let_the_loop_run(env: aiodbe
         await task
     assert misses > 2500
     assert seen >= misses // 100, (seen, misses)
+
+
+async def test_a_cancelled_read_batch_fails_its_readers_not_cancels_them(home: str) -> None:
+    """``AIODBENV_READER=anyio``: a batch task cancelled while its thread reads (a shutdown
+    cancelling every task) waits for the thread, then gives each reader an OSError
+    (ECANCELED) of its own -- the readers were not cancelled -- and ends cancelled itself."""
+    path = os.path.join(home, "r.db")
+    with open(path, "wb") as fh:
+        fh.write(page_bytes(0) + page_bytes(1))
+    tasks: list[asyncio.Task[None]] = []
+
+    def spawn(coro: Any) -> asyncio.Task[None]:
+        tasks.append(asyncio.ensure_future(coro))
+        return tasks[-1]
+
+    batcher = ReadBatcher(anyio.CapacityLimiter(2), spawn)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with _io.inject("pread", error=None, delay=0.3):
+            bufs = [bytearray(PS), bytearray(PS)]
+            reads = [
+                asyncio.ensure_future(batcher.read(fd, memoryview(b), p * PS))
+                for p, b in enumerate(bufs)
+            ]
+            await asyncio.sleep(0.1)  # the batches' threads are in their (slow) reads
+            assert tasks
+            for t in tasks:
+                t.cancel()
+            for r in reads:
+                with pytest.raises(OSError) as err:
+                    await r
+                assert err.value.errno == errno.ECANCELED
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(t.cancelled() for t in tasks)
+    finally:
+        os.close(fd)

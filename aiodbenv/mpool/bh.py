@@ -126,13 +126,23 @@ class ReadBatcher:
         self._spawn(self._run(batch))
 
     async def _run(self, batch: list[tuple[int, memoryview, int, asyncio.Future[int]]]) -> None:
+        cancelled: asyncio.CancelledError | None = None
+        results: list[int | BaseException]
         try:
             results = await run_to_end(
                 _read_many,
                 [(fd, view, off) for fd, view, off, _ in batch],
                 limiter=self._limiter,
             )
-        except BaseException as err:  # pragma: no cover - the thread itself failed
+        except asyncio.CancelledError as err:
+            # This task was cancelled (a shutdown cancelling every task): the thread has
+            # ended or never ran (run_to_end holds the cancellation back until then), and
+            # its results are lost. The readers were not cancelled themselves: each gets an
+            # error of its own, and the cancellation stays this task's.
+            cancelled = err
+            lost = "the read's batch was cancelled before its results reached the loop"
+            results = [OSError(errno.ECANCELED, lost) for _ in batch]
+        except Exception as err:  # pragma: no cover - the thread itself failed
             results = [err] * len(batch)
         finally:
             self._running -= 1
@@ -145,6 +155,8 @@ class ReadBatcher:
                 fut.set_result(res)
         if self._queue and self._running < IO_THREADS:
             self._launch()
+        if cancelled is not None:
+            raise cancelled
 
 
 def _read_many(jobs: list[tuple[int, memoryview, int]]) -> list[int | BaseException]:
