@@ -5,6 +5,7 @@ repaired and counted."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from typing import Any
@@ -122,3 +123,65 @@ async def test_a_bucket_whose_holder_died_is_repaired_and_counted(
     await f.close()
     await env.close()
     await aiodbenv.Env.remove(home, force=True)
+
+
+PIN_AND_WAIT = """
+import asyncio, json, sys
+import aiodbenv
+
+async def main(home, args):
+    env = await aiodbenv.Env.open(home, **json.loads(args))
+    f = await env.pool.open_file("data.db")
+    pages = [await f.get(p) for p in range(1, 60, 2)]  # 30 pins
+    print("pinned", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for page in pages:
+        await f.unpin(page)
+    await f.close()
+    await env.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.skipif(not accel.COMPILED, reason="compares the compiled walk with the Python one")
+@pytest.mark.parametrize("kind", ["file", "system"])
+async def test_pins_per_process_compiled_and_python_agree(
+    home: str, shm_key: int, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """env.stat()'s pins per process, from the compiled walk and its Python twin, with pins
+    of two processes (some pages pinned by both, some twice by one)."""
+    import json
+
+    from .conftest import spawn
+
+    args = kind_args(kind, shm_key)
+    env = await aiodbenv.Env.open(home, create=True, cache_size=1 << 20, **args)
+    child = None
+    try:
+        f = await env.pool.open_file("data.db", create=True)
+        mine = [await f.get(p, create=True) for p in range(0, 80)]  # 80 pins
+        mine += [await f.get(p) for p in range(0, 80, 10)]  # 8 more, on pages pinned already
+        child = spawn(PIN_AND_WAIT, home, json.dumps(args))
+        assert child.stdout is not None and child.stdout.readline().strip() == "pinned"
+        compiled = statwalk.slot_pins(env.pool._core.caches)
+        with monkeypatch.context() as m:
+            m.setattr(accel, "slot_pins", None)
+            python = statwalk.slot_pins(env.pool._core.caches)
+        assert compiled == python
+        by_pid = {p.pid: p.pins for p in env.stat().processes}
+        assert by_pid == {os.getpid(): 88, child.pid: 30}
+        assert child.stdin is not None
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(30) == 0
+        for page in mine:
+            await f.unpin(page)
+        assert statwalk.slot_pins(env.pool._core.caches) == {}
+        await f.close()
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        await env.close()
+        await aiodbenv.Env.remove(home, force=True)

@@ -61,3 +61,27 @@ int64_t aiodb_stat_walk(uint64_t *w, void **mutexes, const uint64_t *nowait_w,
     *n = got;
     return (int64_t)b;
 }
+
+/* Add each registry slot's pins in the nb buckets of the cache at w to sums[0 .. MAX_PROCS):
+   Pool.slot_pins (aiodbenv/mpool/handle.py), for env.stat() and the metrics. Unlocked, as its
+   Python twin: an offset that fails its check (a chain changing under us, or a corrupt one)
+   ends that bucket's walk, and a figure may be a pin off while pins change. Only buffers whose
+   ref (the sum of their slots' counts) is not 0 are looked into. */
+void aiodb_slot_pins(uint64_t *w, const uint64_t *bucket_w, uint64_t nb, uint64_t *sums) {
+    uint64_t nbytes = region_bytes(w), words = nbytes / 8;
+    uint64_t most = nbytes / L[L_BH_DATA] + 1;
+    for (uint64_t b = 0; b < nb; b++) {
+        uint64_t bw = bucket_w[b];
+        if (bw + L[L_B_HEAD] >= words) return;
+        uint64_t off = w[bw + L[L_B_HEAD]], walked = 0;
+        while (off && walked++ < most) {
+            if (!bh_ok(off, nbytes)) break;
+            uint64_t x = off >> 3;
+            if (w[x + L[L_H_REF]]) {
+                const uint16_t *pins = (const uint16_t *)(w + x + L[L_H_PINS]);
+                for (uint64_t s = 0; s < L[L_MAX_PROCS]; s++) sums[s] += pins[s];
+            }
+            off = w[x + L[L_H_NEXT]];
+        }
+    }
+}

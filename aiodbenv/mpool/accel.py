@@ -93,6 +93,7 @@ collect: Any = None
 miss: Any = None
 miss_publish: Any = None
 stat_walk: Any = None
+slot_pins: Any = None
 #: What ``miss`` hands back to Python (out[0]; see aiodbenv/_csrc/40_miss.c).
 MISS_FALLBACK, MISS_FREE_FRAME, MISS_FILL, MISS_FILL_DISK = 0, 1, 2, 3
 #: out[0] of a miss done whole that passed a dirty best over for a clean frame.
@@ -118,6 +119,7 @@ if speedups is not None:
     miss = speedups.aiodb_miss
     miss_publish = speedups.aiodb_miss_publish
     stat_walk = speedups.aiodb_stat_walk
+    slot_pins = speedups.aiodb_slot_pins
     assert (MISS_FALLBACK, MISS_FREE_FRAME, MISS_FILL, MISS_FILL_DISK) == (
         speedups.AIODB_MISS_FALLBACK,
         speedups.AIODB_MISS_FREE_FRAME,

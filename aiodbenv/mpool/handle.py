@@ -25,7 +25,6 @@ from .. import _tasks
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region import panic
 from ..region.backing import Region
-from ..region.layout import MAX_PROCS
 from ..region.mutex import BUSY, Busy, _wait_bound, backoff_locked, step_waits
 from ..region.mutex import STEP_WAIT as _STEP_WAIT
 from . import csync
@@ -33,13 +32,11 @@ from .alloc import PoolCore
 from .bh import BufferIO
 from .hot import module as _hot_module
 from .layout import (
-    BH,
-    BUCKET,
     HANDLE_STATS,
-    PINS_HALF,
     POOL_HEADER,
 )
 from .reaper import REAP_INTERVAL, Reaped, reap
+from .statwalk import slot_pins
 
 if TYPE_CHECKING:
     from ..region.environment import EnvCore
@@ -415,25 +412,7 @@ class PoolBase:
 
     def _slot_pins(self) -> dict[int, int]:
         """Pins held per registry slot (see :meth:`aiodbenv.mpool.pool.Pool.slot_pins`)."""
-        out: dict[int, int] = {}
-        for cache in self._core.caches:
-            w = cache.words
-            halves = cache.halves
-            for bw in cache.bucket_words:
-                off = int(w[bw + BUCKET.word.head])
-                n = 0
-                # Unlocked: an offset that fails its check (a chain changing under us, or a
-                # corrupt one) ends this bucket's walk; the mutexed paths report corruption.
-                while off and n < cache.max_chain:
-                    if not cache.bh_ok(off):
-                        break
-                    p = (off >> 1) + PINS_HALF
-                    for s, c in enumerate(halves[p : p + MAX_PROCS]):
-                        if c:
-                            out[s] = out.get(s, 0) + c
-                    off = int(w[(off >> 3) + BH.word.next])
-                    n += 1
-        return out
+        return slot_pins(self._core.caches)
 
     def _pin_holders_text(self) -> str:
         """``"; pins held by process(es) [pid (n pins), ...]"``, from the registry (empty for a
