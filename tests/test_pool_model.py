@@ -14,6 +14,9 @@ sound whatever the pool evicted and when:
 - ``surely_dirty`` / ``maybe_dirty``: pages whose buffer is dirty for certain / perhaps. A page
   becomes surely dirty when it is marked dirty or created; eviction and trickle may then write
   any unpinned one, so after anything that may do so, unpinned pages are only "maybe" dirty.
+  A batch writing dirty victims in the background may also write an unpinned one between two
+  rules, so the dirty count is checked against the pinned surely dirty pages only, and a page
+  pinned again after being unpinned is only maybe dirty.
   A page read past the end of the file as it is on disk comes back dirty (it is created), so a
   pin of such a page makes it maybe dirty.
 
@@ -232,6 +235,10 @@ class PoolMachine(RuleBasedStateMachine):
             m.cur[key] = {got}
             if pgno >= m.disk_pages_min[name]:
                 m.maybe_dirty.add(key)  # read past the file's end on disk: created, dirty
+            if key not in self._pinned_keys():
+                # Unpinned until now: a batch writing dirty victims in the background may
+                # have written it (see dirty_count_within_the_model_bounds).
+                m.surely_dirty.discard(key)
         self.handles.append(Handle(name, pgno, page))
         self._after_may_write()
 
@@ -251,11 +258,6 @@ class PoolMachine(RuleBasedStateMachine):
             m.disk_of(key).add(content)
         if key not in m.surely_dirty:
             m.cur[key] = {content} | m.disk_of(key)
-        elif flags & PAGE_DISCARD:
-            # Unpinned with discard, it is the first victim: a batch writing dirty victims in
-            # the background (started by an earlier miss) may write it at any moment, and so
-            # clean it. Its content stays what it is, in the cache or on disk.
-            m.surely_dirty.discard(key)
 
     def _apply_flags(self, key: Key, flags: int) -> None:
         m = self.model
@@ -448,8 +450,6 @@ class PoolMachine(RuleBasedStateMachine):
                 flags = (flags & ~PAGE_CLEAN) | PAGE_DIRTY
             elif clean:
                 flags = (flags & ~PAGE_DIRTY) | PAGE_CLEAN
-            if discard:
-                flags |= PAGE_DISCARD
         self._released(h, flags)
 
     @rule()
@@ -553,8 +553,14 @@ class PoolMachine(RuleBasedStateMachine):
             return
         m = self.model
         dirty = self.pool.stat().page_dirty
-        assert len(m.surely_dirty) <= dirty <= len(m.maybe_dirty), (
-            f"{dirty} dirty buffers; the model says {len(m.surely_dirty)} surely, "
+        # A batch writing dirty victims in the background (started by an earlier miss) may
+        # write an unpinned dirty page at any moment, between two rules: one unpinned with
+        # discard at once, any other once enough later unpins make it old. Only the pinned
+        # ones are surely still dirty; the content of every surely dirty one stays exact
+        # (written or cached, never lost), which the pins and syncs check.
+        surely = len(m.surely_dirty & self._pinned_keys())
+        assert surely <= dirty <= len(m.maybe_dirty), (
+            f"{dirty} dirty buffers; the model says {surely} surely (pinned), "
             f"{len(m.maybe_dirty)} at most"
         )
 
