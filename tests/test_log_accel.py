@@ -29,7 +29,7 @@ from aiodbenv.log.files import log_path
 from aiodbenv.log.layout import LOG_HEADER
 from aiodbenv.log.threadrounds import CRound
 
-from .conftest import REPO, run_suites
+from .conftest import REPO, in_forked_child, run_suites
 
 compiled = pytest.mark.skipif(not accel.COMPILED, reason="the compiled accelerator is not in use")
 
@@ -682,6 +682,28 @@ async def test_a_closed_handles_round_thread_job_is_dropped_once_it_ends(home: s
         while job in accel._BY_JOB.values() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert job not in accel._BY_JOB.values()
+    finally:
+        await env.close()
+        await aiodbenv.Env.remove(home)
+
+
+@compiled
+@pytest.mark.skipif(not accel.ROUND_THREAD, reason="the round thread is off")
+async def test_a_forked_child_keeps_none_of_the_parents_round_thread_jobs(home: str) -> None:
+    """The child has none of the parent's round threads: their jobs are dropped at the fork
+    (one still ending would otherwise be looked for by every loop of the child, for good)."""
+    env = await aiodbenv.Env.open(home, create=True, log=True)
+    try:
+        for _ in range(3):
+            await env.log.put(b"x", flush=True)
+        job = env.log._bjob
+        assert job is not None and job.thread and job in accel._BY_JOB.values()
+
+        async def in_child() -> object:
+            return [len(accel._BY_JOB), accel._forget_on is None]
+
+        assert await in_forked_child(in_child) == [0, True]
+        assert job in accel._BY_JOB.values()  # the parent's is kept
     finally:
         await env.close()
         await aiodbenv.Env.remove(home)

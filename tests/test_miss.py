@@ -460,6 +460,54 @@ def count_compiled_publishes(
 
 
 @compiled
+async def test_disk_reads_into_either_of_two_caches_are_published_compiled(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two caches, each page read from the disk is published by one compiled call with
+    its own cache's context. Pages of 4 KiB here: a read of a smaller one brings its
+    neighbours in the same OS page into the OS cache, and those would not go to the disk."""
+    ps = 4096
+    monkeypatch.setenv("AIODBENV_READER", "threads")
+    published = count_compiled_publishes(monkeypatch)
+    contexts: list[int] = []  # the cache whose context each call was given
+    e = await aiodbenv.Env.open(
+        home, create=True, cache_size=2 * FRAMES * ps, page_size=ps, ncache=2
+    )
+    pages = 8 * FRAMES
+    try:
+        async with e.pool.open_file("n.db", create=True, page_size=ps) as f:
+            for p in range(pages):
+                async with f.get(p, create=True) as page:
+                    page.data[:] = page_bytes(p) * (ps // PS)
+                    page.mark_dirty()
+            await e.pool.sync()
+            assert f._fd is not None
+            os.posix_fadvise(f._fd, 0, 0, os.POSIX_FADV_RANDOM)
+            counting = bhread._c_publish
+
+            def publish(ctx: Any, b: int, bh: int) -> int:
+                contexts.extend(k for k, c in enumerate(f._miss_ctx[:-1]) if c == ctx)
+                return int(counting(ctx, b, bh))
+
+            monkeypatch.setattr(bhread, "_c_publish", publish)
+            for p in range(2 * FRAMES, pages):  # 0 .. 2 * FRAMES - 1 are evicted
+                async with f.get(p):
+                    pass
+            _drop_from_os_cache(os.path.join(home, "n.db"), 2 * FRAMES)
+            for p in range(FRAMES):
+                async with f.get(p) as page:
+                    assert bytes(page.data) == page_bytes(p) * (ps // PS)
+        # Read into both caches, and published there: a call given the other cache's
+        # context would lock the wrong mutex, and fail its checks or publish blind.
+        assert published and set(published) == {0}, published
+        assert set(contexts) == {0, 1}, contexts
+        assert pin_totals(e) == {}
+    finally:
+        await e.close(nosync=True)
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@compiled
 @pytest.mark.parametrize("answer", [-errno.EBUSY, -errno.EAGAIN])
 async def test_a_read_the_compiled_publish_leaves_is_published_the_python_way(
     env: aiodbenv.Env, home: str, monkeypatch: pytest.MonkeyPatch, answer: int

@@ -341,8 +341,8 @@ int64_t aiodb_miss(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t pgno, 
    section. 0 on success (the page-in counted); otherwise nothing is changed and the mutex is
    not held, except for -EOWNERDEAD, where it is held for a dead holder and the caller repairs
    it (cache.release_dead_holder) before publishing the Python way; -EBUSY when it is held;
-   -EAGAIN when bh is not READING by this process (left to the Python path, which knows
-   more); AIODB_CORRUPT when b or bh fails its check. */
+   -EAGAIN when bh is not READING by this process (then the Python publish does what it
+   did before this call existed); AIODB_CORRUPT when b or bh fails its check. */
 int64_t aiodb_miss_publish(const struct aiodb_miss_ctx *ctx, uint64_t b, uint64_t bh) {
     uint64_t *w = ctx->w;
     uint64_t nbytes = region_bytes(w);

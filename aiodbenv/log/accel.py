@@ -325,7 +325,7 @@ def _forget_ended() -> None:
         if job.thread:
             continue
         if job.j[_JX_ALIVE] == 0:
-            del _BY_JOB[key]
+            _BY_JOB.pop(key, None)  # another loop's thread may have dropped it meanwhile
         else:
             ending = True
     if not ending:
@@ -380,3 +380,14 @@ def crc32(data: bytes) -> int:
     if not COMPILED:
         raise RuntimeError("the compiled accelerator is not in use")
     return int(speedups.aiodb_log_crc32(data, len(data)))
+
+
+def _forget_in_child() -> None:
+    # A forked child has none of the parent's round threads: their jobs (and the parent's
+    # cores they refer to) are nobody's there, and one still ending would be polled forever.
+    global _forget_on
+    _BY_JOB.clear()
+    _forget_on = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

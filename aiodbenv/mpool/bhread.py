@@ -400,8 +400,10 @@ class PoolReads(PoolFrames):
             if rc == _EOWNERDEAD:
                 cache.release_dead_holder(b)  # repairs the bucket (or panics and raises)
         except BaseException as err:
-            self._settle(self._fail_read, cache, b, bh)
-            settle(err)
+            try:
+                self._settle(self._fail_read, cache, b, bh)
+            finally:
+                settle(err)  # the caller (and a close waiting for the read) always hears
             return True
         return False
 
