@@ -15,8 +15,8 @@ sound whatever the pool evicted and when:
   becomes surely dirty when it is marked dirty or created; eviction and trickle may then write
   any unpinned one, so after anything that may do so, unpinned pages are only "maybe" dirty.
   A batch writing dirty victims in the background may also write an unpinned one between two
-  rules, so the dirty count is checked against the pinned surely dirty pages only, and a page
-  pinned again after being unpinned is only maybe dirty.
+  rules (``may_be_written``): the dirty count and a sync's outcome count only the pinned
+  surely dirty pages not unpinned since they were made dirty; their content stays exact.
   A page read past the end of the file as it is on disk comes back dirty (it is created), so a
   pin of such a page makes it maybe dirty.
 
@@ -104,6 +104,9 @@ class Model:
     disk_pages_min: dict[str, int] = field(default_factory=dict)  # the file is at least this long
     surely_dirty: set[Key] = field(default_factory=set)
     maybe_dirty: set[Key] = field(default_factory=set)
+    #: Surely dirty pages unpinned since they were last made dirty: a batch writing dirty
+    #: victims in the background may have written them (clean now), their content kept.
+    may_be_written: set[Key] = field(default_factory=set)
 
     def cur_of(self, key: Key) -> set[bytes]:
         if key not in self.cur:
@@ -225,6 +228,7 @@ class PoolMachine(RuleBasedStateMachine):
             m.cur[key] = {got}
             m.surely_dirty.add(key)
             m.maybe_dirty.add(key)
+            m.may_be_written.discard(key)
         else:
             allowed = m.cur_of(key)
             assert got in allowed, (
@@ -235,10 +239,6 @@ class PoolMachine(RuleBasedStateMachine):
             m.cur[key] = {got}
             if pgno >= m.disk_pages_min[name]:
                 m.maybe_dirty.add(key)  # read past the file's end on disk: created, dirty
-            if key not in self._pinned_keys():
-                # Unpinned until now: a batch writing dirty victims in the background may
-                # have written it (see dirty_count_within_the_model_bounds).
-                m.surely_dirty.discard(key)
         self.handles.append(Handle(name, pgno, page))
         self._after_may_write()
 
@@ -258,15 +258,24 @@ class PoolMachine(RuleBasedStateMachine):
             m.disk_of(key).add(content)
         if key not in m.surely_dirty:
             m.cur[key] = {content} | m.disk_of(key)
+        else:
+            m.may_be_written.add(key)
 
     def _apply_flags(self, key: Key, flags: int) -> None:
         m = self.model
+        if flags & (PAGE_DIRTY | PAGE_CLEAN):
+            m.may_be_written.discard(key)
         if flags & PAGE_DIRTY:
             m.surely_dirty.add(key)
             m.maybe_dirty.add(key)
         elif flags & PAGE_CLEAN:
             m.surely_dirty.discard(key)
             m.maybe_dirty.discard(key)
+
+    def _dirty_now(self) -> set[Key]:
+        """The pages whose buffer is surely dirty at this moment (not only in content)."""
+        m = self.model
+        return m.surely_dirty - m.may_be_written
 
     def _read_disk(self, name: str) -> list[bytes]:
         spec = SPEC[name]
@@ -286,7 +295,7 @@ class PoolMachine(RuleBasedStateMachine):
         names = [s.name for s in FILES] if name is None else [name]
         pinned = self._pinned_keys()
         in_scope = {k for k in pinned if k[0] in names}
-        must_fail = bool(in_scope & m.surely_dirty)
+        must_fail = bool(in_scope & self._dirty_now())
         may_fail = bool(in_scope & m.maybe_dirty)
         was_surely = {k for k in m.surely_dirty if k[0] in names and k not in pinned}
         try:
@@ -528,6 +537,7 @@ class PoolMachine(RuleBasedStateMachine):
                 content = new
                 m.surely_dirty.add(key)
                 m.maybe_dirty.add(key)
+                m.may_be_written.discard(key)
             m.cur[key] = {content}
             if pinned:
                 continue
@@ -555,10 +565,10 @@ class PoolMachine(RuleBasedStateMachine):
         dirty = self.pool.stat().page_dirty
         # A batch writing dirty victims in the background (started by an earlier miss) may
         # write an unpinned dirty page at any moment, between two rules: one unpinned with
-        # discard at once, any other once enough later unpins make it old. Only the pinned
-        # ones are surely still dirty; the content of every surely dirty one stays exact
-        # (written or cached, never lost), which the pins and syncs check.
-        surely = len(m.surely_dirty & self._pinned_keys())
+        # discard at once, any other once enough later unpins make it old (may_be_written).
+        # The content of every surely dirty page stays exact (written or cached, never
+        # lost), which the pins and syncs check.
+        surely = len(self._dirty_now() & self._pinned_keys())
         assert surely <= dirty <= len(m.maybe_dirty), (
             f"{dirty} dirty buffers; the model says {surely} surely (pinned), "
             f"{len(m.maybe_dirty)} at most"
