@@ -23,7 +23,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -397,6 +397,32 @@ def _drop_from_os_cache(path: str, npages: int) -> None:
         os.close(fd)
 
 
+async def _evict_and_drop(f: aiodbenv.PoolFile, home: str) -> None:
+    """Fill the cache with other pages (FRAMES to 2 * FRAMES - 1), then drop m.db's first 16
+    pages from the OS page cache: their next pins go to the disk reader."""
+    for p in range(FRAMES, 2 * FRAMES):
+        async with f.get(p):
+            pass
+    _drop_from_os_cache(os.path.join(home, "m.db"), 16)
+
+
+async def _read_first_pages_from_disk(
+    pool: aiodbenv.Pool, f: aiodbenv.PoolFile, home: str, done: Callable[[], bool]
+) -> None:
+    """Read m.db's first 16 pages back from the disk (each right, each a page-in), in rounds
+    until ``done()`` says a read found its page gone from the OS cache: something on the
+    machine now and then brings the pages back in between the drop and the read (5 at most)."""
+    for _ in range(5):
+        await _evict_and_drop(f, home)
+        s0 = pool.stat()
+        for p in range(16):  # readahead of a disk read may bring in the next ones
+            async with f.get(p) as page:
+                assert bytes(page.data) == page_bytes(p)
+        assert pool.stat().page_in - s0.page_in == 16
+        if done():
+            break
+
+
 @pytest.mark.parametrize("kind", ["threads", "uring"])
 async def test_a_page_not_in_the_os_cache_is_read_by_the_reader(
     env: aiodbenv.Env, home: str, monkeypatch: pytest.MonkeyPatch, kind: str
@@ -415,20 +441,12 @@ async def test_a_page_not_in_the_os_cache_is_read_by_the_reader(
         # in all five rounds). Each page now comes back through its own read.
         assert f._fd is not None
         os.posix_fadvise(f._fd, 0, 0, os.POSIX_FADV_RANDOM)
-        # Rounds until a read finds its page gone from the OS cache: something on the machine
-        # now and then brings the pages back in between the drop and the read.
-        for _ in range(5):
-            for p in range(FRAMES, 2 * FRAMES):  # fill the cache with other pages
-                async with f.get(p):
-                    pass
-            _drop_from_os_cache(os.path.join(home, "m.db"), 16)
-            s0 = pool.stat()
-            for p in range(16):  # readahead of a disk read may bring in the next ones
-                async with f.get(p) as page:
-                    assert bytes(page.data) == page_bytes(p)
-            assert pool.stat().page_in - s0.page_in == 16
-            if pool._io.reader.reads:  # type: ignore[union-attr]
-                break
+        await _read_first_pages_from_disk(
+            pool,
+            f,
+            home,
+            lambda: bool(pool._io.reader.reads),  # type: ignore[union-attr]
+        )
     reader = pool._io.reader
     assert isinstance(reader, ReaderThreads if kind == "threads" else uring.UringReader)
     assert reader.reads >= 1 and reader._running == 0
@@ -520,18 +538,7 @@ async def test_a_read_the_compiled_publish_leaves_is_published_the_python_way(
     async with pool.open_file("m.db", page_size=PS) as f:
         assert f._fd is not None
         os.posix_fadvise(f._fd, 0, 0, os.POSIX_FADV_RANDOM)
-        for _ in range(5):
-            for p in range(FRAMES, 2 * FRAMES):
-                async with f.get(p):
-                    pass
-            _drop_from_os_cache(os.path.join(home, "m.db"), 16)
-            s0 = pool.stat()
-            for p in range(16):
-                async with f.get(p) as page:
-                    assert bytes(page.data) == page_bytes(p)
-            assert pool.stat().page_in - s0.page_in == 16
-            if asked:
-                break
+        await _read_first_pages_from_disk(pool, f, home, lambda: bool(asked))
     assert asked and set(asked) == {answer}
     assert pin_totals(env) == {}
 
@@ -540,18 +547,15 @@ async def test_a_read_the_compiled_publish_leaves_is_published_the_python_way(
 async def test_a_read_buffer_failing_the_compiled_check_panics(
     env: aiodbenv.Env, home: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AIODBENV_READER", "threads")
     """A buffer offset the compiled publish finds out of bounds panics the environment,
     as the compiled miss does."""
+    monkeypatch.setenv("AIODBENV_READER", "threads")
     asked = count_compiled_publishes(monkeypatch, accel.CORRUPT)
     pool = env.pool
     async with pool.open_file("m.db", page_size=PS) as f:
         assert f._fd is not None
         os.posix_fadvise(f._fd, 0, 0, os.POSIX_FADV_RANDOM)
-        for p in range(FRAMES, 2 * FRAMES):
-            async with f.get(p):
-                pass
-        _drop_from_os_cache(os.path.join(home, "m.db"), 16)
+        await _evict_and_drop(f, home)
         with pytest.raises(aiodbenv.CorruptRegion):
             for p in range(16):
                 async with f.get(p):
