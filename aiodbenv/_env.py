@@ -440,8 +440,8 @@ class Env(EnvLog, EnvTxn):
             ran_checkpoints = self._checkpoint is not None
             await self.stop_workers()
             await settle_commits(self._pool)  # commits under way end before anything closes
-            if not core.panicked and not nosync:
-                await final_writes(self._pool, core.kind == KIND_PRIVATE, ran_checkpoints)
+            write = not core.panicked and not nosync
+            await final_writes(self._pool, core.kind == KIND_PRIVATE, ran_checkpoints, write)
         finally:
             try:
                 await close_log_and_pool(self._log, self._pool, flush=not nosync)

@@ -106,13 +106,20 @@ async def settle_commits(pool: Pool) -> None:
             logger.warning("aiodbenv: %s", err)
 
 
-async def final_writes(pool: Pool, private: bool, ran_checkpoints: bool) -> None:
-    """A closing handle's last writes: all of a private cache's dirty pages (nobody else can
-    ever write them), else a final checkpoint if its checkpoint worker ran."""
-    if private:
+async def final_writes(pool: Pool, private: bool, ran_checkpoints: bool, write: bool) -> None:
+    """A closing handle's files, then (if ``write``) its last writes: all of a private
+    cache's dirty pages (nobody else can ever write them), else a final checkpoint if its
+    checkpoint worker ran. The files go first, as documented: a page a caller left pinned is
+    unpinned with its flags, so the writes see every page marked dirty (a private cache's
+    pinned dirty page was lost with the region when the writes came first). A file that
+    failed to close is raised after the writes."""
+    failed = await pool._close_files()
+    if write and private:
         await pool.sync()
-    elif ran_checkpoints:
+    elif write and ran_checkpoints:
         await run_checkpoint(pool)
+    if failed is not None:
+        raise failed
 
 
 def close_quietly(core: EnvCore) -> None:

@@ -226,6 +226,19 @@ class Pool(PoolFiles):
         )
         return pool_stat(self._core, reaper)  # type: ignore[arg-type]
 
+    async def _close_files(self) -> Exception | None:
+        """Close every file this handle opened: a page a caller left pinned is unpinned with
+        the flags set on it. Every file is tried; the first failure is returned, not raised,
+        so that the environment's close can make its final writes first (they must see the
+        pages those unpins marked dirty)."""
+        failed: Exception | None = None
+        for f in list(self._io.files):
+            try:
+                await f.close()
+            except Exception as err:  # handed to the caller
+                failed = failed or err
+        return failed
+
     async def _close(self) -> None:
         """Close every file this handle opened and detach (at Env close). New calls fail with
         InvalidArgument from here on; waiting pins are woken and give up; reads and writes
@@ -244,9 +257,10 @@ class Pool(PoolFiles):
             self._frame_poll = None
         await self._quiesce()
         try:
-            for f in list(self._io.files):
-                await f.close()
+            failed = await self._close_files()
             await self._io.close_all()
+            if failed is not None:
+                raise failed
         finally:
             self._closed = True
             # Every latch of this handle went with its files (transactions never ended
