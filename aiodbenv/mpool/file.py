@@ -300,8 +300,11 @@ class PoolFile(PageRelease):
             latch.forget_read(self._pool, owner)
             latch.wake(self._pool, page)
         self._latched.clear()
+        # A dirty mark on a page of a read-only file cannot apply: it is dropped here, where
+        # the pin must go whatever it carries (an unpin would refuse it, after the release).
+        keep = ~PAGE_DIRTY if self.readonly else -1
         for page in list(self._pins):
-            task = self._unpin(page, page._flags)
+            task = self._unpin(page, page._flags & keep)
             page._bh = RELEASED_BY_CLOSE
             if task is not None:
                 pending.append(task)

@@ -100,6 +100,17 @@ class PageRelease(PageAccess):
             or bh < 0
             or (flags & PAGE_DIRTY and (flags & PAGE_CLEAN or self.readonly))
         ):
+            if flags & PAGE_DIRTY and self.readonly and not flags & PAGE_CLEAN:
+                self._check_flags(page, 0)  # a page of another handle, or not pinned
+                # Dirty on a read-only file: refused, but the pin goes all the same (without
+                # the mark). Kept, it would hold its frame for good, and every close of the
+                # file (and of the environment) would meet it again and fail.
+                # A release left pending finishes in the pool's background (it logs a failure).
+                self._unpin(page, flags & ~PAGE_DIRTY)
+                raise PermissionDenied(
+                    f"dirty flag set for page {page.pgno} of a read-only file; the page was "
+                    "unpinned without it"
+                )
             self._check_flags(page, flags)
         if flags & PAGE_DIRTY:
             self._pool._note_dirty(self.page_size)
