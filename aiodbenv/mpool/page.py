@@ -7,6 +7,7 @@ from collections.abc import Generator, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..errors import InvalidArgument
 from . import hot
 
 if TYPE_CHECKING:
@@ -54,17 +55,32 @@ class Page:
 
     def mark_dirty(self) -> None:
         """Write this page back before its buffer is reused (memp_fput ``DB_MPOOL_DIRTY``),
-        applied when the page is unpinned."""
+        applied when the page is unpinned. Raises
+        :class:`~aiodbenv.errors.InvalidArgument` once it is unpinned."""
+        self._check_pinned("mark_dirty()")
         self._flags = (self._flags & ~PAGE_CLEAN) | PAGE_DIRTY
 
     def mark_clean(self) -> None:
         """Forget earlier changes: the page need not be written (``DB_MPOOL_CLEAN``), applied
-        when the page is unpinned."""
+        when the page is unpinned. Raises :class:`~aiodbenv.errors.InvalidArgument` once it
+        is unpinned."""
+        self._check_pinned("mark_clean()")
         self._flags = (self._flags & ~PAGE_DIRTY) | PAGE_CLEAN
 
     def discard(self) -> None:
-        """Make this page the first to be evicted once unpinned (``DB_MPOOL_DISCARD``)."""
+        """Make this page the first to be evicted once unpinned (``DB_MPOOL_DISCARD``).
+        Raises :class:`~aiodbenv.errors.InvalidArgument` once it is unpinned."""
+        self._check_pinned("discard()")
         self._flags |= PAGE_DISCARD
+
+    def _check_pinned(self, what: str) -> None:
+        # A flag set after the unpin would apply to nothing: a change made after the unpin
+        # would silently never be written.
+        if self._bh < 0:
+            raise InvalidArgument(
+                f"page {self.pgno} is not pinned: {what} applies at its unpin, which was "
+                "made already"
+            )
 
     @property
     def pinned(self) -> bool:

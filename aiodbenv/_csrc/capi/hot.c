@@ -282,20 +282,39 @@ static PyMemberDef page_members[] = {
     {NULL},
 };
 
+/* A flag set on a page already unpinned would apply to nothing: a change made after the
+   unpin would silently never be written. Refused with aiodbenv.errors.InvalidArgument, which
+   is looked up on this (rare) path only. Returns -1 with the error set, else 0. */
+static int page_check_pinned(PageObject *self, const char *what) {
+    if (self->bh >= 0) return 0;
+    PyObject *errors = PyImport_ImportModule("aiodbenv.errors");
+    if (!errors) return -1;
+    PyObject *cls = PyObject_GetAttrString(errors, "InvalidArgument");
+    Py_DECREF(errors);
+    if (!cls) return -1;
+    PyErr_Format(cls, "page %lld is not pinned: %s applies at its unpin, which was made already",
+                 self->pgno, what);
+    Py_DECREF(cls);
+    return -1;
+}
+
 static PyObject *page_mark_dirty(PageObject *self, PyObject *unused) {
     (void)unused;
+    if (page_check_pinned(self, "mark_dirty()")) return NULL;
     self->flags = (self->flags & ~PAGE_CLEAN) | PAGE_DIRTY;
     Py_RETURN_NONE;
 }
 
 static PyObject *page_mark_clean(PageObject *self, PyObject *unused) {
     (void)unused;
+    if (page_check_pinned(self, "mark_clean()")) return NULL;
     self->flags = (self->flags & ~PAGE_DIRTY) | PAGE_CLEAN;
     Py_RETURN_NONE;
 }
 
 static PyObject *page_discard(PageObject *self, PyObject *unused) {
     (void)unused;
+    if (page_check_pinned(self, "discard()")) return NULL;
     self->flags |= PAGE_DISCARD;
     Py_RETURN_NONE;
 }
@@ -320,12 +339,13 @@ static PyObject *page_repr(PageObject *self) {
 static PyMethodDef page_methods[] = {
     {"mark_dirty", (PyCFunction)page_mark_dirty, METH_NOARGS,
      "Write this page back before its buffer is reused (memp_fput DB_MPOOL_DIRTY), applied "
-     "when the page is unpinned."},
+     "when the page is unpinned. Raises InvalidArgument once it is unpinned."},
     {"mark_clean", (PyCFunction)page_mark_clean, METH_NOARGS,
      "Forget earlier changes: the page need not be written (DB_MPOOL_CLEAN), applied when the "
-     "page is unpinned."},
+     "page is unpinned. Raises InvalidArgument once it is unpinned."},
     {"discard", (PyCFunction)page_discard, METH_NOARGS,
-     "Make this page the first to be evicted once unpinned (DB_MPOOL_DISCARD)."},
+     "Make this page the first to be evicted once unpinned (DB_MPOOL_DISCARD). Raises "
+     "InvalidArgument once it is unpinned."},
     {NULL},
 };
 
