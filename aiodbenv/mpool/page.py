@@ -45,8 +45,9 @@ class Page:
     ) -> None:
         #: The page number (0-based).
         self.pgno = pgno
-        #: The page's bytes, valid while the page is pinned.
-        self.data = data
+        #: The page's bytes, valid while the page is pinned (read-only for a read-only
+        #: handle: a write through it would change the page for every process, unmarked).
+        self.data = data.toreadonly() if file.readonly and not data.readonly else data
         self._file = file
         self._cache = cache  # None for a page served from a memory map
         self._bucket = bucket

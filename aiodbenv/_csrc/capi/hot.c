@@ -160,6 +160,7 @@ typedef struct PageObject_ {
     RegionHold *hold;    /* the region's buffer, held until the page's view is gone */
     Py_ssize_t view_off, view_len;
     char exported;
+    char readonly;       /* a page of a read-only handle: its view is read-only */
     /* Membership of a PinSet (its file's pins): an intrusive list, which costs a fifth of
        a hot pin less than a Python set's add and discard. */
     struct PinSet *pinset;
@@ -230,10 +231,24 @@ static PyObject *page_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
                                      &bucket, &bh))
         return NULL;
     (void)type; /* final: always PageBase_Type */
+    /* A read-only handle's page gets a read-only view of the cache, as the compiled hit
+       gives it: a write through it would change the page for every process unmarked. */
+    PyObject *ro = PyObject_GetAttrString(file, "readonly");
+    int readonly = ro ? PyObject_IsTrue(ro) : 0;
+    Py_XDECREF(ro);
+    if (readonly < 0) return NULL;
+    if (!ro) PyErr_Clear(); /* not a file handle of the pool (the tests' stand-ins) */
+    if (readonly && PyMemoryView_Check(data))
+        data = PyObject_CallMethod(data, "toreadonly", NULL);
+    else
+        Py_INCREF(data);
+    if (!data) return NULL;
     PageObject *self = page_make();
-    if (!self) return NULL;
+    if (!self) {
+        Py_DECREF(data);
+        return NULL;
+    }
     self->pgno = pgno;
-    Py_INCREF(data);
     self->data = data;
     Py_INCREF(file);
     self->file = file;
@@ -254,7 +269,8 @@ static int page_getbuffer(PageObject *self, Py_buffer *view, int flags) {
         return -1;
     }
     if (PyBuffer_FillInfo(view, (PyObject *)self, (char *)self->hold->view.buf + self->view_off,
-                          self->view_len, self->hold->view.readonly, flags) < 0)
+                          self->view_len, self->hold->view.readonly || self->readonly,
+                          flags) < 0)
         return -1;
     self->exported = 1;
     return 0;
@@ -873,6 +889,7 @@ static PyObject *page_of(HotFile *hf, CacheRef *c, uint64_t b, int64_t off, int6
     p->hold = c->hold;
     p->view_off = start;
     p->view_len = hf->data_size;
+    p->readonly = (char)hf->readonly;
     p->data = PyMemoryView_FromObject((PyObject *)p);
     if (!p->data) goto fail_page;
     pins_link((PinSet *)hf->pins, p);
