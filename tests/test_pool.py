@@ -593,3 +593,30 @@ async def test_a_private_environment_writes_a_page_left_pinned_dirty_at_close(
     with open(os.path.join(home, "d.db"), "rb") as fh:
         data = fh.read()
     assert data[:5] == b"hello" and data[PS : PS + 5] == b"world"
+
+
+async def test_a_read_only_handle_gets_read_only_views_of_the_cache(home: str) -> None:
+    """A read-only handle's pages come from the shared cache once the file is not mapped (a
+    writer had it open, or nommap): their views are read-only too, or a write through one
+    would change the page for every process, unmarked."""
+    async with aiodbenv.Env.open(home, create=True) as env:
+        w = await env.pool.open_file("d.db", create=True)
+        async with w.get(0, create=True) as page:
+            page.data[0:5] = b"clean"
+            page.mark_dirty()
+        await w.sync()
+        await w.close()
+        for nommap in (False, True):
+            async with env.pool.open_file("d.db", readonly=True, nommap=nommap) as ro:
+                assert not ro.mapped
+                async with ro.get(0) as page:
+                    assert page.data.readonly
+                    with pytest.raises(TypeError):
+                        page.data[0:5] = b"EVIL!"
+                    assert bytes(page.data[0:5]) == b"clean"
+                page = await ro.get(0)  # the await form, and a second pin of the page
+                assert page.data.readonly
+                await ro.unpin(page)
+        async with env.pool.open_file("d.db") as rw, rw.get(0) as page:
+            assert not page.data.readonly  # a writer's view stays writable
+    await aiodbenv.Env.remove(home)
