@@ -184,6 +184,10 @@ def check_settings(s: Settings) -> Settings:
     """Validate ``s``; returns it. Raises :class:`ConfigError` naming the bad setting."""
     if s.region is not None and s.region not in REGION_KINDS:
         raise ConfigError(f"region must be one of {REGION_KINDS}, not {s.region!r}")
+    for flag in ("nommap", "txn_nosync", "txn_write_nosync", "log_inmemory", "log"):
+        # Only a real bool: "0" or 2 were taken as on, and "yes" failed deep inside.
+        if not isinstance(getattr(s, flag), bool):
+            raise ConfigError(f"{flag} must be True or False, not {getattr(s, flag)!r}")
     if s.cache_size is not None:
         _check_int("cache_size", s.cache_size)
         if s.cache_size < MIN_CACHE_SIZE * max(1, s.ncache):

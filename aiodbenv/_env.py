@@ -32,7 +32,7 @@ from ._env_pool import (
     settle_commits,
 )
 from ._env_txn import EnvTxn, noting_creation, prepare_recovery
-from ._resolve import note_inherited, require_asyncio, resolve_home, resolve_settings
+from ._resolve import note_inherited, require_asyncio, require_bool, resolve_home, resolve_settings
 from ._threads import run_owned
 from ._worker_args import checkpoint_settings, trickle_settings
 from ._workers import (
@@ -217,8 +217,8 @@ class Env(EnvLog, EnvTxn):
         recover: bool = False,
     ) -> Env:
         require_asyncio()
-        if not isinstance(create, bool):
-            raise InvalidArgument(f"create must be True or False, not {create!r}")
+        require_bool("create", create)
+        require_bool("recover", recover)
         check_log_arguments(check_settings(settings))
         path = resolve_home(home)
         settings = check_log_settings(await resolve_settings(path, settings))
@@ -414,9 +414,9 @@ class Env(EnvLog, EnvTxn):
         and a private environment's dirty pages are written (no other process could ever
         write them), and a file log's buffered records are flushed, unless ``nosync``
         (``DB_NOSYNC``: none of the three; see docs/workers.md). A failed final write is raised
-        after the handle is closed. Closing twice, or from two tasks at once, is harmless: later
-        calls wait for the first. A handle may be closed by another task than the one that
-        opened it.
+        after the handle is closed. Closing from two tasks at once is harmless (the second
+        waits for the first, and shares its outcome); closing a closed handle does nothing. A
+        handle may be closed by another task than the one that opened it.
         Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything) if the
         environment was panicked while the handle was open, e.g. removed with force.
 
@@ -430,6 +430,8 @@ class Env(EnvLog, EnvTxn):
             )
         if self._closing is None:  # concurrent closes share one: the second waits for it
             self._closing = _tasks.start(self._close(nosync))
+        elif self._closing.done():
+            return  # closed already, and the first close said how it went
         await asyncio.shield(self._closing)
 
     async def _close(self, nosync: bool) -> None:
@@ -456,9 +458,8 @@ class Env(EnvLog, EnvTxn):
         await self.close()
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
-        # As asyncio does for unclosed transports (and aiosqlite for connections): a handle
-        # dropped while open keeps its regions mapped and the environment's count of open
-        # handles up until the process exits, so `remove` without force says Busy.
+        # As asyncio does for unclosed transports: a handle dropped while open stays mapped and
+        # counted until the process exits (docs/environment.md), so `remove` says Busy.
         core = getattr(self, "_core", None)
         if core is None or core.closed or getattr(self, "_gone", 0) or os.getpid() != self._pid:
             return
@@ -490,6 +491,7 @@ class Env(EnvLog, EnvTxn):
 
         Cancellation: a removal that has started in its worker thread finishes.
         """
+        require_bool("force", force)
         path = resolve_home(home)
         await run_owned(
             lambda: remove_environment(

@@ -27,6 +27,7 @@ __all__ = [
     "note_inherited",
     "read_db_config",
     "require_asyncio",
+    "require_bool",
     "resolve_home",
     "resolve_settings",
 ]
@@ -103,6 +104,13 @@ def note_inherited(core: EnvCore, asked: Settings) -> None:
             core.home,
             ", ".join(differ),
         )
+
+
+def require_bool(name: str, value: object) -> None:
+    """Refuse a flag that is not a real bool with InvalidArgument: "0" or 2 would be taken as
+    True, silently."""
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be True or False, not {value!r}")
 
 
 def require_asyncio() -> None:
