@@ -335,7 +335,8 @@ def create_system_region(key: int, region_id: int, size: int, mode: int) -> Regi
             continue
         except sysv_ipc.PermissionsError as err:
             raise PermissionDenied(f"shm key {key:#x}: {err}") from err
-        except (sysv_ipc.Error, OSError, ValueError) as err:
+        except (sysv_ipc.Error, OSError, ValueError, MemoryError) as err:
+            # sysv_ipc raises MemoryError for shmget's ENOMEM: more than the system can give.
             raise _shm_error(err, key, size) from err
         try:
             return _system_region(shm, region_id, size, key)
