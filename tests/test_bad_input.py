@@ -31,11 +31,13 @@ import sysv_ipc
 
 from aiodbenv import (
     Busy,
+    CacheFull,
     ConfigError,
     CorruptRegion,
     Env,
     EnvNotFound,
     InvalidArgument,
+    RunRecovery,
     ShmKeyInUse,
     VersionMismatch,
 )
@@ -895,3 +897,51 @@ def test_helpers_agree_with_the_layout() -> None:
     """The sizes this file's cases are built around."""
     assert SHM_REF.size == 48
     assert HEADERS > SHM_REF.size
+
+
+# -- flags and sizes the caller got wrong ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag", ["nommap", "txn_nosync", "txn_write_nosync", "log_inmemory", "log"]
+)
+@pytest.mark.parametrize("value", ["0", "yes", 2, 0, None, []])
+async def test_a_flag_that_is_not_a_bool_is_refused(home: str, flag: str, value: Any) -> None:
+    """Only True or False: "0" and 2 were taken as on, "yes" failed with a bare ValueError."""
+    with pytest.raises(ConfigError, match=f"{flag} must be True or False"):
+        await Env.open(home, create=True, **{flag: value})
+    assert not os.path.exists(os.path.join(home, "__db.001"))
+
+
+async def test_recover_and_force_must_be_bools(home: str) -> None:
+    with pytest.raises(InvalidArgument, match="recover must be True or False"):
+        await Env.open(home, create=True, recover=0)  # type: ignore[arg-type]
+    async with Env.open(home, create=True):
+        pass
+    with pytest.raises(InvalidArgument, match="force must be True or False"):
+        await Env.remove(home, force="yes")  # type: ignore[arg-type]
+    assert os.path.exists(os.path.join(home, "__db.001"))  # nothing removed
+    await Env.remove(home)
+
+
+async def test_a_segment_larger_than_the_machine_is_cache_full(home: str, shm_key: int) -> None:
+    """shmget's ENOMEM came out of sysv_ipc as a bare MemoryError, not the documented
+    CacheFull; nothing is left behind."""
+    with pytest.raises(CacheFull, match="cannot create"):
+        await Env.open(home, create=True, region="system", shm_key=shm_key, cache_size=1 << 40)
+    assert not [n for n in os.listdir(home) if n.startswith("__db")]
+    with pytest.raises(sysv_ipc.ExistentialError):
+        sysv_ipc.SharedMemory(shm_key)
+    with pytest.raises(sysv_ipc.ExistentialError):
+        sysv_ipc.SharedMemory(shm_key + 1)
+
+
+async def test_closing_a_panicked_handle_again_does_nothing(home: str) -> None:
+    """The first close says the environment panicked; a close of the closed handle does
+    nothing (it raised RunRecovery again, each time)."""
+    env = await Env.open(home, create=True)
+    await Env.remove(home, force=True)  # panics the open handle
+    with pytest.raises(RunRecovery):
+        await env.close()
+    await env.close()
+    assert env.closed
