@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .. import _io, _tasks
+from .._attrs import Seconds
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region import panic
 from ..region.backing import Region
@@ -48,8 +49,7 @@ T = TypeVar("T")
 #: ``fn(start, end, data)``: the bytes of the log from ``start`` up to ``end`` became durable.
 DurableListener = Callable[[LSN, LSN, bytes], object]
 
-_POLL_MIN = 0.0001
-_POLL_MAX = 0.002
+_POLL_MIN, _POLL_MAX = 0.0001, 0.002
 #: Longest one futex wait (seconds): the wait is re-checked (and a stall noticed) this often.
 _FUTEX_WAIT = 0.005
 
@@ -59,8 +59,7 @@ _live_writers: weakref.WeakSet[LogWriter] = weakref.WeakSet()
 
 
 def _disarm_in_child() -> None:
-    # A forked child inherits the parent's handles and mapping; its puts must take the Python
-    # path, whose check raises ForkedProcessError, not append through the parent's handle.
+    # A forked child's puts take the Python path (ForkedProcessError), not the parent's handle.
     for lw in list(_live_writers):
         lw._fast = None
         lw._bjob = None
@@ -72,22 +71,23 @@ os.register_at_fork(after_in_child=_disarm_in_child)
 class LogWriter(ThreadRounds):
     """The writer task of a :class:`~aiodbenv.Log` and the state it shares with it."""
 
+    #: Seconds a caller waits for a stopped or stuck writer of another process (LockTimeout).
+    wait_timeout = Seconds()
+
     def __init__(self, core: Any, region: Region, *, shared: bool) -> None:
         """Internal: the environment makes its log when it opens."""
         self._env = core
         self._c = LogCore(region, shared, core.panic)
         # Reservations of this handle's transactions are counted in its registry slot.
         self._c.rsv_slot = core.registry.slot if core.registry is not None else 0
-        #: The compiled append (None: every put runs the Python one, which checks the handle
-        #: is open and of this process; close and a fork turn it off).
+        # The compiled append (None: every put runs the Python one, which checks the handle is
+        # open and of this process; close and a fork turn it off) and write behind (None: the
+        # writer's Python thread does them).
         self._fast = fast_put(self._c)
-        #: The compiled write behind (None: the writer's Python thread does them).
         self._bjob = behind_job(self._c, self._fast)
         self._evfd = -1
         _live_writers.add(self)
         self._pid = os.getpid()
-        #: Longest a caller waits for a stopped or stuck writer of another process before
-        #: LockTimeout (seconds).
         self.wait_timeout = 30.0
         self._panic_w, self._panic_i = core.panic_word()
         self._max_payload = self._c.file_size - FILE_HEADER_BYTES - HEADER.size

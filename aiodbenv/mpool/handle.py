@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _tasks
+from .._attrs import Flag, Seconds
 from ..errors import ForkedProcessError, InvalidArgument, LockTimeout, RunRecovery
 from ..region import panic
 from ..region.backing import Region
@@ -70,6 +71,11 @@ POLL_MAX = 0.005
 
 class PoolBase:
     """The bottom layer of a pool handle: its state, checks, lock waits and wake-ups."""
+
+    #: Raise CacheFull at once when every frame is pinned, instead of waiting.
+    fail_fast = Flag()
+    #: Seconds a pin waits for a frame before raising CacheFull.
+    wait_timeout = Seconds()
 
     def __init__(self, env: EnvCore, regions: list[Region], shared: bool) -> None:
         self._env_core = env
@@ -145,9 +151,7 @@ class PoolBase:
         self._dirty_pages = 0
         self._dirty_wake_at = 0  # 0: nobody is listening
         self._dirty_event: asyncio.Event | None = None
-        #: Raise CacheFull at once when every frame is pinned, instead of waiting.
         self.fail_fast = False
-        #: Seconds a pin waits for a frame before raising CacheFull.
         self.wait_timeout = 30.0
 
     def _check(self) -> None:

@@ -1,0 +1,59 @@
+"""Public attributes a caller may set on a handle (``pool.wait_timeout``, ``pool.fail_fast``,
+``log.wait_timeout``), checked when they are set.
+
+A plain attribute took any value, and a wrong one failed much later, deep inside a wait that
+needed it (``TypeError: unsupported operand type(s) for +: 'float' and 'str'`` at the first
+pin that waited for a frame), or silently meant something else (``fail_fast = "no"`` is true).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, overload
+
+from .errors import InvalidArgument
+
+__all__ = ["Flag", "Seconds"]
+
+
+class Seconds:
+    """A timeout in seconds: a finite number, 0 or more (stored as a float)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name, self._slot = name, "_" + name
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> Seconds: ...
+    @overload
+    def __get__(self, obj: object, objtype: type | None = None) -> float: ...
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj, self._slot)
+
+    def __set__(self, obj: object, value: float) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise InvalidArgument(f"{self._name} must be a number of seconds >= 0, not {value!r}")
+        setattr(obj, self._slot, float(value))
+
+
+class Flag:
+    """An on/off setting: True or False only."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name, self._slot = name, "_" + name
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> Flag: ...
+    @overload
+    def __get__(self, obj: object, objtype: type | None = None) -> bool: ...
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj, self._slot)
+
+    def __set__(self, obj: object, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{self._name} must be True or False, not {value!r}")
+        setattr(obj, self._slot, value)
