@@ -945,3 +945,25 @@ async def test_closing_a_panicked_handle_again_does_nothing(home: str) -> None:
         await env.close()
     await env.close()
     assert env.closed
+
+
+async def test_the_handles_settings_are_checked_when_set(home: str) -> None:
+    """A wrong value failed much later, deep inside the wait that needed it (a bare TypeError
+    at the first pin that waited for a frame), or meant something else (``"no"`` is true)."""
+    async with Env.open(home, create=True, log=True) as env:
+        for value in ("5", None, -1, float("nan"), float("inf"), True):
+            with pytest.raises(InvalidArgument, match="wait_timeout must be a number"):
+                env.pool.wait_timeout = value  # type: ignore[assignment]
+            with pytest.raises(InvalidArgument, match="wait_timeout must be a number"):
+                env.log.wait_timeout = value  # type: ignore[assignment]
+        for value in ("no", 0, None):
+            with pytest.raises(InvalidArgument, match="fail_fast must be True or False"):
+                env.pool.fail_fast = value  # type: ignore[assignment]
+        assert env.pool.wait_timeout == 30.0 and env.log.wait_timeout == 30.0
+        assert env.pool.fail_fast is False
+        env.pool.wait_timeout = 0
+        env.log.wait_timeout = 2
+        env.pool.fail_fast = True
+        assert env.pool.wait_timeout == 0.0 and env.log.wait_timeout == 2.0
+        assert env.pool.fail_fast is True
+    await Env.remove(home)
