@@ -78,6 +78,10 @@ def test_errors_are_one_line_and_nonzero(home: str) -> None:
     assert r.stderr.count("\n") == 1 and "no environment" in r.stderr
     r = run("stat", "-e", "-h", os.path.join(home, "missing"))
     assert r.returncode == 1 and "does not exist" in r.stderr
+    # Every command words a missing home the same way (recover said "is not a directory").
+    for command in (("recover",), ("printlog",), ("checkpoint", "-1"), ("remove",)):
+        r = run(*command, "-h", os.path.join(home, "missing"))
+        assert r.returncode == 1 and "does not exist" in r.stderr, (command, r.stderr)
 
 
 async def test_remove_command(home: str) -> None:

@@ -33,7 +33,11 @@ async def recover_command(args: argparse.Namespace) -> int:
     """Run recovery on ``-h HOME`` (no other process may be using it) and say what it did."""
     home = resolve_home(args.h)
     if not await anyio.to_thread.run_sync(os.path.isdir, home):
-        raise EnvNotFound(f"environment home {home} is not a directory")
+        # Worded as every other command words it.
+        missing = not await anyio.to_thread.run_sync(os.path.lexists, home)
+        raise EnvNotFound(
+            f"environment home {home} {'does not exist' if missing else 'is not a directory'}"
+        )
     if args.l == "":
         raise InvalidArgument("-l needs a directory (relative to the home)")
     settings = await resolve_settings(home, Settings(log=True, log_dir=args.l))
