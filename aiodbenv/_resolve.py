@@ -42,7 +42,14 @@ def resolve_home(home: str | os.PathLike[str] | None) -> str:
     """The environment home: ``home``, else ``$DB_HOME``, else the current directory."""
     if home is None:
         home = os.environ.get("DB_HOME") or os.getcwd()
-    return os.path.abspath(os.fspath(home))
+    try:
+        path = os.fspath(home)
+    except TypeError:
+        raise InvalidArgument(f"home must be a path (str or os.PathLike), not {home!r}") from None
+    if not isinstance(path, str):
+        # A bytes path failed later with "Can't mix strings and bytes in path components".
+        raise InvalidArgument(f"home must be a str path, not {type(path).__name__}")
+    return os.path.abspath(path)
 
 
 async def read_db_config(home: str) -> tuple[str, str] | None:

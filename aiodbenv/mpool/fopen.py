@@ -231,7 +231,14 @@ class PoolFiles(PoolReads):
         return f
 
     def _env_resolve(self, path: str | os.PathLike[str]) -> str:
-        return os.path.join(self._env_core.home, os.fspath(path))
+        p: object
+        try:
+            p = os.fspath(path)
+        except TypeError:
+            p = path  # not a path at all
+        if not isinstance(p, str):  # bytes: "Can't mix strings and bytes" from deep inside
+            raise InvalidArgument(f"a file's path must be a str path, not {type(p).__name__}")
+        return os.path.join(self._env_core.home, p)
 
     async def _close_file(self, f: PoolFile) -> None:
         self._io.files.discard(f)  # new writes no longer use its descriptor
