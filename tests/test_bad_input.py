@@ -967,3 +967,14 @@ async def test_the_handles_settings_are_checked_when_set(home: str) -> None:
         assert env.pool.wait_timeout == 0.0 and env.log.wait_timeout == 2.0
         assert env.pool.fail_fast is True
     await Env.remove(home)
+
+
+@pytest.mark.parametrize("path", [b"x.db", 7])
+async def test_a_path_that_is_not_a_str_is_refused(home: str, path: Any) -> None:
+    """A bytes path failed deep inside with "Can't mix strings and bytes in path components"."""
+    with pytest.raises(InvalidArgument, match="home must be a"):
+        await Env.open(os.fsencode(home) if isinstance(path, bytes) else path, create=True)
+    async with Env.open(home, create=True) as env:
+        with pytest.raises(InvalidArgument, match="a file's path must be a str path"):
+            await env.pool.open_file(path, create=True)
+    await Env.remove(home)
