@@ -149,6 +149,8 @@ async def test_recover_command_finds_a_log_kept_in_its_own_directory(home: str) 
     assert out.returncode == 1
     assert "DB_CONFIG's set_lg_dir oldlogs overrides -l logs" in out.stderr, out.stderr
     out = python(RECOVER_CLI, "recover", "-h", os.path.join(home, "nowhere"))
+    assert out.returncode == 1 and "does not exist" in out.stderr
+    out = python(RECOVER_CLI, "recover", "-h", os.path.join(home, "DB_CONFIG"))
     assert out.returncode == 1 and "is not a directory" in out.stderr
     os.unlink(os.path.join(home, "DB_CONFIG"))
     env = await aiodbenv.Env.open(home, create=True, log=True, log_dir="logs")
