@@ -23,7 +23,7 @@ from .._threads import run_owned
 from ..errors import InvalidArgument, LogCorrupt
 from ..region.mutex import Busy
 from .files import list_log_files, log_path
-from .lsn import LSN, pack_word
+from .lsn import LSN, checked_word
 from .record import (
     HEADER,
     REC_CHECKPOINT,
@@ -116,7 +116,7 @@ class LogCursor:
         InvalidArgument if no record starts there (or it is no longer in the log).
         Cancellation: the cursor keeps its previous position."""
         self._log._check()
-        word = pack_word(lsn)
+        word = checked_word(lsn, "set")
         if word >= await self._log._end_word():
             return None
         file, off = lsn

@@ -35,7 +35,7 @@ from .core import NEED
 from .cursor import LogCursor
 from .files import list_log_files, log_path
 from .flushing import LogFlushing
-from .lsn import LSN, pack_word, unpack_word
+from .lsn import LSN, checked_word, pack_word, unpack_word
 from .orphan import ClosedFds, close_when_idle, keep_running
 from .record import (
     FILE_HEADER_BYTES,
@@ -334,7 +334,7 @@ class Log(LogFlushing):
         """
         c = self._c
         if lsn is not None:
-            word = pack_word(lsn)
+            word = checked_word(lsn, "flush")
             if word < c.word("s_lsn"):
                 return
         self._check()

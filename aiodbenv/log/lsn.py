@@ -12,7 +12,9 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-__all__ = ["LSN", "ZERO_LSN", "pack_word", "unpack_word"]
+from ..errors import InvalidArgument
+
+__all__ = ["LSN", "ZERO_LSN", "checked_word", "pack_word", "unpack_word"]
 
 _U32 = 0xFFFFFFFF
 _ON_PAGE = struct.Struct("<II")
@@ -44,6 +46,19 @@ class LSN(NamedTuple):
 
 #: "Not logged" (Berkeley DB's ZERO_LSN).
 ZERO_LSN = LSN(0, 0)
+
+
+def checked_word(lsn: object, what: str) -> int:
+    """:func:`pack_word` of an LSN a caller gave ``what`` (a method's name): anything but a
+    pair of u32 ints is InvalidArgument ("1/2" failed as a bare TypeError, LSN(-1, 0) packed
+    to a word before every real LSN)."""
+    if not (
+        isinstance(lsn, tuple)
+        and len(lsn) == 2
+        and all(type(x) is int and 0 <= x <= _U32 for x in lsn)
+    ):
+        raise InvalidArgument(f"{what}: lsn must be an aiodbenv.LSN, not {lsn!r}")
+    return pack_word(lsn)
 
 
 def pack_word(lsn: LSN | tuple[int, int]) -> int:
