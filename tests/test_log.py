@@ -633,3 +633,18 @@ async def test_flush_reads_the_end_of_the_log_under_its_mutex(
     finally:
         await env.close()
         await aiodbenv.Env.remove(home)
+
+
+async def test_an_lsn_that_is_not_one_is_refused(home: str) -> None:
+    """flush("1/2") failed as a bare TypeError; a negative or too large part packed to a word
+    that means another LSN."""
+    async with aiodbenv.Env.open(home, create=True, log=True) as env:
+        lsn = await env.log.put(b"a record")
+        for bad in ("1/2", (1,), (1, 2, 3), (-1, 0), (1, 1 << 32), (1.0, 2), [1, 2]):
+            with pytest.raises(InvalidArgument, match=r"lsn must be an aiodbenv\.LSN"):
+                await env.log.flush(bad)  # type: ignore[arg-type]
+            with pytest.raises(InvalidArgument, match=r"lsn must be an aiodbenv\.LSN"):
+                await env.log.cursor().set(bad)  # type: ignore[arg-type]
+        await env.log.flush(lsn)
+        assert (await env.log.cursor().set(lsn)) == (lsn, b"a record")
+    await aiodbenv.Env.remove(home)
