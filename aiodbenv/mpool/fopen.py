@@ -79,14 +79,21 @@ class PoolFiles(PoolReads):
         descriptor opened or a file-table entry taken is never lost. A file whose opener was
         cancelled is closed again as soon as its open ends."""
         self._check()
+        if self._no_opens:
+            raise InvalidArgument("the environment is closing")
         self._busy += 1
+        self._opening += 1
         task = _tasks.start(self._open_file(**args))
-        task.add_done_callback(lambda _t: self._leave())
+        task.add_done_callback(self._opened)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(self._close_unwanted)
             raise
+
+    def _opened(self, task: asyncio.Task[PoolFile]) -> None:
+        self._opening -= 1
+        self._leave()
 
     def _close_unwanted(self, task: asyncio.Task[PoolFile]) -> None:
         """The open in ``task`` ended after its caller was cancelled: close what it opened."""

@@ -153,6 +153,9 @@ class PoolBase:
         self._dirty_event: asyncio.Event | None = None
         self.fail_fast = False
         self.wait_timeout = 30.0
+        # Set when the environment's close begins closing the files: no file opens after.
+        self._no_opens = False
+        self._opening = 0  # opens under way
 
     def _check(self) -> None:
         if _forks[0] != self._fork_gen:

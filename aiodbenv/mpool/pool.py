@@ -231,6 +231,11 @@ class Pool(PoolFiles):
         the flags set on it. Every file is tried; the first failure is returned, not raised,
         so that the environment's close can make its final writes first (they must see the
         pages those unpins marked dirty)."""
+        # From here no file opens (a page written to one after the final writes was lost in a
+        # private environment), and the opens under way end first, so that none is missed.
+        self._no_opens = True
+        while self._opening:
+            await self._wait_change(0.01)
         failed: Exception | None = None
         for f in list(self._io.files):
             try:
