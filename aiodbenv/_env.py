@@ -9,7 +9,6 @@ checked by :mod:`aiodbenv._worker_args`.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import os
@@ -18,10 +17,10 @@ from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Literal
 
-from . import _tasks
 from ._config import Settings, check_log_arguments, check_log_settings, check_settings
 from ._env_log import EnvLog
 from ._env_pool import (
+    Closing,
     close_core,
     close_log_and_pool,
     close_quietly,
@@ -104,7 +103,7 @@ class Env(EnvLog, EnvTxn):
         self._log = log
         self._init_txn()
         self._pid, self._fork_gen = os.getpid(), _forks[0]  # _check: no getpid() syscall
-        self._closing: asyncio.Future[None] | None = None
+        self._closing = Closing()
         self._gone = False  # closed for the caller (its regions may go later: close_core)
         self._trickle: TrickleWorker | None = None
         self._checkpoint: CheckpointWorker | None = None
@@ -415,7 +414,8 @@ class Env(EnvLog, EnvTxn):
         write them), and a file log's buffered records are flushed, unless ``nosync``
         (``DB_NOSYNC``: none of the three; see docs/workers.md). A failed final write is raised
         after the handle is closed. Closing from two tasks at once is harmless (the second
-        waits for the first, and shares its outcome); closing a closed handle does nothing. A
+        waits for the first, and shares its outcome); closing a closed handle does nothing,
+        unless the caller of the first close was cancelled: it raises that close's error. A
         handle may be closed by another task than the one that opened it.
         Raises :class:`~aiodbenv.errors.RunRecovery` (after releasing everything) if the
         environment was panicked while the handle was open, e.g. removed with force.
@@ -428,11 +428,7 @@ class Env(EnvLog, EnvTxn):
                 f"environment handle of process {self._pid} closed in forked process "
                 f"{os.getpid()}; the child must not close the parent's handle"
             )
-        if self._closing is None:  # concurrent closes share one: the second waits for it
-            self._closing = _tasks.start(self._close(nosync))
-        elif self._closing.done():
-            return  # closed already, and the first close said how it went
-        await asyncio.shield(self._closing)
+        await self._closing.run(lambda: self._close(nosync))
 
     async def _close(self, nosync: bool) -> None:
         core = self._core

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from . import _tasks
 from ._config import Settings
@@ -30,6 +32,7 @@ from .region.layout import KIND_PRIVATE, REGION_TYPE_MPOOL
 from .region.open import open_environment
 
 __all__ = [
+    "Closing",
     "close_log_and_pool",
     "close_quietly",
     "open_with_pool",
@@ -104,6 +107,31 @@ async def settle_commits(pool: Pool) -> None:
             )
         except LockTimeout as err:
             logger.warning("aiodbenv: %s", err)
+
+
+class Closing:
+    """A handle's close: started once and shared by every caller. Its outcome (an error of
+    the final writes, RunRecovery) goes to each caller who waits for it to the end; a caller
+    cancelled meanwhile leaves it to the next close, which raises it (after a cancelled close
+    that is the only way to learn it). Once a caller has had it, closing again does nothing."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Future[None] | None = None
+        self._told = False
+
+    async def run(self, close: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        if self._task is None:
+            self._task = _tasks.start(close())
+        elif self._told and self._task.done():
+            return
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            raise  # this caller was cancelled: the close goes on, its outcome is kept
+        except BaseException:
+            self._told = True
+            raise
+        self._told = True
 
 
 async def final_writes(pool: Pool, private: bool, ran_checkpoints: bool, write: bool) -> None:
