@@ -620,3 +620,53 @@ async def test_a_read_only_handle_gets_read_only_views_of_the_cache(home: str) -
         async with env.pool.open_file("d.db") as rw, rw.get(0) as page:
             assert not page.data.readonly  # a writer's view stays writable
     await aiodbenv.Env.remove(home)
+
+
+async def test_no_file_opens_once_the_close_has_begun_closing_files(
+    home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file opened after the close closed the files, before its final writes, was accepted,
+    and a page written to it was lost with a private region. Opens are refused from then on."""
+    env = await aiodbenv.Env.open(home, create=True, region="private")
+    f = await env.pool.open_file("a.db", create=True)
+    async with f.get(0, create=True) as page:
+        page.data[0:1] = b"a"
+        page.mark_dirty()
+    real_sync = env.pool.sync
+    raced: list[BaseException] = []
+
+    async def sync_after_a_racer(*args: Any, **kwargs: Any) -> Any:
+        try:
+            g = await env.pool.open_file("b.db", create=True)
+            async with g.get(0, create=True) as p:  # pragma: no cover - the bug
+                p.data[0:1] = b"b"
+                p.mark_dirty()
+        except InvalidArgument as err:
+            raced.append(err)
+        return await real_sync(*args, **kwargs)
+
+    monkeypatch.setattr(env.pool, "sync", sync_after_a_racer)
+    await env.close()
+    assert [str(e) for e in raced] == ["the environment is closing"]
+    with open(os.path.join(home, "a.db"), "rb") as fh:
+        assert fh.read(1) == b"a"
+
+
+async def test_a_cancelled_close_leaves_its_error_to_the_next_close(home: str) -> None:
+    """The close goes on after its caller is cancelled; if it fails, the next close raises the
+    error (it returned None, and the failure was never seen), and a close after that does
+    nothing."""
+    env = await aiodbenv.Env.open(home, create=True)
+    await aiodbenv.Env.remove(home, force=True)  # panics the handle: its close raises
+    task = asyncio.create_task(env.close())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The close ends in the background meanwhile (a few ms). Had it not, the next close
+    # would wait for it and raise all the same.
+    await asyncio.sleep(0.5)
+    with pytest.raises(aiodbenv.RunRecovery):
+        await env.close()
+    await env.close()
+    assert env.closed
