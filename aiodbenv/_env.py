@@ -22,9 +22,9 @@ from ._env_log import EnvLog
 from ._env_pool import (
     Closing,
     close_core,
+    close_files_then_write,
     close_log_and_pool,
     close_quietly,
-    final_writes,
     open_with_pool,
     pool_plan,
     refuse_dirty_pages,
@@ -439,7 +439,9 @@ class Env(EnvLog, EnvTxn):
             await self.stop_workers()
             await settle_commits(self._pool)  # commits under way end before anything closes
             write = not core.panicked and not nosync
-            await final_writes(self._pool, core.kind == KIND_PRIVATE, ran_checkpoints, write)
+            await close_files_then_write(
+                self._pool, core.kind == KIND_PRIVATE, ran_checkpoints, write
+            )
         finally:
             try:
                 await close_log_and_pool(self._log, self._pool, flush=not nosync)

@@ -134,7 +134,9 @@ class Closing:
         self._told = True
 
 
-async def final_writes(pool: Pool, private: bool, ran_checkpoints: bool, write: bool) -> None:
+async def close_files_then_write(
+    pool: Pool, private: bool, ran_checkpoints: bool, write: bool
+) -> None:
     """A closing handle's files, then (if ``write``) its last writes: all of a private
     cache's dirty pages (nobody else can ever write them), else a final checkpoint if its
     checkpoint worker ran. The files go first, as documented: a page a caller left pinned is
