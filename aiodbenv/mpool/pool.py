@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from ..errors import InvalidArgument, LockTimeout
 from .bh import PageIn, PageOut
@@ -26,6 +27,9 @@ from .sync import write_back
 from .trickle import trickle
 
 logger = logging.getLogger("aiodbenv")
+
+#: Seconds between the warnings of a close waiting for a file open that does not end.
+SAY_EVERY = 5.0
 
 __all__ = ["FileOpener", "PageIn", "PageOut", "Pool"]
 
@@ -234,8 +238,16 @@ class Pool(PoolFiles):
         # From here no file opens (a page written to one after the final writes was lost in a
         # private environment), and the opens under way end first, so that none is missed.
         self._no_opens = True
+        since = time.monotonic()
         while self._opening:
             await self._wait_change(0.01)
+            if time.monotonic() - since > SAY_EVERY:  # as _quiesce says what it waits for
+                since = time.monotonic()
+                logger.warning(
+                    "closing the pool waits for %d file open(s) under way to end; is one "
+                    "blocked (a FIFO, a hung file system)?",
+                    self._opening,
+                )
         failed: Exception | None = None
         for f in list(self._io.files):
             try:
