@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 from typing import Any
 
@@ -670,3 +671,36 @@ async def test_a_cancelled_close_leaves_its_error_to_the_next_close(home: str) -
         await env.close()
     await env.close()
     assert env.closed
+
+
+async def test_a_close_waiting_for_a_blocked_open_says_so(
+    home: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The close lets the opens under way end before closing the files; one that does not end
+    (here a FIFO, whose open blocks until a writer comes) is waited for, as it was before,
+    but no longer silently."""
+    from aiodbenv.mpool import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "SAY_EVERY", 0.05, raising=False)
+    env = await aiodbenv.Env.open(home, create=True)
+    fifo = os.path.join(home, "p.db")
+    os.mkfifo(fifo)
+
+    async def open_it() -> Any:
+        return await env.pool.open_file("p.db", readonly=True)
+
+    opener = asyncio.create_task(open_it())
+    await asyncio.sleep(0.1)
+    closing = asyncio.create_task(env.close())
+    try:
+        with caplog.at_level(logging.WARNING, logger="aiodbenv"):
+            await asyncio.sleep(0.3)
+            assert not closing.done()
+        assert "waits for 1 file open(s) under way" in caplog.text
+    finally:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the open ends now
+        await asyncio.wait_for(closing, 10)
+        with pytest.raises(aiodbenv.AiodbenvError):
+            await opener  # not a regular file
+        os.unlink(fifo)
+    await aiodbenv.Env.remove(home)
