@@ -679,9 +679,9 @@ async def test_a_close_waiting_for_a_blocked_open_says_so(
     """The close lets the opens under way end before closing the files; one that does not end
     (here a FIFO, whose open blocks until a writer comes) is waited for, as it was before,
     but no longer silently."""
-    from aiodbenv.mpool import pool as pool_module
+    from aiodbenv.mpool import handle as handle_module
 
-    monkeypatch.setattr(pool_module, "SAY_EVERY", 0.05, raising=False)
+    monkeypatch.setattr(handle_module, "SAY_EVERY", 0.05, raising=False)
     env = await aiodbenv.Env.open(home, create=True)
     fifo = os.path.join(home, "p.db")
     os.mkfifo(fifo)

@@ -67,6 +67,8 @@ os.register_at_fork(after_in_child=_count_fork)
 #: The frame-waiter poll (for frames released by other processes): first and longest step.
 POLL_MIN = 0.0002
 POLL_MAX = 0.005
+#: Seconds between the warnings of a close waiting for work under way that does not end.
+SAY_EVERY = 5.0
 
 
 class PoolBase:
@@ -284,13 +286,23 @@ class PoolBase:
                 await asyncio.wait(list(self._io.tasks))  # never cancels them (gather would)
             else:
                 await self._wait_change(0.01)
-            if time.monotonic() - since > 5:
-                since = time.monotonic()
-                logger.warning(
-                    "closing the pool waits for %d pin(s) or sync(s) under way to "
-                    "notice the close; is a task holding one never resumed?",
-                    self._busy,
-                )
+            since = self._say_waiting(
+                since,
+                self._busy,
+                "pin(s) or sync(s) under way to notice the close; is a task holding one never "
+                "resumed?",
+            )
+
+    @staticmethod
+    def _say_waiting(since: float, n: int, what: str) -> float:
+        """A close's wait for ``n`` things under way that must end first (``what``): every
+        :data:`SAY_EVERY` seconds since ``since``, say so, since one that never ends is waited
+        for forever. Returns when it last spoke (or ``since``)."""
+        now = time.monotonic()
+        if now - since <= SAY_EVERY:
+            return since
+        logger.warning("closing the pool waits for %d %s", n, what)
+        return now
 
     async def _to_end(self, coro: Coroutine[Any, Any, T], what: str) -> T:
         """Run ``coro`` to its end even if the caller is cancelled: as a task that closing the

@@ -28,9 +28,6 @@ from .trickle import trickle
 
 logger = logging.getLogger("aiodbenv")
 
-#: Seconds between the warnings of a close waiting for a file open that does not end.
-SAY_EVERY = 5.0
-
 __all__ = ["FileOpener", "PageIn", "PageOut", "Pool"]
 
 
@@ -241,13 +238,11 @@ class Pool(PoolFiles):
         since = time.monotonic()
         while self._opening:
             await self._wait_change(0.01)
-            if time.monotonic() - since > SAY_EVERY:  # as _quiesce says what it waits for
-                since = time.monotonic()
-                logger.warning(
-                    "closing the pool waits for %d file open(s) under way to end; is one "
-                    "blocked (a FIFO, a hung file system)?",
-                    self._opening,
-                )
+            since = self._say_waiting(
+                since,
+                self._opening,
+                "file open(s) under way to end; is one blocked (a FIFO, a hung file system)?",
+            )
         failed: Exception | None = None
         for f in list(self._io.files):
             try:
