@@ -19,6 +19,8 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import threading
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -229,6 +231,24 @@ async def in_forked_child(work: Callable[[], Awaitable[object]]) -> object:
     _, status = await asyncio.to_thread(os.waitpid, pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, data.decode()
     return json.loads(data)
+
+
+def lock_in_dying_thread(lock: Callable[[], object]) -> None:
+    """Call ``lock`` (which takes a robust mutex) in a thread that then ends holding it, and
+    return once the kernel has ended the thread, so the mutex's next locker finds its holder
+    dead (EOWNERDEAD). ``Thread.join`` alone is not enough: it returns when the thread's
+    Python code is done, a moment before the kernel walks the thread's robust list, so a
+    try-lock right after it can still see a live holder (EBUSY)."""
+    t = threading.Thread(target=lock)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    task = f"/proc/self/task/{t.native_id}"
+    for _ in range(1000):
+        if not os.path.exists(task):
+            return
+        time.sleep(0.01)
+    pytest.fail(f"thread {t.native_id} did not end")
 
 
 def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

@@ -21,7 +21,7 @@ from aiodbenv.mpool.layout import BH
 from aiodbenv.txn import batch, commit
 from aiodbenv.txn.latch import LATCH_COMMITTING
 
-from .conftest import in_forked_child, run_suites
+from .conftest import in_forked_child, lock_in_dying_thread, run_suites
 
 needs_compiled = pytest.mark.skipif(
     not commit.COMPILED, reason="the compiled accelerator is not in use (AIODBENV_MUTEX=abi)"
@@ -570,12 +570,7 @@ async def test_a_commit_meets_a_dead_bucket_mutex_holder(home: str) -> None:
         assert cache is not None
         ptr = cache.mptrs[p._page._bucket]
 
-        def die_holding() -> None:
-            assert lib.pthread_mutex_lock(ptr) == 0
-
-        t = threading.Thread(target=die_holding)
-        t.start()
-        t.join(10)
+        lock_in_dying_thread(lambda: lib.pthread_mutex_lock(ptr))
         info = await tx.commit()
         assert info.pages == 1
         async with f.get(0) as pg:
@@ -602,12 +597,7 @@ async def test_the_compiled_take_meets_a_dead_bucket_mutex_holder(home: str) -> 
         ptr = cache.mptrs[page._bucket]
         died = env.stat().mutex_owner_died
 
-        def die_holding() -> None:
-            assert lib.pthread_mutex_lock(ptr) == 0
-
-        t = threading.Thread(target=die_holding)
-        t.start()
-        t.join(10)
+        lock_in_dying_thread(lambda: lib.pthread_mutex_lock(ptr))
         owner = 12345
         r, data, desc = commit.take(page, owner, True, False, 0, f._fidx, b"entry")
         assert r < 0 and data is None and desc is None  # nothing taken

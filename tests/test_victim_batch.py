@@ -24,7 +24,7 @@ from aiodbenv.errors import LockTimeout
 from aiodbenv.mpool import batchcall, csync, victims
 from aiodbenv.region.mutex import _W_OWNER_DIED, SYNC_WAIT, SharedMutex, lib, speedups
 
-from .conftest import REPO, spawn
+from .conftest import REPO, lock_in_dying_thread, spawn
 from .test_writeback_faults import frames
 
 PS = 4096
@@ -127,25 +127,20 @@ async def test_a_failed_write_leaves_its_pages_dirty(home: str, one_call_spy: li
     await aiodbenv.Env.remove(home)
 
 
-def _hold_in_thread(ptr: Any, exit_holding: bool) -> tuple[threading.Thread, threading.Event]:
-    """Lock the mutex at ``ptr`` in a new thread; it ends holding it (the mutex's holder is
-    then dead: EOWNERDEAD for the next locker) or, with ``exit_holding`` False, keeps it until
-    the returned event is set."""
+def _hold_in_thread(ptr: Any) -> threading.Event:
+    """Lock the mutex at ``ptr`` in a new thread that keeps it until the returned event is
+    set."""
     locked, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         assert lib.pthread_mutex_lock(ptr) == 0
         locked.set()
-        if not exit_holding:
-            release.wait(30)
-            lib.pthread_mutex_unlock(ptr)
+        release.wait(30)
+        lib.pthread_mutex_unlock(ptr)
 
-    t = threading.Thread(target=hold)
-    t.start()
+    threading.Thread(target=hold).start()
     assert locked.wait(10)
-    if exit_holding:
-        t.join(10)
-    return t, release
+    return release
 
 
 @needs_compiled
@@ -158,7 +153,7 @@ async def test_a_dead_bucket_holder_is_repaired_and_the_batch_goes_on(
         async with env.pool.open_file("a.db", create=True) as f:
             await _filled(env, f)
             cache, b = env.pool._core.locate(f._fidx, 70)
-            _hold_in_thread(cache.mptrs[b], exit_holding=True)
+            lock_in_dying_thread(lambda: lib.pthread_mutex_lock(cache.mptrs[b]))
             r = await victims.write_lru_batch(env.pool, cache, 0)
             assert not r.errors and r.written >= 140
             assert set(range(140)) <= set(on_disk(env.resolve("a.db"), range(200)))
@@ -181,7 +176,7 @@ async def test_a_dead_file_mutex_holder_is_repaired(home: str, one_call_spy: lis
             gen = core.file_field(f._fidx, "written_gen")
             mx = core.file_mutex(f._fidx)
             assert isinstance(mx, SharedMutex)
-            _hold_in_thread(mx.ptr, exit_holding=True)
+            lock_in_dying_thread(lambda: lib.pthread_mutex_lock(mx.ptr))
             r = await victims.write_lru_batch(env.pool, core.caches[0], 0)
             assert e and not r.errors and r.written >= 140
             assert core.file_field(f._fidx, "written_gen") == gen + 1
@@ -212,7 +207,7 @@ async def _held_during_write(
 
     def writing(fd: int, bufs: Any, off: int) -> int:
         if not held:
-            held.append(_hold_in_thread(ptr, exit_holding=False)[1])
+            held.append(_hold_in_thread(ptr))
         return real(fd, bufs, off)
 
     monkeypatch.setattr(_io, "pwritev", writing)  # the C writes call it (csync._hook)
