@@ -165,7 +165,8 @@ async def test_the_one_call_write_back_reads_no_pool_state_the_loop_changes(
         maps.append(nbytes)
         return real_zeroed(nbytes)
 
-    monkeypatch.setattr(csync, "zeroed", counting)
+    monkeypatch.setattr(csync, "zeroed", counting)  # the collect's array
+    monkeypatch.setattr(synchop, "zeroed", counting)  # the staging buffer
     async with aiodbenv.Env.open(home, create=True, cache_size=8 << 20) as env:
         handles = [await env.pool.open_file(f"{n}.db", create=True) for n in "abcd"]
         for i, f in enumerate(handles):
@@ -432,3 +433,43 @@ async def test_dirty_victims_are_written_in_batches(
             assert on_disk(env.resolve("a.db"), range(1000)) == list(range(1000))
             assert frames(env.pool) == (0, 0, 0)
     await aiodbenv.Env.remove(home)
+
+
+def _mapping_of(buf: Any) -> tuple[str, set[str]]:
+    """The permissions and VmFlags of the mapping that holds ``buf`` (/proc/self/smaps)."""
+    import ctypes
+
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    perms, flags, inside = "", set[str](), False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= addr < hi
+                if inside:
+                    perms = head[1]
+            elif inside and head[0] == "VmFlags:":
+                flags = set(head[1:])
+    assert perms, "mapping not found"
+    return perms, flags
+
+
+def test_staging_memory_is_private_and_large_buffers_ask_for_huge_pages() -> None:
+    """The staging buffers are private anonymous memory (not shmem: its page cache made
+    every first touch and the unmap cost a third of a sync's worker time) and, from 2 MiB,
+    advised for transparent huge pages where the kernel has them."""
+    from aiodbenv.mpool.staging import HUGE_BYTES, zeroed
+
+    big, small = zeroed(2 * HUGE_BYTES), zeroed(64 << 10)
+    try:
+        perms, flags = _mapping_of(big)
+        assert perms == "rw-p", perms
+        if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+            assert "hg" in flags, flags
+        perms, flags = _mapping_of(small)
+        assert perms == "rw-p" and "hg" not in flags, (perms, flags)
+        assert bytes(big[:16]) == bytes(16) and bytes(small[-16:]) == bytes(16)
+    finally:
+        big.close()
+        small.close()

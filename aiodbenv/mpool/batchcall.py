@@ -25,6 +25,7 @@ from ..region.mutex import ffi
 from . import csync
 from .cache import found
 from .layout import CACHE_HEADER, FILE_ENTRY, MAX_FILES, POOL_HEADER
+from .staging import zeroed
 
 if TYPE_CHECKING:
     from .handle import PoolBase
@@ -51,7 +52,7 @@ def stage(pool: PoolBase, index: int, cap: int, nbytes: int) -> mmap.mmap:
     key = (id(pool), index)
     got = _stages.get(key)
     if got is None or len(got[0]) < nbytes:
-        got = (csync.zeroed(nbytes), csync.zeroed(csync._E * 8 * cap))
+        got = (zeroed(nbytes), zeroed(csync._E * 8 * cap))
         _stages[key] = got
     _stages.move_to_end(key)
     while len(_stages) > _STAGES_KEPT:

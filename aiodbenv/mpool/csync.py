@@ -52,12 +52,13 @@ from ..region.mutex import ffi, speedups
 from .bhwrite import SyncResult, _typed, _write_done_one, note_written
 from .cache import BufRef, found
 from .layout import FF_CHECKSUM, FF_DEAD, FF_NOFILE, FF_TEMP, FILE_ENTRY, HANDLE_STATS, MAX_FILES
+from .staging import zeroed
 
 if TYPE_CHECKING:
     from .handle import PoolBase
 
 __all__ = ["CHUNK_BYTES", "ENABLED", "Chunk", "FastSet", "account", "claim_write", "collect"]
-__all__ += ["collect_now", "routes", "table", "unmap", "usable", "write_fast", "zeroed"]
+__all__ += ["collect_now", "routes", "table", "unmap", "usable", "write_fast"]
 
 #: The compiled write-back is installed and not switched off.
 ENABLED = speedups is not None and os.environ.get("AIODBENV_WRITEBACK", "") != "python"
@@ -210,12 +211,6 @@ def collect_now(
     n = int(_lib.aiodb_sync_order(ent, nf[0], limit))
     others = [tuple(ffi.unpack(ent + (cap - 1 - k) * _E, _E)) for k in range(int(no[0]))]
     return FastSet(ent, n, tab, others, keep)
-
-
-def zeroed(nbytes: int) -> mmap.mmap:
-    """``nbytes`` of anonymous memory, zero pages mapped lazily by the kernel (a bytearray
-    of 16 MiB is zeroed on the spot: milliseconds on the event loop)."""
-    return mmap.mmap(-1, max(nbytes, mmap.PAGESIZE))
 
 
 @dataclass

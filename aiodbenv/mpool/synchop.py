@@ -38,6 +38,7 @@ from . import csync
 from .bhwrite import SyncResult
 from .fsync import FsyncPlan, Outcome, plan_fsyncs, record_fsyncs, run_fsyncs
 from .layout import FILE_ENTRY, MAX_FILES
+from .staging import zeroed
 
 if TYPE_CHECKING:
     from .handle import PoolBase
@@ -140,7 +141,7 @@ def _write_all(
     one staging buffer (grown when a file's chunk needs more); after a failed chunk or once
     ``stop[0]`` is set, the rest go to ``hop.skipped`` unwritten."""
     core = pool._core
-    stage = csync.zeroed(0)
+    stage = zeroed(0)
     stages.append(stage)
     failed = False
     for tag, lo, hi in fast.tags():
@@ -153,7 +154,7 @@ def _write_all(
         ps = int(core.meta_words[e + FILE_ENTRY.word.page_size])
         step = max(1, csync.CHUNK_BYTES // max(ps, 1))
         if len(stage) < min(hi - lo, step) * ps:
-            stage = csync.zeroed(min(hi - lo, step) * ps)
+            stage = zeroed(min(hi - lo, step) * ps)
             stages.append(stage)
         view = ffi.from_buffer(stage)
         try:

@@ -44,6 +44,7 @@ from . import batchcall, csync
 from .bhwrite import SyncResult
 from .cache import BufRef, Cache
 from .layout import BH, BH_DIRTY, CACHE_HEADER, FILE_ENTRY, HANDLE_STATS, MAX_FILES
+from .staging import zeroed
 
 if TYPE_CHECKING:
     from .handle import PoolBase
@@ -325,7 +326,7 @@ def _from_hand(
     (None: it holds every dirty buffer it may write)."""
     cache = pool._core.caches[index]
     cap = VICTIM_BATCH
-    mem = csync.zeroed(csync._E * 8 * cap)
+    mem = zeroed(csync._E * 8 * cap)
     keep.append(mem)
     ent = ffi.from_buffer("uint64_t[]", mem)
     nf, no, stopped = (ffi.new("uint64_t[1]") for _ in range(3))
