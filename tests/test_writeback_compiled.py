@@ -143,8 +143,8 @@ async def test_the_one_call_write_back_reads_no_pool_state_the_loop_changes(
 ) -> None:
     """The call's worker thread must not walk the pool's open files (the loop adds and
     removes them: "set changed size during iteration"): the descriptors are taken on the
-    loop. And one staging buffer serves every file (a buffer per file held up to 16 MiB
-    each until the end)."""
+    loop. And one staging buffer serves every file (a buffer per file held up to
+    ``CHUNK_BYTES`` each until the end)."""
     import threading
 
     from aiodbenv.mpool.bh import BufferIO
