@@ -326,6 +326,44 @@ def run_json(argv: list[str], timeout: float) -> dict[str, Any]:
 
 # --------------------------------------------------------------- aiodbenv sessions
 
+#: Misses timed per victim measurement, and the cache they run in (1,024 frames of 4 KiB).
+VICTIM_MISSES, VICTIM_CACHE_MB = 4096, 4
+
+
+async def victim_session(home: str, data: str, first_dirty: bool) -> dict[str, float]:
+    """Misses of pages on disk (``async with f.get(p)``) in a full cache whose every victim
+    is dirty (each page read is dirtied, so the next victims are too), and in one whose
+    every victim is clean: seconds per miss, the dirty victims' writes amortised over the
+    misses. A fresh environment for each; ``first_dirty`` says which runs first."""
+    out: dict[str, float] = {}
+    for dirty in (first_dirty, not first_dirty):
+        env = await Env.open(home, create=True, cache_size=VICTIM_CACHE_MB * MIB)
+        try:
+            async with env.pool.open_file(data, create=True, page_size=PAGE) as f:
+                if not os.path.getsize(data):  # the pages the misses read, on disk first
+                    for p in range(VICTIM_MISSES):
+                        async with f.get(p, create=True) as page:
+                            page.data[0] = 1
+                            page.mark_dirty()
+                    await env.pool.sync()
+                frames = VICTIM_CACHE_MB * MIB // PAGE
+                for p in range(frames):  # a full cache, dirty or clean like what follows
+                    async with f.get(VICTIM_MISSES + p, create=True) as page:
+                        page.data[0] = 2
+                        if dirty:
+                            page.mark_dirty()
+                t0 = time.perf_counter()
+                for p in range(VICTIM_MISSES):
+                    async with f.get(p) as page:
+                        page.data[0] = 3
+                        if dirty:
+                            page.mark_dirty()
+                out["dirty" if dirty else "clean"] = (time.perf_counter() - t0) / VICTIM_MISSES
+        finally:
+            await env.close(nosync=True)
+            await Env.remove(home, force=True)
+    return out
+
 
 async def miss_session(
     home: str,
@@ -659,6 +697,13 @@ class Bench(pb.Bench):
                 "bdb",
                 "BDB miss --drop-caches, 1 thread",
             )
+        frames = VICTIM_CACHE_MB * MIB // PAGE
+        for key, lab in (
+            ("dirty", f"miss of a page on disk, every victim dirty ({frames} frames, asyncio)"),
+            ("clean", "  the same, every victim clean"),
+            ("extra", "  a dirty victim's cost per miss, amortised (dirty - clean)"),
+        ):
+            R("miss", f"victim/{key}", lab, "us/op", "lower", "", "")
         cap = sz.hr_pages // 10
         for name, lab in (
             ("zipf", f"zipf 0.99, cache {cap} of {sz.hr_pages} pages"),
@@ -1008,6 +1053,22 @@ class Bench(pb.Bench):
         self.raw(rep, "anchor miss", r)
         self.log(f"anchor miss: {r['us_per_op']:.2f} us/op, miss ratio {r.get('miss_ratio')}")
 
+    def a_victim(self, rep: int) -> None:
+        home, data = self.ws.new_home(), self.ws.path("victim-")
+        try:
+            with pb.LeakWatch(self.ws, "victim", self.res.problems):
+                r = pb.run_on("asyncio", lambda: victim_session(home, data, rep % 2 == 0))
+        finally:
+            pb._finish_home(self.ws, home, None, "victim", self.res.problems)
+            if os.path.exists(data):
+                os.unlink(data)
+        us = {k: v * 1e6 for k, v in r.items()}
+        for key in ("dirty", "clean"):
+            self.put(f"victim/{key}", "a", rep, us[key])
+        self.put("victim/extra", "a", rep, us["dirty"] - us["clean"])
+        self.raw(rep, "aiodbenv victim", us)
+        self.log(f"aiodbenv victim: dirty {us['dirty']:.1f} us/miss, clean {us['clean']:.1f}")
+
     def a_cold(self, rep: int) -> None:
         if not self.has("drop_caches"):
             return
@@ -1275,6 +1336,7 @@ class Bench(pb.Bench):
                 ("b miss", P(self.b_miss, rep)) if bdb else None,
                 ("a miss uvloop", P(self.a_miss, rep, "uvloop")) if uv else None,
             )
+            grp(("a victim", P(self.a_victim, rep)))
             if self.has("drop_caches"):
                 grp(
                     ("a cold", P(self.a_cold, rep)),
