@@ -10,14 +10,14 @@ awaits:
    may write (no pgout, no checksum, a descriptor here: the *route* table), sorts them by file
    and page (or picks the least recently used, for trickle) in a C array, and hands every
    other dirty buffer (pinned, claimed, other files) to the Python path as a short list.
-2. **Write**, a chunk of up to :data:`CHUNK_BYTES` of one file at a time (:func:`write_fast`):
-   in a worker thread, lock each bucket, copy the page into a staging buffer and claim it
-   (``WRITING``, the protocol of :mod:`aiodbenv.mpool.sync`), write each run of adjacent pages
-   with one ``pwrite`` (``sync_file_range`` every :data:`SRF_BYTES` starts the disk early),
-   bump the file's written generation, release the claims (written pages not dirtied again
-   are clean). With a log and a file with ``lsn_offset`` the chunk is two calls: the claim
-   returns the largest page LSN, the loop awaits the log's flush to it (the write-ahead
-   rule), then the write.
+2. **Write** (:func:`write_fast`), a chunk of up to :data:`STEPPED_CHUNK_BYTES` of one file
+   at a time: in a worker thread, lock each bucket, copy the page into a staging buffer and
+   claim it (``WRITING``, the protocol of :mod:`aiodbenv.mpool.sync`), write each run of
+   adjacent pages with one ``pwrite`` (``sync_file_range`` every :data:`SRF_BYTES` starts the
+   disk early), bump the file's written generation, release the claims (written pages not
+   dirtied again are clean). With a log and a file with ``lsn_offset`` the chunk is two
+   calls: the claim returns the largest page LSN, the loop awaits the log's flush to it (the
+   write-ahead rule), then the write.
 
 The fsync is :func:`~aiodbenv.mpool.fsync.fsync_pending`'s (no log: see ``synchop``).
 
@@ -58,16 +58,20 @@ if TYPE_CHECKING:
     from .handle import PoolBase
 
 __all__ = ["CHUNK_BYTES", "ENABLED", "Chunk", "FastSet", "account", "claim_write", "collect"]
-__all__ += ["collect_now", "routes", "table", "unmap", "usable", "write_fast"]
+__all__ += ["STEPPED_CHUNK_BYTES", "collect_now", "routes", "table", "unmap", "usable"]
+__all__ += ["write_fast"]
 
 #: The compiled write-back is installed and not switched off.
 ENABLED = speedups is not None and os.environ.get("AIODBENV_WRITEBACK", "") != "python"
-#: Bytes of one file claimed, copied and written per worker-thread call: bounds the staging
-#: buffer and is the granularity of progress, cancellation and the log flush. 4 MiB, not 16:
-#: a smaller staging buffer is faulted in once per sync and is still in the CPU's cache when
-#: ``pwrite`` copies it out (a 64 MiB sync: ~1,300 -> ~1,650 MiB/s extending the file, 29 ->
-#: 20 ms overwriting; 2 and 1 MiB were slower again).
+#: Bytes of one file claimed, copied and written per step of the one-call write-back
+#: (:mod:`~aiodbenv.mpool.synchop`, no log): bounds its staging buffer. 4 MiB, not 16: a
+#: smaller buffer is faulted in once per sync and is still in the CPU's cache when ``pwrite``
+#: copies it out (64 MiB extending a file: ~1,300 -> 1,650 MiB/s here; 2 and 1 MiB: slower).
 CHUNK_BYTES = 4 << 20
+#: The same for :func:`write_fast` (with a log, or when the one call cannot be made), also
+#: the granularity of progress, cancellation and the log flush: a chunk is two calls with the
+#: log's flush between (the write-ahead rule), each waking the loop, so these stay larger.
+STEPPED_CHUNK_BYTES = 16 << 20
 #: Pages per pwrite at most (1 MiB of 4 KiB pages).
 MAX_RUN = 256
 #: sync_file_range(SYNC_FILE_RANGE_WRITE) after this many bytes (0: never).
@@ -241,7 +245,7 @@ async def write_fast(
     ``result`` (pages found busy go to ``result.skipped``; the first error to
     ``result.errors``, and then the rest is not written). ``progress(done)`` is awaited after
     each chunk with the entries done so far (checkpoint's pacing); ``chunk_bytes`` (0:
-    :data:`CHUNK_BYTES`) the size of a chunk.
+    :data:`STEPPED_CHUNK_BYTES`) the size of a chunk.
 
     Cancellation: the chunk under way finishes in a task of the pool (its claims released,
     a failure logged); the chunks not started are not written and their pages stay dirty.
@@ -291,7 +295,7 @@ async def _write_fast(
             return
         ps = int(core.meta_words[e + FILE_ENTRY.word.page_size])
         lsn_off = int(core.meta_words[e + FILE_ENTRY.word.lsn_offset]) - 1 if io.log else -1
-        step = max(1, (chunk_bytes or CHUNK_BYTES) // max(ps, 1))
+        step = max(1, (chunk_bytes or STEPPED_CHUNK_BYTES) // max(ps, 1))
         if len(stage) < min(hi - lo, step) * ps:
             stage = zeroed(min(hi - lo, step) * ps)
             stages.append(stage)

@@ -2,17 +2,15 @@
 
 The compiled sync, trickle and victim batches copy pages into a staging buffer under their
 bucket locks and write from it, and collect dirty buffers into C arrays of entries. Both are
-megabytes, used once and dropped, and touched only by C code in a worker thread.
+megabytes, touched only by C code in a worker thread, and used for one write-back (the
+victim batches keep theirs for the next batch: ``batchcall``).
 """
 
 from __future__ import annotations
 
 import mmap
 
-__all__ = ["HUGE_BYTES", "zeroed"]
-
-#: From this size up, ask the kernel for transparent huge pages.
-HUGE_BYTES = 2 << 20
+__all__ = ["zeroed"]
 
 
 def zeroed(nbytes: int) -> mmap.mmap:
@@ -21,15 +19,8 @@ def zeroed(nbytes: int) -> mmap.mmap:
     spot, milliseconds on the event loop.
 
     Private, not ``mmap``'s default shared mapping: shared anonymous memory is shmem, whose
-    every first touch and unmap goes through a page cache (locks, insert, remove). From
-    2 MiB up the kernel is asked for huge pages, where it gives them (transparent huge pages
-    set to ``always`` or ``madvise``): one fault per 2 MiB instead of 512. Together they
-    took ``pool.sync()`` of 64 MiB from about 34 to 21 ms here (perf: a third of the
-    worker thread's time had gone to faulting the staging buffer in and out)."""
-    m = mmap.mmap(-1, max(nbytes, mmap.PAGESIZE), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if nbytes >= HUGE_BYTES:
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without transparent huge pages: small pages it is
-            pass
-    return m
+    every first touch and unmap goes through a page cache (locks, insert, remove); a third
+    of a compiled sync's worker-thread time went there (perf). Not advised for huge pages:
+    they were a little faster here, but a buffer's first touch happens under a bucket mutex
+    (the copy), and a huge page's fault may stop there to compact memory."""
+    return mmap.mmap(-1, max(nbytes, mmap.PAGESIZE), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
