@@ -233,16 +233,20 @@ async def in_forked_child(work: Callable[[], Awaitable[object]]) -> object:
     return json.loads(data)
 
 
-def lock_in_dying_thread(lock: Callable[[], object]) -> None:
-    """Call ``lock`` (which takes a robust mutex) in a thread that then ends holding it, and
-    return once the kernel has ended the thread, so the mutex's next locker finds its holder
-    dead (EOWNERDEAD). ``Thread.join`` alone is not enough: it returns when the thread's
-    Python code is done, a moment before the kernel walks the thread's robust list, so a
-    try-lock right after it can still see a live holder (EBUSY)."""
-    t = threading.Thread(target=lock)
+def lock_in_dying_thread(ptr: Any) -> None:
+    """Lock the robust mutex at ``ptr`` in a thread that then ends holding it, and return once
+    the kernel has ended the thread, so the mutex's next locker finds its holder dead
+    (EOWNERDEAD). ``Thread.join`` alone is not enough: it returns when the thread's Python
+    code is done, a moment before the kernel walks the thread's robust list, so a try-lock
+    right after it can still see a live holder (EBUSY)."""
+    from aiodbenv.region.mutex import lib
+
+    assert os.path.isdir("/proc/self/task"), "needs /proc to see the thread end"
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(lib.pthread_mutex_lock(ptr)), daemon=True)
     t.start()
     t.join(10)
-    assert not t.is_alive()
+    assert got == [0] and not t.is_alive(), got
     task = f"/proc/self/task/{t.native_id}"
     for _ in range(1000):
         if not os.path.exists(task):

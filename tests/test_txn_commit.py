@@ -556,7 +556,6 @@ async def test_a_forked_child_ending_the_parents_transaction_leaves_its_latches(
 async def test_a_commit_meets_a_dead_bucket_mutex_holder(home: str) -> None:
     """The bucket mutex's holder died (a thread that locked it and ended): the compiled build
     and mark hand it back, the bucket is repaired, the commit is marked the slow way."""
-    from aiodbenv.region.mutex import lib
 
     env = await aiodbenv.Env.open(home, create=True, log=True)
     try:
@@ -570,7 +569,7 @@ async def test_a_commit_meets_a_dead_bucket_mutex_holder(home: str) -> None:
         assert cache is not None
         ptr = cache.mptrs[p._page._bucket]
 
-        lock_in_dying_thread(lambda: lib.pthread_mutex_lock(ptr))
+        lock_in_dying_thread(ptr)
         info = await tx.commit()
         assert info.pages == 1
         async with f.get(0) as pg:
@@ -597,7 +596,7 @@ async def test_the_compiled_take_meets_a_dead_bucket_mutex_holder(home: str) -> 
         ptr = cache.mptrs[page._bucket]
         died = env.stat().mutex_owner_died
 
-        lock_in_dying_thread(lambda: lib.pthread_mutex_lock(ptr))
+        lock_in_dying_thread(ptr)
         owner = 12345
         r, data, desc = commit.take(page, owner, True, False, 0, f._fidx, b"entry")
         assert r < 0 and data is None and desc is None  # nothing taken

@@ -153,7 +153,7 @@ async def test_a_dead_bucket_holder_is_repaired_and_the_batch_goes_on(
         async with env.pool.open_file("a.db", create=True) as f:
             await _filled(env, f)
             cache, b = env.pool._core.locate(f._fidx, 70)
-            lock_in_dying_thread(lambda: lib.pthread_mutex_lock(cache.mptrs[b]))
+            lock_in_dying_thread(cache.mptrs[b])
             r = await victims.write_lru_batch(env.pool, cache, 0)
             assert not r.errors and r.written >= 140
             assert set(range(140)) <= set(on_disk(env.resolve("a.db"), range(200)))
@@ -176,7 +176,7 @@ async def test_a_dead_file_mutex_holder_is_repaired(home: str, one_call_spy: lis
             gen = core.file_field(f._fidx, "written_gen")
             mx = core.file_mutex(f._fidx)
             assert isinstance(mx, SharedMutex)
-            lock_in_dying_thread(lambda: lib.pthread_mutex_lock(mx.ptr))
+            lock_in_dying_thread(mx.ptr)
             r = await victims.write_lru_batch(env.pool, core.caches[0], 0)
             assert e and not r.errors and r.written >= 140
             assert core.file_field(f._fidx, "written_gen") == gen + 1
