@@ -1,12 +1,12 @@
 """A whole sync or trickle in one worker-thread call, when no step of it needs the event loop.
 
 Every worker-thread call ends by waking the loop, which then hands the next step over. A
-sync of 64 MiB by :mod:`aiodbenv.mpool.csync`'s steps (collect, four chunks of 16 MiB as
-they were then, the fsync, the unmap) woke it seven times. Each wake-up is short, but both
-loops time their sleeps in whole milliseconds (asyncio rounds epoll's timeout up to the next
-millisecond, libuv counts milliseconds): a wake-up while a timer is due within the
-millisecond makes that timer up to 1 ms late. The application's own sleeps and timeouts saw
-that, seven times per sync (``benchmarks/lateness_quick.py``).
+sync of 64 MiB by :mod:`aiodbenv.mpool.csync`'s steps (collect, four chunks of 16 MiB, the
+fsync, the unmap) woke it seven times. Each wake-up is short, but both loops time their
+sleeps in whole milliseconds (asyncio rounds epoll's timeout up to the next millisecond,
+libuv counts milliseconds): a wake-up while a timer is due within the millisecond makes that
+timer up to 1 ms late. The application's own sleeps and timeouts saw that, seven times per
+sync (``benchmarks/lateness_quick.py``).
 
 Here one call in a worker thread collects the dirty buffers, writes them chunk by chunk
 through one staging buffer, and -- when nothing is left for the Python path (no pinned or
