@@ -23,6 +23,16 @@ int64_t aiodb_pin_hit(uint64_t *w, void *mutex, uint64_t nowait_w, uint64_t head
     int64_t rc = try_lock(w, mutex, nowait_w);
     if (rc) return rc;
     uint64_t n = 1, off = w[head_w];
+    /* The chain's first buffer is most often the page. Start fetching the lines a pin writes
+       (the pin clock, this slot's count) and the page's first line (the caller reads the page
+       next) now, so they arrive with the header line the search stalls on rather than one
+       after another: with pages spread over more memory than the CPU caches hold, each is a
+       trip to memory. Only an in-range offset is worth it (a prefetch never faults). */
+    if (off >= 64 && off < nbytes && nbytes - off >= L[L_BH_DATA] + 64) {
+        __builtin_prefetch(w + (off >> 3) + L[L_H_PINAT], 1, 3);
+        __builtin_prefetch(slot_pins(w, off >> 3, slot), 1, 3);
+        __builtin_prefetch((const char *)w + off + L[L_BH_DATA], 0, 3);
+    }
     /* A chain longer than the region has room for buffers loops. */
     uint64_t most = nbytes / L[L_BH_DATA] + 1;
     while (off) {
