@@ -4,6 +4,7 @@ task ownership, the order rule against deadlocks, and cancellation at every awai
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import random
 import struct
@@ -491,3 +492,50 @@ async def test_commit_cancelled_while_waiting_for_log_buffer_space(home: str) ->
     await env.checkpoint()
     await env.close()
     await aiodbenv.Env.remove(home)
+
+
+async def test_a_taken_copy_is_released_when_the_transaction_ends(tenv: aiodbenv.Env) -> None:
+    """Writes to a TxnPage after its transaction ended would change a copy nobody reads: they
+    raise instead, as a Page's data does after its unpin. Commit, abort and a read-only commit
+    all release it; a buffer still held by something else keeps its copy and is no error."""
+    f = await open_data(tenv)
+    async with tenv.txn() as tx:
+        a = await tx.page(f, 0, create=True)
+        a.data[100:105] = b"hello"
+    with pytest.raises(ValueError, match="released"):
+        a.data[100] = 1
+    assert (await read(f, 0))[100:105] == b"hello"
+
+    tx = await tenv.txn()
+    b = await tx.page(f, 0)
+    held = memoryview(b.data)  # a view of the copy's buffer, not an export of b.data
+    b.data[100:105] = b"abort"
+    await tx.abort()
+    with pytest.raises(ValueError, match="released"):
+        bytes(b.data)
+    assert bytes(held[100:105]) == b"abort"  # its own view of the private copy
+    assert (await read(f, 0))[100:105] == b"hello"  # the abort changed nothing shared
+
+    async with tenv.txn() as tx:
+        c = await tx.page(f, 0)  # read only: nothing is logged
+    with pytest.raises(ValueError, match="released"):
+        c.data[0]
+
+    async with tenv.txn() as tx:
+        d = await tx.page(f, 0)
+        exported = d.data.cast("B")  # a derived view: d.data itself stays releasable
+        with memoryview(d.data) as m:
+            m[0:1] = m[0:1]
+    with pytest.raises(ValueError, match="released"):
+        d.data[0]
+    assert len(exported) == PS
+
+    async with tenv.txn() as tx:
+        e = await tx.page(f, 0)
+        pinned = (ctypes.c_char * PS).from_buffer(e.data)  # a view of its own over the copy
+        pinned[17] = b"x"
+    with pytest.raises(ValueError, match="released"):
+        e.data[17]
+    assert pinned[17] == b"x"  # the holder keeps the private copy alive
+    pinned[17] = b"y"  # and changes it, which goes nowhere shared
+    assert (await read(f, 0))[17:18] == b"x"

@@ -46,7 +46,12 @@ class TxnPage:
     """A page taken by a transaction: ``data`` is a private, writable copy of the page (its
     bytes without any checksum trailer). Change it freely; it reaches shared memory only when
     the transaction commits. The 8 bytes at the file's ``lsn_offset`` belong to the library:
-    changes to them are ignored (the commit stamps its LSN there)."""
+    changes to them are ignored (the commit stamps its LSN there).
+
+    When the transaction ends (commit or abort), ``data`` is released, as a :class:`Page`'s is
+    when it is unpinned: a later read or write raises ``ValueError`` instead of changing a copy
+    nobody will look at. (A buffer of it that something still holds, such as a NumPy array
+    over it, keeps the copy alive; changes through it go nowhere either.)"""
 
     __slots__ = ("_bf", "_desc", "_entry", "_page", "data", "file", "pgno")
 
@@ -73,6 +78,13 @@ class TxnPage:
 
     def __repr__(self) -> str:
         return f"<TxnPage {self.pgno} of {self.file.name!r}>"
+
+    def _retire(self) -> None:
+        """The transaction ended: release the view of the copy (see the class)."""
+        try:
+            self.data.release()
+        except BufferError:
+            pass  # exported: the holder keeps a private copy alive; nothing shared is at risk
 
 
 _ACTIVE, _COMMITTING, _DONE = 0, 1, 2

@@ -138,6 +138,8 @@ class Txn(TxnTaking):
         self._state = _DONE
         if self._pool._closed:
             # The handle's close took the pages back and detached the regions: nothing to do.
+            for tp in self._pages.values():
+                tp._retire()
             self._pages.clear()
             self._pool._latch_tasks.pop(self._owner, None)
             return
@@ -162,6 +164,7 @@ class Txn(TxnTaking):
         self._pool._committing.pop(self._owner, None)
         self._pool._latch_tasks.pop(self._owner, None)
         for tp in self._pages.values():
+            tp._retire()
             f, page = tp.file, tp._page
             try:
                 if f._forked:
