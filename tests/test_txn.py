@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import pickle
 import random
 import struct
 from collections.abc import AsyncIterator
@@ -539,3 +540,13 @@ async def test_a_taken_copy_is_released_when_the_transaction_ends(tenv: aiodbenv
     assert pinned[17] == b"x"  # the holder keeps the private copy alive
     pinned[17] = b"y"  # and changes it, which goes nowhere shared
     assert (await read(f, 0))[17:18] == b"x"
+
+    async with tenv.txn() as tx:
+        g = await tx.page(f, 0)
+        export = pickle.PickleBuffer(g.data)  # an export of g.data: it cannot be released
+        g.data[18:19] = b"z"
+    with pytest.raises(ValueError, match="released"):
+        g.data[18] = 1
+    assert export.raw()[18:19] == b"z"  # the exporter keeps its copy
+    export.release()
+    assert (await read(f, 0))[18:19] == b"z"

@@ -251,7 +251,8 @@ async def test_copy_in_failure_after_logging_panics(
     env = await aiodbenv.Env.open(home, create=True, log=True)
     f = await env.pool.open_file(env.resolve("d.db"), create=True, page_size=4096, lsn_offset=0)
     tx = await env.txn(durability="nosync")
-    (await tx.page(f, 0, create=True)).data[10:20] = b"0123456789"
+    tp = await tx.page(f, 0, create=True)
+    tp.data[10:20] = b"0123456789"
 
     def broken(*args: object) -> None:
         raise aiodbenv.CorruptRegion("injected")
@@ -260,6 +261,8 @@ async def test_copy_in_failure_after_logging_panics(
     with pytest.raises(RunRecovery):
         await tx.commit()
     assert env._core.panicked
+    with pytest.raises(ValueError, match="released"):  # the transaction is over
+        tp.data[10] = 1
     with pytest.raises(RunRecovery):
         await env.close()
     await asyncio.sleep(0)

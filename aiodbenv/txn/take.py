@@ -51,7 +51,8 @@ class TxnPage:
     When the transaction ends (commit or abort), ``data`` is released, as a :class:`Page`'s is
     when it is unpinned: a later read or write raises ``ValueError`` instead of changing a copy
     nobody will look at. (A buffer of it that something still holds, such as a NumPy array
-    over it, keeps the copy alive; changes through it go nowhere either.)"""
+    over it, keeps the copy alive; changes through it go nowhere either.) A commit that
+    panics the environment (:class:`~aiodbenv.RunRecovery`) releases it too."""
 
     __slots__ = ("_bf", "_desc", "_entry", "_page", "data", "file", "pgno")
 
@@ -84,7 +85,11 @@ class TxnPage:
         try:
             self.data.release()
         except BufferError:
-            pass  # exported: the holder keeps a private copy alive; nothing shared is at risk
+            # Exported (numpy.frombuffer, a PickleBuffer): the holder keeps the copy, but
+            # ``data`` itself must still refuse, so it becomes an already-released view.
+            gone = memoryview(b"")
+            gone.release()
+            self.data = gone
 
 
 _ACTIVE, _COMMITTING, _DONE = 0, 1, 2

@@ -138,8 +138,7 @@ class Txn(TxnTaking):
         self._state = _DONE
         if self._pool._closed:
             # The handle's close took the pages back and detached the regions: nothing to do.
-            for tp in self._pages.values():
-                tp._retire()
+            self._retire_all()
             self._pages.clear()
             self._pool._latch_tasks.pop(self._owner, None)
             return
@@ -151,6 +150,11 @@ class Txn(TxnTaking):
         pending = self._release_now()
         if pending:
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+
+    def _retire_all(self) -> None:
+        """Release every taken page's copy (TxnPage._retire): the transaction is over."""
+        for tp in self._pages.values():
+            tp._retire()
 
     def _release_now(self, released: bool = False) -> list[Awaitable[None]]:
         """Release every latch (unless ``released``: the commit did) and unpin every page;
@@ -317,6 +321,7 @@ class Txn(TxnTaking):
         except BaseException as err:
             # Logged but not whole in the buffers: only recovery can make it whole.
             reason = f"a transaction's logged commit could not be copied in ({err!r})"
+            self._retire_all()
             pool._committing.pop(self._owner, None)
             pool._env_core.panic(reason)
             raise RunRecovery(f"PANIC: {reason}; {RunRecovery.ADVICE}") from err
@@ -357,6 +362,7 @@ class Txn(TxnTaking):
         """The append failed in a way that may have left the record in the log: only recovery
         can tell, so the environment is panicked (the pages stay as they are)."""
         reason = f"a transaction's commit record could not be logged ({err!r})"
+        self._retire_all()
         self._pool._committing.pop(self._owner, None)  # no close waits for this commit
         self._pool._env_core.panic(reason)
         raise RunRecovery(f"PANIC: {reason}; {RunRecovery.ADVICE}") from err
