@@ -787,7 +787,7 @@ class Bench(pb.Bench):
             R(
                 "lateness",
                 f"lat/sync/{stat}",
-                f"during pool.sync of {sz.wb_mb} MiB ({pb.LAT_SYNCS} syncs' ticks): {stat}",
+                f"during pool.sync of {sz.wb_mb} MiB ({pb.LAT_TICKS}+ ticks): {stat}",
                 "ms",
                 "lower",
                 "contrast",
@@ -797,7 +797,7 @@ class Bench(pb.Bench):
             R(
                 "lateness",
                 f"lat/sync-uvloop/{stat}",
-                f"during pool.sync of {sz.wb_mb} MiB, uvloop ({pb.LAT_SYNCS} syncs' ticks): {stat}",
+                f"during pool.sync of {sz.wb_mb} MiB, uvloop ({pb.LAT_TICKS}+ ticks): {stat}",
                 "ms",
                 "lower",
                 "",
