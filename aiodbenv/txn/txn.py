@@ -167,8 +167,8 @@ class Txn(TxnTaking):
         error: Exception | None = None
         self._pool._committing.pop(self._owner, None)
         self._pool._latch_tasks.pop(self._owner, None)
+        self._retire_all()
         for tp in self._pages.values():
-            tp._retire()
             f, page = tp.file, tp._page
             try:
                 if f._forked:

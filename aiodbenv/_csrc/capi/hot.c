@@ -1135,8 +1135,6 @@ static PyObject *hf_get_misses(HotFile *self, void *closure) {
     return PyLong_FromUnsignedLongLong(self->misses);
 }
 
-/* get(pgno): the context of `async with f.get(pgno)` / `await f.get(pgno)`. Anything but one
-   plain int page number in range goes to PoolFile.get (keywords, latch, checks, errors). */
 /* Start fetching the lines of pgno's bucket that the pin takes first: its mutex and its chain
    head. Entering the context comes a few hundred instructions later, so with the buckets
    spread over more memory than the CPU caches hold, the two trips to memory overlap the
@@ -1151,6 +1149,8 @@ static void prefetch_bucket(HotFile *hf, uint64_t pgno) {
     __builtin_prefetch(c->w + c->bucket_w[b] + b_head, 0, 3);
 }
 
+/* get(pgno): the context of `async with f.get(pgno)` / `await f.get(pgno)`. Anything but one
+   plain int page number in range goes to PoolFile.get (keywords, latch, checks, errors). */
 static PyObject *hf_get(HotFile *self, PyObject *const *args, Py_ssize_t nargs,
                         PyObject *kwnames) {
     if (nargs == 1 && !kwnames && PyLong_CheckExact(args[0])) {
