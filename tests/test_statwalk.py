@@ -5,6 +5,7 @@ repaired and counted."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import threading
@@ -184,4 +185,62 @@ async def test_pins_per_process_compiled_and_python_agree(
             child.kill()
             child.wait()
         await env.close()
+        await aiodbenv.Env.remove(home, force=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_stat_from_another_thread_while_the_loop_pins_and_opens(
+    home: str, shm_key: int, kind: str
+) -> None:
+    """``asyncio.to_thread(env.pool.stat)`` (what the docs advise for a large cache, and what a
+    ``prometheus_client`` scrape thread does) runs beside the loop's pins, misses, dirtying
+    and file opens without errors, and every result is sane. It is no atomic snapshot: the
+    walk sums bucket by bucket while pages move. Buffers were once counted before the walk,
+    so pages inserted and dirtied during it made page_dirty exceed pages (page_clean -80)."""
+    env = await aiodbenv.Env.open(home, create=True, cache_size=2 << 20, **kind_args(kind, shm_key))
+    try:
+        f = await env.pool.open_file("s.db", create=True, page_size=4096)
+        results: list[Any] = []
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def scrape() -> None:
+            while not stop.is_set():
+                try:
+                    results.append(env.pool.stat())
+                except BaseException as err:  # reported below
+                    errors.append(err)
+                    return
+
+        thread = threading.Thread(target=scrape, daemon=True)
+        thread.start()
+        try:
+            for rnd in range(4):
+                for p in range(1200):  # more pages than frames: misses and evictions too
+                    async with f.get(p, create=True) as page:
+                        page.data[0] = rnd
+                        if p % 3 == 0:
+                            page.mark_dirty()
+                g = await env.pool.open_file(f"t{rnd}.db", create=True, page_size=4096)
+                async with g.get(0, create=True):
+                    pass
+                await g.close()
+                await env.pool.trickle(50)
+            during = await asyncio.to_thread(env.pool.stat)
+        finally:
+            stop.set()
+            thread.join(30)
+        assert not thread.is_alive() and errors == []
+        assert len(results) > 0 and during.pages > 0
+        frames = during.cache_size // 4096
+        bad = [
+            (s.page_pinned, s.page_dirty, s.pages)
+            for s in results
+            if not (0 <= s.pages <= frames and 0 <= s.page_pinned <= 8 and 0 <= s.page_dirty)
+        ]
+        assert bad == []
+        assert [(s.page_dirty, s.pages) for s in results if s.page_clean < 0] == []
+        await f.close()
+    finally:
+        await env.close(nosync=True)
         await aiodbenv.Env.remove(home, force=True)

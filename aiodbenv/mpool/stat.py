@@ -171,10 +171,15 @@ def pool_stat(core: PoolCore, reaper: tuple[int, int, int] = (0, 0, 0)) -> PoolS
     pages = dirty = waits = nowaits = 0
     mutexes = [core.mutex]
     for cache in core.caches:
-        pages += cache.buffers()
         # One pass over the buckets: their pinned buffers, dirty counts and mutex counters.
         d, wt, nw = walk(cache, core.shared, all_pins)
-        dirty += d
+        # The walk is no snapshot: other processes (and, with the GIL released, this one's
+        # other threads) insert, dirty and free buffers meanwhile. Counting the buffers after
+        # it includes those inserted during it; a buffer counted dirty then freed is clamped
+        # away, so page_clean is never negative.
+        n = cache.buffers()
+        pages += n
+        dirty += min(d, n)
         waits += wt
         nowaits += nw
         mutexes.append(cache.alloc_mutex)
