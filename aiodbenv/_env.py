@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 import warnings
 from collections.abc import Callable, Generator
 from types import TracebackType
@@ -228,6 +229,7 @@ class Env(EnvLog, EnvTxn):
             undo=lambda opened: close_quietly(opened[0]),
         )
         note_inherited(core, settings)
+        pool._core.loop_thread = threading.get_ident()  # (see statwalk: private regions)
         env = cls(core, pool, log)
         if core.registry is not None:
             # What processes that died with the environment open left is reclaimed now, and

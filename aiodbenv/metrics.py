@@ -15,6 +15,10 @@ Two ways out, made by the same code:
       from prometheus_client import REGISTRY
       REGISTRY.register(aiodbenv.metrics.Collector(env))
 
+  (``prometheus_client`` collects in the thread that serves the scrape. A private
+  environment's pool statistics can only be read on its event loop's thread, so for one,
+  render :func:`generate` on the loop instead.)
+
 Names start with ``aiodbenv_``; counters end in ``_total``, gauges do not; per-file series
 carry a ``file`` label (the file's path; all temporary files are summed as ``(temporary)``),
 per-worker series a ``kind`` label (``trickle``, ``checkpoint``).

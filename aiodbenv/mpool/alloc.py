@@ -42,6 +42,9 @@ class PoolCore(FileTable):
     #: Pass a dirty best over for a clean buffer (set by the pool handle: only when dirty
     #: victims are written in the background, see :mod:`~aiodbenv.mpool.victims`).
     clean_first = False
+    #: The thread of the event loop the environment was opened on (set by Env.open): a
+    #: private region's buffers have no mutexes, so only that thread may walk them.
+    loop_thread: int | None = None
 
     def alloc_buffer(self, cache: Cache, page_size: int) -> int:
         """A fresh buffer from the cache's free space, or 0 if its share of the cache is used.

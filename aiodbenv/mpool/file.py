@@ -332,7 +332,8 @@ class PoolFile(PageRelease):
         warnings.warn(text, ResourceWarning, stacklevel=3)
 
     def stat(self) -> FileStat:
-        """This file's statistics (its DB_MPOOL_FSTAT), summed over every process."""
+        """This file's statistics (its DB_MPOOL_FSTAT), summed over every process. In a private
+        environment, only on its event loop's thread (see :meth:`Pool.stat`)."""
         self._check()
         return file_stat(self._core, self._fidx)
 

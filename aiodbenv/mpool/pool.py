@@ -226,7 +226,11 @@ class Pool(PoolFiles):
         milliseconds. On an event loop, call it as ``await asyncio.to_thread(env.pool.stat)``
         for such a cache (the walk runs without the GIL; a ``prometheus_client`` scrape
         thread does the same). The counts are no atomic snapshot: they are summed while every
-        process goes on pinning and writing."""
+        process goes on pinning and writing.
+
+        A private environment's buffers have no mutexes, so its statistics can only be read
+        on the thread of the event loop it was opened on: from any other thread this raises
+        :class:`~aiodbenv.InvalidArgument` (as :meth:`PoolFile.stat` does)."""
         self._check()
         env = self._env_core
         reaper = tuple(

@@ -8,9 +8,11 @@ from the buckets, and the lock figures from the mutexes themselves.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
+from ..errors import InvalidArgument
 from .alloc import PoolCore
 from .layout import (
     FF_NOFILE,
@@ -140,11 +142,25 @@ def _now() -> int:
     return time.clock_gettime_ns(PIN_CLOCK)
 
 
+def _check_walker(core: PoolCore) -> None:
+    """Refuse a bucket walk of a private region from a thread other than its event loop's:
+    its buffers have no mutexes, and the compiled walk runs without the GIL, so it would
+    follow chains the loop is changing (it once never returned)."""
+    owner = core.loop_thread
+    if not core.shared and owner is not None and threading.get_ident() != owner:
+        raise InvalidArgument(
+            "a private environment's pool statistics can only be read on the thread of the "
+            "event loop it was opened on (its buffers have no mutexes); a file or System V "
+            "environment allows other threads"
+        )
+
+
 def file_stat(
     core: PoolCore, fidx: int, pins: tuple[dict[int, int], dict[int, float]] | None = None
 ) -> FileStat:
     """Statistics of file slot ``fidx``."""
     if pins is None:
+        _check_walker(core)
         found: list[Pinned] = []
         for cache in core.caches:
             walk(cache, core.shared, found)
@@ -167,6 +183,7 @@ def file_stat(
 def pool_stat(core: PoolCore, reaper: tuple[int, int, int] = (0, 0, 0)) -> PoolStat:
     """Statistics of the whole pool; ``reaper`` is ``(procs_reaped, pins_reclaimed,
     dirty_inherited)`` from the environment's registry."""
+    _check_walker(core)
     all_pins: list[Pinned] = []
     pages = dirty = waits = nowaits = 0
     mutexes = [core.mutex]
